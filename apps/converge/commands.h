@@ -1,0 +1,32 @@
+// Subcommands of the converge CLI. Each returns the process exit code.
+#ifndef CONVERGE_APPS_CONVERGE_COMMANDS_H_
+#define CONVERGE_APPS_CONVERGE_COMMANDS_H_
+
+#include <cstdint>
+#include <string>
+
+namespace CLI {
+class App;
+}
+
+namespace converge::cli {
+
+struct DemoFlags {
+  std::string db;            // empty: a fresh file in a new temporary directory
+  int producers = 16;        // concurrent client threads
+  int payments = 2000;       // unique idempotency keys
+  double duplicate_rate = 0.3;  // share of keys sent more than once
+  double ack_loss_rate = 0.05;  // share of consumer acks the demo drops (redeliveries)
+  double transient_rate = 0.05;  // share of consumer attempts failing transiently
+  bool keep = false;         // keep the database file afterwards
+  uint64_t seed = 0;         // 0: random
+};
+int RunDemo(const DemoFlags& flags);
+
+// Adds `dlq list|show|replay|discard` to `app`; the chosen one runs at parse time's end
+// through the callback and stores its exit code in *exit_code.
+void AddDlqCommands(CLI::App& app, int* exit_code);
+
+}  // namespace converge::cli
+
+#endif  // CONVERGE_APPS_CONVERGE_COMMANDS_H_

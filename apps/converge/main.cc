@@ -1,0 +1,65 @@
+// converge: the command-line tool and (later) daemon.
+//
+//   converge demo                         the library-level convergence demo
+//   converge dlq list|show|replay|discard inspect and act on dead letters
+//   converge migrate --db URI             create or upgrade a store's schema
+#include <cstdio>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "apps/converge/commands.h"
+#include "converge/database.h"
+#include "converge/failpoint.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"converge: effective-once processing on at-least-once delivery"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "converge 0.1.0");
+  int exit_code = 0;
+
+  converge::cli::DemoFlags demo;
+  CLI::App* demo_cmd = app.add_subcommand(
+      "demo", "Run producers, relay and consumer on a fresh SQLite file with duplicate "
+              "requests, lost acks and a poison message; print the convergence table");
+  demo_cmd->add_option("--db", demo.db, "SQLite file to create (must not exist); default: a temp file");
+  demo_cmd->add_option("--producers", demo.producers, "Concurrent producer threads")
+      ->check(CLI::Range(1, 1024));
+  demo_cmd->add_option("--payments", demo.payments, "Unique idempotency keys to send")
+      ->check(CLI::Range(1, 10'000'000));
+  demo_cmd->add_option("--duplicate-rate", demo.duplicate_rate,
+                       "Share of keys sent more than once")
+      ->check(CLI::Range(0.0, 1.0));
+  demo_cmd->add_option("--ack-loss-rate", demo.ack_loss_rate,
+                       "Share of consumer acks dropped, forcing redeliveries")
+      ->check(CLI::Range(0.0, 0.9));
+  demo_cmd->add_option("--transient-rate", demo.transient_rate,
+                       "Share of consumer attempts failing transiently (retried with backoff)")
+      ->check(CLI::Range(0.0, 0.3));
+  demo_cmd->add_option("--seed", demo.seed, "Random seed (0: random)");
+  demo_cmd->add_flag("--keep", demo.keep, "Keep the database file");
+  demo_cmd->callback([&] { exit_code = converge::cli::RunDemo(demo); });
+
+  std::string migrate_uri;
+  CLI::App* migrate = app.add_subcommand("migrate", "Create or upgrade the schema of a store");
+  migrate->add_option("--db", migrate_uri, "Store URI, e.g. sqlite:app.db")->required();
+  migrate->callback([&] {
+    auto db = converge::Database::Open(migrate_uri);
+    if (!db) {
+      std::fprintf(stderr, "converge migrate: %s\n", db.error().ToString().c_str());
+      exit_code = 1;
+      return;
+    }
+    std::printf("%s: schema is current\n", migrate_uri.c_str());
+  });
+
+  converge::cli::AddDlqCommands(app, &exit_code);
+
+  converge::Status fp = converge::failpoint::ConfigureFromEnv();
+  if (!fp.ok()) {
+    std::fprintf(stderr, "converge: %s\n", fp.ToString().c_str());
+    return 2;
+  }
+  CLI11_PARSE(app, argc, argv);
+  return exit_code;
+}

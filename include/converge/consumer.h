@@ -1,0 +1,126 @@
+// Consumer: applies each delivered event once in effect, however often it is delivered.
+// See docs/design/consumer-inbox.md.
+//
+// Per batch of deliveries, one transaction; per delivery, one savepoint in it:
+//   insert consumer_inbox (consumer, source, id) -- on conflict: a duplicate; ack it, no
+//   effect, count it -- then run the handler with the same Tx. Commit. Only then settle
+// with the transport (acks always follow the commit). A crash anywhere before the commit
+// leaves nothing behind and the transport redelivers; a crash after the commit and before
+// the ack redelivers a message whose inbox row exists, which is absorbed.
+//
+// The handler's Status decides what happens to a failed delivery:
+//   transient (IsTransient) and attempts left  -> nak with exponential backoff, full jitter
+//   permanent, or attempts exhausted, or the
+//   envelope cannot be decoded, or no handler   -> parked in dead_letters (same
+//                                                   transaction), then acked
+// Never an infinite poison loop. A handler must keep its effects inside the Tx; an
+// external effect (email, payment) must be called with a deterministic key derived from
+// the event so its provider dedupes it.
+//
+// Retention: the inbox row must outlive every redelivery, so Validate() refuses an
+// inbox_ttl shorter than visibility x max_attempts + all backoff + the dead-letter replay
+// window.
+//
+// Thread safety: register handlers with On() before Start() or the first RunOnce();
+// RunOnce must not run concurrently with itself on one Consumer (run several Consumer
+// objects for parallelism); stats() is safe from any thread.
+#ifndef CONVERGE_CONSUMER_H_
+#define CONVERGE_CONSUMER_H_
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/outbox.h"
+#include "converge/transport.h"
+
+namespace converge {
+
+using namespace std::chrono_literals;
+
+struct ConsumerOptions {
+  std::string name;             // required: the inbox and dead letters are per consumer
+  int max_attempts = 8;         // deliveries before a transient failure is dead-lettered
+  Millis backoff_initial = 200ms;
+  Millis backoff_max = 60s;
+  Millis visibility = 30s;      // how long a fetched delivery stays hidden
+  size_t batch = 32;            // deliveries per transaction
+  Millis poll = 1s;             // safety net when no wake-up comes
+  Millis inbox_ttl = 24h * 14;  // how long a dedupe row lives
+  Millis replay_window = 24h * 7;  // how long after parking a dead letter may be replayed
+};
+
+struct ConsumerStats {
+  int64_t processed = 0;      // handler ran and committed
+  int64_t duplicates = 0;     // absorbed by the inbox
+  int64_t retries = 0;        // nakked for a later attempt
+  int64_t dead_lettered = 0;  // parked
+  int64_t batches = 0;
+  std::string last_error;
+};
+
+class Consumer {
+ public:
+  using Handler = std::function<Status(Tx&, const Event&)>;
+
+  // Everything passed must outlive the consumer. clock nullptr = Clock::System().
+  Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options,
+           Clock* clock = nullptr);
+  ~Consumer();  // stops the background thread if running
+
+  // Handles events of `type` ("*" for any type without its own handler).
+  void On(std::string type, Handler handler);
+
+  // kInvalidArgument when the options are unsafe (empty name, no attempts, an inbox TTL
+  // that does not outlive redelivery).
+  Status Validate() const;
+
+  // Fetches one batch and processes it. Returns how many deliveries it settled.
+  Result<size_t> RunOnce();
+
+  // Runs batches on a background thread until Stop(). Refuses invalid options.
+  Status Start();
+  // Finishes the current batch and joins the thread.
+  void Stop();
+
+  ConsumerStats stats() const;
+
+  // The longest time a message can keep being redelivered (visibility x attempts plus the
+  // largest possible backoffs).
+  Millis RedeliveryHorizon() const;
+
+ private:
+  enum class Fate { kProcessed, kDuplicate, kRetry, kDead };
+  struct Decision {
+    Fate fate = Fate::kProcessed;
+    Settlement settlement;
+  };
+
+  Status ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision);
+  const Handler* FindHandler(const std::string& type) const;
+  Millis Backoff(int64_t attempts) const;
+
+  Database& db_;
+  Subscriber& subscriber_;
+  const ConsumerOptions options_;
+  Clock* clock_;
+  std::map<std::string, Handler, std::less<>> handlers_;
+
+  std::atomic<bool> running_{false};
+  std::thread thread_;
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  mutable std::mutex stats_mu_;
+  ConsumerStats stats_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_CONSUMER_H_

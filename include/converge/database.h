@@ -1,0 +1,222 @@
+// Database and Tx: the one transaction boundary that user code and converge share.
+//
+// The rule everything else rests on: a dedupe record and the effect it guards commit in
+// the same transaction. So converge never owns "its" transaction: `Database::Transact`
+// hands a `Tx` to a function, and business code, the idempotency store, the outbox, the
+// consumer inbox and the dead-letter store all write through that same `Tx`.
+//
+// SQL is parameterised with one placeholder syntax on every backend: `$1, $2, ...`
+// (PostgreSQL's own; SQLite binds them by name). Never build SQL from user data.
+//
+// Times are integers (milliseconds since the epoch, see clock.h); bytes that need not be
+// text use `Blob`.
+//
+// Thread safety: `Database` is safe to use from many threads. A `Tx` belongs to the
+// function it was handed to and must not escape it or be used from another thread.
+#ifndef CONVERGE_DATABASE_H_
+#define CONVERGE_DATABASE_H_
+
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include "converge/clock.h"
+#include "converge/status.h"
+
+namespace converge {
+
+// Binary data, bound as BLOB (SQLite) or BYTEA (PostgreSQL).
+struct Blob {
+  std::string bytes;
+  friend bool operator==(const Blob&, const Blob&) = default;
+};
+
+// A bound parameter or a result column. std::monostate is SQL NULL.
+using Value = std::variant<std::monostate, int64_t, double, std::string, Blob>;
+
+// One result row. Column accessors REQUIRE: i < size().
+class Row {
+ public:
+  Row() = default;
+  explicit Row(std::vector<Value> values) : values_(std::move(values)) {}
+
+  size_t size() const { return values_.size(); }
+  const Value& operator[](size_t i) const { return values_[i]; }
+  bool IsNull(size_t i) const { return std::holds_alternative<std::monostate>(values_[i]); }
+  // NULL reads as 0 / "" . Integers read as text and text as integers where they convert.
+  int64_t Int(size_t i) const;
+  double Double(size_t i) const;
+  std::string Text(size_t i) const;
+
+ private:
+  std::vector<Value> values_;
+};
+
+using Rows = std::vector<Row>;
+
+enum class Backend { kSqlite, kPostgres };
+
+class Tx {
+ public:
+  Tx() = default;
+  Tx(const Tx&) = delete;
+  Tx& operator=(const Tx&) = delete;
+  virtual ~Tx() = default;
+
+  // Runs one statement; returns the number of rows it changed.
+  // Errors: kAlreadyExists (unique violation), kInvalidArgument (bad SQL or parameters),
+  // kAborted (serialization failure: the whole transaction re-runs), kUnavailable.
+  virtual Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) = 0;
+  // Runs one statement and returns every row it produced.
+  virtual Result<Rows> QueryParams(std::string_view sql, std::span<const Value> params) = 0;
+
+  template <class... Args>
+  Result<int64_t> Exec(std::string_view sql, Args&&... args) {
+    const Value params[] = {Value(), ToValue(std::forward<Args>(args))...};
+    return ExecParams(sql, std::span<const Value>(params + 1, sizeof...(Args)));
+  }
+  template <class... Args>
+  Result<Rows> Query(std::string_view sql, Args&&... args) {
+    const Value params[] = {Value(), ToValue(std::forward<Args>(args))...};
+    return QueryParams(sql, std::span<const Value>(params + 1, sizeof...(Args)));
+  }
+
+  // Runs `fn` inside a nested SAVEPOINT: when it fails, only its own writes roll back
+  // and the enclosing transaction goes on. Returns fn's status.
+  Status Savepoint(const std::function<Status(Tx&)>& fn);
+
+  // Runs `hook` after this transaction commits (never if it rolls back, including when
+  // the enclosing savepoint rolls back). Hooks run on the committing thread: keep them
+  // cheap (signal a condition variable, bump a counter).
+  void OnCommit(std::function<void()> hook) {
+    hooks_.push_back({savepoint_depth_, std::move(hook)});
+  }
+
+  virtual Backend backend() const = 0;
+
+  // For backends: the hooks of everything that was not rolled back, in order.
+  std::vector<std::function<void()>> TakeCommitHooks();
+
+ private:
+  template <class A>
+  static Value ToValue(A&& a) {
+    using D = std::remove_cvref_t<A>;
+    if constexpr (std::is_same_v<D, Value> || std::is_same_v<D, Blob>) {
+      return Value(std::forward<A>(a));
+    } else if constexpr (std::is_same_v<D, bool>) {
+      return Value(int64_t{a ? 1 : 0});
+    } else if constexpr (std::is_integral_v<D>) {
+      return Value(static_cast<int64_t>(a));
+    } else if constexpr (std::is_floating_point_v<D>) {
+      return Value(static_cast<double>(a));
+    } else if constexpr (std::is_same_v<D, std::nullptr_t> || std::is_same_v<D, std::monostate>) {
+      return Value();
+    } else {
+      static_assert(std::is_convertible_v<const D&, std::string_view>,
+                    "Tx parameters are integers, doubles, strings, Blob, nullptr or Value");
+      return Value(std::string(std::string_view(a)));
+    }
+  }
+
+  struct Hook {
+    int depth;
+    std::function<void()> fn;
+  };
+  int savepoint_depth_ = 0;
+  std::vector<Hook> hooks_;
+};
+
+using TxFn = std::function<Status(Tx&)>;
+
+struct DatabaseOptions {
+  // SQLite: PRAGMA synchronous=FULL (true) or NORMAL (false). FULL fsyncs the WAL on
+  // every commit, which group commit amortises over a whole batch.
+  bool synchronous_full = true;
+  // SQLite: the most Transact calls one physical transaction may carry.
+  size_t max_batch = 512;
+  // How often Transact re-runs fn after kAborted before giving up with kAborted.
+  int max_attempts = 8;
+  // SQLite: how long to wait for another process's write lock (busy_timeout).
+  Millis busy_timeout = Millis(5000);
+  // Reader connections kept open for Read().
+  size_t readers = 4;
+};
+
+struct DatabaseStats {
+  int64_t transactions = 0;      // Transact calls completed (ok or not)
+  int64_t commits = 0;           // physical commits
+  int64_t largest_batch = 0;     // most calls carried by one physical commit
+  int64_t queued = 0;            // calls waiting for the writer right now
+  // batch_histogram[i] counts commits that carried [2^i, 2^(i+1)) calls.
+  std::vector<int64_t> batch_histogram;
+};
+
+class Database {
+ public:
+  Database() = default;
+  Database(const Database&) = delete;
+  Database& operator=(const Database&) = delete;
+  virtual ~Database() = default;
+
+  // Opens the store named by `uri` and applies pending migrations:
+  //   sqlite:PATH            an SQLite file (created if absent), WAL mode
+  // Errors: kInvalidArgument (unknown scheme or malformed URI), kUnavailable (cannot
+  // open), kFailedPrecondition (the file's schema is newer than this binary knows).
+  // Defined by the store registry (link converge::converge), not by core.
+  static Result<std::unique_ptr<Database>> Open(std::string_view uri,
+                                                const DatabaseOptions& options = {});
+
+  // Runs fn(tx) in one transaction and returns once its writes are durable (or rolled
+  // back). fn returning non-OK rolls back everything fn wrote and returns that status;
+  // kAborted re-runs fn (up to DatabaseOptions::max_attempts). fn may run more than once,
+  // so it must not have effects outside the Tx. Calling Transact from inside fn runs the
+  // inner fn in a savepoint of the same transaction.
+  virtual Status Transact(const TxFn& fn) = 0;
+
+  // Runs fn(tx) in a read-only snapshot; writes fail.
+  virtual Status Read(const TxFn& fn) = 0;
+
+  virtual Backend backend() const = 0;
+  virtual DatabaseStats stats() const = 0;
+};
+
+// Forwards every call to another Database. Subclass it to inject faults (fail the N-th
+// Transact, delay commits) in tests. Does not own the target.
+class DatabaseWrapper : public Database {
+ public:
+  explicit DatabaseWrapper(Database* target) : target_(target) {}
+  Status Transact(const TxFn& fn) override { return target_->Transact(fn); }
+  Status Read(const TxFn& fn) override { return target_->Read(fn); }
+  Backend backend() const override { return target_->backend(); }
+  DatabaseStats stats() const override { return target_->stats(); }
+  Database* target() const { return target_; }
+
+ private:
+  Database* target_;
+};
+
+// Runs fn, which produces a T, in Transact and returns it.
+template <class T>
+Result<T> TransactValue(Database& db, const std::function<Result<T>(Tx&)>& fn) {
+  std::optional<T> out;
+  Status st = db.Transact([&](Tx& tx) -> Status {
+    auto r = fn(tx);
+    if (!r) return r.error();
+    out = std::move(*r);
+    return OkStatus();
+  });
+  if (!st.ok()) return tl::unexpected<Status>(std::move(st));
+  return std::move(*out);
+}
+
+}  // namespace converge
+
+#endif  // CONVERGE_DATABASE_H_

@@ -1,0 +1,55 @@
+// Failpoints: named places in converge's code paths where a test, the demo or the chaos
+// harness can make the process crash, a call fail, or a step stall.
+//
+// Points in the library (each documented where it sits):
+//   relay.after_publish_before_mark   consumer.before_commit
+//   consumer.after_commit_before_ack  idempotency.after_phase
+//   idempotency.after_effect_before_response
+//
+// Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
+// environment variable (read by ConfigureFromEnv(), which the converge CLI calls):
+//
+//   spec   := entry (';' entry)*
+//   entry  := name '=' action ['@' N] ['*' M]
+//   action := 'crash' | 'error(' code [',' message] ')' | 'delay(' millis ')' | 'off'
+//
+// `crash` kills the process with SIGKILL (no destructors, no flushing: as a power cut is
+// to the process). `error(unavailable)` makes Hit() return that code. `@N` first fires on
+// the N-th hit (1-based); `*M` fires at most M times. Example:
+//   CONVERGE_FAILPOINTS='relay.after_publish_before_mark=crash@3;consumer.before_commit=error(unavailable)*2'
+//
+// Cost when no failpoint is configured: one relaxed atomic load per Hit().
+// Thread safety: all functions are safe to call from many threads.
+#ifndef CONVERGE_FAILPOINT_H_
+#define CONVERGE_FAILPOINT_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string_view>
+
+#include "converge/status.h"
+
+namespace converge::failpoint {
+
+// Replaces the whole configuration with `spec` ("" clears it). On kInvalidArgument the
+// previous configuration stays.
+Status Configure(std::string_view spec);
+// Configure(getenv("CONVERGE_FAILPOINTS")), or nothing when unset.
+Status ConfigureFromEnv();
+// How often `name` was reached since it was configured (0 when not configured).
+int64_t Hits(std::string_view name);
+
+namespace internal {
+extern std::atomic<bool> g_armed;
+Status Evaluate(std::string_view name);
+}  // namespace internal
+
+// Called at the named point: OK to go on, or the injected error. May not return (crash).
+inline Status Hit(std::string_view name) {
+  if (!internal::g_armed.load(std::memory_order_relaxed)) return Status();
+  return internal::Evaluate(name);
+}
+
+}  // namespace converge::failpoint
+
+#endif  // CONVERGE_FAILPOINT_H_

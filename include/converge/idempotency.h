@@ -1,0 +1,143 @@
+// Idempotency keys: a (scope, key) names one intended operation; its first outcome is
+// stored and every retry gets that outcome back instead of running the operation again.
+// This is the producer side of effective-once (IETF draft-ietf-httpapi-idempotency-key-
+// header, Stripe's practice). See docs/design/idempotency.md.
+//
+// Two shapes:
+//  * Single-phase (`Execute`): the operation only writes to the database. Key row,
+//    business rows, outbox rows and stored response commit in one transaction, so there
+//    is never a half-done state. Concurrent callers with one key: exactly one runs fn,
+//    the others get its stored outcome.
+//  * Multi-phase (`Begin` / `Advance` / `Complete`): the operation calls something
+//    outside the database (a payment provider) between atomic phases. Each phase commits
+//    a named recovery point. A lease (`lease_until`) marks the record as being worked on;
+//    a fencing token (`fence`) is raised every time another worker takes over an expired
+//    lease, and every phase checks it in its own transaction, so a worker that lost its
+//    lease can never advance or complete the record. A retry after a crash resumes from
+//    the last recovery point and passes the same downstream key, so the external effect
+//    converges.
+//
+// Errors shared by every call (the HTTP layer maps them):
+//   kInvalidArgument                       bad scope or key (empty, over 255 bytes,
+//                                          control characters)  -> 400
+//   kFailedPrecondition, reason
+//     "fingerprint_mismatch"               same key, different request          -> 422
+//   kUnavailable, reason "in_flight",
+//     retry_after_ms() set                 another attempt holds a live lease   -> 409
+//   kFailedPrecondition, reason "fenced"   this worker's lease was taken over
+// An expired key (expires_at passed) behaves as if it had never existed.
+//
+// Thread safety: IdempotencyKeys is safe to use from many threads.
+#ifndef CONVERGE_IDEMPOTENCY_H_
+#define CONVERGE_IDEMPOTENCY_H_
+
+#include <chrono>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/status.h"
+
+namespace converge {
+
+using namespace std::chrono_literals;
+
+struct IdempotencyOptions {
+  // How long a key and its stored response live after the request started.
+  Millis ttl = 24h;
+  // How long one attempt may work on a multi-phase request before another may take over.
+  // Each phase renews it.
+  Millis lease = 30s;
+};
+
+// What a handler answered, stored to be replayed byte for byte.
+struct StoredResponse {
+  int status = 200;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+  friend bool operator==(const StoredResponse&, const StoredResponse&) = default;
+};
+
+struct Outcome {
+  StoredResponse response;
+  bool replayed = false;  // true: a stored outcome, fn did not run now
+};
+
+struct KeyRequest {
+  std::string scope;        // the principal or tenant; keys never cross scopes
+  std::string key;          // the client's Idempotency-Key
+  std::string fingerprint;  // what makes two requests "the same"; see RequestFingerprint
+};
+
+// The hold a multi-phase attempt has on a key. Pass it back to Advance/Complete.
+struct KeyLease {
+  std::string scope;
+  std::string key;
+  int64_t fence = 0;
+  std::string recovery_point;  // "started" for a fresh request
+  std::string recovery_data;   // what the last phase saved for the next (caller's format)
+};
+
+struct Begun {
+  enum class Kind {
+    kStarted,   // first attempt: run from the start
+    kResumed,   // an earlier attempt stopped (crash, timeout): go on from recovery_point
+    kReplayed,  // already completed: `response` is the stored outcome
+  };
+  Kind kind = Kind::kStarted;
+  KeyLease lease;           // kStarted, kResumed
+  StoredResponse response;  // kReplayed
+};
+
+// SHA-256 hex over method, path and the canonical body (JSON bodies are re-serialised
+// with sorted keys, so whitespace and key order do not make two requests differ).
+std::string RequestFingerprint(std::string_view method, std::string_view path,
+                               std::string_view body);
+
+class IdempotencyKeys {
+ public:
+  using Fn = std::function<Result<StoredResponse>(Tx&)>;
+
+  // `db` and `clock` must outlive this object; clock nullptr = Clock::System().
+  IdempotencyKeys(Database& db, IdempotencyOptions options = {}, Clock* clock = nullptr);
+
+  // Single-phase. First call for the key: runs fn(tx) and stores its response in the
+  // same transaction (a response with any status, 4xx included, is stored and replayed).
+  // If fn returns an error nothing is stored, the error is returned, and a retry runs
+  // fn again. Later calls: the stored response with replayed = true.
+  Result<Outcome> Execute(const KeyRequest& request, const Fn& fn);
+
+  // Multi-phase: claims the key (kStarted), takes over an expired attempt (kResumed,
+  // fence raised), or returns the stored outcome (kReplayed).
+  Result<Begun> Begin(const KeyRequest& request);
+
+  // Commits fn(tx) together with the new recovery point and data, and renews the lease.
+  // On success `lease` holds the new point. kFailedPrecondition/"fenced" if another
+  // worker took over; nothing fn wrote is kept then.
+  Status Advance(KeyLease& lease, std::string recovery_point, std::string recovery_data,
+                 const std::function<Status(Tx&)>& fn);
+
+  // Runs fn(tx) and stores its response, completing the record, in one transaction.
+  Result<Outcome> Complete(KeyLease& lease, const Fn& fn);
+
+  // Gives up the lease at once (the outcome is unknown: a retry resumes from the last
+  // recovery point without waiting for the lease to run out).
+  Status Release(const KeyLease& lease);
+
+ private:
+  Status Validate(const KeyRequest& r) const;
+  Status CheckFence(Tx& tx, const KeyLease& lease, int64_t now);
+  Status StoreResponse(Tx& tx, const KeyLease& lease, const StoredResponse& r, int64_t now);
+
+  Database& db_;
+  const IdempotencyOptions options_;
+  Clock* clock_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_IDEMPOTENCY_H_

@@ -1,0 +1,63 @@
+// Transactional outbox: an event is written in the same transaction as the business
+// change that caused it, so the two commit or vanish together. A relay (relay.h) later
+// publishes it at least once. See docs/design/outbox-relay.md.
+//
+// Events are CloudEvents 1.0 (JSON format) plus a W3C `traceparent` extension; the pair
+// (source, id) identifies an event end to end and is what consumer inboxes dedupe on.
+//
+// Thread safety: Outbox is safe to use from many threads.
+#ifndef CONVERGE_OUTBOX_H_
+#define CONVERGE_OUTBOX_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/status.h"
+
+namespace converge {
+
+struct Event {
+  std::string id;              // empty on Enqueue: a new UUIDv7
+  std::string source;          // empty on Enqueue: OutboxOptions::source
+  std::string type;            // required, e.g. "payment.captured"
+  std::string subject;         // required: the aggregate id; order is kept per subject
+  std::string aggregate_type;  // empty on Enqueue: the part of `type` before the first '.'
+  int64_t time = 0;            // milliseconds since the epoch; 0 on Enqueue: now
+  std::string data = "{}";     // a JSON document
+  std::string traceparent;     // optional W3C traceparent
+};
+
+// The CloudEvents JSON envelope of `e` (all fields must be filled in).
+std::string EncodeEnvelope(const Event& e);
+// Parses a CloudEvents JSON envelope. kInvalidArgument names what is wrong.
+Result<Event> DecodeEnvelope(std::string_view envelope);
+
+struct OutboxOptions {
+  std::string source = "urn:converge";
+};
+
+class Outbox {
+ public:
+  explicit Outbox(OutboxOptions options = {}, Clock* clock = nullptr);
+
+  // Writes `event` to outbox_events through `tx` and returns its id. The relay is woken
+  // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON,
+  // fields over 255 bytes or with control characters, malformed traceparent),
+  // kAlreadyExists (an event with this source and id exists), store errors.
+  Result<std::string> Enqueue(Tx& tx, Event event);
+
+  // Signalled after each commit that enqueued events.
+  Wakeup& wakeup() { return wakeup_; }
+
+ private:
+  const OutboxOptions options_;
+  Clock* clock_;
+  Wakeup wakeup_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_OUTBOX_H_

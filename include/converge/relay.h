@@ -1,0 +1,83 @@
+// The outbox relay: publishes committed outbox events at least once, in order per
+// aggregate (event subject). See docs/design/outbox-relay.md.
+//
+// Each pass claims the oldest unpublished events by `seq` ("published_at IS NULL", never
+// "seq greater than the last seen": a transaction that took a lower seq but committed
+// later is still picked up), publishes them, then marks them published. A failed publish
+// stops its aggregate for this pass (later events of that aggregate wait, so order holds)
+// while other aggregates go on. A crash between publish and mark publishes again: the
+// at-least-once contract, absorbed by broker dedupe ids and consumer inboxes. When the
+// publisher writes to the same database (SQL queue), publish and mark are one local
+// transaction and the window does not exist.
+//
+// One relay per database for now; several instances with partition ownership arrive with
+// the PostgreSQL backend.
+//
+// Thread safety: RunOnce must not run concurrently with itself; Start/Stop are for one
+// owner thread; stats() is safe from any thread.
+#ifndef CONVERGE_RELAY_H_
+#define CONVERGE_RELAY_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/outbox.h"
+#include "converge/transport.h"
+
+namespace converge {
+
+struct RelayOptions {
+  size_t batch = 256;                           // events claimed per pass
+  Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
+};
+
+struct RelayStats {
+  int64_t published = 0;
+  int64_t publish_failures = 0;
+  int64_t passes = 0;
+  std::string last_error;
+};
+
+class Relay {
+ public:
+  // Everything passed must outlive the relay. clock nullptr = Clock::System().
+  Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions options = {},
+        Clock* clock = nullptr);
+  ~Relay();  // stops the background thread if running
+
+  // One pass. Returns how many events were published and marked.
+  Result<size_t> RunOnce();
+
+  // Runs passes on a background thread: straight on while batches come back full, else
+  // waiting for the outbox wake-up or the poll interval.
+  void Start();
+  // Finishes the current pass and joins the thread.
+  void Stop();
+
+  RelayStats stats() const;
+
+ private:
+  Result<size_t> RunShared(Database& db);
+  Result<size_t> RunSeparate();
+
+  Database& db_;
+  Outbox& outbox_;
+  Publisher& publisher_;
+  const RelayOptions options_;
+  Clock* clock_;
+
+  std::atomic<bool> running_{false};
+  std::thread thread_;
+  mutable std::mutex stats_mu_;
+  RelayStats stats_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_RELAY_H_

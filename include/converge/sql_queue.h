@@ -1,0 +1,65 @@
+// The SQL queue: a transport made of two tables in the application's own database, the
+// embedded default. See docs/design/consumer-inbox.md.
+//
+// Subscriptions map a topic pattern to a named queue ("payment.captured", "payment.*"
+// or "*"). Publishing writes one `queue_messages` row per subscribed queue; a message
+// with no subscriber is dropped, as on any pub/sub broker. Fetch claims rows whose
+// `visible_at` has come, hiding them for a visibility timeout under a fresh claim token;
+// ack deletes the row, nak makes it visible again after a delay. A consumer that dies
+// mid-batch simply lets the timeout run out, and the messages are delivered again.
+//
+// When the outbox lives in the same database, the relay publishes and marks in one
+// transaction (Publisher::SharedDatabase).
+//
+// Thread safety: SqlQueue and its subscribers are safe to use from many threads.
+#ifndef CONVERGE_SQL_QUEUE_H_
+#define CONVERGE_SQL_QUEUE_H_
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/transport.h"
+
+namespace converge {
+
+class SqlQueue : public Publisher {
+ public:
+  // `db` and `clock` must outlive the queue and its subscribers.
+  explicit SqlQueue(Database& db, Clock* clock = nullptr);
+
+  // Routes events whose type matches `pattern` to `queue` (idempotent).
+  // kInvalidArgument for an empty or malformed name or pattern.
+  Status Subscribe(std::string_view queue, std::string_view pattern);
+
+  Status Publish(const Message& message) override;
+  Database* SharedDatabase() override { return &db_; }
+  Status PublishInTx(Tx& tx, const Message& message) override;
+
+  // Writes one message straight into `queue` (dead-letter replay uses this).
+  Status EnqueueInTx(Tx& tx, std::string_view queue, const Message& message);
+
+  // A subscriber that fetches from `queue`.
+  std::unique_ptr<Subscriber> OpenSubscriber(std::string queue);
+
+  // Messages waiting (visible or not) in `queue`.
+  Result<int64_t> Depth(std::string_view queue);
+
+  Wakeup* wakeup() { return &wakeup_; }
+
+  // True when a subscription `pattern` routes events of `type`.
+  static bool Matches(std::string_view pattern, std::string_view type);
+
+ private:
+  class QueueSubscriber;
+
+  Database& db_;
+  Clock* clock_;
+  Wakeup wakeup_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_SQL_QUEUE_H_

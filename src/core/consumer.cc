@@ -1,0 +1,235 @@
+#include "converge/consumer.h"
+
+#include <random>
+
+#include "converge/dead_letters.h"
+#include "converge/failpoint.h"
+
+namespace converge {
+namespace {
+
+int64_t RandomBelow(int64_t n) {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  if (n <= 0) return 0;
+  return std::uniform_int_distribution<int64_t>(0, n)(rng);
+}
+
+}  // namespace
+
+Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options, Clock* clock)
+    : db_(db),
+      subscriber_(subscriber),
+      options_(std::move(options)),
+      clock_(clock ? clock : Clock::System()) {}
+
+Consumer::~Consumer() { Stop(); }
+
+void Consumer::On(std::string type, Handler handler) {
+  handlers_[std::move(type)] = std::move(handler);
+}
+
+const Consumer::Handler* Consumer::FindHandler(const std::string& type) const {
+  auto it = handlers_.find(type);
+  if (it == handlers_.end()) it = handlers_.find("*");
+  return it == handlers_.end() ? nullptr : &it->second;
+}
+
+Millis Consumer::RedeliveryHorizon() const {
+  // Every attempt may hold the message for a full visibility timeout, and every retry
+  // may wait up to backoff_max.
+  return options_.visibility * options_.max_attempts +
+         options_.backoff_max * std::max(0, options_.max_attempts - 1);
+}
+
+Status Consumer::Validate() const {
+  if (options_.name.empty()) return InvalidArgumentError("consumer name is empty");
+  if (options_.max_attempts < 1) return InvalidArgumentError("max_attempts must be >= 1");
+  if (options_.batch < 1) return InvalidArgumentError("batch must be >= 1");
+  if (options_.visibility <= Millis(0) || options_.backoff_initial < Millis(0) ||
+      options_.backoff_max < options_.backoff_initial) {
+    return InvalidArgumentError(
+        "visibility must be positive and 0 <= backoff_initial <= backoff_max");
+  }
+  Millis needed = RedeliveryHorizon() + options_.replay_window;
+  if (options_.inbox_ttl <= needed) {
+    return InvalidArgumentError(
+        "consumer '" + options_.name + "': inbox_ttl " +
+        std::to_string(options_.inbox_ttl.count()) + " ms does not outlive redelivery (" +
+        std::to_string(RedeliveryHorizon().count()) + " ms) plus the dead-letter replay window (" +
+        std::to_string(options_.replay_window.count()) +
+        " ms): a late duplicate would be applied again");
+  }
+  return OkStatus();
+}
+
+Millis Consumer::Backoff(int64_t attempts) const {
+  // Exponential with full jitter: uniform in [0, min(max, initial * 2^(attempts-1))].
+  int64_t cap = options_.backoff_initial.count();
+  for (int64_t i = 1; i < attempts && cap < options_.backoff_max.count(); ++i) cap *= 2;
+  cap = std::min(cap, options_.backoff_max.count());
+  return Millis(RandomBelow(cap));
+}
+
+Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision) {
+  const std::string* source = &d.message.source;
+  const std::string* id = &d.message.id;
+
+  // Parks the delivery and settles it in the inbox as dead-lettered, so a redelivery of
+  // the same message (a lost ack) is absorbed instead of parked twice. A replay removes
+  // that inbox row again.
+  auto park = [&](const char* error_class, const Status& error) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t inserted,
+        tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
+                "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, 'dead_lettered') "
+                "ON CONFLICT (consumer, source, event_id) DO NOTHING",
+                options_.name, *source, *id, now, now + options_.inbox_ttl.count()));
+    decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
+    if (inserted == 0) {
+      decision->fate = Fate::kDuplicate;
+      return OkStatus();
+    }
+    decision->fate = Fate::kDead;
+    DeadLetter letter;
+    letter.consumer = options_.name;
+    letter.queue = d.queue;
+    letter.event_id = *id;
+    letter.source = *source;
+    letter.type = d.message.type;
+    letter.envelope = d.message.envelope;
+    letter.error_class = error_class;
+    letter.error_code = std::string(StatusCodeName(error.code()));
+    letter.error = error.message();
+    letter.attempts = d.attempts;
+    letter.first_failure_at = d.first_failure_at ? d.first_failure_at : now;
+    letter.last_failure_at = now;
+    return StatusOf(DeadLetters::Park(tx, letter));
+  };
+
+  Result<Event> event = DecodeEnvelope(d.message.envelope);
+  if (!event) return park("decode", event.error());
+  // The envelope is the identity end to end; the transport's copy is only a fallback.
+  source = &event->source;
+  id = &event->id;
+  const Handler* handler = FindHandler(event->type);
+  if (handler == nullptr) {
+    return park("no_handler", FailedPreconditionError("consumer '" + options_.name +
+                                                      "' has no handler for '" +
+                                                      event->type + "'"));
+  }
+
+  Status handled = tx.Savepoint([&](Tx& inner) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t inserted,
+        inner.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
+                   "expires_at) VALUES ($1, $2, $3, $4, $5) "
+                   "ON CONFLICT (consumer, source, event_id) DO NOTHING",
+                   options_.name, *source, *id, now, now + options_.inbox_ttl.count()));
+    if (inserted == 0) {
+      decision->fate = Fate::kDuplicate;
+      return OkStatus();
+    }
+    decision->fate = Fate::kProcessed;
+    try {
+      return (*handler)(inner, *event);
+    } catch (const std::exception& e) {
+      return InternalError(std::string("handler threw: ") + e.what());
+    }
+  });
+  if (handled.ok()) {
+    decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
+    return OkStatus();
+  }
+  if (handled.transient() && d.attempts < options_.max_attempts) {
+    decision->fate = Fate::kRetry;
+    decision->settlement =
+        Settlement{Settlement::Kind::kNak, Backoff(d.attempts), handled.ToString()};
+    return OkStatus();
+  }
+  return park(handled.transient() ? "exhausted" : "permanent", handled);
+}
+
+Result<size_t> Consumer::RunOnce() {
+  CONVERGE_RETURN_IF_ERROR(Validate());
+  CONVERGE_ASSIGN_OR_RETURN(std::vector<Delivery> deliveries,
+                            subscriber_.Fetch(options_.batch, options_.visibility));
+  if (deliveries.empty()) return size_t{0};
+
+  std::vector<Decision> decisions;
+  Status st = db_.Transact([&](Tx& tx) -> Status {
+    decisions.assign(deliveries.size(), Decision{});
+    const int64_t now = clock_->NowMillis();
+    for (size_t i = 0; i < deliveries.size(); ++i) {
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, deliveries[i], now, &decisions[i]));
+    }
+    return failpoint::Hit("consumer.before_commit");
+  });
+  if (!st.ok()) {
+    // Nothing was committed; the deliveries become visible again when their timeout runs
+    // out, and are redelivered.
+    std::lock_guard<std::mutex> l(stats_mu_);
+    stats_.last_error = st.ToString();
+    return tl::unexpected(st);
+  }
+  CONVERGE_RETURN_IF_ERROR(failpoint::Hit("consumer.after_commit_before_ack"));
+
+  std::vector<Settlement> settlements;
+  settlements.reserve(decisions.size());
+  for (const Decision& d : decisions) settlements.push_back(d.settlement);
+  Status settled = subscriber_.Settle(deliveries, settlements);
+
+  std::lock_guard<std::mutex> l(stats_mu_);
+  ++stats_.batches;
+  for (const Decision& d : decisions) {
+    switch (d.fate) {
+      case Fate::kProcessed: ++stats_.processed; break;
+      case Fate::kDuplicate: ++stats_.duplicates; break;
+      case Fate::kRetry: ++stats_.retries; break;
+      case Fate::kDead: ++stats_.dead_lettered; break;
+    }
+  }
+  if (!settled.ok()) {
+    // The effects are committed; unsettled deliveries come back and hit the inbox.
+    stats_.last_error = settled.ToString();
+    return tl::unexpected(settled);
+  }
+  return deliveries.size();
+}
+
+Status Consumer::Start() {
+  CONVERGE_RETURN_IF_ERROR(Validate());
+  if (running_.exchange(true)) return OkStatus();
+  thread_ = std::thread([this] {
+    Wakeup* w = subscriber_.wakeup();
+    uint64_t seen = w ? w->generation() : 0;
+    while (running_.load()) {
+      Result<size_t> r = RunOnce();
+      if (r && *r >= options_.batch) continue;
+      if (!running_.load()) break;
+      if (w != nullptr) {
+        w->WaitFor(options_.poll, &seen);
+      } else {
+        std::unique_lock<std::mutex> l(stop_mu_);
+        stop_cv_.wait_for(l, options_.poll, [&] { return !running_.load(); });
+      }
+    }
+  });
+  return OkStatus();
+}
+
+void Consumer::Stop() {
+  if (!running_.exchange(false)) return;
+  if (Wakeup* w = subscriber_.wakeup()) w->Notify();
+  {
+    std::lock_guard<std::mutex> l(stop_mu_);
+  }
+  stop_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+ConsumerStats Consumer::stats() const {
+  std::lock_guard<std::mutex> l(stats_mu_);
+  return stats_;
+}
+
+}  // namespace converge

@@ -1,0 +1,65 @@
+#include "converge/database.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cstdlib>
+
+namespace converge {
+
+int64_t Row::Int(size_t i) const {
+  const Value& v = values_[i];
+  if (auto p = std::get_if<int64_t>(&v)) return *p;
+  if (auto p = std::get_if<double>(&v)) return static_cast<int64_t>(*p);
+  if (auto p = std::get_if<std::string>(&v)) {
+    int64_t out = 0;
+    std::from_chars(p->data(), p->data() + p->size(), out);
+    return out;
+  }
+  return 0;
+}
+
+double Row::Double(size_t i) const {
+  const Value& v = values_[i];
+  if (auto p = std::get_if<double>(&v)) return *p;
+  if (auto p = std::get_if<int64_t>(&v)) return static_cast<double>(*p);
+  if (auto p = std::get_if<std::string>(&v)) return std::strtod(p->c_str(), nullptr);
+  return 0;
+}
+
+std::string Row::Text(size_t i) const {
+  const Value& v = values_[i];
+  if (auto p = std::get_if<std::string>(&v)) return *p;
+  if (auto p = std::get_if<Blob>(&v)) return p->bytes;
+  if (auto p = std::get_if<int64_t>(&v)) return std::to_string(*p);
+  if (auto p = std::get_if<double>(&v)) return std::to_string(*p);
+  return {};
+}
+
+Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
+  std::string name = "cv_sp" + std::to_string(savepoint_depth_);
+  CONVERGE_RETURN_IF_ERROR(ExecParams("SAVEPOINT " + name, {}));
+  ++savepoint_depth_;
+  Status st = fn(*this);
+  --savepoint_depth_;
+  if (st.ok()) {
+    // Hooks registered inside now belong to the enclosing level.
+    for (Hook& h : hooks_) h.depth = std::min(h.depth, savepoint_depth_);
+    CONVERGE_RETURN_IF_ERROR(ExecParams("RELEASE SAVEPOINT " + name, {}));
+    return st;
+  }
+  std::erase_if(hooks_, [&](const Hook& h) { return h.depth > savepoint_depth_; });
+  Status undo = StatusOf(ExecParams("ROLLBACK TO SAVEPOINT " + name, {}));
+  if (undo.ok()) undo = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
+  if (!undo.ok()) return undo;  // the transaction itself is in trouble: report that
+  return st;
+}
+
+std::vector<std::function<void()>> Tx::TakeCommitHooks() {
+  std::vector<std::function<void()>> out;
+  out.reserve(hooks_.size());
+  for (Hook& h : hooks_) out.push_back(std::move(h.fn));
+  hooks_.clear();
+  return out;
+}
+
+}  // namespace converge

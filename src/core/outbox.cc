@@ -1,0 +1,160 @@
+#include "converge/outbox.h"
+
+#include <ctime>
+
+#include <nlohmann/json.hpp>
+
+#include "src/core/crypto.h"
+#include "src/core/validate.h"
+
+namespace converge {
+namespace {
+
+using json = nlohmann::json;
+
+bool IsLowerHex(std::string_view s) {
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+// W3C Trace Context: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>
+bool ValidTraceparent(std::string_view t) {
+  return t.size() == 55 && t[2] == '-' && t[35] == '-' && t[52] == '-' &&
+         IsLowerHex(t.substr(0, 2)) && IsLowerHex(t.substr(3, 32)) &&
+         IsLowerHex(t.substr(36, 16)) && IsLowerHex(t.substr(53, 2));
+}
+
+// Parses "YYYY-MM-DDTHH:MM:SS[.fff]Z" into milliseconds; false when malformed.
+bool ParseRfc3339(const std::string& s, int64_t* out) {
+  int y, mo, d, h, mi, sec;
+  char tail[16] = {0};
+  if (std::sscanf(s.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%15s", &y, &mo, &d, &h, &mi, &sec,
+                  tail) < 7) {
+    return false;
+  }
+  std::tm tm{};
+  tm.tm_year = y - 1900;
+  tm.tm_mon = mo - 1;
+  tm.tm_mday = d;
+  tm.tm_hour = h;
+  tm.tm_min = mi;
+  tm.tm_sec = sec;
+  int64_t ms = 0;
+  std::string_view t(tail);
+  if (!t.empty() && t[0] == '.') {
+    int digits = 0;
+    size_t i = 1;
+    for (; i < t.size() && t[i] >= '0' && t[i] <= '9'; ++i) {
+      if (digits < 3) ms = ms * 10 + (t[i] - '0');
+      ++digits;
+    }
+    if (digits == 0) return false;
+    for (; digits < 3; ++digits) ms *= 10;
+    t.remove_prefix(i);
+  }
+  if (t != "Z") return false;
+  *out = static_cast<int64_t>(timegm(&tm)) * 1000 + ms;
+  return true;
+}
+
+Status ValidateEvent(const Event& e) {
+  CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("event id", e.id, 255));
+  CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("event source", e.source, 255));
+  CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("event type", e.type, 255));
+  CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("event subject", e.subject, 255));
+  CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("event aggregate type", e.aggregate_type, 255));
+  if (!e.traceparent.empty() && !ValidTraceparent(e.traceparent)) {
+    return InvalidArgumentError("event traceparent '" + e.traceparent +
+                                "' is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+std::string EncodeEnvelope(const Event& e) {
+  json j = {
+      {"specversion", "1.0"},
+      {"id", e.id},
+      {"source", e.source},
+      {"type", e.type},
+      {"subject", e.subject},
+      {"time", FormatRfc3339(e.time)},
+      {"datacontenttype", "application/json"},
+      {"aggregatetype", e.aggregate_type},
+      {"data", json::parse(e.data, nullptr, false)},
+  };
+  if (!e.traceparent.empty()) j["traceparent"] = e.traceparent;
+  return j.dump();
+}
+
+Result<Event> DecodeEnvelope(std::string_view envelope) {
+  json j = json::parse(envelope, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return tl::unexpected(InvalidArgumentError("event envelope is not a JSON object"));
+  }
+  auto text = [&](const char* name, bool required, std::string* out) -> Status {
+    auto it = j.find(name);
+    if (it == j.end()) {
+      return required ? InvalidArgumentError(std::string("event envelope lacks '") + name + "'")
+                      : OkStatus();
+    }
+    if (!it->is_string()) {
+      return InvalidArgumentError(std::string("event envelope '") + name + "' is not a string");
+    }
+    *out = it->get<std::string>();
+    return OkStatus();
+  };
+  Event e;
+  std::string specversion, time;
+  CONVERGE_RETURN_IF_ERROR(text("specversion", true, &specversion));
+  if (specversion != "1.0") {
+    return tl::unexpected(InvalidArgumentError("unsupported CloudEvents specversion '" +
+                                               specversion + "'"));
+  }
+  CONVERGE_RETURN_IF_ERROR(text("id", true, &e.id));
+  CONVERGE_RETURN_IF_ERROR(text("source", true, &e.source));
+  CONVERGE_RETURN_IF_ERROR(text("type", true, &e.type));
+  CONVERGE_RETURN_IF_ERROR(text("subject", false, &e.subject));
+  CONVERGE_RETURN_IF_ERROR(text("aggregatetype", false, &e.aggregate_type));
+  CONVERGE_RETURN_IF_ERROR(text("traceparent", false, &e.traceparent));
+  CONVERGE_RETURN_IF_ERROR(text("time", false, &time));
+  if (!time.empty() && !ParseRfc3339(time, &e.time)) {
+    return tl::unexpected(InvalidArgumentError("event time '" + time + "' is not RFC 3339"));
+  }
+  auto data = j.find("data");
+  e.data = data == j.end() ? "null" : data->dump();
+  if (e.id.empty() || e.source.empty() || e.type.empty()) {
+    return tl::unexpected(InvalidArgumentError("event id, source and type must be non-empty"));
+  }
+  return e;
+}
+
+Outbox::Outbox(OutboxOptions options, Clock* clock)
+    : options_(std::move(options)), clock_(clock ? clock : Clock::System()) {}
+
+Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
+  const int64_t now = clock_->NowMillis();
+  if (e.id.empty()) e.id = internal::NewUuidV7(now);
+  if (e.source.empty()) e.source = options_.source;
+  if (e.time == 0) e.time = now;
+  if (e.aggregate_type.empty()) e.aggregate_type = e.type.substr(0, e.type.find('.'));
+  CONVERGE_RETURN_IF_ERROR(ValidateEvent(e));
+  json data = json::parse(e.data, nullptr, /*allow_exceptions=*/false);
+  if (data.is_discarded()) {
+    return tl::unexpected(InvalidArgumentError("event data is not valid JSON"));
+  }
+  json headers = json::object();
+  if (!e.traceparent.empty()) headers["traceparent"] = e.traceparent;
+  CONVERGE_RETURN_IF_ERROR(
+      tx.Exec("INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
+              "type, payload, headers, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+              e.id, e.source, e.aggregate_type, e.subject, e.type, EncodeEnvelope(e),
+              headers.dump(), now));
+  tx.OnCommit([this] { wakeup_.Notify(); });
+  return e.id;
+}
+
+}  // namespace converge

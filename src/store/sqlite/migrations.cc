@@ -1,0 +1,110 @@
+// Versioned schema for the SQLite backend. The PostgreSQL backend carries the same
+// tables with the same meaning (see docs/design/transaction-boundary.md). Never edit a
+// migration that has shipped: append a new one.
+#include "src/store/sqlite/migrations.h"
+
+namespace converge::sqlite {
+
+const std::vector<const char*>& Migrations() {
+  static const std::vector<const char*> kMigrations = {
+      // 1: the whole effective-once path.
+      R"sql(
+CREATE TABLE idempotency_keys (
+  scope            TEXT    NOT NULL,
+  key              TEXT    NOT NULL,
+  request_hash     TEXT    NOT NULL,
+  status           TEXT    NOT NULL CHECK (status IN ('in_progress', 'completed')),
+  recovery_point   TEXT    NOT NULL,
+  recovery_data    TEXT    NOT NULL DEFAULT '',
+  lease_until      INTEGER NOT NULL,
+  fence            INTEGER NOT NULL,
+  response_status  INTEGER,
+  response_headers TEXT,
+  response_body    BLOB,
+  created_at       INTEGER NOT NULL,
+  updated_at       INTEGER NOT NULL,
+  expires_at       INTEGER NOT NULL,
+  PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_keys_expires ON idempotency_keys (expires_at);
+
+CREATE TABLE outbox_events (
+  seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  aggregate_type   TEXT    NOT NULL,
+  aggregate_id     TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  payload          TEXT    NOT NULL,
+  headers          TEXT    NOT NULL DEFAULT '{}',
+  created_at       INTEGER NOT NULL,
+  published_at     INTEGER,
+  publish_attempts INTEGER NOT NULL DEFAULT 0,
+  last_error       TEXT,
+  UNIQUE (source, event_id)
+);
+CREATE INDEX outbox_unpublished ON outbox_events (seq) WHERE published_at IS NULL;
+CREATE INDEX outbox_published ON outbox_events (published_at) WHERE published_at IS NOT NULL;
+
+CREATE TABLE consumer_inbox (
+  consumer     TEXT    NOT NULL,
+  source       TEXT    NOT NULL,
+  event_id     TEXT    NOT NULL,
+  processed_at INTEGER NOT NULL,
+  expires_at   INTEGER NOT NULL,
+  outcome      TEXT    NOT NULL DEFAULT 'applied'
+               CHECK (outcome IN ('applied', 'dead_lettered')),
+  PRIMARY KEY (consumer, source, event_id)
+) WITHOUT ROWID;
+CREATE INDEX consumer_inbox_expires ON consumer_inbox (expires_at);
+
+CREATE TABLE queue_subscriptions (
+  queue      TEXT    NOT NULL,
+  pattern    TEXT    NOT NULL,
+  created_at INTEGER NOT NULL,
+  PRIMARY KEY (queue, pattern)
+) WITHOUT ROWID;
+
+CREATE TABLE queue_messages (
+  id               INTEGER PRIMARY KEY AUTOINCREMENT,
+  queue            TEXT    NOT NULL,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  subject          TEXT    NOT NULL,
+  envelope         TEXT    NOT NULL,
+  enqueued_at      INTEGER NOT NULL,
+  visible_at       INTEGER NOT NULL,
+  attempts         INTEGER NOT NULL DEFAULT 0,
+  claim_token      TEXT,
+  first_failure_at INTEGER,
+  last_error       TEXT
+);
+CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
+
+CREATE TABLE dead_letters (
+  id               INTEGER PRIMARY KEY AUTOINCREMENT,
+  consumer         TEXT    NOT NULL,
+  queue            TEXT    NOT NULL,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  envelope         TEXT    NOT NULL,
+  error_class      TEXT    NOT NULL,
+  error_code       TEXT    NOT NULL,
+  error            TEXT    NOT NULL,
+  attempts         INTEGER NOT NULL,
+  first_failure_at INTEGER NOT NULL,
+  last_failure_at  INTEGER NOT NULL,
+  state            TEXT    NOT NULL DEFAULT 'parked'
+                   CHECK (state IN ('parked', 'replayed', 'discarded')),
+  replay_count     INTEGER NOT NULL DEFAULT 0,
+  updated_at       INTEGER NOT NULL
+);
+CREATE INDEX dead_letters_state ON dead_letters (state, id);
+)sql",
+  };
+  return kMigrations;
+}
+
+}  // namespace converge::sqlite

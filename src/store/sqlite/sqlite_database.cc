@@ -1,0 +1,538 @@
+// SQLite backend with group commit.
+//
+// Method: SQLite allows one writer at a time, and with synchronous=FULL every commit
+// costs an fsync of the WAL. Instead of one physical transaction per Transact call, one
+// writer thread owns the only read-write connection. Callers enqueue their function and
+// block. The writer takes everything queued (up to max_batch), opens one transaction,
+// runs each function inside its own SAVEPOINT (a failing function rolls back only its
+// savepoint), commits once, and only then wakes every caller of the batch. So a caller
+// still returns only after its own work is durable, and N callers share one fsync.
+//
+// If a statement destroys the outer transaction (SQLite does that on some I/O and
+// out-of-memory errors), the functions that had already run in it lost their work: they
+// are re-run in a fresh transaction, which the Transact contract allows (fn may run more
+// than once). The function that broke it fails with kUnavailable.
+//
+// Readers use their own read-only connections, which WAL lets run beside the writer.
+#include "src/store/sqlite/sqlite_database.h"
+
+#include <sqlite3.h>
+
+#include <cassert>
+#include <charconv>
+#include <cstring>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "src/store/sqlite/migrations.h"
+
+namespace converge::sqlite {
+namespace {
+
+Status FromSqlite(int rc, sqlite3* db, std::string_view what) {
+  std::string msg(what);
+  msg += ": ";
+  msg += db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return UnavailableError(std::move(msg));
+    case SQLITE_CONSTRAINT:
+      if (rc == SQLITE_CONSTRAINT_UNIQUE || rc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+        return AlreadyExistsError(std::move(msg));
+      }
+      return InvalidArgumentError(std::move(msg));
+    case SQLITE_NOMEM:
+      return ResourceExhaustedError(std::move(msg));
+    case SQLITE_FULL:
+    case SQLITE_IOERR:
+    case SQLITE_CANTOPEN:
+    case SQLITE_PROTOCOL:
+      return UnavailableError(std::move(msg));
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      return DataLossError(std::move(msg));
+    case SQLITE_READONLY:
+      return FailedPreconditionError(std::move(msg));
+    case SQLITE_ERROR:
+    case SQLITE_RANGE:
+    case SQLITE_MISMATCH:
+    case SQLITE_TOOBIG:
+      return InvalidArgumentError(std::move(msg));
+    default:
+      return InternalError(std::move(msg));
+  }
+}
+
+// One sqlite3 connection with a cache of prepared statements. Used by one thread at a
+// time.
+class Connection {
+ public:
+  ~Connection() {
+    for (auto& [sql, stmt] : cache_) sqlite3_finalize(stmt.stmt);
+    if (db_ != nullptr) sqlite3_close_v2(db_);
+  }
+
+  Status Open(const std::string& path, bool read_only, Millis busy_timeout) {
+    int flags = read_only ? SQLITE_OPEN_READONLY : (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    flags |= SQLITE_OPEN_NOMUTEX;
+    int rc = sqlite3_open_v2(path.c_str(), &db_, flags, nullptr);
+    if (rc != SQLITE_OK) {
+      Status st = UnavailableError("cannot open sqlite database '" + path + "': " +
+                                   (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc)));
+      return st;
+    }
+    sqlite3_extended_result_codes(db_, 1);
+    sqlite3_busy_timeout(db_, static_cast<int>(busy_timeout.count()));
+    return OkStatus();
+  }
+
+  sqlite3* db() const { return db_; }
+
+  // Runs SQL text that may hold several statements and takes no parameters.
+  Status ExecScript(const std::string& sql) {
+    char* err = nullptr;
+    int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err);
+    if (rc != SQLITE_OK) {
+      std::string msg = err ? err : sqlite3_errstr(rc);
+      sqlite3_free(err);
+      return FromSqlite(rc, nullptr, msg);
+    }
+    return OkStatus();
+  }
+
+  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows,
+             int64_t* changes) {
+    CONVERGE_ASSIGN_OR_RETURN(Prepared * p, Prepare(sql));
+    sqlite3_stmt* stmt = p->stmt;
+    if (p->max_param > static_cast<int>(params.size())) {
+      sqlite3_reset(stmt);
+      return InvalidArgumentError("statement uses $" + std::to_string(p->max_param) +
+                                  " but " + std::to_string(params.size()) +
+                                  " parameters were given: " + std::string(sql));
+    }
+    for (size_t i = 0; i < p->index_to_param.size(); ++i) {
+      int rc = Bind(stmt, static_cast<int>(i + 1), params[p->index_to_param[i]]);
+      if (rc != SQLITE_OK) {
+        sqlite3_reset(stmt);
+        sqlite3_clear_bindings(stmt);
+        return FromSqlite(rc, db_, "bind");
+      }
+    }
+    int rc;
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+      if (rows == nullptr) continue;
+      int n = sqlite3_column_count(stmt);
+      std::vector<Value> values;
+      values.reserve(n);
+      for (int c = 0; c < n; ++c) values.push_back(Column(stmt, c));
+      rows->emplace_back(std::move(values));
+    }
+    Status st;
+    if (rc != SQLITE_DONE) st = FromSqlite(sqlite3_extended_errcode(db_), db_, "step");
+    if (changes != nullptr) *changes = sqlite3_changes64(db_);
+    sqlite3_reset(stmt);
+    sqlite3_clear_bindings(stmt);
+    return st;
+  }
+
+ private:
+  struct Prepared {
+    sqlite3_stmt* stmt = nullptr;
+    std::vector<int> index_to_param;  // sqlite parameter index - 1 -> params[] index
+    int max_param = 0;
+  };
+
+  Result<Prepared*> Prepare(std::string_view sql) {
+    auto it = cache_.find(std::string(sql));
+    if (it != cache_.end()) return &it->second;
+    if (cache_.size() >= kMaxCachedStatements) {
+      for (auto& [text, stmt] : cache_) sqlite3_finalize(stmt.stmt);
+      cache_.clear();
+    }
+    Prepared p;
+    const char* tail = nullptr;
+    int rc = sqlite3_prepare_v3(db_, sql.data(), static_cast<int>(sql.size()),
+                                SQLITE_PREPARE_PERSISTENT, &p.stmt, &tail);
+    if (rc != SQLITE_OK) {
+      return tl::unexpected(FromSqlite(rc, db_, "prepare '" + std::string(sql) + "'"));
+    }
+    if (p.stmt == nullptr) return tl::unexpected(InvalidArgumentError("empty SQL statement"));
+    int n = sqlite3_bind_parameter_count(p.stmt);
+    for (int i = 1; i <= n; ++i) {
+      const char* name = sqlite3_bind_parameter_name(p.stmt, i);
+      int num = 0;
+      if (name == nullptr || name[0] != '$' ||
+          std::from_chars(name + 1, name + strlen(name), num).ec != std::errc() || num < 1) {
+        sqlite3_finalize(p.stmt);
+        return tl::unexpected(InvalidArgumentError(
+            "placeholders must be $1, $2, ...; got '" + std::string(name ? name : "?") +
+            "' in: " + std::string(sql)));
+      }
+      p.index_to_param.push_back(num - 1);
+      p.max_param = std::max(p.max_param, num);
+    }
+    auto [pos, inserted] = cache_.emplace(std::string(sql), p);
+    return &pos->second;
+  }
+
+  static int Bind(sqlite3_stmt* stmt, int i, const Value& v) {
+    struct Binder {
+      sqlite3_stmt* stmt;
+      int i;
+      int operator()(std::monostate) const { return sqlite3_bind_null(stmt, i); }
+      int operator()(int64_t x) const { return sqlite3_bind_int64(stmt, i, x); }
+      int operator()(double x) const { return sqlite3_bind_double(stmt, i, x); }
+      int operator()(const std::string& s) const {
+        return sqlite3_bind_text64(stmt, i, s.data(), s.size(), SQLITE_TRANSIENT, SQLITE_UTF8);
+      }
+      int operator()(const Blob& b) const {
+        return sqlite3_bind_blob64(stmt, i, b.bytes.data(), b.bytes.size(), SQLITE_TRANSIENT);
+      }
+    };
+    return std::visit(Binder{stmt, i}, v);
+  }
+
+  static Value Column(sqlite3_stmt* stmt, int c) {
+    switch (sqlite3_column_type(stmt, c)) {
+      case SQLITE_INTEGER:
+        return Value(static_cast<int64_t>(sqlite3_column_int64(stmt, c)));
+      case SQLITE_FLOAT:
+        return Value(sqlite3_column_double(stmt, c));
+      case SQLITE_TEXT: {
+        auto p = reinterpret_cast<const char*>(sqlite3_column_text(stmt, c));
+        return Value(std::string(p, sqlite3_column_bytes(stmt, c)));
+      }
+      case SQLITE_BLOB: {
+        auto p = static_cast<const char*>(sqlite3_column_blob(stmt, c));
+        return Value(Blob{std::string(p ? p : "", sqlite3_column_bytes(stmt, c))});
+      }
+      default:
+        return Value();
+    }
+  }
+
+  static constexpr size_t kMaxCachedStatements = 512;
+  sqlite3* db_ = nullptr;
+  std::unordered_map<std::string, Prepared> cache_;
+};
+
+class SqliteTx : public Tx {
+ public:
+  explicit SqliteTx(Connection* conn) : conn_(conn) {}
+
+  Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) override {
+    int64_t changes = 0;
+    CONVERGE_RETURN_IF_ERROR(conn_->Run(sql, params, nullptr, &changes));
+    return changes;
+  }
+  Result<Rows> QueryParams(std::string_view sql, std::span<const Value> params) override {
+    Rows rows;
+    CONVERGE_RETURN_IF_ERROR(conn_->Run(sql, params, &rows, nullptr));
+    return rows;
+  }
+  Backend backend() const override { return Backend::kSqlite; }
+
+ private:
+  Connection* conn_;
+};
+
+class SqliteDatabase : public Database {
+ public:
+  SqliteDatabase(std::string path, DatabaseOptions options)
+      : path_(std::move(path)), options_(options) {
+    stats_.batch_histogram.assign(16, 0);
+  }
+
+  ~SqliteDatabase() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stopping_ = true;
+    }
+    work_cv_.notify_all();
+    if (writer_.joinable()) writer_.join();
+  }
+
+  Status Init() {
+    CONVERGE_RETURN_IF_ERROR(writer_conn_.Open(path_, false, options_.busy_timeout));
+    // journal_mode=WAL answers with a row; run it as a query to see the mode it took.
+    Rows rows;
+    CONVERGE_RETURN_IF_ERROR(writer_conn_.Run("PRAGMA journal_mode=WAL", {}, &rows, nullptr));
+    if (rows.empty() || rows[0].Text(0) != "wal") {
+      return UnavailableError("'" + path_ + "' cannot use WAL mode");
+    }
+    CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript(
+        std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL") +
+        "; PRAGMA foreign_keys=ON;"));
+    CONVERGE_RETURN_IF_ERROR(Migrate());
+    writer_ = std::thread([this] { WriterLoop(); });
+    writer_id_ = writer_.get_id();
+    return OkStatus();
+  }
+
+  Status Transact(const TxFn& fn) override {
+    if (std::this_thread::get_id() == writer_id_ && current_tx_ != nullptr) {
+      // Called from inside a function the writer is running: same transaction.
+      return current_tx_->Savepoint(fn);
+    }
+    Job job;
+    job.fn = &fn;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (stopping_) return CancelledError("database is closing");
+      queue_.push_back(&job);
+      work_cv_.notify_one();
+      done_cv_.wait(l, [&] { return job.done; });
+    }
+    return std::move(job.status);
+  }
+
+  Status Read(const TxFn& fn) override {
+    std::unique_ptr<Connection> conn;
+    {
+      std::unique_lock<std::mutex> l(readers_mu_);
+      readers_cv_.wait(l, [&] { return !idle_readers_.empty() || open_readers_ < options_.readers; });
+      if (!idle_readers_.empty()) {
+        conn = std::move(idle_readers_.back());
+        idle_readers_.pop_back();
+      } else {
+        ++open_readers_;
+      }
+    }
+    if (conn == nullptr) {
+      conn = std::make_unique<Connection>();
+      Status st = conn->Open(path_, true, options_.busy_timeout);
+      if (!st.ok()) {
+        std::lock_guard<std::mutex> l(readers_mu_);
+        --open_readers_;
+        readers_cv_.notify_one();
+        return st;
+      }
+    }
+    Status st = conn->ExecScript("BEGIN");
+    if (st.ok()) {
+      SqliteTx tx(conn.get());
+      st = RunGuarded(fn, tx);
+      Status end = conn->ExecScript("ROLLBACK");  // read-only: nothing to keep
+      if (st.ok()) st = end;
+    }
+    {
+      std::lock_guard<std::mutex> l(readers_mu_);
+      idle_readers_.push_back(std::move(conn));
+    }
+    readers_cv_.notify_one();
+    return st;
+  }
+
+  Backend backend() const override { return Backend::kSqlite; }
+
+  DatabaseStats stats() const override {
+    std::lock_guard<std::mutex> l(mu_);
+    DatabaseStats s = stats_;
+    s.queued = static_cast<int64_t>(queue_.size());
+    return s;
+  }
+
+ private:
+  struct Job {
+    const TxFn* fn = nullptr;
+    Status status;
+    std::vector<std::function<void()>> hooks;
+    bool done = false;
+  };
+
+  static Status RunGuarded(const TxFn& fn, Tx& tx) {
+    try {
+      return fn(tx);
+    } catch (const std::exception& e) {
+      return InternalError(std::string("transaction function threw: ") + e.what());
+    } catch (...) {
+      return InternalError("transaction function threw a non-standard exception");
+    }
+  }
+
+  Status Migrate() {
+    Rows rows;
+    CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript(
+        "CREATE TABLE IF NOT EXISTS converge_schema (version INTEGER NOT NULL)"));
+    CONVERGE_RETURN_IF_ERROR(
+        writer_conn_.Run("SELECT max(version) FROM converge_schema", {}, &rows, nullptr));
+    int64_t version = rows.empty() ? 0 : rows[0].Int(0);
+    const auto& migrations = Migrations();
+    if (version > static_cast<int64_t>(migrations.size())) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "'" + path_ + "' has schema version " + std::to_string(version) +
+                        ", newer than this binary's " + std::to_string(migrations.size()) +
+                        "; upgrade converge",
+                    "schema_too_new");
+    }
+    for (size_t v = version; v < migrations.size(); ++v) {
+      CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript("BEGIN IMMEDIATE"));
+      Status st = writer_conn_.ExecScript(migrations[v]);
+      if (st.ok()) {
+        Value next = static_cast<int64_t>(v + 1);
+        st = writer_conn_.Run("INSERT INTO converge_schema (version) VALUES ($1)", {&next, 1},
+                              nullptr, nullptr);
+      }
+      if (st.ok()) st = writer_conn_.ExecScript("COMMIT");
+      if (!st.ok()) {
+        (void)writer_conn_.ExecScript("ROLLBACK");
+        return Status(st.code(), "migration " + std::to_string(v + 1) + ": " + st.message());
+      }
+    }
+    return OkStatus();
+  }
+
+  void WriterLoop() {
+    std::vector<Job*> batch;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, and everything queued has run
+        while (!queue_.empty() && batch.size() < options_.max_batch) {
+          batch.push_back(queue_.front());
+          queue_.pop_front();
+        }
+      }
+      RunBatch(batch);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        for (Job* j : batch) j->done = true;
+      }
+      done_cv_.notify_all();
+      batch.clear();
+    }
+  }
+
+  // Runs one job inside the open transaction. Returns false when the outer transaction
+  // was lost while it ran.
+  bool RunJob(Job* job) {
+    job->hooks.clear();
+    for (int attempt = 1;; ++attempt) {
+      Status st = writer_conn_.ExecScript("SAVEPOINT cv_job");
+      if (!st.ok()) {
+        job->status = st;
+        return !sqlite3_get_autocommit(writer_conn_.db());
+      }
+      SqliteTx tx(&writer_conn_);
+      current_tx_ = &tx;
+      st = RunGuarded(*job->fn, tx);
+      current_tx_ = nullptr;
+      if (sqlite3_get_autocommit(writer_conn_.db())) {
+        job->status = st.ok() ? UnavailableError("sqlite rolled the transaction back") : st;
+        return false;
+      }
+      if (st.ok()) {
+        st = writer_conn_.ExecScript("RELEASE cv_job");
+        if (st.ok()) job->hooks = tx.TakeCommitHooks();
+        job->status = st;
+        return true;
+      }
+      Status undo = writer_conn_.ExecScript("ROLLBACK TO cv_job; RELEASE cv_job");
+      if (!undo.ok()) {
+        job->status = undo;
+        return !sqlite3_get_autocommit(writer_conn_.db());
+      }
+      if (st.code() == StatusCode::kAborted && attempt < options_.max_attempts) continue;
+      job->status = st;
+      return true;
+    }
+  }
+
+  void RunBatch(std::vector<Job*> pending) {
+    while (!pending.empty()) {
+      Status begin = writer_conn_.ExecScript("BEGIN IMMEDIATE");
+      if (!begin.ok()) {
+        for (Job* j : pending) j->status = begin;
+        CountTransactions(pending.size());
+        return;
+      }
+      std::vector<Job*> ran;
+      std::vector<Job*> rerun;
+      for (size_t i = 0; i < pending.size(); ++i) {
+        if (!RunJob(pending[i])) {
+          // The transaction is gone: what ran before must run again; this job failed.
+          rerun = ran;
+          rerun.insert(rerun.end(), pending.begin() + i + 1, pending.end());
+          CountTransactions(1);
+          break;
+        }
+        ran.push_back(pending[i]);
+      }
+      if (!rerun.empty() || ran.size() < pending.size()) {
+        pending = std::move(rerun);
+        continue;
+      }
+      Status commit = writer_conn_.ExecScript("COMMIT");
+      if (!commit.ok()) {
+        (void)writer_conn_.ExecScript("ROLLBACK");
+        for (Job* j : ran) {
+          if (j->status.ok()) j->status = Status(commit.code(), "commit failed: " + commit.message());
+        }
+      }
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        stats_.transactions += static_cast<int64_t>(ran.size());
+        if (commit.ok()) {
+          ++stats_.commits;
+          stats_.largest_batch = std::max<int64_t>(stats_.largest_batch, ran.size());
+          size_t bucket = 0;
+          for (size_t n = ran.size(); n > 1; n >>= 1) ++bucket;
+          stats_.batch_histogram[std::min(bucket, stats_.batch_histogram.size() - 1)]++;
+        }
+      }
+      if (commit.ok()) {
+        for (Job* j : ran) {
+          for (auto& hook : j->hooks) hook();
+        }
+      }
+      return;
+    }
+  }
+
+  void CountTransactions(size_t n) {
+    std::lock_guard<std::mutex> l(mu_);
+    stats_.transactions += static_cast<int64_t>(n);
+  }
+
+  const std::string path_;
+  const DatabaseOptions options_;
+
+  Connection writer_conn_;  // only the writer thread (and Init, before it starts)
+  std::thread writer_;
+  std::thread::id writer_id_;
+  Tx* current_tx_ = nullptr;  // writer thread only
+
+  mutable std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  std::deque<Job*> queue_;
+  bool stopping_ = false;
+  DatabaseStats stats_;
+
+  std::mutex readers_mu_;
+  std::condition_variable readers_cv_;
+  std::vector<std::unique_ptr<Connection>> idle_readers_;
+  size_t open_readers_ = 0;
+};
+
+}  // namespace
+
+int SchemaVersion() { return static_cast<int>(Migrations().size()); }
+
+Result<std::unique_ptr<Database>> Open(const std::string& path, const DatabaseOptions& options) {
+  if (path.empty()) return tl::unexpected(InvalidArgumentError("sqlite: URI has an empty path"));
+  if (options.max_batch == 0 || options.readers == 0 || options.max_attempts < 1) {
+    return tl::unexpected(InvalidArgumentError(
+        "DatabaseOptions: max_batch, readers and max_attempts must be positive"));
+  }
+  auto db = std::make_unique<SqliteDatabase>(path, options);
+  CONVERGE_RETURN_IF_ERROR(db->Init());
+  return std::unique_ptr<Database>(std::move(db));
+}
+
+}  // namespace converge::sqlite

@@ -1,0 +1,358 @@
+#include "converge/consumer.h"
+
+#include <gtest/gtest.h>
+
+#include "converge/dead_letters.h"
+#include "converge/failpoint.h"
+#include "converge/outbox.h"
+#include "converge/relay.h"
+#include "converge/sql_queue.h"
+#include "tests/unit/test_util.h"
+
+namespace converge {
+namespace {
+
+using testing::OpenSqlite;
+using testing::QueryInt;
+using testing::TempDir;
+
+ConsumerOptions Options(int max_attempts = 3) {
+  ConsumerOptions o;
+  o.name = "ledger";
+  o.max_attempts = max_attempts;
+  o.backoff_initial = Millis(100);
+  o.backoff_max = Millis(1000);
+  o.visibility = Millis(5000);
+  return o;
+}
+
+Message MakeMessage(const std::string& id, const std::string& data = R"({"n":1})",
+                    const std::string& type = "payment.captured") {
+  Event e;
+  e.id = id;
+  e.source = "urn:test";
+  e.type = type;
+  e.subject = "agg";
+  e.time = 1'700'000'000'000;
+  e.aggregate_type = "payment";
+  e.data = data;
+  return Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)};
+}
+
+class ConsumerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Open(); }
+
+  void Open() {
+    db_ = OpenSqlite(dir_.File("db.sqlite"));
+    ASSERT_NE(db_, nullptr);
+    testing::CreateEffectsTable(*db_);
+    queue_ = std::make_unique<SqlQueue>(*db_, &clock_);
+    ASSERT_TRUE(queue_->Subscribe("ledger", "payment.*").ok());
+    sub_ = queue_->OpenSubscriber("ledger");
+  }
+
+  std::unique_ptr<Consumer> MakeConsumer(ConsumerOptions o = Options()) {
+    auto c = std::make_unique<Consumer>(*db_, *sub_, o, &clock_);
+    c->On("payment.captured", [this](Tx& tx, const Event& e) -> Status {
+      ++calls_;
+      if (fail_with_.code() != StatusCode::kOk) return fail_with_;
+      return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+    });
+    return c;
+  }
+
+  void Publish(const Message& m) { ASSERT_TRUE(queue_->Publish(m).ok()); }
+  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM effects"); }
+  int64_t Depth() { return *queue_->Depth("ledger"); }
+
+  TempDir dir_;
+  ManualClock clock_;
+  std::unique_ptr<Database> db_;
+  std::unique_ptr<SqlQueue> queue_;
+  std::unique_ptr<Subscriber> sub_;
+  Status fail_with_;
+  int calls_ = 0;
+};
+
+TEST_F(ConsumerTest, AppliesEachEventOnceAndAcks) {
+  Publish(MakeMessage("e1"));
+  Publish(MakeMessage("e2"));
+  auto c = MakeConsumer();
+  ASSERT_EQ(*c->RunOnce(), 2u);
+  EXPECT_EQ(Effects(), 2);
+  EXPECT_EQ(Depth(), 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE consumer = 'ledger'"), 2);
+}
+
+TEST_F(ConsumerTest, DuplicateDeliveryIsAckedWithoutEffect) {
+  Publish(MakeMessage("e1"));
+  Publish(MakeMessage("e1"));
+  auto c = MakeConsumer();
+  ASSERT_EQ(*c->RunOnce(), 2u);
+  EXPECT_EQ(Effects(), 1);
+  EXPECT_EQ(calls_, 1);
+  EXPECT_EQ(c->stats().duplicates, 1);
+  EXPECT_EQ(Depth(), 0);
+}
+
+TEST_F(ConsumerTest, TransientErrorIsRetriedWithBackoffThenSucceeds) {
+  Publish(MakeMessage("e1"));
+  auto c = MakeConsumer();
+  fail_with_ = UnavailableError("db of the ledger is down");
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(c->stats().retries, 1);
+  EXPECT_EQ(Effects(), 0);
+  EXPECT_EQ(Depth(), 1);
+  // Not visible before its backoff (at most backoff_initial) has passed.
+  clock_.Advance(Millis(100));
+  fail_with_ = Status();
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(Effects(), 1);
+  EXPECT_EQ(Depth(), 0);
+}
+
+TEST_F(ConsumerTest, PermanentErrorGoesStraightToDeadLetters) {
+  Publish(MakeMessage("poison"));
+  auto c = MakeConsumer();
+  fail_with_ = InvalidArgumentError("amount is negative");
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(calls_, 1);
+  EXPECT_EQ(Depth(), 0);
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  auto list = dlq.List();
+  ASSERT_TRUE(list);
+  ASSERT_EQ(list->size(), 1u);
+  const DeadLetter& d = (*list)[0];
+  EXPECT_EQ(d.consumer, "ledger");
+  EXPECT_EQ(d.queue, "ledger");
+  EXPECT_EQ(d.event_id, "poison");
+  EXPECT_EQ(d.error_class, "permanent");
+  EXPECT_EQ(d.error_code, "invalid_argument");
+  EXPECT_EQ(d.error, "amount is negative");
+  EXPECT_EQ(d.attempts, 1);
+  EXPECT_EQ(d.state, "parked");
+  // The inbox records it as dead-lettered, not applied.
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE outcome = 'applied'"), 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE outcome = 'dead_lettered'"), 1);
+}
+
+// Regression: a poison message whose ack was lost came back and was parked a second time.
+TEST_F(ConsumerTest, RedeliveredPoisonIsParkedOnlyOnce) {
+  Publish(MakeMessage("poison"));
+  Publish(MakeMessage("poison"));  // the same message delivered again
+  auto c = MakeConsumer();
+  fail_with_ = InvalidArgumentError("bad");
+  ASSERT_EQ(*c->RunOnce(), 2u);
+  EXPECT_EQ(c->stats().dead_lettered, 1);
+  EXPECT_EQ(c->stats().duplicates, 1);
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  EXPECT_EQ(*dlq.Count(""), 1);
+}
+
+TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
+  Publish(MakeMessage("flaky"));
+  auto c = MakeConsumer(Options(/*max_attempts=*/3));
+  fail_with_ = UnavailableError("still down");
+  for (int i = 0; i < 10 && Depth() > 0; ++i) {
+    ASSERT_TRUE(c->RunOnce());
+    clock_.Advance(Millis(1000));
+  }
+  EXPECT_EQ(calls_, 3);
+  EXPECT_EQ(Depth(), 0);
+  EXPECT_EQ(c->stats().retries, 2);
+  EXPECT_EQ(c->stats().dead_lettered, 1);
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  auto d = dlq.List()->at(0);
+  EXPECT_EQ(d.error_class, "exhausted");
+  EXPECT_EQ(d.attempts, 3);
+  EXPECT_LT(d.first_failure_at, d.last_failure_at);
+}
+
+TEST_F(ConsumerTest, UndecodableEnvelopeAndUnknownTypeAreDeadLettered) {
+  Publish(Message{"bad", "urn:test", "payment.captured", "agg", "{not json"});
+  Publish(MakeMessage("other", "{}", "payment.refunded"));
+  auto c = MakeConsumer();
+  ASSERT_EQ(*c->RunOnce(), 2u);
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  auto list = *dlq.List();
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].error_class, "decode");
+  EXPECT_EQ(list[1].error_class, "no_handler");
+  EXPECT_EQ(calls_, 0);
+}
+
+TEST_F(ConsumerTest, OneFailingDeliveryDoesNotRollBackItsBatch) {
+  Publish(MakeMessage("ok-1"));
+  Publish(MakeMessage("bad"));
+  Publish(MakeMessage("ok-2"));
+  auto c = std::make_unique<Consumer>(*db_, *sub_, Options(), &clock_);
+  c->On("payment.captured", [](Tx& tx, const Event& e) -> Status {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+    if (e.id == "bad") return InvalidArgumentError("rejected after writing");
+    return OkStatus();
+  });
+  ASSERT_EQ(*c->RunOnce(), 3u);
+  EXPECT_EQ(Effects(), 2);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM effects WHERE id = 'bad'"), 0);
+  EXPECT_EQ(c->stats().dead_lettered, 1);
+  EXPECT_EQ(c->stats().batches, 1);
+}
+
+TEST_F(ConsumerTest, ReplayedDeadLetterIsAppliedOnce) {
+  Publish(MakeMessage("poison"));
+  auto c = MakeConsumer();
+  fail_with_ = FailedPreconditionError("account frozen");
+  ASSERT_TRUE(c->RunOnce());
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  int64_t id = dlq.List()->at(0).id;
+
+  fail_with_ = Status();  // the operator fixed the account
+  ASSERT_TRUE(dlq.Replay(id).ok());
+  EXPECT_EQ(dlq.Get(id)->state, "replayed");
+  EXPECT_EQ(dlq.Replay(id).code(), StatusCode::kFailedPrecondition);
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(Effects(), 1);
+  EXPECT_EQ(*dlq.Count("parked"), 0);
+}
+
+TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
+  Publish(MakeMessage("e1"));
+  auto c = MakeConsumer();
+  ASSERT_TRUE(c->RunOnce());
+  // An operator parks and replays a message that had in fact succeeded.
+  int64_t id = 0;
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) -> Status {
+                   DeadLetter d;
+                   d.consumer = "ledger";
+                   d.queue = "ledger";
+                   Message m = MakeMessage("e1");
+                   d.event_id = m.id;
+                   d.source = m.source;
+                   d.type = m.type;
+                   d.envelope = m.envelope;
+                   d.error_class = "permanent";
+                   d.error_code = "unknown";
+                   d.error = "operator test";
+                   d.attempts = 1;
+                   CONVERGE_ASSIGN_OR_RETURN(id, DeadLetters::Park(tx, d));
+                   return OkStatus();
+                 }).ok());
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  ASSERT_TRUE(dlq.Replay(id).ok());
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(Effects(), 1);
+  EXPECT_EQ(c->stats().duplicates, 1);
+}
+
+TEST_F(ConsumerTest, DiscardAndNotFound) {
+  Publish(MakeMessage("poison"));
+  auto c = MakeConsumer();
+  fail_with_ = InvalidArgumentError("bad");
+  ASSERT_TRUE(c->RunOnce());
+  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  int64_t id = dlq.List()->at(0).id;
+  ASSERT_TRUE(dlq.Discard(id).ok());
+  EXPECT_EQ(dlq.Get(id)->state, "discarded");
+  EXPECT_EQ(dlq.List()->size(), 0u);
+  DeadLetterFilter all;
+  all.state = "";
+  EXPECT_EQ(dlq.List(all)->size(), 1u);
+  EXPECT_EQ(dlq.Replay(id).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(dlq.Get(9999).error().code(), StatusCode::kNotFound);
+  EXPECT_EQ(dlq.Discard(9999).code(), StatusCode::kNotFound);
+  EXPECT_EQ(Depth(), 0);
+}
+
+TEST_F(ConsumerTest, FailureBeforeCommitLeavesNothingAndRedelivers) {
+  Publish(MakeMessage("e1"));
+  auto c = MakeConsumer();
+  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*1").ok());
+  auto r = c->RunOnce();
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(Effects(), 0);
+  EXPECT_EQ(*c->RunOnce(), 0u);  // hidden until its visibility timeout
+  clock_.Advance(Options().visibility);
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(Effects(), 1);
+}
+
+TEST_F(ConsumerTest, RefusesAnInboxTtlThatDoesNotOutliveRedelivery) {
+  ConsumerOptions o = Options();
+  o.inbox_ttl = Millis(60'000);
+  auto c = std::make_unique<Consumer>(*db_, *sub_, o, &clock_);
+  Status st = c->Validate();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("inbox_ttl"), std::string::npos);
+  EXPECT_EQ(c->Start().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->RunOnce().error().code(), StatusCode::kInvalidArgument);
+  ConsumerOptions unnamed = Options();
+  unnamed.name = "";
+  EXPECT_EQ(Consumer(*db_, *sub_, unnamed).Validate().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(ConsumerTest, BackgroundConsumerDrainsWhatTheRelayPublishes) {
+  Outbox outbox(OutboxOptions{}, &clock_);
+  Relay relay(*db_, outbox, *queue_, RelayOptions{}, &clock_);
+  auto c = MakeConsumer();
+  ASSERT_TRUE(c->Start().ok());
+  relay.Start();
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                     Event e;
+                     e.type = "payment.captured";
+                     e.subject = "p" + std::to_string(i % 5);
+                     return StatusOf(outbox.Enqueue(tx, e));
+                   }).ok());
+  }
+  EXPECT_TRUE(testing::WaitUntil([&] { return Effects() == 50; }));
+  relay.Stop();
+  c->Stop();
+  EXPECT_EQ(Depth(), 0);
+}
+
+// The consumer commits its effect and crashes before acking. After the visibility
+// timeout the message is delivered again and the inbox absorbs it.
+TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
+  TempDir dir;
+  const std::string path = dir.File("db.sqlite");
+  {
+    auto db = OpenSqlite(path);
+    testing::CreateEffectsTable(*db);
+    SqlQueue queue(*db);
+    ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+    ASSERT_TRUE(queue.Publish(MakeMessage("e1")).ok());
+  }
+  auto handler = [](Tx& tx, const Event& e) {
+    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+  };
+  int status = testing::RunInChild([&] {
+    auto db = OpenSqlite(path);
+    SqlQueue queue(*db);
+    auto sub = queue.OpenSubscriber("ledger");
+    Consumer c(*db, *sub, Options());
+    c.On("*", handler);
+    (void)failpoint::Configure("consumer.after_commit_before_ack=crash");
+    (void)c.RunOnce();
+    return false;
+  });
+  ASSERT_TRUE(testing::KilledBySigkill(status));
+
+  ManualClock clock;  // far enough ahead of the child's wall clock
+  clock.Set(Clock::System()->NowMillis() + Options().visibility.count() + 1000);
+  auto db = OpenSqlite(path);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);  // committed before the crash
+  SqlQueue queue(*db, &clock);
+  EXPECT_EQ(*queue.Depth("ledger"), 1);  // never acked
+  auto sub = queue.OpenSubscriber("ledger");
+  Consumer c(*db, *sub, Options(), &clock);
+  c.On("*", handler);
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(c.stats().duplicates, 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);
+  EXPECT_EQ(*queue.Depth("ledger"), 0);
+}
+
+}  // namespace
+}  // namespace converge

@@ -1,0 +1,335 @@
+#include "converge/idempotency.h"
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "converge/failpoint.h"
+#include "tests/unit/test_util.h"
+
+namespace converge {
+namespace {
+
+using testing::OpenSqlite;
+using testing::QueryInt;
+using testing::TempDir;
+
+constexpr IdempotencyOptions kOptions{.ttl = std::chrono::hours(24), .lease = std::chrono::seconds(30)};
+
+class IdempotencyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    db_ = OpenSqlite(dir_.File("db.sqlite"));
+    ASSERT_NE(db_, nullptr);
+    testing::CreateEffectsTable(*db_);
+    keys_ = std::make_unique<IdempotencyKeys>(*db_, kOptions, &clock_);
+  }
+
+  // A single-phase handler that applies one effect and answers 201.
+  IdempotencyKeys::Fn Effect(const std::string& id) {
+    return [this, id](Tx& tx) -> Result<StoredResponse> {
+      ++runs_;
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ($1)", id));
+      return StoredResponse{201, {{"Location", "/things/" + id}}, "{\"id\":\"" + id + "\"}"};
+    };
+  }
+
+  int64_t Keys() { return QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"); }
+  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM effects"); }
+
+  TempDir dir_;
+  ManualClock clock_;
+  std::unique_ptr<Database> db_;
+  std::unique_ptr<IdempotencyKeys> keys_;
+  std::atomic<int> runs_{0};
+};
+
+TEST_F(IdempotencyTest, FirstCallRunsAndStoresThenReplays) {
+  KeyRequest req{"tenant-a", "key-1", "POST /things {a:1}"};
+  auto first = keys_->Execute(req, Effect("t1"));
+  ASSERT_TRUE(first) << first.error().ToString();
+  EXPECT_FALSE(first->replayed);
+  EXPECT_EQ(first->response.status, 201);
+
+  auto second = keys_->Execute(req, Effect("t1"));
+  ASSERT_TRUE(second) << second.error().ToString();
+  EXPECT_TRUE(second->replayed);
+  EXPECT_EQ(second->response, first->response);
+  EXPECT_EQ(runs_, 1);
+  EXPECT_EQ(Effects(), 1);
+}
+
+TEST_F(IdempotencyTest, SameKeyDifferentFingerprintIsRejected) {
+  ASSERT_TRUE(keys_->Execute({"t", "k", "body-1"}, Effect("e1")));
+  auto r = keys_->Execute({"t", "k", "body-2"}, Effect("e2"));
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.error().reason(), "fingerprint_mismatch");
+  EXPECT_EQ(Effects(), 1);
+}
+
+TEST_F(IdempotencyTest, ScopesNeverShareKeys) {
+  ASSERT_TRUE(keys_->Execute({"tenant-a", "k", "f"}, Effect("a")));
+  auto b = keys_->Execute({"tenant-b", "k", "f"}, Effect("b"));
+  ASSERT_TRUE(b);
+  EXPECT_FALSE(b->replayed);
+  EXPECT_EQ(b->response.body, "{\"id\":\"b\"}");
+  EXPECT_EQ(Effects(), 2);
+}
+
+TEST_F(IdempotencyTest, ClientErrorResponsesAreStoredAndReplayed) {
+  auto fn = [&](Tx&) -> Result<StoredResponse> {
+    ++runs_;
+    return StoredResponse{402, {}, "card declined"};
+  };
+  ASSERT_EQ(keys_->Execute({"t", "k", "f"}, fn)->response.status, 402);
+  auto again = keys_->Execute({"t", "k", "f"}, fn);
+  EXPECT_TRUE(again->replayed);
+  EXPECT_EQ(again->response.status, 402);
+  EXPECT_EQ(runs_, 1);
+}
+
+TEST_F(IdempotencyTest, HandlerErrorStoresNothingAndARetryRunsAgain) {
+  auto failing = [&](Tx& tx) -> Result<StoredResponse> {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('x')"));
+    return tl::unexpected(UnavailableError("downstream down"));
+  };
+  auto r = keys_->Execute({"t", "k", "f"}, failing);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), StatusCode::kUnavailable);
+  EXPECT_EQ(Keys(), 0);
+  EXPECT_EQ(Effects(), 0);
+  auto retry = keys_->Execute({"t", "k", "f"}, Effect("x"));
+  ASSERT_TRUE(retry);
+  EXPECT_FALSE(retry->replayed);
+  EXPECT_EQ(Effects(), 1);
+}
+
+TEST_F(IdempotencyTest, SixtyFourRacersOneEffect) {
+  constexpr int kThreads = 64;
+  std::vector<std::thread> threads;
+  std::atomic<int> fresh{0}, replays{0}, errors{0};
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back([&] {
+      auto r = keys_->Execute({"t", "race", "same"}, Effect("raced"));
+      if (!r) {
+        ++errors;
+      } else if (r->replayed) {
+        ++replays;
+      } else {
+        ++fresh;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(fresh, 1);
+  EXPECT_EQ(replays, kThreads - 1);
+  EXPECT_EQ(runs_, 1);
+  EXPECT_EQ(Effects(), 1);
+}
+
+TEST_F(IdempotencyTest, ExpiredKeyBehavesAsAbsent) {
+  ASSERT_TRUE(keys_->Execute({"t", "k", "f1"}, Effect("old")));
+  clock_.Advance(kOptions.ttl + Millis(1));
+  // A different payload would be a mismatch while the key lives; now it is a new request.
+  auto r = keys_->Execute({"t", "k", "f2"}, Effect("new"));
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_FALSE(r->replayed);
+  EXPECT_EQ(Effects(), 2);
+  EXPECT_EQ(Keys(), 1);
+}
+
+TEST_F(IdempotencyTest, BadKeysAndScopesAreRejectedAndWriteNothing) {
+  const std::vector<KeyRequest> bad = {
+      {"", "k", "f"},
+      {"t", "", "f"},
+      {"t", std::string(256, 'k'), "f"},
+      {std::string(256, 's'), "k", "f"},
+      {"t", "key\nwith-newline", "f"},
+      {"t", std::string("nul\0key", 7), "f"},
+      {"t", "del\x7f", "f"},
+  };
+  for (const auto& req : bad) {
+    auto r = keys_->Execute(req, Effect("never"));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument);
+    auto b = keys_->Begin(req);
+    ASSERT_FALSE(b);
+    EXPECT_EQ(b.error().code(), StatusCode::kInvalidArgument);
+  }
+  EXPECT_TRUE(keys_->Execute({"t", std::string(255, 'k'), "f"}, Effect("edge")));
+  EXPECT_EQ(Keys(), 1);
+  EXPECT_EQ(runs_, 1);
+}
+
+TEST_F(IdempotencyTest, FingerprintIgnoresJsonKeyOrderAndSpacing) {
+  EXPECT_EQ(RequestFingerprint("POST", "/p", R"({"a":1,"b":2})"),
+            RequestFingerprint("POST", "/p", R"({ "b": 2, "a": 1 })"));
+  EXPECT_NE(RequestFingerprint("POST", "/p", R"({"a":1})"),
+            RequestFingerprint("POST", "/p", R"({"a":2})"));
+  EXPECT_NE(RequestFingerprint("POST", "/p", "x"), RequestFingerprint("PUT", "/p", "x"));
+  EXPECT_NE(RequestFingerprint("POST", "/p", "x"), RequestFingerprint("POST", "/q", "x"));
+}
+
+// --- multi-phase ------------------------------------------------------------------
+
+TEST_F(IdempotencyTest, MultiPhaseRunsPhasesThenReplays) {
+  KeyRequest req{"t", "pay-1", "f"};
+  auto b = keys_->Begin(req);
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->kind, Begun::Kind::kStarted);
+  KeyLease lease = b->lease;
+  ASSERT_TRUE(keys_->Advance(lease, "charged", "ch_1", [](Tx& tx) {
+    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('charge')"));
+  }).ok());
+  EXPECT_EQ(lease.recovery_point, "charged");
+  auto done = keys_->Complete(lease, [](Tx&) -> Result<StoredResponse> {
+    return StoredResponse{201, {}, "paid"};
+  });
+  ASSERT_TRUE(done) << done.error().ToString();
+  auto again = keys_->Begin(req);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->kind, Begun::Kind::kReplayed);
+  EXPECT_EQ(again->response.body, "paid");
+}
+
+TEST_F(IdempotencyTest, InFlightDuplicateGetsRetryAfter) {
+  ASSERT_TRUE(keys_->Begin({"t", "k", "f"}));
+  clock_.Advance(Millis(10'000));
+  auto dup = keys_->Begin({"t", "k", "f"});
+  ASSERT_FALSE(dup);
+  EXPECT_EQ(dup.error().code(), StatusCode::kUnavailable);
+  EXPECT_EQ(dup.error().reason(), "in_flight");
+  EXPECT_EQ(dup.error().retry_after_ms(), 20'000);
+  // A single-phase call on the same key is in flight too.
+  auto single = keys_->Execute({"t", "k", "f"}, Effect("x"));
+  ASSERT_FALSE(single);
+  EXPECT_EQ(single.error().reason(), "in_flight");
+  // And a different payload is a mismatch even while in flight.
+  EXPECT_EQ(keys_->Begin({"t", "k", "other"}).error().reason(), "fingerprint_mismatch");
+}
+
+TEST_F(IdempotencyTest, TakeoverFencesTheStaleWorker) {
+  KeyRequest req{"t", "k", "f"};
+  KeyLease a = keys_->Begin(req)->lease;
+  ASSERT_TRUE(keys_->Advance(a, "reserved", "r1", [](Tx&) { return OkStatus(); }).ok());
+
+  clock_.Advance(kOptions.lease + Millis(1));  // worker A stalls past its lease
+  auto b = keys_->Begin(req);
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->kind, Begun::Kind::kResumed);
+  EXPECT_EQ(b->lease.fence, a.fence + 1);
+  EXPECT_EQ(b->lease.recovery_point, "reserved");
+  EXPECT_EQ(b->lease.recovery_data, "r1");
+
+  // A wakes up: neither its phase nor its completion may land, nor anything they wrote.
+  Status adv = keys_->Advance(a, "charged", "stale", [](Tx& tx) {
+    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('stale-phase')"));
+  });
+  EXPECT_EQ(adv.reason(), "fenced");
+  auto stale = keys_->Complete(a, [](Tx& tx) -> Result<StoredResponse> {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('stale-complete')"));
+    return StoredResponse{201, {}, "stale"};
+  });
+  ASSERT_FALSE(stale);
+  EXPECT_EQ(stale.error().reason(), "fenced");
+  EXPECT_EQ(Effects(), 0);
+
+  KeyLease lb = b->lease;
+  ASSERT_TRUE(keys_->Complete(lb, [](Tx&) -> Result<StoredResponse> {
+    return StoredResponse{201, {}, "fresh"};
+  }));
+  EXPECT_EQ(keys_->Begin(req)->response.body, "fresh");
+}
+
+TEST_F(IdempotencyTest, ReleaseLetsARetryResumeAtOnce) {
+  KeyRequest req{"t", "k", "f"};
+  KeyLease a = keys_->Begin(req)->lease;
+  ASSERT_TRUE(keys_->Advance(a, "charged", "ch", [](Tx&) { return OkStatus(); }).ok());
+  ASSERT_TRUE(keys_->Release(a).ok());
+  auto b = keys_->Begin(req);
+  ASSERT_TRUE(b);
+  EXPECT_EQ(b->kind, Begun::Kind::kResumed);
+  EXPECT_EQ(b->lease.recovery_point, "charged");
+  EXPECT_EQ(keys_->Release(a).reason(), "fenced");
+}
+
+// A process crashes right after the phase that called the provider committed. The retry
+// (another process, after the lease) resumes from that recovery point: the charge is not
+// made twice.
+TEST(IdempotencyCrash, RetryResumesFromRecoveryPointAfterCrash) {
+  TempDir dir;
+  const std::string path = dir.File("db.sqlite");
+  {
+    auto db = OpenSqlite(path);
+    testing::CreateEffectsTable(*db);
+  }
+  int status = testing::RunInChild([&] {
+    ManualClock clock;
+    auto db = OpenSqlite(path);
+    IdempotencyKeys keys(*db, kOptions, &clock);
+    KeyLease lease = keys.Begin({"t", "pay", "f"})->lease;
+    // The provider call, journalled as this phase's effect.
+    (void)failpoint::Configure("idempotency.after_phase=crash");
+    (void)keys.Advance(lease, "charged", "charge-1", [](Tx& tx) {
+      return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('charge:pay')"));
+    });
+    return false;  // not reached
+  });
+  ASSERT_TRUE(testing::KilledBySigkill(status)) << status;
+
+  ManualClock clock;
+  clock.Advance(kOptions.lease + Millis(1));
+  auto db = OpenSqlite(path);
+  IdempotencyKeys keys(*db, kOptions, &clock);
+  auto b = keys.Begin({"t", "pay", "f"});
+  ASSERT_TRUE(b) << b.error().ToString();
+  ASSERT_EQ(b->kind, Begun::Kind::kResumed);
+  ASSERT_EQ(b->lease.recovery_point, "charged");
+  EXPECT_EQ(b->lease.recovery_data, "charge-1");
+  KeyLease lease = b->lease;
+  ASSERT_TRUE(keys.Complete(lease, [](Tx&) -> Result<StoredResponse> {
+    return StoredResponse{201, {}, "captured"};
+  }));
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects WHERE id = 'charge:pay'"), 1);
+  EXPECT_EQ(keys.Begin({"t", "pay", "f"})->kind, Begun::Kind::kReplayed);
+}
+
+// A crash after the single-phase effect but before the response is stored loses the
+// whole transaction: the retry runs once, fresh.
+TEST(IdempotencyCrash, SinglePhaseCrashBeforeResponseLeavesNothingHalfDone) {
+  TempDir dir;
+  const std::string path = dir.File("db.sqlite");
+  {
+    auto db = OpenSqlite(path);
+    testing::CreateEffectsTable(*db);
+  }
+  int status = testing::RunInChild([&] {
+    auto db = OpenSqlite(path);
+    IdempotencyKeys keys(*db);
+    (void)failpoint::Configure("idempotency.after_effect_before_response=crash");
+    (void)keys.Execute({"t", "k", "f"}, [](Tx& tx) -> Result<StoredResponse> {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('e')"));
+      return StoredResponse{201, {}, "ok"};
+    });
+    return false;
+  });
+  ASSERT_TRUE(testing::KilledBySigkill(status));
+  auto db = OpenSqlite(path);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 0);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM idempotency_keys"), 0);
+  IdempotencyKeys keys(*db);
+  auto r = keys.Execute({"t", "k", "f"}, [](Tx& tx) -> Result<StoredResponse> {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('e')"));
+    return StoredResponse{201, {}, "ok"};
+  });
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(r->replayed);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);
+}
+
+}  // namespace
+}  // namespace converge
