@@ -163,14 +163,17 @@ TEST_F(DatabaseTest, ExceptionInFunctionBecomesInternalAndRollsBack) {
 TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
   constexpr int kCallers = 32;
   std::atomic<bool> release{false};
+  std::atomic<bool> holding{false};
   std::thread blocker([&] {
     // Holds the writer so the callers below queue up behind it and land in one batch.
     Status st = db_->Transact([&](Tx& tx) -> Status {
+      holding = true;
       testing::WaitUntil([&] { return release.load(); });
       return StatusOf(tx.Exec("INSERT INTO t VALUES ('blocker', 0)"));
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
   });
+  bool held = testing::WaitUntil([&] { return holding.load(); });
   std::vector<std::thread> callers;
   std::vector<Status> results(kCallers);
   for (int i = 0; i < kCallers; ++i) {
@@ -182,10 +185,11 @@ TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
       });
     });
   }
-  ASSERT_TRUE(testing::WaitUntil([&] { return db_->stats().queued == kCallers; }));
+  bool all_queued = held && testing::WaitUntil([&] { return db_->stats().queued == kCallers; });
   release = true;
   blocker.join();
   for (auto& t : callers) t.join();
+  ASSERT_TRUE(all_queued);
   for (int i = 0; i < kCallers; ++i) {
     if (i == 7) {
       EXPECT_EQ(results[i].code(), StatusCode::kFailedPrecondition);
