@@ -9,6 +9,7 @@ packages=(
   libsqlite3-dev libssl-dev libexpected-dev nlohmann-json3-dev
   libcli11-dev libspdlog-dev libtomlplusplus-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libboost-dev libcurl4-openssl-dev wrk
 )
 
 missing=()

@@ -21,6 +21,7 @@
 //   kInternal            an invariant broke                        nobody
 //   kUnavailable         a store or broker is unreachable or busy  retry the call (transient)
 //   kDataLoss            unrecoverable corruption                  nobody
+//   kUnauthenticated     no valid credentials or signature         nobody
 //
 // `IsTransient()` is the one place that encodes "retry with backoff" for every layer
 // (HTTP, consumers, sagas). A Status may carry a short machine-readable `reason` (for
@@ -57,6 +58,7 @@ enum class StatusCode : int {
   kInternal = 13,
   kUnavailable = 14,
   kDataLoss = 15,
+  kUnauthenticated = 16,
 };
 
 // "kUnavailable" -> "unavailable"; used in logs, dead letters and problem+json.
@@ -120,6 +122,7 @@ Status UnimplementedError(std::string message);
 Status InternalError(std::string message);
 Status UnavailableError(std::string message);
 Status DataLossError(std::string message);
+Status UnauthenticatedError(std::string message);
 
 template <class T>
 using Result = tl::expected<T, Status>;

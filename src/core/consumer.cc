@@ -1,21 +1,11 @@
 #include "converge/consumer.h"
 
-#include <random>
 
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
+#include "src/core/backoff.h"
 
 namespace converge {
-namespace {
-
-int64_t RandomBelow(int64_t n) {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  if (n <= 0) return 0;
-  return std::uniform_int_distribution<int64_t>(0, n)(rng);
-}
-
-}  // namespace
-
 Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options, Clock* clock)
     : db_(db),
       subscriber_(subscriber),
@@ -63,11 +53,7 @@ Status Consumer::Validate() const {
 }
 
 Millis Consumer::Backoff(int64_t attempts) const {
-  // Exponential with full jitter: uniform in [0, min(max, initial * 2^(attempts-1))].
-  int64_t cap = options_.backoff_initial.count();
-  for (int64_t i = 1; i < attempts && cap < options_.backoff_max.count(); ++i) cap *= 2;
-  cap = std::min(cap, options_.backoff_max.count());
-  return Millis(RandomBelow(cap));
+  return internal::FullJitterBackoff(attempts, options_.backoff_initial, options_.backoff_max);
 }
 
 Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision) {

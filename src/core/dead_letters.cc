@@ -94,7 +94,15 @@ Status DeadLetters::Transition(int64_t id, bool replay) {
                                      ", not parked");
     }
     const int64_t now = clock_->NowMillis();
-    if (replay) {
+    if (replay && d.queue.rfind("effect:", 0) == 0) {
+      // A journalled external effect: re-open the intent; its runner executes it again
+      // with the same key, so a provider that had in fact acted answers with the first
+      // result.
+      CONVERGE_RETURN_IF_ERROR(tx.Exec(
+          "UPDATE effects SET state = 'pending', attempts = 0, next_attempt_at = $1, "
+          "updated_at = $1 WHERE effect_key = $2 AND state = 'failed'",
+          now, d.event_id));
+    } else if (replay) {
       // The subject is inside the envelope; the queue row only needs it for routing
       // displays, so the dead letter's event id stands in when it is missing.
       Message m{d.event_id, d.source, d.type, d.event_id, d.envelope};

@@ -5,11 +5,12 @@
 namespace converge {
 namespace {
 
-constexpr std::array<std::string_view, 16> kNames = {
+constexpr std::array<std::string_view, 17> kNames = {
     "ok",        "cancelled",          "unknown",           "invalid_argument",
     "deadline_exceeded", "not_found",  "already_exists",    "permission_denied",
     "resource_exhausted", "failed_precondition", "aborted", "out_of_range",
     "unimplemented", "internal",       "unavailable",       "data_loss",
+    "unauthenticated",
 };
 
 }  // namespace
@@ -66,6 +67,7 @@ CONVERGE_DEFINE_ERROR_(UnimplementedError, kUnimplemented)
 CONVERGE_DEFINE_ERROR_(InternalError, kInternal)
 CONVERGE_DEFINE_ERROR_(UnavailableError, kUnavailable)
 CONVERGE_DEFINE_ERROR_(DataLossError, kDataLoss)
+CONVERGE_DEFINE_ERROR_(UnauthenticatedError, kUnauthenticated)
 #undef CONVERGE_DEFINE_ERROR_
 
 }  // namespace converge

@@ -57,13 +57,13 @@ class ConsumerTest : public ::testing::Test {
     c->On("payment.captured", [this](Tx& tx, const Event& e) -> Status {
       ++calls_;
       if (fail_with_.code() != StatusCode::kOk) return fail_with_;
-      return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+      return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
     });
     return c;
   }
 
   void Publish(const Message& m) { ASSERT_TRUE(queue_->Publish(m).ok()); }
-  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM effects"); }
+  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
   int64_t Depth() { return *queue_->Depth("ledger"); }
 
   TempDir dir_;
@@ -188,13 +188,13 @@ TEST_F(ConsumerTest, OneFailingDeliveryDoesNotRollBackItsBatch) {
   Publish(MakeMessage("ok-2"));
   auto c = std::make_unique<Consumer>(*db_, *sub_, Options(), &clock_);
   c->On("payment.captured", [](Tx& tx, const Event& e) -> Status {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
     if (e.id == "bad") return InvalidArgumentError("rejected after writing");
     return OkStatus();
   });
   ASSERT_EQ(*c->RunOnce(), 3u);
   EXPECT_EQ(Effects(), 2);
-  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM effects WHERE id = 'bad'"), 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM test_effects WHERE id = 'bad'"), 0);
   EXPECT_EQ(c->stats().dead_lettered, 1);
   EXPECT_EQ(c->stats().batches, 1);
 }
@@ -325,7 +325,7 @@ TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
     ASSERT_TRUE(queue.Publish(MakeMessage("e1")).ok());
   }
   auto handler = [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
   };
   int status = testing::RunInChild([&] {
     auto db = OpenSqlite(path);
@@ -342,7 +342,7 @@ TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
   ManualClock clock;  // far enough ahead of the child's wall clock
   clock.Set(Clock::System()->NowMillis() + Options().visibility.count() + 1000);
   auto db = OpenSqlite(path);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);  // committed before the crash
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);  // committed before the crash
   SqlQueue queue(*db, &clock);
   EXPECT_EQ(*queue.Depth("ledger"), 1);  // never acked
   auto sub = queue.OpenSubscriber("ledger");
@@ -350,7 +350,7 @@ TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
   c.On("*", handler);
   ASSERT_EQ(*c.RunOnce(), 1u);
   EXPECT_EQ(c.stats().duplicates, 1);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);
   EXPECT_EQ(*queue.Depth("ledger"), 0);
 }
 

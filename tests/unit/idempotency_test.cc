@@ -31,13 +31,13 @@ class IdempotencyTest : public ::testing::Test {
   IdempotencyKeys::Fn Effect(const std::string& id) {
     return [this, id](Tx& tx) -> Result<StoredResponse> {
       ++runs_;
-      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ($1)", id));
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", id));
       return StoredResponse{201, {{"Location", "/things/" + id}}, "{\"id\":\"" + id + "\"}"};
     };
   }
 
   int64_t Keys() { return QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"); }
-  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM effects"); }
+  int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
 
   TempDir dir_;
   ManualClock clock_;
@@ -93,7 +93,7 @@ TEST_F(IdempotencyTest, ClientErrorResponsesAreStoredAndReplayed) {
 
 TEST_F(IdempotencyTest, HandlerErrorStoresNothingAndARetryRunsAgain) {
   auto failing = [&](Tx& tx) -> Result<StoredResponse> {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('x')"));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ('x')"));
     return tl::unexpected(UnavailableError("downstream down"));
   };
   auto r = keys_->Execute({"t", "k", "f"}, failing);
@@ -183,7 +183,7 @@ TEST_F(IdempotencyTest, MultiPhaseRunsPhasesThenReplays) {
   ASSERT_EQ(b->kind, Begun::Kind::kStarted);
   KeyLease lease = b->lease;
   ASSERT_TRUE(keys_->Advance(lease, "charged", "ch_1", [](Tx& tx) {
-    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('charge')"));
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ('charge')"));
   }).ok());
   EXPECT_EQ(lease.recovery_point, "charged");
   auto done = keys_->Complete(lease, [](Tx&) -> Result<StoredResponse> {
@@ -227,11 +227,11 @@ TEST_F(IdempotencyTest, TakeoverFencesTheStaleWorker) {
 
   // A wakes up: neither its phase nor its completion may land, nor anything they wrote.
   Status adv = keys_->Advance(a, "charged", "stale", [](Tx& tx) {
-    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('stale-phase')"));
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ('stale-phase')"));
   });
   EXPECT_EQ(adv.reason(), "fenced");
   auto stale = keys_->Complete(a, [](Tx& tx) -> Result<StoredResponse> {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('stale-complete')"));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ('stale-complete')"));
     return StoredResponse{201, {}, "stale"};
   });
   ASSERT_FALSE(stale);
@@ -275,7 +275,7 @@ TEST(IdempotencyCrash, RetryResumesFromRecoveryPointAfterCrash) {
     // The provider call, journalled as this phase's effect.
     (void)failpoint::Configure("idempotency.after_phase=crash");
     (void)keys.Advance(lease, "charged", "charge-1", [](Tx& tx) {
-      return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ('charge:pay')"));
+      return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ('charge:pay')"));
     });
     return false;  // not reached
   });
@@ -294,7 +294,7 @@ TEST(IdempotencyCrash, RetryResumesFromRecoveryPointAfterCrash) {
   ASSERT_TRUE(keys.Complete(lease, [](Tx&) -> Result<StoredResponse> {
     return StoredResponse{201, {}, "captured"};
   }));
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects WHERE id = 'charge:pay'"), 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects WHERE id = 'charge:pay'"), 1);
   EXPECT_EQ(keys.Begin({"t", "pay", "f"})->kind, Begun::Kind::kReplayed);
 }
 
@@ -312,23 +312,23 @@ TEST(IdempotencyCrash, SinglePhaseCrashBeforeResponseLeavesNothingHalfDone) {
     IdempotencyKeys keys(*db);
     (void)failpoint::Configure("idempotency.after_effect_before_response=crash");
     (void)keys.Execute({"t", "k", "f"}, [](Tx& tx) -> Result<StoredResponse> {
-      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('e')"));
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ('e')"));
       return StoredResponse{201, {}, "ok"};
     });
     return false;
   });
   ASSERT_TRUE(testing::KilledBySigkill(status));
   auto db = OpenSqlite(path);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 0);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 0);
   EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM idempotency_keys"), 0);
   IdempotencyKeys keys(*db);
   auto r = keys.Execute({"t", "k", "f"}, [](Tx& tx) -> Result<StoredResponse> {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO effects (id) VALUES ('e')"));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ('e')"));
     return StoredResponse{201, {}, "ok"};
   });
   ASSERT_TRUE(r);
   EXPECT_FALSE(r->replayed);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);
 }
 
 }  // namespace

@@ -218,10 +218,10 @@ TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
   auto sub = queue.OpenSubscriber("ledger");
   Consumer consumer(*db, *sub, ConsumerOptions{.name = "ledger"});
   consumer.On("*", [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO effects (id) VALUES ($1)", e.id));
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
   });
   ASSERT_EQ(*consumer.RunOnce(), 2u);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects"), 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);
   EXPECT_EQ(consumer.stats().processed, 1);
   EXPECT_EQ(consumer.stats().duplicates, 1);
   EXPECT_EQ(*queue.Depth("ledger"), 0);

@@ -23,7 +23,7 @@ TEST(Status, TransientCodesAreExactlyTheRetryableOnes) {
 }
 
 TEST(Status, CodeNamesRoundTrip) {
-  for (int i = 0; i <= 15; ++i) {
+  for (int i = 0; i <= 16; ++i) {
     auto code = static_cast<StatusCode>(i);
     StatusCode back;
     ASSERT_TRUE(ParseStatusCode(StatusCodeName(code), &back));

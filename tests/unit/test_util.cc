@@ -75,7 +75,7 @@ int64_t QueryInt(Database& db, const std::string& sql) {
 
 void CreateEffectsTable(Database& db) {
   Status st = db.Transact([](Tx& tx) {
-    return StatusOf(tx.Exec("CREATE TABLE IF NOT EXISTS effects (id TEXT PRIMARY KEY, "
+    return StatusOf(tx.Exec("CREATE TABLE IF NOT EXISTS test_effects (id TEXT PRIMARY KEY, "
                             "n INTEGER NOT NULL DEFAULT 1)"));
   });
   ASSERT_TRUE(st.ok()) << st.ToString();

@@ -43,7 +43,7 @@ bool WaitUntil(const std::function<bool()>& cond,
 // SELECT count(*) ... convenience: the single integer a query returns (-1 on error).
 int64_t QueryInt(Database& db, const std::string& sql);
 
-// Creates a business table `effects(id TEXT PRIMARY KEY, n INTEGER)` for handlers.
+// Creates a business table `test_effects(id TEXT PRIMARY KEY, n INTEGER)` for handlers.
 void CreateEffectsTable(Database& db);
 
 }  // namespace converge::testing

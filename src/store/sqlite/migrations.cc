@@ -103,6 +103,22 @@ CREATE TABLE dead_letters (
 );
 CREATE INDEX dead_letters_state ON dead_letters (state, id);
 )sql",
+      // 2: journalled external effects (effects.h).
+      R"sql(
+CREATE TABLE effects (
+  effect_key      TEXT    NOT NULL PRIMARY KEY,
+  kind            TEXT    NOT NULL,
+  payload         TEXT    NOT NULL,
+  state           TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+  attempts        INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at INTEGER NOT NULL,
+  result          TEXT,
+  last_error      TEXT,
+  created_at      INTEGER NOT NULL,
+  updated_at      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX effects_due ON effects (kind, state, next_attempt_at);
+)sql",
   };
   return kMigrations;
 }

@@ -1,0 +1,88 @@
+// Journalled external effects: what a handler cannot do inside its transaction (send an
+// email, call a payment provider) is recorded as an intent in that transaction, executed
+// afterwards outside any transaction with a deterministic key, and its result recorded.
+// See docs/design/consumer-inbox.md ("External effects").
+//
+//   consumer handler, in its Tx:   runner.Record(tx, {"receipt:pay_1", payload})
+//   EffectRunner, later:           claim intent (lease) -> executor(key, payload)
+//                                  -> record result | retry with backoff | dead letter
+//
+// The key is the effect's identity at the provider (Idempotency-Key): a crash between the
+// call and the recorded result re-executes with the same key once the claim lease runs
+// out, and the provider answers with the first result instead of acting twice. Transient
+// errors retry with exponential backoff and full jitter; permanent errors and exhausted
+// attempts park a dead letter (queue "effect:<kind>") that DeadLetters::Replay re-opens.
+//
+// Thread safety: Record is safe from any thread; RunOnce must not run concurrently with
+// itself on one runner; Start/Stop from one owner thread.
+#ifndef CONVERGE_EFFECTS_H_
+#define CONVERGE_EFFECTS_H_
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/status.h"
+
+namespace converge {
+
+struct EffectRunnerOptions {
+  std::string kind;  // required: which intents this runner executes, e.g. "email.receipt"
+  int max_attempts = 8;
+  Millis backoff_initial = std::chrono::milliseconds(200);
+  Millis backoff_max = std::chrono::seconds(60);
+  Millis lease = std::chrono::seconds(30);  // a claimed intent is retried after this
+  size_t batch = 16;
+  Millis poll = std::chrono::seconds(1);
+};
+
+struct EffectStats {
+  int64_t executed = 0;  // succeeded and recorded
+  int64_t retries = 0;
+  int64_t failed = 0;  // parked as dead letters
+  std::string last_error;
+};
+
+class EffectRunner {
+ public:
+  // Runs the effect for `key`; returns a result to record (e.g. the provider's id).
+  using Executor = std::function<Result<std::string>(const std::string& key,
+                                                     const std::string& payload)>;
+
+  // Everything passed must outlive the runner. clock nullptr = Clock::System().
+  EffectRunner(Database& db, EffectRunnerOptions options, Executor executor,
+               Clock* clock = nullptr);
+  ~EffectRunner();
+
+  // Records the intent through `tx` (it commits with the caller's effects). Recording the
+  // same key again is a no-op; returns whether this call created it.
+  // kInvalidArgument for an empty or oversized key.
+  Result<bool> Record(Tx& tx, const std::string& key, const std::string& payload);
+
+  // Claims due intents, executes them, records the outcomes. Returns how many it handled.
+  Result<size_t> RunOnce();
+  void Start();
+  void Stop();
+  EffectStats stats() const;
+  Wakeup& wakeup() { return wakeup_; }
+
+ private:
+  Database& db_;
+  const EffectRunnerOptions options_;
+  Executor executor_;
+  Clock* clock_;
+  Wakeup wakeup_;
+  std::atomic<bool> running_{false};
+  std::thread thread_;
+  mutable std::mutex stats_mu_;
+  EffectStats stats_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_EFFECTS_H_

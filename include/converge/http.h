@@ -1,0 +1,134 @@
+// HTTP for converge services: an asynchronous server (Boost.Beast/Asio underneath, never
+// visible here), a blocking client (libcurl), and RFC 9457 problem+json responses.
+//
+// Server model: I/O is asynchronous on `io_threads`; every handler runs on a separate
+// worker pool, never on an I/O thread, because handlers block (database transactions,
+// outbound HTTP). Each connection reads a header under `header_timeout` (which also
+// bounds keep-alive idle time) and a body under `body_timeout`, so slow clients cannot
+// hold connections; a body over `body_limit` gets 413, an oversized header 431. Stop()
+// stops accepting, lets in-flight requests finish (up to a deadline) and closes.
+//
+// Thread safety: register routes before Start(). Start/Stop from one owner thread.
+// HttpClient is safe to use from many threads.
+#ifndef CONVERGE_HTTP_H_
+#define CONVERGE_HTTP_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "converge/clock.h"
+#include "converge/status.h"
+
+namespace converge::http {
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+// The first header named `name` (case-insensitive), or nullptr.
+const std::string* FindHeader(const Headers& headers, std::string_view name);
+
+struct Request {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // as sent: path and query
+  std::string path;
+  std::string query;
+  Headers headers;
+  std::string body;
+  std::string remote;  // peer address
+  std::map<std::string, std::string> params;  // {name} segments of the matched route
+  const std::string* Header(std::string_view name) const { return FindHeader(headers, name); }
+};
+
+struct Response {
+  int status = 200;
+  Headers headers;
+  std::string body;
+  const std::string* Header(std::string_view name) const { return FindHeader(headers, name); }
+  Response& Set(std::string name, std::string value);
+};
+
+// RFC 9457: `{"type", "title", "status", "detail"}` as application/problem+json. `type` is
+// "about:blank" when empty, else a URN naming the problem ("urn:converge:problem:<slug>").
+Response Problem(int status, std::string_view title, std::string_view detail,
+                 std::string_view slug = {});
+// A JSON body with Content-Type application/json.
+Response Json(int status, std::string body);
+// The HTTP status for a Status code (kInvalidArgument 400, kUnauthenticated 401,
+// kPermissionDenied 403, kNotFound 404, kAlreadyExists 409, kFailedPrecondition 409,
+// kAborted 409, kResourceExhausted 429, kUnavailable 503, kDeadlineExceeded 504, else 500).
+int HttpStatusFor(StatusCode code);
+
+struct ServerOptions {
+  std::string address = "127.0.0.1";
+  uint16_t port = 0;  // 0: any free port; see Server::port()
+  int io_threads = 1;
+  int worker_threads = 16;
+  size_t body_limit = 1 << 20;
+  size_t header_limit = 16 << 10;
+  Millis header_timeout = std::chrono::seconds(15);
+  Millis body_timeout = std::chrono::seconds(30);
+  std::string server_name = "converge";
+};
+
+// Called after each response is written: for metrics and access logs.
+struct Exchange {
+  const Request* request;  // nullptr when no request could be read (413, 431)
+  int status;
+  std::string route;  // the matched pattern, "unmatched", or "rejected"
+  double seconds;
+};
+
+class Server {
+ public:
+  using Handler = std::function<Response(Request&)>;
+
+  explicit Server(ServerOptions options);
+  ~Server();  // Stop()s
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // `pattern` is a path whose segments may be `{name}`, e.g. "/v1/payments/{id}". An
+  // unknown path answers 404, a known path with another method 405 with Allow.
+  void Route(std::string method, std::string pattern, Handler handler);
+  void OnExchange(std::function<void(const Exchange&)> observer);
+
+  // Binds and starts serving. kUnavailable when the address cannot be bound.
+  Status Start();
+  // The bound port (after Start).
+  uint16_t port() const;
+  // Stops accepting, waits up to `drain` for in-flight requests, then closes everything.
+  void Stop(Millis drain = std::chrono::seconds(10));
+  // Requests being handled right now.
+  int64_t in_flight() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct ClientRequest {
+  std::string method = "GET";
+  std::string url;
+  Headers headers;
+  std::string body;
+  Millis timeout = std::chrono::seconds(10);
+};
+
+// Blocking HTTP client. Errors: kDeadlineExceeded (timeout: the outcome is unknown),
+// kUnavailable (cannot connect, connection reset), kInvalidArgument (malformed URL).
+// Any HTTP status is a successful Response.
+class Client {
+ public:
+  Client();
+  Result<Response> Send(const ClientRequest& request);
+};
+
+}  // namespace converge::http
+
+#endif  // CONVERGE_HTTP_H_

@@ -1,0 +1,134 @@
+#include "converge/http.h"
+
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace converge::http {
+namespace {
+
+class HttpTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ServerOptions o;
+    o.body_limit = 1024;
+    o.header_timeout = Millis(500);
+    o.body_timeout = Millis(500);
+    server_ = std::make_unique<Server>(o);
+    server_->Route("GET", "/hello/{name}", [](Request& r) {
+      return Json(200, "{\"hello\":\"" + r.params["name"] + "\"}");
+    });
+    server_->Route("POST", "/echo", [](Request& r) {
+      Response resp = Json(201, r.body);
+      resp.Set("X-Seen-Key", r.Header("idempotency-key") ? *r.Header("idempotency-key") : "");
+      return resp;
+    });
+    server_->Route("GET", "/throw", [](Request&) -> Response { throw std::runtime_error("x"); });
+    server_->OnExchange([this](const Exchange& e) {
+      if (e.status == 413) ++rejected_;
+    });
+    ASSERT_TRUE(server_->Start().ok());
+    base_ = "http://127.0.0.1:" + std::to_string(server_->port());
+  }
+  Result<Response> Get(const std::string& path) {
+    return client_.Send({.method = "GET", .url = base_ + path});
+  }
+
+  std::unique_ptr<Server> server_;
+  Client client_;
+  std::string base_;
+  std::atomic<int> rejected_{0};
+};
+
+TEST_F(HttpTest, RoutesWithPathParameters) {
+  auto r = Get("/hello/ada");
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(r->body, "{\"hello\":\"ada\"}");
+  EXPECT_EQ(*r->Header("content-type"), "application/json");
+}
+
+TEST_F(HttpTest, PostsBodiesAndHeaders) {
+  auto r = client_.Send({.method = "POST", .url = base_ + "/echo",
+                         .headers = {{"Idempotency-Key", "k1"}}, .body = "{\"a\":1}"});
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 201);
+  EXPECT_EQ(r->body, "{\"a\":1}");
+  EXPECT_EQ(*r->Header("X-Seen-Key"), "k1");
+}
+
+TEST_F(HttpTest, UnknownRouteIs404AndWrongMethodIs405WithAllow) {
+  auto r = Get("/nope");
+  EXPECT_EQ(r->status, 404);
+  EXPECT_EQ(*r->Header("Content-Type"), "application/problem+json");
+  auto m = client_.Send({.method = "DELETE", .url = base_ + "/echo"});
+  EXPECT_EQ(m->status, 405);
+  EXPECT_EQ(*m->Header("Allow"), "POST");
+}
+
+TEST_F(HttpTest, OversizedBodyIs413) {
+  auto r = client_.Send({.method = "POST", .url = base_ + "/echo", .body = std::string(4096, 'x')});
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->status, 413);
+  EXPECT_NE(r->body.find("1024"), std::string::npos);
+}
+
+TEST_F(HttpTest, ThrowingHandlerIs500) { EXPECT_EQ(Get("/throw")->status, 500); }
+
+TEST_F(HttpTest, SlowClientIsDisconnected) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(server_->port());
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  const char* partial = "GET /hello/x HTTP/1.1\r\nHost: x\r\n";  // never finishes the header
+  ASSERT_GT(send(fd, partial, strlen(partial), 0), 0);
+  char buf[256];
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ssize_t n = recv(fd, buf, sizeof buf, 0);  // the server closes after header_timeout
+  EXPECT_EQ(n, 0);
+  close(fd);
+}
+
+TEST_F(HttpTest, ClientReportsConnectionFailureAsUnavailable) {
+  server_->Stop();
+  auto r = Get("/hello/x");
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), StatusCode::kUnavailable);
+}
+
+TEST(HttpClient, TimeoutIsDeadlineExceeded) {
+  ServerOptions o;
+  Server slow(o);
+  slow.Route("GET", "/slow", [](Request&) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    return Json(200, "{}");
+  });
+  ASSERT_TRUE(slow.Start().ok());
+  Client c;
+  auto r = c.Send({.method = "GET", .url = "http://127.0.0.1:" + std::to_string(slow.port()) + "/slow",
+                   .timeout = Millis(100)});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), StatusCode::kDeadlineExceeded);
+}
+
+TEST(HttpProblem, IsRfc9457) {
+  Response p = Problem(422, "Unprocessable Content", "key reused", "idempotency-key-reused");
+  EXPECT_EQ(p.status, 422);
+  EXPECT_EQ(*p.Header("Content-Type"), "application/problem+json");
+  EXPECT_NE(p.body.find("\"type\":\"urn:converge:problem:idempotency-key-reused\""), std::string::npos);
+  EXPECT_NE(p.body.find("\"status\":422"), std::string::npos);
+  EXPECT_EQ(HttpStatusFor(StatusCode::kUnavailable), 503);
+  EXPECT_EQ(HttpStatusFor(StatusCode::kUnauthenticated), 401);
+}
+
+}  // namespace
+}  // namespace converge::http

@@ -1,0 +1,71 @@
+#include "converge/webhook.h"
+
+#include <gtest/gtest.h>
+
+namespace converge {
+namespace {
+
+// The example from the Standard Webhooks specification.
+constexpr const char* kSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+constexpr const char* kId = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+constexpr int64_t kTs = 1614265330;
+constexpr const char* kBody = R"({"test": 2432232314})";
+constexpr const char* kSig = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+
+TEST(Webhook, SignMatchesTheSpecificationVector) {
+  auto sig = webhook::Sign(kSecret, kId, kTs, kBody);
+  ASSERT_TRUE(sig) << sig.error().ToString();
+  EXPECT_EQ(*sig, kSig);
+}
+
+TEST(Webhook, VerifyAcceptsAValidSignatureWithinTolerance) {
+  std::vector<std::string> secrets = {kSecret};
+  EXPECT_TRUE(webhook::Verify(secrets, kId, std::to_string(kTs), kSig, kBody, kTs + 60).ok());
+}
+
+TEST(Webhook, VerifyAcceptsAnyOfSeveralSecretsAndSignatures) {
+  std::string other = webhook::NewSecret();
+  std::vector<std::string> secrets = {other, kSecret};  // rotation: old and new
+  std::string header = "v1,bm90IGl0 v2,whatever " + std::string(kSig);
+  EXPECT_TRUE(webhook::Verify(secrets, kId, std::to_string(kTs), header, kBody, kTs).ok());
+}
+
+TEST(Webhook, VerifyRejectsTamperingStaleFutureAndMissing) {
+  std::vector<std::string> secrets = {kSecret};
+  auto reason = [&](std::string_view id, std::string_view ts, std::string_view sig,
+                    std::string_view body, int64_t now) {
+    Status s = webhook::Verify(secrets, id, ts, sig, body, now);
+    EXPECT_EQ(s.code(), StatusCode::kUnauthenticated);
+    return s.reason();
+  };
+  const std::string ts = std::to_string(kTs);
+  EXPECT_EQ(reason(kId, ts, kSig, R"({"test": 2432232315})", kTs), "bad_signature");
+  EXPECT_EQ(reason("msg_other", ts, kSig, kBody, kTs), "bad_signature");
+  EXPECT_EQ(reason(kId, ts, "v1,AAAA", kBody, kTs), "bad_signature");
+  EXPECT_EQ(reason(kId, ts, "v1,not base64!", kBody, kTs), "bad_signature");
+  EXPECT_EQ(reason(kId, ts, kSig, kBody, kTs + 301), "stale_timestamp");
+  EXPECT_EQ(reason(kId, ts, kSig, kBody, kTs - 301), "future_timestamp");
+  EXPECT_EQ(reason(kId, "12x", kSig, kBody, kTs), "bad_timestamp");
+  EXPECT_EQ(reason("", ts, kSig, kBody, kTs), "missing_headers");
+  EXPECT_EQ(reason(kId, ts, "", kBody, kTs), "missing_headers");
+  std::vector<std::string> wrong = {webhook::NewSecret()};
+  EXPECT_EQ(webhook::Verify(wrong, kId, ts, kSig, kBody, kTs).reason(), "bad_signature");
+}
+
+TEST(Webhook, MalformedSecretIsAnError) {
+  EXPECT_FALSE(webhook::DecodeSecret("whsec_!!!"));
+  EXPECT_FALSE(webhook::DecodeSecret("whsec_"));
+  EXPECT_FALSE(webhook::Sign("whsec_abc", "id", 1, "b"));
+}
+
+TEST(Webhook, Base64RoundTrips) {
+  for (std::string s : {"", "f", "fo", "foo", "foob", "fooba", "foobar"}) {
+    auto back = webhook::Base64Decode(webhook::Base64Encode(s));
+    ASSERT_TRUE(back);
+    EXPECT_EQ(*back, s);
+  }
+  EXPECT_EQ(webhook::Base64Encode("foobar"), "Zm9vYmFy");
+}
+
+}  // namespace
+}  // namespace converge
