@@ -26,6 +26,8 @@ int RunDemo(const DemoFlags& flags);
 // Adds `dlq list|show|replay|discard` to `app`; the chosen one runs at parse time's end
 // through the callback and stores its exit code in *exit_code.
 void AddDlqCommands(CLI::App& app, int* exit_code);
+// serve, fake-psp, fake-mail, webhook sign|verify.
+void AddServiceCommands(CLI::App& app, int* exit_code);
 
 }  // namespace converge::cli
 

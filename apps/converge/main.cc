@@ -3,6 +3,9 @@
 //   converge demo                         the library-level convergence demo
 //   converge dlq list|show|replay|discard inspect and act on dead letters
 //   converge migrate --db URI             create or upgrade a store's schema
+//   converge serve --config FILE          the payments reference service
+//   converge fake-psp | fake-mail         stand-in providers (own store, own port)
+//   converge webhook sign|verify          Standard Webhooks on the command line
 #include <cstdio>
 #include <string>
 
@@ -54,6 +57,7 @@ int main(int argc, char** argv) {
   });
 
   converge::cli::AddDlqCommands(app, &exit_code);
+  converge::cli::AddServiceCommands(app, &exit_code);
 
   converge::Status fp = converge::failpoint::ConfigureFromEnv();
   if (!fp.ok()) {

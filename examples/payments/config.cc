@@ -1,0 +1,195 @@
+#include "examples/payments/config.h"
+
+#include <charconv>
+#include <cstdlib>
+#include <set>
+
+#include <toml++/toml.h>
+
+namespace payments {
+namespace {
+
+using converge::InvalidArgumentError;
+using converge::OkStatus;
+using converge::Status;
+
+class Reader {
+ public:
+  explicit Reader(const toml::table& root) : root_(root) {}
+
+  // Checks that `section` has only `keys` and that no unknown section exists.
+  Status Known(const std::map<std::string, std::set<std::string>>& schema) {
+    for (const auto& [section, node] : root_) {
+      auto it = schema.find(std::string(section.str()));
+      if (it == schema.end()) {
+        return InvalidArgumentError("config: unknown section [" + std::string(section.str()) + "]");
+      }
+      const toml::table* t = node.as_table();
+      if (t == nullptr) {
+        return InvalidArgumentError("config: '" + std::string(section.str()) + "' must be a table");
+      }
+      for (const auto& [key, v] : *t) {
+        if (!it->second.count(std::string(key.str())) && !it->second.count("*")) {
+          return InvalidArgumentError("config: unknown key '" + std::string(section.str()) + "." +
+                                      std::string(key.str()) + "'");
+        }
+      }
+    }
+    return OkStatus();
+  }
+
+  Status String(const char* section, const char* key, std::string* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    if (!n.is_string()) return Bad(section, key, "a string");
+    *out = *n.value<std::string>();
+    return OkStatus();
+  }
+  template <class T>
+  Status Int(const char* section, const char* key, T* out, int64_t lo, int64_t hi) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    if (!n.is_integer()) return Bad(section, key, "an integer");
+    int64_t v = *n.value<int64_t>();
+    if (v < lo || v > hi) {
+      return Bad(section, key, "between " + std::to_string(lo) + " and " + std::to_string(hi));
+    }
+    *out = static_cast<T>(v);
+    return OkStatus();
+  }
+  Status Duration(const char* section, const char* key, Millis* out, int64_t lo_ms,
+                  int64_t hi_ms) {
+    int64_t ms = out->count();
+    CONVERGE_RETURN_IF_ERROR(Int(section, key, &ms, lo_ms, hi_ms));
+    *out = Millis(ms);
+    return OkStatus();
+  }
+  Status Strings(const char* section, const char* key, std::vector<std::string>* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    const toml::array* a = n.as_array();
+    if (a == nullptr) return Bad(section, key, "an array of strings");
+    out->clear();
+    for (const auto& e : *a) {
+      if (!e.is_string()) return Bad(section, key, "an array of strings");
+      out->push_back(*e.value<std::string>());
+    }
+    return OkStatus();
+  }
+  Status StringMap(const char* section, const char* key, std::map<std::string, std::string>* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    const toml::table* t = n.as_table();
+    if (t == nullptr) return Bad(section, key, "a table of strings");
+    for (const auto& [k, v] : *t) {
+      if (!v.is_string()) return Bad(section, key, "a table of strings");
+      (*out)[std::string(k.str())] = *v.value<std::string>();
+    }
+    return OkStatus();
+  }
+
+ private:
+  static Status Bad(const char* section, const char* key, const std::string& what) {
+    return InvalidArgumentError(std::string("config: ") + section + "." + key + " must be " + what);
+  }
+  const toml::table& root_;
+};
+
+const char* Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+}  // namespace
+
+Status ParseListen(const std::string& listen, std::string* host, uint16_t* port) {
+  auto colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return InvalidArgumentError("listen address '" + listen + "' is not host:port");
+  }
+  unsigned p = 0;
+  auto r = std::from_chars(listen.data() + colon + 1, listen.data() + listen.size(), p);
+  if (r.ec != std::errc() || r.ptr != listen.data() + listen.size() || p > 65535) {
+    return InvalidArgumentError("listen address '" + listen + "' has a bad port");
+  }
+  *host = listen.substr(0, colon);
+  *port = static_cast<uint16_t>(p);
+  return OkStatus();
+}
+
+converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
+  ServiceConfig c;
+  if (!path.empty()) {
+    toml::table root;
+    try {
+      root = toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+      return tl::unexpected(InvalidArgumentError(
+          "config " + path + ": " + std::string(e.description()) + " at line " +
+          std::to_string(e.source().begin.line)));
+    }
+    Reader r(root);
+    CONVERGE_RETURN_IF_ERROR(r.Known({
+        {"server", {"listen", "io_threads", "worker_threads", "body_limit_bytes",
+                    "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
+        {"store", {"uri", "synchronous"}},
+        {"idempotency", {"ttl_seconds", "lease_ms"}},
+        {"auth", {"admin_token", "api_keys"}},
+        {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
+        {"mail", {"url", "timeout_ms"}},
+        {"consumers", {"visibility_ms", "max_attempts", "backoff_initial_ms", "backoff_max_ms"}},
+        {"effects", {"max_attempts", "lease_ms"}},
+        {"log", {"level"}},
+    }));
+    std::string listen, sync;
+    CONVERGE_RETURN_IF_ERROR(r.String("server", "listen", &listen));
+    if (!listen.empty()) CONVERGE_RETURN_IF_ERROR(ParseListen(listen, &c.address, &c.port));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "io_threads", &c.io_threads, 1, 64));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "worker_threads", &c.worker_threads, 1, 1024));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "body_limit_bytes", &c.body_limit, 1024, 64 << 20));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "header_timeout_ms", &c.header_timeout, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "body_timeout_ms", &c.body_timeout, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));
+    CONVERGE_RETURN_IF_ERROR(r.String("store", "uri", &c.db));
+    CONVERGE_RETURN_IF_ERROR(r.String("store", "synchronous", &sync));
+    if (!sync.empty()) {
+      if (sync != "full" && sync != "normal") {
+        return tl::unexpected(InvalidArgumentError("config: store.synchronous must be \"full\" or \"normal\""));
+      }
+      c.synchronous_full = sync == "full";
+    }
+    int64_t ttl_s = c.key_ttl.count() / 1000;
+    CONVERGE_RETURN_IF_ERROR(r.Int("idempotency", "ttl_seconds", &ttl_s, 1, 365LL * 86400));
+    c.key_ttl = Millis(ttl_s * 1000);
+    CONVERGE_RETURN_IF_ERROR(r.Duration("idempotency", "lease_ms", &c.lease, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(r.String("auth", "admin_token", &c.admin_token));
+    CONVERGE_RETURN_IF_ERROR(r.StringMap("auth", "api_keys", &c.api_keys));
+    CONVERGE_RETURN_IF_ERROR(r.String("psp", "url", &c.psp_url));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("psp", "timeout_ms", &c.psp_timeout, 10, 600000));
+    CONVERGE_RETURN_IF_ERROR(r.Strings("psp", "webhook_secrets", &c.webhook_secrets));
+    int64_t tol_s = 300;
+    CONVERGE_RETURN_IF_ERROR(r.Int("psp", "webhook_tolerance_seconds", &tol_s, 1, 86400));
+    c.webhook_tolerance = Millis(tol_s * 1000);
+    CONVERGE_RETURN_IF_ERROR(r.String("mail", "url", &c.mail_url));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("mail", "timeout_ms", &c.mail_timeout, 10, 600000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "visibility_ms", &c.visibility, 10, 86400000));
+    CONVERGE_RETURN_IF_ERROR(r.Int("consumers", "max_attempts", &c.max_attempts, 1, 1000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "backoff_initial_ms", &c.backoff_initial, 0, 3600000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "backoff_max_ms", &c.backoff_max, 0, 86400000));
+    CONVERGE_RETURN_IF_ERROR(r.Int("effects", "max_attempts", &c.effect_max_attempts, 1, 1000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("effects", "lease_ms", &c.effect_lease, 10, 86400000));
+    CONVERGE_RETURN_IF_ERROR(r.String("log", "level", &c.log_level));
+  }
+  if (const char* v = Env("CONVERGE_LISTEN")) {
+    CONVERGE_RETURN_IF_ERROR(ParseListen(v, &c.address, &c.port));
+  }
+  if (const char* v = Env("CONVERGE_DB")) c.db = v;
+  if (const char* v = Env("CONVERGE_ADMIN_TOKEN")) c.admin_token = v;
+  if (const char* v = Env("CONVERGE_PSP_URL")) c.psp_url = v;
+  if (const char* v = Env("CONVERGE_MAIL_URL")) c.mail_url = v;
+  if (const char* v = Env("CONVERGE_LOG_LEVEL")) c.log_level = v;
+  if (const char* v = Env("CONVERGE_WEBHOOK_SECRET")) c.webhook_secrets = {v};
+  return c;
+}
+
+}  // namespace payments

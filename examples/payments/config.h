@@ -1,0 +1,68 @@
+// Configuration of the payments reference service: a TOML file, then environment
+// variables, then command-line flags, each overriding the one before. See
+// examples/payments/converge.example.toml for every key.
+#ifndef CONVERGE_EXAMPLES_PAYMENTS_CONFIG_H_
+#define CONVERGE_EXAMPLES_PAYMENTS_CONFIG_H_
+
+#include <chrono>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "converge/clock.h"
+#include "converge/status.h"
+
+namespace payments {
+
+using converge::Millis;
+using namespace std::chrono_literals;
+
+struct ServiceConfig {
+  // [server]
+  std::string address = "127.0.0.1";
+  uint16_t port = 8080;
+  int io_threads = 1;
+  int worker_threads = 32;
+  size_t body_limit = 64 << 10;
+  Millis header_timeout = 15s;
+  Millis body_timeout = 30s;
+  Millis shutdown_drain = 10s;
+  // [store]
+  std::string db = "sqlite:converge.db";
+  bool synchronous_full = true;
+  // [idempotency]
+  Millis key_ttl = 24h;
+  Millis lease = 30s;
+  // [auth]
+  std::string admin_token;
+  std::map<std::string, std::string> api_keys;  // bearer key -> tenant
+  // [psp]
+  std::string psp_url = "http://127.0.0.1:8081";
+  Millis psp_timeout = 5s;
+  std::vector<std::string> webhook_secrets;
+  Millis webhook_tolerance = 5min;
+  // [mail]
+  std::string mail_url = "http://127.0.0.1:8082";
+  Millis mail_timeout = 5s;
+  // [consumers]
+  Millis visibility = 30s;
+  int max_attempts = 8;
+  Millis backoff_initial = 200ms;
+  Millis backoff_max = 30s;
+  // [effects]
+  int effect_max_attempts = 8;
+  Millis effect_lease = 30s;
+  // [log]
+  std::string log_level = "info";
+};
+
+// Reads `path` (empty: defaults only), then CONVERGE_* environment overrides. Unknown
+// keys, wrong types and bad values are kInvalidArgument naming the key.
+converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path);
+
+// Splits "host:port" (port 0 allowed). kInvalidArgument if malformed.
+converge::Status ParseListen(const std::string& listen, std::string* host, uint16_t* port);
+
+}  // namespace payments
+
+#endif  // CONVERGE_EXAMPLES_PAYMENTS_CONFIG_H_
