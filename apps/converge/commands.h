@@ -23,6 +23,16 @@ struct DemoFlags {
 };
 int RunDemo(const DemoFlags& flags);
 
+struct ServiceDemoFlags {
+  int clients = 16;
+  int payments = 1000;
+  double duplicate_rate = 0.3;
+  double psp_failure_rate = 0.05;
+  double mail_failure_rate = 0.05;
+  bool keep = false;
+};
+int RunServiceDemo(const ServiceDemoFlags& flags);
+
 // Adds `dlq list|show|replay|discard` to `app`; the chosen one runs at parse time's end
 // through the callback and stores its exit code in *exit_code.
 void AddDlqCommands(CLI::App& app, int* exit_code);

@@ -1,6 +1,7 @@
 // converge: the command-line tool and (later) daemon.
 //
-//   converge demo                         the library-level convergence demo
+//   converge demo                         the service demo: scenarios, load, convergence table
+//   converge library-demo                 the same ideas in-process, without HTTP
 //   converge dlq list|show|replay|discard inspect and act on dead letters
 //   converge migrate --db URI             create or upgrade a store's schema
 //   converge serve --config FILE          the payments reference service
@@ -23,8 +24,8 @@ int main(int argc, char** argv) {
 
   converge::cli::DemoFlags demo;
   CLI::App* demo_cmd = app.add_subcommand(
-      "demo", "Run producers, relay and consumer on a fresh SQLite file with duplicate "
-              "requests, lost acks and a poison message; print the convergence table");
+      "library-demo", "The library without HTTP: producers, relay and consumer on a fresh "
+                      "SQLite file with duplicates, lost acks and a poison message");
   demo_cmd->add_option("--db", demo.db, "SQLite file to create (must not exist); default: a temp file");
   demo_cmd->add_option("--producers", demo.producers, "Concurrent producer threads")
       ->check(CLI::Range(1, 1024));
@@ -42,6 +43,26 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--seed", demo.seed, "Random seed (0: random)");
   demo_cmd->add_flag("--keep", demo.keep, "Keep the database file");
   demo_cmd->callback([&] { exit_code = converge::cli::RunDemo(demo); });
+
+  converge::cli::ServiceDemoFlags sdemo;
+  CLI::App* sdemo_cmd = app.add_subcommand(
+      "demo", "Run the payments service, its payment and mail providers through named "
+              "scenarios (double clicks, crashes, poison, duplicate webhooks) and a load "
+              "phase; print the convergence table");
+  sdemo_cmd->add_option("--clients", sdemo.clients, "Concurrent clients in the load phase")
+      ->check(CLI::Range(1, 256));
+  sdemo_cmd->add_option("--payments", sdemo.payments, "Unique payments in the load phase")
+      ->check(CLI::Range(1, 1'000'000));
+  sdemo_cmd->add_option("--duplicate-rate", sdemo.duplicate_rate, "Share of payments sent twice")
+      ->check(CLI::Range(0.0, 1.0));
+  sdemo_cmd->add_option("--psp-failure-rate", sdemo.psp_failure_rate,
+                        "Share of provider calls answered 503")
+      ->check(CLI::Range(0.0, 0.5));
+  sdemo_cmd->add_option("--mail-failure-rate", sdemo.mail_failure_rate,
+                        "Share of mail sends answered 503")
+      ->check(CLI::Range(0.0, 0.5));
+  sdemo_cmd->add_flag("--keep", sdemo.keep, "Keep the temporary directory (stores, logs)");
+  sdemo_cmd->callback([&] { exit_code = converge::cli::RunServiceDemo(sdemo); });
 
   std::string migrate_uri;
   CLI::App* migrate = app.add_subcommand("migrate", "Create or upgrade the schema of a store");

@@ -355,6 +355,7 @@ class FakeMail::Impl {
         .address = o_.address, .port = o_.port, .worker_threads = 16, .server_name = "fake-mail"});
     server_->Route("POST", "/v1/messages", [this](Request& r) { return Send(r); });
     server_->Route("GET", "/v1/stats", [this](Request&) { return Stats(); });
+    server_->Route("GET", "/v1/messages", [this](Request& r) { return ByKey(r); });
     server_->Route("POST", "/faults", [this](Request& r) { return faults_.Configure(r.body); });
     return server_->Start();
   }
@@ -393,6 +394,21 @@ class FakeMail::Impl {
     Response r = Json(replay ? 200 : 201, json{{"id", stored_id}}.dump());
     if (replay) r.Set("Idempotent-Replayed", "true");
     return r;
+  }
+
+  // GET /v1/messages?key=K: how many messages were sent for an idempotency key.
+  Response ByKey(Request& req) {
+    std::string key;
+    if (req.query.rfind("key=", 0) == 0) key = req.query.substr(4);
+    for (size_t i = 0; (i = key.find("%3A", i)) != std::string::npos;) key.replace(i, 3, ":");
+    int64_t n = 0;
+    Status st = db_->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT count(*) FROM messages WHERE idempotency_key = $1", key));
+      n = rows[0].Int(0);
+      return converge::OkStatus();
+    });
+    if (!st.ok()) return Unavailable();
+    return Json(200, json{{"key", key}, {"count", n}}.dump());
   }
 
   Response Stats() {

@@ -13,6 +13,7 @@
 //              sends Standard-Webhooks-signed charge.succeeded / charge.refunded to
 //              webhook_url, with retries, honouring Retry-After, disabled by 410
 //   fake mail: POST /v1/messages (Idempotency-Key)      201 | replay | 503
+//              GET  /v1/messages?key=K                   {"count": n}
 //              GET  /v1/stats, POST /faults {"fail_next": n, "transient_rate": p}
 #ifndef CONVERGE_EXAMPLES_PAYMENTS_PROVIDERS_H_
 #define CONVERGE_EXAMPLES_PAYMENTS_PROVIDERS_H_

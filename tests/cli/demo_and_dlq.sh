@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CLI against a real file: `converge demo` converges and leaves one dead letter, which
+# The CLI against a real file: `converge library-demo` converges and leaves one dead letter, which
 # `converge dlq list|show|replay|discard` then inspect and act on. Bad input gets a clear
 # error and a non-zero exit.
 set -euo pipefail
@@ -10,12 +10,12 @@ db="$dir/demo.db"
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-"$converge" demo --db "$db" --payments 300 --producers 8 --seed 42 > "$dir/demo.out" \
+"$converge" library-demo --db "$db" --payments 300 --producers 8 --seed 42 > "$dir/demo.out" \
   || { cat "$dir/demo.out"; fail "demo did not converge"; }
 grep -q "verdict: CONVERGED" "$dir/demo.out" || fail "no verdict line"
 
 # The demo refuses to reuse a file.
-if "$converge" demo --db "$db" > "$dir/reuse.out" 2>&1; then fail "demo reused an existing file"; fi
+if "$converge" library-demo --db "$db" > "$dir/reuse.out" 2>&1; then fail "demo reused an existing file"; fi
 grep -q "fresh file" "$dir/reuse.out" || fail "no clear error for an existing file"
 
 "$converge" dlq list --db "sqlite:$db" > "$dir/list.out"

@@ -1,0 +1,652 @@
+// converge demo: the payments service, its payment provider and its mail provider, driven
+// through named scenarios and a load phase, then checked for convergence.
+//
+// The provider stand-ins run in this process. The service runs as a child process
+// (`converge serve`), because the crash scenarios really crash it: they restart it with a
+// failpoint that SIGKILLs it at the named point, then restart it clean and check that the
+// retry or the redelivery converged.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "apps/converge/commands.h"
+#include "converge/database.h"
+#include "converge/http.h"
+#include "converge/webhook.h"
+#include "examples/payments/providers.h"
+
+extern char** environ;
+
+namespace converge::cli {
+namespace {
+
+using json = nlohmann::json;
+using SteadyClock = std::chrono::steady_clock;
+
+// --- the service as a child process -------------------------------------------------------
+
+class ServiceProcess {
+ public:
+  ServiceProcess(std::string config, std::string log, uint16_t port)
+      : config_(std::move(config)), log_(std::move(log)), port_(port) {}
+  ~ServiceProcess() { Stop(); }
+
+  // Starts `converge serve`, with CONVERGE_FAILPOINTS=failpoints when non-empty, and
+  // waits until it is ready.
+  Status Start(const std::string& failpoints) {
+    std::vector<std::string> env;
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (std::string_view(*e).rfind("CONVERGE_FAILPOINTS=", 0) != 0) env.emplace_back(*e);
+    }
+    if (!failpoints.empty()) env.push_back("CONVERGE_FAILPOINTS=" + failpoints);
+    std::vector<char*> envp;
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe";
+    std::string listen = "127.0.0.1:" + std::to_string(port_);
+    std::vector<std::string> args = {"converge", "serve", "--config", config_, "--listen", listen,
+                                     "--log-level", "warn"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int fd = open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    pid_ = fork();
+    if (pid_ == 0) {
+      if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+      }
+      execve(exe.c_str(), argv.data(), envp.data());
+      _exit(127);
+    }
+    if (fd >= 0) close(fd);
+    if (pid_ < 0) return UnavailableError("fork failed");
+    http::Client c;
+    auto deadline = SteadyClock::now() + std::chrono::seconds(20);
+    while (SteadyClock::now() < deadline) {
+      auto r = c.Send({.url = Url("/readyz"), .timeout = std::chrono::seconds(1)});
+      if (r && r->status == 200) return OkStatus();
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return UnavailableError("the service exited at start; see " + log_);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return DeadlineExceededError("the service did not become ready; see " + log_);
+  }
+
+  // Waits up to `wait` for the process to die; true if a failpoint SIGKILLed it.
+  bool CrashedWithin(std::chrono::milliseconds wait) {
+    auto deadline = SteadyClock::now() + wait;
+    while (pid_ > 0 && SteadyClock::now() < deadline) {
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  // Graceful stop (SIGTERM); SIGKILL if it does not exit in 15 s.
+  void Stop() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 1500; ++i) {
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  std::string Url(const std::string& path) const {
+    return "http://127.0.0.1:" + std::to_string(port_) + path;
+  }
+
+ private:
+  std::string config_, log_;
+  uint16_t port_;
+  pid_t pid_ = -1;
+};
+
+uint16_t FreePort() {
+  // Bind port 0, read the port, release it. The service binds it a moment later.
+  http::Server probe(http::ServerOptions{});
+  if (!probe.Start().ok()) return 0;
+  uint16_t p = probe.port();
+  probe.Stop(Millis(0));
+  return p;
+}
+
+// --- the demo's client and its checks ---------------------------------------------------
+
+struct Demo {
+  std::string dir;
+  std::string secret;
+  std::string admin = "demo-admin-token";
+  uint16_t psp_port = 0, mail_port = 0;
+  std::unique_ptr<ServiceProcess> svc;
+  std::unique_ptr<Database> db;  // the service's file, read-only use
+  http::Client client;
+  int failures = 0;
+  std::mt19937_64 rng{std::random_device{}()};
+
+  std::string Psp(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(psp_port) + p; }
+  std::string Mail(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(mail_port) + p; }
+
+  Result<http::Response> Pay(const std::string& api_key, const std::string& idem_key,
+                             const std::string& body) {
+    return client.Send({.method = "POST",
+                        .url = svc->Url("/v1/payments"),
+                        .headers = {{"Authorization", "Bearer " + api_key},
+                                    {"Idempotency-Key", idem_key},
+                                    {"Content-Type", "application/json"}},
+                        .body = body,
+                        .timeout = std::chrono::seconds(15)});
+  }
+
+  // Sends until the answer is final (not 409/503, not a dropped connection), honouring
+  // Retry-After. Counts what it saw.
+  Result<http::Response> PayUntilFinal(const std::string& api_key, const std::string& key,
+                                       const std::string& body, int* retries = nullptr) {
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      auto r = Pay(api_key, key, body);
+      if (r && r->status != 409 && r->status != 503) return r;
+      if (retries) ++*retries;
+      int64_t wait_ms = 100;
+      if (r && r->Header("Retry-After")) wait_ms = 1000 * std::atoll(r->Header("Retry-After")->c_str());
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::min<int64_t>(wait_ms, 1000)));
+    }
+    return tl::unexpected(DeadlineExceededError("no final answer for key " + key));
+  }
+
+  json GetJson(const std::string& url, bool admin_auth = false) {
+    http::Headers h;
+    if (admin_auth) h.emplace_back("Authorization", "Bearer " + admin);
+    auto r = client.Send({.url = url, .headers = h});
+    if (!r || r->status != 200) return json();
+    return json::parse(r->body, nullptr, false);
+  }
+
+  void Post(const std::string& url, const json& body) {
+    (void)client.Send({.method = "POST", .url = url, .headers = {{"Content-Type", "application/json"}},
+                       .body = body.dump()});
+  }
+
+  int64_t Count(const std::string& sql, const std::string& arg = "") {
+    int64_t n = -1;
+    Status st = db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows, arg.empty() ? tx.Query(sql) : tx.Query(sql, arg));
+      n = rows.empty() ? 0 : rows[0].Int(0);
+      return OkStatus();
+    });
+    return st.ok() ? n : -1;
+  }
+
+  int64_t ChargesFor(const std::string& payment_id) {
+    json j = GetJson(Psp("/v1/charges?reference=" + payment_id));
+    return j.is_object() ? j.value("count", int64_t{-1}) : -1;
+  }
+  int64_t MailsFor(const std::string& key) {
+    json j = GetJson(Mail("/v1/messages?key=" + key));
+    return j.is_object() ? j.value("count", int64_t{-1}) : -1;
+  }
+
+  // Waits until outbox, queues, effects and the provider's webhooks are all drained.
+  bool Converge(std::chrono::seconds limit) {
+    auto deadline = SteadyClock::now() + limit;
+    while (SteadyClock::now() < deadline) {
+      json s = GetJson(svc->Url("/admin/stats"), true);
+      json p = GetJson(Psp("/v1/stats"));
+      bool queues_empty = s.is_object() && s["queues"].is_object();
+      if (queues_empty) {
+        for (auto& [q, n] : s["queues"].items()) queues_empty = queues_empty && n.get<int64_t>() == 0;
+      }
+      if (queues_empty && s["outbox"]["backlog"] == 0 && s["effects"]["pending"] == 0 &&
+          p.is_object() && p["webhooks"]["pending"] == 0) {
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  void Check(bool ok, const std::string& what) {
+    std::printf("    [%s] %s\n", ok ? " ok " : "FAIL", what.c_str());
+    if (!ok) ++failures;
+  }
+
+  std::string Body(int64_t amount, const std::string& order, const std::string& currency = "EUR") {
+    return json{{"amount", amount}, {"currency", currency}, {"customer_id", "cust-" + order},
+                {"order_id", order}}
+        .dump();
+  }
+
+  Status Restart(const std::string& failpoints) {
+    svc->Stop();
+    return svc->Start(failpoints);
+  }
+
+  http::Response SignedWebhook(const std::string& id, const json& body) {
+    const int64_t ts = Clock::System()->NowMillis() / 1000;
+    std::string b = body.dump();
+    auto sig = webhook::Sign(secret, id, ts, b);
+    auto r = client.Send({.method = "POST",
+                          .url = svc->Url("/webhooks/psp"),
+                          .headers = {{"webhook-id", id},
+                                      {"webhook-timestamp", std::to_string(ts)},
+                                      {"webhook-signature", sig ? *sig : ""}},
+                          .body = b});
+    return r ? *r : http::Response{0, {}, r.error().ToString()};
+  }
+};
+
+bool Replayed(const http::Response& r) {
+  return r.Header("Idempotent-Replayed") && *r.Header("Idempotent-Replayed") == "true";
+}
+
+std::string PaymentId(const http::Response& r) {
+  json j = json::parse(r.body, nullptr, false);
+  return j.is_object() ? j.value("id", "") : "";
+}
+
+class Progress {
+ public:
+  Progress(const char* label, int64_t total) : label_(label), total_(total), tty_(isatty(1)) {}
+  void Show(int64_t done) {
+    auto now = SteadyClock::now();
+    int pct = total_ ? static_cast<int>(100 * done / total_) : 100;
+    if (!tty_ && pct < last_ + 25 && done != total_) return;
+    if (!tty_ && pct == last_) return;
+    last_ = pct;
+    (void)now;
+    std::string bar(static_cast<size_t>(30 * pct / 100), '#');
+    bar.resize(30, '.');
+    std::printf("%s  %-10s [%s] %3d%% %lld/%lld%s", tty_ ? "\r" : "", label_, bar.c_str(), pct,
+                static_cast<long long>(done), static_cast<long long>(total_), tty_ ? "" : "\n");
+    std::fflush(stdout);
+  }
+  void Done() {
+    if (tty_) std::printf("\n");
+  }
+
+ private:
+  const char* label_;
+  int64_t total_;
+  bool tty_;
+  int last_ = -100;
+};
+
+}  // namespace
+
+int RunServiceDemo(const ServiceDemoFlags& f) {
+  Demo d;
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-demo-XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) {
+    std::perror("converge demo: mkdtemp");
+    return 1;
+  }
+  d.dir = tmpl;
+  struct Cleanup {
+    std::string dir;
+    bool keep;
+    ~Cleanup() {
+      std::error_code ec;
+      if (!keep) std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{d.dir, f.keep};
+  const auto t0 = SteadyClock::now();
+
+  d.secret = webhook::NewSecret();
+  const uint16_t svc_port = FreePort();
+  payments::FakePsp psp({.db_path = d.dir + "/psp.db",
+                         .webhook_url = "http://127.0.0.1:" + std::to_string(svc_port) + "/webhooks/psp",
+                         .webhook_secret = d.secret});
+  payments::FakeMail mail({.db_path = d.dir + "/mail.db"});
+  Status st = psp.Start();
+  if (st.ok()) st = mail.Start();
+  if (!st.ok() || svc_port == 0) {
+    std::fprintf(stderr, "converge demo: cannot start the providers: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  d.psp_port = psp.port();
+  d.mail_port = mail.port();
+  const std::string db_path = d.dir + "/service.db";
+  const std::string config = d.dir + "/service.toml";
+  {
+    std::ofstream c(config);
+    c << "[store]\nuri = \"sqlite:" << db_path << "\"\n"
+      << "[idempotency]\nlease_ms = 1500\n"
+      << "[auth]\nadmin_token = \"" << d.admin << "\"\n"
+      << "api_keys = { \"sk_test_acme\" = \"acme\", \"sk_test_globex\" = \"globex\" }\n"
+      << "[psp]\nurl = \"http://127.0.0.1:" << d.psp_port << "\"\ntimeout_ms = 2000\n"
+      << "webhook_secrets = [\"" << d.secret << "\"]\n"
+      << "[mail]\nurl = \"http://127.0.0.1:" << d.mail_port << "\"\ntimeout_ms = 2000\n"
+      << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 6\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n"
+      << "[effects]\nmax_attempts = 4\nlease_ms = 2000\n";
+  }
+  std::printf("converge demo: payments service (child process, sqlite:%s),\n"
+              "  payment provider :%u and mail provider :%u in this process\n\n",
+              db_path.c_str(), d.psp_port, d.mail_port);
+  d.svc = std::make_unique<ServiceProcess>(config, d.dir + "/service.log", svc_port);
+  st = d.svc->Start("");
+  if (!st.ok()) {
+    std::fprintf(stderr, "converge demo: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  auto opened = Database::Open("sqlite:" + db_path);
+  if (!opened) {
+    std::fprintf(stderr, "converge demo: %s\n", opened.error().ToString().c_str());
+    return 1;
+  }
+  d.db = std::move(*opened);
+  const std::string acme = "sk_test_acme", globex = "sk_test_globex";
+
+  // 1 ------------------------------------------------------------------------------------
+  std::printf("  1. double click: 8 concurrent POSTs with one Idempotency-Key\n");
+  {
+    std::vector<std::thread> ts;
+    std::mutex mu;
+    int fresh = 0, replays = 0, conflicts = 0, other = 0;
+    std::string id;
+    for (int i = 0; i < 8; ++i) {
+      ts.emplace_back([&] {
+        auto r = d.Pay(acme, "dc-1", d.Body(1999, "order-dc"));
+        std::lock_guard<std::mutex> l(mu);
+        if (r && r->status == 201 && !Replayed(*r)) ++fresh, id = PaymentId(*r);
+        else if (r && r->status == 201) ++replays;
+        else if (r && r->status == 409) ++conflicts;
+        else ++other;
+      });
+    }
+    for (auto& t : ts) t.join();
+    auto after = d.PayUntilFinal(acme, "dc-1", d.Body(1999, "order-dc"));
+    std::printf("     one ran (%d), %d replayed, %d told 409 + Retry-After while it ran\n", fresh,
+                replays, conflicts);
+    d.Check(fresh == 1 && other == 0, "exactly one request ran the payment");
+    d.Check(after && Replayed(*after) && PaymentId(*after) == id, "a later retry replays it");
+    d.Check(d.ChargesFor(id) == 1, "one charge at the provider");
+  }
+
+  // 2 ------------------------------------------------------------------------------------
+  std::printf("  2. client retry after a lost response\n");
+  std::string paid2, charge2;
+  {
+    auto first = d.Pay(acme, "retry-2", d.Body(2500, "order-2"));  // the client never reads it
+    auto retry = d.Pay(acme, "retry-2", d.Body(2500, "order-2"));
+    paid2 = first ? PaymentId(*first) : "";
+    json j = retry ? json::parse(retry->body, nullptr, false) : json();
+    charge2 = j.is_object() ? j.value("charge_id", "") : "";
+    d.Check(first && retry && retry->status == 201 && Replayed(*retry) && retry->body == first->body,
+            "the retry gets the stored response byte for byte, marked Idempotent-Replayed");
+  }
+
+  // 3 ------------------------------------------------------------------------------------
+  std::printf("  3. same key, different payload\n");
+  {
+    auto r = d.Pay(acme, "retry-2", d.Body(9999, "order-2"));
+    d.Check(r && r->status == 422 && *r->Header("Content-Type") == "application/problem+json",
+            "422 problem+json, nothing applied");
+  }
+
+  // 4 ------------------------------------------------------------------------------------
+  std::printf("  4. crash after the provider charged, before the commit\n");
+  {
+    st = d.Restart("payments.after_charge_before_commit=crash");
+    auto r = d.Pay(acme, "crash-4", d.Body(4000, "order-4"));
+    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
+    st = d.svc->Start("");
+    int retries = 0;
+    auto retry = d.PayUntilFinal(acme, "crash-4", d.Body(4000, "order-4"), &retries);
+    std::string id = retry ? PaymentId(*retry) : "";
+    std::printf("     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the lease\n",
+                retries);
+    d.Check(crashed && !r, "the process really died mid-request");
+    d.Check(retry && retry->status == 201, "the retry resumed from the recovery point and completed");
+    d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider (same downstream key)");
+  }
+
+  // 5 ------------------------------------------------------------------------------------
+  std::printf("  5. relay crash after publish, before mark\n");
+  {
+    st = d.Restart("relay.after_publish_before_mark=crash");
+    auto r = d.Pay(acme, "relay-5", d.Body(5000, "order-5"));
+    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
+    st = d.svc->Start("");
+    auto retry = d.PayUntilFinal(acme, "relay-5", d.Body(5000, "order-5"));
+    std::string id = retry ? PaymentId(*retry) : "";
+    bool drained = d.Converge(std::chrono::seconds(30));
+    d.Check(crashed, "the relay crashed at the failpoint");
+    d.Check(retry && retry->status == 201 && drained, "after restart the event was published");
+    d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+            "booked once in the ledger (publish and mark share one transaction here)");
+    (void)r;
+  }
+
+  // 6 ------------------------------------------------------------------------------------
+  std::printf("  6. consumer crash after commit, before ack\n");
+  {
+    st = d.Restart("consumer.after_commit_before_ack=crash");
+    auto r = d.Pay(acme, "consumer-6", d.Body(6000, "order-6"));
+    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
+    st = d.svc->Start("");
+    auto retry = d.PayUntilFinal(acme, "consumer-6", d.Body(6000, "order-6"));
+    std::string id = retry ? PaymentId(*retry) : "";
+    bool drained = d.Converge(std::chrono::seconds(30));
+    d.Check(crashed, "a consumer crashed between its commit and its ack");
+    d.Check(drained, "the unacked delivery came back after its visibility timeout");
+    d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+            "the redelivery was absorbed by the inbox: two ledger entries, not four");
+    d.Check(d.MailsFor("receipt:" + id) == 1, "one receipt email");
+    (void)r;
+  }
+
+  // 7 ------------------------------------------------------------------------------------
+  std::printf("  7. poison and dead letters: a refund webhook for an unknown charge; a mail outage\n");
+  {
+    auto poison = d.SignedWebhook("msg_demo_poison",
+                                  {{"type", "charge.refunded"},
+                                   {"data", {{"charge_id", "ch_does_not_exist"}, {"amount", 1}, {"currency", "EUR"}}}});
+    d.Post(d.Mail("/faults"), {{"fail_next", 1000}});
+    auto r = d.PayUntilFinal(acme, "outage-7", d.Body(7000, "order-7"));
+    std::string id = r ? PaymentId(*r) : "";
+    int64_t parked_effect = 0, parked_poison = 0, letter_id = 0;
+    for (int i = 0; i < 300 && (parked_effect == 0 || parked_poison == 0); ++i) {
+      json l = d.GetJson(d.svc->Url("/admin/dead-letters"), true);
+      parked_effect = parked_poison = 0;
+      if (l.is_object()) {
+        for (auto& x : l["dead_letters"]) {
+          if (x["queue"] == "effect:email.receipt" && x["event_id"] == "receipt:" + id) {
+            parked_effect = 1;
+            letter_id = x["id"];
+          }
+          if (x["event_id"] == "msg_demo_poison") parked_poison = 1;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    d.Check(poison.status == 204, "the poison webhook was accepted (signed, well-formed)");
+    d.Check(parked_poison == 1, "its staged work failed permanently and was parked, not retried forever");
+    d.Check(parked_effect == 1, "the receipt exhausted its attempts during the outage and was parked");
+    d.Post(d.Mail("/faults"), {{"fail_next", 0}});
+    auto replay = d.client.Send({.method = "POST",
+                                 .url = d.svc->Url("/admin/dead-letters/" + std::to_string(letter_id) + "/replay"),
+                                 .headers = {{"Authorization", "Bearer " + d.admin}}});
+    bool drained = d.Converge(std::chrono::seconds(30));
+    d.Check(replay && replay->status == 200 && drained, "after the outage, the admin API replayed it");
+    d.Check(d.MailsFor("receipt:" + id) == 1, "and the receipt was sent exactly once");
+  }
+
+  // 8 ------------------------------------------------------------------------------------
+  std::printf("  8. duplicate webhook\n");
+  {
+    json body = {{"type", "charge.refunded"},
+                 {"data", {{"charge_id", charge2}, {"amount", 2500}, {"currency", "EUR"}}}};
+    auto a = d.SignedWebhook("msg_demo_refund", body);
+    auto b = d.SignedWebhook("msg_demo_refund", body);
+    bool drained = d.Converge(std::chrono::seconds(30));
+    d.Check(a.status == 204 && b.status == 204, "both deliveries answered 204");
+    d.Check(drained && d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'refund'", paid2) == 2,
+            "one refund booked (one pair of entries)");
+    d.Check(d.Count("SELECT count(*) FROM payments WHERE id = $1 AND status = 'refunded'", paid2) == 1,
+            "the payment is refunded");
+  }
+
+  // 9 ------------------------------------------------------------------------------------
+  std::printf("  9. another tenant reuses the key\n");
+  {
+    auto r = d.Pay(globex, "retry-2", d.Body(2500, "order-2"));
+    d.Check(r && r->status == 201 && !Replayed(*r) && PaymentId(*r) != paid2,
+            "globex gets its own fresh payment, never acme's response");
+  }
+
+  // 10 -----------------------------------------------------------------------------------
+  std::printf(" 10. payment key vs email key\n");
+  {
+    d.Check(d.ChargesFor(paid2) == 1 && d.MailsFor("receipt:" + paid2) == 1,
+            "the client's Idempotency-Key guards the charge; receipt:<payment_id> guards the email");
+  }
+
+  // Load ----------------------------------------------------------------------------------
+  std::printf("\n  load: %d clients, %d payments, %.0f%% sent again, provider fails %.0f%%, mail fails %.0f%%\n",
+              f.clients, f.payments, f.duplicate_rate * 100, f.psp_failure_rate * 100,
+              f.mail_failure_rate * 100);
+  d.Post(d.Psp("/faults"), {{"transient_rate", f.psp_failure_rate}});
+  d.Post(d.Mail("/faults"), {{"transient_rate", f.mail_failure_rate}});
+  std::vector<int> plan;
+  for (int k = 0; k < f.payments; ++k) {
+    plan.push_back(k);
+    if (std::uniform_real_distribution<double>(0, 1)(d.rng) < f.duplicate_rate) plan.push_back(k);
+  }
+  std::shuffle(plan.begin(), plan.end(), d.rng);
+  std::atomic<size_t> next{0};
+  std::atomic<int64_t> sent{0}, replays{0}, retried{0}, errors{0};
+  std::vector<std::thread> clients;
+  const auto load_start = SteadyClock::now();
+  for (int c = 0; c < f.clients; ++c) {
+    clients.emplace_back([&] {
+      for (size_t i; (i = next.fetch_add(1)) < plan.size();) {
+        int k = plan[i];
+        int retries = 0;
+        auto r = d.PayUntilFinal(acme, "load-" + std::to_string(k),
+                                 d.Body(100 + k, "load-" + std::to_string(k)), &retries);
+        sent += 1 + retries;
+        retried += retries;
+        if (!r || r->status != 201) ++errors;
+        else if (Replayed(*r)) ++replays;
+      }
+    });
+  }
+  Progress bar("requests", static_cast<int64_t>(plan.size()));
+  while (next.load() < plan.size()) {
+    bar.Show(static_cast<int64_t>(std::min(next.load(), plan.size())));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  for (auto& t : clients) t.join();
+  bar.Show(static_cast<int64_t>(plan.size()));
+  bar.Done();
+  const double load_secs = std::chrono::duration<double>(SteadyClock::now() - load_start).count();
+  d.Post(d.Psp("/faults"), {{"transient_rate", 0}});
+  d.Post(d.Mail("/faults"), {{"transient_rate", 0}});
+  const bool converged = d.Converge(std::chrono::seconds(60));
+
+  // The table ------------------------------------------------------------------------------
+  json stats = d.GetJson(d.svc->Url("/admin/stats"), true);
+  json pst = d.GetJson(d.Psp("/v1/stats"));
+  json mst = d.GetJson(d.Mail("/v1/stats"));
+  std::string metrics;
+  if (auto m = d.client.Send({.url = d.svc->Url("/metrics")})) metrics = m->body;
+  auto metric = [&](const std::string& name) {
+    double sum = 0;
+    size_t pos = 0;
+    while ((pos = metrics.find("\n" + name, pos)) != std::string::npos) {
+      size_t sp = metrics.find(' ', pos + 1);
+      size_t nl = metrics.find('\n', sp);
+      if (metrics[pos + 1 + name.size()] == ' ' || metrics[pos + 1 + name.size()] == '{') {
+        sum += std::atof(metrics.substr(sp + 1, nl - sp - 1).c_str());
+      }
+      pos = nl;
+    }
+    return static_cast<int64_t>(sum);
+  };
+  d.svc->Stop();
+  const int64_t payments = d.Count("SELECT count(*) FROM payments");
+  const int64_t keys_done = d.Count("SELECT count(*) FROM idempotency_keys WHERE status = 'completed' AND response_status = 201");
+  const int64_t bad_capture = d.Count(
+      "SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l WHERE "
+      "l.payment_id = p.id AND l.kind = 'capture') != 2");
+  const int64_t bad_refund = d.Count(
+      "SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l WHERE "
+      "l.payment_id = p.id AND l.kind = 'refund') != (CASE WHEN p.status = 'refunded' THEN 2 ELSE 0 END)");
+  const int64_t unbalanced = d.Count("SELECT count(*) FROM (SELECT payment_id FROM ledger_entries GROUP BY payment_id, kind HAVING sum(amount) != 0)");
+  const int64_t entries = d.Count("SELECT count(*) FROM ledger_entries");
+  const int64_t parked = d.Count("SELECT count(*) FROM dead_letters WHERE state = 'parked'");
+  const int64_t charges = pst.is_object() ? pst["charges"]["succeeded"].get<int64_t>() + pst["charges"]["refunded"].get<int64_t>() : -1;
+  const int64_t charged_twice = pst.is_object() ? pst["references_charged_twice"].get<int64_t>() : -1;
+  const int64_t emails = mst.is_object() ? mst["messages"].get<int64_t>() : -1;
+
+  std::printf("\n  %-46s %10s\n", "", "count");
+  auto row = [](const std::string& what, int64_t n) {
+    std::printf("  %-46s %10lld\n", what.c_str(), static_cast<long long>(n));
+  };
+  row("load: requests sent (retries included)", sent);
+  row("load: unique idempotency keys", f.payments);
+  row("load: client retries after 409/503", retried);
+  row("load: answered from the stored response", replays);
+  row("payments (all phases)", payments);
+  row("provider charges", charges);
+  row("provider references charged twice", charged_twice);
+  row("ledger entries", entries);
+  row("emails sent by the mail provider", emails);
+  row("webhooks received (service, last run)", metric("webhooks_received_total"));
+  row("redeliveries absorbed by inboxes (last run)", metric("consumer_duplicates_total"));
+  row("consumer retries (last run)", metric("consumer_retries_total"));
+  row("effect retries (last run)", metric("effects_retries_total"));
+  row("dead letters parked", parked);
+  std::printf("  load phase: %.1fs (%.0f requests/s); whole demo %.1fs\n\n", load_secs,
+              static_cast<double>(sent.load()) / load_secs,
+              std::chrono::duration<double>(SteadyClock::now() - t0).count());
+
+  std::printf("  invariants\n");
+  d.Check(errors == 0, "every load request ended in 201");
+  d.Check(converged, "outbox, queues, effects and provider webhooks drained");
+  d.Check(payments == keys_done, "one payment per completed idempotency key");
+  d.Check(charges == payments && charged_twice == 0, "one provider charge per payment, none twice");
+  d.Check(bad_capture == 0 && bad_refund == 0 && unbalanced == 0,
+          "two balanced capture entries per payment, two refund entries per refund");
+  d.Check(emails == payments, "one receipt email per payment");
+  d.Check(parked == 1, "the poison webhook is the only dead letter left parked");
+  (void)stats;
+  if (f.keep) std::printf("\n  kept: %s\n", d.dir.c_str());
+  std::printf("\nverdict: %s\n", d.failures == 0 ? "CONVERGED (every effect applied exactly once)"
+                                                 : "VIOLATED");
+  return d.failures == 0 ? 0 : 1;
+}
+
+}  // namespace converge::cli
