@@ -67,7 +67,10 @@ bool MatchRoute(const RouteEntry& r, const std::vector<std::string>& segs,
 class Server::Impl {
  public:
   explicit Impl(ServerOptions o)
-      : options_(std::move(o)), acceptor_(ioc_), workers_(std::max(1, options_.worker_threads)) {}
+      : options_(std::move(o)),
+        acceptor_(ioc_),
+        workers_(std::max(1, options_.worker_threads)),
+        work_(asio::make_work_guard(ioc_)) {}
 
   ~Impl() { Stop(Millis(0)); }
 
@@ -75,6 +78,9 @@ class Server::Impl {
   asio::io_context ioc_;
   tcp::acceptor acceptor_;
   asio::thread_pool workers_;
+  // Keeps the I/O threads running while a request sits on the worker pool with no I/O
+  // pending, so its response can still be written during a drain.
+  asio::executor_work_guard<asio::io_context::executor_type> work_;
   std::vector<std::thread> io_threads_;
   std::vector<RouteEntry> routes_;
   std::function<void(const Exchange&)> observer_;
@@ -109,6 +115,7 @@ class Server::Impl {
       drain_cv_.wait_for(l, drain, [&] { return in_flight_.load() == 0; });
     }
     workers_.join();
+    work_.reset();
     ioc_.stop();
     for (auto& t : io_threads_) {
       if (t.joinable()) t.join();
@@ -139,7 +146,13 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     if (ec == bhttp::error::header_limit) return Reject(431, "Request Header Fields Too Large");
     // Beast checks Content-Length against the body limit while parsing the header.
     if (ec == bhttp::error::body_limit) return Reject(413, "Content Too Large");
-    if (ec) return Close();
+    static const auto& kHttpErrors = beast::error_code(bhttp::error::end_of_stream).category();
+    if (ec) {
+      if (ec == bhttp::error::end_of_stream || ec.category() != kHttpErrors) {
+        return Close();  // the peer went away, or a timeout / socket error
+      }
+      return Reject(400, "Bad Request");  // a malformed request line or header
+    }
     const auto& h = parser_->get();
     if (h.has_content_length() && *parser_->content_length() > server_->options_.body_limit) {
       return Reject(413, "Content Too Large");
@@ -209,9 +222,10 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
   void Reject(int status, const char* title) {
     auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
     Response p = Problem(status, title,
-                         status == 413 ? "the request body exceeds " +
+                         status == 413   ? "the request body exceeds " +
                                              std::to_string(server_->options_.body_limit) + " bytes"
-                                       : "the request header is too large");
+                         : status == 431 ? "the request header is too large"
+                                         : "the request could not be parsed as HTTP/1.1");
     res->version(11);
     res->result(static_cast<unsigned>(status));
     for (auto& [k, v] : p.headers) res->insert(k, v);

@@ -1,0 +1,438 @@
+// End-to-end tests of the payments service over real sockets: the service, the payment
+// provider and the mail provider run in this process on port 0, each with its own SQLite
+// file, and the tests speak HTTP to them. (The crash scenarios, which need a process to
+// die, run in `converge demo`, registered as the e2e test `e2e.demo`.)
+#include <atomic>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "converge/database.h"
+#include "converge/http.h"
+#include "converge/webhook.h"
+#include "examples/payments/providers.h"
+#include "examples/payments/service.h"
+#include "tests/unit/test_util.h"
+
+namespace payments {
+namespace {
+
+using converge::http::Client;
+using converge::http::Headers;
+using converge::http::Response;
+using json = nlohmann::json;
+
+constexpr const char* kAcme = "Bearer sk_test_acme";
+constexpr const char* kGlobex = "Bearer sk_test_globex";
+constexpr const char* kAdmin = "Bearer e2e-admin-token";
+
+class ServiceE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new converge::testing::TempDir();
+    secret_ = new std::string(converge::webhook::NewSecret());
+    psp_ = new FakePsp({.db_path = dir_->File("psp.db")});
+    mail_ = new FakeMail({.db_path = dir_->File("mail.db")});
+    ASSERT_TRUE(psp_->Start().ok());
+    ASSERT_TRUE(mail_->Start().ok());
+    ServiceConfig c;
+    c.port = 0;
+    c.db = "sqlite:" + dir_->File("service.db");
+    c.admin_token = "e2e-admin-token";
+    c.api_keys = {{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}};
+    c.psp_url = "http://127.0.0.1:" + std::to_string(psp_->port());
+    c.psp_timeout = std::chrono::milliseconds(600);
+    c.mail_url = "http://127.0.0.1:" + std::to_string(mail_->port());
+    c.webhook_secrets = {*secret_};
+    c.lease = std::chrono::seconds(2);
+    c.body_limit = 4096;
+    c.visibility = std::chrono::seconds(1);
+    c.backoff_initial = std::chrono::milliseconds(10);
+    c.backoff_max = std::chrono::milliseconds(100);
+    service_ = new Service(c);
+    ASSERT_TRUE(service_->Start().ok());
+    auto db = converge::Database::Open(c.db);
+    ASSERT_TRUE(db);
+    db_ = db->release();
+  }
+  static void TearDownTestSuite() {
+    delete db_;
+    delete service_;
+    delete mail_;
+    delete psp_;
+    delete secret_;
+    delete dir_;
+  }
+
+  static std::string Url(const std::string& path) {
+    return "http://127.0.0.1:" + std::to_string(service_->port()) + path;
+  }
+  static std::string PspUrl(const std::string& path) {
+    return "http://127.0.0.1:" + std::to_string(psp_->port()) + path;
+  }
+
+  Response Send(const std::string& method, const std::string& path, Headers headers,
+                const std::string& body = "") {
+    auto r = client_.Send({.method = method, .url = Url(path), .headers = std::move(headers),
+                           .body = body, .timeout = std::chrono::seconds(10)});
+    EXPECT_TRUE(r) << r.error().ToString();
+    return r ? *r : Response{0, {}, {}};
+  }
+  Response Pay(const std::string& key, const std::string& body, const char* auth = kAcme) {
+    return Send("POST", "/v1/payments", {{"Authorization", auth}, {"Idempotency-Key", key}}, body);
+  }
+  static std::string Body(int64_t amount, const std::string& order = "o-1") {
+    return json{{"amount", amount}, {"currency", "EUR"}, {"customer_id", "c-1"}, {"order_id", order}}.dump();
+  }
+  void Faults(const json& f) {
+    auto r = client_.Send({.method = "POST", .url = PspUrl("/faults"), .body = f.dump()});
+    ASSERT_TRUE(r && r->status == 200);
+  }
+  int64_t ChargesFor(const std::string& ref) {
+    auto r = client_.Send({.url = PspUrl("/v1/charges?reference=" + ref)});
+    return r ? json::parse(r->body).value("count", int64_t{-1}) : -1;
+  }
+  Response Webhook(const std::string& id, const std::string& body, int64_t ts_offset = 0,
+                   const std::string& secret = "") {
+    const int64_t ts = converge::Clock::System()->NowMillis() / 1000 + ts_offset;
+    auto sig = converge::webhook::Sign(secret.empty() ? *secret_ : secret, id, ts, body);
+    return Send("POST", "/webhooks/psp",
+                {{"webhook-id", id}, {"webhook-timestamp", std::to_string(ts)},
+                 {"webhook-signature", *sig}},
+                body);
+  }
+  static int64_t Count(const std::string& sql) {
+    int64_t n = -1;
+    (void)db_->Read([&](converge::Tx& tx) -> converge::Status {
+      CONVERGE_ASSIGN_OR_RETURN(converge::Rows rows, tx.Query(sql));
+      n = rows[0].Int(0);
+      return converge::OkStatus();
+    });
+    return n;
+  }
+  // Every table a request could write to, as one comparable snapshot.
+  static std::vector<int64_t> Footprint() {
+    return {Count("SELECT count(*) FROM payments"), Count("SELECT count(*) FROM idempotency_keys"),
+            Count("SELECT count(*) FROM outbox_events"), Count("SELECT count(*) FROM consumer_inbox"),
+            Count("SELECT count(*) FROM queue_messages"), Count("SELECT count(*) FROM dead_letters"),
+            Count("SELECT count(*) FROM ledger_entries"), Count("SELECT count(*) FROM effects")};
+  }
+  static std::string Problem(const Response& r) {
+    return r.Header("Content-Type") ? *r.Header("Content-Type") : "";
+  }
+
+  static converge::testing::TempDir* dir_;
+  static std::string* secret_;
+  static FakePsp* psp_;
+  static FakeMail* mail_;
+  static Service* service_;
+  static converge::Database* db_;
+  Client client_;
+};
+
+converge::testing::TempDir* ServiceE2E::dir_ = nullptr;
+std::string* ServiceE2E::secret_ = nullptr;
+FakePsp* ServiceE2E::psp_ = nullptr;
+FakeMail* ServiceE2E::mail_ = nullptr;
+Service* ServiceE2E::service_ = nullptr;
+converge::Database* ServiceE2E::db_ = nullptr;
+
+TEST_F(ServiceE2E, CreateReturns201ThenReplaysWithTheHeader) {
+  Response a = Pay("create-1", Body(1200));
+  ASSERT_EQ(a.status, 201) << a.body;
+  EXPECT_EQ(*a.Header("Content-Type"), "application/json");
+  json p = json::parse(a.body);
+  EXPECT_EQ(p["status"], "captured");
+  EXPECT_EQ(*a.Header("Location"), "/v1/payments/" + p["id"].get<std::string>());
+  EXPECT_EQ(a.Header("Idempotent-Replayed"), nullptr);
+  Response b = Pay("create-1", R"({ "order_id": "o-1", "amount": 1200, "customer_id": "c-1", "currency": "EUR" })");
+  EXPECT_EQ(b.status, 201);
+  EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
+  EXPECT_EQ(b.body, a.body);
+  EXPECT_EQ(ChargesFor(p["id"]), 1);
+  Response get = Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kAcme}});
+  EXPECT_EQ(get.status, 200);
+  EXPECT_EQ(json::parse(get.body)["amount"], 1200);
+  // Tenant-scoped: another tenant cannot see it.
+  EXPECT_EQ(Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kGlobex}}).status, 404);
+  EXPECT_EQ(Send("GET", "/v1/payments/pay_nope", {{"Authorization", kAcme}}).status, 404);
+}
+
+TEST_F(ServiceE2E, SameKeyDifferentPayloadIs422) {
+  ASSERT_EQ(Pay("mismatch-1", Body(100)).status, 201);
+  Response r = Pay("mismatch-1", Body(101));
+  EXPECT_EQ(r.status, 422);
+  EXPECT_EQ(Problem(r), "application/problem+json");
+  EXPECT_EQ(json::parse(r.body)["type"], "urn:converge:problem:idempotency-key-reused");
+}
+
+TEST_F(ServiceE2E, ConcurrentDuplicateIs409WithRetryAfterThenReplays) {
+  Faults({{"timeout_next", 0}});
+  // Make the provider slow (but within the service's timeout) so the first request holds
+  // the key while the second arrives.
+  auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
+                            .body = R"({"timeout_next": 1, "timeout_ms": 400})"});
+  ASSERT_TRUE(slow);
+  Response first;
+  std::thread t([&] { first = Pay("inflight-1", Body(300)); });
+  Response second;
+  for (int i = 0; i < 100; ++i) {  // until the first holds the lease
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    second = Pay("inflight-1", Body(300));
+    if (second.status == 409) break;
+  }
+  t.join();
+  EXPECT_EQ(second.status, 409);
+  ASSERT_NE(second.Header("Retry-After"), nullptr);
+  EXPECT_EQ(Problem(second), "application/problem+json");
+  ASSERT_EQ(first.status, 201);
+  Response third = Pay("inflight-1", Body(300));
+  EXPECT_EQ(third.status, 201);
+  EXPECT_EQ(*third.Header("Idempotent-Replayed"), "true");
+  EXPECT_EQ(ChargesFor(json::parse(first.body)["id"]), 1);
+}
+
+TEST_F(ServiceE2E, DeclineIs402AndIsStored) {
+  Faults({{"decline_next", 1}});
+  Response r = Pay("decline-1", Body(402));
+  EXPECT_EQ(r.status, 402);
+  EXPECT_EQ(json::parse(r.body)["type"], "urn:converge:problem:payment-declined");
+  Response again = Pay("decline-1", Body(402));
+  EXPECT_EQ(again.status, 402);
+  EXPECT_EQ(*again.Header("Idempotent-Replayed"), "true");
+  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE status = 'declined'"), 1);
+}
+
+TEST_F(ServiceE2E, ProviderOutageIs503AndTheRetryChargesOnce) {
+  Faults({{"fail_next", 1}});
+  Response r = Pay("outage-1", Body(503));
+  EXPECT_EQ(r.status, 503);
+  ASSERT_NE(r.Header("Retry-After"), nullptr);
+  Response retry = Pay("outage-1", Body(503));
+  ASSERT_EQ(retry.status, 201) << retry.body;
+  EXPECT_EQ(retry.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(ChargesFor(json::parse(retry.body)["id"]), 1);
+}
+
+// The provider charged but answered too late: the outcome was unknown. The retry passes
+// the same downstream key and gets that charge back.
+TEST_F(ServiceE2E, ProviderTimeoutThenRetryConvergesOnOneCharge) {
+  auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
+                            .body = R"({"timeout_next": 1, "timeout_ms": 1500})"});
+  ASSERT_TRUE(slow);
+  Response r = Pay("timeout-1", Body(504));
+  EXPECT_EQ(r.status, 503);
+  Response retry = Pay("timeout-1", Body(504));
+  ASSERT_EQ(retry.status, 201) << retry.body;
+  EXPECT_EQ(ChargesFor(json::parse(retry.body)["id"]), 1);
+}
+
+TEST_F(ServiceE2E, CrossTenantKeyReuseGetsAFreshRequest) {
+  Response a = Pay("shared-key", Body(700), kAcme);
+  Response b = Pay("shared-key", Body(700), kGlobex);
+  ASSERT_EQ(a.status, 201);
+  ASSERT_EQ(b.status, 201);
+  EXPECT_EQ(b.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_NE(json::parse(a.body)["id"], json::parse(b.body)["id"]);
+}
+
+TEST_F(ServiceE2E, EventsReachLedgerAndOneReceiptPerPayment) {
+  Response a = Pay("effects-1", Body(880));
+  ASSERT_EQ(a.status, 201);
+  std::string id = json::parse(a.body)["id"];
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    return Count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id + "'") == 2 &&
+           Count("SELECT count(*) FROM effects WHERE effect_key = 'receipt:" + id + "' AND state = 'done'") == 1;
+  }));
+  EXPECT_EQ(Count("SELECT sum(amount) FROM ledger_entries WHERE payment_id = '" + id + "'"), 0);
+}
+
+TEST_F(ServiceE2E, WebhookIsVerifiedStoredOnceAndProcessed) {
+  Response a = Pay("refund-1", Body(990));
+  ASSERT_EQ(a.status, 201);
+  json p = json::parse(a.body);
+  std::string body = json{{"type", "charge.refunded"},
+                          {"data", {{"charge_id", p["charge_id"]}, {"amount", 990}, {"currency", "EUR"}}}}
+                         .dump();
+  EXPECT_EQ(Webhook("msg_refund_1", body).status, 204);
+  EXPECT_EQ(Webhook("msg_refund_1", body).status, 204);  // duplicate: 2xx, no second effect
+  std::string id = p["id"];
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    return Count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id + "' AND kind = 'refund'") == 2;
+  }));
+  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'refunded'"), 1);
+  EXPECT_EQ(Count("SELECT count(*) FROM consumer_inbox WHERE consumer = 'webhook:psp' AND event_id = 'msg_refund_1'"), 1);
+}
+
+TEST_F(ServiceE2E, AdminApiListsShowsReplaysAndDiscardsDeadLetters) {
+  // A refund for a charge nobody knows fails permanently: a dead letter.
+  std::string body = json{{"type", "charge.refunded"}, {"data", {{"charge_id", "ch_ghost"}}}}.dump();
+  ASSERT_EQ(Webhook("msg_ghost_1", body).status, 204);
+  int64_t id = 0;
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    Response l = Send("GET", "/admin/dead-letters?consumer=psp-webhooks", {{"Authorization", kAdmin}});
+    json list = json::parse(l.body);  // kept alive: the loop below walks into it
+    for (auto& d : list["dead_letters"]) {
+      if (d["event_id"] == "msg_ghost_1") id = d["id"];
+    }
+    return id != 0;
+  }));
+  Response one = Send("GET", "/admin/dead-letters/" + std::to_string(id), {{"Authorization", kAdmin}});
+  EXPECT_EQ(one.status, 200);
+  EXPECT_EQ(json::parse(one.body)["envelope"]["data"]["charge_id"], "ch_ghost");
+  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay", {{"Authorization", kAdmin}}).status, 200);
+  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay", {{"Authorization", kAdmin}}).status, 409);
+  // The replay fails the same way and is parked again, once: no loop.
+  int64_t again = 0;
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    again = Count("SELECT count(*) FROM dead_letters WHERE event_id = 'msg_ghost_1' AND state = 'parked'");
+    return again == 1;
+  }));
+  int64_t newest = Count("SELECT max(id) FROM dead_letters WHERE event_id = 'msg_ghost_1'");
+  EXPECT_EQ(Send("DELETE", "/admin/dead-letters/" + std::to_string(newest), {{"Authorization", kAdmin}}).status, 200);
+  EXPECT_EQ(Send("DELETE", "/admin/dead-letters/999999", {{"Authorization", kAdmin}}).status, 404);
+  Response stats = Send("GET", "/admin/stats", {{"Authorization", kAdmin}});
+  ASSERT_EQ(stats.status, 200);
+  json s = json::parse(stats.body);
+  EXPECT_TRUE(s["outbox"].contains("oldest_unpublished_age_ms"));
+  EXPECT_TRUE(s["inbox"].is_object());
+  EXPECT_TRUE(s["idempotency_keys"].contains("completed"));
+}
+
+TEST_F(ServiceE2E, MetricsHealthAndReadiness) {
+  ASSERT_EQ(Pay("metrics-1", Body(10)).status, 201);
+  Response m = Send("GET", "/metrics", {});
+  EXPECT_EQ(m.status, 200);
+  for (const char* name : {"http_requests_total{", "consumer_processed_total", "relay_published_total",
+                           "db_commit_batch_size_bucket", "outbox_backlog", "relay_lag_seconds",
+                           "idempotency_replays_total", "consumer_duplicates_total"}) {
+    EXPECT_NE(m.body.find(name), std::string::npos) << name;
+  }
+  EXPECT_EQ(Send("GET", "/healthz", {}).status, 200);
+  EXPECT_EQ(Send("GET", "/readyz", {}).status, 200);
+}
+
+// Every bad input gets its status and leaves every table as it was.
+TEST_F(ServiceE2E, BadInputTableWritesNothing) {
+  ASSERT_TRUE(converge::testing::WaitUntil([&] { return Count("SELECT count(*) FROM queue_messages") == 0; }));
+  const std::string ok = Body(100, "bad-input");
+  const int64_t now = converge::Clock::System()->NowMillis() / 1000;
+  auto signed_headers = [&](const std::string& id, const std::string& body, int64_t ts) {
+    return Headers{{"webhook-id", id}, {"webhook-timestamp", std::to_string(ts)},
+                   {"webhook-signature", *converge::webhook::Sign(*secret_, id, ts, body)}};
+  };
+  const std::string hook = R"({"type":"charge.refunded","data":{"charge_id":"ch_x"}})";
+  struct Case {
+    std::string name, method, path;
+    Headers headers;
+    std::string body;
+    int status;
+  };
+  auto pay = [&](Headers h, std::string body, int status, std::string name) {
+    return Case{std::move(name), "POST", "/v1/payments", std::move(h), std::move(body), status};
+  };
+  Headers auth_key = {{"Authorization", kAcme}, {"Idempotency-Key", "bad-input-key"}};
+  auto with_key = [&](const std::string& key) { return Headers{{"Authorization", kAcme}, {"Idempotency-Key", key}}; };
+  auto body_with = [&](const char* field, json v) {
+    json j = json::parse(ok);
+    j[field] = v;
+    return j.dump();
+  };
+  auto body_without = [&](const char* field) {
+    json j = json::parse(ok);
+    j.erase(field);
+    return j.dump();
+  };
+  std::vector<Case> cases = {
+      pay({{"Authorization", kAcme}}, ok, 400, "missing Idempotency-Key"),
+      pay(with_key("\"\""), ok, 400, "empty quoted key"),
+      pay(with_key(std::string(256, 'k')), ok, 400, "key over 255 bytes"),
+      pay(with_key("tab\there"), ok, 400, "key with a control character"),
+      pay(with_key("del\x7f"), ok, 400, "key with DEL"),
+      pay(with_key("caf\xc3\xa9"), ok, 400, "key with non-ASCII bytes"),
+      pay(auth_key, "{not json", 400, "invalid JSON"),
+      pay(auth_key, "[1,2]", 400, "JSON array body"),
+      pay(auth_key, "", 400, "empty body"),
+      pay(auth_key, body_without("amount"), 400, "missing amount"),
+      pay(auth_key, body_with("amount", "100"), 400, "amount as a string"),
+      pay(auth_key, body_with("amount", -5), 400, "negative amount"),
+      pay(auth_key, body_with("amount", 0), 400, "zero amount"),
+      pay(auth_key, body_with("amount", 1000000000000000LL), 400, "huge amount"),
+      pay(auth_key, body_with("amount", 10.5), 400, "fractional amount"),
+      pay(auth_key, body_with("currency", "XXX"), 400, "unknown currency"),
+      pay(auth_key, body_with("currency", "eur"), 400, "lower-case currency"),
+      pay(auth_key, body_with("currency", 978), 400, "currency as a number"),
+      pay(auth_key, body_without("customer_id"), 400, "missing customer_id"),
+      pay(auth_key, body_with("customer_id", std::string(65, 'c')), 400, "customer_id too long"),
+      pay(auth_key, body_with("order_id", "has space"), 400, "order_id with a space"),
+      pay(auth_key, std::string(8192, ' ') + ok, 413, "oversized body"),
+      pay({{"Idempotency-Key", "k"}}, ok, 401, "missing Authorization"),
+      pay({{"Authorization", "Basic c2s6"}, {"Idempotency-Key", "k"}}, ok, 401, "wrong auth scheme"),
+      pay({{"Authorization", "Bearer sk_unknown"}, {"Idempotency-Key", "k"}}, ok, 401, "unknown API key"),
+      {"webhook without signature headers", "POST", "/webhooks/psp", {}, hook, 401},
+      {"webhook with a bad signature", "POST", "/webhooks/psp",
+       {{"webhook-id", "msg_bad"}, {"webhook-timestamp", std::to_string(now)},
+        {"webhook-signature", "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}, hook, 401},
+      {"webhook signed with another secret", "POST", "/webhooks/psp",
+       {{"webhook-id", "msg_other"}, {"webhook-timestamp", std::to_string(now)},
+        {"webhook-signature", *converge::webhook::Sign(converge::webhook::NewSecret(), "msg_other", now, hook)}},
+       hook, 401},
+      {"webhook with a stale timestamp", "POST", "/webhooks/psp", signed_headers("msg_old", hook, now - 600), hook, 401},
+      {"webhook with a future timestamp", "POST", "/webhooks/psp", signed_headers("msg_new", hook, now + 600), hook, 401},
+      {"webhook body tampered after signing", "POST", "/webhooks/psp", signed_headers("msg_t", hook, now),
+       hook + " ", 401},
+      {"webhook body not JSON", "POST", "/webhooks/psp", signed_headers("msg_nj", "not json", now), "not json", 400},
+      {"webhook JSON without type", "POST", "/webhooks/psp", signed_headers("msg_nt", R"({"data":{}})", now),
+       R"({"data":{}})", 400},
+      {"admin with a wrong token", "GET", "/admin/dead-letters", {{"Authorization", "Bearer wrong"}}, "", 401},
+      {"admin without a token", "GET", "/admin/stats", {}, "", 401},
+      {"admin list with a bad state", "GET", "/admin/dead-letters?state=lost", {{"Authorization", kAdmin}}, "", 400},
+      {"admin show with a non-numeric id", "GET", "/admin/dead-letters/abc", {{"Authorization", kAdmin}}, "", 400},
+      {"admin replay of an unknown id", "POST", "/admin/dead-letters/999999/replay", {{"Authorization", kAdmin}}, "", 404},
+      {"unknown route", "GET", "/v2/nothing", {}, "", 404},
+      {"wrong method", "PUT", "/v1/payments", {{"Authorization", kAcme}}, ok, 405},
+  };
+  ASSERT_GE(cases.size(), 25u);
+  const std::vector<int64_t> before = Footprint();
+  for (const Case& c : cases) {
+    Response r = Send(c.method, c.path, c.headers, c.body);
+    EXPECT_EQ(r.status, c.status) << c.name << ": " << r.body;
+    if (r.status >= 400 && r.status != 413) {
+      EXPECT_EQ(Problem(r), "application/problem+json") << c.name;
+    }
+    EXPECT_EQ(Footprint(), before) << c.name << " wrote something";
+  }
+}
+
+TEST_F(ServiceE2E, GracefulStopFinishesTheRequestInFlight) {
+  // A second service on the same store, stopped while a slow request runs.
+  ServiceConfig c;
+  c.port = 0;
+  c.db = "sqlite:" + dir_->File("graceful.db");
+  c.admin_token = "e2e-admin-token";
+  c.api_keys = {{"sk_test_acme", "acme"}};
+  c.psp_url = "http://127.0.0.1:" + std::to_string(psp_->port());
+  c.mail_url = "http://127.0.0.1:" + std::to_string(mail_->port());
+  c.webhook_secrets = {*secret_};
+  Service s(c);
+  ASSERT_TRUE(s.Start().ok());
+  auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
+                            .body = R"({"timeout_next": 1, "timeout_ms": 500})"});
+  ASSERT_TRUE(slow);
+  std::atomic<int> status{0};
+  std::thread t([&] {
+    auto r = client_.Send({.method = "POST",
+                           .url = "http://127.0.0.1:" + std::to_string(s.port()) + "/v1/payments",
+                           .headers = {{"Authorization", kAcme}, {"Idempotency-Key", "graceful-1"}},
+                           .body = Body(55)});
+    status = r ? r->status : -1;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  s.Stop();
+  t.join();
+  EXPECT_EQ(status.load(), 201);
+}
+
+}  // namespace
+}  // namespace payments
