@@ -38,6 +38,7 @@ check-sanitizers: deps
 
 bench: build
 	$(BUILD)/bench/converge_bench $(BENCH_ARGS)
+	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 
 clean:
 	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-tsan

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# HTTP benchmark of the payments service with wrk, three ways in one run:
+#   create  POST /v1/payments, a unique Idempotency-Key per request (the full multi-phase
+#           path: key row, payment row, provider call, charge row, outbox event)
+#   replay  POST /v1/payments with keys that already completed (stored-response path)
+#   noop    GET /healthz: the HTTP layer's own ceiling on this machine
+# Prints requests/s, p50 and p99 latency for each, and the ratios to the ceiling.
+#
+#   bench/http_bench.sh BUILD_DIR [SECONDS] [CONNECTIONS]
+set -euo pipefail
+build="$1"
+secs="${2:-10}"
+conns="${3:-64}"
+converge="$build/converge"
+command -v wrk >/dev/null || { echo "http_bench: wrk is not installed (scripts/install-deps.sh)"; exit 1; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+wait_port_file() {
+  for _ in $(seq 1 200); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.05; done
+  echo "http_bench: $1 never appeared" >&2; exit 1
+}
+
+secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+"$converge" fake-psp --db "$dir/psp.db" --port-file "$dir/psp.port" > "$dir/psp.log" 2>&1 &
+pids+=($!)
+"$converge" fake-mail --db "$dir/mail.db" --port-file "$dir/mail.port" > "$dir/mail.log" 2>&1 &
+pids+=($!)
+psp=$(wait_port_file "$dir/psp.port")
+mail=$(wait_port_file "$dir/mail.port")
+cat > "$dir/svc.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+worker_threads = 64
+[store]
+uri = "sqlite:$dir/service.db"
+[auth]
+admin_token = "bench-admin-token"
+api_keys = { "sk_bench" = "bench" }
+[psp]
+url = "http://127.0.0.1:$psp"
+webhook_secrets = ["$secret"]
+[mail]
+url = "http://127.0.0.1:$mail"
+[log]
+level = "warn"
+TOML
+"$converge" serve --config "$dir/svc.toml" --port-file "$dir/svc.port" > "$dir/svc.log" 2>&1 &
+pids+=($!)
+port=$(wait_port_file "$dir/svc.port")
+url="http://127.0.0.1:$port"
+
+cat > "$dir/create.lua" <<'LUA'
+local n = 0
+function setup(thread) n = n + 1; thread:set("tid", n) end
+function init(args) seq = 0; run = tostring(os.time()) end
+function request()
+  seq = seq + 1
+  local body = '{"amount":1000,"currency":"EUR","customer_id":"c-1","order_id":"o-' .. tid .. '-' .. seq .. '"}'
+  return wrk.format("POST", "/v1/payments",
+    {["Authorization"] = "Bearer sk_bench", ["Idempotency-Key"] = "k-" .. run .. "-" .. tid .. "-" .. seq,
+     ["Content-Type"] = "application/json"}, body)
+end
+LUA
+cat > "$dir/replay.lua" <<'LUA'
+local n = 0
+function setup(thread) n = n + 1; thread:set("tid", n) end
+function init(args) seq = 0 end
+function request()
+  seq = seq + 1
+  local k = seq % 64
+  local body = '{"amount":1000,"currency":"EUR","customer_id":"c-1","order_id":"r-' .. k .. '"}'
+  return wrk.format("POST", "/v1/payments",
+    {["Authorization"] = "Bearer sk_bench", ["Idempotency-Key"] = "replay-" .. k,
+     ["Content-Type"] = "application/json"}, body)
+end
+LUA
+# The keys the replay run uses, completed once beforehand.
+for k in $(seq 0 63); do
+  curl -s -o /dev/null -X POST "$url/v1/payments" -H "Authorization: Bearer sk_bench" \
+    -H "Idempotency-Key: replay-$k" -H "Content-Type: application/json" \
+    -d "{\"amount\":1000,\"currency\":\"EUR\",\"customer_id\":\"c-1\",\"order_id\":\"r-$k\"}"
+done
+
+run() {  # name, wrk args...
+  local name="$1"; shift
+  echo "  running $name for ${secs}s with $conns connections..." >&2
+  wrk -t2 -c"$conns" -d"${secs}s" --latency "$@" > "$dir/$name.out" 2>&1
+  local rps p50 p99 non2xx
+  rps=$(awk '/Requests\/sec/ {print $2}' "$dir/$name.out")
+  p50=$(awk '$1 == "50%" {print $2}' "$dir/$name.out")
+  p99=$(awk '$1 == "99%" {print $2}' "$dir/$name.out")
+  non2xx=$(awk '/Non-2xx/ {print $5}' "$dir/$name.out")
+  printf "%s %s %s %s %s\n" "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >> "$dir/results"
+}
+run noop "$url/healthz"
+run replay -s "$dir/replay.lua" "$url"
+run create -s "$dir/create.lua" "$url"
+
+echo "payments service over HTTP/1.1 keep-alive: wrk -t2 -c$conns -d${secs}s, SQLite synchronous=FULL"
+printf "  %-8s %12s %10s %10s %8s\n" mode "requests/s" p50 p99 non-2xx
+while read -r name rps p50 p99 non2xx; do
+  printf "  %-8s %12s %10s %10s %8s\n" "$name" "$rps" "$p50" "$p99" "$non2xx"
+done < "$dir/results"
+awk '{r[$1]=$2} END {printf "  replay/noop = %.2f   create/noop = %.3f   create/replay = %.3f\n", r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
+stats=$(curl -s "$url/admin/stats" -H "Authorization: Bearer bench-admin-token")
+echo "  service after the run: $stats" | cut -c1-300
