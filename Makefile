@@ -1,7 +1,7 @@
 # converge: the two commands of the README, and the rest of the developer loop.
 #   make demo               install deps, build, run `converge demo`
 #   make test               install deps, build, run every CTest test
-#   make check-sanitizers   unit tests under ASan+UBSan, then under TSan
+#   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan
 #   make bench              benchmarks (not tests): prints rates and ratios
 BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -30,11 +30,11 @@ test: build
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF
-	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests
-	cd $(BUILD)-asan && ctest -L unit --output-on-failure -j $(JOBS)
+	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests converge_e2e_tests
+	cd $(BUILD)-asan && ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
 	cmake -S . -B $(BUILD)-tsan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=thread -DCONVERGE_BUILD_BENCH=OFF
-	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests
-	cd $(BUILD)-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest -L unit --output-on-failure -j $(JOBS)
+	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests converge_e2e_tests
+	cd $(BUILD)-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
 
 bench: build
 	$(BUILD)/bench/converge_bench $(BENCH_ARGS)

@@ -26,6 +26,7 @@ int RunDemo(const DemoFlags& flags);
 struct ServiceDemoFlags {
   int clients = 16;
   int payments = 1000;
+  int duration_seconds = 0;  // > 0: run the load phase this long instead of `payments`
   double duplicate_rate = 0.3;
   double psp_failure_rate = 0.05;
   double mail_failure_rate = 0.05;

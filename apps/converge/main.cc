@@ -53,6 +53,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 256));
   sdemo_cmd->add_option("--payments", sdemo.payments, "Unique payments in the load phase")
       ->check(CLI::Range(1, 1'000'000));
+  sdemo_cmd->add_option("--duration", sdemo.duration_seconds,
+                        "Run the load phase for this many seconds instead of --payments")
+      ->check(CLI::Range(1, 86400));
   sdemo_cmd->add_option("--duplicate-rate", sdemo.duplicate_rate, "Share of payments sent twice")
       ->check(CLI::Range(0.0, 1.0));
   sdemo_cmd->add_option("--psp-failure-rate", sdemo.psp_failure_rate,

@@ -534,43 +534,73 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   }
 
   // Load ----------------------------------------------------------------------------------
-  std::printf("\n  load: %d clients, %d payments, %.0f%% sent again, provider fails %.0f%%, mail fails %.0f%%\n",
-              f.clients, f.payments, f.duplicate_rate * 100, f.psp_failure_rate * 100,
-              f.mail_failure_rate * 100);
+  std::printf("\n  load: %d clients, %s, %.0f%% sent again, provider fails %.0f%%, mail fails %.0f%%\n",
+              f.clients,
+              f.duration_seconds > 0 ? (std::to_string(f.duration_seconds) + " seconds").c_str()
+                                     : (std::to_string(f.payments) + " payments").c_str(),
+              f.duplicate_rate * 100, f.psp_failure_rate * 100, f.mail_failure_rate * 100);
   d.Post(d.Psp("/faults"), {{"transient_rate", f.psp_failure_rate}});
   d.Post(d.Mail("/faults"), {{"transient_rate", f.mail_failure_rate}});
+  // Each key is sent once; a share of keys is sent again, some at once (a double click)
+  // and some later (a retry). With --duration the phase runs for that long instead.
   std::vector<int> plan;
-  for (int k = 0; k < f.payments; ++k) {
-    plan.push_back(k);
-    if (std::uniform_real_distribution<double>(0, 1)(d.rng) < f.duplicate_rate) plan.push_back(k);
+  if (f.duration_seconds <= 0) {
+    for (int k = 0; k < f.payments; ++k) {
+      plan.push_back(k);
+      if (std::uniform_real_distribution<double>(0, 1)(d.rng) < f.duplicate_rate) plan.push_back(k);
+    }
+    std::shuffle(plan.begin(), plan.end(), d.rng);
   }
-  std::shuffle(plan.begin(), plan.end(), d.rng);
   std::atomic<size_t> next{0};
-  std::atomic<int64_t> sent{0}, replays{0}, retried{0}, errors{0};
+  std::atomic<int> next_key{0};
+  std::atomic<int64_t> sent{0}, replays{0}, retried{0}, errors{0}, done_keys{0};
   std::vector<std::thread> clients;
   const auto load_start = SteadyClock::now();
+  const auto load_end = load_start + std::chrono::seconds(f.duration_seconds);
+  auto send_key = [&](int k) {
+    int retries = 0;
+    auto r = d.PayUntilFinal(acme, "load-" + std::to_string(k),
+                             d.Body(100 + k, "load-" + std::to_string(k)), &retries);
+    sent += 1 + retries;
+    retried += retries;
+    if (!r || r->status != 201) ++errors;
+    else if (Replayed(*r)) ++replays;
+  };
   for (int c = 0; c < f.clients; ++c) {
-    clients.emplace_back([&] {
-      for (size_t i; (i = next.fetch_add(1)) < plan.size();) {
-        int k = plan[i];
-        int retries = 0;
-        auto r = d.PayUntilFinal(acme, "load-" + std::to_string(k),
-                                 d.Body(100 + k, "load-" + std::to_string(k)), &retries);
-        sent += 1 + retries;
-        retried += retries;
-        if (!r || r->status != 201) ++errors;
-        else if (Replayed(*r)) ++replays;
+    clients.emplace_back([&, c] {
+      if (f.duration_seconds <= 0) {
+        for (size_t i; (i = next.fetch_add(1)) < plan.size();) send_key(plan[i]);
+        return;
+      }
+      std::mt19937_64 rng(d.rng() + c);
+      while (SteadyClock::now() < load_end) {
+        int k = next_key.fetch_add(1);
+        send_key(k);
+        if (std::uniform_real_distribution<double>(0, 1)(rng) < f.duplicate_rate) send_key(k);
+        ++done_keys;
       }
     });
   }
-  Progress bar("requests", static_cast<int64_t>(plan.size()));
-  while (next.load() < plan.size()) {
-    bar.Show(static_cast<int64_t>(std::min(next.load(), plan.size())));
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  if (f.duration_seconds <= 0) {
+    Progress bar("requests", static_cast<int64_t>(plan.size()));
+    while (next.load() < plan.size()) {
+      bar.Show(static_cast<int64_t>(std::min(next.load(), plan.size())));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    for (auto& t : clients) t.join();
+    bar.Show(static_cast<int64_t>(plan.size()));
+    bar.Done();
+  } else {
+    Progress bar("seconds", f.duration_seconds);
+    while (SteadyClock::now() < load_end) {
+      bar.Show(std::chrono::duration_cast<std::chrono::seconds>(SteadyClock::now() - load_start).count());
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    for (auto& t : clients) t.join();
+    bar.Show(f.duration_seconds);
+    bar.Done();
   }
-  for (auto& t : clients) t.join();
-  bar.Show(static_cast<int64_t>(plan.size()));
-  bar.Done();
+  const int64_t unique_keys = f.duration_seconds > 0 ? next_key.load() : f.payments;
   const double load_secs = std::chrono::duration<double>(SteadyClock::now() - load_start).count();
   d.Post(d.Psp("/faults"), {{"transient_rate", 0}});
   d.Post(d.Mail("/faults"), {{"transient_rate", 0}});
@@ -616,7 +646,7 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
     std::printf("  %-46s %10lld\n", what.c_str(), static_cast<long long>(n));
   };
   row("load: requests sent (retries included)", sent);
-  row("load: unique idempotency keys", f.payments);
+  row("load: unique idempotency keys", unique_keys);
   row("load: client retries after 409/503", retried);
   row("load: answered from the stored response", replays);
   row("payments (all phases)", payments);

@@ -61,4 +61,23 @@ PY
 if "$converge" migrate --db "sqlite:$db" 2> "$dir/new.err"; then fail "newer schema accepted"; fi
 grep -q "newer than this binary" "$dir/new.err" || fail "newer schema error unclear"
 
+# webhook sign | verify round trip, with the Standard Webhooks example secret.
+secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+now=$(date +%s)
+sig=$("$converge" webhook sign --secret "$secret" --id msg_1 --timestamp "$now" --body '{"a":1}' \
+  | awk '/webhook-signature/ {print $2}')
+[ -n "$sig" ] || fail "webhook sign printed no signature"
+"$converge" webhook verify --secret "$secret" --id msg_1 --timestamp "$now" --signature "$sig" \
+  --body '{"a":1}' | grep -q valid || fail "webhook verify rejected its own signature"
+echo -n '{"a":1}' | "$converge" webhook verify --secret "$secret" --id msg_1 --timestamp "$now" \
+  --signature "$sig" > /dev/null || fail "webhook verify from stdin"
+set +e
+"$converge" webhook verify --secret "$secret" --id msg_1 --timestamp "$now" --signature "$sig" \
+  --body '{"a":2}' > "$dir/tampered.out"; rc=$?
+"$converge" webhook verify --secret whsec_! --id msg_1 --timestamp "$now" --signature "$sig" \
+  --body x 2> "$dir/badsecret.err"; rc2=$?
+set -e
+[ "$rc" -eq 1 ] && grep -q "bad_signature" "$dir/tampered.out" || fail "tampered body not rejected"
+[ "$rc2" -eq 2 ] && grep -q "whsec_" "$dir/badsecret.err" || fail "malformed secret not reported"
+
 echo "cli: 1 passed, 0 failed"
