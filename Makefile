@@ -25,8 +25,11 @@ build: configure
 demo: build
 	$(BUILD)/converge demo $(DEMO_ARGS)
 
+# PostgreSQL tests (label pg) run against a throwaway server that the script starts and
+# stops around ctest.
 test: build
-	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 600
+	bash scripts/with-postgres.sh bash -c 'cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 600'
+
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF

@@ -10,6 +10,7 @@ packages=(
   libcli11-dev libspdlog-dev libtomlplusplus-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libboost-dev libcurl4-openssl-dev wrk
+  libpq-dev postgresql postgresql-contrib python3
 )
 
 missing=()

@@ -146,8 +146,10 @@ struct DatabaseOptions {
   int max_attempts = 8;
   // SQLite: how long to wait for another process's write lock (busy_timeout).
   Millis busy_timeout = Millis(5000);
-  // Reader connections kept open for Read().
+  // SQLite: reader connections kept open for Read().
   size_t readers = 4;
+  // PostgreSQL: connections in the pool (Transact and Read share them).
+  size_t pool_size = 16;
 };
 
 struct DatabaseStats {
@@ -168,6 +170,7 @@ class Database {
 
   // Opens the store named by `uri` and applies pending migrations:
   //   sqlite:PATH            an SQLite file (created if absent), WAL mode
+  //   postgresql://...       a PostgreSQL database (libpq URI; postgres:// too)
   // Errors: kInvalidArgument (unknown scheme or malformed URI), kUnavailable (cannot
   // open), kFailedPrecondition (the file's schema is newer than this binary knows).
   // Defined by the store registry (link converge::converge), not by core.

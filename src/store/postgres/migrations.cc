@@ -1,0 +1,125 @@
+// Versioned schema for the PostgreSQL backend: the same tables, columns and meaning as
+// src/store/sqlite/migrations.cc. Never edit a shipped migration: append one, to both.
+#include "src/store/postgres/migrations.h"
+
+namespace converge::postgres {
+
+const std::vector<const char*>& Migrations() {
+  static const std::vector<const char*> kMigrations = {
+      // 1: the whole effective-once path.
+      R"sql(
+CREATE TABLE idempotency_keys (
+  scope            TEXT    NOT NULL,
+  key              TEXT    NOT NULL,
+  request_hash     TEXT    NOT NULL,
+  status           TEXT    NOT NULL CHECK (status IN ('in_progress', 'completed')),
+  recovery_point   TEXT    NOT NULL,
+  recovery_data    TEXT    NOT NULL DEFAULT '',
+  lease_until      BIGINT  NOT NULL,
+  fence            BIGINT  NOT NULL,
+  response_status  INTEGER,
+  response_headers TEXT,
+  response_body    BYTEA,
+  created_at       BIGINT  NOT NULL,
+  updated_at       BIGINT  NOT NULL,
+  expires_at       BIGINT  NOT NULL,
+  PRIMARY KEY (scope, key)
+);
+CREATE INDEX idempotency_keys_expires ON idempotency_keys (expires_at);
+
+CREATE TABLE outbox_events (
+  seq              BIGSERIAL PRIMARY KEY,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  aggregate_type   TEXT    NOT NULL,
+  aggregate_id     TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  payload          TEXT    NOT NULL,
+  headers          TEXT    NOT NULL DEFAULT '{}',
+  created_at       BIGINT  NOT NULL,
+  published_at     BIGINT,
+  publish_attempts INTEGER NOT NULL DEFAULT 0,
+  last_error       TEXT,
+  UNIQUE (source, event_id)
+);
+CREATE INDEX outbox_unpublished ON outbox_events (seq) WHERE published_at IS NULL;
+CREATE INDEX outbox_published ON outbox_events (published_at) WHERE published_at IS NOT NULL;
+
+CREATE TABLE consumer_inbox (
+  consumer     TEXT    NOT NULL,
+  source       TEXT    NOT NULL,
+  event_id     TEXT    NOT NULL,
+  processed_at BIGINT  NOT NULL,
+  expires_at   BIGINT  NOT NULL,
+  outcome      TEXT    NOT NULL DEFAULT 'applied'
+               CHECK (outcome IN ('applied', 'dead_lettered')),
+  PRIMARY KEY (consumer, source, event_id)
+);
+CREATE INDEX consumer_inbox_expires ON consumer_inbox (expires_at);
+
+CREATE TABLE queue_subscriptions (
+  queue      TEXT    NOT NULL,
+  pattern    TEXT    NOT NULL,
+  created_at BIGINT  NOT NULL,
+  PRIMARY KEY (queue, pattern)
+);
+
+CREATE TABLE queue_messages (
+  id               BIGSERIAL PRIMARY KEY,
+  queue            TEXT    NOT NULL,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  subject          TEXT    NOT NULL,
+  envelope         TEXT    NOT NULL,
+  enqueued_at      BIGINT  NOT NULL,
+  visible_at       BIGINT  NOT NULL,
+  attempts         INTEGER NOT NULL DEFAULT 0,
+  claim_token      TEXT,
+  first_failure_at BIGINT,
+  last_error       TEXT
+);
+CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
+
+CREATE TABLE dead_letters (
+  id               BIGSERIAL PRIMARY KEY,
+  consumer         TEXT    NOT NULL,
+  queue            TEXT    NOT NULL,
+  event_id         TEXT    NOT NULL,
+  source           TEXT    NOT NULL,
+  type             TEXT    NOT NULL,
+  envelope         TEXT    NOT NULL,
+  error_class      TEXT    NOT NULL,
+  error_code       TEXT    NOT NULL,
+  error            TEXT    NOT NULL,
+  attempts         INTEGER NOT NULL,
+  first_failure_at BIGINT  NOT NULL,
+  last_failure_at  BIGINT  NOT NULL,
+  state            TEXT    NOT NULL DEFAULT 'parked'
+                   CHECK (state IN ('parked', 'replayed', 'discarded')),
+  replay_count     INTEGER NOT NULL DEFAULT 0,
+  updated_at       BIGINT  NOT NULL
+);
+CREATE INDEX dead_letters_state ON dead_letters (state, id);
+)sql",
+      // 2: journalled external effects (effects.h).
+      R"sql(
+CREATE TABLE effects (
+  effect_key      TEXT    NOT NULL PRIMARY KEY,
+  kind            TEXT    NOT NULL,
+  payload         TEXT    NOT NULL,
+  state           TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
+  attempts        INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at BIGINT  NOT NULL,
+  result          TEXT,
+  last_error      TEXT,
+  created_at      BIGINT  NOT NULL,
+  updated_at      BIGINT  NOT NULL
+);
+CREATE INDEX effects_due ON effects (kind, state, next_attempt_at);
+)sql",
+  };
+  return kMigrations;
+}
+
+}  // namespace converge::postgres

@@ -1,0 +1,353 @@
+// PostgreSQL backend over libpq.
+//
+// Method: a pool of connections; Transact takes one, runs BEGIN (READ COMMITTED) / fn /
+// COMMIT on it, and gives it back. PostgreSQL's own group commit merges the WAL flushes of
+// concurrent commits, so unlike SQLite no writer thread is needed: concurrency comes from
+// the pool. Serialization failures and deadlocks (40001, 40P01) re-run fn; a broken
+// connection is reset before its next use and the call fails with kUnavailable. A COMMIT
+// whose connection broke has an unknown outcome and reports kUnavailable: callers retry,
+// and every converge write is idempotent on retry (keys, inbox rows, ON CONFLICT).
+//
+// Parameters are sent as text with type OID 0 (the server infers them from the
+// statement), except Blob, which is sent as binary bytea. Results come back as text and
+// are converted by column type: integers, floats and numerics, booleans, bytea.
+#include "src/store/postgres/postgres_database.h"
+
+#include <libpq-fe.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "src/store/postgres/migrations.h"
+
+namespace converge::postgres {
+namespace {
+
+constexpr Oid kBool = 16, kBytea = 17, kInt8 = 20, kInt2 = 21, kInt4 = 23, kOid = 26,
+              kFloat4 = 700, kFloat8 = 701, kNumeric = 1700;
+
+Status FromResult(const PGresult* res, PGconn* conn, std::string_view what) {
+  const char* state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : nullptr;
+  std::string msg(what);
+  msg += ": ";
+  const char* err = res ? PQresultErrorMessage(res) : nullptr;
+  msg += (err && *err) ? err : PQerrorMessage(conn);
+  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  if (state == nullptr || PQstatus(conn) != CONNECTION_OK) return UnavailableError(std::move(msg));
+  std::string_view s(state);
+  if (s == "23505") return AlreadyExistsError(std::move(msg));
+  if (s == "40001" || s == "40P01") return AbortedError(std::move(msg));
+  if (s == "25006") return FailedPreconditionError(std::move(msg));
+  if (s == "55P03" || s == "57014") return UnavailableError(std::move(msg));
+  if (s.substr(0, 2) == "08" || s.substr(0, 2) == "57" || s.substr(0, 2) == "58") {
+    return UnavailableError(std::move(msg));
+  }
+  if (s.substr(0, 2) == "53") return ResourceExhaustedError(std::move(msg));
+  if (s.substr(0, 2) == "23" || s.substr(0, 2) == "42" || s.substr(0, 2) == "22") {
+    return InvalidArgumentError(std::move(msg));
+  }
+  return InternalError(std::move(msg));
+}
+
+Value Decode(const PGresult* res, int row, int col) {
+  if (PQgetisnull(res, row, col)) return Value();
+  const char* v = PQgetvalue(res, row, col);
+  int len = PQgetlength(res, row, col);
+  switch (PQftype(res, col)) {
+    case kInt2:
+    case kInt4:
+    case kInt8:
+    case kOid:
+      return Value(static_cast<int64_t>(std::strtoll(v, nullptr, 10)));
+    case kFloat4:
+    case kFloat8:
+    case kNumeric:
+      return Value(std::strtod(v, nullptr));
+    case kBool:
+      return Value(int64_t{v[0] == 't' ? 1 : 0});
+    case kBytea: {
+      size_t n = 0;
+      unsigned char* raw = PQunescapeBytea(reinterpret_cast<const unsigned char*>(v), &n);
+      Blob b{std::string(reinterpret_cast<char*>(raw), n)};
+      PQfreemem(raw);
+      return Value(std::move(b));
+    }
+    default:
+      return Value(std::string(v, static_cast<size_t>(len)));
+  }
+}
+
+class PgTx : public Tx {
+ public:
+  explicit PgTx(PGconn* conn) : conn_(conn) {}
+
+  Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) override {
+    int64_t changed = 0;
+    CONVERGE_RETURN_IF_ERROR(Run(sql, params, nullptr, &changed));
+    return changed;
+  }
+  Result<Rows> QueryParams(std::string_view sql, std::span<const Value> params) override {
+    Rows rows;
+    CONVERGE_RETURN_IF_ERROR(Run(sql, params, &rows, nullptr));
+    return rows;
+  }
+  Backend backend() const override { return Backend::kPostgres; }
+
+  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
+    const size_t n = params.size();
+    std::vector<std::string> text(n);
+    std::vector<const char*> values(n);
+    std::vector<int> lengths(n), formats(n);
+    std::vector<Oid> types(n, 0);
+    for (size_t i = 0; i < n; ++i) {
+      const Value& v = params[i];
+      if (std::holds_alternative<std::monostate>(v)) {
+        values[i] = nullptr;
+      } else if (auto p = std::get_if<int64_t>(&v)) {
+        text[i] = std::to_string(*p);
+        values[i] = text[i].c_str();
+      } else if (auto p = std::get_if<double>(&v)) {
+        char buf[40];
+        std::snprintf(buf, sizeof buf, "%.17g", *p);
+        text[i] = buf;
+        values[i] = text[i].c_str();
+      } else if (auto p = std::get_if<std::string>(&v)) {
+        if (p->find('\0') != std::string::npos) {
+          return InvalidArgumentError("text parameters cannot contain NUL bytes; use Blob");
+        }
+        values[i] = p->c_str();
+      } else if (auto p = std::get_if<Blob>(&v)) {
+        values[i] = p->bytes.data();
+        lengths[i] = static_cast<int>(p->bytes.size());
+        formats[i] = 1;
+        types[i] = kBytea;
+      }
+    }
+    std::string stmt(sql);
+    PGresult* res = PQexecParams(conn_, stmt.c_str(), static_cast<int>(n), types.data(),
+                                 values.data(), lengths.data(), formats.data(), 0);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+      Status err = FromResult(res, conn_, "postgres");
+      PQclear(res);
+      return err;
+    }
+    if (rows != nullptr) {
+      int nrows = PQntuples(res), ncols = PQnfields(res);
+      rows->reserve(static_cast<size_t>(nrows));
+      for (int r = 0; r < nrows; ++r) {
+        std::vector<Value> vals;
+        vals.reserve(static_cast<size_t>(ncols));
+        for (int c = 0; c < ncols; ++c) vals.push_back(Decode(res, r, c));
+        rows->emplace_back(std::move(vals));
+      }
+    }
+    if (changed != nullptr) {
+      const char* t = PQcmdTuples(res);
+      *changed = (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
+    }
+    PQclear(res);
+    return OkStatus();
+  }
+
+  Status Simple(const char* sql) { return StatusOf(ExecParams(sql, {})); }
+
+ private:
+  PGconn* conn_;
+};
+
+class PgDatabase;
+
+// The transaction a thread is inside, per database: nested Transact joins it.
+thread_local std::unordered_map<const PgDatabase*, PgTx*> t_current;
+
+class PgDatabase : public Database {
+ public:
+  PgDatabase(std::string uri, DatabaseOptions options)
+      : uri_(std::move(uri)), options_(options) {
+    stats_.batch_histogram.assign(16, 0);
+  }
+
+  ~PgDatabase() override {
+    for (PGconn* c : idle_) PQfinish(c);
+  }
+
+  Status Init() {
+    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Connect());
+    Status st = Migrate(c);
+    Release(c);
+    return st;
+  }
+
+  Status Transact(const TxFn& fn) override { return Run(fn, /*read_only=*/false); }
+  Status Read(const TxFn& fn) override { return Run(fn, /*read_only=*/true); }
+  Backend backend() const override { return Backend::kPostgres; }
+  DatabaseStats stats() const override {
+    std::lock_guard<std::mutex> l(mu_);
+    return stats_;
+  }
+
+ private:
+  Result<PGconn*> Connect() {
+    PGconn* c = PQconnectdb(uri_.c_str());
+    if (PQstatus(c) != CONNECTION_OK) {
+      std::string msg = PQerrorMessage(c);
+      PQfinish(c);
+      while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+      return tl::unexpected(UnavailableError("cannot connect to PostgreSQL: " + msg));
+    }
+    PGresult* r = PQexec(c, "SET application_name = 'converge'; SET client_min_messages = warning");
+    PQclear(r);
+    return c;
+  }
+
+  // A pooled connection, reset if it broke.
+  Result<PGconn*> Acquire() {
+    PGconn* c = nullptr;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      pool_cv_.wait(l, [&] { return !idle_.empty() || open_ < options_.pool_size; });
+      if (!idle_.empty()) {
+        c = idle_.back();
+        idle_.pop_back();
+      } else {
+        ++open_;
+      }
+    }
+    if (c != nullptr && PQstatus(c) == CONNECTION_OK) return c;
+    if (c != nullptr) PQfinish(c);
+    auto fresh = Connect();
+    if (!fresh) {
+      std::lock_guard<std::mutex> l(mu_);
+      --open_;
+      pool_cv_.notify_one();
+    }
+    return fresh;
+  }
+
+  void Release(PGconn* c) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE) {
+        idle_.push_back(c);
+      } else {
+        PQfinish(c);
+        --open_;
+      }
+    }
+    pool_cv_.notify_one();
+  }
+
+  Status Run(const TxFn& fn, bool read_only) {
+    auto it = t_current.find(this);
+    if (it != t_current.end() && it->second != nullptr) return it->second->Savepoint(fn);
+    Status st;
+    for (int attempt = 1; attempt <= options_.max_attempts; ++attempt) {
+      st = RunOnce(fn, read_only);
+      if (st.code() != StatusCode::kAborted) break;
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    ++stats_.transactions;
+    return st;
+  }
+
+  Status RunOnce(const TxFn& fn, bool read_only) {
+    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
+    PgTx tx(c);
+    Status st = tx.Simple(read_only ? "BEGIN READ ONLY" : "BEGIN");
+    if (st.ok()) {
+      t_current[this] = &tx;
+      try {
+        st = fn(tx);
+      } catch (const std::exception& e) {
+        st = InternalError(std::string("transaction function threw: ") + e.what());
+      } catch (...) {
+        st = InternalError("transaction function threw");
+      }
+      t_current.erase(this);
+      if (st.ok() && PQtransactionStatus(c) == PQTRANS_INERROR) {
+        st = InternalError("a statement failed inside the transaction but fn returned OK");
+      }
+      if (st.ok()) {
+        st = tx.Simple("COMMIT");
+        if (!st.ok() && st.code() != StatusCode::kAborted) {
+          st = Status(StatusCode::kUnavailable, "commit failed, outcome unknown: " + st.message());
+        }
+      } else {
+        (void)tx.Simple("ROLLBACK");
+      }
+    }
+    if (st.ok() && !read_only) {
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        ++stats_.commits;
+        stats_.largest_batch = std::max<int64_t>(stats_.largest_batch, 1);
+        ++stats_.batch_histogram[0];
+      }
+      for (auto& hook : tx.TakeCommitHooks()) hook();
+    }
+    Release(c);
+    return st;
+  }
+
+  Status Migrate(PGconn* c) {
+    PgTx tx(c);
+    // One migrator at a time across processes: a transaction-level advisory lock.
+    CONVERGE_RETURN_IF_ERROR(tx.Simple("BEGIN"));
+    Status st = tx.Simple("SELECT pg_advisory_xact_lock(7324001)");
+    if (st.ok()) st = tx.Simple("CREATE TABLE IF NOT EXISTS converge_schema (version BIGINT NOT NULL)");
+    Rows rows;
+    if (st.ok()) {
+      auto r = tx.Query("SELECT coalesce(max(version), 0) FROM converge_schema");
+      if (r) rows = *r; else st = r.error();
+    }
+    const auto& migrations = Migrations();
+    if (st.ok()) {
+      int64_t version = rows.empty() ? 0 : rows[0].Int(0);
+      if (version > static_cast<int64_t>(migrations.size())) {
+        (void)tx.Simple("ROLLBACK");
+        return Status(StatusCode::kFailedPrecondition,
+                      "the database has schema version " + std::to_string(version) +
+                          ", newer than this binary's " + std::to_string(migrations.size()) +
+                          "; upgrade converge",
+                      "schema_too_new");
+      }
+      for (size_t v = static_cast<size_t>(version); st.ok() && v < migrations.size(); ++v) {
+        PGresult* res = PQexec(c, migrations[v]);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
+          st = FromResult(res, c, "migration " + std::to_string(v + 1));
+        }
+        PQclear(res);
+        if (st.ok()) st = StatusOf(tx.Exec("INSERT INTO converge_schema (version) VALUES ($1)", static_cast<int64_t>(v + 1)));
+      }
+    }
+    if (st.ok()) st = tx.Simple("COMMIT");
+    else (void)tx.Simple("ROLLBACK");
+    return st;
+  }
+
+  const std::string uri_;
+  const DatabaseOptions options_;
+  mutable std::mutex mu_;
+  std::condition_variable pool_cv_;
+  std::vector<PGconn*> idle_;
+  size_t open_ = 0;
+  DatabaseStats stats_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Database>> Open(const std::string& uri, const DatabaseOptions& options) {
+  if (options.pool_size == 0 || options.max_attempts < 1) {
+    return tl::unexpected(InvalidArgumentError("DatabaseOptions: pool_size and max_attempts must be positive"));
+  }
+  auto db = std::make_unique<PgDatabase>(uri, options);
+  CONVERGE_RETURN_IF_ERROR(db->Init());
+  return std::unique_ptr<Database>(std::move(db));
+}
+
+}  // namespace converge::postgres

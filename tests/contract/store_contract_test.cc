@@ -1,0 +1,429 @@
+// The store contract: the core's behaviour, run unchanged against every backend (typed
+// tests). Sqlite runs everywhere (label unit); Postgres needs a server, handed over in
+// CONVERGE_TEST_PG_DSN by scripts/with-postgres.sh (label pg), and each test gets a fresh
+// database of its own.
+#include <libpq-fe.h>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "converge/consumer.h"
+#include "converge/dead_letters.h"
+#include "converge/failpoint.h"
+#include "converge/idempotency.h"
+#include "converge/outbox.h"
+#include "converge/relay.h"
+#include "converge/sql_queue.h"
+#include "tests/unit/test_util.h"
+
+namespace converge {
+namespace {
+
+using testing::TempDir;
+
+struct SqliteStore {
+  TempDir dir;
+  std::string uri = "sqlite:" + dir.File("db.sqlite");
+  static bool Available() { return true; }
+};
+
+// A fresh database on the test server, dropped afterwards.
+struct PostgresStore {
+  std::string admin, name, uri;
+  PostgresStore() {
+    const char* dsn = std::getenv("CONVERGE_TEST_PG_DSN");
+    if (dsn == nullptr) return;
+    admin = dsn;
+    std::mt19937_64 rng(std::random_device{}());
+    name = "converge_t_" + std::to_string(rng() % 1000000000);
+    Admin("CREATE DATABASE " + name);
+    uri = admin.substr(0, admin.rfind('/') + 1) + name;
+  }
+  ~PostgresStore() {
+    if (!name.empty()) Admin("DROP DATABASE IF EXISTS " + name + " WITH (FORCE)");
+  }
+  void Admin(const std::string& sql) {
+    PGconn* c = PQconnectdb(admin.c_str());
+    PGresult* r = PQexec(c, sql.c_str());
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) ADD_FAILURE() << sql << ": " << PQerrorMessage(c);
+    PQclear(r);
+    PQfinish(c);
+  }
+  static bool Available() { return std::getenv("CONVERGE_TEST_PG_DSN") != nullptr; }
+};
+
+template <class Store>
+class StoreContract : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!Store::Available()) GTEST_SKIP() << "CONVERGE_TEST_PG_DSN is not set (run under scripts/with-postgres.sh)";
+    db_ = Open();
+    ASSERT_NE(db_, nullptr);
+    ASSERT_TRUE(db_->Transact([](Tx& tx) {
+                     return StatusOf(tx.Exec("CREATE TABLE test_effects (id TEXT PRIMARY KEY)"));
+                   }).ok());
+  }
+  std::unique_ptr<Database> Open() {
+    auto db = Database::Open(store_.uri);
+    EXPECT_TRUE(db) << db.error().ToString();
+    return db ? std::move(*db) : nullptr;
+  }
+  int64_t Count(Database& db, const std::string& sql) {
+    int64_t n = -1;
+    EXPECT_TRUE(db.Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql));
+                   n = rows[0].Int(0);
+                   return OkStatus();
+                 }).ok());
+    return n;
+  }
+  int64_t Count(const std::string& sql) { return Count(*db_, sql); }
+  static Status Effect(Tx& tx, const std::string& id) {
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", id));
+  }
+  static Event MakeEvent(const std::string& subject, const std::string& type = "thing.done") {
+    Event e;
+    e.type = type;
+    e.subject = subject;
+    e.data = R"({"n":1})";
+    return e;
+  }
+
+  Store store_;
+  std::unique_ptr<Database> db_;
+};
+
+struct StoreNames {
+  template <class T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, SqliteStore> ? "Sqlite" : "Postgres";
+  }
+};
+
+using Stores = ::testing::Types<SqliteStore, PostgresStore>;
+TYPED_TEST_SUITE(StoreContract, Stores, StoreNames);
+
+TYPED_TEST(StoreContract, BindsAndReadsEveryValueType) {
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) -> Status {
+                   CONVERGE_RETURN_IF_ERROR(tx.Exec(
+                       tx.backend() == Backend::kPostgres
+                           ? "CREATE TABLE v (i BIGINT, d DOUBLE PRECISION, s TEXT, b BYTEA, n TEXT)"
+                           : "CREATE TABLE v (i INTEGER, d REAL, s TEXT, b BLOB, n TEXT)"));
+                   return StatusOf(tx.Exec("INSERT INTO v VALUES ($1, $2, $3, $4, $5)", int64_t{1} << 40,
+                                           2.5, "text ü", Blob{std::string("\0\xff", 2)}, nullptr));
+                 }).ok());
+  Rows rows;
+  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(rows, tx.Query("SELECT i, d, s, b, n FROM v"));
+                   return OkStatus();
+                 }).ok());
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0].Int(0), int64_t{1} << 40);
+  EXPECT_DOUBLE_EQ(rows[0].Double(1), 2.5);
+  EXPECT_EQ(rows[0].Text(2), "text ü");
+  EXPECT_EQ(std::get<Blob>(rows[0][3]).bytes, std::string("\0\xff", 2));
+  EXPECT_TRUE(rows[0].IsNull(4));
+}
+
+TYPED_TEST(StoreContract, UniqueViolationIsAlreadyExistsAndRollsBack) {
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "a"); }).ok());
+  Status st = this->db_->Transact([](Tx& tx) -> Status {
+    CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, "b"));
+    return TestFixture::Effect(tx, "a");
+  });
+  EXPECT_EQ(st.code(), StatusCode::kAlreadyExists) << st.ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+}
+
+TYPED_TEST(StoreContract, SavepointRollsBackOnlyItsPart) {
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) -> Status {
+                   CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, "kept"));
+                   Status inner = tx.Savepoint([](Tx& t) -> Status {
+                     CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(t, "dropped"));
+                     return TestFixture::Effect(t, "kept");  // fails: duplicate
+                   });
+                   EXPECT_EQ(inner.code(), StatusCode::kAlreadyExists);
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+}
+
+TYPED_TEST(StoreContract, IdempotencyOutcomes) {
+  IdempotencyKeys keys(*this->db_);
+  auto fn = [](const std::string& id) {
+    return [id](Tx& tx) -> Result<StoredResponse> {
+      CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, id));
+      return StoredResponse{201, {{"Location", "/x/" + id}}, std::string("body\0", 5) + id};
+    };
+  };
+  auto first = keys.Execute({"t", "k", "f"}, fn("one"));
+  ASSERT_TRUE(first) << first.error().ToString();
+  EXPECT_FALSE(first->replayed);
+  auto again = keys.Execute({"t", "k", "f"}, fn("two"));
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(again->replayed);
+  EXPECT_EQ(again->response, first->response);
+  EXPECT_EQ(keys.Execute({"t", "k", "other"}, fn("three")).error().reason(), "fingerprint_mismatch");
+  auto other_scope = keys.Execute({"u", "k", "f"}, fn("four"));
+  ASSERT_TRUE(other_scope);
+  EXPECT_FALSE(other_scope->replayed);
+  EXPECT_EQ(keys.Execute({"t", std::string(256, 'k'), "f"}, fn("x")).error().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 2);
+}
+
+TYPED_TEST(StoreContract, SixtyFourRacersOneEffect) {
+  IdempotencyKeys keys(*this->db_);
+  std::atomic<int> runs{0}, fresh{0}, replays{0}, errors{0};
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 64; ++i) {
+    ts.emplace_back([&] {
+      auto r = keys.Execute({"t", "race", "f"}, [&](Tx& tx) -> Result<StoredResponse> {
+        ++runs;
+        CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, "raced"));
+        return StoredResponse{201, {}, "ok"};
+      });
+      if (!r) ++errors;
+      else if (r->replayed) ++replays;
+      else ++fresh;
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(errors, 0);
+  EXPECT_EQ(fresh, 1);
+  EXPECT_EQ(replays, 63);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+}
+
+TYPED_TEST(StoreContract, TakeoverFencesTheStaleWorker) {
+  ManualClock clock;
+  IdempotencyKeys keys(*this->db_, {.ttl = std::chrono::hours(1), .lease = std::chrono::seconds(10)}, &clock);
+  KeyLease a = keys.Begin({"t", "k", "f"})->lease;
+  EXPECT_EQ(keys.Begin({"t", "k", "f"}).error().reason(), "in_flight");
+  clock.Advance(std::chrono::seconds(11));
+  auto b = keys.Begin({"t", "k", "f"});
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->kind, Begun::Kind::kResumed);
+  EXPECT_EQ(keys.Advance(a, "charged", "", [](Tx& tx) { return TestFixture::Effect(tx, "stale"); }).reason(),
+            "fenced");
+  KeyLease lb = b->lease;
+  ASSERT_TRUE(keys.Complete(lb, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "b"}; }));
+  EXPECT_EQ(keys.Complete(a, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "a"}; })
+                .error()
+                .reason(),
+            "fenced");
+  EXPECT_EQ(keys.Begin({"t", "k", "f"})->response.body, "b");
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
+}
+
+TYPED_TEST(StoreContract, RelayCrashBetweenPublishAndMarkIsAbsorbedByTheInbox) {
+  {
+    SqlQueue q(*this->db_);
+    ASSERT_TRUE(q.Subscribe("ledger", "*").ok());
+    Outbox outbox;
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("p1"))); }).ok());
+  }
+  const std::string uri = this->store_.uri;
+  this->db_.reset();
+  int status = testing::RunInChild([&] {
+    auto db = Database::Open(uri);
+    if (!db) return false;
+    SqlQueue queue(**db);
+    PublisherWrapper external(&queue);  // publish and mark in two steps
+    Outbox outbox;
+    Relay relay(**db, outbox, external);
+    (void)failpoint::Configure("relay.after_publish_before_mark=crash");
+    (void)relay.RunOnce();
+    return false;
+  });
+  ASSERT_TRUE(testing::KilledBySigkill(status)) << status;
+  this->db_ = this->Open();
+  SqlQueue queue(*this->db_);
+  PublisherWrapper external(&queue);
+  Outbox outbox;
+  Relay relay(*this->db_, outbox, external);
+  ASSERT_EQ(*relay.RunOnce(), 1u);
+  EXPECT_EQ(*queue.Depth("ledger"), 2);
+  auto sub = queue.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger"});
+  c.On("*", [](Tx& tx, const Event& e) { return TestFixture::Effect(tx, e.id); });
+  ASSERT_EQ(*c.RunOnce(), 2u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+  EXPECT_EQ(c.stats().duplicates, 1);
+}
+
+TYPED_TEST(StoreContract, ConsumerCrashAfterCommitBeforeAckIsAbsorbed) {
+  {
+    SqlQueue q(*this->db_);
+    ASSERT_TRUE(q.Subscribe("ledger", "*").ok());
+    Event e = TestFixture::MakeEvent("p1");
+    e.id = "evt-1";
+    e.source = "urn:test";
+    e.time = 1;
+    e.aggregate_type = "thing";
+    ASSERT_TRUE(q.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+  }
+  const std::string uri = this->store_.uri;
+  this->db_.reset();
+  int status = testing::RunInChild([&] {
+    auto db = Database::Open(uri);
+    if (!db) return false;
+    SqlQueue queue(**db);
+    auto sub = queue.OpenSubscriber("ledger");
+    Consumer c(**db, *sub, {.name = "ledger", .visibility = std::chrono::seconds(30)});
+    c.On("*", [](Tx& tx, const Event& e) { return TestFixture::Effect(tx, e.id); });
+    (void)failpoint::Configure("consumer.after_commit_before_ack=crash");
+    (void)c.RunOnce();
+    return false;
+  });
+  ASSERT_TRUE(testing::KilledBySigkill(status));
+  this->db_ = this->Open();
+  ManualClock clock(Clock::System()->NowMillis() + 31'000);
+  SqlQueue queue(*this->db_, &clock);
+  auto sub = queue.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger"}, &clock);
+  c.On("*", [](Tx& tx, const Event& e) { return TestFixture::Effect(tx, e.id); });
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(c.stats().duplicates, 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+  EXPECT_EQ(*queue.Depth("ledger"), 0);
+}
+
+TYPED_TEST(StoreContract, LateCommittedOutboxRowIsNotSkipped) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox;
+  // Two transactions: the first takes its seq, the second commits first.
+  std::atomic<bool> second_done{false};
+  std::thread slow([&] {
+    Status st = this->db_->Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, TestFixture::MakeEvent("slow")));
+      if (tx.backend() == Backend::kPostgres) testing::WaitUntil([&] { return second_done.load(); });
+      return OkStatus();
+    });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+  });
+  if (this->db_->backend() == Backend::kPostgres) {
+    // Let the slow transaction take the lower seq before the fast one starts.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  } else {
+    slow.join();  // SQLite has one writer: a late commit cannot happen; relay it anyway
+  }
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("fast"))); }).ok());
+  Relay relay(*this->db_, outbox, queue);
+  auto first = relay.RunOnce();
+  ASSERT_TRUE(first);
+  second_done = true;
+  if (slow.joinable()) slow.join();
+  auto second = relay.RunOnce();
+  ASSERT_TRUE(second);
+  EXPECT_EQ(*first + *second, 2u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  EXPECT_EQ(*queue.Depth("all"), 2);
+}
+
+TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {
+  class Flaky : public PublisherWrapper {
+   public:
+    using PublisherWrapper::PublisherWrapper;
+    Status Publish(const Message& m) override {
+      if (fail_.erase(m.id)) return UnavailableError("hiccup");
+      sent_.push_back(m);
+      return target_->Publish(m);
+    }
+    std::set<std::string> fail_;
+    std::vector<Message> sent_;
+  };
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox;
+  std::map<std::string, std::vector<std::string>> want;
+  for (int i = 0; i < 4; ++i) {
+    for (std::string agg : {"A", "B"}) {
+      std::string id;
+      ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       CONVERGE_ASSIGN_OR_RETURN(id, outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
+                       return OkStatus();
+                     }).ok());
+      want[agg].push_back(id);
+    }
+  }
+  Flaky pub(&queue);
+  pub.fail_ = {want["A"][1]};
+  Relay relay(*this->db_, outbox, pub);
+  ASSERT_TRUE(relay.RunOnce());
+  ASSERT_TRUE(relay.RunOnce());
+  std::map<std::string, std::vector<std::string>> got;
+  for (const auto& m : pub.sent_) got[m.subject].push_back(m.id);
+  EXPECT_EQ(got, want);
+}
+
+TYPED_TEST(StoreContract, DeadLetterAndReplay) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("q", "*").ok());
+  Event e = TestFixture::MakeEvent("p");
+  e.id = "poison";
+  e.source = "urn:test";
+  e.time = 1;
+  e.aggregate_type = "thing";
+  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+  auto sub = queue.OpenSubscriber("q");
+  bool broken = true;
+  Consumer c(*this->db_, *sub, {.name = "c"});
+  c.On("*", [&](Tx& tx, const Event& ev) -> Status {
+    if (broken) return InvalidArgumentError("bad");
+    return TestFixture::Effect(tx, ev.id);
+  });
+  ASSERT_EQ(*c.RunOnce(), 2u);
+  DeadLetters dlq(*this->db_, &queue);
+  auto list = dlq.List();
+  ASSERT_TRUE(list);
+  ASSERT_EQ(list->size(), 1u);  // parked once, the redelivery absorbed
+  broken = false;
+  ASSERT_TRUE(dlq.Replay((*list)[0].id).ok());
+  EXPECT_EQ(dlq.Replay((*list)[0].id).code(), StatusCode::kFailedPrecondition);
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+  EXPECT_EQ(*dlq.Count("parked"), 0);
+}
+
+TYPED_TEST(StoreContract, ConsumersSharingAQueueApplyEachMessageOnce) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("q", "*").ok());
+  Outbox outbox;
+  for (int i = 0; i < 200; ++i) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("agg" + std::to_string(i % 7))));
+                   }).ok());
+  }
+  Relay relay(*this->db_, outbox, queue);
+  while (*relay.RunOnce() > 0) {
+  }
+  std::vector<std::unique_ptr<Subscriber>> subs;
+  std::vector<std::unique_ptr<Consumer>> consumers;
+  for (int i = 0; i < 4; ++i) {
+    subs.push_back(queue.OpenSubscriber("q"));
+    consumers.push_back(std::make_unique<Consumer>(*this->db_, *subs.back(),
+                                                   ConsumerOptions{.name = "shared", .batch = 8}));
+    consumers.back()->On("*", [](Tx& tx, const Event& e) { return TestFixture::Effect(tx, e.id); });
+  }
+  std::vector<std::thread> ts;
+  for (auto& c : consumers) {
+    ts.emplace_back([&c, &queue] {
+      for (int i = 0; i < 200 && *queue.Depth("q") > 0; ++i) (void)c->RunOnce();
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 200);
+  int64_t duplicates = 0;
+  for (auto& c : consumers) duplicates += c->stats().duplicates;
+  EXPECT_EQ(duplicates, 0);  // claims never hand one message to two consumers at once
+}
+
+}  // namespace
+}  // namespace converge
