@@ -192,17 +192,21 @@ Status Service::Impl::CreateTables() {
   return db_->Transact([](Tx& tx) -> Status {
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
         "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-        "order_id TEXT NOT NULL, customer_id TEXT NOT NULL, amount INTEGER NOT NULL, "
+        "order_id TEXT NOT NULL, customer_id TEXT NOT NULL, amount BIGINT NOT NULL, "
         "currency TEXT NOT NULL, status TEXT NOT NULL, psp_charge_id TEXT, "
-        "psp_confirmed_at INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"));
+        "psp_confirmed_at BIGINT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)"));
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
         "CREATE INDEX IF NOT EXISTS payments_charge ON payments (psp_charge_id)"));
     // No unique constraint on purpose: only the inbox keeps a redelivery from booking a
     // second pair of entries, and the demo's checks rely on seeing that.
-    return converge::StatusOf(tx.Exec(
-        "CREATE TABLE IF NOT EXISTS ledger_entries (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    const bool pg = tx.backend() == converge::Backend::kPostgres;
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        std::string("CREATE TABLE IF NOT EXISTS ledger_entries (") +
+        (pg ? "id BIGSERIAL PRIMARY KEY, " : "id INTEGER PRIMARY KEY AUTOINCREMENT, ") +
         "payment_id TEXT NOT NULL, kind TEXT NOT NULL, account TEXT NOT NULL, "
-        "amount INTEGER NOT NULL, currency TEXT NOT NULL, created_at TEXT NOT NULL)"));
+        "amount BIGINT NOT NULL, currency TEXT NOT NULL, created_at TEXT NOT NULL)"));
+    return converge::StatusOf(tx.Exec(
+        "CREATE INDEX IF NOT EXISTS ledger_entries_payment ON ledger_entries (payment_id)"));
   });
 }
 

@@ -35,6 +35,12 @@ std::string EncodeEnvelope(const Event& e);
 // Parses a CloudEvents JSON envelope. kInvalidArgument names what is wrong.
 Result<Event> DecodeEnvelope(std::string_view envelope);
 
+// Outbox events are spread over this many relay partitions by a stable hash of their
+// subject (aggregate id). Fixed: every writer and relay must agree on it.
+inline constexpr int64_t kOutboxPartitions = 64;
+// The partition of an aggregate (FNV-1a of the subject, modulo kOutboxPartitions).
+int64_t OutboxPartition(std::string_view subject);
+
 struct OutboxOptions {
   std::string source = "urn:converge";
 };

@@ -10,8 +10,15 @@
 // publisher writes to the same database (SQL queue), publish and mark are one local
 // transaction and the window does not exist.
 //
-// One relay per database for now; several instances with partition ownership arrive with
-// the PostgreSQL backend.
+// Several relays may share one outbox (several processes on PostgreSQL). Events are
+// spread over kOutboxPartitions partitions by a stable hash of their subject; each
+// partition has one owner at a time, recorded in relay_partitions with a lease and a
+// fencing token. Every pass renews the leases it holds, takes free or expired partitions
+// up to a fair share (partitions / live relays), and hands back any excess; an owner that
+// dies loses its partitions when its lease runs out, and the taker raises the fence.
+// Marks (and, with a shared database, the publish itself) commit only in a transaction
+// that still holds the partition at the same fence, so a relay that lost its partition
+// cannot mark what the new owner is publishing. See docs/design/postgresql.md.
 //
 // Thread safety: RunOnce must not run concurrently with itself; Start/Stop are for one
 // owner thread; stats() is safe from any thread.
@@ -21,6 +28,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -35,9 +43,15 @@ namespace converge {
 struct RelayOptions {
   size_t batch = 256;                           // events claimed per pass
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
+  Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
+  // This relay's owner id: unique among live relays. A restarted relay that reuses its
+  // name takes its partitions back at once; a new name waits for the old leases to lapse.
+  // Empty: a random one.
+  std::string name;
 };
 
 struct RelayStats {
+  int64_t partitions_owned = 0;
   int64_t published = 0;
   int64_t publish_failures = 0;
   int64_t passes = 0;
@@ -63,14 +77,20 @@ class Relay {
   RelayStats stats() const;
 
  private:
-  Result<size_t> RunShared(Database& db);
-  Result<size_t> RunSeparate();
+  // Renews, takes and sheds partition leases; returns partition -> fence held.
+  Result<std::map<int64_t, int64_t>> Acquire();
+  // Renews the lease of `partition` if this relay still holds it at `fence`.
+  Result<bool> StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now);
+  Result<size_t> RunShared(const std::map<int64_t, int64_t>& owned);
+  Result<size_t> RunSeparate(const std::map<int64_t, int64_t>& owned);
+  void ReleaseAll();
 
   Database& db_;
   Outbox& outbox_;
   Publisher& publisher_;
   const RelayOptions options_;
   Clock* clock_;
+  std::string name_;
 
   std::atomic<bool> running_{false};
   std::thread thread_;

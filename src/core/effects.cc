@@ -46,15 +46,20 @@ Result<size_t> EffectRunner::RunOnce() {
     const int64_t now = clock_->NowMillis();
     // The claim is a lease: a runner that dies mid-call lets it run out, and the intent
     // is executed again with the same key.
+    // The outer conditions repeat the inner ones: after waiting on a row lock, PostgreSQL
+    // re-checks them against the row's new version, so a row another runner claimed
+    // meanwhile is left alone; SKIP LOCKED spares the wait.
+    const std::string sql =
+        std::string("UPDATE effects SET next_attempt_at = $1, attempts = attempts + 1, "
+                    "updated_at = $2 WHERE state = 'pending' AND next_attempt_at <= $2 "
+                    "AND effect_key IN (SELECT effect_key FROM effects "
+                    "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
+                    "ORDER BY next_attempt_at LIMIT $4") +
+        (tx.backend() == Backend::kPostgres ? " FOR UPDATE SKIP LOCKED" : "") +
+        ") RETURNING effect_key, payload, attempts, created_at";
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows,
-        tx.Query("UPDATE effects SET next_attempt_at = $1, attempts = attempts + 1, "
-                 "updated_at = $2 WHERE effect_key IN (SELECT effect_key FROM effects "
-                 "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
-                 "ORDER BY next_attempt_at LIMIT $4) "
-                 "RETURNING effect_key, payload, attempts, created_at",
-                 now + options_.lease.count(), now, options_.kind,
-                 static_cast<int64_t>(options_.batch)));
+        Rows rows, tx.Query(sql, now + options_.lease.count(), now, options_.kind,
+                            static_cast<int64_t>(options_.batch)));
     for (const Row& r : rows) claimed.push_back({r.Text(0), r.Text(1), r.Int(2), r.Int(3)});
     return OkStatus();
   }));

@@ -74,6 +74,15 @@ Status ValidateEvent(const Event& e) {
 
 }  // namespace
 
+int64_t OutboxPartition(std::string_view subject) {
+  uint32_t h = 2166136261u;
+  for (unsigned char c : subject) {
+    h ^= c;
+    h *= 16777619u;
+  }
+  return static_cast<int64_t>(h % static_cast<uint32_t>(kOutboxPartitions));
+}
+
 std::string EncodeEnvelope(const Event& e) {
   json j = {
       {"specversion", "1.0"},
@@ -150,9 +159,10 @@ Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
   if (!e.traceparent.empty()) headers["traceparent"] = e.traceparent;
   CONVERGE_RETURN_IF_ERROR(
       tx.Exec("INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
-              "type, payload, headers, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+              "type, payload, headers, created_at, partition_no) "
+              "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
               e.id, e.source, e.aggregate_type, e.subject, e.type, EncodeEnvelope(e),
-              headers.dump(), now));
+              headers.dump(), now, OutboxPartition(e.subject)));
   tx.OnCommit([this] { wakeup_.Notify(); });
   return e.id;
 }

@@ -1,26 +1,37 @@
 #include "converge/relay.h"
 
+#include <algorithm>
 #include <set>
 
 #include "converge/failpoint.h"
+#include "src/core/crypto.h"
 
 namespace converge {
 namespace {
 
-constexpr std::string_view kClaim =
-    "SELECT seq, event_id, source, type, aggregate_id, payload FROM outbox_events "
-    "WHERE published_at IS NULL ORDER BY seq LIMIT $1";
-
 struct Pending {
   int64_t seq;
+  int64_t partition;
   Message message;
 };
 
-std::vector<Pending> ToPending(const Rows& rows) {
+// "... AND partition_no IN ($2, $3, ...)" for the partitions held; $1 is the batch size.
+std::string ClaimSql(size_t partitions) {
+  std::string sql =
+      "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no FROM outbox_events "
+      "WHERE published_at IS NULL AND partition_no IN (";
+  for (size_t i = 0; i < partitions; ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
+  return sql + ") ORDER BY seq LIMIT $1";
+}
+
+Result<std::vector<Pending>> Claim(Tx& tx, const std::map<int64_t, int64_t>& owned, size_t batch) {
+  std::vector<Value> params = {Value(static_cast<int64_t>(batch))};
+  for (const auto& [p, fence] : owned) params.emplace_back(p);
+  CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.QueryParams(ClaimSql(owned.size()), params));
   std::vector<Pending> out;
   out.reserve(rows.size());
   for (const Row& r : rows) {
-    out.push_back({r.Int(0), Message{r.Text(1), r.Text(2), r.Text(3), r.Text(4), r.Text(5)}});
+    out.push_back({r.Int(0), r.Int(6), Message{r.Text(1), r.Text(2), r.Text(3), r.Text(4), r.Text(5)}});
   }
   return out;
 }
@@ -33,15 +44,95 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
       outbox_(outbox),
       publisher_(publisher),
       options_(options),
-      clock_(clock ? clock : Clock::System()) {}
+      clock_(clock ? clock : Clock::System()),
+      name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name) {}
 
 Relay::~Relay() { Stop(); }
 
+Result<std::map<int64_t, int64_t>> Relay::Acquire() {
+  std::map<int64_t, int64_t> owned;
+  Status st = db_.Transact([&](Tx& tx) -> Status {
+    owned.clear();
+    const int64_t now = clock_->NowMillis();
+    const int64_t until = now + options_.lease.count();
+    // Membership: every relay announces itself each pass, owning partitions or not, so
+    // the others can compute a fair share that includes it.
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        "INSERT INTO relay_members (owner, lease_until) VALUES ($1, $2) "
+        "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until",
+        name_, until));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows members, tx.Query("SELECT owner FROM relay_members WHERE lease_until > $1", now));
+    std::set<std::string> live = {name_};
+    for (const Row& m : members) live.insert(m.Text(0));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx.Query("SELECT partition_no, owner, fence, lease_until FROM relay_partitions"));
+    std::map<int64_t, const Row*> by_partition;
+    for (const Row& r : rows) by_partition[r.Int(0)] = &r;
+    const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
+                          static_cast<int64_t>(live.size());
+    // Renew what is still ours, shedding any excess over the fair share.
+    for (const Row& r : rows) {
+      if (r.Text(1) != name_ || r.Int(3) <= now) continue;
+      if (static_cast<int64_t>(owned.size()) >= share) {
+        CONVERGE_RETURN_IF_ERROR(tx.Exec(
+            "UPDATE relay_partitions SET lease_until = 0 WHERE partition_no = $1 AND owner = $2 "
+            "AND fence = $3", r.Int(0), name_, r.Int(2)));
+        continue;
+      }
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1 WHERE partition_no = $2 "
+                             "AND owner = $3 AND fence = $4",
+                             until, r.Int(0), name_, r.Int(2)));
+      if (n == 1) owned[r.Int(0)] = r.Int(2);
+    }
+    // Take free or expired partitions up to the share. Each take raises the fence; the
+    // WHERE makes two relays racing for one partition end with one winner.
+    for (int64_t p = 0; p < kOutboxPartitions && static_cast<int64_t>(owned.size()) < share; ++p) {
+      if (owned.count(p)) continue;
+      auto it = by_partition.find(p);
+      if (it == by_partition.end()) {
+        CONVERGE_ASSIGN_OR_RETURN(
+            int64_t n, tx.Exec("INSERT INTO relay_partitions (partition_no, owner, fence, lease_until) "
+                               "VALUES ($1, $2, 1, $3) ON CONFLICT (partition_no) DO NOTHING",
+                               p, name_, until));
+        if (n == 1) owned[p] = 1;
+      } else if (it->second->Int(3) <= now) {
+        const int64_t fence = it->second->Int(2) + 1;
+        CONVERGE_ASSIGN_OR_RETURN(
+            int64_t n, tx.Exec("UPDATE relay_partitions SET owner = $1, fence = $2, lease_until = $3 "
+                               "WHERE partition_no = $4 AND fence = $5 AND lease_until <= $6",
+                               name_, fence, until, p, fence - 1, now));
+        if (n == 1) owned[p] = fence;
+      }
+    }
+    return OkStatus();
+  });
+  if (!st.ok()) return tl::unexpected(st);
+  return owned;
+}
+
+Result<bool> Relay::StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now) {
+  // Renewing is the check: one row changes only if the partition is still ours at this
+  // fence. On PostgreSQL the row stays locked until commit, so no takeover interleaves.
+  CONVERGE_ASSIGN_OR_RETURN(
+      int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1 WHERE partition_no = $2 "
+                         "AND owner = $3 AND fence = $4",
+                         now + options_.lease.count(), partition, name_, fence));
+  return n == 1;
+}
+
 Result<size_t> Relay::RunOnce() {
-  Database* shared = publisher_.SharedDatabase();
-  Result<size_t> r = shared == &db_ ? RunShared(db_) : RunSeparate();
+  auto owned = Acquire();
+  Result<size_t> r = size_t{0};
+  if (!owned) {
+    r = tl::unexpected(owned.error());
+  } else if (!owned->empty()) {
+    r = publisher_.SharedDatabase() == &db_ ? RunShared(*owned) : RunSeparate(*owned);
+  }
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.passes;
+  if (owned) stats_.partitions_owned = static_cast<int64_t>(owned->size());
   if (r) {
     stats_.published += static_cast<int64_t>(*r);
   } else {
@@ -50,19 +141,27 @@ Result<size_t> Relay::RunOnce() {
   return r;
 }
 
-// Outbox and transport share the database: claim, publish and mark in one transaction.
-Result<size_t> Relay::RunShared(Database& db) {
+// Outbox and transport share the database: claim, publish and mark in one transaction,
+// which also proves ownership of every partition it touches.
+Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
   size_t published = 0;
-  Status st = db.Transact([&](Tx& tx) -> Status {
+  Status st = db_.Transact([&](Tx& tx) -> Status {
     published = 0;
-    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kClaim, static_cast<int64_t>(options_.batch)));
     const int64_t now = clock_->NowMillis();
-    for (const Pending& p : ToPending(rows)) {
+    CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, owned, options_.batch));
+    std::set<int64_t> checked, lost;
+    for (const Pending& p : batch) {
+      if (!checked.count(p.partition)) {
+        checked.insert(p.partition);
+        CONVERGE_ASSIGN_OR_RETURN(bool mine, StillOwns(tx, p.partition, owned.at(p.partition), now));
+        if (!mine) lost.insert(p.partition);
+      }
+      if (lost.count(p.partition)) continue;
       CONVERGE_RETURN_IF_ERROR(publisher_.PublishInTx(tx, p.message));
       CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
       CONVERGE_RETURN_IF_ERROR(
           tx.Exec("UPDATE outbox_events SET published_at = $1, publish_attempts = "
-                  "publish_attempts + 1 WHERE seq = $2",
+                  "publish_attempts + 1 WHERE seq = $2 AND published_at IS NULL",
                   now, p.seq));
       ++published;
     }
@@ -73,18 +172,18 @@ Result<size_t> Relay::RunShared(Database& db) {
 }
 
 // An external transport: publish each event, then mark the published ones. A crash in
-// between re-publishes them on the next pass.
-Result<size_t> Relay::RunSeparate() {
+// between re-publishes them on the next pass. A relay that lost a partition meanwhile
+// does not mark its events; the new owner publishes them again (at least once).
+Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   std::vector<Pending> batch;
   CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
-    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kClaim, static_cast<int64_t>(options_.batch)));
-    batch = ToPending(rows);
+    CONVERGE_ASSIGN_OR_RETURN(batch, Claim(tx, owned, options_.batch));
     return OkStatus();
   }));
   if (batch.empty()) return size_t{0};
 
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
-  std::vector<int64_t> done;
+  std::vector<const Pending*> done;
   std::vector<std::pair<int64_t, std::string>> failed;
   for (const Pending& p : batch) {
     if (stopped.count(p.message.subject)) continue;
@@ -94,18 +193,26 @@ Result<size_t> Relay::RunSeparate() {
       failed.emplace_back(p.seq, st.ToString());
       continue;
     }
-    done.push_back(p.seq);
+    done.push_back(&p);
   }
   if (!done.empty()) CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
 
-  const int64_t now = clock_->NowMillis();
+  size_t marked = 0;
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
-    for (int64_t seq : done) {
-      CONVERGE_RETURN_IF_ERROR(
-          tx.Exec("UPDATE outbox_events SET published_at = $1, publish_attempts = "
-                  "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
-                  "AND published_at IS NULL",
-                  now, seq));
+    marked = 0;
+    const int64_t now = clock_->NowMillis();
+    std::map<int64_t, bool> mine;
+    for (const Pending* p : done) {
+      if (!mine.count(p->partition)) {
+        CONVERGE_ASSIGN_OR_RETURN(mine[p->partition], StillOwns(tx, p->partition, owned.at(p->partition), now));
+      }
+      if (!mine[p->partition]) continue;
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n, tx.Exec("UPDATE outbox_events SET published_at = $1, publish_attempts = "
+                             "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
+                             "AND published_at IS NULL",
+                             now, p->seq));
+      marked += static_cast<size_t>(n);
     }
     for (const auto& [seq, error] : failed) {
       CONVERGE_RETURN_IF_ERROR(
@@ -120,7 +227,15 @@ Result<size_t> Relay::RunSeparate() {
     stats_.publish_failures += static_cast<int64_t>(failed.size());
     stats_.last_error = failed.back().second;
   }
-  return done.size();
+  return marked;
+}
+
+void Relay::ReleaseAll() {
+  // Hand the partitions back at once, so another relay need not wait for the leases.
+  (void)db_.Transact([&](Tx& tx) -> Status {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("UPDATE relay_members SET lease_until = 0 WHERE owner = $1", name_));
+    return StatusOf(tx.Exec("UPDATE relay_partitions SET lease_until = 0 WHERE owner = $1", name_));
+  });
 }
 
 void Relay::Start() {
@@ -131,8 +246,10 @@ void Relay::Start() {
       Result<size_t> r = RunOnce();
       if (r && *r >= options_.batch) continue;  // more is waiting
       if (!running_.load()) break;
-      outbox_.wakeup().WaitFor(options_.poll, &seen);
+      // Wake before the leases lapse, even when idle.
+      outbox_.wakeup().WaitFor(std::min(options_.poll, options_.lease / 3), &seen);
     }
+    ReleaseAll();
   });
 }
 

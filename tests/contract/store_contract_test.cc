@@ -235,7 +235,7 @@ TYPED_TEST(StoreContract, RelayCrashBetweenPublishAndMarkIsAbsorbedByTheInbox) {
     SqlQueue queue(**db);
     PublisherWrapper external(&queue);  // publish and mark in two steps
     Outbox outbox;
-    Relay relay(**db, outbox, external);
+    Relay relay(**db, outbox, external, RelayOptions{.name = "relay-1"});
     (void)failpoint::Configure("relay.after_publish_before_mark=crash");
     (void)relay.RunOnce();
     return false;
@@ -245,7 +245,7 @@ TYPED_TEST(StoreContract, RelayCrashBetweenPublishAndMarkIsAbsorbedByTheInbox) {
   SqlQueue queue(*this->db_);
   PublisherWrapper external(&queue);
   Outbox outbox;
-  Relay relay(*this->db_, outbox, external);
+  Relay relay(*this->db_, outbox, external, RelayOptions{.name = "relay-1"});
   ASSERT_EQ(*relay.RunOnce(), 1u);
   EXPECT_EQ(*queue.Depth("ledger"), 2);
   auto sub = queue.OpenSubscriber("ledger");
@@ -423,6 +423,64 @@ TYPED_TEST(StoreContract, ConsumersSharingAQueueApplyEachMessageOnce) {
   int64_t duplicates = 0;
   for (auto& c : consumers) duplicates += c->stats().duplicates;
   EXPECT_EQ(duplicates, 0);  // claims never hand one message to two consumers at once
+}
+
+TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  RelayOptions o1{.batch = 16, .name = "relay-a"}, o2{.batch = 16, .name = "relay-b"};
+  Relay r1(*this->db_, outbox, queue, o1, &clock), r2(*this->db_, outbox, queue, o2, &clock);
+  // The first relay takes every partition; once the second shows up, the first sheds its
+  // excess and the second takes it: half each.
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(r1.RunOnce());
+    ASSERT_TRUE(r2.RunOnce());
+  }
+  EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions / 2);
+  EXPECT_EQ(r2.stats().partitions_owned, kOutboxPartitions / 2);
+  std::map<std::string, std::vector<std::string>> want;
+  for (int i = 0; i < 10; ++i) {
+    for (int a = 0; a < 20; ++a) {
+      std::string agg = "agg-" + std::to_string(a), id;
+      ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       CONVERGE_ASSIGN_OR_RETURN(id, outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
+                       return OkStatus();
+                     }).ok());
+      want[agg].push_back(id);
+    }
+  }
+  std::atomic<bool> stop{false};
+  auto drive = [&](Relay& r) {
+    while (!stop.load()) {
+      if (!r.RunOnce()) std::this_thread::yield();
+    }
+  };
+  std::thread t1([&] { drive(r1); }), t2([&] { drive(r2); });
+  bool drained = testing::WaitUntil(
+      [&] { return this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0; });
+  stop = true;
+  t1.join();
+  t2.join();
+  ASSERT_TRUE(drained);
+  EXPECT_EQ(r1.stats().partitions_owned + r2.stats().partitions_owned, kOutboxPartitions);
+  EXPECT_GT(r1.stats().published, 0);
+  EXPECT_GT(r2.stats().published, 0);
+  // Each aggregate's events reached the queue in outbox order, exactly once.
+  std::map<std::string, std::vector<std::string>> got;
+  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT subject, event_id FROM queue_messages ORDER BY id"));
+                   for (const Row& r : rows) got[r.Text(0)].push_back(r.Text(1));
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(got, want);
+  // relay-b dies without handing back its partitions: relay-a takes them over once the
+  // leases lapse, with raised fences.
+  clock.Advance(o2.lease + Millis(1));
+  ASSERT_TRUE(r1.RunOnce());
+  EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions);
+  EXPECT_GT(this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-a' AND fence > 1"), 0);
 }
 
 }  // namespace

@@ -198,7 +198,7 @@ TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
     SqlQueue queue(*db);
     RecordingPublisher external(&queue);  // publish and mark in two steps
     Outbox outbox;
-    Relay relay(*db, outbox, external);
+    Relay relay(*db, outbox, external, RelayOptions{.name = "relay-1"});
     (void)failpoint::Configure("relay.after_publish_before_mark=crash");
     (void)relay.RunOnce();
     return false;
@@ -211,7 +211,7 @@ TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
   EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
   RecordingPublisher external(&queue);
   Outbox outbox;
-  Relay relay(*db, outbox, external);
+  Relay relay(*db, outbox, external, RelayOptions{.name = "relay-1"});
   ASSERT_EQ(*relay.RunOnce(), 1u);
   EXPECT_EQ(*queue.Depth("ledger"), 2);  // the at-least-once duplicate
 

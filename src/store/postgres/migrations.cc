@@ -15,8 +15,8 @@ CREATE TABLE idempotency_keys (
   status           TEXT    NOT NULL CHECK (status IN ('in_progress', 'completed')),
   recovery_point   TEXT    NOT NULL,
   recovery_data    TEXT    NOT NULL DEFAULT '',
-  lease_until      BIGINT  NOT NULL,
-  fence            BIGINT  NOT NULL,
+  lease_until       BIGINT  NOT NULL,
+  fence             BIGINT  NOT NULL,
   response_status  INTEGER,
   response_headers TEXT,
   response_body    BYTEA,
@@ -117,6 +117,22 @@ CREATE TABLE effects (
   updated_at      BIGINT  NOT NULL
 );
 CREATE INDEX effects_due ON effects (kind, state, next_attempt_at);
+)sql",
+      // 3: relay partitions: ownership by lease and fencing token (relay.h).
+      R"sql(
+ALTER TABLE outbox_events ADD COLUMN partition_no INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX outbox_unpublished_partition ON outbox_events (partition_no, seq)
+  WHERE published_at IS NULL;
+CREATE TABLE relay_partitions (
+  partition_no INTEGER NOT NULL PRIMARY KEY,
+  owner        TEXT    NOT NULL,
+  fence        BIGINT   NOT NULL,
+  lease_until  BIGINT   NOT NULL
+);
+CREATE TABLE relay_members (
+  owner        TEXT    NOT NULL PRIMARY KEY,
+  lease_until  BIGINT   NOT NULL
+);
 )sql",
   };
   return kMigrations;

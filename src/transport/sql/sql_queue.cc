@@ -29,8 +29,8 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       const char* sql =
           tx.backend() == Backend::kPostgres
               ? "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-                "claim_token = $2 WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 "
-                "AND visible_at <= $4 ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) "
+                "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM queue_messages "
+                "WHERE queue = $3 AND visible_at <= $4 ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) "
                 "RETURNING id, event_id, source, type, subject, envelope, attempts, "
                 "first_failure_at, last_error"
               : "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
