@@ -36,9 +36,17 @@ trap stop EXIT
 echo "with-postgres: initdb and start on 127.0.0.1:$port"
 "${run_as[@]}" "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --no-sync > "$dir/initdb.log" 2>&1 \
   || { cat "$dir/initdb.log"; exit 1; }
-"${run_as[@]}" "$bin/pg_ctl" -D "$data" -w -t 60 -l "$dir/server.log" \
-  -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=300 -c fsync=on -c synchronous_commit=on" \
-  start > /dev/null || { cat "$dir/server.log"; exit 1; }
+# In the configuration file, so a test that restarts the server gets the same settings.
+cat >> "$data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 300
+fsync = on
+synchronous_commit = on
+CONF
+"${run_as[@]}" "$bin/pg_ctl" -D "$data" -w -t 60 -l "$dir/server.log" start > /dev/null \
+  || { cat "$dir/server.log"; exit 1; }
 
 export CONVERGE_TEST_PG_DSN="postgresql://postgres@127.0.0.1:$port/postgres"
 export CONVERGE_TEST_PG_BIN="$bin"

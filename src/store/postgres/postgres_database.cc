@@ -177,7 +177,7 @@ class PgDatabase : public Database {
   }
 
   Status Init() {
-    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Connect());
+    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());  // counted in the pool like any other
     Status st = Migrate(c);
     Release(c);
     return st;
