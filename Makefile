@@ -42,6 +42,7 @@ check-sanitizers: deps
 bench: build
 	$(BUILD)/bench/converge_bench $(BENCH_ARGS)
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
+	bash bench/pg_bench.sh $(BUILD) $(PG_BENCH_SECONDS)
 
 clean:
 	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-tsan

@@ -37,6 +37,8 @@ class SqlQueue : public Publisher {
   Status Publish(const Message& message) override;
   Database* SharedDatabase() override { return &db_; }
   Status PublishInTx(Tx& tx, const Message& message) override;
+  // One subscription lookup and multi-row inserts for the whole batch.
+  Status PublishBatchInTx(Tx& tx, std::span<const Message> batch) override;
 
   // Writes one message straight into `queue` (dead-letter replay uses this).
   Status EnqueueInTx(Tx& tx, std::string_view queue, const Message& message);

@@ -48,6 +48,11 @@ class Publisher {
     (void)tx;
     return Publish(message);
   }
+  // Publishes `batch` in order through `tx`; a transport may do it in fewer round trips.
+  virtual Status PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
+    for (const Message& m : batch) CONVERGE_RETURN_IF_ERROR(PublishInTx(tx, m));
+    return OkStatus();
+  }
 };
 
 class PublisherWrapper : public Publisher {

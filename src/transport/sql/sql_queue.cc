@@ -140,6 +140,52 @@ Status SqlQueue::PublishInTx(Tx& tx, const Message& m) {
   return OkStatus();
 }
 
+Status SqlQueue::PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
+  if (batch.empty()) return OkStatus();
+  CONVERGE_ASSIGN_OR_RETURN(Rows subs,
+                            tx.Query("SELECT queue, pattern FROM queue_subscriptions ORDER BY queue"));
+  const int64_t now = clock_->NowMillis();
+  // Rows in batch order (so each queue receives the batch in outbox order), inserted a
+  // chunk at a time: 7 parameters a row, well under every backend's limit.
+  constexpr size_t kRowsPerInsert = 128;
+  std::vector<Value> params;
+  size_t rows = 0;
+  auto flush = [&]() -> Status {
+    if (rows == 0) return OkStatus();
+    std::string sql =
+        "INSERT INTO queue_messages (queue, event_id, source, type, subject, envelope, "
+        "enqueued_at, visible_at) VALUES ";
+    for (size_t r = 0; r < rows; ++r) {
+      size_t b = r * 7;
+      sql += (r ? ", ($" : "($") + std::to_string(b + 1);
+      for (size_t c = 2; c <= 6; ++c) sql += ", $" + std::to_string(b + c);
+      sql += ", $" + std::to_string(b + 7) + ", $" + std::to_string(b + 7) + ")";
+    }
+    CONVERGE_RETURN_IF_ERROR(tx.ExecParams(sql, params));
+    params.clear();
+    rows = 0;
+    return OkStatus();
+  };
+  bool any = false;
+  for (const Message& m : batch) {
+    std::string last;
+    for (const Row& s : subs) {
+      std::string queue = s.Text(0);
+      if (queue == last || !Matches(s.Text(1), m.type)) continue;
+      for (Value v : {Value(queue), Value(m.id), Value(m.source), Value(m.type), Value(m.subject),
+                      Value(m.envelope), Value(now)}) {
+        params.push_back(std::move(v));
+      }
+      last = std::move(queue);
+      any = true;
+      if (++rows == kRowsPerInsert) CONVERGE_RETURN_IF_ERROR(flush());
+    }
+  }
+  CONVERGE_RETURN_IF_ERROR(flush());
+  if (any) tx.OnCommit([this] { wakeup_.Notify(); });
+  return OkStatus();
+}
+
 Status SqlQueue::Publish(const Message& m) {
   return db_.Transact([&](Tx& tx) { return PublishInTx(tx, m); });
 }

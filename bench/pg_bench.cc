@@ -1,0 +1,120 @@
+// PostgreSQL benchmarks, the converge side (bench/pg_bench.sh runs the baselines):
+//
+//   creates  single-phase idempotent creates (IdempotencyKeys::Execute: key row, business
+//            row, outbox row, stored response) from --callers concurrent threads for
+//            --seconds; prints creates/s.
+//   relay    --events unpublished outbox events drained by one Relay into the SQL queue
+//            (publish and mark in one transaction per batch); prints events/s.
+//
+//   converge_pg_bench --uri postgresql://... creates|relay [flags]
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "converge/database.h"
+#include "converge/idempotency.h"
+#include "converge/outbox.h"
+#include "converge/relay.h"
+#include "converge/sql_queue.h"
+
+namespace {
+
+using converge::Result;
+using converge::Status;
+using converge::StoredResponse;
+using converge::Tx;
+using Steady = std::chrono::steady_clock;
+
+int Creates(converge::Database& db, int callers, double seconds) {
+  Status st = db.Transact([](Tx& tx) {
+    return converge::StatusOf(tx.Exec(
+        "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)"));
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "setup: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  converge::IdempotencyKeys keys(db);
+  converge::Outbox outbox;
+  std::atomic<int64_t> next{0}, failed{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  const auto t0 = Steady::now();
+  for (int i = 0; i < callers; ++i) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        int64_t n = next.fetch_add(1);
+        std::string id = "cv-" + std::to_string(n);
+        auto r = keys.Execute({"bench", id, id}, [&](Tx& tx) -> Result<StoredResponse> {
+          CONVERGE_RETURN_IF_ERROR(
+              tx.Exec("INSERT INTO payments (id, amount) VALUES ($1, $2)", id, n % 1000));
+          converge::Event e;
+          e.type = "payment.captured";
+          e.subject = id;
+          e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
+          CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, e));
+          return StoredResponse{201, {}, "{\"id\":\"" + id + "\"}"};
+        });
+        if (!r) ++failed;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& t : threads) t.join();
+  const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+  std::printf("creates %.1f %lld\n", static_cast<double>(next.load() - failed.load()) / secs,
+              static_cast<long long>(failed.load()));
+  return failed.load() == 0 ? 0 : 1;
+}
+
+int Drain(converge::Database& db) {
+  converge::SqlQueue queue(db);
+  if (Status st = queue.Subscribe("drain", "*"); !st.ok()) {
+    std::fprintf(stderr, "subscribe: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  converge::Outbox outbox;
+  converge::Relay relay(db, outbox, queue, converge::RelayOptions{.batch = 256, .name = "bench"});
+  int64_t total = 0;
+  const auto t0 = Steady::now();
+  for (;;) {
+    auto n = relay.RunOnce();
+    if (!n) {
+      std::fprintf(stderr, "relay: %s\n", n.error().ToString().c_str());
+      return 1;
+    }
+    if (*n == 0) break;
+    total += static_cast<int64_t>(*n);
+  }
+  const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+  std::printf("relay %.1f %lld\n", static_cast<double>(total) / secs, static_cast<long long>(total));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"converge PostgreSQL benchmark (converge side)"};
+  std::string uri, mode;
+  int callers = 64;
+  double seconds = 10;
+  app.add_option("--uri", uri, "postgresql://...")->required();
+  app.add_option("mode", mode, "creates or relay")->required()->check(CLI::IsMember({"creates", "relay"}));
+  app.add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
+  app.add_option("--seconds", seconds, "Duration of the creates run")->check(CLI::Range(0.5, 600.0));
+  CLI11_PARSE(app, argc, argv);
+  converge::DatabaseOptions o;
+  o.pool_size = static_cast<size_t>(callers);
+  auto db = converge::Database::Open(uri, o);
+  if (!db) {
+    std::fprintf(stderr, "open: %s\n", db.error().ToString().c_str());
+    return 1;
+  }
+  return mode == "creates" ? Creates(**db, callers, seconds) : Drain(**db);
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# PostgreSQL benchmarks, converge against a baseline measured in the same run on the same
+# throwaway server (started by scripts/with-postgres.sh when CONVERGE_TEST_PG_DSN is unset):
+#
+#   creates  converge: IdempotencyKeys::Execute from 64 threads (key row, business row,
+#            outbox row, stored response: 5 statements in one transaction)
+#            pgbench:  the identical 5 statements in one transaction, 64 clients,
+#                      extended protocol (bound parameters, as libpq's PQexecParams)
+#   relay    converge: one Relay draining the outbox that run left, into the SQL queue
+#            raw:      a server-side loop of SKIP LOCKED fetch + queue insert + mark, 256 a
+#                      batch, each batch committed (no client round trips: the ceiling)
+#
+#   bench/pg_bench.sh BUILD_DIR [SECONDS]
+set -euo pipefail
+build="$1"
+secs="${2:-10}"
+here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "${CONVERGE_TEST_PG_DSN:-}" ]; then
+  exec bash "$here/scripts/with-postgres.sh" bash "$0" "$@"
+fi
+command -v pgbench >/dev/null || { echo "pg_bench: pgbench is not installed"; exit 1; }
+base="${CONVERGE_TEST_PG_DSN%/*}"
+psql_q() { psql -qAt -v ON_ERROR_STOP=1 "$@"; }
+
+for db in bench_cv bench_pgb; do
+  psql_q "$CONVERGE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+  "$build/converge" migrate --db "$base/$db" > /dev/null
+  psql_q "$base/$db" -c "CREATE TABLE payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)"
+done
+psql_q "$CONVERGE_TEST_PG_DSN" -c "SHOW synchronous_commit" | sed 's/^/synchronous_commit = /'
+
+echo "  creates: converge, 64 callers, ${secs}s..." >&2
+read -r _ cv_rate cv_failed < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" creates --callers 64 --seconds "$secs")
+
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+# The same size and shape as converge's envelopes; a space after every colon, since
+# pgbench reads ":name" as a variable.
+envelope='{"specversion": "1.0", "id": "ev-0000000000", "source": "urn: converge", "type": "payment.captured", "subject": "pay_0000000000", "time": "2026-11-28T00. 00. 00.000Z", "datacontenttype": "application/json", "aggregatetype": "payment", "data": {"amount": 5}}'
+cat > "$dir/tx.sql" <<SQL
+\set n random(1, 1000000000000)
+\set now 1764288000000
+\set lease :now + 30000
+\set expires :now + 86400000
+BEGIN;
+DELETE FROM idempotency_keys WHERE scope = 'bench' AND key = 'pg-' || :client_id || '-' || :n AND expires_at <= :now;
+INSERT INTO idempotency_keys (scope, key, request_hash, status, recovery_point, lease_until, fence, created_at, updated_at, expires_at) VALUES ('bench', 'pg-' || :client_id || '-' || :n, 'a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90', 'in_progress', 'started', :lease, 1, :now, :now, :expires) ON CONFLICT (scope, key) DO NOTHING;
+INSERT INTO payments (id, amount) VALUES ('pg-' || :client_id || '-' || :n, 5);
+INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, type, payload, headers, created_at, partition_no) VALUES ('ev-' || :client_id || '-' || :n, 'urn-converge', 'payment', 'pg-' || :client_id || '-' || :n, 'payment.captured', '$envelope', '{}', :now, 7);
+UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', response_status = 201, response_headers = '[]', response_body = '\x7b226964223a2270227d'::bytea, lease_until = :now, updated_at = :now WHERE scope = 'bench' AND key = 'pg-' || :client_id || '-' || :n AND fence = 1 AND status = 'in_progress';
+END;
+SQL
+echo "  creates: pgbench, 64 clients, ${secs}s..." >&2
+pgbench -n -M extended -c 64 -j 2 -T "$secs" -f "$dir/tx.sql" "$base/bench_pgb" > "$dir/pgbench.out" 2>&1 \
+  || { cat "$dir/pgbench.out"; exit 1; }
+pgb_rate=$(awk '/^tps = / {print $3; exit}' "$dir/pgbench.out")
+
+echo "  relay: converge drain..." >&2
+read -r _ relay_rate relay_events < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" relay)
+echo "  relay: raw SKIP LOCKED drain..." >&2
+psql_q "$base/bench_pgb" -c "INSERT INTO queue_subscriptions VALUES ('drain', '*', 0)"
+raw_events=$(psql_q "$base/bench_pgb" -c "SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
+start=$(date +%s.%N)
+psql_q "$base/bench_pgb" <<'SQL'
+DO $$
+DECLARE n int;
+BEGIN
+  LOOP
+    WITH c AS (SELECT seq, event_id, source, type, aggregate_id, payload FROM outbox_events
+               WHERE published_at IS NULL ORDER BY seq LIMIT 256 FOR UPDATE SKIP LOCKED),
+         ins AS (INSERT INTO queue_messages (queue, event_id, source, type, subject, envelope,
+                                             enqueued_at, visible_at)
+                 SELECT 'drain', event_id, source, type, aggregate_id, payload, 0, 0 FROM c)
+    UPDATE outbox_events o SET published_at = 1 FROM c WHERE o.seq = c.seq;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    COMMIT;
+    EXIT WHEN n = 0;
+  END LOOP;
+END $$;
+SQL
+end=$(date +%s.%N)
+raw_rate=$(awk -v n="$raw_events" -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", n / (b - a)}')
+
+echo "PostgreSQL 15, synchronous_commit=on, fsync=on; 64 concurrent callers/clients for ${secs}s"
+printf "  %-52s %12s\n" "idempotent creates, converge (IdempotencyKeys::Execute)" "$cv_rate/s"
+printf "  %-52s %12s\n" "the same transaction, pgbench" "$pgb_rate/s"
+awk -v a="$cv_rate" -v b="$pgb_rate" 'BEGIN {printf "  converge/pgbench = %.2f  (target >= 0.80: %s)\n", a/b, (a/b >= 0.8 ? "met" : "NOT met")}'
+printf "  %-52s %12s\n" "relay drain into the SQL queue, converge ($relay_events events)" "$relay_rate/s"
+printf "  %-52s %12s\n" "raw SKIP LOCKED fetch-and-mark loop ($raw_events events)" "$raw_rate/s"
+awk -v a="$relay_rate" -v b="$raw_rate" 'BEGIN {printf "  relay/raw = %.2f\n", a/b}'
+[ "${cv_failed:-0}" = "0" ] || echo "  note: $cv_failed converge creates failed"
