@@ -132,7 +132,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Known({
         {"server", {"listen", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
-        {"store", {"uri", "synchronous"}},
+        {"store", {"uri", "synchronous", "notify"}},
         {"idempotency", {"ttl_seconds", "lease_ms"}},
         {"auth", {"admin_token", "api_keys"}},
         {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
@@ -152,6 +152,10 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "uri", &c.db));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "synchronous", &sync));
+    if (auto n = root["store"]["notify"]) {
+      if (!n.is_boolean()) return tl::unexpected(InvalidArgumentError("config: store.notify must be true or false"));
+      c.notify = *n.value<bool>();
+    }
     if (!sync.empty()) {
       if (sync != "full" && sync != "normal") {
         return tl::unexpected(InvalidArgumentError("config: store.synchronous must be \"full\" or \"normal\""));

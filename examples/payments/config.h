@@ -30,6 +30,7 @@ struct ServiceConfig {
   // [store]
   std::string db = "sqlite:converge.db";
   bool synchronous_full = true;
+  bool notify = false;  // PostgreSQL LISTEN/NOTIFY wake-ups across processes
   // [idempotency]
   Millis key_ttl = 24h;
   Millis lease = 30s;

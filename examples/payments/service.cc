@@ -227,6 +227,8 @@ Status Service::Impl::Start() {
   }
   converge::DatabaseOptions dbo;
   dbo.synchronous_full = cfg_.synchronous_full;
+  dbo.notify = cfg_.notify;
+  dbo.pool_size = static_cast<size_t>(std::max(16, cfg_.worker_threads / 2));
   auto db = Database::Open(cfg_.db, dbo);
   if (!db) return db.error();
   db_ = std::move(*db);

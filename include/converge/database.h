@@ -102,6 +102,14 @@ class Tx {
 
   virtual Backend backend() const = 0;
 
+  // Tells other processes on this store that `channel` has news, when this transaction
+  // commits (PostgreSQL NOTIFY, if DatabaseOptions::notify). A no-op elsewhere: callers
+  // need not know whether anyone listens.
+  virtual Status Notify(std::string_view channel) {
+    (void)channel;
+    return OkStatus();
+  }
+
   // For backends: the hooks of everything that was not rolled back, in order.
   std::vector<std::function<void()>> TakeCommitHooks();
 
@@ -150,6 +158,10 @@ struct DatabaseOptions {
   size_t readers = 4;
   // PostgreSQL: connections in the pool (Transact and Read share them).
   size_t pool_size = 16;
+  // PostgreSQL: wake relays and consumers in other processes with LISTEN/NOTIFY instead
+  // of waiting for their poll. Off by default: NOTIFY takes a global lock at commit and
+  // serialises committing transactions under heavy write concurrency.
+  bool notify = false;
 };
 
 struct DatabaseStats {
@@ -189,6 +201,17 @@ class Database {
 
   virtual Backend backend() const = 0;
   virtual DatabaseStats stats() const = 0;
+
+  // Calls `callback` (on a background thread) when any process commits a Tx::Notify on
+  // `channel`. Returns an id for RemoveListener. Backends without cross-process
+  // notifications never call it (0 is returned). The callback must be cheap.
+  virtual int64_t AddListener(const std::string& channel, std::function<void()> callback) {
+    (void)channel;
+    (void)callback;
+    return 0;
+  }
+  // After this returns, the listener's callback is not running and will not run again.
+  virtual void RemoveListener(int64_t id) { (void)id; }
 };
 
 // Forwards every call to another Database. Subclass it to inject faults (fail the N-th
@@ -200,6 +223,10 @@ class DatabaseWrapper : public Database {
   Status Read(const TxFn& fn) override { return target_->Read(fn); }
   Backend backend() const override { return target_->backend(); }
   DatabaseStats stats() const override { return target_->stats(); }
+  int64_t AddListener(const std::string& channel, std::function<void()> cb) override {
+    return target_->AddListener(channel, std::move(cb));
+  }
+  void RemoveListener(int64_t id) override { target_->RemoveListener(id); }
   Database* target() const { return target_; }
 
  private:

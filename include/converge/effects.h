@@ -79,6 +79,7 @@ class EffectRunner {
   Wakeup wakeup_;
   std::atomic<bool> running_{false};
   std::thread thread_;
+  int64_t listener_ = 0;
   mutable std::mutex stats_mu_;
   EffectStats stats_;
 };

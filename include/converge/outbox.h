@@ -41,6 +41,9 @@ inline constexpr int64_t kOutboxPartitions = 64;
 // The partition of an aggregate (FNV-1a of the subject, modulo kOutboxPartitions).
 int64_t OutboxPartition(std::string_view subject);
 
+// The Tx::Notify channel an enqueue signals (other processes' relays listen on it).
+inline constexpr const char* kOutboxChannel = "converge_outbox";
+
 struct OutboxOptions {
   std::string source = "urn:converge";
 };

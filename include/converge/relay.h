@@ -94,6 +94,7 @@ class Relay {
 
   std::atomic<bool> running_{false};
   std::thread thread_;
+  int64_t listener_ = 0;
   mutable std::mutex stats_mu_;
   RelayStats stats_;
 };

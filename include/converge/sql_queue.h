@@ -29,6 +29,10 @@ class SqlQueue : public Publisher {
  public:
   // `db` and `clock` must outlive the queue and its subscribers.
   explicit SqlQueue(Database& db, Clock* clock = nullptr);
+  ~SqlQueue() override;
+
+  // The Tx::Notify channel publishing signals (other processes' consumers listen on it).
+  static constexpr const char* kQueueChannel = "converge_queue";
 
   // Routes events whose type matches `pattern` to `queue` (idempotent).
   // kInvalidArgument for an empty or malformed name or pattern.
@@ -60,6 +64,7 @@ class SqlQueue : public Publisher {
   Database& db_;
   Clock* clock_;
   Wakeup wakeup_;
+  int64_t listener_ = 0;
 };
 
 }  // namespace converge

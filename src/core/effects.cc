@@ -27,7 +27,10 @@ Result<bool> EffectRunner::Record(Tx& tx, const std::string& key, const std::str
                          "VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4) "
                          "ON CONFLICT (effect_key) DO NOTHING",
                          key, options_.kind, payload, now));
-  if (n == 1) tx.OnCommit([this] { wakeup_.Notify(); });
+  if (n == 1) {
+    tx.OnCommit([this] { wakeup_.Notify(); });
+    CONVERGE_RETURN_IF_ERROR(tx.Notify("converge_effects:" + options_.kind));
+  }
   return n == 1;
 }
 
@@ -132,6 +135,7 @@ Result<size_t> EffectRunner::RunOnce() {
 
 void EffectRunner::Start() {
   if (running_.exchange(true)) return;
+  listener_ = db_.AddListener("converge_effects:" + options_.kind, [this] { wakeup_.Notify(); });
   thread_ = std::thread([this] {
     uint64_t seen = wakeup_.generation();
     while (running_.load()) {
@@ -145,6 +149,7 @@ void EffectRunner::Start() {
 
 void EffectRunner::Stop() {
   if (!running_.exchange(false)) return;
+  db_.RemoveListener(listener_);
   wakeup_.Notify();
   if (thread_.joinable()) thread_.join();
 }

@@ -164,6 +164,7 @@ Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
               e.id, e.source, e.aggregate_type, e.subject, e.type, EncodeEnvelope(e),
               headers.dump(), now, OutboxPartition(e.subject)));
   tx.OnCommit([this] { wakeup_.Notify(); });
+  CONVERGE_RETURN_IF_ERROR(tx.Notify(kOutboxChannel));
   return e.id;
 }
 

@@ -252,6 +252,7 @@ void Relay::ReleaseAll() {
 
 void Relay::Start() {
   if (running_.exchange(true)) return;
+  listener_ = db_.AddListener(kOutboxChannel, [this] { outbox_.wakeup().Notify(); });
   thread_ = std::thread([this] {
     uint64_t seen = outbox_.wakeup().generation();
     while (running_.load()) {
@@ -267,6 +268,7 @@ void Relay::Start() {
 
 void Relay::Stop() {
   if (!running_.exchange(false)) return;
+  db_.RemoveListener(listener_);
   outbox_.wakeup().Notify();
   if (thread_.joinable()) thread_.join();
 }

@@ -483,5 +483,32 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   EXPECT_GT(this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-a' AND fence > 1"), 0);
 }
 
+// LISTEN/NOTIFY (opt-in): a relay in another process (here: another Database on the same
+// store) that would otherwise sleep for its whole poll interval wakes on the commit.
+TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
+  if (this->db_->backend() != Backend::kPostgres) GTEST_SKIP() << "cross-process NOTIFY is PostgreSQL's";
+  DatabaseOptions o;
+  o.notify = true;
+  auto writer = Database::Open(this->store_.uri, o);
+  auto reader = Database::Open(this->store_.uri, o);
+  ASSERT_TRUE(writer && reader);
+  SqlQueue queue(**reader);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox writer_outbox, relay_outbox;
+  Relay relay(**reader, relay_outbox, queue, RelayOptions{.poll = std::chrono::hours(1), .lease = std::chrono::hours(3)});
+  relay.Start();
+  ASSERT_TRUE(testing::WaitUntil([&] { return relay.stats().partitions_owned == kOutboxPartitions; }));
+  // The listener's first wake-up after LISTEN makes a second pass: from then on only a
+  // notification can wake the relay before its hour-long poll.
+  ASSERT_TRUE(testing::WaitUntil([&] { return relay.stats().passes >= 2; }));
+  ASSERT_TRUE((*writer)->Transact([&](Tx& tx) {
+                   return StatusOf(writer_outbox.Enqueue(tx, TestFixture::MakeEvent("n1")));
+                 }).ok());
+  EXPECT_TRUE(testing::WaitUntil([&] { return *queue.Depth("all") == 1; }, std::chrono::seconds(10)))
+      << "passes " << relay.stats().passes << " published " << relay.stats().published
+      << " error " << relay.stats().last_error;
+  relay.Stop();
+}
+
 }  // namespace
 }  // namespace converge

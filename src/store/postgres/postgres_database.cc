@@ -15,7 +15,11 @@
 
 #include <libpq-fe.h>
 
+#include <poll.h>
+
 #include <condition_variable>
+#include <map>
+#include <set>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -83,7 +87,14 @@ Value Decode(const PGresult* res, int row, int col) {
 
 class PgTx : public Tx {
  public:
-  explicit PgTx(PGconn* conn) : conn_(conn) {}
+  explicit PgTx(PGconn* conn, bool notify = false) : conn_(conn), notify_(notify) {}
+
+  // NOTIFY is transactional: delivered at commit, never after a rollback, and identical
+  // notifications of one transaction collapse into one.
+  Status Notify(std::string_view channel) override {
+    if (!notify_) return OkStatus();
+    return StatusOf(Exec("SELECT pg_notify($1, '')", channel));
+  }
 
   Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) override {
     int64_t changed = 0;
@@ -158,6 +169,7 @@ class PgTx : public Tx {
 
  private:
   PGconn* conn_;
+  bool notify_;
 };
 
 class PgDatabase;
@@ -173,7 +185,29 @@ class PgDatabase : public Database {
   }
 
   ~PgDatabase() override {
+    {
+      std::lock_guard<std::mutex> l(listen_mu_);
+      listening_ = false;
+    }
+    if (listener_.joinable()) listener_.join();
     for (PGconn* c : idle_) PQfinish(c);
+  }
+
+  int64_t AddListener(const std::string& channel, std::function<void()> callback) override {
+    if (!options_.notify) return 0;
+    std::lock_guard<std::mutex> l(listen_mu_);
+    const int64_t id = ++next_listener_;
+    listeners_[id] = {channel, std::move(callback)};
+    if (!listening_) {
+      listening_ = true;
+      listener_ = std::thread([this] { ListenLoop(); });
+    }
+    return id;
+  }
+
+  void RemoveListener(int64_t id) override {
+    std::lock_guard<std::mutex> l(listen_mu_);  // also waits out a running callback
+    listeners_.erase(id);
   }
 
   Status Init() {
@@ -255,9 +289,61 @@ class PgDatabase : public Database {
     return st;
   }
 
+  // A dedicated connection LISTENs on every channel that has listeners and calls them on
+  // each notification. Right after it starts listening on a channel (first time, or after
+  // a reconnect) it calls that channel's listeners once, for whatever committed before
+  // LISTEN took effect (polling remains the safety net either way).
+  void ListenLoop() {
+    PGconn* conn = nullptr;
+    std::set<std::string> listened;
+    for (;;) {
+      std::vector<std::string> wanted;
+      {
+        std::lock_guard<std::mutex> l(listen_mu_);
+        if (!listening_) break;
+        for (const auto& [id, entry] : listeners_) wanted.push_back(entry.first);
+      }
+      if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
+        if (conn != nullptr) PQfinish(conn);
+        conn = PQconnectdb(uri_.c_str());
+        listened.clear();
+        if (PQstatus(conn) != CONNECTION_OK) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(500));
+          continue;
+        }
+      }
+      for (const std::string& ch : wanted) {
+        if (listened.count(ch)) continue;
+        char* ident = PQescapeIdentifier(conn, ch.data(), ch.size());
+        PGresult* r = PQexec(conn, ("LISTEN " + std::string(ident ? ident : "")).c_str());
+        if (ident) PQfreemem(ident);
+        if (PQresultStatus(r) == PGRES_COMMAND_OK) {
+          listened.insert(ch);
+          // Whatever committed before LISTEN took effect was not notified: wake once.
+          Fire(ch);
+        }
+        PQclear(r);
+      }
+      pollfd pfd{PQsocket(conn), POLLIN, 0};
+      if (poll(&pfd, 1, 200) > 0 && PQconsumeInput(conn) == 0) continue;  // reconnect
+      while (PGnotify* n = PQnotifies(conn)) {
+        Fire(n->relname);
+        PQfreemem(n);
+      }
+    }
+    if (conn != nullptr) PQfinish(conn);
+  }
+
+  void Fire(const std::string& channel) {
+    std::lock_guard<std::mutex> l(listen_mu_);
+    for (auto& [id, entry] : listeners_) {
+      if (channel.empty() || entry.first == channel) entry.second();
+    }
+  }
+
   Status RunOnce(const TxFn& fn, bool read_only) {
     CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
-    PgTx tx(c);
+    PgTx tx(c, options_.notify);
     Status st = tx.Simple(read_only ? "BEGIN READ ONLY" : "BEGIN");
     if (st.ok()) {
       t_current[this] = &tx;
@@ -337,6 +423,12 @@ class PgDatabase : public Database {
   std::vector<PGconn*> idle_;
   size_t open_ = 0;
   DatabaseStats stats_;
+
+  std::mutex listen_mu_;
+  std::map<int64_t, std::pair<std::string, std::function<void()>>> listeners_;
+  int64_t next_listener_ = 0;
+  bool listening_ = false;
+  std::thread listener_;
 };
 
 }  // namespace

@@ -98,7 +98,11 @@ class SqlQueue::QueueSubscriber : public Subscriber {
 };
 
 SqlQueue::SqlQueue(Database& db, Clock* clock)
-    : db_(db), clock_(clock ? clock : Clock::System()) {}
+    : db_(db), clock_(clock ? clock : Clock::System()) {
+  listener_ = db_.AddListener(kQueueChannel, [this] { wakeup_.Notify(); });
+}
+
+SqlQueue::~SqlQueue() { db_.RemoveListener(listener_); }
 
 Status SqlQueue::Subscribe(std::string_view queue, std::string_view pattern) {
   CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("queue name", queue, 255));
@@ -124,7 +128,7 @@ Status SqlQueue::EnqueueInTx(Tx& tx, std::string_view queue, const Message& m) {
               "enqueued_at, visible_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
               queue, m.id, m.source, m.type, m.subject, m.envelope, now));
   tx.OnCommit([this] { wakeup_.Notify(); });
-  return OkStatus();
+  return tx.Notify(kQueueChannel);
 }
 
 Status SqlQueue::PublishInTx(Tx& tx, const Message& m) {
@@ -182,8 +186,9 @@ Status SqlQueue::PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
     }
   }
   CONVERGE_RETURN_IF_ERROR(flush());
-  if (any) tx.OnCommit([this] { wakeup_.Notify(); });
-  return OkStatus();
+  if (!any) return OkStatus();
+  tx.OnCommit([this] { wakeup_.Notify(); });
+  return tx.Notify(kQueueChannel);
 }
 
 Status SqlQueue::Publish(const Message& m) {
