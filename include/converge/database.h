@@ -78,6 +78,19 @@ class Tx {
   // Runs one statement and returns every row it produced.
   virtual Result<Rows> QueryParams(std::string_view sql, std::span<const Value> params) = 0;
 
+  // Runs one statement once per parameter set, in order; returns the total rows changed.
+  // Stops at the first error. PostgreSQL sends them all in one pipeline (one round trip);
+  // elsewhere it is a loop.
+  virtual Result<int64_t> ExecMany(std::string_view sql,
+                                   std::span<const std::vector<Value>> param_sets) {
+    int64_t total = 0;
+    for (const auto& params : param_sets) {
+      CONVERGE_ASSIGN_OR_RETURN(int64_t n, ExecParams(sql, params));
+      total += n;
+    }
+    return total;
+  }
+
   template <class... Args>
   Result<int64_t> Exec(std::string_view sql, Args&&... args) {
     const Value params[] = {Value(), ToValue(std::forward<Args>(args))...};

@@ -129,6 +129,27 @@ TYPED_TEST(StoreContract, BindsAndReadsEveryValueType) {
   EXPECT_TRUE(rows[0].IsNull(4));
 }
 
+TYPED_TEST(StoreContract, ExecManyRunsEveryParameterSetAndStopsAtAnError) {
+  std::vector<std::vector<Value>> rows;
+  for (int i = 0; i < 50; ++i) rows.push_back({Value("m" + std::to_string(i))});
+  int64_t changed = 0;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(changed, tx.ExecMany("INSERT INTO test_effects (id) VALUES ($1)", rows));
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(changed, 50);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 50);
+  // A duplicate in the middle: the error comes back and the transaction keeps nothing.
+  std::vector<std::vector<Value>> bad = {{Value("x1")}, {Value("m7")}, {Value("x2")}};
+  Status st = this->db_->Transact([&](Tx& tx) {
+    return StatusOf(tx.ExecMany("INSERT INTO test_effects (id) VALUES ($1)", bad));
+  });
+  EXPECT_EQ(st.code(), StatusCode::kAlreadyExists) << st.ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 50);
+  // The connection is usable afterwards.
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "after"); }).ok());
+}
+
 TYPED_TEST(StoreContract, UniqueViolationIsAlreadyExistsAndRollsBack) {
   ASSERT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "a"); }).ok());
   Status st = this->db_->Transact([](Tx& tx) -> Status {

@@ -108,39 +108,52 @@ class PgTx : public Tx {
   }
   Backend backend() const override { return Backend::kPostgres; }
 
-  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
+  // Text (or binary bytea) parameters for libpq; the vectors own what `values` points at.
+  struct Params {
+    std::vector<std::string> text;
+    std::vector<const char*> values;
+    std::vector<int> lengths, formats;
+    std::vector<Oid> types;
+  };
+
+  static Status Convert(std::span<const Value> params, Params* out) {
     const size_t n = params.size();
-    std::vector<std::string> text(n);
-    std::vector<const char*> values(n);
-    std::vector<int> lengths(n), formats(n);
-    std::vector<Oid> types(n, 0);
+    out->text.assign(n, {});
+    out->values.assign(n, nullptr);
+    out->lengths.assign(n, 0);
+    out->formats.assign(n, 0);
+    out->types.assign(n, 0);
     for (size_t i = 0; i < n; ++i) {
       const Value& v = params[i];
-      if (std::holds_alternative<std::monostate>(v)) {
-        values[i] = nullptr;
-      } else if (auto p = std::get_if<int64_t>(&v)) {
-        text[i] = std::to_string(*p);
-        values[i] = text[i].c_str();
+      if (auto p = std::get_if<int64_t>(&v)) {
+        out->text[i] = std::to_string(*p);
+        out->values[i] = out->text[i].c_str();
       } else if (auto p = std::get_if<double>(&v)) {
         char buf[40];
         std::snprintf(buf, sizeof buf, "%.17g", *p);
-        text[i] = buf;
-        values[i] = text[i].c_str();
+        out->text[i] = buf;
+        out->values[i] = out->text[i].c_str();
       } else if (auto p = std::get_if<std::string>(&v)) {
         if (p->find('\0') != std::string::npos) {
           return InvalidArgumentError("text parameters cannot contain NUL bytes; use Blob");
         }
-        values[i] = p->c_str();
+        out->values[i] = p->c_str();
       } else if (auto p = std::get_if<Blob>(&v)) {
-        values[i] = p->bytes.data();
-        lengths[i] = static_cast<int>(p->bytes.size());
-        formats[i] = 1;
-        types[i] = kBytea;
+        out->values[i] = p->bytes.data();
+        out->lengths[i] = static_cast<int>(p->bytes.size());
+        out->formats[i] = 1;
+        out->types[i] = kBytea;
       }
     }
+    return OkStatus();
+  }
+
+  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
+    Params p;
+    CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
     std::string stmt(sql);
-    PGresult* res = PQexecParams(conn_, stmt.c_str(), static_cast<int>(n), types.data(),
-                                 values.data(), lengths.data(), formats.data(), 0);
+    PGresult* res = PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
+                                 p.values.data(), p.lengths.data(), p.formats.data(), 0);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
       Status err = FromResult(res, conn_, "postgres");
@@ -163,6 +176,60 @@ class PgTx : public Tx {
     }
     PQclear(res);
     return OkStatus();
+  }
+
+  // Pipeline mode: every statement sent, one sync, then every result read. One round trip
+  // for the lot instead of one per statement.
+  Result<int64_t> ExecMany(std::string_view sql,
+                           std::span<const std::vector<Value>> param_sets) override {
+    if (param_sets.size() < 2) return Tx::ExecMany(sql, param_sets);
+    if (PQenterPipelineMode(conn_) != 1) return Tx::ExecMany(sql, param_sets);
+    const std::string stmt(sql);
+    Status err;
+    size_t sent = 0;
+    for (const auto& params : param_sets) {
+      Params p;
+      err = Convert(params, &p);
+      if (!err.ok()) break;
+      if (PQsendQueryParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
+                            p.values.data(), p.lengths.data(), p.formats.data(), 0) != 1) {
+        err = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
+        break;
+      }
+      ++sent;
+    }
+    int64_t total = 0;
+    if (PQpipelineSync(conn_) != 1 && err.ok()) {
+      err = UnavailableError(std::string("postgres pipeline sync: ") + PQerrorMessage(conn_));
+    }
+    // Read every result up to the sync: each statement's result, then a null separator.
+    for (;;) {
+      PGresult* res = PQgetResult(conn_);
+      if (res == nullptr) {
+        if (PQstatus(conn_) != CONNECTION_OK) {
+          if (err.ok()) err = UnavailableError("postgres pipeline: connection lost");
+          break;
+        }
+        continue;  // end of one statement's results
+      }
+      ExecStatusType st = PQresultStatus(res);
+      if (st == PGRES_PIPELINE_SYNC) {
+        PQclear(res);
+        break;
+      }
+      if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        const char* t = PQcmdTuples(res);
+        total += (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
+      } else if (err.ok()) {
+        err = st == PGRES_PIPELINE_ABORTED ? InternalError("postgres pipeline aborted")
+                                           : FromResult(res, conn_, "postgres");
+      }
+      PQclear(res);
+    }
+    PQexitPipelineMode(conn_);
+    (void)sent;
+    if (!err.ok()) return tl::unexpected(err);
+    return total;
   }
 
   Status Simple(const char* sql) { return StatusOf(ExecParams(sql, {})); }

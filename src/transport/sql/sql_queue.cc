@@ -67,24 +67,26 @@ class SqlQueue::QueueSubscriber : public Subscriber {
     if (deliveries.empty()) return OkStatus();
     bool requeued = false;
     Status st = q_->db_.Transact([&](Tx& tx) -> Status {
-      requeued = false;
       const int64_t now = q_->clock_->NowMillis();
+      std::vector<std::vector<Value>> acks, naks;
       for (size_t i = 0; i < deliveries.size(); ++i) {
         const Delivery& d = deliveries[i];
         const Settlement& s = settlements[i];
         if (s.kind == Settlement::Kind::kAck) {
-          CONVERGE_RETURN_IF_ERROR(tx.Exec(
-              "DELETE FROM queue_messages WHERE id = $1 AND claim_token = $2", d.handle, d.token));
+          acks.push_back({Value(d.handle), Value(d.token)});
         } else {
-          requeued = true;
-          CONVERGE_RETURN_IF_ERROR(
-              tx.Exec("UPDATE queue_messages SET visible_at = $1, claim_token = NULL, "
-                      "first_failure_at = COALESCE(first_failure_at, $2), last_error = $3 "
-                      "WHERE id = $4 AND claim_token = $5",
-                      now + s.delay.count(), now, s.error, d.handle, d.token));
+          naks.push_back({Value(now + s.delay.count()), Value(now), Value(s.error),
+                          Value(d.handle), Value(d.token)});
         }
       }
-      return OkStatus();
+      requeued = !naks.empty();
+      CONVERGE_RETURN_IF_ERROR(tx.ExecMany(
+          "DELETE FROM queue_messages WHERE id = $1 AND claim_token = $2", acks));
+      return StatusOf(tx.ExecMany(
+          "UPDATE queue_messages SET visible_at = $1, claim_token = NULL, "
+          "first_failure_at = COALESCE(first_failure_at, $2), last_error = $3 "
+          "WHERE id = $4 AND claim_token = $5",
+          naks));
     });
     if (st.ok() && requeued) q_->wakeup_.Notify();
     return st;
