@@ -34,7 +34,7 @@ sigset_t BlockStopSignals() {
 int WaitForStopSignal(const sigset_t& set) {
   int sig = 0;
   sigwait(&set, &sig);
-  spdlog::info("received {}, shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  spdlog::info("event=shutdown signal={}", sig == SIGINT ? "SIGINT" : "SIGTERM");
   return sig;
 }
 
@@ -69,6 +69,8 @@ int Serve(const ServeFlags& f) {
   if (!f.db.empty()) cfg->db = f.db;
   if (!f.log_level.empty()) cfg->log_level = f.log_level;
   spdlog::set_level(spdlog::level::from_str(cfg->log_level));
+  // One line per event, key=value after the time and level: easy to grep and to parse.
+  spdlog::set_pattern("ts=%Y-%m-%dT%H:%M:%S.%eZ level=%l %v", spdlog::pattern_time_type::utc);
   sigset_t signals = BlockStopSignals();
   payments::Service service(*cfg);
   Status st = service.Start();
@@ -107,7 +109,8 @@ int RunProvider(const char* name, const ProviderFlags& f) {
     std::fprintf(stderr, "converge %s: %s\n", name, st.ToString().c_str());
     return 1;
   }
-  spdlog::info("{} listening on {}:{}", name, o.address, p.port());
+  spdlog::set_pattern("ts=%Y-%m-%dT%H:%M:%S.%eZ level=%l %v", spdlog::pattern_time_type::utc);
+  spdlog::info("event=listening component={} address={}:{}", name, o.address, p.port());
   if (!WritePortFile(f.port_file, p.port())) return 1;
   WaitForStopSignal(signals);
   p.Stop();

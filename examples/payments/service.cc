@@ -297,16 +297,18 @@ Status Service::Impl::Start() {
     metrics_.Observe("http_request_duration_seconds", {{"route", x.route}}, x.seconds,
                      {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5});
     // Access log: never the Authorization header, bodies or secrets.
-    spdlog::debug("{} {} -> {} ({:.1f} ms)", method, x.request ? x.request->path : "-", x.status,
-                  x.seconds * 1000);
+    spdlog::debug("event=request method={} route={} status={} ms={:.1f}", method, x.route,
+                  x.status, x.seconds * 1000);
   });
 
   relay_->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());
   receipts_->Start();
   CONVERGE_RETURN_IF_ERROR(server_->Start());
-  spdlog::info("payments service listening on {}:{} (store {})", cfg_.address, server_->port(),
-               cfg_.db.substr(0, cfg_.db.find(':')));
+  // The store's scheme only: a URI may carry a password.
+  spdlog::info("event=listening address={}:{} store={} tenants={} notify={}", cfg_.address,
+               server_->port(), cfg_.db.substr(0, cfg_.db.find(':')), cfg_.api_keys.size(),
+               cfg_.notify);
   return converge::OkStatus();
 }
 
@@ -316,7 +318,7 @@ void Service::Impl::Stop() {
   if (relay_) relay_->Stop();
   for (auto& c : consumers_) c->Stop();
   if (receipts_) receipts_->Stop();
-  spdlog::info("payments service stopped");
+  spdlog::info("event=stopped");
 }
 
 void Service::Impl::RegisterConsumers() {
