@@ -4,6 +4,7 @@
 //   converge library-demo                 the same ideas in-process, without HTTP
 //   converge dlq list|show|replay|discard inspect and act on dead letters
 //   converge migrate --db URI             create or upgrade a store's schema
+//   converge sweep --db URI               delete what retention no longer needs
 //   converge serve --config FILE          the payments reference service
 //   converge fake-psp | fake-mail         stand-in providers (own store, own port)
 //   converge webhook sign|verify          Standard Webhooks on the command line
@@ -15,6 +16,7 @@
 #include "apps/converge/commands.h"
 #include "converge/database.h"
 #include "converge/failpoint.h"
+#include "converge/sweeper.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"converge: effective-once processing on at-least-once delivery"};
@@ -78,6 +80,47 @@ int main(int argc, char** argv) {
       return;
     }
     std::printf("%s: schema is current\n", migrate_uri.c_str());
+  });
+
+  std::string sweep_uri;
+  int64_t sweep_batch = 1000;
+  CLI::App* sweep = app.add_subcommand(
+      "sweep", "Delete expired keys and inbox rows, old published outbox rows, finished "
+               "effects and settled dead letters, in bounded batches");
+  sweep->add_option("--db", sweep_uri, "Store URI, e.g. sqlite:app.db")->required();
+  sweep->add_option("--batch", sweep_batch, "Rows per table per transaction")
+      ->check(CLI::Range(int64_t{1}, int64_t{1'000'000}));
+  sweep->callback([&] {
+    auto db = converge::Database::Open(sweep_uri);
+    if (!db) {
+      std::fprintf(stderr, "converge sweep: %s\n", db.error().ToString().c_str());
+      exit_code = 1;
+      return;
+    }
+    converge::Sweeper sweeper(**db, converge::SweepOptions{.batch = sweep_batch});
+    converge::SweepStats total;
+    for (int pass = 1;; ++pass) {
+      auto s = sweeper.RunOnce();
+      if (!s) {
+        std::fprintf(stderr, "converge sweep: %s\n", s.error().ToString().c_str());
+        exit_code = 1;
+        return;
+      }
+      total.keys += s->keys;
+      total.inbox += s->inbox;
+      total.outbox += s->outbox;
+      total.effects += s->effects;
+      total.dead_letters += s->dead_letters;
+      std::printf("\r  pass %d: %lld rows deleted so far", pass,
+                  static_cast<long long>(total.total()));
+      std::fflush(stdout);
+      if (s->total() == 0) break;
+    }
+    std::printf("\nswept: %lld idempotency keys, %lld inbox rows, %lld outbox events, "
+                "%lld effects, %lld dead letters\n",
+                static_cast<long long>(total.keys), static_cast<long long>(total.inbox),
+                static_cast<long long>(total.outbox), static_cast<long long>(total.effects),
+                static_cast<long long>(total.dead_letters));
   });
 
   converge::cli::AddDlqCommands(app, &exit_code);

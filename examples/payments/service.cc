@@ -2,6 +2,9 @@
 
 #include <atomic>
 #include <charconv>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <random>
 #include <set>
 
@@ -19,6 +22,7 @@
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
+#include "converge/sweeper.h"
 #include "converge/webhook.h"
 
 namespace payments {
@@ -180,6 +184,9 @@ class Service::Impl {
   converge::http::Client client_;
   converge::Metrics metrics_;
   std::atomic<bool> stopping_{false};
+  std::mutex sweep_mu_;
+  std::condition_variable sweep_cv_;
+  std::thread sweeper_thread_;
 };
 
 Service::Service(ServiceConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
@@ -283,7 +290,8 @@ Status Service::Impl::Start() {
                         "relay_published_total", "relay_publish_failures_total",
                         "consumer_processed_total", "consumer_duplicates_total",
                         "consumer_retries_total", "consumer_dead_lettered_total",
-                        "effects_executed_total", "effects_retries_total", "effects_failed_total"}) {
+                        "effects_executed_total", "effects_retries_total", "effects_failed_total",
+                        "retention_swept_total"}) {
     metrics_.Describe(c, "counter", "");
   }
   metrics_.Describe("outbox_backlog", "gauge", "Unpublished outbox events.");
@@ -304,6 +312,20 @@ Status Service::Impl::Start() {
   relay_->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());
   receipts_->Start();
+  // Retention: a bounded sweep a minute (several instances sweeping at once only split
+  // the work).
+  sweeper_thread_ = std::thread([this] {
+    converge::Sweeper sweeper(*db_);
+    std::unique_lock<std::mutex> l(sweep_mu_);
+    while (!sweep_cv_.wait_for(l, std::chrono::seconds(60), [&] { return stopping_.load(); })) {
+      l.unlock();
+      auto s = sweeper.RunOnce();
+      if (s && s->total() > 0) {
+        metrics_.Add("retention_swept_total", {}, static_cast<double>(s->total()));
+      }
+      l.lock();
+    }
+  });
   CONVERGE_RETURN_IF_ERROR(server_->Start());
   // The store's scheme only: a URI may carry a password.
   spdlog::info("event=listening address={}:{} store={} tenants={} notify={}", cfg_.address,
@@ -314,6 +336,11 @@ Status Service::Impl::Start() {
 
 void Service::Impl::Stop() {
   if (stopping_.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> l(sweep_mu_);
+  }
+  sweep_cv_.notify_all();
+  if (sweeper_thread_.joinable()) sweeper_thread_.join();
   if (server_) server_->Stop(cfg_.shutdown_drain);
   if (relay_) relay_->Stop();
   for (auto& c : consumers_) c->Stop();

@@ -53,6 +53,11 @@ if CONVERGE_FAILPOINTS='x=explode' "$converge" dlq list --db "sqlite:$db" 2> "$d
 fi
 grep -q "CONVERGE_FAILPOINTS" "$dir/fp.err" || fail "bad failpoint error unclear"
 
+# Retention: the sweep runs in bounded batches and reports what it deleted (nothing has
+# expired yet in a fresh demo file).
+"$converge" sweep --db "sqlite:$db" --batch 10 > "$dir/sweep.out" || fail "sweep"
+grep -q "swept: 0 idempotency keys" "$dir/sweep.out" || { cat "$dir/sweep.out"; fail "sweep deleted live rows"; }
+
 # A file from a newer converge is refused, and left untouched.
 python3 - "$db" <<'PY'
 import sqlite3, sys

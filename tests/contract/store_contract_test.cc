@@ -18,6 +18,7 @@
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
+#include "converge/sweeper.h"
 #include "tests/unit/test_util.h"
 
 namespace converge {
@@ -502,6 +503,52 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   ASSERT_TRUE(r1.RunOnce());
   EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions);
   EXPECT_GT(this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-a' AND fence > 1"), 0);
+}
+
+TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatches) {
+  ManualClock clock(Clock::System()->NowMillis());
+  IdempotencyKeys keys(*this->db_, {.ttl = std::chrono::hours(24), .lease = std::chrono::seconds(30)}, &clock);
+  auto ok = [](Tx&) -> Result<StoredResponse> { return StoredResponse{200, {}, "ok"}; };
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(keys.Execute({"t", "old-" + std::to_string(i), "f"}, ok));
+  ASSERT_TRUE(keys.Begin({"t", "abandoned", "f"}));  // a multi-phase attempt nobody finished
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("q", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a"))); }).ok());
+  }
+  Relay relay(*this->db_, outbox, queue, RelayOptions{}, &clock);
+  ASSERT_EQ(*relay.RunOnce(), 3u);
+  auto sub = queue.OpenSubscriber("q");
+  Consumer c(*this->db_, *sub, {.name = "c", .inbox_ttl = std::chrono::hours(24 * 15)}, &clock);
+  c.On("*", [](Tx&, const Event&) { return OkStatus(); });
+  ASSERT_EQ(*c.RunOnce(), 3u);
+
+  clock.Advance(std::chrono::hours(24 * 16));  // past every TTL and retention above
+  ASSERT_TRUE(keys.Execute({"t", "fresh", "f"}, ok));
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("b"))); }).ok());
+
+  Sweeper sweeper(*this->db_, SweepOptions{.batch = 2}, &clock);
+  SweepStats total;
+  int passes = 0;
+  for (;;) {
+    auto s = sweeper.RunOnce();
+    ASSERT_TRUE(s) << s.error().ToString();
+    EXPECT_LE(s->keys, 2);
+    EXPECT_LE(s->outbox, 2);
+    if (s->total() == 0) break;
+    total.keys += s->keys;
+    total.inbox += s->inbox;
+    total.outbox += s->outbox;
+    ++passes;
+  }
+  EXPECT_EQ(total.keys, 6);    // 5 completed + the abandoned attempt
+  EXPECT_EQ(total.inbox, 3);
+  EXPECT_EQ(total.outbox, 3);  // published; the unpublished one stays
+  EXPECT_GE(passes, 3);        // bounded: batches of 2
+  EXPECT_EQ(this->Count("SELECT count(*) FROM idempotency_keys"), 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
+  EXPECT_EQ(keys.Execute({"t", "fresh", "f"}, ok)->replayed, true);
 }
 
 // LISTEN/NOTIFY (opt-in): a relay in another process (here: another Database on the same

@@ -1,0 +1,54 @@
+// Retention: deletes dedupe and bookkeeping rows that can no longer matter, in bounded
+// batches so a sweep never holds the writer (SQLite) or long locks (PostgreSQL).
+//
+//   idempotency_keys  expires_at passed, and completed or no longer leased
+//   consumer_inbox    expires_at passed (Consumer::Validate guarantees that outlives
+//                     every redelivery and the dead-letter replay window)
+//   outbox_events     published longer ago than published_retention
+//   effects           done longer ago than done_retention
+//   dead_letters      replayed or discarded longer ago than settled_dead_letter_retention
+//                     (parked letters stay until someone acts on them)
+//
+// Thread safety: safe to run from one thread while everything else runs.
+#ifndef CONVERGE_SWEEPER_H_
+#define CONVERGE_SWEEPER_H_
+
+#include <chrono>
+#include <cstdint>
+
+#include "converge/clock.h"
+#include "converge/database.h"
+#include "converge/status.h"
+
+namespace converge {
+
+struct SweepOptions {
+  int64_t batch = 1000;  // rows deleted per table per transaction
+  Millis published_retention = std::chrono::hours(24 * 7);
+  Millis done_retention = std::chrono::hours(24 * 7);
+  Millis settled_dead_letter_retention = std::chrono::hours(24 * 30);
+};
+
+struct SweepStats {
+  int64_t keys = 0, inbox = 0, outbox = 0, effects = 0, dead_letters = 0;
+  int64_t total() const { return keys + inbox + outbox + effects + dead_letters; }
+};
+
+class Sweeper {
+ public:
+  // `db` and `clock` must outlive the sweeper. clock nullptr = Clock::System().
+  explicit Sweeper(Database& db, SweepOptions options = {}, Clock* clock = nullptr);
+
+  // One bounded batch per table, each in its own transaction. Returns what it deleted;
+  // call again while total() > 0 to sweep everything.
+  Result<SweepStats> RunOnce();
+
+ private:
+  Database& db_;
+  const SweepOptions options_;
+  Clock* clock_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_SWEEPER_H_

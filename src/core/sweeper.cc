@@ -1,0 +1,49 @@
+#include "converge/sweeper.h"
+
+namespace converge {
+
+Sweeper::Sweeper(Database& db, SweepOptions options, Clock* clock)
+    : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
+
+Result<SweepStats> Sweeper::RunOnce() {
+  if (options_.batch < 1) return tl::unexpected(InvalidArgumentError("sweep batch must be >= 1"));
+  const int64_t now = clock_->NowMillis();
+  SweepStats s;
+  // Each DELETE picks its victims by primary key through a LIMITed subquery: bounded work
+  // per transaction on both backends.
+  auto sweep = [&](int64_t* out, const char* sql, int64_t cutoff) -> Status {
+    return db_.Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(*out, tx.Exec(sql, cutoff, options_.batch));
+      return OkStatus();
+    });
+  };
+  CONVERGE_RETURN_IF_ERROR(sweep(
+      &s.keys,
+      "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key FROM "
+      "idempotency_keys WHERE expires_at <= $1 AND (status = 'completed' OR lease_until <= $1) "
+      "LIMIT $2)",
+      now));
+  CONVERGE_RETURN_IF_ERROR(sweep(
+      &s.inbox,
+      "DELETE FROM consumer_inbox WHERE (consumer, source, event_id) IN (SELECT consumer, "
+      "source, event_id FROM consumer_inbox WHERE expires_at <= $1 LIMIT $2)",
+      now));
+  CONVERGE_RETURN_IF_ERROR(sweep(
+      &s.outbox,
+      "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events WHERE "
+      "published_at IS NOT NULL AND published_at <= $1 LIMIT $2)",
+      now - options_.published_retention.count()));
+  CONVERGE_RETURN_IF_ERROR(sweep(
+      &s.effects,
+      "DELETE FROM effects WHERE effect_key IN (SELECT effect_key FROM effects WHERE "
+      "state = 'done' AND updated_at <= $1 LIMIT $2)",
+      now - options_.done_retention.count()));
+  CONVERGE_RETURN_IF_ERROR(sweep(
+      &s.dead_letters,
+      "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE state IN "
+      "('replayed', 'discarded') AND updated_at <= $1 LIMIT $2)",
+      now - options_.settled_dead_letter_retention.count()));
+  return s;
+}
+
+}  // namespace converge
