@@ -452,6 +452,9 @@ Response Service::Impl::CreatePayment(Request& req) {
 // Runs the phases from the lease's recovery point: created -> charged -> completed.
 Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
                                    const PaymentRequest& p) {
+  // A phase failed. Fenced: another attempt owns the request now. Anything else (the
+  // store was unavailable): give the lease back so the client's retry resumes at once
+  // from the last recovery point instead of waiting for the lease to run out.
   auto fenced = [&](const Status& st) -> Response {
     if (st.reason() == "fenced") {
       metrics_.Add("idempotency_conflicts_total");
@@ -460,6 +463,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
       r.Set("Retry-After", "1");
       return r;
     }
+    (void)keys_->Release(lease);
     return StoreError(st);
   };
 
