@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/converge/commands.h"
+#include "apps/converge/progress.h"
 #include "converge/consumer.h"
 #include "converge/database.h"
 #include "converge/dead_letters.h"
@@ -91,36 +92,6 @@ std::string Body(int key, bool poison, int amount_offset = 0) {
             {"currency", poison ? kPoisonCurrency : "EUR"}};
   return b.dump();
 }
-
-class Progress {
- public:
-  Progress(const char* label, int64_t total) : label_(label), total_(total), tty_(isatty(1)) {}
-  void Show(int64_t done, const std::string& extra = "") {
-    constexpr int kWidth = 30;
-    int filled = total_ > 0 ? static_cast<int>(kWidth * done / total_) : kWidth;
-    int pct = total_ > 0 ? static_cast<int>(100 * done / total_) : 100;
-    auto now = Clock::now();
-    if (!tty_ && pct < last_pct_ + 25 && now - last_print_ < std::chrono::seconds(2)) return;
-    last_pct_ = pct;
-    last_print_ = now;
-    std::string bar(filled, '#');
-    bar.resize(kWidth, '.');
-    std::printf("%s  %-12s [%s] %3d%%  %lld/%lld %s%s", tty_ ? "\r" : "", label_, bar.c_str(),
-                pct, static_cast<long long>(done), static_cast<long long>(total_),
-                extra.c_str(), tty_ ? "   " : "\n");
-    std::fflush(stdout);
-  }
-  void Done() {
-    if (tty_) std::printf("\n");
-  }
-
- private:
-  const char* label_;
-  const int64_t total_;
-  const bool tty_;
-  int last_pct_ = -100;
-  Clock::time_point last_print_{};
-};
 
 int64_t Count(Database& db, const std::string& sql) {
   int64_t n = -1;

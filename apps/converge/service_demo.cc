@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/converge/commands.h"
+#include "apps/converge/progress.h"
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
@@ -252,6 +253,32 @@ struct Demo {
     return svc->Start(failpoints);
   }
 
+  struct CrashRun {
+    bool crashed = false;       // a failpoint SIGKILLed the service
+    bool first_failed = false;  // the request in flight got no answer
+    Result<http::Response> retry = tl::unexpected(UnknownError("not run"));
+  };
+  // Restarts the service with `failpoint` armed, sends one payment, waits for the crash,
+  // restarts it clean and retries the same key until a final answer.
+  CrashRun CrashThenRetry(const std::string& failpoint, const std::string& key,
+                          const std::string& body, int* retries = nullptr) {
+    CrashRun run;
+    Status st = Restart(failpoint + "=crash");
+    if (!st.ok()) {
+      Check(false, "restart with " + failpoint + ": " + st.ToString());
+      return run;
+    }
+    run.first_failed = !Pay("sk_test_acme", key, body);
+    run.crashed = svc->CrashedWithin(std::chrono::seconds(10));
+    st = svc->Start("");
+    if (!st.ok()) {
+      Check(false, "restart after the crash: " + st.ToString());
+      return run;
+    }
+    run.retry = PayUntilFinal("sk_test_acme", key, body, retries);
+    return run;
+  }
+
   http::Response SignedWebhook(const std::string& id, const json& body) {
     const int64_t ts = Clock::System()->NowMillis() / 1000;
     std::string b = body.dump();
@@ -274,33 +301,6 @@ std::string PaymentId(const http::Response& r) {
   json j = json::parse(r.body, nullptr, false);
   return j.is_object() ? j.value("id", "") : "";
 }
-
-class Progress {
- public:
-  Progress(const char* label, int64_t total) : label_(label), total_(total), tty_(isatty(1)) {}
-  void Show(int64_t done) {
-    auto now = SteadyClock::now();
-    int pct = total_ ? static_cast<int>(100 * done / total_) : 100;
-    if (!tty_ && pct < last_ + 25 && done != total_) return;
-    if (!tty_ && pct == last_) return;
-    last_ = pct;
-    (void)now;
-    std::string bar(static_cast<size_t>(30 * pct / 100), '#');
-    bar.resize(30, '.');
-    std::printf("%s  %-10s [%s] %3d%% %lld/%lld%s", tty_ ? "\r" : "", label_, bar.c_str(), pct,
-                static_cast<long long>(done), static_cast<long long>(total_), tty_ ? "" : "\n");
-    std::fflush(stdout);
-  }
-  void Done() {
-    if (tty_) std::printf("\n");
-  }
-
- private:
-  const char* label_;
-  int64_t total_;
-  bool tty_;
-  int last_ = -100;
-};
 
 }  // namespace
 
@@ -418,16 +418,14 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   // 4 ------------------------------------------------------------------------------------
   std::printf("  4. crash after the provider charged, before the commit\n");
   {
-    st = d.Restart("payments.after_charge_before_commit=crash");
-    auto r = d.Pay(acme, "crash-4", d.Body(4000, "order-4"));
-    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
-    st = d.svc->Start("");
     int retries = 0;
-    auto retry = d.PayUntilFinal(acme, "crash-4", d.Body(4000, "order-4"), &retries);
+    auto run = d.CrashThenRetry("payments.after_charge_before_commit", "crash-4",
+                                d.Body(4000, "order-4"), &retries);
+    const auto& retry = run.retry;
     std::string id = retry ? PaymentId(*retry) : "";
     std::printf("     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the lease\n",
                 retries);
-    d.Check(crashed && !r, "the process really died mid-request");
+    d.Check(run.crashed && run.first_failed, "the process really died mid-request");
     d.Check(retry && retry->status == 201, "the retry resumed from the recovery point and completed");
     d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider (same downstream key)");
   }
@@ -435,36 +433,28 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   // 5 ------------------------------------------------------------------------------------
   std::printf("  5. relay crash after publish, before mark\n");
   {
-    st = d.Restart("relay.after_publish_before_mark=crash");
-    auto r = d.Pay(acme, "relay-5", d.Body(5000, "order-5"));
-    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
-    st = d.svc->Start("");
-    auto retry = d.PayUntilFinal(acme, "relay-5", d.Body(5000, "order-5"));
+    auto run = d.CrashThenRetry("relay.after_publish_before_mark", "relay-5", d.Body(5000, "order-5"));
+    const auto& retry = run.retry;
     std::string id = retry ? PaymentId(*retry) : "";
     bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(crashed, "the relay crashed at the failpoint");
+    d.Check(run.crashed, "the relay crashed at the failpoint");
     d.Check(retry && retry->status == 201 && drained, "after restart the event was published");
     d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
             "booked once in the ledger (publish and mark share one transaction here)");
-    (void)r;
   }
 
   // 6 ------------------------------------------------------------------------------------
   std::printf("  6. consumer crash after commit, before ack\n");
   {
-    st = d.Restart("consumer.after_commit_before_ack=crash");
-    auto r = d.Pay(acme, "consumer-6", d.Body(6000, "order-6"));
-    bool crashed = d.svc->CrashedWithin(std::chrono::seconds(10));
-    st = d.svc->Start("");
-    auto retry = d.PayUntilFinal(acme, "consumer-6", d.Body(6000, "order-6"));
+    auto run = d.CrashThenRetry("consumer.after_commit_before_ack", "consumer-6", d.Body(6000, "order-6"));
+    const auto& retry = run.retry;
     std::string id = retry ? PaymentId(*retry) : "";
     bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(crashed, "a consumer crashed between its commit and its ack");
+    d.Check(run.crashed, "a consumer crashed between its commit and its ack");
     d.Check(drained, "the unacked delivery came back after its visibility timeout");
     d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
             "the redelivery was absorbed by the inbox: two ledger entries, not four");
     d.Check(d.MailsFor("receipt:" + id) == 1, "one receipt email");
-    (void)r;
   }
 
   // 7 ------------------------------------------------------------------------------------
@@ -607,7 +597,6 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   const bool converged = d.Converge(std::chrono::seconds(60));
 
   // The table ------------------------------------------------------------------------------
-  json stats = d.GetJson(d.svc->Url("/admin/stats"), true);
   json pst = d.GetJson(d.Psp("/v1/stats"));
   json mst = d.GetJson(d.Mail("/v1/stats"));
   std::string metrics;
@@ -672,7 +661,6 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
           "two balanced capture entries per payment, two refund entries per refund");
   d.Check(emails == payments, "one receipt email per payment");
   d.Check(parked == 1, "the poison webhook is the only dead letter left parked");
-  (void)stats;
   if (f.keep) std::printf("\n  kept: %s\n", d.dir.c_str());
   std::printf("\nverdict: %s\n", d.failures == 0 ? "CONVERGED (every effect applied exactly once)"
                                                  : "VIOLATED");

@@ -11,6 +11,7 @@
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
+#include "examples/payments/ids.h"
 
 namespace payments {
 namespace {
@@ -26,13 +27,6 @@ using converge::http::Response;
 using json = nlohmann::json;
 
 int64_t NowMs() { return converge::Clock::System()->NowMillis(); }
-
-std::string RandomId(const char* prefix) {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%s%016llx", prefix, static_cast<unsigned long long>(rng()));
-  return buf;
-}
 
 // Failure injection shared by both providers.
 class Faults {

@@ -5,7 +5,6 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
-#include <random>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -24,6 +23,7 @@
 #include "converge/sql_queue.h"
 #include "converge/sweeper.h"
 #include "converge/webhook.h"
+#include "examples/payments/ids.h"
 
 namespace payments {
 namespace {
@@ -60,13 +60,6 @@ bool ValidId(const std::string& s) {
 }
 
 std::string NowIso() { return converge::FormatRfc3339(converge::Clock::System()->NowMillis()); }
-
-std::string RandomId(const char* prefix) {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%s%016llx", prefix, static_cast<unsigned long long>(rng()));
-  return buf;
-}
 
 Response FromStored(const StoredResponse& s, bool replayed) {
   Response r;
