@@ -130,7 +130,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     }
     Reader r(root);
     CONVERGE_RETURN_IF_ERROR(r.Known({
-        {"server", {"listen", "io_threads", "worker_threads", "body_limit_bytes",
+        {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
         {"store", {"uri", "synchronous", "notify"}},
         {"idempotency", {"ttl_seconds", "lease_ms"}},
@@ -144,6 +144,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     std::string listen, sync;
     CONVERGE_RETURN_IF_ERROR(r.String("server", "listen", &listen));
     if (!listen.empty()) CONVERGE_RETURN_IF_ERROR(ParseListen(listen, &c.address, &c.port));
+    CONVERGE_RETURN_IF_ERROR(r.String("server", "instance_name", &c.instance_name));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "io_threads", &c.io_threads, 1, 64));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "worker_threads", &c.worker_threads, 1, 1024));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "body_limit_bytes", &c.body_limit, 1024, 64 << 20));

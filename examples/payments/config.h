@@ -27,6 +27,9 @@ struct ServiceConfig {
   Millis header_timeout = 15s;
   Millis body_timeout = 30s;
   Millis shutdown_drain = 10s;
+  // Unique among live instances sharing a store; names this instance's relay. Empty:
+  // "<hostname>:<port>" when the port is fixed, else random.
+  std::string instance_name;
   // [store]
   std::string db = "sqlite:converge.db";
   bool synchronous_full = true;

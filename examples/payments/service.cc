@@ -1,5 +1,7 @@
 #include "examples/payments/service.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <charconv>
 #include <condition_variable>
@@ -239,7 +241,16 @@ Status Service::Impl::Start() {
   queue_ = std::make_unique<converge::SqlQueue>(*db_);
   CONVERGE_RETURN_IF_ERROR(queue_->Subscribe("ledger", "payment.*"));
   CONVERGE_RETURN_IF_ERROR(queue_->Subscribe("email", "payment.captured"));
-  relay_ = std::make_unique<converge::Relay>(*db_, outbox_, *queue_);
+  // A stable relay name lets a restarted instance take its outbox partitions back at once
+  // instead of waiting for the leases of its previous life to lapse.
+  std::string instance = cfg_.instance_name;
+  if (instance.empty() && cfg_.port != 0) {
+    char host[256] = {0};
+    gethostname(host, sizeof host - 1);
+    instance = std::string(host) + ":" + std::to_string(cfg_.port);
+  }
+  relay_ = std::make_unique<converge::Relay>(*db_, outbox_, *queue_,
+                                             converge::RelayOptions{.name = instance});
   dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, queue_.get());
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
