@@ -287,7 +287,7 @@ int RunDemo(const DemoFlags& f) {
   // Same key, different payload: must be refused, never applied.
   auto mismatch = send(0, Body(0, poison_key == 0, /*amount_offset=*/1));
   const bool mismatch_refused =
-      !mismatch && mismatch.error().reason() == "fingerprint_mismatch";
+      !mismatch && mismatch.error().reason() == converge::reason::kFingerprintMismatch;
 
   // Let the relay and the consumer drain, lost acks and retries included.
   Progress drain("converging", static_cast<int64_t>(f.payments));

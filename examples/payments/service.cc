@@ -426,13 +426,13 @@ Response Service::Impl::CreatePayment(Request& req) {
   auto begun = keys_->Begin(kr);
   if (!begun) {
     const Status& e = begun.error();
-    if (e.reason() == "fingerprint_mismatch") {
+    if (e.reason() == converge::reason::kFingerprintMismatch) {
       metrics_.Add("idempotency_mismatches_total");
       return Problem(422, "Unprocessable Content",
                      "this Idempotency-Key was already used with a different request",
                      "idempotency-key-reused");
     }
-    if (e.reason() == "in_flight") {
+    if (e.reason() == converge::reason::kInFlight) {
       metrics_.Add("idempotency_conflicts_total");
       Response r = Problem(409, "Conflict",
                            "a request with this Idempotency-Key is still being processed",
@@ -460,7 +460,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
   // store was unavailable): give the lease back so the client's retry resumes at once
   // from the last recovery point instead of waiting for the lease to run out.
   auto fenced = [&](const Status& st) -> Response {
-    if (st.reason() == "fenced") {
+    if (st.reason() == converge::reason::kFenced) {
       metrics_.Add("idempotency_conflicts_total");
       Response r = Problem(409, "Conflict", "another attempt took this request over",
                            "request-in-progress");

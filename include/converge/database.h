@@ -115,6 +115,19 @@ class Tx {
 
   virtual Backend backend() const = 0;
 
+  // The next number of a store-wide sequence that only grows: once a transaction that
+  // drew a number commits, no transaction ever draws that number or a smaller one again,
+  // whatever rows are deleted meanwhile. Fencing tokens come from it (idempotency.h).
+  virtual Result<int64_t> NextFence() = 0;
+
+  // Makes every other transaction that locks the same `key` wait until this one commits
+  // or rolls back. Producers use it to serialise work on one aggregate, so that what they
+  // insert becomes visible in the order it was inserted (outbox.h). PostgreSQL: a
+  // transaction-level advisory lock on a 64-bit hash of the key (two keys may share a
+  // hash: they then wait for each other, which is slower, never wrong). SQLite: nothing to
+  // do, one write transaction runs at a time.
+  virtual Status LockUntilCommit(std::string_view key) = 0;
+
   // Tells other processes on this store that `channel` has news, when this transaction
   // commits (PostgreSQL NOTIFY, if DatabaseOptions::notify). A no-op elsewhere: callers
   // need not know whether anyone listens.

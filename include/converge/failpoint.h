@@ -1,5 +1,6 @@
 // Failpoints: named places in converge's code paths where a test, the demo or the chaos
-// harness can make the process crash, a call fail, or a step stall.
+// harness can make the process crash, a call fail, a step stall, or a thread pause until
+// the test lets it go (so every race is a deterministic test, never a lucky sleep).
 //
 // Points in the library (each documented where it sits):
 //   relay.after_publish_before_mark   consumer.before_commit
@@ -11,11 +12,14 @@
 //
 //   spec   := entry (';' entry)*
 //   entry  := name '=' action ['@' N] ['*' M]
-//   action := 'crash' | 'error(' code [',' message] ')' | 'delay(' millis ')' | 'off'
+//   action := 'crash' | 'error(' code [',' message] ')' | 'delay(' millis ')' | 'pause'
+//           | 'off'
 //
 // `crash` kills the process with SIGKILL (no destructors, no flushing: as a power cut is
-// to the process). `error(unavailable)` makes Hit() return that code. `@N` first fires on
-// the N-th hit (1-based); `*M` fires at most M times. Example:
+// to the process). `error(unavailable)` makes Hit() return that code. `pause` blocks the
+// thread in Hit() until Release(name) (or a new Configure) lets it go; WaitPaused() tells
+// a test that a thread has arrived. `@N` first fires on the N-th hit (1-based); `*M` fires
+// at most M times. Example:
 //   CONVERGE_FAILPOINTS='relay.after_publish_before_mark=crash@3;consumer.before_commit=error(unavailable)*2'
 //
 // Cost when no failpoint is configured: one relaxed atomic load per Hit().
@@ -24,6 +28,7 @@
 #define CONVERGE_FAILPOINT_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <string_view>
 
@@ -31,13 +36,23 @@
 
 namespace converge::failpoint {
 
-// Replaces the whole configuration with `spec` ("" clears it). On kInvalidArgument the
-// previous configuration stays.
+// Replaces the whole configuration with `spec` ("" clears it) and releases every paused
+// thread. On kInvalidArgument the previous configuration stays.
 Status Configure(std::string_view spec);
 // Configure(getenv("CONVERGE_FAILPOINTS")), or nothing when unset.
 Status ConfigureFromEnv();
 // How often `name` was reached since it was configured (0 when not configured).
 int64_t Hits(std::string_view name);
+
+// How many threads are paused at `name` right now.
+int64_t Paused(std::string_view name);
+// Waits until at least `count` threads are paused at `name`; false when `timeout` passed
+// first (the caller's test fails then, instead of hanging).
+bool WaitPaused(std::string_view name, std::chrono::milliseconds timeout,
+                int64_t count = 1);
+// Lets every thread paused at `name` go on (their Hit() returns OK). Later hits pause
+// again if the point still fires. Returns how many threads it released.
+int64_t Release(std::string_view name);
 
 namespace internal {
 extern std::atomic<bool> g_armed;

@@ -73,8 +73,8 @@ bool IsTransient(StatusCode code);
 class [[nodiscard]] Status {
  public:
   Status() = default;  // OK
-  Status(StatusCode code, std::string message, std::string reason = {})
-      : code_(code), message_(std::move(message)), reason_(std::move(reason)) {}
+  Status(StatusCode code, std::string message, std::string_view reason = {})
+      : code_(code), message_(std::move(message)), reason_(reason) {}
   // Lets CONVERGE_RETURN_IF_ERROR return the same expression from functions returning
   // Status and from functions returning Result<T>.
   Status(tl::unexpected<Status> u) : Status(std::move(u.value())) {}  // NOLINT
@@ -107,6 +107,28 @@ class [[nodiscard]] Status {
 };
 
 inline Status OkStatus() { return Status(); }
+
+// The machine-readable reasons (Status::reason()) that callers branch on. Compare with
+// these constants, never with string literals; each is documented where it is returned.
+namespace reason {
+// idempotency.h: the same key was used for a different request (HTTP 422).
+inline constexpr std::string_view kFingerprintMismatch = "fingerprint_mismatch";
+// idempotency.h: another attempt holds a live lease on the key (HTTP 409 + Retry-After).
+inline constexpr std::string_view kInFlight = "in_flight";
+// idempotency.h: this attempt's lease was taken over; it may no longer write.
+inline constexpr std::string_view kFenced = "fenced";
+// idempotency.h: Execute met a key that an interrupted multi-phase request holds.
+inline constexpr std::string_view kMultiPhase = "multi_phase";
+// database.h: the connection broke during COMMIT; the transaction may or may not have
+// committed (kUnavailable).
+inline constexpr std::string_view kCommitOutcomeUnknown = "commit_outcome_unknown";
+// dead_letters.h: replay or discard of a dead letter that is no longer parked.
+inline constexpr std::string_view kNotParked = "not_parked";
+// database.h: the store's schema is newer than this binary.
+inline constexpr std::string_view kSchemaTooNew = "schema_too_new";
+// failpoint.h: an error injected by a failpoint.
+inline constexpr std::string_view kFailpoint = "failpoint";
+}  // namespace reason
 Status CancelledError(std::string message);
 Status UnknownError(std::string message);
 Status InvalidArgumentError(std::string message);

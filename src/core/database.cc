@@ -42,10 +42,19 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
   Status st = fn(*this);
   --savepoint_depth_;
   if (st.ok()) {
-    // Hooks registered inside now belong to the enclosing level.
-    for (Hook& h : hooks_) h.depth = std::min(h.depth, savepoint_depth_);
-    CONVERGE_RETURN_IF_ERROR(ExecParams("RELEASE SAVEPOINT " + name, {}));
-    return st;
+    Status released = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
+    if (released.ok()) {
+      // Hooks registered inside now belong to the enclosing level.
+      for (Hook& h : hooks_) h.depth = std::min(h.depth, savepoint_depth_);
+      return st;
+    }
+    // fn returned OK, yet the savepoint cannot be released: a statement inside failed and
+    // fn swallowed its error (harmless on SQLite; on PostgreSQL the failed statement
+    // aborted the transaction). Roll back to the savepoint so the enclosing transaction
+    // can go on, and report the scope as failed.
+    st = Status(released.code(),
+                "a statement inside the savepoint failed and its error was not returned, "
+                "so the savepoint was rolled back: " + released.message());
   }
   std::erase_if(hooks_, [&](const Hook& h) { return h.depth > savepoint_depth_; });
   Status undo = StatusOf(ExecParams("ROLLBACK TO SAVEPOINT " + name, {}));

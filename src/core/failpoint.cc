@@ -5,6 +5,7 @@
 
 #include <charconv>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -18,7 +19,7 @@ std::atomic<bool> g_armed{false};
 
 namespace {
 
-enum class Action { kOff, kCrash, kError, kDelay };
+enum class Action { kOff, kCrash, kError, kDelay, kPause };
 
 struct Point {
   Action action = Action::kOff;
@@ -29,10 +30,16 @@ struct Point {
   int64_t max_fires = -1;  // -1: unlimited
   int64_t hits = 0;
   int64_t fires = 0;
+  uint64_t releases = 0;  // bumped by Release(): paused threads wait for it to change
 };
 
 std::mutex g_mu;
+std::condition_variable g_cv;  // paused threads and WaitPaused() wait on it
+// Bumped by Configure(): every paused thread goes on, whatever the new configuration.
+uint64_t g_epoch = 0;
 std::map<std::string, Point, std::less<>>* g_points = new std::map<std::string, Point, std::less<>>();
+// Threads paused per point name; kept apart from g_points so Configure() cannot lose it.
+std::map<std::string, int64_t, std::less<>>* g_paused = new std::map<std::string, int64_t, std::less<>>();
 
 std::string_view Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
@@ -87,6 +94,8 @@ Status ParseEntry(std::string_view entry, std::string* name, Point* p) {
   }
   if (verb == "crash" && arg.empty()) {
     p->action = Action::kCrash;
+  } else if (verb == "pause" && arg.empty()) {
+    p->action = Action::kPause;
   } else if (verb == "off" && arg.empty()) {
     p->action = Action::kOff;
   } else if (verb == "delay") {
@@ -108,7 +117,7 @@ Status ParseEntry(std::string_view entry, std::string* name, Point* p) {
     p->action = Action::kError;
   } else {
     return InvalidArgumentError("failpoint '" + *name + "': unknown action '" +
-                                std::string(rest) + "' (crash, error(code), delay(ms), off)");
+                                std::string(rest) + "' (crash, error(code), delay(ms), pause, off)");
   }
   return OkStatus();
 }
@@ -127,9 +136,13 @@ Status Configure(std::string_view spec) {
     CONVERGE_RETURN_IF_ERROR(ParseEntry(entry, &name, &p));
     points[name] = p;
   }
-  std::lock_guard<std::mutex> l(g_mu);
-  *g_points = std::move(points);
-  internal::g_armed.store(!g_points->empty(), std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> l(g_mu);
+    *g_points = std::move(points);
+    ++g_epoch;
+    internal::g_armed.store(!g_points->empty(), std::memory_order_relaxed);
+  }
+  g_cv.notify_all();
   return OkStatus();
 }
 
@@ -147,12 +160,39 @@ int64_t Hits(std::string_view name) {
   return it == g_points->end() ? 0 : it->second.hits;
 }
 
+int64_t Paused(std::string_view name) {
+  std::lock_guard<std::mutex> l(g_mu);
+  auto it = g_paused->find(name);
+  return it == g_paused->end() ? 0 : it->second;
+}
+
+bool WaitPaused(std::string_view name, std::chrono::milliseconds timeout, int64_t count) {
+  std::unique_lock<std::mutex> l(g_mu);
+  return g_cv.wait_for(l, timeout, [&] {
+    auto it = g_paused->find(name);
+    return it != g_paused->end() && it->second >= count;
+  });
+}
+
+int64_t Release(std::string_view name) {
+  int64_t released = 0;
+  {
+    std::lock_guard<std::mutex> l(g_mu);
+    auto it = g_points->find(name);
+    if (it != g_points->end()) ++it->second.releases;
+    auto p = g_paused->find(name);
+    released = p == g_paused->end() ? 0 : p->second;
+  }
+  g_cv.notify_all();
+  return released;
+}
+
 namespace internal {
 
 Status Evaluate(std::string_view name) {
   Point fire;
   {
-    std::lock_guard<std::mutex> l(g_mu);
+    std::unique_lock<std::mutex> l(g_mu);
     auto it = g_points->find(name);
     if (it == g_points->end()) return OkStatus();
     Point& p = it->second;
@@ -161,6 +201,21 @@ Status Evaluate(std::string_view name) {
     if (p.max_fires >= 0 && p.fires >= p.max_fires) return OkStatus();
     ++p.fires;
     fire = p;
+    if (p.action == Action::kPause) {
+      // Wait for Release(name) or a new configuration. The point is looked up again on
+      // every wake-up: Configure() may have replaced it.
+      const uint64_t epoch = g_epoch, releases = p.releases;
+      auto& paused = (*g_paused)[std::string(name)];
+      ++paused;
+      g_cv.notify_all();  // WaitPaused() callers
+      g_cv.wait(l, [&] {
+        if (g_epoch != epoch) return true;
+        auto again = g_points->find(name);
+        return again == g_points->end() || again->second.releases != releases;
+      });
+      --paused;
+      return OkStatus();
+    }
   }
   switch (fire.action) {
     case Action::kCrash:
@@ -172,8 +227,9 @@ Status Evaluate(std::string_view name) {
     case Action::kError:
       return Status(fire.code,
                     fire.message.empty() ? "failpoint " + std::string(name) : fire.message,
-                    "failpoint");
+                    reason::kFailpoint);
     case Action::kOff:
+    case Action::kPause:  // handled above, under the lock
       break;
   }
   return OkStatus();

@@ -46,13 +46,13 @@ Status Mismatch(const KeyRequest& req) {
   return Status(StatusCode::kFailedPrecondition,
                 "idempotency key '" + req.key +
                     "' was already used for a different request",
-                "fingerprint_mismatch");
+                reason::kFingerprintMismatch);
 }
 
 Status InFlight(const KeyRequest& req, int64_t retry_after_ms) {
   return Status(StatusCode::kUnavailable,
                 "a request with idempotency key '" + req.key + "' is still in progress",
-                "in_flight")
+                reason::kInFlight)
       .WithRetryAfter(std::max<int64_t>(retry_after_ms, 1));
 }
 
@@ -60,7 +60,7 @@ Status Fenced(const KeyLease& lease) {
   return Status(StatusCode::kFailedPrecondition,
                 "lease on idempotency key '" + lease.key + "' (fence " +
                     std::to_string(lease.fence) + ") was taken over by another attempt",
-                "fenced");
+                reason::kFenced);
 }
 
 // Deletes an expired row for the key (it behaves as absent) and tries to claim the key.
@@ -124,7 +124,7 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
           StatusCode::kFailedPrecondition,
           "idempotency key '" + req.key +
               "' belongs to an interrupted multi-phase request; resume it with Begin",
-          "multi_phase"));
+          reason::kMultiPhase));
     }
     CONVERGE_ASSIGN_OR_RETURN(StoredResponse response, fn(tx));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_effect_before_response"));

@@ -189,7 +189,7 @@ TYPED_TEST(StoreContract, IdempotencyOutcomes) {
   ASSERT_TRUE(again);
   EXPECT_TRUE(again->replayed);
   EXPECT_EQ(again->response, first->response);
-  EXPECT_EQ(keys.Execute({"t", "k", "other"}, fn("three")).error().reason(), "fingerprint_mismatch");
+  EXPECT_EQ(keys.Execute({"t", "k", "other"}, fn("three")).error().reason(), reason::kFingerprintMismatch);
   auto other_scope = keys.Execute({"u", "k", "f"}, fn("four"));
   ASSERT_TRUE(other_scope);
   EXPECT_FALSE(other_scope->replayed);
@@ -225,19 +225,19 @@ TYPED_TEST(StoreContract, TakeoverFencesTheStaleWorker) {
   ManualClock clock;
   IdempotencyKeys keys(*this->db_, {.ttl = std::chrono::hours(1), .lease = std::chrono::seconds(10)}, &clock);
   KeyLease a = keys.Begin({"t", "k", "f"})->lease;
-  EXPECT_EQ(keys.Begin({"t", "k", "f"}).error().reason(), "in_flight");
+  EXPECT_EQ(keys.Begin({"t", "k", "f"}).error().reason(), reason::kInFlight);
   clock.Advance(std::chrono::seconds(11));
   auto b = keys.Begin({"t", "k", "f"});
   ASSERT_TRUE(b);
   ASSERT_EQ(b->kind, Begun::Kind::kResumed);
   EXPECT_EQ(keys.Advance(a, "charged", "", [](Tx& tx) { return TestFixture::Effect(tx, "stale"); }).reason(),
-            "fenced");
+            reason::kFenced);
   KeyLease lb = b->lease;
   ASSERT_TRUE(keys.Complete(lb, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "b"}; }));
   EXPECT_EQ(keys.Complete(a, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "a"}; })
                 .error()
                 .reason(),
-            "fenced");
+            reason::kFenced);
   EXPECT_EQ(keys.Begin({"t", "k", "f"})->response.body, "b");
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
 }

@@ -234,7 +234,7 @@ TEST(DatabaseOpen, RefusesASchemaNewerThanTheBinary) {
   auto r = Database::Open("sqlite:" + dir.File("db.sqlite"));
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kFailedPrecondition);
-  EXPECT_EQ(r.error().reason(), "schema_too_new");
+  EXPECT_EQ(r.error().reason(), reason::kSchemaTooNew);
 }
 
 TEST(DatabaseOpen, RefusesAFileThatIsNotADatabase) {

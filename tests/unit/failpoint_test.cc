@@ -1,5 +1,8 @@
 #include "converge/failpoint.h"
 
+#include <atomic>
+#include <thread>
+
 #include <gtest/gtest.h>
 
 #include "tests/unit/test_util.h"
@@ -50,10 +53,40 @@ TEST_F(FailpointTest, CrashKillsTheProcess) {
   EXPECT_TRUE(testing::KilledBySigkill(status));
 }
 
+TEST_F(FailpointTest, PauseHoldsTheThreadUntilReleased) {
+  ASSERT_TRUE(failpoint::Configure("p=pause@2*1").ok());
+  EXPECT_TRUE(failpoint::Hit("p").ok());  // first hit: not yet
+  std::atomic<bool> passed{false};
+  std::thread t([&] {
+    EXPECT_TRUE(failpoint::Hit("p").ok());
+    passed = true;
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("p", std::chrono::seconds(20)));
+  EXPECT_EQ(failpoint::Paused("p"), 1);
+  EXPECT_FALSE(passed.load());
+  EXPECT_EQ(failpoint::Release("p"), 1);
+  t.join();
+  EXPECT_TRUE(passed.load());
+  EXPECT_EQ(failpoint::Paused("p"), 0);
+  EXPECT_TRUE(failpoint::Hit("p").ok());  // *1: fired once
+}
+
+TEST_F(FailpointTest, WaitPausedTimesOutAndConfigureReleasesEveryone) {
+  ASSERT_TRUE(failpoint::Configure("p=pause").ok());
+  EXPECT_FALSE(failpoint::WaitPaused("p", std::chrono::milliseconds(10)));
+  std::thread a([] { EXPECT_TRUE(failpoint::Hit("p").ok()); });
+  std::thread b([] { EXPECT_TRUE(failpoint::Hit("p").ok()); });
+  ASSERT_TRUE(failpoint::WaitPaused("p", std::chrono::seconds(20), 2));
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  a.join();
+  b.join();
+  EXPECT_EQ(failpoint::Paused("p"), 0);
+}
+
 TEST_F(FailpointTest, BadSpecsAreRejectedAndKeepThePreviousConfiguration) {
   ASSERT_TRUE(failpoint::Configure("keep=error(internal)").ok());
   for (const char* bad : {"noequals", "=crash", "a=explode", "a=error(nope)", "a=error(ok)",
-                          "a=delay(x)", "a=crash@0", "a=crash*x", "a=error(internal"}) {
+                          "a=delay(x)", "a=pause(1)", "a=crash@0", "a=crash*x", "a=error(internal"}) {
     Status s = failpoint::Configure(bad);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
   }

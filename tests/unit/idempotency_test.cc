@@ -66,7 +66,7 @@ TEST_F(IdempotencyTest, SameKeyDifferentFingerprintIsRejected) {
   auto r = keys_->Execute({"t", "k", "body-2"}, Effect("e2"));
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kFailedPrecondition);
-  EXPECT_EQ(r.error().reason(), "fingerprint_mismatch");
+  EXPECT_EQ(r.error().reason(), reason::kFingerprintMismatch);
   EXPECT_EQ(Effects(), 1);
 }
 
@@ -202,14 +202,14 @@ TEST_F(IdempotencyTest, InFlightDuplicateGetsRetryAfter) {
   auto dup = keys_->Begin({"t", "k", "f"});
   ASSERT_FALSE(dup);
   EXPECT_EQ(dup.error().code(), StatusCode::kUnavailable);
-  EXPECT_EQ(dup.error().reason(), "in_flight");
+  EXPECT_EQ(dup.error().reason(), reason::kInFlight);
   EXPECT_EQ(dup.error().retry_after_ms(), 20'000);
   // A single-phase call on the same key is in flight too.
   auto single = keys_->Execute({"t", "k", "f"}, Effect("x"));
   ASSERT_FALSE(single);
-  EXPECT_EQ(single.error().reason(), "in_flight");
+  EXPECT_EQ(single.error().reason(), reason::kInFlight);
   // And a different payload is a mismatch even while in flight.
-  EXPECT_EQ(keys_->Begin({"t", "k", "other"}).error().reason(), "fingerprint_mismatch");
+  EXPECT_EQ(keys_->Begin({"t", "k", "other"}).error().reason(), reason::kFingerprintMismatch);
 }
 
 TEST_F(IdempotencyTest, TakeoverFencesTheStaleWorker) {
@@ -229,13 +229,13 @@ TEST_F(IdempotencyTest, TakeoverFencesTheStaleWorker) {
   Status adv = keys_->Advance(a, "charged", "stale", [](Tx& tx) {
     return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ('stale-phase')"));
   });
-  EXPECT_EQ(adv.reason(), "fenced");
+  EXPECT_EQ(adv.reason(), reason::kFenced);
   auto stale = keys_->Complete(a, [](Tx& tx) -> Result<StoredResponse> {
     CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ('stale-complete')"));
     return StoredResponse{201, {}, "stale"};
   });
   ASSERT_FALSE(stale);
-  EXPECT_EQ(stale.error().reason(), "fenced");
+  EXPECT_EQ(stale.error().reason(), reason::kFenced);
   EXPECT_EQ(Effects(), 0);
 
   KeyLease lb = b->lease;
@@ -254,7 +254,7 @@ TEST_F(IdempotencyTest, ReleaseLetsARetryResumeAtOnce) {
   ASSERT_TRUE(b);
   EXPECT_EQ(b->kind, Begun::Kind::kResumed);
   EXPECT_EQ(b->lease.recovery_point, "charged");
-  EXPECT_EQ(keys_->Release(a).reason(), "fenced");
+  EXPECT_EQ(keys_->Release(a).reason(), reason::kFenced);
 }
 
 // A process crashes right after the phase that called the provider committed. The retry

@@ -134,6 +134,17 @@ CREATE TABLE relay_members (
   lease_until  BIGINT   NOT NULL
 );
 )sql",
+      // 4: fencing tokens from one store-wide sequence (never reused for a key, even
+      // after it expired and was swept); per-call claims of journalled effects; finding
+      // abandoned multi-phase requests (the completer).
+      R"sql(
+CREATE SEQUENCE converge_fences;
+SELECT setval('converge_fences', coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,
+              false);
+ALTER TABLE effects ADD COLUMN claim_token TEXT;
+CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
+  WHERE status = 'in_progress';
+)sql",
   };
   return kMigrations;
 }

@@ -108,6 +108,22 @@ class PgTx : public Tx {
   }
   Backend backend() const override { return Backend::kPostgres; }
 
+  // A SEQUENCE is never rolled back and never hands out a value twice.
+  Result<int64_t> NextFence() override {
+    CONVERGE_ASSIGN_OR_RETURN(Rows rows, QueryParams("SELECT nextval('converge_fences')", {}));
+    if (rows.empty()) return tl::unexpected(InternalError("nextval returned no row"));
+    return rows[0].Int(0);
+  }
+
+  Status LockUntilCommit(std::string_view key) override {
+    uint64_t h = 14695981039346656037ull;  // FNV-1a, 64 bits
+    for (unsigned char c : key) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+    return StatusOf(Exec("SELECT pg_advisory_xact_lock($1)", static_cast<int64_t>(h)));
+  }
+
   // Text (or binary bytea) parameters for libpq; the vectors own what `values` points at.
   struct Params {
     std::vector<std::string> text;
@@ -467,7 +483,7 @@ class PgDatabase : public Database {
                       "the database has schema version " + std::to_string(version) +
                           ", newer than this binary's " + std::to_string(migrations.size()) +
                           "; upgrade converge",
-                      "schema_too_new");
+                      reason::kSchemaTooNew);
       }
       for (size_t v = static_cast<size_t>(version); st.ok() && v < migrations.size(); ++v) {
         PGresult* res = PQexec(c, migrations[v]);

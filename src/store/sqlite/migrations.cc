@@ -135,6 +135,20 @@ CREATE TABLE relay_members (
   lease_until  INTEGER  NOT NULL
 );
 )sql",
+      // 4: fencing tokens from one store-wide sequence (never reused for a key, even
+      // after it expired and was swept); per-call claims of journalled effects; finding
+      // abandoned multi-phase requests (the completer).
+      R"sql(
+CREATE TABLE converge_sequences (
+  name  TEXT    NOT NULL PRIMARY KEY,
+  value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO converge_sequences (name, value)
+  SELECT 'fence', coalesce(max(fence), 0) FROM idempotency_keys;
+ALTER TABLE effects ADD COLUMN claim_token TEXT;
+CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
+  WHERE status = 'in_progress';
+)sql",
   };
   return kMigrations;
 }

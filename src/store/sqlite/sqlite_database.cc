@@ -236,6 +236,18 @@ class SqliteTx : public Tx {
   }
   Backend backend() const override { return Backend::kSqlite; }
 
+  // One writer at a time: the row update is the whole sequence. A rolled-back draw is
+  // drawn again by the next transaction, which is fine: nobody saw it committed.
+  Result<int64_t> NextFence() override {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, QueryParams("UPDATE converge_sequences SET value = value + 1 "
+                               "WHERE name = 'fence' RETURNING value",
+                               {}));
+    if (rows.empty()) return tl::unexpected(InternalError("converge_sequences has no 'fence' row"));
+    return rows[0].Int(0);
+  }
+  Status LockUntilCommit(std::string_view) override { return OkStatus(); }
+
  private:
   Connection* conn_;
 };
@@ -367,7 +379,7 @@ class SqliteDatabase : public Database {
                     "'" + path_ + "' has schema version " + std::to_string(version) +
                         ", newer than this binary's " + std::to_string(migrations.size()) +
                         "; upgrade converge",
-                    "schema_too_new");
+                    reason::kSchemaTooNew);
     }
     for (size_t v = version; v < migrations.size(); ++v) {
       CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript("BEGIN IMMEDIATE"));
