@@ -25,7 +25,17 @@
 //   kUnavailable, reason "in_flight",
 //     retry_after_ms() set                 another attempt holds a live lease   -> 409
 //   kFailedPrecondition, reason "fenced"   this worker's lease was taken over
-// An expired key (expires_at passed) behaves as if it had never existed.
+// Expiry: a key past expires_at behaves as if it had never existed once it is finished,
+// or was never past its first phase ("started") and is no longer leased. Unfinished work
+// past its first phase never expires: it may have acted outside the database, and only a
+// resume from its recovery point converges.
+//
+// Fencing tokens come from one store-wide sequence (Tx::NextFence): a fence is never
+// handed out twice for a (scope, key), not after expiry, sweep or re-creation, so a
+// stalled attempt can never write again once another attempt holds the key. A takeover is
+// one conditional statement (in progress, lease lapsed, fence unchanged) that returns the
+// recovery point it took over. A Completer (completer.h) finishes requests whose client
+// went away.
 //
 // Thread safety: IdempotencyKeys is safe to use from many threads.
 #ifndef CONVERGE_IDEMPOTENCY_H_
@@ -111,8 +121,10 @@ class IdempotencyKeys {
   // fn again. Later calls: the stored response with replayed = true.
   Result<Outcome> Execute(const KeyRequest& request, const Fn& fn);
 
-  // Multi-phase: claims the key (kStarted), takes over an expired attempt (kResumed,
-  // fence raised), or returns the stored outcome (kReplayed).
+  // Multi-phase: claims the key (kStarted), takes over an attempt whose lease lapsed
+  // (kResumed, new fence, from the recovery point that attempt last committed), or returns
+  // the stored outcome (kReplayed). A takeover that loses to a concurrent attempt (which
+  // advanced, renewed or took over first) answers kUnavailable/reason::kInFlight.
   Result<Begun> Begin(const KeyRequest& request);
 
   // Commits fn(tx) together with the new recovery point and data, and renews the lease.
@@ -123,6 +135,12 @@ class IdempotencyKeys {
 
   // Runs fn(tx) and stores its response, completing the record, in one transaction.
   Result<Outcome> Complete(KeyLease& lease, const Fn& fn);
+
+  // kInvalidArgument unless 0 < lease < ttl. A key must outlive the longest attempt on it:
+  // were it forgotten while an attempt still works, a retry would start the request afresh.
+  // Execute and Begin refuse to run with such options; services check them at start.
+  static Status ValidateOptions(const IdempotencyOptions& options);
+  const IdempotencyOptions& options() const { return options_; }
 
   // Gives up the lease at once (the outcome is unknown: a retry resumes from the last
   // recovery point without waiting for the lease to run out).

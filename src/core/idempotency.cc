@@ -4,6 +4,7 @@
 
 #include "converge/failpoint.h"
 #include "src/core/crypto.h"
+#include "src/core/idempotency_internal.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -13,8 +14,14 @@ using json = nlohmann::json;
 
 constexpr std::string_view kSelectKey =
     "SELECT request_hash, status, lease_until, fence, recovery_point, recovery_data, "
-    "response_status, response_headers, response_body "
+    "response_status, response_headers, response_body, expires_at "
     "FROM idempotency_keys WHERE scope = $1 AND key = $2";
+
+// When a row may be forgotten and its key used afresh: past expires_at, and either
+// finished or never past its first phase and no longer leased. Work that reached a later
+// recovery point is never forgotten while unfinished: it may have acted outside the
+// database (a charge), and only a resume from that point converges. The sweeper deletes by
+// the same rule.
 
 std::string EncodeHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
   json a = json::array();
@@ -63,24 +70,86 @@ Status Fenced(const KeyLease& lease) {
                 reason::kFenced);
 }
 
-// Deletes an expired row for the key (it behaves as absent) and tries to claim the key.
-// Returns true when this transaction now owns a fresh in-progress row with fence 1.
-Result<bool> Claim(Tx& tx, const KeyRequest& req, const std::string& hash, int64_t now,
-                   int64_t lease_until, int64_t expires_at) {
-  CONVERGE_RETURN_IF_ERROR(tx.Exec(
-      "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= $3",
-      req.scope, req.key, now));
-  CONVERGE_ASSIGN_OR_RETURN(
-      int64_t inserted,
-      tx.Exec("INSERT INTO idempotency_keys (scope, key, request_hash, status, "
-              "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
-              "VALUES ($1, $2, $3, 'in_progress', 'started', $4, 1, $5, $5, $6) "
-              "ON CONFLICT (scope, key) DO NOTHING",
-              req.scope, req.key, hash, lease_until, now, expires_at));
-  return inserted == 1;
+// ForgettableKeyCondition, on a row read with kSelectKey.
+bool Forgettable(const Row& r, int64_t now) {
+  return r.Int(9) <= now &&
+         (r.Text(1) == "completed" || (r.Text(4) == "started" && r.Int(2) <= now));
+}
+
+// The key as this transaction left it: either claimed afresh (`claimed`, holding
+// `fence`) or the row another attempt owns or finished.
+struct ClaimResult {
+  bool claimed = false;
+  int64_t fence = 0;
+  Row row;
+};
+
+// Claims the key for a fresh attempt when it is absent or forgettable; otherwise returns
+// its row. A fresh claim draws its fence from the store-wide sequence, so a fence is never
+// handed out twice for one (scope, key), whatever expired or was swept in between.
+Result<ClaimResult> Claim(Tx& tx, const KeyRequest& req, const std::string& hash, int64_t now,
+                          int64_t lease_until, int64_t expires_at) {
+  for (int round = 0; round < 2; ++round) {
+    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
+    if (rows.empty()) {
+      CONVERGE_ASSIGN_OR_RETURN(int64_t fence, tx.NextFence());
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t inserted,
+          tx.Exec("INSERT INTO idempotency_keys (scope, key, request_hash, status, "
+                  "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
+                  "VALUES ($1, $2, $3, 'in_progress', 'started', $4, $5, $6, $6, $7) "
+                  "ON CONFLICT (scope, key) DO NOTHING",
+                  req.scope, req.key, hash, lease_until, fence, now, expires_at));
+      if (inserted == 1) return ClaimResult{true, fence, {}};
+      continue;  // another attempt inserted it first: read what it left
+    }
+    if (!Forgettable(rows[0], now)) return ClaimResult{false, 0, std::move(rows[0])};
+    // Re-use the row in place, conditional on the state just read (another attempt may
+    // claim it between the read and this update on PostgreSQL).
+    CONVERGE_ASSIGN_OR_RETURN(int64_t fence, tx.NextFence());
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n,
+        tx.Exec("UPDATE idempotency_keys SET request_hash = $1, status = 'in_progress', "
+                "recovery_point = 'started', recovery_data = '', lease_until = $2, "
+                "fence = $3, response_status = NULL, response_headers = NULL, "
+                "response_body = NULL, created_at = $4, updated_at = $4, expires_at = $5 "
+                "WHERE scope = $6 AND key = $7 AND fence = $8 AND " +
+                    internal::ForgettableKeyCondition("$4"),
+                hash, lease_until, fence, now, expires_at, req.scope, req.key,
+                rows[0].Int(3)));
+    if (n == 1) return ClaimResult{true, fence, {}};
+  }
+  return tl::unexpected(AbortedError("idempotency key changed while being claimed"));
 }
 
 }  // namespace
+
+namespace internal {
+
+std::string ForgettableKeyCondition(std::string_view now) {
+  const std::string n(now);
+  return "expires_at <= " + n + " AND (status = 'completed' OR (recovery_point = 'started' "
+         "AND lease_until <= " + n + "))";
+}
+
+Result<std::optional<KeyLease>> TakeOver(Tx& tx, const std::string& scope,
+                                         const std::string& key, int64_t fence,
+                                         int64_t lapsed_before, int64_t lease_until,
+                                         int64_t now) {
+  CONVERGE_ASSIGN_OR_RETURN(int64_t next, tx.NextFence());
+  // One statement decides: still in progress, lease lapsed, fence unchanged. It returns
+  // the recovery point it took over, never one read before another attempt advanced it.
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows rows,
+      tx.Query("UPDATE idempotency_keys SET fence = $1, lease_until = $2, updated_at = $3 "
+               "WHERE scope = $4 AND key = $5 AND status = 'in_progress' AND fence = $6 "
+               "AND lease_until <= $7 RETURNING recovery_point, recovery_data",
+               next, lease_until, now, scope, key, fence, lapsed_before));
+  if (rows.empty()) return std::optional<KeyLease>();
+  return std::optional<KeyLease>(KeyLease{scope, key, next, rows[0].Text(0), rows[0].Text(1)});
+}
+
+}  // namespace internal
 
 std::string RequestFingerprint(std::string_view method, std::string_view path,
                                std::string_view body) {
@@ -100,8 +169,21 @@ IdempotencyKeys::IdempotencyKeys(Database& db, IdempotencyOptions options, Clock
     : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
 
 Status IdempotencyKeys::Validate(const KeyRequest& r) const {
+  CONVERGE_RETURN_IF_ERROR(ValidateOptions(options_));
   CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("idempotency scope", r.scope, 255));
   CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("idempotency key", r.key, 255));
+  return OkStatus();
+}
+
+Status IdempotencyKeys::ValidateOptions(const IdempotencyOptions& o) {
+  if (o.lease <= Millis(0)) return InvalidArgumentError("idempotency lease must be positive");
+  if (o.ttl <= o.lease) {
+    return InvalidArgumentError(
+        "idempotency ttl (" + std::to_string(o.ttl.count()) + " ms) must exceed the lease (" +
+        std::to_string(o.lease.count()) +
+        " ms): a key must outlive the longest attempt, or a retry would start the request "
+        "afresh while the first attempt still works on it");
+  }
   return OkStatus();
 }
 
@@ -111,12 +193,10 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
   return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        bool claimed, Claim(tx, req, hash, now, now + options_.lease.count(),
-                            now + options_.ttl.count()));
-    if (!claimed) {
-      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
-      if (rows.empty()) return tl::unexpected(AbortedError("idempotency key vanished"));
-      const Row& r = rows[0];
+        ClaimResult c, Claim(tx, req, hash, now, now + options_.lease.count(),
+                             now + options_.ttl.count()));
+    if (!c.claimed) {
+      const Row& r = c.row;
       if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
       if (r.Text(1) == "completed") return Outcome{ResponseOf(r), true};
       if (r.Int(2) > now) return tl::unexpected(InFlight(req, r.Int(2) - now));
@@ -128,7 +208,7 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
     }
     CONVERGE_ASSIGN_OR_RETURN(StoredResponse response, fn(tx));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_effect_before_response"));
-    KeyLease lease{req.scope, req.key, 1, "started", ""};
+    KeyLease lease{req.scope, req.key, c.fence, "started", ""};
     CONVERGE_RETURN_IF_ERROR(StoreResponse(tx, lease, response, now));
     return Outcome{std::move(response), false};
   });
@@ -141,19 +221,14 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
     const int64_t now = clock_->NowMillis();
     const int64_t lease_until = now + options_.lease.count();
     CONVERGE_ASSIGN_OR_RETURN(
-        bool claimed, Claim(tx, req, hash, now, lease_until, now + options_.ttl.count()));
+        ClaimResult c, Claim(tx, req, hash, now, lease_until, now + options_.ttl.count()));
     Begun b;
-    b.lease.scope = req.scope;
-    b.lease.key = req.key;
-    if (claimed) {
+    if (c.claimed) {
       b.kind = Begun::Kind::kStarted;
-      b.lease.fence = 1;
-      b.lease.recovery_point = "started";
+      b.lease = KeyLease{req.scope, req.key, c.fence, "started", ""};
       return b;
     }
-    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
-    if (rows.empty()) return tl::unexpected(AbortedError("idempotency key vanished"));
-    const Row& r = rows[0];
+    const Row& r = c.row;
     if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
     if (r.Text(1) == "completed") {
       b.kind = Begun::Kind::kReplayed;
@@ -161,18 +236,17 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
       return b;
     }
     if (r.Int(2) > now) return tl::unexpected(InFlight(req, r.Int(2) - now));
-    // The previous attempt's lease ran out: take over, raising the fence so that attempt
-    // can no longer write.
-    const int64_t old_fence = r.Int(3);
+    // Failpoint: another attempt may advance or finish the row right here (PostgreSQL).
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.before_takeover"));
+    // The previous attempt's lease ran out: take over with a new fence so that attempt can
+    // no longer write. If it advanced, renewed or finished since the read above, the
+    // conditional takeover changes nothing and this attempt is told to come back.
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t n, tx.Exec("UPDATE idempotency_keys SET fence = fence + 1, lease_until = $1, "
-                           "updated_at = $2 WHERE scope = $3 AND key = $4 AND fence = $5",
-                           lease_until, now, req.scope, req.key, old_fence));
-    if (n != 1) return tl::unexpected(AbortedError("concurrent takeover"));
+        std::optional<KeyLease> taken,
+        internal::TakeOver(tx, req.scope, req.key, r.Int(3), now, lease_until, now));
+    if (!taken) return tl::unexpected(InFlight(req, 1000));
     b.kind = Begun::Kind::kResumed;
-    b.lease.fence = old_fence + 1;
-    b.lease.recovery_point = r.Text(4);
-    b.lease.recovery_data = r.Text(5);
+    b.lease = std::move(*taken);
     return b;
   });
 }

@@ -1,5 +1,7 @@
 #include "converge/sweeper.h"
 
+#include "src/core/idempotency_internal.h"
+
 namespace converge {
 
 Sweeper::Sweeper(Database& db, SweepOptions options, Clock* clock)
@@ -11,7 +13,7 @@ Result<SweepStats> Sweeper::RunOnce() {
   SweepStats s;
   // Each DELETE picks its victims by primary key through a LIMITed subquery: bounded work
   // per transaction on both backends.
-  auto sweep = [&](int64_t* out, const char* sql, int64_t cutoff) -> Status {
+  auto sweep = [&](int64_t* out, std::string_view sql, int64_t cutoff) -> Status {
     return db_.Transact([&](Tx& tx) -> Status {
       CONVERGE_ASSIGN_OR_RETURN(*out, tx.Exec(sql, cutoff, options_.batch));
       return OkStatus();
@@ -19,9 +21,8 @@ Result<SweepStats> Sweeper::RunOnce() {
   };
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.keys,
-      "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key FROM "
-      "idempotency_keys WHERE expires_at <= $1 AND (status = 'completed' OR lease_until <= $1) "
-      "LIMIT $2)",
+      ("DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key FROM "
+       "idempotency_keys WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2)"),
       now));
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.inbox,
