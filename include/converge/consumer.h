@@ -13,7 +13,12 @@
 //   permanent, or attempts exhausted, or the
 //   envelope cannot be decoded, or no handler   -> parked in dead_letters (same
 //                                                   transaction), then acked
-// Never an infinite poison loop. A handler must keep its effects inside the Tx; an
+// Never an infinite poison loop: a redelivered message (it came back unsettled: its
+// handler failed, its transaction failed, or it killed the process) runs alone in its
+// own transaction, after its handler start was counted in a committed row; one started
+// max_attempts times without settling is parked before its handler runs again (error
+// class "unsettled"). A batch whose transaction fails is retried one delivery at a time
+// at once, so one bad message never holds its neighbours back. A handler must keep its effects inside the Tx; an
 // external effect (email, payment) must be called with a deterministic key derived from
 // the event so its provider dedupes it.
 //
@@ -35,6 +40,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "converge/clock.h"
 #include "converge/database.h"
@@ -82,7 +88,8 @@ class Consumer {
   // that does not outlive redelivery).
   Status Validate() const;
 
-  // Fetches one batch and processes it. Returns how many deliveries it settled.
+  // Fetches one batch and processes it. Returns how many deliveries it committed and
+  // settled, or the first error when it settled none (unsettled deliveries come back).
   Result<size_t> RunOnce();
 
   // Runs batches on a background thread until Stop(). Refuses invalid options.
@@ -104,6 +111,18 @@ class Consumer {
   };
 
   Status ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision);
+  Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
+              const Status& error, Decision* decision);
+  Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
+              const Status& error, Decision* decision, const std::string& source,
+              const std::string& id);
+  // First deliveries: one transaction, a savepoint each, then one settle.
+  Status RunBatch(const std::vector<const Delivery*>& batch);
+  // A redelivered (or retried) delivery on its own, its handler start counted first.
+  Status RunAlone(const Delivery& d);
+  // Acks or naks what committed. A failure only delays: those deliveries come back and
+  // the inbox absorbs them.
+  void Settle(const std::vector<const Delivery*>& batch, const std::vector<Decision>& decisions);
   const Handler* FindHandler(const std::string& type) const;
   Millis Backoff(int64_t attempts) const;
 

@@ -45,7 +45,9 @@ struct RelayOptions {
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
   Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
-  // name takes its partitions back at once; a new name waits for the old leases to lapse.
+  // name takes its partitions back at once (raising their fences, so the previous
+  // incarnation, if still alive, can no longer mark or publish); a new name waits for the
+  // old leases to lapse.
   // Empty: a random one.
   std::string name;
 };
@@ -91,6 +93,8 @@ class Relay {
   const RelayOptions options_;
   Clock* clock_;
   std::string name_;
+  // Partition -> fence this incarnation acquired (only the RunOnce thread uses it).
+  std::map<int64_t, int64_t> held_;
 
   std::atomic<bool> running_{false};
   std::thread thread_;

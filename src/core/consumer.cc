@@ -56,42 +56,52 @@ Millis Consumer::Backoff(int64_t attempts) const {
   return internal::FullJitterBackoff(attempts, options_.backoff_initial, options_.backoff_max);
 }
 
+// Parks the delivery and settles it in the inbox as dead-lettered, so a redelivery of
+// the same message (a lost ack) is absorbed instead of parked twice. A replay removes
+// that inbox row again.
+Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
+                      const Status& error, Decision* decision) {
+  return Park(tx, d, now, error_class, error, decision, d.message.source, d.message.id);
+}
+
+Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
+                      const Status& error, Decision* decision, const std::string& source,
+                      const std::string& id) {
+  CONVERGE_ASSIGN_OR_RETURN(
+      int64_t inserted,
+      tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
+              "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, 'dead_lettered') "
+              "ON CONFLICT (consumer, source, event_id) DO NOTHING",
+              options_.name, source, id, now, now + options_.inbox_ttl.count()));
+  decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
+  if (inserted == 0) {
+    decision->fate = Fate::kDuplicate;
+    return OkStatus();
+  }
+  decision->fate = Fate::kDead;
+  DeadLetter letter;
+  letter.consumer = options_.name;
+  letter.queue = d.queue;
+  letter.event_id = id;
+  letter.source = source;
+  letter.type = d.message.type;
+  letter.envelope = d.message.envelope;
+  letter.error_class = error_class;
+  letter.error_code = std::string(StatusCodeName(error.code()));
+  letter.error = error.message();
+  letter.attempts = d.attempts;
+  letter.first_failure_at = d.first_failure_at ? d.first_failure_at : now;
+  letter.last_failure_at = now;
+  return StatusOf(DeadLetters::Park(tx, letter));
+}
+
 Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision) {
   const std::string* source = &d.message.source;
   const std::string* id = &d.message.id;
 
-  // Parks the delivery and settles it in the inbox as dead-lettered, so a redelivery of
-  // the same message (a lost ack) is absorbed instead of parked twice. A replay removes
-  // that inbox row again.
   auto park = [&](const char* error_class, const Status& error) -> Status {
-    CONVERGE_ASSIGN_OR_RETURN(
-        int64_t inserted,
-        tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
-                "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, 'dead_lettered') "
-                "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-                options_.name, *source, *id, now, now + options_.inbox_ttl.count()));
-    decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
-    if (inserted == 0) {
-      decision->fate = Fate::kDuplicate;
-      return OkStatus();
-    }
-    decision->fate = Fate::kDead;
-    DeadLetter letter;
-    letter.consumer = options_.name;
-    letter.queue = d.queue;
-    letter.event_id = *id;
-    letter.source = *source;
-    letter.type = d.message.type;
-    letter.envelope = d.message.envelope;
-    letter.error_class = error_class;
-    letter.error_code = std::string(StatusCodeName(error.code()));
-    letter.error = error.message();
-    letter.attempts = d.attempts;
-    letter.first_failure_at = d.first_failure_at ? d.first_failure_at : now;
-    letter.last_failure_at = now;
-    return StatusOf(DeadLetters::Park(tx, letter));
+    return Park(tx, d, now, error_class, error, decision, *source, *id);
   };
-
   Result<Event> event = DecodeEnvelope(d.message.envelope);
   if (!event) return park("decode", event.error());
   // The envelope is the identity end to end; the transport's copy is only a fallback.
@@ -140,30 +150,110 @@ Result<size_t> Consumer::RunOnce() {
   CONVERGE_ASSIGN_OR_RETURN(std::vector<Delivery> deliveries,
                             subscriber_.Fetch(options_.batch, options_.visibility));
   if (deliveries.empty()) return size_t{0};
+  // First deliveries share one transaction. A redelivered message came back without
+  // being settled: its handler may have failed, its transaction may fail every time, or
+  // it may kill the process. Each such suspect runs alone, so it cannot take innocent
+  // neighbours down with it, and its handler starts are counted durably.
+  std::vector<const Delivery*> fresh, suspects;
+  for (const Delivery& d : deliveries) (d.attempts > 1 ? suspects : fresh).push_back(&d);
+  Status first_error;
+  size_t settled = 0;
+  if (!fresh.empty()) {
+    Status st = RunBatch(fresh);
+    if (st.ok()) {
+      settled += fresh.size();
+    } else {
+      // Nothing of the batch committed. Retry its deliveries one at a time right away,
+      // so one bad message cannot hold the others back.
+      first_error = st;
+      suspects.insert(suspects.begin(), fresh.begin(), fresh.end());
+    }
+  }
+  for (const Delivery* d : suspects) {
+    Status st = RunAlone(*d);
+    if (st.ok()) {
+      ++settled;
+    } else if (first_error.ok()) {
+      first_error = st;
+    }
+  }
+  if (!first_error.ok()) {
+    std::lock_guard<std::mutex> l(stats_mu_);
+    stats_.last_error = first_error.ToString();
+    if (settled == 0) return tl::unexpected(first_error);
+  }
+  return settled;
+}
 
+Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
   std::vector<Decision> decisions;
   Status st = db_.Transact([&](Tx& tx) -> Status {
-    decisions.assign(deliveries.size(), Decision{});
+    decisions.assign(batch.size(), Decision{});
     const int64_t now = clock_->NowMillis();
-    for (size_t i = 0; i < deliveries.size(); ++i) {
-      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, deliveries[i], now, &decisions[i]));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], now, &decisions[i]));
     }
     return failpoint::Hit("consumer.before_commit");
   });
-  if (!st.ok()) {
-    // Nothing was committed; the deliveries become visible again when their timeout runs
-    // out, and are redelivered.
-    std::lock_guard<std::mutex> l(stats_mu_);
-    stats_.last_error = st.ToString();
-    return tl::unexpected(st);
-  }
-  CONVERGE_RETURN_IF_ERROR(failpoint::Hit("consumer.after_commit_before_ack"));
+  if (!st.ok()) return st;  // nothing committed
+  Settle(batch, decisions);
+  return OkStatus();
+}
 
+Status Consumer::RunAlone(const Delivery& d) {
+  // Count this start in its own committed transaction first: if the handler kills the
+  // process, the count survives and names the culprit (its neighbours, not started, keep
+  // theirs).
+  int64_t starts = 0;
+  CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows,
+        tx.Query("INSERT INTO consumer_starts (consumer, source, event_id, starts) "
+                 "VALUES ($1, $2, $3, 1) ON CONFLICT (consumer, source, event_id) "
+                 "DO UPDATE SET starts = consumer_starts.starts + 1 RETURNING starts",
+                 options_.name, d.message.source, d.message.id));
+    starts = rows.empty() ? 1 : rows[0].Int(0);
+    return OkStatus();
+  }));
+  std::vector<Decision> decision(1);
+  const std::vector<const Delivery*> one = {&d};
+  Status st = db_.Transact([&](Tx& tx) -> Status {
+    decision.assign(1, Decision{});
+    const int64_t now = clock_->NowMillis();
+    if (starts > options_.max_attempts) {
+      // Started max_attempts times and never settled: do not run it again.
+      CONVERGE_RETURN_IF_ERROR(Park(
+          tx, d, now, "unsettled",
+          AbortedError("handler started " + std::to_string(starts - 1) +
+                       " times without settling (it may crash its process, or its "
+                       "transaction fails every time); last error: " +
+                       (d.last_error.empty() ? std::string("none recorded") : d.last_error)),
+          &decision[0]));
+    } else {
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, now, &decision[0]));
+    }
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
+        options_.name, d.message.source, d.message.id));
+    return failpoint::Hit("consumer.before_commit");
+  });
+  if (!st.ok()) return st;  // the start stays counted; the delivery comes back
+  Settle(one, decision);
+  return OkStatus();
+}
+
+void Consumer::Settle(const std::vector<const Delivery*>& batch,
+                      const std::vector<Decision>& decisions) {
+  Status settled = failpoint::Hit("consumer.after_commit_before_ack");
+  std::vector<Delivery> settled_deliveries;
   std::vector<Settlement> settlements;
-  settlements.reserve(decisions.size());
-  for (const Decision& d : decisions) settlements.push_back(d.settlement);
-  Status settled = subscriber_.Settle(deliveries, settlements);
-
+  settled_deliveries.reserve(batch.size());
+  settlements.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    settled_deliveries.push_back(*batch[i]);
+    settlements.push_back(decisions[i].settlement);
+  }
+  if (settled.ok()) settled = subscriber_.Settle(settled_deliveries, settlements);
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.batches;
   for (const Decision& d : decisions) {
@@ -174,12 +264,8 @@ Result<size_t> Consumer::RunOnce() {
       case Fate::kDead: ++stats_.dead_lettered; break;
     }
   }
-  if (!settled.ok()) {
-    // The effects are committed; unsettled deliveries come back and hit the inbox.
-    stats_.last_error = settled.ToString();
-    return tl::unexpected(settled);
-  }
-  return deliveries.size();
+  // Unsettled deliveries whose effects committed come back and hit the inbox.
+  if (!settled.ok()) stats_.last_error = settled.ToString();
 }
 
 Status Consumer::Start() {

@@ -155,6 +155,11 @@ Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
   if (data.is_discarded()) {
     return tl::unexpected(InvalidArgumentError("event data is not valid JSON"));
   }
+  // Per-aggregate order under concurrent producers: `seq` is drawn at insert, so two
+  // transactions enqueueing for one aggregate could commit in the opposite order of their
+  // seqs, and the relay would publish the later event first. Holding a per-aggregate lock
+  // until commit makes the second producer draw its seq only after the first committed.
+  CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + e.subject));
   json headers = json::object();
   if (!e.traceparent.empty()) headers["traceparent"] = e.traceparent;
   CONVERGE_RETURN_IF_ERROR(

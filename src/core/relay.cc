@@ -71,7 +71,10 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     for (const Row& r : rows) by_partition[r.Int(0)] = &r;
     const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
                           static_cast<int64_t>(live.size());
-    // Renew what is still ours, shedding any excess over the fair share.
+    // Renew what is still ours, shedding any excess over the fair share. A partition
+    // under our name that this incarnation did not acquire (a restart that reuses the
+    // name, while the previous process may still be alive) is taken at once but with a
+    // raised fence, so the previous process can no longer mark or publish in it.
     for (const Row& r : rows) {
       if (r.Text(1) != name_ || r.Int(3) <= now) continue;
       if (static_cast<int64_t>(owned.size()) >= share) {
@@ -80,11 +83,14 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
             "AND fence = $3", r.Int(0), name_, r.Int(2)));
         continue;
       }
+      auto held = held_.find(r.Int(0));
+      const bool ours = held != held_.end() && held->second == r.Int(2);
+      const int64_t fence = ours ? r.Int(2) : r.Int(2) + 1;
       CONVERGE_ASSIGN_OR_RETURN(
-          int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1 WHERE partition_no = $2 "
-                             "AND owner = $3 AND fence = $4",
-                             until, r.Int(0), name_, r.Int(2)));
-      if (n == 1) owned[r.Int(0)] = r.Int(2);
+          int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1, fence = $2 "
+                             "WHERE partition_no = $3 AND owner = $4 AND fence = $5",
+                             until, fence, r.Int(0), name_, r.Int(2)));
+      if (n == 1) owned[r.Int(0)] = fence;
     }
     // Take free or expired partitions up to the share. Each take raises the fence; the
     // WHERE makes two relays racing for one partition end with one winner.
@@ -109,6 +115,7 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     return OkStatus();
   });
   if (!st.ok()) return tl::unexpected(st);
+  held_ = owned;
   return owned;
 }
 

@@ -2,6 +2,9 @@
 // pauses a thread at a failpoint (or stalls it past its lease with an injected clock),
 // lets the other side run, and checks the invariant. Each failed on the code before the
 // fix it guards.
+#include <signal.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <optional>
 #include <thread>
@@ -9,8 +12,12 @@
 #include <gtest/gtest.h>
 
 #include "converge/completer.h"
+#include "converge/consumer.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
+#include "converge/outbox.h"
+#include "converge/relay.h"
+#include "converge/sql_queue.h"
 #include "converge/sweeper.h"
 #include "tests/contract/store_fixture.h"
 
@@ -30,6 +37,21 @@ class Races : public StoreContract<Store> {
   }
   static IdempotencyKeys::Fn Answer(const std::string& body) {
     return [body](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, body}; };
+  }
+  // Puts one event with a fixed id straight on `queue`.
+  void Put(SqlQueue& q, const std::string& queue, const std::string& id) {
+    Event e = StoreContract<Store>::MakeEvent("agg-" + id);
+    e.id = id;
+    e.source = "urn:test";
+    e.time = 1;
+    e.aggregate_type = "thing";
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return q.EnqueueInTx(tx, queue, Message{e.id, e.source, e.type, e.subject,
+                                                               EncodeEnvelope(e)});
+                     }).ok());
+  }
+  bool HasEffect(const std::string& id) {
+    return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
   }
 };
 TYPED_TEST_SUITE(Races, Stores, StoreNames);
@@ -204,6 +226,214 @@ TYPED_TEST(Races, TwoCompletersResumeARequestOnce) {
   EXPECT_EQ(resumed, 1);
   EXPECT_EQ(first.stats().lost, 1);
   EXPECT_EQ(keys.Begin({"t", "k", "f"})->kind, Begun::Kind::kReplayed);
+}
+
+// A handler that kills its process used to be redelivered forever, and since its whole
+// batch was one transaction, its innocent neighbours never committed either. Now the
+// redelivered batch runs one message at a time with durable start counts: the neighbours
+// apply once, and the killer is parked after max_attempts starts, before running again.
+TYPED_TEST(Races, AMessageThatKillsItsProcessIsParkedAndItsNeighboursApplyOnce) {
+  {
+    SqlQueue q(*this->db_);
+    for (const char* id : {"e-a", "poison", "e-b", "e-c"}) this->Put(q, "ledger", id);
+  }
+  const std::string uri = this->store_.uri;
+  this->db_.reset();
+  constexpr int kMaxAttempts = 3;
+  const int64_t base = Clock::System()->NowMillis();
+  int rounds = 0;
+  bool done = false;
+  while (!done && rounds < 12) {
+    ++rounds;
+    int status = testing::RunInChild([&] {
+      auto db = Database::Open(uri);
+      if (!db) return false;
+      // Each process starts an hour after the last: earlier fetches are visible again.
+      ManualClock clock(base + rounds * 3'600'000LL);
+      SqlQueue queue(**db, &clock);
+      auto sub = queue.OpenSubscriber("ledger");
+      Consumer c(**db, *sub, {.name = "ledger", .max_attempts = kMaxAttempts}, &clock);
+      c.On("*", [](Tx& tx, const Event& e) -> Status {
+        if (e.id == "poison") ::kill(::getpid(), SIGKILL);
+        return TestFixture::Effect(tx, e.id);
+      });
+      for (;;) {
+        auto r = c.RunOnce();
+        if (!r) return false;
+        if (*r == 0) return true;
+      }
+    });
+    done = testing::ExitedCleanly(status);
+    if (!done) {
+      ASSERT_TRUE(testing::KilledBySigkill(status)) << "round " << rounds;
+    }
+  }
+  ASSERT_TRUE(done) << "still looping after " << rounds << " processes";
+  EXPECT_LE(rounds, kMaxAttempts + 2);
+  this->db_ = this->Open();
+  for (const char* id : {"e-a", "e-b", "e-c"}) EXPECT_TRUE(this->HasEffect(id)) << id;
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 3);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE event_id = 'poison' "
+                        "AND error_class = 'unsettled'"), 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters"), 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM queue_messages"), 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_starts"), 0);
+}
+
+// A batch whose transaction fails is retried one delivery at a time at once.
+TYPED_TEST(Races, AFailedBatchIsRetriedOneDeliveryAtATime) {
+  SqlQueue q(*this->db_);
+  for (const char* id : {"e1", "e2", "e3"}) this->Put(q, "ledger", id);
+  auto sub = q.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger"});
+  c.On("*", [](Tx& tx, const Event& e) { return TestFixture::Effect(tx, e.id); });
+  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(internal)*1").ok());
+  auto r = c.RunOnce();
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(*r, 3u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 3);
+  EXPECT_EQ(*q.Depth("ledger"), 0);
+}
+
+// The PostgreSQL wedge: a handler that treats "already exists" as success swallowed a
+// failed statement; the transaction stayed aborted, parking failed too, and the batch
+// rolled back forever. SQLite tolerates the idiom; on PostgreSQL the savepoint now rolls
+// back to itself and the delivery is parked. Either way the neighbours commit.
+TYPED_TEST(Races, AHandlerThatSwallowsAStatementErrorCannotWedgeItsBatch) {
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "dup"); }).ok());
+  SqlQueue q(*this->db_);
+  for (const char* id : {"e1", "swallower", "e3"}) this->Put(q, "ledger", id);
+  auto sub = q.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger"});
+  c.On("*", [](Tx& tx, const Event& e) -> Status {
+    if (e.id == "swallower") {
+      (void)TestFixture::Effect(tx, "dup");  // fails: "already exists", taken as done
+      return OkStatus();
+    }
+    return TestFixture::Effect(tx, e.id);
+  });
+  auto r = c.RunOnce();
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(*r, 3u);
+  EXPECT_TRUE(this->HasEffect("e1"));
+  EXPECT_TRUE(this->HasEffect("e3"));
+  EXPECT_EQ(*q.Depth("ledger"), 0);
+  const bool postgres = this->db_->backend() == Backend::kPostgres;
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE event_id = 'swallower'"),
+            postgres ? 1 : 0);
+}
+
+TYPED_TEST(Races, ASavepointWhoseStatementErrorWasSwallowedRollsBackToItself) {
+  ASSERT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "dup"); }).ok());
+  Status inner;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   inner = tx.Savepoint([](Tx& t) -> Status {
+                     CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(t, "inside"));
+                     (void)TestFixture::Effect(t, "dup");
+                     return OkStatus();
+                   });
+                   // The enclosing transaction goes on either way.
+                   return TestFixture::Effect(tx, "after");
+                 }).ok());
+  EXPECT_TRUE(this->HasEffect("after"));
+  if (this->db_->backend() == Backend::kPostgres) {
+    EXPECT_FALSE(inner.ok());
+    EXPECT_FALSE(this->HasEffect("inside"));  // the savepoint rolled back as a whole
+  } else {
+    EXPECT_TRUE(inner.ok()) << inner.ToString();
+    EXPECT_TRUE(this->HasEffect("inside"));
+  }
+}
+
+// Two producers enqueue for one aggregate; the one with the lower seq commits last. The
+// relay used to publish the later event first ("second, first").
+TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  auto event = [](const std::string& id) {
+    Event e = TestFixture::MakeEvent("order-1");
+    e.id = id;
+    return e;
+  };
+  ASSERT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
+  std::thread first([&] {
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, event("first")));
+                       return failpoint::Hit("test.producer_before_commit");
+                     }).ok());
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("test.producer_before_commit", 20s));
+  std::atomic<bool> second_done{false};
+  std::thread second([&] {
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(outbox.Enqueue(tx, event("second")));
+                     }).ok());
+    second_done = true;
+  });
+  // The second producer commits (the old code) or waits for the first (the fix).
+  ASSERT_TRUE(testing::WaitUntil(
+      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  Relay relay(*this->db_, outbox, queue, RelayOptions{.name = "relay-1"});
+  std::atomic<bool> relayed{false};
+  std::thread pass([&] {
+    EXPECT_TRUE(relay.RunOnce());  // while "first" is still uncommitted
+    relayed = true;
+  });
+  // PostgreSQL: the pass runs now. SQLite: it queues behind the one writer.
+  ASSERT_TRUE(testing::WaitUntil([&] {
+    return relayed.load() || this->db_->backend() == Backend::kSqlite;
+  }));
+  failpoint::Release("test.producer_before_commit");
+  first.join();
+  second.join();
+  pass.join();
+  while (*relay.RunOnce() > 0) {
+  }
+  Rows rows;
+  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       rows, tx.Query("SELECT event_id FROM queue_messages ORDER BY id"));
+                   return OkStatus();
+                 }).ok());
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].Text(0), "first");
+  EXPECT_EQ(rows[1].Text(0), "second");
+}
+
+// A relay restarted under its old name used to renew its partitions at the same fence:
+// with the old process still alive, both published and marked. The new incarnation now
+// raises the fence; the old one's mark fails.
+TYPED_TEST(Races, ARestartedRelayFencesItsPreviousIncarnation) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                   }).ok());
+  // The new incarnation's broker is down: it takes its partitions but publishes nothing,
+  // so only the old incarnation's mark can say who owns them.
+  struct Down : PublisherWrapper {
+    using PublisherWrapper::PublisherWrapper;
+    Status Publish(const Message&) override { return UnavailableError("broker down"); }
+  };
+  PublisherWrapper external_old(&queue);  // publish, then mark
+  Down external_new(&queue);
+  Relay old_incarnation(*this->db_, outbox, external_old, RelayOptions{.name = "host:8080"});
+  Relay new_incarnation(*this->db_, outbox, external_new, RelayOptions{.name = "host:8080"});
+  ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=pause*1").ok());
+  std::optional<Result<size_t>> old_marked;
+  std::thread t([&] { old_marked = old_incarnation.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("relay.after_publish_before_mark", 20s));
+  // The restart comes up while the old process still runs.
+  auto fresh = new_incarnation.RunOnce();
+  ASSERT_TRUE(fresh) << fresh.error().ToString();
+  EXPECT_EQ(*fresh, 0u);
+  failpoint::Release("relay.after_publish_before_mark");
+  t.join();
+  ASSERT_TRUE(old_marked.has_value() && *old_marked);
+  EXPECT_EQ(**old_marked, 0u) << "the previous incarnation marked after the restart";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
 }
 
 }  // namespace

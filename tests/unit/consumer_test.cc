@@ -267,7 +267,7 @@ TEST_F(ConsumerTest, DiscardAndNotFound) {
 TEST_F(ConsumerTest, FailureBeforeCommitLeavesNothingAndRedelivers) {
   Publish(MakeMessage("e1"));
   auto c = MakeConsumer();
-  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*1").ok());
+  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*2").ok());  // the batch, then its retry alone
   auto r = c->RunOnce();
   ASSERT_TRUE(failpoint::Configure("").ok());
   ASSERT_FALSE(r);

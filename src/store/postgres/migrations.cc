@@ -136,7 +136,8 @@ CREATE TABLE relay_members (
 )sql",
       // 4: fencing tokens from one store-wide sequence (never reused for a key, even
       // after it expired and was swept); per-call claims of journalled effects; finding
-      // abandoned multi-phase requests (the completer).
+      // abandoned multi-phase requests (the completer); handler starts of redelivered
+      // messages, so one that kills its process is parked (consumer.h).
       R"sql(
 CREATE SEQUENCE converge_fences;
 SELECT setval('converge_fences', coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,
@@ -144,6 +145,13 @@ SELECT setval('converge_fences', coalesce((SELECT max(fence) FROM idempotency_ke
 ALTER TABLE effects ADD COLUMN claim_token TEXT;
 CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
   WHERE status = 'in_progress';
+CREATE TABLE consumer_starts (
+  consumer   TEXT    NOT NULL,
+  source     TEXT    NOT NULL,
+  event_id   TEXT    NOT NULL,
+  starts     BIGINT NOT NULL,
+  PRIMARY KEY (consumer, source, event_id)
+);
 )sql",
   };
   return kMigrations;

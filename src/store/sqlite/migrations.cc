@@ -137,7 +137,8 @@ CREATE TABLE relay_members (
 )sql",
       // 4: fencing tokens from one store-wide sequence (never reused for a key, even
       // after it expired and was swept); per-call claims of journalled effects; finding
-      // abandoned multi-phase requests (the completer).
+      // abandoned multi-phase requests (the completer); handler starts of redelivered
+      // messages, so one that kills its process is parked (consumer.h).
       R"sql(
 CREATE TABLE converge_sequences (
   name  TEXT    NOT NULL PRIMARY KEY,
@@ -148,6 +149,13 @@ INSERT INTO converge_sequences (name, value)
 ALTER TABLE effects ADD COLUMN claim_token TEXT;
 CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
   WHERE status = 'in_progress';
+CREATE TABLE consumer_starts (
+  consumer   TEXT    NOT NULL,
+  source     TEXT    NOT NULL,
+  event_id   TEXT    NOT NULL,
+  starts     INTEGER NOT NULL,
+  PRIMARY KEY (consumer, source, event_id)
+) WITHOUT ROWID;
 )sql",
   };
   return kMigrations;
