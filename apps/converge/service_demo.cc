@@ -194,6 +194,25 @@ struct Demo {
     return json::parse(r->body, nullptr, false);
   }
 
+  // An admin call on the service; true on a 2xx.
+  bool Admin(const std::string& method, const std::string& path, const std::string& body) {
+    auto r = client.Send({.method = method,
+                          .url = svc->Url(path),
+                          .headers = {{"Authorization", "Bearer " + admin}},
+                          .body = body});
+    return r && r->status / 100 == 2;
+  }
+
+  // Polls `cond` every 50 ms until it holds or `limit` passes.
+  static bool WaitFor(std::chrono::seconds limit, const std::function<bool()>& cond) {
+    auto deadline = SteadyClock::now() + limit;
+    while (!cond()) {
+      if (SteadyClock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return true;
+  }
+
   void Post(const std::string& url, const json& body) {
     (void)client.Send({.method = "POST", .url = url, .headers = {{"Content-Type", "application/json"}},
                        .body = body.dump()});
@@ -342,10 +361,11 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   {
     std::ofstream c(config);
     c << "[store]\nuri = \"sqlite:" << db_path << "\"\n"
-      << "[idempotency]\nlease_ms = 1500\n"
+      << "[idempotency]\nlease_ms = 1500\ncompleter_grace_ms = 1500\n"
+      << "[admin]\nfailpoints = true\n"
       << "[auth]\nadmin_token = \"" << d.admin << "\"\n"
       << "api_keys = { \"sk_test_acme\" = \"acme\", \"sk_test_globex\" = \"globex\" }\n"
-      << "[psp]\nurl = \"http://127.0.0.1:" << d.psp_port << "\"\ntimeout_ms = 2000\n"
+      << "[psp]\nurl = \"http://127.0.0.1:" << d.psp_port << "\"\ntimeout_ms = 1000\n"
       << "webhook_secrets = [\"" << d.secret << "\"]\n"
       << "[mail]\nurl = \"http://127.0.0.1:" << d.mail_port << "\"\ntimeout_ms = 2000\n"
       << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 6\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n"
@@ -482,7 +502,9 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     d.Check(poison.status == 204, "the poison webhook was accepted (signed, well-formed)");
-    d.Check(parked_poison == 1, "its staged work failed permanently and was parked, not retried forever");
+    d.Check(parked_poison == 1,
+            "its staged work was retried with backoff (the charge may just not be recorded "
+            "yet), then parked when its attempts ran out, not retried forever");
     d.Check(parked_effect == 1, "the receipt exhausted its attempts during the outage and was parked");
     d.Post(d.Mail("/faults"), {{"fail_next", 0}});
     auto replay = d.client.Send({.method = "POST",
@@ -521,6 +543,30 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   {
     d.Check(d.ChargesFor(paid2) == 1 && d.MailsFor("receipt:" + paid2) == 1,
             "the client's Idempotency-Key guards the charge; receipt:<payment_id> guards the email");
+  }
+
+  // 11 -----------------------------------------------------------------------------------
+  std::printf(" 11. the client gives up after the provider charged\n");
+  {
+    // Through the test hook, the next request fails right after the provider charged; the
+    // client sees a 503 and never retries. Nobody but the completer is left to finish it.
+    const bool armed = d.Admin("PUT", "/admin/failpoints",
+                               "payments.after_charge_before_commit=error(unavailable)*1");
+    auto first = d.Pay(acme, "gave-up-11", d.Body(1100, "order-11"));
+    d.Check(armed && first && first->status == 503,
+            "the client got a 503 after the provider charged, and went away");
+    const bool finished = Demo::WaitFor(std::chrono::seconds(20), [&] {
+      return d.Count("SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'captured'",
+                     "order-11") == 1;
+    });
+    std::printf("     the completer took the request over once its lease and grace period ran out\n");
+    d.Check(finished, "the completer finished the payment, with no retry from the client");
+    auto late = d.Pay(acme, "gave-up-11", d.Body(1100, "order-11"));
+    const std::string id = late ? PaymentId(*late) : "";
+    d.Check(late && late->status == 201 && Replayed(*late),
+            "the late retry gets the stored 201, marked Idempotent-Replayed");
+    d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider");
+    (void)d.Admin("PUT", "/admin/failpoints", "");
   }
 
   // Load ----------------------------------------------------------------------------------

@@ -133,12 +133,13 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
         {"store", {"uri", "synchronous", "notify"}},
-        {"idempotency", {"ttl_seconds", "lease_ms"}},
+        {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms"}},
         {"auth", {"admin_token", "api_keys"}},
         {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
         {"mail", {"url", "timeout_ms"}},
         {"consumers", {"visibility_ms", "max_attempts", "backoff_initial_ms", "backoff_max_ms"}},
         {"effects", {"max_attempts", "lease_ms"}},
+        {"admin", {"failpoints"}},
         {"log", {"level"}},
     }));
     std::string listen, sync;
@@ -167,6 +168,14 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Int("idempotency", "ttl_seconds", &ttl_s, 1, 365LL * 86400));
     c.key_ttl = Millis(ttl_s * 1000);
     CONVERGE_RETURN_IF_ERROR(r.Duration("idempotency", "lease_ms", &c.lease, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("idempotency", "completer_grace_ms", &c.completer_grace, 0, 86400000));
+    if (auto n = root["admin"]["failpoints"]) {
+      if (!n.is_boolean()) {
+        return tl::unexpected(InvalidArgumentError("config: admin.failpoints must be true or false"));
+      }
+      c.admin_failpoints = *n.value<bool>();
+    }
     CONVERGE_RETURN_IF_ERROR(r.String("auth", "admin_token", &c.admin_token));
     CONVERGE_RETURN_IF_ERROR(r.StringMap("auth", "api_keys", &c.api_keys));
     CONVERGE_RETURN_IF_ERROR(r.String("psp", "url", &c.psp_url));

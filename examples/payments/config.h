@@ -37,6 +37,9 @@ struct ServiceConfig {
   // [idempotency]
   Millis key_ttl = 24h;
   Millis lease = 30s;
+  // How long after a lease lapsed the client's retry has before the completer finishes
+  // the request itself.
+  Millis completer_grace = 30s;
   // [auth]
   std::string admin_token;
   std::map<std::string, std::string> api_keys;  // bearer key -> tenant
@@ -56,6 +59,10 @@ struct ServiceConfig {
   // [effects]
   int effect_max_attempts = 8;
   Millis effect_lease = 30s;
+  // [admin]
+  // Serve /admin/failpoints (configure, inspect, release pausable failpoints): for tests,
+  // the demo and chaos runs only, never in production.
+  bool admin_failpoints = false;
   // [log]
   std::string log_level = "info";
 };

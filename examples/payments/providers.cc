@@ -40,11 +40,13 @@ class Faults {
       if (k == "transient_rate" && v.is_number() && v.get<double>() >= 0 && v.get<double>() <= 1) {
         transient_rate_ = v.get<double>();
       } else if ((k == "fail_next" || k == "timeout_next" || k == "decline_next" ||
-                  k == "timeout_ms") &&
+                  k == "in_use_next" || k == "timeout_ms") &&
                  v.is_number_integer() && v.get<int64_t>() >= 0) {
-        (k == "fail_next" ? fail_next_ : k == "timeout_next" ? timeout_next_
-                                     : k == "decline_next" ? decline_next_ : timeout_ms_) =
-            v.get<int64_t>();
+        (k == "fail_next"     ? fail_next_
+         : k == "timeout_next" ? timeout_next_
+         : k == "decline_next" ? decline_next_
+         : k == "in_use_next"  ? in_use_next_
+                               : timeout_ms_) = v.get<int64_t>();
       } else {
         return Problem(400, "Bad Request", "unknown or malformed fault '" + k + "'");
       }
@@ -65,6 +67,14 @@ class Faults {
     --timeout_next_;
     return timeout_ms_;
   }
+  // A real provider answers 409 "idempotency key in use" while its first request with the
+  // key still runs; that request may well charge.
+  bool TakeInUse() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (in_use_next_ == 0) return false;
+    --in_use_next_;
+    return true;
+  }
   bool TakeDecline() {
     std::lock_guard<std::mutex> l(mu_);
     if (decline_next_ == 0) return false;
@@ -75,7 +85,8 @@ class Faults {
  private:
   std::mutex mu_;
   std::mt19937_64 rng_{std::random_device{}()};
-  int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, timeout_ms_ = 3000;
+  int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, in_use_next_ = 0,
+          timeout_ms_ = 3000;
   double transient_rate_ = 0;
 };
 
@@ -195,6 +206,9 @@ class FakePsp::Impl {
     if (!st.ok()) return Unavailable();
     if (raced) return Charge(req);  // a concurrent request with the key won: replay it
     if (decline) return Problem(402, "Payment Required", "declined");
+    if (faults_.TakeInUse()) {
+      return Problem(409, "Conflict", "a request with this idempotency key is in progress");
+    }
     // A timeout after the charge is made: the caller cannot know it succeeded.
     if (int64_t ms = faults_.TakeTimeout()) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return Json(201, json{{"id", id}, {"amount", j["amount"]}, {"currency", j["currency"]},

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "converge/completer.h"
 #include "converge/consumer.h"
 #include "converge/database.h"
 #include "converge/dead_letters.h"
@@ -73,6 +74,10 @@ Response FromStored(const StoredResponse& s, bool replayed) {
 }
 
 StoredResponse ToStored(const Response& r) { return StoredResponse{r.status, r.headers, r.body}; }
+
+Status NotPending(const std::string& payment_id) {
+  return converge::FailedPreconditionError("payment " + payment_id + " is no longer pending");
+}
 
 Response StoreError(const Status& st) {
   Response r = Problem(converge::http::HttpStatusFor(st.code()),
@@ -146,13 +151,21 @@ class Service::Impl {
   Response AdminReplay(Request& req);
   Response AdminDiscard(Request& req);
   Response AdminStats(Request& req);
+  Response AdminFailpointsSet(Request& req);
+  Response AdminFailpointGet(Request& req);
+  Response AdminFailpointRelease(Request& req);
   Response Metrics(Request& req);
   Response Ready(Request& req);
 
   // Maps `Authorization: Bearer <key>` to a tenant; nullptr when unknown.
   const std::string* Tenant(const Request& req) const;
   bool IsAdmin(const Request& req) const;
-  Response RunPayment(KeyLease lease, const std::string& tenant, const PaymentRequest& p);
+  // Runs the phases from lease.recovery_point. `stored` (optional) tells whether the
+  // answer is the request's stored outcome (else the lease was given back or lost).
+  Response RunPayment(KeyLease lease, const std::string& tenant, const PaymentRequest& p,
+                      bool* stored = nullptr);
+  // The completer's resume: rebuilds the request from the payment row and runs it on.
+  Status ResumeAbandoned(KeyLease& lease);
   Status CreateTables();
   void RegisterConsumers();
   void RefreshGauges();
@@ -167,6 +180,7 @@ class Service::Impl {
   ServiceConfig cfg_;
   std::unique_ptr<Database> db_;
   std::unique_ptr<converge::IdempotencyKeys> keys_;
+  std::unique_ptr<converge::Completer> completer_;
   converge::Outbox outbox_{converge::OutboxOptions{.source = "urn:converge:payments"}};
   std::unique_ptr<converge::SqlQueue> queue_;
   std::unique_ptr<converge::Relay> relay_;
@@ -227,6 +241,16 @@ Status Service::Impl::Start() {
       return converge::InvalidArgumentError("config: psp.webhook_secrets holds a malformed secret");
     }
   }
+  const converge::IdempotencyOptions key_options{.ttl = cfg_.key_ttl, .lease = cfg_.lease};
+  if (Status st = converge::IdempotencyKeys::ValidateOptions(key_options); !st.ok()) {
+    return converge::InvalidArgumentError("config: idempotency: " + st.message());
+  }
+  if (cfg_.lease <= cfg_.psp_timeout) {
+    return converge::InvalidArgumentError(
+        "config: idempotency.lease_ms (" + std::to_string(cfg_.lease.count()) +
+        " ms) must exceed psp.timeout_ms (" + std::to_string(cfg_.psp_timeout.count()) +
+        " ms): the charge phase must fit in its lease, or a retry takes over mid-call");
+  }
   converge::DatabaseOptions dbo;
   dbo.synchronous_full = cfg_.synchronous_full;
   dbo.notify = cfg_.notify;
@@ -236,8 +260,14 @@ Status Service::Impl::Start() {
   db_ = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(CreateTables());
 
-  keys_ = std::make_unique<converge::IdempotencyKeys>(
-      *db_, converge::IdempotencyOptions{.ttl = cfg_.key_ttl, .lease = cfg_.lease});
+  keys_ = std::make_unique<converge::IdempotencyKeys>(*db_, key_options);
+  completer_ = std::make_unique<converge::Completer>(
+      *db_, *keys_,
+      converge::CompleterOptions{.grace = cfg_.completer_grace,
+                                 .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)});
+  for (const char* point : {"created", "charged"}) {
+    completer_->On(point, [this](KeyLease& lease) { return ResumeAbandoned(lease); });
+  }
   queue_ = std::make_unique<converge::SqlQueue>(*db_);
   CONVERGE_RETURN_IF_ERROR(queue_->Subscribe("ledger", "payment.*"));
   CONVERGE_RETURN_IF_ERROR(queue_->Subscribe("email", "payment.captured"));
@@ -285,10 +315,16 @@ Status Service::Impl::Start() {
   route("GET", "/admin/stats", &Impl::AdminStats);
   route("GET", "/metrics", &Impl::Metrics);
   route("GET", "/readyz", &Impl::Ready);
+  if (cfg_.admin_failpoints) {
+    route("PUT", "/admin/failpoints", &Impl::AdminFailpointsSet);
+    route("GET", "/admin/failpoints/{name}", &Impl::AdminFailpointGet);
+    route("POST", "/admin/failpoints/{name}/release", &Impl::AdminFailpointRelease);
+  }
   server_->Route("GET", "/healthz", [](Request&) { return Json(200, "{\"status\":\"ok\"}"); });
 
   for (const char* c : {"idempotency_replays_total", "idempotency_conflicts_total",
                         "idempotency_mismatches_total", "idempotency_resumed_total",
+                        "idempotency_completed_by_completer_total",
                         "payments_created_total", "psp_unavailable_total", "emails_sent_total",
                         "webhooks_received_total", "webhooks_rejected_total",
                         "relay_published_total", "relay_publish_failures_total",
@@ -316,6 +352,7 @@ Status Service::Impl::Start() {
   relay_->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());
   receipts_->Start();
+  completer_->Start();
   // Retention: a bounded sweep a minute (several instances sweeping at once only split
   // the work).
   sweeper_thread_ = std::thread([this] {
@@ -349,6 +386,7 @@ void Service::Impl::Stop() {
   if (relay_) relay_->Stop();
   for (auto& c : consumers_) c->Stop();
   if (receipts_) receipts_->Stop();
+  if (completer_) completer_->Stop();
   spdlog::info("event=stopped");
 }
 
@@ -455,7 +493,8 @@ Response Service::Impl::CreatePayment(Request& req) {
 
 // Runs the phases from the lease's recovery point: created -> charged -> completed.
 Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
-                                   const PaymentRequest& p) {
+                                   const PaymentRequest& p, bool* stored) {
+  if (stored != nullptr) *stored = false;
   // A phase failed. Fenced: another attempt owns the request now. Anything else (the
   // store was unavailable): give the lease back so the client's retry resumes at once
   // from the last recovery point instead of waiting for the lease to run out.
@@ -494,8 +533,15 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
                                             {"Idempotency-Key", "charge:" + payment_id}},
                                 .body = body.dump(),
                                 .timeout = cfg_.psp_timeout});
-    if (!charge || charge->status >= 500 || charge->status == 429) {
-      // Unknown outcome: give the lease back; the client's retry resumes here.
+    // Only a definite answer is a decision. No answer, a 5xx, or a provider's "not decided
+    // yet" (408 timeout, 409 key in use, 423 locked, 425 too early, 429 slow down) leaves
+    // the outcome unknown: the charge may still happen.
+    const int answer = charge ? charge->status : 0;
+    const bool undecided = !charge || answer >= 500 || answer == 408 || answer == 409 ||
+                           answer == 423 || answer == 425 || answer == 429;
+    if (undecided) {
+      // Give the lease back; the client's retry or the completer resumes here with the
+      // same provider key.
       metrics_.Add("psp_unavailable_total");
       (void)keys_->Release(lease);
       Response r = Problem(503, "Service Unavailable",
@@ -505,7 +551,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
       r.Set("Retry-After", "1");
       return r;
     }
-    if (charge->status == 402 || (charge->status >= 400 && charge->status < 500)) {
+    if (answer >= 400) {
       // A decision, not an accident: store it, so retries get the same answer.
       const bool declined = charge->status == 402;
       Response decided = declined ? Problem(402, "Payment Required", "the payment was declined",
@@ -513,12 +559,15 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
                                   : Problem(502, "Bad Gateway", "the payment provider refused the request",
                                             "provider-rejected");
       auto out = keys_->Complete(lease, [&](Tx& tx) -> Result<StoredResponse> {
-        CONVERGE_RETURN_IF_ERROR(tx.Exec(
-            "UPDATE payments SET status = $1, updated_at = $2 WHERE id = $3",
-            declined ? "declined" : "failed", NowIso(), payment_id));
+        CONVERGE_ASSIGN_OR_RETURN(
+            int64_t n, tx.Exec("UPDATE payments SET status = $1, updated_at = $2 "
+                               "WHERE id = $3 AND status = 'pending'",
+                               declined ? "declined" : "failed", NowIso(), payment_id));
+        if (n != 1) return tl::unexpected(NotPending(payment_id));
         return ToStored(decided);
       });
       if (!out) return fenced(out.error());
+      if (stored != nullptr) *stored = true;
       return decided;
     }
     json cj = json::parse(charge->body, nullptr, false);
@@ -550,8 +599,12 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
   const std::string charge_id = saved.value("charge_id", "");
   auto out = keys_->Complete(lease, [&](Tx& tx) -> Result<StoredResponse> {
     const std::string now = NowIso();
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "UPDATE payments SET status = 'captured', updated_at = $1 WHERE id = $2", now, payment_id));
+    // Transitions are conditional: only a pending payment becomes captured.
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n, tx.Exec("UPDATE payments SET status = 'captured', updated_at = $1 "
+                           "WHERE id = $2 AND status = 'pending'",
+                           now, payment_id));
+    if (n != 1) return tl::unexpected(NotPending(payment_id));
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query("SELECT customer_id, order_id, created_at FROM payments WHERE id = $1",
                             payment_id));
@@ -574,7 +627,40 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
   });
   if (!out) return fenced(out.error());
   metrics_.Add("payments_created_total");
+  if (stored != nullptr) *stored = true;
   return FromStored(out->response, false);
+}
+
+Status Service::Impl::ResumeAbandoned(KeyLease& lease) {
+  // "created" saved the payment id; "charged" saved {payment_id, charge_id}.
+  std::string payment_id = lease.recovery_data;
+  if (lease.recovery_point == "charged") {
+    json saved = json::parse(lease.recovery_data, nullptr, false);
+    payment_id = saved.is_object() ? saved.value("payment_id", "") : "";
+  }
+  PaymentRequest p;
+  Status st = db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx.Query("SELECT amount, currency, customer_id, order_id FROM payments "
+                            "WHERE id = $1 AND tenant = $2",
+                            payment_id, lease.scope));
+    if (rows.empty()) {
+      return converge::NotFoundError("no payment '" + payment_id + "' for an abandoned request");
+    }
+    p.amount = rows[0].Int(0);
+    p.currency = rows[0].Text(1);
+    p.customer_id = rows[0].Text(2);
+    p.order_id = rows[0].Text(3);
+    return converge::OkStatus();
+  });
+  if (!st.ok()) return st;
+  bool stored = false;
+  Response r = RunPayment(lease, lease.scope, p, &stored);
+  if (!stored) return converge::UnavailableError("resume answered " + std::to_string(r.status));
+  metrics_.Add("idempotency_completed_by_completer_total");
+  spdlog::info("event=completed_abandoned tenant={} payment={} status={}", lease.scope,
+               payment_id, r.status);
+  return converge::OkStatus();
 }
 
 Response Service::Impl::GetPayment(Request& req) {
@@ -748,13 +834,27 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query("SELECT id, amount, currency, status FROM payments "
                             "WHERE psp_charge_id = $1", charge));
+    // The provider may report the refund before our own commit of the charge (or of its
+    // capture): a transient condition, retried with backoff, not a poison message.
     if (rows.empty()) {
-      return converge::FailedPreconditionError("refund for unknown charge '" + charge + "'");
+      return converge::UnavailableError("refund for a charge not recorded yet: '" + charge + "'");
     }
-    if (rows[0].Text(3) == "refunded") return converge::OkStatus();
+    const std::string state = rows[0].Text(3);
+    if (state == "refunded") return converge::OkStatus();
+    if (state == "pending") {
+      return converge::UnavailableError("refund for charge '" + charge +
+                                        "' before its capture is recorded");
+    }
+    if (state != "captured") {
+      return converge::FailedPreconditionError("refund for charge '" + charge +
+                                               "' of a payment that is " + state);
+    }
     const std::string payment_id = rows[0].Text(0);
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "UPDATE payments SET status = 'refunded', updated_at = $1 WHERE id = $2", NowIso(), payment_id));
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n, tx.Exec("UPDATE payments SET status = 'refunded', updated_at = $1 "
+                           "WHERE id = $2 AND status = 'captured'",
+                           NowIso(), payment_id));
+    if (n != 1) return converge::AbortedError("payment " + payment_id + " changed meanwhile");
     Event out;
     out.type = "payment.refunded";
     out.subject = payment_id;
@@ -905,10 +1005,36 @@ Response Service::Impl::AdminStats(Request& req) {
     for (const auto& r : p) out["payments"][r.Text(0)] = r.Int(1);
     CONVERGE_ASSIGN_OR_RETURN(Rows le, tx.Query("SELECT count(*) FROM ledger_entries"));
     out["ledger_entries"] = le[0].Int(0);
+    const auto cs = completer_->stats();
+    out["completer"] = {{"finished", cs.finished}, {"failed", cs.failed}, {"lost", cs.lost}};
     return converge::OkStatus();
   });
   if (!st.ok()) return StoreError(st);
   return Json(200, out.dump());
+}
+
+// Test and chaos hooks (only when [admin] failpoints = true): the environment spec of a
+// child process, plus pausing and releasing from outside.
+Response Service::Impl::AdminFailpointsSet(Request& req) {
+  REQUIRE_ADMIN(req);
+  Status st = converge::failpoint::Configure(req.body);
+  if (!st.ok()) return Problem(400, "Bad Request", st.message(), "invalid-request");
+  return Json(200, json{{"spec", req.body}}.dump());
+}
+
+Response Service::Impl::AdminFailpointGet(Request& req) {
+  REQUIRE_ADMIN(req);
+  const std::string& name = req.params["name"];
+  return Json(200, json{{"name", name},
+                        {"hits", converge::failpoint::Hits(name)},
+                        {"paused", converge::failpoint::Paused(name)}}
+                       .dump());
+}
+
+Response Service::Impl::AdminFailpointRelease(Request& req) {
+  REQUIRE_ADMIN(req);
+  const std::string& name = req.params["name"];
+  return Json(200, json{{"name", name}, {"released", converge::failpoint::Release(name)}}.dump());
 }
 
 void Service::Impl::RefreshGauges() {

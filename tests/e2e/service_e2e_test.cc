@@ -46,8 +46,10 @@ class ServiceE2E : public ::testing::Test {
     c.mail_url = "http://127.0.0.1:" + std::to_string(mail_->port());
     c.webhook_secrets = {*secret_};
     c.lease = std::chrono::seconds(2);
+    c.admin_failpoints = true;
     c.body_limit = 4096;
     c.visibility = std::chrono::seconds(1);
+    c.max_attempts = 3;
     c.backoff_initial = std::chrono::milliseconds(10);
     c.backoff_max = std::chrono::milliseconds(100);
     service_ = new Service(c);
@@ -266,7 +268,8 @@ TEST_F(ServiceE2E, WebhookIsVerifiedStoredOnceAndProcessed) {
 }
 
 TEST_F(ServiceE2E, AdminApiListsShowsReplaysAndDiscardsDeadLetters) {
-  // A refund for a charge nobody knows fails permanently: a dead letter.
+  // A refund for a charge nobody knows is retried (the charge may not be recorded yet)
+  // until its attempts run out: then a dead letter.
   std::string body = json{{"type", "charge.refunded"}, {"data", {{"charge_id", "ch_ghost"}}}}.dump();
   ASSERT_EQ(Webhook("msg_ghost_1", body).status, 204);
   int64_t id = 0;
@@ -435,4 +438,68 @@ TEST_F(ServiceE2E, GracefulStopFinishesTheRequestInFlight) {
 }
 
 }  // namespace
+// Issue #7: a provider's 409 "key in use" (like 408/423/425/429) is not a decision: the
+// charge may still happen. The service used to store a permanent 502 and mark the payment
+// failed while the provider had charged.
+TEST_F(ServiceE2E, ProviderKeyInUseIsAnUnknownOutcomeNotAFailure) {
+  Faults({{"in_use_next", 1}});  // the provider charges, then answers 409
+  Response r = Pay("in-use-1", Body(409, "o-in-use"));
+  EXPECT_EQ(r.status, 503) << r.body;
+  ASSERT_NE(r.Header("Retry-After"), nullptr);
+  Response retry = Pay("in-use-1", Body(409, "o-in-use"));
+  ASSERT_EQ(retry.status, 201) << retry.body;
+  const std::string id = json::parse(retry.body)["id"];
+  EXPECT_EQ(ChargesFor(id), 1);
+  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'captured'"), 1);
+}
+
+// Issue #7: a refund webhook for a charge this service has not recorded yet is transient
+// (retried with backoff), not a poison message. The test pauses the service right after
+// the provider charged, through the admin failpoint hook, so the refund arrives first.
+TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
+  auto admin = [&](const std::string& method, const std::string& path, const std::string& body) {
+    return Send(method, path, {{"Authorization", "Bearer e2e-admin-token"}}, body);
+  };
+  ASSERT_EQ(admin("PUT", "/admin/failpoints", "payments.after_charge_before_commit=pause*1").status,
+            200);
+  Response paid;
+  std::thread client([&] { paid = Pay("early-refund-1", Body(1200, "o-early")); });
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    Response fp = admin("GET", "/admin/failpoints/payments.after_charge_before_commit", "");
+    return fp.status == 200 && json::parse(fp.body).value("paused", 0) == 1;
+  }));
+  // The provider has charged; the service has not recorded the charge.
+  std::string payment_id;
+  ASSERT_TRUE(db_->Read([&](converge::Tx& tx) -> converge::Status {
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       converge::Rows rows,
+                       tx.Query("SELECT id FROM payments WHERE order_id = 'o-early'"));
+                   if (!rows.empty()) payment_id = rows[0].Text(0);
+                   return converge::OkStatus();
+                 }).ok());
+  ASSERT_FALSE(payment_id.empty());
+  auto charges = client_.Send({.url = PspUrl("/v1/charges?reference=" + payment_id)});
+  ASSERT_TRUE(charges);
+  const std::string charge_id = json::parse(charges->body)["charges"][0]["id"];
+  std::string body = json{{"type", "charge.refunded"},
+                          {"data", {{"charge_id", charge_id}, {"amount", 1200}, {"currency", "EUR"}}}}
+                         .dump();
+  EXPECT_EQ(Webhook("msg_early_refund", body).status, 204);
+  // The refund was tried (and found nothing to refund yet) at least once.
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    return Count("SELECT count(*) FROM queue_messages WHERE queue = 'psp-webhooks' "
+                 "AND event_id = 'msg_early_refund' AND attempts >= 1 AND last_error IS NOT NULL") == 1;
+  }));
+  Response released = admin("POST", "/admin/failpoints/payments.after_charge_before_commit/release", "");
+  EXPECT_EQ(json::parse(released.body).value("released", 0), 1);
+  client.join();
+  ASSERT_EQ(paid.status, 201) << paid.body;
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    return Count("SELECT count(*) FROM payments WHERE id = '" + payment_id +
+                 "' AND status = 'refunded'") == 1;
+  }));
+  EXPECT_EQ(Count("SELECT count(*) FROM dead_letters WHERE event_id = 'msg_early_refund'"), 0);
+  EXPECT_EQ(admin("PUT", "/admin/failpoints", "").status, 200);
+}
+
 }  // namespace payments
