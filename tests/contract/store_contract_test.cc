@@ -589,6 +589,17 @@ class StoreRaces : public StoreContract<Store> {
     ASSERT_TRUE(failpoint::Configure("").ok());
     StoreContract<Store>::TearDown();
   }
+  // True once a transaction on the store waits for another one: on PostgreSQL for a lock
+  // (a row lock, here), on SQLite for the one writer.
+  bool SomeoneWaitsForALock() {
+    if (this->db_->backend() == Backend::kPostgres) {
+      return this->Count(
+                 "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                 "ON a.pid = l.pid WHERE NOT l.granted "
+                 "AND a.datname = current_database()") > 0;
+    }
+    return this->db_->stats().queued > 0;
+  }
 };
 
 // A thread that may be held at a failpoint. Join() (and the destructor, when a failed
@@ -712,6 +723,72 @@ TYPED_TEST(StoreRaces, EffectRunnerParksNothingForAnEffectAnotherRunnerCompleted
             1);
   EXPECT_EQ(a.stats().failed, 0);
   EXPECT_EQ(a.stats().lost_claims, 1);
+}
+
+// Regression (#7, item 5): on PostgreSQL (READ COMMITTED) two concurrent
+// replays of one dead letter both read `parked`, both re-enqueued it and both succeeded.
+// The first transition is held right after it claimed the letter; the second must wait
+// for it (a row lock on PostgreSQL, the one writer on SQLite) and then lose with
+// kFailedPrecondition / not_parked. Exactly one copy reaches the queue.
+TYPED_TEST(StoreRaces, DeadLetterTransitionsRacingForOneLetterHaveOneWinner) {
+  SqlQueue queue(*this->db_);
+  DeadLetters dlq(*this->db_, &queue);
+  auto park = [&](const std::string& event_id) {
+    Event e = TestFixture::MakeEvent("p");
+    e.id = event_id;
+    e.source = "urn:test";
+    e.time = 1;
+    DeadLetter d;
+    d.consumer = "c";
+    d.queue = "q";
+    d.event_id = e.id;
+    d.source = e.source;
+    d.type = e.type;
+    d.envelope = EncodeEnvelope(e);
+    d.error_class = "permanent";
+    d.error_code = "invalid_argument";
+    d.error = "bad";
+    d.attempts = 1;
+    d.first_failure_at = d.last_failure_at = 1;
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return DeadLetters::Park(tx, d); });
+  };
+  // `first` claims the letter and is held; `second` runs meanwhile. Returns both results.
+  auto race = [&](int64_t id, bool first_replays, bool second_replays) {
+    auto act = [&](bool replay) { return replay ? dlq.Replay(id) : dlq.Discard(id); };
+    EXPECT_TRUE(failpoint::Configure("dead_letters.after_claim=pause*1").ok());
+    Status first, second;
+    std::atomic<bool> second_done{false};
+    RaceThread t1([&] { first = act(first_replays); });
+    EXPECT_TRUE(failpoint::WaitPaused("dead_letters.after_claim", std::chrono::seconds(20)));
+    RaceThread t2([&] {
+      second = act(second_replays);
+      second_done = true;
+    });
+    // Either the second waits on the first (the fix) or it finishes on its own (the bug).
+    EXPECT_TRUE(testing::WaitUntil([&] { return second_done || this->SomeoneWaitsForALock(); }));
+    EXPECT_EQ(failpoint::Release("dead_letters.after_claim"), 1);
+    t1.Join();
+    t2.Join();
+    return std::pair<Status, Status>(first, second);
+  };
+
+  const int64_t twice = park("replayed-twice");
+  auto [r1, r2] = race(twice, true, true);
+  EXPECT_TRUE(r1.ok()) << r1.ToString();
+  EXPECT_EQ(r2.code(), StatusCode::kFailedPrecondition) << r2.ToString();
+  EXPECT_EQ(r2.reason(), reason::kNotParked);
+  EXPECT_EQ(*queue.Depth("q"), 1) << "one dead letter replayed onto its queue twice";
+  EXPECT_EQ(dlq.Get(twice)->replay_count, 1);
+
+  const int64_t discarded = park("discarded-then-replayed");
+  auto [d1, d2] = race(discarded, false, true);
+  EXPECT_TRUE(d1.ok()) << d1.ToString();
+  EXPECT_EQ(d2.code(), StatusCode::kFailedPrecondition) << d2.ToString();
+  EXPECT_EQ(d2.reason(), reason::kNotParked);
+  EXPECT_EQ(*queue.Depth("q"), 1) << "a discarded dead letter was replayed";
+  EXPECT_EQ(dlq.Get(discarded)->state, "discarded");
+
+  EXPECT_EQ(dlq.Replay(987654).code(), StatusCode::kNotFound);
 }
 
 }  // namespace
