@@ -48,9 +48,24 @@ nlohmann::json ToJson(const DeadLetter& d, bool with_envelope) {
   return j;
 }
 
+// Exit codes, for scripts: also in `converge dlq --help` (kExitCodes) and the README.
+constexpr int kExitError = 1;      // anything else: bad URI, unreachable store, ...
+constexpr int kExitNotFound = 3;   // no dead letter with that id
+constexpr int kExitNotParked = 4;  // replay/discard of a letter that is no longer parked
+constexpr const char* kExitCodes =
+    "Exit codes: 0 done; 1 error (bad URI, store unreachable, ...); 2 bad "
+    "CONVERGE_FAILPOINTS; 3 no dead letter with that id; 4 replay or discard refused: the "
+    "letter is no longer parked (already replayed or discarded, perhaps by a concurrent "
+    "call); usage errors: CLI11's codes (>= 100).";
+
 int Fail(const std::string& what, const Status& st) {
   std::fprintf(stderr, "converge dlq %s: %s\n", what.c_str(), st.ToString().c_str());
-  return st.code() == StatusCode::kNotFound ? 3 : 1;
+  if (st.code() == StatusCode::kNotFound) return kExitNotFound;
+  // Not an error to retry: someone else (maybe a concurrent replay) already moved it on.
+  if (st.code() == StatusCode::kFailedPrecondition && st.reason() == reason::kNotParked) {
+    return kExitNotParked;
+  }
+  return kExitError;
 }
 
 std::unique_ptr<Database> OpenOrReport(const std::string& uri, int* exit_code) {
@@ -122,6 +137,7 @@ void AddDlqCommands(CLI::App& app, int* exit_code) {
   auto flags = std::make_shared<DlqFlags>();
   CLI::App* dlq = app.add_subcommand("dlq", "Inspect, replay and discard dead letters");
   dlq->require_subcommand(1);
+  dlq->footer(kExitCodes);  // subcommands added below inherit it
   auto add_db = [&](CLI::App* c) {
     c->add_option("--db", flags->db, "Store URI, e.g. sqlite:app.db")->required();
   };

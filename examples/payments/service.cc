@@ -960,7 +960,11 @@ Response Service::Impl::AdminReplay(Request& req) {
   if (!ParseId(req.params["id"], &id)) return Problem(400, "Bad Request", "bad id", "invalid-request");
   Status st = dead_letters_->Replay(id);
   if (st.code() == StatusCode::kNotFound) return Problem(404, "Not Found", st.message(), "not-found");
-  if (st.code() == StatusCode::kFailedPrecondition) return Problem(409, "Conflict", st.message(), "not-parked");
+  // Already replayed or discarded, maybe by a concurrent call that won: a conflict with
+  // the letter's state, not a store failure (DeadLetters::Replay).
+  if (st.reason() == converge::reason::kNotParked) {
+    return Problem(409, "Conflict", st.message(), "not-parked");
+  }
   if (!st.ok()) return StoreError(st);
   receipts_->wakeup().Notify();
   return Json(200, json{{"id", id}, {"state", "replayed"}}.dump());
@@ -972,7 +976,9 @@ Response Service::Impl::AdminDiscard(Request& req) {
   if (!ParseId(req.params["id"], &id)) return Problem(400, "Bad Request", "bad id", "invalid-request");
   Status st = dead_letters_->Discard(id);
   if (st.code() == StatusCode::kNotFound) return Problem(404, "Not Found", st.message(), "not-found");
-  if (st.code() == StatusCode::kFailedPrecondition) return Problem(409, "Conflict", st.message(), "not-parked");
+  if (st.reason() == converge::reason::kNotParked) {
+    return Problem(409, "Conflict", st.message(), "not-parked");
+  }
   if (!st.ok()) return StoreError(st);
   return Json(200, json{{"id", id}, {"state", "discarded"}}.dump());
 }

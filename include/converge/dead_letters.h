@@ -7,6 +7,13 @@
 // through the consumer's inbox again, so a message that had in fact been applied is not
 // applied twice.
 //
+// Invariant: a letter leaves `parked` once. Replay and Discard change its state with one
+// statement conditional on `parked` before they do anything else, so of two concurrent
+// transitions (two replays, a replay and a discard, from two processes) exactly one wins
+// and the other fails with kFailedPrecondition, reason::kNotParked; a replay puts exactly
+// one copy on the queue. Failpoint: dead_letters.after_claim (a transition that has
+// changed the state and not yet committed).
+//
 // Thread safety: DeadLetters is safe to use from many threads.
 #ifndef CONVERGE_DEAD_LETTERS_H_
 #define CONVERGE_DEAD_LETTERS_H_
@@ -63,8 +70,10 @@ class DeadLetters {
   Result<std::vector<DeadLetter>> List(const DeadLetterFilter& filter = {});
   // kNotFound when there is no such id.
   Result<DeadLetter> Get(int64_t id);
-  // Re-enqueues a parked letter on its queue and marks it replayed, in one transaction.
-  // kNotFound; kFailedPrecondition when it is not parked.
+  // Marks a parked letter replayed and re-enqueues it on its queue (re-opens the intent
+  // for an effect's letter), in one transaction.
+  // kNotFound: no such id. kFailedPrecondition with reason::kNotParked: the letter is not
+  // parked (already replayed or discarded, perhaps by a concurrent call that won).
   Status Replay(int64_t id);
   // Marks a parked letter discarded (kept for audit until swept). Same errors as Replay.
   Status Discard(int64_t id);

@@ -4,7 +4,8 @@
 // See docs/design/consumer-inbox.md ("External effects").
 //
 //   consumer handler, in its Tx:   runner.Record(tx, {"receipt:pay_1", payload})
-//   EffectRunner, later:           claim intent (lease) -> executor(key, payload)
+//   EffectRunner, later:           claim due intents (lease + claim token), then per intent:
+//                                  re-check and renew the claim -> executor(key, payload)
 //                                  -> record result | retry with backoff | dead letter
 //
 // The key is the effect's identity at the provider (Idempotency-Key): a crash between the
@@ -13,8 +14,21 @@
 // errors retry with exponential backoff and full jitter; permanent errors and exhausted
 // attempts park a dead letter (queue "effect:<kind>") that DeadLetters::Replay re-opens.
 //
+// Invariant: every call runs under a claim that is this runner's own and valid when the
+// call starts. A claim writes a fresh claim token; right before each call the runner renews
+// the lease only where the intent is still pending under its token, and skips the call
+// when it is not (its lease lapsed and another runner claimed the intent, maybe finished
+// it). Every outcome write is conditional on the same token, and a dead letter is parked
+// only when this runner's `failed` transition changed the row. So a runner that stalled
+// past its lease neither repeats a call it lost nor parks an effect recorded as done. The
+// one window left is a single call that outlives its own lease; the key covers it.
+//
+// Failpoints: effects.before_call (before each claim check and call),
+// effects.after_call_before_record (after a call, before its outcome is written).
+//
 // Thread safety: Record is safe from any thread; RunOnce must not run concurrently with
-// itself on one runner; Start/Stop from one owner thread.
+// itself on one runner; Start/Stop from one owner thread. Runners of one kind may run in
+// many threads and processes on one store.
 #ifndef CONVERGE_EFFECTS_H_
 #define CONVERGE_EFFECTS_H_
 
@@ -45,6 +59,9 @@ struct EffectStats {
   int64_t executed = 0;  // succeeded and recorded
   int64_t retries = 0;
   int64_t failed = 0;  // parked as dead letters
+  // Calls skipped, or outcomes dropped, because another runner had claimed the intent
+  // since this one did (its lease had lapsed).
+  int64_t lost_claims = 0;
   std::string last_error;
 };
 
@@ -64,7 +81,10 @@ class EffectRunner {
   // kInvalidArgument for an empty or oversized key.
   Result<bool> Record(Tx& tx, const std::string& key, const std::string& payload);
 
-  // Claims due intents, executes them, records the outcomes. Returns how many it handled.
+  // Claims due intents, executes them one by one, each under a re-checked claim, and
+  // records each outcome right after its call. Returns how many intents it claimed
+  // (calls skipped because their claim was lost included). A store error stops the batch
+  // and is returned; the intents not yet recorded run again after their lease.
   Result<size_t> RunOnce();
   void Start();
   void Stop();
@@ -72,6 +92,12 @@ class EffectRunner {
   Wakeup& wakeup() { return wakeup_; }
 
  private:
+  struct Claim;  // one claimed intent (effects.cc)
+  // Writes one call's outcome under `token` and parks a dead letter when it failed for
+  // good; changes nothing when the claim was lost.
+  Status RecordOutcome(const Claim& c, const std::string& token,
+                       const Result<std::string>& outcome);
+
   Database& db_;
   const EffectRunnerOptions options_;
   Executor executor_;

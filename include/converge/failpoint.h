@@ -6,6 +6,8 @@
 //   relay.after_publish_before_mark   consumer.before_commit
 //   consumer.after_commit_before_ack  idempotency.after_phase
 //   idempotency.after_effect_before_response
+//   effects.before_call               effects.after_call_before_record
+//   dead_letters.after_claim
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

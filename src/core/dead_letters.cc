@@ -2,6 +2,7 @@
 
 #include <optional>
 
+#include "converge/failpoint.h"
 #include "converge/outbox.h"
 
 namespace converge {
@@ -84,42 +85,57 @@ Result<DeadLetter> DeadLetters::Get(int64_t id) {
 
 Status DeadLetters::Transition(int64_t id, bool replay) {
   return db_.Transact([&](Tx& tx) -> Status {
+    const int64_t now = clock_->NowMillis();
+    // The state change comes first and is conditional on `parked`: it takes the row lock,
+    // so a concurrent replay or discard of the same letter waits, then finds nothing left
+    // to change and loses. A SELECT before an UPDATE would let both read `parked` under
+    // READ COMMITTED, and both put the message back on its queue.
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows,
-        tx.Query("SELECT " + std::string(kColumns) + " FROM dead_letters WHERE id = $1", id));
-    if (rows.empty()) return NotFoundError("no dead letter " + std::to_string(id));
-    DeadLetter d = FromRow(rows[0]);
-    if (d.state != "parked") {
-      return FailedPreconditionError("dead letter " + std::to_string(id) + " is " + d.state +
-                                     ", not parked");
+        tx.Query("UPDATE dead_letters SET state = $1, replay_count = replay_count + $2, "
+                 "updated_at = $3 WHERE id = $4 AND state = 'parked' "
+                 "RETURNING consumer, queue, event_id, source, type, envelope",
+                 replay ? "replayed" : "discarded", replay ? 1 : 0, now, id));
+    if (rows.empty()) {
+      CONVERGE_ASSIGN_OR_RETURN(Rows found,
+                                tx.Query("SELECT state FROM dead_letters WHERE id = $1", id));
+      if (found.empty()) return NotFoundError("no dead letter " + std::to_string(id));
+      return Status(StatusCode::kFailedPrecondition,
+                    "dead letter " + std::to_string(id) + " is " + found[0].Text(0) +
+                        ", not parked",
+                    reason::kNotParked);
     }
-    const int64_t now = clock_->NowMillis();
-    if (replay && d.queue.rfind("effect:", 0) == 0) {
+    // A test holds a transition here, after its claim, to race another one against it.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("dead_letters.after_claim"));
+    if (!replay) return OkStatus();
+    DeadLetter d;
+    d.consumer = rows[0].Text(0);
+    d.queue = rows[0].Text(1);
+    d.event_id = rows[0].Text(2);
+    d.source = rows[0].Text(3);
+    d.type = rows[0].Text(4);
+    d.envelope = rows[0].Text(5);
+    if (d.queue.rfind("effect:", 0) == 0) {
       // A journalled external effect: re-open the intent; its runner executes it again
       // with the same key, so a provider that had in fact acted answers with the first
       // result.
-      CONVERGE_RETURN_IF_ERROR(tx.Exec(
+      return StatusOf(tx.Exec(
           "UPDATE effects SET state = 'pending', attempts = 0, next_attempt_at = $1, "
           "updated_at = $1 WHERE effect_key = $2 AND state = 'failed'",
           now, d.event_id));
-    } else if (replay) {
-      // The subject is inside the envelope; the queue row only needs it for routing
-      // displays, so the dead letter's event id stands in when it is missing.
-      Message m{d.event_id, d.source, d.type, d.event_id, d.envelope};
-      if (auto e = DecodeEnvelope(d.envelope); e && !e->subject.empty()) m.subject = e->subject;
-      // The consumer settled the message in its inbox as dead-lettered; lift that so the
-      // replay is processed. A row for a message that was in fact applied stays, and the
-      // replay is absorbed as a duplicate.
-      CONVERGE_RETURN_IF_ERROR(tx.Exec(
-          "DELETE FROM consumer_inbox WHERE consumer = $1 AND source = $2 AND event_id = $3 "
-          "AND outcome = 'dead_lettered'",
-          d.consumer, d.source, d.event_id));
-      CONVERGE_RETURN_IF_ERROR(queue_->EnqueueInTx(tx, d.queue, m));
     }
-    return StatusOf(tx.Exec(
-        "UPDATE dead_letters SET state = $1, replay_count = replay_count + $2, updated_at = $3 "
-        "WHERE id = $4",
-        replay ? "replayed" : "discarded", replay ? 1 : 0, now, id));
+    // The subject is inside the envelope; the queue row only needs it for routing
+    // displays, so the dead letter's event id stands in when it is missing.
+    Message m{d.event_id, d.source, d.type, d.event_id, d.envelope};
+    if (auto e = DecodeEnvelope(d.envelope); e && !e->subject.empty()) m.subject = e->subject;
+    // The consumer settled the message in its inbox as dead-lettered; lift that so the
+    // replay is processed. A row for a message that was in fact applied stays, and the
+    // replay is absorbed as a duplicate.
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        "DELETE FROM consumer_inbox WHERE consumer = $1 AND source = $2 AND event_id = $3 "
+        "AND outcome = 'dead_lettered'",
+        d.consumer, d.source, d.event_id));
+    return queue_->EnqueueInTx(tx, d.queue, m);
   });
 }
 

@@ -1,13 +1,34 @@
+// The effect runner: claim, one claim check per call, outcomes, dead letters.
+//
+// Method: the claim transaction marks a batch of due intents with one fresh claim token
+// and a lease. The calls then run one by one, outside any transaction, and the batch's
+// lease alone cannot cover them: the calls before a given one may take longer than the
+// lease, and another runner may meanwhile have claimed the intent (its token replaces
+// ours), executed it, even finished it. So right before each call a conditional renewal
+// (pending, our token) re-checks the claim and gives the call a full lease of its own; a
+// lost claim skips the call. Each outcome is then written at once, again only under our
+// token, and a dead letter is parked only when this runner's `failed` transition changed
+// the row. A stale runner thus never repeats a call it no longer owns and never parks an
+// effect that another runner recorded; what remains is the at-least-once window every
+// lease has (a single call that outlives its lease), which the effect key closes at the
+// provider.
 #include "converge/effects.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
 #include "src/core/backoff.h"
+#include "src/core/crypto.h"
 #include "src/core/validate.h"
 
 namespace converge {
+
+struct EffectRunner::Claim {
+  std::string key, payload;
+  int64_t attempts = 0, created_at = 0;
+};
 
 EffectRunner::EffectRunner(Database& db, EffectRunnerOptions options, Executor executor,
                            Clock* clock)
@@ -38,12 +59,8 @@ Result<size_t> EffectRunner::RunOnce() {
   if (options_.kind.empty() || options_.max_attempts < 1) {
     return tl::unexpected(InvalidArgumentError("effect runner needs a kind and max_attempts >= 1"));
   }
-  struct Claimed {
-    std::string key, payload;
-    int64_t attempts, created_at;
-    Result<std::string> outcome = std::string();
-  };
-  std::vector<Claimed> claimed;
+  std::vector<Claim> claimed;
+  const std::string token = internal::RandomHex(8);
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     claimed.clear();
     const int64_t now = clock_->NowMillis();
@@ -54,7 +71,8 @@ Result<size_t> EffectRunner::RunOnce() {
     // meanwhile is left alone; SKIP LOCKED spares the wait.
     const std::string sql =
         std::string("UPDATE effects SET next_attempt_at = $1, attempts = attempts + 1, "
-                    "updated_at = $2 WHERE state = 'pending' AND next_attempt_at <= $2 "
+                    "claim_token = $5, updated_at = $2 "
+                    "WHERE state = 'pending' AND next_attempt_at <= $2 "
                     "AND effect_key IN (SELECT effect_key FROM effects "
                     "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
                     "ORDER BY next_attempt_at LIMIT $4") +
@@ -62,75 +80,116 @@ Result<size_t> EffectRunner::RunOnce() {
         ") RETURNING effect_key, payload, attempts, created_at";
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query(sql, now + options_.lease.count(), now, options_.kind,
-                            static_cast<int64_t>(options_.batch)));
+                            static_cast<int64_t>(options_.batch), token));
     for (const Row& r : rows) claimed.push_back({r.Text(0), r.Text(1), r.Int(2), r.Int(3)});
     return OkStatus();
   }));
   if (claimed.empty()) return size_t{0};
+  // RETURNING has no order: run the oldest intents first, deterministically.
+  std::sort(claimed.begin(), claimed.end(), [](const Claim& a, const Claim& b) {
+    return a.created_at != b.created_at ? a.created_at < b.created_at : a.key < b.key;
+  });
 
-  for (Claimed& c : claimed) {
+  for (const Claim& c : claimed) {
+    // A test pauses a runner here to let its claim lapse and another runner take over.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("effects.before_call"));
+    bool ours = false;
+    CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+      const int64_t now = clock_->NowMillis();
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n, tx.Exec("UPDATE effects SET next_attempt_at = $1, updated_at = $2 "
+                             "WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4",
+                             now + options_.lease.count(), now, c.key, token));
+      ours = n == 1;
+      return OkStatus();
+    }));
+    if (!ours) {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      ++stats_.lost_claims;
+      continue;
+    }
+
+    Result<std::string> outcome = std::string();
     try {
-      c.outcome = executor_(c.key, c.payload);
+      outcome = executor_(c.key, c.payload);
     } catch (const std::exception& e) {
-      c.outcome = tl::unexpected(InternalError(std::string("effect executor threw: ") + e.what()));
+      outcome = tl::unexpected(InternalError(std::string("effect executor threw: ") + e.what()));
     }
+    // A crash here re-executes the call with the same key after the lease; a pause lets
+    // another runner take the claim over before this one records the outcome.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("effects.after_call_before_record"));
+    CONVERGE_RETURN_IF_ERROR(RecordOutcome(c, token, outcome));
   }
-  CONVERGE_RETURN_IF_ERROR(failpoint::Hit("effects.after_call_before_record"));
+  return claimed.size();
+}
 
-  int64_t done = 0, retries = 0, failed = 0;
-  std::string last_error;
+Status EffectRunner::RecordOutcome(const Claim& c, const std::string& token,
+                                   const Result<std::string>& outcome) {
+  enum class Recorded { kLost, kDone, kRetry, kFailed } recorded = Recorded::kLost;
+  std::string error;
+  // Every write below is conditional on our claim token: a runner that lost its claim
+  // (another one re-claimed the intent, and may have finished it) changes nothing.
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
-    done = retries = failed = 0;
+    recorded = Recorded::kLost;
     const int64_t now = clock_->NowMillis();
-    for (const Claimed& c : claimed) {
-      if (c.outcome) {
-        ++done;
-        CONVERGE_RETURN_IF_ERROR(tx.Exec(
-            "UPDATE effects SET state = 'done', result = $1, last_error = NULL, updated_at = $2 "
-            "WHERE effect_key = $3 AND state = 'pending'",
-            *c.outcome, now, c.key));
-        continue;
-      }
-      const Status& err = c.outcome.error();
-      last_error = err.ToString();
-      if (err.transient() && c.attempts < options_.max_attempts) {
-        ++retries;
-        Millis delay = internal::FullJitterBackoff(c.attempts, options_.backoff_initial,
-                                                   options_.backoff_max);
-        CONVERGE_RETURN_IF_ERROR(tx.Exec(
-            "UPDATE effects SET next_attempt_at = $1, last_error = $2, updated_at = $3 "
-            "WHERE effect_key = $4 AND state = 'pending'",
-            now + delay.count(), last_error, now, c.key));
-        continue;
-      }
-      ++failed;
-      CONVERGE_RETURN_IF_ERROR(tx.Exec(
-          "UPDATE effects SET state = 'failed', last_error = $1, updated_at = $2 "
-          "WHERE effect_key = $3 AND state = 'pending'",
-          last_error, now, c.key));
-      DeadLetter d;
-      d.consumer = "effect:" + options_.kind;
-      d.queue = "effect:" + options_.kind;
-      d.event_id = c.key;
-      d.source = "urn:converge:effects";
-      d.type = options_.kind;
-      d.envelope = c.payload;
-      d.error_class = err.transient() ? "exhausted" : "permanent";
-      d.error_code = std::string(StatusCodeName(err.code()));
-      d.error = err.message();
-      d.attempts = c.attempts;
-      d.first_failure_at = c.created_at;
-      d.last_failure_at = now;
-      CONVERGE_RETURN_IF_ERROR(DeadLetters::Park(tx, d));
+    if (outcome) {
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n,
+          tx.Exec("UPDATE effects SET state = 'done', result = $1, last_error = NULL, "
+                  "claim_token = NULL, updated_at = $2 "
+                  "WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4",
+                  *outcome, now, c.key, token));
+      if (n == 1) recorded = Recorded::kDone;
+      return OkStatus();
     }
-    return OkStatus();
+    const Status& err = outcome.error();
+    error = err.ToString();
+    if (err.transient() && c.attempts < options_.max_attempts) {
+      Millis delay =
+          internal::FullJitterBackoff(c.attempts, options_.backoff_initial, options_.backoff_max);
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n,
+          tx.Exec("UPDATE effects SET next_attempt_at = $1, last_error = $2, "
+                  "claim_token = NULL, updated_at = $3 "
+                  "WHERE effect_key = $4 AND state = 'pending' AND claim_token = $5",
+                  now + delay.count(), error, now, c.key, token));
+      if (n == 1) recorded = Recorded::kRetry;
+      return OkStatus();
+    }
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n,
+        tx.Exec("UPDATE effects SET state = 'failed', last_error = $1, claim_token = NULL, "
+                "updated_at = $2 "
+                "WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4",
+                error, now, c.key, token));
+    // Only the runner whose transition happened parks: otherwise a stale runner would
+    // park a dead letter for an effect the journal records as done (or parked already).
+    if (n != 1) return OkStatus();
+    recorded = Recorded::kFailed;
+    DeadLetter d;
+    d.consumer = "effect:" + options_.kind;
+    d.queue = "effect:" + options_.kind;
+    d.event_id = c.key;
+    d.source = "urn:converge:effects";
+    d.type = options_.kind;
+    d.envelope = c.payload;
+    d.error_class = err.transient() ? "exhausted" : "permanent";
+    d.error_code = std::string(StatusCodeName(err.code()));
+    d.error = err.message();
+    d.attempts = c.attempts;
+    d.first_failure_at = c.created_at;
+    d.last_failure_at = now;
+    return StatusOf(DeadLetters::Park(tx, d));
   }));
   std::lock_guard<std::mutex> l(stats_mu_);
-  stats_.executed += done;
-  stats_.retries += retries;
-  stats_.failed += failed;
-  if (!last_error.empty()) stats_.last_error = last_error;
-  return claimed.size();
+  switch (recorded) {
+    case Recorded::kLost: ++stats_.lost_claims; break;
+    case Recorded::kDone: ++stats_.executed; break;
+    case Recorded::kRetry: ++stats_.retries; break;
+    case Recorded::kFailed: ++stats_.failed; break;
+  }
+  if (!error.empty() && recorded != Recorded::kLost) stats_.last_error = error;
+  return OkStatus();
 }
 
 void EffectRunner::Start() {

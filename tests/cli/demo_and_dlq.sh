@@ -27,9 +27,15 @@ grep -q '"error_class": "permanent"' "$dir/show.out" || fail "show lacks the err
 grep -q '"currency": "XTS"' "$dir/show.out" || fail "show lacks the envelope"
 
 "$converge" dlq replay --db "sqlite:$db" "$id" | grep -q "replayed" || fail "replay"
-# Replaying twice is refused: it is no longer parked.
-if "$converge" dlq replay --db "sqlite:$db" "$id" 2> "$dir/replay2.err"; then fail "double replay"; fi
+# Replaying twice is refused: it is no longer parked (exit 4, the documented conflict).
+set +e
+"$converge" dlq replay --db "sqlite:$db" "$id" 2> "$dir/replay2.err"; rc=$?
+"$converge" dlq discard --db "sqlite:$db" "$id" 2> "$dir/discard2.err"; rc2=$?
+set -e
+[ "$rc" -eq 4 ] || fail "double replay should exit 4, got $rc"
 grep -q "not parked" "$dir/replay2.err" || fail "double replay error unclear"
+[ "$rc2" -eq 4 ] || fail "discard of a replayed letter should exit 4, got $rc2"
+"$converge" dlq replay --help | grep -q "4 replay or discard refused" || fail "exit codes not in --help"
 "$converge" dlq list --db "sqlite:$db" --state replayed | grep -q "1 dead letter(s)" || fail "state filter"
 # The replayed message is back on its queue.
 python3 - "$db" <<'PY' || fail "replayed message not on the queue"

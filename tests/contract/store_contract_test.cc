@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -13,6 +14,7 @@
 
 #include "converge/consumer.h"
 #include "converge/dead_letters.h"
+#include "converge/effects.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
@@ -497,6 +499,217 @@ TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
       << "passes " << relay.stats().passes << " published " << relay.stats().published
       << " error " << relay.stats().last_error;
   relay.Stop();
+}
+
+// Races forced with pause failpoints: one thread is held at a named point while another
+// runs, and the test lets it go. Failpoints are process-wide, so every test clears them.
+template <class Store>
+class StoreRaces : public StoreContract<Store> {
+ protected:
+  void TearDown() override {
+    ASSERT_TRUE(failpoint::Configure("").ok());
+    StoreContract<Store>::TearDown();
+  }
+  // True once a transaction on the store waits for another one: on PostgreSQL for a lock
+  // (a row lock, here), on SQLite for the one writer.
+  bool SomeoneWaitsForALock() {
+    if (this->db_->backend() == Backend::kPostgres) {
+      return this->Count(
+                 "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                 "ON a.pid = l.pid WHERE NOT l.granted "
+                 "AND a.datname = current_database()") > 0;
+    }
+    return this->db_->stats().queued > 0;
+  }
+};
+
+// A thread that may be held at a failpoint. Join() (and the destructor, when a failed
+// assertion bails out early) first clears every failpoint, releasing whoever is paused,
+// so a broken race fails instead of hanging the run: join once the race is over.
+class RaceThread {
+ public:
+  explicit RaceThread(std::function<void()> fn) : thread_(std::move(fn)) {}
+  ~RaceThread() { Join(); }
+  void Join() {
+    if (!thread_.joinable()) return;
+    (void)failpoint::Configure("");
+    thread_.join();
+  }
+
+ private:
+  std::thread thread_;
+};
+
+TYPED_TEST_SUITE(StoreRaces, Stores, StoreNames);
+
+// Executors for two effect runners "a" and "b" that log every call they make and fail or
+// succeed as told: a call repeated by a stale runner shows in the log.
+struct EffectCalls {
+  std::mutex mu;
+  std::map<std::string, std::vector<std::string>> by_key;  // key -> runners that called
+  EffectRunner::Executor For(const std::string& runner, Status fail = Status()) {
+    return [this, runner, fail](const std::string& key, const std::string&) -> Result<std::string> {
+      std::lock_guard<std::mutex> l(mu);
+      by_key[key].push_back(runner);
+      if (!fail.ok()) return tl::unexpected(fail);
+      return runner + ":" + key;
+    };
+  }
+  std::vector<std::string> Of(const std::string& key) {
+    std::lock_guard<std::mutex> l(mu);
+    return by_key[key];
+  }
+};
+
+EffectRunnerOptions RaceEffectOptions() {
+  EffectRunnerOptions o;
+  o.kind = "mail";
+  o.max_attempts = 3;
+  o.lease = Millis(5000);
+  return o;
+}
+
+using Runners = std::vector<std::string>;
+
+// Regression (#7, item 4): one lease covered a whole claimed batch while
+// its calls ran one by one. Runner a claims [e1, e2] and stalls before e2's call past the
+// lease; runner b claims e2 and makes the call. Released, a must see that its claim on e2
+// is gone: no second call, nothing recorded, nothing parked.
+TYPED_TEST(StoreRaces, EffectRunnerSkipsACallWhoseClaimItLost) {
+  ManualClock clock;
+  EffectCalls calls;
+  EffectRunner a(*this->db_, RaceEffectOptions(), calls.For("a"), &clock);
+  EffectRunner b(*this->db_, RaceEffectOptions(), calls.For("b"), &clock);
+  for (const char* key : {"e1", "e2"}) {
+    ASSERT_TRUE(
+        this->db_->Transact([&](Tx& tx) { return StatusOf(a.Record(tx, key, "{}")); }).ok());
+    clock.Advance(Millis(1));  // e1 is the older intent: a calls it first
+  }
+  ASSERT_TRUE(failpoint::Configure("effects.before_call=pause@2*1").ok());
+  Result<size_t> a_ran;
+  RaceThread ta([&] { a_ran = a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("effects.before_call", std::chrono::seconds(20)));
+  EXPECT_EQ(calls.Of("e1"), Runners{"a"});  // a is between its two calls
+
+  clock.Advance(RaceEffectOptions().lease + Millis(1));
+  Result<size_t> b_ran = b.RunOnce();
+  ASSERT_TRUE(b_ran) << b_ran.error().ToString();
+  EXPECT_EQ(*b_ran, 1u);  // e2 only: a recorded e1 right after its call
+  EXPECT_EQ(calls.Of("e2"), Runners{"b"});
+
+  ASSERT_EQ(failpoint::Release("effects.before_call"), 1);
+  ta.Join();
+  ASSERT_TRUE(a_ran) << a_ran.error().ToString();
+  EXPECT_EQ(calls.Of("e1"), Runners{"a"});
+  EXPECT_EQ(calls.Of("e2"), Runners{"b"}) << "a repeated a call it no longer had a claim on";
+  EXPECT_EQ(a.stats().executed, 1);
+  EXPECT_EQ(a.stats().lost_claims, 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done' AND "
+                        "((effect_key = 'e1' AND result = 'a:e1') OR "
+                        "(effect_key = 'e2' AND result = 'b:e2'))"),
+            2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters"), 0);
+}
+
+// Regression (#7, item 4): the dead letter was parked whether or not the
+// `failed` transition happened. Runner a's call fails for good, but a stalls before
+// recording it, past its lease; runner b claims the intent and completes it. Released, a
+// must record nothing and park nothing: the journal says done.
+TYPED_TEST(StoreRaces, EffectRunnerParksNothingForAnEffectAnotherRunnerCompleted) {
+  ManualClock clock;
+  EffectCalls calls;
+  EffectRunner a(*this->db_, RaceEffectOptions(),
+                 calls.For("a", InvalidArgumentError("mailbox does not exist")), &clock);
+  EffectRunner b(*this->db_, RaceEffectOptions(), calls.For("b"), &clock);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(a.Record(tx, "e1", "{}")); }).ok());
+  ASSERT_TRUE(failpoint::Configure("effects.after_call_before_record=pause*1").ok());
+  Result<size_t> a_ran;
+  RaceThread ta([&] { a_ran = a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("effects.after_call_before_record", std::chrono::seconds(20)));
+
+  clock.Advance(RaceEffectOptions().lease + Millis(1));
+  Result<size_t> b_ran = b.RunOnce();
+  ASSERT_TRUE(b_ran) << b_ran.error().ToString();
+  EXPECT_EQ(*b_ran, 1u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done' AND result = 'b:e1'"),
+            1);
+
+  ASSERT_EQ(failpoint::Release("effects.after_call_before_record"), 1);
+  ta.Join();
+  ASSERT_TRUE(a_ran) << a_ran.error().ToString();
+  EXPECT_EQ(calls.Of("e1"), (Runners{"a", "b"}));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters"), 0)
+      << "a dead letter for an effect the journal records as done";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done' AND result = 'b:e1'"),
+            1);
+  EXPECT_EQ(a.stats().failed, 0);
+  EXPECT_EQ(a.stats().lost_claims, 1);
+}
+
+// Regression (#7, item 5): on PostgreSQL (READ COMMITTED) two concurrent
+// replays of one dead letter both read `parked`, both re-enqueued it and both succeeded.
+// The first transition is held right after it claimed the letter; the second must wait
+// for it (a row lock on PostgreSQL, the one writer on SQLite) and then lose with
+// kFailedPrecondition / not_parked. Exactly one copy reaches the queue.
+TYPED_TEST(StoreRaces, DeadLetterTransitionsRacingForOneLetterHaveOneWinner) {
+  SqlQueue queue(*this->db_);
+  DeadLetters dlq(*this->db_, &queue);
+  auto park = [&](const std::string& event_id) {
+    Event e = TestFixture::MakeEvent("p");
+    e.id = event_id;
+    e.source = "urn:test";
+    e.time = 1;
+    DeadLetter d;
+    d.consumer = "c";
+    d.queue = "q";
+    d.event_id = e.id;
+    d.source = e.source;
+    d.type = e.type;
+    d.envelope = EncodeEnvelope(e);
+    d.error_class = "permanent";
+    d.error_code = "invalid_argument";
+    d.error = "bad";
+    d.attempts = 1;
+    d.first_failure_at = d.last_failure_at = 1;
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return DeadLetters::Park(tx, d); });
+  };
+  // `first` claims the letter and is held; `second` runs meanwhile. Returns both results.
+  auto race = [&](int64_t id, bool first_replays, bool second_replays) {
+    auto act = [&](bool replay) { return replay ? dlq.Replay(id) : dlq.Discard(id); };
+    EXPECT_TRUE(failpoint::Configure("dead_letters.after_claim=pause*1").ok());
+    Status first, second;
+    std::atomic<bool> second_done{false};
+    RaceThread t1([&] { first = act(first_replays); });
+    EXPECT_TRUE(failpoint::WaitPaused("dead_letters.after_claim", std::chrono::seconds(20)));
+    RaceThread t2([&] {
+      second = act(second_replays);
+      second_done = true;
+    });
+    // Either the second waits on the first (the fix) or it finishes on its own (the bug).
+    EXPECT_TRUE(testing::WaitUntil([&] { return second_done || this->SomeoneWaitsForALock(); }));
+    EXPECT_EQ(failpoint::Release("dead_letters.after_claim"), 1);
+    t1.Join();
+    t2.Join();
+    return std::pair<Status, Status>(first, second);
+  };
+
+  const int64_t twice = park("replayed-twice");
+  auto [r1, r2] = race(twice, true, true);
+  EXPECT_TRUE(r1.ok()) << r1.ToString();
+  EXPECT_EQ(r2.code(), StatusCode::kFailedPrecondition) << r2.ToString();
+  EXPECT_EQ(r2.reason(), reason::kNotParked);
+  EXPECT_EQ(*queue.Depth("q"), 1) << "one dead letter replayed onto its queue twice";
+  EXPECT_EQ(dlq.Get(twice)->replay_count, 1);
+
+  const int64_t discarded = park("discarded-then-replayed");
+  auto [d1, d2] = race(discarded, false, true);
+  EXPECT_TRUE(d1.ok()) << d1.ToString();
+  EXPECT_EQ(d2.code(), StatusCode::kFailedPrecondition) << d2.ToString();
+  EXPECT_EQ(d2.reason(), reason::kNotParked);
+  EXPECT_EQ(*queue.Depth("q"), 1) << "a discarded dead letter was replayed";
+  EXPECT_EQ(dlq.Get(discarded)->state, "discarded");
+
+  EXPECT_EQ(dlq.Replay(987654).code(), StatusCode::kNotFound);
 }
 
 }  // namespace

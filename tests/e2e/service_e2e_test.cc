@@ -318,7 +318,12 @@ TEST_F(ServiceE2E, MetricsHealthAndReadiness) {
 
 // Every bad input gets its status and leaves every table as it was.
 TEST_F(ServiceE2E, BadInputTableWritesNothing) {
-  ASSERT_TRUE(converge::testing::WaitUntil([&] { return Count("SELECT count(*) FROM queue_messages") == 0; }));
+  // Settle the earlier tests' work first: an empty queue alone is not enough, the relay may
+  // not have published their last event yet (it then lands in the middle of the table).
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    return Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0 &&
+           Count("SELECT count(*) FROM queue_messages") == 0;
+  }));
   const std::string ok = Body(100, "bad-input");
   const int64_t now = converge::Clock::System()->NowMillis() / 1000;
   auto signed_headers = [&](const std::string& id, const std::string& body, int64_t ts) {
@@ -435,6 +440,33 @@ TEST_F(ServiceE2E, GracefulStopFinishesTheRequestInFlight) {
   s.Stop();
   t.join();
   EXPECT_EQ(status.load(), 201);
+}
+
+// A letter that is no longer parked (replayed, by this call or a concurrent one that won):
+// replaying or discarding it again is a 409 problem+json, not a store error; an unknown
+// id stays 404. (#7, item 5)
+TEST_F(ServiceE2E, AdminReplayOrDiscardOfALetterNoLongerParkedIs409) {
+  std::string body =
+      json{{"type", "charge.refunded"}, {"data", {{"charge_id", "ch_ghost_409"}}}}.dump();
+  ASSERT_EQ(Webhook("msg_ghost_409", body).status, 204);
+  int64_t id = 0;
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    id = Count(
+        "SELECT coalesce(max(id), 0) FROM dead_letters "
+        "WHERE event_id = 'msg_ghost_409' AND state = 'parked'");
+    return id > 0;
+  }));
+  const std::string path = "/admin/dead-letters/" + std::to_string(id);
+  ASSERT_EQ(Send("POST", path + "/replay", {{"Authorization", kAdmin}}).status, 200);
+  for (const auto& [method, target] :
+       {std::pair<std::string, std::string>{"POST", path + "/replay"}, {"DELETE", path}}) {
+    Response r = Send(method, target, {{"Authorization", kAdmin}});
+    EXPECT_EQ(r.status, 409) << method << " " << target;
+    EXPECT_EQ(Problem(r), "application/problem+json");
+    EXPECT_EQ(json::parse(r.body, nullptr, false)["type"], "urn:converge:problem:not-parked");
+  }
+  EXPECT_EQ(Send("POST", "/admin/dead-letters/999999/replay", {{"Authorization", kAdmin}}).status,
+            404);
 }
 
 }  // namespace
