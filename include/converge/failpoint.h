@@ -6,6 +6,7 @@
 //   relay.after_publish_before_mark   consumer.before_commit
 //   consumer.after_commit_before_ack  idempotency.after_phase
 //   idempotency.after_effect_before_response
+//   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):
