@@ -232,7 +232,9 @@ class Database {
   // plain kUnavailable without that reason is a definite failure: nothing committed.
   virtual Status Transact(const TxFn& fn) = 0;
 
-  // Runs fn(tx) in a read-only snapshot; writes fail.
+  // Runs fn(tx) in a read-only snapshot: every statement in fn sees the database as of
+  // one moment (the first statement on PostgreSQL, where it is REPEATABLE READ READ ONLY;
+  // SQLite's WAL read transaction), whatever commits meanwhile. Writes fail.
   virtual Status Read(const TxFn& fn) = 0;
 
   virtual Backend backend() const = 0;

@@ -691,5 +691,31 @@ TYPED_TEST(StoreContract, SerializationFailureAtCommitStaysAborted) {
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
 }
 
+// --- Read() is a snapshot ----------------------------------------------------------------
+
+// Regression (correctness issue, Read isolation): Read() promises a snapshot, but on
+// PostgreSQL it ran READ COMMITTED, where each statement sees every commit before it.
+TYPED_TEST(StoreContract, ReadSeesOneSnapshotWhateverCommitsMeanwhile) {
+  int64_t before = -1, after = -1;
+  Status write;
+  Status st = this->db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(Rows first, tx.Query("SELECT count(*) FROM test_effects"));
+    before = first[0].Int(0);
+    // Another thread: on this one, Transact would join the Read's transaction.
+    std::thread writer([&] {
+      write = this->db_->Transact([](Tx& w) { return TestFixture::Effect(w, "meanwhile"); });
+    });
+    writer.join();  // committed and durable
+    CONVERGE_ASSIGN_OR_RETURN(Rows second, tx.Query("SELECT count(*) FROM test_effects"));
+    after = second[0].Int(0);
+    return OkStatus();
+  });
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(write.ok()) << write.ToString();
+  EXPECT_EQ(before, 0);
+  EXPECT_EQ(after, 0) << "the Read saw a commit that happened after its snapshot";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);  // a new Read sees it
+}
+
 }  // namespace
 }  // namespace converge

@@ -1,13 +1,13 @@
 // PostgreSQL backend over libpq.
 //
 // Method: a pool of connections; Transact takes one, runs BEGIN (READ COMMITTED) / fn /
-// COMMIT on it, and gives it back. PostgreSQL's own group commit merges the WAL flushes of
-// concurrent commits, so unlike SQLite no writer thread is needed: concurrency comes from
-// the pool. Serialization failures and deadlocks (40001, 40P01) re-run fn; a broken
-// connection is reset before its next use and the call fails with kUnavailable. A COMMIT
-// whose connection broke has an unknown outcome and reports kUnavailable with reason
-// kCommitOutcomeUnknown: callers retry, and every converge write is idempotent on retry
-// (keys, inbox rows, ON CONFLICT).
+// COMMIT on it, and gives it back; Read does the same in a REPEATABLE READ READ ONLY
+// snapshot. PostgreSQL's own group commit merges the WAL flushes of concurrent commits, so
+// unlike SQLite no writer thread is needed: concurrency comes from the pool. Serialization
+// failures and deadlocks (40001, 40P01) re-run fn; a broken connection is reset before its
+// next use and the call fails with kUnavailable. A COMMIT whose connection broke has an
+// unknown outcome and reports kUnavailable with reason kCommitOutcomeUnknown: callers
+// retry, and every converge write is idempotent on retry (keys, inbox rows, ON CONFLICT).
 //
 // Parameters are sent as text with type OID 0 (the server infers them from the
 // statement), except Blob, which is sent as binary bytea. Results come back as text and
@@ -449,7 +449,10 @@ class PgDatabase : public Database {
   Status RunOnce(const TxFn& fn, bool read_only) {
     CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
     PgTx tx(c, options_.notify);
-    Status st = tx.Simple(read_only ? "BEGIN READ ONLY" : "BEGIN");
+    // Read() promises a snapshot: REPEATABLE READ takes one at the first statement and
+    // keeps it to the end (READ COMMITTED would take one per statement). A read-only
+    // transaction never fails to serialize at this level, so this costs no retries.
+    Status st = tx.Simple(read_only ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN");
     if (st.ok()) {
       t_current[this] = &tx;
       try {
