@@ -463,23 +463,21 @@ Response Service::Impl::CreatePayment(Request& req) {
                           converge::RequestFingerprint("POST", "/v1/payments", req.body)};
   auto begun = keys_->Begin(kr);
   if (!begun) {
+    // Statuses (422, 409 + Retry-After, 400) come from the library's IETF-draft mapping.
     const Status& e = begun.error();
     if (e.reason() == converge::reason::kFingerprintMismatch) {
       metrics_.Add("idempotency_mismatches_total");
-      return Problem(422, "Unprocessable Content",
-                     "this Idempotency-Key was already used with a different request",
-                     "idempotency-key-reused");
+      return converge::http::ProblemFor(
+          e, "idempotency-key-reused",
+          "this Idempotency-Key was already used with a different request");
     }
     if (e.reason() == converge::reason::kInFlight) {
       metrics_.Add("idempotency_conflicts_total");
-      Response r = Problem(409, "Conflict",
-                           "a request with this Idempotency-Key is still being processed",
-                           "request-in-progress");
-      r.Set("Retry-After", std::to_string(std::max<int64_t>(1, (e.retry_after_ms() + 999) / 1000)));
-      return r;
+      return converge::http::ProblemFor(
+          e, "request-in-progress", "a request with this Idempotency-Key is still being processed");
     }
     if (e.code() == StatusCode::kInvalidArgument) {
-      return Problem(400, "Bad Request", e.message(), "idempotency-key-malformed");
+      return converge::http::ProblemFor(e, "idempotency-key-malformed");
     }
     return StoreError(e);
   }

@@ -220,9 +220,21 @@ class Database {
   // kAborted re-runs fn (up to DatabaseOptions::max_attempts). fn may run more than once,
   // so it must not have effects outside the Tx. Calling Transact from inside fn runs the
   // inner fn in a savepoint of the same transaction.
+  //
+  // Every error but one means nothing was committed. The exception: kUnavailable with
+  // reason::kCommitOutcomeUnknown (PostgreSQL: the connection broke after COMMIT was sent
+  // and before the server answered) means the transaction MAY HAVE COMMITTED. Retrying is
+  // safe only for work that is idempotent on retry: converge's own writes are (idempotency
+  // keys, inbox rows, ON CONFLICT, fenced updates), so a caller that retries a converge
+  // operation, or answers 503 for the client to retry, needs nothing more. A caller's own
+  // business write must be idempotent too (a natural key, ON CONFLICT DO NOTHING), or the
+  // caller must look before retrying (in a new transaction) whether the write is there. A
+  // plain kUnavailable without that reason is a definite failure: nothing committed.
   virtual Status Transact(const TxFn& fn) = 0;
 
-  // Runs fn(tx) in a read-only snapshot; writes fail.
+  // Runs fn(tx) in a read-only snapshot: every statement in fn sees the database as of
+  // one moment (the first statement on PostgreSQL, where it is REPEATABLE READ READ ONLY;
+  // SQLite's WAL read transaction), whatever commits meanwhile. Writes fail.
   virtual Status Read(const TxFn& fn) = 0;
 
   virtual Backend backend() const = 0;

@@ -59,10 +59,26 @@ Response Problem(int status, std::string_view title, std::string_view detail,
                  std::string_view slug = {});
 // A JSON body with Content-Type application/json.
 Response Json(int status, std::string body);
-// The HTTP status for a Status code (kInvalidArgument 400, kUnauthenticated 401,
-// kPermissionDenied 403, kNotFound 404, kAlreadyExists 409, kFailedPrecondition 409,
-// kAborted 409, kResourceExhausted 429, kUnavailable 503, kDeadlineExceeded 504, else 500).
+// The HTTP status for a Status. Reasons first, as the IETF Idempotency-Key draft
+// (draft-ietf-httpapi-idempotency-key-header) asks: reason::kFingerprintMismatch 422 (the
+// key was used for a different request), reason::kInFlight 409 (the first request with
+// the key is still running). Otherwise by code, as HttpStatusFor(StatusCode).
+int HttpStatusFor(const Status& status);
+// The HTTP status for a code alone (kInvalidArgument and kOutOfRange 400, kUnauthenticated
+// 401, kPermissionDenied 403, kNotFound 404, kAlreadyExists, kFailedPrecondition and kAborted
+// 409, kResourceExhausted 429, kCancelled 499, kUnimplemented 501, kUnavailable 503,
+// kDeadlineExceeded 504, else 500). It cannot see reasons: given a Status, use the overload
+// above, or an idempotency mismatch becomes 409 and an in-flight request 503.
 int HttpStatusFor(StatusCode code);
+
+// The whole problem+json response for a failed Status: HttpStatusFor(status), the status's
+// standard reason phrase as title, `detail` (status.message() when empty; pass one when the
+// message may carry internals that clients must not see, such as SQL errors) and `slug` as
+// in Problem(). When a retry may succeed (status.transient()) and the answer is 409, 429 or
+// 503, it carries Retry-After: status.retry_after_ms() rounded up to whole seconds, at
+// least 1. REQUIRES: !status.ok().
+Response ProblemFor(const Status& status, std::string_view slug = {},
+                    std::string_view detail = {});
 
 struct ServerOptions {
   std::string address = "127.0.0.1";

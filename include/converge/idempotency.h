@@ -103,8 +103,16 @@ struct Begun {
   StoredResponse response;  // kReplayed
 };
 
-// SHA-256 hex over method, path and the canonical body (JSON bodies are re-serialised
-// with sorted keys, so whitespace and key order do not make two requests differ).
+// SHA-256 hex over method, path and the canonical body: what makes two requests "the
+// same" (KeyRequest::fingerprint). Two requests that differ in meaning never share a
+// fingerprint. A body nlohmann's parser accepts is canonicalised without passing its
+// numbers through a double: object keys sorted (a repeated key keeps its last value),
+// no whitespace, strings re-escaped, integers within 64 bits exact, every other number
+// (fractions, exponents, huge integers) by its source text. So whitespace and key order
+// do not make two requests differ, while 1.0 and 1.00 do (the safe direction: 422, never
+// a wrong replay). Any other body is hashed as raw bytes, tagged so that it never meets a
+// JSON body. Method and path are escaped, so no field can run into the next.
+// See docs/design/http-idempotency.md, "The fingerprint".
 std::string RequestFingerprint(std::string_view method, std::string_view path,
                                std::string_view body);
 

@@ -151,20 +151,6 @@ Result<std::optional<KeyLease>> TakeOver(Tx& tx, const std::string& scope,
 
 }  // namespace internal
 
-std::string RequestFingerprint(std::string_view method, std::string_view path,
-                               std::string_view body) {
-  std::string material;
-  material.reserve(method.size() + path.size() + body.size() + 2);
-  material.append(method).append("\n").append(path).append("\n");
-  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_discarded()) {
-    material += j.dump();  // object keys sorted: nlohmann::json keeps them in a std::map
-  } else {
-    material.append(body);
-  }
-  return internal::Sha256Hex(material);
-}
-
 IdempotencyKeys::IdempotencyKeys(Database& db, IdempotencyOptions options, Clock* clock)
     : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
 

@@ -1,10 +1,35 @@
 #include <strings.h>
 
+#include <algorithm>
+#include <cassert>
+
 #include <nlohmann/json.hpp>
 
 #include "converge/http.h"
 
 namespace converge::http {
+namespace {
+
+// The reason phrases of the statuses HttpStatusFor returns (RFC 9110; 499 is nginx's).
+std::string_view ReasonPhrase(int status) {
+  switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 409: return "Conflict";
+    case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
+    case 499: return "Client Closed Request";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Internal Server Error";
+  }
+}
+
+}  // namespace
 
 const std::string* FindHeader(const Headers& headers, std::string_view name) {
   for (const auto& [k, v] : headers) {
@@ -66,6 +91,23 @@ int HttpStatusFor(StatusCode code) {
     case StatusCode::kDeadlineExceeded: return 504;
     default: return 500;
   }
+}
+
+int HttpStatusFor(const Status& status) {
+  if (status.reason() == reason::kFingerprintMismatch) return 422;
+  if (status.reason() == reason::kInFlight) return 409;
+  return HttpStatusFor(status.code());
+}
+
+Response ProblemFor(const Status& status, std::string_view slug, std::string_view detail) {
+  assert(!status.ok());
+  const int code = HttpStatusFor(status);
+  Response r = Problem(code, ReasonPhrase(code), detail.empty() ? status.message() : detail, slug);
+  if (status.transient() && (code == 409 || code == 429 || code == 503)) {
+    const int64_t seconds = std::max<int64_t>(1, (status.retry_after_ms() + 999) / 1000);
+    r.Set("Retry-After", std::to_string(seconds));
+  }
+  return r;
 }
 
 }  // namespace converge::http

@@ -712,5 +712,144 @@ TYPED_TEST(StoreRaces, DeadLetterTransitionsRacingForOneLetterHaveOneWinner) {
   EXPECT_EQ(dlq.Replay(987654).code(), StatusCode::kNotFound);
 }
 
+// --- commit outcome (PostgreSQL) ---------------------------------------------------------
+
+// Clears the failpoints when a test ends, however it ends.
+struct FailpointsCleared {
+  ~FailpointsCleared() { (void)failpoint::Configure(""); }
+};
+
+// Runs `sql` on its own libpq connection to `uri` (not through converge's pool); returns
+// the first column of the first row, or "" (and fails the test) on error.
+std::string OnSideConnection(const std::string& uri, const std::string& sql) {
+  PGconn* c = PQconnectdb(uri.c_str());
+  PGresult* r = PQexec(c, sql.c_str());
+  std::string out;
+  if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+    ADD_FAILURE() << sql << ": " << PQerrorMessage(c);
+  } else if (PQntuples(r) > 0) {
+    out = PQgetvalue(r, 0, 0);
+  }
+  PQclear(r);
+  PQfinish(c);
+  return out;
+}
+
+// Regression (correctness issue, PostgreSQL commit outcome): a COMMIT whose connection
+// broke may have committed or not. It was reported as a plain kUnavailable, which a caller
+// cannot tell from a failure that certainly rolled back.
+TYPED_TEST(StoreContract, CommitWhoseConnectionBrokeHasAnUnknownOutcome) {
+  if (this->db_->backend() != Backend::kPostgres) {
+    GTEST_SKIP() << "SQLite has no connection to break";
+  }
+  FailpointsCleared cleared;
+  ASSERT_TRUE(failpoint::Configure("postgres.before_commit=pause*1").ok());
+  Status st;
+  std::thread writer([&] {
+    st = this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "maybe"); });
+  });
+  // The writer has sent its INSERT and waits before COMMIT: its server backend is idle in
+  // a transaction. Terminate that backend (waiting until it is gone), then let COMMIT go.
+  const bool paused = failpoint::WaitPaused("postgres.before_commit", std::chrono::seconds(20));
+  EXPECT_TRUE(paused);
+  if (paused) {
+    EXPECT_EQ(OnSideConnection(this->store_.uri,
+                               "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 20000)) "
+                               "FROM pg_stat_activity WHERE datname = current_database() AND "
+                               "application_name = 'converge' AND state = 'idle in transaction'"),
+              "1");
+  }
+  failpoint::Release("postgres.before_commit");
+  writer.join();
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_EQ(st.reason(), reason::kCommitOutcomeUnknown) << st.ToString();
+  // The pool replaces the broken connection. (Here the truth is "not committed": the
+  // backend was gone before COMMIT arrived. The caller can only learn that by looking.)
+  EXPECT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "after"); }).ok());
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects WHERE id = 'maybe'"), 0);
+}
+
+// A connection that broke before COMMIT was sent cannot have committed: plain kUnavailable,
+// whether fn returns the error or swallows it.
+TYPED_TEST(StoreContract, ConnectionLostBeforeCommitIsADefiniteFailure) {
+  if (this->db_->backend() != Backend::kPostgres) {
+    GTEST_SKIP() << "SQLite has no connection to break";
+  }
+  for (const bool swallow : {false, true}) {
+    Status st = this->db_->Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, swallow ? "lost-2" : "lost-1"));
+      Status killed = StatusOf(tx.Query("SELECT pg_terminate_backend(pg_backend_pid())"));
+      EXPECT_EQ(killed.code(), StatusCode::kUnavailable) << killed.ToString();
+      return swallow ? OkStatus() : killed;
+    });
+    EXPECT_EQ(st.code(), StatusCode::kUnavailable) << swallow << ": " << st.ToString();
+    EXPECT_NE(st.reason(), reason::kCommitOutcomeUnknown) << swallow << ": " << st.ToString();
+  }
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
+}
+
+// A COMMIT that the server answered with an error is definite too: a serialization
+// failure found at COMMIT stays kAborted (re-run fn), without the unknown-outcome reason.
+TYPED_TEST(StoreContract, SerializationFailureAtCommitStaysAborted) {
+  if (this->db_->backend() != Backend::kPostgres) GTEST_SKIP() << "SQLite serialises writers";
+  DatabaseOptions once;
+  once.max_attempts = 1;  // show the kAborted instead of re-running fn
+  auto db = Database::Open(this->store_.uri, once);
+  ASSERT_TRUE(db) << db.error().ToString();
+  ASSERT_TRUE((*db)->Transact([](Tx& tx) {
+                   return StatusOf(tx.Exec("CREATE TABLE skew (id TEXT PRIMARY KEY)"));
+                 }).ok());
+  // Write skew under SERIALIZABLE: each reads the table the other writes. The first to
+  // commit wins; the other is doomed and learns it at COMMIT.
+  auto skew = [](const char* read, const char* write, const char* id) {
+    return [=](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"));
+      CONVERGE_RETURN_IF_ERROR(tx.Query(std::string("SELECT count(*) FROM ") + read));
+      return StatusOf(tx.Exec(std::string("INSERT INTO ") + write + " (id) VALUES ($1)", id));
+    };
+  };
+  FailpointsCleared cleared;
+  ASSERT_TRUE(failpoint::Configure("postgres.before_commit=pause*1").ok());
+  Status loser;
+  std::thread first([&] { loser = (*db)->Transact(skew("skew", "test_effects", "a")); });
+  const bool paused = failpoint::WaitPaused("postgres.before_commit", std::chrono::seconds(20));
+  EXPECT_TRUE(paused);
+  if (paused) {
+    Status winner = (*db)->Transact(skew("test_effects", "skew", "b"));
+    EXPECT_TRUE(winner.ok()) << winner.ToString();
+  }
+  failpoint::Release("postgres.before_commit");
+  first.join();
+  EXPECT_EQ(loser.code(), StatusCode::kAborted) << loser.ToString();
+  EXPECT_EQ(loser.reason(), "") << loser.ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
+}
+
+// --- Read() is a snapshot ----------------------------------------------------------------
+
+// Regression (correctness issue, Read isolation): Read() promises a snapshot, but on
+// PostgreSQL it ran READ COMMITTED, where each statement sees every commit before it.
+TYPED_TEST(StoreContract, ReadSeesOneSnapshotWhateverCommitsMeanwhile) {
+  int64_t before = -1, after = -1;
+  Status write;
+  Status st = this->db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(Rows first, tx.Query("SELECT count(*) FROM test_effects"));
+    before = first[0].Int(0);
+    // Another thread: on this one, Transact would join the Read's transaction.
+    std::thread writer([&] {
+      write = this->db_->Transact([](Tx& w) { return TestFixture::Effect(w, "meanwhile"); });
+    });
+    writer.join();  // committed and durable
+    CONVERGE_ASSIGN_OR_RETURN(Rows second, tx.Query("SELECT count(*) FROM test_effects"));
+    after = second[0].Int(0);
+    return OkStatus();
+  });
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(write.ok()) << write.ToString();
+  EXPECT_EQ(before, 0);
+  EXPECT_EQ(after, 0) << "the Read saw a commit that happened after its snapshot";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);  // a new Read sees it
+}
+
 }  // namespace
 }  // namespace converge

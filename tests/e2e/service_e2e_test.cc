@@ -469,7 +469,26 @@ TEST_F(ServiceE2E, AdminReplayOrDiscardOfALetterNoLongerParkedIs409) {
             404);
 }
 
-}  // namespace
+// Regression (correctness issue, fingerprints): the fingerprint went through a double, so
+// two bodies differing only in a number past 64 bits were "the same request" and the
+// second got the first's replay instead of 422.
+TEST_F(ServiceE2E, SameKeyBodiesDifferingOnlyInAHugeNumberIs422) {
+  auto body = [](const std::string& ref) {
+    return R"({"amount": 700, "currency": "EUR", "customer_id": "c-1", "order_id": "o-huge",)"
+           R"( "ref": )" + ref + "}";
+  };
+  ASSERT_EQ(Pay("huge-number-1", body("18446744073709551616")).status, 201);
+  Response r = Pay("huge-number-1", body("18446744073709551617"));
+  EXPECT_EQ(r.status, 422) << r.body;
+  EXPECT_EQ(r.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(Problem(r), "application/problem+json");
+  EXPECT_EQ(json::parse(r.body)["type"], "urn:converge:problem:idempotency-key-reused");
+  // The same number again, spelt the same way: the replay.
+  Response again = Pay("huge-number-1", body("18446744073709551616"));
+  EXPECT_EQ(again.status, 201);
+  EXPECT_NE(again.Header("Idempotent-Replayed"), nullptr);
+}
+
 // Issue #7: a provider's 409 "key in use" (like 408/423/425/429) is not a decision: the
 // charge may still happen. The service used to store a permanent 502 and mark the payment
 // failed while the provider had charged.
@@ -534,4 +553,5 @@ TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   EXPECT_EQ(admin("PUT", "/admin/failpoints", "").status, 200);
 }
 
+}  // namespace
 }  // namespace payments

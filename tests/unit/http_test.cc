@@ -130,5 +130,78 @@ TEST(HttpProblem, IsRfc9457) {
   EXPECT_EQ(HttpStatusFor(StatusCode::kUnauthenticated), 401);
 }
 
+// Regression (correctness issue, HTTP mapping): the IETF Idempotency-Key draft answers a
+// reused key 422 and a key still in flight 409; by code alone they were 409 and 503.
+TEST(HttpStatusFor, IdempotencyReasonsFollowTheIetfDraft) {
+  EXPECT_EQ(HttpStatusFor(Status(StatusCode::kFailedPrecondition, "reused",
+                                 reason::kFingerprintMismatch)),
+            422);
+  EXPECT_EQ(HttpStatusFor(Status(StatusCode::kUnavailable, "busy", reason::kInFlight)), 409);
+  // Without those reasons the code decides.
+  EXPECT_EQ(HttpStatusFor(FailedPreconditionError("x")), 409);
+  EXPECT_EQ(HttpStatusFor(Status(StatusCode::kFailedPrecondition, "x", reason::kFenced)), 409);
+  EXPECT_EQ(HttpStatusFor(UnavailableError("x")), 503);
+  EXPECT_EQ(HttpStatusFor(Status(StatusCode::kUnavailable, "x", reason::kCommitOutcomeUnknown)),
+            503);
+  EXPECT_EQ(HttpStatusFor(InvalidArgumentError("x")), 400);
+  EXPECT_EQ(HttpStatusFor(DeadlineExceededError("x")), 504);
+  EXPECT_EQ(HttpStatusFor(InternalError("x")), 500);
+}
+
+TEST(HttpProblemFor, MismatchIs422WithoutRetryAfter) {
+  Response r = ProblemFor(
+      Status(StatusCode::kFailedPrecondition, "key k reused", reason::kFingerprintMismatch),
+      "idempotency-key-reused", "this key was used for another request");
+  EXPECT_EQ(r.status, 422);
+  EXPECT_EQ(*r.Header("Content-Type"), "application/problem+json");
+  EXPECT_EQ(r.Header("Retry-After"), nullptr);
+  EXPECT_NE(r.body.find("\"title\":\"Unprocessable Content\""), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("\"type\":\"urn:converge:problem:idempotency-key-reused\""),
+            std::string::npos);
+  EXPECT_NE(r.body.find("\"detail\":\"this key was used for another request\""),
+            std::string::npos);
+  EXPECT_NE(r.body.find("\"status\":422"), std::string::npos);
+}
+
+TEST(HttpProblemFor, InFlightIs409WithRetryAfterRoundedUp) {
+  auto in_flight = [](int64_t ms) {
+    return Status(StatusCode::kUnavailable, "running", reason::kInFlight).WithRetryAfter(ms);
+  };
+  Response r = ProblemFor(in_flight(1500), "request-in-progress");
+  EXPECT_EQ(r.status, 409);
+  EXPECT_NE(r.body.find("\"title\":\"Conflict\""), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("\"detail\":\"running\""), std::string::npos) << r.body;
+  ASSERT_NE(r.Header("Retry-After"), nullptr);
+  EXPECT_EQ(*r.Header("Retry-After"), "2");
+  EXPECT_EQ(*ProblemFor(in_flight(1000)).Header("Retry-After"), "1");
+  EXPECT_EQ(*ProblemFor(in_flight(1001)).Header("Retry-After"), "2");
+  EXPECT_EQ(*ProblemFor(in_flight(1)).Header("Retry-After"), "1");
+  EXPECT_EQ(*ProblemFor(in_flight(0)).Header("Retry-After"), "1");  // at least 1
+  EXPECT_NE(ProblemFor(in_flight(1)).body.find("\"type\":\"about:blank\""), std::string::npos);
+}
+
+TEST(HttpProblemFor, RetryAfterOnlyWhenARetryMaySucceed) {
+  Response unavailable = ProblemFor(UnavailableError("db down"), "unavailable", "retry");
+  EXPECT_EQ(unavailable.status, 503);
+  EXPECT_NE(unavailable.body.find("\"title\":\"Service Unavailable\""), std::string::npos);
+  EXPECT_EQ(*unavailable.Header("Retry-After"), "1");
+  Response busy = ProblemFor(ResourceExhaustedError("full").WithRetryAfter(2500));
+  EXPECT_EQ(busy.status, 429);
+  EXPECT_EQ(*busy.Header("Retry-After"), "3");
+  Response aborted = ProblemFor(AbortedError("conflict"));
+  EXPECT_EQ(aborted.status, 409);
+  EXPECT_EQ(*aborted.Header("Retry-After"), "1");
+  // A conflict that waiting does not resolve, and a timeout, carry none.
+  EXPECT_EQ(ProblemFor(AlreadyExistsError("dup")).Header("Retry-After"), nullptr);
+  EXPECT_EQ(ProblemFor(Status(StatusCode::kFailedPrecondition, "x", reason::kFenced))
+                .Header("Retry-After"),
+            nullptr);
+  EXPECT_EQ(ProblemFor(DeadlineExceededError("slow")).Header("Retry-After"), nullptr);
+  Response internal = ProblemFor(InternalError("invariant"), "internal", "unexpected");
+  EXPECT_EQ(internal.status, 500);
+  EXPECT_NE(internal.body.find("\"title\":\"Internal Server Error\""), std::string::npos);
+  EXPECT_EQ(internal.Header("Retry-After"), nullptr);
+}
+
 }  // namespace
 }  // namespace converge::http

@@ -1,12 +1,13 @@
 // PostgreSQL backend over libpq.
 //
 // Method: a pool of connections; Transact takes one, runs BEGIN (READ COMMITTED) / fn /
-// COMMIT on it, and gives it back. PostgreSQL's own group commit merges the WAL flushes of
-// concurrent commits, so unlike SQLite no writer thread is needed: concurrency comes from
-// the pool. Serialization failures and deadlocks (40001, 40P01) re-run fn; a broken
-// connection is reset before its next use and the call fails with kUnavailable. A COMMIT
-// whose connection broke has an unknown outcome and reports kUnavailable: callers retry,
-// and every converge write is idempotent on retry (keys, inbox rows, ON CONFLICT).
+// COMMIT on it, and gives it back; Read does the same in a REPEATABLE READ READ ONLY
+// snapshot. PostgreSQL's own group commit merges the WAL flushes of concurrent commits, so
+// unlike SQLite no writer thread is needed: concurrency comes from the pool. Serialization
+// failures and deadlocks (40001, 40P01) re-run fn; a broken connection is reset before its
+// next use and the call fails with kUnavailable. A COMMIT whose connection broke has an
+// unknown outcome and reports kUnavailable with reason kCommitOutcomeUnknown: callers
+// retry, and every converge write is idempotent on retry (keys, inbox rows, ON CONFLICT).
 //
 // Parameters are sent as text with type OID 0 (the server infers them from the
 // statement), except Blob, which is sent as binary bytea. Results come back as text and
@@ -26,6 +27,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "converge/failpoint.h"
 #include "src/store/postgres/migrations.h"
 
 namespace converge::postgres {
@@ -424,10 +426,33 @@ class PgDatabase : public Database {
     }
   }
 
+  // Sends COMMIT and says what its failure means. A COMMIT the server answered is
+  // definite: it committed, or it failed and rolled back with the server's code (a
+  // serialization failure stays kAborted, a deferred constraint kAlreadyExists...). A
+  // COMMIT whose connection broke before the answer arrived may have committed or not:
+  // kUnavailable with reason kCommitOutcomeUnknown, which callers must not mistake for
+  // "nothing happened" (database.h). A connection already broken before COMMIT was sent
+  // cannot have committed: plain kUnavailable.
+  Status Commit(PgTx& tx, PGconn* c, bool read_only) {
+    if (PQstatus(c) != CONNECTION_OK) {
+      return UnavailableError(std::string("postgres: connection lost before COMMIT: ") +
+                              PQerrorMessage(c));
+    }
+    Status st = tx.Simple("COMMIT");
+    if (st.ok() || read_only || PQstatus(c) == CONNECTION_OK) return st;
+    return Status(StatusCode::kUnavailable,
+                  "postgres: connection lost during COMMIT, so the transaction may or may not "
+                  "have committed: " + st.message(),
+                  reason::kCommitOutcomeUnknown);
+  }
+
   Status RunOnce(const TxFn& fn, bool read_only) {
     CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
     PgTx tx(c, options_.notify);
-    Status st = tx.Simple(read_only ? "BEGIN READ ONLY" : "BEGIN");
+    // Read() promises a snapshot: REPEATABLE READ takes one at the first statement and
+    // keeps it to the end (READ COMMITTED would take one per statement). A read-only
+    // transaction never fails to serialize at this level, so this costs no retries.
+    Status st = tx.Simple(read_only ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN");
     if (st.ok()) {
       t_current[this] = &tx;
       try {
@@ -441,11 +466,10 @@ class PgDatabase : public Database {
       if (st.ok() && PQtransactionStatus(c) == PQTRANS_INERROR) {
         st = InternalError("a statement failed inside the transaction but fn returned OK");
       }
+      // A test parks a writer here to break its connection right before COMMIT.
+      if (st.ok() && !read_only) st = failpoint::Hit("postgres.before_commit");
       if (st.ok()) {
-        st = tx.Simple("COMMIT");
-        if (!st.ok() && st.code() != StatusCode::kAborted) {
-          st = Status(StatusCode::kUnavailable, "commit failed, outcome unknown: " + st.message());
-        }
+        st = Commit(tx, c, read_only);
       } else {
         (void)tx.Simple("ROLLBACK");
       }
