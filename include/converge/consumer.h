@@ -15,9 +15,10 @@
 //                                                   transaction), then acked
 // Never an infinite poison loop: a redelivered message (it came back unsettled: its
 // handler failed, its transaction failed, or it killed the process) runs alone in its
-// own transaction, after its handler start was counted in a committed row; one started
-// max_attempts times without settling is parked before its handler runs again (error
-// class "unsettled"). A batch whose transaction fails is retried one delivery at a time
+// own transaction (one such suspect at a time per process), after its handler start was
+// counted in a committed row; one whose handler ran max_attempts times without settling
+// is parked before it runs again (error class "unsettled"). For suspects, retries of
+// transient failures are counted in handler runs too, not in deliveries. A batch whose transaction fails is retried one delivery at a time
 // at once, so one bad message never holds its neighbours back. A handler must keep its effects inside the Tx; an
 // external effect (email, payment) must be called with a deterministic key derived from
 // the event so its provider dedupes it.
@@ -110,7 +111,9 @@ class Consumer {
     Settlement settlement;
   };
 
-  Status ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision);
+  // `runs`: how often the handler has run for this message, this run included; decides
+  // between a retry and "exhausted".
+  Status ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now, Decision* decision);
   Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
               const Status& error, Decision* decision);
   Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,

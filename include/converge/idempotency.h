@@ -37,6 +37,9 @@
 // recovery point it took over. A Completer (completer.h) finishes requests whose client
 // went away.
 //
+// Begin, Advance, Complete and Release commit on their own: do not call them inside
+// another Transact (a lease drawn in a transaction that later rolls back is not a lease).
+//
 // Thread safety: IdempotencyKeys is safe to use from many threads.
 #ifndef CONVERGE_IDEMPOTENCY_H_
 #define CONVERGE_IDEMPOTENCY_H_

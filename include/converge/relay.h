@@ -45,9 +45,10 @@ struct RelayOptions {
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
   Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
-  // name takes its partitions back at once (raising their fences, so the previous
-  // incarnation, if still alive, can no longer mark or publish); a new name waits for the
-  // old leases to lapse.
+  // name takes its partitions back at once, raising their fences; the previous
+  // incarnation, if still alive, can no longer mark or publish, and from its next pass on
+  // owns nothing (RunOnce answers kFailedPrecondition: superseded). A new name waits for
+  // the old leases to lapse.
   // Empty: a random one.
   std::string name;
 };
@@ -93,8 +94,10 @@ class Relay {
   const RelayOptions options_;
   Clock* clock_;
   std::string name_;
-  // Partition -> fence this incarnation acquired (only the RunOnce thread uses it).
+  // Partition -> fence this incarnation acquired, and the incarnation's number from the
+  // store-wide sequence (0 until the first pass); only the RunOnce thread uses them.
   std::map<int64_t, int64_t> held_;
+  int64_t incarnation_ = 0;
 
   std::atomic<bool> running_{false};
   std::thread thread_;

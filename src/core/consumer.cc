@@ -95,7 +95,8 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   return StatusOf(DeadLetters::Park(tx, letter));
 }
 
-Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* decision) {
+Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now,
+                            Decision* decision) {
   const std::string* source = &d.message.source;
   const std::string* id = &d.message.id;
 
@@ -136,10 +137,9 @@ Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t now, Decision* de
     decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
     return OkStatus();
   }
-  if (handled.transient() && d.attempts < options_.max_attempts) {
+  if (handled.transient() && runs < options_.max_attempts) {
     decision->fate = Fate::kRetry;
-    decision->settlement =
-        Settlement{Settlement::Kind::kNak, Backoff(d.attempts), handled.ToString()};
+    decision->settlement = Settlement{Settlement::Kind::kNak, Backoff(runs), handled.ToString()};
     return OkStatus();
   }
   return park(handled.transient() ? "exhausted" : "permanent", handled);
@@ -191,7 +191,7 @@ Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
     decisions.assign(batch.size(), Decision{});
     const int64_t now = clock_->NowMillis();
     for (size_t i = 0; i < batch.size(); ++i) {
-      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], now, &decisions[i]));
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], batch[i]->attempts, now, &decisions[i]));
     }
     return failpoint::Hit("consumer.before_commit");
   });
@@ -200,7 +200,16 @@ Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
   return OkStatus();
 }
 
+namespace {
+// One suspect at a time per process, across every consumer: a suspect that kills the
+// process must not take another consumer's suspect down with it (their starts would be
+// counted against a message that never failed). On SQLite this also keeps two suspects
+// out of one group commit.
+std::mutex g_suspect_mu;
+}  // namespace
+
 Status Consumer::RunAlone(const Delivery& d) {
+  std::lock_guard<std::mutex> alone(g_suspect_mu);
   // Count this start in its own committed transaction first: if the handler kills the
   // process, the count survives and names the culprit (its neighbours, not started, keep
   // theirs).
@@ -220,17 +229,22 @@ Status Consumer::RunAlone(const Delivery& d) {
   Status st = db_.Transact([&](Tx& tx) -> Status {
     decision.assign(1, Decision{});
     const int64_t now = clock_->NowMillis();
-    if (starts > options_.max_attempts) {
+    // Handler runs so far, this one included: the counted starts plus the first delivery,
+    // which ran uncounted in a batch. The transport's delivery count is no measure here:
+    // a message fetched alongside a killer is redelivered each time the process dies,
+    // without its handler having run.
+    const int64_t runs = starts + 1;
+    if (runs > options_.max_attempts) {
       // Started max_attempts times and never settled: do not run it again.
       CONVERGE_RETURN_IF_ERROR(Park(
           tx, d, now, "unsettled",
-          AbortedError("handler started " + std::to_string(starts - 1) +
+          AbortedError("handler started " + std::to_string(runs - 1) +
                        " times without settling (it may crash its process, or its "
                        "transaction fails every time); last error: " +
                        (d.last_error.empty() ? std::string("none recorded") : d.last_error)),
           &decision[0]));
     } else {
-      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, now, &decision[0]));
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, runs, now, &decision[0]));
     }
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
         "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",

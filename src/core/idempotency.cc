@@ -274,6 +274,8 @@ Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,
     const int64_t now = clock_->NowMillis();
     CONVERGE_RETURN_IF_ERROR(CheckFence(tx, lease, now));
     CONVERGE_RETURN_IF_ERROR(fn(tx));
+    // Failpoint: the phase holds the key row (PostgreSQL: locked until commit).
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.before_phase_commit"));
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
         "UPDATE idempotency_keys SET recovery_point = $1, recovery_data = $2 "
         "WHERE scope = $3 AND key = $4 AND fence = $5",

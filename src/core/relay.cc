@@ -55,12 +55,29 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     owned.clear();
     const int64_t now = clock_->NowMillis();
     const int64_t until = now + options_.lease.count();
+    // This incarnation's number, drawn once from the store-wide sequence: a restart under
+    // the same name always gets a higher one.
+    if (incarnation_ == 0) {
+      CONVERGE_ASSIGN_OR_RETURN(incarnation_, tx.NextFence());
+    }
     // Membership: every relay announces itself each pass, owning partitions or not, so
-    // the others can compute a fair share that includes it.
+    // the others can compute a fair share that includes it. The newest incarnation of a
+    // name keeps the row; an older one still alive learns here that it was superseded,
+    // and owns nothing from then on (without this, two live incarnations of one name
+    // would take the partitions from each other on every pass).
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "INSERT INTO relay_members (owner, lease_until) VALUES ($1, $2) "
-        "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until",
-        name_, until));
+        "INSERT INTO relay_members (owner, lease_until, incarnation) VALUES ($1, $2, $3) "
+        "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until, "
+        "incarnation = excluded.incarnation "
+        "WHERE relay_members.incarnation <= excluded.incarnation",
+        name_, until, incarnation_));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows current, tx.Query("SELECT incarnation FROM relay_members WHERE owner = $1", name_));
+    if (current.empty() || current[0].Int(0) != incarnation_) {
+      return FailedPreconditionError("relay '" + name_ + "' incarnation " +
+                                     std::to_string(incarnation_) +
+                                     " was superseded by a newer one under the same name");
+    }
     CONVERGE_ASSIGN_OR_RETURN(
         Rows members, tx.Query("SELECT owner FROM relay_members WHERE lease_until > $1", now));
     std::set<std::string> live = {name_};
@@ -114,7 +131,10 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     }
     return OkStatus();
   });
-  if (!st.ok()) return tl::unexpected(st);
+  if (!st.ok()) {
+    if (st.code() == StatusCode::kFailedPrecondition) held_.clear();  // superseded
+    return tl::unexpected(st);
+  }
   held_ = owned;
   return owned;
 }
@@ -250,10 +270,19 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
 }
 
 void Relay::ReleaseAll() {
-  // Hand the partitions back at once, so another relay need not wait for the leases.
+  // Hand back what this incarnation holds, at the fences it holds them, so another relay
+  // need not wait for the leases (and a newer incarnation of the name keeps its own).
   (void)db_.Transact([&](Tx& tx) -> Status {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec("UPDATE relay_members SET lease_until = 0 WHERE owner = $1", name_));
-    return StatusOf(tx.Exec("UPDATE relay_partitions SET lease_until = 0 WHERE owner = $1", name_));
+    CONVERGE_RETURN_IF_ERROR(
+        tx.Exec("UPDATE relay_members SET lease_until = 0 WHERE owner = $1 AND incarnation = $2",
+                name_, incarnation_));
+    for (const auto& [partition, fence] : held_) {
+      CONVERGE_RETURN_IF_ERROR(
+          tx.Exec("UPDATE relay_partitions SET lease_until = 0 WHERE partition_no = $1 "
+                  "AND owner = $2 AND fence = $3",
+                  partition, name_, fence));
+    }
+    return OkStatus();
   });
 }
 

@@ -22,7 +22,11 @@ Result<SweepStats> Sweeper::RunOnce() {
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.keys,
       ("DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key FROM "
-       "idempotency_keys WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2)"),
+       "idempotency_keys WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2) AND " +
+       // Again outside the subquery: on PostgreSQL a DELETE that waited for a row lock
+       // re-checks only its own WHERE against the row's new version, and an attempt that
+       // advanced the row meanwhile must keep it.
+       internal::ForgettableKeyCondition("$1")),
       now));
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.inbox,

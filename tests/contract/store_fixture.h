@@ -56,8 +56,10 @@ struct PostgresStore {
   // Whether a transaction is waiting for another: a lock not yet granted in this database.
   bool SomeoneWaits(Database&) {
     PGconn* c = PQconnectdb(uri.c_str());
-    PGresult* r = PQexec(c, "SELECT count(*) FROM pg_locks l JOIN pg_database d ON "
-                            "d.oid = l.database WHERE NOT l.granted AND d.datname = current_database()");
+    // A row-lock wait is a wait on a transaction id, which has no database: join on the
+    // waiting session instead.
+    PGresult* r = PQexec(c, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON "
+                            "a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()");
     bool waits = PQresultStatus(r) == PGRES_TUPLES_OK && std::atoi(PQgetvalue(r, 0, 0)) > 0;
     PQclear(r);
     PQfinish(c);

@@ -143,6 +143,7 @@ CREATE SEQUENCE converge_fences;
 SELECT setval('converge_fences', coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,
               false);
 ALTER TABLE effects ADD COLUMN claim_token TEXT;
+ALTER TABLE relay_members ADD COLUMN incarnation BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
   WHERE status = 'in_progress';
 CREATE TABLE consumer_starts (

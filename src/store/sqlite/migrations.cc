@@ -147,6 +147,7 @@ CREATE TABLE converge_sequences (
 INSERT INTO converge_sequences (name, value)
   SELECT 'fence', coalesce(max(fence), 0) FROM idempotency_keys;
 ALTER TABLE effects ADD COLUMN claim_token TEXT;
+ALTER TABLE relay_members ADD COLUMN incarnation INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
   WHERE status = 'in_progress';
 CREATE TABLE consumer_starts (
