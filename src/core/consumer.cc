@@ -246,9 +246,12 @@ Status Consumer::RunAlone(const Delivery& d) {
     } else {
       CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, runs, now, &decision[0]));
     }
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
-        options_.name, d.message.source, d.message.id));
+    // The count goes with the message's last settlement; a retry (nak) keeps counting.
+    if (decision[0].fate != Fate::kRetry) {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec(
+          "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
+          options_.name, d.message.source, d.message.id));
+    }
     return failpoint::Hit("consumer.before_commit");
   });
   if (!st.ok()) return st;  // the start stays counted; the delivery comes back
