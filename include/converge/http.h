@@ -18,6 +18,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -59,6 +60,32 @@ Response Problem(int status, std::string_view title, std::string_view detail,
                  std::string_view slug = {});
 // A JSON body with Content-Type application/json.
 Response Json(int status, std::string body);
+// The class of an HTTP status for metric labels: "1xx" .. "5xx" (anything else "5xx").
+std::string_view StatusClass(int status);
+// The token of `Authorization: Bearer <token>`: the scheme is case-insensitive (RFC 9110
+// §11.1), separated by one or more spaces; nullopt when the header is absent, names
+// another scheme, or the token is empty or contains whitespace.
+std::optional<std::string_view> BearerToken(const Request& request);
+
+// Looks presented API keys up in time that does not depend on how much of a key matches:
+// each key is indexed by HMAC-SHA256 under a random per-process secret, so the only
+// comparisons made are between digests an attacker cannot steer. (A std::map keyed by the
+// keys themselves answers faster the longer the matching prefix.)
+//
+// Thread safety: immutable after construction; Find is safe from many threads.
+class ApiKeyIndex {
+ public:
+  // `keys` maps each API key to its principal (e.g. a tenant).
+  explicit ApiKeyIndex(const std::map<std::string, std::string>& keys);
+  // The principal of `presented`, or nullptr. The pointer lives as long as the index.
+  const std::string* Find(std::string_view presented) const;
+  size_t size() const { return by_digest_.size(); }
+
+ private:
+  std::string secret_;
+  std::map<std::string, std::string> by_digest_;
+};
+
 // The HTTP status for a Status code (kInvalidArgument 400, kUnauthenticated 401,
 // kPermissionDenied 403, kNotFound 404, kAlreadyExists 409, kFailedPrecondition 409,
 // kAborted 409, kResourceExhausted 429, kUnavailable 503, kDeadlineExceeded 504, else 500).

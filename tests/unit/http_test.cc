@@ -120,6 +120,46 @@ TEST(HttpClient, TimeoutIsDeadlineExceeded) {
   EXPECT_EQ(r.error().code(), StatusCode::kDeadlineExceeded);
 }
 
+TEST(HttpBearerToken, SchemeIsCaseInsensitiveAndTheTokenIsOneWord) {
+  auto token = [](std::string value) {
+    Request r;
+    r.headers = {{"authorization", std::move(value)}};
+    auto t = BearerToken(r);
+    return t ? std::string(*t) : std::string("<none>");
+  };
+  EXPECT_EQ(token("Bearer sk_1"), "sk_1");
+  EXPECT_EQ(token("bearer sk_1"), "sk_1");
+  EXPECT_EQ(token("BEARER  sk_1"), "sk_1");
+  EXPECT_EQ(token("Bearer"), "<none>");
+  EXPECT_EQ(token("Bearer "), "<none>");
+  EXPECT_EQ(token("Bearersk_1"), "<none>");
+  EXPECT_EQ(token("Bearer sk_1 sk_2"), "<none>");
+  EXPECT_EQ(token("Basic c2s6"), "<none>");
+  EXPECT_EQ(BearerToken(Request{}), std::nullopt);
+}
+
+TEST(HttpApiKeyIndex, FindsWholeKeysOnly) {
+  ApiKeyIndex keys({{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}});
+  EXPECT_EQ(keys.size(), 2u);
+  ASSERT_NE(keys.Find("sk_test_acme"), nullptr);
+  EXPECT_EQ(*keys.Find("sk_test_acme"), "acme");
+  EXPECT_EQ(*keys.Find("sk_test_globex"), "globex");
+  EXPECT_EQ(keys.Find("sk_test_ac"), nullptr);
+  EXPECT_EQ(keys.Find("sk_test_acme "), nullptr);
+  EXPECT_EQ(keys.Find(""), nullptr);
+  EXPECT_EQ(ApiKeyIndex({}).Find("sk_test_acme"), nullptr);
+}
+
+TEST(HttpStatusClass, IsBounded) {
+  EXPECT_EQ(StatusClass(101), "1xx");
+  EXPECT_EQ(StatusClass(204), "2xx");
+  EXPECT_EQ(StatusClass(308), "3xx");
+  EXPECT_EQ(StatusClass(422), "4xx");
+  EXPECT_EQ(StatusClass(503), "5xx");
+  EXPECT_EQ(StatusClass(999), "5xx");
+  EXPECT_EQ(StatusClass(-1), "5xx");
+}
+
 TEST(HttpProblem, IsRfc9457) {
   Response p = Problem(422, "Unprocessable Content", "key reused", "idempotency-key-reused");
   EXPECT_EQ(p.status, 422);
