@@ -8,6 +8,13 @@
 // hold connections; a body over `body_limit` gets 413, an oversized header 431. Stop()
 // stops accepting, lets in-flight requests finish (up to a deadline) and closes.
 //
+// The server is an edge: whatever bytes arrive, a connection holds at most about
+// `header_limit` of unparsed input plus one request (`body_limit`), and at most
+// `max_connections` connections are open. Requests whose framing or identity is ambiguous
+// (a Transfer-Encoding other than `chunked`, obsolete line folding, HTTP/1.1 without Host,
+// a security header sent twice, a non-canonical path) are answered 400 and the connection
+// is closed; methods outside `methods` get 501. docs/design/http-server.md has the rules.
+//
 // Thread safety: register routes before Start(). Start/Stop from one owner thread.
 // HttpClient is safe to use from many threads.
 #ifndef CONVERGE_HTTP_H_
@@ -96,19 +103,53 @@ struct ServerOptions {
   uint16_t port = 0;  // 0: any free port; see Server::port()
   int io_threads = 1;
   int worker_threads = 16;
+  // Request body bytes (Content-Length or the sum of the chunks); more: 413.
   size_t body_limit = 1 << 20;
+  // Bytes of the request line and header fields together (more: 431). The same bound
+  // applies to each chunk line (size and extensions; more: 400) and to the trailer
+  // section (more: 431), and it is all the unparsed input a connection buffers.
   size_t header_limit = 16 << 10;
+  // Header fields in one request; more: 431.
+  size_t max_header_fields = 100;
   Millis header_timeout = std::chrono::seconds(15);
   Millis body_timeout = std::chrono::seconds(30);
+  // Open connections at most. At the cap the server stops accepting (new connections wait
+  // in the kernel's listen backlog) until one closes; it never closes a connection to make
+  // room. Keep it well below the file-descriptor limit, which the store, outbound HTTP and
+  // logs share.
+  int max_connections = 1024;
+  // Start() raises the soft RLIMIT_NOFILE to the hard limit (a process-wide setting).
+  bool raise_fd_limit = true;
+  // Methods served (case-sensitive, RFC 9110 §9.1); any other gets 501. HEAD is served by
+  // GET routes. The metric label of a method outside this set is "other".
+  std::vector<std::string> methods = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                      "OPTIONS"};
+  // Fields that must not appear twice (case-insensitive): a second copy gets 400, since a
+  // proxy in front and this server could each pick a different one. Host always counts.
+  std::vector<std::string> single_headers = {"Authorization", "Idempotency-Key",
+                                             "Content-Type", "webhook-id",
+                                             "webhook-timestamp", "webhook-signature"};
   std::string server_name = "converge";
 };
 
-// Called after each response is written: for metrics and access logs.
+// Called after each response is written: for metrics and access logs. Every field but
+// `request` is from a bounded set, so it may be used as a metric label as it is.
 struct Exchange {
-  const Request* request;  // nullptr when no request could be read (413, 431)
+  const Request* request;  // nullptr when the request was rejected before it was read whole
   int status;
   std::string route;  // the matched pattern, "unmatched", or "rejected"
   double seconds;
+  // The request's method when it is one of ServerOptions::methods, else "other".
+  std::string_view method = "other";
+};
+
+// Counters of the accept loop and the connections, for tests and operations.
+struct ServerStats {
+  int64_t connections = 0;     // open right now
+  int64_t accepted = 0;        // since Start
+  int64_t accept_errors = 0;   // failed accept calls (EMFILE, ENFILE, ...)
+  int64_t accept_pauses = 0;   // times accepting paused at max_connections
+  int64_t fd_limit = 0;        // the soft RLIMIT_NOFILE after Start
 };
 
 class Server {
@@ -121,11 +162,13 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   // `pattern` is a path whose segments may be `{name}`, e.g. "/v1/payments/{id}". An
-  // unknown path answers 404, a known path with another method 405 with Allow.
+  // unknown path answers 404, a known path with another method 405 with Allow. A GET
+  // route also answers HEAD (the handler runs; the body is not sent).
   void Route(std::string method, std::string pattern, Handler handler);
   void OnExchange(std::function<void(const Exchange&)> observer);
 
-  // Binds and starts serving. kUnavailable when the address cannot be bound.
+  // Binds and starts serving. kUnavailable when the address cannot be bound;
+  // kInvalidArgument for a bad address or option.
   Status Start();
   // The bound port (after Start).
   uint16_t port() const;
@@ -133,6 +176,7 @@ class Server {
   void Stop(Millis drain = std::chrono::seconds(10));
   // Requests being handled right now.
   int64_t in_flight() const;
+  ServerStats stats() const;
 
  private:
   class Impl;
