@@ -478,7 +478,14 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
     ASSERT_TRUE(warm.Send(PaymentRequest("cap-warm", "o-0")));
     ASSERT_EQ(warm.Read().status, 201);
   }
-  ASSERT_TRUE(converge::testing::WaitUntil([&] { return serve.OpenFds() > 0; }));
+  // ... and let its consumers and the receipt effect finish, so that the baseline already
+  // holds every store connection the service opens.
+  auto db = converge::Database::Open("sqlite:" + dir.File("cap.db"));
+  ASSERT_TRUE(db) << db.error().ToString();
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    return converge::testing::QueryInt(**db, "SELECT count(*) FROM ledger_entries") == 2 &&
+           converge::testing::QueryInt(**db, "SELECT count(*) FROM effects WHERE state = 'done'") == 1;
+  }));
   const int64_t fds0 = serve.OpenFds();
 
   std::vector<std::unique_ptr<RawConnection>> held;
@@ -495,7 +502,8 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
   }
   EXPECT_EQ(queued[0]->Read(false, std::chrono::milliseconds(300)).status, 0)
       << "a connection beyond the cap was served";
-  // Descriptors: the cap's sockets and nothing for the queued ones.
+  // Descriptors: the cap's sockets and nothing for the queued ones (+1: a store or
+  // outbound socket that may be open at this instant).
   EXPECT_LE(serve.OpenFds(), fds0 + kCap + 1);
 
   // An open connection still pays: the provider call gets a socket.
