@@ -237,7 +237,9 @@ class RequestParser final : public bhttp::basic_parser<true> {
   void on_header_impl(beast::error_code&) override {}
 
   void on_body_init_impl(const boost::optional<uint64_t>& length, beast::error_code&) override {
-    if (length) request_.body.reserve(static_cast<size_t>(std::min<uint64_t>(*length, body_reserve_limit_)));
+    if (length) {
+      request_.body.reserve(static_cast<size_t>(std::min<uint64_t>(*length, body_reserve_limit_)));
+    }
   }
 
   size_t on_body_impl(beast::string_view body, beast::error_code&) override {
@@ -470,18 +472,18 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
       return Reject(431, "Request Header Fields Too Large",
                     parser_->too_many_fields()
                         ? "the request has more than " +
-                              std::to_string(server_->options_.max_header_fields) +
-                              " header fields"
+                              std::to_string(server_->options_.max_header_fields) + " header fields"
                         : "the request header exceeds " +
                               std::to_string(server_->options_.header_limit) + " bytes");
     }
     if (ec == bhttp::error::body_limit) {
-      return Reject(413, "Content Too Large",
-                    "the request body exceeds " + std::to_string(server_->options_.body_limit) +
-                        " bytes");
+      return Reject(
+          413, "Content Too Large",
+          "the request body exceeds " + std::to_string(server_->options_.body_limit) + " bytes");
     }
     if (parser_->obs_fold()) {
-      return Reject(400, "Bad Request", "obsolete line folding is not accepted (RFC 9112, section 5.2)");
+      return Reject(400, "Bad Request",
+                    "obsolete line folding is not accepted (RFC 9112, section 5.2)");
     }
     if (ec == bhttp::error::bad_chunk || ec == bhttp::error::bad_chunk_extension) {
       return Reject(400, "Bad Request", "malformed chunked transfer coding");
@@ -520,16 +522,17 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
       }
       for (size_t i = 0; i < o.single_headers.size(); ++i) {
         if (IEquals(name, o.single_headers[i]) && ++seen[i] > 1) {
-          Reject(400, "Bad Request", "the header " + o.single_headers[i] + " appears more than once");
+          Reject(400, "Bad Request",
+                 "the header " + o.single_headers[i] + " appears more than once");
           return false;
         }
       }
     }
     if (hosts > 1 || (hosts == 0 && version_ >= 11) || (host && !ValidHost(*host))) {
       Reject(400, "Bad Request",
-             hosts > 1 ? "more than one Host header"
-                       : hosts == 0 ? "an HTTP/1.1 request needs a Host header"
-                                    : "the Host header is malformed");
+             hosts > 1    ? "more than one Host header"
+             : hosts == 0 ? "an HTTP/1.1 request needs a Host header"
+                          : "the Host header is malformed");
       return false;
     }
     if (!codings.empty()) {
@@ -537,9 +540,8 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
       // else leaves its length unknown, and with Content-Length too the two could each be
       // believed by a different hop.
       const bool chunked_last = IEquals(codings.back(), "chunked");
-      const bool chunked_before = std::any_of(codings.begin(), codings.end() - 1, [](auto c) {
-        return IEquals(c, "chunked");
-      });
+      const bool chunked_before = std::any_of(codings.begin(), codings.end() - 1,
+                                              [](auto c) { return IEquals(c, "chunked"); });
       if (version_ < 11 || has_length || !chunked_last || chunked_before) {
         Reject(400, "Bad Request",
                version_ < 11 ? "Transfer-Encoding is not defined in HTTP/1.0"
@@ -676,8 +678,9 @@ void Server::Impl::Accept() {
       return;
     }
   }
-  acceptor_.async_accept(asio::make_strand(ioc_),
-                         [this](beast::error_code ec, tcp::socket s) { OnAccept(ec, std::move(s)); });
+  acceptor_.async_accept(asio::make_strand(ioc_), [this](beast::error_code ec, tcp::socket s) {
+    OnAccept(ec, std::move(s));
+  });
 }
 
 // On accept_strand_.
@@ -773,8 +776,8 @@ Status Server::Start() {
   if (!ec) acc.bind(ep, ec);
   if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    return UnavailableError("cannot listen on " + o.address + ":" + std::to_string(o.port) +
-                            ": " + ec.message());
+    return UnavailableError("cannot listen on " + o.address + ":" + std::to_string(o.port) + ": " +
+                            ec.message());
   }
   impl_->port_ = acc.local_endpoint().port();
   asio::post(impl_->accept_strand_, [this] { impl_->Accept(); });
@@ -790,8 +793,7 @@ int64_t Server::in_flight() const { return impl_->in_flight_.load(); }
 
 ServerStats Server::stats() const {
   return ServerStats{impl_->connections_.load(), impl_->accepted_.load(),
-                     impl_->accept_errors_.load(), impl_->accept_pauses_.load(),
-                     impl_->fd_limit_};
+                     impl_->accept_errors_.load(), impl_->accept_pauses_.load(), impl_->fd_limit_};
 }
 
 }  // namespace converge::http

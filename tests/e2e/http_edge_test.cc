@@ -66,11 +66,11 @@ std::string WriteConfig(const TempDir& dir, const std::string& name, const Confi
 
 // POST /v1/payments for tenant acme, framed by Content-Length.
 std::string PaymentRequest(const std::string& key, const std::string& order) {
-  const std::string body = R"({"amount":100,"currency":"EUR","customer_id":"c-1","order_id":")" +
-                           order + R"("})";
+  const std::string body =
+      R"({"amount":100,"currency":"EUR","customer_id":"c-1","order_id":")" + order + R"("})";
   return "POST /v1/payments HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sk_test_acme\r\n"
-         "Idempotency-Key: " + key + "\r\nContent-Length: " + std::to_string(body.size()) +
-         "\r\n\r\n" + body;
+         "Idempotency-Key: " +
+         key + "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
 }
 
 // Rendered series of http_requests_total in a /metrics body.
@@ -178,6 +178,8 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
   const std::string hidden = get("/admin/stats", admin);
   const std::string one_chunk = "5\r\nhello\r\n0\r\n\r\n";
 
+  // One case per entry reads better than one field per line.
+  // clang-format off
   const std::vector<EdgeCase> cases = {
       // --- smuggling shapes: framing two parsers could disagree on --------------------
       {"TE identity hides a request in the body",
@@ -221,10 +223,12 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
       {"chunk data longer than its size", chunked("/webhooks/psp", "", "5\r\nhelloXX\r\n0\r\n\r\n"),
        {400}, true},
       {"chunk line over the header limit",
-       chunked("/webhooks/psp", "", "5;x=" + std::string(kHeaderLimit + 100, 'a') + "\r\nhello\r\n0\r\n\r\n"),
+       chunked("/webhooks/psp", "",
+               "5;x=" + std::string(kHeaderLimit + 100, 'a') + "\r\nhello\r\n0\r\n\r\n"),
        {400}, true},
       {"trailer over the header limit",
-       chunked("/webhooks/psp", "", "5\r\nhello\r\n0\r\nX-T: " + std::string(kHeaderLimit + 100, 'a') + "\r\n\r\n"),
+       chunked("/webhooks/psp", "",
+               "5\r\nhello\r\n0\r\nX-T: " + std::string(kHeaderLimit + 100, 'a') + "\r\n\r\n"),
        {431}, true},
       {"chunked body over the body limit", chunked("/webhooks/psp", "", "2000\r\n"), {413}, true},
       {"a chunk extension and a trailer within limits are accepted",
@@ -237,7 +241,8 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
       {"Content-Length frames the body; the rest is the next request",
        post("/webhooks/psp", "", "{}") + kHealthz, {401, 200}, false},
       // --- limits that held -----------------------------------------------------------
-      {"header over the header limit", get("/healthz", "X-Big: " + std::string(kHeaderLimit, 'h') + "\r\n"),
+      {"header over the header limit",
+       get("/healthz", "X-Big: " + std::string(kHeaderLimit, 'h') + "\r\n"),
        {431}, true},
       {"too many header fields", get("/healthz", Repeat("X-F: v\r\n", kMaxHeaderFields + 1)),
        {431}, true},
@@ -289,17 +294,21 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
       {"asterisk-form target", "OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", {400}, true},
       {"fragment in the target", get("/admin/stats#x", admin), {400}, true},
       // --- authentication (held, and the scheme's case) -------------------------------
-      {"scheme bearer in lower case", get("/v1/payments/pay_none", "Authorization: bearer sk_test_acme\r\n"),
+      {"scheme bearer in lower case",
+       get("/v1/payments/pay_none", "Authorization: bearer sk_test_acme\r\n"),
        {404}, false},
-      {"scheme BEARER for the admin", get("/admin/stats", "Authorization: BEARER " + std::string(kAdminToken) + "\r\n"),
+      {"scheme BEARER for the admin",
+       get("/admin/stats", "Authorization: BEARER " + std::string(kAdminToken) + "\r\n"),
        {200}, false},
       {"unknown API key", get("/v1/payments/pay_none", "Authorization: Bearer sk_test_nobody\r\n"),
        {401}, false},
-      {"API key that is a prefix of a real one", get("/v1/payments/pay_none", "Authorization: Bearer sk_test_ac\r\n"),
+      {"API key that is a prefix of a real one",
+       get("/v1/payments/pay_none", "Authorization: Bearer sk_test_ac\r\n"),
        {401}, false},
       {"no API key", get("/v1/payments/pay_none"), {401}, false},
       {"Basic scheme", get("/admin/stats", "Authorization: Basic ZWRnZTp4\r\n"), {401}, false},
-      {"another tenant's key sees no payment", get("/v1/payments/pay_none", "Authorization: Bearer sk_test_globex\r\n"),
+      {"another tenant's key sees no payment",
+       get("/v1/payments/pay_none", "Authorization: Bearer sk_test_globex\r\n"),
        {404}, false},
       // --- JSON validation (held) -----------------------------------------------------
       {"invalid JSON body", post("/v1/payments", acme + "Idempotency-Key: edge-json\r\n", "{nope"),
@@ -308,6 +317,7 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
       {"three pipelined requests", Repeat(kHealthz, 3), {200, 200, 200}, false},
       {"a rejected request ends the pipeline", get("//x") + kHealthz, {400}, true},
   };
+  // clang-format on
   ASSERT_GE(cases.size(), 30u);
 
   for (const EdgeCase& c : cases) {
@@ -341,9 +351,10 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
 // Transfer-Encoding the server does not frame gets no answer of its own.
 TEST_F(HttpEdge, SmuggledRequestIsNeverAnswered) {
   auto conn = Connect();
-  ASSERT_TRUE(conn->Send("POST /healthz HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: identity\r\n\r\n"
-                         "GET /admin/stats HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " +
-                         std::string(kAdminToken) + "\r\n\r\n"));
+  ASSERT_TRUE(
+      conn->Send("POST /healthz HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: identity\r\n\r\n"
+                 "GET /admin/stats HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " +
+                 std::string(kAdminToken) + "\r\n\r\n"));
   EXPECT_EQ(conn->Read().status, 400);
   EXPECT_TRUE(conn->ClosedByPeer());
 }
@@ -394,8 +405,8 @@ TEST_F(HttpEdge, EndlessChunkExtensionTrailerAndHeaderStayWithinAMemoryBound) {
 TEST_F(HttpEdge, PipelinedBacklogStaysWithinAMemoryBound) {
   const int64_t rss0 = serve_->RssBytes();
   auto conn = Connect();
-  const size_t sent = conn->SendUntilStalled(kHealthz, size_t{64} << 20,
-                                             std::chrono::milliseconds(1000));
+  const size_t sent =
+      conn->SendUntilStalled(kHealthz, size_t{64} << 20, std::chrono::milliseconds(1000));
   const int64_t growth = serve_->RssBytes() - rss0;
   EXPECT_LT(growth, kRssGrowthBound) << "after " << sent << " bytes of pipelined requests";
   EXPECT_EQ(conn->Read().status, 200);  // it was served in order, up to where it stalled
@@ -436,7 +447,8 @@ TEST_F(HttpEdge, SlowlorisHeaderIsCutOff) {
   size_t dripped = 0;
   for (; dripped < header.size(); ++dripped) {
     // The drip is the attack, not a wait: 60+ bytes at 100 ms is 4 times header_timeout.
-    if (!conn->Send(header.substr(dripped, 1)) || conn->ClosedByPeer(std::chrono::milliseconds(100))) {
+    if (!conn->Send(header.substr(dripped, 1)) ||
+        conn->ClosedByPeer(std::chrono::milliseconds(100))) {
       break;
     }
   }
@@ -464,11 +476,12 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
   ASSERT_TRUE(psp.Start().ok());
   ASSERT_TRUE(mail.Start().ok());
   constexpr int kCap = 8;
-  ServeProcess serve({.config_path = WriteConfig(dir, "cap", {.max_connections = kCap,
-                                                               .header_timeout_ms = 60000,
-                                                               .body_timeout_ms = 60000,
-                                                               .psp_port = psp.port(),
-                                                               .mail_port = mail.port()}),
+  ServeProcess serve({.config_path = WriteConfig(dir, "cap",
+                                                 {.max_connections = kCap,
+                                                  .header_timeout_ms = 60000,
+                                                  .body_timeout_ms = 60000,
+                                                  .psp_port = psp.port(),
+                                                  .mail_port = mail.port()}),
                       .dir = dir.path(),
                       .name = "cap"});
   ASSERT_TRUE(serve.Start()) << "see " << serve.log_path();
@@ -483,8 +496,9 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
   auto db = converge::Database::Open("sqlite:" + dir.File("cap.db"));
   ASSERT_TRUE(db) << db.error().ToString();
   ASSERT_TRUE(converge::testing::WaitUntil([&] {
-    return converge::testing::QueryInt(**db, "SELECT count(*) FROM ledger_entries") == 2 &&
-           converge::testing::QueryInt(**db, "SELECT count(*) FROM effects WHERE state = 'done'") == 1;
+    using converge::testing::QueryInt;
+    return QueryInt(**db, "SELECT count(*) FROM ledger_entries") == 2 &&
+           QueryInt(**db, "SELECT count(*) FROM effects WHERE state = 'done'") == 1;
   }));
   const int64_t fds0 = serve.OpenFds();
 
@@ -521,21 +535,23 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
 TEST(HttpEdgeConnections, OutOfDescriptorsBacksOffAndRecovers) {
   TempDir dir;
   constexpr uint64_t kFdLimit = 128;
-  ServeProcess serve({.config_path = WriteConfig(dir, "emfile", {.max_connections = 100000,
-                                                                  .header_timeout_ms = 60000,
-                                                                  .body_timeout_ms = 60000}),
-                      .dir = dir.path(),
-                      .name = "emfile",
-                      .nofile = std::make_pair(kFdLimit, kFdLimit)});
+  ServeProcess serve(
+      {.config_path = WriteConfig(
+           dir, "emfile",
+           {.max_connections = 100000, .header_timeout_ms = 60000, .body_timeout_ms = 60000}),
+       .dir = dir.path(),
+       .name = "emfile",
+       .nofile = std::make_pair(kFdLimit, kFdLimit)});
   ASSERT_TRUE(serve.Start()) << "see " << serve.log_path();
   std::vector<std::unique_ptr<RawConnection>> conns;
   for (uint64_t i = 0; i < kFdLimit + 64; ++i) {
     conns.push_back(std::make_unique<RawConnection>(serve.port()));
     ASSERT_TRUE(conns.back()->ok());
   }
-  ASSERT_TRUE(converge::testing::WaitUntil(
-      [&] { return serve.OpenFds() >= static_cast<int64_t>(kFdLimit) - 1; }))
-      << serve.OpenFds() << " descriptors open";
+  ASSERT_TRUE(converge::testing::WaitUntil([&] {
+    return serve.OpenFds() >= static_cast<int64_t>(kFdLimit) - 1;
+  })) << serve.OpenFds()
+      << " descriptors open";
   // A second of wall time out of descriptors: a spinning accept loop burns nearly all of it.
   const double cpu0 = serve.CpuSeconds();
   const auto t0 = Steady::now();

@@ -232,7 +232,9 @@ RawResponse RawConnection::Read(bool head_request, std::chrono::milliseconds tim
     if (!Fill(deadline)) return r;
   }
   r.head = in_.substr(0, end + 2);
-  if (r.head.rfind("HTTP/1.", 0) == 0 && r.head.size() > 12) r.status = std::atoi(r.head.c_str() + 9);
+  if (r.head.rfind("HTTP/1.", 0) == 0 && r.head.size() > 12) {
+    r.status = std::atoi(r.head.c_str() + 9);
+  }
   const std::string length = r.Header("Content-Length");
   const size_t n = head_request || length.empty() ? 0 : std::strtoull(length.c_str(), nullptr, 10);
   while (in_.size() < end + 4 + n) {

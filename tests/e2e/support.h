@@ -62,7 +62,7 @@ class ServeProcess {
 
 // A response as read off the wire.
 struct RawResponse {
-  int status = 0;  // 0: none arrived (the peer closed, or the wait ran out)
+  int status = 0;    // 0: none arrived (the peer closed, or the wait ran out)
   std::string head;  // status line and header fields
   std::string body;
   std::string Header(std::string_view name) const;  // "" when absent
