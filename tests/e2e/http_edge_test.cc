@@ -418,6 +418,7 @@ TEST_F(HttpEdge, PipelinedBacklogStaysWithinAMemoryBound) {
 
 // Issue 14, defect 2: random methods minted metric series and log bytes forever.
 TEST_F(HttpEdge, RandomMethodsGet501AndMintNoMetricSeries) {
+  (void)MetricsBody();  // an answer is counted after it is written: from the next render on
   const size_t series0 = RequestSeries(MetricsBody());
   const int64_t rss0 = serve_->RssBytes();
   std::mt19937 rng(14);
@@ -533,6 +534,12 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
 // backs off instead of retrying at once (which ran at 100% CPU) and recovers when
 // descriptors free up.
 TEST(HttpEdgeConnections, OutOfDescriptorsBacksOffAndRecovers) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // The sanitizer runtimes need descriptors themselves (UBSan's vptr check probes memory
+  // through a pipe, symbolizing runs a subprocess): out of descriptors they report errors
+  // that are not there and abort.
+  GTEST_SKIP() << "a sanitizer runtime cannot run out of file descriptors";
+#endif
   TempDir dir;
   constexpr uint64_t kFdLimit = 128;
   ServeProcess serve(

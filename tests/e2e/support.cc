@@ -44,6 +44,26 @@ bool ServeProcess::Start() {
   const char* bin = std::getenv("CONVERGE_BIN");
   if (bin == nullptr) bin = CONVERGE_BIN_PATH;
   const std::string log = log_path();
+  // The child's environment, built before fork (setenv is not safe with threads running).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::string_view(*e).rfind("ASAN_OPTIONS=", 0) != 0) env_strings.emplace_back(*e);
+  }
+#if defined(__SANITIZE_ADDRESS__)
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  env_strings.push_back(std::string("ASAN_OPTIONS=") + (asan ? std::string(asan) + ":" : "") +
+                        "quarantine_size_mb=4");
+#else
+  if (const char* asan = std::getenv("ASAN_OPTIONS")) {
+    env_strings.push_back(std::string("ASAN_OPTIONS=") + asan);
+  }
+#endif
+  std::vector<char*> envp;
+  for (std::string& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const char* argv[] = {"converge", "serve",       "--config",    options_.config_path.c_str(),
+                        "--listen", "127.0.0.1:0", "--port-file", port_file.c_str(),
+                        nullptr};
   const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   if (fd < 0) return false;
   pid_ = fork();
@@ -55,8 +75,7 @@ bool ServeProcess::Start() {
     }
     dup2(fd, 1);
     dup2(fd, 2);
-    execl(bin, "converge", "serve", "--config", options_.config_path.c_str(), "--listen",
-          "127.0.0.1:0", "--port-file", port_file.c_str(), nullptr);
+    execve(bin, const_cast<char* const*>(argv), envp.data());
     _exit(127);
   }
   close(fd);

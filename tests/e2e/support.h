@@ -24,7 +24,9 @@ namespace converge::testing {
 // snapshot (-1 for a table that cannot be read).
 std::vector<int64_t> PaymentsFootprint(Database& db);
 
-// One `converge serve` child process on 127.0.0.1, port 0.
+// One `converge serve` child process on 127.0.0.1, port 0. Under AddressSanitizer the child
+// runs with a small quarantine, so that its RSS shows what the program holds rather than
+// freed memory the sanitizer holds back (256 MB by default).
 class ServeProcess {
  public:
   struct Options {
