@@ -71,7 +71,11 @@ int main(int argc, char** argv) {
 
   std::string migrate_uri;
   CLI::App* migrate = app.add_subcommand("migrate", "Create or upgrade the schema of a store");
-  migrate->add_option("--db", migrate_uri, "Store URI, e.g. sqlite:app.db")->required();
+  // A PostgreSQL URI may hold a password: CONVERGE_DB (or libpq's PGPASSWORD / ~/.pgpass)
+  // keeps it out of the process list.
+  migrate->add_option("--db", migrate_uri, "Store URI, e.g. sqlite:app.db (or CONVERGE_DB)")
+      ->required()
+      ->envname("CONVERGE_DB");
   migrate->callback([&] {
     auto db = converge::Database::Open(migrate_uri);
     if (!db) {
@@ -87,7 +91,9 @@ int main(int argc, char** argv) {
   CLI::App* sweep = app.add_subcommand(
       "sweep", "Delete expired keys and inbox rows, old published outbox rows, finished "
                "effects and settled dead letters, in bounded batches");
-  sweep->add_option("--db", sweep_uri, "Store URI, e.g. sqlite:app.db")->required();
+  sweep->add_option("--db", sweep_uri, "Store URI, e.g. sqlite:app.db (or CONVERGE_DB)")
+      ->required()
+      ->envname("CONVERGE_DB");
   sweep->add_option("--batch", sweep_batch, "Rows per table per transaction")
       ->check(CLI::Range(int64_t{1}, int64_t{1'000'000}));
   sweep->callback([&] {

@@ -2,11 +2,13 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -36,6 +38,22 @@ int WaitForStopSignal(const sigset_t& set) {
   sigwait(&set, &sig);
   spdlog::info("event=shutdown signal={}", sig == SIGINT ? "SIGINT" : "SIGTERM");
   return sig;
+}
+
+// The non-empty lines of a secret file, each without surrounding whitespace. Secrets come
+// from files or the environment because a command line is readable by every local user
+// (ps, /proc/<pid>/cmdline); a file can be mode 0600, the environment is the owner's only.
+Result<std::vector<std::string>> ReadSecretFile(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) return tl::unexpected(InvalidArgumentError("cannot read secret file " + path));
+  std::vector<std::string> out;
+  for (std::string line; std::getline(f, line);) {
+    const size_t b = line.find_first_not_of(" \t\r");
+    const size_t e = line.find_last_not_of(" \t\r");
+    if (b != std::string::npos) out.push_back(line.substr(b, e - b + 1));
+  }
+  if (out.empty()) return tl::unexpected(InvalidArgumentError("secret file " + path + " is empty"));
+  return out;
 }
 
 bool WritePortFile(const std::string& path, uint16_t port) {
@@ -89,6 +107,7 @@ int Serve(const ServeFlags& f) {
 
 struct ProviderFlags {
   std::string db, listen = "127.0.0.1:0", port_file, webhook_url, webhook_secret;
+  std::string webhook_secret_file;
 };
 
 template <class Provider>
@@ -97,6 +116,14 @@ int RunProvider(const char* name, const ProviderFlags& f) {
   o.db_path = f.db;
   o.webhook_url = f.webhook_url;
   o.webhook_secret = f.webhook_secret;
+  if (!f.webhook_secret_file.empty()) {
+    auto secrets = ReadSecretFile(f.webhook_secret_file);
+    if (!secrets) {
+      std::fprintf(stderr, "converge %s: %s\n", name, secrets.error().message().c_str());
+      return 2;
+    }
+    o.webhook_secret = secrets->front();
+  }
   Status st = payments::ParseListen(f.listen, &o.address, &o.port);
   if (!st.ok()) {
     std::fprintf(stderr, "converge %s: %s\n", name, st.message().c_str());
@@ -119,10 +146,35 @@ int RunProvider(const char* name, const ProviderFlags& f) {
 
 struct WebhookFlags {
   std::vector<std::string> secrets;
-  std::string id, signature, body;
+  std::string secret_file, id, signature, body;
   int64_t timestamp = 0;
   bool body_set = false;
 };
+
+// --secret, else --secret-file, else CONVERGE_WEBHOOK_SECRET. False (after saying why)
+// when there is none.
+bool ResolveSecrets(WebhookFlags& f, const char* command) {
+  if (!f.secrets.empty()) return true;
+  if (!f.secret_file.empty()) {
+    auto secrets = ReadSecretFile(f.secret_file);
+    if (!secrets) {
+      std::fprintf(stderr, "converge webhook %s: %s\n", command, secrets.error().message().c_str());
+      return false;
+    }
+    f.secrets = *secrets;
+    return true;
+  }
+  const char* env = std::getenv("CONVERGE_WEBHOOK_SECRET");
+  if (env != nullptr && *env != '\0') {
+    f.secrets = {env};
+    return true;
+  }
+  std::fprintf(stderr,
+               "converge webhook %s: a secret is needed: --secret-file FILE, the environment "
+               "variable CONVERGE_WEBHOOK_SECRET, or --secret (visible in the process list)\n",
+               command);
+  return false;
+}
 
 std::string ReadBody(const WebhookFlags& f) {
   if (f.body_set) return f.body;
@@ -152,7 +204,13 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
     c->add_option("--port-file", pf->port_file, "Write the bound port to this file");
     if (psp) {
       c->add_option("--webhook-url", pf->webhook_url, "Where to send signed webhooks");
-      c->add_option("--webhook-secret", pf->webhook_secret, "whsec_... to sign them with");
+      c->add_option("--webhook-secret-file", pf->webhook_secret_file,
+                    "File holding the whsec_... secret to sign them with")
+          ->check(CLI::ExistingFile);
+      c->add_option("--webhook-secret", pf->webhook_secret,
+                    "The whsec_... secret itself (visible in the process list: prefer "
+                    "--webhook-secret-file or the environment)")
+          ->envname("CONVERGE_WEBHOOK_SECRET");
       c->callback([pf, exit_code] { *exit_code = RunProvider<payments::FakePsp>("fake-psp", *pf); });
     } else {
       c->callback([pf, exit_code] { *exit_code = RunProvider<payments::FakeMail>("fake-mail", *pf); });
@@ -163,11 +221,20 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
   CLI::App* wh = app.add_subcommand("webhook", "Sign or verify Standard Webhooks messages");
   wh->require_subcommand(1);
   CLI::App* sign = wh->add_subcommand("sign", "Print the webhook-* headers for a body (stdin or --body)");
-  sign->add_option("--secret", wf->secrets, "whsec_... secret")->required()->expected(1);
+  const char* secret_help =
+      "whsec_... secret (visible in the process list: prefer --secret-file or "
+      "CONVERGE_WEBHOOK_SECRET)";
+  const char* secret_file_help = "File with the whsec_... secret(s), one per line";
+  sign->add_option("--secret", wf->secrets, secret_help)->expected(1);
+  sign->add_option("--secret-file", wf->secret_file, secret_file_help)->check(CLI::ExistingFile);
   sign->add_option("--id", wf->id, "webhook-id")->required();
   sign->add_option("--timestamp", wf->timestamp, "Seconds since the epoch (default: now)");
   sign->add_option("--body", wf->body, "The body (default: read stdin)")->each([wf](const std::string&) { wf->body_set = true; });
   sign->callback([wf, exit_code] {
+    if (!ResolveSecrets(*wf, "sign")) {
+      *exit_code = 2;
+      return;
+    }
     int64_t ts = wf->timestamp ? wf->timestamp : Clock::System()->NowMillis() / 1000;
     auto sig = webhook::Sign(wf->secrets[0], wf->id, ts, ReadBody(*wf));
     if (!sig) {
@@ -179,12 +246,18 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
                 static_cast<long long>(ts), sig->c_str());
   });
   CLI::App* verify = wh->add_subcommand("verify", "Verify a webhook; exit 0 when valid, 1 when not");
-  verify->add_option("--secret", wf->secrets, "whsec_... secret (repeat for rotation)")->required();
+  verify->add_option("--secret", wf->secrets, "whsec_... secret, repeated for rotation (visible "
+                     "in the process list: prefer --secret-file or CONVERGE_WEBHOOK_SECRET)");
+  verify->add_option("--secret-file", wf->secret_file, secret_file_help)->check(CLI::ExistingFile);
   verify->add_option("--id", wf->id, "webhook-id")->required();
   verify->add_option("--timestamp", wf->timestamp, "webhook-timestamp")->required();
   verify->add_option("--signature", wf->signature, "webhook-signature")->required();
   verify->add_option("--body", wf->body, "The body (default: read stdin)")->each([wf](const std::string&) { wf->body_set = true; });
   verify->callback([wf, exit_code] {
+    if (!ResolveSecrets(*wf, "verify")) {
+      *exit_code = 2;
+      return;
+    }
     Status st = webhook::Verify(wf->secrets, wf->id, std::to_string(wf->timestamp), wf->signature,
                                 ReadBody(*wf), Clock::System()->NowMillis() / 1000);
     if (st.code() == StatusCode::kInvalidArgument) {

@@ -131,6 +131,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     Reader r(root);
     CONVERGE_RETURN_IF_ERROR(r.Known({
         {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
+                    "header_limit_bytes", "max_header_fields", "max_connections",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
         {"store", {"uri", "synchronous", "notify"}},
         {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms"}},
@@ -149,6 +150,9 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "io_threads", &c.io_threads, 1, 64));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "worker_threads", &c.worker_threads, 1, 1024));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "body_limit_bytes", &c.body_limit, 1024, 64 << 20));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "header_limit_bytes", &c.header_limit, 1024, 1 << 20));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "max_header_fields", &c.max_header_fields, 8, 10000));
+    CONVERGE_RETURN_IF_ERROR(r.Int("server", "max_connections", &c.max_connections, 1, 1 << 20));
     CONVERGE_RETURN_IF_ERROR(r.Duration("server", "header_timeout_ms", &c.header_timeout, 100, 3600000));
     CONVERGE_RETURN_IF_ERROR(r.Duration("server", "body_timeout_ms", &c.body_timeout, 100, 3600000));
     CONVERGE_RETURN_IF_ERROR(r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));

@@ -24,6 +24,9 @@ struct ServiceConfig {
   int io_threads = 1;
   int worker_threads = 32;
   size_t body_limit = 64 << 10;
+  size_t header_limit = 16 << 10;  // also each chunk line and the trailer section
+  size_t max_header_fields = 100;
+  int max_connections = 4096;      // beyond: accept pauses until one closes
   Millis header_timeout = 15s;
   Millis body_timeout = 30s;
   Millis shutdown_drain = 10s;

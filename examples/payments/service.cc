@@ -190,6 +190,7 @@ class Service::Impl {
   std::unique_ptr<converge::EffectRunner> receipts_;
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
+  std::unique_ptr<converge::http::ApiKeyIndex> api_keys_;  // bearer key -> tenant
   converge::http::Client client_;
   converge::Metrics metrics_;
   std::atomic<bool> stopping_{false};
@@ -299,9 +300,13 @@ Status Service::Impl::Start() {
   so.io_threads = cfg_.io_threads;
   so.worker_threads = cfg_.worker_threads;
   so.body_limit = cfg_.body_limit;
+  so.header_limit = cfg_.header_limit;
+  so.max_header_fields = cfg_.max_header_fields;
   so.header_timeout = cfg_.header_timeout;
   so.body_timeout = cfg_.body_timeout;
+  so.max_connections = cfg_.max_connections;
   server_ = std::make_unique<converge::http::Server>(so);
+  api_keys_ = std::make_unique<converge::http::ApiKeyIndex>(cfg_.api_keys);
   auto route = [this](const char* method, const char* path, Response (Impl::*fn)(Request&)) {
     server_->Route(method, path, [this, fn](Request& r) { return (this->*fn)(r); });
   };
@@ -336,15 +341,20 @@ Status Service::Impl::Start() {
   }
   metrics_.Describe("outbox_backlog", "gauge", "Unpublished outbox events.");
   metrics_.Describe("relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event.");
-  metrics_.Describe("http_requests_total", "counter", "HTTP requests by route, method and status.");
+  metrics_.Describe("http_requests_total", "counter",
+                    "HTTP requests by route, method and status class.");
   metrics_.Describe("http_request_duration_seconds", "histogram", "HTTP request latency.");
   server_->OnExchange([this](const converge::http::Exchange& x) {
-    std::string method = x.request ? x.request->method : "-";
+    // Labels only from bounded sets (route patterns, the server's methods or "other",
+    // status classes): a client must not be able to mint series.
+    const std::string method(x.method);
     metrics_.Add("http_requests_total",
-                 {{"route", x.route}, {"method", method}, {"status", std::to_string(x.status)}});
+                 {{"route", x.route}, {"method", method},
+                  {"status", std::string(converge::http::StatusClass(x.status))}});
     metrics_.Observe("http_request_duration_seconds", {{"route", x.route}}, x.seconds,
                      {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5});
-    // Access log: never the Authorization header, bodies or secrets.
+    // Access log: never the Authorization header, bodies or secrets, and no field a client
+    // can make long (the method is the bounded label, the route a pattern).
     spdlog::debug("event=request method={} route={} status={} ms={:.1f}", method, x.route,
                   x.status, x.seconds * 1000);
   });
@@ -369,9 +379,17 @@ Status Service::Impl::Start() {
   });
   CONVERGE_RETURN_IF_ERROR(server_->Start());
   // The store's scheme only: a URI may carry a password.
-  spdlog::info("event=listening address={}:{} store={} tenants={} notify={}", cfg_.address,
-               server_->port(), cfg_.db.substr(0, cfg_.db.find(':')), cfg_.api_keys.size(),
-               cfg_.notify);
+  const converge::http::ServerStats ss = server_->stats();
+  spdlog::info("event=listening address={}:{} store={} tenants={} notify={} "
+               "max_connections={} fd_limit={}",
+               cfg_.address, server_->port(), cfg_.db.substr(0, cfg_.db.find(':')),
+               cfg_.api_keys.size(), cfg_.notify, cfg_.max_connections, ss.fd_limit);
+  // Connections, the store, outbound calls and logs share the descriptors.
+  if (ss.fd_limit < cfg_.max_connections + 256) {
+    spdlog::warn("event=fd_limit_low fd_limit={} max_connections={} hint=\"raise the hard "
+                 "RLIMIT_NOFILE or lower server.max_connections\"",
+                 ss.fd_limit, cfg_.max_connections);
+  }
   return converge::OkStatus();
 }
 
@@ -413,17 +431,15 @@ void Service::Impl::RegisterConsumers() {
 }
 
 const std::string* Service::Impl::Tenant(const Request& req) const {
-  const std::string* auth = req.Header("Authorization");
-  if (auth == nullptr || auth->rfind("Bearer ", 0) != 0) return nullptr;
-  auto it = cfg_.api_keys.find(auth->substr(7));
-  return it == cfg_.api_keys.end() ? nullptr : &it->second;
+  const auto token = converge::http::BearerToken(req);
+  return token && api_keys_ ? api_keys_->Find(*token) : nullptr;
 }
 
 bool Service::Impl::IsAdmin(const Request& req) const {
-  const std::string* auth = req.Header("Authorization");
-  if (auth == nullptr || auth->rfind("Bearer ", 0) != 0) return false;
-  const std::string given = auth->substr(7);
-  // Constant time in the token's content.
+  const auto token = converge::http::BearerToken(req);
+  if (!token) return false;
+  const std::string_view given = *token;
+  // Constant time in the token's content (its length may show; it is not the secret).
   if (given.size() != cfg_.admin_token.size()) return false;
   unsigned char diff = 0;
   for (size_t i = 0; i < given.size(); ++i) diff |= given[i] ^ cfg_.admin_token[i];

@@ -8,6 +8,13 @@
 // hold connections; a body over `body_limit` gets 413, an oversized header 431. Stop()
 // stops accepting, lets in-flight requests finish (up to a deadline) and closes.
 //
+// The server is an edge: whatever bytes arrive, a connection holds at most about
+// `header_limit` of unparsed input plus one request (`body_limit`), and at most
+// `max_connections` connections are open. Requests whose framing or identity is ambiguous
+// (a Transfer-Encoding other than `chunked`, obsolete line folding, HTTP/1.1 without Host,
+// a security header sent twice, a non-canonical path) are answered 400 and the connection
+// is closed; methods outside `methods` get 501. docs/design/http-server.md has the rules.
+//
 // Thread safety: register routes before Start(). Start/Stop from one owner thread.
 // HttpClient is safe to use from many threads.
 #ifndef CONVERGE_HTTP_H_
@@ -18,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -59,6 +67,32 @@ Response Problem(int status, std::string_view title, std::string_view detail,
                  std::string_view slug = {});
 // A JSON body with Content-Type application/json.
 Response Json(int status, std::string body);
+// The class of an HTTP status for metric labels: "1xx" .. "5xx" (anything else "5xx").
+std::string_view StatusClass(int status);
+// The token of `Authorization: Bearer <token>`: the scheme is case-insensitive (RFC 9110
+// §11.1), separated by one or more spaces; nullopt when the header is absent, names
+// another scheme, or the token is empty or contains whitespace.
+std::optional<std::string_view> BearerToken(const Request& request);
+
+// Looks presented API keys up in time that does not depend on how much of a key matches:
+// each key is indexed by HMAC-SHA256 under a random per-process secret, so the only
+// comparisons made are between digests an attacker cannot steer. (A std::map keyed by the
+// keys themselves answers faster the longer the matching prefix.)
+//
+// Thread safety: immutable after construction; Find is safe from many threads.
+class ApiKeyIndex {
+ public:
+  // `keys` maps each API key to its principal (e.g. a tenant).
+  explicit ApiKeyIndex(const std::map<std::string, std::string>& keys);
+  // The principal of `presented`, or nullptr. The pointer lives as long as the index.
+  const std::string* Find(std::string_view presented) const;
+  size_t size() const { return by_digest_.size(); }
+
+ private:
+  std::string secret_;
+  std::map<std::string, std::string> by_digest_;
+};
+
 // The HTTP status for a Status. Reasons first, as the IETF Idempotency-Key draft
 // (draft-ietf-httpapi-idempotency-key-header) asks: reason::kFingerprintMismatch 422 (the
 // key was used for a different request), reason::kInFlight 409 (the first request with
@@ -85,19 +119,53 @@ struct ServerOptions {
   uint16_t port = 0;  // 0: any free port; see Server::port()
   int io_threads = 1;
   int worker_threads = 16;
+  // Request body bytes (Content-Length or the sum of the chunks); more: 413.
   size_t body_limit = 1 << 20;
+  // Bytes of the request line and header fields together (more: 431). The same bound
+  // applies to each chunk line (size and extensions; more: 400) and to the trailer
+  // section (more: 431), and it is all the unparsed input a connection buffers.
   size_t header_limit = 16 << 10;
+  // Header fields in one request; more: 431.
+  size_t max_header_fields = 100;
   Millis header_timeout = std::chrono::seconds(15);
   Millis body_timeout = std::chrono::seconds(30);
+  // Open connections at most. At the cap the server stops accepting (new connections wait
+  // in the kernel's listen backlog) until one closes; it never closes a connection to make
+  // room. Keep it well below the file-descriptor limit, which the store, outbound HTTP and
+  // logs share.
+  int max_connections = 1024;
+  // Start() raises the soft RLIMIT_NOFILE to the hard limit (a process-wide setting).
+  bool raise_fd_limit = true;
+  // Methods served (case-sensitive, RFC 9110 §9.1); any other gets 501. HEAD is served by
+  // GET routes. The metric label of a method outside this set is "other".
+  std::vector<std::string> methods = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                      "OPTIONS"};
+  // Fields that must not appear twice (case-insensitive): a second copy gets 400, since a
+  // proxy in front and this server could each pick a different one. Host always counts.
+  std::vector<std::string> single_headers = {"Authorization", "Idempotency-Key",
+                                             "Content-Type", "webhook-id",
+                                             "webhook-timestamp", "webhook-signature"};
   std::string server_name = "converge";
 };
 
-// Called after each response is written: for metrics and access logs.
+// Called after each response is written: for metrics and access logs. Every field but
+// `request` is from a bounded set, so it may be used as a metric label as it is.
 struct Exchange {
-  const Request* request;  // nullptr when no request could be read (413, 431)
+  const Request* request;  // nullptr when the request was rejected before it was read whole
   int status;
   std::string route;  // the matched pattern, "unmatched", or "rejected"
   double seconds;
+  // The request's method when it is one of ServerOptions::methods, else "other".
+  std::string_view method = "other";
+};
+
+// Counters of the accept loop and the connections, for tests and operations.
+struct ServerStats {
+  int64_t connections = 0;     // open right now
+  int64_t accepted = 0;        // since Start
+  int64_t accept_errors = 0;   // failed accept calls (EMFILE, ENFILE, ...)
+  int64_t accept_pauses = 0;   // times accepting paused at max_connections
+  int64_t fd_limit = 0;        // the soft RLIMIT_NOFILE after Start
 };
 
 class Server {
@@ -110,11 +178,13 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   // `pattern` is a path whose segments may be `{name}`, e.g. "/v1/payments/{id}". An
-  // unknown path answers 404, a known path with another method 405 with Allow.
+  // unknown path answers 404, a known path with another method 405 with Allow. A GET
+  // route also answers HEAD (the handler runs; the body is not sent).
   void Route(std::string method, std::string pattern, Handler handler);
   void OnExchange(std::function<void(const Exchange&)> observer);
 
-  // Binds and starts serving. kUnavailable when the address cannot be bound.
+  // Binds and starts serving. kUnavailable when the address cannot be bound;
+  // kInvalidArgument for a bad address or option.
   Status Start();
   // The bound port (after Start).
   uint16_t port() const;
@@ -122,6 +192,7 @@ class Server {
   void Stop(Millis drain = std::chrono::seconds(10));
   // Requests being handled right now.
   int64_t in_flight() const;
+  ServerStats stats() const;
 
  private:
   class Impl;

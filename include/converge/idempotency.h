@@ -23,7 +23,8 @@
 //   kFailedPrecondition, reason
 //     "fingerprint_mismatch"               same key, different request          -> 422
 //   kUnavailable, reason "in_flight",
-//     retry_after_ms() set                 another attempt holds a live lease   -> 409
+//     retry_after_ms() set (the remaining
+//     lease, at most 2 s)                  another attempt holds a live lease   -> 409
 //   kFailedPrecondition, reason "fenced"   this worker's lease was taken over
 // Expiry: a key past expires_at behaves as if it had never existed once it is finished,
 // or was never past its first phase ("started") and is no longer leased. Unfinished work

@@ -1,5 +1,7 @@
 #include "converge/idempotency.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "converge/failpoint.h"
@@ -56,11 +58,15 @@ Status Mismatch(const KeyRequest& req) {
                 reason::kFingerprintMismatch);
 }
 
+constexpr int64_t kInFlightRetryHintMaxMs = 2000;
+
 Status InFlight(const KeyRequest& req, int64_t retry_after_ms) {
   return Status(StatusCode::kUnavailable,
                 "a request with idempotency key '" + req.key + "' is still in progress",
                 reason::kInFlight)
-      .WithRetryAfter(std::max<int64_t>(retry_after_ms, 1));
+      // A hint, not the whole lease: most attempts finish in milliseconds, and the
+      // remaining lease only bounds the wait when the holder died.
+      .WithRetryAfter(std::clamp<int64_t>(retry_after_ms, 1, kInFlightRetryHintMaxMs));
 }
 
 Status Fenced(const KeyLease& lease) {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "converge/http.h"
+#include "src/core/crypto.h"
 
 namespace converge::http {
 namespace {
@@ -71,6 +72,45 @@ Response Json(int status, std::string body) {
   r.headers.emplace_back("Content-Type", "application/json");
   r.body = std::move(body);
   return r;
+}
+
+std::string_view StatusClass(int status) {
+  switch (status / 100) {
+    case 1: return "1xx";
+    case 2: return "2xx";
+    case 3: return "3xx";
+    case 4: return "4xx";
+    default: return "5xx";
+  }
+}
+
+std::optional<std::string_view> BearerToken(const Request& request) {
+  const std::string* auth = request.Header("Authorization");
+  if (auth == nullptr) return std::nullopt;
+  std::string_view v = *auth;
+  constexpr std::string_view kScheme = "bearer";
+  if (v.size() <= kScheme.size() || strncasecmp(v.data(), kScheme.data(), kScheme.size()) != 0 ||
+      v[kScheme.size()] != ' ') {
+    return std::nullopt;
+  }
+  v.remove_prefix(kScheme.size());
+  while (!v.empty() && v.front() == ' ') v.remove_prefix(1);
+  if (v.empty() || v.find_first_of(" \t") != std::string_view::npos) return std::nullopt;
+  return v;
+}
+
+ApiKeyIndex::ApiKeyIndex(const std::map<std::string, std::string>& keys)
+    : secret_(internal::RandomHex(32)) {
+  for (const auto& [key, principal] : keys) {
+    by_digest_.emplace(internal::HmacSha256(secret_, key), principal);
+  }
+}
+
+const std::string* ApiKeyIndex::Find(std::string_view presented) const {
+  // The HMAC takes time linear in the key's length only; the map then compares digests,
+  // whose matching prefix an attacker cannot steer without the secret.
+  auto it = by_digest_.find(internal::HmacSha256(secret_, presented));
+  return it == by_digest_.end() ? nullptr : &it->second;
 }
 
 int HttpStatusFor(StatusCode code) {

@@ -1,8 +1,47 @@
-// The HTTP server: Boost.Beast sessions on Asio I/O threads, handlers on a worker pool.
-// This is the only translation unit that includes Beast (2 cores build this project).
+// The HTTP server: Boost.Beast's HTTP/1.1 parser under a read loop of our own, on Asio I/O
+// threads; handlers on a worker pool. This is the only translation unit that includes Beast
+// (2 cores build this project).
+//
+// Method: the server is the edge of the system, so every byte that arrives is untrusted
+// and every resource a connection can make us hold has a bound (docs/design/http-server.md).
+//
+//  - Memory. Each connection reads into one `flat_buffer` whose maximum size is
+//    `header_limit`; Beast's `basic_parser` is fed from it directly (`put`), and our own
+//    `RequestParser` (a `basic_parser` subclass) copies what it parses into a `Request`.
+//    Beast 1.74 bounds the header by `header_limit` and the body by `body_limit`, but not a
+//    chunk line (size plus extensions) or the trailer section: it waits for their line
+//    ends in our buffer. So the buffer's own maximum is what bounds them; when it is full
+//    and the parser still needs more, the request is rejected (`Overflow`). Trailer fields
+//    are parsed and dropped, never merged into the headers. Header fields are counted
+//    (`max_header_fields`). While a handler runs nothing is read, so a pipelined backlog
+//    stays in the kernel's socket buffers, not in ours.
+//  - Framing. After the header and before the body, `CheckHeader` rejects what two HTTP
+//    implementations could frame differently (request smuggling): any Transfer-Encoding
+//    other than exactly `chunked` (Beast would read such a body as empty and run it as the
+//    next request), Transfer-Encoding in HTTP/1.0, obsolete line folding (detected in
+//    `on_field_impl`: Beast unfolds into a side buffer, so a folded value does not point
+//    into our input), a missing or repeated Host, a repeated security header. Every
+//    rejection writes its answer and closes the connection, since the rest of the stream
+//    cannot be trusted to start at a request boundary.
+//  - Identity. Only origin-form targets with a canonical path reach the router (no empty
+//    or dot segments, no trailing slash, no percent-encoded unreserved characters or
+//    slashes): a proxy's path rules in front and our routes then see the same path.
+//  - Connections. The acceptor runs on its own strand. At `max_connections` open sessions
+//    it stops calling accept; the session that closes below the cap resumes it. An accept
+//    that fails for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) leaves
+//    the connection queued and would fail again at once, so it is retried after a backoff
+//    (10 ms doubling to 1 s) instead of spinning.
+#include <strings.h>
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -21,6 +60,10 @@ namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 using tcp = asio::ip::tcp;
 using SteadyClock = std::chrono::steady_clock;
+
+constexpr std::string_view kOtherMethod = "other";
+constexpr Millis kFirstAcceptBackoff{10};
+constexpr Millis kMaxAcceptBackoff{1000};
 
 struct RouteEntry {
   std::string method;
@@ -62,21 +105,209 @@ bool MatchRoute(const RouteEntry& r, const std::vector<std::string>& segs,
   return true;
 }
 
+bool IEquals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && strncasecmp(a.data(), b.data(), a.size()) == 0;
+}
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+bool Unreserved(unsigned char c) {
+  return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~';
+}
+
+// Splits an origin-form request target into path and query. Returns nullptr when the path
+// is canonical, else why it is not: a proxy in front that matches rules on one spelling
+// must not be bypassed by another spelling that reaches the same handler here.
+const char* SplitTarget(std::string_view target, std::string* path, std::string* query) {
+  if (target.empty() || target.front() != '/') {
+    return "the request target must be an absolute path (origin-form)";
+  }
+  if (target.find('#') != std::string_view::npos) return "a request target has no fragment";
+  const size_t q = target.find('?');
+  const std::string_view p = target.substr(0, q);
+  if (p.size() > 1 && p.back() == '/') return "the path has a trailing slash";
+  size_t start = 1;
+  while (start <= p.size()) {
+    size_t end = p.find('/', start);
+    if (end == std::string_view::npos) end = p.size();
+    const std::string_view seg = p.substr(start, end - start);
+    if (seg.empty() && p.size() > 1) return "the path has an empty segment";
+    if (seg == "." || seg == "..") return "the path has a dot segment";
+    start = end + 1;
+  }
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] == '\\') return "the path contains a backslash";
+    if (p[i] != '%') continue;
+    if (i + 2 >= p.size() || HexValue(p[i + 1]) < 0 || HexValue(p[i + 2]) < 0) {
+      return "the path has a malformed percent-encoding";
+    }
+    const auto c = static_cast<unsigned char>(HexValue(p[i + 1]) * 16 + HexValue(p[i + 2]));
+    if (Unreserved(c) || c == '/' || c == '\\') {
+      return "the path percent-encodes a character that must be sent as is";
+    }
+  }
+  *path = std::string(p);
+  *query = q == std::string_view::npos ? std::string() : std::string(target.substr(q + 1));
+  return nullptr;
+}
+
+// RFC 9112 §3.2: a Host value is a uri-host with an optional port (empty is allowed).
+bool ValidHost(std::string_view host) {
+  for (unsigned char c : host) {
+    if (c == '\0' || !(Unreserved(c) || std::strchr("!$&'()*+,;=:%[]", c) != nullptr)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Splits a list-valued field on commas, trimming optional whitespace; empty elements are
+// kept so that "chunked," is not mistaken for "chunked".
+void AppendList(std::string_view value, std::vector<std::string_view>* out) {
+  size_t i = 0;
+  while (i <= value.size()) {
+    size_t j = value.find(',', i);
+    if (j == std::string_view::npos) j = value.size();
+    std::string_view item = value.substr(i, j - i);
+    while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+    while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+    out->push_back(item);
+    i = j + 1;
+  }
+}
+
+// Beast's parser with our limits, writing straight into a Request (no beast::http::fields
+// in between, and no trailer field ever reaches the headers).
+class RequestParser final : public bhttp::basic_parser<true> {
+ public:
+  explicit RequestParser(const ServerOptions& o) : max_fields_(o.max_header_fields) {
+    header_limit(static_cast<uint32_t>(std::min<size_t>(o.header_limit, UINT32_MAX)));
+    body_limit(o.body_limit);
+    body_reserve_limit_ = o.body_limit;
+  }
+
+  // The input the next put() parses from, to tell a folded field value (which Beast
+  // assembles elsewhere) from one that lies in the input.
+  void SetInput(const char* begin, size_t size) {
+    input_begin_ = begin;
+    input_end_ = begin + size;
+  }
+
+  Request& request() { return request_; }
+  unsigned version() const { return version_; }
+  bool obs_fold() const { return obs_fold_; }
+  bool too_many_fields() const { return too_many_fields_; }
+
+ private:
+  void on_request_impl(bhttp::verb, beast::string_view method, beast::string_view target,
+                       int version, beast::error_code&) override {
+    request_.method.assign(method.data(), method.size());
+    request_.target.assign(target.data(), target.size());
+    version_ = static_cast<unsigned>(version);
+  }
+
+  void on_response_impl(int, beast::string_view, int, beast::error_code& ec) override {
+    ec = bhttp::error::bad_method;  // never called for a request parser
+  }
+
+  void on_field_impl(bhttp::field, beast::string_view name, beast::string_view value,
+                     beast::error_code& ec) override {
+    if (Folded(name, value)) {
+      obs_fold_ = true;
+      ec = bhttp::error::bad_value;
+      return;
+    }
+    // A trailer field: RFC 9110 §6.5.1 lets a recipient drop it, and merging it into the
+    // headers would let a client add, say, an Authorization after the fact.
+    if (is_header_done()) return;
+    if (request_.headers.size() >= max_fields_) {
+      too_many_fields_ = true;
+      ec = bhttp::error::header_limit;
+      return;
+    }
+    request_.headers.emplace_back(std::string(name.data(), name.size()),
+                                  std::string(value.data(), value.size()));
+  }
+
+  void on_header_impl(beast::error_code&) override {}
+
+  void on_body_init_impl(const boost::optional<uint64_t>& length, beast::error_code&) override {
+    if (length) {
+      request_.body.reserve(static_cast<size_t>(std::min<uint64_t>(*length, body_reserve_limit_)));
+    }
+  }
+
+  size_t on_body_impl(beast::string_view body, beast::error_code&) override {
+    request_.body.append(body.data(), body.size());
+    return body.size();
+  }
+
+  void on_chunk_header_impl(uint64_t, beast::string_view, beast::error_code&) override {}
+
+  size_t on_chunk_body_impl(uint64_t, beast::string_view body, beast::error_code&) override {
+    request_.body.append(body.data(), body.size());
+    return body.size();
+  }
+
+  void on_finish_impl(beast::error_code&) override {}
+
+  // Beast 1.74 accepts obsolete line folding: it joins the lines in a buffer of its own
+  // (so the value does not point into the input), or, when the first line is empty, hands
+  // over the value of the next line (so a line break lies between name and value).
+  bool Folded(beast::string_view name, beast::string_view value) const {
+    std::less_equal<const char*> le;
+    const char* v = value.data();
+    const char* name_end = name.data() + name.size();
+    if (!(le(input_begin_, v) && le(v, input_end_)) || !le(name_end, v)) return true;
+    return std::string_view(name_end, static_cast<size_t>(v - name_end)).find('\n') !=
+           std::string_view::npos;
+  }
+
+  const size_t max_fields_;
+  size_t body_reserve_limit_ = 0;
+  const char* input_begin_ = nullptr;
+  const char* input_end_ = nullptr;
+  Request request_;
+  unsigned version_ = 11;
+  bool obs_fold_ = false;
+  bool too_many_fields_ = false;
+};
+
 }  // namespace
 
 class Server::Impl {
  public:
   explicit Impl(ServerOptions o)
       : options_(std::move(o)),
-        acceptor_(ioc_),
+        accept_strand_(asio::make_strand(ioc_)),
+        acceptor_(accept_strand_),
+        accept_timer_(accept_strand_),
         workers_(std::max(1, options_.worker_threads)),
         work_(asio::make_work_guard(ioc_)) {}
 
   ~Impl() { Stop(Millis(0)); }
 
+  // Declared before ioc_, which outlives them otherwise: sessions the io_context destroys
+  // at the very end still count themselves out through these.
   ServerOptions options_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int64_t> connections_{0};
+  std::atomic<int64_t> accepted_{0};
+  std::atomic<int64_t> accept_errors_{0};
+  std::atomic<int64_t> accept_pauses_{0};
+  std::atomic<bool> accept_paused_{false};
+  int64_t fd_limit_ = 0;
+
   asio::io_context ioc_;
+  asio::strand<asio::io_context::executor_type> accept_strand_;
   tcp::acceptor acceptor_;
+  asio::steady_timer accept_timer_;
+  Millis accept_backoff_{0};  // on accept_strand_
   asio::thread_pool workers_;
   // Keeps the I/O threads running while a request sits on the worker pool with no I/O
   // pending, so its response can still be written during a drain.
@@ -84,7 +315,6 @@ class Server::Impl {
   std::vector<std::thread> io_threads_;
   std::vector<RouteEntry> routes_;
   std::function<void(const Exchange&)> observer_;
-  std::atomic<bool> stopping_{false};
   std::atomic<int64_t> in_flight_{0};
   std::mutex drain_mu_;
   std::condition_variable drain_cv_;
@@ -94,7 +324,31 @@ class Server::Impl {
   class Session;
 
   void Accept();
+  void OnAccept(beast::error_code ec, tcp::socket socket);
   Response Dispatch(Request& req, std::string* route);
+
+  // The metric label for `method`: the entry of options_.methods (which lives as long as
+  // the server), or "other".
+  std::string_view MethodLabel(std::string_view method) const {
+    for (const std::string& m : options_.methods) {
+      if (m == method) return m;
+    }
+    return kOtherMethod;
+  }
+
+  void Observe(const Exchange& x) {
+    if (observer_) observer_(x);
+  }
+
+  // A session ended (any thread): resume a paused accept loop once below the cap.
+  void ConnectionClosed() {
+    const int64_t open = --connections_;
+    if (accept_paused_.load() && open < options_.max_connections && !stopping_.load()) {
+      asio::post(accept_strand_, [this] {
+        if (accept_paused_.exchange(false) && !stopping_.load()) Accept();
+      });
+    }
+  }
 
   void Finished() {
     std::lock_guard<std::mutex> l(drain_mu_);
@@ -106,10 +360,23 @@ class Server::Impl {
     if (stopped_) return;
     stopped_ = true;
     stopping_ = true;
-    asio::post(ioc_, [this] {
+    // Closed before returning, not merely posted: ioc_.stop() below could otherwise win,
+    // leaving a listening socket whose backlog nobody serves.
+    auto close_acceptor = [this] {
       beast::error_code ec;
       acceptor_.close(ec);
-    });
+      accept_timer_.cancel();
+    };
+    if (io_threads_.empty()) {
+      close_acceptor();
+    } else {
+      std::promise<void> closed;
+      asio::post(accept_strand_, [&] {
+        close_acceptor();
+        closed.set_value();
+      });
+      closed.get_future().wait();
+    }
     {
       std::unique_lock<std::mutex> l(drain_mu_);
       drain_cv_.wait_for(l, drain, [&] { return in_flight_.load() == 0; });
@@ -125,61 +392,182 @@ class Server::Impl {
 
 class Server::Impl::Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Impl* server, tcp::socket socket) : server_(server), stream_(std::move(socket)) {}
+  Session(Impl* server, tcp::socket socket)
+      : server_(server),
+        stream_(std::move(socket)),
+        buffer_(std::max<size_t>(server->options_.header_limit, 1024)) {
+    ++server_->connections_;
+  }
+  ~Session() { server_->ConnectionClosed(); }
 
   void Run() {
     asio::dispatch(stream_.get_executor(),
-                   beast::bind_front_handler(&Session::ReadHeader, shared_from_this()));
+                   beast::bind_front_handler(&Session::StartRequest, shared_from_this()));
   }
 
  private:
-  void ReadHeader() {
-    parser_.emplace();
-    parser_->body_limit(server_->options_.body_limit);
-    parser_->header_limit(static_cast<uint32_t>(server_->options_.header_limit));
+  void StartRequest() {
+    parser_.emplace(server_->options_);
+    header_checked_ = false;
     stream_.expires_after(server_->options_.header_timeout);
-    bhttp::async_read_header(stream_, buffer_, *parser_,
-                             beast::bind_front_handler(&Session::OnHeader, shared_from_this()));
+    Parse();
   }
 
-  void OnHeader(beast::error_code ec, size_t) {
-    if (ec == bhttp::error::header_limit) return Reject(431, "Request Header Fields Too Large");
-    // Beast checks Content-Length against the body limit while parsing the header.
-    if (ec == bhttp::error::body_limit) return Reject(413, "Content Too Large");
-    static const auto& kHttpErrors = beast::error_code(bhttp::error::end_of_stream).category();
-    if (ec) {
-      if (ec == bhttp::error::end_of_stream || ec.category() != kHttpErrors) {
-        return Close();  // the peer went away, or a timeout / socket error
+  // Feeds what is buffered to the parser until it needs more input, fails, or has a whole
+  // request. Reads happen only here, so a connection never buffers more than buffer_ holds.
+  void Parse() {
+    for (;;) {
+      if (buffer_.size() == 0) return Read();
+      const auto data = buffer_.data();
+      parser_->SetInput(static_cast<const char*>(data.data()), data.size());
+      beast::error_code ec;
+      const size_t used = parser_->put(data, ec);
+      buffer_.consume(used);
+      if (ec == bhttp::error::need_more) return Read();
+      if (ec) return ParseError(ec);
+      if (parser_->is_header_done() && !header_checked_) {
+        header_checked_ = true;
+        if (!CheckHeader()) return;
+        stream_.expires_after(server_->options_.body_timeout);
       }
-      return Reject(400, "Bad Request");  // a malformed request line or header
+      if (parser_->is_done()) return Dispatch();
     }
-    const auto& h = parser_->get();
-    if (h.has_content_length() && *parser_->content_length() > server_->options_.body_limit) {
-      return Reject(413, "Content Too Large");
-    }
-    stream_.expires_after(server_->options_.body_timeout);
-    bhttp::async_read(stream_, buffer_, *parser_,
-                      beast::bind_front_handler(&Session::OnBody, shared_from_this()));
   }
 
-  void OnBody(beast::error_code ec, size_t) {
-    if (ec == bhttp::error::body_limit) return Reject(413, "Content Too Large");
-    if (ec) return Close();
+  void Read() {
+    const size_t n = beast::read_size(buffer_, 64 << 10);
+    if (n == 0) return Overflow();
+    auto self = shared_from_this();
+    stream_.async_read_some(buffer_.prepare(n), [self](beast::error_code ec, size_t bytes) {
+      self->buffer_.commit(bytes);
+      // The peer went away (possibly mid-request), a timeout, or a socket error: there is
+      // no one to answer.
+      if (ec) return self->Close();
+      self->Parse();
+    });
+  }
+
+  // The buffer is full and the parser still waits for a line end.
+  void Overflow() {
+    const std::string limit = std::to_string(buffer_.max_size());
+    if (!parser_->is_header_done()) {
+      return Reject(431, "Request Header Fields Too Large",
+                    "the request header exceeds " + limit + " bytes");
+    }
+    // Past the header the parser keeps unconsumed only the current chunk line (after the
+    // CRLF that ended the chunk before it) or, once it has read a last chunk line, that
+    // line and the trailer section: a complete line here can only be the last chunk's.
+    const auto d = buffer_.data();
+    std::string_view rest(static_cast<const char*>(d.data()), d.size());
+    if (rest.substr(0, 2) == "\r\n") rest.remove_prefix(2);
+    if (rest.find("\r\n") != std::string_view::npos) {
+      return Reject(431, "Request Header Fields Too Large",
+                    "the trailer section exceeds " + limit + " bytes");
+    }
+    Reject(400, "Bad Request", "a chunk line (size and extensions) exceeds " + limit + " bytes");
+  }
+
+  void ParseError(beast::error_code ec) {
+    if (ec == bhttp::error::header_limit) {
+      return Reject(431, "Request Header Fields Too Large",
+                    parser_->too_many_fields()
+                        ? "the request has more than " +
+                              std::to_string(server_->options_.max_header_fields) + " header fields"
+                        : "the request header exceeds " +
+                              std::to_string(server_->options_.header_limit) + " bytes");
+    }
+    if (ec == bhttp::error::body_limit) {
+      return Reject(
+          413, "Content Too Large",
+          "the request body exceeds " + std::to_string(server_->options_.body_limit) + " bytes");
+    }
+    if (parser_->obs_fold()) {
+      return Reject(400, "Bad Request",
+                    "obsolete line folding is not accepted (RFC 9112, section 5.2)");
+    }
+    if (ec == bhttp::error::bad_chunk || ec == bhttp::error::bad_chunk_extension) {
+      return Reject(400, "Bad Request", "malformed chunked transfer coding");
+    }
+    if (ec == bhttp::error::bad_content_length || ec == bhttp::error::bad_transfer_encoding) {
+      return Reject(400, "Bad Request",
+                    "conflicting or malformed Content-Length / Transfer-Encoding");
+    }
+    Reject(400, "Bad Request", "the request could not be parsed as HTTP/1.1");
+  }
+
+  // The header is complete and the body not yet read: decides whether the request is
+  // unambiguous enough to read on. False after answering it.
+  bool CheckHeader() {
+    Request& req = parser_->request();
+    const ServerOptions& o = server_->options_;
+    version_ = parser_->version();
+    keep_alive_ = parser_->keep_alive();
+    if (server_->MethodLabel(req.method) == kOtherMethod) {
+      Reject(501, "Not Implemented", "the method is not implemented by this server");
+      return false;
+    }
+    size_t hosts = 0;
+    const std::string* host = nullptr;
+    std::vector<std::string_view> codings;
+    bool has_length = false;
+    std::vector<size_t> seen(o.single_headers.size(), 0);
+    for (const auto& [name, value] : req.headers) {
+      if (IEquals(name, "Host")) {
+        ++hosts;
+        host = &value;
+      } else if (IEquals(name, "Transfer-Encoding")) {
+        AppendList(value, &codings);
+      } else if (IEquals(name, "Content-Length")) {
+        has_length = true;
+      }
+      for (size_t i = 0; i < o.single_headers.size(); ++i) {
+        if (IEquals(name, o.single_headers[i]) && ++seen[i] > 1) {
+          Reject(400, "Bad Request",
+                 "the header " + o.single_headers[i] + " appears more than once");
+          return false;
+        }
+      }
+    }
+    if (hosts > 1 || (hosts == 0 && version_ >= 11) || (host && !ValidHost(*host))) {
+      Reject(400, "Bad Request",
+             hosts > 1    ? "more than one Host header"
+             : hosts == 0 ? "an HTTP/1.1 request needs a Host header"
+                          : "the Host header is malformed");
+      return false;
+    }
+    if (!codings.empty()) {
+      // RFC 9112 §6.1 and §6.3: only a final `chunked` frames a request body; anything
+      // else leaves its length unknown, and with Content-Length too the two could each be
+      // believed by a different hop.
+      const bool chunked_last = IEquals(codings.back(), "chunked");
+      const bool chunked_before = std::any_of(codings.begin(), codings.end() - 1,
+                                              [](auto c) { return IEquals(c, "chunked"); });
+      if (version_ < 11 || has_length || !chunked_last || chunked_before) {
+        Reject(400, "Bad Request",
+               version_ < 11 ? "Transfer-Encoding is not defined in HTTP/1.0"
+               : has_length  ? "both Transfer-Encoding and Content-Length"
+                             : "chunked must be the final transfer coding, applied once");
+        return false;
+      }
+      if (codings.size() != 1 || !parser_->chunked()) {
+        Reject(501, "Not Implemented", "only the chunked transfer coding is implemented");
+        return false;
+      }
+    }
+    if (const char* why = SplitTarget(req.target, &req.path, &req.query)) {
+      Reject(400, "Bad Request", std::string(why) + "; send the canonical path");
+      return false;
+    }
+    return true;
+  }
+
+  void Dispatch() {
     stream_.expires_never();
-    auto req = std::make_shared<Request>();
-    auto& m = parser_->get();
-    req->method = std::string(m.method_string());
-    req->target = std::string(m.target());
-    size_t q = req->target.find('?');
-    req->path = req->target.substr(0, q);
-    if (q != std::string::npos) req->query = req->target.substr(q + 1);
-    for (const auto& f : m) req->headers.emplace_back(std::string(f.name_string()), std::string(f.value()));
-    req->body = std::move(m.body());
+    auto req = std::make_shared<Request>(std::move(parser_->request()));
+    parser_.reset();
     beast::error_code ep_ec;
     auto ep = stream_.socket().remote_endpoint(ep_ec);
     if (!ep_ec) req->remote = ep.address().to_string();
-    keep_alive_ = m.keep_alive();
-    version_ = m.version();
     started_ = SteadyClock::now();
 
     ++server_->in_flight_;
@@ -187,15 +575,17 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     asio::post(server_->workers_, [self, req] {
       std::string route;
       Response resp = self->server_->Dispatch(*req, &route);
-      asio::post(self->stream_.get_executor(), [self, req, resp = std::move(resp), route]() mutable {
-        self->Write(req, std::move(resp), std::move(route));
-      });
+      asio::post(self->stream_.get_executor(),
+                 [self, req, resp = std::move(resp), route]() mutable {
+                   self->Write(req, std::move(resp), std::move(route));
+                 });
     });
   }
 
   void Write(std::shared_ptr<Request> req, Response resp, std::string route) {
     auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
     res->version(version_);
+    if (resp.status < 100 || resp.status > 599) resp.status = 500;
     res->result(static_cast<unsigned>(resp.status));
     res->set(bhttp::field::server, server_->options_.server_name);
     for (auto& [k, v] : resp.headers) res->insert(k, v);
@@ -203,41 +593,46 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     bool close = !keep_alive_ || server_->stopping_.load();
     res->keep_alive(!close);
     res->prepare_payload();
+    // HEAD: the Content-Length of the GET answer, no body (RFC 9110 §9.3.2).
+    if (req->method == "HEAD") res->body().clear();
     stream_.expires_after(server_->options_.body_timeout);
     double secs = std::chrono::duration<double>(SteadyClock::now() - started_).count();
     auto self = shared_from_this();
     bhttp::async_write(stream_, *res,
                        [self, res, req, route = std::move(route), close, secs,
                         status = resp.status](beast::error_code ec, size_t) {
-                         if (self->server_->observer_) {
-                           self->server_->observer_(Exchange{req.get(), status, route, secs});
-                         }
+                         self->server_->Observe(Exchange{req.get(), status, route, secs,
+                                                         self->server_->MethodLabel(req->method)});
                          self->server_->Finished();
                          if (ec || close) return self->Close();
-                         self->ReadHeader();
+                         self->StartRequest();
                        });
   }
 
-  // Answers a request that could not be read whole, then closes the connection.
-  void Reject(int status, const char* title) {
+  // Answers a request that was not read whole (or must not be), then closes: the rest of
+  // the stream cannot be trusted to begin at a request boundary.
+  void Reject(int status, const char* title, const std::string& detail) {
+    const std::string_view method =
+        parser_ ? server_->MethodLabel(parser_->request().method) : kOtherMethod;
+    parser_.reset();
     auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
-    Response p = Problem(status, title,
-                         status == 413   ? "the request body exceeds " +
-                                             std::to_string(server_->options_.body_limit) + " bytes"
-                         : status == 431 ? "the request header is too large"
-                                         : "the request could not be parsed as HTTP/1.1");
+    Response p = Problem(status, title, detail);
     res->version(11);
     res->result(static_cast<unsigned>(status));
+    res->set(bhttp::field::server, server_->options_.server_name);
     for (auto& [k, v] : p.headers) res->insert(k, v);
     res->body() = p.body;
     res->keep_alive(false);
     res->prepare_payload();
     stream_.expires_after(server_->options_.body_timeout);
     auto self = shared_from_this();
-    bhttp::async_write(stream_, *res, [self, res, status](beast::error_code, size_t) {
-      if (self->server_->observer_) self->server_->observer_(Exchange{nullptr, status, "rejected", 0});
+    bhttp::async_write(stream_, *res, [self, res, status, method](beast::error_code, size_t) {
+      self->server_->Observe(Exchange{nullptr, status, "rejected", 0, method});
       // Closing with unread request bytes would make the kernel send RST, and the client
-      // could lose the response: half-close, then discard what still arrives (bounded).
+      // could lose the response: half-close, then discard what still arrives (bounded in
+      // time; the buffer is given back first).
+      self->buffer_.clear();
+      self->buffer_.shrink_to_fit();
       beast::error_code ec;
       self->stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
       self->stream_.expires_after(std::chrono::seconds(2));
@@ -262,34 +657,68 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
 
   Impl* server_;
   beast::tcp_stream stream_;
+  // Unparsed input; its maximum size is the per-connection bound on buffered bytes.
   beast::flat_buffer buffer_;
-  std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
+  std::optional<RequestParser> parser_;
+  bool header_checked_ = false;
   bool keep_alive_ = false;
   unsigned version_ = 11;
   std::vector<char> drain_buf_;
   SteadyClock::time_point started_;
 };
 
+// On accept_strand_.
 void Server::Impl::Accept() {
-  acceptor_.async_accept(asio::make_strand(ioc_), [this](beast::error_code ec, tcp::socket s) {
-    if (ec) {
-      if (ec == asio::error::operation_aborted || stopping_.load()) return;
-    } else if (!stopping_.load()) {
-      std::make_shared<Session>(this, std::move(s))->Run();
+  if (stopping_.load()) return;
+  if (connections_.load() >= options_.max_connections) {
+    accept_paused_ = true;
+    ++accept_pauses_;
+    // A session may have closed between the check and the flag without seeing the flag.
+    if (connections_.load() >= options_.max_connections || !accept_paused_.exchange(false)) {
+      return;
     }
-    if (!stopping_.load()) Accept();
+  }
+  acceptor_.async_accept(asio::make_strand(ioc_), [this](beast::error_code ec, tcp::socket s) {
+    OnAccept(ec, std::move(s));
   });
+}
+
+// On accept_strand_.
+void Server::Impl::OnAccept(beast::error_code ec, tcp::socket socket) {
+  if (stopping_.load() || ec == asio::error::operation_aborted) return;
+  if (ec) {
+    ++accept_errors_;
+    // One connection's trouble (reset while queued): the next one may be fine.
+    if (ec == asio::error::connection_aborted) return Accept();
+    // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) or anything else: the
+    // connection stays queued and accept would fail again at once. Back off and let
+    // sessions close.
+    accept_backoff_ = accept_backoff_.count() == 0
+                          ? kFirstAcceptBackoff
+                          : std::min(kMaxAcceptBackoff, accept_backoff_ * 2);
+    accept_timer_.expires_after(accept_backoff_);
+    accept_timer_.async_wait([this](beast::error_code wait_ec) {
+      if (!wait_ec) Accept();
+    });
+    return;
+  }
+  accept_backoff_ = Millis(0);
+  ++accepted_;
+  std::make_shared<Session>(this, std::move(socket))->Run();
+  Accept();
 }
 
 Response Server::Impl::Dispatch(Request& req, std::string* route) {
   std::vector<std::string> segs = Split(req.path);
+  const bool head = req.method == "HEAD";
   std::string allow;
   for (const RouteEntry& r : routes_) {
     std::map<std::string, std::string> params;
     if (!MatchRoute(r, segs, &params)) continue;
-    if (r.method != req.method) {
+    if (r.method != req.method && !(head && r.method == "GET")) {
       if (!allow.empty()) allow += ", ";
       allow += r.method;
+      if (r.method == "GET") allow += ", HEAD";
       continue;
     }
     *route = r.pattern;
@@ -323,22 +752,36 @@ void Server::OnExchange(std::function<void(const Exchange&)> observer) {
 }
 
 Status Server::Start() {
+  const ServerOptions& o = impl_->options_;
+  if (o.max_connections < 1) return InvalidArgumentError("max_connections must be at least 1");
+  if (o.header_limit < 1024) return InvalidArgumentError("header_limit must be at least 1024");
+  if (o.max_header_fields < 1) return InvalidArgumentError("max_header_fields must be at least 1");
+  if (o.methods.empty()) return InvalidArgumentError("methods must not be empty");
+  // Every connection is a descriptor: let the process use what the administrator allows.
+  rlimit rl{};
+  if (o.raise_fd_limit && getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    (void)setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    impl_->fd_limit_ = rl.rlim_cur == RLIM_INFINITY ? INT64_MAX : static_cast<int64_t>(rl.rlim_cur);
+  }
   beast::error_code ec;
-  auto addr = asio::ip::make_address(impl_->options_.address, ec);
-  if (ec) return InvalidArgumentError("bad listen address '" + impl_->options_.address + "'");
-  tcp::endpoint ep(addr, impl_->options_.port);
+  auto addr = asio::ip::make_address(o.address, ec);
+  if (ec) return InvalidArgumentError("bad listen address '" + o.address + "'");
+  tcp::endpoint ep(addr, o.port);
   auto& acc = impl_->acceptor_;
   acc.open(ep.protocol(), ec);
   if (!ec) acc.set_option(asio::socket_base::reuse_address(true), ec);
   if (!ec) acc.bind(ep, ec);
   if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    return UnavailableError("cannot listen on " + impl_->options_.address + ":" +
-                            std::to_string(impl_->options_.port) + ": " + ec.message());
+    return UnavailableError("cannot listen on " + o.address + ":" + std::to_string(o.port) + ": " +
+                            ec.message());
   }
   impl_->port_ = acc.local_endpoint().port();
-  impl_->Accept();
-  for (int i = 0; i < std::max(1, impl_->options_.io_threads); ++i) {
+  asio::post(impl_->accept_strand_, [this] { impl_->Accept(); });
+  for (int i = 0; i < std::max(1, o.io_threads); ++i) {
     impl_->io_threads_.emplace_back([this] { impl_->ioc_.run(); });
   }
   return OkStatus();
@@ -347,5 +790,10 @@ Status Server::Start() {
 uint16_t Server::port() const { return impl_->port_; }
 void Server::Stop(Millis drain) { impl_->Stop(drain); }
 int64_t Server::in_flight() const { return impl_->in_flight_.load(); }
+
+ServerStats Server::stats() const {
+  return ServerStats{impl_->connections_.load(), impl_->accepted_.load(),
+                     impl_->accept_errors_.load(), impl_->accept_pauses_.load(), impl_->fd_limit_};
+}
 
 }  // namespace converge::http

@@ -78,6 +78,14 @@ now=$(date +%s)
 sig=$("$converge" webhook sign --secret "$secret" --id msg_1 --timestamp "$now" --body '{"a":1}' \
   | awk '/webhook-signature/ {print $2}')
 [ -n "$sig" ] || fail "webhook sign printed no signature"
+# The same secret from a file or the environment, which keep it out of the process list.
+(umask 077 && printf '%s\n' "$secret" > "$dir/secret")
+sig_file=$("$converge" webhook sign --secret-file "$dir/secret" --id msg_1 --timestamp "$now" \
+  --body '{"a":1}' | awk '/webhook-signature/ {print $2}')
+[ "$sig_file" = "$sig" ] || fail "webhook sign --secret-file"
+sig_env=$(CONVERGE_WEBHOOK_SECRET="$secret" "$converge" webhook sign --id msg_1 --timestamp "$now" \
+  --body '{"a":1}' | awk '/webhook-signature/ {print $2}')
+[ "$sig_env" = "$sig" ] || fail "webhook sign with CONVERGE_WEBHOOK_SECRET"
 "$converge" webhook verify --secret "$secret" --id msg_1 --timestamp "$now" --signature "$sig" \
   --body '{"a":1}' | grep -q valid || fail "webhook verify rejected its own signature"
 echo -n '{"a":1}' | "$converge" webhook verify --secret "$secret" --id msg_1 --timestamp "$now" \

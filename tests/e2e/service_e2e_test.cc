@@ -13,6 +13,7 @@
 #include "converge/webhook.h"
 #include "examples/payments/providers.h"
 #include "examples/payments/service.h"
+#include "tests/e2e/support.h"
 #include "tests/unit/test_util.h"
 
 namespace payments {
@@ -114,12 +115,7 @@ class ServiceE2E : public ::testing::Test {
     return n;
   }
   // Every table a request could write to, as one comparable snapshot.
-  static std::vector<int64_t> Footprint() {
-    return {Count("SELECT count(*) FROM payments"), Count("SELECT count(*) FROM idempotency_keys"),
-            Count("SELECT count(*) FROM outbox_events"), Count("SELECT count(*) FROM consumer_inbox"),
-            Count("SELECT count(*) FROM queue_messages"), Count("SELECT count(*) FROM dead_letters"),
-            Count("SELECT count(*) FROM ledger_entries"), Count("SELECT count(*) FROM effects")};
-  }
+  static std::vector<int64_t> Footprint() { return converge::testing::PaymentsFootprint(*db_); }
   static std::string Problem(const Response& r) {
     return r.Header("Content-Type") ? *r.Header("Content-Type") : "";
   }

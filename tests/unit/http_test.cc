@@ -6,12 +6,24 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
+#include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
 
 namespace converge::http {
 namespace {
+
+// Polls `cond` for up to 10 s.
+bool WaitFor(const std::function<bool()>& cond) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (cond()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return cond();
+}
 
 class HttpTest : public ::testing::Test {
  protected:
@@ -118,6 +130,107 @@ TEST(HttpClient, TimeoutIsDeadlineExceeded) {
                    .timeout = Millis(100)});
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kDeadlineExceeded);
+}
+
+TEST(HttpBearerToken, SchemeIsCaseInsensitiveAndTheTokenIsOneWord) {
+  auto token = [](std::string value) {
+    Request r;
+    r.headers = {{"authorization", std::move(value)}};
+    auto t = BearerToken(r);
+    return t ? std::string(*t) : std::string("<none>");
+  };
+  EXPECT_EQ(token("Bearer sk_1"), "sk_1");
+  EXPECT_EQ(token("bearer sk_1"), "sk_1");
+  EXPECT_EQ(token("BEARER  sk_1"), "sk_1");
+  EXPECT_EQ(token("Bearer"), "<none>");
+  EXPECT_EQ(token("Bearer "), "<none>");
+  EXPECT_EQ(token("Bearersk_1"), "<none>");
+  EXPECT_EQ(token("Bearer sk_1 sk_2"), "<none>");
+  EXPECT_EQ(token("Basic c2s6"), "<none>");
+  EXPECT_EQ(BearerToken(Request{}), std::nullopt);
+}
+
+TEST(HttpApiKeyIndex, FindsWholeKeysOnly) {
+  ApiKeyIndex keys({{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}});
+  EXPECT_EQ(keys.size(), 2u);
+  ASSERT_NE(keys.Find("sk_test_acme"), nullptr);
+  EXPECT_EQ(*keys.Find("sk_test_acme"), "acme");
+  EXPECT_EQ(*keys.Find("sk_test_globex"), "globex");
+  EXPECT_EQ(keys.Find("sk_test_ac"), nullptr);
+  EXPECT_EQ(keys.Find("sk_test_acme "), nullptr);
+  EXPECT_EQ(keys.Find(""), nullptr);
+  EXPECT_EQ(ApiKeyIndex({}).Find("sk_test_acme"), nullptr);
+}
+
+TEST(HttpStatusClass, IsBounded) {
+  EXPECT_EQ(StatusClass(101), "1xx");
+  EXPECT_EQ(StatusClass(204), "2xx");
+  EXPECT_EQ(StatusClass(308), "3xx");
+  EXPECT_EQ(StatusClass(422), "4xx");
+  EXPECT_EQ(StatusClass(503), "5xx");
+  EXPECT_EQ(StatusClass(999), "5xx");
+  EXPECT_EQ(StatusClass(-1), "5xx");
+}
+
+// Issue 14: a method outside the configured set is 501 and reaches observers (metrics) as
+// "other", never as the client's string.
+TEST(HttpServer, UnknownMethodIs501AndObservedAsOther) {
+  ServerOptions o;
+  Server server(o);
+  server.Route("GET", "/x", [](Request&) { return Json(200, "{}"); });
+  std::mutex mu;
+  std::vector<std::pair<std::string, int>> seen;
+  server.OnExchange([&](const Exchange& x) {
+    std::lock_guard<std::mutex> l(mu);
+    seen.emplace_back(std::string(x.method), x.status);
+  });
+  ASSERT_TRUE(server.Start().ok());
+  Client c;
+  const std::string url = "http://127.0.0.1:" + std::to_string(server.port()) + "/x";
+  auto r = c.Send({.method = "BREWCOFFEE", .url = url});
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->status, 501);
+  EXPECT_EQ(c.Send({.method = "GET", .url = url})->status, 200);
+  server.Stop();
+  std::lock_guard<std::mutex> l(mu);
+  EXPECT_EQ(seen, (std::vector<std::pair<std::string, int>>{{"other", 501}, {"GET", 200}}));
+}
+
+TEST(HttpServer, RejectsOptionsItCannotHonour) {
+  ServerOptions o;
+  o.max_connections = 0;
+  EXPECT_EQ(Server(o).Start().code(), StatusCode::kInvalidArgument);
+  o = ServerOptions{};
+  o.methods.clear();
+  EXPECT_EQ(Server(o).Start().code(), StatusCode::kInvalidArgument);
+}
+
+// At the cap the server stops accepting and counts the pause; a connection that closes
+// lets the next one in.
+TEST(HttpServer, AcceptPausesAtMaxConnections) {
+  ServerOptions o;
+  o.max_connections = 1;
+  Server server(o);
+  server.Route("GET", "/x", [](Request&) { return Json(200, "{}"); });
+  ASSERT_TRUE(server.Start().ok());
+  auto open_connection = [&] {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(server.port());
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    return fd;
+  };
+  int first = open_connection();
+  ASSERT_TRUE(WaitFor([&] { return server.stats().connections == 1; }));
+  int second = open_connection();  // queued by the kernel
+  ASSERT_TRUE(WaitFor([&] { return server.stats().accept_pauses >= 1; }));
+  EXPECT_EQ(server.stats().accepted, 1);
+  close(first);
+  EXPECT_TRUE(WaitFor([&] { return server.stats().accepted == 2; }));
+  close(second);
+  EXPECT_TRUE(WaitFor([&] { return server.stats().connections == 0; }));
 }
 
 TEST(HttpProblem, IsRfc9457) {

@@ -1,0 +1,274 @@
+#include "tests/e2e/support.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <strings.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "tests/unit/test_util.h"
+
+namespace converge::testing {
+
+using Steady = std::chrono::steady_clock;
+
+std::vector<int64_t> PaymentsFootprint(Database& db) {
+  std::vector<int64_t> out;
+  for (const char* table : {"payments", "idempotency_keys", "outbox_events", "consumer_inbox",
+                            "queue_messages", "dead_letters", "ledger_entries", "effects"}) {
+    out.push_back(QueryInt(db, std::string("SELECT count(*) FROM ") + table));
+  }
+  return out;
+}
+
+// --- ServeProcess ----------------------------------------------------------------------
+
+ServeProcess::ServeProcess(Options options) : options_(std::move(options)) {}
+ServeProcess::~ServeProcess() { Stop(); }
+
+bool ServeProcess::Start() {
+  const std::string port_file = options_.dir + "/" + options_.name + ".port";
+  unlink(port_file.c_str());
+  const char* bin = std::getenv("CONVERGE_BIN");
+  if (bin == nullptr) bin = CONVERGE_BIN_PATH;
+  const std::string log = log_path();
+  // The child's environment, built before fork (setenv is not safe with threads running).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::string_view(*e).rfind("ASAN_OPTIONS=", 0) != 0) env_strings.emplace_back(*e);
+  }
+#if defined(__SANITIZE_ADDRESS__)
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  env_strings.push_back(std::string("ASAN_OPTIONS=") + (asan ? std::string(asan) + ":" : "") +
+                        "quarantine_size_mb=4");
+#else
+  if (const char* asan = std::getenv("ASAN_OPTIONS")) {
+    env_strings.push_back(std::string("ASAN_OPTIONS=") + asan);
+  }
+#endif
+  std::vector<char*> envp;
+  for (std::string& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const char* argv[] = {"converge", "serve",       "--config",    options_.config_path.c_str(),
+                        "--listen", "127.0.0.1:0", "--port-file", port_file.c_str(),
+                        nullptr};
+  const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd < 0) return false;
+  pid_ = fork();
+  if (pid_ == 0) {
+    // Only async-signal-safe calls between fork and exec: the parent has threads.
+    if (options_.nofile) {
+      rlimit rl{options_.nofile->first, options_.nofile->second};
+      if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(126);
+    }
+    dup2(fd, 1);
+    dup2(fd, 2);
+    execve(bin, const_cast<char* const*>(argv), envp.data());
+    _exit(127);
+  }
+  close(fd);
+  if (pid_ < 0) return false;
+  return WaitUntil([&] {
+    std::ifstream f(port_file);
+    int port = 0;
+    if (!(f >> port)) return false;
+    port_ = static_cast<uint16_t>(port);
+    return true;
+  });
+}
+
+void ServeProcess::Stop(std::chrono::milliseconds grace) {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGTERM);
+  const auto deadline = Steady::now() + grace;
+  while (waitpid(pid_, nullptr, WNOHANG) == 0) {
+    if (Steady::now() > deadline) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  pid_ = -1;
+}
+
+int64_t ServeProcess::RssBytes() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
+  }
+  return -1;
+}
+
+double ServeProcess::CpuSeconds() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::istringstream rest(stat.substr(paren + 2));
+  std::vector<std::string> fields;
+  for (std::string s; rest >> s;) fields.push_back(s);
+  if (fields.size() < 13) return -1;
+  // After the command: state(0) ... utime(11) stime(12), in clock ticks.
+  return static_cast<double>(std::atoll(fields[11].c_str()) + std::atoll(fields[12].c_str())) /
+         static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+int64_t ServeProcess::OpenFds() const {
+  DIR* d = opendir(("/proc/" + std::to_string(pid_) + "/fd").c_str());
+  if (d == nullptr) return -1;
+  int64_t n = 0;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  closedir(d);
+  return n;
+}
+
+std::pair<int64_t, int64_t> ServeProcess::FdLimits() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/limits");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("Max open files", 0) == 0) {
+      std::istringstream in(line.substr(std::string("Max open files").size()));
+      int64_t soft = -1, hard = -1;
+      in >> soft >> hard;
+      return {soft, hard};
+    }
+  }
+  return {-1, -1};
+}
+
+// --- RawConnection ---------------------------------------------------------------------
+
+std::string RawResponse::Header(std::string_view name) const {
+  std::istringstream in(head);
+  std::string line;
+  std::getline(in, line);  // status line
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    const size_t colon = line.find(':');
+    if (colon == name.size() && strncasecmp(line.data(), name.data(), colon) == 0) {
+      size_t v = colon + 1;
+      while (v < line.size() && line[v] == ' ') ++v;
+      return line.substr(v);
+    }
+  }
+  return "";
+}
+
+RawConnection::RawConnection(uint16_t port) {
+  fd_ = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd_ < 0) return;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  if (connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) Close();
+}
+
+RawConnection::~RawConnection() { Close(); }
+
+void RawConnection::Close() {
+  if (fd_ >= 0) close(fd_);
+  fd_ = -1;
+}
+
+bool RawConnection::Send(std::string_view bytes) {
+  while (!bytes.empty()) {
+    const ssize_t n = send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    bytes.remove_prefix(static_cast<size_t>(n));
+  }
+  return true;
+}
+
+size_t RawConnection::SendUntilStalled(std::string_view filler, size_t total,
+                                       std::chrono::milliseconds stall,
+                                       std::chrono::milliseconds deadline) {
+  std::string block;
+  while (block.size() < (64 << 10)) block.append(filler);
+  const int flags = fcntl(fd_, F_GETFL);
+  fcntl(fd_, F_SETFL, flags | O_NONBLOCK);
+  const auto end = Steady::now() + deadline;
+  size_t sent = 0;
+  while (sent < total && Steady::now() < end) {
+    pollfd p{fd_, POLLOUT, 0};
+    const int r = poll(&p, 1, static_cast<int>(stall.count()));
+    if (r == 0) break;  // the peer stopped reading
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 || (p.revents & (POLLERR | POLLHUP))) break;
+    const size_t n = std::min(block.size(), total - sent);
+    const ssize_t w = send(fd_, block.data(), n, MSG_NOSIGNAL);
+    if (w < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+    if (w <= 0) break;  // reset or closed
+    sent += static_cast<size_t>(w);
+  }
+  fcntl(fd_, F_SETFL, flags);
+  return sent;
+}
+
+bool RawConnection::Fill(Steady::time_point deadline) {
+  for (;;) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Steady::now()).count();
+    if (left <= 0) return false;
+    pollfd p{fd_, POLLIN, 0};
+    const int r = poll(&p, 1, static_cast<int>(left));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    char buf[64 << 10];
+    const ssize_t n = recv(fd_, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      closed_ = true;  // EOF, or reset
+      return false;
+    }
+    in_.append(buf, static_cast<size_t>(n));
+    return true;
+  }
+}
+
+RawResponse RawConnection::Read(bool head_request, std::chrono::milliseconds timeout) {
+  RawResponse r;
+  const auto deadline = Steady::now() + timeout;
+  size_t end;
+  while ((end = in_.find("\r\n\r\n")) == std::string::npos) {
+    if (!Fill(deadline)) return r;
+  }
+  r.head = in_.substr(0, end + 2);
+  if (r.head.rfind("HTTP/1.", 0) == 0 && r.head.size() > 12) {
+    r.status = std::atoi(r.head.c_str() + 9);
+  }
+  const std::string length = r.Header("Content-Length");
+  const size_t n = head_request || length.empty() ? 0 : std::strtoull(length.c_str(), nullptr, 10);
+  while (in_.size() < end + 4 + n) {
+    if (!Fill(deadline)) break;
+  }
+  r.body = in_.substr(end + 4, n);
+  in_.erase(0, std::min(in_.size(), end + 4 + n));
+  return r;
+}
+
+bool RawConnection::ClosedByPeer(std::chrono::milliseconds timeout) {
+  if (!in_.empty()) return false;
+  if (closed_) return true;
+  if (Fill(Steady::now() + timeout)) return false;
+  return closed_;
+}
+
+}  // namespace converge::testing
