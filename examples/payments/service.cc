@@ -19,6 +19,7 @@
 #include "converge/effects.h"
 #include "converge/failpoint.h"
 #include "converge/http.h"
+#include "converge/http_idempotency.h"
 #include "converge/idempotency.h"
 #include "converge/metrics.h"
 #include "converge/outbox.h"
@@ -41,10 +42,12 @@ using converge::Status;
 using converge::StatusCode;
 using converge::StoredResponse;
 using converge::Tx;
+using converge::http::FromStored;
 using converge::http::Json;
 using converge::http::Problem;
 using converge::http::Request;
 using converge::http::Response;
+using converge::http::ToStored;
 using json = nlohmann::json;
 
 const std::set<std::string> kCurrencies = {"EUR", "USD", "GBP", "CHF", "JPY"};
@@ -64,28 +67,13 @@ bool ValidId(const std::string& s) {
 
 std::string NowIso() { return converge::FormatRfc3339(converge::Clock::System()->NowMillis()); }
 
-Response FromStored(const StoredResponse& s, bool replayed) {
-  Response r;
-  r.status = s.status;
-  r.headers = s.headers;
-  r.body = s.body;
-  if (replayed) r.Set("Idempotent-Replayed", "true");
-  return r;
-}
-
-StoredResponse ToStored(const Response& r) { return StoredResponse{r.status, r.headers, r.body}; }
-
 Status NotPending(const std::string& payment_id) {
   return converge::FailedPreconditionError("payment " + payment_id + " is no longer pending");
 }
 
 Response StoreError(const Status& st) {
-  Response r = Problem(converge::http::HttpStatusFor(st.code()),
-                       st.transient() ? "Service Unavailable" : "Internal Server Error",
-                       st.transient() ? "the store is unavailable; retry" : "unexpected store error",
-                       st.transient() ? "unavailable" : "internal");
-  if (st.transient()) r.Set("Retry-After", "1");
-  return r;
+  spdlog::warn("event=store_error error=\"{}\"", st.ToString());
+  return converge::http::StoreProblem(st);
 }
 
 // The body of POST /v1/payments, validated.
@@ -143,7 +131,7 @@ class Service::Impl {
 
  private:
   // --- HTTP handlers ---
-  Response CreatePayment(Request& req);
+  converge::http::Server::Handler CreatePaymentRoute();
   Response GetPayment(Request& req);
   Response PspWebhook(Request& req);
   Response AdminList(Request& req);
@@ -310,7 +298,7 @@ Status Service::Impl::Start() {
   auto route = [this](const char* method, const char* path, Response (Impl::*fn)(Request&)) {
     server_->Route(method, path, [this, fn](Request& r) { return (this->*fn)(r); });
   };
-  route("POST", "/v1/payments", &Impl::CreatePayment);
+  server_->Route("POST", "/v1/payments", CreatePaymentRoute());
   route("GET", "/v1/payments/{id}", &Impl::GetPayment);
   route("POST", "/webhooks/psp", &Impl::PspWebhook);
   route("GET", "/admin/dead-letters", &Impl::AdminList);
@@ -454,55 +442,24 @@ Response Unauthorized(const char* detail) {
 
 // --- POST /v1/payments ----------------------------------------------------------------
 
-Response Service::Impl::CreatePayment(Request& req) {
-  const std::string* tenant = Tenant(req);
-  if (tenant == nullptr) return Unauthorized("a valid API key is required (Authorization: Bearer ...)");
-  const std::string* raw_key = req.Header("Idempotency-Key");
-  if (raw_key == nullptr) {
-    return Problem(400, "Bad Request", "the Idempotency-Key header is required",
-                   "idempotency-key-missing");
-  }
-  std::string key = *raw_key;
-  // The IETF draft sends the key as a structured-field string: "..." (quotes optional).
-  if (key.size() >= 2 && key.front() == '"' && key.back() == '"') key = key.substr(1, key.size() - 2);
-  bool bad_key = key.empty() || key.size() > 255;
-  for (unsigned char c : key) bad_key = bad_key || c < 0x20 || c >= 0x7f;
-  if (bad_key) {
-    return Problem(400, "Bad Request",
-                   "the Idempotency-Key must be 1-255 printable ASCII characters",
-                   "idempotency-key-malformed");
-  }
-  auto parsed = ParsePayment(req.body);
-  if (!parsed) return Problem(400, "Bad Request", parsed.error().message(), "invalid-request");
-
-  converge::KeyRequest kr{*tenant, key,
-                          converge::RequestFingerprint("POST", "/v1/payments", req.body)};
-  auto begun = keys_->Begin(kr);
-  if (!begun) {
-    // Statuses (422, 409 + Retry-After, 400) come from the library's IETF-draft mapping.
-    const Status& e = begun.error();
-    if (e.reason() == converge::reason::kFingerprintMismatch) {
-      metrics_.Add("idempotency_mismatches_total");
-      return converge::http::ProblemFor(
-          e, "idempotency-key-reused",
-          "this Idempotency-Key was already used with a different request");
-    }
-    if (e.reason() == converge::reason::kInFlight) {
-      metrics_.Add("idempotency_conflicts_total");
-      return converge::http::ProblemFor(
-          e, "request-in-progress", "a request with this Idempotency-Key is still being processed");
-    }
-    if (e.code() == StatusCode::kInvalidArgument) {
-      return converge::http::ProblemFor(e, "idempotency-key-malformed");
-    }
-    return StoreError(e);
-  }
-  if (begun->kind == Begun::Kind::kReplayed) {
-    metrics_.Add("idempotency_replays_total");
-    return FromStored(begun->response, true);
-  }
-  if (begun->kind == Begun::Kind::kResumed) metrics_.Add("idempotency_resumed_total");
-  return RunPayment(begun->lease, *tenant, *parsed);
+converge::http::Server::Handler Service::Impl::CreatePaymentRoute() {
+  // The Idempotency-Key middleware does the protocol (key, tenant scope, fingerprint, 400,
+  // 401, 409 + Retry-After, 422, replays); this route keeps only the payment's phases.
+  converge::http::IdempotencyRouteOptions o;
+  o.scope = [this](const Request& req) -> std::optional<std::string> {
+    const std::string* tenant = Tenant(req);
+    return tenant ? std::optional<std::string>(*tenant) : std::nullopt;
+  };
+  o.validate = [](Request& req) -> std::optional<Response> {
+    auto parsed = ParsePayment(req.body);
+    if (!parsed) return Problem(400, "Bad Request", parsed.error().message(), "invalid-request");
+    return std::nullopt;
+  };
+  o.metrics = &metrics_;
+  return converge::http::MultiPhaseRoute(
+      *keys_, std::move(o), [this](KeyLease& lease, Begun::Kind, Request& req) {
+        return RunPayment(lease, lease.scope, *ParsePayment(req.body));
+      });
 }
 
 // Runs the phases from the lease's recovery point: created -> charged -> completed.

@@ -1,0 +1,79 @@
+// The Idempotency-Key middleware: the HTTP half of idempotency keys (idempotency.h), for
+// any route of any service built on converge's HTTP server.
+//
+// It implements the IETF draft draft-ietf-httpapi-idempotency-key-header:
+//   - the key comes from the `Idempotency-Key` header, as a structured-field string
+//     ("...") or bare; 1-255 printable ASCII characters. Missing where required -> 400
+//     (problem type idempotency-key-missing); malformed -> 400 (idempotency-key-malformed);
+//   - its scope is the caller's principal (`IdempotencyRouteOptions::scope`): a tenant can
+//     never read another tenant's stored response. No principal -> 401;
+//   - the fingerprint covers method, path and the canonical body (RequestFingerprint);
+//   - the same key with another fingerprint -> 422 (idempotency-key-reused); while the
+//     first request still runs -> 409 with Retry-After (request-in-progress); a completed
+//     key -> the stored status, headers and body, byte for byte, with
+//     `Idempotent-Replayed: true`;
+//   - store failures -> 503 with Retry-After (transient) or 500, as problem+json.
+//
+// Two shapes, as in idempotency.h. A single-phase handler writes only to the database: it
+// runs inside IdempotencyKeys::Execute, and its response is stored in the same
+// transaction. A multi-phase handler (an external call between phases) receives the
+// KeyLease and drives Advance/Complete itself; only what it Completes is stored.
+//
+// Thread safety: the returned handlers are safe to run from many server workers at once.
+#ifndef CONVERGE_HTTP_IDEMPOTENCY_H_
+#define CONVERGE_HTTP_IDEMPOTENCY_H_
+
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "converge/database.h"
+#include "converge/http.h"
+#include "converge/idempotency.h"
+#include "converge/metrics.h"
+#include "converge/status.h"
+
+namespace converge::http {
+
+// The key of `Idempotency-Key`: nullopt when the header is absent; kInvalidArgument when
+// it is malformed (empty, over 255 characters, not printable ASCII, an unterminated or
+// escaped structured-field string) or sent twice.
+Result<std::optional<std::string>> ParseIdempotencyKey(const Request& request);
+
+struct IdempotencyRouteOptions {
+  // The caller's principal, the key's scope (e.g. the tenant of the API key); nullopt
+  // answers 401. Required.
+  std::function<std::optional<std::string>(const Request&)> scope;
+  // Runs before the key is claimed; a Response here (e.g. 400 for a malformed body) is
+  // answered as is and nothing is stored, so a corrected retry may reuse the key.
+  std::function<std::optional<Response>(Request&)> validate;
+  // When set: idempotency_replays_total, idempotency_conflicts_total,
+  // idempotency_mismatches_total, idempotency_resumed_total.
+  Metrics* metrics = nullptr;
+};
+
+// fn(tx, request): the route's effects through `tx`, and its answer. A Response of any
+// status is stored and replayed; an error stores nothing (a retry runs again) and is
+// answered as problem+json.
+using SinglePhaseFn = std::function<Result<Response>(Tx&, Request&)>;
+// fn(lease, kind, request): kind is kStarted or kResumed (from lease.recovery_point).
+// Returns the answer; what it stored through IdempotencyKeys::Complete is what replays.
+using MultiPhaseFn = std::function<Response(KeyLease&, Begun::Kind, Request&)>;
+
+// Route handlers. `keys` must outlive them.
+Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
+                                 SinglePhaseFn fn);
+Server::Handler MultiPhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
+                                MultiPhaseFn fn);
+
+// The stored form of a response and back; replays carry Idempotent-Replayed: true.
+StoredResponse ToStored(const Response& response);
+Response FromStored(const StoredResponse& stored, bool replayed);
+
+// A store failure as problem+json: 503 + Retry-After when transient, else 500. The
+// message stays in the logs, never in the answer (it may carry SQL).
+Response StoreProblem(const Status& status);
+
+}  // namespace converge::http
+
+#endif  // CONVERGE_HTTP_IDEMPOTENCY_H_

@@ -1,0 +1,169 @@
+// The Idempotency-Key middleware (include/converge/http_idempotency.h): header parsing and
+// the IETF draft's answers, with handlers called directly (no sockets).
+#include "converge/http_idempotency.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tests/unit/test_util.h"
+
+namespace converge::http {
+namespace {
+
+using json = nlohmann::json;
+
+Request Post(std::string body, Headers headers) {
+  Request r;
+  r.method = "POST";
+  r.path = "/v1/things";
+  r.target = r.path;
+  r.body = std::move(body);
+  r.headers = std::move(headers);
+  return r;
+}
+
+std::string Type(const Response& r) {
+  json j = json::parse(r.body, nullptr, false);
+  return j.is_object() ? j.value("type", "") : "";
+}
+
+TEST(ParseIdempotencyKey, BareAndStructuredFieldStrings) {
+  auto key = [](std::string v) { return ParseIdempotencyKey(Post("", {{"Idempotency-Key", v}})); };
+  EXPECT_EQ(**key("order-1"), "order-1");
+  EXPECT_EQ(**key("\"order-1\""), "order-1");
+  EXPECT_EQ(**key(R"("a\"b\\c")"), "a\"b\\c");
+  EXPECT_EQ(**key(std::string(255, 'k')), std::string(255, 'k'));
+  for (const std::string& bad :
+       std::vector<std::string>{"", "\"\"", std::string(256, 'k'), "tab\there", "\"open",
+                          "\"bad\\escape\"", "\"x\"trailing", "caf\xc3\xa9"}) {
+    auto r = key(bad);
+    ASSERT_FALSE(r) << bad;
+    EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_FALSE(*ParseIdempotencyKey(Post("", {})));
+  EXPECT_FALSE(ParseIdempotencyKey(Post("", {{"Idempotency-Key", "a"}, {"idempotency-key", "b"}})));
+}
+
+class IdempotencyRouteTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    db_ = testing::OpenSqlite(dir_.File("db.sqlite"));
+    ASSERT_NE(db_, nullptr);
+    testing::CreateEffectsTable(*db_);
+    keys_ = std::make_unique<IdempotencyKeys>(
+        *db_, IdempotencyOptions{.ttl = std::chrono::hours(1), .lease = std::chrono::seconds(30)});
+  }
+  IdempotencyRouteOptions Options() {
+    IdempotencyRouteOptions o;
+    o.scope = [](const Request& r) -> std::optional<std::string> {
+      const std::string* t = r.Header("X-Tenant");
+      return t ? std::optional<std::string>(*t) : std::nullopt;
+    };
+    o.validate = [](Request& r) -> std::optional<Response> {
+      if (r.body.empty()) return Problem(400, "Bad Request", "empty body", "invalid-request");
+      return std::nullopt;
+    };
+    o.metrics = &metrics_;
+    return o;
+  }
+  int64_t Effects() { return testing::QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
+  int64_t Keys() { return testing::QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"); }
+
+  testing::TempDir dir_;
+  std::unique_ptr<Database> db_;
+  std::unique_ptr<IdempotencyKeys> keys_;
+  Metrics metrics_;
+  int runs_ = 0;
+};
+
+TEST_F(IdempotencyRouteTest, SinglePhaseStoresReplaysAndRejectsAnotherBody) {
+  Server::Handler h = SinglePhaseRoute(*keys_, Options(), [&](Tx& tx, Request& r) -> Result<Response> {
+    ++runs_;
+    CONVERGE_RETURN_IF_ERROR(
+        tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", *r.Header("X-Tenant") + ":" + r.body));
+    Response out = Json(201, "{\"id\":\"" + r.body + "\"}");
+    out.Set("Location", "/v1/things/" + r.body);
+    return out;
+  });
+  Headers acme = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}};
+  Request first = Post("t1", acme);
+  Response a = h(first);
+  EXPECT_EQ(a.status, 201);
+  EXPECT_EQ(a.Header("Idempotent-Replayed"), nullptr);
+  Request again = Post("t1", acme);
+  Response b = h(again);
+  EXPECT_EQ(b.status, 201);
+  EXPECT_EQ(b.body, a.body);
+  EXPECT_EQ(*b.Header("Location"), "/v1/things/t1");
+  EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
+  Request other = Post("t2", acme);
+  Response c = h(other);
+  EXPECT_EQ(c.status, 422);
+  EXPECT_EQ(Type(c), "urn:converge:problem:idempotency-key-reused");
+  Request globex = Post("t1", {{"X-Tenant", "globex"}, {"Idempotency-Key", "k1"}});
+  EXPECT_EQ(h(globex).Header("Idempotent-Replayed"), nullptr);  // scopes never share keys
+  EXPECT_EQ(runs_, 2);
+  EXPECT_EQ(Effects(), 2);
+}
+
+TEST_F(IdempotencyRouteTest, EarlyAnswersClaimNothing) {
+  Server::Handler h = SinglePhaseRoute(*keys_, Options(), [&](Tx&, Request&) -> Result<Response> {
+    ++runs_;
+    return Json(200, "{}");
+  });
+  Request anonymous = Post("x", {{"Idempotency-Key", "k"}});
+  Response r = h(anonymous);
+  EXPECT_EQ(r.status, 401);
+  EXPECT_NE(r.Header("WWW-Authenticate"), nullptr);
+  Request missing = Post("x", {{"X-Tenant", "acme"}});
+  EXPECT_EQ(Type(h(missing)), "urn:converge:problem:idempotency-key-missing");
+  Request malformed = Post("x", {{"X-Tenant", "acme"}, {"Idempotency-Key", "\"open"}});
+  Response m = h(malformed);
+  EXPECT_EQ(m.status, 400);
+  EXPECT_EQ(Type(m), "urn:converge:problem:idempotency-key-malformed");
+  Request invalid = Post("", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k"}});
+  EXPECT_EQ(h(invalid).status, 400);
+  EXPECT_EQ(runs_, 0);
+  EXPECT_EQ(Keys(), 0);
+}
+
+TEST_F(IdempotencyRouteTest, AHandlerErrorStoresNothingSoTheRetryRunsAgain) {
+  bool fail = true;
+  Server::Handler h = SinglePhaseRoute(*keys_, Options(), [&](Tx&, Request&) -> Result<Response> {
+    ++runs_;
+    if (fail) return tl::unexpected(UnavailableError("downstream is down"));
+    return Json(201, "{}");
+  });
+  Headers hd = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k"}};
+  Request a = Post("x", hd);
+  Response r = h(a);
+  EXPECT_EQ(r.status, 503);
+  EXPECT_NE(r.Header("Retry-After"), nullptr);
+  fail = false;
+  Request b = Post("x", hd);
+  EXPECT_EQ(h(b).status, 201);
+  EXPECT_EQ(runs_, 2);
+}
+
+TEST_F(IdempotencyRouteTest, MultiPhaseInFlightIs409WithALowRetryAfter) {
+  Server::Handler h = MultiPhaseRoute(*keys_, Options(),
+                                      [&](KeyLease& lease, Begun::Kind kind, Request&) -> Response {
+    ++runs_;
+    EXPECT_EQ(kind, Begun::Kind::kStarted);
+    EXPECT_EQ(lease.recovery_point, "started");
+    return Json(202, "{}");  // did not Complete: the request stays in flight
+  });
+  Headers hd = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k"}};
+  Request a = Post("x", hd);
+  EXPECT_EQ(h(a).status, 202);
+  Request b = Post("x", hd);
+  Response r = h(b);
+  EXPECT_EQ(r.status, 409);
+  EXPECT_EQ(Type(r), "urn:converge:problem:request-in-progress");
+  ASSERT_NE(r.Header("Retry-After"), nullptr);
+  EXPECT_EQ(*r.Header("Retry-After"), "2");  // the remaining lease is 30 s; the hint is low
+  EXPECT_EQ(runs_, 1);
+}
+
+}  // namespace
+}  // namespace converge::http
