@@ -33,6 +33,7 @@
 #include "converge/clock.h"
 #include "converge/database.h"
 #include "converge/idempotency.h"
+#include "converge/worker.h"
 
 namespace converge {
 
@@ -83,10 +84,7 @@ class Completer {
   const CompleterOptions options_;
   Clock* clock_;
   std::map<std::string, Resume, std::less<>> resumes_;
-  std::atomic<bool> running_{false};
-  std::thread thread_;
-  std::mutex stop_mu_;
-  std::condition_variable stop_cv_;
+  PollingWorker worker_;
   mutable std::mutex stats_mu_;
   CompleterStats stats_;
 };

@@ -9,7 +9,14 @@ namespace converge {
 
 Completer::Completer(Database& db, IdempotencyKeys& keys, CompleterOptions options,
                      Clock* clock)
-    : db_(db), keys_(keys), options_(options), clock_(clock ? clock : Clock::System()) {}
+    : db_(db),
+      keys_(keys),
+      options_(options),
+      clock_(clock ? clock : Clock::System()),
+      worker_("completer", options_.poll, [this] {
+        Result<size_t> r = RunOnce();
+        return r && *r >= options_.batch;
+      }) {}
 
 Completer::~Completer() { Stop(); }
 
@@ -91,26 +98,9 @@ Result<size_t> Completer::RunOnce() {
   return taken;
 }
 
-void Completer::Start() {
-  if (running_.exchange(true)) return;
-  thread_ = std::thread([this] {
-    while (running_.load()) {
-      Result<size_t> r = RunOnce();
-      if (r && *r >= options_.batch) continue;
-      std::unique_lock<std::mutex> l(stop_mu_);
-      stop_cv_.wait_for(l, options_.poll, [&] { return !running_.load(); });
-    }
-  });
-}
+void Completer::Start() { worker_.Start(); }
 
-void Completer::Stop() {
-  if (!running_.exchange(false)) return;
-  {
-    std::lock_guard<std::mutex> l(stop_mu_);
-  }
-  stop_cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-}
+void Completer::Stop() { worker_.Stop(); }
 
 CompleterStats Completer::stats() const {
   std::lock_guard<std::mutex> l(stats_mu_);

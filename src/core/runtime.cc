@@ -1,0 +1,85 @@
+#include "converge/runtime.h"
+
+namespace converge {
+
+Runtime::Runtime(Database& db, RuntimeOptions options, Clock* clock)
+    : db_(db),
+      options_(std::move(options)),
+      clock_(clock ? clock : Clock::System()),
+      keys_(db_, options_.keys, clock_),
+      outbox_(options_.outbox, clock_),
+      completer_(db_, keys_, options_.completer, clock_),
+      sweeper_(db_, options_.sweep, clock_),
+      sweep_worker_("sweeper", options_.sweep_interval, [this] { return SweepPass(); }) {}
+
+Runtime::~Runtime() { Stop(); }
+
+Relay& Runtime::AddRelay(Publisher& publisher, RelayOptions options) {
+  relays_.push_back(std::make_unique<Relay>(db_, outbox_, publisher, std::move(options), clock_));
+  return *relays_.back();
+}
+
+Consumer& Runtime::AddConsumer(Subscriber& subscriber, ConsumerOptions options) {
+  consumers_.push_back(std::make_unique<Consumer>(db_, subscriber, std::move(options), clock_));
+  return *consumers_.back();
+}
+
+EffectRunner& Runtime::AddEffectRunner(EffectRunnerOptions options,
+                                       EffectRunner::Executor executor) {
+  effects_.push_back(
+      std::make_unique<EffectRunner>(db_, std::move(options), std::move(executor), clock_));
+  return *effects_.back();
+}
+
+Status Runtime::Validate() const {
+  CONVERGE_RETURN_IF_ERROR(IdempotencyKeys::ValidateOptions(options_.keys));
+  for (const auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Validate());
+  if (options_.sweep.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
+  if (options_.sweep_interval < Millis(0)) {
+    return InvalidArgumentError("sweep interval must not be negative");
+  }
+  return OkStatus();
+}
+
+Status Runtime::Start() {
+  if (started_) return OkStatus();
+  CONVERGE_RETURN_IF_ERROR(Validate());
+  for (auto& r : relays_) r->Start();
+  for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());  // validated above
+  for (auto& e : effects_) e->Start();
+  completer_.Start();
+  if (options_.sweep_interval > Millis(0)) sweep_worker_.Start();
+  started_ = true;
+  return OkStatus();
+}
+
+void Runtime::Stop() {
+  if (!started_) return;
+  started_ = false;
+  sweep_worker_.Stop();
+  completer_.Stop();
+  for (auto it = effects_.rbegin(); it != effects_.rend(); ++it) (*it)->Stop();
+  for (auto it = consumers_.rbegin(); it != consumers_.rend(); ++it) (*it)->Stop();
+  for (auto it = relays_.rbegin(); it != relays_.rend(); ++it) (*it)->Stop();
+}
+
+bool Runtime::SweepPass() {
+  auto swept = sweeper_.RunOnce();
+  std::lock_guard<std::mutex> l(stats_mu_);
+  if (!swept) {
+    stats_.last_sweep_error = swept.error().ToString();
+    return false;
+  }
+  stats_.swept += swept->total();
+  // A full batch in any table: more may be waiting, sweep again at once.
+  return swept->keys >= options_.sweep.batch || swept->inbox >= options_.sweep.batch ||
+         swept->outbox >= options_.sweep.batch || swept->effects >= options_.sweep.batch ||
+         swept->dead_letters >= options_.sweep.batch;
+}
+
+RuntimeStats Runtime::stats() const {
+  std::lock_guard<std::mutex> l(stats_mu_);
+  return stats_;
+}
+
+}  // namespace converge

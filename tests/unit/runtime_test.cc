@@ -1,0 +1,96 @@
+// Runtime and PollingWorker: the machinery a service starts and stops as one.
+#include "converge/runtime.h"
+
+#include <atomic>
+
+#include <gtest/gtest.h>
+
+#include "converge/sql_queue.h"
+#include "tests/unit/test_util.h"
+
+namespace converge {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(PollingWorker, LoopsWhileThereIsMoreWakesOnNotifyAndStopsAfterThePass) {
+  std::atomic<int> passes{0};
+  std::atomic<int> more{3};  // the first three passes report more work
+  Wakeup wakeup;
+  PollingWorker w("test", std::chrono::hours(1), [&] {
+    ++passes;
+    return more.fetch_sub(1) > 0;
+  }, &wakeup);
+  w.Start();
+  ASSERT_TRUE(testing::WaitUntil([&] { return passes.load() == 4; }));
+  // Idle now: the hour-long poll would never fire; a wake-up runs the next pass.
+  wakeup.Notify();
+  ASSERT_TRUE(testing::WaitUntil([&] { return passes.load() == 5; }));
+  w.Wake();
+  ASSERT_TRUE(testing::WaitUntil([&] { return passes.load() == 6; }));
+  w.Stop();
+  EXPECT_FALSE(w.running());
+  const int after = passes.load();
+  wakeup.Notify();
+  w.Stop();  // idempotent
+  EXPECT_EQ(passes.load(), after);
+}
+
+class RuntimeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    db_ = testing::OpenSqlite(dir_.File("db.sqlite"));
+    ASSERT_NE(db_, nullptr);
+    testing::CreateEffectsTable(*db_);
+  }
+  testing::TempDir dir_;
+  std::unique_ptr<Database> db_;
+};
+
+TEST_F(RuntimeTest, RunsTheWholePathAndStopsItTogether) {
+  Runtime rt(*db_, {.sweep_interval = 50ms});
+  SqlQueue queue(*db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "thing.*").ok());
+  auto sub = queue.OpenSubscriber("ledger");
+  rt.AddRelay(queue, {.poll = 20ms});
+  rt.AddConsumer(*sub, {.name = "ledger", .poll = 20ms})
+      .On("thing.done", [](Tx& tx, const Event& e) {
+        return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.subject));
+      });
+  ASSERT_TRUE(rt.Start().ok());
+  auto out = rt.keys().Execute({"t", "k", "f"}, [&](Tx& tx) -> Result<StoredResponse> {
+    Event e;
+    e.type = "thing.done";
+    e.subject = "thing-1";
+    e.data = "{}";
+    CONVERGE_RETURN_IF_ERROR(rt.outbox().Enqueue(tx, e));
+    return StoredResponse{201, {}, "ok"};
+  });
+  ASSERT_TRUE(out) << out.error().ToString();
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] { return testing::QueryInt(*db_, "SELECT count(*) FROM test_effects") == 1; }));
+  rt.Stop();
+  EXPECT_EQ(rt.consumers()[0]->stats().processed, 1);
+  rt.Stop();  // idempotent
+}
+
+TEST_F(RuntimeTest, RefusesUnsafeOptionsAndStartsNothing) {
+  Runtime bad_keys(*db_, {.keys = {.ttl = 5s, .lease = 5s}});
+  Status st = bad_keys.Start();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("ttl"), std::string::npos) << st.message();
+
+  Runtime bad_consumer(*db_);
+  SqlQueue queue(*db_);
+  auto sub = queue.OpenSubscriber("q");
+  bad_consumer.AddRelay(queue);
+  bad_consumer.AddConsumer(*sub, {.name = "short", .inbox_ttl = 60s});
+  st = bad_consumer.Start();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("inbox_ttl"), std::string::npos) << st.message();
+  // Nothing runs: the relay was not started, so it owns no partitions.
+  EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM relay_partitions"), 0);
+}
+
+}  // namespace
+}  // namespace converge
