@@ -17,7 +17,7 @@
 #include "converge/clock.h"
 #include "converge/webhook.h"
 #include "examples/payments/config.h"
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
 #include "examples/payments/service.h"
 
 namespace converge::cli {
@@ -112,7 +112,7 @@ struct ProviderFlags {
 
 template <class Provider>
 int RunProvider(const char* name, const ProviderFlags& f) {
-  payments::ProviderOptions o;
+  converge::harness::ProviderOptions o;
   o.db_path = f.db;
   o.webhook_url = f.webhook_url;
   o.webhook_secret = f.webhook_secret;
@@ -211,9 +211,9 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
                     "The whsec_... secret itself (visible in the process list: prefer "
                     "--webhook-secret-file or the environment)")
           ->envname("CONVERGE_WEBHOOK_SECRET");
-      c->callback([pf, exit_code] { *exit_code = RunProvider<payments::FakePsp>("fake-psp", *pf); });
+      c->callback([pf, exit_code] { *exit_code = RunProvider<converge::harness::FakePsp>("fake-psp", *pf); });
     } else {
-      c->callback([pf, exit_code] { *exit_code = RunProvider<payments::FakeMail>("fake-mail", *pf); });
+      c->callback([pf, exit_code] { *exit_code = RunProvider<converge::harness::FakeMail>("fake-mail", *pf); });
     }
   }
 

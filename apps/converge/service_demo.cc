@@ -31,9 +31,9 @@
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
+#include "harness/serve_process.h"
 
-extern char** environ;
 
 namespace converge::cli {
 namespace {
@@ -41,99 +41,7 @@ namespace {
 using json = nlohmann::json;
 using SteadyClock = std::chrono::steady_clock;
 
-// --- the service as a child process -------------------------------------------------------
-
-class ServiceProcess {
- public:
-  ServiceProcess(std::string config, std::string log, uint16_t port)
-      : config_(std::move(config)), log_(std::move(log)), port_(port) {}
-  ~ServiceProcess() { Stop(); }
-
-  // Starts `converge serve`, with CONVERGE_FAILPOINTS=failpoints when non-empty, and
-  // waits until it is ready.
-  Status Start(const std::string& failpoints) {
-    std::vector<std::string> env;
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (std::string_view(*e).rfind("CONVERGE_FAILPOINTS=", 0) != 0) env.emplace_back(*e);
-    }
-    if (!failpoints.empty()) env.push_back("CONVERGE_FAILPOINTS=" + failpoints);
-    std::vector<char*> envp;
-    for (auto& e : env) envp.push_back(e.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe";
-    std::string listen = "127.0.0.1:" + std::to_string(port_);
-    std::vector<std::string> args = {"converge", "serve", "--config", config_, "--listen", listen,
-                                     "--log-level", "warn"};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int fd = open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    pid_ = fork();
-    if (pid_ == 0) {
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-      }
-      execve(exe.c_str(), argv.data(), envp.data());
-      _exit(127);
-    }
-    if (fd >= 0) close(fd);
-    if (pid_ < 0) return UnavailableError("fork failed");
-    http::Client c;
-    auto deadline = SteadyClock::now() + std::chrono::seconds(20);
-    while (SteadyClock::now() < deadline) {
-      auto r = c.Send({.url = Url("/readyz"), .timeout = std::chrono::seconds(1)});
-      if (r && r->status == 200) return OkStatus();
-      int status;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return UnavailableError("the service exited at start; see " + log_);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return DeadlineExceededError("the service did not become ready; see " + log_);
-  }
-
-  // Waits up to `wait` for the process to die; true if a failpoint SIGKILLed it.
-  bool CrashedWithin(std::chrono::milliseconds wait) {
-    auto deadline = SteadyClock::now() + wait;
-    while (pid_ > 0 && SteadyClock::now() < deadline) {
-      int status;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return false;
-  }
-
-  // Graceful stop (SIGTERM); SIGKILL if it does not exit in 15 s.
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 1500; ++i) {
-      int status;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-
-  std::string Url(const std::string& path) const {
-    return "http://127.0.0.1:" + std::to_string(port_) + path;
-  }
-
- private:
-  std::string config_, log_;
-  uint16_t port_;
-  pid_t pid_ = -1;
-};
+using harness::ServeProcess;
 
 uint16_t FreePort() {
   // Bind port 0, read the port, release it. The service binds it a moment later.
@@ -151,10 +59,11 @@ struct Demo {
   std::string secret;
   std::string admin = "demo-admin-token";
   uint16_t psp_port = 0, mail_port = 0;
-  std::unique_ptr<ServiceProcess> svc;
+  std::unique_ptr<ServeProcess> svc;
   std::unique_ptr<Database> db;  // the service's file, read-only use
   http::Client client;
   int failures = 0;
+  std::string paid2, charge2;  // scenario 2's payment, refunded in 8, checked in 10
   std::mt19937_64 rng{std::random_device{}()};
 
   std::string Psp(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(psp_port) + p; }
@@ -268,7 +177,7 @@ struct Demo {
   }
 
   Status Restart(const std::string& failpoints) {
-    svc->Stop();
+    svc->Stop(std::chrono::seconds(15));
     return svc->Start(failpoints);
   }
 
@@ -288,7 +197,7 @@ struct Demo {
       return run;
     }
     run.first_failed = !Pay("sk_test_acme", key, body);
-    run.crashed = svc->CrashedWithin(std::chrono::seconds(10));
+    run.crashed = svc->KilledWithin(std::chrono::seconds(10));
     st = svc->Start("");
     if (!st.ok()) {
       Check(false, "restart after the crash: " + st.ToString());
@@ -321,6 +230,190 @@ std::string PaymentId(const http::Response& r) {
   return j.is_object() ? j.value("id", "") : "";
 }
 
+// --- the scenarios: each prints what happened and checks its invariant ------------------
+
+constexpr const char* kAcme = "sk_test_acme";
+constexpr const char* kGlobex = "sk_test_globex";
+
+void DoubleClick(Demo& d) {
+  std::vector<std::thread> ts;
+  std::mutex mu;
+  int fresh = 0, replays = 0, conflicts = 0, other = 0;
+  std::string id;
+  for (int i = 0; i < 8; ++i) {
+    ts.emplace_back([&] {
+      auto r = d.Pay(kAcme, "dc-1", d.Body(1999, "order-dc"));
+      std::lock_guard<std::mutex> l(mu);
+      if (r && r->status == 201 && !Replayed(*r)) ++fresh, id = PaymentId(*r);
+      else if (r && r->status == 201) ++replays;
+      else if (r && r->status == 409) ++conflicts;
+      else ++other;
+    });
+  }
+  for (auto& t : ts) t.join();
+  auto after = d.PayUntilFinal(kAcme, "dc-1", d.Body(1999, "order-dc"));
+  std::printf("     one ran (%d), %d replayed, %d told 409 + Retry-After while it ran\n", fresh,
+              replays, conflicts);
+  d.Check(fresh == 1 && other == 0, "exactly one request ran the payment");
+  d.Check(after && Replayed(*after) && PaymentId(*after) == id, "a later retry replays it");
+  d.Check(d.ChargesFor(id) == 1, "one charge at the provider");
+}
+
+void RetryAfterLostResponse(Demo& d) {
+    {
+    auto first = d.Pay(kAcme, "retry-2", d.Body(2500, "order-2"));  // the client never reads it
+    auto retry = d.Pay(kAcme, "retry-2", d.Body(2500, "order-2"));
+    d.paid2 = first ? PaymentId(*first) : "";
+    json j = retry ? json::parse(retry->body, nullptr, false) : json();
+    d.charge2 = j.is_object() ? j.value("charge_id", "") : "";
+    d.Check(first && retry && retry->status == 201 && Replayed(*retry) && retry->body == first->body,
+            "the retry gets the stored response byte for byte, marked Idempotent-Replayed");
+  }
+}
+
+void SameKeyOtherPayload(Demo& d) {
+  auto r = d.Pay(kAcme, "retry-2", d.Body(9999, "order-2"));
+  d.Check(r && r->status == 422 && *r->Header("Content-Type") == "application/problem+json",
+          "422 problem+json, nothing applied");
+}
+
+void CrashAfterCharge(Demo& d) {
+  int retries = 0;
+  auto run = d.CrashThenRetry("payments.after_charge_before_commit", "crash-4",
+                              d.Body(4000, "order-4"), &retries);
+  const auto& retry = run.retry;
+  std::string id = retry ? PaymentId(*retry) : "";
+  std::printf("     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the lease\n",
+              retries);
+  d.Check(run.crashed && run.first_failed, "the process really died mid-request");
+  d.Check(retry && retry->status == 201, "the retry resumed from the recovery point and completed");
+  d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider (same downstream key)");
+}
+
+void RelayCrash(Demo& d) {
+  auto run = d.CrashThenRetry("relay.after_publish_before_mark", "relay-5", d.Body(5000, "order-5"));
+  const auto& retry = run.retry;
+  std::string id = retry ? PaymentId(*retry) : "";
+  bool drained = d.Converge(std::chrono::seconds(30));
+  d.Check(run.crashed, "the relay crashed at the failpoint");
+  d.Check(retry && retry->status == 201 && drained, "after restart the event was published");
+  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+          "booked once in the ledger (publish and mark share one transaction here)");
+}
+
+void ConsumerCrash(Demo& d) {
+  auto run = d.CrashThenRetry("consumer.after_commit_before_ack", "consumer-6", d.Body(6000, "order-6"));
+  const auto& retry = run.retry;
+  std::string id = retry ? PaymentId(*retry) : "";
+  bool drained = d.Converge(std::chrono::seconds(30));
+  d.Check(run.crashed, "a consumer crashed between its commit and its ack");
+  d.Check(drained, "the unacked delivery came back after its visibility timeout");
+  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+          "the redelivery was absorbed by the inbox: two ledger entries, not four");
+  d.Check(d.MailsFor("receipt:" + id) == 1, "one receipt email");
+}
+
+void PoisonAndDeadLetters(Demo& d) {
+  auto poison = d.SignedWebhook("msg_demo_poison",
+                                {{"type", "charge.refunded"},
+                                 {"data", {{"charge_id", "ch_does_not_exist"}, {"amount", 1}, {"currency", "EUR"}}}});
+  d.Post(d.Mail("/faults"), {{"fail_next", 1000}});
+  auto r = d.PayUntilFinal(kAcme, "outage-7", d.Body(7000, "order-7"));
+  std::string id = r ? PaymentId(*r) : "";
+  int64_t parked_effect = 0, parked_poison = 0, letter_id = 0;
+  for (int i = 0; i < 300 && (parked_effect == 0 || parked_poison == 0); ++i) {
+    json l = d.GetJson(d.svc->Url("/admin/dead-letters"), true);
+    parked_effect = parked_poison = 0;
+    if (l.is_object()) {
+      for (auto& x : l["dead_letters"]) {
+        if (x["queue"] == "effect:email.receipt" && x["event_id"] == "receipt:" + id) {
+          parked_effect = 1;
+          letter_id = x["id"];
+        }
+        if (x["event_id"] == "msg_demo_poison") parked_poison = 1;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  d.Check(poison.status == 204, "the poison webhook was accepted (signed, well-formed)");
+  d.Check(parked_poison == 1,
+          "its staged work was retried with backoff (the charge may just not be recorded "
+          "yet), then parked when its attempts ran out, not retried forever");
+  d.Check(parked_effect == 1, "the receipt exhausted its attempts during the outage and was parked");
+  d.Post(d.Mail("/faults"), {{"fail_next", 0}});
+  auto replay = d.client.Send({.method = "POST",
+                               .url = d.svc->Url("/admin/dead-letters/" + std::to_string(letter_id) + "/replay"),
+                               .headers = {{"Authorization", "Bearer " + d.admin}}});
+  bool drained = d.Converge(std::chrono::seconds(30));
+  d.Check(replay && replay->status == 200 && drained, "after the outage, the admin API replayed it");
+  d.Check(d.MailsFor("receipt:" + id) == 1, "and the receipt was sent exactly once");
+}
+
+void DuplicateWebhook(Demo& d) {
+  json body = {{"type", "charge.refunded"},
+               {"data", {{"charge_id", d.charge2}, {"amount", 2500}, {"currency", "EUR"}}}};
+  auto a = d.SignedWebhook("msg_demo_refund", body);
+  auto b = d.SignedWebhook("msg_demo_refund", body);
+  bool drained = d.Converge(std::chrono::seconds(30));
+  d.Check(a.status == 204 && b.status == 204, "both deliveries answered 204");
+  d.Check(drained && d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'refund'", d.paid2) == 2,
+          "one refund booked (one pair of entries)");
+  d.Check(d.Count("SELECT count(*) FROM payments WHERE id = $1 AND status = 'refunded'", d.paid2) == 1,
+          "the payment is refunded");
+}
+
+void AnotherTenantReusesTheKey(Demo& d) {
+  auto r = d.Pay(kGlobex, "retry-2", d.Body(2500, "order-2"));
+  d.Check(r && r->status == 201 && !Replayed(*r) && PaymentId(*r) != d.paid2,
+          "globex gets its own fresh payment, never acme's response");
+}
+
+void PaymentKeyVersusEmailKey(Demo& d) {
+  d.Check(d.ChargesFor(d.paid2) == 1 && d.MailsFor("receipt:" + d.paid2) == 1,
+          "the client's Idempotency-Key guards the charge; receipt:<payment_id> guards the email");
+}
+
+void ClientGivesUpAfterCharge(Demo& d) {
+  // Through the test hook, the next request fails right after the provider charged; the
+  // client sees a 503 and never retries. Nobody but the completer is left to finish it.
+  const bool armed = d.Admin("PUT", "/admin/failpoints",
+                             "payments.after_charge_before_commit=error(unavailable)*1");
+  auto first = d.Pay(kAcme, "gave-up-11", d.Body(1100, "order-11"));
+  d.Check(armed && first && first->status == 503,
+          "the client got a 503 after the provider charged, and went away");
+  const bool finished = Demo::WaitFor(std::chrono::seconds(20), [&] {
+    return d.Count("SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'captured'",
+                   "order-11") == 1;
+  });
+  std::printf("     the completer took the request over once its lease and grace period ran out\n");
+  d.Check(finished, "the completer finished the payment, with no retry from the client");
+  auto late = d.Pay(kAcme, "gave-up-11", d.Body(1100, "order-11"));
+  const std::string id = late ? PaymentId(*late) : "";
+  d.Check(late && late->status == 201 && Replayed(*late),
+          "the late retry gets the stored 201, marked Idempotent-Replayed");
+  d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider");
+  (void)d.Admin("PUT", "/admin/failpoints", "");
+}
+
+struct Scenario {
+  const char* name;
+  void (*run)(Demo&);
+};
+
+const std::vector<Scenario> kScenarios = {
+    {"double click: 8 concurrent POSTs with one Idempotency-Key", DoubleClick},
+    {"client retry after a lost response", RetryAfterLostResponse},
+    {"same key, different payload", SameKeyOtherPayload},
+    {"crash after the provider charged, before the commit", CrashAfterCharge},
+    {"relay crash after publish, before mark", RelayCrash},
+    {"consumer crash after commit, before ack", ConsumerCrash},
+    {"poison and dead letters: a refund webhook for an unknown charge; a mail outage", PoisonAndDeadLetters},
+    {"duplicate webhook", DuplicateWebhook},
+    {"another tenant reuses the key", AnotherTenantReusesTheKey},
+    {"payment key vs email key", PaymentKeyVersusEmailKey},
+    {"the client gives up after the provider charged", ClientGivesUpAfterCharge},
+};
+
 }  // namespace
 
 int RunServiceDemo(const ServiceDemoFlags& f) {
@@ -344,10 +437,10 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
 
   d.secret = webhook::NewSecret();
   const uint16_t svc_port = FreePort();
-  payments::FakePsp psp({.db_path = d.dir + "/psp.db",
+  harness::FakePsp psp({.db_path = d.dir + "/psp.db",
                          .webhook_url = "http://127.0.0.1:" + std::to_string(svc_port) + "/webhooks/psp",
                          .webhook_secret = d.secret});
-  payments::FakeMail mail({.db_path = d.dir + "/mail.db"});
+  harness::FakeMail mail({.db_path = d.dir + "/mail.db"});
   Status st = psp.Start();
   if (st.ok()) st = mail.Start();
   if (!st.ok() || svc_port == 0) {
@@ -374,7 +467,12 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   std::printf("converge demo: payments service (child process, sqlite:%s),\n"
               "  payment provider :%u and mail provider :%u in this process\n\n",
               db_path.c_str(), d.psp_port, d.mail_port);
-  d.svc = std::make_unique<ServiceProcess>(config, d.dir + "/service.log", svc_port);
+  d.svc = std::make_unique<ServeProcess>(
+      ServeProcess::Options{.binary = "/proc/self/exe",
+                            .config_path = config,
+                            .dir = d.dir,
+                            .name = "service",
+                            .listen = "127.0.0.1:" + std::to_string(svc_port)});
   st = d.svc->Start("");
   if (!st.ok()) {
     std::fprintf(stderr, "converge demo: %s\n", st.ToString().c_str());
@@ -386,187 +484,9 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
     return 1;
   }
   d.db = std::move(*opened);
-  const std::string acme = "sk_test_acme", globex = "sk_test_globex";
-
-  // 1 ------------------------------------------------------------------------------------
-  std::printf("  1. double click: 8 concurrent POSTs with one Idempotency-Key\n");
-  {
-    std::vector<std::thread> ts;
-    std::mutex mu;
-    int fresh = 0, replays = 0, conflicts = 0, other = 0;
-    std::string id;
-    for (int i = 0; i < 8; ++i) {
-      ts.emplace_back([&] {
-        auto r = d.Pay(acme, "dc-1", d.Body(1999, "order-dc"));
-        std::lock_guard<std::mutex> l(mu);
-        if (r && r->status == 201 && !Replayed(*r)) ++fresh, id = PaymentId(*r);
-        else if (r && r->status == 201) ++replays;
-        else if (r && r->status == 409) ++conflicts;
-        else ++other;
-      });
-    }
-    for (auto& t : ts) t.join();
-    auto after = d.PayUntilFinal(acme, "dc-1", d.Body(1999, "order-dc"));
-    std::printf("     one ran (%d), %d replayed, %d told 409 + Retry-After while it ran\n", fresh,
-                replays, conflicts);
-    d.Check(fresh == 1 && other == 0, "exactly one request ran the payment");
-    d.Check(after && Replayed(*after) && PaymentId(*after) == id, "a later retry replays it");
-    d.Check(d.ChargesFor(id) == 1, "one charge at the provider");
-  }
-
-  // 2 ------------------------------------------------------------------------------------
-  std::printf("  2. client retry after a lost response\n");
-  std::string paid2, charge2;
-  {
-    auto first = d.Pay(acme, "retry-2", d.Body(2500, "order-2"));  // the client never reads it
-    auto retry = d.Pay(acme, "retry-2", d.Body(2500, "order-2"));
-    paid2 = first ? PaymentId(*first) : "";
-    json j = retry ? json::parse(retry->body, nullptr, false) : json();
-    charge2 = j.is_object() ? j.value("charge_id", "") : "";
-    d.Check(first && retry && retry->status == 201 && Replayed(*retry) && retry->body == first->body,
-            "the retry gets the stored response byte for byte, marked Idempotent-Replayed");
-  }
-
-  // 3 ------------------------------------------------------------------------------------
-  std::printf("  3. same key, different payload\n");
-  {
-    auto r = d.Pay(acme, "retry-2", d.Body(9999, "order-2"));
-    d.Check(r && r->status == 422 && *r->Header("Content-Type") == "application/problem+json",
-            "422 problem+json, nothing applied");
-  }
-
-  // 4 ------------------------------------------------------------------------------------
-  std::printf("  4. crash after the provider charged, before the commit\n");
-  {
-    int retries = 0;
-    auto run = d.CrashThenRetry("payments.after_charge_before_commit", "crash-4",
-                                d.Body(4000, "order-4"), &retries);
-    const auto& retry = run.retry;
-    std::string id = retry ? PaymentId(*retry) : "";
-    std::printf("     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the lease\n",
-                retries);
-    d.Check(run.crashed && run.first_failed, "the process really died mid-request");
-    d.Check(retry && retry->status == 201, "the retry resumed from the recovery point and completed");
-    d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider (same downstream key)");
-  }
-
-  // 5 ------------------------------------------------------------------------------------
-  std::printf("  5. relay crash after publish, before mark\n");
-  {
-    auto run = d.CrashThenRetry("relay.after_publish_before_mark", "relay-5", d.Body(5000, "order-5"));
-    const auto& retry = run.retry;
-    std::string id = retry ? PaymentId(*retry) : "";
-    bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(run.crashed, "the relay crashed at the failpoint");
-    d.Check(retry && retry->status == 201 && drained, "after restart the event was published");
-    d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
-            "booked once in the ledger (publish and mark share one transaction here)");
-  }
-
-  // 6 ------------------------------------------------------------------------------------
-  std::printf("  6. consumer crash after commit, before ack\n");
-  {
-    auto run = d.CrashThenRetry("consumer.after_commit_before_ack", "consumer-6", d.Body(6000, "order-6"));
-    const auto& retry = run.retry;
-    std::string id = retry ? PaymentId(*retry) : "";
-    bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(run.crashed, "a consumer crashed between its commit and its ack");
-    d.Check(drained, "the unacked delivery came back after its visibility timeout");
-    d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
-            "the redelivery was absorbed by the inbox: two ledger entries, not four");
-    d.Check(d.MailsFor("receipt:" + id) == 1, "one receipt email");
-  }
-
-  // 7 ------------------------------------------------------------------------------------
-  std::printf("  7. poison and dead letters: a refund webhook for an unknown charge; a mail outage\n");
-  {
-    auto poison = d.SignedWebhook("msg_demo_poison",
-                                  {{"type", "charge.refunded"},
-                                   {"data", {{"charge_id", "ch_does_not_exist"}, {"amount", 1}, {"currency", "EUR"}}}});
-    d.Post(d.Mail("/faults"), {{"fail_next", 1000}});
-    auto r = d.PayUntilFinal(acme, "outage-7", d.Body(7000, "order-7"));
-    std::string id = r ? PaymentId(*r) : "";
-    int64_t parked_effect = 0, parked_poison = 0, letter_id = 0;
-    for (int i = 0; i < 300 && (parked_effect == 0 || parked_poison == 0); ++i) {
-      json l = d.GetJson(d.svc->Url("/admin/dead-letters"), true);
-      parked_effect = parked_poison = 0;
-      if (l.is_object()) {
-        for (auto& x : l["dead_letters"]) {
-          if (x["queue"] == "effect:email.receipt" && x["event_id"] == "receipt:" + id) {
-            parked_effect = 1;
-            letter_id = x["id"];
-          }
-          if (x["event_id"] == "msg_demo_poison") parked_poison = 1;
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    d.Check(poison.status == 204, "the poison webhook was accepted (signed, well-formed)");
-    d.Check(parked_poison == 1,
-            "its staged work was retried with backoff (the charge may just not be recorded "
-            "yet), then parked when its attempts ran out, not retried forever");
-    d.Check(parked_effect == 1, "the receipt exhausted its attempts during the outage and was parked");
-    d.Post(d.Mail("/faults"), {{"fail_next", 0}});
-    auto replay = d.client.Send({.method = "POST",
-                                 .url = d.svc->Url("/admin/dead-letters/" + std::to_string(letter_id) + "/replay"),
-                                 .headers = {{"Authorization", "Bearer " + d.admin}}});
-    bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(replay && replay->status == 200 && drained, "after the outage, the admin API replayed it");
-    d.Check(d.MailsFor("receipt:" + id) == 1, "and the receipt was sent exactly once");
-  }
-
-  // 8 ------------------------------------------------------------------------------------
-  std::printf("  8. duplicate webhook\n");
-  {
-    json body = {{"type", "charge.refunded"},
-                 {"data", {{"charge_id", charge2}, {"amount", 2500}, {"currency", "EUR"}}}};
-    auto a = d.SignedWebhook("msg_demo_refund", body);
-    auto b = d.SignedWebhook("msg_demo_refund", body);
-    bool drained = d.Converge(std::chrono::seconds(30));
-    d.Check(a.status == 204 && b.status == 204, "both deliveries answered 204");
-    d.Check(drained && d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'refund'", paid2) == 2,
-            "one refund booked (one pair of entries)");
-    d.Check(d.Count("SELECT count(*) FROM payments WHERE id = $1 AND status = 'refunded'", paid2) == 1,
-            "the payment is refunded");
-  }
-
-  // 9 ------------------------------------------------------------------------------------
-  std::printf("  9. another tenant reuses the key\n");
-  {
-    auto r = d.Pay(globex, "retry-2", d.Body(2500, "order-2"));
-    d.Check(r && r->status == 201 && !Replayed(*r) && PaymentId(*r) != paid2,
-            "globex gets its own fresh payment, never acme's response");
-  }
-
-  // 10 -----------------------------------------------------------------------------------
-  std::printf(" 10. payment key vs email key\n");
-  {
-    d.Check(d.ChargesFor(paid2) == 1 && d.MailsFor("receipt:" + paid2) == 1,
-            "the client's Idempotency-Key guards the charge; receipt:<payment_id> guards the email");
-  }
-
-  // 11 -----------------------------------------------------------------------------------
-  std::printf(" 11. the client gives up after the provider charged\n");
-  {
-    // Through the test hook, the next request fails right after the provider charged; the
-    // client sees a 503 and never retries. Nobody but the completer is left to finish it.
-    const bool armed = d.Admin("PUT", "/admin/failpoints",
-                               "payments.after_charge_before_commit=error(unavailable)*1");
-    auto first = d.Pay(acme, "gave-up-11", d.Body(1100, "order-11"));
-    d.Check(armed && first && first->status == 503,
-            "the client got a 503 after the provider charged, and went away");
-    const bool finished = Demo::WaitFor(std::chrono::seconds(20), [&] {
-      return d.Count("SELECT count(*) FROM payments WHERE order_id = $1 AND status = 'captured'",
-                     "order-11") == 1;
-    });
-    std::printf("     the completer took the request over once its lease and grace period ran out\n");
-    d.Check(finished, "the completer finished the payment, with no retry from the client");
-    auto late = d.Pay(acme, "gave-up-11", d.Body(1100, "order-11"));
-    const std::string id = late ? PaymentId(*late) : "";
-    d.Check(late && late->status == 201 && Replayed(*late),
-            "the late retry gets the stored 201, marked Idempotent-Replayed");
-    d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider");
-    (void)d.Admin("PUT", "/admin/failpoints", "");
+  for (size_t i = 0; i < kScenarios.size(); ++i) {
+    std::printf("%3zu. %s\n", i + 1, kScenarios[i].name);
+    kScenarios[i].run(d);
   }
 
   // Load ----------------------------------------------------------------------------------
@@ -595,7 +515,7 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   const auto load_end = load_start + std::chrono::seconds(f.duration_seconds);
   auto send_key = [&](int k) {
     int retries = 0;
-    auto r = d.PayUntilFinal(acme, "load-" + std::to_string(k),
+    auto r = d.PayUntilFinal(kAcme, "load-" + std::to_string(k),
                              d.Body(100 + k, "load-" + std::to_string(k)), &retries);
     sent += 1 + retries;
     retried += retries;

@@ -16,7 +16,8 @@
 #include <gtest/gtest.h>
 
 #include "converge/database.h"
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
+#include "harness/serve_process.h"
 #include "tests/e2e/support.h"
 #include "tests/unit/test_util.h"
 
@@ -25,7 +26,7 @@ namespace {
 
 using converge::testing::RawConnection;
 using converge::testing::RawResponse;
-using converge::testing::ServeProcess;
+using converge::harness::ServeProcess;
 using converge::testing::TempDir;
 using Steady = std::chrono::steady_clock;
 
@@ -105,11 +106,12 @@ class HttpEdge : public ::testing::Test {
     hard_fd_limit_ = static_cast<int64_t>(rl.rlim_max);
     // A low soft limit under a higher hard one: the server must raise it at start.
     const uint64_t soft = std::min<uint64_t>(256, rl.rlim_max);
-    serve_ = new ServeProcess({.config_path = WriteConfig(*dir_, "edge", {}),
+    serve_ = new ServeProcess({.binary = CONVERGE_BIN_PATH,
+                               .config_path = WriteConfig(*dir_, "edge", {}),
                                .dir = dir_->path(),
                                .name = "edge",
                                .nofile = std::make_pair(soft, static_cast<uint64_t>(rl.rlim_max))});
-    ASSERT_TRUE(serve_->Start()) << "see " << serve_->log_path();
+    ASSERT_TRUE(serve_->Start().ok()) << "see " << serve_->log_path();
     auto db = converge::Database::Open("sqlite:" + dir_->File("edge.db"));
     ASSERT_TRUE(db) << db.error().ToString();
     db_ = db->release();
@@ -472,12 +474,13 @@ TEST_F(HttpEdge, SlowBodyIsCutOff) {
 // the queued connections as soon as others close.
 TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
   TempDir dir;
-  FakePsp psp({.db_path = dir.File("psp.db")});
-  FakeMail mail({.db_path = dir.File("mail.db")});
+  converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});
+  converge::harness::FakeMail mail({.db_path = dir.File("mail.db")});
   ASSERT_TRUE(psp.Start().ok());
   ASSERT_TRUE(mail.Start().ok());
   constexpr int kCap = 8;
-  ServeProcess serve({.config_path = WriteConfig(dir, "cap",
+  ServeProcess serve({.binary = CONVERGE_BIN_PATH,
+                      .config_path = WriteConfig(dir, "cap",
                                                  {.max_connections = kCap,
                                                   .header_timeout_ms = 60000,
                                                   .body_timeout_ms = 60000,
@@ -485,7 +488,7 @@ TEST(HttpEdgeConnections, AtTheCapAcceptPausesAndOpenConnectionsStillWork) {
                                                   .mail_port = mail.port()}),
                       .dir = dir.path(),
                       .name = "cap"});
-  ASSERT_TRUE(serve.Start()) << "see " << serve.log_path();
+  ASSERT_TRUE(serve.Start().ok()) << "see " << serve.log_path();
   // Warm up the paths that open descriptors of their own (store readers, outbound HTTP).
   {
     RawConnection warm(serve.port());
@@ -543,13 +546,14 @@ TEST(HttpEdgeConnections, OutOfDescriptorsBacksOffAndRecovers) {
   TempDir dir;
   constexpr uint64_t kFdLimit = 128;
   ServeProcess serve(
-      {.config_path = WriteConfig(
+      {.binary = CONVERGE_BIN_PATH,
+       .config_path = WriteConfig(
            dir, "emfile",
            {.max_connections = 100000, .header_timeout_ms = 60000, .body_timeout_ms = 60000}),
        .dir = dir.path(),
        .name = "emfile",
        .nofile = std::make_pair(kFdLimit, kFdLimit)});
-  ASSERT_TRUE(serve.Start()) << "see " << serve.log_path();
+  ASSERT_TRUE(serve.Start().ok()) << "see " << serve.log_path();
   std::vector<std::unique_ptr<RawConnection>> conns;
   for (uint64_t i = 0; i < kFdLimit + 64; ++i) {
     conns.push_back(std::make_unique<RawConnection>(serve.port()));

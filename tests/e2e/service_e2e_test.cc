@@ -11,7 +11,7 @@
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
 #include "examples/payments/service.h"
 #include "tests/e2e/support.h"
 #include "tests/unit/test_util.h"
@@ -33,8 +33,8 @@ class ServiceE2E : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new converge::testing::TempDir();
     secret_ = new std::string(converge::webhook::NewSecret());
-    psp_ = new FakePsp({.db_path = dir_->File("psp.db")});
-    mail_ = new FakeMail({.db_path = dir_->File("mail.db")});
+    psp_ = new converge::harness::FakePsp({.db_path = dir_->File("psp.db")});
+    mail_ = new converge::harness::FakeMail({.db_path = dir_->File("mail.db")});
     ASSERT_TRUE(psp_->Start().ok());
     ASSERT_TRUE(mail_->Start().ok());
     ServiceConfig c;
@@ -122,8 +122,8 @@ class ServiceE2E : public ::testing::Test {
 
   static converge::testing::TempDir* dir_;
   static std::string* secret_;
-  static FakePsp* psp_;
-  static FakeMail* mail_;
+  static converge::harness::FakePsp* psp_;
+  static converge::harness::FakeMail* mail_;
   static Service* service_;
   static converge::Database* db_;
   Client client_;
@@ -131,8 +131,8 @@ class ServiceE2E : public ::testing::Test {
 
 converge::testing::TempDir* ServiceE2E::dir_ = nullptr;
 std::string* ServiceE2E::secret_ = nullptr;
-FakePsp* ServiceE2E::psp_ = nullptr;
-FakeMail* ServiceE2E::mail_ = nullptr;
+converge::harness::FakePsp* ServiceE2E::psp_ = nullptr;
+converge::harness::FakeMail* ServiceE2E::mail_ = nullptr;
 Service* ServiceE2E::service_ = nullptr;
 converge::Database* ServiceE2E::db_ = nullptr;
 

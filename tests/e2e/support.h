@@ -1,7 +1,6 @@
-// Shared by the e2e suites: the table snapshot that proves a request wrote nothing, a
-// `converge serve` child process whose resources (RSS, CPU time, descriptors) can be read
-// from /proc, and a raw-socket HTTP/1.1 connection that sends exactly the bytes a test
-// gives it.
+// Shared by the e2e suites: the table snapshot that proves a request wrote nothing, and a
+// raw-socket HTTP/1.1 connection that sends exactly the bytes a test gives it. The
+// `converge serve` child process is harness/serve_process.h.
 //
 // Thread safety: none; each object belongs to one test thread.
 #ifndef CONVERGE_TESTS_E2E_SUPPORT_H_
@@ -23,44 +22,6 @@ namespace converge::testing {
 // Row counts of every table a payments-service request could write to, as one comparable
 // snapshot (-1 for a table that cannot be read).
 std::vector<int64_t> PaymentsFootprint(Database& db);
-
-// One `converge serve` child process on 127.0.0.1, port 0. Under AddressSanitizer the child
-// runs with a small quarantine, so that its RSS shows what the program holds rather than
-// freed memory the sanitizer holds back (256 MB by default).
-class ServeProcess {
- public:
-  struct Options {
-    std::string config_path;  // the TOML file to serve with
-    std::string dir;          // for the port file and the log
-    std::string name = "serve";
-    // When set, RLIMIT_NOFILE (soft, hard) of the child before it execs.
-    std::optional<std::pair<uint64_t, uint64_t>> nofile;
-  };
-  explicit ServeProcess(Options options);
-  ~ServeProcess();  // Stop()s
-  ServeProcess(const ServeProcess&) = delete;
-  ServeProcess& operator=(const ServeProcess&) = delete;
-
-  // Starts the child and waits (bounded) for its port file. False if it did not come up.
-  bool Start();
-  // SIGTERM, then SIGKILL when it has not exited within `grace`.
-  void Stop(std::chrono::milliseconds grace = std::chrono::seconds(10));
-
-  pid_t pid() const { return pid_; }
-  uint16_t port() const { return port_; }
-  std::string log_path() const { return options_.dir + "/" + options_.name + ".log"; }
-  // From /proc/<pid>: resident set (bytes), user+system CPU time (seconds), descriptors
-  // open, and the "Max open files" soft and hard limits. -1 when unreadable.
-  int64_t RssBytes() const;
-  double CpuSeconds() const;
-  int64_t OpenFds() const;
-  std::pair<int64_t, int64_t> FdLimits() const;
-
- private:
-  Options options_;
-  pid_t pid_ = -1;
-  uint16_t port_ = 0;
-};
 
 // A response as read off the wire.
 struct RawResponse {

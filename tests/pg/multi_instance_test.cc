@@ -21,7 +21,8 @@
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
+#include "harness/serve_process.h"
 #include "tests/unit/test_util.h"
 
 namespace payments {
@@ -32,48 +33,7 @@ using converge::http::Response;
 using json = nlohmann::json;
 using Steady = std::chrono::steady_clock;
 
-// One `converge serve` child process.
-class Instance {
- public:
-  Instance(std::string config, std::string dir, std::string name)
-      : config_(std::move(config)), dir_(std::move(dir)), name_(std::move(name)) {}
-  ~Instance() { Kill(SIGKILL); }
-
-  bool Start() {
-    const std::string port_file = dir_ + "/" + name_ + ".port";
-    unlink(port_file.c_str());
-    const char* bin = std::getenv("CONVERGE_BIN");
-    if (bin == nullptr) bin = CONVERGE_BIN_PATH;
-    std::string log = dir_ + "/" + name_ + ".log";
-    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(fd, 1);
-      dup2(fd, 2);
-      execl(bin, "converge", "serve", "--config", config_.c_str(), "--listen", "127.0.0.1:0",
-            "--port-file", port_file.c_str(), "--log-level", "warn", nullptr);
-      _exit(127);
-    }
-    close(fd);
-    return converge::testing::WaitUntil([&] {
-      std::ifstream f(port_file);
-      return static_cast<bool>(f >> port_);
-    });
-  }
-  void Kill(int sig) {
-    if (pid_ <= 0) return;
-    kill(pid_, sig);
-    waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  bool alive() const { return pid_ > 0; }
-  std::string Url(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(port_) + p; }
-
- private:
-  std::string config_, dir_, name_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
+using converge::harness::ServeProcess;
 
 class MultiInstance : public ::testing::Test {
  protected:
@@ -85,8 +45,8 @@ class MultiInstance : public ::testing::Test {
     Admin("CREATE DATABASE " + name_);
     uri_ = admin_.substr(0, admin_.rfind('/') + 1) + name_;
     secret_ = converge::webhook::NewSecret();
-    psp_ = std::make_unique<FakePsp>(ProviderOptions{.db_path = dir_.File("psp.db")});
-    mail_ = std::make_unique<FakeMail>(ProviderOptions{.db_path = dir_.File("mail.db")});
+    psp_ = std::make_unique<converge::harness::FakePsp>(converge::harness::ProviderOptions{.db_path = dir_.File("psp.db")});
+    mail_ = std::make_unique<converge::harness::FakeMail>(converge::harness::ProviderOptions{.db_path = dir_.File("mail.db")});
     ASSERT_TRUE(psp_->Start().ok());
     ASSERT_TRUE(mail_->Start().ok());
     config_ = dir_.File("svc.toml");
@@ -111,9 +71,14 @@ class MultiInstance : public ::testing::Test {
     PQclear(r);
     PQfinish(c);
   }
-  Instance& AddInstance() {
-    instances_.push_back(std::make_unique<Instance>(config_, dir_.path(), "svc" + std::to_string(instances_.size())));
-    EXPECT_TRUE(instances_.back()->Start());
+  ServeProcess& AddInstance() {
+    instances_.push_back(std::make_unique<ServeProcess>(
+        ServeProcess::Options{.binary = CONVERGE_BIN_PATH,
+                              .config_path = config_,
+                              .dir = dir_.path(),
+                              .name = "svc" + std::to_string(instances_.size())}));
+    converge::Status started = instances_.back()->Start();
+    EXPECT_TRUE(started.ok()) << started.ToString();
     return *instances_.back();
   }
   // Sends until a final answer, moving to a live instance when one does not answer.
@@ -122,12 +87,12 @@ class MultiInstance : public ::testing::Test {
                             {"order_id", "o-" + std::to_string(k)}}.dump();
     thread_local std::mt19937 rng(std::random_device{}());
     for (int attempt = 0; attempt < 400; ++attempt) {
-      std::vector<Instance*> live;
+      std::vector<ServeProcess*> live;
       for (auto& i : instances_) {
         if (i->alive()) live.push_back(i.get());
       }
       if (live.empty()) return -1;
-      Instance* target = live[rng() % live.size()];
+      ServeProcess* target = live[rng() % live.size()];
       auto r = client_.Send({.method = "POST", .url = target->Url("/v1/payments"),
                              .headers = {{"Authorization", "Bearer sk_mi"},
                                          {"Idempotency-Key", "mi-" + std::to_string(k)}},
@@ -190,14 +155,14 @@ class MultiInstance : public ::testing::Test {
 
   converge::testing::TempDir dir_;
   std::string admin_, name_, uri_, secret_, config_;
-  std::unique_ptr<FakePsp> psp_;
-  std::unique_ptr<FakeMail> mail_;
-  std::vector<std::unique_ptr<Instance>> instances_;
+  std::unique_ptr<converge::harness::FakePsp> psp_;
+  std::unique_ptr<converge::harness::FakeMail> mail_;
+  std::vector<std::unique_ptr<ServeProcess>> instances_;
   Client client_;
 };
 
 TEST_F(MultiInstance, TwoServicesShareTheWorkAndOneSurvivesTheOthersKill) {
-  Instance& a = AddInstance();
+  ServeProcess& a = AddInstance();
   AddInstance();
   Subscribe("audit");
   constexpr int kKeys = 300;
@@ -229,7 +194,7 @@ TEST_F(MultiInstance, DatabaseRestartMidLoadIsReportedThenRecovered) {
   const char* pg_bin = std::getenv("CONVERGE_TEST_PG_BIN");
   const char* pg_data = std::getenv("CONVERGE_TEST_PG_DATA");
   if (pg_bin == nullptr || pg_data == nullptr) GTEST_SKIP() << "needs CONVERGE_TEST_PG_BIN/DATA";
-  Instance& svc = AddInstance();
+  ServeProcess& svc = AddInstance();
   Subscribe("audit");
   constexpr int kKeys = 150;
   std::atomic<int> next{0};

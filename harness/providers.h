@@ -16,15 +16,15 @@
 //   fake mail: POST /v1/messages (Idempotency-Key)      201 | replay | 503
 //              GET  /v1/messages?key=K                   {"count": n}
 //              GET  /v1/stats, POST /faults {"fail_next": n, "transient_rate": p}
-#ifndef CONVERGE_EXAMPLES_PAYMENTS_PROVIDERS_H_
-#define CONVERGE_EXAMPLES_PAYMENTS_PROVIDERS_H_
+#ifndef CONVERGE_HARNESS_PROVIDERS_H_
+#define CONVERGE_HARNESS_PROVIDERS_H_
 
 #include <memory>
 #include <string>
 
 #include "converge/status.h"
 
-namespace payments {
+namespace converge::harness {
 
 struct ProviderOptions {
   std::string db_path;  // its own SQLite file
@@ -60,6 +60,6 @@ class FakeMail {
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace payments
+}  // namespace converge::harness
 
-#endif  // CONVERGE_EXAMPLES_PAYMENTS_PROVIDERS_H_
+#endif  // CONVERGE_HARNESS_PROVIDERS_H_

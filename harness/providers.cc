@@ -1,6 +1,7 @@
-#include "examples/payments/providers.h"
+#include "harness/providers.h"
 
 #include <atomic>
+#include <cstdio>
 #include <charconv>
 #include <mutex>
 #include <random>
@@ -11,10 +12,17 @@
 #include "converge/database.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
-#include "examples/payments/ids.h"
 
-namespace payments {
+namespace converge::harness {
 namespace {
+
+// "<prefix><16 random hex digits>", e.g. "ch_3f9c0a1b2c3d4e5f".
+std::string RandomId(const char* prefix) {
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%s%016llx", prefix, static_cast<unsigned long long>(rng()));
+  return buf;
+}
 
 using converge::Database;
 using converge::Rows;
@@ -442,4 +450,4 @@ Status FakeMail::Start() { return impl_->Start(); }
 uint16_t FakeMail::port() const { return impl_->port(); }
 void FakeMail::Stop() { impl_->Stop(); }
 
-}  // namespace payments
+}  // namespace converge::harness

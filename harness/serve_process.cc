@@ -1,0 +1,190 @@
+#include "harness/serve_process.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace converge::harness {
+namespace {
+using Steady = std::chrono::steady_clock;
+}  // namespace
+
+ServeProcess::ServeProcess(Options options) : options_(std::move(options)) {}
+ServeProcess::~ServeProcess() { Stop(); }
+
+Status ServeProcess::Start(const std::string& failpoints) {
+  std::string bin = options_.binary;
+  if (bin.empty()) {
+    const char* env = std::getenv("CONVERGE_BIN");
+    if (env == nullptr) return InvalidArgumentError("ServeProcess: no binary and no $CONVERGE_BIN");
+    bin = env;
+  }
+  const std::string port_file = options_.dir + "/" + options_.name + ".port";
+  unlink(port_file.c_str());
+  const std::string log = log_path();
+  // The child's environment, built before fork (setenv is not safe with threads running).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view v(*e);
+    if (v.rfind("ASAN_OPTIONS=", 0) != 0 && v.rfind("CONVERGE_FAILPOINTS=", 0) != 0) {
+      env_strings.emplace_back(v);
+    }
+  }
+  if (!failpoints.empty()) env_strings.push_back("CONVERGE_FAILPOINTS=" + failpoints);
+#if defined(__SANITIZE_ADDRESS__)
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  env_strings.push_back(std::string("ASAN_OPTIONS=") + (asan ? std::string(asan) + ":" : "") +
+                        "quarantine_size_mb=4");
+#else
+  if (const char* asan = std::getenv("ASAN_OPTIONS")) {
+    env_strings.push_back(std::string("ASAN_OPTIONS=") + asan);
+  }
+#endif
+  std::vector<char*> envp;
+  for (std::string& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const char* argv[] = {"converge",
+                        "serve",
+                        "--config",
+                        options_.config_path.c_str(),
+                        "--listen",
+                        options_.listen.c_str(),
+                        "--port-file",
+                        port_file.c_str(),
+                        "--log-level",
+                        options_.log_level.c_str(),
+                        nullptr};
+  const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd < 0) return UnavailableError("cannot open " + log);
+  pid_ = fork();
+  if (pid_ == 0) {
+    // Only async-signal-safe calls between fork and exec: the parent has threads.
+    if (options_.nofile) {
+      rlimit rl{options_.nofile->first, options_.nofile->second};
+      if (setrlimit(RLIMIT_NOFILE, &rl) != 0) _exit(126);
+    }
+    dup2(fd, 1);
+    dup2(fd, 2);
+    execve(bin.c_str(), const_cast<char* const*>(argv), envp.data());
+    _exit(127);
+  }
+  close(fd);
+  if (pid_ < 0) return UnavailableError("fork failed");
+  const auto deadline = Steady::now() + std::chrono::seconds(30);
+  while (Steady::now() < deadline) {
+    std::ifstream f(port_file);
+    int port = 0;
+    if (f >> port) {
+      port_ = static_cast<uint16_t>(port);
+      return OkStatus();
+    }
+    if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+      pid_ = -1;
+      return UnavailableError("converge serve exited at start; see " + log);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  Kill(SIGKILL);
+  return UnavailableError("converge serve did not come up within 30 s; see " + log);
+}
+
+void ServeProcess::Kill(int signal) {
+  if (pid_ <= 0) return;
+  kill(pid_, signal);
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+bool ServeProcess::KilledWithin(std::chrono::milliseconds wait) {
+  const auto deadline = Steady::now() + wait;
+  while (pid_ > 0 && Steady::now() < deadline) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+std::string ServeProcess::Url(const std::string& path) const {
+  return "http://127.0.0.1:" + std::to_string(port_) + path;
+}
+
+void ServeProcess::Stop(std::chrono::milliseconds grace) {
+  if (pid_ <= 0) return;
+  kill(pid_, SIGTERM);
+  const auto deadline = Steady::now() + grace;
+  while (waitpid(pid_, nullptr, WNOHANG) == 0) {
+    if (Steady::now() > deadline) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  pid_ = -1;
+}
+
+int64_t ServeProcess::RssBytes() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
+  }
+  return -1;
+}
+
+double ServeProcess::CpuSeconds() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::istringstream rest(stat.substr(paren + 2));
+  std::vector<std::string> fields;
+  for (std::string s; rest >> s;) fields.push_back(s);
+  if (fields.size() < 13) return -1;
+  // After the command: state(0) ... utime(11) stime(12), in clock ticks.
+  return static_cast<double>(std::atoll(fields[11].c_str()) + std::atoll(fields[12].c_str())) /
+         static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+int64_t ServeProcess::OpenFds() const {
+  DIR* d = opendir(("/proc/" + std::to_string(pid_) + "/fd").c_str());
+  if (d == nullptr) return -1;
+  int64_t n = 0;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  closedir(d);
+  return n;
+}
+
+std::pair<int64_t, int64_t> ServeProcess::FdLimits() const {
+  std::ifstream f("/proc/" + std::to_string(pid_) + "/limits");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("Max open files", 0) == 0) {
+      std::istringstream in(line.substr(std::string("Max open files").size()));
+      int64_t soft = -1, hard = -1;
+      in >> soft >> hard;
+      return {soft, hard};
+    }
+  }
+  return {-1, -1};
+}
+
+}  // namespace converge::harness

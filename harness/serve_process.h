@@ -1,0 +1,70 @@
+// ServeProcess: one `converge serve` child process, as the demo, the e2e and PostgreSQL
+// tests (and the chaos campaign) run it: really a process, so a failpoint can SIGKILL it
+// and a test can read its memory, CPU time and descriptors from /proc.
+//
+// Thread safety: none; a ServeProcess belongs to one thread.
+#ifndef CONVERGE_HARNESS_SERVE_PROCESS_H_
+#define CONVERGE_HARNESS_SERVE_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "converge/status.h"
+
+namespace converge::harness {
+
+class ServeProcess {
+ public:
+  struct Options {
+    std::string binary;       // the converge executable; empty: $CONVERGE_BIN
+    std::string config_path;  // the TOML file to serve with
+    std::string dir;          // for the port file and the log
+    std::string name = "serve";
+    std::string listen = "127.0.0.1:0";  // a fixed port when others must know it first
+    std::string log_level = "warn";
+    // When set, RLIMIT_NOFILE (soft, hard) of the child before it execs.
+    std::optional<std::pair<uint64_t, uint64_t>> nofile;
+  };
+  explicit ServeProcess(Options options);
+  ~ServeProcess();  // Stop()s
+  ServeProcess(const ServeProcess&) = delete;
+  ServeProcess& operator=(const ServeProcess&) = delete;
+
+  // Starts the child with CONVERGE_FAILPOINTS=`failpoints` (none when empty; an inherited
+  // spec is dropped) and waits, bounded, until it listens (its port file). Under
+  // AddressSanitizer the child runs with a small quarantine, so its RSS shows what the
+  // program holds. kUnavailable naming the log when it exited or did not come up.
+  Status Start(const std::string& failpoints = "");
+  // SIGTERM, then SIGKILL when it has not exited within `grace`.
+  void Stop(std::chrono::milliseconds grace = std::chrono::seconds(10));
+  // Sends `signal` and reaps the child.
+  void Kill(int signal);
+  // Waits up to `wait` for the child to die; true if a SIGKILL (a crash failpoint) did it.
+  bool KilledWithin(std::chrono::milliseconds wait);
+
+  bool alive() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+  uint16_t port() const { return port_; }
+  std::string Url(const std::string& path) const;
+  std::string log_path() const { return options_.dir + "/" + options_.name + ".log"; }
+  // From /proc/<pid>: resident set (bytes), user+system CPU time (seconds), descriptors
+  // open, and the "Max open files" soft and hard limits. -1 when unreadable.
+  int64_t RssBytes() const;
+  double CpuSeconds() const;
+  int64_t OpenFds() const;
+  std::pair<int64_t, int64_t> FdLimits() const;
+
+ private:
+  Options options_;
+  pid_t pid_ = -1;
+  uint16_t port_ = 0;
+};
+
+}  // namespace converge::harness
+
+#endif  // CONVERGE_HARNESS_SERVE_PROCESS_H_
