@@ -1,0 +1,137 @@
+#include "examples/orders-lite/orders.h"
+
+#include <nlohmann/json.hpp>
+
+#include "converge/http.h"
+#include "converge/http_idempotency.h"
+#include "converge/runtime.h"
+#include "converge/sql_queue.h"
+
+namespace orders_lite {
+
+using converge::Result;
+using converge::Status;
+using converge::Tx;
+using converge::http::Json;
+using converge::http::Problem;
+using converge::http::Request;
+using converge::http::Response;
+using json = nlohmann::json;
+
+struct OrdersService::Impl {
+  Options options;
+  std::unique_ptr<converge::Database> db;
+  std::unique_ptr<converge::SqlQueue> queue;
+  std::unique_ptr<converge::Subscriber> stock_feed;
+  std::unique_ptr<converge::Runtime> runtime;
+  std::unique_ptr<converge::http::ApiKeyIndex> keys;
+  std::unique_ptr<converge::http::Server> server;
+
+  // POST /v1/orders {"sku": "...", "quantity": n}, inside the key's transaction.
+  Result<Response> PlaceOrder(Tx& tx, Request& req) {
+    json body = json::parse(req.body);  // validated before the key was claimed
+    const std::string customer = *keys->Find(*converge::http::BearerToken(req));
+    CONVERGE_ASSIGN_OR_RETURN(
+        converge::Rows rows,
+        tx.Query("INSERT INTO orders (customer, sku, quantity) VALUES ($1, $2, $3) "
+                 "RETURNING id",
+                 customer, body["sku"].get<std::string>(), body["quantity"].get<int64_t>()));
+    json order = {{"id", rows[0].Int(0)}, {"sku", body["sku"]}, {"quantity", body["quantity"]}};
+    converge::Event e;
+    e.type = "order.placed";
+    e.subject = "order-" + std::to_string(rows[0].Int(0));
+    e.data = order.dump();
+    CONVERGE_RETURN_IF_ERROR(runtime->outbox().Enqueue(tx, e));
+    return Json(201, order.dump());
+  }
+
+  // The stock consumer: reserves the quantity, in the same transaction as its inbox row.
+  static Status Reserve(Tx& tx, const converge::Event& e) {
+    json order = json::parse(e.data, nullptr, false);
+    if (!order.is_object() || !order["sku"].is_string() || !order["quantity"].is_number_integer()) {
+      return converge::InvalidArgumentError("order.placed " + e.id + " has malformed data");
+    }
+    return converge::StatusOf(
+        tx.Exec("INSERT INTO stock_reservations (sku, reserved) VALUES ($1, $2) "
+                "ON CONFLICT (sku) DO UPDATE SET reserved = stock_reservations.reserved + $2",
+                order["sku"].get<std::string>(), order["quantity"].get<int64_t>()));
+  }
+};
+
+OrdersService::OrdersService(Options options) : impl_(std::make_unique<Impl>()) {
+  impl_->options = std::move(options);
+}
+OrdersService::~OrdersService() { Stop(); }
+uint16_t OrdersService::port() const { return impl_->server ? impl_->server->port() : 0; }
+
+Status OrdersService::Start() {
+  Impl& m = *impl_;
+  auto db = converge::Database::Open(m.options.db);
+  if (!db) return db.error();
+  m.db = std::move(*db);
+  CONVERGE_RETURN_IF_ERROR(m.db->Transact([](Tx& tx) -> Status {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL, "
+        "sku TEXT NOT NULL, quantity INTEGER NOT NULL)"));
+    return converge::StatusOf(tx.Exec(
+        "CREATE TABLE IF NOT EXISTS stock_reservations (sku TEXT PRIMARY KEY, "
+        "reserved INTEGER NOT NULL)"));
+  }));
+  m.queue = std::make_unique<converge::SqlQueue>(*m.db);
+  CONVERGE_RETURN_IF_ERROR(m.queue->Subscribe("stock", "order.placed"));
+  m.stock_feed = m.queue->OpenSubscriber("stock");
+  m.runtime = std::make_unique<converge::Runtime>(
+      *m.db, converge::RuntimeOptions{.outbox = {.source = "urn:converge:orders-lite"}});
+  m.runtime->AddRelay(*m.queue);
+  m.runtime->AddConsumer(*m.stock_feed, {.name = "stock"}).On("order.placed", &Impl::Reserve);
+  CONVERGE_RETURN_IF_ERROR(m.runtime->Start());
+
+  m.keys = std::make_unique<converge::http::ApiKeyIndex>(m.options.api_keys);
+  m.server = std::make_unique<converge::http::Server>(
+      converge::http::ServerOptions{.address = m.options.address, .port = m.options.port});
+  converge::http::IdempotencyRouteOptions route;
+  route.scope = [&m](const Request& req) -> std::optional<std::string> {
+    auto token = converge::http::BearerToken(req);
+    const std::string* customer = token ? m.keys->Find(*token) : nullptr;
+    return customer ? std::optional<std::string>(*customer) : std::nullopt;
+  };
+  route.validate = [](Request& req) -> std::optional<Response> {
+    json b = json::parse(req.body, nullptr, false);
+    if (!b.is_object() || !b["sku"].is_string() || b["sku"].get<std::string>().empty() ||
+        !b["quantity"].is_number_integer() || b["quantity"].get<int64_t>() < 1) {
+      return Problem(400, "Bad Request", "expected {\"sku\": string, \"quantity\": n >= 1}",
+                     "invalid-request");
+    }
+    return std::nullopt;
+  };
+  m.server->Route("POST", "/v1/orders",
+                  converge::http::SinglePhaseRoute(
+                      m.runtime->keys(), std::move(route),
+                      [&m](Tx& tx, Request& req) { return m.PlaceOrder(tx, req); }));
+  m.server->Route("GET", "/v1/orders/{id}", [&m](Request& req) -> Response {
+    auto token = converge::http::BearerToken(req);
+    const std::string* customer = token ? m.keys->Find(*token) : nullptr;
+    if (customer == nullptr) return Problem(401, "Unauthorized", "an API key is required");
+    json found;
+    Status st = m.db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(
+          converge::Rows rows, tx.Query("SELECT id, sku, quantity FROM orders WHERE id = $1 "
+                                        "AND customer = $2",
+                                        req.params["id"], *customer));
+      if (!rows.empty()) {
+        found = {{"id", rows[0].Int(0)}, {"sku", rows[0].Text(1)}, {"quantity", rows[0].Int(2)}};
+      }
+      return converge::OkStatus();
+    });
+    if (!st.ok()) return converge::http::StoreProblem(st);
+    return found.is_null() ? Problem(404, "Not Found", "no such order") : Json(200, found.dump());
+  });
+  return m.server->Start();
+}
+
+void OrdersService::Stop() {
+  if (impl_->server) impl_->server->Stop();
+  if (impl_->runtime) impl_->runtime->Stop();
+}
+
+}  // namespace orders_lite

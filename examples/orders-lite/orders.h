@@ -1,0 +1,43 @@
+// orders-lite: a minimal service on converge's reusable machinery, proof that a service
+// keeps only its domain. One idempotent single-phase route (POST /v1/orders: an order row
+// and its `order.placed` event, stored with the Idempotency-Key in one transaction), one
+// read route, and one consumer (`stock` reserves the ordered quantity, once per event).
+// The Idempotency-Key protocol comes from the middleware (http_idempotency.h); the relay,
+// the consumer, the completer and the sweeper from a Runtime (runtime.h).
+//
+// Thread safety: Start/Stop from one owner thread; handlers run on the server's workers.
+#ifndef CONVERGE_EXAMPLES_ORDERS_LITE_ORDERS_H_
+#define CONVERGE_EXAMPLES_ORDERS_LITE_ORDERS_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "converge/status.h"
+
+namespace orders_lite {
+
+struct Options {
+  std::string db = "sqlite:orders.db";
+  std::string address = "127.0.0.1";
+  uint16_t port = 0;  // 0: any free port
+  std::map<std::string, std::string> api_keys;  // bearer key -> customer (the key scope)
+};
+
+class OrdersService {
+ public:
+  explicit OrdersService(Options options);
+  ~OrdersService();
+  converge::Status Start();
+  uint16_t port() const;
+  void Stop();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace orders_lite
+
+#endif  // CONVERGE_EXAMPLES_ORDERS_LITE_ORDERS_H_
