@@ -53,7 +53,8 @@ Result<size_t> Completer::RunOnce() {
   size_t taken = 0;
   for (const Candidate& c : candidates) {
     // Failpoint: between the read and the takeover, a retry or another completer may win.
-    if (Status fp = failpoint::Hit("completer.before_takeover"); !fp.ok()) return tl::unexpected(fp);
+    Status fp = failpoint::Hit("completer.before_takeover");
+    if (!fp.ok()) return tl::unexpected(fp);
     std::optional<KeyLease> lease;
     Status st = db_.Transact([&](Tx& tx) -> Status {
       const int64_t now = clock_->NowMillis();

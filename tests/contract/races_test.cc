@@ -174,7 +174,8 @@ TYPED_TEST(Races, TakeoverNeverResumesFromAStaleRecoveryPoint) {
     a_done = true;
   });
   // A commits (PostgreSQL) or queues behind B's transaction (SQLite's one writer).
-  EXPECT_TRUE(testing::WaitUntil([&] { return a_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] { return a_done.load() || this->store_.SomeoneWaits(*this->db_); }));
   failpoint::Release("idempotency.before_takeover");
   ta.join();
   tb.join();

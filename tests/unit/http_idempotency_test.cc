@@ -77,14 +77,15 @@ class IdempotencyRouteTest : public ::testing::Test {
 };
 
 TEST_F(IdempotencyRouteTest, SinglePhaseStoresReplaysAndRejectsAnotherBody) {
-  Server::Handler h = SinglePhaseRoute(*keys_, Options(), [&](Tx& tx, Request& r) -> Result<Response> {
+  auto place = [&](Tx& tx, Request& r) -> Result<Response> {
     ++runs_;
     CONVERGE_RETURN_IF_ERROR(
         tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", *r.Header("X-Tenant") + ":" + r.body));
     Response out = Json(201, "{\"id\":\"" + r.body + "\"}");
     out.Set("Location", "/v1/things/" + r.body);
     return out;
-  });
+  };
+  Server::Handler h = SinglePhaseRoute(*keys_, Options(), place);
   Headers acme = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}};
   Request first = Post("t1", acme);
   Response a = h(first);
