@@ -227,5 +227,23 @@ TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
   EXPECT_EQ(*queue.Depth("ledger"), 0);
 }
 
+// --- event.h, transport.h, tx_publisher.h -------------------------------------------------
+
+TEST(EventEnvelope, DecodingKeepsTheEncodedForm) {
+  Event e = MakeEvent("agg-1", "payment.captured", R"({"amount":5})");
+  e.id = "e1";
+  e.source = "urn:test";
+  e.aggregate_type = "payment";
+  e.time = 1'700'000'000'000;
+  const std::string encoded = EncodeEnvelope(e);
+  auto decoded = DecodeEnvelope(encoded);
+  ASSERT_TRUE(decoded) << decoded.error().ToString();
+  EXPECT_EQ(decoded->envelope, encoded);
+  EXPECT_EQ(decoded->identity().source, "urn:test");
+  EXPECT_EQ(decoded->identity().id, "e1");
+  e.envelope = "ignored by the encoder";
+  EXPECT_EQ(EncodeEnvelope(e), encoded);
+}
+
 }  // namespace
 }  // namespace converge
