@@ -20,6 +20,7 @@
 #include "converge/failpoint.h"
 #include "converge/http.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/metrics.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
@@ -715,11 +716,9 @@ Response Service::Impl::PspWebhook(Request& req) {
     // The inbox row keyed by the webhook id and the staged work commit together.
     const int64_t now = converge::Clock::System()->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t n, tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, "
-                           "processed_at, expires_at) VALUES ('webhook:psp', $1, $2, $3, $4) "
-                           "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-                           kPspSource, id, now, now + kWebhookDedupeMillis));
-    duplicate = n == 0;
+        converge::InboxClaim claim,
+        converge::Inbox().Claim(tx, "webhook:psp", {kPspSource, id}, Millis(kWebhookDedupeMillis)));
+    duplicate = claim == converge::InboxClaim::kDuplicate;
     if (duplicate) return converge::OkStatus();
     Event e;
     e.id = id;
@@ -990,8 +989,8 @@ Response Service::Impl::AdminStats(Request& req) {
         Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
     out["outbox"] = {{"backlog", ob[0].Int(0)},
                      {"oldest_unpublished_age_ms", ob[0].IsNull(1) ? 0 : now - ob[0].Int(1)}};
-    CONVERGE_ASSIGN_OR_RETURN(Rows inbox, tx.Query("SELECT consumer, count(*) FROM consumer_inbox GROUP BY consumer"));
-    for (const auto& r : inbox) out["inbox"][r.Text(0)] = r.Int(1);
+    CONVERGE_ASSIGN_OR_RETURN(auto inbox, converge::Inbox().CountByConsumer(tx));
+    for (const auto& [consumer, rows] : inbox) out["inbox"][consumer] = rows;
     CONVERGE_ASSIGN_OR_RETURN(Rows q, tx.Query("SELECT queue, count(*) FROM queue_messages GROUP BY queue"));
     out["queues"] = json::object();
     for (const auto& r : q) out["queues"][r.Text(0)] = r.Int(1);

@@ -4,8 +4,8 @@
 // nothing is silently dropped. See docs/design/consumer-inbox.md.
 //
 // Replay puts the message back on its queue (SQL queue) as a fresh delivery. It goes
-// through the consumer's inbox again, so a message that had in fact been applied is not
-// applied twice.
+// through the consumer's inbox again (inbox.h): replay lifts its dead-lettered mark, so a
+// message that had in fact been applied is absorbed, not applied twice.
 //
 // Invariant: a letter leaves `parked` once. Replay and Discard change its state with one
 // statement conditional on `parked` before they do anything else, so of two concurrent
@@ -25,6 +25,7 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/inbox.h"
 #include "converge/sql_queue.h"
 #include "converge/status.h"
 
@@ -87,6 +88,7 @@ class DeadLetters {
   std::unique_ptr<SqlQueue> own_queue_;
   SqlQueue* queue_;
   Clock* clock_;
+  const Inbox inbox_;
 };
 
 }  // namespace converge

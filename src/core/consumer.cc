@@ -1,6 +1,5 @@
 #include "converge/consumer.h"
 
-
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
 #include "src/core/backoff.h"
@@ -10,7 +9,8 @@ Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options
     : db_(db),
       subscriber_(subscriber),
       options_(std::move(options)),
-      clock_(clock ? clock : Clock::System()) {}
+      clock_(clock ? clock : Clock::System()),
+      inbox_(clock_) {}
 
 Consumer::~Consumer() { Stop(); }
 
@@ -68,13 +68,10 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
                       const Status& error, Decision* decision, const std::string& source,
                       const std::string& id) {
   CONVERGE_ASSIGN_OR_RETURN(
-      int64_t inserted,
-      tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
-              "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, 'dead_lettered') "
-              "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-              options_.name, source, id, now, now + options_.inbox_ttl.count()));
+      InboxClaim claim, inbox_.MarkDeadLettered(tx, options_.name, {source, id},
+                                                options_.inbox_ttl));
   decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
-  if (inserted == 0) {
+  if (claim == InboxClaim::kDuplicate) {
     decision->fate = Fate::kDuplicate;
     return OkStatus();
   }
@@ -117,12 +114,9 @@ Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now
 
   Status handled = tx.Savepoint([&](Tx& inner) -> Status {
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t inserted,
-        inner.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
-                   "expires_at) VALUES ($1, $2, $3, $4, $5) "
-                   "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-                   options_.name, *source, *id, now, now + options_.inbox_ttl.count()));
-    if (inserted == 0) {
+        InboxClaim claim,
+        inbox_.Claim(inner, options_.name, event->identity(), options_.inbox_ttl));
+    if (claim == InboxClaim::kDuplicate) {
       decision->fate = Fate::kDuplicate;
       return OkStatus();
     }

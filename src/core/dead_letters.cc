@@ -36,7 +36,7 @@ DeadLetter FromRow(const Row& r) {
 }  // namespace
 
 DeadLetters::DeadLetters(Database& db, SqlQueue* queue, Clock* clock)
-    : db_(db), clock_(clock ? clock : Clock::System()) {
+    : db_(db), clock_(clock ? clock : Clock::System()), inbox_(clock_) {
   if (queue == nullptr) own_queue_ = std::make_unique<SqlQueue>(db, clock_);
   queue_ = queue ? queue : own_queue_.get();
 }
@@ -131,10 +131,7 @@ Status DeadLetters::Transition(int64_t id, bool replay) {
     // The consumer settled the message in its inbox as dead-lettered; lift that so the
     // replay is processed. A row for a message that was in fact applied stays, and the
     // replay is absorbed as a duplicate.
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "DELETE FROM consumer_inbox WHERE consumer = $1 AND source = $2 AND event_id = $3 "
-        "AND outcome = 'dead_lettered'",
-        d.consumer, d.source, d.event_id));
+    CONVERGE_RETURN_IF_ERROR(inbox_.LiftDeadLettered(tx, d.consumer, {d.source, d.event_id}));
     return queue_->EnqueueInTx(tx, d.queue, m);
   });
 }

@@ -17,6 +17,7 @@
 #include "converge/effects.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
@@ -849,6 +850,104 @@ TYPED_TEST(StoreContract, ReadSeesOneSnapshotWhateverCommitsMeanwhile) {
   EXPECT_EQ(before, 0);
   EXPECT_EQ(after, 0) << "the Read saw a commit that happened after its snapshot";
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);  // a new Read sees it
+}
+
+// --- the inbox (inbox.h) ------------------------------------------------------------------
+
+// Claims tell a first settlement from a duplicate per (consumer, source, id), and a claim
+// rolls back with its savepoint (a handler that failed leaves no inbox row behind).
+TYPED_TEST(StoreContract, InboxClaimsEachEventOncePerConsumer) {
+  const Inbox inbox;
+  auto claim = [&](std::string_view consumer, EventIdentity event) {
+    return *TransactValue<InboxClaim>(*this->db_, [&](Tx& tx) {
+      return inbox.Claim(tx, consumer, event, std::chrono::hours(1));
+    });
+  };
+  EXPECT_EQ(claim("ledger", {"urn:a", "e1"}), InboxClaim::kFirst);
+  EXPECT_EQ(claim("ledger", {"urn:a", "e1"}), InboxClaim::kDuplicate);
+  EXPECT_EQ(claim("email", {"urn:a", "e1"}), InboxClaim::kFirst);   // per consumer
+  EXPECT_EQ(claim("ledger", {"urn:b", "e1"}), InboxClaim::kFirst);  // per source
+  Status inner;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   inner = tx.Savepoint([&](Tx& sp) -> Status {
+                     CONVERGE_RETURN_IF_ERROR(
+                         inbox.Claim(sp, "ledger", {"urn:a", "e2"}, std::chrono::hours(1)));
+                     return InvalidArgumentError("the handler failed");
+                   });
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(inner.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(claim("ledger", {"urn:a", "e2"}), InboxClaim::kFirst);
+  Status read = this->db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto by_consumer, inbox.CountByConsumer(tx));
+    EXPECT_EQ(by_consumer, (std::map<std::string, int64_t>{{"email", 1}, {"ledger", 3}}));
+    return OkStatus();
+  });
+  EXPECT_TRUE(read.ok()) << read.ToString();
+}
+
+// A dead-lettered mark absorbs a redelivery like an applied row does; a replay lifts the
+// mark, never an applied row (so a replay of an applied event stays a duplicate).
+TYPED_TEST(StoreContract, InboxLiftsOnlyADeadLetteredMark) {
+  const Inbox inbox;
+  const Millis ttl = std::chrono::hours(1);
+  const EventIdentity poison{"urn:a", "poison"}, applied{"urn:a", "applied"};
+  auto run = [&](const std::function<Result<InboxClaim>(Tx&)>& fn) {
+    return *TransactValue<InboxClaim>(*this->db_, fn);
+  };
+  auto lift = [&](EventIdentity e) {
+    return *TransactValue<bool>(*this->db_, [&](Tx& tx) {
+      return inbox.LiftDeadLettered(tx, "ledger", e);
+    });
+  };
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", poison, ttl); }),
+            InboxClaim::kFirst);
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", poison, ttl); }),
+            InboxClaim::kDuplicate);  // parked once
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", poison, ttl); }),
+            InboxClaim::kDuplicate);  // a redelivery is absorbed
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", applied, ttl); }),
+            InboxClaim::kFirst);
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", applied, ttl); }),
+            InboxClaim::kDuplicate);  // applied: nothing to park
+
+  EXPECT_FALSE(lift(applied));
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", applied, ttl); }),
+            InboxClaim::kDuplicate);
+  EXPECT_TRUE(lift(poison));
+  EXPECT_FALSE(lift(poison));
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", poison, ttl); }),
+            InboxClaim::kFirst);  // the replay is processed
+}
+
+// Sweep deletes rows whose ttl passed, at most `limit` per call, and nothing younger.
+TYPED_TEST(StoreContract, InboxSweepDeletesOnlyExpiredRowsInBoundedBatches) {
+  ManualClock clock(1'000'000);
+  const Inbox inbox(&clock);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   for (const char* id : {"a", "b", "c"}) {
+                     CONVERGE_RETURN_IF_ERROR(
+                         inbox.Claim(tx, "ledger", {"urn:a", id}, std::chrono::hours(1)));
+                   }
+                   return StatusOf(
+                       inbox.MarkDeadLettered(tx, "ledger", {"urn:a", "d"}, std::chrono::hours(3)));
+                 }).ok());
+  auto sweep = [&](int64_t limit) {
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return inbox.Sweep(tx, limit); });
+  };
+  EXPECT_EQ(sweep(10), 0);  // nothing expired yet
+  clock.Advance(std::chrono::hours(2));
+  EXPECT_EQ(sweep(2), 2);
+  EXPECT_EQ(sweep(2), 1);
+  EXPECT_EQ(sweep(2), 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id = 'd'"), 1);
+  EXPECT_EQ(*TransactValue<InboxClaim>(*this->db_, [&](Tx& tx) {
+              return inbox.Claim(tx, "ledger", {"urn:a", "a"}, std::chrono::hours(1));
+            }),
+            InboxClaim::kFirst);  // swept: the event would be applied again
+  EXPECT_EQ(
+      TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return inbox.Sweep(tx, 0); }).error().code(),
+      StatusCode::kInvalidArgument);
 }
 
 }  // namespace
