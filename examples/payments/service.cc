@@ -728,9 +728,8 @@ Response Service::Impl::PspWebhook(Request& req) {
     e.aggregate_type = "psp";
     e.time = now;
     e.data = j["data"].dump();
-    return queue_->EnqueueInTx(tx, "psp-webhooks",
-                               converge::Message{e.id, e.source, e.type, e.subject,
-                                                 converge::EncodeEnvelope(e)});
+    e.envelope = converge::EncodeEnvelope(e);
+    return queue_->EnqueueInTx(tx, "psp-webhooks", e);
   });
   if (!st.ok()) return StoreError(st);
   metrics_.Add("webhooks_received_total", {{"duplicate", duplicate ? "true" : "false"}});

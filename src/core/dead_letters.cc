@@ -3,7 +3,7 @@
 #include <optional>
 
 #include "converge/failpoint.h"
-#include "converge/outbox.h"
+#include "converge/event.h"
 
 namespace converge {
 namespace {
@@ -126,13 +126,20 @@ Status DeadLetters::Transition(int64_t id, bool replay) {
     }
     // The subject is inside the envelope; the queue row only needs it for routing
     // displays, so the dead letter's event id stands in when it is missing.
-    Message m{d.event_id, d.source, d.type, d.event_id, d.envelope};
-    if (auto e = DecodeEnvelope(d.envelope); e && !e->subject.empty()) m.subject = e->subject;
+    Event e;
+    e.id = d.event_id;
+    e.source = d.source;
+    e.type = d.type;
+    e.subject = d.event_id;
+    e.envelope = d.envelope;
+    if (auto decoded = DecodeEnvelope(d.envelope); decoded && !decoded->subject.empty()) {
+      e.subject = decoded->subject;
+    }
     // The consumer settled the message in its inbox as dead-lettered; lift that so the
     // replay is processed. A row for a message that was in fact applied stays, and the
     // replay is absorbed as a duplicate.
     CONVERGE_RETURN_IF_ERROR(inbox_.LiftDeadLettered(tx, d.consumer, {d.source, d.event_id}));
-    return queue_->EnqueueInTx(tx, d.queue, m);
+    return queue_->EnqueueInTx(tx, d.queue, e);
   });
 }
 

@@ -46,10 +46,9 @@ class Races : public StoreContract<Store> {
     e.source = "urn:test";
     e.time = 1;
     e.aggregate_type = "thing";
-    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
-                       return q.EnqueueInTx(tx, queue, Message{e.id, e.source, e.type, e.subject,
-                                                               EncodeEnvelope(e)});
-                     }).ok());
+    e.envelope = EncodeEnvelope(e);
+    ASSERT_TRUE(
+        this->db_->Transact([&](Tx& tx) { return q.EnqueueInTx(tx, queue, e); }).ok());
   }
   bool HasEffect(const std::string& id) {
     return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
@@ -455,7 +454,7 @@ TYPED_TEST(Races, ARestartedRelayFencesItsPreviousIncarnation) {
   // so only the old incarnation's mark can say who owns them.
   struct Down : PublisherWrapper {
     using PublisherWrapper::PublisherWrapper;
-    Status Publish(const Message&) override { return UnavailableError("broker down"); }
+    Status Publish(const Event&) override { return UnavailableError("broker down"); }
   };
   PublisherWrapper external_old(&queue);  // publish, then mark
   Down external_new(&queue);

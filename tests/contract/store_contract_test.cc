@@ -211,7 +211,8 @@ TYPED_TEST(StoreContract, ConsumerCrashAfterCommitBeforeAckIsAbsorbed) {
     e.source = "urn:test";
     e.time = 1;
     e.aggregate_type = "thing";
-    ASSERT_TRUE(q.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+    e.envelope = EncodeEnvelope(e);
+    ASSERT_TRUE(q.Publish(e).ok());
   }
   const std::string uri = this->store_.uri;
   this->db_.reset();
@@ -276,13 +277,13 @@ TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {
   class Flaky : public PublisherWrapper {
    public:
     using PublisherWrapper::PublisherWrapper;
-    Status Publish(const Message& m) override {
-      if (fail_.erase(m.id)) return UnavailableError("hiccup");
-      sent_.push_back(m);
-      return target_->Publish(m);
+    Status Publish(const Event& e) override {
+      if (fail_.erase(e.id)) return UnavailableError("hiccup");
+      sent_.push_back(e);
+      return target_->Publish(e);
     }
     std::set<std::string> fail_;
-    std::vector<Message> sent_;
+    std::vector<Event> sent_;
   };
   SqlQueue queue(*this->db_);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
@@ -316,8 +317,9 @@ TYPED_TEST(StoreContract, DeadLetterAndReplay) {
   e.source = "urn:test";
   e.time = 1;
   e.aggregate_type = "thing";
-  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
-  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+  e.envelope = EncodeEnvelope(e);
+  ASSERT_TRUE(queue.Publish(e).ok());
+  ASSERT_TRUE(queue.Publish(e).ok());
   auto sub = queue.OpenSubscriber("q");
   bool broken = true;
   Consumer c(*this->db_, *sub, {.name = "c"});
