@@ -189,6 +189,7 @@ class Service::Impl {
   std::vector<std::unique_ptr<converge::Consumer>> consumers_;
   std::vector<std::string> consumer_names_;
   std::unique_ptr<converge::EffectRunner> receipts_;
+  converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
   converge::http::Client client_;
@@ -282,7 +283,10 @@ Status Service::Impl::Start() {
   }
   relay_ = std::make_unique<converge::Relay>(*db_, outbox_, *queue_,
                                              converge::RelayOptions{.name = instance});
-  dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, queue_.get());
+  dead_letters_ = std::make_unique<converge::DeadLetters>(
+      *db_, std::vector<converge::ReplayRoute>{
+                {"", queue_.get()},
+                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}});
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
   eo.max_attempts = cfg_.effect_max_attempts;

@@ -10,8 +10,9 @@
 //
 // Besides a Publisher and Subscribers, the queue is a TxPublisher (tx_publisher.h): when
 // the outbox lives in the same database, the relay publishes and marks in one
-// transaction. A delivery's handle holds the row id and the claim token of its fetch;
-// only this queue reads it.
+// transaction. And it is a Requeuer (dead_letters.h): a replayed dead letter goes back on
+// its queue in the replay's transaction. A delivery's handle holds the row id and the
+// claim token of its fetch; only this queue reads it.
 //
 // Thread safety: SqlQueue and its subscribers are safe to use from many threads.
 #ifndef CONVERGE_SQL_QUEUE_H_
@@ -24,13 +25,14 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/dead_letters.h"
 #include "converge/event.h"
 #include "converge/transport.h"
 #include "converge/tx_publisher.h"
 
 namespace converge {
 
-class SqlQueue : public Publisher, public TxPublisher {
+class SqlQueue : public Publisher, public TxPublisher, public Requeuer {
  public:
   // `db` and `clock` must outlive the queue and its subscribers.
   explicit SqlQueue(Database& db, Clock* clock = nullptr);
@@ -52,8 +54,11 @@ class SqlQueue : public Publisher, public TxPublisher {
   Database* database() override { return &db_; }
   Status PublishInTx(Tx& tx, std::span<const Event> batch) override;
 
+  // Requeuer: the letter's envelope goes back on the letter's queue as a fresh delivery.
+  Status Requeue(Tx& tx, const DeadLetter& letter) override;
+
   // Writes one event straight into `queue` through `tx`, whatever the subscriptions say
-  // (dead-letter replay and a webhook intake do this). kInvalidArgument: no envelope.
+  // (a webhook intake stages its work this way). kInvalidArgument: no envelope.
   Status EnqueueInTx(Tx& tx, std::string_view queue, const Event& event);
 
   // A subscriber that fetches from `queue`.

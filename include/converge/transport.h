@@ -8,7 +8,8 @@
 // The interface is neutral: it knows no tables and no transactions. What a transport
 // needs to settle a delivery travels in an opaque DeliveryHandle only that transport
 // reads. A store-backed transport that can also publish inside the business transaction
-// offers that through the separate TxPublisher interface (tx_publisher.h).
+// offers that through the separate TxPublisher interface (tx_publisher.h), and one that
+// can put a dead letter back on its queue implements Requeuer (dead_letters.h).
 //
 // Backends: the SQL queue (sql_queue.h) in the same database as the outbox; NATS
 // JetStream later. Tests wrap either with PublisherWrapper / SubscriberWrapper to fail the

@@ -328,7 +328,7 @@ TYPED_TEST(StoreContract, DeadLetterAndReplay) {
     return TestFixture::Effect(tx, ev.id);
   });
   ASSERT_EQ(*c.RunOnce(), 2u);
-  DeadLetters dlq(*this->db_, &queue);
+  DeadLetters dlq(*this->db_, {{"", &queue}});
   auto list = dlq.List();
   ASSERT_TRUE(list);
   ASSERT_EQ(list->size(), 1u);  // parked once, the redelivery absorbed
@@ -656,7 +656,7 @@ TYPED_TEST(StoreRaces, EffectRunnerParksNothingForAnEffectAnotherRunnerCompleted
 // kFailedPrecondition / not_parked. Exactly one copy reaches the queue.
 TYPED_TEST(StoreRaces, DeadLetterTransitionsRacingForOneLetterHaveOneWinner) {
   SqlQueue queue(*this->db_);
-  DeadLetters dlq(*this->db_, &queue);
+  DeadLetters dlq(*this->db_, {{"", &queue}});
   auto park = [&](const std::string& event_id) {
     Event e = TestFixture::MakeEvent("p");
     e.id = event_id;
@@ -950,6 +950,74 @@ TYPED_TEST(StoreContract, InboxSweepDeletesOnlyExpiredRowsInBoundedBatches) {
   EXPECT_EQ(
       TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return inbox.Sweep(tx, 0); }).error().code(),
       StatusCode::kInvalidArgument);
+}
+
+// --- dead-letter replay routes (dead_letters.h) ----------------------------------------------
+
+// A Requeuer that records what it was handed and writes a row through the replay's own
+// transaction, or fails when told to.
+class RecordingRequeuer : public Requeuer {
+ public:
+  Status Requeue(Tx& tx, const DeadLetter& letter) override {
+    if (!fail_with.ok()) return fail_with;
+    std::lock_guard<std::mutex> l(mu_);
+    queues.push_back(letter.queue);
+    EXPECT_EQ(letter.state, "replayed");
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)",
+                            "requeued:" + std::to_string(letter.id)));
+  }
+  Status fail_with;
+  std::vector<std::string> queues;
+
+ private:
+  std::mutex mu_;
+};
+
+// Replay hands a letter to the route with the longest prefix of its queue, inside its own
+// transaction; without a route, or when the requeuer fails, the letter stays parked and
+// its consumer's inbox keeps the dead-lettered mark.
+TYPED_TEST(StoreContract, DeadLetterReplayFollowsTheLongestRouteOrStaysParked) {
+  const Inbox inbox;
+  auto park = [&](const std::string& queue, const std::string& event_id) {
+    DeadLetter d;
+    d.consumer = "c";
+    d.queue = queue;
+    d.event_id = event_id;
+    d.source = "urn:test";
+    d.type = "thing.done";
+    d.envelope = "{}";
+    d.error_class = "permanent";
+    d.error_code = "invalid_argument";
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) -> Result<int64_t> {
+      CONVERGE_RETURN_IF_ERROR(
+          inbox.MarkDeadLettered(tx, "c", {"urn:test", event_id}, std::chrono::hours(1)));
+      return DeadLetters::Park(tx, d);
+    });
+  };
+  const int64_t plain = park("ledger", "e1"), effect = park("effect:mail", "e2"),
+                orphan = park("ledger", "e3");
+  RecordingRequeuer everything, effects;
+  DeadLetters dlq(*this->db_, {{"", &everything}, {"effect:", &effects}});
+  ASSERT_TRUE(dlq.Replay(plain).ok());
+  ASSERT_TRUE(dlq.Replay(effect).ok());
+  EXPECT_EQ(everything.queues, std::vector<std::string>{"ledger"});
+  EXPECT_EQ(effects.queues, std::vector<std::string>{"effect:mail"});
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id IN ('e1', 'e2')"),
+            0);  // lifted
+
+  everything.fail_with = UnavailableError("queue full");
+  EXPECT_EQ(dlq.Replay(orphan).code(), StatusCode::kUnavailable);
+  DeadLetters unrouted(*this->db_);
+  Status no_route = unrouted.Replay(orphan);
+  EXPECT_EQ(no_route.code(), StatusCode::kFailedPrecondition) << no_route.ToString();
+  EXPECT_NE(no_route.reason(), reason::kNotParked);
+  EXPECT_EQ(dlq.Get(orphan)->state, "parked");
+  EXPECT_EQ(dlq.Get(orphan)->replay_count, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id = 'e3' "
+                        "AND outcome = 'dead_lettered'"),
+            1);
+  EXPECT_TRUE(unrouted.Discard(orphan).ok());  // discarding needs no route
 }
 
 }  // namespace

@@ -121,7 +121,7 @@ TEST_F(ConsumerTest, PermanentErrorGoesStraightToDeadLetters) {
   ASSERT_EQ(*c->RunOnce(), 1u);
   EXPECT_EQ(calls_, 1);
   EXPECT_EQ(Depth(), 0);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto list = dlq.List();
   ASSERT_TRUE(list);
   ASSERT_EQ(list->size(), 1u);
@@ -148,7 +148,7 @@ TEST_F(ConsumerTest, RedeliveredPoisonIsParkedOnlyOnce) {
   ASSERT_EQ(*c->RunOnce(), 2u);
   EXPECT_EQ(c->stats().dead_lettered, 1);
   EXPECT_EQ(c->stats().duplicates, 1);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   EXPECT_EQ(*dlq.Count(""), 1);
 }
 
@@ -164,7 +164,7 @@ TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
   EXPECT_EQ(Depth(), 0);
   EXPECT_EQ(c->stats().retries, 2);
   EXPECT_EQ(c->stats().dead_lettered, 1);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto d = dlq.List()->at(0);
   EXPECT_EQ(d.error_class, "exhausted");
   EXPECT_EQ(d.attempts, 3);
@@ -177,7 +177,7 @@ TEST_F(ConsumerTest, UndecodableEnvelopeAndUnknownTypeAreDeadLettered) {
   Publish(MakeEvent("other", "{}", "payment.refunded"));
   auto c = MakeConsumer();
   ASSERT_EQ(*c->RunOnce(), 2u);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto list = *dlq.List();
   ASSERT_EQ(list.size(), 2u);
   EXPECT_EQ(list[0].error_class, "decode");
@@ -207,7 +207,7 @@ TEST_F(ConsumerTest, ReplayedDeadLetterIsAppliedOnce) {
   auto c = MakeConsumer();
   fail_with_ = FailedPreconditionError("account frozen");
   ASSERT_TRUE(c->RunOnce());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   int64_t id = dlq.List()->at(0).id;
 
   fail_with_ = Status();  // the operator fixed the account
@@ -241,7 +241,7 @@ TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
                    CONVERGE_ASSIGN_OR_RETURN(id, DeadLetters::Park(tx, d));
                    return OkStatus();
                  }).ok());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   ASSERT_TRUE(dlq.Replay(id).ok());
   ASSERT_EQ(*c->RunOnce(), 1u);
   EXPECT_EQ(Effects(), 1);
@@ -253,7 +253,7 @@ TEST_F(ConsumerTest, DiscardAndNotFound) {
   auto c = MakeConsumer();
   fail_with_ = InvalidArgumentError("bad");
   ASSERT_TRUE(c->RunOnce());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   int64_t id = dlq.List()->at(0).id;
   ASSERT_TRUE(dlq.Discard(id).ok());
   EXPECT_EQ(dlq.Get(id)->state, "discarded");

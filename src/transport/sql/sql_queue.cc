@@ -164,6 +164,23 @@ Status SqlQueue::EnqueueInTx(Tx& tx, std::string_view queue, const Event& e) {
   return tx.Notify(kQueueChannel);
 }
 
+Status SqlQueue::Requeue(Tx& tx, const DeadLetter& d) {
+  // The subject is inside the envelope; the queue row only needs it for routing
+  // displays, so the dead letter's event id stands in when it is missing.
+  Event e;
+  e.id = d.event_id;
+  e.source = d.source;
+  e.type = d.type;
+  e.subject = d.event_id;
+  e.envelope = d.envelope;
+  if (auto decoded = DecodeEnvelope(d.envelope); decoded && !decoded->subject.empty()) {
+    e.subject = decoded->subject;
+  }
+  // An undecodable envelope goes back as it is (the consumer parks it again, "decode");
+  // an empty one is refused, and the letter stays parked.
+  return EnqueueInTx(tx, d.queue, e);
+}
+
 Status SqlQueue::PublishInTx(Tx& tx, std::span<const Event> batch) {
   if (batch.empty()) return OkStatus();
   for (const Event& e : batch) CONVERGE_RETURN_IF_ERROR(RequireEnvelope(e));
