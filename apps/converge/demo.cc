@@ -33,6 +33,7 @@
 #include "converge/database.h"
 #include "converge/dead_letters.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
@@ -102,6 +103,18 @@ int64_t Count(Database& db, const std::string& sql) {
   });
   if (!st.ok()) std::fprintf(stderr, "query failed: %s: %s\n", sql.c_str(), st.ToString().c_str());
   return n;
+}
+
+// Rows in every consumer's inbox: events settled so far.
+int64_t InboxRows(Database& db) {
+  int64_t n = 0;
+  Status st = db.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto counts, Inbox().CountByConsumer(tx));
+    for (const auto& [consumer, rows] : counts) n += rows;
+    return OkStatus();
+  });
+  if (!st.ok()) std::fprintf(stderr, "inbox count failed: %s\n", st.ToString().c_str());
+  return st.ok() ? n : -1;
 }
 
 struct Check {
@@ -296,8 +309,7 @@ int RunDemo(const DemoFlags& f) {
   for (;;) {
     backlog = Count(db, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL");
     depth = Count(db, "SELECT count(*) FROM queue_messages");
-    consumed = Count(db, "SELECT count(*) FROM consumer_inbox") +
-               Count(db, "SELECT count(*) FROM dead_letters");
+    consumed = InboxRows(db) + Count(db, "SELECT count(*) FROM dead_letters");
     drain.Show(std::min<int64_t>(consumed, f.payments),
                "events settled, outbox " + std::to_string(backlog) + ", queue " +
                    std::to_string(depth));

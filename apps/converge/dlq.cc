@@ -9,6 +9,8 @@
 #include "apps/converge/commands.h"
 #include "converge/database.h"
 #include "converge/dead_letters.h"
+#include "converge/effects.h"
+#include "converge/sql_queue.h"
 
 namespace converge::cli {
 namespace {
@@ -123,7 +125,11 @@ int Act(const DlqFlags& f, bool replay) {
   int code = 0;
   auto db = OpenOrReport(f.db, &code);
   if (!db) return code;
-  DeadLetters dlq(*db);
+  // This store's replay targets: effects' letters re-open their intent, every other
+  // letter goes back on its SQL queue.
+  SqlQueue queue(*db);
+  EffectRequeuer effects;
+  DeadLetters dlq(*db, {{"", &queue}, {std::string(kEffectQueuePrefix), &effects}});
   Status st = replay ? dlq.Replay(f.id) : dlq.Discard(f.id);
   if (!st.ok()) return Fail(replay ? "replay" : "discard", st);
   std::printf("dead letter %lld %s\n", static_cast<long long>(f.id),

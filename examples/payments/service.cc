@@ -21,6 +21,7 @@
 #include "converge/http.h"
 #include "converge/http_idempotency.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/metrics.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
@@ -176,6 +177,7 @@ class Service::Impl {
   std::vector<std::unique_ptr<converge::Consumer>> consumers_;
   std::vector<std::string> consumer_names_;
   std::unique_ptr<converge::EffectRunner> receipts_;
+  converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
   std::unique_ptr<converge::http::ApiKeyIndex> api_keys_;  // bearer key -> tenant
@@ -270,7 +272,10 @@ Status Service::Impl::Start() {
   }
   relay_ = std::make_unique<converge::Relay>(*db_, outbox_, *queue_,
                                              converge::RelayOptions{.name = instance});
-  dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, queue_.get());
+  dead_letters_ = std::make_unique<converge::DeadLetters>(
+      *db_, std::vector<converge::ReplayRoute>{
+                {"", queue_.get()},
+                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}});
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
   eo.max_attempts = cfg_.effect_max_attempts;
@@ -688,11 +693,9 @@ Response Service::Impl::PspWebhook(Request& req) {
     // The inbox row keyed by the webhook id and the staged work commit together.
     const int64_t now = converge::Clock::System()->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t n, tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, "
-                           "processed_at, expires_at) VALUES ('webhook:psp', $1, $2, $3, $4) "
-                           "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-                           kPspSource, id, now, now + kWebhookDedupeMillis));
-    duplicate = n == 0;
+        converge::InboxClaim claim,
+        converge::Inbox().Claim(tx, "webhook:psp", {kPspSource, id}, Millis(kWebhookDedupeMillis)));
+    duplicate = claim == converge::InboxClaim::kDuplicate;
     if (duplicate) return converge::OkStatus();
     Event e;
     e.id = id;
@@ -702,9 +705,8 @@ Response Service::Impl::PspWebhook(Request& req) {
     e.aggregate_type = "psp";
     e.time = now;
     e.data = j["data"].dump();
-    return queue_->EnqueueInTx(tx, "psp-webhooks",
-                               converge::Message{e.id, e.source, e.type, e.subject,
-                                                 converge::EncodeEnvelope(e)});
+    e.envelope = converge::EncodeEnvelope(e);
+    return queue_->EnqueueInTx(tx, "psp-webhooks", e);
   });
   if (!st.ok()) return StoreError(st);
   metrics_.Add("webhooks_received_total", {{"duplicate", duplicate ? "true" : "false"}});
@@ -963,8 +965,8 @@ Response Service::Impl::AdminStats(Request& req) {
         Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
     out["outbox"] = {{"backlog", ob[0].Int(0)},
                      {"oldest_unpublished_age_ms", ob[0].IsNull(1) ? 0 : now - ob[0].Int(1)}};
-    CONVERGE_ASSIGN_OR_RETURN(Rows inbox, tx.Query("SELECT consumer, count(*) FROM consumer_inbox GROUP BY consumer"));
-    for (const auto& r : inbox) out["inbox"][r.Text(0)] = r.Int(1);
+    CONVERGE_ASSIGN_OR_RETURN(auto inbox, converge::Inbox().CountByConsumer(tx));
+    for (const auto& [consumer, rows] : inbox) out["inbox"][consumer] = rows;
     CONVERGE_ASSIGN_OR_RETURN(Rows q, tx.Query("SELECT queue, count(*) FROM queue_messages GROUP BY queue"));
     out["queues"] = json::object();
     for (const auto& r : q) out["queues"][r.Text(0)] = r.Int(1);

@@ -2,7 +2,7 @@
 // See docs/design/consumer-inbox.md.
 //
 // Per batch of deliveries, one transaction; per delivery, one savepoint in it:
-//   insert consumer_inbox (consumer, source, id) -- on conflict: a duplicate; ack it, no
+//   claim (consumer, source, id) in the inbox (inbox.h) -- a duplicate: ack it, no
 //   effect, count it -- then run the handler with the same Tx. Commit. Only then settle
 // with the transport (acks always follow the commit). A crash anywhere before the commit
 // leaves nothing behind and the transport redelivers; a crash after the commit and before
@@ -18,10 +18,11 @@
 // own transaction (one such suspect at a time per process), after its handler start was
 // counted in a committed row; one whose handler ran max_attempts times without settling
 // is parked before it runs again (error class "unsettled"). For suspects, retries of
-// transient failures are counted in handler runs too, not in deliveries. A batch whose transaction fails is retried one delivery at a time
-// at once, so one bad message never holds its neighbours back. A handler must keep its effects inside the Tx; an
-// external effect (email, payment) must be called with a deterministic key derived from
-// the event so its provider dedupes it.
+// transient failures are counted in handler runs too, not in deliveries. A batch whose
+// transaction fails is retried one delivery at a time at once, so one bad message never
+// holds its neighbours back. A handler must keep its effects inside the Tx; an external
+// effect (email, payment) must be called with a deterministic key derived from the event
+// so its provider dedupes it.
 //
 // Retention: the inbox row must outlive every redelivery, so Validate() refuses an
 // inbox_ttl shorter than visibility x max_attempts + all backoff + the dead-letter replay
@@ -45,7 +46,8 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
-#include "converge/outbox.h"
+#include "converge/event.h"
+#include "converge/inbox.h"
 #include "converge/transport.h"
 
 namespace converge {
@@ -133,6 +135,7 @@ class Consumer {
   Subscriber& subscriber_;
   const ConsumerOptions options_;
   Clock* clock_;
+  const Inbox inbox_;
   std::map<std::string, Handler, std::less<>> handlers_;
 
   std::atomic<bool> running_{false};

@@ -12,7 +12,8 @@
 // call and the recorded result re-executes with the same key once the claim lease runs
 // out, and the provider answers with the first result instead of acting twice. Transient
 // errors retry with exponential backoff and full jitter; permanent errors and exhausted
-// attempts park a dead letter (queue "effect:<kind>") that DeadLetters::Replay re-opens.
+// attempts park a dead letter (queue "effect:<kind>"); EffectRequeuer, routed for the
+// prefix kEffectQueuePrefix in DeadLetters, re-opens the intent when it is replayed.
 //
 // Invariant: every call runs under a claim that is this runner's own and valid when the
 // call starts. A claim writes a fresh claim token; right before each call the runner renews
@@ -28,7 +29,7 @@
 //
 // Thread safety: Record is safe from any thread; RunOnce must not run concurrently with
 // itself on one runner; Start/Stop from one owner thread. Runners of one kind may run in
-// many threads and processes on one store.
+// many threads and processes on one store. EffectRequeuer is safe from any thread.
 #ifndef CONVERGE_EFFECTS_H_
 #define CONVERGE_EFFECTS_H_
 
@@ -37,13 +38,34 @@
 #include <functional>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/dead_letters.h"
 #include "converge/status.h"
 
 namespace converge {
+
+// The queue of an effect's dead letter is this prefix and the effect's kind.
+inline constexpr std::string_view kEffectQueuePrefix = "effect:";
+
+// Replays an effect's dead letter: re-opens the failed intent (pending, attempts from 0,
+// due now) in the replay's transaction and notifies the runners of its kind (Tx::Notify;
+// where the store has no notifications they find it on their next poll). A runner then
+// executes it again with the same key, so a provider that had in fact acted answers with
+// its first result. An intent that is no longer failed (done, or swept) is left alone.
+// Route it in DeadLetters for kEffectQueuePrefix; it needs no runner in this process.
+class EffectRequeuer : public Requeuer {
+ public:
+  // `clock` (nullptr = Clock::System()) must outlive this object.
+  explicit EffectRequeuer(Clock* clock = nullptr);
+  Status Requeue(Tx& tx, const DeadLetter& letter) override;
+
+ private:
+  Clock* clock_;
+};
 
 struct EffectRunnerOptions {
   std::string kind;  // required: which intents this runner executes, e.g. "email.receipt"

@@ -2,8 +2,9 @@
 // change that caused it, so the two commit or vanish together. A relay (relay.h) later
 // publishes it at least once. See docs/design/outbox-relay.md.
 //
-// Events are CloudEvents 1.0 (JSON format) plus a W3C `traceparent` extension; the pair
-// (source, id) identifies an event end to end and is what consumer inboxes dedupe on.
+// Events (event.h) are CloudEvents 1.0 (JSON format) plus a W3C `traceparent` extension;
+// the pair (source, id) identifies an event end to end and is what consumer inboxes
+// dedupe on.
 //
 // Thread safety: Outbox is safe to use from many threads.
 #ifndef CONVERGE_OUTBOX_H_
@@ -15,25 +16,10 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/event.h"
 #include "converge/status.h"
 
 namespace converge {
-
-struct Event {
-  std::string id;              // empty on Enqueue: a new UUIDv7
-  std::string source;          // empty on Enqueue: OutboxOptions::source
-  std::string type;            // required, e.g. "payment.captured"
-  std::string subject;         // required: the aggregate id; order is kept per subject
-  std::string aggregate_type;  // empty on Enqueue: the part of `type` before the first '.'
-  int64_t time = 0;            // milliseconds since the epoch; 0 on Enqueue: now
-  std::string data = "{}";     // a JSON document
-  std::string traceparent;     // optional W3C traceparent
-};
-
-// The CloudEvents JSON envelope of `e` (all fields must be filled in).
-std::string EncodeEnvelope(const Event& e);
-// Parses a CloudEvents JSON envelope. kInvalidArgument names what is wrong.
-Result<Event> DecodeEnvelope(std::string_view envelope);
 
 // Outbox events are spread over this many relay partitions by a stable hash of their
 // subject (aggregate id). Fixed: every writer and relay must agree on it.

@@ -7,8 +7,9 @@
 // stops its aggregate for this pass (later events of that aggregate wait, so order holds)
 // while other aggregates go on. A crash between publish and mark publishes again: the
 // at-least-once contract, absorbed by broker dedupe ids and consumer inboxes. When the
-// publisher writes to the same database (SQL queue), publish and mark are one local
-// transaction and the window does not exist.
+// publisher has a transactional face on the outbox's own database (a TxPublisher,
+// tx_publisher.h: the SQL queue), publish and mark are one local transaction and the
+// window does not exist.
 //
 // Several relays may share one outbox (several processes on PostgreSQL). Events are
 // spread over kOutboxPartitions partitions by a stable hash of their subject; each
@@ -37,6 +38,7 @@
 #include "converge/database.h"
 #include "converge/outbox.h"
 #include "converge/transport.h"
+#include "converge/tx_publisher.h"
 
 namespace converge {
 
@@ -63,7 +65,9 @@ struct RelayStats {
 
 class Relay {
  public:
-  // Everything passed must outlive the relay. clock nullptr = Clock::System().
+  // Everything passed must outlive the relay. clock nullptr = Clock::System(). When
+  // publisher.tx_publisher() writes to `db`, the relay publishes through it inside its
+  // own transactions; otherwise it publishes with Publisher::Publish, then marks.
   Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions options = {},
         Clock* clock = nullptr);
   ~Relay();  // stops the background thread if running
@@ -91,6 +95,7 @@ class Relay {
   Database& db_;
   Outbox& outbox_;
   Publisher& publisher_;
+  TxPublisher* const tx_publisher_;  // publisher_'s, on db_; or nullptr
   const RelayOptions options_;
   Clock* clock_;
   std::string name_;

@@ -2,8 +2,8 @@
 // batches so a sweep never holds the writer (SQLite) or long locks (PostgreSQL).
 //
 //   idempotency_keys  expires_at passed, and completed or no longer leased
-//   consumer_inbox    expires_at passed (Consumer::Validate guarantees that outlives
-//                     every redelivery and the dead-letter replay window)
+//   consumer inbox    expires_at passed (Inbox::Sweep; Consumer::Validate guarantees
+//                     that outlives every redelivery and the dead-letter replay window)
 //   outbox_events     published longer ago than published_retention
 //   effects           done longer ago than done_retention
 //   dead_letters      replayed or discarded longer ago than settled_dead_letter_retention

@@ -1,80 +1,95 @@
 // Transports: how published events travel from the relay to consumers.
 //
-// A `Publisher` takes messages from the relay; a `Subscriber` hands deliveries to a
-// consumer and takes their settlement (ack, nak with a delay, term). Delivery is at least
-// once: a message may arrive again after a crash, a lost ack or an expired visibility
-// timeout. Consumers make that harmless with the inbox (consumer.h).
+// A `Publisher` takes events from the relay; a `Subscriber` hands deliveries to a
+// consumer and takes their settlement (ack, nak with a delay). Delivery is at least once:
+// an event may arrive again after a crash, a lost ack or an expired visibility timeout.
+// Consumers make that harmless with their inbox (inbox.h, consumer.h).
+//
+// The interface is neutral: it knows no tables and no transactions. What a transport
+// needs to settle a delivery travels in an opaque DeliveryHandle only that transport
+// reads. A store-backed transport that can also publish inside the business transaction
+// offers that through the separate TxPublisher interface (tx_publisher.h), and one that
+// can put a dead letter back on its queue implements Requeuer (dead_letters.h).
 //
 // Backends: the SQL queue (sql_queue.h) in the same database as the outbox; NATS
 // JetStream later. Tests wrap either with PublisherWrapper / SubscriberWrapper to fail the
 // N-th call.
 //
 // Thread safety: implementations are safe to use from many threads unless they say not.
+// DeliveryHandle, Delivery and Settlement are values: copy them freely.
 #ifndef CONVERGE_TRANSPORT_H_
 #define CONVERGE_TRANSPORT_H_
 
+#include <any>
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "converge/clock.h"
-#include "converge/database.h"
+#include "converge/event.h"
 #include "converge/status.h"
 
 namespace converge {
 
-// One event on the wire. (source, id) is its identity end to end.
-struct Message {
-  std::string id;        // CloudEvents id (also the broker dedupe id)
-  std::string source;    // CloudEvents source
-  std::string type;      // CloudEvents type: the topic subscriptions match
-  std::string subject;   // CloudEvents subject: the aggregate id, the ordering key
-  std::string envelope;  // the whole CloudEvents JSON document
-};
+class TxPublisher;  // tx_publisher.h
 
 class Publisher {
  public:
   virtual ~Publisher() = default;
 
-  // Publishes one message and returns once the transport has it durably (or failed).
-  // Transient codes (kUnavailable, kDeadlineExceeded) mean "try again later".
-  virtual Status Publish(const Message& message) = 0;
+  // Publishes `event` and returns once the transport has it durably (or failed).
+  // REQUIRES: event.envelope holds its encoded envelope (the relay publishes the
+  // outbox's). Transient codes (kUnavailable, kDeadlineExceeded) mean "try again later".
+  virtual Status Publish(const Event& event) = 0;
 
-  // Non-null when this publisher writes to `db` itself: the relay then publishes and
-  // marks the outbox row in one local transaction through PublishInTx.
-  virtual Database* SharedDatabase() { return nullptr; }
-  virtual Status PublishInTx(Tx& tx, const Message& message) {
-    (void)tx;
-    return Publish(message);
-  }
-  // Publishes `batch` in order through `tx`; a transport may do it in fewer round trips.
-  virtual Status PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
-    for (const Message& m : batch) CONVERGE_RETURN_IF_ERROR(PublishInTx(tx, m));
-    return OkStatus();
-  }
+  // The transactional face of this publisher, when it has one (the SQL queue does); a
+  // broker outside the database has none. The relay publishes through it, in its own
+  // transaction, when it writes to the outbox's database (relay.h).
+  virtual TxPublisher* tx_publisher() { return nullptr; }
 };
 
 class PublisherWrapper : public Publisher {
  public:
   explicit PublisherWrapper(Publisher* target) : target_(target) {}
-  Status Publish(const Message& m) override { return target_->Publish(m); }
-  // A wrapper never shares the database: the relay publishes and marks in two steps, the
-  // way it does with an external broker.
+  Status Publish(const Event& e) override { return target_->Publish(e); }
+  // A wrapper has no transactional face: the relay publishes and marks in two steps
+  // through it, the way it does with an external broker.
 
  protected:
   Publisher* target_;
 };
 
+// What a transport needs to settle one delivery (the SQL queue: its row id and claim
+// token). Opaque to everyone else: only the transport that made it reads it back, and a
+// handle of another transport reads back as nullptr.
+class DeliveryHandle {
+ public:
+  DeliveryHandle() = default;
+  template <class T>
+  explicit DeliveryHandle(T state) : state_(std::move(state)) {}
+
+  // The state of type T this handle carries, or nullptr (empty, or not a T).
+  template <class T>
+  const T* As() const {
+    return std::any_cast<T>(&state_);
+  }
+  bool empty() const { return !state_.has_value(); }
+
+ private:
+  std::any state_;
+};
+
 struct Delivery {
-  Message message;
-  std::string queue;        // which subscription it came through
-  int64_t attempts = 0;     // deliveries so far, this one included
-  int64_t first_failure_at = 0;  // 0 if it never failed
+  // The event as the transport carries it: its routing copy of id, source, type and
+  // subject, and `envelope`, which is the authority (the consumer decodes it).
+  Event event;
+  std::string queue;             // which subscription it came through
+  int64_t attempts = 0;          // deliveries so far, this one included
+  int64_t first_failure_at = 0;  // 0 if it never failed (or the transport cannot tell)
   std::string last_error;
-  // Transport-private handle (row id and claim token for the SQL queue).
-  int64_t handle = 0;
-  std::string token;
+  DeliveryHandle handle;  // for Subscriber::Settle: the transport's own
 };
 
 struct Settlement {
@@ -97,7 +112,8 @@ class Subscriber {
 
   // Settles deliveries (settlements[i] for deliveries[i]), all in one round trip where
   // the transport allows. A delivery whose visibility ran out and was fetched again by
-  // someone else is not touched.
+  // someone else is not touched. kInvalidArgument when the spans differ in length or a
+  // delivery's handle is not this transport's (nothing is settled then).
   virtual Status Settle(std::span<const Delivery> deliveries,
                         std::span<const Settlement> settlements) = 0;
 

@@ -1,6 +1,5 @@
 #include "converge/consumer.h"
 
-
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
 #include "src/core/backoff.h"
@@ -10,7 +9,8 @@ Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options
     : db_(db),
       subscriber_(subscriber),
       options_(std::move(options)),
-      clock_(clock ? clock : Clock::System()) {}
+      clock_(clock ? clock : Clock::System()),
+      inbox_(clock_) {}
 
 Consumer::~Consumer() { Stop(); }
 
@@ -61,20 +61,17 @@ Millis Consumer::Backoff(int64_t attempts) const {
 // that inbox row again.
 Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
                       const Status& error, Decision* decision) {
-  return Park(tx, d, now, error_class, error, decision, d.message.source, d.message.id);
+  return Park(tx, d, now, error_class, error, decision, d.event.source, d.event.id);
 }
 
 Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
                       const Status& error, Decision* decision, const std::string& source,
                       const std::string& id) {
   CONVERGE_ASSIGN_OR_RETURN(
-      int64_t inserted,
-      tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
-              "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, 'dead_lettered') "
-              "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-              options_.name, source, id, now, now + options_.inbox_ttl.count()));
+      InboxClaim claim, inbox_.MarkDeadLettered(tx, options_.name, {source, id},
+                                                options_.inbox_ttl));
   decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
-  if (inserted == 0) {
+  if (claim == InboxClaim::kDuplicate) {
     decision->fate = Fate::kDuplicate;
     return OkStatus();
   }
@@ -84,8 +81,8 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   letter.queue = d.queue;
   letter.event_id = id;
   letter.source = source;
-  letter.type = d.message.type;
-  letter.envelope = d.message.envelope;
+  letter.type = d.event.type;
+  letter.envelope = d.event.envelope;
   letter.error_class = error_class;
   letter.error_code = std::string(StatusCodeName(error.code()));
   letter.error = error.message();
@@ -97,13 +94,13 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
 
 Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now,
                             Decision* decision) {
-  const std::string* source = &d.message.source;
-  const std::string* id = &d.message.id;
+  const std::string* source = &d.event.source;
+  const std::string* id = &d.event.id;
 
   auto park = [&](const char* error_class, const Status& error) -> Status {
     return Park(tx, d, now, error_class, error, decision, *source, *id);
   };
-  Result<Event> event = DecodeEnvelope(d.message.envelope);
+  Result<Event> event = DecodeEnvelope(d.event.envelope);
   if (!event) return park("decode", event.error());
   // The envelope is the identity end to end; the transport's copy is only a fallback.
   source = &event->source;
@@ -117,12 +114,9 @@ Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now
 
   Status handled = tx.Savepoint([&](Tx& inner) -> Status {
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t inserted,
-        inner.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
-                   "expires_at) VALUES ($1, $2, $3, $4, $5) "
-                   "ON CONFLICT (consumer, source, event_id) DO NOTHING",
-                   options_.name, *source, *id, now, now + options_.inbox_ttl.count()));
-    if (inserted == 0) {
+        InboxClaim claim,
+        inbox_.Claim(inner, options_.name, event->identity(), options_.inbox_ttl));
+    if (claim == InboxClaim::kDuplicate) {
       decision->fate = Fate::kDuplicate;
       return OkStatus();
     }
@@ -220,7 +214,7 @@ Status Consumer::RunAlone(const Delivery& d) {
         tx.Query("INSERT INTO consumer_starts (consumer, source, event_id, starts) "
                  "VALUES ($1, $2, $3, 1) ON CONFLICT (consumer, source, event_id) "
                  "DO UPDATE SET starts = consumer_starts.starts + 1 RETURNING starts",
-                 options_.name, d.message.source, d.message.id));
+                 options_.name, d.event.source, d.event.id));
     starts = rows.empty() ? 1 : rows[0].Int(0);
     return OkStatus();
   }));
@@ -250,7 +244,7 @@ Status Consumer::RunAlone(const Delivery& d) {
     if (decision[0].fate != Fate::kRetry) {
       CONVERGE_RETURN_IF_ERROR(tx.Exec(
           "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
-          options_.name, d.message.source, d.message.id));
+          options_.name, d.event.source, d.event.id));
     }
     return failpoint::Hit("consumer.before_commit");
   });

@@ -3,7 +3,6 @@
 #include <optional>
 
 #include "converge/failpoint.h"
-#include "converge/outbox.h"
 
 namespace converge {
 namespace {
@@ -35,10 +34,17 @@ DeadLetter FromRow(const Row& r) {
 
 }  // namespace
 
-DeadLetters::DeadLetters(Database& db, SqlQueue* queue, Clock* clock)
-    : db_(db), clock_(clock ? clock : Clock::System()) {
-  if (queue == nullptr) own_queue_ = std::make_unique<SqlQueue>(db, clock_);
-  queue_ = queue ? queue : own_queue_.get();
+DeadLetters::DeadLetters(Database& db, std::vector<ReplayRoute> routes, Clock* clock)
+    : db_(db), routes_(std::move(routes)), clock_(clock ? clock : Clock::System()),
+      inbox_(clock_) {}
+
+Requeuer* DeadLetters::RouteFor(std::string_view queue) const {
+  const ReplayRoute* best = nullptr;
+  for (const ReplayRoute& r : routes_) {
+    if (queue.substr(0, r.queue_prefix.size()) != r.queue_prefix) continue;
+    if (best == nullptr || r.queue_prefix.size() > best->queue_prefix.size()) best = &r;
+  }
+  return best ? best->target : nullptr;
 }
 
 Result<int64_t> DeadLetters::Park(Tx& tx, const DeadLetter& d) {
@@ -93,8 +99,8 @@ Status DeadLetters::Transition(int64_t id, bool replay) {
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows,
         tx.Query("UPDATE dead_letters SET state = $1, replay_count = replay_count + $2, "
-                 "updated_at = $3 WHERE id = $4 AND state = 'parked' "
-                 "RETURNING consumer, queue, event_id, source, type, envelope",
+                 "updated_at = $3 WHERE id = $4 AND state = 'parked' RETURNING " +
+                     std::string(kColumns),
                  replay ? "replayed" : "discarded", replay ? 1 : 0, now, id));
     if (rows.empty()) {
       CONVERGE_ASSIGN_OR_RETURN(Rows found,
@@ -108,34 +114,18 @@ Status DeadLetters::Transition(int64_t id, bool replay) {
     // A test holds a transition here, after its claim, to race another one against it.
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("dead_letters.after_claim"));
     if (!replay) return OkStatus();
-    DeadLetter d;
-    d.consumer = rows[0].Text(0);
-    d.queue = rows[0].Text(1);
-    d.event_id = rows[0].Text(2);
-    d.source = rows[0].Text(3);
-    d.type = rows[0].Text(4);
-    d.envelope = rows[0].Text(5);
-    if (d.queue.rfind("effect:", 0) == 0) {
-      // A journalled external effect: re-open the intent; its runner executes it again
-      // with the same key, so a provider that had in fact acted answers with the first
-      // result.
-      return StatusOf(tx.Exec(
-          "UPDATE effects SET state = 'pending', attempts = 0, next_attempt_at = $1, "
-          "updated_at = $1 WHERE effect_key = $2 AND state = 'failed'",
-          now, d.event_id));
+    const DeadLetter d = FromRow(rows[0]);
+    Requeuer* target = RouteFor(d.queue);
+    if (target == nullptr) {
+      return FailedPreconditionError("dead letter " + std::to_string(id) + ": nothing replays "
+                                     "queue '" + d.queue + "' here");
     }
-    // The subject is inside the envelope; the queue row only needs it for routing
-    // displays, so the dead letter's event id stands in when it is missing.
-    Message m{d.event_id, d.source, d.type, d.event_id, d.envelope};
-    if (auto e = DecodeEnvelope(d.envelope); e && !e->subject.empty()) m.subject = e->subject;
     // The consumer settled the message in its inbox as dead-lettered; lift that so the
     // replay is processed. A row for a message that was in fact applied stays, and the
-    // replay is absorbed as a duplicate.
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "DELETE FROM consumer_inbox WHERE consumer = $1 AND source = $2 AND event_id = $3 "
-        "AND outcome = 'dead_lettered'",
-        d.consumer, d.source, d.event_id));
-    return queue_->EnqueueInTx(tx, d.queue, m);
+    // replay is absorbed as a duplicate. (A letter no inbox marked, an effect's, has
+    // nothing to lift.)
+    CONVERGE_RETURN_IF_ERROR(inbox_.LiftDeadLettered(tx, d.consumer, {d.source, d.event_id}));
+    return target->Requeue(tx, d);
   });
 }
 

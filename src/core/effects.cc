@@ -25,6 +25,31 @@
 
 namespace converge {
 
+namespace {
+
+// The Tx::Notify channel a kind's runners listen on (Record and Start use the same).
+std::string Channel(std::string_view kind) { return "converge_effects:" + std::string(kind); }
+
+}  // namespace
+
+EffectRequeuer::EffectRequeuer(Clock* clock) : clock_(clock ? clock : Clock::System()) {}
+
+Status EffectRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
+  const int64_t now = clock_->NowMillis();
+  CONVERGE_ASSIGN_OR_RETURN(
+      int64_t n, tx.Exec("UPDATE effects SET state = 'pending', attempts = 0, "
+                         "next_attempt_at = $1, updated_at = $1 "
+                         "WHERE effect_key = $2 AND state = 'failed'",
+                         now, letter.event_id));
+  if (n == 0) return OkStatus();
+  // Runners listen on their kind's channel; the kind is the rest of the letter's queue.
+  std::string_view kind = letter.queue;
+  if (kind.substr(0, kEffectQueuePrefix.size()) == kEffectQueuePrefix) {
+    kind.remove_prefix(kEffectQueuePrefix.size());
+  }
+  return tx.Notify(Channel(kind));
+}
+
 struct EffectRunner::Claim {
   std::string key, payload;
   int64_t attempts = 0, created_at = 0;
@@ -167,8 +192,8 @@ Status EffectRunner::RecordOutcome(const Claim& c, const std::string& token,
     if (n != 1) return OkStatus();
     recorded = Recorded::kFailed;
     DeadLetter d;
-    d.consumer = "effect:" + options_.kind;
-    d.queue = "effect:" + options_.kind;
+    d.consumer = std::string(kEffectQueuePrefix) + options_.kind;
+    d.queue = d.consumer;
     d.event_id = c.key;
     d.source = "urn:converge:effects";
     d.type = options_.kind;

@@ -12,14 +12,14 @@ namespace {
 struct Pending {
   int64_t seq;
   int64_t partition;
-  Message message;
+  Event event;  // the routing fields and the envelope
 };
 
 // "... AND partition_no IN ($2, $3, ...)" for the partitions held; $1 is the batch size.
 std::string ClaimSql(size_t partitions) {
   std::string sql =
-      "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no FROM outbox_events "
-      "WHERE published_at IS NULL AND partition_no IN (";
+      "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no, aggregate_type "
+      "FROM outbox_events WHERE published_at IS NULL AND partition_no IN (";
   for (size_t i = 0; i < partitions; ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
   return sql + ") ORDER BY seq LIMIT $1";
 }
@@ -31,9 +31,22 @@ Result<std::vector<Pending>> Claim(Tx& tx, const std::map<int64_t, int64_t>& own
   std::vector<Pending> out;
   out.reserve(rows.size());
   for (const Row& r : rows) {
-    out.push_back({r.Int(0), r.Int(6), Message{r.Text(1), r.Text(2), r.Text(3), r.Text(4), r.Text(5)}});
+    Pending& p = out.emplace_back(Pending{r.Int(0), r.Int(6), Event{}});
+    p.event.id = r.Text(1);
+    p.event.source = r.Text(2);
+    p.event.type = r.Text(3);
+    p.event.subject = r.Text(4);
+    p.event.aggregate_type = r.Text(7);
+    p.event.data.clear();  // inside the envelope
+    p.event.envelope = r.Text(5);
   }
   return out;
+}
+
+// The publisher's transactional face if it writes to `db`, else nullptr.
+TxPublisher* TxPublisherOn(Database& db, Publisher& publisher) {
+  TxPublisher* tx_publisher = publisher.tx_publisher();
+  return tx_publisher != nullptr && tx_publisher->database() == &db ? tx_publisher : nullptr;
 }
 
 }  // namespace
@@ -43,6 +56,7 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
     : db_(db),
       outbox_(outbox),
       publisher_(publisher),
+      tx_publisher_(TxPublisherOn(db, publisher)),
       options_(options),
       clock_(clock ? clock : Clock::System()),
       name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name) {}
@@ -155,7 +169,7 @@ Result<size_t> Relay::RunOnce() {
   if (!owned) {
     r = tl::unexpected(owned.error());
   } else if (!owned->empty()) {
-    r = publisher_.SharedDatabase() == &db_ ? RunShared(*owned) : RunSeparate(*owned);
+    r = tx_publisher_ != nullptr ? RunShared(*owned) : RunSeparate(*owned);
   }
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.passes;
@@ -168,9 +182,10 @@ Result<size_t> Relay::RunOnce() {
   return r;
 }
 
-// Outbox and transport share the database: claim, publish and mark in one transaction,
-// which also proves ownership of every partition it touches. The batch is published and
-// marked in a few statements, not a few per event.
+// Outbox and transport share the database (the publisher's TxPublisher writes to it):
+// claim, publish and mark in one transaction, which also proves ownership of every
+// partition it touches. The batch is published and marked in a few statements, not a few
+// per event.
 Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
   size_t published = 0;
   Status st = db_.Transact([&](Tx& tx) -> Status {
@@ -178,18 +193,18 @@ Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, owned, options_.batch));
     std::map<int64_t, bool> mine;
-    std::vector<Message> messages;
+    std::vector<Event> events;
     std::vector<int64_t> seqs;
     for (const Pending& p : batch) {
       if (!mine.count(p.partition)) {
         CONVERGE_ASSIGN_OR_RETURN(mine[p.partition], StillOwns(tx, p.partition, owned.at(p.partition), now));
       }
       if (!mine[p.partition]) continue;
-      messages.push_back(p.message);
+      events.push_back(p.event);
       seqs.push_back(p.seq);
     }
     if (seqs.empty()) return OkStatus();
-    CONVERGE_RETURN_IF_ERROR(publisher_.PublishBatchInTx(tx, messages));
+    CONVERGE_RETURN_IF_ERROR(tx_publisher_->PublishInTx(tx, events));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
     constexpr size_t kChunk = 500;
     for (size_t i = 0; i < seqs.size(); i += kChunk) {
@@ -225,10 +240,10 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   std::vector<const Pending*> done;
   std::vector<std::pair<int64_t, std::string>> failed;
   for (const Pending& p : batch) {
-    if (stopped.count(p.message.subject)) continue;
-    Status st = publisher_.Publish(p.message);
+    if (stopped.count(p.event.subject)) continue;
+    Status st = publisher_.Publish(p.event);
     if (!st.ok()) {
-      stopped.insert(p.message.subject);
+      stopped.insert(p.event.subject);
       failed.emplace_back(p.seq, st.ToString());
       continue;
     }

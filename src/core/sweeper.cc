@@ -1,5 +1,6 @@
 #include "converge/sweeper.h"
 
+#include "converge/inbox.h"
 #include "src/core/idempotency_internal.h"
 
 namespace converge {
@@ -28,11 +29,10 @@ Result<SweepStats> Sweeper::RunOnce() {
        // advanced the row meanwhile must keep it.
        internal::ForgettableKeyCondition("$1")),
       now));
-  CONVERGE_RETURN_IF_ERROR(sweep(
-      &s.inbox,
-      "DELETE FROM consumer_inbox WHERE (consumer, source, event_id) IN (SELECT consumer, "
-      "source, event_id FROM consumer_inbox WHERE expires_at <= $1 LIMIT $2)",
-      now));
+  CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(s.inbox, Inbox(clock_).Sweep(tx, options_.batch));
+    return OkStatus();
+  }));
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.outbox,
       "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events WHERE "

@@ -15,6 +15,7 @@
 #include "converge/consumer.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
@@ -45,10 +46,9 @@ class Races : public StoreContract<Store> {
     e.source = "urn:test";
     e.time = 1;
     e.aggregate_type = "thing";
-    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
-                       return q.EnqueueInTx(tx, queue, Message{e.id, e.source, e.type, e.subject,
-                                                               EncodeEnvelope(e)});
-                     }).ok());
+    e.envelope = EncodeEnvelope(e);
+    ASSERT_TRUE(
+        this->db_->Transact([&](Tx& tx) { return q.EnqueueInTx(tx, queue, e); }).ok());
   }
   bool HasEffect(const std::string& id) {
     return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
@@ -455,7 +455,7 @@ TYPED_TEST(Races, ARestartedRelayFencesItsPreviousIncarnation) {
   // so only the old incarnation's mark can say who owns them.
   struct Down : PublisherWrapper {
     using PublisherWrapper::PublisherWrapper;
-    Status Publish(const Message&) override { return UnavailableError("broker down"); }
+    Status Publish(const Event&) override { return UnavailableError("broker down"); }
   };
   PublisherWrapper external_old(&queue);  // publish, then mark
   Down external_new(&queue);
@@ -482,6 +482,45 @@ TYPED_TEST(Races, ARestartedRelayFencesItsPreviousIncarnation) {
   EXPECT_EQ(again.error().code(), StatusCode::kFailedPrecondition) << again.error().ToString();
   EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
   EXPECT_EQ(this->Count("SELECT count(*) FROM relay_partitions WHERE lease_until > 0"), 64);
+}
+
+// The inbox's claim is its own arbiter (inbox.h): a transaction that claims an event
+// another one claimed and has not committed yet waits for it (the primary key's row lock
+// on PostgreSQL, the one writer on SQLite), then finds a duplicate. A read-then-insert
+// inbox would let both apply the effect under READ COMMITTED.
+TYPED_TEST(Races, TwoClaimsOfOneEventHaveOneWinner) {
+  const Inbox inbox;
+  auto apply = [&](const std::string& who, InboxClaim* claim) {
+    return this->db_->Transact([&, who, claim](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(*claim, inbox.Claim(tx, "ledger", {"urn:test", "e1"}, 1h));
+      if (*claim == InboxClaim::kDuplicate) return OkStatus();
+      CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, who));
+      return failpoint::Hit("test.inbox_before_commit");
+    });
+  };
+  ASSERT_TRUE(failpoint::Configure("test.inbox_before_commit=pause*1").ok());
+  InboxClaim first_claim = InboxClaim::kDuplicate, second_claim = InboxClaim::kFirst;
+  Status first, second;
+  std::thread t1([&] { first = apply("first", &first_claim); });
+  EXPECT_TRUE(failpoint::WaitPaused("test.inbox_before_commit", 20s));
+  std::atomic<bool> second_done{false};
+  std::thread t2([&] {
+    second = apply("second", &second_claim);
+    second_done = true;
+  });
+  // The second claimer either waits for the first (the contract) or runs on its own.
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  EXPECT_FALSE(second_done.load()) << "the second claim did not wait for the first";
+  failpoint::Release("test.inbox_before_commit");
+  t1.join();
+  t2.join();
+  EXPECT_TRUE(first.ok()) << first.ToString();
+  EXPECT_TRUE(second.ok()) << second.ToString();
+  EXPECT_EQ(first_claim, InboxClaim::kFirst);
+  EXPECT_EQ(second_claim, InboxClaim::kDuplicate);
+  EXPECT_TRUE(this->HasEffect("first"));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "converge/effects.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
+#include "converge/inbox.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
@@ -210,7 +211,8 @@ TYPED_TEST(StoreContract, ConsumerCrashAfterCommitBeforeAckIsAbsorbed) {
     e.source = "urn:test";
     e.time = 1;
     e.aggregate_type = "thing";
-    ASSERT_TRUE(q.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+    e.envelope = EncodeEnvelope(e);
+    ASSERT_TRUE(q.Publish(e).ok());
   }
   const std::string uri = this->store_.uri;
   this->db_.reset();
@@ -275,13 +277,13 @@ TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {
   class Flaky : public PublisherWrapper {
    public:
     using PublisherWrapper::PublisherWrapper;
-    Status Publish(const Message& m) override {
-      if (fail_.erase(m.id)) return UnavailableError("hiccup");
-      sent_.push_back(m);
-      return target_->Publish(m);
+    Status Publish(const Event& e) override {
+      if (fail_.erase(e.id)) return UnavailableError("hiccup");
+      sent_.push_back(e);
+      return target_->Publish(e);
     }
     std::set<std::string> fail_;
-    std::vector<Message> sent_;
+    std::vector<Event> sent_;
   };
   SqlQueue queue(*this->db_);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
@@ -315,8 +317,9 @@ TYPED_TEST(StoreContract, DeadLetterAndReplay) {
   e.source = "urn:test";
   e.time = 1;
   e.aggregate_type = "thing";
-  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
-  ASSERT_TRUE(queue.Publish(Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)}).ok());
+  e.envelope = EncodeEnvelope(e);
+  ASSERT_TRUE(queue.Publish(e).ok());
+  ASSERT_TRUE(queue.Publish(e).ok());
   auto sub = queue.OpenSubscriber("q");
   bool broken = true;
   Consumer c(*this->db_, *sub, {.name = "c"});
@@ -325,7 +328,7 @@ TYPED_TEST(StoreContract, DeadLetterAndReplay) {
     return TestFixture::Effect(tx, ev.id);
   });
   ASSERT_EQ(*c.RunOnce(), 2u);
-  DeadLetters dlq(*this->db_, &queue);
+  DeadLetters dlq(*this->db_, {{"", &queue}});
   auto list = dlq.List();
   ASSERT_TRUE(list);
   ASSERT_EQ(list->size(), 1u);  // parked once, the redelivery absorbed
@@ -653,7 +656,7 @@ TYPED_TEST(StoreRaces, EffectRunnerParksNothingForAnEffectAnotherRunnerCompleted
 // kFailedPrecondition / not_parked. Exactly one copy reaches the queue.
 TYPED_TEST(StoreRaces, DeadLetterTransitionsRacingForOneLetterHaveOneWinner) {
   SqlQueue queue(*this->db_);
-  DeadLetters dlq(*this->db_, &queue);
+  DeadLetters dlq(*this->db_, {{"", &queue}});
   auto park = [&](const std::string& event_id) {
     Event e = TestFixture::MakeEvent("p");
     e.id = event_id;
@@ -849,6 +852,172 @@ TYPED_TEST(StoreContract, ReadSeesOneSnapshotWhateverCommitsMeanwhile) {
   EXPECT_EQ(before, 0);
   EXPECT_EQ(after, 0) << "the Read saw a commit that happened after its snapshot";
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);  // a new Read sees it
+}
+
+// --- the inbox (inbox.h) ------------------------------------------------------------------
+
+// Claims tell a first settlement from a duplicate per (consumer, source, id), and a claim
+// rolls back with its savepoint (a handler that failed leaves no inbox row behind).
+TYPED_TEST(StoreContract, InboxClaimsEachEventOncePerConsumer) {
+  const Inbox inbox;
+  auto claim = [&](std::string_view consumer, EventIdentity event) {
+    return *TransactValue<InboxClaim>(*this->db_, [&](Tx& tx) {
+      return inbox.Claim(tx, consumer, event, std::chrono::hours(1));
+    });
+  };
+  EXPECT_EQ(claim("ledger", {"urn:a", "e1"}), InboxClaim::kFirst);
+  EXPECT_EQ(claim("ledger", {"urn:a", "e1"}), InboxClaim::kDuplicate);
+  EXPECT_EQ(claim("email", {"urn:a", "e1"}), InboxClaim::kFirst);   // per consumer
+  EXPECT_EQ(claim("ledger", {"urn:b", "e1"}), InboxClaim::kFirst);  // per source
+  Status inner;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   inner = tx.Savepoint([&](Tx& sp) -> Status {
+                     CONVERGE_RETURN_IF_ERROR(
+                         inbox.Claim(sp, "ledger", {"urn:a", "e2"}, std::chrono::hours(1)));
+                     return InvalidArgumentError("the handler failed");
+                   });
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(inner.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(claim("ledger", {"urn:a", "e2"}), InboxClaim::kFirst);
+  Status read = this->db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto by_consumer, inbox.CountByConsumer(tx));
+    EXPECT_EQ(by_consumer, (std::map<std::string, int64_t>{{"email", 1}, {"ledger", 3}}));
+    return OkStatus();
+  });
+  EXPECT_TRUE(read.ok()) << read.ToString();
+}
+
+// A dead-lettered mark absorbs a redelivery like an applied row does; a replay lifts the
+// mark, never an applied row (so a replay of an applied event stays a duplicate).
+TYPED_TEST(StoreContract, InboxLiftsOnlyADeadLetteredMark) {
+  const Inbox inbox;
+  const Millis ttl = std::chrono::hours(1);
+  const EventIdentity poison{"urn:a", "poison"}, applied{"urn:a", "applied"};
+  auto run = [&](const std::function<Result<InboxClaim>(Tx&)>& fn) {
+    return *TransactValue<InboxClaim>(*this->db_, fn);
+  };
+  auto lift = [&](EventIdentity e) {
+    return *TransactValue<bool>(*this->db_, [&](Tx& tx) {
+      return inbox.LiftDeadLettered(tx, "ledger", e);
+    });
+  };
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", poison, ttl); }),
+            InboxClaim::kFirst);
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", poison, ttl); }),
+            InboxClaim::kDuplicate);  // parked once
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", poison, ttl); }),
+            InboxClaim::kDuplicate);  // a redelivery is absorbed
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", applied, ttl); }),
+            InboxClaim::kFirst);
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.MarkDeadLettered(tx, "ledger", applied, ttl); }),
+            InboxClaim::kDuplicate);  // applied: nothing to park
+
+  EXPECT_FALSE(lift(applied));
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", applied, ttl); }),
+            InboxClaim::kDuplicate);
+  EXPECT_TRUE(lift(poison));
+  EXPECT_FALSE(lift(poison));
+  EXPECT_EQ(run([&](Tx& tx) { return inbox.Claim(tx, "ledger", poison, ttl); }),
+            InboxClaim::kFirst);  // the replay is processed
+}
+
+// Sweep deletes rows whose ttl passed, at most `limit` per call, and nothing younger.
+TYPED_TEST(StoreContract, InboxSweepDeletesOnlyExpiredRowsInBoundedBatches) {
+  ManualClock clock(1'000'000);
+  const Inbox inbox(&clock);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   for (const char* id : {"a", "b", "c"}) {
+                     CONVERGE_RETURN_IF_ERROR(
+                         inbox.Claim(tx, "ledger", {"urn:a", id}, std::chrono::hours(1)));
+                   }
+                   return StatusOf(
+                       inbox.MarkDeadLettered(tx, "ledger", {"urn:a", "d"}, std::chrono::hours(3)));
+                 }).ok());
+  auto sweep = [&](int64_t limit) {
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return inbox.Sweep(tx, limit); });
+  };
+  EXPECT_EQ(sweep(10), 0);  // nothing expired yet
+  clock.Advance(std::chrono::hours(2));
+  EXPECT_EQ(sweep(2), 2);
+  EXPECT_EQ(sweep(2), 1);
+  EXPECT_EQ(sweep(2), 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id = 'd'"), 1);
+  EXPECT_EQ(*TransactValue<InboxClaim>(*this->db_, [&](Tx& tx) {
+              return inbox.Claim(tx, "ledger", {"urn:a", "a"}, std::chrono::hours(1));
+            }),
+            InboxClaim::kFirst);  // swept: the event would be applied again
+  EXPECT_EQ(
+      TransactValue<int64_t>(*this->db_, [&](Tx& tx) { return inbox.Sweep(tx, 0); }).error().code(),
+      StatusCode::kInvalidArgument);
+}
+
+// --- dead-letter replay routes (dead_letters.h) ----------------------------------------------
+
+// A Requeuer that records what it was handed and writes a row through the replay's own
+// transaction, or fails when told to.
+class RecordingRequeuer : public Requeuer {
+ public:
+  Status Requeue(Tx& tx, const DeadLetter& letter) override {
+    if (!fail_with.ok()) return fail_with;
+    std::lock_guard<std::mutex> l(mu_);
+    queues.push_back(letter.queue);
+    EXPECT_EQ(letter.state, "replayed");
+    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)",
+                            "requeued:" + std::to_string(letter.id)));
+  }
+  Status fail_with;
+  std::vector<std::string> queues;
+
+ private:
+  std::mutex mu_;
+};
+
+// Replay hands a letter to the route with the longest prefix of its queue, inside its own
+// transaction; without a route, or when the requeuer fails, the letter stays parked and
+// its consumer's inbox keeps the dead-lettered mark.
+TYPED_TEST(StoreContract, DeadLetterReplayFollowsTheLongestRouteOrStaysParked) {
+  const Inbox inbox;
+  auto park = [&](const std::string& queue, const std::string& event_id) {
+    DeadLetter d;
+    d.consumer = "c";
+    d.queue = queue;
+    d.event_id = event_id;
+    d.source = "urn:test";
+    d.type = "thing.done";
+    d.envelope = "{}";
+    d.error_class = "permanent";
+    d.error_code = "invalid_argument";
+    return *TransactValue<int64_t>(*this->db_, [&](Tx& tx) -> Result<int64_t> {
+      CONVERGE_RETURN_IF_ERROR(
+          inbox.MarkDeadLettered(tx, "c", {"urn:test", event_id}, std::chrono::hours(1)));
+      return DeadLetters::Park(tx, d);
+    });
+  };
+  const int64_t plain = park("ledger", "e1"), effect = park("effect:mail", "e2"),
+                orphan = park("ledger", "e3");
+  RecordingRequeuer everything, effects;
+  DeadLetters dlq(*this->db_, {{"", &everything}, {"effect:", &effects}});
+  ASSERT_TRUE(dlq.Replay(plain).ok());
+  ASSERT_TRUE(dlq.Replay(effect).ok());
+  EXPECT_EQ(everything.queues, std::vector<std::string>{"ledger"});
+  EXPECT_EQ(effects.queues, std::vector<std::string>{"effect:mail"});
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id IN ('e1', 'e2')"),
+            0);  // lifted
+
+  everything.fail_with = UnavailableError("queue full");
+  EXPECT_EQ(dlq.Replay(orphan).code(), StatusCode::kUnavailable);
+  DeadLetters unrouted(*this->db_);
+  Status no_route = unrouted.Replay(orphan);
+  EXPECT_EQ(no_route.code(), StatusCode::kFailedPrecondition) << no_route.ToString();
+  EXPECT_NE(no_route.reason(), reason::kNotParked);
+  EXPECT_EQ(dlq.Get(orphan)->state, "parked");
+  EXPECT_EQ(dlq.Get(orphan)->replay_count, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id = 'e3' "
+                        "AND outcome = 'dead_lettered'"),
+            1);
+  EXPECT_TRUE(unrouted.Discard(orphan).ok());  // discarding needs no route
 }
 
 }  // namespace

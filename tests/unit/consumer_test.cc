@@ -26,8 +26,9 @@ ConsumerOptions Options(int max_attempts = 3) {
   return o;
 }
 
-Message MakeMessage(const std::string& id, const std::string& data = R"({"n":1})",
-                    const std::string& type = "payment.captured") {
+// An event as the relay publishes it: with its envelope.
+Event MakeEvent(const std::string& id, const std::string& data = R"({"n":1})",
+                  const std::string& type = "payment.captured") {
   Event e;
   e.id = id;
   e.source = "urn:test";
@@ -36,7 +37,8 @@ Message MakeMessage(const std::string& id, const std::string& data = R"({"n":1})
   e.time = 1'700'000'000'000;
   e.aggregate_type = "payment";
   e.data = data;
-  return Message{e.id, e.source, e.type, e.subject, EncodeEnvelope(e)};
+  e.envelope = EncodeEnvelope(e);
+  return e;
 }
 
 class ConsumerTest : public ::testing::Test {
@@ -62,7 +64,7 @@ class ConsumerTest : public ::testing::Test {
     return c;
   }
 
-  void Publish(const Message& m) { ASSERT_TRUE(queue_->Publish(m).ok()); }
+  void Publish(const Event& e) { ASSERT_TRUE(queue_->Publish(e).ok()); }
   int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
   int64_t Depth() { return *queue_->Depth("ledger"); }
 
@@ -76,8 +78,8 @@ class ConsumerTest : public ::testing::Test {
 };
 
 TEST_F(ConsumerTest, AppliesEachEventOnceAndAcks) {
-  Publish(MakeMessage("e1"));
-  Publish(MakeMessage("e2"));
+  Publish(MakeEvent("e1"));
+  Publish(MakeEvent("e2"));
   auto c = MakeConsumer();
   ASSERT_EQ(*c->RunOnce(), 2u);
   EXPECT_EQ(Effects(), 2);
@@ -86,8 +88,8 @@ TEST_F(ConsumerTest, AppliesEachEventOnceAndAcks) {
 }
 
 TEST_F(ConsumerTest, DuplicateDeliveryIsAckedWithoutEffect) {
-  Publish(MakeMessage("e1"));
-  Publish(MakeMessage("e1"));
+  Publish(MakeEvent("e1"));
+  Publish(MakeEvent("e1"));
   auto c = MakeConsumer();
   ASSERT_EQ(*c->RunOnce(), 2u);
   EXPECT_EQ(Effects(), 1);
@@ -97,7 +99,7 @@ TEST_F(ConsumerTest, DuplicateDeliveryIsAckedWithoutEffect) {
 }
 
 TEST_F(ConsumerTest, TransientErrorIsRetriedWithBackoffThenSucceeds) {
-  Publish(MakeMessage("e1"));
+  Publish(MakeEvent("e1"));
   auto c = MakeConsumer();
   fail_with_ = UnavailableError("db of the ledger is down");
   ASSERT_EQ(*c->RunOnce(), 1u);
@@ -113,13 +115,13 @@ TEST_F(ConsumerTest, TransientErrorIsRetriedWithBackoffThenSucceeds) {
 }
 
 TEST_F(ConsumerTest, PermanentErrorGoesStraightToDeadLetters) {
-  Publish(MakeMessage("poison"));
+  Publish(MakeEvent("poison"));
   auto c = MakeConsumer();
   fail_with_ = InvalidArgumentError("amount is negative");
   ASSERT_EQ(*c->RunOnce(), 1u);
   EXPECT_EQ(calls_, 1);
   EXPECT_EQ(Depth(), 0);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto list = dlq.List();
   ASSERT_TRUE(list);
   ASSERT_EQ(list->size(), 1u);
@@ -139,19 +141,19 @@ TEST_F(ConsumerTest, PermanentErrorGoesStraightToDeadLetters) {
 
 // Regression: a poison message whose ack was lost came back and was parked a second time.
 TEST_F(ConsumerTest, RedeliveredPoisonIsParkedOnlyOnce) {
-  Publish(MakeMessage("poison"));
-  Publish(MakeMessage("poison"));  // the same message delivered again
+  Publish(MakeEvent("poison"));
+  Publish(MakeEvent("poison"));  // the same message delivered again
   auto c = MakeConsumer();
   fail_with_ = InvalidArgumentError("bad");
   ASSERT_EQ(*c->RunOnce(), 2u);
   EXPECT_EQ(c->stats().dead_lettered, 1);
   EXPECT_EQ(c->stats().duplicates, 1);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   EXPECT_EQ(*dlq.Count(""), 1);
 }
 
 TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
-  Publish(MakeMessage("flaky"));
+  Publish(MakeEvent("flaky"));
   auto c = MakeConsumer(Options(/*max_attempts=*/3));
   fail_with_ = UnavailableError("still down");
   for (int i = 0; i < 10 && Depth() > 0; ++i) {
@@ -162,7 +164,7 @@ TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
   EXPECT_EQ(Depth(), 0);
   EXPECT_EQ(c->stats().retries, 2);
   EXPECT_EQ(c->stats().dead_lettered, 1);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto d = dlq.List()->at(0);
   EXPECT_EQ(d.error_class, "exhausted");
   EXPECT_EQ(d.attempts, 3);
@@ -170,11 +172,12 @@ TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
 }
 
 TEST_F(ConsumerTest, UndecodableEnvelopeAndUnknownTypeAreDeadLettered) {
-  Publish(Message{"bad", "urn:test", "payment.captured", "agg", "{not json"});
-  Publish(MakeMessage("other", "{}", "payment.refunded"));
+  Publish(Event{.id = "bad", .source = "urn:test", .type = "payment.captured", .subject = "agg",
+                .envelope = "{not json"});
+  Publish(MakeEvent("other", "{}", "payment.refunded"));
   auto c = MakeConsumer();
   ASSERT_EQ(*c->RunOnce(), 2u);
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   auto list = *dlq.List();
   ASSERT_EQ(list.size(), 2u);
   EXPECT_EQ(list[0].error_class, "decode");
@@ -183,9 +186,9 @@ TEST_F(ConsumerTest, UndecodableEnvelopeAndUnknownTypeAreDeadLettered) {
 }
 
 TEST_F(ConsumerTest, OneFailingDeliveryDoesNotRollBackItsBatch) {
-  Publish(MakeMessage("ok-1"));
-  Publish(MakeMessage("bad"));
-  Publish(MakeMessage("ok-2"));
+  Publish(MakeEvent("ok-1"));
+  Publish(MakeEvent("bad"));
+  Publish(MakeEvent("ok-2"));
   auto c = std::make_unique<Consumer>(*db_, *sub_, Options(), &clock_);
   c->On("payment.captured", [](Tx& tx, const Event& e) -> Status {
     CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
@@ -200,11 +203,11 @@ TEST_F(ConsumerTest, OneFailingDeliveryDoesNotRollBackItsBatch) {
 }
 
 TEST_F(ConsumerTest, ReplayedDeadLetterIsAppliedOnce) {
-  Publish(MakeMessage("poison"));
+  Publish(MakeEvent("poison"));
   auto c = MakeConsumer();
   fail_with_ = FailedPreconditionError("account frozen");
   ASSERT_TRUE(c->RunOnce());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   int64_t id = dlq.List()->at(0).id;
 
   fail_with_ = Status();  // the operator fixed the account
@@ -217,7 +220,7 @@ TEST_F(ConsumerTest, ReplayedDeadLetterIsAppliedOnce) {
 }
 
 TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
-  Publish(MakeMessage("e1"));
+  Publish(MakeEvent("e1"));
   auto c = MakeConsumer();
   ASSERT_TRUE(c->RunOnce());
   // An operator parks and replays a message that had in fact succeeded.
@@ -226,7 +229,7 @@ TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
                    DeadLetter d;
                    d.consumer = "ledger";
                    d.queue = "ledger";
-                   Message m = MakeMessage("e1");
+                   Event m = MakeEvent("e1");
                    d.event_id = m.id;
                    d.source = m.source;
                    d.type = m.type;
@@ -238,7 +241,7 @@ TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
                    CONVERGE_ASSIGN_OR_RETURN(id, DeadLetters::Park(tx, d));
                    return OkStatus();
                  }).ok());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   ASSERT_TRUE(dlq.Replay(id).ok());
   ASSERT_EQ(*c->RunOnce(), 1u);
   EXPECT_EQ(Effects(), 1);
@@ -246,11 +249,11 @@ TEST_F(ConsumerTest, ReplayOfAnAlreadyAppliedMessageIsAbsorbed) {
 }
 
 TEST_F(ConsumerTest, DiscardAndNotFound) {
-  Publish(MakeMessage("poison"));
+  Publish(MakeEvent("poison"));
   auto c = MakeConsumer();
   fail_with_ = InvalidArgumentError("bad");
   ASSERT_TRUE(c->RunOnce());
-  DeadLetters dlq(*db_, queue_.get(), &clock_);
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
   int64_t id = dlq.List()->at(0).id;
   ASSERT_TRUE(dlq.Discard(id).ok());
   EXPECT_EQ(dlq.Get(id)->state, "discarded");
@@ -265,7 +268,7 @@ TEST_F(ConsumerTest, DiscardAndNotFound) {
 }
 
 TEST_F(ConsumerTest, FailureBeforeCommitLeavesNothingAndRedelivers) {
-  Publish(MakeMessage("e1"));
+  Publish(MakeEvent("e1"));
   auto c = MakeConsumer();
   ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*2").ok());  // the batch, then its retry alone
   auto r = c->RunOnce();
@@ -322,7 +325,7 @@ TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
     testing::CreateEffectsTable(*db);
     SqlQueue queue(*db);
     ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
-    ASSERT_TRUE(queue.Publish(MakeMessage("e1")).ok());
+    ASSERT_TRUE(queue.Publish(MakeEvent("e1")).ok());
   }
   auto handler = [](Tx& tx, const Event& e) {
     return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));

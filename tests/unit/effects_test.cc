@@ -89,7 +89,8 @@ TEST_F(EffectsTest, TransientFailuresRetryThenParkAndReplayExecutesAgain) {
   EXPECT_EQ(calls_, 3);
   EXPECT_EQ(runner_->stats().retries, 2);
   EXPECT_EQ(runner_->stats().failed, 1);
-  DeadLetters dlq(*db_, nullptr, &clock_);
+  EffectRequeuer requeuer(&clock_);
+  DeadLetters dlq(*db_, {{std::string(kEffectQueuePrefix), &requeuer}}, &clock_);
   auto list = *dlq.List();
   ASSERT_EQ(list.size(), 1u);
   EXPECT_EQ(list[0].queue, "effect:email.receipt");

@@ -1,4 +1,5 @@
 #include <map>
+#include <span>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -31,13 +32,13 @@ Event MakeEvent(const std::string& subject, const std::string& type = "thing.hap
 class RecordingPublisher : public PublisherWrapper {
  public:
   explicit RecordingPublisher(Publisher* target) : PublisherWrapper(target) {}
-  Status Publish(const Message& m) override {
-    if (fail_once_.erase(m.id)) return UnavailableError("broker hiccup");
-    sent_.push_back(m);
-    return target_->Publish(m);
+  Status Publish(const Event& e) override {
+    if (fail_once_.erase(e.id)) return UnavailableError("broker hiccup");
+    sent_.push_back(e);
+    return target_->Publish(e);
   }
   std::set<std::string> fail_once_;
-  std::vector<Message> sent_;
+  std::vector<Event> sent_;
 };
 
 class OutboxRelayTest : public ::testing::Test {
@@ -149,7 +150,7 @@ TEST_F(OutboxRelayTest, FailedPublishStopsOnlyThatAggregateAndKeepsOrder) {
   EXPECT_EQ(relay.stats().publish_failures, 1);
   ASSERT_EQ(*relay.RunOnce(), 2u);  // A2, A3
   std::map<std::string, std::vector<std::string>> order;
-  for (const Message& m : pub.sent_) order[m.subject].push_back(m.id);
+  for (const Event& e : pub.sent_) order[e.subject].push_back(e.id);
   EXPECT_EQ(order["A"], a);
   EXPECT_EQ(order["B"], b);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
@@ -225,6 +226,125 @@ TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
   EXPECT_EQ(consumer.stats().processed, 1);
   EXPECT_EQ(consumer.stats().duplicates, 1);
   EXPECT_EQ(*queue.Depth("ledger"), 0);
+}
+
+// --- event.h, transport.h, tx_publisher.h -------------------------------------------------
+
+TEST(EventEnvelope, DecodingKeepsTheEncodedForm) {
+  Event e = MakeEvent("agg-1", "payment.captured", R"({"amount":5})");
+  e.id = "e1";
+  e.source = "urn:test";
+  e.aggregate_type = "payment";
+  e.time = 1'700'000'000'000;
+  const std::string encoded = EncodeEnvelope(e);
+  auto decoded = DecodeEnvelope(encoded);
+  ASSERT_TRUE(decoded) << decoded.error().ToString();
+  EXPECT_EQ(decoded->envelope, encoded);
+  EXPECT_EQ(decoded->identity().source, "urn:test");
+  EXPECT_EQ(decoded->identity().id, "e1");
+  e.envelope = "ignored by the encoder";
+  EXPECT_EQ(EncodeEnvelope(e), encoded);
+}
+
+TEST(DeliveryHandle, ReadsBackOnlyWhatItsTransportPutIn) {
+  struct Mine {
+    int64_t row;
+  };
+  struct Theirs {
+    int64_t row;
+  };
+  const DeliveryHandle h(Mine{7});
+  ASSERT_NE(h.As<Mine>(), nullptr);
+  EXPECT_EQ(h.As<Mine>()->row, 7);
+  EXPECT_EQ(h.As<Theirs>(), nullptr);
+  const DeliveryHandle copy = h;  // deliveries are values
+  EXPECT_EQ(copy.As<Mine>()->row, 7);
+  EXPECT_TRUE(DeliveryHandle().empty());
+  EXPECT_EQ(DeliveryHandle().As<Mine>(), nullptr);
+}
+
+TEST_F(OutboxRelayTest, SqlQueueSettlesOnlyDeliveriesItHandedOut) {
+  Event e = MakeEvent("a");
+  e.id = "e1";
+  e.source = "urn:test";
+  e.envelope = "{}";
+  ASSERT_TRUE(queue_->Publish(e).ok());
+  auto sub = queue_->OpenSubscriber("all");
+  auto fetched = sub->Fetch(10, std::chrono::seconds(30));
+  ASSERT_TRUE(fetched);
+  ASSERT_EQ(fetched->size(), 1u);
+  EXPECT_EQ((*fetched)[0].event.id, "e1");
+  EXPECT_EQ((*fetched)[0].event.envelope, "{}");
+  Delivery forged = (*fetched)[0];
+  forged.handle = DeliveryHandle(int64_t{1});  // right row id, not the queue's handle
+  const std::vector<Delivery> mixed = {(*fetched)[0], forged};
+  const std::vector<Settlement> acks(2);
+  EXPECT_EQ(sub->Settle(mixed, acks).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(*queue_->Depth("all"), 1);  // nothing of the batch was settled
+  ASSERT_TRUE(sub->Settle(*fetched, std::span(acks).first(1)).ok());
+  EXPECT_EQ(*queue_->Depth("all"), 0);
+}
+
+TEST_F(OutboxRelayTest, SqlQueueRefusesAnEventWithoutAnEnvelope) {
+  Event e = MakeEvent("a");
+  e.id = "e1";
+  e.source = "urn:test";
+  EXPECT_EQ(queue_->Publish(e).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(db_->Transact([&](Tx& tx) { return queue_->EnqueueInTx(tx, "all", e); }).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(*queue_->Depth("all"), 0);
+}
+
+// A transport with a transactional face, counting which face the relay used; its
+// in-transaction publish can be made to fail.
+class TwoFacedPublisher : public Publisher, public TxPublisher {
+ public:
+  TwoFacedPublisher(Database* db, SqlQueue* target) : db_(db), target_(target) {}
+  Status Publish(const Event& e) override {
+    ++published;
+    return target_->Publish(e);
+  }
+  TxPublisher* tx_publisher() override { return this; }
+  Database* database() override { return db_; }
+  Status PublishInTx(Tx& tx, std::span<const Event> batch) override {
+    ++batches_in_tx;
+    if (!fail_with.ok()) return fail_with;
+    return target_->PublishInTx(tx, batch);
+  }
+  Status fail_with;
+  int published = 0, batches_in_tx = 0;
+
+ private:
+  Database* db_;
+  SqlQueue* target_;
+};
+
+TEST_F(OutboxRelayTest, RelayPublishesAndMarksInOneTransactionThroughATxPublisher) {
+  for (int i = 0; i < 3; ++i) Enqueue(MakeEvent("a"));
+  TwoFacedPublisher pub(db_.get(), queue_.get());
+  pub.fail_with = InternalError("publish failed inside the transaction");
+  Relay relay(*db_, outbox_, pub);
+  EXPECT_FALSE(relay.RunOnce());
+  EXPECT_EQ(pub.batches_in_tx, 1);
+  EXPECT_EQ(pub.published, 0);
+  // The claim and the marks rolled back with the publish.
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 3);
+  pub.fail_with = Status();
+  EXPECT_EQ(*relay.RunOnce(), 3u);
+  EXPECT_EQ(pub.batches_in_tx, 2);
+  EXPECT_EQ(pub.published, 0);
+  EXPECT_EQ(*queue_->Depth("all"), 3);
+}
+
+TEST_F(OutboxRelayTest, ATxPublisherOnAnotherDatabaseIsPublishedToInTwoSteps) {
+  Enqueue(MakeEvent("a"));
+  auto other = OpenSqlite(dir_.File("other.sqlite"));
+  TwoFacedPublisher pub(other.get(), queue_.get());  // its transactions are not the outbox's
+  Relay relay(*db_, outbox_, pub);
+  EXPECT_EQ(*relay.RunOnce(), 1u);
+  EXPECT_EQ(pub.batches_in_tx, 0);
+  EXPECT_EQ(pub.published, 1);
+  EXPECT_EQ(*queue_->Depth("all"), 1);
 }
 
 }  // namespace

@@ -6,6 +6,24 @@
 #include "src/core/validate.h"
 
 namespace converge {
+namespace {
+
+// What a delivery's handle holds: the row and the claim token of the fetch that handed
+// it out. Settling checks both, so a delivery whose visibility ran out and that someone
+// else fetched again is not touched.
+struct RowClaim {
+  int64_t id = 0;
+  std::string token;
+};
+
+Status RequireEnvelope(const Event& e) {
+  if (e.envelope.empty()) {
+    return InvalidArgumentError("event '" + e.id + "' has no envelope to put on the queue");
+  }
+  return OkStatus();
+}
+
+}  // namespace
 
 bool SqlQueue::Matches(std::string_view pattern, std::string_view type) {
   if (pattern == "*" || pattern == type) return true;
@@ -42,20 +60,27 @@ class SqlQueue::QueueSubscriber : public Subscriber {
                                                     queue_, now, static_cast<int64_t>(max)));
       for (const Row& r : rows) {
         Delivery d;
-        d.handle = r.Int(0);
-        d.message = Message{r.Text(1), r.Text(2), r.Text(3), r.Text(4), r.Text(5)};
+        d.handle = DeliveryHandle(RowClaim{r.Int(0), token});
+        // The routing copy; the consumer decodes the envelope for the rest.
+        d.event.id = r.Text(1);
+        d.event.source = r.Text(2);
+        d.event.type = r.Text(3);
+        d.event.subject = r.Text(4);
+        d.event.data.clear();
+        d.event.envelope = r.Text(5);
         d.attempts = r.Int(6);
         d.first_failure_at = r.Int(7);
         d.last_error = r.Text(8);
         d.queue = queue_;
-        d.token = token;
         out.push_back(std::move(d));
       }
       return OkStatus();
     });
     if (!st.ok()) return tl::unexpected(st);
-    std::sort(out.begin(), out.end(),
-              [](const Delivery& a, const Delivery& b) { return a.handle < b.handle; });
+    // RETURNING has no order: hand deliveries out in queue order.
+    std::sort(out.begin(), out.end(), [](const Delivery& a, const Delivery& b) {
+      return a.handle.As<RowClaim>()->id < b.handle.As<RowClaim>()->id;
+    });
     return out;
   }
 
@@ -65,18 +90,23 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       return InvalidArgumentError("Settle: one settlement per delivery");
     }
     if (deliveries.empty()) return OkStatus();
+    for (const Delivery& d : deliveries) {
+      if (d.handle.As<RowClaim>() == nullptr) {
+        return InvalidArgumentError("Settle: a delivery the SQL queue did not hand out");
+      }
+    }
     bool requeued = false;
     Status st = q_->db_.Transact([&](Tx& tx) -> Status {
       const int64_t now = q_->clock_->NowMillis();
       std::vector<std::vector<Value>> acks, naks;
       for (size_t i = 0; i < deliveries.size(); ++i) {
-        const Delivery& d = deliveries[i];
+        const RowClaim& c = *deliveries[i].handle.As<RowClaim>();
         const Settlement& s = settlements[i];
         if (s.kind == Settlement::Kind::kAck) {
-          acks.push_back({Value(d.handle), Value(d.token)});
+          acks.push_back({Value(c.id), Value(c.token)});
         } else {
-          naks.push_back({Value(now + s.delay.count()), Value(now), Value(s.error),
-                          Value(d.handle), Value(d.token)});
+          naks.push_back({Value(now + s.delay.count()), Value(now), Value(s.error), Value(c.id),
+                          Value(c.token)});
         }
       }
       requeued = !naks.empty();
@@ -123,31 +153,37 @@ Status SqlQueue::Subscribe(std::string_view queue, std::string_view pattern) {
   });
 }
 
-Status SqlQueue::EnqueueInTx(Tx& tx, std::string_view queue, const Message& m) {
+Status SqlQueue::EnqueueInTx(Tx& tx, std::string_view queue, const Event& e) {
+  CONVERGE_RETURN_IF_ERROR(RequireEnvelope(e));
   const int64_t now = clock_->NowMillis();
   CONVERGE_RETURN_IF_ERROR(
       tx.Exec("INSERT INTO queue_messages (queue, event_id, source, type, subject, envelope, "
               "enqueued_at, visible_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-              queue, m.id, m.source, m.type, m.subject, m.envelope, now));
+              queue, e.id, e.source, e.type, e.subject, e.envelope, now));
   tx.OnCommit([this] { wakeup_.Notify(); });
   return tx.Notify(kQueueChannel);
 }
 
-Status SqlQueue::PublishInTx(Tx& tx, const Message& m) {
-  CONVERGE_ASSIGN_OR_RETURN(Rows subs,
-                            tx.Query("SELECT queue, pattern FROM queue_subscriptions ORDER BY queue"));
-  std::string last;
-  for (const Row& s : subs) {
-    std::string queue = s.Text(0);
-    if (queue == last || !Matches(s.Text(1), m.type)) continue;  // rows come in queue order
-    CONVERGE_RETURN_IF_ERROR(EnqueueInTx(tx, queue, m));
-    last = std::move(queue);
+Status SqlQueue::Requeue(Tx& tx, const DeadLetter& d) {
+  // The subject is inside the envelope; the queue row only needs it for routing
+  // displays, so the dead letter's event id stands in when it is missing.
+  Event e;
+  e.id = d.event_id;
+  e.source = d.source;
+  e.type = d.type;
+  e.subject = d.event_id;
+  e.envelope = d.envelope;
+  if (auto decoded = DecodeEnvelope(d.envelope); decoded && !decoded->subject.empty()) {
+    e.subject = decoded->subject;
   }
-  return OkStatus();
+  // An undecodable envelope goes back as it is (the consumer parks it again, "decode");
+  // an empty one is refused, and the letter stays parked.
+  return EnqueueInTx(tx, d.queue, e);
 }
 
-Status SqlQueue::PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
+Status SqlQueue::PublishInTx(Tx& tx, std::span<const Event> batch) {
   if (batch.empty()) return OkStatus();
+  for (const Event& e : batch) CONVERGE_RETURN_IF_ERROR(RequireEnvelope(e));
   CONVERGE_ASSIGN_OR_RETURN(Rows subs,
                             tx.Query("SELECT queue, pattern FROM queue_subscriptions ORDER BY queue"));
   const int64_t now = clock_->NowMillis();
@@ -173,13 +209,13 @@ Status SqlQueue::PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
     return OkStatus();
   };
   bool any = false;
-  for (const Message& m : batch) {
+  for (const Event& e : batch) {
     std::string last;
     for (const Row& s : subs) {
       std::string queue = s.Text(0);
-      if (queue == last || !Matches(s.Text(1), m.type)) continue;
-      for (Value v : {Value(queue), Value(m.id), Value(m.source), Value(m.type), Value(m.subject),
-                      Value(m.envelope), Value(now)}) {
+      if (queue == last || !Matches(s.Text(1), e.type)) continue;  // rows in queue order
+      for (Value v : {Value(queue), Value(e.id), Value(e.source), Value(e.type), Value(e.subject),
+                      Value(e.envelope), Value(now)}) {
         params.push_back(std::move(v));
       }
       last = std::move(queue);
@@ -193,8 +229,8 @@ Status SqlQueue::PublishBatchInTx(Tx& tx, std::span<const Message> batch) {
   return tx.Notify(kQueueChannel);
 }
 
-Status SqlQueue::Publish(const Message& m) {
-  return db_.Transact([&](Tx& tx) { return PublishInTx(tx, m); });
+Status SqlQueue::Publish(const Event& e) {
+  return db_.Transact([&](Tx& tx) { return PublishInTx(tx, std::span<const Event>(&e, 1)); });
 }
 
 std::unique_ptr<Subscriber> SqlQueue::OpenSubscriber(std::string queue) {

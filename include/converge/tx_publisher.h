@@ -1,0 +1,39 @@
+// TxPublisher: publishing inside a store transaction, for transports that live in the
+// database itself (the SQL queue). When the relay's outbox is in that same database, it
+// claims, publishes and marks a batch in one local transaction, and the window between
+// "published" and "marked" that an external broker has does not exist
+// (docs/design/outbox-relay.md).
+//
+// A transport offers this next to its Publisher (Publisher::tx_publisher()); a broker
+// outside the database (NATS) does not, and the relay publishes to it in two steps.
+//
+// Thread safety: implementations are safe to use from many threads; a Tx is used only by
+// the thread it was handed to.
+#ifndef CONVERGE_TX_PUBLISHER_H_
+#define CONVERGE_TX_PUBLISHER_H_
+
+#include <span>
+
+#include "converge/database.h"
+#include "converge/event.h"
+#include "converge/status.h"
+
+namespace converge {
+
+class TxPublisher {
+ public:
+  virtual ~TxPublisher() = default;
+
+  // The database whose transactions PublishInTx writes through. The relay uses this
+  // publisher only when it is the outbox's own database.
+  virtual Database* database() = 0;
+
+  // Publishes `batch` in order through `tx`: subscribers see it when tx commits, and
+  // never if it rolls back. REQUIRES: tx belongs to database(); every event's envelope
+  // is set. Errors: the store's.
+  virtual Status PublishInTx(Tx& tx, std::span<const Event> batch) = 0;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_TX_PUBLISHER_H_
