@@ -10,6 +10,7 @@
 #include "converge/database.h"
 #include "converge/dead_letters.h"
 #include "converge/effects.h"
+#include "converge/http_service.h"
 #include "converge/sql_queue.h"
 
 namespace converge::cli {
@@ -26,28 +27,9 @@ struct DlqFlags {
   int64_t id = 0;
 };
 
+// The same JSON as the admin API's (http_service.h), pretty-printed.
 nlohmann::json ToJson(const DeadLetter& d, bool with_envelope) {
-  nlohmann::json j = {
-      {"id", d.id},
-      {"consumer", d.consumer},
-      {"queue", d.queue},
-      {"event_id", d.event_id},
-      {"source", d.source},
-      {"type", d.type},
-      {"error_class", d.error_class},
-      {"error_code", d.error_code},
-      {"error", d.error},
-      {"attempts", d.attempts},
-      {"first_failure_at", FormatRfc3339(d.first_failure_at)},
-      {"last_failure_at", FormatRfc3339(d.last_failure_at)},
-      {"state", d.state},
-      {"replay_count", d.replay_count},
-  };
-  if (with_envelope) {
-    nlohmann::json env = nlohmann::json::parse(d.envelope, nullptr, false);
-    j["envelope"] = env.is_discarded() ? nlohmann::json(d.envelope) : env;
-  }
-  return j;
+  return nlohmann::json::parse(http::DeadLetterJson(d, with_envelope));
 }
 
 // Exit codes, for scripts: also in `converge dlq --help` (kExitCodes) and the README.

@@ -20,6 +20,7 @@
 #include "converge/failpoint.h"
 #include "converge/http.h"
 #include "converge/http_idempotency.h"
+#include "converge/http_service.h"
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
 #include "converge/metrics.h"
@@ -134,17 +135,10 @@ class Service::Impl {
   // --- HTTP handlers ---
   converge::http::Server::Handler CreatePaymentRoute();
   Response GetPayment(Request& req);
-  Response PspWebhook(Request& req);
-  Response AdminList(Request& req);
-  Response AdminGet(Request& req);
-  Response AdminReplay(Request& req);
-  Response AdminDiscard(Request& req);
-  Response AdminStats(Request& req);
-  Response AdminFailpointsSet(Request& req);
-  Response AdminFailpointGet(Request& req);
-  Response AdminFailpointRelease(Request& req);
+  converge::http::Server::Handler PspWebhookRoute();
   Response Metrics(Request& req);
-  Response Ready(Request& req);
+  // The payments' own figures for /admin/stats.
+  Result<std::string> PaymentStats(Tx& tx);
 
   // Maps `Authorization: Bearer <key>` to a tenant; nullptr when unknown.
   const std::string* Tenant(const Request& req) const;
@@ -305,20 +299,17 @@ Status Service::Impl::Start() {
   };
   server_->Route("POST", "/v1/payments", CreatePaymentRoute());
   route("GET", "/v1/payments/{id}", &Impl::GetPayment);
-  route("POST", "/webhooks/psp", &Impl::PspWebhook);
-  route("GET", "/admin/dead-letters", &Impl::AdminList);
-  route("GET", "/admin/dead-letters/{id}", &Impl::AdminGet);
-  route("POST", "/admin/dead-letters/{id}/replay", &Impl::AdminReplay);
-  route("DELETE", "/admin/dead-letters/{id}", &Impl::AdminDiscard);
-  route("GET", "/admin/stats", &Impl::AdminStats);
+  server_->Route("POST", "/webhooks/psp", PspWebhookRoute());
+  converge::http::AdminOptions admin;
+  admin.token = cfg_.admin_token;
+  admin.db = db_.get();
+  admin.dead_letters = dead_letters_.get();
+  admin.failpoints = cfg_.admin_failpoints;
+  admin.on_replay = [this](const converge::DeadLetter&) { receipts_->wakeup().Notify(); };
+  admin.extra_stats = [this](Tx& tx) { return PaymentStats(tx); };
+  CONVERGE_RETURN_IF_ERROR(converge::http::RegisterAdminRoutes(*server_, std::move(admin)));
   route("GET", "/metrics", &Impl::Metrics);
-  route("GET", "/readyz", &Impl::Ready);
-  if (cfg_.admin_failpoints) {
-    route("PUT", "/admin/failpoints", &Impl::AdminFailpointsSet);
-    route("GET", "/admin/failpoints/{name}", &Impl::AdminFailpointGet);
-    route("POST", "/admin/failpoints/{name}/release", &Impl::AdminFailpointRelease);
-  }
-  server_->Route("GET", "/healthz", [](Request&) { return Json(200, "{\"status\":\"ok\"}"); });
+  converge::http::RegisterHealthRoutes(*server_, *db_, [this] { return stopping_.load(); });
 
   for (const char* c : {"idempotency_replays_total", "idempotency_conflicts_total",
                         "idempotency_mismatches_total", "idempotency_resumed_total",
@@ -666,53 +657,39 @@ Response Service::Impl::GetPayment(Request& req) {
 
 // --- POST /webhooks/psp ---------------------------------------------------------------
 
-Response Service::Impl::PspWebhook(Request& req) {
-  auto header = [&](const char* n) {
-    const std::string* v = req.Header(n);
-    return v ? *v : std::string();
+converge::http::Server::Handler Service::Impl::PspWebhookRoute() {
+  // Verification, the dedupe row and the 204 come from the library's intake; this service
+  // only says what a provider event is and stages it for its consumer.
+  converge::http::WebhookIntakeOptions o;
+  o.consumer = "webhook:psp";
+  o.source = kPspSource;
+  o.secrets = cfg_.webhook_secrets;
+  o.tolerance = cfg_.webhook_tolerance;
+  o.dedupe_ttl = Millis(kWebhookDedupeMillis);
+  o.metrics = &metrics_;
+  o.validate = [](const converge::http::VerifiedWebhook& hook) -> std::optional<Response> {
+    json j = json::parse(hook.body, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j["type"].is_string() || !j["data"].is_object()) {
+      return Problem(400, "Bad Request",
+                     "webhook body must be {\"type\": string, \"data\": object}",
+                     "invalid-webhook");
+    }
+    return std::nullopt;
   };
-  const std::string id = header("webhook-id");
-  // Verify before anything is stored or even parsed.
-  Status v = converge::webhook::Verify(
-      cfg_.webhook_secrets, id, header("webhook-timestamp"), header("webhook-signature"),
-      req.body, converge::Clock::System()->NowMillis() / 1000,
-      std::chrono::duration_cast<std::chrono::seconds>(cfg_.webhook_tolerance));
-  if (!v.ok()) {
-    metrics_.Add("webhooks_rejected_total", {{"reason", v.reason()}});
-    return Problem(401, "Unauthorized", "webhook signature verification failed: " + v.reason(),
-                   "webhook-signature");
-  }
-  if (id.size() > 255) return Problem(400, "Bad Request", "webhook-id is too long", "invalid-webhook");
-  json j = json::parse(req.body, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j["type"].is_string() || !j["data"].is_object()) {
-    return Problem(400, "Bad Request", "webhook body must be {\"type\": string, \"data\": object}",
-                   "invalid-webhook");
-  }
-  bool duplicate = false;
-  Status st = db_->Transact([&](Tx& tx) -> Status {
-    // The inbox row keyed by the webhook id and the staged work commit together.
-    const int64_t now = converge::Clock::System()->NowMillis();
-    CONVERGE_ASSIGN_OR_RETURN(
-        converge::InboxClaim claim,
-        converge::Inbox().Claim(tx, "webhook:psp", {kPspSource, id}, Millis(kWebhookDedupeMillis)));
-    duplicate = claim == converge::InboxClaim::kDuplicate;
-    if (duplicate) return converge::OkStatus();
-    Event e;
-    e.id = id;
-    e.source = kPspSource;
-    e.type = "psp." + j["type"].get<std::string>();
-    e.subject = j["data"].value("charge_id", j["data"].value("id", "unknown"));
-    e.aggregate_type = "psp";
-    e.time = now;
-    e.data = j["data"].dump();
-    e.envelope = converge::EncodeEnvelope(e);
-    return queue_->EnqueueInTx(tx, "psp-webhooks", e);
-  });
-  if (!st.ok()) return StoreError(st);
-  metrics_.Add("webhooks_received_total", {{"duplicate", duplicate ? "true" : "false"}});
-  Response r;
-  r.status = 204;
-  return r;
+  return converge::http::WebhookIntakeRoute(
+      *db_, std::move(o), [this](Tx& tx, const converge::http::VerifiedWebhook& hook) {
+        json j = json::parse(hook.body);
+        Event e;
+        e.id = hook.id;
+        e.source = kPspSource;
+        e.type = "psp." + j["type"].get<std::string>();
+        e.subject = j["data"].value("charge_id", j["data"].value("id", "unknown"));
+        e.aggregate_type = "psp";
+        e.time = converge::Clock::System()->NowMillis();
+        e.data = j["data"].dump();
+        e.envelope = converge::EncodeEnvelope(e);
+        return queue_->EnqueueInTx(tx, "psp-webhooks", e);
+      });
 }
 
 // --- consumers -------------------------------------------------------------------------
@@ -838,182 +815,17 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
   return converge::OkStatus();  // other provider events: nothing to do
 }
 
-// --- admin -----------------------------------------------------------------------------
-
-namespace {
-
-json LetterJson(const converge::DeadLetter& d, bool envelope) {
-  json j = {{"id", d.id},
-            {"consumer", d.consumer},
-            {"queue", d.queue},
-            {"event_id", d.event_id},
-            {"type", d.type},
-            {"error_class", d.error_class},
-            {"error_code", d.error_code},
-            {"error", d.error},
-            {"attempts", d.attempts},
-            {"first_failure_at", converge::FormatRfc3339(d.first_failure_at)},
-            {"last_failure_at", converge::FormatRfc3339(d.last_failure_at)},
-            {"state", d.state},
-            {"replay_count", d.replay_count}};
-  if (envelope) {
-    json e = json::parse(d.envelope, nullptr, false);
-    j["envelope"] = e.is_discarded() ? json(d.envelope) : e;
-  }
-  return j;
-}
-
-bool ParseId(const std::string& s, int64_t* id) {
-  auto r = std::from_chars(s.data(), s.data() + s.size(), *id);
-  return r.ec == std::errc() && r.ptr == s.data() + s.size() && *id > 0;
-}
-
-std::string QueryParam(const std::string& query, const std::string& name) {
-  size_t i = 0;
-  while (i <= query.size()) {
-    size_t amp = query.find('&', i);
-    if (amp == std::string::npos) amp = query.size();
-    std::string part = query.substr(i, amp - i);
-    if (part.rfind(name + "=", 0) == 0) return part.substr(name.size() + 1);
-    i = amp + 1;
-  }
-  return {};
-}
-
-}  // namespace
-
-#define REQUIRE_ADMIN(req)                                                 \
-  do {                                                                     \
-    if (!IsAdmin(req)) return Unauthorized("the admin token is required"); \
-  } while (0)
-
-Response Service::Impl::AdminList(Request& req) {
-  REQUIRE_ADMIN(req);
-  converge::DeadLetterFilter f;
-  std::string state = QueryParam(req.query, "state");
-  if (state == "all") {
-    f.state = "";
-  } else if (!state.empty()) {
-    if (state != "parked" && state != "replayed" && state != "discarded") {
-      return Problem(400, "Bad Request", "state must be parked, replayed, discarded or all",
-                     "invalid-request");
-    }
-    f.state = state;
-  }
-  f.consumer = QueryParam(req.query, "consumer");
-  std::string limit = QueryParam(req.query, "limit"), after = QueryParam(req.query, "after");
-  if (!limit.empty() && (!ParseId(limit, &f.limit) || f.limit > 1000)) {
-    return Problem(400, "Bad Request", "limit must be 1..1000", "invalid-request");
-  }
-  if (!after.empty() && !ParseId(after, &f.after_id)) {
-    return Problem(400, "Bad Request", "after must be a positive id", "invalid-request");
-  }
-  auto list = dead_letters_->List(f);
-  if (!list) return StoreError(list.error());
-  json a = json::array();
-  for (const auto& d : *list) a.push_back(LetterJson(d, false));
-  return Json(200, json{{"dead_letters", a}}.dump());
-}
-
-Response Service::Impl::AdminGet(Request& req) {
-  REQUIRE_ADMIN(req);
-  int64_t id = 0;
-  if (!ParseId(req.params["id"], &id)) return Problem(400, "Bad Request", "bad id", "invalid-request");
-  auto d = dead_letters_->Get(id);
-  if (!d) {
-    if (d.error().code() == StatusCode::kNotFound) return Problem(404, "Not Found", d.error().message(), "not-found");
-    return StoreError(d.error());
-  }
-  return Json(200, LetterJson(*d, true).dump());
-}
-
-Response Service::Impl::AdminReplay(Request& req) {
-  REQUIRE_ADMIN(req);
-  int64_t id = 0;
-  if (!ParseId(req.params["id"], &id)) return Problem(400, "Bad Request", "bad id", "invalid-request");
-  Status st = dead_letters_->Replay(id);
-  if (st.code() == StatusCode::kNotFound) return Problem(404, "Not Found", st.message(), "not-found");
-  // Already replayed or discarded, maybe by a concurrent call that won: a conflict with
-  // the letter's state, not a store failure (DeadLetters::Replay).
-  if (st.reason() == converge::reason::kNotParked) {
-    return Problem(409, "Conflict", st.message(), "not-parked");
-  }
-  if (!st.ok()) return StoreError(st);
-  receipts_->wakeup().Notify();
-  return Json(200, json{{"id", id}, {"state", "replayed"}}.dump());
-}
-
-Response Service::Impl::AdminDiscard(Request& req) {
-  REQUIRE_ADMIN(req);
-  int64_t id = 0;
-  if (!ParseId(req.params["id"], &id)) return Problem(400, "Bad Request", "bad id", "invalid-request");
-  Status st = dead_letters_->Discard(id);
-  if (st.code() == StatusCode::kNotFound) return Problem(404, "Not Found", st.message(), "not-found");
-  if (st.reason() == converge::reason::kNotParked) {
-    return Problem(409, "Conflict", st.message(), "not-parked");
-  }
-  if (!st.ok()) return StoreError(st);
-  return Json(200, json{{"id", id}, {"state", "discarded"}}.dump());
-}
-
-Response Service::Impl::AdminStats(Request& req) {
-  REQUIRE_ADMIN(req);
+Result<std::string> Service::Impl::PaymentStats(Tx& tx) {
   json out;
-  Status st = db_->Read([&](Tx& tx) -> Status {
-    const int64_t now = converge::Clock::System()->NowMillis();
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
-    out["outbox"] = {{"backlog", ob[0].Int(0)},
-                     {"oldest_unpublished_age_ms", ob[0].IsNull(1) ? 0 : now - ob[0].Int(1)}};
-    CONVERGE_ASSIGN_OR_RETURN(auto inbox, converge::Inbox().CountByConsumer(tx));
-    for (const auto& [consumer, rows] : inbox) out["inbox"][consumer] = rows;
-    CONVERGE_ASSIGN_OR_RETURN(Rows q, tx.Query("SELECT queue, count(*) FROM queue_messages GROUP BY queue"));
-    out["queues"] = json::object();
-    for (const auto& r : q) out["queues"][r.Text(0)] = r.Int(1);
-    CONVERGE_ASSIGN_OR_RETURN(Rows dl, tx.Query("SELECT state, count(*) FROM dead_letters GROUP BY state"));
-    out["dead_letters"] = {{"parked", 0}, {"replayed", 0}, {"discarded", 0}};
-    for (const auto& r : dl) out["dead_letters"][r.Text(0)] = r.Int(1);
-    CONVERGE_ASSIGN_OR_RETURN(Rows k, tx.Query("SELECT status, count(*) FROM idempotency_keys GROUP BY status"));
-    out["idempotency_keys"] = {{"in_progress", 0}, {"completed", 0}};
-    for (const auto& r : k) out["idempotency_keys"][r.Text(0)] = r.Int(1);
-    CONVERGE_ASSIGN_OR_RETURN(Rows ef, tx.Query("SELECT state, count(*) FROM effects GROUP BY state"));
-    out["effects"] = {{"pending", 0}, {"done", 0}, {"failed", 0}};
-    for (const auto& r : ef) out["effects"][r.Text(0)] = r.Int(1);
-    CONVERGE_ASSIGN_OR_RETURN(Rows p, tx.Query("SELECT status, count(*) FROM payments GROUP BY status"));
-    out["payments"] = json::object();
-    for (const auto& r : p) out["payments"][r.Text(0)] = r.Int(1);
-    CONVERGE_ASSIGN_OR_RETURN(Rows le, tx.Query("SELECT count(*) FROM ledger_entries"));
-    out["ledger_entries"] = le[0].Int(0);
-    const auto cs = completer_->stats();
-    out["completer"] = {{"finished", cs.finished}, {"failed", cs.failed}, {"lost", cs.lost}};
-    return converge::OkStatus();
-  });
-  if (!st.ok()) return StoreError(st);
-  return Json(200, out.dump());
-}
-
-// Test and chaos hooks (only when [admin] failpoints = true): the environment spec of a
-// child process, plus pausing and releasing from outside.
-Response Service::Impl::AdminFailpointsSet(Request& req) {
-  REQUIRE_ADMIN(req);
-  Status st = converge::failpoint::Configure(req.body);
-  if (!st.ok()) return Problem(400, "Bad Request", st.message(), "invalid-request");
-  return Json(200, json{{"spec", req.body}}.dump());
-}
-
-Response Service::Impl::AdminFailpointGet(Request& req) {
-  REQUIRE_ADMIN(req);
-  const std::string& name = req.params["name"];
-  return Json(200, json{{"name", name},
-                        {"hits", converge::failpoint::Hits(name)},
-                        {"paused", converge::failpoint::Paused(name)}}
-                       .dump());
-}
-
-Response Service::Impl::AdminFailpointRelease(Request& req) {
-  REQUIRE_ADMIN(req);
-  const std::string& name = req.params["name"];
-  return Json(200, json{{"name", name}, {"released", converge::failpoint::Release(name)}}.dump());
+  CONVERGE_ASSIGN_OR_RETURN(Rows p,
+                            tx.Query("SELECT status, count(*) FROM payments GROUP BY status"));
+  out["payments"] = json::object();
+  for (const auto& r : p) out["payments"][r.Text(0)] = r.Int(1);
+  CONVERGE_ASSIGN_OR_RETURN(Rows le, tx.Query("SELECT count(*) FROM ledger_entries"));
+  out["ledger_entries"] = le[0].Int(0);
+  const auto cs = completer_->stats();
+  out["completer"] = {{"finished", cs.finished}, {"failed", cs.failed}, {"lost", cs.lost}};
+  return out.dump();
 }
 
 void Service::Impl::RefreshGauges() {
@@ -1065,11 +877,5 @@ Response Service::Impl::Metrics(Request&) {
   return r;
 }
 
-Response Service::Impl::Ready(Request&) {
-  if (stopping_.load()) return Problem(503, "Service Unavailable", "shutting down", "unavailable");
-  Status st = db_->Read([](Tx& tx) { return converge::StatusOf(tx.Query("SELECT 1")); });
-  if (!st.ok()) return Problem(503, "Service Unavailable", "the store is unreachable", "unavailable");
-  return Json(200, "{\"status\":\"ready\"}");
-}
 
 }  // namespace payments

@@ -1,4 +1,5 @@
 #include "converge/http.h"
+#include "converge/http_service.h"
 
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -317,4 +318,26 @@ TEST(HttpProblemFor, RetryAfterOnlyWhenARetryMaySucceed) {
 }
 
 }  // namespace
+TEST(HttpQueryParam, DecodesEscapesAndPlusAndRefusesMalformedOnes) {
+  EXPECT_EQ(*QueryParam("state=parked&consumer=ledger", "consumer"), "ledger");
+  EXPECT_EQ(*QueryParam("consumer=webhook%3Apsp", "consumer"), "webhook:psp");
+  EXPECT_EQ(*QueryParam("q=a+b%20c", "q"), "a b c");
+  EXPECT_EQ(*QueryParam("flag", "flag"), "");
+  EXPECT_FALSE(QueryParam("a=1", "b"));
+  EXPECT_FALSE(QueryParam("a=%4", "a"));
+  EXPECT_FALSE(QueryParam("a=%zz", "a"));
+  EXPECT_FALSE(QueryParam("consumer=ledger", "consume"));  // names match whole
+}
+
+TEST(HttpDeadLetterJson, CarriesTheSourceAndTheParsedEnvelope) {
+  DeadLetter d;
+  d.id = 7;
+  d.source = "urn:test";
+  d.envelope = "{\"id\":\"e1\"}";
+  const std::string j = DeadLetterJson(d, true);
+  EXPECT_NE(j.find("\"source\":\"urn:test\""), std::string::npos) << j;
+  EXPECT_NE(j.find("\"envelope\":{\"id\":\"e1\"}"), std::string::npos) << j;
+  EXPECT_EQ(DeadLetterJson(d, false).find("envelope"), std::string::npos);
+}
+
 }  // namespace converge::http

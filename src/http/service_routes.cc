@@ -1,0 +1,299 @@
+// The generic routes of a converge service: webhook intake, admin API, health.
+#include <charconv>
+
+#include <nlohmann/json.hpp>
+
+#include "converge/failpoint.h"
+#include "converge/http_idempotency.h"
+#include "converge/http_service.h"
+#include "converge/inbox.h"
+#include "converge/webhook.h"
+
+namespace converge::http {
+namespace {
+
+using json = nlohmann::json;
+
+Response NoContent() {
+  Response r;
+  r.status = 204;
+  return r;
+}
+
+bool ParseId(std::string_view s, int64_t* id) {
+  auto r = std::from_chars(s.data(), s.data() + s.size(), *id);
+  return r.ec == std::errc() && r.ptr == s.data() + s.size() && *id > 0;
+}
+
+// Constant time in the token's content; its length may show (it is not the secret).
+bool TokenMatches(const Request& req, const std::string& token) {
+  const auto given = BearerToken(req);
+  if (!given || given->size() != token.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < token.size(); ++i) diff |= (*given)[i] ^ token[i];
+  return diff == 0;
+}
+
+Response Unauthorized(const char* detail) {
+  Response r = Problem(401, "Unauthorized", detail, "unauthorized");
+  r.Set("WWW-Authenticate", "Bearer");
+  return r;
+}
+
+// Counts per group of a `SELECT key, count(*) ... GROUP BY key`, onto `defaults`.
+Status Counts(Tx& tx, const std::string& sql, json defaults, json* out) {
+  CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql));
+  for (const Row& r : rows) defaults[r.Text(0)] = r.Int(1);
+  *out = std::move(defaults);
+  return OkStatus();
+}
+
+}  // namespace
+
+std::optional<std::string> QueryParam(std::string_view query, std::string_view name) {
+  while (!query.empty()) {
+    const size_t amp = query.find('&');
+    std::string_view part = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+    const size_t eq = part.find('=');
+    if (part.substr(0, eq) != name) continue;
+    const std::string_view raw =
+        eq == std::string_view::npos ? std::string_view() : part.substr(eq + 1);
+    std::string out;
+    for (size_t i = 0; i < raw.size(); ++i) {
+      if (raw[i] == '+') {
+        out.push_back(' ');
+      } else if (raw[i] == '%') {
+        int v = 0;
+        if (i + 2 >= raw.size()) return std::nullopt;
+        auto r = std::from_chars(raw.data() + i + 1, raw.data() + i + 3, v, 16);
+        if (r.ec != std::errc() || r.ptr != raw.data() + i + 3) return std::nullopt;
+        out.push_back(static_cast<char>(v));
+        i += 2;
+      } else {
+        out.push_back(raw[i]);
+      }
+    }
+    return out;
+  }
+  return std::nullopt;
+}
+
+std::string DeadLetterJson(const DeadLetter& d, bool with_envelope) {
+  json j = {{"id", d.id},
+            {"consumer", d.consumer},
+            {"queue", d.queue},
+            {"event_id", d.event_id},
+            {"source", d.source},
+            {"type", d.type},
+            {"error_class", d.error_class},
+            {"error_code", d.error_code},
+            {"error", d.error},
+            {"attempts", d.attempts},
+            {"first_failure_at", FormatRfc3339(d.first_failure_at)},
+            {"last_failure_at", FormatRfc3339(d.last_failure_at)},
+            {"state", d.state},
+            {"replay_count", d.replay_count}};
+  if (with_envelope) {
+    json e = json::parse(d.envelope, nullptr, false);
+    j["envelope"] = e.is_discarded() ? json(d.envelope) : e;
+  }
+  return j.dump();
+}
+
+// --- webhooks in ---------------------------------------------------------------------
+
+Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, StageFn stage) {
+  return [&db, o = std::move(options), stage = std::move(stage)](Request& req) -> Response {
+    Clock* clock = o.clock ? o.clock : Clock::System();
+    auto header = [&](const char* n) {
+      const std::string* v = req.Header(n);
+      return v ? *v : std::string();
+    };
+    VerifiedWebhook hook{header("webhook-id"), 0, req.body};
+    const std::string timestamp = header("webhook-timestamp");
+    // Verify before anything is stored or even parsed.
+    Status v = webhook::Verify(o.secrets, hook.id, timestamp,
+                               header("webhook-signature"), req.body, clock->NowMillis() / 1000,
+                               std::chrono::duration_cast<std::chrono::seconds>(o.tolerance));
+    if (!v.ok()) {
+      if (o.metrics) o.metrics->Add("webhooks_rejected_total", {{"reason", v.reason()}});
+      return Problem(401, "Unauthorized", "webhook signature verification failed: " + v.reason(),
+                     "webhook-signature");
+    }
+    if (hook.id.size() > 255) {
+      return Problem(400, "Bad Request", "webhook-id is too long", "invalid-webhook");
+    }
+    std::from_chars(timestamp.data(), timestamp.data() + timestamp.size(), hook.timestamp);
+    if (o.validate) {
+      if (std::optional<Response> early = o.validate(hook)) return std::move(*early);
+    }
+    bool duplicate = false;
+    Inbox inbox(clock);
+    Status st = db.Transact([&](Tx& tx) -> Status {
+      // The inbox row keyed by the webhook id and the staged work commit together.
+      CONVERGE_ASSIGN_OR_RETURN(
+          InboxClaim claim, inbox.Claim(tx, o.consumer, {o.source, hook.id}, o.dedupe_ttl));
+      duplicate = claim == InboxClaim::kDuplicate;
+      if (duplicate) return OkStatus();
+      return stage(tx, hook);
+    });
+    if (!st.ok()) return StoreProblem(st);
+    if (o.metrics) {
+      o.metrics->Add("webhooks_received_total", {{"duplicate", duplicate ? "true" : "false"}});
+    }
+    return NoContent();
+  };
+}
+
+// --- admin ---------------------------------------------------------------------------
+
+Status RegisterAdminRoutes(Server& server, AdminOptions options) {
+  if (options.token.size() < 8) {
+    return InvalidArgumentError("admin token must be at least 8 characters");
+  }
+  if (options.db == nullptr || options.dead_letters == nullptr) {
+    return InvalidArgumentError("admin routes need the database and the dead letters");
+  }
+  auto o = std::make_shared<const AdminOptions>(std::move(options));
+  auto route = [&server, o](const char* method, const char* pattern,
+                            std::function<Response(Request&)> fn) {
+    server.Route(method, pattern, [o, fn = std::move(fn)](Request& req) -> Response {
+      if (!TokenMatches(req, o->token)) return Unauthorized("the admin token is required");
+      return fn(req);
+    });
+  };
+  auto letter_id = [](Request& req, int64_t* id) { return ParseId(req.params["id"], id); };
+  auto bad_id = [] { return Problem(400, "Bad Request", "bad id", "invalid-request"); };
+
+  route("GET", "/admin/dead-letters", [o](Request& req) -> Response {
+    DeadLetterFilter f;
+    const std::string state = QueryParam(req.query, "state").value_or("");
+    if (state == "all") {
+      f.state = "";
+    } else if (!state.empty()) {
+      if (state != "parked" && state != "replayed" && state != "discarded") {
+        return Problem(400, "Bad Request", "state must be parked, replayed, discarded or all",
+                       "invalid-request");
+      }
+      f.state = state;
+    }
+    f.consumer = QueryParam(req.query, "consumer").value_or("");
+    const auto limit = QueryParam(req.query, "limit"), after = QueryParam(req.query, "after");
+    if (limit && (!ParseId(*limit, &f.limit) || f.limit > 1000)) {
+      return Problem(400, "Bad Request", "limit must be 1..1000", "invalid-request");
+    }
+    if (after && !ParseId(*after, &f.after_id)) {
+      return Problem(400, "Bad Request", "after must be a positive id", "invalid-request");
+    }
+    auto list = o->dead_letters->List(f);
+    if (!list) return StoreProblem(list.error());
+    std::string body = "{\"dead_letters\":[";
+    for (size_t i = 0; i < list->size(); ++i) {
+      body += (i ? "," : "") + DeadLetterJson((*list)[i], false);
+    }
+    return Json(200, body + "]}");
+  });
+  route("GET", "/admin/dead-letters/{id}", [o, letter_id, bad_id](Request& req) -> Response {
+    int64_t id = 0;
+    if (!letter_id(req, &id)) return bad_id();
+    auto d = o->dead_letters->Get(id);
+    if (!d && d.error().code() == StatusCode::kNotFound) {
+      return Problem(404, "Not Found", d.error().message(), "not-found");
+    }
+    if (!d) return StoreProblem(d.error());
+    return Json(200, DeadLetterJson(*d, true));
+  });
+  // Replay and discard: a letter leaves `parked` once; the loser of a race (or a second
+  // call) gets 409, never a second copy on a queue (DeadLetters).
+  auto transition = [o, letter_id, bad_id](bool replay) {
+    return [o, letter_id, bad_id, replay](Request& req) -> Response {
+      int64_t id = 0;
+      if (!letter_id(req, &id)) return bad_id();
+      Status st = replay ? o->dead_letters->Replay(id) : o->dead_letters->Discard(id);
+      if (st.code() == StatusCode::kNotFound) {
+        return Problem(404, "Not Found", st.message(), "not-found");
+      }
+      if (st.reason() == reason::kNotParked) {
+        return Problem(409, "Conflict", st.message(), "not-parked");
+      }
+      if (!st.ok()) return StoreProblem(st);
+      if (replay && o->on_replay) {
+        if (auto d = o->dead_letters->Get(id)) o->on_replay(*d);
+      }
+      return Json(200, json{{"id", id}, {"state", replay ? "replayed" : "discarded"}}.dump());
+    };
+  };
+  route("POST", "/admin/dead-letters/{id}/replay", transition(true));
+  route("DELETE", "/admin/dead-letters/{id}", transition(false));
+  route("GET", "/admin/stats", [o](Request&) -> Response {
+    json out;
+    Status st = o->db->Read([&](Tx& tx) -> Status {
+      const int64_t now = Clock::System()->NowMillis();
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events "
+                            "WHERE published_at IS NULL"));
+      out["outbox"] = {{"backlog", ob[0].Int(0)},
+                       {"oldest_unpublished_age_ms", ob[0].IsNull(1) ? 0 : now - ob[0].Int(1)}};
+      CONVERGE_ASSIGN_OR_RETURN(auto inbox, Inbox().CountByConsumer(tx));
+      out["inbox"] = json::object();
+      for (const auto& [consumer, rows] : inbox) out["inbox"][consumer] = rows;
+      CONVERGE_RETURN_IF_ERROR(Counts(
+          tx, "SELECT queue, count(*) FROM queue_messages GROUP BY queue", json::object(),
+          &out["queues"]));
+      CONVERGE_RETURN_IF_ERROR(Counts(
+          tx, "SELECT state, count(*) FROM dead_letters GROUP BY state",
+          {{"parked", 0}, {"replayed", 0}, {"discarded", 0}}, &out["dead_letters"]));
+      CONVERGE_RETURN_IF_ERROR(Counts(
+          tx, "SELECT status, count(*) FROM idempotency_keys GROUP BY status",
+          {{"in_progress", 0}, {"completed", 0}}, &out["idempotency_keys"]));
+      CONVERGE_RETURN_IF_ERROR(Counts(tx, "SELECT state, count(*) FROM effects GROUP BY state",
+                                      {{"pending", 0}, {"done", 0}, {"failed", 0}},
+                                      &out["effects"]));
+      if (o->extra_stats) {
+        CONVERGE_ASSIGN_OR_RETURN(std::string extra, o->extra_stats(tx));
+        json e = json::parse(extra, nullptr, false);
+        if (!e.is_object()) return InternalError("extra_stats did not return a JSON object");
+        out.update(e);
+      }
+      return OkStatus();
+    });
+    if (!st.ok()) return StoreProblem(st);
+    return Json(200, out.dump());
+  });
+  if (o->failpoints) {
+    route("PUT", "/admin/failpoints", [](Request& req) -> Response {
+      Status st = failpoint::Configure(req.body);
+      if (!st.ok()) return Problem(400, "Bad Request", st.message(), "invalid-request");
+      return Json(200, json{{"spec", req.body}}.dump());
+    });
+    route("GET", "/admin/failpoints/{name}", [](Request& req) -> Response {
+      const std::string& name = req.params["name"];
+      return Json(200, json{{"name", name},
+                            {"hits", failpoint::Hits(name)},
+                            {"paused", failpoint::Paused(name)}}
+                           .dump());
+    });
+    route("POST", "/admin/failpoints/{name}/release", [](Request& req) -> Response {
+      const std::string& name = req.params["name"];
+      return Json(200, json{{"name", name}, {"released", failpoint::Release(name)}}.dump());
+    });
+  }
+  return OkStatus();
+}
+
+void RegisterHealthRoutes(Server& server, Database& db, std::function<bool()> stopping) {
+  server.Route("GET", "/healthz", [](Request&) { return Json(200, "{\"status\":\"ok\"}"); });
+  server.Route("GET", "/readyz", [&db, stopping = std::move(stopping)](Request&) -> Response {
+    if (stopping && stopping()) {
+      return Problem(503, "Service Unavailable", "shutting down", "unavailable");
+    }
+    Status st = db.Read([](Tx& tx) { return StatusOf(tx.Query("SELECT 1")); });
+    if (!st.ok()) {
+      return Problem(503, "Service Unavailable", "the store is unreachable", "unavailable");
+    }
+    return Json(200, "{\"status\":\"ready\"}");
+  });
+}
+
+}  // namespace converge::http
