@@ -26,6 +26,7 @@
 #include "converge/metrics.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
+#include "converge/runtime.h"
 #include "converge/sql_queue.h"
 #include "converge/sweeper.h"
 #include "converge/webhook.h"
@@ -162,15 +163,18 @@ class Service::Impl {
 
   ServiceConfig cfg_;
   std::unique_ptr<Database> db_;
-  std::unique_ptr<converge::IdempotencyKeys> keys_;
-  std::unique_ptr<converge::Completer> completer_;
-  converge::Outbox outbox_{converge::OutboxOptions{.source = "urn:converge:payments"}};
+  // The library's machinery (keys, completer, outbox, relay, consumers, effect runner,
+  // sweeper), started and stopped as one; the pointers below are its workers.
+  std::unique_ptr<converge::Runtime> runtime_;
+  converge::IdempotencyKeys* keys_ = nullptr;
+  converge::Completer* completer_ = nullptr;
+  converge::Outbox* outbox_ = nullptr;
   std::unique_ptr<converge::SqlQueue> queue_;
-  std::unique_ptr<converge::Relay> relay_;
+  converge::Relay* relay_ = nullptr;
   std::vector<std::unique_ptr<converge::Subscriber>> subscribers_;
-  std::vector<std::unique_ptr<converge::Consumer>> consumers_;
+  std::vector<converge::Consumer*> consumers_;
   std::vector<std::string> consumer_names_;
-  std::unique_ptr<converge::EffectRunner> receipts_;
+  converge::EffectRunner* receipts_ = nullptr;
   converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
@@ -178,9 +182,6 @@ class Service::Impl {
   converge::http::Client client_;
   converge::Metrics metrics_;
   std::atomic<bool> stopping_{false};
-  std::mutex sweep_mu_;
-  std::condition_variable sweep_cv_;
-  std::thread sweeper_thread_;
 };
 
 Service::Service(ServiceConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
@@ -245,11 +246,18 @@ Status Service::Impl::Start() {
   db_ = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(CreateTables());
 
-  keys_ = std::make_unique<converge::IdempotencyKeys>(*db_, key_options);
-  completer_ = std::make_unique<converge::Completer>(
-      *db_, *keys_,
-      converge::CompleterOptions{.grace = cfg_.completer_grace,
-                                 .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)});
+  // Retention: a bounded sweep a minute, at once again while there is more (several
+  // instances sweeping at once only split the work).
+  runtime_ = std::make_unique<converge::Runtime>(
+      *db_, converge::RuntimeOptions{
+                .keys = key_options,
+                .outbox = {.source = "urn:converge:payments"},
+                .completer = {.grace = cfg_.completer_grace,
+                              .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
+                .sweep_interval = std::chrono::seconds(60)});
+  keys_ = &runtime_->keys();
+  completer_ = &runtime_->completer();
+  outbox_ = &runtime_->outbox();
   for (const char* point : {"created", "charged"}) {
     completer_->On(point, [this](KeyLease& lease) { return ResumeAbandoned(lease); });
   }
@@ -264,8 +272,7 @@ Status Service::Impl::Start() {
     gethostname(host, sizeof host - 1);
     instance = std::string(host) + ":" + std::to_string(cfg_.port);
   }
-  relay_ = std::make_unique<converge::Relay>(*db_, outbox_, *queue_,
-                                             converge::RelayOptions{.name = instance});
+  relay_ = &runtime_->AddRelay(*queue_, converge::RelayOptions{.name = instance});
   dead_letters_ = std::make_unique<converge::DeadLetters>(
       *db_, std::vector<converge::ReplayRoute>{
                 {"", queue_.get()},
@@ -276,10 +283,10 @@ Status Service::Impl::Start() {
   eo.lease = cfg_.effect_lease;
   eo.backoff_initial = cfg_.backoff_initial;
   eo.backoff_max = cfg_.backoff_max;
-  receipts_ = std::make_unique<converge::EffectRunner>(
-      *db_, eo, [this](const std::string& k, const std::string& p) { return SendReceipt(k, p); });
+  receipts_ = &runtime_->AddEffectRunner(
+      eo, [this](const std::string& k, const std::string& p) { return SendReceipt(k, p); });
   RegisterConsumers();
-  for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Validate());
+  CONVERGE_RETURN_IF_ERROR(runtime_->Validate());
 
   converge::http::ServerOptions so;
   so.address = cfg_.address;
@@ -343,24 +350,7 @@ Status Service::Impl::Start() {
                   x.status, x.seconds * 1000);
   });
 
-  relay_->Start();
-  for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());
-  receipts_->Start();
-  completer_->Start();
-  // Retention: a bounded sweep a minute (several instances sweeping at once only split
-  // the work).
-  sweeper_thread_ = std::thread([this] {
-    converge::Sweeper sweeper(*db_);
-    std::unique_lock<std::mutex> l(sweep_mu_);
-    while (!sweep_cv_.wait_for(l, std::chrono::seconds(60), [&] { return stopping_.load(); })) {
-      l.unlock();
-      auto s = sweeper.RunOnce();
-      if (s && s->total() > 0) {
-        metrics_.Add("retention_swept_total", {}, static_cast<double>(s->total()));
-      }
-      l.lock();
-    }
-  });
+  CONVERGE_RETURN_IF_ERROR(runtime_->Start());
   CONVERGE_RETURN_IF_ERROR(server_->Start());
   // The store's scheme only: a URI may carry a password.
   const converge::http::ServerStats ss = server_->stats();
@@ -379,16 +369,8 @@ Status Service::Impl::Start() {
 
 void Service::Impl::Stop() {
   if (stopping_.exchange(true)) return;
-  {
-    std::lock_guard<std::mutex> l(sweep_mu_);
-  }
-  sweep_cv_.notify_all();
-  if (sweeper_thread_.joinable()) sweeper_thread_.join();
   if (server_) server_->Stop(cfg_.shutdown_drain);
-  if (relay_) relay_->Stop();
-  for (auto& c : consumers_) c->Stop();
-  if (receipts_) receipts_->Stop();
-  if (completer_) completer_->Stop();
+  if (runtime_) runtime_->Stop();  // each worker finishes its pass
   spdlog::info("event=stopped");
 }
 
@@ -401,7 +383,7 @@ void Service::Impl::RegisterConsumers() {
     o.visibility = cfg_.visibility;
     o.backoff_initial = cfg_.backoff_initial;
     o.backoff_max = cfg_.backoff_max;
-    consumers_.push_back(std::make_unique<converge::Consumer>(*db_, *subscribers_.back(), o));
+    consumers_.push_back(&runtime_->AddConsumer(*subscribers_.back(), o));
     consumer_names_.push_back(name);
     return *consumers_.back();
   };
@@ -587,7 +569,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     e.type = "payment.captured";
     e.subject = payment_id;
     e.data = event.dump();
-    CONVERGE_RETURN_IF_ERROR(outbox_.Enqueue(tx, e));
+    CONVERGE_RETURN_IF_ERROR(outbox_->Enqueue(tx, e));
     Response r = Json(201, payment.dump());
     r.Set("Location", "/v1/payments/" + payment_id);
     return ToStored(r);
@@ -810,7 +792,7 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
     out.subject = payment_id;
     out.data = json{{"payment_id", payment_id}, {"amount", rows[0].Int(1)},
                     {"currency", rows[0].Text(2)}, {"charge_id", charge}}.dump();
-    return converge::StatusOf(outbox_.Enqueue(tx, out));
+    return converge::StatusOf(outbox_->Enqueue(tx, out));
   }
   return converge::OkStatus();  // other provider events: nothing to do
 }
@@ -844,6 +826,7 @@ void Service::Impl::RefreshGauges() {
   metrics_.Set("effects_executed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.executed));
   metrics_.Set("effects_retries_total", {{"kind", "email.receipt"}}, static_cast<double>(es.retries));
   metrics_.Set("effects_failed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.failed));
+  metrics_.Set("retention_swept_total", {}, static_cast<double>(runtime_->stats().swept));
   (void)db_->Read([&](Tx& tx) -> Status {
     const int64_t now = converge::Clock::System()->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
