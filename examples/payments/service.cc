@@ -4,9 +4,7 @@
 
 #include <atomic>
 #include <charconv>
-#include <condition_variable>
 #include <mutex>
-#include <thread>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -28,7 +26,6 @@
 #include "converge/relay.h"
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
-#include "converge/sweeper.h"
 #include "converge/webhook.h"
 #include "examples/payments/ids.h"
 

@@ -49,6 +49,7 @@
 #include "converge/event.h"
 #include "converge/inbox.h"
 #include "converge/transport.h"
+#include "converge/worker.h"
 
 namespace converge {
 
@@ -138,12 +139,9 @@ class Consumer {
   const Inbox inbox_;
   std::map<std::string, Handler, std::less<>> handlers_;
 
-  std::atomic<bool> running_{false};
-  std::thread thread_;
-  std::mutex stop_mu_;
-  std::condition_variable stop_cv_;
   mutable std::mutex stats_mu_;
   ConsumerStats stats_;
+  PollingWorker worker_;  // last: stopped and destroyed before what its passes use
 };
 
 }  // namespace converge

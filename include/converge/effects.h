@@ -45,6 +45,7 @@
 #include "converge/database.h"
 #include "converge/dead_letters.h"
 #include "converge/status.h"
+#include "converge/worker.h"
 
 namespace converge {
 
@@ -125,11 +126,10 @@ class EffectRunner {
   Executor executor_;
   Clock* clock_;
   Wakeup wakeup_;
-  std::atomic<bool> running_{false};
-  std::thread thread_;
   int64_t listener_ = 0;
   mutable std::mutex stats_mu_;
   EffectStats stats_;
+  PollingWorker worker_;  // last: stopped and destroyed before what its passes use
 };
 
 }  // namespace converge

@@ -38,6 +38,7 @@
 #include "converge/database.h"
 #include "converge/outbox.h"
 #include "converge/transport.h"
+#include "converge/worker.h"
 #include "converge/tx_publisher.h"
 
 namespace converge {
@@ -104,11 +105,10 @@ class Relay {
   std::map<int64_t, int64_t> held_;
   int64_t incarnation_ = 0;
 
-  std::atomic<bool> running_{false};
-  std::thread thread_;
   int64_t listener_ = 0;
   mutable std::mutex stats_mu_;
   RelayStats stats_;
+  PollingWorker worker_;  // last: stopped and destroyed before what its passes use
 };
 
 }  // namespace converge

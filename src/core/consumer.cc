@@ -10,7 +10,13 @@ Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options
       subscriber_(subscriber),
       options_(std::move(options)),
       clock_(clock ? clock : Clock::System()),
-      inbox_(clock_) {}
+      inbox_(clock_),
+      worker_("consumer " + options_.name, options_.poll,
+              [this] {
+                Result<size_t> r = RunOnce();
+                return r && *r >= options_.batch;
+              },
+              subscriber_.wakeup()) {}
 
 Consumer::~Consumer() { Stop(); }
 
@@ -281,34 +287,11 @@ void Consumer::Settle(const std::vector<const Delivery*>& batch,
 
 Status Consumer::Start() {
   CONVERGE_RETURN_IF_ERROR(Validate());
-  if (running_.exchange(true)) return OkStatus();
-  thread_ = std::thread([this] {
-    Wakeup* w = subscriber_.wakeup();
-    uint64_t seen = w ? w->generation() : 0;
-    while (running_.load()) {
-      Result<size_t> r = RunOnce();
-      if (r && *r >= options_.batch) continue;
-      if (!running_.load()) break;
-      if (w != nullptr) {
-        w->WaitFor(options_.poll, &seen);
-      } else {
-        std::unique_lock<std::mutex> l(stop_mu_);
-        stop_cv_.wait_for(l, options_.poll, [&] { return !running_.load(); });
-      }
-    }
-  });
+  worker_.Start();
   return OkStatus();
 }
 
-void Consumer::Stop() {
-  if (!running_.exchange(false)) return;
-  if (Wakeup* w = subscriber_.wakeup()) w->Notify();
-  {
-    std::lock_guard<std::mutex> l(stop_mu_);
-  }
-  stop_cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-}
+void Consumer::Stop() { worker_.Stop(); }
 
 ConsumerStats Consumer::stats() const {
   std::lock_guard<std::mutex> l(stats_mu_);

@@ -60,7 +60,13 @@ EffectRunner::EffectRunner(Database& db, EffectRunnerOptions options, Executor e
     : db_(db),
       options_(std::move(options)),
       executor_(std::move(executor)),
-      clock_(clock ? clock : Clock::System()) {}
+      clock_(clock ? clock : Clock::System()),
+      worker_("effects " + options_.kind, options_.poll,
+              [this] {
+                Result<size_t> r = RunOnce();
+                return r && *r >= options_.batch;
+              },
+              &wakeup_) {}
 
 EffectRunner::~EffectRunner() { Stop(); }
 
@@ -218,24 +224,15 @@ Status EffectRunner::RecordOutcome(const Claim& c, const std::string& token,
 }
 
 void EffectRunner::Start() {
-  if (running_.exchange(true)) return;
+  if (worker_.running()) return;
   listener_ = db_.AddListener("converge_effects:" + options_.kind, [this] { wakeup_.Notify(); });
-  thread_ = std::thread([this] {
-    uint64_t seen = wakeup_.generation();
-    while (running_.load()) {
-      Result<size_t> r = RunOnce();
-      if (r && *r >= options_.batch) continue;
-      if (!running_.load()) break;
-      wakeup_.WaitFor(options_.poll, &seen);
-    }
-  });
+  worker_.Start();
 }
 
 void EffectRunner::Stop() {
-  if (!running_.exchange(false)) return;
+  if (!worker_.running()) return;
   db_.RemoveListener(listener_);
-  wakeup_.Notify();
-  if (thread_.joinable()) thread_.join();
+  worker_.Stop();
 }
 
 EffectStats EffectRunner::stats() const {

@@ -59,7 +59,14 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
       tx_publisher_(TxPublisherOn(db, publisher)),
       options_(options),
       clock_(clock ? clock : Clock::System()),
-      name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name) {}
+      name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name),
+      // Wakes before the leases lapse, even when idle.
+      worker_("relay " + name_, std::min(options_.poll, options_.lease / 3),
+              [this] {
+                Result<size_t> r = RunOnce();
+                return r && *r >= options_.batch;  // more is waiting
+              },
+              &outbox_.wakeup()) {}
 
 Relay::~Relay() { Stop(); }
 
@@ -302,26 +309,16 @@ void Relay::ReleaseAll() {
 }
 
 void Relay::Start() {
-  if (running_.exchange(true)) return;
+  if (worker_.running()) return;
   listener_ = db_.AddListener(kOutboxChannel, [this] { outbox_.wakeup().Notify(); });
-  thread_ = std::thread([this] {
-    uint64_t seen = outbox_.wakeup().generation();
-    while (running_.load()) {
-      Result<size_t> r = RunOnce();
-      if (r && *r >= options_.batch) continue;  // more is waiting
-      if (!running_.load()) break;
-      // Wake before the leases lapse, even when idle.
-      outbox_.wakeup().WaitFor(std::min(options_.poll, options_.lease / 3), &seen);
-    }
-    ReleaseAll();
-  });
+  worker_.Start();
 }
 
 void Relay::Stop() {
-  if (!running_.exchange(false)) return;
+  if (!worker_.running()) return;
   db_.RemoveListener(listener_);
-  outbox_.wakeup().Notify();
-  if (thread_.joinable()) thread_.join();
+  worker_.Stop();
+  ReleaseAll();  // the worker is joined: held_ is ours to read
 }
 
 RelayStats Relay::stats() const {
