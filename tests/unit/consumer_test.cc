@@ -315,47 +315,5 @@ TEST_F(ConsumerTest, BackgroundConsumerDrainsWhatTheRelayPublishes) {
   EXPECT_EQ(Depth(), 0);
 }
 
-// The consumer commits its effect and crashes before acking. After the visibility
-// timeout the message is delivered again and the inbox absorbs it.
-TEST(ConsumerCrash, RedeliveryAfterCrashBetweenCommitAndAckIsAbsorbed) {
-  TempDir dir;
-  const std::string path = dir.File("db.sqlite");
-  {
-    auto db = OpenSqlite(path);
-    testing::CreateEffectsTable(*db);
-    SqlQueue queue(*db);
-    ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
-    ASSERT_TRUE(queue.Publish(MakeEvent("e1")).ok());
-  }
-  auto handler = [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
-  };
-  int status = testing::RunInChild([&] {
-    auto db = OpenSqlite(path);
-    SqlQueue queue(*db);
-    auto sub = queue.OpenSubscriber("ledger");
-    Consumer c(*db, *sub, Options());
-    c.On("*", handler);
-    (void)failpoint::Configure("consumer.after_commit_before_ack=crash");
-    (void)c.RunOnce();
-    return false;
-  });
-  ASSERT_TRUE(testing::KilledBySigkill(status));
-
-  ManualClock clock;  // far enough ahead of the child's wall clock
-  clock.Set(Clock::System()->NowMillis() + Options().visibility.count() + 1000);
-  auto db = OpenSqlite(path);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);  // committed before the crash
-  SqlQueue queue(*db, &clock);
-  EXPECT_EQ(*queue.Depth("ledger"), 1);  // never acked
-  auto sub = queue.OpenSubscriber("ledger");
-  Consumer c(*db, *sub, Options(), &clock);
-  c.On("*", handler);
-  ASSERT_EQ(*c.RunOnce(), 1u);
-  EXPECT_EQ(c.stats().duplicates, 1);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);
-  EXPECT_EQ(*queue.Depth("ledger"), 0);
-}
-
 }  // namespace
 }  // namespace converge

@@ -122,40 +122,6 @@ TEST_F(OutboxRelayTest, SharedDatabaseRelayPublishesAndMarksInOneTransaction) {
   EXPECT_EQ(*relay.RunOnce(), 0u);
 }
 
-TEST_F(OutboxRelayTest, RowCommittedLateWithALowerSeqIsNotSkipped) {
-  Enqueue(MakeEvent("a"));
-  Enqueue(MakeEvent("a"));
-  Relay relay(*db_, outbox_, *queue_);
-  ASSERT_EQ(*relay.RunOnce(), 2u);
-  // On PostgreSQL a transaction can take seq 1 and commit after seqs 2 and 3 were
-  // published. Reproduce that row: an unpublished event below everything published.
-  ASSERT_TRUE(db_->Transact([](Tx& tx) {
-                   return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = NULL WHERE seq = 1"));
-                 }).ok());
-  ASSERT_TRUE(db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("DELETE FROM queue_messages")); }).ok());
-  EXPECT_EQ(*relay.RunOnce(), 1u);
-  EXPECT_EQ(*queue_->Depth("all"), 1);
-}
-
-TEST_F(OutboxRelayTest, FailedPublishStopsOnlyThatAggregateAndKeepsOrder) {
-  std::vector<std::string> a, b;
-  for (int i = 0; i < 3; ++i) {
-    a.push_back(Enqueue(MakeEvent("A")));
-    b.push_back(Enqueue(MakeEvent("B")));
-  }
-  RecordingPublisher pub(queue_.get());
-  pub.fail_once_ = {a[1]};
-  Relay relay(*db_, outbox_, pub);
-  ASSERT_EQ(*relay.RunOnce(), 4u);  // A1, B1, B2, B3; A2 failed, A3 waits behind it
-  EXPECT_EQ(relay.stats().publish_failures, 1);
-  ASSERT_EQ(*relay.RunOnce(), 2u);  // A2, A3
-  std::map<std::string, std::vector<std::string>> order;
-  for (const Event& e : pub.sent_) order[e.subject].push_back(e.id);
-  EXPECT_EQ(order["A"], a);
-  EXPECT_EQ(order["B"], b);
-  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
-}
-
 TEST_F(OutboxRelayTest, BackgroundRelayIsWokenByCommit) {
   Relay relay(*db_, outbox_, *queue_, RelayOptions{.batch = 16, .poll = std::chrono::hours(1)});
   relay.Start();
@@ -179,53 +145,6 @@ TEST_F(OutboxRelayTest, SubscribeRejectsBadPatterns) {
   EXPECT_EQ(queue_->Subscribe("q", "*.a").code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(queue_->Subscribe("q", "payment.*").ok());
   EXPECT_TRUE(queue_->Subscribe("q", "payment.*").ok());  // idempotent
-}
-
-// The relay crashes after the broker took the events and before it marked them. On
-// restart it publishes them again; the consumer's inbox absorbs the duplicates.
-TEST(OutboxRelayCrash, RepublishesAfterCrashBetweenPublishAndMark) {
-  TempDir dir;
-  const std::string path = dir.File("db.sqlite");
-  {
-    auto db = OpenSqlite(path);
-    testing::CreateEffectsTable(*db);
-    SqlQueue queue(*db);
-    ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
-    Outbox outbox;
-    ASSERT_TRUE(db->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, MakeEvent("p1"))); }).ok());
-  }
-  int status = testing::RunInChild([&] {
-    auto db = OpenSqlite(path);
-    SqlQueue queue(*db);
-    RecordingPublisher external(&queue);  // publish and mark in two steps
-    Outbox outbox;
-    Relay relay(*db, outbox, external, RelayOptions{.name = "relay-1"});
-    (void)failpoint::Configure("relay.after_publish_before_mark=crash");
-    (void)relay.RunOnce();
-    return false;
-  });
-  ASSERT_TRUE(testing::KilledBySigkill(status));
-
-  auto db = OpenSqlite(path);
-  SqlQueue queue(*db);
-  EXPECT_EQ(*queue.Depth("ledger"), 1);  // published before the crash
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
-  RecordingPublisher external(&queue);
-  Outbox outbox;
-  Relay relay(*db, outbox, external, RelayOptions{.name = "relay-1"});
-  ASSERT_EQ(*relay.RunOnce(), 1u);
-  EXPECT_EQ(*queue.Depth("ledger"), 2);  // the at-least-once duplicate
-
-  auto sub = queue.OpenSubscriber("ledger");
-  Consumer consumer(*db, *sub, ConsumerOptions{.name = "ledger"});
-  consumer.On("*", [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.id));
-  });
-  ASSERT_EQ(*consumer.RunOnce(), 2u);
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM test_effects"), 1);
-  EXPECT_EQ(consumer.stats().processed, 1);
-  EXPECT_EQ(consumer.stats().duplicates, 1);
-  EXPECT_EQ(*queue.Depth("ledger"), 0);
 }
 
 // --- event.h, transport.h, tx_publisher.h -------------------------------------------------
