@@ -16,9 +16,9 @@
 #include "apps/converge/commands.h"
 #include "converge/clock.h"
 #include "converge/webhook.h"
-#include "examples/payments/config.h"
+#include "payments/config.h"
 #include "harness/providers.h"
-#include "examples/payments/service.h"
+#include "payments/service.h"
 
 namespace converge::cli {
 namespace {
