@@ -68,6 +68,9 @@ struct ServiceConfig {
   bool admin_failpoints = false;
   // [log]
   std::string log_level = "info";
+  // Not from the file: what the service reads the time from (nullptr: the system clock).
+  // Tests inject a ManualClock to step through leases and TTLs without waiting.
+  converge::Clock* clock = nullptr;
 };
 
 // Reads `path` (empty: defaults only), then CONVERGE_* environment overrides. Unknown

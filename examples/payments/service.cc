@@ -65,7 +65,7 @@ bool ValidId(const std::string& s) {
   return true;
 }
 
-std::string NowIso() { return converge::FormatRfc3339(converge::Clock::System()->NowMillis()); }
+std::string NowIso(converge::Clock* clock) { return converge::FormatRfc3339(clock->NowMillis()); }
 
 Status NotPending(const std::string& payment_id) {
   return converge::FailedPreconditionError("payment " + payment_id + " is no longer pending");
@@ -123,7 +123,8 @@ Result<PaymentRequest> ParsePayment(const std::string& body) {
 
 class Service::Impl {
  public:
-  explicit Impl(ServiceConfig c) : cfg_(std::move(c)) {}
+  explicit Impl(ServiceConfig c)
+      : cfg_(std::move(c)), clock_(cfg_.clock ? cfg_.clock : converge::Clock::System()) {}
 
   Status Start();
   void Stop();
@@ -159,6 +160,7 @@ class Service::Impl {
   Result<std::string> SendReceipt(const std::string& key, const std::string& payload);
 
   ServiceConfig cfg_;
+  converge::Clock* clock_;  // every time the service reads, so tests can inject one
   std::unique_ptr<Database> db_;
   // The library's machinery (keys, completer, outbox, relay, consumers, effect runner,
   // sweeper), started and stopped as one; the pointers below are its workers.
@@ -251,7 +253,8 @@ Status Service::Impl::Start() {
                 .outbox = {.source = "urn:converge:payments"},
                 .completer = {.grace = cfg_.completer_grace,
                               .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
-                .sweep_interval = std::chrono::seconds(60)});
+                .sweep_interval = std::chrono::seconds(60)},
+      clock_);
   keys_ = &runtime_->keys();
   completer_ = &runtime_->completer();
   outbox_ = &runtime_->outbox();
@@ -459,7 +462,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
   if (lease.recovery_point == "started") {
     const std::string id = RandomId("pay_");
     Status st = keys_->Advance(lease, "created", id, [&](Tx& tx) {
-      const std::string now = NowIso();
+      const std::string now = NowIso(clock_);
       return converge::StatusOf(tx.Exec(
           "INSERT INTO payments (id, tenant, order_id, customer_id, amount, currency, status, "
           "created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
@@ -508,7 +511,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
         CONVERGE_ASSIGN_OR_RETURN(
             int64_t n, tx.Exec("UPDATE payments SET status = $1, updated_at = $2 "
                                "WHERE id = $3 AND status = 'pending'",
-                               declined ? "declined" : "failed", NowIso(), payment_id));
+                               declined ? "declined" : "failed", NowIso(clock_), payment_id));
         if (n != 1) return tl::unexpected(NotPending(payment_id));
         return ToStored(decided);
       });
@@ -531,7 +534,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     Status st = keys_->Advance(lease, "charged", data.dump(), [&](Tx& tx) {
       return converge::StatusOf(tx.Exec(
           "UPDATE payments SET psp_charge_id = $1, updated_at = $2 WHERE id = $3", charge_id,
-          NowIso(), payment_id));
+          NowIso(clock_), payment_id));
     });
     if (!st.ok()) return fenced(st);
   }
@@ -544,7 +547,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
   const std::string payment_id = saved.value("payment_id", "");
   const std::string charge_id = saved.value("charge_id", "");
   auto out = keys_->Complete(lease, [&](Tx& tx) -> Result<StoredResponse> {
-    const std::string now = NowIso();
+    const std::string now = NowIso(clock_);
     // Transitions are conditional: only a pending payment becomes captured.
     CONVERGE_ASSIGN_OR_RETURN(
         int64_t n, tx.Exec("UPDATE payments SET status = 'captured', updated_at = $1 "
@@ -646,6 +649,7 @@ converge::http::Server::Handler Service::Impl::PspWebhookRoute() {
   o.tolerance = cfg_.webhook_tolerance;
   o.dedupe_ttl = Millis(kWebhookDedupeMillis);
   o.metrics = &metrics_;
+  o.clock = clock_;
   o.validate = [](const converge::http::VerifiedWebhook& hook) -> std::optional<Response> {
     json j = json::parse(hook.body, nullptr, false);
     if (j.is_discarded() || !j.is_object() || !j["type"].is_string() || !j["data"].is_object()) {
@@ -664,7 +668,7 @@ converge::http::Server::Handler Service::Impl::PspWebhookRoute() {
         e.type = "psp." + j["type"].get<std::string>();
         e.subject = j["data"].value("charge_id", j["data"].value("id", "unknown"));
         e.aggregate_type = "psp";
-        e.time = converge::Clock::System()->NowMillis();
+        e.time = clock_->NowMillis();
         e.data = j["data"].dump();
         e.envelope = converge::EncodeEnvelope(e);
         return queue_->EnqueueInTx(tx, "psp-webhooks", e);
@@ -689,8 +693,7 @@ Result<Money> ParseMoney(const Event& e) {
   return Money{d["payment_id"], d["currency"], d["amount"]};
 }
 
-Status Book(Tx& tx, const Money& m, const char* kind, int64_t sign) {
-  const std::string now = NowIso();
+Status Book(Tx& tx, const Money& m, const char* kind, int64_t sign, const std::string& now) {
   CONVERGE_RETURN_IF_ERROR(tx.Exec(
       "INSERT INTO ledger_entries (payment_id, kind, account, amount, currency, created_at) "
       "VALUES ($1, $2, 'customer', $3, $4, $5)",
@@ -705,12 +708,12 @@ Status Book(Tx& tx, const Money& m, const char* kind, int64_t sign) {
 
 Status Service::Impl::OnCapturedLedger(Tx& tx, const Event& e) {
   CONVERGE_ASSIGN_OR_RETURN(Money m, ParseMoney(e));
-  return Book(tx, m, "capture", 1);
+  return Book(tx, m, "capture", 1, NowIso(clock_));
 }
 
 Status Service::Impl::OnRefundedLedger(Tx& tx, const Event& e) {
   CONVERGE_ASSIGN_OR_RETURN(Money m, ParseMoney(e));
-  return Book(tx, m, "refund", -1);
+  return Book(tx, m, "refund", -1, NowIso(clock_));
 }
 
 Status Service::Impl::OnCapturedEmail(Tx& tx, const Event& e) {
@@ -753,7 +756,7 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
     const std::string ref = d.value("reference", "");
     CONVERGE_ASSIGN_OR_RETURN(
         int64_t n, tx.Exec("UPDATE payments SET psp_confirmed_at = $1 WHERE id = $2",
-                           converge::Clock::System()->NowMillis(), ref));
+                           clock_->NowMillis(), ref));
     // The provider may report the charge before our own commit of it: wait and retry.
     if (n == 0) return converge::UnavailableError("charge.succeeded for unknown payment '" + ref + "'");
     return converge::OkStatus();
@@ -782,7 +785,7 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
     CONVERGE_ASSIGN_OR_RETURN(
         int64_t n, tx.Exec("UPDATE payments SET status = 'refunded', updated_at = $1 "
                            "WHERE id = $2 AND status = 'captured'",
-                           NowIso(), payment_id));
+                           NowIso(clock_), payment_id));
     if (n != 1) return converge::AbortedError("payment " + payment_id + " changed meanwhile");
     Event out;
     out.type = "payment.refunded";
@@ -825,7 +828,7 @@ void Service::Impl::RefreshGauges() {
   metrics_.Set("effects_failed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.failed));
   metrics_.Set("retention_swept_total", {}, static_cast<double>(runtime_->stats().swept));
   (void)db_->Read([&](Tx& tx) -> Status {
-    const int64_t now = converge::Clock::System()->NowMillis();
+    const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
         Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
     metrics_.Set("outbox_backlog", {}, static_cast<double>(ob[0].Int(0)));
