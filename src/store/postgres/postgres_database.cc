@@ -87,6 +87,30 @@ Value Decode(const PGresult* res, int row, int col) {
   }
 }
 
+// PostgreSQL's words for what differs between backends (dialect.h).
+class PgDialect final : public Dialect {
+ public:
+  std::string_view TypeName(ColumnType type) const override {
+    switch (type) {
+      case ColumnType::kBigint:
+        return "BIGINT";
+      case ColumnType::kDouble:
+        return "DOUBLE PRECISION";
+      case ColumnType::kBlob:
+        return "BYTEA";
+    }
+    return "";
+  }
+  std::string_view AutoIncrementPrimaryKey() const override { return "BIGSERIAL PRIMARY KEY"; }
+  std::string_view ForUpdateSkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
+  std::string_view WithoutRowid() const override { return ""; }
+};
+
+const PgDialect& TheDialect() {
+  static const PgDialect kDialect;
+  return kDialect;
+}
+
 class PgTx : public Tx {
  public:
   explicit PgTx(PGconn* conn, bool notify = false) : conn_(conn), notify_(notify) {}
@@ -108,7 +132,7 @@ class PgTx : public Tx {
     CONVERGE_RETURN_IF_ERROR(Run(sql, params, &rows, nullptr));
     return rows;
   }
-  Backend backend() const override { return Backend::kPostgres; }
+  const Dialect& dialect() const override { return TheDialect(); }
 
   // A SEQUENCE is never rolled back and never hands out a value twice.
   Result<int64_t> NextFence() override {
@@ -304,7 +328,6 @@ class PgDatabase : public Database {
 
   Status Transact(const TxFn& fn) override { return Run(fn, /*read_only=*/false); }
   Status Read(const TxFn& fn) override { return Run(fn, /*read_only=*/true); }
-  Backend backend() const override { return Backend::kPostgres; }
   DatabaseStats stats() const override {
     std::lock_guard<std::mutex> l(mu_);
     return stats_;

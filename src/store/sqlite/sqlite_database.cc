@@ -220,6 +220,32 @@ class Connection {
   std::unordered_map<std::string, Prepared> cache_;
 };
 
+// SQLite's words for what differs between backends (dialect.h).
+class SqliteDialect final : public Dialect {
+ public:
+  std::string_view TypeName(ColumnType type) const override {
+    switch (type) {
+      case ColumnType::kBigint:
+        return "INTEGER";
+      case ColumnType::kDouble:
+        return "REAL";
+      case ColumnType::kBlob:
+        return "BLOB";
+    }
+    return "";
+  }
+  std::string_view AutoIncrementPrimaryKey() const override {
+    return "INTEGER PRIMARY KEY AUTOINCREMENT";
+  }
+  std::string_view ForUpdateSkipLocked() const override { return ""; }
+  std::string_view WithoutRowid() const override { return " WITHOUT ROWID"; }
+};
+
+const SqliteDialect& TheDialect() {
+  static const SqliteDialect kDialect;
+  return kDialect;
+}
+
 class SqliteTx : public Tx {
  public:
   explicit SqliteTx(Connection* conn) : conn_(conn) {}
@@ -234,7 +260,7 @@ class SqliteTx : public Tx {
     CONVERGE_RETURN_IF_ERROR(conn_->Run(sql, params, &rows, nullptr));
     return rows;
   }
-  Backend backend() const override { return Backend::kSqlite; }
+  const Dialect& dialect() const override { return TheDialect(); }
 
   // One writer at a time: the row update is the whole sequence. A rolled-back draw is
   // drawn again by the next transaction, which is fine: nobody saw it committed.
@@ -338,8 +364,6 @@ class SqliteDatabase : public Database {
     readers_cv_.notify_one();
     return st;
   }
-
-  Backend backend() const override { return Backend::kSqlite; }
 
   DatabaseStats stats() const override {
     std::lock_guard<std::mutex> l(mu_);
