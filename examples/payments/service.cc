@@ -200,10 +200,9 @@ Status Service::Impl::CreateTables() {
         "CREATE INDEX IF NOT EXISTS payments_charge ON payments (psp_charge_id)"));
     // No unique constraint on purpose: only the inbox keeps a redelivery from booking a
     // second pair of entries, and the demo's checks rely on seeing that.
-    const bool pg = tx.backend() == converge::Backend::kPostgres;
     CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        std::string("CREATE TABLE IF NOT EXISTS ledger_entries (") +
-        (pg ? "id BIGSERIAL PRIMARY KEY, " : "id INTEGER PRIMARY KEY AUTOINCREMENT, ") +
+        "CREATE TABLE IF NOT EXISTS ledger_entries (id " +
+        std::string(tx.dialect().AutoIncrementPrimaryKey()) + ", " +
         "payment_id TEXT NOT NULL, kind TEXT NOT NULL, account TEXT NOT NULL, "
         "amount BIGINT NOT NULL, currency TEXT NOT NULL, created_at TEXT NOT NULL)"));
     return converge::StatusOf(tx.Exec(

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "converge/clock.h"
+#include "converge/dialect.h"
 #include "converge/status.h"
 
 namespace converge {
@@ -61,8 +62,6 @@ class Row {
 };
 
 using Rows = std::vector<Row>;
-
-enum class Backend { kSqlite, kPostgres };
 
 class Tx {
  public:
@@ -113,7 +112,9 @@ class Tx {
     hooks_.push_back({savepoint_depth_, std::move(hook)});
   }
 
-  virtual Backend backend() const = 0;
+  // The SQL fragments that differ between backends (dialect.h): ask it instead of asking
+  // which backend this is. Lives as long as the Database.
+  virtual const Dialect& dialect() const = 0;
 
   // The next number of a store-wide sequence that only grows: once a transaction that
   // drew a number commits, no transaction ever draws that number or a smaller one again,
@@ -237,7 +238,6 @@ class Database {
   // SQLite's WAL read transaction), whatever commits meanwhile. Writes fail.
   virtual Status Read(const TxFn& fn) = 0;
 
-  virtual Backend backend() const = 0;
   virtual DatabaseStats stats() const = 0;
 
   // Calls `callback` (on a background thread) when any process commits a Tx::Notify on
@@ -259,7 +259,6 @@ class DatabaseWrapper : public Database {
   explicit DatabaseWrapper(Database* target) : target_(target) {}
   Status Transact(const TxFn& fn) override { return target_->Transact(fn); }
   Status Read(const TxFn& fn) override { return target_->Read(fn); }
-  Backend backend() const override { return target_->backend(); }
   DatabaseStats stats() const override { return target_->stats(); }
   int64_t AddListener(const std::string& channel, std::function<void()> cb) override {
     return target_->AddListener(channel, std::move(cb));

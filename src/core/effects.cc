@@ -107,7 +107,7 @@ Result<size_t> EffectRunner::RunOnce() {
                     "AND effect_key IN (SELECT effect_key FROM effects "
                     "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
                     "ORDER BY next_attempt_at LIMIT $4") +
-        (tx.backend() == Backend::kPostgres ? " FOR UPDATE SKIP LOCKED" : "") +
+        std::string(tx.dialect().ForUpdateSkipLocked()) +
         ") RETURNING effect_key, payload, attempts, created_at";
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query(sql, now + options_.lease.count(), now, options_.kind,

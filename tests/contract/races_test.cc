@@ -358,7 +358,7 @@ TYPED_TEST(Races, AHandlerThatSwallowsAStatementErrorCannotWedgeItsBatch) {
   EXPECT_TRUE(this->HasEffect("e1"));
   EXPECT_TRUE(this->HasEffect("e3"));
   EXPECT_EQ(*q.Depth("ledger"), 0);
-  const bool postgres = this->db_->backend() == Backend::kPostgres;
+  const bool postgres = this->IsPostgres();
   EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE event_id = 'swallower'"),
             postgres ? 1 : 0);
 }
@@ -376,7 +376,7 @@ TYPED_TEST(Races, ASavepointWhoseStatementErrorWasSwallowedRollsBackToItself) {
                    return TestFixture::Effect(tx, "after");
                  }).ok());
   EXPECT_TRUE(this->HasEffect("after"));
-  if (this->db_->backend() == Backend::kPostgres) {
+  if (this->IsPostgres()) {
     EXPECT_FALSE(inner.ok());
     EXPECT_FALSE(this->HasEffect("inside"));  // the savepoint rolled back as a whole
   } else {
@@ -422,7 +422,7 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   });
   // PostgreSQL: the pass runs now. SQLite: it queues behind the one writer.
   ASSERT_TRUE(testing::WaitUntil([&] {
-    return relayed.load() || this->db_->backend() == Backend::kSqlite;
+    return relayed.load() || !this->IsPostgres();
   }));
   failpoint::Release("test.producer_before_commit");
   first.join();

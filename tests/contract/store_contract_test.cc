@@ -34,10 +34,11 @@ TYPED_TEST_SUITE(StoreContract, Stores, StoreNames);
 
 TYPED_TEST(StoreContract, BindsAndReadsEveryValueType) {
   ASSERT_TRUE(this->db_->Transact([](Tx& tx) -> Status {
+                   const Dialect& d = tx.dialect();
                    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-                       tx.backend() == Backend::kPostgres
-                           ? "CREATE TABLE v (i BIGINT, d DOUBLE PRECISION, s TEXT, b BYTEA, n TEXT)"
-                           : "CREATE TABLE v (i INTEGER, d REAL, s TEXT, b BLOB, n TEXT)"));
+                       "CREATE TABLE v (i " + std::string(d.TypeName(ColumnType::kBigint)) +
+                       ", d " + std::string(d.TypeName(ColumnType::kDouble)) + ", s TEXT, b " +
+                       std::string(d.TypeName(ColumnType::kBlob)) + ", n TEXT)"));
                    return StatusOf(tx.Exec("INSERT INTO v VALUES ($1, $2, $3, $4, $5)", int64_t{1} << 40,
                                            2.5, "text ü", Blob{std::string("\0\xff", 2)}, nullptr));
                  }).ok());
@@ -249,12 +250,12 @@ TYPED_TEST(StoreContract, LateCommittedOutboxRowIsNotSkipped) {
   std::thread slow([&] {
     Status st = this->db_->Transact([&](Tx& tx) -> Status {
       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, TestFixture::MakeEvent("slow")));
-      if (tx.backend() == Backend::kPostgres) testing::WaitUntil([&] { return second_done.load(); });
+      if (TestFixture::IsPostgres()) testing::WaitUntil([&] { return second_done.load(); });
       return OkStatus();
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
   });
-  if (this->db_->backend() == Backend::kPostgres) {
+  if (this->IsPostgres()) {
     // Let the slow transaction take the lower seq before the fast one starts.
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   } else {
@@ -480,7 +481,7 @@ TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatche
 // LISTEN/NOTIFY (opt-in): a relay in another process (here: another Database on the same
 // store) that would otherwise sleep for its whole poll interval wakes on the commit.
 TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
-  if (this->db_->backend() != Backend::kPostgres) GTEST_SKIP() << "cross-process NOTIFY is PostgreSQL's";
+  if (!this->IsPostgres()) GTEST_SKIP() << "cross-process NOTIFY is PostgreSQL's";
   DatabaseOptions o;
   o.notify = true;
   auto writer = Database::Open(this->store_.uri, o);
@@ -516,7 +517,7 @@ class StoreRaces : public StoreContract<Store> {
   // True once a transaction on the store waits for another one: on PostgreSQL for a lock
   // (a row lock, here), on SQLite for the one writer.
   bool SomeoneWaitsForALock() {
-    if (this->db_->backend() == Backend::kPostgres) {
+    if (this->IsPostgres()) {
       return this->Count(
                  "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
                  "ON a.pid = l.pid WHERE NOT l.granted "
@@ -742,7 +743,7 @@ std::string OnSideConnection(const std::string& uri, const std::string& sql) {
 // broke may have committed or not. It was reported as a plain kUnavailable, which a caller
 // cannot tell from a failure that certainly rolled back.
 TYPED_TEST(StoreContract, CommitWhoseConnectionBrokeHasAnUnknownOutcome) {
-  if (this->db_->backend() != Backend::kPostgres) {
+  if (!this->IsPostgres()) {
     GTEST_SKIP() << "SQLite has no connection to break";
   }
   FailpointsCleared cleared;
@@ -775,7 +776,7 @@ TYPED_TEST(StoreContract, CommitWhoseConnectionBrokeHasAnUnknownOutcome) {
 // A connection that broke before COMMIT was sent cannot have committed: plain kUnavailable,
 // whether fn returns the error or swallows it.
 TYPED_TEST(StoreContract, ConnectionLostBeforeCommitIsADefiniteFailure) {
-  if (this->db_->backend() != Backend::kPostgres) {
+  if (!this->IsPostgres()) {
     GTEST_SKIP() << "SQLite has no connection to break";
   }
   for (const bool swallow : {false, true}) {
@@ -794,7 +795,7 @@ TYPED_TEST(StoreContract, ConnectionLostBeforeCommitIsADefiniteFailure) {
 // A COMMIT that the server answered with an error is definite too: a serialization
 // failure found at COMMIT stays kAborted (re-run fn), without the unknown-outcome reason.
 TYPED_TEST(StoreContract, SerializationFailureAtCommitStaysAborted) {
-  if (this->db_->backend() != Backend::kPostgres) GTEST_SKIP() << "SQLite serialises writers";
+  if (!this->IsPostgres()) GTEST_SKIP() << "SQLite serialises writers";
   DatabaseOptions once;
   once.max_attempts = 1;  // show the kAborted instead of re-running fn
   auto db = Database::Open(this->store_.uri, once);

@@ -28,7 +28,7 @@
 #include <unordered_map>
 
 #include "converge/failpoint.h"
-#include "src/store/postgres/migrations.h"
+#include "src/core/schema/schema.h"
 
 namespace converge::postgres {
 namespace {
@@ -87,6 +87,38 @@ Value Decode(const PGresult* res, int row, int col) {
   }
 }
 
+// PostgreSQL's words for what differs between backends (dialect.h, src/core/schema/).
+class PgDialect final : public schema::SchemaDialect {
+ public:
+  std::string_view TypeName(ColumnType type) const override {
+    switch (type) {
+      case ColumnType::kBigint:
+        return "BIGINT";
+      case ColumnType::kDouble:
+        return "DOUBLE PRECISION";
+      case ColumnType::kBlob:
+        return "BYTEA";
+    }
+    return "";
+  }
+  std::string_view AutoIncrementPrimaryKey() const override { return "BIGSERIAL PRIMARY KEY"; }
+  std::string_view ForUpdateSkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
+  std::string_view WithoutRowid() const override { return ""; }
+  // A SEQUENCE: never rolled back, never hands out a value twice, and never makes
+  // concurrent transactions wait for each other (a counter row would).
+  std::string_view CreateFenceSequence() const override {
+    return "CREATE SEQUENCE converge_fences;\n"
+           "SELECT setval('converge_fences', "
+           "coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,\n"
+           "              false);";
+  }
+};
+
+const PgDialect& TheDialect() {
+  static const PgDialect kDialect;
+  return kDialect;
+}
+
 class PgTx : public Tx {
  public:
   explicit PgTx(PGconn* conn, bool notify = false) : conn_(conn), notify_(notify) {}
@@ -108,7 +140,7 @@ class PgTx : public Tx {
     CONVERGE_RETURN_IF_ERROR(Run(sql, params, &rows, nullptr));
     return rows;
   }
-  Backend backend() const override { return Backend::kPostgres; }
+  const Dialect& dialect() const override { return TheDialect(); }
 
   // A SEQUENCE is never rolled back and never hands out a value twice.
   Result<int64_t> NextFence() override {
@@ -304,7 +336,6 @@ class PgDatabase : public Database {
 
   Status Transact(const TxFn& fn) override { return Run(fn, /*read_only=*/false); }
   Status Read(const TxFn& fn) override { return Run(fn, /*read_only=*/true); }
-  Backend backend() const override { return Backend::kPostgres; }
   DatabaseStats stats() const override {
     std::lock_guard<std::mutex> l(mu_);
     return stats_;
@@ -487,40 +518,43 @@ class PgDatabase : public Database {
     return st;
   }
 
+  // The migration runner's view of one pooled connection (src/core/schema/schema.h). One
+  // migrator at a time across processes: a transaction-level advisory lock, released by
+  // the COMMIT or ROLLBACK that ends the migration.
+  class MigrationTarget : public schema::MigrationTarget {
+   public:
+    explicit MigrationTarget(PGconn* conn) : conn_(conn), tx_(conn) {}
+    const schema::SchemaDialect& dialect() const override { return TheDialect(); }
+    Status BeginLocked() override {
+      CONVERGE_RETURN_IF_ERROR(tx_.Simple("BEGIN"));
+      Status st = tx_.Simple("SELECT pg_advisory_xact_lock(7324001)");
+      if (!st.ok()) (void)tx_.Simple("ROLLBACK");
+      return st;
+    }
+    // PQexec, unlike PQexecParams, runs several statements in one call.
+    Status ExecScript(const std::string& sql) override {
+      PGresult* res = PQexec(conn_, sql.c_str());
+      Status st;
+      if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
+        st = FromResult(res, conn_, "postgres");
+      }
+      PQclear(res);
+      return st;
+    }
+    Result<Rows> Query(std::string_view sql, std::span<const Value> params) override {
+      return tx_.QueryParams(sql, params);
+    }
+    Status Commit() override { return tx_.Simple("COMMIT"); }
+    void Rollback() override { (void)tx_.Simple("ROLLBACK"); }
+
+   private:
+    PGconn* conn_;
+    PgTx tx_;
+  };
+
   Status Migrate(PGconn* c) {
-    PgTx tx(c);
-    // One migrator at a time across processes: a transaction-level advisory lock.
-    CONVERGE_RETURN_IF_ERROR(tx.Simple("BEGIN"));
-    Status st = tx.Simple("SELECT pg_advisory_xact_lock(7324001)");
-    if (st.ok()) st = tx.Simple("CREATE TABLE IF NOT EXISTS converge_schema (version BIGINT NOT NULL)");
-    Rows rows;
-    if (st.ok()) {
-      auto r = tx.Query("SELECT coalesce(max(version), 0) FROM converge_schema");
-      if (r) rows = *r; else st = r.error();
-    }
-    const auto& migrations = Migrations();
-    if (st.ok()) {
-      int64_t version = rows.empty() ? 0 : rows[0].Int(0);
-      if (version > static_cast<int64_t>(migrations.size())) {
-        (void)tx.Simple("ROLLBACK");
-        return Status(StatusCode::kFailedPrecondition,
-                      "the database has schema version " + std::to_string(version) +
-                          ", newer than this binary's " + std::to_string(migrations.size()) +
-                          "; upgrade converge",
-                      reason::kSchemaTooNew);
-      }
-      for (size_t v = static_cast<size_t>(version); st.ok() && v < migrations.size(); ++v) {
-        PGresult* res = PQexec(c, migrations[v]);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-          st = FromResult(res, c, "migration " + std::to_string(v + 1));
-        }
-        PQclear(res);
-        if (st.ok()) st = StatusOf(tx.Exec("INSERT INTO converge_schema (version) VALUES ($1)", static_cast<int64_t>(v + 1)));
-      }
-    }
-    if (st.ok()) st = tx.Simple("COMMIT");
-    else (void)tx.Simple("ROLLBACK");
-    return st;
+    MigrationTarget target(c);
+    return schema::Migrate(target, "the database");
   }
 
   const std::string uri_;

@@ -27,7 +27,7 @@
 #include <thread>
 #include <unordered_map>
 
-#include "src/store/sqlite/migrations.h"
+#include "src/core/schema/schema.h"
 
 namespace converge::sqlite {
 namespace {
@@ -220,6 +220,42 @@ class Connection {
   std::unordered_map<std::string, Prepared> cache_;
 };
 
+// SQLite's words for what differs between backends (dialect.h, src/core/schema/).
+class SqliteDialect final : public schema::SchemaDialect {
+ public:
+  std::string_view TypeName(ColumnType type) const override {
+    switch (type) {
+      case ColumnType::kBigint:
+        return "INTEGER";
+      case ColumnType::kDouble:
+        return "REAL";
+      case ColumnType::kBlob:
+        return "BLOB";
+    }
+    return "";
+  }
+  std::string_view AutoIncrementPrimaryKey() const override {
+    return "INTEGER PRIMARY KEY AUTOINCREMENT";
+  }
+  std::string_view ForUpdateSkipLocked() const override { return ""; }
+  std::string_view WithoutRowid() const override { return " WITHOUT ROWID"; }
+  // A row per sequence, raised by UPDATE ... RETURNING (NextFence): with one writer at a
+  // time that is all a sequence needs.
+  std::string_view CreateFenceSequence() const override {
+    return "CREATE TABLE converge_sequences (\n"
+           "  name  TEXT    NOT NULL PRIMARY KEY,\n"
+           "  value INTEGER NOT NULL\n"
+           ") WITHOUT ROWID;\n"
+           "INSERT INTO converge_sequences (name, value)\n"
+           "  SELECT 'fence', coalesce(max(fence), 0) FROM idempotency_keys;";
+  }
+};
+
+const SqliteDialect& TheDialect() {
+  static const SqliteDialect kDialect;
+  return kDialect;
+}
+
 class SqliteTx : public Tx {
  public:
   explicit SqliteTx(Connection* conn) : conn_(conn) {}
@@ -234,7 +270,7 @@ class SqliteTx : public Tx {
     CONVERGE_RETURN_IF_ERROR(conn_->Run(sql, params, &rows, nullptr));
     return rows;
   }
-  Backend backend() const override { return Backend::kSqlite; }
+  const Dialect& dialect() const override { return TheDialect(); }
 
   // One writer at a time: the row update is the whole sequence. A rolled-back draw is
   // drawn again by the next transaction, which is fine: nobody saw it committed.
@@ -339,8 +375,6 @@ class SqliteDatabase : public Database {
     return st;
   }
 
-  Backend backend() const override { return Backend::kSqlite; }
-
   DatabaseStats stats() const override {
     std::lock_guard<std::mutex> l(mu_);
     DatabaseStats s = stats_;
@@ -366,36 +400,31 @@ class SqliteDatabase : public Database {
     }
   }
 
+  // The migration runner's view of the writer connection (src/core/schema/schema.h).
+  // SQLite's write lock is the migration lock: BEGIN IMMEDIATE takes it, waiting up to
+  // busy_timeout for another process that holds it, so two processes opening one new
+  // file migrate it once.
+  class MigrationTarget : public schema::MigrationTarget {
+   public:
+    explicit MigrationTarget(Connection* conn) : conn_(conn) {}
+    const schema::SchemaDialect& dialect() const override { return TheDialect(); }
+    Status BeginLocked() override { return conn_->ExecScript("BEGIN IMMEDIATE"); }
+    Status ExecScript(const std::string& sql) override { return conn_->ExecScript(sql); }
+    Result<Rows> Query(std::string_view sql, std::span<const Value> params) override {
+      Rows rows;
+      CONVERGE_RETURN_IF_ERROR(conn_->Run(sql, params, &rows, nullptr));
+      return rows;
+    }
+    Status Commit() override { return conn_->ExecScript("COMMIT"); }
+    void Rollback() override { (void)conn_->ExecScript("ROLLBACK"); }
+
+   private:
+    Connection* conn_;
+  };
+
   Status Migrate() {
-    Rows rows;
-    CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript(
-        "CREATE TABLE IF NOT EXISTS converge_schema (version INTEGER NOT NULL)"));
-    CONVERGE_RETURN_IF_ERROR(
-        writer_conn_.Run("SELECT max(version) FROM converge_schema", {}, &rows, nullptr));
-    int64_t version = rows.empty() ? 0 : rows[0].Int(0);
-    const auto& migrations = Migrations();
-    if (version > static_cast<int64_t>(migrations.size())) {
-      return Status(StatusCode::kFailedPrecondition,
-                    "'" + path_ + "' has schema version " + std::to_string(version) +
-                        ", newer than this binary's " + std::to_string(migrations.size()) +
-                        "; upgrade converge",
-                    reason::kSchemaTooNew);
-    }
-    for (size_t v = version; v < migrations.size(); ++v) {
-      CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript("BEGIN IMMEDIATE"));
-      Status st = writer_conn_.ExecScript(migrations[v]);
-      if (st.ok()) {
-        Value next = static_cast<int64_t>(v + 1);
-        st = writer_conn_.Run("INSERT INTO converge_schema (version) VALUES ($1)", {&next, 1},
-                              nullptr, nullptr);
-      }
-      if (st.ok()) st = writer_conn_.ExecScript("COMMIT");
-      if (!st.ok()) {
-        (void)writer_conn_.ExecScript("ROLLBACK");
-        return Status(st.code(), "migration " + std::to_string(v + 1) + ": " + st.message());
-      }
-    }
-    return OkStatus();
+    MigrationTarget target(&writer_conn_);
+    return schema::Migrate(target, "'" + path_ + "'");
   }
 
   void WriterLoop() {
@@ -533,8 +562,6 @@ class SqliteDatabase : public Database {
 };
 
 }  // namespace
-
-int SchemaVersion() { return static_cast<int>(Migrations().size()); }
 
 Result<std::unique_ptr<Database>> Open(const std::string& path, const DatabaseOptions& options) {
   if (path.empty()) return tl::unexpected(InvalidArgumentError("sqlite: URI has an empty path"));

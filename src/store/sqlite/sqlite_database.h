@@ -13,9 +13,6 @@ namespace converge::sqlite {
 // migrations and starts the group-commit writer thread.
 Result<std::unique_ptr<Database>> Open(const std::string& path, const DatabaseOptions& options);
 
-// The schema version this binary writes; a file with a higher one is refused.
-int SchemaVersion();
-
 }  // namespace converge::sqlite
 
 #endif  // CONVERGE_STORE_SQLITE_SQLITE_DATABASE_H_

@@ -44,18 +44,15 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       out.clear();
       const int64_t now = q_->clock_->NowMillis();
       const std::string token = internal::RandomHex(8);
-      const char* sql =
-          tx.backend() == Backend::kPostgres
-              ? "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-                "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM queue_messages "
-                "WHERE queue = $3 AND visible_at <= $4 ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) "
-                "RETURNING id, event_id, source, type, subject, envelope, attempts, "
-                "first_failure_at, last_error"
-              : "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-                "claim_token = $2 WHERE id IN (SELECT id FROM queue_messages WHERE queue = $3 "
-                "AND visible_at <= $4 ORDER BY id LIMIT $5) "
-                "RETURNING id, event_id, source, type, subject, envelope, attempts, "
-                "first_failure_at, last_error";
+      // The outer visible_at condition repeats the inner one: after waiting on a row lock,
+      // PostgreSQL re-checks only the outer WHERE (on SQLite it is the same test twice).
+      const std::string sql =
+          "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
+          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM queue_messages "
+          "WHERE queue = $3 AND visible_at <= $4 ORDER BY id LIMIT $5" +
+          std::string(tx.dialect().ForUpdateSkipLocked()) +
+          ") RETURNING id, event_id, source, type, subject, envelope, attempts, "
+          "first_failure_at, last_error";
       CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql, now + visibility.count(), token,
                                                     queue_, now, static_cast<int64_t>(max)));
       for (const Row& r : rows) {

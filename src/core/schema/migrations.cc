@@ -1,11 +1,13 @@
-// Versioned schema for the PostgreSQL backend: the same tables, columns and meaning as
-// src/store/sqlite/migrations.cc. Never edit a shipped migration: append one, to both.
-#include "src/store/postgres/migrations.h"
+// converge's schema in template form, the one source for every backend (schema.h says
+// what each {{token}} becomes). Append-only: never edit a migration that has shipped, add
+// one. SchemaContract/*.SameTablesColumnsKeysAndIndexesAsTheEmbeddedStore
+// (tests/contract/schema_test.cc) checks that every backend ends at the same schema.
+#include "src/core/schema/schema.h"
 
-namespace converge::postgres {
+namespace converge::schema {
 
-const std::vector<const char*>& Migrations() {
-  static const std::vector<const char*> kMigrations = {
+const std::vector<std::string_view>& MigrationTemplates() {
+  static const std::vector<std::string_view> kMigrations = {
       // 1: the whole effective-once path.
       R"sql(
 CREATE TABLE idempotency_keys (
@@ -15,20 +17,20 @@ CREATE TABLE idempotency_keys (
   status           TEXT    NOT NULL CHECK (status IN ('in_progress', 'completed')),
   recovery_point   TEXT    NOT NULL,
   recovery_data    TEXT    NOT NULL DEFAULT '',
-  lease_until       BIGINT  NOT NULL,
-  fence             BIGINT  NOT NULL,
+  lease_until       {{bigint}} NOT NULL,
+  fence             {{bigint}} NOT NULL,
   response_status  INTEGER,
   response_headers TEXT,
-  response_body    BYTEA,
-  created_at       BIGINT  NOT NULL,
-  updated_at       BIGINT  NOT NULL,
-  expires_at       BIGINT  NOT NULL,
+  response_body    {{blob}},
+  created_at       {{bigint}} NOT NULL,
+  updated_at       {{bigint}} NOT NULL,
+  expires_at       {{bigint}} NOT NULL,
   PRIMARY KEY (scope, key)
-);
+){{without_rowid}};
 CREATE INDEX idempotency_keys_expires ON idempotency_keys (expires_at);
 
 CREATE TABLE outbox_events (
-  seq              BIGSERIAL PRIMARY KEY,
+  seq              {{autoincrement_pk}},
   event_id         TEXT    NOT NULL,
   source           TEXT    NOT NULL,
   aggregate_type   TEXT    NOT NULL,
@@ -36,8 +38,8 @@ CREATE TABLE outbox_events (
   type             TEXT    NOT NULL,
   payload          TEXT    NOT NULL,
   headers          TEXT    NOT NULL DEFAULT '{}',
-  created_at       BIGINT  NOT NULL,
-  published_at     BIGINT,
+  created_at       {{bigint}} NOT NULL,
+  published_at     {{bigint}},
   publish_attempts INTEGER NOT NULL DEFAULT 0,
   last_error       TEXT,
   UNIQUE (source, event_id)
@@ -49,40 +51,40 @@ CREATE TABLE consumer_inbox (
   consumer     TEXT    NOT NULL,
   source       TEXT    NOT NULL,
   event_id     TEXT    NOT NULL,
-  processed_at BIGINT  NOT NULL,
-  expires_at   BIGINT  NOT NULL,
+  processed_at {{bigint}} NOT NULL,
+  expires_at   {{bigint}} NOT NULL,
   outcome      TEXT    NOT NULL DEFAULT 'applied'
                CHECK (outcome IN ('applied', 'dead_lettered')),
   PRIMARY KEY (consumer, source, event_id)
-);
+){{without_rowid}};
 CREATE INDEX consumer_inbox_expires ON consumer_inbox (expires_at);
 
 CREATE TABLE queue_subscriptions (
   queue      TEXT    NOT NULL,
   pattern    TEXT    NOT NULL,
-  created_at BIGINT  NOT NULL,
+  created_at {{bigint}} NOT NULL,
   PRIMARY KEY (queue, pattern)
-);
+){{without_rowid}};
 
 CREATE TABLE queue_messages (
-  id               BIGSERIAL PRIMARY KEY,
+  id               {{autoincrement_pk}},
   queue            TEXT    NOT NULL,
   event_id         TEXT    NOT NULL,
   source           TEXT    NOT NULL,
   type             TEXT    NOT NULL,
   subject          TEXT    NOT NULL,
   envelope         TEXT    NOT NULL,
-  enqueued_at      BIGINT  NOT NULL,
-  visible_at       BIGINT  NOT NULL,
+  enqueued_at      {{bigint}} NOT NULL,
+  visible_at       {{bigint}} NOT NULL,
   attempts         INTEGER NOT NULL DEFAULT 0,
   claim_token      TEXT,
-  first_failure_at BIGINT,
+  first_failure_at {{bigint}},
   last_error       TEXT
 );
 CREATE INDEX queue_messages_ready ON queue_messages (queue, visible_at, id);
 
 CREATE TABLE dead_letters (
-  id               BIGSERIAL PRIMARY KEY,
+  id               {{autoincrement_pk}},
   consumer         TEXT    NOT NULL,
   queue            TEXT    NOT NULL,
   event_id         TEXT    NOT NULL,
@@ -93,12 +95,12 @@ CREATE TABLE dead_letters (
   error_code       TEXT    NOT NULL,
   error            TEXT    NOT NULL,
   attempts         INTEGER NOT NULL,
-  first_failure_at BIGINT  NOT NULL,
-  last_failure_at  BIGINT  NOT NULL,
+  first_failure_at {{bigint}} NOT NULL,
+  last_failure_at  {{bigint}} NOT NULL,
   state            TEXT    NOT NULL DEFAULT 'parked'
                    CHECK (state IN ('parked', 'replayed', 'discarded')),
   replay_count     INTEGER NOT NULL DEFAULT 0,
-  updated_at       BIGINT  NOT NULL
+  updated_at       {{bigint}} NOT NULL
 );
 CREATE INDEX dead_letters_state ON dead_letters (state, id);
 )sql",
@@ -110,12 +112,12 @@ CREATE TABLE effects (
   payload         TEXT    NOT NULL,
   state           TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed')),
   attempts        INTEGER NOT NULL DEFAULT 0,
-  next_attempt_at BIGINT  NOT NULL,
+  next_attempt_at {{bigint}} NOT NULL,
   result          TEXT,
   last_error      TEXT,
-  created_at      BIGINT  NOT NULL,
-  updated_at      BIGINT  NOT NULL
-);
+  created_at      {{bigint}} NOT NULL,
+  updated_at      {{bigint}} NOT NULL
+){{without_rowid}};
 CREATE INDEX effects_due ON effects (kind, state, next_attempt_at);
 )sql",
       // 3: relay partitions: ownership by lease and fencing token (relay.h).
@@ -126,12 +128,12 @@ CREATE INDEX outbox_unpublished_partition ON outbox_events (partition_no, seq)
 CREATE TABLE relay_partitions (
   partition_no INTEGER NOT NULL PRIMARY KEY,
   owner        TEXT    NOT NULL,
-  fence        BIGINT   NOT NULL,
-  lease_until  BIGINT   NOT NULL
+  fence        {{bigint}}  NOT NULL,
+  lease_until  {{bigint}}  NOT NULL
 );
 CREATE TABLE relay_members (
   owner        TEXT    NOT NULL PRIMARY KEY,
-  lease_until  BIGINT   NOT NULL
+  lease_until  {{bigint}}  NOT NULL
 );
 )sql",
       // 4: fencing tokens from one store-wide sequence (never reused for a key, even
@@ -139,23 +141,23 @@ CREATE TABLE relay_members (
       // abandoned multi-phase requests (the completer); handler starts of redelivered
       // messages, so one that kills its process is parked (consumer.h).
       R"sql(
-CREATE SEQUENCE converge_fences;
-SELECT setval('converge_fences', coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,
-              false);
+{{fence_sequence}}
 ALTER TABLE effects ADD COLUMN claim_token TEXT;
-ALTER TABLE relay_members ADD COLUMN incarnation BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE relay_members ADD COLUMN incarnation {{bigint}} NOT NULL DEFAULT 0;
 CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
   WHERE status = 'in_progress';
 CREATE TABLE consumer_starts (
   consumer   TEXT    NOT NULL,
   source     TEXT    NOT NULL,
   event_id   TEXT    NOT NULL,
-  starts     BIGINT NOT NULL,
+  starts     {{bigint}} NOT NULL,
   PRIMARY KEY (consumer, source, event_id)
-);
+){{without_rowid}};
 )sql",
   };
   return kMigrations;
 }
 
-}  // namespace converge::postgres
+int SchemaVersion() { return static_cast<int>(MigrationTemplates().size()); }
+
+}  // namespace converge::schema

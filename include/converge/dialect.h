@@ -1,0 +1,58 @@
+// Dialect: the few SQL fragments that differ between the stores converge runs on.
+//
+// converge writes one SQL text for every backend ($n placeholders, ON CONFLICT,
+// RETURNING, partial indexes all mean the same on SQLite and PostgreSQL). Where a backend
+// needs other words, code asks the transaction's dialect (`tx.dialect()`, database.h) for
+// the fragment instead of asking which backend it runs on. So a query or a table is
+// written once, and a new backend supplies its fragments in one place.
+//
+// Thread safety: a Dialect is immutable and lives as long as the Database it came from;
+// it may be used from any thread.
+#ifndef CONVERGE_DIALECT_H_
+#define CONVERGE_DIALECT_H_
+
+#include <string_view>
+
+namespace converge {
+
+// Column types whose spelling differs between backends. TEXT, INTEGER (32 bits on
+// PostgreSQL) and NUMERIC are spelled the same everywhere and need no entry.
+enum class ColumnType {
+  kBigint,  // 64-bit integer: INTEGER on SQLite (every SQLite integer has 64 bits), BIGINT
+  kDouble,  // 8-byte float: REAL on SQLite, DOUBLE PRECISION on PostgreSQL
+  kBlob,    // bytes (Blob in database.h): BLOB on SQLite, BYTEA on PostgreSQL
+};
+
+class Dialect {
+ public:
+  Dialect() = default;
+  Dialect(const Dialect&) = delete;
+  Dialect& operator=(const Dialect&) = delete;
+  virtual ~Dialect() = default;
+
+  // The type name to write in a column definition or a CAST for `type`.
+  virtual std::string_view TypeName(ColumnType type) const = 0;
+
+  // A whole column definition, type and constraint, for an integer primary key that the
+  // store numbers itself in ascending order: "INTEGER PRIMARY KEY AUTOINCREMENT" on
+  // SQLite (AUTOINCREMENT: a deleted row's number is never handed out again) and
+  // "BIGSERIAL PRIMARY KEY" on PostgreSQL. Write "id " + AutoIncrementPrimaryKey().
+  virtual std::string_view AutoIncrementPrimaryKey() const = 0;
+
+  // Appended to the SELECT of a claim (`UPDATE … WHERE id IN (SELECT … LIMIT n` + this +
+  // `)`): lock the selected rows and skip rows another transaction holds instead of
+  // waiting for it. " FOR UPDATE SKIP LOCKED" on PostgreSQL; empty on SQLite, where one
+  // write transaction runs at a time and no row is ever held by another. Because
+  // PostgreSQL re-checks only the outer WHERE after a lock wait, a claim repeats its
+  // conditions there.
+  virtual std::string_view ForUpdateSkipLocked() const = 0;
+
+  // Appended after the closing parenthesis of CREATE TABLE for a table whose primary key
+  // is its only identity: " WITHOUT ROWID" on SQLite (the rows live in the primary key's
+  // b-tree, saving a second one); empty on PostgreSQL.
+  virtual std::string_view WithoutRowid() const = 0;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_DIALECT_H_

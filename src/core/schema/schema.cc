@@ -1,0 +1,103 @@
+// Rendering the schema templates for a dialect, and the migration runner both backends
+// use (schema.h).
+#include "src/core/schema/schema.h"
+
+#include <optional>
+
+namespace converge::schema {
+namespace {
+
+// The fragment for one token, or nullopt when the token is unknown.
+std::optional<std::string_view> Fragment(std::string_view token, const SchemaDialect& d) {
+  if (token == "bigint") return d.TypeName(ColumnType::kBigint);
+  if (token == "double") return d.TypeName(ColumnType::kDouble);
+  if (token == "blob") return d.TypeName(ColumnType::kBlob);
+  if (token == "autoincrement_pk") return d.AutoIncrementPrimaryKey();
+  if (token == "without_rowid") return d.WithoutRowid();
+  if (token == "fence_sequence") return d.CreateFenceSequence();
+  return std::nullopt;
+}
+
+// The version table itself is created outside the numbered migrations: it must exist
+// before anything can be counted.
+constexpr std::string_view kVersionTable =
+    "CREATE TABLE IF NOT EXISTS converge_schema (version {{bigint}} NOT NULL)";
+
+Status Apply(MigrationTarget& target, std::string_view store,
+             const std::vector<std::string>& scripts, const std::string& version_table) {
+  CONVERGE_RETURN_IF_ERROR(target.ExecScript(version_table));
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows rows, target.Query("SELECT coalesce(max(version), 0) FROM converge_schema", {}));
+  const int64_t version = rows.empty() ? 0 : rows[0].Int(0);
+  const auto known = static_cast<int64_t>(scripts.size());
+  if (version > known) {
+    return Status(StatusCode::kFailedPrecondition,
+                  std::string(store) + " has schema version " + std::to_string(version) +
+                      ", newer than this binary's " + std::to_string(known) +
+                      "; upgrade converge",
+                  reason::kSchemaTooNew);
+  }
+  for (int64_t v = version; v < known; ++v) {
+    Status st = target.ExecScript(scripts[static_cast<size_t>(v)]);
+    if (st.ok()) {
+      const Value next = v + 1;
+      st = StatusOf(target.Query("INSERT INTO converge_schema (version) VALUES ($1)", {&next, 1}));
+    }
+    if (!st.ok()) {
+      return Status(st.code(), "migration " + std::to_string(v + 1) + ": " + st.message(),
+                    st.reason());
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+Result<std::string> Render(std::string_view tmpl, const SchemaDialect& dialect) {
+  std::string out;
+  out.reserve(tmpl.size());
+  size_t pos = 0;
+  for (;;) {
+    const size_t open = tmpl.find("{{", pos);
+    if (open == std::string_view::npos) break;
+    const size_t close = tmpl.find("}}", open + 2);
+    if (close == std::string_view::npos) {
+      return tl::unexpected(InternalError("schema template: '{{' without '}}' at offset " +
+                                          std::to_string(open)));
+    }
+    const std::string_view token = tmpl.substr(open + 2, close - open - 2);
+    const auto fragment = Fragment(token, dialect);
+    if (!fragment) {
+      return tl::unexpected(
+          InternalError("schema template: unknown token {{" + std::string(token) + "}}"));
+    }
+    out.append(tmpl.substr(pos, open - pos));
+    out.append(*fragment);
+    pos = close + 2;
+  }
+  out.append(tmpl.substr(pos));
+  return out;
+}
+
+Status Migrate(MigrationTarget& target, std::string_view store,
+               std::span<const std::string_view> migrations) {
+  // Render everything first: a broken template must not leave a half-migrated store.
+  std::vector<std::string> scripts;
+  scripts.reserve(migrations.size());
+  for (size_t i = 0; i < migrations.size(); ++i) {
+    auto sql = Render(migrations[i], target.dialect());
+    if (!sql) {
+      return InternalError("migration " + std::to_string(i + 1) + ": " + sql.error().message());
+    }
+    scripts.push_back(std::move(*sql));
+  }
+  CONVERGE_ASSIGN_OR_RETURN(std::string version_table, Render(kVersionTable, target.dialect()));
+
+  CONVERGE_RETURN_IF_ERROR(target.BeginLocked());
+  Status st = Apply(target, store, scripts, version_table);
+  if (st.ok()) st = target.Commit();
+  if (!st.ok()) target.Rollback();
+  return st;
+}
+
+}  // namespace converge::schema
