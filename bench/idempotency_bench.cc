@@ -47,9 +47,8 @@ struct Fixture {
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-bench-XXXXXX";
     if (mkdtemp(tmpl.data()) == nullptr) std::abort();
     dir = tmpl;
-    converge::DatabaseOptions o;
-    o.synchronous_full = full;
-    auto opened = Database::Open("sqlite:" + dir + "/bench.db", o);
+    auto opened = Database::Open("sqlite:" + dir + "/bench.db?synchronous=" +
+                                 (full ? "full" : "normal"));
     if (!opened) {
       std::fprintf(stderr, "open: %s\n", opened.error().ToString().c_str());
       std::exit(1);

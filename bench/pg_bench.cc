@@ -109,9 +109,8 @@ int main(int argc, char** argv) {
   app.add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
   app.add_option("--seconds", seconds, "Duration of the creates run")->check(CLI::Range(0.5, 600.0));
   CLI11_PARSE(app, argc, argv);
-  converge::DatabaseOptions o;
-  o.pool_size = static_cast<size_t>(callers);
-  auto db = converge::Database::Open(uri, o);
+  auto db = converge::Database::Open(
+      converge::Database::WithDefaultParameter(uri, "pool_size", std::to_string(callers)));
   if (!db) {
     std::fprintf(stderr, "open: %s\n", db.error().ToString().c_str());
     return 1;

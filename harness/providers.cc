@@ -105,9 +105,8 @@ Response Unavailable() {
 }
 
 std::unique_ptr<Database> OpenStore(const std::string& path, Status* st) {
-  converge::DatabaseOptions o;
-  o.synchronous_full = false;  // a stand-in's own durability is not what is under test
-  auto db = Database::Open("sqlite:" + path, o);
+  // A stand-in's own durability is not what is under test.
+  auto db = Database::Open("sqlite:" + path + "?synchronous=normal");
   if (!db) {
     *st = db.error();
     return nullptr;

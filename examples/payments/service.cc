@@ -235,11 +235,16 @@ Status Service::Impl::Start() {
         " ms) must exceed psp.timeout_ms (" + std::to_string(cfg_.psp_timeout.count()) +
         " ms): the charge phase must fit in its lease, or a retry takes over mid-call");
   }
-  converge::DatabaseOptions dbo;
-  dbo.synchronous_full = cfg_.synchronous_full;
-  dbo.notify = cfg_.notify;
-  dbo.pool_size = static_cast<size_t>(std::max(16, cfg_.worker_threads / 2));
-  auto db = Database::Open(cfg_.db, dbo);
+  // [store] synchronous and notify, and a pool that fits the worker threads, are
+  // defaults for the URI's parameters of the same names: the URI's own setting wins, and
+  // a store without such a setting ignores them.
+  std::string store_uri = cfg_.db;
+  store_uri = Database::WithDefaultParameter(store_uri, "synchronous",
+                                             cfg_.synchronous_full ? "full" : "normal");
+  store_uri = Database::WithDefaultParameter(store_uri, "notify", cfg_.notify ? "true" : "false");
+  store_uri = Database::WithDefaultParameter(
+      store_uri, "pool_size", std::to_string(std::max(16, cfg_.worker_threads / 2)));
+  auto db = Database::Open(store_uri);
   if (!db) return db.error();
   db_ = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(CreateTables());
@@ -839,19 +844,28 @@ void Service::Impl::RefreshGauges() {
 Response Service::Impl::Metrics(Request&) {
   RefreshGauges();
   std::string out = metrics_.Render();
-  // Group-commit batch sizes, from the store's own histogram (buckets of powers of two).
   const auto ds = db_->stats();
-  out += "# HELP db_commit_batch_size Transact calls carried by one physical commit.\n";
-  out += "# TYPE db_commit_batch_size histogram\n";
-  int64_t cumulative = 0;
-  for (size_t i = 0; i < ds.batch_histogram.size(); ++i) {
-    cumulative += ds.batch_histogram[i];
-    out += "db_commit_batch_size_bucket{le=\"" + std::to_string((int64_t{2} << i) - 1) + "\"} " +
-           std::to_string(cumulative) + "\n";
+  out += "# HELP db_transactions_total Transact calls completed, ok or not.\n";
+  out += "# TYPE db_transactions_total counter\n";
+  out += "db_transactions_total " + std::to_string(ds.transactions) + "\n";
+  out += "# HELP db_commits_total Physical commits.\n";
+  out += "# TYPE db_commits_total counter\n";
+  out += "db_commits_total " + std::to_string(ds.commits) + "\n";
+  // Group-commit batch sizes, from the store's own histogram (buckets of powers of two).
+  // Only a store that batches has one (SQLite); elsewhere every call is its own commit.
+  if (!ds.batch_histogram.empty()) {
+    out += "# HELP db_commit_batch_size Transact calls carried by one physical commit.\n";
+    out += "# TYPE db_commit_batch_size histogram\n";
+    int64_t cumulative = 0;
+    for (size_t i = 0; i < ds.batch_histogram.size(); ++i) {
+      cumulative += ds.batch_histogram[i];
+      out += "db_commit_batch_size_bucket{le=\"" + std::to_string((int64_t{2} << i) - 1) +
+             "\"} " + std::to_string(cumulative) + "\n";
+    }
+    out += "db_commit_batch_size_bucket{le=\"+Inf\"} " + std::to_string(ds.commits) + "\n";
+    out += "db_commit_batch_size_sum " + std::to_string(ds.transactions) + "\n";
+    out += "db_commit_batch_size_count " + std::to_string(ds.commits) + "\n";
   }
-  out += "db_commit_batch_size_bucket{le=\"+Inf\"} " + std::to_string(ds.commits) + "\n";
-  out += "db_commit_batch_size_sum " + std::to_string(ds.transactions) + "\n";
-  out += "db_commit_batch_size_count " + std::to_string(ds.commits) + "\n";
   Response r;
   r.status = 200;
   r.headers = {{"Content-Type", "text/plain; version=0.0.4"}};

@@ -130,14 +130,17 @@ class Tx {
   virtual Status LockUntilCommit(std::string_view key) = 0;
 
   // Tells other processes on this store that `channel` has news, when this transaction
-  // commits (PostgreSQL NOTIFY, if DatabaseOptions::notify). A no-op elsewhere: callers
-  // need not know whether anyone listens.
+  // commits (PostgreSQL NOTIFY, when the store URI says notify=true). A no-op elsewhere:
+  // callers need not know whether anyone listens.
   virtual Status Notify(std::string_view channel) {
     (void)channel;
     return OkStatus();
   }
 
-  // For backends: the hooks of everything that was not rolled back, in order.
+ protected:
+  // For backends, once the transaction committed: the hooks of everything that was not
+  // rolled back, in order. A backend's Tx makes it reachable to its Database (a
+  // using-declaration); callers of Tx never see it.
   std::vector<std::function<void()>> TakeCommitHooks();
 
  private:
@@ -171,32 +174,27 @@ class Tx {
 
 using TxFn = std::function<Status(Tx&)>;
 
+// What every backend understands. A backend's own settings travel in its URI's query
+// (Database::Open), so a setting the chosen store does not have cannot be given.
 struct DatabaseOptions {
-  // SQLite: PRAGMA synchronous=FULL (true) or NORMAL (false). FULL fsyncs the WAL on
-  // every commit, which group commit amortises over a whole batch.
-  bool synchronous_full = true;
-  // SQLite: the most Transact calls one physical transaction may carry.
-  size_t max_batch = 512;
-  // How often Transact re-runs fn after kAborted before giving up with kAborted.
+  // How often Transact runs fn when it keeps failing with kAborted (a serialization
+  // failure or deadlock, or fn's own kAborted) before returning kAborted. At least 1.
   int max_attempts = 8;
-  // SQLite: how long to wait for another process's write lock (busy_timeout).
-  Millis busy_timeout = Millis(5000);
-  // SQLite: reader connections kept open for Read().
-  size_t readers = 4;
-  // PostgreSQL: connections in the pool (Transact and Read share them).
-  size_t pool_size = 16;
-  // PostgreSQL: wake relays and consumers in other processes with LISTEN/NOTIFY instead
-  // of waiting for their poll. Off by default: NOTIFY takes a global lock at commit and
-  // serialises committing transactions under heavy write concurrency.
-  bool notify = false;
 };
 
+// What a store reports about its work so far. Every backend fills `transactions` and
+// `commits`; the rest describe SQLite's group commit (one writer thread carrying many
+// Transact calls per physical commit) and stay 0 and empty on backends without one
+// (PostgreSQL, where every Transact is its own commit).
 struct DatabaseStats {
-  int64_t transactions = 0;      // Transact calls completed (ok or not)
-  int64_t commits = 0;           // physical commits
-  int64_t largest_batch = 0;     // most calls carried by one physical commit
-  int64_t queued = 0;            // calls waiting for the writer right now
-  // batch_histogram[i] counts commits that carried [2^i, 2^(i+1)) calls.
+  int64_t transactions = 0;  // Transact calls completed, ok or not (not Read; a nested
+                             // Transact joins its outer transaction and is not counted)
+  int64_t commits = 0;       // physical commits that succeeded
+  // SQLite only:
+  int64_t largest_batch = 0;  // most calls carried by one physical commit
+  int64_t queued = 0;         // calls waiting for the writer right now
+  // batch_histogram[i] counts commits that carried [2^i, 2^(i+1)) calls; empty where the
+  // store has no batches.
   std::vector<int64_t> batch_histogram;
 };
 
@@ -207,20 +205,53 @@ class Database {
   Database& operator=(const Database&) = delete;
   virtual ~Database() = default;
 
-  // Opens the store named by `uri` and applies pending migrations:
-  //   sqlite:PATH            an SQLite file (created if absent), WAL mode
-  //   postgresql://...       a PostgreSQL database (libpq URI; postgres:// too)
-  // Errors: kInvalidArgument (unknown scheme or malformed URI), kUnavailable (cannot
-  // open), kFailedPrecondition (the file's schema is newer than this binary knows).
-  // Defined by the store registry (link converge::converge), not by core.
+  // Opens the store named by `uri` and applies pending migrations. The store's own
+  // settings are the URI's query parameters (`name=value`, joined by `&`):
+  //
+  //   sqlite:PATH[?...]        an SQLite file (created if absent; sqlite://PATH too), WAL
+  //                            mode. PATH cannot contain '?'.
+  //     synchronous=full|normal  PRAGMA synchronous (default full: the WAL is fsynced at
+  //                              every commit, which group commit shares among a batch)
+  //     max_batch=N              most Transact calls in one physical commit (512)
+  //     busy_timeout_ms=N        how long to wait for another process's write lock (5000)
+  //     readers=N                read-only connections kept for Read() (4)
+  //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
+  //                            whose own parameters (sslmode, connect_timeout, ...) pass
+  //                            through to libpq; converge takes out its own first:
+  //     pool_size=N              connections in the pool, shared by Transact and Read (16)
+  //     notify=true|false        wake relays and consumers in other processes with
+  //                              LISTEN/NOTIFY instead of waiting for their poll (false:
+  //                              NOTIFY takes a global lock at commit and serialises
+  //                              committing transactions under heavy write concurrency)
+  //
+  // Errors: kInvalidArgument (unknown scheme; a scheme this build has no backend for; a
+  // parameter the store does not take, given twice or with a bad value, named in the
+  // message; bad options), kUnavailable (cannot open or connect), kFailedPrecondition
+  // with reason::kSchemaTooNew (the store's schema is newer than this binary knows; the
+  // store is left untouched). Defined by the store registry (link converge::converge),
+  // not by core.
   static Result<std::unique_ptr<Database>> Open(std::string_view uri,
                                                 const DatabaseOptions& options = {});
+
+  // `uri` with `name=value` added to its query, unless the query sets `name` already or
+  // the store `uri` names does not take a parameter `name` (then, and for a URI Open
+  // would refuse, `uri` comes back unchanged). For applications whose own configuration
+  // supplies defaults for store settings: the URI's own setting wins.
+  static std::string WithDefaultParameter(std::string_view uri, std::string_view name,
+                                          std::string_view value);
 
   // Runs fn(tx) in one transaction and returns once its writes are durable (or rolled
   // back). fn returning non-OK rolls back everything fn wrote and returns that status;
   // kAborted re-runs fn (up to DatabaseOptions::max_attempts). fn may run more than once,
   // so it must not have effects outside the Tx. Calling Transact from inside fn runs the
   // inner fn in a savepoint of the same transaction.
+  //
+  // Where fn runs: on SQLite, on the store's one writer thread, inside a transaction it
+  // shares with the other calls of its batch, while every other write in the process
+  // waits behind it. Keep fn short: SQL and computation only, no network calls or other
+  // blocking I/O (multi-phase idempotency keys exist for work with an external call in
+  // the middle). On PostgreSQL fn runs on the calling thread, holding a pooled
+  // connection for as long as it runs.
   //
   // Every error but one means nothing was committed. The exception: kUnavailable with
   // reason::kCommitOutcomeUnknown (PostgreSQL: the connection broke after COMMIT was sent
@@ -231,6 +262,9 @@ class Database {
   // business write must be idempotent too (a natural key, ON CONFLICT DO NOTHING), or the
   // caller must look before retrying (in a new transaction) whether the write is there. A
   // plain kUnavailable without that reason is a definite failure: nothing committed.
+  //
+  // kCancelled: the Database is being destroyed (SQLite refuses calls that arrive after
+  // its destructor began; the calls already queued still run). fn did not run.
   virtual Status Transact(const TxFn& fn) = 0;
 
   // Runs fn(tx) in a read-only snapshot: every statement in fn sees the database as of

@@ -482,10 +482,8 @@ TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatche
 // store) that would otherwise sleep for its whole poll interval wakes on the commit.
 TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
   if (!this->IsPostgres()) GTEST_SKIP() << "cross-process NOTIFY is PostgreSQL's";
-  DatabaseOptions o;
-  o.notify = true;
-  auto writer = Database::Open(this->store_.uri, o);
-  auto reader = Database::Open(this->store_.uri, o);
+  auto writer = Database::Open(this->store_.uri + "?notify=true");
+  auto reader = Database::Open(this->store_.uri + "?notify=true");
   ASSERT_TRUE(writer && reader);
   SqlQueue queue(**reader);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
@@ -1019,6 +1017,68 @@ TYPED_TEST(StoreContract, DeadLetterReplayFollowsTheLongestRouteOrStaysParked) {
                         "AND outcome = 'dead_lettered'"),
             1);
   EXPECT_TRUE(unrouted.Discard(orphan).ok());  // discarding needs no route
+}
+
+// --- honest stats and URI parameters (#8) ------------------------------------------------
+
+// Every store counts Transact calls (not Reads, not nested calls) and commits; only a
+// store that batches commits fills the batch fields, and PostgreSQL no longer fakes them.
+TYPED_TEST(StoreContract, StatsCountTransactionsAndCommitsAndOnlyBatchesWhereThereAreSome) {
+  const DatabaseStats before = this->db_->stats();
+  for (const char* id : {"s1", "s2", "s3"}) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx&) -> Status {
+                       // A nested call joins this transaction: not a transaction of its own.
+                       return this->db_->Transact([&](Tx& inner) {
+                         return TestFixture::Effect(inner, id);
+                       });
+                     }).ok());
+  }
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 3);  // a Read: not counted
+  Status failed = this->db_->Transact([](Tx&) { return InvalidArgumentError("no"); });
+  EXPECT_EQ(failed.code(), StatusCode::kInvalidArgument);
+  const DatabaseStats after = this->db_->stats();
+  EXPECT_EQ(after.transactions - before.transactions, 4);
+  EXPECT_GE(after.commits - before.commits, 1);
+  EXPECT_LE(after.commits - before.commits, 4);
+  if (this->IsPostgres()) {
+    EXPECT_EQ(after.commits - before.commits, 3);  // every Transact that committed
+    EXPECT_TRUE(after.batch_histogram.empty());
+    EXPECT_EQ(after.largest_batch, 0);
+    EXPECT_EQ(after.queued, 0);
+  } else {
+    ASSERT_FALSE(after.batch_histogram.empty());
+    int64_t histogram_commits = 0;
+    for (int64_t n : after.batch_histogram) histogram_commits += n;
+    EXPECT_EQ(histogram_commits, after.commits);
+    EXPECT_GE(after.largest_batch, 1);
+  }
+}
+
+// pool_size in the URI bounds how many transactions hold a connection at once.
+TYPED_TEST(StoreContract, PoolSizeFromTheUriBoundsConcurrentTransactions) {
+  if (!this->IsPostgres()) GTEST_SKIP() << "SQLite has one writer and no pool";
+  auto db = Database::Open(this->store_.uri + "?pool_size=2");
+  ASSERT_TRUE(db) << db.error().ToString();
+  std::atomic<int> inside{0}, most{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 6; ++i) {
+    callers.emplace_back([&] {
+      Status st = (*db)->Transact([&](Tx& tx) -> Status {
+        const int now = ++inside;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        // Hold the connection a while, so that callers overlap if the pool lets them.
+        Status slept = StatusOf(tx.Query("SELECT pg_sleep(0.05)"));
+        --inside;
+        return slept;
+      });
+      EXPECT_TRUE(st.ok()) << st.ToString();
+    });
+  }
+  for (auto& t : callers) t.join();
+  EXPECT_GE(most.load(), 1);
+  EXPECT_LE(most.load(), 2);
 }
 
 }  // namespace

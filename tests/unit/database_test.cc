@@ -247,3 +247,15 @@ TEST(DatabaseOpen, RefusesAFileThatIsNotADatabase) {
 
 }  // namespace
 }  // namespace converge
+
+namespace converge {
+namespace {
+
+// Only a backend may take a transaction's commit hooks (#8): a caller that could would
+// run or drop hooks of a transaction that has not committed.
+template <class T>
+concept CanTakeCommitHooks = requires(T& tx) { tx.TakeCommitHooks(); };
+static_assert(!CanTakeCommitHooks<Tx>, "Tx::TakeCommitHooks must not be public");
+
+}  // namespace
+}  // namespace converge

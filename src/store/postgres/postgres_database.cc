@@ -29,6 +29,7 @@
 
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
+#include "src/core/store_uri.h"
 
 namespace converge::postgres {
 namespace {
@@ -122,6 +123,7 @@ const PgDialect& TheDialect() {
 class PgTx : public Tx {
  public:
   explicit PgTx(PGconn* conn, bool notify = false) : conn_(conn), notify_(notify) {}
+  using Tx::TakeCommitHooks;  // for PgDatabase, once COMMIT succeeded
 
   // NOTIFY is transactional: delivered at commit, never after a rollback, and identical
   // notifications of one transaction collapse into one.
@@ -294,12 +296,18 @@ class PgDatabase;
 // The transaction a thread is inside, per database: nested Transact joins it.
 thread_local std::unordered_map<const PgDatabase*, PgTx*> t_current;
 
+// Everything PgDatabase is opened with: converge's URI parameters (defaults as in
+// database.h) and the generic DatabaseOptions.
+struct Options {
+  size_t pool_size = 16;
+  bool notify = false;
+  int max_attempts = 8;
+};
+
 class PgDatabase : public Database {
  public:
-  PgDatabase(std::string uri, DatabaseOptions options)
-      : uri_(std::move(uri)), options_(options) {
-    stats_.batch_histogram.assign(16, 0);
-  }
+  // `uri`: for libpq, converge's own parameters taken out.
+  PgDatabase(std::string uri, Options options) : uri_(std::move(uri)), options_(options) {}
 
   ~PgDatabase() override {
     {
@@ -400,8 +408,10 @@ class PgDatabase : public Database {
       st = RunOnce(fn, read_only);
       if (st.code() != StatusCode::kAborted) break;
     }
-    std::lock_guard<std::mutex> l(mu_);
-    ++stats_.transactions;
+    if (!read_only) {
+      std::lock_guard<std::mutex> l(mu_);
+      ++stats_.transactions;
+    }
     return st;
   }
 
@@ -507,10 +517,10 @@ class PgDatabase : public Database {
     }
     if (st.ok() && !read_only) {
       {
+        // No batches here: every Transact is its own commit, and the group-commit
+        // fields of DatabaseStats stay empty.
         std::lock_guard<std::mutex> l(mu_);
         ++stats_.commits;
-        stats_.largest_batch = std::max<int64_t>(stats_.largest_batch, 1);
-        ++stats_.batch_histogram[0];
       }
       for (auto& hook : tx.TakeCommitHooks()) hook();
     }
@@ -558,7 +568,7 @@ class PgDatabase : public Database {
   }
 
   const std::string uri_;
-  const DatabaseOptions options_;
+  const Options options_;
   mutable std::mutex mu_;
   std::condition_variable pool_cv_;
   std::vector<PGconn*> idle_;
@@ -574,11 +584,30 @@ class PgDatabase : public Database {
 
 }  // namespace
 
-Result<std::unique_ptr<Database>> Open(const std::string& uri, const DatabaseOptions& options) {
-  if (options.pool_size == 0 || options.max_attempts < 1) {
-    return tl::unexpected(InvalidArgumentError("DatabaseOptions: pool_size and max_attempts must be positive"));
+Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptions& options) {
+  CONVERGE_ASSIGN_OR_RETURN(internal::StoreUri parsed, internal::StoreUri::Parse(uri));
+  Options o;
+  o.max_attempts = options.max_attempts;
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> pool, parsed.TakeInt("pool_size", 1, 10000));
+  if (pool) o.pool_size = static_cast<size_t>(*pool);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<bool> notify, parsed.TakeBool("notify"));
+  if (notify) o.notify = *notify;
+  // What is left is libpq's. Ask libpq now, so that a misspelt parameter is a clear
+  // kInvalidArgument naming it rather than a connection failure.
+  const std::string rest = parsed.Rest();
+  const std::string libpq_uri = parsed.base() + (rest.empty() ? "" : "?" + rest);
+  char* err = nullptr;
+  PQconninfoOption* info = PQconninfoParse(libpq_uri.c_str(), &err);
+  if (info == nullptr) {
+    std::string msg = err != nullptr ? err : "out of memory";
+    PQfreemem(err);
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    return tl::unexpected(InvalidArgumentError(
+        "postgresql URI: " + msg + " (converge's own parameters are pool_size and notify; "
+        "the others are libpq's)"));
   }
-  auto db = std::make_unique<PgDatabase>(uri, options);
+  PQconninfoFree(info);
+  auto db = std::make_unique<PgDatabase>(libpq_uri, o);
   CONVERGE_RETURN_IF_ERROR(db->Init());
   return std::unique_ptr<Database>(std::move(db));
 }

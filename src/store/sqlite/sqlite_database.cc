@@ -23,11 +23,13 @@
 #include <cstring>
 #include <condition_variable>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
 
 #include "src/core/schema/schema.h"
+#include "src/core/store_uri.h"
 
 namespace converge::sqlite {
 namespace {
@@ -259,6 +261,7 @@ const SqliteDialect& TheDialect() {
 class SqliteTx : public Tx {
  public:
   explicit SqliteTx(Connection* conn) : conn_(conn) {}
+  using Tx::TakeCommitHooks;  // for SqliteDatabase, once the batch committed
 
   Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) override {
     int64_t changes = 0;
@@ -288,9 +291,19 @@ class SqliteTx : public Tx {
   Connection* conn_;
 };
 
+// Everything SqliteDatabase is opened with: the URI's parameters (defaults as in
+// database.h) and the generic DatabaseOptions.
+struct Options {
+  bool synchronous_full = true;
+  size_t max_batch = 512;
+  Millis busy_timeout = Millis(5000);
+  size_t readers = 4;
+  int max_attempts = 8;
+};
+
 class SqliteDatabase : public Database {
  public:
-  SqliteDatabase(std::string path, DatabaseOptions options)
+  SqliteDatabase(std::string path, Options options)
       : path_(std::move(path)), options_(options) {
     stats_.batch_histogram.assign(16, 0);
   }
@@ -541,7 +554,7 @@ class SqliteDatabase : public Database {
   }
 
   const std::string path_;
-  const DatabaseOptions options_;
+  const Options options_;
 
   Connection writer_conn_;  // only the writer thread (and Init, before it starts)
   std::thread writer_;
@@ -563,13 +576,32 @@ class SqliteDatabase : public Database {
 
 }  // namespace
 
-Result<std::unique_ptr<Database>> Open(const std::string& path, const DatabaseOptions& options) {
-  if (path.empty()) return tl::unexpected(InvalidArgumentError("sqlite: URI has an empty path"));
-  if (options.max_batch == 0 || options.readers == 0 || options.max_attempts < 1) {
-    return tl::unexpected(InvalidArgumentError(
-        "DatabaseOptions: max_batch, readers and max_attempts must be positive"));
+Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {
+  CONVERGE_ASSIGN_OR_RETURN(internal::StoreUri uri, internal::StoreUri::Parse(location));
+  if (uri.base().empty()) {
+    return tl::unexpected(InvalidArgumentError("sqlite: URI has an empty path"));
   }
-  auto db = std::make_unique<SqliteDatabase>(path, options);
+  Options o;
+  o.max_attempts = options.max_attempts;
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<std::string> sync, uri.Take("synchronous"));
+  if (sync) {
+    if (*sync != "full" && *sync != "normal") {
+      return tl::unexpected(InvalidArgumentError("store URI: synchronous=" + *sync +
+                                                 " must be full or normal"));
+    }
+    o.synchronous_full = *sync == "full";
+  }
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> max_batch, uri.TakeInt("max_batch", 1, 1 << 20));
+  if (max_batch) o.max_batch = static_cast<size_t>(*max_batch);
+  // sqlite3_busy_timeout takes an int.
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> busy,
+                            uri.TakeInt("busy_timeout_ms", 0, std::numeric_limits<int>::max()));
+  if (busy) o.busy_timeout = Millis(*busy);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> readers, uri.TakeInt("readers", 1, 1024));
+  if (readers) o.readers = static_cast<size_t>(*readers);
+  CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
+
+  auto db = std::make_unique<SqliteDatabase>(uri.base(), o);
   CONVERGE_RETURN_IF_ERROR(db->Init());
   return std::unique_ptr<Database>(std::move(db));
 }

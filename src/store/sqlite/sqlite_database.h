@@ -2,16 +2,23 @@
 #ifndef CONVERGE_STORE_SQLITE_SQLITE_DATABASE_H_
 #define CONVERGE_STORE_SQLITE_SQLITE_DATABASE_H_
 
+#include <array>
 #include <memory>
-#include <string>
+#include <string_view>
 
 #include "converge/database.h"
 
 namespace converge::sqlite {
 
-// Opens (creating if absent) the SQLite file at `path`, sets WAL mode, applies pending
-// migrations and starts the group-commit writer thread.
-Result<std::unique_ptr<Database>> Open(const std::string& path, const DatabaseOptions& options);
+// The parameters a sqlite: URI's query may carry (database.h, Database::Open).
+inline constexpr std::array<std::string_view, 4> kUriParameters = {
+    "synchronous", "max_batch", "busy_timeout_ms", "readers"};
+
+// Opens (creating if absent) the SQLite file `location` names ("PATH" or
+// "PATH?PARAMETERS": what follows "sqlite:"), sets WAL mode, applies pending migrations
+// and starts the group-commit writer thread. kInvalidArgument for an empty path or a
+// parameter it does not take or cannot read.
+Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options);
 
 }  // namespace converge::sqlite
 
