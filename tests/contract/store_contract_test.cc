@@ -2,7 +2,9 @@
 // tests). Sqlite runs everywhere (label unit); Postgres needs a server, handed over in
 // CONVERGE_TEST_PG_DSN by scripts/with-postgres.sh (label pg), and each test gets a fresh
 // database of its own.
+#if CONVERGE_WITH_POSTGRES
 #include <libpq-fe.h>
+#endif
 
 #include <atomic>
 #include <map>
@@ -721,6 +723,7 @@ struct FailpointsCleared {
   ~FailpointsCleared() { (void)failpoint::Configure(""); }
 };
 
+#if CONVERGE_WITH_POSTGRES  // the test needs a libpq connection of its own
 // Runs `sql` on its own libpq connection to `uri` (not through converge's pool); returns
 // the first column of the first row, or "" (and fails the test) on error.
 std::string OnSideConnection(const std::string& uri, const std::string& sql) {
@@ -770,6 +773,7 @@ TYPED_TEST(StoreContract, CommitWhoseConnectionBrokeHasAnUnknownOutcome) {
   EXPECT_TRUE(this->db_->Transact([](Tx& tx) { return TestFixture::Effect(tx, "after"); }).ok());
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects WHERE id = 'maybe'"), 0);
 }
+#endif  // CONVERGE_WITH_POSTGRES
 
 // A connection that broke before COMMIT was sent cannot have committed: plain kUnavailable,
 // whether fn returns the error or swallows it.

@@ -4,7 +4,9 @@
 #ifndef CONVERGE_TESTS_CONTRACT_STORE_FIXTURE_H_
 #define CONVERGE_TESTS_CONTRACT_STORE_FIXTURE_H_
 
+#if CONVERGE_WITH_POSTGRES
 #include <libpq-fe.h>
+#endif
 
 #include <cstdlib>
 #include <memory>
@@ -31,6 +33,7 @@ struct SqliteStore {
   bool SomeoneWaits(Database& db) { return db.stats().queued > 0; }
 };
 
+#if CONVERGE_WITH_POSTGRES
 // A fresh database on the test server, dropped afterwards.
 struct PostgresStore {
   static constexpr bool kPostgres = true;
@@ -68,6 +71,7 @@ struct PostgresStore {
     return waits;
   }
 };
+#endif  // CONVERGE_WITH_POSTGRES
 
 template <class Store>
 class StoreContract : public ::testing::Test {
@@ -122,7 +126,12 @@ struct StoreNames {
   }
 };
 
+// A build without PostgreSQL (CONVERGE_WITH_POSTGRES=OFF) runs the contract on SQLite.
+#if CONVERGE_WITH_POSTGRES
 using Stores = ::testing::Types<SqliteStore, PostgresStore>;
+#else
+using Stores = ::testing::Types<SqliteStore>;
+#endif
 
 }  // namespace converge
 
