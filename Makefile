@@ -3,11 +3,13 @@
 #   make test               install deps, build, run every CTest test
 #   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan
 #   make bench              benchmarks (not tests): prints rates and ratios
+#   make fuzz               every fuzz target under libFuzzer with ASan+UBSan (clang), each
+#                           for FUZZ_SECONDS (default 60); FUZZ_TARGETS picks some
 BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: all deps configure build demo test check-sanitizers bench clean
+.PHONY: all deps configure build demo test check-sanitizers bench fuzz clean
 
 all: build
 
@@ -44,5 +46,18 @@ bench: build
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) $(PG_BENCH_SECONDS)
 
+# A build of its own (clang, libFuzzer's coverage instrumentation, ASan+UBSan): the normal
+# g++ build is untouched. New inputs collect in $(BUILD)-fuzz/corpus/<target>/, failing
+# ones in $(BUILD)-fuzz/crashes/<target>/ (docs/design/chaos.md, "Fuzzing").
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz:
+	@bash scripts/install-deps.sh --fuzz
+	CC=clang CXX=clang++ cmake -S . -B $(BUILD)-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCONVERGE_FUZZ=ON -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF \
+	  -DCONVERGE_BUILD_TESTS=OFF
+	cmake --build $(BUILD)-fuzz -j $(JOBS) --target converge_fuzzers
+	bash scripts/run-fuzz.sh $(BUILD)-fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 clean:
-	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-tsan
+	rm -rf $(BUILD) $(BUILD)-asan $(BUILD)-tsan $(BUILD)-fuzz

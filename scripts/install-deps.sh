@@ -2,6 +2,9 @@
 # Installs every Debian package converge needs to build, test and benchmark.
 # Idempotent: packages already present are left alone; `apt-get update` runs only when
 # something is missing. Must run as root (or with sudo available).
+#
+#   --fuzz   also clang and libFuzzer, for `make fuzz` (not needed by `make test`, whose
+#            fuzz.* tests run the seed corpora built with g++)
 set -euo pipefail
 
 packages=(
@@ -12,6 +15,13 @@ packages=(
   libboost-dev libcurl4-openssl-dev wrk
   libpq-dev postgresql postgresql-contrib python3
 )
+
+for arg in "$@"; do
+  case "$arg" in
+    --fuzz) packages+=(clang libfuzzer-14-dev) ;;
+    *) echo "install-deps: unknown option $arg (known: --fuzz)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${packages[@]}"; do

@@ -63,6 +63,8 @@ struct Response {
 
 // RFC 9457: `{"type", "title", "status", "detail"}` as application/problem+json. `type` is
 // "about:blank" when empty, else a URN naming the problem ("urn:converge:problem:<slug>").
+// Bytes of `title` or `detail` that are not UTF-8 (a detail may quote the client's input)
+// are written as U+FFFD; it never throws.
 Response Problem(int status, std::string_view title, std::string_view detail,
                  std::string_view slug = {});
 // A JSON body with Content-Type application/json.

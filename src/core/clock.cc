@@ -18,13 +18,21 @@ class SystemClock : public Clock {
 }  // namespace
 
 std::string FormatRfc3339(int64_t millis) {
-  std::time_t secs = static_cast<std::time_t>(millis / 1000);
+  // Floored, not truncated: before 1970 the remainder is negative, and -500 ms is 23:59:59.500
+  // of the day before, not ".-500" of 00:00:00 (found by fuzz/envelope_fuzz.cc).
+  int64_t secs = millis / 1000;
+  int64_t ms = millis % 1000;
+  if (ms < 0) {
+    ms += 1000;
+    --secs;
+  }
+  const std::time_t t = static_cast<std::time_t>(secs);
   std::tm tm{};
-  gmtime_r(&secs, &tm);
+  gmtime_r(&t, &tm);
   char buf[96];
   std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<int>(millis % 1000));
+                static_cast<int>(ms));
   return buf;
 }
 

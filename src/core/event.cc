@@ -13,14 +13,46 @@ namespace {
 
 using json = nlohmann::json;
 
-// Parses "YYYY-MM-DDTHH:MM:SS[.fff]Z" into milliseconds; false when malformed.
-bool ParseRfc3339(const std::string& s, int64_t* out) {
+// Parses "YYYY-MM-DDTHH:MM:SS[.f...]Z" (RFC 3339 in UTC) into milliseconds, the fraction
+// cut to milliseconds; false when malformed or out of range. Strict: every field has its
+// digits and range (no signs, no spaces, no February 30, no leap second, nothing after the
+// Z), so what it accepts is the one instant FormatRfc3339 writes back. (sscanf("%4d") took
+// "-123", " 12" and month 99, which timegm normalised into times that did not re-parse;
+// found by fuzz/envelope_fuzz.cc.)
+bool ParseRfc3339(std::string_view s, int64_t* out) {
+  auto number = [&](size_t pos, size_t n, int* value) {
+    if (pos + n > s.size()) return false;
+    int v = 0;
+    for (size_t i = pos; i < pos + n; ++i) {
+      if (s[i] < '0' || s[i] > '9') return false;
+      v = v * 10 + (s[i] - '0');
+    }
+    *value = v;
+    return true;
+  };
   int y, mo, d, h, mi, sec;
-  char tail[16] = {0};
-  if (std::sscanf(s.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%15s", &y, &mo, &d, &h, &mi, &sec,
-                  tail) < 7) {
+  if (!number(0, 4, &y) || !number(5, 2, &mo) || !number(8, 2, &d) || !number(11, 2, &h) ||
+      !number(14, 2, &mi) || !number(17, 2, &sec) || s[4] != '-' || s[7] != '-' ||
+      s[10] != 'T' || s[13] != ':' || s[16] != ':') {
     return false;
   }
+  static constexpr int kDays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  const bool leap_year = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+  if (mo < 1 || mo > 12 || d < 1 || d > kDays[mo - 1] + (mo == 2 && leap_year ? 1 : 0) ||
+      h > 23 || mi > 59 || sec > 59) {
+    return false;
+  }
+  size_t i = 19;
+  int64_t ms = 0;
+  if (i < s.size() && s[i] == '.') {
+    const size_t first = ++i;
+    for (; i < s.size() && s[i] >= '0' && s[i] <= '9'; ++i) {
+      if (i - first < 3) ms = ms * 10 + (s[i] - '0');
+    }
+    if (i == first) return false;
+    for (size_t n = i - first; n < 3; ++n) ms *= 10;
+  }
+  if (s.substr(i) != "Z") return false;
   std::tm tm{};
   tm.tm_year = y - 1900;
   tm.tm_mon = mo - 1;
@@ -28,20 +60,6 @@ bool ParseRfc3339(const std::string& s, int64_t* out) {
   tm.tm_hour = h;
   tm.tm_min = mi;
   tm.tm_sec = sec;
-  int64_t ms = 0;
-  std::string_view t(tail);
-  if (!t.empty() && t[0] == '.') {
-    int digits = 0;
-    size_t i = 1;
-    for (; i < t.size() && t[i] >= '0' && t[i] <= '9'; ++i) {
-      if (digits < 3) ms = ms * 10 + (t[i] - '0');
-      ++digits;
-    }
-    if (digits == 0) return false;
-    for (; digits < 3; ++digits) ms *= 10;
-    t.remove_prefix(i);
-  }
-  if (t != "Z") return false;
   *out = static_cast<int64_t>(timegm(&tm)) * 1000 + ms;
   return true;
 }

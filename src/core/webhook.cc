@@ -45,8 +45,12 @@ Result<std::string> Base64Decode(std::string_view text) {
   }
   for (size_t i = 0; i < text.size(); ++i) {
     char c = text[i];
+    // '=' only as padding: the last character, or the last two. OpenSSL decodes an '='
+    // anywhere as zero bits, so "AB=C" would otherwise pass as two made-up bytes.
+    const bool padding =
+        c == '=' && (i + 1 == text.size() || (i + 2 == text.size() && text.back() == '='));
     bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-              c == '+' || c == '/' || (c == '=' && i + 2 >= text.size());
+              c == '+' || c == '/' || padding;
     if (!ok) return tl::unexpected(InvalidArgumentError("invalid base64 character"));
   }
   std::string out(3 * text.size() / 4, '\0');

@@ -62,7 +62,10 @@ Response Problem(int status, std::string_view title, std::string_view detail,
   Response r;
   r.status = status;
   r.headers.emplace_back("Content-Type", "application/problem+json");
-  r.body = j.dump();
+  // A detail often quotes what the client sent (a path, a header), which need not be
+  // UTF-8: replace such bytes rather than throw. The throw escaped the 404 for a path with
+  // a byte >= 0x80 and terminated the server (found by fuzz/http_request_fuzz.cc).
+  r.body = j.dump(-1, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
   return r;
 }
 

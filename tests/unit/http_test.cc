@@ -12,6 +12,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 namespace converge::http {
 namespace {
@@ -93,6 +94,31 @@ TEST_F(HttpTest, OversizedBodyIs413) {
 }
 
 TEST_F(HttpTest, ThrowingHandlerIs500) { EXPECT_EQ(Get("/throw")->status, 500); }
+
+// Found by fuzz/http_request_fuzz.cc: a path byte >= 0x80 made the 404's problem+json throw
+// on the worker thread, which terminated the whole process.
+TEST_F(HttpTest, PathThatIsNotUtf8Is404AndTheServerLivesOn) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(server_->port());
+  inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  const std::string request = "GET /ite\xC7ms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  ASSERT_EQ(send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
+  std::string answer;
+  char buf[1024];
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) {
+    answer.append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  EXPECT_EQ(answer.rfind("HTTP/1.1 404", 0), 0u) << answer;
+  auto r = Get("/hello/ada");
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(r->status, 200);
+}
 
 TEST_F(HttpTest, SlowClientIsDisconnected) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -242,6 +268,13 @@ TEST(HttpProblem, IsRfc9457) {
   EXPECT_NE(p.body.find("\"status\":422"), std::string::npos);
   EXPECT_EQ(HttpStatusFor(StatusCode::kUnavailable), 503);
   EXPECT_EQ(HttpStatusFor(StatusCode::kUnauthenticated), 401);
+}
+
+TEST(HttpProblem, DetailThatIsNotUtf8IsReplacedNotThrown) {
+  Response p = Problem(404, "Not Found", "no route for /\xff\xc7x");
+  auto j = nlohmann::json::parse(p.body, nullptr, /*allow_exceptions=*/false);
+  ASSERT_FALSE(j.is_discarded()) << p.body;
+  EXPECT_EQ(j["detail"], "no route for /\xEF\xBF\xBD\xEF\xBF\xBDx");  // U+FFFD twice
 }
 
 // Regression (correctness issue, HTTP mapping): the IETF Idempotency-Key draft answers a

@@ -88,6 +88,34 @@ TEST_F(OutboxRelayTest, EnqueueWritesACloudEventsEnvelope) {
   EXPECT_GT(decoded->time, 0);
 }
 
+// Found by fuzz/envelope_fuzz.cc: a time before 1970 was written as "...00.-500Z", which
+// no decoder accepts, and the lenient parse took times that did not re-parse once encoded.
+TEST(Envelope, TimesRoundTripBefore1970AndMalformedOnesAreRefused) {
+  EXPECT_EQ(FormatRfc3339(-500), "1969-12-31T23:59:59.500Z");
+  EXPECT_EQ(FormatRfc3339(-1000), "1969-12-31T23:59:59.000Z");
+  EXPECT_EQ(FormatRfc3339(1500), "1970-01-01T00:00:01.500Z");
+  auto envelope = [](const std::string& time) {
+    return R"({"specversion":"1.0","id":"e","source":"s","type":"t","time":")" + time + "\"}";
+  };
+  for (const char* time : {"1969-12-31T23:59:59.5Z", "1588-05-01T12:00:01.123456Z",
+                           "0000-01-01T00:00:00Z", "2024-02-29T23:59:59.999Z"}) {
+    auto e = DecodeEnvelope(envelope(time));
+    ASSERT_TRUE(e) << time << ": " << e.error().ToString();
+    auto again = DecodeEnvelope(EncodeEnvelope(*e));
+    ASSERT_TRUE(again) << time << ": " << again.error().ToString();
+    EXPECT_EQ(again->time, e->time) << time;
+  }
+  EXPECT_EQ(DecodeEnvelope(envelope("1969-12-31T23:59:59.5Z"))->time, -500);
+  for (const char* time : {"-123-01-01T00:00:00Z", " 2024-01-01T00:00:00Z",
+                           "2024-1-01T00:00:00Z", "2024-13-01T00:00:00Z",
+                           "2023-02-29T00:00:00Z", "2024-01-01T24:00:00Z",
+                           "2024-01-01T00:00:60Z", "2024-01-01T00:00:00Z junk",
+                           "2024-01-01T00:00:00.Z", "2024-01-01T00:00:00", "2024-01-01"}) {
+    auto e = DecodeEnvelope(envelope(time));
+    EXPECT_FALSE(e) << time;
+  }
+}
+
 TEST_F(OutboxRelayTest, MalformedEventsAreRejectedAndWriteNothing) {
   std::vector<Event> bad = {MakeEvent("s", ""), MakeEvent("", "t.x"),
                             MakeEvent("s", "t.x", "{not json"),

@@ -67,5 +67,16 @@ TEST(Webhook, Base64RoundTrips) {
   EXPECT_EQ(webhook::Base64Encode("foobar"), "Zm9vYmFy");
 }
 
+// Found by fuzz/webhook_fuzz.cc: OpenSSL decodes '=' as zero bits wherever it stands, and
+// the decoder let it stand second to last before a digit ("AB=C" gave two made-up bytes).
+TEST(Webhook, Base64AcceptsPaddingOnlyAtTheEnd) {
+  for (const char* bad : {"AB=C", "A=BC", "=ABC", "====", "A===", "AB==AB==", "QQ=A"}) {
+    EXPECT_FALSE(webhook::Base64Decode(bad)) << bad;
+  }
+  EXPECT_EQ(webhook::Base64Decode("QQ==").value_or("?"), "A");
+  EXPECT_EQ(webhook::Base64Decode("QUE=").value_or("?"), "AA");
+  EXPECT_EQ(webhook::Base64Decode("").value_or("?"), "");
+}
+
 }  // namespace
 }  // namespace converge
