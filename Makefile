@@ -35,10 +35,10 @@ test: build
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF
-	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests
+	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers
 	cd $(BUILD)-asan && ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
 	cmake -S . -B $(BUILD)-tsan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=thread -DCONVERGE_BUILD_BENCH=OFF
-	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests
+	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers
 	cd $(BUILD)-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
 
 bench: build
