@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libboost-dev libcurl4-openssl-dev wrk
   libpq-dev postgresql postgresql-contrib python3
+  nats-server libnats-dev prometheus gnuplot-nox
 )
 
 for arg in "$@"; do
