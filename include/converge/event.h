@@ -47,7 +47,8 @@ struct Event {
 // The CloudEvents JSON envelope of `e` (all fields but `envelope` must be filled in).
 std::string EncodeEnvelope(const Event& e);
 // Parses a CloudEvents JSON envelope into every field, `envelope` included.
-// kInvalidArgument names what is wrong.
+// kInvalidArgument names what is wrong (including data nested deeper than 256 levels of
+// arrays and objects, which Outbox::Enqueue never writes).
 Result<Event> DecodeEnvelope(std::string_view envelope);
 
 }  // namespace converge

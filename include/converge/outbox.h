@@ -39,8 +39,9 @@ class Outbox {
   explicit Outbox(OutboxOptions options = {}, Clock* clock = nullptr);
 
   // Writes `event` to outbox_events through `tx` and returns its id. The relay is woken
-  // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON,
-  // fields over 255 bytes or with control characters, malformed traceparent),
+  // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON or
+  // nested deeper than 256 levels, fields over 255 bytes or with control characters,
+  // malformed traceparent),
   // kAlreadyExists (an event with this source and id exists), store errors.
   Result<std::string> Enqueue(Tx& tx, Event event);
 

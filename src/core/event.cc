@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "converge/clock.h"
+#include "src/core/json_depth.h"
 
 namespace converge {
 namespace {
@@ -83,9 +84,15 @@ std::string EncodeEnvelope(const Event& e) {
 }
 
 Result<Event> DecodeEnvelope(std::string_view envelope) {
-  json j = json::parse(envelope, nullptr, /*allow_exceptions=*/false);
+  int depth = 0;
+  json j = internal::ParseMeasuringDepth(envelope, &depth);
   if (j.is_discarded() || !j.is_object()) {
     return tl::unexpected(InvalidArgumentError("event envelope is not a JSON object"));
+  }
+  if (depth > internal::kMaxEventDataDepth + 1) {  // the data is one level below the envelope
+    return tl::unexpected(InvalidArgumentError("event envelope nests deeper than " +
+                                               std::to_string(internal::kMaxEventDataDepth) +
+                                               " levels"));
   }
   auto text = [&](const char* name, bool required, std::string* out) -> Status {
     auto it = j.find(name);

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/crypto.h"
+#include "src/core/json_depth.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -58,9 +59,15 @@ Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
   if (e.time == 0) e.time = now;
   if (e.aggregate_type.empty()) e.aggregate_type = e.type.substr(0, e.type.find('.'));
   CONVERGE_RETURN_IF_ERROR(ValidateEvent(e));
-  json data = json::parse(e.data, nullptr, /*allow_exceptions=*/false);
+  int depth = 0;
+  json data = internal::ParseMeasuringDepth(e.data, &depth);
   if (data.is_discarded()) {
     return tl::unexpected(InvalidArgumentError("event data is not valid JSON"));
+  }
+  if (depth > internal::kMaxEventDataDepth) {
+    return tl::unexpected(InvalidArgumentError("event data nests deeper than " +
+                                               std::to_string(internal::kMaxEventDataDepth) +
+                                               " levels"));
   }
   // Per-aggregate order under concurrent producers: `seq` is drawn at insert, so two
   // transactions enqueueing for one aggregate could commit in the opposite order of their

@@ -116,10 +116,28 @@ TEST(Envelope, TimesRoundTripBefore1970AndMalformedOnesAreRefused) {
   }
 }
 
+// json::dump() recurses once per level: data 100,000 levels deep overflowed the stack of
+// the thread decoding it (a consumer would crash at every redelivery). Now refused, and
+// parked like any undecodable message.
+TEST(Envelope, DataNestedDeeperThan256LevelsIsRefusedNotACrash) {
+  auto envelope = [](const std::string& data) {
+    return R"({"specversion":"1.0","id":"e","source":"s","type":"t","data":)" + data + "}";
+  };
+  auto deep = DecodeEnvelope(envelope(std::string(100000, '[') + std::string(100000, ']')));
+  ASSERT_FALSE(deep);
+  EXPECT_EQ(deep.error().code(), StatusCode::kInvalidArgument);
+  const std::string limit = std::string(256, '[') + "1" + std::string(256, ']');
+  auto ok = DecodeEnvelope(envelope(limit));
+  ASSERT_TRUE(ok) << ok.error().ToString();
+  EXPECT_EQ(ok->data, limit);
+  EXPECT_FALSE(DecodeEnvelope(envelope("[" + limit + "]")));
+}
+
 TEST_F(OutboxRelayTest, MalformedEventsAreRejectedAndWriteNothing) {
   std::vector<Event> bad = {MakeEvent("s", ""), MakeEvent("", "t.x"),
                             MakeEvent("s", "t.x", "{not json"),
-                            MakeEvent(std::string(256, 's')), MakeEvent("s", "bad\ttype")};
+                            MakeEvent(std::string(256, 's')), MakeEvent("s", "bad\ttype"),
+                            MakeEvent("s", "t.x", std::string(300, '[') + std::string(300, ']'))};
   Event tp = MakeEvent("s");
   tp.traceparent = "01-xyz";
   bad.push_back(tp);
