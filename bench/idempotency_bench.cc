@@ -177,8 +177,9 @@ int main(int argc, char** argv) {
   }
   double ra = Median(a), rb = Median(b), rc = Median(c);
   std::printf("  (a) serial, one transaction per call      %10.0f creates/s\n", ra);
-  std::printf("  (b) group commit, %4d concurrent callers %10.0f creates/s  (avg %.1f calls/commit)\n",
-              callers, rb, Median(batches));
+  std::printf(
+      "  (b) group commit, %4d concurrent callers %10.0f creates/s  (avg %.1f calls/commit)\n",
+      callers, rb, Median(batches));
   std::printf("  (c) ceiling, all calls in one transaction %10.0f creates/s\n", rc);
   std::printf("  b/a = %.1fx   b/c = %.2f  (target b/c >= 0.50: %s)\n", rb / ra, rb / rc,
               rb / rc >= 0.5 ? "met" : "NOT met");

@@ -93,7 +93,8 @@ int Drain(converge::Database& db) {
     total += static_cast<int64_t>(*n);
   }
   const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
-  std::printf("relay %.1f %lld\n", static_cast<double>(total) / secs, static_cast<long long>(total));
+  std::printf("relay %.1f %lld\n", static_cast<double>(total) / secs,
+              static_cast<long long>(total));
   return 0;
 }
 
@@ -105,9 +106,12 @@ int main(int argc, char** argv) {
   int callers = 64;
   double seconds = 10;
   app.add_option("--uri", uri, "postgresql://...")->required();
-  app.add_option("mode", mode, "creates or relay")->required()->check(CLI::IsMember({"creates", "relay"}));
+  app.add_option("mode", mode, "creates or relay")
+      ->required()
+      ->check(CLI::IsMember({"creates", "relay"}));
   app.add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
-  app.add_option("--seconds", seconds, "Duration of the creates run")->check(CLI::Range(0.5, 600.0));
+  app.add_option("--seconds", seconds, "Duration of the creates run")
+      ->check(CLI::Range(0.5, 600.0));
   CLI11_PARSE(app, argc, argv);
   auto db = converge::Database::Open(
       converge::Database::WithDefaultParameter(uri, "pool_size", std::to_string(callers)));

@@ -67,7 +67,8 @@ class Faults {
       --fail_next_;
       return true;
     }
-    return transient_rate_ > 0 && std::uniform_real_distribution<double>(0, 1)(rng_) < transient_rate_;
+    return transient_rate_ > 0 &&
+           std::uniform_real_distribution<double>(0, 1)(rng_) < transient_rate_;
   }
   int64_t TakeTimeout() {
     std::lock_guard<std::mutex> l(mu_);
@@ -171,7 +172,8 @@ class FakePsp::Impl {
 
   Response Charge(Request& req) {
     const std::string* key = req.Header("Idempotency-Key");
-    if (key == nullptr || key->empty()) return Problem(400, "Bad Request", "Idempotency-Key required");
+    if (key == nullptr || key->empty())
+      return Problem(400, "Bad Request", "Idempotency-Key required");
     json j = json::parse(req.body, nullptr, false);
     if (!j.is_object() || !j["amount"].is_number_integer() || !j["currency"].is_string() ||
         !j["reference"].is_string()) {
@@ -181,7 +183,8 @@ class FakePsp::Impl {
     Rows existing;
     Status st = db_->Read([&](Tx& tx) -> Status {
       CONVERGE_ASSIGN_OR_RETURN(existing, tx.Query("SELECT id, amount, currency, reference, status "
-                                                   "FROM charges WHERE idempotency_key = $1", *key));
+                                                   "FROM charges WHERE idempotency_key = $1",
+                                                   *key));
       return converge::OkStatus();
     });
     if (!st.ok()) return Unavailable();
@@ -217,7 +220,8 @@ class FakePsp::Impl {
       return Problem(409, "Conflict", "a request with this idempotency key is in progress");
     }
     // A timeout after the charge is made: the caller cannot know it succeeded.
-    if (int64_t ms = faults_.TakeTimeout()) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    if (int64_t ms = faults_.TakeTimeout())
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return Json(201, json{{"id", id}, {"amount", j["amount"]}, {"currency", j["currency"]},
                           {"reference", j["reference"]}, {"status", "succeeded"}}
                          .dump());
@@ -238,11 +242,14 @@ class FakePsp::Impl {
           Rows rows, tx.Query("SELECT amount, currency, status FROM charges WHERE id = $1", id));
       if (rows.empty()) return converge::NotFoundError("no charge " + id);
       if (rows[0].Text(2) != "succeeded") return converge::OkStatus();
-      CONVERGE_ASSIGN_OR_RETURN(changed, tx.Exec("UPDATE charges SET status = 'refunded' WHERE id = $1", id));
-      return EnqueueWebhook(tx, "charge.refunded",
-                            {{"charge_id", id}, {"amount", rows[0].Int(0)}, {"currency", rows[0].Text(1)}});
+      CONVERGE_ASSIGN_OR_RETURN(
+          changed, tx.Exec("UPDATE charges SET status = 'refunded' WHERE id = $1", id));
+      return EnqueueWebhook(
+          tx, "charge.refunded",
+          {{"charge_id", id}, {"amount", rows[0].Int(0)}, {"currency", rows[0].Text(1)}});
     });
-    if (st.code() == converge::StatusCode::kNotFound) return Problem(404, "Not Found", st.message());
+    if (st.code() == converge::StatusCode::kNotFound)
+      return Problem(404, "Not Found", st.message());
     if (!st.ok()) return Unavailable();
     return Json(200, json{{"id", id}, {"status", "refunded"}, {"changed", changed > 0}}.dump());
   }
@@ -268,10 +275,12 @@ class FakePsp::Impl {
   Response Stats() {
     json out;
     Status st = db_->Read([&](Tx& tx) -> Status {
-      CONVERGE_ASSIGN_OR_RETURN(Rows c, tx.Query("SELECT status, count(*) FROM charges GROUP BY status"));
+      CONVERGE_ASSIGN_OR_RETURN(Rows c,
+                                tx.Query("SELECT status, count(*) FROM charges GROUP BY status"));
       out["charges"] = {{"succeeded", 0}, {"declined", 0}, {"refunded", 0}};
       for (const auto& r : c) out["charges"][r.Text(0)] = r.Int(1);
-      CONVERGE_ASSIGN_OR_RETURN(Rows d, tx.Query("SELECT state, count(*) FROM webhook_deliveries GROUP BY state"));
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows d, tx.Query("SELECT state, count(*) FROM webhook_deliveries GROUP BY state"));
       out["webhooks"] = {{"pending", 0}, {"delivered", 0}, {"failed", 0}, {"disabled", 0}};
       for (const auto& r : d) out["webhooks"][r.Text(0)] = r.Int(1);
       CONVERGE_ASSIGN_OR_RETURN(
@@ -382,9 +391,11 @@ class FakeMail::Impl {
  private:
   Response Send(Request& req) {
     const std::string* key = req.Header("Idempotency-Key");
-    if (key == nullptr || key->empty()) return Problem(400, "Bad Request", "Idempotency-Key required");
+    if (key == nullptr || key->empty())
+      return Problem(400, "Bad Request", "Idempotency-Key required");
     json j = json::parse(req.body, nullptr, false);
-    if (!j.is_object() || !j["to"].is_string() || !j["subject"].is_string() || !j["body"].is_string()) {
+    if (!j.is_object() || !j["to"].is_string() || !j["subject"].is_string() ||
+        !j["body"].is_string()) {
       return Problem(400, "Bad Request", "to, subject and body are required");
     }
     if (faults_.TakeFail()) return Unavailable();
@@ -400,7 +411,8 @@ class FakeMail::Impl {
                              j["body"].get<std::string>(), NowMs()));
       replay = n == 0;
       if (replay) {
-        CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT id FROM messages WHERE idempotency_key = $1", *key));
+        CONVERGE_ASSIGN_OR_RETURN(
+            Rows rows, tx.Query("SELECT id FROM messages WHERE idempotency_key = $1", *key));
         if (!rows.empty()) stored_id = rows[0].Text(0);
       }
       return converge::OkStatus();
@@ -418,7 +430,8 @@ class FakeMail::Impl {
     for (size_t i = 0; (i = key.find("%3A", i)) != std::string::npos;) key.replace(i, 3, ":");
     int64_t n = 0;
     Status st = db_->Read([&](Tx& tx) -> Status {
-      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT count(*) FROM messages WHERE idempotency_key = $1", key));
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows rows, tx.Query("SELECT count(*) FROM messages WHERE idempotency_key = $1", key));
       n = rows[0].Int(0);
       return converge::OkStatus();
     });

@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
   CLI::App* demo_cmd = app.add_subcommand(
       "library-demo", "The library without HTTP: producers, relay and consumer on a fresh "
                       "SQLite file with duplicates, lost acks and a poison message");
-  demo_cmd->add_option("--db", demo.db, "SQLite file to create (must not exist); default: a temp file");
+  demo_cmd->add_option("--db", demo.db,
+                       "SQLite file to create (must not exist); default: a temp file");
   demo_cmd->add_option("--producers", demo.producers, "Concurrent producer threads")
       ->check(CLI::Range(1, 1024));
   demo_cmd->add_option("--payments", demo.payments, "Unique idempotency keys to send")

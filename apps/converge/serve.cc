@@ -211,16 +211,21 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
                     "The whsec_... secret itself (visible in the process list: prefer "
                     "--webhook-secret-file or the environment)")
           ->envname("CONVERGE_WEBHOOK_SECRET");
-      c->callback([pf, exit_code] { *exit_code = RunProvider<converge::harness::FakePsp>("fake-psp", *pf); });
+      c->callback([pf, exit_code] {
+        *exit_code = RunProvider<converge::harness::FakePsp>("fake-psp", *pf);
+      });
     } else {
-      c->callback([pf, exit_code] { *exit_code = RunProvider<converge::harness::FakeMail>("fake-mail", *pf); });
+      c->callback([pf, exit_code] {
+        *exit_code = RunProvider<converge::harness::FakeMail>("fake-mail", *pf);
+      });
     }
   }
 
   auto wf = std::make_shared<WebhookFlags>();
   CLI::App* wh = app.add_subcommand("webhook", "Sign or verify Standard Webhooks messages");
   wh->require_subcommand(1);
-  CLI::App* sign = wh->add_subcommand("sign", "Print the webhook-* headers for a body (stdin or --body)");
+  CLI::App* sign =
+      wh->add_subcommand("sign", "Print the webhook-* headers for a body (stdin or --body)");
   const char* secret_help =
       "whsec_... secret (visible in the process list: prefer --secret-file or "
       "CONVERGE_WEBHOOK_SECRET)";
@@ -229,7 +234,8 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
   sign->add_option("--secret-file", wf->secret_file, secret_file_help)->check(CLI::ExistingFile);
   sign->add_option("--id", wf->id, "webhook-id")->required();
   sign->add_option("--timestamp", wf->timestamp, "Seconds since the epoch (default: now)");
-  sign->add_option("--body", wf->body, "The body (default: read stdin)")->each([wf](const std::string&) { wf->body_set = true; });
+  sign->add_option("--body", wf->body, "The body (default: read stdin)")
+      ->each([wf](const std::string&) { wf->body_set = true; });
   sign->callback([wf, exit_code] {
     if (!ResolveSecrets(*wf, "sign")) {
       *exit_code = 2;
@@ -245,14 +251,16 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
     std::printf("webhook-id: %s\nwebhook-timestamp: %lld\nwebhook-signature: %s\n", wf->id.c_str(),
                 static_cast<long long>(ts), sig->c_str());
   });
-  CLI::App* verify = wh->add_subcommand("verify", "Verify a webhook; exit 0 when valid, 1 when not");
+  CLI::App* verify =
+      wh->add_subcommand("verify", "Verify a webhook; exit 0 when valid, 1 when not");
   verify->add_option("--secret", wf->secrets, "whsec_... secret, repeated for rotation (visible "
                      "in the process list: prefer --secret-file or CONVERGE_WEBHOOK_SECRET)");
   verify->add_option("--secret-file", wf->secret_file, secret_file_help)->check(CLI::ExistingFile);
   verify->add_option("--id", wf->id, "webhook-id")->required();
   verify->add_option("--timestamp", wf->timestamp, "webhook-timestamp")->required();
   verify->add_option("--signature", wf->signature, "webhook-signature")->required();
-  verify->add_option("--body", wf->body, "The body (default: read stdin)")->each([wf](const std::string&) { wf->body_set = true; });
+  verify->add_option("--body", wf->body, "The body (default: read stdin)")
+      ->each([wf](const std::string&) { wf->body_set = true; });
   verify->callback([wf, exit_code] {
     if (!ResolveSecrets(*wf, "verify")) {
       *exit_code = 2;

@@ -66,8 +66,12 @@ struct Demo {
   std::string paid2, charge2;  // scenario 2's payment, refunded in 8, checked in 10
   std::mt19937_64 rng{std::random_device{}()};
 
-  std::string Psp(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(psp_port) + p; }
-  std::string Mail(const std::string& p) const { return "http://127.0.0.1:" + std::to_string(mail_port) + p; }
+  std::string Psp(const std::string& p) const {
+    return "http://127.0.0.1:" + std::to_string(psp_port) + p;
+  }
+  std::string Mail(const std::string& p) const {
+    return "http://127.0.0.1:" + std::to_string(mail_port) + p;
+  }
 
   Result<http::Response> Pay(const std::string& api_key, const std::string& idem_key,
                              const std::string& body) {
@@ -89,7 +93,8 @@ struct Demo {
       if (r && r->status != 409 && r->status != 503) return r;
       if (retries) ++*retries;
       int64_t wait_ms = 100;
-      if (r && r->Header("Retry-After")) wait_ms = 1000 * std::atoll(r->Header("Retry-After")->c_str());
+      if (r && r->Header("Retry-After"))
+        wait_ms = 1000 * std::atoll(r->Header("Retry-After")->c_str());
       std::this_thread::sleep_for(std::chrono::milliseconds(std::min<int64_t>(wait_ms, 1000)));
     }
     return tl::unexpected(DeadlineExceededError("no final answer for key " + key));
@@ -123,7 +128,9 @@ struct Demo {
   }
 
   void Post(const std::string& url, const json& body) {
-    (void)client.Send({.method = "POST", .url = url, .headers = {{"Content-Type", "application/json"}},
+    (void)client.Send({.method = "POST",
+                       .url = url,
+                       .headers = {{"Content-Type", "application/json"}},
                        .body = body.dump()});
   }
 
@@ -154,7 +161,8 @@ struct Demo {
       json p = GetJson(Psp("/v1/stats"));
       bool queues_empty = s.is_object() && s["queues"].is_object();
       if (queues_empty) {
-        for (auto& [q, n] : s["queues"].items()) queues_empty = queues_empty && n.get<int64_t>() == 0;
+        for (auto& [q, n] : s["queues"].items())
+          queues_empty = queues_empty && n.get<int64_t>() == 0;
       }
       if (queues_empty && s["outbox"]["backlog"] == 0 && s["effects"]["pending"] == 0 &&
           p.is_object() && p["webhooks"]["pending"] == 0) {
@@ -266,8 +274,9 @@ void RetryAfterLostResponse(Demo& d) {
     d.paid2 = first ? PaymentId(*first) : "";
     json j = retry ? json::parse(retry->body, nullptr, false) : json();
     d.charge2 = j.is_object() ? j.value("charge_id", "") : "";
-    d.Check(first && retry && retry->status == 201 && Replayed(*retry) && retry->body == first->body,
-            "the retry gets the stored response byte for byte, marked Idempotent-Replayed");
+    d.Check(
+        first && retry && retry->status == 201 && Replayed(*retry) && retry->body == first->body,
+        "the retry gets the stored response byte for byte, marked Idempotent-Replayed");
   }
 }
 
@@ -283,40 +292,47 @@ void CrashAfterCharge(Demo& d) {
                               d.Body(4000, "order-4"), &retries);
   const auto& retry = run.retry;
   std::string id = retry ? PaymentId(*retry) : "";
-  std::printf("     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the lease\n",
-              retries);
+  std::printf(
+      "     the service was SIGKILLed at the failpoint; the retry waited %d time(s) for the "
+      "lease\n",
+      retries);
   d.Check(run.crashed && run.first_failed, "the process really died mid-request");
   d.Check(retry && retry->status == 201, "the retry resumed from the recovery point and completed");
   d.Check(d.ChargesFor(id) == 1, "exactly one charge at the provider (same downstream key)");
 }
 
 void RelayCrash(Demo& d) {
-  auto run = d.CrashThenRetry("relay.after_publish_before_mark", "relay-5", d.Body(5000, "order-5"));
+  auto run =
+      d.CrashThenRetry("relay.after_publish_before_mark", "relay-5", d.Body(5000, "order-5"));
   const auto& retry = run.retry;
   std::string id = retry ? PaymentId(*retry) : "";
   bool drained = d.Converge(std::chrono::seconds(30));
   d.Check(run.crashed, "the relay crashed at the failpoint");
   d.Check(retry && retry->status == 201 && drained, "after restart the event was published");
-  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'",
+                  id) == 2,
           "booked once in the ledger (publish and mark share one transaction here)");
 }
 
 void ConsumerCrash(Demo& d) {
-  auto run = d.CrashThenRetry("consumer.after_commit_before_ack", "consumer-6", d.Body(6000, "order-6"));
+  auto run =
+      d.CrashThenRetry("consumer.after_commit_before_ack", "consumer-6", d.Body(6000, "order-6"));
   const auto& retry = run.retry;
   std::string id = retry ? PaymentId(*retry) : "";
   bool drained = d.Converge(std::chrono::seconds(30));
   d.Check(run.crashed, "a consumer crashed between its commit and its ack");
   d.Check(drained, "the unacked delivery came back after its visibility timeout");
-  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'", id) == 2,
+  d.Check(d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'capture'",
+                  id) == 2,
           "the redelivery was absorbed by the inbox: two ledger entries, not four");
   d.Check(d.MailsFor("receipt:" + id) == 1, "one receipt email");
 }
 
 void PoisonAndDeadLetters(Demo& d) {
-  auto poison = d.SignedWebhook("msg_demo_poison",
-                                {{"type", "charge.refunded"},
-                                 {"data", {{"charge_id", "ch_does_not_exist"}, {"amount", 1}, {"currency", "EUR"}}}});
+  auto poison = d.SignedWebhook(
+      "msg_demo_poison",
+      {{"type", "charge.refunded"},
+       {"data", {{"charge_id", "ch_does_not_exist"}, {"amount", 1}, {"currency", "EUR"}}}});
   d.Post(d.Mail("/faults"), {{"fail_next", 1000}});
   auto r = d.PayUntilFinal(kAcme, "outage-7", d.Body(7000, "order-7"));
   std::string id = r ? PaymentId(*r) : "";
@@ -339,13 +355,16 @@ void PoisonAndDeadLetters(Demo& d) {
   d.Check(parked_poison == 1,
           "its staged work was retried with backoff (the charge may just not be recorded "
           "yet), then parked when its attempts ran out, not retried forever");
-  d.Check(parked_effect == 1, "the receipt exhausted its attempts during the outage and was parked");
+  d.Check(parked_effect == 1,
+          "the receipt exhausted its attempts during the outage and was parked");
   d.Post(d.Mail("/faults"), {{"fail_next", 0}});
-  auto replay = d.client.Send({.method = "POST",
-                               .url = d.svc->Url("/admin/dead-letters/" + std::to_string(letter_id) + "/replay"),
-                               .headers = {{"Authorization", "Bearer " + d.admin}}});
+  auto replay = d.client.Send(
+      {.method = "POST",
+       .url = d.svc->Url("/admin/dead-letters/" + std::to_string(letter_id) + "/replay"),
+       .headers = {{"Authorization", "Bearer " + d.admin}}});
   bool drained = d.Converge(std::chrono::seconds(30));
-  d.Check(replay && replay->status == 200 && drained, "after the outage, the admin API replayed it");
+  d.Check(replay && replay->status == 200 && drained,
+          "after the outage, the admin API replayed it");
   d.Check(d.MailsFor("receipt:" + id) == 1, "and the receipt was sent exactly once");
 }
 
@@ -356,10 +375,14 @@ void DuplicateWebhook(Demo& d) {
   auto b = d.SignedWebhook("msg_demo_refund", body);
   bool drained = d.Converge(std::chrono::seconds(30));
   d.Check(a.status == 204 && b.status == 204, "both deliveries answered 204");
-  d.Check(drained && d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'refund'", d.paid2) == 2,
-          "one refund booked (one pair of entries)");
-  d.Check(d.Count("SELECT count(*) FROM payments WHERE id = $1 AND status = 'refunded'", d.paid2) == 1,
-          "the payment is refunded");
+  d.Check(
+      drained &&
+          d.Count("SELECT count(*) FROM ledger_entries WHERE payment_id = $1 AND kind = 'refund'",
+                  d.paid2) == 2,
+      "one refund booked (one pair of entries)");
+  d.Check(
+      d.Count("SELECT count(*) FROM payments WHERE id = $1 AND status = 'refunded'", d.paid2) == 1,
+      "the payment is refunded");
 }
 
 void AnotherTenantReusesTheKey(Demo& d) {
@@ -407,7 +430,8 @@ const std::vector<Scenario> kScenarios = {
     {"crash after the provider charged, before the commit", CrashAfterCharge},
     {"relay crash after publish, before mark", RelayCrash},
     {"consumer crash after commit, before ack", ConsumerCrash},
-    {"poison and dead letters: a refund webhook for an unknown charge; a mail outage", PoisonAndDeadLetters},
+    {"poison and dead letters: a refund webhook for an unknown charge; a mail outage",
+     PoisonAndDeadLetters},
     {"duplicate webhook", DuplicateWebhook},
     {"another tenant reuses the key", AnotherTenantReusesTheKey},
     {"payment key vs email key", PaymentKeyVersusEmailKey},
@@ -437,9 +461,10 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
 
   d.secret = webhook::NewSecret();
   const uint16_t svc_port = FreePort();
-  harness::FakePsp psp({.db_path = d.dir + "/psp.db",
-                         .webhook_url = "http://127.0.0.1:" + std::to_string(svc_port) + "/webhooks/psp",
-                         .webhook_secret = d.secret});
+  harness::FakePsp psp(
+      {.db_path = d.dir + "/psp.db",
+       .webhook_url = "http://127.0.0.1:" + std::to_string(svc_port) + "/webhooks/psp",
+       .webhook_secret = d.secret});
   harness::FakeMail mail({.db_path = d.dir + "/mail.db"});
   Status st = psp.Start();
   if (st.ok()) st = mail.Start();
@@ -461,7 +486,8 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
       << "[psp]\nurl = \"http://127.0.0.1:" << d.psp_port << "\"\ntimeout_ms = 1000\n"
       << "webhook_secrets = [\"" << d.secret << "\"]\n"
       << "[mail]\nurl = \"http://127.0.0.1:" << d.mail_port << "\"\ntimeout_ms = 2000\n"
-      << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 6\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n"
+      << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 6\nbackoff_initial_ms = "
+         "20\nbackoff_max_ms = 200\n"
       << "[effects]\nmax_attempts = 4\nlease_ms = 2000\n";
   }
   std::printf("converge demo: payments service (child process, sqlite:%s),\n"
@@ -490,11 +516,12 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   }
 
   // Load ----------------------------------------------------------------------------------
-  std::printf("\n  load: %d clients, %s, %.0f%% sent again, provider fails %.0f%%, mail fails %.0f%%\n",
-              f.clients,
-              f.duration_seconds > 0 ? (std::to_string(f.duration_seconds) + " seconds").c_str()
-                                     : (std::to_string(f.payments) + " payments").c_str(),
-              f.duplicate_rate * 100, f.psp_failure_rate * 100, f.mail_failure_rate * 100);
+  std::printf(
+      "\n  load: %d clients, %s, %.0f%% sent again, provider fails %.0f%%, mail fails %.0f%%\n",
+      f.clients,
+      f.duration_seconds > 0 ? (std::to_string(f.duration_seconds) + " seconds").c_str()
+                             : (std::to_string(f.payments) + " payments").c_str(),
+      f.duplicate_rate * 100, f.psp_failure_rate * 100, f.mail_failure_rate * 100);
   d.Post(d.Psp("/faults"), {{"transient_rate", f.psp_failure_rate}});
   d.Post(d.Mail("/faults"), {{"transient_rate", f.mail_failure_rate}});
   // Each key is sent once; a share of keys is sent again, some at once (a double click)
@@ -549,7 +576,8 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   } else {
     Progress bar("seconds", f.duration_seconds);
     while (SteadyClock::now() < load_end) {
-      bar.Show(std::chrono::duration_cast<std::chrono::seconds>(SteadyClock::now() - load_start).count());
+      bar.Show(std::chrono::duration_cast<std::chrono::seconds>(SteadyClock::now() - load_start)
+                   .count());
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
     for (auto& t : clients) t.join();
@@ -582,18 +610,25 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   };
   d.svc->Stop();
   const int64_t payments = d.Count("SELECT count(*) FROM payments");
-  const int64_t keys_done = d.Count("SELECT count(*) FROM idempotency_keys WHERE status = 'completed' AND response_status = 201");
+  const int64_t keys_done = d.Count(
+      "SELECT count(*) FROM idempotency_keys WHERE status = 'completed' AND response_status = 201");
   const int64_t bad_capture = d.Count(
       "SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l WHERE "
       "l.payment_id = p.id AND l.kind = 'capture') != 2");
   const int64_t bad_refund = d.Count(
       "SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l WHERE "
-      "l.payment_id = p.id AND l.kind = 'refund') != (CASE WHEN p.status = 'refunded' THEN 2 ELSE 0 END)");
-  const int64_t unbalanced = d.Count("SELECT count(*) FROM (SELECT payment_id FROM ledger_entries GROUP BY payment_id, kind HAVING sum(amount) != 0)");
+      "l.payment_id = p.id AND l.kind = 'refund') != (CASE WHEN p.status = 'refunded' THEN 2 ELSE "
+      "0 END)");
+  const int64_t unbalanced = d.Count(
+      "SELECT count(*) FROM (SELECT payment_id FROM ledger_entries GROUP BY payment_id, kind "
+      "HAVING sum(amount) != 0)");
   const int64_t entries = d.Count("SELECT count(*) FROM ledger_entries");
   const int64_t parked = d.Count("SELECT count(*) FROM dead_letters WHERE state = 'parked'");
-  const int64_t charges = pst.is_object() ? pst["charges"]["succeeded"].get<int64_t>() + pst["charges"]["refunded"].get<int64_t>() : -1;
-  const int64_t charged_twice = pst.is_object() ? pst["references_charged_twice"].get<int64_t>() : -1;
+  const int64_t charges = pst.is_object() ? pst["charges"]["succeeded"].get<int64_t>() +
+                                                pst["charges"]["refunded"].get<int64_t>()
+                                          : -1;
+  const int64_t charged_twice =
+      pst.is_object() ? pst["references_charged_twice"].get<int64_t>() : -1;
   const int64_t emails = mst.is_object() ? mst["messages"].get<int64_t>() : -1;
 
   std::printf("\n  %-46s %10s\n", "", "count");

@@ -153,18 +153,23 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "header_limit_bytes", &c.header_limit, 1024, 1 << 20));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "max_header_fields", &c.max_header_fields, 8, 10000));
     CONVERGE_RETURN_IF_ERROR(r.Int("server", "max_connections", &c.max_connections, 1, 1 << 20));
-    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "header_timeout_ms", &c.header_timeout, 100, 3600000));
-    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "body_timeout_ms", &c.body_timeout, 100, 3600000));
-    CONVERGE_RETURN_IF_ERROR(r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("server", "header_timeout_ms", &c.header_timeout, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("server", "body_timeout_ms", &c.body_timeout, 100, 3600000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "uri", &c.db));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "synchronous", &sync));
     if (auto n = root["store"]["notify"]) {
-      if (!n.is_boolean()) return tl::unexpected(InvalidArgumentError("config: store.notify must be true or false"));
+      if (!n.is_boolean())
+        return tl::unexpected(InvalidArgumentError("config: store.notify must be true or false"));
       c.notify = *n.value<bool>();
     }
     if (!sync.empty()) {
       if (sync != "full" && sync != "normal") {
-        return tl::unexpected(InvalidArgumentError("config: store.synchronous must be \"full\" or \"normal\""));
+        return tl::unexpected(
+            InvalidArgumentError("config: store.synchronous must be \"full\" or \"normal\""));
       }
       c.synchronous_full = sync == "full";
     }
@@ -176,7 +181,8 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         r.Duration("idempotency", "completer_grace_ms", &c.completer_grace, 0, 86400000));
     if (auto n = root["admin"]["failpoints"]) {
       if (!n.is_boolean()) {
-        return tl::unexpected(InvalidArgumentError("config: admin.failpoints must be true or false"));
+        return tl::unexpected(
+            InvalidArgumentError("config: admin.failpoints must be true or false"));
       }
       c.admin_failpoints = *n.value<bool>();
     }
@@ -192,8 +198,10 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Duration("mail", "timeout_ms", &c.mail_timeout, 10, 600000));
     CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "visibility_ms", &c.visibility, 10, 86400000));
     CONVERGE_RETURN_IF_ERROR(r.Int("consumers", "max_attempts", &c.max_attempts, 1, 1000));
-    CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "backoff_initial_ms", &c.backoff_initial, 0, 3600000));
-    CONVERGE_RETURN_IF_ERROR(r.Duration("consumers", "backoff_max_ms", &c.backoff_max, 0, 86400000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("consumers", "backoff_initial_ms", &c.backoff_initial, 0, 3600000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("consumers", "backoff_max_ms", &c.backoff_max, 0, 86400000));
     CONVERGE_RETURN_IF_ERROR(r.Int("effects", "max_attempts", &c.effect_max_attempts, 1, 1000));
     CONVERGE_RETURN_IF_ERROR(r.Duration("effects", "lease_ms", &c.effect_lease, 10, 86400000));
     CONVERGE_RETURN_IF_ERROR(r.String("log", "level", &c.log_level));

@@ -84,15 +84,19 @@ struct PaymentRequest {
 
 Result<PaymentRequest> ParsePayment(const std::string& body) {
   json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return tl::unexpected(converge::InvalidArgumentError("body is not valid JSON"));
-  if (!j.is_object()) return tl::unexpected(converge::InvalidArgumentError("body must be a JSON object"));
+  if (j.is_discarded())
+    return tl::unexpected(converge::InvalidArgumentError("body is not valid JSON"));
+  if (!j.is_object())
+    return tl::unexpected(converge::InvalidArgumentError("body must be a JSON object"));
   PaymentRequest p;
   auto amount = j.find("amount");
   if (amount == j.end() || !amount->is_number_integer()) {
-    return tl::unexpected(converge::InvalidArgumentError("amount must be an integer (minor units)"));
+    return tl::unexpected(
+        converge::InvalidArgumentError("amount must be an integer (minor units)"));
   }
-  if (amount->is_number_unsigned() ? amount->get<uint64_t>() > static_cast<uint64_t>(kMaxAmount)
-                                   : (amount->get<int64_t>() < 1 || amount->get<int64_t>() > kMaxAmount)) {
+  if (amount->is_number_unsigned()
+          ? amount->get<uint64_t>() > static_cast<uint64_t>(kMaxAmount)
+          : (amount->get<int64_t>() < 1 || amount->get<int64_t>() > kMaxAmount)) {
     return tl::unexpected(converge::InvalidArgumentError(
         "amount must be between 1 and " + std::to_string(kMaxAmount)));
   }
@@ -105,7 +109,8 @@ Result<PaymentRequest> ParsePayment(const std::string& body) {
                            {"order_id", &p.order_id}}) {
     auto it = j.find(name);
     if (it == j.end() || !it->is_string()) {
-      return tl::unexpected(converge::InvalidArgumentError(std::string(name) + " must be a string"));
+      return tl::unexpected(
+          converge::InvalidArgumentError(std::string(name) + " must be a string"));
     }
     *out = it->get<std::string>();
   }
@@ -507,10 +512,11 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     if (answer >= 400) {
       // A decision, not an accident: store it, so retries get the same answer.
       const bool declined = charge->status == 402;
-      Response decided = declined ? Problem(402, "Payment Required", "the payment was declined",
-                                            "payment-declined")
-                                  : Problem(502, "Bad Gateway", "the payment provider refused the request",
-                                            "provider-rejected");
+      Response decided =
+          declined
+              ? Problem(402, "Payment Required", "the payment was declined", "payment-declined")
+              : Problem(502, "Bad Gateway", "the payment provider refused the request",
+                        "provider-rejected");
       auto out = keys_->Complete(lease, [&](Tx& tx) -> Result<StoredResponse> {
         CONVERGE_ASSIGN_OR_RETURN(
             int64_t n, tx.Exec("UPDATE payments SET status = $1, updated_at = $2 "
@@ -526,7 +532,8 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     json cj = json::parse(charge->body, nullptr, false);
     if (!cj.is_object() || !cj["id"].is_string()) {
       (void)keys_->Release(lease);
-      return Problem(502, "Bad Gateway", "the payment provider answered nonsense", "provider-garbled");
+      return Problem(502, "Bad Gateway", "the payment provider answered nonsense",
+                     "provider-garbled");
     }
     const std::string charge_id = cj["id"];
     // Failpoint: the provider has charged, nothing of it is committed here yet.
@@ -692,7 +699,8 @@ Result<Money> ParseMoney(const Event& e) {
   json d = json::parse(e.data, nullptr, false);
   if (!d.is_object() || !d["payment_id"].is_string() || !d["amount"].is_number_integer() ||
       !d["currency"].is_string()) {
-    return tl::unexpected(converge::InvalidArgumentError(e.type + " " + e.id + " has malformed data"));
+    return tl::unexpected(
+        converge::InvalidArgumentError(e.type + " " + e.id + " has malformed data"));
   }
   return Money{d["payment_id"], d["currency"], d["amount"]};
 }
@@ -737,17 +745,20 @@ Status Service::Impl::OnCapturedEmail(Tx& tx, const Event& e) {
 }
 
 Result<std::string> Service::Impl::SendReceipt(const std::string& key, const std::string& payload) {
-  auto r = client_.Send({.method = "POST",
-                         .url = cfg_.mail_url + "/v1/messages",
-                         .headers = {{"Content-Type", "application/json"}, {"Idempotency-Key", key}},
-                         .body = payload,
-                         .timeout = cfg_.mail_timeout});
+  auto r =
+      client_.Send({.method = "POST",
+                    .url = cfg_.mail_url + "/v1/messages",
+                    .headers = {{"Content-Type", "application/json"}, {"Idempotency-Key", key}},
+                    .body = payload,
+                    .timeout = cfg_.mail_timeout});
   if (!r) return tl::unexpected(r.error());
   if (r->status >= 500 || r->status == 429) {
-    return tl::unexpected(converge::UnavailableError("mail provider answered " + std::to_string(r->status)));
+    return tl::unexpected(
+        converge::UnavailableError("mail provider answered " + std::to_string(r->status)));
   }
   if (r->status >= 400) {
-    return tl::unexpected(converge::InvalidArgumentError("mail provider refused: " + std::to_string(r->status)));
+    return tl::unexpected(
+        converge::InvalidArgumentError("mail provider refused: " + std::to_string(r->status)));
   }
   json j = json::parse(r->body, nullptr, false);
   metrics_.Add("emails_sent_total");
@@ -762,7 +773,8 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
         int64_t n, tx.Exec("UPDATE payments SET psp_confirmed_at = $1 WHERE id = $2",
                            clock_->NowMillis(), ref));
     // The provider may report the charge before our own commit of it: wait and retry.
-    if (n == 0) return converge::UnavailableError("charge.succeeded for unknown payment '" + ref + "'");
+    if (n == 0)
+      return converge::UnavailableError("charge.succeeded for unknown payment '" + ref + "'");
     return converge::OkStatus();
   }
   if (e.type == "psp.charge.refunded") {
@@ -827,14 +839,17 @@ void Service::Impl::RefreshGauges() {
     metrics_.Set("consumer_dead_lettered_total", l, static_cast<double>(s.dead_lettered));
   }
   const auto es = receipts_->stats();
-  metrics_.Set("effects_executed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.executed));
-  metrics_.Set("effects_retries_total", {{"kind", "email.receipt"}}, static_cast<double>(es.retries));
+  metrics_.Set("effects_executed_total", {{"kind", "email.receipt"}},
+               static_cast<double>(es.executed));
+  metrics_.Set("effects_retries_total", {{"kind", "email.receipt"}},
+               static_cast<double>(es.retries));
   metrics_.Set("effects_failed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.failed));
   metrics_.Set("retention_swept_total", {}, static_cast<double>(runtime_->stats().swept));
   (void)db_->Read([&](Tx& tx) -> Status {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows ob, tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
+        Rows ob,
+        tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
     metrics_.Set("outbox_backlog", {}, static_cast<double>(ob[0].Int(0)));
     metrics_.Set("relay_lag_seconds", {}, ob[0].IsNull(1) ? 0.0 : (now - ob[0].Int(1)) / 1000.0);
     return converge::OkStatus();

@@ -22,8 +22,9 @@
 // to the process). `error(unavailable)` makes Hit() return that code. `pause` blocks the
 // thread in Hit() until Release(name) (or a new Configure) lets it go; WaitPaused() tells
 // a test that a thread has arrived. `@N` first fires on the N-th hit (1-based); `*M` fires
-// at most M times. Example:
-//   CONVERGE_FAILPOINTS='relay.after_publish_before_mark=crash@3;consumer.before_commit=error(unavailable)*2'
+// at most M times. Example (one line in the environment; split here):
+//   CONVERGE_FAILPOINTS='relay.after_publish_before_mark=crash@3;
+//                        consumer.before_commit=error(unavailable)*2'
 //
 // Cost when no failpoint is configured: one relaxed atomic load per Hit().
 // Thread safety: all functions are safe to call from many threads.

@@ -37,9 +37,11 @@ std::mutex g_mu;
 std::condition_variable g_cv;  // paused threads and WaitPaused() wait on it
 // Bumped by Configure(): every paused thread goes on, whatever the new configuration.
 uint64_t g_epoch = 0;
-std::map<std::string, Point, std::less<>>* g_points = new std::map<std::string, Point, std::less<>>();
+std::map<std::string, Point, std::less<>>* g_points =
+    new std::map<std::string, Point, std::less<>>();
 // Threads paused per point name; kept apart from g_points so Configure() cannot lose it.
-std::map<std::string, int64_t, std::less<>>* g_paused = new std::map<std::string, int64_t, std::less<>>();
+std::map<std::string, int64_t, std::less<>>* g_paused =
+    new std::map<std::string, int64_t, std::less<>>();
 
 std::string_view Trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
@@ -67,7 +69,8 @@ Status ParseEntry(std::string_view entry, std::string* name, Point* p) {
     auto at = rest.rfind('@');
     auto close = rest.rfind(')');
     size_t cut = std::string_view::npos;
-    if (star != std::string_view::npos && (close == std::string_view::npos || star > close)) cut = star;
+    if (star != std::string_view::npos && (close == std::string_view::npos || star > close))
+      cut = star;
     if (at != std::string_view::npos && (close == std::string_view::npos || at > close) &&
         (cut == std::string_view::npos || at > cut)) {
       cut = at;
@@ -116,8 +119,8 @@ Status ParseEntry(std::string_view entry, std::string* name, Point* p) {
     }
     p->action = Action::kError;
   } else {
-    return InvalidArgumentError("failpoint '" + *name + "': unknown action '" +
-                                std::string(rest) + "' (crash, error(code), delay(ms), pause, off)");
+    return InvalidArgumentError("failpoint '" + *name + "': unknown action '" + std::string(rest) +
+                                "' (crash, error(code), delay(ms), pause, off)");
   }
   return OkStatus();
 }

@@ -104,7 +104,8 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     std::set<std::string> live = {name_};
     for (const Row& m : members) live.insert(m.Text(0));
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows, tx.Query("SELECT partition_no, owner, fence, lease_until FROM relay_partitions"));
+        Rows rows,
+        tx.Query("SELECT partition_no, owner, fence, lease_until FROM relay_partitions"));
     std::map<int64_t, const Row*> by_partition;
     for (const Row& r : rows) by_partition[r.Int(0)] = &r;
     const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
@@ -137,16 +138,18 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
       auto it = by_partition.find(p);
       if (it == by_partition.end()) {
         CONVERGE_ASSIGN_OR_RETURN(
-            int64_t n, tx.Exec("INSERT INTO relay_partitions (partition_no, owner, fence, lease_until) "
-                               "VALUES ($1, $2, 1, $3) ON CONFLICT (partition_no) DO NOTHING",
-                               p, name_, until));
+            int64_t n,
+            tx.Exec("INSERT INTO relay_partitions (partition_no, owner, fence, lease_until) "
+                    "VALUES ($1, $2, 1, $3) ON CONFLICT (partition_no) DO NOTHING",
+                    p, name_, until));
         if (n == 1) owned[p] = 1;
       } else if (it->second->Int(3) <= now) {
         const int64_t fence = it->second->Int(2) + 1;
         CONVERGE_ASSIGN_OR_RETURN(
-            int64_t n, tx.Exec("UPDATE relay_partitions SET owner = $1, fence = $2, lease_until = $3 "
-                               "WHERE partition_no = $4 AND fence = $5 AND lease_until <= $6",
-                               name_, fence, until, p, fence - 1, now));
+            int64_t n,
+            tx.Exec("UPDATE relay_partitions SET owner = $1, fence = $2, lease_until = $3 "
+                    "WHERE partition_no = $4 AND fence = $5 AND lease_until <= $6",
+                    name_, fence, until, p, fence - 1, now));
         if (n == 1) owned[p] = fence;
       }
     }
@@ -204,7 +207,8 @@ Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
     std::vector<int64_t> seqs;
     for (const Pending& p : batch) {
       if (!mine.count(p.partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p.partition], StillOwns(tx, p.partition, owned.at(p.partition), now));
+        CONVERGE_ASSIGN_OR_RETURN(mine[p.partition],
+                                  StillOwns(tx, p.partition, owned.at(p.partition), now));
       }
       if (!mine[p.partition]) continue;
       events.push_back(p.event);
@@ -265,7 +269,8 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     std::map<int64_t, bool> mine;
     for (const Pending* p : done) {
       if (!mine.count(p->partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p->partition], StillOwns(tx, p->partition, owned.at(p->partition), now));
+        CONVERGE_ASSIGN_OR_RETURN(mine[p->partition],
+                                  StillOwns(tx, p->partition, owned.at(p->partition), now));
       }
       if (!mine[p->partition]) continue;
       CONVERGE_ASSIGN_OR_RETURN(

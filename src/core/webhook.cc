@@ -68,7 +68,8 @@ Result<std::string> Base64Decode(std::string_view text) {
 std::string NewSecret() {
   unsigned char key[32];
   RAND_bytes(key, sizeof key);
-  return std::string(kPrefix) + Base64Encode(std::string_view(reinterpret_cast<char*>(key), sizeof key));
+  return std::string(kPrefix) +
+         Base64Encode(std::string_view(reinterpret_cast<char*>(key), sizeof key));
 }
 
 Result<std::string> DecodeSecret(std::string_view secret) {

@@ -19,11 +19,14 @@ size_t OnHeader(char* data, size_t size, size_t n, void* out) {
   auto colon = line.find(':');
   if (colon != std::string_view::npos) {
     std::string_view value = line.substr(colon + 1);
-    while (!value.empty() && (value.front() == ' ' || value.front() == '\t')) value.remove_prefix(1);
-    while (!value.empty() && (value.back() == '\r' || value.back() == '\n' || value.back() == ' ')) {
+    while (!value.empty() && (value.front() == ' ' || value.front() == '\t'))
+      value.remove_prefix(1);
+    while (!value.empty() &&
+           (value.back() == '\r' || value.back() == '\n' || value.back() == ' ')) {
       value.remove_suffix(1);
     }
-    static_cast<Headers*>(out)->emplace_back(std::string(line.substr(0, colon)), std::string(value));
+    static_cast<Headers*>(out)->emplace_back(std::string(line.substr(0, colon)),
+                                             std::string(value));
   } else if (line.rfind("HTTP/", 0) == 0) {
     static_cast<Headers*>(out)->clear();  // a new response (after 100 Continue or a redirect)
   }

@@ -41,8 +41,9 @@ TYPED_TEST(StoreContract, BindsAndReadsEveryValueType) {
                        "CREATE TABLE v (i " + std::string(d.TypeName(ColumnType::kBigint)) +
                        ", d " + std::string(d.TypeName(ColumnType::kDouble)) + ", s TEXT, b " +
                        std::string(d.TypeName(ColumnType::kBlob)) + ", n TEXT)"));
-                   return StatusOf(tx.Exec("INSERT INTO v VALUES ($1, $2, $3, $4, $5)", int64_t{1} << 40,
-                                           2.5, "text ü", Blob{std::string("\0\xff", 2)}, nullptr));
+                   return StatusOf(tx.Exec("INSERT INTO v VALUES ($1, $2, $3, $4, $5)",
+                                           int64_t{1} << 40, 2.5, "text ü",
+                                           Blob{std::string("\0\xff", 2)}, nullptr));
                  }).ok());
   Rows rows;
   ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
@@ -61,10 +62,13 @@ TYPED_TEST(StoreContract, ExecManyRunsEveryParameterSetAndStopsAtAnError) {
   std::vector<std::vector<Value>> rows;
   for (int i = 0; i < 50; ++i) rows.push_back({Value("m" + std::to_string(i))});
   int64_t changed = 0;
-  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                   CONVERGE_ASSIGN_OR_RETURN(changed, tx.ExecMany("INSERT INTO test_effects (id) VALUES ($1)", rows));
-                   return OkStatus();
-                 }).ok());
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(
+                        changed, tx.ExecMany("INSERT INTO test_effects (id) VALUES ($1)", rows));
+                    return OkStatus();
+                  })
+                  .ok());
   EXPECT_EQ(changed, 50);
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 50);
   // A duplicate in the middle: the error comes back and the transaction keeps nothing.
@@ -116,7 +120,8 @@ TYPED_TEST(StoreContract, IdempotencyOutcomes) {
   ASSERT_TRUE(again);
   EXPECT_TRUE(again->replayed);
   EXPECT_EQ(again->response, first->response);
-  EXPECT_EQ(keys.Execute({"t", "k", "other"}, fn("three")).error().reason(), reason::kFingerprintMismatch);
+  EXPECT_EQ(keys.Execute({"t", "k", "other"}, fn("three")).error().reason(),
+            reason::kFingerprintMismatch);
   auto other_scope = keys.Execute({"u", "k", "f"}, fn("four"));
   ASSERT_TRUE(other_scope);
   EXPECT_FALSE(other_scope->replayed);
@@ -150,18 +155,25 @@ TYPED_TEST(StoreContract, SixtyFourRacersOneEffect) {
 
 TYPED_TEST(StoreContract, TakeoverFencesTheStaleWorker) {
   ManualClock clock;
-  IdempotencyKeys keys(*this->db_, {.ttl = std::chrono::hours(1), .lease = std::chrono::seconds(10)}, &clock);
+  IdempotencyKeys keys(*this->db_,
+                       {.ttl = std::chrono::hours(1), .lease = std::chrono::seconds(10)}, &clock);
   KeyLease a = keys.Begin({"t", "k", "f"})->lease;
   EXPECT_EQ(keys.Begin({"t", "k", "f"}).error().reason(), reason::kInFlight);
   clock.Advance(std::chrono::seconds(11));
   auto b = keys.Begin({"t", "k", "f"});
   ASSERT_TRUE(b);
   ASSERT_EQ(b->kind, Begun::Kind::kResumed);
-  EXPECT_EQ(keys.Advance(a, "charged", "", [](Tx& tx) { return TestFixture::Effect(tx, "stale"); }).reason(),
+  EXPECT_EQ(keys.Advance(a, "charged", "", [](Tx& tx) { return TestFixture::Effect(tx, "stale"); })
+                .reason(),
             reason::kFenced);
   KeyLease lb = b->lease;
-  ASSERT_TRUE(keys.Complete(lb, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "b"}; }));
-  EXPECT_EQ(keys.Complete(a, [](Tx&) -> Result<StoredResponse> { return StoredResponse{201, {}, "a"}; })
+  ASSERT_TRUE(keys.Complete(lb, [](Tx&) -> Result<StoredResponse> {
+    return StoredResponse{201, {}, "b"};
+  }));
+  EXPECT_EQ(keys.Complete(a,
+                          [](Tx&) -> Result<StoredResponse> {
+                            return StoredResponse{201, {}, "a"};
+                          })
                 .error()
                 .reason(),
             reason::kFenced);
@@ -174,7 +186,11 @@ TYPED_TEST(StoreContract, RelayCrashBetweenPublishAndMarkIsAbsorbedByTheInbox) {
     SqlQueue q(*this->db_);
     ASSERT_TRUE(q.Subscribe("ledger", "*").ok());
     Outbox outbox;
-    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("p1"))); }).ok());
+    ASSERT_TRUE(this->db_
+                    ->Transact([&](Tx& tx) {
+                      return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("p1")));
+                    })
+                    .ok());
   }
   const std::string uri = this->store_.uri;
   this->db_.reset();
@@ -263,7 +279,11 @@ TYPED_TEST(StoreContract, LateCommittedOutboxRowIsNotSkipped) {
   } else {
     slow.join();  // SQLite has one writer: a late commit cannot happen; relay it anyway
   }
-  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("fast"))); }).ok());
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) {
+                    return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("fast")));
+                  })
+                  .ok());
   Relay relay(*this->db_, outbox, queue);
   auto first = relay.RunOnce();
   ASSERT_TRUE(first);
@@ -295,10 +315,13 @@ TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {
   for (int i = 0; i < 4; ++i) {
     for (std::string agg : {"A", "B"}) {
       std::string id;
-      ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       CONVERGE_ASSIGN_OR_RETURN(id, outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
-                       return OkStatus();
-                     }).ok());
+      ASSERT_TRUE(this->db_
+                      ->Transact([&](Tx& tx) -> Status {
+                        CONVERGE_ASSIGN_OR_RETURN(id,
+                                                  outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
+                        return OkStatus();
+                      })
+                      .ok());
       want[agg].push_back(id);
     }
   }
@@ -348,9 +371,12 @@ TYPED_TEST(StoreContract, ConsumersSharingAQueueApplyEachMessageOnce) {
   ASSERT_TRUE(queue.Subscribe("q", "*").ok());
   Outbox outbox;
   for (int i = 0; i < 200; ++i) {
-    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
-                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("agg" + std::to_string(i % 7))));
-                   }).ok());
+    ASSERT_TRUE(this->db_
+                    ->Transact([&](Tx& tx) {
+                      return StatusOf(outbox.Enqueue(
+                          tx, TestFixture::MakeEvent("agg" + std::to_string(i % 7))));
+                    })
+                    .ok());
   }
   Relay relay(*this->db_, outbox, queue);
   while (*relay.RunOnce() > 0) {
@@ -395,10 +421,13 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   for (int i = 0; i < 10; ++i) {
     for (int a = 0; a < 20; ++a) {
       std::string agg = "agg-" + std::to_string(a), id;
-      ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       CONVERGE_ASSIGN_OR_RETURN(id, outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
-                       return OkStatus();
-                     }).ok());
+      ASSERT_TRUE(this->db_
+                      ->Transact([&](Tx& tx) -> Status {
+                        CONVERGE_ASSIGN_OR_RETURN(id,
+                                                  outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
+                        return OkStatus();
+                      })
+                      .ok());
       want[agg].push_back(id);
     }
   }
@@ -409,8 +438,9 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
     }
   };
   std::thread t1([&] { drive(r1); }), t2([&] { drive(r2); });
-  bool drained = testing::WaitUntil(
-      [&] { return this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0; });
+  bool drained = testing::WaitUntil([&] {
+    return this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0;
+  });
   stop = true;
   t1.join();
   t2.join();
@@ -420,23 +450,30 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   EXPECT_GT(r2.stats().published, 0);
   // Each aggregate's events reached the queue in outbox order, exactly once.
   std::map<std::string, std::vector<std::string>> got;
-  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
-                   CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT subject, event_id FROM queue_messages ORDER BY id"));
-                   for (const Row& r : rows) got[r.Text(0)].push_back(r.Text(1));
-                   return OkStatus();
-                 }).ok());
+  ASSERT_TRUE(this->db_
+                  ->Read([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(
+                        Rows rows,
+                        tx.Query("SELECT subject, event_id FROM queue_messages ORDER BY id"));
+                    for (const Row& r : rows) got[r.Text(0)].push_back(r.Text(1));
+                    return OkStatus();
+                  })
+                  .ok());
   EXPECT_EQ(got, want);
   // relay-b dies without handing back its partitions: relay-a takes them over once the
   // leases lapse, with raised fences.
   clock.Advance(o2.lease + Millis(1));
   ASSERT_TRUE(r1.RunOnce());
   EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions);
-  EXPECT_GT(this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-a' AND fence > 1"), 0);
+  EXPECT_GT(
+      this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-a' AND fence > 1"),
+      0);
 }
 
 TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatches) {
   ManualClock clock(Clock::System()->NowMillis());
-  IdempotencyKeys keys(*this->db_, {.ttl = std::chrono::hours(24), .lease = std::chrono::seconds(30)}, &clock);
+  IdempotencyKeys keys(*this->db_,
+                       {.ttl = std::chrono::hours(24), .lease = std::chrono::seconds(30)}, &clock);
   auto ok = [](Tx&) -> Result<StoredResponse> { return StoredResponse{200, {}, "ok"}; };
   for (int i = 0; i < 5; ++i) ASSERT_TRUE(keys.Execute({"t", "old-" + std::to_string(i), "f"}, ok));
   ASSERT_TRUE(keys.Begin({"t", "abandoned", "f"}));  // a multi-phase attempt nobody finished
@@ -444,7 +481,11 @@ TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatche
   ASSERT_TRUE(queue.Subscribe("q", "*").ok());
   Outbox outbox(OutboxOptions{}, &clock);
   for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a"))); }).ok());
+    ASSERT_TRUE(this->db_
+                    ->Transact([&](Tx& tx) {
+                      return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a")));
+                    })
+                    .ok());
   }
   Relay relay(*this->db_, outbox, queue, RelayOptions{}, &clock);
   ASSERT_EQ(*relay.RunOnce(), 3u);
@@ -455,7 +496,11 @@ TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatche
 
   clock.Advance(std::chrono::hours(24 * 16));  // past every TTL and retention above
   ASSERT_TRUE(keys.Execute({"t", "fresh", "f"}, ok));
-  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("b"))); }).ok());
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) {
+                    return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("b")));
+                  })
+                  .ok());
 
   Sweeper sweeper(*this->db_, SweepOptions{.batch = 2}, &clock);
   SweepStats total;
@@ -490,18 +535,21 @@ TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
   SqlQueue queue(**reader);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
   Outbox writer_outbox, relay_outbox;
-  Relay relay(**reader, relay_outbox, queue, RelayOptions{.poll = std::chrono::hours(1), .lease = std::chrono::hours(3)});
+  Relay relay(**reader, relay_outbox, queue,
+              RelayOptions{.poll = std::chrono::hours(1), .lease = std::chrono::hours(3)});
   relay.Start();
-  ASSERT_TRUE(testing::WaitUntil([&] { return relay.stats().partitions_owned == kOutboxPartitions; }));
+  ASSERT_TRUE(
+      testing::WaitUntil([&] { return relay.stats().partitions_owned == kOutboxPartitions; }));
   // The listener's first wake-up after LISTEN makes a second pass: from then on only a
   // notification can wake the relay before its hour-long poll.
   ASSERT_TRUE(testing::WaitUntil([&] { return relay.stats().passes >= 2; }));
   ASSERT_TRUE((*writer)->Transact([&](Tx& tx) {
                    return StatusOf(writer_outbox.Enqueue(tx, TestFixture::MakeEvent("n1")));
                  }).ok());
-  EXPECT_TRUE(testing::WaitUntil([&] { return *queue.Depth("all") == 1; }, std::chrono::seconds(10)))
-      << "passes " << relay.stats().passes << " published " << relay.stats().published
-      << " error " << relay.stats().last_error;
+  EXPECT_TRUE(
+      testing::WaitUntil([&] { return *queue.Depth("all") == 1; }, std::chrono::seconds(10)))
+      << "passes " << relay.stats().passes << " published " << relay.stats().published << " error "
+      << relay.stats().last_error;
   relay.Stop();
 }
 

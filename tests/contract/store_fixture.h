@@ -82,7 +82,8 @@ class StoreContract : public ::testing::Test {
   static constexpr bool IsPostgres() { return Store::kPostgres; }
 
   void SetUp() override {
-    if (!Store::Available()) GTEST_SKIP() << "CONVERGE_TEST_PG_DSN is not set (run under scripts/with-postgres.sh)";
+    if (!Store::Available())
+      GTEST_SKIP() << "CONVERGE_TEST_PG_DSN is not set (run under scripts/with-postgres.sh)";
     db_ = Open();
     ASSERT_NE(db_, nullptr);
     ASSERT_TRUE(db_->Transact([](Tx& tx) {

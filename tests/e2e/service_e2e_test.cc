@@ -86,7 +86,9 @@ class ServiceE2E : public ::testing::Test {
     return Send("POST", "/v1/payments", {{"Authorization", auth}, {"Idempotency-Key", key}}, body);
   }
   static std::string Body(int64_t amount, const std::string& order = "o-1") {
-    return json{{"amount", amount}, {"currency", "EUR"}, {"customer_id", "c-1"}, {"order_id", order}}.dump();
+    return json{
+        {"amount", amount}, {"currency", "EUR"}, {"customer_id", "c-1"}, {"order_id", order}}
+        .dump();
   }
   void Faults(const json& f) {
     auto r = client_.Send({.method = "POST", .url = PspUrl("/faults"), .body = f.dump()});
@@ -144,16 +146,21 @@ TEST_F(ServiceE2E, CreateReturns201ThenReplaysWithTheHeader) {
   EXPECT_EQ(p["status"], "captured");
   EXPECT_EQ(*a.Header("Location"), "/v1/payments/" + p["id"].get<std::string>());
   EXPECT_EQ(a.Header("Idempotent-Replayed"), nullptr);
-  Response b = Pay("create-1", R"({ "order_id": "o-1", "amount": 1200, "customer_id": "c-1", "currency": "EUR" })");
+  Response b =
+      Pay("create-1",
+          R"({ "order_id": "o-1", "amount": 1200, "customer_id": "c-1", "currency": "EUR" })");
   EXPECT_EQ(b.status, 201);
   EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
   EXPECT_EQ(b.body, a.body);
   EXPECT_EQ(ChargesFor(p["id"]), 1);
-  Response get = Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kAcme}});
+  Response get =
+      Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kAcme}});
   EXPECT_EQ(get.status, 200);
   EXPECT_EQ(json::parse(get.body)["amount"], 1200);
   // Tenant-scoped: another tenant cannot see it.
-  EXPECT_EQ(Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kGlobex}}).status, 404);
+  EXPECT_EQ(Send("GET", "/v1/payments/" + p["id"].get<std::string>(), {{"Authorization", kGlobex}})
+                .status,
+            404);
   EXPECT_EQ(Send("GET", "/v1/payments/pay_nope", {{"Authorization", kAcme}}).status, 404);
 }
 
@@ -241,7 +248,8 @@ TEST_F(ServiceE2E, EventsReachLedgerAndOneReceiptPerPayment) {
   std::string id = json::parse(a.body)["id"];
   EXPECT_TRUE(converge::testing::WaitUntil([&] {
     return Count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id + "'") == 2 &&
-           Count("SELECT count(*) FROM effects WHERE effect_key = 'receipt:" + id + "' AND state = 'done'") == 1;
+           Count("SELECT count(*) FROM effects WHERE effect_key = 'receipt:" + id +
+                 "' AND state = 'done'") == 1;
   }));
   EXPECT_EQ(Count("SELECT sum(amount) FROM ledger_entries WHERE payment_id = '" + id + "'"), 0);
 }
@@ -250,46 +258,64 @@ TEST_F(ServiceE2E, WebhookIsVerifiedStoredOnceAndProcessed) {
   Response a = Pay("refund-1", Body(990));
   ASSERT_EQ(a.status, 201);
   json p = json::parse(a.body);
-  std::string body = json{{"type", "charge.refunded"},
-                          {"data", {{"charge_id", p["charge_id"]}, {"amount", 990}, {"currency", "EUR"}}}}
-                         .dump();
+  std::string body =
+      json{{"type", "charge.refunded"},
+           {"data", {{"charge_id", p["charge_id"]}, {"amount", 990}, {"currency", "EUR"}}}}
+          .dump();
   EXPECT_EQ(Webhook("msg_refund_1", body).status, 204);
   EXPECT_EQ(Webhook("msg_refund_1", body).status, 204);  // duplicate: 2xx, no second effect
   std::string id = p["id"];
   EXPECT_TRUE(converge::testing::WaitUntil([&] {
-    return Count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id + "' AND kind = 'refund'") == 2;
+    return Count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id +
+                 "' AND kind = 'refund'") == 2;
   }));
-  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'refunded'"), 1);
-  EXPECT_EQ(Count("SELECT count(*) FROM consumer_inbox WHERE consumer = 'webhook:psp' AND event_id = 'msg_refund_1'"), 1);
+  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'refunded'"),
+            1);
+  EXPECT_EQ(Count("SELECT count(*) FROM consumer_inbox WHERE consumer = 'webhook:psp' AND event_id "
+                  "= 'msg_refund_1'"),
+            1);
 }
 
 TEST_F(ServiceE2E, AdminApiListsShowsReplaysAndDiscardsDeadLetters) {
   // A refund for a charge nobody knows is retried (the charge may not be recorded yet)
   // until its attempts run out: then a dead letter.
-  std::string body = json{{"type", "charge.refunded"}, {"data", {{"charge_id", "ch_ghost"}}}}.dump();
+  std::string body =
+      json{{"type", "charge.refunded"}, {"data", {{"charge_id", "ch_ghost"}}}}.dump();
   ASSERT_EQ(Webhook("msg_ghost_1", body).status, 204);
   int64_t id = 0;
   ASSERT_TRUE(converge::testing::WaitUntil([&] {
-    Response l = Send("GET", "/admin/dead-letters?consumer=psp-webhooks", {{"Authorization", kAdmin}});
+    Response l =
+        Send("GET", "/admin/dead-letters?consumer=psp-webhooks", {{"Authorization", kAdmin}});
     json list = json::parse(l.body);  // kept alive: the loop below walks into it
     for (auto& d : list["dead_letters"]) {
       if (d["event_id"] == "msg_ghost_1") id = d["id"];
     }
     return id != 0;
   }));
-  Response one = Send("GET", "/admin/dead-letters/" + std::to_string(id), {{"Authorization", kAdmin}});
+  Response one =
+      Send("GET", "/admin/dead-letters/" + std::to_string(id), {{"Authorization", kAdmin}});
   EXPECT_EQ(one.status, 200);
   EXPECT_EQ(json::parse(one.body)["envelope"]["data"]["charge_id"], "ch_ghost");
-  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay", {{"Authorization", kAdmin}}).status, 200);
-  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay", {{"Authorization", kAdmin}}).status, 409);
+  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay",
+                 {{"Authorization", kAdmin}})
+                .status,
+            200);
+  EXPECT_EQ(Send("POST", "/admin/dead-letters/" + std::to_string(id) + "/replay",
+                 {{"Authorization", kAdmin}})
+                .status,
+            409);
   // The replay fails the same way and is parked again, once: no loop.
   int64_t again = 0;
   ASSERT_TRUE(converge::testing::WaitUntil([&] {
-    again = Count("SELECT count(*) FROM dead_letters WHERE event_id = 'msg_ghost_1' AND state = 'parked'");
+    again = Count(
+        "SELECT count(*) FROM dead_letters WHERE event_id = 'msg_ghost_1' AND state = 'parked'");
     return again == 1;
   }));
   int64_t newest = Count("SELECT max(id) FROM dead_letters WHERE event_id = 'msg_ghost_1'");
-  EXPECT_EQ(Send("DELETE", "/admin/dead-letters/" + std::to_string(newest), {{"Authorization", kAdmin}}).status, 200);
+  EXPECT_EQ(
+      Send("DELETE", "/admin/dead-letters/" + std::to_string(newest), {{"Authorization", kAdmin}})
+          .status,
+      200);
   EXPECT_EQ(Send("DELETE", "/admin/dead-letters/999999", {{"Authorization", kAdmin}}).status, 404);
   Response stats = Send("GET", "/admin/stats", {{"Authorization", kAdmin}});
   ASSERT_EQ(stats.status, 200);
@@ -303,9 +329,10 @@ TEST_F(ServiceE2E, MetricsHealthAndReadiness) {
   ASSERT_EQ(Pay("metrics-1", Body(10)).status, 201);
   Response m = Send("GET", "/metrics", {});
   EXPECT_EQ(m.status, 200);
-  for (const char* name : {"http_requests_total{", "consumer_processed_total", "relay_published_total",
-                           "db_commit_batch_size_bucket", "outbox_backlog", "relay_lag_seconds",
-                           "idempotency_replays_total", "consumer_duplicates_total"}) {
+  for (const char* name :
+       {"http_requests_total{", "consumer_processed_total", "relay_published_total",
+        "db_commit_batch_size_bucket", "outbox_backlog", "relay_lag_seconds",
+        "idempotency_replays_total", "consumer_duplicates_total"}) {
     EXPECT_NE(m.body.find(name), std::string::npos) << name;
   }
   EXPECT_EQ(Send("GET", "/healthz", {}).status, 200);
@@ -337,7 +364,9 @@ TEST_F(ServiceE2E, BadInputTableWritesNothing) {
     return Case{std::move(name), "POST", "/v1/payments", std::move(h), std::move(body), status};
   };
   Headers auth_key = {{"Authorization", kAcme}, {"Idempotency-Key", "bad-input-key"}};
-  auto with_key = [&](const std::string& key) { return Headers{{"Authorization", kAcme}, {"Idempotency-Key", key}}; };
+  auto with_key = [&](const std::string& key) {
+    return Headers{{"Authorization", kAcme}, {"Idempotency-Key", key}};
+  };
   auto body_with = [&](const char* field, json v) {
     json j = json::parse(ok);
     j[field] = v;
@@ -372,28 +401,63 @@ TEST_F(ServiceE2E, BadInputTableWritesNothing) {
       pay(auth_key, body_with("order_id", "has space"), 400, "order_id with a space"),
       pay(auth_key, std::string(8192, ' ') + ok, 413, "oversized body"),
       pay({{"Idempotency-Key", "k"}}, ok, 401, "missing Authorization"),
-      pay({{"Authorization", "Basic c2s6"}, {"Idempotency-Key", "k"}}, ok, 401, "wrong auth scheme"),
-      pay({{"Authorization", "Bearer sk_unknown"}, {"Idempotency-Key", "k"}}, ok, 401, "unknown API key"),
+      pay({{"Authorization", "Basic c2s6"}, {"Idempotency-Key", "k"}}, ok, 401,
+          "wrong auth scheme"),
+      pay({{"Authorization", "Bearer sk_unknown"}, {"Idempotency-Key", "k"}}, ok, 401,
+          "unknown API key"),
       {"webhook without signature headers", "POST", "/webhooks/psp", {}, hook, 401},
-      {"webhook with a bad signature", "POST", "/webhooks/psp",
-       {{"webhook-id", "msg_bad"}, {"webhook-timestamp", std::to_string(now)},
-        {"webhook-signature", "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}, hook, 401},
-      {"webhook signed with another secret", "POST", "/webhooks/psp",
-       {{"webhook-id", "msg_other"}, {"webhook-timestamp", std::to_string(now)},
-        {"webhook-signature", *converge::webhook::Sign(converge::webhook::NewSecret(), "msg_other", now, hook)}},
-       hook, 401},
-      {"webhook with a stale timestamp", "POST", "/webhooks/psp", signed_headers("msg_old", hook, now - 600), hook, 401},
-      {"webhook with a future timestamp", "POST", "/webhooks/psp", signed_headers("msg_new", hook, now + 600), hook, 401},
-      {"webhook body tampered after signing", "POST", "/webhooks/psp", signed_headers("msg_t", hook, now),
-       hook + " ", 401},
-      {"webhook body not JSON", "POST", "/webhooks/psp", signed_headers("msg_nj", "not json", now), "not json", 400},
-      {"webhook JSON without type", "POST", "/webhooks/psp", signed_headers("msg_nt", R"({"data":{}})", now),
-       R"({"data":{}})", 400},
-      {"admin with a wrong token", "GET", "/admin/dead-letters", {{"Authorization", "Bearer wrong"}}, "", 401},
+      {"webhook with a bad signature",
+       "POST",
+       "/webhooks/psp",
+       {{"webhook-id", "msg_bad"},
+        {"webhook-timestamp", std::to_string(now)},
+        {"webhook-signature", "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
+       hook,
+       401},
+      {"webhook signed with another secret",
+       "POST",
+       "/webhooks/psp",
+       {{"webhook-id", "msg_other"},
+        {"webhook-timestamp", std::to_string(now)},
+        {"webhook-signature",
+         *converge::webhook::Sign(converge::webhook::NewSecret(), "msg_other", now, hook)}},
+       hook,
+       401},
+      {"webhook with a stale timestamp", "POST", "/webhooks/psp",
+       signed_headers("msg_old", hook, now - 600), hook, 401},
+      {"webhook with a future timestamp", "POST", "/webhooks/psp",
+       signed_headers("msg_new", hook, now + 600), hook, 401},
+      {"webhook body tampered after signing", "POST", "/webhooks/psp",
+       signed_headers("msg_t", hook, now), hook + " ", 401},
+      {"webhook body not JSON", "POST", "/webhooks/psp", signed_headers("msg_nj", "not json", now),
+       "not json", 400},
+      {"webhook JSON without type", "POST", "/webhooks/psp",
+       signed_headers("msg_nt", R"({"data":{}})", now), R"({"data":{}})", 400},
+      {"admin with a wrong token",
+       "GET",
+       "/admin/dead-letters",
+       {{"Authorization", "Bearer wrong"}},
+       "",
+       401},
       {"admin without a token", "GET", "/admin/stats", {}, "", 401},
-      {"admin list with a bad state", "GET", "/admin/dead-letters?state=lost", {{"Authorization", kAdmin}}, "", 400},
-      {"admin show with a non-numeric id", "GET", "/admin/dead-letters/abc", {{"Authorization", kAdmin}}, "", 400},
-      {"admin replay of an unknown id", "POST", "/admin/dead-letters/999999/replay", {{"Authorization", kAdmin}}, "", 404},
+      {"admin list with a bad state",
+       "GET",
+       "/admin/dead-letters?state=lost",
+       {{"Authorization", kAdmin}},
+       "",
+       400},
+      {"admin show with a non-numeric id",
+       "GET",
+       "/admin/dead-letters/abc",
+       {{"Authorization", kAdmin}},
+       "",
+       400},
+      {"admin replay of an unknown id",
+       "POST",
+       "/admin/dead-letters/999999/replay",
+       {{"Authorization", kAdmin}},
+       "",
+       404},
       {"unknown route", "GET", "/v2/nothing", {}, "", 404},
       {"wrong method", "PUT", "/v1/payments", {{"Authorization", kAcme}}, ok, 405},
   };
@@ -497,7 +561,8 @@ TEST_F(ServiceE2E, ProviderKeyInUseIsAnUnknownOutcomeNotAFailure) {
   ASSERT_EQ(retry.status, 201) << retry.body;
   const std::string id = json::parse(retry.body)["id"];
   EXPECT_EQ(ChargesFor(id), 1);
-  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'captured'"), 1);
+  EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE id = '" + id + "' AND status = 'captured'"),
+            1);
 }
 
 // Issue #7: a refund webhook for a charge this service has not recorded yet is transient
@@ -528,16 +593,20 @@ TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   auto charges = client_.Send({.url = PspUrl("/v1/charges?reference=" + payment_id)});
   ASSERT_TRUE(charges);
   const std::string charge_id = json::parse(charges->body)["charges"][0]["id"];
-  std::string body = json{{"type", "charge.refunded"},
-                          {"data", {{"charge_id", charge_id}, {"amount", 1200}, {"currency", "EUR"}}}}
-                         .dump();
+  std::string body =
+      json{{"type", "charge.refunded"},
+           {"data", {{"charge_id", charge_id}, {"amount", 1200}, {"currency", "EUR"}}}}
+          .dump();
   EXPECT_EQ(Webhook("msg_early_refund", body).status, 204);
   // The refund was tried (and found nothing to refund yet) at least once.
   EXPECT_TRUE(converge::testing::WaitUntil([&] {
-    return Count("SELECT count(*) FROM queue_messages WHERE queue = 'psp-webhooks' "
-                 "AND event_id = 'msg_early_refund' AND attempts >= 1 AND last_error IS NOT NULL") == 1;
+    return Count(
+               "SELECT count(*) FROM queue_messages WHERE queue = 'psp-webhooks' "
+               "AND event_id = 'msg_early_refund' AND attempts >= 1 AND last_error IS NOT NULL") ==
+           1;
   }));
-  Response released = admin("POST", "/admin/failpoints/payments.after_charge_before_commit/release", "");
+  Response released =
+      admin("POST", "/admin/failpoints/payments.after_charge_before_commit/release", "");
   EXPECT_EQ(json::parse(released.body).value("released", 0), 1);
   client.join();
   ASSERT_EQ(paid.status, 201) << paid.body;

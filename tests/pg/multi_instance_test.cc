@@ -45,8 +45,10 @@ class MultiInstance : public ::testing::Test {
     Admin("CREATE DATABASE " + name_);
     uri_ = admin_.substr(0, admin_.rfind('/') + 1) + name_;
     secret_ = converge::webhook::NewSecret();
-    psp_ = std::make_unique<converge::harness::FakePsp>(converge::harness::ProviderOptions{.db_path = dir_.File("psp.db")});
-    mail_ = std::make_unique<converge::harness::FakeMail>(converge::harness::ProviderOptions{.db_path = dir_.File("mail.db")});
+    psp_ = std::make_unique<converge::harness::FakePsp>(
+        converge::harness::ProviderOptions{.db_path = dir_.File("psp.db")});
+    mail_ = std::make_unique<converge::harness::FakeMail>(
+        converge::harness::ProviderOptions{.db_path = dir_.File("mail.db")});
     ASSERT_TRUE(psp_->Start().ok());
     ASSERT_TRUE(mail_->Start().ok());
     config_ = dir_.File("svc.toml");
@@ -128,7 +130,9 @@ class MultiInstance : public ::testing::Test {
   void CheckConverged(int keys) {
     EXPECT_EQ(Count("SELECT count(*) FROM payments"), keys);
     EXPECT_EQ(Count("SELECT count(*) FROM payments WHERE status <> 'captured'"), 0);
-    json st = json::parse(client_.Send({.url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/v1/stats"})->body);
+    json st = json::parse(
+        client_.Send({.url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/v1/stats"})
+            ->body);
     EXPECT_EQ(st["charges"]["succeeded"], keys);
     EXPECT_EQ(st["references_charged_twice"], 0);
     EXPECT_EQ(Count("SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l "
@@ -146,11 +150,15 @@ class MultiInstance : public ::testing::Test {
   void Subscribe(const std::string& queue) {
     auto db = converge::Database::Open(uri_);
     ASSERT_TRUE(db);
-    ASSERT_TRUE((*db)->Transact([&](converge::Tx& tx) {
-                     return converge::StatusOf(tx.Exec(
-                         "INSERT INTO queue_subscriptions (queue, pattern, created_at) VALUES ($1, '*', 0) "
-                         "ON CONFLICT DO NOTHING", queue));
-                   }).ok());
+    ASSERT_TRUE((*db)
+                    ->Transact([&](converge::Tx& tx) {
+                      return converge::StatusOf(
+                          tx.Exec("INSERT INTO queue_subscriptions (queue, pattern, created_at) "
+                                  "VALUES ($1, '*', 0) "
+                                  "ON CONFLICT DO NOTHING",
+                                  queue));
+                    })
+                    .ok());
   }
 
   converge::testing::TempDir dir_;

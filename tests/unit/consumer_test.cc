@@ -136,7 +136,8 @@ TEST_F(ConsumerTest, PermanentErrorGoesStraightToDeadLetters) {
   EXPECT_EQ(d.state, "parked");
   // The inbox records it as dead-lettered, not applied.
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE outcome = 'applied'"), 0);
-  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE outcome = 'dead_lettered'"), 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE outcome = 'dead_lettered'"),
+            1);
 }
 
 // Regression: a poison message whose ack was lost came back and was parked a second time.
@@ -270,7 +271,8 @@ TEST_F(ConsumerTest, DiscardAndNotFound) {
 TEST_F(ConsumerTest, FailureBeforeCommitLeavesNothingAndRedelivers) {
   Publish(MakeEvent("e1"));
   auto c = MakeConsumer();
-  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*2").ok());  // the batch, then its retry alone
+  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*2")
+                  .ok());  // the batch, then its retry alone
   auto r = c->RunOnce();
   ASSERT_TRUE(failpoint::Configure("").ok());
   ASSERT_FALSE(r);

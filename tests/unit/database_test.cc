@@ -65,16 +65,20 @@ TEST_F(DatabaseTest, ReusedPlaceholderBindsTheSameValue) {
 }
 
 TEST_F(DatabaseTest, ReportsMissingParametersAndOtherPlaceholders) {
-  Status st = db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ($1, $2)", "x")); });
+  Status st =
+      db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ($1, $2)", "x")); });
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
-  st = db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES (?, ?)", "x", 1)); });
+  st = db_->Transact(
+      [](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES (?, ?)", "x", 1)); });
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
   st = db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO nowhere VALUES (1)")); });
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.ToString();
 }
 
 TEST_F(DatabaseTest, UniqueViolationIsAlreadyExistsAndRollsBackTheCall) {
-  ASSERT_TRUE(db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('a', 1)")); }).ok());
+  ASSERT_TRUE(
+      db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('a', 1)")); })
+          .ok());
   Status st = db_->Transact([](Tx& tx) -> Status {
     CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO t VALUES ('b', 2)"));
     return StatusOf(tx.Exec("INSERT INTO t VALUES ('a', 3)"));
@@ -179,7 +183,8 @@ TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
   for (int i = 0; i < kCallers; ++i) {
     callers.emplace_back([&, i] {
       results[i] = db_->Transact([i](Tx& tx) -> Status {
-        CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
+        CONVERGE_RETURN_IF_ERROR(
+            tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
         if (i == 7) return FailedPreconditionError("caller 7 fails after writing");
         return OkStatus();
       });
@@ -205,7 +210,9 @@ TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
 }
 
 TEST_F(DatabaseTest, CommittedWorkSurvivesReopen) {
-  ASSERT_TRUE(db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('d', 1)")); }).ok());
+  ASSERT_TRUE(
+      db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('d', 1)")); })
+          .ok());
   db_.reset();
   db_ = OpenSqlite(dir_.File("db.sqlite"));
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'd'"), 1);

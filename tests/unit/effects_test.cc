@@ -41,7 +41,11 @@ class EffectsTest : public ::testing::Test {
   void SetUp() override {
     db_ = OpenSqlite(dir_.File("db.sqlite"));
     runner_ = std::make_unique<EffectRunner>(
-        *db_, Options(), [this](const std::string& k, const std::string& p) { ++calls_; return provider_.Send(k, p); },
+        *db_, Options(),
+        [this](const std::string& k, const std::string& p) {
+          ++calls_;
+          return provider_.Send(k, p);
+        },
         &clock_);
   }
   bool Record(const std::string& key) {
@@ -67,7 +71,10 @@ TEST_F(EffectsTest, RecordsOnceExecutesOnceAndStoresTheResult) {
   ASSERT_EQ(*runner_->RunOnce(), 1u);
   EXPECT_EQ(*runner_->RunOnce(), 0u);
   EXPECT_EQ(calls_, 1);
-  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM effects WHERE state = 'done' AND result = 'msg-receipt:p1'"), 1);
+  EXPECT_EQ(
+      QueryInt(*db_,
+               "SELECT count(*) FROM effects WHERE state = 'done' AND result = 'msg-receipt:p1'"),
+      1);
 }
 
 TEST_F(EffectsTest, IntentRollsBackWithItsTransaction) {
@@ -127,7 +134,8 @@ TEST(EffectsCrash, CrashAfterCallBeforeRecordReexecutesWithTheSameKey) {
   {
     auto db = OpenSqlite(path);
     EffectRunner r(*db, Options(), executor);
-    ASSERT_TRUE(db->Transact([&](Tx& tx) { return StatusOf(r.Record(tx, "receipt:p1", "{}")); }).ok());
+    ASSERT_TRUE(
+        db->Transact([&](Tx& tx) { return StatusOf(r.Record(tx, "receipt:p1", "{}")); }).ok());
   }
   int status = testing::RunInChild([&] {
     auto db = OpenSqlite(path);

@@ -85,8 +85,9 @@ TEST_F(FailpointTest, WaitPausedTimesOutAndConfigureReleasesEveryone) {
 
 TEST_F(FailpointTest, BadSpecsAreRejectedAndKeepThePreviousConfiguration) {
   ASSERT_TRUE(failpoint::Configure("keep=error(internal)").ok());
-  for (const char* bad : {"noequals", "=crash", "a=explode", "a=error(nope)", "a=error(ok)",
-                          "a=delay(x)", "a=pause(1)", "a=crash@0", "a=crash*x", "a=error(internal"}) {
+  for (const char* bad :
+       {"noequals", "=crash", "a=explode", "a=error(nope)", "a=error(ok)", "a=delay(x)",
+        "a=pause(1)", "a=crash@0", "a=crash*x", "a=error(internal"}) {
     Status s = failpoint::Configure(bad);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
   }

@@ -153,7 +153,8 @@ TEST(HttpClient, TimeoutIsDeadlineExceeded) {
   });
   ASSERT_TRUE(slow.Start().ok());
   Client c;
-  auto r = c.Send({.method = "GET", .url = "http://127.0.0.1:" + std::to_string(slow.port()) + "/slow",
+  auto r = c.Send({.method = "GET",
+                   .url = "http://127.0.0.1:" + std::to_string(slow.port()) + "/slow",
                    .timeout = Millis(100)});
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kDeadlineExceeded);
@@ -264,7 +265,8 @@ TEST(HttpProblem, IsRfc9457) {
   Response p = Problem(422, "Unprocessable Content", "key reused", "idempotency-key-reused");
   EXPECT_EQ(p.status, 422);
   EXPECT_EQ(*p.Header("Content-Type"), "application/problem+json");
-  EXPECT_NE(p.body.find("\"type\":\"urn:converge:problem:idempotency-key-reused\""), std::string::npos);
+  EXPECT_NE(p.body.find("\"type\":\"urn:converge:problem:idempotency-key-reused\""),
+            std::string::npos);
   EXPECT_NE(p.body.find("\"status\":422"), std::string::npos);
   EXPECT_EQ(HttpStatusFor(StatusCode::kUnavailable), 503);
   EXPECT_EQ(HttpStatusFor(StatusCode::kUnauthenticated), 401);

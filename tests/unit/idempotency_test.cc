@@ -16,7 +16,8 @@ using testing::OpenSqlite;
 using testing::QueryInt;
 using testing::TempDir;
 
-constexpr IdempotencyOptions kOptions{.ttl = std::chrono::hours(24), .lease = std::chrono::seconds(30)};
+constexpr IdempotencyOptions kOptions{.ttl = std::chrono::hours(24),
+                                      .lease = std::chrono::seconds(30)};
 
 class IdempotencyTest : public ::testing::Test {
  protected:

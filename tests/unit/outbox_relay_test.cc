@@ -72,9 +72,11 @@ TEST_F(OutboxRelayTest, EnqueueWritesACloudEventsEnvelope) {
   std::string id = Enqueue(e);
   Rows rows;
   ASSERT_TRUE(db_->Read([&](Tx& tx) -> Status {
-                   CONVERGE_ASSIGN_OR_RETURN(rows, tx.Query("SELECT payload, aggregate_type FROM outbox_events"));
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       rows, tx.Query("SELECT payload, aggregate_type FROM outbox_events"));
                    return OkStatus();
-                 }).ok());
+                 })
+                  .ok());
   ASSERT_EQ(rows.size(), 1u);
   EXPECT_EQ(rows[0].Text(1), "payment");
   auto decoded = DecodeEnvelope(rows[0].Text(0));

@@ -204,8 +204,9 @@ class PgTx : public Tx {
     Params p;
     CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
     std::string stmt(sql);
-    PGresult* res = PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
-                                 p.values.data(), p.lengths.data(), p.formats.data(), 0);
+    PGresult* res =
+        PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
+                     p.values.data(), p.lengths.data(), p.formats.data(), 0);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
       Status err = FromResult(res, conn_, "postgres");

@@ -355,7 +355,8 @@ class SqliteDatabase : public Database {
     std::unique_ptr<Connection> conn;
     {
       std::unique_lock<std::mutex> l(readers_mu_);
-      readers_cv_.wait(l, [&] { return !idle_readers_.empty() || open_readers_ < options_.readers; });
+      readers_cv_.wait(l,
+                       [&] { return !idle_readers_.empty() || open_readers_ < options_.readers; });
       if (!idle_readers_.empty()) {
         conn = std::move(idle_readers_.back());
         idle_readers_.pop_back();
@@ -525,7 +526,8 @@ class SqliteDatabase : public Database {
       if (!commit.ok()) {
         (void)writer_conn_.ExecScript("ROLLBACK");
         for (Job* j : ran) {
-          if (j->status.ok()) j->status = Status(commit.code(), "commit failed: " + commit.message());
+          if (j->status.ok())
+            j->status = Status(commit.code(), "commit failed: " + commit.message());
         }
       }
       {

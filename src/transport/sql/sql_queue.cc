@@ -181,8 +181,8 @@ Status SqlQueue::Requeue(Tx& tx, const DeadLetter& d) {
 Status SqlQueue::PublishInTx(Tx& tx, std::span<const Event> batch) {
   if (batch.empty()) return OkStatus();
   for (const Event& e : batch) CONVERGE_RETURN_IF_ERROR(RequireEnvelope(e));
-  CONVERGE_ASSIGN_OR_RETURN(Rows subs,
-                            tx.Query("SELECT queue, pattern FROM queue_subscriptions ORDER BY queue"));
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows subs, tx.Query("SELECT queue, pattern FROM queue_subscriptions ORDER BY queue"));
   const int64_t now = clock_->NowMillis();
   // Rows in batch order (so each queue receives the batch in outbox order), inserted a
   // chunk at a time: 7 parameters a row, well under every backend's limit.
