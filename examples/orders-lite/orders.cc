@@ -4,12 +4,12 @@
 
 #include "converge/http.h"
 #include "converge/http_idempotency.h"
+#include "converge/http_service.h"
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
 
 namespace orders_lite {
 
-using converge::Result;
 using converge::Status;
 using converge::Tx;
 using converge::http::Json;
@@ -17,6 +17,17 @@ using converge::http::Problem;
 using converge::http::Request;
 using converge::http::Response;
 using json = nlohmann::json;
+
+// Bodies of orders and restocks: {"sku": "...", "quantity": n >= 1}; a 400 problem if not.
+static std::optional<Response> ValidateSkuQuantity(const std::string& body) {
+  json b = json::parse(body, nullptr, false);
+  if (!b.is_object() || !b["sku"].is_string() || b["sku"].get<std::string>().empty() ||
+      !b["quantity"].is_number_integer() || b["quantity"].get<int64_t>() < 1) {
+    return Problem(400, "Bad Request", "expected {\"sku\": string, \"quantity\": n >= 1}",
+                   "invalid-request");
+  }
+  return std::nullopt;
+}
 
 struct OrdersService::Impl {
   Options options;
@@ -27,30 +38,31 @@ struct OrdersService::Impl {
   std::unique_ptr<converge::http::ApiKeyIndex> keys;
   std::unique_ptr<converge::http::Server> server;
 
+  // The customer whose API key `req` bears; nullptr when it bears none we know.
+  const std::string* Customer(const Request& req) const {
+    auto token = converge::http::BearerToken(req);
+    return token ? keys->Find(*token) : nullptr;
+  }
+
   // POST /v1/orders {"sku": "...", "quantity": n}, inside the key's transaction.
-  Result<Response> PlaceOrder(Tx& tx, Request& req) {
+  converge::Result<Response> PlaceOrder(Tx& tx, Request& req) {
     json body = json::parse(req.body);  // validated before the key was claimed
-    const std::string customer = *keys->Find(*converge::http::BearerToken(req));
     CONVERGE_ASSIGN_OR_RETURN(
         converge::Rows rows,
         tx.Query("INSERT INTO orders (customer, sku, quantity) VALUES ($1, $2, $3) "
                  "RETURNING id",
-                 customer, body["sku"].get<std::string>(), body["quantity"].get<int64_t>()));
+                 *Customer(req), body["sku"].get<std::string>(), body["quantity"].get<int64_t>()));
     json order = {{"id", rows[0].Int(0)}, {"sku", body["sku"]}, {"quantity", body["quantity"]}};
-    converge::Event e;
-    e.type = "order.placed";
-    e.subject = "order-" + std::to_string(rows[0].Int(0));
-    e.data = order.dump();
-    CONVERGE_RETURN_IF_ERROR(runtime->outbox().Enqueue(tx, e));
+    CONVERGE_RETURN_IF_ERROR(runtime->outbox().Enqueue(
+        tx, {.type = "order.placed", .subject = "order-" + std::to_string(rows[0].Int(0)),
+             .data = order.dump()}));
     return Json(201, order.dump());
   }
 
   // The stock consumer: reserves the quantity, in the same transaction as its inbox row.
   static Status Reserve(Tx& tx, const converge::Event& e) {
-    json order = json::parse(e.data, nullptr, false);
-    if (!order.is_object() || !order["sku"].is_string() || !order["quantity"].is_number_integer()) {
-      return converge::InvalidArgumentError("order.placed " + e.id + " has malformed data");
-    }
+    if (ValidateSkuQuantity(e.data)) return converge::InvalidArgumentError("malformed " + e.id);
+    json order = json::parse(e.data);
     return converge::StatusOf(
         tx.Exec("INSERT INTO stock_reservations (sku, reserved) VALUES ($1, $2) "
                 "ON CONFLICT (sku) DO UPDATE SET reserved = stock_reservations.reserved + $2",
@@ -58,9 +70,8 @@ struct OrdersService::Impl {
   }
 };
 
-OrdersService::OrdersService(Options options) : impl_(std::make_unique<Impl>()) {
-  impl_->options = std::move(options);
-}
+OrdersService::OrdersService(Options options)
+    : impl_(new Impl{.options = std::move(options)}) {}
 OrdersService::~OrdersService() { Stop(); }
 uint16_t OrdersService::port() const { return impl_->server ? impl_->server->port() : 0; }
 
@@ -70,12 +81,13 @@ Status OrdersService::Start() {
   if (!db) return db.error();
   m.db = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(m.db->Transact([](Tx& tx) -> Status {
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL, "
-        "sku TEXT NOT NULL, quantity INTEGER NOT NULL)"));
-    return converge::StatusOf(tx.Exec(
-        "CREATE TABLE IF NOT EXISTS stock_reservations (sku TEXT PRIMARY KEY, "
-        "reserved INTEGER NOT NULL)"));
+    for (const char* table : {"orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL, "
+                              "sku TEXT NOT NULL, quantity INTEGER NOT NULL)",
+                              "stock_reservations (sku TEXT PRIMARY KEY, reserved INTEGER)",
+                              "restocks (sku TEXT PRIMARY KEY, received INTEGER)"}) {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec(std::string("CREATE TABLE IF NOT EXISTS ") + table));
+    }
+    return converge::OkStatus();
   }));
   m.queue = std::make_unique<converge::SqlQueue>(*m.db);
   CONVERGE_RETURN_IF_ERROR(m.queue->Subscribe("stock", "order.placed"));
@@ -91,33 +103,38 @@ Status OrdersService::Start() {
       converge::http::ServerOptions{.address = m.options.address, .port = m.options.port});
   converge::http::IdempotencyRouteOptions route;
   route.scope = [&m](const Request& req) -> std::optional<std::string> {
-    auto token = converge::http::BearerToken(req);
-    const std::string* customer = token ? m.keys->Find(*token) : nullptr;
+    const std::string* customer = m.Customer(req);
     return customer ? std::optional<std::string>(*customer) : std::nullopt;
   };
-  route.validate = [](Request& req) -> std::optional<Response> {
-    json b = json::parse(req.body, nullptr, false);
-    if (!b.is_object() || !b["sku"].is_string() || b["sku"].get<std::string>().empty() ||
-        !b["quantity"].is_number_integer() || b["quantity"].get<int64_t>() < 1) {
-      return Problem(400, "Bad Request", "expected {\"sku\": string, \"quantity\": n >= 1}",
-                     "invalid-request");
-    }
-    return std::nullopt;
-  };
+  route.validate = [](Request& req) { return ValidateSkuQuantity(req.body); };
   m.server->Route("POST", "/v1/orders",
                   converge::http::SinglePhaseRoute(
                       m.runtime->keys(), std::move(route),
                       [&m](Tx& tx, Request& req) { return m.PlaceOrder(tx, req); }));
+  // Restocks from the warehouse, as Standard Webhooks: verified, deduped by webhook-id and
+  // applied in one transaction before the 204, so a redelivery never counts twice.
+  m.server->Route("POST", "/webhooks/warehouse",
+                  converge::http::WebhookIntakeRoute(
+                      *m.db,
+                      {.consumer = "webhook:warehouse",
+                       .source = "urn:orders-lite:warehouse",
+                       .secrets = {m.options.warehouse_secret},
+                       .validate = [](auto& hook) { return ValidateSkuQuantity(hook.body); }},
+                      [](Tx& tx, const auto& hook) {
+                        json b = json::parse(hook.body);
+                        return converge::StatusOf(tx.Exec(
+                            "INSERT INTO restocks (sku, received) VALUES ($1, $2) ON CONFLICT "
+                            "(sku) DO UPDATE SET received = restocks.received + $2",
+                            b["sku"].get<std::string>(), b["quantity"].get<int64_t>()));
+                      }));
   m.server->Route("GET", "/v1/orders/{id}", [&m](Request& req) -> Response {
-    auto token = converge::http::BearerToken(req);
-    const std::string* customer = token ? m.keys->Find(*token) : nullptr;
+    const std::string* customer = m.Customer(req);
     if (customer == nullptr) return Problem(401, "Unauthorized", "an API key is required");
     json found;
     Status st = m.db->Read([&](Tx& tx) -> Status {
       CONVERGE_ASSIGN_OR_RETURN(
-          converge::Rows rows, tx.Query("SELECT id, sku, quantity FROM orders WHERE id = $1 "
-                                        "AND customer = $2",
-                                        req.params["id"], *customer));
+          converge::Rows rows, tx.Query("SELECT id, sku, quantity FROM orders WHERE id = $1 AND "
+                                        "customer = $2", req.params["id"], *customer));
       if (!rows.empty()) {
         found = {{"id", rows[0].Int(0)}, {"sku", rows[0].Text(1)}, {"quantity", rows[0].Int(2)}};
       }

@@ -1,9 +1,10 @@
 // orders-lite: a minimal service on converge's reusable machinery, proof that a service
 // keeps only its domain. One idempotent single-phase route (POST /v1/orders: an order row
 // and its `order.placed` event, stored with the Idempotency-Key in one transaction), one
-// read route, and one consumer (`stock` reserves the ordered quantity, once per event).
-// The Idempotency-Key protocol comes from the middleware (http_idempotency.h); the relay,
-// the consumer, the completer and the sweeper from a Runtime (runtime.h).
+// read route, one consumer (`stock` reserves the ordered quantity, once per event) and one
+// webhook intake (POST /webhooks/warehouse: restocks, counted once per delivery). The
+// Idempotency-Key protocol comes from the middleware (http_idempotency.h), the intake from
+// http_service.h; the relay, the consumer, the completer and the sweeper from a Runtime.
 //
 // Thread safety: Start/Stop from one owner thread; handlers run on the server's workers.
 #ifndef CONVERGE_EXAMPLES_ORDERS_LITE_ORDERS_H_
@@ -23,6 +24,7 @@ struct Options {
   std::string address = "127.0.0.1";
   uint16_t port = 0;  // 0: any free port
   std::map<std::string, std::string> api_keys;  // bearer key -> customer (the key scope)
+  std::string warehouse_secret;  // whsec_...: signs the warehouse's restock webhooks
 };
 
 class OrdersService {

@@ -1,10 +1,13 @@
 // orders-lite, the minimal second service example, over real sockets: the reusable
 // middleware and Runtime give it the whole Idempotency-Key protocol and a consumer that
 // applies each event once.
+#include <ctime>
+
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "converge/http.h"
+#include "converge/webhook.h"
 #include "examples/orders-lite/orders.h"
 #include "tests/unit/test_util.h"
 
@@ -20,7 +23,8 @@ class OrdersLite : public ::testing::Test {
   void SetUp() override {
     service_ = std::make_unique<OrdersService>(
         Options{.db = "sqlite:" + dir_.File("orders.db"),
-                .api_keys = {{"sk_ann", "ann"}, {"sk_bob", "bob"}}});
+                .api_keys = {{"sk_ann", "ann"}, {"sk_bob", "bob"}},
+                .warehouse_secret = secret_});
     ASSERT_TRUE(service_->Start().ok());
   }
   Response Order(const std::string& key, const std::string& body,
@@ -34,15 +38,31 @@ class OrdersLite : public ::testing::Test {
     EXPECT_TRUE(r) << r.error().ToString();
     return r ? *r : Response{};
   }
-  int64_t Reserved(const std::string& sku) {
+  // A restock webhook from the warehouse, signed with `secret` at `timestamp`.
+  Response Restock(const std::string& id, const std::string& body,
+                   const std::string& secret, int64_t timestamp = std::time(nullptr)) {
+    auto signature = converge::webhook::Sign(secret, id, timestamp, body);
+    EXPECT_TRUE(signature);
+    auto r = client_.Send({.method = "POST",
+                           .url = "http://127.0.0.1:" + std::to_string(service_->port()) +
+                                  "/webhooks/warehouse",
+                           .headers = {{"webhook-id", id},
+                                       {"webhook-timestamp", std::to_string(timestamp)},
+                                       {"webhook-signature", signature ? *signature : ""}},
+                           .body = body});
+    EXPECT_TRUE(r) << r.error().ToString();
+    return r ? *r : Response{};
+  }
+  int64_t Sum(const std::string& column, const std::string& table, const std::string& sku) {
     auto db = converge::Database::Open("sqlite:" + dir_.File("orders.db"));
-    return db ? converge::testing::QueryInt(
-                    **db, "SELECT coalesce(sum(reserved), 0) FROM stock_reservations "
-                          "WHERE sku = '" + sku + "'")
+    return db ? converge::testing::QueryInt(**db, "SELECT coalesce(sum(" + column + "), 0) FROM " +
+                                                      table + " WHERE sku = '" + sku + "'")
               : -1;
   }
+  int64_t Reserved(const std::string& sku) { return Sum("reserved", "stock_reservations", sku); }
 
   converge::testing::TempDir dir_;
+  const std::string secret_ = converge::webhook::NewSecret();
   std::unique_ptr<OrdersService> service_;
   Client client_;
 };
@@ -71,6 +91,23 @@ TEST_F(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
   EXPECT_EQ(json::parse(get->body)["sku"], "lamp");
   service_->Stop();
   EXPECT_EQ(Reserved("lamp"), 4);  // two orders of 2, each reserved once
+}
+
+// The warehouse's restock webhooks go through the library's Standard Webhooks intake:
+// verified before anything is stored, counted once per webhook-id however often the
+// warehouse redelivers, and a bad signature, a stale timestamp or an unusable body stores
+// nothing.
+TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
+  const std::string body = R"({"sku":"lamp","quantity":5})";
+  EXPECT_EQ(Restock("wh-1", body, secret_).status, 204);
+  EXPECT_EQ(Restock("wh-1", body, secret_).status, 204);  // a redelivery
+  EXPECT_EQ(Sum("received", "restocks", "lamp"), 5);
+  EXPECT_EQ(Restock("wh-2", body, converge::webhook::NewSecret()).status, 401);
+  EXPECT_EQ(Restock("wh-3", body, secret_, std::time(nullptr) - 3600).status, 401);
+  EXPECT_EQ(Restock("wh-4", R"({"sku":"lamp"})", secret_).status, 400);
+  EXPECT_EQ(Sum("received", "restocks", "lamp"), 5);
+  EXPECT_EQ(Restock("wh-5", body, secret_).status, 204);
+  EXPECT_EQ(Sum("received", "restocks", "lamp"), 10);
 }
 
 }  // namespace
