@@ -264,18 +264,19 @@ TYPED_TEST(StoreContract, LateCommittedOutboxRowIsNotSkipped) {
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
   Outbox outbox;
   // Two transactions: the first takes its seq, the second commits first.
-  std::atomic<bool> second_done{false};
+  std::atomic<bool> second_done{false}, slow_enqueued{false};
   std::thread slow([&] {
     Status st = this->db_->Transact([&](Tx& tx) -> Status {
       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, TestFixture::MakeEvent("slow")));
+      slow_enqueued = true;
       if (TestFixture::IsPostgres()) testing::WaitUntil([&] { return second_done.load(); });
       return OkStatus();
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
   });
   if (this->IsPostgres()) {
-    // Let the slow transaction take the lower seq before the fast one starts.
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    // The slow transaction has taken the lower seq before the fast one starts.
+    ASSERT_TRUE(testing::WaitUntil([&] { return slow_enqueued.load(); }));
   } else {
     slow.join();  // SQLite has one writer: a late commit cannot happen; relay it anyway
   }

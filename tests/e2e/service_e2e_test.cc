@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "converge/database.h"
+#include "converge/failpoint.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
 #include "harness/providers.h"
@@ -173,21 +174,17 @@ TEST_F(ServiceE2E, SameKeyDifferentPayloadIs422) {
 }
 
 TEST_F(ServiceE2E, ConcurrentDuplicateIs409WithRetryAfterThenReplays) {
-  Faults({{"timeout_next", 0}});
-  // Make the provider slow (but within the service's timeout) so the first request holds
-  // the key while the second arrives.
-  auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
-                            .body = R"({"timeout_next": 1, "timeout_ms": 400})"});
-  ASSERT_TRUE(slow);
+  // The first request holds the key, paused after the provider charged; the second
+  // arrives while it is in flight.
+  constexpr const char* kPoint = "payments.after_charge_before_commit";
+  ASSERT_TRUE(converge::failpoint::Configure(std::string(kPoint) + "=pause*1").ok());
   Response first;
   std::thread t([&] { first = Pay("inflight-1", Body(300)); });
-  Response second;
-  for (int i = 0; i < 100; ++i) {  // until the first holds the lease
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    second = Pay("inflight-1", Body(300));
-    if (second.status == 409) break;
-  }
+  ASSERT_TRUE(converge::failpoint::WaitPaused(kPoint, std::chrono::seconds(10)));
+  Response second = Pay("inflight-1", Body(300));
+  EXPECT_EQ(converge::failpoint::Release(kPoint), 1);
   t.join();
+  ASSERT_TRUE(converge::failpoint::Configure("").ok());
   EXPECT_EQ(second.status, 409);
   ASSERT_NE(second.Header("Retry-After"), nullptr);
   EXPECT_EQ(Problem(second), "application/problem+json");
@@ -485,9 +482,9 @@ TEST_F(ServiceE2E, GracefulStopFinishesTheRequestInFlight) {
   c.webhook_secrets = {*secret_};
   Service s(c);
   ASSERT_TRUE(s.Start().ok());
-  auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
-                            .body = R"({"timeout_next": 1, "timeout_ms": 500})"});
-  ASSERT_TRUE(slow);
+  // The request is held after the provider charged until the service has begun to stop.
+  constexpr const char* kPoint = "payments.after_charge_before_commit";
+  ASSERT_TRUE(converge::failpoint::Configure(std::string(kPoint) + "=pause*1").ok());
   std::atomic<int> status{0};
   std::thread t([&] {
     auto r = client_.Send({.method = "POST",
@@ -496,9 +493,20 @@ TEST_F(ServiceE2E, GracefulStopFinishesTheRequestInFlight) {
                            .body = Body(55)});
     status = r ? r->status : -1;
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  s.Stop();
+  ASSERT_TRUE(converge::failpoint::WaitPaused(kPoint, std::chrono::seconds(10)));
+  const uint16_t port = s.port();
+  std::thread stopper([&] { s.Stop(); });
+  // Stopping: the service no longer reports ready (or no longer accepts connections).
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    auto ready = client_.Send(
+        {.url = "http://127.0.0.1:" + std::to_string(port) + "/readyz",
+         .timeout = std::chrono::milliseconds(500)});
+    return !ready || ready->status != 200;
+  }));
+  EXPECT_EQ(converge::failpoint::Release(kPoint), 1);
+  stopper.join();
   t.join();
+  ASSERT_TRUE(converge::failpoint::Configure("").ok());
   EXPECT_EQ(status.load(), 201);
 }
 

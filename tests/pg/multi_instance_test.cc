@@ -105,7 +105,9 @@ class MultiInstance : public ::testing::Test {
         ++*unavailable;
         EXPECT_EQ(*r->Header("Content-Type"), "application/problem+json");
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      // The client's pause between retries, as any client of a busy service has (not a
+      // wait for a condition: the loop above is the retry).
+      std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 60));
     }
     return -2;
   }
@@ -222,11 +224,14 @@ TEST_F(MultiInstance, DatabaseRestartMidLoadIsReportedThenRecovered) {
   std::string stop = prefix + pg_bin + "/pg_ctl -D " + pg_data + " -m fast -w stop > /dev/null";
   std::string start = prefix + pg_bin + "/pg_ctl -D " + pg_data + " -w -l " + pg_data +
                       "/../restart.log start > /dev/null";
+  const int64_t unavailable_before = unavailable.load();
   ASSERT_EQ(std::system(stop.c_str()), 0);
-  // While the database is down the service says so: not ready, and 503 problem+json.
+  // While the database is down the service says so: not ready, and 503 problem+json to
+  // the clients (the database stays down until one of them has seen it).
   auto ready = client_.Send({.url = svc.Url("/readyz")});
   saw_not_ready = ready && ready->status == 503;
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_TRUE(converge::testing::WaitUntil(
+      [&] { return unavailable.load() > unavailable_before; }));
   ASSERT_EQ(std::system(start.c_str()), 0);
   for (auto& t : clients) t.join();
   EXPECT_TRUE(saw_not_ready.load());

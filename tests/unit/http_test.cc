@@ -147,8 +147,10 @@ TEST_F(HttpTest, ClientReportsConnectionFailureAsUnavailable) {
 TEST(HttpClient, TimeoutIsDeadlineExceeded) {
   ServerOptions o;
   Server slow(o);
-  slow.Route("GET", "/slow", [](Request&) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // The handler answers only once the client has given up.
+  std::atomic<bool> client_gave_up{false};
+  slow.Route("GET", "/slow", [&](Request&) {
+    WaitFor([&] { return client_gave_up.load(); });
     return Json(200, "{}");
   });
   ASSERT_TRUE(slow.Start().ok());
@@ -156,6 +158,7 @@ TEST(HttpClient, TimeoutIsDeadlineExceeded) {
   auto r = c.Send({.method = "GET",
                    .url = "http://127.0.0.1:" + std::to_string(slow.port()) + "/slow",
                    .timeout = Millis(100)});
+  client_gave_up = true;
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code(), StatusCode::kDeadlineExceeded);
 }
