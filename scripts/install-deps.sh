@@ -17,6 +17,11 @@ packages=(
   nats-server libnats-dev prometheus gnuplot-nox
 )
 
+# Node.js and npm run the OpenAPI linter (tests/docs/openapi_lint.sh, Redocly CLI from the
+# npm registry). A Node installed otherwise (e.g. NodeSource's, which bundles npm) is kept.
+if ! command -v node > /dev/null; then packages+=(nodejs); fi
+if ! command -v npm > /dev/null; then packages+=(npm); fi
+
 for arg in "$@"; do
   case "$arg" in
     --fuzz) packages+=(clang libfuzzer-14-dev) ;;

@@ -140,7 +140,6 @@ class Service::Impl {
   converge::http::Server::Handler CreatePaymentRoute();
   Response GetPayment(Request& req);
   converge::http::Server::Handler PspWebhookRoute();
-  Response Metrics(Request& req);
   // The payments' own figures for /admin/stats.
   Result<std::string> PaymentStats(Tx& tx);
 
@@ -155,7 +154,6 @@ class Service::Impl {
   Status ResumeAbandoned(KeyLease& lease);
   Status CreateTables();
   void RegisterConsumers();
-  void RefreshGauges();
 
   // --- consumers ---
   Status OnCapturedLedger(Tx& tx, const Event& e);
@@ -177,7 +175,6 @@ class Service::Impl {
   converge::Relay* relay_ = nullptr;
   std::vector<std::unique_ptr<converge::Subscriber>> subscribers_;
   std::vector<converge::Consumer*> consumers_;
-  std::vector<std::string> consumer_names_;
   converge::EffectRunner* receipts_ = nullptr;
   converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
   std::unique_ptr<converge::DeadLetters> dead_letters_;
@@ -324,38 +321,21 @@ Status Service::Impl::Start() {
   admin.on_replay = [this](const converge::DeadLetter&) { receipts_->wakeup().Notify(); };
   admin.extra_stats = [this](Tx& tx) { return PaymentStats(tx); };
   CONVERGE_RETURN_IF_ERROR(converge::http::RegisterAdminRoutes(*server_, std::move(admin)));
-  route("GET", "/metrics", &Impl::Metrics);
   converge::http::RegisterHealthRoutes(*server_, *db_, [this] { return stopping_.load(); });
 
-  for (const char* c : {"idempotency_replays_total", "idempotency_conflicts_total",
-                        "idempotency_mismatches_total", "idempotency_resumed_total",
-                        "idempotency_completed_by_completer_total",
-                        "payments_created_total", "psp_unavailable_total", "emails_sent_total",
-                        "webhooks_received_total", "webhooks_rejected_total",
-                        "relay_published_total", "relay_publish_failures_total",
-                        "consumer_processed_total", "consumer_duplicates_total",
-                        "consumer_retries_total", "consumer_dead_lettered_total",
-                        "effects_executed_total", "effects_retries_total", "effects_failed_total",
-                        "retention_swept_total"}) {
-    metrics_.Describe(c, "counter", "");
-  }
-  metrics_.Describe("outbox_backlog", "gauge", "Unpublished outbox events.");
-  metrics_.Describe("relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event.");
-  metrics_.Describe("http_requests_total", "counter",
-                    "HTTP requests by route, method and status class.");
-  metrics_.Describe("http_request_duration_seconds", "histogram", "HTTP request latency.");
-  server_->OnExchange([this](const converge::http::Exchange& x) {
-    // Labels only from bounded sets (route patterns, the server's methods or "other",
-    // status classes): a client must not be able to mint series.
-    const std::string method(x.method);
-    metrics_.Add("http_requests_total",
-                 {{"route", x.route}, {"method", method},
-                  {"status", std::string(converge::http::StatusClass(x.status))}});
-    metrics_.Observe("http_request_duration_seconds", {{"route", x.route}}, x.seconds,
-                     {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5});
+  metrics_.Describe("payments_created_total", "counter", "Payments created (first phase).");
+  metrics_.Describe("psp_unavailable_total", "counter",
+                    "Provider calls whose outcome was unknown or refused as unavailable.");
+  metrics_.Describe("emails_sent_total", "counter", "Receipts the mail provider accepted.");
+  metrics_.Describe("idempotency_completed_by_completer_total", "counter",
+                    "Abandoned payment requests the completer finished.");
+  CONVERGE_RETURN_IF_ERROR(converge::http::RegisterMetricsRoute(
+      *server_, {.metrics = &metrics_, .runtime = runtime_.get(), .db = db_.get(),
+                 .clock = clock_}));
+  server_->OnExchange([](const converge::http::Exchange& x) {
     // Access log: never the Authorization header, bodies or secrets, and no field a client
     // can make long (the method is the bounded label, the route a pattern).
-    spdlog::debug("event=request method={} route={} status={} ms={:.1f}", method, x.route,
+    spdlog::debug("event=request method={} route={} status={} ms={:.1f}", x.method, x.route,
                   x.status, x.seconds * 1000);
   });
 
@@ -393,7 +373,6 @@ void Service::Impl::RegisterConsumers() {
     o.backoff_initial = cfg_.backoff_initial;
     o.backoff_max = cfg_.backoff_max;
     consumers_.push_back(&runtime_->AddConsumer(*subscribers_.back(), o));
-    consumer_names_.push_back(name);
     return *consumers_.back();
   };
   converge::Consumer& ledger = make("ledger", "ledger");
@@ -825,68 +804,5 @@ Result<std::string> Service::Impl::PaymentStats(Tx& tx) {
   out["completer"] = {{"finished", cs.finished}, {"failed", cs.failed}, {"lost", cs.lost}};
   return out.dump();
 }
-
-void Service::Impl::RefreshGauges() {
-  const auto rs = relay_->stats();
-  metrics_.Set("relay_published_total", {}, static_cast<double>(rs.published));
-  metrics_.Set("relay_publish_failures_total", {}, static_cast<double>(rs.publish_failures));
-  for (size_t i = 0; i < consumers_.size(); ++i) {
-    const auto s = consumers_[i]->stats();
-    converge::Metrics::Labels l = {{"consumer", consumer_names_[i]}};
-    metrics_.Set("consumer_processed_total", l, static_cast<double>(s.processed));
-    metrics_.Set("consumer_duplicates_total", l, static_cast<double>(s.duplicates));
-    metrics_.Set("consumer_retries_total", l, static_cast<double>(s.retries));
-    metrics_.Set("consumer_dead_lettered_total", l, static_cast<double>(s.dead_lettered));
-  }
-  const auto es = receipts_->stats();
-  metrics_.Set("effects_executed_total", {{"kind", "email.receipt"}},
-               static_cast<double>(es.executed));
-  metrics_.Set("effects_retries_total", {{"kind", "email.receipt"}},
-               static_cast<double>(es.retries));
-  metrics_.Set("effects_failed_total", {{"kind", "email.receipt"}}, static_cast<double>(es.failed));
-  metrics_.Set("retention_swept_total", {}, static_cast<double>(runtime_->stats().swept));
-  (void)db_->Read([&](Tx& tx) -> Status {
-    const int64_t now = clock_->NowMillis();
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows ob,
-        tx.Query("SELECT count(*), min(created_at) FROM outbox_events WHERE published_at IS NULL"));
-    metrics_.Set("outbox_backlog", {}, static_cast<double>(ob[0].Int(0)));
-    metrics_.Set("relay_lag_seconds", {}, ob[0].IsNull(1) ? 0.0 : (now - ob[0].Int(1)) / 1000.0);
-    return converge::OkStatus();
-  });
-}
-
-Response Service::Impl::Metrics(Request&) {
-  RefreshGauges();
-  std::string out = metrics_.Render();
-  const auto ds = db_->stats();
-  out += "# HELP db_transactions_total Transact calls completed, ok or not.\n";
-  out += "# TYPE db_transactions_total counter\n";
-  out += "db_transactions_total " + std::to_string(ds.transactions) + "\n";
-  out += "# HELP db_commits_total Physical commits.\n";
-  out += "# TYPE db_commits_total counter\n";
-  out += "db_commits_total " + std::to_string(ds.commits) + "\n";
-  // Group-commit batch sizes, from the store's own histogram (buckets of powers of two).
-  // Only a store that batches has one (SQLite); elsewhere every call is its own commit.
-  if (!ds.batch_histogram.empty()) {
-    out += "# HELP db_commit_batch_size Transact calls carried by one physical commit.\n";
-    out += "# TYPE db_commit_batch_size histogram\n";
-    int64_t cumulative = 0;
-    for (size_t i = 0; i < ds.batch_histogram.size(); ++i) {
-      cumulative += ds.batch_histogram[i];
-      out += "db_commit_batch_size_bucket{le=\"" + std::to_string((int64_t{2} << i) - 1) +
-             "\"} " + std::to_string(cumulative) + "\n";
-    }
-    out += "db_commit_batch_size_bucket{le=\"+Inf\"} " + std::to_string(ds.commits) + "\n";
-    out += "db_commit_batch_size_sum " + std::to_string(ds.transactions) + "\n";
-    out += "db_commit_batch_size_count " + std::to_string(ds.commits) + "\n";
-  }
-  Response r;
-  r.status = 200;
-  r.headers = {{"Content-Type", "text/plain; version=0.0.4"}};
-  r.body = std::move(out);
-  return r;
-}
-
 
 }  // namespace payments

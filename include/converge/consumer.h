@@ -102,6 +102,7 @@ class Consumer {
   void Stop();
 
   ConsumerStats stats() const;
+  const std::string& name() const { return options_.name; }
 
   // The longest time a message can keep being redelivered (visibility x attempts plus the
   // largest possible backoffs).

@@ -112,6 +112,7 @@ class EffectRunner {
   void Start();
   void Stop();
   EffectStats stats() const;
+  const std::string& kind() const { return options_.kind; }
   Wakeup& wakeup() { return wakeup_; }
 
  private:

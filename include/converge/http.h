@@ -183,6 +183,8 @@ class Server {
   // unknown path answers 404, a known path with another method 405 with Allow. A GET
   // route also answers HEAD (the handler runs; the body is not sent).
   void Route(std::string method, std::string pattern, Handler handler);
+  // Adds an observer of every exchange (metrics, access logs); all run, in the order they
+  // were added. REQUIRES: before Start().
   void OnExchange(std::function<void(const Exchange&)> observer);
 
   // Binds and starts serving. kUnavailable when the address cannot be bound;

@@ -17,6 +17,7 @@
 #include "converge/event.h"
 #include "converge/http.h"
 #include "converge/metrics.h"
+#include "converge/runtime.h"
 #include "converge/status.h"
 
 namespace converge::http {
@@ -54,6 +55,24 @@ using StageFn = std::function<Status(Tx&, const VerifiedWebhook&)>;
 // 204. A duplicate delivery gets 204 and stages nothing. Store failures: 503 + Retry-After
 // (the sender retries) or 500.
 Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, StageFn stage);
+
+// --- metrics -------------------------------------------------------------------------
+
+struct MetricsRouteOptions {
+  Metrics* metrics = nullptr;  // required: the service's own families; the rest join them
+  Runtime* runtime = nullptr;  // its relays, consumers, effect runners, completer, sweeper
+  Database* db = nullptr;      // transactions, commits, group-commit batch sizes, outbox
+                               // backlog and lag (one read per scrape)
+  Clock* clock = nullptr;      // for the lag; nullptr: Clock::System()
+};
+
+// Registers GET /metrics (Prometheus text exposition format 0.0.4; every family with
+// # HELP and # TYPE) and an exchange observer that counts every request of `server` as
+// http_requests_total{route,method,status} (status as "2xx".."5xx") and
+// http_request_duration_seconds{route}: labels only from bounded sets, so a client cannot
+// mint series. Each scrape refreshes the figures of `runtime` and `db` first. Call before
+// server.Start(). kInvalidArgument without `metrics`.
+Status RegisterMetricsRoute(Server& server, MetricsRouteOptions options);
 
 // --- admin ---------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ class Metrics {
  public:
   using Labels = std::vector<std::pair<std::string, std::string>>;
 
-  // Declares a family; `type` is "counter", "gauge" or "histogram". Optional: an
-  // undeclared family renders as "untyped".
+  // Declares a family; `type` is "counter", "gauge" or "histogram"; `help` is one line
+  // for # HELP. Optional: an undeclared family renders as "untyped" without # HELP.
   void Describe(const std::string& name, const std::string& type, const std::string& help);
   // counter += v
   void Add(const std::string& name, const Labels& labels = {}, double v = 1);
@@ -29,6 +29,11 @@ class Metrics {
   // observation of the series.
   void Observe(const std::string& name, const Labels& labels, double v,
                const std::vector<double>& bounds);
+  // Sets a histogram series whole, from figures kept elsewhere: `cumulative[i]` counts the
+  // observations <= bounds[i] (ascending bounds), `count` all of them (the +Inf bucket).
+  void SetHistogram(const std::string& name, const Labels& labels,
+                    const std::vector<double>& bounds, const std::vector<uint64_t>& cumulative,
+                    double sum, uint64_t count);
   // The current value of a counter or gauge series (0 if absent).
   double Value(const std::string& name, const Labels& labels = {}) const;
 

@@ -83,6 +83,8 @@ class Relay {
   void Stop();
 
   RelayStats stats() const;
+  // Its name in relay_members (RelayOptions::name, or the random one it drew).
+  const std::string& name() const { return name_; }
 
  private:
   // Renews, takes and sheds partition leases; returns partition -> fence held.

@@ -1,5 +1,6 @@
 #include "converge/metrics.h"
 
+#include <cmath>
 #include <cstdio>
 
 namespace converge {
@@ -18,7 +19,24 @@ std::string Escape(std::string_view v) {
   return out;
 }
 
+// # HELP text: backslash and line feed escaped, as the exposition format wants.
+std::string EscapeHelp(std::string_view v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string Number(double v) {
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
   char buf[64];
   if (v == static_cast<double>(static_cast<int64_t>(v)) && v < 1e15 && v > -1e15) {
     std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(v));
@@ -77,6 +95,18 @@ void Metrics::Observe(const std::string& name, const Labels& labels, double v,
   ++s.count;
 }
 
+void Metrics::SetHistogram(const std::string& name, const Labels& labels,
+                           const std::vector<double>& bounds,
+                           const std::vector<uint64_t>& cumulative, double sum, uint64_t count) {
+  std::lock_guard<std::mutex> l(mu_);
+  Series& s = families_[name].series[LabelKey(labels)];
+  s.bounds = bounds;
+  s.buckets = cumulative;
+  s.buckets.resize(bounds.size(), count);
+  s.sum = sum;
+  s.count = count;
+}
+
 double Metrics::Value(const std::string& name, const Labels& labels) const {
   std::lock_guard<std::mutex> l(mu_);
   auto f = families_.find(name);
@@ -89,7 +119,7 @@ std::string Metrics::Render() const {
   std::lock_guard<std::mutex> l(mu_);
   std::string out;
   for (const auto& [name, f] : families_) {
-    if (!f.help.empty()) out += "# HELP " + name + " " + f.help + "\n";
+    if (!f.help.empty()) out += "# HELP " + name + " " + EscapeHelp(f.help) + "\n";
     out += "# TYPE " + name + " " + f.type + "\n";
     for (const auto& [key, s] : f.series) {
       if (f.type == "histogram") {

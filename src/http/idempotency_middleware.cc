@@ -21,6 +21,19 @@ void Count(Metrics* metrics, const char* name) {
   if (metrics != nullptr) metrics->Add(name);
 }
 
+// The families Count() fills, declared when a route is made.
+void DescribeFamilies(Metrics* metrics) {
+  if (metrics == nullptr) return;
+  metrics->Describe("idempotency_replays_total", "counter",
+                    "Requests answered from a stored response (Idempotent-Replayed).");
+  metrics->Describe("idempotency_conflicts_total", "counter",
+                    "Requests refused with 409 while the same key was in flight.");
+  metrics->Describe("idempotency_mismatches_total", "counter",
+                    "Requests refused with 422: a key reused with a different request.");
+  metrics->Describe("idempotency_resumed_total", "counter",
+                    "Multi-phase requests resumed from a recovery point.");
+}
+
 // Claims failed: the IETF mapping (422, 409 + Retry-After, 400) or a store problem.
 Response ClaimProblem(const Status& e, Metrics* metrics) {
   if (e.reason() == reason::kFingerprintMismatch) {
@@ -142,6 +155,7 @@ Response StoreProblem(const Status& st) {
 
 Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                  SinglePhaseFn fn) {
+  DescribeFamilies(options.metrics);
   return [&keys, o = std::move(options), fn = std::move(fn)](Request& req) -> Response {
     Prepared p = Prepare(req, o);
     if (p.answer) return std::move(*p.answer);
@@ -170,6 +184,7 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
 
 Server::Handler MultiPhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                 MultiPhaseFn fn) {
+  DescribeFamilies(options.metrics);
   return [&keys, o = std::move(options), fn = std::move(fn)](Request& req) -> Response {
     Prepared p = Prepare(req, o);
     if (p.answer) return std::move(*p.answer);

@@ -45,6 +45,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -314,7 +315,7 @@ class Server::Impl {
   asio::executor_work_guard<asio::io_context::executor_type> work_;
   std::vector<std::thread> io_threads_;
   std::vector<RouteEntry> routes_;
-  std::function<void(const Exchange&)> observer_;
+  std::vector<std::function<void(const Exchange&)>> observers_;
   std::atomic<int64_t> in_flight_{0};
   std::mutex drain_mu_;
   std::condition_variable drain_cv_;
@@ -337,7 +338,7 @@ class Server::Impl {
   }
 
   void Observe(const Exchange& x) {
-    if (observer_) observer_(x);
+    for (const auto& observer : observers_) observer(x);
   }
 
   // A session ended (any thread): resume a paused accept loop once below the cap.
@@ -748,7 +749,7 @@ void Server::Route(std::string method, std::string pattern, Handler handler) {
 }
 
 void Server::OnExchange(std::function<void(const Exchange&)> observer) {
-  impl_->observer_ = std::move(observer);
+  impl_->observers_.push_back(std::move(observer));
 }
 
 Status Server::Start() {

@@ -1,4 +1,4 @@
-// The generic routes of a converge service: webhook intake, admin API, health.
+// The generic routes of a converge service: webhook intake, admin API, metrics, health.
 #include <charconv>
 
 #include <nlohmann/json.hpp>
@@ -104,6 +104,12 @@ std::string DeadLetterJson(const DeadLetter& d, bool with_envelope) {
 // --- webhooks in ---------------------------------------------------------------------
 
 Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, StageFn stage) {
+  if (options.metrics != nullptr) {
+    options.metrics->Describe("webhooks_received_total", "counter",
+                              "Verified webhook deliveries stored, by whether a duplicate.");
+    options.metrics->Describe("webhooks_rejected_total", "counter",
+                              "Webhook deliveries refused, by reason.");
+  }
   return [&db, o = std::move(options), stage = std::move(stage)](Request& req) -> Response {
     Clock* clock = o.clock ? o.clock : Clock::System();
     auto header = [&](const char* n) {
@@ -279,6 +285,137 @@ Status RegisterAdminRoutes(Server& server, AdminOptions options) {
       return Json(200, json{{"name", name}, {"released", failpoint::Release(name)}}.dump());
     });
   }
+  return OkStatus();
+}
+
+namespace {
+
+// The families RegisterMetricsRoute fills, with their help. Counters that the workers
+// keep are copied into the registry at each scrape (Metrics::Set), so they keep their
+// counter type: they only grow within a process.
+struct Family {
+  const char* name;
+  const char* type;
+  const char* help;
+};
+constexpr Family kRuntimeFamilies[] = {
+    {"http_requests_total", "counter", "HTTP requests by route pattern, method and status class."},
+    {"http_request_duration_seconds", "histogram", "HTTP request latency by route pattern."},
+    {"relay_published_total", "counter", "Outbox events published and marked, by relay."},
+    {"relay_publish_failures_total", "counter", "Relay passes whose publish failed, by relay."},
+    {"relay_partitions_owned", "gauge", "Outbox partitions the relay holds a lease on."},
+    {"consumer_processed_total", "counter", "Deliveries whose handler ran and committed."},
+    {"consumer_duplicates_total", "counter", "Redeliveries absorbed by the consumer's inbox."},
+    {"consumer_retries_total", "counter", "Deliveries given back for a later attempt."},
+    {"consumer_dead_lettered_total", "counter", "Deliveries parked as dead letters."},
+    {"effects_executed_total", "counter", "External calls that succeeded and were recorded."},
+    {"effects_retries_total", "counter", "External calls that failed transiently."},
+    {"effects_failed_total", "counter", "Effect intents parked as dead letters."},
+    {"effects_lost_claims_total", "counter",
+     "Effect calls skipped or outcomes dropped: another runner had claimed the intent."},
+    {"completer_finished_total", "counter",
+     "Abandoned multi-phase requests the completer drove to a stored outcome."},
+    {"completer_failed_total", "counter",
+     "Completer resumes that failed; the lease was given back."},
+    {"completer_lost_total", "counter",
+     "Abandoned requests another completer or a retry took first."},
+    {"retention_swept_total", "counter", "Expired rows the sweeper deleted."},
+    {"db_transactions_total", "counter", "Transact calls completed, ok or not."},
+    {"db_commits_total", "counter", "Physical commits that succeeded."},
+    {"db_commit_batch_size", "histogram",
+     "Transact calls carried by one physical commit (stores that batch commits)."},
+    {"outbox_backlog", "gauge", "Outbox events not yet published."},
+    {"relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event."},
+};
+
+void Refresh(const MetricsRouteOptions& o, Clock* clock) {
+  Metrics& m = *o.metrics;
+  auto set = [&m](const char* name, const Metrics::Labels& labels, int64_t v) {
+    m.Set(name, labels, static_cast<double>(v));
+  };
+  if (o.runtime != nullptr) {
+    for (const auto& relay : o.runtime->relays()) {
+      const RelayStats s = relay->stats();
+      const Metrics::Labels l = {{"relay", relay->name()}};
+      set("relay_published_total", l, s.published);
+      set("relay_publish_failures_total", l, s.publish_failures);
+      set("relay_partitions_owned", l, s.partitions_owned);
+    }
+    for (const auto& consumer : o.runtime->consumers()) {
+      const ConsumerStats s = consumer->stats();
+      const Metrics::Labels l = {{"consumer", consumer->name()}};
+      set("consumer_processed_total", l, s.processed);
+      set("consumer_duplicates_total", l, s.duplicates);
+      set("consumer_retries_total", l, s.retries);
+      set("consumer_dead_lettered_total", l, s.dead_lettered);
+    }
+    for (const auto& runner : o.runtime->effect_runners()) {
+      const EffectStats s = runner->stats();
+      const Metrics::Labels l = {{"kind", runner->kind()}};
+      set("effects_executed_total", l, s.executed);
+      set("effects_retries_total", l, s.retries);
+      set("effects_failed_total", l, s.failed);
+      set("effects_lost_claims_total", l, s.lost_claims);
+    }
+    const CompleterStats cs = o.runtime->completer().stats();
+    set("completer_finished_total", {}, cs.finished);
+    set("completer_failed_total", {}, cs.failed);
+    set("completer_lost_total", {}, cs.lost);
+    set("retention_swept_total", {}, o.runtime->stats().swept);
+  }
+  if (o.db != nullptr) {
+    const DatabaseStats ds = o.db->stats();
+    set("db_transactions_total", {}, ds.transactions);
+    set("db_commits_total", {}, ds.commits);
+    // The store's own histogram: commits that carried [2^i, 2^(i+1)) calls.
+    if (!ds.batch_histogram.empty()) {
+      std::vector<double> bounds;
+      std::vector<uint64_t> cumulative;
+      uint64_t sum = 0;
+      for (size_t i = 0; i < ds.batch_histogram.size(); ++i) {
+        sum += static_cast<uint64_t>(ds.batch_histogram[i]);
+        bounds.push_back(static_cast<double>((int64_t{2} << i) - 1));
+        cumulative.push_back(sum);
+      }
+      m.SetHistogram("db_commit_batch_size", {}, bounds, cumulative,
+                     static_cast<double>(ds.transactions), static_cast<uint64_t>(ds.commits));
+    }
+    const int64_t now = clock->NowMillis();
+    (void)o.db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows,
+                                tx.Query("SELECT count(*), min(created_at) FROM outbox_events "
+                                         "WHERE published_at IS NULL"));
+      set("outbox_backlog", {}, rows[0].Int(0));
+      m.Set("relay_lag_seconds", {}, rows[0].IsNull(1) ? 0.0 : (now - rows[0].Int(1)) / 1000.0);
+      return OkStatus();
+    });
+  }
+}
+
+}  // namespace
+
+Status RegisterMetricsRoute(Server& server, MetricsRouteOptions options) {
+  if (options.metrics == nullptr) {
+    return InvalidArgumentError("RegisterMetricsRoute: no Metrics registry");
+  }
+  for (const Family& f : kRuntimeFamilies) options.metrics->Describe(f.name, f.type, f.help);
+  Metrics* metrics = options.metrics;
+  server.OnExchange([metrics](const Exchange& x) {
+    metrics->Add("http_requests_total", {{"route", x.route},
+                                         {"method", std::string(x.method)},
+                                         {"status", std::string(StatusClass(x.status))}});
+    metrics->Observe("http_request_duration_seconds", {{"route", x.route}}, x.seconds,
+                     {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5});
+  });
+  Clock* clock = options.clock != nullptr ? options.clock : Clock::System();
+  server.Route("GET", "/metrics", [options, clock](Request&) {
+    Refresh(options, clock);
+    Response r;
+    r.status = 200;
+    r.headers = {{"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}};
+    r.body = options.metrics->Render();
+    return r;
+  });
   return OkStatus();
 }
 

@@ -2,7 +2,12 @@
 // provider and the mail provider run in this process on port 0, each with its own SQLite
 // file, and the tests speak HTTP to them. (The crash scenarios, which need a process to
 // die, run in `converge demo`, registered as the e2e test `e2e.demo`.)
+#include <sys/wait.h>
+
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -334,6 +339,40 @@ TEST_F(ServiceE2E, MetricsHealthAndReadiness) {
   }
   EXPECT_EQ(Send("GET", "/healthz", {}).status, 200);
   EXPECT_EQ(Send("GET", "/readyz", {}).status, 200);
+}
+
+// /metrics passes Prometheus' own linter: every family has # HELP and # TYPE, counters end
+// in _total, units are base units, the text parses. promtool comes with Debian's
+// `prometheus` package (scripts/install-deps.sh).
+TEST_F(ServiceE2E, MetricsPassPromtoolCheckMetrics) {
+  ASSERT_EQ(Pay("promtool-1", Body(10)).status, 201);
+  ASSERT_EQ(Pay("promtool-1", Body(10)).status, 201);  // a replay
+  ASSERT_EQ(Pay("promtool-1", Body(11)).status, 422);  // a mismatch
+  ASSERT_EQ(Webhook("msg_promtool", R"({"type":"charge.refunded","data":{}})", 0,
+                    converge::webhook::NewSecret())
+                .status,
+            401);
+  Response m = Send("GET", "/metrics", {});
+  ASSERT_EQ(m.status, 200);
+  for (const char* family : {"idempotency_replays_total", "idempotency_mismatches_total",
+                             "webhooks_rejected_total", "completer_finished_total",
+                             "effects_lost_claims_total", "relay_partitions_owned"}) {
+    EXPECT_NE(m.body.find("# HELP " + std::string(family) + " "), std::string::npos) << family;
+  }
+  const std::string file = dir_->File("metrics.txt");
+  {
+    std::ofstream out(file);
+    out << m.body;
+  }
+  const std::string output = dir_->File("promtool.out");
+  const int rc =
+      std::system(("promtool check metrics < " + file + " > " + output + " 2>&1").c_str());
+  std::ifstream in(output);
+  const std::string said((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_NE(rc, -1);
+  EXPECT_EQ(WEXITSTATUS(rc), 0) << "promtool check metrics (is Debian's prometheus package "
+                                   "installed? scripts/install-deps.sh) said:\n" << said;
+  EXPECT_EQ(said, "") << said;
 }
 
 // Every bad input gets its status and leaves every table as it was.
