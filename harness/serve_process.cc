@@ -56,7 +56,7 @@ Status ServeProcess::Start(const std::string& failpoints) {
   for (std::string& e : env_strings) envp.push_back(e.data());
   envp.push_back(nullptr);
   const char* argv[] = {"converge",
-                        "serve",
+                        options_.command.c_str(),
                         "--config",
                         options_.config_path.c_str(),
                         "--listen",

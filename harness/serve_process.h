@@ -1,6 +1,7 @@
-// ServeProcess: one `converge serve` child process, as the demo, the e2e and PostgreSQL
-// tests (and the chaos campaign) run it: really a process, so a failpoint can SIGKILL it
-// and a test can read its memory, CPU time and descriptors from /proc.
+// ServeProcess: one `converge serve` (or `converge proxy`) child process, as the demo, the
+// e2e and PostgreSQL tests (and the chaos campaign) run it: really a process, so a
+// failpoint can SIGKILL it and a test can read its memory, CPU time and descriptors from
+// /proc.
 //
 // Thread safety: none; a ServeProcess belongs to one thread.
 #ifndef CONVERGE_HARNESS_SERVE_PROCESS_H_
@@ -22,6 +23,7 @@ class ServeProcess {
  public:
   struct Options {
     std::string binary;       // the converge executable; empty: $CONVERGE_BIN
+    std::string command = "serve";  // or another mode with the same flags, e.g. "proxy"
     std::string config_path;  // the TOML file to serve with
     std::string dir;          // for the port file and the log
     std::string name = "serve";

@@ -39,6 +39,8 @@ int RunServiceDemo(const ServiceDemoFlags& flags);
 void AddDlqCommands(CLI::App& app, int* exit_code);
 // serve, fake-psp, fake-mail, webhook sign|verify.
 void AddServiceCommands(CLI::App& app, int* exit_code);
+// proxy: the Idempotency-Key reverse proxy.
+void AddProxyCommand(CLI::App& app, int* exit_code);
 
 }  // namespace converge::cli
 

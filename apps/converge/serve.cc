@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "apps/converge/commands.h"
+#include "apps/converge/process.h"
 #include "converge/clock.h"
 #include "converge/webhook.h"
 #include "payments/config.h"
@@ -22,50 +23,6 @@
 
 namespace converge::cli {
 namespace {
-
-// Blocks SIGINT/SIGTERM in every thread started after this, so sigwait can take them.
-sigset_t BlockStopSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  return set;
-}
-
-int WaitForStopSignal(const sigset_t& set) {
-  int sig = 0;
-  sigwait(&set, &sig);
-  spdlog::info("event=shutdown signal={}", sig == SIGINT ? "SIGINT" : "SIGTERM");
-  return sig;
-}
-
-// The non-empty lines of a secret file, each without surrounding whitespace. Secrets come
-// from files or the environment because a command line is readable by every local user
-// (ps, /proc/<pid>/cmdline); a file can be mode 0600, the environment is the owner's only.
-Result<std::vector<std::string>> ReadSecretFile(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return tl::unexpected(InvalidArgumentError("cannot read secret file " + path));
-  std::vector<std::string> out;
-  for (std::string line; std::getline(f, line);) {
-    const size_t b = line.find_first_not_of(" \t\r");
-    const size_t e = line.find_last_not_of(" \t\r");
-    if (b != std::string::npos) out.push_back(line.substr(b, e - b + 1));
-  }
-  if (out.empty()) return tl::unexpected(InvalidArgumentError("secret file " + path + " is empty"));
-  return out;
-}
-
-bool WritePortFile(const std::string& path, uint16_t port) {
-  if (path.empty()) return true;
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    f << port << "\n";
-    if (!f) return false;
-  }
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
-}
 
 struct ServeFlags {
   std::string config, listen, db, port_file, log_level;
@@ -86,9 +43,7 @@ int Serve(const ServeFlags& f) {
   }
   if (!f.db.empty()) cfg->db = f.db;
   if (!f.log_level.empty()) cfg->log_level = f.log_level;
-  spdlog::set_level(spdlog::level::from_str(cfg->log_level));
-  // One line per event, key=value after the time and level: easy to grep and to parse.
-  spdlog::set_pattern("ts=%Y-%m-%dT%H:%M:%S.%eZ level=%l %v", spdlog::pattern_time_type::utc);
+  SetUpLogging(cfg->log_level);
   sigset_t signals = BlockStopSignals();
   payments::Service service(*cfg);
   Status st = service.Start();

@@ -6,94 +6,15 @@
 
 #include <toml++/toml.h>
 
+#include "converge/config_reader.h"
+#include "converge/http.h"
+
 namespace payments {
 namespace {
 
 using converge::InvalidArgumentError;
 using converge::OkStatus;
 using converge::Status;
-
-class Reader {
- public:
-  explicit Reader(const toml::table& root) : root_(root) {}
-
-  // Checks that `section` has only `keys` and that no unknown section exists.
-  Status Known(const std::map<std::string, std::set<std::string>>& schema) {
-    for (const auto& [section, node] : root_) {
-      auto it = schema.find(std::string(section.str()));
-      if (it == schema.end()) {
-        return InvalidArgumentError("config: unknown section [" + std::string(section.str()) + "]");
-      }
-      const toml::table* t = node.as_table();
-      if (t == nullptr) {
-        return InvalidArgumentError("config: '" + std::string(section.str()) + "' must be a table");
-      }
-      for (const auto& [key, v] : *t) {
-        if (!it->second.count(std::string(key.str())) && !it->second.count("*")) {
-          return InvalidArgumentError("config: unknown key '" + std::string(section.str()) + "." +
-                                      std::string(key.str()) + "'");
-        }
-      }
-    }
-    return OkStatus();
-  }
-
-  Status String(const char* section, const char* key, std::string* out) {
-    auto n = root_[section][key];
-    if (!n) return OkStatus();
-    if (!n.is_string()) return Bad(section, key, "a string");
-    *out = *n.value<std::string>();
-    return OkStatus();
-  }
-  template <class T>
-  Status Int(const char* section, const char* key, T* out, int64_t lo, int64_t hi) {
-    auto n = root_[section][key];
-    if (!n) return OkStatus();
-    if (!n.is_integer()) return Bad(section, key, "an integer");
-    int64_t v = *n.value<int64_t>();
-    if (v < lo || v > hi) {
-      return Bad(section, key, "between " + std::to_string(lo) + " and " + std::to_string(hi));
-    }
-    *out = static_cast<T>(v);
-    return OkStatus();
-  }
-  Status Duration(const char* section, const char* key, Millis* out, int64_t lo_ms,
-                  int64_t hi_ms) {
-    int64_t ms = out->count();
-    CONVERGE_RETURN_IF_ERROR(Int(section, key, &ms, lo_ms, hi_ms));
-    *out = Millis(ms);
-    return OkStatus();
-  }
-  Status Strings(const char* section, const char* key, std::vector<std::string>* out) {
-    auto n = root_[section][key];
-    if (!n) return OkStatus();
-    const toml::array* a = n.as_array();
-    if (a == nullptr) return Bad(section, key, "an array of strings");
-    out->clear();
-    for (const auto& e : *a) {
-      if (!e.is_string()) return Bad(section, key, "an array of strings");
-      out->push_back(*e.value<std::string>());
-    }
-    return OkStatus();
-  }
-  Status StringMap(const char* section, const char* key, std::map<std::string, std::string>* out) {
-    auto n = root_[section][key];
-    if (!n) return OkStatus();
-    const toml::table* t = n.as_table();
-    if (t == nullptr) return Bad(section, key, "a table of strings");
-    for (const auto& [k, v] : *t) {
-      if (!v.is_string()) return Bad(section, key, "a table of strings");
-      (*out)[std::string(k.str())] = *v.value<std::string>();
-    }
-    return OkStatus();
-  }
-
- private:
-  static Status Bad(const char* section, const char* key, const std::string& what) {
-    return InvalidArgumentError(std::string("config: ") + section + "." + key + " must be " + what);
-  }
-  const toml::table& root_;
-};
 
 const char* Env(const char* name) {
   const char* v = std::getenv(name);
@@ -103,18 +24,7 @@ const char* Env(const char* name) {
 }  // namespace
 
 Status ParseListen(const std::string& listen, std::string* host, uint16_t* port) {
-  auto colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0) {
-    return InvalidArgumentError("listen address '" + listen + "' is not host:port");
-  }
-  unsigned p = 0;
-  auto r = std::from_chars(listen.data() + colon + 1, listen.data() + listen.size(), p);
-  if (r.ec != std::errc() || r.ptr != listen.data() + listen.size() || p > 65535) {
-    return InvalidArgumentError("listen address '" + listen + "' has a bad port");
-  }
-  *host = listen.substr(0, colon);
-  *port = static_cast<uint16_t>(p);
-  return OkStatus();
+  return converge::http::ParseHostPort(listen, host, port);
 }
 
 converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
@@ -128,7 +38,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
           "config " + path + ": " + std::string(e.description()) + " at line " +
           std::to_string(e.source().begin.line)));
     }
-    Reader r(root);
+    converge::ConfigReader r(root);
     CONVERGE_RETURN_IF_ERROR(r.Known({
         {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_limit_bytes", "max_header_fields", "max_connections",

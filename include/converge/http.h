@@ -116,6 +116,10 @@ int HttpStatusFor(StatusCode code);
 Response ProblemFor(const Status& status, std::string_view slug = {},
                     std::string_view detail = {});
 
+// "host:port" (e.g. a listen address) into its parts; kInvalidArgument naming what is
+// wrong. The host is taken as written (a name, IPv4, or [IPv6]).
+Status ParseHostPort(const std::string& listen, std::string* host, uint16_t* port);
+
 struct ServerOptions {
   std::string address = "127.0.0.1";
   uint16_t port = 0;  // 0: any free port; see Server::port()
@@ -155,7 +159,7 @@ struct ServerOptions {
 struct Exchange {
   const Request* request;  // nullptr when the request was rejected before it was read whole
   int status;
-  std::string route;  // the matched pattern, "unmatched", or "rejected"
+  std::string route;  // the matched pattern, "fallback", "unmatched", or "rejected"
   double seconds;
   // The request's method when it is one of ServerOptions::methods, else "other".
   std::string_view method = "other";
@@ -183,6 +187,9 @@ class Server {
   // unknown path answers 404, a known path with another method 405 with Allow. A GET
   // route also answers HEAD (the handler runs; the body is not sent).
   void Route(std::string method, std::string pattern, Handler handler);
+  // Handles every request that no route matches (instead of 404 and 405), e.g. a proxy
+  // passing the rest of an API through. Its exchanges are labelled route "fallback".
+  void Fallback(Handler handler);
   // Adds an observer of every exchange (metrics, access logs); all run, in the order they
   // were added. REQUIRES: before Start().
   void OnExchange(std::function<void(const Exchange&)> observer);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <charconv>
 
 #include <nlohmann/json.hpp>
 
@@ -151,6 +152,21 @@ Response ProblemFor(const Status& status, std::string_view slug, std::string_vie
     r.Set("Retry-After", std::to_string(seconds));
   }
   return r;
+}
+
+Status ParseHostPort(const std::string& listen, std::string* host, uint16_t* port) {
+  const auto colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0) {
+    return InvalidArgumentError("listen address '" + listen + "' is not host:port");
+  }
+  unsigned p = 0;
+  auto r = std::from_chars(listen.data() + colon + 1, listen.data() + listen.size(), p);
+  if (r.ec != std::errc() || r.ptr != listen.data() + listen.size() || p > 65535) {
+    return InvalidArgumentError("listen address '" + listen + "' has a bad port");
+  }
+  *host = listen.substr(0, colon);
+  *port = static_cast<uint16_t>(p);
+  return OkStatus();
 }
 
 }  // namespace converge::http

@@ -315,6 +315,7 @@ class Server::Impl {
   asio::executor_work_guard<asio::io_context::executor_type> work_;
   std::vector<std::thread> io_threads_;
   std::vector<RouteEntry> routes_;
+  Handler fallback_;
   std::vector<std::function<void(const Exchange&)>> observers_;
   std::atomic<int64_t> in_flight_{0};
   std::mutex drain_mu_;
@@ -730,6 +731,14 @@ Response Server::Impl::Dispatch(Request& req, std::string* route) {
       return Problem(500, "Internal Server Error", "the handler failed unexpectedly");
     }
   }
+  if (fallback_) {
+    *route = "fallback";
+    try {
+      return fallback_(req);
+    } catch (...) {
+      return Problem(500, "Internal Server Error", "the handler failed unexpectedly");
+    }
+  }
   *route = "unmatched";
   if (!allow.empty()) {
     Response r = Problem(405, "Method Not Allowed",
@@ -747,6 +756,8 @@ void Server::Route(std::string method, std::string pattern, Handler handler) {
   impl_->routes_.push_back(
       RouteEntry{std::move(method), Split(pattern), pattern, std::move(handler)});
 }
+
+void Server::Fallback(Handler handler) { impl_->fallback_ = std::move(handler); }
 
 void Server::OnExchange(std::function<void(const Exchange&)> observer) {
   impl_->observers_.push_back(std::move(observer));

@@ -1,0 +1,31 @@
+// What every long-running converge command does the same way: stop signals, port files,
+// secret files.
+#ifndef CONVERGE_APPS_CONVERGE_PROCESS_H_
+#define CONVERGE_APPS_CONVERGE_PROCESS_H_
+
+#include <signal.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "converge/status.h"
+
+namespace converge::cli {
+
+// Blocks SIGINT/SIGTERM in every thread started after this, so sigwait can take them.
+sigset_t BlockStopSignals();
+// Waits for one of `set` and logs it; returns the signal.
+int WaitForStopSignal(const sigset_t& set);
+// The non-empty lines of a secret file, each without surrounding whitespace. Secrets come
+// from files or the environment because a command line is readable by every local user
+// (ps, /proc/<pid>/cmdline); a file can be mode 0600, the environment is the owner's only.
+Result<std::vector<std::string>> ReadSecretFile(const std::string& path);
+// Writes `port` to `path` atomically (write, then rename); true when `path` is empty.
+bool WritePortFile(const std::string& path, uint16_t port);
+// One line per event, key=value after the time and level, at `level`.
+void SetUpLogging(const std::string& level);
+
+}  // namespace converge::cli
+
+#endif  // CONVERGE_APPS_CONVERGE_PROCESS_H_

@@ -1,0 +1,139 @@
+// Reading a TOML configuration strictly: unknown sections and keys are errors, every
+// value is checked for its type and range, and each error names the key and what it must
+// be. Shared by the converge CLI's modes and the example services. Header-only, over
+// toml++ (a dependency of whoever includes it).
+//
+// Thread safety: a reader only reads the table it was given.
+#ifndef CONVERGE_CONFIG_READER_H_
+#define CONVERGE_CONFIG_READER_H_
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <toml++/toml.h>
+
+#include "converge/clock.h"
+#include "converge/status.h"
+
+namespace converge {
+
+// Reads section.key values of `root` into the out-parameters; a key that is absent leaves
+// its out-parameter as it was (the default).
+class ConfigReader {
+ public:
+  explicit ConfigReader(const toml::table& root) : root_(root) {}
+
+  // Checks that each section has only the keys `schema` lists for it ("*": any key) and
+  // that no unknown section exists. A section may be a table ([name]) or an array of
+  // tables ([[name]]), each checked alike.
+  Status Known(const std::map<std::string, std::set<std::string>>& schema) const {
+    for (const auto& [section, node] : root_) {
+      const std::string name(section.str());
+      auto it = schema.find(name);
+      if (it == schema.end()) {
+        return InvalidArgumentError("config: unknown section [" + name + "]");
+      }
+      if (const toml::array* tables = node.as_array()) {
+        for (const auto& element : *tables) {
+          const toml::table* t = element.as_table();
+          if (t == nullptr) return InvalidArgumentError("config: [[" + name + "]] must be tables");
+          CONVERGE_RETURN_IF_ERROR(KnownKeys(name, *t, it->second));
+        }
+        continue;
+      }
+      const toml::table* t = node.as_table();
+      if (t == nullptr) return InvalidArgumentError("config: '" + name + "' must be a table");
+      CONVERGE_RETURN_IF_ERROR(KnownKeys(name, *t, it->second));
+    }
+    return OkStatus();
+  }
+
+  Status String(const char* section, const char* key, std::string* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    if (!n.is_string()) return Bad(section, key, "a string");
+    *out = *n.value<std::string>();
+    return OkStatus();
+  }
+  template <class T>
+  Status Int(const char* section, const char* key, T* out, int64_t lo, int64_t hi) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    if (!n.is_integer()) return Bad(section, key, "an integer");
+    int64_t v = *n.value<int64_t>();
+    if (v < lo || v > hi) {
+      return Bad(section, key, "between " + std::to_string(lo) + " and " + std::to_string(hi));
+    }
+    *out = static_cast<T>(v);
+    return OkStatus();
+  }
+  Status Duration(const char* section, const char* key, Millis* out, int64_t lo_ms,
+                  int64_t hi_ms) {
+    int64_t ms = out->count();
+    CONVERGE_RETURN_IF_ERROR(Int(section, key, &ms, lo_ms, hi_ms));
+    *out = Millis(ms);
+    return OkStatus();
+  }
+  Status Strings(const char* section, const char* key, std::vector<std::string>* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    const toml::array* a = n.as_array();
+    if (a == nullptr) return Bad(section, key, "an array of strings");
+    out->clear();
+    for (const auto& e : *a) {
+      if (!e.is_string()) return Bad(section, key, "an array of strings");
+      out->push_back(*e.value<std::string>());
+    }
+    return OkStatus();
+  }
+  Status Ints(const char* section, const char* key, std::vector<int>* out, int lo, int hi) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    const toml::array* a = n.as_array();
+    const std::string what = "an array of integers between " + std::to_string(lo) + " and " +
+                             std::to_string(hi);
+    if (a == nullptr) return Bad(section, key, what);
+    out->clear();
+    for (const auto& e : *a) {
+      if (!e.is_integer() || *e.value<int64_t>() < lo || *e.value<int64_t>() > hi) {
+        return Bad(section, key, what);
+      }
+      out->push_back(static_cast<int>(*e.value<int64_t>()));
+    }
+    return OkStatus();
+  }
+  Status StringMap(const char* section, const char* key, std::map<std::string, std::string>* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    const toml::table* t = n.as_table();
+    if (t == nullptr) return Bad(section, key, "a table of strings");
+    for (const auto& [k, v] : *t) {
+      if (!v.is_string()) return Bad(section, key, "a table of strings");
+      (*out)[std::string(k.str())] = *v.value<std::string>();
+    }
+    return OkStatus();
+  }
+
+ private:
+  static Status KnownKeys(const std::string& section, const toml::table& t,
+                          const std::set<std::string>& keys) {
+    for (const auto& [key, v] : t) {
+      if (!keys.count(std::string(key.str())) && !keys.count("*")) {
+        return InvalidArgumentError("config: unknown key '" + section + "." +
+                                    std::string(key.str()) + "'");
+      }
+    }
+    return OkStatus();
+  }
+  static Status Bad(const char* section, const char* key, const std::string& what) {
+    return InvalidArgumentError(std::string("config: ") + section + "." + key + " must be " + what);
+  }
+  const toml::table& root_;
+};
+
+}  // namespace converge
+
+#endif  // CONVERGE_CONFIG_READER_H_

@@ -1,0 +1,267 @@
+// The Idempotency-Key reverse proxy (http_proxy.h).
+#include "converge/http_proxy.h"
+
+#include <strings.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "converge/failpoint.h"
+#include "converge/http_idempotency.h"
+#include "src/core/crypto.h"
+
+namespace converge::http {
+namespace {
+
+bool SameName(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && strncasecmp(a.data(), b.data(), a.size()) == 0;
+}
+
+bool Listed(const std::vector<std::string>& names, std::string_view name) {
+  return std::any_of(names.begin(), names.end(),
+                     [&](const std::string& n) { return SameName(n, name); });
+}
+
+// Hop-by-hop fields (RFC 9110 §7.6.1) and what the client library writes itself: never
+// copied from one connection to the other.
+bool HopByHop(std::string_view name) {
+  static const std::vector<std::string> kFields = {
+      "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+      "Trailer",    "Transfer-Encoding", "Upgrade",  "Host", "Content-Length", "Expect"};
+  return Listed(kFields, name);
+}
+
+// Requests of each scope under way; Enter() refuses past the bound.
+class ScopeGate {
+ public:
+  explicit ScopeGate(int limit) : limit_(limit) {}
+  bool Enter(const std::string& scope) {
+    std::lock_guard<std::mutex> l(mu_);
+    int& n = in_flight_[scope];
+    if (n >= limit_) return false;
+    ++n;
+    return true;
+  }
+  void Leave(const std::string& scope) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = in_flight_.find(scope);
+    if (it != in_flight_.end() && --it->second == 0) in_flight_.erase(it);
+  }
+
+ private:
+  const int limit_;
+  std::mutex mu_;
+  std::map<std::string, int> in_flight_;
+};
+
+struct Proxy {
+  IdempotencyProxyOptions o;
+  Client client;
+  ScopeGate gate;
+
+  explicit Proxy(IdempotencyProxyOptions options)
+      : o(std::move(options)), gate(o.max_in_flight_per_scope) {}
+
+  void Count(const char* outcome) {
+    if (o.metrics != nullptr) {
+      o.metrics->Add("proxy_upstream_requests_total", {{"outcome", outcome}});
+    }
+  }
+
+  // Sends `req` upstream; `key` (when set) in forward_key_header. The client's own
+  // Idempotency-Key field is not copied: the key goes as the proxy parsed it.
+  Result<Response> Forward(const Request& req, const std::optional<std::string>& key) {
+    ClientRequest up;
+    up.method = req.method;
+    up.url = o.upstream + req.target;
+    up.body = req.body;
+    up.timeout = o.upstream_timeout;
+    for (const auto& [name, value] : req.headers) {
+      if (HopByHop(name) || SameName(name, "Idempotency-Key")) continue;
+      if (!o.forward_key_header.empty() && SameName(name, o.forward_key_header)) continue;
+      up.headers.emplace_back(name, value);
+    }
+    if (key && !o.forward_key_header.empty()) {
+      up.headers.emplace_back(o.forward_key_header, *key);
+    }
+    if (!req.remote.empty()) up.headers.emplace_back("X-Forwarded-For", req.remote);
+    auto r = client.Send(up);
+    if (r) {
+      // The server writes its own Server field; the upstream's would be a second one.
+      std::erase_if(r->headers, [](const auto& h) {
+        return HopByHop(h.first) || SameName(h.first, "Server");
+      });
+    }
+    return r;
+  }
+
+  static Response UpstreamProblem(const Status& st) {
+    if (st.code() == StatusCode::kDeadlineExceeded) {
+      return Problem(504, "Gateway Timeout", "the upstream did not answer in time",
+                     "upstream-timeout");
+    }
+    return Problem(502, "Bad Gateway", "the upstream could not be reached",
+                   "upstream-unavailable");
+  }
+
+  bool IsOutcome(int status) const {
+    if (status >= 200 && status < 300) return true;
+    return std::find(o.stored_statuses.begin(), o.stored_statuses.end(), status) !=
+           o.stored_statuses.end();
+  }
+
+  // The multi-phase body of a keyed request: forward, then store the outcome or give the
+  // lease back.
+  Response Keyed(IdempotencyKeys& keys, KeyLease& lease, Request& req) {
+    auto up = Forward(req, lease.key);
+    if (!up || !IsOutcome(up->status)) {
+      // Not an outcome (5xx, an unlisted status, a timeout, no connection): store nothing,
+      // and let the retry go upstream again at once.
+      // (Should the release fail, the lease runs out instead: the retry waits for it.)
+      (void)keys.Release(lease);
+      Count(up ? "not_stored" : "error");
+      return up ? std::move(*up) : UpstreamProblem(up.error());
+    }
+    // Failpoint: the upstream has answered (and may have committed); nothing is stored.
+    if (Status fp = failpoint::Hit("proxy.after_upstream_before_store"); !fp.ok()) {
+      (void)keys.Release(lease);
+      return StoreProblem(fp);
+    }
+    StoredResponse stored;
+    if (up->body.size() > o.max_stored_body) {
+      stored.status = 409;
+      Response p = Problem(409, "Conflict",
+                           "the response to the first request with this key was too large to "
+                           "store; it cannot be replayed",
+                           "response-not-replayable");
+      stored.headers = p.headers;
+      stored.body = p.body;
+      Count("too_large");
+    } else {
+      stored.status = up->status;
+      stored.body = up->body;
+      for (const auto& [name, value] : up->headers) {
+        if (SameName(name, "Content-Type") || Listed(o.replay_headers, name)) {
+          stored.headers.emplace_back(name, value);
+        }
+      }
+      Count("stored");
+    }
+    auto done = keys.Complete(lease, [&](Tx&) -> Result<StoredResponse> { return stored; });
+    if (!done) {
+      // The upstream answered; the client gets that answer. A retry finds the key still
+      // held, then resumes it and goes upstream again with the same key (proxy.md).
+      Count("store_failed");
+    }
+    return std::move(*up);
+  }
+};
+
+}  // namespace
+
+std::optional<std::string> ScopeFromBearer(const Request& request) {
+  auto token = BearerToken(request);
+  if (!token) return std::nullopt;
+  return internal::Sha256Hex(*token);
+}
+
+std::function<std::optional<std::string>(const Request&)> ScopeFromHeader(std::string name) {
+  return [name = std::move(name)](const Request& r) -> std::optional<std::string> {
+    const std::string* v = r.Header(name);
+    if (v == nullptr || v->empty()) return std::nullopt;
+    return *v;
+  };
+}
+
+Status ValidateIdempotencyProxyOptions(const IdempotencyProxyOptions& options,
+                                       const IdempotencyOptions& keys) {
+  CONVERGE_RETURN_IF_ERROR(IdempotencyKeys::ValidateOptions(keys));
+  if (options.upstream.rfind("http://", 0) != 0 && options.upstream.rfind("https://", 0) != 0) {
+    return InvalidArgumentError("proxy: upstream must be an http:// or https:// URL, not '" +
+                                options.upstream + "'");
+  }
+  if (!options.scope) return InvalidArgumentError("proxy: no scope function");
+  if (options.max_in_flight_per_scope < 1) {
+    return InvalidArgumentError("proxy: max_in_flight_per_scope must be at least 1");
+  }
+  if (options.upstream_timeout <= Millis(0)) {
+    return InvalidArgumentError("proxy: upstream_timeout must be positive");
+  }
+  if (keys.lease <= options.upstream_timeout) {
+    return InvalidArgumentError(
+        "proxy: the keys' lease (" + std::to_string(keys.lease.count()) +
+        " ms) must exceed the upstream timeout (" +
+        std::to_string(options.upstream_timeout.count()) +
+        " ms): else a retry could take a key over while the first request still waits");
+  }
+  for (int s : options.stored_statuses) {
+    if (s < 400 || s > 499) {
+      return InvalidArgumentError("proxy: stored_statuses lists " + std::to_string(s) +
+                                  "; only 4xx statuses may be stored besides 2xx");
+    }
+  }
+  for (const ProxyRoute& r : options.routes) {
+    if (r.method.empty() || r.pattern.empty() || r.pattern.front() != '/') {
+      return InvalidArgumentError("proxy: a route needs a method and a path starting with '/'");
+    }
+  }
+  return OkStatus();
+}
+
+Status RegisterIdempotencyProxy(Server& server, IdempotencyKeys& keys,
+                                IdempotencyProxyOptions options) {
+  CONVERGE_RETURN_IF_ERROR(ValidateIdempotencyProxyOptions(options, keys.options()));
+  while (options.upstream.back() == '/') options.upstream.pop_back();
+  if (options.metrics != nullptr) {
+    options.metrics->Describe("proxy_upstream_requests_total", "counter",
+                              "Keyed requests forwarded upstream, by what became of the "
+                              "answer (stored, not_stored, too_large, store_failed, "
+                              "error).");
+  }
+  auto proxy = std::make_shared<Proxy>(std::move(options));
+
+  // Every request holds a place of its scope while it is under way.
+  auto gated = [proxy](Request& req, const std::function<Response(Request&)>& next) {
+    const std::string scope = proxy->o.scope(req).value_or("");
+    if (!proxy->gate.Enter(scope)) {
+      Response r = Problem(429, "Too Many Requests",
+                           "too many requests of this caller are under way", "rate-limited");
+      r.Set("Retry-After", "1");
+      return r;
+    }
+    struct Leave {
+      Proxy* proxy;
+      const std::string& scope;
+      ~Leave() { proxy->gate.Leave(scope); }
+    } leave{proxy.get(), scope};
+    return next(req);
+  };
+  auto pass = [proxy](Request& req) -> Response {
+    auto up = proxy->Forward(req, std::nullopt);
+    return up ? std::move(*up) : Proxy::UpstreamProblem(up.error());
+  };
+
+  IdempotencyRouteOptions route;
+  route.scope = proxy->o.scope;
+  route.metrics = proxy->o.metrics;
+  Server::Handler keyed = MultiPhaseRoute(
+      keys, std::move(route), [proxy, &keys](KeyLease& lease, Begun::Kind, Request& req) {
+        return proxy->Keyed(keys, lease, req);
+      });
+  for (const ProxyRoute& r : proxy->o.routes) {
+    const bool required = r.key_required;
+    server.Route(r.method, r.pattern, [gated, pass, keyed, required](Request& req) {
+      return gated(req, [&](Request& q) -> Response {
+        auto key = ParseIdempotencyKey(q);
+        if (key && !key->has_value() && !required) return pass(q);
+        return keyed(q);  // which answers a missing or malformed key with 400
+      });
+    });
+  }
+  server.Fallback([gated, pass](Request& req) { return gated(req, pass); });
+  return OkStatus();
+}
+
+}  // namespace converge::http

@@ -1,0 +1,259 @@
+// `converge proxy` in front of an upstream written in Python (tests/proxy/upstream.py),
+// both real processes: duplicates and concurrent duplicates reach the upstream once, what
+// is not an outcome is not stored, a proxy killed between the upstream's answer and the
+// store loses nothing and (with an upstream that dedupes on the forwarded key) doubles
+// nothing, and each bad request gets its status.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "converge/http.h"
+#include "harness/serve_process.h"
+#include "tests/unit/test_util.h"
+
+namespace converge {
+namespace {
+
+using harness::ServeProcess;
+using http::Response;
+using json = nlohmann::json;
+
+// The Python upstream, a child process on a free port.
+class Upstream {
+ public:
+  explicit Upstream(const std::string& dir) : port_file_(dir + "/upstream.port") {
+    pid_ = fork();
+    if (pid_ == 0) {
+      const int fd = open((dir + "/upstream.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      dup2(fd, 1);
+      dup2(fd, 2);
+      execlp("python3", "python3", CONVERGE_SOURCE_DIR "/tests/proxy/upstream.py",
+             port_file_.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+  }
+  ~Upstream() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  bool WaitReady() {
+    return testing::WaitUntil([&] {
+      std::ifstream f(port_file_);
+      return static_cast<bool>(f >> port_);
+    });
+  }
+  std::string Url(const std::string& path) const {
+    return "http://127.0.0.1:" + std::to_string(port_) + path;
+  }
+
+ private:
+  std::string port_file_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+class ProxyE2E : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    upstream_ = std::make_unique<Upstream>(dir_.path());
+    ASSERT_TRUE(upstream_->WaitReady()) << "the Python upstream did not start";
+    WriteConfig("");
+    proxy_ = std::make_unique<ServeProcess>(ServeProcess::Options{
+        .binary = CONVERGE_BIN_PATH, .command = "proxy", .config_path = config_,
+        .dir = dir_.path(), .name = "proxy"});
+    ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
+  }
+
+  void WriteConfig(const std::string& extra_proxy) {
+    std::ofstream f(config_);
+    f << "[proxy]\n"
+      << "upstream = \"" << upstream_->Url("") << "\"\n"
+      << "store = \"sqlite:" << dir_.File("proxy.db") << "\"\n"
+      << "forward_key_header = \"Upstream-Key\"\n"
+      << "upstream_timeout_ms = 1000\n"
+      << "max_stored_body = 65536\n"
+      << extra_proxy << "[keys]\nlease_seconds = 2\n"
+      << "[[route]]\nmethod = \"POST\"\npath = \"/v1/charges\"\n"
+      << "[[route]]\nmethod = \"POST\"\npath = \"/v1/big\"\nkey = \"optional\"\n";
+  }
+
+  Response Post(const std::string& path, const std::string& key, const std::string& body,
+                const std::string& bearer = "sk_a") {
+    http::Headers h = {{"Content-Type", "application/json"}};
+    if (!bearer.empty()) h.emplace_back("Authorization", "Bearer " + bearer);
+    if (!key.empty()) h.emplace_back("Idempotency-Key", key);
+    auto r = client_.Send({.method = "POST", .url = proxy_->Url(path), .headers = h,
+                           .body = body, .timeout = std::chrono::seconds(10)});
+    return r ? *r : Response{.status = -1, .body = r.error().ToString()};
+  }
+  // Retries while the key is in flight (409), as a client honouring Retry-After would.
+  Response PostUntilDecided(const std::string& key, const std::string& body) {
+    Response r;
+    testing::WaitUntil([&] {
+      r = Post("/v1/charges", key, body);
+      return r.status != 409 && r.status != -1;
+    });
+    return r;
+  }
+  json Stats() {
+    auto r = client_.Send({.url = upstream_->Url("/stats")});
+    return r ? json::parse(r->body) : json();
+  }
+  int UpstreamRequests(const std::string& key) { return Stats()["requests"].value(key, 0); }
+  void Faults(const json& faults) {
+    ASSERT_TRUE(client_.Send({.method = "POST", .url = upstream_->Url("/faults"),
+                              .body = faults.dump()}));
+  }
+
+  testing::TempDir dir_;
+  std::string config_ = dir_.File("proxy.toml");
+  std::unique_ptr<Upstream> upstream_;
+  std::unique_ptr<ServeProcess> proxy_;
+  http::Client client_;
+};
+
+TEST_F(ProxyE2E, ARetryIsReplayedAndNeverReachesTheUpstreamTwice) {
+  Response first = Post("/v1/charges", "k-1", R"({"amount": 5})");
+  ASSERT_EQ(first.status, 201) << first.body;
+  ASSERT_NE(first.Header("X-Upstream-Secret"), nullptr);  // the first answer is whole
+  Response again = Post("/v1/charges", "k-1", R"({ "amount":5 })");  // same meaning
+  EXPECT_EQ(again.status, 201);
+  EXPECT_EQ(again.body, first.body);
+  ASSERT_NE(again.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(*again.Header("Location"), *first.Header("Location"));  // allow-listed
+  EXPECT_EQ(again.Header("X-Upstream-Secret"), nullptr);            // not allow-listed
+  EXPECT_EQ(Post("/v1/charges", "k-1", R"({"amount": 6})").status, 422);
+  EXPECT_EQ(UpstreamRequests("k-1"), 1);
+  EXPECT_EQ(Stats()["headers"].value("Upstream-Key", ""), "k-1");  // forwarded
+  // Another scope with the same key is another request.
+  EXPECT_EQ(Post("/v1/charges", "k-1", R"({"amount": 5})", "sk_b").status, 201);
+  EXPECT_EQ(UpstreamRequests("k-1"), 2);
+}
+
+TEST_F(ProxyE2E, ConcurrentDuplicatesReachTheUpstreamOnce) {
+  Faults({{"delay_ms", 300}, {"delay_next", 1}});
+  std::vector<std::thread> clients;
+  std::vector<Response> answers(8);
+  for (size_t i = 0; i < answers.size(); ++i) {
+    clients.emplace_back([&, i] { answers[i] = Post("/v1/charges", "k-c", R"({"amount": 7})"); });
+  }
+  for (auto& t : clients) t.join();
+  int created = 0, in_flight = 0;
+  for (const Response& r : answers) {
+    if (r.status == 201) ++created;
+    if (r.status == 409) {
+      ++in_flight;
+      EXPECT_NE(r.Header("Retry-After"), nullptr);
+    }
+  }
+  EXPECT_EQ(created + in_flight, 8);
+  EXPECT_GE(created, 1);
+  Response settled = PostUntilDecided("k-c", R"({"amount": 7})");
+  EXPECT_EQ(settled.status, 201);
+  EXPECT_EQ(UpstreamRequests("k-c"), 1);
+  EXPECT_EQ(Stats()["charges"], 1);
+}
+
+// 5xx, timeouts and connection errors are not outcomes: nothing is stored, the lease is
+// given back, and the retry goes upstream again at once.
+TEST_F(ProxyE2E, WhatIsNotAnOutcomeIsNotStored) {
+  Faults({{"fail_next", 1}});
+  EXPECT_EQ(Post("/v1/charges", "k-5xx", R"({"amount": 1})").status, 500);
+  EXPECT_EQ(Post("/v1/charges", "k-5xx", R"({"amount": 1})").status, 201);
+  EXPECT_EQ(UpstreamRequests("k-5xx"), 2);
+
+  Faults({{"delay_ms", 1500}, {"delay_next", 1}});  // past the 1 s upstream timeout
+  Response slow = Post("/v1/charges", "k-slow", R"({"amount": 2})");
+  EXPECT_EQ(slow.status, 504) << slow.body;
+  Response retry = Post("/v1/charges", "k-slow", R"({"amount": 2})");
+  EXPECT_EQ(retry.status, 201);
+  // The upstream dedupes on the forwarded key: one charge although it saw two requests.
+  EXPECT_TRUE(testing::WaitUntil([&] { return UpstreamRequests("k-slow") == 2; }));
+  EXPECT_EQ(Stats()["charges"], 2);  // k-5xx's and k-slow's
+
+  // A 400 from the upstream is an outcome: stored and replayed.
+  EXPECT_EQ(Post("/v1/charges", "k-400", R"({"nope": 1})").status, 400);
+  Response replay = Post("/v1/charges", "k-400", R"({"nope": 1})");
+  EXPECT_EQ(replay.status, 400);
+  EXPECT_NE(replay.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(UpstreamRequests("k-400"), 1);
+}
+
+TEST_F(ProxyE2E, AResponseTooLargeToStoreIsAnsweredOnceThenNotReplayable) {
+  Faults({{"big_bytes", 100000}});
+  Response big = Post("/v1/big", "k-big", "{}");
+  ASSERT_EQ(big.status, 201);
+  EXPECT_EQ(big.body.size(), 100000u);
+  Response retry = Post("/v1/big", "k-big", "{}");
+  EXPECT_EQ(retry.status, 409);
+  EXPECT_NE(retry.body.find("response-not-replayable"), std::string::npos) << retry.body;
+  EXPECT_EQ(UpstreamRequests("k-big"), 1);
+  // On an optional route a request without a key passes straight through.
+  EXPECT_EQ(Post("/v1/big", "", "{}").status, 201);
+  EXPECT_EQ(UpstreamRequests(""), 1);
+}
+
+TEST_F(ProxyE2E, BadRequestsGetTheirStatusAndOtherPathsPassThrough) {
+  EXPECT_EQ(Post("/v1/charges", "", R"({"amount": 1})").status, 400);           // no key
+  EXPECT_EQ(Post("/v1/charges", "\"open", R"({"amount": 1})").status, 400);     // malformed
+  EXPECT_EQ(Post("/v1/charges", "k-anon", R"({"amount": 1})", "").status, 401);  // no scope
+  EXPECT_EQ(Stats()["charges"], 0);
+  ASSERT_EQ(Post("/v1/charges", "k-get", R"({"amount": 3})").status, 201);
+  auto got = client_.Send({.url = proxy_->Url("/v1/charges/ch_1")});  // not configured
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->status, 200);
+  EXPECT_EQ(json::parse(got->body)["amount"], 3);
+  EXPECT_EQ(client_.Send({.url = proxy_->Url("/healthz")})->status, 200);  // the proxy's own
+}
+
+// The proxy dies after the upstream answered and before the answer was stored: the retry
+// (after the lease runs out) goes upstream again with the same key, and an upstream that
+// dedupes on it closes the gap: one charge, the same one.
+TEST_F(ProxyE2E, AProxyKilledBeforeStoringLosesNothingAndDoublesNothing) {
+  proxy_->Stop();
+  ASSERT_TRUE(proxy_->Start("proxy.after_upstream_before_store=crash").ok());
+  Response lost = Post("/v1/charges", "k-crash", R"({"amount": 9})");
+  EXPECT_EQ(lost.status, -1);  // the connection died with the proxy
+  EXPECT_TRUE(proxy_->KilledWithin(std::chrono::seconds(10)));
+  ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
+  Response retry = PostUntilDecided("k-crash", R"({"amount": 9})");
+  ASSERT_EQ(retry.status, 201) << retry.body;
+  EXPECT_EQ(UpstreamRequests("k-crash"), 2);
+  EXPECT_EQ(Stats()["charges"], 1);
+  EXPECT_EQ(json::parse(retry.body)["id"], "ch_1");
+  Response replay = Post("/v1/charges", "k-crash", R"({"amount": 9})");
+  EXPECT_NE(replay.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(UpstreamRequests("k-crash"), 2);
+}
+
+TEST_F(ProxyE2E, ACallerOverItsConcurrencyBoundGets429) {
+  proxy_->Stop();
+  WriteConfig("max_in_flight_per_scope = 1\n");
+  ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
+  Faults({{"delay_ms", 800}, {"delay_next", 1}});
+  Response held;
+  std::thread first([&] { held = Post("/v1/charges", "k-held", R"({"amount": 1})"); });
+  ASSERT_TRUE(testing::WaitUntil([&] { return UpstreamRequests("k-held") == 1; }));
+  Response refused = Post("/v1/charges", "k-other", R"({"amount": 1})");
+  first.join();
+  EXPECT_EQ(refused.status, 429);
+  EXPECT_NE(refused.Header("Retry-After"), nullptr);
+  EXPECT_EQ(held.status, 201);
+  EXPECT_EQ(Post("/v1/charges", "k-other", R"({"amount": 1})", "sk_b").status, 201);
+}
+
+}  // namespace
+}  // namespace converge
