@@ -11,7 +11,8 @@
 // The key is the effect's identity at the provider (Idempotency-Key): a crash between the
 // call and the recorded result re-executes with the same key once the claim lease runs
 // out, and the provider answers with the first result instead of acting twice. Transient
-// errors retry with exponential backoff and full jitter; permanent errors and exhausted
+// errors retry with exponential backoff and full jitter (never sooner than the error's
+// retry_after_ms(), e.g. a callee's Retry-After); permanent errors and exhausted
 // attempts park a dead letter (queue "effect:<kind>"); EffectRequeuer, routed for the
 // prefix kEffectQueuePrefix in DeadLetters, re-opens the intent when it is replayed.
 //

@@ -30,7 +30,15 @@ struct VerifiedWebhook {
   std::string body;
 };
 
+// How a sender signs, and where its delivery id is:
+//   kStandard  Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature
+//   kStripe    Stripe-Signature (t=..,v1=..); the id is the event's "id" in the JSON body
+//   kGitHub    X-Hub-Signature-256 (sha256=..); the id is X-GitHub-Delivery (GitHub signs
+//              no timestamp: the dedupe row is the only replay protection)
+enum class WebhookScheme { kStandard, kStripe, kGitHub };
+
 struct WebhookIntakeOptions {
+  WebhookScheme scheme = WebhookScheme::kStandard;
   std::string consumer;  // the inbox that dedupes deliveries, e.g. "webhook:psp"
   std::string source;    // the sender, e.g. "urn:converge:psp": (source, id) is the identity
   std::vector<std::string> secrets;  // "whsec_..."; several while a key rotates
@@ -40,8 +48,10 @@ struct WebhookIntakeOptions {
   // Runs after the signature was verified and before anything is stored: a Response here
   // (e.g. 400 for a body the service cannot use) is answered and nothing is stored.
   std::function<std::optional<Response>(const VerifiedWebhook&)> validate;
-  // When set: webhooks_received_total{duplicate}, webhooks_rejected_total{reason}.
+  // When set: webhooks_received_total{duplicate}, webhooks_rejected_total{reason}, each
+  // also labelled {endpoint} when `endpoint` is set.
   Metrics* metrics = nullptr;
+  std::string endpoint;
   Clock* clock = nullptr;  // nullptr: Clock::System()
 };
 
@@ -49,8 +59,8 @@ struct WebhookIntakeOptions {
 // its inbox row (e.g. enqueue an event for a consumer). An error rolls both back.
 using StageFn = std::function<Status(Tx&, const VerifiedWebhook&)>;
 
-// POST handler: verify the Standard Webhooks signature before anything else (401 problem
-// on failure, nothing stored); 400 for an over-long webhook-id; then in one transaction
+// POST handler: verify the signature (of `scheme`) before anything else (401 problem on
+// failure, nothing stored); 400 for a missing or over-long delivery id; then in one transaction
 // the inbox row keyed by (source, webhook-id) and the staged work; commit; only then
 // 204. A duplicate delivery gets 204 and stages nothing. Store failures: 503 + Retry-After
 // (the sender retries) or 500.

@@ -40,6 +40,25 @@ Status Verify(std::span<const std::string> secrets, std::string_view id,
               std::string_view body, int64_t now_seconds,
               std::chrono::seconds tolerance = std::chrono::minutes(5));
 
+// Other providers' schemes, for gateways that take webhooks from them. Both compare in
+// constant time, accept any of several secrets (rotation) and answer kUnauthenticated
+// with reason "missing_headers", "bad_timestamp", "stale_timestamp", "future_timestamp" or
+// "bad_signature".
+//
+// Stripe: `Stripe-Signature: t=<seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>[,v1=..]`
+// with the endpoint secret ("whsec_...") itself as the HMAC key; `t` within `tolerance`.
+// On success *timestamp (when given) is t.
+Status VerifyStripe(std::span<const std::string> secrets, std::string_view signature_header,
+                    std::string_view body, int64_t now_seconds,
+                    std::chrono::seconds tolerance = std::chrono::minutes(5),
+                    int64_t* timestamp = nullptr);
+// GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>`. GitHub signs no
+// timestamp: replays are caught only by deduping its delivery id (X-GitHub-Delivery).
+Status VerifyGitHub(std::span<const std::string> secrets, std::string_view signature_header,
+                    std::string_view body);
+// Lower-case hex of HMAC-SHA256(key, message): what both schemes above sign with.
+std::string HmacSha256Hex(std::string_view key, std::string_view message);
+
 // Base64 (RFC 4648, padded) over OpenSSL's EVP encoder.
 std::string Base64Encode(std::string_view bytes);
 Result<std::string> Base64Decode(std::string_view text);

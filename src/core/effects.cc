@@ -176,8 +176,10 @@ Status EffectRunner::RecordOutcome(const Claim& c, const std::string& token,
     const Status& err = outcome.error();
     error = err.ToString();
     if (err.transient() && c.attempts < options_.max_attempts) {
-      Millis delay =
-          internal::FullJitterBackoff(c.attempts, options_.backoff_initial, options_.backoff_max);
+      // Backoff with full jitter, but never sooner than the callee asked (Retry-After).
+      const Millis delay = std::max(
+          internal::FullJitterBackoff(c.attempts, options_.backoff_initial, options_.backoff_max),
+          Millis(err.retry_after_ms()));
       CONVERGE_ASSIGN_OR_RETURN(
           int64_t n,
           tx.Exec("UPDATE effects SET next_attempt_at = $1, last_error = $2, "

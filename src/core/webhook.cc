@@ -5,7 +5,9 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include <cctype>
 #include <charconv>
+#include <vector>
 
 namespace converge::webhook {
 namespace {
@@ -130,6 +132,92 @@ Status Verify(std::span<const std::string> secrets, std::string_view id,
     }
   }
   if (!matched) return Unauthenticated("no webhook signature matches", "bad_signature");
+  return OkStatus();
+}
+
+std::string HmacSha256Hex(std::string_view key, std::string_view message) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(message.data()), message.size(), mac, &len);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out.push_back(kHex[mac[i] >> 4]);
+    out.push_back(kHex[mac[i] & 0xf]);
+  }
+  return out;
+}
+
+namespace {
+
+// Whether `given` (hex, any case) is one of `expected` (lower-case hex), in constant time
+// over the signature's bytes.
+bool HexMatches(std::string_view given, const std::vector<std::string>& expected) {
+  std::string lower(given);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  bool matched = false;
+  for (const std::string& e : expected) {
+    if (lower.size() == e.size() && CRYPTO_memcmp(lower.data(), e.data(), e.size()) == 0) {
+      matched = true;
+    }
+  }
+  return matched;
+}
+
+}  // namespace
+
+Status VerifyStripe(std::span<const std::string> secrets, std::string_view signature_header,
+                    std::string_view body, int64_t now_seconds, std::chrono::seconds tolerance,
+                    int64_t* timestamp) {
+  if (signature_header.empty()) {
+    return Unauthenticated("Stripe-Signature is required", "missing_headers");
+  }
+  std::string_view t;
+  std::vector<std::string_view> v1;
+  for (std::string_view rest = signature_header; !rest.empty();) {
+    const size_t comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    if (item.substr(0, 2) == "t=") t = item.substr(2);
+    if (item.substr(0, 3) == "v1=") v1.push_back(item.substr(3));
+  }
+  int64_t ts = 0;
+  auto r = std::from_chars(t.data(), t.data() + t.size(), ts);
+  if (t.empty() || r.ec != std::errc() || r.ptr != t.data() + t.size()) {
+    return Unauthenticated("Stripe-Signature has no integer t=", "bad_timestamp");
+  }
+  if (ts < now_seconds - tolerance.count()) {
+    return Unauthenticated("Stripe-Signature t= is too old", "stale_timestamp");
+  }
+  if (ts > now_seconds + tolerance.count()) {
+    return Unauthenticated("Stripe-Signature t= is in the future", "future_timestamp");
+  }
+  std::vector<std::string> expected;
+  const std::string signed_payload = std::string(t) + "." + std::string(body);
+  for (const std::string& secret : secrets) {
+    expected.push_back(HmacSha256Hex(secret, signed_payload));
+  }
+  bool matched = false;
+  for (std::string_view sig : v1) matched = HexMatches(sig, expected) || matched;
+  if (!matched) return Unauthenticated("no Stripe v1 signature matches", "bad_signature");
+  if (timestamp != nullptr) *timestamp = ts;
+  return OkStatus();
+}
+
+Status VerifyGitHub(std::span<const std::string> secrets, std::string_view signature_header,
+                    std::string_view body) {
+  if (signature_header.empty()) {
+    return Unauthenticated("X-Hub-Signature-256 is required", "missing_headers");
+  }
+  if (signature_header.substr(0, 7) != "sha256=") {
+    return Unauthenticated("X-Hub-Signature-256 is not sha256=<hex>", "bad_signature");
+  }
+  std::vector<std::string> expected;
+  for (const std::string& secret : secrets) expected.push_back(HmacSha256Hex(secret, body));
+  if (!HexMatches(signature_header.substr(7), expected)) {
+    return Unauthenticated("the GitHub signature does not match", "bad_signature");
+  }
   return OkStatus();
 }
 

@@ -116,21 +116,50 @@ Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, S
       const std::string* v = req.Header(n);
       return v ? *v : std::string();
     };
-    VerifiedWebhook hook{header("webhook-id"), 0, req.body};
-    const std::string timestamp = header("webhook-timestamp");
+    auto labels = [&o](Metrics::Labels l) {
+      if (!o.endpoint.empty()) l.emplace_back("endpoint", o.endpoint);
+      return l;
+    };
+    VerifiedWebhook hook{"", 0, req.body};
+    const int64_t now_s = clock->NowMillis() / 1000;
+    const auto tolerance = std::chrono::duration_cast<std::chrono::seconds>(o.tolerance);
     // Verify before anything is stored or even parsed.
-    Status v = webhook::Verify(o.secrets, hook.id, timestamp,
-                               header("webhook-signature"), req.body, clock->NowMillis() / 1000,
-                               std::chrono::duration_cast<std::chrono::seconds>(o.tolerance));
+    Status v;
+    switch (o.scheme) {
+      case WebhookScheme::kStandard: {
+        hook.id = header("webhook-id");
+        const std::string timestamp = header("webhook-timestamp");
+        v = webhook::Verify(o.secrets, hook.id, timestamp, header("webhook-signature"),
+                            req.body, now_s, tolerance);
+        std::from_chars(timestamp.data(), timestamp.data() + timestamp.size(), hook.timestamp);
+        break;
+      }
+      case WebhookScheme::kStripe:
+        v = webhook::VerifyStripe(o.secrets, header("Stripe-Signature"), req.body, now_s,
+                                  tolerance, &hook.timestamp);
+        if (v.ok()) {
+          const json event = json::parse(req.body, nullptr, false);
+          if (event.is_object() && event.contains("id") && event["id"].is_string()) {
+            hook.id = event["id"].get<std::string>();
+          }
+        }
+        break;
+      case WebhookScheme::kGitHub:
+        v = webhook::VerifyGitHub(o.secrets, header("X-Hub-Signature-256"), req.body);
+        hook.id = header("X-GitHub-Delivery");
+        hook.timestamp = now_s;
+        break;
+    }
     if (!v.ok()) {
-      if (o.metrics) o.metrics->Add("webhooks_rejected_total", {{"reason", v.reason()}});
+      if (o.metrics) o.metrics->Add("webhooks_rejected_total", labels({{"reason", v.reason()}}));
       return Problem(401, "Unauthorized", "webhook signature verification failed: " + v.reason(),
                      "webhook-signature");
     }
-    if (hook.id.size() > 255) {
-      return Problem(400, "Bad Request", "webhook-id is too long", "invalid-webhook");
+    if (hook.id.empty() || hook.id.size() > 255) {
+      if (o.metrics) o.metrics->Add("webhooks_rejected_total", labels({{"reason", "bad_id"}}));
+      return Problem(400, "Bad Request", "the delivery id is missing or longer than 255 bytes",
+                     "invalid-webhook");
     }
-    std::from_chars(timestamp.data(), timestamp.data() + timestamp.size(), hook.timestamp);
     if (o.validate) {
       if (std::optional<Response> early = o.validate(hook)) return std::move(*early);
     }
@@ -146,7 +175,8 @@ Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, S
     });
     if (!st.ok()) return StoreProblem(st);
     if (o.metrics) {
-      o.metrics->Add("webhooks_received_total", {{"duplicate", duplicate ? "true" : "false"}});
+      o.metrics->Add("webhooks_received_total",
+                     labels({{"duplicate", duplicate ? "true" : "false"}}));
     }
     return NoContent();
   };

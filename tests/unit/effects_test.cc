@@ -111,6 +111,21 @@ TEST_F(EffectsTest, TransientFailuresRetryThenParkAndReplayExecutesAgain) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM effects WHERE state = 'done'"), 1);
 }
 
+// A callee that says when to come back (Retry-After) is not called sooner, however short
+// the backoff would have been.
+TEST_F(EffectsTest, ATransientErrorsRetryAfterIsHonoured) {
+  Record("receipt:p1");
+  provider_.fail_with = UnavailableError("busy").WithRetryAfter(30'000);
+  ASSERT_EQ(*runner_->RunOnce(), 1u);
+  provider_.fail_with = Status();
+  clock_.Advance(Millis(29'000));
+  EXPECT_EQ(*runner_->RunOnce(), 0u);  // not due yet
+  EXPECT_EQ(calls_, 1);
+  clock_.Advance(Millis(1'000));
+  EXPECT_EQ(*runner_->RunOnce(), 1u);
+  EXPECT_EQ(calls_, 2);
+}
+
 TEST_F(EffectsTest, PermanentFailureParksAtOnce) {
   Record("receipt:p1");
   provider_.fail_with = InvalidArgumentError("bad address");

@@ -78,5 +78,43 @@ TEST(Webhook, Base64AcceptsPaddingOnlyAtTheEnd) {
   EXPECT_EQ(webhook::Base64Decode("").value_or("?"), "");
 }
 
+// Vectors computed with Python's hmac module, independently of this code.
+TEST(Webhook, StripeSignaturesVerifyWithinToleranceAndUnderRotation) {
+  const std::string body = R"({"id":"evt_1"})";
+  const std::string sig = "c89214b5b5da833daed6f0b8c5bb6bd58cea9022bd80ccc78230f3942d632925";
+  const std::vector<std::string> secrets = {"whsec_old", "whsec_test"};
+  int64_t t = 0;
+  EXPECT_TRUE(webhook::VerifyStripe(secrets, "t=1700000000,v1=" + sig, body, 1700000010,
+                                    std::chrono::minutes(5), &t)
+                  .ok());
+  EXPECT_EQ(t, 1700000000);
+  EXPECT_TRUE(
+      webhook::VerifyStripe(secrets, "t=1700000000,v1=00ff,v0=x,v1=" + sig, body, 1700000000).ok());
+  auto reason = [&](const std::string& header, const std::string& b, int64_t now) {
+    return webhook::VerifyStripe(secrets, header, b, now).reason();
+  };
+  EXPECT_EQ(reason("t=1700000000,v1=" + sig, body + " ", 1700000000), "bad_signature");
+  EXPECT_EQ(reason("t=1700000001,v1=" + sig, body, 1700000000), "bad_signature");
+  EXPECT_EQ(reason("t=1700000000,v1=" + sig, body, 1700000000 + 301), "stale_timestamp");
+  EXPECT_EQ(reason("t=1700000000,v1=" + sig, body, 1700000000 - 301), "future_timestamp");
+  EXPECT_EQ(reason("v1=" + sig, body, 1700000000), "bad_timestamp");
+  EXPECT_EQ(reason("", body, 1700000000), "missing_headers");
+  EXPECT_EQ(webhook::VerifyStripe(std::vector<std::string>{"whsec_old"}, "t=1700000000,v1=" + sig,
+                                  body, 1700000000)
+                .reason(),
+            "bad_signature");
+}
+
+TEST(Webhook, GitHubSignaturesVerify) {
+  const std::string body = R"({"zen":"hi"})";
+  const std::string sig = "3559d0aae4ca9044d1282762c0b6adb3485fd40793ab2d47df22369b8e0dc882";
+  const std::vector<std::string> secrets = {"gh-secret"};
+  EXPECT_TRUE(webhook::VerifyGitHub(secrets, "sha256=" + sig, body).ok());
+  EXPECT_EQ(webhook::VerifyGitHub(secrets, "sha256=" + sig, body + "\n").reason(), "bad_signature");
+  EXPECT_EQ(webhook::VerifyGitHub(secrets, "sha1=" + sig, body).reason(), "bad_signature");
+  EXPECT_EQ(webhook::VerifyGitHub(secrets, "", body).reason(), "missing_headers");
+  EXPECT_EQ(webhook::HmacSha256Hex("gh-secret", body), sig);
+}
+
 }  // namespace
 }  // namespace converge
