@@ -41,6 +41,8 @@ void AddDlqCommands(CLI::App& app, int* exit_code);
 void AddServiceCommands(CLI::App& app, int* exit_code);
 // proxy: the Idempotency-Key reverse proxy.
 void AddProxyCommand(CLI::App& app, int* exit_code);
+// gateway: webhooks in, delivered at least once to internal targets.
+void AddGatewayCommand(CLI::App& app, int* exit_code);
 
 }  // namespace converge::cli
 

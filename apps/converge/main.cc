@@ -133,6 +133,7 @@ int main(int argc, char** argv) {
   converge::cli::AddDlqCommands(app, &exit_code);
   converge::cli::AddServiceCommands(app, &exit_code);
   converge::cli::AddProxyCommand(app, &exit_code);
+  converge::cli::AddGatewayCommand(app, &exit_code);
 
   converge::Status fp = converge::failpoint::ConfigureFromEnv();
   if (!fp.ok()) {

@@ -3,7 +3,10 @@
 #include <cstdio>
 #include <fstream>
 
+#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+
+#include "converge/http.h"
 
 namespace converge::cli {
 
@@ -45,6 +48,27 @@ bool WritePortFile(const std::string& path, uint16_t port) {
     if (!f) return false;
   }
   return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+void AddModeFlags(CLI::App* c, ModeFlags* f, const std::string& config_help) {
+  c->add_option("--config", f->config, config_help)->required()->check(CLI::ExistingFile);
+  c->add_option("--listen", f->listen, "host:port to listen on (overrides the config's)");
+  c->add_option("--port-file", f->port_file, "Write the bound port here once listening");
+  c->add_option("--log-level", f->log_level,
+                "trace|debug|info|warn|error (overrides the config's)");
+}
+
+bool ApplyModeFlags(const char* mode, const Status& loaded, const ModeFlags& f,
+                    std::string* address, uint16_t* port, std::string* log_level) {
+  Status st = loaded;
+  if (st.ok() && !f.listen.empty()) st = http::ParseHostPort(f.listen, address, port);
+  if (!st.ok()) {
+    std::fprintf(stderr, "converge %s: %s\n", mode, st.message().c_str());
+    return false;
+  }
+  if (!f.log_level.empty()) *log_level = f.log_level;
+  SetUpLogging(*log_level);
+  return true;
 }
 
 void SetUpLogging(const std::string& level) {

@@ -11,7 +11,23 @@
 
 #include "converge/status.h"
 
+namespace CLI {
+class App;
+}
+
 namespace converge::cli {
+
+// The flags every server mode (proxy, gateway) takes besides its configuration's keys.
+struct ModeFlags {
+  std::string config, listen, port_file, log_level;
+};
+// Adds --config (required, `config_help`), --listen, --port-file and --log-level.
+void AddModeFlags(CLI::App* command, ModeFlags* flags, const std::string& config_help);
+// After loading the configuration (`loaded`: its error, or OK): says what is wrong on
+// stderr as "converge <mode>: ..." and returns false, or applies --listen and --log-level
+// over the configuration's values, sets up logging and returns true.
+bool ApplyModeFlags(const char* mode, const Status& loaded, const ModeFlags& flags,
+                    std::string* address, uint16_t* port, std::string* log_level);
 
 // Blocks SIGINT/SIGTERM in every thread started after this, so sigwait can take them.
 sigset_t BlockStopSignals();

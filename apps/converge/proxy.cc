@@ -35,14 +35,7 @@ struct ProxyConfig {
 // Loads and checks `path` (docs/design/proxy.md lists every key).
 Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
   ProxyConfig c;
-  toml::table root;
-  try {
-    root = toml::parse_file(path);
-  } catch (const toml::parse_error& e) {
-    return tl::unexpected(InvalidArgumentError("config " + path + ": " +
-                                               std::string(e.description()) + " at line " +
-                                               std::to_string(e.source().begin.line)));
-  }
+  CONVERGE_ASSIGN_OR_RETURN(toml::table root, ConfigReader::ParseFile(path));
   ConfigReader r(root);
   CONVERGE_RETURN_IF_ERROR(r.Known(
       {{"proxy",
@@ -85,26 +78,24 @@ Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
       r.Int("server", "header_limit", &c.server.header_limit, 1024, 1 << 20));
   CONVERGE_RETURN_IF_ERROR(
       r.Int("server", "max_connections", &c.server.max_connections, 1, 1'000'000));
+  CONVERGE_RETURN_IF_ERROR(r.Int("server", "worker_threads", &c.server.worker_threads, 1, 1024));
   CONVERGE_RETURN_IF_ERROR(
-      r.Int("server", "worker_threads", &c.server.worker_threads, 1, 1024));
-  if (const toml::array* routes = root["route"].as_array()) {
-    for (const auto& element : *routes) {
-      toml::table one;
-      one.insert("route", *element.as_table());
-      ConfigReader rr(one);
-      http::ProxyRoute route;
-      std::string key = "required";
-      CONVERGE_RETURN_IF_ERROR(rr.String("route", "method", &route.method));
-      CONVERGE_RETURN_IF_ERROR(rr.String("route", "path", &route.pattern));
-      CONVERGE_RETURN_IF_ERROR(rr.String("route", "key", &key));
-      if (key != "required" && key != "optional") {
-        return tl::unexpected(InvalidArgumentError(
-            "config: route.key must be \"required\" or \"optional\", not '" + key + "'"));
-      }
-      route.key_required = key == "required";
-      c.proxy.routes.push_back(std::move(route));
-    }
-  }
+      ConfigReader::ForEachTable(root, "route", [&](ConfigReader rr) -> Status {
+        http::ProxyRoute route;
+        std::string key = "required";
+        CONVERGE_RETURN_IF_ERROR(rr.String("route", "method", &route.method));
+        CONVERGE_RETURN_IF_ERROR(rr.String("route", "path", &route.pattern));
+        CONVERGE_RETURN_IF_ERROR(rr.String("route", "key", &key));
+        if (key != "required" && key != "optional") {
+          return InvalidArgumentError(
+              "config: route.key must be \"required\" or \"optional\", "
+              "not '" +
+              key + "'");
+        }
+        route.key_required = key == "required";
+        c.proxy.routes.push_back(std::move(route));
+        return OkStatus();
+      }));
   if (c.proxy.routes.empty()) {
     return tl::unexpected(InvalidArgumentError(
         "config: no [[route]]: name at least one method and path that takes an "
@@ -113,24 +104,12 @@ Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
   return c;
 }
 
-struct ProxyFlags {
-  std::string config, listen, port_file, log_level;
-};
-
-int RunProxy(const ProxyFlags& f) {
+int RunProxy(const ModeFlags& f) {
   auto cfg = LoadProxyConfig(f.config);
-  if (!cfg) {
-    std::fprintf(stderr, "converge proxy: %s\n", cfg.error().message().c_str());
+  if (!ApplyModeFlags("proxy", cfg ? OkStatus() : cfg.error(), f, cfg ? &cfg->address : nullptr,
+                      cfg ? &cfg->port : nullptr, cfg ? &cfg->log_level : nullptr)) {
     return 2;
   }
-  if (!f.listen.empty()) {
-    if (Status st = http::ParseHostPort(f.listen, &cfg->address, &cfg->port); !st.ok()) {
-      std::fprintf(stderr, "converge proxy: %s\n", st.message().c_str());
-      return 2;
-    }
-  }
-  if (!f.log_level.empty()) cfg->log_level = f.log_level;
-  SetUpLogging(cfg->log_level);
   cfg->proxy.scope = cfg->scope == "bearer" ? http::ScopeFromBearer
                                             : http::ScopeFromHeader(cfg->scope.substr(7));
   if (Status st = http::ValidateIdempotencyProxyOptions(cfg->proxy, cfg->keys); !st.ok()) {
@@ -176,16 +155,10 @@ int RunProxy(const ProxyFlags& f) {
 }  // namespace
 
 void AddProxyCommand(CLI::App& app, int* exit_code) {
-  auto f = std::make_shared<ProxyFlags>();
+  auto f = std::make_shared<ModeFlags>();
   CLI::App* c = app.add_subcommand(
       "proxy", "An Idempotency-Key reverse proxy in front of any HTTP API (docs/design/proxy.md)");
-  c->add_option("--config", f->config, "TOML file: upstream, routes, scope, limits")
-      ->required()
-      ->check(CLI::ExistingFile);
-  c->add_option("--listen", f->listen, "host:port to listen on (overrides proxy.listen)");
-  c->add_option("--port-file", f->port_file, "Write the bound port here once listening");
-  c->add_option("--log-level", f->log_level,
-                "trace|debug|info|warn|error (overrides proxy.log_level)");
+  AddModeFlags(c, f.get(), "TOML file: upstream, routes, scope, limits");
   c->callback([f, exit_code] { *exit_code = RunProxy(*f); });
 }
 

@@ -26,6 +26,31 @@ class ConfigReader {
  public:
   explicit ConfigReader(const toml::table& root) : root_(root) {}
 
+  // The TOML file at `path`; kInvalidArgument with the parser's message and line.
+  static Result<toml::table> ParseFile(const std::string& path) {
+    try {
+      return toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+      return tl::unexpected(InvalidArgumentError("config " + path + ": " +
+                                                 std::string(e.description()) + " at line " +
+                                                 std::to_string(e.source().begin.line)));
+    }
+  }
+
+  // Calls fn(reader) for each table of the array of tables [[name]] in `root`, the reader
+  // seeing that one table as section `name`. Stops at the first error.
+  template <class Fn>
+  static Status ForEachTable(const toml::table& root, const char* name, Fn fn) {
+    const toml::array* tables = root[name].as_array();
+    if (tables == nullptr) return OkStatus();
+    for (const auto& element : *tables) {
+      toml::table one;
+      one.insert(name, *element.as_table());
+      CONVERGE_RETURN_IF_ERROR(fn(ConfigReader(one)));
+    }
+    return OkStatus();
+  }
+
   // Checks that each section has only the keys `schema` lists for it ("*": any key) and
   // that no unknown section exists. A section may be a table ([name]) or an array of
   // tables ([[name]]), each checked alike.

@@ -3,11 +3,6 @@
 // is not an outcome is not stored, a proxy killed between the upstream's answer and the
 // store loses nothing and (with an upstream that dedupes on the forwarded key) doubles
 // nothing, and each bad request gets its status.
-#include <fcntl.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <fstream>
 #include <memory>
@@ -20,6 +15,7 @@
 
 #include "converge/http.h"
 #include "harness/serve_process.h"
+#include "tests/e2e/support.h"
 #include "tests/unit/test_util.h"
 
 namespace converge {
@@ -29,46 +25,12 @@ using harness::ServeProcess;
 using http::Response;
 using json = nlohmann::json;
 
-// The Python upstream, a child process on a free port.
-class Upstream {
- public:
-  explicit Upstream(const std::string& dir) : port_file_(dir + "/upstream.port") {
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int fd = open((dir + "/upstream.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      execlp("python3", "python3", CONVERGE_SOURCE_DIR "/tests/proxy/upstream.py",
-             port_file_.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-  }
-  ~Upstream() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  bool WaitReady() {
-    return testing::WaitUntil([&] {
-      std::ifstream f(port_file_);
-      return static_cast<bool>(f >> port_);
-    });
-  }
-  std::string Url(const std::string& path) const {
-    return "http://127.0.0.1:" + std::to_string(port_) + path;
-  }
-
- private:
-  std::string port_file_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
-
 class ProxyE2E : public ::testing::Test {
  protected:
   void SetUp() override {
-    upstream_ = std::make_unique<Upstream>(dir_.path());
+    upstream_ = std::make_unique<testing::PythonPeer>(
+        dir_.path(), "upstream", CONVERGE_SOURCE_DIR "/tests/proxy/upstream.py",
+        std::vector<std::string>{"{port_file}"});
     ASSERT_TRUE(upstream_->WaitReady()) << "the Python upstream did not start";
     WriteConfig("");
     proxy_ = std::make_unique<ServeProcess>(ServeProcess::Options{
@@ -120,7 +82,7 @@ class ProxyE2E : public ::testing::Test {
 
   testing::TempDir dir_;
   std::string config_ = dir_.File("proxy.toml");
-  std::unique_ptr<Upstream> upstream_;
+  std::unique_ptr<testing::PythonPeer> upstream_;
   std::unique_ptr<ServeProcess> proxy_;
   http::Client client_;
 };

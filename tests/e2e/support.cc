@@ -152,4 +152,44 @@ bool RawConnection::ClosedByPeer(std::chrono::milliseconds timeout) {
   return closed_;
 }
 
+PythonPeer::PythonPeer(const std::string& dir, const std::string& name,
+                       const std::string& script, std::vector<std::string> args)
+    : port_file_(dir + "/" + name + ".port") {
+  const std::string log = dir + "/" + name + ".log";
+  std::vector<std::string> argv_strings = {"python3", script};
+  for (std::string& a : args) argv_strings.push_back(a == "{port_file}" ? port_file_ : a);
+  std::vector<char*> argv;
+  for (std::string& a : argv_strings) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_ = fork();
+  if (pid_ == 0) {
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    execvp("python3", argv.data());
+    _exit(127);
+  }
+}
+
+PythonPeer::~PythonPeer() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+}
+
+bool PythonPeer::WaitReady() {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::ifstream f(port_file_);
+    if (f >> port_) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
+std::string PythonPeer::Url(const std::string& path) const {
+  return "http://127.0.0.1:" + std::to_string(port_) + path;
+}
+
 }  // namespace converge::testing

@@ -67,6 +67,27 @@ class RawConnection {
   bool closed_ = false;
 };
 
+// A peer written in Python (an upstream, a webhook target): `python3 SCRIPT ARGS...` as a
+// child process whose output goes to DIR/NAME.log. The script writes its port to the file
+// it is given (PortFile()) once it listens. Killed (SIGKILL) on destruction.
+class PythonPeer {
+ public:
+  PythonPeer(const std::string& dir, const std::string& name, const std::string& script,
+             std::vector<std::string> args);
+  ~PythonPeer();
+  PythonPeer(const PythonPeer&) = delete;
+  PythonPeer& operator=(const PythonPeer&) = delete;
+  std::string PortFile() const { return port_file_; }
+  // Waits, bounded, until the port file exists; false if it never did.
+  bool WaitReady();
+  std::string Url(const std::string& path) const;
+
+ private:
+  std::string port_file_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
 }  // namespace converge::testing
 
 #endif  // CONVERGE_TESTS_E2E_SUPPORT_H_
