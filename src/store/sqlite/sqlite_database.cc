@@ -149,7 +149,7 @@ class Connection {
   };
 
   Result<Prepared*> Prepare(std::string_view sql) {
-    auto it = cache_.find(std::string(sql));
+    auto it = cache_.find(sql);  // no copy of the SQL text to look it up
     if (it != cache_.end()) return &it->second;
     if (cache_.size() >= kMaxCachedStatements) {
       for (auto& [text, stmt] : cache_) sqlite3_finalize(stmt.stmt);
@@ -219,7 +219,11 @@ class Connection {
 
   static constexpr size_t kMaxCachedStatements = 512;
   sqlite3* db_ = nullptr;
-  std::unordered_map<std::string, Prepared> cache_;
+  struct TextHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
+  };
+  std::unordered_map<std::string, Prepared, TextHash, std::equal_to<>> cache_;
 };
 
 // SQLite's words for what differs between backends (dialect.h, src/core/schema/).
@@ -473,7 +477,8 @@ class SqliteDatabase : public Database {
   bool RunJob(Job* job) {
     job->hooks.clear();
     for (int attempt = 1;; ++attempt) {
-      Status st = writer_conn_.ExecScript("SAVEPOINT cv_job");
+      // Prepared once (Run caches it), where ExecScript would parse it every call.
+      Status st = writer_conn_.Run("SAVEPOINT cv_job", {}, nullptr, nullptr);
       if (!st.ok()) {
         job->status = st;
         return !sqlite3_get_autocommit(writer_conn_.db());
@@ -487,7 +492,7 @@ class SqliteDatabase : public Database {
         return false;
       }
       if (st.ok()) {
-        st = writer_conn_.ExecScript("RELEASE cv_job");
+        st = writer_conn_.Run("RELEASE cv_job", {}, nullptr, nullptr);
         if (st.ok()) job->hooks = tx.TakeCommitHooks();
         job->status = st;
         return true;
