@@ -14,6 +14,8 @@
 // b/r2 and b/r1. With --sweep it also runs (b) at other caller counts, and with --json it
 // writes every sample for bench/plot.sh. Run by `make bench`; see docs/benchmarks.md.
 #include <sqlite3.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,14 +86,17 @@ struct Fixture {
   // One idempotent create with a unique key.
   bool Create(int64_t n) {
     std::string id = "p" + std::to_string(n);
+    // The event is prepared (id, checks, envelope) on this thread, not on the writer.
+    converge::Event e;
+    e.type = "payment.captured";
+    e.subject = id;
+    e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
+    auto event = outbox.Prepare(std::move(e));
+    if (!event) Die("prepare: " + event.error().ToString());
     auto r = keys->Execute({"bench", id, id}, [&](Tx& tx) -> Result<StoredResponse> {
       CONVERGE_RETURN_IF_ERROR(
           tx.Exec("INSERT INTO payments (id, amount) VALUES ($1, $2)", id, n % 1000));
-      converge::Event e;
-      e.type = "payment.captured";
-      e.subject = id;
-      e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
-      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, e));
+      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, *event));
       return StoredResponse{201, {}, "{\"id\":\"" + id + "\"}"};
     });
     if (!r) std::fprintf(stderr, "create: %s\n", r.error().ToString().c_str());
@@ -110,9 +116,42 @@ double Serial(double seconds, bool full) {
   return n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
 }
 
+// CPU seconds this process has used, and the most any one of its live threads has used:
+// during a group run that thread is the writer (each caller does 1/callers of the
+// callers' work). CPU per call barely moves with the load other processes put on the
+// machine, where rates do: it is what the writer levers are judged by.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+double BusiestThreadCpuSeconds() {
+  double best = 0;
+  const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(task.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // Fields after the ")" that closes the thread name: state is 3rd, utime 14th, stime 15th.
+    size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream fields(stat.substr(close + 2));
+    std::string f;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> f; ++i) {
+      if (i == 14) utime = std::stod(f);
+      if (i == 15) stime = std::stod(f);
+    }
+    best = std::max(best, (utime + stime) / tick);
+  }
+  return best;
+}
+
 struct GroupResult {
   double rate = 0;
   double avg_batch = 0;
+  double writer_us = 0;   // CPU of the busiest thread (the writer) per create
+  double process_us = 0;  // CPU of the whole process per create
   std::string envelope;  // one outbox payload the run wrote: the raw runs copy its size
 };
 
@@ -121,6 +160,7 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
+  const double writer0 = BusiestThreadCpuSeconds(), cpu0 = ProcessCpuSeconds();
   auto t0 = SteadyClock::now();
   for (int i = 0; i < callers; ++i) {
     threads.emplace_back([&] {
@@ -134,6 +174,8 @@ GroupResult Group(double seconds, int callers, bool full) {
   for (auto& t : threads) t.join();
   GroupResult g;
   g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  g.writer_us = (BusiestThreadCpuSeconds() - writer0) * 1e6 / next.load();
+  g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
   auto s = f.db->stats();
   // The CREATE TABLE ran before the clock: leave it out of the batch average.
   g.avg_batch = s.commits > 1 ? static_cast<double>(s.transactions - 1) / (s.commits - 1) : 0;
@@ -187,14 +229,17 @@ class RawCreates {
     sqlite3_close_v2(db_);
   }
 
-  // `calls` creates, committing every `batch` of them; returns creates/s.
-  double Run(int64_t calls, int64_t batch) {
+  // `calls` creates, committing every `batch` of them; returns creates/s. `cpu_us`: CPU
+  // microseconds per create.
+  double Run(int64_t calls, int64_t batch, double* cpu_us) {
+    const double cpu0 = ProcessCpuSeconds();
     auto t0 = SteadyClock::now();
     for (int64_t done = 0; done < calls;) {
       Exec("BEGIN IMMEDIATE");
       for (int64_t i = 0; i < batch && done < calls; ++i, ++done) Create(done);
       Exec("COMMIT");
     }
+    *cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
     return calls / std::chrono::duration<double>(SteadyClock::now() - t0).count();
   }
 
@@ -277,11 +322,12 @@ class RawCreates {
   std::string envelope_;
 };
 
-double Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope) {
+double Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope,
+           double* cpu_us) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
   RawCreates raw(f.path, full, envelope);
-  return raw.Run(calls, batch);
+  return raw.Run(calls, batch, cpu_us);
 }
 
 struct Summary {
@@ -324,7 +370,7 @@ int main(int argc, char** argv) {
   std::printf("idempotent creates (key + business row + outbox row), SQLite WAL synchronous=%s\n",
               full ? "FULL" : "NORMAL");
   std::printf("%d round(s), modes interleaved in each, every run on a fresh file\n", rounds);
-  std::vector<double> a, b, r1, r2, batches;
+  std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us;
   std::map<int, std::vector<double>> swept;
   for (int r = 0; r < rounds; ++r) {
     std::fprintf(stderr, "  round %d/%d: serial...", r + 1, rounds);
@@ -333,11 +379,15 @@ int main(int argc, char** argv) {
     GroupResult g = Group(seconds, callers, full);
     b.push_back(g.rate);
     batches.push_back(g.avg_batch);
+    writer_us.push_back(g.writer_us);
+    process_us.push_back(g.process_us);
     std::fprintf(stderr, " raw r1...");
-    r1.push_back(Raw(raw_calls, raw_calls, full, g.envelope));
+    double cpu_us = 0;
+    r1.push_back(Raw(raw_calls, raw_calls, full, g.envelope, &cpu_us));
+    r1_us.push_back(cpu_us);
     const int64_t batch = std::max<int64_t>(1, std::llround(g.avg_batch));
     std::fprintf(stderr, " raw r2 (batch %lld)...", static_cast<long long>(batch));
-    r2.push_back(Raw(raw_calls, batch, full, g.envelope));
+    r2.push_back(Raw(raw_calls, batch, full, g.envelope, &cpu_us));
     for (int c : sweep) {
       std::fprintf(stderr, " group(%d)...", c);
       swept[c].push_back(Group(seconds, c, full).rate);
@@ -369,6 +419,11 @@ int main(int argc, char** argv) {
               "b/r1 = %.2f (%.2f..%.2f, target >= 0.40)\n",
               sb.median / sa.median, q2.median, q2.min, q2.max, q1.median, q1.min, q1.max);
 
+  Summary wu = Summarize(writer_us), pu = Summarize(process_us), ru = Summarize(r1_us);
+  std::printf("  CPU per create: (b) writer thread %.1f us (%.1f..%.1f), whole process %.1f us "
+              "(%.1f..%.1f); (r1) %.1f us (%.1f..%.1f)\n",
+              wu.median, wu.min, wu.max, pu.median, pu.min, pu.max, ru.median, ru.min, ru.max);
+
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "sqlite_creates"},
                         {"synchronous", full ? "FULL" : "NORMAL"},
@@ -381,7 +436,10 @@ int main(int argc, char** argv) {
                         {"raw_one_tx", r1},
                         {"raw_batched", r2},
                         {"b_over_r2", b_r2},
-                        {"b_over_r1", b_r1}};
+                        {"b_over_r1", b_r1},
+                        {"writer_cpu_us", writer_us},
+                        {"process_cpu_us", process_us},
+                        {"raw_one_tx_cpu_us", r1_us}};
     nlohmann::json sw = nlohmann::json::object();
     for (const auto& [c, v] : swept) sw[std::to_string(c)] = v;
     j["group_by_callers"] = sw;
