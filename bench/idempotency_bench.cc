@@ -152,6 +152,7 @@ struct GroupResult {
   double avg_batch = 0;
   double writer_us = 0;   // CPU of the busiest thread (the writer) per create
   double process_us = 0;  // CPU of the whole process per create
+  std::vector<double> latency_ms;  // every create's, call to return, sorted
   std::string envelope;  // one outbox payload the run wrote: the raw runs copy its size
 };
 
@@ -162,10 +163,14 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::vector<std::thread> threads;
   const double writer0 = BusiestThreadCpuSeconds(), cpu0 = ProcessCpuSeconds();
   auto t0 = SteadyClock::now();
+  std::vector<std::vector<double>> latencies(callers);
   for (int i = 0; i < callers; ++i) {
-    threads.emplace_back([&] {
+    threads.emplace_back([&, i] {
       while (!stop.load()) {
+        auto start = SteadyClock::now();
         if (!f.Create(next.fetch_add(1))) std::exit(1);
+        latencies[i].push_back(
+            std::chrono::duration<double, std::milli>(SteadyClock::now() - start).count());
       }
     });
   }
@@ -173,6 +178,8 @@ GroupResult Group(double seconds, int callers, bool full) {
   stop = true;
   for (auto& t : threads) t.join();
   GroupResult g;
+  for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
+  std::sort(g.latency_ms.begin(), g.latency_ms.end());
   g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
   g.writer_us = (BusiestThreadCpuSeconds() - writer0) * 1e6 / next.load();
   g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
@@ -334,6 +341,11 @@ struct Summary {
   double median, min, max;
 };
 
+double Percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  return sorted[std::min(sorted.size() - 1, static_cast<size_t>(p * sorted.size()))];
+}
+
 Summary Summarize(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return {v[v.size() / 2], v.front(), v.back()};
@@ -370,7 +382,8 @@ int main(int argc, char** argv) {
   std::printf("idempotent creates (key + business row + outbox row), SQLite WAL synchronous=%s\n",
               full ? "FULL" : "NORMAL");
   std::printf("%d round(s), modes interleaved in each, every run on a fresh file\n", rounds);
-  std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us;
+  std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us, p50, p99;
+  std::vector<double> last_latencies;  // the last round's, for the histogram
   std::map<int, std::vector<double>> swept;
   for (int r = 0; r < rounds; ++r) {
     std::fprintf(stderr, "  round %d/%d: serial...", r + 1, rounds);
@@ -380,6 +393,9 @@ int main(int argc, char** argv) {
     b.push_back(g.rate);
     batches.push_back(g.avg_batch);
     writer_us.push_back(g.writer_us);
+    p50.push_back(Percentile(g.latency_ms, 0.50));
+    p99.push_back(Percentile(g.latency_ms, 0.99));
+    last_latencies = std::move(g.latency_ms);
     process_us.push_back(g.process_us);
     std::fprintf(stderr, " raw r1...");
     double cpu_us = 0;
@@ -419,6 +435,9 @@ int main(int argc, char** argv) {
               "b/r1 = %.2f (%.2f..%.2f, target >= 0.40)\n",
               sb.median / sa.median, q2.median, q2.min, q2.max, q1.median, q1.min, q1.max);
 
+  Summary l50 = Summarize(p50), l99 = Summarize(p99);
+  std::printf("  (b) latency per create: p50 %.2f ms (%.2f..%.2f), p99 %.2f ms (%.2f..%.2f)\n",
+              l50.median, l50.min, l50.max, l99.median, l99.min, l99.max);
   Summary wu = Summarize(writer_us), pu = Summarize(process_us), ru = Summarize(r1_us);
   std::printf("  CPU per create: (b) writer thread %.1f us (%.1f..%.1f), whole process %.1f us "
               "(%.1f..%.1f); (r1) %.1f us (%.1f..%.1f)\n",
@@ -439,7 +458,17 @@ int main(int argc, char** argv) {
                         {"b_over_r1", b_r1},
                         {"writer_cpu_us", writer_us},
                         {"process_cpu_us", process_us},
-                        {"raw_one_tx_cpu_us", r1_us}};
+                        {"raw_one_tx_cpu_us", r1_us},
+                        {"group_p50_ms", p50},
+                        {"group_p99_ms", p99}};
+    // The last round's latencies in 0.25 ms buckets: bucket i counts [i/4, (i+1)/4) ms.
+    std::vector<int64_t> histogram;
+    for (double ms : last_latencies) {
+      size_t i = static_cast<size_t>(ms * 4);
+      if (histogram.size() <= i) histogram.resize(i + 1, 0);
+      ++histogram[i];
+    }
+    j["group_latency_histogram_quarter_ms"] = histogram;
     nlohmann::json sw = nlohmann::json::object();
     for (const auto& [c, v] : swept) sw[std::to_string(c)] = v;
     j["group_by_callers"] = sw;
