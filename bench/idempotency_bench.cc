@@ -116,9 +116,9 @@ double Serial(double seconds, bool full) {
   return n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
 }
 
-// CPU seconds this process has used, and the most any one of its live threads has used:
-// during a group run that thread is the writer (each caller does 1/callers of the
-// callers' work). CPU per call barely moves with the load other processes put on the
+// CPU seconds this process has used, and what each of its live threads has used: during
+// a group run the thread that used the most is the writer (each caller does 1/callers of
+// the callers' work). CPU per call barely moves with the load other processes put on the
 // machine, where rates do: it is what the writer levers are judged by.
 double ProcessCpuSeconds() {
   timespec ts{};
@@ -126,8 +126,8 @@ double ProcessCpuSeconds() {
   return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-double BusiestThreadCpuSeconds() {
-  double best = 0;
+std::map<std::string, double> ThreadCpuSeconds() {
+  std::map<std::string, double> out;
   const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
   for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
     std::ifstream in(task.path() / "stat");
@@ -142,7 +142,17 @@ double BusiestThreadCpuSeconds() {
       if (i == 14) utime = std::stod(f);
       if (i == 15) stime = std::stod(f);
     }
-    best = std::max(best, (utime + stime) / tick);
+    out[task.path().filename().string()] = (utime + stime) / tick;
+  }
+  return out;
+}
+
+// The most CPU any one thread used since `before` (threads absent then started at 0).
+double BusiestThreadCpuSince(const std::map<std::string, double>& before) {
+  double best = 0;
+  for (const auto& [tid, cpu] : ThreadCpuSeconds()) {
+    auto it = before.find(tid);
+    best = std::max(best, cpu - (it == before.end() ? 0 : it->second));
   }
   return best;
 }
@@ -161,7 +171,8 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
-  const double writer0 = BusiestThreadCpuSeconds(), cpu0 = ProcessCpuSeconds();
+  const auto threads0 = ThreadCpuSeconds();
+  const double cpu0 = ProcessCpuSeconds();
   auto t0 = SteadyClock::now();
   std::vector<std::vector<double>> latencies(callers);
   for (int i = 0; i < callers; ++i) {
@@ -181,7 +192,7 @@ GroupResult Group(double seconds, int callers, bool full) {
   for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
   std::sort(g.latency_ms.begin(), g.latency_ms.end());
   g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
-  g.writer_us = (BusiestThreadCpuSeconds() - writer0) * 1e6 / next.load();
+  g.writer_us = BusiestThreadCpuSince(threads0) * 1e6 / next.load();
   g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
   auto s = f.db->stats();
   // The CREATE TABLE ran before the clock: leave it out of the batch average.

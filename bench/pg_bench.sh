@@ -60,7 +60,7 @@ head='\set n random(1, 1000000000000)
 pgbench_tps() {  # $1: script, $2: database; prints tps
   pgbench -n -M extended -c 64 -j 2 -T "$secs" -f "$1" "$base/$2" > "$dir/pgbench.out" 2>&1 \
     || { cat "$dir/pgbench.out" >&2; exit 1; }
-  awk '/^tps = / {print $3; exit}' "$dir/pgbench.out"
+  awk '/^tps = / {printf "%.1f\n", $3; exit}' "$dir/pgbench.out"
 }
 
 # Rounds, the three creates modes interleaved in each, so every ratio compares runs made

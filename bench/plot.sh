@@ -46,7 +46,7 @@ if os.path.exists(pg):
     p = json.load(open(pg))
     with open(os.path.join(tmp, "pg.dat"), "w") as f:
         for i, (name, key) in enumerate([("converge", "converge"), ("pgbench", "pgbench"),
-                                         ("pgbench\\npipelined", "pgbench_pipelined")]):
+                                         ("pgbench pipelined", "pgbench_pipelined")]):
             f.write('%d "%s" %s\n' % (i, name, row(p[key])))
 PY
 
@@ -59,7 +59,7 @@ set title "SQLite idempotent creates, synchronous=$sync: group commit against ra
 set xlabel "concurrent callers"
 set ylabel "creates/s"
 set logscale x 2
-set yrange [0:*]
+set yrange [0:$r1 * 1.45]
 set key top left
 set grid
 plot "$tmp/group.dat" using 1:2:3:4 with yerrorlines lw 2 title "group commit (median, min..max)", \
@@ -71,9 +71,12 @@ set output "$out/sqlite_latency.svg"
 set title "SQLite group commit, $callers callers: latency per create (last round)"
 unset logscale x
 set xlabel "milliseconds (0.25 ms buckets)"
-set ylabel "creates"
+set ylabel "creates (log scale)"
 set style fill solid 0.6
 set boxwidth 0.25
+set logscale y
+set xrange [0:*]
+set yrange [0.8:*]
 set key off
 plot "$tmp/latency.dat" using 1:2 with boxes
 GP
@@ -81,7 +84,7 @@ echo "plot: wrote $out/sqlite_throughput.svg and $out/sqlite_latency.svg"
 
 if [ -f "$tmp/pg.dat" ]; then
   gnuplot <<GP
-set terminal svg size 640,420 dynamic font "sans,12"
+set terminal svg size 720,420 dynamic font "sans,12"
 set output "$out/pg_creates.svg"
 set title "PostgreSQL 15, 64 callers, fsync on: idempotent creates"
 set ylabel "creates/s (transactions/s)"
