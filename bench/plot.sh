@@ -78,7 +78,7 @@ set logscale y
 set xrange [0:*]
 set yrange [0.8:*]
 set key off
-plot "$tmp/latency.dat" using 1:2 with boxes
+plot "$tmp/latency.dat" using 1:2 with boxes title "creates"
 GP
 echo "plot: wrote $out/sqlite_throughput.svg and $out/sqlite_latency.svg"
 
@@ -94,7 +94,10 @@ set style fill solid 0.6
 set boxwidth 0.6
 set key off
 set grid y
-plot "$tmp/pg.dat" using 1:3:xtic(2) with boxes, "" using 1:3:4:5 with yerrorbars lc black pt 0
+# Titles on every series, even with the key off: SVG keeps them, and the default would be
+# the temporary file's path.
+plot "$tmp/pg.dat" using 1:3:xtic(2) with boxes title "median", \
+     "" using 1:3:4:5 with yerrorbars lc black pt 0 title "min..max"
 GP
   echo "plot: wrote $out/pg_creates.svg"
 fi
