@@ -120,14 +120,16 @@ function init(args) seq = 0; run = tostring(os.time()) end
 function request()
   seq = seq + 1
   return wrk.format("POST", "/v1/orders",
-    {["Authorization"] = "Bearer sk_bench", ["Idempotency-Key"] = "o-" .. run .. "-" .. tid .. "-" .. seq,
+    {["Authorization"] = "Bearer sk_bench",
+     ["Idempotency-Key"] = "o-" .. run .. "-" .. tid .. "-" .. seq,
      ["Content-Type"] = "application/json"}, '{"sku":"sku-1","quantity":1}')
 end
 LUA
 echo "  running library group commit for ${secs}s with $conns callers..." >&2
 "$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
   --json "$dir/library.json" > /dev/null 2>&1
-library=$(python3 -c "import json, sys; print('%.1f' % json.load(open(sys.argv[1]))['group'][0])" \
+library=$(python3 -c \
+  "import json, sys; print('%.1f' % json.load(open(sys.argv[1]))['group'][0])" \
   "$dir/library.json")
 run create1 -s "$dir/order.lua" "$orders"
 
@@ -138,7 +140,10 @@ while read -r name rps p50 p99 non2xx; do
 done < "$dir/results"
 printf "  %-8s %12s   (converge_bench group commit, %s callers, no HTTP)\n" library "$library" \
   "$conns"
-awk '{r[$1]=$2} END {printf "  replay/noop = %.2f (target >= 0.7)   create/noop = %.3f   create/replay = %.3f\n", r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
-awk -v lib="$library" '$1 == "create1" {printf "  create1/library = %.2f (target >= 0.5)\n", $2/lib}' "$dir/results"
+awk '{r[$1]=$2} END {
+  printf "  replay/noop = %.2f (target >= 0.7)   create/noop = %.3f   create/replay = %.3f\n",
+    r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
+awk -v lib="$library" '$1 == "create1" {
+  printf "  create1/library = %.2f (target >= 0.5)\n", $2/lib}' "$dir/results"
 stats=$(curl -s "$url/admin/stats" -H "Authorization: Bearer bench-admin-token")
 echo "  service after the run: $stats" | cut -c1-300

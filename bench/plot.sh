@@ -15,7 +15,8 @@ set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 RESULTS_DIR OUT_DIR" >&2; exit 2; }
 results="$1"
 out="$2"
-command -v gnuplot > /dev/null || { echo "plot: gnuplot is not installed (gnuplot-nox)" >&2; exit 1; }
+command -v gnuplot > /dev/null \
+  || { echo "plot: gnuplot is not installed (gnuplot-nox)" >&2; exit 1; }
 [ -f "$results/sqlite.json" ] || { echo "plot: $results/sqlite.json is missing" >&2; exit 1; }
 mkdir -p "$out"
 tmp=$(mktemp -d)
@@ -62,7 +63,8 @@ set logscale x 2
 set yrange [0:$r1 * 1.45]
 set key top left
 set grid
-plot "$tmp/group.dat" using 1:2:3:4 with yerrorlines lw 2 title "group commit (median, min..max)", \
+plot "$tmp/group.dat" using 1:2:3:4 with yerrorlines lw 2 \
+       title "group commit (median, min..max)", \
      $r1 with lines dt 2 lw 2 title "r1: raw sqlite3, one transaction", \
      $r2 with lines dt 3 lw 2 title "r2: raw sqlite3, $batch calls per commit", \
      $serial with lines dt 4 lw 2 title "serial: one commit per call"
