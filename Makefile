@@ -41,10 +41,15 @@ check-sanitizers: deps
 	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers
 	cd $(BUILD)-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
 
+# Results go to $(BENCH_OUT) as JSON, plots to docs/bench/ (docs/benchmarks.md).
+BENCH_OUT ?= $(BUILD)/bench-results
 bench: build
-	$(BUILD)/bench/converge_bench $(BENCH_ARGS)
+	mkdir -p $(BENCH_OUT)
+	$(BUILD)/bench/converge_bench --sweep 1,4,16 --json $(BENCH_OUT)/sqlite.json $(BENCH_ARGS)
+	$(BUILD)/bench/converge_e2e_bench --json $(BENCH_OUT)/e2e.json
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
-	bash bench/pg_bench.sh $(BUILD) $(PG_BENCH_SECONDS)
+	bash bench/pg_bench.sh $(BUILD) "$(PG_BENCH_SECONDS)" "$(PG_BENCH_ROUNDS)" $(BENCH_OUT)/pg.json
+	bash bench/plot.sh $(BENCH_OUT) docs/bench
 
 # A build of its own (clang, libFuzzer's coverage instrumentation, ASan+UBSan): the normal
 # g++ build is untouched. New inputs collect in $(BUILD)-fuzz/corpus/<target>/, failing

@@ -4,7 +4,12 @@
 #           path: key row, payment row, provider call, charge row, outbox event)
 #   replay  POST /v1/payments with keys that already completed (stored-response path)
 #   noop    GET /healthz: the HTTP layer's own ceiling on this machine
-# Prints requests/s, p50 and p99 latency for each, and the ratios to the ceiling.
+# then, single-phase (issue #10):
+#   create1 POST /v1/orders on the orders-lite example (bench/orders_server.cc): key row,
+#           order row and outbox event in one transaction, no provider call
+#   library converge_bench's group commit at the same concurrency, measured just before:
+#           the same kind of create without HTTP
+# Prints requests/s, p50 and p99 latency for each, and the ratios.
 #
 #   bench/http_bench.sh BUILD_DIR [SECONDS] [CONNECTIONS]
 set -euo pipefail
@@ -104,11 +109,41 @@ run noop "$url/healthz"
 run replay -s "$dir/replay.lua" "$url"
 run create -s "$dir/create.lua" "$url"
 
+"$build/bench/converge_orders_server" --db "sqlite:$dir/orders.db" \
+  --port-file "$dir/orders.port" --workers "$conns" > "$dir/orders.log" 2>&1 &
+pids+=($!)
+orders="http://127.0.0.1:$(wait_port_file "$dir/orders.port")"
+cat > "$dir/order.lua" <<'LUA'
+local n = 0
+function setup(thread) n = n + 1; thread:set("tid", n) end
+function init(args) seq = 0; run = tostring(os.time()) end
+function request()
+  seq = seq + 1
+  return wrk.format("POST", "/v1/orders",
+    {["Authorization"] = "Bearer sk_bench",
+     ["Idempotency-Key"] = "o-" .. run .. "-" .. tid .. "-" .. seq,
+     ["Content-Type"] = "application/json"}, '{"sku":"sku-1","quantity":1}')
+end
+LUA
+echo "  running library group commit for ${secs}s with $conns callers..." >&2
+"$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
+  --json "$dir/library.json" > /dev/null 2>&1
+library=$(python3 -c \
+  "import json, sys; print('%.1f' % json.load(open(sys.argv[1]))['group'][0])" \
+  "$dir/library.json")
+run create1 -s "$dir/order.lua" "$orders"
+
 echo "payments service over HTTP/1.1 keep-alive: wrk -t2 -c$conns -d${secs}s, SQLite synchronous=FULL"
 printf "  %-8s %12s %10s %10s %8s\n" mode "requests/s" p50 p99 non-2xx
 while read -r name rps p50 p99 non2xx; do
   printf "  %-8s %12s %10s %10s %8s\n" "$name" "$rps" "$p50" "$p99" "$non2xx"
 done < "$dir/results"
-awk '{r[$1]=$2} END {printf "  replay/noop = %.2f   create/noop = %.3f   create/replay = %.3f\n", r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
+printf "  %-8s %12s   (converge_bench group commit, %s callers, no HTTP)\n" library "$library" \
+  "$conns"
+awk '{r[$1]=$2} END {
+  printf "  replay/noop = %.2f (target >= 0.7)   create/noop = %.3f   create/replay = %.3f\n",
+    r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
+awk -v lib="$library" '$1 == "create1" {
+  printf "  create1/library = %.2f (target >= 0.5)\n", $2/lib}' "$dir/results"
 stats=$(curl -s "$url/admin/stats" -H "Authorization: Bearer bench-admin-token")
 echo "  service after the run: $stats" | cut -c1-300

@@ -1,26 +1,37 @@
-// Group commit benchmark: single-phase idempotent creates (idempotency key row + business
-// row + outbox row, one IdempotencyKeys::Execute each) on SQLite with synchronous=FULL,
-// measured three ways in one run:
+// Group commit benchmark against raw SQLite: single-phase idempotent creates (idempotency
+// key row + business row + outbox row, one IdempotencyKeys::Execute each) on SQLite WAL,
+// synchronous=FULL by default. Each round runs, one after the other on fresh files:
 //
-//   (a) serial:  one caller, so every call is its own physical transaction and fsync;
-//   (b) group:   64 concurrent callers; the writer batches them into shared commits;
-//   (c) ceiling: the same Execute calls, all inside one Transact on one thread: the CPU
-//                cost of the statements with one commit in total.
+//   (a)  serial:  one caller, so every call is its own physical transaction and fsync;
+//   (b)  group:   --callers concurrent callers; the writer batches them into commits;
+//   (r1) raw, one transaction: the create's statements through the sqlite3 C API
+//        (prepared once, the library's own schema, the same statement sequence and row
+//        sizes), every call in one transaction: what SQLite itself can do;
+//   (r2) raw, batched: the same, committing every B calls, where B is the average batch
+//        (b) reached in the same round: what SQLite does with the batching (b) got.
 //
-// It prints each rate (median of --repeats runs, each on a fresh file) and the ratios
-// b/a (what group commit buys) and b/c (how close it gets to the CPU ceiling; target
-// >= 0.5). Run by `make bench`; see docs/benchmarks.md.
+// It prints the median and the spread of each mode over --rounds rounds and the ratios
+// b/r2 and b/r1. With --sweep it also runs (b) at other caller counts, and with --json it
+// writes every sample for bench/plot.sh. Run by `make bench`; see docs/benchmarks.md.
+#include <sqlite3.h>
+#include <time.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include "converge/database.h"
 #include "converge/idempotency.h"
@@ -36,8 +47,15 @@ using converge::StoredResponse;
 using converge::Tx;
 using SteadyClock = std::chrono::steady_clock;
 
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "converge_bench: %s\n", what.c_str());
+  std::exit(1);
+}
+
+// A fresh directory with an SQLite file migrated by the library and a payments table.
 struct Fixture {
   std::string dir;
+  std::string path;
   std::unique_ptr<Database> db;
   std::unique_ptr<IdempotencyKeys> keys;
   converge::Outbox outbox;
@@ -45,20 +63,18 @@ struct Fixture {
   explicit Fixture(bool full) {
     const char* base = std::getenv("TMPDIR");
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-bench-XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) std::abort();
+    if (mkdtemp(tmpl.data()) == nullptr) Die("mkdtemp failed");
     dir = tmpl;
-    auto opened = Database::Open("sqlite:" + dir + "/bench.db?synchronous=" +
-                                 (full ? "full" : "normal"));
-    if (!opened) {
-      std::fprintf(stderr, "open: %s\n", opened.error().ToString().c_str());
-      std::exit(1);
-    }
+    path = dir + "/bench.db";
+    auto opened =
+        Database::Open("sqlite:" + path + "?synchronous=" + (full ? "full" : "normal"));
+    if (!opened) Die("open: " + opened.error().ToString());
     db = std::move(*opened);
     Status st = db->Transact([](Tx& tx) {
       return converge::StatusOf(tx.Exec(
           "CREATE TABLE payments (id TEXT PRIMARY KEY, amount INTEGER NOT NULL)"));
     });
-    if (!st.ok()) std::exit(1);
+    if (!st.ok()) Die("create table: " + st.ToString());
     keys = std::make_unique<IdempotencyKeys>(*db);
   }
   ~Fixture() {
@@ -70,14 +86,17 @@ struct Fixture {
   // One idempotent create with a unique key.
   bool Create(int64_t n) {
     std::string id = "p" + std::to_string(n);
+    // The event is prepared (id, checks, envelope) on this thread, not on the writer.
+    converge::Event e;
+    e.type = "payment.captured";
+    e.subject = id;
+    e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
+    auto event = outbox.Prepare(std::move(e));
+    if (!event) Die("prepare: " + event.error().ToString());
     auto r = keys->Execute({"bench", id, id}, [&](Tx& tx) -> Result<StoredResponse> {
       CONVERGE_RETURN_IF_ERROR(
           tx.Exec("INSERT INTO payments (id, amount) VALUES ($1, $2)", id, n % 1000));
-      converge::Event e;
-      e.type = "payment.captured";
-      e.subject = id;
-      e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
-      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, e));
+      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, *event));
       return StoredResponse{201, {}, "{\"id\":\"" + id + "\"}"};
     });
     if (!r) std::fprintf(stderr, "create: %s\n", r.error().ToString().c_str());
@@ -97,91 +116,376 @@ double Serial(double seconds, bool full) {
   return n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
 }
 
-double Group(double seconds, int callers, bool full, double* avg_batch) {
+// CPU seconds this process has used, and what each of its live threads has used: during
+// a group run the thread that used the most is the writer (each caller does 1/callers of
+// the callers' work). CPU per call barely moves with the load other processes put on the
+// machine, where rates do: it is what the writer levers are judged by.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+std::map<std::string, double> ThreadCpuSeconds() {
+  std::map<std::string, double> out;
+  const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(task.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // Fields after the ")" that closes the thread name: state is 3rd, utime 14th, stime 15th.
+    size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream fields(stat.substr(close + 2));
+    std::string f;
+    double utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> f; ++i) {
+      if (i == 14) utime = std::stod(f);
+      if (i == 15) stime = std::stod(f);
+    }
+    out[task.path().filename().string()] = (utime + stime) / tick;
+  }
+  return out;
+}
+
+// The most CPU any one thread used since `before` (threads absent then started at 0).
+double BusiestThreadCpuSince(const std::map<std::string, double>& before) {
+  double best = 0;
+  for (const auto& [tid, cpu] : ThreadCpuSeconds()) {
+    auto it = before.find(tid);
+    best = std::max(best, cpu - (it == before.end() ? 0 : it->second));
+  }
+  return best;
+}
+
+struct GroupResult {
+  double rate = 0;
+  double avg_batch = 0;
+  double writer_us = 0;   // CPU of the busiest thread (the writer) per create
+  double process_us = 0;  // CPU of the whole process per create
+  std::vector<double> latency_ms;  // every create's, call to return, sorted
+  std::string envelope;  // one outbox payload the run wrote: the raw runs copy its size
+};
+
+GroupResult Group(double seconds, int callers, bool full) {
   Fixture f(full);
   std::atomic<int64_t> next{0};
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
+  const auto threads0 = ThreadCpuSeconds();
+  const double cpu0 = ProcessCpuSeconds();
   auto t0 = SteadyClock::now();
+  std::vector<std::vector<double>> latencies(callers);
   for (int i = 0; i < callers; ++i) {
-    threads.emplace_back([&] {
+    threads.emplace_back([&, i] {
       while (!stop.load()) {
+        auto start = SteadyClock::now();
         if (!f.Create(next.fetch_add(1))) std::exit(1);
+        latencies[i].push_back(
+            std::chrono::duration<double, std::milli>(SteadyClock::now() - start).count());
       }
     });
   }
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   stop = true;
   for (auto& t : threads) t.join();
-  double secs = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  GroupResult g;
+  for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
+  std::sort(g.latency_ms.begin(), g.latency_ms.end());
+  g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  g.writer_us = BusiestThreadCpuSince(threads0) * 1e6 / next.load();
+  g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
   auto s = f.db->stats();
   // The CREATE TABLE ran before the clock: leave it out of the batch average.
-  *avg_batch = s.commits > 1 ? static_cast<double>(s.transactions - 1) / (s.commits - 1) : 0;
-  return next.load() / secs;
-}
-
-double Ceiling(int64_t calls, bool full) {
-  Fixture f(full);
-  auto t0 = SteadyClock::now();
-  Status st = f.db->Transact([&](Tx&) -> Status {
-    // Execute inside Transact joins this one transaction (a savepoint each).
-    for (int64_t n = 0; n < calls; ++n) {
-      if (!f.Create(n)) return converge::InternalError("create failed");
-    }
+  g.avg_batch = s.commits > 1 ? static_cast<double>(s.transactions - 1) / (s.commits - 1) : 0;
+  Status st = f.db->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT payload FROM outbox_events LIMIT 1"));
+    if (!rows.empty()) g.envelope = rows[0].Text(0);
     return converge::OkStatus();
   });
-  if (!st.ok()) std::exit(1);
-  return calls / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  if (!st.ok() || g.envelope.empty()) Die("reading an envelope back failed");
+  return g;
 }
 
-double Median(std::vector<double> v) {
+// The create's statements, in the order Execute and Enqueue run them on SQLite (the
+// library's SQL text, so the same plans), prepared once on a plain sqlite3 connection.
+class RawCreates {
+ public:
+  RawCreates(const std::string& path, bool full, std::string envelope)
+      : envelope_(std::move(envelope)) {
+    Check(sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                          nullptr),
+          "open");
+    Exec(std::string("PRAGMA journal_mode=WAL; PRAGMA synchronous=") +
+         (full ? "FULL" : "NORMAL") + "; PRAGMA foreign_keys=ON;");
+    const char* sql[] = {
+        "SELECT request_hash, status, lease_until, fence, recovery_point, recovery_data, "
+        "response_status, response_headers, response_body, expires_at "
+        "FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        "UPDATE converge_sequences SET value = value + 1 WHERE name = 'fence' "
+        "RETURNING value",
+        "INSERT INTO idempotency_keys (scope, key, request_hash, status, "
+        "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
+        "VALUES ($1, $2, $3, 'in_progress', 'started', $4, $5, $6, $6, $7) "
+        "ON CONFLICT (scope, key) DO NOTHING",
+        "INSERT INTO payments (id, amount) VALUES ($1, $2)",
+        "INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
+        "type, payload, headers, created_at, partition_no) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', "
+        "response_status = $1, response_headers = $2, response_body = $3, "
+        "lease_until = $4, updated_at = $4 "
+        "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
+    };
+    for (const char* s : sql) {
+      sqlite3_stmt* stmt = nullptr;
+      Check(sqlite3_prepare_v3(db_, s, -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr), s);
+      stmts_.push_back(stmt);
+    }
+  }
+  ~RawCreates() {
+    for (sqlite3_stmt* s : stmts_) sqlite3_finalize(s);
+    sqlite3_close_v2(db_);
+  }
+
+  // `calls` creates, committing every `batch` of them; returns creates/s. `cpu_us`: CPU
+  // microseconds per create.
+  double Run(int64_t calls, int64_t batch, double* cpu_us) {
+    const double cpu0 = ProcessCpuSeconds();
+    auto t0 = SteadyClock::now();
+    for (int64_t done = 0; done < calls;) {
+      Exec("BEGIN IMMEDIATE");
+      for (int64_t i = 0; i < batch && done < calls; ++i, ++done) Create(done);
+      Exec("COMMIT");
+    }
+    *cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
+    return calls / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  }
+
+ private:
+  void Create(int64_t n) {
+    char id[32], event_id[48];
+    std::snprintf(id, sizeof id, "p%lld", static_cast<long long>(n));
+    // A UUID's length and shape.
+    std::snprintf(event_id, sizeof event_id, "0190f3a2-0000-7000-8000-%012lld",
+                  static_cast<long long>(n));
+    const int64_t now = 1764288000000 + n;
+    const char* hash = "a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    sqlite3_stmt* s = stmts_[0];
+    Text(s, 1, "bench");
+    Text(s, 2, id);
+    Step(s, SQLITE_DONE);
+    s = stmts_[1];
+    Step(s, SQLITE_ROW);
+    const int64_t fence = sqlite3_column_int64(s, 0);
+    Step(s, SQLITE_DONE);
+    s = stmts_[2];
+    Text(s, 1, "bench");
+    Text(s, 2, id);
+    Text(s, 3, hash);
+    sqlite3_bind_int64(s, 4, now + 30000);
+    sqlite3_bind_int64(s, 5, fence);
+    sqlite3_bind_int64(s, 6, now);
+    sqlite3_bind_int64(s, 7, now + 86400000);
+    Step(s, SQLITE_DONE);
+    s = stmts_[3];
+    Text(s, 1, id);
+    sqlite3_bind_int64(s, 2, n % 1000);
+    Step(s, SQLITE_DONE);
+    s = stmts_[4];
+    Text(s, 1, event_id);
+    Text(s, 2, "urn:converge");
+    Text(s, 3, "payment");
+    Text(s, 4, id);
+    Text(s, 5, "payment.captured");
+    Text(s, 6, envelope_);
+    Text(s, 7, "{}");
+    sqlite3_bind_int64(s, 8, now);
+    sqlite3_bind_int64(s, 9, converge::OutboxPartition(id));
+    Step(s, SQLITE_DONE);
+    s = stmts_[5];
+    const std::string body = std::string("{\"id\":\"") + id + "\"}";
+    sqlite3_bind_int64(s, 1, 201);
+    Text(s, 2, "[]");
+    sqlite3_bind_blob64(s, 3, body.data(), body.size(), SQLITE_TRANSIENT);
+    sqlite3_bind_int64(s, 4, now);
+    Text(s, 5, "bench");
+    Text(s, 6, id);
+    sqlite3_bind_int64(s, 7, fence);
+    Step(s, SQLITE_DONE);
+  }
+
+  static void Text(sqlite3_stmt* s, int i, std::string_view v) {
+    sqlite3_bind_text64(s, i, v.data(), v.size(), SQLITE_TRANSIENT, SQLITE_UTF8);
+  }
+  void Step(sqlite3_stmt* s, int want) {
+    int rc = sqlite3_step(s);
+    if (rc != want) Die(std::string("raw step: ") + sqlite3_errmsg(db_));
+    if (rc == SQLITE_DONE) {
+      sqlite3_reset(s);
+      sqlite3_clear_bindings(s);
+    }
+  }
+  void Exec(const std::string& sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+      Die("raw '" + sql + "': " + (err ? err : "?"));
+    }
+  }
+  void Check(int rc, const std::string& what) {
+    if (rc != SQLITE_OK) Die("raw " + what + ": " + (db_ ? sqlite3_errmsg(db_) : "?"));
+  }
+
+  sqlite3* db_ = nullptr;
+  std::vector<sqlite3_stmt*> stmts_;
+  std::string envelope_;
+};
+
+double Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope,
+           double* cpu_us) {
+  Fixture f(full);  // the library's schema; closed before the raw connection writes
+  f.db.reset();
+  RawCreates raw(f.path, full, envelope);
+  return raw.Run(calls, batch, cpu_us);
+}
+
+struct Summary {
+  double median, min, max;
+};
+
+double Percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  return sorted[std::min(sorted.size() - 1, static_cast<size_t>(p * sorted.size()))];
+}
+
+Summary Summarize(std::vector<double> v) {
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  return {v[v.size() / 2], v.front(), v.back()};
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"converge group-commit benchmark (SQLite)"};
+  CLI::App app{"converge group-commit benchmark against raw SQLite"};
   double seconds = 3;
-  int repeats = 3;
+  int rounds = 3;
   int callers = 64;
-  int64_t ceiling_calls = 20000;
+  int64_t raw_calls = 50000;
   bool normal = false;
+  std::vector<int> sweep;
+  std::string json_path;
   app.add_option("--seconds", seconds, "Duration of each serial and group run")
       ->check(CLI::Range(0.2, 600.0));
-  app.add_option("--repeats", repeats, "Runs per mode; the median is reported")
+  app.add_option("--rounds,--repeats", rounds, "Rounds; each mode's median is reported")
       ->check(CLI::Range(1, 99));
   app.add_option("--callers", callers, "Concurrent callers for group commit")
       ->check(CLI::Range(1, 4096));
-  app.add_option("--ceiling-calls", ceiling_calls, "Calls in the one-transaction run")
-      ->check(CLI::Range(int64_t{100}, int64_t{10'000'000}));
+  app.add_option("--raw-calls", raw_calls, "Creates in each raw run")
+      ->check(CLI::Range(int64_t{1000}, int64_t{10'000'000}));
+  app.add_option("--sweep", sweep, "Also run group commit with these caller counts")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--json", json_path, "Write every sample to this JSON file");
   app.add_flag("--synchronous-normal", normal, "Use synchronous=NORMAL instead of FULL");
   CLI11_PARSE(app, argc, argv);
   const bool full = !normal;
+  std::erase(sweep, callers);
 
   std::printf("idempotent creates (key + business row + outbox row), SQLite WAL synchronous=%s\n",
               full ? "FULL" : "NORMAL");
-  std::printf("each mode: median of %d run(s) on a fresh file\n", repeats);
-  std::vector<double> a, b, c, batches;
-  for (int r = 0; r < repeats; ++r) {
-    std::fprintf(stderr, "  run %d/%d: serial...", r + 1, repeats);
+  std::printf("%d round(s), modes interleaved in each, every run on a fresh file\n", rounds);
+  std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us, p50, p99;
+  std::vector<double> last_latencies;  // the last round's, for the histogram
+  std::map<int, std::vector<double>> swept;
+  for (int r = 0; r < rounds; ++r) {
+    std::fprintf(stderr, "  round %d/%d: serial...", r + 1, rounds);
     a.push_back(Serial(seconds, full));
-    std::fprintf(stderr, " group...");
-    double batch = 0;
-    b.push_back(Group(seconds, callers, full, &batch));
-    batches.push_back(batch);
-    std::fprintf(stderr, " ceiling...");
-    c.push_back(Ceiling(ceiling_calls, full));
+    std::fprintf(stderr, " group(%d)...", callers);
+    GroupResult g = Group(seconds, callers, full);
+    b.push_back(g.rate);
+    batches.push_back(g.avg_batch);
+    writer_us.push_back(g.writer_us);
+    p50.push_back(Percentile(g.latency_ms, 0.50));
+    p99.push_back(Percentile(g.latency_ms, 0.99));
+    last_latencies = std::move(g.latency_ms);
+    process_us.push_back(g.process_us);
+    std::fprintf(stderr, " raw r1...");
+    double cpu_us = 0;
+    r1.push_back(Raw(raw_calls, raw_calls, full, g.envelope, &cpu_us));
+    r1_us.push_back(cpu_us);
+    const int64_t batch = std::max<int64_t>(1, std::llround(g.avg_batch));
+    std::fprintf(stderr, " raw r2 (batch %lld)...", static_cast<long long>(batch));
+    r2.push_back(Raw(raw_calls, batch, full, g.envelope, &cpu_us));
+    for (int c : sweep) {
+      std::fprintf(stderr, " group(%d)...", c);
+      swept[c].push_back(Group(seconds, c, full).rate);
+    }
     std::fprintf(stderr, " done\n");
   }
-  double ra = Median(a), rb = Median(b), rc = Median(c);
-  std::printf("  (a) serial, one transaction per call      %10.0f creates/s\n", ra);
-  std::printf(
-      "  (b) group commit, %4d concurrent callers %10.0f creates/s  (avg %.1f calls/commit)\n",
-      callers, rb, Median(batches));
-  std::printf("  (c) ceiling, all calls in one transaction %10.0f creates/s\n", rc);
-  std::printf("  b/a = %.1fx   b/c = %.2f  (target b/c >= 0.50: %s)\n", rb / ra, rb / rc,
-              rb / rc >= 0.5 ? "met" : "NOT met");
+  Summary sa = Summarize(a), sb = Summarize(b), s1 = Summarize(r1), s2 = Summarize(r2);
+  auto line = [](const char* name, const Summary& s, const std::string& note) {
+    std::printf("  %-44s %9.0f creates/s  (min %.0f, max %.0f)%s\n", name, s.median, s.min,
+                s.max, note.c_str());
+  };
+  char note[64];
+  std::snprintf(note, sizeof note, "  avg %.1f calls/commit", Summarize(batches).median);
+  line("(a)  serial, one transaction per call", sa, "");
+  line(("(b)  group commit, " + std::to_string(callers) + " callers").c_str(), sb, note);
+  line("(r1) raw sqlite3, one transaction", s1, "");
+  line("(r2) raw sqlite3, (b)'s batch per commit", s2, "");
+  for (const auto& [c, v] : swept) {
+    line(("     group commit, " + std::to_string(c) + " callers").c_str(), Summarize(v), "");
+  }
+  // Ratios per round (both sides measured in the same round), then their median.
+  std::vector<double> b_r2, b_r1;
+  for (int r = 0; r < rounds; ++r) {
+    b_r2.push_back(b[r] / r2[r]);
+    b_r1.push_back(b[r] / r1[r]);
+  }
+  Summary q2 = Summarize(b_r2), q1 = Summarize(b_r1);
+  std::printf("  b/a = %.1fx   b/r2 = %.2f (%.2f..%.2f, target >= 0.85)   "
+              "b/r1 = %.2f (%.2f..%.2f, target >= 0.40)\n",
+              sb.median / sa.median, q2.median, q2.min, q2.max, q1.median, q1.min, q1.max);
+
+  Summary l50 = Summarize(p50), l99 = Summarize(p99);
+  std::printf("  (b) latency per create: p50 %.2f ms (%.2f..%.2f), p99 %.2f ms (%.2f..%.2f)\n",
+              l50.median, l50.min, l50.max, l99.median, l99.min, l99.max);
+  Summary wu = Summarize(writer_us), pu = Summarize(process_us), ru = Summarize(r1_us);
+  std::printf("  CPU per create: (b) writer thread %.1f us (%.1f..%.1f), whole process %.1f us "
+              "(%.1f..%.1f); (r1) %.1f us (%.1f..%.1f)\n",
+              wu.median, wu.min, wu.max, pu.median, pu.min, pu.max, ru.median, ru.min, ru.max);
+
+  if (!json_path.empty()) {
+    nlohmann::json j = {{"benchmark", "sqlite_creates"},
+                        {"synchronous", full ? "FULL" : "NORMAL"},
+                        {"seconds", seconds},
+                        {"raw_calls", raw_calls},
+                        {"callers", callers},
+                        {"serial", a},
+                        {"group", b},
+                        {"avg_batch", batches},
+                        {"raw_one_tx", r1},
+                        {"raw_batched", r2},
+                        {"b_over_r2", b_r2},
+                        {"b_over_r1", b_r1},
+                        {"writer_cpu_us", writer_us},
+                        {"process_cpu_us", process_us},
+                        {"raw_one_tx_cpu_us", r1_us},
+                        {"group_p50_ms", p50},
+                        {"group_p99_ms", p99}};
+    // The last round's latencies in 0.25 ms buckets: bucket i counts [i/4, (i+1)/4) ms.
+    std::vector<int64_t> histogram;
+    for (double ms : last_latencies) {
+      size_t i = static_cast<size_t>(ms * 4);
+      if (histogram.size() <= i) histogram.resize(i + 1, 0);
+      ++histogram[i];
+    }
+    j["group_latency_histogram_quarter_ms"] = histogram;
+    nlohmann::json sw = nlohmann::json::object();
+    for (const auto& [c, v] : swept) sw[std::to_string(c)] = v;
+    j["group_by_callers"] = sw;
+    std::ofstream out(json_path);
+    out << j.dump(2) << "\n";
+    if (!out) Die("cannot write " + json_path);
+  }
   return 0;
 }

@@ -3,17 +3,22 @@
 # throwaway server (started by scripts/with-postgres.sh when CONVERGE_TEST_PG_DSN is unset):
 #
 #   creates  converge: IdempotencyKeys::Execute from 64 threads (key row, business row,
-#            outbox row, stored response: 5 statements in one transaction)
-#            pgbench:  the identical 5 statements in one transaction, 64 clients,
-#                      extended protocol (bound parameters, as libpq's PQexecParams)
+#            outbox row, stored response in one transaction)
+#            pgbench:  the same transaction's 5 statements, 64 clients, extended protocol
+#                      (bound parameters, as libpq's PQexecParams), one round trip each
+#            pgbench pipelined: the same, the whole transaction in one round trip
+#            (\startpipeline): the ceiling for a client that pipelines
+#            Rounds interleave the three; medians, spreads and per-round ratios.
 #   relay    converge: one Relay draining the outbox that run left, into the SQL queue
 #            raw:      a server-side loop of SKIP LOCKED fetch + queue insert + mark, 256 a
 #                      batch, each batch committed (no client round trips: the ceiling)
 #
-#   bench/pg_bench.sh BUILD_DIR [SECONDS]
+#   bench/pg_bench.sh BUILD_DIR [SECONDS] [ROUNDS] [JSON_OUT]
 set -euo pipefail
 build="$1"
 secs="${2:-10}"
+rounds="${3:-3}"
+json_out="${4:-}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -z "${CONVERGE_TEST_PG_DSN:-}" ]; then
   exec bash "$here/scripts/with-postgres.sh" bash "$0" "$@"
@@ -29,19 +34,12 @@ for db in bench_cv bench_pgb; do
 done
 psql_q "$CONVERGE_TEST_PG_DSN" -c "SHOW synchronous_commit" | sed 's/^/synchronous_commit = /'
 
-echo "  creates: converge, 64 callers, ${secs}s..." >&2
-read -r _ cv_rate cv_failed < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" creates --callers 64 --seconds "$secs")
-
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 # The same size and shape as converge's envelopes; a space after every colon, since
 # pgbench reads ":name" as a variable.
 envelope='{"specversion": "1.0", "id": "ev-0000000000", "source": "urn: converge", "type": "payment.captured", "subject": "pay_0000000000", "time": "2026-11-28T00. 00. 00.000Z", "datacontenttype": "application/json", "aggregatetype": "payment", "data": {"amount": 5}}'
-cat > "$dir/tx.sql" <<SQL
-\set n random(1, 1000000000000)
-\set now 1764288000000
-\set lease :now + 30000
-\set expires :now + 86400000
+cat > "$dir/body.sql" <<SQL
 BEGIN;
 DELETE FROM idempotency_keys WHERE scope = 'bench' AND key = 'pg-' || :client_id || '-' || :n AND expires_at <= :now;
 INSERT INTO idempotency_keys (scope, key, request_hash, status, recovery_point, lease_until, fence, created_at, updated_at, expires_at) VALUES ('bench', 'pg-' || :client_id || '-' || :n, 'a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90', 'in_progress', 'started', :lease, 1, :now, :now, :expires) ON CONFLICT (scope, key) DO NOTHING;
@@ -50,10 +48,42 @@ INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, type,
 UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', response_status = 201, response_headers = '[]', response_body = '\x7b226964223a2270227d'::bytea, lease_until = :now, updated_at = :now WHERE scope = 'bench' AND key = 'pg-' || :client_id || '-' || :n AND fence = 1 AND status = 'in_progress';
 END;
 SQL
-echo "  creates: pgbench, 64 clients, ${secs}s..." >&2
-pgbench -n -M extended -c 64 -j 2 -T "$secs" -f "$dir/tx.sql" "$base/bench_pgb" > "$dir/pgbench.out" 2>&1 \
-  || { cat "$dir/pgbench.out"; exit 1; }
-pgb_rate=$(awk '/^tps = / {print $3; exit}' "$dir/pgbench.out")
+head='\set n random(1, 1000000000000)
+\set now 1764288000000
+\set lease :now + 30000
+\set expires :now + 86400000'
+{ echo "$head"; cat "$dir/body.sql"; } > "$dir/tx.sql"
+# The identical transaction in one round trip: pgbench's pipeline mode (PostgreSQL 14+).
+{ echo "$head"; echo '\startpipeline'; cat "$dir/body.sql"; echo '\endpipeline'; } \
+  > "$dir/tx_pipe.sql"
+
+pgbench_tps() {  # $1: script, $2: database; prints tps
+  pgbench -n -M extended -c 64 -j 2 -T "$secs" -f "$1" "$base/$2" > "$dir/pgbench.out" 2>&1 \
+    || { cat "$dir/pgbench.out" >&2; exit 1; }
+  awk '/^tps = / {printf "%.1f\n", $3; exit}' "$dir/pgbench.out"
+}
+
+# Rounds, the three creates modes interleaved in each, so every ratio compares runs made
+# minutes apart at most on the same server.
+cv=() pgb=() pipe=()
+for r in $(seq 1 "$rounds"); do
+  echo "  round $r/$rounds: converge creates, 64 callers, ${secs}s..." >&2
+  read -r _ rate failed < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" creates \
+      --callers 64 --seconds "$secs")
+  [ "${failed:-0}" = "0" ] || { echo "pg_bench: $failed converge creates failed" >&2; exit 1; }
+  cv+=("$rate")
+  echo "  round $r/$rounds: pgbench, 64 clients, ${secs}s..." >&2
+  pgb+=("$(pgbench_tps "$dir/tx.sql" bench_pgb)")
+  echo "  round $r/$rounds: pgbench pipelined, 64 clients, ${secs}s..." >&2
+  pipe+=("$(pgbench_tps "$dir/tx_pipe.sql" bench_pgb)")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+ratios() {  # $1, $2: names of arrays; prints the per-round ratios
+  local -n x=$1 y=$2
+  for i in "${!x[@]}"; do awk -v a="${x[$i]}" -v b="${y[$i]}" 'BEGIN {printf "%.3f\n", a/b}'; done
+}
+mapfile -t cv_pgb < <(ratios cv pgb)
+mapfile -t cv_pipe < <(ratios cv pipe)
 
 echo "  relay: converge drain..." >&2
 read -r _ relay_rate relay_events < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" relay)
@@ -81,11 +111,29 @@ SQL
 end=$(date +%s.%N)
 raw_rate=$(awk -v n="$raw_events" -v a="$start" -v b="$end" 'BEGIN {printf "%.1f", n / (b - a)}')
 
-echo "PostgreSQL 15, synchronous_commit=on, fsync=on; 64 concurrent callers/clients for ${secs}s"
-printf "  %-52s %12s\n" "idempotent creates, converge (IdempotencyKeys::Execute)" "$cv_rate/s"
-printf "  %-52s %12s\n" "the same transaction, pgbench" "$pgb_rate/s"
-awk -v a="$cv_rate" -v b="$pgb_rate" 'BEGIN {printf "  converge/pgbench = %.2f  (target >= 0.80: %s)\n", a/b, (a/b >= 0.8 ? "met" : "NOT met")}'
+list() { local IFS=,; echo "$*"; }
+spread() { printf '%s\n' "$@" | sort -g | awk 'NR==1 {a=$1} {b=$1} END {printf "%s..%s", a, b}'; }
+echo "PostgreSQL 15, synchronous_commit=on, fsync=on; 64 concurrent callers/clients," \
+  "${secs}s per run, median of $rounds interleaved rounds (min..max)"
+printf "  %-52s %10s/s  (%s)\n" "idempotent creates, converge (IdempotencyKeys::Execute)" \
+  "$(median "${cv[@]}")" "$(spread "${cv[@]}")"
+printf "  %-52s %10s/s  (%s)\n" "the same transaction, pgbench" "$(median "${pgb[@]}")" \
+  "$(spread "${pgb[@]}")"
+printf "  %-52s %10s/s  (%s)\n" "the same transaction, pgbench pipelined" \
+  "$(median "${pipe[@]}")" "$(spread "${pipe[@]}")"
+printf "  converge/pgbench = %s (%s, target >= 1.2)   converge/pipelined = %s (%s)\n" \
+  "$(median "${cv_pgb[@]}")" "$(spread "${cv_pgb[@]}")" "$(median "${cv_pipe[@]}")" \
+  "$(spread "${cv_pipe[@]}")"
 printf "  %-52s %12s\n" "relay drain into the SQL queue, converge ($relay_events events)" "$relay_rate/s"
 printf "  %-52s %12s\n" "raw SKIP LOCKED fetch-and-mark loop ($raw_events events)" "$raw_rate/s"
 awk -v a="$relay_rate" -v b="$raw_rate" 'BEGIN {printf "  relay/raw = %.2f\n", a/b}'
-[ "${cv_failed:-0}" = "0" ] || echo "  note: $cv_failed converge creates failed"
+if [ -n "$json_out" ]; then
+  cat > "$json_out" <<JSON
+{"benchmark": "pg_creates", "seconds": $secs, "callers": 64,
+ "converge": [$(list "${cv[@]}")], "pgbench": [$(list "${pgb[@]}")],
+ "pgbench_pipelined": [$(list "${pipe[@]}")],
+ "converge_over_pgbench": [$(list "${cv_pgb[@]}")],
+ "converge_over_pipelined": [$(list "${cv_pipe[@]}")],
+ "relay": $relay_rate, "relay_raw": $raw_rate}
+JSON
+fi

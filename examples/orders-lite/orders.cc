@@ -100,7 +100,9 @@ Status OrdersService::Start() {
 
   m.keys = std::make_unique<converge::http::ApiKeyIndex>(m.options.api_keys);
   m.server = std::make_unique<converge::http::Server>(
-      converge::http::ServerOptions{.address = m.options.address, .port = m.options.port});
+      converge::http::ServerOptions{.address = m.options.address,
+                                    .port = m.options.port,
+                                    .worker_threads = m.options.worker_threads});
   converge::http::IdempotencyRouteOptions route;
   route.scope = [&m](const Request& req) -> std::optional<std::string> {
     const std::string* customer = m.Customer(req);

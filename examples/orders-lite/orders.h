@@ -23,6 +23,8 @@ struct Options {
   std::string db = "sqlite:orders.db";
   std::string address = "127.0.0.1";
   uint16_t port = 0;  // 0: any free port
+  // Handlers in flight at once: on SQLite also the most calls one group commit can carry.
+  int worker_threads = 16;
   std::map<std::string, std::string> api_keys;  // bearer key -> customer (the key scope)
   std::string warehouse_secret;  // whsec_...: signs the warehouse's restock webhooks
 };

@@ -109,7 +109,7 @@ class Tx {
   // the enclosing savepoint rolls back). Hooks run on the committing thread: keep them
   // cheap (signal a condition variable, bump a counter).
   void OnCommit(std::function<void()> hook) {
-    hooks_.push_back({savepoint_depth_, std::move(hook)});
+    hooks_.push_back(std::move(hook));
   }
 
   // The SQL fragments that differ between backends (dialect.h): ask it instead of asking
@@ -164,12 +164,8 @@ class Tx {
     }
   }
 
-  struct Hook {
-    int depth;
-    std::function<void()> fn;
-  };
   int savepoint_depth_ = 0;
-  std::vector<Hook> hooks_;
+  std::vector<std::function<void()>> hooks_;  // in order; Savepoint drops its own on rollback
 };
 
 using TxFn = std::function<Status(Tx&)>;

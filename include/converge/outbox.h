@@ -30,6 +30,24 @@ int64_t OutboxPartition(std::string_view subject);
 // The Tx::Notify channel an enqueue signals (other processes' relays listen on it).
 inline constexpr const char* kOutboxChannel = "converge_outbox";
 
+// An event completed, checked and encoded ahead of its transaction (Outbox::Prepare).
+// Preparing costs a UUID, JSON parsing and encoding; Enqueue of a prepared event costs
+// only the insert. On SQLite every transaction runs on the one writer thread that all
+// callers share (database.h), so an event prepared on the caller's thread, before
+// Transact, is work taken off that thread. Enqueue it once: its id is fixed, so a second
+// committed enqueue fails with kAlreadyExists (a re-run of the same transaction function
+// after a rollback is fine).
+class PreparedEvent {
+ public:
+  const Event& event() const { return event_; }  // every field filled in, envelope too
+
+ private:
+  friend class Outbox;
+  Event event_;
+  std::string headers_;
+  int64_t partition_ = 0;
+};
+
 struct OutboxOptions {
   std::string source = "urn:converge";
 };
@@ -44,6 +62,13 @@ class Outbox {
   // malformed traceparent),
   // kAlreadyExists (an event with this source and id exists), store errors.
   Result<std::string> Enqueue(Tx& tx, Event event);
+
+  // Enqueue's checks and encoding without the insert, for callers that can do them
+  // outside the transaction (PreparedEvent says why). Same kInvalidArgument errors.
+  Result<PreparedEvent> Prepare(Event event) const;
+  // Writes a prepared event through `tx`; returns its id. Errors: kAlreadyExists, store
+  // errors.
+  Result<std::string> Enqueue(Tx& tx, const PreparedEvent& event);
 
   // Signalled after each commit that enqueued events.
   Wakeup& wakeup() { return wakeup_; }

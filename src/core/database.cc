@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdlib>
+#include <utility>
 
 namespace converge {
 
@@ -38,16 +39,16 @@ std::string Row::Text(size_t i) const {
 Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
   std::string name = "cv_sp" + std::to_string(savepoint_depth_);
   CONVERGE_RETURN_IF_ERROR(ExecParams("SAVEPOINT " + name, {}));
+  // The hooks fn adds are the ones past this index: a rollback drops exactly those, a
+  // release leaves them to the enclosing level. (Walking every hook at each savepoint, as
+  // a depth per hook required, made a long transaction of nested calls quadratic.)
+  const size_t first_hook = hooks_.size();
   ++savepoint_depth_;
   Status st = fn(*this);
   --savepoint_depth_;
   if (st.ok()) {
     Status released = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
-    if (released.ok()) {
-      // Hooks registered inside now belong to the enclosing level.
-      for (Hook& h : hooks_) h.depth = std::min(h.depth, savepoint_depth_);
-      return st;
-    }
+    if (released.ok()) return st;
     // fn returned OK, yet the savepoint cannot be released: a statement inside failed and
     // fn swallowed its error (harmless on SQLite; on PostgreSQL the failed statement
     // aborted the transaction). Roll back to the savepoint so the enclosing transaction
@@ -56,7 +57,8 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
                 "a statement inside the savepoint failed and its error was not returned, "
                 "so the savepoint was rolled back: " + released.message());
   }
-  std::erase_if(hooks_, [&](const Hook& h) { return h.depth > savepoint_depth_; });
+  // Everything fn added is undone with it.
+  hooks_.resize(std::min(hooks_.size(), first_hook));
   Status undo = StatusOf(ExecParams("ROLLBACK TO SAVEPOINT " + name, {}));
   if (undo.ok()) undo = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
   if (!undo.ok()) return undo;  // the transaction itself is in trouble: report that
@@ -64,11 +66,7 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
 }
 
 std::vector<std::function<void()>> Tx::TakeCommitHooks() {
-  std::vector<std::function<void()>> out;
-  out.reserve(hooks_.size());
-  for (Hook& h : hooks_) out.push_back(std::move(h.fn));
-  hooks_.clear();
-  return out;
+  return std::exchange(hooks_, {});
 }
 
 }  // namespace converge

@@ -26,6 +26,7 @@ constexpr std::string_view kSelectKey =
 // the same rule.
 
 std::string EncodeHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
+  if (headers.empty()) return "[]";  // the common case, without a JSON document
   json a = json::array();
   for (const auto& [k, v] : headers) a.push_back({k, v});
   return a.dump();

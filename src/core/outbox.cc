@@ -52,7 +52,7 @@ int64_t OutboxPartition(std::string_view subject) {
 Outbox::Outbox(OutboxOptions options, Clock* clock)
     : options_(std::move(options)), clock_(clock ? clock : Clock::System()) {}
 
-Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
+Result<PreparedEvent> Outbox::Prepare(Event e) const {
   const int64_t now = clock_->NowMillis();
   if (e.id.empty()) e.id = internal::NewUuidV7(now);
   if (e.source.empty()) e.source = options_.source;
@@ -69,19 +69,33 @@ Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
                                                std::to_string(internal::kMaxEventDataDepth) +
                                                " levels"));
   }
+  PreparedEvent p;
+  p.headers_ = "{}";
+  if (!e.traceparent.empty()) p.headers_ = json{{"traceparent", e.traceparent}}.dump();
+  p.partition_ = OutboxPartition(e.subject);
+  e.envelope = EncodeEnvelope(e);
+  p.event_ = std::move(e);
+  return p;
+}
+
+Result<std::string> Outbox::Enqueue(Tx& tx, Event e) {
+  CONVERGE_ASSIGN_OR_RETURN(PreparedEvent p, Prepare(std::move(e)));
+  return Enqueue(tx, p);
+}
+
+Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
+  const Event& e = p.event_;
   // Per-aggregate order under concurrent producers: `seq` is drawn at insert, so two
   // transactions enqueueing for one aggregate could commit in the opposite order of their
   // seqs, and the relay would publish the later event first. Holding a per-aggregate lock
   // until commit makes the second producer draw its seq only after the first committed.
   CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + e.subject));
-  json headers = json::object();
-  if (!e.traceparent.empty()) headers["traceparent"] = e.traceparent;
   CONVERGE_RETURN_IF_ERROR(
       tx.Exec("INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
               "type, payload, headers, created_at, partition_no) "
               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-              e.id, e.source, e.aggregate_type, e.subject, e.type, EncodeEnvelope(e),
-              headers.dump(), now, OutboxPartition(e.subject)));
+              e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_,
+              clock_->NowMillis(), p.partition_));
   tx.OnCommit([this] { wakeup_.Notify(); });
   CONVERGE_RETURN_IF_ERROR(tx.Notify(kOutboxChannel));
   return e.id;

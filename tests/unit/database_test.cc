@@ -147,6 +147,30 @@ TEST_F(DatabaseTest, CommitHooksRunOnlyForWhatCommitted) {
   EXPECT_EQ(fired, 11);
 }
 
+// A hook registered in a savepoint that was released belongs to the enclosing level, so
+// it goes when that level rolls back (the hook bookkeeping stopped walking every earlier
+// hook at each savepoint, issue #10).
+TEST_F(DatabaseTest, CommitHooksOfAReleasedSavepointGoWithTheirEnclosingRollback) {
+  int fired = 0;
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) -> Status {
+                   tx.OnCommit([&] { fired += 1; });
+                   Status outer = tx.Savepoint([&](Tx& t) -> Status {
+                     t.OnCommit([&] { fired += 10; });
+                     CONVERGE_RETURN_IF_ERROR(t.Savepoint([&](Tx& u) {
+                       u.OnCommit([&] { fired += 100; });
+                       return OkStatus();
+                     }));
+                     return InvalidArgumentError("roll the outer level back");
+                   });
+                   EXPECT_FALSE(outer.ok());
+                   return tx.Savepoint([&](Tx& t) {
+                     t.OnCommit([&] { fired += 1000; });
+                     return OkStatus();
+                   });
+                 }).ok());
+  EXPECT_EQ(fired, 1001);
+}
+
 TEST_F(DatabaseTest, ReadCannotWrite) {
   Status st = db_->Read([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('r', 1)")); });
   EXPECT_FALSE(st.ok());

@@ -150,6 +150,43 @@ TEST_F(OutboxRelayTest, MalformedEventsAreRejectedAndWriteNothing) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events"), 0);
 }
 
+// Issue #10: the event is completed, checked and encoded before the transaction (on the
+// caller's thread); inside it only the insert runs.
+TEST_F(OutboxRelayTest, PreparedEventIsWrittenAsPreparedAndBadOnesFailBeforeTheTransaction) {
+  auto prepared = outbox_.Prepare(MakeEvent("agg-9", "order.placed", R"({"n":1})"));
+  ASSERT_TRUE(prepared) << prepared.error().ToString();
+  const Event& e = prepared->event();
+  EXPECT_EQ(e.source, "urn:converge");
+  EXPECT_EQ(e.aggregate_type, "order");
+  EXPECT_GT(e.time, 0);
+  ASSERT_EQ(e.id.size(), 36u);
+  std::string id;
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(id, outbox_.Enqueue(tx, *prepared));
+                   return OkStatus();
+                 }).ok());
+  EXPECT_EQ(id, e.id);
+  Rows rows;
+  ASSERT_TRUE(db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       rows, tx.Query("SELECT payload, partition_no FROM outbox_events"));
+                   return OkStatus();
+                 }).ok());
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0].Text(0), e.envelope);
+  EXPECT_EQ(rows[0].Int(1), OutboxPartition("agg-9"));
+  auto decoded = DecodeEnvelope(rows[0].Text(0));
+  ASSERT_TRUE(decoded) << decoded.error().ToString();
+  EXPECT_EQ(decoded->data, R"({"n":1})");
+  // Its id is fixed: a second committed enqueue is a duplicate, not a second event.
+  Status again = db_->Transact([&](Tx& tx) { return StatusOf(outbox_.Enqueue(tx, *prepared)); });
+  EXPECT_EQ(again.code(), StatusCode::kAlreadyExists) << again.ToString();
+  auto bad = outbox_.Prepare(MakeEvent("s", "t.x", "{not json"));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events"), 1);
+}
+
 TEST_F(OutboxRelayTest, EventRollsBackWithTheBusinessTransaction) {
   Status st = db_->Transact([&](Tx& tx) -> Status {
     CONVERGE_RETURN_IF_ERROR(outbox_.Enqueue(tx, MakeEvent("a")));

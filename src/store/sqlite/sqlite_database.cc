@@ -149,7 +149,7 @@ class Connection {
   };
 
   Result<Prepared*> Prepare(std::string_view sql) {
-    auto it = cache_.find(std::string(sql));
+    auto it = cache_.find(sql);  // no copy of the SQL text to look it up
     if (it != cache_.end()) return &it->second;
     if (cache_.size() >= kMaxCachedStatements) {
       for (auto& [text, stmt] : cache_) sqlite3_finalize(stmt.stmt);
@@ -219,7 +219,11 @@ class Connection {
 
   static constexpr size_t kMaxCachedStatements = 512;
   sqlite3* db_ = nullptr;
-  std::unordered_map<std::string, Prepared> cache_;
+  struct TextHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
+  };
+  std::unordered_map<std::string, Prepared, TextHash, std::equal_to<>> cache_;
 };
 
 // SQLite's words for what differs between backends (dialect.h, src/core/schema/).
@@ -325,9 +329,14 @@ class SqliteDatabase : public Database {
     if (rows.empty() || rows[0].Text(0) != "wal") {
       return UnavailableError("'" + path_ + "' cannot use WAL mode");
     }
+    // temp_store=MEMORY keeps the statement journal (what ROLLBACK TO a job's savepoint
+    // reads) in memory. On a file it spills once a transaction's journal passes 64 KiB
+    // and is truncated only at commit, so a batch of many jobs paid pwrite calls for every
+    // job's pages; in memory it is truncated whenever the outermost savepoint is released,
+    // so it holds one job's pages at a time (docs/benchmarks.md, "Levers").
     CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript(
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL") +
-        "; PRAGMA foreign_keys=ON;"));
+        "; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;"));
     CONVERGE_RETURN_IF_ERROR(Migrate());
     writer_ = std::thread([this] { WriterLoop(); });
     writer_id_ = writer_.get_id();
@@ -468,7 +477,8 @@ class SqliteDatabase : public Database {
   bool RunJob(Job* job) {
     job->hooks.clear();
     for (int attempt = 1;; ++attempt) {
-      Status st = writer_conn_.ExecScript("SAVEPOINT cv_job");
+      // Prepared once (Run caches it), where ExecScript would parse it every call.
+      Status st = writer_conn_.Run("SAVEPOINT cv_job", {}, nullptr, nullptr);
       if (!st.ok()) {
         job->status = st;
         return !sqlite3_get_autocommit(writer_conn_.db());
@@ -482,7 +492,7 @@ class SqliteDatabase : public Database {
         return false;
       }
       if (st.ok()) {
-        st = writer_conn_.ExecScript("RELEASE cv_job");
+        st = writer_conn_.Run("RELEASE cv_job", {}, nullptr, nullptr);
         if (st.ok()) job->hooks = tx.TakeCommitHooks();
         job->status = st;
         return true;
