@@ -99,10 +99,9 @@ Status OrdersService::Start() {
   CONVERGE_RETURN_IF_ERROR(m.runtime->Start());
 
   m.keys = std::make_unique<converge::http::ApiKeyIndex>(m.options.api_keys);
-  m.server = std::make_unique<converge::http::Server>(
-      converge::http::ServerOptions{.address = m.options.address,
-                                    .port = m.options.port,
-                                    .worker_threads = m.options.worker_threads});
+  converge::http::ServerOptions so{.address = m.options.address, .port = m.options.port};
+  so.worker_threads = m.options.worker_threads;
+  m.server = std::make_unique<converge::http::Server>(so);
   converge::http::IdempotencyRouteOptions route;
   route.scope = [&m](const Request& req) -> std::optional<std::string> {
     const std::string* customer = m.Customer(req);

@@ -1,10 +1,8 @@
-// orders-lite: a minimal service on converge's reusable machinery, proof that a service
-// keeps only its domain. One idempotent single-phase route (POST /v1/orders: an order row
-// and its `order.placed` event, stored with the Idempotency-Key in one transaction), one
-// read route, one consumer (`stock` reserves the ordered quantity, once per event) and one
-// webhook intake (POST /webhooks/warehouse: restocks, counted once per delivery). The
-// Idempotency-Key protocol comes from the middleware (http_idempotency.h), the intake from
-// http_service.h; the relay, the consumer, the completer and the sweeper from a Runtime.
+// orders-lite: a minimal service on converge's reusable machinery: it keeps only its
+// domain. One idempotent single-phase route (POST /v1/orders: an order row and its event,
+// stored with the Idempotency-Key in one transaction), one read route, one consumer
+// (`stock` reserves the quantity once per event) and one webhook intake (restocks, counted
+// once per delivery), on the middleware, the intake and a Runtime from the library.
 //
 // Thread safety: Start/Stop from one owner thread; handlers run on the server's workers.
 #ifndef CONVERGE_EXAMPLES_ORDERS_LITE_ORDERS_H_
@@ -23,8 +21,7 @@ struct Options {
   std::string db = "sqlite:orders.db";
   std::string address = "127.0.0.1";
   uint16_t port = 0;  // 0: any free port
-  // Handlers in flight at once: on SQLite also the most calls one group commit can carry.
-  int worker_threads = 16;
+  int worker_threads = 16;  // handlers at once (on SQLite: the largest group commit)
   std::map<std::string, std::string> api_keys;  // bearer key -> customer (the key scope)
   std::string warehouse_secret;  // whsec_...: signs the warehouse's restock webhooks
 };
