@@ -247,15 +247,26 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   }));
   if (batch.empty()) return size_t{0};
 
+  // One PublishBatch for the whole batch (a broker keeps a window of publishes in flight);
+  // per aggregate, only what precedes its first failure counts as published.
+  std::vector<Event> events;
+  events.reserve(batch.size());
+  for (const Pending& p : batch) events.push_back(p.event);
+  const std::vector<Status> results = publisher_.PublishBatch(events);
+  if (results.size() != batch.size()) {
+    return tl::unexpected(InternalError("PublishBatch answered " +
+                                        std::to_string(results.size()) + " results for " +
+                                        std::to_string(batch.size()) + " events"));
+  }
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
   std::vector<const Pending*> done;
   std::vector<std::pair<int64_t, std::string>> failed;
-  for (const Pending& p : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Pending& p = batch[i];
     if (stopped.count(p.event.subject)) continue;
-    Status st = publisher_.Publish(p.event);
-    if (!st.ok()) {
+    if (!results[i].ok()) {
       stopped.insert(p.event.subject);
-      failed.emplace_back(p.seq, st.ToString());
+      failed.emplace_back(p.seq, results[i].ToString());
       continue;
     }
     done.push_back(&p);
