@@ -2,6 +2,8 @@
 #ifndef CONVERGE_APPS_CONVERGE_COMMANDS_H_
 #define CONVERGE_APPS_CONVERGE_COMMANDS_H_
 
+#include <signal.h>
+
 #include <cstdint>
 #include <string>
 
@@ -39,6 +41,13 @@ int RunServiceDemo(const ServiceDemoFlags& flags);
 void AddDlqCommands(CLI::App& app, int* exit_code);
 // serve, fake-psp, fake-mail, webhook sign|verify.
 void AddServiceCommands(CLI::App& app, int* exit_code);
+// relay and worker: the distributed deployment's separate processes (--broker nats://).
+void AddBrokerCommands(CLI::App& app, int* exit_code);
+
+// Blocks SIGINT/SIGTERM in every thread started after this, so sigwait can take them.
+sigset_t BlockStopSignals();
+// Waits for one of them; logs and returns it.
+int WaitForStopSignal(const sigset_t& set);
 
 }  // namespace converge::cli
 

@@ -21,9 +21,7 @@
 #include "payments/service.h"
 
 namespace converge::cli {
-namespace {
 
-// Blocks SIGINT/SIGTERM in every thread started after this, so sigwait can take them.
 sigset_t BlockStopSignals() {
   sigset_t set;
   sigemptyset(&set);
@@ -39,6 +37,8 @@ int WaitForStopSignal(const sigset_t& set) {
   spdlog::info("event=shutdown signal={}", sig == SIGINT ? "SIGINT" : "SIGTERM");
   return sig;
 }
+
+namespace {
 
 // The non-empty lines of a secret file, each without surrounding whitespace. Secrets come
 // from files or the environment because a command line is readable by every local user
@@ -68,7 +68,7 @@ bool WritePortFile(const std::string& path, uint16_t port) {
 }
 
 struct ServeFlags {
-  std::string config, listen, db, port_file, log_level;
+  std::string config, listen, db, port_file, log_level, broker;
 };
 
 int Serve(const ServeFlags& f) {
@@ -85,6 +85,7 @@ int Serve(const ServeFlags& f) {
     }
   }
   if (!f.db.empty()) cfg->db = f.db;
+  if (!f.broker.empty()) cfg->broker = f.broker;
   if (!f.log_level.empty()) cfg->log_level = f.log_level;
   spdlog::set_level(spdlog::level::from_str(cfg->log_level));
   // One line per event, key=value after the time and level: easy to grep and to parse.
@@ -191,6 +192,8 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
   serve->add_option("--db", sf->db, "Store URI (overrides the config), e.g. sqlite:app.db");
   serve->add_option("--port-file", sf->port_file, "Write the bound port to this file");
   serve->add_option("--log-level", sf->log_level, "trace, debug, info, warn, error");
+  serve->add_option("--broker", sf->broker,
+                    "nats://host:port[,...]: NATS JetStream instead of the store's queue");
   serve->callback([sf, exit_code] { *exit_code = Serve(*sf); });
 
   for (const char* name : {"fake-psp", "fake-mail"}) {
