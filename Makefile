@@ -45,6 +45,7 @@ bench: build
 	$(BUILD)/bench/converge_bench $(BENCH_ARGS)
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) $(PG_BENCH_SECONDS)
+	bash bench/nats_bench.sh $(BUILD) $(NATS_BENCH_EVENTS)
 
 # A build of its own (clang, libFuzzer's coverage instrumentation, ASan+UBSan): the normal
 # g++ build is untouched. New inputs collect in $(BUILD)-fuzz/corpus/<target>/, failing

@@ -278,25 +278,26 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     marked = 0;
     const int64_t now = clock_->NowMillis();
     std::map<int64_t, bool> mine;
+    std::vector<std::vector<Value>> marks;  // one pipeline on PostgreSQL, not a round trip each
     for (const Pending* p : done) {
       if (!mine.count(p->partition)) {
         CONVERGE_ASSIGN_OR_RETURN(mine[p->partition],
                                   StillOwns(tx, p->partition, owned.at(p->partition), now));
       }
-      if (!mine[p->partition]) continue;
-      CONVERGE_ASSIGN_OR_RETURN(
-          int64_t n, tx.Exec("UPDATE outbox_events SET published_at = $1, publish_attempts = "
-                             "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
-                             "AND published_at IS NULL",
-                             now, p->seq));
-      marked += static_cast<size_t>(n);
+      if (mine[p->partition]) marks.push_back({Value(now), Value(p->seq)});
     }
-    for (const auto& [seq, error] : failed) {
-      CONVERGE_RETURN_IF_ERROR(
-          tx.Exec("UPDATE outbox_events SET publish_attempts = publish_attempts + 1, "
-                  "last_error = $1 WHERE seq = $2",
-                  error, seq));
-    }
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n, tx.ExecMany("UPDATE outbox_events SET published_at = $1, publish_attempts = "
+                               "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
+                               "AND published_at IS NULL",
+                               marks));
+    marked = static_cast<size_t>(n);
+    std::vector<std::vector<Value>> failures;
+    for (const auto& [seq, error] : failed) failures.push_back({Value(error), Value(seq)});
+    CONVERGE_RETURN_IF_ERROR(
+        tx.ExecMany("UPDATE outbox_events SET publish_attempts = publish_attempts + 1, "
+                    "last_error = $1 WHERE seq = $2",
+                    failures));
     return OkStatus();
   }));
   if (!failed.empty()) {
