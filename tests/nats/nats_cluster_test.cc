@@ -111,7 +111,9 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
   EXPECT_EQ(acked.size(), size_t{kEvents});
 
   EXPECT_TRUE(WaitUntil(
-      [&] { return QueryInt(*db, "SELECT count(DISTINCT event_id) FROM cluster_effects") == kEvents; },
+      [&] {
+        return QueryInt(*db, "SELECT count(DISTINCT event_id) FROM cluster_effects") == kEvents;
+      },
       120s));
   stop = true;
   consuming.join();

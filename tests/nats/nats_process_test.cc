@@ -3,7 +3,6 @@
 // with SIGTERM. Every payment is booked exactly once (two ledger rows each).
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 
 #include <string>
@@ -13,46 +12,16 @@
 #include "tests/nats/nats_servers.h"
 #include "tests/unit/test_util.h"
 
-extern char** environ;
-
 namespace converge {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::Child;
 using testing::NatsServers;
 using testing::OpenSqlite;
 using testing::QueryInt;
 using testing::TempDir;
 using testing::WaitUntil;
-
-// A converge child process; killed (SIGKILL) if still running when destroyed.
-class Child {
- public:
-  explicit Child(std::vector<std::string> args) {
-    args.insert(args.begin(), CONVERGE_BIN_PATH);
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, CONVERGE_BIN_PATH, nullptr, nullptr, argv.data(), environ) != 0) {
-      pid_ = -1;
-    }
-  }
-  ~Child() {
-    if (pid_ > 0) Signal(SIGKILL);
-  }
-  bool running() const { return pid_ > 0; }
-  // Sends `sig` and reaps the child; returns its wait status.
-  int Signal(int sig) {
-    kill(pid_, sig);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return status;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
 
 TEST(NatsProcesses, RelayAndWorkersKilledAndStoppedBookEachPaymentOnce) {
   NatsServers nats;

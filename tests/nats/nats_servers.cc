@@ -1,9 +1,14 @@
 #include "tests/nats/nats_servers.h"
 
+#include <signal.h>
+#include <spawn.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
 #include <cstdlib>
 #include <fstream>
+
+extern char** environ;
 
 namespace converge::testing {
 
@@ -31,6 +36,28 @@ bool NatsServers::Restart(int n) { return Run("restart '" + dir_ + "' " + std::t
 
 NatsServers::~NatsServers() {
   if (!dir_.empty()) Run("stop '" + dir_ + "'");
+}
+
+Child::Child(std::vector<std::string> args) {
+  args.insert(args.begin(), CONVERGE_BIN_PATH);
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  if (posix_spawn(&pid_, CONVERGE_BIN_PATH, nullptr, nullptr, argv.data(), environ) != 0) {
+    pid_ = -1;
+  }
+}
+
+Child::~Child() {
+  if (pid_ > 0) Signal(SIGKILL);
+}
+
+int Child::Signal(int sig) {
+  kill(pid_, sig);
+  int status = 0;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return status;
 }
 
 }  // namespace converge::testing

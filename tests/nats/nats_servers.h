@@ -4,7 +4,10 @@
 #ifndef CONVERGE_TESTS_NATS_NATS_SERVERS_H_
 #define CONVERGE_TESTS_NATS_NATS_SERVERS_H_
 
+#include <sys/types.h>
+
 #include <string>
+#include <vector>
 
 namespace converge::testing {
 
@@ -28,6 +31,22 @@ class NatsServers {
   bool Run(const std::string& args);
   std::string dir_;
   std::string urls_;
+};
+
+// A `converge ARGS...` child process (the binary built beside the tests); killed with
+// SIGKILL if still running when destroyed.
+class Child {
+ public:
+  explicit Child(std::vector<std::string> args);
+  ~Child();
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  bool running() const { return pid_ > 0; }
+  // Sends `sig` and reaps the child; returns its wait status.
+  int Signal(int sig);
+
+ private:
+  pid_t pid_ = -1;
 };
 
 }  // namespace converge::testing
