@@ -173,6 +173,55 @@ Result<bool> Relay::StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t 
   return n == 1;
 }
 
+namespace {
+
+// Marks the events `seqs` published at `now`, a few statements for the whole batch (not a
+// round trip per event); returns how many were still unpublished.
+Result<size_t> MarkPublished(Tx& tx, const std::vector<int64_t>& seqs, int64_t now) {
+  constexpr size_t kChunk = 500;
+  size_t marked = 0;
+  for (size_t i = 0; i < seqs.size(); i += kChunk) {
+    std::string sql =
+        "UPDATE outbox_events SET published_at = $1, publish_attempts = publish_attempts + 1, "
+        "last_error = NULL WHERE published_at IS NULL AND seq IN (";
+    std::vector<Value> params = {Value(now)};
+    for (size_t j = i; j < std::min(seqs.size(), i + kChunk); ++j) {
+      sql += (j > i ? ", $" : "$") + std::to_string(params.size() + 1);
+      params.emplace_back(seqs[j]);
+    }
+    CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
+    marked += static_cast<size_t>(n);
+  }
+  return marked;
+}
+
+}  // namespace
+
+Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitions,
+                                       const std::map<int64_t, int64_t>& owned, int64_t now) {
+  if (partitions.empty()) return std::set<int64_t>{};
+  // The common case in one statement: every partition still ours at its fence.
+  std::string sql =
+      "UPDATE relay_partitions SET lease_until = $1 WHERE owner = $2 AND (partition_no, fence) "
+      "IN (";
+  std::vector<Value> params = {Value(now + options_.lease.count()), Value(name_)};
+  for (int64_t p : partitions) {
+    sql += (params.size() > 2 ? ", ($" : "($") + std::to_string(params.size() + 1) + ", $" +
+           std::to_string(params.size() + 2) + ")";
+    params.emplace_back(p);
+    params.emplace_back(owned.at(p));
+  }
+  CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
+  if (n == static_cast<int64_t>(partitions.size())) return partitions;
+  // Some were taken over: find out which, one by one.
+  std::set<int64_t> mine;
+  for (int64_t p : partitions) {
+    CONVERGE_ASSIGN_OR_RETURN(bool ours, StillOwns(tx, p, owned.at(p), now));
+    if (ours) mine.insert(p);
+  }
+  return mine;
+}
+
 Result<size_t> Relay::RunOnce() {
   auto owned = Acquire();
   Result<size_t> r = size_t{0};
@@ -202,34 +251,20 @@ Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
     published = 0;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, owned, options_.batch));
-    std::map<int64_t, bool> mine;
+    std::set<int64_t> touched;
+    for (const Pending& p : batch) touched.insert(p.partition);
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
     std::vector<Event> events;
     std::vector<int64_t> seqs;
     for (const Pending& p : batch) {
-      if (!mine.count(p.partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p.partition],
-                                  StillOwns(tx, p.partition, owned.at(p.partition), now));
-      }
-      if (!mine[p.partition]) continue;
+      if (!mine.count(p.partition)) continue;
       events.push_back(p.event);
       seqs.push_back(p.seq);
     }
     if (seqs.empty()) return OkStatus();
     CONVERGE_RETURN_IF_ERROR(tx_publisher_->PublishInTx(tx, events));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
-    constexpr size_t kChunk = 500;
-    for (size_t i = 0; i < seqs.size(); i += kChunk) {
-      std::string sql =
-          "UPDATE outbox_events SET published_at = $1, publish_attempts = publish_attempts + 1 "
-          "WHERE published_at IS NULL AND seq IN (";
-      std::vector<Value> params = {Value(now)};
-      for (size_t j = i; j < std::min(seqs.size(), i + kChunk); ++j) {
-        sql += (j > i ? ", $" : "$") + std::to_string(params.size() + 1);
-        params.emplace_back(seqs[j]);
-      }
-      CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
-      published += static_cast<size_t>(n);
-    }
+    CONVERGE_ASSIGN_OR_RETURN(published, MarkPublished(tx, seqs, now));
     return OkStatus();
   });
   if (!st.ok()) return tl::unexpected(st);
@@ -277,21 +312,14 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     marked = 0;
     const int64_t now = clock_->NowMillis();
-    std::map<int64_t, bool> mine;
-    std::vector<std::vector<Value>> marks;  // one pipeline on PostgreSQL, not a round trip each
+    std::set<int64_t> touched;
+    for (const Pending* p : done) touched.insert(p->partition);
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
+    std::vector<int64_t> seqs;
     for (const Pending* p : done) {
-      if (!mine.count(p->partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p->partition],
-                                  StillOwns(tx, p->partition, owned.at(p->partition), now));
-      }
-      if (mine[p->partition]) marks.push_back({Value(now), Value(p->seq)});
+      if (mine.count(p->partition)) seqs.push_back(p->seq);
     }
-    CONVERGE_ASSIGN_OR_RETURN(
-        int64_t n, tx.ExecMany("UPDATE outbox_events SET published_at = $1, publish_attempts = "
-                               "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
-                               "AND published_at IS NULL",
-                               marks));
-    marked = static_cast<size_t>(n);
+    CONVERGE_ASSIGN_OR_RETURN(marked, MarkPublished(tx, seqs, now));
     std::vector<std::vector<Value>> failures;
     for (const auto& [seq, error] : failed) failures.push_back({Value(error), Value(seq)});
     CONVERGE_RETURN_IF_ERROR(
