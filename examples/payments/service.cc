@@ -308,10 +308,12 @@ Status Service::Impl::Start() {
 #endif
   }
   if (serving) relay_ = &runtime_->AddRelay(*publisher, converge::RelayOptions{.name = instance});
-  dead_letters_ = std::make_unique<converge::DeadLetters>(
-      *db_, std::vector<converge::ReplayRoute>{
-                {"", queue_.get()},
-                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}});
+  std::vector<converge::ReplayRoute> routes = {
+      {"", queue_.get()}, {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}};
+#if CONVERGE_WITH_NATS
+  if (nats_) routes.push_back({"nats:", nats_.get()});  // letters of NATS consumers
+#endif
+  dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, std::move(routes));
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
   eo.max_attempts = cfg_.effect_max_attempts;

@@ -34,6 +34,7 @@
 
 #include "converge/clock.h"
 #include "converge/consumer.h"
+#include "converge/dead_letters.h"
 #include "converge/event.h"
 #include "converge/metrics.h"
 #include "converge/status.h"
@@ -86,7 +87,7 @@ struct NatsStats {
   int64_t terminated = 0;        // Term sent for dead-lettered messages
 };
 
-class NatsBroker : public Publisher {
+class NatsBroker : public Publisher, public Requeuer {
  public:
   // Connects, provisions the stream (created, or updated to these settings) and
   // subscribes to the MAX_DELIVERIES advisories. `metrics` (may be null) must outlive
@@ -106,6 +107,15 @@ class NatsBroker : public Publisher {
   // kUnavailable (refused or not connected), kInvalidArgument (no envelope, or a type
   // that is not a valid subject token).
   std::vector<Status> PublishBatch(std::span<const Event> batch) override;
+
+  // Requeuer, for letters of the queues "nats:<consumer>" (dead_letters.h): publishes the
+  // letter's envelope again on its event type's subject under a fresh Nats-Msg-Id
+  // (`<event id>:replay:<replay count>`), so the stream does not drop it as a duplicate.
+  // Every consumer of that subject receives it; those that applied (or parked) the event
+  // before absorb it in their inbox, and the letter's own consumer, whose dead-lettered
+  // mark the replay lifted, applies it. The publish cannot join the replay's transaction:
+  // if that transaction then fails, the letter stays parked and the copy is absorbed.
+  Status Requeue(Tx& tx, const DeadLetter& letter) override;
 
   // Creates or updates the durable consumer and opens a pull subscription on it.
   // kInvalidArgument: a bad name, pattern or setting; kUnavailable: the server.

@@ -207,6 +207,34 @@ TEST_F(NatsTransport, PoisonMessageIsDeadLetteredThenTerminated) {
   EXPECT_EQ((*parked)[0].queue, "nats:ledger");
 }
 
+// The poison message's cause is fixed and its dead letter replayed: it goes back through
+// NATS under a fresh message id and the consumer applies it, once.
+TEST_F(NatsTransport, ReplayedDeadLetterIsAppliedOnceThroughTheStream) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("poison")).ok());
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  std::atomic<bool> fixed{false};
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", [&](Tx& tx, const Event& e) -> Status {
+    if (!fixed) return InvalidArgumentError("cannot apply this payment yet");
+    return RecordEffect(tx, e);
+  });
+  DeadLetters letters(*db_, {{"nats:", broker->get()}});
+  ASSERT_TRUE(RunUntil(consumer, [&] { return letters.Count().value_or(0) == 1; }));
+  fixed = true;
+  auto parked = letters.List();
+  ASSERT_TRUE(parked.has_value() && parked->size() == 1);
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return QueryInt(*db_, "SELECT count(*) FROM nats_effects") == 1 &&
+           (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  })) << consumer.stats().last_error;
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects WHERE event_id = 'poison'"), 1);
+  EXPECT_EQ(letters.Count().value_or(-1), 0);
+}
+
 // A handler slower than AckWait keeps its message: the subscriber sends in-progress acks
 // while it runs, so the server does not redeliver it to anyone.
 TEST_F(NatsTransport, LongHandlerKeepsItsMessageWithInProgressAcks) {

@@ -401,6 +401,15 @@ Result<int64_t> NatsBroker::Unsettled(const std::string& consumer) {
   return n;
 }
 
+Status NatsBroker::Requeue(Tx&, const DeadLetter& letter) {
+  Event e;
+  e.id = letter.event_id + ":replay:" + std::to_string(letter.replay_count);
+  e.type = letter.type;
+  e.subject = letter.event_id;
+  e.envelope = letter.envelope;
+  return Publish(e);
+}
+
 Status NatsBroker::Publish(const Event& event) {
   return PublishBatch(std::span<const Event>(&event, 1)).front();
 }
