@@ -110,6 +110,7 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     for (const Row& r : rows) by_partition[r.Int(0)] = &r;
     const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
                           static_cast<int64_t>(live.size());
+    std::set<int64_t> renew;  // ours at the fence this incarnation holds
     // Renew what is still ours, shedding any excess over the fair share. A partition
     // under our name that this incarnation did not acquire (a restart that reuses the
     // name, while the previous process may still be alive) is taken at once but with a
@@ -123,13 +124,21 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
         continue;
       }
       auto held = held_.find(r.Int(0));
-      const bool ours = held != held_.end() && held->second == r.Int(2);
-      const int64_t fence = ours ? r.Int(2) : r.Int(2) + 1;
+      if (held != held_.end() && held->second == r.Int(2)) {
+        owned[r.Int(0)] = r.Int(2);  // renewed below, all in one statement
+        renew.insert(r.Int(0));
+        continue;
+      }
+      const int64_t fence = r.Int(2) + 1;
       CONVERGE_ASSIGN_OR_RETURN(
           int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1, fence = $2 "
                              "WHERE partition_no = $3 AND owner = $4 AND fence = $5",
                              until, fence, r.Int(0), name_, r.Int(2)));
       if (n == 1) owned[r.Int(0)] = fence;
+    }
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> renewed, Renew(tx, renew, owned, now));
+    for (int64_t p : renew) {
+      if (!renewed.count(p)) owned.erase(p);
     }
     // Take free or expired partitions up to the share. Each take raises the fence; the
     // WHERE makes two relays racing for one partition end with one winner.
