@@ -235,6 +235,29 @@ TEST_F(NatsTransport, ReplayedDeadLetterIsAppliedOnceThroughTheStream) {
   EXPECT_EQ(letters.Count().value_or(-1), 0);
 }
 
+// A transient failure naks with a delay (the consumer's backoff): the server redelivers
+// the message and the second run applies it.
+TEST_F(NatsTransport, TransientFailureIsNakkedAndRedeliveredThenAppliedOnce) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("flaky")).ok());
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  std::atomic<int> runs{0};
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", [&](Tx& tx, const Event& e) -> Status {
+    if (++runs == 1) return UnavailableError("provider busy");
+    return RecordEffect(tx, e);
+  });
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return QueryInt(*db_, "SELECT count(*) FROM nats_effects") == 1 &&
+           (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  })) << consumer.stats().last_error;
+  EXPECT_EQ(runs.load(), 2);
+  EXPECT_EQ(consumer.stats().retries, 1);
+  EXPECT_EQ(consumer.stats().processed, 1);
+}
+
 // A handler slower than AckWait keeps its message: the subscriber sends in-progress acks
 // while it runs, so the server does not redeliver it to anyone.
 TEST_F(NatsTransport, LongHandlerKeepsItsMessageWithInProgressAcks) {
