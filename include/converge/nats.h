@@ -21,6 +21,8 @@
 // gave up on a message) are counted per consumer.
 //
 // Thread safety: NatsBroker and its subscribers are safe to use from many threads.
+// Ownership: a subscriber (and every delivery it handed out) must be destroyed before the
+// broker that opened it.
 #ifndef CONVERGE_NATS_H_
 #define CONVERGE_NATS_H_
 
