@@ -50,6 +50,7 @@ bench: build
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) "$(PG_BENCH_SECONDS)" "$(PG_BENCH_ROUNDS)" $(BENCH_OUT)/pg.json
 	bash bench/plot.sh $(BENCH_OUT) docs/bench
+	bash bench/nats_bench.sh $(BUILD) $(NATS_BENCH_EVENTS)
 
 # A build of its own (clang, libFuzzer's coverage instrumentation, ASan+UBSan): the normal
 # g++ build is untouched. New inputs collect in $(BUILD)-fuzz/corpus/<target>/, failing

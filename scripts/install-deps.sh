@@ -14,8 +14,11 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libboost-dev libcurl4-openssl-dev wrk
   libpq-dev postgresql postgresql-contrib python3
-  nats-server libnats-dev prometheus gnuplot-nox
+  nats-server libnats-dev prometheus gnuplot-nox curl
 )
+# The NATS interop test runs the `nats` npm package on Node: Debian's nodejs and npm,
+# unless a Node with npm is installed already (from another source).
+if ! command -v npm > /dev/null 2>&1; then packages+=(nodejs npm); fi
 
 # Node.js and npm run the OpenAPI linter (tests/docs/openapi_lint.sh, Redocly CLI from the
 # npm registry). A Node installed otherwise (e.g. NodeSource's, which bundles npm) is kept.

@@ -2,6 +2,8 @@
 #ifndef CONVERGE_APPS_CONVERGE_COMMANDS_H_
 #define CONVERGE_APPS_CONVERGE_COMMANDS_H_
 
+#include <signal.h>
+
 #include <cstdint>
 #include <string>
 
@@ -43,6 +45,8 @@ void AddServiceCommands(CLI::App& app, int* exit_code);
 void AddProxyCommand(CLI::App& app, int* exit_code);
 // gateway: webhooks in, delivered at least once to internal targets.
 void AddGatewayCommand(CLI::App& app, int* exit_code);
+// relay and worker: the distributed deployment's separate processes (--broker nats://).
+void AddBrokerCommands(CLI::App& app, int* exit_code);
 
 }  // namespace converge::cli
 

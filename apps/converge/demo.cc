@@ -59,7 +59,7 @@ class LossyAcks : public SubscriberWrapper {
     {
       std::lock_guard<std::mutex> l(mu_);
       for (size_t i = 0; i < d.size(); ++i) {
-        if (s[i].kind == Settlement::Kind::kAck &&
+        if (s[i].kind != Settlement::Kind::kNak &&
             std::uniform_real_distribution<double>(0, 1)(rng_) < rate_) {
           ++dropped_;
           continue;

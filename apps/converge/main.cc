@@ -6,6 +6,8 @@
 //   converge migrate --db URI             create or upgrade a store's schema
 //   converge sweep --db URI               delete what retention no longer needs
 //   converge serve --config FILE          the payments reference service
+//   converge relay --db URI --broker nats://...      the outbox relay alone
+//   converge worker --db URI --broker nats://... --consumer NAME   consumers alone
 //   converge fake-psp | fake-mail         stand-in providers (own store, own port)
 //   converge webhook sign|verify          Standard Webhooks on the command line
 #include <cstdio>
@@ -134,6 +136,7 @@ int main(int argc, char** argv) {
   converge::cli::AddServiceCommands(app, &exit_code);
   converge::cli::AddProxyCommand(app, &exit_code);
   converge::cli::AddGatewayCommand(app, &exit_code);
+  converge::cli::AddBrokerCommands(app, &exit_code);
 
   converge::Status fp = converge::failpoint::ConfigureFromEnv();
   if (!fp.ok()) {

@@ -25,7 +25,7 @@ namespace converge::cli {
 namespace {
 
 struct ServeFlags {
-  std::string config, listen, db, port_file, log_level;
+  std::string config, listen, db, port_file, log_level, broker;
 };
 
 int Serve(const ServeFlags& f) {
@@ -42,6 +42,7 @@ int Serve(const ServeFlags& f) {
     }
   }
   if (!f.db.empty()) cfg->db = f.db;
+  if (!f.broker.empty()) cfg->broker = f.broker;
   if (!f.log_level.empty()) cfg->log_level = f.log_level;
   SetUpLogging(cfg->log_level);
   sigset_t signals = BlockStopSignals();
@@ -146,6 +147,8 @@ void AddServiceCommands(CLI::App& app, int* exit_code) {
   serve->add_option("--db", sf->db, "Store URI (overrides the config), e.g. sqlite:app.db");
   serve->add_option("--port-file", sf->port_file, "Write the bound port to this file");
   serve->add_option("--log-level", sf->log_level, "trace, debug, info, warn, error");
+  serve->add_option("--broker", sf->broker,
+                    "nats://host:port[,...]: NATS JetStream instead of the store's queue");
   serve->callback([sf, exit_code] { *exit_code = Serve(*sf); });
 
   for (const char* name : {"fake-psp", "fake-mail"}) {

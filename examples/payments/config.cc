@@ -43,7 +43,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_limit_bytes", "max_header_fields", "max_connections",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
-        {"store", {"uri", "synchronous", "notify"}},
+        {"store", {"uri", "synchronous", "notify", "broker"}},
         {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms"}},
         {"auth", {"admin_token", "api_keys"}},
         {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
@@ -70,6 +70,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(
         r.Duration("server", "shutdown_drain_ms", &c.shutdown_drain, 0, 600000));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "uri", &c.db));
+    CONVERGE_RETURN_IF_ERROR(r.String("store", "broker", &c.broker));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "synchronous", &sync));
     if (auto n = root["store"]["notify"]) {
       if (!n.is_boolean())

@@ -33,6 +33,14 @@ struct ServiceConfig {
   // Unique among live instances sharing a store; names this instance's relay. Empty:
   // "<hostname>:<port>" when the port is fixed, else random.
   std::string instance_name;
+  // Where events travel: empty = the SQL queue in the store; "nats://..." = NATS JetStream
+  // (docs/design/nats.md): the relay publishes there and the ledger and email consumers
+  // read there (staged webhook work stays in the store's queue).
+  std::string broker;
+  // What this process runs: "serve" (everything) or "worker" (only `consumers`, with no
+  // HTTP server and no relay: `converge worker`).
+  std::string role = "serve";
+  std::vector<std::string> consumers;  // role "worker": which consumers; empty = all
   // [store]
   std::string db = "sqlite:converge.db";
   bool synchronous_full = true;

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <charconv>
 #include <mutex>
 #include <set>
@@ -22,6 +24,9 @@
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
 #include "converge/metrics.h"
+#if CONVERGE_WITH_NATS
+#include "converge/nats.h"
+#endif
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/runtime.h"
@@ -153,7 +158,7 @@ class Service::Impl {
   // The completer's resume: rebuilds the request from the payment row and runs it on.
   Status ResumeAbandoned(KeyLease& lease);
   Status CreateTables();
-  void RegisterConsumers();
+  Status RegisterConsumers();
 
   // --- consumers ---
   Status OnCapturedLedger(Tx& tx, const Event& e);
@@ -172,6 +177,9 @@ class Service::Impl {
   converge::Completer* completer_ = nullptr;
   converge::Outbox* outbox_ = nullptr;
   std::unique_ptr<converge::SqlQueue> queue_;
+#if CONVERGE_WITH_NATS
+  std::unique_ptr<converge::NatsBroker> nats_;  // cfg_.broker, when it is NATS
+#endif
   converge::Relay* relay_ = nullptr;
   std::vector<std::unique_ptr<converge::Subscriber>> subscribers_;
   std::vector<converge::Consumer*> consumers_;
@@ -213,13 +221,17 @@ Status Service::Impl::CreateTables() {
 }
 
 Status Service::Impl::Start() {
-  if (cfg_.api_keys.empty()) {
+  if (cfg_.role != "serve" && cfg_.role != "worker") {
+    return converge::InvalidArgumentError("role '" + cfg_.role + "': serve or worker");
+  }
+  const bool serving = cfg_.role == "serve";  // a worker needs no clients, keys or webhooks
+  if (serving && cfg_.api_keys.empty()) {
     return converge::InvalidArgumentError("config: auth.api_keys is empty: no client could call");
   }
-  if (cfg_.admin_token.size() < 8) {
+  if (serving && cfg_.admin_token.size() < 8) {
     return converge::InvalidArgumentError("config: auth.admin_token must be at least 8 characters");
   }
-  if (cfg_.webhook_secrets.empty()) {
+  if (serving && cfg_.webhook_secrets.empty()) {
     return converge::InvalidArgumentError("config: psp.webhook_secrets is empty");
   }
   for (const auto& s : cfg_.webhook_secrets) {
@@ -278,11 +290,27 @@ Status Service::Impl::Start() {
     gethostname(host, sizeof host - 1);
     instance = std::string(host) + ":" + std::to_string(cfg_.port);
   }
-  relay_ = &runtime_->AddRelay(*queue_, converge::RelayOptions{.name = instance});
-  dead_letters_ = std::make_unique<converge::DeadLetters>(
-      *db_, std::vector<converge::ReplayRoute>{
-                {"", queue_.get()},
-                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}});
+  converge::Publisher* publisher = queue_.get();
+  if (!cfg_.broker.empty()) {
+#if CONVERGE_WITH_NATS
+    auto nats_options = converge::ParseNatsUri(cfg_.broker);
+    if (!nats_options) return nats_options.error();
+    auto nats = converge::NatsBroker::Connect(std::move(*nats_options), &metrics_);
+    if (!nats) return nats.error();
+    nats_ = std::move(*nats);
+    publisher = nats_.get();
+#else
+    return converge::InvalidArgumentError("broker '" + cfg_.broker.substr(0, 7) +
+                                          "...': this build has no NATS (CONVERGE_WITH_NATS)");
+#endif
+  }
+  if (serving) relay_ = &runtime_->AddRelay(*publisher, converge::RelayOptions{.name = instance});
+  std::vector<converge::ReplayRoute> routes = {
+      {"", queue_.get()}, {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}};
+#if CONVERGE_WITH_NATS
+  if (nats_) routes.push_back({"nats:", nats_.get()});  // letters of NATS consumers
+#endif
+  dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, std::move(routes));
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
   eo.max_attempts = cfg_.effect_max_attempts;
@@ -291,8 +319,14 @@ Status Service::Impl::Start() {
   eo.backoff_max = cfg_.backoff_max;
   receipts_ = &runtime_->AddEffectRunner(
       eo, [this](const std::string& k, const std::string& p) { return SendReceipt(k, p); });
-  RegisterConsumers();
+  CONVERGE_RETURN_IF_ERROR(RegisterConsumers());
   CONVERGE_RETURN_IF_ERROR(runtime_->Validate());
+  if (!serving) {
+    CONVERGE_RETURN_IF_ERROR(runtime_->Start());
+    spdlog::info("event=worker_started consumers={} broker={}", consumers_.size(),
+                 cfg_.broker.empty() ? "sql" : "nats");
+    return converge::OkStatus();
+  }
 
   converge::http::ServerOptions so;
   so.address = cfg_.address;
@@ -363,25 +397,56 @@ void Service::Impl::Stop() {
   spdlog::info("event=stopped");
 }
 
-void Service::Impl::RegisterConsumers() {
-  auto make = [&](const std::string& name, const std::string& queue) -> converge::Consumer& {
-    subscribers_.push_back(queue_->OpenSubscriber(queue));
+Status Service::Impl::RegisterConsumers() {
+  // `pattern`: the event types it reads from a broker (the SQL queue routes by its
+  // subscriptions instead); "" = always the store's queue (staged webhook work).
+  auto make = [&](const std::string& name, const std::string& pattern,
+                  const std::function<void(converge::Consumer&)>& handlers) -> Status {
+    if (cfg_.role == "worker" && !cfg_.consumers.empty() &&
+        std::find(cfg_.consumers.begin(), cfg_.consumers.end(), name) == cfg_.consumers.end()) {
+      return converge::OkStatus();
+    }
     converge::ConsumerOptions o;
     o.name = name;
     o.max_attempts = cfg_.max_attempts;
     o.visibility = cfg_.visibility;
     o.backoff_initial = cfg_.backoff_initial;
     o.backoff_max = cfg_.backoff_max;
+#if CONVERGE_WITH_NATS
+    if (nats_ && !pattern.empty()) {
+      converge::NatsSubscription ns;
+      ns.consumer = name;
+      ns.pattern = pattern;
+      // A crashed worker's messages come back after AckWait; in-progress acks keep a
+      // slow handler's for up to the visibility.
+      ns.ack_wait = std::min<Millis>(cfg_.visibility, std::chrono::seconds(10));
+      ns.max_deliver = cfg_.max_attempts + 4;
+      o.poll = std::chrono::milliseconds(20);  // Fetch itself waits for messages
+      CONVERGE_RETURN_IF_ERROR(converge::ValidateNatsRetention(ns, o));
+      auto sub = nats_->Subscribe(ns);
+      if (!sub) return sub.error();
+      subscribers_.push_back(std::move(*sub));
+    } else {
+      subscribers_.push_back(queue_->OpenSubscriber(name));
+    }
+#else
+    (void)pattern;
+    subscribers_.push_back(queue_->OpenSubscriber(name));
+#endif
     consumers_.push_back(&runtime_->AddConsumer(*subscribers_.back(), o));
-    return *consumers_.back();
+    handlers(*consumers_.back());
+    return converge::OkStatus();
   };
-  converge::Consumer& ledger = make("ledger", "ledger");
-  ledger.On("payment.captured", [this](Tx& tx, const Event& e) { return OnCapturedLedger(tx, e); });
-  ledger.On("payment.refunded", [this](Tx& tx, const Event& e) { return OnRefundedLedger(tx, e); });
-  converge::Consumer& email = make("email", "email");
-  email.On("payment.captured", [this](Tx& tx, const Event& e) { return OnCapturedEmail(tx, e); });
-  converge::Consumer& hooks = make("psp-webhooks", "psp-webhooks");
-  hooks.On("*", [this](Tx& tx, const Event& e) { return OnPspWebhook(tx, e); });
+  CONVERGE_RETURN_IF_ERROR(make("ledger", "payment.*", [this](converge::Consumer& c) {
+    c.On("payment.captured", [this](Tx& tx, const Event& e) { return OnCapturedLedger(tx, e); });
+    c.On("payment.refunded", [this](Tx& tx, const Event& e) { return OnRefundedLedger(tx, e); });
+  }));
+  CONVERGE_RETURN_IF_ERROR(make("email", "payment.captured", [this](converge::Consumer& c) {
+    c.On("payment.captured", [this](Tx& tx, const Event& e) { return OnCapturedEmail(tx, e); });
+  }));
+  return make("psp-webhooks", "", [this](converge::Consumer& c) {
+    c.On("*", [this](Tx& tx, const Event& e) { return OnPspWebhook(tx, e); });
+  });
 }
 
 const std::string* Service::Impl::Tenant(const Request& req) const {

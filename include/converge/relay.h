@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -91,6 +92,10 @@ class Relay {
   Result<std::map<int64_t, int64_t>> Acquire();
   // Renews the lease of `partition` if this relay still holds it at `fence`.
   Result<bool> StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now);
+  // StillOwns for every partition in `partitions` (held at owned.at(p)), in one statement
+  // when all are still this relay's; returns those that are.
+  Result<std::set<int64_t>> Renew(Tx& tx, const std::set<int64_t>& partitions,
+                                  const std::map<int64_t, int64_t>& owned, int64_t now);
   Result<size_t> RunShared(const std::map<int64_t, int64_t>& owned);
   Result<size_t> RunSeparate(const std::map<int64_t, int64_t>& owned);
   void ReleaseAll();

@@ -44,6 +44,14 @@ class Publisher {
   // outbox's). Transient codes (kUnavailable, kDeadlineExceeded) mean "try again later".
   virtual Status Publish(const Event& event) = 0;
 
+  // Publishes `batch` in order and returns one Status per event (same index). A broker
+  // that keeps several publishes in flight (NATS: a bounded window of asynchronous
+  // publishes) overrides this; the default calls Publish one event at a time and does not
+  // attempt an event whose subject (aggregate) already failed in this batch (kAborted), so
+  // nothing of an aggregate goes out after a failure. An override may attempt them: the
+  // relay marks, per subject, only what precedes the first failure.
+  virtual std::vector<Status> PublishBatch(std::span<const Event> batch);
+
   // The transactional face of this publisher, when it has one (the SQL queue does); a
   // broker outside the database has none. The relay publishes through it, in its own
   // transaction, when it writes to the outbox's database (relay.h).
@@ -55,7 +63,8 @@ class PublisherWrapper : public Publisher {
   explicit PublisherWrapper(Publisher* target) : target_(target) {}
   Status Publish(const Event& e) override { return target_->Publish(e); }
   // A wrapper has no transactional face: the relay publishes and marks in two steps
-  // through it, the way it does with an external broker.
+  // through it, the way it does with an external broker. It keeps the default
+  // PublishBatch, so an override of Publish sees every event.
 
  protected:
   Publisher* target_;
@@ -96,6 +105,7 @@ struct Settlement {
   enum class Kind {
     kAck,   // done (or dead-lettered): remove it
     kNak,   // failed transiently: deliver again after `delay`
+    kTerm,  // dead-lettered: never deliver again (a transport without the notion acks)
   };
   Kind kind = Kind::kAck;
   Millis delay{0};

@@ -82,6 +82,7 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
     return OkStatus();
   }
   decision->fate = Fate::kDead;
+  decision->settlement.kind = Settlement::Kind::kTerm;  // parked: never deliver it again
   DeadLetter letter;
   letter.consumer = options_.name;
   letter.queue = d.queue;

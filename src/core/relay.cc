@@ -110,6 +110,7 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
     for (const Row& r : rows) by_partition[r.Int(0)] = &r;
     const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
                           static_cast<int64_t>(live.size());
+    std::set<int64_t> renew;  // ours at the fence this incarnation holds
     // Renew what is still ours, shedding any excess over the fair share. A partition
     // under our name that this incarnation did not acquire (a restart that reuses the
     // name, while the previous process may still be alive) is taken at once but with a
@@ -123,13 +124,21 @@ Result<std::map<int64_t, int64_t>> Relay::Acquire() {
         continue;
       }
       auto held = held_.find(r.Int(0));
-      const bool ours = held != held_.end() && held->second == r.Int(2);
-      const int64_t fence = ours ? r.Int(2) : r.Int(2) + 1;
+      if (held != held_.end() && held->second == r.Int(2)) {
+        owned[r.Int(0)] = r.Int(2);  // renewed below, all in one statement
+        renew.insert(r.Int(0));
+        continue;
+      }
+      const int64_t fence = r.Int(2) + 1;
       CONVERGE_ASSIGN_OR_RETURN(
           int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1, fence = $2 "
                              "WHERE partition_no = $3 AND owner = $4 AND fence = $5",
                              until, fence, r.Int(0), name_, r.Int(2)));
       if (n == 1) owned[r.Int(0)] = fence;
+    }
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> renewed, Renew(tx, renew, owned, now));
+    for (int64_t p : renew) {
+      if (!renewed.count(p)) owned.erase(p);
     }
     // Take free or expired partitions up to the share. Each take raises the fence; the
     // WHERE makes two relays racing for one partition end with one winner.
@@ -173,6 +182,55 @@ Result<bool> Relay::StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t 
   return n == 1;
 }
 
+namespace {
+
+// Marks the events `seqs` published at `now`, a few statements for the whole batch (not a
+// round trip per event); returns how many were still unpublished.
+Result<size_t> MarkPublished(Tx& tx, const std::vector<int64_t>& seqs, int64_t now) {
+  constexpr size_t kChunk = 500;
+  size_t marked = 0;
+  for (size_t i = 0; i < seqs.size(); i += kChunk) {
+    std::string sql =
+        "UPDATE outbox_events SET published_at = $1, publish_attempts = publish_attempts + 1, "
+        "last_error = NULL WHERE published_at IS NULL AND seq IN (";
+    std::vector<Value> params = {Value(now)};
+    for (size_t j = i; j < std::min(seqs.size(), i + kChunk); ++j) {
+      sql += (j > i ? ", $" : "$") + std::to_string(params.size() + 1);
+      params.emplace_back(seqs[j]);
+    }
+    CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
+    marked += static_cast<size_t>(n);
+  }
+  return marked;
+}
+
+}  // namespace
+
+Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitions,
+                                       const std::map<int64_t, int64_t>& owned, int64_t now) {
+  if (partitions.empty()) return std::set<int64_t>{};
+  // The common case in one statement: every partition still ours at its fence.
+  std::string sql =
+      "UPDATE relay_partitions SET lease_until = $1 WHERE owner = $2 AND (partition_no, fence) "
+      "IN (";
+  std::vector<Value> params = {Value(now + options_.lease.count()), Value(name_)};
+  for (int64_t p : partitions) {
+    sql += (params.size() > 2 ? ", ($" : "($") + std::to_string(params.size() + 1) + ", $" +
+           std::to_string(params.size() + 2) + ")";
+    params.emplace_back(p);
+    params.emplace_back(owned.at(p));
+  }
+  CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
+  if (n == static_cast<int64_t>(partitions.size())) return partitions;
+  // Some were taken over: find out which, one by one.
+  std::set<int64_t> mine;
+  for (int64_t p : partitions) {
+    CONVERGE_ASSIGN_OR_RETURN(bool ours, StillOwns(tx, p, owned.at(p), now));
+    if (ours) mine.insert(p);
+  }
+  return mine;
+}
+
 Result<size_t> Relay::RunOnce() {
   auto owned = Acquire();
   Result<size_t> r = size_t{0};
@@ -202,34 +260,20 @@ Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
     published = 0;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, owned, options_.batch));
-    std::map<int64_t, bool> mine;
+    std::set<int64_t> touched;
+    for (const Pending& p : batch) touched.insert(p.partition);
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
     std::vector<Event> events;
     std::vector<int64_t> seqs;
     for (const Pending& p : batch) {
-      if (!mine.count(p.partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p.partition],
-                                  StillOwns(tx, p.partition, owned.at(p.partition), now));
-      }
-      if (!mine[p.partition]) continue;
+      if (!mine.count(p.partition)) continue;
       events.push_back(p.event);
       seqs.push_back(p.seq);
     }
     if (seqs.empty()) return OkStatus();
     CONVERGE_RETURN_IF_ERROR(tx_publisher_->PublishInTx(tx, events));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
-    constexpr size_t kChunk = 500;
-    for (size_t i = 0; i < seqs.size(); i += kChunk) {
-      std::string sql =
-          "UPDATE outbox_events SET published_at = $1, publish_attempts = publish_attempts + 1 "
-          "WHERE published_at IS NULL AND seq IN (";
-      std::vector<Value> params = {Value(now)};
-      for (size_t j = i; j < std::min(seqs.size(), i + kChunk); ++j) {
-        sql += (j > i ? ", $" : "$") + std::to_string(params.size() + 1);
-        params.emplace_back(seqs[j]);
-      }
-      CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
-      published += static_cast<size_t>(n);
-    }
+    CONVERGE_ASSIGN_OR_RETURN(published, MarkPublished(tx, seqs, now));
     return OkStatus();
   });
   if (!st.ok()) return tl::unexpected(st);
@@ -247,15 +291,26 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   }));
   if (batch.empty()) return size_t{0};
 
+  // One PublishBatch for the whole batch (a broker keeps a window of publishes in flight);
+  // per aggregate, only what precedes its first failure counts as published.
+  std::vector<Event> events;
+  events.reserve(batch.size());
+  for (const Pending& p : batch) events.push_back(p.event);
+  const std::vector<Status> results = publisher_.PublishBatch(events);
+  if (results.size() != batch.size()) {
+    return tl::unexpected(InternalError("PublishBatch answered " +
+                                        std::to_string(results.size()) + " results for " +
+                                        std::to_string(batch.size()) + " events"));
+  }
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
   std::vector<const Pending*> done;
   std::vector<std::pair<int64_t, std::string>> failed;
-  for (const Pending& p : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Pending& p = batch[i];
     if (stopped.count(p.event.subject)) continue;
-    Status st = publisher_.Publish(p.event);
-    if (!st.ok()) {
+    if (!results[i].ok()) {
       stopped.insert(p.event.subject);
-      failed.emplace_back(p.seq, st.ToString());
+      failed.emplace_back(p.seq, results[i].ToString());
       continue;
     }
     done.push_back(&p);
@@ -266,26 +321,20 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     marked = 0;
     const int64_t now = clock_->NowMillis();
-    std::map<int64_t, bool> mine;
+    std::set<int64_t> touched;
+    for (const Pending* p : done) touched.insert(p->partition);
+    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
+    std::vector<int64_t> seqs;
     for (const Pending* p : done) {
-      if (!mine.count(p->partition)) {
-        CONVERGE_ASSIGN_OR_RETURN(mine[p->partition],
-                                  StillOwns(tx, p->partition, owned.at(p->partition), now));
-      }
-      if (!mine[p->partition]) continue;
-      CONVERGE_ASSIGN_OR_RETURN(
-          int64_t n, tx.Exec("UPDATE outbox_events SET published_at = $1, publish_attempts = "
-                             "publish_attempts + 1, last_error = NULL WHERE seq = $2 "
-                             "AND published_at IS NULL",
-                             now, p->seq));
-      marked += static_cast<size_t>(n);
+      if (mine.count(p->partition)) seqs.push_back(p->seq);
     }
-    for (const auto& [seq, error] : failed) {
-      CONVERGE_RETURN_IF_ERROR(
-          tx.Exec("UPDATE outbox_events SET publish_attempts = publish_attempts + 1, "
-                  "last_error = $1 WHERE seq = $2",
-                  error, seq));
-    }
+    CONVERGE_ASSIGN_OR_RETURN(marked, MarkPublished(tx, seqs, now));
+    std::vector<std::vector<Value>> failures;
+    for (const auto& [seq, error] : failed) failures.push_back({Value(error), Value(seq)});
+    CONVERGE_RETURN_IF_ERROR(
+        tx.ExecMany("UPDATE outbox_events SET publish_attempts = publish_attempts + 1, "
+                    "last_error = $1 WHERE seq = $2",
+                    failures));
     return OkStatus();
   }));
   if (!failed.empty()) {

@@ -99,7 +99,7 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       for (size_t i = 0; i < deliveries.size(); ++i) {
         const RowClaim& c = *deliveries[i].handle.As<RowClaim>();
         const Settlement& s = settlements[i];
-        if (s.kind == Settlement::Kind::kAck) {
+        if (s.kind != Settlement::Kind::kNak) {  // kTerm: the row goes, as for kAck
           acks.push_back({Value(c.id), Value(c.token)});
         } else {
           naks.push_back({Value(now + s.delay.count()), Value(now), Value(s.error), Value(c.id),

@@ -1,0 +1,127 @@
+// converge relay / converge worker: the processes of the distributed deployment
+// (PostgreSQL + NATS JetStream + many converge processes; docs/design/nats.md).
+//
+//   converge relay --db URI --broker nats://...            outbox -> broker, nothing else
+//   converge worker --db URI --broker nats://... --consumer ledger   consumers, nothing else
+//
+// Both stop cleanly on SIGTERM/SIGINT: the pass or batch under way finishes, what
+// committed is acked (the connection is flushed), and the process exits 0.
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "apps/converge/commands.h"
+#include "apps/converge/process.h"
+#include "converge/database.h"
+#include "converge/outbox.h"
+#include "converge/relay.h"
+#if CONVERGE_WITH_NATS
+#include "converge/nats.h"
+#endif
+#include "payments/config.h"
+#include "payments/service.h"
+
+namespace converge::cli {
+namespace {
+
+struct BrokerFlags {
+  std::string db, broker, name, config, log_level = "info";
+  std::vector<std::string> consumers;
+};
+
+int RunRelay(const BrokerFlags& f) {
+  SetUpLogging(f.log_level);
+#if CONVERGE_WITH_NATS
+  auto options = ParseNatsUri(f.broker);
+  if (!options) {
+    std::fprintf(stderr, "converge relay: --broker: %s\n", options.error().ToString().c_str());
+    return 2;
+  }
+  sigset_t signals = BlockStopSignals();
+  auto db = Database::Open(f.db);
+  if (!db) {
+    std::fprintf(stderr, "converge relay: %s\n", db.error().ToString().c_str());
+    return 1;
+  }
+  auto broker = NatsBroker::Connect(std::move(*options));
+  if (!broker) {
+    std::fprintf(stderr, "converge relay: %s\n", broker.error().ToString().c_str());
+    return 1;
+  }
+  Outbox outbox;
+  Relay relay(**db, outbox, **broker, RelayOptions{.name = f.name});
+  relay.Start();
+  spdlog::info("event=relay_started name={} stream={}", f.name, (*broker)->options().stream);
+  WaitForStopSignal(signals);
+  relay.Stop();  // the pass under way publishes, waits for its acks and marks
+  const RelayStats rs = relay.stats();
+  const NatsStats ns = (*broker)->stats();
+  spdlog::info("event=relay_stopped published={} failures={} duplicates={}", rs.published,
+               rs.publish_failures, ns.duplicates);
+  return 0;
+#else
+  (void)f;
+  std::fprintf(stderr, "converge relay: this build has no NATS transport (CONVERGE_WITH_NATS)\n");
+  return 2;
+#endif
+}
+
+int RunWorker(const BrokerFlags& f) {
+  auto cfg = payments::LoadServiceConfig(f.config);
+  if (!cfg) {
+    std::fprintf(stderr, "converge worker: %s\n", cfg.error().message().c_str());
+    return 2;
+  }
+  cfg->db = f.db;
+  cfg->broker = f.broker;
+  cfg->role = "worker";
+  cfg->consumers = f.consumers;
+  SetUpLogging(f.log_level);
+  sigset_t signals = BlockStopSignals();
+  payments::Service service(*cfg);
+  Status st = service.Start();
+  if (!st.ok()) {
+    std::fprintf(stderr, "converge worker: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  WaitForStopSignal(signals);
+  service.Stop();  // each consumer finishes its batch and acks what committed
+  return 0;
+}
+
+}  // namespace
+
+void AddBrokerCommands(CLI::App& app, int* exit_code) {
+  auto rf = std::make_shared<BrokerFlags>();
+  CLI::App* relay = app.add_subcommand(
+      "relay", "Publish the outbox to a broker, alone (several may share one outbox)");
+  relay->add_option("--db", rf->db, "Store URI (or CONVERGE_DB)")
+      ->required()
+      ->envname("CONVERGE_DB");
+  relay->add_option("--broker", rf->broker, "nats://host:port[,host:port...][?replicas=3...]")
+      ->required();
+  relay->add_option("--name", rf->name, "Relay name, unique among live relays (default: random)");
+  relay->add_option("--log-level", rf->log_level, "trace, debug, info, warn, error");
+  relay->callback([rf, exit_code] { *exit_code = RunRelay(*rf); });
+
+  auto wf = std::make_shared<BrokerFlags>();
+  CLI::App* worker = app.add_subcommand(
+      "worker", "Run the payments service's consumers alone, reading from a broker");
+  worker->add_option("--db", wf->db, "Store URI (or CONVERGE_DB)")
+      ->required()
+      ->envname("CONVERGE_DB");
+  worker->add_option("--broker", wf->broker, "nats://host:port[,...]; empty: the store's queue");
+  worker
+      ->add_option("--consumer", wf->consumers, "ledger, email, psp-webhooks (repeat; default all)")
+      ->check(CLI::IsMember({"ledger", "email", "psp-webhooks"}));
+  worker->add_option("--config", wf->config, "TOML configuration file (consumer settings)")
+      ->check(CLI::ExistingFile);
+  worker->add_option("--log-level", wf->log_level, "trace, debug, info, warn, error");
+  worker->callback([wf, exit_code] { *exit_code = RunWorker(*wf); });
+}
+
+}  // namespace converge::cli

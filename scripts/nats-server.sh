@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Throwaway nats-server processes with JetStream, for tests and benchmarks: each node
+# listens on 127.0.0.1 at free ports (client, monitoring, and routes for a cluster), stores
+# in its own directory under DIR, and is started in the background. `start` returns once
+# every node answers /healthz; `stop` kills every node by the PID it recorded.
+#
+#   scripts/nats-server.sh start DIR [NODES]   NODES=1 (default): one server; 3: a cluster
+#   scripts/nats-server.sh stop DIR            kill -9 every node, then remove DIR
+#   scripts/nats-server.sh kill DIR N          kill -9 node N (1-based), keep its store
+#   scripts/nats-server.sh restart DIR N       start node N again, same ports and store
+#
+# `start` writes DIR/env (sourceable):
+#   CONVERGE_TEST_NATS_URL   the client URLs, comma separated (nats://127.0.0.1:PORT,...)
+#   CONVERGE_TEST_NATS_DIR   DIR
+#   CONVERGE_TEST_NATS_NODES the number of nodes
+# and for each node N: DIR/nN/{pid,port,http_port,cmd,server.log,store/}.
+set -euo pipefail
+usage() { echo "usage: $0 start DIR [NODES] | stop DIR | kill DIR N | restart DIR N" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+op=$1
+dir=$2
+
+command -v nats-server > /dev/null ||
+  { echo "nats-server.sh: no nats-server (run scripts/install-deps.sh)" >&2; exit 1; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until node $1 answers /healthz (JetStream included), up to 60 s.
+wait_healthy() {
+  local n=$1 http_port
+  http_port=$(cat "$dir/n$n/http_port")
+  for _ in $(seq 1 600); do
+    if curl -sf "http://127.0.0.1:$http_port/healthz" > /dev/null 2>&1; then return 0; fi
+    if ! kill -0 "$(cat "$dir/n$n/pid")" 2> /dev/null; then
+      echo "nats-server.sh: node $n exited; its log:" >&2
+      cat "$dir/n$n/server.log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "nats-server.sh: node $n not healthy after 60 s; its log:" >&2
+  cat "$dir/n$n/server.log" >&2
+  return 1
+}
+
+start_node() {
+  local n=$1
+  # shellcheck disable=SC2046
+  setsid $(cat "$dir/n$n/cmd") >> "$dir/n$n/server.log" 2>&1 < /dev/null &
+  echo $! > "$dir/n$n/pid"
+}
+
+case "$op" in
+  start)
+    nodes=${3:-1}
+    [[ "$nodes" =~ ^[1-9]$ ]] ||
+      { echo "nats-server.sh: NODES must be 1..9, got '$nodes'" >&2; exit 2; }
+    mkdir -p "$dir"
+    urls=()
+    cluster_ports=()
+    for n in $(seq 1 "$nodes"); do
+      mkdir -p "$dir/n$n/store"
+      free_port > "$dir/n$n/port"
+      free_port > "$dir/n$n/http_port"
+      urls+=("nats://127.0.0.1:$(cat "$dir/n$n/port")")
+      cluster_ports+=("$(free_port)")
+    done
+    for n in $(seq 1 "$nodes"); do
+      cmd="nats-server -js -a 127.0.0.1 -p $(cat "$dir/n$n/port") -m $(cat "$dir/n$n/http_port")"
+      cmd+=" -sd $dir/n$n/store --server_name n$n"
+      if [ "$nodes" -gt 1 ]; then
+        routes=""
+        for m in $(seq 1 "$nodes"); do
+          [ "$m" = "$n" ] && continue
+          routes+="${routes:+,}nats://127.0.0.1:${cluster_ports[$((m - 1))]}"
+        done
+        cmd+=" --cluster_name converge-test --cluster nats://127.0.0.1:${cluster_ports[$((n - 1))]}"
+        cmd+=" --routes $routes"
+      fi
+      echo "$cmd" > "$dir/n$n/cmd"
+      start_node "$n"
+    done
+    for n in $(seq 1 "$nodes"); do wait_healthy "$n"; done
+    {
+      echo "CONVERGE_TEST_NATS_URL=$(IFS=,; echo "${urls[*]}")"
+      echo "CONVERGE_TEST_NATS_DIR=$dir"
+      echo "CONVERGE_TEST_NATS_NODES=$nodes"
+    } > "$dir/env"
+    echo "nats-server.sh: $nodes node(s) healthy: $(IFS=,; echo "${urls[*]}")" >&2
+    ;;
+  stop)
+    for p in "$dir"/n*/pid; do
+      [ -f "$p" ] && kill -9 "$(cat "$p")" 2> /dev/null || true
+    done
+    rm -rf "$dir"
+    ;;
+  kill)
+    [ $# -eq 3 ] || usage
+    kill -9 "$(cat "$dir/n$3/pid")" 2> /dev/null || true
+    # Wait until it is gone, so a restart can bind its ports again.
+    while kill -0 "$(cat "$dir/n$3/pid")" 2> /dev/null; do sleep 0.05; done
+    ;;
+  restart)
+    [ $# -eq 3 ] || usage
+    start_node "$3"
+    wait_healthy "$3"
+    ;;
+  *) usage ;;
+esac

@@ -1,0 +1,708 @@
+// Method: one cnats connection per NatsBroker, one long-lived JetStream context on it
+// whose asynchronous-publish ack handler is the broker's. PublishBatch registers each
+// message (by its natsMsg address, unique while in flight) with the batch it belongs to,
+// publishes it with js_PublishMsgAsync (which blocks once max_in_flight are pending), and
+// waits on the batch's condition variable until every message has its answer or
+// publish_timeout passed; the handler files each answer with its batch. A message still
+// unanswered at the deadline is unregistered and reported kDeadlineExceeded; its late
+// answer (or cnats's own MaxWait timeout) then finds no registration and is dropped.
+//
+// A subscriber is a pull subscription bound to a durable consumer it created or updated.
+// Each fetched message is held in a shared Held (the natsMsg and whether it was settled),
+// which the delivery's handle carries; a ticker thread sends in-progress acks for held,
+// unsettled messages every ack_wait / 3 until the visibility the consumer asked for runs
+// out. Settle and the ticker take the Held's lock, so no in-progress ack follows an ack.
+#include <nats/nats.h>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <condition_variable>
+#include <list>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "converge/nats.h"
+
+namespace converge {
+namespace {
+
+using std::chrono::duration_cast;
+using std::chrono::nanoseconds;
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+constexpr const char* kMsgIdHeader = "Nats-Msg-Id";
+constexpr const char* kContentType = "application/cloudevents+json";
+
+// natsStatus -> Status, at the edge only (STYLE.md).
+Status FromNats(natsStatus s, std::string_view what, jsErrCode js = static_cast<jsErrCode>(0)) {
+  if (s == NATS_OK) return OkStatus();
+  std::string msg = std::string(what) + ": " + natsStatus_GetText(s);
+  const char* last = nats_GetLastError(nullptr);
+  if (last != nullptr && *last != '\0') msg += std::string(" (") + last + ")";
+  if (js != 0) msg += " [jetstream error " + std::to_string(static_cast<int>(js)) + "]";
+  switch (s) {
+    case NATS_TIMEOUT:
+      return DeadlineExceededError(msg);
+    case NATS_INVALID_ARG:
+    case NATS_INVALID_SUBJECT:
+      return InvalidArgumentError(msg);
+    case NATS_NOT_FOUND:
+      return NotFoundError(msg);
+    default:
+      return UnavailableError(msg);
+  }
+}
+
+tl::unexpected<Status> Fail(Status s) { return tl::unexpected<Status>(std::move(s)); }
+
+int64_t Nanos(Millis m) { return duration_cast<nanoseconds>(m).count(); }
+
+// A subject token or durable name: no whitespace, wildcards or separators beyond '.'.
+bool ValidTokens(std::string_view s, bool dots_allowed) {
+  if (s.empty() || s.front() == '.' || s.back() == '.') return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    char c = s[i];
+    if (c <= ' ' || c == '*' || c == '>' || c == 127) return false;
+    if (c == '.' && (!dots_allowed || (i > 0 && s[i - 1] == '.'))) return false;
+  }
+  return true;
+}
+
+template <class T>
+bool ParseInt(std::string_view s, T* out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && p == s.data() + s.size();
+}
+
+struct NatsOptionsDeleter {
+  void operator()(natsOptions* o) const { natsOptions_Destroy(o); }
+};
+
+}  // namespace
+
+Result<NatsOptions> ParseNatsUri(std::string_view uri) {
+  constexpr std::string_view kScheme = "nats://";
+  if (uri.substr(0, kScheme.size()) != kScheme) {
+    return Fail(
+        InvalidArgumentError("a NATS URI starts with nats://, got '" + std::string(uri) + "'"));
+  }
+  NatsOptions o;
+  std::string_view rest = uri.substr(kScheme.size());
+  std::string_view query;
+  if (size_t q = rest.find('?'); q != std::string_view::npos) {
+    query = rest.substr(q + 1);
+    rest = rest.substr(0, q);
+  }
+  while (!rest.empty()) {
+    size_t comma = rest.find(',');
+    std::string_view host = rest.substr(0, comma);
+    if (host.substr(0, kScheme.size()) == kScheme) host = host.substr(kScheme.size());
+    if (host.empty() || host.find_first_of("/ ") != std::string_view::npos) {
+      return Fail(InvalidArgumentError("NATS URI '" + std::string(uri) + "': bad server '" +
+                                       std::string(host) + "'"));
+    }
+    o.servers.push_back("nats://" + std::string(host));
+    if (comma == std::string_view::npos) break;
+    rest = rest.substr(comma + 1);
+  }
+  if (o.servers.empty())
+    return Fail(InvalidArgumentError("NATS URI '" + std::string(uri) + "': no server"));
+  while (!query.empty()) {
+    size_t amp = query.find('&');
+    std::string_view kv = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+    size_t eq = kv.find('=');
+    std::string_view k = kv.substr(0, eq);
+    std::string_view v = eq == std::string_view::npos ? std::string_view() : kv.substr(eq + 1);
+    int64_t n = 0;
+    bool num = ParseInt(v, &n) && n > 0;
+    auto bad = [&] {
+      return InvalidArgumentError("NATS URI: bad value '" + std::string(v) + "' for '" +
+                                  std::string(k) + "'");
+    };
+    if (k == "stream") {
+      if (!ValidTokens(v, false)) return Fail(bad());
+      o.stream = v;
+    } else if (k == "prefix") {
+      if (!ValidTokens(v, true)) return Fail(bad());
+      o.subject_prefix = v;
+    } else if (k == "replicas") {
+      if (!num || n > 5) return Fail(bad());
+      o.replicas = static_cast<int>(n);
+    } else if (k == "duplicate_window_ms") {
+      if (!num) return Fail(bad());
+      o.duplicate_window = Millis(n);
+    } else if (k == "in_flight") {
+      if (!num) return Fail(bad());
+      o.max_in_flight = n;
+    } else if (k == "publish_timeout_ms") {
+      if (!num) return Fail(bad());
+      o.publish_timeout = Millis(n);
+    } else {
+      return Fail(InvalidArgumentError("NATS URI: unknown setting '" + std::string(k) +
+                                       "' (stream, prefix, replicas, duplicate_window_ms, "
+                                       "in_flight, publish_timeout_ms)"));
+    }
+  }
+  return o;
+}
+
+Millis NatsRedeliveryHorizon(const NatsSubscription& sub, const ConsumerOptions& consumer) {
+  Millis total{0};
+  for (int64_t i = 0; i < sub.max_deliver; ++i) {
+    Millis wait = sub.backoff.empty() ? sub.ack_wait
+                                      : sub.backoff[std::min<size_t>(i, sub.backoff.size() - 1)];
+    total += std::max(wait, consumer.visibility);
+  }
+  return total + consumer.backoff_max * std::max<int64_t>(0, sub.max_deliver - 1);
+}
+
+Status ValidateNatsRetention(const NatsSubscription& sub, const ConsumerOptions& consumer) {
+  if (sub.max_deliver <= consumer.max_attempts) {
+    return InvalidArgumentError(
+        "NATS consumer '" + sub.consumer + "': MaxDeliver " + std::to_string(sub.max_deliver) +
+        " must exceed the consumer's max_attempts " + std::to_string(consumer.max_attempts) +
+        ", or the server drops a message before the consumer dead-letters it");
+  }
+  Millis backoff_total{0};
+  for (Millis b : sub.backoff) backoff_total += b;
+  const Millis horizon = NatsRedeliveryHorizon(sub, consumer);
+  const Millis needed = horizon + consumer.replay_window;
+  if (consumer.inbox_ttl > needed) return OkStatus();
+  return InvalidArgumentError(
+      "NATS consumer '" + sub.consumer + "': inbox TTL " +
+      std::to_string(consumer.inbox_ttl.count()) + " ms must exceed the redelivery horizon " +
+      std::to_string(horizon.count()) + " ms (AckWait " + std::to_string(sub.ack_wait.count()) +
+      " ms, visibility " + std::to_string(consumer.visibility.count()) + " ms, x MaxDeliver " +
+      std::to_string(sub.max_deliver) + "; backoff total " + std::to_string(backoff_total.count()) +
+      " ms; nak delays up to " + std::to_string(consumer.backoff_max.count()) +
+      " ms each) plus the dead-letter replay " + "window " +
+      std::to_string(consumer.replay_window.count()) + " ms = " + std::to_string(needed.count()) +
+      " ms: a late redelivery would be applied again");
+}
+
+// ---------------------------------------------------------------------------------------
+
+namespace {
+
+// What one PublishBatch waits for.
+struct Batch {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Status> results;
+  std::vector<bool> answered;
+  size_t pending = 0;
+};
+
+struct Registration {
+  std::shared_ptr<Batch> batch;
+  size_t index = 0;
+};
+
+}  // namespace
+
+struct NatsBroker::Impl {
+  NatsOptions options;
+  Metrics* metrics = nullptr;
+  natsConnection* nc = nullptr;
+  jsCtx* js = nullptr;
+  natsSubscription* advisories = nullptr;
+
+  std::mutex reg_mu;
+  std::unordered_map<natsMsg*, Registration> registered;
+
+  std::atomic<int64_t> published{0}, duplicates{0}, publish_errors{0}, max_deliveries{0},
+      in_progress_sent{0}, terminated{0};
+
+  ~Impl() {
+    if (advisories != nullptr) natsSubscription_Destroy(advisories);
+    if (nc != nullptr) {
+      natsConnection_FlushTimeout(nc, 5000);
+      natsConnection_Close(nc);
+    }
+    if (js != nullptr) jsCtx_Destroy(js);
+    if (nc != nullptr) natsConnection_Destroy(nc);
+  }
+
+  void Count(const char* name, const std::string& help, double v = 1,
+             const Metrics::Labels& labels = {}) {
+    if (metrics == nullptr) return;
+    metrics->Describe(name, "counter", help);
+    metrics->Add(name, labels, v);
+  }
+
+  static void OnAck(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
+    auto* self = static_cast<Impl*>(closure);
+    Registration reg;
+    {
+      std::lock_guard<std::mutex> l(self->reg_mu);
+      auto it = self->registered.find(msg);
+      if (it != self->registered.end()) {
+        reg = std::move(it->second);
+        self->registered.erase(it);
+      }
+    }
+    Status st = OkStatus();
+    if (pa != nullptr) {
+      self->published.fetch_add(1);
+      if (pa->Duplicate) {
+        self->duplicates.fetch_add(1);
+        self->Count("converge_nats_publish_duplicates_total",
+                    "Publishes the stream dropped as duplicates inside its window");
+      }
+    } else {
+      self->publish_errors.fetch_add(1);
+      st = FromNats(pae != nullptr ? pae->Err : NATS_ERR, "publish",
+                    pae != nullptr ? pae->ErrCode : static_cast<jsErrCode>(0));
+      if (st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kNotFound) {
+        st = UnavailableError(st.message());  // the stream refused: try again later
+      }
+      if (pae != nullptr && pae->ErrText != nullptr) {
+        st = Status(st.code(), st.message() + ": " + pae->ErrText);
+      }
+    }
+    natsMsg_Destroy(msg);
+    if (reg.batch == nullptr) return;  // its batch gave up waiting
+    std::lock_guard<std::mutex> l(reg.batch->mu);
+    if (reg.batch->answered[reg.index]) return;
+    reg.batch->results[reg.index] = std::move(st);
+    reg.batch->answered[reg.index] = true;
+    if (--reg.batch->pending == 0) reg.batch->cv.notify_all();
+  }
+
+  static void OnAdvisory(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
+    auto* self = static_cast<Impl*>(closure);
+    self->max_deliveries.fetch_add(1);
+    // $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>
+    std::string subject = natsMsg_GetSubject(msg);
+    std::string consumer = subject.substr(subject.rfind('.') + 1);
+    self->Count("converge_nats_max_deliveries_total",
+                "Messages the server stopped redelivering (MAX_DELIVERIES advisories)", 1,
+                {{"consumer", consumer}});
+    natsMsg_Destroy(msg);
+  }
+
+  Status ProvisionStream() {
+    const std::string subjects = options.subject_prefix + ".>";
+    const char* subject_list[] = {subjects.c_str()};
+    jsStreamConfig cfg;
+    jsStreamConfig_Init(&cfg);
+    cfg.Name = options.stream.c_str();
+    cfg.Subjects = subject_list;
+    cfg.SubjectsLen = 1;
+    cfg.Storage = js_FileStorage;
+    cfg.Duplicates = Nanos(options.duplicate_window);
+    cfg.Replicas = options.replicas;
+    jsStreamInfo* si = nullptr;
+    jsErrCode err = static_cast<jsErrCode>(0);
+    natsStatus s = js_AddStream(&si, js, &cfg, nullptr, &err);
+    if (s != NATS_OK && err == JSStreamNameExistErr) {
+      err = static_cast<jsErrCode>(0);
+      s = js_UpdateStream(&si, js, &cfg, nullptr, &err);
+    }
+    if (si != nullptr) jsStreamInfo_Destroy(si);
+    if (s == NATS_OK) return OkStatus();
+    Status st = FromNats(s, "provisioning stream '" + options.stream + "'", err);
+    if (err != 0) return FailedPreconditionError(st.message());
+    return st;
+  }
+};
+
+NatsBroker::NatsBroker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+NatsBroker::~NatsBroker() = default;
+
+Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Metrics* metrics) {
+  if (options.servers.empty()) return Fail(InvalidArgumentError("NATS: no server given"));
+  if (!ValidTokens(options.stream, false) || !ValidTokens(options.subject_prefix, true)) {
+    return Fail(InvalidArgumentError("NATS: stream '" + options.stream + "' or subject prefix '" +
+                                     options.subject_prefix + "' is not a valid name"));
+  }
+  if (options.replicas < 1 || options.max_in_flight < 1 || options.publish_timeout <= Millis(0) ||
+      options.duplicate_window <= Millis(0)) {
+    return Fail(InvalidArgumentError(
+        "NATS: replicas, in-flight window, publish timeout and duplicate window must be "
+        "positive"));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = std::move(options);
+  impl->metrics = metrics;
+
+  natsOptions* raw = nullptr;
+  if (natsOptions_Create(&raw) != NATS_OK) return Fail(UnavailableError("NATS: out of memory"));
+  std::unique_ptr<natsOptions, NatsOptionsDeleter> opts(raw);
+  std::vector<const char*> servers;
+  for (const std::string& s : impl->options.servers) servers.push_back(s.c_str());
+  natsStatus s =
+      natsOptions_SetServers(opts.get(), servers.data(), static_cast<int>(servers.size()));
+  // Reconnect for ever (a cluster node restarts; a single server comes back): publishes
+  // and acks wait in the reconnect buffer, and what times out is retried by its caller.
+  if (s == NATS_OK) s = natsOptions_SetMaxReconnect(opts.get(), -1);
+  if (s == NATS_OK) s = natsOptions_SetReconnectWait(opts.get(), 200);
+  if (s == NATS_OK) s = natsOptions_SetReconnectBufSize(opts.get(), 64 * 1024 * 1024);
+  if (s == NATS_OK) s = natsOptions_SetTimeout(opts.get(), 5000);
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS options"));
+  s = natsConnection_Connect(&impl->nc, opts.get());
+  if (s != NATS_OK) {
+    impl->nc = nullptr;
+    return Fail(UnavailableError("NATS: cannot connect to " + impl->options.servers.front() + ": " +
+                                 natsStatus_GetText(s)));
+  }
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jo.Wait = 10000;
+  jo.PublishAsync.MaxPending = impl->options.max_in_flight;
+  jo.PublishAsync.AckHandler = &Impl::OnAck;
+  jo.PublishAsync.AckHandlerClosure = impl.get();
+  jo.PublishAsync.StallWait = impl->options.publish_timeout.count();
+  s = natsConnection_JetStream(&impl->js, impl->nc, &jo);
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: JetStream context"));
+  Status st = impl->ProvisionStream();
+  if (!st.ok()) return Fail(st);
+  const std::string advisory =
+      "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + impl->options.stream + ".*";
+  s = natsConnection_Subscribe(&impl->advisories, impl->nc, advisory.c_str(), &Impl::OnAdvisory,
+                               impl.get());
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  return std::unique_ptr<NatsBroker>(new NatsBroker(std::move(impl)));
+}
+
+std::string NatsBroker::SubjectFor(std::string_view type) const {
+  return impl_->options.subject_prefix + "." + std::string(type);
+}
+
+const NatsOptions& NatsBroker::options() const { return impl_->options; }
+
+NatsStats NatsBroker::stats() const {
+  NatsStats s;
+  s.published = impl_->published.load();
+  s.duplicates = impl_->duplicates.load();
+  s.publish_errors = impl_->publish_errors.load();
+  s.max_deliveries = impl_->max_deliveries.load();
+  s.in_progress_sent = impl_->in_progress_sent.load();
+  s.terminated = impl_->terminated.load();
+  return s;
+}
+
+Status NatsBroker::Flush(Millis timeout) {
+  return FromNats(natsConnection_FlushTimeout(impl_->nc, timeout.count()), "NATS flush");
+}
+
+Result<int64_t> NatsBroker::Unsettled(const std::string& consumer) {
+  jsConsumerInfo* ci = nullptr;
+  jsErrCode err = static_cast<jsErrCode>(0);
+  natsStatus s = js_GetConsumerInfo(&ci, impl_->js, impl_->options.stream.c_str(), consumer.c_str(),
+                                    nullptr, &err);
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: consumer info of '" + consumer + "'", err));
+  const int64_t n = ci->NumAckPending + static_cast<int64_t>(ci->NumPending);
+  jsConsumerInfo_Destroy(ci);
+  return n;
+}
+
+Status NatsBroker::Requeue(Tx&, const DeadLetter& letter) {
+  Event e;
+  e.id = letter.event_id + ":replay:" + std::to_string(letter.replay_count);
+  e.type = letter.type;
+  e.subject = letter.event_id;
+  e.envelope = letter.envelope;
+  return Publish(e);
+}
+
+Status NatsBroker::Publish(const Event& event) {
+  return PublishBatch(std::span<const Event>(&event, 1)).front();
+}
+
+std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
+  auto batch = std::make_shared<Batch>();
+  batch->results.assign(events.size(), OkStatus());
+  batch->answered.assign(events.size(), false);
+  batch->pending = events.size();
+  auto answer = [&](size_t i, Status st) {
+    std::lock_guard<std::mutex> l(batch->mu);
+    batch->results[i] = std::move(st);
+    batch->answered[i] = true;
+    --batch->pending;
+  };
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = impl_->options.publish_timeout.count();
+  for (size_t i = 0; i < events.size(); ++i) {
+    const Event& e = events[i];
+    if (e.envelope.empty() || e.id.empty()) {
+      answer(i, InvalidArgumentError("NATS publish: event without an id or envelope"));
+      continue;
+    }
+    if (!ValidTokens(e.type, true)) {
+      answer(i, InvalidArgumentError("NATS publish: event type '" + e.type +
+                                     "' is not a valid subject (no spaces, '*' or '>')"));
+      continue;
+    }
+    const std::string subject = SubjectFor(e.type);
+    natsMsg* msg = nullptr;
+    natsStatus s = natsMsg_Create(&msg, subject.c_str(), nullptr, e.envelope.data(),
+                                  static_cast<int>(e.envelope.size()));
+    if (s == NATS_OK) s = natsMsgHeader_Set(msg, "Content-Type", kContentType);
+    if (s != NATS_OK) {
+      natsMsg_Destroy(msg);
+      answer(i, FromNats(s, "NATS publish"));
+      continue;
+    }
+    po.MsgId = e.id.c_str();
+    {
+      std::lock_guard<std::mutex> l(impl_->reg_mu);
+      impl_->registered[msg] = Registration{batch, i};
+    }
+    natsMsg* handed = msg;
+    s = js_PublishMsgAsync(impl_->js, &handed, &po);
+    if (s != NATS_OK) {
+      // Not sent: the message is still ours (handed is not cleared on failure).
+      {
+        std::lock_guard<std::mutex> l(impl_->reg_mu);
+        impl_->registered.erase(msg);
+      }
+      natsMsg_Destroy(handed);
+      impl_->publish_errors.fetch_add(1);
+      answer(i, FromNats(s, "NATS publish"));
+    }
+  }
+  std::unique_lock<std::mutex> l(batch->mu);
+  // Past publish_timeout cnats answers the message itself (MaxWait); the margin covers
+  // its timer's granularity.
+  const auto deadline =
+      std::chrono::steady_clock::now() + impl_->options.publish_timeout + std::chrono::seconds(1);
+  batch->cv.wait_until(l, deadline, [&] { return batch->pending == 0; });
+  if (batch->pending > 0) {
+    l.unlock();
+    {
+      std::lock_guard<std::mutex> rl(impl_->reg_mu);
+      for (auto it = impl_->registered.begin(); it != impl_->registered.end();) {
+        it = it->second.batch == batch ? impl_->registered.erase(it) : std::next(it);
+      }
+    }
+    l.lock();
+    for (size_t i = 0; i < events.size(); ++i) {
+      if (batch->answered[i]) continue;
+      batch->results[i] =
+          DeadlineExceededError("NATS publish: no ack within " +
+                                std::to_string(impl_->options.publish_timeout.count()) + " ms");
+      batch->answered[i] = true;
+    }
+    batch->pending = 0;
+  }
+  return batch->results;
+}
+
+// ---------------------------------------------------------------------------------------
+
+namespace {
+
+// A fetched message: settled once, kept alive by in-progress acks until then.
+struct Held {
+  std::mutex mu;
+  natsMsg* msg = nullptr;
+  bool settled = false;
+  SteadyTime hold_until;
+  ~Held() { natsMsg_Destroy(msg); }
+};
+using HeldPtr = std::shared_ptr<Held>;
+
+class NatsSubscriber : public Subscriber {
+ public:
+  NatsSubscriber(NatsBroker::Impl* broker, NatsSubscription sub, natsSubscription* pull)
+      : broker_(broker), sub_(std::move(sub)), pull_(pull), queue_("nats:" + sub_.consumer) {
+    ticker_ = std::thread([this] { Tick(); });
+  }
+
+  ~NatsSubscriber() override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    ticker_.join();
+    natsSubscription_Destroy(pull_);
+  }
+
+  Result<std::vector<Delivery>> Fetch(size_t max, Millis visibility) override {
+    natsMsgList list{nullptr, 0};
+    jsErrCode err = static_cast<jsErrCode>(0);
+    natsStatus s = natsSubscription_Fetch(&list, pull_, static_cast<int>(std::max<size_t>(max, 1)),
+                                          sub_.fetch_wait.count(), &err);
+    std::vector<Delivery> out;
+    if (s == NATS_TIMEOUT && list.Count == 0) return out;
+    if (s != NATS_OK && list.Count == 0) return Fail(FromNats(s, "NATS fetch", err));
+    const SteadyTime hold_until = std::chrono::steady_clock::now() + visibility;
+    out.reserve(static_cast<size_t>(list.Count));
+    for (int i = 0; i < list.Count; ++i) {
+      auto held = std::make_shared<Held>();
+      held->msg = list.Msgs[i];
+      list.Msgs[i] = nullptr;
+      held->hold_until = hold_until;
+      Delivery d;
+      d.queue = queue_;
+      const char* data = natsMsg_GetData(held->msg);
+      d.event.envelope.assign(data != nullptr ? data : "",
+                              static_cast<size_t>(natsMsg_GetDataLength(held->msg)));
+      const char* id = nullptr;
+      if (natsMsgHeader_Get(held->msg, kMsgIdHeader, &id) == NATS_OK && id != nullptr) {
+        d.event.id = id;
+      }
+      std::string_view subject = natsMsg_GetSubject(held->msg);
+      const std::string& prefix = broker_->options.subject_prefix;
+      if (subject.size() > prefix.size() + 1) d.event.type = subject.substr(prefix.size() + 1);
+      jsMsgMetaData* meta = nullptr;
+      if (natsMsg_GetMetaData(&meta, held->msg) == NATS_OK) {
+        d.attempts = static_cast<int64_t>(meta->NumDelivered);
+        jsMsgMetaData_Destroy(meta);
+      } else {
+        d.attempts = 1;
+      }
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        held_.push_back(held);
+      }
+      d.handle = DeliveryHandle(HeldPtr(std::move(held)));
+      out.push_back(std::move(d));
+    }
+    natsMsgList_Destroy(&list);
+    return out;
+  }
+
+  Status Settle(std::span<const Delivery> deliveries,
+                std::span<const Settlement> settlements) override {
+    if (deliveries.size() != settlements.size()) {
+      return InvalidArgumentError("Settle: deliveries and settlements differ in length");
+    }
+    for (const Delivery& d : deliveries) {
+      if (d.handle.As<HeldPtr>() == nullptr) {
+        return InvalidArgumentError("Settle: a delivery this NATS subscriber did not hand out");
+      }
+    }
+    Status first = OkStatus();
+    for (size_t i = 0; i < deliveries.size(); ++i) {
+      const HeldPtr& held = *deliveries[i].handle.As<HeldPtr>();
+      const Settlement& s = settlements[i];
+      std::lock_guard<std::mutex> l(held->mu);
+      if (held->settled) continue;
+      natsStatus st = NATS_OK;
+      switch (s.kind) {
+        case Settlement::Kind::kAck:
+          st = natsMsg_Ack(held->msg, nullptr);
+          break;
+        case Settlement::Kind::kNak:
+          st = natsMsg_NakWithDelay(held->msg, std::max<int64_t>(0, s.delay.count()), nullptr);
+          break;
+        case Settlement::Kind::kTerm:
+          st = natsMsg_Term(held->msg, nullptr);
+          if (st == NATS_OK) broker_->terminated.fetch_add(1);
+          break;
+      }
+      held->settled = true;  // a failed ack is not retried: the redelivery is absorbed
+      if (st != NATS_OK && first.ok()) first = FromNats(st, "NATS settle");
+    }
+    return first;
+  }
+
+ private:
+  // Sends in-progress acks for held, unsettled messages until their visibility ends.
+  void Tick() {
+    const Millis period = std::max(Millis(20), sub_.ack_wait / 3);
+    std::unique_lock<std::mutex> l(mu_);
+    while (!stop_) {
+      cv_.wait_for(l, period, [&] { return stop_; });
+      if (stop_) break;
+      std::vector<HeldPtr> live;
+      live.swap(held_);
+      l.unlock();
+      const SteadyTime now = std::chrono::steady_clock::now();
+      std::vector<HeldPtr> keep;
+      for (HeldPtr& h : live) {
+        std::lock_guard<std::mutex> hl(h->mu);
+        if (h->settled || now >= h->hold_until) continue;
+        if (natsMsg_InProgress(h->msg, nullptr) == NATS_OK) broker_->in_progress_sent.fetch_add(1);
+        keep.push_back(std::move(h));
+      }
+      l.lock();
+      for (HeldPtr& h : keep) held_.push_back(std::move(h));
+    }
+  }
+
+  NatsBroker::Impl* broker_;
+  const NatsSubscription sub_;
+  natsSubscription* pull_;
+  const std::string queue_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::vector<HeldPtr> held_;
+  std::thread ticker_;  // last: started once the rest is built
+};
+
+// "*" -> "<prefix>.>", "a.*" -> "<prefix>.a.>", "a.b" -> "<prefix>.a.b".
+Result<std::string> FilterFor(const std::string& prefix, const std::string& pattern) {
+  if (pattern == "*") return prefix + ".>";
+  if (pattern.size() > 2 && pattern.ends_with(".*")) {
+    std::string head = pattern.substr(0, pattern.size() - 2);
+    if (ValidTokens(head, true)) return prefix + "." + head + ".>";
+  } else if (ValidTokens(pattern, true)) {
+    return prefix + "." + pattern;
+  }
+  return Fail(
+      InvalidArgumentError("NATS: pattern '" + pattern + "' is not '*', '<type>' or '<prefix>.*'"));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Subscriber>> NatsBroker::Subscribe(const NatsSubscription& sub) {
+  if (!ValidTokens(sub.consumer, false)) {
+    return Fail(InvalidArgumentError("NATS: consumer name '" + sub.consumer +
+                                     "' must be non-empty, without spaces, '.', '*' or '>'"));
+  }
+  if (sub.ack_wait <= Millis(0) || sub.max_deliver < 1 || sub.fetch_wait <= Millis(0) ||
+      sub.max_deliver <= static_cast<int64_t>(sub.backoff.size())) {
+    return Fail(InvalidArgumentError(
+        "NATS consumer '" + sub.consumer +
+        "': AckWait and fetch wait must be positive, MaxDeliver >= 1 and above the number "
+        "of backoff steps"));
+  }
+  CONVERGE_ASSIGN_OR_RETURN(std::string filter,
+                            FilterFor(impl_->options.subject_prefix, sub.pattern));
+  std::vector<int64_t> backoff;
+  for (Millis b : sub.backoff) backoff.push_back(Nanos(b));
+  jsConsumerConfig cc;
+  jsConsumerConfig_Init(&cc);
+  cc.Durable = sub.consumer.c_str();
+  cc.AckPolicy = js_AckExplicit;
+  cc.DeliverPolicy = js_DeliverAll;
+  cc.AckWait = Nanos(sub.ack_wait);
+  cc.MaxDeliver = sub.max_deliver;
+  cc.BackOff = backoff.empty() ? nullptr : backoff.data();
+  cc.BackOffLen = static_cast<int>(backoff.size());
+  cc.FilterSubject = filter.c_str();
+  jsConsumerInfo* ci = nullptr;
+  jsErrCode err = static_cast<jsErrCode>(0);
+  const char* stream = impl_->options.stream.c_str();
+  natsStatus s = js_AddConsumer(&ci, impl_->js, stream, &cc, nullptr, &err);
+  if (s != NATS_OK && err == JSConsumerNameExistErr) {
+    err = static_cast<jsErrCode>(0);
+    s = js_UpdateConsumer(&ci, impl_->js, stream, &cc, nullptr, &err);
+  }
+  if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: creating consumer '" + sub.consumer + "'", err));
+
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = stream;
+  so.Consumer = sub.consumer.c_str();
+  so.ManualAck = true;
+  natsSubscription* pull = nullptr;
+  s = js_PullSubscribe(&pull, impl_->js, filter.c_str(), sub.consumer.c_str(), nullptr, &so, &err);
+  if (s != NATS_OK)
+    return Fail(FromNats(s, "NATS: subscribing to consumer '" + sub.consumer + "'", err));
+  return std::unique_ptr<Subscriber>(new NatsSubscriber(impl_.get(), sub, pull));
+}
+
+}  // namespace converge
