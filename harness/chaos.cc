@@ -114,6 +114,41 @@ Step Draw(std::mt19937_64& rng, int instances, bool db_restarts) {
   return s;
 }
 
+// What a step injects, derived from its draws alone (the plan, not the outcome).
+std::string CrashPoint(const Step& s) { return kCrashPoints[s.a % kCrashPoints.size()]; }
+std::string StallSpec(const Step& s) {
+  const int64_t ms = kLeaseMs + 300 + static_cast<int64_t>(s.b % 1000);
+  return kStallPoints[s.a % kStallPoints.size()] + "=delay(" + std::to_string(ms) + ")*" +
+         std::to_string(1 + s.b % 3);
+}
+const char* PspFaultName(const Step& s) {
+  static const char* kinds[] = {"5xx", "timeout after charging", "slow answer", "decline",
+                                "409 in use after charging"};
+  return kinds[s.a % 5];
+}
+json PspFaults(const Step& s) {
+  const uint64_t k = s.a % 5;
+  json f = {{"timeout_ms", k == 2 ? kPspTimeoutMs / 2 : kPspTimeoutMs + 300}};
+  if (k == 0) f["fail_next"] = 1 + static_cast<int64_t>(s.b % 5);
+  if (k == 1 || k == 2) f["timeout_next"] = 1;
+  if (k == 3) f["decline_next"] = 1;
+  if (k == 4) f["in_use_next"] = 1;
+  return f;
+}
+json MailFaults(const Step& s) { return {{"fail_next", 1 + static_cast<int64_t>(s.b % 10)}}; }
+
+std::string Describe(const Step& s) {
+  std::string d = "after " + std::to_string(s.gap_ms) + " ms: " + Name(s.fault) +
+                  " instance " + std::to_string(s.instance);
+  switch (s.fault) {
+    case Fault::kKillAtFailpoint: return d + " at " + CrashPoint(s);
+    case Fault::kStall: return d + " " + StallSpec(s);
+    case Fault::kPspFault: return d + " " + PspFaultName(s) + " " + PspFaults(s).dump();
+    case Fault::kMailOutage: return d + " " + MailFaults(s).dump();
+    default: return d;
+  }
+}
+
 std::string Body(int64_t amount, const std::string& order) {
   return json{{"amount", amount}, {"currency", "EUR"}, {"customer_id", "cust-" + order},
               {"order_id", order}}
@@ -462,35 +497,24 @@ Status Campaign::Inject(const Step& s) {
     case Fault::kKill:
       return KillAndRestart(s.instance, "");
     case Fault::kKillAtFailpoint:
-      return KillAndRestart(s.instance, kCrashPoints[s.a % kCrashPoints.size()]);
+      return KillAndRestart(s.instance, CrashPoint(s));
     case Fault::kStall: {
-      const std::string point = kStallPoints[s.a % kStallPoints.size()];
-      const int64_t ms = kLeaseMs + 300 + static_cast<int64_t>(s.b % 1000);
-      const int64_t times = 1 + static_cast<int64_t>(s.b % 3);
-      const std::string spec =
-          point + "=delay(" + std::to_string(ms) + ")*" + std::to_string(times);
+      const std::string spec = StallSpec(s);
       if (SetFailpoints(s.instance, spec)) ++result_.counts.stalls;
       Note("stall" + inst + " " + spec);
       return OkStatus();
     }
     case Fault::kPspFault: {
-      static const char* kinds[] = {"5xx", "timeout after charging", "slow answer", "decline",
-                                    "409 in use after charging"};
-      const uint64_t k = s.a % 5;
-      json f = {{"timeout_ms", k == 2 ? kPspTimeoutMs / 2 : kPspTimeoutMs + 300}};
-      if (k == 0) f["fail_next"] = 1 + static_cast<int64_t>(s.b % 5);
-      if (k == 1 || k == 2) f["timeout_next"] = 1;
-      if (k == 3) f["decline_next"] = 1;
-      if (k == 4) f["in_use_next"] = 1;
+      const json f = PspFaults(s);
       (void)http_.Send({.method = "POST",
                         .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
                         .body = f.dump()});
       ++result_.counts.psp_faults;
-      Note(std::string("provider ") + kinds[k] + " " + f.dump());
+      Note(std::string("provider ") + PspFaultName(s) + " " + f.dump());
       return OkStatus();
     }
     case Fault::kMailOutage: {
-      json f = {{"fail_next", 1 + static_cast<int64_t>(s.b % 10)}};
+      const json f = MailFaults(s);
       (void)http_.Send({.method = "POST",
                         .url = "http://127.0.0.1:" + std::to_string(mail_->port()) + "/faults",
                         .body = f.dump()});
@@ -560,9 +584,10 @@ Status Campaign::Inject(const Step& s) {
         return UnavailableError("pg_ctl stop failed");
       }
       std::this_thread::sleep_for(milliseconds(200 + static_cast<int64_t>(s.b % 800)));
-      if (std::system((ctl + " -w -l " + dir_ + "/pg-restart.log start > /dev/null 2>&1")
-                          .c_str()) != 0) {
-        return UnavailableError("pg_ctl start failed; see " + dir_ + "/pg-restart.log");
+      // The log beside the data directory: pg_ctl may run as another user (pg_run_as).
+      const std::string log = o_.pg_data + "/../chaos-restart.log";
+      if (std::system((ctl + " -w -l " + log + " start > /dev/null 2>&1").c_str()) != 0) {
+        return UnavailableError("pg_ctl start failed; see " + log);
       }
       ++result_.counts.db_restarts;
       return OkStatus();
@@ -577,8 +602,8 @@ void Campaign::Progress(const std::string& phase) {
   if (now - last_progress_ < milliseconds(500)) return;
   last_progress_ = now;
   std::ostringstream s;
-  s << phase << " kills " << result_.counts.kills << "/" << o_.kills << ", requests "
-    << requests_.load() << ", violations " << history_.live_violations();
+  s << phase << " requests " << requests_.load() << ", violations "
+    << history_.live_violations();
   o_.on_progress(result_.counts.kills, s.str());
 }
 
@@ -696,6 +721,14 @@ Result<ChaosResult> Campaign::Run() {
 }
 
 }  // namespace
+
+std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
+                                         bool db_restarts) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::string> out;
+  for (int i = 0; i < steps; ++i) out.push_back(Describe(Draw(rng, instances, db_restarts)));
+  return out;
+}
 
 Result<ChaosResult> RunChaos(const ChaosOptions& options) {
   if (options.kills < 1 && options.duration.count() <= 0) {

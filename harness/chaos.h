@@ -72,6 +72,11 @@ struct ChaosResult {
 // could not be read; violations are in the result.
 Result<ChaosResult> RunChaos(const ChaosOptions& options);
 
+// The first `steps` steps of the schedule `seed` draws (the same ones RunChaos() injects
+// with that seed and instance count; what each did is in ChaosResult::schedule).
+std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
+                                         bool db_restarts);
+
 // The violation report: seed, schedule, and per violation the shortest history excerpt.
 std::string FormatViolations(const ChaosOptions& options, const ChaosResult& result);
 

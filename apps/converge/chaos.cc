@@ -81,7 +81,7 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
                                           : "answered " + std::to_string(status);
     row(what.c_str(), count);
   }
-  row("takeovers by a retry (at least)", n.takeovers);
+  row("requests resumed by a retry (takeovers; at least)", n.takeovers);
   row("requests finished by the completer (at least)", n.completer_finishes);
   row("payments", n.payments);
   row("provider charges (refunded ones included)", n.charges);

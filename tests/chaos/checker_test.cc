@@ -1,6 +1,7 @@
 // The history checker must be able to fail: a short real campaign (kills included) that
 // checks clean, then its stores and its history doctored one invariant at a time, each
 // reported under its own check with the key or payment it concerns.
+#include <algorithm>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -186,6 +187,22 @@ TEST_F(ChaosChecker, ReportsWorkLeftInProgressAndAnUninjectedDeadLetter) {
   }
   EXPECT_TRUE(not_drained);
   EXPECT_TRUE(dead);
+}
+
+TEST(ChaosSchedule, IsAFunctionOfTheSeedAlone) {
+  const auto a = PlannedSchedule(42, 200, 2, true);
+  EXPECT_EQ(a, PlannedSchedule(42, 200, 2, true));
+  EXPECT_NE(a, PlannedSchedule(43, 200, 2, true));
+  ASSERT_EQ(a.size(), 200u);
+  // Each kind of fault turns up in 200 steps (the rarest weighs 1%: 87% to appear).
+  int kinds = 0;
+  for (const char* k : {"kill ", "kill-at-failpoint", "stall", "psp-fault", "mail-outage",
+                        "refund", "duplicate-webhook"}) {
+    kinds += std::any_of(a.begin(), a.end(), [&](const std::string& s) {
+      return s.find(k) != std::string::npos;
+    });
+  }
+  EXPECT_EQ(kinds, 7);
 }
 
 }  // namespace
