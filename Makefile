@@ -40,7 +40,8 @@ CHAOS_KILLS ?= 1000
 CHAOS_SEED ?= 1
 CHAOS_CLIENTS ?= 8
 chaos: build
-	$(BUILD)/converge chaos --store sqlite --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
+	$(BUILD)/converge chaos --store sqlite --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) \
+	  --clients $(CHAOS_CLIENTS)
 	CHAOS_DB_RESTARTS=1 bash scripts/with-postgres.sh bash tests/chaos/campaign_pg.sh \
 	  $(BUILD)/converge --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
 

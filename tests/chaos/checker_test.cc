@@ -50,7 +50,8 @@ class ChaosChecker : public ::testing::Test {
   void SetUp() override {
     ASSERT_NE(result_, nullptr);
     // Each test doctors its own copy of the stores.
-    dir_ = result_->dir + "/copy-" + ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = result_->dir + "/copy-" + info->name();
     std::filesystem::create_directories(dir_);
     for (const char* f : {"service.db", "psp.db", "mail.db"}) {
       std::filesystem::copy_file(result_->dir + "/" + f, dir_ + "/" + f);
