@@ -756,7 +756,23 @@ std::string FormatViolations(const ChaosOptions& o, const ChaosResult& r) {
   }
   for (const Violation& v : r.violations) {
     s << "\n[" << v.check << "] " << v.detail << "\n";
-    for (const Op& op : Excerpt(r.history, v)) s << "    " << FormatOp(op) << "\n";
+    const std::vector<Op> ops = Excerpt(r.history, v);
+    std::string charge;
+    for (const Op& op : ops) {
+      s << "    " << FormatOp(op) << "\n";
+      json j = json::parse(op.response, nullptr, false);
+      if (op.status == 201 && j.is_object()) charge = j.value("charge_id", "");
+    }
+    // The faults near its requests (the final pass aside) or naming its charge.
+    s << "  faults around it:\n";
+    for (const std::string& f : r.schedule) {
+      const int64_t t = std::atoll(f.c_str() + 2);  // "t=<ms>ms ..."
+      bool near = !charge.empty() && f.find(charge) != std::string::npos;
+      for (const Op& op : ops) {
+        near = near || (op.kind != "final" && t > op.t_ms - 3000 && t < op.t_ms + 3000);
+      }
+      if (near) s << "    " << f << "\n";
+    }
   }
   return s.str();
 }

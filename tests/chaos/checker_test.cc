@@ -113,7 +113,15 @@ TEST_F(ChaosChecker, ReportsASecondChargeForOnePayment) {
        pid);
   auto vs = Check(result_->history);
   EXPECT_TRUE(Reported(vs, "charged-twice", pid));
-  EXPECT_FALSE(Excerpt(result_->history, vs.front()).empty());
+  // The report: the seed to replay, the schedule, and the key's requests.
+  ChaosResult doctored = *result_;
+  doctored.violations = vs;
+  const std::string report = FormatViolations({.seed = 9}, doctored);
+  EXPECT_NE(report.find("seed 9"), std::string::npos) << report;
+  EXPECT_NE(report.find("[charged-twice] 2 charges for payment " + pid), std::string::npos);
+  EXPECT_NE(report.find(" " + First201().tenant + "/" + First201().key + " "), std::string::npos);
+  EXPECT_NE(report.find("faults around it:"), std::string::npos);
+  EXPECT_NE(report.find(result_->schedule.front()), std::string::npos);
 }
 
 TEST_F(ChaosChecker, ReportsAReplayBodyThatDiffers) {
