@@ -42,7 +42,7 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
   }
   o.binary = "/proc/self/exe";
   std::printf("converge chaos: store %s, %s, seed %llu, %d clients\n",
-              o.store == "sqlite" ? "sqlite" : "postgresql",
+              o.store.substr(0, o.store.find(':')).c_str(),  // never a URI's password
               o.duration.count() > 0 ? (std::to_string(o.duration.count()) + " s").c_str()
                                      : (std::to_string(o.kills) + " kills").c_str(),
               static_cast<unsigned long long>(o.seed), o.clients);
