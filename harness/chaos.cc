@@ -1,6 +1,6 @@
-// Method: three kinds of threads share nothing but the History, a few atomic counters and
-// the service ports (fixed for the whole run, so a restarted process is found where the
-// clients and the provider's webhooks expect it).
+// Method: the client threads and this one share nothing but the History, a few atomic
+// counters and the service ports (fixed for the whole run, so a restarted process is found
+// where the clients and the provider's webhooks expect it).
 //  - Client threads make up payments from their own seeded generators and send them
 //    through Until() -> Send(), which records every exchange and retries unknown outcomes
 //    (no answer, 409, 5xx other than a stored 502) the way a careful client does.
