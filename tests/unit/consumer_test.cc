@@ -153,6 +153,35 @@ TEST_F(ConsumerTest, RedeliveredPoisonIsParkedOnlyOnce) {
   EXPECT_EQ(*dlq.Count(""), 1);
 }
 
+// Regression (chaos campaign, docs/design/chaos.md "Findings"): an aggregate's later
+// event was applied while its earlier one waited to be retried.
+TEST_F(ConsumerTest, AnAggregatesLaterEventWaitsForItsEarlierOnesRetry) {
+  Event captured = MakeEvent("captured");
+  Event refunded = MakeEvent("refunded");
+  captured.subject = refunded.subject = "pay_1";
+  captured.envelope = EncodeEnvelope(captured);
+  refunded.envelope = EncodeEnvelope(refunded);
+  Publish(captured);
+  Publish(refunded);
+  std::vector<std::string> applied;
+  bool fail_first = true;
+  auto c = std::make_unique<Consumer>(*db_, *sub_, Options(), &clock_);
+  c->On("payment.captured", [&](Tx&, const Event& e) -> Status {
+    if (e.id == "captured" && fail_first) {
+      fail_first = false;
+      return UnavailableError("store busy");
+    }
+    applied.push_back(e.id);
+    return OkStatus();
+  });
+  ASSERT_TRUE(c->RunOnce());  // captured fails and waits out its backoff
+  EXPECT_EQ(*c->RunOnce(), 0u);  // refunded is not handed out meanwhile
+  EXPECT_TRUE(applied.empty());
+  clock_.Advance(Millis(1000));
+  EXPECT_EQ(testing::RunUntilIdle(*c), 2u);
+  EXPECT_EQ(applied, (std::vector<std::string>{"captured", "refunded"}));
+}
+
 TEST_F(ConsumerTest, TransientErrorsStopAtMaxAttemptsNeverLoopingForever) {
   Publish(MakeEvent("flaky"));
   auto c = MakeConsumer(Options(/*max_attempts=*/3));
