@@ -2,6 +2,8 @@
 #   make demo               install deps, build, run `converge demo`
 #   make test               install deps, build, run every CTest test
 #   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan
+#   make chaos              the chaos campaign: CHAOS_KILLS (default 1000) kills on SQLite,
+#                           then on PostgreSQL (a throwaway server); CHAOS_SEED picks the seed
 #   make bench              benchmarks (not tests): prints rates and ratios
 #   make fuzz               every fuzz target under libFuzzer with ASan+UBSan (clang), each
 #                           for FUZZ_SECONDS (default 60); FUZZ_TARGETS picks some
@@ -9,7 +11,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: all deps configure build demo test check-sanitizers bench fuzz clean
+.PHONY: all deps configure build demo test chaos check-sanitizers bench fuzz clean
 
 all: build
 
@@ -32,6 +34,16 @@ demo: build
 test: build
 	bash scripts/with-postgres.sh bash -c 'cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 600'
 
+# docs/design/chaos.md: the full campaign, on each store in turn (the PostgreSQL one with
+# database restarts mid-load: the server is its own).
+CHAOS_KILLS ?= 1000
+CHAOS_SEED ?= 1
+CHAOS_CLIENTS ?= 8
+chaos: build
+	$(BUILD)/converge chaos --store sqlite --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) \
+	  --clients $(CHAOS_CLIENTS)
+	CHAOS_DB_RESTARTS=1 bash scripts/with-postgres.sh bash tests/chaos/campaign_pg.sh \
+	  $(BUILD)/converge --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF

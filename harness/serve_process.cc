@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "converge/http.h"
+
 extern char** environ;
 
 namespace converge::harness {
@@ -171,6 +173,14 @@ int64_t ServeProcess::OpenFds() const {
   }
   closedir(d);
   return n;
+}
+
+uint16_t FreePort() {
+  http::Server probe(http::ServerOptions{});
+  if (!probe.Start().ok()) return 0;
+  const uint16_t port = probe.port();
+  probe.Stop(Millis(0));
+  return port;
 }
 
 std::pair<int64_t, int64_t> ServeProcess::FdLimits() const {

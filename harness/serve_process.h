@@ -67,6 +67,10 @@ class ServeProcess {
   uint16_t port_ = 0;
 };
 
+// A port that was free a moment ago on 127.0.0.1 (bound and released): for a child that
+// must listen where others already expect it, across restarts. 0 when none was found.
+uint16_t FreePort();
+
 }  // namespace converge::harness
 
 #endif  // CONVERGE_HARNESS_SERVE_PROCESS_H_

@@ -39,6 +39,8 @@ int RunServiceDemo(const ServiceDemoFlags& flags);
 // Adds `dlq list|show|replay|discard` to `app`; the chosen one runs at parse time's end
 // through the callback and stores its exit code in *exit_code.
 void AddDlqCommands(CLI::App& app, int* exit_code);
+// chaos: the seeded fault campaign and its history checker.
+void AddChaosCommand(CLI::App& app, int* exit_code);
 // serve, fake-psp, fake-mail, webhook sign|verify.
 void AddServiceCommands(CLI::App& app, int* exit_code);
 // proxy: the Idempotency-Key reverse proxy.

@@ -2,6 +2,7 @@
 //
 //   converge demo                         the service demo: scenarios, load, convergence table
 //   converge library-demo                 the same ideas in-process, without HTTP
+//   converge chaos                        seeded fault campaign + history checker
 //   converge dlq list|show|replay|discard inspect and act on dead letters
 //   converge migrate --db URI             create or upgrade a store's schema
 //   converge sweep --db URI               delete what retention no longer needs
@@ -137,6 +138,7 @@ int main(int argc, char** argv) {
   converge::cli::AddProxyCommand(app, &exit_code);
   converge::cli::AddGatewayCommand(app, &exit_code);
   converge::cli::AddBrokerCommands(app, &exit_code);
+  converge::cli::AddChaosCommand(app, &exit_code);
 
   converge::Status fp = converge::failpoint::ConfigureFromEnv();
   if (!fp.ok()) {

@@ -41,16 +41,8 @@ namespace {
 using json = nlohmann::json;
 using SteadyClock = std::chrono::steady_clock;
 
+using harness::FreePort;
 using harness::ServeProcess;
-
-uint16_t FreePort() {
-  // Bind port 0, read the port, release it. The service binds it a moment later.
-  http::Server probe(http::ServerOptions{});
-  if (!probe.Start().ok()) return 0;
-  uint16_t p = probe.port();
-  probe.Stop(Millis(0));
-  return p;
-}
 
 // --- the demo's client and its checks ---------------------------------------------------
 

@@ -13,8 +13,11 @@ Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options
       inbox_(clock_),
       worker_("consumer " + options_.name, options_.poll,
               [this] {
+                // Again at once while messages come: a transport that hands out one
+                // message per aggregate at a time (the SQL queue) returns short batches
+                // with more behind them.
                 Result<size_t> r = RunOnce();
-                return r && *r >= options_.batch;
+                return r && *r > 0;
               },
               subscriber_.wakeup()) {}
 

@@ -81,4 +81,14 @@ void CreateEffectsTable(Database& db) {
   ASSERT_TRUE(st.ok()) << st.ToString();
 }
 
+size_t RunUntilIdle(Consumer& c) {
+  size_t total = 0;
+  for (;;) {
+    Result<size_t> n = c.RunOnce();
+    EXPECT_TRUE(n.has_value()) << n.error().ToString();
+    if (!n || *n == 0) return total;
+    total += *n;
+  }
+}
+
 }  // namespace converge::testing

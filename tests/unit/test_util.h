@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include "converge/consumer.h"
 #include "converge/database.h"
 
 namespace converge::testing {
@@ -39,6 +40,11 @@ bool ExitedCleanly(int wait_status);
 // Polls `cond` until it holds or `timeout` passes; returns its last value.
 bool WaitUntil(const std::function<bool()>& cond,
                std::chrono::milliseconds timeout = std::chrono::seconds(20));
+
+// Runs c.RunOnce() until it settles nothing more; the deliveries settled in all (0 on an
+// error, which fails the test). A transport hands out one message of an aggregate at a
+// time, so a duplicate of a message comes in the next batch, not beside it.
+size_t RunUntilIdle(Consumer& c);
 
 // SELECT count(*) ... convenience: the single integer a query returns (-1 on error).
 int64_t QueryInt(Database& db, const std::string& sql);

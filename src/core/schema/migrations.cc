@@ -154,6 +154,11 @@ CREATE TABLE consumer_starts (
   PRIMARY KEY (consumer, source, event_id)
 ){{without_rowid}};
 )sql",
+      // 5: the SQL queue claims only the oldest message of a subject (order per
+      // aggregate at the consumer): finding an earlier one is an index probe.
+      R"sql(
+CREATE INDEX queue_messages_subject ON queue_messages (queue, subject, id);
+)sql",
   };
   return kMigrations;
 }

@@ -46,10 +46,17 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       const std::string token = internal::RandomHex(8);
       // The outer visible_at condition repeats the inner one: after waiting on a row lock,
       // PostgreSQL re-checks only the outer WHERE (on SQLite it is the same test twice).
+      // Order per aggregate: only the oldest message of a subject can be claimed. A later
+      // one waits while an earlier one is in flight, waits out a retry's backoff or its
+      // visibility timeout, and goes once that one is acked or parked (deleted). Without
+      // this a redelivered "captured" came after the "refunded" of the same payment
+      // (docs/design/chaos.md, "Findings"). Messages without a subject are not ordered.
       const std::string sql =
           "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM queue_messages "
-          "WHERE queue = $3 AND visible_at <= $4 ORDER BY id LIMIT $5" +
+          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT m.id FROM "
+          "queue_messages m WHERE m.queue = $3 AND m.visible_at <= $4 AND (m.subject = '' OR "
+          "NOT EXISTS (SELECT 1 FROM queue_messages e WHERE e.queue = m.queue AND "
+          "e.subject = m.subject AND e.id < m.id)) ORDER BY m.id LIMIT $5" +
           std::string(tx.dialect().ForUpdateSkipLocked()) +
           ") RETURNING id, event_id, source, type, subject, envelope, attempts, "
           "first_failure_at, last_error";

@@ -1,0 +1,780 @@
+// Method: the client threads and this one share nothing but the History, a few atomic
+// counters and the service ports (fixed for the whole run, so a restarted process is found
+// where the clients and the provider's webhooks expect it).
+//  - Client threads make up payments from their own seeded generators and send them
+//    through Until() -> Send(), which records every exchange and retries unknown outcomes
+//    (no answer, 409, 5xx other than a stored 502) the way a careful client does.
+//  - This thread draws each step of the fault schedule from the seed (a fixed number of
+//    draws per step, so the schedule does not depend on timing), waits the step's gap and
+//    injects it: through SIGKILL and restart (ServeProcess), the service's
+//    /admin/failpoints hook, the providers' /faults, the providers' stores, signed
+//    webhooks, or pg_ctl.
+//  - At the end the clients stop, the faults are cleared, every key is retried once more,
+//    the stores drain, and CheckHistory() runs.
+#include "harness/chaos.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "converge/database.h"
+#include "converge/http.h"
+#include "converge/webhook.h"
+#include "harness/providers.h"
+#include "harness/serve_process.h"
+
+#if CONVERGE_WITH_POSTGRES
+#include <libpq-fe.h>
+#endif
+
+namespace converge::harness {
+namespace {
+
+using json = nlohmann::json;
+using Steady = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr const char* kAdminToken = "chaos-admin-token";
+constexpr int64_t kLeaseMs = 1500;
+constexpr int64_t kPspTimeoutMs = 1000;
+const std::pair<const char*, const char*> kTenants[] = {{"sk_test_acme", "acme"},
+                                                         {"sk_test_globex", "globex"}};
+
+// Where a SIGKILL lands: every failpoint on the payment's path and the workers' paths.
+const std::vector<std::string> kCrashPoints = {
+    "payments.after_charge_before_commit", "idempotency.after_phase",
+    "idempotency.before_phase_commit",     "idempotency.after_effect_before_response",
+    "idempotency.before_takeover",         "relay.after_publish_before_mark",
+    "consumer.before_commit",              "consumer.after_commit_before_ack",
+    "effects.before_call",                 "effects.after_call_before_record",
+    "completer.before_takeover",           "completer.after_takeover"};
+// Where a stall longer than the lease lets a retry or the completer take over.
+const std::vector<std::string> kStallPoints = {
+    "payments.after_charge_before_commit", "idempotency.after_phase",
+    "idempotency.before_phase_commit",     "completer.after_takeover",
+    "consumer.before_commit",              "effects.before_call"};
+
+enum class Fault {
+  kKill, kKillAtFailpoint, kStall, kPspFault, kMailOutage, kRefund, kDuplicateWebhook,
+  kPoisonWebhook, kDbRestart
+};
+const char* Name(Fault f) {
+  switch (f) {
+    case Fault::kKill: return "kill";
+    case Fault::kKillAtFailpoint: return "kill-at-failpoint";
+    case Fault::kStall: return "stall";
+    case Fault::kPspFault: return "psp-fault";
+    case Fault::kMailOutage: return "mail-outage";
+    case Fault::kRefund: return "refund";
+    case Fault::kDuplicateWebhook: return "duplicate-webhook";
+    case Fault::kPoisonWebhook: return "poison-webhook";
+    case Fault::kDbRestart: return "db-restart";
+  }
+  return "?";
+}
+
+// One step of the schedule: always five draws from the schedule's generator.
+struct Step {
+  int64_t gap_ms;
+  Fault fault;
+  int instance;
+  uint64_t a, b;
+};
+
+Step Draw(std::mt19937_64& rng, int instances, bool db_restarts) {
+  Step s;
+  s.gap_ms = 100 + static_cast<int64_t>(rng() % 300);
+  const uint64_t w = rng() % 100;
+  // Weights in percent; a database restart only where the campaign can restart it.
+  s.fault = w < 26   ? Fault::kKill
+            : w < 52 ? Fault::kKillAtFailpoint
+            : w < 66 ? Fault::kStall
+            : w < 78 ? Fault::kPspFault
+            : w < 83 ? Fault::kMailOutage
+            : w < 91 ? Fault::kRefund
+            : w < 97 ? Fault::kDuplicateWebhook
+            : w < 98 ? Fault::kPoisonWebhook
+                     : (db_restarts ? Fault::kDbRestart : Fault::kKill);
+  s.instance = static_cast<int>(rng() % static_cast<uint64_t>(instances));
+  s.a = rng();
+  s.b = rng();
+  return s;
+}
+
+// What a step injects, derived from its draws alone (the plan, not the outcome).
+std::string CrashPoint(const Step& s) { return kCrashPoints[s.a % kCrashPoints.size()]; }
+std::string StallSpec(const Step& s) {
+  const int64_t ms = kLeaseMs + 300 + static_cast<int64_t>(s.b % 1000);
+  return kStallPoints[s.a % kStallPoints.size()] + "=delay(" + std::to_string(ms) + ")*" +
+         std::to_string(1 + s.b % 3);
+}
+const char* PspFaultName(const Step& s) {
+  static const char* kinds[] = {"5xx", "timeout after charging", "slow answer", "decline",
+                                "409 in use after charging"};
+  return kinds[s.a % 5];
+}
+json PspFaults(const Step& s) {
+  const uint64_t k = s.a % 5;
+  json f = {{"timeout_ms", k == 2 ? kPspTimeoutMs / 2 : kPspTimeoutMs + 300}};
+  if (k == 0) f["fail_next"] = 1 + static_cast<int64_t>(s.b % 5);
+  if (k == 1 || k == 2) f["timeout_next"] = 1;
+  if (k == 3) f["decline_next"] = 1;
+  if (k == 4) f["in_use_next"] = 1;
+  return f;
+}
+json MailFaults(const Step& s) { return {{"fail_next", 1 + static_cast<int64_t>(s.b % 10)}}; }
+
+std::string Describe(const Step& s) {
+  std::string d = "after " + std::to_string(s.gap_ms) + " ms: " + Name(s.fault) +
+                  " instance " + std::to_string(s.instance);
+  switch (s.fault) {
+    case Fault::kKillAtFailpoint: return d + " at " + CrashPoint(s);
+    case Fault::kStall: return d + " " + StallSpec(s);
+    case Fault::kPspFault: return d + " " + PspFaultName(s) + " " + PspFaults(s).dump();
+    case Fault::kMailOutage: return d + " " + MailFaults(s).dump();
+    default: return d;
+  }
+}
+
+std::string Body(int64_t amount, const std::string& order) {
+  return json{{"amount", amount}, {"currency", "EUR"}, {"customer_id", "cust-" + order},
+              {"order_id", order}}
+      .dump();
+}
+
+bool Final(int status) {
+  // No answer, "in progress" and the unknown outcomes are retried; a stored decision
+  // (201, 402, 422, a 502 the provider's refusal) is final.
+  return !(status == 0 || status == 409 || status == 429 || status == 500 || status == 503 ||
+           status == 504);
+}
+
+class Campaign {
+ public:
+  explicit Campaign(const ChaosOptions& o) : o_(o), sched_(o.seed) {}
+  ~Campaign() { TearDown(); }
+
+  Result<ChaosResult> Run();
+
+ private:
+  Status SetUp();
+  void TearDown();
+  Status CreateDatabase();
+  void Client(int c);
+  int Send(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+           const std::string& key, const std::string& body, const std::string& kind,
+           milliseconds timeout);
+  int Until(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+            const std::string& key, const std::string& body, std::string kind);
+  Status Inject(const Step& s);
+  Status Restart(int i);
+  Status KillAndRestart(int i, const std::string& point);
+  bool SetFailpoints(int i, const std::string& spec);
+  void ScrapeTakeovers(int i);
+  void Note(const std::string& what);
+  void Progress(const std::string& phase);
+  Status FinalPass();
+  Status Drain();
+
+  std::string Url(int i, const std::string& path) const {
+    return "http://127.0.0.1:" + std::to_string(ports_[static_cast<size_t>(i)]) + path;
+  }
+
+  const ChaosOptions& o_;
+  std::mt19937_64 sched_;
+  std::string dir_, uri_, pg_admin_, pg_name_, secret_;
+  bool pg_ = false;
+  int instances_ = 1;
+  std::vector<uint16_t> ports_;
+  std::unique_ptr<FakePsp> psp_;
+  std::unique_ptr<FakeMail> mail_;
+  std::vector<std::unique_ptr<ServeProcess>> svc_;
+  std::unique_ptr<Database> db_, psp_db_, mail_db_;
+  http::Client http_;
+  History history_;
+  std::atomic<bool> stop_clients_{false};
+  std::atomic<int64_t> requests_{0}, keys_{0}, duplicates_{0}, concurrent_{0}, mismatches_{0},
+      give_ups_{0}, replays_{0};
+  std::mutex status_mu_;
+  std::map<int, int64_t> by_status_;
+  ChaosResult result_;
+  std::set<std::string> poison_;
+  Steady::time_point t0_ = Steady::now();
+  Steady::time_point last_progress_{};
+};
+
+Status Campaign::SetUp() {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-chaos-XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) return UnavailableError("mkdtemp failed");
+  dir_ = tmpl;
+  result_.dir = dir_;
+  pg_ = o_.store.rfind("postgresql://", 0) == 0 || o_.store.rfind("postgres://", 0) == 0;
+  if (!pg_ && o_.store != "sqlite") {
+    return InvalidArgumentError("--store must be sqlite or a postgresql:// URI, not '" +
+                                o_.store + "'");
+  }
+  instances_ = o_.instances > 0 ? o_.instances : (pg_ ? 2 : 1);
+  if (!pg_ && instances_ != 1) {
+    return InvalidArgumentError("SQLite has one writer process: one instance only");
+  }
+  if (pg_) {
+    CONVERGE_RETURN_IF_ERROR(CreateDatabase());
+  } else {
+    uri_ = "sqlite:" + dir_ + "/service.db";
+  }
+  for (int i = 0; i < instances_; ++i) {
+    const uint16_t p = FreePort();
+    if (p == 0) return UnavailableError("no free port");
+    ports_.push_back(p);
+  }
+  secret_ = webhook::NewSecret();
+  psp_ = std::make_unique<FakePsp>(ProviderOptions{
+      .db_path = dir_ + "/psp.db", .webhook_url = Url(0, "/webhooks/psp"),
+      .webhook_secret = secret_});
+  mail_ = std::make_unique<FakeMail>(ProviderOptions{.db_path = dir_ + "/mail.db"});
+  CONVERGE_RETURN_IF_ERROR(psp_->Start());
+  CONVERGE_RETURN_IF_ERROR(mail_->Start());
+  const std::string config = dir_ + "/service.toml";
+  {
+    std::ofstream c(config);
+    c << "[store]\nuri = \"" << uri_ << "\"\n"
+      << "[idempotency]\nlease_ms = " << kLeaseMs << "\ncompleter_grace_ms = 1000\n"
+      << "[admin]\nfailpoints = true\n"
+      << "[auth]\nadmin_token = \"" << kAdminToken << "\"\napi_keys = { ";
+    for (const auto& [k, t] : kTenants) c << "\"" << k << "\" = \"" << t << "\", ";
+    c.seekp(-2, std::ios_base::cur);
+    c << " }\n"
+      << "[psp]\nurl = \"http://127.0.0.1:" << psp_->port() << "\"\ntimeout_ms = "
+      << kPspTimeoutMs << "\nwebhook_secrets = [\"" << secret_ << "\"]\n"
+      << "[mail]\nurl = \"http://127.0.0.1:" << mail_->port() << "\"\ntimeout_ms = 1000\n"
+      // Generous attempts: a refund racing its capture waits out kills and stalls.
+      << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 30\nbackoff_initial_ms = 20\n"
+      << "backoff_max_ms = 500\n"
+      << "[effects]\nmax_attempts = 20\nlease_ms = 1500\n";
+  }
+  for (int i = 0; i < instances_; ++i) {
+    svc_.push_back(std::make_unique<ServeProcess>(ServeProcess::Options{
+        .binary = o_.binary, .config_path = config, .dir = dir_,
+        .name = "service" + std::to_string(i),
+        .listen = "127.0.0.1:" + std::to_string(ports_[static_cast<size_t>(i)]),
+        .log_level = "info"}));
+    CONVERGE_RETURN_IF_ERROR(svc_.back()->Start(""));
+  }
+  auto open = [](const std::string& uri, std::unique_ptr<Database>* out) -> Status {
+    auto db = Database::Open(uri);
+    if (!db) return db.error();
+    *out = std::move(*db);
+    return OkStatus();
+  };
+  CONVERGE_RETURN_IF_ERROR(open(uri_, &db_));
+  CONVERGE_RETURN_IF_ERROR(open("sqlite:" + dir_ + "/psp.db", &psp_db_));
+  return open("sqlite:" + dir_ + "/mail.db", &mail_db_);
+}
+
+Status Campaign::CreateDatabase() {
+#if CONVERGE_WITH_POSTGRES
+  pg_admin_ = o_.store;
+  pg_name_ = "converge_chaos_" + std::to_string(o_.seed % 1000000) + "_" +
+             std::to_string(getpid());
+  const size_t slash = pg_admin_.rfind('/');
+  if (slash == std::string::npos || slash < std::string("postgresql://").size()) {
+    return InvalidArgumentError("--store: no database in '" + o_.store + "'");
+  }
+  const size_t query = pg_admin_.find('?', slash);
+  uri_ = pg_admin_.substr(0, slash + 1) + pg_name_ +
+         (query == std::string::npos ? "" : pg_admin_.substr(query));
+  PGconn* c = PQconnectdb(pg_admin_.c_str());
+  PGresult* r = PQexec(c, ("CREATE DATABASE " + pg_name_).c_str());
+  const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+  std::string err = PQerrorMessage(c);
+  PQclear(r);
+  PQfinish(c);
+  if (!ok) return UnavailableError("cannot create database " + pg_name_ + ": " + err);
+  return OkStatus();
+#else
+  return InvalidArgumentError("this build has no PostgreSQL backend");
+#endif
+}
+
+void Campaign::TearDown() {
+  stop_clients_ = true;
+  for (auto& s : svc_) s->Stop(milliseconds(5000));
+  svc_.clear();
+  db_.reset();
+  psp_db_.reset();
+  mail_db_.reset();
+  if (psp_) psp_->Stop();
+  if (mail_) mail_->Stop();
+#if CONVERGE_WITH_POSTGRES
+  if (!pg_name_.empty() && !o_.keep) {
+    PGconn* c = PQconnectdb(pg_admin_.c_str());
+    PQclear(PQexec(c, ("DROP DATABASE IF EXISTS " + pg_name_ + " WITH (FORCE)").c_str()));
+    PQfinish(c);
+    pg_name_.clear();
+  }
+#endif
+  if (!dir_.empty() && !o_.keep) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+    dir_.clear();
+  }
+}
+
+int Campaign::Send(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+                   const std::string& key, const std::string& body, const std::string& kind,
+                   milliseconds timeout) {
+  const int i = static_cast<int>(rng() % static_cast<uint64_t>(instances_));
+  auto r = http_.Send({.method = "POST",
+                       .url = Url(i, "/v1/payments"),
+                       .headers = {{"Authorization", "Bearer " + api_key},
+                                   {"Idempotency-Key", key},
+                                   {"Content-Type", "application/json"}},
+                       .body = body,
+                       .timeout = timeout});
+  Op op{.tenant = tenant, .key = key, .kind = kind, .request = body};
+  if (r) {
+    op.status = r->status;
+    op.response = r->body;
+    const std::string* rp = r->Header("Idempotent-Replayed");
+    op.replayed = rp != nullptr && *rp == "true";
+  } else {
+    op.response = r.error().ToString();
+  }
+  ++requests_;
+  if (op.replayed) ++replays_;
+  {
+    std::lock_guard<std::mutex> l(status_mu_);
+    ++by_status_[op.status];
+  }
+  const int status = op.status;
+  history_.Add(std::move(op));
+  return status;
+}
+
+int Campaign::Until(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+                    const std::string& key, const std::string& body, std::string kind) {
+  const auto deadline = Steady::now() + std::chrono::seconds(120);
+  int status = 0;
+  while (Steady::now() < deadline) {
+    status = Send(rng, api_key, tenant, key, body, kind, std::chrono::seconds(10));
+    if (Final(status)) return status;
+    kind = "retry";
+    // Retry-After is 1 s; a client in a hurry comes back sooner, with jitter.
+    std::this_thread::sleep_for(milliseconds(50 + static_cast<int64_t>(rng() % 250)));
+  }
+  return status;
+}
+
+void Campaign::Client(int c) {
+  std::mt19937_64 rng(o_.seed * 1000003 + static_cast<uint64_t>(c));
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int n = 0; !stop_clients_.load(); ++n) {
+    const auto& [api_key, tenant] = kTenants[rng() % 4 == 0 ? 1 : 0];
+    const std::string key = "c" + std::to_string(c) + "-" + std::to_string(n);
+    const int64_t amount = 100 + static_cast<int64_t>(rng() % 10000);
+    const std::string body = Body(amount, key);
+    history_.SetOriginal(tenant, key, body);
+    ++keys_;
+    const double r = u(rng);
+    if (r < 0.07) {
+      // Gives up: one try with a short timeout, never a retry (the completer's case).
+      ++give_ups_;
+      (void)Send(rng, api_key, tenant, key, body, "give-up",
+           milliseconds(20 + static_cast<int64_t>(rng() % 400)));
+      continue;
+    }
+    if (r < 0.17) {
+      // Concurrent duplicates: a double (or triple, quadruple) click.
+      ++concurrent_;
+      std::vector<std::thread> ts;
+      const int k = 2 + static_cast<int>(rng() % 3);
+      for (int j = 0; j < k; ++j) {
+        ts.emplace_back([&, seed = rng()] {
+          std::mt19937_64 r2(seed);
+          Until(r2, api_key, tenant, key, body, "concurrent");
+        });
+      }
+      for (auto& t : ts) t.join();
+    } else {
+      Until(rng, api_key, tenant, key, body, "first");
+    }
+    if (u(rng) < 0.15) {
+      ++duplicates_;
+      Until(rng, api_key, tenant, key, body, "duplicate");
+    }
+    if (u(rng) < 0.05) {
+      ++mismatches_;
+      Until(rng, api_key, tenant, key, Body(amount + 1, key), "mismatch");
+    }
+  }
+}
+
+void Campaign::Note(const std::string& what) {
+  const auto ms = std::chrono::duration_cast<milliseconds>(Steady::now() - t0_).count();
+  result_.schedule.push_back("t=" + std::to_string(ms) + "ms " + what);
+}
+
+bool Campaign::SetFailpoints(int i, const std::string& spec) {
+  auto r = http_.Send({.method = "PUT",
+                       .url = Url(i, "/admin/failpoints"),
+                       .headers = {{"Authorization", std::string("Bearer ") + kAdminToken}},
+                       .body = spec,
+                       .timeout = std::chrono::seconds(5)});
+  return r && r->status / 100 == 2;
+}
+
+int64_t MetricValue(const std::string& text, const std::string& name) {
+  size_t pos = 0;
+  while ((pos = text.find(name, pos)) != std::string::npos) {
+    const bool line_start = pos == 0 || text[pos - 1] == '\n';
+    const size_t after = pos + name.size();
+    if (line_start && after < text.size() && text[after] == ' ') {
+      return std::atoll(text.c_str() + after + 1);
+    }
+    pos = after;
+  }
+  return 0;
+}
+
+void Campaign::ScrapeTakeovers(int i) {
+  auto r = http_.Send({.url = Url(i, "/metrics"), .timeout = std::chrono::seconds(2)});
+  if (r && r->status == 200) {
+    result_.counts.takeovers += MetricValue(r->body, "idempotency_resumed_total");
+  }
+}
+
+Status Campaign::Restart(int i) {
+  // The database may be restarting too: try for a while.
+  Status st;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    st = svc_[static_cast<size_t>(i)]->Start("");
+    if (st.ok()) {
+      ++result_.counts.restarts;
+      return st;
+    }
+    std::this_thread::sleep_for(milliseconds(500));
+  }
+  return st;
+}
+
+Status Campaign::KillAndRestart(int i, const std::string& point) {
+  ServeProcess& s = *svc_[static_cast<size_t>(i)];
+  ScrapeTakeovers(i);
+  if (!point.empty() && SetFailpoints(i, point + "=crash*1") &&
+      s.KilledWithin(std::chrono::seconds(3))) {
+    ++result_.counts.kills_at_failpoint;
+    Note("kill instance " + std::to_string(i) + " at " + point);
+  } else {
+    if (!point.empty()) {
+      ++result_.counts.failpoints_not_reached;
+      Note("kill instance " + std::to_string(i) + " (" + point + " not reached in 3 s)");
+    } else {
+      Note("kill instance " + std::to_string(i) + " at a random instant");
+    }
+    s.Kill(SIGKILL);
+  }
+  ++result_.counts.kills;
+  return Restart(i);
+}
+
+Status Campaign::Inject(const Step& s) {
+  const std::string inst = " instance " + std::to_string(s.instance);
+  switch (s.fault) {
+    case Fault::kKill:
+      return KillAndRestart(s.instance, "");
+    case Fault::kKillAtFailpoint:
+      return KillAndRestart(s.instance, CrashPoint(s));
+    case Fault::kStall: {
+      const std::string spec = StallSpec(s);
+      if (SetFailpoints(s.instance, spec)) ++result_.counts.stalls;
+      Note("stall" + inst + " " + spec);
+      return OkStatus();
+    }
+    case Fault::kPspFault: {
+      const json f = PspFaults(s);
+      (void)http_.Send({.method = "POST",
+                        .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
+                        .body = f.dump()});
+      ++result_.counts.psp_faults;
+      Note(std::string("provider ") + PspFaultName(s) + " " + f.dump());
+      return OkStatus();
+    }
+    case Fault::kMailOutage: {
+      const json f = MailFaults(s);
+      (void)http_.Send({.method = "POST",
+                        .url = "http://127.0.0.1:" + std::to_string(mail_->port()) + "/faults",
+                        .body = f.dump()});
+      ++result_.counts.mail_outages;
+      Note("mail outage " + f.dump());
+      return OkStatus();
+    }
+    case Fault::kRefund: {
+      // One of the newest charges: often its capture is not committed yet, so the
+      // refund webhook overtakes it.
+      Rows rows;
+      (void)psp_db_->Read([&](Tx& tx) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(rows, tx.Query("SELECT id FROM charges WHERE status = "
+                                                 "'succeeded' ORDER BY created_at DESC LIMIT 8"));
+        return OkStatus();
+      });
+      if (rows.empty()) return OkStatus();
+      const std::string id = rows[s.b % rows.size()].Text(0);
+      auto r = http_.Send(
+          {.method = "POST",
+           .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/v1/charges/" + id +
+                  "/refund"});
+      if (r && r->status == 200) ++result_.counts.refunds;
+      Note("refund " + id + " at the provider");
+      return OkStatus();
+    }
+    case Fault::kDuplicateWebhook:
+    case Fault::kPoisonWebhook: {
+      std::string id, body;
+      if (s.fault == Fault::kPoisonWebhook) {
+        id = "msg_chaos_poison_" + std::to_string(s.b % 1000000);
+        body = json{{"type", "charge.refunded"},
+                    {"data", {{"charge_id", "ch_chaos_unknown_" + id}, {"amount", 1},
+                              {"currency", "EUR"}}}}
+                   .dump();
+        poison_.insert(id);
+        ++result_.counts.poison_webhooks;
+      } else {
+        Rows rows;
+        (void)psp_db_->Read([&](Tx& tx) -> Status {
+          CONVERGE_ASSIGN_OR_RETURN(
+              rows, tx.Query("SELECT msg_id, body FROM webhook_deliveries WHERE state = "
+                             "'delivered' ORDER BY id DESC LIMIT 16"));
+          return OkStatus();
+        });
+        if (rows.empty()) return OkStatus();
+        id = rows[s.b % rows.size()].Text(0);
+        body = rows[s.b % rows.size()].Text(1);
+        ++result_.counts.duplicate_webhooks;
+      }
+      const int64_t ts = Clock::System()->NowMillis() / 1000;
+      auto sig = webhook::Sign(secret_, id, ts, body);
+      (void)http_.Send({.method = "POST",
+                        .url = Url(s.instance, "/webhooks/psp"),
+                        .headers = {{"webhook-id", id},
+                                    {"webhook-timestamp", std::to_string(ts)},
+                                    {"webhook-signature", sig ? *sig : ""}},
+                        .body = body});
+      Note(std::string(Name(s.fault)) + " " + id + " to" + inst);
+      return OkStatus();
+    }
+    case Fault::kDbRestart: {
+      const std::string prefix = o_.pg_run_as.empty() ? "" : o_.pg_run_as + " ";
+      const std::string ctl = prefix + o_.pg_bin + "/pg_ctl -D " + o_.pg_data;
+      Note("database restart");
+      if (std::system((ctl + " -m fast -w stop > /dev/null 2>&1").c_str()) != 0) {
+        return UnavailableError("pg_ctl stop failed");
+      }
+      std::this_thread::sleep_for(milliseconds(200 + static_cast<int64_t>(s.b % 800)));
+      // The log beside the data directory: pg_ctl may run as another user (pg_run_as).
+      const std::string log = o_.pg_data + "/../chaos-restart.log";
+      if (std::system((ctl + " -w -l " + log + " start > /dev/null 2>&1").c_str()) != 0) {
+        return UnavailableError("pg_ctl start failed; see " + log);
+      }
+      ++result_.counts.db_restarts;
+      return OkStatus();
+    }
+  }
+  return OkStatus();
+}
+
+void Campaign::Progress(const std::string& phase) {
+  if (!o_.on_progress) return;
+  const auto now = Steady::now();
+  if (now - last_progress_ < milliseconds(500)) return;
+  last_progress_ = now;
+  std::ostringstream s;
+  s << phase << " requests " << requests_.load() << ", violations "
+    << history_.live_violations();
+  o_.on_progress(result_.counts.kills, s.str());
+}
+
+Status Campaign::FinalPass() {
+  // Every key once more, with the body it was first sent with: a given-up key gets the
+  // completer's answer, every other key its stored one.
+  auto originals = history_.originals();
+  std::vector<std::pair<std::pair<std::string, std::string>, std::string>> work(
+      originals.begin(), originals.end());
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> ts;
+  for (int c = 0; c < o_.clients; ++c) {
+    ts.emplace_back([&, c] {
+      std::mt19937_64 rng(o_.seed + static_cast<uint64_t>(c) * 7919);
+      for (size_t i; (i = next.fetch_add(1)) < work.size();) {
+        const auto& [id, body] = work[i];
+        const char* api_key = id.first == kTenants[0].second ? kTenants[0].first
+                                                             : kTenants[1].first;
+        Until(rng, api_key, id.first, id.second, body, "final");
+      }
+    });
+  }
+  while (next.load() < work.size()) {
+    Progress("final pass " + std::to_string(std::min(next.load(), work.size())) + "/" +
+             std::to_string(work.size()) + " keys;");
+    std::this_thread::sleep_for(milliseconds(200));
+  }
+  for (auto& t : ts) t.join();
+  return OkStatus();
+}
+
+Status Campaign::Drain() {
+  const CheckStores stores{db_.get(), psp_db_.get(), mail_db_.get(), poison_};
+  const auto deadline = Steady::now() + std::chrono::seconds(180);
+  std::string left;
+  while (Steady::now() < deadline) {
+    auto u = Undrained(stores);
+    if (u && u->empty()) return OkStatus();
+    left = u ? *u : u.error().ToString();
+    Progress("draining (" + left + ");");
+    std::this_thread::sleep_for(milliseconds(250));
+  }
+  Note("not drained after 180 s: " + left);
+  return OkStatus();  // the checker reports what is left
+}
+
+Result<ChaosResult> Campaign::Run() {
+  CONVERGE_RETURN_IF_ERROR(SetUp());
+  const bool db_restarts = pg_ && !o_.pg_bin.empty() && !o_.pg_data.empty();
+  std::vector<std::thread> clients;
+  for (int c = 0; c < o_.clients; ++c) clients.emplace_back([this, c] { Client(c); });
+  const auto end = t0_ + o_.duration;
+  Status st;
+  while (st.ok() && (o_.duration.count() > 0 ? Steady::now() < end
+                                              : result_.counts.kills < o_.kills)) {
+    const Step s = Draw(sched_, instances_, db_restarts);
+    const auto until = Steady::now() + milliseconds(s.gap_ms);
+    while (Steady::now() < until) {
+      Progress("campaign:");
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    st = Inject(s);
+  }
+  stop_clients_ = true;
+  for (auto& t : clients) t.join();
+  if (!st.ok()) return tl::unexpected(st);
+  // The faults stop: no armed failpoints, no pending provider faults.
+  for (int i = 0; i < instances_; ++i) (void)SetFailpoints(i, "");
+  (void)http_.Send({.method = "POST",
+                    .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
+                    .body = R"({"fail_next":0,"timeout_next":0,"decline_next":0,)"
+                            R"("in_use_next":0})"});
+  (void)http_.Send({.method = "POST",
+                    .url = "http://127.0.0.1:" + std::to_string(mail_->port()) + "/faults",
+                    .body = R"({"fail_next":0})"});
+  CONVERGE_RETURN_IF_ERROR(FinalPass());
+  CONVERGE_RETURN_IF_ERROR(Drain());
+  for (int i = 0; i < instances_; ++i) ScrapeTakeovers(i);
+
+  ChaosCounts& n = result_.counts;
+  n.requests = requests_;
+  n.keys = keys_;
+  n.duplicates = duplicates_;
+  n.concurrent = concurrent_;
+  n.mismatches = mismatches_;
+  n.give_ups = give_ups_;
+  n.replays = replays_;
+  n.by_status = by_status_;
+  for (int i = 0; i < instances_; ++i) {
+    std::ifstream log(svc_[static_cast<size_t>(i)]->log_path());
+    for (std::string line; std::getline(log, line);) {
+      if (line.find("event=completed_abandoned") != std::string::npos) ++n.completer_finishes;
+    }
+  }
+  CONVERGE_RETURN_IF_ERROR(db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(Rows r, tx.Query("SELECT count(*) FROM payments"));
+    n.payments = r[0].Int(0);
+    return OkStatus();
+  }));
+  CONVERGE_RETURN_IF_ERROR(psp_db_->Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows r, tx.Query("SELECT count(*), coalesce(sum(CASE WHEN status = 'refunded' THEN 1 "
+                         "ELSE 0 END), 0) FROM charges WHERE status <> 'declined'"));
+    n.charges = r[0].Int(0);
+    n.refunded = r[0].Int(1);
+    return OkStatus();
+  }));
+  result_.history = history_.ops();
+  auto v = CheckHistory(result_.history, history_.originals(),
+                        {db_.get(), psp_db_.get(), mail_db_.get(), poison_});
+  if (!v) return tl::unexpected(v.error());
+  result_.violations = std::move(*v);
+  n.seconds = std::chrono::duration<double>(Steady::now() - t0_).count();
+  return std::move(result_);
+}
+
+}  // namespace
+
+std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
+                                         bool db_restarts) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::string> out;
+  for (int i = 0; i < steps; ++i) out.push_back(Describe(Draw(rng, instances, db_restarts)));
+  return out;
+}
+
+Result<ChaosResult> RunChaos(const ChaosOptions& options) {
+  if (options.kills < 1 && options.duration.count() <= 0) {
+    return tl::unexpected(InvalidArgumentError("--kills must be at least 1"));
+  }
+  if (options.clients < 1 || options.clients > 256) {
+    return tl::unexpected(InvalidArgumentError("--clients must be between 1 and 256"));
+  }
+  Campaign c(options);
+  return c.Run();
+}
+
+std::string FormatViolations(const ChaosOptions& o, const ChaosResult& r) {
+  std::ostringstream s;
+  s << r.violations.size() << " violation(s); seed " << o.seed << " (replay: converge chaos --seed "
+    << o.seed << " --store " << (o.store == "sqlite" ? "sqlite" : "<uri>") << " --kills "
+    << o.kills << " --clients " << o.clients << ")\n\nschedule (" << r.schedule.size()
+    << " faults):\n";
+  for (size_t i = 0; i < r.schedule.size(); ++i) {
+    if (r.schedule.size() > 120 && i == 60) {
+      s << "  ... " << r.schedule.size() - 120 << " more ...\n";
+      i = r.schedule.size() - 60;
+    }
+    s << "  " << r.schedule[i] << "\n";
+  }
+  for (const Violation& v : r.violations) {
+    s << "\n[" << v.check << "] " << v.detail << "\n";
+    const std::vector<Op> ops = Excerpt(r.history, v);
+    std::string charge;
+    for (const Op& op : ops) {
+      s << "    " << FormatOp(op) << "\n";
+      json j = json::parse(op.response, nullptr, false);
+      if (op.status == 201 && j.is_object()) charge = j.value("charge_id", "");
+    }
+    // The faults near its requests (the final pass aside) or naming its charge.
+    s << "  faults around it:\n";
+    for (const std::string& f : r.schedule) {
+      const int64_t t = std::atoll(f.c_str() + 2);  // "t=<ms>ms ..."
+      bool near = !charge.empty() && f.find(charge) != std::string::npos;
+      for (const Op& op : ops) {
+        near = near || (op.kind != "final" && t > op.t_ms - 3000 && t < op.t_ms + 3000);
+      }
+      if (near) s << "    " << f << "\n";
+    }
+  }
+  return s.str();
+}
+
+}  // namespace converge::harness

@@ -1,0 +1,85 @@
+// The chaos campaign: the payments service shape (one or more `converge serve` children on
+// one store, the stand-in payment and mail providers in this process), client load that
+// records every exchange in a History, and a seeded schedule of faults: SIGKILLs at random
+// instants and at enabled failpoints (then restarts), stalls longer than the lease at phase
+// boundaries, provider faults and mail outages, refunds racing the capture, duplicate and
+// poison webhooks and, on PostgreSQL, database restarts. When the schedule is done the
+// faults stop, every key is retried once more, the system drains, and CheckHistory()
+// compares the history with the stores. docs/design/chaos.md describes all of it.
+//
+// The schedule (which fault, where, after how long) is a function of the seed alone; the
+// threads' timing is not, so a replay with the same seed runs the same faults against a
+// similar, not an identical, interleaving.
+//
+// Thread safety: RunChaos() is one blocking call; `on_progress` runs on its thread.
+#ifndef CONVERGE_HARNESS_CHAOS_H_
+#define CONVERGE_HARNESS_CHAOS_H_
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "converge/status.h"
+#include "harness/chaos_check.h"
+
+namespace converge::harness {
+
+struct ChaosOptions {
+  std::string binary;  // the converge executable to run as the service
+  // "sqlite" (a file in the run's directory) or a postgresql:// URI of a running server on
+  // which the campaign creates, and afterwards drops, a database of its own.
+  std::string store = "sqlite";
+  int kills = 60;                       // stop after this many SIGKILLs...
+  std::chrono::seconds duration{0};     // ...or, when > 0, after this long
+  uint64_t seed = 1;
+  int clients = 8;
+  int instances = 0;  // service processes on the store; 0: 1 on SQLite, 2 on PostgreSQL
+  bool keep = false;  // keep the run's directory (and database)
+  // PostgreSQL only, all three or none: the server's binaries, data directory and the
+  // command prefix to run pg_ctl as (scripts/with-postgres.sh exports them), for database
+  // restarts mid-load.
+  std::string pg_bin, pg_data, pg_run_as;
+  // Now and then: kills done and a one-line status (phase, requests, violations so far).
+  std::function<void(int64_t kills, const std::string& status)> on_progress;
+};
+
+struct ChaosCounts {
+  int64_t kills = 0, kills_at_failpoint = 0, failpoints_not_reached = 0, restarts = 0;
+  int64_t stalls = 0, psp_faults = 0, mail_outages = 0, refunds = 0, duplicate_webhooks = 0;
+  int64_t poison_webhooks = 0, db_restarts = 0;
+  int64_t requests = 0, keys = 0, duplicates = 0, concurrent = 0, mismatches = 0,
+          give_ups = 0;
+  std::map<int, int64_t> by_status;  // 0: no answer
+  int64_t replays = 0;
+  int64_t takeovers = 0;            // idempotency_resumed_total, summed over process lives
+  int64_t completer_finishes = 0;   // "event=completed_abandoned" in the service logs
+  int64_t payments = 0, charges = 0, refunded = 0;
+  double seconds = 0;
+};
+
+struct ChaosResult {
+  ChaosCounts counts;
+  std::vector<std::string> schedule;  // every fault that ran: "t=…ms kill instance 0 …"
+  std::vector<Violation> violations;
+  std::vector<Op> history;
+  std::string dir;  // the run's directory (removed unless keep)
+};
+
+// Runs a whole campaign. An error Status when the shape could not be set up or a store
+// could not be read; violations are in the result.
+Result<ChaosResult> RunChaos(const ChaosOptions& options);
+
+// The first `steps` steps of the schedule `seed` draws (the same ones RunChaos() injects
+// with that seed and instance count; what each did is in ChaosResult::schedule).
+std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
+                                         bool db_restarts);
+
+// The violation report: seed, schedule, and per violation the shortest history excerpt.
+std::string FormatViolations(const ChaosOptions& options, const ChaosResult& result);
+
+}  // namespace converge::harness
+
+#endif  // CONVERGE_HARNESS_CHAOS_H_

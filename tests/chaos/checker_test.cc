@@ -1,0 +1,218 @@
+// The history checker must be able to fail: a short real campaign (kills included) that
+// checks clean, then its stores and its history doctored one invariant at a time, each
+// reported under its own check with the key or payment it concerns.
+#include <algorithm>
+#include <filesystem>
+#include <set>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "converge/database.h"
+#include "harness/chaos.h"
+#include "harness/chaos_check.h"
+
+namespace converge::harness {
+namespace {
+
+std::unique_ptr<Database> Open(const std::string& path) {
+  auto db = Database::Open("sqlite:" + path);
+  EXPECT_TRUE(db.has_value()) << path;
+  return db ? std::move(*db) : nullptr;
+}
+
+std::string PaymentOf(const Op& op) {
+  const size_t at = op.response.find("\"id\":\"");
+  return at == std::string::npos ? "" : op.response.substr(at + 6, op.response.find('"', at + 6) -
+                                                                       at - 6);
+}
+
+class ChaosChecker : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ChaosOptions o;
+    o.binary = CONVERGE_BIN_PATH;
+    o.kills = 4;
+    o.seed = 9;
+    o.clients = 3;
+    o.keep = true;
+    auto r = RunChaos(o);
+    ASSERT_TRUE(r.has_value()) << r.error().ToString();
+    result_ = new ChaosResult(std::move(*r));
+  }
+  static void TearDownTestSuite() {
+    if (result_ == nullptr) return;
+    std::error_code ec;
+    std::filesystem::remove_all(result_->dir, ec);
+    delete result_;
+    result_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(result_, nullptr);
+    // Each test doctors its own copy of the stores.
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = result_->dir + "/copy-" + info->name();
+    std::filesystem::create_directories(dir_);
+    for (const char* f : {"service.db", "psp.db", "mail.db"}) {
+      std::filesystem::copy_file(result_->dir + "/" + f, dir_ + "/" + f);
+    }
+    service_ = Open(dir_ + "/service.db");
+    psp_ = Open(dir_ + "/psp.db");
+    mail_ = Open(dir_ + "/mail.db");
+    // The original body of a key is the one its first op carried.
+    for (const Op& op : result_->history) {
+      originals_.emplace(std::pair{op.tenant, op.key}, op.request);
+    }
+  }
+
+  std::vector<Violation> Check(const std::vector<Op>& ops) {
+    auto v = CheckHistory(ops, originals_, {service_.get(), psp_.get(), mail_.get(), {}});
+    EXPECT_TRUE(v.has_value()) << v.error().ToString();
+    return v ? *v : std::vector<Violation>{};
+  }
+  // The first captured payment that some client got a 201 for, and that op.
+  const Op& First201() {
+    for (const Op& op : result_->history) {
+      if (op.status == 201 && op.kind != "mismatch") return op;
+    }
+    ADD_FAILURE() << "no 201 in the history";
+    return result_->history.front();
+  }
+  static bool Reported(const std::vector<Violation>& vs, const std::string& check,
+                       const std::string& payment_or_key) {
+    for (const auto& v : vs) {
+      if (v.check == check && (v.payment_id == payment_or_key || v.key == payment_or_key))
+        return true;
+    }
+    return false;
+  }
+  void Exec(Database& db, const std::string& sql, const std::string& arg) {
+    Status st = db.Transact([&](Tx& tx) { return StatusOf(tx.Exec(sql, arg)); });
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+
+  static ChaosResult* result_;
+  std::string dir_;
+  std::unique_ptr<Database> service_, psp_, mail_;
+  std::map<std::pair<std::string, std::string>, std::string> originals_;
+};
+ChaosResult* ChaosChecker::result_ = nullptr;
+
+TEST_F(ChaosChecker, TheUndoctoredCampaignChecksClean) {
+  EXPECT_GE(result_->counts.kills, 4);
+  EXPECT_TRUE(result_->violations.empty()) << FormatViolations({}, *result_);
+  EXPECT_TRUE(Check(result_->history).empty());
+}
+
+TEST_F(ChaosChecker, ReportsASecondChargeForOnePayment) {
+  const std::string pid = PaymentOf(First201());
+  Exec(*psp_,
+       "INSERT INTO charges (id, idempotency_key, amount, currency, reference, status, "
+       "created_at) SELECT 'ch_doctored', 'doctored', amount, currency, reference, 'succeeded', "
+       "created_at FROM charges WHERE reference = $1",
+       pid);
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "charged-twice", pid));
+  // The report: the seed to replay, the schedule, and the key's requests.
+  ChaosResult doctored = *result_;
+  doctored.violations = vs;
+  const std::string report = FormatViolations({.seed = 9}, doctored);
+  EXPECT_NE(report.find("seed 9"), std::string::npos) << report;
+  EXPECT_NE(report.find("[charged-twice] 2 charges for payment " + pid), std::string::npos);
+  EXPECT_NE(report.find(" " + First201().tenant + "/" + First201().key + " "), std::string::npos);
+  EXPECT_NE(report.find("faults around it:"), std::string::npos);
+  EXPECT_NE(report.find(result_->schedule.front()), std::string::npos);
+}
+
+TEST_F(ChaosChecker, ReportsAReplayBodyThatDiffers) {
+  std::vector<Op> ops = result_->history;
+  Op replay = First201();
+  replay.seq = static_cast<int64_t>(ops.size());
+  replay.response.back() = ' ';  // one byte differs
+  ops.push_back(replay);
+  EXPECT_TRUE(Reported(Check(ops), "replay-differs", replay.key));
+}
+
+TEST_F(ChaosChecker, ReportsA422ForTheSameBodyAndA201ForAnother) {
+  std::vector<Op> ops = result_->history;
+  Op same = First201();
+  same.status = 422;
+  ops.push_back(same);
+  Op other = First201();
+  other.request = "{\"amount\":1}";
+  ops.push_back(other);
+  auto vs = Check(ops);
+  EXPECT_TRUE(Reported(vs, "422-same-body", same.key));
+  EXPECT_TRUE(Reported(vs, "reused-key-accepted", other.key));
+}
+
+TEST_F(ChaosChecker, ReportsAChargeWhosePaymentDidNotEndCaptured) {
+  const std::string pid = PaymentOf(First201());
+  Exec(*service_, "UPDATE payments SET status = 'pending' WHERE id = $1", pid);
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "orphan-charge", pid));
+  EXPECT_TRUE(Reported(vs, "201-payment-state", pid));
+}
+
+TEST_F(ChaosChecker, ReportsAMissingLedgerEntryAndAMissingReceipt) {
+  const std::string pid = PaymentOf(First201());
+  Exec(*service_,
+       "DELETE FROM ledger_entries WHERE id = (SELECT min(id) FROM ledger_entries WHERE "
+       "payment_id = $1)",
+       pid);
+  Exec(*mail_, "DELETE FROM messages WHERE idempotency_key = $1", "receipt:" + pid);
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "ledger", pid));
+  EXPECT_TRUE(Reported(vs, "receipts", pid));
+}
+
+TEST_F(ChaosChecker, ReportsASecondPaymentForOneKey) {
+  const Op& op = First201();
+  Exec(*service_,
+       "INSERT INTO payments (id, tenant, order_id, customer_id, amount, currency, status, "
+       "created_at, updated_at) SELECT 'pay_doctored', tenant, order_id, customer_id, amount, "
+       "currency, 'failed', created_at, updated_at FROM payments WHERE id = $1",
+       PaymentOf(op));
+  EXPECT_TRUE(Reported(Check(result_->history), "payments-per-key", op.key));
+}
+
+TEST_F(ChaosChecker, ReportsWorkLeftInProgressAndAnUninjectedDeadLetter) {
+  Exec(*service_,
+       "UPDATE idempotency_keys SET status = 'in_progress', recovery_point = 'charged' "
+       "WHERE key = $1",
+       First201().key);
+  Exec(*service_,
+       "INSERT INTO dead_letters (consumer, queue, event_id, source, type, envelope, "
+       "error_class, error_code, error, attempts, first_failure_at, last_failure_at, "
+       "updated_at) VALUES ('ledger', 'ledger', $1, 's', 't', '{}', 'permanent', "
+       "'invalid_argument', 'doctored', 1, 0, 0, 0)",
+       "evt_doctored");
+  auto vs = Check(result_->history);
+  bool not_drained = false, dead = false;
+  for (const auto& v : vs) {
+    not_drained |= v.check == "not-drained" &&
+                   v.detail.find("in progress past their first phase") != std::string::npos;
+    dead |= v.check == "dead-letter" && v.detail.find("evt_doctored") != std::string::npos;
+  }
+  EXPECT_TRUE(not_drained);
+  EXPECT_TRUE(dead);
+}
+
+TEST(ChaosSchedule, IsAFunctionOfTheSeedAlone) {
+  const auto a = PlannedSchedule(42, 200, 2, true);
+  EXPECT_EQ(a, PlannedSchedule(42, 200, 2, true));
+  EXPECT_NE(a, PlannedSchedule(43, 200, 2, true));
+  ASSERT_EQ(a.size(), 200u);
+  // Each kind of fault turns up in 200 steps (the rarest weighs 1%: 87% to appear).
+  int kinds = 0;
+  for (const char* k : {"kill ", "kill-at-failpoint", "stall", "psp-fault", "mail-outage",
+                        "refund", "duplicate-webhook"}) {
+    kinds += std::any_of(a.begin(), a.end(), [&](const std::string& s) {
+      return s.find(k) != std::string::npos;
+    });
+  }
+  EXPECT_EQ(kinds, 7);
+}
+
+}  // namespace
+}  // namespace converge::harness
