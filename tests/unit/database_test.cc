@@ -30,7 +30,7 @@ class DatabaseTest : public ::testing::Test {
 };
 
 TEST_F(DatabaseTest, AppliesMigrationsOnOpen) {
-  EXPECT_EQ(QueryInt(*db_, "SELECT max(version) FROM converge_schema"), 4);
+  EXPECT_EQ(QueryInt(*db_, "SELECT max(version) FROM converge_schema"), 5);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"), 0);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events"), 0);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM dead_letters"), 0);
