@@ -27,6 +27,7 @@
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
 #include "converge/webhook.h"
+#include "examples/payments/checkout.h"
 #include "examples/payments/ids.h"
 
 namespace payments {
@@ -177,6 +178,8 @@ class Service::Impl {
   std::vector<converge::Consumer*> consumers_;
   converge::EffectRunner* receipts_ = nullptr;
   converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
+  converge::SagaRequeuer saga_requeuer_;      // replays of parked sagas
+  std::unique_ptr<Checkout> checkout_;        // the checkout saga (POST /v1/orders)
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
   std::unique_ptr<converge::http::ApiKeyIndex> api_keys_;  // bearer key -> tenant
@@ -250,6 +253,7 @@ Status Service::Impl::Start() {
   if (!db) return db.error();
   db_ = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(CreateTables());
+  CONVERGE_RETURN_IF_ERROR(Checkout::CreateTables(*db_));
 
   // Retention: a bounded sweep a minute, at once again while there is more (several
   // instances sweeping at once only split the work).
@@ -282,7 +286,8 @@ Status Service::Impl::Start() {
   dead_letters_ = std::make_unique<converge::DeadLetters>(
       *db_, std::vector<converge::ReplayRoute>{
                 {"", queue_.get()},
-                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}});
+                {std::string(converge::kEffectQueuePrefix), &effect_requeuer_},
+                {std::string(converge::kSagaQueuePrefix), &saga_requeuer_}});
   converge::EffectRunnerOptions eo;
   eo.kind = "email.receipt";
   eo.max_attempts = cfg_.effect_max_attempts;
@@ -292,6 +297,20 @@ Status Service::Impl::Start() {
   receipts_ = &runtime_->AddEffectRunner(
       eo, [this](const std::string& k, const std::string& p) { return SendReceipt(k, p); });
   RegisterConsumers();
+  checkout_ = std::make_unique<Checkout>(CheckoutOptions{
+      .db = db_.get(),
+      .runtime = runtime_.get(),
+      .client = &client_,
+      .metrics = &metrics_,
+      .clock = clock_,
+      .psp_url = cfg_.psp_url,
+      .psp_timeout = cfg_.psp_timeout,
+      .lease = cfg_.lease,
+      .backoff_initial = cfg_.backoff_initial,
+      .backoff_max = cfg_.backoff_max,
+      .tenant = [this](const Request& r) { return Tenant(r); },
+      .is_admin = [this](const Request& r) { return IsAdmin(r); }});
+  checkout_->Register();
   CONVERGE_RETURN_IF_ERROR(runtime_->Validate());
 
   converge::http::ServerOptions so;
@@ -313,13 +332,20 @@ Status Service::Impl::Start() {
   server_->Route("POST", "/v1/payments", CreatePaymentRoute());
   route("GET", "/v1/payments/{id}", &Impl::GetPayment);
   server_->Route("POST", "/webhooks/psp", PspWebhookRoute());
+  checkout_->Routes(*server_);
   converge::http::AdminOptions admin;
   admin.token = cfg_.admin_token;
   admin.db = db_.get();
   admin.dead_letters = dead_letters_.get();
   admin.failpoints = cfg_.admin_failpoints;
   admin.on_replay = [this](const converge::DeadLetter&) { receipts_->wakeup().Notify(); };
-  admin.extra_stats = [this](Tx& tx) { return PaymentStats(tx); };
+  admin.extra_stats = [this](Tx& tx) -> Result<std::string> {
+    CONVERGE_ASSIGN_OR_RETURN(std::string payments, PaymentStats(tx));
+    CONVERGE_ASSIGN_OR_RETURN(std::string orders, checkout_->Stats(tx));
+    json out = json::parse(payments);
+    out.update(json::parse(orders));
+    return out.dump();
+  };
   CONVERGE_RETURN_IF_ERROR(converge::http::RegisterAdminRoutes(*server_, std::move(admin)));
   converge::http::RegisterHealthRoutes(*server_, *db_, [this] { return stopping_.load(); });
 
