@@ -1,11 +1,11 @@
 #include "examples/payments/checkout.h"
 
 #include <nlohmann/json.hpp>
-#include <set>
 
 #include "converge/http_idempotency.h"
 #include "converge/http_service.h"
 #include "examples/payments/ids.h"
+#include "examples/payments/rules.h"
 
 namespace payments {
 namespace {
@@ -21,17 +21,7 @@ using converge::http::Request;
 using converge::http::Response;
 using json = nlohmann::json;
 
-constexpr int64_t kMaxAmount = 100'000'000;
 constexpr int64_t kMaxQty = 1000;
-const std::set<std::string> kCurrencies = {"EUR", "USD", "GBP", "CHF", "JPY"};
-
-bool ValidId(const std::string& s) {
-  if (s.empty() || s.size() > 64) return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_')) return false;
-  }
-  return true;
-}
 
 // The saga's data: what every step needs, fixed when the order is created.
 struct Order {
@@ -89,9 +79,8 @@ Result<Order> ParseOrder(const std::string& body) {
 // unknown outcome: transient, retried with the same key.
 Status Undecided(const Result<converge::http::Response>& r, const std::string& what) {
   if (!r) return converge::UnavailableError(what + ": " + r.error().message());
-  const int s = r->status;
-  if (s >= 500 || s == 408 || s == 409 || s == 423 || s == 425 || s == 429) {
-    return converge::UnavailableError(what + ": provider answered " + std::to_string(s));
+  if (ProviderUndecided(r->status)) {
+    return converge::UnavailableError(what + ": provider answered " + std::to_string(r->status));
   }
   return converge::OkStatus();
 }

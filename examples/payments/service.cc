@@ -29,6 +29,7 @@
 #include "converge/webhook.h"
 #include "examples/payments/checkout.h"
 #include "examples/payments/ids.h"
+#include "examples/payments/rules.h"
 
 namespace payments {
 namespace {
@@ -51,20 +52,10 @@ using converge::http::Response;
 using converge::http::ToStored;
 using json = nlohmann::json;
 
-const std::set<std::string> kCurrencies = {"EUR", "USD", "GBP", "CHF", "JPY"};
-constexpr int64_t kMaxAmount = 100'000'000;  // minor units
 constexpr const char* kPspSource = "urn:converge:psp";
 // Webhook dedupe rows outlive any provider's retry schedule (Standard Webhooks senders
 // retry for days, not weeks).
 constexpr int64_t kWebhookDedupeMillis = 30LL * 24 * 3600 * 1000;
-
-bool ValidId(const std::string& s) {
-  if (s.empty() || s.size() > 64) return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_')) return false;
-  }
-  return true;
-}
 
 std::string NowIso(converge::Clock* clock) { return converge::FormatRfc3339(clock->NowMillis()); }
 
@@ -499,9 +490,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     // Only a definite answer is a decision. No answer, a 5xx, or a provider's "not decided
     // yet" (408 timeout, 409 key in use, 423 locked, 425 too early, 429 slow down) leaves
     // the outcome unknown: the charge may still happen.
-    const int answer = charge ? charge->status : 0;
-    const bool undecided = !charge || answer >= 500 || answer == 408 || answer == 409 ||
-                           answer == 423 || answer == 425 || answer == 429;
+    const bool undecided = !charge || ProviderUndecided(charge->status);
     if (undecided) {
       // Give the lease back; the client's retry or the completer resumes here with the
       // same provider key.
@@ -514,7 +503,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
       r.Set("Retry-After", "1");
       return r;
     }
-    if (answer >= 400) {
+    if (charge->status >= 400) {
       // A decision, not an accident: store it, so retries get the same answer.
       const bool declined = charge->status == 402;
       Response decided =

@@ -30,6 +30,12 @@ constexpr std::string_view kActive = "state IN ('running', 'compensating')";
 
 std::string Channel(std::string_view type) { return "converge_sagas:" + std::string(type); }
 
+// The effect key of a step's call: the same on every re-run of the step.
+std::string StepKey(const std::string& type, const std::string& saga_id,
+                    const std::string& step, bool compensation) {
+  return type + ":" + saga_id + ":" + step + (compensation ? ":compensation" : ":action");
+}
+
 Status Fenced(const std::string& saga_id) {
   return Status(StatusCode::kFailedPrecondition,
                 "saga " + saga_id + " was taken over by another runner", reason::kFenced);
@@ -211,8 +217,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     if (!(p.compensating ? s.compensation : s.action).call) return OkStatus();
     // The intent, claimed with our fence; one that failed before (a replayed compensation)
     // is pending again. A call already done is not repeated.
-    const std::string key = definition_.type + ":" + saga_id + ":" + s.name +
-                            (p.compensating ? ":compensation" : ":action");
+    const std::string key = StepKey(definition_.type, saga_id, s.name, p.compensating);
     CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
         "INSERT INTO effects (effect_key, kind, payload, state, attempts, next_attempt_at, "
         "created_at, updated_at, claim_token) VALUES ($1, $2, $3, 'pending', 1, $4, $4, $4, $5) "
@@ -237,8 +242,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   ctx.type = definition_.type;
   ctx.step = s.name;
   ctx.compensation = p.compensating;
-  ctx.key = definition_.type + ":" + saga_id + ":" + s.name +
-            (p.compensating ? ":compensation" : ":action");
+  ctx.key = StepKey(definition_.type, saga_id, s.name, p.compensating);
   ctx.fence = fence;
   ctx.attempt = p.attempts + 1;
   ctx.data = p.data;
