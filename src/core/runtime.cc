@@ -82,7 +82,7 @@ bool Runtime::SweepPass() {
   // A full batch in any table: more may be waiting, sweep again at once.
   return swept->keys >= options_.sweep.batch || swept->inbox >= options_.sweep.batch ||
          swept->outbox >= options_.sweep.batch || swept->effects >= options_.sweep.batch ||
-         swept->dead_letters >= options_.sweep.batch;
+         swept->dead_letters >= options_.sweep.batch || swept->sagas >= options_.sweep.batch;
 }
 
 RuntimeStats Runtime::stats() const {

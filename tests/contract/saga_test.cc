@@ -18,6 +18,7 @@
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
 #include "converge/runtime.h"
+#include "converge/sweeper.h"
 #include "tests/contract/store_fixture.h"
 
 namespace converge {
@@ -423,6 +424,37 @@ TYPED_TEST(Sagas, ResumesAfterAProcessKillAtEveryStepBoundary) {
       this->script_.Fail("c.call", {});
     }
   }
+}
+
+TYPED_TEST(Sagas, SettledSagasAreSweptAfterTheirRetentionParkedAndRunningOnesStay) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->Begin(runner, "done");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("a.call", {FailedPreconditionError("no")});
+  this->Begin(runner, "undone");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("b.call", {FailedPreconditionError("no")});
+  this->script_.Fail("a.undo", {InvalidArgumentError("refused")});
+  this->Begin(runner, "parked");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("a.call", {UnavailableError("later")});
+  this->Begin(runner, "running");
+  ASSERT_TRUE(runner.RunOnce());
+  ASSERT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  ASSERT_EQ(this->Load("running").state, saga_state::kRunning);
+  Sweeper sweeper(*this->db_, {.settled_saga_retention = 1h}, &clock);
+  auto early = sweeper.RunOnce();
+  ASSERT_TRUE(early);
+  EXPECT_EQ(early->sagas, 0);  // within the retention: kept
+  clock.Advance(2h);
+  auto swept = sweeper.RunOnce();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps WHERE saga_id IN ('done', 'undone')"),
+            0);
+  EXPECT_GT(this->Count("SELECT count(*) FROM saga_steps WHERE saga_id = 'parked'"), 0);
 }
 
 TYPED_TEST(Sagas, ListsByStateAndRejectsUnknownStates) {
