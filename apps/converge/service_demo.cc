@@ -20,6 +20,7 @@
 #include <functional>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -156,8 +157,11 @@ struct Demo {
         for (auto& [q, n] : s["queues"].items())
           queues_empty = queues_empty && n.get<int64_t>() == 0;
       }
+      // Sagas settled too: none running or compensating.
+      const bool sagas_settled = !s.is_object() || !s.contains("orders") ||
+                                 (s["orders"]["running"] == 0 && s["orders"]["compensating"] == 0);
       if (queues_empty && s["outbox"]["backlog"] == 0 && s["effects"]["pending"] == 0 &&
-          p.is_object() && p["webhooks"]["pending"] == 0) {
+          sagas_settled && p.is_object() && p["webhooks"]["pending"] == 0) {
         return true;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -218,6 +222,57 @@ struct Demo {
                                       {"webhook-signature", sig ? *sig : ""}},
                           .body = b});
     return r ? *r : http::Response{0, {}, r.error().ToString()};
+  }
+
+  // --- the checkout saga (POST /v1/orders) ---
+  static std::string OrderBody(const std::string& sku, int64_t qty, int64_t amount) {
+    return json{{"customer_id", "cust-" + sku}, {"sku", sku}, {"qty", qty},
+                {"amount", amount}, {"currency", "EUR"}}
+        .dump();
+  }
+  // POSTs an order until a final answer; returns its id ("" when none came).
+  std::string PlaceOrder(const std::string& key, const std::string& body) {
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      auto r = client.Send({.method = "POST",
+                            .url = svc->Url("/v1/orders"),
+                            .headers = {{"Authorization", "Bearer sk_test_acme"},
+                                        {"Idempotency-Key", key},
+                                        {"Content-Type", "application/json"}},
+                            .body = body,
+                            .timeout = std::chrono::seconds(15)});
+      if (r && r->status == 202) {
+        json j = json::parse(r->body, nullptr, false);
+        return j.is_object() ? j.value("id", "") : "";
+      }
+      if (r && r->status != 409 && r->status != 503) return "";
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return "";
+  }
+  // Waits until the order's saga settled; returns GET /v1/orders/{id} (null on timeout).
+  json AwaitOrder(const std::string& id) {
+    json o;
+    const bool settled = WaitFor(std::chrono::seconds(30), [&] {
+      auto r = client.Send({.url = svc->Url("/v1/orders/" + id),
+                            .headers = {{"Authorization", "Bearer sk_test_acme"}}});
+      o = r && r->status == 200 ? json::parse(r->body, nullptr, false) : json();
+      const std::string state = o.is_object() ? o.value("state", "") : "";
+      return state == "completed" || state == "compensated" || state == "failed_to_compensate";
+    });
+    return settled ? o : json();
+  }
+  // "phase step outcome" for each row of the order's step log.
+  static std::string Steps(const json& order) {
+    std::string out;
+    if (!order.is_object()) return out;
+    for (const json& h : order["saga"]["history"]) {
+      out += (out.empty() ? "" : ", ") + h["phase"].get<std::string>() + " " +
+             h["step"].get<std::string>() + " " + h["outcome"].get<std::string>();
+    }
+    return out;
+  }
+  int64_t Available(const std::string& sku) {
+    return Count("SELECT available FROM inventory WHERE sku = $1", sku);
   }
 };
 
@@ -410,6 +465,54 @@ void ClientGivesUpAfterCharge(Demo& d) {
   (void)d.Admin("PUT", "/admin/failpoints", "");
 }
 
+void OutOfStock(Demo& d) {
+  d.Check(d.Admin("PUT", "/admin/inventory/sku-oos", R"({"available":1})"), "stocked 1 unit");
+  json o = d.AwaitOrder(d.PlaceOrder("order-oos", Demo::OrderBody("sku-oos", 2, 3000)));
+  std::printf("     saga: %s\n", Demo::Steps(o).c_str());
+  d.Check(o.is_object() && o["state"] == "compensated" && o["captured"] == 0,
+          "two units asked, one in stock: the reserve step failed, nothing to undo, no charge");
+  d.Check(d.Available("sku-oos") == 1, "the unit is still available");
+}
+
+void ShippingFailure(Demo& d) {
+  d.Check(d.Admin("PUT", "/admin/inventory/sku-ship", R"({"available":1})") &&
+              d.Admin("POST", "/admin/shipping/faults", R"({"reject_next":1})"),
+          "stocked 1 unit; the carrier will refuse the next shipment");
+  json o = d.AwaitOrder(d.PlaceOrder("order-ship", Demo::OrderBody("sku-ship", 1, 3100)));
+  std::printf("     saga: %s\n", Demo::Steps(o).c_str());
+  const std::string pay = o.is_object() ? "pay_" + o["id"].get<std::string>().substr(4) : "";
+  json charges = d.GetJson(d.Psp("/v1/charges?reference=" + pay));
+  d.Check(o.is_object() && o["state"] == "compensated" && o["captured"] == 3100 &&
+              o["refunded"] == 3100,
+          "captured, then refunded at the provider (compensations in reverse order)");
+  d.Check(charges.is_object() && charges["count"] == 1 &&
+              charges["charges"][0]["status"] == "refunded",
+          "the provider holds one charge for it, refunded");
+  d.Check(d.Available("sku-ship") == 1, "the reservation was released");
+}
+
+void CrashMidSaga(Demo& d) {
+  d.Check(d.Admin("PUT", "/admin/inventory/sku-crash", R"({"available":1})"), "stocked 1 unit");
+  // Killed after the provider captured, before the step was recorded.
+  Status st = d.Restart("saga.after_call_before_record=crash");
+  const std::string body = Demo::OrderBody("sku-crash", 1, 3200);
+  (void)d.client.Send({.method = "POST",
+                       .url = d.svc->Url("/v1/orders"),
+                       .headers = {{"Authorization", "Bearer sk_test_acme"},
+                                   {"Idempotency-Key", "order-crash"}},
+                       .body = body});
+  const bool crashed = st.ok() && d.svc->KilledWithin(std::chrono::seconds(10));
+  st = d.svc->Start("");
+  const std::string id = st.ok() ? d.PlaceOrder("order-crash", body) : "";
+  json o = d.AwaitOrder(id);
+  std::printf("     saga: %s\n", Demo::Steps(o).c_str());
+  d.Check(crashed, "the service was SIGKILLed between the capture call and its record");
+  d.Check(o.is_object() && o["state"] == "completed",
+          "the restarted service resumed the saga from the store and completed it");
+  d.Check(d.ChargesFor("pay_" + id.substr(std::min<size_t>(4, id.size()))) == 1,
+          "one charge at the provider: the re-run capture sent the same key");
+}
+
 struct Scenario {
   const char* name;
   void (*run)(Demo&);
@@ -428,6 +531,9 @@ const std::vector<Scenario> kScenarios = {
     {"another tenant reuses the key", AnotherTenantReusesTheKey},
     {"payment key vs email key", PaymentKeyVersusEmailKey},
     {"the client gives up after the provider charged", ClientGivesUpAfterCharge},
+    {"checkout saga: out of stock -> compensation", OutOfStock},
+    {"checkout saga: the carrier refuses -> refund + release", ShippingFailure},
+    {"checkout saga: crash mid-saga -> resumed", CrashMidSaga},
 };
 
 }  // namespace
@@ -578,6 +684,42 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   }
   const int64_t unique_keys = f.duration_seconds > 0 ? next_key.load() : f.payments;
   const double load_secs = std::chrono::duration<double>(SteadyClock::now() - load_start).count();
+
+  // Orders: more than the stock of three SKUs, the carrier failing now and then (some
+  // transiently, some for good), the provider's transient faults still on.
+  const int orders = std::max(20, f.payments / 5);
+  const int64_t stock_per_sku = orders / 4;
+  for (const char* sku : {"sku-a", "sku-b", "sku-c"}) {
+    (void)d.Admin("PUT", std::string("/admin/inventory/") + sku,
+                  json{{"available", stock_per_sku}}.dump());
+  }
+  (void)d.Admin("POST", "/admin/shipping/faults", R"({"fail_next":5,"reject_next":3})");
+  std::printf("  orders: %d checkouts for 3 SKUs of %lld units each\n", orders,
+              static_cast<long long>(stock_per_sku));
+  std::atomic<int> next_order{0};
+  std::atomic<int64_t> order_errors{0};
+  std::vector<std::thread> buyers;
+  for (int c = 0; c < f.clients; ++c) {
+    buyers.emplace_back([&] {
+      for (int k; (k = next_order.fetch_add(1)) < orders;) {
+        const std::string sku = std::string("sku-") + static_cast<char>('a' + k % 3);
+        if (d.PlaceOrder("load-order-" + std::to_string(k),
+                         Demo::OrderBody(sku, 1, 200 + k)).empty()) {
+          ++order_errors;
+        }
+      }
+    });
+  }
+  {
+    Progress bar("orders", orders);
+    while (next_order.load() < orders) {
+      bar.Show(std::min(next_order.load(), orders));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    for (auto& t : buyers) t.join();
+    bar.Show(orders);
+    bar.Done();
+  }
   d.Post(d.Psp("/faults"), {{"transient_rate", 0}});
   d.Post(d.Mail("/faults"), {{"transient_rate", 0}});
   const bool converged = d.Converge(std::chrono::seconds(60));
@@ -602,8 +744,28 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   };
   d.svc->Stop();
   const int64_t payments = d.Count("SELECT count(*) FROM payments");
+  // Payments the checkout saga captured have an order, not a 201 of their own.
+  const int64_t order_payments =
+      d.Count("SELECT count(*) FROM payments p JOIN orders o ON p.order_id = o.id");
   const int64_t keys_done = d.Count(
       "SELECT count(*) FROM idempotency_keys WHERE status = 'completed' AND response_status = 201");
+  auto saga_count = [&](const char* state) {
+    return d.Count("SELECT count(*) FROM saga_instances WHERE type = 'checkout' AND state = $1",
+                   state);
+  };
+  const int64_t orders_completed = saga_count("completed");
+  const int64_t orders_compensated = saga_count("compensated");
+  const int64_t orders_parked = saga_count("failed_to_compensate");
+  const int64_t orders_unsettled = saga_count("running") + saga_count("compensating");
+  const int64_t money_captured = d.Count("SELECT coalesce(sum(captured), 0) FROM orders");
+  const int64_t money_refunded = d.Count("SELECT coalesce(sum(refunded), 0) FROM orders");
+  const int64_t money_shipped =
+      d.Count("SELECT coalesce(sum(amount), 0) FROM orders WHERE shipped = 1");
+  const int64_t stock_negative = d.Count("SELECT count(*) FROM inventory WHERE available < 0");
+  const int64_t compensated_holding = d.Count(
+      "SELECT count(*) FROM orders o JOIN saga_instances s ON s.saga_id = o.id WHERE "
+      "s.state = 'compensated' AND (o.captured <> o.refunded OR o.shipped = 1 OR EXISTS "
+      "(SELECT 1 FROM reservations r WHERE r.order_id = o.id AND r.state = 'reserved'))");
   const int64_t bad_capture = d.Count(
       "SELECT count(*) FROM payments p WHERE (SELECT count(*) FROM ledger_entries l WHERE "
       "l.payment_id = p.id AND l.kind = 'capture') != 2");
@@ -622,6 +784,25 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   const int64_t charged_twice =
       pst.is_object() ? pst["references_charged_twice"].get<int64_t>() : -1;
   const int64_t emails = mst.is_object() ? mst["messages"].get<int64_t>() : -1;
+  // What the provider still holds for orders (charges not refunded).
+  int64_t psp_kept_for_orders = 0;
+  {
+    std::set<std::string> order_payment_ids;
+    (void)d.db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query("SELECT id FROM orders"));
+      for (const Row& r : rows) order_payment_ids.insert("pay_" + r.Text(0).substr(4));
+      return OkStatus();
+    });
+    const json all = d.GetJson(d.Psp("/v1/charges"));
+    if (all.is_object()) {
+      for (const json& c : all["charges"]) {
+        if (c.value("status", "") == "succeeded" &&
+            order_payment_ids.count(c.value("reference", ""))) {
+          psp_kept_for_orders += c.value("amount", int64_t{0});
+        }
+      }
+    }
+  }
 
   std::printf("\n  %-46s %10s\n", "", "count");
   auto row = [](const std::string& what, int64_t n) {
@@ -641,6 +822,13 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   row("consumer retries (last run)", metric("consumer_retries_total"));
   row("effect retries (last run)", metric("effects_retries_total"));
   row("dead letters parked", parked);
+  row("orders completed (shipped)", orders_completed);
+  row("orders compensated", orders_compensated);
+  row("orders parked (failed to compensate)", orders_parked);
+  row("orders money captured", money_captured);
+  row("orders money refunded", money_refunded);
+  row("orders money of shipped orders", money_shipped);
+  row("provider money kept for orders", psp_kept_for_orders);
   std::printf("  load phase: %.1fs (%.0f requests/s); whole demo %.1fs\n\n", load_secs,
               static_cast<double>(sent.load()) / load_secs,
               std::chrono::duration<double>(SteadyClock::now() - t0).count());
@@ -648,7 +836,15 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
   std::printf("  invariants\n");
   d.Check(errors == 0, "every load request ended in 201");
   d.Check(converged, "outbox, queues, effects and provider webhooks drained");
-  d.Check(payments == keys_done, "one payment per completed idempotency key");
+  d.Check(payments - order_payments == keys_done, "one payment per completed idempotency key");
+  d.Check(order_errors == 0, "every order was accepted (202)");
+  d.Check(orders_unsettled == 0 && orders_parked == 0,
+          "every checkout saga settled: completed or compensated, none parked");
+  d.Check(money_captured == money_shipped + money_refunded &&
+              psp_kept_for_orders == money_shipped,
+          "money captured = shipped orders + refunds; the provider keeps only shipped orders'");
+  d.Check(stock_negative == 0 && compensated_holding == 0,
+          "stock never negative; no compensated order holds stock or money");
   d.Check(charges == payments && charged_twice == 0, "one provider charge per payment, none twice");
   d.Check(bad_capture == 0 && bad_refund == 0 && unbalanced == 0,
           "two balanced capture entries per payment, two refund entries per refund");

@@ -32,7 +32,9 @@
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
 #include "converge/webhook.h"
+#include "examples/payments/checkout.h"
 #include "examples/payments/ids.h"
+#include "examples/payments/rules.h"
 
 namespace payments {
 namespace {
@@ -55,20 +57,10 @@ using converge::http::Response;
 using converge::http::ToStored;
 using json = nlohmann::json;
 
-const std::set<std::string> kCurrencies = {"EUR", "USD", "GBP", "CHF", "JPY"};
-constexpr int64_t kMaxAmount = 100'000'000;  // minor units
 constexpr const char* kPspSource = "urn:converge:psp";
 // Webhook dedupe rows outlive any provider's retry schedule (Standard Webhooks senders
 // retry for days, not weeks).
 constexpr int64_t kWebhookDedupeMillis = 30LL * 24 * 3600 * 1000;
-
-bool ValidId(const std::string& s) {
-  if (s.empty() || s.size() > 64) return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_')) return false;
-  }
-  return true;
-}
 
 std::string NowIso(converge::Clock* clock) { return converge::FormatRfc3339(clock->NowMillis()); }
 
@@ -185,6 +177,8 @@ class Service::Impl {
   std::vector<converge::Consumer*> consumers_;
   converge::EffectRunner* receipts_ = nullptr;
   converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
+  converge::SagaRequeuer saga_requeuer_;      // replays of parked sagas
+  std::unique_ptr<Checkout> checkout_;        // the checkout saga (POST /v1/orders)
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
   std::unique_ptr<converge::http::ApiKeyIndex> api_keys_;  // bearer key -> tenant
@@ -262,6 +256,7 @@ Status Service::Impl::Start() {
   if (!db) return db.error();
   db_ = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(CreateTables());
+  CONVERGE_RETURN_IF_ERROR(Checkout::CreateTables(*db_));
 
   // Retention: a bounded sweep a minute, at once again while there is more (several
   // instances sweeping at once only split the work).
@@ -306,7 +301,9 @@ Status Service::Impl::Start() {
   }
   if (serving) relay_ = &runtime_->AddRelay(*publisher, converge::RelayOptions{.name = instance});
   std::vector<converge::ReplayRoute> routes = {
-      {"", queue_.get()}, {std::string(converge::kEffectQueuePrefix), &effect_requeuer_}};
+      {"", queue_.get()},
+      {std::string(converge::kEffectQueuePrefix), &effect_requeuer_},
+      {std::string(converge::kSagaQueuePrefix), &saga_requeuer_}};
 #if CONVERGE_WITH_NATS
   if (nats_) routes.push_back({"nats:", nats_.get()});  // letters of NATS consumers
 #endif
@@ -320,6 +317,20 @@ Status Service::Impl::Start() {
   receipts_ = &runtime_->AddEffectRunner(
       eo, [this](const std::string& k, const std::string& p) { return SendReceipt(k, p); });
   CONVERGE_RETURN_IF_ERROR(RegisterConsumers());
+  checkout_ = std::make_unique<Checkout>(CheckoutOptions{
+      .db = db_.get(),
+      .runtime = runtime_.get(),
+      .client = &client_,
+      .metrics = &metrics_,
+      .clock = clock_,
+      .psp_url = cfg_.psp_url,
+      .psp_timeout = cfg_.psp_timeout,
+      .lease = cfg_.lease,
+      .backoff_initial = cfg_.backoff_initial,
+      .backoff_max = cfg_.backoff_max,
+      .tenant = [this](const Request& r) { return Tenant(r); },
+      .is_admin = [this](const Request& r) { return IsAdmin(r); }});
+  checkout_->Register();
   CONVERGE_RETURN_IF_ERROR(runtime_->Validate());
   if (!serving) {
     CONVERGE_RETURN_IF_ERROR(runtime_->Start());
@@ -347,13 +358,20 @@ Status Service::Impl::Start() {
   server_->Route("POST", "/v1/payments", CreatePaymentRoute());
   route("GET", "/v1/payments/{id}", &Impl::GetPayment);
   server_->Route("POST", "/webhooks/psp", PspWebhookRoute());
+  checkout_->Routes(*server_);
   converge::http::AdminOptions admin;
   admin.token = cfg_.admin_token;
   admin.db = db_.get();
   admin.dead_letters = dead_letters_.get();
   admin.failpoints = cfg_.admin_failpoints;
   admin.on_replay = [this](const converge::DeadLetter&) { receipts_->wakeup().Notify(); };
-  admin.extra_stats = [this](Tx& tx) { return PaymentStats(tx); };
+  admin.extra_stats = [this](Tx& tx) -> Result<std::string> {
+    CONVERGE_ASSIGN_OR_RETURN(std::string payments, PaymentStats(tx));
+    CONVERGE_ASSIGN_OR_RETURN(std::string orders, checkout_->Stats(tx));
+    json out = json::parse(payments);
+    out.update(json::parse(orders));
+    return out.dump();
+  };
   CONVERGE_RETURN_IF_ERROR(converge::http::RegisterAdminRoutes(*server_, std::move(admin)));
   converge::http::RegisterHealthRoutes(*server_, *db_, [this] { return stopping_.load(); });
 
@@ -538,9 +556,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
     // Only a definite answer is a decision. No answer, a 5xx, or a provider's "not decided
     // yet" (408 timeout, 409 key in use, 423 locked, 425 too early, 429 slow down) leaves
     // the outcome unknown: the charge may still happen.
-    const int answer = charge ? charge->status : 0;
-    const bool undecided = !charge || answer >= 500 || answer == 408 || answer == 409 ||
-                           answer == 423 || answer == 425 || answer == 429;
+    const bool undecided = !charge || ProviderUndecided(charge->status);
     if (undecided) {
       // Give the lease back; the client's retry or the completer resumes here with the
       // same provider key.
@@ -553,7 +569,7 @@ Response Service::Impl::RunPayment(KeyLease lease, const std::string& tenant,
       r.Set("Retry-After", "1");
       return r;
     }
-    if (answer >= 400) {
+    if (charge->status >= 400) {
       // A decision, not an accident: store it, so retries get the same answer.
       const bool declined = charge->status == 402;
       Response decided =

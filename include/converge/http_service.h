@@ -18,6 +18,7 @@
 #include "converge/http.h"
 #include "converge/metrics.h"
 #include "converge/runtime.h"
+#include "converge/saga.h"
 #include "converge/status.h"
 
 namespace converge::http {
@@ -107,8 +108,14 @@ struct AdminOptions {
 //   DELETE /admin/dead-letters/{id}         (discard; 409 likewise)
 //   GET    /admin/stats                     (outbox, inbox, queues, dead letters, keys,
 //                                            effects, plus extra_stats)
+//   GET    /admin/sagas[?state=S&type=T&limit=N]  (newest first; 400 for an unknown state)
+//   GET    /admin/sagas/{id}                (with its step log)
 // and the failpoint hooks when enabled. kInvalidArgument for missing pieces.
 Status RegisterAdminRoutes(Server& server, AdminOptions options);
+
+// A saga as the admin API shows it: a JSON object with saga_id, type, state, step, data
+// (as JSON when it parses), error, times, and its step log under "history" when loaded.
+std::string SagaToJson(const SagaInstance& saga);
 
 // GET /healthz (the process answers) and GET /readyz (the store answers and the service
 // is not stopping; 503 problem otherwise).

@@ -1,8 +1,8 @@
 // Runtime: one object that owns a service's background machinery over one Database: the
 // idempotency keys and their completer, the outbox and its relays, consumers, effect
-// runners and the retention sweeper. It checks their options together, starts them
-// together and stops them together (each finishes the pass under way), so a service's
-// main() is: open the store, build a Runtime, register, Start(), serve, Stop().
+// runners, saga runners and the retention sweeper. It checks their options together,
+// starts them together and stops them together (each finishes the pass under way), so a
+// service's main() is: open the store, build a Runtime, register, Start(), serve, Stop().
 //
 //   auto db = Database::Open("sqlite:app.db");
 //   Runtime rt(**db, {.keys = {.ttl = 24h, .lease = 30s}});
@@ -29,6 +29,7 @@
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
 #include "converge/relay.h"
+#include "converge/saga.h"
 #include "converge/sweeper.h"
 #include "converge/transport.h"
 #include "converge/worker.h"
@@ -68,9 +69,11 @@ class Runtime {
   Relay& AddRelay(Publisher& publisher, RelayOptions options = {});
   Consumer& AddConsumer(Subscriber& subscriber, ConsumerOptions options);
   EffectRunner& AddEffectRunner(EffectRunnerOptions options, EffectRunner::Executor executor);
+  SagaRunner& AddSaga(SagaDefinition definition, SagaRunnerOptions options = {});
 
   // kInvalidArgument naming the first unsafe option: the keys' ttl and lease, a consumer
-  // whose inbox does not outlive redelivery, an effect runner without a kind.
+  // whose inbox does not outlive redelivery, an effect runner without a kind, a saga
+  // definition SagaRunner::Validate refuses.
   Status Validate() const;
   // Validates, then starts every worker; on an error starts nothing.
   Status Start();
@@ -80,6 +83,7 @@ class Runtime {
   const std::vector<std::unique_ptr<Relay>>& relays() const { return relays_; }
   const std::vector<std::unique_ptr<Consumer>>& consumers() const { return consumers_; }
   const std::vector<std::unique_ptr<EffectRunner>>& effect_runners() const { return effects_; }
+  const std::vector<std::unique_ptr<SagaRunner>>& saga_runners() const { return sagas_; }
   RuntimeStats stats() const;
 
  private:
@@ -96,6 +100,7 @@ class Runtime {
   std::vector<std::unique_ptr<Relay>> relays_;
   std::vector<std::unique_ptr<Consumer>> consumers_;
   std::vector<std::unique_ptr<EffectRunner>> effects_;
+  std::vector<std::unique_ptr<SagaRunner>> sagas_;
   bool started_ = false;
   mutable std::mutex stats_mu_;
   RuntimeStats stats_;

@@ -8,6 +8,8 @@
 //   effects           done longer ago than done_retention
 //   dead_letters      replayed or discarded longer ago than settled_dead_letter_retention
 //                     (parked letters stay until someone acts on them)
+//   saga_instances    completed or compensated longer ago than settled_saga_retention,
+//   + saga_steps      with their step log (failed_to_compensate ones stay)
 //
 // Thread safety: safe to run from one thread while everything else runs.
 #ifndef CONVERGE_SWEEPER_H_
@@ -27,11 +29,12 @@ struct SweepOptions {
   Millis published_retention = std::chrono::hours(24 * 7);
   Millis done_retention = std::chrono::hours(24 * 7);
   Millis settled_dead_letter_retention = std::chrono::hours(24 * 30);
+  Millis settled_saga_retention = std::chrono::hours(24 * 30);
 };
 
 struct SweepStats {
-  int64_t keys = 0, inbox = 0, outbox = 0, effects = 0, dead_letters = 0;
-  int64_t total() const { return keys + inbox + outbox + effects + dead_letters; }
+  int64_t keys = 0, inbox = 0, outbox = 0, effects = 0, dead_letters = 0, sagas = 0;
+  int64_t total() const { return keys + inbox + outbox + effects + dead_letters + sagas; }
 };
 
 class Sweeper {

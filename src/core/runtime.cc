@@ -31,9 +31,15 @@ EffectRunner& Runtime::AddEffectRunner(EffectRunnerOptions options,
   return *effects_.back();
 }
 
+SagaRunner& Runtime::AddSaga(SagaDefinition definition, SagaRunnerOptions options) {
+  sagas_.push_back(std::make_unique<SagaRunner>(db_, std::move(definition), options, clock_));
+  return *sagas_.back();
+}
+
 Status Runtime::Validate() const {
   CONVERGE_RETURN_IF_ERROR(IdempotencyKeys::ValidateOptions(options_.keys));
   for (const auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Validate());
+  for (const auto& s : sagas_) CONVERGE_RETURN_IF_ERROR(s->Validate());
   if (options_.sweep.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
   if (options_.sweep_interval < Millis(0)) {
     return InvalidArgumentError("sweep interval must not be negative");
@@ -47,6 +53,7 @@ Status Runtime::Start() {
   for (auto& r : relays_) r->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());  // validated above
   for (auto& e : effects_) e->Start();
+  for (auto& s : sagas_) s->Start();
   completer_.Start();
   if (options_.sweep_interval > Millis(0)) sweep_worker_.Start();
   started_ = true;
@@ -58,6 +65,7 @@ void Runtime::Stop() {
   started_ = false;
   sweep_worker_.Stop();
   completer_.Stop();
+  for (auto it = sagas_.rbegin(); it != sagas_.rend(); ++it) (*it)->Stop();
   for (auto it = effects_.rbegin(); it != effects_.rend(); ++it) (*it)->Stop();
   for (auto it = consumers_.rbegin(); it != consumers_.rend(); ++it) (*it)->Stop();
   for (auto it = relays_.rbegin(); it != relays_.rend(); ++it) (*it)->Stop();
@@ -74,7 +82,7 @@ bool Runtime::SweepPass() {
   // A full batch in any table: more may be waiting, sweep again at once.
   return swept->keys >= options_.sweep.batch || swept->inbox >= options_.sweep.batch ||
          swept->outbox >= options_.sweep.batch || swept->effects >= options_.sweep.batch ||
-         swept->dead_letters >= options_.sweep.batch;
+         swept->dead_letters >= options_.sweep.batch || swept->sagas >= options_.sweep.batch;
 }
 
 RuntimeStats Runtime::stats() const {

@@ -48,6 +48,20 @@ Result<SweepStats> Sweeper::RunOnce() {
       "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE state IN "
       "('replayed', 'discarded') AND updated_at <= $1 LIMIT $2)",
       now - options_.settled_dead_letter_retention.count()));
+  // Settled sagas with their step log, the log first (both pick the same sagas: the same
+  // ordered, LIMITed subquery in one transaction). Parked ones stay for an operator.
+  CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+    const std::string settled =
+        "SELECT saga_id FROM saga_instances WHERE state IN ('completed', 'compensated') AND "
+        "updated_at <= $1 ORDER BY saga_id LIMIT $2";
+    const int64_t cutoff = now - options_.settled_saga_retention.count();
+    CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
+        "DELETE FROM saga_steps WHERE saga_id IN (" + settled + ")", cutoff, options_.batch)));
+    CONVERGE_ASSIGN_OR_RETURN(
+        s.sagas, tx.Exec("DELETE FROM saga_instances WHERE saga_id IN (" + settled + ")",
+                         cutoff, options_.batch));
+    return OkStatus();
+  }));
   return s;
 }
 

@@ -79,6 +79,31 @@ std::optional<std::string> QueryParam(std::string_view query, std::string_view n
   return std::nullopt;
 }
 
+json SagaObject(const SagaInstance& s) {
+  json j = {{"saga_id", s.saga_id},     {"type", s.type},
+            {"state", s.state},         {"step", s.step},
+            {"version", s.version},     {"created_at", FormatRfc3339(s.created_at)},
+            {"updated_at", FormatRfc3339(s.updated_at)}};
+  json data = json::parse(s.data, nullptr, false);
+  j["data"] = data.is_discarded() ? json(s.data) : data;
+  if (!s.error.empty()) j["error"] = s.error;
+  if (!s.history.empty()) {
+    json h = json::array();
+    for (const SagaStepRecord& r : s.history) {
+      json e = {{"seq", r.seq},         {"step", r.step},          {"phase", r.phase},
+                {"outcome", r.outcome}, {"attempt", r.attempt},    {"fence", r.fence},
+                {"at", FormatRfc3339(r.at)}};
+      if (!r.result.empty()) e["result"] = r.result;
+      if (!r.error.empty()) e["error"] = r.error;
+      h.push_back(std::move(e));
+    }
+    j["history"] = std::move(h);
+  }
+  return j;
+}
+
+json SagaJson(const SagaInstance& s) { return SagaObject(s); }
+
 std::string DeadLetterJson(const DeadLetter& d, bool with_envelope) {
   json j = {{"id", d.id},
             {"consumer", d.consumer},
@@ -260,6 +285,39 @@ Status RegisterAdminRoutes(Server& server, AdminOptions options) {
       return Json(200, json{{"id", id}, {"state", replay ? "replayed" : "discarded"}}.dump());
     };
   };
+  route("GET", "/admin/sagas", [o](Request& req) -> Response {
+    const std::string state = QueryParam(req.query, "state").value_or("");
+    const std::string type = QueryParam(req.query, "type").value_or("");
+    int64_t limit = 100;
+    const auto given = QueryParam(req.query, "limit");
+    if (given && (!ParseId(*given, &limit) || limit > 1000)) {
+      return Problem(400, "Bad Request", "limit must be 1..1000", "invalid-request");
+    }
+    if (!state.empty() && !saga_state::Known(state)) {
+      return Problem(400, "Bad Request",
+                     "state must be running, compensating, completed, compensated or "
+                     "failed_to_compensate",
+                     "invalid-request");
+    }
+    json out = json::array();
+    Status st = o->db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(auto list, SagaRunner::List(tx, state, type, limit));
+      for (const SagaInstance& s : list) out.push_back(SagaJson(s));
+      return OkStatus();
+    });
+    if (!st.ok()) return StoreProblem(st);
+    return Json(200, json{{"sagas", out}}.dump());
+  });
+  route("GET", "/admin/sagas/{id}", [o](Request& req) -> Response {
+    std::optional<SagaInstance> found;
+    Status st = o->db->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(found, SagaRunner::Load(tx, req.params["id"]));
+      return OkStatus();
+    });
+    if (!st.ok()) return StoreProblem(st);
+    if (!found) return Problem(404, "Not Found", "no such saga", "not-found");
+    return Json(200, SagaJson(*found).dump());
+  });
   route("POST", "/admin/dead-letters/{id}/replay", transition(true));
   route("DELETE", "/admin/dead-letters/{id}", transition(false));
   route("GET", "/admin/stats", [o](Request&) -> Response {
@@ -349,6 +407,16 @@ constexpr Family kRuntimeFamilies[] = {
      "Completer resumes that failed; the lease was given back."},
     {"completer_lost_total", "counter",
      "Abandoned requests another completer or a retry took first."},
+    {"saga_steps_total", "counter",
+     "Saga actions and compensations that succeeded and were recorded, by saga type."},
+    {"saga_retries_total", "counter", "Saga steps that failed transiently and were rescheduled."},
+    {"sagas_completed_total", "counter", "Sagas that finished every step."},
+    {"sagas_compensated_total", "counter", "Sagas whose completed steps were all compensated."},
+    {"sagas_parked_total", "counter",
+     "Sagas parked as failed_to_compensate by this process (alert on any increase)."},
+    {"saga_lost_fences_total", "counter",
+     "Saga steps whose outcome was dropped: another runner had taken the saga over."},
+    {"sagas", "gauge", "Sagas in the store by state (failed_to_compensate needs an operator)."},
     {"retention_swept_total", "counter", "Expired rows the sweeper deleted."},
     {"db_transactions_total", "counter", "Transact calls completed, ok or not."},
     {"db_commits_total", "counter", "Physical commits that succeeded."},
@@ -387,6 +455,16 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("effects_failed_total", l, s.failed);
       set("effects_lost_claims_total", l, s.lost_claims);
     }
+    for (const auto& runner : o.runtime->saga_runners()) {
+      const SagaStats s = runner->stats();
+      const Metrics::Labels l = {{"type", runner->definition().type}};
+      set("saga_steps_total", l, s.steps);
+      set("saga_retries_total", l, s.retries);
+      set("sagas_completed_total", l, s.completed);
+      set("sagas_compensated_total", l, s.compensated);
+      set("sagas_parked_total", l, s.parked);
+      set("saga_lost_fences_total", l, s.lost_fences);
+    }
     const CompleterStats cs = o.runtime->completer().stats();
     set("completer_finished_total", {}, cs.finished);
     set("completer_failed_total", {}, cs.failed);
@@ -417,6 +495,17 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
                                          "WHERE published_at IS NULL"));
       set("outbox_backlog", {}, rows[0].Int(0));
       m.Set("relay_lag_seconds", {}, rows[0].IsNull(1) ? 0.0 : (now - rows[0].Int(1)) / 1000.0);
+      if (o.runtime != nullptr && !o.runtime->saga_runners().empty()) {
+        // Every state, zeros included: an alert on failed_to_compensate > 0 needs the series.
+        for (std::string_view state : {saga_state::kRunning, saga_state::kCompensating,
+                                       saga_state::kCompleted, saga_state::kCompensated,
+                                       saga_state::kFailedToCompensate}) {
+          set("sagas", {{"state", std::string(state)}}, 0);
+        }
+        CONVERGE_ASSIGN_OR_RETURN(
+            Rows sagas, tx.Query("SELECT state, count(*) FROM saga_instances GROUP BY state"));
+        for (const Row& r : sagas) set("sagas", {{"state", r.Text(0)}}, r.Int(1));
+      }
       return OkStatus();
     });
   }
@@ -462,5 +551,7 @@ void RegisterHealthRoutes(Server& server, Database& db, std::function<bool()> st
     return Json(200, "{\"status\":\"ready\"}");
   });
 }
+
+std::string SagaToJson(const SagaInstance& saga) { return SagaObject(saga).dump(); }
 
 }  // namespace converge::http

@@ -200,6 +200,76 @@ TEST_F(MultiInstance, TwoServicesShareTheWorkAndOneSurvivesTheOthersKill) {
   CheckConverged(kKeys);
 }
 
+// Checkout sagas (examples/payments/checkout.h) from two instances on one database, one
+// killed mid-load: the survivor takes the dead one's sagas over once their leases lapse;
+// the fence keeps the two from ever driving one saga at once, and the conditional
+// decrement keeps many orders for the last units from overselling.
+TEST_F(MultiInstance, TwoServicesShareCheckoutSagasAndOneSurvivesTheOthersKill) {
+  ServeProcess& a = AddInstance();
+  ServeProcess& b = AddInstance();
+  constexpr int kOrders = 40, kStock = 12;
+  auto r = client_.Send({.method = "PUT",
+                         .url = b.Url("/admin/inventory/sku-pg"),
+                         .headers = {{"Authorization", "Bearer mi-admin-token"}},
+                         .body = json{{"available", kStock}}.dump()});
+  ASSERT_TRUE(r && r->status == 200);
+  std::atomic<int> next{0};
+  std::atomic<int64_t> bad{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&] {
+      Client client;
+      for (int k; (k = next.fetch_add(1)) < kOrders;) {
+        const std::string body = json{
+            {"customer_id", "c"},
+            {"sku", "sku-pg"},
+            {"qty", 1},
+            {"amount", 100 + k},
+            {"currency", "EUR"}}.dump();
+        bool accepted = false;
+        for (int attempt = 0; attempt < 200 && !accepted; ++attempt) {
+          ServeProcess* target = a.alive() && k % 2 == 0 ? &a : &b;
+          auto resp =
+              client.Send({.method = "POST",
+                           .url = target->Url("/v1/orders"),
+                           .headers = {{"Authorization", "Bearer sk_mi"},
+                                       {"Idempotency-Key", "pg-order-" + std::to_string(k)}},
+                           .body = body,
+                           .timeout = std::chrono::seconds(5)});
+          accepted = resp && resp->status == 202;
+          // A client's pause before it retries (409 while the first is in flight, or no
+          // answer from the killed instance).
+          if (!accepted) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        if (!accepted) ++bad;
+      }
+    });
+  }
+  ASSERT_TRUE(converge::testing::WaitUntil([&] { return next.load() > kOrders / 2; }));
+  a.Kill(SIGKILL);  // mid-load, mid-saga perhaps
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(bad, 0);
+  ASSERT_TRUE(converge::testing::WaitUntil(
+      [&] {
+        return Count(
+                   "SELECT count(*) FROM saga_instances WHERE state IN "
+                   "('running', 'compensating')") == 0;
+      },
+      std::chrono::seconds(90)));
+  EXPECT_EQ(Count("SELECT count(*) FROM saga_instances"), kOrders);
+  EXPECT_EQ(Count("SELECT count(*) FROM saga_instances WHERE state = 'completed'"), kStock);
+  EXPECT_EQ(Count("SELECT count(*) FROM shipments"), kStock);
+  EXPECT_EQ(Count("SELECT available FROM inventory WHERE sku = 'sku-pg'"), 0);
+  EXPECT_EQ(Count("SELECT count(*) FROM orders WHERE captured <> refunded + "
+                  "(CASE WHEN shipped = 1 THEN amount ELSE 0 END)"),
+            0);
+  json st = json::parse(
+      client_.Send({.url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/v1/stats"})
+          ->body);
+  EXPECT_EQ(st["charges"]["succeeded"], kStock);
+  EXPECT_EQ(st["references_charged_twice"], 0);
+}
+
 TEST_F(MultiInstance, DatabaseRestartMidLoadIsReportedThenRecovered) {
   const char* pg_bin = std::getenv("CONVERGE_TEST_PG_BIN");
   const char* pg_data = std::getenv("CONVERGE_TEST_PG_DATA");

@@ -159,6 +159,43 @@ CREATE TABLE consumer_starts (
       R"sql(
 CREATE INDEX queue_messages_subject ON queue_messages (queue, subject, id);
 )sql",
+      // 6: sagas: instances owned by lease and fence, and their step log (saga.h).
+      R"sql(
+CREATE TABLE saga_instances (
+  saga_id         TEXT    NOT NULL PRIMARY KEY,
+  type            TEXT    NOT NULL,
+  state           TEXT    NOT NULL CHECK (state IN ('running', 'compensating', 'completed',
+                                                    'compensated', 'failed_to_compensate')),
+  step            INTEGER NOT NULL,
+  data            TEXT    NOT NULL,
+  version         {{bigint}} NOT NULL,
+  attempts        INTEGER NOT NULL,
+  step_started_at {{bigint}} NOT NULL,
+  deadline        {{bigint}},
+  next_attempt_at {{bigint}} NOT NULL,
+  lease_until     {{bigint}} NOT NULL,
+  fence           {{bigint}} NOT NULL,
+  error           TEXT,
+  created_at      {{bigint}} NOT NULL,
+  updated_at      {{bigint}} NOT NULL
+){{without_rowid}};
+CREATE INDEX saga_instances_due ON saga_instances (type, next_attempt_at)
+  WHERE state IN ('running', 'compensating');
+CREATE INDEX saga_instances_state ON saga_instances (state, created_at);
+CREATE TABLE saga_steps (
+  saga_id  TEXT    NOT NULL,
+  seq      {{bigint}} NOT NULL,
+  step     TEXT    NOT NULL,
+  phase    TEXT    NOT NULL CHECK (phase IN ('action', 'compensation')),
+  outcome  TEXT    NOT NULL CHECK (outcome IN ('done', 'retry', 'failed')),
+  attempt  INTEGER NOT NULL,
+  result   TEXT,
+  error    TEXT,
+  fence    {{bigint}} NOT NULL,
+  at       {{bigint}} NOT NULL,
+  PRIMARY KEY (saga_id, seq)
+){{without_rowid}};
+)sql",
   };
   return kMigrations;
 }

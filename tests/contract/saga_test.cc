@@ -1,0 +1,502 @@
+// The saga runner's contract on every backend (saga.h): steps in order, retries before
+// compensating, compensations in reverse order, parking with a dead letter, and the
+// ownership races forced with pausable failpoints, plus crashes of a real child process
+// at every step boundary.
+//
+// The external system the steps call is a table of its own written in a separate
+// transaction (as a provider's database would be): `ext_calls` counts every call with
+// its key, `ext_effects` holds one row per key (the provider's idempotency).
+#include "converge/saga.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "converge/dead_letters.h"
+#include "converge/failpoint.h"
+#include "converge/runtime.h"
+#include "converge/sweeper.h"
+#include "tests/contract/store_fixture.h"
+
+namespace converge {
+namespace {
+
+using namespace std::chrono_literals;
+
+// Errors a test makes a step's call (or local part) return, in order, before it succeeds.
+class Script {
+ public:
+  void Fail(const std::string& what, std::vector<Status> errors) {
+    std::lock_guard<std::mutex> l(mu_);
+    errors_[what] = std::move(errors);
+  }
+  Status Next(const std::string& what) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto& q = errors_[what];
+    if (q.empty()) return OkStatus();
+    Status s = q.front();
+    q.erase(q.begin());
+    return s;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, std::vector<Status>> errors_;
+};
+
+template <class Store>
+class Sagas : public StoreContract<Store> {
+ protected:
+  void SetUp() override {
+    StoreContract<Store>::SetUp();
+    if (this->IsSkipped()) return;
+    ASSERT_TRUE(this->db_
+                    ->Transact([](Tx& tx) -> Status {
+                      CONVERGE_RETURN_IF_ERROR(
+                          StatusOf(tx.Exec("CREATE TABLE ext_calls (k TEXT NOT NULL)")));
+                      CONVERGE_RETURN_IF_ERROR(
+                          StatusOf(tx.Exec("CREATE TABLE ext_effects (k TEXT PRIMARY KEY)")));
+                      return StatusOf(
+                          tx.Exec("CREATE TABLE saga_local (saga_id TEXT NOT NULL, "
+                                  "what TEXT NOT NULL, PRIMARY KEY (saga_id, what))"));
+                    })
+                    .ok());
+  }
+  void TearDown() override { ASSERT_TRUE(failpoint::Configure("").ok()); }
+
+  // Three steps a, b, c; each action calls the external system and writes a local row;
+  // each compensation calls it too and writes its own local row.
+  SagaDefinition Definition(Database& db, SagaStepPolicy policy = {}) {
+    SagaDefinition d{"order", {}};
+    for (const char* name : {"a", "b", "c"}) {
+      SagaStep s;
+      s.name = name;
+      s.policy = policy;
+      s.action = {Call(db, std::string(name) + ".call"), Local(std::string(name) + ".local")};
+      s.compensation = {Call(db, std::string(name) + ".undo.call"),
+                        Local(std::string(name) + ".undo")};
+      d.steps.push_back(std::move(s));
+    }
+    return d;
+  }
+  std::function<Result<std::string>(const SagaStepContext&)> Call(Database& db,
+                                                                  const std::string& what) {
+    return [this, &db, what](const SagaStepContext& ctx) -> Result<std::string> {
+      CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) -> Status {
+        CONVERGE_RETURN_IF_ERROR(
+            StatusOf(tx.Exec("INSERT INTO ext_calls (k) VALUES ($1)", ctx.key)));
+        return StatusOf(
+            tx.Exec("INSERT INTO ext_effects (k) VALUES ($1) ON CONFLICT (k) DO NOTHING", ctx.key));
+      }));
+      CONVERGE_RETURN_IF_ERROR(script_.Next(what));
+      return "done:" + ctx.key;
+    };
+  }
+  std::function<Status(Tx&, SagaStepContext&, const std::string&)> Local(const std::string& what) {
+    return [this, what](Tx& tx, SagaStepContext& ctx, const std::string&) -> Status {
+      CONVERGE_RETURN_IF_ERROR(script_.Next(what));
+      ctx.data += "," + what;
+      return StatusOf(
+          tx.Exec("INSERT INTO saga_local (saga_id, what) VALUES ($1, $2)", ctx.saga_id, what));
+    };
+  }
+  void Begin(SagaRunner& runner, const std::string& id) {
+    ASSERT_TRUE(
+        this->db_->Transact([&](Tx& tx) { return StatusOf(runner.Begin(tx, id, "start")); }).ok());
+  }
+  SagaInstance Load(const std::string& id) {
+    SagaInstance out;
+    EXPECT_TRUE(this->db_
+                    ->Read([&](Tx& tx) -> Status {
+                      CONVERGE_ASSIGN_OR_RETURN(auto s, SagaRunner::Load(tx, id));
+                      if (!s) return NotFoundError(id);
+                      out = std::move(*s);
+                      return OkStatus();
+                    })
+                    .ok());
+    return out;
+  }
+  // "phase step outcome" for each row of the step log, e.g. "action a done".
+  std::vector<std::string> History(const std::string& id) {
+    std::vector<std::string> out;
+    for (const auto& r : Load(id).history) out.push_back(r.phase + " " + r.step + " " + r.outcome);
+    return out;
+  }
+  int64_t Calls(const std::string& key) {
+    return this->Count("SELECT count(*) FROM ext_calls WHERE k = '" + key + "'");
+  }
+  int64_t Locals(const std::string& id) {
+    return this->Count("SELECT count(*) FROM saga_local WHERE saga_id = '" + id + "'");
+  }
+  // Runs passes (advancing the clock past any backoff) until the saga is no longer active.
+  void Drain(SagaRunner& runner, ManualClock& clock, const std::string& id) {
+    for (int i = 0; i < 100; ++i) {
+      const std::string st = Load(id).state;
+      if (st != saga_state::kRunning && st != saga_state::kCompensating) return;
+      auto r = runner.RunOnce();
+      ASSERT_TRUE(r) << r.error().ToString();
+      clock.Advance(1min);
+    }
+    FAIL() << "saga " << id << " did not settle";
+  }
+
+  Script script_;
+};
+TYPED_TEST_SUITE(Sagas, Stores, StoreNames);
+
+TYPED_TEST(Sagas, RunsEveryStepInOrderWithDeterministicKeys) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->Begin(runner, "s1");
+  auto r = runner.RunOnce();
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(*r, 1u);
+  SagaInstance s = this->Load("s1");
+  EXPECT_EQ(s.state, saga_state::kCompleted);
+  EXPECT_EQ(s.data, "start,a.local,b.local,c.local");
+  EXPECT_EQ(this->History("s1"),
+            (std::vector<std::string>{"action a done", "action b done", "action c done"}));
+  EXPECT_EQ(s.history[0].result, "done:order:s1:a:action");
+  for (const char* k : {"order:s1:a:action", "order:s1:b:action", "order:s1:c:action"}) {
+    EXPECT_EQ(this->Calls(k), 1) << k;
+  }
+  // The journal holds every call's result under its key.
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE kind = 'saga:order' AND "
+                        "state = 'done'"),
+            3);
+  EXPECT_EQ(runner.stats().completed, 1);
+  EXPECT_EQ(runner.stats().steps, 3);
+}
+
+TYPED_TEST(Sagas, BeginningTheSameSagaTwiceStartsOne) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  bool first = false, second = true;
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(first, runner.Begin(tx, "dup", "x"));
+                    CONVERGE_ASSIGN_OR_RETURN(second, runner.Begin(tx, "dup", "y"));
+                    return OkStatus();
+                  })
+                  .ok());
+  EXPECT_TRUE(first);
+  EXPECT_FALSE(second);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 1);
+  auto bad = this->db_->Transact([&](Tx& tx) { return StatusOf(runner.Begin(tx, "", "x")); });
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+}
+
+TYPED_TEST(Sagas, TransientFailuresRetryWithBackoffThenTheStepSucceeds) {
+  for (const char* step : {"a", "b", "c"}) {
+    SCOPED_TRACE(step);
+    ManualClock clock;
+    SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+    const std::string id = std::string("t-") + step;
+    this->script_.Fail(std::string(step) + ".call",
+                       {UnavailableError("flaky"), DeadlineExceededError("slow")});
+    this->Begin(runner, id);
+    ASSERT_TRUE(runner.RunOnce());
+    EXPECT_EQ(this->Load(id).state, saga_state::kRunning);
+    this->Drain(runner, clock, id);
+    EXPECT_EQ(this->Load(id).state, saga_state::kCompleted);
+    EXPECT_EQ(this->Calls("order:" + id + ":" + step + ":action"), 3);
+    EXPECT_EQ(runner.stats().retries, 2);
+    EXPECT_EQ(this->Locals(id), 3);
+  }
+}
+
+TYPED_TEST(Sagas, PermanentFailureCompensatesTheStepsBeforeItInReverseOrder) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  const std::vector<std::vector<std::string>> expected = {
+      {"action a failed"},
+      {"action a done", "action b failed", "compensation a done"},
+      {"action a done", "action b done", "action c failed", "compensation b done",
+       "compensation a done"}};
+  const char* steps[] = {"a", "b", "c"};
+  for (int i = 0; i < 3; ++i) {
+    SCOPED_TRACE(steps[i]);
+    const std::string id = std::string("p-") + steps[i];
+    this->script_.Fail(std::string(steps[i]) + ".call", {FailedPreconditionError("declined")});
+    this->Begin(runner, id);
+    ASSERT_TRUE(runner.RunOnce());
+    SagaInstance s = this->Load(id);
+    EXPECT_EQ(s.state, saga_state::kCompensated);
+    EXPECT_EQ(this->History(id), expected[static_cast<size_t>(i)]);
+    // Each completed step's local write and its compensation's: nothing else.
+    EXPECT_EQ(this->Locals(id), 2 * i);
+    EXPECT_EQ(this->Calls("order:" + id + ":" + steps[i] + ":compensation"), 0);
+  }
+  EXPECT_EQ(runner.stats().compensated, 3);
+}
+
+TYPED_TEST(Sagas, AStepOutOfAttemptsCompensatesItselfTooForItsOutcomeIsUnknown) {
+  ManualClock clock;
+  SagaStepPolicy policy;
+  policy.max_attempts = 2;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_, policy), {}, &clock);
+  this->script_.Fail("b.call", {UnavailableError("timeout"), UnavailableError("timeout")});
+  this->Begin(runner, "x");
+  this->Drain(runner, clock, "x");
+  EXPECT_EQ(this->Load("x").state, saga_state::kCompensated);
+  EXPECT_EQ(this->History("x"),
+            (std::vector<std::string>{"action a done", "action b retry", "action b failed",
+                                      "compensation b done", "compensation a done"}));
+}
+
+TYPED_TEST(Sagas, AStepPastItsDeadlineFails) {
+  ManualClock clock;
+  SagaStepPolicy policy;
+  policy.max_attempts = 100;
+  policy.deadline = 5s;
+  policy.backoff_initial = 1s;
+  policy.backoff_max = 1s;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_, policy), {}, &clock);
+  std::vector<Status> errors(50, UnavailableError("down"));
+  this->script_.Fail("a.call", errors);
+  this->Begin(runner, "d");
+  for (int i = 0; i < 20 && this->Load("d").state == saga_state::kRunning; ++i) {
+    ASSERT_TRUE(runner.RunOnce());
+    clock.Advance(1s);
+  }
+  ASSERT_TRUE(runner.RunOnce());
+  SagaInstance s = this->Load("d");
+  EXPECT_EQ(s.state, saga_state::kCompensated);
+  EXPECT_LT(s.history.size(), 10u);  // stopped at the deadline, not after 100 attempts
+  EXPECT_EQ(s.history.back().phase, "compensation");
+}
+
+TYPED_TEST(Sagas, ACompensationFailingTransientlyIsRetriedUntilItSucceeds) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->script_.Fail("b.call", {FailedPreconditionError("no")});
+  this->script_.Fail("a.undo.call", std::vector<Status>(12, UnavailableError("down")));
+  this->Begin(runner, "r");
+  this->Drain(runner, clock, "r");
+  EXPECT_EQ(this->Load("r").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:r:a:compensation"), 13);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE what = 'a.undo'"), 1);
+}
+
+TYPED_TEST(Sagas, ACompensationFailingForGoodParksTheSagaWithADeadLetter) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->script_.Fail("c.local", {FailedPreconditionError("out of stock")});
+  this->script_.Fail("a.undo", {InvalidArgumentError("refund refused")});
+  this->Begin(runner, "k");
+  this->Drain(runner, clock, "k");
+  SagaInstance s = this->Load("k");
+  EXPECT_EQ(s.state, saga_state::kFailedToCompensate);
+  EXPECT_EQ(s.step, 0);
+  EXPECT_EQ(runner.stats().parked, 1);
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(*this->db_, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  EXPECT_EQ((*parked)[0].queue, "saga:order");
+  EXPECT_EQ((*parked)[0].event_id, "k");
+  EXPECT_NE((*parked)[0].error.find("refund refused"), std::string::npos);
+  // An operator replays it once the cause is fixed: the compensation runs again, with the
+  // same key, and the saga ends compensated.
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  this->Drain(runner, clock, "k");
+  EXPECT_EQ(this->Load("k").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:k:a:compensation"), 1);  // the call had succeeded: journalled
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE what = 'a.undo'"), 1);
+}
+
+TYPED_TEST(Sagas, TwoRunnersNeverDriveOneSagaAtOnce) {
+  ManualClock clock;
+  SagaRunner a(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  SagaRunner b(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  this->Begin(a, "race");
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause*1").ok());
+  std::thread ta([&] { EXPECT_TRUE(a.RunOnce()); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  // A holds a live lease: B finds nothing to claim.
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb);
+  EXPECT_EQ(*rb, 0u);
+  // A stalls past its lease: B takes over with a higher fence and finishes the saga.
+  clock.Advance(11s);
+  rb = b.RunOnce();
+  ASSERT_TRUE(rb);
+  EXPECT_EQ(*rb, 1u);
+  EXPECT_EQ(this->Load("race").state, saga_state::kCompleted);
+  failpoint::Release("saga.before_call");
+  ta.join();
+  // A's call ran late with the same key (the provider's idempotency absorbs it), but A
+  // recorded nothing: every local write happened once.
+  EXPECT_EQ(a.stats().lost_fences, 1);
+  EXPECT_EQ(a.stats().steps, 0);
+  EXPECT_EQ(this->Locals("race"), 3);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects"), 3);
+  EXPECT_EQ(this->History("race").size(), 3u);
+}
+
+TYPED_TEST(Sagas, AStalledRunnerCannotRecordAfterATakeover) {
+  ManualClock clock;
+  SagaRunner a(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  SagaRunner b(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  this->Begin(a, "stall");
+  // A makes the first call and stalls before recording it.
+  ASSERT_TRUE(failpoint::Configure("saga.after_call_before_record=pause*1").ok());
+  std::thread ta([&] { EXPECT_TRUE(a.RunOnce()); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
+  clock.Advance(11s);
+  ASSERT_TRUE(b.RunOnce());
+  failpoint::Release("saga.after_call_before_record");
+  ta.join();
+  EXPECT_EQ(this->Load("stall").state, saga_state::kCompleted);
+  // B repeated A's call with the same key: two calls, one effect at the provider.
+  EXPECT_EQ(this->Calls("order:stall:a:action"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:stall:a:action'"), 1);
+  EXPECT_EQ(a.stats().lost_fences, 1);
+  EXPECT_EQ(this->Locals("stall"), 3);
+  for (const auto& r : this->Load("stall").history) EXPECT_EQ(r.outcome, "done");
+}
+
+// A child process drives the saga and is SIGKILLed at a step boundary; a runner in this
+// process then resumes it from the database to the right end state.
+TYPED_TEST(Sagas, ResumesAfterAProcessKillAtEveryStepBoundary) {
+  // Every boundary of the three actions; with c failing, of the compensations too.
+  const std::vector<std::string> points = {"saga.before_call=crash",
+                                           "saga.after_call_before_record=crash",
+                                           "saga.after_step=crash",
+                                           "saga.before_call=crash@2",
+                                           "saga.after_call_before_record=crash@2",
+                                           "saga.after_step=crash@2",
+                                           "saga.before_call=crash@3",
+                                           "saga.after_call_before_record=crash@3",
+                                           "saga.after_step=crash@3",
+                                           "saga.before_call=crash@4",
+                                           "saga.after_call_before_record=crash@4",
+                                           "saga.after_step=crash@4",
+                                           "saga.after_step=crash@5"};
+  int n = 0;
+  for (const std::string& point : points) {
+    for (bool fail_c : {false, true}) {
+      // Without a failure there are three calls and three steps to crash at.
+      if (!fail_c && point.find("@4") != std::string::npos) continue;
+      if (!fail_c && point.find("@5") != std::string::npos) continue;
+      SCOPED_TRACE(point + (fail_c ? " (c fails)" : ""));
+      const std::string id = "crash" + std::to_string(n++);
+      if (fail_c) this->script_.Fail("c.call", {FailedPreconditionError("no")});
+      {
+        ManualClock clock;
+        SagaRunner runner(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+        this->Begin(runner, id);
+      }
+      this->db_.reset();
+      const int status = testing::RunInChild([&] {
+        auto db = this->Open();
+        ManualClock clock;
+        SagaRunner runner(*db, this->Definition(*db), {.lease = 10s}, &clock);
+        if (!failpoint::Configure(point).ok()) return false;
+        return runner.RunOnce().has_value();
+      });
+      this->db_ = this->Open();
+      ASSERT_NE(this->db_, nullptr);
+      EXPECT_TRUE(testing::KilledBySigkill(status));
+      ManualClock clock;
+      clock.Advance(1h);  // the dead child's lease has lapsed
+      SagaRunner runner(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+      this->Drain(runner, clock, id);
+      const SagaInstance s = this->Load(id);
+      if (fail_c) {
+        EXPECT_EQ(s.state, saga_state::kCompensated);
+        EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE saga_id = '" + id +
+                              "' AND what IN ('a.undo', 'b.undo')"),
+                  2);
+        EXPECT_EQ(this->Locals(id), 4);
+      } else {
+        EXPECT_EQ(s.state, saga_state::kCompleted);
+        EXPECT_EQ(this->Locals(id), 3);
+      }
+      // Whatever was repeated, the provider acted once per key.
+      EXPECT_EQ(
+          this->Count("SELECT count(DISTINCT k) FROM ext_calls WHERE k LIKE 'order:" + id + ":%'"),
+          this->Count("SELECT count(*) FROM ext_effects WHERE k LIKE 'order:" + id + ":%'"));
+      this->script_.Fail("c.call", {});
+    }
+  }
+}
+
+TYPED_TEST(Sagas, SettledSagasAreSweptAfterTheirRetentionParkedAndRunningOnesStay) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->Begin(runner, "done");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("a.call", {FailedPreconditionError("no")});
+  this->Begin(runner, "undone");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("b.call", {FailedPreconditionError("no")});
+  this->script_.Fail("a.undo", {InvalidArgumentError("refused")});
+  this->Begin(runner, "parked");
+  ASSERT_TRUE(runner.RunOnce());
+  this->script_.Fail("a.call", {UnavailableError("later")});
+  this->Begin(runner, "running");
+  ASSERT_TRUE(runner.RunOnce());
+  ASSERT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  ASSERT_EQ(this->Load("running").state, saga_state::kRunning);
+  Sweeper sweeper(*this->db_, {.settled_saga_retention = 1h}, &clock);
+  auto early = sweeper.RunOnce();
+  ASSERT_TRUE(early);
+  EXPECT_EQ(early->sagas, 0);  // within the retention: kept
+  clock.Advance(2h);
+  auto swept = sweeper.RunOnce();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps WHERE saga_id IN ('done', 'undone')"),
+            0);
+  EXPECT_GT(this->Count("SELECT count(*) FROM saga_steps WHERE saga_id = 'parked'"), 0);
+}
+
+TYPED_TEST(Sagas, ListsByStateAndRejectsUnknownStates) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->Begin(runner, "l1");
+  this->Begin(runner, "l2");
+  this->script_.Fail("a.call", {FailedPreconditionError("no")});
+  ASSERT_TRUE(runner.RunOnce());
+  std::vector<SagaInstance> done, bad_out;
+  Status bad;
+  ASSERT_TRUE(this->db_
+                  ->Read([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(done, SagaRunner::List(tx, "completed"));
+                    bad = StatusOf(SagaRunner::List(tx, "exploded"));
+                    return OkStatus();
+                  })
+                  .ok());
+  EXPECT_EQ(done.size(), 1u);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+}
+
+TYPED_TEST(Sagas, RefusesBadDefinitions) {
+  SagaDefinition d = this->Definition(*this->db_);
+  d.steps[1].name = "a";
+  SagaRunner twice(*this->db_, d, {});
+  EXPECT_EQ(twice.Validate().code(), StatusCode::kInvalidArgument);
+  SagaRunner empty(*this->db_, SagaDefinition{"empty", {}}, {});
+  EXPECT_EQ(empty.Validate().code(), StatusCode::kInvalidArgument);
+  Runtime rt(*this->db_, {.sweep_interval = Millis(0)});
+  rt.AddSaga(SagaDefinition{"empty", {}});
+  EXPECT_EQ(rt.Start().code(), StatusCode::kInvalidArgument);
+}
+
+TYPED_TEST(Sagas, TheRuntimeRunsSagasInTheBackground) {
+  Runtime rt(*this->db_, {.sweep_interval = Millis(0)});
+  SagaRunner& runner = rt.AddSaga(this->Definition(*this->db_), {.poll = 50ms});
+  ASSERT_TRUE(rt.Start().ok());
+  this->Begin(runner, "bg");
+  EXPECT_TRUE(testing::WaitUntil([&] { return this->Load("bg").state == saga_state::kCompleted; }));
+  rt.Stop();
+}
+
+}  // namespace
+}  // namespace converge
