@@ -168,18 +168,23 @@ Result<size_t> SagaRunner::RunOnce() {
     }
     return OkStatus();
   }));
+  // A saga that cannot be driven now (a store error, a changed definition) does not hold
+  // back the others claimed with it: they are driven, and the first error is returned.
+  Status first_error;
   for (const std::string& id : claimed) {
     for (;;) {
       Result<Drive> d = Step(id, fence);
       if (!d) {
         Count(nullptr, d.error().ToString());
-        return tl::unexpected(d.error());
+        if (first_error.ok()) first_error = d.error();
+        break;
       }
       if (*d == Drive::kLost) break;
       CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.after_step"));
       if (*d != Drive::kDone) break;
     }
   }
+  if (!first_error.ok()) return tl::unexpected(first_error);
   return claimed.size();
 }
 
@@ -296,7 +301,15 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       }
       SagaStepContext local_ctx = ctx;
       if (act.local) {
-        local_status = act.local(tx, local_ctx, result);
+        // A local part that throws failed as a step, permanently: it is not the store's
+        // failure, so it must not be retried as one forever.
+        try {
+          local_status = act.local(tx, local_ctx, result);
+        } catch (const std::exception& e) {
+          local_status = InternalError(std::string("the step's local part threw: ") + e.what());
+        } catch (...) {
+          local_status = InternalError("the step's local part threw");
+        }
         CONVERGE_RETURN_IF_ERROR(local_status);
       }
       const int next = p.compensating ? p.step - 1 : p.step + 1;

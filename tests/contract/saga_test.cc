@@ -498,5 +498,128 @@ TYPED_TEST(Sagas, TheRuntimeRunsSagasInTheBackground) {
   rt.Stop();
 }
 
+
+// ---- from an adversarial review (docs/reviews/) -----------------------------------------
+
+// A saga the runner cannot drive (its definition changed: kFailedPrecondition) is claimed
+// first (oldest next_attempt_at) and its row never changes, so it is first again on every
+// claim. Its error used to abort the pass and leave every saga claimed with it undriven,
+// forever; now the others are driven and the error is returned after them.
+TYPED_TEST(Sagas, OneFailingSagaDoesNotHoldBackTheSagasClaimedWithIt) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  this->Begin(runner, "a-poisoned");
+  clock.Advance(1ms);
+  this->Begin(runner, "b-good");
+  ASSERT_TRUE(this->db_
+                  ->Transact([](Tx& tx) {
+                    return StatusOf(
+                        tx.Exec("UPDATE saga_instances SET step = 7 WHERE saga_id = 'a-poisoned'"));
+                  })
+                  .ok());
+  int errors = 0;
+  for (int i = 0; i < 20; ++i) {
+    if (!runner.RunOnce()) ++errors;
+    clock.Advance(11s);
+  }
+  EXPECT_EQ(errors, 20);
+  EXPECT_EQ(this->Load("b-good").state, saga_state::kCompleted)
+      << "b-good was claimed 20 times and never driven";
+  EXPECT_EQ(this->History("b-good").size(), 3u);
+}
+
+// An exception from a step's local part used to surface as a store error (the store's
+// Transact turned it into kInternal) and was retried forever; it now fails the step, which
+// compensates like any permanent failure.
+TYPED_TEST(Sagas, AThrowingLocalPartFailsTheStepInsteadOfRetryingForever) {
+  ManualClock clock;
+  SagaDefinition d{"order", {}};
+  SagaStep s;
+  s.name = "a";
+  s.action.local = [](Tx&, SagaStepContext&, const std::string&) -> Status {
+    throw std::runtime_error("bug in a local part");
+  };
+  d.steps.push_back(s);
+  SagaRunner runner(*this->db_, d, {.lease = 10s}, &clock);
+  this->Begin(runner, "throws");
+  int errors = 0;
+  std::string last;
+  for (int i = 0; i < 20; ++i) {
+    auto r = runner.RunOnce();
+    if (!r) { ++errors; last = r.error().ToString(); }
+    clock.Advance(11s);
+  }
+  // The store's Transact turns the exception into kInternal; local_status stays OK, so the
+  // runner takes it for a store failure: the pass aborts, nothing is recorded, the saga is
+  // claimed again after every lease, forever (no retry count, no compensation, no park).
+  EXPECT_EQ(errors, 0) << last;
+  EXPECT_NE(this->Load("throws").state, saga_state::kRunning);
+  EXPECT_GT(this->History("throws").size(), 0u);
+}
+
+// Stress: four runners on the system clock with a 5 ms lease and
+// calls that sleep up to 8 ms, so takeovers and stale runners are frequent.
+TYPED_TEST(Sagas, StressedTakeoversNeverDoubleApply) {
+  Database& db = *this->db_;
+  SagaDefinition d{"order", {}};
+  for (const char* name : {"a", "b", "c"}) {
+    SagaStep s;
+    s.name = name;
+    s.policy.max_attempts = 1000;
+    s.policy.backoff_initial = 1ms;
+    s.policy.backoff_max = 2ms;
+    s.action.call = [&db](const SagaStepContext& ctx) -> Result<std::string> {
+      std::this_thread::sleep_for(std::chrono::microseconds(std::rand() % 8000));
+      CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) -> Status {
+        CONVERGE_RETURN_IF_ERROR(
+            StatusOf(tx.Exec("INSERT INTO ext_calls (k) VALUES ($1)", ctx.key)));
+        return StatusOf(
+            tx.Exec("INSERT INTO ext_effects (k) VALUES ($1) ON CONFLICT (k) DO NOTHING", ctx.key));
+      }));
+      return "ok";
+    };
+    const std::string what = name;
+    s.action.local = [what](Tx& tx, SagaStepContext& ctx, const std::string&) -> Status {
+      return StatusOf(
+          tx.Exec("INSERT INTO saga_local (saga_id, what) VALUES ($1, $2)", ctx.saga_id, what));
+    };
+    d.steps.push_back(std::move(s));
+  }
+  std::vector<std::unique_ptr<SagaRunner>> runners;
+  for (int i = 0; i < 4; ++i) {
+    runners.push_back(
+        std::make_unique<SagaRunner>(db, d, SagaRunnerOptions{.lease = 5ms, .batch = 4}));
+  }
+  const int n = 40;
+  for (int i = 0; i < n; ++i) this->Begin(*runners[0], "st" + std::to_string(i));
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> ts;
+  for (auto& r : runners) {
+    ts.emplace_back([&, rp = r.get()] {
+      while (!stop) {
+        (void)rp->RunOnce();
+        std::this_thread::sleep_for(1ms);
+      }
+    });
+  }
+  testing::WaitUntil(
+      [&] {
+        return this->Count(
+                   "SELECT count(*) FROM saga_instances WHERE state IN "
+                   "('running','compensating')") == 0;
+      },
+      60s);
+  stop = true;
+  for (auto& t : ts) t.join();
+  int64_t lost = 0;
+  for (auto& r : runners) lost += r->stats().lost_fences;
+  std::printf("lost fences: %lld, calls: %lld\n", (long long)lost,
+              (long long)this->Count("SELECT count(*) FROM ext_calls"));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances WHERE state = 'completed'"), n);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local"), 3 * n);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps WHERE outcome = 'done'"), 3 * n);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done'"), 3 * n);
+}
+
 }  // namespace
 }  // namespace converge
