@@ -172,8 +172,9 @@ class SagaRunner {
   SagaRunner(const SagaRunner&) = delete;
   SagaRunner& operator=(const SagaRunner&) = delete;
 
-  // kInvalidArgument naming what is wrong: no type or steps, an empty or repeated step
-  // name, max_attempts < 1, a negative duration, a zero lease.
+  // kInvalidArgument naming what is wrong: no type or steps, a ':' in the type or a step
+  // name (it separates the parts of effect keys), an empty or repeated step name,
+  // max_attempts < 1, a negative duration, a zero lease.
   Status Validate() const;
 
   // Starts a saga through `tx` (it commits with the caller's writes). Starting the same id

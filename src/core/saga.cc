@@ -97,10 +97,19 @@ SagaRunner::~SagaRunner() { Stop(); }
 Status SagaRunner::Validate() const {
   const std::string what = "saga '" + definition_.type + "': ";
   CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("saga type", definition_.type, 64));
+  // Effect keys are "<type>:<saga id>:<step>:<phase>": with no ':' in the type and the
+  // step names, the saga id (which may hold ':') is what lies between, and two sagas'
+  // keys never meet (type "order", id "s:x" and type "order:s", id "x" would).
+  if (definition_.type.find(':') != std::string::npos) {
+    return InvalidArgumentError(what + "the type must not contain ':'");
+  }
   if (definition_.steps.empty()) return InvalidArgumentError(what + "has no steps");
   std::set<std::string> names;
   for (const SagaStep& s : definition_.steps) {
     if (s.name.empty()) return InvalidArgumentError(what + "a step has no name");
+    if (s.name.find(':') != std::string::npos) {
+      return InvalidArgumentError(what + "step '" + s.name + "': a name must not contain ':'");
+    }
     if (!names.insert(s.name).second) {
       return InvalidArgumentError(what + "step '" + s.name + "' is defined twice");
     }

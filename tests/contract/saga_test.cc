@@ -484,6 +484,14 @@ TYPED_TEST(Sagas, RefusesBadDefinitions) {
   EXPECT_EQ(twice.Validate().code(), StatusCode::kInvalidArgument);
   SagaRunner empty(*this->db_, SagaDefinition{"empty", {}}, {});
   EXPECT_EQ(empty.Validate().code(), StatusCode::kInvalidArgument);
+  // ':' separates the parts of effect keys: type "order", saga "s:x" and type "order:s",
+  // saga "x" would share "order:s:x:a:action" (found by a review, docs/reviews/).
+  SagaDefinition colon = this->Definition(*this->db_);
+  colon.type = "order:s";
+  EXPECT_EQ(SagaRunner(*this->db_, colon, {}).Validate().code(), StatusCode::kInvalidArgument);
+  colon = this->Definition(*this->db_);
+  colon.steps[0].name = "a:b";
+  EXPECT_EQ(SagaRunner(*this->db_, colon, {}).Validate().code(), StatusCode::kInvalidArgument);
   Runtime rt(*this->db_, {.sweep_interval = Millis(0)});
   rt.AddSaga(SagaDefinition{"empty", {}});
   EXPECT_EQ(rt.Start().code(), StatusCode::kInvalidArgument);
