@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,11 +39,16 @@ struct Endpoint {
   http::WebhookScheme scheme = http::WebhookScheme::kStandard;
   std::vector<std::string> secrets, targets;
   Millis tolerance = std::chrono::minutes(5);
+  // Where a delivery's subject is in the body (RFC 6901 JSON pointer), for targets that
+  // deliver in order per subject; empty: the whole endpoint is one subject.
+  std::optional<json::json_pointer> subject;
 };
 
 struct Target {
   std::string name, url, secret;
   Millis timeout = std::chrono::seconds(10);
+  bool ordered = false;  // in order per subject, a failing delivery holding later ones back
+  int concurrency = 4;   // deliveries to this target at once (each subject one at a time)
   EffectRunnerOptions runner;
 };
 
@@ -66,9 +72,10 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
   CONVERGE_RETURN_IF_ERROR(
       r.Known({{"gateway", {"listen", "store", "admin_token", "log_level", "dedupe_ttl_hours"}},
                {"endpoint", {"name", "path", "scheme", "secrets", "tolerance_seconds",
-                             "targets"}},
+                             "targets", "subject"}},
                {"target", {"name", "url", "secret", "timeout_ms", "max_attempts",
-                           "backoff_initial_ms", "backoff_max_ms", "lease_ms"}}}));
+                           "backoff_initial_ms", "backoff_max_ms", "lease_ms", "ordered",
+                           "concurrency"}}}));
   std::string listen = "127.0.0.1:8082";
   CONVERGE_RETURN_IF_ERROR(r.String("gateway", "listen", &listen));
   CONVERGE_RETURN_IF_ERROR(http::ParseHostPort(listen, &c.address, &c.port));
@@ -94,6 +101,8 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         CONVERGE_RETURN_IF_ERROR(t.String("target", "url", &target.url));
         CONVERGE_RETURN_IF_ERROR(t.String("target", "secret", &target.secret));
         CONVERGE_RETURN_IF_ERROR(t.Duration("target", "timeout_ms", &target.timeout, 1, 600'000));
+        CONVERGE_RETURN_IF_ERROR(t.Bool("target", "ordered", &target.ordered));
+        CONVERGE_RETURN_IF_ERROR(t.Int("target", "concurrency", &target.concurrency, 1, 64));
         target.runner.max_attempts = 8;
         target.runner.backoff_initial = std::chrono::seconds(1);
         target.runner.backoff_max = std::chrono::minutes(10);
@@ -134,6 +143,16 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         CONVERGE_RETURN_IF_ERROR(e.Strings("endpoint", "secrets", &ep.secrets));
         CONVERGE_RETURN_IF_ERROR(e.Strings("endpoint", "targets", &ep.targets));
         CONVERGE_RETURN_IF_ERROR(e.Int("endpoint", "tolerance_seconds", &tolerance_s, 1, 86400));
+        std::string subject;
+        CONVERGE_RETURN_IF_ERROR(e.String("endpoint", "subject", &subject));
+        if (!subject.empty()) {
+          try {
+            ep.subject = json::json_pointer(subject);
+          } catch (const json::exception&) {
+            return Bad("endpoint.subject must be a JSON pointer such as \"/data/object/id\", "
+                       "not '" + subject + "'");
+          }
+        }
         ep.tolerance = std::chrono::seconds(tolerance_s);
         if (scheme == "stripe") {
           ep.scheme = http::WebhookScheme::kStripe;
@@ -191,10 +210,14 @@ class Gateway {
     metrics_.Describe("gateway_targets_disabled_total", "counter",
                       "Targets disabled because they answered 410 Gone.");
     for (const Target& t : cfg_.targets) {
-      runners_[t.name] = &runtime.AddEffectRunner(
-          t.runner, [this, &t](const std::string& key, const std::string& payload) {
-            return Deliver(t, key, payload);
-          });
+      targets_[t.name] = &t;
+      // Runners of one kind claim disjoint intents (effects.h), each calling one at a time.
+      for (int i = 0; i < t.concurrency; ++i) {
+        runners_[t.name].push_back(&runtime.AddEffectRunner(
+            t.runner, [this, &t](const std::string& key, const std::string& payload) {
+              return Deliver(t, key, payload);
+            }));
+      }
     }
     DeadLetters dead_letters(*db_, {{std::string(kEffectQueuePrefix), &requeuer_}});
     http::ServerOptions so;
@@ -252,14 +275,42 @@ class Gateway {
   // In the intake's transaction: one delivery intent per target of the endpoint.
   Status Stage(Tx& tx, const Endpoint& ep, const http::VerifiedWebhook& hook) {
     json payload = {{"endpoint", ep.name}, {"id", hook.id}, {"body", hook.body}};
-    for (const std::string& target : ep.targets) {
-      // The effect key: the delivery's identity per target; the provider's id is at most
-      // 255 bytes, so a long one is hashed into the key (the payload keeps it whole).
-      std::string key = ep.name + ":" + hook.id;
-      if (key.size() > 200) key = ep.name + ":hmac:" + webhook::HmacSha256Hex(ep.name, hook.id);
-      CONVERGE_RETURN_IF_ERROR(runners_[target]->Record(tx, key, payload.dump()));
+    // The effect key: the delivery's identity per target; the provider's id is at most
+    // 255 bytes, so a long one is hashed into the key (the payload keeps it whole).
+    std::string key = ep.name + ":" + hook.id;
+    if (key.size() > 200) key = ep.name + ":hmac:" + webhook::HmacSha256Hex(ep.name, hook.id);
+    std::string subject;  // computed once, for the ordered targets only
+    for (const std::string& name : ep.targets) {
+      const Target& target = *targets_.at(name);
+      if (target.ordered && subject.empty()) subject = SubjectOf(ep, hook.body);
+      CONVERGE_RETURN_IF_ERROR(
+          runners_[name].front()->Record(tx, key, payload.dump(), target.ordered ? subject : ""));
+      // Record wakes the runner it was called on; the others would wait for their poll.
+      tx.OnCommit([runners = runners_[name]] {
+        for (EffectRunner* r : runners) r->wakeup().Notify();
+      });
     }
     return OkStatus();
+  }
+
+  // The subject a delivery is ordered by: the endpoint's name and the value at its subject
+  // pointer (hashed when long). A body without it, or not JSON, goes in the endpoint's own
+  // lane, in order with the other such deliveries.
+  static std::string SubjectOf(const Endpoint& ep, const std::string& body) {
+    std::string value;
+    if (ep.subject) {
+      json doc = json::parse(body, nullptr, /*allow_exceptions=*/false);
+      try {
+        if (!doc.is_discarded() && doc.contains(*ep.subject)) {
+          const json& v = doc.at(*ep.subject);
+          value = v.is_string() ? v.get<std::string>() : v.dump();
+        }
+      } catch (const json::exception&) {  // e.g. "/items/x" into an array: no subject
+        value.clear();
+      }
+    }
+    if (value.size() > 200) value = "hmac:" + webhook::HmacSha256Hex(ep.name, value);
+    return ep.name + ":" + value;
   }
 
   // One delivery attempt to `t`: signed as Standard Webhooks with the provider's delivery
@@ -331,8 +382,10 @@ class Gateway {
   }
 
   void WakeFor(const std::string& queue) {
-    for (auto& [name, runner] : runners_) {
-      if (queue == std::string(kEffectQueuePrefix) + runner->kind()) runner->wakeup().Notify();
+    for (auto& [name, runners] : runners_) {
+      for (EffectRunner* runner : runners) {
+        if (queue == std::string(kEffectQueuePrefix) + runner->kind()) runner->wakeup().Notify();
+      }
     }
   }
 
@@ -371,7 +424,8 @@ class Gateway {
   Metrics metrics_;
   http::Client client_;
   EffectRequeuer requeuer_;
-  std::map<std::string, EffectRunner*> runners_;
+  std::map<std::string, std::vector<EffectRunner*>> runners_;
+  std::map<std::string, const Target*> targets_;
 };
 
 int RunGateway(const ModeFlags& f) {

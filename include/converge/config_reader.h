@@ -83,6 +83,13 @@ class ConfigReader {
     *out = *n.value<std::string>();
     return OkStatus();
   }
+  Status Bool(const char* section, const char* key, bool* out) {
+    auto n = root_[section][key];
+    if (!n) return OkStatus();
+    if (!n.is_boolean()) return Bad(section, key, "true or false");
+    *out = *n.value<bool>();
+    return OkStatus();
+  }
   template <class T>
   Status Int(const char* section, const char* key, T* out, int64_t lo, int64_t hi) {
     auto n = root_[section][key];

@@ -25,6 +25,14 @@
 // past its lease neither repeats a call it lost nor parks an effect recorded as done. The
 // one window left is a single call that outlives its own lease; the key covers it.
 //
+// Order per subject: an intent recorded with a subject is not claimed while an earlier
+// intent of the same kind and subject (recorded, and committed, before it) is pending -
+// waiting for its first attempt, claimed, or backing off after a transient failure. So
+// intents of one subject execute one at a time, in the order they were recorded, and a
+// failing one holds the later ones back until it succeeds. One that fails for good (a
+// dead letter) stops holding them back; replayed, it is pending again and holds back the
+// ones recorded after it that have not run yet. Intents without a subject are unordered.
+//
 // Failpoints: effects.before_call (before each claim check and call),
 // effects.after_call_before_record (after a call, before its outcome is written).
 //
@@ -104,6 +112,12 @@ class EffectRunner {
   // same key again is a no-op; returns whether this call created it.
   // kInvalidArgument for an empty or oversized key.
   Result<bool> Record(Tx& tx, const std::string& key, const std::string& payload);
+  // The same, in order with the other intents of this kind recorded with `subject` (see
+  // "Order per subject" above). Serialises the transactions recording for one subject
+  // (Tx::LockUntilCommit), so recording order is commit order. An empty subject is no
+  // order. A key recorded before keeps its first subject.
+  Result<bool> Record(Tx& tx, const std::string& key, const std::string& payload,
+                      std::string_view subject);
 
   // Claims due intents, executes them one by one, each under a re-checked claim, and
   // records each outcome right after its call. Returns how many intents it claimed

@@ -71,14 +71,29 @@ EffectRunner::EffectRunner(Database& db, EffectRunnerOptions options, Executor e
 EffectRunner::~EffectRunner() { Stop(); }
 
 Result<bool> EffectRunner::Record(Tx& tx, const std::string& key, const std::string& payload) {
+  return Record(tx, key, payload, {});
+}
+
+Result<bool> EffectRunner::Record(Tx& tx, const std::string& key, const std::string& payload,
+                                  std::string_view subject) {
   CONVERGE_RETURN_IF_ERROR(internal::ValidateToken("effect key", key, 255));
   const int64_t now = clock_->NowMillis();
+  Value subject_column, seq;  // NULL: no order
+  if (!subject.empty()) {
+    // As in the outbox: without the lock, two transactions recording for one subject could
+    // commit in the opposite order of their seqs, and the later intent would run first.
+    CONVERGE_RETURN_IF_ERROR(
+        tx.LockUntilCommit("converge.effects:" + options_.kind + ":" + std::string(subject)));
+    CONVERGE_ASSIGN_OR_RETURN(int64_t next, tx.NextFence());
+    seq = next;
+    subject_column = std::string(subject);
+  }
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n, tx.Exec("INSERT INTO effects (effect_key, kind, payload, state, attempts, "
-                         "next_attempt_at, created_at, updated_at) "
-                         "VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4) "
+                         "next_attempt_at, created_at, updated_at, subject, seq) "
+                         "VALUES ($1, $2, $3, 'pending', 0, $4, $4, $4, $5, $6) "
                          "ON CONFLICT (effect_key) DO NOTHING",
-                         key, options_.kind, payload, now));
+                         key, options_.kind, payload, now, subject_column, seq));
   if (n == 1) {
     tx.OnCommit([this] { wakeup_.Notify(); });
     CONVERGE_RETURN_IF_ERROR(tx.Notify("converge_effects:" + options_.kind));
@@ -106,6 +121,10 @@ Result<size_t> EffectRunner::RunOnce() {
                     "WHERE state = 'pending' AND next_attempt_at <= $2 "
                     "AND effect_key IN (SELECT effect_key FROM effects "
                     "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
+                    // Order per subject: not while an earlier one of its subject is pending.
+                    "AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM effects e "
+                    "WHERE e.kind = $3 AND e.subject = effects.subject "
+                    "AND e.seq < effects.seq AND e.state = 'pending')) "
                     "ORDER BY next_attempt_at LIMIT $4") +
         std::string(tx.dialect().ForUpdateSkipLocked()) +
         ") RETURNING effect_key, payload, attempts, created_at";

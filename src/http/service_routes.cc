@@ -447,9 +447,18 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("consumer_retries_total", l, s.retries);
       set("consumer_dead_lettered_total", l, s.dead_lettered);
     }
+    // Several runners may share a kind (e.g. a gateway target's concurrency): one series.
+    std::map<std::string, EffectStats> by_kind;
     for (const auto& runner : o.runtime->effect_runners()) {
       const EffectStats s = runner->stats();
-      const Metrics::Labels l = {{"kind", runner->kind()}};
+      EffectStats& sum = by_kind[runner->kind()];
+      sum.executed += s.executed;
+      sum.retries += s.retries;
+      sum.failed += s.failed;
+      sum.lost_claims += s.lost_claims;
+    }
+    for (const auto& [kind, s] : by_kind) {
+      const Metrics::Labels l = {{"kind", kind}};
       set("effects_executed_total", l, s.executed);
       set("effects_retries_total", l, s.retries);
       set("effects_failed_total", l, s.failed);

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -13,6 +15,8 @@
 
 #include "converge/completer.h"
 #include "converge/consumer.h"
+#include "converge/dead_letters.h"
+#include "converge/effects.h"
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
@@ -521,6 +525,139 @@ TYPED_TEST(Races, TwoClaimsOfOneEventHaveOneWinner) {
   EXPECT_EQ(second_claim, InboxClaim::kDuplicate);
   EXPECT_TRUE(this->HasEffect("first"));
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
+}
+
+// Effects recorded with a subject run one at a time, in recording order (effects.h, "Order
+// per subject"). Runner a claims s1 and is held before its call, past its lease; runner b
+// must take s1 over and must not run s2 meanwhile, although s2 is due and unclaimed. The
+// other subject's intent is not held back. A transient failure of s1 keeps s2 waiting
+// through the backoff; a permanent one (a dead letter) lets it run; the replayed s1 holds
+// back s3, recorded after it and not run yet.
+TYPED_TEST(Races, EffectsOfOneSubjectRunInRecordedOrderAcrossRunners) {
+  ManualClock clock;
+  std::mutex mu;
+  std::vector<std::string> calls;
+  std::map<std::string, std::vector<Status>> scripted;  // key -> outcomes to return first
+  EffectRunner::Executor run = [&](const std::string& key,
+                                   const std::string&) -> Result<std::string> {
+    std::lock_guard<std::mutex> l(mu);
+    calls.push_back(key);
+    auto& next = scripted[key];
+    if (!next.empty()) {
+      Status st = next.front();
+      next.erase(next.begin());
+      return tl::unexpected(st);
+    }
+    return "ok:" + key;
+  };
+  auto called = [&] {
+    std::lock_guard<std::mutex> l(mu);
+    return calls;
+  };
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  o.max_attempts = 5;
+  o.lease = 5s;
+  o.backoff_initial = 1s;
+  o.backoff_max = 1s;
+  EffectRunner a(*this->db_, o, run, &clock);
+  EffectRunner b(*this->db_, o, run, &clock);
+  auto record = [&](const std::string& key, const std::string& subject) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(a.Record(tx, key, "{}", subject));
+                     }).ok());
+  };
+  record("s1", "order-1");
+  record("s2", "order-1");
+  record("t1", "order-2");
+  // Retry-After makes the backoff exact: 2 s, past the full jitter's 1 s.
+  scripted["s1"] = {UnavailableError("target down").WithRetryAfter(2000),
+                    InvalidArgumentError("refused")};
+
+  ASSERT_TRUE(failpoint::Configure("effects.before_call=pause*1").ok());
+  Result<size_t> a_ran;
+  std::thread ta([&] { a_ran = a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("effects.before_call", 20s));
+  clock.Advance(o.lease + 1ms);  // a's claims lapse while it is held
+  Result<size_t> b_ran = b.RunOnce();
+  ASSERT_TRUE(b_ran) << b_ran.error().ToString();
+  // b took over s1 (and t1), never s2: s1 is still pending before it.
+  EXPECT_EQ(*b_ran, 2u);
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1", "t1"}));
+  failpoint::Release("effects.before_call");
+  ta.join();
+  ASSERT_TRUE(a_ran) << a_ran.error().ToString();
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1", "t1"})) << "a called what it lost";
+
+  // s1 failed transiently and backs off: s2 waits, due or not.
+  clock.Advance(500ms);
+  ASSERT_EQ(*b.RunOnce(), 0u);
+  clock.Advance(2s);
+  ASSERT_EQ(*b.RunOnce(), 1u);  // s1 again: refused for good, a dead letter
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE event_id = 's1'"), 1);
+  record("s3", "order-1");
+  ASSERT_EQ(*b.RunOnce(), 1u);  // s2: s1 holds nothing back once parked
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1", "t1", "s1", "s2"}));
+
+  // The replayed s1 is pending again, before s3: s3 waits for it.
+  EffectRequeuer requeuer(&clock);
+  DeadLetters dlq(*this->db_, {{std::string(kEffectQueuePrefix), &requeuer}});
+  const int64_t letter = this->Count("SELECT id FROM dead_letters WHERE event_id = 's1'");
+  ASSERT_TRUE(dlq.Replay(letter).ok());
+  ASSERT_EQ(*b.RunOnce(), 1u);
+  ASSERT_EQ(*b.RunOnce(), 1u);
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1", "t1", "s1", "s2", "s1", "s3"}));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done'"), 4);
+}
+
+// Two transactions record for one subject; the one that recorded first commits last.
+// Without the subject lock the second commits first and a runner executes it before the
+// first is even visible.
+TYPED_TEST(Races, EffectsOfOneSubjectKeepOrderWhenRecordersCommitOutOfOrder) {
+  ManualClock clock;
+  std::mutex mu;
+  std::vector<std::string> calls;
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  EffectRunner runner(*this->db_, o,
+                      [&](const std::string& key, const std::string&) -> Result<std::string> {
+                        std::lock_guard<std::mutex> l(mu);
+                        calls.push_back(key);
+                        return std::string("ok");
+                      },
+                      &clock);
+  ASSERT_TRUE(failpoint::Configure("test.recorder_before_commit=pause*1").ok());
+  std::thread first([&] {
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       CONVERGE_RETURN_IF_ERROR(StatusOf(runner.Record(tx, "first", "{}", "s")));
+                       return failpoint::Hit("test.recorder_before_commit");
+                     }).ok());
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("test.recorder_before_commit", 20s));
+  std::atomic<bool> second_done{false};
+  std::thread second([&] {
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(runner.Record(tx, "second", "{}", "s"));
+                     }).ok());
+    second_done = true;
+  });
+  ASSERT_TRUE(testing::WaitUntil(
+      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  std::atomic<bool> ran{false};
+  std::thread pass([&] {
+    EXPECT_TRUE(runner.RunOnce());  // while "first" is still uncommitted
+    ran = true;
+  });
+  // PostgreSQL: the pass runs now. SQLite: it queues behind the one writer.
+  ASSERT_TRUE(testing::WaitUntil([&] { return ran.load() || !this->IsPostgres(); }));
+  failpoint::Release("test.recorder_before_commit");
+  first.join();
+  second.join();
+  pass.join();
+  while (*runner.RunOnce() > 0) {
+  }
+  std::lock_guard<std::mutex> l(mu);
+  EXPECT_EQ(calls, (std::vector<std::string>{"first", "second"}));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 // nothing.
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,12 +42,17 @@ class GatewayE2E : public ::testing::Test {
       << "[[target]]\nname = \"billing\"\nurl = \"" << target_->Url("/hooks/billing") << "\"\n"
       << "secret = \"" << secret_ << "\"\ntimeout_ms = 1000\nlease_ms = 2000\n"
       << "max_attempts = 3\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\n"
+      << "[[target]]\nname = \"ledger\"\nurl = \"" << target_->Url("/hooks/ledger") << "\"\n"
+      << "secret = \"" << secret_ << "\"\ntimeout_ms = 1000\nlease_ms = 2000\nordered = true\n"
+      << "max_attempts = 5\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\n"
       << "[[endpoint]]\nname = \"stripe\"\npath = \"/in/stripe\"\nscheme = \"stripe\"\n"
       << "secrets = [\"whsec_old\", \"whsec_stripe\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"github\"\npath = \"/in/github\"\nscheme = \"github\"\n"
       << "secrets = [\"gh-secret\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"std\"\npath = \"/in/std\"\n"
-      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"billing\"]\n";
+      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"billing\"]\n"
+      << "[[endpoint]]\nname = \"accounts\"\npath = \"/in/accounts\"\nsubject = \"/account\"\n"
+      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"ledger\"]\n";
     f.close();
     gateway_ = std::make_unique<ServeProcess>(ServeProcess::Options{
         .binary = CONVERGE_BIN_PATH, .command = "gateway", .config_path = config_,
@@ -164,6 +170,34 @@ TEST_F(GatewayE2E, A410DisablesTheTargetUntilItIsEnabledAgain) {
   EXPECT_TRUE(testing::WaitUntil(
       [&] { return Delivered("msg_gone") == 1 && Delivered("msg_while_gone") == 1; }));
   EXPECT_EQ(client_.Send({.url = gateway_->Url("/admin/targets")})->status, 401);
+}
+
+// A target with `ordered = true` gets the deliveries of one subject (the endpoint's
+// `subject` pointer, here the account) one at a time in intake order: a2 waits while a1 is
+// retried, however long the target asks to wait; b1, another account, does not.
+TEST_F(GatewayE2E, AnOrderedTargetHoldsBackOnlyTheSubjectOfAFailingDelivery) {
+  TargetFaults({{"status", 503}, {"times", 2}, {"retry_after", 1}, {"id", "a1"}});
+  EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "a1", R"({"account":"A","n":1})"),
+            204);
+  EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "a2", R"({"account":"A","n":2})"),
+            204);
+  EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "b1", R"({"account":"B","n":1})"),
+            204);
+  ASSERT_TRUE(testing::WaitUntil([&] {
+    return Delivered("a1") == 1 && Delivered("a2") == 1 && Delivered("b1") == 1;
+  })) << TargetStats().dump();
+  // Where each id was first attempted and first delivered, in arrival order at the target.
+  std::map<std::string, size_t> first_attempt, delivered;
+  const json attempts = TargetStats()["attempts"];
+  for (size_t i = 0; i < attempts.size(); ++i) {
+    if (attempts[i][0] != "/hooks/ledger") continue;
+    const std::string id = attempts[i][1];
+    first_attempt.emplace(id, i);
+    if (attempts[i][2] == 200) delivered.emplace(id, i);
+  }
+  EXPECT_LT(delivered["a1"], first_attempt["a2"]) << attempts.dump();
+  EXPECT_LT(delivered["b1"], delivered["a1"]) << "b1 was held back: " << attempts.dump();
+  EXPECT_TRUE(ParkedLetters().empty());
 }
 
 // Killed after the target took a delivery and before the gateway recorded it: after a

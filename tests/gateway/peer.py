@@ -7,8 +7,10 @@ not written in C++.
       An internal target on 127.0.0.1 (free port written to PORT_FILE). POST /hooks/<x>
       verifies the gateway's Standard Webhooks signature with SECRET (whsec_...) and records
       the delivery by webhook-id (401 when the signature is wrong). POST /faults
-      {"status": s, "times": n, "retry_after": seconds} answers the next n deliveries with
-      s. GET /stats: {"deliveries": {webhook-id: n}, "bad_signatures": n, "last": {...}}.
+      {"status": s, "times": n, "retry_after": seconds, "id": webhook-id} answers the next n
+      deliveries (of that id only, when "id" is given) with s. GET /stats:
+      {"deliveries": {webhook-id: n}, "bad_signatures": n, "last": {...},
+       "attempts": [[path, webhook-id, status], ...] in the order they arrived}.
   peer.py send SCHEME URL SECRET ID BODY [AGE_SECONDS]
       Signs BODY as a provider would (SCHEME: standard, stripe or github; stripe takes its
       event id from BODY) AGE_SECONDS ago, POSTs it to URL, prints the HTTP status.
@@ -26,7 +28,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 lock = threading.Lock()
-state = {"deliveries": {}, "bad_signatures": 0, "faults": [], "last": {}}
+state = {"deliveries": {}, "bad_signatures": 0, "faults": [], "last": {}, "attempts": []}
 
 
 def standard_signature(secret, msg_id, ts, body):
@@ -55,7 +57,7 @@ class Target(BaseHTTPRequestHandler):
     def do_GET(self):
         with lock:
             return self.answer(200, {k: state[k] for k in ("deliveries", "bad_signatures",
-                                                           "last")})
+                                                           "last", "attempts")})
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -72,7 +74,10 @@ class Target(BaseHTTPRequestHandler):
                 state["bad_signatures"] += 1
             return self.answer(401, {"error": "bad signature"})
         with lock:
-            fault = state["faults"].pop(0) if state["faults"] else None
+            fault = next((f for f in state["faults"] if f.get("id", msg_id) == msg_id), None)
+            if fault is not None:
+                state["faults"].remove(fault)
+            state["attempts"].append([self.path, msg_id, fault["status"] if fault else 200])
             if fault is None:
                 state["deliveries"][msg_id] = state["deliveries"].get(msg_id, 0) + 1
                 state["last"] = {"id": msg_id, "body": body.decode(), "path": self.path}

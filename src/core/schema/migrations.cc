@@ -196,6 +196,13 @@ CREATE TABLE saga_steps (
   PRIMARY KEY (saga_id, seq)
 ){{without_rowid}};
 )sql",
+      // 7: effects in order per subject (effects.h, Record with a subject): an intent
+      // waits while an earlier one of its kind and subject is pending.
+      R"sql(
+ALTER TABLE effects ADD COLUMN subject TEXT;
+ALTER TABLE effects ADD COLUMN seq {{bigint}};
+CREATE INDEX effects_subject ON effects (kind, subject, seq) WHERE subject IS NOT NULL;
+)sql",
   };
   return kMigrations;
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `converge gateway` refuses each bad configuration with exit 2 and a message naming what is
+# wrong, before it listens or touches a store.
+#
+#   tests/cli/gateway_config.sh CONVERGE_BINARY
+set -uo pipefail
+bin=$1
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+failures=0
+passed=0
+
+gw=$'[gateway]\nadmin_token = "an-admin-token"\n'
+target=$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\n'
+target+=$'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'
+endpoint=$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["s"]\ntargets = ["t"]\n'
+check() {  # check NAME EXPECTED_MESSAGE CONFIG
+  printf '%s' "$3" > "$dir/$1.toml"
+  out=$(CONVERGE_ADMIN_TOKEN= "$bin" gateway --config "$dir/$1.toml" --listen 127.0.0.1:0 2>&1)
+  rc=$?
+  if [ "$rc" -ne 2 ] || [[ "$out" != *"$2"* ]]; then
+    echo "FAIL $1: exit $rc, said: $out (wanted exit 2 and: $2)"
+    failures=$((failures + 1))
+  else
+    echo "ok   $1: $out"
+    passed=$((passed + 1))
+  fi
+}
+
+check no_endpoint "no [[endpoint]]" "$gw$target"
+check short_token "must be at least 8 characters" $'[gateway]\nadmin_token = "x"\n'"$target$endpoint"
+check unknown_target "names unknown target 'u'" \
+  "$gw$target"$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["s"]\ntargets = ["u"]\n'
+check bad_scheme "endpoint.scheme must be" "$gw$target$endpoint"$'scheme = "paypal"\n'
+check bad_subject "endpoint.subject must be a JSON pointer" "$gw$target$endpoint"$'subject = "data.id"\n'
+check ordered_not_bool "target.ordered must be true or false" "$gw$target"$'ordered = "yes"\n'"$endpoint"
+check concurrency_range "target.concurrency must be between 1 and 64" \
+  "$gw$target"$'concurrency = 0\n'"$endpoint"
+check bad_secret "secret must be a whsec_<base64> secret" \
+  "$gw"$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\nsecret = "plain"\n'"$endpoint"
+check lease_le_timeout "lease_ms must exceed timeout_ms" \
+  "$gw$target"$'timeout_ms = 5000\nlease_ms = 5000\n'"$endpoint"
+check unknown_key "unknown key 'target.oredered'" "$gw$target"$'oredered = true\n'"$endpoint"
+
+if [ "$failures" -eq 0 ]; then echo "$passed passed, 0 failed"; else echo "$failures failed"; exit 1; fi
