@@ -1,6 +1,7 @@
 #include "converge/idempotency.h"
 
 #include <algorithm>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -210,6 +211,28 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
 Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
   CONVERGE_RETURN_IF_ERROR(Validate(req));
   const std::string hash = internal::Sha256Hex(req.fingerprint);
+  // Replays first, from a read snapshot, off the one writer (SQLite) and without row locks:
+  // a completed key that may not be forgotten yet changes only by being swept after it
+  // expires, so the answer it gives is the one the write path below would give. Anything
+  // else (no row, in flight, to take over, expired, or a failed read) takes the write path.
+  std::optional<Result<Begun>> replay;
+  (void)db_.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
+    if (rows.empty() || rows[0].Text(1) != "completed" ||
+        Forgettable(rows[0], clock_->NowMillis())) {
+      return OkStatus();
+    }
+    if (rows[0].Text(0) != hash) {
+      replay = tl::unexpected(Mismatch(req));
+    } else {
+      Begun b;
+      b.kind = Begun::Kind::kReplayed;
+      b.response = ResponseOf(rows[0]);
+      replay = std::move(b);
+    }
+    return OkStatus();
+  });
+  if (replay) return std::move(*replay);
   return TransactValue<Begun>(db_, [&](Tx& tx) -> Result<Begun> {
     const int64_t now = clock_->NowMillis();
     const int64_t lease_until = now + options_.lease.count();

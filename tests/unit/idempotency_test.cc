@@ -131,6 +131,44 @@ TEST_F(IdempotencyTest, MultiPhaseRunsPhasesThenReplays) {
   EXPECT_EQ(again->response.body, "paid");
 }
 
+// A replay of a completed multi-phase key is answered from a read snapshot: it needs no
+// write, so it does not queue behind the one SQLite writer (held here by a transaction
+// paused before its commit). A mismatch is answered the same way; a key past its TTL is
+// not (it takes the write path, and waits for the writer).
+TEST_F(IdempotencyTest, ReplaysOfCompletedKeysDoNotWaitForTheWriter) {
+  for (const char* key : {"done", "expiring"}) {
+    auto b = keys_->Begin({"t", key, "f"});
+    ASSERT_TRUE(b);
+    ASSERT_TRUE(keys_->Complete(b->lease, [](Tx&) -> Result<StoredResponse> {
+      return StoredResponse{201, {}, "paid"};
+    }));
+    clock_.Advance(Millis(1));
+  }
+  ASSERT_TRUE(failpoint::Configure("test.writer_held=pause*1").ok());
+  std::thread writer([&] {
+    EXPECT_TRUE(db_->Transact([](Tx&) { return failpoint::Hit("test.writer_held"); }).ok());
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("test.writer_held", std::chrono::seconds(20)));
+  std::atomic<bool> replayed{false}, mismatched{false};
+  std::thread reader([&] {
+    auto again = keys_->Begin({"t", "done", "f"});
+    replayed = again && again->kind == Begun::Kind::kReplayed && again->response.body == "paid";
+    auto other = keys_->Begin({"t", "done", "another body"});
+    mismatched = !other && other.error().reason() == reason::kFingerprintMismatch;
+  });
+  const bool answered = testing::WaitUntil([&] { return mismatched.load(); });
+  failpoint::Release("test.writer_held");
+  reader.join();
+  writer.join();
+  EXPECT_TRUE(answered) << "the replay waited for the writer";
+  EXPECT_TRUE(replayed);
+  // Past its TTL the key is forgotten and claimed afresh through the writer.
+  clock_.Advance(kOptions.ttl);
+  auto fresh = keys_->Begin({"t", "expiring", "f"});
+  ASSERT_TRUE(fresh);
+  EXPECT_EQ(fresh->kind, Begun::Kind::kStarted);
+}
+
 TEST_F(IdempotencyTest, InFlightDuplicateGetsRetryAfter) {
   ASSERT_TRUE(keys_->Begin({"t", "k", "f"}));
   clock_.Advance(Millis(10'000));
