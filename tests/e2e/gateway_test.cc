@@ -172,6 +172,32 @@ TEST_F(GatewayE2E, A410DisablesTheTargetUntilItIsEnabledAgain) {
   EXPECT_EQ(client_.Send({.url = gateway_->Url("/admin/targets")})->status, 401);
 }
 
+// What the gateway refuses, it refuses before storing anything: a wrong signature, a stale
+// timestamp, a delivery without an id, an unknown endpoint, a body over the limit, a GET.
+// Each gets its own status, and the store holds no dedupe row and no delivery intent.
+TEST_F(GatewayE2E, RefusedDeliveriesGetTheirStatusAndStoreNothing) {
+  EXPECT_EQ(Send("standard", "/in/std", "whsec_" + std::string(32, 'A'), "m1", "{}"), 401);
+  EXPECT_EQ(Send("standard", "/in/std", sender_secret_, "m2", "{}", 3600), 401);
+  EXPECT_EQ(Send("github", "/in/github", "gh-secret", "", "{}"), 400);  // verified, no id
+  EXPECT_EQ(Send("standard", "/in/nowhere", sender_secret_, "m3", "{}"), 404);
+  auto big = client_.Send({.method = "POST", .url = gateway_->Url("/in/std"),
+                           .headers = {{"Content-Type", "application/json"},
+                                       {"webhook-id", "m4"},
+                                       {"webhook-timestamp", "1"},
+                                       {"webhook-signature", "v1,AAAA"}},
+                           .body = std::string(2 << 20, 'x')});
+  ASSERT_TRUE(big) << big.error().ToString();
+  EXPECT_EQ(big->status, 413);
+  auto get = client_.Send({.url = gateway_->Url("/in/std")});
+  ASSERT_TRUE(get);
+  EXPECT_EQ(get->status, 405);
+  auto db = testing::OpenSqlite(dir_.File("gateway.db"));
+  ASSERT_NE(db, nullptr);
+  EXPECT_EQ(testing::QueryInt(*db, "SELECT count(*) FROM consumer_inbox"), 0);
+  EXPECT_EQ(testing::QueryInt(*db, "SELECT count(*) FROM effects"), 0);
+  EXPECT_EQ(TargetStats()["attempts"].size(), 0u);
+}
+
 // A target with `ordered = true` gets the deliveries of one subject (the endpoint's
 // `subject` pointer, here the account) one at a time in intake order: a2 waits while a1 is
 // retried, however long the target asks to wait; b1, another account, does not.
