@@ -63,9 +63,9 @@ bench: build
 	$(BUILD)/bench/converge_e2e_bench --json $(BENCH_OUT)/e2e.json
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) "$(PG_BENCH_SECONDS)" "$(PG_BENCH_ROUNDS)" $(BENCH_OUT)/pg.json
+	bash bench/scale_bench.sh $(BUILD) $(SCALE_ROWS) $(SCALE_SECONDS) $(SCALE_ROUNDS) $(BENCH_OUT)
 	bash bench/plot.sh $(BENCH_OUT) docs/bench
 	bash bench/nats_bench.sh $(BUILD) $(NATS_BENCH_EVENTS)
-	bash bench/scale_bench.sh $(BUILD) $(SCALE_ROWS) $(SCALE_SECONDS) $(SCALE_ROUNDS) $(BENCH_OUT)
 
 # Cost as tables grow (docs/design/retention.md): SCALE_ROWS keys and inbox rows per store.
 SCALE_ROWS ?= 1000000

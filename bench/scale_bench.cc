@@ -396,9 +396,19 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   ratio("loaded + paced sweeper / empty creates", r_p, "   target >= 0.8");
   ratio("loaded + flat-out sweeper / empty creates", r_s, "");
   ratio("loaded/empty inbox claims", r_q, "");
-  std::vector<double> keep_up;
-  for (size_t i = 0; i < sk.size(); ++i) keep_up.push_back(sk[i] / cs[i]);
-  ratio("flat-out key deletions / creates meanwhile", keep_up, "   >= 1 keeps up");
+  // What a sweeper that keeps up would leave, derived per round: a create takes 1 / loaded
+  // of a second; in the flat-out run the deletions took the rest of each second, so one
+  // deletion per table (a key and an inbox row) costs (1 - swept creates / loaded) /
+  // deletions. Keeping up means one deletion per create: creates at 1 / (create + deletion).
+  std::vector<double> delete_us, keep_up;
+  for (size_t i = 0; i < sk.size(); ++i) {
+    const double create = 1 / cl[i];
+    const double deletion = std::max(0.0, 1 - cs[i] * create) / std::min(sk[i], si[i]);
+    delete_us.push_back(deletion * 1e6);
+    keep_up.push_back(1 / (create + deletion) / ce[i]);
+  }
+  line("derived: one key + one inbox row deleted costs", delete_us, "us       ");
+  ratio("derived: creates with a sweeper keeping up / empty", keep_up, "   target >= 0.8");
   std::printf("  loaded store at the end: %lld idempotency keys, %lld inbox rows%s\n",
               static_cast<long long>(loaded_keys), static_cast<long long>(loaded_inbox),
               dry ? "  (a sweep batch came back short: expired rows ran out)" : "");
@@ -422,6 +432,8 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
                         {"loaded_over_empty", r_l},
                         {"paced_over_empty", r_p},
                         {"swept_over_empty", r_s},
+                        {"deletion_us", delete_us},
+                        {"keep_up_over_empty", keep_up},
                         {"sweeper_ran_dry", dry}};
     std::ofstream out(json_path);
     out << j.dump(2) << "\n";
