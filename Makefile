@@ -5,13 +5,15 @@
 #   make chaos              the chaos campaign: CHAOS_KILLS (default 1000) kills on SQLite,
 #                           then on PostgreSQL (a throwaway server); CHAOS_SEED picks the seed
 #   make bench              benchmarks (not tests): prints rates and ratios
+#   make bench-scale        the scale benchmark alone: SCALE_ROWS (default 1000000) keys and
+#                           inbox rows preloaded per store (the documented run: 10000000)
 #   make fuzz               every fuzz target under libFuzzer with ASan+UBSan (clang), each
 #                           for FUZZ_SECONDS (default 60); FUZZ_TARGETS picks some
 BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: all deps configure build demo test chaos check-sanitizers bench fuzz clean
+.PHONY: all deps configure build demo test chaos check-sanitizers bench bench-scale fuzz clean
 
 all: build
 
@@ -61,8 +63,17 @@ bench: build
 	$(BUILD)/bench/converge_e2e_bench --json $(BENCH_OUT)/e2e.json
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) "$(PG_BENCH_SECONDS)" "$(PG_BENCH_ROUNDS)" $(BENCH_OUT)/pg.json
+	bash bench/scale_bench.sh $(BUILD) $(SCALE_ROWS) $(SCALE_SECONDS) $(SCALE_ROUNDS) $(BENCH_OUT)
 	bash bench/plot.sh $(BENCH_OUT) docs/bench
 	bash bench/nats_bench.sh $(BUILD) $(NATS_BENCH_EVENTS)
+
+# Cost as tables grow (docs/design/retention.md): SCALE_ROWS keys and inbox rows per store.
+SCALE_ROWS ?= 1000000
+SCALE_SECONDS ?= 5
+SCALE_ROUNDS ?= 3
+bench-scale: build
+	mkdir -p $(BENCH_OUT)
+	bash bench/scale_bench.sh $(BUILD) $(SCALE_ROWS) $(SCALE_SECONDS) $(SCALE_ROUNDS) $(BENCH_OUT)
 
 # A build of its own (clang, libFuzzer's coverage instrumentation, ASan+UBSan): the normal
 # g++ build is untouched. New inputs collect in $(BUILD)-fuzz/corpus/<target>/, failing

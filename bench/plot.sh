@@ -7,10 +7,14 @@
 #   sqlite_latency.svg     histogram of the group-commit creates' latencies (last round)
 #   pg_creates.svg         converge, pgbench and pgbench pipelined, creates/s (median,
 #                          min..max), when the PostgreSQL results exist
+#   scale.svg              the scale benchmark's create rates on the loaded store (alone,
+#                          sweeper paced, sweeper flat out) over the empty store's, per
+#                          store, against the 0.8 target, when scale_*.json exist
 #
 #   bench/plot.sh RESULTS_DIR OUT_DIR
 #   RESULTS_DIR holds sqlite.json (converge_bench --json) and optionally pg.json
-#   (bench/pg_bench.sh ... JSON_OUT).
+#   (bench/pg_bench.sh ... JSON_OUT) and scale_sqlite.json, scale_postgresql.json
+#   (bench/scale_bench.sh ... JSON_DIR).
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 RESULTS_DIR OUT_DIR" >&2; exit 2; }
 results="$1"
@@ -49,6 +53,21 @@ if os.path.exists(pg):
         for i, (name, key) in enumerate([("converge", "converge"), ("pgbench", "pgbench"),
                                          ("pgbench pipelined", "pgbench_pipelined")]):
             f.write('%d "%s" %s\n' % (i, name, row(p[key])))
+scale = [(name, os.path.join(results, "scale_%s.json" % store))
+         for name, store in [("SQLite", "sqlite"), ("PostgreSQL", "postgresql")]]
+scale = [(name, json.load(open(path))) for name, path in scale if os.path.exists(path)]
+if scale:
+    with open(os.path.join(tmp, "scale.dat"), "w") as f:
+        i = 0
+        for name, j in scale:
+            for mode, key in [("alone", "loaded_over_empty"), ("paced sweep", "paced_over_empty"),
+                              ("flat-out sweep", "swept_over_empty")]:
+                f.write('%d "%s\\n%s" %s\n' % (i, name, mode, row(j[key])))
+                i += 1
+            i += 1
+    rows = max(j["loaded_keys_end"] for _, j in scale)
+    with open(os.path.join(tmp, "scale_meta.txt"), "w") as f:
+        f.write("%.0fM %d\n" % (rows / 1e6, i - 1))
 PY
 
 read -r sync callers batch < "$tmp/meta.txt"
@@ -102,4 +121,24 @@ plot "$tmp/pg.dat" using 1:3:xtic(2) with boxes title "median", \
      "" using 1:3:4:5 with yerrorbars lc black pt 0 title "min..max"
 GP
   echo "plot: wrote $out/pg_creates.svg"
+fi
+
+if [ -f "$tmp/scale.dat" ]; then
+  read -r rows bars < "$tmp/scale_meta.txt"
+  gnuplot <<GP
+set terminal svg size 800,440 dynamic font "sans,12"
+set output "$out/scale.svg"
+set title "Creates on a store with ~$rows keys and inbox rows, over an empty store's rate"
+set ylabel "loaded / empty creates (per round)"
+set yrange [0:1.3]
+set xrange [-0.6:$bars - 0.4]
+set style fill solid 0.6
+set boxwidth 0.7
+set key top right
+set grid y
+plot "$tmp/scale.dat" using 1:3:xtic(2) with boxes title "median of the rounds", \
+     "" using 1:3:4:5 with yerrorbars lc black pt 0 title "min..max", \
+     0.8 with lines dt 2 lw 2 title "target 0.8"
+GP
+  echo "plot: wrote $out/scale.svg"
 fi

@@ -1,0 +1,474 @@
+// Cost as tables grow: the create rate and the inbox claim rate on a store holding
+// --rows idempotency keys and --rows inbox rows, against the same rates on an empty store
+// measured in the same round, and the sweeper's deletion rate while creates run.
+//
+//   converge_scale_bench preload --uri URI --rows N [--expired F]
+//       fills the store's idempotency_keys and consumer_inbox with N rows each (completed
+//       keys with a stored response; applied inbox rows), a fraction F of them expired (the
+//       sweeper's supply), the rest expiring within 24 h. Keys and event ids spread evenly
+//       over the hex space the benchmark's random keys fall into, so a new key lands
+//       between old ones as a client's UUID would; expiry times are uncorrelated with the
+//       keys, so a sweep batch deletes from all over the table, as it would in service.
+//       Fast: chunks of one INSERT ... SELECT over a generated series (SQLite: a
+//       recursive CTE; PostgreSQL: generate_series), the expiry indexes dropped during the
+//       load and rebuilt after it with their own definitions read from the catalogue.
+//   converge_scale_bench run --uri LOADED --empty-uri EMPTY [--seconds S] [--rounds R]
+//       R rounds, each measuring, one after the other:
+//         empty     creates on EMPTY (emptied first: a fresh file, or TRUNCATE), then
+//                   inbox claims on it
+//         loaded    creates on LOADED, then inbox claims on it
+//         swept     creates on LOADED while a sweeper deletes flat out (Sweeper::RunOnce
+//                   in a loop, as the Runtime does while it finds full batches: a backlog)
+//         paced     creates on LOADED while a sweeper deletes at the rate the loaded
+//                   creates reached (one RunOnce per batch / rate seconds): the steady
+//                   state of a 24 h TTL, where rows expire as fast as they were created
+//       and prints medians, spreads and per-round ratios against the empty store.
+//
+// A create is the single-phase idempotent create of the other benchmarks
+// (IdempotencyKeys::Execute: key row, business row, outbox row, stored response); an
+// inbox claim is Inbox::Claim in its own transaction. Keys and event ids are random.
+// bench/scale_bench.sh runs both stores; docs/design/retention.md has the figures.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "converge/database.h"
+#include "converge/idempotency.h"
+#include "converge/inbox.h"
+#include "converge/outbox.h"
+#include "converge/sweeper.h"
+
+namespace {
+
+using converge::Database;
+using converge::Result;
+using converge::Status;
+using converge::Tx;
+using Steady = std::chrono::steady_clock;
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "converge_scale_bench: %s\n", what.c_str());
+  std::exit(1);
+}
+
+void Check(const Status& st, const std::string& what) {
+  if (!st.ok()) Die(what + ": " + st.ToString());
+}
+
+bool IsPostgres(const std::string& uri) { return uri.rfind("postgres", 0) == 0; }
+
+std::unique_ptr<Database> Open(const std::string& uri, int pool) {
+  auto db = Database::Open(
+      Database::WithDefaultParameter(uri, "pool_size", std::to_string(pool)));
+  if (!db) Die("open " + uri + ": " + db.error().ToString());
+  Check((*db)->Transact([](Tx& tx) {
+    return converge::StatusOf(tx.Exec(
+        "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL)"));
+  }),
+        "create payments");
+  return std::move(*db);
+}
+
+int64_t Count(Database& db, const std::string& table) {
+  int64_t n = 0;
+  Check(db.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT count(*) FROM " + table));
+    n = rows[0].Int(0);
+    return converge::OkStatus();
+  }),
+        "count " + table);
+  return n;
+}
+
+int64_t NowMillis() { return converge::Clock::System()->NowMillis(); }
+
+// ---- preload ----------------------------------------------------------------------
+
+// 16^15: preloaded keys are 15 hex digits, i * (kSpace / rows), so they spread evenly over
+// the space the first 15 digits of a random 32-digit key fall into.
+constexpr int64_t kSpace = int64_t{1} << 60;
+
+// The rows [first, end) of `table`: the SELECT part over a series `i`, per backend.
+std::string SeriesInsert(bool pg, const std::string& insert, const std::string& select) {
+  // $1 first, $2 end, $3 key step, $4 now, $5 expired per mille; the rest are the
+  // table's own. A row's expiry comes from a multiplicative hash of i, uncorrelated with
+  // its key: expired ones up to an hour ago, the others over the next 24 h.
+  std::string sql = select;
+  auto replace = [&](const std::string& from, const std::string& to) {
+    for (size_t p = 0; (p = sql.find(from, p)) != std::string::npos; p += to.size()) {
+      sql.replace(p, from.size(), to);
+    }
+  };
+  replace("{key}", pg ? "lpad(to_hex(i * $3::bigint), 15, '0')" : "printf('%015x', i * $3)");
+  replace("{expires}",
+          "CASE WHEN (i * 2654435761) % 1000 < $5 THEN $4 - 1000 - (i * 40503) % 3600000 "
+          "ELSE $4 + 60000 + (i * 40503) % 86400000 END");
+  if (pg) {
+    // Each parameter typed once, as PostgreSQL cannot deduce one type from two uses.
+    replace("$4", "$4::bigint");
+    replace("$5", "$5::bigint");
+    replace("$6", "$6::bytea");
+    return insert + " " + sql + " FROM generate_series($1::bigint, $2::bigint - 1) AS s(i)";
+  }
+  return "WITH RECURSIVE s(i) AS (SELECT $1 UNION ALL SELECT i + 1 FROM s WHERE i + 1 < $2) " +
+         insert + " " + sql + " FROM s";
+}
+
+void Preload(const std::string& uri, int64_t rows, double expired) {
+  const bool pg = IsPostgres(uri);
+  auto db = Open(uri, 2);
+  const int64_t step = kSpace / rows;
+  const int64_t now = NowMillis();
+  const auto per_mille = static_cast<int64_t>(expired * 1000);
+  const converge::Blob body{"{\"id\":\"pay_0000000000\"}"};
+  struct Table {
+    std::string name, index, insert, select;
+  };
+  const Table tables[] = {
+      {"idempotency_keys", "idempotency_keys_expires",
+       "INSERT INTO idempotency_keys (scope, key, request_hash, status, recovery_point, "
+       "lease_until, fence, response_status, response_headers, response_body, created_at, "
+       "updated_at, expires_at)",
+       "SELECT 'bench', {key}, "
+       "'a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90', 'completed', "
+       "'finished', $4, 1, 201, '[]', $6, $4, $4, {expires}"},
+      {"consumer_inbox", "consumer_inbox_expires",
+       "INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, expires_at, "
+       "outcome)",
+       "SELECT 'bench', 'urn:converge', {key}, $4, {expires}, 'applied'"},
+  };
+  const int64_t chunk = 250000;
+  for (const Table& t : tables) {
+    // The expiry index is rebuilt after the load (a sort) rather than grown row by row at
+    // random places: its own definition, from the catalogue.
+    std::string index_sql;
+    Check(db->Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(
+          auto r, tx.Query(pg ? "SELECT pg_get_indexdef(oid) FROM pg_class WHERE relname = $1"
+                              : "SELECT sql FROM sqlite_master WHERE type = 'index' AND "
+                                "name = $1",
+                           t.index));
+      if (r.empty()) return converge::InternalError("no index " + t.index);
+      index_sql = r[0].Text(0);
+      return converge::StatusOf(tx.Exec("DROP INDEX " + t.index));
+    }),
+          "drop " + t.index);
+    const std::string sql = SeriesInsert(pg, t.insert, t.select);
+    const auto t0 = Steady::now();
+    for (int64_t first = 0; first < rows; first += chunk) {
+      const int64_t end = std::min(rows, first + chunk);
+      Check(db->Transact([&](Tx& tx) {
+        std::vector<converge::Value> params = {first, end, step, now, per_mille};
+        if (t.select.find("$6") != std::string::npos) params.emplace_back(body);
+        return converge::StatusOf(tx.ExecParams(sql, params));
+      }),
+            "preload " + t.name);
+      const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+      std::fprintf(stderr, "\r  preload %-16s %11lld / %lld rows (%3.0f%%), %.0f rows/s   ",
+                   t.name.c_str(), static_cast<long long>(end), static_cast<long long>(rows),
+                   100.0 * end / rows, end / secs);
+    }
+    std::fprintf(stderr, "\n  rebuilding %s...", t.index.c_str());
+    Check(db->Transact([&](Tx& tx) { return converge::StatusOf(tx.Exec(index_sql)); }),
+          "create " + t.index);
+    std::fprintf(stderr, " %.0f s in all\n",
+                 std::chrono::duration<double>(Steady::now() - t0).count());
+  }
+}
+
+// ---- workloads --------------------------------------------------------------------
+
+// A random 32-hex-digit id, like a client's UUID.
+std::string RandomId(std::mt19937_64& rng) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(rng()),
+                static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+// Runs `op` from `callers` threads for `seconds`; returns successful ops per second.
+template <class Op>
+double Drive(int callers, double seconds, Op op) {
+  std::atomic<int64_t> done{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  const auto t0 = Steady::now();
+  for (int i = 0; i < callers; ++i) {
+    threads.emplace_back([&, i] {
+      std::mt19937_64 rng(std::random_device{}() ^ (static_cast<uint64_t>(i) << 32));
+      while (!stop.load()) {
+        if (!op(rng)) std::exit(1);
+        done.fetch_add(1);
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& t : threads) t.join();
+  return done.load() / std::chrono::duration<double>(Steady::now() - t0).count();
+}
+
+double Creates(Database& db, int callers, double seconds) {
+  converge::IdempotencyKeys keys(db);
+  converge::Outbox outbox;
+  return Drive(callers, seconds, [&](std::mt19937_64& rng) {
+    const std::string id = RandomId(rng);
+    converge::Event e;
+    e.type = "payment.captured";
+    e.subject = id;
+    e.data = "{\"amount\":5}";
+    auto event = outbox.Prepare(std::move(e));
+    if (!event) Die("prepare: " + event.error().ToString());
+    auto r = keys.Execute({"bench", id, id}, [&](Tx& tx) -> Result<converge::StoredResponse> {
+      CONVERGE_RETURN_IF_ERROR(
+          tx.Exec("INSERT INTO payments (id, amount) VALUES ($1, $2)", id, 5));
+      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, *event));
+      return converge::StoredResponse{201, {}, "{\"id\":\"" + id + "\"}"};
+    });
+    if (!r) std::fprintf(stderr, "create: %s\n", r.error().ToString().c_str());
+    return r.has_value();
+  });
+}
+
+double Claims(Database& db, int callers, double seconds) {
+  converge::Inbox inbox;
+  return Drive(callers, seconds, [&](std::mt19937_64& rng) {
+    const std::string id = RandomId(rng);
+    Status st = db.Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(auto claim, inbox.Claim(tx, "bench", {"urn:converge", id},
+                                                        std::chrono::hours(24 * 14)));
+      (void)claim;
+      return converge::OkStatus();
+    });
+    if (!st.ok()) std::fprintf(stderr, "claim: %s\n", st.ToString().c_str());
+    return st.ok();
+  });
+}
+
+struct SweptRun {
+  double creates = 0;
+  double keys_deleted = 0;   // per second
+  double inbox_deleted = 0;  // per second
+  bool ran_dry = false;      // a batch came back short: the supply of expired rows ended
+};
+
+// Creates while a sweeper deletes: flat out when `pace` is 0, else one RunOnce (a batch
+// per table) every batch / pace seconds.
+SweptRun CreatesWhileSweeping(Database& db, int callers, double seconds, double pace) {
+  const converge::SweepOptions options{.batch = 1000};
+  converge::Sweeper sweeper(db, options);
+  std::atomic<bool> stop{false};
+  int64_t keys = 0, inbox = 0;
+  bool dry = false;
+  const auto t0 = Steady::now();
+  std::thread sweep([&] {
+    auto next = Steady::now();
+    while (!stop.load()) {
+      if (pace > 0) {  // a batch per table once its rows' worth of time has passed
+        next += std::chrono::duration_cast<Steady::duration>(
+            std::chrono::duration<double>(options.batch / pace));
+        while (!stop.load() && Steady::now() < next) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        if (stop.load()) break;
+      }
+      auto s = sweeper.RunOnce();
+      if (!s) Die("sweep: " + s.error().ToString());
+      keys += s->keys;
+      inbox += s->inbox;
+      if (s->keys < options.batch || s->inbox < options.batch) dry = true;
+    }
+  });
+  SweptRun r;
+  r.creates = Creates(db, callers, seconds);
+  stop = true;
+  sweep.join();
+  const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+  r.keys_deleted = keys / secs;
+  r.inbox_deleted = inbox / secs;
+  r.ran_dry = dry;
+  return r;
+}
+
+// An empty store: a fresh SQLite file, or the tables emptied on PostgreSQL.
+std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
+  if (!IsPostgres(uri)) {
+    std::string path = uri.substr(uri.find(':') + 1);
+    path = path.substr(0, path.find('?'));
+    if (path.rfind("//", 0) == 0) path = path.substr(2);
+    for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path + suffix);
+    return Open(uri, pool);
+  }
+  auto db = Open(uri, pool);
+  Check(db->Transact([](Tx& tx) {
+    return converge::StatusOf(
+        tx.Exec("TRUNCATE idempotency_keys, consumer_inbox, outbox_events, payments"));
+  }),
+        "truncate");
+  return db;
+}
+
+struct Summary {
+  double median, min, max;
+};
+Summary Summarize(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+
+int Run(const std::string& uri, const std::string& empty_uri, int callers, double seconds,
+        int rounds, const std::string& json_path) {
+  std::vector<double> ce, cl, qe, ql, cs, cp, sk, si, pk, pi, r_l, r_s, r_p, r_q;
+  int64_t loaded_keys = 0, loaded_inbox = 0;
+  bool dry = false;
+  {
+    auto db = Open(uri, 2);
+    loaded_keys = Count(*db, "idempotency_keys");
+    loaded_inbox = Count(*db, "consumer_inbox");
+  }
+  std::printf("%s, %d callers, %.1f s per run, %d round(s), modes interleaved in each\n",
+              IsPostgres(uri) ? "PostgreSQL" : "SQLite WAL synchronous=FULL", callers, seconds,
+              rounds);
+  std::printf("  loaded store at the start: %lld idempotency keys, %lld inbox rows\n",
+              static_cast<long long>(loaded_keys), static_cast<long long>(loaded_inbox));
+  for (int r = 0; r < rounds; ++r) {
+    std::fprintf(stderr, "  round %d/%d: empty...", r + 1, rounds);
+    {
+      auto db = Emptied(empty_uri, callers + 2);
+      ce.push_back(Creates(*db, callers, seconds));
+      qe.push_back(Claims(*db, callers, seconds));
+    }
+    auto db = Open(uri, callers + 2);
+    std::fprintf(stderr, " loaded...");
+    cl.push_back(Creates(*db, callers, seconds));
+    ql.push_back(Claims(*db, callers, seconds));
+    std::fprintf(stderr, " swept...");
+    SweptRun s = CreatesWhileSweeping(*db, callers, seconds, 0);
+    cs.push_back(s.creates);
+    sk.push_back(s.keys_deleted);
+    si.push_back(s.inbox_deleted);
+    std::fprintf(stderr, " paced...");
+    SweptRun p = CreatesWhileSweeping(*db, callers, seconds, cl.back());
+    cp.push_back(p.creates);
+    pk.push_back(p.keys_deleted);
+    pi.push_back(p.inbox_deleted);
+    dry = dry || s.ran_dry || p.ran_dry;
+    r_l.push_back(cl.back() / ce.back());
+    r_s.push_back(cs.back() / ce.back());
+    r_p.push_back(cp.back() / ce.back());
+    r_q.push_back(ql.back() / qe.back());
+    std::fprintf(stderr, " done\n");
+  }
+  {
+    auto db = Open(uri, 2);
+    loaded_keys = Count(*db, "idempotency_keys");
+    loaded_inbox = Count(*db, "consumer_inbox");
+  }
+  auto line = [](const char* name, const std::vector<double>& v, const char* unit) {
+    Summary s = Summarize(v);
+    std::printf("  %-54s %9.0f %s  (%.0f..%.0f)\n", name, s.median, unit, s.min, s.max);
+  };
+  auto ratio = [](const char* name, const std::vector<double>& v, const char* target) {
+    Summary s = Summarize(v);
+    std::printf("  %-54s %9.2f  (%.2f..%.2f)%s\n", name, s.median, s.min, s.max, target);
+  };
+  line("creates, empty store", ce, "creates/s");
+  line("creates, loaded store", cl, "creates/s");
+  line("creates, loaded, sweeper flat out", cs, "creates/s");
+  line("  sweeper flat out: keys deleted", sk, "rows/s   ");
+  line("  sweeper flat out: inbox rows deleted", si, "rows/s   ");
+  line("creates, loaded, sweeper paced at the loaded rate", cp, "creates/s");
+  line("  sweeper paced: keys deleted", pk, "rows/s   ");
+  line("  sweeper paced: inbox rows deleted", pi, "rows/s   ");
+  line("inbox claims, empty store", qe, "claims/s ");
+  line("inbox claims, loaded store", ql, "claims/s ");
+  ratio("loaded/empty creates", r_l, "   target >= 0.8");
+  ratio("loaded + paced sweeper / empty creates", r_p, "   target >= 0.8");
+  ratio("loaded + flat-out sweeper / empty creates", r_s, "");
+  ratio("loaded/empty inbox claims", r_q, "");
+  // What a sweeper that keeps up would leave, derived per round: a create takes 1 / loaded
+  // of a second; in the flat-out run the deletions took the rest of each second, so one
+  // deletion per table (a key and an inbox row) costs (1 - swept creates / loaded) /
+  // deletions. Keeping up means one deletion per create: creates at 1 / (create + deletion).
+  std::vector<double> delete_us, keep_up;
+  for (size_t i = 0; i < sk.size(); ++i) {
+    const double create = 1 / cl[i];
+    const double deletion = std::max(0.0, 1 - cs[i] * create) / std::min(sk[i], si[i]);
+    delete_us.push_back(deletion * 1e6);
+    keep_up.push_back(1 / (create + deletion) / ce[i]);
+  }
+  line("derived: one key + one inbox row deleted costs", delete_us, "us       ");
+  ratio("derived: creates with a sweeper keeping up / empty", keep_up, "   target >= 0.8");
+  std::printf("  loaded store at the end: %lld idempotency keys, %lld inbox rows%s\n",
+              static_cast<long long>(loaded_keys), static_cast<long long>(loaded_inbox),
+              dry ? "  (a sweep batch came back short: expired rows ran out)" : "");
+  if (!json_path.empty()) {
+    nlohmann::json j = {{"benchmark", "scale"},
+                        {"store", IsPostgres(uri) ? "postgresql" : "sqlite"},
+                        {"callers", callers},
+                        {"seconds", seconds},
+                        {"loaded_keys_end", loaded_keys},
+                        {"loaded_inbox_end", loaded_inbox},
+                        {"creates_empty", ce},
+                        {"creates_loaded", cl},
+                        {"creates_swept", cs},
+                        {"creates_paced", cp},
+                        {"swept_keys_per_s", sk},
+                        {"swept_inbox_per_s", si},
+                        {"paced_keys_per_s", pk},
+                        {"paced_inbox_per_s", pi},
+                        {"claims_empty", qe},
+                        {"claims_loaded", ql},
+                        {"loaded_over_empty", r_l},
+                        {"paced_over_empty", r_p},
+                        {"swept_over_empty", r_s},
+                        {"deletion_us", delete_us},
+                        {"keep_up_over_empty", keep_up},
+                        {"sweeper_ran_dry", dry}};
+    std::ofstream out(json_path);
+    out << j.dump(2) << "\n";
+    if (!out) Die("cannot write " + json_path);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"converge scale benchmark: rates on a store with millions of rows"};
+  app.require_subcommand(1);
+  std::string uri, empty_uri, json_path;
+  int64_t rows = 1'000'000;
+  double expired = 0.8, seconds = 5;
+  int rounds = 3, callers = 64;
+  CLI::App* preload = app.add_subcommand("preload", "Fill a store with keys and inbox rows");
+  preload->add_option("--uri", uri, "Store URI")->required();
+  preload->add_option("--rows", rows, "Rows per table")
+      ->check(CLI::Range(int64_t{1000}, int64_t{1'000'000'000}));
+  preload->add_option("--expired", expired, "Fraction of the rows already expired")
+      ->check(CLI::Range(0.0, 1.0));
+  CLI::App* run = app.add_subcommand("run", "Measure against an empty store");
+  run->add_option("--uri", uri, "The loaded store's URI")->required();
+  run->add_option("--empty-uri", empty_uri, "A store to empty and measure each round")
+      ->required();
+  run->add_option("--seconds", seconds, "Duration of each run")->check(CLI::Range(0.5, 600.0));
+  run->add_option("--rounds", rounds, "Rounds; medians are reported")->check(CLI::Range(1, 99));
+  run->add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
+  run->add_option("--json", json_path, "Write every sample to this JSON file");
+  CLI11_PARSE(app, argc, argv);
+  if (*preload) {
+    Preload(uri, rows, expired);
+    return 0;
+  }
+  return Run(uri, empty_uri, callers, seconds, rounds, json_path);
+}
