@@ -417,7 +417,10 @@ Result<std::string> Undrained(const CheckStores& stores) {
                "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"},
              Q{"queued messages", "SELECT count(*) FROM queue_messages"},
              Q{"pending effects", "SELECT count(*) FROM effects WHERE state = 'pending'"},
-             Q{"failed effects", "SELECT count(*) FROM effects WHERE state = 'failed'"},
+             // A saga's journalled call that failed for good (a decline, a refused
+             // refund) is settled: its saga compensated or parked (checked above).
+             Q{"failed effects", "SELECT count(*) FROM effects WHERE state = 'failed' "
+                                 "AND kind NOT LIKE 'saga:%'"},
              // Past its first phase a request has effects to finish: the completer's job.
              Q{"requests in progress past their first phase",
                "SELECT count(*) FROM idempotency_keys WHERE status = 'in_progress' "

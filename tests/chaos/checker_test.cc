@@ -321,5 +321,27 @@ TEST_F(ChaosChecker, ReportsAnOrderReplayThatDiffers) {
   EXPECT_TRUE(Reported(Check(ops), "replay-differs", replay.key));
 }
 
+TEST_F(ChaosChecker, ReportsAFailedEffectButNotASagasCallThatFailedForGood) {
+  // A saga's journalled call that failed for good (a declined capture) is settled with its
+  // saga; an effect of the effect runner left failed is not drained.
+  auto insert = [&](const std::string& key, const std::string& kind) {
+    Status st = service_->Transact([&](Tx& tx) {
+      return StatusOf(tx.Exec(
+          "INSERT INTO effects (effect_key, kind, payload, state, attempts, next_attempt_at, "
+          "created_at, updated_at) VALUES ($1, $2, '{}', 'failed', 1, 0, 0, 0)",
+          key, kind));
+    });
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  };
+  insert("checkout:ord_doctored:capture:action", "saga:checkout");
+  for (const auto& v : Check(result_->history)) EXPECT_NE(v.check, "not-drained") << v.detail;
+  insert("receipt:pay_doctored", "email.receipt");
+  bool not_drained = false;
+  for (const auto& v : Check(result_->history)) {
+    not_drained |= v.check == "not-drained" && v.detail == "1 failed effects";
+  }
+  EXPECT_TRUE(not_drained);
+}
+
 }  // namespace
 }  // namespace converge::harness
