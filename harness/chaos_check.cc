@@ -435,9 +435,17 @@ Result<std::string> Undrained(const CheckStores& stores) {
     return OkStatus();
   }));
   CONVERGE_RETURN_IF_ERROR(stores.psp->Read([&](Tx& tx) -> Status {
+    // By state and last answer, so a report says why (e.g. "1 failed after 401").
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows r, tx.Query("SELECT count(*) FROM webhook_deliveries WHERE state <> 'delivered'"));
-    note("provider webhooks not delivered", r[0].Int(0));
+        Rows r, tx.Query("SELECT state, coalesce(last_status, 0), count(*), max(attempts) "
+                         "FROM webhook_deliveries WHERE state <> 'delivered' "
+                         "GROUP BY state, coalesce(last_status, 0)"));
+    for (const auto& row : r) {
+      const std::string what = "provider webhooks not delivered (" + row.Text(0) +
+                               ", last answer " + std::to_string(row.Int(1)) + ", attempts " +
+                               std::to_string(row.Int(3)) + ")";
+      note(what.c_str(), row.Int(2));
+    }
     return OkStatus();
   }));
   return left;
