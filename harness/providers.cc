@@ -357,7 +357,9 @@ class FakePsp::Impl {
             delay = std::max(delay, secs * 1000);
           }
         }
-        if (state == "pending" && attempts >= 12) state = "failed";
+        // Real providers retry for days; 30 attempts with the 60 s cap span ~25 minutes,
+        // longer than a chaos campaign's kill streaks keep the endpoint down.
+        if (state == "pending" && attempts >= 30) state = "failed";
         (void)db_->Transact([&](Tx& tx) {
           return converge::StatusOf(tx.Exec(
               "UPDATE webhook_deliveries SET attempts = $1, state = $2, next_attempt_at = $3, "
