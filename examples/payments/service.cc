@@ -266,8 +266,8 @@ Status Service::Impl::Start() {
   CONVERGE_RETURN_IF_ERROR(CreateTables());
   CONVERGE_RETURN_IF_ERROR(Checkout::CreateTables(*db_));
 
-  // Retention: a bounded sweep a minute, at once again while there is more (several
-  // instances sweeping at once only split the work).
+  // Retention: a bounded sweep every sweep_interval (a minute by default), at once again
+  // while there is more (several instances sweeping at once only split the work).
   runtime_ = std::make_unique<converge::Runtime>(
       *db_, converge::RuntimeOptions{
                 .keys = key_options,
