@@ -102,6 +102,9 @@ std::string Emit(const ServiceConfig& c) {
   line("lease_ms", Ms(c.effect_lease));
   o << "[admin]\n";
   line("failpoints", c.admin_failpoints ? "true" : "false");
+  line("clock", c.admin_clock ? "true" : "false");
+  o << "[retention]\n";
+  line("sweep_interval_ms", Ms(c.sweep_interval));
   o << "[log]\n";
   line("level", Quoted(c.log_level));
   return o.str();
@@ -137,6 +140,7 @@ std::string OutOfRange(const ServiceConfig& c) {
       {"backoff_max", Ms(c.backoff_max), 0, 86400000},
       {"effect_max_attempts", c.effect_max_attempts, 1, 1000},
       {"effect_lease", Ms(c.effect_lease), 10, 86400000},
+      {"sweep_interval", Ms(c.sweep_interval), 100, 86400000},
   };
   for (const Range& r : ranges) {
     if (!Within(r.value, r.lo, r.hi)) return std::string(r.name) + " = " + std::to_string(r.value);

@@ -1,16 +1,18 @@
 // Method: the client threads and this one share nothing but the History, a few atomic
 // counters and the service ports (fixed for the whole run, so a restarted process is found
 // where the clients and the provider's webhooks expect it).
-//  - Client threads make up payments from their own seeded generators and send them
-//    through Until() -> Send(), which records every exchange and retries unknown outcomes
-//    (no answer, 409, 5xx other than a stored 502) the way a careful client does.
+//  - Client threads make up payments and checkout orders from their own seeded
+//    generators and send them through Until() -> Send(), which records every exchange and
+//    retries unknown outcomes (no answer, 409, 5xx other than a stored 502) the way a
+//    careful client does, but never once the key's resend window (shorter than its TTL)
+//    has passed.
 //  - This thread draws each step of the fault schedule from the seed (a fixed number of
 //    draws per step, so the schedule does not depend on timing), waits the step's gap and
 //    injects it: through SIGKILL and restart (ServeProcess), the service's
-//    /admin/failpoints hook, the providers' /faults, the providers' stores, signed
-//    webhooks, or pg_ctl.
-//  - At the end the clients stop, the faults are cleared, every key is retried once more,
-//    the stores drain, and CheckHistory() runs.
+//    /admin/failpoints, /admin/clock and /admin/shipping/faults hooks, the providers'
+//    /faults, the providers' stores, signed webhooks, or pg_ctl.
+//  - At the end the clients stop, the faults are cleared, every key still in its resend
+//    window is retried once more, the stores drain, and CheckHistory() runs.
 #include "harness/chaos.h"
 
 #include <signal.h>
@@ -50,6 +52,22 @@ using std::chrono::milliseconds;
 constexpr const char* kAdminToken = "chaos-admin-token";
 constexpr int64_t kLeaseMs = 1500;
 constexpr int64_t kPspTimeoutMs = 1000;
+// Short key TTLs, so that stalls outlive them and the sweeper (every 500 ms) runs while a
+// request is paused mid-phase.
+constexpr int64_t kKeyTtlMs = 20000;
+// Clock jumps set a service's clock this far from the true time, back or forward.
+constexpr int64_t kClockMinMs = -1500, kClockMaxMs = 2500;
+// One request's client timeout.
+constexpr int64_t kRequestTimeoutMs = 3000;
+// A key is sent again (retries, duplicates, the final pass) only this long after it was
+// first sent: past it, its row might have expired even with the clocks at their extremes
+// and a request that waited out its timeout, and a resend would rightly be a new request.
+constexpr int64_t kResendWindowMs =
+    kKeyTtlMs - (kClockMaxMs - kClockMinMs) - kRequestTimeoutMs - 2000;
+static_assert(kResendWindowMs >= 8000, "keys must be resendable for a while");
+// Checkout orders: one SKU with plenty of stock, two scarce ones (out of stock happens).
+const std::pair<const char*, int64_t> kStock[] = {
+    {"sku-plenty", 1000000}, {"sku-scarce-0", 60}, {"sku-scarce-1", 60}};
 const std::pair<const char*, const char*> kTenants[] = {{"sk_test_acme", "acme"},
                                                          {"sk_test_globex", "globex"}};
 
@@ -60,16 +78,28 @@ const std::vector<std::string> kCrashPoints = {
     "idempotency.before_takeover",         "relay.after_publish_before_mark",
     "consumer.before_commit",              "consumer.after_commit_before_ack",
     "effects.before_call",                 "effects.after_call_before_record",
-    "completer.before_takeover",           "completer.after_takeover"};
+    "completer.before_takeover",           "completer.after_takeover",
+    "saga.before_call",                    "saga.after_call_before_record",
+    "saga.after_step"};
 // Where a stall longer than the lease lets a retry or the completer take over.
 const std::vector<std::string> kStallPoints = {
     "payments.after_charge_before_commit", "idempotency.after_phase",
     "idempotency.before_phase_commit",     "completer.after_takeover",
-    "consumer.before_commit",              "effects.before_call"};
+    "consumer.before_commit",              "effects.before_call",
+    "saga.after_call_before_record"};
+// Where a stall longer than the key TTL lets the sweeper run while a request is paused
+// between phases: after a phase committed, and after the provider charged (the row is
+// past its first phase and must never be forgotten). Not inside a phase's transaction
+// (idempotency.before_phase_commit): held for longer than the TTL, it holds the store
+// (SQLite's writer, PostgreSQL's row lock and, through the requests queued behind it, the
+// pool), so other requests begin later than the resend window allows
+// (docs/design/chaos.md, "Findings").
+const std::vector<std::string> kTtlStallPoints = {"idempotency.after_phase",
+                                                  "payments.after_charge_before_commit"};
 
 enum class Fault {
   kKill, kKillAtFailpoint, kStall, kPspFault, kMailOutage, kRefund, kDuplicateWebhook,
-  kPoisonWebhook, kDbRestart
+  kPoisonWebhook, kDbRestart, kTtlStall, kShippingFault, kRefuseRefund, kClockJump
 };
 const char* Name(Fault f) {
   switch (f) {
@@ -82,6 +112,10 @@ const char* Name(Fault f) {
     case Fault::kDuplicateWebhook: return "duplicate-webhook";
     case Fault::kPoisonWebhook: return "poison-webhook";
     case Fault::kDbRestart: return "db-restart";
+    case Fault::kTtlStall: return "ttl-stall";
+    case Fault::kShippingFault: return "shipping-fault";
+    case Fault::kRefuseRefund: return "refuse-refund";
+    case Fault::kClockJump: return "clock-jump";
   }
   return "?";
 }
@@ -99,14 +133,18 @@ Step Draw(std::mt19937_64& rng, int instances, bool db_restarts) {
   s.gap_ms = 100 + static_cast<int64_t>(rng() % 300);
   const uint64_t w = rng() % 100;
   // Weights in percent; a database restart only where the campaign can restart it.
-  s.fault = w < 26   ? Fault::kKill
-            : w < 52 ? Fault::kKillAtFailpoint
-            : w < 66 ? Fault::kStall
-            : w < 78 ? Fault::kPspFault
-            : w < 83 ? Fault::kMailOutage
-            : w < 91 ? Fault::kRefund
-            : w < 97 ? Fault::kDuplicateWebhook
-            : w < 98 ? Fault::kPoisonWebhook
+  s.fault = w < 22   ? Fault::kKill
+            : w < 44 ? Fault::kKillAtFailpoint
+            : w < 55 ? Fault::kStall
+            : w < 58 ? Fault::kTtlStall
+            : w < 68 ? Fault::kPspFault
+            : w < 72 ? Fault::kMailOutage
+            : w < 79 ? Fault::kRefund
+            : w < 84 ? Fault::kDuplicateWebhook
+            : w < 85 ? Fault::kPoisonWebhook
+            : w < 90 ? Fault::kShippingFault
+            : w < 92 ? Fault::kRefuseRefund
+            : w < 98 ? Fault::kClockJump
                      : (db_restarts ? Fault::kDbRestart : Fault::kKill);
   s.instance = static_cast<int>(rng() % static_cast<uint64_t>(instances));
   s.a = rng();
@@ -120,6 +158,19 @@ std::string StallSpec(const Step& s) {
   const int64_t ms = kLeaseMs + 300 + static_cast<int64_t>(s.b % 1000);
   return kStallPoints[s.a % kStallPoints.size()] + "=delay(" + std::to_string(ms) + ")*" +
          std::to_string(1 + s.b % 3);
+}
+std::string TtlStallSpec(const Step& s) {
+  const int64_t ms = kKeyTtlMs + 500 + static_cast<int64_t>(s.b % 1500);
+  return kTtlStallPoints[s.a % kTtlStallPoints.size()] + "=delay(" + std::to_string(ms) + ")*1";
+}
+json ShippingFaults(const Step& s) {
+  // Mostly a carrier that is down for a while (retried); now and then one that refuses
+  // (the order is compensated: refund, release).
+  if (s.a % 3 == 0) return {{"reject_next", 1 + static_cast<int64_t>(s.b % 2)}};
+  return {{"fail_next", 1 + static_cast<int64_t>(s.b % 4)}};
+}
+int64_t ClockOffset(const Step& s) {
+  return kClockMinMs + static_cast<int64_t>(s.b % (kClockMaxMs - kClockMinMs + 1));
 }
 const char* PspFaultName(const Step& s) {
   static const char* kinds[] = {"5xx", "timeout after charging", "slow answer", "decline",
@@ -145,6 +196,9 @@ std::string Describe(const Step& s) {
     case Fault::kStall: return d + " " + StallSpec(s);
     case Fault::kPspFault: return d + " " + PspFaultName(s) + " " + PspFaults(s).dump();
     case Fault::kMailOutage: return d + " " + MailFaults(s).dump();
+    case Fault::kTtlStall: return d + " " + TtlStallSpec(s);
+    case Fault::kShippingFault: return d + " " + ShippingFaults(s).dump();
+    case Fault::kClockJump: return d + " to " + std::to_string(ClockOffset(s)) + " ms";
     default: return d;
   }
 }
@@ -153,6 +207,18 @@ std::string Body(int64_t amount, const std::string& order) {
   return json{{"amount", amount}, {"currency", "EUR"}, {"customer_id", "cust-" + order},
               {"order_id", order}}
       .dump();
+}
+
+// A checkout order; the customer id is the key, so the checker finds the order by key.
+std::string OrderBody(const std::string& key, const std::string& sku, int64_t qty,
+                      int64_t amount) {
+  return json{{"customer_id", key}, {"sku", sku}, {"qty", qty}, {"amount", amount},
+              {"currency", "EUR"}}
+      .dump();
+}
+
+const char* ApiKeyOf(const std::string& tenant) {
+  return tenant == kTenants[0].second ? kTenants[0].first : kTenants[1].first;
 }
 
 bool Final(int status) {
@@ -174,11 +240,19 @@ class Campaign {
   void TearDown();
   Status CreateDatabase();
   void Client(int c);
-  int Send(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+  int Send(std::mt19937_64& rng, const std::string& api, const std::string& tenant,
            const std::string& key, const std::string& body, const std::string& kind,
            milliseconds timeout);
-  int Until(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
-            const std::string& key, const std::string& body, std::string kind);
+  // Sends until a final answer, at most while the key is resendable (kResendWindowMs
+  // after `first_sent`); then returns 0 and counts a cut-off.
+  int Until(std::mt19937_64& rng, const std::string& api, const std::string& tenant,
+            const std::string& key, const std::string& body, std::string kind,
+            Steady::time_point first_sent);
+  bool Resendable(Steady::time_point first_sent) const {
+    return Steady::now() < first_sent + milliseconds(kResendWindowMs);
+  }
+  Status SetStock();
+  bool Admin(int i, const std::string& method, const std::string& path, const std::string& body);
   Status Inject(const Step& s);
   Status Restart(int i);
   Status KillAndRestart(int i, const std::string& point);
@@ -188,6 +262,12 @@ class Campaign {
   void Progress(const std::string& phase);
   Status FinalPass();
   Status Drain();
+  CheckStores Stores() const {
+    CheckStores st{db_.get(), psp_db_.get(), mail_db_.get(), poison_};
+    for (const auto& [sku, units] : kStock) st.initial_stock[sku] = units;
+    st.keys_may_expire = true;
+    return st;
+  }
 
   std::string Url(int i, const std::string& path) const {
     return "http://127.0.0.1:" + std::to_string(ports_[static_cast<size_t>(i)]) + path;
@@ -207,7 +287,14 @@ class Campaign {
   History history_;
   std::atomic<bool> stop_clients_{false};
   std::atomic<int64_t> requests_{0}, keys_{0}, duplicates_{0}, concurrent_{0}, mismatches_{0},
-      give_ups_{0}, replays_{0};
+      give_ups_{0}, replays_{0}, order_keys_{0}, cutoffs_{0};
+  // Every key: its api and when it was first sent (the final pass, the resend window).
+  struct KeyInfo {
+    std::string api;
+    Steady::time_point first_sent;
+  };
+  std::mutex keys_mu_;
+  std::map<std::pair<std::string, std::string>, KeyInfo> key_info_;
   std::mutex status_mu_;
   std::map<int, int64_t> by_status_;
   ChaosResult result_;
@@ -253,7 +340,9 @@ Status Campaign::SetUp() {
     std::ofstream c(config);
     c << "[store]\nuri = \"" << uri_ << "\"\n"
       << "[idempotency]\nlease_ms = " << kLeaseMs << "\ncompleter_grace_ms = 1000\n"
-      << "[admin]\nfailpoints = true\n"
+      << "ttl_seconds = " << kKeyTtlMs / 1000 << "\n"
+      << "[retention]\nsweep_interval_ms = 500\n"
+      << "[admin]\nfailpoints = true\nclock = true\n"
       << "[auth]\nadmin_token = \"" << kAdminToken << "\"\napi_keys = { ";
     for (const auto& [k, t] : kTenants) c << "\"" << k << "\" = \"" << t << "\", ";
     c.seekp(-2, std::ios_base::cur);
@@ -282,7 +371,32 @@ Status Campaign::SetUp() {
   };
   CONVERGE_RETURN_IF_ERROR(open(uri_, &db_));
   CONVERGE_RETURN_IF_ERROR(open("sqlite:" + dir_ + "/psp.db", &psp_db_));
-  return open("sqlite:" + dir_ + "/mail.db", &mail_db_);
+  CONVERGE_RETURN_IF_ERROR(open("sqlite:" + dir_ + "/mail.db", &mail_db_));
+  return SetStock();
+}
+
+bool Campaign::Admin(int i, const std::string& method, const std::string& path,
+                     const std::string& body) {
+  auto r = http_.Send({.method = method,
+                       .url = Url(i, path),
+                       .headers = {{"Authorization", std::string("Bearer ") + kAdminToken}},
+                       .body = body,
+                       .timeout = std::chrono::seconds(5)});
+  return r && r->status / 100 == 2;
+}
+
+Status Campaign::SetStock() {
+  // Before any order, so the initial stock is known; a fresh process may still be busy.
+  for (const auto& [sku, units] : kStock) {
+    bool ok = false;
+    for (int attempt = 0; attempt < 50 && !ok; ++attempt) {
+      ok = Admin(0, "PUT", std::string("/admin/inventory/") + sku,
+                 json{{"available", units}}.dump());
+      if (!ok) std::this_thread::sleep_for(milliseconds(100));
+    }
+    if (!ok) return UnavailableError(std::string("cannot stock ") + sku);
+  }
+  return OkStatus();
 }
 
 Status Campaign::CreateDatabase() {
@@ -334,18 +448,18 @@ void Campaign::TearDown() {
   }
 }
 
-int Campaign::Send(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
+int Campaign::Send(std::mt19937_64& rng, const std::string& api, const std::string& tenant,
                    const std::string& key, const std::string& body, const std::string& kind,
                    milliseconds timeout) {
   const int i = static_cast<int>(rng() % static_cast<uint64_t>(instances_));
   auto r = http_.Send({.method = "POST",
-                       .url = Url(i, "/v1/payments"),
-                       .headers = {{"Authorization", "Bearer " + api_key},
+                       .url = Url(i, "/v1/" + api),
+                       .headers = {{"Authorization", std::string("Bearer ") + ApiKeyOf(tenant)},
                                    {"Idempotency-Key", key},
                                    {"Content-Type", "application/json"}},
                        .body = body,
                        .timeout = timeout});
-  Op op{.tenant = tenant, .key = key, .kind = kind, .request = body};
+  Op op{.tenant = tenant, .key = key, .kind = kind, .request = body, .api = api};
   if (r) {
     op.status = r->status;
     op.response = r->body;
@@ -365,12 +479,16 @@ int Campaign::Send(std::mt19937_64& rng, const std::string& api_key, const std::
   return status;
 }
 
-int Campaign::Until(std::mt19937_64& rng, const std::string& api_key, const std::string& tenant,
-                    const std::string& key, const std::string& body, std::string kind) {
-  const auto deadline = Steady::now() + std::chrono::seconds(120);
+int Campaign::Until(std::mt19937_64& rng, const std::string& api, const std::string& tenant,
+                    const std::string& key, const std::string& body, std::string kind,
+                    Steady::time_point first_sent) {
   int status = 0;
-  while (Steady::now() < deadline) {
-    status = Send(rng, api_key, tenant, key, body, kind, std::chrono::seconds(10));
+  for (;;) {
+    if (!Resendable(first_sent)) {
+      ++cutoffs_;
+      return 0;
+    }
+    status = Send(rng, api, tenant, key, body, kind, milliseconds(kRequestTimeoutMs));
     if (Final(status)) return status;
     kind = "retry";
     // Retry-After is 1 s; a client in a hurry comes back sooner, with jitter.
@@ -383,42 +501,62 @@ void Campaign::Client(int c) {
   std::mt19937_64 rng(o_.seed * 1000003 + static_cast<uint64_t>(c));
   std::uniform_real_distribution<double> u(0, 1);
   for (int n = 0; !stop_clients_.load(); ++n) {
-    const auto& [api_key, tenant] = kTenants[rng() % 4 == 0 ? 1 : 0];
-    const std::string key = "c" + std::to_string(c) + "-" + std::to_string(n);
+    const std::string tenant = kTenants[rng() % 4 == 0 ? 1 : 0].second;
+    // One request in four is a checkout order, the rest payments.
+    const bool order = u(rng) < 0.25;
+    const std::string api = order ? "orders" : "payments";
+    const std::string key = (order ? "o" : "c") + std::to_string(c) + "-" + std::to_string(n);
     const int64_t amount = 100 + static_cast<int64_t>(rng() % 10000);
-    const std::string body = Body(amount, key);
+    const uint64_t pick = rng();
+    const std::string sku = kStock[pick % 10 < 6 ? 0 : 1 + pick % 2].first;
+    const int64_t qty = 1 + static_cast<int64_t>(rng() % 3);
+    auto body_for = [&](int64_t a) {
+      return order ? OrderBody(key, sku, qty, a) : Body(a, key);
+    };
+    const std::string body = body_for(amount);
     history_.SetOriginal(tenant, key, body);
+    const Steady::time_point first_sent = Steady::now();
+    {
+      std::lock_guard<std::mutex> l(keys_mu_);
+      key_info_[{tenant, key}] = {api, first_sent};
+    }
     ++keys_;
+    if (order) ++order_keys_;
     const double r = u(rng);
     if (r < 0.07) {
       // Gives up: one try with a short timeout, never a retry (the completer's case).
       ++give_ups_;
-      (void)Send(rng, api_key, tenant, key, body, "give-up",
-           milliseconds(20 + static_cast<int64_t>(rng() % 400)));
+      (void)Send(rng, api, tenant, key, body, "give-up",
+                 milliseconds(20 + static_cast<int64_t>(rng() % 400)));
       continue;
     }
+    int status = 0;
     if (r < 0.17) {
       // Concurrent duplicates: a double (or triple, quadruple) click.
       ++concurrent_;
       std::vector<std::thread> ts;
+      std::atomic<int> last{0};
       const int k = 2 + static_cast<int>(rng() % 3);
       for (int j = 0; j < k; ++j) {
         ts.emplace_back([&, seed = rng()] {
           std::mt19937_64 r2(seed);
-          Until(r2, api_key, tenant, key, body, "concurrent");
+          if (int got = Until(r2, api, tenant, key, body, "concurrent", first_sent)) last = got;
         });
       }
       for (auto& t : ts) t.join();
+      status = last;
     } else {
-      Until(rng, api_key, tenant, key, body, "first");
+      status = Until(rng, api, tenant, key, body, "first", first_sent);
     }
+    // Sent again only after a decision: before it, another body could begin the key.
+    if (status == 0) continue;
     if (u(rng) < 0.15) {
       ++duplicates_;
-      Until(rng, api_key, tenant, key, body, "duplicate");
+      Until(rng, api, tenant, key, body, "duplicate", first_sent);
     }
     if (u(rng) < 0.05) {
       ++mismatches_;
-      Until(rng, api_key, tenant, key, Body(amount + 1, key), "mismatch");
+      Until(rng, api, tenant, key, body_for(amount + 1), "mismatch", first_sent);
     }
   }
 }
@@ -429,12 +567,7 @@ void Campaign::Note(const std::string& what) {
 }
 
 bool Campaign::SetFailpoints(int i, const std::string& spec) {
-  auto r = http_.Send({.method = "PUT",
-                       .url = Url(i, "/admin/failpoints"),
-                       .headers = {{"Authorization", std::string("Bearer ") + kAdminToken}},
-                       .body = spec,
-                       .timeout = std::chrono::seconds(5)});
-  return r && r->status / 100 == 2;
+  return Admin(i, "PUT", "/admin/failpoints", spec);
 }
 
 int64_t MetricValue(const std::string& text, const std::string& name) {
@@ -504,6 +637,36 @@ Status Campaign::Inject(const Step& s) {
       Note("stall" + inst + " " + spec);
       return OkStatus();
     }
+    case Fault::kTtlStall: {
+      const std::string spec = TtlStallSpec(s);
+      if (SetFailpoints(s.instance, spec)) ++result_.counts.ttl_stalls;
+      Note("stall past the key TTL" + inst + " " + spec);
+      return OkStatus();
+    }
+    case Fault::kShippingFault: {
+      const json f = ShippingFaults(s);
+      if (Admin(s.instance, "POST", "/admin/shipping/faults", f.dump())) {
+        ++result_.counts.shipping_faults;
+      }
+      Note("shipping" + inst + " " + f.dump());
+      return OkStatus();
+    }
+    case Fault::kRefuseRefund: {
+      (void)http_.Send({.method = "POST",
+                        .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
+                        .body = R"({"refuse_refund_next":1})"});
+      ++result_.counts.refused_refunds;
+      Note("provider refuses the next refund");
+      return OkStatus();
+    }
+    case Fault::kClockJump: {
+      const int64_t offset = ClockOffset(s);
+      if (Admin(s.instance, "PUT", "/admin/clock", json{{"offset_ms", offset}}.dump())) {
+        ++result_.counts.clock_jumps;
+      }
+      Note("clock" + inst + " to " + std::to_string(offset) + " ms");
+      return OkStatus();
+    }
     case Fault::kPspFault: {
       const json f = PspFaults(s);
       (void)http_.Send({.method = "POST",
@@ -527,8 +690,12 @@ Status Campaign::Inject(const Step& s) {
       // refund webhook overtakes it.
       Rows rows;
       (void)psp_db_->Read([&](Tx& tx) -> Status {
-        CONVERGE_ASSIGN_OR_RETURN(rows, tx.Query("SELECT id FROM charges WHERE status = "
-                                                 "'succeeded' ORDER BY created_at DESC LIMIT 8"));
+        // Not an order's charge: its saga owns it (a refund from outside would make its
+        // money not balance, by design of the check).
+        CONVERGE_ASSIGN_OR_RETURN(
+            rows, tx.Query("SELECT id FROM charges WHERE status = 'succeeded' AND "
+                           "idempotency_key NOT LIKE 'checkout:%' ORDER BY created_at DESC "
+                           "LIMIT 8"));
         return OkStatus();
       });
       if (rows.empty()) return OkStatus();
@@ -608,21 +775,28 @@ void Campaign::Progress(const std::string& phase) {
 }
 
 Status Campaign::FinalPass() {
-  // Every key once more, with the body it was first sent with: a given-up key gets the
-  // completer's answer, every other key its stored one.
+  // Every key still resendable once more, with the body it was first sent with: a
+  // given-up key gets the completer's answer, every other key its stored one. Older keys
+  // may have expired (the checker reads their outcome from the stores instead).
   auto originals = history_.originals();
-  std::vector<std::pair<std::pair<std::string, std::string>, std::string>> work(
-      originals.begin(), originals.end());
+  std::vector<std::tuple<std::pair<std::string, std::string>, std::string, KeyInfo>> work;
+  {
+    std::lock_guard<std::mutex> l(keys_mu_);
+    for (const auto& [id, body] : originals) {
+      auto info = key_info_.find(id);
+      if (info != key_info_.end() && Resendable(info->second.first_sent)) {
+        work.emplace_back(id, body, info->second);
+      }
+    }
+  }
   std::atomic<size_t> next{0};
   std::vector<std::thread> ts;
   for (int c = 0; c < o_.clients; ++c) {
     ts.emplace_back([&, c] {
       std::mt19937_64 rng(o_.seed + static_cast<uint64_t>(c) * 7919);
       for (size_t i; (i = next.fetch_add(1)) < work.size();) {
-        const auto& [id, body] = work[i];
-        const char* api_key = id.first == kTenants[0].second ? kTenants[0].first
-                                                             : kTenants[1].first;
-        Until(rng, api_key, id.first, id.second, body, "final");
+        const auto& [id, body, info] = work[i];
+        Until(rng, info.api, id.first, id.second, body, "final", info.first_sent);
       }
     });
   }
@@ -632,11 +806,12 @@ Status Campaign::FinalPass() {
     std::this_thread::sleep_for(milliseconds(200));
   }
   for (auto& t : ts) t.join();
+  result_.counts.final_pass_keys = static_cast<int64_t>(work.size());
   return OkStatus();
 }
 
 Status Campaign::Drain() {
-  const CheckStores stores{db_.get(), psp_db_.get(), mail_db_.get(), poison_};
+  const CheckStores stores = Stores();
   const auto deadline = Steady::now() + std::chrono::seconds(180);
   std::string left;
   while (Steady::now() < deadline) {
@@ -670,12 +845,17 @@ Result<ChaosResult> Campaign::Run() {
   stop_clients_ = true;
   for (auto& t : clients) t.join();
   if (!st.ok()) return tl::unexpected(st);
-  // The faults stop: no armed failpoints, no pending provider faults.
-  for (int i = 0; i < instances_; ++i) (void)SetFailpoints(i, "");
+  // The faults stop: no armed failpoints, no pending provider or carrier faults, true
+  // clocks.
+  for (int i = 0; i < instances_; ++i) {
+    (void)SetFailpoints(i, "");
+    (void)Admin(i, "POST", "/admin/shipping/faults", R"({"fail_next":0,"reject_next":0})");
+    (void)Admin(i, "PUT", "/admin/clock", R"({"offset_ms":0})");
+  }
   (void)http_.Send({.method = "POST",
                     .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
                     .body = R"({"fail_next":0,"timeout_next":0,"decline_next":0,)"
-                            R"("in_use_next":0})"});
+                            R"("in_use_next":0,"refuse_refund_next":0})"});
   (void)http_.Send({.method = "POST",
                     .url = "http://127.0.0.1:" + std::to_string(mail_->port()) + "/faults",
                     .body = R"({"fail_next":0})"});
@@ -691,6 +871,8 @@ Result<ChaosResult> Campaign::Run() {
   n.mismatches = mismatches_;
   n.give_ups = give_ups_;
   n.replays = replays_;
+  n.order_keys = order_keys_;
+  n.resend_cutoffs = cutoffs_;
   n.by_status = by_status_;
   for (int i = 0; i < instances_; ++i) {
     std::ifstream log(svc_[static_cast<size_t>(i)]->log_path());
@@ -701,6 +883,19 @@ Result<ChaosResult> Campaign::Run() {
   CONVERGE_RETURN_IF_ERROR(db_->Read([&](Tx& tx) -> Status {
     CONVERGE_ASSIGN_OR_RETURN(Rows r, tx.Query("SELECT count(*) FROM payments"));
     n.payments = r[0].Int(0);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows sg, tx.Query("SELECT state, count(*) FROM saga_instances WHERE type = 'checkout' "
+                          "GROUP BY state"));
+    for (const auto& row : sg) n.orders_by_state[row.Text(0)] = row.Int(1);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows m, tx.Query("SELECT count(*), coalesce(sum(captured), 0), "
+                         "coalesce(sum(refunded), 0), "
+                         "coalesce(sum(CASE WHEN shipped = 1 THEN amount ELSE 0 END), 0) "
+                         "FROM orders"));
+    n.orders = m[0].Int(0);
+    n.order_captured = m[0].Int(1);
+    n.order_refunded = m[0].Int(2);
+    n.order_shipped = m[0].Int(3);
     return OkStatus();
   }));
   CONVERGE_RETURN_IF_ERROR(psp_db_->Read([&](Tx& tx) -> Status {
@@ -712,8 +907,7 @@ Result<ChaosResult> Campaign::Run() {
     return OkStatus();
   }));
   result_.history = history_.ops();
-  auto v = CheckHistory(result_.history, history_.originals(),
-                        {db_.get(), psp_db_.get(), mail_db_.get(), poison_});
+  auto v = CheckHistory(result_.history, history_.originals(), Stores());
   if (!v) return tl::unexpected(v.error());
   result_.violations = std::move(*v);
   n.seconds = std::chrono::duration<double>(Steady::now() - t0_).count();

@@ -3,9 +3,11 @@
 // records every exchange in a History, and a seeded schedule of faults: SIGKILLs at random
 // instants and at enabled failpoints (then restarts), stalls longer than the lease at phase
 // boundaries, provider faults and mail outages, refunds racing the capture, duplicate and
-// poison webhooks and, on PostgreSQL, database restarts. When the schedule is done the
-// faults stop, every key is retried once more, the system drains, and CheckHistory()
-// compares the history with the stores. docs/design/chaos.md describes all of it.
+// poison webhooks, checkout orders with carrier faults and refused refunds, jumps of the
+// service's clock, stalls past the key TTL and, on PostgreSQL, database restarts. When
+// the schedule is done the faults stop, every key still in its resend window is retried
+// once more, the system drains, and CheckHistory() compares the history with the stores.
+// docs/design/chaos.md describes all of it.
 //
 // The schedule (which fault, where, after how long) is a function of the seed alone; the
 // threads' timing is not, so a replay with the same seed runs the same faults against a
@@ -50,13 +52,20 @@ struct ChaosCounts {
   int64_t kills = 0, kills_at_failpoint = 0, failpoints_not_reached = 0, restarts = 0;
   int64_t stalls = 0, psp_faults = 0, mail_outages = 0, refunds = 0, duplicate_webhooks = 0;
   int64_t poison_webhooks = 0, db_restarts = 0;
+  int64_t ttl_stalls = 0, shipping_faults = 0, refused_refunds = 0, clock_jumps = 0;
   int64_t requests = 0, keys = 0, duplicates = 0, concurrent = 0, mismatches = 0,
           give_ups = 0;
+  int64_t order_keys = 0;       // of the keys, checkout orders
+  int64_t resend_cutoffs = 0;   // retries not sent: the key's resend window had passed
+  int64_t final_pass_keys = 0;  // keys still resendable at the final pass
   std::map<int, int64_t> by_status;  // 0: no answer
   int64_t replays = 0;
   int64_t takeovers = 0;            // idempotency_resumed_total, summed over process lives
   int64_t completer_finishes = 0;   // "event=completed_abandoned" in the service logs
   int64_t payments = 0, charges = 0, refunded = 0;
+  int64_t orders = 0;                          // in the store
+  std::map<std::string, int64_t> orders_by_state;  // their sagas' states
+  int64_t order_captured = 0, order_refunded = 0, order_shipped = 0;  // money of orders
   double seconds = 0;
 };
 

@@ -1,12 +1,14 @@
 // The history checker of the chaos campaign (docs/design/chaos.md, "The campaign").
 //
-// A History records every client-visible exchange with the payments service: who asked
+// A History records every client-visible exchange with the payments service (payments
+// and checkout orders): who asked
 // (tenant, Idempotency-Key), with which body, what came back (status, body, replay mark)
 // and when. After the system has drained, CheckHistory() compares that history with the
 // stores: the service's own (payments, ledger, idempotency keys, outbox, queues, effects,
-// dead letters), the payment provider's (charges, webhook deliveries) and the mail
-// provider's (messages). Every violation names the key or payment it concerns, so
-// Excerpt() can print the shortest part of the history that shows it.
+// dead letters, orders, sagas, inventory, reservations, shipments), the payment
+// provider's (charges, refused refunds, webhook deliveries) and the mail provider's
+// (messages). Every violation names the key, payment or order it concerns, so Excerpt()
+// can print the shortest part of the history that shows it.
 //
 // Thread safety: History is safe to use from many threads; CheckHistory() reads a copy.
 #ifndef CONVERGE_HARNESS_CHAOS_CHECK_H_
@@ -36,7 +38,12 @@ struct Op {
   int status = 0;        // 0: no answer (connection lost, timed out, the process died)
   std::string response;  // the response body
   bool replayed = false;  // Idempotent-Replayed: true
+  std::string api = "payments";  // "payments" (POST /v1/payments, 201) or "orders"
+                                 // (POST /v1/orders, 202: a checkout saga)
 };
+
+// The status that accepts a request of `api`: 201 for a payment, 202 for an order.
+int SuccessStatus(const std::string& api);
 
 class History {
  public:
@@ -65,7 +72,7 @@ struct Violation {
   std::string check;   // which invariant, e.g. "charged-twice"
   std::string detail;  // what was found
   std::string tenant, key;    // the key it concerns (empty when none)
-  std::string payment_id;     // the payment it concerns (empty when none)
+  std::string payment_id;     // the payment (or order) it concerns (empty when none)
 };
 
 // What the checker reads besides the history.
@@ -76,6 +83,12 @@ struct CheckStores {
   // Event ids of the dead letters the campaign caused on purpose (poison webhooks):
   // the only ones allowed.
   std::set<std::string> injected_dead_letters;
+  // Checkout orders: each SKU's stock before the first order (the campaign sets it).
+  std::map<std::string, int64_t> initial_stock;
+  // Whether idempotency keys may have expired (a short TTL): then a key row may be gone.
+  // The campaign never sends a key again once its TTL could have run out, so a second
+  // payment or order for one key is still a violation.
+  bool keys_may_expire = false;
 };
 
 // Every invariant of docs/design/chaos.md, "What the checker verifies". An error Status

@@ -48,13 +48,14 @@ class Faults {
       if (k == "transient_rate" && v.is_number() && v.get<double>() >= 0 && v.get<double>() <= 1) {
         transient_rate_ = v.get<double>();
       } else if ((k == "fail_next" || k == "timeout_next" || k == "decline_next" ||
-                  k == "in_use_next" || k == "timeout_ms") &&
+                  k == "in_use_next" || k == "refuse_refund_next" || k == "timeout_ms") &&
                  v.is_number_integer() && v.get<int64_t>() >= 0) {
-        (k == "fail_next"     ? fail_next_
-         : k == "timeout_next" ? timeout_next_
-         : k == "decline_next" ? decline_next_
-         : k == "in_use_next"  ? in_use_next_
-                               : timeout_ms_) = v.get<int64_t>();
+        (k == "fail_next"            ? fail_next_
+         : k == "timeout_next"       ? timeout_next_
+         : k == "decline_next"       ? decline_next_
+         : k == "in_use_next"        ? in_use_next_
+         : k == "refuse_refund_next" ? refuse_refund_next_
+                                     : timeout_ms_) = v.get<int64_t>();
       } else {
         return Problem(400, "Bad Request", "unknown or malformed fault '" + k + "'");
       }
@@ -90,12 +91,19 @@ class Faults {
     --decline_next_;
     return true;
   }
+  // A refund refused for good (a closed account, an expired charge): 422.
+  bool TakeRefuseRefund() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (refuse_refund_next_ == 0) return false;
+    --refuse_refund_next_;
+    return true;
+  }
 
  private:
   std::mutex mu_;
   std::mt19937_64 rng_{std::random_device{}()};
   int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, in_use_next_ = 0,
-          timeout_ms_ = 3000;
+          refuse_refund_next_ = 0, timeout_ms_ = 3000;
   double transient_rate_ = 0;
 };
 
@@ -133,6 +141,10 @@ class FakePsp::Impl {
           "CREATE TABLE IF NOT EXISTS charges (id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE "
           "NOT NULL, amount INTEGER NOT NULL, currency TEXT NOT NULL, reference TEXT NOT NULL, "
           "status TEXT NOT NULL, created_at INTEGER NOT NULL)"));
+      // Refunds refused by the refuse_refund_next fault, so a checker can tell them.
+      CONVERGE_RETURN_IF_ERROR(tx.Exec(
+          "CREATE TABLE IF NOT EXISTS refused_refunds (charge_id TEXT NOT NULL, "
+          "reference TEXT NOT NULL, created_at INTEGER NOT NULL)"));
       return converge::StatusOf(tx.Exec(
           "CREATE TABLE IF NOT EXISTS webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, "
           "msg_id TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
@@ -237,11 +249,21 @@ class FakePsp::Impl {
   Response Refund(Request& req) {
     const std::string id = req.params["id"];
     int64_t changed = 0;
+    bool refused = false;
     Status st = db_->Transact([&](Tx& tx) -> Status {
+      refused = false;
       CONVERGE_ASSIGN_OR_RETURN(
-          Rows rows, tx.Query("SELECT amount, currency, status FROM charges WHERE id = $1", id));
+          Rows rows,
+          tx.Query("SELECT amount, currency, status, reference FROM charges WHERE id = $1", id));
       if (rows.empty()) return converge::NotFoundError("no charge " + id);
       if (rows[0].Text(2) != "succeeded") return converge::OkStatus();
+      if (faults_.TakeRefuseRefund()) {
+        refused = true;
+        return converge::StatusOf(
+            tx.Exec("INSERT INTO refused_refunds (charge_id, reference, created_at) "
+                    "VALUES ($1, $2, $3)",
+                    id, rows[0].Text(3), NowMs()));
+      }
       CONVERGE_ASSIGN_OR_RETURN(
           changed, tx.Exec("UPDATE charges SET status = 'refunded' WHERE id = $1", id));
       return EnqueueWebhook(
@@ -251,6 +273,9 @@ class FakePsp::Impl {
     if (st.code() == converge::StatusCode::kNotFound)
       return Problem(404, "Not Found", st.message());
     if (!st.ok()) return Unavailable();
+    if (refused) {
+      return Problem(422, "Unprocessable Content", "the charge cannot be refunded (injected)");
+    }
     return Json(200, json{{"id", id}, {"status", "refunded"}, {"changed", changed > 0}}.dump());
   }
 
@@ -332,7 +357,9 @@ class FakePsp::Impl {
             delay = std::max(delay, secs * 1000);
           }
         }
-        if (state == "pending" && attempts >= 12) state = "failed";
+        // Real providers retry for days; 30 attempts with the 60 s cap span ~25 minutes,
+        // longer than a chaos campaign's kill streaks keep the endpoint down.
+        if (state == "pending" && attempts >= 30) state = "failed";
         (void)db_->Transact([&](Tx& tx) {
           return converge::StatusOf(tx.Exec(
               "UPDATE webhook_deliveries SET attempts = $1, state = $2, next_attempt_at = $3, "

@@ -10,6 +10,7 @@
 //              GET  /v1/stats                            counters
 //              POST /faults {"fail_next": n, "timeout_next": n, "decline_next": n,
 //                            "in_use_next": n (charge, then answer 409 "key in use"),
+//                            "refuse_refund_next": n (422, kept in refused_refunds),
 //                            "transient_rate": 0.05, "timeout_ms": 3000}
 //              sends Standard-Webhooks-signed charge.succeeded / charge.refunded to
 //              webhook_url, with retries, honouring Retry-After, disabled by 410

@@ -63,18 +63,25 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
   row("  of them at an armed failpoint", n.kills_at_failpoint);
   row("  failpoint not reached in 3 s, killed anyway", n.failpoints_not_reached);
   row("stalls past the lease", n.stalls);
+  row("stalls past the key TTL", n.ttl_stalls);
+  row("clock jumps", n.clock_jumps);
   row("provider faults (5xx, timeout, slow, decline, 409)", n.psp_faults);
   row("mail outages", n.mail_outages);
   row("refunds at the provider (racing the capture)", n.refunds);
   row("duplicate webhooks", n.duplicate_webhooks);
   row("poison webhooks", n.poison_webhooks);
   row("database restarts", n.db_restarts);
+  row("carrier faults (shipping down or refusing)", n.shipping_faults);
+  row("refunds the provider refuses (once each)", n.refused_refunds);
   row("requests", n.requests);
   row("idempotency keys", n.keys);
   row("  sent again later (same body)", n.duplicates);
   row("  sent concurrently (2-4 at once)", n.concurrent);
   row("  reused with another body", n.mismatches);
   row("  given up after one short try", n.give_ups);
+  row("  of them checkout orders", n.order_keys);
+  row("retries not sent (key past its resend window)", n.resend_cutoffs);
+  row("keys sent again in the final pass", n.final_pass_keys);
   row("answers replayed (Idempotent-Replayed)", n.replays);
   for (const auto& [status, count] : n.by_status) {
     const std::string what = status == 0 ? std::string("no answer (killed, timed out)")
@@ -86,6 +93,13 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
   row("payments", n.payments);
   row("provider charges (refunded ones included)", n.charges);
   row("  refunded", n.refunded);
+  row("orders", n.orders);
+  for (const auto& [state, count] : n.orders_by_state) {
+    row(("  " + state).c_str(), count);
+  }
+  row("order money captured", n.order_captured);
+  row("  for shipped orders", n.order_shipped);
+  row("  refunded", n.order_refunded);
   std::printf("  %-52s %10.0f\n", "seconds", n.seconds);
   if (!r->violations.empty()) {
     std::printf("\n%s", harness::FormatViolations(o, *r).c_str());

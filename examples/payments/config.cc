@@ -50,7 +50,8 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"mail", {"url", "timeout_ms"}},
         {"consumers", {"visibility_ms", "max_attempts", "backoff_initial_ms", "backoff_max_ms"}},
         {"effects", {"max_attempts", "lease_ms"}},
-        {"admin", {"failpoints"}},
+        {"admin", {"failpoints", "clock"}},
+        {"retention", {"sweep_interval_ms"}},
         {"log", {"level"}},
     }));
     std::string listen, sync;
@@ -90,13 +91,18 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Duration("idempotency", "lease_ms", &c.lease, 100, 3600000));
     CONVERGE_RETURN_IF_ERROR(
         r.Duration("idempotency", "completer_grace_ms", &c.completer_grace, 0, 86400000));
-    if (auto n = root["admin"]["failpoints"]) {
-      if (!n.is_boolean()) {
-        return tl::unexpected(
-            InvalidArgumentError("config: admin.failpoints must be true or false"));
+    for (auto [name, out] : {std::pair{"failpoints", &c.admin_failpoints},
+                             std::pair{"clock", &c.admin_clock}}) {
+      if (auto n = root["admin"][name]) {
+        if (!n.is_boolean()) {
+          return tl::unexpected(InvalidArgumentError("config: admin." + std::string(name) +
+                                                     " must be true or false"));
+        }
+        *out = *n.value<bool>();
       }
-      c.admin_failpoints = *n.value<bool>();
     }
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("retention", "sweep_interval_ms", &c.sweep_interval, 100, 86400000));
     CONVERGE_RETURN_IF_ERROR(r.String("auth", "admin_token", &c.admin_token));
     CONVERGE_RETURN_IF_ERROR(r.StringMap("auth", "api_keys", &c.api_keys));
     CONVERGE_RETURN_IF_ERROR(r.String("psp", "url", &c.psp_url));

@@ -74,6 +74,12 @@ struct ServiceConfig {
   // Serve /admin/failpoints (configure, inspect, release pausable failpoints): for tests,
   // the demo and chaos runs only, never in production.
   bool admin_failpoints = false;
+  // Serve /admin/clock (shift the service's clock forward or back at runtime): chaos runs
+  // only, never in production. The service then reads an OffsetClock over `clock`.
+  bool admin_clock = false;
+  // [retention]
+  // How often the sweeper looks for expired keys, inbox rows and published outbox rows.
+  Millis sweep_interval = 60s;
   // [log]
   std::string log_level = "info";
   // Not from the file: what the service reads the time from (nullptr: the system clock).

@@ -24,6 +24,7 @@
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
 #include "converge/metrics.h"
+#include "converge/offset_clock.h"
 #if CONVERGE_WITH_NATS
 #include "converge/nats.h"
 #endif
@@ -126,7 +127,13 @@ Result<PaymentRequest> ParsePayment(const std::string& body) {
 class Service::Impl {
  public:
   explicit Impl(ServiceConfig c)
-      : cfg_(std::move(c)), clock_(cfg_.clock ? cfg_.clock : converge::Clock::System()) {}
+      : cfg_(std::move(c)), clock_(cfg_.clock ? cfg_.clock : converge::Clock::System()) {
+    if (cfg_.admin_clock) {
+      // Test-only: every component reads the shifted clock, /admin/clock moves it.
+      offset_clock_ = std::make_unique<converge::OffsetClock>(clock_);
+      clock_ = offset_clock_.get();
+    }
+  }
 
   Status Start();
   void Stop();
@@ -160,6 +167,7 @@ class Service::Impl {
   Result<std::string> SendReceipt(const std::string& key, const std::string& payload);
 
   ServiceConfig cfg_;
+  std::unique_ptr<converge::OffsetClock> offset_clock_;  // [admin] clock = true only
   converge::Clock* clock_;  // every time the service reads, so tests can inject one
   std::unique_ptr<Database> db_;
   // The library's machinery (keys, completer, outbox, relay, consumers, effect runner,
@@ -258,15 +266,15 @@ Status Service::Impl::Start() {
   CONVERGE_RETURN_IF_ERROR(CreateTables());
   CONVERGE_RETURN_IF_ERROR(Checkout::CreateTables(*db_));
 
-  // Retention: a bounded sweep a minute, at once again while there is more (several
-  // instances sweeping at once only split the work).
+  // Retention: a bounded sweep every sweep_interval (a minute by default), at once again
+  // while there is more (several instances sweeping at once only split the work).
   runtime_ = std::make_unique<converge::Runtime>(
       *db_, converge::RuntimeOptions{
                 .keys = key_options,
                 .outbox = {.source = "urn:converge:payments"},
                 .completer = {.grace = cfg_.completer_grace,
                               .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
-                .sweep_interval = std::chrono::seconds(60)},
+                .sweep_interval = cfg_.sweep_interval},
       clock_);
   keys_ = &runtime_->keys();
   completer_ = &runtime_->completer();
@@ -364,6 +372,8 @@ Status Service::Impl::Start() {
   admin.db = db_.get();
   admin.dead_letters = dead_letters_.get();
   admin.failpoints = cfg_.admin_failpoints;
+  admin.clock = offset_clock_.get();
+  if (offset_clock_) spdlog::warn("event=clock_hook_enabled hint=\"test and chaos runs only\"");
   admin.on_replay = [this](const converge::DeadLetter&) { receipts_->wakeup().Notify(); };
   admin.extra_stats = [this](Tx& tx) -> Result<std::string> {
     CONVERGE_ASSIGN_OR_RETURN(std::string payments, PaymentStats(tx));

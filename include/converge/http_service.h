@@ -21,6 +21,10 @@
 #include "converge/saga.h"
 #include "converge/status.h"
 
+namespace converge {
+class OffsetClock;  // converge/offset_clock.h
+}  // namespace converge
+
 namespace converge::http {
 
 // --- webhooks in ---------------------------------------------------------------------
@@ -99,6 +103,10 @@ struct AdminOptions {
   // Serve the failpoint hooks (PUT /admin/failpoints, GET /admin/failpoints/{name},
   // POST /admin/failpoints/{name}/release): tests, the demo and chaos runs only.
   bool failpoints = false;
+  // Serve the clock hook (GET /admin/clock, PUT /admin/clock with {"offset_ms": n}: the
+  // offset of this clock from its base, |n| <= 1 day) when set: chaos runs only. Must
+  // outlive the server.
+  OffsetClock* clock = nullptr;
 };
 
 // Registers, all behind the admin token (401 otherwise):
@@ -110,7 +118,7 @@ struct AdminOptions {
 //                                            effects, plus extra_stats)
 //   GET    /admin/sagas[?state=S&type=T&limit=N]  (newest first; 400 for an unknown state)
 //   GET    /admin/sagas/{id}                (with its step log)
-// and the failpoint hooks when enabled. kInvalidArgument for missing pieces.
+// and the failpoint and clock hooks when enabled. kInvalidArgument for missing pieces.
 Status RegisterAdminRoutes(Server& server, AdminOptions options);
 
 // A saga as the admin API shows it: a JSON object with saga_id, type, state, step, data

@@ -7,6 +7,7 @@
 #include "converge/http_idempotency.h"
 #include "converge/http_service.h"
 #include "converge/inbox.h"
+#include "converge/offset_clock.h"
 #include "converge/webhook.h"
 
 namespace converge::http {
@@ -371,6 +372,26 @@ Status RegisterAdminRoutes(Server& server, AdminOptions options) {
     route("POST", "/admin/failpoints/{name}/release", [](Request& req) -> Response {
       const std::string& name = req.params["name"];
       return Json(200, json{{"name", name}, {"released", failpoint::Release(name)}}.dump());
+    });
+  }
+  if (o->clock != nullptr) {
+    OffsetClock* clock = o->clock;
+    auto show = [clock] {
+      return Json(200, json{{"offset_ms", clock->offset().count()},
+                            {"now_ms", clock->NowMillis()}}
+                           .dump());
+    };
+    route("GET", "/admin/clock", [show](Request&) -> Response { return show(); });
+    route("PUT", "/admin/clock", [clock, show](Request& req) -> Response {
+      constexpr int64_t kDay = 86400000;
+      json j = json::parse(req.body, nullptr, false);
+      if (!j.is_object() || !j["offset_ms"].is_number_integer() ||
+          j["offset_ms"].get<int64_t>() < -kDay || j["offset_ms"].get<int64_t>() > kDay) {
+        return Problem(400, "Bad Request", "body must be {\"offset_ms\": -86400000..86400000}",
+                       "invalid-request");
+      }
+      clock->SetOffset(Millis(j["offset_ms"].get<int64_t>()));
+      return show();
     });
   }
   return OkStatus();

@@ -66,7 +66,10 @@ class ChaosChecker : public ::testing::Test {
   }
 
   std::vector<Violation> Check(const std::vector<Op>& ops) {
-    auto v = CheckHistory(ops, originals_, {service_.get(), psp_.get(), mail_.get(), {}});
+    CheckStores stores{service_.get(), psp_.get(), mail_.get(), {}};
+    stores.initial_stock = {{"sku-plenty", 1000000}, {"sku-scarce-0", 60}, {"sku-scarce-1", 60}};
+    stores.keys_may_expire = true;
+    auto v = CheckHistory(ops, originals_, stores);
     EXPECT_TRUE(v.has_value()) << v.error().ToString();
     return v ? *v : std::vector<Violation>{};
   }
@@ -76,6 +79,23 @@ class ChaosChecker : public ::testing::Test {
       if (op.status == 201 && op.kind != "mismatch") return op;
     }
     ADD_FAILURE() << "no 201 in the history";
+    return result_->history.front();
+  }
+  // The first order some client got a 202 for whose saga completed (shipped), and that op.
+  const Op& FirstShippedOrder() {
+    for (const Op& op : result_->history) {
+      if (op.api != "orders" || op.status != 202 || op.kind == "mismatch") continue;
+      bool shipped = false;
+      Status st = service_->Read([&](Tx& tx) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(
+            Rows r, tx.Query("SELECT shipped FROM orders WHERE id = $1", PaymentOf(op)));
+        shipped = !r.empty() && r[0].Int(0) == 1;
+        return OkStatus();
+      });
+      EXPECT_TRUE(st.ok()) << st.ToString();
+      if (shipped) return op;
+    }
+    ADD_FAILURE() << "no shipped order in the history";
     return result_->history.front();
   }
   static bool Reported(const std::vector<Violation>& vs, const std::string& check,
@@ -100,6 +120,7 @@ ChaosResult* ChaosChecker::result_ = nullptr;
 
 TEST_F(ChaosChecker, TheUndoctoredCampaignChecksClean) {
   EXPECT_GE(result_->counts.kills, 4);
+  EXPECT_GT(result_->counts.orders, 0);
   EXPECT_TRUE(result_->violations.empty()) << FormatViolations({}, *result_);
   EXPECT_TRUE(Check(result_->history).empty());
 }
@@ -212,6 +233,114 @@ TEST(ChaosSchedule, IsAFunctionOfTheSeedAlone) {
     });
   }
   EXPECT_EQ(kinds, 7);
+}
+
+// --- checkout orders ---------------------------------------------------------------------
+
+TEST_F(ChaosChecker, ReportsASecondOrderForOneKeyAndAnOrderWithoutASaga) {
+  const Op& op = FirstShippedOrder();
+  Exec(*service_,
+       "INSERT INTO orders (id, tenant, customer_id, sku, qty, amount, currency, created_at, "
+       "updated_at) SELECT 'ord_doctored', tenant, customer_id, sku, qty, amount, currency, "
+       "created_at, updated_at FROM orders WHERE id = $1",
+       PaymentOf(op));
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "orders-per-key", op.key));
+  EXPECT_TRUE(Reported(vs, "saga-per-order", "ord_doctored"));
+}
+
+TEST_F(ChaosChecker, ReportsASagaLeftRunning) {
+  const std::string oid = PaymentOf(FirstShippedOrder());
+  Exec(*service_, "UPDATE saga_instances SET state = 'running' WHERE saga_id = $1", oid);
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "saga-not-final", oid));
+  bool not_drained = false;
+  for (const auto& v : vs) {
+    not_drained |= v.check == "not-drained" &&
+                   v.detail.find("1 sagas not settled") != std::string::npos;
+  }
+  EXPECT_TRUE(not_drained);
+}
+
+TEST_F(ChaosChecker, ReportsOrderMoneyThatDoesNotBalance) {
+  // Captured money of a shipped order counted as refunded too.
+  const std::string oid = PaymentOf(FirstShippedOrder());
+  Exec(*service_, "UPDATE orders SET refunded = amount WHERE id = $1", oid);
+  EXPECT_TRUE(Reported(Check(result_->history), "order-money", oid));
+}
+
+TEST_F(ChaosChecker, ReportsAnOrderShippedWithoutItsChargeAtTheProvider) {
+  const std::string oid = PaymentOf(FirstShippedOrder());
+  Exec(*psp_, "DELETE FROM charges WHERE reference = $1", "pay_" + oid.substr(4));
+  EXPECT_TRUE(Reported(Check(result_->history), "order-money", oid));
+}
+
+TEST_F(ChaosChecker, ReportsStockThatDoesNotAddUp) {
+  // One unit more on the shelf than the initial stock less what was shipped.
+  Exec(*service_, "UPDATE inventory SET available = available + 1 WHERE sku = $1",
+       "sku-plenty");
+  bool stock = false;
+  for (const auto& v : Check(result_->history)) {
+    stock |= v.check == "stock" && v.detail.rfind("sku-plenty:", 0) == 0;
+  }
+  EXPECT_TRUE(stock);
+}
+
+TEST_F(ChaosChecker, ReportsAParkedSagaUnlessItsRefundWasRefused) {
+  const Op& op = FirstShippedOrder();
+  const std::string oid = PaymentOf(op);
+  Exec(*service_, "UPDATE saga_instances SET state = 'failed_to_compensate' WHERE saga_id = $1",
+       oid);
+  Exec(*service_,
+       "INSERT INTO dead_letters (consumer, queue, event_id, source, type, envelope, "
+       "error_class, error_code, error, attempts, first_failure_at, last_failure_at, "
+       "updated_at) VALUES ('saga', 'saga:checkout', $1, 's', 't', '{}', 'permanent', "
+       "'failed_precondition', 'doctored', 1, 0, 0, 0)",
+       oid);
+  auto vs = Check(result_->history);
+  EXPECT_TRUE(Reported(vs, "saga-parked", oid));
+  bool dead = false;
+  for (const auto& v : vs) dead |= v.check == "dead-letter" && v.detail.find(oid) != v.detail.npos;
+  EXPECT_TRUE(dead);
+  // The provider refused this order's refund: the parked saga and its letter are expected.
+  Exec(*psp_,
+       "INSERT INTO refused_refunds (charge_id, reference, created_at) VALUES ('ch_x', $1, 0)",
+       "pay_" + oid.substr(4));
+  for (const auto& v : Check(result_->history)) {
+    EXPECT_NE(v.check, "saga-parked") << v.detail;
+    EXPECT_NE(v.check, "dead-letter") << v.detail;
+  }
+}
+
+TEST_F(ChaosChecker, ReportsAnOrderReplayThatDiffers) {
+  std::vector<Op> ops = result_->history;
+  Op replay = FirstShippedOrder();
+  replay.seq = static_cast<int64_t>(ops.size());
+  replay.response.back() = ' ';
+  ops.push_back(replay);
+  EXPECT_TRUE(Reported(Check(ops), "replay-differs", replay.key));
+}
+
+TEST_F(ChaosChecker, ReportsAFailedEffectButNotASagasCallThatFailedForGood) {
+  // A saga's journalled call that failed for good (a declined capture) is settled with its
+  // saga; an effect of the effect runner left failed is not drained.
+  auto insert = [&](const std::string& key, const std::string& kind) {
+    Status st = service_->Transact([&](Tx& tx) {
+      return StatusOf(tx.Exec(
+          "INSERT INTO effects (effect_key, kind, payload, state, attempts, next_attempt_at, "
+          "created_at, updated_at) VALUES ($1, $2, '{}', 'failed', 1, 0, 0, 0)",
+          key, kind));
+    });
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  };
+  insert("checkout:ord_doctored:capture:action", "saga:checkout");
+  for (const auto& v : Check(result_->history)) EXPECT_NE(v.check, "not-drained") << v.detail;
+  insert("receipt:pay_doctored", "email.receipt");
+  bool not_drained = false;
+  for (const auto& v : Check(result_->history)) {
+    not_drained |= v.check == "not-drained" && v.detail == "1 failed effects";
+  }
+  EXPECT_TRUE(not_drained);
 }
 
 }  // namespace

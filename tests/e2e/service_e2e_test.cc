@@ -672,5 +672,75 @@ TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   EXPECT_EQ(admin("PUT", "/admin/failpoints", "").status, 200);
 }
 
+// The clock hook is for chaos runs: off unless the config asks for it.
+TEST_F(ServiceE2E, ClockHookIsServedOnlyWhenConfigured) {
+  Response r = Send("GET", "/admin/clock", {{"Authorization", "Bearer e2e-admin-token"}});
+  EXPECT_EQ(r.status, 404) << r.body;
+}
+
+// With `[admin] clock = true` the whole service reads the shifted clock: moved past the
+// key TTL, the same key and body is a new request (a second payment); moved back, the
+// hook says so; a malformed offset is refused.
+TEST(ServiceClockHook, ShiftsTheClockEveryComponentReads) {
+  converge::testing::TempDir dir;
+  converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});
+  converge::harness::FakeMail mail({.db_path = dir.File("mail.db")});
+  ASSERT_TRUE(psp.Start().ok());
+  ASSERT_TRUE(mail.Start().ok());
+  ServiceConfig c;
+  c.port = 0;
+  c.db = "sqlite:" + dir.File("service.db");
+  c.admin_token = "e2e-admin-token";
+  c.api_keys = {{"sk_test_acme", "acme"}};
+  c.psp_url = "http://127.0.0.1:" + std::to_string(psp.port());
+  c.mail_url = "http://127.0.0.1:" + std::to_string(mail.port());
+  c.webhook_secrets = {converge::webhook::NewSecret()};
+  c.key_ttl = std::chrono::seconds(10);
+  c.lease = std::chrono::seconds(2);
+  c.psp_timeout = std::chrono::seconds(1);
+  c.admin_clock = true;
+  Service service(c);
+  ASSERT_TRUE(service.Start().ok());
+  Client client;
+  auto send = [&](const std::string& method, const std::string& path, const std::string& body,
+                  const char* auth, const std::string& key = "") {
+    Headers h = {{"Authorization", auth}};
+    if (!key.empty()) h.push_back({"Idempotency-Key", key});
+    auto r = client.Send({.method = method,
+                          .url = "http://127.0.0.1:" + std::to_string(service.port()) + path,
+                          .headers = h,
+                          .body = body,
+                          .timeout = std::chrono::seconds(10)});
+    EXPECT_TRUE(r) << r.error().ToString();
+    return r ? *r : Response{0, {}, {}};
+  };
+  const char* admin = "Bearer e2e-admin-token";
+  const std::string body =
+      json{{"amount", 500}, {"currency", "EUR"}, {"customer_id", "c-1"}, {"order_id", "o-1"}}
+          .dump();
+  Response first = send("POST", "/v1/payments", body, kAcme, "clock-1");
+  ASSERT_EQ(first.status, 201) << first.body;
+  Response replay = send("POST", "/v1/payments", body, kAcme, "clock-1");
+  EXPECT_EQ(replay.body, first.body);
+
+  Response moved = send("PUT", "/admin/clock", R"({"offset_ms": 11000})", admin);
+  ASSERT_EQ(moved.status, 200) << moved.body;
+  EXPECT_EQ(json::parse(moved.body).value("offset_ms", 0), 11000);
+  Response fresh = send("POST", "/v1/payments", body, kAcme, "clock-1");
+  ASSERT_EQ(fresh.status, 201) << fresh.body;
+  EXPECT_EQ(fresh.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_NE(json::parse(fresh.body)["id"], json::parse(first.body)["id"]);
+
+  ASSERT_EQ(send("PUT", "/admin/clock", R"({"offset_ms": -3000})", admin).status, 200);
+  Response shown = send("GET", "/admin/clock", "", admin);
+  EXPECT_EQ(json::parse(shown.body).value("offset_ms", 0), -3000);
+  const int64_t now = json::parse(shown.body).value("now_ms", int64_t{0});
+  EXPECT_LT(now, converge::Clock::System()->NowMillis() - 2000);
+  EXPECT_EQ(send("PUT", "/admin/clock", R"({"offset_ms": "soon"})", admin).status, 400);
+  EXPECT_EQ(send("PUT", "/admin/clock", R"({"offset_ms": 86400001})", admin).status, 400);
+  EXPECT_EQ(send("GET", "/admin/clock", "", kAcme).status, 401);
+  service.Stop();
+}
+
 }  // namespace
 }  // namespace payments
