@@ -129,8 +129,7 @@ int TableDrain(converge::Database& db, int64_t events) {
   auto table = converge::OutboxTable::Open(
       db, outbox, {.table = "app_outbox", .columns = {.order = "seq"}, .batch = 256});
   if (!st.ok() || !table) {
-    std::fprintf(stderr, "setup: %s
-", (st.ok() ? table.error() : st).ToString().c_str());
+    std::fprintf(stderr, "setup: %s\n", (st.ok() ? table.error() : st).ToString().c_str());
     return 1;
   }
   converge::Relay relay(db, outbox, queue,
