@@ -5,8 +5,11 @@
 //            --seconds; prints creates/s.
 //   relay    --events unpublished outbox events drained by one Relay into the SQL queue
 //            (publish and mark in one transaction per batch); prints events/s.
+//   table-relay  --events rows of an application's outbox table (outbox_table.h, the
+//            README's PostgreSQL table) copied, published into the SQL queue by one Relay
+//            and deleted; prints rows/s from the first copy to the last delete.
 //
-//   converge_pg_bench --uri postgresql://... creates|relay [flags]
+//   converge_pg_bench --uri postgresql://... creates|relay|table-relay [flags]
 #include <unistd.h>
 
 #include <atomic>
@@ -21,6 +24,7 @@
 #include "converge/database.h"
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
+#include "converge/outbox_table.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
 
@@ -105,6 +109,49 @@ int Drain(converge::Database& db) {
   return 0;
 }
 
+int TableDrain(converge::Database& db, int64_t events) {
+  Status st = db.Transact([&](Tx& tx) -> Status {
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("DROP TABLE IF EXISTS app_outbox"));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec(
+        "CREATE TABLE app_outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, "
+        "aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, "
+        "created_at timestamptz NOT NULL DEFAULT now(), seq bigint GENERATED ALWAYS AS "
+        "IDENTITY)"));
+    return converge::StatusOf(tx.Exec(
+        "INSERT INTO app_outbox (id, aggregatetype, aggregateid, type, payload) "
+        "SELECT gen_random_uuid(), 'payment', 'pay_' || (g % 10000), 'payment.captured', "
+        "jsonb_build_object('amount', g % 1000) FROM generate_series(1, $1) g",
+        events));
+  });
+  converge::SqlQueue queue(db);
+  if (st.ok()) st = queue.Subscribe("table-drain", "*");
+  converge::Outbox outbox;
+  auto table = converge::OutboxTable::Open(
+      db, outbox, {.table = "app_outbox", .columns = {.order = "seq"}, .batch = 256});
+  if (!st.ok() || !table) {
+    std::fprintf(stderr, "setup: %s\n", (st.ok() ? table.error() : st).ToString().c_str());
+    return 1;
+  }
+  converge::Relay relay(db, outbox, queue,
+                        converge::RelayOptions{.batch = 256, .name = "bench"});  // the drain's own
+  const auto t0 = Steady::now();
+  for (;;) {
+    auto copied = (*table)->Ingest();
+    auto published = relay.RunOnce();
+    auto deleted = (*table)->Finalize();
+    if (!copied || !published || !deleted) {
+      std::fprintf(stderr, "table relay: %s\n", (*table)->stats().last_error.c_str());
+      return 1;
+    }
+    if (*copied == 0 && *published == 0 && *deleted == 0) break;
+  }
+  const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+  const int64_t done = (*table)->stats().finalized;
+  std::printf("table-relay %.1f %lld\n", static_cast<double>(done) / secs,
+              static_cast<long long>(done));
+  return done == events ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -113,9 +160,12 @@ int main(int argc, char** argv) {
   int callers = 64;
   double seconds = 10;
   app.add_option("--uri", uri, "postgresql://...")->required();
-  app.add_option("mode", mode, "creates or relay")
+  int64_t events = 20000;
+  app.add_option("mode", mode, "creates, relay or table-relay")
       ->required()
-      ->check(CLI::IsMember({"creates", "relay"}));
+      ->check(CLI::IsMember({"creates", "relay", "table-relay"}));
+  app.add_option("--events", events, "Rows of the table-relay run")
+      ->check(CLI::Range(int64_t{1}, int64_t{10'000'000}));
   app.add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
   app.add_option("--seconds", seconds, "Duration of the creates run")
       ->check(CLI::Range(0.5, 600.0));
@@ -126,5 +176,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "open: %s\n", db.error().ToString().c_str());
     return 1;
   }
+  if (mode == "table-relay") return TableDrain(**db, events);
   return mode == "creates" ? Creates(**db, callers, seconds) : Drain(**db);
 }

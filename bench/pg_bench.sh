@@ -87,6 +87,9 @@ mapfile -t cv_pipe < <(ratios cv pipe)
 
 echo "  relay: converge drain..." >&2
 read -r _ relay_rate relay_events < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" relay)
+echo "  relay: outbox-table drain..." >&2
+read -r _ table_rate table_events < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" \
+    table-relay --events "$relay_events")
 echo "  relay: raw SKIP LOCKED drain..." >&2
 psql_q "$base/bench_pgb" -c "INSERT INTO queue_subscriptions VALUES ('drain', '*', 0)"
 raw_events=$(psql_q "$base/bench_pgb" -c "SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
@@ -127,6 +130,9 @@ printf "  converge/pgbench = %s (%s, target >= 1.2)   converge/pipelined = %s (%
 printf "  %-52s %12s\n" "relay drain into the SQL queue, converge ($relay_events events)" "$relay_rate/s"
 printf "  %-52s %12s\n" "raw SKIP LOCKED fetch-and-mark loop ($raw_events events)" "$raw_rate/s"
 awk -v a="$relay_rate" -v b="$raw_rate" 'BEGIN {printf "  relay/raw = %.2f\n", a/b}'
+printf "  %-52s %12s\n" "outbox-table relay: copy, publish, delete ($table_events rows)" \
+  "$table_rate/s"
+awk -v a="$table_rate" -v b="$relay_rate" 'BEGIN {printf "  table relay/relay = %.2f\n", a/b}'
 if [ -n "$json_out" ]; then
   cat > "$json_out" <<JSON
 {"benchmark": "pg_creates", "seconds": $secs, "callers": 64,
@@ -134,6 +140,6 @@ if [ -n "$json_out" ]; then
  "pgbench_pipelined": [$(list "${pipe[@]}")],
  "converge_over_pgbench": [$(list "${cv_pgb[@]}")],
  "converge_over_pipelined": [$(list "${cv_pipe[@]}")],
- "relay": $relay_rate, "relay_raw": $raw_rate}
+ "relay": $relay_rate, "relay_raw": $raw_rate, "table_relay": $table_rate}
 JSON
 fi

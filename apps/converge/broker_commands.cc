@@ -2,6 +2,8 @@
 // (PostgreSQL + NATS JetStream + many converge processes; docs/design/nats.md).
 //
 //   converge relay --db URI --broker nats://...            outbox -> broker, nothing else
+//   converge relay --config FILE [--outbox-table NAME]     an application's own outbox
+//                                                          table (table_relay.cc)
 //   converge worker --db URI --broker nats://... --consumer ledger   consumers, nothing else
 //
 // Both stop cleanly on SIGTERM/SIGINT: the pass or batch under way finishes, what
@@ -31,9 +33,17 @@ namespace {
 struct BrokerFlags {
   std::string db, broker, name, config, log_level = "info";
   std::vector<std::string> consumers;
+  ModeFlags table;  // relay --config: the outbox-table relay
+  std::string outbox_table;
 };
 
 int RunRelay(const BrokerFlags& f) {
+  if (!f.table.config.empty()) return RunTableRelay(f.table, f.outbox_table, f.name);
+  if (f.db.empty() || f.broker.empty() || !f.outbox_table.empty()) {
+    std::fprintf(stderr, "converge relay: give --db and --broker (the library's outbox), or "
+                         "--config (an application's outbox table)\n");
+    return 2;
+  }
   SetUpLogging(f.log_level);
 #if CONVERGE_WITH_NATS
   auto options = ParseNatsUri(f.broker);
@@ -99,14 +109,23 @@ void AddBrokerCommands(CLI::App& app, int* exit_code) {
   auto rf = std::make_shared<BrokerFlags>();
   CLI::App* relay = app.add_subcommand(
       "relay", "Publish the outbox to a broker, alone (several may share one outbox)");
-  relay->add_option("--db", rf->db, "Store URI (or CONVERGE_DB)")
-      ->required()
-      ->envname("CONVERGE_DB");
-  relay->add_option("--broker", rf->broker, "nats://host:port[,host:port...][?replicas=3...]")
-      ->required();
+  relay->add_option("--db", rf->db, "Store URI (or CONVERGE_DB)")->envname("CONVERGE_DB");
+  relay->add_option("--broker", rf->broker, "nats://host:port[,host:port...][?replicas=3...]");
   relay->add_option("--name", rf->name, "Relay name, unique among live relays (default: random)");
-  relay->add_option("--log-level", rf->log_level, "trace, debug, info, warn, error");
-  relay->callback([rf, exit_code] { *exit_code = RunRelay(*rf); });
+  CLI::Option* level =
+      relay->add_option("--log-level", rf->log_level, "trace, debug, info, warn, error");
+  // The outbox-table relay (docs/design/outbox-table-relay.md): --config instead of
+  // --db/--broker; --log-level then overrides the file's.
+  relay->add_option("--config", rf->table.config,
+                    "TOML file: [relay], [outbox_table], [target] (an application's table)")
+      ->check(CLI::ExistingFile);
+  relay->add_option("--outbox-table", rf->outbox_table, "The table to publish (with --config)");
+  relay->add_option("--listen", rf->table.listen, "host:port for /metrics (with --config)");
+  relay->add_option("--port-file", rf->table.port_file, "Write the bound port here (--config)");
+  relay->callback([rf, exit_code, level] {
+    if (level->count() > 0) rf->table.log_level = rf->log_level;
+    *exit_code = RunRelay(*rf);
+  });
 
   auto wf = std::make_shared<BrokerFlags>();
   CLI::App* worker = app.add_subcommand(

@@ -49,6 +49,11 @@ void AddProxyCommand(CLI::App& app, int* exit_code);
 void AddGatewayCommand(CLI::App& app, int* exit_code);
 // relay and worker: the distributed deployment's separate processes (--broker nats://).
 void AddBrokerCommands(CLI::App& app, int* exit_code);
+struct ModeFlags;  // process.h
+// relay --config: publishes an application's own outbox table (table_relay.cc);
+// `outbox_table` and `name`, when not empty, override the file's table and relay name.
+int RunTableRelay(const ModeFlags& flags, const std::string& outbox_table,
+                  const std::string& name);
 
 }  // namespace converge::cli
 

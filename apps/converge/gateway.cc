@@ -2,7 +2,6 @@
 // verified and stored before the 2xx, then delivered at least once to internal HTTP
 // targets, signed with the gateway's own Standard Webhooks secret. docs/design/gateway.md.
 #include <atomic>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +18,7 @@
 
 #include "apps/converge/commands.h"
 #include "apps/converge/process.h"
+#include "apps/converge/signed_delivery.h"
 #include "converge/config_reader.h"
 #include "converge/dead_letters.h"
 #include "converge/effects.h"
@@ -179,15 +179,6 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
   return c;
 }
 
-// The Retry-After of `r` in milliseconds (delay-seconds form), 0 when absent.
-int64_t RetryAfterMs(const http::Response& r) {
-  const std::string* v = r.Header("Retry-After");
-  int64_t seconds = 0;
-  if (v == nullptr) return 0;
-  auto res = std::from_chars(v->data(), v->data() + v->size(), seconds);
-  return res.ec == std::errc() && seconds > 0 ? std::min<int64_t>(seconds, 86400) * 1000 : 0;
-}
-
 class Gateway {
  public:
   explicit Gateway(GatewayConfig config) : cfg_(std::move(config)) {}
@@ -322,39 +313,24 @@ class Gateway {
           "/admin/targets/" + t.name + "/enable, then replay"));
     }
     const json p = json::parse(payload);
-    const std::string id = p["id"], body = p["body"];
-    const int64_t ts = Clock::System()->NowMillis() / 1000;
-    CONVERGE_ASSIGN_OR_RETURN(std::string signature, webhook::Sign(t.secret, id, ts, body));
-    const auto start = std::chrono::steady_clock::now();
-    auto r = client_.Send({.method = "POST",
-                           .url = t.url,
-                           .headers = {{"Content-Type", "application/json"},
-                                       {"webhook-id", id},
-                                       {"webhook-timestamp", std::to_string(ts)},
-                                       {"webhook-signature", signature},
-                                       {"X-Converge-Endpoint", p["endpoint"]}},
-                           .body = body,
-                           .timeout = t.timeout});
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const SignedOutcome out =
+        SignedPost(client_, {.name = t.name, .url = t.url, .secret = t.secret,
+                             .timeout = t.timeout},
+                   p["id"], p["body"],
+                   {{"Content-Type", "application/json"}, {"X-Converge-Endpoint", p["endpoint"]}});
     metrics_.Observe("gateway_delivery_seconds",
                      {{"target", t.name},
-                      {"status", r ? std::string(http::StatusClass(r->status)) : "error"}},
-                     seconds, {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30});
-    if (!r) return tl::unexpected(UnavailableError(t.name + ": " + r.error().message()));
-    const int s = r->status;
-    if (s >= 200 && s < 300) return std::to_string(s);
-    if (s == 410) {
+                      {"status", out.http_status > 0
+                                     ? std::string(http::StatusClass(out.http_status))
+                                     : "error"}},
+                     out.seconds, {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30});
+    if (out.http_status == 410) {
       Disable(t.name);
       return tl::unexpected(
           FailedPreconditionError(t.name + " answered 410 Gone: the target is disabled"));
     }
-    if (s == 408 || s == 425 || s == 429 || s >= 500) {
-      return tl::unexpected(UnavailableError(t.name + " answered " + std::to_string(s))
-                                .WithRetryAfter(RetryAfterMs(*r)));
-    }
-    return tl::unexpected(
-        FailedPreconditionError(t.name + " refused the delivery with " + std::to_string(s)));
+    if (!out.status.ok()) return tl::unexpected(out.status);
+    return std::to_string(out.http_status);
   }
 
   bool Disabled(const std::string& target) {

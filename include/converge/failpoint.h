@@ -10,6 +10,7 @@
 //   dead_letters.after_claim
 //   saga.before_call  saga.after_call_before_record  saga.after_step
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
+//   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):
