@@ -48,13 +48,16 @@ class Faults {
       if (k == "transient_rate" && v.is_number() && v.get<double>() >= 0 && v.get<double>() <= 1) {
         transient_rate_ = v.get<double>();
       } else if ((k == "fail_next" || k == "timeout_next" || k == "decline_next" ||
-                  k == "in_use_next" || k == "timeout_ms") &&
+                  k == "in_use_next" || k == "timeout_ms" || k == "refund_fail_next" ||
+                  k == "refund_refuse_next") &&
                  v.is_number_integer() && v.get<int64_t>() >= 0) {
-        (k == "fail_next"     ? fail_next_
-         : k == "timeout_next" ? timeout_next_
-         : k == "decline_next" ? decline_next_
-         : k == "in_use_next"  ? in_use_next_
-                               : timeout_ms_) = v.get<int64_t>();
+        (k == "fail_next"            ? fail_next_
+         : k == "timeout_next"       ? timeout_next_
+         : k == "decline_next"       ? decline_next_
+         : k == "in_use_next"        ? in_use_next_
+         : k == "refund_fail_next"   ? refund_fail_next_
+         : k == "refund_refuse_next" ? refund_refuse_next_
+                                     : timeout_ms_) = v.get<int64_t>();
       } else {
         return Problem(400, "Bad Request", "unknown or malformed fault '" + k + "'");
       }
@@ -84,18 +87,23 @@ class Faults {
     --in_use_next_;
     return true;
   }
-  bool TakeDecline() {
-    std::lock_guard<std::mutex> l(mu_);
-    if (decline_next_ == 0) return false;
-    --decline_next_;
-    return true;
-  }
+  bool TakeDecline() { return Take(decline_next_); }
+  // Refunds: a provider that is down (503) or that refuses for good (422).
+  bool TakeRefundFail() { return Take(refund_fail_next_); }
+  bool TakeRefundRefuse() { return Take(refund_refuse_next_); }
 
  private:
   std::mutex mu_;
   std::mt19937_64 rng_{std::random_device{}()};
+  bool Take(int64_t& counter) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (counter == 0) return false;
+    --counter;
+    return true;
+  }
+
   int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, in_use_next_ = 0,
-          timeout_ms_ = 3000;
+          refund_fail_next_ = 0, refund_refuse_next_ = 0, timeout_ms_ = 3000;
   double transient_rate_ = 0;
 };
 
@@ -236,6 +244,10 @@ class FakePsp::Impl {
 
   Response Refund(Request& req) {
     const std::string id = req.params["id"];
+    if (faults_.TakeRefundFail()) return Unavailable();
+    if (faults_.TakeRefundRefuse()) {
+      return Problem(422, "Unprocessable Content", "the charge can no longer be refunded");
+    }
     int64_t changed = 0;
     Status st = db_->Transact([&](Tx& tx) -> Status {
       CONVERGE_ASSIGN_OR_RETURN(
