@@ -3,6 +3,7 @@
 // a real `converge serve` child that a failpoint SIGKILLs at every step boundary.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -159,6 +160,14 @@ class CheckoutE2E : public ::testing::Test {
     })) << out.dump();
     return out;
   }
+  // Steps() without the retries (a loaded machine may time a call out once more).
+  static std::vector<std::string> Outcomes(const json& order) {
+    std::vector<std::string> out;
+    for (std::string& s : Steps(order)) {
+      if (s.size() < 6 || s.compare(s.size() - 6, 6, " retry") != 0) out.push_back(std::move(s));
+    }
+    return out;
+  }
   static std::vector<std::string> Steps(const json& order) {
     std::vector<std::string> out;
     for (const json& h : order["saga"]["history"]) {
@@ -287,11 +296,11 @@ TEST_F(CheckoutE2E, ARefundFailingTransientlyIsRetriedUntilItGoesThrough) {
   PspFaults({{"refund_fail_next", 3}});
   json o = Await(Order("k-refund-flaky"));
   EXPECT_EQ(o["state"], "compensated");
-  EXPECT_EQ(Steps(o),
-            (std::vector<std::string>{"action reserve done", "action capture done",
-                                      "action ship failed", "compensation capture retry",
-                                      "compensation capture retry", "compensation capture retry",
-                                      "compensation capture done", "compensation reserve done"}));
+  EXPECT_EQ(Outcomes(o), (std::vector<std::string>{
+                             "action reserve done", "action capture done", "action ship failed",
+                             "compensation capture done", "compensation reserve done"}));
+  const std::vector<std::string> steps = Steps(o);
+  EXPECT_GE(std::count(steps.begin(), steps.end(), "compensation capture retry"), 3);
   EXPECT_EQ(o["refunded"], 500);
   EXPECT_EQ(Available("sku-1"), 1);
   EXPECT_EQ(PspKept(client_, psp_->port()), 0);
@@ -308,7 +317,7 @@ TEST_F(CheckoutE2E, ARefundRefusedForGoodParksTheSagaWithADeadLetterAndAnAlert) 
   const std::string id = Order("k-refund-refused");
   json o = Await(id);
   EXPECT_EQ(o["state"], "failed_to_compensate");
-  EXPECT_EQ(Steps(o),
+  EXPECT_EQ(Outcomes(o),
             (std::vector<std::string>{"action reserve done", "action capture done",
                                       "action ship failed", "compensation capture failed"}));
   EXPECT_EQ(PspKept(client_, psp_->port()), 500);  // the money is still taken: an alert
@@ -321,10 +330,13 @@ TEST_F(CheckoutE2E, ARefundRefusedForGoodParksTheSagaWithADeadLetterAndAnAlert) 
   EXPECT_EQ(parked[0]["event_id"], id);
   EXPECT_NE(parked[0]["error"].get<std::string>().find("refused the refund"), std::string::npos)
       << parked[0].dump();
-  const std::string metrics = Send("GET", "/metrics", {}).body;
+  // The runner counts the parking just after its transaction committed: wait for it.
+  std::string metrics;
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    metrics = Send("GET", "/metrics", {}).body;
+    return metrics.find("\nsagas_parked_total{type=\"checkout\"} 1\n") != std::string::npos;
+  })) << "the parking is counted whichever of the process's runners parked it";
   EXPECT_NE(metrics.find("\nsagas{state=\"failed_to_compensate\"} 1\n"), std::string::npos);
-  EXPECT_NE(metrics.find("\nsagas_parked_total{type=\"checkout\"} 1\n"), std::string::npos)
-      << "the parking is counted whichever of the process's runners parked it";
   // The operator replays it: the refund runs again with its key, then the release.
   const std::string letter = std::to_string(parked[0]["id"].get<int64_t>());
   Response replay =
@@ -332,7 +344,7 @@ TEST_F(CheckoutE2E, ARefundRefusedForGoodParksTheSagaWithADeadLetterAndAnAlert) 
   ASSERT_EQ(replay.status, 200) << replay.body;
   o = Await(id);
   EXPECT_EQ(o["state"], "compensated");
-  EXPECT_EQ(Steps(o),
+  EXPECT_EQ(Outcomes(o),
             (std::vector<std::string>{"action reserve done", "action capture done",
                                       "action ship failed", "compensation capture failed",
                                       "compensation capture done", "compensation reserve done"}));
