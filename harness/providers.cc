@@ -48,13 +48,15 @@ class Faults {
       if (k == "transient_rate" && v.is_number() && v.get<double>() >= 0 && v.get<double>() <= 1) {
         transient_rate_ = v.get<double>();
       } else if ((k == "fail_next" || k == "timeout_next" || k == "decline_next" ||
-                  k == "in_use_next" || k == "refuse_refund_next" || k == "timeout_ms") &&
+                  k == "in_use_next" || k == "refuse_refund_next" || k == "timeout_ms" ||
+                  k == "refund_fail_next") &&
                  v.is_number_integer() && v.get<int64_t>() >= 0) {
         (k == "fail_next"            ? fail_next_
          : k == "timeout_next"       ? timeout_next_
          : k == "decline_next"       ? decline_next_
          : k == "in_use_next"        ? in_use_next_
          : k == "refuse_refund_next" ? refuse_refund_next_
+         : k == "refund_fail_next"   ? refund_fail_next_
                                      : timeout_ms_) = v.get<int64_t>();
       } else {
         return Problem(400, "Bad Request", "unknown or malformed fault '" + k + "'");
@@ -85,25 +87,24 @@ class Faults {
     --in_use_next_;
     return true;
   }
-  bool TakeDecline() {
-    std::lock_guard<std::mutex> l(mu_);
-    if (decline_next_ == 0) return false;
-    --decline_next_;
-    return true;
-  }
+  bool TakeDecline() { return Take(decline_next_); }
   // A refund refused for good (a closed account, an expired charge): 422.
-  bool TakeRefuseRefund() {
-    std::lock_guard<std::mutex> l(mu_);
-    if (refuse_refund_next_ == 0) return false;
-    --refuse_refund_next_;
-    return true;
-  }
+  bool TakeRefuseRefund() { return Take(refuse_refund_next_); }
+  // A provider that is down for refunds: 503.
+  bool TakeRefundFail() { return Take(refund_fail_next_); }
 
  private:
   std::mutex mu_;
   std::mt19937_64 rng_{std::random_device{}()};
+  bool Take(int64_t& counter) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (counter == 0) return false;
+    --counter;
+    return true;
+  }
+
   int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, in_use_next_ = 0,
-          refuse_refund_next_ = 0, timeout_ms_ = 3000;
+          refuse_refund_next_ = 0, refund_fail_next_ = 0, timeout_ms_ = 3000;
   double transient_rate_ = 0;
 };
 
@@ -248,6 +249,7 @@ class FakePsp::Impl {
 
   Response Refund(Request& req) {
     const std::string id = req.params["id"];
+    if (faults_.TakeRefundFail()) return Unavailable();
     int64_t changed = 0;
     bool refused = false;
     Status st = db_->Transact([&](Tx& tx) -> Status {

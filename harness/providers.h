@@ -5,12 +5,13 @@
 // declines can be exercised.
 //
 //   fake PSP:  POST /v1/charges (Idempotency-Key)      201 charge | replay | 402 | 503 | slow
-//              POST /v1/charges/{id}/refund              200, sends charge.refunded
+//              POST /v1/charges/{id}/refund              200, sends charge.refunded | 503 | 422
 //              GET  /v1/charges?reference=R              {"count": n, "charges": [...]}
 //              GET  /v1/stats                            counters
 //              POST /faults {"fail_next": n, "timeout_next": n, "decline_next": n,
 //                            "in_use_next": n (charge, then answer 409 "key in use"),
 //                            "refuse_refund_next": n (422, kept in refused_refunds),
+//                            "refund_fail_next": n (503),
 //                            "transient_rate": 0.05, "timeout_ms": 3000}
 //              sends Standard-Webhooks-signed charge.succeeded / charge.refunded to
 //              webhook_url, with retries, honouring Retry-After, disabled by 410

@@ -243,7 +243,9 @@ Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
   CONVERGE_ASSIGN_OR_RETURN(Order o, OrderOf(ctx.data));
   // The charge may exist although the capture step never learnt its id (its outcome was
   // unknown): ask the provider by reference, and refund whatever succeeded. A refund of a
-  // refunded charge changes nothing at the provider.
+  // refunded charge changes nothing at the provider. Each charge's refund has its own key:
+  // this compensation may run again after a late charge (sagas.md, the lease window), and
+  // a provider that remembers refund keys must see the new charge's refund as a new one.
   auto list = o_.client->Send({.method = "GET",
                                .url = o_.psp_url + "/v1/charges?reference=" + o.payment_id(),
                                .timeout = o_.psp_timeout});
@@ -260,7 +262,7 @@ Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
     const std::string id = c.value("id", "");
     auto r = o_.client->Send({.method = "POST",
                               .url = o_.psp_url + "/v1/charges/" + id + "/refund",
-                              .headers = {{"Idempotency-Key", ctx.key}},
+                              .headers = {{"Idempotency-Key", ctx.key + ":" + id}},
                               .timeout = o_.psp_timeout});
     CONVERGE_RETURN_IF_ERROR(Undecided(r, "refund"));
     if (r->status >= 400) {

@@ -8,7 +8,7 @@
 //   idempotency.after_effect_before_response
 //   effects.before_call               effects.after_call_before_record
 //   dead_letters.after_claim
-//   saga.before_call  saga.after_call_before_record  saga.after_step
+//   saga.before_call  saga.after_call_before_record  saga.before_local  saga.after_step
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
 //

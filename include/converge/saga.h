@@ -27,9 +27,11 @@
 // Failures (status.h decides): a transient error retries the action with backoff, at most
 // policy.max_attempts times and not past the step's deadline; a permanent error, or
 // attempts or deadline exhausted, turns the saga to compensating. A permanent error means
-// the action did nothing, so compensation starts at the step before it; an exhausted step
-// may have acted (a timeout is an unknown outcome), so its own compensation runs first —
-// compensations must therefore treat "nothing to undo" as success. Compensations run in
+// the action did nothing, so compensation starts at the step before it — unless an earlier
+// attempt's outcome is unknown (a transient error, or a crash after the journalled intent);
+// an exhausted step may have acted (a timeout is an unknown outcome), so its own
+// compensation runs first — compensations must therefore treat "nothing to undo" as
+// success. Compensations run in
 // reverse order and are retried on transient errors until they succeed; a permanent one
 // parks the saga as failed_to_compensate with a dead letter (queue "saga:<type>", event id
 // = saga id) and counts in SagaStats::parked (metric converge_sagas_parked_total).
@@ -37,10 +39,14 @@
 // Ownership: a runner claims a due saga with a fence from Tx::NextFence() and a lease;
 // every write it makes is conditional on that fence, so of two runners (threads or
 // processes) only the one holding the latest fence can move a saga, and a runner stalled
-// past its lease writes nothing after another took over.
+// past its lease writes nothing after another took over. If its action call returns after
+// the takeover ran (or passed over) that step's compensation, it sends the saga back to
+// compensating at that step (SagaStats::late_calls), so the compensation runs again after
+// the call; a call in flight cannot be recalled (docs/design/sagas.md, the lease window).
 //
 // Failpoints: saga.before_call (before each external call), saga.after_call_before_record
-// (after it, before its transaction), saga.after_step (after a step's transaction
+// (after it, before its transaction), saga.before_local (in that transaction, before the
+// local part: an error fails the local part), saga.after_step (after a step's transaction
 // committed).
 //
 // Thread safety: Begin, Load and List are safe from any thread; RunOnce must not run
@@ -141,6 +147,9 @@ struct SagaStats {
   int64_t parked = 0;       // sagas parked as failed_to_compensate (alert on this)
   // Steps whose outcome was dropped because another runner had taken the saga over.
   int64_t lost_fences = 0;
+  // Action calls that returned after their runner had lost the saga, after the step's
+  // compensation had run or been passed over: the compensation was made to run again.
+  int64_t late_calls = 0;
   std::string last_error;
 };
 
@@ -204,6 +213,11 @@ class SagaRunner {
   enum class Drive { kDone, kStop, kLost };  // kDone: drive on; kStop: wait or ended
   // Runs the saga's next action or compensation under `fence`.
   Result<Drive> Step(const std::string& saga_id, int64_t fence);
+  // A step's outcome was dropped: `fence` lost the saga. `late`: the action's call was
+  // made under it and may have acted (`succeeded` with `result`, or an unknown outcome);
+  // if the step's compensation already ran or was passed over, it is made to run again.
+  Result<Drive> Lost(const Position& p, int64_t fence, bool late, bool succeeded,
+                     const std::string& result, const std::string& error);
   Status Finish(Tx& tx, const Position& p, int64_t fence, std::string_view state,
                 std::string_view phase, std::string_view outcome, const std::string& result,
                 const std::string& error, int next_step, const std::string& data);

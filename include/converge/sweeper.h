@@ -5,11 +5,13 @@
 //   consumer inbox    expires_at passed (Inbox::Sweep; Consumer::Validate guarantees
 //                     that outlives every redelivery and the dead-letter replay window)
 //   outbox_events     published longer ago than published_retention
-//   effects           done longer ago than done_retention
+//   effects           done longer ago than done_retention; a saga's journalled calls
+//                     (saga_id set) only with their saga, below
 //   dead_letters      replayed or discarded longer ago than settled_dead_letter_retention
 //                     (parked letters stay until someone acts on them)
 //   saga_instances    completed or compensated longer ago than settled_saga_retention,
-//   + saga_steps      with their step log (failed_to_compensate ones stay)
+//   + saga_steps      with their step log and their journalled calls (failed_to_compensate
+//   + effects         and active ones stay, and so does their journal)
 //
 // Thread safety: safe to run from one thread while everything else runs.
 #ifndef CONVERGE_SWEEPER_H_

@@ -76,6 +76,9 @@ struct SagaRunner::Position {
   std::string data;
   int64_t step_started_at = 0;
   int64_t version = 0;
+  // An earlier attempt of this step's call left its outcome unknown (a transient error,
+  // or a crash between the journalled intent and the record): the call may have acted.
+  bool maybe_acted = false;
 };
 
 SagaRunner::SagaRunner(Database& db, SagaDefinition definition, SagaRunnerOptions options,
@@ -206,6 +209,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     ours = false;
     journalled.reset();
+    p.maybe_acted = false;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query("UPDATE saga_instances SET lease_until = $1 WHERE saga_id = $2 AND "
@@ -229,20 +233,27 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     }
     const SagaStep& s = definition_.steps[static_cast<size_t>(p.step)];
     if (!(p.compensating ? s.compensation : s.action).call) return OkStatus();
-    // The intent, claimed with our fence; one that failed before (a replayed compensation)
-    // is pending again. A call already done is not repeated.
+    // An intent still pending from an earlier attempt is an outcome nobody learnt: that
+    // attempt's call may have acted, whatever this one answers.
     const std::string key = StepKey(definition_.type, saga_id, s.name, p.compensating);
-    CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
-        "INSERT INTO effects (effect_key, kind, payload, state, attempts, next_attempt_at, "
-        "created_at, updated_at, claim_token) VALUES ($1, $2, $3, 'pending', 1, $4, $4, $4, $5) "
-        "ON CONFLICT (effect_key) DO UPDATE SET state = 'pending', "
-        "claim_token = excluded.claim_token, attempts = effects.attempts + 1, "
-        "updated_at = excluded.updated_at WHERE effects.state <> 'done'",
-        key, std::string(kSagaQueuePrefix) + definition_.type, p.data, now, fence_text)));
     CONVERGE_ASSIGN_OR_RETURN(
         Rows fx, tx.Query("SELECT state, result FROM effects WHERE effect_key = $1", key));
-    if (!fx.empty() && fx[0].Text(0) == "done") journalled = fx[0].Text(1);
-    return OkStatus();
+    if (!fx.empty() && fx[0].Text(0) == "done") {
+      journalled = fx[0].Text(1);
+      return OkStatus();  // a call already done is not repeated
+    }
+    p.maybe_acted = !fx.empty() && fx[0].Text(0) == "pending";
+    // The intent, claimed with our fence; one that failed before (a replayed compensation)
+    // is pending again. The row names its saga: it lives as long as the saga (sweeper.h).
+    return StatusOf(tx.Exec(
+        "INSERT INTO effects (effect_key, kind, payload, state, attempts, next_attempt_at, "
+        "created_at, updated_at, claim_token, saga_id) "
+        "VALUES ($1, $2, $3, 'pending', 1, $4, $4, $4, $5, $6) "
+        "ON CONFLICT (effect_key) DO UPDATE SET state = 'pending', "
+        "claim_token = excluded.claim_token, attempts = effects.attempts + 1, "
+        "saga_id = excluded.saga_id, updated_at = excluded.updated_at "
+        "WHERE effects.state <> 'done'",
+        key, std::string(kSagaQueuePrefix) + definition_.type, p.data, now, fence_text, saga_id));
   }));
   if (!ours) {
     Count(&SagaStats::lost_fences);
@@ -268,10 +279,12 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   Status failure;
   std::string result;
   bool call_done = journalled.has_value();  // the external call succeeded
+  bool called = false;                      // this runner made the call, now
   if (past_deadline) {
     failure = DeadlineExceededError("step '" + s.name + "' passed its deadline");
   } else if (act.call && !journalled) {
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.before_call"));
+    called = true;
     Result<std::string> out = std::string();
     try {
       out = act.call(ctx);
@@ -313,7 +326,9 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
         // A local part that throws failed as a step, permanently: it is not the store's
         // failure, so it must not be retried as one forever.
         try {
-          local_status = act.local(tx, local_ctx, result);
+          // An injected error here fails the local part as its own error would.
+          local_status = failpoint::Hit("saga.before_local");
+          if (local_status.ok()) local_status = act.local(tx, local_ctx, result);
         } catch (const std::exception& e) {
           local_status = InternalError(std::string("the step's local part threw: ") + e.what());
         } catch (...) {
@@ -328,10 +343,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       terminal = state == saga_state::kCompensated || state == saga_state::kCompleted;
       return Finish(tx, p, fence, state, phase, "done", result, "", next, local_ctx.data);
     });
-    if (IsFenced(st)) {
-      Count(&SagaStats::lost_fences);
-      return Drive::kLost;
-    }
+    if (IsFenced(st)) return Lost(p, fence, called && !p.compensating, true, result, "");
     if (st.ok()) {
       Count(&SagaStats::steps);
       if (terminal) {
@@ -393,9 +405,9 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     if (next == Next::kCompensate) {
       // A permanent error from a step whose call did not succeed says the step did
       // nothing: undo the steps before it. A step that may have acted (an exhausted
-      // transient error is an unknown outcome; a call that succeeded before its local
-      // part failed) is undone too.
-      const int from = transient || call_done ? p.step : p.step - 1;
+      // transient error is an unknown outcome; so is an earlier attempt's; a call that
+      // succeeded before its local part failed) is undone too.
+      const int from = transient || call_done || p.maybe_acted ? p.step : p.step - 1;
       const std::string_view state =
           from < 0 ? saga_state::kCompensated : saga_state::kCompensating;
       terminal = from < 0;
@@ -420,8 +432,10 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     return StatusOf(DeadLetters::Park(tx, d));
   });
   if (IsFenced(st)) {
-    Count(&SagaStats::lost_fences);
-    return Drive::kLost;
+    // The call may have acted when it succeeded (a local part failed after it) or its
+    // outcome is unknown; a permanent error says it did nothing.
+    const bool late = called && !p.compensating && (call_done || transient);
+    return Lost(p, fence, late, call_done, result, failure.ToString());
   }
   CONVERGE_RETURN_IF_ERROR(st);
   const std::string error = failure.ToString();
@@ -441,6 +455,64 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       return Drive::kStop;
   }
   return Drive::kStop;
+}
+
+Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, bool late,
+                                           bool succeeded, const std::string& result,
+                                           const std::string& error) {
+  Count(&SagaStats::lost_fences);
+  if (!late) return Drive::kLost;
+  const SagaStep& s = definition_.steps[static_cast<size_t>(p.step)];
+  if (!s.compensation.call && !s.compensation.local) return Drive::kLost;  // nothing to undo
+  // Method: this runner's action call returned (it succeeded, or its outcome is unknown)
+  // after another runner had taken the saga over. If the takeover has already started,
+  // run or passed over this step's compensation, that compensation may have looked for
+  // the effect before the call made it: run it again. Our call has returned, so a
+  // compensation that starts after this commits finds whatever it did. The saga gets a
+  // fence nobody holds (the runner still driving it, if any, is fenced out and its
+  // in-flight compensation discarded), goes back to compensating at this step, and the
+  // compensation's journal entry is reopened so its call is made again with the same key.
+  // One transaction, conditional on the saga's state: on PostgreSQL the UPDATE's row lock
+  // orders it against the takeover's own writes.
+  const std::string comp_key = StepKey(definition_.type, p.saga_id, s.name, true);
+  bool reopened = false;
+  Status st = db_.Transact([&](Tx& tx) -> Status {
+    reopened = false;
+    const int64_t now = clock_->NowMillis();
+    CONVERGE_ASSIGN_OR_RETURN(int64_t reopen_fence, tx.NextFence());
+    const std::string why = "a late " + std::string(succeeded ? "successful " : "") +
+                            "call of step '" + s.name + "' by a runner that had lost the saga " +
+                            "(fence " + std::to_string(fence) + "): its compensation runs again";
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows,
+        tx.Query("UPDATE saga_instances SET state = CASE WHEN state = 'failed_to_compensate' "
+                 "THEN state ELSE 'compensating' END, step = $1, attempts = 0, "
+                 "next_attempt_at = $2, lease_until = 0, fence = $3, version = version + 1, "
+                 "error = $4, updated_at = $2 WHERE saga_id = $5 AND (state = 'compensated' OR "
+                 "(state IN ('compensating', 'failed_to_compensate') AND step <= $1)) "
+                 "RETURNING version",
+                 p.step, now, reopen_fence, why, p.saga_id));
+    if (rows.empty()) return OkStatus();  // the compensation is still ahead: it will see it
+    reopened = true;
+    CONVERGE_RETURN_IF_ERROR(StatusOf(
+        tx.Exec("UPDATE effects SET state = 'failed', claim_token = NULL, last_error = $1, "
+                "updated_at = $2 WHERE effect_key = $3 AND state = 'done'",
+                why, now, comp_key)));
+    CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
+        "INSERT INTO saga_steps (saga_id, seq, step, phase, outcome, attempt, result, error, "
+        "fence, at) VALUES ($1, $2, $3, 'action', $4, $5, $6, $7, $8, $9)",
+        p.saga_id, rows[0].Int(0), s.name, succeeded ? "done" : "failed", p.attempts + 1,
+        succeeded ? Value(result) : Value(), error.empty() ? why : error + "; " + why, fence,
+        now)));
+    tx.OnCommit([this] { wakeup_.Notify(); });
+    return tx.Notify(Channel(definition_.type));
+  });
+  CONVERGE_RETURN_IF_ERROR(st);
+  if (reopened) {
+    Count(&SagaStats::late_calls,
+          "saga " + p.saga_id + ": late call of step '" + s.name + "', compensation reopened");
+  }
+  return Drive::kLost;
 }
 
 Status SagaRunner::Finish(Tx& tx, const Position& p, int64_t fence, std::string_view state,

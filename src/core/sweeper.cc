@@ -38,18 +38,24 @@ Result<SweepStats> Sweeper::RunOnce() {
       "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events WHERE "
       "published_at IS NOT NULL AND published_at <= $1 LIMIT $2)",
       now - options_.published_retention.count()));
-  CONVERGE_RETURN_IF_ERROR(sweep(
-      &s.effects,
-      "DELETE FROM effects WHERE effect_key IN (SELECT effect_key FROM effects WHERE "
-      "state = 'done' AND updated_at <= $1 LIMIT $2)",
-      now - options_.done_retention.count()));
+  // A saga's journalled calls are not swept here: a parked saga replayed later, or a
+  // compensation run again after a late call, must find a call it made as done and not
+  // make it again. They go with their saga, below. (Rows of kind "saga:..." that predate
+  // the saga_id column and could not be matched to a saga stay.)
+  CONVERGE_RETURN_IF_ERROR(
+      sweep(&s.effects,
+            "DELETE FROM effects WHERE effect_key IN (SELECT effect_key FROM effects WHERE "
+            "state = 'done' AND updated_at <= $1 AND saga_id IS NULL AND kind NOT LIKE 'saga:%' "
+            "LIMIT $2)",
+            now - options_.done_retention.count()));
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.dead_letters,
       "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE state IN "
       "('replayed', 'discarded') AND updated_at <= $1 LIMIT $2)",
       now - options_.settled_dead_letter_retention.count()));
-  // Settled sagas with their step log, the log first (both pick the same sagas: the same
-  // ordered, LIMITed subquery in one transaction). Parked ones stay for an operator.
+  // Settled sagas with their step log and their journalled calls, those first (all pick the
+  // same sagas: the same ordered, LIMITed subquery in one transaction). Parked ones stay
+  // for an operator. A settled saga is never driven again, so nothing asks its journal.
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     const std::string settled =
         "SELECT saga_id FROM saga_instances WHERE state IN ('completed', 'compensated') AND "
@@ -57,6 +63,10 @@ Result<SweepStats> Sweeper::RunOnce() {
     const int64_t cutoff = now - options_.settled_saga_retention.count();
     CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
         "DELETE FROM saga_steps WHERE saga_id IN (" + settled + ")", cutoff, options_.batch)));
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t journal,
+        tx.Exec("DELETE FROM effects WHERE saga_id IN (" + settled + ")", cutoff, options_.batch));
+    s.effects += journal;
     CONVERGE_ASSIGN_OR_RETURN(
         s.sagas, tx.Exec("DELETE FROM saga_instances WHERE saga_id IN (" + settled + ")",
                          cutoff, options_.batch));

@@ -1,6 +1,6 @@
 // The generic routes of a converge service: webhook intake, admin API, metrics, health.
 #include <charconv>
-
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "converge/failpoint.h"
@@ -437,6 +437,9 @@ constexpr Family kRuntimeFamilies[] = {
      "Sagas parked as failed_to_compensate by this process (alert on any increase)."},
     {"saga_lost_fences_total", "counter",
      "Saga steps whose outcome was dropped: another runner had taken the saga over."},
+    {"saga_late_calls_total", "counter",
+     "Saga action calls that returned after their runner lost the saga, after the step's "
+     "compensation had run: the compensation was run again."},
     {"sagas", "gauge", "Sagas in the store by state (failed_to_compensate needs an operator)."},
     {"retention_swept_total", "counter", "Expired rows the sweeper deleted."},
     {"db_transactions_total", "counter", "Transact calls completed, ok or not."},
@@ -485,15 +488,26 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("effects_failed_total", l, s.failed);
       set("effects_lost_claims_total", l, s.lost_claims);
     }
+    // A process may run several runners of one type: their counts add up under its label.
+    std::map<std::string, SagaStats> sagas;
     for (const auto& runner : o.runtime->saga_runners()) {
       const SagaStats s = runner->stats();
-      const Metrics::Labels l = {{"type", runner->definition().type}};
+      SagaStats& sum = sagas[runner->definition().type];
+      for (int64_t SagaStats::*f :
+           {&SagaStats::steps, &SagaStats::retries, &SagaStats::completed, &SagaStats::compensated,
+            &SagaStats::parked, &SagaStats::lost_fences, &SagaStats::late_calls}) {
+        sum.*f += s.*f;
+      }
+    }
+    for (const auto& [type, s] : sagas) {
+      const Metrics::Labels l = {{"type", type}};
       set("saga_steps_total", l, s.steps);
       set("saga_retries_total", l, s.retries);
       set("sagas_completed_total", l, s.completed);
       set("sagas_compensated_total", l, s.compensated);
       set("sagas_parked_total", l, s.parked);
       set("saga_lost_fences_total", l, s.lost_fences);
+      set("saga_late_calls_total", l, s.late_calls);
     }
     const CompleterStats cs = o.runtime->completer().stats();
     set("completer_finished_total", {}, cs.finished);

@@ -412,7 +412,14 @@ TYPED_TEST(Sagas, ResumesAfterAProcessKillAtEveryStepBoundary) {
         EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE saga_id = '" + id +
                               "' AND what IN ('a.undo', 'b.undo')"),
                   2);
-        EXPECT_EQ(this->Locals(id), 4);
+        // A crash around c's call leaves that attempt's outcome unknown (the journal holds
+        // its intent): c, declined on its next attempt, is compensated too.
+        const bool c_unknown =
+            point.find("@3") != std::string::npos && point.find("after_step") == std::string::npos;
+        EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE saga_id = '" + id +
+                              "' AND what = 'c.undo'"),
+                  c_unknown ? 1 : 0);
+        EXPECT_EQ(this->Locals(id), c_unknown ? 5 : 4);
       } else {
         EXPECT_EQ(s.state, saga_state::kCompleted);
         EXPECT_EQ(this->Locals(id), 3);
@@ -627,6 +634,255 @@ TYPED_TEST(Sagas, StressedTakeoversNeverDoubleApply) {
   EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local"), 3 * n);
   EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps WHERE outcome = 'done'"), 3 * n);
   EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE state = 'done'"), 3 * n);
+}
+
+// A runner stalls after its fence check, before its call; B takes over, the provider is
+// unreachable for B, the step runs out of attempts and B compensates it (nothing to undo
+// yet) to the end. A then wakes up and its call reaches the provider: an effect made after
+// the saga was compensated. The call cannot be recalled, but A learns of it when it
+// returns: the saga goes back to compensating at that step, and the compensation (made
+// again, same key) undoes what the late call did. (Review of 2026-11-29, R1.)
+TYPED_TEST(Sagas, ALateCallOfAStalledRunnerIsCompensatedAgain) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  Database& db = *this->db_;
+  SagaDefinition d{"order", {}};
+  SagaStep s;
+  s.name = "a";
+  s.policy.max_attempts = 1;
+  s.action.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
+    if (!reachable) return tl::unexpected(UnavailableError("provider unreachable"));
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) {
+      return StatusOf(
+          tx.Exec("INSERT INTO ext_effects (k) VALUES ($1) ON CONFLICT (k) DO NOTHING", ctx.key));
+    }));
+    return std::string("charged");
+  };
+  // The compensation undoes whatever the provider holds for the action's key (a refund by
+  // reference), and records that it ran.
+  s.compensation.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("INSERT INTO ext_calls (k) VALUES ($1)", ctx.key)));
+      return StatusOf(tx.Exec("DELETE FROM ext_effects WHERE k = 'order:late:a:action'"));
+    }));
+    return std::string("refunded");
+  };
+  d.steps.push_back(s);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  this->Begin(a, "late");
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause*1").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("late").state, saga_state::kCompensated);
+  ASSERT_EQ(this->Calls("order:late:a:compensation"), 1);
+  reachable = true;
+  failpoint::Release("saga.before_call");
+  ta.join();
+  // A recorded nothing of its own, and told the saga about its call.
+  EXPECT_EQ(a.stats().lost_fences, 1);
+  EXPECT_EQ(a.stats().late_calls, 1);
+  SagaInstance reopened = this->Load("late");
+  EXPECT_EQ(reopened.state, saga_state::kCompensating);
+  EXPECT_EQ(reopened.step, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:late:a:action'"), 1);
+  this->Drain(b, clock, "late");
+  EXPECT_EQ(this->Load("late").state, saga_state::kCompensated);
+  EXPECT_EQ(this->History("late"),
+            (std::vector<std::string>{"action a failed", "compensation a done", "action a done",
+                                      "compensation a done"}));
+  EXPECT_EQ(this->Calls("order:late:a:compensation"), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:late:a:action'"), 0)
+      << "the stalled runner's late charge was never undone";
+}
+
+// The late call lands while the takeover is compensating the step: the takeover's
+// compensation started before the call's effect existed. Its outcome is discarded (it is
+// fenced out) and the compensation runs again after the late call.
+TYPED_TEST(Sagas, ALateCallDuringTheStepsCompensationMakesItRunAgain) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  Database& db = *this->db_;
+  SagaDefinition d{"order", {}};
+  SagaStep s;
+  s.name = "a";
+  s.policy.max_attempts = 1;
+  s.action.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
+    if (!reachable) return tl::unexpected(UnavailableError("provider unreachable"));
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) {
+      return StatusOf(
+          tx.Exec("INSERT INTO ext_effects (k) VALUES ($1) ON CONFLICT (k) DO NOTHING", ctx.key));
+    }));
+    return std::string("charged");
+  };
+  std::atomic<int> undo_calls{0};
+  s.compensation.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
+    ++undo_calls;
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("INSERT INTO ext_calls (k) VALUES ($1)", ctx.key)));
+      return StatusOf(tx.Exec("DELETE FROM ext_effects WHERE k = 'order:mid:a:action'"));
+    }));
+    return std::string("refunded");
+  };
+  d.steps.push_back(s);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  this->Begin(a, "mid");
+  // A pauses before its action call; B takes over and pauses after its compensation call
+  // (which found nothing to undo), before recording it.
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause*1;"
+                                   "saga.after_call_before_record=pause@2*1")
+                  .ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  std::thread tb([&] { (void)b.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
+  ASSERT_EQ(undo_calls.load(), 1);
+  reachable = true;
+  failpoint::Release("saga.before_call");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  failpoint::Release("saga.after_call_before_record");
+  tb.join();
+  EXPECT_EQ(b.stats().lost_fences, 1) << "the compensation that missed the charge was recorded";
+  this->Drain(b, clock, "mid");
+  EXPECT_EQ(this->Load("mid").state, saga_state::kCompensated);
+  EXPECT_EQ(undo_calls.load(), 2);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:mid:a:action'"), 0);
+}
+
+// A compensation whose call succeeded and whose local part failed for good parks the saga
+// with the call's result journalled ('done'). The journal of a saga lives as long as the
+// saga: the sweeper leaves it while the saga waits for an operator (here 8 days, past
+// done_retention), so the replayed compensation reuses the call's result; it goes with
+// the saga once the saga settled and its retention passed. (Review of 2026-11-29, R2.)
+TYPED_TEST(Sagas, ASagasJournalOutlivesDoneRetentionUntilTheSagaIsSwept) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->script_.Fail("c.local", {FailedPreconditionError("out of stock")});
+  this->script_.Fail("a.undo", {InvalidArgumentError("refund refused")});
+  this->Begin(runner, "k");
+  this->Drain(runner, clock, "k");
+  ASSERT_EQ(this->Load("k").state, saga_state::kFailedToCompensate);
+  ASSERT_EQ(this->Calls("order:k:a:compensation"), 1);
+  // An effect of no saga, done as long ago: swept after done_retention as before.
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) {
+                    return StatusOf(tx.Exec(
+                        "INSERT INTO effects (effect_key, kind, payload, state, attempts, "
+                        "next_attempt_at, created_at, updated_at) VALUES ('mail:1', 'mail', '', "
+                        "'done', 1, $1, $1, $1)",
+                        clock.NowMillis()));
+                  })
+                  .ok());
+  // The saga waits 8 days for an operator; the sweeper runs meanwhile with its defaults.
+  clock.Advance(std::chrono::hours(24 * 8));
+  Sweeper sweeper(*this->db_, {}, &clock);
+  auto swept = sweeper.RunOnce();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->effects, 1) << "only the effect of no saga goes";
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(*this->db_, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  this->Drain(runner, clock, "k");
+  EXPECT_EQ(this->Load("k").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:k:a:compensation"), 1)
+      << "a call whose result was journalled was made again";
+  // Settled now: its journal stays until the saga itself is swept, and goes with it.
+  clock.Advance(std::chrono::hours(24 * 29));
+  auto early = sweeper.RunOnce();
+  ASSERT_TRUE(early);
+  EXPECT_EQ(early->sagas, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE saga_id = 'k'"), 6);
+  clock.Advance(std::chrono::hours(24 * 2));
+  auto late = sweeper.RunOnce();
+  ASSERT_TRUE(late);
+  EXPECT_EQ(late->sagas, 1);
+  EXPECT_EQ(late->effects, 6);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects"), 0);
+}
+
+// A store that journalled saga calls before effects had a saga_id column: the migration
+// finds each row's saga through the step log, so those rows, too, live as long as their
+// saga. (The store is taken back to version 7 by hand, then reopened.)
+TYPED_TEST(Sagas, TheMigrationFindsTheSagaOfCallsJournalledBeforeIt) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->Begin(runner, "old:1");
+  ASSERT_TRUE(runner.RunOnce());
+  ASSERT_EQ(this->Load("old:1").state, saga_state::kCompleted);
+  ASSERT_TRUE(
+      this->db_
+          ->Transact([](Tx& tx) -> Status {
+            CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("DROP INDEX effects_saga")));
+            CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("ALTER TABLE effects DROP COLUMN saga_id")));
+            CONVERGE_RETURN_IF_ERROR(
+                StatusOf(tx.Exec("INSERT INTO effects (effect_key, kind, payload, state, attempts, "
+                                 "next_attempt_at, created_at, updated_at) VALUES "
+                                 "('order:gone:a:action', 'saga:order', '', 'done', 1, 0, 0, 0)")));
+            return StatusOf(tx.Exec("DELETE FROM converge_schema WHERE version = 8"));
+          })
+          .ok());
+  this->db_.reset();
+  this->db_ = this->Open();
+  ASSERT_NE(this->db_, nullptr);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE saga_id = 'old:1'"), 3);
+  // A row whose saga is gone stays unmatched, and the sweeper leaves it.
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE saga_id IS NULL"), 1);
+  clock.Advance(std::chrono::hours(24 * 31));
+  auto swept = Sweeper(*this->db_, {}, &clock).RunOnce();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 1);
+  EXPECT_EQ(swept->effects, 3);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects"), 1);
+}
+
+// Attempt 1 of b times out after the provider acted (the fixture's call writes ext_effects
+// before returning its scripted error); attempt 2 answers a permanent error. The earlier
+// attempt's outcome was unknown, so b is compensated too. (Review of 2026-11-29, R7.)
+TYPED_TEST(Sagas, APermanentErrorAfterAnUnknownOutcomeCompensatesTheStepToo) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
+  this->script_.Fail("b.call", {UnavailableError("timeout"), FailedPreconditionError("declined")});
+  this->Begin(runner, "u");
+  this->Drain(runner, clock, "u");
+  EXPECT_EQ(this->Load("u").state, saga_state::kCompensated);
+  EXPECT_EQ(this->History("u"),
+            (std::vector<std::string>{"action a done", "action b retry", "action b failed",
+                                      "compensation b done", "compensation a done"}));
+  EXPECT_EQ(this->Calls("order:u:b:compensation"), 1)
+      << "b may have acted on attempt 1 and was not compensated";
+}
+
+// The same after a crash: attempt 1's process died between the journalled intent and the
+// record (nobody learnt its outcome), attempt 2 is declined. b is compensated too.
+TYPED_TEST(Sagas, APermanentErrorAfterACrashedAttemptCompensatesTheStepToo) {
+  ManualClock clock;
+  SagaRunner runner(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
+  this->script_.Fail("b.call", {FailedPreconditionError("declined")});
+  this->Begin(runner, "w");
+  // The crash, as its store sees it: step a done, b's intent journalled, lease lapsed.
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=error(unavailable)@2*1").ok());
+  EXPECT_FALSE(runner.RunOnce());
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  ASSERT_EQ(this->Count("SELECT count(*) FROM effects WHERE effect_key = 'order:w:b:action' "
+                        "AND state = 'pending'"),
+            1);
+  clock.Advance(11s);
+  this->Drain(runner, clock, "w");
+  EXPECT_EQ(this->Load("w").state, saga_state::kCompensated);
+  EXPECT_EQ(this->History("w"),
+            (std::vector<std::string>{"action a done", "action b failed", "compensation b done",
+                                      "compensation a done"}));
 }
 
 }  // namespace

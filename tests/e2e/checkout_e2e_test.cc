@@ -3,12 +3,14 @@
 // a real `converge serve` child that a failpoint SIGKILLs at every step boundary.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "converge/database.h"
+#include "converge/failpoint.h"
 #include "converge/http.h"
 #include "converge/webhook.h"
 #include "examples/payments/service.h"
@@ -104,6 +106,7 @@ class CheckoutE2E : public ::testing::Test {
     db_ = std::move(*db);
   }
   void TearDown() override {
+    ASSERT_TRUE(converge::failpoint::Configure("").ok());
     service_.reset();
     db_.reset();
     psp_.reset();
@@ -155,6 +158,14 @@ class CheckoutE2E : public ::testing::Test {
       out = json::parse(r.body, nullptr, false);
       return r.status == 200 && Settled(out.value("state", ""));
     })) << out.dump();
+    return out;
+  }
+  // Steps() without the retries (a loaded machine may time a call out once more).
+  static std::vector<std::string> Outcomes(const json& order) {
+    std::vector<std::string> out;
+    for (std::string& s : Steps(order)) {
+      if (s.size() < 6 || s.compare(s.size() - 6, 6, " retry") != 0) out.push_back(std::move(s));
+    }
     return out;
   }
   static std::vector<std::string> Steps(const json& order) {
@@ -264,15 +275,83 @@ TEST_F(CheckoutE2E, AShippingFailureRefundsAndReleasesInReverseOrder) {
 
 TEST_F(CheckoutE2E, TransientFailuresOfEachStepAreRetriedAndTheOrderCompletes) {
   Stock("sku-1", 1);
+  // The reservation's transaction fails twice (as a busy store would make it), the
+  // provider answers 503 twice, the carrier is down twice.
+  ASSERT_TRUE(converge::failpoint::Configure("saga.before_local=error(unavailable)*2").ok());
   PspFaults({{"fail_next", 2}});
   ShippingFaults({{"fail_next", 2}});
   json o = Await(Order("k-flaky"));
   EXPECT_EQ(o["state"], "completed");
-  EXPECT_EQ(Steps(o), (std::vector<std::string>{"action reserve done", "action capture retry",
-                                                "action capture retry", "action capture done",
-                                                "action ship retry", "action ship retry",
-                                                "action ship done"}));
+  EXPECT_EQ(Steps(o), (std::vector<std::string>{
+                          "action reserve retry", "action reserve retry", "action reserve done",
+                          "action capture retry", "action capture retry", "action capture done",
+                          "action ship retry", "action ship retry", "action ship done"}));
+  EXPECT_EQ(Available("sku-1"), 0);
   ExpectBalanced(*db_, PspKept(client_, psp_->port()));
+}
+
+TEST_F(CheckoutE2E, ARefundFailingTransientlyIsRetriedUntilItGoesThrough) {
+  Stock("sku-1", 1);
+  ShippingFaults({{"reject_next", 1}});
+  PspFaults({{"refund_fail_next", 3}});
+  json o = Await(Order("k-refund-flaky"));
+  EXPECT_EQ(o["state"], "compensated");
+  EXPECT_EQ(Outcomes(o), (std::vector<std::string>{
+                             "action reserve done", "action capture done", "action ship failed",
+                             "compensation capture done", "compensation reserve done"}));
+  const std::vector<std::string> steps = Steps(o);
+  EXPECT_GE(std::count(steps.begin(), steps.end(), "compensation capture retry"), 3);
+  EXPECT_EQ(o["refunded"], 500);
+  EXPECT_EQ(Available("sku-1"), 1);
+  EXPECT_EQ(PspKept(client_, psp_->port()), 0);
+  ExpectBalanced(*db_, 0);
+}
+
+// The provider refuses the refund for good: the saga parks with a dead letter, the parked
+// gauge and counter show it, the reservation is still held (the compensations below the
+// failed one wait for the operator). Replayed once the cause is fixed, it ends compensated.
+TEST_F(CheckoutE2E, ARefundRefusedForGoodParksTheSagaWithADeadLetterAndAnAlert) {
+  Stock("sku-1", 1);
+  ShippingFaults({{"reject_next", 1}});
+  PspFaults({{"refuse_refund_next", 1}});
+  const std::string id = Order("k-refund-refused");
+  json o = Await(id);
+  EXPECT_EQ(o["state"], "failed_to_compensate");
+  EXPECT_EQ(Outcomes(o),
+            (std::vector<std::string>{"action reserve done", "action capture done",
+                                      "action ship failed", "compensation capture failed"}));
+  EXPECT_EQ(PspKept(client_, psp_->port()), 500);  // the money is still taken: an alert
+  EXPECT_EQ(Available("sku-1"), 0);
+  Response letters = Send("GET", "/admin/dead-letters", {{"Authorization", kAdmin}});
+  ASSERT_EQ(letters.status, 200);
+  json parked = json::parse(letters.body)["dead_letters"];
+  ASSERT_EQ(parked.size(), 1u);
+  EXPECT_EQ(parked[0]["queue"], "saga:checkout");
+  EXPECT_EQ(parked[0]["event_id"], id);
+  EXPECT_NE(parked[0]["error"].get<std::string>().find("refused the refund"), std::string::npos)
+      << parked[0].dump();
+  // The runner counts the parking just after its transaction committed: wait for it.
+  std::string metrics;
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    metrics = Send("GET", "/metrics", {}).body;
+    return metrics.find("\nsagas_parked_total{type=\"checkout\"} 1\n") != std::string::npos;
+  })) << "the parking is counted whichever of the process's runners parked it";
+  EXPECT_NE(metrics.find("\nsagas{state=\"failed_to_compensate\"} 1\n"), std::string::npos);
+  // The operator replays it: the refund runs again with its key, then the release.
+  const std::string letter = std::to_string(parked[0]["id"].get<int64_t>());
+  Response replay =
+      Send("POST", "/admin/dead-letters/" + letter + "/replay", {{"Authorization", kAdmin}});
+  ASSERT_EQ(replay.status, 200) << replay.body;
+  o = Await(id);
+  EXPECT_EQ(o["state"], "compensated");
+  EXPECT_EQ(Outcomes(o),
+            (std::vector<std::string>{"action reserve done", "action capture done",
+                                      "action ship failed", "compensation capture failed",
+                                      "compensation capture done", "compensation reserve done"}));
+  EXPECT_EQ(o["refunded"], 500);
+  EXPECT_EQ(Available("sku-1"), 1);
+  EXPECT_EQ(PspKept(client_, psp_->port()), 0);
+  ExpectBalanced(*db_, 0);
 }
 
 TEST_F(CheckoutE2E, ConcurrentOrdersForTheLastUnitsNeverOversell) {

@@ -203,6 +203,18 @@ ALTER TABLE effects ADD COLUMN subject TEXT;
 ALTER TABLE effects ADD COLUMN seq {{bigint}};
 CREATE INDEX effects_subject ON effects (kind, subject, seq) WHERE subject IS NOT NULL;
 )sql",
+      // 8: the journalled calls of a saga name their saga, so they live as long as it
+      // does (the sweeper deletes them with the settled saga, never before). Rows written
+      // before this migration are matched to their saga through its step log.
+      R"sql(
+ALTER TABLE effects ADD COLUMN saga_id TEXT;
+UPDATE effects SET saga_id = (
+  SELECT st.saga_id FROM saga_instances s JOIN saga_steps st ON st.saga_id = s.saga_id
+  WHERE effects.effect_key = s.type || ':' || s.saga_id || ':' || st.step || ':' || st.phase
+  LIMIT 1)
+WHERE kind LIKE 'saga:%';
+CREATE INDEX effects_saga ON effects (saga_id) WHERE saga_id IS NOT NULL;
+)sql",
   };
   return kMigrations;
 }
