@@ -218,6 +218,8 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
   std::optional<Result<Begun>> replay;
   (void)db_.Read([&](Tx& tx) -> Status {
     CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
+    // Failpoint: the snapshot is read; the key may expire and change hands right here.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_replay_read"));
     if (rows.empty() || rows[0].Text(1) != "completed" ||
         Forgettable(rows[0], clock_->NowMillis())) {
       return OkStatus();

@@ -660,5 +660,104 @@ TYPED_TEST(Races, EffectsOfOneSubjectKeepOrderWhenRecordersCommitOutOfOrder) {
   EXPECT_EQ(calls, (std::vector<std::string>{"first", "second"}));
 }
 
+// Order per subject never waits on an intent no runner of the kind can claim: an earlier
+// pending intent of another kind and subject name, rows without a seq (recorded before
+// migration 7, or by Record without a subject) that are not due for a long time. A key
+// recorded again with another subject keeps its first one, and every intent runs.
+TYPED_TEST(Races, EffectOrderNeverWaitsOnWhatThisKindCannotRun) {
+  ManualClock clock;
+  std::vector<std::string> calls;
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  EffectRunner runner(*this->db_, o,
+                      [&](const std::string& key, const std::string&) -> Result<std::string> {
+                        calls.push_back(key);
+                        return std::string("ok");
+                      },
+                      &clock);
+  EffectRunnerOptions other_o;
+  other_o.kind = "other";  // no runner of it ever runs
+  EffectRunner other(*this->db_, other_o,
+                     [](const std::string&, const std::string&) -> Result<std::string> {
+                       return std::string("never");
+                     },
+                     &clock);
+  const int64_t later = clock.NowMillis() + 3600'000;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                     CONVERGE_RETURN_IF_ERROR(StatusOf(other.Record(tx, "o0", "{}", "s")));
+                     // As left by an older version: a subject without a seq, and neither.
+                     for (const char* k : {"legacy-subject", "legacy-none"}) {
+                       CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
+                           "INSERT INTO effects (effect_key, kind, payload, state, attempts, "
+                           "next_attempt_at, created_at, updated_at, subject, seq) VALUES "
+                           "($1, 'deliver', '{}', 'pending', 0, $2, 0, 0, $3, NULL)",
+                           std::string(k), later,
+                           std::string(k) == "legacy-subject" ? Value(std::string("s"))
+                                                              : Value())));
+                     }
+                     CONVERGE_RETURN_IF_ERROR(StatusOf(runner.Record(tx, "d1", "{}", "s")));
+                     return StatusOf(runner.Record(tx, "d2", "{}", "t"));
+                   }).ok());
+  Result<bool> again = false;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     again = runner.Record(tx, "d2", "{}", "s");
+                     return StatusOf(again);
+                   }).ok());
+  ASSERT_TRUE(again);
+  EXPECT_FALSE(*again);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE effect_key = 'd2' "
+                        "AND subject = 't'"),
+            1);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(runner.Record(tx, "d3", "{}", "s"));
+                   }).ok());
+  while (*runner.RunOnce() > 0) {
+  }
+  EXPECT_EQ(calls, (std::vector<std::string>{"d1", "d2", "d3"}));
+  clock.Advance(3601s);  // the legacy rows come due and run, in no particular order
+  while (*runner.RunOnce() > 0) {
+  }
+  EXPECT_EQ(calls.size(), 5u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE kind = 'deliver' "
+                        "AND state = 'pending'"),
+            0);
+}
+
+// Begin answers a completed key from a read snapshot. Held between that read and its
+// answer while the key expires, is taken by another request and completed with another
+// response, it must not replay the superseded response: the key is forgettable by the time
+// Begin decides, so it takes the write path and sees the new owner (a mismatch). At the
+// expiry instant itself the key is forgettable too, as on the write path.
+TYPED_TEST(Races, AReplayFromTheReadSnapshotIsNeverOneThatWasSuperseded) {
+  ManualClock clock;
+  IdempotencyKeys keys(*this->db_, {.ttl = 10s, .lease = 5s}, &clock);
+  auto first = keys.Begin({"t", "k", "A"});
+  ASSERT_TRUE(first);
+  ASSERT_TRUE(keys.Complete(first->lease, TestFixture::Answer("one")));
+  clock.Advance(10s - 1ms);
+  auto replay = keys.Begin({"t", "k", "A"});
+  ASSERT_TRUE(replay);
+  ASSERT_EQ(replay->kind, Begun::Kind::kReplayed);
+  EXPECT_EQ(replay->response.body, "one");
+
+  ASSERT_TRUE(failpoint::Configure("idempotency.after_replay_read=pause*1").ok());
+  Result<Begun> held = tl::unexpected(InternalError("not run"));
+  std::thread t([&] { held = keys.Begin({"t", "k", "A"}); });
+  ASSERT_TRUE(failpoint::WaitPaused("idempotency.after_replay_read", 20s));
+  clock.Advance(1ms);  // expires_at == now: forgettable
+  auto other = keys.Begin({"t", "k", "B"});
+  ASSERT_TRUE(other) << other.error().ToString();
+  ASSERT_EQ(other->kind, Begun::Kind::kStarted);
+  ASSERT_TRUE(keys.Complete(other->lease, TestFixture::Answer("two")));
+  failpoint::Release("idempotency.after_replay_read");
+  t.join();
+  ASSERT_FALSE(held) << "replayed " << held->response.body;
+  EXPECT_EQ(held.error().reason(), reason::kFingerprintMismatch);
+  auto b = keys.Begin({"t", "k", "B"});
+  ASSERT_TRUE(b);
+  ASSERT_EQ(b->kind, Begun::Kind::kReplayed);
+  EXPECT_EQ(b->response.body, "two");
+}
+
 }  // namespace
 }  // namespace converge
