@@ -2,6 +2,7 @@
 // verified and stored before the 2xx, then delivered at least once to internal HTTP
 // targets, signed with the gateway's own Standard Webhooks secret. docs/design/gateway.md.
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -65,6 +66,17 @@ struct GatewayConfig {
 
 Status Bad(const std::string& what) { return InvalidArgumentError("config: " + what); }
 
+// Target and endpoint names go into effect keys and metric labels, ':'-separated.
+bool GoodName(const std::string& name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char ch : name) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') {
+      return false;
+    }
+  }
+  return true;
+}
+
 Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
   GatewayConfig c;
   CONVERGE_ASSIGN_OR_RETURN(toml::table root, ConfigReader::ParseFile(path));
@@ -115,12 +127,19 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         if (target.name.empty() || target.url.rfind("http", 0) != 0) {
           return Bad("each [[target]] needs a name and an http(s) url");
         }
+        if (!GoodName(target.name)) {
+          return Bad("target name '" + target.name +
+                     "' must be 1-64 letters, digits, '-', '_' or '.'");
+        }
         if (!webhook::DecodeSecret(target.secret)) {
           return Bad("target '" + target.name +
                      "': secret must be a whsec_<base64> secret (the "
                      "gateway signs deliveries with it; `converge webhook` can make one)");
         }
         target.runner.kind = "gateway.deliver:" + target.name;
+        // One delivery per claim: a runner holds no backlog the target's other runners
+        // could be delivering meanwhile (`concurrency`).
+        target.runner.batch = 1;
         // How long a claimed delivery waits before another attempt may take it (after a crash
         // mid-call): it must outlive the call.
         target.runner.lease = std::max<Millis>(std::chrono::seconds(30), target.timeout * 3);
@@ -164,6 +183,9 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         }
         if (ep.name.empty() || ep.path.empty() || ep.path.front() != '/') {
           return Bad("each [[endpoint]] needs a name and a path starting with '/'");
+        }
+        if (!GoodName(ep.name)) {
+          return Bad("endpoint name '" + ep.name + "' must be 1-64 letters, digits, '-', '_' or '.'");
         }
         if (ep.secrets.empty()) return Bad("endpoint '" + ep.name + "' has no secrets");
         if (ep.targets.empty()) return Bad("endpoint '" + ep.name + "' has no targets");
@@ -266,13 +288,16 @@ class Gateway {
   // In the intake's transaction: one delivery intent per target of the endpoint.
   Status Stage(Tx& tx, const Endpoint& ep, const http::VerifiedWebhook& hook) {
     json payload = {{"endpoint", ep.name}, {"id", hook.id}, {"body", hook.body}};
-    // The effect key: the delivery's identity per target; the provider's id is at most
-    // 255 bytes, so a long one is hashed into the key (the payload keeps it whole).
-    std::string key = ep.name + ":" + hook.id;
-    if (key.size() > 200) key = ep.name + ":hmac:" + webhook::HmacSha256Hex(ep.name, hook.id);
     std::string subject;  // computed once, for the ordered targets only
     for (const std::string& name : ep.targets) {
       const Target& target = *targets_.at(name);
+      // The effect key: the delivery's identity per target (effect keys are one namespace
+      // across kinds). The provider's id is at most 255 bytes, so a long one is hashed into
+      // the key (the payload keeps it whole).
+      std::string key = name + ":" + ep.name + ":" + hook.id;
+      if (key.size() > 200) {
+        key = name + ":" + ep.name + ":hmac:" + webhook::HmacSha256Hex(ep.name, hook.id);
+      }
       if (target.ordered && subject.empty()) subject = SubjectOf(ep, hook.body);
       CONVERGE_RETURN_IF_ERROR(
           runners_[name].front()->Record(tx, key, payload.dump(), target.ordered ? subject : ""));

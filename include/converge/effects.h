@@ -31,7 +31,10 @@
 // intents of one subject execute one at a time, in the order they were recorded, and a
 // failing one holds the later ones back until it succeeds. One that fails for good (a
 // dead letter) stops holding them back; replayed, it is pending again and holds back the
-// ones recorded after it that have not run yet. Intents without a subject are unordered.
+// ones recorded after it that have not run yet (a later one claimed but not yet called is
+// put back, right before its call), and it waits while a later one is being called: one
+// call of a subject at a time, even across a replay. Intents without a subject are
+// unordered.
 //
 // Failpoints: effects.before_call (before each claim check and call),
 // effects.after_call_before_record (after a call, before its outcome is written).
@@ -94,6 +97,9 @@ struct EffectStats {
   // Calls skipped, or outcomes dropped, because another runner had claimed the intent
   // since this one did (its lease had lapsed).
   int64_t lost_claims = 0;
+  // Claimed calls put back because an earlier intent of their subject was pending again
+  // (replayed) when their turn came.
+  int64_t deferred = 0;
   std::string last_error;
 };
 

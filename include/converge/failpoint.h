@@ -5,7 +5,8 @@
 // Points in the library (each documented where it sits):
 //   relay.after_publish_before_mark   consumer.before_commit
 //   consumer.after_commit_before_ack  idempotency.after_phase
-//   idempotency.after_effect_before_response
+//   idempotency.after_effect_before_response  idempotency.before_takeover
+//   idempotency.after_replay_read     (Begin: between its snapshot read and its answer)
 //   effects.before_call               effects.after_call_before_record
 //   dead_letters.after_claim
 //   saga.before_call  saga.after_call_before_record  saga.before_local  saga.after_step

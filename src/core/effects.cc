@@ -115,19 +115,27 @@ Result<size_t> EffectRunner::RunOnce() {
     // The outer conditions repeat the inner ones: after waiting on a row lock, PostgreSQL
     // re-checks them against the row's new version, so a row another runner claimed
     // meanwhile is left alone; SKIP LOCKED spares the wait.
+    // The picked rows are a MATERIALIZED CTE: as a subquery, PostgreSQL may rescan the
+    // LIMITed, locking SELECT once per row it updates, skip the rows this very statement
+    // locked, and so claim every due row whatever the LIMIT.
     const std::string sql =
-        std::string("UPDATE effects SET next_attempt_at = $1, attempts = attempts + 1, "
-                    "claim_token = $5, updated_at = $2 "
-                    "WHERE state = 'pending' AND next_attempt_at <= $2 "
-                    "AND effect_key IN (SELECT effect_key FROM effects "
+        std::string("WITH picked AS MATERIALIZED (SELECT effect_key FROM effects "
                     "WHERE kind = $3 AND state = 'pending' AND next_attempt_at <= $2 "
-                    // Order per subject: not while an earlier one of its subject is pending.
+                    // Order per subject: not while an earlier one of its subject is
+                    // pending, nor while another one of it (a later one, when an earlier
+                    // one was replayed) is claimed under a live lease: one at a time.
                     "AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM effects e "
                     "WHERE e.kind = $3 AND e.subject = effects.subject "
-                    "AND e.seq < effects.seq AND e.state = 'pending')) "
+                    "AND e.state = 'pending' AND e.effect_key <> effects.effect_key "
+                    "AND (e.seq < effects.seq "
+                    "OR (e.claim_token IS NOT NULL AND e.next_attempt_at > $2)))) "
                     "ORDER BY next_attempt_at LIMIT $4") +
         std::string(tx.dialect().ForUpdateSkipLocked()) +
-        ") RETURNING effect_key, payload, attempts, created_at";
+        ") UPDATE effects SET next_attempt_at = $1, attempts = attempts + 1, "
+        "claim_token = $5, updated_at = $2 "
+        "WHERE state = 'pending' AND next_attempt_at <= $2 "
+        "AND effect_key IN (SELECT effect_key FROM picked) "
+        "RETURNING effect_key, payload, attempts, created_at";
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query(sql, now + options_.lease.count(), now, options_.kind,
                             static_cast<int64_t>(options_.batch), token));
@@ -143,19 +151,33 @@ Result<size_t> EffectRunner::RunOnce() {
   for (const Claim& c : claimed) {
     // A test pauses a runner here to let its claim lapse and another runner take over.
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("effects.before_call"));
-    bool ours = false;
+    enum class Check { kOurs, kLost, kDeferred } check = Check::kLost;
     CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
       const int64_t now = clock_->NowMillis();
+      // Renews the claim, unless an earlier intent of the subject is pending again (a
+      // replayed dead letter, recorded before this one): then the call waits for it.
       CONVERGE_ASSIGN_OR_RETURN(
-          int64_t n, tx.Exec("UPDATE effects SET next_attempt_at = $1, updated_at = $2 "
-                             "WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4",
-                             now + options_.lease.count(), now, c.key, token));
-      ours = n == 1;
+          int64_t n,
+          tx.Exec("UPDATE effects SET next_attempt_at = $1, updated_at = $2 "
+                  "WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4 "
+                  "AND (subject IS NULL OR NOT EXISTS (SELECT 1 FROM effects e "
+                  "WHERE e.kind = effects.kind AND e.subject = effects.subject "
+                  "AND e.state = 'pending' AND e.seq < effects.seq))",
+                  now + options_.lease.count(), now, c.key, token));
+      check = n == 1 ? Check::kOurs : Check::kLost;
+      if (check == Check::kOurs) return OkStatus();
+      // Put back, not counted as an attempt, claimable as soon as the earlier one is done.
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t back, tx.Exec("UPDATE effects SET claim_token = NULL, next_attempt_at = $1, "
+                                "attempts = attempts - 1, updated_at = $1 "
+                                "WHERE effect_key = $2 AND state = 'pending' AND claim_token = $3",
+                                now, c.key, token));
+      if (back == 1) check = Check::kDeferred;
       return OkStatus();
     }));
-    if (!ours) {
+    if (check != Check::kOurs) {
       std::lock_guard<std::mutex> l(stats_mu_);
-      ++stats_.lost_claims;
+      ++(check == Check::kLost ? stats_.lost_claims : stats_.deferred);
       continue;
     }
 

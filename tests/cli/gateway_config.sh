@@ -40,6 +40,8 @@ check bad_secret "secret must be a whsec_<base64> secret" \
   "$gw"$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\nsecret = "plain"\n'"$endpoint"
 check lease_le_timeout "lease_ms must exceed timeout_ms" \
   "$gw$target"$'timeout_ms = 5000\nlease_ms = 5000\n'"$endpoint"
+check bad_target_name "target name 'a:b' must be" \
+  "$gw"$'[[target]]\nname = "a:b"\nurl = "http://127.0.0.1:9/h"\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'"$endpoint"
 check unknown_key "unknown key 'target.oredered'" "$gw$target"$'oredered = true\n'"$endpoint"
 
 if [ "$failures" -eq 0 ]; then echo "$passed passed, 0 failed"; else echo "$failures failed"; exit 1; fi

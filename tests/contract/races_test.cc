@@ -759,5 +759,124 @@ TYPED_TEST(Races, AReplayFromTheReadSnapshotIsNeverOneThatWasSuperseded) {
   EXPECT_EQ(b->response.body, "two");
 }
 
+// Found by review: s1 is parked, so s2 is claimed; s1 is replayed while s2's runner is held
+// before its call. effects.h: "replayed, it is pending again and holds back the ones
+// recorded after it that have not run yet": s2's runner must put it back, not call it
+// while s1 is pending (the per-call check used to look only at the claim token).
+TYPED_TEST(Races, AReplayedEffectHoldsBackALaterOneAlreadyClaimed) {
+  ManualClock clock;
+  std::mutex mu;
+  std::vector<std::string> calls;
+  EffectRunner::Executor run = [&](const std::string& key,
+                                   const std::string&) -> Result<std::string> {
+    std::lock_guard<std::mutex> l(mu);
+    calls.push_back(key);
+    if (calls.size() == 1) return tl::unexpected(InvalidArgumentError("refused"));
+    return "ok:" + key;
+  };
+  auto called = [&] {
+    std::lock_guard<std::mutex> l(mu);
+    return calls;
+  };
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  EffectRunner a(*this->db_, o, run, &clock);
+  EffectRunner b(*this->db_, o, run, &clock);
+  for (const char* key : {"s1", "s2"}) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(a.Record(tx, key, "{}", "order-1"));
+                     }).ok());
+  }
+  ASSERT_EQ(*b.RunOnce(), 1u);  // s1 refused: a dead letter, holding nothing back
+  ASSERT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE event_id = 's1'"), 1);
+
+  ASSERT_TRUE(failpoint::Configure("effects.before_call=pause*1").ok());
+  Result<size_t> a_ran;
+  std::thread ta([&] { a_ran = a.RunOnce(); });  // claims s2, held before calling it
+  ASSERT_TRUE(failpoint::WaitPaused("effects.before_call", 20s));
+  EffectRequeuer requeuer(&clock);
+  DeadLetters dlq(*this->db_, {{std::string(kEffectQueuePrefix), &requeuer}});
+  ASSERT_TRUE(dlq.Replay(this->Count("SELECT id FROM dead_letters WHERE event_id = 's1'")).ok());
+  failpoint::Release("effects.before_call");
+  ta.join();
+  ASSERT_TRUE(a_ran);
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1"})) << "s2 ran while s1 was pending";
+  while (*b.RunOnce() > 0) {
+  }
+  EXPECT_EQ(called(), (std::vector<std::string>{"s1", "s1", "s2"}));
+}
+
+// Found by review: as above, but s2 is mid-call (called, outcome not yet written) when s1
+// is replayed. Intents of one subject execute one at a time: runner b must not claim the
+// replayed s1 while s2 is still in flight (the claim used to look only for earlier
+// pending intents of the subject, not at later ones under a live claim).
+TYPED_TEST(Races, AReplayedEffectDoesNotRunBesideALaterOneInFlight) {
+  ManualClock clock;
+  std::mutex mu;
+  std::vector<std::string> calls;
+  EffectRunner::Executor run = [&](const std::string& key,
+                                   const std::string&) -> Result<std::string> {
+    std::lock_guard<std::mutex> l(mu);
+    calls.push_back(key);
+    if (calls.size() == 1) return tl::unexpected(InvalidArgumentError("refused"));
+    return "ok:" + key;
+  };
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  EffectRunner a(*this->db_, o, run, &clock);
+  EffectRunner b(*this->db_, o, run, &clock);
+  for (const char* key : {"s1", "s2"}) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(a.Record(tx, key, "{}", "order-1"));
+                     }).ok());
+  }
+  ASSERT_EQ(*b.RunOnce(), 1u);  // s1 refused: a dead letter
+  ASSERT_TRUE(failpoint::Configure("effects.after_call_before_record=pause*1").ok());
+  Result<size_t> a_ran;
+  std::thread ta([&] { a_ran = a.RunOnce(); });  // s2 called, its outcome not written
+  ASSERT_TRUE(failpoint::WaitPaused("effects.after_call_before_record", 20s));
+  EffectRequeuer requeuer(&clock);
+  DeadLetters dlq(*this->db_, {{std::string(kEffectQueuePrefix), &requeuer}});
+  ASSERT_TRUE(dlq.Replay(this->Count("SELECT id FROM dead_letters WHERE event_id = 's1'")).ok());
+  Result<size_t> b_ran = b.RunOnce();
+  failpoint::Release("effects.after_call_before_record");
+  ta.join();
+  ASSERT_TRUE(b_ran);
+  EXPECT_EQ(*b_ran, 0u) << "s1 ran while s2 of its subject was in flight";
+}
+
+// Found by review: a gateway target with concurrency = 4 is 4 runners of one kind; with the
+// default batch (16) one runner claimed the whole backlog and called it one by one while
+// the others found nothing. The gateway's runners now claim one intent at a time: while a
+// runner is held in its call, another takes the next intent of the backlog.
+TYPED_TEST(Races, RunnersOfOneKindClaimingOneAtATimeShareABacklog) {
+  ManualClock clock;
+  EffectRunnerOptions o;
+  o.kind = "deliver";
+  o.batch = 1;  // as the gateway's runners (apps/converge/gateway.cc)
+  EffectRunner::Executor run = [](const std::string&, const std::string&) -> Result<std::string> {
+    return std::string("ok");
+  };
+  EffectRunner a(*this->db_, o, run, &clock);
+  EffectRunner b(*this->db_, o, run, &clock);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                     for (const char* key : {"d1", "d2", "d3", "d4"}) {
+                       CONVERGE_RETURN_IF_ERROR(StatusOf(a.Record(tx, key, "{}")));
+                     }
+                     return OkStatus();
+                   }).ok());
+  ASSERT_TRUE(failpoint::Configure("effects.before_call=pause*1").ok());
+  Result<size_t> a_ran;
+  std::thread ta([&] { a_ran = a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("effects.before_call", 20s));
+  // a holds one intent, not the backlog (PostgreSQL used to claim every due row).
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE claim_token IS NOT NULL"), 1);
+  Result<size_t> b_ran = b.RunOnce();  // a is busy with d1: b should take some of the rest
+  failpoint::Release("effects.before_call");
+  ta.join();
+  ASSERT_TRUE(b_ran);
+  EXPECT_GE(*b_ran, 1u) << "runner a holds the whole backlog";
+}
+
 }  // namespace
 }  // namespace converge

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -52,7 +53,9 @@ class GatewayE2E : public ::testing::Test {
       << "[[endpoint]]\nname = \"std\"\npath = \"/in/std\"\n"
       << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"accounts\"\npath = \"/in/accounts\"\nsubject = \"/account\"\n"
-      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"ledger\"]\n";
+      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"ledger\"]\n"
+      << "[[endpoint]]\nname = \"fanout\"\npath = \"/in/fanout\"\n"
+      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"billing\", \"ledger\"]\n";
     f.close();
     gateway_ = std::make_unique<ServeProcess>(ServeProcess::Options{
         .binary = CONVERGE_BIN_PATH, .command = "gateway", .config_path = config_,
@@ -240,6 +243,24 @@ TEST_F(GatewayE2E, AGatewayKilledMidDeliveryLosesNothing) {
   EXPECT_EQ(TargetStats()["last"]["id"], "evt_k");  // the same id, for the target's dedupe
   EXPECT_EQ(Send("stripe", "/in/stripe", "whsec_stripe", "-", R"({"id":"evt_k"})"), 204);
   EXPECT_TRUE(ParkedLetters().empty());
+}
+
+// Found by review: Stage recorded one intent per target of an endpoint under one effect key
+// (endpoint:id), but effect keys are one namespace across kinds: the second target's Record
+// was a no-op, so only the first target ever got the delivery. Keys now name the target.
+TEST_F(GatewayE2E, AnEndpointWithTwoTargetsDeliversToBoth) {
+  EXPECT_EQ(Send("standard", "/in/fanout", sender_secret_, "msg_fan", R"({"account":"a"})"),
+            204);
+  auto paths = [&] {
+    std::set<std::string> p;
+    const json stats = TargetStats();  // the loop must not range over a dead temporary
+    for (const json& a : stats["attempts"]) {
+      if (a[1] == "msg_fan") p.insert(a[0].get<std::string>());
+    }
+    return p;
+  };
+  EXPECT_TRUE(testing::WaitUntil([&] { return paths().size() == 2; }))
+      << TargetStats().dump();
 }
 
 }  // namespace

@@ -51,14 +51,18 @@ class SqlQueue::QueueSubscriber : public Subscriber {
       // visibility timeout, and goes once that one is acked or parked (deleted). Without
       // this a redelivered "captured" came after the "refunded" of the same payment
       // (docs/design/chaos.md, "Findings"). Messages without a subject are not ordered.
+      // The picked rows are a MATERIALIZED CTE: as a subquery, PostgreSQL may rescan the
+      // LIMITed, locking SELECT once per row it updates, skip the rows this very statement
+      // locked, and so claim every visible message whatever the LIMIT.
       const std::string sql =
-          "UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT m.id FROM "
+          "WITH picked AS MATERIALIZED (SELECT m.id FROM "
           "queue_messages m WHERE m.queue = $3 AND m.visible_at <= $4 AND (m.subject = '' OR "
           "NOT EXISTS (SELECT 1 FROM queue_messages e WHERE e.queue = m.queue AND "
           "e.subject = m.subject AND e.id < m.id)) ORDER BY m.id LIMIT $5" +
           std::string(tx.dialect().ForUpdateSkipLocked()) +
-          ") RETURNING id, event_id, source, type, subject, envelope, attempts, "
+          ") UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
+          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM picked) "
+          "RETURNING id, event_id, source, type, subject, envelope, attempts, "
           "first_failure_at, last_error";
       CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql, now + visibility.count(), token,
                                                     queue_, now, static_cast<int64_t>(max)));
