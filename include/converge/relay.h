@@ -11,6 +11,15 @@
 // tx_publisher.h: the SQL queue), publish and mark are one local transaction and the
 // window does not exist.
 //
+// An event the broker refuses for good (a permanent error: NATS refuses a type that is not
+// a valid subject, or a message over its max_payload) is parked in dead_letters (consumer
+// "relay", queue kRelayDeadLetterQueue, error class "refused") in the transaction that
+// marks the batch, and its row is marked done, so it no longer heads every claim. Like a
+// message a consumer parks, it does not hold its aggregate back: the aggregate's later
+// events go on (docs/design/outbox-relay.md, "Events the broker refuses"). Replaying the
+// letter (OutboxRequeuer) makes the row unpublished again, so the relay publishes it once
+// more. Transient failures keep stopping their aggregate, as above.
+//
 // Several relays may share one outbox (several processes on PostgreSQL). Events are
 // spread over kOutboxPartitions partitions by a stable hash of their subject; each
 // partition has one owner at a time, recorded in relay_partitions with a lease and a
@@ -37,12 +46,25 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/dead_letters.h"
 #include "converge/outbox.h"
 #include "converge/transport.h"
 #include "converge/worker.h"
 #include "converge/tx_publisher.h"
 
 namespace converge {
+
+// The queue of the dead letters the relay parks (events the broker refused for good).
+inline constexpr std::string_view kRelayDeadLetterQueue = "relay:outbox";
+
+// Replays a letter the relay parked: its outbox row becomes unpublished again, in the
+// replay's transaction, and the relay publishes it on a later pass. kNotFound when the
+// row is gone (swept after the published retention). Route it in DeadLetters for
+// kRelayDeadLetterQueue.
+class OutboxRequeuer : public Requeuer {
+ public:
+  Status Requeue(Tx& tx, const DeadLetter& letter) override;
+};
 
 struct RelayOptions {
   size_t batch = 256;                           // events claimed per pass
@@ -61,6 +83,7 @@ struct RelayStats {
   int64_t partitions_owned = 0;
   int64_t published = 0;
   int64_t publish_failures = 0;
+  int64_t refused = 0;  // refused by the broker for good: parked as dead letters
   int64_t passes = 0;
   std::string last_error;
 };
