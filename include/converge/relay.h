@@ -70,6 +70,13 @@ struct RelayOptions {
   size_t batch = 256;                           // events claimed per pass
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
   Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
+  // 0: every pass renews, takes and sheds partitions (Acquire, one committed
+  // transaction). Otherwise a pass reuses the partitions it holds when the last Acquire
+  // is younger than this (measured on the relay's clock), saving that transaction: the
+  // mark (and a shared-database publish) still commits only under each partition's fence,
+  // so ownership stays proven; a new relay gets its share, and a superseded incarnation
+  // learns it, up to this much later. REQUIRES: below lease / 2.
+  Millis acquire_interval{0};
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
   // name takes its partitions back at once, raising their fences; the previous
   // incarnation, if still alive, can no longer mark or publish, and from its next pass on
@@ -134,6 +141,7 @@ class Relay {
   // store-wide sequence (0 until the first pass); only the RunOnce thread uses them.
   std::map<int64_t, int64_t> held_;
   int64_t incarnation_ = 0;
+  int64_t acquired_at_ = 0;  // clock millis of the last successful Acquire
 
   int64_t listener_ = 0;
   mutable std::mutex stats_mu_;

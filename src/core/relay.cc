@@ -232,7 +232,13 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
 }
 
 Result<size_t> Relay::RunOnce() {
-  auto owned = Acquire();
+  const int64_t now = clock_->NowMillis();
+  Result<std::map<int64_t, int64_t>> owned = held_;
+  if (held_.empty() || options_.acquire_interval <= Millis(0) ||
+      now - acquired_at_ >= options_.acquire_interval.count() || now < acquired_at_) {
+    owned = Acquire();
+    if (owned) acquired_at_ = now;
+  }
   Result<size_t> r = size_t{0};
   if (!owned) {
     r = tl::unexpected(owned.error());

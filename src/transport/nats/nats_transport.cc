@@ -689,7 +689,7 @@ class NatsSubscriber : public Subscriber {
     }
   }
 
-  static constexpr Millis kNoticePoll = std::chrono::seconds(1);
+  static constexpr Millis kNoticePoll = std::chrono::seconds(2);
 
   // REQUIRES: mu_ held. Adds `h` to what the ticker keeps alive, once.
   void Track(HeldPtr h) {
@@ -733,7 +733,9 @@ class NatsSubscriber : public Subscriber {
     jsFetchRequest_Init(&req);
     req.Batch = static_cast<int>(std::max<size_t>(max, 1));
     req.NoWait = true;
-    req.Expires = Nanos(std::chrono::milliseconds(500));
+    // A no-wait request is answered at once; the bound only caps what a slow answer costs
+    // the Fetch (a late answer's notices come back after their AckWait).
+    req.Expires = Nanos(std::chrono::milliseconds(50));
     natsMsgList list{nullptr, 0};
     if (natsSubscription_FetchRequest(&list, notices_, &req) != NATS_OK && list.Count == 0) return;
     for (int i = 0; i < list.Count; ++i) {
