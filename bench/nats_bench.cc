@@ -92,8 +92,10 @@ int Run(const std::string& pg, const std::string& nats, int64_t events, int64_t 
   // relay: outbox -> JetStream.
   auto relay_broker = Broker(nats, "BENCH_RELAY");
   if (!relay_broker) return Check(relay_broker.error(), "nats"), 1;
-  converge::Relay relay(**db, outbox, **relay_broker,
-                        converge::RelayOptions{.batch = static_cast<size_t>(batch)});
+  converge::RelayOptions ro;
+  ro.batch = static_cast<size_t>(batch);
+  ro.acquire_interval = ro.lease / 3;  // as `converge relay` runs it
+  converge::Relay relay(**db, outbox, **relay_broker, ro);
   int64_t drained = 0;
   auto t0 = Steady::now();
   while (drained < events) {

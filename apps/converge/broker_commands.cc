@@ -63,7 +63,9 @@ int RunRelay(const BrokerFlags& f) {
     return 1;
   }
   Outbox outbox;
-  Relay relay(**db, outbox, **broker, RelayOptions{.name = f.name});
+  RelayOptions ro{.name = f.name};
+  ro.acquire_interval = ro.lease / 3;  // one committed transaction less per pass
+  Relay relay(**db, outbox, **broker, ro);
   relay.Start();
   spdlog::info("event=relay_started name={} stream={}", f.name, (*broker)->options().stream);
   WaitForStopSignal(signals);

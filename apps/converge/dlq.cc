@@ -11,6 +11,7 @@
 #include "converge/dead_letters.h"
 #include "converge/effects.h"
 #include "converge/http_service.h"
+#include "converge/relay.h"
 #include "converge/sql_queue.h"
 
 namespace converge::cli {
@@ -111,7 +112,10 @@ int Act(const DlqFlags& f, bool replay) {
   // letter goes back on its SQL queue.
   SqlQueue queue(*db);
   EffectRequeuer effects;
-  DeadLetters dlq(*db, {{"", &queue}, {std::string(kEffectQueuePrefix), &effects}});
+  OutboxRequeuer outbox;  // events a relay parked because the broker refused them
+  DeadLetters dlq(*db, {{"", &queue},
+                        {std::string(kEffectQueuePrefix), &effects},
+                        {std::string(kRelayDeadLetterQueue), &outbox}});
   Status st = replay ? dlq.Replay(f.id) : dlq.Discard(f.id);
   if (!st.ok()) return Fail(replay ? "replay" : "discard", st);
   std::printf("dead letter %lld %s\n", static_cast<long long>(f.id),

@@ -186,6 +186,7 @@ class Service::Impl {
   converge::EffectRunner* receipts_ = nullptr;
   converge::EffectRequeuer effect_requeuer_;  // replays of effects' dead letters
   converge::SagaRequeuer saga_requeuer_;      // replays of parked sagas
+  converge::OutboxRequeuer outbox_requeuer_;  // replays of events the broker refused
   std::unique_ptr<Checkout> checkout_;        // the checkout saga (POST /v1/orders)
   std::unique_ptr<converge::DeadLetters> dead_letters_;
   std::unique_ptr<converge::http::Server> server_;
@@ -311,7 +312,8 @@ Status Service::Impl::Start() {
   std::vector<converge::ReplayRoute> routes = {
       {"", queue_.get()},
       {std::string(converge::kEffectQueuePrefix), &effect_requeuer_},
-      {std::string(converge::kSagaQueuePrefix), &saga_requeuer_}};
+      {std::string(converge::kSagaQueuePrefix), &saga_requeuer_},
+      {std::string(converge::kRelayDeadLetterQueue), &outbox_requeuer_}};
 #if CONVERGE_WITH_NATS
   if (nats_) routes.push_back({"nats:", nats_.get()});  // letters of NATS consumers
 #endif

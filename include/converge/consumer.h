@@ -20,9 +20,13 @@
 // is parked before it runs again (error class "unsettled"). For suspects, retries of
 // transient failures are counted in handler runs too, not in deliveries. A batch whose
 // transaction fails is retried one delivery at a time at once, so one bad message never
-// holds its neighbours back. A handler must keep its effects inside the Tx; an external
-// effect (email, payment) must be called with a deterministic key derived from the event
-// so its provider dedupes it.
+// holds its neighbours back. A delivery whose own transaction then fails transiently
+// (the store is down) is held: extended with the transport (Subscriber::Extend) and
+// retried on the next pass before anything new is fetched, so an outage does not burn
+// the transport's redeliveries. A notice that the transport abandoned a message
+// (Delivery::abandoned) parks it unrun (error class "abandoned"). A handler must keep its
+// effects inside the Tx; an external effect (email, payment) must be called with a
+// deterministic key derived from the event so its provider dedupes it.
 //
 // Retention: the inbox row must outlive every redelivery, so Validate() refuses an
 // inbox_ttl shorter than visibility x max_attempts + all backoff + the dead-letter replay
@@ -139,6 +143,10 @@ class Consumer {
   Clock* clock_;
   const Inbox inbox_;
   std::map<std::string, Handler, std::less<>> handlers_;
+
+  // Deliveries whose transaction failed transiently (the store may be down), held and
+  // retried before the next Fetch; only RunOnce touches it.
+  std::vector<Delivery> held_;
 
   mutable std::mutex stats_mu_;
   ConsumerStats stats_;

@@ -17,8 +17,12 @@
 // MaxDeliver, backoff) as a Subscriber for Consumer (consumer.h): settlements map to Ack
 // (after the consumer's commit), NakWithDelay (transient failure), Term (dead-lettered);
 // while a delivery is held, the subscriber sends in-progress acks so a long handler keeps
-// it, up to the visibility the consumer asked for. MAX_DELIVERIES advisories (the server
-// gave up on a message) are counted per consumer.
+// it, up to the visibility the consumer asked for (Extend holds it longer: a consumer
+// whose store is down keeps what it fetched). MAX_DELIVERIES advisories (the server gave
+// up on a message) are counted per consumer and stored in a stream of their own
+// (`<stream>_ADVISORIES`); the consumer's subscriber hands each out as a notice
+// (Delivery::abandoned) with the abandoned message read back from the stream, and the
+// consumer parks it as a dead letter: nothing the server gives up on is lost silently.
 //
 // Thread safety: NatsBroker and its subscribers are safe to use from many threads.
 // Ownership: a subscriber (and every delivery it handed out) must be destroyed before the
@@ -70,14 +74,22 @@ struct NatsSubscription {
   Millis fetch_wait = std::chrono::milliseconds(250);  // a Fetch waits this for a message
 };
 
-// The longest a message of `sub` can keep coming back to `consumer`: each of max_deliver
-// deliveries held for max(its ack wait, the consumer's visibility) (in-progress acks
-// extend it), plus the consumer's largest nak delay between deliveries.
+// How long delivery `delivery` (1-based) of `sub` waits for an ack: its BackOff step (the
+// last repeating) when BackOff is set, else AckWait.
+Millis NatsAckWaitOf(const NatsSubscription& sub, int64_t delivery);
+
+// The longest one message of `sub` can keep coming back to `consumer`: each of
+// max_deliver deliveries held by in-progress acks for up to the consumer's visibility and
+// then for its AckWait (or BackOff step), which the server counts from the last
+// in-progress ack; plus the consumer's largest nak delay between deliveries.
 Millis NatsRedeliveryHorizon(const NatsSubscription& sub, const ConsumerOptions& consumer);
 
 // The startup check: kInvalidArgument, naming the numbers, when consumer.inbox_ttl does
-// not exceed NatsRedeliveryHorizon + consumer.replay_window (a late redelivery would find
-// no inbox row and be applied again), or max_deliver does not exceed max_attempts.
+// not exceed NatsRedeliveryHorizon + consumer.replay_window + NatsRedeliveryHorizon again
+// (a dead letter of any consumer of the subject, replayed at the end of the window, is a
+// new message that reaches this consumer too and is redelivered on the same schedule: a
+// late copy would find no inbox row and be applied again), or max_deliver does not
+// exceed max_attempts. Assumes the other consumers of the subject have no longer horizon.
 Status ValidateNatsRetention(const NatsSubscription& sub, const ConsumerOptions& consumer);
 
 struct NatsStats {
@@ -87,6 +99,8 @@ struct NatsStats {
   int64_t max_deliveries = 0;    // MAX_DELIVERIES advisories received
   int64_t in_progress_sent = 0;  // in-progress acks sent for long handlers
   int64_t terminated = 0;        // Term sent for dead-lettered messages
+  int64_t abandoned = 0;         // notices of messages the server gave up on, handed out
+  int64_t abandoned_gone = 0;    // such notices whose message had left the stream
 };
 
 class NatsBroker : public Publisher, public Requeuer {
@@ -111,15 +125,18 @@ class NatsBroker : public Publisher, public Requeuer {
   std::vector<Status> PublishBatch(std::span<const Event> batch) override;
 
   // Requeuer, for letters of the queues "nats:<consumer>" (dead_letters.h): publishes the
-  // letter's envelope again on its event type's subject under a fresh Nats-Msg-Id
-  // (`<event id>:replay:<replay count>`), so the stream does not drop it as a duplicate.
-  // Every consumer of that subject receives it; those that applied (or parked) the event
-  // before absorb it in their inbox, and the letter's own consumer, whose dead-lettered
-  // mark the replay lifted, applies it. The publish cannot join the replay's transaction:
-  // if that transaction then fails, the letter stays parked and the copy is absorbed.
+  // letter's envelope again on its event type's subject under a Nats-Msg-Id new to every
+  // attempt (`<event id>:replay:<replay count>:<random>`), so the stream drops neither
+  // it nor a later attempt as a duplicate. Every consumer of that subject receives it;
+  // those that applied (or parked) the event before absorb it in their inbox, and the
+  // letter's own consumer, whose dead-lettered mark the replay lifted, applies it. The
+  // publish cannot join the replay's transaction: if that transaction then fails, the
+  // letter stays parked, its mark stays, the copy is absorbed everywhere, and the next
+  // attempt publishes a copy of its own (docs/design/nats.md).
   Status Requeue(Tx& tx, const DeadLetter& letter) override;
 
-  // Creates or updates the durable consumer and opens a pull subscription on it.
+  // Creates or updates the durable consumer (and its durable on the advisory stream) and
+  // opens pull subscriptions on them.
   // kInvalidArgument: a bad name, pattern or setting; kUnavailable: the server.
   Result<std::unique_ptr<Subscriber>> Subscribe(const NatsSubscription& sub);
 

@@ -11,6 +11,15 @@
 // tx_publisher.h: the SQL queue), publish and mark are one local transaction and the
 // window does not exist.
 //
+// An event the broker refuses for good (a permanent error: NATS refuses a type that is not
+// a valid subject, or a message over its max_payload) is parked in dead_letters (consumer
+// "relay", queue kRelayDeadLetterQueue, error class "refused") in the transaction that
+// marks the batch, and its row is marked done, so it no longer heads every claim. Like a
+// message a consumer parks, it does not hold its aggregate back: the aggregate's later
+// events go on (docs/design/outbox-relay.md, "Events the broker refuses"). Replaying the
+// letter (OutboxRequeuer) makes the row unpublished again, so the relay publishes it once
+// more. Transient failures keep stopping their aggregate, as above.
+//
 // Several relays may share one outbox (several processes on PostgreSQL). Events are
 // spread over kOutboxPartitions partitions by a stable hash of their subject; each
 // partition has one owner at a time, recorded in relay_partitions with a lease and a
@@ -37,6 +46,7 @@
 
 #include "converge/clock.h"
 #include "converge/database.h"
+#include "converge/dead_letters.h"
 #include "converge/outbox.h"
 #include "converge/transport.h"
 #include "converge/worker.h"
@@ -44,10 +54,29 @@
 
 namespace converge {
 
+// The queue of the dead letters the relay parks (events the broker refused for good).
+inline constexpr std::string_view kRelayDeadLetterQueue = "relay:outbox";
+
+// Replays a letter the relay parked: its outbox row becomes unpublished again, in the
+// replay's transaction, and the relay publishes it on a later pass. kNotFound when the
+// row is gone (swept after the published retention). Route it in DeadLetters for
+// kRelayDeadLetterQueue.
+class OutboxRequeuer : public Requeuer {
+ public:
+  Status Requeue(Tx& tx, const DeadLetter& letter) override;
+};
+
 struct RelayOptions {
   size_t batch = 256;                           // events claimed per pass
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
   Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
+  // 0: every pass renews, takes and sheds partitions (Acquire, one committed
+  // transaction). Otherwise a pass reuses the partitions it holds when the last Acquire
+  // is younger than this (measured on the relay's clock), saving that transaction: the
+  // mark (and a shared-database publish) still commits only under each partition's fence,
+  // so ownership stays proven; a new relay gets its share, and a superseded incarnation
+  // learns it, up to this much later. REQUIRES: below lease / 2.
+  Millis acquire_interval{0};
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
   // name takes its partitions back at once, raising their fences; the previous
   // incarnation, if still alive, can no longer mark or publish, and from its next pass on
@@ -61,6 +90,7 @@ struct RelayStats {
   int64_t partitions_owned = 0;
   int64_t published = 0;
   int64_t publish_failures = 0;
+  int64_t refused = 0;  // refused by the broker for good: parked as dead letters
   int64_t passes = 0;
   std::string last_error;
 };
@@ -111,6 +141,7 @@ class Relay {
   // store-wide sequence (0 until the first pass); only the RunOnce thread uses them.
   std::map<int64_t, int64_t> held_;
   int64_t incarnation_ = 0;
+  int64_t acquired_at_ = 0;  // clock millis of the last successful Acquire
 
   int64_t listener_ = 0;
   mutable std::mutex stats_mu_;

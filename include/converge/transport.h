@@ -98,6 +98,11 @@ struct Delivery {
   int64_t attempts = 0;          // deliveries so far, this one included
   int64_t first_failure_at = 0;  // 0 if it never failed (or the transport cannot tell)
   std::string last_error;
+  // The transport has stopped delivering this message for good (NATS: MaxDeliver was
+  // reached and the server said so in an advisory): this is a notice, not a delivery to
+  // run. The consumer parks it as a dead letter without running its handler, then
+  // settles the notice (docs/design/nats.md).
+  bool abandoned = false;
   DeliveryHandle handle;  // for Subscriber::Settle: the transport's own
 };
 
@@ -127,6 +132,18 @@ class Subscriber {
   virtual Status Settle(std::span<const Delivery> deliveries,
                         std::span<const Settlement> settlements) = 0;
 
+  // Keeps unsettled `deliveries` hidden from other fetchers for another `visibility` from
+  // now, without counting a new delivery. A consumer whose store is down holds what it
+  // fetched this way and retries it, instead of letting the transport redeliver it until
+  // the transport gives up (NATS counts every redelivery against MaxDeliver).
+  // kUnimplemented (the default): the transport cannot; the deliveries come back when
+  // their visibility ends. Other errors: the transport's; the same.
+  virtual Status Extend(std::span<const Delivery> deliveries, Millis visibility) {
+    (void)deliveries;
+    (void)visibility;
+    return UnimplementedError("this transport cannot extend a delivery's visibility");
+  }
+
   // Signalled when new messages may be ready; consumers sleep on it between polls.
   virtual Wakeup* wakeup() { return nullptr; }
 };
@@ -139,6 +156,9 @@ class SubscriberWrapper : public Subscriber {
   }
   Status Settle(std::span<const Delivery> d, std::span<const Settlement> s) override {
     return target_->Settle(d, s);
+  }
+  Status Extend(std::span<const Delivery> d, Millis visibility) override {
+    return target_->Extend(d, visibility);
   }
   Wakeup* wakeup() override { return target_->wakeup(); }
 

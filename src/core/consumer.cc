@@ -115,6 +115,14 @@ Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now
   // The envelope is the identity end to end; the transport's copy is only a fallback.
   source = &event->source;
   id = &event->id;
+  if (d.abandoned) {
+    // The transport gave up on it (NATS MaxDeliver): park it unrun, so it is not lost.
+    return park("abandoned",
+                AbortedError("the transport stopped delivering it after " +
+                             std::to_string(d.attempts) + " deliveries (NATS MaxDeliver); "
+                             "last error: " +
+                             (d.last_error.empty() ? std::string("none recorded") : d.last_error)));
+  }
   const Handler* handler = FindHandler(event->type);
   if (handler == nullptr) {
     return park("no_handler", FailedPreconditionError("consumer '" + options_.name +
@@ -151,15 +159,32 @@ Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now
 
 Result<size_t> Consumer::RunOnce() {
   CONVERGE_RETURN_IF_ERROR(Validate());
-  CONVERGE_ASSIGN_OR_RETURN(std::vector<Delivery> deliveries,
-                            subscriber_.Fetch(options_.batch, options_.visibility));
-  if (deliveries.empty()) return size_t{0};
-  // First deliveries share one transaction. A redelivered message came back without
-  // being settled: its handler may have failed, its transaction may fail every time, or
-  // it may kill the process. Each such suspect runs alone, so it cannot take innocent
-  // neighbours down with it, and its handler starts are counted durably.
+  // Deliveries held from an earlier pass (their transaction failed transiently: the
+  // store may be down) are retried before anything new is fetched, each on its own,
+  // after their hold is extended. A store outage therefore costs the transport no
+  // redeliveries: with NATS, every redelivery counts against MaxDeliver, and a message
+  // redelivered through a long outage would be dropped by the server.
+  std::vector<Delivery> deliveries;
   std::vector<const Delivery*> fresh, suspects;
-  for (const Delivery& d : deliveries) (d.attempts > 1 ? suspects : fresh).push_back(&d);
+  if (!held_.empty()) {
+    deliveries.swap(held_);
+    if (!subscriber_.Extend(deliveries, options_.visibility).ok()) {
+      deliveries.clear();  // the transport cannot hold them: they come back by themselves
+    }
+    for (const Delivery& d : deliveries) suspects.push_back(&d);
+  }
+  if (deliveries.empty()) {
+    CONVERGE_ASSIGN_OR_RETURN(deliveries, subscriber_.Fetch(options_.batch, options_.visibility));
+    if (deliveries.empty()) return size_t{0};
+    // First deliveries share one transaction. A redelivered message came back without
+    // being settled: its handler may have failed, its transaction may fail every time, or
+    // it may kill the process. Each such suspect runs alone, so it cannot take innocent
+    // neighbours down with it, and its handler starts are counted durably. A notice of an
+    // abandoned message only parks it.
+    for (const Delivery& d : deliveries) {
+      (d.attempts > 1 && !d.abandoned ? suspects : fresh).push_back(&d);
+    }
+  }
   Status first_error;
   size_t settled = 0;
   if (!fresh.empty()) {
@@ -173,14 +198,20 @@ Result<size_t> Consumer::RunOnce() {
       suspects.insert(suspects.begin(), fresh.begin(), fresh.end());
     }
   }
+  std::vector<Delivery> hold;
   for (const Delivery* d : suspects) {
     Status st = RunAlone(*d);
     if (st.ok()) {
       ++settled;
-    } else if (first_error.ok()) {
-      first_error = st;
+      continue;
     }
+    if (first_error.ok()) first_error = st;
+    // Not even its start could be counted, or its transaction failed transiently: keep
+    // it and try again next pass (each try that reaches the store counts a start, so a
+    // message whose transaction fails while the store works is still parked in the end).
+    if (st.transient()) hold.push_back(*d);
   }
+  held_ = std::move(hold);
   if (!first_error.ok()) {
     std::lock_guard<std::mutex> l(stats_mu_);
     stats_.last_error = first_error.ToString();

@@ -232,7 +232,13 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
 }
 
 Result<size_t> Relay::RunOnce() {
-  auto owned = Acquire();
+  const int64_t now = clock_->NowMillis();
+  Result<std::map<int64_t, int64_t>> owned = held_;
+  if (held_.empty() || options_.acquire_interval <= Millis(0) ||
+      now - acquired_at_ >= options_.acquire_interval.count() || now < acquired_at_) {
+    owned = Acquire();
+    if (owned) acquired_at_ = now;
+  }
   Result<size_t> r = size_t{0};
   if (!owned) {
     r = tl::unexpected(owned.error());
@@ -304,10 +310,16 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   }
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
   std::vector<const Pending*> done;
+  std::vector<std::pair<const Pending*, const Status*>> refused;  // parked, then marked
   std::vector<std::pair<int64_t, std::string>> failed;
   for (size_t i = 0; i < batch.size(); ++i) {
     const Pending& p = batch[i];
     if (stopped.count(p.event.subject)) continue;
+    if (!results[i].ok() && !results[i].transient()) {
+      // Refused for good: parked, so it stops heading every claim; its aggregate goes on.
+      refused.emplace_back(&p, &results[i]);
+      continue;
+    }
     if (!results[i].ok()) {
       stopped.insert(p.event.subject);
       failed.emplace_back(p.seq, results[i].ToString());
@@ -318,17 +330,43 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
   if (!done.empty()) CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
 
   size_t marked = 0;
+  size_t parked = 0;
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     marked = 0;
+    parked = 0;
     const int64_t now = clock_->NowMillis();
     std::set<int64_t> touched;
     for (const Pending* p : done) touched.insert(p->partition);
+    for (const auto& [p, error] : refused) touched.insert(p->partition);
     CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
     std::vector<int64_t> seqs;
     for (const Pending* p : done) {
       if (mine.count(p->partition)) seqs.push_back(p->seq);
     }
     CONVERGE_ASSIGN_OR_RETURN(marked, MarkPublished(tx, seqs, now));
+    for (const auto& [p, error] : refused) {
+      if (!mine.count(p->partition)) continue;
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n, tx.Exec("UPDATE outbox_events SET published_at = $1, "
+                             "publish_attempts = publish_attempts + 1, last_error = $2 "
+                             "WHERE seq = $3 AND published_at IS NULL",
+                             now, "refused by the broker, parked: " + error->ToString(), p->seq));
+      if (n == 0) continue;
+      DeadLetter letter;
+      letter.consumer = "relay";
+      letter.queue = std::string(kRelayDeadLetterQueue);
+      letter.event_id = p->event.id;
+      letter.source = p->event.source;
+      letter.type = p->event.type;
+      letter.envelope = p->event.envelope;
+      letter.error_class = "refused";
+      letter.error_code = std::string(StatusCodeName(error->code()));
+      letter.error = error->message();
+      letter.attempts = 1;
+      letter.first_failure_at = letter.last_failure_at = now;
+      CONVERGE_RETURN_IF_ERROR(StatusOf(DeadLetters::Park(tx, letter)));
+      ++parked;
+    }
     std::vector<std::vector<Value>> failures;
     for (const auto& [seq, error] : failed) failures.push_back({Value(error), Value(seq)});
     CONVERGE_RETURN_IF_ERROR(
@@ -337,12 +375,26 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
                     failures));
     return OkStatus();
   }));
-  if (!failed.empty()) {
+  if (!failed.empty() || parked > 0) {
     std::lock_guard<std::mutex> l(stats_mu_);
     stats_.publish_failures += static_cast<int64_t>(failed.size());
-    stats_.last_error = failed.back().second;
+    stats_.refused += static_cast<int64_t>(parked);
+    if (!failed.empty()) stats_.last_error = failed.back().second;
+    if (parked > 0) stats_.last_error = refused.back().second->ToString();
   }
   return marked;
+}
+
+Status OutboxRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
+  CONVERGE_ASSIGN_OR_RETURN(
+      int64_t n, tx.Exec("UPDATE outbox_events SET published_at = NULL, last_error = NULL "
+                         "WHERE source = $1 AND event_id = $2 AND published_at IS NOT NULL",
+                         letter.source, letter.event_id));
+  if (n == 0) {
+    return NotFoundError("outbox event '" + letter.event_id +
+                         "' is gone (swept after the published retention) or unpublished");
+  }
+  return tx.Notify(kOutboxChannel);
 }
 
 void Relay::ReleaseAll() {

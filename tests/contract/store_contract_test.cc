@@ -490,6 +490,29 @@ TYPED_TEST(StoreContract, ConsumersSharingAQueueApplyEachMessageOnce) {
   EXPECT_EQ(duplicates, 0);  // claims never hand one message to two consumers at once
 }
 
+// RelayOptions::acquire_interval: between due Acquires a pass reuses what it holds (one
+// committed transaction less), so it sheds its excess for a newcomer only when due.
+TYPED_TEST(StoreContract, ARelayWithAnAcquireIntervalRebalancesOnlyWhenItIsDue) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  Outbox outbox(OutboxOptions{}, &clock);
+  RelayOptions o1{.batch = 16, .name = "relay-a"}, o2{.batch = 16, .name = "relay-b"};
+  o1.acquire_interval = Millis(1000);
+  Relay r1(*this->db_, outbox, queue, o1, &clock), r2(*this->db_, outbox, queue, o2, &clock);
+  ASSERT_TRUE(r1.RunOnce());
+  EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions);
+  ASSERT_TRUE(r2.RunOnce());  // announces itself; nothing is free
+  EXPECT_EQ(r2.stats().partitions_owned, 0);
+  clock.Advance(Millis(999));
+  ASSERT_TRUE(r1.RunOnce());  // not due: keeps what it holds
+  EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions);
+  clock.Advance(Millis(1));
+  ASSERT_TRUE(r1.RunOnce());  // due: sheds down to its share
+  EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions / 2);
+  ASSERT_TRUE(r2.RunOnce());
+  EXPECT_EQ(r2.stats().partitions_owned, kOutboxPartitions / 2);
+}
+
 TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   ManualClock clock(Clock::System()->NowMillis());
   SqlQueue queue(*this->db_, &clock);

@@ -340,18 +340,27 @@ TEST_F(NatsTransport, WorkerKilledMidBatchLosesNothingAndDoublesNothing) {
 
 TEST(NatsRetention, RefusesAnInboxTtlShorterThanTheRedeliveryHorizonNamingTheNumbers) {
   NatsSubscription s = LedgerSubscription();  // AckWait 1 s, MaxDeliver 6
-  s.backoff = {1s, 2s};
-  ConsumerOptions c = LedgerOptions();  // visibility 30 s, nak delays <= 200 ms
+  s.backoff = {1s, 2s};                       // deliveries 1: 1 s, 2..6: 2 s
+  ConsumerOptions c = LedgerOptions();        // visibility 30 s, nak delays <= 200 ms
   c.replay_window = 0ms;
-  // 30 s x 6 + 200 ms x 5 = 181 s.
-  EXPECT_EQ(NatsRedeliveryHorizon(s, c), Millis(181'000));
-  c.inbox_ttl = 181s;
+  EXPECT_EQ(NatsAckWaitOf(s, 1), 1s);
+  EXPECT_EQ(NatsAckWaitOf(s, 6), 2s);
+  // Issue 11 review: the check took max(wait, visibility) per delivery (181 s here), but
+  // the server starts a delivery's AckWait only after the last in-progress ack, sent up
+  // to the visibility: (30 s + 1 s) + 5 x (30 s + 2 s) + 5 nak delays x 200 ms = 192 s.
+  EXPECT_EQ(NatsRedeliveryHorizon(s, c), Millis(192'000));
+  // And a replayed dead letter is a new message for every consumer of the subject, with
+  // a horizon of its own: 192 s + replay window 0 s + 192 s = 384 s.
+  c.inbox_ttl = 384s;
   Status st = ValidateNatsRetention(s, c);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
-  for (const char* number : {"181000", "AckWait 1000", "MaxDeliver 6", "backoff total 3000"}) {
-    EXPECT_NE(st.message().find(number), std::string::npos) << st.message();
+  for (const char* number : {"inbox TTL 384000 ms", "horizon 192000 ms", "MaxDeliver 6",
+                             "visibility 30000 ms", "waits 11000 ms", "AckWait 1000 ms",
+                             "2 BackOff steps", "5 nak delays of up to 200 ms",
+                             "replay window 0 ms", "= 384000 ms"}) {
+    EXPECT_NE(st.message().find(number), std::string::npos) << number << ": " << st.message();
   }
-  c.inbox_ttl = 182s;
+  c.inbox_ttl = 385s;
   EXPECT_TRUE(ValidateNatsRetention(s, c).ok());
   c.replay_window = 1s;
   EXPECT_FALSE(ValidateNatsRetention(s, c).ok());  // the replay window counts too
@@ -384,6 +393,205 @@ TEST(NatsConnect, AnUnreachableServerIsUnavailable) {
   auto b = NatsBroker::Connect(o);
   ASSERT_FALSE(b.has_value());
   EXPECT_EQ(b.error().code(), StatusCode::kUnavailable) << b.error().ToString();
+}
+
+}  // namespace
+}  // namespace converge
+
+namespace converge {
+namespace {
+
+// The store of a consumer, down while `down` is set: every transaction and read fails
+// as an unreachable database does.
+class OutageDatabase : public DatabaseWrapper {
+ public:
+  using DatabaseWrapper::DatabaseWrapper;
+  Status Transact(const TxFn& fn) override {
+    if (down) return UnavailableError("store down (test)");
+    return DatabaseWrapper::Transact(fn);
+  }
+  Status Read(const TxFn& fn) override {
+    if (down) return UnavailableError("store down (test)");
+    return DatabaseWrapper::Read(fn);
+  }
+  std::atomic<bool> down{false};
+};
+
+// Issue 11 review: while the store was down, the consumer let every fetched message go
+// back to the server, which redelivered it until MaxDeliver and then dropped it: neither
+// applied nor dead-lettered. Now the consumer holds what it fetched (in-progress acks)
+// and retries it, so an outage much longer than AckWait x MaxDeliver costs no delivery.
+TEST_F(NatsTransport, StoreOutagePastMaxDeliverHoldsTheMessageAndAppliesItOnceAfter) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("victim")).ok());
+  auto sub = (*broker)->Subscribe(LedgerSubscription());  // AckWait 1 s, MaxDeliver 6
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  ConsumerOptions o = LedgerOptions();
+  o.visibility = 1s;
+  ASSERT_TRUE(ValidateNatsRetention(LedgerSubscription(), o).ok());
+  OutageDatabase store(db_.get());
+  Consumer consumer(store, **sub, o);
+  consumer.On("payment.captured", RecordEffect);
+  store.down = true;
+  // The outage outlasts 6 deliveries of (1 s visibility + 1 s AckWait), after which the
+  // server would have given up on the message.
+  const auto outage_ends = std::chrono::steady_clock::now() + 6 * (1s + 1s) + 2s;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        (void)consumer.RunOnce();
+        return std::chrono::steady_clock::now() >= outage_ends;
+      },
+      60s));
+  EXPECT_EQ((*broker)->stats().max_deliveries, 0);
+  EXPECT_EQ((*broker)->Unsettled("ledger").value_or(-1), 1);
+  store.down = false;  // the store is back
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  }));
+  DeadLetters letters(*db_);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects"), 1);
+  EXPECT_EQ(letters.Count().value_or(-1), 0);
+  EXPECT_EQ((*broker)->stats().max_deliveries, 0);
+}
+
+// When the server gives up on a message anyway (here a fetcher that never settles, as
+// a worker killed MaxDeliver times in a row would), its MAX_DELIVERIES advisory, stored
+// in the advisory stream, reaches the consumer started afterwards: the message is parked
+// as a dead letter (class "abandoned"), not lost, and its replay is applied once.
+TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("abandoned-1")).ok());
+  {
+    auto taker = (*broker)->Subscribe(LedgerSubscription());
+    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+    // Fetched and never settled, with no in-progress acks: back after each AckWait.
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          (void)(*taker)->Fetch(10, 1ms);
+          return (*broker)->stats().max_deliveries >= 1;
+        },
+        60s));
+  }
+  EXPECT_EQ((*broker)->Unsettled("ledger").value_or(-1), 0);  // the server gave up
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", RecordEffect);
+  DeadLetters letters(*db_, {{"nats:", broker->get()}});
+  ASSERT_TRUE(RunUntil(consumer, [&] { return letters.Count().value_or(0) == 1; }));
+  auto parked = letters.List();
+  ASSERT_TRUE(parked.has_value() && parked->size() == 1);
+  EXPECT_EQ((*parked)[0].error_class, "abandoned");
+  EXPECT_EQ((*parked)[0].event_id, "abandoned-1");
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects"), 0);
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return QueryInt(*db_, "SELECT count(*) FROM nats_effects") == 1 &&
+           (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  }));
+  for (int i = 0; i < 5; ++i) (void)consumer.RunOnce();  // the notice is settled: no more
+  EXPECT_EQ(letters.Count("").value_or(-1), 1);
+  EXPECT_EQ((*broker)->stats().abandoned, 1);
+}
+
+// Issue 11 review: an event the outbox accepts but NATS refuses for good (a type with a
+// space is a valid outbox token, not a valid subject) stayed at the head of the relay's
+// claim, and once `batch` of them headed it nothing behind them was published. Now the
+// relay parks each as a dead letter ("refused") and marks it, and the rest flows; the
+// refused event's aggregate goes on too (its later event is published), as after a
+// consumer parks a message. A replay makes the row unpublished again.
+TEST_F(NatsTransport, PermanentlyRefusedEventsAreParkedAndTheRestFlows) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  Outbox outbox;
+  auto enqueue = [&](const std::string& type, const std::string& subject) {
+    ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                     Event e;
+                     e.type = type;
+                     e.subject = subject;
+                     return StatusOf(outbox.Enqueue(tx, e));
+                   })
+                    .ok());
+  };
+  enqueue("payment captured", "bad-1");   // accepted by the outbox
+  enqueue("payment captured", "bad-2");
+  enqueue("payment.captured", "good-1");  // another aggregate, behind them
+  enqueue("payment.refunded", "bad-1");   // bad-1's next event
+  RelayOptions ro;
+  ro.batch = 2;
+  Relay relay(*db_, outbox, **broker, ro);
+  for (int i = 0; i < 3; ++i) {
+    auto r = relay.RunOnce();
+    ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  }
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  EXPECT_EQ((*broker)->stats().published, 2);  // good-1 and bad-1's next event
+  EXPECT_EQ(relay.stats().refused, 2);
+  OutboxRequeuer requeuer;
+  DeadLetters letters(*db_, {{std::string(kRelayDeadLetterQueue), &requeuer}});
+  auto parked = letters.List();
+  ASSERT_TRUE(parked.has_value());
+  ASSERT_EQ(parked->size(), 2u);
+  for (const DeadLetter& d : *parked) {
+    EXPECT_EQ(d.queue, kRelayDeadLetterQueue);
+    EXPECT_EQ(d.error_class, "refused");
+    EXPECT_EQ(d.error_code, "invalid_argument") << d.error;
+  }
+  // Replayed while NATS still refuses it: published again, refused again, parked again.
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
+  ASSERT_TRUE(relay.RunOnce().has_value());
+  EXPECT_EQ(relay.stats().refused, 3);
+  EXPECT_EQ(letters.Count().value_or(-1), 2);
+  EXPECT_EQ(letters.Count("replayed").value_or(-1), 1);
+}
+
+// Issue 11 review: NatsBroker::Requeue publishes inside the replay's transaction. When
+// that transaction failed after the publish, the operator's next Replay published the
+// same Msg-Id, the stream dropped it as a duplicate of the copy the consumer had
+// absorbed (its dead-lettered mark was still there), and the event was never applied.
+// Every attempt now publishes under a Msg-Id of its own.
+TEST_F(NatsTransport, AReplayWhoseTransactionFailedAfterThePublishIsAppliedByTheNextOne) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("poison")).ok());
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  std::atomic<bool> fixed{false};
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", [&](Tx& tx, const Event& e) -> Status {
+    if (!fixed) return InvalidArgumentError("cannot apply this payment yet");
+    return RecordEffect(tx, e);
+  });
+  struct FailsOnceAfterPublish : Requeuer {
+    NatsBroker* b;
+    std::atomic<bool> failed{false};
+    Status Requeue(Tx& tx, const DeadLetter& d) override {
+      CONVERGE_RETURN_IF_ERROR(b->Requeue(tx, d));
+      if (!failed.exchange(true)) return UnavailableError("commit failed");
+      return OkStatus();
+    }
+  } requeuer;
+  requeuer.b = broker->get();
+  DeadLetters letters(*db_, {{"nats:", &requeuer}});
+  ASSERT_TRUE(RunUntil(consumer, [&] { return letters.Count().value_or(0) == 1; }));
+  fixed = true;
+  auto parked = letters.List();
+  ASSERT_TRUE(parked.has_value() && parked->size() == 1);
+  EXPECT_FALSE(letters.Replay((*parked)[0].id).ok());  // the operator sees a failure
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return consumer.stats().duplicates >= 1 && (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  }));
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects"), 0);  // the copy: absorbed
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());                 // and tries again
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return QueryInt(*db_, "SELECT count(*) FROM nats_effects WHERE event_id = 'poison'") == 1 &&
+           (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  }));
+  EXPECT_EQ((*broker)->stats().duplicates, 0);  // no attempt was dropped by the stream
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects"), 1);
 }
 
 }  // namespace

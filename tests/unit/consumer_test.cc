@@ -348,3 +348,48 @@ TEST_F(ConsumerTest, BackgroundConsumerDrainsWhatTheRelayPublishes) {
 
 }  // namespace
 }  // namespace converge
+
+namespace converge {
+namespace {
+// Issue 11 review (passed as written): an aggregate's head that a crashed worker
+// abandoned, then parked, starves neither its aggregate nor another; its replay comes
+// after the aggregate's later events (a parked message does not hold its aggregate back).
+TEST_F(ConsumerTest, AnAbandonedThenParkedHeadStarvesNothingAndItsReplayComesLast) {
+  std::vector<Event> es;
+  for (const char* id : {"e1", "e2", "e3"}) {
+    Event e = MakeEvent(id);
+    e.subject = "pay_1";
+    e.envelope = EncodeEnvelope(e);
+    es.push_back(e);
+    Publish(e);
+  }
+  Event other = MakeEvent("o1");  // another aggregate
+  Publish(other);
+  // A crashed worker fetched e1 (and o1) and never settled.
+  auto lost = sub_->Fetch(10, Millis(5000));
+  ASSERT_TRUE(lost.has_value());
+  ASSERT_EQ(lost->size(), 2u);
+  std::vector<std::string> applied;
+  bool e1_broken = true;
+  auto c = std::make_unique<Consumer>(*db_, *sub_, Options(), &clock_);
+  c->On("payment.captured", [&](Tx&, const Event& e) -> Status {
+    if (e.id == "e1" && e1_broken) return InvalidArgumentError("bad");
+    applied.push_back(e.id);
+    return OkStatus();
+  });
+  EXPECT_EQ(*c->RunOnce(), 0u);  // everything blocked or in flight
+  clock_.Advance(Millis(5001));
+  testing::RunUntilIdle(*c);
+  EXPECT_EQ(applied, (std::vector<std::string>{"o1", "e2", "e3"}));  // e1 parked
+  DeadLetters dlq(*db_, {{"", queue_.get()}}, &clock_);
+  auto parked = dlq.List();
+  ASSERT_TRUE(parked.has_value());
+  ASSERT_EQ(parked->size(), 1u);
+  e1_broken = false;
+  ASSERT_TRUE(dlq.Replay(parked->at(0).id).ok());
+  testing::RunUntilIdle(*c);
+  EXPECT_EQ(applied, (std::vector<std::string>{"o1", "e2", "e3", "e1"}));
+  EXPECT_EQ(Depth(), 0);
+}
+}  // namespace
+}  // namespace converge

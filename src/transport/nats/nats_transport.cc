@@ -24,7 +24,10 @@
 #include <thread>
 #include <unordered_map>
 
+#include <nlohmann/json.hpp>
+
 #include "converge/nats.h"
+#include "src/core/crypto.h"
 
 namespace converge {
 namespace {
@@ -48,6 +51,7 @@ Status FromNats(natsStatus s, std::string_view what, jsErrCode js = static_cast<
       return DeadlineExceededError(msg);
     case NATS_INVALID_ARG:
     case NATS_INVALID_SUBJECT:
+    case NATS_MAX_PAYLOAD:  // larger than the server's max_payload: refused for good
       return InvalidArgumentError(msg);
     case NATS_NOT_FOUND:
       return NotFoundError(msg);
@@ -150,12 +154,20 @@ Result<NatsOptions> ParseNatsUri(std::string_view uri) {
   return o;
 }
 
+Millis NatsAckWaitOf(const NatsSubscription& sub, int64_t delivery) {
+  if (sub.backoff.empty()) return sub.ack_wait;
+  // NATS: delivery n (1-based) waits BackOff[n - 1], the last step repeating.
+  return sub.backoff[std::min<size_t>(static_cast<size_t>(delivery - 1), sub.backoff.size() - 1)];
+}
+
 Millis NatsRedeliveryHorizon(const NatsSubscription& sub, const ConsumerOptions& consumer) {
+  // Delivery n is held by in-progress acks for up to the consumer's visibility, and the
+  // server starts its AckWait (or BackOff step) only from the last of them: visibility +
+  // wait, not the larger of the two. Between deliveries, a nak may wait up to
+  // backoff_max.
   Millis total{0};
-  for (int64_t i = 0; i < sub.max_deliver; ++i) {
-    Millis wait = sub.backoff.empty() ? sub.ack_wait
-                                      : sub.backoff[std::min<size_t>(i, sub.backoff.size() - 1)];
-    total += std::max(wait, consumer.visibility);
+  for (int64_t n = 1; n <= sub.max_deliver; ++n) {
+    total += consumer.visibility + NatsAckWaitOf(sub, n);
   }
   return total + consumer.backoff_max * std::max<int64_t>(0, sub.max_deliver - 1);
 }
@@ -167,21 +179,25 @@ Status ValidateNatsRetention(const NatsSubscription& sub, const ConsumerOptions&
         " must exceed the consumer's max_attempts " + std::to_string(consumer.max_attempts) +
         ", or the server drops a message before the consumer dead-letters it");
   }
-  Millis backoff_total{0};
-  for (Millis b : sub.backoff) backoff_total += b;
+  Millis waits{0};
+  for (int64_t n = 1; n <= sub.max_deliver; ++n) waits += NatsAckWaitOf(sub, n);
   const Millis horizon = NatsRedeliveryHorizon(sub, consumer);
-  const Millis needed = horizon + consumer.replay_window;
+  // The original message until it is applied or parked, the replay window, then the
+  // replayed copy: it reaches every consumer of the subject (those that applied the event
+  // long ago included) and is redelivered on the same schedule.
+  const Millis needed = horizon + consumer.replay_window + horizon;
   if (consumer.inbox_ttl > needed) return OkStatus();
+  auto ms = [](Millis m) { return std::to_string(m.count()) + " ms"; };
   return InvalidArgumentError(
-      "NATS consumer '" + sub.consumer + "': inbox TTL " +
-      std::to_string(consumer.inbox_ttl.count()) + " ms must exceed the redelivery horizon " +
-      std::to_string(horizon.count()) + " ms (AckWait " + std::to_string(sub.ack_wait.count()) +
-      " ms, visibility " + std::to_string(consumer.visibility.count()) + " ms, x MaxDeliver " +
-      std::to_string(sub.max_deliver) + "; backoff total " + std::to_string(backoff_total.count()) +
-      " ms; nak delays up to " + std::to_string(consumer.backoff_max.count()) +
-      " ms each) plus the dead-letter replay " + "window " +
-      std::to_string(consumer.replay_window.count()) + " ms = " + std::to_string(needed.count()) +
-      " ms: a late redelivery would be applied again");
+      "NATS consumer '" + sub.consumer + "': inbox TTL " + ms(consumer.inbox_ttl) +
+      " must exceed the redelivery horizon " + ms(horizon) + " (MaxDeliver " +
+      std::to_string(sub.max_deliver) + " x visibility " + ms(consumer.visibility) +
+      " + AckWait/BackOff waits " + ms(waits) + " (AckWait " + ms(sub.ack_wait) + ", " +
+      std::to_string(sub.backoff.size()) + " BackOff steps) + " +
+      std::to_string(std::max<int64_t>(0, sub.max_deliver - 1)) + " nak delays of up to " +
+      ms(consumer.backoff_max) + ") + the dead-letter replay window " +
+      ms(consumer.replay_window) + " + the replayed copy's horizon " + ms(horizon) + " = " +
+      ms(needed) + ": a late redelivery would be applied again");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -215,7 +231,7 @@ struct NatsBroker::Impl {
   std::unordered_map<natsMsg*, Registration> registered;
 
   std::atomic<int64_t> published{0}, duplicates{0}, publish_errors{0}, max_deliveries{0},
-      in_progress_sent{0}, terminated{0};
+      in_progress_sent{0}, terminated{0}, abandoned{0}, lost_notices{0};
 
   ~Impl() {
     if (advisories != nullptr) natsSubscription_Destroy(advisories);
@@ -285,16 +301,30 @@ struct NatsBroker::Impl {
     natsMsg_Destroy(msg);
   }
 
-  Status ProvisionStream() {
-    const std::string subjects = options.subject_prefix + ".>";
+  // The stream that keeps the MAX_DELIVERIES advisories of the event stream's consumers:
+  // an advisory is a plain NATS message, lost when no subscriber listens at that moment;
+  // stored, it waits for the consumer that must park the abandoned message.
+  std::string AdvisoryStream() const { return options.stream + "_ADVISORIES"; }
+  std::string AdvisorySubject(const std::string& consumer) const {
+    return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + options.stream + "." + consumer;
+  }
+
+  Status ProvisionStreams() {
+    CONVERGE_RETURN_IF_ERROR(
+        ProvisionStream(options.stream, options.subject_prefix + ".>", options.duplicate_window));
+    return ProvisionStream(AdvisoryStream(), AdvisorySubject("*"), options.duplicate_window);
+  }
+
+  Status ProvisionStream(const std::string& name, const std::string& subjects,
+                         Millis duplicates) {
     const char* subject_list[] = {subjects.c_str()};
     jsStreamConfig cfg;
     jsStreamConfig_Init(&cfg);
-    cfg.Name = options.stream.c_str();
+    cfg.Name = name.c_str();
     cfg.Subjects = subject_list;
     cfg.SubjectsLen = 1;
     cfg.Storage = js_FileStorage;
-    cfg.Duplicates = Nanos(options.duplicate_window);
+    cfg.Duplicates = Nanos(duplicates);
     cfg.Replicas = options.replicas;
     jsStreamInfo* si = nullptr;
     jsErrCode err = static_cast<jsErrCode>(0);
@@ -305,7 +335,7 @@ struct NatsBroker::Impl {
     }
     if (si != nullptr) jsStreamInfo_Destroy(si);
     if (s == NATS_OK) return OkStatus();
-    Status st = FromNats(s, "provisioning stream '" + options.stream + "'", err);
+    Status st = FromNats(s, "provisioning stream '" + name + "'", err);
     if (err != 0) return FailedPreconditionError(st.message());
     return st;
   }
@@ -359,7 +389,7 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
   jo.PublishAsync.StallWait = impl->options.publish_timeout.count();
   s = natsConnection_JetStream(&impl->js, impl->nc, &jo);
   if (s != NATS_OK) return Fail(FromNats(s, "NATS: JetStream context"));
-  Status st = impl->ProvisionStream();
+  Status st = impl->ProvisionStreams();
   if (!st.ok()) return Fail(st);
   const std::string advisory =
       "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + impl->options.stream + ".*";
@@ -383,6 +413,8 @@ NatsStats NatsBroker::stats() const {
   s.max_deliveries = impl_->max_deliveries.load();
   s.in_progress_sent = impl_->in_progress_sent.load();
   s.terminated = impl_->terminated.load();
+  s.abandoned = impl_->abandoned.load();
+  s.abandoned_gone = impl_->lost_notices.load();
   return s;
 }
 
@@ -403,7 +435,12 @@ Result<int64_t> NatsBroker::Unsettled(const std::string& consumer) {
 
 Status NatsBroker::Requeue(Tx&, const DeadLetter& letter) {
   Event e;
-  e.id = letter.event_id + ":replay:" + std::to_string(letter.replay_count);
+  // A message id of its own for every replay attempt (docs/design/nats.md, "Replaying a
+  // dead letter"): an attempt whose transaction fails after this publish leaves a copy
+  // that every consumer absorbs (the letter's consumer too: its mark was not lifted), and
+  // the next attempt must not be dropped by the stream as that copy's duplicate.
+  e.id = letter.event_id + ":replay:" + std::to_string(letter.replay_count) + ":" +
+         internal::RandomHex(8);
   e.type = letter.type;
   e.subject = letter.event_id;
   e.envelope = letter.envelope;
@@ -510,8 +547,14 @@ using HeldPtr = std::shared_ptr<Held>;
 
 class NatsSubscriber : public Subscriber {
  public:
-  NatsSubscriber(NatsBroker::Impl* broker, NatsSubscription sub, natsSubscription* pull)
-      : broker_(broker), sub_(std::move(sub)), pull_(pull), queue_("nats:" + sub_.consumer) {
+  // `notices`: a pull subscription on this consumer's stored MAX_DELIVERIES advisories.
+  NatsSubscriber(NatsBroker::Impl* broker, NatsSubscription sub, natsSubscription* pull,
+                 natsSubscription* notices)
+      : broker_(broker),
+        sub_(std::move(sub)),
+        pull_(pull),
+        notices_(notices),
+        queue_("nats:" + sub_.consumer) {
     ticker_ = std::thread([this] { Tick(); });
   }
 
@@ -522,52 +565,69 @@ class NatsSubscriber : public Subscriber {
     }
     cv_.notify_all();
     ticker_.join();
+    natsSubscription_Destroy(notices_);
     natsSubscription_Destroy(pull_);
   }
 
   Result<std::vector<Delivery>> Fetch(size_t max, Millis visibility) override {
+    const SteadyTime now = std::chrono::steady_clock::now();
+    const SteadyTime hold_until = now + visibility;
+    std::vector<Delivery> out;
+    // Notices of abandoned messages first, looked for at most once per kNoticePoll: the
+    // server gives up on a message rarely, and it waits in its stream meanwhile.
+    {
+      std::unique_lock<std::mutex> nl(notice_mu_, std::try_to_lock);
+      if (nl.owns_lock() && now >= next_notice_poll_) {
+        next_notice_poll_ = now + kNoticePoll;
+        TakeNotices(max, hold_until, &out);
+      }
+    }
+    if (!out.empty()) return out;
     natsMsgList list{nullptr, 0};
     jsErrCode err = static_cast<jsErrCode>(0);
     natsStatus s = natsSubscription_Fetch(&list, pull_, static_cast<int>(std::max<size_t>(max, 1)),
                                           sub_.fetch_wait.count(), &err);
-    std::vector<Delivery> out;
     if (s == NATS_TIMEOUT && list.Count == 0) return out;
     if (s != NATS_OK && list.Count == 0) return Fail(FromNats(s, "NATS fetch", err));
-    const SteadyTime hold_until = std::chrono::steady_clock::now() + visibility;
     out.reserve(static_cast<size_t>(list.Count));
     for (int i = 0; i < list.Count; ++i) {
-      auto held = std::make_shared<Held>();
-      held->msg = list.Msgs[i];
+      natsMsg* msg = list.Msgs[i];
       list.Msgs[i] = nullptr;
-      held->hold_until = hold_until;
-      Delivery d;
-      d.queue = queue_;
-      const char* data = natsMsg_GetData(held->msg);
-      d.event.envelope.assign(data != nullptr ? data : "",
-                              static_cast<size_t>(natsMsg_GetDataLength(held->msg)));
-      const char* id = nullptr;
-      if (natsMsgHeader_Get(held->msg, kMsgIdHeader, &id) == NATS_OK && id != nullptr) {
-        d.event.id = id;
-      }
-      std::string_view subject = natsMsg_GetSubject(held->msg);
-      const std::string& prefix = broker_->options.subject_prefix;
-      if (subject.size() > prefix.size() + 1) d.event.type = subject.substr(prefix.size() + 1);
+      Delivery d = DeliveryOf(msg);
       jsMsgMetaData* meta = nullptr;
-      if (natsMsg_GetMetaData(&meta, held->msg) == NATS_OK) {
+      if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
         d.attempts = static_cast<int64_t>(meta->NumDelivered);
         jsMsgMetaData_Destroy(meta);
       } else {
         d.attempts = 1;
       }
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        held_.push_back(held);
-      }
-      d.handle = DeliveryHandle(HeldPtr(std::move(held)));
+      d.handle = DeliveryHandle(Hold(msg, hold_until));
       out.push_back(std::move(d));
     }
     natsMsgList_Destroy(&list);
     return out;
+  }
+
+  Status Extend(std::span<const Delivery> deliveries, Millis visibility) override {
+    const SteadyTime hold_until = std::chrono::steady_clock::now() + visibility;
+    std::vector<HeldPtr> again;
+    for (const Delivery& d : deliveries) {
+      const HeldPtr* held = d.handle.As<HeldPtr>();
+      if (held == nullptr) {
+        return InvalidArgumentError("Extend: a delivery this NATS subscriber did not hand out");
+      }
+      std::lock_guard<std::mutex> hl((*held)->mu);
+      if ((*held)->settled) continue;
+      (*held)->hold_until = hold_until;
+      // At once, in case the ticker had let it go and its AckWait is running out.
+      if (natsMsg_InProgress((*held)->msg, nullptr) == NATS_OK) {
+        broker_->in_progress_sent.fetch_add(1);
+      }
+      again.push_back(*held);
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    for (HeldPtr& h : again) Track(std::move(h));
+    return OkStatus();
   }
 
   Status Settle(std::span<const Delivery> deliveries,
@@ -625,14 +685,104 @@ class NatsSubscriber : public Subscriber {
         keep.push_back(std::move(h));
       }
       l.lock();
-      for (HeldPtr& h : keep) held_.push_back(std::move(h));
+      for (HeldPtr& h : keep) Track(std::move(h));
     }
+  }
+
+  static constexpr Millis kNoticePoll = std::chrono::seconds(2);
+
+  // REQUIRES: mu_ held. Adds `h` to what the ticker keeps alive, once.
+  void Track(HeldPtr h) {
+    for (const HeldPtr& t : held_) {
+      if (t == h) return;
+    }
+    held_.push_back(std::move(h));
+  }
+
+  // Holds `msg` (ours from now on) until settled or `hold_until`, in-progress acks going.
+  HeldPtr Hold(natsMsg* msg, SteadyTime hold_until) {
+    auto held = std::make_shared<Held>();
+    held->msg = msg;
+    held->hold_until = hold_until;
+    std::lock_guard<std::mutex> l(mu_);
+    held_.push_back(held);
+    return held;
+  }
+
+  // The event `msg` carries (its envelope, Msg-Id and type), without a handle.
+  Delivery DeliveryOf(natsMsg* msg) const {
+    Delivery d;
+    d.queue = queue_;
+    const char* data = natsMsg_GetData(msg);
+    d.event.envelope.assign(data != nullptr ? data : "",
+                            static_cast<size_t>(natsMsg_GetDataLength(msg)));
+    const char* id = nullptr;
+    if (natsMsgHeader_Get(msg, kMsgIdHeader, &id) == NATS_OK && id != nullptr) d.event.id = id;
+    std::string_view subject = natsMsg_GetSubject(msg) != nullptr ? natsMsg_GetSubject(msg) : "";
+    const std::string& prefix = broker_->options.subject_prefix;
+    if (subject.size() > prefix.size() + 1) d.event.type = subject.substr(prefix.size() + 1);
+    return d;
+  }
+
+  // Turns stored MAX_DELIVERIES advisories of this consumer into notices: the abandoned
+  // message, read back from the stream by its sequence, marked abandoned, whose handle
+  // settles the advisory. An advisory whose message is no longer in the stream is acked
+  // (nothing is left to park) and counted as an error.
+  void TakeNotices(size_t max, SteadyTime hold_until, std::vector<Delivery>* out) {
+    jsFetchRequest req;
+    jsFetchRequest_Init(&req);
+    req.Batch = static_cast<int>(std::max<size_t>(max, 1));
+    req.NoWait = true;
+    // A no-wait request is answered at once; the bound only caps what a slow answer costs
+    // the Fetch (a late answer's notices come back after their AckWait).
+    req.Expires = Nanos(std::chrono::milliseconds(50));
+    natsMsgList list{nullptr, 0};
+    if (natsSubscription_FetchRequest(&list, notices_, &req) != NATS_OK && list.Count == 0) return;
+    for (int i = 0; i < list.Count; ++i) {
+      natsMsg* advisory = list.Msgs[i];
+      list.Msgs[i] = nullptr;
+      uint64_t seq = 0;
+      int64_t deliveries = 0;
+      const char* data = natsMsg_GetData(advisory);
+      auto doc = nlohmann::json::parse(
+          std::string_view(data != nullptr ? data : "",
+                           static_cast<size_t>(natsMsg_GetDataLength(advisory))),
+          nullptr, /*allow_exceptions=*/false);
+      if (doc.is_object()) {
+        seq = doc.value("stream_seq", uint64_t{0});
+        deliveries = doc.value("deliveries", int64_t{0});
+      }
+      natsMsg* original = nullptr;
+      jsErrCode err = static_cast<jsErrCode>(0);
+      natsStatus s = seq == 0 ? NATS_NOT_FOUND
+                              : js_GetMsg(&original, broker_->js,
+                                          broker_->options.stream.c_str(), seq, nullptr, &err);
+      if (s != NATS_OK) {
+        if (s == NATS_NOT_FOUND || err != 0) {
+          broker_->lost_notices.fetch_add(1);
+          natsMsg_Ack(advisory, nullptr);
+        }  // else: the server is unreachable; the advisory comes back after its AckWait
+        natsMsg_Destroy(advisory);
+        continue;
+      }
+      Delivery d = DeliveryOf(original);
+      natsMsg_Destroy(original);
+      broker_->abandoned.fetch_add(1);
+      d.attempts = deliveries;
+      d.abandoned = true;
+      d.handle = DeliveryHandle(Hold(advisory, hold_until));
+      out->push_back(std::move(d));
+    }
+    natsMsgList_Destroy(&list);
   }
 
   NatsBroker::Impl* broker_;
   const NatsSubscription sub_;
   natsSubscription* pull_;
+  natsSubscription* notices_;
   const std::string queue_;
+  std::mutex notice_mu_;  // one Fetch looks for notices at a time
+  SteadyTime next_notice_poll_{};
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -693,16 +843,50 @@ Result<std::unique_ptr<Subscriber>> NatsBroker::Subscribe(const NatsSubscription
   if (ci != nullptr) jsConsumerInfo_Destroy(ci);
   if (s != NATS_OK) return Fail(FromNats(s, "NATS: creating consumer '" + sub.consumer + "'", err));
 
-  jsSubOptions so;
-  jsSubOptions_Init(&so);
-  so.Stream = stream;
-  so.Consumer = sub.consumer.c_str();
-  so.ManualAck = true;
+  // Its MAX_DELIVERIES advisories, stored (Impl::AdvisoryStream): a durable of the same
+  // name, never giving up (a notice that kills its process is parked unrun anyway).
+  const std::string advisory_stream = impl_->AdvisoryStream();
+  const std::string advisory_subject = impl_->AdvisorySubject(sub.consumer);
+  jsConsumerConfig ac;
+  jsConsumerConfig_Init(&ac);
+  ac.Durable = sub.consumer.c_str();
+  ac.AckPolicy = js_AckExplicit;
+  ac.DeliverPolicy = js_DeliverAll;
+  ac.AckWait = Nanos(sub.ack_wait);
+  ac.MaxDeliver = -1;
+  ac.FilterSubject = advisory_subject.c_str();
+  err = static_cast<jsErrCode>(0);
+  s = js_AddConsumer(&ci, impl_->js, advisory_stream.c_str(), &ac, nullptr, &err);
+  if (s != NATS_OK && err == JSConsumerNameExistErr) {
+    err = static_cast<jsErrCode>(0);
+    s = js_UpdateConsumer(&ci, impl_->js, advisory_stream.c_str(), &ac, nullptr, &err);
+  }
+  if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+  if (s != NATS_OK) {
+    return Fail(FromNats(s, "NATS: creating advisory consumer '" + sub.consumer + "'", err));
+  }
+
+  auto pull_on = [&](const char* on_stream, const std::string& subject,
+                     natsSubscription** out) -> Status {
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = on_stream;
+    so.Consumer = sub.consumer.c_str();
+    so.ManualAck = true;
+    jsErrCode e = static_cast<jsErrCode>(0);
+    natsStatus st =
+        js_PullSubscribe(out, impl_->js, subject.c_str(), sub.consumer.c_str(), nullptr, &so, &e);
+    if (st == NATS_OK) return OkStatus();
+    return FromNats(st, "NATS: subscribing to consumer '" + sub.consumer + "' of " + on_stream, e);
+  };
   natsSubscription* pull = nullptr;
-  s = js_PullSubscribe(&pull, impl_->js, filter.c_str(), sub.consumer.c_str(), nullptr, &so, &err);
-  if (s != NATS_OK)
-    return Fail(FromNats(s, "NATS: subscribing to consumer '" + sub.consumer + "'", err));
-  return std::unique_ptr<Subscriber>(new NatsSubscriber(impl_.get(), sub, pull));
+  natsSubscription* notices = nullptr;
+  CONVERGE_RETURN_IF_ERROR(pull_on(stream, filter, &pull));
+  if (Status st = pull_on(advisory_stream.c_str(), advisory_subject, &notices); !st.ok()) {
+    natsSubscription_Destroy(pull);
+    return Fail(st);
+  }
+  return std::unique_ptr<Subscriber>(new NatsSubscriber(impl_.get(), sub, pull, notices));
 }
 
 }  // namespace converge
