@@ -185,7 +185,8 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
           return Bad("each [[endpoint]] needs a name and a path starting with '/'");
         }
         if (!GoodName(ep.name)) {
-          return Bad("endpoint name '" + ep.name + "' must be 1-64 letters, digits, '-', '_' or '.'");
+          return Bad("endpoint name '" + ep.name +
+                     "' must be 1-64 letters, digits, '-', '_' or '.'");
         }
         if (ep.secrets.empty()) return Bad("endpoint '" + ep.name + "' has no secrets");
         if (ep.targets.empty()) return Bad("endpoint '" + ep.name + "' has no targets");
