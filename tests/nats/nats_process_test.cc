@@ -5,6 +5,8 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -67,6 +69,67 @@ TEST(NatsProcesses, RelayAndWorkersKilledAndStoppedBookEachPaymentOnce) {
   EXPECT_TRUE(WIFEXITED(rs) && WEXITSTATUS(rs) == 0) << rs;
   EXPECT_TRUE(WIFEXITED(ws) && WEXITSTATUS(ws) == 0) << ws;
 
+  EXPECT_EQ(rows(), 2 * kPayments);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(DISTINCT payment_id) FROM ledger_entries"), kPayments);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+}
+
+// `converge relay --config` with a NATS target: an application's own outbox table (written
+// by Python's sqlite3 module, as an application in any language would) reaches JetStream,
+// and a `converge worker` books each payment once, although the relay is SIGKILLed
+// mid-way and restarted. The application's rows are deleted once published.
+TEST(NatsProcesses, TableRelayPublishesAnApplicationsOutboxToJetStream) {
+  NatsServers nats;
+  ASSERT_TRUE(nats.Start(1));
+  TempDir dir;
+  const std::string app_db = dir.File("app.db");
+  const std::string broker = "nats://" + nats.urls();
+  constexpr int kPayments = 200;
+  const std::string app =
+      std::string("python3 ") + CONVERGE_SOURCE_DIR + "/tests/outbox_table/app.py";
+  ASSERT_EQ(std::system((app + " create-sqlite " + app_db).c_str()), 0);
+  const std::string write =
+      "python3 -c 'import json, sqlite3, sys, uuid\n"
+      "c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n"
+      "for i in range(int(sys.argv[2])):\n"
+      "    p = {\"payment_id\": \"pay_%d\" % i, \"amount\": 100, \"currency\": \"EUR\","
+      " \"customer_id\": \"c\"}\n"
+      "    c.execute(\"INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
+      "VALUES (?, ?, ?, ?, ?)\", (str(uuid.uuid4()), \"payment\", p[\"payment_id\"],"
+      " \"payment.captured\", json.dumps(p)))\n' " +
+      app_db + " " + std::to_string(kPayments);
+  ASSERT_EQ(std::system(write.c_str()), 0);
+  const std::string config = dir.File("relay.toml");
+  {
+    std::ofstream f(config);
+    f << "[relay]\nstore = \"sqlite:" << app_db << "\"\nname = \"t1\"\npoll_ms = 50\n"
+      << "lease_ms = 1500\nlisten = \"127.0.0.1:0\"\n"
+      << "[outbox_table]\ntable = \"outbox\"\nbatch = 20\npoll_ms = 20\norder_column = \"rowid\"\n"
+      << "[target]\nkind = \"nats\"\nurl = \"" << broker << "\"\n";
+  }
+  auto db = OpenSqlite(app_db);
+  ASSERT_NE(db, nullptr);
+  auto left = [&] { return QueryInt(*db, "SELECT count(*) FROM outbox"); };
+  {
+    Child relay({"relay", "--config", config});
+    ASSERT_TRUE(relay.running());
+    ASSERT_TRUE(WaitUntil([&] { return left() < kPayments; }, 60s)) << left();
+    EXPECT_TRUE(WIFSIGNALED(relay.Signal(SIGKILL)));
+  }
+  Child relay({"relay", "--config", config});
+  Child worker({"worker", "--db", "sqlite:" + app_db, "--broker", broker, "--consumer",
+                "ledger"});
+  ASSERT_TRUE(relay.running() && worker.running());
+  ASSERT_TRUE(WaitUntil([&] {
+    return QueryInt(*db, "SELECT count(*) FROM sqlite_master WHERE name = 'ledger_entries'") == 1;
+  }));
+  auto rows = [&] { return QueryInt(*db, "SELECT count(*) FROM ledger_entries"); };
+  ASSERT_TRUE(WaitUntil([&] { return rows() >= 2 * kPayments && left() == 0; }, 120s))
+      << rows() << " ledger rows, " << left() << " rows left in the application's table";
+  int rs = relay.Signal(SIGTERM);
+  int ws = worker.Signal(SIGTERM);
+  EXPECT_TRUE(WIFEXITED(rs) && WEXITSTATUS(rs) == 0) << rs;
+  EXPECT_TRUE(WIFEXITED(ws) && WEXITSTATUS(ws) == 0) << ws;
   EXPECT_EQ(rows(), 2 * kPayments);
   EXPECT_EQ(QueryInt(*db, "SELECT count(DISTINCT payment_id) FROM ledger_entries"), kPayments);
   EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
