@@ -1011,5 +1011,88 @@ TYPED_TEST(Sagas, ASecondRoundOfCompensationsAfterALateCallDoesNotRepeatJournall
                                       "compensation b done", "compensation a done"}));
 }
 
+// Review of 2026-11-29 (2), invariants (c) and (d) on a parked saga: A stalls in its call;
+// B takes over (provider unreachable), compensates, and the refund is refused for good:
+// parked. A's late charge lands: the saga stays parked (for the operator), at that step,
+// and the replay refunds the late charge too.
+TYPED_TEST(Sagas, ALateCallOfAParkedSagaIsRefundedByItsReplay) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<bool> refuse{false};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  SagaDefinition d = LateCallSaga(db, "parked", reachable, calls);
+  auto refund = d.steps[0].compensation.call;
+  d.steps[0].compensation.call = [&, refund](const SagaStepContext& ctx) -> Result<std::string> {
+    if (refuse.exchange(false)) return tl::unexpected(FailedPreconditionError("refused"));
+    return refund(ctx);
+  };
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:parked:a:action'";
+  this->Begin(a, "parked");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  refuse = true;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  EXPECT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  ASSERT_EQ(this->Count(charge), 1);
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(db, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  this->Drain(b, clock, "parked");
+  EXPECT_EQ(this->Load("parked").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Count(charge), 0) << "the late charge of a parked saga was never refunded";
+}
+
+// Review of 2026-11-29 (2), invariant (b)/(d): the late call acts and then times out (an
+// unknown outcome, not a success) after the takeover compensated: it reopens too.
+TYPED_TEST(Sagas, ALateCallWithAnUnknownOutcomeIsCompensatedAgain) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  SagaDefinition d = LateCallSaga(db, "unk", reachable, calls);
+  auto charge_call = d.steps[0].action.call;
+  d.steps[0].action.call = [&, charge_call](const SagaStepContext& ctx) -> Result<std::string> {
+    auto out = charge_call(ctx);
+    if (!out) return out;
+    return tl::unexpected(UnavailableError("timeout after acting"));
+  };
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:unk:a:action'";
+  this->Begin(a, "unk");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("unk").state, saga_state::kCompensated);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  ASSERT_EQ(this->Count(charge), 1);
+  this->Drain(b, clock, "unk");
+  EXPECT_EQ(this->Load("unk").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Count(charge), 0) << "a late call of unknown outcome was left uncompensated";
+  EXPECT_EQ(this->History("unk").at(2), "action a failed");
+}
+
 }  // namespace
 }  // namespace converge
