@@ -1,5 +1,6 @@
 #include "converge/sweeper.h"
 
+#include "converge/failpoint.h"
 #include "converge/inbox.h"
 #include "src/core/idempotency_internal.h"
 
@@ -67,6 +68,8 @@ Result<SweepStats> Sweeper::RunOnce() {
         int64_t journal,
         tx.Exec("DELETE FROM effects WHERE saga_id IN (" + settled + ")", cutoff, options_.batch));
     s.effects += journal;
+    // A test pauses here to let a saga settle between the journal's DELETE and this one.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("sweeper.before_saga_instances"));
     CONVERGE_ASSIGN_OR_RETURN(
         s.sagas, tx.Exec("DELETE FROM saga_instances WHERE saga_id IN (" + settled + ")",
                          cutoff, options_.batch));

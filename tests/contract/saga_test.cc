@@ -885,5 +885,214 @@ TYPED_TEST(Sagas, APermanentErrorAfterACrashedAttemptCompensatesTheStepToo) {
                                       "compensation a done"}));
 }
 
+// A one-step saga for the late-call reviews: the action charges under its key unless the
+// provider is unreachable, after the test failpoint "test.call.<n>" of its n-th call (so
+// each stalled runner can be released on its own); the compensation refunds whatever the
+// provider holds for the action's key and counts itself in ext_calls.
+SagaDefinition LateCallSaga(Database& db, const std::string& id, std::atomic<bool>& reachable,
+                            std::atomic<int>& calls) {
+  SagaDefinition d{"order", {}};
+  SagaStep s;
+  s.name = "a";
+  s.policy.max_attempts = 1;
+  s.action.call = [&db, &reachable, &calls](const SagaStepContext& ctx) -> Result<std::string> {
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("test.call." + std::to_string(++calls)));
+    if (!reachable) return tl::unexpected(UnavailableError("provider unreachable"));
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) {
+      return StatusOf(
+          tx.Exec("INSERT INTO ext_effects (k) VALUES ($1) ON CONFLICT (k) DO NOTHING", ctx.key));
+    }));
+    return std::string("charged");
+  };
+  const std::string charge = "order:" + id + ":a:action";
+  s.compensation.call = [&db, charge](const SagaStepContext& ctx) -> Result<std::string> {
+    CONVERGE_RETURN_IF_ERROR(db.Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("INSERT INTO ext_calls (k) VALUES ($1)", ctx.key)));
+      return StatusOf(tx.Exec("DELETE FROM ext_effects WHERE k = $1", charge));
+    }));
+    return std::string("refunded");
+  };
+  d.steps.push_back(s);
+  return d;
+}
+
+// Review of 2026-11-29 (2), invariants (c) and (e): a runner fenced out twice. A stalls in
+// its call; B takes over and stalls in its call too; C takes over, the provider is
+// unreachable, C compensates to the end. A's late charge lands and A reopens the
+// compensation; C's second round refunds it and is paused before recording. Then B's late
+// charge lands after that refund: B reopens the saga once more (C is fenced out, a third
+// fence) and the third round refunds B's charge. Compensated, the provider holds nothing.
+TYPED_TEST(Sagas, TwoLateCallsOfRunnersFencedOutInTurnAreBothCompensated) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  const SagaDefinition d = LateCallSaga(db, "twice", reachable, calls);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  SagaRunner c(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:twice:a:action'";
+  this->Begin(a, "twice");
+  // after_call_before_record hits: C's action (1), C's compensation (2), A's late call (3),
+  // C's second-round compensation (4).
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause;test.call.2=pause;"
+                                   "saga.after_call_before_record=pause@4*1")
+                  .ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  std::thread tb([&] { (void)b.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.2", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rc = c.RunOnce();
+  ASSERT_TRUE(rc) << rc.error().ToString();
+  ASSERT_EQ(this->Load("twice").state, saga_state::kCompensated);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  ASSERT_EQ(this->Count(charge), 1);
+  std::thread tc([&] { (void)c.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
+  ASSERT_EQ(this->Count(charge), 0) << "the second round refunded A's charge";
+  failpoint::Release("test.call.2");
+  tb.join();
+  EXPECT_EQ(b.stats().late_calls, 1) << "B's charge after the second round went unnoticed";
+  EXPECT_EQ(this->Count(charge), 1);
+  failpoint::Release("saga.after_call_before_record");
+  tc.join();
+  EXPECT_EQ(c.stats().lost_fences, 1) << "the fenced-out second round was recorded";
+  this->Drain(c, clock, "twice");
+  EXPECT_EQ(this->Load("twice").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:twice:a:compensation"), 3);
+  EXPECT_EQ(this->Count(charge), 0) << "a late charge was left uncompensated";
+}
+
+// Review of 2026-11-29 (2), invariant (a) across a reopened compensation: A stalls before
+// its call of b; B takes over, b is declined, B compensates b and a. A's late call of b
+// reopens the saga at b: b's compensation is called again, a's (journalled done) is not,
+// only its local part runs again (written idempotent here, as sagas.md asks).
+TYPED_TEST(Sagas, ASecondRoundOfCompensationsAfterALateCallDoesNotRepeatJournalledCalls) {
+  ManualClock clock;
+  Database& db = *this->db_;
+  SagaDefinition d = this->Definition(db);
+  for (SagaStep& s : d.steps) {
+    const std::string what = s.name + ".undo";
+    s.compensation.local = [what](Tx& tx, SagaStepContext& ctx, const std::string&) -> Status {
+      return StatusOf(tx.Exec("INSERT INTO saga_local (saga_id, what) VALUES ($1, $2) "
+                              "ON CONFLICT (saga_id, what) DO NOTHING",
+                              ctx.saga_id, what));
+    };
+  }
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  this->Begin(a, "r2");
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  clock.Advance(11s);
+  this->script_.Fail("b.call", {FailedPreconditionError("declined")});
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("r2").state, saga_state::kCompensated);
+  failpoint::Release("saga.before_call");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  this->Drain(b, clock, "r2");
+  EXPECT_EQ(this->Load("r2").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:r2:a:action"), 1);
+  EXPECT_EQ(this->Calls("order:r2:b:compensation"), 2);
+  EXPECT_EQ(this->Calls("order:r2:a:compensation"), 1)
+      << "a journalled compensation call was made again in the second round";
+  EXPECT_EQ(this->History("r2"),
+            (std::vector<std::string>{"action a done", "action b failed", "compensation b done",
+                                      "compensation a done", "action b done",
+                                      "compensation b done", "compensation a done"}));
+}
+
+// Review of 2026-11-29 (2), invariants (c) and (d) on a parked saga: A stalls in its call;
+// B takes over (provider unreachable), compensates, and the refund is refused for good:
+// parked. A's late charge lands: the saga stays parked (for the operator), at that step,
+// and the replay refunds the late charge too.
+TYPED_TEST(Sagas, ALateCallOfAParkedSagaIsRefundedByItsReplay) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<bool> refuse{false};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  SagaDefinition d = LateCallSaga(db, "parked", reachable, calls);
+  auto refund = d.steps[0].compensation.call;
+  d.steps[0].compensation.call = [&, refund](const SagaStepContext& ctx) -> Result<std::string> {
+    if (refuse.exchange(false)) return tl::unexpected(FailedPreconditionError("refused"));
+    return refund(ctx);
+  };
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:parked:a:action'";
+  this->Begin(a, "parked");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  refuse = true;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  EXPECT_EQ(this->Load("parked").state, saga_state::kFailedToCompensate);
+  ASSERT_EQ(this->Count(charge), 1);
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(db, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  this->Drain(b, clock, "parked");
+  EXPECT_EQ(this->Load("parked").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Count(charge), 0) << "the late charge of a parked saga was never refunded";
+}
+
+// Review of 2026-11-29 (2), invariant (b)/(d): the late call acts and then times out (an
+// unknown outcome, not a success) after the takeover compensated: it reopens too.
+TYPED_TEST(Sagas, ALateCallWithAnUnknownOutcomeIsCompensatedAgain) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  SagaDefinition d = LateCallSaga(db, "unk", reachable, calls);
+  auto charge_call = d.steps[0].action.call;
+  d.steps[0].action.call = [&, charge_call](const SagaStepContext& ctx) -> Result<std::string> {
+    auto out = charge_call(ctx);
+    if (!out) return out;
+    return tl::unexpected(UnavailableError("timeout after acting"));
+  };
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:unk:a:action'";
+  this->Begin(a, "unk");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("unk").state, saga_state::kCompensated);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  ASSERT_EQ(this->Count(charge), 1);
+  this->Drain(b, clock, "unk");
+  EXPECT_EQ(this->Load("unk").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Count(charge), 0) << "a late call of unknown outcome was left uncompensated";
+  EXPECT_EQ(this->History("unk").at(2), "action a failed");
+}
+
 }  // namespace
 }  // namespace converge
