@@ -8,6 +8,9 @@
 //   converge sweep --db URI               delete what retention no longer needs
 //   converge serve --config FILE          the payments reference service
 //   converge relay --db URI --broker nats://...      the outbox relay alone
+//   converge relay --config FILE          an application's own outbox table, published
+//   converge proxy --config FILE          Idempotency-Key in front of any HTTP API
+//   converge gateway --config FILE        webhooks in, delivered at least once
 //   converge worker --db URI --broker nats://... --consumer NAME   consumers alone
 //   converge fake-psp | fake-mail         stand-in providers (own store, own port)
 //   converge webhook sign|verify          Standard Webhooks on the command line
