@@ -17,21 +17,9 @@ build="$1"
 secs="${2:-10}"
 conns="${3:-64}"
 converge="$build/converge"
-command -v wrk >/dev/null || { echo "http_bench: wrk is not installed (scripts/install-deps.sh)"; exit 1; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-wait_port_file() {
-  for _ in $(seq 1 200); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.05; done
-  echo "http_bench: $1 never appeared" >&2; exit 1
-}
+name=http_bench
+# shellcheck source=bench/wrk_common.sh
+. "$(dirname "$0")/wrk_common.sh"
 
 secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 "$converge" fake-psp --db "$dir/psp.db" --port-file "$dir/psp.port" > "$dir/psp.log" 2>&1 &
@@ -94,17 +82,6 @@ for k in $(seq 0 63); do
     -d "{\"amount\":1000,\"currency\":\"EUR\",\"customer_id\":\"c-1\",\"order_id\":\"r-$k\"}"
 done
 
-run() {  # name, wrk args...
-  local name="$1"; shift
-  echo "  running $name for ${secs}s with $conns connections..." >&2
-  wrk -t2 -c"$conns" -d"${secs}s" --latency "$@" > "$dir/$name.out" 2>&1
-  local rps p50 p99 non2xx
-  rps=$(awk '/Requests\/sec/ {print $2}' "$dir/$name.out")
-  p50=$(awk '$1 == "50%" {print $2}' "$dir/$name.out")
-  p99=$(awk '$1 == "99%" {print $2}' "$dir/$name.out")
-  non2xx=$(awk '/Non-2xx/ {print $5}' "$dir/$name.out")
-  printf "%s %s %s %s %s\n" "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >> "$dir/results"
-}
 run noop "$url/healthz"
 run replay -s "$dir/replay.lua" "$url"
 run create -s "$dir/create.lua" "$url"

@@ -20,21 +20,9 @@ build="$1"
 secs="${2:-10}"
 conns="${3:-64}"
 converge="$build/converge"
-command -v wrk >/dev/null || { echo "modes_bench: wrk is not installed (scripts/install-deps.sh)"; exit 1; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-wait_port_file() {
-  for _ in $(seq 1 200); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.05; done
-  echo "modes_bench: $1 never appeared" >&2; exit 1
-}
+name=modes_bench
+# shellcheck source=bench/wrk_common.sh
+. "$(dirname "$0")/wrk_common.sh"
 
 "$build/bench/converge_noop_upstream" --port-file "$dir/up.port" --workers "$conns" \
   > "$dir/up.log" 2>&1 &
@@ -97,17 +85,6 @@ for k in $(seq 0 63); do  # the keys the replay run uses, completed once beforeh
     -H "Idempotency-Key: replay-$k" -H "Content-Type: application/json" -d "$body"
 done
 
-run() {  # name, wrk args...
-  local name="$1"; shift
-  echo "  running $name for ${secs}s with $conns connections..." >&2
-  wrk -t2 -c"$conns" -d"${secs}s" --latency "$@" > "$dir/$name.out" 2>&1
-  local rps p50 p99 non2xx
-  rps=$(awk '/Requests\/sec/ {print $2}' "$dir/$name.out")
-  p50=$(awk '$1 == "50%" {print $2}' "$dir/$name.out")
-  p99=$(awk '$1 == "99%" {print $2}' "$dir/$name.out")
-  non2xx=$(awk '/Non-2xx/ {print $5}' "$dir/$name.out")
-  printf "%s %s %s %s %s\n" "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" >> "$dir/results"
-}
 run direct -s "$dir/plain.lua" "$up/v1/charges"
 run pass -s "$dir/plain.lua" "$proxy/v1/refunds/r1"
 run replay -s "$dir/replay.lua" "$proxy"
