@@ -292,6 +292,8 @@ class Gateway {
     std::string subject;  // computed once, for the ordered targets only
     for (const std::string& name : ep.targets) {
       const Target& target = *targets_.at(name);
+      // Read-only lookups: handler threads share these maps, filled before Start.
+      const std::vector<EffectRunner*>& runners = runners_.at(name);
       // The effect key: the delivery's identity per target (effect keys are one namespace
       // across kinds). The provider's id is at most 255 bytes, so a long one is hashed into
       // the key (the payload keeps it whole).
@@ -301,9 +303,9 @@ class Gateway {
       }
       if (target.ordered && subject.empty()) subject = SubjectOf(ep, hook.body);
       CONVERGE_RETURN_IF_ERROR(
-          runners_[name].front()->Record(tx, key, payload.dump(), target.ordered ? subject : ""));
+          runners.front()->Record(tx, key, payload.dump(), target.ordered ? subject : ""));
       // Record wakes the runner it was called on; the others would wait for their poll.
-      tx.OnCommit([runners = runners_[name]] {
+      tx.OnCommit([&runners] {
         for (EffectRunner* r : runners) r->wakeup().Notify();
       });
     }
