@@ -219,6 +219,10 @@ class Database {
   //                              LISTEN/NOTIFY instead of waiting for their poll (false:
   //                              NOTIFY takes a global lock at commit and serialises
   //                              committing transactions under heavy write concurrency)
+  //     lock_timeout_ms=N        longest wait for a lock another transaction holds, then
+  //                              kUnavailable with reason::kLockTimeout (5000; 0: none).
+  //                              An idempotency key's claim answers such a wait as "in
+  //                              flight" (409), so a stuck transaction cannot take the pool
   //
   // Errors: kInvalidArgument (unknown scheme; a scheme this build has no backend for; a
   // parameter the store does not take, given twice or with a bad value, named in the

@@ -122,6 +122,9 @@ inline constexpr std::string_view kMultiPhase = "multi_phase";
 // database.h: the connection broke during COMMIT; the transaction may or may not have
 // committed (kUnavailable).
 inline constexpr std::string_view kCommitOutcomeUnknown = "commit_outcome_unknown";
+// database.h: a statement waited longer than the store's lock timeout for a lock that
+// another transaction holds (PostgreSQL `lock_timeout_ms`; kUnavailable, retry later).
+inline constexpr std::string_view kLockTimeout = "lock_timeout";
 // dead_letters.h: replay or discard of a dead letter that is no longer parked.
 inline constexpr std::string_view kNotParked = "not_parked";
 // database.h: the store's schema is newer than this binary.

@@ -130,6 +130,17 @@ Result<ClaimResult> Claim(Tx& tx, const KeyRequest& req, const std::string& hash
   return tl::unexpected(AbortedError("idempotency key changed while being claimed"));
 }
 
+// A wait for the key's row that outlasts the store's lock timeout (PostgreSQL) means
+// another attempt holds the key inside a transaction: this one is a duplicate in flight,
+// answered at once instead of holding a connection until the holder commits.
+template <class T>
+Result<T> InFlightOnLockTimeout(Result<T> r, const KeyRequest& req) {
+  if (!r && r.error().reason() == reason::kLockTimeout) {
+    return tl::unexpected(InFlight(req, kInFlightRetryHintMaxMs));
+  }
+  return r;
+}
+
 }  // namespace
 
 namespace internal {
@@ -187,8 +198,10 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
   return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        ClaimResult c, Claim(tx, req, hash, now, now + options_.lease.count(),
-                             now + options_.ttl.count()));
+        ClaimResult c,
+        InFlightOnLockTimeout(Claim(tx, req, hash, now, now + options_.lease.count(),
+                                    now + options_.ttl.count()),
+                              req));
     if (!c.claimed) {
       const Row& r = c.row;
       if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
@@ -239,7 +252,9 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
     const int64_t now = clock_->NowMillis();
     const int64_t lease_until = now + options_.lease.count();
     CONVERGE_ASSIGN_OR_RETURN(
-        ClaimResult c, Claim(tx, req, hash, now, lease_until, now + options_.ttl.count()));
+        ClaimResult c,
+        InFlightOnLockTimeout(
+            Claim(tx, req, hash, now, lease_until, now + options_.ttl.count()), req));
     Begun b;
     if (c.claimed) {
       b.kind = Begun::Kind::kStarted;
@@ -261,7 +276,8 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
     // conditional takeover changes nothing and this attempt is told to come back.
     CONVERGE_ASSIGN_OR_RETURN(
         std::optional<KeyLease> taken,
-        internal::TakeOver(tx, req.scope, req.key, r.Int(3), now, lease_until, now));
+        InFlightOnLockTimeout(
+            internal::TakeOver(tx, req.scope, req.key, r.Int(3), now, lease_until, now), req));
     if (!taken) return tl::unexpected(InFlight(req, 1000));
     b.kind = Begun::Kind::kResumed;
     b.lease = std::move(*taken);

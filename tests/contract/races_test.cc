@@ -125,6 +125,45 @@ TYPED_TEST(Races, TheSweeperNeverDeletesARowAPhaseAdvancedMeanwhile) {
   EXPECT_EQ(b->lease.recovery_point, "created");
 }
 
+// A phase stuck inside its transaction holds its key's row lock past the lease. Its
+// key's retries used to queue behind that lock, one pooled connection each, until the
+// instance's pool was gone (found by the chaos campaign on PostgreSQL). Now a retry waits
+// at most the store's lock_timeout_ms and is answered "in flight". SQLite has one writer:
+// there a stuck transaction stops every write, which no per-key bound can change.
+TYPED_TEST(Races, ARetryQueuedBehindAStuckPhaseIsAnsweredInFlight) {
+  if (!this->IsPostgres()) GTEST_SKIP() << "a row lock wait exists only on PostgreSQL";
+  auto db = Database::Open(this->store_.uri + "?lock_timeout_ms=200");
+  ASSERT_TRUE(db) << db.error().ToString();
+  ManualClock clock;
+  IdempotencyKeys keys(**db, {.ttl = 60s, .lease = 5s}, &clock);
+  auto a = keys.Begin({"t", "k", "f"});
+  ASSERT_TRUE(a);
+  KeyLease lease = a->lease;
+  ASSERT_TRUE(failpoint::Configure("idempotency.before_phase_commit=pause*1").ok());
+  Status advanced;
+  std::thread phase([&] {
+    advanced = keys.Advance(lease, "created", "pay_A", TestFixture::Write("pay_A"));
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("idempotency.before_phase_commit", 20s));
+  clock.Advance(6s);  // the phase is stuck past its lease: a retry tries to take over
+  std::atomic<bool> answered{false};
+  std::optional<Result<Begun>> retry;
+  std::thread retrier([&] {
+    retry = keys.Begin({"t", "k", "f"});
+    answered = true;
+  });
+  const bool bounded = testing::WaitUntil([&] { return answered.load(); }, 20s);
+  failpoint::Release("idempotency.before_phase_commit");
+  phase.join();
+  retrier.join();
+  ASSERT_TRUE(bounded) << "the retry waited for the stuck phase's row lock";
+  ASSERT_TRUE(retry.has_value());
+  ASSERT_FALSE(*retry);
+  EXPECT_EQ(retry->error().reason(), reason::kInFlight) << retry->error().ToString();
+  EXPECT_GT(retry->error().retry_after_ms(), 0);
+  ASSERT_TRUE(advanced.ok()) << advanced.ToString();  // the stuck phase still commits
+}
+
 // Work that reached a later recovery point may have acted outside the database: it is
 // resumed, never expired or swept while unfinished.
 TYPED_TEST(Races, UnfinishedWorkPastItsFirstPhaseNeverExpires) {

@@ -218,6 +218,8 @@ TEST(PostgresUriParameters, BadParametersAreRefusedBeforeConnecting) {
       {"?pool_size=0", "pool_size=0 is not an integer from 1"},
       {"?notify=yes", "notify=yes must be true or false"},
       {"?notify=true&notify=true", "'notify' is given more than once"},
+      {"?lock_timeout_ms=-1", "lock_timeout_ms=-1 is not an integer from 0"},
+      {"?lock_timeout_ms=soon", "lock_timeout_ms=soon is not an integer"},
       {"?pool_sise=4", "pool_sise"},
       {"?synchronous=full", "synchronous"},
       {"?sslmode=disable&readers=2", "readers"},
@@ -231,7 +233,8 @@ TEST(PostgresUriParameters, BadParametersAreRefusedBeforeConnecting) {
         << query << ": " << db.error().ToString();
   }
   // libpq's own parameters pass through: this one fails to connect, not to parse.
-  auto db = Database::Open(base + "?connect_timeout=2&pool_size=2&notify=false");
+  auto db =
+      Database::Open(base + "?connect_timeout=2&pool_size=2&notify=false&lock_timeout_ms=0");
   ASSERT_FALSE(db);
   EXPECT_EQ(db.error().code(), StatusCode::kUnavailable) << db.error().ToString();
 }

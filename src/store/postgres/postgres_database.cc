@@ -49,7 +49,8 @@ Status FromResult(const PGresult* res, PGconn* conn, std::string_view what) {
   if (s == "23505") return AlreadyExistsError(std::move(msg));
   if (s == "40001" || s == "40P01") return AbortedError(std::move(msg));
   if (s == "25006") return FailedPreconditionError(std::move(msg));
-  if (s == "55P03" || s == "57014") return UnavailableError(std::move(msg));
+  if (s == "55P03") return Status(StatusCode::kUnavailable, std::move(msg), reason::kLockTimeout);
+  if (s == "57014") return UnavailableError(std::move(msg));
   if (s.substr(0, 2) == "08" || s.substr(0, 2) == "57" || s.substr(0, 2) == "58") {
     return UnavailableError(std::move(msg));
   }
@@ -302,6 +303,7 @@ thread_local std::unordered_map<const PgDatabase*, PgTx*> t_current;
 struct Options {
   size_t pool_size = 16;
   bool notify = false;
+  int64_t lock_timeout_ms = 5000;
   int max_attempts = 8;
 };
 
@@ -359,8 +361,21 @@ class PgDatabase : public Database {
       while (!msg.empty() && msg.back() == '\n') msg.pop_back();
       return tl::unexpected(UnavailableError("cannot connect to PostgreSQL: " + msg));
     }
-    PGresult* r = PQexec(c, "SET application_name = 'converge'; SET client_min_messages = warning");
+    // lock_timeout bounds every lock wait: a stuck transaction makes the ones queued
+    // behind it fail with kLockTimeout instead of holding pooled connections until the
+    // pool is gone (docs/design/postgresql.md).
+    const std::string setup =
+        "SET application_name = 'converge'; SET client_min_messages = warning; "
+        "SET lock_timeout = " + std::to_string(options_.lock_timeout_ms);
+    PGresult* r = PQexec(c, setup.c_str());
+    const bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
     PQclear(r);
+    if (!ok) {
+      std::string msg = PQerrorMessage(c);
+      PQfinish(c);
+      while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+      return tl::unexpected(UnavailableError("cannot set up a PostgreSQL connection: " + msg));
+    }
     return c;
   }
 
@@ -538,7 +553,9 @@ class PgDatabase : public Database {
     const schema::SchemaDialect& dialect() const override { return TheDialect(); }
     Status BeginLocked() override {
       CONVERGE_RETURN_IF_ERROR(tx_.Simple("BEGIN"));
-      Status st = tx_.Simple("SELECT pg_advisory_xact_lock(7324001)");
+      // Another process may be migrating: wait for it however long it takes.
+      Status st = tx_.Simple("SET LOCAL lock_timeout = 0");
+      if (st.ok()) st = tx_.Simple("SELECT pg_advisory_xact_lock(7324001)");
       if (!st.ok()) (void)tx_.Simple("ROLLBACK");
       return st;
     }
@@ -593,6 +610,9 @@ Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptio
   if (pool) o.pool_size = static_cast<size_t>(*pool);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<bool> notify, parsed.TakeBool("notify"));
   if (notify) o.notify = *notify;
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> lock_timeout,
+                            parsed.TakeInt("lock_timeout_ms", 0, 86400000));
+  if (lock_timeout) o.lock_timeout_ms = *lock_timeout;
   // What is left is libpq's. Ask libpq now, so that a misspelt parameter is a clear
   // kInvalidArgument naming it rather than a connection failure.
   const std::string rest = parsed.Rest();
@@ -604,7 +624,8 @@ Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptio
     PQfreemem(err);
     while (!msg.empty() && msg.back() == '\n') msg.pop_back();
     return tl::unexpected(InvalidArgumentError(
-        "postgresql URI: " + msg + " (converge's own parameters are pool_size and notify; "
+        "postgresql URI: " + msg +
+        " (converge's own parameters are pool_size, notify and lock_timeout_ms; "
         "the others are libpq's)"));
   }
   PQconninfoFree(info);
