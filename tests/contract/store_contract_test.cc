@@ -581,6 +581,52 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
       0);
 }
 
+// A relay holding every partition claims without a partition filter (relay.cc, ClaimSql:
+// the plan PostgreSQL cannot get wrong); a row with a partition no relay can own is still
+// left alone, as the filtered claim leaves it, on both paths (publish then mark, and one
+// transaction through the queue's TxPublisher).
+TYPED_TEST(StoreContract, ARelayHoldingEveryPartitionLeavesRowsOfNoPartitionAlone) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  auto enqueue = [&](const std::string& subject) {
+    ASSERT_TRUE(this->db_
+                    ->Transact([&](Tx& tx) {
+                      return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent(subject)));
+                    })
+                    .ok());
+  };
+  enqueue("a");
+  enqueue("stray");
+  enqueue("b");
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) {
+                    return StatusOf(tx.Exec(
+                        "UPDATE outbox_events SET partition_no = $1 WHERE aggregate_id = 'stray'",
+                        kOutboxPartitions + 35));
+                  })
+                  .ok());
+  PublisherWrapper external(&queue);  // publish, then mark
+  Relay separate(*this->db_, outbox, external, RelayOptions{.name = "separate"}, &clock);
+  auto n = separate.RunOnce();
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(separate.stats().partitions_owned, kOutboxPartitions);
+  EXPECT_EQ(*n, 2u);
+  // The first relay goes quiet; the second takes every partition once the leases lapse.
+  clock.Advance(RelayOptions{}.lease + Millis(1));
+  enqueue("c");
+  Relay shared(*this->db_, outbox, queue, RelayOptions{.name = "shared"}, &clock);
+  n = shared.RunOnce();
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(shared.stats().partitions_owned, kOutboxPartitions);
+  EXPECT_EQ(*n, 1u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM queue_messages"), 3);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL "
+                        "AND aggregate_id = 'stray'"),
+            1);
+}
+
 TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatches) {
   ManualClock clock(Clock::System()->NowMillis());
   IdempotencyKeys keys(*this->db_,
