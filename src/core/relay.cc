@@ -24,32 +24,31 @@ struct Pending {
 // few matching rows and bitmap-scan `outbox_unpublished_partition`, then sort the whole
 // backlog: 120-280 ms a claim of 1,000 out of 200,000 (docs/benchmarks.md, NATS).
 // A relay holding a subset keeps "partition_no IN ($2, $3, ...)" and the planner's choice.
-std::string ClaimSql(size_t partitions) {
+std::string ClaimSql(const std::map<int64_t, int64_t>& owned, bool filter) {
   std::string sql =
       "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no, aggregate_type "
       "FROM outbox_events WHERE published_at IS NULL";
-  if (partitions < static_cast<size_t>(kOutboxPartitions)) {
+  if (filter) {
     sql += " AND partition_no IN (";
-    for (size_t i = 0; i < partitions; ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
+    for (size_t i = 0; i < owned.size(); ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
     sql += ")";
   }
   return sql + " ORDER BY seq LIMIT $1";
 }
 
-Result<std::vector<Pending>> Claim(Tx& tx, const std::map<int64_t, int64_t>& owned, size_t batch) {
-  const bool all = owned.size() >= static_cast<size_t>(kOutboxPartitions);
+Result<std::vector<Pending>> ClaimRows(Tx& tx, const std::map<int64_t, int64_t>& owned,
+                                       size_t batch, bool filter) {
   std::vector<Value> params = {Value(static_cast<int64_t>(batch))};
-  if (!all) {
+  if (filter) {
     for (const auto& [p, fence] : owned) params.emplace_back(p);
   }
-  CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.QueryParams(ClaimSql(owned.size()), params));
+  CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.QueryParams(ClaimSql(owned, filter), params));
   std::vector<Pending> out;
   out.reserve(rows.size());
   for (const Row& r : rows) {
     // Unfiltered, a row outside the partitions held (a partition_no no relay can own,
-    // written by hand) is left alone, as the filtered claim leaves it; `batch` of them
-    // at the head would stall this relay, where the filtered claim would skip them.
-    if (all && !owned.count(r.Int(6))) continue;
+    // written by hand) is left alone, as the filtered claim leaves it.
+    if (!owned.count(r.Int(6))) continue;
     Pending& p = out.emplace_back(Pending{r.Int(0), r.Int(6), Event{}});
     p.event.id = r.Text(1);
     p.event.source = r.Text(2);
@@ -59,7 +58,16 @@ Result<std::vector<Pending>> Claim(Tx& tx, const std::map<int64_t, int64_t>& own
     p.event.data.clear();  // inside the envelope
     p.event.envelope = r.Text(5);
   }
+  if (out.empty() && rows.size() == batch && !filter) {
+    // A whole batch of rows no relay can own at the head: ask again with the filter,
+    // which skips them, rather than stall.
+    return ClaimRows(tx, owned, batch, true);
+  }
   return out;
+}
+
+Result<std::vector<Pending>> Claim(Tx& tx, const std::map<int64_t, int64_t>& owned, size_t batch) {
+  return ClaimRows(tx, owned, batch, owned.size() < static_cast<size_t>(kOutboxPartitions));
 }
 
 // The publisher's transactional face if it writes to `db`, else nullptr.

@@ -625,6 +625,23 @@ TYPED_TEST(StoreContract, ARelayHoldingEveryPartitionLeavesRowsOfNoPartitionAlon
   EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL "
                         "AND aggregate_id = 'stray'"),
             1);
+  // A whole batch of such rows at the head does not stall a relay: it asks again with
+  // the filter.
+  enqueue("stray2");
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) {
+                    return StatusOf(tx.Exec(
+                        "UPDATE outbox_events SET partition_no = $1 WHERE aggregate_id = 'stray2'",
+                        kOutboxPartitions + 36));
+                  })
+                  .ok());
+  enqueue("d");
+  clock.Advance(RelayOptions{}.lease + Millis(1));
+  Relay narrow(*this->db_, outbox, queue, RelayOptions{.batch = 2, .name = "narrow"}, &clock);
+  n = narrow.RunOnce();
+  ASSERT_TRUE(n) << n.error().ToString();
+  EXPECT_EQ(*n, 1u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM queue_messages"), 4);
 }
 
 TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatches) {
