@@ -777,7 +777,6 @@ Status Campaign::KillNats(const Step& s) {
   // written an acknowledged message to its file (the page cache) before the ack, so a
   // process crash must lose nothing: a lost event shows as a missing ledger entry or
   // receipt, a violation (docs/design/chaos.md, "With NATS").
-  for (int i = 0; i < instances_; ++i) ScrapeTakeovers(i);  // before their counters reset
   nats_server_->Kill();
   Note("kill nats-server, down " + std::to_string(NatsDownMs(s)) + " ms");
   std::this_thread::sleep_for(milliseconds(NatsDownMs(s)));

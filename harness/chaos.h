@@ -102,7 +102,9 @@ struct ChaosResult {
 Result<ChaosResult> RunChaos(const ChaosOptions& options);
 
 // The first `steps` steps of the schedule `seed` draws (the same ones RunChaos() injects
-// with that seed and instance count; what each did is in ChaosResult::schedule).
+// with that seed and instance count; what each did is in ChaosResult::schedule). `nats`:
+// with `broker` "nats", where some kills and stalls go to the relay, the workers and
+// nats-server instead (the same gaps and faults otherwise).
 std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
                                          bool db_restarts, bool nats = false);
 
