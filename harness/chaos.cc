@@ -320,6 +320,7 @@ class Campaign {
   // clean start. `kind` counts it.
   Status KillAndRestartProcess(ServeProcess& p, const std::string& what,
                                const std::string& point, int64_t* kind);
+  // Starts `p` with `failpoints`, retrying for up to 10 s.
   Status StartProcess(ServeProcess& p, const std::string& failpoints);
   Status KillNats(const Step& s);
   Status StartNatsShape();
@@ -683,17 +684,9 @@ void Campaign::ScrapeTakeovers(int i) {
 }
 
 Status Campaign::Restart(int i) {
-  // The database may be restarting too: try for a while.
-  Status st;
-  for (int attempt = 0; attempt < 20; ++attempt) {
-    st = svc_[static_cast<size_t>(i)]->Start("");
-    if (st.ok()) {
-      ++result_.counts.restarts;
-      return st;
-    }
-    std::this_thread::sleep_for(milliseconds(500));
-  }
-  return st;
+  CONVERGE_RETURN_IF_ERROR(StartProcess(*svc_[static_cast<size_t>(i)], ""));
+  ++result_.counts.restarts;
+  return OkStatus();
 }
 
 Status Campaign::KillAndRestart(int i, const std::string& point) {
@@ -736,6 +729,7 @@ Status Campaign::StartNatsShape() {
 }
 
 Status Campaign::StartProcess(ServeProcess& p, const std::string& failpoints) {
+  // The database (or nats-server) may be restarting too: try for a while.
   Status st;
   for (int attempt = 0; attempt < 20; ++attempt) {
     st = p.Start(failpoints);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -58,9 +59,13 @@ Status NatsServer::Start() {
                         "chaos", nullptr};
   const int fd = open(log_path().c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   if (fd < 0) return UnavailableError("cannot open " + log_path());
+  const pid_t parent = getpid();
   pid_ = fork();
   if (pid_ == 0) {
-    // Only async-signal-safe calls between fork and exec: the parent has threads.
+    // Only async-signal-safe calls between fork and exec: the parent has threads. The
+    // server dies with the thread that started it (a campaign interrupted leaves none).
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(126);
     dup2(fd, 1);
     dup2(fd, 2);
     execve(bin.c_str(), const_cast<char* const*>(argv), environ);

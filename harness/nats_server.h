@@ -4,7 +4,9 @@
 // SIGKILLed and restarted on the same ports and store, as scripts/nats-server.sh does for
 // the tests (which need it from a shell; the campaign runs from an installed binary).
 //
-// Thread safety: none; a NatsServer belongs to one thread.
+// Thread safety: none; a NatsServer belongs to one thread, and the server it starts is
+// SIGKILLed when that thread ends (PR_SET_PDEATHSIG), so an interrupted campaign leaves
+// no server behind.
 #ifndef CONVERGE_HARNESS_NATS_SERVER_H_
 #define CONVERGE_HARNESS_NATS_SERVER_H_
 
