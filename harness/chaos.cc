@@ -325,6 +325,10 @@ class Campaign {
   Status KillNats(const Step& s);
   Status StartNatsShape();
   void CountNatsFigures();
+  // The durable consumers of the event stream, from nats-server's /jsz.
+  Result<json> StreamConsumers();
+  // What the durable consumers have not acked yet ("" when nothing).
+  std::string NatsUndrained();
   bool SetFailpoints(int i, const std::string& spec);
   void ScrapeTakeovers(int i);
   void Note(const std::string& what);
@@ -801,22 +805,12 @@ void Campaign::CountNatsFigures() {
   }
   // Redeliveries: each durable consumer's deliveries (its consumer sequence, which counts
   // every delivery) less the events its filter matches (each stored once: Nats-Msg-Id).
-  auto r = http_.Send({.url = nats_server_->MonitorUrl(
-                           "/jsz?accounts=true&streams=true&consumers=true"),
-                       .timeout = std::chrono::seconds(5)});
-  if (!r || r->status != 200) return;
-  const json jsz = json::parse(r->body, nullptr, false);
+  auto consumers = StreamConsumers();
+  if (!consumers) return;
   std::map<std::string, int64_t> delivered;
-  if (jsz.is_object()) {
-    for (const json& account : jsz.value("account_details", json::array())) {
-      for (const json& stream : account.value("stream_detail", json::array())) {
-        if (stream.value("name", "") != "CONVERGE") continue;
-        for (const json& c : stream.value("consumer_detail", json::array())) {
-          delivered[c.value("name", "")] +=
-              c.value("delivered", json::object()).value("consumer_seq", int64_t{0});
-        }
-      }
-    }
+  for (const json& c : *consumers) {
+    delivered[c.value("name", "")] +=
+        c.value("delivered", json::object()).value("consumer_seq", int64_t{0});
   }
   int64_t payment_events = 0, captured_events = 0;
   (void)db_->Read([&](Tx& tx) -> Status {
@@ -1049,13 +1043,51 @@ Status Campaign::Drain() {
   std::string left;
   while (Steady::now() < deadline) {
     auto u = Undrained(stores);
-    if (u && u->empty()) return OkStatus();
+    // With NATS the stores can look drained while the stream still holds events a
+    // consumer has not acked: wait for those too (then their effects show in the stores).
+    const std::string broker = nats_ ? NatsUndrained() : "";
+    if (u && u->empty() && broker.empty()) return OkStatus();
     left = u ? *u : u.error().ToString();
+    if (!broker.empty()) left += (left.empty() ? "" : ", ") + broker;
     Progress("draining (" + left + ");");
     std::this_thread::sleep_for(milliseconds(250));
   }
   Note("not drained after 180 s: " + left);
   return OkStatus();  // the checker reports what is left
+}
+
+Result<json> Campaign::StreamConsumers() {
+  auto r = http_.Send({.url = nats_server_->MonitorUrl(
+                           "/jsz?accounts=true&streams=true&consumers=true"),
+                       .timeout = std::chrono::seconds(5)});
+  if (!r) return tl::unexpected(r.error());
+  const json jsz = json::parse(r->body, nullptr, false);
+  if (r->status != 200 || !jsz.is_object()) {
+    return tl::unexpected(UnavailableError("nats-server /jsz: " + std::to_string(r->status)));
+  }
+  json consumers = json::array();
+  for (const json& account : jsz.value("account_details", json::array())) {
+    for (const json& stream : account.value("stream_detail", json::array())) {
+      if (stream.value("name", "") != "CONVERGE") continue;
+      for (const json& c : stream.value("consumer_detail", json::array())) consumers.push_back(c);
+    }
+  }
+  return consumers;
+}
+
+std::string Campaign::NatsUndrained() {
+  auto consumers = StreamConsumers();
+  if (!consumers) return "nats-server not answering (" + consumers.error().ToString() + ")";
+  std::string left;
+  for (const json& c : *consumers) {
+    const int64_t n =
+        c.value("num_pending", int64_t{0}) + c.value("num_ack_pending", int64_t{0});
+    if (n > 0) {
+      left += (left.empty() ? "" : ", ") + std::to_string(n) +
+              " events not yet acked by NATS consumer " + c.value("name", "?");
+    }
+  }
+  return left;
 }
 
 Result<ChaosResult> Campaign::Run() {
@@ -1095,7 +1127,11 @@ Result<ChaosResult> Campaign::Run() {
   CONVERGE_RETURN_IF_ERROR(FinalPass());
   CONVERGE_RETURN_IF_ERROR(Drain());
   for (int i = 0; i < instances_; ++i) ScrapeTakeovers(i);
-  if (nats_) CountNatsFigures();
+  std::string broker_left;
+  if (nats_) {
+    broker_left = NatsUndrained();
+    CountNatsFigures();
+  }
 
   ChaosCounts& n = result_.counts;
   n.requests = requests_;
@@ -1147,6 +1183,7 @@ Result<ChaosResult> Campaign::Run() {
   result_.history = history_.ops();
   auto v = CheckHistory(result_.history, history_.originals(), Stores());
   if (!v) return tl::unexpected(v.error());
+  if (!broker_left.empty()) result_.violations.push_back({"not-drained", broker_left});
   for (Violation& violation : *v) {
     // NATS gives no per-aggregate order (docs/design/nats.md): counted, not a violation.
     if (nats_ && violation.check == kEventOrderCheck) {
