@@ -4,6 +4,7 @@
 #   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan
 #   make chaos              the chaos campaign: CHAOS_KILLS (default 1000) kills on SQLite,
 #                           then on PostgreSQL (a throwaway server); CHAOS_SEED picks the seed
+#   make chaos-nats         the same over NATS JetStream (--broker nats), on each store
 #   make bench              benchmarks (not tests): prints rates and ratios
 #   make bench-scale        the scale benchmark alone: SCALE_ROWS (default 1000000) keys and
 #                           inbox rows preloaded per store (the documented run: 10000000)
@@ -13,7 +14,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: all deps configure build demo test chaos check-sanitizers bench bench-scale fuzz clean
+.PHONY: all deps configure build demo test chaos chaos-nats check-sanitizers bench bench-scale fuzz clean
 
 all: build
 
@@ -46,6 +47,15 @@ chaos: build
 	  --clients $(CHAOS_CLIENTS)
 	CHAOS_DB_RESTARTS=1 bash scripts/with-postgres.sh bash tests/chaos/campaign_pg.sh \
 	  $(BUILD)/converge --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
+
+# The same over NATS (docs/design/chaos.md, "With NATS"): the campaign starts its own
+# nats-server, relay and workers.
+chaos-nats: build
+	$(BUILD)/converge chaos --store sqlite --broker nats --kills $(CHAOS_KILLS) \
+	  --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
+	CHAOS_DB_RESTARTS=1 bash scripts/with-postgres.sh bash tests/chaos/campaign_pg.sh \
+	  $(BUILD)/converge --broker nats --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) \
+	  --clients $(CHAOS_CLIENTS)
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF

@@ -4,7 +4,11 @@
 // instants and at enabled failpoints (then restarts), stalls longer than the lease at phase
 // boundaries, provider faults and mail outages, refunds racing the capture, duplicate and
 // poison webhooks, checkout orders with carrier faults and refused refunds, jumps of the
-// service's clock, stalls past the key TTL and, on PostgreSQL, database restarts. When
+// service's clock, stalls past the key TTL and, on PostgreSQL, database restarts. With
+// `broker` "nats" the campaign also starts a nats-server, a `converge relay` and one
+// `converge worker` per consumer, and adds their faults: SIGKILLs of the relay and the
+// workers (at random instants and at failpoints), SIGKILL and restart of nats-server, and
+// workers stopped (SIGSTOP) for longer than the consumers' AckWait. When
 // the schedule is done the faults stop, every key still in its resend window is retried
 // once more, the system drains, and CheckHistory() compares the history with the stores.
 // docs/design/chaos.md describes all of it.
@@ -40,6 +44,9 @@ struct ChaosOptions {
   int clients = 8;
   int instances = 0;  // service processes on the store; 0: 1 on SQLite, 2 on PostgreSQL
   bool keep = false;  // keep the run's directory (and database)
+  // "" (events through the store's SQL queue) or "nats": a nats-server of the campaign's
+  // own (on PATH), a relay and workers as processes of their own (docs/design/chaos.md).
+  std::string broker;
   // PostgreSQL only, all three or none: the server's binaries, data directory and the
   // command prefix to run pg_ctl as (scripts/with-postgres.sh exports them), for database
   // restarts mid-load.
@@ -52,6 +59,19 @@ struct ChaosCounts {
   int64_t kills = 0, kills_at_failpoint = 0, failpoints_not_reached = 0, restarts = 0;
   int64_t stalls = 0, psp_faults = 0, mail_outages = 0, refunds = 0, duplicate_webhooks = 0;
   int64_t poison_webhooks = 0, db_restarts = 0;
+  // With NATS. Of `kills`, those of the relay, the workers and nats-server (each then
+  // restarted); the rest are the service's.
+  int64_t relay_kills = 0, worker_kills = 0, nats_kills = 0;
+  int64_t worker_stalls = 0;  // workers stopped (SIGSTOP) for longer than AckWait
+  // Deliveries beyond the first of each event, summed over the durable consumers, from
+  // the server's consumer state at the end (at least: a killed server may forget some).
+  int64_t redeliveries = 0;
+  // Publishes the stream reported as duplicates (Nats-Msg-Id), from the service's
+  // /metrics before each kill and the relays' graceful stops (at least).
+  int64_t broker_duplicates = 0;
+  // Ledger entries of a payment booked out of event order: a violation with the SQL
+  // queue; with NATS (no per-aggregate order, docs/design/nats.md) not checked, counted.
+  int64_t out_of_order = 0;
   int64_t ttl_stalls = 0, shipping_faults = 0, refused_refunds = 0, clock_jumps = 0;
   int64_t requests = 0, keys = 0, duplicates = 0, concurrent = 0, mismatches = 0,
           give_ups = 0;
@@ -82,9 +102,11 @@ struct ChaosResult {
 Result<ChaosResult> RunChaos(const ChaosOptions& options);
 
 // The first `steps` steps of the schedule `seed` draws (the same ones RunChaos() injects
-// with that seed and instance count; what each did is in ChaosResult::schedule).
+// with that seed and instance count; what each did is in ChaosResult::schedule). `nats`:
+// with `broker` "nats", where some kills and stalls go to the relay, the workers and
+// nats-server instead (the same gaps and faults otherwise).
 std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
-                                         bool db_restarts);
+                                         bool db_restarts, bool nats = false);
 
 // The violation report: seed, schedule, and per violation the shortest history excerpt.
 std::string FormatViolations(const ChaosOptions& options, const ChaosResult& result);

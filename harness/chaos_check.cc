@@ -279,7 +279,7 @@ Result<std::vector<Violation>> CheckHistory(const std::vector<Op>& ops,
                             std::to_string(ref_sum) + ")", k, pid);
     }
     if (ref_n > 0 && cap_n > 0 && first_ref < last_cap) {
-      violate("event-order", "payment " + pid + ": the ledger consumer booked the refund "
+      violate(kEventOrderCheck, "payment " + pid + ": the ledger consumer booked the refund "
                              "before the capture", k, pid);
     }
     auto rc = receipts.find("receipt:" + pid);

@@ -68,6 +68,9 @@ class History {
   static int64_t NowMs();
 };
 
+// The check of per-aggregate event order (a payment's refund booked before its capture).
+inline constexpr char kEventOrderCheck[] = "event-order";
+
 struct Violation {
   std::string check;   // which invariant, e.g. "charged-twice"
   std::string detail;  // what was found

@@ -33,6 +33,7 @@ Status ServeProcess::Start(const std::string& failpoints) {
     if (env == nullptr) return InvalidArgumentError("ServeProcess: no binary and no $CONVERGE_BIN");
     bin = env;
   }
+  killed_at_start_ = false;
   const std::string port_file = options_.dir + "/" + options_.name + ".port";
   unlink(port_file.c_str());
   const std::string log = log_path();
@@ -57,17 +58,23 @@ Status ServeProcess::Start(const std::string& failpoints) {
   std::vector<char*> envp;
   for (std::string& e : env_strings) envp.push_back(e.data());
   envp.push_back(nullptr);
-  const char* argv[] = {"converge",
-                        options_.command.c_str(),
-                        "--config",
-                        options_.config_path.c_str(),
-                        "--listen",
-                        options_.listen.c_str(),
-                        "--port-file",
-                        port_file.c_str(),
-                        "--log-level",
-                        options_.log_level.c_str(),
-                        nullptr};
+  std::vector<std::string> args = {"converge", options_.command};
+  if (options_.ready_line.empty()) {
+    args.insert(args.end(), {"--config", options_.config_path, "--listen", options_.listen,
+                             "--port-file", port_file});
+  } else {
+    args.insert(args.end(), options_.args.begin(), options_.args.end());
+  }
+  args.insert(args.end(), {"--log-level", options_.log_level});
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  // Where this life's lines begin: a ready line of an earlier life does not count.
+  std::streamoff log_start = 0;
+  {
+    std::ifstream l(log, std::ios::ate);
+    if (l) log_start = l.tellg();
+  }
   const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   if (fd < 0) return UnavailableError("cannot open " + log);
   pid_ = fork();
@@ -79,27 +86,38 @@ Status ServeProcess::Start(const std::string& failpoints) {
     }
     dup2(fd, 1);
     dup2(fd, 2);
-    execve(bin.c_str(), const_cast<char* const*>(argv), envp.data());
+    execve(bin.c_str(), argv.data(), envp.data());
     _exit(127);
   }
   close(fd);
   if (pid_ < 0) return UnavailableError("fork failed");
   const auto deadline = Steady::now() + std::chrono::seconds(30);
   while (Steady::now() < deadline) {
-    std::ifstream f(port_file);
-    int port = 0;
-    if (f >> port) {
-      port_ = static_cast<uint16_t>(port);
-      return OkStatus();
+    if (!options_.ready_line.empty()) {
+      std::ifstream l(log);
+      l.seekg(log_start);
+      const std::string lines((std::istreambuf_iterator<char>(l)),
+                              std::istreambuf_iterator<char>());
+      if (lines.find(options_.ready_line) != std::string::npos) return OkStatus();
+    } else {
+      std::ifstream f(port_file);
+      int port = 0;
+      if (f >> port) {
+        port_ = static_cast<uint16_t>(port);
+        return OkStatus();
+      }
     }
-    if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
-      return UnavailableError("converge serve exited at start; see " + log);
+      killed_at_start_ = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+      return UnavailableError("converge " + options_.command + " exited at start; see " + log);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   Kill(SIGKILL);
-  return UnavailableError("converge serve did not come up within 30 s; see " + log);
+  return UnavailableError("converge " + options_.command + " did not come up within 30 s; see " +
+                          log);
 }
 
 void ServeProcess::Kill(int signal) {
@@ -107,6 +125,10 @@ void ServeProcess::Kill(int signal) {
   kill(pid_, signal);
   waitpid(pid_, nullptr, 0);
   pid_ = -1;
+}
+
+void ServeProcess::Signal(int signal) const {
+  if (pid_ > 0) kill(pid_, signal);
 }
 
 bool ServeProcess::KilledWithin(std::chrono::milliseconds wait) {
@@ -129,6 +151,7 @@ std::string ServeProcess::Url(const std::string& path) const {
 void ServeProcess::Stop(std::chrono::milliseconds grace) {
   if (pid_ <= 0) return;
   kill(pid_, SIGTERM);
+  kill(pid_, SIGCONT);  // a stopped child (SIGSTOP) would not act on the SIGTERM
   const auto deadline = Steady::now() + grace;
   while (waitpid(pid_, nullptr, WNOHANG) == 0) {
     if (Steady::now() > deadline) {

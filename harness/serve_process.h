@@ -1,7 +1,8 @@
 // ServeProcess: one `converge serve` (or `converge proxy`) child process, as the demo, the
 // e2e and PostgreSQL tests (and the chaos campaign) run it: really a process, so a
 // failpoint can SIGKILL it and a test can read its memory, CPU time and descriptors from
-// /proc.
+// /proc. With `ready_line` set it runs a mode that does not listen (`converge relay`,
+// `converge worker`) with the given arguments instead, and waits for that log line.
 //
 // Thread safety: none; a ServeProcess belongs to one thread.
 #ifndef CONVERGE_HARNESS_SERVE_PROCESS_H_
@@ -14,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "converge/status.h"
 
@@ -31,6 +33,11 @@ class ServeProcess {
     std::string log_level = "warn";
     // When set, RLIMIT_NOFILE (soft, hard) of the child before it execs.
     std::optional<std::pair<uint64_t, uint64_t>> nofile;
+    // A mode that does not listen: when set, the child runs `converge <command> <args...>
+    // --log-level <log_level>` (no --config, --listen or --port-file) and Start() waits
+    // until this text appears in the lines its log gains, e.g. "event=worker_started".
+    std::string ready_line;
+    std::vector<std::string> args;
   };
   explicit ServeProcess(Options options);
   ~ServeProcess();  // Stop()s
@@ -46,9 +53,14 @@ class ServeProcess {
   void Stop(std::chrono::milliseconds grace = std::chrono::seconds(10));
   // Sends `signal` and reaps the child.
   void Kill(int signal);
+  // Sends `signal` and does not wait (SIGSTOP, SIGCONT).
+  void Signal(int signal) const;
   // Waits up to `wait` for the child to die; true if a SIGKILL (a crash failpoint) did it.
   bool KilledWithin(std::chrono::milliseconds wait);
 
+  // Whether the child of the last Start() that failed died of SIGKILL before it was ready
+  // (a crash failpoint armed by that Start hit early).
+  bool killed_at_start() const { return killed_at_start_; }
   bool alive() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
   uint16_t port() const { return port_; }
@@ -65,6 +77,7 @@ class ServeProcess {
   Options options_;
   pid_t pid_ = -1;
   uint16_t port_ = 0;
+  bool killed_at_start_ = false;
 };
 
 // A port that was free a moment ago on 127.0.0.1 (bound and released): for a child that

@@ -235,6 +235,34 @@ TEST(ChaosSchedule, IsAFunctionOfTheSeedAlone) {
   EXPECT_EQ(kinds, 7);
 }
 
+TEST(ChaosSchedule, WithNatsSomeKillsAndStallsGoToTheRelayWorkersAndServer) {
+  const auto sql = PlannedSchedule(42, 300, 1, false);
+  const auto nats = PlannedSchedule(42, 300, 1, false, true);
+  ASSERT_EQ(sql.size(), nats.size());
+  // The same gaps and the same faults, but kills and stalls that moved to the NATS shape's
+  // processes: the seed draws the same numbers with or without NATS.
+  int moved = 0;
+  for (size_t i = 0; i < sql.size(); ++i) {
+    if (sql[i] == nats[i]) continue;
+    ++moved;
+    EXPECT_EQ(sql[i].substr(0, sql[i].find(':')), nats[i].substr(0, nats[i].find(':')));
+    EXPECT_TRUE(sql[i].find(": kill") != std::string::npos ||
+                sql[i].find(": stall") != std::string::npos)
+        << sql[i];
+  }
+  EXPECT_GT(moved, 0);
+  for (const char* k :
+       {"kill-relay at a random", "kill-relay-at-failpoint at relay.", "kill-worker ",
+        "kill-worker-at-failpoint ", "kill-nats-server", "stall-worker "}) {
+    EXPECT_TRUE(std::any_of(nats.begin(), nats.end(), [&](const std::string& s) {
+      return s.find(k) != std::string::npos;
+    })) << k;
+    EXPECT_FALSE(std::any_of(sql.begin(), sql.end(), [&](const std::string& s) {
+      return s.find(k) != std::string::npos;
+    })) << k;
+  }
+}
+
 // --- checkout orders ---------------------------------------------------------------------
 
 TEST_F(ChaosChecker, ReportsASecondOrderForOneKeyAndAnOrderWithoutASaga) {
