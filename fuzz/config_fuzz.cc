@@ -196,7 +196,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     return true;
   }();
-  static const TempDir dir;  // removed at exit
+  static const TempDir dir(/*in_memory=*/true);  // removed at exit
   (void)env_cleared;
   CheckConfig(dir, AsText(data, size));
   return 0;

@@ -65,10 +65,11 @@ std::vector<std::string_view> SplitFields(std::string_view input, size_t count) 
   return fields;
 }
 
-TempDir::TempDir() {
+TempDir::TempDir(bool in_memory) {
   const char* base = std::getenv("TMPDIR");
-  std::string pattern =
-      std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/converge-fuzz-XXXXXX";
+  if (base == nullptr || *base == '\0') base = "/tmp";
+  if (in_memory && ::access("/dev/shm", W_OK | X_OK) == 0) base = "/dev/shm";
+  std::string pattern = std::string(base) + "/converge-fuzz-XXXXXX";
   FUZZ_CHECK(::mkdtemp(pattern.data()) != nullptr, std::string(std::strerror(errno)));
   path_ = pattern;
 }

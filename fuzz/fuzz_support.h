@@ -46,7 +46,10 @@ std::vector<std::string_view> SplitFields(std::string_view input, size_t count);
 // A fresh directory under $TMPDIR (or /tmp), removed with its contents on destruction.
 class TempDir {
  public:
-  TempDir();
+  TempDir() : TempDir(false) {}
+  // in_memory: under /dev/shm when that is a writable directory (a tmpfs: a store there
+  // never waits for a disk, which is not what a fuzz target is about), else as TempDir().
+  explicit TempDir(bool in_memory);
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;

@@ -11,8 +11,9 @@
 //    and its message names the URI forms that work;
 //  - a sqlite: URI with an empty path (sqlite:, sqlite://) is kInvalidArgument;
 //  - a sqlite: URI is opened with its path made harmless: the path's bytes, each outside
-//    [A-Za-z0-9._-] replaced by '_', as one file name in a temporary directory (after
-//    `sqlite:` or `sqlite://`, as sent). Such a path always opens, migrated, as that file.
+//    [A-Za-z0-9._-] replaced by '_', as one file name in a temporary directory (on tmpfs
+//    when /dev/shm is there; after `sqlite:` or `sqlite://`, as sent). Such a path always
+//    opens, migrated, as that file.
 //  - postgres URIs are recognised (the classification below), never opened.
 #include <cstdint>
 #include <filesystem>
@@ -83,7 +84,7 @@ void CheckUri(const TempDir& dir, std::string_view uri) {
 }  // namespace converge::fuzz
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const converge::fuzz::TempDir dir;  // removed at exit
+  static const converge::fuzz::TempDir dir(/*in_memory=*/true);  // removed at exit
   converge::fuzz::CheckUri(dir, converge::fuzz::AsText(data, size));
   return 0;
 }

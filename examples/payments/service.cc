@@ -35,6 +35,7 @@
 #include "converge/webhook.h"
 #include "examples/payments/checkout.h"
 #include "examples/payments/ids.h"
+#include "examples/payments/payment_request.h"
 #include "examples/payments/rules.h"
 
 namespace payments {
@@ -72,54 +73,6 @@ Status NotPending(const std::string& payment_id) {
 Response StoreError(const Status& st) {
   spdlog::warn("event=store_error error=\"{}\"", st.ToString());
   return converge::http::StoreProblem(st);
-}
-
-// The body of POST /v1/payments, validated.
-struct PaymentRequest {
-  int64_t amount = 0;
-  std::string currency, customer_id, order_id;
-};
-
-Result<PaymentRequest> ParsePayment(const std::string& body) {
-  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded())
-    return tl::unexpected(converge::InvalidArgumentError("body is not valid JSON"));
-  if (!j.is_object())
-    return tl::unexpected(converge::InvalidArgumentError("body must be a JSON object"));
-  PaymentRequest p;
-  auto amount = j.find("amount");
-  if (amount == j.end() || !amount->is_number_integer()) {
-    return tl::unexpected(
-        converge::InvalidArgumentError("amount must be an integer (minor units)"));
-  }
-  if (amount->is_number_unsigned()
-          ? amount->get<uint64_t>() > static_cast<uint64_t>(kMaxAmount)
-          : (amount->get<int64_t>() < 1 || amount->get<int64_t>() > kMaxAmount)) {
-    return tl::unexpected(converge::InvalidArgumentError(
-        "amount must be between 1 and " + std::to_string(kMaxAmount)));
-  }
-  p.amount = amount->get<int64_t>();
-  if (p.amount < 1) {
-    return tl::unexpected(converge::InvalidArgumentError(
-        "amount must be between 1 and " + std::to_string(kMaxAmount)));
-  }
-  for (auto [name, out] : {std::pair{"currency", &p.currency}, {"customer_id", &p.customer_id},
-                           {"order_id", &p.order_id}}) {
-    auto it = j.find(name);
-    if (it == j.end() || !it->is_string()) {
-      return tl::unexpected(
-          converge::InvalidArgumentError(std::string(name) + " must be a string"));
-    }
-    *out = it->get<std::string>();
-  }
-  if (!kCurrencies.count(p.currency)) {
-    return tl::unexpected(converge::InvalidArgumentError("unknown currency '" + p.currency + "'"));
-  }
-  if (!ValidId(p.customer_id) || !ValidId(p.order_id)) {
-    return tl::unexpected(converge::InvalidArgumentError(
-        "customer_id and order_id must be 1-64 characters of [A-Za-z0-9_-]"));
-  }
-  return p;
 }
 
 }  // namespace
