@@ -40,11 +40,11 @@ class Dialect {
   virtual std::string_view AutoIncrementPrimaryKey() const = 0;
 
   // Appended to the SELECT of a claim (`UPDATE … WHERE id IN (SELECT … LIMIT n` + this +
-  // `)`): lock the selected rows and skip rows another transaction holds instead of
-  // waiting for it. " FOR UPDATE SKIP LOCKED" on PostgreSQL; empty on SQLite, where one
-  // write transaction runs at a time and no row is ever held by another. Because
-  // PostgreSQL re-checks only the outer WHERE after a lock wait, a claim repeats its
-  // conditions there.
+  // `)`) or of a sweep's pick: lock the selected rows and skip rows another transaction
+  // holds instead of waiting for it. " FOR UPDATE SKIP LOCKED" on PostgreSQL; empty on
+  // SQLite, where one write transaction runs at a time and no row is ever held by another.
+  // Because PostgreSQL re-checks only the outer WHERE after a lock wait, a claim repeats
+  // its conditions there.
   virtual std::string_view ForUpdateSkipLocked() const = 0;
 
   // Appended after the closing parenthesis of CREATE TABLE for a table whose primary key

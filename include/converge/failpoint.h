@@ -10,6 +10,7 @@
 //   effects.before_call               effects.after_call_before_record
 //   dead_letters.after_claim
 //   saga.before_call  saga.after_call_before_record  saga.before_local  saga.after_step
+//   saga.before_reopen_commit         (saga.cc: a late call's reopen written, not committed)
 //   sweeper.before_saga_instances     (sweeper.cc: settled sagas' journal gone, rows not yet)
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)

@@ -43,11 +43,13 @@
 // the takeover ran (or passed over) that step's compensation, it sends the saga back to
 // compensating at that step (SagaStats::late_calls), so the compensation runs again after
 // the call; a call in flight cannot be recalled (docs/design/sagas.md, the lease window).
+// If the saga was settled and swept meanwhile, the call is parked as a dead letter for a
+// person instead (kSagaLateCallAfterSweep, SagaStats::late_calls_after_sweep).
 //
 // Failpoints: saga.before_call (before each external call), saga.after_call_before_record
 // (after it, before its transaction), saga.before_local (in that transaction, before the
 // local part: an error fails the local part), saga.after_step (after a step's transaction
-// committed).
+// committed), saga.before_reopen_commit (a late call's reopen, written, not yet committed).
 //
 // Thread safety: Begin, Load and List are safe from any thread; RunOnce must not run
 // concurrently with itself on one runner; Start/Stop from one owner thread. Runners of one
@@ -73,6 +75,13 @@ namespace converge {
 
 // The queue of a saga's dead letter is this prefix and the saga's type.
 inline constexpr std::string_view kSagaQueuePrefix = "saga:";
+
+// The error class of the dead letter a late action call writes when it returns after its
+// saga was settled and swept (SagaStats::late_calls_after_sweep): nothing can compensate
+// it any more, a person must undo it. Its envelope is JSON naming the saga, the step, the
+// effect key and the call's outcome. SagaRequeuer refuses to replay it; discard it once
+// the call is undone.
+inline constexpr std::string_view kSagaLateCallAfterSweep = "saga-late-call-after-sweep";
 
 // The states of saga_instances.state.
 namespace saga_state {
@@ -150,6 +159,9 @@ struct SagaStats {
   // Action calls that returned after their runner had lost the saga, after the step's
   // compensation had run or been passed over: the compensation was made to run again.
   int64_t late_calls = 0;
+  // Of those, calls whose saga had been settled and swept meanwhile: nothing compensates
+  // them; each left a dead letter (kSagaLateCallAfterSweep). Alert on any.
+  int64_t late_calls_after_sweep = 0;
   std::string last_error;
 };
 
@@ -218,6 +230,9 @@ class SagaRunner {
   // if the step's compensation already ran or was passed over, it is made to run again.
   Result<Drive> Lost(const Position& p, int64_t fence, bool late, bool succeeded,
                      const std::string& result, const std::string& error);
+  // The saga of a late call was swept: parks a dead letter naming the call through `tx`.
+  Status ParkLateCallAfterSweep(Tx& tx, const Position& p, int64_t fence, bool succeeded,
+                                const std::string& result, const std::string& error);
   Status Finish(Tx& tx, const Position& p, int64_t fence, std::string_view state,
                 std::string_view phase, std::string_view outcome, const std::string& result,
                 const std::string& error, int next_step, const std::string& data);
@@ -236,7 +251,9 @@ class SagaRunner {
 
 // Replays a saga's dead letter: a saga parked as failed_to_compensate goes back to
 // compensating at the compensation that failed, with its attempts reset, and the runners
-// of its type are notified. Route it in DeadLetters for kSagaQueuePrefix.
+// of its type are notified. Route it in DeadLetters for kSagaQueuePrefix. A letter of
+// class kSagaLateCallAfterSweep has no saga to go back to: kFailedPrecondition (it stays
+// parked until discarded).
 class SagaRequeuer : public Requeuer {
  public:
   explicit SagaRequeuer(Clock* clock = nullptr);

@@ -11,7 +11,9 @@
 //                     (parked letters stay until someone acts on them)
 //   saga_instances    completed or compensated longer ago than settled_saga_retention,
 //   + saga_steps      with their step log and their journalled calls (failed_to_compensate
-//   + effects         and active ones stay, and so does their journal)
+//   + effects         and active ones stay, and so does their journal): picked once and
+//                     locked, then all three deleted by those ids in one transaction, so a
+//                     late call's reopen either keeps the saga or finds it gone (saga.h)
 //
 // Thread safety: safe to run from one thread while everything else runs.
 #ifndef CONVERGE_SWEEPER_H_

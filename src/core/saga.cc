@@ -18,6 +18,8 @@
 
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "converge/failpoint.h"
 #include "src/core/backoff.h"
 #include "src/core/validate.h"
@@ -475,9 +477,9 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
   // One transaction, conditional on the saga's state: on PostgreSQL the UPDATE's row lock
   // orders it against the takeover's own writes.
   const std::string comp_key = StepKey(definition_.type, p.saga_id, s.name, true);
-  bool reopened = false;
+  bool reopened = false, swept = false;
   Status st = db_.Transact([&](Tx& tx) -> Status {
-    reopened = false;
+    reopened = swept = false;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(int64_t reopen_fence, tx.NextFence());
     const std::string why = "a late " + std::string(succeeded ? "successful " : "") +
@@ -492,7 +494,16 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
                  "(state IN ('compensating', 'failed_to_compensate') AND step <= $1)) "
                  "RETURNING version",
                  p.step, now, reopen_fence, why, p.saga_id));
-    if (rows.empty()) return OkStatus();  // the compensation is still ahead: it will see it
+    if (rows.empty()) {
+      // The saga is still there: its compensation of this step is still ahead and will see
+      // what the call did. Or the sweeper deleted it (settled past retention): the sweep
+      // locked it first, so this UPDATE waited and found no row (sweeper.cc).
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows found, tx.Query("SELECT 1 FROM saga_instances WHERE saga_id = $1", p.saga_id));
+      if (!found.empty()) return OkStatus();
+      swept = true;
+      return ParkLateCallAfterSweep(tx, p, fence, succeeded, result, error);
+    }
     reopened = true;
     CONVERGE_RETURN_IF_ERROR(StatusOf(
         tx.Exec("UPDATE effects SET state = 'failed', claim_token = NULL, last_error = $1, "
@@ -504,6 +515,8 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
         p.saga_id, rows[0].Int(0), s.name, succeeded ? "done" : "failed", p.attempts + 1,
         succeeded ? Value(result) : Value(), error.empty() ? why : error + "; " + why, fence,
         now)));
+    // A test holds the reopen here, the saga's row locked, to run a sweep against it.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.before_reopen_commit"));
     tx.OnCommit([this] { wakeup_.Notify(); });
     return tx.Notify(Channel(definition_.type));
   });
@@ -512,7 +525,56 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
     Count(&SagaStats::late_calls,
           "saga " + p.saga_id + ": late call of step '" + s.name + "', compensation reopened");
   }
+  if (swept) {
+    Count(&SagaStats::late_calls);
+    Count(&SagaStats::late_calls_after_sweep,
+          "saga " + p.saga_id + ": late call of step '" + s.name +
+              "' after the saga was swept: dead letter, undo it by hand");
+  }
   return Drive::kLost;
+}
+
+// Method: the saga this late call belongs to was settled and swept, with its step log and
+// its journal. Nothing can compensate the call automatically: a saga made again from what
+// this runner read would lack the journal (the compensations below this step would call
+// again, trusting the provider to still know keys older than the retention), carry stale
+// data, and could meet a new saga begun since under the same id (sagas.md, "what is and
+// is not guaranteed"). So the call goes to a person: a dead letter that names it, counted
+// in SagaStats::late_calls_after_sweep.
+Status SagaRunner::ParkLateCallAfterSweep(Tx& tx, const Position& p, int64_t fence,
+                                          bool succeeded, const std::string& result,
+                                          const std::string& error) {
+  const int64_t now = clock_->NowMillis();
+  const SagaStep& s = definition_.steps[static_cast<size_t>(p.step)];
+  const std::string key = StepKey(definition_.type, p.saga_id, s.name, false);
+  nlohmann::json payload = {
+      {"reason", kSagaLateCallAfterSweep},
+      {"saga_id", p.saga_id},
+      {"type", definition_.type},
+      {"step", s.name},
+      {"effect_key", key},
+      {"compensation_key", StepKey(definition_.type, p.saga_id, s.name, true)},
+      {"outcome", succeeded ? "succeeded" : "unknown"},
+      {"fence", fence},
+      {"attempt", p.attempts + 1}};
+  if (succeeded) payload["result"] = result;
+  if (!error.empty()) payload["error"] = error;
+  DeadLetter d;
+  d.consumer = std::string(kSagaQueuePrefix) + definition_.type;
+  d.queue = d.consumer;
+  d.event_id = p.saga_id;
+  d.source = "urn:converge:sagas";
+  d.type = definition_.type;
+  d.envelope = payload.dump();
+  d.error_class = std::string(kSagaLateCallAfterSweep);
+  d.error_code = std::string(StatusCodeName(StatusCode::kNotFound));
+  d.error = "a late " + std::string(succeeded ? "successful" : "unknown-outcome") +
+            " call of step '" + s.name + "' (key " + key + ") returned after saga " + p.saga_id +
+            " was swept: nothing compensates it; undo it by hand, then discard this letter";
+  d.attempts = p.attempts + 1;
+  d.first_failure_at = now;
+  d.last_failure_at = now;
+  return StatusOf(DeadLetters::Park(tx, d));
 }
 
 Status SagaRunner::Finish(Tx& tx, const Position& p, int64_t fence, std::string_view state,
@@ -609,6 +671,11 @@ Result<std::vector<SagaInstance>> SagaRunner::List(Tx& tx, std::string_view stat
 SagaRequeuer::SagaRequeuer(Clock* clock) : clock_(clock ? clock : Clock::System()) {}
 
 Status SagaRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
+  if (letter.error_class == kSagaLateCallAfterSweep) {
+    return FailedPreconditionError(
+        "dead letter " + std::to_string(letter.id) + ": a late call after its saga was swept "
+        "has no saga to replay into; undo the call by hand, then discard the letter");
+  }
   const int64_t now = clock_->NowMillis();
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n, tx.Exec("UPDATE saga_instances SET state = 'compensating', attempts = 0, "

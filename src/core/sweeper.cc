@@ -1,5 +1,8 @@
 #include "converge/sweeper.h"
 
+#include <string>
+#include <vector>
+
 #include "converge/failpoint.h"
 #include "converge/inbox.h"
 #include "src/core/idempotency_internal.h"
@@ -54,27 +57,40 @@ Result<SweepStats> Sweeper::RunOnce() {
       "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE state IN "
       "('replayed', 'discarded') AND updated_at <= $1 LIMIT $2)",
       now - options_.settled_dead_letter_retention.count()));
-  // Settled sagas with their step log and their journalled calls, those first (all pick the
-  // same sagas: the same ordered, LIMITed subquery in one transaction). Parked ones stay
-  // for an operator. A settled saga is never driven again, so nothing asks its journal.
+  // Settled sagas with their step log and their journalled calls. Parked ones stay for an
+  // operator. A settled saga is driven again only when a late call of a stalled runner
+  // reopens its compensation (saga.cc, Lost), and that reopen must never meet half a
+  // sweep. So the sagas are picked once and locked, then their log, their journal and
+  // their rows go by those ids, in this one transaction. A SELECT FOR UPDATE's own WHERE
+  // is what PostgreSQL re-checks on a row whose lock it waited for (or that changed after
+  // the statement's snapshot), so "settled and past retention" holds on every row it
+  // returns; SKIP LOCKED passes over a saga a reopen holds: it commits as compensating,
+  // and a later pass finds it settled again. A reopen that comes second waits for this
+  // transaction and finds no saga (a dead letter, saga.h). On SQLite the sweep holds the
+  // one writer, which orders the two the same way. Separate DELETEs that each pick their
+  // sagas by a subquery do not: under READ COMMITTED each sees what committed before it.
+  int64_t journal = 0;
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
-    const std::string settled =
-        "SELECT saga_id FROM saga_instances WHERE state IN ('completed', 'compensated') AND "
-        "updated_at <= $1 ORDER BY saga_id LIMIT $2";
-    const int64_t cutoff = now - options_.settled_saga_retention.count();
-    CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
-        "DELETE FROM saga_steps WHERE saga_id IN (" + settled + ")", cutoff, options_.batch)));
+    journal = s.sagas = 0;
     CONVERGE_ASSIGN_OR_RETURN(
-        int64_t journal,
-        tx.Exec("DELETE FROM effects WHERE saga_id IN (" + settled + ")", cutoff, options_.batch));
-    s.effects += journal;
-    // A test pauses here to let a saga settle between the journal's DELETE and this one.
+        Rows rows,
+        tx.Query("SELECT saga_id FROM saga_instances WHERE state IN ('completed', "
+                 "'compensated') AND updated_at <= $1 ORDER BY saga_id LIMIT $2" +
+                     std::string(tx.dialect().ForUpdateSkipLocked()),
+                 now - options_.settled_saga_retention.count(), options_.batch));
+    std::vector<std::vector<Value>> ids;
+    for (const Row& r : rows) ids.push_back({Value(r.Text(0))});
+    if (ids.empty()) return OkStatus();
+    CONVERGE_RETURN_IF_ERROR(
+        StatusOf(tx.ExecMany("DELETE FROM saga_steps WHERE saga_id = $1", ids)));
+    CONVERGE_ASSIGN_OR_RETURN(journal, tx.ExecMany("DELETE FROM effects WHERE saga_id = $1", ids));
+    // A test pauses here: the sagas' log and journal are gone, their rows not yet.
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("sweeper.before_saga_instances"));
-    CONVERGE_ASSIGN_OR_RETURN(
-        s.sagas, tx.Exec("DELETE FROM saga_instances WHERE saga_id IN (" + settled + ")",
-                         cutoff, options_.batch));
+    CONVERGE_ASSIGN_OR_RETURN(s.sagas,
+                              tx.ExecMany("DELETE FROM saga_instances WHERE saga_id = $1", ids));
     return OkStatus();
   }));
+  s.effects += journal;
   return s;
 }
 

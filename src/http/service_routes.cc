@@ -439,7 +439,10 @@ constexpr Family kRuntimeFamilies[] = {
      "Saga steps whose outcome was dropped: another runner had taken the saga over."},
     {"saga_late_calls_total", "counter",
      "Saga action calls that returned after their runner lost the saga, after the step's "
-     "compensation had run: the compensation was run again."},
+     "compensation had run: the compensation was run again (or, after a sweep, parked)."},
+    {"saga_late_calls_after_sweep_total", "counter",
+     "Late saga action calls whose saga had been settled and swept: parked as dead letters "
+     "for a person to undo (alert on any increase)."},
     {"sagas", "gauge", "Sagas in the store by state (failed_to_compensate needs an operator)."},
     {"retention_swept_total", "counter", "Expired rows the sweeper deleted."},
     {"db_transactions_total", "counter", "Transact calls completed, ok or not."},
@@ -495,7 +498,8 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       SagaStats& sum = sagas[runner->definition().type];
       for (int64_t SagaStats::*f :
            {&SagaStats::steps, &SagaStats::retries, &SagaStats::completed, &SagaStats::compensated,
-            &SagaStats::parked, &SagaStats::lost_fences, &SagaStats::late_calls}) {
+            &SagaStats::parked, &SagaStats::lost_fences, &SagaStats::late_calls,
+            &SagaStats::late_calls_after_sweep}) {
         sum.*f += s.*f;
       }
     }
@@ -508,6 +512,7 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("sagas_parked_total", l, s.parked);
       set("saga_lost_fences_total", l, s.lost_fences);
       set("saga_late_calls_total", l, s.late_calls);
+      set("saga_late_calls_after_sweep_total", l, s.late_calls_after_sweep);
     }
     const CompleterStats cs = o.runtime->completer().stats();
     set("completer_finished_total", {}, cs.finished);

@@ -10,10 +10,13 @@
 
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <map>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
@@ -130,6 +133,46 @@ class Sagas : public StoreContract<Store> {
   }
   int64_t Locals(const std::string& id) {
     return this->Count("SELECT count(*) FROM saga_local WHERE saga_id = '" + id + "'");
+  }
+  // The saga "sw" of issue 12: a runner stalls before b's call; a takeover's b is
+  // declined, a is compensated (its call journalled done). The stalled runner is `a`,
+  // paused at saga.before_call in thread `ta`; `b` took over. `extra`: more failpoints.
+  void CompensateWhileARunnerStallsInB(SagaRunner& a, SagaRunner& b, ManualClock& clock,
+                                       std::thread& ta, const std::string& extra) {
+    Begin(a, "sw");
+    ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1;" + extra).ok());
+    ta = std::thread([&a] { (void)a.RunOnce(); });
+    ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+    clock.Advance(11s);
+    script_.Fail("b.call", {FailedPreconditionError("declined")});
+    auto rb = b.RunOnce();
+    ASSERT_TRUE(rb) << rb.error().ToString();
+    ASSERT_EQ(Load("sw").state, saga_state::kCompensated);
+    ASSERT_EQ(Calls("order:sw:a:compensation"), 1);
+  }
+  // Definition() with idempotent local undos, b's undo a local release only (no call).
+  SagaDefinition LocalUndoOfB(Database& db) {
+    SagaDefinition d = Definition(db);
+    for (SagaStep& s : d.steps) {
+      const std::string what = s.name + ".undo";
+      s.compensation.local = [what](Tx& tx, SagaStepContext& ctx, const std::string&) -> Status {
+        return StatusOf(tx.Exec("INSERT INTO saga_local (saga_id, what) VALUES ($1, $2) "
+                                "ON CONFLICT (saga_id, what) DO NOTHING",
+                                ctx.saga_id, what));
+      };
+    }
+    d.steps[1].compensation.call = nullptr;
+    return d;
+  }
+  // The dead letters of late calls whose saga had been swept.
+  std::vector<DeadLetter> LateCallLetters() {
+    auto all = DeadLetters(*this->db_).List({.state = ""});
+    EXPECT_TRUE(all) << all.error().ToString();
+    std::vector<DeadLetter> out;
+    for (const DeadLetter& d : all.value_or(std::vector<DeadLetter>{})) {
+      if (d.error_class == kSagaLateCallAfterSweep) out.push_back(d);
+    }
+    return out;
   }
   // Runs passes (advancing the clock past any backoff) until the saga is no longer active.
   void Drain(SagaRunner& runner, ManualClock& clock, const std::string& id) {
@@ -1092,6 +1135,201 @@ TYPED_TEST(Sagas, ALateCallWithAnUnknownOutcomeIsCompensatedAgain) {
   EXPECT_EQ(this->Load("unk").state, saga_state::kCompensated);
   EXPECT_EQ(this->Count(charge), 0) << "a late call of unknown outcome was left uncompensated";
   EXPECT_EQ(this->History("unk").at(2), "action a failed");
+}
+
+// Issue 12 (review of 2026-11-29, second: a reopen during a sweep repeated a journalled
+// compensation call). The late call of b returns while the sweeper, in its transaction, has
+// deleted the compensated saga's step log and journal but not yet its row. The sweep
+// picked and locked the saga first, so the late call's record and reopen wait for it
+// (PostgreSQL: the row's lock; SQLite: the writer) and then find no saga: no second round
+// without a journal (a's compensation would have been called again), a dead letter instead.
+TYPED_TEST(Sagas, ALateCallThatWaitedForASweepFindsNoSagaAndIsDeadLettered) {
+  ManualClock clock;
+  Database& db = *this->db_;
+  const SagaDefinition d = this->LocalUndoOfB(db);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  std::thread ta;
+  this->CompensateWhileARunnerStallsInB(a, b, clock, ta, "sweeper.before_saga_instances=pause*1");
+  SweepOptions options;
+  options.settled_saga_retention = 0ms;
+  Sweeper sweeper(db, options, &clock);
+  Result<SweepStats> swept;
+  std::thread ts([&] { swept = sweeper.RunOnce(); });
+  EXPECT_TRUE(failpoint::WaitPaused("sweeper.before_saga_instances", 20s));
+  failpoint::Release("saga.before_call");
+  EXPECT_TRUE(testing::WaitUntil([&] { return this->store_.SomeoneWaits(db); }))
+      << "the late call did not wait for the sweep";
+  failpoint::Release("sweeper.before_saga_instances");
+  ts.join();
+  ta.join();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 0) << "the swept saga came back";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects"), 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps"), 0);
+  EXPECT_EQ(a.stats().late_calls, 1);
+  EXPECT_EQ(a.stats().late_calls_after_sweep, 1);
+  const std::vector<DeadLetter> letters = this->LateCallLetters();
+  ASSERT_EQ(letters.size(), 1u);
+  EXPECT_EQ(letters[0].event_id, "sw");
+  const auto payload = nlohmann::json::parse(letters[0].envelope);
+  EXPECT_EQ(payload.at("step"), "b");
+  EXPECT_EQ(payload.at("effect_key"), "order:sw:b:action");
+  EXPECT_EQ(payload.at("outcome"), "succeeded");
+  EXPECT_EQ(this->Calls("order:sw:a:compensation"), 1)
+      << "a's compensation, journalled done, was called again";
+}
+
+// Issue 12, the other order: the late call's reopen holds the saga's row (paused before
+// its commit) when the sweep runs. The sweep passes over it (PostgreSQL: SKIP LOCKED;
+// SQLite: it waits for the writer and finds the saga compensating), deletes neither its
+// log nor its journal, and the second round does not call a's compensation again.
+TYPED_TEST(Sagas, ASweepPassesOverASagaALateCallIsReopening) {
+  ManualClock clock;
+  Database& db = *this->db_;
+  const SagaDefinition d = this->LocalUndoOfB(db);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  std::thread ta;
+  this->CompensateWhileARunnerStallsInB(a, b, clock, ta, "saga.before_reopen_commit=pause*1");
+  failpoint::Release("saga.before_call");
+  EXPECT_TRUE(failpoint::WaitPaused("saga.before_reopen_commit", 20s));
+  SweepOptions options;
+  options.settled_saga_retention = 0ms;
+  Sweeper sweeper(db, options, &clock);
+  Result<SweepStats> swept;
+  std::atomic<bool> sweep_done{false};
+  std::thread ts([&] {
+    swept = sweeper.RunOnce();
+    sweep_done = true;
+  });
+  EXPECT_TRUE(testing::WaitUntil([&] { return sweep_done || this->store_.SomeoneWaits(db); }));
+  failpoint::Release("saga.before_reopen_commit");
+  ta.join();
+  ts.join();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 0);
+  EXPECT_EQ(a.stats().late_calls, 1);
+  EXPECT_EQ(a.stats().late_calls_after_sweep, 0);
+  EXPECT_TRUE(this->LateCallLetters().empty());
+  ASSERT_EQ(this->Load("sw").state, saga_state::kCompensating) << "the reopen was swept";
+  this->Drain(b, clock, "sw");
+  EXPECT_EQ(this->Load("sw").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:sw:a:compensation"), 1)
+      << "a's compensation, journalled done, was called again: the sweep took its journal";
+}
+
+// Issue 12 (review of 2026-11-29, second: a late call after the sweep vanished). The late
+// call returns after its compensated saga was swept (here a retention of one minute; with
+// the default of 30 days the runner must stall that long). Nothing can compensate it any
+// more (sagas.md, what is not guaranteed): the charge stays with the provider, and the
+// runner says so: a late call counted as such, a dead letter naming the step, the saga, the
+// key and the outcome, which cannot be replayed (no saga to go back to) and is discarded
+// once a person has undone the call. The saga is not made again.
+TYPED_TEST(Sagas, ALateCallAfterItsSagaWasSweptIsDeadLetteredForAPerson) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  const SagaDefinition d = LateCallSaga(db, "gone", reachable, calls);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  this->Begin(a, "gone");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rb = b.RunOnce();
+  EXPECT_TRUE(rb) << rb.error().ToString();
+  EXPECT_EQ(this->Load("gone").state, saga_state::kCompensated);
+  clock.Advance(2min);
+  SweepOptions retention;
+  retention.settled_saga_retention = 1min;
+  auto swept = Sweeper(db, retention, &clock).RunOnce();
+  EXPECT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept ? swept->sagas : -1, 1);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  EXPECT_EQ(a.stats().lost_fences, 1);
+  EXPECT_EQ(a.stats().late_calls, 1) << "the late call after the sweep was not even counted";
+  EXPECT_EQ(a.stats().late_calls_after_sweep, 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 0) << "the saga was made again";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:gone:a:action'"), 1);
+  const std::vector<DeadLetter> letters = this->LateCallLetters();
+  ASSERT_EQ(letters.size(), 1u) << "the late charge was left with the provider unannounced";
+  const DeadLetter& letter = letters[0];
+  EXPECT_EQ(letter.queue, "saga:order");
+  EXPECT_EQ(letter.event_id, "gone");
+  const auto payload = nlohmann::json::parse(letter.envelope);
+  EXPECT_EQ(payload.at("reason"), kSagaLateCallAfterSweep);
+  EXPECT_EQ(payload.at("saga_id"), "gone");
+  EXPECT_EQ(payload.at("step"), "a");
+  EXPECT_EQ(payload.at("effect_key"), "order:gone:a:action");
+  EXPECT_EQ(payload.at("outcome"), "succeeded");
+  EXPECT_EQ(payload.at("result"), "charged");
+  SagaRequeuer requeuer(&clock);
+  DeadLetters dlq(db, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  EXPECT_EQ(dlq.Replay(letter.id).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_instances"), 0);
+  EXPECT_TRUE(dlq.Discard(letter.id).ok()) << "the operator undid the charge by hand";
+}
+
+// Review of 2026-11-29 (2), invariant (a) and the sweeper: the settled sagas' step log,
+// journal and rows are three DELETEs, each with its own ordered, LIMITed subquery. On
+// PostgreSQL (READ COMMITTED) each statement sees what committed before it, so a saga that
+// settles between them is picked by the last DELETE only: its row goes, its step log and
+// journal stay, named after a saga that no longer exists (and would be found by a saga
+// begun again with that id: its calls journalled done, its log's seq taken). "b" is
+// settled, "a" settles while the sweeper (batch 1) waits before the rows' DELETE.
+TYPED_TEST(Sagas, TheSweeperNeverLeavesTheJournalOfASagaItDeleted) {
+  ManualClock clock;
+  Database& db = *this->db_;
+  SagaRunner runner(db, this->Definition(db), {}, &clock);
+  this->Begin(runner, "b");
+  ASSERT_TRUE(runner.RunOnce());
+  ASSERT_EQ(this->Load("b").state, saga_state::kCompleted);
+  this->Begin(runner, "a");
+  SweepOptions options;
+  options.batch = 1;
+  options.settled_saga_retention = 0ms;
+  Sweeper sweeper(db, options, &clock);
+  ASSERT_TRUE(failpoint::Configure("sweeper.before_saga_instances=pause*1").ok());
+  Result<SweepStats> swept;
+  std::thread ts([&] { swept = sweeper.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("sweeper.before_saga_instances", 20s));
+  if (std::is_same_v<TypeParam, PostgresStore>) {
+    ASSERT_TRUE(runner.RunOnce());  // "a" settles meanwhile
+    failpoint::Release("sweeper.before_saga_instances");
+    ts.join();
+  } else {
+    // SQLite's sweep holds the write lock: "a" can only settle after it.
+    failpoint::Release("sweeper.before_saga_instances");
+    ts.join();
+    ASSERT_TRUE(runner.RunOnce());
+  }
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM effects WHERE saga_id NOT IN "
+                        "(SELECT saga_id FROM saga_instances)"),
+            0)
+      << "a journal outlived its saga";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM saga_steps WHERE saga_id NOT IN "
+                        "(SELECT saga_id FROM saga_instances)"),
+            0)
+      << "a step log outlived its saga";
+  // What the leftovers do to a saga begun again with the swept saga's id.
+  bool again = false;
+  ASSERT_TRUE(db.Transact([&](Tx& tx) -> Status {
+                  CONVERGE_ASSIGN_OR_RETURN(again, runner.Begin(tx, "a", "start"));
+                  return OkStatus();
+                }).ok());
+  if (!again) return;  // "a" was not swept (SQLite: it settled after the sweep)
+  auto r = runner.RunOnce();
+  EXPECT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(this->Load("a").state, saga_state::kCompleted);
+  EXPECT_EQ(this->Calls("order:a:a:action"), 2) << "the new saga's call was taken as made";
 }
 
 }  // namespace

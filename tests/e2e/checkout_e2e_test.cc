@@ -337,6 +337,9 @@ TEST_F(CheckoutE2E, ARefundRefusedForGoodParksTheSagaWithADeadLetterAndAnAlert) 
     return metrics.find("\nsagas_parked_total{type=\"checkout\"} 1\n") != std::string::npos;
   })) << "the parking is counted whichever of the process's runners parked it";
   EXPECT_NE(metrics.find("\nsagas{state=\"failed_to_compensate\"} 1\n"), std::string::npos);
+  // The counter an alert watches for late calls whose saga was swept (sagas.md) is there.
+  EXPECT_NE(metrics.find("\nsaga_late_calls_after_sweep_total{type=\"checkout\"} 0\n"),
+            std::string::npos);
   // The operator replays it: the refund runs again with its key, then the release.
   const std::string letter = std::to_string(parked[0]["id"].get<int64_t>());
   Response replay =
