@@ -37,10 +37,14 @@ Result<SweepStats> Sweeper::RunOnce() {
     CONVERGE_ASSIGN_OR_RETURN(s.inbox, Inbox(clock_).Sweep(tx, options_.batch));
     return OkStatus();
   }));
+  // Again outside the subquery: a replayed dead letter of a refused event makes its
+  // published row unpublished again (OutboxRequeuer), and must not lose it to a DELETE
+  // that waited for its row lock.
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.outbox,
       "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events WHERE "
-      "published_at IS NOT NULL AND published_at <= $1 LIMIT $2)",
+      "published_at IS NOT NULL AND published_at <= $1 LIMIT $2) AND "
+      "published_at IS NOT NULL AND published_at <= $1",
       now - options_.published_retention.count()));
   // A saga's journalled calls are not swept here: a parked saga replayed later, or a
   // compensation run again after a late call, must find a call it made as done and not

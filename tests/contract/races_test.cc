@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -162,6 +163,61 @@ TYPED_TEST(Races, ARetryQueuedBehindAStuckPhaseIsAnsweredInFlight) {
   EXPECT_EQ(retry->error().reason(), reason::kInFlight) << retry->error().ToString();
   EXPECT_GT(retry->error().retry_after_ms(), 0);
   ASSERT_TRUE(advanced.ok()) << advanced.ToString();  // the stuck phase still commits
+}
+
+// Found looking for issue 12's shape in the other sweeps: the outbox sweep chose published
+// rows in a subquery only. A replayed dead letter of an event the broker refused
+// (OutboxRequeuer) makes a published row unpublished again; on PostgreSQL a DELETE that
+// waited for that replay's row lock re-checks only its own WHERE, and deleted the event
+// the replay had just put back: the replay reported success and nothing was published.
+TYPED_TEST(Races, TheSweeperNeverDeletesAnOutboxEventAReplayPutBack) {
+  ManualClock clock;
+  std::string id;
+  ASSERT_TRUE(this->db_
+                  ->Transact([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(
+                        id, Outbox({}, &clock).Enqueue(tx, TestFixture::MakeEvent("agg")));
+                    // Refused by the broker and parked (relay.h): marked published.
+                    return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = $1",
+                                            clock.NowMillis()));
+                  })
+                  .ok());
+  DeadLetter letter;
+  letter.event_id = id;
+  ASSERT_TRUE(this->db_
+                  ->Read([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(Rows rows,
+                                              tx.Query("SELECT source FROM outbox_events"));
+                    letter.source = rows.at(0).Text(0);
+                    return OkStatus();
+                  })
+                  .ok());
+  std::promise<void> held, release;
+  Status replayed;
+  std::thread replay([&] {
+    replayed = this->db_->Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(OutboxRequeuer().Requeue(tx, letter));
+      held.set_value();
+      release.get_future().wait();  // the replay's transaction holds the row
+      return OkStatus();
+    });
+  });
+  held.get_future().wait();
+  SweepOptions options;
+  options.published_retention = 0ms;
+  Sweeper sweeper(*this->db_, options, &clock);
+  std::optional<Result<SweepStats>> swept;
+  std::thread sweep([&] { swept = sweeper.RunOnce(); });
+  // The sweep waits for the replay's row lock (PostgreSQL) or behind the writer (SQLite).
+  EXPECT_TRUE(testing::WaitUntil([&] { return this->store_.SomeoneWaits(*this->db_); }));
+  release.set_value();
+  replay.join();
+  sweep.join();
+  ASSERT_TRUE(replayed.ok()) << replayed.ToString();
+  ASSERT_TRUE(swept.has_value() && *swept);
+  EXPECT_EQ((*swept)->outbox, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1)
+      << "the event the replay put back was swept";
 }
 
 // Work that reached a later recovery point may have acted outside the database: it is
