@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -45,6 +46,7 @@
 #include "converge/database.h"
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
+#include "converge/offset_clock.h"
 #include "converge/outbox.h"
 #include "converge/sweeper.h"
 
@@ -124,11 +126,33 @@ std::string SeriesInsert(bool pg, const std::string& insert, const std::string& 
          insert + " " + sql + " FROM s";
 }
 
-void Preload(const std::string& uri, int64_t rows, double expired) {
+// Whether the store keeps keys and inbox rows in time-partitioned tables.
+bool Partitioned(Database& db) {
+  bool partitioned = false;
+  Check(db.Transact([&](Tx& tx) {
+    partitioned = tx.time_partitions() != nullptr;
+    return converge::OkStatus();
+  }),
+        "ask the store");
+  return partitioned;
+}
+
+void Preload(const std::string& uri, int64_t rows, double expired, int age_days) {
   const bool pg = IsPostgres(uri);
   auto db = Open(uri, 2);
   const int64_t step = kSpace / rows;
-  const int64_t now = NowMillis();
+  // Rows written `age_days` ago: with age_days >= 2 every one has expired by now, and on a
+  // time-partitioned store they all sit in one partition whose day has ended.
+  const int64_t now = NowMillis() - age_days * int64_t{86'400'000};
+  const bool partitioned = Partitioned(*db);
+  if (partitioned) {
+    // The partitions of that day onwards, as a sweeper running then would have made them.
+    converge::OffsetClock then;
+    then.SetOffset(std::chrono::hours(-24 * age_days));
+    converge::Sweeper sweeper(*db, {.partitions_ahead = age_days + 1}, &then);
+    auto made = sweeper.RunOnce();
+    if (!made) Die("create partitions: " + made.error().ToString());
+  }
   const auto per_mille = static_cast<int64_t>(expired * 1000);
   const converge::Blob body{"{\"id\":\"pay_0000000000\"}"};
   struct Table {
@@ -160,6 +184,17 @@ void Preload(const std::string& uri, int64_t rows, double expired) {
                            t.index));
       if (r.empty()) return converge::InternalError("no index " + t.index);
       index_sql = r[0].Text(0);
+      // A partitioned table's index reads "ON ONLY t": that would not build the
+      // partitions' indexes.
+      if (const size_t only = index_sql.find(" ON ONLY "); only != std::string::npos) {
+        index_sql.erase(only + 3, 5);
+      }
+      if (partitioned) {
+        // The preloaded ids are distinct by construction: the uniqueness trigger, which
+        // would take one advisory lock per row, is off for the load only.
+        CONVERGE_RETURN_IF_ERROR(converge::StatusOf(tx.Exec(
+            "ALTER TABLE " + t.name + " DISABLE TRIGGER " + t.name + "_unique")));
+      }
       return converge::StatusOf(tx.Exec("DROP INDEX " + t.index));
     }),
           "drop " + t.index);
@@ -179,7 +214,13 @@ void Preload(const std::string& uri, int64_t rows, double expired) {
                    100.0 * end / rows, end / secs);
     }
     std::fprintf(stderr, "\n  rebuilding %s...", t.index.c_str());
-    Check(db->Transact([&](Tx& tx) { return converge::StatusOf(tx.Exec(index_sql)); }),
+    Check(db->Transact([&](Tx& tx) -> Status {
+      if (partitioned) {
+        CONVERGE_RETURN_IF_ERROR(converge::StatusOf(
+            tx.Exec("ALTER TABLE " + t.name + " ENABLE TRIGGER " + t.name + "_unique")));
+      }
+      return converge::StatusOf(tx.Exec(index_sql));
+    }),
           "create " + t.index);
     std::fprintf(stderr, " %.0f s in all\n",
                  std::chrono::duration<double>(Steady::now() - t0).count());
@@ -442,6 +483,79 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   return 0;
 }
 
+// ---- retention: batched DELETE vs partition drops ---------------------------------
+
+// On a store preloaded with --age-days 2 (every row expired): creates alone, then creates
+// while a sweeper removes the expired rows flat out, by batched DELETEs or, on a
+// time-partitioned store, by dropping the partition that holds them. The deletion rate is
+// the rows gone over the time the sweeper spent in passes that removed any.
+int Retention(const std::string& uri, int callers, double seconds, const std::string& json_path) {
+  auto db = Open(uri, callers + 2);
+  const bool partitioned = Partitioned(*db);
+  const int64_t keys0 = Count(*db, "idempotency_keys"), inbox0 = Count(*db, "consumer_inbox");
+  std::printf("PostgreSQL, retention=%s, %d callers, %.1f s per run\n",
+              partitioned ? "partitioned" : "delete", callers, seconds);
+  std::printf("  loaded store: %lld idempotency keys, %lld inbox rows\n",
+              static_cast<long long>(keys0), static_cast<long long>(inbox0));
+  const double alone = Creates(*db, callers, seconds);
+  const int64_t keys1 = Count(*db, "idempotency_keys"), inbox1 = Count(*db, "consumer_inbox");
+
+  converge::Sweeper sweeper(*db, {.batch = 1000});
+  std::atomic<bool> stop{false};
+  double busy = 0, drop_pass = 0;
+  int64_t dropped = 0;
+  std::thread sweep([&] {
+    while (!stop.load()) {
+      const auto t0 = Steady::now();
+      auto s = sweeper.RunOnce();
+      if (!s) Die("sweep: " + s.error().ToString());
+      const double took = std::chrono::duration<double>(Steady::now() - t0).count();
+      if (s->total() > 0 || s->partitions_dropped > 0) busy += took;
+      if (s->partitions_dropped > 0) drop_pass += took;
+      dropped += s->partitions_dropped;
+      if (s->total() == 0 && s->partitions_dropped == 0 && partitioned) break;
+    }
+  });
+  const double during = Creates(*db, callers, seconds);
+  stop = true;
+  sweep.join();
+  const int64_t keys2 = Count(*db, "idempotency_keys"), inbox2 = Count(*db, "consumer_inbox");
+  // Rows gone: what was there before the run, plus the keys the run created, minus what is
+  // left (creates add keys only).
+  const int64_t removed = (keys1 - keys2) + (inbox1 - inbox2) +
+                          static_cast<int64_t>(std::llround(during * seconds));
+  const double rate = busy > 0 ? removed / busy : 0;
+  std::printf("  %-54s %9.0f creates/s\n", "creates, loaded store", alone);
+  std::printf("  %-54s %9.0f creates/s\n", "creates while the sweeper removes expired rows",
+              during);
+  std::printf("  %-54s %9lld rows in %.2f s of sweeping: %.0f rows/s%s\n",
+              "sweeper: rows removed (keys + inbox)", static_cast<long long>(removed), busy,
+              rate,
+              partitioned ? (" (" + std::to_string(dropped) + " partitions dropped)").c_str()
+                          : "");
+  std::printf("  left: %lld keys, %lld inbox rows\n", static_cast<long long>(keys2),
+              static_cast<long long>(inbox2));
+  if (!json_path.empty()) {
+    nlohmann::json j = {{"benchmark", "retention"},
+                        {"retention", partitioned ? "partitioned" : "delete"},
+                        {"callers", callers},
+                        {"seconds", seconds},
+                        {"loaded_keys", keys0},
+                        {"loaded_inbox", inbox0},
+                        {"creates_loaded", alone},
+                        {"creates_while_sweeping", during},
+                        {"rows_removed", removed},
+                        {"sweeping_seconds", busy},
+                        {"drop_pass_seconds", drop_pass},
+                        {"rows_removed_per_s", rate},
+                        {"partitions_dropped", dropped}};
+    std::ofstream out(json_path);
+    out << j.dump(2) << "\n";
+    if (!out) Die("cannot write " + json_path);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -457,6 +571,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1000}, int64_t{1'000'000'000}));
   preload->add_option("--expired", expired, "Fraction of the rows already expired")
       ->check(CLI::Range(0.0, 1.0));
+  int age_days = 0;
+  preload->add_option("--age-days", age_days,
+                      "Write the rows as if this many days ago (2: all expired by now)")
+      ->check(CLI::Range(0, 365));
+  CLI::App* retention = app.add_subcommand(
+      "retention", "Creates, and the sweeper removing expired rows (DELETE or partition drop)");
+  retention->add_option("--uri", uri, "A store preloaded with --age-days 2")->required();
+  retention->add_option("--seconds", seconds, "Duration of each run")
+      ->check(CLI::Range(0.5, 600.0));
+  retention->add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
+  retention->add_option("--json", json_path, "Write the figures to this JSON file");
   CLI::App* run = app.add_subcommand("run", "Measure against an empty store");
   run->add_option("--uri", uri, "The loaded store's URI")->required();
   run->add_option("--empty-uri", empty_uri, "A store to empty and measure each round")
@@ -467,8 +592,9 @@ int main(int argc, char** argv) {
   run->add_option("--json", json_path, "Write every sample to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
-    Preload(uri, rows, expired);
+    Preload(uri, rows, expired, age_days);
     return 0;
   }
+  if (*retention) return Retention(uri, callers, seconds, json_path);
   return Run(uri, empty_uri, callers, seconds, rounds, json_path);
 }

@@ -5,7 +5,11 @@
 #
 #   bench/scale_bench.sh BUILD_DIR [ROWS] [SECONDS] [ROUNDS] [JSON_DIR] [STORES]
 #   ROWS defaults to 1000000 (`make bench`); the documented run is
-#   `make bench-scale SCALE_ROWS=10000000`. STORES: "sqlite postgresql" (default) or one.
+#   `make bench-scale SCALE_ROWS=10000000`. STORES: "sqlite postgresql retention"
+#   (default) or some of them. "retention" compares PostgreSQL's two retention modes side
+#   by side at ROWS rows per table, all expired (written two days ago): creates, and the
+#   sweeper removing them by batched DELETEs (retention=delete) or by dropping their
+#   partition (retention=partitioned); `converge_scale_bench retention` says how.
 # The stores live under $TMPDIR (default /tmp) and are removed afterwards; the PostgreSQL
 # one is a throwaway server (scripts/with-postgres.sh) unless CONVERGE_TEST_PG_DSN is set.
 set -euo pipefail
@@ -14,7 +18,7 @@ rows="${2:-1000000}"
 secs="${3:-5}"
 rounds="${4:-3}"
 json_dir="${5:-}"
-stores="${6:-sqlite postgresql}"
+stores="${6:-sqlite postgresql retention}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bench="$build/bench/converge_scale_bench"
 tmp="${TMPDIR:-/tmp}"
@@ -44,11 +48,16 @@ if [[ " $stores " == *" sqlite "* ]]; then
   trap - EXIT
 fi
 
+pg_stores=""
+for s in postgresql retention; do
+  if [[ " $stores " == *" $s "* ]]; then pg_stores="$pg_stores $s"; fi
+done
+if [ -n "$pg_stores" ] && [ -z "${CONVERGE_TEST_PG_DSN:-}" ]; then
+  exec bash "$here/scripts/with-postgres.sh" bash "$0" "$build" "$rows" "$secs" "$rounds" \
+    "$json_dir" "${pg_stores# }"
+fi
+
 if [[ " $stores " == *" postgresql "* ]]; then
-  if [ -z "${CONVERGE_TEST_PG_DSN:-}" ]; then
-    exec bash "$here/scripts/with-postgres.sh" bash "$0" "$build" "$rows" "$secs" "$rounds" \
-      "$json_dir" postgresql
-  fi
   base="${CONVERGE_TEST_PG_DSN%/*}"
   psql_q() { psql -qAt -v ON_ERROR_STOP=1 "$@"; }
   for db in scale_loaded scale_empty; do
@@ -67,4 +76,22 @@ if [[ " $stores " == *" postgresql "* ]]; then
   psql_q "$CONVERGE_TEST_PG_DSN" -c "SHOW shared_buffers" | sed 's/^/  shared_buffers = /'
   "$bench" run --uri "$base/scale_loaded" --empty-uri "$base/scale_empty" \
     --seconds "$secs" --rounds "$rounds" $(json postgresql)
+fi
+
+if [[ " $stores " == *" retention "* ]]; then
+  base="${CONVERGE_TEST_PG_DSN%/*}"
+  psql_q() { psql -qAt -v ON_ERROR_STOP=1 "$@"; }
+  trap 'for m in delete partitioned; do psql_q "$CONVERGE_TEST_PG_DSN" \
+    -c "DROP DATABASE IF EXISTS scale_$m" || true; done' EXIT
+  for mode in delete partitioned; do
+    db="scale_$mode"
+    psql_q "$CONVERGE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+    echo "PostgreSQL retention=$mode: preloading $rows expired rows per table"
+    # Opening the new store with the setting creates it in that shape.
+    "$bench" preload --uri "$base/$db?retention=$mode" --rows "$rows" --age-days 2
+    echo "  VACUUM ANALYZE and CHECKPOINT..." >&2
+    psql_q "$base/$db" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+    "$bench" retention --uri "$base/$db" --seconds "$secs" $(json "retention_$mode")
+    psql_q "$CONVERGE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db"
+  done
 fi

@@ -124,6 +124,8 @@ int main(int argc, char** argv) {
       total.outbox += s->outbox;
       total.effects += s->effects;
       total.dead_letters += s->dead_letters;
+      total.partitions_created += s->partitions_created;
+      total.partitions_dropped += s->partitions_dropped;
       std::printf("\r  pass %d: %lld rows deleted so far", pass,
                   static_cast<long long>(total.total()));
       std::fflush(stdout);
@@ -134,6 +136,11 @@ int main(int argc, char** argv) {
                 static_cast<long long>(total.keys), static_cast<long long>(total.inbox),
                 static_cast<long long>(total.outbox), static_cast<long long>(total.effects),
                 static_cast<long long>(total.dead_letters));
+    if (total.partitions_created + total.partitions_dropped > 0) {
+      std::printf("time-partitioned store: %lld partitions created ahead, %lld dropped\n",
+                  static_cast<long long>(total.partitions_created),
+                  static_cast<long long>(total.partitions_dropped));
+    }
   });
 
   converge::cli::AddDlqCommands(app, &exit_code);

@@ -63,6 +63,40 @@ class Row {
 
 using Rows = std::vector<Row>;
 
+// One range partition of a time-partitioned table: rows whose partition column (ms since
+// the epoch) is in [from, to).
+struct TimePartition {
+  std::string name;  // the partition's own table name
+  int64_t from = 0;
+  int64_t to = 0;
+};
+
+// Partition maintenance of a store opened with time-partitioned retention (PostgreSQL
+// with `retention=partitioned`, Database::Open): idempotency_keys is partitioned by
+// created_at, consumer_inbox by processed_at, each also with a DEFAULT partition for rows
+// no range covers. Reached through Tx::time_partitions(); the Sweeper is its user
+// (docs/design/retention.md). `table` is one of those two names; anything else is
+// kInvalidArgument. Each call runs in the Tx it came from: give each its own Transact,
+// since its locks are held until that transaction ends.
+class TimePartitions {
+ public:
+  virtual ~TimePartitions() = default;
+  // The range partitions of `table`, ordered by `from`.
+  virtual Result<std::vector<TimePartition>> List(std::string_view table) = 0;
+  // The name of `table`'s DEFAULT partition.
+  virtual Result<std::string> DefaultPartition(std::string_view table) = 0;
+  // Creates the partition [from, to) of `table` unless one exists. false (nothing
+  // created) when the DEFAULT partition holds rows in that range: they would have to
+  // move first, so the range stays in the DEFAULT partition.
+  virtual Result<bool> Create(std::string_view table, int64_t from, int64_t to) = 0;
+  // Locks `table` against every other reader and writer (waiting at most 1 s: else
+  // kUnavailable, try again later), then drops `partition` unless a row of it satisfies
+  // `keep`, an SQL condition on its columns with `params` as $1... true when dropped.
+  // The check and the drop see the same rows: nothing can change in between.
+  virtual Result<bool> DropUnless(std::string_view table, const TimePartition& partition,
+                                  std::string_view keep, std::span<const Value> params) = 0;
+};
+
 class Tx {
  public:
   Tx() = default;
@@ -136,6 +170,11 @@ class Tx {
     (void)channel;
     return OkStatus();
   }
+
+  // Partition maintenance when the store keeps idempotency keys and inbox rows in
+  // time-partitioned tables (TimePartitions); nullptr when it keeps plain tables (every
+  // SQLite store; PostgreSQL by default). Lives as long as this Tx.
+  virtual TimePartitions* time_partitions() { return nullptr; }
 
  protected:
   // For backends, once the transaction committed: the hooks of everything that was not
@@ -223,6 +262,13 @@ class Database {
   //                              kUnavailable with reason::kLockTimeout (5000; 0: none).
   //                              An idempotency key's claim answers such a wait as "in
   //                              flight" (409), so a stuck transaction cannot take the pool
+  //     retention=delete|partitioned  how expired idempotency keys and inbox rows go
+  //                              (docs/design/retention.md): `delete`, plain tables swept
+  //                              by batched DELETEs; `partitioned`, time-partitioned
+  //                              tables whose partitions the Sweeper creates ahead and
+  //                              drops whole. Chosen when the store is created; later
+  //                              the store's own shape decides (a value that contradicts
+  //                              it is kFailedPrecondition), so it may be left out.
   //
   // Errors: kInvalidArgument (unknown scheme; a scheme this build has no backend for; a
   // parameter the store does not take, given twice or with a bad value, named in the

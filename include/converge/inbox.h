@@ -57,7 +57,9 @@ class Inbox {
   // lifted. Errors: the store's.
   Result<bool> LiftDeadLettered(Tx& tx, std::string_view consumer, EventIdentity event) const;
 
-  // Deletes up to `limit` rows whose ttl has passed; returns how many. REQUIRES: limit > 0.
+  // Deletes up to `limit` rows whose ttl has passed; returns how many. On a
+  // time-partitioned store (Tx::time_partitions) only rows of the DEFAULT partition: the
+  // Sweeper drops the others a partition at a time. REQUIRES: limit > 0.
   Result<int64_t> Sweep(Tx& tx, int64_t limit) const;
 
   // Rows per consumer (for statistics and displays).

@@ -15,12 +15,21 @@
 //                     locked, then all three deleted by those ids in one transaction, so a
 //                     late call's reopen either keeps the saga or finds it gone (saga.h)
 //
+// On a time-partitioned store (PostgreSQL with retention=partitioned, Tx::time_partitions)
+// idempotency_keys and consumer_inbox go a partition at a time instead: each pass creates
+// the partition of the current period and `partitions_ahead` more, and drops a partition
+// whose period has ended once none of its rows is one the batched DELETE would keep (an
+// unexpired row, or a key whose work is unfinished past its first phase: then the whole
+// partition waits). Only their DEFAULT partitions, which hold rows no partition covered
+// when they were written, are still swept row by row. docs/design/retention.md.
+//
 // Thread safety: safe to run from one thread while everything else runs.
 #ifndef CONVERGE_SWEEPER_H_
 #define CONVERGE_SWEEPER_H_
 
 #include <chrono>
 #include <cstdint>
+#include <string>
 
 #include "converge/clock.h"
 #include "converge/database.h"
@@ -34,11 +43,21 @@ struct SweepOptions {
   Millis done_retention = std::chrono::hours(24 * 7);
   Millis settled_dead_letter_retention = std::chrono::hours(24 * 30);
   Millis settled_saga_retention = std::chrono::hours(24 * 30);
+  // Time-partitioned stores only: the span of one partition (partitions start at
+  // multiples of it since the epoch), and how many beyond the current one exist ahead
+  // of time, so that an insert does not land in the DEFAULT partition while the sweeper
+  // is not running. REQUIRES: partition_period > 0, partitions_ahead >= 0.
+  Millis partition_period = std::chrono::hours(24);
+  int partitions_ahead = 2;
 };
 
 struct SweepStats {
   int64_t keys = 0, inbox = 0, outbox = 0, effects = 0, dead_letters = 0, sagas = 0;
+  // Rows deleted one by one (not those of dropped partitions, which are not counted).
   int64_t total() const { return keys + inbox + outbox + effects + dead_letters + sagas; }
+  // Time-partitioned stores: partitions of idempotency_keys and consumer_inbox created
+  // and dropped by this pass.
+  int64_t partitions_created = 0, partitions_dropped = 0;
 };
 
 class Sweeper {
@@ -51,6 +70,9 @@ class Sweeper {
   Result<SweepStats> RunOnce();
 
  private:
+  // Time-partitioned stores: creates ahead and drops what may go (above). Sets
+  // `*keys_table` to the table the keys' row-by-row sweep deletes from.
+  Status MaintainPartitions(int64_t now, SweepStats* stats, std::string* keys_table);
   Database& db_;
   const SweepOptions options_;
   Clock* clock_;

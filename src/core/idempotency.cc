@@ -106,7 +106,10 @@ Result<ClaimResult> Claim(Tx& tx, const KeyRequest& req, const std::string& hash
           tx.Exec("INSERT INTO idempotency_keys (scope, key, request_hash, status, "
                   "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
                   "VALUES ($1, $2, $3, 'in_progress', 'started', $4, $5, $6, $6, $7) "
-                  "ON CONFLICT (scope, key) DO NOTHING",
+                  // No conflict target: on a time-partitioned store the primary key
+                  // also holds created_at, and a trigger skips the duplicate instead
+                  // (docs/design/retention.md); elsewhere (scope, key) is the only key.
+                  "ON CONFLICT DO NOTHING",
                   req.scope, req.key, hash, lease_until, fence, now, expires_at));
       if (inserted == 1) return ClaimResult{true, fence, {}};
       continue;  // another attempt inserted it first: read what it left
@@ -149,6 +152,15 @@ std::string ForgettableKeyCondition(std::string_view now) {
   const std::string n(now);
   return "expires_at <= " + n + " AND (status = 'completed' OR (recovery_point = 'started' "
          "AND lease_until <= " + n + "))";
+}
+
+std::string UnforgettableKeyCondition(std::string_view now) {
+  // NOT ForgettableKeyCondition, pushed inward (every column is NOT NULL, and status is
+  // 'in_progress' or 'completed'), so that each half can use an index: the expiry index,
+  // and the partial index of in-progress keys.
+  const std::string n(now);
+  return "expires_at > " + n + " OR (status = 'in_progress' AND (recovery_point <> 'started' "
+         "OR lease_until > " + n + "))";
 }
 
 Result<std::optional<KeyLease>> TakeOver(Tx& tx, const std::string& scope,

@@ -16,6 +16,9 @@ namespace converge::internal {
 // and no longer leased. Unfinished work past its first phase is never forgotten: it may
 // have acted outside the database, and only a resume from its recovery point converges.
 std::string ForgettableKeyCondition(std::string_view now);
+// Its negation: rows that must be kept at `now` (the Sweeper keeps a whole partition of a
+// time-partitioned store while one of its rows satisfies this).
+std::string UnforgettableKeyCondition(std::string_view now);
 
 // Takes over an in-progress attempt whose lease lapsed at or before `lapsed_before`, if its
 // fence is still `fence`: one conditional statement that draws a new fence and returns the

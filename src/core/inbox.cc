@@ -6,6 +6,11 @@
 // while the insert makes the second one wait on the first one's uncommitted row and then
 // find it (PostgreSQL), or queue behind the one writer (SQLite). The `outcome` column
 // tells an applied event from a dead-lettered one, so a replay can lift only the latter.
+// On a time-partitioned PostgreSQL store the primary key also holds processed_at, so the
+// INSERT names no conflict target and a BEFORE INSERT trigger keeps the identity unique
+// across partitions: the second claimer waits on an advisory lock of the identity, then
+// finds the first one's row and the insert is skipped (docs/design/retention.md). The
+// Sweeper drops whole partitions there, and Sweep deletes only from the DEFAULT one.
 #include "converge/inbox.h"
 
 namespace converge {
@@ -19,7 +24,7 @@ Result<InboxClaim> Inbox::Insert(Tx& tx, std::string_view consumer, EventIdentit
       int64_t inserted,
       tx.Exec("INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, "
               "expires_at, outcome) VALUES ($1, $2, $3, $4, $5, $6) "
-              "ON CONFLICT (consumer, source, event_id) DO NOTHING",
+              "ON CONFLICT DO NOTHING",
               consumer, event.source, event.id, now, now + ttl.count(), outcome));
   return inserted == 0 ? InboxClaim::kDuplicate : InboxClaim::kFirst;
 }
@@ -49,11 +54,14 @@ Result<int64_t> Inbox::Sweep(Tx& tx, int64_t limit) const {
   // The expiry is checked again outside it, as the sweeper does for keys: on PostgreSQL a
   // DELETE that waited for a row lock re-checks only its own WHERE. (Inbox rows are not
   // updated in place today; the check keeps that from mattering.)
-  return tx.Exec(
-      "DELETE FROM consumer_inbox WHERE (consumer, source, event_id) IN (SELECT consumer, "
-      "source, event_id FROM consumer_inbox WHERE expires_at <= $1 LIMIT $2) "
-      "AND expires_at <= $1",
-      clock_->NowMillis(), limit);
+  std::string table = "consumer_inbox";
+  if (TimePartitions* partitions = tx.time_partitions()) {
+    CONVERGE_ASSIGN_OR_RETURN(table, partitions->DefaultPartition(table));
+  }
+  return tx.Exec("DELETE FROM " + table + " WHERE (consumer, source, event_id) IN (SELECT "
+                 "consumer, source, event_id FROM " + table + " WHERE expires_at <= $1 LIMIT "
+                 "$2) AND expires_at <= $1",
+                 clock_->NowMillis(), limit);
 }
 
 Result<std::map<std::string, int64_t>> Inbox::CountByConsumer(Tx& tx) const {

@@ -12,10 +12,106 @@ namespace converge {
 Sweeper::Sweeper(Database& db, SweepOptions options, Clock* clock)
     : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
 
+namespace {
+
+// The time-partitioned tables, and the condition under which a row of theirs must stay.
+struct PartitionedTable {
+  std::string_view name;
+  std::string keep;  // SQL on the row, $1 = now
+};
+
+bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to) {
+  for (const TimePartition& p : parts) {
+    if (p.from < to && from < p.to) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, std::string* keys_table) {
+  *keys_table = "idempotency_keys";
+  bool partitioned = false;
+  const int64_t period = options_.partition_period.count();
+  if (period <= 0 || options_.partitions_ahead < 0) {
+    return InvalidArgumentError("partition_period must be > 0 and partitions_ahead >= 0");
+  }
+  const PartitionedTable tables[] = {
+      {"idempotency_keys", internal::UnforgettableKeyCondition("$1")},
+      {"consumer_inbox", "expires_at > $1"},  // Inbox::Sweep's condition, negated
+  };
+  // Another transaction may hold the table a while (each DDL step waits at most 1 s for
+  // it, then fails kUnavailable): that step is left to the next pass.
+  auto busy = [](const Status& st) { return st.code() == StatusCode::kUnavailable; };
+  for (const PartitionedTable& table : tables) {
+    std::vector<TimePartition> parts;
+    // A read: on a store without partitions (every SQLite one) this costs no write.
+    CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
+      TimePartitions* tp = tx.time_partitions();
+      partitioned = tp != nullptr;
+      if (tp == nullptr) return OkStatus();
+      CONVERGE_ASSIGN_OR_RETURN(parts, tp->List(table.name));
+      if (table.name == "idempotency_keys") {
+        CONVERGE_ASSIGN_OR_RETURN(*keys_table, tp->DefaultPartition(table.name));
+      }
+      return OkStatus();
+    }));
+    if (!partitioned) return OkStatus();
+
+    // Ahead: the current period and the next partitions_ahead ones.
+    const int64_t current = (now >= 0 ? now / period : (now - period + 1) / period) * period;
+    for (int i = 0; i <= options_.partitions_ahead; ++i) {
+      const int64_t from = current + i * period, to = from + period;
+      if (Overlaps(parts, from, to)) continue;
+      bool created = false;
+      Status st = db_.Transact([&](Tx& tx) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(created, tx.time_partitions()->Create(table.name, from, to));
+        return OkStatus();
+      });
+      if (busy(st)) continue;
+      CONVERGE_RETURN_IF_ERROR(st);
+      if (created) ++stats->partitions_created;
+    }
+
+    // Behind: partitions whose period has ended. A look without the lock first, so that
+    // a partition that must wait does not lock the table at every pass; the drop itself
+    // checks again under the lock, and only then drops.
+    const Value params[] = {Value(now)};
+    for (const TimePartition& p : parts) {
+      if (p.to > now) continue;
+      bool waits = false;
+      CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(
+            Rows kept, tx.QueryParams("SELECT 1 FROM " + p.name + " WHERE (" + table.keep +
+                                          ") LIMIT 1", params));
+        waits = !kept.empty();
+        return OkStatus();
+      }));
+      if (waits) continue;
+      // A test pauses here to change the partition between the look and the drop.
+      CONVERGE_RETURN_IF_ERROR(failpoint::Hit("sweeper.before_partition_drop"));
+      bool dropped = false;
+      Status st = db_.Transact([&](Tx& tx) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(
+            dropped, tx.time_partitions()->DropUnless(table.name, p, table.keep, params));
+        return OkStatus();
+      });
+      if (busy(st)) continue;
+      CONVERGE_RETURN_IF_ERROR(st);
+      if (dropped) ++stats->partitions_dropped;
+    }
+  }
+  return OkStatus();
+}
+
 Result<SweepStats> Sweeper::RunOnce() {
   if (options_.batch < 1) return tl::unexpected(InvalidArgumentError("sweep batch must be >= 1"));
   const int64_t now = clock_->NowMillis();
   SweepStats s;
+  // Row by row, what no partition drop takes: on a time-partitioned store only the
+  // DEFAULT partition of the keys (Inbox::Sweep does the same for its table).
+  std::string keys;
+  CONVERGE_RETURN_IF_ERROR(MaintainPartitions(now, &s, &keys));
   // Each DELETE picks its victims by primary key through a LIMITed subquery: bounded work
   // per transaction on both backends.
   auto sweep = [&](int64_t* out, std::string_view sql, int64_t cutoff) -> Status {
@@ -26,8 +122,8 @@ Result<SweepStats> Sweeper::RunOnce() {
   };
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.keys,
-      ("DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT scope, key FROM "
-       "idempotency_keys WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2) AND " +
+      ("DELETE FROM " + keys + " WHERE (scope, key) IN (SELECT scope, key FROM " + keys +
+       " WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2) AND " +
        // Again outside the subquery: on PostgreSQL a DELETE that waited for a row lock
        // re-checks only its own WHERE against the row's new version, and an attempt that
        // advanced the row meanwhile must keep it.

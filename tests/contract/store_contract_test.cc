@@ -703,8 +703,9 @@ TYPED_TEST(StoreContract, SweeperDeletesOnlyWhatCanNoLongerMatterInBoundedBatche
 // store) that would otherwise sleep for its whole poll interval wakes on the commit.
 TYPED_TEST(StoreContract, NotifyWakesARelayOnAnotherConnection) {
   if (!this->IsPostgres()) GTEST_SKIP() << "cross-process NOTIFY is PostgreSQL's";
-  auto writer = Database::Open(this->store_.uri + "?notify=true");
-  auto reader = Database::Open(this->store_.uri + "?notify=true");
+  const std::string notify = Database::WithDefaultParameter(this->store_.uri, "notify", "true");
+  auto writer = Database::Open(notify);
+  auto reader = Database::Open(notify);
   ASSERT_TRUE(writer && reader);
   SqlQueue queue(**reader);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
@@ -980,7 +981,7 @@ TYPED_TEST(StoreContract, CommitWhoseConnectionBrokeHasAnUnknownOutcome) {
   const bool paused = failpoint::WaitPaused("postgres.before_commit", std::chrono::seconds(20));
   EXPECT_TRUE(paused);
   if (paused) {
-    EXPECT_EQ(OnSideConnection(this->store_.uri,
+    EXPECT_EQ(OnSideConnection(this->store_.libpq_uri,
                                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 20000)) "
                                "FROM pg_stat_activity WHERE datname = current_database() AND "
                                "application_name = 'converge' AND state = 'idle in transaction'"),
@@ -1283,7 +1284,8 @@ TYPED_TEST(StoreContract, StatsCountTransactionsAndCommitsAndOnlyBatchesWhereThe
 // pool_size in the URI bounds how many transactions hold a connection at once.
 TYPED_TEST(StoreContract, PoolSizeFromTheUriBoundsConcurrentTransactions) {
   if (!this->IsPostgres()) GTEST_SKIP() << "SQLite has one writer and no pool";
-  auto db = Database::Open(this->store_.uri + "?pool_size=2");
+  auto db = Database::Open(
+      Database::WithDefaultParameter(this->store_.uri, "pool_size", "2"));
   ASSERT_TRUE(db) << db.error().ToString();
   std::atomic<int> inside{0}, most{0};
   std::vector<std::thread> callers;

@@ -25,8 +25,10 @@ using testing::TempDir;
 
 struct SqliteStore {
   static constexpr bool kPostgres = false;
+  static constexpr bool kPartitioned = false;
   TempDir dir;
   std::string uri = "sqlite:" + dir.File("db.sqlite");
+  std::string libpq_uri;  // none: not a PostgreSQL store
   static bool Available() { return true; }
   // Whether a transaction is waiting for another: on SQLite, a call queued behind the
   // one writer.
@@ -37,7 +39,9 @@ struct SqliteStore {
 // A fresh database on the test server, dropped afterwards.
 struct PostgresStore {
   static constexpr bool kPostgres = true;
+  static constexpr bool kPartitioned = false;
   std::string admin, name, uri;
+  std::string libpq_uri;  // `uri` without converge's own parameters
   PostgresStore() {
     const char* dsn = std::getenv("CONVERGE_TEST_PG_DSN");
     if (dsn == nullptr) return;
@@ -46,6 +50,7 @@ struct PostgresStore {
     name = "converge_t_" + std::to_string(rng() % 1000000000);
     Admin("CREATE DATABASE " + name);
     uri = admin.substr(0, admin.rfind('/') + 1) + name;
+    libpq_uri = uri;
   }
   ~PostgresStore() {
     if (!name.empty()) Admin("DROP DATABASE IF EXISTS " + name + " WITH (FORCE)");
@@ -60,7 +65,7 @@ struct PostgresStore {
   static bool Available() { return std::getenv("CONVERGE_TEST_PG_DSN") != nullptr; }
   // Whether a transaction is waiting for another: a lock not yet granted in this database.
   bool SomeoneWaits(Database&) {
-    PGconn* c = PQconnectdb(uri.c_str());
+    PGconn* c = PQconnectdb(libpq_uri.c_str());
     // A row-lock wait is a wait on a transaction id, which has no database: join on the
     // waiting session instead.
     PGresult* r = PQexec(c, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON "
@@ -69,6 +74,15 @@ struct PostgresStore {
     PQclear(r);
     PQfinish(c);
     return waits;
+  }
+};
+
+// The same, created with time-partitioned retention (docs/design/retention.md): the whole
+// contract holds there too.
+struct PostgresPartitionedStore : PostgresStore {
+  static constexpr bool kPartitioned = true;
+  PostgresPartitionedStore() {
+    if (!uri.empty()) uri += "?retention=partitioned";
   }
 };
 #endif  // CONVERGE_WITH_POSTGRES
@@ -80,6 +94,8 @@ class StoreContract : public ::testing::Test {
   // them has (a connection to break, a second writer). Behaviour under test asks
   // tx.dialect() instead.
   static constexpr bool IsPostgres() { return Store::kPostgres; }
+  // Whether the store keeps keys and inbox rows in time-partitioned tables.
+  static constexpr bool IsPartitioned() { return Store::kPartitioned; }
 
   void SetUp() override {
     if (!Store::Available())
@@ -123,13 +139,14 @@ class StoreContract : public ::testing::Test {
 struct StoreNames {
   template <class T>
   static std::string GetName(int) {
-    return std::is_same_v<T, SqliteStore> ? "Sqlite" : "Postgres";
+    if (std::is_same_v<T, SqliteStore>) return "Sqlite";
+    return T::kPartitioned ? "PostgresPartitioned" : "Postgres";
   }
 };
 
 // A build without PostgreSQL (CONVERGE_WITH_POSTGRES=OFF) runs the contract on SQLite.
 #if CONVERGE_WITH_POSTGRES
-using Stores = ::testing::Types<SqliteStore, PostgresStore>;
+using Stores = ::testing::Types<SqliteStore, PostgresStore, PostgresPartitionedStore>;
 #else
 using Stores = ::testing::Types<SqliteStore>;
 #endif

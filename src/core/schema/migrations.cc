@@ -215,6 +215,11 @@ UPDATE effects SET saga_id = (
 WHERE kind LIKE 'saga:%';
 CREATE INDEX effects_saga ON effects (saga_id) WHERE saga_id IS NOT NULL;
 )sql",
+      // 9: time-partitioned idempotency_keys and consumer_inbox, on a PostgreSQL store
+      // created with retention=partitioned (docs/design/retention.md); nothing elsewhere.
+      R"sql(
+{{partitioned_retention}}
+)sql",
   };
   return kMigrations;
 }

@@ -15,6 +15,7 @@ std::optional<std::string_view> Fragment(std::string_view token, const SchemaDia
   if (token == "autoincrement_pk") return d.AutoIncrementPrimaryKey();
   if (token == "without_rowid") return d.WithoutRowid();
   if (token == "fence_sequence") return d.CreateFenceSequence();
+  if (token == "partitioned_retention") return d.PartitionedRetentionTables();
   return std::nullopt;
 }
 
@@ -38,7 +39,10 @@ Status Apply(MigrationTarget& target, std::string_view store,
                   reason::kSchemaTooNew);
   }
   for (int64_t v = version; v < known; ++v) {
-    Status st = target.ExecScript(scripts[static_cast<size_t>(v)]);
+    const std::string& script = scripts[static_cast<size_t>(v)];
+    // A migration with nothing to do on this store (PostgreSQL refuses an empty query).
+    const bool blank = script.find_first_not_of(" \t\r\n") == std::string::npos;
+    Status st = blank ? OkStatus() : target.ExecScript(script);
     if (st.ok()) {
       const Value next = v + 1;
       st = StatusOf(target.Query("INSERT INTO converge_schema (version) VALUES ($1)", {&next, 1}));

@@ -13,6 +13,10 @@
 //   {{fence_sequence}}    the store-wide fence sequence (Tx::NextFence): a row of
 //                         converge_sequences on SQLite, the SEQUENCE converge_fences on
 //                         PostgreSQL
+//   {{partitioned_retention}}  DDL replacing the (still empty) idempotency_keys and
+//                         consumer_inbox with time-partitioned ones: "" except on
+//                         PostgreSQL opened with retention=partitioned. A migration that
+//                         renders to nothing but blanks only records its version.
 //
 // Everything else — TEXT, INTEGER (32 bits on PostgreSQL: use {{bigint}} for times, ids
 // and counters that may grow), CHECK, DEFAULT, partial indexes — is written as is.
@@ -43,6 +47,8 @@ class SchemaDialect : public Dialect {
   // DDL (one or more statements) creating the sequence Tx::NextFence draws from, such
   // that its first draw is above every `fence` already stored in idempotency_keys.
   virtual std::string_view CreateFenceSequence() const = 0;
+  // {{partitioned_retention}}: "" where the store keeps plain tables.
+  virtual std::string_view PartitionedRetentionTables() const { return ""; }
 };
 
 // The migrations in template form: MigrationTemplates()[i] takes a store from version i

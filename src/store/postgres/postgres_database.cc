@@ -18,7 +18,10 @@
 
 #include <poll.h>
 
+#include <algorithm>
+#include <cctype>
 #include <condition_variable>
+#include <optional>
 #include <map>
 #include <set>
 #include <cstdio>
@@ -89,9 +92,101 @@ Value Decode(const PGresult* res, int row, int col) {
   }
 }
 
+// retention=partitioned (docs/design/retention.md, "Time-partitioned tables"): the two
+// dedupe tables, partitioned by the time their row was created, with a DEFAULT partition
+// for rows no range covers (the Sweeper creates the ranges ahead). A primary key must
+// contain the partition key, so it cannot by itself keep (scope, key) or (consumer,
+// source, event_id) unique across partitions; a BEFORE INSERT trigger does: it takes a
+// transaction-level advisory lock on the row's identity, so that claims of one identity
+// run one at a time, then looks the identity up in every partition (one index probe
+// each) and skips the insert when it is there, as ON CONFLICT DO NOTHING would. Under
+// READ COMMITTED the trigger's query takes a fresh snapshot after the lock is granted,
+// so a second claimer sees the first one's committed row. The lock keys are the two-int
+// form, a space of their own apart from Tx::LockUntilCommit's 64-bit keys. A row moved
+// between partitions by an UPDATE of its partition column (an expired key claimed again)
+// passes: its old version, deleted by the same statement, is no longer visible.
+constexpr std::string_view kPartitionedTables = R"sql(
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM idempotency_keys) OR EXISTS (SELECT 1 FROM consumer_inbox) THEN
+    RAISE EXCEPTION 'retention=partitioned: this store already holds idempotency keys or '
+      'inbox rows; only a new store is created partitioned (docs/design/retention.md)';
+  END IF;
+END $$;
+DROP TABLE idempotency_keys;
+CREATE TABLE idempotency_keys (
+  scope            TEXT    NOT NULL,
+  key              TEXT    NOT NULL,
+  request_hash     TEXT    NOT NULL,
+  status           TEXT    NOT NULL CHECK (status IN ('in_progress', 'completed')),
+  recovery_point   TEXT    NOT NULL,
+  recovery_data    TEXT    NOT NULL DEFAULT '',
+  lease_until       BIGINT NOT NULL,
+  fence             BIGINT NOT NULL,
+  response_status  INTEGER,
+  response_headers TEXT,
+  response_body    BYTEA,
+  created_at       BIGINT NOT NULL,
+  updated_at       BIGINT NOT NULL,
+  expires_at       BIGINT NOT NULL,
+  PRIMARY KEY (scope, key, created_at)
+) PARTITION BY RANGE (created_at);
+CREATE TABLE idempotency_keys_default PARTITION OF idempotency_keys DEFAULT;
+CREATE INDEX idempotency_keys_expires ON idempotency_keys (expires_at);
+CREATE INDEX idempotency_keys_in_progress ON idempotency_keys (lease_until)
+  WHERE status = 'in_progress';
+CREATE OR REPLACE FUNCTION converge_idempotency_keys_unique() RETURNS trigger
+  LANGUAGE plpgsql AS $f$
+BEGIN
+  PERFORM pg_advisory_xact_lock(7324002, hashtext(NEW.scope || chr(1) || NEW.key));
+  IF EXISTS (SELECT 1 FROM idempotency_keys WHERE scope = NEW.scope AND key = NEW.key) THEN
+    RETURN NULL;
+  END IF;
+  RETURN NEW;
+END $f$;
+CREATE TRIGGER idempotency_keys_unique BEFORE INSERT ON idempotency_keys
+  FOR EACH ROW EXECUTE FUNCTION converge_idempotency_keys_unique();
+DROP TABLE consumer_inbox;
+CREATE TABLE consumer_inbox (
+  consumer     TEXT    NOT NULL,
+  source       TEXT    NOT NULL,
+  event_id     TEXT    NOT NULL,
+  processed_at BIGINT NOT NULL,
+  expires_at   BIGINT NOT NULL,
+  outcome      TEXT    NOT NULL DEFAULT 'applied'
+               CHECK (outcome IN ('applied', 'dead_lettered')),
+  PRIMARY KEY (consumer, source, event_id, processed_at)
+) PARTITION BY RANGE (processed_at);
+CREATE TABLE consumer_inbox_default PARTITION OF consumer_inbox DEFAULT;
+CREATE INDEX consumer_inbox_expires ON consumer_inbox (expires_at);
+CREATE OR REPLACE FUNCTION converge_consumer_inbox_unique() RETURNS trigger
+  LANGUAGE plpgsql AS $f$
+BEGIN
+  PERFORM pg_advisory_xact_lock(
+    7324003, hashtext(NEW.consumer || chr(1) || NEW.source || chr(1) || NEW.event_id));
+  IF EXISTS (SELECT 1 FROM consumer_inbox WHERE consumer = NEW.consumer
+             AND source = NEW.source AND event_id = NEW.event_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN NEW;
+END $f$;
+CREATE TRIGGER consumer_inbox_unique BEFORE INSERT ON consumer_inbox
+  FOR EACH ROW EXECUTE FUNCTION converge_consumer_inbox_unique();
+)sql";
+
+// The time-partitioned tables and their partition columns (TimePartitions).
+std::optional<std::string_view> PartitionColumn(std::string_view table) {
+  if (table == "idempotency_keys") return "created_at";
+  if (table == "consumer_inbox") return "processed_at";
+  return std::nullopt;
+}
+
 // PostgreSQL's words for what differs between backends (dialect.h, src/core/schema/).
 class PgDialect final : public schema::SchemaDialect {
  public:
+  explicit PgDialect(bool partitioned = false) : partitioned_(partitioned) {}
+  std::string_view PartitionedRetentionTables() const override {
+    return partitioned_ ? kPartitionedTables : "";
+  }
   std::string_view TypeName(ColumnType type) const override {
     switch (type) {
       case ColumnType::kBigint:
@@ -114,16 +209,113 @@ class PgDialect final : public schema::SchemaDialect {
            "coalesce((SELECT max(fence) FROM idempotency_keys), 0) + 1,\n"
            "              false);";
   }
+
+ private:
+  const bool partitioned_;
 };
 
-const PgDialect& TheDialect() {
-  static const PgDialect kDialect;
-  return kDialect;
+const PgDialect& TheDialect(bool partitioned = false) {
+  static const PgDialect kDialect(false), kPartitioned(true);
+  return partitioned ? kPartitioned : kDialect;
 }
+
+// TimePartitions over one transaction (database.h). Partitions are named
+// "<table>_p<from>"; their bounds are read back from the catalog. Identifiers are built
+// only from the two table names PartitionColumn knows and from integers.
+class PgTimePartitions final : public TimePartitions {
+ public:
+  explicit PgTimePartitions(Tx& tx) : tx_(tx) {}
+
+  Result<std::vector<TimePartition>> List(std::string_view table) override {
+    CONVERGE_RETURN_IF_ERROR(Check(table));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx_.Query("SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) "
+                             "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                             "WHERE i.inhparent = to_regclass($1)",
+                             std::string(table)));
+    std::vector<TimePartition> out;
+    for (const Row& r : rows) {
+      // "FOR VALUES FROM ('1764374400000') TO ('1764460800000')", or "DEFAULT".
+      const std::string bound = r.Text(1);
+      std::vector<int64_t> n;
+      for (size_t i = 0; i < bound.size();) {
+        const bool minus = bound[i] == '-' && i + 1 < bound.size() && std::isdigit(
+            static_cast<unsigned char>(bound[i + 1]));
+        if (!minus && !std::isdigit(static_cast<unsigned char>(bound[i]))) {
+          ++i;
+          continue;
+        }
+        size_t end = i + 1;
+        while (end < bound.size() && std::isdigit(static_cast<unsigned char>(bound[end]))) ++end;
+        n.push_back(std::strtoll(bound.c_str() + i, nullptr, 10));
+        i = end;
+      }
+      if (n.size() == 2) out.push_back({r.Text(0), n[0], n[1]});
+    }
+    std::sort(out.begin(), out.end(),
+              [](const TimePartition& a, const TimePartition& b) { return a.from < b.from; });
+    return out;
+  }
+
+  Result<std::string> DefaultPartition(std::string_view table) override {
+    CONVERGE_RETURN_IF_ERROR(Check(table));
+    return std::string(table) + "_default";
+  }
+
+  Result<bool> Create(std::string_view table, int64_t from, int64_t to) override {
+    CONVERGE_RETURN_IF_ERROR(Check(table));
+    if (from >= to) return tl::unexpected(InvalidArgumentError("empty partition range"));
+    CONVERGE_RETURN_IF_ERROR(LockWhole(table));
+    const std::string t(table), col(*PartitionColumn(table));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows stray, tx_.Query("SELECT 1 FROM " + t + "_default WHERE " + col + " >= $1 AND " +
+                              col + " < $2 LIMIT 1", from, to));
+    if (!stray.empty()) return false;
+    CONVERGE_RETURN_IF_ERROR(StatusOf(tx_.Exec(
+        "CREATE TABLE IF NOT EXISTS \"" + t + "_p" + std::to_string(from) + "\" PARTITION OF " +
+        t + " FOR VALUES FROM (" + std::to_string(from) + ") TO (" + std::to_string(to) + ")")));
+    return true;
+  }
+
+  Result<bool> DropUnless(std::string_view table, const TimePartition& partition,
+                          std::string_view keep, std::span<const Value> params) override {
+    CONVERGE_RETURN_IF_ERROR(Check(table));
+    const std::string name = std::string(table) + "_p" + std::to_string(partition.from);
+    if (partition.name != name) {
+      return tl::unexpected(InvalidArgumentError("not a partition of " + std::string(table) +
+                                                 ": " + partition.name));
+    }
+    CONVERGE_RETURN_IF_ERROR(LockWhole(table));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows kept, tx_.QueryParams("SELECT 1 FROM ONLY \"" + name + "\" WHERE (" +
+                                   std::string(keep) + ") LIMIT 1", params));
+    if (!kept.empty()) return false;
+    CONVERGE_RETURN_IF_ERROR(StatusOf(tx_.Exec("DROP TABLE \"" + name + "\"")));
+    return true;
+  }
+
+ private:
+  static Status Check(std::string_view table) {
+    if (PartitionColumn(table)) return OkStatus();
+    return InvalidArgumentError("not a time-partitioned table: " + std::string(table));
+  }
+  // Every other transaction on `table` waits for this one to end, and this one waits at
+  // most 1 s for them (55P03 is kUnavailable): while an ACCESS EXCLUSIVE request waits,
+  // the writers that come after it queue behind it.
+  Status LockWhole(std::string_view table) {
+    CONVERGE_RETURN_IF_ERROR(StatusOf(tx_.Exec("SET LOCAL lock_timeout = '1s'")));
+    return StatusOf(
+        tx_.Exec("LOCK TABLE " + std::string(table) + " IN ACCESS EXCLUSIVE MODE"));
+  }
+
+  Tx& tx_;
+};
 
 class PgTx : public Tx {
  public:
-  explicit PgTx(PGconn* conn, bool notify = false) : conn_(conn), notify_(notify) {}
+  explicit PgTx(PGconn* conn, bool notify = false, bool partitioned = false)
+      : conn_(conn), notify_(notify), partitions_(partitioned ? &own_partitions_ : nullptr) {}
+  TimePartitions* time_partitions() override { return partitions_; }
   using Tx::TakeCommitHooks;  // for PgDatabase, once COMMIT succeeded
 
   // NOTIFY is transactional: delivered at commit, never after a rollback, and identical
@@ -291,6 +483,8 @@ class PgTx : public Tx {
  private:
   PGconn* conn_;
   bool notify_;
+  PgTimePartitions own_partitions_{*this};
+  TimePartitions* partitions_;  // &own_partitions_ when the store is time-partitioned
 };
 
 class PgDatabase;
@@ -304,6 +498,8 @@ struct Options {
   size_t pool_size = 16;
   bool notify = false;
   int64_t lock_timeout_ms = 5000;
+  // retention=...: nullopt when the URI leaves it to the store (database.h).
+  std::optional<bool> partitioned;
   int max_attempts = 8;
 };
 
@@ -341,8 +537,28 @@ class PgDatabase : public Database {
   Status Init() {
     CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());  // counted in the pool like any other
     Status st = Migrate(c);
+    if (st.ok()) st = DetectRetention(c);
     Release(c);
     return st;
+  }
+
+  // The store's own shape decides whether it is time-partitioned: a URI that does not
+  // say so still gets its partitions maintained; one that says the opposite is refused
+  // (the migration created the shape it asked for only if the store was new).
+  Status DetectRetention(PGconn* c) {
+    PgTx tx(c);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx.Query("SELECT count(*) FROM pg_partitioned_table "
+                            "WHERE partrelid = to_regclass('idempotency_keys')"));
+    partitioned_ = !rows.empty() && rows[0].Int(0) > 0;
+    if (options_.partitioned && *options_.partitioned != partitioned_) {
+      return FailedPreconditionError(
+          std::string("postgresql URI says retention=") +
+          (*options_.partitioned ? "partitioned" : "delete") + " but the store was created " +
+          (partitioned_ ? "time-partitioned" : "with plain tables") +
+          "; converting a store is a manual step (docs/design/retention.md)");
+    }
+    return OkStatus();
   }
 
   Status Transact(const TxFn& fn) override { return Run(fn, /*read_only=*/false); }
@@ -505,7 +721,7 @@ class PgDatabase : public Database {
 
   Status RunOnce(const TxFn& fn, bool read_only) {
     CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
-    PgTx tx(c, options_.notify);
+    PgTx tx(c, options_.notify, partitioned_);
     // Read() promises a snapshot: REPEATABLE READ takes one at the first statement and
     // keeps it to the end (READ COMMITTED would take one per statement). A read-only
     // transaction never fails to serialize at this level, so this costs no retries.
@@ -549,8 +765,9 @@ class PgDatabase : public Database {
   // the COMMIT or ROLLBACK that ends the migration.
   class MigrationTarget : public schema::MigrationTarget {
    public:
-    explicit MigrationTarget(PGconn* conn) : conn_(conn), tx_(conn) {}
-    const schema::SchemaDialect& dialect() const override { return TheDialect(); }
+    MigrationTarget(PGconn* conn, bool partitioned)
+        : conn_(conn), tx_(conn), partitioned_(partitioned) {}
+    const schema::SchemaDialect& dialect() const override { return TheDialect(partitioned_); }
     Status BeginLocked() override {
       CONVERGE_RETURN_IF_ERROR(tx_.Simple("BEGIN"));
       // Another process may be migrating: wait for it however long it takes.
@@ -578,15 +795,17 @@ class PgDatabase : public Database {
    private:
     PGconn* conn_;
     PgTx tx_;
+    const bool partitioned_;
   };
 
   Status Migrate(PGconn* c) {
-    MigrationTarget target(c);
+    MigrationTarget target(c, options_.partitioned.value_or(false));
     return schema::Migrate(target, "the database");
   }
 
   const std::string uri_;
   const Options options_;
+  bool partitioned_ = false;  // set by Init, before any Transact
   mutable std::mutex mu_;
   std::condition_variable pool_cv_;
   std::vector<PGconn*> idle_;
@@ -613,6 +832,14 @@ Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptio
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> lock_timeout,
                             parsed.TakeInt("lock_timeout_ms", 0, 86400000));
   if (lock_timeout) o.lock_timeout_ms = *lock_timeout;
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<std::string> retention, parsed.Take("retention"));
+  if (retention) {
+    if (*retention != "delete" && *retention != "partitioned") {
+      return tl::unexpected(InvalidArgumentError(
+          "postgresql URI: retention must be delete or partitioned, not " + *retention));
+    }
+    o.partitioned = *retention == "partitioned";
+  }
   // What is left is libpq's. Ask libpq now, so that a misspelt parameter is a clear
   // kInvalidArgument naming it rather than a connection failure.
   const std::string rest = parsed.Rest();
@@ -625,7 +852,8 @@ Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptio
     while (!msg.empty() && msg.back() == '\n') msg.pop_back();
     return tl::unexpected(InvalidArgumentError(
         "postgresql URI: " + msg +
-        " (converge's own parameters are pool_size, notify and lock_timeout_ms; "
+        " (converge's own parameters are pool_size, notify, lock_timeout_ms and "
+        "retention; "
         "the others are libpq's)"));
   }
   PQconninfoFree(info);

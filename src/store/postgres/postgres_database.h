@@ -13,7 +13,8 @@ namespace converge::postgres {
 
 // converge's own parameters in a postgresql:// URI's query (database.h, Database::Open);
 // every other parameter is libpq's.
-inline constexpr std::array<std::string_view, 2> kUriParameters = {"pool_size", "notify"};
+inline constexpr std::array<std::string_view, 3> kUriParameters = {"pool_size", "notify",
+                                                                   "retention"};
 
 // Takes converge's parameters out of `uri`, connects with the rest (a libpq URI),
 // applies pending migrations under an advisory lock, and returns a pooled Database.
