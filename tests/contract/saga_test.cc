@@ -1332,5 +1332,107 @@ TYPED_TEST(Sagas, TheSweeperNeverLeavesTheJournalOfASagaItDeleted) {
   EXPECT_EQ(this->Calls("order:a:a:action"), 2) << "the new saga's call was taken as made";
 }
 
+
+// Review of 2026-11-29 (3), invariants (b) and (e), holding: the late call of b returns
+// while the takeover is still running forward (b redone under the same key, c not yet
+// started). The saga is running past b, so nothing is reopened; when c then fails for
+// good, b's compensation runs after the late call returned, once, and then a's: reverse
+// order, each call once, the late charge undone by the ordinary round.
+TYPED_TEST(Sagas, ALateCallWhileTheTakeoverStillRunsForwardIsUndoneByTheOrdinaryRound) {
+  ManualClock clock;
+  Database& db = *this->db_;
+  SagaRunner a(db, this->Definition(db), {.lease = 10s}, &clock);
+  SagaRunner b(db, this->Definition(db), {.lease = 10s}, &clock);
+  this->Begin(a, "fwd");
+  // saga.before_call hits: A's a (1), A's b (2, paused). saga.after_step hits: A after a
+  // (1), B after b (2, paused: B holds the saga at step c, not yet called).
+  ASSERT_TRUE(
+      failpoint::Configure("saga.before_call=pause@2*1;saga.after_step=pause@2*1").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  clock.Advance(11s);
+  this->script_.Fail("c.call", {FailedPreconditionError("no carrier")});
+  Result<size_t> rb;
+  std::thread tb([&] { rb = b.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.after_step", 20s));
+  failpoint::Release("saga.before_call");
+  ta.join();
+  EXPECT_EQ(a.stats().lost_fences, 1);
+  EXPECT_EQ(a.stats().late_calls, 0) << "a saga still running forward was reopened";
+  EXPECT_EQ(this->Load("fwd").state, saga_state::kRunning);
+  failpoint::Release("saga.after_step");
+  tb.join();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  this->Drain(b, clock, "fwd");
+  EXPECT_EQ(this->Load("fwd").state, saga_state::kCompensated);
+  EXPECT_EQ(this->History("fwd"),
+            (std::vector<std::string>{"action a done", "action b done", "action c failed",
+                                      "compensation b done", "compensation a done"}));
+  EXPECT_EQ(this->Calls("order:fwd:b:action"), 2) << "A's late call and B's, one key";
+  EXPECT_EQ(this->Calls("order:fwd:b:compensation"), 1);
+  EXPECT_EQ(this->Calls("order:fwd:a:compensation"), 1);
+  EXPECT_EQ(this->Calls("order:fwd:c:compensation"), 0);
+}
+
+// Review of 2026-11-29 (3), invariants (b) and (e), holding: an operator replays a parked
+// saga while a late call's reopen of it is written and not yet committed (failpoint
+// saga.before_reopen_commit). The replay waits (PostgreSQL: the row's lock; SQLite: the
+// writer), then finds the saga still parked (a reopen keeps failed_to_compensate) and
+// sends it to compensating at the step the reopen chose: the refund runs once, after the
+// late charge, and undoes it.
+TYPED_TEST(Sagas, AReplayRacingALateCallsReopenRefundsTheLateChargeOnce) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<bool> refuse{false};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  SagaDefinition d = LateCallSaga(db, "rp", reachable, calls);
+  auto refund = d.steps[0].compensation.call;
+  d.steps[0].compensation.call = [&, refund](const SagaStepContext& ctx) -> Result<std::string> {
+    if (refuse.exchange(false)) return tl::unexpected(FailedPreconditionError("refused"));
+    return refund(ctx);
+  };
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:rp:a:action'";
+  this->Begin(a, "rp");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause;saga.before_reopen_commit=pause*1").ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  refuse = true;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("rp").state, saga_state::kFailedToCompensate);
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(db, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_reopen_commit", 20s));
+  Status replayed;
+  std::atomic<bool> replay_done{false};
+  std::thread tr([&] {
+    replayed = letters.Replay((*parked)[0].id);
+    replay_done = true;
+  });
+  EXPECT_TRUE(
+      testing::WaitUntil([&] { return replay_done || this->store_.SomeoneWaits(db); }));
+  failpoint::Release("saga.before_reopen_commit");
+  ta.join();
+  tr.join();
+  EXPECT_TRUE(replayed.ok()) << replayed.ToString();
+  EXPECT_EQ(a.stats().late_calls, 1);
+  EXPECT_EQ(this->Load("rp").state, saga_state::kCompensating);
+  this->Drain(b, clock, "rp");
+  EXPECT_EQ(this->Load("rp").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Count(charge), 0) << "the late charge of a replayed saga was never refunded";
+  EXPECT_EQ(this->Calls("order:rp:a:compensation"), 1);
+  EXPECT_TRUE(this->LateCallLetters().empty());
+}
+
 }  // namespace
 }  // namespace converge
