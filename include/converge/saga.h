@@ -58,6 +58,7 @@
 #define CONVERGE_SAGA_H_
 
 #include <chrono>
+#include <atomic>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -237,6 +238,11 @@ class SagaRunner {
                 std::string_view phase, std::string_view outcome, const std::string& result,
                 const std::string& error, int next_step, const std::string& data);
   void Count(int64_t SagaStats::*field, const std::string& error = {});
+  // Runs `write`, a transaction that records what a call this runner just made did, until
+  // it commits or fails for good (fenced included): a transient store error is retried
+  // with backoff, since nobody else knows the call's outcome. Gives up only when Stop()
+  // was called, as a crash would.
+  Status UntilRecorded(const std::function<Status()>& write);
 
   Database& db_;
   const SagaDefinition definition_;
@@ -244,6 +250,7 @@ class SagaRunner {
   Clock* clock_;
   Wakeup wakeup_;
   int64_t listener_ = 0;
+  std::atomic<bool> stopping_{false};
   mutable std::mutex stats_mu_;
   SagaStats stats_;
   PollingWorker worker_;  // last: stopped and destroyed before what its passes use

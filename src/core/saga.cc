@@ -17,6 +17,7 @@
 #include "converge/saga.h"
 
 #include <set>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -309,7 +310,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   bool terminal = false;
   if (failure.ok()) {
     Status local_status;
-    Status st = db_.Transact([&](Tx& tx) -> Status {
+    auto record = [&] { return db_.Transact([&](Tx& tx) -> Status {
       local_status = OkStatus();
       const int64_t now = clock_->NowMillis();
       CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.Exec("UPDATE saga_instances SET lease_until = $1 "
@@ -344,7 +345,14 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       if (!p.compensating && next >= steps) state = saga_state::kCompleted;
       terminal = state == saga_state::kCompensated || state == saga_state::kCompleted;
       return Finish(tx, p, fence, state, phase, "done", result, "", next, local_ctx.data);
-    });
+    }); };
+    // A call made just now is known only here: its record survives store errors. A
+    // failing local part is the step's failure (below), not the store's: not retried here.
+    Status st = called ? UntilRecorded([&] {
+      Status r = record();
+      return local_status.ok() ? r : OkStatus();
+    }) : record();
+    if (!local_status.ok()) st = local_status;
     if (IsFenced(st)) return Lost(p, fence, called && !p.compensating, true, result, "");
     if (st.ok()) {
       Count(&SagaStats::steps);
@@ -372,7 +380,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     const int max = s.policy.max_compensation_attempts;
     next = transient && (max == 0 || attempts < max) ? Next::kRetry : Next::kPark;
   }
-  Status st = db_.Transact([&](Tx& tx) -> Status {
+  auto record = [&] { return db_.Transact([&](Tx& tx) -> Status {
     terminal = false;
     const int64_t now = clock_->NowMillis();
     const std::string error = failure.ToString();
@@ -432,7 +440,8 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     d.first_failure_at = p.step_started_at;
     d.last_failure_at = now;
     return StatusOf(DeadLetters::Park(tx, d));
-  });
+  }); };
+  Status st = called ? UntilRecorded(record) : record();
   if (IsFenced(st)) {
     // The call may have acted when it succeeded (a local part failed after it) or its
     // outcome is unknown; a permanent error says it did nothing.
@@ -478,7 +487,7 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
   // orders it against the takeover's own writes.
   const std::string comp_key = StepKey(definition_.type, p.saga_id, s.name, true);
   bool reopened = false, swept = false;
-  Status st = db_.Transact([&](Tx& tx) -> Status {
+  Status st = UntilRecorded([&] { return db_.Transact([&](Tx& tx) -> Status {
     reopened = swept = false;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(int64_t reopen_fence, tx.NextFence());
@@ -519,7 +528,7 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.before_reopen_commit"));
     tx.OnCommit([this] { wakeup_.Notify(); });
     return tx.Notify(Channel(definition_.type));
-  });
+  }); });
   CONVERGE_RETURN_IF_ERROR(st);
   if (reopened) {
     Count(&SagaStats::late_calls,
@@ -616,6 +625,17 @@ void SagaRunner::Count(int64_t SagaStats::*field, const std::string& error) {
   if (!error.empty()) stats_.last_error = error;
 }
 
+Status SagaRunner::UntilRecorded(const std::function<Status()>& write) {
+  Status st = write();
+  for (int attempt = 1; st.transient() && !IsFenced(st) && !stopping_.load(); ++attempt) {
+    Count(nullptr, "recording a call's outcome failed, retrying: " + st.ToString());
+    std::this_thread::sleep_for(
+        Millis(20) + internal::FullJitterBackoff(attempt, Millis(50), Millis(2000)));
+    st = write();
+  }
+  return st;
+}
+
 void SagaRunner::Start() {
   if (worker_.running()) return;
   listener_ = db_.AddListener(Channel(definition_.type), [this] { wakeup_.Notify(); });
@@ -624,8 +644,10 @@ void SagaRunner::Start() {
 
 void SagaRunner::Stop() {
   if (!worker_.running()) return;
+  stopping_ = true;  // a pass retrying a record gives up, as a crash would
   db_.RemoveListener(listener_);
   worker_.Stop();
+  stopping_ = false;
 }
 
 SagaStats SagaRunner::stats() const {

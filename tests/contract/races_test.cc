@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -133,7 +132,9 @@ TYPED_TEST(Races, TheSweeperNeverDeletesARowAPhaseAdvancedMeanwhile) {
 // there a stuck transaction stops every write, which no per-key bound can change.
 TYPED_TEST(Races, ARetryQueuedBehindAStuckPhaseIsAnsweredInFlight) {
   if (!this->IsPostgres()) GTEST_SKIP() << "a row lock wait exists only on PostgreSQL";
-  auto db = Database::Open(this->store_.uri + "?lock_timeout_ms=200");
+  auto db = Database::Open(
+      this->store_.uri + (this->store_.uri.find('?') == std::string::npos ? "?" : "&") +
+      "lock_timeout_ms=200");
   ASSERT_TRUE(db) << db.error().ToString();
   ManualClock clock;
   IdempotencyKeys keys(**db, {.ttl = 60s, .lease = 5s}, &clock);
@@ -172,11 +173,12 @@ TYPED_TEST(Races, ARetryQueuedBehindAStuckPhaseIsAnsweredInFlight) {
 // the replay had just put back: the replay reported success and nothing was published.
 TYPED_TEST(Races, TheSweeperNeverDeletesAnOutboxEventAReplayPutBack) {
   ManualClock clock;
+  Outbox outbox({}, &clock);  // outlives the commit hook that wakes its relays
   std::string id;
   ASSERT_TRUE(this->db_
                   ->Transact([&](Tx& tx) -> Status {
                     CONVERGE_ASSIGN_OR_RETURN(
-                        id, Outbox({}, &clock).Enqueue(tx, TestFixture::MakeEvent("agg")));
+                        id, outbox.Enqueue(tx, TestFixture::MakeEvent("agg")));
                     // Refused by the broker and parked (relay.h): marked published.
                     return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = $1",
                                             clock.NowMillis()));
@@ -192,17 +194,15 @@ TYPED_TEST(Races, TheSweeperNeverDeletesAnOutboxEventAReplayPutBack) {
                     return OkStatus();
                   })
                   .ok());
-  std::promise<void> held, release;
+  ASSERT_TRUE(failpoint::Configure("test.replay_holds=pause*1").ok());
   Status replayed;
   std::thread replay([&] {
     replayed = this->db_->Transact([&](Tx& tx) -> Status {
       CONVERGE_RETURN_IF_ERROR(OutboxRequeuer().Requeue(tx, letter));
-      held.set_value();
-      release.get_future().wait();  // the replay's transaction holds the row
-      return OkStatus();
+      return failpoint::Hit("test.replay_holds");  // the replay's transaction holds the row
     });
   });
-  held.get_future().wait();
+  ASSERT_TRUE(failpoint::WaitPaused("test.replay_holds", 20s));
   SweepOptions options;
   options.published_retention = 0ms;
   Sweeper sweeper(*this->db_, options, &clock);
@@ -210,7 +210,7 @@ TYPED_TEST(Races, TheSweeperNeverDeletesAnOutboxEventAReplayPutBack) {
   std::thread sweep([&] { swept = sweeper.RunOnce(); });
   // The sweep waits for the replay's row lock (PostgreSQL) or behind the writer (SQLite).
   EXPECT_TRUE(testing::WaitUntil([&] { return this->store_.SomeoneWaits(*this->db_); }));
-  release.set_value();
+  failpoint::Release("test.replay_holds");
   replay.join();
   sweep.join();
   ASSERT_TRUE(replayed.ok()) << replayed.ToString();

@@ -1434,5 +1434,104 @@ TYPED_TEST(Sagas, AReplayRacingALateCallsReopenRefundsTheLateChargeOnce) {
   EXPECT_TRUE(this->LateCallLetters().empty());
 }
 
+// Review of 2026-11-29 (3), invariant (e): a late call was lost to one transient store
+// error (now retried until recorded: SagaRunner::UntilRecorded). A stalls before its
+// charge; B takes over, the provider is unreachable, B compensates to the end. A's late
+// charge lands, A is fenced out and writes the reopen; the reopen's commit fails once
+// with kUnavailable (a connection reset, a database restart: failpoint
+// saga.before_reopen_commit=error(unavailable)). Lost returned the error and nothing
+// retried it: the runner was the only one who knew of the charge. The saga
+// stays compensated, the provider keeps the charge, no dead letter, late_calls = 0.
+TYPED_TEST(Sagas, ALateCallSurvivesATransientErrorOfItsReopen) {
+  ManualClock clock;
+  std::atomic<bool> reachable{true};
+  std::atomic<int> calls{0};
+  Database& db = *this->db_;
+  const SagaDefinition d = LateCallSaga(db, "blip", reachable, calls);
+  SagaRunner a(db, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  const std::string charge = "SELECT count(*) FROM ext_effects WHERE k = 'order:blip:a:action'";
+  this->Begin(a, "blip");
+  ASSERT_TRUE(failpoint::Configure("test.call.1=pause;"
+                                   "saga.before_reopen_commit=error(unavailable)*1")
+                  .ok());
+  std::thread ta([&] { (void)a.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.call.1", 20s));
+  clock.Advance(11s);
+  reachable = false;
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("blip").state, saga_state::kCompensated);
+  reachable = true;
+  failpoint::Release("test.call.1");
+  ta.join();
+  ASSERT_EQ(this->Count(charge), 1);
+  // Every runner gets more passes: whatever they still know may come out now.
+  for (int i = 0; i < 3; ++i) {
+    (void)a.RunOnce();
+    clock.Advance(1min);
+  }
+  this->Drain(b, clock, "blip");
+  EXPECT_EQ(a.stats().late_calls, 1) << "the late call was not even counted";
+  EXPECT_TRUE(this->Count(charge) == 0 || !this->LateCallLetters().empty())
+      << "the late charge stays with the provider: saga " << this->Load("blip").state
+      << ", no dead letter";
+}
+
+// Review of 2026-11-29 (3), invariant (e), PostgreSQL only: the same loss without any
+// injected error (fixed as the one above). The sweep holds the compensated saga's row
+// locked (paused before its last DELETE, as a long sweep of a big batch would); A's late
+// call's record waits for the lock longer than A's store allows (lock_timeout_ms, 5 s by
+// default; 200 ms here) and got kUnavailable (lock_timeout), which RunOnce returned. The
+// sweep then deleted the saga: no reopen, no dead letter, late_calls = 0; the charge of b
+// stayed. Now A retries the record until the sweep is done, is fenced out, and parks it.
+TYPED_TEST(Sagas, ALateCallThatTimesOutOnTheSweepsLockIsStillDeadLettered) {
+  if (!this->IsPostgres()) GTEST_SKIP() << "a lock timeout is PostgreSQL's";
+  ManualClock clock;
+  Database& db = *this->db_;
+  const std::string& uri = this->store_.uri;
+  const char* sep = uri.find('?') == std::string::npos ? "?" : "&";
+  auto impatient = Database::Open(uri + sep + "lock_timeout_ms=200");
+  ASSERT_TRUE(impatient) << impatient.error().ToString();
+  const SagaDefinition d = this->LocalUndoOfB(db);
+  SagaRunner a(**impatient, d, {.lease = 10s}, &clock);
+  SagaRunner b(db, d, {.lease = 10s}, &clock);
+  std::thread ta;
+  std::atomic<bool> a_done{false};
+  this->Begin(a, "sw");
+  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1;"
+                                   "sweeper.before_saga_instances=pause*1")
+                  .ok());
+  ta = std::thread([&] {
+    (void)a.RunOnce();
+    a_done = true;
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+  clock.Advance(11s);
+  this->script_.Fail("b.call", {FailedPreconditionError("declined")});
+  auto rb = b.RunOnce();
+  ASSERT_TRUE(rb) << rb.error().ToString();
+  ASSERT_EQ(this->Load("sw").state, saga_state::kCompensated);
+  SweepOptions options;
+  options.settled_saga_retention = 0ms;
+  Sweeper sweeper(db, options, &clock);
+  Result<SweepStats> swept;
+  std::thread ts([&] { swept = sweeper.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("sweeper.before_saga_instances", 20s));
+  failpoint::Release("saga.before_call");
+  // A either gives up on the lock (the defect) or keeps waiting for it (a fix).
+  (void)testing::WaitUntil([&] { return a_done.load(); }, 3s);
+  failpoint::Release("sweeper.before_saga_instances");
+  ts.join();
+  ta.join();
+  ASSERT_TRUE(swept) << swept.error().ToString();
+  EXPECT_EQ(swept->sagas, 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM ext_effects WHERE k = 'order:sw:b:action'"), 1);
+  EXPECT_EQ(a.stats().late_calls_after_sweep, 1)
+      << "the late call was not counted; A's last error: " << a.stats().last_error;
+  EXPECT_EQ(this->LateCallLetters().size(), 1u)
+      << "the late charge of b stays with the provider and nobody is told";
+}
+
 }  // namespace
 }  // namespace converge
