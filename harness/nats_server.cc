@@ -97,16 +97,7 @@ void NatsServer::Kill() {
 
 void NatsServer::Stop(std::chrono::milliseconds grace) {
   if (pid_ <= 0) return;
-  kill(pid_, SIGTERM);
-  const auto deadline = Steady::now() + grace;
-  while (waitpid(pid_, nullptr, WNOHANG) == 0) {
-    if (Steady::now() > deadline) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  StopChild(pid_, grace);
   pid_ = -1;
 }
 

@@ -148,19 +148,23 @@ std::string ServeProcess::Url(const std::string& path) const {
   return "http://127.0.0.1:" + std::to_string(port_) + path;
 }
 
-void ServeProcess::Stop(std::chrono::milliseconds grace) {
-  if (pid_ <= 0) return;
-  kill(pid_, SIGTERM);
-  kill(pid_, SIGCONT);  // a stopped child (SIGSTOP) would not act on the SIGTERM
+void StopChild(pid_t pid, std::chrono::milliseconds grace) {
+  kill(pid, SIGTERM);
+  kill(pid, SIGCONT);  // a stopped child (SIGSTOP) would not act on the SIGTERM
   const auto deadline = Steady::now() + grace;
-  while (waitpid(pid_, nullptr, WNOHANG) == 0) {
+  while (waitpid(pid, nullptr, WNOHANG) == 0) {
     if (Steady::now() > deadline) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+}
+
+void ServeProcess::Stop(std::chrono::milliseconds grace) {
+  if (pid_ <= 0) return;
+  StopChild(pid_, grace);
   pid_ = -1;
 }
 

@@ -21,6 +21,10 @@
 
 namespace converge::harness {
 
+// Stops child `pid`: SIGTERM (and SIGCONT, so a stopped child acts on it), then SIGKILL if
+// it has not exited within `grace`; reaps it.
+void StopChild(pid_t pid, std::chrono::milliseconds grace);
+
 class ServeProcess {
  public:
   struct Options {
