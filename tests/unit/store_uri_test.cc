@@ -11,7 +11,11 @@
 #include <gtest/gtest.h>
 
 #include "converge/database.h"
+#include "src/store/sqlite/sqlite_database.h"
 #include "tests/unit/test_util.h"
+#if CONVERGE_WITH_POSTGRES
+#include "src/store/postgres/postgres_database.h"
+#endif
 
 namespace converge {
 namespace {
@@ -198,7 +202,51 @@ TEST(DatabaseWithDefaultParameter, AddsOnlyWhatTheStoreTakesAndTheUriLacks) {
   EXPECT_EQ(Database::WithDefaultParameter("mysql://x", "pool_size", "32"), "mysql://x");
 }
 
+// The parser Open runs first, alone (the store_uri fuzz target's subject).
+TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
+  auto s = sqlite::ParseLocation("no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9");
+  ASSERT_TRUE(s) << s.error().ToString();
+  EXPECT_EQ(s->path, "no/such/dir/app.db");
+  EXPECT_EQ(s->readers, 7u);
+  EXPECT_FALSE(s->synchronous_full);
+  EXPECT_EQ(s->max_batch, 9u);
+  EXPECT_EQ(s->busy_timeout, Millis(5000));
+  const std::string again = sqlite::FormatLocation(*s);
+  EXPECT_EQ(again, "no/such/dir/app.db?synchronous=normal&max_batch=9&busy_timeout_ms=5000"
+                   "&readers=7");
+  auto reread = sqlite::ParseLocation(again);
+  ASSERT_TRUE(reread) << reread.error().ToString();
+  EXPECT_EQ(reread->path, s->path);
+  EXPECT_EQ(reread->readers, 7u);
+  EXPECT_FALSE(reread->synchronous_full);
+  EXPECT_FALSE(sqlite::ParseLocation("?readers=2"));
+  EXPECT_FALSE(sqlite::ParseLocation("x?readers=0"));
+}
+
 #if CONVERGE_WITH_POSTGRES
+
+TEST(PostgresUriParameters, ParseUriKeepsLibpqsPartAndFormatReadsBack) {
+  auto s = postgres::ParseUri(
+      "postgresql://u@h:1/db?sslmode=disable&pool_size=3&lock_timeout_ms=0&connect_timeout=2"
+      "&retention=partitioned");
+  ASSERT_TRUE(s) << s.error().ToString();
+  EXPECT_EQ(s->libpq_uri, "postgresql://u@h:1/db?sslmode=disable&connect_timeout=2");
+  EXPECT_EQ(s->pool_size, 3u);
+  EXPECT_EQ(s->lock_timeout_ms, 0);
+  EXPECT_FALSE(s->notify);
+  EXPECT_EQ(s->partitioned, std::optional<bool>(true));
+  const std::string again = postgres::FormatUri(*s);
+  EXPECT_EQ(again, "postgresql://u@h:1/db?sslmode=disable&connect_timeout=2&pool_size=3"
+                   "&lock_timeout_ms=0&retention=partitioned");
+  auto reread = postgres::ParseUri(again);
+  ASSERT_TRUE(reread) << reread.error().ToString();
+  EXPECT_EQ(reread->libpq_uri, s->libpq_uri);
+  EXPECT_EQ(reread->pool_size, 3u);
+  EXPECT_EQ(reread->lock_timeout_ms, 0);
+  EXPECT_EQ(reread->partitioned, std::optional<bool>(true));
+  EXPECT_EQ(postgres::FormatUri(postgres::Settings{.libpq_uri = "postgres://h/db"}),
+            "postgres://h/db");
+}
 
 TEST(DatabaseWithDefaultParameter, PostgresTakesPoolSizeAndNotify) {
   EXPECT_EQ(Database::WithDefaultParameter("postgresql://u@h/db?sslmode=disable", "pool_size",
@@ -208,6 +256,8 @@ TEST(DatabaseWithDefaultParameter, PostgresTakesPoolSizeAndNotify) {
             "postgres://u@h/db?notify=true");
   EXPECT_EQ(Database::WithDefaultParameter("postgresql://u@h/db", "synchronous", "full"),
             "postgresql://u@h/db");
+  EXPECT_EQ(Database::WithDefaultParameter("postgresql://u@h/db", "lock_timeout_ms", "100"),
+            "postgresql://u@h/db?lock_timeout_ms=100");
 }
 
 // Checked before any connection is tried: port 1 on loopback has no server, so reaching

@@ -494,19 +494,14 @@ thread_local std::unordered_map<const PgDatabase*, PgTx*> t_current;
 
 // Everything PgDatabase is opened with: converge's URI parameters (defaults as in
 // database.h) and the generic DatabaseOptions.
-struct Options {
-  size_t pool_size = 16;
-  bool notify = false;
-  int64_t lock_timeout_ms = 5000;
-  // retention=...: nullopt when the URI leaves it to the store (database.h).
-  std::optional<bool> partitioned;
+struct Options : Settings {
   int max_attempts = 8;
 };
 
 class PgDatabase : public Database {
  public:
   // `uri`: for libpq, converge's own parameters taken out.
-  PgDatabase(std::string uri, Options options) : uri_(std::move(uri)), options_(options) {}
+  explicit PgDatabase(Options options) : uri_(options.libpq_uri), options_(std::move(options)) {}
 
   ~PgDatabase() override {
     {
@@ -821,31 +816,30 @@ class PgDatabase : public Database {
 
 }  // namespace
 
-Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptions& options) {
+Result<Settings> ParseUri(std::string_view uri) {
   CONVERGE_ASSIGN_OR_RETURN(internal::StoreUri parsed, internal::StoreUri::Parse(uri));
-  Options o;
-  o.max_attempts = options.max_attempts;
+  Settings s;
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> pool, parsed.TakeInt("pool_size", 1, 10000));
-  if (pool) o.pool_size = static_cast<size_t>(*pool);
+  if (pool) s.pool_size = static_cast<size_t>(*pool);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<bool> notify, parsed.TakeBool("notify"));
-  if (notify) o.notify = *notify;
+  if (notify) s.notify = *notify;
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> lock_timeout,
                             parsed.TakeInt("lock_timeout_ms", 0, 86400000));
-  if (lock_timeout) o.lock_timeout_ms = *lock_timeout;
+  if (lock_timeout) s.lock_timeout_ms = *lock_timeout;
   CONVERGE_ASSIGN_OR_RETURN(std::optional<std::string> retention, parsed.Take("retention"));
   if (retention) {
     if (*retention != "delete" && *retention != "partitioned") {
       return tl::unexpected(InvalidArgumentError(
           "postgresql URI: retention must be delete or partitioned, not " + *retention));
     }
-    o.partitioned = *retention == "partitioned";
+    s.partitioned = *retention == "partitioned";
   }
   // What is left is libpq's. Ask libpq now, so that a misspelt parameter is a clear
   // kInvalidArgument naming it rather than a connection failure.
   const std::string rest = parsed.Rest();
-  const std::string libpq_uri = parsed.base() + (rest.empty() ? "" : "?" + rest);
+  s.libpq_uri = parsed.base() + (rest.empty() ? "" : "?" + rest);
   char* err = nullptr;
-  PQconninfoOption* info = PQconninfoParse(libpq_uri.c_str(), &err);
+  PQconninfoOption* info = PQconninfoParse(s.libpq_uri.c_str(), &err);
   if (info == nullptr) {
     std::string msg = err != nullptr ? err : "out of memory";
     PQfreemem(err);
@@ -853,11 +847,37 @@ Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptio
     return tl::unexpected(InvalidArgumentError(
         "postgresql URI: " + msg +
         " (converge's own parameters are pool_size, notify, lock_timeout_ms and "
-        "retention; "
-        "the others are libpq's)"));
+        "retention; the others are libpq's)"));
   }
   PQconninfoFree(info);
-  auto db = std::make_unique<PgDatabase>(libpq_uri, o);
+  return s;
+}
+
+std::string FormatUri(const Settings& settings) {
+  const Settings defaults;
+  std::string own;
+  auto add = [&](std::string_view name, const std::string& value) {
+    own += (own.empty() ? "" : "&") + std::string(name) + "=" + value;
+  };
+  if (settings.pool_size != defaults.pool_size) {
+    add("pool_size", std::to_string(settings.pool_size));
+  }
+  if (settings.notify != defaults.notify) add("notify", settings.notify ? "true" : "false");
+  if (settings.lock_timeout_ms != defaults.lock_timeout_ms) {
+    add("lock_timeout_ms", std::to_string(settings.lock_timeout_ms));
+  }
+  if (settings.partitioned) add("retention", *settings.partitioned ? "partitioned" : "delete");
+  if (own.empty()) return settings.libpq_uri;
+  return settings.libpq_uri + (settings.libpq_uri.find('?') == std::string::npos ? "?" : "&") +
+         own;
+}
+
+Result<std::unique_ptr<Database>> Open(std::string_view uri, const DatabaseOptions& options) {
+  CONVERGE_ASSIGN_OR_RETURN(Settings settings, ParseUri(uri));
+  Options o;
+  static_cast<Settings&>(o) = std::move(settings);
+  o.max_attempts = options.max_attempts;
+  auto db = std::make_unique<PgDatabase>(std::move(o));
   CONVERGE_RETURN_IF_ERROR(db->Init());
   return std::unique_ptr<Database>(std::move(db));
 }

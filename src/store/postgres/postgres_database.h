@@ -4,7 +4,11 @@
 #define CONVERGE_STORE_POSTGRES_POSTGRES_DATABASE_H_
 
 #include <array>
+#include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 #include <string_view>
 
 #include "converge/database.h"
@@ -13,8 +17,25 @@ namespace converge::postgres {
 
 // converge's own parameters in a postgresql:// URI's query (database.h, Database::Open);
 // every other parameter is libpq's.
-inline constexpr std::array<std::string_view, 3> kUriParameters = {"pool_size", "notify",
-                                                                   "retention"};
+inline constexpr std::array<std::string_view, 4> kUriParameters = {
+    "pool_size", "notify", "lock_timeout_ms", "retention"};
+
+// What a postgresql:// URI asks of converge, read without connecting.
+struct Settings {
+  std::string libpq_uri;  // the URI with converge's own parameters taken out
+  size_t pool_size = 16;
+  bool notify = false;
+  int64_t lock_timeout_ms = 5000;
+  // retention=...: nullopt when the URI leaves it to the store (database.h).
+  std::optional<bool> partitioned;
+};
+
+// Errors (kInvalidArgument): one of converge's parameters given twice or out of range; a
+// URI libpq cannot parse (PQconninfoParse, which also refuses parameters it does not know).
+Result<Settings> ParseUri(std::string_view uri);
+// `settings` as a URI ParseUri reads back to the same settings; converge's parameters
+// are written when they differ from the defaults.
+std::string FormatUri(const Settings& settings);
 
 // Takes converge's parameters out of `uri`, connects with the rest (a libpq URI),
 // applies pending migrations under an advisory lock, and returns a pooled Database.

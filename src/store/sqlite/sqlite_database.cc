@@ -295,20 +295,15 @@ class SqliteTx : public Tx {
   Connection* conn_;
 };
 
-// Everything SqliteDatabase is opened with: the URI's parameters (defaults as in
+// Everything SqliteDatabase is opened with: the URI's settings (defaults as in
 // database.h) and the generic DatabaseOptions.
-struct Options {
-  bool synchronous_full = true;
-  size_t max_batch = 512;
-  Millis busy_timeout = Millis(5000);
-  size_t readers = 4;
+struct Options : Settings {
   int max_attempts = 8;
 };
 
 class SqliteDatabase : public Database {
  public:
-  SqliteDatabase(std::string path, Options options)
-      : path_(std::move(path)), options_(options) {
+  explicit SqliteDatabase(Options options) : path_(options.path), options_(std::move(options)) {
     stats_.batch_histogram.assign(16, 0);
   }
 
@@ -588,32 +583,46 @@ class SqliteDatabase : public Database {
 
 }  // namespace
 
-Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {
+Result<Settings> ParseLocation(std::string_view location) {
   CONVERGE_ASSIGN_OR_RETURN(internal::StoreUri uri, internal::StoreUri::Parse(location));
   if (uri.base().empty()) {
     return tl::unexpected(InvalidArgumentError("sqlite: URI has an empty path"));
   }
-  Options o;
-  o.max_attempts = options.max_attempts;
+  Settings s;
+  s.path = uri.base();
   CONVERGE_ASSIGN_OR_RETURN(std::optional<std::string> sync, uri.Take("synchronous"));
   if (sync) {
     if (*sync != "full" && *sync != "normal") {
       return tl::unexpected(InvalidArgumentError("store URI: synchronous=" + *sync +
                                                  " must be full or normal"));
     }
-    o.synchronous_full = *sync == "full";
+    s.synchronous_full = *sync == "full";
   }
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> max_batch, uri.TakeInt("max_batch", 1, 1 << 20));
-  if (max_batch) o.max_batch = static_cast<size_t>(*max_batch);
+  if (max_batch) s.max_batch = static_cast<size_t>(*max_batch);
   // sqlite3_busy_timeout takes an int.
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> busy,
                             uri.TakeInt("busy_timeout_ms", 0, std::numeric_limits<int>::max()));
-  if (busy) o.busy_timeout = Millis(*busy);
+  if (busy) s.busy_timeout = Millis(*busy);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> readers, uri.TakeInt("readers", 1, 1024));
-  if (readers) o.readers = static_cast<size_t>(*readers);
+  if (readers) s.readers = static_cast<size_t>(*readers);
   CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
+  return s;
+}
 
-  auto db = std::make_unique<SqliteDatabase>(uri.base(), o);
+std::string FormatLocation(const Settings& settings) {
+  return settings.path + "?synchronous=" + (settings.synchronous_full ? "full" : "normal") +
+         "&max_batch=" + std::to_string(settings.max_batch) +
+         "&busy_timeout_ms=" + std::to_string(settings.busy_timeout.count()) +
+         "&readers=" + std::to_string(settings.readers);
+}
+
+Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {
+  CONVERGE_ASSIGN_OR_RETURN(Settings settings, ParseLocation(location));
+  Options o;
+  static_cast<Settings&>(o) = std::move(settings);
+  o.max_attempts = options.max_attempts;
+  auto db = std::make_unique<SqliteDatabase>(std::move(o));
   CONVERGE_RETURN_IF_ERROR(db->Init());
   return std::unique_ptr<Database>(std::move(db));
 }

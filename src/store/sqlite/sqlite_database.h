@@ -3,9 +3,12 @@
 #define CONVERGE_STORE_SQLITE_SQLITE_DATABASE_H_
 
 #include <array>
+#include <cstddef>
 #include <memory>
+#include <string>
 #include <string_view>
 
+#include "converge/clock.h"
 #include "converge/database.h"
 
 namespace converge::sqlite {
@@ -13,6 +16,23 @@ namespace converge::sqlite {
 // The parameters a sqlite: URI's query may carry (database.h, Database::Open).
 inline constexpr std::array<std::string_view, 4> kUriParameters = {
     "synchronous", "max_batch", "busy_timeout_ms", "readers"};
+
+// What a sqlite: location asks for ("PATH?synchronous=normal&readers=8", the URI after
+// `sqlite:` or `sqlite://`), read without opening anything.
+struct Settings {
+  std::string path;  // the location before its '?'; never empty
+  bool synchronous_full = true;
+  size_t max_batch = 512;
+  Millis busy_timeout = Millis(5000);
+  size_t readers = 4;
+};
+
+// Errors (kInvalidArgument): an empty path; a parameter that is not name=value, unknown,
+// given twice, or with a value out of range.
+Result<Settings> ParseLocation(std::string_view location);
+// `settings` as a location ParseLocation reads back to the same settings, every
+// parameter spelled out.
+std::string FormatLocation(const Settings& settings);
 
 // Opens (creating if absent) the SQLite file `location` names ("PATH" or
 // "PATH?PARAMETERS": what follows "sqlite:"), sets WAL mode, applies pending migrations
