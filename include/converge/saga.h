@@ -231,6 +231,11 @@ class SagaRunner {
   // if the step's compensation already ran or was passed over, it is made to run again.
   Result<Drive> Lost(const Position& p, int64_t fence, bool late, bool succeeded,
                      const std::string& result, const std::string& error);
+  // A compensation call this runner made under `fence` succeeded with `result`, and its
+  // record was fenced out: journals the result for the runner that takes over, so that
+  // it is not called again, unless a reopen has since released the intent (Lost).
+  void JournalFencedOutCompensation(const std::string& key, int64_t fence,
+                                    const std::string& result);
   // The saga of a late call was swept: parks a dead letter naming the call through `tx`.
   Status ParkLateCallAfterSweep(Tx& tx, const Position& p, int64_t fence, bool succeeded,
                                 const std::string& result, const std::string& error);

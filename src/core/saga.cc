@@ -353,7 +353,10 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       return local_status.ok() ? r : OkStatus();
     }) : record();
     if (!local_status.ok()) st = local_status;
-    if (IsFenced(st)) return Lost(p, fence, called && !p.compensating, true, result, "");
+    if (IsFenced(st)) {
+      if (called && p.compensating) JournalFencedOutCompensation(ctx.key, fence, result);
+      return Lost(p, fence, called && !p.compensating, true, result, "");
+    }
     if (st.ok()) {
       Count(&SagaStats::steps);
       if (terminal) {
@@ -446,6 +449,9 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     // The call may have acted when it succeeded (a local part failed after it) or its
     // outcome is unknown; a permanent error says it did nothing.
     const bool late = called && !p.compensating && (call_done || transient);
+    if (called && call_done && p.compensating) {
+      JournalFencedOutCompensation(ctx.key, fence, result);
+    }
     return Lost(p, fence, late, call_done, result, failure.ToString());
   }
   CONVERGE_RETURN_IF_ERROR(st);
@@ -514,9 +520,14 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
       return ParkLateCallAfterSweep(tx, p, fence, succeeded, result, error);
     }
     reopened = true;
+    // The compensation's journal entry: a result is discarded, and an intent still pending
+    // is released from the fence it was claimed with, so that the runner whose call it is
+    // cannot journal that call's result when it finds itself fenced out: that call may
+    // have looked before ours acted (JournalFencedOutCompensation).
     CONVERGE_RETURN_IF_ERROR(StatusOf(
-        tx.Exec("UPDATE effects SET state = 'failed', claim_token = NULL, last_error = $1, "
-                "updated_at = $2 WHERE effect_key = $3 AND state = 'done'",
+        tx.Exec("UPDATE effects SET state = CASE WHEN state = 'done' THEN 'failed' "
+                "ELSE state END, claim_token = NULL, last_error = $1, updated_at = $2 "
+                "WHERE effect_key = $3 AND state IN ('done', 'pending')",
                 why, now, comp_key)));
     CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(
         "INSERT INTO saga_steps (saga_id, seq, step, phase, outcome, attempt, result, error, "
@@ -541,6 +552,26 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
               "' after the saga was swept: dead letter, undo it by hand");
   }
   return Drive::kLost;
+}
+
+// Method: the runner that took the saga over (or the reopen's next round) runs this
+// compensation again, and finds our intent still pending: the call may have acted, so it
+// calls again with the same key. It need not: our call succeeded. The write is
+// conditional on the intent still being ours (claimed with `fence`, pending): a taker
+// that claimed it since has its own call under way, and a reopen of this very step
+// released it (Lost), because our call may have looked for the effect before the late
+// call made it and must be made again. Compensations of other steps are not touched by a
+// reopen and keep what we learnt. One attempt: if it fails, the call is repeated with its
+// key, as before.
+void SagaRunner::JournalFencedOutCompensation(const std::string& key, int64_t fence,
+                                              const std::string& result) {
+  Status st = db_.Transact([&](Tx& tx) -> Status {
+    return StatusOf(tx.Exec(
+        "UPDATE effects SET state = 'done', result = $1, last_error = NULL, claim_token = NULL, "
+        "updated_at = $2 WHERE effect_key = $3 AND state = 'pending' AND claim_token = $4",
+        result, clock_->NowMillis(), key, std::to_string(fence)));
+  });
+  if (!st.ok()) Count(nullptr, "journal of a fenced-out compensation's result: " + st.ToString());
 }
 
 // Method: the saga this late call belongs to was settled and swept, with its step log and
