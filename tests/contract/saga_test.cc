@@ -150,6 +150,36 @@ class Sagas : public StoreContract<Store> {
     ASSERT_EQ(Load("sw").state, saga_state::kCompensated);
     ASSERT_EQ(Calls("order:sw:a:compensation"), 1);
   }
+  // A stalls before b's call; B takes over, b is declined, and B is paused after the
+  // compensation call `paused_key` (b's when b's compensation calls, else a's) returned with
+  // success, before recording it. A's late charge of b then lands and reopens the saga at b;
+  // B is let go (fenced out), and the saga is driven to its end by B.
+  void LateChargeWhileACompensationIsUnrecorded(const SagaDefinition& d, const std::string& id,
+                                                const std::string& paused_key) {
+    ManualClock clock;
+    SagaRunner a(*this->db_, d, {.lease = 10s}, &clock);
+    SagaRunner b(*this->db_, d, {.lease = 10s}, &clock);
+    Begin(a, id);
+    // saga.before_call: A's a (1), A's b (2, paused). saga.after_call_before_record: A's a
+    // (1), B's b (2), B's first compensation call (3, paused).
+    ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1;"
+                                     "saga.after_call_before_record=pause@3*1")
+                    .ok());
+    std::thread ta([&] { (void)a.RunOnce(); });
+    ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
+    clock.Advance(11s);
+    script_.Fail("b.call", {FailedPreconditionError("declined")});
+    std::thread tb([&] { (void)b.RunOnce(); });
+    EXPECT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
+    EXPECT_EQ(Calls(paused_key), 1);
+    failpoint::Release("saga.before_call");
+    ta.join();
+    EXPECT_EQ(a.stats().late_calls, 1);
+    failpoint::Release("saga.after_call_before_record");
+    tb.join();
+    Drain(b, clock, id);
+    EXPECT_EQ(Load(id).state, saga_state::kCompensated);
+  }
   // Definition() with idempotent local undos, b's undo a local release only (no call).
   SagaDefinition LocalUndoOfB(Database& db) {
     SagaDefinition d = Definition(db);
@@ -1535,77 +1565,26 @@ TYPED_TEST(Sagas, ALateCallThatTimesOutOnTheSweepsLockIsStillDeadLettered) {
 
 // The other side of the test below: the compensation of the step a late call reopens must
 // run again, even when its runner, fenced out by the reopen, had learnt that its call
-// succeeded. A stalls before b's call; B takes over, b is declined, B's compensation of b
-// (a call) returns and B is paused before recording it. A's late charge of b lands and
-// reopens the saga at b: B's compensation may have looked before the charge existed. B
-// is fenced out, and must not journal its result (the reopen released its intent).
+// succeeded: it may have looked before the late charge existed. B must not journal its
+// result (the reopen released its intent).
 TYPED_TEST(Sagas, AFencedOutRunnerDoesNotJournalTheReopenedStepsOwnCompensation) {
-  ManualClock clock;
-  Database& db = *this->db_;
-  SagaDefinition d = this->LocalUndoOfB(db);
-  d.steps[1].compensation.call = this->Call(db, "b.undo.call");
-  SagaRunner a(db, d, {.lease = 10s}, &clock);
-  SagaRunner b(db, d, {.lease = 10s}, &clock);
-  this->Begin(a, "ro");
-  // saga.before_call: A's a (1), A's b (2, paused). saga.after_call_before_record: A's a
-  // (1), B's b (2), B's compensation of b (3, paused).
-  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1;"
-                                   "saga.after_call_before_record=pause@3*1")
-                  .ok());
-  std::thread ta([&] { (void)a.RunOnce(); });
-  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
-  clock.Advance(11s);
-  this->script_.Fail("b.call", {FailedPreconditionError("declined")});
-  std::thread tb([&] { (void)b.RunOnce(); });
-  ASSERT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
-  ASSERT_EQ(this->Calls("order:ro:b:compensation"), 1);
-  failpoint::Release("saga.before_call");
-  ta.join();
-  EXPECT_EQ(a.stats().late_calls, 1);
-  failpoint::Release("saga.after_call_before_record");
-  tb.join();
-  this->Drain(b, clock, "ro");
-  EXPECT_EQ(this->Load("ro").state, saga_state::kCompensated);
+  SagaDefinition d = this->LocalUndoOfB(*this->db_);
+  d.steps[1].compensation.call = this->Call(*this->db_, "b.undo.call");
+  this->LateChargeWhileACompensationIsUnrecorded(d, "ro", "order:ro:b:compensation");
   EXPECT_EQ(this->Calls("order:ro:b:compensation"), 2)
       << "the compensation that may have looked before the late charge was not run again";
   EXPECT_EQ(this->Calls("order:ro:a:compensation"), 1);
 }
 
 // Review of 2026-11-29 (3), invariant (a): a reopen discarded a compensation call's
-// known outcome, and the call was made a second time. A stalls before b's call; B takes
-// over, b is declined, B compensates a: a's refund call returns (B knows it succeeded)
-// and B is paused before recording it. A's late charge of b lands: the reopen sends the
-// saga back to compensating at b under a fence nobody holds. B's record was fenced out,
-// so a's refund stayed 'pending' in the journal and the second round called it again.
-// Only b's compensation had to run again (it may have looked before the late charge); a's
+// known outcome, and the call was made a second time. B's refund of a returned (B knew it
+// succeeded); the reopen at b fenced B out, so a's refund stayed 'pending' in the journal
+// and the second round called it again. Only b's compensation had to run again; a's
 // refund undoes a, which the late call did not touch, and its outcome was known. B now
 // journals it although fenced out (SagaRunner::JournalFencedOutCompensation).
 TYPED_TEST(Sagas, AReopenDoesNotRepeatACompensationCallWhoseOutcomeWasKnown) {
-  ManualClock clock;
-  Database& db = *this->db_;
-  const SagaDefinition d = this->LocalUndoOfB(db);
-  SagaRunner a(db, d, {.lease = 10s}, &clock);
-  SagaRunner b(db, d, {.lease = 10s}, &clock);
-  this->Begin(a, "rf");
-  // saga.before_call: A's a (1), A's b (2, paused). saga.after_call_before_record: A's a
-  // (1), B's b (2), B's refund of a (3, paused).
-  ASSERT_TRUE(failpoint::Configure("saga.before_call=pause@2*1;"
-                                   "saga.after_call_before_record=pause@3*1")
-                  .ok());
-  std::thread ta([&] { (void)a.RunOnce(); });
-  ASSERT_TRUE(failpoint::WaitPaused("saga.before_call", 20s));
-  clock.Advance(11s);
-  this->script_.Fail("b.call", {FailedPreconditionError("declined")});
-  std::thread tb([&] { (void)b.RunOnce(); });
-  ASSERT_TRUE(failpoint::WaitPaused("saga.after_call_before_record", 20s));
-  ASSERT_EQ(this->Calls("order:rf:a:compensation"), 1);
-  failpoint::Release("saga.before_call");
-  ta.join();
-  EXPECT_EQ(a.stats().late_calls, 1);
-  failpoint::Release("saga.after_call_before_record");
-  tb.join();
-  this->Drain(b, clock, "rf");
-  EXPECT_EQ(this->Load("rf").state, saga_state::kCompensated);
+  this->LateChargeWhileACompensationIsUnrecorded(this->LocalUndoOfB(*this->db_), "rf",
+                                                 "order:rf:a:compensation");
   EXPECT_EQ(this->Calls("order:rf:a:compensation"), 1)
       << "a's refund, whose success B had learnt, was called again";
 }
