@@ -20,7 +20,7 @@ build=$1
 seconds=$2
 shift 2
 src=$(cd "$(dirname "$0")/.." && pwd)
-all=(idempotency_key fingerprint webhook envelope failpoint config payment_request store_uri
+all=(idempotency_key fingerprint webhook envelope failpoint config payment_request psp_event store_uri
      http_request payment_body)
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then targets=("${all[@]}"); fi
@@ -36,6 +36,7 @@ declare -A max_len=([http_request]=8192)
 # when the process exits (ASAN_OPTIONS below).
 declare -A per_input_leaks=([store_uri]=0 [http_request]=0 [payment_body]=0)
 declare -A dict=([fingerprint]=json [envelope]=json [payment_body]=json [payment_request]=json
+                 [psp_event]=json
                  [http_request]=http_request [config]=config [failpoint]=failpoint
                  [webhook]=webhook [store_uri]=store_uri)
 

@@ -36,6 +36,7 @@
 #include "examples/payments/checkout.h"
 #include "examples/payments/ids.h"
 #include "examples/payments/payment_request.h"
+#include "examples/payments/psp_event.h"
 #include "examples/payments/rules.h"
 
 namespace payments {
@@ -59,7 +60,6 @@ using converge::http::Response;
 using converge::http::ToStored;
 using json = nlohmann::json;
 
-constexpr const char* kPspSource = "urn:converge:psp";
 // Webhook dedupe rows outlive any provider's retry schedule (Standard Webhooks senders
 // retry for days, not weeks).
 constexpr int64_t kWebhookDedupeMillis = 30LL * 24 * 3600 * 1000;
@@ -687,27 +687,16 @@ converge::http::Server::Handler Service::Impl::PspWebhookRoute() {
   o.metrics = &metrics_;
   o.clock = clock_;
   o.validate = [](const converge::http::VerifiedWebhook& hook) -> std::optional<Response> {
-    json j = json::parse(hook.body, nullptr, false);
-    if (j.is_discarded() || !j.is_object() || !j["type"].is_string() || !j["data"].is_object()) {
-      return Problem(400, "Bad Request",
-                     "webhook body must be {\"type\": string, \"data\": object}",
-                     "invalid-webhook");
-    }
+    auto event = ParsePspEvent(hook.body);
+    if (!event) return Problem(400, "Bad Request", event.error().message(), "invalid-webhook");
     return std::nullopt;
   };
   return converge::http::WebhookIntakeRoute(
-      *db_, std::move(o), [this](Tx& tx, const converge::http::VerifiedWebhook& hook) {
-        json j = json::parse(hook.body);
-        Event e;
-        e.id = hook.id;
-        e.source = kPspSource;
-        e.type = "psp." + j["type"].get<std::string>();
-        e.subject = j["data"].value("charge_id", j["data"].value("id", "unknown"));
-        e.aggregate_type = "psp";
-        e.time = clock_->NowMillis();
-        e.data = j["data"].dump();
-        e.envelope = converge::EncodeEnvelope(e);
-        return queue_->EnqueueInTx(tx, "psp-webhooks", e);
+      *db_, std::move(o), [this](Tx& tx, const converge::http::VerifiedWebhook& hook) -> Status {
+        // `validate` accepted the body: it parses.
+        CONVERGE_ASSIGN_OR_RETURN(PspEvent event, ParsePspEvent(hook.body));
+        return queue_->EnqueueInTx(tx, "psp-webhooks",
+                                   PspQueueEvent(event, hook.id, clock_->NowMillis()));
       });
 }
 
@@ -791,9 +780,9 @@ Result<std::string> Service::Impl::SendReceipt(const std::string& key, const std
 }
 
 Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
-  json d = json::parse(e.data, nullptr, false);
-  if (e.type == "psp.charge.succeeded") {
-    const std::string ref = d.value("reference", "");
+  CONVERGE_ASSIGN_OR_RETURN(PspEvent event, ParsePspQueueEvent(e));
+  if (event.type == "charge.succeeded") {
+    const std::string& ref = event.reference;
     CONVERGE_ASSIGN_OR_RETURN(
         int64_t n, tx.Exec("UPDATE payments SET psp_confirmed_at = $1 WHERE id = $2",
                            clock_->NowMillis(), ref));
@@ -802,8 +791,8 @@ Status Service::Impl::OnPspWebhook(Tx& tx, const Event& e) {
       return converge::UnavailableError("charge.succeeded for unknown payment '" + ref + "'");
     return converge::OkStatus();
   }
-  if (e.type == "psp.charge.refunded") {
-    const std::string charge = d.value("charge_id", "");
+  if (event.type == "charge.refunded") {
+    const std::string& charge = event.charge_id;
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows, tx.Query("SELECT id, amount, currency, status FROM payments "
                             "WHERE psp_charge_id = $1", charge));

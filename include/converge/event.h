@@ -44,7 +44,14 @@ struct Event {
   EventIdentity identity() const { return {source, id}; }
 };
 
-// The CloudEvents JSON envelope of `e` (all fields but `envelope` must be filled in).
+// Whether `data` can be an event's data: a JSON document nesting at most 256 levels of
+// arrays and objects. kInvalidArgument otherwise. Outbox::Enqueue checks it; so must a
+// caller of EncodeEnvelope with data from outside (its encoding recurses once per level,
+// and data deep enough would overflow the stack).
+Status ValidateEventData(std::string_view data);
+
+// The CloudEvents JSON envelope of `e` (all fields but `envelope` must be filled in, and
+// `data` pass ValidateEventData).
 std::string EncodeEnvelope(const Event& e);
 // Parses a CloudEvents JSON envelope into every field, `envelope` included.
 // kInvalidArgument names what is wrong (including data nested deeper than 256 levels of

@@ -67,6 +67,17 @@ bool ParseRfc3339(std::string_view s, int64_t* out) {
 
 }  // namespace
 
+Status ValidateEventData(std::string_view data) {
+  int depth = 0;
+  const json parsed = internal::ParseMeasuringDepth(data, &depth);
+  if (parsed.is_discarded()) return InvalidArgumentError("event data is not valid JSON");
+  if (depth > internal::kMaxEventDataDepth) {
+    return InvalidArgumentError("event data nests deeper than " +
+                                std::to_string(internal::kMaxEventDataDepth) + " levels");
+  }
+  return OkStatus();
+}
+
 std::string EncodeEnvelope(const Event& e) {
   json j = {
       {"specversion", "1.0"},

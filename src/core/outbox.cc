@@ -3,7 +3,6 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/crypto.h"
-#include "src/core/json_depth.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -59,16 +58,7 @@ Result<PreparedEvent> Outbox::Prepare(Event e) const {
   if (e.time == 0) e.time = now;
   if (e.aggregate_type.empty()) e.aggregate_type = e.type.substr(0, e.type.find('.'));
   CONVERGE_RETURN_IF_ERROR(ValidateEvent(e));
-  int depth = 0;
-  json data = internal::ParseMeasuringDepth(e.data, &depth);
-  if (data.is_discarded()) {
-    return tl::unexpected(InvalidArgumentError("event data is not valid JSON"));
-  }
-  if (depth > internal::kMaxEventDataDepth) {
-    return tl::unexpected(InvalidArgumentError("event data nests deeper than " +
-                                               std::to_string(internal::kMaxEventDataDepth) +
-                                               " levels"));
-  }
+  CONVERGE_RETURN_IF_ERROR(ValidateEventData(e.data));
   PreparedEvent p;
   p.headers_ = "{}";
   if (!e.traceparent.empty()) p.headers_ = json{{"traceparent", e.traceparent}}.dump();

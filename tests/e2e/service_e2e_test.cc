@@ -390,6 +390,9 @@ TEST_F(ServiceE2E, BadInputTableWritesNothing) {
                    {"webhook-signature", *converge::webhook::Sign(*secret_, id, ts, body)}};
   };
   const std::string hook = R"({"type":"charge.refunded","data":{"charge_id":"ch_x"}})";
+  const std::string numeric_charge_id = R"({"type":"charge.refunded","data":{"charge_id":7}})";
+  const std::string deep_hook = R"({"type":"x","data":{"a":)" + std::string(300, '[') +
+                                std::string(300, ']') + "}}";
   struct Case {
     std::string name, method, path;
     Headers headers;
@@ -469,6 +472,12 @@ TEST_F(ServiceE2E, BadInputTableWritesNothing) {
        "not json", 400},
       {"webhook JSON without type", "POST", "/webhooks/psp",
        signed_headers("msg_nt", R"({"data":{}})", now), R"({"data":{}})", 400},
+      // Was a 500 at every retry of the provider: the route read the id with a
+      // json::value that threw (found by fuzz/psp_event_fuzz.cc's rules).
+      {"webhook whose charge_id is not a string", "POST", "/webhooks/psp",
+       signed_headers("msg_ci", numeric_charge_id, now), numeric_charge_id, 400},
+      {"webhook data nested too deep to encode", "POST", "/webhooks/psp",
+       signed_headers("msg_dd", deep_hook, now), deep_hook, 400},
       {"admin with a wrong token",
        "GET",
        "/admin/dead-letters",
