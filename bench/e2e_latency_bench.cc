@@ -9,10 +9,18 @@
 //          their effect per second);
 //   half:  open-loop producers at half that rate for --seconds; every event's latency is
 //          its effect's commit time minus its producer's commit time. Prints p50, p99 and
-//          max, and waits (with a deadline) for every event to reach the consumer.
+//          max, and waits (with a deadline) for every event to reach the consumer. Where
+//          the time went, stage by stage, and how many transactions each event cost;
+//   floor (run first, printed last): one caller alone, 300 one-row transactions back to
+//          back on the fresh store, the path idle: a durable commit's latency on this
+//          disk, the unit the path after a producer's commit is made of (the relay's
+//          commit, the consumer's claim, the consumer's effects).
 //
-//   converge_e2e_bench [--seconds S] [--callers N] [--json FILE]
+//   converge_e2e_bench [--seconds S] [--callers N] [--rate R] [--json FILE]
+//   (--rate: the half phase's events/s instead of half the measured peak, to compare two
+//   builds at one load)
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -20,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -31,6 +40,7 @@
 #include "converge/database.h"
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
+#include "converge/tx_publisher.h"
 
 namespace {
 
@@ -43,40 +53,112 @@ using Steady = std::chrono::steady_clock;
   std::exit(1);
 }
 
-// Commit and effect times per event number, from the producers' and the consumer's
-// threads.
+// Where an event's time goes: the moment it passes each stage of the path, per event
+// number (its subject), from the producers', the relay's and the consumer's threads.
+enum Stage : size_t {
+  kCommitted,       // the producer's Transact returned: the outbox row is durable
+  kRelayPublishing, // the relay's transaction reached the publish: woken, claimed
+  kRelayCommitted,  // the relay's transaction (queue rows + mark) committed
+  kFetched,         // the consumer's Fetch returned it: its claim committed
+  kHandling,        // its handler started (inbox row claimed, in the batch transaction)
+  kEffected,        // the consumer's transaction (inbox row + effect) committed
+  kStages
+};
+constexpr const char* kStageNames[kStages] = {"producer commit", "relay publishing",
+                                              "relay commit",    "consumer fetched",
+                                              "handler start",   "effect commit"};
+
 class Timeline {
  public:
-  void Committed(int64_t n) { Put(committed_, n); }
-  void Effected(int64_t n) { Put(effected_, n); }
+  using Times = std::array<Steady::time_point, kStages>;
+  void Mark(int64_t n, Stage s) {
+    auto now = Steady::now();
+    std::lock_guard<std::mutex> l(mu_);
+    Times& t = times_[n];
+    if (t[s] != Steady::time_point{}) return;  // the first time counts (a redelivery not)
+    t[s] = now;
+    if (s == kEffected) ++effects_;
+  }
   size_t effects() const {
     std::lock_guard<std::mutex> l(mu_);
-    return effected_.size();
+    return effects_;
   }
-  // Latencies in ms of the events numbered [from, to) that have both times.
-  std::vector<double> LatenciesMs(int64_t from, int64_t to) const {
+  // The sorted ms between stages `a` and `b` of the events numbered [from, to) that have
+  // both. The effect can commit before the producer's thread reads its clock after
+  // Transact returned (the relay is woken by that same commit): then it is ~0.
+  std::vector<double> Between(int64_t from, int64_t to, Stage a, Stage b) const {
     std::lock_guard<std::mutex> l(mu_);
     std::vector<double> out;
     for (int64_t n = from; n < to; ++n) {
-      auto c = committed_.find(n), e = effected_.find(n);
-      if (c == committed_.end() || e == effected_.end()) continue;
-      // The effect can commit before the producer's thread reads its clock after Transact
-      // returned (the relay is woken by that same commit): then the latency is ~0.
-      out.push_back(
-          std::max(0.0, std::chrono::duration<double, std::milli>(e->second - c->second).count()));
+      auto it = times_.find(n);
+      if (it == times_.end()) continue;
+      const Times& t = it->second;
+      if (t[a] == Steady::time_point{} || t[b] == Steady::time_point{}) continue;
+      out.push_back(std::max(0.0, std::chrono::duration<double, std::milli>(t[b] - t[a]).count()));
     }
     std::sort(out.begin(), out.end());
     return out;
   }
 
  private:
-  void Put(std::unordered_map<int64_t, Steady::time_point>& m, int64_t n) {
-    auto now = Steady::now();
-    std::lock_guard<std::mutex> l(mu_);
-    m[n] = now;
-  }
   mutable std::mutex mu_;
-  std::unordered_map<int64_t, Steady::time_point> committed_, effected_;
+  std::unordered_map<int64_t, Times> times_;
+  size_t effects_ = 0;
+};
+
+// The SQL queue as the relay sees it, timing the relay's stages: the transactional face
+// forwards to the queue (so the relay still publishes and marks in one transaction) and
+// marks when the relay reached the publish and when its transaction committed.
+class TimedQueue : public converge::Publisher, public converge::TxPublisher {
+ public:
+  TimedQueue(converge::SqlQueue& q, Timeline& t) : q_(q), t_(t) {}
+  Status Publish(const converge::Event& e) override { return q_.Publish(e); }
+  converge::TxPublisher* tx_publisher() override { return this; }
+  converge::Database* database() override { return q_.database(); }
+  Status PublishInTx(Tx& tx, std::span<const converge::Event> batch) override {
+    std::vector<int64_t> ns;
+    for (const converge::Event& e : batch) ns.push_back(std::stoll(e.subject));
+    for (int64_t n : ns) t_.Mark(n, kRelayPublishing);
+    ++publishes;
+    tx.OnCommit([this, ns] {
+      for (int64_t n : ns) t_.Mark(n, kRelayCommitted);
+    });
+    return q_.PublishInTx(tx, batch);
+  }
+  std::atomic<int64_t> publishes{0};  // relay transactions that published
+
+ private:
+  converge::SqlQueue& q_;
+  Timeline& t_;
+};
+
+// The consumer's subscriber, marking when a Fetch (its claim committed) handed an event
+// out, and counting fetches and separate settles (one transaction each; none when the
+// consumer settles inside its effects' transaction).
+class TimedSubscriber : public converge::SubscriberWrapper {
+ public:
+  TimedSubscriber(converge::Subscriber* target, Timeline& t) : SubscriberWrapper(target), t_(t) {}
+  converge::Result<std::vector<converge::Delivery>> Fetch(size_t max,
+                                                          converge::Millis visibility) override {
+    auto r = target_->Fetch(max, visibility);
+    ++fetches;
+    if (r) {
+      for (const converge::Delivery& d : *r) t_.Mark(std::stoll(d.event.subject), kFetched);
+    }
+    return r;
+  }
+  Status Settle(std::span<const converge::Delivery> d,
+                std::span<const converge::Settlement> s) override {
+    ++settles;
+    return target_->Settle(d, s);
+  }
+  // The queue's transactional face, so the consumer settles in its effects' transaction
+  // as it would without this wrapper.
+  converge::TxSettler* tx_settler() override { return target_->tx_settler(); }
+  std::atomic<int64_t> fetches{0}, settles{0};
+
+ private:
+  Timeline& t_;
 };
 
 struct Service {
@@ -84,8 +166,12 @@ struct Service {
   std::unique_ptr<converge::Database> db;
   std::unique_ptr<converge::SqlQueue> queue;
   std::unique_ptr<converge::Subscriber> sub;
-  std::unique_ptr<converge::Runtime> runtime;
   Timeline timeline;
+  std::unique_ptr<TimedQueue> timed_queue;
+  std::unique_ptr<TimedSubscriber> timed_sub;
+  std::unique_ptr<converge::Runtime> runtime;
+  converge::Relay* relay = nullptr;
+  converge::Consumer* consumer = nullptr;
 
   Service() {
     const char* base = std::getenv("TMPDIR");
@@ -103,21 +189,26 @@ struct Service {
     queue = std::make_unique<converge::SqlQueue>(*db);
     if (st = queue->Subscribe("effects", "*"); !st.ok()) Die("subscribe: " + st.ToString());
     sub = queue->OpenSubscriber("effects");
+    timed_queue = std::make_unique<TimedQueue>(*queue, timeline);
+    timed_sub = std::make_unique<TimedSubscriber>(sub.get(), timeline);
     runtime = std::make_unique<converge::Runtime>(*db);
-    runtime->AddRelay(*queue);
-    runtime->AddConsumer(*sub, {.name = "effects"})
-        .On("bench.created", [this](Tx& tx, const converge::Event& e) -> Status {
-          const int64_t n = std::stoll(e.subject);
-          CONVERGE_RETURN_IF_ERROR(
-              tx.Exec("INSERT INTO effects_seen (n, at) VALUES ($1, $2)", n, int64_t{0}));
-          tx.OnCommit([this, n] { timeline.Effected(n); });
-          return converge::OkStatus();
-        });
+    relay = &runtime->AddRelay(*timed_queue);
+    consumer = &runtime->AddConsumer(*timed_sub, {.name = "effects"});
+    consumer->On("bench.created", [this](Tx& tx, const converge::Event& e) -> Status {
+      const int64_t n = std::stoll(e.subject);
+      timeline.Mark(n, kHandling);
+      CONVERGE_RETURN_IF_ERROR(
+          tx.Exec("INSERT INTO effects_seen (n, at) VALUES ($1, $2)", n, int64_t{0}));
+      tx.OnCommit([this, n] { timeline.Mark(n, kEffected); });
+      return converge::OkStatus();
+    });
     if (st = runtime->Start(); !st.ok()) Die("start: " + st.ToString());
   }
   ~Service() {
     runtime->Stop();
     runtime.reset();
+    timed_sub.reset();
+    timed_queue.reset();
     sub.reset();
     queue.reset();
     db.reset();
@@ -136,7 +227,7 @@ struct Service {
     Status st = db->Transact([&](Tx& tx) { return converge::StatusOf(
                                               runtime->outbox().Enqueue(tx, *prepared)); });
     if (!st.ok()) Die("produce: " + st.ToString());
-    timeline.Committed(n);
+    timeline.Mark(n, kCommitted);
   }
 };
 
@@ -147,13 +238,36 @@ int main(int argc, char** argv) {
   double seconds = 3;
   int callers = 64;
   std::string json_path;
+  double fixed_rate = 0;
   app.add_option("--seconds", seconds, "Duration of each phase")->check(CLI::Range(0.5, 600.0));
   app.add_option("--callers", callers, "Producers in the peak phase")
       ->check(CLI::Range(1, 1024));
   app.add_option("--json", json_path, "Write the results to this JSON file");
+  app.add_option("--rate", fixed_rate, "Events/s of the second phase (default: half the peak)")
+      ->check(CLI::Range(0.0, 1e6));
   CLI11_PARSE(app, argc, argv);
 
   Service svc;
+  // The floor first, on the fresh store with the path idle: what one durable commit costs
+  // here when nothing else is queued.
+  Status made = svc.db->Transact([](Tx& tx) {
+    return converge::StatusOf(tx.Exec("CREATE TABLE floor_rows (n INTEGER PRIMARY KEY)"));
+  });
+  if (!made.ok()) Die("create floor_rows: " + made.ToString());
+  std::vector<double> floor;
+  for (int64_t i = 0; i < 300; ++i) {
+    auto t = Steady::now();
+    Status st = svc.db->Transact([i](Tx& tx) {
+      return converge::StatusOf(tx.Exec("INSERT INTO floor_rows (n) VALUES ($1)", i));
+    });
+    if (!st.ok()) Die("floor: " + st.ToString());
+    floor.push_back(std::chrono::duration<double, std::milli>(Steady::now() - t).count());
+  }
+  std::sort(floor.begin(), floor.end());
+  auto fq = [&](double p) {
+    return floor[std::min(floor.size() - 1, static_cast<size_t>(p * floor.size()))];
+  };
+
   std::atomic<int64_t> next{0};
   std::atomic<bool> stop{false};
 
@@ -188,12 +302,25 @@ int main(int argc, char** argv) {
 
   // Open loop at half the peak: producers follow a schedule, so a slow commit does not
   // lower the offered load. Enough producers that the schedule never waits on them.
-  const double rate = peak / 2;
+  const double rate = fixed_rate > 0 ? fixed_rate : peak / 2;
   const int producers = callers;
   const int64_t half_from = next.load();
   const int64_t half_count = static_cast<int64_t>(rate * seconds);
   std::fprintf(stderr, "  half load: %.0f creates/s for %.1fs (%lld events)...\n", rate, seconds,
                static_cast<long long>(half_count));
+  // Who committed how often during the half-load phase (one transaction each: a relay pass
+  // that published, a consumer fetch, batch and settle).
+  struct Counts {
+    int64_t transactions, commits, relay_passes, relay_publishes, fetches, batches, settles;
+  };
+  auto counts = [&] {
+    converge::DatabaseStats ds = svc.db->stats();
+    return Counts{ds.transactions,          ds.commits,
+                  svc.relay->stats().passes, svc.timed_queue->publishes.load(),
+                  svc.timed_sub->fetches.load(), svc.consumer->stats().batches,
+                  svc.timed_sub->settles.load()};
+  };
+  const Counts before = counts();
   std::atomic<int64_t> issued{0};
   threads.clear();
   auto start = Steady::now();
@@ -210,7 +337,9 @@ int main(int argc, char** argv) {
   }
   for (auto& t : threads) t.join();
   if (!wait_all(half_from + half_count, 120)) Die("events did not reach the consumer in 120 s");
-  std::vector<double> lat = svc.timeline.LatenciesMs(half_from, half_from + half_count);
+  const Counts after = counts();
+  std::vector<double> lat =
+      svc.timeline.Between(half_from, half_from + half_count, kCommitted, kEffected);
   if (lat.empty()) Die("no latencies recorded");
   auto pct = [&](double p) {
     return lat[std::min(lat.size() - 1, static_cast<size_t>(p * lat.size()))];
@@ -219,15 +348,43 @@ int main(int argc, char** argv) {
   std::printf("  peak, %d closed-loop producers: %.0f events/s through to their effect "
               "(producers alone committed %.0f/s)\n",
               callers, peak, produced);
-  std::printf("  at half of peak (%.0f/s, %zu events): p50 %.2f ms, p99 %.2f ms, max %.2f ms"
+  std::printf("  at %s (%.0f/s, %zu events): p50 %.2f ms, p99 %.2f ms, max %.2f ms"
               "  (target p99 <= 5 ms: %s)\n",
-              rate, lat.size(), pct(0.5), pct(0.99), lat.back(),
-              pct(0.99) <= 5.0 ? "met" : "NOT met");
+              fixed_rate > 0 ? "the rate asked" : "half of peak", rate, lat.size(), pct(0.5),
+              pct(0.99), lat.back(), pct(0.99) <= 5.0 ? "met" : "NOT met");
+  // Where the time goes: each stage's share, p50 and p99 over the same events.
+  std::printf("  stages (ms from the previous stage: p50 / p99):\n");
+  nlohmann::json stages = nlohmann::json::array();
+  for (size_t st = kRelayPublishing; st < kStages; ++st) {
+    std::vector<double> d = svc.timeline.Between(half_from, half_from + half_count,
+                                                 static_cast<Stage>(st - 1),
+                                                 static_cast<Stage>(st));
+    if (d.empty()) continue;
+    auto q = [&](double p) { return d[std::min(d.size() - 1, static_cast<size_t>(p * d.size()))]; };
+    std::printf("    %-16s -> %-16s %7.2f / %7.2f\n", kStageNames[st - 1], kStageNames[st],
+                q(0.5), q(0.99));
+    stages.push_back({{"from", kStageNames[st - 1]}, {"to", kStageNames[st]},
+                      {"p50_ms", q(0.5)}, {"p99_ms", q(0.99)}});
+  }
+  const double ev = static_cast<double>(half_count);
+  std::printf("  per event: %.3f store transactions, %.3f physical commits; "
+              "relay %.3f passes (%.3f publishing); consumer %.3f fetches, %.3f batches, "
+              "%.3f settles\n",
+              (after.transactions - before.transactions) / ev,
+              (after.commits - before.commits) / ev,
+              (after.relay_passes - before.relay_passes) / ev,
+              (after.relay_publishes - before.relay_publishes) / ev,
+              (after.fetches - before.fetches) / ev, (after.batches - before.batches) / ev,
+              (after.settles - before.settles) / ev);
+  std::printf("  commit floor, one caller alone (300 commits): p50 %.2f ms, p99 %.2f ms; "
+              "after a producer's commit the path needs 3 (relay; consumer claim, effect)\n",
+              fq(0.5), fq(0.99));
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "e2e_latency"}, {"peak", peak}, {"produced", produced},
                         {"rate", rate},              {"events", lat.size()},
                         {"p50_ms", pct(0.5)},        {"p99_ms", pct(0.99)},
-                        {"max_ms", lat.back()}};
+                        {"max_ms", lat.back()},       {"stages", stages},
+                        {"floor_p50_ms", fq(0.5)},   {"floor_p99_ms", fq(0.99)}};
     std::ofstream out(json_path);
     out << j.dump(2) << "\n";
     if (!out) Die("cannot write " + json_path);

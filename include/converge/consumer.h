@@ -6,7 +6,11 @@
 //   effect, count it -- then run the handler with the same Tx. Commit. Only then settle
 // with the transport (acks always follow the commit). A crash anywhere before the commit
 // leaves nothing behind and the transport redelivers; a crash after the commit and before
-// the ack redelivers a message whose inbox row exists, which is absorbed.
+// the ack redelivers a message whose inbox row exists, which is absorbed. A transport in
+// the consumer's own database (the SQL queue: Subscriber::tx_settler(), tx_publisher.h)
+// is settled inside that same transaction instead: the acks commit with the effects or
+// not at all, the window between them does not exist, and the batch costs one
+// transaction less.
 //
 // The handler's Status decides what happens to a failed delivery:
 //   transient (IsTransient) and attempts left  -> nak with exponential backoff, full jitter
@@ -131,14 +135,19 @@ class Consumer {
   Status RunBatch(const std::vector<const Delivery*>& batch);
   // A redelivered (or retried) delivery on its own, its handler start counted first.
   Status RunAlone(const Delivery& d);
-  // Acks or naks what committed. A failure only delays: those deliveries come back and
-  // the inbox absorbs them.
+  // With a subscriber that settles in the store (tx_settler_), settles the batch inside
+  // `tx`, the transaction of its effects; otherwise does nothing.
+  Status SettleInTx(Tx& tx, const std::vector<const Delivery*>& batch,
+                    const std::vector<Decision>& decisions);
+  // After the commit: acks or naks what committed, unless SettleInTx already did. A
+  // failure only delays: those deliveries come back and the inbox absorbs them.
   void Settle(const std::vector<const Delivery*>& batch, const std::vector<Decision>& decisions);
   const Handler* FindHandler(const std::string& type) const;
   Millis Backoff(int64_t attempts) const;
 
   Database& db_;
   Subscriber& subscriber_;
+  TxSettler* const tx_settler_;  // subscriber_'s, on db_; or nullptr
   const ConsumerOptions options_;
   Clock* clock_;
   const Inbox inbox_;

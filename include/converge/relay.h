@@ -118,15 +118,25 @@ class Relay {
   const std::string& name() const { return name_; }
 
  private:
-  // Renews, takes and sheds partition leases; returns partition -> fence held.
+  // Renews, takes and sheds partition leases in a transaction of its own; returns
+  // partition -> fence held.
   Result<std::map<int64_t, int64_t>> Acquire();
+  // Acquire's work inside `tx`: *owned becomes partition -> fence held once tx commits.
+  // kFailedPrecondition: this incarnation was superseded.
+  Status AcquireIn(Tx& tx, std::map<int64_t, int64_t>* owned);
+  // Records the outcome of an acquiring transaction (held_; cleared when superseded).
+  Result<std::map<int64_t, int64_t>> Acquired(const Status& st,
+                                              std::map<int64_t, int64_t> owned);
   // Renews the lease of `partition` if this relay still holds it at `fence`.
   Result<bool> StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now);
   // StillOwns for every partition in `partitions` (held at owned.at(p)), in one statement
   // when all are still this relay's; returns those that are.
   Result<std::set<int64_t>> Renew(Tx& tx, const std::set<int64_t>& partitions,
                                   const std::map<int64_t, int64_t>& owned, int64_t now);
-  Result<size_t> RunShared(const std::map<int64_t, int64_t>& owned);
+  // Claims, publishes and marks in one transaction; with `acquired`, acquires in it too
+  // (AcquireIn) and claims in what it then holds, else in `held`.
+  Result<size_t> RunShared(const std::map<int64_t, int64_t>& held,
+                           std::map<int64_t, int64_t>* acquired);
   Result<size_t> RunSeparate(const std::map<int64_t, int64_t>& owned);
   void ReleaseAll();
 

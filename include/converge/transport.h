@@ -34,6 +34,7 @@
 namespace converge {
 
 class TxPublisher;  // tx_publisher.h
+class TxSettler;    // tx_publisher.h
 
 class Publisher {
  public:
@@ -146,6 +147,9 @@ class Subscriber {
 
   // Signalled when new messages may be ready; consumers sleep on it between polls.
   virtual Wakeup* wakeup() { return nullptr; }
+  // The transactional face of this subscriber, when it has one (the SQL queue does): a
+  // consumer on that database settles through it inside its own transaction.
+  virtual TxSettler* tx_settler() { return nullptr; }
 };
 
 class SubscriberWrapper : public Subscriber {
@@ -161,6 +165,9 @@ class SubscriberWrapper : public Subscriber {
     return target_->Extend(d, visibility);
   }
   Wakeup* wakeup() override { return target_->wakeup(); }
+  // A wrapper has no transactional face: the consumer settles through Settle, after its
+  // commit, the way it does with an external broker (so an override of Settle sees
+  // every settlement).
 
  protected:
   Subscriber* target_;

@@ -1,8 +1,8 @@
-// TxPublisher: publishing inside a store transaction, for transports that live in the
-// database itself (the SQL queue). When the relay's outbox is in that same database, it
-// claims, publishes and marks a batch in one local transaction, and the window between
-// "published" and "marked" that an external broker has does not exist
-// (docs/design/outbox-relay.md).
+// TxPublisher and TxSettler: publishing and settling inside a store transaction, for
+// transports that live in the database itself (the SQL queue). When the relay's outbox is
+// in that same database, it claims, publishes and marks a batch in one local transaction,
+// and the window between "published" and "marked" that an external broker has does not
+// exist (docs/design/outbox-relay.md); a consumer in it settles in its effects' transaction.
 //
 // A transport offers this next to its Publisher (Publisher::tx_publisher()); a broker
 // outside the database (NATS) does not, and the relay publishes to it in two steps.
@@ -17,6 +17,7 @@
 #include "converge/database.h"
 #include "converge/event.h"
 #include "converge/status.h"
+#include "converge/transport.h"
 
 namespace converge {
 
@@ -32,6 +33,21 @@ class TxPublisher {
   // never if it rolls back. REQUIRES: tx belongs to database(); every event's envelope
   // is set. Errors: the store's.
   virtual Status PublishInTx(Tx& tx, std::span<const Event> batch) = 0;
+};
+
+// The transactional face of a subscriber whose queue lives in the database (the SQL
+// queue): a consumer on that same database settles its deliveries inside the transaction
+// that commits their inbox rows and effects, so the ack commits with the effect or not at
+// all, and costs no transaction of its own (docs/design/consumer-inbox.md).
+class TxSettler {
+ public:
+  virtual ~TxSettler() = default;
+  // The database whose transactions SettleInTx writes through.
+  virtual Database* database() = 0;
+  // Subscriber::Settle, through `tx`: it takes effect when tx commits, never if it rolls
+  // back. REQUIRES: tx belongs to database(). kInvalidArgument as Settle; else the store's.
+  virtual Status SettleInTx(Tx& tx, std::span<const Delivery> deliveries,
+                            std::span<const Settlement> settlements) = 0;
 };
 
 }  // namespace converge

@@ -2,12 +2,24 @@
 
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
+#include "converge/tx_publisher.h"
 #include "src/core/backoff.h"
 
 namespace converge {
+namespace {
+
+// The subscriber's transactional face if it settles through `db`, else nullptr.
+TxSettler* TxSettlerOn(Database& db, Subscriber& subscriber) {
+  TxSettler* settler = subscriber.tx_settler();
+  return settler != nullptr && settler->database() == &db ? settler : nullptr;
+}
+
+}  // namespace
+
 Consumer::Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options, Clock* clock)
     : db_(db),
       subscriber_(subscriber),
+      tx_settler_(TxSettlerOn(db, subscriber)),
       options_(std::move(options)),
       clock_(clock ? clock : Clock::System()),
       inbox_(clock_),
@@ -228,11 +240,26 @@ Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
     for (size_t i = 0; i < batch.size(); ++i) {
       CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], batch[i]->attempts, now, &decisions[i]));
     }
+    CONVERGE_RETURN_IF_ERROR(SettleInTx(tx, batch, decisions));
     return failpoint::Hit("consumer.before_commit");
   });
   if (!st.ok()) return st;  // nothing committed
   Settle(batch, decisions);
   return OkStatus();
+}
+
+Status Consumer::SettleInTx(Tx& tx, const std::vector<const Delivery*>& batch,
+                            const std::vector<Decision>& decisions) {
+  if (tx_settler_ == nullptr) return OkStatus();
+  std::vector<Delivery> deliveries;
+  std::vector<Settlement> settlements;
+  deliveries.reserve(batch.size());
+  settlements.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    deliveries.push_back(*batch[i]);
+    settlements.push_back(decisions[i].settlement);
+  }
+  return tx_settler_->SettleInTx(tx, deliveries, settlements);
 }
 
 namespace {
@@ -287,6 +314,7 @@ Status Consumer::RunAlone(const Delivery& d) {
           "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
           options_.name, d.event.source, d.event.id));
     }
+    CONVERGE_RETURN_IF_ERROR(SettleInTx(tx, one, decision));
     return failpoint::Hit("consumer.before_commit");
   });
   if (!st.ok()) return st;  // the start stays counted; the delivery comes back
@@ -296,16 +324,19 @@ Status Consumer::RunAlone(const Delivery& d) {
 
 void Consumer::Settle(const std::vector<const Delivery*>& batch,
                       const std::vector<Decision>& decisions) {
+  // Settled in the transaction that just committed (SettleInTx), or now, after it.
   Status settled = failpoint::Hit("consumer.after_commit_before_ack");
-  std::vector<Delivery> settled_deliveries;
-  std::vector<Settlement> settlements;
-  settled_deliveries.reserve(batch.size());
-  settlements.reserve(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) {
-    settled_deliveries.push_back(*batch[i]);
-    settlements.push_back(decisions[i].settlement);
+  if (settled.ok() && tx_settler_ == nullptr) {
+    std::vector<Delivery> settled_deliveries;
+    std::vector<Settlement> settlements;
+    settled_deliveries.reserve(batch.size());
+    settlements.reserve(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      settled_deliveries.push_back(*batch[i]);
+      settlements.push_back(decisions[i].settlement);
+    }
+    settled = subscriber_.Settle(settled_deliveries, settlements);
   }
-  if (settled.ok()) settled = subscriber_.Settle(settled_deliveries, settlements);
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.batches;
   for (const Decision& d : decisions) {

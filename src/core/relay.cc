@@ -99,104 +99,112 @@ Relay::~Relay() { Stop(); }
 
 Result<std::map<int64_t, int64_t>> Relay::Acquire() {
   std::map<int64_t, int64_t> owned;
-  Status st = db_.Transact([&](Tx& tx) -> Status {
-    owned.clear();
-    const int64_t now = clock_->NowMillis();
-    const int64_t until = now + options_.lease.count();
-    // This incarnation's number, drawn once from the store-wide sequence: a restart under
-    // the same name always gets a higher one.
-    if (incarnation_ == 0) {
-      CONVERGE_ASSIGN_OR_RETURN(incarnation_, tx.NextFence());
-    }
-    // Membership: every relay announces itself each pass, owning partitions or not, so
-    // the others can compute a fair share that includes it. The newest incarnation of a
-    // name keeps the row; an older one still alive learns here that it was superseded,
-    // and owns nothing from then on (without this, two live incarnations of one name
-    // would take the partitions from each other on every pass).
-    CONVERGE_RETURN_IF_ERROR(tx.Exec(
-        "INSERT INTO relay_members (owner, lease_until, incarnation) VALUES ($1, $2, $3) "
-        "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until, "
-        "incarnation = excluded.incarnation "
-        "WHERE relay_members.incarnation <= excluded.incarnation",
-        name_, until, incarnation_));
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows current, tx.Query("SELECT incarnation FROM relay_members WHERE owner = $1", name_));
-    if (current.empty() || current[0].Int(0) != incarnation_) {
-      return FailedPreconditionError("relay '" + name_ + "' incarnation " +
-                                     std::to_string(incarnation_) +
-                                     " was superseded by a newer one under the same name");
-    }
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows members, tx.Query("SELECT owner FROM relay_members WHERE lease_until > $1", now));
-    std::set<std::string> live = {name_};
-    for (const Row& m : members) live.insert(m.Text(0));
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows,
-        tx.Query("SELECT partition_no, owner, fence, lease_until FROM relay_partitions"));
-    std::map<int64_t, const Row*> by_partition;
-    for (const Row& r : rows) by_partition[r.Int(0)] = &r;
-    const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
-                          static_cast<int64_t>(live.size());
-    std::set<int64_t> renew;  // ours at the fence this incarnation holds
-    // Renew what is still ours, shedding any excess over the fair share. A partition
-    // under our name that this incarnation did not acquire (a restart that reuses the
-    // name, while the previous process may still be alive) is taken at once but with a
-    // raised fence, so the previous process can no longer mark or publish in it.
-    for (const Row& r : rows) {
-      if (r.Text(1) != name_ || r.Int(3) <= now) continue;
-      if (static_cast<int64_t>(owned.size()) >= share) {
-        CONVERGE_RETURN_IF_ERROR(tx.Exec(
-            "UPDATE relay_partitions SET lease_until = 0 WHERE partition_no = $1 AND owner = $2 "
-            "AND fence = $3", r.Int(0), name_, r.Int(2)));
-        continue;
-      }
-      auto held = held_.find(r.Int(0));
-      if (held != held_.end() && held->second == r.Int(2)) {
-        owned[r.Int(0)] = r.Int(2);  // renewed below, all in one statement
-        renew.insert(r.Int(0));
-        continue;
-      }
-      const int64_t fence = r.Int(2) + 1;
-      CONVERGE_ASSIGN_OR_RETURN(
-          int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1, fence = $2 "
-                             "WHERE partition_no = $3 AND owner = $4 AND fence = $5",
-                             until, fence, r.Int(0), name_, r.Int(2)));
-      if (n == 1) owned[r.Int(0)] = fence;
-    }
-    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> renewed, Renew(tx, renew, owned, now));
-    for (int64_t p : renew) {
-      if (!renewed.count(p)) owned.erase(p);
-    }
-    // Take free or expired partitions up to the share. Each take raises the fence; the
-    // WHERE makes two relays racing for one partition end with one winner.
-    for (int64_t p = 0; p < kOutboxPartitions && static_cast<int64_t>(owned.size()) < share; ++p) {
-      if (owned.count(p)) continue;
-      auto it = by_partition.find(p);
-      if (it == by_partition.end()) {
-        CONVERGE_ASSIGN_OR_RETURN(
-            int64_t n,
-            tx.Exec("INSERT INTO relay_partitions (partition_no, owner, fence, lease_until) "
-                    "VALUES ($1, $2, 1, $3) ON CONFLICT (partition_no) DO NOTHING",
-                    p, name_, until));
-        if (n == 1) owned[p] = 1;
-      } else if (it->second->Int(3) <= now) {
-        const int64_t fence = it->second->Int(2) + 1;
-        CONVERGE_ASSIGN_OR_RETURN(
-            int64_t n,
-            tx.Exec("UPDATE relay_partitions SET owner = $1, fence = $2, lease_until = $3 "
-                    "WHERE partition_no = $4 AND fence = $5 AND lease_until <= $6",
-                    name_, fence, until, p, fence - 1, now));
-        if (n == 1) owned[p] = fence;
-      }
-    }
-    return OkStatus();
-  });
+  Status st = db_.Transact([&](Tx& tx) { return AcquireIn(tx, &owned); });
+  return Acquired(st, std::move(owned));
+}
+
+Result<std::map<int64_t, int64_t>> Relay::Acquired(const Status& st,
+                                                   std::map<int64_t, int64_t> owned) {
   if (!st.ok()) {
     if (st.code() == StatusCode::kFailedPrecondition) held_.clear();  // superseded
     return tl::unexpected(st);
   }
   held_ = owned;
   return owned;
+}
+
+Status Relay::AcquireIn(Tx& tx, std::map<int64_t, int64_t>* owned_out) {
+  std::map<int64_t, int64_t>& owned = *owned_out;
+  owned.clear();
+  const int64_t now = clock_->NowMillis();
+  const int64_t until = now + options_.lease.count();
+  // This incarnation's number, drawn once from the store-wide sequence: a restart under
+  // the same name always gets a higher one.
+  if (incarnation_ == 0) {
+    CONVERGE_ASSIGN_OR_RETURN(incarnation_, tx.NextFence());
+  }
+  // Membership: every relay announces itself each pass, owning partitions or not, so
+  // the others can compute a fair share that includes it. The newest incarnation of a
+  // name keeps the row; an older one still alive learns here that it was superseded,
+  // and owns nothing from then on (without this, two live incarnations of one name
+  // would take the partitions from each other on every pass).
+  CONVERGE_RETURN_IF_ERROR(tx.Exec(
+      "INSERT INTO relay_members (owner, lease_until, incarnation) VALUES ($1, $2, $3) "
+      "ON CONFLICT (owner) DO UPDATE SET lease_until = excluded.lease_until, "
+      "incarnation = excluded.incarnation "
+      "WHERE relay_members.incarnation <= excluded.incarnation",
+      name_, until, incarnation_));
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows current, tx.Query("SELECT incarnation FROM relay_members WHERE owner = $1", name_));
+  if (current.empty() || current[0].Int(0) != incarnation_) {
+    return FailedPreconditionError("relay '" + name_ + "' incarnation " +
+                                   std::to_string(incarnation_) +
+                                   " was superseded by a newer one under the same name");
+  }
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows members, tx.Query("SELECT owner FROM relay_members WHERE lease_until > $1", now));
+  std::set<std::string> live = {name_};
+  for (const Row& m : members) live.insert(m.Text(0));
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows rows,
+      tx.Query("SELECT partition_no, owner, fence, lease_until FROM relay_partitions"));
+  std::map<int64_t, const Row*> by_partition;
+  for (const Row& r : rows) by_partition[r.Int(0)] = &r;
+  const int64_t share = (kOutboxPartitions + static_cast<int64_t>(live.size()) - 1) /
+                        static_cast<int64_t>(live.size());
+  std::set<int64_t> renew;  // ours at the fence this incarnation holds
+  // Renew what is still ours, shedding any excess over the fair share. A partition
+  // under our name that this incarnation did not acquire (a restart that reuses the
+  // name, while the previous process may still be alive) is taken at once but with a
+  // raised fence, so the previous process can no longer mark or publish in it.
+  for (const Row& r : rows) {
+    if (r.Text(1) != name_ || r.Int(3) <= now) continue;
+    if (static_cast<int64_t>(owned.size()) >= share) {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec(
+          "UPDATE relay_partitions SET lease_until = 0 WHERE partition_no = $1 AND owner = $2 "
+          "AND fence = $3", r.Int(0), name_, r.Int(2)));
+      continue;
+    }
+    auto held = held_.find(r.Int(0));
+    if (held != held_.end() && held->second == r.Int(2)) {
+      owned[r.Int(0)] = r.Int(2);  // renewed below, all in one statement
+      renew.insert(r.Int(0));
+      continue;
+    }
+    const int64_t fence = r.Int(2) + 1;
+    CONVERGE_ASSIGN_OR_RETURN(
+        int64_t n, tx.Exec("UPDATE relay_partitions SET lease_until = $1, fence = $2 "
+                           "WHERE partition_no = $3 AND owner = $4 AND fence = $5",
+                           until, fence, r.Int(0), name_, r.Int(2)));
+    if (n == 1) owned[r.Int(0)] = fence;
+  }
+  CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> renewed, Renew(tx, renew, owned, now));
+  for (int64_t p : renew) {
+    if (!renewed.count(p)) owned.erase(p);
+  }
+  // Take free or expired partitions up to the share. Each take raises the fence; the
+  // WHERE makes two relays racing for one partition end with one winner.
+  for (int64_t p = 0; p < kOutboxPartitions && static_cast<int64_t>(owned.size()) < share; ++p) {
+    if (owned.count(p)) continue;
+    auto it = by_partition.find(p);
+    if (it == by_partition.end()) {
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n,
+          tx.Exec("INSERT INTO relay_partitions (partition_no, owner, fence, lease_until) "
+                  "VALUES ($1, $2, 1, $3) ON CONFLICT (partition_no) DO NOTHING",
+                  p, name_, until));
+      if (n == 1) owned[p] = 1;
+    } else if (it->second->Int(3) <= now) {
+      const int64_t fence = it->second->Int(2) + 1;
+      CONVERGE_ASSIGN_OR_RETURN(
+          int64_t n,
+          tx.Exec("UPDATE relay_partitions SET owner = $1, fence = $2, lease_until = $3 "
+                  "WHERE partition_no = $4 AND fence = $5 AND lease_until <= $6",
+                  name_, fence, until, p, fence - 1, now));
+      if (n == 1) owned[p] = fence;
+    }
+  }
+  return OkStatus();
 }
 
 Result<bool> Relay::StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now) {
@@ -261,16 +269,30 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
 Result<size_t> Relay::RunOnce() {
   const int64_t now = clock_->NowMillis();
   Result<std::map<int64_t, int64_t>> owned = held_;
-  if (held_.empty() || options_.acquire_interval <= Millis(0) ||
-      now - acquired_at_ >= options_.acquire_interval.count() || now < acquired_at_) {
-    owned = Acquire();
-    if (owned) acquired_at_ = now;
-  }
+  const bool acquire = held_.empty() || options_.acquire_interval <= Millis(0) ||
+                       now - acquired_at_ >= options_.acquire_interval.count() ||
+                       now < acquired_at_;
   Result<size_t> r = size_t{0};
-  if (!owned) {
-    r = tl::unexpected(owned.error());
-  } else if (!owned->empty()) {
-    r = tx_publisher_ != nullptr ? RunShared(*owned) : RunSeparate(*owned);
+  if (acquire && tx_publisher_ != nullptr && incarnation_ != 0) {
+    // Shared database, incarnation known: renew, take and shed the partitions in the
+    // transaction that publishes, one durable commit per pass instead of two. (The first
+    // pass acquires on its own: the incarnation's number is drawn from a sequence that a
+    // rollback would hand out again on SQLite, and a publish failure rolls back.)
+    std::map<int64_t, int64_t> acquired;
+    r = RunShared(held_, &acquired);
+    owned = r ? Acquired(OkStatus(), std::move(acquired))
+              : Acquired(r.error(), std::move(acquired));
+    if (owned) acquired_at_ = now;
+  } else {
+    if (acquire) {
+      owned = Acquire();
+      if (owned) acquired_at_ = now;
+    }
+    if (!owned) {
+      r = tl::unexpected(owned.error());
+    } else if (!owned->empty()) {
+      r = tx_publisher_ != nullptr ? RunShared(*owned, nullptr) : RunSeparate(*owned);
+    }
   }
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.passes;
@@ -287,15 +309,30 @@ Result<size_t> Relay::RunOnce() {
 // claim, publish and mark in one transaction, which also proves ownership of every
 // partition it touches. The batch is published and marked in a few statements, not a few
 // per event.
-Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& owned) {
+//
+// With `acquired`, the pass first renews, takes and sheds partitions (AcquireIn) in that
+// same transaction and claims in what it then holds, returned in *acquired: those
+// partitions are proven this relay's by the statements that just renewed or took them
+// (on PostgreSQL their rows stay locked until commit), so no second Renew is needed.
+Result<size_t> Relay::RunShared(const std::map<int64_t, int64_t>& held,
+                                std::map<int64_t, int64_t>* acquired) {
   size_t published = 0;
   Status st = db_.Transact([&](Tx& tx) -> Status {
     published = 0;
+    const std::map<int64_t, int64_t>* owned = &held;
+    if (acquired != nullptr) {
+      CONVERGE_RETURN_IF_ERROR(AcquireIn(tx, acquired));
+      owned = acquired;
+    }
+    if (owned->empty()) return OkStatus();
     const int64_t now = clock_->NowMillis();
-    CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, owned, options_.batch));
+    CONVERGE_ASSIGN_OR_RETURN(std::vector<Pending> batch, Claim(tx, *owned, options_.batch));
     std::set<int64_t> touched;
     for (const Pending& p : batch) touched.insert(p.partition);
-    CONVERGE_ASSIGN_OR_RETURN(std::set<int64_t> mine, Renew(tx, touched, owned, now));
+    std::set<int64_t> mine = touched;
+    if (acquired == nullptr) {
+      CONVERGE_ASSIGN_OR_RETURN(mine, Renew(tx, touched, *owned, now));
+    }
     std::vector<Event> events;
     std::vector<int64_t> seqs;
     for (const Pending& p : batch) {

@@ -87,6 +87,38 @@ TEST_F(ConsumerTest, AppliesEachEventOnceAndAcks) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox WHERE consumer = 'ledger'"), 2);
 }
 
+// Issue 10: the SQL queue in the consumer's database is settled in the transaction of the
+// effects: a batch is its fetch and that one transaction, no third for the acks.
+TEST_F(ConsumerTest, SqlQueueBatchSettlesInItsEffectsTransaction) {
+  Publish(MakeEvent("e1"));
+  Publish(MakeEvent("e2"));
+  auto c = MakeConsumer();
+  const int64_t before = db_->stats().transactions;
+  ASSERT_EQ(*c->RunOnce(), 2u);
+  EXPECT_EQ(db_->stats().transactions - before, 2);  // the fetch, then effects + acks
+  EXPECT_EQ(Effects(), 2);
+  EXPECT_EQ(Depth(), 0);
+}
+
+// A nak settled in the transaction makes the row visible again after its backoff, its
+// error kept for a dead letter.
+TEST_F(ConsumerTest, SqlQueueNakInTheTransactionRedeliversAfterTheBackoff) {
+  Publish(MakeEvent("e1"));
+  fail_with_ = UnavailableError("downstream busy");
+  auto c = MakeConsumer();
+  ASSERT_EQ(*c->RunOnce(), 1u);
+  EXPECT_EQ(c->stats().retries, 1);
+  EXPECT_EQ(Depth(), 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM queue_messages WHERE claim_token IS NULL "
+                           "AND last_error LIKE '%downstream busy%'"),
+            1);
+  fail_with_ = Status();
+  clock_.Advance(Options().backoff_max);
+  ASSERT_EQ(testing::RunUntilIdle(*c), 1u);
+  EXPECT_EQ(Effects(), 1);
+  EXPECT_EQ(Depth(), 0);
+}
+
 TEST_F(ConsumerTest, DuplicateDeliveryIsAckedWithoutEffect) {
   Publish(MakeEvent("e1"));
   Publish(MakeEvent("e1"));

@@ -207,6 +207,42 @@ TEST_F(OutboxRelayTest, SharedDatabaseRelayPublishesAndMarksInOneTransaction) {
   EXPECT_EQ(*relay.RunOnce(), 0u);
 }
 
+// Issue 10: with the queue in the outbox's database, a pass renews its partitions in the
+// transaction that publishes: one durable commit per pass on the path of every event
+// (the first pass acquires apart, drawing the relay's incarnation).
+TEST_F(OutboxRelayTest, SharedDatabasePassIsOneTransactionPartitionsIncluded) {
+  Relay relay(*db_, outbox_, *queue_, RelayOptions{.name = "relay-1"});
+  ASSERT_TRUE(relay.RunOnce());  // the first pass: acquires on its own
+  for (int round = 0; round < 3; ++round) {
+    Enqueue(MakeEvent("a"));
+    const int64_t before = db_->stats().transactions;
+    auto n = relay.RunOnce();
+    ASSERT_TRUE(n) << n.error().ToString();
+    EXPECT_EQ(*n, 1u);
+    EXPECT_EQ(db_->stats().transactions - before, 1);
+  }
+  // The leases were renewed by those passes (lease_until moved on), and are held.
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM relay_partitions WHERE owner = 'relay-1'"),
+            kOutboxPartitions);
+  EXPECT_EQ(relay.stats().partitions_owned, kOutboxPartitions);
+  EXPECT_EQ(*queue_->Depth("all"), 3);
+}
+
+// A publish that fails inside the shared transaction rolls the partition renewal back
+// with it; the relay keeps what it held and the next pass publishes.
+TEST_F(OutboxRelayTest, SharedPassThatFailsKeepsItsPartitionsForTheNextPass) {
+  Relay relay(*db_, outbox_, *queue_, RelayOptions{.name = "relay-1"});
+  ASSERT_TRUE(relay.RunOnce());
+  Enqueue(MakeEvent("a"));
+  ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=error(unavailable)").ok());
+  EXPECT_FALSE(relay.RunOnce());
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  EXPECT_EQ(*queue_->Depth("all"), 0);
+  EXPECT_EQ(*relay.RunOnce(), 1u);
+  EXPECT_EQ(*queue_->Depth("all"), 1);
+  EXPECT_EQ(relay.stats().partitions_owned, kOutboxPartitions);
+}
+
 TEST_F(OutboxRelayTest, BackgroundRelayIsWokenByCommit) {
   Relay relay(*db_, outbox_, *queue_, RelayOptions{.batch = 16, .poll = std::chrono::hours(1)});
   relay.Start();

@@ -220,6 +220,13 @@ CREATE INDEX effects_saga ON effects (saga_id) WHERE saga_id IS NOT NULL;
       R"sql(
 {{partitioned_retention}}
 )sql",
+      // 10: the SQL queue claims in id order and stops after its batch: walking this
+      // index costs the batch (plus what is in flight ahead of it), not the whole backlog
+      // (queue_messages_ready took every visible row, then sorted them). IF NOT EXISTS: a
+      // store rewound to an earlier version applies it again.
+      R"sql(
+CREATE INDEX IF NOT EXISTS queue_messages_order ON queue_messages (queue, id);
+)sql",
   };
   return kMigrations;
 }
