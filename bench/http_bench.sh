@@ -9,13 +9,17 @@
 #           order row and outbox event in one transaction, no provider call
 #   library converge_bench's group commit at the same concurrency, measured just before:
 #           the same kind of create without HTTP
-# Prints requests/s, p50 and p99 latency for each, and the ratios.
+# Prints requests/s, p50 and p99 latency for each, and the ratios. With ROUNDS > 1 it runs
+# the five one after the other ROUNDS times (create1 on a fresh orders-lite store each
+# round), so each round's ratios come from runs seconds apart on a shared, noisy machine,
+# and prints each ratio's median and min..max over the rounds.
 #
-#   bench/http_bench.sh BUILD_DIR [SECONDS] [CONNECTIONS]
+#   bench/http_bench.sh BUILD_DIR [SECONDS] [CONNECTIONS] [ROUNDS]
 set -euo pipefail
 build="$1"
 secs="${2:-10}"
 conns="${3:-64}"
+rounds="${4:-1}"
 converge="$build/converge"
 name=http_bench
 # shellcheck source=bench/wrk_common.sh
@@ -82,14 +86,6 @@ for k in $(seq 0 63); do
     -d "{\"amount\":1000,\"currency\":\"EUR\",\"customer_id\":\"c-1\",\"order_id\":\"r-$k\"}"
 done
 
-run noop "$url/healthz"
-run replay -s "$dir/replay.lua" "$url"
-run create -s "$dir/create.lua" "$url"
-
-"$build/bench/converge_orders_server" --db "sqlite:$dir/orders.db" \
-  --port-file "$dir/orders.port" --workers "$conns" > "$dir/orders.log" 2>&1 &
-pids+=($!)
-orders="http://127.0.0.1:$(wait_port_file "$dir/orders.port")"
 cat > "$dir/order.lua" <<'LUA'
 local n = 0
 function setup(thread) n = n + 1; thread:set("tid", n) end
@@ -102,25 +98,51 @@ function request()
      ["Content-Type"] = "application/json"}, '{"sku":"sku-1","quantity":1}')
 end
 LUA
-echo "  running library group commit for ${secs}s with $conns callers..." >&2
-"$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
-  --json "$dir/library.json" > /dev/null 2>&1
-library=$(python3 -c \
-  "import json, sys; print('%.1f' % json.load(open(sys.argv[1]))['group'][0])" \
-  "$dir/library.json")
-run create1 -s "$dir/order.lua" "$orders"
+for r in $(seq 1 "$rounds"); do
+  run "noop.$r" "$url/healthz"
+  run "replay.$r" -s "$dir/replay.lua" "$url"
+  run "create.$r" -s "$dir/create.lua" "$url"
+
+  "$build/bench/converge_orders_server" --db "sqlite:$dir/orders-$r.db" \
+    --port-file "$dir/orders-$r.port" --workers "$conns" > "$dir/orders-$r.log" 2>&1 &
+  orders_pid=$!
+  pids+=($orders_pid)
+  orders="http://127.0.0.1:$(wait_port_file "$dir/orders-$r.port")"
+  echo "  running library group commit for ${secs}s with $conns callers..." >&2
+  "$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
+    --json "$dir/library.json" > /dev/null 2>&1
+  python3 -c "import json, sys; print('library.%s %.1f - - 0' % (sys.argv[2],
+    json.load(open(sys.argv[1]))['group'][0]))" "$dir/library.json" "$r" >> "$dir/results"
+  run "create1.$r" -s "$dir/order.lua" "$orders"
+  kill "$orders_pid" 2>/dev/null || true
+  wait "$orders_pid" 2>/dev/null || true
+done
 
 echo "payments service over HTTP/1.1 keep-alive: wrk -t2 -c$conns -d${secs}s, SQLite synchronous=FULL"
-printf "  %-8s %12s %10s %10s %8s\n" mode "requests/s" p50 p99 non-2xx
-while read -r name rps p50 p99 non2xx; do
-  printf "  %-8s %12s %10s %10s %8s\n" "$name" "$rps" "$p50" "$p99" "$non2xx"
-done < "$dir/results"
-printf "  %-8s %12s   (converge_bench group commit, %s callers, no HTTP)\n" library "$library" \
-  "$conns"
-awk '{r[$1]=$2} END {
-  printf "  replay/noop = %.2f (target >= 0.7)   create/noop = %.3f   create/replay = %.3f\n",
-    r["replay"]/r["noop"], r["create"]/r["noop"], r["create"]/r["replay"]}' "$dir/results"
-awk -v lib="$library" '$1 == "create1" {
-  printf "  create1/library = %.2f (target >= 0.5)\n", $2/lib}' "$dir/results"
+echo "  (library: converge_bench group commit, $conns callers, no HTTP; $rounds round(s))"
+python3 - "$dir/results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    name, rps, p50, p99, non2xx = line.split()
+    mode, rnd = name.rsplit(".", 1)
+    rows.setdefault(int(rnd), {})[mode] = (float(rps), p50, p99, non2xx)
+print("  %-5s %-8s %12s %10s %10s %8s" % ("round", "mode", "requests/s", "p50", "p99", "non-2xx"))
+ratios = {"replay/noop": [], "create/noop": [], "create1/library": []}
+for rnd in sorted(rows):
+    m = rows[rnd]
+    for mode in ("noop", "replay", "create", "create1", "library"):
+        rps, p50, p99, non2xx = m[mode]
+        print("  %-5d %-8s %12.1f %10s %10s %8s" % (rnd, mode, rps, p50, p99, non2xx))
+    ratios["replay/noop"].append(m["replay"][0] / m["noop"][0])
+    ratios["create/noop"].append(m["create"][0] / m["noop"][0])
+    ratios["create1/library"].append(m["create1"][0] / m["library"][0])
+    print("        replay/noop = %.2f   create1/library = %.2f" %
+          (ratios["replay/noop"][-1], ratios["create1/library"][-1]))
+targets = {"replay/noop": " (target >= 0.7)", "create1/library": " (target >= 0.5)"}
+for name, xs in ratios.items():
+    print("  %s = %.3f median, %.3f..%.3f over %d round(s)%s" %
+          (name, statistics.median(xs), min(xs), max(xs), len(xs), targets.get(name, "")))
+PY
 stats=$(curl -s "$url/admin/stats" -H "Authorization: Bearer bench-admin-token")
 echo "  service after the run: $stats" | cut -c1-300

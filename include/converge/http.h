@@ -34,6 +34,10 @@
 #include "converge/clock.h"
 #include "converge/status.h"
 
+namespace converge::internal {
+class HmacSha256Key;
+}  // namespace converge::internal
+
 namespace converge::http {
 
 using Headers = std::vector<std::pair<std::string, std::string>>;
@@ -91,7 +95,8 @@ class ApiKeyIndex {
   size_t size() const { return by_digest_.size(); }
 
  private:
-  std::string secret_;
+  // HMAC-SHA256 under the secret, keyed once (a key lookup is on every request's path).
+  std::shared_ptr<const internal::HmacSha256Key> secret_;
   std::map<std::string, std::string> by_digest_;
 };
 

@@ -1,7 +1,8 @@
 #include "src/core/crypto.h"
 
+#include <openssl/core_names.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/params.h>
 #include <openssl/rand.h>
 
 #include <stdexcept>
@@ -24,21 +25,68 @@ void RandomBytes(unsigned char* p, size_t n) {
   if (RAND_bytes(p, static_cast<int>(n)) != 1) throw std::runtime_error("RAND_bytes failed");
 }
 
+// OpenSSL 3 finds an algorithm by name in its provider tables, under a lock, whenever a
+// call is handed a name or a legacy EVP_sha256(): once per request on the hot paths (the
+// request fingerprint, the API key lookup). Fetched once here, for the process's life.
+const EVP_MD* Sha256() {
+  static EVP_MD* const md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+  if (md == nullptr) throw std::runtime_error("OpenSSL has no SHA256");
+  return md;
+}
+
+EVP_MAC* Hmac() {
+  static EVP_MAC* const mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  if (mac == nullptr) throw std::runtime_error("OpenSSL has no HMAC");
+  return mac;
+}
+
+EVP_MAC_CTX* NewHmacSha256(std::string_view key) {
+  EVP_MAC_CTX* ctx = EVP_MAC_CTX_new(Hmac());
+  char digest[] = "SHA256";
+  OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+                         OSSL_PARAM_construct_end()};
+  if (ctx == nullptr ||
+      EVP_MAC_init(ctx, reinterpret_cast<const unsigned char*>(key.data()), key.size(),
+                   params) != 1) {
+    EVP_MAC_CTX_free(ctx);
+    throw std::runtime_error("HMAC-SHA256 init failed");
+  }
+  return ctx;
+}
+
+// Consumes `ctx` (keyed, nothing fed yet).
+std::string FinishHmac(EVP_MAC_CTX* ctx, std::string_view data) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  size_t len = 0;
+  const bool ok =
+      ctx != nullptr &&
+      EVP_MAC_update(ctx, reinterpret_cast<const unsigned char*>(data.data()), data.size()) ==
+          1 &&
+      EVP_MAC_final(ctx, md, &len, sizeof md) == 1;
+  EVP_MAC_CTX_free(ctx);
+  if (!ok) throw std::runtime_error("HMAC-SHA256 failed");
+  return std::string(reinterpret_cast<const char*>(md), len);
+}
+
 }  // namespace
 
 std::string Sha256Hex(std::string_view data) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
+  EVP_Digest(data.data(), data.size(), md, &len, Sha256(), nullptr);
   return Hex(md, len);
 }
 
 std::string HmacSha256(std::string_view key, std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
-       reinterpret_cast<const unsigned char*>(data.data()), data.size(), md, &len);
-  return std::string(reinterpret_cast<const char*>(md), len);
+  return FinishHmac(NewHmacSha256(key), data);
+}
+
+HmacSha256Key::HmacSha256Key(std::string_view key) : keyed_(NewHmacSha256(key)) {}
+HmacSha256Key::~HmacSha256Key() { EVP_MAC_CTX_free(keyed_); }
+
+std::string HmacSha256Key::Sign(std::string_view data) const {
+  // The copy carries the key's inner and outer states; keyed_ itself is only read.
+  return FinishHmac(EVP_MAC_CTX_dup(keyed_), data);
 }
 
 std::string RandomHex(size_t n) {

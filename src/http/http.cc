@@ -104,16 +104,14 @@ std::optional<std::string_view> BearerToken(const Request& request) {
 }
 
 ApiKeyIndex::ApiKeyIndex(const std::map<std::string, std::string>& keys)
-    : secret_(internal::RandomHex(32)) {
-  for (const auto& [key, principal] : keys) {
-    by_digest_.emplace(internal::HmacSha256(secret_, key), principal);
-  }
+    : secret_(std::make_shared<internal::HmacSha256Key>(internal::RandomHex(32))) {
+  for (const auto& [key, principal] : keys) by_digest_.emplace(secret_->Sign(key), principal);
 }
 
 const std::string* ApiKeyIndex::Find(std::string_view presented) const {
   // The HMAC takes time linear in the key's length only; the map then compares digests,
   // whose matching prefix an attacker cannot steer without the secret.
-  auto it = by_digest_.find(internal::HmacSha256(secret_, presented));
+  auto it = by_digest_.find(secret_->Sign(presented));
   return it == by_digest_.end() ? nullptr : &it->second;
 }
 

@@ -2,7 +2,10 @@
 // formatting (whitespace, key order) does not make two requests differ. Regression tests
 // for the correctness issue "fingerprints merge numbers that share a double": the earlier
 // version hashed a JSON DOM re-serialised with dump(), so numbers went through a double.
+#include <atomic>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -127,6 +130,39 @@ TEST(RequestFingerprint, CanonicalFormIsTheDocumentedOne) {
             internal::Sha256Hex("POST\n/p\n{\"a\":-2E+3,\"b\":1.50,\"c\":18446744073709551616}"));
   EXPECT_EQ(RequestFingerprint("POST", "/p", "not json"),
             internal::Sha256Hex(std::string("POST\n/p\n\0raw\0not json", 21)));
+}
+
+// The algorithms are fetched once per process and an HMAC key is keyed once (crypto.h):
+// published test vectors (FIPS 180-2, RFC 4231 case 2), and the keyed form agrees with the
+// one-shot form from many threads at once.
+TEST(Crypto, Sha256AndHmacSha256MatchPublishedVectors) {
+  EXPECT_EQ(internal::Sha256Hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  auto hex = [](const std::string& raw) {
+    std::string out;
+    for (unsigned char c : raw) {
+      out += "0123456789abcdef"[c >> 4];
+      out += "0123456789abcdef"[c & 0xf];
+    }
+    return out;
+  };
+  const std::string want = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+  EXPECT_EQ(hex(internal::HmacSha256("Jefe", "what do ya want for nothing?")), want);
+  const internal::HmacSha256Key key("Jefe");
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 200; ++i) {
+        if (hex(key.Sign("what do ya want for nothing?")) != want) ++wrong;
+        if (key.Sign(std::to_string(i)) != internal::HmacSha256("Jefe", std::to_string(i))) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 }  // namespace

@@ -350,7 +350,7 @@ class SqliteDatabase : public Database {
       if (stopping_) return CancelledError("database is closing");
       queue_.push_back(&job);
       work_cv_.notify_one();
-      done_cv_.wait(l, [&] { return job.done; });
+      job.done_cv.wait(l, [&] { return job.done; });
     }
     return std::move(job.status);
   }
@@ -378,11 +378,14 @@ class SqliteDatabase : public Database {
         return st;
       }
     }
-    Status st = conn->ExecScript("BEGIN");
+    // Prepared once per connection (Run caches them), where ExecScript would parse the
+    // text on every call: a read is on the hot path of every replayed request.
+    Status st = conn->Run("BEGIN", {}, nullptr, nullptr);
     if (st.ok()) {
       SqliteTx tx(conn.get());
       st = RunGuarded(fn, tx);
-      Status end = conn->ExecScript("ROLLBACK");  // read-only: nothing to keep
+      // Read-only: nothing to keep.
+      Status end = conn->Run("ROLLBACK", {}, nullptr, nullptr);
       if (st.ok()) st = end;
     }
     {
@@ -406,6 +409,10 @@ class SqliteDatabase : public Database {
     Status status;
     std::vector<std::function<void()>> hooks;
     bool done = false;
+    // Its caller's own wake-up: a batch wakes exactly its callers, never those whose jobs
+    // wait for the next batch (one shared condition variable woke every waiting caller
+    // after every commit, and each then queued on mu_ ahead of the writer).
+    std::condition_variable done_cv;
   };
 
   static Status RunGuarded(const TxFn& fn, Tx& tx) {
@@ -459,10 +466,14 @@ class SqliteDatabase : public Database {
       }
       RunBatch(batch);
       {
+        // Notified under the lock: once it sees `done` the caller returns and its Job,
+        // condition variable included, is gone.
         std::lock_guard<std::mutex> l(mu_);
-        for (Job* j : batch) j->done = true;
+        for (Job* j : batch) {
+          j->done = true;
+          j->done_cv.notify_one();
+        }
       }
-      done_cv_.notify_all();
       batch.clear();
     }
   }
@@ -570,7 +581,6 @@ class SqliteDatabase : public Database {
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
-  std::condition_variable done_cv_;
   std::deque<Job*> queue_;
   bool stopping_ = false;
   DatabaseStats stats_;
