@@ -97,6 +97,21 @@ class TimePartitions {
                                   std::string_view keep, std::span<const Value> params) = 0;
 };
 
+// What a deferred statement (Tx::ExecDeferred) must have done for its transaction to
+// commit: change exactly `rows` rows (when rows >= 0), else the transaction fails with
+// `otherwise`, as the same check made at once would have.
+struct DeferredCheck {
+  int64_t rows = -1;  // -1: any number of rows is fine; only an error fails
+  Status otherwise;
+
+  // Any outcome but an error (a unique violation, a lock timeout...) is fine.
+  static DeferredCheck None() { return {}; }
+  // Exactly `n` rows changed, else `otherwise` (a fence check: Fenced when 0 changed).
+  static DeferredCheck Changes(int64_t n, Status otherwise) {
+    return DeferredCheck{n, std::move(otherwise)};
+  }
+};
+
 class Tx {
  public:
   Tx() = default;
@@ -122,6 +137,37 @@ class Tx {
       total += n;
     }
     return total;
+  }
+
+  // Queues a write whose result the caller does not need now: its errors, and `check`,
+  // are settled before the transaction commits. PostgreSQL sends it in pipeline mode
+  // without waiting for the answer, so that the deferred writes of a transaction and its
+  // COMMIT travel in one round trip; elsewhere it runs at once (and returns its error, or
+  // check.otherwise, right here).
+  //
+  // Where a deferred statement's failure surfaces (PostgreSQL): from the next call on
+  // this Tx that waits for the server (ExecParams, QueryParams, ExecMany, NextFence, a
+  // Savepoint's release) or else from the commit, which returns exactly the Status the
+  // statement would have returned at once: kAlreadyExists for a unique violation,
+  // kUnavailable with reason::kLockTimeout for a lock timeout, kAborted for a
+  // serialization failure (Transact re-runs fn), kUnavailable for a broken connection,
+  // check.otherwise when the row count differs. The statements run in the order they
+  // were issued, interleaved with the immediate ones; a failure rolls the whole
+  // transaction back (nothing after it runs, COMMIT included), so nothing is reported
+  // committed that was not. The Status returned here only reports failures to queue.
+  //
+  // REQUIRES: `sql` is one INSERT, UPDATE or DELETE without RETURNING when check.rows
+  // >= 0 (PostgreSQL counts its rows in the same statement); any one statement else.
+  virtual Status ExecDeferredParams(std::string_view sql, std::span<const Value> params,
+                                    const DeferredCheck& check) {
+    CONVERGE_ASSIGN_OR_RETURN(int64_t n, ExecParams(sql, params));
+    if (check.rows >= 0 && n != check.rows) return check.otherwise;
+    return OkStatus();
+  }
+  template <class... Args>
+  Status ExecDeferred(const DeferredCheck& check, std::string_view sql, Args&&... args) {
+    const Value params[] = {Value(), ToValue(std::forward<Args>(args))...};
+    return ExecDeferredParams(sql, std::span<const Value>(params + 1, sizeof...(Args)), check);
   }
 
   template <class... Args>
@@ -159,8 +205,10 @@ class Tx {
   // or rolls back. Producers use it to serialise work on one aggregate, so that what they
   // insert becomes visible in the order it was inserted (outbox.h). PostgreSQL: a
   // transaction-level advisory lock on a 64-bit hash of the key (two keys may share a
-  // hash: they then wait for each other, which is slower, never wrong). SQLite: nothing to
-  // do, one write transaction runs at a time.
+  // hash: they then wait for each other, which is slower, never wrong), taken as a
+  // deferred statement (ExecDeferred): every later statement of this transaction runs
+  // only once the lock is held, and a lock timeout surfaces where ExecDeferred says.
+  // SQLite: nothing to do, one write transaction runs at a time.
   virtual Status LockUntilCommit(std::string_view key) = 0;
 
   // Tells other processes on this store that `channel` has news, when this transaction

@@ -51,6 +51,12 @@ class Dialect {
   // is its only identity: " WITHOUT ROWID" on SQLite (the rows live in the primary key's
   // b-tree, saving a second one); empty on PostgreSQL.
   virtual std::string_view WithoutRowid() const = 0;
+
+  // An SQL expression that draws the next fencing token (Tx::NextFence, same guarantees)
+  // inside another statement, so that a claim inserts its row and draws its fence in one
+  // round trip: "nextval('converge_fences')" on PostgreSQL. Empty where a fence can only
+  // be drawn on its own (SQLite, where NextFence is an UPDATE): call Tx::NextFence first.
+  virtual std::string_view NextFenceExpression() const { return ""; }
 };
 
 }  // namespace converge

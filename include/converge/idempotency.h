@@ -160,7 +160,7 @@ class IdempotencyKeys {
 
  private:
   Status Validate(const KeyRequest& r) const;
-  Status CheckFence(Tx& tx, const KeyLease& lease, int64_t now);
+  Status CheckFence(Tx& tx, const KeyLease& lease, int64_t now, bool deferred);
   Status StoreResponse(Tx& tx, const KeyLease& lease, const StoredResponse& r, int64_t now);
 
   Database& db_;

@@ -60,7 +60,9 @@ class Outbox {
   // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON or
   // nested deeper than 256 levels, fields over 255 bytes or with control characters,
   // malformed traceparent),
-  // kAlreadyExists (an event with this source and id exists), store errors.
+  // kAlreadyExists (an event with this source and id exists), store errors. The insert
+  // and its per-aggregate lock are deferred statements (Tx::ExecDeferred): on PostgreSQL
+  // kAlreadyExists and lock timeouts come from tx's next waiting statement or its commit.
   Result<std::string> Enqueue(Tx& tx, Event event);
 
   // Enqueue's checks and encoding without the insert, for callers that can do them

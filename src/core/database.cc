@@ -53,9 +53,11 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
     // fn swallowed its error (harmless on SQLite; on PostgreSQL the failed statement
     // aborted the transaction). Roll back to the savepoint so the enclosing transaction
     // can go on, and report the scope as failed.
+    // (Or a deferred statement of fn failed, answered with the release: Tx::ExecDeferred.)
     st = Status(released.code(),
-                "a statement inside the savepoint failed and its error was not returned, "
-                "so the savepoint was rolled back: " + released.message());
+                "a statement inside the savepoint failed (a deferred one, or one whose error "
+                "was not returned), so the savepoint was rolled back: " + released.message(),
+                released.reason());
   }
   // Everything fn added is undone with it.
   hooks_.resize(std::min(hooks_.size(), first_hook));

@@ -97,6 +97,20 @@ struct ClaimResult {
 // handed out twice for one (scope, key), whatever expired or was swept in between.
 Result<ClaimResult> Claim(Tx& tx, const KeyRequest& req, const std::string& hash, int64_t now,
                           int64_t lease_until, int64_t expires_at) {
+  // Insert first where the store draws a fence inside a statement (PostgreSQL): a fresh
+  // key, the common case, is claimed in one round trip. A fence drawn by an insert that
+  // conflicts is simply never used. When the key exists, the read below decides.
+  if (const std::string_view next_fence = tx.dialect().NextFenceExpression();
+      !next_fence.empty()) {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows inserted,
+        tx.Query("INSERT INTO idempotency_keys (scope, key, request_hash, status, "
+                 "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
+                 "VALUES ($1, $2, $3, 'in_progress', 'started', $4, " + std::string(next_fence) +
+                     ", $5, $5, $6) ON CONFLICT DO NOTHING RETURNING fence",
+                 req.scope, req.key, hash, lease_until, now, expires_at));
+    if (!inserted.empty()) return ClaimResult{true, inserted[0].Int(0), {}};
+  }
   for (int round = 0; round < 2; ++round) {
     CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
     if (rows.empty()) {
@@ -297,31 +311,37 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
   });
 }
 
-Status IdempotencyKeys::CheckFence(Tx& tx, const KeyLease& lease, int64_t now) {
+Status IdempotencyKeys::CheckFence(Tx& tx, const KeyLease& lease, int64_t now, bool deferred) {
   // Renews the lease and, by the row it updates, proves the fence is still ours. On
-  // PostgreSQL the UPDATE also locks the row until commit, so no takeover can slip in.
-  CONVERGE_ASSIGN_OR_RETURN(
-      int64_t n, tx.Exec("UPDATE idempotency_keys SET lease_until = $1, updated_at = $2 "
-                         "WHERE scope = $3 AND key = $4 AND fence = $5 "
-                         "AND status = 'in_progress'",
-                         now + options_.lease.count(), now, lease.scope, lease.key,
-                         lease.fence));
+  // PostgreSQL the UPDATE also locks the row until commit, so no takeover can slip in
+  // once it ran. Deferred, it runs when fn's next statement waits for the server, or
+  // with the COMMIT: a takeover before that makes the commit fail with Fenced.
+  constexpr std::string_view kRenew =
+      "UPDATE idempotency_keys SET lease_until = $1, updated_at = $2 "
+      "WHERE scope = $3 AND key = $4 AND fence = $5 AND status = 'in_progress'";
+  if (deferred) {
+    return tx.ExecDeferred(DeferredCheck::Changes(1, Fenced(lease)), kRenew,
+                           now + options_.lease.count(), now, lease.scope, lease.key,
+                           lease.fence);
+  }
+  CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.Exec(kRenew, now + options_.lease.count(), now,
+                                               lease.scope, lease.key, lease.fence));
   if (n != 1) return Fenced(lease);
   return OkStatus();
 }
 
+// Deferred (Tx::ExecDeferred): nothing reads its result, and its fence check fails the
+// commit instead, so it travels with the COMMIT.
 Status IdempotencyKeys::StoreResponse(Tx& tx, const KeyLease& lease, const StoredResponse& r,
                                       int64_t now) {
-  CONVERGE_ASSIGN_OR_RETURN(
-      int64_t n,
-      tx.Exec("UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', "
-              "response_status = $1, response_headers = $2, response_body = $3, "
-              "lease_until = $4, updated_at = $4 "
-              "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
-              r.status, EncodeHeaders(r.headers), Blob{r.body}, now, lease.scope, lease.key,
-              lease.fence));
-  if (n != 1) return Fenced(lease);
-  return OkStatus();
+  return tx.ExecDeferred(
+      DeferredCheck::Changes(1, Fenced(lease)),
+      "UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', "
+      "response_status = $1, response_headers = $2, response_body = $3, "
+      "lease_until = $4, updated_at = $4 "
+      "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
+      r.status, EncodeHeaders(r.headers), Blob{r.body}, now, lease.scope, lease.key,
+      lease.fence);
 }
 
 Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,
@@ -332,7 +352,7 @@ Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,
   }
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     const int64_t now = clock_->NowMillis();
-    CONVERGE_RETURN_IF_ERROR(CheckFence(tx, lease, now));
+    CONVERGE_RETURN_IF_ERROR(CheckFence(tx, lease, now, /*deferred=*/false));
     CONVERGE_RETURN_IF_ERROR(fn(tx));
     // Failpoint: the phase holds the key row (PostgreSQL: locked until commit).
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.before_phase_commit"));
@@ -350,7 +370,7 @@ Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,
 Result<Outcome> IdempotencyKeys::Complete(KeyLease& lease, const Fn& fn) {
   auto out = TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
-    CONVERGE_RETURN_IF_ERROR(CheckFence(tx, lease, now));
+    CONVERGE_RETURN_IF_ERROR(CheckFence(tx, lease, now, /*deferred=*/true));
     CONVERGE_ASSIGN_OR_RETURN(StoredResponse response, fn(tx));
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_effect_before_response"));
     CONVERGE_RETURN_IF_ERROR(StoreResponse(tx, lease, response, now));

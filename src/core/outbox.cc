@@ -80,12 +80,15 @@ Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
   // seqs, and the relay would publish the later event first. Holding a per-aggregate lock
   // until commit makes the second producer draw its seq only after the first committed.
   CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + e.subject));
-  CONVERGE_RETURN_IF_ERROR(
-      tx.Exec("INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
-              "type, payload, headers, created_at, partition_no) "
-              "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-              e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_,
-              clock_->NowMillis(), p.partition_));
+  // Deferred (Tx::ExecDeferred), like the lock: a duplicate event id still fails the
+  // transaction with kAlreadyExists, at the latest from its commit.
+  CONVERGE_RETURN_IF_ERROR(tx.ExecDeferred(
+      DeferredCheck::None(),
+      "INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
+      "type, payload, headers, created_at, partition_no) "
+      "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+      e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_,
+      clock_->NowMillis(), p.partition_));
   tx.OnCommit([this] { wakeup_.Notify(); });
   CONVERGE_RETURN_IF_ERROR(tx.Notify(kOutboxChannel));
   return e.id;

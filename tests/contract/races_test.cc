@@ -499,6 +499,10 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   std::thread first([&] {
     EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
                        CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, event("first")));
+                       // The enqueue's lock and insert are deferred (Tx::ExecDeferred):
+                       // a statement that waits sends them, so "first" holds the lower
+                       // seq (and the lock) while it is paused.
+                       CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Query("SELECT 1")));
                        return failpoint::Hit("test.producer_before_commit");
                      }).ok());
   });

@@ -227,6 +227,12 @@ CREATE INDEX effects_saga ON effects (saga_id) WHERE saga_id IS NOT NULL;
       R"sql(
 CREATE INDEX IF NOT EXISTS queue_messages_order ON queue_messages (queue, id);
 )sql",
+      // 11: PostgreSQL checks the row count of a deferred statement (Tx::ExecDeferred)
+      // in the statement itself, raising SQLSTATE CV001 when it differs, so that the
+      // transaction aborts before its pipelined COMMIT; nothing elsewhere.
+      R"sql(
+{{deferred_checks}}
+)sql",
   };
   return kMigrations;
 }

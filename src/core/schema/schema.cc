@@ -16,6 +16,7 @@ std::optional<std::string_view> Fragment(std::string_view token, const SchemaDia
   if (token == "without_rowid") return d.WithoutRowid();
   if (token == "fence_sequence") return d.CreateFenceSequence();
   if (token == "partitioned_retention") return d.PartitionedRetentionTables();
+  if (token == "deferred_checks") return d.DeferredCheckFunctions();
   return std::nullopt;
 }
 

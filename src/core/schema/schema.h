@@ -49,6 +49,9 @@ class SchemaDialect : public Dialect {
   virtual std::string_view CreateFenceSequence() const = 0;
   // {{partitioned_retention}}: "" where the store keeps plain tables.
   virtual std::string_view PartitionedRetentionTables() const { return ""; }
+  // {{deferred_checks}}: what the store needs to check a deferred statement's row count
+  // inside the statement (Tx::ExecDeferred); "" where deferred statements run at once.
+  virtual std::string_view DeferredCheckFunctions() const { return ""; }
 };
 
 // The migrations in template form: MigrationTemplates()[i] takes a store from version i

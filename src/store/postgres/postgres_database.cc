@@ -9,6 +9,17 @@
 // unknown outcome and reports kUnavailable with reason kCommitOutcomeUnknown: callers
 // retry, and every converge write is idempotent on retry (keys, inbox rows, ON CONFLICT).
 //
+// Round trips bound a client that waits for each answer, so a transaction sends without
+// waiting whatever it does not need the answer of (libpq pipeline mode): BEGIN,
+// Tx::ExecDeferred statements, advisory locks, NOTIFY. They are answered together with
+// the next statement that waits (COMMIT at the latest): one round trip for the lot. A
+// deferred statement's row-count check runs inside the statement on the server
+// (kDeferredChecks), so that its failure aborts the transaction before the COMMIT
+// queued behind it. A failure read back from the server for a statement queued before
+// COMMIT is definite, even if the connection broke after: the server runs a pipeline in
+// order and skips everything after an error. A connection leaves pipeline mode after
+// every drain; one that cannot is discarded by Release.
+//
 // Parameters are sent as text with type OID 0 (the server infers them from the
 // statement), except Blob, which is sent as binary bytea. Results come back as text and
 // are converted by column type: integers, floats and numerics, booleans, bytea.
@@ -173,6 +184,24 @@ CREATE TRIGGER consumer_inbox_unique BEFORE INSERT ON consumer_inbox
   FOR EACH ROW EXECUTE FUNCTION converge_consumer_inbox_unique();
 )sql";
 
+// The row-count check of a deferred statement (Tx::ExecDeferred), made by the server in
+// the statement itself: PgTx wraps "WITH d AS (<stmt> RETURNING 1) SELECT
+// converge_expect_changes(count(*), n) FROM d". Raising an error aborts the transaction,
+// so the COMMIT pipelined behind it cannot commit; PgTx maps kDeferredCheckFailed back to
+// the check's own Status.
+constexpr std::string_view kDeferredCheckFailed = "CV001";
+constexpr std::string_view kDeferredChecks = R"sql(
+CREATE OR REPLACE FUNCTION converge_expect_changes(changed BIGINT, expected BIGINT)
+  RETURNS BIGINT LANGUAGE plpgsql AS $f$
+BEGIN
+  IF changed <> expected THEN
+    RAISE EXCEPTION 'converge: a deferred statement changed % rows, % expected',
+      changed, expected USING ERRCODE = 'CV001';
+  END IF;
+  RETURN changed;
+END $f$;
+)sql";
+
 // The time-partitioned tables and their partition columns (TimePartitions).
 std::optional<std::string_view> PartitionColumn(std::string_view table) {
   if (table == "idempotency_keys") return "created_at";
@@ -201,6 +230,8 @@ class PgDialect final : public schema::SchemaDialect {
   std::string_view AutoIncrementPrimaryKey() const override { return "BIGSERIAL PRIMARY KEY"; }
   std::string_view ForUpdateSkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
   std::string_view WithoutRowid() const override { return ""; }
+  std::string_view NextFenceExpression() const override { return "nextval('converge_fences')"; }
+  std::string_view DeferredCheckFunctions() const override { return kDeferredChecks; }
   // A SEQUENCE: never rolled back, never hands out a value twice, and never makes
   // concurrent transactions wait for each other (a counter row would).
   std::string_view CreateFenceSequence() const override {
@@ -322,8 +353,45 @@ class PgTx : public Tx {
   // notifications of one transaction collapse into one.
   Status Notify(std::string_view channel) override {
     if (!notify_) return OkStatus();
-    return StatusOf(Exec("SELECT pg_notify($1, '')", channel));
+    return ExecDeferred(DeferredCheck::None(), "SELECT pg_notify($1, '')", channel);
   }
+
+  // Pipeline mode (Method above): the statement is sent now, its answer read by the next
+  // call that waits for the server (Drain).
+  Status ExecDeferredParams(std::string_view sql, std::span<const Value> params,
+                            const DeferredCheck& check) override {
+    Params p;
+    CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
+    std::string stmt(sql);
+    if (check.rows >= 0) {
+      stmt = "WITH converge_deferred AS (" + stmt +
+             " RETURNING 1) SELECT converge_expect_changes(count(*), " +
+             std::to_string(check.rows) + ") FROM converge_deferred";
+    }
+    if (PQpipelineStatus(conn_) == PQ_PIPELINE_OFF && PQenterPipelineMode(conn_) != 1) {
+      return UnavailableError(std::string("postgres: cannot enter pipeline mode: ") +
+                              PQerrorMessage(conn_));
+    }
+    if (PQsendQueryParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
+                          p.values.data(), p.lengths.data(), p.formats.data(), 0) != 1) {
+      return UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
+    }
+    deferred_.push_back(check);
+    return OkStatus();
+  }
+
+  // Starts the transaction as a deferred statement: BEGIN travels with the first
+  // statement that waits for an answer.
+  Status Begin(bool read_only) {
+    return ExecDeferredParams(
+        read_only ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN", {},
+        DeferredCheck::None());
+  }
+
+  // Whether the last failure returned was a deferred statement's, reported by the server:
+  // it ran, failed, and nothing queued behind it ran (COMMIT included), even if the
+  // connection broke right after (Commit).
+  bool last_failure_was_deferred() const { return last_failure_was_deferred_; }
 
   Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) override {
     int64_t changed = 0;
@@ -350,7 +418,8 @@ class PgTx : public Tx {
       h ^= c;
       h *= 1099511628211ull;
     }
-    return StatusOf(Exec("SELECT pg_advisory_xact_lock($1)", static_cast<int64_t>(h)));
+    return ExecDeferred(DeferredCheck::None(), "SELECT pg_advisory_xact_lock($1)",
+                        static_cast<int64_t>(h));
   }
 
   // Text (or binary bytea) parameters for libpq; the vectors own what `values` points at.
@@ -393,19 +462,7 @@ class PgTx : public Tx {
     return OkStatus();
   }
 
-  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
-    Params p;
-    CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
-    std::string stmt(sql);
-    PGresult* res =
-        PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
-                     p.values.data(), p.lengths.data(), p.formats.data(), 0);
-    ExecStatusType st = PQresultStatus(res);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-      Status err = FromResult(res, conn_, "postgres");
-      PQclear(res);
-      return err;
-    }
+  static void Collect(PGresult* res, Rows* rows, int64_t* changed) {
     if (rows != nullptr) {
       int nrows = PQntuples(res), ncols = PQnfields(res);
       rows->reserve(static_cast<size_t>(nrows));
@@ -420,8 +477,90 @@ class PgTx : public Tx {
       const char* t = PQcmdTuples(res);
       *changed = (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
     }
+  }
+
+  Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
+    Params p;
+    CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
+    std::string stmt(sql);
+    if (PQpipelineStatus(conn_) != PQ_PIPELINE_OFF) {
+      return Drain(&stmt, &p, static_cast<int>(params.size()), rows, changed);
+    }
+    last_failure_was_deferred_ = false;
+    PGresult* res =
+        PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
+                     p.values.data(), p.lengths.data(), p.formats.data(), 0);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+      Status err = FromResult(res, conn_, "postgres");
+      PQclear(res);
+      return err;
+    }
+    Collect(res, rows, changed);
     PQclear(res);
     return OkStatus();
+  }
+
+  // Sends `stmt` (when given) behind the deferred statements, then a sync, reads every
+  // answer and leaves pipeline mode. Returns the first failure: a deferred statement's
+  // own Status (its check's `otherwise` when the server raised kDeferredCheckFailed), or
+  // stmt's. Statements behind a failure do not run (the server skips the rest of a
+  // pipeline after an error). stmt's rows go to rows/changed.
+  Status Drain(const std::string* stmt, const Params* p, int nparams, Rows* rows,
+               int64_t* changed) {
+    std::vector<DeferredCheck> checks = std::move(deferred_);
+    deferred_.clear();
+    last_failure_was_deferred_ = false;
+    const size_t n = checks.size() + (stmt != nullptr ? 1 : 0);
+    Status first;
+    if (stmt != nullptr &&
+        PQsendQueryParams(conn_, stmt->c_str(), nparams, p->types.data(), p->values.data(),
+                          p->lengths.data(), p->formats.data(), 0) != 1) {
+      first = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
+    }
+    const bool synced = PQpipelineSync(conn_) == 1;
+    if (!synced && first.ok()) {
+      first = UnavailableError(std::string("postgres pipeline sync: ") + PQerrorMessage(conn_));
+    }
+    // Each statement's results, each followed by a null; then the sync's.
+    for (size_t idx = 0;;) {
+      PGresult* res = PQgetResult(conn_);
+      if (res == nullptr) {
+        if (PQstatus(conn_) != CONNECTION_OK) {
+          if (first.ok()) first = UnavailableError("postgres pipeline: connection lost");
+          break;
+        }
+        if (++idx > n && !synced) break;  // no sync is coming
+        continue;
+      }
+      const ExecStatusType st = PQresultStatus(res);
+      if (st == PGRES_PIPELINE_SYNC) {
+        PQclear(res);
+        break;
+      }
+      // Past the last statement only the sync's own failure can come (the connection
+      // broke after stmt's answer): that answer stands.
+      if (idx < n && first.ok()) {
+        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+          if (stmt != nullptr && idx == n - 1) Collect(res, rows, changed);
+        } else if (st == PGRES_PIPELINE_ABORTED) {
+          first = InternalError("postgres pipeline aborted without an error");
+        } else if (idx < checks.size()) {
+          const char* state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+          first = state != nullptr && kDeferredCheckFailed == state
+                      ? checks[idx].otherwise
+                      : FromResult(res, conn_, "postgres");
+          last_failure_was_deferred_ = state != nullptr;
+        } else {
+          first = FromResult(res, conn_, "postgres");
+        }
+      }
+      PQclear(res);
+    }
+    if (PQexitPipelineMode(conn_) != 1 && first.ok()) {
+      first = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
+    }
+    return first;
   }
 
   // Pipeline mode: every statement sent, one sync, then every result read. One round trip
@@ -429,6 +568,9 @@ class PgTx : public Tx {
   Result<int64_t> ExecMany(std::string_view sql,
                            std::span<const std::vector<Value>> param_sets) override {
     if (param_sets.size() < 2) return Tx::ExecMany(sql, param_sets);
+    if (PQpipelineStatus(conn_) != PQ_PIPELINE_OFF) {
+      CONVERGE_RETURN_IF_ERROR(Drain(nullptr, nullptr, 0, nullptr, nullptr));
+    }
     if (PQenterPipelineMode(conn_) != 1) return Tx::ExecMany(sql, param_sets);
     const std::string stmt(sql);
     Status err;
@@ -483,6 +625,9 @@ class PgTx : public Tx {
  private:
   PGconn* conn_;
   bool notify_;
+  // The checks of the deferred statements sent and not yet answered, in order.
+  std::vector<DeferredCheck> deferred_;
+  bool last_failure_was_deferred_ = false;
   PgTimePartitions own_partitions_{*this};
   TimePartitions* partitions_;  // &own_partitions_ when the store is time-partitioned
 };
@@ -617,7 +762,8 @@ class PgDatabase : public Database {
   void Release(PGconn* c) {
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE) {
+      if (PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE &&
+          PQpipelineStatus(c) == PQ_PIPELINE_OFF) {
         idle_.push_back(c);
       } else {
         PQfinish(c);
@@ -706,8 +852,12 @@ class PgDatabase : public Database {
       return UnavailableError(std::string("postgres: connection lost before COMMIT: ") +
                               PQerrorMessage(c));
     }
+    // COMMIT carries the deferred statements still unanswered (one round trip for all);
+    // a failure of one of them, reported by the server, means COMMIT did not run.
     Status st = tx.Simple("COMMIT");
-    if (st.ok() || read_only || PQstatus(c) == CONNECTION_OK) return st;
+    if (st.ok() || read_only || PQstatus(c) == CONNECTION_OK || tx.last_failure_was_deferred()) {
+      return st;
+    }
     return Status(StatusCode::kUnavailable,
                   "postgres: connection lost during COMMIT, so the transaction may or may not "
                   "have committed: " + st.message(),
@@ -720,7 +870,7 @@ class PgDatabase : public Database {
     // Read() promises a snapshot: REPEATABLE READ takes one at the first statement and
     // keeps it to the end (READ COMMITTED would take one per statement). A read-only
     // transaction never fails to serialize at this level, so this costs no retries.
-    Status st = tx.Simple(read_only ? "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" : "BEGIN");
+    Status st = tx.Begin(read_only);
     if (st.ok()) {
       t_current[this] = &tx;
       try {
@@ -736,9 +886,12 @@ class PgDatabase : public Database {
       }
       // A test parks a writer here to break its connection right before COMMIT.
       if (st.ok() && !read_only) st = failpoint::Hit("postgres.before_commit");
-      if (st.ok()) {
-        st = Commit(tx, c, read_only);
-      } else {
+      if (st.ok()) st = Commit(tx, c, read_only);
+      // A ROLLBACK (or COMMIT) pipelined behind a failed deferred statement was skipped:
+      // the transaction is aborted, not ended, until a ROLLBACK of its own.
+      for (int i = 0; i < 2 && !st.ok() && PQstatus(c) == CONNECTION_OK &&
+                      PQtransactionStatus(c) != PQTRANS_IDLE;
+           ++i) {
         (void)tx.Simple("ROLLBACK");
       }
     }
