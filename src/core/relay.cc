@@ -99,7 +99,16 @@ Relay::~Relay() { Stop(); }
 
 Result<std::map<int64_t, int64_t>> Relay::Acquire() {
   std::map<int64_t, int64_t> owned;
-  Status st = db_.Transact([&](Tx& tx) { return AcquireIn(tx, &owned); });
+  // The incarnation's number is this incarnation's only once the transaction that drew
+  // it commits: one that rolls back may have its number handed out again (SQLite's
+  // sequence is a table), and a restart drawing the same number would tie with this one,
+  // neither superseding the other. So each attempt draws anew until one commits.
+  const bool draw = incarnation_ == 0;
+  Status st = db_.Transact([&](Tx& tx) {
+    if (draw) incarnation_ = 0;
+    return AcquireIn(tx, &owned);
+  });
+  if (!st.ok() && draw) incarnation_ = 0;
   return Acquired(st, std::move(owned));
 }
 

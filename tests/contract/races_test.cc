@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -56,6 +57,15 @@ class Races : public StoreContract<Store> {
   }
   bool HasEffect(const std::string& id) {
     return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
+  }
+  // On PostgreSQL, waits until a session of this test's database waits on a row lock (the
+  // interleaving a test forces); SQLite has one writer, and a blocked writer cannot be seen.
+  bool WaitForALockWaiter() {
+    if (!this->IsPostgres()) return true;
+    return testing::WaitUntil([&] {
+      return this->Count("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                         "'Lock' AND datname = current_database()") > 0;
+    });
   }
 };
 TYPED_TEST_SUITE(Races, Stores, StoreNames);
@@ -975,6 +985,320 @@ TYPED_TEST(Races, RunnersOfOneKindClaimingOneAtATimeShareABacklog) {
   ta.join();
   ASSERT_TRUE(b_ran);
   EXPECT_GE(*b_ran, 1u) << "runner a holds the whole backlog";
+}
+
+
+// Issue 10 review: a pass on the shared database renews its partitions in the transaction
+// that publishes. Paused after publishing until its lease has lapsed, that relay still
+// commits; a second relay, blocked meanwhile on the renewed rows (PostgreSQL) or on the
+// one writer (SQLite), then takes over with raised fences: every event reaches the queue
+// once, in order per aggregate, and the first relay holds nothing afterwards.
+TYPED_TEST(Races, ARelayPausedPastItsLeaseInASharedPassHandsOverEachEventOnce) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  RelayOptions oa{.batch = 3, .name = "relay-a"}, ob{.batch = 64, .name = "relay-b"};
+  Relay ra(*this->db_, outbox, queue, oa, &clock), rb(*this->db_, outbox, queue, ob, &clock);
+  ASSERT_TRUE(ra.RunOnce());  // acquires apart: every partition
+  std::map<std::string, std::vector<std::string>> want;
+  for (int i = 0; i < 3; ++i) {
+    for (int a = 0; a < 3; ++a) {
+      const std::string agg = "agg-" + std::to_string(a);
+      std::string id;
+      ASSERT_TRUE(this->db_
+                      ->Transact([&](Tx& tx) -> Status {
+                        CONVERGE_ASSIGN_OR_RETURN(id,
+                                                  outbox.Enqueue(tx, TestFixture::MakeEvent(agg)));
+                        return OkStatus();
+                      })
+                      .ok());
+      want[agg].push_back(id);
+    }
+  }
+  ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=pause*1").ok());
+  std::optional<Result<size_t>> a_done, b_done;
+  std::thread ta([&] { a_done = ra.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("relay.after_publish_before_mark", 20s));
+  clock.Advance(oa.lease + Millis(1));  // relay-a's lease lapses mid-pass
+  std::thread tb([&] { b_done = rb.RunOnce(); });
+  const bool waited = this->WaitForALockWaiter();
+  failpoint::Release("relay.after_publish_before_mark");
+  ta.join();
+  tb.join();
+  ASSERT_TRUE(waited) << "relay-b never waited on relay-a's rows";
+  ASSERT_TRUE(a_done.has_value() && *a_done) << a_done->error().ToString();
+  EXPECT_EQ(**a_done, 3u);
+  ASSERT_TRUE(b_done.has_value() && *b_done) << b_done->error().ToString();
+  EXPECT_EQ(**b_done, 6u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM relay_partitions WHERE owner = 'relay-b' "
+                        "AND fence = 2"),
+            kOutboxPartitions);
+  // relay-a's next pass (it acquires in it) finds nothing of its own, and publishes nothing.
+  auto again = ra.RunOnce();
+  ASSERT_TRUE(again) << again.error().ToString();
+  EXPECT_EQ(*again, 0u);
+  EXPECT_EQ(ra.stats().partitions_owned, 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  std::map<std::string, std::vector<std::string>> got;
+  ASSERT_TRUE(this->db_
+                  ->Read([&](Tx& tx) -> Status {
+                    CONVERGE_ASSIGN_OR_RETURN(
+                        Rows rows,
+                        tx.Query("SELECT subject, event_id FROM queue_messages ORDER BY id"));
+                    for (const Row& r : rows) got[r.Text(0)].push_back(r.Text(1));
+                    return OkStatus();
+                  })
+                  .ok());
+  EXPECT_EQ(got, want);
+}
+
+// Issue 10 review: the restart of ARestartedRelayFencesItsPreviousIncarnation, with the
+// queue in the outbox's database, the old incarnation paused inside a pass that acquires
+// and publishes in one transaction. The new incarnation waits for that commit, takes the
+// partitions with raised fences and publishes the rest; the old one, still alive, is
+// told it was superseded and publishes nothing more.
+TYPED_TEST(Races, ASupersededRelayInASharedPassPublishesNothingMore) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  Relay old_incarnation(*this->db_, outbox, queue, RelayOptions{.batch = 1, .name = "h:1"});
+  ASSERT_TRUE(old_incarnation.RunOnce());  // acquires apart, drawing its incarnation
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                     }).ok());
+  }
+  Relay new_incarnation(*this->db_, outbox, queue, RelayOptions{.batch = 16, .name = "h:1"});
+  ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=pause*1").ok());
+  std::optional<Result<size_t>> old_done, new_done;
+  std::thread t_old([&] { old_done = old_incarnation.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("relay.after_publish_before_mark", 20s));
+  std::thread t_new([&] { new_done = new_incarnation.RunOnce(); });
+  const bool waited = this->WaitForALockWaiter();
+  failpoint::Release("relay.after_publish_before_mark");
+  t_old.join();
+  t_new.join();
+  ASSERT_TRUE(waited) << "the new incarnation never waited on the old one's rows";
+  ASSERT_TRUE(old_done.has_value() && *old_done) << old_done->error().ToString();
+  EXPECT_EQ(**old_done, 1u);
+  ASSERT_TRUE(new_done.has_value() && *new_done) << new_done->error().ToString();
+  EXPECT_EQ(**new_done, 2u);
+  const int64_t fences = this->Count("SELECT sum(fence) FROM relay_partitions");
+  EXPECT_EQ(fences, 2 * kOutboxPartitions);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                   }).ok());
+  auto again = old_incarnation.RunOnce();
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code(), StatusCode::kFailedPrecondition) << again.error().ToString();
+  EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
+  EXPECT_EQ(*queue.Depth("ledger"), 3);
+  EXPECT_EQ(*new_incarnation.RunOnce(), 1u);
+  EXPECT_EQ(*queue.Depth("ledger"), 4);
+  EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 4);
+}
+
+// Issue 10 review: a consumer on the SQL queue in its own database settles inside the
+// transaction of its effects. When that transaction rolls back (the batch, then each
+// delivery alone), no ack and no nak survive: the messages stay claimed by this fetch,
+// nothing is applied, and they come back when their visibility ends; a nak that commits makes its
+// message visible exactly when its delay ends, and holds back the next of its subject.
+TYPED_TEST(Races, ARolledBackSettlementInTheEffectsTransactionLeavesEveryMessageDeliverable) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue q(*this->db_, &clock);
+  auto put = [&](const std::string& id, const std::string& subject) {
+    Event e = TestFixture::MakeEvent(subject);
+    e.id = id;
+    e.source = "urn:test";
+    e.time = 1;
+    e.aggregate_type = "thing";
+    e.envelope = EncodeEnvelope(e);
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return q.EnqueueInTx(tx, "ledger", e); }).ok());
+  };
+  put("e1", "A");
+  put("e2", "A");
+  put("f1", "B");
+  put("f2", "B");
+  auto sub = q.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger", .max_attempts = 10}, &clock);
+  std::atomic<bool> fail_f1{true};
+  c.On("*", [&](Tx& tx, const Event& e) -> Status {
+    if (e.id == "f1" && fail_f1) return UnavailableError("downstream busy");
+    return TestFixture::Effect(tx, e.id);
+  });
+  // The batch (e1 acked, f1 nak'd, in its transaction) fails, then each alone.
+  ASSERT_TRUE(failpoint::Configure("consumer.before_commit=error(unavailable)*3").ok());
+  EXPECT_FALSE(c.RunOnce());
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox"), 0);
+  EXPECT_EQ(*q.Depth("ledger"), 4);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM queue_messages WHERE claim_token IS NOT NULL "
+                        "AND (last_error IS NULL OR last_error = '')"),
+            2);
+  // Nobody else gets them meanwhile (e2 and f2 wait behind their subjects' heads).
+  auto other = q.OpenSubscriber("ledger");
+  auto none = other->Fetch(10, Millis(1000));
+  ASSERT_TRUE(none);
+  EXPECT_TRUE(none->empty());
+  // Their visibility ends (the SQL queue cannot extend a hold): they come back, each runs
+  // alone; e1 applies, f1's nak commits.
+  clock.Advance(Millis(30'001));
+  auto r = c.RunOnce();
+  ASSERT_TRUE(r) << r.error().ToString();
+  EXPECT_EQ(*r, 2u);
+  EXPECT_TRUE(this->HasEffect("e1"));
+  EXPECT_FALSE(this->HasEffect("f1"));
+  EXPECT_EQ(c.stats().retries, 1);
+  const int64_t now = clock.NowMillis();
+  const int64_t visible_at = this->Count(
+      "SELECT coalesce(max(visible_at), -1) FROM queue_messages WHERE event_id = 'f1' "
+      "AND claim_token IS NULL AND last_error LIKE '%downstream busy%'");
+  ASSERT_GE(visible_at, now);
+  fail_f1 = false;
+  // Before f1's delay ends only e2 comes (f2 waits behind f1).
+  if (visible_at > now) {
+    clock.Set(visible_at - 1);
+    ASSERT_EQ(testing::RunUntilIdle(c), 1u);
+    EXPECT_TRUE(this->HasEffect("e2"));
+    EXPECT_FALSE(this->HasEffect("f1"));
+    EXPECT_FALSE(this->HasEffect("f2"));
+  }
+  clock.Set(visible_at);
+  testing::RunUntilIdle(c);
+  for (const char* id : {"e1", "e2", "f1", "f2"}) EXPECT_TRUE(this->HasEffect(id)) << id;
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 4);
+  EXPECT_EQ(*q.Depth("ledger"), 0);
+  EXPECT_EQ(c.stats().duplicates, 0);
+}
+
+// Issue 10 review: consumers sharing the SQL queue settle in their effects' transactions
+// (acks and naks commit with the inbox rows), concurrently, with naks on the way: each
+// handler finds every earlier message of its subject applied and committed before it
+// starts (the claim never hands out a message while an earlier one of its subject is
+// still in the queue), and each message applies once.
+TYPED_TEST(Races, ConsumersSettlingInTheirTransactionsKeepEachSubjectInOrder) {
+  SqlQueue q(*this->db_);
+  constexpr int kSubjects = 6, kPerSubject = 8;
+  for (int i = 0; i < kPerSubject; ++i) {
+    for (int k = 0; k < kSubjects; ++k) {
+      Event e = TestFixture::MakeEvent("s" + std::to_string(k));
+      e.id = "s" + std::to_string(k) + "-" + std::to_string(i);
+      e.source = "urn:test";
+      e.time = 1;
+      e.aggregate_type = "thing";
+      e.envelope = EncodeEnvelope(e);
+      ASSERT_TRUE(
+          this->db_->Transact([&](Tx& tx) { return q.EnqueueInTx(tx, "ledger", e); }).ok());
+    }
+  }
+  std::mutex mu;
+  std::set<std::string> failed_once;
+  std::vector<std::string> out_of_order;
+  auto handler = [&](Tx& tx, const Event& e) -> Status {
+    const std::string subject = e.id.substr(0, e.id.find('-'));
+    const int64_t index = std::stoll(e.id.substr(e.id.find('-') + 1));
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (index % 3 == 1 && failed_once.insert(e.id).second) {
+        return UnavailableError("first try of " + e.id);
+      }
+    }
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx.Query("SELECT count(*) FROM test_effects WHERE id LIKE $1", subject + "-%"));
+    if (rows[0].Int(0) != index) {
+      std::lock_guard<std::mutex> l(mu);
+      out_of_order.push_back(e.id + " after " + std::to_string(rows[0].Int(0)));
+    }
+    return TestFixture::Effect(tx, e.id);
+  };
+  std::vector<std::unique_ptr<Subscriber>> subs;
+  std::vector<std::unique_ptr<Consumer>> consumers;
+  for (int i = 0; i < 3; ++i) {
+    subs.push_back(q.OpenSubscriber("ledger"));
+    consumers.push_back(std::make_unique<Consumer>(
+        *this->db_, *subs.back(),
+        ConsumerOptions{.name = "shared", .backoff_initial = 1ms, .backoff_max = 4ms,
+                        .batch = 4}));
+    consumers.back()->On("*", handler);
+  }
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> ts;
+  for (auto& c : consumers) {
+    ts.emplace_back([&c, &stop] {
+      while (!stop.load()) {
+        auto r = c->RunOnce();
+        if (!r || *r == 0) std::this_thread::yield();
+      }
+    });
+  }
+  const bool drained = testing::WaitUntil(
+      [&] { return this->Count("SELECT count(*) FROM queue_messages") == 0; });
+  stop = true;
+  for (auto& t : ts) t.join();
+  ASSERT_TRUE(drained) << this->Count("SELECT count(*) FROM queue_messages") << " left";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), kSubjects * kPerSubject);
+  EXPECT_TRUE(out_of_order.empty()) << out_of_order.front();
+  int64_t duplicates = 0, retries = 0;
+  for (auto& c : consumers) {
+    duplicates += c->stats().duplicates;
+    retries += c->stats().retries;
+  }
+  EXPECT_EQ(duplicates, 0);
+  EXPECT_GT(retries, 0);  // the naks happened (and committed)
+}
+
+// Issue 10 review: the shared pass leaves a relay's first acquire to a transaction of its
+// own because "the incarnation's number is drawn from a sequence that a rollback would
+// hand out again on SQLite" (relay.cc, RunOnce). That first transaction can roll back too
+// (here a trigger makes its membership row fail, as a busy or full store would). The
+// relay kept the number it drew, SQLite handed it out again to a restart under the same
+// name, and the two incarnations tied: the older one was never told it was superseded and
+// took the partitions back, raising their fences, on every pass (older than issue 10).
+// Now a number is the incarnation's only once its transaction commits (Relay::Acquire):
+// the older process draws anew and, being the later incarnation, supersedes the restart.
+TYPED_TEST(Races, ARelayWhoseFirstAcquireRolledBackIsStillSupersededByItsRestart) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  auto exec = [&](const std::string& sql) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) { return StatusOf(tx.Exec(sql)); }).ok())
+        << sql;
+  };
+  if (this->IsPostgres()) {
+    exec("CREATE FUNCTION fail_members() RETURNS trigger LANGUAGE plpgsql AS "
+         "'BEGIN RAISE EXCEPTION ''injected''; END'");
+    exec("CREATE TRIGGER fail_members BEFORE INSERT ON relay_members FOR EACH ROW "
+         "EXECUTE FUNCTION fail_members()");
+  } else {
+    exec("CREATE TRIGGER fail_members BEFORE INSERT ON relay_members "
+         "BEGIN SELECT RAISE(ABORT, 'injected'); END");
+  }
+  Relay old_incarnation(*this->db_, outbox, queue, RelayOptions{.name = "h:1"});
+  ASSERT_FALSE(old_incarnation.RunOnce());  // its first acquire rolls back
+  exec("DROP TRIGGER fail_members" + std::string(this->IsPostgres() ? " ON relay_members" : ""));
+  // The restart comes up while the old process still runs.
+  Relay new_incarnation(*this->db_, outbox, queue, RelayOptions{.name = "h:1"});
+  ASSERT_TRUE(new_incarnation.RunOnce());
+  EXPECT_EQ(new_incarnation.stats().partitions_owned, kOutboxPartitions);
+  // The older process never had an incarnation: its next pass draws one, newer than the
+  // restart's, and supersedes it. What must not happen is a tie: from then on one of the
+  // two owns the partitions, the other is refused, and the fences stop moving.
+  auto again = old_incarnation.RunOnce();
+  ASSERT_TRUE(again) << again.error().ToString();
+  auto superseded = new_incarnation.RunOnce();
+  ASSERT_FALSE(superseded) << "two incarnations of one name tie";
+  EXPECT_EQ(superseded.error().code(), StatusCode::kFailedPrecondition)
+      << superseded.error().ToString();
+  const int64_t fences = this->Count("SELECT sum(fence) FROM relay_partitions");
+  for (int pass = 0; pass < 3; ++pass) {
+    ASSERT_TRUE(old_incarnation.RunOnce());
+    EXPECT_FALSE(new_incarnation.RunOnce());
+  }
+  EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences)
+      << "the partitions changed hands between the two";
+  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions);
 }
 
 }  // namespace
