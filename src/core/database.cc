@@ -46,9 +46,11 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
   ++savepoint_depth_;
   Status st = fn(*this);
   --savepoint_depth_;
+  bool released_failed = false;  // the RELEASE below waited for fn's deferred statements
   if (st.ok()) {
     Status released = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
     if (released.ok()) return st;
+    released_failed = true;
     // fn returned OK, yet the savepoint cannot be released: a statement inside failed and
     // fn swallowed its error (harmless on SQLite; on PostgreSQL the failed statement
     // aborted the transaction). Roll back to the savepoint so the enclosing transaction
@@ -61,6 +63,14 @@ Status Tx::Savepoint(const std::function<Status(Tx&)>& fn) {
   }
   // Everything fn added is undone with it.
   hooks_.resize(std::min(hooks_.size(), first_hook));
+  if (!released_failed) {
+    // fn failed without waiting for the server: deferred statements of fn (ExecDeferred)
+    // may still be on their way, and on PostgreSQL a ROLLBACK TO sent behind one that
+    // fails would be skipped with it, leaving the whole transaction aborted. A statement
+    // that waits collects their answers first; their failure is part of fn's, which st
+    // already reports.
+    (void)ExecParams("SELECT 1", {});
+  }
   Status undo = StatusOf(ExecParams("ROLLBACK TO SAVEPOINT " + name, {}));
   if (undo.ok()) undo = StatusOf(ExecParams("RELEASE SAVEPOINT " + name, {}));
   if (!undo.ok()) return undo;  // the transaction itself is in trouble: report that

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <optional>
+#include <stdexcept>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -132,6 +133,46 @@ TYPED_TEST(DeferredWrites, AFailureInsideASavepointRollsBackOnlyTheSavepoint) {
   EXPECT_TRUE(st.ok()) << st.ToString();
   EXPECT_EQ(inner.code(), StatusCode::kAlreadyExists) << inner.ToString();
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 2);  // outer, later
+}
+
+// Review (issue 10): a savepoint whose fn returns its own error while one of its deferred
+// statements failed must still roll back to the savepoint only, as on SQLite (where the
+// statement fails at once and fn goes on to return its error): the enclosing transaction
+// goes on and commits. On PostgreSQL the ROLLBACK TO SAVEPOINT is pipelined behind the
+// failed statement, skipped, and the whole transaction is left aborted.
+TYPED_TEST(DeferredWrites, ASavepointFailingWithAFailedDeferredStatementRollsBackOnlyItself) {
+  Status inner;
+  Status st = this->db_->Transact([&](Tx& tx) -> Status {
+    CONVERGE_RETURN_IF_ERROR(TestFixture::Effect(tx, "outer"));
+    inner = tx.Savepoint([](Tx& t) -> Status {
+      CONVERGE_RETURN_IF_ERROR(TestFixture::DeferredEffect(t, "inner"));
+      (void)TestFixture::DeferredEffect(t, "outer");  // the duplicate (SQLite: fails here)
+      return InvalidArgumentError("fn's own failure");
+    });
+    return TestFixture::DeferredEffect(tx, "later");
+  });
+  EXPECT_FALSE(inner.ok());
+  EXPECT_TRUE(st.ok()) << "the enclosing transaction failed: " << st.ToString()
+                       << " (the savepoint returned " << inner.ToString() << ")";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 2);  // outer, later
+}
+
+// Review (issue 10): fn throwing while deferred statements are queued (one of them
+// failing, or none) leaves the pooled connection clean for the next transaction.
+TYPED_TEST(DeferredWrites, AnExceptionWithStatementsQueuedLeavesTheConnectionClean) {
+  auto db = this->OpenWith("pool_size", "1");
+  ASSERT_NE(db, nullptr);
+  ASSERT_TRUE(db->Transact([](Tx& tx) { return TestFixture::Effect(tx, "a"); }).ok());
+  for (const char* dup : {"b", "a"}) {
+    Status st = db->Transact([&](Tx& tx) -> Status {
+      (void)TestFixture::DeferredEffect(tx, "b");
+      (void)TestFixture::DeferredEffect(tx, dup);
+      throw std::runtime_error("fn threw");
+    });
+    EXPECT_EQ(st.code(), StatusCode::kInternal) << st.ToString();
+    EXPECT_EQ(this->Count(*db, "SELECT count(*) FROM test_effects"), 1);
+  }
+  this->ExpectTheConnectionWorks(*db, "after");
 }
 
 // A completion's fence check and stored response are deferred: a takeover that happens
