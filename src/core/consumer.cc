@@ -232,6 +232,21 @@ Result<size_t> Consumer::RunOnce() {
   return settled;
 }
 
+namespace {
+// A batch and its decisions in the shape a transport settles them (Decision is private to
+// Consumer, hence deduced).
+template <typename Decision>
+void Unpack(const std::vector<const Delivery*>& batch, const std::vector<Decision>& decisions,
+            std::vector<Delivery>* deliveries, std::vector<Settlement>* settlements) {
+  deliveries->reserve(batch.size());
+  settlements->reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    deliveries->push_back(*batch[i]);
+    settlements->push_back(decisions[i].settlement);
+  }
+}
+}  // namespace
+
 Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
   std::vector<Decision> decisions;
   Status st = db_.Transact([&](Tx& tx) -> Status {
@@ -253,12 +268,7 @@ Status Consumer::SettleInTx(Tx& tx, const std::vector<const Delivery*>& batch,
   if (tx_settler_ == nullptr) return OkStatus();
   std::vector<Delivery> deliveries;
   std::vector<Settlement> settlements;
-  deliveries.reserve(batch.size());
-  settlements.reserve(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) {
-    deliveries.push_back(*batch[i]);
-    settlements.push_back(decisions[i].settlement);
-  }
+  Unpack(batch, decisions, &deliveries, &settlements);
   return tx_settler_->SettleInTx(tx, deliveries, settlements);
 }
 
@@ -327,15 +337,10 @@ void Consumer::Settle(const std::vector<const Delivery*>& batch,
   // Settled in the transaction that just committed (SettleInTx), or now, after it.
   Status settled = failpoint::Hit("consumer.after_commit_before_ack");
   if (settled.ok() && tx_settler_ == nullptr) {
-    std::vector<Delivery> settled_deliveries;
+    std::vector<Delivery> deliveries;
     std::vector<Settlement> settlements;
-    settled_deliveries.reserve(batch.size());
-    settlements.reserve(batch.size());
-    for (size_t i = 0; i < batch.size(); ++i) {
-      settled_deliveries.push_back(*batch[i]);
-      settlements.push_back(decisions[i].settlement);
-    }
-    settled = subscriber_.Settle(settled_deliveries, settlements);
+    Unpack(batch, decisions, &deliveries, &settlements);
+    settled = subscriber_.Settle(deliveries, settlements);
   }
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.batches;
