@@ -137,7 +137,7 @@ bool Partitioned(Database& db) {
   return partitioned;
 }
 
-void Preload(const std::string& uri, int64_t rows, double expired, int age_days) {
+void Preload(const std::string& uri, int64_t rows, double expired, int age_days, bool outbox) {
   const bool pg = IsPostgres(uri);
   auto db = Open(uri, 2);
   const int64_t step = kSpace / rows;
@@ -158,7 +158,7 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days)
   struct Table {
     std::string name, index, insert, select;
   };
-  const Table tables[] = {
+  std::vector<Table> tables = {
       {"idempotency_keys", "idempotency_keys_expires",
        "INSERT INTO idempotency_keys (scope, key, request_hash, status, recovery_point, "
        "lease_until, fence, response_status, response_headers, response_body, created_at, "
@@ -171,6 +171,14 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days)
        "outcome)",
        "SELECT 'bench', 'urn:converge', {key}, $4, {expires}, 'applied'"},
   };
+  if (outbox) {
+    // Events published when they were written, `age_days` ago.
+    tables.push_back(
+        {"outbox_events", "outbox_published",
+         "INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, type, "
+         "payload, created_at, published_at, publish_attempts)",
+         "SELECT {key}, 'urn:converge', 'bench', {key}, 'bench.created', '{}', $4, $4, 1"});
+  }
   const int64_t chunk = 250000;
   for (const Table& t : tables) {
     // The expiry index is rebuilt after the load (a sort) rather than grown row by row at
@@ -203,7 +211,9 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days)
     for (int64_t first = 0; first < rows; first += chunk) {
       const int64_t end = std::min(rows, first + chunk);
       Check(db->Transact([&](Tx& tx) {
-        std::vector<converge::Value> params = {first, end, step, now, per_mille};
+        // The parameters the table's statement uses ($5 comes with {expires}).
+        std::vector<converge::Value> params = {first, end, step, now};
+        if (t.select.find("{expires}") != std::string::npos) params.emplace_back(per_mille);
         if (t.select.find("$6") != std::string::npos) params.emplace_back(body);
         return converge::StatusOf(tx.ExecParams(sql, params));
       }),
@@ -493,14 +503,19 @@ int Retention(const std::string& uri, int callers, double seconds, const std::st
   auto db = Open(uri, callers + 2);
   const bool partitioned = Partitioned(*db);
   const int64_t keys0 = Count(*db, "idempotency_keys"), inbox0 = Count(*db, "consumer_inbox");
+  const int64_t outbox0 = Count(*db, "outbox_events");
   std::printf("PostgreSQL, retention=%s, %d callers, %.1f s per run\n",
               partitioned ? "partitioned" : "delete", callers, seconds);
-  std::printf("  loaded store: %lld idempotency keys, %lld inbox rows\n",
-              static_cast<long long>(keys0), static_cast<long long>(inbox0));
+  std::printf("  loaded store: %lld idempotency keys, %lld inbox rows, %lld outbox events\n",
+              static_cast<long long>(keys0), static_cast<long long>(inbox0),
+              static_cast<long long>(outbox0));
   const double alone = Creates(*db, callers, seconds);
   const int64_t keys1 = Count(*db, "idempotency_keys"), inbox1 = Count(*db, "consumer_inbox");
+  const int64_t outbox1 = Count(*db, "outbox_events");
 
-  converge::Sweeper sweeper(*db, {.batch = 1000});
+  // The preloaded events were published two days ago; the creates' own are not yet, or
+  // only now (no relay runs), so a day's retention takes exactly the preloaded ones.
+  converge::Sweeper sweeper(*db, {.batch = 1000, .published_retention = std::chrono::hours(24)});
   std::atomic<bool> stop{false};
   double busy = 0, drop_pass = 0;
   int64_t dropped = 0;
@@ -520,21 +535,25 @@ int Retention(const std::string& uri, int callers, double seconds, const std::st
   stop = true;
   sweep.join();
   const int64_t keys2 = Count(*db, "idempotency_keys"), inbox2 = Count(*db, "consumer_inbox");
-  // Rows gone: what was there before the run, plus the keys the run created, minus what is
-  // left (creates add keys only).
-  const int64_t removed = (keys1 - keys2) + (inbox1 - inbox2) +
-                          static_cast<int64_t>(std::llround(during * seconds));
+  const int64_t outbox2 = Count(*db, "outbox_events");
+  // Rows gone: what was there before the run, plus the keys and events the run created,
+  // minus what is left (a create adds a key and an event).
+  const int64_t made = static_cast<int64_t>(std::llround(during * seconds));
+  const int64_t removed =
+      (keys1 - keys2 + made) + (inbox1 - inbox2) + (outbox1 - outbox2 + made);
   const double rate = busy > 0 ? removed / busy : 0;
   std::printf("  %-54s %9.0f creates/s\n", "creates, loaded store", alone);
   std::printf("  %-54s %9.0f creates/s\n", "creates while the sweeper removes expired rows",
               during);
   std::printf("  %-54s %9lld rows in %.2f s of sweeping: %.0f rows/s%s\n",
-              "sweeper: rows removed (keys + inbox)", static_cast<long long>(removed), busy,
+              "sweeper: rows removed (keys + inbox + outbox)", static_cast<long long>(removed),
+              busy,
               rate,
               partitioned ? (" (" + std::to_string(dropped) + " partitions dropped)").c_str()
                           : "");
-  std::printf("  left: %lld keys, %lld inbox rows\n", static_cast<long long>(keys2),
-              static_cast<long long>(inbox2));
+  std::printf("  left: %lld keys, %lld inbox rows, %lld outbox events\n",
+              static_cast<long long>(keys2), static_cast<long long>(inbox2),
+              static_cast<long long>(outbox2));
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "retention"},
                         {"retention", partitioned ? "partitioned" : "delete"},
@@ -542,6 +561,7 @@ int Retention(const std::string& uri, int callers, double seconds, const std::st
                         {"seconds", seconds},
                         {"loaded_keys", keys0},
                         {"loaded_inbox", inbox0},
+                        {"loaded_outbox", outbox0},
                         {"creates_loaded", alone},
                         {"creates_while_sweeping", during},
                         {"rows_removed", removed},
@@ -575,6 +595,8 @@ int main(int argc, char** argv) {
   preload->add_option("--age-days", age_days,
                       "Write the rows as if this many days ago (2: all expired by now)")
       ->check(CLI::Range(0, 365));
+  bool outbox = false;
+  preload->add_flag("--outbox", outbox, "Also as many outbox events, published when written");
   CLI::App* retention = app.add_subcommand(
       "retention", "Creates, and the sweeper removing expired rows (DELETE or partition drop)");
   retention->add_option("--uri", uri, "A store preloaded with --age-days 2")->required();
@@ -592,7 +614,7 @@ int main(int argc, char** argv) {
   run->add_option("--json", json_path, "Write every sample to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
-    Preload(uri, rows, expired, age_days);
+    Preload(uri, rows, expired, age_days, outbox);
     return 0;
   }
   if (*retention) return Retention(uri, callers, seconds, json_path);

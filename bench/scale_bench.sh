@@ -7,9 +7,10 @@
 #   ROWS defaults to 1000000 (`make bench`); the documented run is
 #   `make bench-scale SCALE_ROWS=10000000`. STORES: "sqlite postgresql retention"
 #   (default) or some of them. "retention" compares PostgreSQL's two retention modes side
-#   by side at ROWS rows per table, all expired (written two days ago): creates, and the
-#   sweeper removing them by batched DELETEs (retention=delete) or by dropping their
-#   partition (retention=partitioned); `converge_scale_bench retention` says how.
+#   by side at ROWS rows per table (keys, inbox rows and published outbox events), all
+#   past their retention (written two days ago): creates, and the sweeper removing them by
+#   batched DELETEs (retention=delete) or by dropping their partition
+#   (retention=partitioned); `converge_scale_bench retention` says how.
 # The stores live under $TMPDIR (default /tmp) and are removed afterwards; the PostgreSQL
 # one is a throwaway server (scripts/with-postgres.sh) unless CONVERGE_TEST_PG_DSN is set.
 set -euo pipefail
@@ -88,7 +89,7 @@ if [[ " $stores " == *" retention "* ]]; then
     psql_q "$CONVERGE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
     echo "PostgreSQL retention=$mode: preloading $rows expired rows per table"
     # Opening the new store with the setting creates it in that shape.
-    "$bench" preload --uri "$base/$db?retention=$mode" --rows "$rows" --age-days 2
+    "$bench" preload --uri "$base/$db?retention=$mode" --rows "$rows" --age-days 2 --outbox
     echo "  VACUUM ANALYZE and CHECKPOINT..." >&2
     psql_q "$base/$db" -c "VACUUM ANALYZE" -c "CHECKPOINT"
     "$bench" retention --uri "$base/$db" --seconds "$secs" $(json "retention_$mode")

@@ -16,12 +16,13 @@
 //                     late call's reopen either keeps the saga or finds it gone (saga.h)
 //
 // On a time-partitioned store (PostgreSQL with retention=partitioned, Tx::time_partitions)
-// idempotency_keys and consumer_inbox go a partition at a time instead: each pass creates
-// the partition of the current period and `partitions_ahead` more, and drops a partition
-// whose period has ended once none of its rows is one the batched DELETE would keep (an
-// unexpired row, or a key whose work is unfinished past its first phase: then the whole
-// partition waits). Only their DEFAULT partitions, which hold rows no partition covered
-// when they were written, are still swept row by row. docs/design/retention.md.
+// idempotency_keys, consumer_inbox and outbox_events go a partition at a time instead:
+// each pass creates the partition of the current period and `partitions_ahead` more, and
+// drops a partition whose period has ended once none of its rows is one the batched
+// DELETE would keep (an unexpired row, a key whose work is unfinished past its first
+// phase, an event not yet published or published within published_retention: then the
+// whole partition waits). Only their DEFAULT partitions, which hold rows no partition
+// covered when they were written, are still swept row by row. docs/design/retention.md.
 //
 // Thread safety: safe to run from one thread while everything else runs.
 #ifndef CONVERGE_SWEEPER_H_
@@ -55,8 +56,8 @@ struct SweepStats {
   int64_t keys = 0, inbox = 0, outbox = 0, effects = 0, dead_letters = 0, sagas = 0;
   // Rows deleted one by one (not those of dropped partitions, which are not counted).
   int64_t total() const { return keys + inbox + outbox + effects + dead_letters + sagas; }
-  // Time-partitioned stores: partitions of idempotency_keys and consumer_inbox created
-  // and dropped by this pass.
+  // Time-partitioned stores: partitions of idempotency_keys, consumer_inbox and
+  // outbox_events created and dropped by this pass.
   int64_t partitions_created = 0, partitions_dropped = 0;
 };
 
@@ -70,9 +71,15 @@ class Sweeper {
   Result<SweepStats> RunOnce();
 
  private:
+  // The tables the row-by-row sweeps delete from: on a time-partitioned store, the
+  // DEFAULT partitions.
+  struct RowTables {
+    std::string keys = "idempotency_keys";
+    std::string outbox = "outbox_events";
+  };
   // Time-partitioned stores: creates ahead and drops what may go (above). Sets
-  // `*keys_table` to the table the keys' row-by-row sweep deletes from.
-  Status MaintainPartitions(int64_t now, SweepStats* stats, std::string* keys_table);
+  // `*row_tables`.
+  Status MaintainPartitions(int64_t now, SweepStats* stats, RowTables* row_tables);
   Database& db_;
   const SweepOptions options_;
   Clock* clock_;

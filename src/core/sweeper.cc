@@ -17,7 +17,8 @@ namespace {
 // The time-partitioned tables, and the condition under which a row of theirs must stay.
 struct PartitionedTable {
   std::string_view name;
-  std::string keep;  // SQL on the row, $1 = now
+  std::string keep;  // SQL on the row, with $1 = at
+  int64_t at;
 };
 
 bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to) {
@@ -29,16 +30,21 @@ bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to)
 
 }  // namespace
 
-Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, std::string* keys_table) {
-  *keys_table = "idempotency_keys";
+Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* row_tables) {
+  *row_tables = RowTables{};
   bool partitioned = false;
   const int64_t period = options_.partition_period.count();
   if (period <= 0 || options_.partitions_ahead < 0) {
     return InvalidArgumentError("partition_period must be > 0 and partitions_ahead >= 0");
   }
+  // Each the row-by-row sweep's condition, negated.
   const PartitionedTable tables[] = {
-      {"idempotency_keys", internal::UnforgettableKeyCondition("$1")},
-      {"consumer_inbox", "expires_at > $1"},  // Inbox::Sweep's condition, negated
+      {"idempotency_keys", internal::UnforgettableKeyCondition("$1"), now},
+      {"consumer_inbox", "expires_at > $1", now},  // Inbox::Sweep's
+      // Unpublished events stay however old their partition is: the relay has yet to
+      // publish them (or a dead letter's replay made them unpublished again).
+      {"outbox_events", "published_at IS NULL OR published_at > $1",
+       now - options_.published_retention.count()},
   };
   // Another transaction may hold the table a while (each DDL step waits at most 1 s for
   // it, then fails kUnavailable): that step is left to the next pass.
@@ -52,7 +58,9 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, std::string* 
       if (tp == nullptr) return OkStatus();
       CONVERGE_ASSIGN_OR_RETURN(parts, tp->List(table.name));
       if (table.name == "idempotency_keys") {
-        CONVERGE_ASSIGN_OR_RETURN(*keys_table, tp->DefaultPartition(table.name));
+        CONVERGE_ASSIGN_OR_RETURN(row_tables->keys, tp->DefaultPartition(table.name));
+      } else if (table.name == "outbox_events") {
+        CONVERGE_ASSIGN_OR_RETURN(row_tables->outbox, tp->DefaultPartition(table.name));
       }
       return OkStatus();
     }));
@@ -76,7 +84,7 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, std::string* 
     // Behind: partitions whose period has ended. A look without the lock first, so that
     // a partition that must wait does not lock the table at every pass; the drop itself
     // checks again under the lock, and only then drops.
-    const Value params[] = {Value(now)};
+    const Value params[] = {Value(table.at)};
     for (const TimePartition& p : parts) {
       if (p.to > now) continue;
       bool waits = false;
@@ -109,9 +117,11 @@ Result<SweepStats> Sweeper::RunOnce() {
   const int64_t now = clock_->NowMillis();
   SweepStats s;
   // Row by row, what no partition drop takes: on a time-partitioned store only the
-  // DEFAULT partition of the keys (Inbox::Sweep does the same for its table).
-  std::string keys;
-  CONVERGE_RETURN_IF_ERROR(MaintainPartitions(now, &s, &keys));
+  // DEFAULT partitions of the keys and the outbox (Inbox::Sweep does the same for its
+  // table).
+  RowTables tables;
+  CONVERGE_RETURN_IF_ERROR(MaintainPartitions(now, &s, &tables));
+  const std::string& keys = tables.keys;
   // Each DELETE picks its victims by primary key through a LIMITed subquery: bounded work
   // per transaction on both backends.
   auto sweep = [&](int64_t* out, std::string_view sql, int64_t cutoff) -> Status {
@@ -138,9 +148,9 @@ Result<SweepStats> Sweeper::RunOnce() {
   // that waited for its row lock.
   CONVERGE_RETURN_IF_ERROR(sweep(
       &s.outbox,
-      "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events WHERE "
-      "published_at IS NOT NULL AND published_at <= $1 LIMIT $2) AND "
-      "published_at IS NOT NULL AND published_at <= $1",
+      "DELETE FROM " + tables.outbox + " WHERE seq IN (SELECT seq FROM " + tables.outbox +
+          " WHERE published_at IS NOT NULL AND published_at <= $1 LIMIT $2) AND "
+          "published_at IS NOT NULL AND published_at <= $1",
       now - options_.published_retention.count()));
   // A saga's journalled calls are not swept here: a parked saga replayed later, or a
   // compensation run again after a late call, must find a call it made as done and not

@@ -11,6 +11,7 @@
 #include "converge/failpoint.h"
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
+#include "converge/outbox.h"
 #include "converge/sweeper.h"
 #include "tests/contract/store_fixture.h"
 
@@ -58,6 +59,21 @@ class Partitions : public StoreContract<Store> {
   }
   static std::string Part(const std::string& table, int64_t from) {
     return table + "_p" + std::to_string(from);
+  }
+  // Enqueues the event `id` (source OutboxOptions' default) at the clock's time.
+  Status Enqueue(Clock* clock, const std::string& id) {
+    Outbox outbox({}, clock);  // its commit hook wakes it: it must outlive the commit
+    return this->db_->Transact([&](Tx& tx) -> Status {
+      return StatusOf(
+          outbox.Enqueue(tx, Event{.id = id, .type = "order.created", .subject = "o-1"}));
+    });
+  }
+  // Marks every unpublished event published at `at`, as the relay would.
+  void PublishAll(int64_t at) {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                         return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = $1 "
+                                                 "WHERE published_at IS NULL", at));
+                       }).ok());
   }
   // Inserts a completed key row straight into the table, created at `created_at`.
   Result<int64_t> InsertKey(Tx& tx, const std::string& key, int64_t created_at) {
@@ -111,6 +127,8 @@ TYPED_TEST(Partitions, TheSameKeyOrEventInALaterPartitionIsADuplicate) {
     return c;
   };
   EXPECT_EQ(claim(), InboxClaim::kFirst);
+  ASSERT_TRUE(this->Enqueue(&clock, "ev-o").ok());
+  EXPECT_EQ(this->Where("outbox_events", "event_id = 'ev-o'"), this->Part("outbox_events", kD0));
 
   clock.Advance(24h);  // the next day: new rows go to the next partition
   auto again = keys.Execute({"t", "k", "f"}, fn);
@@ -118,6 +136,9 @@ TYPED_TEST(Partitions, TheSameKeyOrEventInALaterPartitionIsADuplicate) {
   EXPECT_TRUE(again->replayed);
   EXPECT_EQ(runs, 1);
   EXPECT_EQ(claim(), InboxClaim::kDuplicate);
+  // An event's copy is refused as the table's UNIQUE constraint refuses it elsewhere.
+  Status copy = this->Enqueue(&clock, "ev-o");
+  EXPECT_EQ(copy.code(), StatusCode::kAlreadyExists) << copy.ToString();
 
   // Straight into the table too, with the copy's created_at in the next partition:
   // skipped, as ON CONFLICT DO NOTHING would skip a copy in the same one.
@@ -130,6 +151,7 @@ TYPED_TEST(Partitions, TheSameKeyOrEventInALaterPartitionIsADuplicate) {
   EXPECT_EQ(inserted, 0);
   EXPECT_EQ(this->Count("SELECT count(*) FROM idempotency_keys WHERE key = 'k'"), 1);
   EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox WHERE event_id = 'ev-1'"), 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE event_id = 'ev-o'"), 1);
   EXPECT_EQ(this->Count("SELECT count(*) FROM test_effects"), 1);
 }
 
@@ -175,8 +197,8 @@ TYPED_TEST(Partitions, TheSweeperCreatesAheadAndDropsAPartitionOnceEveryRowExpir
   Sweeper sweeper(*this->db_, {.partitions_ahead = 2}, &clock);
   auto s = sweeper.RunOnce();
   ASSERT_TRUE(s) << s.error().ToString();
-  EXPECT_EQ(s->partitions_created, 6);  // days 0, 1, 2 of both tables
-  for (const std::string table : {"idempotency_keys", "consumer_inbox"}) {
+  EXPECT_EQ(s->partitions_created, 9);  // days 0, 1, 2 of the three tables
+  for (const std::string table : {"idempotency_keys", "consumer_inbox", "outbox_events"}) {
     auto parts = this->List(table);
     ASSERT_EQ(parts.size(), 3u) << table;
     for (int i = 0; i < 3; ++i) {
@@ -200,8 +222,9 @@ TYPED_TEST(Partitions, TheSweeperCreatesAheadAndDropsAPartitionOnceEveryRowExpir
   clock.Set(kD0 + kDay + 3600 * 1000);  // day 1, 01:00: day 0 has ended
   s = sweeper.RunOnce();
   ASSERT_TRUE(s) << s.error().ToString();
-  EXPECT_EQ(s->partitions_created, 2);  // day 3
-  EXPECT_EQ(s->partitions_dropped, 1);  // the inbox's day 0; the key lives until 18:00
+  EXPECT_EQ(s->partitions_created, 3);  // day 3
+  // The inbox's and the (empty) outbox's day 0; the key lives until 18:00.
+  EXPECT_EQ(s->partitions_dropped, 2);
   EXPECT_EQ(s->total(), 0);
   EXPECT_EQ(this->Count("SELECT count(*) FROM consumer_inbox"), 0);
   EXPECT_EQ(this->Count("SELECT count(*) FROM idempotency_keys"), 1);
@@ -253,7 +276,8 @@ TYPED_TEST(Partitions, APartitionHoldingUnfinishedWorkPastItsFirstPhaseIsKept) {
   clock.Advance(72h);
   auto s = sweeper.RunOnce();
   ASSERT_TRUE(s) << s.error().ToString();
-  EXPECT_EQ(s->partitions_dropped, 5);  // days 1 and 2 of the keys, 0 to 2 of the inbox
+  // Days 1 and 2 of the keys, 0 to 2 of the inbox and of the (empty) outbox.
+  EXPECT_EQ(s->partitions_dropped, 8);
   EXPECT_EQ(this->List("idempotency_keys").front().from, kD0);
   EXPECT_EQ(this->Where("idempotency_keys", "key = 'k'"), this->Part("idempotency_keys", kD0));
   auto b = keys.Begin({"t", "k", "f"});
@@ -297,6 +321,131 @@ TYPED_TEST(Partitions, ThePartitionDropChecksAgainUnderItsLock) {
   ASSERT_TRUE(b) << b.error().ToString();
   EXPECT_EQ(b->kind, Begun::Kind::kResumed);
   EXPECT_EQ(b->lease.recovery_point, "charged");
+}
+
+// An outbox partition waits for its last event to be published and then for
+// published_retention, as the row-by-row sweep would keep each event: an event the relay
+// has not published yet is never dropped, however old.
+TYPED_TEST(Partitions, AnOutboxPartitionGoesOnceEveryEventIsPublishedPastRetention) {
+  ManualClock clock(kD0 + 12 * 3600 * 1000);
+  Sweeper sweeper(*this->db_, {.published_retention = 1h}, &clock);
+  ASSERT_TRUE(sweeper.RunOnce());
+  ASSERT_TRUE(this->Enqueue(&clock, "ev-1").ok());
+  ASSERT_TRUE(this->Enqueue(&clock, "ev-2").ok());
+  EXPECT_EQ(this->Where("outbox_events", "true"), this->Part("outbox_events", kD0));
+  this->PublishAll(clock.NowMillis());
+  clock.Set(kD0 + 3 * kDay);  // day 0 ended long ago; its events went out at once
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {  // ... but for one, made unpublished again
+                     return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = NULL "
+                                             "WHERE event_id = 'ev-2'"));
+                   }).ok());
+  auto s = sweeper.RunOnce();
+  ASSERT_TRUE(s) << s.error().ToString();
+  EXPECT_EQ(s->outbox, 0);
+  EXPECT_EQ(this->List("outbox_events").front().from, kD0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events"), 2);
+
+  this->PublishAll(clock.NowMillis());  // the relay publishes it now
+  clock.Advance(1h - 1ms);
+  s = sweeper.RunOnce();
+  ASSERT_TRUE(s);
+  EXPECT_EQ(this->List("outbox_events").front().from, kD0);  // published under 1 h ago
+  clock.Advance(1ms);
+  s = sweeper.RunOnce();
+  ASSERT_TRUE(s);
+  EXPECT_EQ(s->partitions_dropped, 1);
+  EXPECT_EQ(s->outbox, 0);  // gone with its partition, not row by row
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events"), 0);
+  EXPECT_EQ(this->List("outbox_events").front().from, kD0 + 3 * kDay);  // 1 and 2 were empty
+}
+
+// A dead letter's replay makes a published event unpublished again (OutboxRequeuer)
+// between the sweeper's look at the partition and its drop: the drop checks again under
+// its lock and keeps the event, which the relay then publishes again.
+TYPED_TEST(Partitions, AnOutboxEventRequeuedBeforeThePartitionDropIsKept) {
+  ManualClock clock(kD0 + 12 * 3600 * 1000);
+  Sweeper sweeper(*this->db_, {.published_retention = 1h}, &clock);
+  ASSERT_TRUE(sweeper.RunOnce());
+  ASSERT_TRUE(this->Enqueue(&clock, "ev-1").ok());
+  this->PublishAll(kD0 + kDay);
+  clock.Set(kD0 + kDay + 1800 * 1000);  // day 0 is over: the other tables' day 0 go now
+  auto s = sweeper.RunOnce();
+  ASSERT_TRUE(s) << s.error().ToString();
+  EXPECT_EQ(this->List("outbox_events").front().from, kD0);
+  clock.Advance(1h);  // the event's retention is over: its partition is the only candidate
+  ASSERT_TRUE(failpoint::Configure("sweeper.before_partition_drop=pause*1").ok());
+  std::optional<Result<SweepStats>> swept;
+  std::thread sweep([&] { swept = sweeper.RunOnce(); });
+  ASSERT_TRUE(failpoint::WaitPaused("sweeper.before_partition_drop", 20s));
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(tx.Exec("UPDATE outbox_events SET published_at = NULL "
+                                             "WHERE event_id = 'ev-1'"));
+                   }).ok());
+  failpoint::Release("sweeper.before_partition_drop");
+  sweep.join();
+  ASSERT_TRUE(swept.has_value() && *swept) << (*swept).error().ToString();
+  EXPECT_EQ((*swept)->partitions_dropped, 0);
+  EXPECT_EQ(this->Where("outbox_events", "event_id = 'ev-1' AND published_at IS NULL"),
+            this->Part("outbox_events", kD0));
+}
+
+// A store created partitioned before the outbox was (schema version 11) holds a plain
+// outbox_events with rows: opening it converts the table and keeps every event, its seq
+// and its uniqueness.
+TYPED_TEST(Partitions, AnOlderPartitionedStoreGetsItsOutboxPartitionedWithItsEvents) {
+  ManualClock clock(kD0 + 12 * 3600 * 1000);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       // The table as migrations 1 and 3 made it.
+                       for (const char* sql : {
+                                "DROP TABLE outbox_events",
+                                "DROP FUNCTION converge_outbox_events_unique()",
+                                "CREATE TABLE outbox_events (seq BIGSERIAL PRIMARY KEY, "
+                                "event_id TEXT NOT NULL, source TEXT NOT NULL, "
+                                "aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
+                                "type TEXT NOT NULL, payload TEXT NOT NULL, headers TEXT NOT "
+                                "NULL DEFAULT '{}', created_at BIGINT NOT NULL, published_at "
+                                "BIGINT, publish_attempts INTEGER NOT NULL DEFAULT 0, "
+                                "last_error TEXT, UNIQUE (source, event_id))",
+                                "CREATE INDEX outbox_unpublished ON outbox_events (seq) "
+                                "WHERE published_at IS NULL",
+                                "CREATE INDEX outbox_published ON outbox_events "
+                                "(published_at) WHERE published_at IS NOT NULL",
+                                "ALTER TABLE outbox_events ADD COLUMN partition_no INTEGER "
+                                "NOT NULL DEFAULT 0",
+                                "CREATE INDEX outbox_unpublished_partition ON outbox_events "
+                                "(partition_no, seq) WHERE published_at IS NULL",
+                                "DELETE FROM converge_schema WHERE version >= 12"}) {
+                         CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(sql)));
+                       }
+                       return OkStatus();
+                     }).ok());
+  for (const char* id : {"ev-1", "ev-2", "ev-3"}) ASSERT_TRUE(this->Enqueue(&clock, id).ok());
+  this->PublishAll(clock.NowMillis());
+  ASSERT_EQ(this->Count("SELECT count(*) FROM pg_partitioned_table "
+                        "WHERE partrelid = to_regclass('outbox_events')"),
+            0);
+  const int64_t last = this->Count("SELECT max(seq) FROM outbox_events");
+
+  auto reopened = Database::Open(this->store_.libpq_uri);
+  ASSERT_TRUE(reopened) << reopened.error().ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM pg_partitioned_table "
+                        "WHERE partrelid = to_regclass('outbox_events')"),
+            1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events_default "
+                        "WHERE published_at IS NOT NULL"),
+            3);
+  EXPECT_EQ(this->Count("SELECT max(seq) FROM outbox_events"), last);
+  EXPECT_EQ(this->Enqueue(&clock, "ev-2").code(), StatusCode::kAlreadyExists);
+  ASSERT_TRUE(this->Enqueue(&clock, "ev-4").ok());
+  // Past the old events (the refused copy drew a number too: a sequence has gaps).
+  EXPECT_GT(this->Count("SELECT seq FROM outbox_events WHERE event_id = 'ev-4'"), last);
+  // Rows of the DEFAULT partition go row by row; its range comes free for a partition.
+  clock.Advance(24h * 7 + 1ms);
+  this->PublishAll(clock.NowMillis() - 7 * kDay - 1);
+  auto s = Sweeper(**reopened, {}, &clock).RunOnce();
+  ASSERT_TRUE(s) << s.error().ToString();
+  EXPECT_EQ(s->outbox, 4);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events"), 0);
 }
 
 }  // namespace

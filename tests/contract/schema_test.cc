@@ -147,8 +147,8 @@ Result<std::string> DescribePostgres(Tx& tx) {
                             "p.partrelid AND a.attnum = p.partattrs[0] "
                             "WHERE p.partrelid = to_regclass($1)",
                             table));
-    if (!part.empty() && part[0].Int(1) == 1 && !pk.empty() &&
-        pk.back().Text(0) == part[0].Text(0)) {
+    const bool unique_by_trigger = !part.empty() && part[0].Int(1) == 1;
+    if (unique_by_trigger && !pk.empty() && pk.back().Text(0) == part[0].Text(0)) {
       pk.pop_back();
     }
     out += "  primary key (" + Join(pk) + ")\n";
@@ -173,6 +173,14 @@ Result<std::string> DescribePostgres(Tx& tx) {
                                table));
     for (const Row& i : indexes) {
       const std::string def = i.Text(1);
+      // ... and a UNIQUE constraint of such a table becomes that trigger's lookup, a plain
+      // index named as the constraint would be (outbox_events, "<table>_<columns>_key").
+      const std::string name = i.Text(0);
+      if (unique_by_trigger && name.size() > 4 && name.ends_with("_key") &&
+          def.find(" UNIQUE ") == std::string::npos) {
+        lines.push_back("  unique (" + IndexColumns(def) + ")\n");
+        continue;
+      }
       lines.push_back("  index " + i.Text(0) + " (" + IndexColumns(def) + ")" +
                       (def.find(" WHERE ") != std::string::npos ? " partial" : "") + "\n");
     }

@@ -233,6 +233,11 @@ CREATE INDEX IF NOT EXISTS queue_messages_order ON queue_messages (queue, id);
       R"sql(
 {{deferred_checks}}
 )sql",
+      // 12: on a time-partitioned PostgreSQL store, outbox_events too (published events
+      // past their retention go with their partition); nothing elsewhere.
+      R"sql(
+{{partitioned_outbox}}
+)sql",
   };
   return kMigrations;
 }

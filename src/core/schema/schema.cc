@@ -17,6 +17,7 @@ std::optional<std::string_view> Fragment(std::string_view token, const SchemaDia
   if (token == "fence_sequence") return d.CreateFenceSequence();
   if (token == "partitioned_retention") return d.PartitionedRetentionTables();
   if (token == "deferred_checks") return d.DeferredCheckFunctions();
+  if (token == "partitioned_outbox") return d.PartitionedOutbox();
   return std::nullopt;
 }
 

@@ -17,6 +17,9 @@
 //                         consumer_inbox with time-partitioned ones: "" except on
 //                         PostgreSQL opened with retention=partitioned. A migration that
 //                         renders to nothing but blanks only records its version.
+//   {{partitioned_outbox}}  DDL converting outbox_events to a time-partitioned table on a
+//                         store whose idempotency_keys are one: "" except on PostgreSQL,
+//                         where the DDL itself looks at the store's shape.
 //
 // Everything else — TEXT, INTEGER (32 bits on PostgreSQL: use {{bigint}} for times, ids
 // and counters that may grow), CHECK, DEFAULT, partial indexes — is written as is.
@@ -52,6 +55,8 @@ class SchemaDialect : public Dialect {
   // {{deferred_checks}}: what the store needs to check a deferred statement's row count
   // inside the statement (Tx::ExecDeferred); "" where deferred statements run at once.
   virtual std::string_view DeferredCheckFunctions() const { return ""; }
+  // {{partitioned_outbox}}: "" where the store keeps plain tables.
+  virtual std::string_view PartitionedOutbox() const { return ""; }
 };
 
 // The migrations in template form: MigrationTemplates()[i] takes a store from version i

@@ -184,6 +184,73 @@ CREATE TRIGGER consumer_inbox_unique BEFORE INSERT ON consumer_inbox
   FOR EACH ROW EXECUTE FUNCTION converge_consumer_inbox_unique();
 )sql";
 
+// retention=partitioned, the outbox (docs/design/retention.md): outbox_events partitioned
+// by created_at like the two dedupe tables above, so that published events past their
+// retention go with their whole partition. A migration of its own, later than the others:
+// it converts a store that was created partitioned before it, moving its events into the
+// DEFAULT partition (and keeping their sequence), and does nothing to a store whose keys
+// are a plain table, whatever the URI says (the store's shape decides, DetectRetention).
+// The table's UNIQUE (source, event_id) becomes a trigger, as the dedupe tables' keys
+// did, which raises a unique violation: a second copy of an event fails its transaction
+// with kAlreadyExists (Outbox::Enqueue) in any partition.
+constexpr std::string_view kPartitionedOutbox = R"sql(
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table
+                 WHERE partrelid = to_regclass('idempotency_keys')) THEN
+    RETURN;
+  END IF;
+  ALTER TABLE outbox_events RENAME TO outbox_events_plain;
+  ALTER TABLE outbox_events_plain RENAME CONSTRAINT outbox_events_pkey
+    TO outbox_events_plain_pkey;
+  ALTER TABLE outbox_events_plain RENAME CONSTRAINT outbox_events_source_event_id_key
+    TO outbox_events_plain_source_event_id_key;
+  ALTER INDEX outbox_unpublished RENAME TO outbox_unpublished_plain;
+  ALTER INDEX outbox_published RENAME TO outbox_published_plain;
+  ALTER INDEX outbox_unpublished_partition RENAME TO outbox_unpublished_partition_plain;
+  CREATE TABLE outbox_events (
+    seq              BIGINT  NOT NULL DEFAULT nextval('outbox_events_seq_seq'),
+    event_id         TEXT    NOT NULL,
+    source           TEXT    NOT NULL,
+    aggregate_type   TEXT    NOT NULL,
+    aggregate_id     TEXT    NOT NULL,
+    type             TEXT    NOT NULL,
+    payload          TEXT    NOT NULL,
+    headers          TEXT    NOT NULL DEFAULT '{}',
+    created_at       BIGINT  NOT NULL,
+    published_at     BIGINT,
+    publish_attempts INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    partition_no     INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (seq, created_at)
+  ) PARTITION BY RANGE (created_at);
+  CREATE TABLE outbox_events_default PARTITION OF outbox_events DEFAULT;
+  -- The trigger's lookup; named as the UNIQUE constraint it stands for.
+  CREATE INDEX outbox_events_source_event_id_key ON outbox_events (source, event_id);
+  CREATE INDEX outbox_unpublished ON outbox_events (seq) WHERE published_at IS NULL;
+  CREATE INDEX outbox_published ON outbox_events (published_at)
+    WHERE published_at IS NOT NULL;
+  CREATE INDEX outbox_unpublished_partition ON outbox_events (partition_no, seq)
+    WHERE published_at IS NULL;
+  CREATE OR REPLACE FUNCTION converge_outbox_events_unique() RETURNS trigger
+    LANGUAGE plpgsql AS $f$
+  BEGIN
+    PERFORM pg_advisory_xact_lock(7324004, hashtext(NEW.source || chr(1) || NEW.event_id));
+    IF EXISTS (SELECT 1 FROM outbox_events WHERE source = NEW.source
+               AND event_id = NEW.event_id) THEN
+      RAISE unique_violation USING MESSAGE = 'duplicate key value violates unique ' ||
+        'constraint "outbox_events_source_event_id_key"', DETAIL = 'Key (source, ' ||
+        'event_id)=(' || NEW.source || ', ' || NEW.event_id || ') already exists.';
+    END IF;
+    RETURN NEW;
+  END $f$;
+  CREATE TRIGGER outbox_events_unique BEFORE INSERT ON outbox_events
+    FOR EACH ROW EXECUTE FUNCTION converge_outbox_events_unique();
+  INSERT INTO outbox_events SELECT * FROM outbox_events_plain;
+  ALTER SEQUENCE outbox_events_seq_seq OWNED BY outbox_events.seq;
+  DROP TABLE outbox_events_plain;
+END $$;
+)sql";
+
 // The row-count check of a deferred statement (Tx::ExecDeferred), made by the server in
 // the statement itself: PgTx wraps "WITH d AS (<stmt> RETURNING 1) SELECT
 // converge_expect_changes(count(*), n) FROM d". Raising an error aborts the transaction,
@@ -206,6 +273,7 @@ END $f$;
 std::optional<std::string_view> PartitionColumn(std::string_view table) {
   if (table == "idempotency_keys") return "created_at";
   if (table == "consumer_inbox") return "processed_at";
+  if (table == "outbox_events") return "created_at";
   return std::nullopt;
 }
 
@@ -232,6 +300,7 @@ class PgDialect final : public schema::SchemaDialect {
   std::string_view WithoutRowid() const override { return ""; }
   std::string_view NextFenceExpression() const override { return "nextval('converge_fences')"; }
   std::string_view DeferredCheckFunctions() const override { return kDeferredChecks; }
+  std::string_view PartitionedOutbox() const override { return kPartitionedOutbox; }
   // A SEQUENCE: never rolled back, never hands out a value twice, and never makes
   // concurrent transactions wait for each other (a counter row would).
   std::string_view CreateFenceSequence() const override {
@@ -252,7 +321,7 @@ const PgDialect& TheDialect(bool partitioned = false) {
 
 // TimePartitions over one transaction (database.h). Partitions are named
 // "<table>_p<from>"; their bounds are read back from the catalog. Identifiers are built
-// only from the two table names PartitionColumn knows and from integers.
+// only from the table names PartitionColumn knows and from integers.
 class PgTimePartitions final : public TimePartitions {
  public:
   explicit PgTimePartitions(Tx& tx) : tx_(tx) {}
