@@ -4,11 +4,15 @@
 #
 #   creates  converge: IdempotencyKeys::Execute from 64 threads (key row, business row,
 #            outbox row, stored response in one transaction)
+#            converge unprepared: the same with statement_cache=0 (every statement parsed
+#                      and planned on each call, as before prepared statements)
 #            pgbench:  the same transaction's 5 statements, 64 clients, extended protocol
 #                      (bound parameters, as libpq's PQexecParams), one round trip each
+#            pgbench prepared: the same with -M prepared (each statement parsed and planned
+#                      once per connection, as converge's statement cache does)
 #            pgbench pipelined: the same, the whole transaction in one round trip
 #            (\startpipeline): the ceiling for a client that pipelines
-#            Rounds interleave the three; medians, spreads and per-round ratios.
+#            Rounds interleave the five; medians, spreads and per-round ratios.
 #   relay    converge: one Relay draining the outbox that run left, into the SQL queue
 #            raw:      a server-side loop of SKIP LOCKED fetch + queue insert + mark, 256 a
 #                      batch, each batch committed (no client round trips: the ceiling)
@@ -57,23 +61,32 @@ head='\set n random(1, 1000000000000)
 { echo "$head"; echo '\startpipeline'; cat "$dir/body.sql"; echo '\endpipeline'; } \
   > "$dir/tx_pipe.sql"
 
-pgbench_tps() {  # $1: script, $2: database; prints tps
-  pgbench -n -M extended -c 64 -j 2 -T "$secs" -f "$1" "$base/$2" > "$dir/pgbench.out" 2>&1 \
+pgbench_tps() {  # $1: script, $2: database, $3: protocol (extended); prints tps
+  pgbench -n -M "${3:-extended}" -c 64 -j 2 -T "$secs" -f "$1" "$base/$2" \
+    > "$dir/pgbench.out" 2>&1 \
     || { cat "$dir/pgbench.out" >&2; exit 1; }
   awk '/^tps = / {printf "%.1f\n", $3; exit}' "$dir/pgbench.out"
 }
 
 # Rounds, the three creates modes interleaved in each, so every ratio compares runs made
 # minutes apart at most on the same server.
-cv=() pgb=() pipe=()
-for r in $(seq 1 "$rounds"); do
-  echo "  round $r/$rounds: converge creates, 64 callers, ${secs}s..." >&2
-  read -r _ rate failed < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" creates \
+cv=() cvu=() pgb=() pgbp=() pipe=()
+converge_creates() {  # $1: URI; prints creates/s
+  local rate failed
+  read -r _ rate failed < <("$build/bench/converge_pg_bench" --uri "$1" creates \
       --callers 64 --seconds "$secs")
   [ "${failed:-0}" = "0" ] || { echo "pg_bench: $failed converge creates failed" >&2; exit 1; }
-  cv+=("$rate")
+  echo "$rate"
+}
+for r in $(seq 1 "$rounds"); do
+  echo "  round $r/$rounds: converge creates, 64 callers, ${secs}s..." >&2
+  cv+=("$(converge_creates "$base/bench_cv")")
+  echo "  round $r/$rounds: converge creates, statement_cache=0..." >&2
+  cvu+=("$(converge_creates "$base/bench_cv?statement_cache=0")")
   echo "  round $r/$rounds: pgbench, 64 clients, ${secs}s..." >&2
   pgb+=("$(pgbench_tps "$dir/tx.sql" bench_pgb)")
+  echo "  round $r/$rounds: pgbench -M prepared, 64 clients, ${secs}s..." >&2
+  pgbp+=("$(pgbench_tps "$dir/tx.sql" bench_pgb prepared)")
   echo "  round $r/$rounds: pgbench pipelined, 64 clients, ${secs}s..." >&2
   pipe+=("$(pgbench_tps "$dir/tx_pipe.sql" bench_pgb)")
 done
@@ -84,6 +97,8 @@ ratios() {  # $1, $2: names of arrays; prints the per-round ratios
 }
 mapfile -t cv_pgb < <(ratios cv pgb)
 mapfile -t cv_pipe < <(ratios cv pipe)
+mapfile -t cv_cvu < <(ratios cv cvu)
+mapfile -t cv_pgbp < <(ratios cv pgbp)
 
 echo "  relay: converge drain..." >&2
 read -r _ relay_rate relay_events < <("$build/bench/converge_pg_bench" --uri "$base/bench_cv" relay)
@@ -120,13 +135,20 @@ echo "PostgreSQL 15, synchronous_commit=on, fsync=on; 64 concurrent callers/clie
   "${secs}s per run, median of $rounds interleaved rounds (min..max)"
 printf "  %-52s %10s/s  (%s)\n" "idempotent creates, converge (IdempotencyKeys::Execute)" \
   "$(median "${cv[@]}")" "$(spread "${cv[@]}")"
+printf "  %-52s %10s/s  (%s)\n" "the same, converge with statement_cache=0" \
+  "$(median "${cvu[@]}")" "$(spread "${cvu[@]}")"
 printf "  %-52s %10s/s  (%s)\n" "the same transaction, pgbench" "$(median "${pgb[@]}")" \
   "$(spread "${pgb[@]}")"
+printf "  %-52s %10s/s  (%s)\n" "the same transaction, pgbench -M prepared" \
+  "$(median "${pgbp[@]}")" "$(spread "${pgbp[@]}")"
 printf "  %-52s %10s/s  (%s)\n" "the same transaction, pgbench pipelined" \
   "$(median "${pipe[@]}")" "$(spread "${pipe[@]}")"
 printf "  converge/pgbench = %s (%s, target >= 1.2)   converge/pipelined = %s (%s)\n" \
   "$(median "${cv_pgb[@]}")" "$(spread "${cv_pgb[@]}")" "$(median "${cv_pipe[@]}")" \
   "$(spread "${cv_pipe[@]}")"
+printf "  converge/unprepared = %s (%s)   converge/pgbench prepared = %s (%s)\n" \
+  "$(median "${cv_cvu[@]}")" "$(spread "${cv_cvu[@]}")" "$(median "${cv_pgbp[@]}")" \
+  "$(spread "${cv_pgbp[@]}")"
 printf "  %-52s %12s\n" "relay drain into the SQL queue, converge ($relay_events events)" "$relay_rate/s"
 printf "  %-52s %12s\n" "raw SKIP LOCKED fetch-and-mark loop ($raw_events events)" "$raw_rate/s"
 awk -v a="$relay_rate" -v b="$raw_rate" 'BEGIN {printf "  relay/raw = %.2f\n", a/b}'
@@ -136,10 +158,13 @@ awk -v a="$table_rate" -v b="$relay_rate" 'BEGIN {printf "  table relay/relay = 
 if [ -n "$json_out" ]; then
   cat > "$json_out" <<JSON
 {"benchmark": "pg_creates", "seconds": $secs, "callers": 64,
- "converge": [$(list "${cv[@]}")], "pgbench": [$(list "${pgb[@]}")],
+ "converge": [$(list "${cv[@]}")], "converge_unprepared": [$(list "${cvu[@]}")],
+ "pgbench": [$(list "${pgb[@]}")], "pgbench_prepared": [$(list "${pgbp[@]}")],
  "pgbench_pipelined": [$(list "${pipe[@]}")],
  "converge_over_pgbench": [$(list "${cv_pgb[@]}")],
  "converge_over_pipelined": [$(list "${cv_pipe[@]}")],
+ "converge_over_unprepared": [$(list "${cv_cvu[@]}")],
+ "converge_over_pgbench_prepared": [$(list "${cv_pgbp[@]}")],
  "relay": $relay_rate, "relay_raw": $raw_rate, "table_relay": $table_rate}
 JSON
 fi

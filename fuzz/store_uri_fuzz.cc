@@ -137,7 +137,8 @@ void CheckSqlite(std::string_view uri) {
 #if CONVERGE_WITH_POSTGRES
 bool Same(const postgres::Settings& a, const postgres::Settings& b) {
   return a.libpq_uri == b.libpq_uri && a.pool_size == b.pool_size && a.notify == b.notify &&
-         a.lock_timeout_ms == b.lock_timeout_ms && a.partitioned == b.partitioned;
+         a.lock_timeout_ms == b.lock_timeout_ms && a.partitioned == b.partitioned &&
+         a.statement_cache == b.statement_cache;
 }
 
 bool IsConvergeParameter(std::string_view piece) {

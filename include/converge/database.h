@@ -317,6 +317,10 @@ class Database {
   //                              drops whole. Chosen when the store is created; later
   //                              the store's own shape decides (a value that contradicts
   //                              it is kFailedPrecondition), so it may be left out.
+  //     statement_cache=N        server-side prepared statements kept per connection
+  //                              (256): each statement is parsed and planned once per
+  //                              connection. 0 sends every statement unnamed, for a
+  //                              pooler in front that cannot keep a session's statements
   //
   // Errors: kInvalidArgument (unknown scheme; a scheme this build has no backend for; a
   // parameter the store does not take, given twice or with a bad value, named in the

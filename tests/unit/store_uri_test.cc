@@ -228,22 +228,25 @@ TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
 TEST(PostgresUriParameters, ParseUriKeepsLibpqsPartAndFormatReadsBack) {
   auto s = postgres::ParseUri(
       "postgresql://u@h:1/db?sslmode=disable&pool_size=3&lock_timeout_ms=0&connect_timeout=2"
-      "&retention=partitioned");
+      "&retention=partitioned&statement_cache=0");
   ASSERT_TRUE(s) << s.error().ToString();
   EXPECT_EQ(s->libpq_uri, "postgresql://u@h:1/db?sslmode=disable&connect_timeout=2");
   EXPECT_EQ(s->pool_size, 3u);
   EXPECT_EQ(s->lock_timeout_ms, 0);
   EXPECT_FALSE(s->notify);
   EXPECT_EQ(s->partitioned, std::optional<bool>(true));
+  EXPECT_EQ(s->statement_cache, 0u);
   const std::string again = postgres::FormatUri(*s);
   EXPECT_EQ(again, "postgresql://u@h:1/db?sslmode=disable&connect_timeout=2&pool_size=3"
-                   "&lock_timeout_ms=0&retention=partitioned");
+                   "&lock_timeout_ms=0&retention=partitioned&statement_cache=0");
   auto reread = postgres::ParseUri(again);
   ASSERT_TRUE(reread) << reread.error().ToString();
   EXPECT_EQ(reread->libpq_uri, s->libpq_uri);
   EXPECT_EQ(reread->pool_size, 3u);
   EXPECT_EQ(reread->lock_timeout_ms, 0);
   EXPECT_EQ(reread->partitioned, std::optional<bool>(true));
+  EXPECT_EQ(reread->statement_cache, 0u);
+  EXPECT_EQ(postgres::Settings{}.statement_cache, 256u);
   EXPECT_EQ(postgres::FormatUri(postgres::Settings{.libpq_uri = "postgres://h/db"}),
             "postgres://h/db");
 }
@@ -270,6 +273,7 @@ TEST(PostgresUriParameters, BadParametersAreRefusedBeforeConnecting) {
       {"?notify=true&notify=true", "'notify' is given more than once"},
       {"?lock_timeout_ms=-1", "lock_timeout_ms=-1 is not an integer from 0"},
       {"?lock_timeout_ms=soon", "lock_timeout_ms=soon is not an integer"},
+      {"?statement_cache=-1", "statement_cache=-1 is not an integer from 0"},
       {"?pool_sise=4", "pool_sise"},
       {"?synchronous=full", "synchronous"},
       {"?sslmode=disable&readers=2", "readers"},

@@ -17,13 +17,21 @@
 // (kDeferredChecks), so that its failure aborts the transaction before the COMMIT
 // queued behind it. A failure read back from the server for a statement queued before
 // COMMIT is definite, even if the connection broke after: the server runs a pipeline in
-// order and skips everything after an error. A connection leaves pipeline mode after
-// every drain; one that cannot is discarded by Release.
+// order and skips everything after an error. Every statement goes through pipeline mode
+// (one that waits is sent behind the queued ones, then a sync); a connection leaves
+// pipeline mode after every drain; one that cannot is discarded by Release.
+//
+// Parsing and planning once per connection: each pooled connection keeps server-side
+// prepared statements (statement_cache.h), prepared lazily in the pipeline of their first
+// use. A prepared statement gone stale under DDL (26000, or 0A000 "cached plan must not
+// change result type") fails the transaction with kAborted and is prepared afresh when
+// Transact re-runs fn (Drain).
 //
 // Parameters are sent as text with type OID 0 (the server infers them from the
 // statement), except Blob, which is sent as binary bytea. Results come back as text and
 // are converted by column type: integers, floats and numerics, booleans, bytea.
 #include "src/store/postgres/postgres_database.h"
+#include "src/store/postgres/statement_cache.h"
 
 #include <libpq-fe.h>
 
@@ -413,8 +421,14 @@ class PgTimePartitions final : public TimePartitions {
 
 class PgTx : public Tx {
  public:
-  explicit PgTx(PGconn* conn, bool notify = false, bool partitioned = false)
-      : conn_(conn), notify_(notify), partitions_(partitioned ? &own_partitions_ : nullptr) {}
+  // `statements`: the connection's prepared statements; nullptr runs every statement
+  // unnamed (the migration runner, whose DDL changes what plans depend on).
+  explicit PgTx(PGconn* conn, StatementCache* statements = nullptr, bool notify = false,
+                bool partitioned = false)
+      : conn_(conn),
+        statements_(statements),
+        notify_(notify),
+        partitions_(partitioned ? &own_partitions_ : nullptr) {}
   TimePartitions* time_partitions() override { return partitions_; }
   using Tx::TakeCommitHooks;  // for PgDatabase, once COMMIT succeeded
 
@@ -437,16 +451,7 @@ class PgTx : public Tx {
              " RETURNING 1) SELECT converge_expect_changes(count(*), " +
              std::to_string(check.rows) + ") FROM converge_deferred";
     }
-    if (PQpipelineStatus(conn_) == PQ_PIPELINE_OFF && PQenterPipelineMode(conn_) != 1) {
-      return UnavailableError(std::string("postgres: cannot enter pipeline mode: ") +
-                              PQerrorMessage(conn_));
-    }
-    if (PQsendQueryParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
-                          p.values.data(), p.lengths.data(), p.formats.data(), 0) != 1) {
-      return UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
-    }
-    deferred_.push_back(check);
-    return OkStatus();
+    return Send(stmt, p, Sent::Kind::kDeferred, check);
   }
 
   // Starts the transaction as a deferred statement: BEGIN travels with the first
@@ -531,9 +536,12 @@ class PgTx : public Tx {
     return OkStatus();
   }
 
+  // Rows replace what `rows` held (a statement that waits is the last of its pipeline);
+  // changed rows add up (ExecMany).
   static void Collect(PGresult* res, Rows* rows, int64_t* changed) {
     if (rows != nullptr) {
       int nrows = PQntuples(res), ncols = PQnfields(res);
+      rows->clear();
       rows->reserve(static_cast<size_t>(nrows));
       for (int r = 0; r < nrows; ++r) {
         std::vector<Value> vals;
@@ -544,55 +552,138 @@ class PgTx : public Tx {
     }
     if (changed != nullptr) {
       const char* t = PQcmdTuples(res);
-      *changed = (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
+      *changed += (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
     }
   }
 
+  // A statement that waits: sent behind the deferred ones, answered with them (Drain).
   Status Run(std::string_view sql, std::span<const Value> params, Rows* rows, int64_t* changed) {
     Params p;
     CONVERGE_RETURN_IF_ERROR(Convert(params, &p));
-    std::string stmt(sql);
-    if (PQpipelineStatus(conn_) != PQ_PIPELINE_OFF) {
-      return Drain(&stmt, &p, static_cast<int>(params.size()), rows, changed);
+    const Status sent = Send(std::string(sql), p, Sent::Kind::kWait, DeferredCheck::None());
+    const Status drained = Drain(rows, changed);
+    return sent.ok() ? drained : sent;
+  }
+
+  // Pipeline mode: every statement sent, one sync, then every result read. One round trip
+  // for the lot instead of one per statement.
+  Result<int64_t> ExecMany(std::string_view sql,
+                           std::span<const std::vector<Value>> param_sets) override {
+    if (param_sets.size() < 2) return Tx::ExecMany(sql, param_sets);
+    const std::string stmt(sql);
+    Status sent;
+    for (const auto& params : param_sets) {
+      Params p;
+      sent = Convert(params, &p);
+      if (sent.ok()) sent = Send(stmt, p, Sent::Kind::kWait, DeferredCheck::None());
+      if (!sent.ok()) break;
     }
-    last_failure_was_deferred_ = false;
-    PGresult* res =
-        PQexecParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
-                     p.values.data(), p.lengths.data(), p.formats.data(), 0);
-    ExecStatusType st = PQresultStatus(res);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-      Status err = FromResult(res, conn_, "postgres");
-      PQclear(res);
-      return err;
+    int64_t total = 0;
+    const Status drained = Drain(nullptr, &total);
+    if (!sent.ok()) return tl::unexpected(sent);
+    if (!drained.ok()) return tl::unexpected(drained);
+    return total;
+  }
+
+  Status Simple(const char* sql) { return StatusOf(ExecParams(sql, {})); }
+
+ private:
+  // What the pipeline holds, in the order sent; each gets one answer from the server.
+  struct Sent {
+    enum class Kind {
+      kPrepare,     // the prepare of a statement's first use on this connection
+      kDeallocate,  // a statement evicted from the cache
+      kDeferred,    // Tx::ExecDeferred's: its `check` decides
+      kWait,        // a statement whose caller waits for its rows or count
+    };
+    Kind kind;
+    DeferredCheck check;
+    std::string key, name;  // the cache's key and the prepared statement's name, if any
+    bool confirmed = false; // named, and prepared in an earlier pipeline
+    bool deferred = false;  // a kPrepare's statement is kDeferred
+  };
+
+  // Sends one statement in pipeline mode, named from the connection's statement cache
+  // when it is worth preparing: a first use on this connection sends its prepare first,
+  // in the same pipeline. The answer is read by Drain.
+  Status Send(const std::string& stmt, const Params& p, Sent::Kind kind,
+              const DeferredCheck& check) {
+    if (PQpipelineStatus(conn_) == PQ_PIPELINE_OFF && PQenterPipelineMode(conn_) != 1) {
+      return UnavailableError(std::string("postgres: cannot enter pipeline mode: ") +
+                              PQerrorMessage(conn_));
     }
-    Collect(res, rows, changed);
-    PQclear(res);
+    const int n = static_cast<int>(p.values.size());
+    std::optional<StatementCache::Use> use;
+    std::string key;
+    if (statements_ != nullptr && StatementCache::Preparable(stmt)) {
+      // The declared parameter types are part of what the server prepared: a statement
+      // sent once with a Blob (bytea) and once with text is two statements.
+      key.reserve(stmt.size() + p.types.size() + 1);
+      key = stmt;
+      key += '\0';
+      for (Oid t : p.types) key += t == kBytea ? 'b' : '-';
+      use = statements_->Lookup(key);
+    } else if (statements_ != nullptr && StatementCache::Drops(stmt)) {
+      // DISCARD ALL or DEALLOCATE: whatever this session prepared is gone once it ran,
+      // and the statements sent behind it must not name any of it.
+      statements_->Clear();
+    }
+    auto failed = [&] {
+      if (use && use->prepare) statements_->Forget(key, use->name);
+      return UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
+    };
+    if (use && use->evicted) {
+      const std::string sql = "DEALLOCATE " + *use->evicted;
+      if (PQsendQueryParams(conn_, sql.c_str(), 0, nullptr, nullptr, nullptr, nullptr, 0) !=
+          1) {
+        return failed();
+      }
+      sent_.push_back({Sent::Kind::kDeallocate, {}, {}, *use->evicted});
+    }
+    if (use && use->prepare) {
+      if (PQsendPrepare(conn_, use->name.c_str(), stmt.c_str(), n, p.types.data()) != 1) {
+        return failed();
+      }
+      sent_.push_back({Sent::Kind::kPrepare, {}, key, use->name, false,
+                       kind == Sent::Kind::kDeferred});
+    }
+    const int ok =
+        use ? PQsendQueryPrepared(conn_, use->name.c_str(), n, p.values.data(), p.lengths.data(),
+                                  p.formats.data(), 0)
+            : PQsendQueryParams(conn_, stmt.c_str(), n, p.types.data(), p.values.data(),
+                                p.lengths.data(), p.formats.data(), 0);
+    if (ok != 1) return failed();
+    sent_.push_back({kind, check, use ? key : std::string(), use ? use->name : std::string(),
+                     use && use->confirmed});
     return OkStatus();
   }
 
-  // Sends `stmt` (when given) behind the deferred statements, then a sync, reads every
-  // answer and leaves pipeline mode. Returns the first failure: a deferred statement's
-  // own Status (its check's `otherwise` when the server raised kDeferredCheckFailed), or
-  // stmt's. Statements behind a failure do not run (the server skips the rest of a
-  // pipeline after an error). stmt's rows go to rows/changed.
-  Status Drain(const std::string* stmt, const Params* p, int nparams, Rows* rows,
-               int64_t* changed) {
-    std::vector<DeferredCheck> checks = std::move(deferred_);
-    deferred_.clear();
+  // Sends a sync behind everything sent, reads every answer and leaves pipeline mode.
+  // Returns the first failure: a deferred statement's own Status (its check's `otherwise`
+  // when the server raised kDeferredCheckFailed), or a waiting statement's. Statements
+  // behind a failure do not run (the server skips the rest of a pipeline after an error).
+  // The waiting statements' rows go to rows/changed.
+  //
+  // A prepared statement the server no longer has as it was prepared (dropped behind the
+  // cache's back: 26000; or a cached plan whose result type a migration changed: 0A000)
+  // fails the transaction with kAborted, so that Transact runs fn again, preparing it
+  // afresh: nothing ran after the failure, so nothing can be reported committed. Only a
+  // statement prepared in an earlier pipeline is taken for stale: a fresh one's 0A000 is
+  // the statement's own error, and stays what it is.
+  Status Drain(Rows* rows, int64_t* changed) {
+    if (PQpipelineStatus(conn_) == PQ_PIPELINE_OFF) return OkStatus();
+    std::vector<Sent> items = std::move(sent_);
+    sent_.clear();
     last_failure_was_deferred_ = false;
-    const size_t n = checks.size() + (stmt != nullptr ? 1 : 0);
+    const size_t n = items.size();
     Status first;
-    if (stmt != nullptr &&
-        PQsendQueryParams(conn_, stmt->c_str(), nparams, p->types.data(), p->values.data(),
-                          p->lengths.data(), p->formats.data(), 0) != 1) {
-      first = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
-    }
     const bool synced = PQpipelineSync(conn_) == 1;
-    if (!synced && first.ok()) {
+    if (!synced) {
       first = UnavailableError(std::string("postgres pipeline sync: ") + PQerrorMessage(conn_));
     }
-    // Each statement's results, each followed by a null; then the sync's.
-    for (size_t idx = 0;;) {
+    // Each item's result, followed by a null; then the sync's.
+    size_t idx = 0;
+    for (;;) {
       PGresult* res = PQgetResult(conn_);
       if (res == nullptr) {
         if (PQstatus(conn_) != CONNECTION_OK) {
@@ -607,24 +698,14 @@ class PgTx : public Tx {
         PQclear(res);
         break;
       }
-      // Past the last statement only the sync's own failure can come (the connection
-      // broke after stmt's answer): that answer stands.
-      if (idx < n && first.ok()) {
-        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-          if (stmt != nullptr && idx == n - 1) Collect(res, rows, changed);
-        } else if (st == PGRES_PIPELINE_ABORTED) {
-          first = InternalError("postgres pipeline aborted without an error");
-        } else if (idx < checks.size()) {
-          const char* state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-          first = state != nullptr && kDeferredCheckFailed == state
-                      ? checks[idx].otherwise
-                      : FromResult(res, conn_, "postgres");
-          last_failure_was_deferred_ = state != nullptr;
-        } else {
-          first = FromResult(res, conn_, "postgres");
-        }
-      }
+      // Past the last item only the sync's own failure can come (the connection broke
+      // after the last answer): that answer stands.
+      if (idx < n) Settle(items[idx], res, &first, rows, changed);
       PQclear(res);
+    }
+    // Prepares never answered (the connection broke) are not known to the server.
+    for (size_t i = idx; i < n; ++i) {
+      if (items[i].kind == Sent::Kind::kPrepare) statements_->Forget(items[i].key, items[i].name);
     }
     if (PQexitPipelineMode(conn_) != 1 && first.ok()) {
       first = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
@@ -632,70 +713,58 @@ class PgTx : public Tx {
     return first;
   }
 
-  // Pipeline mode: every statement sent, one sync, then every result read. One round trip
-  // for the lot instead of one per statement.
-  Result<int64_t> ExecMany(std::string_view sql,
-                           std::span<const std::vector<Value>> param_sets) override {
-    if (param_sets.size() < 2) return Tx::ExecMany(sql, param_sets);
-    if (PQpipelineStatus(conn_) != PQ_PIPELINE_OFF) {
-      CONVERGE_RETURN_IF_ERROR(Drain(nullptr, nullptr, 0, nullptr, nullptr));
-    }
-    if (PQenterPipelineMode(conn_) != 1) return Tx::ExecMany(sql, param_sets);
-    const std::string stmt(sql);
-    Status err;
-    size_t sent = 0;
-    for (const auto& params : param_sets) {
-      Params p;
-      err = Convert(params, &p);
-      if (!err.ok()) break;
-      if (PQsendQueryParams(conn_, stmt.c_str(), static_cast<int>(params.size()), p.types.data(),
-                            p.values.data(), p.lengths.data(), p.formats.data(), 0) != 1) {
-        err = UnavailableError(std::string("postgres pipeline: ") + PQerrorMessage(conn_));
-        break;
+  // One answer of Drain's, for `item`.
+  void Settle(const Sent& item, PGresult* res, Status* first, Rows* rows, int64_t* changed) {
+    const ExecStatusType st = PQresultStatus(res);
+    const bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    if (item.kind == Sent::Kind::kPrepare) {
+      if (ok) {
+        statements_->Prepared(item.key, item.name);
+        return;
       }
-      ++sent;
+      statements_->Forget(item.key, item.name);  // failed, or skipped behind a failure
+      if (st == PGRES_PIPELINE_ABORTED || !first->ok()) return;
+      // The statement's own error (bad SQL, a missing table): what it gives unprepared.
+      *first = FromResult(res, conn_, "postgres");
+      last_failure_was_deferred_ =
+          item.deferred && PQresultErrorField(res, PG_DIAG_SQLSTATE) != nullptr;
+      return;
     }
-    int64_t total = 0;
-    if (PQpipelineSync(conn_) != 1 && err.ok()) {
-      err = UnavailableError(std::string("postgres pipeline sync: ") + PQerrorMessage(conn_));
+    if (!first->ok()) return;
+    if (ok) {
+      if (item.kind == Sent::Kind::kWait) Collect(res, rows, changed);
+      return;
     }
-    // Read every result up to the sync: each statement's result, then a null separator.
-    for (;;) {
-      PGresult* res = PQgetResult(conn_);
-      if (res == nullptr) {
-        if (PQstatus(conn_) != CONNECTION_OK) {
-          if (err.ok()) err = UnavailableError("postgres pipeline: connection lost");
-          break;
-        }
-        continue;  // end of one statement's results
-      }
-      ExecStatusType st = PQresultStatus(res);
-      if (st == PGRES_PIPELINE_SYNC) {
-        PQclear(res);
-        break;
-      }
-      if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-        const char* t = PQcmdTuples(res);
-        total += (t && *t) ? std::strtoll(t, nullptr, 10) : 0;
-      } else if (err.ok()) {
-        err = st == PGRES_PIPELINE_ABORTED ? InternalError("postgres pipeline aborted")
-                                           : FromResult(res, conn_, "postgres");
-      }
-      PQclear(res);
+    if (st == PGRES_PIPELINE_ABORTED) {
+      *first = InternalError("postgres pipeline aborted without an error");
+      return;
     }
-    PQexitPipelineMode(conn_);
-    (void)sent;
-    if (!err.ok()) return tl::unexpected(err);
-    return total;
+    const char* state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const std::string_view s = state != nullptr ? state : "";
+    last_failure_was_deferred_ = item.kind != Sent::Kind::kWait && state != nullptr;
+    if ((item.confirmed && (s == "0A000" || s == "26000")) ||
+        (item.kind == Sent::Kind::kDeallocate && s == "26000")) {
+      if (s == "26000") {
+        statements_->Clear();
+      } else {
+        statements_->Forget(item.key, item.name);
+      }
+      std::string why = PQresultErrorMessage(res);
+      while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) why.pop_back();
+      *first = AbortedError("postgres: a prepared statement went stale (" + why +
+                            "); the transaction runs again and prepares it afresh");
+      return;
+    }
+    *first = item.kind == Sent::Kind::kDeferred && s == kDeferredCheckFailed
+                 ? item.check.otherwise
+                 : FromResult(res, conn_, "postgres");
   }
 
-  Status Simple(const char* sql) { return StatusOf(ExecParams(sql, {})); }
-
- private:
   PGconn* conn_;
+  StatementCache* statements_;
   bool notify_;
-  // The checks of the deferred statements sent and not yet answered, in order.
-  std::vector<DeferredCheck> deferred_;
+  // Everything sent in pipeline mode and not yet answered, in order.
+  std::vector<Sent> sent_;
   bool last_failure_was_deferred_ = false;
   PgTimePartitions own_partitions_{*this};
   TimePartitions* partitions_;  // &own_partitions_ when the store is time-partitioned
@@ -705,6 +774,17 @@ class PgDatabase;
 
 // The transaction a thread is inside, per database: nested Transact joins it.
 thread_local std::unordered_map<const PgDatabase*, PgTx*> t_current;
+
+// A pooled connection and the statements the server keeps prepared for it: both end
+// together, so a connection that broke, was reset or was discarded takes its cache along.
+struct Conn {
+  Conn(PGconn* c, size_t statement_cache) : pg(c), statements(statement_cache) {}
+  Conn(const Conn&) = delete;
+  Conn& operator=(const Conn&) = delete;
+  ~Conn() { PQfinish(pg); }
+  PGconn* const pg;
+  StatementCache statements;
+};
 
 // Everything PgDatabase is opened with: converge's URI parameters (defaults as in
 // database.h) and the generic DatabaseOptions.
@@ -723,7 +803,6 @@ class PgDatabase : public Database {
       listening_ = false;
     }
     if (listener_.joinable()) listener_.join();
-    for (PGconn* c : idle_) PQfinish(c);
   }
 
   int64_t AddListener(const std::string& channel, std::function<void()> callback) override {
@@ -744,10 +823,10 @@ class PgDatabase : public Database {
   }
 
   Status Init() {
-    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());  // counted in the pool like any other
-    Status st = Migrate(c);
-    if (st.ok()) st = DetectRetention(c);
-    Release(c);
+    CONVERGE_ASSIGN_OR_RETURN(std::unique_ptr<Conn> c, Acquire());  // counted in the pool
+    Status st = Migrate(c->pg);
+    if (st.ok()) st = DetectRetention(c->pg);
+    Release(std::move(c));
     return st;
   }
 
@@ -778,7 +857,7 @@ class PgDatabase : public Database {
   }
 
  private:
-  Result<PGconn*> Connect() {
+  Result<std::unique_ptr<Conn>> Connect() {
     PGconn* c = PQconnectdb(uri_.c_str());
     if (PQstatus(c) != CONNECTION_OK) {
       std::string msg = PQerrorMessage(c);
@@ -801,24 +880,24 @@ class PgDatabase : public Database {
       while (!msg.empty() && msg.back() == '\n') msg.pop_back();
       return tl::unexpected(UnavailableError("cannot set up a PostgreSQL connection: " + msg));
     }
-    return c;
+    return std::make_unique<Conn>(c, options_.statement_cache);
   }
 
   // A pooled connection, reset if it broke.
-  Result<PGconn*> Acquire() {
-    PGconn* c = nullptr;
+  Result<std::unique_ptr<Conn>> Acquire() {
+    std::unique_ptr<Conn> c;
     {
       std::unique_lock<std::mutex> l(mu_);
       pool_cv_.wait(l, [&] { return !idle_.empty() || open_ < options_.pool_size; });
       if (!idle_.empty()) {
-        c = idle_.back();
+        c = std::move(idle_.back());
         idle_.pop_back();
       } else {
         ++open_;
       }
     }
-    if (c != nullptr && PQstatus(c) == CONNECTION_OK) return c;
-    if (c != nullptr) PQfinish(c);
+    if (c != nullptr && PQstatus(c->pg) == CONNECTION_OK) return c;
+    c.reset();  // and its statements: a new connection prepares afresh
     auto fresh = Connect();
     if (!fresh) {
       std::lock_guard<std::mutex> l(mu_);
@@ -828,14 +907,14 @@ class PgDatabase : public Database {
     return fresh;
   }
 
-  void Release(PGconn* c) {
+  void Release(std::unique_ptr<Conn> c) {
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) == PQTRANS_IDLE &&
-          PQpipelineStatus(c) == PQ_PIPELINE_OFF) {
-        idle_.push_back(c);
+      if (PQstatus(c->pg) == CONNECTION_OK && PQtransactionStatus(c->pg) == PQTRANS_IDLE &&
+          PQpipelineStatus(c->pg) == PQ_PIPELINE_OFF) {
+        idle_.push_back(std::move(c));
       } else {
-        PQfinish(c);
+        c.reset();
         --open_;
       }
     }
@@ -934,8 +1013,9 @@ class PgDatabase : public Database {
   }
 
   Status RunOnce(const TxFn& fn, bool read_only) {
-    CONVERGE_ASSIGN_OR_RETURN(PGconn * c, Acquire());
-    PgTx tx(c, options_.notify, partitioned_);
+    CONVERGE_ASSIGN_OR_RETURN(std::unique_ptr<Conn> conn, Acquire());
+    PGconn* const c = conn->pg;
+    PgTx tx(c, &conn->statements, options_.notify, partitioned_);
     // Read() promises a snapshot: REPEATABLE READ takes one at the first statement and
     // keeps it to the end (READ COMMITTED would take one per statement). A read-only
     // transaction never fails to serialize at this level, so this costs no retries.
@@ -973,7 +1053,7 @@ class PgDatabase : public Database {
       }
       for (auto& hook : tx.TakeCommitHooks()) hook();
     }
-    Release(c);
+    Release(std::move(conn));
     return st;
   }
 
@@ -1025,7 +1105,7 @@ class PgDatabase : public Database {
   bool partitioned_ = false;  // set by Init, before any Transact
   mutable std::mutex mu_;
   std::condition_variable pool_cv_;
-  std::vector<PGconn*> idle_;
+  std::vector<std::unique_ptr<Conn>> idle_;
   size_t open_ = 0;
   DatabaseStats stats_;
 
@@ -1048,6 +1128,9 @@ Result<Settings> ParseUri(std::string_view uri) {
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> lock_timeout,
                             parsed.TakeInt("lock_timeout_ms", 0, 86400000));
   if (lock_timeout) s.lock_timeout_ms = *lock_timeout;
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> statements,
+                            parsed.TakeInt("statement_cache", 0, 100000));
+  if (statements) s.statement_cache = static_cast<size_t>(*statements);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<std::string> retention, parsed.Take("retention"));
   if (retention) {
     if (*retention != "delete" && *retention != "partitioned") {
@@ -1068,8 +1151,8 @@ Result<Settings> ParseUri(std::string_view uri) {
     while (!msg.empty() && msg.back() == '\n') msg.pop_back();
     return tl::unexpected(InvalidArgumentError(
         "postgresql URI: " + msg +
-        " (converge's own parameters are pool_size, notify, lock_timeout_ms and "
-        "retention; the others are libpq's)"));
+        " (converge's own parameters are pool_size, notify, lock_timeout_ms, retention "
+        "and statement_cache; the others are libpq's)"));
   }
   PQconninfoFree(info);
   return s;
@@ -1089,6 +1172,9 @@ std::string FormatUri(const Settings& settings) {
     add("lock_timeout_ms", std::to_string(settings.lock_timeout_ms));
   }
   if (settings.partitioned) add("retention", *settings.partitioned ? "partitioned" : "delete");
+  if (settings.statement_cache != defaults.statement_cache) {
+    add("statement_cache", std::to_string(settings.statement_cache));
+  }
   if (own.empty()) return settings.libpq_uri;
   return settings.libpq_uri + (settings.libpq_uri.find('?') == std::string::npos ? "?" : "&") +
          own;

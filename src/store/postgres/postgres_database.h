@@ -17,8 +17,8 @@ namespace converge::postgres {
 
 // converge's own parameters in a postgresql:// URI's query (database.h, Database::Open);
 // every other parameter is libpq's.
-inline constexpr std::array<std::string_view, 4> kUriParameters = {
-    "pool_size", "notify", "lock_timeout_ms", "retention"};
+inline constexpr std::array<std::string_view, 5> kUriParameters = {
+    "pool_size", "notify", "lock_timeout_ms", "retention", "statement_cache"};
 
 // What a postgresql:// URI asks of converge, read without connecting.
 struct Settings {
@@ -28,6 +28,10 @@ struct Settings {
   int64_t lock_timeout_ms = 5000;
   // retention=...: nullopt when the URI leaves it to the store (database.h).
   std::optional<bool> partitioned;
+  // statement_cache=...: how many server-side prepared statements each connection keeps
+  // (statement_cache.h); 0 sends every statement unnamed (a pooler in front that cannot
+  // keep a session's prepared statements).
+  size_t statement_cache = 256;
 };
 
 // Errors (kInvalidArgument): one of converge's parameters given twice or out of range; a
