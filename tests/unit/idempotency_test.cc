@@ -342,6 +342,42 @@ TEST_F(IdempotencyTest, ReplayCacheStaysWithinItsBounds) {
   }
 }
 
+// Many threads replaying (and mismatching) keys at once through a cache too small for
+// them all, so that fills, hits and evictions interleave (the TSan build runs this too):
+// every answer is the key's own.
+TEST_F(IdempotencyTest, ReplayCacheServesManyThreadsAtOnce) {
+  IdempotencyOptions o = kOptions;
+  o.replay_cache_entries = 32;
+  IdempotencyKeys keys(*db_, o, &clock_);
+  for (int i = 0; i < 48; ++i) {
+    CompleteKey(keys, "t", "k" + std::to_string(i), "f", "body-" + std::to_string(i));
+  }
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const int k = (i * 7 + t * 13) % 48;
+        const std::string key = "k" + std::to_string(k);
+        if (i % 10 == 0) {
+          auto r = keys.Begin({"t", key, "other"});
+          if (r || r.error().reason() != reason::kFingerprintMismatch) ++wrong;
+          continue;
+        }
+        auto r = keys.Begin({"t", key, "f"});
+        if (!r || r->kind != Begun::Kind::kReplayed ||
+            r->response.body != "body-" + std::to_string(k)) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(wrong, 0);
+  EXPECT_GT(keys.replay_cache_stats().hits, 0);
+  EXPECT_LE(keys.replay_cache_stats().entries, 32);
+}
+
 // Execute's replays through the writer fill the cache only once their transaction
 // commits: a replay run inside an enclosing transaction that rolls back read a row that
 // never existed, and must leave nothing behind.
