@@ -44,7 +44,8 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
                     "header_limit_bytes", "max_header_fields", "max_connections",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
         {"store", {"uri", "synchronous", "notify", "broker"}},
-        {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms"}},
+        {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms", "replay_cache_mb",
+                         "max_clock_skew_ms"}},
         {"auth", {"admin_token", "api_keys"}},
         {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
         {"mail", {"url", "timeout_ms"}},
@@ -91,6 +92,10 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.Duration("idempotency", "lease_ms", &c.lease, 100, 3600000));
     CONVERGE_RETURN_IF_ERROR(
         r.Duration("idempotency", "completer_grace_ms", &c.completer_grace, 0, 86400000));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Int("idempotency", "replay_cache_mb", &c.replay_cache_mb, 0, 1024 * 1024));
+    CONVERGE_RETURN_IF_ERROR(
+        r.Duration("idempotency", "max_clock_skew_ms", &c.max_clock_skew, 0, 86400000));
     for (auto [name, out] : {std::pair{"failpoints", &c.admin_failpoints},
                              std::pair{"clock", &c.admin_clock}}) {
       if (auto n = root["admin"][name]) {

@@ -51,6 +51,10 @@ struct ServiceConfig {
   // How long after a lease lapsed the client's retry has before the completer finishes
   // the request itself.
   Millis completer_grace = 30s;
+  // Completed keys' responses kept in memory (IdempotencyOptions::replay_cache_bytes;
+  // 0 = off), and how far the clocks of the processes sharing the store may disagree.
+  int64_t replay_cache_mb = 16;
+  Millis max_clock_skew = 5s;
   // [auth]
   std::string admin_token;
   std::map<std::string, std::string> api_keys;  // bearer key -> tenant

@@ -195,7 +195,11 @@ Status Service::Impl::Start() {
       return converge::InvalidArgumentError("config: psp.webhook_secrets holds a malformed secret");
     }
   }
-  const converge::IdempotencyOptions key_options{.ttl = cfg_.key_ttl, .lease = cfg_.lease};
+  const converge::IdempotencyOptions key_options{
+      .ttl = cfg_.key_ttl,
+      .lease = cfg_.lease,
+      .replay_cache_bytes = static_cast<size_t>(cfg_.replay_cache_mb) << 20,
+      .max_clock_skew = cfg_.max_clock_skew};
   if (Status st = converge::IdempotencyKeys::ValidateOptions(key_options); !st.ok()) {
     return converge::InvalidArgumentError("config: idempotency: " + st.message());
   }

@@ -45,8 +45,11 @@
 #ifndef CONVERGE_IDEMPOTENCY_H_
 #define CONVERGE_IDEMPOTENCY_H_
 
+#include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -66,6 +69,29 @@ struct IdempotencyOptions {
   // How long one attempt may work on a multi-phase request before another may take over.
   // Each phase renews it.
   Millis lease = 30s;
+  // The replay cache: completed keys' responses kept in this process, so that a replay
+  // (or a 422 for another request under a completed key) is answered without reading
+  // the store. A completed key changes only by being forgotten after expires_at, so an
+  // entry answers exactly as the store would until then: it answers only while
+  // now < expires_at - max_clock_skew, and is filled only from committed rows. Keys
+  // completed by another process are not in it until this one reads them. At most
+  // `replay_cache_bytes` (an estimate of what entries take) and `replay_cache_entries`;
+  // the least recently used go first. 0 in either turns the cache off.
+  size_t replay_cache_bytes = size_t{16} << 20;
+  size_t replay_cache_entries = 100'000;
+  // How far the clocks of the processes sharing the store (including a sweeper run from
+  // elsewhere) may disagree. Another process forgets a key when its own clock reaches
+  // expires_at; this one stops answering the key from memory that much earlier. Must be
+  // >= 0; a skew larger than this can make a cached replay answer a key that another
+  // process already forgot and gave to a new request.
+  Millis max_clock_skew = 5s;
+};
+
+// What the replay cache holds now (IdempotencyKeys::replay_cache_stats).
+struct ReplayCacheStats {
+  int64_t entries = 0;
+  int64_t bytes = 0;  // the cache's estimate, bounded by replay_cache_bytes
+  int64_t hits = 0;   // requests answered from it since the start (replays and 422s)
 };
 
 // What a handler answered, stored to be replayed byte for byte.
@@ -120,12 +146,19 @@ struct Begun {
 std::string RequestFingerprint(std::string_view method, std::string_view path,
                                std::string_view body);
 
+namespace internal {
+class ReplayCache;
+}  // namespace internal
+
 class IdempotencyKeys {
  public:
   using Fn = std::function<Result<StoredResponse>(Tx&)>;
 
   // `db` and `clock` must outlive this object; clock nullptr = Clock::System().
   IdempotencyKeys(Database& db, IdempotencyOptions options = {}, Clock* clock = nullptr);
+  ~IdempotencyKeys();
+  IdempotencyKeys(const IdempotencyKeys&) = delete;
+  IdempotencyKeys& operator=(const IdempotencyKeys&) = delete;
 
   // Single-phase. First call for the key: runs fn(tx) and stores its response in the
   // same transaction (a response with any status, 4xx included, is stored and replayed).
@@ -158,14 +191,25 @@ class IdempotencyKeys {
   // recovery point without waiting for the lease to run out).
   Status Release(const KeyLease& lease);
 
+  // What the replay cache holds, and how many requests it answered.
+  ReplayCacheStats replay_cache_stats() const;
+
  private:
   Status Validate(const KeyRequest& r) const;
   Status CheckFence(Tx& tx, const KeyLease& lease, int64_t now, bool deferred);
   Status StoreResponse(Tx& tx, const KeyLease& lease, const StoredResponse& r, int64_t now);
+  // The cached answer for `req` (a replay, or a mismatch), if the cache may give one now.
+  std::optional<Result<StoredResponse>> FromCache(const KeyRequest& req,
+                                                  const std::string& hash);
+  // Keeps a completed row (read with kSelectKey) in the cache, if it may answer a while.
+  // REQUIRES: the row is committed.
+  void Remember(const KeyRequest& req, const Row& row);
 
   Database& db_;
   const IdempotencyOptions options_;
   Clock* clock_;
+  std::unique_ptr<internal::ReplayCache> cache_;  // nullptr: off
+  std::atomic<int64_t> cache_hits_{0};
 };
 
 }  // namespace converge

@@ -8,6 +8,7 @@
 #include "converge/failpoint.h"
 #include "src/core/crypto.h"
 #include "src/core/idempotency_internal.h"
+#include "src/core/replay_cache.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -197,7 +198,46 @@ Result<std::optional<KeyLease>> TakeOver(Tx& tx, const std::string& scope,
 }  // namespace internal
 
 IdempotencyKeys::IdempotencyKeys(Database& db, IdempotencyOptions options, Clock* clock)
-    : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
+    : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {
+  if (options_.replay_cache_bytes > 0 && options_.replay_cache_entries > 0) {
+    cache_ = std::make_unique<internal::ReplayCache>(options_.replay_cache_bytes,
+                                                     options_.replay_cache_entries);
+  }
+}
+
+IdempotencyKeys::~IdempotencyKeys() = default;
+
+ReplayCacheStats IdempotencyKeys::replay_cache_stats() const {
+  ReplayCacheStats s = cache_ ? cache_->stats() : ReplayCacheStats{};
+  s.hits = cache_hits_.load(std::memory_order_relaxed);
+  return s;
+}
+
+// The replay cache's rule (docs/design/idempotency.md, "The replay cache"). A completed
+// row changes only by being forgotten, and no process forgets it before its own clock
+// reaches expires_at: while now < expires_at - max_clock_skew the row is the one cached,
+// so its answer is the store's answer. At or past that instant the store decides.
+std::optional<Result<StoredResponse>> IdempotencyKeys::FromCache(const KeyRequest& req,
+                                                                 const std::string& hash) {
+  if (!cache_) return std::nullopt;
+  std::shared_ptr<const internal::CachedReplay> e = cache_->Find(
+      req.scope, req.key, clock_->NowMillis() + options_.max_clock_skew.count());
+  if (!e) return std::nullopt;
+  cache_hits_.fetch_add(1, std::memory_order_relaxed);
+  if (e->request_hash != hash) return Result<StoredResponse>(tl::unexpected(Mismatch(req)));
+  return Result<StoredResponse>(e->response);
+}
+
+void IdempotencyKeys::Remember(const KeyRequest& req, const Row& r) {
+  if (!cache_ || r.Text(1) != "completed") return;
+  const int64_t expires_at = r.Int(9);
+  if (expires_at - options_.max_clock_skew.count() <= clock_->NowMillis()) return;
+  auto e = std::make_shared<internal::CachedReplay>();
+  e->request_hash = r.Text(0);
+  e->response = ResponseOf(r);
+  e->expires_at = expires_at;
+  cache_->Insert(req.scope, req.key, std::move(e));
+}
 
 Status IdempotencyKeys::Validate(const KeyRequest& r) const {
   CONVERGE_RETURN_IF_ERROR(ValidateOptions(options_));
@@ -208,6 +248,9 @@ Status IdempotencyKeys::Validate(const KeyRequest& r) const {
 
 Status IdempotencyKeys::ValidateOptions(const IdempotencyOptions& o) {
   if (o.lease <= Millis(0)) return InvalidArgumentError("idempotency lease must be positive");
+  if (o.max_clock_skew < Millis(0)) {
+    return InvalidArgumentError("idempotency max_clock_skew must not be negative");
+  }
   if (o.ttl <= o.lease) {
     return InvalidArgumentError(
         "idempotency ttl (" + std::to_string(o.ttl.count()) + " ms) must exceed the lease (" +
@@ -221,6 +264,10 @@ Status IdempotencyKeys::ValidateOptions(const IdempotencyOptions& o) {
 Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
   CONVERGE_RETURN_IF_ERROR(Validate(req));
   const std::string hash = internal::Sha256Hex(req.fingerprint);
+  if (auto cached = FromCache(req, hash)) {
+    if (!*cached) return tl::unexpected(cached->error());
+    return Outcome{std::move(**cached), true};
+  }
   return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
@@ -230,6 +277,11 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
                               req));
     if (!c.claimed) {
       const Row& r = c.row;
+      // Cached once this transaction commits (the row it read is committed then, even
+      // when it was written earlier in the same group commit); never if it rolls back.
+      if (cache_ && r.Text(1) == "completed") {
+        tx.OnCommit([this, req, row = r] { Remember(req, row); });
+      }
       if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
       if (r.Text(1) == "completed") return Outcome{ResponseOf(r), true};
       if (r.Int(2) > now) return tl::unexpected(InFlight(req, r.Int(2) - now));
@@ -250,6 +302,13 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
 Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
   CONVERGE_RETURN_IF_ERROR(Validate(req));
   const std::string hash = internal::Sha256Hex(req.fingerprint);
+  if (auto cached = FromCache(req, hash)) {
+    if (!*cached) return tl::unexpected(cached->error());
+    Begun b;
+    b.kind = Begun::Kind::kReplayed;
+    b.response = std::move(**cached);
+    return b;
+  }
   // Replays first, from a read snapshot, off the one writer (SQLite) and without row locks:
   // a completed key that may not be forgotten yet changes only by being swept after it
   // expires, so the answer it gives is the one the write path below would give. Anything
@@ -263,6 +322,7 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
         Forgettable(rows[0], clock_->NowMillis())) {
       return OkStatus();
     }
+    Remember(req, rows[0]);  // a read snapshot holds committed rows only
     if (rows[0].Text(0) != hash) {
       replay = tl::unexpected(Mismatch(req));
     } else {

@@ -200,6 +200,203 @@ TEST_F(IdempotencyTest, ReleaseLetsARetryResumeAtOnce) {
   EXPECT_EQ(keys_->Release(a).reason(), reason::kFenced);
 }
 
+// --- The replay cache (docs/design/idempotency.md, "The replay cache") -----------------
+
+// Completes (scope, key) for `fingerprint` through Begin/Complete with `body`.
+void CompleteKey(IdempotencyKeys& keys, const std::string& scope, const std::string& key,
+                 const std::string& fingerprint, const std::string& body) {
+  auto b = keys.Begin({scope, key, fingerprint});
+  ASSERT_TRUE(b) << b.error().ToString();
+  ASSERT_EQ(b->kind, Begun::Kind::kStarted);
+  ASSERT_TRUE(keys.Complete(b->lease, [&](Tx&) -> Result<StoredResponse> {
+    return StoredResponse{201, {{"Location", "/p/" + key}}, body};
+  }));
+}
+
+// The first replay reads the store and fills the cache; later ones are answered from it,
+// byte for byte, until expires_at less the clock skew. From that instant the store
+// answers (still a replay until expires_at), and at expires_at the key is a new request.
+TEST_F(IdempotencyTest, ReplayCacheAnswersUntilExpiryLessTheSkew) {
+  const int64_t expires_at = clock_.NowMillis() + kOptions.ttl.count();
+  CompleteKey(*keys_, "t", "k", "f", "paid");
+  for (int i = 0; i < 3; ++i) {
+    auto r = keys_->Begin({"t", "k", "f"});
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->kind, Begun::Kind::kReplayed);
+    EXPECT_EQ(r->response, (StoredResponse{201, {{"Location", "/p/k"}}, "paid"}));
+  }
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 2);
+  EXPECT_EQ(keys_->replay_cache_stats().entries, 1);
+
+  clock_.Set(expires_at - kOptions.max_clock_skew.count() - 1);
+  ASSERT_EQ(keys_->Begin({"t", "k", "f"})->kind, Begun::Kind::kReplayed);
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 3);
+  clock_.Set(expires_at - kOptions.max_clock_skew.count());
+  auto late = keys_->Begin({"t", "k", "f"});
+  ASSERT_TRUE(late);
+  EXPECT_EQ(late->kind, Begun::Kind::kReplayed);  // from the store
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 3);
+  EXPECT_EQ(keys_->replay_cache_stats().entries, 0);  // dropped, and not filled again
+  clock_.Set(expires_at);
+  auto fresh = keys_->Begin({"t", "k", "f"});
+  ASSERT_TRUE(fresh);
+  EXPECT_EQ(fresh->kind, Begun::Kind::kStarted);
+}
+
+// Another process sharing the store, its clock ahead by the whole allowed skew, forgets
+// the key and gives it to a new request at its expires_at. By then this process's clock
+// is at expires_at - skew: it must answer as the store does now (the key is another
+// request's: 422), not replay what it cached.
+TEST_F(IdempotencyTest, ReplayCacheNeverAnswersForAKeyAnotherProcessMayHaveForgotten) {
+  const int64_t expires_at = clock_.NowMillis() + kOptions.ttl.count();
+  CompleteKey(*keys_, "t", "k", "A", "one");
+  ASSERT_EQ(keys_->Begin({"t", "k", "A"})->kind, Begun::Kind::kReplayed);  // fills
+  ASSERT_EQ(keys_->replay_cache_stats().entries, 1);
+
+  ManualClock ahead(expires_at);  // another process, max_clock_skew ahead of ours
+  clock_.Set(expires_at - kOptions.max_clock_skew.count());
+  IdempotencyKeys other(*db_, kOptions, &ahead);
+  CompleteKey(other, "t", "k", "B", "two");
+
+  auto mine = keys_->Begin({"t", "k", "A"});
+  ASSERT_FALSE(mine) << "replayed " << mine->response.body;
+  EXPECT_EQ(mine.error().reason(), reason::kFingerprintMismatch);
+  auto theirs = keys_->Begin({"t", "k", "B"});
+  ASSERT_TRUE(theirs);
+  EXPECT_EQ(theirs->response.body, "two");
+}
+
+// Scope is part of the cache's key: another tenant's request under the same key is its
+// own request, never the first tenant's replay.
+TEST_F(IdempotencyTest, ReplayCacheKeepsTenantsApart) {
+  CompleteKey(*keys_, "acme", "k", "f", "acme's");
+  ASSERT_EQ(keys_->Begin({"acme", "k", "f"})->kind, Begun::Kind::kReplayed);  // fills
+  ASSERT_EQ(keys_->Begin({"acme", "k", "f"})->kind, Begun::Kind::kReplayed);
+  ASSERT_EQ(keys_->replay_cache_stats().hits, 1);
+  auto globex = keys_->Begin({"globex", "k", "f"});
+  ASSERT_TRUE(globex);
+  EXPECT_EQ(globex->kind, Begun::Kind::kStarted);
+  // Scope and key are not merely concatenated: ("ab", "c") is not ("a", "bc").
+  CompleteKey(*keys_, "ab", "c", "f", "ab's");
+  ASSERT_EQ(keys_->Begin({"ab", "c", "f"})->kind, Begun::Kind::kReplayed);  // fills
+  auto a = keys_->Execute({"a", "bc", "f"}, Effect("a-bc"));
+  ASSERT_TRUE(a);
+  EXPECT_FALSE(a->replayed);
+}
+
+// A cached key under another request (another fingerprint) is a 422 from the cache too,
+// through Begin and through Execute.
+TEST_F(IdempotencyTest, ReplayCacheAnswersAnotherBodyWithAMismatch) {
+  ASSERT_TRUE(keys_->Execute({"t", "k", "f"}, Effect("x")));
+  auto replay = keys_->Execute({"t", "k", "f"}, Effect("x"));  // through the writer: fills
+  ASSERT_TRUE(replay && replay->replayed);
+  ASSERT_EQ(keys_->replay_cache_stats().entries, 1);
+  auto other = keys_->Execute({"t", "k", "another body"}, Effect("y"));
+  ASSERT_FALSE(other);
+  EXPECT_EQ(other.error().reason(), reason::kFingerprintMismatch);
+  auto begun = keys_->Begin({"t", "k", "another body"});
+  ASSERT_FALSE(begun);
+  EXPECT_EQ(begun.error().reason(), reason::kFingerprintMismatch);
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 2);
+  auto same = keys_->Execute({"t", "k", "f"}, Effect("x"));
+  ASSERT_TRUE(same && same->replayed);
+  EXPECT_EQ(same->response.body, "{\"id\":\"x\"}");
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 3);
+  EXPECT_EQ(runs_, 1);
+}
+
+// The cache holds at most replay_cache_bytes (its estimate) and replay_cache_entries,
+// dropping the least recently used; a response too large for it is never kept. Evicted
+// keys are answered from the store.
+TEST_F(IdempotencyTest, ReplayCacheStaysWithinItsBounds) {
+  IdempotencyOptions o = kOptions;
+  o.replay_cache_bytes = 64 * 1024;
+  o.replay_cache_entries = 1000;
+  IdempotencyKeys keys(*db_, o, &clock_);
+  const std::string body(1000, 'x');
+  for (int i = 0; i < 120; ++i) {
+    const std::string key = "k" + std::to_string(i);
+    CompleteKey(keys, "t", key, "f", body);
+    ASSERT_EQ(keys.Begin({"t", key, "f"})->kind, Begun::Kind::kReplayed);  // fills
+    ASSERT_LE(keys.replay_cache_stats().bytes, 64 * 1024);
+  }
+  const ReplayCacheStats full = keys.replay_cache_stats();
+  EXPECT_GT(full.entries, 16);
+  EXPECT_LT(full.entries, 64);  // 1,000-byte bodies: well under 64 fit in 64 KiB
+  auto first = keys.Begin({"t", "k0", "f"});  // evicted long ago: from the store
+  ASSERT_TRUE(first);
+  EXPECT_EQ(first->response.body, body);
+  EXPECT_EQ(keys.replay_cache_stats().hits, full.hits);
+
+  CompleteKey(keys, "t", "big", "f", std::string(8 * 1024, 'y'));  // > 64 KiB / 16 shards
+  ASSERT_EQ(keys.Begin({"t", "big", "f"})->kind, Begun::Kind::kReplayed);
+  ASSERT_EQ(keys.Begin({"t", "big", "f"})->response.body.size(), 8u * 1024);
+  EXPECT_EQ(keys.replay_cache_stats().hits, full.hits);
+
+  o.replay_cache_bytes = 1 << 20;
+  o.replay_cache_entries = 32;
+  IdempotencyKeys few(*db_, o, &clock_);
+  for (int i = 0; i < 120; ++i) {
+    ASSERT_EQ(few.Begin({"t", "k" + std::to_string(i), "f"})->kind, Begun::Kind::kReplayed);
+    ASSERT_LE(few.replay_cache_stats().entries, 32);
+  }
+}
+
+// Many threads replaying (and mismatching) keys at once through a cache too small for
+// them all, so that fills, hits and evictions interleave (the TSan build runs this too):
+// every answer is the key's own.
+TEST_F(IdempotencyTest, ReplayCacheServesManyThreadsAtOnce) {
+  IdempotencyOptions o = kOptions;
+  o.replay_cache_entries = 32;
+  IdempotencyKeys keys(*db_, o, &clock_);
+  for (int i = 0; i < 48; ++i) {
+    CompleteKey(keys, "t", "k" + std::to_string(i), "f", "body-" + std::to_string(i));
+  }
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const int k = (i * 7 + t * 13) % 48;
+        const std::string key = "k" + std::to_string(k);
+        if (i % 10 == 0) {
+          auto r = keys.Begin({"t", key, "other"});
+          if (r || r.error().reason() != reason::kFingerprintMismatch) ++wrong;
+          continue;
+        }
+        auto r = keys.Begin({"t", key, "f"});
+        if (!r || r->kind != Begun::Kind::kReplayed ||
+            r->response.body != "body-" + std::to_string(k)) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(wrong, 0);
+  EXPECT_GT(keys.replay_cache_stats().hits, 0);
+  EXPECT_LE(keys.replay_cache_stats().entries, 32);
+}
+
+// Execute's replays through the writer fill the cache only once their transaction
+// commits: a replay run inside an enclosing transaction that rolls back read a row that
+// never existed, and must leave nothing behind.
+TEST_F(IdempotencyTest, ReplayCacheIsFilledOnlyFromCommittedRows) {
+  Status st = db_->Transact([&](Tx&) -> Status {
+    auto a = keys_->Execute({"t", "k", "f"}, Effect("a"));
+    if (!a || a->replayed) return InternalError("expected a fresh run");
+    auto b = keys_->Execute({"t", "k", "f"}, Effect("a"));
+    if (!b || !b->replayed) return InternalError("expected a replay");
+    return InternalError("roll it all back");
+  });
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(keys_->replay_cache_stats().entries, 0);
+  EXPECT_EQ(Keys(), 0);
+  auto again = keys_->Execute({"t", "k", "f"}, Effect("a"));
+  ASSERT_TRUE(again) << again.error().ToString();
+  EXPECT_FALSE(again->replayed);
+}
+
 // A process crashes right after the phase that called the provider committed. The retry
 // (another process, after the lease) resumes from that recovery point: the charge is not
 // made twice.
