@@ -21,10 +21,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -280,6 +282,19 @@ const char* ApiKeyOf(const std::string& tenant) {
   return tenant == kTenants[0].second ? kTenants[0].first : kTenants[1].first;
 }
 
+// The last `n` lines of a log file.
+std::string LogTail(const std::string& path, size_t n) {
+  std::ifstream f(path);
+  std::deque<std::string> lines;
+  for (std::string line; std::getline(f, line);) {
+    lines.push_back(std::move(line));
+    if (lines.size() > n) lines.pop_front();
+  }
+  std::string out;
+  for (const std::string& l : lines) out += "    " + l + "\n";
+  return out;
+}
+
 bool Final(int status) {
   // No answer, "in progress" and the unknown outcomes are retried; a stored decision
   // (201, 402, 422, a 502 the provider's refusal) is final.
@@ -332,6 +347,11 @@ class Campaign {
   bool SetFailpoints(int i, const std::string& spec);
   void ScrapeTakeovers(int i);
   void Note(const std::string& what);
+  // Every service, relay and worker process that ended although the campaign did not stop
+  // or kill it: a `process-ended` violation each (with the end of its log), and, while the
+  // schedule runs, a restart. Without this a dead service showed only as webhooks nobody
+  // answered (docs/design/chaos.md, Findings).
+  Status CheckProcesses(bool restart);
   void Progress(const std::string& phase);
   Status FinalPass();
   Status Drain();
@@ -376,6 +396,7 @@ class Campaign {
   std::mutex status_mu_;
   std::map<int, int64_t> by_status_;
   ChaosResult result_;
+  bool keep_ = false;  // TearDown leaves the directory and database (keep, or violations)
   std::set<std::string> poison_;
   Steady::time_point t0_ = Steady::now();
   Steady::time_point last_progress_{};
@@ -529,14 +550,14 @@ void Campaign::TearDown() {
   if (psp_) psp_->Stop();
   if (mail_) mail_->Stop();
 #if CONVERGE_WITH_POSTGRES
-  if (!pg_name_.empty() && !o_.keep) {
+  if (!pg_name_.empty() && !keep_) {
     PGconn* c = PQconnectdb(pg_admin_.c_str());
     PQclear(PQexec(c, ("DROP DATABASE IF EXISTS " + pg_name_ + " WITH (FORCE)").c_str()));
     PQfinish(c);
     pg_name_.clear();
   }
 #endif
-  if (!dir_.empty() && !o_.keep) {
+  if (!dir_.empty() && !keep_) {
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
     dir_.clear();
@@ -711,6 +732,30 @@ Status Campaign::KillAndRestart(int i, const std::string& point) {
   }
   ++result_.counts.kills;
   return Restart(i);
+}
+
+Status Campaign::CheckProcesses(bool restart) {
+  std::vector<std::pair<std::string, ServeProcess*>> all;
+  for (int i = 0; i < instances_; ++i) {
+    all.emplace_back("instance " + std::to_string(i), svc_[static_cast<size_t>(i)].get());
+  }
+  if (relay_) all.emplace_back("relay", relay_.get());
+  for (size_t w = 0; w < workers_.size(); ++w) {
+    all.emplace_back("worker " + kWorkerConsumers[w], workers_[w].get());
+  }
+  for (auto& [what, p] : all) {
+    const std::optional<std::string> how = p->EndedOnItsOwn();
+    if (!how) continue;
+    Note(what + " " + *how + " (not killed by the campaign)");
+    result_.violations.push_back(
+        {"process-ended", what + " " + *how + " although the campaign did not stop it; the " +
+                              "end of " + p->log_path() + ":\n" + LogTail(p->log_path(), 10)});
+    if (restart) {
+      CONVERGE_RETURN_IF_ERROR(StartProcess(*p, ""));
+      ++result_.counts.restarts;
+    }
+  }
+  return OkStatus();
 }
 
 Status Campaign::StartNatsShape() {
@@ -1105,7 +1150,8 @@ Result<ChaosResult> Campaign::Run() {
       Progress("campaign:");
       std::this_thread::sleep_for(milliseconds(20));
     }
-    st = Inject(s);
+    st = CheckProcesses(/*restart=*/true);
+    if (st.ok()) st = Inject(s);
   }
   stop_clients_ = true;
   for (auto& t : clients) t.join();
@@ -1124,8 +1170,10 @@ Result<ChaosResult> Campaign::Run() {
   (void)http_.Send({.method = "POST",
                     .url = "http://127.0.0.1:" + std::to_string(mail_->port()) + "/faults",
                     .body = R"({"fail_next":0})"});
+  CONVERGE_RETURN_IF_ERROR(CheckProcesses(/*restart=*/true));
   CONVERGE_RETURN_IF_ERROR(FinalPass());
   CONVERGE_RETURN_IF_ERROR(Drain());
+  CONVERGE_RETURN_IF_ERROR(CheckProcesses(/*restart=*/false));
   for (int i = 0; i < instances_; ++i) ScrapeTakeovers(i);
   std::string broker_left;
   if (nats_) {
@@ -1193,6 +1241,8 @@ Result<ChaosResult> Campaign::Run() {
     }
   }
   n.seconds = std::chrono::duration<double>(Steady::now() - t0_).count();
+  keep_ = o_.keep || !result_.violations.empty();
+  result_.kept = keep_;
   return std::move(result_);
 }
 

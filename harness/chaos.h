@@ -43,7 +43,7 @@ struct ChaosOptions {
   uint64_t seed = 1;
   int clients = 8;
   int instances = 0;  // service processes on the store; 0: 1 on SQLite, 2 on PostgreSQL
-  bool keep = false;  // keep the run's directory (and database)
+  bool keep = false;  // keep the run's directory (and database); kept anyway on a violation
   // "" (events through the store's SQL queue) or "nats": a nats-server of the campaign's
   // own (on PATH), a relay and workers as processes of their own (docs/design/chaos.md).
   std::string broker;
@@ -94,7 +94,11 @@ struct ChaosResult {
   std::vector<std::string> schedule;  // every fault that ran: "t=…ms kill instance 0 …"
   std::vector<Violation> violations;
   std::vector<Op> history;
-  std::string dir;  // the run's directory (removed unless keep)
+  std::string dir;  // the run's directory
+  // Whether `dir` (and on PostgreSQL the run's database) was left in place: with `keep`,
+  // and always when there are violations, so that the service logs of a failure that is
+  // seen once are there to read.
+  bool kept = false;
 };
 
 // Runs a whole campaign. An error Status when the shape could not be set up or a store

@@ -435,14 +435,19 @@ Result<std::string> Undrained(const CheckStores& stores) {
     return OkStatus();
   }));
   CONVERGE_RETURN_IF_ERROR(stores.psp->Read([&](Tx& tx) -> Status {
-    // By state and last answer, so a report says why (e.g. "1 failed after 401").
+    // By state and last answer, so a report says why (e.g. "1 failed after 401"); without
+    // an answer, the last error of one of them ("Couldn't connect to server": nothing
+    // listened; "Timeout was reached": something listened and did not answer).
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows r, tx.Query("SELECT state, coalesce(last_status, 0), count(*), max(attempts) "
+        Rows r, tx.Query("SELECT state, coalesce(last_status, 0), count(*), max(attempts), "
+                         "max(coalesce(last_error, '')) "
                          "FROM webhook_deliveries WHERE state <> 'delivered' "
                          "GROUP BY state, coalesce(last_status, 0)"));
     for (const auto& row : r) {
+      const std::string error = row.Text(4);
       const std::string what = "provider webhooks not delivered (" + row.Text(0) +
-                               ", last answer " + std::to_string(row.Int(1)) + ", attempts " +
+                               ", last answer " + std::to_string(row.Int(1)) +
+                               (error.empty() ? "" : ": " + error) + ", attempts " +
                                std::to_string(row.Int(3)) + ")";
       note(what.c_str(), row.Int(2));
     }

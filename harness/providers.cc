@@ -150,7 +150,7 @@ class FakePsp::Impl {
           "CREATE TABLE IF NOT EXISTS webhook_deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, "
           "msg_id TEXT NOT NULL, body TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
           "next_attempt_at INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending', "
-          "last_status INTEGER)"));
+          "last_status INTEGER, last_error TEXT)"));
     }));
     if (!o_.webhook_url.empty() && !converge::webhook::DecodeSecret(o_.webhook_secret)) {
       return converge::InvalidArgumentError("fake-psp: the webhook secret is not whsec_<base64>");
@@ -362,11 +362,14 @@ class FakePsp::Impl {
         // Real providers retry for days; 30 attempts with the 60 s cap span ~25 minutes,
         // longer than a chaos campaign's kill streaks keep the endpoint down.
         if (state == "pending" && attempts >= 30) state = "failed";
+        // Without an answer, why (a refused connection, a timeout): a report of webhooks
+        // left undelivered can then tell a dead endpoint from a stuck one.
+        const std::string error = r ? "" : r.error().message();
         (void)db_->Transact([&](Tx& tx) {
           return converge::StatusOf(tx.Exec(
               "UPDATE webhook_deliveries SET attempts = $1, state = $2, next_attempt_at = $3, "
-              "last_status = $4 WHERE id = $5",
-              attempts, state, NowMs() + delay, r ? r->status : 0, d.Int(0)));
+              "last_status = $4, last_error = $5 WHERE id = $6",
+              attempts, state, NowMs() + delay, r ? r->status : 0, error, d.Int(0)));
         });
       }
       if (due.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(20));

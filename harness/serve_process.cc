@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string_view>
@@ -22,6 +23,16 @@ namespace converge::harness {
 namespace {
 using Steady = std::chrono::steady_clock;
 }  // namespace
+
+std::string DescribeExit(int status) {
+  if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    const char* name = strsignal(sig);
+    return "killed by signal " + std::to_string(sig) + (name ? std::string(" (") + name + ")" : "");
+  }
+  return "ended with wait status " + std::to_string(status);
+}
 
 ServeProcess::ServeProcess(Options options) : options_(std::move(options)) {}
 ServeProcess::~ServeProcess() { Stop(); }
@@ -142,6 +153,14 @@ bool ServeProcess::KilledWithin(std::chrono::milliseconds wait) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return false;
+}
+
+std::optional<std::string> ServeProcess::EndedOnItsOwn() {
+  if (pid_ <= 0) return std::nullopt;
+  int status = 0;
+  if (waitpid(pid_, &status, WNOHANG) != pid_) return std::nullopt;
+  pid_ = -1;
+  return DescribeExit(status);
 }
 
 std::string ServeProcess::Url(const std::string& path) const {

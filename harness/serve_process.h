@@ -61,6 +61,12 @@ class ServeProcess {
   void Signal(int signal) const;
   // Waits up to `wait` for the child to die; true if a SIGKILL (a crash failpoint) did it.
   bool KilledWithin(std::chrono::milliseconds wait);
+  // Whether the child of the last Start() has ended although nothing here stopped or
+  // killed it: then it is reaped and the answer says how it ended ("exited with status 1",
+  // "killed by signal 11 (Segmentation fault)"); nullopt while it runs or when there is
+  // none. A campaign asks before it touches a process, since Kill() and Stop() would reap
+  // such a child silently.
+  std::optional<std::string> EndedOnItsOwn();
 
   // Whether the child of the last Start() that failed died of SIGKILL before it was ready
   // (a crash failpoint armed by that Start hit early).
@@ -83,6 +89,10 @@ class ServeProcess {
   uint16_t port_ = 0;
   bool killed_at_start_ = false;
 };
+
+// How a child ended, from its waitpid status: "exited with status N", "killed by signal N
+// (name)".
+std::string DescribeExit(int status);
 
 // A port that was free a moment ago on 127.0.0.1 (bound and released): for a child that
 // must listen where others already expect it, across restarts. 0 when none was found.

@@ -120,11 +120,11 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
   }
   if (!r->violations.empty()) {
     std::printf("\n%s", harness::FormatViolations(o, *r).c_str());
-    if (o.keep) std::printf("\nkept: %s\n", r->dir.c_str());
+    if (r->kept) std::printf("\nkept: %s\n", r->dir.c_str());
     std::printf("\nverdict: VIOLATED\n");
     return 1;
   }
-  if (o.keep) std::printf("\nkept: %s\n", r->dir.c_str());
+  if (r->kept) std::printf("\nkept: %s\n", r->dir.c_str());
   std::printf("\nverdict: 0 violations\n");
   return 0;
 }
@@ -154,7 +154,9 @@ void AddChaosCommand(CLI::App& app, int* exit_code) {
                   "nats: events through a nats-server the campaign starts (on PATH), with a "
                   "relay and workers of their own; default: the store's queue")
       ->check(CLI::IsMember({"nats"}));
-  cmd->add_flag("--keep", o->keep, "Keep the run's directory (stores, logs) and database");
+  cmd->add_flag("--keep", o->keep,
+                "Keep the run's directory (stores, logs) and database (kept anyway on a "
+                "violation)");
   cmd->add_option("--pg-bin", o->pg_bin,
                   "PostgreSQL's bin directory, for database restarts mid-load (with --pg-data)")
       ->envname("CONVERGE_TEST_PG_BIN");
