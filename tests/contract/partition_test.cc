@@ -220,6 +220,44 @@ TYPED_TEST(Partitions, AConcurrentCopyInAnotherPartitionWaitsAndIsCaught) {
   EXPECT_EQ(this->Count("SELECT count(*) FROM idempotency_keys WHERE key = 'k'"), 1);
 }
 
+// The same for an event: two producers enqueue one event (of two aggregates, so that
+// Outbox::Enqueue's per-aggregate lock does not order them) on either side of a period
+// boundary, one in each partition. The second waits for the first's commit and fails
+// with kAlreadyExists.
+TYPED_TEST(Partitions, AConcurrentEventCopyInAnotherPartitionFailsAsADuplicate) {
+  ManualClock day0(kD0 + kDay - 1), day1(kD0 + kDay);
+  ASSERT_TRUE(Sweeper(*this->db_, {}, &day0).RunOnce());
+  Outbox outbox0({}, &day0), outbox1({}, &day1);
+  std::promise<void> inserted_first, release_first;
+  Status first, second;
+  std::thread a([&] {
+    first = this->db_->Transact([&](Tx& tx) -> Status {
+      Status st = StatusOf(outbox0.Enqueue(tx, Event{.id = "ev-b", .type = "t", .subject = "a"}));
+      if (st.ok()) st = StatusOf(tx.Query("SELECT 1"));  // the deferred INSERT has run
+      inserted_first.set_value();
+      CONVERGE_RETURN_IF_ERROR(st);
+      release_first.get_future().wait();  // hold the transaction open
+      return OkStatus();
+    });
+  });
+  inserted_first.get_future().wait();
+  std::thread b([&] {
+    second = this->db_->Transact([&](Tx& tx) -> Status {
+      return StatusOf(outbox1.Enqueue(tx, Event{.id = "ev-b", .type = "t", .subject = "b"}));
+    });
+  });
+  const bool waited =
+      testing::WaitUntil([&] { return this->store_.SomeoneWaits(*this->db_); });
+  release_first.set_value();
+  a.join();
+  b.join();
+  EXPECT_TRUE(waited);
+  ASSERT_TRUE(first.ok()) << first.ToString();
+  EXPECT_EQ(second.code(), StatusCode::kAlreadyExists) << second.ToString();
+  EXPECT_EQ(this->Where("outbox_events", "event_id = 'ev-b'"), this->Part("outbox_events", kD0));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE event_id = 'ev-b'"), 1);
+}
+
 TYPED_TEST(Partitions, TheSweeperCreatesAheadAndDropsAPartitionOnceEveryRowExpired) {
   ManualClock clock(kD0 + 12 * 3600 * 1000);
   Sweeper sweeper(*this->db_, {.partitions_ahead = 2}, &clock);
