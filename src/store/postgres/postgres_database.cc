@@ -196,8 +196,10 @@ CREATE TRIGGER consumer_inbox_unique BEFORE INSERT ON consumer_inbox
 constexpr std::string_view kPartitionedOutbox = R"sql(
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table
-                 WHERE partrelid = to_regclass('idempotency_keys')) THEN
-    RETURN;
+                 WHERE partrelid = to_regclass('idempotency_keys'))
+     OR EXISTS (SELECT 1 FROM pg_partitioned_table
+                WHERE partrelid = to_regclass('outbox_events')) THEN
+    RETURN;  -- a plain store, or one converted already (the migrations run again)
   END IF;
   ALTER TABLE outbox_events RENAME TO outbox_events_plain;
   ALTER TABLE outbox_events_plain RENAME CONSTRAINT outbox_events_pkey
