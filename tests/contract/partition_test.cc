@@ -75,6 +75,34 @@ class Partitions : public StoreContract<Store> {
                                                  "WHERE published_at IS NULL", at));
                        }).ok());
   }
+  // Turns the store back into one created partitioned before the outbox was (schema
+  // version 11): outbox_events a plain table, as migrations 1 and 3 made it.
+  void MakeOutboxPlain() {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                         for (const char* sql : {
+                                  "DROP TABLE outbox_events",
+                                  "DROP FUNCTION converge_outbox_events_unique()",
+                                  "CREATE TABLE outbox_events (seq BIGSERIAL PRIMARY KEY, "
+                                  "event_id TEXT NOT NULL, source TEXT NOT NULL, "
+                                  "aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
+                                  "type TEXT NOT NULL, payload TEXT NOT NULL, headers TEXT NOT "
+                                  "NULL DEFAULT '{}', created_at BIGINT NOT NULL, "
+                                  "published_at BIGINT, publish_attempts INTEGER NOT NULL "
+                                  "DEFAULT 0, last_error TEXT, UNIQUE (source, event_id))",
+                                  "CREATE INDEX outbox_unpublished ON outbox_events (seq) "
+                                  "WHERE published_at IS NULL",
+                                  "CREATE INDEX outbox_published ON outbox_events "
+                                  "(published_at) WHERE published_at IS NOT NULL",
+                                  "ALTER TABLE outbox_events ADD COLUMN partition_no INTEGER "
+                                  "NOT NULL DEFAULT 0",
+                                  "CREATE INDEX outbox_unpublished_partition ON outbox_events "
+                                  "(partition_no, seq) WHERE published_at IS NULL",
+                                  "DELETE FROM converge_schema WHERE version >= 12"}) {
+                           CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(sql)));
+                         }
+                         return OkStatus();
+                       }).ok());
+  }
   // Inserts a completed key row straight into the table, created at `created_at`.
   Result<int64_t> InsertKey(Tx& tx, const std::string& key, int64_t created_at) {
     return tx.Exec("INSERT INTO idempotency_keys (scope, key, request_hash, status, "
@@ -190,6 +218,44 @@ TYPED_TEST(Partitions, AConcurrentCopyInAnotherPartitionWaitsAndIsCaught) {
   ASSERT_TRUE(first.ok()) << first.ToString();
   EXPECT_EQ(second, 0);
   EXPECT_EQ(this->Count("SELECT count(*) FROM idempotency_keys WHERE key = 'k'"), 1);
+}
+
+// The same for an event: two producers enqueue one event (of two aggregates, so that
+// Outbox::Enqueue's per-aggregate lock does not order them) on either side of a period
+// boundary, one in each partition. The second waits for the first's commit and fails
+// with kAlreadyExists.
+TYPED_TEST(Partitions, AConcurrentEventCopyInAnotherPartitionFailsAsADuplicate) {
+  ManualClock day0(kD0 + kDay - 1), day1(kD0 + kDay);
+  ASSERT_TRUE(Sweeper(*this->db_, {}, &day0).RunOnce());
+  Outbox outbox0({}, &day0), outbox1({}, &day1);
+  std::promise<void> inserted_first, release_first;
+  Status first, second;
+  std::thread a([&] {
+    first = this->db_->Transact([&](Tx& tx) -> Status {
+      Status st = StatusOf(outbox0.Enqueue(tx, Event{.id = "ev-b", .type = "t", .subject = "a"}));
+      if (st.ok()) st = StatusOf(tx.Query("SELECT 1"));  // the deferred INSERT has run
+      inserted_first.set_value();
+      CONVERGE_RETURN_IF_ERROR(st);
+      release_first.get_future().wait();  // hold the transaction open
+      return OkStatus();
+    });
+  });
+  inserted_first.get_future().wait();
+  std::thread b([&] {
+    second = this->db_->Transact([&](Tx& tx) -> Status {
+      return StatusOf(outbox1.Enqueue(tx, Event{.id = "ev-b", .type = "t", .subject = "b"}));
+    });
+  });
+  const bool waited =
+      testing::WaitUntil([&] { return this->store_.SomeoneWaits(*this->db_); });
+  release_first.set_value();
+  a.join();
+  b.join();
+  EXPECT_TRUE(waited);
+  ASSERT_TRUE(first.ok()) << first.ToString();
+  EXPECT_EQ(second.code(), StatusCode::kAlreadyExists) << second.ToString();
+  EXPECT_EQ(this->Where("outbox_events", "event_id = 'ev-b'"), this->Part("outbox_events", kD0));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE event_id = 'ev-b'"), 1);
 }
 
 TYPED_TEST(Partitions, TheSweeperCreatesAheadAndDropsAPartitionOnceEveryRowExpired) {
@@ -394,31 +460,7 @@ TYPED_TEST(Partitions, AnOutboxEventRequeuedBeforeThePartitionDropIsKept) {
 // and its uniqueness.
 TYPED_TEST(Partitions, AnOlderPartitionedStoreGetsItsOutboxPartitionedWithItsEvents) {
   ManualClock clock(kD0 + 12 * 3600 * 1000);
-  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       // The table as migrations 1 and 3 made it.
-                       for (const char* sql : {
-                                "DROP TABLE outbox_events",
-                                "DROP FUNCTION converge_outbox_events_unique()",
-                                "CREATE TABLE outbox_events (seq BIGSERIAL PRIMARY KEY, "
-                                "event_id TEXT NOT NULL, source TEXT NOT NULL, "
-                                "aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, "
-                                "type TEXT NOT NULL, payload TEXT NOT NULL, headers TEXT NOT "
-                                "NULL DEFAULT '{}', created_at BIGINT NOT NULL, published_at "
-                                "BIGINT, publish_attempts INTEGER NOT NULL DEFAULT 0, "
-                                "last_error TEXT, UNIQUE (source, event_id))",
-                                "CREATE INDEX outbox_unpublished ON outbox_events (seq) "
-                                "WHERE published_at IS NULL",
-                                "CREATE INDEX outbox_published ON outbox_events "
-                                "(published_at) WHERE published_at IS NOT NULL",
-                                "ALTER TABLE outbox_events ADD COLUMN partition_no INTEGER "
-                                "NOT NULL DEFAULT 0",
-                                "CREATE INDEX outbox_unpublished_partition ON outbox_events "
-                                "(partition_no, seq) WHERE published_at IS NULL",
-                                "DELETE FROM converge_schema WHERE version >= 12"}) {
-                         CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(sql)));
-                       }
-                       return OkStatus();
-                     }).ok());
+  this->MakeOutboxPlain();
   for (const char* id : {"ev-1", "ev-2", "ev-3"}) ASSERT_TRUE(this->Enqueue(&clock, id).ok());
   this->PublishAll(clock.NowMillis());
   ASSERT_EQ(this->Count("SELECT count(*) FROM pg_partitioned_table "
@@ -446,6 +488,45 @@ TYPED_TEST(Partitions, AnOlderPartitionedStoreGetsItsOutboxPartitionedWithItsEve
   ASSERT_TRUE(s) << s.error().ToString();
   EXPECT_EQ(s->outbox, 4);
   EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events"), 0);
+}
+
+// The conversion copies an outbox of any size: the copy does not go through the
+// uniqueness trigger, whose advisory lock per row would fill PostgreSQL's lock table
+// ("out of shared memory") past a few thousand events; the plain table's UNIQUE
+// constraint already made the copied events unique.
+TYPED_TEST(Partitions, AnOlderPartitionedStoreWithALargeOutboxIsConverted) {
+  ManualClock clock(kD0 + 12 * 3600 * 1000);
+  this->MakeOutboxPlain();
+  constexpr int64_t kEvents = 100000;  // several times the test server's lock table
+  Status loaded = this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(tx.Exec(
+                           "INSERT INTO outbox_events (event_id, source, aggregate_type, "
+                           "aggregate_id, type, payload, created_at, published_at) SELECT "
+                           "'ev-' || g, 's', 'order', 'o-' || (g % 100), 'order.created', "
+                           "'{}', $1, CASE WHEN g % 2 = 0 THEN CAST($1 AS BIGINT) END "
+                           "FROM generate_series(1, CAST($2 AS BIGINT)) g",
+                           clock.NowMillis(), kEvents));
+                     });
+  ASSERT_TRUE(loaded.ok()) << loaded.ToString();
+  const int64_t last = this->Count("SELECT max(seq) FROM outbox_events");
+
+  auto reopened = Database::Open(this->store_.libpq_uri);
+  ASSERT_TRUE(reopened) << reopened.error().ToString();
+  EXPECT_EQ(this->Count("SELECT count(*) FROM pg_partitioned_table "
+                        "WHERE partrelid = to_regclass('outbox_events')"),
+            1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events_default"), kEvents);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"),
+            kEvents / 2);
+  EXPECT_EQ(this->Count("SELECT max(seq) FROM outbox_events"), last);
+  // The trigger is in place for what comes after.
+  Status copy = (*reopened)->Transact([&](Tx& tx) {
+    return StatusOf(tx.Exec("INSERT INTO outbox_events (event_id, source, aggregate_type, "
+                            "aggregate_id, type, payload, created_at) VALUES ('ev-7', 's', "
+                            "'order', 'o-7', 'order.created', '{}', $1)",
+                            clock.NowMillis() + kDay));
+  });
+  EXPECT_EQ(copy.code(), StatusCode::kAlreadyExists) << copy.ToString();
 }
 
 }  // namespace

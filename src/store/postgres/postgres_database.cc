@@ -204,8 +204,10 @@ CREATE TRIGGER consumer_inbox_unique BEFORE INSERT ON consumer_inbox
 constexpr std::string_view kPartitionedOutbox = R"sql(
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table
-                 WHERE partrelid = to_regclass('idempotency_keys')) THEN
-    RETURN;
+                 WHERE partrelid = to_regclass('idempotency_keys'))
+     OR EXISTS (SELECT 1 FROM pg_partitioned_table
+                WHERE partrelid = to_regclass('outbox_events')) THEN
+    RETURN;  -- a plain store, or one converted already (the migrations run again)
   END IF;
   ALTER TABLE outbox_events RENAME TO outbox_events_plain;
   ALTER TABLE outbox_events_plain RENAME CONSTRAINT outbox_events_pkey
@@ -251,9 +253,13 @@ DO $$ BEGIN
     END IF;
     RETURN NEW;
   END $f$;
+  -- The copy before the trigger: the plain table's UNIQUE constraint made its events
+  -- unique, and the trigger's advisory lock per row would fill the server's lock table
+  -- ("out of shared memory") past a few thousand events. No other transaction sees the
+  -- new table before this one commits.
+  INSERT INTO outbox_events SELECT * FROM outbox_events_plain;
   CREATE TRIGGER outbox_events_unique BEFORE INSERT ON outbox_events
     FOR EACH ROW EXECUTE FUNCTION converge_outbox_events_unique();
-  INSERT INTO outbox_events SELECT * FROM outbox_events_plain;
   ALTER SEQUENCE outbox_events_seq_seq OWNED BY outbox_events.seq;
   DROP TABLE outbox_events_plain;
 END $$;
