@@ -74,10 +74,10 @@ struct TimePartition {
 // Partition maintenance of a store opened with time-partitioned retention (PostgreSQL
 // with `retention=partitioned`, Database::Open): idempotency_keys and outbox_events are
 // partitioned by created_at, consumer_inbox by processed_at, each also with a DEFAULT
-// partition for rows no range covers. Reached through Tx::time_partitions(); the Sweeper is its user
-// (docs/design/retention.md). `table` is one of those three names; anything else is
-// kInvalidArgument. Each call runs in the Tx it came from: give each its own Transact,
-// since its locks are held until that transaction ends.
+// partition for rows no range covers. Reached through Tx::time_partitions(); the Sweeper
+// is its user (docs/design/retention.md). `table` is one of those three names; anything
+// else is kInvalidArgument. Each call runs in the Tx it came from: give each its own
+// Transact, since its locks are held until that transaction ends.
 class TimePartitions {
  public:
   virtual ~TimePartitions() = default;
