@@ -58,31 +58,53 @@ case "$op" in
     [[ "$nodes" =~ ^[1-9]$ ]] ||
       { echo "nats-server.sh: NODES must be 1..9, got '$nodes'" >&2; exit 2; }
     mkdir -p "$dir"
-    urls=()
-    cluster_ports=()
-    for n in $(seq 1 "$nodes"); do
-      mkdir -p "$dir/n$n/store"
-      free_port > "$dir/n$n/port"
-      free_port > "$dir/n$n/http_port"
-      urls+=("nats://127.0.0.1:$(cat "$dir/n$n/port")")
-      cluster_ports+=("$(free_port)")
-    done
-    for n in $(seq 1 "$nodes"); do
-      cmd="nats-server -js -a 127.0.0.1 -p $(cat "$dir/n$n/port") -m $(cat "$dir/n$n/http_port")"
-      cmd+=" -sd $dir/n$n/store --server_name n$n"
-      if [ "$nodes" -gt 1 ]; then
-        routes=""
-        for m in $(seq 1 "$nodes"); do
-          [ "$m" = "$n" ] && continue
-          routes+="${routes:+,}nats://127.0.0.1:${cluster_ports[$((m - 1))]}"
+    # A free port is only free when it is picked: another process (a test running beside
+    # this one) may bind it before nats-server does. Then the node exits with "address
+    # already in use", and the whole start is tried again on other ports.
+    for attempt in 1 2 3 4 5; do
+      urls=()
+      cluster_ports=()
+      for n in $(seq 1 "$nodes"); do
+        rm -rf "$dir/n$n"
+        mkdir -p "$dir/n$n/store"
+        free_port > "$dir/n$n/port"
+        free_port > "$dir/n$n/http_port"
+        urls+=("nats://127.0.0.1:$(cat "$dir/n$n/port")")
+        cluster_ports+=("$(free_port)")
+      done
+      for n in $(seq 1 "$nodes"); do
+        cmd="nats-server -js -a 127.0.0.1 -p $(cat "$dir/n$n/port")"
+        cmd+=" -m $(cat "$dir/n$n/http_port") -sd $dir/n$n/store --server_name n$n"
+        if [ "$nodes" -gt 1 ]; then
+          routes=""
+          for m in $(seq 1 "$nodes"); do
+            [ "$m" = "$n" ] && continue
+            routes+="${routes:+,}nats://127.0.0.1:${cluster_ports[$((m - 1))]}"
+          done
+          cmd+=" --cluster_name converge-test"
+          cmd+=" --cluster nats://127.0.0.1:${cluster_ports[$((n - 1))]} --routes $routes"
+        fi
+        echo "$cmd" > "$dir/n$n/cmd"
+        start_node "$n"
+      done
+      healthy=1
+      for n in $(seq 1 "$nodes"); do
+        if ! wait_healthy "$n" 2> "$dir/unhealthy.log"; then healthy=0; break; fi
+      done
+      [ "$healthy" = 1 ] && break
+      for p in "$dir"/n*/pid; do kill -9 "$(cat "$p")" 2> /dev/null || true; done
+      if [ "$attempt" -lt 5 ] && grep -q "address already in use" "$dir"/n*/server.log; then
+        echo "nats-server.sh: a port was taken before nats-server bound it;" \
+          "starting again on other ports (attempt $((attempt + 1)) of 5)" >&2
+        for p in "$dir"/n*/pid; do
+          while kill -0 "$(cat "$p")" 2> /dev/null; do sleep 0.05; done
         done
-        cmd+=" --cluster_name converge-test --cluster nats://127.0.0.1:${cluster_ports[$((n - 1))]}"
-        cmd+=" --routes $routes"
+        continue
       fi
-      echo "$cmd" > "$dir/n$n/cmd"
-      start_node "$n"
+      cat "$dir/unhealthy.log" >&2
+      exit 1
     done
-    for n in $(seq 1 "$nodes"); do wait_healthy "$n"; done
+    rm -f "$dir/unhealthy.log"
     {
       echo "CONVERGE_TEST_NATS_URL=$(IFS=,; echo "${urls[*]}")"
       echo "CONVERGE_TEST_NATS_DIR=$dir"
