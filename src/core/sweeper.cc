@@ -37,7 +37,7 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* ro
   if (period <= 0 || options_.partitions_ahead < 0) {
     return InvalidArgumentError("partition_period must be > 0 and partitions_ahead >= 0");
   }
-  // Each the row-by-row sweep's condition, negated.
+  // Each keeps what its row-by-row sweep keeps (that sweep's condition, negated).
   const PartitionedTable tables[] = {
       {"idempotency_keys", internal::UnforgettableKeyCondition("$1"), now},
       {"consumer_inbox", "expires_at > $1", now},  // Inbox::Sweep's
