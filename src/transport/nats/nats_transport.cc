@@ -7,11 +7,13 @@
 // unanswered at the deadline is unregistered and reported kDeadlineExceeded; its late
 // answer (or cnats's own MaxWait timeout) then finds no registration and is dropped.
 //
-// A subscriber is a pull subscription bound to a durable consumer it created or updated.
-// Each fetched message is held in a shared Held (the natsMsg and whether it was settled),
-// which the delivery's handle carries; a ticker thread sends in-progress acks for held,
-// unsettled messages every ack_wait / 3 until the visibility the consumer asked for runs
-// out. Settle and the ticker take the Held's lock, so no in-progress ack follows an ack.
+// A subscriber pulls from a durable consumer it created or updated, with a NatsPull (the
+// pull protocol spoken directly: nats_pull.h says why not natsSubscription_Fetch), and
+// settles by publishing to each message's ack subject. Each fetched message is held in a
+// shared Held (the natsMsg and whether it was settled), which the delivery's handle
+// carries; a ticker thread sends in-progress acks for held, unsettled messages every
+// ack_wait / 3 until the visibility the consumer asked for runs out. Settle and the
+// ticker take the Held's lock, so no in-progress ack follows an ack.
 #include <nats/nats.h>
 
 #include <algorithm>
@@ -28,6 +30,7 @@
 
 #include "converge/nats.h"
 #include "src/core/crypto.h"
+#include "src/transport/nats/nats_pull.h"
 
 namespace converge {
 namespace {
@@ -39,26 +42,8 @@ using SteadyTime = std::chrono::steady_clock::time_point;
 constexpr const char* kMsgIdHeader = "Nats-Msg-Id";
 constexpr const char* kContentType = "application/cloudevents+json";
 
-// natsStatus -> Status, at the edge only (STYLE.md).
-Status FromNats(natsStatus s, std::string_view what, jsErrCode js = static_cast<jsErrCode>(0)) {
-  if (s == NATS_OK) return OkStatus();
-  std::string msg = std::string(what) + ": " + natsStatus_GetText(s);
-  const char* last = nats_GetLastError(nullptr);
-  if (last != nullptr && *last != '\0') msg += std::string(" (") + last + ")";
-  if (js != 0) msg += " [jetstream error " + std::to_string(static_cast<int>(js)) + "]";
-  switch (s) {
-    case NATS_TIMEOUT:
-      return DeadlineExceededError(msg);
-    case NATS_INVALID_ARG:
-    case NATS_INVALID_SUBJECT:
-    case NATS_MAX_PAYLOAD:  // larger than the server's max_payload: refused for good
-      return InvalidArgumentError(msg);
-    case NATS_NOT_FOUND:
-      return NotFoundError(msg);
-    default:
-      return UnavailableError(msg);
-  }
-}
+using internal::FromNats;
+using internal::NatsPull;
 
 tl::unexpected<Status> Fail(Status s) { return tl::unexpected<Status>(std::move(s)); }
 
@@ -547,13 +532,13 @@ using HeldPtr = std::shared_ptr<Held>;
 
 class NatsSubscriber : public Subscriber {
  public:
-  // `notices`: a pull subscription on this consumer's stored MAX_DELIVERIES advisories.
-  NatsSubscriber(NatsBroker::Impl* broker, NatsSubscription sub, natsSubscription* pull,
-                 natsSubscription* notices)
+  // `notices`: pulls this consumer's stored MAX_DELIVERIES advisories.
+  NatsSubscriber(NatsBroker::Impl* broker, NatsSubscription sub, std::unique_ptr<NatsPull> pull,
+                 std::unique_ptr<NatsPull> notices)
       : broker_(broker),
         sub_(std::move(sub)),
-        pull_(pull),
-        notices_(notices),
+        pull_(std::move(pull)),
+        notices_(std::move(notices)),
         queue_("nats:" + sub_.consumer) {
     ticker_ = std::thread([this] { Tick(); });
   }
@@ -565,8 +550,6 @@ class NatsSubscriber : public Subscriber {
     }
     cv_.notify_all();
     ticker_.join();
-    natsSubscription_Destroy(notices_);
-    natsSubscription_Destroy(pull_);
   }
 
   Result<std::vector<Delivery>> Fetch(size_t max, Millis visibility) override {
@@ -583,16 +566,18 @@ class NatsSubscriber : public Subscriber {
       }
     }
     if (!out.empty()) return out;
-    natsMsgList list{nullptr, 0};
-    jsErrCode err = static_cast<jsErrCode>(0);
-    natsStatus s = natsSubscription_Fetch(&list, pull_, static_cast<int>(std::max<size_t>(max, 1)),
-                                          sub_.fetch_wait.count(), &err);
-    if (s == NATS_TIMEOUT && list.Count == 0) return out;
-    if (s != NATS_OK && list.Count == 0) return Fail(FromNats(s, "NATS fetch", err));
-    out.reserve(static_cast<size_t>(list.Count));
-    for (int i = 0; i < list.Count; ++i) {
-      natsMsg* msg = list.Msgs[i];
-      list.Msgs[i] = nullptr;
+    std::vector<natsMsg*> msgs;
+    Status st;
+    {
+      std::lock_guard<std::mutex> fl(fetch_mu_);
+      st = pull_->Fetch(max, sub_.fetch_wait, /*no_wait=*/false, &msgs);
+    }
+    if (msgs.empty()) {
+      if (!st.ok()) return Fail(st);
+      return out;
+    }
+    out.reserve(msgs.size());
+    for (natsMsg* msg : msgs) {
       Delivery d = DeliveryOf(msg);
       jsMsgMetaData* meta = nullptr;
       if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
@@ -604,7 +589,6 @@ class NatsSubscriber : public Subscriber {
       d.handle = DeliveryHandle(Hold(msg, hold_until));
       out.push_back(std::move(d));
     }
-    natsMsgList_Destroy(&list);
     return out;
   }
 
@@ -620,7 +604,7 @@ class NatsSubscriber : public Subscriber {
       if ((*held)->settled) continue;
       (*held)->hold_until = hold_until;
       // At once, in case the ticker had let it go and its AckWait is running out.
-      if (natsMsg_InProgress((*held)->msg, nullptr) == NATS_OK) {
+      if (NatsPull::Reply(broker_->nc, (*held)->msg, "+WPI").ok()) {
         broker_->in_progress_sent.fetch_add(1);
       }
       again.push_back(*held);
@@ -646,21 +630,23 @@ class NatsSubscriber : public Subscriber {
       const Settlement& s = settlements[i];
       std::lock_guard<std::mutex> l(held->mu);
       if (held->settled) continue;
-      natsStatus st = NATS_OK;
+      std::string body;
       switch (s.kind) {
         case Settlement::Kind::kAck:
-          st = natsMsg_Ack(held->msg, nullptr);
+          body = "+ACK";
           break;
         case Settlement::Kind::kNak:
-          st = natsMsg_NakWithDelay(held->msg, std::max<int64_t>(0, s.delay.count()), nullptr);
+          body = s.delay.count() > 0 ? "-NAK {\"delay\":" + std::to_string(Nanos(s.delay)) + "}"
+                                     : "-NAK";
           break;
         case Settlement::Kind::kTerm:
-          st = natsMsg_Term(held->msg, nullptr);
-          if (st == NATS_OK) broker_->terminated.fetch_add(1);
+          body = "+TERM";
           break;
       }
+      Status st = NatsPull::Reply(broker_->nc, held->msg, body);
+      if (st.ok() && s.kind == Settlement::Kind::kTerm) broker_->terminated.fetch_add(1);
       held->settled = true;  // a failed ack is not retried: the redelivery is absorbed
-      if (st != NATS_OK && first.ok()) first = FromNats(st, "NATS settle");
+      if (!st.ok() && first.ok()) first = st;
     }
     return first;
   }
@@ -681,7 +667,9 @@ class NatsSubscriber : public Subscriber {
       for (HeldPtr& h : live) {
         std::lock_guard<std::mutex> hl(h->mu);
         if (h->settled || now >= h->hold_until) continue;
-        if (natsMsg_InProgress(h->msg, nullptr) == NATS_OK) broker_->in_progress_sent.fetch_add(1);
+        if (NatsPull::Reply(broker_->nc, h->msg, "+WPI").ok()) {
+          broker_->in_progress_sent.fetch_add(1);
+        }
         keep.push_back(std::move(h));
       }
       l.lock();
@@ -729,18 +717,14 @@ class NatsSubscriber : public Subscriber {
   // settles the advisory. An advisory whose message is no longer in the stream is acked
   // (nothing is left to park) and counted as an error.
   void TakeNotices(size_t max, SteadyTime hold_until, std::vector<Delivery>* out) {
-    jsFetchRequest req;
-    jsFetchRequest_Init(&req);
-    req.Batch = static_cast<int>(std::max<size_t>(max, 1));
-    req.NoWait = true;
     // A no-wait request is answered at once; the bound only caps what a slow answer costs
-    // the Fetch (a late answer's notices come back after their AckWait).
-    req.Expires = Nanos(std::chrono::milliseconds(50));
-    natsMsgList list{nullptr, 0};
-    if (natsSubscription_FetchRequest(&list, notices_, &req) != NATS_OK && list.Count == 0) return;
-    for (int i = 0; i < list.Count; ++i) {
-      natsMsg* advisory = list.Msgs[i];
-      list.Msgs[i] = nullptr;
+    // the Fetch (a late answer's notices come back on a later look).
+    std::vector<natsMsg*> advisories;
+    if (!notices_->Fetch(max, std::chrono::milliseconds(50), /*no_wait=*/true, &advisories).ok() &&
+        advisories.empty()) {
+      return;
+    }
+    for (natsMsg* advisory : advisories) {
       uint64_t seq = 0;
       int64_t deliveries = 0;
       const char* data = natsMsg_GetData(advisory);
@@ -760,7 +744,7 @@ class NatsSubscriber : public Subscriber {
       if (s != NATS_OK) {
         if (s == NATS_NOT_FOUND || err != 0) {
           broker_->lost_notices.fetch_add(1);
-          natsMsg_Ack(advisory, nullptr);
+          (void)NatsPull::Reply(broker_->nc, advisory, "+ACK");
         }  // else: the server is unreachable; the advisory comes back after its AckWait
         natsMsg_Destroy(advisory);
         continue;
@@ -773,14 +757,14 @@ class NatsSubscriber : public Subscriber {
       d.handle = DeliveryHandle(Hold(advisory, hold_until));
       out->push_back(std::move(d));
     }
-    natsMsgList_Destroy(&list);
   }
 
   NatsBroker::Impl* broker_;
   const NatsSubscription sub_;
-  natsSubscription* pull_;
-  natsSubscription* notices_;
+  const std::unique_ptr<NatsPull> pull_;
+  const std::unique_ptr<NatsPull> notices_;
   const std::string queue_;
+  std::mutex fetch_mu_;   // one Fetch pulls at a time
   std::mutex notice_mu_;  // one Fetch looks for notices at a time
   SteadyTime next_notice_poll_{};
 
@@ -866,27 +850,13 @@ Result<std::unique_ptr<Subscriber>> NatsBroker::Subscribe(const NatsSubscription
     return Fail(FromNats(s, "NATS: creating advisory consumer '" + sub.consumer + "'", err));
   }
 
-  auto pull_on = [&](const char* on_stream, const std::string& subject,
-                     natsSubscription** out) -> Status {
-    jsSubOptions so;
-    jsSubOptions_Init(&so);
-    so.Stream = on_stream;
-    so.Consumer = sub.consumer.c_str();
-    so.ManualAck = true;
-    jsErrCode e = static_cast<jsErrCode>(0);
-    natsStatus st =
-        js_PullSubscribe(out, impl_->js, subject.c_str(), sub.consumer.c_str(), nullptr, &so, &e);
-    if (st == NATS_OK) return OkStatus();
-    return FromNats(st, "NATS: subscribing to consumer '" + sub.consumer + "' of " + on_stream, e);
-  };
-  natsSubscription* pull = nullptr;
-  natsSubscription* notices = nullptr;
-  CONVERGE_RETURN_IF_ERROR(pull_on(stream, filter, &pull));
-  if (Status st = pull_on(advisory_stream.c_str(), advisory_subject, &notices); !st.ok()) {
-    natsSubscription_Destroy(pull);
-    return Fail(st);
-  }
-  return std::unique_ptr<Subscriber>(new NatsSubscriber(impl_.get(), sub, pull, notices));
+  // Pulled with the protocol itself, not natsSubscription_Fetch (nats_pull.h says why).
+  auto pull = NatsPull::Open(impl_->nc, impl_->options.stream, sub.consumer);
+  if (!pull) return Fail(pull.error());
+  auto notices = NatsPull::Open(impl_->nc, advisory_stream, sub.consumer);
+  if (!notices) return Fail(notices.error());
+  return std::unique_ptr<Subscriber>(
+      new NatsSubscriber(impl_.get(), sub, std::move(*pull), std::move(*notices)));
 }
 
 }  // namespace converge

@@ -1,0 +1,209 @@
+// NatsPull, the pull protocol spoken directly (src/transport/nats/nats_pull.h), against a
+// real nats-server: a Fetch never returns more than it asked for, whatever else arrives;
+// the end of an earlier request never ends the current one; nothing is asked while the
+// connection is down; a refusal is an error.
+//
+// The first test is the shape that made cnats 3.4.1's natsSubscription_Fetch write past
+// its array (nats.c#749): nine messages already waiting, a batch of ten, and fifty more
+// arriving for an earlier request. Run against natsSubscription_Fetch, the same steps
+// return 59 messages for a batch of 10 (docs/design/chaos.md, Findings).
+#include "src/transport/nats/nats_pull.h"
+
+#include <gtest/gtest.h>
+#include <nats/nats.h>
+
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/nats/nats_servers.h"
+
+namespace converge::internal {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::NatsServers;
+
+constexpr const char* kStream = "PULLT";
+constexpr const char* kConsumer = "puller";
+constexpr const char* kNext = "$JS.API.CONSUMER.MSG.NEXT.PULLT.puller";
+
+class NatsPullTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(servers_.Start(1));
+    natsOptions* o = nullptr;
+    ASSERT_EQ(natsOptions_Create(&o), NATS_OK);
+    const std::string url = servers_.urls();
+    ASSERT_EQ(natsOptions_SetURL(o, url.c_str()), NATS_OK);
+    ASSERT_EQ(natsOptions_SetMaxReconnect(o, -1), NATS_OK);
+    ASSERT_EQ(natsOptions_SetReconnectWait(o, 100), NATS_OK);
+    ASSERT_EQ(natsConnection_Connect(&nc_, o), NATS_OK);
+    natsOptions_Destroy(o);
+    ASSERT_EQ(natsConnection_JetStream(&js_, nc_, nullptr), NATS_OK);
+    jsStreamConfig sc;
+    jsStreamConfig_Init(&sc);
+    const char* subjects[] = {"pt.>"};
+    sc.Name = kStream;
+    sc.Subjects = subjects;
+    sc.SubjectsLen = 1;
+    sc.Storage = js_FileStorage;
+    ASSERT_EQ(js_AddStream(nullptr, js_, &sc, nullptr, nullptr), NATS_OK);
+    jsConsumerConfig cc;
+    jsConsumerConfig_Init(&cc);
+    cc.Durable = kConsumer;
+    cc.AckPolicy = js_AckExplicit;
+    cc.AckWait = int64_t{60} * 1'000'000'000;
+    ASSERT_EQ(js_AddConsumer(nullptr, js_, kStream, &cc, nullptr, nullptr), NATS_OK);
+    auto pull = NatsPull::Open(nc_, kStream, kConsumer);
+    ASSERT_TRUE(pull.has_value()) << pull.error().ToString();
+    pull_ = std::move(*pull);
+  }
+
+  void TearDown() override {
+    pull_.reset();
+    if (js_ != nullptr) jsCtx_Destroy(js_);
+    if (nc_ != nullptr) natsConnection_Destroy(nc_);
+  }
+
+  void Publish(int n, const std::string& tag) {
+    for (int i = 0; i < n; ++i) {
+      const std::string body = tag + "-" + std::to_string(i);
+      ASSERT_EQ(js_Publish(nullptr, js_, "pt.x", body.data(), static_cast<int>(body.size()),
+                           nullptr, nullptr),
+                NATS_OK);
+    }
+  }
+
+  // A pull request this NatsPull did not send, answered into its inbox as request `n`.
+  void RawRequest(uint64_t n, const std::string& body) {
+    const std::string reply = pull_->inbox() + "." + std::to_string(n);
+    ASSERT_EQ(natsConnection_PublishRequestString(nc_, kNext, reply.c_str(), body.c_str()),
+              NATS_OK);
+    ASSERT_EQ(natsConnection_Flush(nc_), NATS_OK);
+  }
+
+  // Fetches until `want` distinct messages were taken (each acked) or `rounds` Fetches
+  // came back empty; every Fetch must return at most `max`.
+  std::set<std::string> TakeAll(size_t max, size_t want) {
+    std::set<std::string> seen;
+    int empty = 0;
+    while (seen.size() < want && empty < 20) {
+      std::vector<natsMsg*> msgs;
+      Status st = pull_->Fetch(max, 200ms, false, &msgs);
+      EXPECT_TRUE(st.ok()) << st.ToString();
+      EXPECT_LE(msgs.size(), max);
+      if (msgs.empty()) ++empty;
+      for (natsMsg* m : msgs) {
+        std::string body(natsMsg_GetData(m), static_cast<size_t>(natsMsg_GetDataLength(m)));
+        EXPECT_TRUE(seen.insert(body).second) << "taken twice: " << body;
+        EXPECT_TRUE(NatsPull::Reply(nc_, m, "+ACK").ok());
+        natsMsg_Destroy(m);
+      }
+    }
+    return seen;
+  }
+
+  NatsServers servers_;
+  natsConnection* nc_ = nullptr;
+  jsCtx* js_ = nullptr;
+  std::unique_ptr<NatsPull> pull_;
+};
+
+TEST_F(NatsPullTest, AFetchNeverReturnsMoreThanItAskedForWhateverElseArrives) {
+  Publish(9, "early");
+  RawRequest(1000, R"({"batch":9})");  // nine answers already waiting
+  RawRequest(1001, R"({"batch":50,"expires":5000000000})");  // an earlier request, open
+  std::this_thread::sleep_for(300ms);
+  std::thread late([&] {
+    std::this_thread::sleep_for(200ms);
+    Publish(50, "late");
+  });
+  std::vector<natsMsg*> msgs;
+  Status st = pull_->Fetch(10, 2s, false, &msgs);
+  late.join();
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_GE(msgs.size(), 1u);
+  EXPECT_LE(msgs.size(), 10u);
+  std::set<std::string> seen;
+  for (natsMsg* m : msgs) {
+    seen.insert(std::string(natsMsg_GetData(m), static_cast<size_t>(natsMsg_GetDataLength(m))));
+    EXPECT_TRUE(NatsPull::Reply(nc_, m, "+ACK").ok());
+    natsMsg_Destroy(m);
+  }
+  // The rest come with later Fetches, each message once.
+  std::set<std::string> rest = TakeAll(10, 59 - seen.size());
+  for (const std::string& b : rest) EXPECT_TRUE(seen.insert(b).second) << b;
+  EXPECT_EQ(seen.size(), 59u);
+}
+
+TEST_F(NatsPullTest, TheEndOfAnEarlierRequestDoesNotEndTheCurrentOne) {
+  // An earlier request that ends (408) while the Fetch waits, before anything arrives.
+  RawRequest(2000, R"({"batch":1,"expires":300000000})");
+  std::thread later([&] {
+    std::this_thread::sleep_for(800ms);
+    Publish(1, "one");
+  });
+  std::vector<natsMsg*> msgs;
+  const auto start = std::chrono::steady_clock::now();
+  Status st = pull_->Fetch(5, 3s, false, &msgs);
+  later.join();
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(msgs.size(), 1u) << "after "
+                             << std::chrono::duration_cast<std::chrono::milliseconds>(
+                                    std::chrono::steady_clock::now() - start)
+                                    .count()
+                             << " ms";
+  natsMsg_Destroy(msgs[0]);
+}
+
+TEST_F(NatsPullTest, ANoWaitFetchOfAnEmptyConsumerEndsAtOnce) {
+  std::vector<natsMsg*> msgs;
+  const auto start = std::chrono::steady_clock::now();
+  Status st = pull_->Fetch(5, 5s, /*no_wait=*/true, &msgs);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_TRUE(msgs.empty());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 4s);  // the 404, not the wait
+}
+
+TEST_F(NatsPullTest, NothingIsAskedWhileTheConnectionIsDownAndDeliveriesFollowTheReturn) {
+  Publish(3, "before");
+  EXPECT_EQ(TakeAll(10, 3).size(), 3u);
+  const uint64_t sent = pull_->requests_sent();
+  ASSERT_TRUE(servers_.Kill(1));
+  for (int i = 0; i < 10 && natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED; ++i) {
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_NE(natsConnection_Status(nc_), NATS_CONN_STATUS_CONNECTED);
+  for (int i = 0; i < 5; ++i) {
+    std::vector<natsMsg*> msgs;
+    (void)pull_->Fetch(10, 100ms, false, &msgs);
+    EXPECT_TRUE(msgs.empty());
+  }
+  // None is sent during the outage (it would wait in the reconnect buffer).
+  EXPECT_EQ(pull_->requests_sent(), sent);
+  ASSERT_TRUE(servers_.Restart(1));
+  for (int i = 0; i < 100 && natsConnection_Status(nc_) != NATS_CONN_STATUS_CONNECTED; ++i) {
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(natsConnection_Status(nc_), NATS_CONN_STATUS_CONNECTED);
+  Publish(25, "after");
+  EXPECT_EQ(TakeAll(10, 25).size(), 25u);
+}
+
+TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
+  std::thread drop([&] {
+    std::this_thread::sleep_for(300ms);
+    EXPECT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
+  });
+  std::vector<natsMsg*> msgs;
+  Status st = pull_->Fetch(5, 3s, false, &msgs);
+  drop.join();
+  EXPECT_TRUE(msgs.empty());
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("409"), std::string::npos) << st.ToString();
+}
+
+}  // namespace
+}  // namespace converge::internal
