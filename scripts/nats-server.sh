@@ -27,12 +27,16 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Waits until node $1 answers /healthz (JetStream included), up to 60 s.
+# Waits until node $1 answers /healthz (JetStream included), up to 60 s. $2: a query for
+# /healthz: a restarted node is waited for with js-server-only=true (its JetStream is
+# running), not for every replica of every stream and consumer to be current: nats-server
+# 2.9.10 once kept an idle consumer's replica "not current" on a restarted node for over
+# a minute while the cluster went on serving it.
 wait_healthy() {
-  local n=$1 http_port
+  local n=$1 query=${2:-} http_port
   http_port=$(cat "$dir/n$n/http_port")
   for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$http_port/healthz" > /dev/null 2>&1; then return 0; fi
+    if curl -sf "http://127.0.0.1:$http_port/healthz$query" > /dev/null 2>&1; then return 0; fi
     if ! kill -0 "$(cat "$dir/n$n/pid")" 2> /dev/null; then
       echo "nats-server.sh: node $n exited; its log:" >&2
       cat "$dir/n$n/server.log" >&2
@@ -127,7 +131,7 @@ case "$op" in
   restart)
     [ $# -eq 3 ] || usage
     start_node "$3"
-    wait_healthy "$3"
+    wait_healthy "$3" "?js-server-only=true"
     ;;
   *) usage ;;
 esac

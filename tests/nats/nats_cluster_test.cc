@@ -70,6 +70,15 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
   std::thread consuming([&] {
     while (!stop.load()) (void)consumer.RunOnce();
   });
+  // A failed ASSERT returns early: the consumer stops and is joined, not left joinable.
+  struct Joiner {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Joiner() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{stop, consuming};
 
   // Publish in batches; an event whose batch failed is published again (as the relay
   // does) until acknowledged.
