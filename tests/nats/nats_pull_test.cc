@@ -192,6 +192,36 @@ TEST_F(NatsPullTest, NothingIsAskedWhileTheConnectionIsDownAndDeliveriesFollowTh
   EXPECT_EQ(TakeAll(10, 25).size(), 25u);
 }
 
+// A delivery's subject is the message's own (`pt.x`), not the request's reply subject, so
+// a request is over once its batch arrived in full: the server ends it silently (no 404 or
+// 408 follows). The next Fetch must ask again at once, not wait the old request out.
+TEST_F(NatsPullTest, ARequestAnsweredInFullIsOverAndTheNextFetchAsksAgain) {
+  Publish(30, "m");
+  std::set<std::string> seen;
+  while (seen.size() < 30) {
+    std::vector<natsMsg*> msgs;
+    const auto start = std::chrono::steady_clock::now();
+    Status st = pull_->Fetch(10, 5s, false, &msgs);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    // With 30 - seen.size() messages in the stream, every Fetch gets some.
+    ASSERT_FALSE(msgs.empty())
+        << "after " << seen.size() << " taken, " << pull_->requests_sent()
+        << " requests sent, a Fetch came back empty after "
+        << std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::steady_clock::now() - start)
+               .count()
+        << " ms";
+    EXPECT_LE(msgs.size(), 10u);
+    for (natsMsg* m : msgs) {
+      std::string body(natsMsg_GetData(m), static_cast<size_t>(natsMsg_GetDataLength(m)));
+      EXPECT_TRUE(seen.insert(body).second) << "taken twice: " << body;
+      EXPECT_TRUE(NatsPull::Reply(nc_, m, "+ACK").ok());
+      natsMsg_Destroy(m);
+    }
+  }
+  EXPECT_EQ(pull_->requests_sent(), 3u);  // one per batch of ten, each answered in full
+}
+
 TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   std::thread drop([&] {
     std::this_thread::sleep_for(300ms);

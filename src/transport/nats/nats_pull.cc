@@ -82,7 +82,11 @@ void NatsPull::Take(natsMsg* msg, std::vector<natsMsg*>* out, Status* error) {
                          status != nullptr;
   if (!is_status) {
     out->push_back(msg);  // a delivery, whichever request it answers
-    if (request != 0 && request == open_ && --open_remaining_ <= 0) open_ = 0;
+    // It carries its message's own subject, not the request's reply subject, so it counts
+    // against the open request: one answered in full is over, and the server says nothing
+    // more about it. (One answering an earlier request ends the open one early at worst:
+    // a request too many, whose deliveries wait here for the next Fetch.)
+    if (open_ != 0 && --open_remaining_ <= 0) open_ = 0;
     return;
   }
   if (request != 0 && request == open_) {
