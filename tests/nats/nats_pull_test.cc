@@ -222,6 +222,30 @@ TEST_F(NatsPullTest, ARequestAnsweredInFullIsOverAndTheNextFetchAsksAgain) {
   EXPECT_EQ(pull_->requests_sent(), 3u);  // one per batch of ten, each answered in full
 }
 
+// A stored message with an empty body and a `Status` header of its own (any publisher may
+// send one) is still a delivery: it has an ack subject, which no status has. Taken for a
+// status, it would be destroyed unsettled, come back after every AckWait, and never reach
+// the consumer.
+TEST_F(NatsPullTest, AStoredMessageThatLooksLikeAStatusIsStillADelivery) {
+  natsMsg* m = nullptr;
+  ASSERT_EQ(natsMsg_Create(&m, "pt.x", nullptr, nullptr, 0), NATS_OK);
+  ASSERT_EQ(natsMsgHeader_Set(m, "Status", "404"), NATS_OK);
+  ASSERT_EQ(js_PublishMsg(nullptr, js_, m, nullptr, nullptr), NATS_OK);
+  natsMsg_Destroy(m);
+  Publish(1, "after");
+  std::vector<natsMsg*> msgs;
+  for (int i = 0; i < 10 && msgs.size() < 2; ++i) {
+    Status st = pull_->Fetch(10, 1s, false, &msgs);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  ASSERT_EQ(msgs.size(), 2u);
+  EXPECT_EQ(natsMsg_GetDataLength(msgs[0]), 0);
+  for (natsMsg* taken : msgs) {
+    EXPECT_TRUE(NatsPull::Reply(nc_, taken, "+ACK").ok());
+    natsMsg_Destroy(taken);
+  }
+}
+
 TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   std::thread drop([&] {
     std::this_thread::sleep_for(300ms);

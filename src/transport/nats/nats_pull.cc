@@ -76,8 +76,11 @@ NatsPull::~NatsPull() { natsSubscription_Destroy(sub_); }
 void NatsPull::Take(natsMsg* msg, std::vector<natsMsg*>* out, Status* error) {
   const char* subject = natsMsg_GetSubject(msg);
   const uint64_t request = RequestOf(subject != nullptr ? subject : "", inbox_);
+  // A status has no body and no reply subject; every delivery has its ack subject, so a
+  // stored message with an empty body and a `Status` header of its own is still one.
+  const char* reply = natsMsg_GetReply(msg);
   const char* status = nullptr;
-  const bool is_status = natsMsg_GetDataLength(msg) == 0 &&
+  const bool is_status = natsMsg_GetDataLength(msg) == 0 && (reply == nullptr || *reply == '\0') &&
                          natsMsgHeader_Get(msg, "Status", &status) == NATS_OK &&
                          status != nullptr;
   if (!is_status) {
