@@ -204,13 +204,12 @@ TEST_F(NatsPullTest, ARequestAnsweredInFullIsOverAndTheNextFetchAsksAgain) {
     Status st = pull_->Fetch(10, 5s, false, &msgs);
     ASSERT_TRUE(st.ok()) << st.ToString();
     // With 30 - seen.size() messages in the stream, every Fetch gets some.
-    ASSERT_FALSE(msgs.empty())
-        << "after " << seen.size() << " taken, " << pull_->requests_sent()
-        << " requests sent, a Fetch came back empty after "
-        << std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::steady_clock::now() - start)
-               .count()
-        << " ms";
+    ASSERT_FALSE(msgs.empty()) << "after " << seen.size() << " taken, " << pull_->requests_sent()
+                               << " requests sent, a Fetch came back empty after "
+                               << std::chrono::duration_cast<std::chrono::milliseconds>(
+                                      std::chrono::steady_clock::now() - start)
+                                      .count()
+                               << " ms";
     EXPECT_LE(msgs.size(), 10u);
     for (natsMsg* m : msgs) {
       std::string body(natsMsg_GetData(m), static_cast<size_t>(natsMsg_GetDataLength(m)));

@@ -338,13 +338,13 @@ TEST_F(NatsTransport, SettlementsReachTheServerWithTheirMeaning) {
     auto got = (*sub)->Fetch(10, 10s);
     ASSERT_TRUE(got.has_value()) << got.error().ToString();
     for (Delivery& d : *got) {
-      const auto at =
-          std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - start);
+      const auto at = std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - start);
       EXPECT_TRUE(back.emplace(d.event.id, at).second) << d.event.id << " came back twice";
       EXPECT_EQ(d.attempts, 2) << d.event.id;
-      ASSERT_TRUE((*sub)->Settle(std::span<const Delivery>(&d, 1),
-                                 std::vector<Settlement>{Settlement{}})
-                      .ok());
+      ASSERT_TRUE(
+          (*sub)
+              ->Settle(std::span<const Delivery>(&d, 1), std::vector<Settlement>{Settlement{}})
+              .ok());
     }
   }
   ASSERT_EQ(back.count("nakked"), 1u);

@@ -81,8 +81,7 @@ void NatsPull::Take(natsMsg* msg, std::vector<natsMsg*>* out, Status* error) {
   const char* reply = natsMsg_GetReply(msg);
   const char* status = nullptr;
   const bool is_status = natsMsg_GetDataLength(msg) == 0 && (reply == nullptr || *reply == '\0') &&
-                         natsMsgHeader_Get(msg, "Status", &status) == NATS_OK &&
-                         status != nullptr;
+                         natsMsgHeader_Get(msg, "Status", &status) == NATS_OK && status != nullptr;
   if (!is_status) {
     out->push_back(msg);  // a delivery, whichever request it answers
     // It carries its message's own subject, not the request's reply subject, so it counts
