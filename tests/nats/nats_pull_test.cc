@@ -258,5 +258,25 @@ TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   EXPECT_NE(st.message().find("409"), std::string::npos) << st.ToString();
 }
 
+// A request to a consumer that no longer exists gets no answer from nats-server 2.9 (no
+// 409, no 503 either): each Fetch sends one request and waits its wait, so a consumer
+// polling a deleted consumer does not spin. (Deleted while a request waits: the 409 above.)
+TEST_F(NatsPullTest, AFetchFromADeletedConsumerWaitsItsWaitWithOneRequest) {
+  ASSERT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
+  for (int i = 0; i < 3; ++i) {
+    const uint64_t sent = pull_->requests_sent();
+    std::vector<natsMsg*> msgs;
+    const auto start = std::chrono::steady_clock::now();
+    Status st = pull_->Fetch(5, 300ms, false, &msgs);
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_TRUE(msgs.empty());
+    EXPECT_LE(pull_->requests_sent(), sent + 1);
+    // Either no answer (the wait) or a refusal; never an immediate empty success.
+    if (st.ok()) {
+      EXPECT_GE(took, 250ms) << "an empty Fetch that did not wait";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace converge::internal
