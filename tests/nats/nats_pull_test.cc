@@ -192,6 +192,59 @@ TEST_F(NatsPullTest, NothingIsAskedWhileTheConnectionIsDownAndDeliveriesFollowTh
   EXPECT_EQ(TakeAll(10, 25).size(), 25u);
 }
 
+// A delivery's subject is the message's own (`pt.x`), not the request's reply subject, so
+// a request is over once its batch arrived in full: the server ends it silently (no 404 or
+// 408 follows). The next Fetch must ask again at once, not wait the old request out.
+TEST_F(NatsPullTest, ARequestAnsweredInFullIsOverAndTheNextFetchAsksAgain) {
+  Publish(30, "m");
+  std::set<std::string> seen;
+  while (seen.size() < 30) {
+    std::vector<natsMsg*> msgs;
+    const auto start = std::chrono::steady_clock::now();
+    Status st = pull_->Fetch(10, 5s, false, &msgs);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    // With 30 - seen.size() messages in the stream, every Fetch gets some.
+    ASSERT_FALSE(msgs.empty()) << "after " << seen.size() << " taken, " << pull_->requests_sent()
+                               << " requests sent, a Fetch came back empty after "
+                               << std::chrono::duration_cast<std::chrono::milliseconds>(
+                                      std::chrono::steady_clock::now() - start)
+                                      .count()
+                               << " ms";
+    EXPECT_LE(msgs.size(), 10u);
+    for (natsMsg* m : msgs) {
+      std::string body(natsMsg_GetData(m), static_cast<size_t>(natsMsg_GetDataLength(m)));
+      EXPECT_TRUE(seen.insert(body).second) << "taken twice: " << body;
+      EXPECT_TRUE(NatsPull::Reply(nc_, m, "+ACK").ok());
+      natsMsg_Destroy(m);
+    }
+  }
+  EXPECT_EQ(pull_->requests_sent(), 3u);  // one per batch of ten, each answered in full
+}
+
+// A stored message with an empty body and a `Status` header of its own (any publisher may
+// send one) is still a delivery: it has an ack subject, which no status has. Taken for a
+// status, it would be destroyed unsettled, come back after every AckWait, and never reach
+// the consumer.
+TEST_F(NatsPullTest, AStoredMessageThatLooksLikeAStatusIsStillADelivery) {
+  natsMsg* m = nullptr;
+  ASSERT_EQ(natsMsg_Create(&m, "pt.x", nullptr, nullptr, 0), NATS_OK);
+  ASSERT_EQ(natsMsgHeader_Set(m, "Status", "404"), NATS_OK);
+  ASSERT_EQ(js_PublishMsg(nullptr, js_, m, nullptr, nullptr), NATS_OK);
+  natsMsg_Destroy(m);
+  Publish(1, "after");
+  std::vector<natsMsg*> msgs;
+  for (int i = 0; i < 10 && msgs.size() < 2; ++i) {
+    Status st = pull_->Fetch(10, 1s, false, &msgs);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  ASSERT_EQ(msgs.size(), 2u);
+  EXPECT_EQ(natsMsg_GetDataLength(msgs[0]), 0);
+  for (natsMsg* taken : msgs) {
+    EXPECT_TRUE(NatsPull::Reply(nc_, taken, "+ACK").ok());
+    natsMsg_Destroy(taken);
+  }
+}
+
 TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   std::thread drop([&] {
     std::this_thread::sleep_for(300ms);
@@ -203,6 +256,26 @@ TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   EXPECT_TRUE(msgs.empty());
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
   EXPECT_NE(st.message().find("409"), std::string::npos) << st.ToString();
+}
+
+// A request to a consumer that no longer exists gets no answer from nats-server 2.9 (no
+// 409, no 503 either): each Fetch sends one request and waits its wait, so a consumer
+// polling a deleted consumer does not spin. (Deleted while a request waits: the 409 above.)
+TEST_F(NatsPullTest, AFetchFromADeletedConsumerWaitsItsWaitWithOneRequest) {
+  ASSERT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
+  for (int i = 0; i < 3; ++i) {
+    const uint64_t sent = pull_->requests_sent();
+    std::vector<natsMsg*> msgs;
+    const auto start = std::chrono::steady_clock::now();
+    Status st = pull_->Fetch(5, 300ms, false, &msgs);
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_TRUE(msgs.empty());
+    EXPECT_LE(pull_->requests_sent(), sent + 1);
+    // Either no answer (the wait) or a refusal; never an immediate empty success.
+    if (st.ok()) {
+      EXPECT_GE(took, 250ms) << "an empty Fetch that did not wait";
+    }
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -287,6 +288,74 @@ TEST_F(NatsTransport, LongHandlerKeepsItsMessageWithInProgressAcks) {
   EXPECT_TRUE(WaitUntil([&] { return (*broker)->Unsettled("ledger").value_or(-1) == 0; }));
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM nats_effects"), 1);
   EXPECT_EQ(consumer.stats().duplicates, 0);
+}
+
+// Each settlement reaches the server with its meaning (they are published to the ack
+// subject by hand, nats_pull.h): a nak's delay is in nanoseconds (the message comes back
+// after it, not at once), a term is never delivered again, in-progress acks keep an
+// unsettled message past AckWait until its visibility ends, and the delivery count read
+// from a message of the plain pull subscription counts redeliveries.
+TEST_F(NatsTransport, SettlementsReachTheServerWithTheirMeaning) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  for (const char* id : {"nakked", "termed", "held"}) {
+    ASSERT_TRUE((*broker)->Publish(MakeEvent(id)).ok());
+  }
+  NatsSubscription s = LedgerSubscription();
+  s.ack_wait = 1s;
+  auto sub = (*broker)->Subscribe(s);
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  constexpr Millis kNakDelay = 1500ms;
+  constexpr Millis kVisibility = 2500ms;
+  std::vector<Delivery> first;
+  ASSERT_TRUE(WaitUntil([&] {
+    auto got = (*sub)->Fetch(10, kVisibility);
+    if (got) {
+      for (Delivery& d : *got) first.push_back(std::move(d));
+    }
+    return first.size() >= 3;
+  }));
+  ASSERT_EQ(first.size(), 3u);
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<Delivery> settle;
+  std::vector<Settlement> how;
+  for (Delivery& d : first) {
+    EXPECT_EQ(d.attempts, 1) << d.event.id;
+    if (d.event.id == "nakked") {
+      settle.push_back(d);
+      how.push_back(Settlement{Settlement::Kind::kNak, kNakDelay, "busy"});
+    } else if (d.event.id == "termed") {
+      settle.push_back(d);
+      how.push_back(Settlement{Settlement::Kind::kTerm, Millis(0), "poison"});
+    }
+  }
+  ASSERT_TRUE((*sub)->Settle(settle, how).ok());
+  // "held" stays unsettled: in-progress acks keep it until kVisibility, then its AckWait
+  // (1 s) runs out and it comes back.
+  std::map<std::string, Millis> back;  // event id -> when it came back
+  while (std::chrono::steady_clock::now() - start < kVisibility + s.ack_wait + 2s &&
+         (back.count("nakked") == 0 || back.count("held") == 0)) {
+    auto got = (*sub)->Fetch(10, 10s);
+    ASSERT_TRUE(got.has_value()) << got.error().ToString();
+    for (Delivery& d : *got) {
+      const auto at = std::chrono::duration_cast<Millis>(std::chrono::steady_clock::now() - start);
+      EXPECT_TRUE(back.emplace(d.event.id, at).second) << d.event.id << " came back twice";
+      EXPECT_EQ(d.attempts, 2) << d.event.id;
+      ASSERT_TRUE(
+          (*sub)
+              ->Settle(std::span<const Delivery>(&d, 1), std::vector<Settlement>{Settlement{}})
+              .ok());
+    }
+  }
+  ASSERT_EQ(back.count("nakked"), 1u);
+  EXPECT_GE(back["nakked"], kNakDelay - 100ms);
+  EXPECT_LT(back["nakked"], kVisibility);  // the nak's delay, not an AckWait after it
+  ASSERT_EQ(back.count("held"), 1u);
+  EXPECT_GE(back["held"], kVisibility - 100ms);
+  EXPECT_EQ(back.count("termed"), 0u);
+  EXPECT_EQ((*broker)->stats().terminated, 1);
+  EXPECT_GE((*broker)->stats().in_progress_sent, 2);
+  EXPECT_TRUE(WaitUntil([&] { return (*broker)->Unsettled("ledger").value_or(-1) == 0; }));
 }
 
 // Real processes: a worker killed (SIGKILL) before its batch committed, another killed

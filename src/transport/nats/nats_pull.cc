@@ -76,13 +76,19 @@ NatsPull::~NatsPull() { natsSubscription_Destroy(sub_); }
 void NatsPull::Take(natsMsg* msg, std::vector<natsMsg*>* out, Status* error) {
   const char* subject = natsMsg_GetSubject(msg);
   const uint64_t request = RequestOf(subject != nullptr ? subject : "", inbox_);
+  // A status has no body and no reply subject; every delivery has its ack subject, so a
+  // stored message with an empty body and a `Status` header of its own is still one.
+  const char* reply = natsMsg_GetReply(msg);
   const char* status = nullptr;
-  const bool is_status = natsMsg_GetDataLength(msg) == 0 &&
-                         natsMsgHeader_Get(msg, "Status", &status) == NATS_OK &&
-                         status != nullptr;
+  const bool is_status = natsMsg_GetDataLength(msg) == 0 && (reply == nullptr || *reply == '\0') &&
+                         natsMsgHeader_Get(msg, "Status", &status) == NATS_OK && status != nullptr;
   if (!is_status) {
     out->push_back(msg);  // a delivery, whichever request it answers
-    if (request != 0 && request == open_ && --open_remaining_ <= 0) open_ = 0;
+    // It carries its message's own subject, not the request's reply subject, so it counts
+    // against the open request: one answered in full is over, and the server says nothing
+    // more about it. (One answering an earlier request ends the open one early at worst:
+    // a request too many, whose deliveries wait here for the next Fetch.)
+    if (open_ != 0 && --open_remaining_ <= 0) open_ = 0;
     return;
   }
   if (request != 0 && request == open_) {

@@ -13,6 +13,8 @@
 // on the subscription for the next Fetch. Each request has a reply subject of its own
 // (`<inbox>.<n>`), so a status that ends an earlier request (404, 408) never ends the
 // current one; a message answering an earlier request is still a delivery and is taken.
+// A delivery carries its message's own subject, not the reply subject, so deliveries count
+// against the open request: one answered in full is over (the server says nothing more).
 // At most one request is open at a time, and none is sent while the connection is down
 // (it would wait in the reconnect buffer and be answered after the outage, on top of
 // those sent since).
