@@ -87,6 +87,22 @@ class Service::Impl {
       clock_ = offset_clock_.get();
     }
   }
+  // Each owner goes before what it uses, whatever the members' order: the server and the
+  // saga, then the runtime's workers (a consumer's held deliveries must not outlive the
+  // broker they came from: converge/nats.h), then the transports and the dead letters'
+  // routes to them. The store, the clock and the metrics go last, as members.
+  ~Impl() {
+    Stop();
+    server_.reset();
+    checkout_.reset();
+    runtime_.reset();
+    dead_letters_.reset();
+    subscribers_.clear();
+#if CONVERGE_WITH_NATS
+    nats_.reset();
+#endif
+    queue_.reset();
+  }
 
   Status Start();
   void Stop();
