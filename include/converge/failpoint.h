@@ -14,6 +14,7 @@
 //   sweeper.before_saga_instances     (sweeper.cc: settled sagas' journal gone, rows not yet)
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
+//   nats.pull_answer_late             (nats_pull.cc: a pull request sent, its wait skipped)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

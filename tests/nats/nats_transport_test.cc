@@ -565,6 +565,52 @@ TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
   EXPECT_EQ((*broker)->stats().abandoned, 1);
 }
 
+// CI, session 9: the look for notices waits 50 ms for its no-wait answer. On a loaded host
+// the answer came later, waited on the subscription until the next look (kNoticePoll, 2 s)
+// while the advisory's AckWait (1 s) ran out, and the server handed the notice out again.
+// An answer still pending now brings the next look forward to the next Fetch.
+TEST_F(NatsTransport, ANoticeWhoseAnswerIsLateIsTakenAtTheNextFetch) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("late-notice")).ok());
+  {
+    auto taker = (*broker)->Subscribe(LedgerSubscription());
+    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          (void)(*taker)->Fetch(10, 1ms);
+          return (*broker)->stats().max_deliveries >= 1;
+        },
+        60s));
+  }
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  // The first pull request of this subscriber is the look for notices: its answer comes
+  // "late", after the Fetch stopped waiting for it.
+  ASSERT_TRUE(failpoint::Configure("nats.pull_answer_late=error(unavailable)*1").ok());
+  auto first = (*sub)->Fetch(10, 30s);
+  ASSERT_TRUE(first.has_value()) << first.error().ToString();
+  EXPECT_TRUE(first->empty());
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  // The next Fetch, well within kNoticePoll, takes the notice that arrived meanwhile.
+  auto second = (*sub)->Fetch(10, 30s);
+  ASSERT_TRUE(second.has_value()) << second.error().ToString();
+  ASSERT_EQ(second->size(), size_t{1});
+  EXPECT_TRUE((*second)[0].abandoned);
+  EXPECT_EQ((*second)[0].event.id, "late-notice");
+  std::vector<Settlement> acks(second->size());
+  EXPECT_TRUE((*sub)->Settle(*second, acks).ok());
+  // Past the advisory consumer's AckWait (1 s): settled once, never handed out again.
+  const auto until = std::chrono::steady_clock::now() + 2500ms;
+  while (std::chrono::steady_clock::now() < until) {
+    auto more = (*sub)->Fetch(10, 30s);
+    if (more.has_value()) {
+      for (const Delivery& d : *more) EXPECT_FALSE(d.abandoned) << d.event.id;
+    }
+  }
+  EXPECT_EQ((*broker)->stats().abandoned, 1);
+}
+
 // Issue 11 review: an event the outbox accepts but NATS refuses for good (a type with a
 // space is a valid outbox token, not a valid subject) stayed at the head of the relay's
 // claim, and once `batch` of them headed it nothing behind them was published. Now the

@@ -2,8 +2,9 @@
 
 #include <algorithm>
 #include <charconv>
-#include <cstring>
 #include <string_view>
+
+#include "converge/failpoint.h"
 
 namespace converge::internal {
 namespace {
@@ -160,6 +161,9 @@ Status NatsPull::Fetch(size_t max, Millis wait, bool no_wait, std::vector<natsMs
     open_ = n;
     open_remaining_ = static_cast<int64_t>(max);
     open_until_ = now + wait;
+    // A test's stand-in for an answer slower than `wait` (a loaded host): the request
+    // stays open and its answer waits on the subscription for a later Fetch.
+    if (!failpoint::Hit("nats.pull_answer_late").ok()) return OkStatus();
   }
   // Until the first message, the end of our request, or the wait: a request left open
   // (the connection was down) still answers into this inbox.

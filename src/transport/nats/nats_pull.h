@@ -62,6 +62,9 @@ class NatsPull {
 
   // The subject every request's reply subject extends (`<inbox>.<n>`); for tests.
   const std::string& inbox() const { return inbox_; }
+  // Whether a request is still open: its answer (or its end) may still arrive, and what
+  // arrives waits on the subscription, its AckWait running, until the next Fetch.
+  bool answer_pending() const { return open_ != 0; }
   // Requests sent since Open; for tests.
   uint64_t requests_sent() const { return next_request_ - 1; }
 

@@ -720,10 +720,13 @@ class NatsSubscriber : public Subscriber {
     // A no-wait request is answered at once; the bound only caps what a slow answer costs
     // the Fetch (a late answer's notices come back on a later look).
     std::vector<natsMsg*> advisories;
-    if (!notices_->Fetch(max, std::chrono::milliseconds(50), /*no_wait=*/true, &advisories).ok() &&
-        advisories.empty()) {
-      return;
-    }
+    const Status st =
+        notices_->Fetch(max, std::chrono::milliseconds(50), /*no_wait=*/true, &advisories);
+    // An answer slower than that (a loaded host) is on its way: look again at the next
+    // Fetch, not kNoticePoll later, or it waits here past the advisory consumer's AckWait
+    // and the server hands the same notice out a second time.
+    if (notices_->answer_pending()) next_notice_poll_ = std::chrono::steady_clock::now();
+    if (!st.ok() && advisories.empty()) return;
     for (natsMsg* advisory : advisories) {
       uint64_t seq = 0;
       int64_t deliveries = 0;
