@@ -81,6 +81,7 @@ struct ConsumerStats {
   int64_t retries = 0;        // nakked for a later attempt
   int64_t dead_lettered = 0;  // parked
   int64_t batches = 0;
+  int64_t fetch_errors = 0;   // Fetches the transport failed (unreachable, consumer gone)
   std::string last_error;
 };
 

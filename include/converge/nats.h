@@ -101,6 +101,7 @@ struct NatsStats {
   int64_t terminated = 0;        // Term sent for dead-lettered messages
   int64_t abandoned = 0;         // notices of messages the server gave up on, handed out
   int64_t abandoned_gone = 0;    // such notices whose message had left the stream
+  int64_t consumers_missing = 0;  // Fetches that found their durable consumer deleted
 };
 
 class NatsBroker : public Publisher, public Requeuer {

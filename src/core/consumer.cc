@@ -186,7 +186,14 @@ Result<size_t> Consumer::RunOnce() {
     for (const Delivery& d : deliveries) suspects.push_back(&d);
   }
   if (deliveries.empty()) {
-    CONVERGE_ASSIGN_OR_RETURN(deliveries, subscriber_.Fetch(options_.batch, options_.visibility));
+    Result<std::vector<Delivery>> fetched = subscriber_.Fetch(options_.batch, options_.visibility);
+    if (!fetched) {
+      std::lock_guard<std::mutex> l(stats_mu_);
+      ++stats_.fetch_errors;
+      stats_.last_error = fetched.error().ToString();
+      return tl::unexpected(fetched.error());
+    }
+    deliveries = std::move(*fetched);
     if (deliveries.empty()) return size_t{0};
     // First deliveries share one transaction. A redelivered message came back without
     // being settled: its handler may have failed, its transaction may fail every time, or

@@ -417,6 +417,8 @@ constexpr Family kRuntimeFamilies[] = {
     {"consumer_duplicates_total", "counter", "Redeliveries absorbed by the consumer's inbox."},
     {"consumer_retries_total", "counter", "Deliveries given back for a later attempt."},
     {"consumer_dead_lettered_total", "counter", "Deliveries parked as dead letters."},
+    {"consumer_fetch_errors_total", "counter",
+     "Fetches the transport failed (broker unreachable, its consumer deleted)."},
     {"effects_executed_total", "counter", "External calls that succeeded and were recorded."},
     {"effects_retries_total", "counter", "External calls that failed transiently."},
     {"effects_failed_total", "counter", "Effect intents parked as dead letters."},
@@ -473,6 +475,7 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("consumer_duplicates_total", l, s.duplicates);
       set("consumer_retries_total", l, s.retries);
       set("consumer_dead_lettered_total", l, s.dead_lettered);
+      set("consumer_fetch_errors_total", l, s.fetch_errors);
     }
     // Several runners may share a kind (e.g. a gateway target's concurrency): one series.
     std::map<std::string, EffectStats> by_kind;

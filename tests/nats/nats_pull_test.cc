@@ -260,7 +260,8 @@ TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
 
 // A request to a consumer that no longer exists gets no answer from nats-server 2.9 (no
 // 409, no 503 either): each Fetch sends one request and waits its wait, so a consumer
-// polling a deleted consumer does not spin. (Deleted while a request waits: the 409 above.)
+// polling a deleted consumer does not spin. (Deleted while a request waits: the 409 above.
+// The subscriber above NatsPull notices the silence: NatsTransport.AConsumerDeleted...)
 TEST_F(NatsPullTest, AFetchFromADeletedConsumerWaitsItsWaitWithOneRequest) {
   ASSERT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
   for (int i = 0; i < 3; ++i) {

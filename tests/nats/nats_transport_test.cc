@@ -2,6 +2,7 @@
 // dedupe, redelivery absorbed by the inbox, a worker killed mid-batch, poison messages,
 // in-progress acks, and the retention check.
 #include <gtest/gtest.h>
+#include <nats/nats.h>
 
 #include <atomic>
 #include <map>
@@ -609,6 +610,56 @@ TEST_F(NatsTransport, ANoticeWhoseAnswerIsLateIsTakenAtTheNextFetch) {
     }
   }
   EXPECT_EQ((*broker)->stats().abandoned, 1);
+}
+
+// A durable consumer deleted under a running worker (an operator, a script): nats-server
+// answers its pull requests with nothing at all, so the worker received nothing and said
+// nothing. Its Fetch now finds the consumer gone (kFailedPrecondition, naming it), and the
+// Consumer counts it and keeps it as its last error; while the consumer exists, empty
+// fetches report nothing.
+TEST_F(NatsTransport, AConsumerDeletedUnderAWorkerIsReportedNotSilent) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", RecordEffect);
+  ASSERT_TRUE((*broker)->Publish(MakeEvent("before-delete")).ok());
+  ASSERT_TRUE(
+      RunUntil(consumer, [&] { return QueryInt(*db_, "SELECT count(*) FROM nats_effects") == 1; }));
+  // Past one presence check's interval of empty fetches: none is an error.
+  const auto quiet_until = std::chrono::steady_clock::now() + 6s;
+  while (std::chrono::steady_clock::now() < quiet_until) {
+    auto r = consumer.RunOnce();
+    ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  }
+  EXPECT_EQ(consumer.stats().fetch_errors, 0);
+  EXPECT_EQ((*broker)->stats().consumers_missing, 0);
+
+  natsConnection* nc = nullptr;
+  jsCtx* js = nullptr;
+  ASSERT_EQ(natsConnection_ConnectTo(&nc, nats_.urls().c_str()), NATS_OK);
+  ASSERT_EQ(natsConnection_JetStream(&js, nc, nullptr), NATS_OK);
+  const natsStatus deleted = js_DeleteConsumer(js, (*broker)->options().stream.c_str(), "ledger",
+                                               nullptr, nullptr);
+  jsCtx_Destroy(js);
+  natsConnection_Destroy(nc);
+  ASSERT_EQ(deleted, NATS_OK);
+
+  Status failed;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto r = consumer.RunOnce();
+        if (!r) failed = r.error();
+        return !r.has_value();
+      },
+      30s));
+  EXPECT_EQ(failed.code(), StatusCode::kFailedPrecondition) << failed.ToString();
+  EXPECT_NE(failed.message().find("'ledger' no longer exists"), std::string::npos)
+      << failed.ToString();
+  EXPECT_GE(consumer.stats().fetch_errors, 1);
+  EXPECT_NE(consumer.stats().last_error.find("no longer exists"), std::string::npos);
+  EXPECT_GE((*broker)->stats().consumers_missing, 1);
 }
 
 // Issue 11 review: an event the outbox accepts but NATS refuses for good (a type with a

@@ -216,7 +216,8 @@ struct NatsBroker::Impl {
   std::unordered_map<natsMsg*, Registration> registered;
 
   std::atomic<int64_t> published{0}, duplicates{0}, publish_errors{0}, max_deliveries{0},
-      in_progress_sent{0}, terminated{0}, abandoned{0}, lost_notices{0};
+      in_progress_sent{0}, terminated{0}, abandoned{0}, lost_notices{0},
+      consumers_missing{0};
 
   ~Impl() {
     if (advisories != nullptr) natsSubscription_Destroy(advisories);
@@ -400,6 +401,7 @@ NatsStats NatsBroker::stats() const {
   s.terminated = impl_->terminated.load();
   s.abandoned = impl_->abandoned.load();
   s.abandoned_gone = impl_->lost_notices.load();
+  s.consumers_missing = impl_->consumers_missing.load();
   return s;
 }
 
@@ -571,6 +573,8 @@ class NatsSubscriber : public Subscriber {
     {
       std::lock_guard<std::mutex> fl(fetch_mu_);
       st = pull_->Fetch(max, sub_.fetch_wait, /*no_wait=*/false, &msgs);
+      // Not even a 408 at the request's expiry: the consumer may be gone.
+      if (st.ok() && msgs.empty() && pull_->answer_pending()) st = CheckConsumerExists(now);
     }
     if (msgs.empty()) {
       if (!st.ok()) return Fail(st);
@@ -678,6 +682,33 @@ class NatsSubscriber : public Subscriber {
   }
 
   static constexpr Millis kNoticePoll = std::chrono::seconds(2);
+  static constexpr Millis kPresenceCheck = std::chrono::seconds(5);
+
+  // REQUIRES: fetch_mu_ held. A request to a durable consumer that no longer exists (an
+  // operator deleted it) gets no answer at all from nats-server, so this subscriber would
+  // receive nothing, silently. After a request went unanswered, at most every
+  // kPresenceCheck, asks the server whether the consumer is there: kFailedPrecondition
+  // when it is not (nothing here recreates it: a new durable delivers the stream from its
+  // start again). OK when it is there or the question found no answer.
+  Status CheckConsumerExists(SteadyTime now) {
+    if (now < next_presence_check_) return OkStatus();
+    next_presence_check_ = now + kPresenceCheck;
+    jsConsumerInfo* ci = nullptr;
+    jsErrCode err = static_cast<jsErrCode>(0);
+    natsStatus s = js_GetConsumerInfo(&ci, broker_->js, broker_->options.stream.c_str(),
+                                      sub_.consumer.c_str(), nullptr, &err);
+    if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+    if (s == NATS_OK || err != JSConsumerNotFoundErr) return OkStatus();
+    broker_->consumers_missing.fetch_add(1);
+    broker_->Count("converge_nats_consumer_missing_total",
+                   "Fetches that found their durable consumer deleted from the stream", 1,
+                   {{"consumer", sub_.consumer}});
+    return FailedPreconditionError(
+        "NATS: consumer '" + sub_.consumer + "' no longer exists on stream '" +
+        broker_->options.stream +
+        "' (deleted?): nothing is delivered to it. Restarting the worker creates it again, "
+        "which delivers the stream from its start (the inbox absorbs what it remembers)");
+  }
 
   // REQUIRES: mu_ held. Adds `h` to what the ticker keeps alive, once.
   void Track(HeldPtr h) {
@@ -770,6 +801,7 @@ class NatsSubscriber : public Subscriber {
   std::mutex fetch_mu_;   // one Fetch pulls at a time
   std::mutex notice_mu_;  // one Fetch looks for notices at a time
   SteadyTime next_notice_poll_{};
+  SteadyTime next_presence_check_{};  // guarded by fetch_mu_
 
   std::mutex mu_;
   std::condition_variable cv_;
