@@ -44,19 +44,31 @@ struct OrdersService::Impl {
     return token ? keys->Find(*token) : nullptr;
   }
 
-  // POST /v1/orders {"sku": "...", "quantity": n}, inside the key's transaction.
-  converge::Result<Response> PlaceOrder(Tx& tx, Request& req) {
+  // POST /v1/orders {"sku": "...", "quantity": n}. Everything that needs no transaction
+  // runs here, on the handler's thread: the body's parse, the customer's key lookup, the
+  // order's id (a UUIDv7 drawn ahead, so the event naming it is prepared here too) and the
+  // answer. The transaction (on SQLite, the one writer thread every create shares) then
+  // only inserts the order and the prepared event.
+  converge::Result<converge::http::PreparedTxFn> PrepareOrder(Request& req) {
     json body = json::parse(req.body);  // validated before the key was claimed
+    const std::string* customer = Customer(req);
+    if (customer == nullptr) return tl::unexpected(converge::UnauthenticatedError("no such key"));
+    const std::string id = converge::NewUuidV7();
+    json order = {{"id", id}, {"sku", body["sku"]}, {"quantity", body["quantity"]}};
+    std::string text = order.dump();
     CONVERGE_ASSIGN_OR_RETURN(
-        converge::Rows rows,
-        tx.Query("INSERT INTO orders (customer, sku, quantity) VALUES ($1, $2, $3) "
-                 "RETURNING id",
-                 *Customer(req), body["sku"].get<std::string>(), body["quantity"].get<int64_t>()));
-    json order = {{"id", rows[0].Int(0)}, {"sku", body["sku"]}, {"quantity", body["quantity"]}};
-    CONVERGE_RETURN_IF_ERROR(runtime->outbox().Enqueue(
-        tx, {.type = "order.placed", .subject = "order-" + std::to_string(rows[0].Int(0)),
-             .data = order.dump()}));
-    return Json(201, order.dump());
+        converge::PreparedEvent event,
+        runtime->outbox().Prepare({.type = "order.placed", .subject = "order-" + id, .data = text}));
+    return converge::http::PreparedTxFn(
+        [this, id, customer = *customer, sku = body["sku"].get<std::string>(),
+         quantity = body["quantity"].get<int64_t>(), event = std::move(event),
+         answer = Json(201, std::move(text))](Tx& tx) -> converge::Result<Response> {
+          CONVERGE_RETURN_IF_ERROR(
+              tx.Exec("INSERT INTO orders (id, customer, sku, quantity) VALUES ($1, $2, $3, $4)",
+                      id, customer, sku, quantity));
+          CONVERGE_RETURN_IF_ERROR(runtime->outbox().Enqueue(tx, event));
+          return answer;
+        });
   }
 
   // The stock consumer: reserves the quantity, in the same transaction as its inbox row.
@@ -81,7 +93,17 @@ Status OrdersService::Start() {
   if (!db) return db.error();
   m.db = std::move(*db);
   CONVERGE_RETURN_IF_ERROR(m.db->Transact([](Tx& tx) -> Status {
-    for (const char* table : {"orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL, "
+    // Order ids are UUIDv7 text, drawn before the transaction; earlier versions of this
+    // example kept integer ids, which a store created by them still has.
+    CONVERGE_ASSIGN_OR_RETURN(
+        converge::Rows id_type,
+        tx.Query("SELECT type FROM pragma_table_info('orders') WHERE name = 'id'"));
+    if (!id_type.empty() && id_type[0].Text(0) != "TEXT") {
+      return converge::FailedPreconditionError(
+          "this store's orders table has " + id_type[0].Text(0) +
+          " ids (an earlier orders-lite); this version draws UUIDv7 text ids: use a new store");
+    }
+    for (const char* table : {"orders (id TEXT PRIMARY KEY, customer TEXT NOT NULL, "
                               "sku TEXT NOT NULL, quantity INTEGER NOT NULL)",
                               "stock_reservations (sku TEXT PRIMARY KEY, reserved INTEGER)",
                               "restocks (sku TEXT PRIMARY KEY, received INTEGER)"}) {
@@ -111,7 +133,7 @@ Status OrdersService::Start() {
   m.server->Route("POST", "/v1/orders",
                   converge::http::SinglePhaseRoute(
                       m.runtime->keys(), std::move(route),
-                      [&m](Tx& tx, Request& req) { return m.PlaceOrder(tx, req); }));
+                      [&m](Request& req) { return m.PrepareOrder(req); }));
   // Restocks from the warehouse, as Standard Webhooks: verified, deduped by webhook-id and
   // applied in one transaction before the 204, so a redelivery never counts twice.
   m.server->Route("POST", "/webhooks/warehouse",

@@ -44,6 +44,11 @@ struct Event {
   EventIdentity identity() const { return {source, id}; }
 };
 
+// A new UUIDv7 (RFC 9562: time-ordered, 74 random bits), as Outbox::Enqueue draws for an
+// event without an id: for ids a caller draws before its transaction (an aggregate's id
+// that its event names, so that the event can be prepared off the store's writer).
+std::string NewUuidV7();
+
 // Whether `data` can be an event's data: a JSON document nesting at most 256 levels of
 // arrays and objects. kInvalidArgument otherwise. Outbox::Enqueue checks it; so must a
 // caller of EncodeEnvelope with data from outside (its encoding recurses once per level,

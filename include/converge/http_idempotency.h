@@ -56,6 +56,14 @@ struct IdempotencyRouteOptions {
 // status is stored and replayed; an error stores nothing (a retry runs again) and is
 // answered as problem+json.
 using SinglePhaseFn = std::function<Result<Response>(Tx&, Request&)>;
+// The prepared shape of a single-phase route: prepare(request) runs on the handler's
+// thread before the key's transaction (unless the replay cache answers it: then not at
+// all) and returns the transaction's body, which holds what it prepared. Work that needs
+// no transaction (parsing, ids drawn ahead, Outbox::Prepare) then stays off the thread
+// that runs every transaction on SQLite. prepare's error is answered as fn's would be,
+// and nothing is stored. The body may run more than once (a retried transaction).
+using PreparedTxFn = std::function<Result<Response>(Tx&)>;
+using SinglePhasePrepareFn = std::function<Result<PreparedTxFn>(Request&)>;
 // fn(lease, kind, request): kind is kStarted or kResumed (from lease.recovery_point).
 // Returns the answer; what it stored through IdempotencyKeys::Complete is what replays.
 using MultiPhaseFn = std::function<Response(KeyLease&, Begun::Kind, Request&)>;
@@ -63,6 +71,8 @@ using MultiPhaseFn = std::function<Response(KeyLease&, Begun::Kind, Request&)>;
 // Route handlers. `keys` must outlive them.
 Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                  SinglePhaseFn fn);
+Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
+                                 SinglePhasePrepareFn prepare);
 Server::Handler MultiPhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                 MultiPhaseFn fn);
 

@@ -165,6 +165,14 @@ class IdempotencyKeys {
   // If fn returns an error nothing is stored, the error is returned, and a retry runs
   // fn again. Later calls: the stored response with replayed = true.
   Result<Outcome> Execute(const KeyRequest& request, const Fn& fn);
+  // The same, with `before` run first on the calling thread, unless the replay cache
+  // answers the request: work that needs no transaction (parsing, ids drawn ahead,
+  // Outbox::Prepare) kept off the thread that runs every transaction on SQLite
+  // (database.h). An error of `before` is returned as is and nothing is written. A replay
+  // that the cache does not hold yet runs `before` for nothing, then is answered by the
+  // transaction as above.
+  Result<Outcome> Execute(const KeyRequest& request, const std::function<Status()>& before,
+                          const Fn& fn);
 
   // Multi-phase: claims the key (kStarted), takes over an attempt whose lease lapsed
   // (kResumed, new fence, from the recovery point that attempt last committed), or returns

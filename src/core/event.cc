@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "converge/clock.h"
+#include "src/core/crypto.h"
 #include "src/core/json_depth.h"
 
 namespace converge {
@@ -66,6 +67,8 @@ bool ParseRfc3339(std::string_view s, int64_t* out) {
 }
 
 }  // namespace
+
+std::string NewUuidV7() { return internal::NewUuidV7(Clock::System()->NowMillis()); }
 
 Status ValidateEventData(std::string_view data) {
   int depth = 0;

@@ -262,12 +262,18 @@ Status IdempotencyKeys::ValidateOptions(const IdempotencyOptions& o) {
 }
 
 Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req, const Fn& fn) {
+  return Execute(req, nullptr, fn);
+}
+
+Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req,
+                                         const std::function<Status()>& before, const Fn& fn) {
   CONVERGE_RETURN_IF_ERROR(Validate(req));
   const std::string hash = internal::Sha256Hex(req.fingerprint);
   if (auto cached = FromCache(req, hash)) {
     if (!*cached) return tl::unexpected(cached->error());
     return Outcome{std::move(**cached), true};
   }
+  if (before) CONVERGE_RETURN_IF_ERROR(before());
   return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(

@@ -155,15 +155,37 @@ Response StoreProblem(const Status& st) {
 
 Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                  SinglePhaseFn fn) {
+  return SinglePhaseRoute(keys, std::move(options),
+                          [fn = std::move(fn)](Request& req) -> Result<PreparedTxFn> {
+                            return PreparedTxFn([&fn, &req](Tx& tx) { return fn(tx, req); });
+                          });
+}
+
+Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
+                                 SinglePhasePrepareFn prepare) {
   DescribeFamilies(options.metrics);
-  return [&keys, o = std::move(options), fn = std::move(fn)](Request& req) -> Response {
+  return [&keys, o = std::move(options), prepare = std::move(prepare)](Request& req) -> Response {
     Prepared p = Prepare(req, o);
     if (p.answer) return std::move(*p.answer);
     // A handler's own error response is stored like any answer; its Status error is not.
     std::optional<Status> handler_error;
-    auto out = keys.Execute(p.key, [&](Tx& tx) -> Result<StoredResponse> {
+    PreparedTxFn body;
+    auto before = [&]() -> Status {
+      Result<PreparedTxFn> prepared = prepare(req);
+      if (!prepared) {
+        handler_error = prepared.error();
+        return prepared.error();
+      }
+      if (!*prepared) {
+        handler_error = InternalError("the route's prepare returned no transaction body");
+        return *handler_error;
+      }
+      body = std::move(*prepared);
+      return OkStatus();
+    };
+    auto out = keys.Execute(p.key, before, [&](Tx& tx) -> Result<StoredResponse> {
       handler_error.reset();
-      Result<Response> r = fn(tx, req);
+      Result<Response> r = body(tx);
       if (!r) {
         handler_error = r.error();
         return tl::unexpected(r.error());

@@ -82,9 +82,11 @@ TEST_F(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
   EXPECT_TRUE(converge::testing::WaitUntil([&] { return Reserved("lamp") == 4; }));
   EXPECT_EQ(Order("o-2", R"({"sku":"lamp"})").status, 400);
   EXPECT_EQ(Order("o-3", R"({"sku":"lamp","quantity":1})", "sk_nobody").status, 401);
-  const int64_t id = json::parse(first.body)["id"];
+  const std::string id = json::parse(first.body)["id"];  // a UUIDv7, drawn before the commit
+  EXPECT_EQ(id.size(), size_t{36});
+  EXPECT_NE(id, json::parse(bob.body)["id"]);
   auto get = client_.Send({.url = "http://127.0.0.1:" + std::to_string(service_->port()) +
-                                  "/v1/orders/" + std::to_string(id),
+                                  "/v1/orders/" + id,
                            .headers = {{"Authorization", "Bearer sk_ann"}}});
   ASSERT_TRUE(get);
   EXPECT_EQ(get->status, 200);
@@ -108,6 +110,27 @@ TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
   EXPECT_EQ(Sum("received", "restocks", "lamp"), 5);
   EXPECT_EQ(Restock("wh-5", body, secret_).status, 204);
   EXPECT_EQ(Sum("received", "restocks", "lamp"), 10);
+}
+
+// Order ids became UUIDv7 text, drawn before the transaction: a store an earlier version
+// made (integer ids) is refused at start with what to do, not failed at each order.
+TEST(OrdersLiteStore, AStoreWithIntegerOrderIdsIsRefusedAtStart) {
+  converge::testing::TempDir dir;
+  const std::string uri = "sqlite:" + dir.File("old.db");
+  {
+    auto db = converge::Database::Open(uri);
+    ASSERT_TRUE(db.has_value()) << db.error().ToString();
+    ASSERT_TRUE((*db)->Transact([](converge::Tx& tx) {
+                       return converge::StatusOf(tx.Exec(
+                           "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer TEXT NOT NULL, "
+                           "sku TEXT NOT NULL, quantity INTEGER NOT NULL)"));
+                     })
+                    .ok());
+  }
+  OrdersService service(Options{.db = uri, .api_keys = {{"sk_ann", "ann"}}});
+  converge::Status st = service.Start();
+  EXPECT_EQ(st.code(), converge::StatusCode::kFailedPrecondition) << st.ToString();
+  EXPECT_NE(st.message().find("use a new store"), std::string::npos) << st.ToString();
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <thread>
+
 #include "tests/unit/test_util.h"
 
 namespace converge::http {
@@ -144,6 +146,67 @@ TEST_F(IdempotencyRouteTest, AHandlerErrorStoresNothingSoTheRetryRunsAgain) {
   Request b = Post("x", hd);
   EXPECT_EQ(h(b).status, 201);
   EXPECT_EQ(runs_, 2);
+}
+
+// The prepared shape: prepare runs on the handler's thread before the transaction (on
+// SQLite the body then runs on the writer), not at all for a replay the cache answers; its
+// error is answered and claims nothing, so the corrected retry runs; an empty body is a 500
+// that stores nothing.
+TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCachedReplays) {
+  int prepares = 0;
+  bool refuse = false, empty = false;
+  std::thread::id prepared_on, committed_on;
+  Server::Handler h = SinglePhaseRoute(
+      *keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
+        ++prepares;
+        prepared_on = std::this_thread::get_id();
+        if (refuse) return tl::unexpected(InvalidArgumentError("no such sku"));
+        if (empty) return PreparedTxFn();
+        std::string row = *r.Header("X-Tenant") + ":" + r.body;  // made here, used there
+        return PreparedTxFn([&, row](Tx& tx) -> Result<Response> {
+          ++runs_;
+          committed_on = std::this_thread::get_id();
+          CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
+          return Json(201, "{\"id\":\"" + row + "\"}");
+        });
+      });
+  Headers k1 = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}};
+  Request first = Post("t1", k1);
+  Response a = h(first);
+  EXPECT_EQ(a.status, 201);
+  EXPECT_EQ(a.body, "{\"id\":\"acme:t1\"}");
+  EXPECT_EQ(prepared_on, std::this_thread::get_id());
+  EXPECT_NE(committed_on, std::this_thread::get_id());  // SQLite's writer thread
+  // The first replay is read in a transaction (prepared for nothing), which caches the
+  // key; the next ones are answered from the cache, with nothing prepared.
+  for (int i = 0; i < 3; ++i) {
+    Request again = Post("t1", k1);
+    Response b = h(again);
+    EXPECT_EQ(b.body, a.body);
+    EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
+  }
+  EXPECT_EQ(prepares, 2);
+  EXPECT_EQ(keys_->replay_cache_stats().hits, 2);
+  EXPECT_EQ(runs_, 1);
+
+  Headers k2 = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k2"}};
+  refuse = true;
+  Request refused = Post("t2", k2);
+  Response c = h(refused);
+  EXPECT_EQ(c.status, 400);
+  EXPECT_EQ(Type(c), "urn:converge:problem:invalid-request");
+  EXPECT_EQ(Keys(), 1);  // k2 not claimed
+  refuse = false;
+  empty = true;
+  Request hollow = Post("t2", k2);
+  EXPECT_EQ(h(hollow).status, 500);
+  EXPECT_EQ(Keys(), 1);
+  empty = false;
+  Request corrected = Post("t2", k2);
+  EXPECT_EQ(h(corrected).status, 201);
+  EXPECT_EQ(prepares, 5);
+  EXPECT_EQ(runs_, 2);
+  EXPECT_EQ(Effects(), 2);
 }
 
 TEST_F(IdempotencyRouteTest, MultiPhaseInFlightIs409WithALowRetryAfter) {
