@@ -102,6 +102,23 @@ class NatsTransport : public ::testing::Test {
         60s);
   }
 
+  // Publishes event `id` and makes the server give up on it: a fetcher that never
+  // settles, with no in-progress acks, gets it back after each AckWait until MaxDeliver
+  // (as a worker killed MaxDeliver times in a row would), and the server sends its
+  // MAX_DELIVERIES advisory.
+  static void PublishAndExhaustMaxDeliver(NatsBroker& broker, const std::string& id) {
+    ASSERT_TRUE(broker.Publish(MakeEvent(id)).ok());
+    auto taker = broker.Subscribe(LedgerSubscription());
+    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+    const int64_t before = broker.stats().max_deliveries;
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          (void)(*taker)->Fetch(10, 1ms);
+          return broker.stats().max_deliveries > before;
+        },
+        60s));
+  }
+
   NatsServers nats_;
   TempDir dir_;
   std::unique_ptr<Database> db_;
@@ -532,18 +549,7 @@ TEST_F(NatsTransport, StoreOutagePastMaxDeliverHoldsTheMessageAndAppliesItOnceAf
 TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  ASSERT_TRUE((*broker)->Publish(MakeEvent("abandoned-1")).ok());
-  {
-    auto taker = (*broker)->Subscribe(LedgerSubscription());
-    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
-    // Fetched and never settled, with no in-progress acks: back after each AckWait.
-    ASSERT_TRUE(WaitUntil(
-        [&] {
-          (void)(*taker)->Fetch(10, 1ms);
-          return (*broker)->stats().max_deliveries >= 1;
-        },
-        60s));
-  }
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "abandoned-1"));
   EXPECT_EQ((*broker)->Unsettled("ledger").value_or(-1), 0);  // the server gave up
   auto sub = (*broker)->Subscribe(LedgerSubscription());
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
@@ -573,17 +579,7 @@ TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
 TEST_F(NatsTransport, ANoticeWhoseAnswerIsLateIsTakenAtTheNextFetch) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  ASSERT_TRUE((*broker)->Publish(MakeEvent("late-notice")).ok());
-  {
-    auto taker = (*broker)->Subscribe(LedgerSubscription());
-    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
-    ASSERT_TRUE(WaitUntil(
-        [&] {
-          (void)(*taker)->Fetch(10, 1ms);
-          return (*broker)->stats().max_deliveries >= 1;
-        },
-        60s));
-  }
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "late-notice"));
   auto sub = (*broker)->Subscribe(LedgerSubscription());
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
   // The first pull request of this subscriber is the look for notices: its answer comes
