@@ -693,10 +693,15 @@ class NatsSubscriber : public Subscriber {
   Status CheckConsumerExists(SteadyTime now) {
     if (now < next_presence_check_) return OkStatus();
     next_presence_check_ = now + kPresenceCheck;
+    // A short wait: the Fetch (and a Stop behind it) waits for this answer, and a server
+    // too slow to give it is not a missing consumer.
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = 1000;
     jsConsumerInfo* ci = nullptr;
     jsErrCode err = static_cast<jsErrCode>(0);
     natsStatus s = js_GetConsumerInfo(&ci, broker_->js, broker_->options.stream.c_str(),
-                                      sub_.consumer.c_str(), nullptr, &err);
+                                      sub_.consumer.c_str(), &jo, &err);
     if (ci != nullptr) jsConsumerInfo_Destroy(ci);
     if (s == NATS_OK || err != JSConsumerNotFoundErr) return OkStatus();
     broker_->consumers_missing.fetch_add(1);
