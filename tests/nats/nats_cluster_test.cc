@@ -137,5 +137,82 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
       static_cast<long long>(consumer.stats().duplicates));
 }
 
+// Review (s9): the presence check (CheckConsumerExists) asks js_GetConsumerInfo after an
+// unanswered pull request. While nodes die and come back (consumer and meta leaders move,
+// the connection fails over) the durable consumer exists throughout: no Fetch may report it
+// missing. Each node in turn is killed and restarted; after each step the consumer must
+// apply a fresh event (the cluster recovered) before the next.
+TEST(NatsCluster, ReviewS9NoConsumerIsReportedMissingWhileNodesDieAndComeBack) {
+  NatsServers nats;
+  ASSERT_TRUE(nats.Start(3));
+  TempDir dir;
+  auto db = OpenSqlite(dir.File("db.sqlite"));
+  ASSERT_NE(db, nullptr);
+  ASSERT_TRUE(db->Transact([](Tx& tx) {
+                  return StatusOf(tx.Exec("CREATE TABLE cluster_effects (event_id TEXT NOT NULL)"));
+                }).ok());
+  auto options = ParseNatsUri("nats://" + nats.urls() + "?replicas=3&publish_timeout_ms=3000");
+  ASSERT_TRUE(options.has_value());
+  auto broker = NatsBroker::Connect(*options);
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  NatsSubscription s;
+  s.consumer = "ledger";
+  s.ack_wait = 2s;
+  s.max_deliver = 20;
+  auto sub = (*broker)->Subscribe(s);
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  ConsumerOptions co;
+  co.name = "ledger";
+  co.max_attempts = 10;
+  co.visibility = 2s;
+  Consumer consumer(*db, **sub, co);
+  consumer.On("payment.captured", [](Tx& tx, const Event& e) {
+    return StatusOf(tx.Exec("INSERT INTO cluster_effects(event_id) VALUES ($1)", e.id));
+  });
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::vector<std::string> missing;
+  std::thread consuming([&] {
+    while (!stop.load()) {
+      auto r = consumer.RunOnce();
+      if (!r && r.error().code() == StatusCode::kFailedPrecondition) {
+        std::lock_guard<std::mutex> l(mu);
+        missing.push_back(r.error().ToString());
+      }
+    }
+  });
+  struct Joiner {
+    std::atomic<bool>& stop;
+    std::thread& thread;
+    ~Joiner() {
+      stop = true;
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{stop, consuming};
+  int next = 0;
+  auto applied_fresh = [&] {
+    const int i = next++;
+    return WaitUntil(
+        [&] {
+          (void)(*broker)->Publish(Numbered(i));  // again until acknowledged and applied
+          return QueryInt(*db, "SELECT count(*) FROM cluster_effects WHERE event_id = 'c-" +
+                                   std::to_string(i) + "'") > 0;
+        },
+        120s);
+  };
+  ASSERT_TRUE(applied_fresh());
+  for (int node = 1; node <= 3; ++node) {
+    ASSERT_TRUE(nats.Kill(node));
+    EXPECT_TRUE(applied_fresh()) << "node " << node << " down";
+    ASSERT_TRUE(nats.Restart(node));
+    EXPECT_TRUE(applied_fresh()) << "node " << node << " back";
+  }
+  stop = true;
+  consuming.join();
+  EXPECT_EQ((*broker)->stats().consumers_missing, 0);
+  std::lock_guard<std::mutex> l(mu);
+  for (const std::string& m : missing) ADD_FAILURE() << "reported missing: " << m;
+}
+
 }  // namespace
 }  // namespace converge

@@ -209,6 +209,40 @@ TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCached
   EXPECT_EQ(Effects(), 2);
 }
 
+// Review (s9): prepare runs before the store is asked about the key (only the replay cache
+// is). The first retry of a completed request misses the cache, so when prepare now fails
+// (a dependency down, state moved on) the client gets prepare's error instead of the
+// stored 201 (and may give up on an order that exists), and a key reused with another
+// body gets prepare's error instead of the 422. A replay must be the stored answer.
+TEST_F(IdempotencyRouteTest, ReviewS9PrepareFailingNeverHidesAStoredAnswer) {
+  Status refuse = OkStatus();
+  Server::Handler h = SinglePhaseRoute(
+      *keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
+        if (!refuse.ok()) return tl::unexpected(refuse);
+        std::string row = *r.Header("X-Tenant") + ":" + r.body;
+        return PreparedTxFn([&, row](Tx& tx) -> Result<Response> {
+          ++runs_;
+          CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
+          return Json(201, "{\"id\":\"" + row + "\"}");
+        });
+      });
+  Headers k1 = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}};
+  Request first = Post("t1", k1);
+  Response a = h(first);
+  ASSERT_EQ(a.status, 201);
+  for (Status st : {InvalidArgumentError("sku discontinued"),
+                    UnavailableError("pricing service down")}) {
+    refuse = st;
+    Request retry = Post("t1", k1);
+    Response b = h(retry);
+    EXPECT_EQ(b.status, 201) << st.ToString() << " answered a replay: " << b.body;
+    EXPECT_EQ(b.body, a.body) << st.ToString();
+    Request reused = Post("t2", k1);
+    EXPECT_EQ(h(reused).status, 422) << st.ToString();
+  }
+  EXPECT_EQ(runs_, 1);
+}
+
 TEST_F(IdempotencyRouteTest, MultiPhaseInFlightIs409WithALowRetryAfter) {
   Server::Handler h = MultiPhaseRoute(*keys_, Options(),
                                       [&](KeyLease& lease, Begun::Kind kind, Request&) -> Response {
