@@ -2,6 +2,9 @@
 // middleware and Runtime give it the whole Idempotency-Key protocol and a consumer that
 // applies each event once.
 #include <ctime>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -110,6 +113,38 @@ TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
   EXPECT_EQ(Sum("received", "restocks", "lamp"), 5);
   EXPECT_EQ(Restock("wh-5", body, secret_).status, 204);
   EXPECT_EQ(Sum("received", "restocks", "lamp"), 10);
+}
+
+// Review (s9): the order's id is drawn in prepare, before the key's transaction, so racing
+// first requests with one key each draw their own id. Exactly one order is written and
+// reserved; every 201 names that order (a loser replays it) and nothing else is a 2xx.
+TEST_F(OrdersLite, ReviewS9RacingFirstRequestsOfOneKeyPlaceOneOrder) {
+  constexpr int kRacers = 8;
+  std::vector<Response> answers(kRacers);
+  std::vector<std::thread> racers;
+  for (int i = 0; i < kRacers; ++i) {
+    racers.emplace_back([&, i] {
+      Client own;
+      auto r = own.Send({.method = "POST",
+                         .url = "http://127.0.0.1:" + std::to_string(service_->port()) +
+                                "/v1/orders",
+                         .headers = {{"Authorization", "Bearer sk_ann"},
+                                     {"Idempotency-Key", "race-1"}},
+                         .body = R"({"sku":"desk","quantity":3})"});
+      if (r) answers[i] = *r;
+    });
+  }
+  for (std::thread& t : racers) t.join();
+  std::set<std::string> bodies;
+  for (const Response& a : answers) {
+    EXPECT_TRUE(a.status == 201 || a.status == 409) << a.status << " " << a.body;
+    if (a.status == 201) bodies.insert(a.body);
+  }
+  EXPECT_EQ(bodies.size(), size_t{1});
+  EXPECT_TRUE(converge::testing::WaitUntil([&] { return Reserved("desk") == 3; }));
+  service_->Stop();
+  EXPECT_EQ(Sum("quantity", "orders", "desk"), 3);  // one order
+  EXPECT_EQ(Reserved("desk"), 3);                   // reserved once
 }
 
 // Order ids became UUIDv7 text, drawn before the transaction: a store an earlier version
