@@ -58,7 +58,8 @@ struct OrdersService::Impl {
     std::string text = order.dump();
     CONVERGE_ASSIGN_OR_RETURN(
         converge::PreparedEvent event,
-        runtime->outbox().Prepare({.type = "order.placed", .subject = "order-" + id, .data = text}));
+        runtime->outbox().Prepare(
+            {.type = "order.placed", .subject = "order-" + id, .data = text}));
     return converge::http::PreparedTxFn(
         [this, id, customer = *customer, sku = body["sku"].get<std::string>(),
          quantity = body["quantity"].get<int64_t>(), event = std::move(event),

@@ -57,11 +57,12 @@ struct IdempotencyRouteOptions {
 // answered as problem+json.
 using SinglePhaseFn = std::function<Result<Response>(Tx&, Request&)>;
 // The prepared shape of a single-phase route: prepare(request) runs on the handler's
-// thread before the key's transaction (unless the replay cache answers it: then not at
-// all) and returns the transaction's body, which holds what it prepared. Work that needs
-// no transaction (parsing, ids drawn ahead, Outbox::Prepare) then stays off the thread
-// that runs every transaction on SQLite. prepare's error is answered as fn's would be,
-// and nothing is stored. The body may run more than once (a retried transaction).
+// thread before the key's transaction (not at all for a completed key: its replay or 422
+// comes first) and returns the transaction's body, which holds what it prepared. Work that
+// needs no transaction (parsing, ids drawn ahead, Outbox::Prepare) then stays off the
+// thread that runs every transaction on SQLite. prepare's error is answered as fn's would
+// be, and nothing is stored, unless the key was completed or claimed meanwhile: then its
+// answer. The body may run more than once (a retried transaction).
 using PreparedTxFn = std::function<Result<Response>(Tx&)>;
 using SinglePhasePrepareFn = std::function<Result<PreparedTxFn>(Request&)>;
 // fn(lease, kind, request): kind is kStarted or kResumed (from lease.recovery_point).

@@ -165,12 +165,14 @@ class IdempotencyKeys {
   // If fn returns an error nothing is stored, the error is returned, and a retry runs
   // fn again. Later calls: the stored response with replayed = true.
   Result<Outcome> Execute(const KeyRequest& request, const Fn& fn);
-  // The same, with `before` run first on the calling thread, unless the replay cache
-  // answers the request: work that needs no transaction (parsing, ids drawn ahead,
-  // Outbox::Prepare) kept off the thread that runs every transaction on SQLite
-  // (database.h). An error of `before` is returned as is and nothing is written. A replay
-  // that the cache does not hold yet runs `before` for nothing, then is answered by the
-  // transaction as above.
+  // The same, with `before` run first on the calling thread: work that needs no
+  // transaction (parsing, ids drawn ahead, Outbox::Prepare) kept off the thread that runs
+  // every transaction on SQLite (database.h). A completed key is answered first (replay
+  // or mismatch, from the replay cache or a read snapshot, as Begin does), so `before`
+  // runs only for a request the write path may have to run. When `before` fails, nothing
+  // is written and the key is looked at again: a stored answer (or mismatch), or an
+  // attempt in flight, is what the caller gets, never `before`'s error in its place;
+  // otherwise `before`'s error, as is.
   Result<Outcome> Execute(const KeyRequest& request, const std::function<Status()>& before,
                           const Fn& fn);
 
@@ -212,6 +214,12 @@ class IdempotencyKeys {
   // Keeps a completed row (read with kSelectKey) in the cache, if it may answer a while.
   // REQUIRES: the row is committed.
   void Remember(const KeyRequest& req, const Row& row);
+  // What a read snapshot says of the key when it settles `req` without the write path: a
+  // completed key's replay or mismatch, and with `in_flight` also an attempt whose lease
+  // is valid (kUnavailable/in_flight, or the mismatch). nullopt: anything else (no row,
+  // forgettable, to take over, a failed read).
+  std::optional<Result<StoredResponse>> FromSnapshot(const KeyRequest& req,
+                                                     const std::string& hash, bool in_flight);
 
   Database& db_;
   const IdempotencyOptions options_;

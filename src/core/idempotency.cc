@@ -228,6 +228,33 @@ std::optional<Result<StoredResponse>> IdempotencyKeys::FromCache(const KeyReques
   return Result<StoredResponse>(e->response);
 }
 
+// A completed key that may not be forgotten yet changes only by being swept after it
+// expires, so the answer a snapshot gives is the one the write path would give. An
+// attempt in flight may finish or lapse meanwhile: its answer (409, retry) is only a hint.
+std::optional<Result<StoredResponse>> IdempotencyKeys::FromSnapshot(const KeyRequest& req,
+                                                                    const std::string& hash,
+                                                                    bool in_flight) {
+  std::optional<Result<StoredResponse>> settled;
+  (void)db_.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
+    // Failpoint: the snapshot is read; the key may expire and change hands right here.
+    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_replay_read"));
+    const int64_t now = clock_->NowMillis();
+    if (rows.empty() || Forgettable(rows[0], now)) return OkStatus();
+    const Row& r = rows[0];
+    if (r.Text(1) == "completed") {
+      Remember(req, r);  // a read snapshot holds committed rows only
+      settled = r.Text(0) != hash ? Result<StoredResponse>(tl::unexpected(Mismatch(req)))
+                                  : Result<StoredResponse>(ResponseOf(r));
+    } else if (in_flight && r.Int(2) > now) {
+      settled = tl::unexpected(r.Text(0) != hash ? Mismatch(req)
+                                                 : InFlight(req, r.Int(2) - now));
+    }
+    return OkStatus();
+  });
+  return settled;
+}
+
 void IdempotencyKeys::Remember(const KeyRequest& req, const Row& r) {
   if (!cache_ || r.Text(1) != "completed") return;
   const int64_t expires_at = r.Int(9);
@@ -273,7 +300,22 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req,
     if (!*cached) return tl::unexpected(cached->error());
     return Outcome{std::move(**cached), true};
   }
-  if (before) CONVERGE_RETURN_IF_ERROR(before());
+  if (before) {
+    auto answered = [](Result<StoredResponse> r) -> Result<Outcome> {
+      if (!r) return tl::unexpected(r.error());
+      return Outcome{std::move(*r), true};
+    };
+    if (auto settled = FromSnapshot(req, hash, /*in_flight=*/false)) {
+      return answered(std::move(*settled));
+    }
+    if (Status st = before(); !st.ok()) {
+      // The key may have been completed (or claimed) since: its answer, not this error.
+      if (auto settled = FromSnapshot(req, hash, /*in_flight=*/true)) {
+        return answered(std::move(*settled));
+      }
+      return tl::unexpected(st);
+    }
+  }
   return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
@@ -315,31 +357,14 @@ Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {
     b.response = std::move(**cached);
     return b;
   }
-  // Replays first, from a read snapshot, off the one writer (SQLite) and without row locks:
-  // a completed key that may not be forgotten yet changes only by being swept after it
-  // expires, so the answer it gives is the one the write path below would give. Anything
-  // else (no row, in flight, to take over, expired, or a failed read) takes the write path.
-  std::optional<Result<Begun>> replay;
-  (void)db_.Read([&](Tx& tx) -> Status {
-    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
-    // Failpoint: the snapshot is read; the key may expire and change hands right here.
-    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_replay_read"));
-    if (rows.empty() || rows[0].Text(1) != "completed" ||
-        Forgettable(rows[0], clock_->NowMillis())) {
-      return OkStatus();
-    }
-    Remember(req, rows[0]);  // a read snapshot holds committed rows only
-    if (rows[0].Text(0) != hash) {
-      replay = tl::unexpected(Mismatch(req));
-    } else {
-      Begun b;
-      b.kind = Begun::Kind::kReplayed;
-      b.response = ResponseOf(rows[0]);
-      replay = std::move(b);
-    }
-    return OkStatus();
-  });
-  if (replay) return std::move(*replay);
+  // Replays first, from a read snapshot, off the one writer (SQLite) and without row locks.
+  if (auto settled = FromSnapshot(req, hash, /*in_flight=*/false)) {
+    if (!*settled) return tl::unexpected(settled->error());
+    Begun b;
+    b.kind = Begun::Kind::kReplayed;
+    b.response = std::move(**settled);
+    return b;
+  }
   return TransactValue<Begun>(db_, [&](Tx& tx) -> Result<Begun> {
     const int64_t now = clock_->NowMillis();
     const int64_t lease_until = now + options_.lease.count();

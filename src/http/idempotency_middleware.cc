@@ -196,7 +196,9 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
       if (out->replayed) Count(o.metrics, "idempotency_replays_total");
       return FromStored(out->response, out->replayed);
     }
-    if (handler_error) {
+    // The handler's (or prepare's) own error, unless the key answered instead (prepare
+    // failed, and the key had been completed or claimed meanwhile: Execute says so).
+    if (handler_error && *handler_error == out.error()) {
       const Status& e = *handler_error;
       return e.transient() ? StoreProblem(e) : ProblemFor(e, "invalid-request");
     }

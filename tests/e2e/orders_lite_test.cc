@@ -115,10 +115,10 @@ TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
   EXPECT_EQ(Sum("received", "restocks", "lamp"), 10);
 }
 
-// Review (s9): the order's id is drawn in prepare, before the key's transaction, so racing
+// Session 9 review: the order's id is drawn in prepare, before the key's transaction, so racing
 // first requests with one key each draw their own id. Exactly one order is written and
 // reserved; every 201 names that order (a loser replays it) and nothing else is a 2xx.
-TEST_F(OrdersLite, ReviewS9RacingFirstRequestsOfOneKeyPlaceOneOrder) {
+TEST_F(OrdersLite, RacingFirstRequestsOfOneKeyPlaceOneOrder) {
   constexpr int kRacers = 8;
   std::vector<Response> answers(kRacers);
   std::vector<std::thread> racers;

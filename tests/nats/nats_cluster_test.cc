@@ -137,12 +137,12 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
       static_cast<long long>(consumer.stats().duplicates));
 }
 
-// Review (s9): the presence check (CheckConsumerExists) asks js_GetConsumerInfo after an
+// Session 9 review: the presence check (CheckConsumerExists) asks js_GetConsumerInfo after an
 // unanswered pull request. While nodes die and come back (consumer and meta leaders move,
 // the connection fails over) the durable consumer exists throughout: no Fetch may report it
 // missing. Each node in turn is killed and restarted; after each step the consumer must
 // apply a fresh event (the cluster recovered) before the next.
-TEST(NatsCluster, ReviewS9NoConsumerIsReportedMissingWhileNodesDieAndComeBack) {
+TEST(NatsCluster, NoConsumerIsReportedMissingWhileNodesDieAndComeBack) {
   NatsServers nats;
   ASSERT_TRUE(nats.Start(3));
   TempDir dir;

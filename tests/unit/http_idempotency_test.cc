@@ -149,10 +149,10 @@ TEST_F(IdempotencyRouteTest, AHandlerErrorStoresNothingSoTheRetryRunsAgain) {
 }
 
 // The prepared shape: prepare runs on the handler's thread before the transaction (on
-// SQLite the body then runs on the writer), not at all for a replay the cache answers; its
+// SQLite the body then runs on the writer), not at all for a completed key; its
 // error is answered and claims nothing, so the corrected retry runs; an empty body is a 500
 // that stores nothing.
-TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCachedReplays) {
+TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCompletedKeys) {
   int prepares = 0;
   bool refuse = false, empty = false;
   std::thread::id prepared_on, committed_on;
@@ -177,15 +177,15 @@ TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCached
   EXPECT_EQ(a.body, "{\"id\":\"acme:t1\"}");
   EXPECT_EQ(prepared_on, std::this_thread::get_id());
   EXPECT_NE(committed_on, std::this_thread::get_id());  // SQLite's writer thread
-  // The first replay is read in a transaction (prepared for nothing), which caches the
-  // key; the next ones are answered from the cache, with nothing prepared.
+  // The first replay is answered from a read snapshot, which caches the key; the next
+  // ones from the cache. None of them prepares anything.
   for (int i = 0; i < 3; ++i) {
     Request again = Post("t1", k1);
     Response b = h(again);
     EXPECT_EQ(b.body, a.body);
     EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
   }
-  EXPECT_EQ(prepares, 2);
+  EXPECT_EQ(prepares, 1);
   EXPECT_EQ(keys_->replay_cache_stats().hits, 2);
   EXPECT_EQ(runs_, 1);
 
@@ -204,17 +204,18 @@ TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCached
   empty = false;
   Request corrected = Post("t2", k2);
   EXPECT_EQ(h(corrected).status, 201);
-  EXPECT_EQ(prepares, 5);
+  EXPECT_EQ(prepares, 4);
   EXPECT_EQ(runs_, 2);
   EXPECT_EQ(Effects(), 2);
 }
 
-// Review (s9): prepare runs before the store is asked about the key (only the replay cache
-// is). The first retry of a completed request misses the cache, so when prepare now fails
-// (a dependency down, state moved on) the client gets prepare's error instead of the
-// stored 201 (and may give up on an order that exists), and a key reused with another
-// body gets prepare's error instead of the 422. A replay must be the stored answer.
-TEST_F(IdempotencyRouteTest, ReviewS9PrepareFailingNeverHidesAStoredAnswer) {
+// Session 9 review: prepare ran before the store was asked about the key (only the replay
+// cache was). The first retry of a completed request misses the cache, so when prepare
+// then failed (a dependency down, state moved on) the client got prepare's error instead
+// of the stored 201 (and might give up on an order that exists), and a key reused with
+// another body got prepare's error instead of the 422. A completed key is now answered
+// from a read snapshot before prepare runs.
+TEST_F(IdempotencyRouteTest, PrepareFailingNeverHidesAStoredAnswer) {
   Status refuse = OkStatus();
   Server::Handler h = SinglePhaseRoute(
       *keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
@@ -241,6 +242,51 @@ TEST_F(IdempotencyRouteTest, ReviewS9PrepareFailingNeverHidesAStoredAnswer) {
     EXPECT_EQ(h(reused).status, 422) << st.ToString();
   }
   EXPECT_EQ(runs_, 1);
+}
+
+// The key changes while prepare runs: completed by the first request (here from inside
+// prepare itself, deterministically) or held by an attempt in flight. prepare then fails;
+// the answer is the key's (the stored 201, the 409), not prepare's error.
+TEST_F(IdempotencyRouteTest, AKeyThatChangedWhilePrepareRanIsAnsweredNotPreparesError) {
+  Server::Handler* self = nullptr;
+  bool complete_first = true;
+  Server::Handler h = SinglePhaseRoute(
+      *keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
+        if (complete_first) {
+          complete_first = false;  // the first request, racing in, completes the key
+          Request first = Post(r.body, {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}});
+          EXPECT_EQ((*self)(first).status, 201);
+          return tl::unexpected(UnavailableError("pricing service down"));
+        }
+        std::string row = *r.Header("X-Tenant") + ":" + r.body;
+        return PreparedTxFn([&, row](Tx& tx) -> Result<Response> {
+          ++runs_;
+          CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
+          return Json(201, "{\"id\":\"" + row + "\"}");
+        });
+      });
+  self = &h;
+  Request second = Post("t1", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}});
+  Response b = h(second);
+  EXPECT_EQ(b.status, 201) << b.body;
+  EXPECT_EQ(b.body, "{\"id\":\"acme:t1\"}");
+  EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
+  EXPECT_EQ(runs_, 1);
+
+  // An attempt in flight (a multi-phase Begin on the same keys holds k2's lease).
+  auto held = keys_->Begin({"acme", "k2", RequestFingerprint("POST", "/v1/things", "t2")});
+  ASSERT_TRUE(held.has_value()) << held.error().ToString();
+  ASSERT_EQ(held->kind, Begun::Kind::kStarted);
+  Server::Handler refusing = SinglePhaseRoute(
+      *keys_, Options(), [&](Request&) -> Result<PreparedTxFn> {
+        return tl::unexpected(InvalidArgumentError("no such sku"));
+      });
+  Request during = Post("t2", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k2"}});
+  Response c = refusing(during);
+  EXPECT_EQ(c.status, 409) << c.body;
+  EXPECT_NE(c.Header("Retry-After"), nullptr);
+  Request other = Post("t3", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k2"}});
+  EXPECT_EQ(refusing(other).status, 422);
 }
 
 TEST_F(IdempotencyRouteTest, MultiPhaseInFlightIs409WithALowRetryAfter) {
