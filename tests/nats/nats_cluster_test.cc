@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -37,48 +39,73 @@ Event Numbered(int i) {
   return e;
 }
 
-TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect) {
-  NatsServers nats;
-  ASSERT_TRUE(nats.Start(3));
-  TempDir dir;
-  auto db = OpenSqlite(dir.File("db.sqlite"));
-  ASSERT_NE(db, nullptr);
-  ASSERT_TRUE(db->Transact([](Tx& tx) {
-                  return StatusOf(tx.Exec("CREATE TABLE cluster_effects (event_id TEXT NOT NULL)"));
-                }).ok());
-  auto options = ParseNatsUri("nats://" + nats.urls() + "?replicas=3&publish_timeout_ms=3000");
-  ASSERT_TRUE(options.has_value());
-  auto broker = NatsBroker::Connect(*options);
-  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-
-  NatsSubscription s;
-  s.consumer = "ledger";
-  s.ack_wait = 2s;
-  s.max_deliver = 20;
-  auto sub = (*broker)->Subscribe(s);
-  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
-  ConsumerOptions co;
-  co.name = "ledger";
-  co.max_attempts = 10;
-  co.visibility = 2s;
-  co.batch = 64;
-  Consumer consumer(*db, **sub, co);
-  consumer.On("payment.captured", [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO cluster_effects(event_id) VALUES ($1)", e.id));
-  });
-  std::atomic<bool> stop{false};
-  std::thread consuming([&] {
-    while (!stop.load()) (void)consumer.RunOnce();
-  });
+// A 3-node cluster, a stream with 3 replicas, and a "ledger" consumer writing one row per
+// event into cluster_effects, run by Consume() on a thread of its own until the test ends.
+class NatsCluster : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(nats_.Start(3));
+    db_ = OpenSqlite(dir_.File("db.sqlite"));
+    ASSERT_NE(db_, nullptr);
+    ASSERT_TRUE(db_->Transact([](Tx& tx) {
+                     return StatusOf(
+                         tx.Exec("CREATE TABLE cluster_effects (event_id TEXT NOT NULL)"));
+                   }).ok());
+    auto options = ParseNatsUri("nats://" + nats_.urls() + "?replicas=3&publish_timeout_ms=3000");
+    ASSERT_TRUE(options.has_value());
+    auto broker = NatsBroker::Connect(*options);
+    ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+    broker_ = std::move(*broker);
+    NatsSubscription s;
+    s.consumer = "ledger";
+    s.ack_wait = 2s;
+    s.max_deliver = 20;
+    auto sub = broker_->Subscribe(s);
+    ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+    sub_ = std::move(*sub);
+    ConsumerOptions co;
+    co.name = "ledger";
+    co.max_attempts = 10;
+    co.visibility = 2s;
+    co.batch = 64;
+    consumer_ = std::make_unique<Consumer>(*db_, *sub_, co);
+    consumer_->On("payment.captured", [](Tx& tx, const Event& e) {
+      return StatusOf(tx.Exec("INSERT INTO cluster_effects(event_id) VALUES ($1)", e.id));
+    });
+  }
   // A failed ASSERT returns early: the consumer stops and is joined, not left joinable.
-  struct Joiner {
-    std::atomic<bool>& stop;
-    std::thread& thread;
-    ~Joiner() {
-      stop = true;
-      if (thread.joinable()) thread.join();
-    }
-  } joiner{stop, consuming};
+  void TearDown() override { StopConsuming(); }
+
+  // Runs the consumer's passes on a thread; `failed` (may be null) sees each failed pass.
+  void Consume(std::function<void(const Status&)> failed = nullptr) {
+    consuming_ = std::thread([this, failed = std::move(failed)] {
+      while (!stop_.load()) {
+        auto r = consumer_->RunOnce();
+        if (!r && failed) failed(r.error());
+      }
+    });
+  }
+
+ public:
+  void StopConsuming() {
+    stop_ = true;
+    if (consuming_.joinable()) consuming_.join();
+  }
+
+ protected:
+
+  NatsServers nats_;
+  TempDir dir_;
+  std::unique_ptr<Database> db_;
+  std::unique_ptr<NatsBroker> broker_;
+  std::unique_ptr<Subscriber> sub_;
+  std::unique_ptr<Consumer> consumer_;
+  std::atomic<bool> stop_{false};
+  std::thread consuming_;
+};
+
+TEST_F(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect) {
+  Consume();
 
   // Publish in batches; an event whose batch failed is published again (as the relay
   // does) until acknowledged.
@@ -92,7 +119,7 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
     const size_t n = std::min<size_t>(100, todo.size());
     std::vector<Event> batch;
     for (size_t i = 0; i < n; ++i) batch.push_back(Numbered(todo[i]));
-    std::vector<Status> results = (*broker)->PublishBatch(batch);
+    std::vector<Status> results = broker_->PublishBatch(batch);
     std::vector<int> again;
     for (size_t i = 0; i < n; ++i) {
       if (results[i].ok()) {
@@ -108,11 +135,11 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
     // interval the same way).
     if (none_acked && !todo.empty()) std::this_thread::sleep_for(50ms);
     if (!killed && acked.size() >= kEvents / 3) {
-      ASSERT_TRUE(nats.Kill(2));
+      ASSERT_TRUE(nats_.Kill(2));
       killed = true;
     }
     if (killed && !restarted && acked.size() >= 2 * kEvents / 3) {
-      ASSERT_TRUE(nats.Restart(2));
+      ASSERT_TRUE(nats_.Restart(2));
       restarted = true;
     }
   }
@@ -121,20 +148,19 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
 
   EXPECT_TRUE(WaitUntil(
       [&] {
-        return QueryInt(*db, "SELECT count(DISTINCT event_id) FROM cluster_effects") == kEvents;
+        return QueryInt(*db_, "SELECT count(DISTINCT event_id) FROM cluster_effects") == kEvents;
       },
       120s));
-  stop = true;
-  consuming.join();
-  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM cluster_effects"), kEvents);  // none doubled
-  EXPECT_EQ(QueryInt(*db, "SELECT count(DISTINCT event_id) FROM cluster_effects"), kEvents);
-  const NatsStats ns = (*broker)->stats();
+  StopConsuming();
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM cluster_effects"), kEvents);  // none doubled
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(DISTINCT event_id) FROM cluster_effects"), kEvents);
+  const NatsStats ns = broker_->stats();
   std::printf(
       "cluster: %lld acked publishes, %lld duplicates dropped by the stream, %lld "
       "publish errors retried; consumer: %lld processed, %lld duplicates absorbed\n",
       static_cast<long long>(ns.published), static_cast<long long>(ns.duplicates),
-      static_cast<long long>(ns.publish_errors), static_cast<long long>(consumer.stats().processed),
-      static_cast<long long>(consumer.stats().duplicates));
+      static_cast<long long>(ns.publish_errors), static_cast<long long>(consumer_->stats().processed),
+      static_cast<long long>(consumer_->stats().duplicates));
 }
 
 // Session 9 review: the presence check (CheckConsumerExists) asks js_GetConsumerInfo after an
@@ -142,74 +168,38 @@ TEST(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect
 // the connection fails over) the durable consumer exists throughout: no Fetch may report it
 // missing. Each node in turn is killed and restarted; after each step the consumer must
 // apply a fresh event (the cluster recovered) before the next.
-TEST(NatsCluster, NoConsumerIsReportedMissingWhileNodesDieAndComeBack) {
-  NatsServers nats;
-  ASSERT_TRUE(nats.Start(3));
-  TempDir dir;
-  auto db = OpenSqlite(dir.File("db.sqlite"));
-  ASSERT_NE(db, nullptr);
-  ASSERT_TRUE(db->Transact([](Tx& tx) {
-                  return StatusOf(tx.Exec("CREATE TABLE cluster_effects (event_id TEXT NOT NULL)"));
-                }).ok());
-  auto options = ParseNatsUri("nats://" + nats.urls() + "?replicas=3&publish_timeout_ms=3000");
-  ASSERT_TRUE(options.has_value());
-  auto broker = NatsBroker::Connect(*options);
-  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  NatsSubscription s;
-  s.consumer = "ledger";
-  s.ack_wait = 2s;
-  s.max_deliver = 20;
-  auto sub = (*broker)->Subscribe(s);
-  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
-  ConsumerOptions co;
-  co.name = "ledger";
-  co.max_attempts = 10;
-  co.visibility = 2s;
-  Consumer consumer(*db, **sub, co);
-  consumer.On("payment.captured", [](Tx& tx, const Event& e) {
-    return StatusOf(tx.Exec("INSERT INTO cluster_effects(event_id) VALUES ($1)", e.id));
-  });
-  std::atomic<bool> stop{false};
+TEST_F(NatsCluster, NoConsumerIsReportedMissingWhileNodesDieAndComeBack) {
   std::mutex mu;
   std::vector<std::string> missing;
-  std::thread consuming([&] {
-    while (!stop.load()) {
-      auto r = consumer.RunOnce();
-      if (!r && r.error().code() == StatusCode::kFailedPrecondition) {
-        std::lock_guard<std::mutex> l(mu);
-        missing.push_back(r.error().ToString());
-      }
-    }
+  struct StopFirst {  // the consumer's thread uses mu and missing: stopped before they go
+    NatsCluster* test;
+    ~StopFirst() { test->StopConsuming(); }
+  } stop_first{this};
+  Consume([&](const Status& st) {
+    if (st.code() != StatusCode::kFailedPrecondition) return;
+    std::lock_guard<std::mutex> l(mu);
+    missing.push_back(st.ToString());
   });
-  struct Joiner {
-    std::atomic<bool>& stop;
-    std::thread& thread;
-    ~Joiner() {
-      stop = true;
-      if (thread.joinable()) thread.join();
-    }
-  } joiner{stop, consuming};
   int next = 0;
   auto applied_fresh = [&] {
     const int i = next++;
     return WaitUntil(
         [&] {
-          (void)(*broker)->Publish(Numbered(i));  // again until acknowledged and applied
-          return QueryInt(*db, "SELECT count(*) FROM cluster_effects WHERE event_id = 'c-" +
+          (void)broker_->Publish(Numbered(i));  // again until acknowledged and applied
+          return QueryInt(*db_, "SELECT count(*) FROM cluster_effects WHERE event_id = 'c-" +
                                    std::to_string(i) + "'") > 0;
         },
         120s);
   };
   ASSERT_TRUE(applied_fresh());
   for (int node = 1; node <= 3; ++node) {
-    ASSERT_TRUE(nats.Kill(node));
+    ASSERT_TRUE(nats_.Kill(node));
     EXPECT_TRUE(applied_fresh()) << "node " << node << " down";
-    ASSERT_TRUE(nats.Restart(node));
+    ASSERT_TRUE(nats_.Restart(node));
     EXPECT_TRUE(applied_fresh()) << "node " << node << " back";
   }
-  stop = true;
-  consuming.join();
-  EXPECT_EQ((*broker)->stats().consumers_missing, 0);
+  StopConsuming();
+  EXPECT_EQ(broker_->stats().consumers_missing, 0);
   std::lock_guard<std::mutex> l(mu);
   for (const std::string& m : missing) ADD_FAILURE() << "reported missing: " << m;
 }

@@ -69,6 +69,14 @@ class IdempotencyRouteTest : public ::testing::Test {
     return o;
   }
   int64_t Effects() { return testing::QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
+  // A prepared route's transaction body: one effect row, prepared as `row`; a 201 naming it.
+  PreparedTxFn InsertEffect(std::string row) {
+    return [this, row = std::move(row)](Tx& tx) -> Result<Response> {
+      ++runs_;
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
+      return Json(201, "{\"id\":\"" + row + "\"}");
+    };
+  }
   int64_t Keys() { return testing::QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"); }
 
   testing::TempDir dir_;
@@ -220,12 +228,7 @@ TEST_F(IdempotencyRouteTest, PrepareFailingNeverHidesAStoredAnswer) {
   Server::Handler h = SinglePhaseRoute(
       *keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
         if (!refuse.ok()) return tl::unexpected(refuse);
-        std::string row = *r.Header("X-Tenant") + ":" + r.body;
-        return PreparedTxFn([&, row](Tx& tx) -> Result<Response> {
-          ++runs_;
-          CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
-          return Json(201, "{\"id\":\"" + row + "\"}");
-        });
+        return InsertEffect(*r.Header("X-Tenant") + ":" + r.body);
       });
   Headers k1 = {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}};
   Request first = Post("t1", k1);
@@ -258,12 +261,7 @@ TEST_F(IdempotencyRouteTest, AKeyThatChangedWhilePrepareRanIsAnsweredNotPrepares
           EXPECT_EQ((*self)(first).status, 201);
           return tl::unexpected(UnavailableError("pricing service down"));
         }
-        std::string row = *r.Header("X-Tenant") + ":" + r.body;
-        return PreparedTxFn([&, row](Tx& tx) -> Result<Response> {
-          ++runs_;
-          CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", row));
-          return Json(201, "{\"id\":\"" + row + "\"}");
-        });
+        return InsertEffect(*r.Header("X-Tenant") + ":" + r.body);
       });
   self = &h;
   Request second = Post("t1", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}});
