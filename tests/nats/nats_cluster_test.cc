@@ -159,7 +159,8 @@ TEST_F(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffe
       "cluster: %lld acked publishes, %lld duplicates dropped by the stream, %lld "
       "publish errors retried; consumer: %lld processed, %lld duplicates absorbed\n",
       static_cast<long long>(ns.published), static_cast<long long>(ns.duplicates),
-      static_cast<long long>(ns.publish_errors), static_cast<long long>(consumer_->stats().processed),
+      static_cast<long long>(ns.publish_errors),
+      static_cast<long long>(consumer_->stats().processed),
       static_cast<long long>(consumer_->stats().duplicates));
 }
 
