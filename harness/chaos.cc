@@ -459,10 +459,15 @@ Status Campaign::SetUp() {
       << "[psp]\nurl = \"http://127.0.0.1:" << psp_->port() << "\"\ntimeout_ms = "
       << kPspTimeoutMs << "\nwebhook_secrets = [\"" << secret_ << "\"]\n"
       << "[mail]\nurl = \"http://127.0.0.1:" << mail_->port() << "\"\ntimeout_ms = 1000\n"
-      // Generous attempts: a refund racing its capture waits out kills and stalls.
+      // Generous attempts: a refund racing its capture, or a charge.succeeded webhook
+      // racing the saga step that records the payment it names, waits out kills and
+      // stalls. The campaign may stall one point three times running (about 8 s) and kill
+      // the process around it; with 500 ms between tries the 30 attempts lasted about
+      // 8 s, and on a loaded machine such a webhook was parked (exhausted) 0.1 s before
+      // its payment committed. 2 s between tries: about 45 s.
       << "[consumers]\nvisibility_ms = " << kVisibilityMs
       << "\nmax_attempts = 30\nbackoff_initial_ms = 20\n"
-      << "backoff_max_ms = 500\n"
+      << "backoff_max_ms = 2000\n"
       << "[effects]\nmax_attempts = 20\nlease_ms = 1500\n";
   }
   for (int i = 0; i < instances_; ++i) {
