@@ -153,6 +153,18 @@ Response StoreProblem(const Status& st) {
   return r;
 }
 
+// A transient error of the route's own (its prepare or its body): the handler may have
+// failed on anything, a downstream call as well as the store, so the answer names neither;
+// what the client needs to know is that nothing was stored for its key.
+Response HandlerRetryProblem(const Status& st) {
+  Response r = Problem(503, "Service Unavailable",
+                       "the request could not be completed now and nothing was stored for "
+                       "its key; retry with the same key",
+                       "unavailable");
+  r.Set("Retry-After", std::to_string(std::max<int64_t>(1, (st.retry_after_ms() + 999) / 1000)));
+  return r;
+}
+
 Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                  SinglePhaseFn fn) {
   return SinglePhaseRoute(keys, std::move(options),
@@ -200,7 +212,7 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
     // failed, and the key had been completed or claimed meanwhile: Execute says so).
     if (handler_error && *handler_error == out.error()) {
       const Status& e = *handler_error;
-      return e.transient() ? StoreProblem(e) : ProblemFor(e, "invalid-request");
+      return e.transient() ? HandlerRetryProblem(e) : ProblemFor(e, "invalid-request");
     }
     return ClaimProblem(out.error(), o.metrics);
   };

@@ -150,6 +150,9 @@ TEST_F(IdempotencyRouteTest, AHandlerErrorStoresNothingSoTheRetryRunsAgain) {
   Response r = h(a);
   EXPECT_EQ(r.status, 503);
   EXPECT_NE(r.Header("Retry-After"), nullptr);
+  // The handler's error, not the store's: the answer does not blame the store.
+  EXPECT_EQ(r.body.find("the store"), std::string::npos) << r.body;
+  EXPECT_NE(r.body.find("nothing was stored"), std::string::npos) << r.body;
   fail = false;
   Request b = Post("x", hd);
   EXPECT_EQ(h(b).status, 201);
