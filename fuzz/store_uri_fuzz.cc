@@ -12,7 +12,7 @@
 //    Database::Open, and its message names the URI forms that work;
 //  - sqlite: (after `sqlite:` or `sqlite://`): the location parses exactly when its path
 //    (before the first '?') is not empty and its query, cut at '&' with empty pieces
-//    skipped, holds only name=value pieces naming each of the four sqlite parameters at
+//    skipped, holds only name=value pieces naming each of the five sqlite parameters at
 //    most once, with a value in its range (an independent reading below); a parsed
 //    location's path is that prefix, and FormatLocation reads back to the same settings;
 //  - postgresql://: a URI that parses keeps libpq's part whole (the URI's base and, in
@@ -90,6 +90,8 @@ bool SqliteShouldParse(std::string_view location) {
       if (!IsDecimalIn(value, 0, 2147483647)) return false;
     } else if (name == "readers") {
       if (!IsDecimalIn(value, 1, 1024)) return false;
+    } else if (name == "checkpoint_pages") {
+      if (!IsDecimalIn(value, 1, 1 << 24)) return false;
     } else {
       return false;
     }
@@ -100,7 +102,7 @@ bool SqliteShouldParse(std::string_view location) {
 bool Same(const sqlite::Settings& a, const sqlite::Settings& b) {
   return a.path == b.path && a.synchronous_full == b.synchronous_full &&
          a.max_batch == b.max_batch && a.busy_timeout == b.busy_timeout &&
-         a.readers == b.readers;
+         a.readers == b.readers && a.checkpoint_pages == b.checkpoint_pages;
 }
 
 // `refusal` came from a backend's parser: Database::Open must give the same.

@@ -298,6 +298,8 @@ class Database {
   //     max_batch=N              most Transact calls in one physical commit (512)
   //     busy_timeout_ms=N        how long to wait for another process's write lock (5000)
   //     readers=N                read-only connections kept for Read() (4)
+  //     checkpoint_pages=N       WAL pages that start a checkpoint, copied back into the
+  //                              file on a thread of its own, not the writer's (1000)
   //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
   //                            whose own parameters (sslmode, connect_timeout, ...) pass
   //                            through to libpq; converge takes out its own first:

@@ -149,9 +149,10 @@ TEST(SqliteUriParameters, EveryBadParameterIsRefusedByName) {
       {"?max_batch=0", "max_batch=0 is not an integer"},
       {"?readers=many", "readers=many is not an integer"},
       {"?busy_timeout_ms=-1", "busy_timeout_ms=-1 is not an integer"},
+      {"?checkpoint_pages=0", "checkpoint_pages=0 is not an integer"},
       {"?readers=2&readers=2", "'readers' is given more than once"},
       {"?pool_size=4", "sqlite URI: unknown parameter 'pool_size'; it takes synchronous, "
-                       "max_batch, busy_timeout_ms, readers"},
+                       "max_batch, busy_timeout_ms, readers, checkpoint_pages"},
       {"?notify=true", "unknown parameter 'notify'"},
       {"?synchronous", "'synchronous' is not name=value"},
   };
@@ -213,7 +214,7 @@ TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
   EXPECT_EQ(s->busy_timeout, Millis(5000));
   const std::string again = sqlite::FormatLocation(*s);
   EXPECT_EQ(again, "no/such/dir/app.db?synchronous=normal&max_batch=9&busy_timeout_ms=5000"
-                   "&readers=7");
+                   "&readers=7&checkpoint_pages=1000");
   auto reread = sqlite::ParseLocation(again);
   ASSERT_TRUE(reread) << reread.error().ToString();
   EXPECT_EQ(reread->path, s->path);

@@ -28,6 +28,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
 #include "src/core/store_uri.h"
 
@@ -314,6 +315,12 @@ class SqliteDatabase : public Database {
     }
     work_cv_.notify_all();
     if (writer_.joinable()) writer_.join();
+    {
+      std::lock_guard<std::mutex> l(checkpoint_mu_);
+      checkpoint_stopping_ = true;
+    }
+    checkpoint_cv_.notify_all();
+    if (checkpointer_.joinable()) checkpointer_.join();
   }
 
   Status Init() {
@@ -333,6 +340,13 @@ class SqliteDatabase : public Database {
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL") +
         "; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;"));
     CONVERGE_RETURN_IF_ERROR(Migrate());
+    // Checkpoints: see Checkpointer. The hook replaces SQLite's automatic checkpoint,
+    // which ran inside the commit that crossed its mark, on the writer thread.
+    CONVERGE_RETURN_IF_ERROR(checkpoint_conn_.Open(path_, false, options_.busy_timeout));
+    CONVERGE_RETURN_IF_ERROR(checkpoint_conn_.ExecScript(
+        std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL")));
+    sqlite3_wal_hook(writer_conn_.db(), &SqliteDatabase::OnWalCommit, this);
+    checkpointer_ = std::thread([this] { CheckpointLoop(); });
     writer_ = std::thread([this] { WriterLoop(); });
     writer_id_ = writer_.get_id();
     return OkStatus();
@@ -566,6 +580,57 @@ class SqliteDatabase : public Database {
     }
   }
 
+  // Checkpoints run on their own thread and connection. SQLite's automatic checkpoint
+  // (every 1,000 WAL pages) ran inside the commit that crossed the mark: the writer
+  // copied the WAL's pages into the database file and fsynced it before it could take
+  // the next batch, and every caller queued behind that. On a large store whose commits
+  // dirty pages scattered over the file (a sweeper deleting expired keys), those were
+  // random writes of thousands of pages a batch (docs/design/retention.md).
+  //
+  // SQLite lets a checkpoint run beside the writer (it copies what no reader still needs,
+  // up to the WAL's end when it started), but the WAL starts over from its beginning only
+  // when a write transaction begins with every frame copied. Under a steady stream of
+  // commits a checkpoint on another thread never catches up with the end, so the WAL
+  // would grow without bound. Past kWriterCheckpointFactor times `checkpoint_pages`
+  // (1,000 by default, SQLite's own mark) the writer therefore checkpoints itself,
+  // between its commits, as SQLite's own mechanism did: what is left by then is what was
+  // committed since the last background pass.
+  static constexpr int kWriterCheckpointFactor = 16;  // 64 MiB of WAL by default
+
+  // sqlite3_wal_hook: runs on the writer thread after each commit, `pages` being the
+  // WAL's size.
+  static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages) {
+    auto* d = static_cast<SqliteDatabase*>(self);
+    const int mark = d->options_.checkpoint_pages;
+    if (pages >= mark * kWriterCheckpointFactor) {
+      // SQLITE_BUSY when the background pass holds the checkpoint lock: the next commit
+      // tries again.
+      (void)sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+    } else if (pages >= mark) {
+      std::lock_guard<std::mutex> l(d->checkpoint_mu_);
+      d->checkpoint_wanted_ = true;
+      d->checkpoint_cv_.notify_one();
+    }
+    return SQLITE_OK;
+  }
+
+  void CheckpointLoop() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(checkpoint_mu_);
+        checkpoint_cv_.wait(l, [&] { return checkpoint_stopping_ || checkpoint_wanted_; });
+        if (checkpoint_stopping_) return;
+        checkpoint_wanted_ = false;
+      }
+      // A test holds the background pass here to see the writer bound the WAL alone.
+      if (!failpoint::Hit("sqlite.before_checkpoint").ok()) continue;
+      // PASSIVE never waits for readers or the writer; a failure (an I/O error, another
+      // process checkpointing) leaves the pages in the WAL for the next pass.
+      (void)sqlite3_wal_checkpoint_v2(checkpoint_conn_.db(), "main", SQLITE_CHECKPOINT_PASSIVE,
+                                      nullptr, nullptr);
+    }
+  }
+
   void CountTransactions(size_t n) {
     std::lock_guard<std::mutex> l(mu_);
     stats_.transactions += static_cast<int64_t>(n);
@@ -584,6 +649,13 @@ class SqliteDatabase : public Database {
   std::deque<Job*> queue_;
   bool stopping_ = false;
   DatabaseStats stats_;
+
+  Connection checkpoint_conn_;  // only the checkpointer thread (and Init)
+  std::thread checkpointer_;
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;
+  bool checkpoint_wanted_ = false;
+  bool checkpoint_stopping_ = false;
 
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;
@@ -616,6 +688,9 @@ Result<Settings> ParseLocation(std::string_view location) {
   if (busy) s.busy_timeout = Millis(*busy);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> readers, uri.TakeInt("readers", 1, 1024));
   if (readers) s.readers = static_cast<size_t>(*readers);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> checkpoint,
+                            uri.TakeInt("checkpoint_pages", 1, 1 << 24));
+  if (checkpoint) s.checkpoint_pages = static_cast<int>(*checkpoint);
   CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
   return s;
 }
@@ -624,7 +699,8 @@ std::string FormatLocation(const Settings& settings) {
   return settings.path + "?synchronous=" + (settings.synchronous_full ? "full" : "normal") +
          "&max_batch=" + std::to_string(settings.max_batch) +
          "&busy_timeout_ms=" + std::to_string(settings.busy_timeout.count()) +
-         "&readers=" + std::to_string(settings.readers);
+         "&readers=" + std::to_string(settings.readers) +
+         "&checkpoint_pages=" + std::to_string(settings.checkpoint_pages);
 }
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {

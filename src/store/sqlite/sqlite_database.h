@@ -14,8 +14,8 @@
 namespace converge::sqlite {
 
 // The parameters a sqlite: URI's query may carry (database.h, Database::Open).
-inline constexpr std::array<std::string_view, 4> kUriParameters = {
-    "synchronous", "max_batch", "busy_timeout_ms", "readers"};
+inline constexpr std::array<std::string_view, 5> kUriParameters = {
+    "synchronous", "max_batch", "busy_timeout_ms", "readers", "checkpoint_pages"};
 
 // What a sqlite: location asks for ("PATH?synchronous=normal&readers=8", the URI after
 // `sqlite:` or `sqlite://`), read without opening anything.
@@ -25,6 +25,9 @@ struct Settings {
   size_t max_batch = 512;
   Millis busy_timeout = Millis(5000);
   size_t readers = 4;
+  // WAL pages that start a checkpoint on the checkpointer's thread; past 16 times that
+  // the writer checkpoints between its commits (sqlite_database.cc, Checkpointer).
+  int checkpoint_pages = 1000;
 };
 
 // Errors (kInvalidArgument): an empty path; a parameter that is not name=value, unknown,
