@@ -13,6 +13,7 @@
 //   saga.before_reopen_commit         (saga.cc: a late call's reopen written, not committed)
 //   sweeper.before_saga_instances     (sweeper.cc: settled sagas' journal gone, rows not yet)
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
+//   sqlite.before_checkpoint          (sqlite_database.cc: the checkpointer woken, not run)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
 //   nats.pull_answer_late             (nats_pull.cc: a pull request sent, its wait skipped)
 //

@@ -598,16 +598,28 @@ class SqliteDatabase : public Database {
   static constexpr int kWriterCheckpointFactor = 16;  // 64 MiB of WAL by default
 
   // sqlite3_wal_hook: runs on the writer thread after each commit, `pages` being the
-  // WAL's size.
+  // WAL's size. A background pass is started by `checkpoint_pages` new pages since the
+  // last one, not by the WAL's size: between two restarts the WAL only grows, and waking
+  // the checkpointer at every commit past the mark made it copy a few pages and fsync the
+  // database file once a commit (group commit ran 20% slower on an empty store).
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages) {
     auto* d = static_cast<SqliteDatabase*>(self);
     const int mark = d->options_.checkpoint_pages;
-    if (pages >= mark * kWriterCheckpointFactor) {
-      // SQLITE_BUSY when the background pass holds the checkpoint lock: the next commit
-      // tries again.
+    std::unique_lock<std::mutex> l(d->checkpoint_mu_);
+    // A WAL smaller than at the last pass has started over from its beginning.
+    if (pages < d->checkpoint_requested_at_) d->checkpoint_requested_at_ = 0;
+    if (pages < d->writer_checkpointed_at_) d->writer_checkpointed_at_ = 0;
+    if (pages >= mark * kWriterCheckpointFactor &&
+        pages - d->writer_checkpointed_at_ >= mark) {
+      d->writer_checkpointed_at_ = pages;
+      l.unlock();
+      // SQLITE_BUSY when the background pass holds the checkpoint lock. And readers whose
+      // snapshots overlap without a gap keep any checkpoint from copying the WAL's end,
+      // so it cannot start over (SQLite's own automatic checkpoint was no different). In
+      // both cases the writer tries again `mark` pages later, not at every commit.
       (void)sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
-    } else if (pages >= mark) {
-      std::lock_guard<std::mutex> l(d->checkpoint_mu_);
+    } else if (pages - d->checkpoint_requested_at_ >= mark) {
+      d->checkpoint_requested_at_ = pages;
       d->checkpoint_wanted_ = true;
       d->checkpoint_cv_.notify_one();
     }
@@ -656,6 +668,8 @@ class SqliteDatabase : public Database {
   std::condition_variable checkpoint_cv_;
   bool checkpoint_wanted_ = false;
   bool checkpoint_stopping_ = false;
+  int checkpoint_requested_at_ = 0;  // the WAL's size when a pass was last asked for
+  int writer_checkpointed_at_ = 0;   // the WAL's size when the writer last checkpointed
 
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;
