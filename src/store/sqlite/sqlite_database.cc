@@ -340,8 +340,9 @@ class SqliteDatabase : public Database {
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL") +
         "; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;"));
     CONVERGE_RETURN_IF_ERROR(Migrate());
-    // Checkpoints: see Checkpointer. The hook replaces SQLite's automatic checkpoint,
-    // which ran inside the commit that crossed its mark, on the writer thread.
+    // Checkpoints: see OnWalCommit and CheckpointLoop. The hook replaces SQLite's
+    // automatic checkpoint, which ran inside the commit that crossed its mark, on the
+    // writer thread.
     CONVERGE_RETURN_IF_ERROR(checkpoint_conn_.Open(path_, false, options_.busy_timeout));
     CONVERGE_RETURN_IF_ERROR(checkpoint_conn_.ExecScript(
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL")));
@@ -601,7 +602,7 @@ class SqliteDatabase : public Database {
   // WAL's size. A background pass is started by `checkpoint_pages` new pages since the
   // last one, not by the WAL's size: between two restarts the WAL only grows, and waking
   // the checkpointer at every commit past the mark made it copy a few pages and fsync the
-  // database file once a commit (group commit ran 20% slower on an empty store).
+  // database file once a commit (group commit ran 20-30% slower on a small store).
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages) {
     auto* d = static_cast<SqliteDatabase*>(self);
     const int mark = d->options_.checkpoint_pages;

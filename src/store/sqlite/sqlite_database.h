@@ -26,7 +26,7 @@ struct Settings {
   Millis busy_timeout = Millis(5000);
   size_t readers = 4;
   // WAL pages that start a checkpoint on the checkpointer's thread; past 16 times that
-  // the writer checkpoints between its commits (sqlite_database.cc, Checkpointer).
+  // the writer checkpoints between its commits (sqlite_database.cc, OnWalCommit).
   int checkpoint_pages = 1000;
 };
 
