@@ -129,7 +129,8 @@ int main(int argc, char** argv) {
       std::printf("\r  pass %d: %lld rows deleted so far", pass,
                   static_cast<long long>(total.total()));
       std::fflush(stdout);
-      if (s->total() == 0) break;
+      // Until every table is swept through (and on SQLite, walked through once: sweeper.h).
+      if (!s->more) break;
     }
     std::printf("\nswept: %lld idempotency keys, %lld inbox rows, %lld outbox events, "
                 "%lld effects, %lld dead letters\n",

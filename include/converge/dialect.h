@@ -57,6 +57,14 @@ class Dialect {
   // round trip: "nextval('converge_fences')" on PostgreSQL. Empty where a fence can only
   // be drawn on its own (SQLite, where NextFence is an UPDATE): call Tx::NextFence first.
   virtual std::string_view NextFenceExpression() const { return ""; }
+  // How the sweeper (sweeper.h) finds expired idempotency keys and inbox rows. false
+  // (PostgreSQL): through their expiry indexes, a LIMITed batch at a time; its deletions
+  // run beside the writes, not inside them. true (SQLite): by walking each table in
+  // primary-key order, a window of rows per transaction, so that one deleted leaf page
+  // takes all of its expired rows at once; the store then keeps no expiry index (a
+  // deletion in key order would dirty a page of that index per row again), which the
+  // schema drops where this is true. docs/design/retention.md.
+  virtual bool SweepsInKeyOrder() const { return false; }
 };
 
 }  // namespace converge

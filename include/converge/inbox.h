@@ -59,7 +59,10 @@ class Inbox {
 
   // Deletes up to `limit` rows whose ttl has passed; returns how many. On a
   // time-partitioned store (Tx::time_partitions) only rows of the DEFAULT partition: the
-  // Sweeper drops the others a partition at a time. REQUIRES: limit > 0.
+  // Sweeper drops the others a partition at a time. On a store that sweeps in key order
+  // (Dialect::SweepsInKeyOrder: SQLite) the table has no expiry index, so this scans
+  // until it has found `limit` expired rows; the Sweeper walks the table instead.
+  // REQUIRES: limit > 0.
   Result<int64_t> Sweep(Tx& tx, int64_t limit) const;
 
   // Rows per consumer (for statistics and displays).

@@ -24,13 +24,31 @@
 // whole partition waits). Only their DEFAULT partitions, which hold rows no partition
 // covered when they were written, are still swept row by row. docs/design/retention.md.
 //
-// Thread safety: safe to run from one thread while everything else runs.
+// Where the store sweeps in key order (Dialect::SweepsInKeyOrder: SQLite), idempotency_keys
+// and consumer_inbox are not searched for expired rows but walked in primary-key order, a
+// window of rows at a time, each window's expired rows deleted in one transaction, and the
+// walk starts over at the end of the table. Deleting in key order dirties each leaf page
+// once for all of its expired rows, where rows picked through an expiry index are
+// scattered over the table, a page each. The walk is paced so that a whole one takes
+// `key_order_pass`: a window is walked only while the walk has examined fewer rows than
+// the previous walk did in proportion to the pass's time gone, or is overdue; RunOnce says
+// `more` while a walk still lags (and all through the first walk after the sweeper
+// starts, which runs flat out). A table that fits in one window is walked whenever one row
+// of it is due. A window with nothing to delete costs no write. A row therefore outlives
+// its expiry by up to about one pass; nothing reads an expired row as live meanwhile
+// (idempotency.h: a finished key past expires_at is used afresh; an inbox row only
+// dedupes longer). docs/design/retention.md.
+//
+// Thread safety: safe to run from one thread while everything else runs; RunOnce is not
+// to be called by two threads at once on one Sweeper.
 #ifndef CONVERGE_SWEEPER_H_
 #define CONVERGE_SWEEPER_H_
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "converge/clock.h"
 #include "converge/database.h"
@@ -50,6 +68,19 @@ struct SweepOptions {
   // is not running. REQUIRES: partition_period > 0, partitions_ahead >= 0.
   Millis partition_period = std::chrono::hours(24);
   int partitions_ahead = 2;
+  // Stores that sweep in key order: how long one walk over idempotency_keys (and one
+  // over consumer_inbox) should take. A walk finds about pass / (TTL + pass) of a
+  // table's rows expired (rows living TTL), so a longer pass deletes more rows per page
+  // written and keeps more expired rows meanwhile (the table is about pass / 2 of
+  // creates larger). REQUIRES: 0 < key_order_pass <= kMaxKeyOrderPass.
+  Millis key_order_pass = std::chrono::hours(6);
+  static constexpr Millis kMaxKeyOrderPass = std::chrono::hours(24 * 365);
+  // Stores that sweep in key order: the rows a window examines at most (it ends sooner
+  // at its `batch`-th forgettable row, so a transaction still deletes at most `batch`),
+  // and the windows of each table one RunOnce walks at most while the walk lags its
+  // schedule. REQUIRES: both >= 1.
+  int64_t key_order_window = 10000;
+  int key_order_windows = 16;
 };
 
 struct SweepStats {
@@ -59,6 +90,12 @@ struct SweepStats {
   // Time-partitioned stores: partitions of idempotency_keys, consumer_inbox and
   // outbox_events created and dropped by this pass.
   int64_t partitions_created = 0, partitions_dropped = 0;
+  // Call RunOnce again at once: a table's batch came back full, or a walk in key order
+  // lags its schedule (or is the sweeper's first). A loop that runs until this is false
+  // has swept everything there was, and walked each key-order table through once.
+  bool more = false;
+  // Walks in key order that reached the end of their table in this call.
+  int walks_completed = 0;
 };
 
 class Sweeper {
@@ -66,8 +103,8 @@ class Sweeper {
   // `db` and `clock` must outlive the sweeper. clock nullptr = Clock::System().
   explicit Sweeper(Database& db, SweepOptions options = {}, Clock* clock = nullptr);
 
-  // One bounded batch per table, each in its own transaction. Returns what it deleted;
-  // call again while total() > 0 to sweep everything.
+  // One bounded batch (or window, above) per table, each in its own transaction. Returns
+  // what it deleted; call again while `more` to sweep everything.
   Result<SweepStats> RunOnce();
 
  private:
@@ -80,9 +117,30 @@ class Sweeper {
   // Time-partitioned stores: creates ahead and drops what may go (above). Sets
   // `*row_tables`.
   Status MaintainPartitions(int64_t now, SweepStats* stats, RowTables* row_tables);
+
+  // A table walked in key order, and where its walk stands.
+  struct Walk {
+    std::string table;
+    std::string key_columns;  // its primary key's columns, "a, b"
+    size_t key_size;          // how many
+    std::string forgettable;  // SQL on the row, $1 = now: it may be deleted
+    std::vector<Value> after;  // the last key of the previous window; empty: at the start
+    int64_t pass_start = 0;    // when this walk began (the previous one ended)
+    int64_t pass_rows = 0;     // rows examined by this walk so far
+    int64_t last_pass_rows = -1;  // rows the previous whole walk examined; -1: none yet
+  };
+  // Whether `walk` lags its schedule at `now` (or is the first, or overdue): it is due
+  // another window. Moves the schedule back to `now` when the clock went back.
+  bool Behind(Walk& walk, int64_t now) const;
+  // One window of `walk`: deletes its forgettable rows and moves the walk on, counting a
+  // walk that reached the end of its table in `*completed`. Returns the rows deleted.
+  Result<int64_t> WalkOnce(Walk& walk, int64_t now, int* completed);
+
   Database& db_;
   const SweepOptions options_;
   Clock* clock_;
+  std::optional<bool> key_order_;  // Dialect::SweepsInKeyOrder, once known
+  Walk keys_walk_, inbox_walk_;
 };
 
 }  // namespace converge

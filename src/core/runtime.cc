@@ -41,6 +41,13 @@ Status Runtime::Validate() const {
   for (const auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Validate());
   for (const auto& s : sagas_) CONVERGE_RETURN_IF_ERROR(s->Validate());
   if (options_.sweep.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
+  if (options_.sweep.key_order_pass <= Millis(0) ||
+      options_.sweep.key_order_pass > SweepOptions::kMaxKeyOrderPass ||
+      options_.sweep.key_order_window < 1 || options_.sweep.key_order_windows < 1) {
+    return InvalidArgumentError(
+        "sweep key_order_pass must be within (0, 365 days], key_order_window and "
+        "key_order_windows >= 1");
+  }
   if (options_.sweep_interval < Millis(0)) {
     return InvalidArgumentError("sweep interval must not be negative");
   }
@@ -79,10 +86,9 @@ bool Runtime::SweepPass() {
     return false;
   }
   stats_.swept += swept->total();
-  // A full batch in any table: more may be waiting, sweep again at once.
-  return swept->keys >= options_.sweep.batch || swept->inbox >= options_.sweep.batch ||
-         swept->outbox >= options_.sweep.batch || swept->effects >= options_.sweep.batch ||
-         swept->dead_letters >= options_.sweep.batch || swept->sagas >= options_.sweep.batch;
+  // A full batch in a table, or a walk in key order behind its schedule: sweep again at
+  // once.
+  return swept->more;
 }
 
 RuntimeStats Runtime::stats() const {

@@ -1,6 +1,8 @@
 #include "converge/sweeper.h"
 
+#include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "converge/failpoint.h"
@@ -10,7 +12,16 @@
 namespace converge {
 
 Sweeper::Sweeper(Database& db, SweepOptions options, Clock* clock)
-    : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {}
+    : db_(db), options_(options), clock_(clock ? clock : Clock::System()) {
+  keys_walk_ = {.table = "idempotency_keys",
+                .key_columns = "scope, key",
+                .key_size = 2,
+                .forgettable = internal::ForgettableKeyCondition("$1")};
+  inbox_walk_ = {.table = "consumer_inbox",
+                 .key_columns = "consumer, source, event_id",
+                 .key_size = 3,
+                 .forgettable = "expires_at <= $1"};  // Inbox::Sweep's
+}
 
 namespace {
 
@@ -20,6 +31,13 @@ struct PartitionedTable {
   std::string keep;  // SQL on the row, with $1 = at
   int64_t at;
 };
+
+// "($first, $first+1, ...)": `n` placeholders for a row value.
+std::string Placeholders(size_t first, size_t n) {
+  std::string out = "(";
+  for (size_t i = 0; i < n; ++i) out += (i ? ", $" : "$") + std::to_string(first + i);
+  return out + ")";
+}
 
 bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to) {
   for (const TimePartition& p : parts) {
@@ -112,8 +130,116 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* ro
   return OkStatus();
 }
 
+bool Sweeper::Behind(Walk& w, int64_t now) const {
+  if (w.last_pass_rows < 0) return true;  // the sweeper's first walk: flat out
+  if (now < w.pass_start) w.pass_start = now;  // the clock went back
+  const int64_t period = options_.key_order_pass.count();
+  const int64_t elapsed = now - w.pass_start;
+  if (elapsed >= period) return true;  // overdue: finish it
+  const auto due =
+      static_cast<int64_t>(static_cast<__int128>(w.last_pass_rows) * elapsed / period);
+  return w.pass_rows < due;
+}
+
+Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
+  const std::string key = "(" + w.key_columns + ")";
+  // "key > after [AND key <= end]" with their values appended to `params`.
+  auto range = [&](const std::vector<Value>& end, std::vector<Value>* params) {
+    std::string sql = "1 = 1";
+    for (const std::vector<Value>* bound : {&std::as_const(w.after), &end}) {
+      if (bound->empty()) continue;
+      sql += " AND " + key + (bound == &w.after ? " > " : " <= ") +
+             Placeholders(params->size() + 1, w.key_size);
+      params->insert(params->end(), bound->begin(), bound->end());
+    }
+    return sql;
+  };
+  auto first_key = [&](const Rows& rows, std::vector<Value>* out) {
+    if (rows.empty()) return;
+    for (size_t i = 0; i < w.key_size; ++i) out->push_back(rows[0][i]);
+  };
+  // The window, found by reads, off the writer: the next key_order_window rows after the
+  // previous window, cut short after its batch-th forgettable row so that one transaction
+  // deletes at most `batch` (plus any row that became forgettable in the range since).
+  std::vector<Value> end;  // empty: to the end of the table
+  int64_t examined = 0;
+  bool forgettable = true;  // the window holds a row to delete
+  CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
+    std::vector<Value> params;
+    std::string in_range = range({}, &params);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows last, tx.QueryParams("SELECT " + w.key_columns + " FROM " + w.table + " WHERE " +
+                                      in_range + " ORDER BY " + w.key_columns +
+                                      " LIMIT 1 OFFSET " +
+                                      std::to_string(options_.key_order_window - 1),
+                                  params));
+    first_key(last, &end);
+    params = {Value(now)};
+    in_range = range(end, &params);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows cut, tx.QueryParams("SELECT " + w.key_columns + " FROM " + w.table + " WHERE " +
+                                     in_range + " AND (" + w.forgettable + ") ORDER BY " +
+                                     w.key_columns + " LIMIT 1 OFFSET " +
+                                     std::to_string(options_.batch - 1),
+                                 params));
+    if (!cut.empty()) {
+      end.clear();
+      first_key(cut, &end);
+    } else {
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows any, tx.QueryParams("SELECT 1 FROM " + w.table + " WHERE " + in_range +
+                                       " AND (" + w.forgettable + ") LIMIT 1",
+                                   params));
+      forgettable = !any.empty();
+      if (!end.empty()) {
+        examined = options_.key_order_window;
+        return OkStatus();
+      }
+    }
+    // How many rows the window holds, for the schedule (at most key_order_window).
+    params.clear();
+    in_range = range(end, &params);
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows count, tx.QueryParams("SELECT count(*) FROM " + w.table + " WHERE " + in_range,
+                                   params));
+    examined = count.empty() ? 0 : count[0].Int(0);
+    return OkStatus();
+  }));
+  // A window with nothing to delete costs no write (a row that became forgettable since
+  // the read waits for the next walk).
+  int64_t deleted = 0;
+  if (forgettable) {
+    std::vector<Value> params = {Value(now)};
+    const std::string sql =
+        "DELETE FROM " + w.table + " WHERE (" + w.forgettable + ") AND " + range(end, &params);
+    CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(deleted, tx.ExecParams(sql, params));
+      return OkStatus();
+    }));
+  }
+
+  w.pass_rows += examined;
+  if (end.empty()) {  // the walk reached the end of the table: the next one starts over
+    w.last_pass_rows = w.pass_rows;
+    w.pass_rows = 0;
+    w.after.clear();
+    w.pass_start = now;
+    ++*completed;
+  } else {
+    w.after = std::move(end);
+  }
+  return deleted;
+}
+
 Result<SweepStats> Sweeper::RunOnce() {
   if (options_.batch < 1) return tl::unexpected(InvalidArgumentError("sweep batch must be >= 1"));
+  if (options_.key_order_pass <= Millis(0) ||
+      options_.key_order_pass > SweepOptions::kMaxKeyOrderPass ||
+      options_.key_order_window < 1 || options_.key_order_windows < 1) {
+    return tl::unexpected(InvalidArgumentError(
+        "key_order_pass must be within (0, 365 days], key_order_window and "
+        "key_order_windows >= 1"));
+  }
   const int64_t now = clock_->NowMillis();
   SweepStats s;
   // Row by row, what no partition drop takes: on a time-partitioned store only the
@@ -130,19 +256,48 @@ Result<SweepStats> Sweeper::RunOnce() {
       return OkStatus();
     });
   };
-  CONVERGE_RETURN_IF_ERROR(sweep(
-      &s.keys,
-      ("DELETE FROM " + keys + " WHERE (scope, key) IN (SELECT scope, key FROM " + keys +
-       " WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2) AND " +
-       // Again outside the subquery: on PostgreSQL a DELETE that waited for a row lock
-       // re-checks only its own WHERE against the row's new version, and an attempt that
-       // advanced the row meanwhile must keep it.
-       internal::ForgettableKeyCondition("$1")),
-      now));
-  CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
-    CONVERGE_ASSIGN_OR_RETURN(s.inbox, Inbox(clock_).Sweep(tx, options_.batch));
-    return OkStatus();
-  }));
+  // Keys and inbox rows: walked in key order (header), or a batch through their expiry
+  // indexes.
+  bool behind = false;
+  if (!key_order_) {  // the store's, asked once
+    CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
+      key_order_ = tx.dialect().SweepsInKeyOrder();
+      return OkStatus();
+    }));
+  }
+  const bool key_order = *key_order_;
+  if (key_order) {
+    // A window of each walk that lags its schedule, and more while it still does, up to
+    // key_order_windows, before the other tables (each of which costs a commit).
+    bool keys_behind = Behind(keys_walk_, now), inbox_behind = Behind(inbox_walk_, now);
+    for (int i = 0; i < options_.key_order_windows && (keys_behind || inbox_behind); ++i) {
+      if (keys_behind) {
+        CONVERGE_ASSIGN_OR_RETURN(int64_t n, WalkOnce(keys_walk_, now, &s.walks_completed));
+        s.keys += n;
+        keys_behind = Behind(keys_walk_, now);
+      }
+      if (inbox_behind) {
+        CONVERGE_ASSIGN_OR_RETURN(int64_t n, WalkOnce(inbox_walk_, now, &s.walks_completed));
+        s.inbox += n;
+        inbox_behind = Behind(inbox_walk_, now);
+      }
+    }
+    behind = keys_behind || inbox_behind;
+  } else {
+    CONVERGE_RETURN_IF_ERROR(sweep(
+        &s.keys,
+        ("DELETE FROM " + keys + " WHERE (scope, key) IN (SELECT scope, key FROM " + keys +
+         " WHERE " + internal::ForgettableKeyCondition("$1") + " LIMIT $2) AND " +
+         // Again outside the subquery: on PostgreSQL a DELETE that waited for a row lock
+         // re-checks only its own WHERE against the row's new version, and an attempt
+         // that advanced the row meanwhile must keep it.
+         internal::ForgettableKeyCondition("$1")),
+        now));
+    CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(s.inbox, Inbox(clock_).Sweep(tx, options_.batch));
+      return OkStatus();
+    }));
+  }
   // Again outside the subquery: a replayed dead letter of a refused event makes its
   // published row unpublished again (OutboxRequeuer), and must not lose it to a DELETE
   // that waited for its row lock.
@@ -200,6 +355,11 @@ Result<SweepStats> Sweeper::RunOnce() {
                               tx.ExecMany("DELETE FROM saga_instances WHERE saga_id = $1", ids));
     return OkStatus();
   }));
+  // A full batch: more may be waiting. (A walk's window deletes what it finds; its
+  // schedule, not its count, says whether to go on.)
+  const int64_t full = options_.batch;
+  s.more = behind || (!key_order && (s.keys >= full || s.inbox >= full)) ||
+           s.outbox >= full || s.effects >= full || s.dead_letters >= full || s.sagas >= full;
   s.effects += journal;
   return s;
 }

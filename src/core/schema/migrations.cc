@@ -238,6 +238,12 @@ CREATE INDEX IF NOT EXISTS queue_messages_order ON queue_messages (queue, id);
       R"sql(
 {{partitioned_outbox}}
 )sql",
+      // 13: where the sweeper walks idempotency_keys and consumer_inbox in key order
+      // (SQLite), their expiry indexes go: nothing reads them there, and every row
+      // written or deleted would cost a page of them. Nothing elsewhere.
+      R"sql(
+{{drop_expiry_indexes}}
+)sql",
   };
   return kMigrations;
 }

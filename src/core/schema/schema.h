@@ -20,6 +20,9 @@
 //   {{partitioned_outbox}}  DDL converting outbox_events to a time-partitioned table on a
 //                         store whose idempotency_keys are one: "" except on PostgreSQL,
 //                         where the DDL itself looks at the store's shape.
+//   {{drop_expiry_indexes}}  DDL dropping the expiry indexes of idempotency_keys and
+//                         consumer_inbox where the sweeper walks them in key order
+//                         (Dialect::SweepsInKeyOrder: SQLite); "" elsewhere.
 //
 // Everything else — TEXT, INTEGER (32 bits on PostgreSQL: use {{bigint}} for times, ids
 // and counters that may grow), CHECK, DEFAULT, partial indexes — is written as is.

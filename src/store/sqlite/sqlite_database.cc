@@ -246,6 +246,9 @@ class SqliteDialect final : public schema::SchemaDialect {
   }
   std::string_view ForUpdateSkipLocked() const override { return ""; }
   std::string_view WithoutRowid() const override { return " WITHOUT ROWID"; }
+  // One writer: a deletion's page writes land inside the commits creates wait for, so
+  // each leaf page should be dirtied once for all of its expired rows.
+  bool SweepsInKeyOrder() const override { return true; }
   // A row per sequence, raised by UPDATE ... RETURNING (NextFence): with one writer at a
   // time that is all a sequence needs.
   std::string_view CreateFenceSequence() const override {
