@@ -450,7 +450,8 @@ Status Campaign::SetUp() {
     c
       << "[idempotency]\nlease_ms = " << kLeaseMs << "\ncompleter_grace_ms = 1000\n"
       << "ttl_seconds = " << kKeyTtlMs / 1000 << "\n"
-      << "[retention]\nsweep_interval_ms = 500\n"
+      // A walk of the SQLite sweeper every 2 s: expired keys go while stalls last.
+      << "[retention]\nsweep_interval_ms = 500\nsweep_pass_ms = 2000\n"
       << "[admin]\nfailpoints = true\nclock = true\n"
       << "[auth]\nadmin_token = \"" << kAdminToken << "\"\napi_keys = { ";
     for (const auto& [k, t] : kTenants) c << "\"" << k << "\" = \"" << t << "\", ";

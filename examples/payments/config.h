@@ -84,6 +84,9 @@ struct ServiceConfig {
   // [retention]
   // How often the sweeper looks for expired keys, inbox rows and published outbox rows.
   Millis sweep_interval = 60s;
+  // SQLite: how long one walk of the sweeper over the keys (and one over the inbox)
+  // takes (SweepOptions::key_order_pass). Longer: cheaper deletions, larger tables.
+  Millis sweep_pass = std::chrono::hours(6);
   // [log]
   std::string log_level = "info";
   // Not from the file: what the service reads the time from (nullptr: the system clock).

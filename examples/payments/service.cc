@@ -248,6 +248,7 @@ Status Service::Impl::Start() {
                 .outbox = {.source = "urn:converge:payments"},
                 .completer = {.grace = cfg_.completer_grace,
                               .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
+                .sweep = {.key_order_pass = cfg_.sweep_pass},
                 .sweep_interval = cfg_.sweep_interval},
       clock_);
   keys_ = &runtime_->keys();
