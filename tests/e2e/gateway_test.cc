@@ -205,13 +205,20 @@ TEST_F(GatewayE2E, RefusedDeliveriesGetTheirStatusAndStoreNothing) {
 // `subject` pointer, here the account) one at a time in intake order: a2 waits while a1 is
 // retried, however long the target asks to wait; b1, another account, does not.
 TEST_F(GatewayE2E, AnOrderedTargetHoldsBackOnlyTheSubjectOfAFailingDelivery) {
-  TargetFaults({{"status", 503}, {"times", 2}, {"retry_after", 1}, {"id", "a1"}});
+  // a1 fails until b1 is through, however slowly the sends arrive (each is a Python
+  // process: on a loaded machine a second or more), then is let through. Its 503s ask
+  // for 2 s: 5 attempts leave a1 8 s before it would be parked.
+  TargetFaults({{"status", 503}, {"times", 100}, {"retry_after", 2}, {"id", "a1"}});
   EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "a1", R"({"account":"A","n":1})"),
             204);
   EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "a2", R"({"account":"A","n":2})"),
             204);
   EXPECT_EQ(Send("standard", "/in/accounts", sender_secret_, "b1", R"({"account":"B","n":1})"),
             204);
+  ASSERT_TRUE(testing::WaitUntil([&] { return Delivered("b1") == 1; })) << TargetStats().dump();
+  EXPECT_EQ(Delivered("a1"), 0);
+  EXPECT_EQ(Delivered("a2"), 0);  // held back behind a1
+  TargetFaults({{"clear", true}});
   ASSERT_TRUE(testing::WaitUntil([&] {
     return Delivered("a1") == 1 && Delivered("a2") == 1 && Delivered("b1") == 1;
   })) << TargetStats().dump();

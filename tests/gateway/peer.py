@@ -8,7 +8,8 @@ not written in C++.
       verifies the gateway's Standard Webhooks signature with SECRET (whsec_...) and records
       the delivery by webhook-id (401 when the signature is wrong). POST /faults
       {"status": s, "times": n, "retry_after": seconds, "id": webhook-id} answers the next n
-      deliveries (of that id only, when "id" is given) with s. GET /stats:
+      deliveries (of that id only, when "id" is given) with s; {"clear": true} drops every
+      fault still pending. GET /stats:
       {"deliveries": {webhook-id: n}, "bad_signatures": n, "last": {...},
        "attempts": [[path, webhook-id, status], ...] in the order they arrived}.
   peer.py send SCHEME URL SECRET ID BODY [AGE_SECONDS]
@@ -64,7 +65,10 @@ class Target(BaseHTTPRequestHandler):
         if self.path == "/faults":
             with lock:
                 f = json.loads(body)
-                state["faults"] += [f] * f.get("times", 1)
+                if f.get("clear"):
+                    state["faults"] = []
+                else:
+                    state["faults"] += [f] * f.get("times", 1)
             return self.answer(200, {"ok": True})
         msg_id = self.headers.get("webhook-id", "")
         ts = self.headers.get("webhook-timestamp", "")
