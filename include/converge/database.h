@@ -279,6 +279,16 @@ struct DatabaseStats {
   // batch_histogram[i] counts commits that carried [2^i, 2^(i+1)) calls; empty where the
   // store has no batches.
   std::vector<int64_t> batch_histogram;
+  // SQLite's WAL and its checkpoints (docs/design/transaction-boundary.md, item 7); empty
+  // on PostgreSQL.
+  struct Wal {
+    int64_t checkpoints = 0;          // checkpoints run, by the checkpointer or the writer
+    int64_t checkpoint_failures = 0;  // of those, ended by an error other than SQLITE_BUSY
+    int64_t checkpoints_busy = 0;     // of those, stopped short by SQLITE_BUSY
+    int64_t restarts_forced = 0;      // RESTART checkpoints by the writer that completed
+    int64_t pages = 0;                // the WAL's size in pages after the last commit
+  };
+  std::optional<Wal> wal;
 };
 
 class Database {

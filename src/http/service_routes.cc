@@ -451,6 +451,18 @@ constexpr Family kRuntimeFamilies[] = {
     {"db_commits_total", "counter", "Physical commits that succeeded."},
     {"db_commit_batch_size", "histogram",
      "Transact calls carried by one physical commit (stores that batch commits)."},
+    {"db_checkpoints_total", "counter", "WAL checkpoints run (SQLite)."},
+    {"db_checkpoint_failures_total", "counter",
+     "WAL checkpoints ended by an error other than busy: the WAL keeps growing until one "
+     "succeeds (SQLite; alert on any increase)."},
+    {"db_checkpoints_busy_total", "counter",
+     "WAL checkpoints stopped short because another checkpoint or a reader held the WAL "
+     "(SQLite; tried again later)."},
+    {"db_wal_forced_restarts_total", "counter",
+     "Times the writer waited for readers so that an outgrown WAL could start over (SQLite)."},
+    {"db_wal_pages", "gauge",
+     "WAL frames, a database page each, after the last commit (SQLite; past 32 times "
+     "checkpoint_pages the writer has it start over)."},
     {"outbox_backlog", "gauge", "Outbox events not yet published."},
     {"relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event."},
 };
@@ -539,6 +551,13 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       }
       m.SetHistogram("db_commit_batch_size", {}, bounds, cumulative,
                      static_cast<double>(ds.transactions), static_cast<uint64_t>(ds.commits));
+    }
+    if (ds.wal) {
+      set("db_checkpoints_total", {}, ds.wal->checkpoints);
+      set("db_checkpoint_failures_total", {}, ds.wal->checkpoint_failures);
+      set("db_checkpoints_busy_total", {}, ds.wal->checkpoints_busy);
+      set("db_wal_forced_restarts_total", {}, ds.wal->restarts_forced);
+      set("db_wal_pages", {}, ds.wal->pages);
     }
     const int64_t now = clock->NowMillis();
     (void)o.db->Read([&](Tx& tx) -> Status {

@@ -415,9 +415,14 @@ class SqliteDatabase : public Database {
   }
 
   DatabaseStats stats() const override {
-    std::lock_guard<std::mutex> l(mu_);
-    DatabaseStats s = stats_;
-    s.queued = static_cast<int64_t>(queue_.size());
+    DatabaseStats s;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      s = stats_;
+      s.queued = static_cast<int64_t>(queue_.size());
+    }
+    std::lock_guard<std::mutex> l(checkpoint_mu_);
+    s.wal = checkpoint_stats_;
     return s;
   }
 
@@ -600,6 +605,20 @@ class SqliteDatabase : public Database {
   // between its commits, as SQLite's own mechanism did: what is left by then is what was
   // committed since the last background pass.
   static constexpr int kWriterCheckpointFactor = 16;  // 64 MiB of WAL by default
+  //
+  // Even the writer's checkpoint, run between commits, lets the WAL start over only if no
+  // reader is still on a snapshot older than its end: a write begins at the WAL's start
+  // only when every frame is copied and no reader uses any of them. Readers whose
+  // snapshots overlap without a gap (a steady stream of Read calls, a replay storm) leave
+  // no such moment, and the WAL would grow by every page written. Past
+  // kWriterRestartFactor times the writer's own mark, its checkpoint is therefore a
+  // RESTART: it copies every frame, waiting for the readers of older snapshots to finish
+  // (new ones read the file, all of it being copied), so that the next write starts the
+  // WAL over. It waits at most kWriterRestartWait; meanwhile commits wait too, which is
+  // the price of a bounded WAL (128 MiB by default). A reader longer than that leaves the
+  // WAL as it was, and the writer tries again `mark` pages later.
+  static constexpr int kWriterRestartFactor = 2;
+  static constexpr Millis kWriterRestartWait = Millis(100);
 
   // sqlite3_wal_hook: runs on the writer thread after each commit, `pages` being the
   // WAL's size. A background pass is started by `checkpoint_pages` new pages since the
@@ -610,6 +629,7 @@ class SqliteDatabase : public Database {
     auto* d = static_cast<SqliteDatabase*>(self);
     const int mark = d->options_.checkpoint_pages;
     std::unique_lock<std::mutex> l(d->checkpoint_mu_);
+    d->checkpoint_stats_.pages = pages;
     // A WAL smaller than at the last pass has started over from its beginning.
     if (pages < d->checkpoint_requested_at_) d->checkpoint_requested_at_ = 0;
     if (pages < d->writer_checkpointed_at_) d->writer_checkpointed_at_ = 0;
@@ -617,11 +637,19 @@ class SqliteDatabase : public Database {
         pages - d->writer_checkpointed_at_ >= mark) {
       d->writer_checkpointed_at_ = pages;
       l.unlock();
-      // SQLITE_BUSY when the background pass holds the checkpoint lock. And readers whose
-      // snapshots overlap without a gap keep any checkpoint from copying the WAL's end,
-      // so it cannot start over (SQLite's own automatic checkpoint was no different). In
-      // both cases the writer tries again `mark` pages later, not at every commit.
-      (void)sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      // SQLITE_BUSY when the background pass holds the checkpoint lock, or (RESTART) when
+      // a reader outlasted the wait: the writer tries again `mark` pages later, not at
+      // every commit.
+      int rc;
+      const bool restart = pages >= mark * kWriterCheckpointFactor * kWriterRestartFactor;
+      if (restart) {
+        sqlite3_busy_timeout(db, static_cast<int>(kWriterRestartWait.count()));
+        rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_RESTART, nullptr, nullptr);
+        sqlite3_busy_timeout(db, static_cast<int>(d->options_.busy_timeout.count()));
+      } else {
+        rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      }
+      d->CountCheckpoint(rc, restart);
     } else if (pages - d->checkpoint_requested_at_ >= mark) {
       d->checkpoint_requested_at_ = pages;
       d->checkpoint_wanted_ = true;
@@ -642,8 +670,24 @@ class SqliteDatabase : public Database {
       if (!failpoint::Hit("sqlite.before_checkpoint").ok()) continue;
       // PASSIVE never waits for readers or the writer; a failure (an I/O error, another
       // process checkpointing) leaves the pages in the WAL for the next pass.
-      (void)sqlite3_wal_checkpoint_v2(checkpoint_conn_.db(), "main", SQLITE_CHECKPOINT_PASSIVE,
-                                      nullptr, nullptr);
+      const int rc = sqlite3_wal_checkpoint_v2(checkpoint_conn_.db(), "main",
+                                               SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      CountCheckpoint(rc, false);
+    }
+  }
+
+  // Counted for the operator (DatabaseStats, `db_checkpoint_failures_total`): after a
+  // failure the WAL keeps growing, and the next pass may succeed (its pages are still in
+  // the WAL; nothing is lost).
+  void CountCheckpoint(int rc, bool restart) {
+    std::lock_guard<std::mutex> l(checkpoint_mu_);
+    ++checkpoint_stats_.checkpoints;
+    if (rc == SQLITE_BUSY) {
+      ++checkpoint_stats_.checkpoints_busy;
+    } else if (rc != SQLITE_OK) {
+      ++checkpoint_stats_.checkpoint_failures;
+    } else if (restart) {
+      ++checkpoint_stats_.restarts_forced;
     }
   }
 
@@ -668,12 +712,13 @@ class SqliteDatabase : public Database {
 
   Connection checkpoint_conn_;  // only the checkpointer thread (and Init)
   std::thread checkpointer_;
-  std::mutex checkpoint_mu_;
+  mutable std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;
   bool checkpoint_wanted_ = false;
   bool checkpoint_stopping_ = false;
   int checkpoint_requested_at_ = 0;  // the WAL's size when a pass was last asked for
   int writer_checkpointed_at_ = 0;   // the WAL's size when the writer last checkpointed
+  DatabaseStats::Wal checkpoint_stats_;  // under checkpoint_mu_
 
   std::mutex readers_mu_;
   std::condition_variable readers_cv_;
