@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
       exit_code = 1;
       return;
     }
-    converge::Sweeper sweeper(**db, converge::SweepOptions{.batch = sweep_batch});
+    converge::Sweeper sweeper(**db, {.batch = sweep_batch, .resume_walks = false});
     converge::SweepStats total;
     for (int pass = 1;; ++pass) {
       auto s = sweeper.RunOnce();

@@ -32,12 +32,17 @@
 // scattered over the table, a page each. The walk is paced so that a whole one takes
 // `key_order_pass`: a window is walked only while the walk has examined fewer rows than
 // the previous walk did in proportion to the pass's time gone, or is overdue; RunOnce says
-// `more` while a walk still lags (and all through the first walk after the sweeper
-// starts, which runs flat out). A table that fits in one window is walked whenever one row
+// `more` while a walk still lags (and all through a first walk, which runs flat out). A table that fits in one window is walked whenever one row
 // of it is due. A window with nothing to delete costs no write. A row therefore outlives
 // its expiry by up to about one pass; nothing reads an expired row as live meanwhile
 // (idempotency.h: a finished key past expires_at is used afresh; an inbox row only
-// dedupes longer). docs/design/retention.md.
+// dedupes longer). Where each walk stands is kept in the store (table sweep_walks),
+// written with each window's deletions (and, for windows with nothing to delete, at most
+// once a minute and at the end of a walk): a sweeper that starts again resumes the walk
+// at its pace (`resume_walks`), so a process restarted often still walks each table
+// through, and its start costs no walk flat out; only a walk that never ended yet (the
+// store's first) runs flat out. Two sweepers on one store each keep their own walk and
+// the last to write is what a third resumes. docs/design/retention.md.
 //
 // Thread safety: safe to run from one thread while everything else runs; RunOnce is not
 // to be called by two threads at once on one Sweeper.
@@ -81,6 +86,10 @@ struct SweepOptions {
   // schedule. REQUIRES: both >= 1.
   int64_t key_order_window = 10000;
   int key_order_windows = 16;
+  // Stores that sweep in key order: resume where the store says the last walk stood
+  // (header). false: walk each table through from its start, flat out, as a one-shot
+  // sweep wants (`converge sweep`); where it gets to is still written.
+  bool resume_walks = true;
 };
 
 struct SweepStats {
@@ -91,8 +100,9 @@ struct SweepStats {
   // outbox_events created and dropped by this pass.
   int64_t partitions_created = 0, partitions_dropped = 0;
   // Call RunOnce again at once: a table's batch came back full, or a walk in key order
-  // lags its schedule (or is the sweeper's first). A loop that runs until this is false
-  // has swept everything there was, and walked each key-order table through once.
+  // lags its schedule (or is a first walk). A loop that runs until this is false has
+  // swept everything there was, and, without resume_walks, walked each key-order table
+  // through once.
   bool more = false;
   // Walks in key order that reached the end of their table in this call.
   int walks_completed = 0;
@@ -128,7 +138,11 @@ class Sweeper {
     int64_t pass_start = 0;    // when this walk began (the previous one ended)
     int64_t pass_rows = 0;     // rows examined by this walk so far
     int64_t last_pass_rows = -1;  // rows the previous whole walk examined; -1: none yet
+    int64_t saved_at = -1;  // when the above was last written to sweep_walks; -1: never
   };
+  // Where the store says each walk stood (header); a walk it knows nothing of starts
+  // afresh.
+  Status LoadWalks(int64_t now);
   // Whether `walk` lags its schedule at `now` (or is the first, or overdue): it is due
   // another window. Moves the schedule back to `now` when the clock went back.
   bool Behind(Walk& walk, int64_t now) const;
@@ -140,6 +154,7 @@ class Sweeper {
   const SweepOptions options_;
   Clock* clock_;
   std::optional<bool> key_order_;  // Dialect::SweepsInKeyOrder, once known
+  bool walks_loaded_ = false;
   Walk keys_walk_, inbox_walk_;
 };
 

@@ -1,7 +1,9 @@
 #include "converge/sweeper.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -37,6 +39,38 @@ std::string Placeholders(size_t first, size_t n) {
   std::string out = "(";
   for (size_t i = 0; i < n; ++i) out += (i ? ", $" : "$") + std::to_string(first + i);
   return out + ")";
+}
+
+// sweep_walks.after_key: each column of a key as its length, ':' and its bytes. Only text
+// columns (every key walked is text); nullopt for any other.
+std::optional<Blob> EncodeKey(const std::vector<Value>& key) {
+  Blob out;
+  for (const Value& v : key) {
+    const auto* text = std::get_if<std::string>(&v);
+    if (text == nullptr) return std::nullopt;
+    out.bytes += std::to_string(text->size()) + ":" + *text;
+  }
+  return out;
+}
+
+// EncodeKey's inverse; nullopt unless `bytes` holds exactly `columns` columns.
+std::optional<std::vector<Value>> DecodeKey(std::string_view bytes, size_t columns) {
+  std::vector<Value> key;
+  while (!bytes.empty()) {
+    const size_t colon = bytes.find(':');
+    if (colon == std::string_view::npos || colon == 0 || colon > 10) return std::nullopt;
+    size_t n = 0;
+    for (char c : bytes.substr(0, colon)) {
+      if (c < '0' || c > '9') return std::nullopt;
+      n = n * 10 + static_cast<size_t>(c - '0');
+    }
+    bytes.remove_prefix(colon + 1);
+    if (n > bytes.size()) return std::nullopt;
+    key.emplace_back(std::string(bytes.substr(0, n)));
+    bytes.remove_prefix(n);
+  }
+  if (key.size() != columns) return std::nullopt;
+  return key;
 }
 
 bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to) {
@@ -130,6 +164,36 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* ro
   return OkStatus();
 }
 
+// Windows with nothing to delete write where the walk stands at most this often (those
+// with rows to delete write it in their own transaction): after a restart the walk reads
+// again at most this long's worth of windows.
+constexpr int64_t kSaveEmptyWalkEveryMs = 60'000;
+
+Status Sweeper::LoadWalks(int64_t now) {
+  return db_.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows,
+        tx.Query("SELECT walk, after_key, pass_start, pass_rows, last_pass_rows FROM sweep_walks"));
+    for (const Row& r : rows) {
+      for (Walk* w : {&keys_walk_, &inbox_walk_}) {
+        if (r.Text(0) != w->table) continue;
+        std::vector<Value> after;
+        if (!r.IsNull(1)) {
+          std::optional<std::vector<Value>> key = DecodeKey(r.Text(1), w->key_size);
+          if (!key) break;  // not written by this code: start afresh
+          after = std::move(*key);
+        }
+        w->after = std::move(after);
+        w->pass_start = r.Int(2);
+        w->pass_rows = std::max<int64_t>(0, r.Int(3));
+        w->last_pass_rows = std::max<int64_t>(-1, r.Int(4));
+        w->saved_at = now;
+      }
+    }
+    return OkStatus();
+  });
+}
+
 bool Sweeper::Behind(Walk& w, int64_t now) const {
   if (w.last_pass_rows < 0) return true;  // the sweeper's first walk: flat out
   if (now < w.pass_start) w.pass_start = now;  // the clock went back
@@ -205,29 +269,47 @@ Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
     examined = count.empty() ? 0 : count[0].Int(0);
     return OkStatus();
   }));
+  // Where the walk stands after this window.
+  Walk next = w;
+  next.pass_rows += examined;
+  if (end.empty()) {  // the walk reached the end of the table: the next one starts over
+    next.last_pass_rows = next.pass_rows;
+    next.pass_rows = 0;
+    next.after.clear();
+    next.pass_start = now;
+  } else {
+    next.after = end;
+  }
   // A window with nothing to delete costs no write (a row that became forgettable since
-  // the read waits for the next walk).
+  // the read waits for the next walk), but for where the walk stands, at the end of a
+  // walk and at most once every kSaveEmptyWalkEveryMs.
+  const bool save = forgettable || end.empty() || w.saved_at < 0 || now < w.saved_at ||
+                    now - w.saved_at >= kSaveEmptyWalkEveryMs;
   int64_t deleted = 0;
-  if (forgettable) {
+  if (save) {
     std::vector<Value> params = {Value(now)};
     const std::string sql =
         "DELETE FROM " + w.table + " WHERE (" + w.forgettable + ") AND " + range(end, &params);
+    const std::optional<Blob> after = EncodeKey(next.after);
     CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
-      CONVERGE_ASSIGN_OR_RETURN(deleted, tx.ExecParams(sql, params));
-      return OkStatus();
+      deleted = 0;
+      if (forgettable) {
+        CONVERGE_ASSIGN_OR_RETURN(deleted, tx.ExecParams(sql, params));
+      }
+      // A key EncodeKey cannot write (none walked has one) is saved as the start.
+      const bool at_start = next.after.empty() || !after;
+      return StatusOf(tx.Exec(
+          "INSERT INTO sweep_walks (walk, after_key, pass_start, pass_rows, last_pass_rows) "
+          "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (walk) DO UPDATE SET after_key = "
+          "excluded.after_key, pass_start = excluded.pass_start, pass_rows = "
+          "excluded.pass_rows, last_pass_rows = excluded.last_pass_rows",
+          w.table, at_start ? Value() : Value(*after), next.pass_start,
+          at_start ? 0 : next.pass_rows, next.last_pass_rows));
     }));
+    next.saved_at = now;
   }
-
-  w.pass_rows += examined;
-  if (end.empty()) {  // the walk reached the end of the table: the next one starts over
-    w.last_pass_rows = w.pass_rows;
-    w.pass_rows = 0;
-    w.after.clear();
-    w.pass_start = now;
-    ++*completed;
-  } else {
-    w.after = std::move(end);
-  }
+  if (end.empty()) ++*completed;
+  w = std::move(next);
   return deleted;
 }
 
@@ -266,6 +348,10 @@ Result<SweepStats> Sweeper::RunOnce() {
     }));
   }
   const bool key_order = *key_order_;
+  if (key_order && !walks_loaded_) {
+    if (options_.resume_walks) CONVERGE_RETURN_IF_ERROR(LoadWalks(now));
+    walks_loaded_ = true;
+  }
   if (key_order) {
     // A window of each walk that lags its schedule, and more while it still does, up to
     // key_order_windows, before the other tables (each of which costs a commit).

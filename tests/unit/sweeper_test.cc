@@ -172,9 +172,11 @@ TEST_F(KeyOrderSweep, AWalkIsPacedOverItsPass) {
   // eleventh, empty, window).
   const int64_t before = db_->stats().transactions;
   EXPECT_EQ(calls_until_settled(), 11);
-  // Nothing had expired, so no window wrote: each call's transactions are the sweeps of
-  // the outbox, the effects, the dead letters and the sagas.
-  EXPECT_EQ(db_->stats().transactions - before, 11 * 4);
+  // Nothing had expired, so no window deleted: each call's transactions are the sweeps of
+  // the outbox, the effects, the dead letters and the sagas, and three that wrote where a
+  // walk stood: the keys' walk at its first window and at its end, the inbox's (an empty
+  // table: one window) at its end.
+  EXPECT_EQ(db_->stats().transactions - before, 11 * 4 + 3);
   // The second walk begins: nothing is due yet, and no window is walked.
   auto idle = sweeper.RunOnce();
   ASSERT_TRUE(idle) << idle.error().ToString();
@@ -193,6 +195,75 @@ TEST_F(KeyOrderSweep, AWalkIsPacedOverItsPass) {
   EXPECT_FALSE(back->more);
   clock_.Advance(50s);
   EXPECT_EQ(calls_until_settled(), 5);
+}
+
+// Where a walk stands is in the store: a sweeper that starts again (a process restarted)
+// resumes the walk at its pace, instead of walking flat out from the start; a one-shot
+// sweep (resume_walks = false) walks from the start.
+TEST_F(KeyOrderSweep, ASweeperThatStartsAgainResumesTheWalkAndItsPace) {
+  const int64_t t0 = clock_.NowMillis();
+  for (int i = 0; i < 100; ++i) {
+    Key("k" + std::string(i < 10 ? "0" : "") + std::to_string(i), t0 + 24 * 3600'000);
+  }
+  const SweepOptions options = {
+      .batch = 10, .key_order_pass = 100s, .key_order_window = 10, .key_order_windows = 1};
+  auto calls_until_settled = [&](Sweeper& sweeper) -> int {
+    for (int calls = 1; calls <= 100; ++calls) {
+      auto s = sweeper.RunOnce();
+      EXPECT_TRUE(s) << s.error().ToString();
+      if (!s || !s->more) return calls;
+    }
+    return -1;
+  };
+  {
+    Sweeper first(*db_, options, &clock_);
+    EXPECT_EQ(calls_until_settled(first), 11);  // its first walk, flat out
+    // Every key expires; half the pass later half the second walk is due: 5 windows,
+    // each deleting its 10 keys and writing where the walk stands.
+    ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                     return StatusOf(tx.Exec("UPDATE idempotency_keys SET expires_at = $1",
+                                             t0 + 1));
+                   }).ok());
+    clock_.Advance(50s);
+    EXPECT_EQ(calls_until_settled(first), 5);
+    EXPECT_EQ(Keys(), 50);
+  }
+  // The process starts again at once: the walk is on schedule, and nothing is walked.
+  Sweeper second(*db_, options, &clock_);
+  auto idle = second.RunOnce();
+  ASSERT_TRUE(idle) << idle.error().ToString();
+  EXPECT_FALSE(idle->more);
+  EXPECT_EQ(idle->keys, 0);
+  // 30 s later, three windows are due, after the last one walked: k50 to k79.
+  clock_.Advance(30s);
+  EXPECT_EQ(calls_until_settled(second), 3);
+  EXPECT_EQ(Keys(), 20);
+  EXPECT_FALSE(HasKey("k79"));
+  EXPECT_TRUE(HasKey("k80"));
+  // A one-shot sweep walks every table through from its start, flat out: the 20 left,
+  // then the empty window that ends the walk.
+  Sweeper once(*db_,
+               {.batch = 10, .key_order_window = 10, .key_order_windows = 1, .resume_walks = false},
+               &clock_);
+  EXPECT_EQ(calls_until_settled(once), 3);
+  EXPECT_EQ(Keys(), 0);
+}
+
+TEST_F(KeyOrderSweep, AWalkWhoseStoredKeyIsUnreadableStartsAfresh) {
+  const int64_t now = clock_.NowMillis();
+  for (const char* k : {"a", "b", "c"}) Key(k, now - 1);
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                   return StatusOf(tx.Exec(
+                       "INSERT INTO sweep_walks (walk, after_key, pass_start, pass_rows, "
+                       "last_pass_rows) VALUES ('idempotency_keys', x'39393a62', $1, 2, 3)",
+                       now));
+                 }).ok());
+  Sweeper sweeper(*db_, {.key_order_pass = 100s}, &clock_);
+  auto s = sweeper.RunOnce();
+  ASSERT_TRUE(s) << s.error().ToString();
+  // From the start and flat out (a first walk): all three, the walk ended.
+  EXPECT_EQ(s->keys, 3);
+  EXPECT_EQ(Keys(), 0);
 }
 
 TEST_F(KeyOrderSweep, RefusesAPassOutOfRange) {

@@ -244,6 +244,19 @@ CREATE INDEX IF NOT EXISTS queue_messages_order ON queue_messages (queue, id);
       R"sql(
 {{drop_expiry_indexes}}
 )sql",
+      // 14: where each walk in key order stands (sweeper.h), so that a sweeper that starts
+      // again resumes its walk and its pace instead of walking flat out from the start.
+      // `after_key`: the last key of the last window walked, each column as its length,
+      // ':' and its bytes (NULL: the table's start).
+      R"sql(
+CREATE TABLE IF NOT EXISTS sweep_walks (
+  walk           TEXT     NOT NULL PRIMARY KEY,
+  after_key      {{blob}},
+  pass_start     {{bigint}} NOT NULL,
+  pass_rows      {{bigint}} NOT NULL,
+  last_pass_rows {{bigint}} NOT NULL
+);
+)sql",
   };
   return kMigrations;
 }
