@@ -310,6 +310,8 @@ class Database {
   //     readers=N                read-only connections kept for Read() (4)
   //     checkpoint_pages=N       WAL pages that start a checkpoint, copied back into the
   //                              file on a thread of its own, not the writer's (1000)
+  //     cache_mib=N              page cache of the writer's and each reader's connection,
+  //                              in MiB, 0..65536 (0: SQLite's default, 2 MiB)
   //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
   //                            whose own parameters (sslmode, connect_timeout, ...) pass
   //                            through to libpq; converge takes out its own first:

@@ -32,17 +32,18 @@
 // scattered over the table, a page each. The walk is paced so that a whole one takes
 // `key_order_pass`: a window is walked only while the walk has examined fewer rows than
 // the previous walk did in proportion to the pass's time gone, or is overdue; RunOnce says
-// `more` while a walk still lags (and all through a first walk, which runs flat out). A table that fits in one window is walked whenever one row
-// of it is due. A window with nothing to delete costs no write. A row therefore outlives
+// `more` while a walk still lags (and all through a first walk, which runs flat out). A
+// table that fits in one window is walked whenever one row of it is due. A window with
+// nothing to delete costs no write (but for where the walk stands, below). A row therefore outlives
 // its expiry by up to about one pass; nothing reads an expired row as live meanwhile
 // (idempotency.h: a finished key past expires_at is used afresh; an inbox row only
 // dedupes longer). Where each walk stands is kept in the store (table sweep_walks),
-// written with each window's deletions (and, for windows with nothing to delete, at most
-// once a minute and at the end of a walk): a sweeper that starts again resumes the walk
-// at its pace (`resume_walks`), so a process restarted often still walks each table
-// through, and its start costs no walk flat out; only a walk that never ended yet (the
-// store's first) runs flat out. Two sweepers on one store each keep their own walk and
-// the last to write is what a third resumes. docs/design/retention.md.
+// written with each window's deletions (and, for windows with nothing to delete, at a
+// sweeper's first window, every 16th and at the end of a walk): a sweeper that starts
+// again resumes the walk at its pace (`resume_walks`), so a process restarted often still
+// walks each table through, and its start costs no walk flat out; only a walk that never
+// ended yet (the store's first) runs flat out. Two sweepers on one store each keep their
+// own walk, and the last to write is what a third resumes. docs/design/retention.md.
 //
 // Thread safety: safe to run from one thread while everything else runs; RunOnce is not
 // to be called by two threads at once on one Sweeper.
@@ -138,7 +139,8 @@ class Sweeper {
     int64_t pass_start = 0;    // when this walk began (the previous one ended)
     int64_t pass_rows = 0;     // rows examined by this walk so far
     int64_t last_pass_rows = -1;  // rows the previous whole walk examined; -1: none yet
-    int64_t saved_at = -1;  // when the above was last written to sweep_walks; -1: never
+    int unsaved = -1;  // windows walked since the above was written to sweep_walks; -1:
+                       // not written by this sweeper yet
   };
   // Where the store says each walk stood (header); a walk it knows nothing of starts
   // afresh.

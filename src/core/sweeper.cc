@@ -58,7 +58,7 @@ std::optional<std::vector<Value>> DecodeKey(std::string_view bytes, size_t colum
   std::vector<Value> key;
   while (!bytes.empty()) {
     const size_t colon = bytes.find(':');
-    if (colon == std::string_view::npos || colon == 0 || colon > 10) return std::nullopt;
+    if (colon == std::string_view::npos || colon == 0 || colon > 9) return std::nullopt;
     size_t n = 0;
     for (char c : bytes.substr(0, colon)) {
       if (c < '0' || c > '9') return std::nullopt;
@@ -164,10 +164,12 @@ Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* ro
   return OkStatus();
 }
 
-// Windows with nothing to delete write where the walk stands at most this often (those
-// with rows to delete write it in their own transaction): after a restart the walk reads
-// again at most this long's worth of windows.
-constexpr int64_t kSaveEmptyWalkEveryMs = 60'000;
+// Windows with nothing to delete write where the walk stands once every this many (those
+// with rows to delete write it in their own transaction, and so does a sweeper's first
+// window): a sweeper that starts again reads again fewer windows than this, and one that
+// walks more than this many before it stops (a process in a crash loop) gets further
+// each time.
+constexpr int kSaveEmptyWindowsEvery = 16;
 
 Status Sweeper::LoadWalks(int64_t now) {
   return db_.Read([&](Tx& tx) -> Status {
@@ -184,10 +186,11 @@ Status Sweeper::LoadWalks(int64_t now) {
           after = std::move(*key);
         }
         w->after = std::move(after);
-        w->pass_start = r.Int(2);
+        // Within the last pass: a time from the future (or a clock that went back)
+        // starts the pass now; one from further back is as overdue as can be.
+        w->pass_start = std::clamp(r.Int(2), now - options_.key_order_pass.count(), now);
         w->pass_rows = std::max<int64_t>(0, r.Int(3));
         w->last_pass_rows = std::max<int64_t>(-1, r.Int(4));
-        w->saved_at = now;
       }
     }
     return OkStatus();
@@ -281,10 +284,10 @@ Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
     next.after = end;
   }
   // A window with nothing to delete costs no write (a row that became forgettable since
-  // the read waits for the next walk), but for where the walk stands, at the end of a
-  // walk and at most once every kSaveEmptyWalkEveryMs.
-  const bool save = forgettable || end.empty() || w.saved_at < 0 || now < w.saved_at ||
-                    now - w.saved_at >= kSaveEmptyWalkEveryMs;
+  // the read waits for the next walk), but for where the walk stands: at the end of a
+  // walk, at this sweeper's first window, and once every kSaveEmptyWindowsEvery.
+  const bool save = forgettable || end.empty() || w.unsaved < 0 ||
+                    w.unsaved + 1 >= kSaveEmptyWindowsEvery;
   int64_t deleted = 0;
   if (save) {
     std::vector<Value> params = {Value(now)};
@@ -306,7 +309,9 @@ Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
           w.table, at_start ? Value() : Value(*after), next.pass_start,
           at_start ? 0 : next.pass_rows, next.last_pass_rows));
     }));
-    next.saved_at = now;
+    next.unsaved = 0;
+  } else {
+    ++next.unsaved;
   }
   if (end.empty()) ++*completed;
   w = std::move(next);

@@ -150,9 +150,10 @@ TEST(SqliteUriParameters, EveryBadParameterIsRefusedByName) {
       {"?readers=many", "readers=many is not an integer"},
       {"?busy_timeout_ms=-1", "busy_timeout_ms=-1 is not an integer"},
       {"?checkpoint_pages=0", "checkpoint_pages=0 is not an integer"},
+      {"?cache_mib=65537", "cache_mib=65537 is not an integer"},
       {"?readers=2&readers=2", "'readers' is given more than once"},
       {"?pool_size=4", "sqlite URI: unknown parameter 'pool_size'; it takes synchronous, "
-                       "max_batch, busy_timeout_ms, readers, checkpoint_pages"},
+                       "max_batch, busy_timeout_ms, readers, checkpoint_pages, cache_mib"},
       {"?notify=true", "unknown parameter 'notify'"},
       {"?synchronous", "'synchronous' is not name=value"},
   };
@@ -205,20 +206,23 @@ TEST(DatabaseWithDefaultParameter, AddsOnlyWhatTheStoreTakesAndTheUriLacks) {
 
 // The parser Open runs first, alone (the store_uri fuzz target's subject).
 TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
-  auto s = sqlite::ParseLocation("no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9");
+  auto s = sqlite::ParseLocation(
+      "no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9&cache_mib=64");
   ASSERT_TRUE(s) << s.error().ToString();
   EXPECT_EQ(s->path, "no/such/dir/app.db");
   EXPECT_EQ(s->readers, 7u);
   EXPECT_FALSE(s->synchronous_full);
   EXPECT_EQ(s->max_batch, 9u);
   EXPECT_EQ(s->busy_timeout, Millis(5000));
+  EXPECT_EQ(s->cache_mib, 64);
   const std::string again = sqlite::FormatLocation(*s);
   EXPECT_EQ(again, "no/such/dir/app.db?synchronous=normal&max_batch=9&busy_timeout_ms=5000"
-                   "&readers=7&checkpoint_pages=1000");
+                   "&readers=7&checkpoint_pages=1000&cache_mib=64");
   auto reread = sqlite::ParseLocation(again);
   ASSERT_TRUE(reread) << reread.error().ToString();
   EXPECT_EQ(reread->path, s->path);
   EXPECT_EQ(reread->readers, 7u);
+  EXPECT_EQ(reread->cache_mib, 64);
   EXPECT_FALSE(reread->synchronous_full);
   EXPECT_FALSE(sqlite::ParseLocation("?readers=2"));
   EXPECT_FALSE(sqlite::ParseLocation("x?readers=0"));

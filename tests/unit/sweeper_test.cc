@@ -4,6 +4,7 @@
 // (tests/contract/); this is where and when, on SQLite.
 #include "converge/sweeper.h"
 
+#include <cstdio>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -247,6 +248,40 @@ TEST_F(KeyOrderSweep, ASweeperThatStartsAgainResumesTheWalkAndItsPace) {
                &clock_);
   EXPECT_EQ(calls_until_settled(once), 3);
   EXPECT_EQ(Keys(), 0);
+}
+
+// A walk over windows with nothing to delete writes where it stands at its first window
+// and at every 16th after: a process that dies after 20 windows (a crash loop) resumes
+// after the 17th, not at the start.
+TEST_F(KeyOrderSweep, AWalkOverNothingToDeleteStillWritesWhereItStands) {
+  for (int i = 0; i < 600; ++i) {
+    char key[8];
+    std::snprintf(key, sizeof key, "k%03d", i);
+    Key(key, clock_.NowMillis() + 24 * 3600'000);
+  }
+  const SweepOptions options = {.batch = 10, .key_order_window = 10, .key_order_windows = 1};
+  auto stored = [&] {
+    Rows rows;
+    EXPECT_TRUE(db_->Read([&](Tx& tx) -> Status {
+                     CONVERGE_ASSIGN_OR_RETURN(
+                         rows, tx.Query("SELECT after_key, pass_rows FROM sweep_walks WHERE "
+                                        "walk = 'idempotency_keys'"));
+                     return OkStatus();
+                   }).ok());
+    return rows.empty() ? std::string("none")
+                        : rows[0].Text(0) + " " + std::to_string(rows[0].Int(1));
+  };
+  for (int life = 1; life <= 2; ++life) {
+    Sweeper sweeper(*db_, options, &clock_);
+    for (int i = 0; i < 20; ++i) {
+      auto s = sweeper.RunOnce();
+      ASSERT_TRUE(s) << s.error().ToString();
+      ASSERT_TRUE(s->more);  // a first walk: flat out
+    }
+    // Saved at its first window and its 17th: after the 17th (each column as its length,
+    // ':' and its bytes). The second life starts after the first's k169.
+    EXPECT_EQ(stored(), life == 1 ? "1:t4:k169 170" : "1:t4:k339 340") << life;
+  }
 }
 
 TEST_F(KeyOrderSweep, AWalkWhoseStoredKeyIsUnreadableStartsAfresh) {

@@ -18,6 +18,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <cassert>
 #include <charconv>
 #include <cstring>
@@ -341,7 +342,7 @@ class SqliteDatabase : public Database {
     // so it holds one job's pages at a time (docs/benchmarks.md, "Levers").
     CONVERGE_RETURN_IF_ERROR(writer_conn_.ExecScript(
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL") +
-        "; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;"));
+        "; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;" + CachePragma()));
     CONVERGE_RETURN_IF_ERROR(Migrate());
     // Checkpoints: see OnWalCommit and CheckpointLoop. The hook replaces SQLite's
     // automatic checkpoint, which ran inside the commit that crossed its mark, on the
@@ -389,6 +390,7 @@ class SqliteDatabase : public Database {
     if (conn == nullptr) {
       conn = std::make_unique<Connection>();
       Status st = conn->Open(path_, true, options_.busy_timeout);
+      if (st.ok() && options_.cache_mib > 0) st = conn->ExecScript(CachePragma());
       if (!st.ok()) {
         std::lock_guard<std::mutex> l(readers_mu_);
         --open_readers_;
@@ -614,9 +616,14 @@ class SqliteDatabase : public Database {
   // kWriterRestartFactor times the writer's own mark, its checkpoint is therefore a
   // RESTART: it copies every frame, waiting for the readers of older snapshots to finish
   // (new ones read the file, all of it being copied), so that the next write starts the
-  // WAL over. It waits at most kWriterRestartWait; meanwhile commits wait too, which is
-  // the price of a bounded WAL (128 MiB by default). A reader longer than that leaves the
-  // WAL as it was, and the writer tries again `mark` pages later.
+  // WAL over (128 MiB by default). It waits for readers at most kWriterRestartWait, then
+  // copies what is left and fsyncs the file as any checkpoint does; commits wait
+  // meanwhile, the price of a bounded WAL. A reader longer than the wait leaves the WAL
+  // to grow on (SQLITE_BUSY; the frames it does not need are still copied), and the
+  // writer tries again `mark` pages later, then twice as far each time it fails, up to
+  // kWriterCheckpointFactor times the mark: a long reader costs a wait per try, not one
+  // per commit. While a restart is wanted the background passes stand aside: a RESTART
+  // finding the checkpoint lock taken fails at once, without waiting.
   static constexpr int kWriterRestartFactor = 2;
   static constexpr Millis kWriterRestartWait = Millis(100);
 
@@ -632,20 +639,30 @@ class SqliteDatabase : public Database {
     d->checkpoint_stats_.pages = pages;
     // A WAL smaller than at the last pass has started over from its beginning.
     if (pages < d->checkpoint_requested_at_) d->checkpoint_requested_at_ = 0;
-    if (pages < d->writer_checkpointed_at_) d->writer_checkpointed_at_ = 0;
+    if (pages < d->writer_checkpointed_at_) {
+      d->writer_checkpointed_at_ = 0;
+      d->restart_wanted_ = false;
+      d->restart_gap_ = 0;
+    }
+    const bool restart = pages >= mark * kWriterCheckpointFactor * kWriterRestartFactor;
     if (pages >= mark * kWriterCheckpointFactor &&
-        pages - d->writer_checkpointed_at_ >= mark) {
+        pages - d->writer_checkpointed_at_ >= (restart ? std::max(mark, d->restart_gap_) : mark)) {
       d->writer_checkpointed_at_ = pages;
+      if (restart) d->restart_wanted_ = true;
       l.unlock();
       // SQLITE_BUSY when the background pass holds the checkpoint lock, or (RESTART) when
-      // a reader outlasted the wait: the writer tries again `mark` pages later, not at
-      // every commit.
+      // a reader outlasted the wait: the writer tries again later, not at every commit.
       int rc;
-      const bool restart = pages >= mark * kWriterCheckpointFactor * kWriterRestartFactor;
       if (restart) {
         sqlite3_busy_timeout(db, static_cast<int>(kWriterRestartWait.count()));
         rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_RESTART, nullptr, nullptr);
         sqlite3_busy_timeout(db, static_cast<int>(d->options_.busy_timeout.count()));
+        l.lock();
+        d->restart_gap_ = rc == SQLITE_BUSY
+                              ? std::min(mark * kWriterCheckpointFactor,
+                                         2 * std::max(mark, d->restart_gap_))
+                              : 0;
+        l.unlock();
       } else {
         rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
       }
@@ -665,6 +682,7 @@ class SqliteDatabase : public Database {
         checkpoint_cv_.wait(l, [&] { return checkpoint_stopping_ || checkpoint_wanted_; });
         if (checkpoint_stopping_) return;
         checkpoint_wanted_ = false;
+        if (restart_wanted_) continue;  // the writer's RESTART needs the checkpoint lock
       }
       // A test holds the background pass here to see the writer bound the WAL alone.
       if (!failpoint::Hit("sqlite.before_checkpoint").ok()) continue;
@@ -689,6 +707,12 @@ class SqliteDatabase : public Database {
     } else if (restart) {
       ++checkpoint_stats_.restarts_forced;
     }
+  }
+
+  // "PRAGMA cache_size=-KiB;" for the URI's cache_mib, or nothing.
+  std::string CachePragma() const {
+    if (options_.cache_mib <= 0) return "";
+    return " PRAGMA cache_size=-" + std::to_string(int64_t{options_.cache_mib} * 1024) + ";";
   }
 
   void CountTransactions(size_t n) {
@@ -718,6 +742,8 @@ class SqliteDatabase : public Database {
   bool checkpoint_stopping_ = false;
   int checkpoint_requested_at_ = 0;  // the WAL's size when a pass was last asked for
   int writer_checkpointed_at_ = 0;   // the WAL's size when the writer last checkpointed
+  bool restart_wanted_ = false;      // the writer restarts the WAL: background passes wait
+  int restart_gap_ = 0;              // pages between the writer's tries to restart it
   DatabaseStats::Wal checkpoint_stats_;  // under checkpoint_mu_
 
   std::mutex readers_mu_;
@@ -754,6 +780,8 @@ Result<Settings> ParseLocation(std::string_view location) {
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> checkpoint,
                             uri.TakeInt("checkpoint_pages", 1, 1 << 24));
   if (checkpoint) s.checkpoint_pages = static_cast<int>(*checkpoint);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> cache, uri.TakeInt("cache_mib", 0, 1 << 16));
+  if (cache) s.cache_mib = static_cast<int>(*cache);
   CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
   return s;
 }
@@ -763,7 +791,8 @@ std::string FormatLocation(const Settings& settings) {
          "&max_batch=" + std::to_string(settings.max_batch) +
          "&busy_timeout_ms=" + std::to_string(settings.busy_timeout.count()) +
          "&readers=" + std::to_string(settings.readers) +
-         "&checkpoint_pages=" + std::to_string(settings.checkpoint_pages);
+         "&checkpoint_pages=" + std::to_string(settings.checkpoint_pages) +
+         "&cache_mib=" + std::to_string(settings.cache_mib);
 }
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {

@@ -14,8 +14,8 @@
 namespace converge::sqlite {
 
 // The parameters a sqlite: URI's query may carry (database.h, Database::Open).
-inline constexpr std::array<std::string_view, 5> kUriParameters = {
-    "synchronous", "max_batch", "busy_timeout_ms", "readers", "checkpoint_pages"};
+inline constexpr std::array<std::string_view, 6> kUriParameters = {
+    "synchronous", "max_batch", "busy_timeout_ms", "readers", "checkpoint_pages", "cache_mib"};
 
 // What a sqlite: location asks for ("PATH?synchronous=normal&readers=8", the URI after
 // `sqlite:` or `sqlite://`), read without opening anything.
@@ -28,6 +28,9 @@ struct Settings {
   // WAL pages that start a checkpoint on the checkpointer's thread; past 16 times that
   // the writer checkpoints between its commits (sqlite_database.cc, OnWalCommit).
   int checkpoint_pages = 1000;
+  // Page cache of the writer's and of each reader's connection, in MiB; 0: SQLite's own
+  // default (2 MiB).
+  int cache_mib = 0;
 };
 
 // Errors (kInvalidArgument): an empty path; a parameter that is not name=value, unknown,
