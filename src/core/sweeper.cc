@@ -198,7 +198,7 @@ Status Sweeper::LoadWalks(int64_t now) {
 }
 
 bool Sweeper::Behind(Walk& w, int64_t now) const {
-  if (w.last_pass_rows < 0) return true;  // the sweeper's first walk: flat out
+  if (w.last_pass_rows < 0) return true;  // a first walk (none ended yet): flat out
   if (now < w.pass_start) w.pass_start = now;  // the clock went back
   const int64_t period = options_.key_order_pass.count();
   const int64_t elapsed = now - w.pass_start;
