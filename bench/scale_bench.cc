@@ -2,10 +2,11 @@
 // --rows idempotency keys and --rows inbox rows, against the same rates on an empty store
 // measured in the same round, and the sweeper's deletion rate while creates run.
 //
-//   converge_scale_bench preload --uri URI --rows N [--expired F]
+//   converge_scale_bench preload --uri URI --rows N [--expired F] [--inbox-expired F2]
 //       fills the store's idempotency_keys and consumer_inbox with N rows each (completed
 //       keys with a stored response; applied inbox rows), a fraction F of them expired (the
-//       sweeper's supply), the rest expiring within 24 h. Keys and event ids spread evenly
+//       sweeper's supply; F2 of the inbox rows, F unless given), the rest expiring within
+//       24 h. Keys and event ids spread evenly
 //       over the hex space the benchmark's random keys fall into, so a new key lands
 //       between old ones as a client's UUID would; expiry times are uncorrelated with the
 //       keys, so a sweep batch deletes from all over the table, as it would in service.
@@ -139,7 +140,8 @@ bool Partitioned(Database& db) {
   return partitioned;
 }
 
-void Preload(const std::string& uri, int64_t rows, double expired, int age_days, bool outbox) {
+void Preload(const std::string& uri, int64_t rows, double expired, double inbox_expired,
+             int age_days, bool outbox) {
   const bool pg = IsPostgres(uri);
   auto db = Open(uri, 2);
   const int64_t step = kSpace / rows;
@@ -155,10 +157,10 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days,
     auto made = sweeper.RunOnce();
     if (!made) Die("create partitions: " + made.error().ToString());
   }
-  const auto per_mille = static_cast<int64_t>(expired * 1000);
   const converge::Blob body{"{\"id\":\"pay_0000000000\"}"};
   struct Table {
     std::string name, index, insert, select;
+    double expired = 0;  // the fraction of rows already expired ({expires})
   };
   std::vector<Table> tables = {
       {"idempotency_keys", "idempotency_keys_expires",
@@ -167,11 +169,11 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days,
        "updated_at, expires_at)",
        "SELECT 'bench', {key}, "
        "'a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90', 'completed', "
-       "'finished', $4, 1, 201, '[]', $6, $4, $4, {expires}"},
+       "'finished', $4, 1, 201, '[]', $6, $4, $4, {expires}", expired},
       {"consumer_inbox", "consumer_inbox_expires",
        "INSERT INTO consumer_inbox (consumer, source, event_id, processed_at, expires_at, "
        "outcome)",
-       "SELECT 'bench', 'urn:converge', {key}, $4, {expires}, 'applied'"},
+       "SELECT 'bench', 'urn:converge', {key}, $4, {expires}, 'applied'", inbox_expired},
   };
   if (outbox) {
     // Events published when they were written, `age_days` ago.
@@ -222,7 +224,9 @@ void Preload(const std::string& uri, int64_t rows, double expired, int age_days,
       Check(db->Transact([&](Tx& tx) {
         // The parameters the table's statement uses ($5 comes with {expires}).
         std::vector<converge::Value> params = {first, end, step, now};
-        if (t.select.find("{expires}") != std::string::npos) params.emplace_back(per_mille);
+        if (t.select.find("{expires}") != std::string::npos) {
+          params.emplace_back(static_cast<int64_t>(t.expired * 1000));
+        }
         if (t.select.find("$6") != std::string::npos) params.emplace_back(body);
         return converge::StatusOf(tx.ExecParams(sql, params));
       }),
@@ -606,6 +610,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1000}, int64_t{1'000'000'000}));
   preload->add_option("--expired", expired, "Fraction of the rows already expired")
       ->check(CLI::Range(0.0, 1.0));
+  double inbox_expired = -1;
+  preload->add_option("--inbox-expired", inbox_expired,
+                      "Fraction of the inbox rows already expired (default: --expired)")
+      ->check(CLI::Range(0.0, 1.0));
   int age_days = 0;
   preload->add_option("--age-days", age_days,
                       "Write the rows as if this many days ago (2: all expired by now)")
@@ -629,7 +637,7 @@ int main(int argc, char** argv) {
   run->add_option("--json", json_path, "Write every sample to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
-    Preload(uri, rows, expired, age_days, outbox);
+    Preload(uri, rows, expired, inbox_expired < 0 ? expired : inbox_expired, age_days, outbox);
     return 0;
   }
   if (*retention) return Retention(uri, callers, seconds, json_path);
