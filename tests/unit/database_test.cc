@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
@@ -279,6 +280,39 @@ TEST(DatabaseOpen, RefusesAFileThatIsNotADatabase) {
   auto r = Database::Open("sqlite:" + dir.File("junk"));
   ASSERT_FALSE(r);
   EXPECT_FALSE(r.error().message().empty());
+}
+
+// An application's own database in SQLite's default rollback-journal mode, written by the
+// application while converge opens it (`converge relay` beside it): the switch to WAL
+// waits for the application's write lock, as long as busy_timeout_ms, where SQLite alone
+// fails at once (found when a relay exited at start beside a writing application).
+TEST(DatabaseOpen, SwitchesAFileToWalOnceAnotherWriterLetsGoOfIt) {
+  TempDir dir;
+  const std::string path = dir.File("app.db");
+  sqlite3* app = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &app), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(app,
+                         "CREATE TABLE outbox (id TEXT); BEGIN IMMEDIATE; "
+                         "INSERT INTO outbox VALUES ('a')",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  {
+    // Held past the wait: a clear error, no longer than the wait.
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = Database::Open("sqlite:" + path + "?busy_timeout_ms=200");
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), StatusCode::kUnavailable) << r.error().ToString();
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(150));
+  }
+  std::thread commit([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_EQ(sqlite3_exec(app, "COMMIT", nullptr, nullptr, nullptr), SQLITE_OK);
+  });
+  auto db = Database::Open("sqlite:" + path);
+  commit.join();
+  ASSERT_TRUE(db) << db.error().ToString();
+  EXPECT_EQ(QueryInt(**db, "SELECT count(*) FROM outbox"), 1);
+  sqlite3_close(app);
 }
 
 // Checkpoints (sqlite_database.cc, "Checkpoints run on their own thread"): what commits

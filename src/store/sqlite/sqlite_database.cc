@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cassert>
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <condition_variable>
 #include <deque>
@@ -330,8 +331,21 @@ class SqliteDatabase : public Database {
   Status Init() {
     CONVERGE_RETURN_IF_ERROR(writer_conn_.Open(path_, false, options_.busy_timeout));
     // journal_mode=WAL answers with a row; run it as a query to see the mode it took.
+    // Switching a file in a rollback-journal mode (an application's own database, which
+    // `converge relay` opens beside the application writing to it) takes an exclusive
+    // lock, and SQLite does not call the busy handler for it: while another process holds
+    // the write lock, it fails at once with SQLITE_BUSY. So it is tried again, backing
+    // off, until busy_timeout has passed, as any other wait for a lock.
     Rows rows;
-    CONVERGE_RETURN_IF_ERROR(writer_conn_.Run("PRAGMA journal_mode=WAL", {}, &rows, nullptr));
+    const auto deadline = std::chrono::steady_clock::now() + options_.busy_timeout;
+    for (Millis backoff(1);; backoff = std::min(backoff * 2, Millis(50))) {
+      rows.clear();
+      Status st = writer_conn_.Run("PRAGMA journal_mode=WAL", {}, &rows, nullptr);
+      if (st.ok()) break;
+      const bool busy = (sqlite3_extended_errcode(writer_conn_.db()) & 0xff) == SQLITE_BUSY;
+      if (!busy || std::chrono::steady_clock::now() + backoff > deadline) return st;
+      std::this_thread::sleep_for(backoff);
+    }
     if (rows.empty() || rows[0].Text(0) != "wal") {
       return UnavailableError("'" + path_ + "' cannot use WAL mode");
     }
