@@ -6,10 +6,10 @@
 //       fills the store's idempotency_keys and consumer_inbox with N rows each (completed
 //       keys with a stored response; applied inbox rows), a fraction F of them expired (the
 //       sweeper's supply; F2 of the inbox rows, F unless given), the rest expiring within
-//       24 h. Keys and event ids spread evenly
-//       over the hex space the benchmark's random keys fall into, so a new key lands
-//       between old ones as a client's UUID would; expiry times are uncorrelated with the
-//       keys, so a sweep batch deletes from all over the table, as it would in service.
+//       24 h. Keys and event ids spread evenly over the hex space the benchmark's random
+//       keys fall into, so a new key lands between old ones as a client's UUID would;
+//       expiry times are uncorrelated with the keys, so a sweep batch deletes from all over
+//       the table, as it would in service.
 //       Fast: chunks of one INSERT ... SELECT over a generated series (SQLite: a
 //       recursive CTE; PostgreSQL: generate_series), the expiry indexes (where the store
 //       keeps them: not on SQLite, which sweeps in key order) dropped during the load and
