@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -92,8 +93,29 @@ RawExchange ExchangeBytes(uint16_t port, std::string_view request,
   addr.sin_family = AF_INET;
   addr.sin_port = htons(port);
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  FUZZ_CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0,
-             "connect to the server under test: " + std::string(std::strerror(errno)));
+  int err = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 ? 0 : errno;
+  if (err == EINTR) {
+    // Interrupted by a signal (libFuzzer's SIGALRM, which checks -timeout, on a loaded
+    // machine): the connection goes on being made. Wait for it and read how it ended, as
+    // connect(2) says; calling connect again would fail with EALREADY. (A run of this
+    // target once stopped here, taking the interruption for the server's failure.)
+    pollfd p{fd, POLLOUT, 0};
+    int n;
+    do {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
+      n = ::poll(&p, 1, static_cast<int>(std::max<int64_t>(left, 0)));
+    } while (n < 0 && errno == EINTR);
+    socklen_t len = sizeof err;
+    if (n < 0) {
+      err = errno;
+    } else if (n == 0) {
+      err = ETIMEDOUT;
+    } else if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) {
+      err = errno;
+    }
+  }
+  FUZZ_CHECK(err == 0, "connect to the server under test: " + std::string(std::strerror(err)));
   // Non-blocking from here: the loop below writes and reads as the socket allows.
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   size_t written = 0;
