@@ -34,6 +34,29 @@ constexpr const char* kAcme = "Bearer sk_test_acme";
 constexpr const char* kGlobex = "Bearer sk_test_globex";
 constexpr const char* kAdmin = "Bearer e2e-admin-token";
 
+// The service the tests run: its files in `dir`, its providers `psp` and `mail`.
+ServiceConfig Config(const converge::testing::TempDir& dir,
+                     const converge::harness::FakePsp& psp,
+                     const converge::harness::FakeMail& mail, const std::string& secret) {
+  ServiceConfig c;
+  c.port = 0;
+  c.db = "sqlite:" + dir.File("service.db");
+  c.admin_token = "e2e-admin-token";
+  c.api_keys = {{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}};
+  c.psp_url = "http://127.0.0.1:" + std::to_string(psp.port());
+  c.psp_timeout = std::chrono::milliseconds(600);
+  c.mail_url = "http://127.0.0.1:" + std::to_string(mail.port());
+  c.webhook_secrets = {secret};
+  c.lease = std::chrono::seconds(2);
+  c.admin_failpoints = true;
+  c.body_limit = 4096;
+  c.visibility = std::chrono::seconds(1);
+  c.max_attempts = 3;
+  c.backoff_initial = std::chrono::milliseconds(10);
+  c.backoff_max = std::chrono::milliseconds(100);
+  return c;
+}
+
 class ServiceE2E : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -43,22 +66,7 @@ class ServiceE2E : public ::testing::Test {
     mail_ = new converge::harness::FakeMail({.db_path = dir_->File("mail.db")});
     ASSERT_TRUE(psp_->Start().ok());
     ASSERT_TRUE(mail_->Start().ok());
-    ServiceConfig c;
-    c.port = 0;
-    c.db = "sqlite:" + dir_->File("service.db");
-    c.admin_token = "e2e-admin-token";
-    c.api_keys = {{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}};
-    c.psp_url = "http://127.0.0.1:" + std::to_string(psp_->port());
-    c.psp_timeout = std::chrono::milliseconds(600);
-    c.mail_url = "http://127.0.0.1:" + std::to_string(mail_->port());
-    c.webhook_secrets = {*secret_};
-    c.lease = std::chrono::seconds(2);
-    c.admin_failpoints = true;
-    c.body_limit = 4096;
-    c.visibility = std::chrono::seconds(1);
-    c.max_attempts = 3;
-    c.backoff_initial = std::chrono::milliseconds(10);
-    c.backoff_max = std::chrono::milliseconds(100);
+    ServiceConfig c = Config(*dir_, *psp_, *mail_, *secret_);
     service_ = new Service(c);
     ASSERT_TRUE(service_->Start().ok());
     auto db = converge::Database::Open(c.db);
@@ -625,28 +633,82 @@ TEST_F(ServiceE2E, ProviderKeyInUseIsAnUnknownOutcomeNotAFailure) {
 // Issue #7: a refund webhook for a charge this service has not recorded yet is transient
 // (retried with backoff), not a poison message. The test pauses the service right after
 // the provider charged, through the admin failpoint hook, so the refund arrives first.
-TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
-  auto admin = [&](const std::string& method, const std::string& path, const std::string& body) {
-    return Send(method, path, {{"Authorization", "Bearer e2e-admin-token"}}, body);
+// It runs on a service of its own: it also pauses the consumers once the first refund
+// attempt has committed its failure, so the retry budget (3 deliveries, 10-100 ms apart)
+// does not depend on how fast the test lets the charge go. The shared service's other
+// consumers could reach that pause first.
+TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
+  converge::testing::TempDir dir;
+  converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});
+  converge::harness::FakeMail mail({.db_path = dir.File("mail.db")});
+  ASSERT_TRUE(psp.Start().ok());
+  ASSERT_TRUE(mail.Start().ok());
+  const std::string secret = converge::webhook::NewSecret();
+  const ServiceConfig c = Config(dir, psp, mail, secret);
+  Service service(c);
+  ASSERT_TRUE(service.Start().ok());
+  auto db = converge::Database::Open(c.db);
+  ASSERT_TRUE(db);
+  Client client;
+  auto send = [&](const std::string& method, const std::string& path, Headers headers,
+                  const std::string& body) {
+    auto r = client.Send({.method = method,
+                          .url = "http://127.0.0.1:" + std::to_string(service.port()) + path,
+                          .headers = std::move(headers),
+                          .body = body,
+                          .timeout = std::chrono::seconds(10)});
+    EXPECT_TRUE(r) << r.error().ToString();
+    return r ? *r : Response{0, {}, {}};
   };
-  struct ClearFailpoints {  // also when an assertion ends the test early
+  auto admin = [&](const std::string& method, const std::string& path, const std::string& body) {
+    return send(method, path, {{"Authorization", kAdmin}}, body);
+  };
+  auto paused = [&](const std::string& name) {
+    Response fp = admin("GET", "/admin/failpoints/" + name, "");
+    return fp.status == 200 ? json::parse(fp.body).value("paused", 0) : -1;
+  };
+  auto count = [&](const std::string& sql) {
+    int64_t n = -1;
+    (void)(*db)->Read([&](converge::Tx& tx) -> converge::Status {
+      CONVERGE_ASSIGN_OR_RETURN(converge::Rows rows, tx.Query(sql));
+      n = rows[0].Int(0);
+      return converge::OkStatus();
+    });
+    return n;
+  };
+  std::thread payer;
+  struct Join {
+    std::thread& t;
+    ~Join() {
+      if (t.joinable()) t.join();
+    }
+  } join{payer};
+  struct ClearFailpoints {  // also when an assertion ends the test early (before `join`)
     ~ClearFailpoints() { (void)converge::failpoint::Configure(""); }
   } clear;
   // The completer is held too: on a loaded machine the pause may outlast the 2 s lease, and
   // a completer taking the request over would record the charge before the refund comes.
+  // Until the charge is let go, the refund is the only message any consumer sees, so the
+  // first consumer to settle something is the refund's.
   ASSERT_EQ(admin("PUT", "/admin/failpoints",
-                  "payments.after_charge_before_commit=pause*1;completer.before_takeover=pause")
+                  "payments.after_charge_before_commit=pause*1;completer.before_takeover=pause;"
+                  "consumer.after_commit_before_ack=pause*1")
                 .status,
             200);
   Response paid;
-  std::thread client([&] { paid = Pay("early-refund-1", Body(1200, "o-early")); });
-  ASSERT_TRUE(converge::testing::WaitUntil([&] {
-    Response fp = admin("GET", "/admin/failpoints/payments.after_charge_before_commit", "");
-    return fp.status == 200 && json::parse(fp.body).value("paused", 0) == 1;
-  }));
+  payer = std::thread([&] {
+    paid = send("POST", "/v1/payments", {{"Authorization", kAcme}, {"Idempotency-Key", "er-1"}},
+                json{{"amount", 1200},
+                     {"currency", "EUR"},
+                     {"customer_id", "c-1"},
+                     {"order_id", "o-early"}}
+                    .dump());
+  });
+  ASSERT_TRUE(converge::testing::WaitUntil(
+      [&] { return paused("payments.after_charge_before_commit") == 1; }));
   // The provider has charged; the service has not recorded the charge.
   std::string payment_id;
-  ASSERT_TRUE(db_->Read([&](converge::Tx& tx) -> converge::Status {
+  ASSERT_TRUE((*db)->Read([&](converge::Tx& tx) -> converge::Status {
                    CONVERGE_ASSIGN_OR_RETURN(
                        converge::Rows rows,
                        tx.Query("SELECT id FROM payments WHERE order_id = 'o-early'"));
@@ -654,31 +716,45 @@ TEST_F(ServiceE2E, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
                    return converge::OkStatus();
                  }).ok());
   ASSERT_FALSE(payment_id.empty());
-  auto charges = client_.Send({.url = PspUrl("/v1/charges?reference=" + payment_id)});
+  auto charges = client.Send({.url = "http://127.0.0.1:" + std::to_string(psp.port()) +
+                                     "/v1/charges?reference=" + payment_id});
   ASSERT_TRUE(charges);
   const std::string charge_id = json::parse(charges->body)["charges"][0]["id"];
-  std::string body =
+  const std::string body =
       json{{"type", "charge.refunded"},
            {"data", {{"charge_id", charge_id}, {"amount", 1200}, {"currency", "EUR"}}}}
           .dump();
-  EXPECT_EQ(Webhook("msg_early_refund", body).status, 204);
-  // The refund was tried (and found nothing to refund yet) at least once.
-  EXPECT_TRUE(converge::testing::WaitUntil([&] {
-    return Count(
-               "SELECT count(*) FROM queue_messages WHERE queue = 'psp-webhooks' "
-               "AND event_id = 'msg_early_refund' AND attempts >= 1 AND last_error IS NOT NULL") ==
-           1;
-  }));
+  const int64_t ts = converge::Clock::System()->NowMillis() / 1000;
+  auto sig = converge::webhook::Sign(secret, "msg_early_refund", ts, body);
+  ASSERT_TRUE(sig);
+  EXPECT_EQ(send("POST", "/webhooks/psp",
+                 {{"webhook-id", "msg_early_refund"},
+                  {"webhook-timestamp", std::to_string(ts)},
+                  {"webhook-signature", *sig}},
+                 body)
+                .status,
+            204);
+  // The refund was tried once, found nothing to refund yet, and its retry was committed;
+  // its consumer is held before it fetches again.
+  ASSERT_TRUE(converge::testing::WaitUntil(
+      [&] { return paused("consumer.after_commit_before_ack") == 1; }));
+  EXPECT_EQ(count("SELECT count(*) FROM queue_messages WHERE queue = 'psp-webhooks' "
+                  "AND event_id = 'msg_early_refund' AND attempts = 1 "
+                  "AND last_error IS NOT NULL"),
+            1);
   Response released =
       admin("POST", "/admin/failpoints/payments.after_charge_before_commit/release", "");
   EXPECT_EQ(json::parse(released.body).value("released", 0), 1);
-  client.join();
+  payer.join();
   ASSERT_EQ(paid.status, 201) << paid.body;
+  released = admin("POST", "/admin/failpoints/consumer.after_commit_before_ack/release", "");
+  EXPECT_EQ(json::parse(released.body).value("released", 0), 1);
   EXPECT_TRUE(converge::testing::WaitUntil([&] {
-    return Count("SELECT count(*) FROM payments WHERE id = '" + payment_id +
+    return count("SELECT count(*) FROM payments WHERE id = '" + payment_id +
                  "' AND status = 'refunded'") == 1;
   }));
-  EXPECT_EQ(Count("SELECT count(*) FROM dead_letters WHERE event_id = 'msg_early_refund'"), 0);
+  EXPECT_EQ(count("SELECT count(*) FROM dead_letters WHERE event_id = 'msg_early_refund'"), 0);
+  EXPECT_EQ(count("SELECT count(*) FROM queue_messages WHERE event_id = 'msg_early_refund'"), 0);
   EXPECT_EQ(admin("PUT", "/admin/failpoints", "").status, 200);
 }
 
