@@ -26,6 +26,12 @@
 //                   that rate): the steady state of a 24 h TTL, where rows expire as fast
 //                   as they were created
 //       and prints medians, spreads and per-round ratios against the empty store.
+//   converge_scale_bench walk --uri LOADED [--pass S] [--interval I] [--wraps W]
+//       on a store that sweeps in key order (SQLite), preloaded and never swept: creates
+//       alone, then creates while a sweeper runs as the Runtime runs it until the walk of
+//       each table has reached the end of its table W times (the first walk flat out, the
+//       later ones paced to take S seconds), a progress line every --report seconds, then
+//       creates alone again.
 //
 // A create is the single-phase idempotent create of the other benchmarks
 // (IdempotencyKeys::Execute: key row, business row, outbox row, stored response); an
@@ -38,9 +44,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -261,48 +269,76 @@ std::string RandomId(std::mt19937_64& rng) {
   return buf;
 }
 
+// `callers` threads running `op` (shared; it must be safe to call from all of them) until
+// Stop(); done() counts the calls that succeeded. A call that fails ends the benchmark.
+template <class Op>
+class Load {
+ public:
+  Load(int callers, Op& op) {
+    for (int i = 0; i < callers; ++i) {
+      threads_.emplace_back([this, &op, i] {
+        std::mt19937_64 rng(std::random_device{}() ^ (static_cast<uint64_t>(i) << 32));
+        while (!stop_.load()) {
+          if (!op(rng)) std::exit(1);
+          done_.fetch_add(1);
+        }
+      });
+    }
+  }
+  ~Load() { Stop(); }
+  int64_t done() const { return done_.load(); }
+  void Stop() {
+    stop_ = true;
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+ private:
+  std::atomic<int64_t> done_{0};
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
+
 // Runs `op` from `callers` threads for `seconds`; returns successful ops per second.
 template <class Op>
-double Drive(int callers, double seconds, Op op) {
-  std::atomic<int64_t> done{0};
-  std::atomic<bool> stop{false};
-  std::vector<std::thread> threads;
+double Drive(int callers, double seconds, Op&& op) {
   const auto t0 = Steady::now();
-  for (int i = 0; i < callers; ++i) {
-    threads.emplace_back([&, i] {
-      std::mt19937_64 rng(std::random_device{}() ^ (static_cast<uint64_t>(i) << 32));
-      while (!stop.load()) {
-        if (!op(rng)) std::exit(1);
-        done.fetch_add(1);
-      }
-    });
-  }
+  Load<std::remove_reference_t<Op>> load(callers, op);
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-  stop = true;
-  for (auto& t : threads) t.join();
-  return done.load() / std::chrono::duration<double>(Steady::now() - t0).count();
+  load.Stop();
+  return load.done() / std::chrono::duration<double>(Steady::now() - t0).count();
 }
 
-double Creates(Database& db, int callers, double seconds) {
-  converge::IdempotencyKeys keys(db);
-  converge::Outbox outbox;
-  return Drive(callers, seconds, [&](std::mt19937_64& rng) {
+// One create: the single-phase idempotent create of the other benchmarks, with a random
+// key. Returns false when it failed.
+class Creator {
+ public:
+  explicit Creator(Database& db) : keys_(db) {}
+  bool operator()(std::mt19937_64& rng) {
     const std::string id = RandomId(rng);
     converge::Event e;
     e.type = "payment.captured";
     e.subject = id;
     e.data = "{\"amount\":5}";
-    auto event = outbox.Prepare(std::move(e));
+    auto event = outbox_.Prepare(std::move(e));
     if (!event) Die("prepare: " + event.error().ToString());
-    auto r = keys.Execute({"bench", id, id}, [&](Tx& tx) -> Result<converge::StoredResponse> {
+    auto r = keys_.Execute({"bench", id, id}, [&](Tx& tx) -> Result<converge::StoredResponse> {
       CONVERGE_RETURN_IF_ERROR(
           tx.Exec("INSERT INTO payments (id, amount) VALUES ($1, $2)", id, 5));
-      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, *event));
+      CONVERGE_RETURN_IF_ERROR(outbox_.Enqueue(tx, *event));
       return converge::StoredResponse{201, {}, "{\"id\":\"" + id + "\"}"};
     });
     if (!r) std::fprintf(stderr, "create: %s\n", r.error().ToString().c_str());
     return r.has_value();
-  });
+  }
+
+ private:
+  converge::IdempotencyKeys keys_;
+  converge::Outbox outbox_;
+};
+
+double Creates(Database& db, int callers, double seconds) {
+  return Drive(callers, seconds, Creator(db));
 }
 
 double Claims(Database& db, int callers, double seconds) {
@@ -595,6 +631,159 @@ int Retention(const std::string& uri, int callers, double seconds, const std::st
   return 0;
 }
 
+// ---- walk: a sweep in key order through its tables, and on -------------------------
+
+// Where a walk in key order stands, as the sweeper last wrote it (sweep_walks).
+struct WalkState {
+  int64_t pass_start = 0;
+  int64_t pass_rows = 0;       // rows the current walk has examined
+  int64_t last_pass_rows = -1;  // rows the previous whole walk examined; -1: none ended
+};
+
+std::map<std::string, WalkState> Walks(Database& db) {
+  std::map<std::string, WalkState> walks;
+  Check(db.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        auto rows, tx.Query("SELECT walk, pass_start, pass_rows, last_pass_rows FROM sweep_walks"));
+    for (const auto& r : rows) walks[r.Text(0)] = {r.Int(1), r.Int(2), r.Int(3)};
+    return converge::OkStatus();
+  }),
+        "read sweep_walks");
+  return walks;
+}
+
+// On a store that sweeps in key order, preloaded and never swept: creates alone for
+// `baseline` seconds; then creates while a sweeper runs as the Runtime runs it (RunOnce
+// again at once while it says `more`, else after `interval`), with walks of `pass`
+// seconds, until each table's walk has wrapped `wraps` times or `seconds` have passed; then
+// creates alone again. The first walk of each table runs flat out, the later ones at
+// their pace. A line every `report` seconds.
+int WalkRun(const std::string& uri, int callers, double baseline, double seconds, double pass,
+            double interval, double report, int wraps, const std::string& json_path) {
+  auto db = Open(uri, callers + 2);
+  if (!Walks(*db).empty()) Die(uri + " has been swept before: preload a fresh store");
+  const int64_t keys0 = Count(*db, "idempotency_keys"), inbox0 = Count(*db, "consumer_inbox");
+  std::printf("walk: %s, %d callers; %lld idempotency keys, %lld inbox rows; walks of %.0f s, "
+              "the sweeper every %.0f s while it does not lag\n",
+              IsPostgres(uri) ? "PostgreSQL" : "SQLite WAL synchronous=FULL", callers,
+              static_cast<long long>(keys0), static_cast<long long>(inbox0), pass, interval);
+  std::fflush(stdout);
+  const double before = Creates(*db, callers, baseline);
+  std::printf("  creates alone: %.0f/s over %.0f s\n", before, baseline);
+  std::fflush(stdout);
+
+  converge::SweepOptions options;
+  options.key_order_pass =
+      std::chrono::duration_cast<converge::Millis>(std::chrono::duration<double>(pass));
+  converge::Sweeper sweeper(*db, options);
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> keys_deleted{0}, inbox_deleted{0};
+  std::thread sweep([&] {
+    while (!stop.load()) {
+      auto s = sweeper.RunOnce();
+      if (!s) Die("sweep: " + s.error().ToString());
+      keys_deleted += s->keys;
+      inbox_deleted += s->inbox;
+      if (s->more) continue;
+      const auto until = Steady::now() + std::chrono::duration<double>(interval);
+      while (!stop.load() && Steady::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+    }
+  });
+  Creator creator(*db);
+  Load<Creator> load(callers, creator);
+  const auto t0 = Steady::now();
+  auto last = t0;
+  int64_t last_creates = 0, last_keys = 0, last_inbox = 0;
+  std::map<std::string, WalkState> seen;  // as at the previous line
+  std::map<std::string, int> wrapped;     // walks that reached the end of their table
+  nlohmann::json samples = nlohmann::json::array(), ends = nlohmann::json::array();
+  // Creates over the first walks (until both wrapped once) and over the rest.
+  double first_creates = 0, first_secs = 0, later_creates = 0, later_secs = 0;
+  auto all_wrapped = [&](int n) {
+    return wrapped.size() == 2 &&
+           std::all_of(wrapped.begin(), wrapped.end(), [&](auto& w) { return w.second >= n; });
+  };
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(report));
+    const auto now = Steady::now();
+    const double dt = std::chrono::duration<double>(now - last).count();
+    const double t = std::chrono::duration<double>(now - t0).count();
+    const int64_t c = load.done(), k = keys_deleted.load(), i = inbox_deleted.load();
+    const double creates = (c - last_creates) / dt;
+    const bool first = !all_wrapped(1);
+    (first ? first_creates : later_creates) += c - last_creates;
+    (first ? first_secs : later_secs) += dt;
+    std::string where;
+    for (const auto& [name, w] : Walks(*db)) {
+      // A walk ended since the previous line: its start moved, or (a walk not seen before)
+      // one ended already. Two ending within one line's time count as one: --report
+      // must be shorter than a walk.
+      auto prev = seen.find(name);
+      if (prev == seen.end() ? w.last_pass_rows >= 0
+                             : w.pass_start != prev->second.pass_start) {
+        ++wrapped[name];
+        ends.push_back({{"walk", name}, {"t", t}, {"rows", w.last_pass_rows}});
+        std::printf("  %6.0f s  walk %d of %s ended: %lld rows examined\n", t, wrapped[name],
+                    name.c_str(), static_cast<long long>(w.last_pass_rows));
+      }
+      wrapped.emplace(name, 0);
+      seen[name] = w;
+      const int64_t of = name == "consumer_inbox" ? inbox0 : keys0;
+      where += "  " + name + " " +
+               std::to_string(static_cast<int>(100.0 * w.pass_rows / std::max<int64_t>(of, 1))) +
+               "% (walk " + std::to_string(wrapped[name] + 1) + ")";
+    }
+    std::printf("  %6.0f s  creates %6.0f/s  deleted: keys %6.0f/s, inbox %6.0f/s %s\n", t,
+                creates, (k - last_keys) / dt, (i - last_inbox) / dt, where.c_str());
+    std::fflush(stdout);
+    samples.push_back({{"t", t},
+                       {"creates_per_s", creates},
+                       {"keys_deleted_per_s", (k - last_keys) / dt},
+                       {"inbox_deleted_per_s", (i - last_inbox) / dt}});
+    last = now;
+    last_creates = c;
+    last_keys = k;
+    last_inbox = i;
+    if (all_wrapped(wraps) || t >= seconds) break;
+  }
+  load.Stop();
+  stop = true;
+  sweep.join();
+  const double after = Creates(*db, callers, baseline);
+  const double first_rate = first_secs > 0 ? first_creates / first_secs : 0;
+  const double later_rate = later_secs > 0 ? later_creates / later_secs : 0;
+  std::printf("  creates alone again: %.0f/s over %.0f s\n", after, baseline);
+  std::printf("  creates during the first walks (flat out): %.0f/s over %.0f s, %.2f of alone "
+              "before\n",
+              first_rate, first_secs, first_rate / before);
+  if (later_secs > 0) {
+    std::printf("  creates during the later walks (paced): %.0f/s over %.0f s, %.2f of alone "
+                "before, %.2f of alone after\n",
+                later_rate, later_secs, later_rate / before, later_rate / after);
+  }
+  std::printf("  walks ended: %s\n", ends.dump().c_str());
+  if (!json_path.empty()) {
+    nlohmann::json j = {{"benchmark", "walk"},
+                        {"callers", callers},
+                        {"pass_seconds", pass},
+                        {"interval_seconds", interval},
+                        {"loaded_keys", keys0},
+                        {"loaded_inbox", inbox0},
+                        {"creates_alone_before", before},
+                        {"creates_alone_after", after},
+                        {"creates_first_walks", first_rate},
+                        {"creates_later_walks", later_rate},
+                        {"walks_ended", ends},
+                        {"samples", samples}};
+    std::ofstream out(json_path);
+    out << j.dump(2) << "\n";
+    if (!out) Die("cannot write " + json_path);
+  }
+  return all_wrapped(wraps) ? 0 : 3;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -635,11 +824,36 @@ int main(int argc, char** argv) {
   run->add_option("--rounds", rounds, "Rounds; medians are reported")->check(CLI::Range(1, 99));
   run->add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
   run->add_option("--json", json_path, "Write every sample to this JSON file");
+  CLI::App* walk = app.add_subcommand(
+      "walk", "SQLite: creates while the key-order sweep walks its tables through, and on");
+  walk->add_option("--uri", uri, "A store preloaded and never swept")->required();
+  walk->add_option("--callers", callers, "Concurrent callers")->check(CLI::Range(1, 1024));
+  double baseline = 20, pass = 300, interval = 60, report = 10;
+  double walk_seconds = 1200;
+  int wraps = 2;
+  walk->add_option("--baseline", baseline, "Seconds of creates alone, before and after")
+      ->check(CLI::Range(1.0, 600.0));
+  walk->add_option("--seconds", walk_seconds, "Give up after this many seconds of sweeping")
+      ->check(CLI::Range(1.0, 86400.0));
+  walk->add_option("--pass", pass, "Seconds a walk takes after the first (key_order_pass)")
+      ->check(CLI::Range(1.0, 86400.0));
+  walk->add_option("--interval", interval,
+                   "Seconds between sweeper passes that do not lag (the Runtime's "
+                   "sweep_interval)")
+      ->check(CLI::Range(0.01, 3600.0));
+  walk->add_option("--report", report, "Seconds between progress lines")
+      ->check(CLI::Range(0.5, 600.0));
+  walk->add_option("--wraps", wraps, "Stop once each table's walk has ended this many times")
+      ->check(CLI::Range(1, 100));
+  walk->add_option("--json", json_path, "Write the figures to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
     Preload(uri, rows, expired, inbox_expired < 0 ? expired : inbox_expired, age_days, outbox);
     return 0;
   }
   if (*retention) return Retention(uri, callers, seconds, json_path);
+  if (*walk) {
+    return WalkRun(uri, callers, baseline, walk_seconds, pass, interval, report, wraps, json_path);
+  }
   return Run(uri, empty_uri, callers, seconds, rounds, json_path);
 }

@@ -10,7 +10,11 @@
 #   by side at ROWS rows per table (keys, inbox rows and published outbox events), all
 #   past their retention (written two days ago): creates, and the sweeper removing them by
 #   batched DELETEs (retention=delete) or by dropping their partition
-#   (retention=partitioned); `converge_scale_bench retention` says how.
+#   (retention=partitioned); `converge_scale_bench retention` says how. "walk" (not in the
+#   default) follows SQLite's sweep in key order through its tables: ROWS per table, keys
+#   20% expired and inbox rows 2% (a walk's steady state with the default TTLs and pass),
+#   creates while each table is walked through twice, the first walk flat out and the
+#   second paced to take WALK_PASS seconds (default 300); `converge_scale_bench walk`.
 # The stores live under $TMPDIR (default /tmp) and are removed afterwards; the PostgreSQL
 # one is a throwaway server (scripts/with-postgres.sh) unless CONVERGE_TEST_PG_DSN is set.
 set -euo pipefail
@@ -45,6 +49,16 @@ if [[ " $stores " == *" sqlite "* ]]; then
   du -sh "$dir/loaded.db" | awk '{print "  loaded store: " $1}'
   "$bench" run --uri "sqlite:$dir/loaded.db" --empty-uri "sqlite:$dir/empty.db" \
     --seconds "$secs" --rounds "$rounds" $(json sqlite)
+  rm -rf "$dir"
+  trap - EXIT
+fi
+
+if [[ " $stores " == *" walk "* ]]; then
+  dir=$(mktemp -d "$tmp/converge-scale-XXXXXX")
+  trap 'rm -rf "$dir"' EXIT
+  echo "SQLite: preloading $rows rows per table for the walk"
+  "$bench" preload --uri "sqlite:$dir/walk.db" --rows "$rows" --expired 0.2 --inbox-expired 0.02
+  "$bench" walk --uri "sqlite:$dir/walk.db" --pass "${WALK_PASS:-300}" $(json walk)
   rm -rf "$dir"
   trap - EXIT
 fi
