@@ -31,7 +31,9 @@
 //       alone, then creates while a sweeper runs as the Runtime runs it until the walk of
 //       each table has reached the end of its table W times (the first walk flat out, the
 //       later ones paced to take S seconds), a progress line every --report seconds, then
-//       creates alone again.
+//       creates alone again. With --control, the same without a sweeper for --seconds: run
+//       on a copy of the same store, it tells the walks' cost from the drift of creates as
+//       the store grows.
 //
 // A create is the single-phase idempotent create of the other benchmarks
 // (IdempotencyKeys::Execute: key row, business row, outbox row, stored response); an
@@ -658,15 +660,22 @@ std::map<std::string, WalkState> Walks(Database& db) {
 // seconds, until each table's walk has wrapped `wraps` times or `seconds` have passed; then
 // creates alone again. The first walk of each table runs flat out, the later ones at
 // their pace. A line every `report` seconds.
+// With `control`, no sweeper runs: the same creates for `seconds`, to tell what the walks
+// cost from how creates drift as the store grows.
 int WalkRun(const std::string& uri, int callers, double baseline, double seconds, double pass,
-            double interval, double report, int wraps, const std::string& json_path) {
+            double interval, double report, int wraps, bool control,
+            const std::string& json_path) {
   auto db = Open(uri, callers + 2);
   if (!Walks(*db).empty()) Die(uri + " has been swept before: preload a fresh store");
   const int64_t keys0 = Count(*db, "idempotency_keys"), inbox0 = Count(*db, "consumer_inbox");
-  std::printf("walk: %s, %d callers; %lld idempotency keys, %lld inbox rows; walks of %.0f s, "
-              "the sweeper every %.0f s while it does not lag\n",
+  std::printf("walk: %s, %d callers; %lld idempotency keys, %lld inbox rows; %s\n",
               IsPostgres(uri) ? "PostgreSQL" : "SQLite WAL synchronous=FULL", callers,
-              static_cast<long long>(keys0), static_cast<long long>(inbox0), pass, interval);
+              static_cast<long long>(keys0), static_cast<long long>(inbox0),
+              control ? "control: no sweeper"
+                      : ("walks of " + std::to_string(std::lround(pass)) +
+                         " s, the sweeper every " + std::to_string(std::lround(interval)) +
+                         " s while it does not lag")
+                            .c_str());
   std::fflush(stdout);
   const double before = Creates(*db, callers, baseline);
   std::printf("  creates alone: %.0f/s over %.0f s\n", before, baseline);
@@ -679,7 +688,7 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
   std::atomic<bool> stop{false};
   std::atomic<int64_t> keys_deleted{0}, inbox_deleted{0};
   std::thread sweep([&] {
-    while (!stop.load()) {
+    while (!control && !stop.load()) {
       auto s = sweeper.RunOnce();
       if (!s) Die("sweep: " + s.error().ToString());
       keys_deleted += s->keys;
@@ -755,9 +764,9 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
   const double first_rate = first_secs > 0 ? first_creates / first_secs : 0;
   const double later_rate = later_secs > 0 ? later_creates / later_secs : 0;
   std::printf("  creates alone again: %.0f/s over %.0f s\n", after, baseline);
-  std::printf("  creates during the first walks (flat out): %.0f/s over %.0f s, %.2f of alone "
-              "before\n",
-              first_rate, first_secs, first_rate / before);
+  std::printf("  creates %s: %.0f/s over %.0f s, %.2f of alone before\n",
+              control ? "with no sweeper" : "during the first walks (flat out)", first_rate,
+              first_secs, first_rate / before);
   if (later_secs > 0) {
     std::printf("  creates during the later walks (paced): %.0f/s over %.0f s, %.2f of alone "
                 "before, %.2f of alone after\n",
@@ -767,6 +776,7 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "walk"},
                         {"callers", callers},
+                        {"control", control},
                         {"pass_seconds", pass},
                         {"interval_seconds", interval},
                         {"loaded_keys", keys0},
@@ -781,7 +791,7 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
     out << j.dump(2) << "\n";
     if (!out) Die("cannot write " + json_path);
   }
-  return all_wrapped(wraps) ? 0 : 3;
+  return control || all_wrapped(wraps) ? 0 : 3;
 }
 
 }  // namespace
@@ -845,6 +855,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.5, 600.0));
   walk->add_option("--wraps", wraps, "Stop once each table's walk has ended this many times")
       ->check(CLI::Range(1, 100));
+  bool control = false;
+  walk->add_flag("--control", control,
+                 "No sweeper: the same creates for --seconds, as a control for a walk run");
   walk->add_option("--json", json_path, "Write the figures to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
@@ -853,7 +866,8 @@ int main(int argc, char** argv) {
   }
   if (*retention) return Retention(uri, callers, seconds, json_path);
   if (*walk) {
-    return WalkRun(uri, callers, baseline, walk_seconds, pass, interval, report, wraps, json_path);
+    return WalkRun(uri, callers, baseline, walk_seconds, pass, interval, report, wraps, control,
+                   json_path);
   }
   return Run(uri, empty_uri, callers, seconds, rounds, json_path);
 }

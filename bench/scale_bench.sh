@@ -14,7 +14,9 @@
 #   default) follows SQLite's sweep in key order through its tables: ROWS per table, keys
 #   20% expired and inbox rows 2% (a walk's steady state with the default TTLs and pass),
 #   creates while each table is walked through twice, the first walk flat out and the
-#   second paced to take WALK_PASS seconds (default 300); `converge_scale_bench walk`.
+#   second paced to take WALK_PASS seconds (default 300), then the same creates on a copy
+#   of the same store for as long with no sweeper (the control); `converge_scale_bench
+#   walk`.
 # The stores live under $TMPDIR (default /tmp) and are removed afterwards; the PostgreSQL
 # one is a throwaway server (scripts/with-postgres.sh) unless CONVERGE_TEST_PG_DSN is set.
 set -euo pipefail
@@ -58,7 +60,14 @@ if [[ " $stores " == *" walk "* ]]; then
   trap 'rm -rf "$dir"' EXIT
   echo "SQLite: preloading $rows rows per table for the walk"
   "$bench" preload --uri "sqlite:$dir/walk.db" --rows "$rows" --expired 0.2 --inbox-expired 0.02
-  "$bench" walk --uri "sqlite:$dir/walk.db" --pass "${WALK_PASS:-300}" $(json walk)
+  cp "$dir/walk.db" "$dir/control.db"
+  "$bench" walk --uri "sqlite:$dir/walk.db" --pass "${WALK_PASS:-300}" $(json walk) |
+    tee "$dir/walk.out"
+  rm -f "$dir/walk.db"*
+  # The control: the same creates on a copy of the same store for as long, no sweeper.
+  secs_walked=$(awk '/^ +[0-9]+ s  creates/ {t = $1} END {print t}' "$dir/walk.out")
+  "$bench" walk --uri "sqlite:$dir/control.db" --control --seconds "$secs_walked" \
+    $(json walk_control)
   rm -rf "$dir"
   trap - EXIT
 fi
