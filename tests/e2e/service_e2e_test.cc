@@ -667,15 +667,8 @@ TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
     Response fp = admin("GET", "/admin/failpoints/" + name, "");
     return fp.status == 200 ? json::parse(fp.body).value("paused", 0) : -1;
   };
-  auto count = [&](const std::string& sql) {
-    int64_t n = -1;
-    (void)(*db)->Read([&](converge::Tx& tx) -> converge::Status {
-      CONVERGE_ASSIGN_OR_RETURN(converge::Rows rows, tx.Query(sql));
-      n = rows[0].Int(0);
-      return converge::OkStatus();
-    });
-    return n;
-  };
+  auto count = [&](const std::string& sql) { return converge::testing::QueryInt(**db, sql); };
+  Response paid;  // written by `payer`, so it outlives it
   std::thread payer;
   struct Join {
     std::thread& t;
@@ -695,7 +688,6 @@ TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
                   "consumer.after_commit_before_ack=pause*1")
                 .status,
             200);
-  Response paid;
   payer = std::thread([&] {
     paid = send("POST", "/v1/payments", {{"Authorization", kAcme}, {"Idempotency-Key", "er-1"}},
                 json{{"amount", 1200},
