@@ -665,6 +665,7 @@ std::map<std::string, WalkState> Walks(Database& db) {
 int WalkRun(const std::string& uri, int callers, double baseline, double seconds, double pass,
             double interval, double report, int wraps, bool control,
             const std::string& json_path) {
+  if (IsPostgres(uri)) Die("walk: PostgreSQL does not sweep in key order; use SQLite");
   auto db = Open(uri, callers + 2);
   if (!Walks(*db).empty()) Die(uri + " has been swept before: preload a fresh store");
   const int64_t keys0 = Count(*db, "idempotency_keys"), inbox0 = Count(*db, "consumer_inbox");
