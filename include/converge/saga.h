@@ -35,6 +35,11 @@
 // reverse order and are retried on transient errors until they succeed; a permanent one
 // parks the saga as failed_to_compensate with a dead letter (queue "saga:<type>", event id
 // = saga id) and counts in SagaStats::parked (metric converge_sagas_parked_total).
+// Every start of a step counts until the saga records an outcome: a step that ends its
+// runner each time (a crash, an OOM kill, a stall past the lease) is not started again
+// after policy.max_unsettled_starts such starts, but fails as exhausted: an action
+// compensates, itself included, and a compensation parks the saga with a dead letter of
+// class "unsettled".
 //
 // Ownership: a runner claims a due saga with a fence from Tx::NextFence() and a lease;
 // every write it makes is conditional on that fence, so of two runners (threads or
@@ -129,6 +134,12 @@ struct SagaStepPolicy {
   // Attempts of the compensation on transient errors before it is parked; 0 = retry until
   // it succeeds.
   int max_compensation_attempts = 0;
+  // Starts in a row of the action or a compensation that ended without any outcome
+  // recorded (the runner died, or outlasted its lease, each time) before the step is not
+  // started again but fails as exhausted: an action compensates, itself included, and a
+  // compensation parks the saga ("unsettled"). 0 = no limit (such a step then runs for
+  // ever). Generous: a takeover after a stall counts too.
+  int max_unsettled_starts = 10;
 };
 
 struct SagaStep {

@@ -76,6 +76,9 @@ struct SagaRunner::Position {
   bool compensating = false;
   int step = 0;
   int attempts = 0;
+  // Starts of this step, this one included, since the saga last recorded an outcome:
+  // more than one means an earlier start ended without one (its runner died or stalled).
+  int unsettled_starts = 0;
   std::string data;
   int64_t step_started_at = 0;
   int64_t version = 0;
@@ -123,7 +126,8 @@ Status SagaRunner::Validate() const {
     if (p.max_attempts < 1) {
       return InvalidArgumentError(what + "step '" + s.name + "': max_attempts must be >= 1");
     }
-    if (p.max_compensation_attempts < 0 || p.backoff_initial < Millis(0) ||
+    if (p.max_compensation_attempts < 0 || p.max_unsettled_starts < 0 ||
+        p.backoff_initial < Millis(0) ||
         p.backoff_max < Millis(0) || p.deadline < Millis(0)) {
       return InvalidArgumentError(what + "step '" + s.name +
                                   "': durations and attempts must not be negative");
@@ -215,11 +219,14 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     p.maybe_acted = false;
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows, tx.Query("UPDATE saga_instances SET lease_until = $1 WHERE saga_id = $2 AND "
-                            "fence = $3 AND " +
-                                std::string(kActive) +
-                                " RETURNING state, step, attempts, data, step_started_at, version",
-                            now + options_.lease.count(), saga_id, fence));
+        Rows rows,
+        tx.Query("UPDATE saga_instances SET lease_until = $1, "
+                 "unsettled_starts = unsettled_starts + 1 WHERE saga_id = $2 AND fence = $3 "
+                 "AND " +
+                     std::string(kActive) +
+                     " RETURNING state, step, attempts, data, step_started_at, version, "
+                     "unsettled_starts",
+                 now + options_.lease.count(), saga_id, fence));
     if (rows.empty()) return OkStatus();
     ours = true;
     p.saga_id = saga_id;
@@ -229,6 +236,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     p.data = rows[0].Text(3);
     p.step_started_at = rows[0].Int(4);
     p.version = rows[0].Int(5);
+    p.unsettled_starts = static_cast<int>(rows[0].Int(6));
     if (p.step < 0 || p.step >= steps) {
       return FailedPreconditionError("saga " + saga_id + " is at step " + std::to_string(p.step) +
                                      " of " + std::to_string(steps) +
@@ -283,7 +291,19 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   std::string result;
   bool call_done = journalled.has_value();  // the external call succeeded
   bool called = false;                      // this runner made the call, now
-  if (past_deadline) {
+  // Every start counts, and only a recorded outcome resets the count: a step that ends
+  // its runner each time (a crash in its call or local part) is not started again past
+  // its limit, but fails as exhausted (it may have acted): an action then compensates,
+  // a compensation parks. Otherwise it would be claimed again after every lease, for ever.
+  const int start_limit = s.policy.max_unsettled_starts;
+  const bool unsettled = start_limit > 0 && p.unsettled_starts > start_limit;
+  if (unsettled) {
+    failure = UnavailableError(
+        std::to_string(p.unsettled_starts - 1) + " starts of the " +
+        (p.compensating ? "compensation" : "action") + " of step '" + s.name +
+        "' ended without an outcome (the runner died or outlasted its lease each time); "
+        "not started again");
+  } else if (past_deadline) {
     failure = DeadlineExceededError("step '" + s.name + "' passed its deadline");
   } else if (act.call && !journalled) {
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.before_call"));
@@ -293,6 +313,8 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       out = act.call(ctx);
     } catch (const std::exception& e) {
       out = tl::unexpected(InternalError(std::string("saga call threw: ") + e.what()));
+    } catch (...) {
+      out = tl::unexpected(InternalError("saga call threw a non-standard exception"));
     }
     // A crash here repeats the call with the same key once the lease lapses.
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("saga.after_call_before_record"));
@@ -377,11 +399,12 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     const int64_t now = clock_->NowMillis();
     const bool deadline_passed =
         s.policy.deadline > Millis(0) && now >= p.step_started_at + s.policy.deadline.count();
-    next = transient && attempts < s.policy.max_attempts && !deadline_passed ? Next::kRetry
-                                                                             : Next::kCompensate;
+    next = transient && attempts < s.policy.max_attempts && !deadline_passed && !unsettled
+               ? Next::kRetry
+               : Next::kCompensate;
   } else {
     const int max = s.policy.max_compensation_attempts;
-    next = transient && (max == 0 || attempts < max) ? Next::kRetry : Next::kPark;
+    next = transient && (max == 0 || attempts < max) && !unsettled ? Next::kRetry : Next::kPark;
   }
   auto record = [&] { return db_.Transact([&](Tx& tx) -> Status {
     terminal = false;
@@ -407,7 +430,8 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
       CONVERGE_ASSIGN_OR_RETURN(
           int64_t n, tx.Exec("UPDATE saga_instances SET attempts = $1, next_attempt_at = $2, "
                              "lease_until = 0, error = $3, version = version + 1, "
-                             "updated_at = $4 WHERE saga_id = $5 AND fence = $6",
+                             "unsettled_starts = 0, updated_at = $4 "
+                             "WHERE saga_id = $5 AND fence = $6",
                              attempts, now + delay.count(), error, now, saga_id, fence));
       if (n != 1) return Fenced(saga_id);
       return StatusOf(tx.Exec(
@@ -436,7 +460,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
     d.source = "urn:converge:sagas";
     d.type = definition_.type;
     d.envelope = p.data;
-    d.error_class = transient ? "exhausted" : "permanent";
+    d.error_class = unsettled ? "unsettled" : transient ? "exhausted" : "permanent";
     d.error_code = std::string(StatusCodeName(failure.code()));
     d.error = "compensation of step '" + s.name + "': " + failure.message();
     d.attempts = attempts;
@@ -504,6 +528,7 @@ Result<SagaRunner::Drive> SagaRunner::Lost(const Position& p, int64_t fence, boo
         Rows rows,
         tx.Query("UPDATE saga_instances SET state = CASE WHEN state = 'failed_to_compensate' "
                  "THEN state ELSE 'compensating' END, step = $1, attempts = 0, "
+                 "unsettled_starts = 0, "
                  "next_attempt_at = $2, lease_until = 0, fence = $3, version = version + 1, "
                  "error = $4, updated_at = $2 WHERE saga_id = $5 AND (state = 'compensated' OR "
                  "(state IN ('compensating', 'failed_to_compensate') AND step <= $1)) "
@@ -635,6 +660,7 @@ Status SagaRunner::Finish(Tx& tx, const Position& p, int64_t fence, std::string_
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n,
       tx.Exec("UPDATE saga_instances SET state = $1, step = $2, attempts = 0, data = $3, "
+              "unsettled_starts = 0, "
               "version = $4, step_started_at = $5, deadline = $6, next_attempt_at = $5, "
               "lease_until = $7, error = $8, updated_at = $5 "
               "WHERE saga_id = $9 AND fence = $10",
@@ -732,6 +758,7 @@ Status SagaRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
   const int64_t now = clock_->NowMillis();
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n, tx.Exec("UPDATE saga_instances SET state = 'compensating', attempts = 0, "
+                         "unsettled_starts = 0, "
                          "next_attempt_at = $1, lease_until = 0, updated_at = $1 "
                          "WHERE saga_id = $2 AND state = 'failed_to_compensate'",
                          now, letter.event_id));

@@ -97,6 +97,8 @@ class Partitions : public StoreContract<Store> {
                                   "NOT NULL DEFAULT 0",
                                   "CREATE INDEX outbox_unpublished_partition ON outbox_events "
                                   "(partition_no, seq) WHERE published_at IS NULL",
+                                  // Migration 15's column, run again below.
+                                  "ALTER TABLE saga_instances DROP COLUMN unsettled_starts",
                                   "DELETE FROM converge_schema WHERE version >= 12"}) {
                            CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(sql)));
                          }

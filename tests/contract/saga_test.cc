@@ -382,6 +382,47 @@ TYPED_TEST(Sagas, ACompensationFailingForGoodParksTheSagaWithADeadLetter) {
   EXPECT_EQ(this->Count("SELECT count(*) FROM saga_local WHERE what = 'a.undo'"), 1);
 }
 
+// Found by review: a step whose call ended its runner every time (a crash, an OOM kill)
+// was claimed again after each lease, for ever, since only recorded failures counted. Here
+// every call of b and of b's compensation ends its runner before anything is recorded (an
+// error at saga.after_call_before_record returns from RunOnce as a crash would leave the
+// saga: leased, nothing written); the test lets each lease lapse.
+TYPED_TEST(Sagas, AStepThatEndsItsRunnerEveryTimeIsStoppedAfterItsAttempts) {
+  ManualClock clock;
+  SagaStepPolicy policy;
+  policy.max_unsettled_starts = 3;  // max_compensation_attempts 0: errors retry for ever
+  SagaRunner runner(*this->db_, this->Definition(*this->db_, policy), {.lease = 10s}, &clock);
+  this->Begin(runner, "u");
+  // Hit 1 is a's call; every later one (b's calls, then b's compensation's) "crashes".
+  ASSERT_TRUE(failpoint::Configure("saga.after_call_before_record=error(unavailable)@2").ok());
+  for (int i = 0; i < 30 && this->Load("u").state != saga_state::kFailedToCompensate; ++i) {
+    (void)runner.RunOnce();
+    clock.Advance(11s);
+  }
+  SagaInstance s = this->Load("u");
+  ASSERT_EQ(s.state, saga_state::kFailedToCompensate);
+  EXPECT_EQ(s.step, 1);
+  EXPECT_EQ(this->Calls("order:u:b:action"), 3);        // 3 starts, then no more
+  EXPECT_EQ(this->Calls("order:u:b:compensation"), 3);  // b may have acted: undone too
+  EXPECT_EQ(this->Calls("order:u:a:compensation"), 0);
+  SagaRequeuer requeuer(&clock);
+  DeadLetters letters(*this->db_, {{std::string(kSagaQueuePrefix), &requeuer}}, &clock);
+  auto parked = letters.List();
+  ASSERT_TRUE(parked);
+  ASSERT_EQ(parked->size(), 1u);
+  EXPECT_EQ((*parked)[0].error_class, "unsettled");
+  EXPECT_NE((*parked)[0].error.find("ended without an outcome"), std::string::npos)
+      << (*parked)[0].error;
+  // The cause fixed, a replay finishes the compensations: b's (one more call), then a's.
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  ASSERT_TRUE(letters.Replay((*parked)[0].id).ok());
+  this->Drain(runner, clock, "u");
+  EXPECT_EQ(this->Load("u").state, saga_state::kCompensated);
+  EXPECT_EQ(this->Calls("order:u:b:compensation"), 4);
+  EXPECT_EQ(this->Calls("order:u:a:compensation"), 1);
+  EXPECT_EQ(this->Calls("order:u:b:action"), 3);
+}
+
 TYPED_TEST(Sagas, TwoRunnersNeverDriveOneSagaAtOnce) {
   ManualClock clock;
   SagaRunner a(*this->db_, this->Definition(*this->db_), {.lease = 10s}, &clock);
@@ -654,6 +695,7 @@ TYPED_TEST(Sagas, StressedTakeoversNeverDoubleApply) {
     SagaStep s;
     s.name = name;
     s.policy.max_attempts = 1000;
+    s.policy.max_unsettled_starts = 0;  // takeovers in a row are what this test makes
     s.policy.backoff_initial = 1ms;
     s.policy.backoff_max = 2ms;
     s.action.call = [&db](const SagaStepContext& ctx) -> Result<std::string> {
@@ -898,6 +940,9 @@ TYPED_TEST(Sagas, TheMigrationFindsTheSagaOfCallsJournalledBeforeIt) {
           ->Transact([](Tx& tx) -> Status {
             CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("DROP INDEX effects_saga")));
             CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec("ALTER TABLE effects DROP COLUMN saga_id")));
+            // Nor had such a store the column of migration 15.
+            CONVERGE_RETURN_IF_ERROR(StatusOf(
+                tx.Exec("ALTER TABLE saga_instances DROP COLUMN unsettled_starts")));
             CONVERGE_RETURN_IF_ERROR(
                 StatusOf(tx.Exec("INSERT INTO effects (effect_key, kind, payload, state, attempts, "
                                  "next_attempt_at, created_at, updated_at) VALUES "

@@ -257,6 +257,12 @@ CREATE TABLE IF NOT EXISTS sweep_walks (
   last_pass_rows {{bigint}} NOT NULL
 );
 )sql",
+      // 15: a saga step's starts since the saga last recorded an outcome (saga.h): a step
+      // that ends its runner every time (a crash in its call or local part) is stopped
+      // after its attempts, where `attempts`, which counts recorded failures, never grew.
+      R"sql(
+ALTER TABLE saga_instances ADD COLUMN unsettled_starts INTEGER NOT NULL DEFAULT 0;
+)sql",
   };
   return kMigrations;
 }
