@@ -58,8 +58,8 @@ class Outbox {
 
   // Writes `event` to outbox_events through `tx` and returns its id. The relay is woken
   // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON or
-  // nested deeper than 256 levels, fields over 255 bytes or with control characters,
-  // malformed traceparent),
+  // nested deeper than 256 levels, fields over 255 bytes, with control characters or not
+  // UTF-8, malformed traceparent),
   // kAlreadyExists (an event with this source and id exists), store errors. The insert
   // and its per-aggregate lock are deferred statements (Tx::ExecDeferred): on PostgreSQL
   // kAlreadyExists and lock timeouts come from tx's next waiting statement or its commit.

@@ -61,9 +61,16 @@ Result<PreparedEvent> Outbox::Prepare(Event e) const {
   CONVERGE_RETURN_IF_ERROR(ValidateEventData(e.data));
   PreparedEvent p;
   p.headers_ = "{}";
-  if (!e.traceparent.empty()) p.headers_ = json{{"traceparent", e.traceparent}}.dump();
+  try {
+    if (!e.traceparent.empty()) p.headers_ = json{{"traceparent", e.traceparent}}.dump();
+    e.envelope = EncodeEnvelope(e);
+  } catch (const json::exception&) {
+    // dump() refuses text that is not UTF-8; the data was checked above, so a field was.
+    return tl::unexpected(InvalidArgumentError(
+        "an event field (id, source, type, subject, aggregate type or traceparent) is not "
+        "UTF-8"));
+  }
   p.partition_ = OutboxPartition(e.subject);
-  e.envelope = EncodeEnvelope(e);
   p.event_ = std::move(e);
   return p;
 }

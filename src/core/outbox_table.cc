@@ -67,6 +67,24 @@ Status CheckOptions(const OutboxTableOptions& o) {
   return OkStatus();
 }
 
+// Pages one ingest reads at most: past this many batches of held-back rows ahead of them,
+// the other aggregates wait too (each page is one read of `batch` rows).
+constexpr int kIngestPages = 16;
+
+// The event of one row, or why the row cannot be one. A payload that is not JSON goes as
+// a JSON string; bytes that are not UTF-8 (in it, or in a field: SQLite hands text over as
+// it was written) make no event, where nlohmann's dump() would throw.
+Result<PreparedEvent> PrepareRow(const Outbox& outbox, Event e) {
+  if (!json::accept(e.data)) {
+    try {
+      e.data = json(e.data).dump();
+    } catch (const json::exception&) {
+      return tl::unexpected(InvalidArgumentError("its payload is neither JSON nor UTF-8 text"));
+    }
+  }
+  return outbox.Prepare(std::move(e));
+}
+
 }  // namespace
 
 OutboxTable::OutboxTable(Database& db, Outbox& outbox, OutboxTableOptions options)
@@ -95,7 +113,7 @@ OutboxTable::OutboxTable(Database& db, Outbox& outbox, OutboxTableOptions option
   ingest_sql_ = "SELECT CAST(a." + c.id + " AS TEXT), CAST(a." + c.aggregate_type +
                 " AS TEXT), CAST(a." + c.aggregate_id + " AS TEXT), CAST(a." + c.type +
                 " AS TEXT), CAST(a." + c.payload + " AS TEXT) FROM " + t + " a WHERE " +
-                unmarked + "NOT " + copied + ") ORDER BY " + order + " LIMIT $2";
+                unmarked + "NOT " + copied + ") ORDER BY " + order + " LIMIT $2 OFFSET $3";
   const std::string published = "SELECT a." + c.id + " FROM " + t + " a WHERE " + unmarked +
                                 copied + " AND e.published_at IS NOT NULL) LIMIT $2";
   delete_sql_ = "DELETE FROM " + t + " WHERE " + c.id + " IN (" + published + ")";
@@ -140,35 +158,41 @@ Result<size_t> OutboxTable::Ingest() {
     // One ingest at a time per source, store-wide: the next one reads only after this one
     // committed, so copies are drawn in visibility order (the Method above).
     CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox-table:" + options_.source));
-    CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows,
-        tx.Query(ingest_sql_, options_.source, static_cast<int64_t>(options_.batch)));
     std::set<std::string> stopped;  // aggregates held back behind a row that is no event
-    for (const Row& r : rows) {
-      Event e;
-      e.id = r.Text(0);
-      e.source = options_.source;
-      e.aggregate_type = r.Text(1);
-      e.subject = r.Text(2);
-      e.type = r.Text(3);
-      e.data = r.IsNull(4) ? "null" : r.Text(4);
-      if (!json::accept(e.data)) e.data = json(e.data).dump();
-      if (stopped.count(e.subject)) {
-        ++held;
-        continue;
-      }
-      Result<PreparedEvent> prepared = outbox_.Prepare(std::move(e));
-      if (!prepared) {
-        stopped.insert(r.Text(2));
-        ++held;
-        if (bad.empty()) {
-          bad = "row " + r.Text(0) + " of " + options_.table + " cannot be published (" +
-                prepared.error().message() + "); its aggregate waits until it is fixed";
+    // Page on past the held-back rows, so that they (and the rows of their aggregates
+    // behind them) cannot fill every batch and stop the other aggregates. The rows this
+    // transaction copied have a copy now and drop out of the next page's anti-join; the
+    // held ones stay, and precede every row not read yet: so they are the offset.
+    for (int page = 0; page < kIngestPages && copied < options_.batch; ++page) {
+      const auto want = static_cast<int64_t>(options_.batch - copied);
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows,
+                                tx.Query(ingest_sql_, options_.source, want, held));
+      for (const Row& r : rows) {
+        Event e;
+        e.id = r.Text(0);
+        e.source = options_.source;
+        e.aggregate_type = r.Text(1);
+        e.subject = r.Text(2);
+        e.type = r.Text(3);
+        e.data = r.IsNull(4) ? "null" : r.Text(4);
+        if (stopped.count(e.subject)) {
+          ++held;
+          continue;
         }
-        continue;
+        Result<PreparedEvent> prepared = PrepareRow(outbox_, std::move(e));
+        if (!prepared) {
+          stopped.insert(r.Text(2));
+          ++held;
+          if (bad.empty()) {
+            bad = "row " + r.Text(0) + " of " + options_.table + " cannot be published (" +
+                  prepared.error().message() + "); its aggregate waits until it is fixed";
+          }
+          continue;
+        }
+        CONVERGE_RETURN_IF_ERROR(StatusOf(outbox_.Enqueue(tx, *prepared)));
+        ++copied;
       }
-      CONVERGE_RETURN_IF_ERROR(StatusOf(outbox_.Enqueue(tx, *prepared)));
-      ++copied;
+      if (static_cast<int64_t>(rows.size()) < want) break;  // nothing more to read
     }
     return OkStatus();
   });
