@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -11,7 +12,9 @@
 #include "converge/dead_letters.h"
 #include "converge/effects.h"
 #include "converge/http_service.h"
+#include "converge/nats.h"
 #include "converge/relay.h"
+#include "converge/saga.h"
 #include "converge/sql_queue.h"
 
 namespace converge::cli {
@@ -26,6 +29,19 @@ struct DlqFlags {
   int64_t limit = 100;
   int64_t after = 0;
   int64_t id = 0;
+};
+
+// Refuses every replay with `why` (kFailedPrecondition): the letter stays parked.
+class NotFromHere : public Requeuer {
+ public:
+  explicit NotFromHere(std::string why) : why_(std::move(why)) {}
+  Status Requeue(Tx&, const DeadLetter& letter) override {
+    return FailedPreconditionError("dead letter " + std::to_string(letter.id) + " of queue '" +
+                                   letter.queue + "': " + why_);
+  }
+
+ private:
+  std::string why_;
 };
 
 // The same JSON as the admin API's (http_service.h), pretty-printed.
@@ -108,14 +124,24 @@ int Act(const DlqFlags& f, bool replay) {
   int code = 0;
   auto db = OpenOrReport(f.db, &code);
   if (!db) return code;
-  // This store's replay targets: effects' letters re-open their intent, every other
-  // letter goes back on its SQL queue.
+  // This store's replay targets, as the payments service routes them: effects' letters
+  // re-open their intent, sagas' go back to compensating, a relay's refused events become
+  // unpublished again, NATS consumers' letters are refused (below), and every other letter
+  // goes back on its SQL queue. A letter must never fall through to the SQL queue when it
+  // belongs elsewhere: it would be marked replayed and put where no one reads it.
   SqlQueue queue(*db);
   EffectRequeuer effects;
+  SagaRequeuer sagas;  // the service's runners find the saga at their next poll
   OutboxRequeuer outbox;  // events a relay parked because the broker refused them
+  NotFromHere nats(
+      "a NATS consumer's letter goes back onto its stream through a broker connection, "
+      "which this command does not open: replay it with the service's admin API "
+      "(POST /admin/dead-letters/{id}/replay)");
   DeadLetters dlq(*db, {{"", &queue},
                         {std::string(kEffectQueuePrefix), &effects},
-                        {std::string(kRelayDeadLetterQueue), &outbox}});
+                        {std::string(kSagaQueuePrefix), &sagas},
+                        {std::string(kRelayDeadLetterQueue), &outbox},
+                        {std::string(kNatsQueuePrefix), &nats}});
   Status st = replay ? dlq.Replay(f.id) : dlq.Discard(f.id);
   if (!st.ok()) return Fail(replay ? "replay" : "discard", st);
   std::printf("dead letter %lld %s\n", static_cast<long long>(f.id),

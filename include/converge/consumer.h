@@ -72,7 +72,10 @@ struct ConsumerOptions {
   size_t batch = 32;            // deliveries per transaction
   Millis poll = 1s;             // safety net when no wake-up comes
   Millis inbox_ttl = 24h * 14;  // how long a dedupe row lives
-  Millis replay_window = 24h * 7;  // how long after parking a dead letter may be replayed
+  // How long after parking a dead letter may be replayed with its inbox row still there to
+  // absorb it, were the message in fact applied (inbox_ttl must cover it: Validate). A
+  // later replay is not refused; it is deduplicated only while that row lives.
+  Millis replay_window = 24h * 7;
 };
 
 struct ConsumerStats {

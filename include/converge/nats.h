@@ -48,6 +48,10 @@
 
 namespace converge {
 
+// The queue of a NATS consumer's dead letters is this prefix and the consumer's name; the
+// broker replays them (NatsBroker, a Requeuer).
+inline constexpr std::string_view kNatsQueuePrefix = "nats:";
+
 struct NatsOptions {
   std::vector<std::string> servers;  // nats://host:port, one or more
   std::string stream = "CONVERGE";   // the stream holding every event

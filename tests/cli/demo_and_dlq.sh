@@ -44,6 +44,50 @@ n = sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM queue_messages WH
 sys.exit(0 if n == 1 else 1)
 PY
 
+# Every letter is replayed where it came from, never onto a SQL queue no one reads (found
+# by review: the CLI had no route for sagas' and NATS consumers' letters, so both were
+# marked replayed and enqueued on a queue named after them): a parked saga goes back to
+# compensating; a NATS consumer's letter is refused here and stays parked.
+python3 - "$db" <<'PY'
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+c.execute("INSERT INTO saga_instances (saga_id, type, state, step, data, version, attempts, "
+          "step_started_at, next_attempt_at, lease_until, fence, error, created_at, updated_at) "
+          "VALUES ('saga-1', 'checkout', 'failed_to_compensate', 1, '{}', 1, 5, 0, 0, 0, 1, "
+          "'refund refused', 0, 0)")
+for queue, event_id in (("saga:checkout", "saga-1"), ("nats:ledger", "evt-nats-1")):
+    c.execute("INSERT INTO dead_letters (consumer, queue, event_id, source, type, envelope, "
+              "error_class, error_code, error, attempts, first_failure_at, last_failure_at, "
+              "updated_at) VALUES (?, ?, ?, 's', 't', '{}', 'exhausted', 'UNAVAILABLE', 'x', 5, "
+              "0, 0, 0)", (queue.split(":")[1], queue, event_id))
+c.commit()
+PY
+letter_of() {
+  python3 - "$db" "$1" <<'PY'
+import sqlite3, sys
+print(sqlite3.connect(sys.argv[1]).execute(
+    "SELECT id FROM dead_letters WHERE queue = ?", (sys.argv[2],)).fetchone()[0])
+PY
+}
+saga_letter=$(letter_of saga:checkout)
+nats_letter=$(letter_of nats:ledger)
+"$converge" dlq replay --db "sqlite:$db" "$saga_letter" | grep -q "replayed" || fail "saga replay"
+set +e
+"$converge" dlq replay --db "sqlite:$db" "$nats_letter" 2> "$dir/nats.err"; rc=$?
+set -e
+[ "$rc" -eq 1 ] || fail "replay of a NATS consumer's letter should exit 1, got $rc"
+grep -q "admin API" "$dir/nats.err" || { cat "$dir/nats.err"; fail "NATS refusal unclear"; }
+python3 - "$db" "$nats_letter" <<'PY' || fail "a letter went where it does not belong"
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+state = c.execute("SELECT state FROM saga_instances WHERE saga_id = 'saga-1'").fetchone()[0]
+nats = c.execute("SELECT state FROM dead_letters WHERE id = ?", (sys.argv[2],)).fetchone()[0]
+stray = c.execute("SELECT count(*) FROM queue_messages "
+                  "WHERE queue IN ('saga:checkout', 'nats:ledger')").fetchone()[0]
+print("saga:", state, "nats letter:", nats, "stray messages:", stray)
+sys.exit(0 if (state, nats, stray) == ("compensating", "parked", 0) else 1)
+PY
+
 # Unknown ids and bad arguments.
 set +e
 "$converge" dlq show --db "sqlite:$db" 999999 2> "$dir/nf.err"; rc=$?

@@ -541,7 +541,7 @@ class NatsSubscriber : public Subscriber {
         sub_(std::move(sub)),
         pull_(std::move(pull)),
         notices_(std::move(notices)),
-        queue_("nats:" + sub_.consumer) {
+        queue_(std::string(kNatsQueuePrefix) + sub_.consumer) {
     ticker_ = std::thread([this] { Tick(); });
   }
 

@@ -194,8 +194,11 @@ Status SqlQueue::EnqueueInTx(Tx& tx, std::string_view queue, const Event& e) {
 }
 
 Status SqlQueue::Requeue(Tx& tx, const DeadLetter& d) {
-  // The subject is inside the envelope; the queue row only needs it for routing
-  // displays, so the dead letter's event id stands in when it is missing.
+  // The queue row's subject orders the queue's deliveries per aggregate (one message of a
+  // subject at a time, oldest first). It comes from the envelope; when the envelope has
+  // none (or cannot be decoded), the letter's event id stands in: a subject of its own. A
+  // replayed message is a new row, behind its aggregate's later messages: replay does not
+  // restore its first place in the order.
   Event e;
   e.id = d.event_id;
   e.source = d.source;
