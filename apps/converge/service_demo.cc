@@ -585,7 +585,7 @@ int RunServiceDemo(const ServiceDemoFlags& f) {
       << "api_keys = { \"sk_test_acme\" = \"acme\", \"sk_test_globex\" = \"globex\" }\n"
       << "[psp]\nurl = \"http://127.0.0.1:" << d.psp_port << "\"\ntimeout_ms = 1000\n"
       << "webhook_secrets = [\"" << d.secret << "\"]\n"
-      << "[mail]\nurl = \"http://127.0.0.1:" << d.mail_port << "\"\ntimeout_ms = 2000\n"
+      << "[mail]\nurl = \"http://127.0.0.1:" << d.mail_port << "\"\ntimeout_ms = 1000\n"
       << "[consumers]\nvisibility_ms = 1000\nmax_attempts = 6\nbackoff_initial_ms = "
          "20\nbackoff_max_ms = 200\n"
       << "[effects]\nmax_attempts = 4\nlease_ms = 2000\n";

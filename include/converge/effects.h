@@ -15,6 +15,9 @@
 // retry_after_ms(), e.g. a callee's Retry-After); permanent errors and exhausted
 // attempts park a dead letter (queue "effect:<kind>"); EffectRequeuer, routed for the
 // prefix kEffectQueuePrefix in DeadLetters, re-opens the intent when it is replayed.
+// Every claim counts as an attempt, so a call that kills its process each time (or
+// outlasts the lease each time) is not called again past max_attempts: its next claim
+// parks it uncalled ("exhausted"), where it would otherwise be retried for ever.
 //
 // Invariant: every call runs under a claim that is this runner's own and valid when the
 // call starts. A claim writes a fresh claim token; right before each call the runner renews

@@ -181,11 +181,26 @@ Result<size_t> EffectRunner::RunOnce() {
       continue;
     }
 
+    if (c.attempts > options_.max_attempts) {
+      // Every claim counts an attempt, and a recorded failure ends the intent at
+      // max_attempts; so each attempt past that was claimed and never recorded: the call
+      // killed its process (or stalled past the lease) every time. Calling once more would
+      // go on for ever; parked instead, uncalled, for a person to look at and replay.
+      CONVERGE_RETURN_IF_ERROR(RecordOutcome(
+          c, token,
+          tl::unexpected(UnavailableError(
+              std::to_string(c.attempts - 1) + " attempts were claimed and none recorded an "
+              "outcome: the call ended its runner (a crash) or outlasted its lease (" +
+              std::to_string(options_.lease.count()) + " ms) each time; not called again"))));
+      continue;
+    }
     Result<std::string> outcome = std::string();
     try {
       outcome = executor_(c.key, c.payload);
     } catch (const std::exception& e) {
       outcome = tl::unexpected(InternalError(std::string("effect executor threw: ") + e.what()));
+    } catch (...) {
+      outcome = tl::unexpected(InternalError("effect executor threw a non-standard exception"));
     }
     // A crash here re-executes the call with the same key after the lease; a pause lets
     // another runner take the claim over before this one records the outcome.

@@ -58,7 +58,7 @@ class MultiInstance : public ::testing::Test {
       << "[auth]\nadmin_token = \"mi-admin-token\"\napi_keys = { \"sk_mi\" = \"mi\" }\n"
       << "[psp]\nurl = \"http://127.0.0.1:" << psp_->port() << "\"\ntimeout_ms = 1000\n"
       << "webhook_secrets = [\"" << secret_ << "\"]\n"
-      << "[mail]\nurl = \"http://127.0.0.1:" << mail_->port() << "\"\n"
+      << "[mail]\nurl = \"http://127.0.0.1:" << mail_->port() << "\"\ntimeout_ms = 1000\n"
       << "[consumers]\nvisibility_ms = 1000\nbackoff_initial_ms = 20\nbackoff_max_ms = 200\n"
       << "[effects]\nlease_ms = 1500\n";
   }

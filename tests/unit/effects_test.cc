@@ -134,24 +134,33 @@ TEST_F(EffectsTest, PermanentFailureParksAtOnce) {
   EXPECT_EQ(calls_, 1);
 }
 
+// An executor that appends each call's key to the file `log`, which outlives the process
+// the call ran in, and succeeds.
+EffectRunner::Executor LoggingExecutor(const std::string& log) {
+  return [log](const std::string& key, const std::string&) -> Result<std::string> {
+    FILE* f = std::fopen(log.c_str(), "a");
+    std::fprintf(f, "%s\n", key.c_str());
+    std::fclose(f);
+    return std::string("ok");
+  };
+}
+
+// Records the intent "receipt:p1" in the store at `path`.
+void RecordReceipt(const std::string& path, const EffectRunner::Executor& executor) {
+  auto db = OpenSqlite(path);
+  EffectRunner r(*db, Options(), executor);
+  ASSERT_TRUE(
+      db->Transact([&](Tx& tx) { return StatusOf(r.Record(tx, "receipt:p1", "{}")); }).ok());
+}
+
 // A crash between the provider call and the recorded result: after the claim lease, the
 // intent is executed again with the same key and the provider does not act twice.
 TEST(EffectsCrash, CrashAfterCallBeforeRecordReexecutesWithTheSameKey) {
   TempDir dir;
   const std::string path = dir.File("db.sqlite");
   const std::string sent_log = dir.File("sent.log");
-  auto executor = [&](const std::string& key, const std::string&) -> Result<std::string> {
-    FILE* f = std::fopen(sent_log.c_str(), "a");
-    std::fprintf(f, "%s\n", key.c_str());
-    std::fclose(f);
-    return std::string("ok");
-  };
-  {
-    auto db = OpenSqlite(path);
-    EffectRunner r(*db, Options(), executor);
-    ASSERT_TRUE(
-        db->Transact([&](Tx& tx) { return StatusOf(r.Record(tx, "receipt:p1", "{}")); }).ok());
-  }
+  const EffectRunner::Executor executor = LoggingExecutor(sent_log);
+  RecordReceipt(path, executor);
   int status = testing::RunInChild([&] {
     auto db = OpenSqlite(path);
     EffectRunner r(*db, Options(), executor);
@@ -176,6 +185,63 @@ TEST(EffectsCrash, CrashAfterCallBeforeRecordReexecutesWithTheSameKey) {
   }
   std::fclose(f);
   EXPECT_EQ(n, 2);
+}
+
+int Lines(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return 0;
+  char line[64];
+  int n = 0;
+  while (std::fgets(line, sizeof line, f)) ++n;
+  std::fclose(f);
+  return n;
+}
+
+// Found by review: a call that kills its process every time was claimed again after each
+// lease, for ever, since only a recorded failure counted against max_attempts. Each claim
+// counts now: after max_attempts calls that never recorded an outcome, the next claim
+// parks the intent without calling it; a replay calls it again.
+TEST(EffectsCrash, ACallThatKillsItsProcessEveryTimeIsParkedAfterMaxAttempts) {
+  TempDir dir;
+  const std::string path = dir.File("db.sqlite");
+  const std::string sent_log = dir.File("sent.log");
+  const EffectRunner::Executor executor = LoggingExecutor(sent_log);
+  RecordReceipt(path, executor);
+  const int64_t start = Clock::System()->NowMillis();
+  const int64_t past_lease = Options().lease.count() + 1000;
+  for (int i = 0; i < Options().max_attempts; ++i) {
+    int status = testing::RunInChild([&] {
+      ManualClock clock;
+      clock.Set(start + i * past_lease);
+      auto db = OpenSqlite(path);
+      EffectRunner r(*db, Options(), executor, &clock);
+      (void)failpoint::Configure("effects.after_call_before_record=crash");
+      (void)r.RunOnce();
+      return false;
+    });
+    ASSERT_TRUE(testing::KilledBySigkill(status)) << "attempt " << i + 1;
+  }
+  ASSERT_EQ(Lines(sent_log), Options().max_attempts);
+  ManualClock clock;
+  clock.Set(start + Options().max_attempts * past_lease);
+  auto db = OpenSqlite(path);
+  EffectRunner r(*db, Options(), executor, &clock);
+  ASSERT_EQ(*r.RunOnce(), 1u);
+  EXPECT_EQ(Lines(sent_log), Options().max_attempts);  // not called again
+  EXPECT_EQ(r.stats().failed, 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects WHERE state = 'failed'"), 1);
+  EffectRequeuer requeuer(&clock);
+  DeadLetters dlq(*db, {{std::string(kEffectQueuePrefix), &requeuer}}, &clock);
+  auto list = *dlq.List();
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].error_class, "exhausted");
+  EXPECT_EQ(list[0].attempts, Options().max_attempts + 1);
+  EXPECT_NE(list[0].error.find("none recorded an outcome"), std::string::npos) << list[0].error;
+  // Replayed (the cause fixed), it is called once more and done.
+  ASSERT_TRUE(dlq.Replay(list[0].id).ok());
+  ASSERT_EQ(*r.RunOnce(), 1u);
+  EXPECT_EQ(Lines(sent_log), Options().max_attempts + 1);
+  EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM effects WHERE state = 'done'"), 1);
 }
 
 }  // namespace
