@@ -41,7 +41,7 @@ Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
       {{"proxy",
         {"listen", "upstream", "store", "scope", "log_level", "upstream_timeout_ms",
          "forward_key_header", "stored_statuses", "replay_headers", "max_stored_body",
-         "max_in_flight_per_scope"}},
+         "max_upstream_body", "max_in_flight_per_scope"}},
        {"keys", {"ttl_seconds", "lease_seconds"}},
        {"server", {"body_limit", "header_limit", "max_connections", "worker_threads"}},
        {"route", {"method", "path", "key"}}}));
@@ -66,6 +66,8 @@ Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
   CONVERGE_RETURN_IF_ERROR(r.Strings("proxy", "replay_headers", &c.proxy.replay_headers));
   CONVERGE_RETURN_IF_ERROR(
       r.Int("proxy", "max_stored_body", &c.proxy.max_stored_body, 0, int64_t{64} << 20));
+  CONVERGE_RETURN_IF_ERROR(
+      r.Int("proxy", "max_upstream_body", &c.proxy.max_upstream_body, 1, int64_t{1} << 30));
   CONVERGE_RETURN_IF_ERROR(
       r.Int("proxy", "max_in_flight_per_scope", &c.proxy.max_in_flight_per_scope, 1, 100'000));
   int64_t ttl_s = 24 * 3600, lease_s = 30;

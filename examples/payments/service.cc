@@ -107,6 +107,10 @@ class Service::Impl {
   Status Start();
   void Stop();
   uint16_t port() const { return server_ ? server_->port() : 0; }
+  Response Handle(Request& req) {
+    if (!server_) return Problem(503, "Service Unavailable", "the service is not started");
+    return server_->Handle(req);
+  }
 
  private:
   // --- HTTP handlers ---
@@ -169,6 +173,7 @@ Service::Service(ServiceConfig config) : impl_(std::make_unique<Impl>(std::move(
 Service::~Service() { Stop(); }
 Status Service::Start() { return impl_->Start(); }
 uint16_t Service::port() const { return impl_->port(); }
+Response Service::Handle(Request& request) { return impl_->Handle(request); }
 void Service::Stop() { impl_->Stop(); }
 
 Status Service::Impl::CreateTables() {
@@ -224,6 +229,13 @@ Status Service::Impl::Start() {
         "config: idempotency.lease_ms (" + std::to_string(cfg_.lease.count()) +
         " ms) must exceed psp.timeout_ms (" + std::to_string(cfg_.psp_timeout.count()) +
         " ms): the charge phase must fit in its lease, or a retry takes over mid-call");
+  }
+  if (cfg_.effect_lease <= cfg_.mail_timeout) {
+    return converge::InvalidArgumentError(
+        "config: effects.lease_ms (" + std::to_string(cfg_.effect_lease.count()) +
+        " ms) must exceed mail.timeout_ms (" + std::to_string(cfg_.mail_timeout.count()) +
+        " ms): a receipt's call must fit in its claim, or other runners claim it again "
+        "while it runs, and each call's outcome is dropped");
   }
   // [store] synchronous and notify, and a pool that fits the worker threads, are
   // defaults for the URI's parameters of the same names: the URI's own setting wins, and
@@ -289,7 +301,7 @@ Status Service::Impl::Start() {
       {std::string(converge::kSagaQueuePrefix), &saga_requeuer_},
       {std::string(converge::kRelayDeadLetterQueue), &outbox_requeuer_}};
 #if CONVERGE_WITH_NATS
-  if (nats_) routes.push_back({"nats:", nats_.get()});  // letters of NATS consumers
+  if (nats_) routes.push_back({std::string(converge::kNatsQueuePrefix), nats_.get()});
 #endif
   dead_letters_ = std::make_unique<converge::DeadLetters>(*db_, std::move(routes));
   converge::EffectRunnerOptions eo;

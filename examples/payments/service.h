@@ -10,6 +10,7 @@
 
 #include <memory>
 
+#include "converge/http.h"
 #include "converge/status.h"
 #include "examples/payments/config.h"
 
@@ -25,6 +26,10 @@ class Service {
   converge::Status Start();
   // The bound HTTP port (after Start).
   uint16_t port() const;
+  // Answers one request as the HTTP server's workers do, on the calling thread and
+  // without a socket (converge::http::Server::Handle): for running a route in-process, as
+  // the fuzz target payment_body does. Between Start() and Stop(); before Start(), 503.
+  converge::http::Response Handle(converge::http::Request& request);
   // Graceful: stop accepting, drain in-flight requests, let workers finish their batch.
   void Stop();
 

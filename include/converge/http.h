@@ -65,6 +65,11 @@ struct Response {
   Response& Set(std::string name, std::string value);
 };
 
+// True when `text` is UTF-8, and so can go into a JSON document as a string (a stored
+// header, a forwarded body): nlohmann's dump(), which writes every converge document,
+// decides.
+bool IsUtf8(std::string_view text);
+
 // RFC 9457: `{"type", "title", "status", "detail"}` as application/problem+json. `type` is
 // "about:blank" when empty, else a URN naming the problem ("urn:converge:problem:<slug>").
 // Bytes of `title` or `detail` that are not UTF-8 (a detail may quote the client's input)
@@ -206,6 +211,13 @@ class Server {
   uint16_t port() const;
   // Stops accepting, waits up to `drain` for in-flight requests, then closes everything.
   void Stop(Millis drain = std::chrono::seconds(10));
+  // Answers `request` as a worker would, on the calling thread and without a socket: the
+  // route match (filling request.params), the handler, 404 or 405 when no route matches.
+  // request.path and .query must be what the server splits off the target. No OnExchange
+  // observer sees it, and in_flight() does not count it. For running routes in-process
+  // (tests, fuzz targets); safe from several threads once the routes are registered,
+  // with or without Start().
+  Response Handle(Request& request);
   // Requests being handled right now.
   int64_t in_flight() const;
   ServerStats stats() const;
@@ -221,6 +233,9 @@ struct ClientRequest {
   Headers headers;
   std::string body;
   Millis timeout = std::chrono::seconds(10);
+  // Response body bytes read at most (0: no bound). A longer body ends the call with
+  // kResourceExhausted, its answer unread: the peer did answer, and may have acted.
+  size_t max_response_body = 0;
 };
 
 // Blocking HTTP client. Errors: kDeadlineExceeded (timeout: the outcome is unknown),

@@ -7,7 +7,8 @@
 //     (problem type idempotency-key-missing); malformed -> 400 (idempotency-key-malformed);
 //   - its scope is the caller's principal (`IdempotencyRouteOptions::scope`): a tenant can
 //     never read another tenant's stored response. No principal -> 401;
-//   - the fingerprint covers method, path and the canonical body (RequestFingerprint);
+//   - the fingerprint covers method, path with its query, and the canonical body
+//     (RequestFingerprint);
 //   - the same key with another fingerprint -> 422 (idempotency-key-reused); while the
 //     first request still runs -> 409 with Retry-After (request-in-progress); a completed
 //     key -> the stored status, headers and body, byte for byte, with

@@ -48,11 +48,16 @@ struct IdempotencyProxyOptions {
   std::string forward_key_header = "Idempotency-Key";
   // Statuses besides 2xx that are outcomes, stored and replayed.
   std::vector<int> stored_statuses = {400, 404, 409, 410, 422};
-  // Response headers stored and replayed (case-insensitive); Content-Type always is.
+  // Response headers stored and replayed (case-insensitive); Content-Type and
+  // Content-Encoding (the stored bytes are the upstream's, encoded as it sent them) always are.
   std::vector<std::string> replay_headers = {"Location", "ETag", "Cache-Control"};
   // A response body over this is answered but not stored; the key then answers 409
   // (problem type response-not-replayable) on a retry.
   size_t max_stored_body = 1 << 20;
+  // An upstream answer with a longer body is not read (the proxy holds each answer whole):
+  // the client gets 502 (upstream-answer-too-large), and a keyed request's key stores the
+  // 409 above, since the upstream answered and may have acted. At least max_stored_body.
+  size_t max_upstream_body = 64 << 20;
   Millis upstream_timeout = std::chrono::seconds(10);  // must be below the keys' lease
   // Requests of one scope under way at once, keyed or not; more: 429 + Retry-After.
   int max_in_flight_per_scope = 64;

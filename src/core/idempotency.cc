@@ -27,11 +27,17 @@ constexpr std::string_view kSelectKey =
 // database (a charge), and only a resume from that point converges. The sweeper deletes by
 // the same rule.
 
-std::string EncodeHeaders(const std::vector<std::pair<std::string, std::string>>& headers) {
-  if (headers.empty()) return "[]";  // the common case, without a JSON document
+Result<std::string> EncodeHeaders(
+    const std::vector<std::pair<std::string, std::string>>& headers) {
+  if (headers.empty()) return std::string("[]");  // the common case, without a JSON document
   json a = json::array();
   for (const auto& [k, v] : headers) a.push_back({k, v});
-  return a.dump();
+  try {
+    return a.dump();
+  } catch (const json::exception&) {
+    return tl::unexpected(
+        InvalidArgumentError("a response header to store is not UTF-8 text; leave it out"));
+  }
 }
 
 std::vector<std::pair<std::string, std::string>> DecodeHeaders(const std::string& text) {
@@ -425,14 +431,14 @@ Status IdempotencyKeys::CheckFence(Tx& tx, const KeyLease& lease, int64_t now, b
 // commit instead, so it travels with the COMMIT.
 Status IdempotencyKeys::StoreResponse(Tx& tx, const KeyLease& lease, const StoredResponse& r,
                                       int64_t now) {
+  CONVERGE_ASSIGN_OR_RETURN(std::string headers, EncodeHeaders(r.headers));
   return tx.ExecDeferred(
       DeferredCheck::Changes(1, Fenced(lease)),
       "UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', "
       "response_status = $1, response_headers = $2, response_body = $3, "
       "lease_until = $4, updated_at = $4 "
       "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
-      r.status, EncodeHeaders(r.headers), Blob{r.body}, now, lease.scope, lease.key,
-      lease.fence);
+      r.status, headers, Blob{r.body}, now, lease.scope, lease.key, lease.fence);
 }
 
 Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,

@@ -9,8 +9,19 @@
 namespace converge::http {
 namespace {
 
+struct BodySink {
+  std::string* body;
+  size_t max;  // 0: no bound
+  bool over = false;
+};
+
 size_t OnBody(char* data, size_t size, size_t n, void* out) {
-  static_cast<std::string*>(out)->append(data, size * n);
+  auto* sink = static_cast<BodySink*>(out);
+  if (sink->max != 0 && sink->body->size() + size * n > sink->max) {
+    sink->over = true;
+    return 0;  // fails the transfer: CURLE_WRITE_ERROR
+  }
+  sink->body->append(data, size * n);
   return size * n;
 }
 
@@ -50,6 +61,8 @@ Result<Response> Client::Send(const ClientRequest& r) {
   list = curl_slist_append(list, "Expect:");
   curl_easy_setopt(curl, CURLOPT_URL, r.url.c_str());
   curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, r.method.c_str());
+  // A HEAD answer has a Content-Length and no body: without NOBODY, curl waits for it.
+  if (r.method == "HEAD") curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, list);
   if (!r.body.empty() || r.method == "POST" || r.method == "PUT" || r.method == "PATCH") {
     curl_easy_setopt(curl, CURLOPT_POSTFIELDS, r.body.data());
@@ -57,8 +70,9 @@ Result<Response> Client::Send(const ClientRequest& r) {
   }
   curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(r.timeout.count()));
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  BodySink sink{&resp.body, r.max_response_body};
   curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, OnBody);
-  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &resp.body);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &sink);
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, OnHeader);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &resp.headers);
   CURLcode rc = curl_easy_perform(curl);
@@ -67,6 +81,11 @@ Result<Response> Client::Send(const ClientRequest& r) {
   curl_slist_free_all(list);
   curl_easy_cleanup(curl);
   std::string what = r.method + " " + r.url + ": " + curl_easy_strerror(rc);
+  if (sink.over) {
+    return tl::unexpected(ResourceExhaustedError(
+        r.method + " " + r.url + ": the answer (status " + std::to_string(status) +
+        ") has a body over " + std::to_string(r.max_response_body) + " bytes"));
+  }
   switch (rc) {
     case CURLE_OK:
       resp.status = static_cast<int>(status);

@@ -51,6 +51,15 @@ Response& Response::Set(std::string name, std::string value) {
   return *this;
 }
 
+bool IsUtf8(std::string_view text) {
+  try {
+    (void)nlohmann::json(text).dump();  // strict: throws on bytes that are not UTF-8
+    return true;
+  } catch (const nlohmann::json::exception&) {
+    return false;
+  }
+}
+
 Response Problem(int status, std::string_view title, std::string_view detail,
                  std::string_view slug) {
   nlohmann::json j = {

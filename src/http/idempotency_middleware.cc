@@ -83,8 +83,11 @@ Prepared Prepare(Request& req, const IdempotencyRouteOptions& o) {
       return p;
     }
   }
+  // The path with its query, as sent: `?amount=5` and `?amount=500` are two requests. A
+  // request without a query keeps the fingerprint it had before queries counted.
+  const std::string target = req.query.empty() ? req.path : req.path + "?" + req.query;
   p.key = KeyRequest{std::move(*scope), std::move(**key),
-                     RequestFingerprint(req.method, req.path, req.body)};
+                     RequestFingerprint(req.method, target, req.body)};
   return p;
 }
 

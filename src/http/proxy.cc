@@ -78,6 +78,7 @@ struct Proxy {
     up.url = o.upstream + req.target;
     up.body = req.body;
     up.timeout = o.upstream_timeout;
+    up.max_response_body = o.max_upstream_body;
     for (const auto& [name, value] : req.headers) {
       if (HopByHop(name) || SameName(name, "Idempotency-Key")) continue;
       if (!o.forward_key_header.empty() && SameName(name, o.forward_key_header)) continue;
@@ -98,6 +99,11 @@ struct Proxy {
   }
 
   static Response UpstreamProblem(const Status& st) {
+    if (st.code() == StatusCode::kResourceExhausted) {
+      return Problem(502, "Bad Gateway",
+                     "the upstream's answer was too large for this proxy to relay",
+                     "upstream-answer-too-large");
+    }
     if (st.code() == StatusCode::kDeadlineExceeded) {
       return Problem(504, "Gateway Timeout", "the upstream did not answer in time",
                      "upstream-timeout");
@@ -114,8 +120,25 @@ struct Proxy {
 
   // The multi-phase body of a keyed request: forward, then store the outcome or give the
   // lease back.
+  // What the key stores when the upstream's answer cannot be: the request ran, its answer
+  // cannot be replayed.
+  static StoredResponse NotReplayable() {
+    Response p = Problem(409, "Conflict",
+                         "the response to the first request with this key was too large to "
+                         "store; it cannot be replayed",
+                         "response-not-replayable");
+    return StoredResponse{.status = 409, .headers = p.headers, .body = p.body};
+  }
+
   Response Keyed(IdempotencyKeys& keys, KeyLease& lease, Request& req) {
     auto up = Forward(req, lease.key);
+    if (!up && up.error().code() == StatusCode::kResourceExhausted) {
+      // The upstream answered, and may have acted: a retry must not go upstream again.
+      const StoredResponse stored = NotReplayable();
+      auto done = keys.Complete(lease, [&](Tx&) -> Result<StoredResponse> { return stored; });
+      Count(done ? "too_large" : "store_failed");
+      return UpstreamProblem(up.error());
+    }
     if (!up || !IsOutcome(up->status)) {
       // Not an outcome (5xx, an unlisted status, a timeout, no connection): store nothing,
       // and let the retry go upstream again at once.
@@ -131,20 +154,23 @@ struct Proxy {
     }
     StoredResponse stored;
     if (up->body.size() > o.max_stored_body) {
-      stored.status = 409;
-      Response p = Problem(409, "Conflict",
-                           "the response to the first request with this key was too large to "
-                           "store; it cannot be replayed",
-                           "response-not-replayable");
-      stored.headers = p.headers;
-      stored.body = p.body;
+      stored = NotReplayable();
       Count("too_large");
     } else {
       stored.status = up->status;
       stored.body = up->body;
       for (const auto& [name, value] : up->headers) {
-        if (SameName(name, "Content-Type") || Listed(o.replay_headers, name)) {
+        // The body's bytes are stored as sent: their type and encoding go with them. A
+        // value that is not UTF-8 (obs-text, legal in HTTP) cannot be stored, and would fail
+        // the whole store, sending every retry upstream again: it is left out of the replay.
+        if (!SameName(name, "Content-Type") && !SameName(name, "Content-Encoding") &&
+            !Listed(o.replay_headers, name)) {
+          continue;
+        }
+        if (IsUtf8(value)) {
           stored.headers.emplace_back(name, value);
+        } else if (o.metrics != nullptr) {
+          o.metrics->Add("proxy_headers_not_stored_total");
         }
       }
       Count("stored");
@@ -185,6 +211,12 @@ Status ValidateIdempotencyProxyOptions(const IdempotencyProxyOptions& options,
   if (!options.scope) return InvalidArgumentError("proxy: no scope function");
   if (options.max_in_flight_per_scope < 1) {
     return InvalidArgumentError("proxy: max_in_flight_per_scope must be at least 1");
+  }
+  if (options.max_upstream_body == 0 || options.max_upstream_body < options.max_stored_body) {
+    return InvalidArgumentError("proxy: max_upstream_body (" +
+                                std::to_string(options.max_upstream_body) +
+                                ") must be positive and at least max_stored_body (" +
+                                std::to_string(options.max_stored_body) + ")");
   }
   if (options.upstream_timeout <= Millis(0)) {
     return InvalidArgumentError("proxy: upstream_timeout must be positive");

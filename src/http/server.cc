@@ -759,6 +759,11 @@ void Server::Route(std::string method, std::string pattern, Handler handler) {
 
 void Server::Fallback(Handler handler) { impl_->fallback_ = std::move(handler); }
 
+Response Server::Handle(Request& request) {
+  std::string route;
+  return impl_->Dispatch(request, &route);
+}
+
 void Server::OnExchange(std::function<void(const Exchange&)> observer) {
   impl_->observers_.push_back(std::move(observer));
 }

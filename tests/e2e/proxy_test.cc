@@ -105,6 +105,71 @@ TEST_F(ProxyE2E, ARetryIsReplayedAndNeverReachesTheUpstreamTwice) {
   EXPECT_EQ(UpstreamRequests("k-1"), 2);
 }
 
+// Found by review: the fingerprint left the query out, so the same key with another query
+// got the first request's answer replayed instead of 422.
+TEST_F(ProxyE2E, TheSameKeyWithAnotherQueryIsAnotherRequest) {
+  Response first = Post("/v1/charges?source=card", "k-q", R"({"amount": 5})");
+  ASSERT_EQ(first.status, 201) << first.body;
+  Response again = Post("/v1/charges?source=card", "k-q", R"({"amount": 5})");
+  EXPECT_EQ(again.status, 201);
+  EXPECT_NE(again.Header("Idempotent-Replayed"), nullptr);
+  Response other = Post("/v1/charges?source=wallet", "k-q", R"({"amount": 5})");
+  EXPECT_EQ(other.status, 422) << other.body;
+  EXPECT_EQ(Post("/v1/charges", "k-q", R"({"amount": 5})").status, 422);
+  EXPECT_EQ(UpstreamRequests("k-q"), 1);
+}
+
+// Found by review: a replay dropped Content-Encoding, so a client that asked for gzip got
+// compressed bytes labelled plain JSON on its retry.
+TEST_F(ProxyE2E, AReplayKeepsTheContentEncodingOfItsBytes) {
+  auto post = [&] {
+    auto r = client_.Send({.method = "POST", .url = proxy_->Url("/v1/charges"),
+                           .headers = {{"Content-Type", "application/json"},
+                                       {"Authorization", "Bearer sk_a"},
+                                       {"Idempotency-Key", "k-gz"},
+                                       {"Accept-Encoding", "gzip"}},
+                           .body = R"({"amount": 9})", .timeout = std::chrono::seconds(10)});
+    return r ? *r : Response{.status = -1, .body = r.error().ToString()};
+  };
+  Response first = post();
+  ASSERT_EQ(first.status, 201) << first.body;
+  ASSERT_NE(first.Header("Content-Encoding"), nullptr);
+  EXPECT_EQ(*first.Header("Content-Encoding"), "gzip");
+  Response again = post();
+  EXPECT_EQ(again.status, 201);
+  ASSERT_NE(again.Header("Idempotent-Replayed"), nullptr);
+  ASSERT_NE(again.Header("Content-Encoding"), nullptr);
+  EXPECT_EQ(*again.Header("Content-Encoding"), "gzip");
+  EXPECT_EQ(again.body, first.body);  // the same compressed bytes
+  EXPECT_EQ(UpstreamRequests("k-gz"), 1);
+}
+
+// Found by review: an allow-listed header whose value is not UTF-8 (an ETag in Latin-1)
+// failed the store, so the key stayed in flight and every retry went upstream again. The
+// value is left out of the stored answer; the rest is replayed.
+TEST_F(ProxyE2E, AHeaderThatIsNotUtf8IsLeftOutOfTheReplayNotTheStore) {
+  auto post = [&] {
+    auto r = client_.Send({.method = "POST", .url = proxy_->Url("/v1/charges"),
+                           .headers = {{"Content-Type", "application/json"},
+                                       {"Authorization", "Bearer sk_a"},
+                                       {"Idempotency-Key", "k-latin1"},
+                                       {"X-Latin1-Etag", "1"}},
+                           .body = R"({"amount": 3})", .timeout = std::chrono::seconds(10)});
+    return r ? *r : Response{.status = -1, .body = r.error().ToString()};
+  };
+  Response first = post();
+  ASSERT_EQ(first.status, 201) << first.body;
+  ASSERT_NE(first.Header("ETag"), nullptr);  // the first answer is whole
+  EXPECT_EQ(*first.Header("ETag"), "\"caf\xe9\"");
+  Response again = post();
+  EXPECT_EQ(again.status, 201);
+  ASSERT_NE(again.Header("Idempotent-Replayed"), nullptr);
+  EXPECT_EQ(again.body, first.body);
+  EXPECT_EQ(*again.Header("Location"), *first.Header("Location"));
+  EXPECT_EQ(again.Header("ETag"), nullptr);
+  EXPECT_EQ(UpstreamRequests("k-latin1"), 1);
+}
+
 TEST_F(ProxyE2E, ConcurrentDuplicatesReachTheUpstreamOnce) {
   Faults({{"delay_ms", 300}, {"delay_next", 1}});
   std::vector<std::thread> clients;
@@ -199,6 +264,24 @@ TEST_F(ProxyE2E, AProxyKilledBeforeStoringLosesNothingAndDoublesNothing) {
   Response replay = Post("/v1/charges", "k-crash", R"({"amount": 9})");
   EXPECT_NE(replay.Header("Idempotent-Replayed"), nullptr);
   EXPECT_EQ(UpstreamRequests("k-crash"), 2);
+}
+
+// Found by review: the upstream's answer was read whole whatever its size. Past
+// max_upstream_body it is not read: 502, and the key stores "not replayable" (the upstream
+// answered, and may have acted), so a retry does not go upstream again.
+TEST_F(ProxyE2E, AnAnswerOverTheUpstreamBoundIsNotReadAndNotRepeated) {
+  proxy_->Stop();
+  WriteConfig("max_upstream_body = 200000\n");
+  ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
+  Faults({{"big_bytes", 1000000}});
+  Response huge = Post("/v1/big", "k-huge", "{}");
+  EXPECT_EQ(huge.status, 502);
+  EXPECT_NE(huge.body.find("upstream-answer-too-large"), std::string::npos) << huge.body;
+  Response retry = Post("/v1/big", "k-huge", "{}");
+  EXPECT_EQ(retry.status, 409);
+  EXPECT_NE(retry.body.find("response-not-replayable"), std::string::npos) << retry.body;
+  EXPECT_EQ(UpstreamRequests("k-huge"), 1);
+  EXPECT_EQ(Post("/v1/big", "", "{}").status, 502);  // passed through, unkeyed: the same
 }
 
 TEST_F(ProxyE2E, ACallerOverItsConcurrencyBoundGets429) {

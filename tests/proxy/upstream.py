@@ -15,6 +15,7 @@ Listens on 127.0.0.1 (a free port, written to PORT_FILE) and serves:
                         `delay_next` requests), "dedupe": bool, "big_bytes": n}
 Every request without a key is counted under "".
 """
+import gzip
 import json
 import os
 import sys
@@ -35,7 +36,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def answer(self, status, body, extra=None):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        # Compressed when the client asks (as Python's requests does by default): the
+        # proxy must replay the encoding with the bytes.
+        gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+        if gzipped:
+            data = gzip.compress(data)
         self.send_response(status)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for k, v in (extra or {}).items():
@@ -81,7 +89,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(500, {"error": "injected failure"})
         if self.path == "/v1/big":
             return self.answer(201, b"x" * state["big_bytes"])
-        if self.path != "/v1/charges":
+        if self.path.split("?", 1)[0] != "/v1/charges":
             return self.answer(404, {"error": "no route"})
         try:
             amount = json.loads(raw)["amount"]
@@ -96,8 +104,10 @@ class Handler(BaseHTTPRequestHandler):
                 state["charges"][cid] = charge
                 if key:
                     state["by_key"][key] = cid
-        self.answer(201, charge, {"Location": "/v1/charges/" + charge["id"],
-                                  "X-Upstream-Secret": "not-replayed"})
+        extra = {"Location": "/v1/charges/" + charge["id"], "X-Upstream-Secret": "not-replayed"}
+        if self.headers.get("X-Latin1-Etag"):
+            extra["ETag"] = '"caf\xe9"'  # obs-text: legal in HTTP, not UTF-8 (Latin-1)
+        self.answer(201, charge, extra)
 
 
 def main():

@@ -7,6 +7,7 @@
 
 #include <thread>
 
+#include "src/core/crypto.h"
 #include "tests/unit/test_util.h"
 
 namespace converge::http {
@@ -115,6 +116,46 @@ TEST_F(IdempotencyRouteTest, SinglePhaseStoresReplaysAndRejectsAnotherBody) {
   EXPECT_EQ(h(globex).Header("Idempotent-Replayed"), nullptr);  // scopes never share keys
   EXPECT_EQ(runs_, 2);
   EXPECT_EQ(Effects(), 2);
+}
+
+// Found by review: the fingerprint hashed the path without its query, so the same key with
+// `?amount=500` replayed the answer to `?amount=5` instead of 422.
+TEST_F(IdempotencyRouteTest, TheQueryIsPartOfTheRequest) {
+  auto place = [&](Tx& tx, Request& r) -> Result<Response> {
+    ++runs_;
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", r.query));
+    return Json(201, "{\"query\":\"" + r.query + "\"}");
+  };
+  Server::Handler h = SinglePhaseRoute(*keys_, Options(), place);
+  auto with_query = [](std::string query) {
+    Request r = Post("{}", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}});
+    r.query = query;
+    r.target = r.path + "?" + query;
+    return r;
+  };
+  Request five = with_query("amount=5");
+  EXPECT_EQ(h(five).status, 201);
+  Request again = with_query("amount=5");
+  Response replay = h(again);
+  EXPECT_EQ(replay.status, 201);
+  EXPECT_EQ(*replay.Header("Idempotent-Replayed"), "true");
+  Request more = with_query("amount=500");
+  Response c = h(more);
+  EXPECT_EQ(c.status, 422);
+  EXPECT_EQ(Type(c), "urn:converge:problem:idempotency-key-reused");
+  Request none = Post("{}", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k1"}});
+  EXPECT_EQ(h(none).status, 422);
+  EXPECT_EQ(runs_, 1);
+  EXPECT_EQ(Effects(), 1);
+  // Without a query, the fingerprint is the one keys stored before queries counted.
+  Request plain = Post("{}", {{"X-Tenant", "acme"}, {"Idempotency-Key", "k2"}});
+  EXPECT_EQ(h(plain).status, 201);
+  EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM idempotency_keys WHERE key = 'k2' "
+                                    "AND request_hash = '" +
+                                        internal::Sha256Hex(RequestFingerprint(
+                                            "POST", "/v1/things", "{}")) +
+                                        "'"),
+            1);
 }
 
 TEST_F(IdempotencyRouteTest, EarlyAnswersClaimNothing) {
