@@ -189,6 +189,16 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
                      "' must be 1-64 letters, digits, '-', '_' or '.'");
         }
         if (ep.secrets.empty()) return Bad("endpoint '" + ep.name + "' has no secrets");
+        // A Standard Webhooks verifier decodes every secret of the list before it compares
+        // one: a bad one, kept to the first delivery, would refuse every delivery (401),
+        // those signed with a good secret too.
+        for (size_t i = 0; i < ep.secrets.size(); ++i) {
+          if (ep.scheme != http::WebhookScheme::kStandard) break;
+          if (Result<std::string> k = webhook::DecodeSecret(ep.secrets[i]); !k) {
+            return Bad("endpoint '" + ep.name + "': secret " + std::to_string(i + 1) + " of " +
+                       std::to_string(ep.secrets.size()) + ": " + k.error().message());
+          }
+        }
         if (ep.targets.empty()) return Bad("endpoint '" + ep.name + "' has no targets");
         for (const std::string& t : ep.targets) {
           bool known = false;
@@ -247,6 +257,15 @@ class Gateway {
                                    .dedupe_ttl = cfg_.dedupe_ttl,
                                    .metrics = &metrics_,
                                    .endpoint = ep.name};
+      // Verified, but not forwardable: 400 and nothing stored, where the staging would
+      // throw and answer 500 to every retry of the sender.
+      o.validate = [](const http::VerifiedWebhook& h) -> std::optional<http::Response> {
+        if (http::IsUtf8(h.body) && http::IsUtf8(h.id)) return std::nullopt;
+        return http::Problem(400, "Bad Request",
+                             "the delivery's body or id is not UTF-8 text; the gateway "
+                             "forwards deliveries inside a JSON document",
+                             "invalid-webhook");
+      };
       server.Route("POST", ep.path,
                    http::WebhookIntakeRoute(*db_, std::move(o),
                                             [this, &ep](Tx& tx, const http::VerifiedWebhook& h) {

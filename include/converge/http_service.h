@@ -65,10 +65,10 @@ struct WebhookIntakeOptions {
 using StageFn = std::function<Status(Tx&, const VerifiedWebhook&)>;
 
 // POST handler: verify the signature (of `scheme`) before anything else (401 problem on
-// failure, nothing stored); 400 for a missing or over-long delivery id; then in one transaction
-// the inbox row keyed by (source, webhook-id) and the staged work; commit; only then
-// 204. A duplicate delivery gets 204 and stages nothing. Store failures: 503 + Retry-After
-// (the sender retries) or 500.
+// failure, nothing stored); 400 for a delivery id that is missing, over 255 bytes or has
+// control characters; then in one transaction the inbox row keyed by (source,
+// webhook-id) and the staged work; commit; only then 204. A duplicate delivery gets 204
+// and stages nothing. Store failures: 503 + Retry-After (the sender retries) or 500.
 Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, StageFn stage);
 
 // --- metrics -------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include "converge/inbox.h"
 #include "converge/offset_clock.h"
 #include "converge/webhook.h"
+#include "src/core/validate.h"
 
 namespace converge::http {
 namespace {
@@ -181,9 +182,13 @@ Server::Handler WebhookIntakeRoute(Database& db, WebhookIntakeOptions options, S
       return Problem(401, "Unauthorized", "webhook signature verification failed: " + v.reason(),
                      "webhook-signature");
     }
-    if (hook.id.empty() || hook.id.size() > 255) {
+    // The id keys the dedupe row and whatever the staged work derives from it (an
+    // effect's key, a log line): 1-255 bytes without control characters.
+    if (!internal::ValidateToken("the delivery id", hook.id, 255).ok()) {
       if (o.metrics) o.metrics->Add("webhooks_rejected_total", labels({{"reason", "bad_id"}}));
-      return Problem(400, "Bad Request", "the delivery id is missing or longer than 255 bytes",
+      return Problem(400, "Bad Request",
+                     "the delivery id is missing, longer than 255 bytes or has control "
+                     "characters",
                      "invalid-webhook");
     }
     if (o.validate) {

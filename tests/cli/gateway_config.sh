@@ -13,7 +13,8 @@ passed=0
 gw=$'[gateway]\nadmin_token = "an-admin-token"\n'
 target=$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\n'
 target+=$'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'
-endpoint=$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["s"]\ntargets = ["t"]\n'
+sender=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+endpoint=$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["'$sender$'"]\ntargets = ["t"]\n'
 check() {  # check NAME EXPECTED_MESSAGE CONFIG
   printf '%s' "$3" > "$dir/$1.toml"
   out=$(CONVERGE_ADMIN_TOKEN= "$bin" gateway --config "$dir/$1.toml" --listen 127.0.0.1:0 2>&1)
@@ -30,7 +31,7 @@ check() {  # check NAME EXPECTED_MESSAGE CONFIG
 check no_endpoint "no [[endpoint]]" "$gw$target"
 check short_token "must be at least 8 characters" $'[gateway]\nadmin_token = "x"\n'"$target$endpoint"
 check unknown_target "names unknown target 'u'" \
-  "$gw$target"$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["s"]\ntargets = ["u"]\n'
+  "$gw$target"$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["'$sender$'"]\ntargets = ["u"]\n'
 check bad_scheme "endpoint.scheme must be" "$gw$target$endpoint"$'scheme = "paypal"\n'
 check bad_subject "endpoint.subject must be a JSON pointer" "$gw$target$endpoint"$'subject = "data.id"\n'
 check ordered_not_bool "target.ordered must be true or false" "$gw$target"$'ordered = "yes"\n'"$endpoint"
@@ -38,6 +39,9 @@ check concurrency_range "target.concurrency must be between 1 and 64" \
   "$gw$target"$'concurrency = 0\n'"$endpoint"
 check bad_secret "secret must be a whsec_<base64> secret" \
   "$gw"$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\nsecret = "plain"\n'"$endpoint"
+# One bad secret in a rotation list would make the verifier refuse every delivery.
+check bad_endpoint_secret "endpoint 'e': secret 2 of 2: webhook secret is not whsec_<base64>" \
+  "$gw$target"$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["'$sender$'", "whsec_!"]\ntargets = ["t"]\n'
 check lease_le_timeout "lease_ms must exceed timeout_ms" \
   "$gw$target"$'timeout_ms = 5000\nlease_ms = 5000\n'"$endpoint"
 check bad_target_name "target name 'a:b' must be" \
