@@ -21,8 +21,9 @@
 // A row that cannot be an event (empty type or aggregate id, a field over 255 bytes, with
 // a control character or not UTF-8) holds back the rows after it of its aggregate (order)
 // and is reported in stats().last_error each pass until it is fixed or removed; other
-// aggregates go on: an ingest pages past held-back rows, up to 16 batches of them. A
-// payload that is not JSON is published as a JSON string (when it is UTF-8 text).
+// aggregates go on, while the held-back rows leave room in an ingest's batch (they are
+// read again on every pass). A payload that is not JSON is published as a JSON string
+// (when it is UTF-8 text).
 //
 // Thread safety: RunOnce must not run concurrently with itself; Start/Stop are for one
 // owner thread; stats() is safe from any thread.

@@ -67,10 +67,6 @@ Status CheckOptions(const OutboxTableOptions& o) {
   return OkStatus();
 }
 
-// Pages one ingest reads at most: past this many batches of held-back rows ahead of them,
-// the other aggregates wait too (each page is one read of `batch` rows).
-constexpr int kIngestPages = 16;
-
 // The event of one row, or why the row cannot be one. A payload that is not JSON goes as
 // a JSON string; bytes that are not UTF-8 (in it, or in a field: SQLite hands text over as
 // it was written) make no event, where nlohmann's dump() would throw.
@@ -113,7 +109,7 @@ OutboxTable::OutboxTable(Database& db, Outbox& outbox, OutboxTableOptions option
   ingest_sql_ = "SELECT CAST(a." + c.id + " AS TEXT), CAST(a." + c.aggregate_type +
                 " AS TEXT), CAST(a." + c.aggregate_id + " AS TEXT), CAST(a." + c.type +
                 " AS TEXT), CAST(a." + c.payload + " AS TEXT) FROM " + t + " a WHERE " +
-                unmarked + "NOT " + copied + ") ORDER BY " + order + " LIMIT $2 OFFSET $3";
+                unmarked + "NOT " + copied + ") ORDER BY " + order + " LIMIT $2";
   const std::string published = "SELECT a." + c.id + " FROM " + t + " a WHERE " + unmarked +
                                 copied + " AND e.published_at IS NOT NULL) LIMIT $2";
   delete_sql_ = "DELETE FROM " + t + " WHERE " + c.id + " IN (" + published + ")";
@@ -159,14 +155,14 @@ Result<size_t> OutboxTable::Ingest() {
     // committed, so copies are drawn in visibility order (the Method above).
     CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox-table:" + options_.source));
     std::set<std::string> stopped;  // aggregates held back behind a row that is no event
-    // Page on past the held-back rows, so that they (and the rows of their aggregates
-    // behind them) cannot fill every batch and stop the other aggregates. The rows this
-    // transaction copied have a copy now and drop out of the next page's anti-join; the
-    // held ones stay, and precede every row not read yet: so they are the offset.
-    for (int page = 0; page < kIngestPages && copied < options_.batch; ++page) {
-      const auto want = static_cast<int64_t>(options_.batch - copied);
-      CONVERGE_ASSIGN_OR_RETURN(Rows rows,
-                                tx.Query(ingest_sql_, options_.source, want, held));
+    // One page. (Paging on past held-back rows by OFFSET was tried and dropped: under
+    // PostgreSQL's READ COMMITTED each page sees a fresh snapshot, so a held row removed,
+    // or an earlier row committed, between pages shifts the offset and a row is skipped,
+    // out of its aggregate's order. docs/design/outbox-table-relay.md.)
+    {
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows rows,
+          tx.Query(ingest_sql_, options_.source, static_cast<int64_t>(options_.batch)));
       for (const Row& r : rows) {
         Event e;
         e.id = r.Text(0);
@@ -192,7 +188,6 @@ Result<size_t> OutboxTable::Ingest() {
         CONVERGE_RETURN_IF_ERROR(StatusOf(outbox_.Enqueue(tx, *prepared)));
         ++copied;
       }
-      if (static_cast<int64_t>(rows.size()) < want) break;  // nothing more to read
     }
     return OkStatus();
   });
