@@ -70,6 +70,14 @@ for t in "${targets[@]}"; do
   rc=${PIPESTATUS[0]}
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+  # With -fork=N the parent prints "#EXECS: cov: ... time: SECONDSs job: ..." after each
+  # child's job, and the stat:: lines above, if any, are one child's: count the parent's.
+  fork_line=$(grep -E '^#[0-9]+: cov:' "$log" | tail -1)
+  if [ -n "$fork_line" ]; then
+    execs=$(sed -E 's/^#([0-9]+):.*/\1/' <<<"$fork_line")
+    fork_secs=$(sed -E 's/.* time: ([0-9]+)s.*/\1/' <<<"$fork_line")
+    rate=$(( execs / (fork_secs > 0 ? fork_secs : 1) ))
+  fi
   status=ok
   if [ "$rc" -ne 0 ]; then
     status="FAILED (exit $rc; inputs in $crashes)"
