@@ -17,7 +17,10 @@
 // prefix kEffectQueuePrefix in DeadLetters, re-opens the intent when it is replayed.
 // Every claim counts as an attempt, so a call that kills its process each time (or
 // outlasts the lease each time) is not called again past max_attempts: its next claim
-// parks it uncalled ("exhausted"), where it would otherwise be retried for ever.
+// parks it uncalled ("exhausted"), where it would otherwise be retried for ever. A call
+// still running past its lease at that point may succeed after the park: its outcome is
+// dropped (the claim is no longer its) and the journal says failed; the letter's replay
+// calls again with the same key, which the provider answers with its first result.
 //
 // Invariant: every call runs under a claim that is this runner's own and valid when the
 // call starts. A claim writes a fresh claim token; right before each call the runner renews
