@@ -98,6 +98,12 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   }
   decision->fate = Fate::kDead;
   decision->settlement.kind = Settlement::Kind::kTerm;  // parked: never deliver it again
+  // Its start count goes with it (RunAlone keys it by the transport's identity): a count
+  // left behind would cut a replay's attempts short. An abandoned notice is parked in a
+  // batch, after starts counted by earlier RunAlone tries (found by review).
+  CONVERGE_RETURN_IF_ERROR(tx.Exec(
+      "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
+      options_.name, d.event.source, d.event.id));
   DeadLetter letter;
   letter.consumer = options_.name;
   letter.queue = d.queue;
@@ -314,14 +320,19 @@ Status Consumer::RunAlone(const Delivery& d) {
     // without its handler having run.
     const int64_t runs = starts + 1;
     if (runs > options_.max_attempts) {
-      // Started max_attempts times and never settled: do not run it again.
+      // Started max_attempts times and never settled: do not run it again. Parked under
+      // the envelope's identity, as ProcessOne claims and parks (NATS's routing copy is
+      // the message id, a replayed copy's suffixed), so that a redelivery of it (its
+      // settlement lost) is absorbed by the inbox, not run again (found by review).
+      Result<Event> decoded = DecodeEnvelope(d.event.envelope);
       CONVERGE_RETURN_IF_ERROR(Park(
           tx, d, now, "unsettled",
           AbortedError("handler started " + std::to_string(runs - 1) +
                        " times without settling (it may crash its process, or its "
                        "transaction fails every time); last error: " +
                        (d.last_error.empty() ? std::string("none recorded") : d.last_error)),
-          &decision[0]));
+          &decision[0], decoded ? decoded->source : d.event.source,
+          decoded ? decoded->id : d.event.id));
     } else {
       CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, runs, now, &decision[0]));
     }

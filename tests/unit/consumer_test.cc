@@ -1,5 +1,9 @@
 #include "converge/consumer.h"
 
+#include <span>
+#include <string>
+#include <vector>
+
 #include <gtest/gtest.h>
 
 #include "converge/dead_letters.h"
@@ -423,5 +427,93 @@ TEST_F(ConsumerTest, AnAbandonedThenParkedHeadStarvesNothingAndItsReplayComesLas
   EXPECT_EQ(applied, (std::vector<std::string>{"o1", "e2", "e3", "e1"}));
   EXPECT_EQ(Depth(), 0);
 }
+// A transport that hands out what a test gives it, with the identity it chooses: NATS's
+// routing copy is the message id with no source, not the envelope's (source, id).
+class ScriptedSubscriber : public Subscriber {
+ public:
+  Result<std::vector<Delivery>> Fetch(size_t max, Millis) override {
+    std::vector<Delivery> out;
+    while (!next.empty() && out.size() < max) {
+      out.push_back(next.front());
+      next.erase(next.begin());
+    }
+    return out;
+  }
+  Status Settle(std::span<const Delivery> d, std::span<const Settlement> s) override {
+    for (size_t i = 0; i < d.size(); ++i) settled.push_back(s[i].kind);
+    return OkStatus();
+  }
+  std::vector<Delivery> next;
+  std::vector<Settlement::Kind> settled;
+};
+
+// A delivery as NATS makes it: the routing copy's id is the message id, its source empty.
+Delivery NatsLike(const Event& e, const std::string& msg_id, int64_t attempts) {
+  Delivery d;
+  d.event = e;
+  d.event.source = "";
+  d.event.id = msg_id;
+  d.queue = "ledger";
+  d.attempts = attempts;
+  return d;
+}
+
+void CountStarts(Database& db, const std::string& msg_id, int64_t starts) {
+  ASSERT_TRUE(db.Transact([&](Tx& tx) -> Status {
+                  return StatusOf(tx.Exec("INSERT INTO consumer_starts (consumer, source, "
+                                          "event_id, starts) VALUES ('ledger', '', $1, $2)",
+                                          msg_id, starts));
+                })
+                  .ok());
+}
+
+// Found by review: a message parked "unsettled" was marked in the inbox under the
+// transport's identity, while every claim uses the envelope's; when the park's
+// settlement was lost and the message came again, nothing absorbed it, and the handler
+// that had killed its process max_attempts times ran again.
+TEST_F(ConsumerTest, AMessageParkedUnsettledIsAbsorbedWhenItComesAgain) {
+  ScriptedSubscriber sub;
+  Consumer c(*db_, sub, Options(2), &clock_);
+  c.On("payment.captured", [this](Tx&, const Event&) -> Status {
+    ++calls_;
+    return OkStatus();
+  });
+  const Event e = MakeEvent("e-1");
+  CountStarts(*db_, "nats-7", 2);  // two runs that killed their process, counted
+  sub.next.push_back(NatsLike(e, "nats-7", 3));
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(calls_, 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM dead_letters WHERE error_class = "
+                           "'unsettled' AND source = 'urn:test' AND event_id = 'e-1'"),
+            1);
+  // The term was lost: the server delivers it again, and its start count begins anew.
+  sub.next.push_back(NatsLike(e, "nats-7", 4));
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(calls_, 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM dead_letters"), 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_starts"), 0);
+}
+
+// Found by review: a notice of an abandoned message is parked in a batch, and left the
+// start count of its earlier runs behind, to cut its replay's attempts short.
+TEST_F(ConsumerTest, AnAbandonedMessageTakesItsStartCountWithItToTheDeadLetters) {
+  ScriptedSubscriber sub;
+  Consumer c(*db_, sub, Options(5), &clock_);
+  c.On("payment.captured", [this](Tx&, const Event&) -> Status {
+    ++calls_;
+    return OkStatus();
+  });
+  CountStarts(*db_, "nats-8", 3);
+  Delivery notice = NatsLike(MakeEvent("e-2"), "nats-8", 5);
+  notice.abandoned = true;
+  sub.next.push_back(notice);
+  ASSERT_EQ(*c.RunOnce(), 1u);
+  EXPECT_EQ(calls_, 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM dead_letters WHERE error_class = "
+                           "'abandoned'"),
+            1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_starts"), 0);
+}
+
 }  // namespace
 }  // namespace converge
