@@ -189,6 +189,15 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
                      "' must be 1-64 letters, digits, '-', '_' or '.'");
         }
         if (ep.secrets.empty()) return Bad("endpoint '" + ep.name + "' has no secrets");
+        // A signed delivery verifies from its timestamp - tolerance to + tolerance: a copy
+        // replayed inside that window after its dedupe row is swept would be forwarded
+        // again. (GitHub's signature has no timestamp: the TTL alone bounds a replay.)
+        if (ep.scheme != http::WebhookScheme::kGitHub && c.dedupe_ttl <= 2 * ep.tolerance) {
+          return Bad("endpoint '" + ep.name + "': gateway.dedupe_ttl_hours (" +
+                     std::to_string(ttl_h) + " h) must exceed twice tolerance_seconds (" +
+                     std::to_string(tolerance_s) +
+                     " s), the span in which a captured delivery still verifies");
+        }
         // A Standard Webhooks verifier decodes every secret of the list before it compares
         // one: a bad one, kept to the first delivery, would refuse every delivery (401),
         // those signed with a good secret too.

@@ -44,6 +44,9 @@ check bad_endpoint_secret "endpoint 'e': secret 2 of 2: webhook secret is not wh
   "$gw$target"$'[[endpoint]]\nname = "e"\npath = "/in"\nsecrets = ["'$sender$'", "whsec_!"]\ntargets = ["t"]\n'
 check lease_le_timeout "lease_ms must exceed timeout_ms" \
   "$gw$target"$'timeout_ms = 5000\nlease_ms = 5000\n'"$endpoint"
+# A delivery verifies for twice its tolerance: a shorter dedupe TTL lets a replay through.
+check ttl_le_tolerance "must exceed twice tolerance_seconds" \
+  "$gw"$'dedupe_ttl_hours = 1\n'"$target$endpoint"$'tolerance_seconds = 1800\n'
 check bad_target_name "target name 'a:b' must be" \
   "$gw"$'[[target]]\nname = "a:b"\nurl = "http://127.0.0.1:9/h"\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'"$endpoint"
 check unknown_key "unknown key 'target.oredered'" "$gw$target"$'oredered = true\n'"$endpoint"
