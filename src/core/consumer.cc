@@ -91,6 +91,12 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   CONVERGE_ASSIGN_OR_RETURN(
       InboxClaim claim, inbox_.MarkDeadLettered(tx, options_.name, {source, id},
                                                 options_.inbox_ttl));
+  // Its start count goes with it (RunAlone keys it by the transport's identity): a count
+  // left behind would cut a replay's attempts short. An abandoned notice is parked in a
+  // batch, after starts counted by earlier RunAlone tries (found by review).
+  CONVERGE_RETURN_IF_ERROR(tx.Exec(
+      "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
+      options_.name, d.event.source, d.event.id));
   decision->settlement = Settlement{Settlement::Kind::kAck, Millis(0), {}};
   if (claim == InboxClaim::kDuplicate) {
     decision->fate = Fate::kDuplicate;
@@ -98,12 +104,6 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   }
   decision->fate = Fate::kDead;
   decision->settlement.kind = Settlement::Kind::kTerm;  // parked: never deliver it again
-  // Its start count goes with it (RunAlone keys it by the transport's identity): a count
-  // left behind would cut a replay's attempts short. An abandoned notice is parked in a
-  // batch, after starts counted by earlier RunAlone tries (found by review).
-  CONVERGE_RETURN_IF_ERROR(tx.Exec(
-      "DELETE FROM consumer_starts WHERE consumer = $1 AND source = $2 AND event_id = $3",
-      options_.name, d.event.source, d.event.id));
   DeadLetter letter;
   letter.consumer = options_.name;
   letter.queue = d.queue;
