@@ -6,9 +6,13 @@
 // The process: OutboxTable (outbox_table.h) copies new rows into converge's outbox and
 // deletes or marks the published ones; the library's Relay publishes the outbox. It
 // serves /metrics and /healthz, and stops cleanly on SIGTERM/SIGINT.
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -69,6 +73,7 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
   CONVERGE_RETURN_IF_ERROR(r.String("relay", "log_level", &c.log_level));
   CONVERGE_RETURN_IF_ERROR(r.Int("relay", "batch", &c.relay.batch, 1, 100'000));
   CONVERGE_RETURN_IF_ERROR(r.Duration("relay", "poll_ms", &c.relay.poll, 1, 3'600'000));
+  c.relay.lease = Millis(0);  // unset: chosen below, once the target is known
   CONVERGE_RETURN_IF_ERROR(r.Duration("relay", "lease_ms", &c.relay.lease, 100, 3'600'000));
 
   OutboxTableOptions& t = c.table;
@@ -108,6 +113,16 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
       return tl::unexpected(Bad("target.secret must be a whsec_<base64> secret (deliveries are "
                                 "signed with it; `converge webhook` can make one)"));
     }
+    // A batch's POSTs stop at half the lease (HttpTargetPublisher), and one POST may take
+    // the whole timeout: it must fit in that half, or the partitions could lapse under it.
+    if (c.relay.lease == Millis(0)) {
+      c.relay.lease = std::max<Millis>(RelayOptions{}.lease, 3 * c.http.timeout);
+    } else if (c.relay.lease <= 2 * c.http.timeout) {
+      return tl::unexpected(Bad("relay.lease_ms (" + std::to_string(c.relay.lease.count()) +
+                                ") must exceed twice target.timeout_ms (" +
+                                std::to_string(c.http.timeout.count()) +
+                                "): a pass sends for at most half the lease"));
+    }
   } else if (c.target == "nats") {
     c.nats = c.http.url;
     if (c.nats.rfind("nats://", 0) != 0) return tl::unexpected(Bad("target.url: nats://..."));
@@ -117,16 +132,23 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
     return tl::unexpected(Bad("target.kind must be \"http\", \"sql_queue\" or \"nats\", not '" +
                               c.target + "'"));
   }
+  if (c.relay.lease == Millis(0)) c.relay.lease = RelayOptions{}.lease;
   return c;
 }
 
 // The HTTP target: each event is one POST of its CloudEvents envelope (structured mode),
 // signed as Standard Webhooks with the event id as webhook-id, so the target dedupes
 // redeliveries on it. Publisher::PublishBatch stops a subject at its first failure.
+//
+// A batch is sent one POST after another, and the relay renews its partitions' leases
+// only after it: so no POST starts that could end past half the lease (what is left of a
+// lease when a pass starts, acquire_interval being 0), and the rest of the batch goes next
+// pass. Else a slow target would let the leases lapse mid-batch, and another relay would
+// send the same events again, concurrently.
 class HttpTargetPublisher : public Publisher {
  public:
-  HttpTargetPublisher(SignedTarget target, Metrics* metrics)
-      : target_(std::move(target)), metrics_(metrics) {
+  HttpTargetPublisher(SignedTarget target, Millis lease, Metrics* metrics)
+      : target_(std::move(target)), budget_(lease / 2), metrics_(metrics) {
     metrics_->Describe("relay_target_delivery_seconds", "histogram",
                        "Time a POST to the HTTP target took, by status class.");
   }
@@ -143,8 +165,16 @@ class HttpTargetPublisher : public Publisher {
     return out.status;
   }
 
+  std::vector<Status> PublishBatch(std::span<const Event> batch) override {
+    const auto start = std::chrono::steady_clock::now();
+    return PublishWhile(batch, [&] {
+      return std::chrono::steady_clock::now() - start + target_.timeout <= budget_;
+    });
+  }
+
  private:
   const SignedTarget target_;
+  const Millis budget_;
   Metrics* metrics_;
   http::Client client_;
 };
@@ -167,7 +197,7 @@ int Run(const TableRelayConfig& cfg, const std::string& port_file) {
     return 2;
   }
   if (cfg.target == "http") {
-    publisher = std::make_unique<HttpTargetPublisher>(cfg.http, &metrics);
+    publisher = std::make_unique<HttpTargetPublisher>(cfg.http, cfg.relay.lease, &metrics);
   } else if (cfg.target == "sql_queue") {
     queue = std::make_unique<SqlQueue>(**db);
     Status st = queue->Subscribe(cfg.queue, cfg.pattern);

@@ -131,6 +131,8 @@ inline constexpr std::string_view kNotParked = "not_parked";
 inline constexpr std::string_view kSchemaTooNew = "schema_too_new";
 // failpoint.h: an error injected by a failpoint.
 inline constexpr std::string_view kFailpoint = "failpoint";
+// transport.h: Publisher::PublishBatch did not attempt this event (kAborted).
+inline constexpr std::string_view kNotAttempted = "not_attempted";
 }  // namespace reason
 Status CancelledError(std::string message);
 Status UnknownError(std::string message);

@@ -22,6 +22,7 @@
 
 #include <any>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <utility>
@@ -50,13 +51,22 @@ class Publisher {
   // publishes) overrides this; the default calls Publish one event at a time and does not
   // attempt an event whose subject (aggregate) already failed in this batch (kAborted), so
   // nothing of an aggregate goes out after a failure. An override may attempt them: the
-  // relay marks, per subject, only what precedes the first failure.
+  // relay marks, per subject, only what precedes the first failure. kAborted with reason
+  // kNotAttempted means just that: the relay claims the event again on its next pass and
+  // counts no failure.
   virtual std::vector<Status> PublishBatch(std::span<const Event> batch);
 
   // The transactional face of this publisher, when it has one (the SQL queue does); a
   // broker outside the database has none. The relay publishes through it, in its own
   // transaction, when it writes to the outbox's database (relay.h).
   virtual TxPublisher* tx_publisher() { return nullptr; }
+
+ protected:
+  // The default PublishBatch, cut short: before each event after the first,
+  // `may_start()` is asked, and once it answers false the rest answer kAborted with
+  // reason kNotAttempted. For a slow transport that must not outlast the relay's lease.
+  std::vector<Status> PublishWhile(std::span<const Event> batch,
+                                   const std::function<bool()>& may_start);
 };
 
 class PublisherWrapper : public Publisher {

@@ -91,7 +91,8 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
       worker_("relay " + name_, std::min(options_.poll, options_.lease / 3),
               [this] {
                 Result<size_t> r = RunOnce();
-                return r && *r >= options_.batch;  // more is waiting
+                // More is waiting: a full batch, or one the publisher cut short.
+                return r && (*r >= options_.batch || cut_short_);
               },
               &outbox_.wakeup()) {}
 
@@ -276,6 +277,7 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
 }
 
 Result<size_t> Relay::RunOnce() {
+  cut_short_ = false;
   const int64_t now = clock_->NowMillis();
   Result<std::map<int64_t, int64_t>> owned = held_;
   const bool acquire = held_.empty() || options_.acquire_interval <= Millis(0) ||
@@ -369,6 +371,12 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     return OkStatus();
   }));
   if (batch.empty()) return size_t{0};
+  // Subjects whose last publish failed go after the others, each in its own order: a
+  // target that fails slowly on one aggregate would otherwise spend every pass's time
+  // on it (a publisher may cut its batch short: PublishWhile) while the others wait.
+  std::stable_partition(batch.begin(), batch.end(), [&](const Pending& p) {
+    return !failing_subjects_.count(p.event.subject);
+  });
 
   // One PublishBatch for the whole batch (a broker keeps a window of publishes in flight);
   // per aggregate, only what precedes its first failure counts as published.
@@ -382,12 +390,24 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
                                         std::to_string(batch.size()) + " events"));
   }
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
+  std::set<std::string> still_failing;
+  bool cut_short = false;  // an event of a subject not failing was not attempted
   std::vector<const Pending*> done;
   std::vector<std::pair<const Pending*, const Status*>> refused;  // parked, then marked
   std::vector<std::pair<int64_t, std::string>> failed;
   for (size_t i = 0; i < batch.size(); ++i) {
     const Pending& p = batch[i];
     if (stopped.count(p.event.subject)) continue;
+    if (results[i].code() == StatusCode::kAborted &&
+        results[i].reason() == reason::kNotAttempted) {
+      stopped.insert(p.event.subject);  // not attempted (Publisher::PublishBatch): next pass
+      if (failing_subjects_.count(p.event.subject)) {
+        still_failing.insert(p.event.subject);
+      } else {
+        cut_short = true;
+      }
+      continue;
+    }
     if (!results[i].ok() && !results[i].transient()) {
       // Refused for good: parked, so it stops heading every claim; its aggregate goes on.
       refused.emplace_back(&p, &results[i]);
@@ -395,11 +415,14 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     }
     if (!results[i].ok()) {
       stopped.insert(p.event.subject);
+      still_failing.insert(p.event.subject);
       failed.emplace_back(p.seq, results[i].ToString());
       continue;
     }
     done.push_back(&p);
   }
+  failing_subjects_ = std::move(still_failing);
+  cut_short_ = cut_short;
   if (!done.empty()) CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
 
   size_t marked = 0;

@@ -63,10 +63,10 @@ class OutboxTableE2E : public ::testing::Test {
     const std::string path = dir_.File(name + ".toml");
     std::ofstream f(path);
     f << "[relay]\nstore = \"" << store << "\"\nname = \"" << name << "\"\npoll_ms = 50\n"
-      << "lease_ms = 1500\n[outbox_table]\ntable = \"outbox\"\nbatch = 50\npoll_ms = 20\n"
+      << "lease_ms = 3000\n[outbox_table]\ntable = \"outbox\"\nbatch = 50\npoll_ms = 20\n"
       << table << "[target]\n"
       << (target.empty() ? "kind = \"http\"\nurl = \"" + receiver_->Url("/events") +
-                               "\"\nsecret = \"" + secret_ + "\"\ntimeout_ms = 2000\n"
+                               "\"\nsecret = \"" + secret_ + "\"\ntimeout_ms = 1000\n"
                          : target);
     return path;
   }
@@ -240,6 +240,15 @@ TEST_F(OutboxTableE2E, BadConfigurationIsRefusedWithAClearError) {
   std::tie(code, out) = refused("colour = \"blue\"\n");
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("colour"), std::string::npos) << out;
+  // A pass sends for half the lease: one POST's timeout must fit in it.
+  std::tie(code, out) = Shell(bin + " relay --listen 127.0.0.1:0 --config " +
+                              WriteConfig("bad", "sqlite:" + SqliteDb(), "",
+                                          "kind = \"http\"\nurl = \"http://127.0.0.1:9/e\"\n"
+                                          "secret = \"" + secret_ + "\"\ntimeout_ms = 1500\n"));
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(out.find("relay.lease_ms (3000) must exceed twice target.timeout_ms (1500)"),
+            std::string::npos)
+      << out;
   std::tie(code, out) = Shell(bin + " relay --db sqlite:" + SqliteDb());
   EXPECT_EQ(code, 2);
   EXPECT_NE(out.find("give --db and --broker"), std::string::npos) << out;

@@ -1,5 +1,7 @@
 #include <map>
+#include <set>
 #include <span>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -385,6 +387,70 @@ TEST_F(OutboxRelayTest, ATxPublisherOnAnotherDatabaseIsPublishedToInTwoSteps) {
   EXPECT_EQ(pub.batches_in_tx, 0);
   EXPECT_EQ(pub.published, 1);
   EXPECT_EQ(*queue_->Depth("all"), 1);
+}
+
+// A slow transport cuts its batch short (PublishWhile) so that a pass does not outlast the
+// relay's lease: what it did not attempt is not a failure, and goes out, in order, on the
+// next passes.
+class CuttingPublisher : public PublisherWrapper {
+ public:
+  CuttingPublisher(Publisher* target, int per_batch)
+      : PublisherWrapper(target), per_batch_(per_batch) {}
+  std::vector<Status> PublishBatch(std::span<const Event> batch) override {
+    int started = 1;  // PublishWhile starts the first event without asking
+    return PublishWhile(batch, [&] { return started++ < per_batch_; });
+  }
+  Status Publish(const Event& e) override {
+    if (failing.count(e.subject)) return UnavailableError("the target times out on it");
+    sent.push_back(e.subject + ":" + e.type);
+    return target_->Publish(e);
+  }
+  std::vector<std::string> sent;
+  std::set<std::string> failing;
+
+ private:
+  const int per_batch_;
+};
+
+TEST_F(OutboxRelayTest, EventsABatchDidNotAttemptGoOutNextPassAndAreNoFailure) {
+  for (int i = 0; i < 3; ++i) {
+    Enqueue(MakeEvent("a", "a" + std::to_string(i)));
+    Enqueue(MakeEvent("b", "b" + std::to_string(i)));
+  }
+  CuttingPublisher pub(queue_.get(), 2);
+  Relay relay(*db_, outbox_, pub);
+  EXPECT_EQ(*relay.RunOnce(), 2u);
+  EXPECT_EQ(*relay.RunOnce(), 2u);
+  EXPECT_EQ(*relay.RunOnce(), 2u);
+  EXPECT_EQ(*relay.RunOnce(), 0u);
+  EXPECT_EQ(relay.stats().publish_failures, 0);
+  EXPECT_EQ(relay.stats().last_error, "");
+  // Per aggregate, in order and once each.
+  std::vector<std::string> a, b;
+  for (const std::string& s : pub.sent) (s[0] == 'a' ? a : b).push_back(s);
+  EXPECT_EQ(a, (std::vector<std::string>{"a:a0", "a:a1", "a:a2"}));
+  EXPECT_EQ(b, (std::vector<std::string>{"b:b0", "b:b1", "b:b2"}));
+  EXPECT_EQ(*queue_->Depth("all"), 6);
+  // One attempt each: the one that published it.
+  EXPECT_EQ(QueryInt(*db_, "SELECT MAX(publish_attempts) FROM outbox_events"), 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT MIN(publish_attempts) FROM outbox_events"), 1);
+}
+
+// Found by review: an aggregate whose head fails slowly (a target that times out on it)
+// used each pass's whole time, and with the batch cut after it no other aggregate moved.
+// An aggregate that failed goes after the others on the next pass.
+TEST_F(OutboxRelayTest, AnAggregateThatKeepsFailingDoesNotStarveTheOthers) {
+  Enqueue(MakeEvent("a", "a0"));
+  for (int i = 0; i < 3; ++i) Enqueue(MakeEvent("b", "b" + std::to_string(i)));
+  CuttingPublisher pub(queue_.get(), 1);  // time for one event a pass
+  pub.failing.insert("a");
+  Relay relay(*db_, outbox_, pub);
+  for (int pass = 0; pass < 6; ++pass) (void)relay.RunOnce();
+  EXPECT_EQ(pub.sent, (std::vector<std::string>{"b:b0", "b:b1", "b:b2"}));
+  EXPECT_GE(relay.stats().publish_failures, 1);
+  pub.failing.clear();
+  EXPECT_EQ(*relay.RunOnce(), 1u);  // a's event goes once the target takes it
+  EXPECT_EQ(pub.sent.back(), "a:a0");
 }
 
 }  // namespace
