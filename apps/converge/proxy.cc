@@ -62,7 +62,7 @@ Result<ProxyConfig> LoadProxyConfig(const std::string& path) {
   CONVERGE_RETURN_IF_ERROR(
       r.Duration("proxy", "upstream_timeout_ms", &c.proxy.upstream_timeout, 1, 600'000));
   CONVERGE_RETURN_IF_ERROR(r.String("proxy", "forward_key_header", &c.proxy.forward_key_header));
-  CONVERGE_RETURN_IF_ERROR(r.Ints("proxy", "stored_statuses", &c.proxy.stored_statuses, 400, 499));
+  CONVERGE_RETURN_IF_ERROR(r.Ints("proxy", "stored_statuses", &c.proxy.stored_statuses, 300, 499));
   CONVERGE_RETURN_IF_ERROR(r.Strings("proxy", "replay_headers", &c.proxy.replay_headers));
   CONVERGE_RETURN_IF_ERROR(
       r.Int("proxy", "max_stored_body", &c.proxy.max_stored_body, 0, int64_t{64} << 20));

@@ -4,7 +4,7 @@
 // Configured routes (method + path pattern) require or accept an Idempotency-Key. With a
 // key, the request is claimed in the key store under the caller's scope, forwarded
 // upstream with the key in a header, and the upstream's answer is stored when it is an
-// outcome (2xx, and the 4xx statuses listed in `stored_statuses`) and small enough; a
+// outcome (2xx, and the 3xx and 4xx statuses listed in `stored_statuses`) and small enough; a
 // retry gets it back byte for byte with `Idempotent-Replayed: true`. A 5xx, a timeout or a
 // connection error is not an outcome: nothing is stored and the lease is given back, so
 // the retry goes upstream again. Everything else (no key on an optional route, routes not
@@ -38,6 +38,10 @@ struct ProxyRoute {
   bool key_required = true;  // false: a request without a key passes through unclaimed
 };
 
+// How much longer than the upstream timeout a key's lease must be: the lease starts at
+// the claim's commit, before the request goes upstream, and the answer is stored after it.
+inline constexpr Millis kProxyLeaseMargin = std::chrono::seconds(1);
+
 struct IdempotencyProxyOptions {
   std::string upstream;  // base URL, e.g. "http://127.0.0.1:9000" (no path)
   std::vector<ProxyRoute> routes;
@@ -46,7 +50,10 @@ struct IdempotencyProxyOptions {
   std::function<std::optional<std::string>(const Request&)> scope;
   // The header that carries the key upstream (empty: not forwarded).
   std::string forward_key_header = "Idempotency-Key";
-  // Statuses besides 2xx that are outcomes, stored and replayed.
+  // Statuses besides 2xx that are outcomes, stored and replayed: 3xx and 4xx only. List
+  // 303 See Other when the upstream answers a create so (Post/Redirect/Get); it is not
+  // listed by default, since a 303 to a login page would become the key's answer. A
+  // listed 3xx needs Location in replay_headers.
   std::vector<int> stored_statuses = {400, 404, 409, 410, 422};
   // Response headers stored and replayed (case-insensitive); Content-Type and
   // Content-Encoding (the stored bytes are the upstream's, encoded as it sent them) always are.
@@ -58,7 +65,8 @@ struct IdempotencyProxyOptions {
   // the client gets 502 (upstream-answer-too-large), and a keyed request's key stores the
   // 409 above, since the upstream answered and may have acted. At least max_stored_body.
   size_t max_upstream_body = 64 << 20;
-  Millis upstream_timeout = std::chrono::seconds(10);  // must be below the keys' lease
+  // At most the keys' lease minus kProxyLeaseMargin.
+  Millis upstream_timeout = std::chrono::seconds(10);
   // Requests of one scope under way at once, keyed or not; more: 429 + Retry-After.
   int max_in_flight_per_scope = 64;
   Metrics* metrics = nullptr;  // proxy_upstream_requests_total{outcome}, and the middleware's
@@ -76,8 +84,8 @@ Status ValidateIdempotencyProxyOptions(const IdempotencyProxyOptions& options,
                                        const IdempotencyOptions& keys);
 
 // Registers the configured routes and a fallback that passes every other request through.
-// `keys` must outlive the server; its lease must exceed options.upstream_timeout.
-// kInvalidArgument names the first bad option.
+// `keys` must outlive the server; its lease must exceed options.upstream_timeout by
+// kProxyLeaseMargin. kInvalidArgument names the first bad option.
 Status RegisterIdempotencyProxy(Server& server, IdempotencyKeys& keys,
                                 IdempotencyProxyOptions options);
 

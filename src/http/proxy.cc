@@ -33,6 +33,35 @@ bool HopByHop(std::string_view name) {
   return Listed(kFields, name);
 }
 
+// The fields a message's Connection fields name: hop-by-hop too (RFC 9110 §7.6.1), for
+// this connection only. Lower-cased; the list is comma-separated, case-insensitive.
+std::vector<std::string> ConnectionOptions(const Headers& headers) {
+  std::vector<std::string> names;
+  for (const auto& [name, value] : headers) {
+    if (!SameName(name, "Connection")) continue;
+    size_t start = 0;
+    while (start <= value.size()) {
+      size_t comma = value.find(',', start);
+      if (comma == std::string::npos) comma = value.size();
+      std::string_view token(value.data() + start, comma - start);
+      while (!token.empty() && (token.front() == ' ' || token.front() == '\t')) {
+        token.remove_prefix(1);
+      }
+      while (!token.empty() && (token.back() == ' ' || token.back() == '\t')) {
+        token.remove_suffix(1);
+      }
+      if (!token.empty()) names.emplace_back(token);
+      start = comma + 1;
+    }
+  }
+  return names;
+}
+
+// Whether a field must not cross the proxy: hop-by-hop by name, or named by `options`.
+bool NotForwarded(std::string_view name, const std::vector<std::string>& options) {
+  return HopByHop(name) || Listed(options, name);
+}
+
 // Requests of each scope under way; Enter() refuses past the bound.
 class ScopeGate {
  public:
@@ -79,8 +108,9 @@ struct Proxy {
     up.body = req.body;
     up.timeout = o.upstream_timeout;
     up.max_response_body = o.max_upstream_body;
+    const std::vector<std::string> options = ConnectionOptions(req.headers);
     for (const auto& [name, value] : req.headers) {
-      if (HopByHop(name) || SameName(name, "Idempotency-Key")) continue;
+      if (NotForwarded(name, options) || SameName(name, "Idempotency-Key")) continue;
       if (!o.forward_key_header.empty() && SameName(name, o.forward_key_header)) continue;
       up.headers.emplace_back(name, value);
     }
@@ -91,8 +121,9 @@ struct Proxy {
     auto r = client.Send(up);
     if (r) {
       // The server writes its own Server field; the upstream's would be a second one.
-      std::erase_if(r->headers, [](const auto& h) {
-        return HopByHop(h.first) || SameName(h.first, "Server");
+      const std::vector<std::string> answer_options = ConnectionOptions(r->headers);
+      std::erase_if(r->headers, [&](const auto& h) {
+        return NotForwarded(h.first, answer_options) || SameName(h.first, "Server");
       });
     }
     return r;
@@ -112,6 +143,8 @@ struct Proxy {
                    "upstream-unavailable");
   }
 
+  // 2xx, and the listed 3xx and 4xx (a 303 after a create is its outcome: the client
+  // library follows no redirect, so the client gets the 303 itself).
   bool IsOutcome(int status) const {
     if (status >= 200 && status < 300) return true;
     return std::find(o.stored_statuses.begin(), o.stored_statuses.end(), status) !=
@@ -153,9 +186,9 @@ struct Proxy {
       return StoreProblem(fp);
     }
     StoredResponse stored;
-    if (up->body.size() > o.max_stored_body) {
+    const bool too_large = up->body.size() > o.max_stored_body;
+    if (too_large) {
       stored = NotReplayable();
-      Count("too_large");
     } else {
       stored.status = up->status;
       stored.body = up->body;
@@ -173,13 +206,15 @@ struct Proxy {
           o.metrics->Add("proxy_headers_not_stored_total");
         }
       }
-      Count("stored");
     }
     auto done = keys.Complete(lease, [&](Tx&) -> Result<StoredResponse> { return stored; });
+    // The upstream answered; the client gets that answer. When the store failed, a retry
+    // finds the key still held, then resumes it and goes upstream again with the same key
+    // (proxy.md).
     if (!done) {
-      // The upstream answered; the client gets that answer. A retry finds the key still
-      // held, then resumes it and goes upstream again with the same key (proxy.md).
       Count("store_failed");
+    } else {
+      Count(too_large ? "too_large" : "stored");
     }
     return std::move(*up);
   }
@@ -221,17 +256,25 @@ Status ValidateIdempotencyProxyOptions(const IdempotencyProxyOptions& options,
   if (options.upstream_timeout <= Millis(0)) {
     return InvalidArgumentError("proxy: upstream_timeout must be positive");
   }
-  if (keys.lease <= options.upstream_timeout) {
+  // The lease starts at the claim's commit, before the request goes upstream, and the
+  // answer is stored after it, perhaps behind other commits: the margin covers those.
+  if (keys.lease < options.upstream_timeout + kProxyLeaseMargin) {
     return InvalidArgumentError(
         "proxy: the keys' lease (" + std::to_string(keys.lease.count()) +
         " ms) must exceed the upstream timeout (" +
-        std::to_string(options.upstream_timeout.count()) +
-        " ms): else a retry could take a key over while the first request still waits");
+        std::to_string(options.upstream_timeout.count()) + " ms) by at least " +
+        std::to_string(kProxyLeaseMargin.count()) +
+        " ms: else a retry could take a key over while the first request still waits");
   }
   for (int s : options.stored_statuses) {
-    if (s < 400 || s > 499) {
+    if (s < 300 || s > 499) {
       return InvalidArgumentError("proxy: stored_statuses lists " + std::to_string(s) +
-                                  "; only 4xx statuses may be stored besides 2xx");
+                                  "; only 3xx and 4xx statuses may be stored besides 2xx");
+    }
+    if (s < 400 && !Listed(options.replay_headers, "Location")) {
+      return InvalidArgumentError("proxy: stored_statuses lists " + std::to_string(s) +
+                                  ", a redirect: replay_headers must list Location, or "
+                                  "its replay points nowhere");
     }
   }
   for (const ProxyRoute& r : options.routes) {

@@ -33,6 +33,11 @@ check lease_too_short "must exceed the upstream timeout" \
   $'[proxy]\nupstream = "http://x"\nupstream_timeout_ms = 5000\n[keys]\nlease_seconds = 2\n'"$route"
 check stored_5xx "proxy.stored_statuses must be" \
   $'[proxy]\nupstream = "http://x"\nstored_statuses = [500]\n'"$route"
+# The lease starts before the request goes upstream: a lease just over the timeout is short.
+check lease_no_margin "by at least 1000 ms" \
+  $'[proxy]\nupstream = "http://x"\nupstream_timeout_ms = 9999\n[keys]\nlease_seconds = 10\n'"$route"
+check redirect_no_location "replay_headers must list Location" \
+  $'[proxy]\nupstream = "http://x"\nstored_statuses = [303]\nreplay_headers = ["ETag"]\n'"$route"
 check toml_syntax "at line" $'[proxy\n'
 
-[ "$failures" -eq 0 ] && echo "9 passed, 0 failed" || { echo "$failures failed"; exit 1; }
+[ "$failures" -eq 0 ] && echo "11 passed, 0 failed" || { echo "$failures failed"; exit 1; }

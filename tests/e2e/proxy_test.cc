@@ -170,6 +170,52 @@ TEST_F(ProxyE2E, AHeaderThatIsNotUtf8IsLeftOutOfTheReplayNotTheStore) {
   EXPECT_EQ(UpstreamRequests("k-latin1"), 1);
 }
 
+// Found by review: a 303 See Other after a create (Post/Redirect/Get) could not be an
+// outcome, so every retry created again. A 3xx may now be listed (not by default: a 303
+// to a login page must not become a key's answer).
+TEST_F(ProxyE2E, ASeeOtherAfterACreateIsStoredAndReplayedWhenListed) {
+  proxy_->Stop();
+  WriteConfig("stored_statuses = [303, 400, 422]\n");
+  ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
+  auto post = [&] {
+    auto r = client_.Send({.method = "POST", .url = proxy_->Url("/v1/charges"),
+                           .headers = {{"Content-Type", "application/json"},
+                                       {"Authorization", "Bearer sk_a"},
+                                       {"Idempotency-Key", "k-303"},
+                                       {"X-See-Other", "1"}},
+                           .body = R"({"amount": 4})", .timeout = std::chrono::seconds(10)});
+    return r ? *r : Response{.status = -1, .body = r.error().ToString()};
+  };
+  Response first = post();
+  ASSERT_EQ(first.status, 303) << first.body;
+  ASSERT_NE(first.Header("Location"), nullptr);
+  Response again = post();
+  EXPECT_EQ(again.status, 303);
+  ASSERT_NE(again.Header("Idempotent-Replayed"), nullptr);
+  ASSERT_NE(again.Header("Location"), nullptr);
+  EXPECT_EQ(*again.Header("Location"), *first.Header("Location"));
+  EXPECT_EQ(again.body, first.body);
+  EXPECT_EQ(UpstreamRequests("k-303"), 1);
+}
+
+// Found by review: the fields a request's Connection field names are hop-by-hop (RFC
+// 9110 §7.6.1), meant for the proxy alone; they were forwarded.
+TEST_F(ProxyE2E, FieldsNamedByConnectionStayAtTheProxy) {
+  auto r = client_.Send({.method = "POST", .url = proxy_->Url("/v1/charges"),
+                         .headers = {{"Content-Type", "application/json"},
+                                     {"Authorization", "Bearer sk_a"},
+                                     {"Idempotency-Key", "k-conn"},
+                                     {"Connection", "keep-alive, X-Hop-Secret"},
+                                     {"X-Hop-Secret", "for the proxy only"},
+                                     {"X-End-To-End", "kept"}},
+                         .body = R"({"amount": 2})", .timeout = std::chrono::seconds(10)});
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 201) << r->body;
+  json seen = Stats()["headers"];
+  EXPECT_FALSE(seen.contains("X-Hop-Secret")) << seen.dump();
+  EXPECT_EQ(seen.value("X-End-To-End", ""), "kept") << seen.dump();
+}
+
 TEST_F(ProxyE2E, ConcurrentDuplicatesReachTheUpstreamOnce) {
   Faults({{"delay_ms", 300}, {"delay_next", 1}});
   std::vector<std::thread> clients;

@@ -5,7 +5,8 @@ proxy serves services in any language.
   upstream.py PORT_FILE
 
 Listens on 127.0.0.1 (a free port, written to PORT_FILE) and serves:
-  POST /v1/charges      creates a charge {"id", "amount"}: 201. When the request carries
+  POST /v1/charges      creates a charge {"id", "amount"}: 201 (303 with X-See-Other).
+                        When the request carries
                         the forwarded key (header Upstream-Key) and `dedupe` is on, a
                         second request with that key gets the first charge back.
   GET  /v1/charges/ID   200 or 404
@@ -107,7 +108,8 @@ class Handler(BaseHTTPRequestHandler):
         extra = {"Location": "/v1/charges/" + charge["id"], "X-Upstream-Secret": "not-replayed"}
         if self.headers.get("X-Latin1-Etag"):
             extra["ETag"] = '"caf\xe9"'  # obs-text: legal in HTTP, not UTF-8 (Latin-1)
-        self.answer(201, charge, extra)
+        # Post/Redirect/Get: the create answers 303 See Other to the charge.
+        self.answer(303 if self.headers.get("X-See-Other") else 201, charge, extra)
 
 
 def main():
