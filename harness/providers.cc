@@ -49,7 +49,7 @@ class Faults {
         transient_rate_ = v.get<double>();
       } else if ((k == "fail_next" || k == "timeout_next" || k == "decline_next" ||
                   k == "in_use_next" || k == "refuse_refund_next" || k == "timeout_ms" ||
-                  k == "refund_fail_next") &&
+                  k == "refund_fail_next" || k == "list_delay_next") &&
                  v.is_number_integer() && v.get<int64_t>() >= 0) {
         (k == "fail_next"            ? fail_next_
          : k == "timeout_next"       ? timeout_next_
@@ -57,6 +57,7 @@ class Faults {
          : k == "in_use_next"        ? in_use_next_
          : k == "refuse_refund_next" ? refuse_refund_next_
          : k == "refund_fail_next"   ? refund_fail_next_
+         : k == "list_delay_next"    ? list_delay_next_
                                      : timeout_ms_) = v.get<int64_t>();
       } else {
         return Problem(400, "Bad Request", "unknown or malformed fault '" + k + "'");
@@ -92,6 +93,12 @@ class Faults {
   bool TakeRefuseRefund() { return Take(refuse_refund_next_); }
   // A provider that is down for refunds: 503.
   bool TakeRefundFail() { return Take(refund_fail_next_); }
+  // A slow charge lookup: answered after timeout_ms.
+  int64_t TakeListDelay() {
+    if (!Take(list_delay_next_)) return 0;
+    std::lock_guard<std::mutex> l(mu_);
+    return timeout_ms_;
+  }
 
  private:
   std::mutex mu_;
@@ -104,7 +111,8 @@ class Faults {
   }
 
   int64_t fail_next_ = 0, timeout_next_ = 0, decline_next_ = 0, in_use_next_ = 0,
-          refuse_refund_next_ = 0, refund_fail_next_ = 0, timeout_ms_ = 3000;
+          refuse_refund_next_ = 0, refund_fail_next_ = 0, list_delay_next_ = 0,
+          timeout_ms_ = 3000;
   double transient_rate_ = 0;
 };
 
@@ -282,6 +290,9 @@ class FakePsp::Impl {
   }
 
   Response List(Request& req) {
+    if (int64_t ms = faults_.TakeListDelay()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    }
     std::string ref;
     if (req.query.rfind("reference=", 0) == 0) ref = req.query.substr(10);
     json out = json::array();

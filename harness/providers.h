@@ -12,6 +12,7 @@
 //                            "in_use_next": n (charge, then answer 409 "key in use"),
 //                            "refuse_refund_next": n (422, kept in refused_refunds),
 //                            "refund_fail_next": n (503),
+//                            "list_delay_next": n (a lookup answered after timeout_ms),
 //                            "transient_rate": 0.05, "timeout_ms": 3000}
 //              sends Standard-Webhooks-signed charge.succeeded / charge.refunded to
 //              webhook_url, with retries, honouring Retry-After, disabled by 410

@@ -1,5 +1,7 @@
 #include "examples/payments/checkout.h"
 
+#include <chrono>
+
 #include <nlohmann/json.hpp>
 
 #include "converge/http_idempotency.h"
@@ -242,10 +244,20 @@ Status Checkout::RecordCapture(Tx& tx, SagaStepContext& ctx, const std::string& 
 Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
   CONVERGE_ASSIGN_OR_RETURN(Order o, OrderOf(ctx.data));
   // The charge may exist although the capture step never learnt its id (its outcome was
-  // unknown): ask the provider by reference, and refund whatever succeeded. A refund of a
-  // refunded charge changes nothing at the provider. Each charge's refund has its own key:
-  // this compensation may run again after a late charge (sagas.md, the lease window), and
-  // a provider that remembers refund keys must see the new charge's refund as a new one.
+  // unknown): ask the provider by reference, and refund whatever succeeded; a charge the
+  // provider shows refunded is counted, not refunded again. Each charge's refund has its
+  // own key: this compensation may run again after a late charge (sagas.md, the lease
+  // window), and a provider that remembers refund keys must see the new charge's refund
+  // as a new one.
+  //
+  // The calls must end inside the runner's lease (renewed as the step started), or
+  // another runner could start the same refund while this one still calls (sagas.md, the
+  // lease window). After the lookup and one refund, a refund that could end past the
+  // lease waits for the next attempt, which finds this one's refunds done. (The lookup
+  // and the first refund always go: an attempt always moves, and the service requires
+  // the lease to exceed one call's timeout.)
+  const auto started = std::chrono::steady_clock::now();
+  int calls = 0;  // refunds sent by this attempt
   auto list = o_.client->Send({.method = "GET",
                                .url = o_.psp_url + "/v1/charges?reference=" + o.payment_id(),
                                .timeout = o_.psp_timeout});
@@ -258,8 +270,17 @@ Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
   int64_t refunded = 0;
   for (const json& c : lj["charges"]) {
     const std::string status = c.value("status", "");
-    if (status != "succeeded" && status != "refunded") continue;
+    if (status == "refunded") {
+      refunded += c.value("amount", int64_t{0});
+      continue;
+    }
+    if (status != "succeeded") continue;
     const std::string id = c.value("id", "");
+    if (calls > 0 && std::chrono::steady_clock::now() - started + o_.psp_timeout >= o_.lease) {
+      return tl::unexpected(converge::UnavailableError(
+          "refund of " + id + " left for the next attempt: it could outlast the lease"));
+    }
+    ++calls;
     auto r = o_.client->Send({.method = "POST",
                               .url = o_.psp_url + "/v1/charges/" + id + "/refund",
                               .headers = {{"Idempotency-Key", ctx.key + ":" + id}},

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -99,6 +100,7 @@ class CheckoutE2E : public ::testing::Test {
     c.lease = std::chrono::seconds(2);
     c.backoff_initial = std::chrono::milliseconds(10);
     c.backoff_max = std::chrono::milliseconds(50);
+    config_ = c;
     service_ = std::make_unique<Service>(c);
     ASSERT_TRUE(service_->Start().ok());
     auto db = converge::Database::Open(c.db);
@@ -137,6 +139,13 @@ class CheckoutE2E : public ::testing::Test {
                           .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/faults",
                           .body = f.dump()});
     ASSERT_TRUE(r && r->status == 200);
+  }
+  // Stops the service and starts it again with `change` applied to its configuration.
+  void Restart(const std::function<void(ServiceConfig&)>& change) {
+    service_.reset();
+    change(config_);
+    service_ = std::make_unique<Service>(config_);
+    ASSERT_TRUE(service_->Start().ok());
   }
   void ShippingFaults(const json& f) {
     ASSERT_EQ(Send("POST", "/admin/shipping/faults", {{"Authorization", kAdmin}}, f.dump()).status,
@@ -183,6 +192,7 @@ class CheckoutE2E : public ::testing::Test {
 
   converge::testing::TempDir dir_;
   std::unique_ptr<converge::harness::FakePsp> psp_;
+  ServiceConfig config_;
   std::unique_ptr<Service> service_;
   std::unique_ptr<converge::Database> db_;
   Client client_;
@@ -305,6 +315,50 @@ TEST_F(CheckoutE2E, ARefundFailingTransientlyIsRetriedUntilItGoesThrough) {
   EXPECT_EQ(Available("sku-1"), 1);
   EXPECT_EQ(PspKept(client_, psp_->port()), 0);
   ExpectBalanced(*db_, 0);
+}
+
+// Found by review: a refund makes a lookup, then a call per charge, each up to the PSP
+// timeout, and only one call was known to fit in the runner's lease: with two charges (a
+// late one) and a slow lookup, the second refund could run past the lease, when another
+// runner may start the same refund. Past the lookup and one refund, a call that could
+// end past the lease now waits for the next attempt, which counts the first as done.
+TEST_F(CheckoutE2E, ARefundCallThatCouldOutlastTheLeaseWaitsForTheNextAttempt) {
+  Restart([](ServiceConfig& c) {
+    c.psp_timeout = std::chrono::milliseconds(1000);
+    c.lease = std::chrono::milliseconds(1500);
+  });
+  Stock("sku-1", 1);
+  ShippingFaults({{"reject_next", 1}});
+  // Hold every saga call until the compensation's, then charge the order's reference a
+  // second time, as a late capture would.
+  ASSERT_TRUE(converge::failpoint::Configure("saga.before_call=pause").ok());
+  const std::string id = Order("k-refund-two-charges");
+  ASSERT_FALSE(id.empty());
+  bool compensating = false;
+  for (int call = 0; call < 5 && !compensating; ++call) {
+    ASSERT_TRUE(converge::failpoint::WaitPaused("saga.before_call", std::chrono::seconds(20)));
+    Response r = Send("GET", "/v1/orders/" + id, {{"Authorization", kAcme}});
+    compensating = json::parse(r.body, nullptr, false).value("state", "") == "compensating";
+    if (!compensating) converge::failpoint::Release("saga.before_call");
+  }
+  ASSERT_TRUE(compensating);
+  auto late = client_.Send(
+      {.method = "POST",
+       .url = "http://127.0.0.1:" + std::to_string(psp_->port()) + "/v1/charges",
+       .headers = {{"Idempotency-Key", "late-capture"}},
+       .body = json{{"amount", 500}, {"currency", "EUR"}, {"reference", "pay_" + id.substr(4)}}
+                   .dump()});
+  ASSERT_TRUE(late && late->status == 201) << (late ? late->body : late.error().ToString());
+  // Two lookups of 700 ms: after one, 700 + 1000 > 1500, so an attempt sends one refund.
+  PspFaults({{"list_delay_next", 2}, {"timeout_ms", 700}});
+  ASSERT_TRUE(converge::failpoint::Configure("").ok());  // lets the compensation go
+  json o = Await(id);
+  EXPECT_EQ(o["state"], "compensated") << o.dump();
+  const std::vector<std::string> steps = Steps(o);
+  EXPECT_GE(std::count(steps.begin(), steps.end(), "compensation capture retry"), 1)
+      << o.dump();
+  EXPECT_EQ(o["refunded"], 1000);  // both charges
+  EXPECT_EQ(PspKept(client_, psp_->port()), 0);
 }
 
 // The provider refuses the refund for good: the saga parks with a dead letter, the parked
