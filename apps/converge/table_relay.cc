@@ -114,12 +114,13 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
                                 "signed with it; `converge webhook` can make one)"));
     }
     // A batch's POSTs stop at half the lease (HttpTargetPublisher), and one POST may take
-    // the whole timeout: it must fit in that half, or the partitions could lapse under it.
+    // the whole timeout: it must fit in that half, or the partitions could lapse under it;
+    // three timeouts leave half a timeout's room for the POSTs after the first.
     if (c.relay.lease == Millis(0)) {
       c.relay.lease = std::max<Millis>(RelayOptions{}.lease, 3 * c.http.timeout);
-    } else if (c.relay.lease <= 2 * c.http.timeout) {
+    } else if (c.relay.lease < 3 * c.http.timeout) {
       return tl::unexpected(Bad("relay.lease_ms (" + std::to_string(c.relay.lease.count()) +
-                                ") must exceed twice target.timeout_ms (" +
+                                ") must be at least three times target.timeout_ms (" +
                                 std::to_string(c.http.timeout.count()) +
                                 "): a pass sends for at most half the lease"));
     }

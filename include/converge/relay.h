@@ -152,7 +152,7 @@ class Relay {
   std::map<int64_t, int64_t> held_;
   int64_t incarnation_ = 0;
   int64_t acquired_at_ = 0;  // clock millis of the last successful Acquire
-  // Subjects whose last attempted publish failed (RunSeparate puts them last); only the
+  // Subjects whose publish failed in the last pass (RunSeparate puts them last); only the
   // RunOnce thread uses it.
   std::set<std::string> failing_subjects_;
   bool cut_short_ = false;  // the last RunSeparate left events unattempted: run again

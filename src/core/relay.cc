@@ -371,9 +371,11 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     return OkStatus();
   }));
   if (batch.empty()) return size_t{0};
-  // Subjects whose last publish failed go after the others, each in its own order: a
-  // target that fails slowly on one aggregate would otherwise spend every pass's time
-  // on it (a publisher may cut its batch short: PublishWhile) while the others wait.
+  // Subjects whose last attempted publish failed go after the others, each in its own
+  // order: a target that fails slowly on one aggregate would otherwise spend every pass's
+  // time on it (a publisher may cut its batch short: PublishWhile) while the others wait.
+  // One that is then not attempted leaves the set and heads the next pass, so it is
+  // tried at least every other pass, and the others get at least every other pass.
   std::stable_partition(batch.begin(), batch.end(), [&](const Pending& p) {
     return !failing_subjects_.count(p.event.subject);
   });
@@ -390,8 +392,8 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
                                         std::to_string(batch.size()) + " events"));
   }
   std::set<std::string> stopped;  // aggregates whose batch ended at a failed publish
-  std::set<std::string> still_failing;
-  bool cut_short = false;  // an event of a subject not failing was not attempted
+  std::set<std::string> still_failing;  // subjects attempted in this pass that failed
+  bool cut_short = false;  // an event was not attempted: run again at once
   std::vector<const Pending*> done;
   std::vector<std::pair<const Pending*, const Status*>> refused;  // parked, then marked
   std::vector<std::pair<int64_t, std::string>> failed;
@@ -401,11 +403,7 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     if (results[i].code() == StatusCode::kAborted &&
         results[i].reason() == reason::kNotAttempted) {
       stopped.insert(p.event.subject);  // not attempted (Publisher::PublishBatch): next pass
-      if (failing_subjects_.count(p.event.subject)) {
-        still_failing.insert(p.event.subject);
-      } else {
-        cut_short = true;
-      }
+      cut_short = true;
       continue;
     }
     if (!results[i].ok() && !results[i].transient()) {
@@ -422,7 +420,9 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
     done.push_back(&p);
   }
   failing_subjects_ = std::move(still_failing);
-  cut_short_ = cut_short;
+  // Run again at once only while it moves: a pass whose every attempt failed waits for the
+  // poll, or a target failing fast would be called in a loop.
+  cut_short_ = cut_short && !done.empty();
   if (!done.empty()) CONVERGE_RETURN_IF_ERROR(failpoint::Hit("relay.after_publish_before_mark"));
 
   size_t marked = 0;

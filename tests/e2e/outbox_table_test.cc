@@ -246,7 +246,8 @@ TEST_F(OutboxTableE2E, BadConfigurationIsRefusedWithAClearError) {
                                           "kind = \"http\"\nurl = \"http://127.0.0.1:9/e\"\n"
                                           "secret = \"" + secret_ + "\"\ntimeout_ms = 1500\n"));
   EXPECT_EQ(code, 2);
-  EXPECT_NE(out.find("relay.lease_ms (3000) must exceed twice target.timeout_ms (1500)"),
+  EXPECT_NE(out.find("relay.lease_ms (3000) must be at least three times target.timeout_ms "
+                     "(1500)"),
             std::string::npos)
       << out;
   std::tie(code, out) = Shell(bin + " relay --db sqlite:" + SqliteDb());
