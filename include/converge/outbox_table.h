@@ -21,9 +21,10 @@
 // A row that cannot be an event (empty type or aggregate id, a field over 255 bytes, with
 // a control character or not UTF-8) holds back the rows after it of its aggregate (order)
 // and is reported in stats().last_error each pass until it is fixed or removed; other
-// aggregates go on, while the held-back rows leave room in an ingest's batch (they are
-// read again on every pass). A payload that is not JSON is published as a JSON string
-// (when it is UTF-8 text).
+// aggregates go on: an ingest reads on past a page its held-back rows filled, leaving
+// the stopped aggregates out (up to kMaxIngestPages pages and kMaxStoppedAggregates
+// aggregates; held-back rows are read again on every pass). A payload that is not JSON
+// is published as a JSON string (when it is UTF-8 text).
 //
 // Thread safety: RunOnce must not run concurrently with itself; Start/Stop are for one
 // owner thread; stats() is safe from any thread.
@@ -116,7 +117,14 @@ class OutboxTable {
   Database& db_;
   Outbox& outbox_;
   const OutboxTableOptions options_;
-  std::string ingest_sql_, delete_sql_, mark_sql_;
+  // An ingest reads pages while held-back rows fill them: at most this many, and stops
+  // once this many aggregates are held back (each is a parameter of the next page).
+  static constexpr size_t kMaxIngestPages = 8;
+  static constexpr size_t kMaxStoppedAggregates = 256;
+
+  // The ingest's query, split where the stopped aggregates are left out.
+  std::string ingest_head_, ingest_tail_, aggregate_column_;
+  std::string delete_sql_, mark_sql_;
   mutable std::mutex stats_mu_;
   OutboxTableStats stats_;
   PollingWorker worker_;  // last: stopped before what its passes use

@@ -106,10 +106,12 @@ OutboxTable::OutboxTable(Database& db, Outbox& outbox, OutboxTableOptions option
   } else if (!c.timestamp.empty()) {
     order = "a." + c.timestamp + ", " + order;
   }
-  ingest_sql_ = "SELECT CAST(a." + c.id + " AS TEXT), CAST(a." + c.aggregate_type +
-                " AS TEXT), CAST(a." + c.aggregate_id + " AS TEXT), CAST(a." + c.type +
-                " AS TEXT), CAST(a." + c.payload + " AS TEXT) FROM " + t + " a WHERE " +
-                unmarked + "NOT " + copied + ") ORDER BY " + order + " LIMIT $2";
+  ingest_head_ = "SELECT CAST(a." + c.id + " AS TEXT), CAST(a." + c.aggregate_type +
+                 " AS TEXT), CAST(a." + c.aggregate_id + " AS TEXT), CAST(a." + c.type +
+                 " AS TEXT), CAST(a." + c.payload + " AS TEXT) FROM " + t + " a WHERE " +
+                 unmarked + "NOT " + copied + ")";
+  ingest_tail_ = " ORDER BY " + order + " LIMIT $2";
+  aggregate_column_ = "CAST(a." + c.aggregate_id + " AS TEXT)";
   const std::string published = "SELECT a." + c.id + " FROM " + t + " a WHERE " + unmarked +
                                 copied + " AND e.published_at IS NOT NULL) LIMIT $2";
   delete_sql_ = "DELETE FROM " + t + " WHERE " + c.id + " IN (" + published + ")";
@@ -155,14 +157,30 @@ Result<size_t> OutboxTable::Ingest() {
     // committed, so copies are drawn in visibility order (the Method above).
     CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox-table:" + options_.source));
     std::set<std::string> stopped;  // aggregates held back behind a row that is no event
-    // One page. (Paging on past held-back rows by OFFSET was tried and dropped: under
-    // PostgreSQL's READ COMMITTED each page sees a fresh snapshot, so a held row removed,
-    // or an earlier row committed, between pages shifts the offset and a row is skipped,
-    // out of its aggregate's order. docs/design/outbox-table-relay.md.)
-    {
-      CONVERGE_ASSIGN_OR_RETURN(
-          Rows rows,
-          tx.Query(ingest_sql_, options_.source, static_cast<int64_t>(options_.batch)));
+    // Pages, each the head of what is left with the aggregates stopped so far left out in
+    // the query, so that a bad row with a batch of its aggregate behind it does not stop
+    // the others. Each page reads what a new ingest after this one's copies would read,
+    // less those aggregates: every aggregate's earliest row without a copy comes first, so
+    // nothing is skipped within an aggregate. (Paging by OFFSET was tried and dropped:
+    // under PostgreSQL's READ COMMITTED each page sees a fresh snapshot, so a row removed,
+    // or an earlier row committed, between pages shifted the offset and a row was
+    // skipped, out of its aggregate's order. docs/design/outbox-table-relay.md.)
+    for (size_t page = 0; page < kMaxIngestPages; ++page) {
+      std::string sql = ingest_head_;
+      std::vector<Value> params = {Value(options_.source),
+                                   Value(static_cast<int64_t>(options_.batch))};
+      if (!stopped.empty()) {
+        sql += " AND " + aggregate_column_ + " NOT IN (";
+        for (const std::string& s : stopped) {
+          if (params.size() > 2) sql += ", ";
+          params.emplace_back(s);
+          sql += "$" + std::to_string(params.size());
+        }
+        sql += ")";
+      }
+      sql += ingest_tail_;
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.QueryParams(sql, params));
+      const size_t stopped_before = stopped.size();
       for (const Row& r : rows) {
         Event e;
         e.id = r.Text(0);
@@ -187,6 +205,12 @@ Result<size_t> OutboxTable::Ingest() {
         }
         CONVERGE_RETURN_IF_ERROR(StatusOf(outbox_.Enqueue(tx, *prepared)));
         ++copied;
+      }
+      // Another page only while this one was full, held some of its rows back, and has
+      // left room in the batch; the list of stopped aggregates is bounded too.
+      if (rows.size() < options_.batch || stopped.size() == stopped_before ||
+          copied >= options_.batch || stopped.size() > kMaxStoppedAggregates) {
+        break;
       }
     }
     return OkStatus();
