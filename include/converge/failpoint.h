@@ -16,6 +16,7 @@
 //   sqlite.before_checkpoint          (sqlite_database.cc: the checkpointer woken, not run)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
 //   nats.pull_answer_late             (nats_pull.cc: a pull request sent, its wait skipped)
+//   nats.before_publish_async         (nats_transport.cc: an error here is a failed send)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

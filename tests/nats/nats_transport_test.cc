@@ -710,6 +710,66 @@ TEST_F(NatsTransport, PermanentlyRefusedEventsAreParkedAndTheRestFlows) {
   EXPECT_EQ(letters.Count("replayed").value_or(-1), 1);
 }
 
+// Found by review: a batch sent an aggregate's later events after an earlier one failed
+// to send, so the stream held them first and the failed one came a pass later, out of
+// its aggregate's order. Now the later ones are not attempted (kNotAttempted); other
+// aggregates go on.
+TEST_F(NatsTransport, AnEventThatFailsToSendHoldsBackItsAggregatesLaterEventsOnly) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  Event a1 = MakeEvent("a1"), a2 = MakeEvent("a2", "payment.refunded"), b1 = MakeEvent("b1");
+  a2.subject = a1.subject;
+  a2.envelope = EncodeEnvelope(a2);
+  ASSERT_TRUE(failpoint::Configure("nats.before_publish_async=error(unavailable)*1").ok());
+  const std::vector<Event> batch = {a1, a2, b1};
+  const std::vector<Status> results = (*broker)->PublishBatch(batch);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].code(), StatusCode::kUnavailable) << results[0].ToString();
+  EXPECT_EQ(results[1].code(), StatusCode::kAborted) << results[1].ToString();
+  EXPECT_EQ(results[1].reason(), reason::kNotAttempted);
+  EXPECT_TRUE(results[2].ok()) << results[2].ToString();
+  EXPECT_EQ((*broker)->stats().published, 1);
+
+  // Through the relay: the next pass publishes the aggregate in its order.
+  Outbox outbox;
+  for (const char* type : {"payment.captured", "payment.refunded"}) {
+    ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                     Event e;
+                     e.type = type;
+                     e.subject = "agg-c";
+                     return StatusOf(outbox.Enqueue(tx, e));
+                   })
+                    .ok());
+  }
+  ASSERT_TRUE(failpoint::Configure("nats.before_publish_async=error(unavailable)*1").ok());
+  Relay relay(*db_, outbox, **broker, RelayOptions{});
+  ASSERT_TRUE(relay.RunOnce().has_value());
+  EXPECT_EQ((*broker)->stats().published, 1);  // nothing of agg-c
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 2);
+  EXPECT_EQ(relay.stats().publish_failures, 1);
+  ASSERT_TRUE(relay.RunOnce().has_value());
+  EXPECT_EQ((*broker)->stats().published, 3);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  auto taker = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+  std::vector<std::string> types;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto got = (*taker)->Fetch(10, 30s);
+        if (got) {
+          for (const Delivery& d : *got) {
+            auto e = DecodeEnvelope(d.event.envelope);
+            types.push_back(e ? e->subject + " " + e->type : e.error().ToString());
+          }
+        }
+        return types.size() >= 3;
+      },
+      30s));
+  EXPECT_EQ(types, (std::vector<std::string>{"agg-b1 payment.captured",
+                                             "agg-c payment.captured",
+                                             "agg-c payment.refunded"}));
+}
+
 // Issue 11 review: NatsBroker::Requeue publishes inside the replay's transaction. When
 // that transaction failed after the publish, the operator's next Replay published the
 // same Msg-Id, the stream dropped it as a duplicate of the copy the consumer had

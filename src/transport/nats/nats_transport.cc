@@ -23,11 +23,14 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <set>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
+#include "converge/failpoint.h"
 #include "converge/nats.h"
 #include "src/core/crypto.h"
 #include "src/transport/nats/nats_pull.h"
@@ -452,8 +455,38 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
   jsPubOptions po;
   jsPubOptions_Init(&po);
   po.MaxWait = impl_->options.publish_timeout.count();
+  // Subjects (aggregates) an event of which could not be sent: their later events are not
+  // sent either, or the stream would hold them before the one that failed, which the relay
+  // publishes again next pass. (An event whose ack fails after a later one of its subject
+  // was sent can still be overtaken: docs/design/nats.md, "Order per aggregate".)
+  std::set<std::string_view> unsent;
+  auto not_sent = [&](size_t i, Status st) {
+    if (st.transient()) unsent.insert(events[i].subject);
+    impl_->publish_errors.fetch_add(1);
+    answer(i, std::move(st));
+  };
+  // The same for an earlier event sent in this batch whose failure has come back by the
+  // time the next of its subject is sent.
+  std::map<std::string_view, std::vector<size_t>> sent;
+  auto an_earlier_one_failed = [&](std::string_view subject) {
+    auto it = sent.find(subject);
+    if (it == sent.end()) return false;
+    std::lock_guard<std::mutex> l(batch->mu);
+    for (size_t j : it->second) {
+      if (batch->answered[j] && batch->results[j].transient()) return true;
+    }
+    return false;
+  };
   for (size_t i = 0; i < events.size(); ++i) {
     const Event& e = events[i];
+    if (!unsent.count(e.subject) && an_earlier_one_failed(e.subject)) unsent.insert(e.subject);
+    if (unsent.count(e.subject)) {
+      answer(i, Status(StatusCode::kAborted,
+                       "not published: an earlier event of subject '" + e.subject +
+                           "' failed in this batch",
+                       reason::kNotAttempted));
+      continue;
+    }
     if (e.envelope.empty() || e.id.empty()) {
       answer(i, InvalidArgumentError("NATS publish: event without an id or envelope"));
       continue;
@@ -470,7 +503,13 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
     if (s == NATS_OK) s = natsMsgHeader_Set(msg, "Content-Type", kContentType);
     if (s != NATS_OK) {
       natsMsg_Destroy(msg);
-      answer(i, FromNats(s, "NATS publish"));
+      not_sent(i, FromNats(s, "NATS publish"));
+      continue;
+    }
+    // A send that fails (tests/nats/nats_transport_test.cc forces one here).
+    if (Status injected = failpoint::Hit("nats.before_publish_async"); !injected.ok()) {
+      natsMsg_Destroy(msg);
+      not_sent(i, std::move(injected));
       continue;
     }
     po.MsgId = e.id.c_str();
@@ -487,9 +526,10 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
         impl_->registered.erase(msg);
       }
       natsMsg_Destroy(handed);
-      impl_->publish_errors.fetch_add(1);
-      answer(i, FromNats(s, "NATS publish"));
+      not_sent(i, FromNats(s, "NATS publish"));
+      continue;
     }
+    sent[e.subject].push_back(i);
   }
   std::unique_lock<std::mutex> l(batch->mu);
   // Past publish_timeout cnats answers the message itself (MaxWait); the margin covers
