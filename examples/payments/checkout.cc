@@ -250,13 +250,12 @@ Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
   // window), and a provider that remembers refund keys must see the new charge's refund
   // as a new one.
   //
-  // The calls must end inside the runner's lease (renewed as the step started), or
-  // another runner could start the same refund while this one still calls (sagas.md, the
-  // lease window). After the lookup and one refund, a refund that could end past the
-  // lease waits for the next attempt, which finds this one's refunds done. (The lookup
-  // and the first refund always go: an attempt always moves, and the service requires
-  // the lease to exceed one call's timeout.)
-  const auto started = std::chrono::steady_clock::now();
+  // The calls must end inside the runner's lease (ctx.lease_deadline), or another runner
+  // could start the same refund while this one still calls (sagas.md, the lease window).
+  // After the lookup and one refund, a refund that could end past the lease waits for the
+  // next attempt, which finds this one's refunds done. (The lookup and the first refund
+  // always go: an attempt always moves, and the service requires the lease to exceed one
+  // call's timeout.)
   int calls = 0;  // refunds sent by this attempt
   auto list = o_.client->Send({.method = "GET",
                                .url = o_.psp_url + "/v1/charges?reference=" + o.payment_id(),
@@ -276,7 +275,7 @@ Result<std::string> Checkout::Refund(const SagaStepContext& ctx) {
     }
     if (status != "succeeded") continue;
     const std::string id = c.value("id", "");
-    if (calls > 0 && std::chrono::steady_clock::now() - started + o_.psp_timeout >= o_.lease) {
+    if (calls > 0 && std::chrono::steady_clock::now() + o_.psp_timeout >= ctx.lease_deadline) {
       return tl::unexpected(converge::UnavailableError(
           "refund of " + id + " left for the next attempt: it could outlast the lease"));
     }

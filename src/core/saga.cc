@@ -213,6 +213,8 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   Position p;
   bool ours = false;
   std::optional<std::string> journalled;  // the call's result, when the journal has it
+  // The lease is renewed from the clock's now inside the claim, which is no earlier.
+  const auto lease_deadline = std::chrono::steady_clock::now() + options_.lease;
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     ours = false;
     journalled.reset();
@@ -281,6 +283,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   ctx.key = StepKey(definition_.type, saga_id, s.name, p.compensating);
   ctx.fence = fence;
   ctx.attempt = p.attempts + 1;
+  ctx.lease_deadline = lease_deadline;
   ctx.data = p.data;
   const std::string_view phase = p.compensating ? "compensation" : "action";
 

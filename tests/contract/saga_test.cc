@@ -244,6 +244,32 @@ TYPED_TEST(Sagas, RunsEveryStepInOrderWithDeterministicKeys) {
   EXPECT_EQ(runner.stats().steps, 3);
 }
 
+// A step's call learns when the runner's lease ends (SagaStepContext::lease_deadline),
+// for a call that makes several requests to stop before one could outlast it.
+TYPED_TEST(Sagas, AStepsCallIsToldWhenTheRunnersLeaseEnds) {
+  SagaDefinition d{"lease", {}};
+  std::vector<std::chrono::steady_clock::time_point> deadlines, seen_at;
+  SagaStep s;
+  s.name = "only";
+  s.action.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
+    deadlines.push_back(ctx.lease_deadline);
+    seen_at.push_back(std::chrono::steady_clock::now());
+    return std::string("ok");
+  };
+  d.steps.push_back(std::move(s));
+  SagaRunnerOptions o;
+  o.lease = std::chrono::seconds(7);
+  SagaRunner runner(*this->db_, d, o);
+  this->Begin(runner, "l1");
+  const auto before = std::chrono::steady_clock::now();
+  auto r = runner.RunOnce();
+  ASSERT_TRUE(r) << r.error().ToString();
+  ASSERT_EQ(deadlines.size(), 1u);
+  EXPECT_GE(deadlines[0], before + o.lease);      // the lease began after the run started
+  EXPECT_LE(deadlines[0], seen_at[0] + o.lease);  // and no later than the call
+  EXPECT_EQ(this->Load("l1").state, saga_state::kCompleted);
+}
+
 TYPED_TEST(Sagas, BeginningTheSameSagaTwiceStartsOne) {
   ManualClock clock;
   SagaRunner runner(*this->db_, this->Definition(*this->db_), {}, &clock);
