@@ -15,8 +15,12 @@
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //   sqlite.before_checkpoint          (sqlite_database.cc: the checkpointer woken, not run)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
+//   outbox_table.between_pages        (outbox_table.cc: an ingest about to read a page after
+//                                      its first)
 //   nats.pull_answer_late             (nats_pull.cc: a pull request sent, its wait skipped)
 //   nats.before_publish_async         (nats_transport.cc: an error here is a failed send)
+//   nats.ack_answer                   (nats_transport.cc: an error here fails a stored
+//                                      message's ack)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):
