@@ -770,6 +770,42 @@ TEST_F(NatsTransport, AnEventThatFailsToSendHoldsBackItsAggregatesLaterEventsOnl
                                              "agg-c payment.refunded"}));
 }
 
+// With one publish in flight, an aggregate's next event waits for its earlier one's ack
+// and is not sent when that ack failed (here: the stream stored it, the answer was lost),
+// so the stream holds the aggregate in its order (found by review: the check ran before
+// cnats's window let the next one go, and missed the failure).
+TEST_F(NatsTransport, WithOneInFlightAFailedAckHoldsBackItsAggregatesLaterEvents) {
+  auto broker = Connect(nats_.urls() + "?in_flight=1");
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  Event a1 = MakeEvent("a1"), a2 = MakeEvent("a2", "payment.refunded"), b1 = MakeEvent("b1");
+  a2.subject = a1.subject;
+  a2.envelope = EncodeEnvelope(a2);
+  ASSERT_TRUE(failpoint::Configure("nats.ack_answer=error(unavailable)*1").ok());
+  const std::vector<Event> first = {a1, a2, b1};
+  const std::vector<Status> results = (*broker)->PublishBatch(first);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].code(), StatusCode::kUnavailable) << results[0].ToString();
+  EXPECT_EQ(results[1].code(), StatusCode::kAborted) << results[1].ToString();
+  EXPECT_EQ(results[1].reason(), reason::kNotAttempted);
+  EXPECT_TRUE(results[2].ok()) << results[2].ToString();
+  // The next pass sends both again: the stream drops a1 as a duplicate, then takes a2.
+  const std::vector<Event> again = {a1, a2};
+  for (const Status& st : (*broker)->PublishBatch(again)) EXPECT_TRUE(st.ok()) << st.ToString();
+  auto taker = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+  std::vector<std::string> ids;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto got = (*taker)->Fetch(10, 30s);
+        if (got) {
+          for (const Delivery& d : *got) ids.push_back(d.event.id);
+        }
+        return ids.size() >= 3;
+      },
+      30s));
+  EXPECT_EQ(ids, (std::vector<std::string>{"a1", "b1", "a2"}));
+}
+
 // Issue 11 review: NatsBroker::Requeue publishes inside the replay's transaction. When
 // that transaction failed after the publish, the operator's next Replay published the
 // same Msg-Id, the stream dropped it as a duplicate of the copy the consumer had

@@ -198,7 +198,8 @@ struct Batch {
   std::condition_variable cv;
   std::vector<Status> results;
   std::vector<bool> answered;
-  size_t pending = 0;
+  size_t pending = 0;      // not answered yet
+  size_t outstanding = 0;  // handed to cnats and not answered yet
 };
 
 struct Registration {
@@ -251,7 +252,13 @@ struct NatsBroker::Impl {
       }
     }
     Status st = OkStatus();
-    if (pa != nullptr) {
+    // An ack that fails although the stream stored the message (its answer lost in a
+    // leader election, say): tests force one here.
+    Status injected = pa != nullptr ? failpoint::Hit("nats.ack_answer") : OkStatus();
+    if (!injected.ok()) {
+      self->publish_errors.fetch_add(1);
+      st = std::move(injected);
+    } else if (pa != nullptr) {
       self->published.fetch_add(1);
       if (pa->Duplicate) {
         self->duplicates.fetch_add(1);
@@ -275,7 +282,9 @@ struct NatsBroker::Impl {
     if (reg.batch->answered[reg.index]) return;
     reg.batch->results[reg.index] = std::move(st);
     reg.batch->answered[reg.index] = true;
-    if (--reg.batch->pending == 0) reg.batch->cv.notify_all();
+    --reg.batch->outstanding;
+    --reg.batch->pending;
+    reg.batch->cv.notify_all();  // the end of the batch, or room in its window
   }
 
   static void OnAdvisory(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
@@ -466,12 +475,19 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
     answer(i, std::move(st));
   };
   // The same for an earlier event sent in this batch whose failure has come back by the
-  // time the next of its subject is sent.
+  // time the next of its subject is sent. That next one waits first until the window has
+  // room (cnats would block it there, and an ack that failed meanwhile would go unseen):
+  // with max_in_flight = 1 and one batch at a time on the broker, an aggregate's next
+  // event is sent only once its earlier one was acked.
   std::map<std::string_view, std::vector<size_t>> sent;
   auto an_earlier_one_failed = [&](std::string_view subject) {
     auto it = sent.find(subject);
     if (it == sent.end()) return false;
-    std::lock_guard<std::mutex> l(batch->mu);
+    std::unique_lock<std::mutex> l(batch->mu);
+    // Past publish_timeout cnats answers every message itself (MaxWait).
+    batch->cv.wait_for(l, impl_->options.publish_timeout + std::chrono::seconds(1), [&] {
+      return batch->outstanding < static_cast<size_t>(impl_->options.max_in_flight);
+    });
     for (size_t j : it->second) {
       if (batch->answered[j] && batch->results[j].transient()) return true;
     }
@@ -517,6 +533,10 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
       std::lock_guard<std::mutex> l(impl_->reg_mu);
       impl_->registered[msg] = Registration{batch, i};
     }
+    {
+      std::lock_guard<std::mutex> l(batch->mu);
+      ++batch->outstanding;  // before the send: its ack may come back before the call does
+    }
     natsMsg* handed = msg;
     s = js_PublishMsgAsync(impl_->js, &handed, &po);
     if (s != NATS_OK) {
@@ -524,6 +544,10 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
       {
         std::lock_guard<std::mutex> l(impl_->reg_mu);
         impl_->registered.erase(msg);
+      }
+      {
+        std::lock_guard<std::mutex> l(batch->mu);
+        --batch->outstanding;
       }
       natsMsg_Destroy(handed);
       not_sent(i, FromNats(s, "NATS publish"));
