@@ -111,10 +111,12 @@ struct SagaStepContext {
   std::string key;
   int64_t fence = 0;  // the runner's fencing token on this saga
   int attempt = 1;    // 1 for the first attempt of this action or compensation
-  // When this runner's lease on the saga ends at the latest (SagaRunnerOptions::lease
-  // from just before the step's claim). Past it another runner may start the same step,
-  // so a call that makes several requests starts none that could end past it and
-  // answers a transient error instead: the next attempt goes on from what is done.
+  // When this runner's lease on the saga ends (the lease_until its claim wrote, in steady
+  // time as of just before the call, a millisecond short). Past it another runner may
+  // start the same step, so a call that makes several requests starts none that could
+  // end past it and answers a transient error instead: the next attempt goes on from what
+  // is done. The lease is measured by the runner's Clock: a wall clock stepped backwards
+  // between runners' hosts moves when another may take over, and this does not follow.
   std::chrono::steady_clock::time_point lease_deadline;
   // The saga's data (JSON text by convention). `local` may replace it; the new value is
   // stored with the step.

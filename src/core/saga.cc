@@ -213,13 +213,13 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   Position p;
   bool ours = false;
   std::optional<std::string> journalled;  // the call's result, when the journal has it
-  // The lease is renewed from the clock's now inside the claim, which is no earlier.
-  const auto lease_deadline = std::chrono::steady_clock::now() + options_.lease;
+  int64_t lease_until = 0;  // what the claim wrote, in the clock's milliseconds
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     ours = false;
     journalled.reset();
     p.maybe_acted = false;
     const int64_t now = clock_->NowMillis();
+    lease_until = now + options_.lease.count();
     CONVERGE_ASSIGN_OR_RETURN(
         Rows rows,
         tx.Query("UPDATE saga_instances SET lease_until = $1, "
@@ -228,7 +228,7 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
                      std::string(kActive) +
                      " RETURNING state, step, attempts, data, step_started_at, version, "
                      "unsettled_starts",
-                 now + options_.lease.count(), saga_id, fence));
+                 lease_until, saga_id, fence));
     if (rows.empty()) return OkStatus();
     ours = true;
     p.saga_id = saga_id;
@@ -283,7 +283,10 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   ctx.key = StepKey(definition_.type, saga_id, s.name, p.compensating);
   ctx.fence = fence;
   ctx.attempt = p.attempts + 1;
-  ctx.lease_deadline = lease_deadline;
+  // The lease's end in steady time, from the clock's now: a millisecond short, for the
+  // clock's truncation to whole milliseconds.
+  ctx.lease_deadline = std::chrono::steady_clock::now() +
+                       Millis(lease_until - clock_->NowMillis() - 1);
   ctx.data = p.data;
   const std::string_view phase = p.compensating ? "compensation" : "action";
 
