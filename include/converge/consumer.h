@@ -10,7 +10,11 @@
 // the consumer's own database (the SQL queue: Subscriber::tx_settler(), tx_publisher.h)
 // is settled inside that same transaction instead: the acks commit with the effects or
 // not at all, the window between them does not exist, and the batch costs one
-// transaction less.
+// transaction less. That transaction also claims the next batch (TxSettler::FetchInTx),
+// which runs as soon as it commits, without a claim transaction of its own; a consumer
+// that stops gives back what it claimed ahead and did not start, and one whose process
+// dies leaves it to come back after its visibility, one of its attempts spent (as the
+// neighbours of a message that kills the process spend one). Not with max_attempts = 1.
 //
 // The handler's Status decides what happens to a failed delivery:
 //   transient (IsTransient) and attempts left  -> nak with exponential backoff, full jitter
@@ -37,8 +41,8 @@
 // window.
 //
 // Thread safety: register handlers with On() before Start() or the first RunOnce();
-// RunOnce must not run concurrently with itself on one Consumer (run several Consumer
-// objects for parallelism); stats() is safe from any thread.
+// RunOnce must not run concurrently with itself or with Stop on one Consumer (run several
+// Consumer objects for parallelism), nor Stop with Stop; stats() is safe from any thread.
 #ifndef CONVERGE_CONSUMER_H_
 #define CONVERGE_CONSUMER_H_
 
@@ -92,7 +96,9 @@ class Consumer {
  public:
   using Handler = std::function<Status(Tx&, const Event&)>;
 
-  // Everything passed must outlive the consumer. clock nullptr = Clock::System().
+  // Everything passed must outlive the consumer (its destructor calls Stop, which gives
+  // back what it claimed ahead through the subscriber and db). clock nullptr =
+  // Clock::System().
   Consumer(Database& db, Subscriber& subscriber, ConsumerOptions options,
            Clock* clock = nullptr);
   ~Consumer();  // stops the background thread if running
@@ -136,7 +142,8 @@ class Consumer {
               const Status& error, Decision* decision, const std::string& source,
               const std::string& id);
   // First deliveries: one transaction, a savepoint each, then one settle.
-  Status RunBatch(const std::vector<const Delivery*>& batch);
+  // `claim_ahead`: also claim the next batch in its transaction (claimed_ahead_).
+  Status RunBatch(const std::vector<const Delivery*>& batch, bool claim_ahead);
   // A redelivered (or retried) delivery on its own, its handler start counted first.
   Status RunAlone(const Delivery& d);
   // With a subscriber that settles in the store (tx_settler_), settles the batch inside
@@ -160,6 +167,10 @@ class Consumer {
   // Deliveries whose transaction failed transiently (the store may be down), held and
   // retried before the next Fetch; only RunOnce touches it.
   std::vector<Delivery> held_;
+  // The next batch, claimed in the transaction that committed the last one's effects
+  // (TxSettler::FetchInTx) and run next instead of a Fetch; only RunOnce touches it, and
+  // Stop gives it back once the worker has stopped.
+  std::vector<Delivery> claimed_ahead_;
 
   mutable std::mutex stats_mu_;
   ConsumerStats stats_;

@@ -13,6 +13,7 @@
 #define CONVERGE_TX_PUBLISHER_H_
 
 #include <span>
+#include <vector>
 
 #include "converge/database.h"
 #include "converge/event.h"
@@ -48,6 +49,25 @@ class TxSettler {
   // back. REQUIRES: tx belongs to database(). kInvalidArgument as Settle; else the store's.
   virtual Status SettleInTx(Tx& tx, std::span<const Delivery> deliveries,
                             std::span<const Settlement> settlements) = 0;
+
+  // Subscriber::Fetch, through `tx`: the claims take effect when tx commits, never if it
+  // rolls back, and the deliveries must not be started before then. A consumer claims its
+  // next batch in the transaction that commits the current one's effects, so that a batch
+  // costs one transaction, not two. The default claims nothing (the consumer then
+  // fetches). REQUIRES: tx belongs to database().
+  virtual Result<std::vector<Delivery>> FetchInTx(Tx& tx, size_t max, Millis visibility) {
+    (void)tx;
+    (void)max;
+    (void)visibility;
+    return std::vector<Delivery>{};
+  }
+  // Gives back deliveries claimed by FetchInTx and never started (their consumer stops):
+  // ready again at once, their delivery not counted. Only those still under that claim.
+  virtual Status ReleaseInTx(Tx& tx, std::span<const Delivery> deliveries) {
+    (void)tx;
+    (void)deliveries;
+    return OkStatus();
+  }
 };
 
 }  // namespace converge

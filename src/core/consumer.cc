@@ -192,14 +192,19 @@ Result<size_t> Consumer::RunOnce() {
     for (const Delivery& d : deliveries) suspects.push_back(&d);
   }
   if (deliveries.empty()) {
-    Result<std::vector<Delivery>> fetched = subscriber_.Fetch(options_.batch, options_.visibility);
-    if (!fetched) {
-      std::lock_guard<std::mutex> l(stats_mu_);
-      ++stats_.fetch_errors;
-      stats_.last_error = fetched.error().ToString();
-      return tl::unexpected(fetched.error());
+    if (!claimed_ahead_.empty()) {
+      deliveries.swap(claimed_ahead_);  // claimed by the last batch's transaction
+    } else {
+      Result<std::vector<Delivery>> fetched =
+          subscriber_.Fetch(options_.batch, options_.visibility);
+      if (!fetched) {
+        std::lock_guard<std::mutex> l(stats_mu_);
+        ++stats_.fetch_errors;
+        stats_.last_error = fetched.error().ToString();
+        return tl::unexpected(fetched.error());
+      }
+      deliveries = std::move(*fetched);
     }
-    deliveries = std::move(*fetched);
     if (deliveries.empty()) return size_t{0};
     // First deliveries share one transaction. A redelivered message came back without
     // being settled: its handler may have failed, its transaction may fail every time, or
@@ -213,7 +218,10 @@ Result<size_t> Consumer::RunOnce() {
   Status first_error;
   size_t settled = 0;
   if (!fresh.empty()) {
-    Status st = RunBatch(fresh);
+    // The next batch is claimed ahead only when nothing runs after this one in this pass:
+    // suspects run alone, slowly or fatally, and a batch claimed before them could
+    // outlast its visibility unstarted, or be charged a run by their crash.
+    Status st = RunBatch(fresh, /*claim_ahead=*/suspects.empty());
     if (st.ok()) {
       settled += fresh.size();
     } else {
@@ -260,18 +268,46 @@ void Unpack(const std::vector<const Delivery*>& batch, const std::vector<Decisio
 }
 }  // namespace
 
-Status Consumer::RunBatch(const std::vector<const Delivery*>& batch) {
+Status Consumer::RunBatch(const std::vector<const Delivery*>& batch, bool claim_ahead) {
   std::vector<Decision> decisions;
+  std::vector<Delivery> next;
+  // A process killed while a batch is claimed ahead costs that batch one of its attempts
+  // (it comes back delivered once, unstarted, as a crashed batch's neighbours do): with
+  // a single attempt it would be parked without ever running.
+  claim_ahead = claim_ahead && tx_settler_ != nullptr && options_.max_attempts >= 2;
   Status st = db_.Transact([&](Tx& tx) -> Status {
     decisions.assign(batch.size(), Decision{});
+    next.clear();
     const int64_t now = clock_->NowMillis();
     for (size_t i = 0; i < batch.size(); ++i) {
       CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], batch[i]->attempts, now, &decisions[i]));
     }
     CONVERGE_RETURN_IF_ERROR(SettleInTx(tx, batch, decisions));
+    // The next batch, claimed in this transaction: durable with it (a handler that kills
+    // the process is counted as before), and run at once after it, without a claim
+    // transaction of its own. It sees this batch's acks, so an aggregate's next message
+    // can come with it. A claim that fails leaves this batch alone: the consumer fetches.
+    if (claim_ahead) {
+      Status claimed = tx.Savepoint([&](Tx& inner) -> Status {
+        CONVERGE_ASSIGN_OR_RETURN(
+            next, tx_settler_->FetchInTx(inner, options_.batch, options_.visibility));
+        return OkStatus();
+      });
+      if (!claimed.ok()) next.clear();
+    }
     return failpoint::Hit("consumer.before_commit");
   });
-  if (!st.ok()) return st;  // nothing committed
+  if (!st.ok()) {
+    // Nothing committed, the claim ahead neither; unless the commit's outcome is unknown
+    // (PostgreSQL: the connection broke after COMMIT was sent). What it claimed is given
+    // back then, or it would wait out its visibility unstarted. Only rows still under
+    // this claim are touched, so this is safe whichever way the commit went.
+    if (!next.empty()) {
+      (void)db_.Transact([&](Tx& tx) { return tx_settler_->ReleaseInTx(tx, next); });
+    }
+    return st;
+  }
+  claimed_ahead_ = std::move(next);
   Settle(batch, decisions);
   return OkStatus();
 }
@@ -380,7 +416,21 @@ Status Consumer::Start() {
   return OkStatus();
 }
 
-void Consumer::Stop() { worker_.Stop(); }
+void Consumer::Stop() {
+  worker_.Stop();
+  if (claimed_ahead_.empty() || tx_settler_ == nullptr) return;
+  // Given back, so that they do not wait out their visibility and come back as suspects
+  // (run alone) when nothing of theirs ever ran.
+  Status st = db_.Transact(
+      [&](Tx& tx) { return tx_settler_->ReleaseInTx(tx, claimed_ahead_); });
+  if (st.ok()) {
+    claimed_ahead_.clear();
+    return;
+  }
+  // Kept: a later Start or RunOnce runs them while their claim lasts.
+  std::lock_guard<std::mutex> l(stats_mu_);
+  stats_.last_error = "giving back deliveries claimed ahead: " + st.ToString();
+}
 
 ConsumerStats Consumer::stats() const {
   std::lock_guard<std::mutex> l(stats_mu_);

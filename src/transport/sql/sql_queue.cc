@@ -55,7 +55,16 @@ class SqlQueue::QueueSubscriber : public Subscriber, public TxSettler {
   Result<std::vector<Delivery>> Fetch(size_t max, Millis visibility) override {
     std::vector<Delivery> out;
     Status st = q_->db_.Transact([&](Tx& tx) -> Status {
-      out.clear();
+      CONVERGE_ASSIGN_OR_RETURN(out, FetchInTx(tx, max, visibility));
+      return OkStatus();
+    });
+    if (!st.ok()) return tl::unexpected(st);
+    return out;
+  }
+
+  Result<std::vector<Delivery>> FetchInTx(Tx& tx, size_t max, Millis visibility) override {
+    std::vector<Delivery> out;
+    {
       const int64_t now = q_->clock_->NowMillis();
       const std::string token = internal::RandomHex(8);
       // The outer visible_at condition repeats the inner one: after waiting on a row lock,
@@ -101,9 +110,7 @@ class SqlQueue::QueueSubscriber : public Subscriber, public TxSettler {
         d.queue = queue_;
         out.push_back(std::move(d));
       }
-      return OkStatus();
-    });
-    if (!st.ok()) return tl::unexpected(st);
+    }
     // RETURNING has no order: hand deliveries out in queue order.
     std::sort(out.begin(), out.end(), [](const Delivery& a, const Delivery& b) {
       return a.handle.As<RowClaim>()->id < b.handle.As<RowClaim>()->id;
@@ -146,6 +153,23 @@ class SqlQueue::QueueSubscriber : public Subscriber, public TxSettler {
         "WHERE id = $4 AND claim_token = $5",
         naks));
     if (!naks.empty()) tx.OnCommit([q = q_] { q->wakeup_.Notify(); });
+    return OkStatus();
+  }
+
+  // The claim undone: visible at once, the delivery it counted taken back.
+  Status ReleaseInTx(Tx& tx, std::span<const Delivery> deliveries) override {
+    const int64_t now = q_->clock_->NowMillis();
+    std::vector<std::vector<Value>> rows;
+    for (const Delivery& d : deliveries) {
+      const RowClaim* c = d.handle.As<RowClaim>();
+      if (c == nullptr) return InvalidArgumentError("a delivery of another transport");
+      rows.push_back({Value(now), Value(c->id), Value(c->token)});
+    }
+    CONVERGE_RETURN_IF_ERROR(tx.ExecMany(
+        "UPDATE queue_messages SET visible_at = $1, attempts = attempts - 1, "
+        "claim_token = NULL WHERE id = $2 AND claim_token = $3",
+        rows));
+    if (!rows.empty()) tx.OnCommit([q = q_] { q->wakeup_.Notify(); });
     return OkStatus();
   }
 
