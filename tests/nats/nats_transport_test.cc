@@ -710,6 +710,42 @@ TEST_F(NatsTransport, PermanentlyRefusedEventsAreParkedAndTheRestFlows) {
   EXPECT_EQ(letters.Count("replayed").value_or(-1), 1);
 }
 
+// The stream's first `n` messages (their routing copies: id and envelope), through a new
+// pull consumer (deadline 30 s).
+std::vector<Event> TheStreamsFirst(NatsBroker& broker, size_t n) {
+  std::vector<Event> out;
+  auto taker = broker.Subscribe(LedgerSubscription());
+  EXPECT_TRUE(taker.has_value()) << taker.error().ToString();
+  if (!taker) return out;
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        auto got = (*taker)->Fetch(n - out.size(), 30s);
+        if (got) {
+          for (const Delivery& d : *got) out.push_back(d.event);
+        }
+        return out.size() >= n;
+      },
+      30s));
+  return out;
+}
+
+// a1 and a2 of one aggregate, then b1 of another: published as one batch whose first
+// event fails (the failpoint `spec` decides how), the aggregate's a2 must not go out and
+// b1 must.
+void PublishWhereTheFirstFails(NatsBroker& broker, const std::string& spec) {
+  Event a1 = MakeEvent("a1"), a2 = MakeEvent("a2", "payment.refunded"), b1 = MakeEvent("b1");
+  a2.subject = a1.subject;
+  a2.envelope = EncodeEnvelope(a2);
+  ASSERT_TRUE(failpoint::Configure(spec).ok());
+  const std::vector<Event> batch = {a1, a2, b1};
+  const std::vector<Status> results = broker.PublishBatch(batch);
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(results[0].code(), StatusCode::kUnavailable) << results[0].ToString();
+  EXPECT_EQ(results[1].code(), StatusCode::kAborted) << results[1].ToString();
+  EXPECT_EQ(results[1].reason(), reason::kNotAttempted);
+  EXPECT_TRUE(results[2].ok()) << results[2].ToString();
+}
+
 // Found by review: a batch sent an aggregate's later events after an earlier one failed
 // to send, so the stream held them first and the failed one came a pass later, out of
 // its aggregate's order. Now the later ones are not attempted (kNotAttempted); other
@@ -717,17 +753,7 @@ TEST_F(NatsTransport, PermanentlyRefusedEventsAreParkedAndTheRestFlows) {
 TEST_F(NatsTransport, AnEventThatFailsToSendHoldsBackItsAggregatesLaterEventsOnly) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  Event a1 = MakeEvent("a1"), a2 = MakeEvent("a2", "payment.refunded"), b1 = MakeEvent("b1");
-  a2.subject = a1.subject;
-  a2.envelope = EncodeEnvelope(a2);
-  ASSERT_TRUE(failpoint::Configure("nats.before_publish_async=error(unavailable)*1").ok());
-  const std::vector<Event> batch = {a1, a2, b1};
-  const std::vector<Status> results = (*broker)->PublishBatch(batch);
-  ASSERT_EQ(results.size(), 3u);
-  EXPECT_EQ(results[0].code(), StatusCode::kUnavailable) << results[0].ToString();
-  EXPECT_EQ(results[1].code(), StatusCode::kAborted) << results[1].ToString();
-  EXPECT_EQ(results[1].reason(), reason::kNotAttempted);
-  EXPECT_TRUE(results[2].ok()) << results[2].ToString();
+  PublishWhereTheFirstFails(**broker, "nats.before_publish_async=error(unavailable)*1");
   EXPECT_EQ((*broker)->stats().published, 1);
 
   // Through the relay: the next pass publishes the aggregate in its order.
@@ -750,21 +776,11 @@ TEST_F(NatsTransport, AnEventThatFailsToSendHoldsBackItsAggregatesLaterEventsOnl
   ASSERT_TRUE(relay.RunOnce().has_value());
   EXPECT_EQ((*broker)->stats().published, 3);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
-  auto taker = (*broker)->Subscribe(LedgerSubscription());
-  ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
   std::vector<std::string> types;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        auto got = (*taker)->Fetch(10, 30s);
-        if (got) {
-          for (const Delivery& d : *got) {
-            auto e = DecodeEnvelope(d.event.envelope);
-            types.push_back(e ? e->subject + " " + e->type : e.error().ToString());
-          }
-        }
-        return types.size() >= 3;
-      },
-      30s));
+  for (const Event& routed : TheStreamsFirst(**broker, 3)) {
+    auto e = DecodeEnvelope(routed.envelope);
+    types.push_back(e ? e->subject + " " + e->type : e.error().ToString());
+  }
   EXPECT_EQ(types, (std::vector<std::string>{"agg-b1 payment.captured",
                                              "agg-c payment.captured",
                                              "agg-c payment.refunded"}));
@@ -777,32 +793,15 @@ TEST_F(NatsTransport, AnEventThatFailsToSendHoldsBackItsAggregatesLaterEventsOnl
 TEST_F(NatsTransport, WithOneInFlightAFailedAckHoldsBackItsAggregatesLaterEvents) {
   auto broker = Connect(nats_.urls() + "?in_flight=1");
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  Event a1 = MakeEvent("a1"), a2 = MakeEvent("a2", "payment.refunded"), b1 = MakeEvent("b1");
-  a2.subject = a1.subject;
-  a2.envelope = EncodeEnvelope(a2);
-  ASSERT_TRUE(failpoint::Configure("nats.ack_answer=error(unavailable)*1").ok());
-  const std::vector<Event> first = {a1, a2, b1};
-  const std::vector<Status> results = (*broker)->PublishBatch(first);
-  ASSERT_EQ(results.size(), 3u);
-  EXPECT_EQ(results[0].code(), StatusCode::kUnavailable) << results[0].ToString();
-  EXPECT_EQ(results[1].code(), StatusCode::kAborted) << results[1].ToString();
-  EXPECT_EQ(results[1].reason(), reason::kNotAttempted);
-  EXPECT_TRUE(results[2].ok()) << results[2].ToString();
+  PublishWhereTheFirstFails(**broker, "nats.ack_answer=error(unavailable)*1");
   // The next pass sends both again: the stream drops a1 as a duplicate, then takes a2.
-  const std::vector<Event> again = {a1, a2};
+  Event a2 = MakeEvent("a2", "payment.refunded");
+  a2.subject = "agg-a1";
+  a2.envelope = EncodeEnvelope(a2);
+  const std::vector<Event> again = {MakeEvent("a1"), a2};
   for (const Status& st : (*broker)->PublishBatch(again)) EXPECT_TRUE(st.ok()) << st.ToString();
-  auto taker = (*broker)->Subscribe(LedgerSubscription());
-  ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
   std::vector<std::string> ids;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        auto got = (*taker)->Fetch(10, 30s);
-        if (got) {
-          for (const Delivery& d : *got) ids.push_back(d.event.id);
-        }
-        return ids.size() >= 3;
-      },
-      30s));
+  for (const Event& routed : TheStreamsFirst(**broker, 3)) ids.push_back(routed.id);
   EXPECT_EQ(ids, (std::vector<std::string>{"a1", "b1", "a2"}));
 }
 
