@@ -1,5 +1,7 @@
 #include "converge/consumer.h"
 
+#include <algorithm>
+
 #include "converge/dead_letters.h"
 #include "converge/failpoint.h"
 #include "converge/tx_publisher.h"
@@ -287,7 +289,12 @@ Status Consumer::RunBatch(const std::vector<const Delivery*>& batch, bool claim_
     // the process is counted as before), and run at once after it, without a claim
     // transaction of its own. It sees this batch's acks, so an aggregate's next message
     // can come with it. A claim that fails leaves this batch alone: the consumer fetches.
-    if (claim_ahead) {
+    // Not after a retry: a nak whose backoff drew 0 would be claimed again by the very
+    // transaction that nakked it (found in CI: ServiceEarlyRefund).
+    const bool retried = std::any_of(decisions.begin(), decisions.end(), [](const Decision& d) {
+      return d.fate == Fate::kRetry;
+    });
+    if (claim_ahead && !retried) {
       Status claimed = tx.Savepoint([&](Tx& inner) -> Status {
         CONVERGE_ASSIGN_OR_RETURN(
             next, tx_settler_->FetchInTx(inner, options_.batch, options_.visibility));
