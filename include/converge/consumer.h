@@ -14,7 +14,8 @@
 // which runs as soon as it commits, without a claim transaction of its own; a consumer
 // that stops gives back what it claimed ahead and did not start, and one whose process
 // dies leaves it to come back after its visibility, one of its attempts spent (as the
-// neighbours of a message that kills the process spend one). Not with max_attempts = 1.
+// neighbours of a message that kills the process spend one). Not with max_attempts = 1,
+// not ahead of suspects, and not by a batch with a retry (docs/design/consumer-inbox.md).
 //
 // The handler's Status decides what happens to a failed delivery:
 //   transient (IsTransient) and attempts left  -> nak with exponential backoff, full jitter
