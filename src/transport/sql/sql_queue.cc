@@ -64,52 +64,50 @@ class SqlQueue::QueueSubscriber : public Subscriber, public TxSettler {
 
   Result<std::vector<Delivery>> FetchInTx(Tx& tx, size_t max, Millis visibility) override {
     std::vector<Delivery> out;
-    {
-      const int64_t now = q_->clock_->NowMillis();
-      const std::string token = internal::RandomHex(8);
-      // The outer visible_at condition repeats the inner one: after waiting on a row lock,
-      // PostgreSQL re-checks only the outer WHERE (on SQLite it is the same test twice).
-      // Order per aggregate: only the oldest message of a subject can be claimed. A later
-      // one waits while an earlier one is in flight, waits out a retry's backoff or its
-      // visibility timeout, and goes once that one is acked or parked (deleted). Without
-      // this a redelivered "captured" came after the "refunded" of the same payment
-      // (docs/design/chaos.md, "Findings"). Messages without a subject are not ordered.
-      // The picked rows are a MATERIALIZED CTE: as a subquery, PostgreSQL may rescan the
-      // LIMITed, locking SELECT once per row it updates, skip the rows this very statement
-      // locked, and so claim every visible message whatever the LIMIT.
-      // The claim walks queue_messages_order (queue, id) and stops after $5 rows; the
-      // unary + keeps SQLite (which has no statistics here) from choosing the index on
-      // visible_at instead, which yields every visible row to be sorted: 35 ms a claim
-      // with 20,000 messages waiting, against 0.04 ms (docs/benchmarks.md, "End to end,
-      // embedded"). In flight rows at the head are skipped one by one.
-      const std::string sql =
-          "WITH picked AS MATERIALIZED (SELECT m.id FROM "
-          "queue_messages m WHERE m.queue = $3 AND +m.visible_at <= $4 AND (m.subject = '' OR "
-          "NOT EXISTS (SELECT 1 FROM queue_messages e WHERE e.queue = m.queue AND "
-          "e.subject = m.subject AND e.id < m.id)) ORDER BY m.id LIMIT $5" +
-          std::string(tx.dialect().ForUpdateSkipLocked()) +
-          ") UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
-          "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM picked) "
-          "RETURNING id, event_id, source, type, subject, envelope, attempts, "
-          "first_failure_at, last_error";
-      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql, now + visibility.count(), token,
-                                                    queue_, now, static_cast<int64_t>(max)));
-      for (const Row& r : rows) {
-        Delivery d;
-        d.handle = DeliveryHandle(RowClaim{r.Int(0), token});
-        // The routing copy; the consumer decodes the envelope for the rest.
-        d.event.id = r.Text(1);
-        d.event.source = r.Text(2);
-        d.event.type = r.Text(3);
-        d.event.subject = r.Text(4);
-        d.event.data.clear();
-        d.event.envelope = r.Text(5);
-        d.attempts = r.Int(6);
-        d.first_failure_at = r.Int(7);
-        d.last_error = r.Text(8);
-        d.queue = queue_;
-        out.push_back(std::move(d));
-      }
+    const int64_t now = q_->clock_->NowMillis();
+    const std::string token = internal::RandomHex(8);
+    // The outer visible_at condition repeats the inner one: after waiting on a row lock,
+    // PostgreSQL re-checks only the outer WHERE (on SQLite it is the same test twice).
+    // Order per aggregate: only the oldest message of a subject can be claimed. A later
+    // one waits while an earlier one is in flight, waits out a retry's backoff or its
+    // visibility timeout, and goes once that one is acked or parked (deleted). Without
+    // this a redelivered "captured" came after the "refunded" of the same payment
+    // (docs/design/chaos.md, "Findings"). Messages without a subject are not ordered.
+    // The picked rows are a MATERIALIZED CTE: as a subquery, PostgreSQL may rescan the
+    // LIMITed, locking SELECT once per row it updates, skip the rows this very statement
+    // locked, and so claim every visible message whatever the LIMIT.
+    // The claim walks queue_messages_order (queue, id) and stops after $5 rows; the
+    // unary + keeps SQLite (which has no statistics here) from choosing the index on
+    // visible_at instead, which yields every visible row to be sorted: 35 ms a claim
+    // with 20,000 messages waiting, against 0.04 ms (docs/benchmarks.md, "End to end,
+    // embedded"). In flight rows at the head are skipped one by one.
+    const std::string sql =
+        "WITH picked AS MATERIALIZED (SELECT m.id FROM "
+        "queue_messages m WHERE m.queue = $3 AND +m.visible_at <= $4 AND (m.subject = '' OR "
+        "NOT EXISTS (SELECT 1 FROM queue_messages e WHERE e.queue = m.queue AND "
+        "e.subject = m.subject AND e.id < m.id)) ORDER BY m.id LIMIT $5" +
+        std::string(tx.dialect().ForUpdateSkipLocked()) +
+        ") UPDATE queue_messages SET visible_at = $1, attempts = attempts + 1, "
+        "claim_token = $2 WHERE visible_at <= $4 AND id IN (SELECT id FROM picked) "
+        "RETURNING id, event_id, source, type, subject, envelope, attempts, "
+        "first_failure_at, last_error";
+    CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql, now + visibility.count(), token,
+                                                  queue_, now, static_cast<int64_t>(max)));
+    for (const Row& r : rows) {
+      Delivery d;
+      d.handle = DeliveryHandle(RowClaim{r.Int(0), token});
+      // The routing copy; the consumer decodes the envelope for the rest.
+      d.event.id = r.Text(1);
+      d.event.source = r.Text(2);
+      d.event.type = r.Text(3);
+      d.event.subject = r.Text(4);
+      d.event.data.clear();
+      d.event.envelope = r.Text(5);
+      d.attempts = r.Int(6);
+      d.first_failure_at = r.Int(7);
+      d.last_error = r.Text(8);
+      d.queue = queue_;
+      out.push_back(std::move(d));
     }
     // RETURNING has no order: hand deliveries out in queue order.
     std::sort(out.begin(), out.end(), [](const Delivery& a, const Delivery& b) {
