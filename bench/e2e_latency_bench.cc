@@ -121,8 +121,9 @@ class TimedQueue : public converge::Publisher, public converge::TxPublisher {
     std::vector<int64_t> ns;
     for (const converge::Event& e : batch) ns.push_back(std::stoll(e.subject));
     for (int64_t n : ns) t_.Mark(n, kRelayPublishing);
-    ++publishes;
+    // Counted at commit: a transaction may run again (its SQLite batch rolled back).
     tx.OnCommit([this, ns] {
+      ++publishes;
       for (int64_t n : ns) t_.Mark(n, kRelayCommitted);
     });
     return q_.PublishInTx(tx, batch);
@@ -168,10 +169,10 @@ class TimedSubscriber : public converge::SubscriberWrapper, public converge::TxS
       Tx& tx, size_t max, converge::Millis visibility) override {
     auto r = inner_->FetchInTx(tx, max, visibility);
     if (r && !r->empty()) {
-      ++claims_ahead;
       std::vector<int64_t> ns;
       for (const converge::Delivery& d : *r) ns.push_back(std::stoll(d.event.subject));
       tx.OnCommit([this, ns] {
+        ++claims_ahead;
         for (int64_t n : ns) t_.Mark(n, kFetched);
       });
     }

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <charconv>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -260,6 +261,9 @@ class FakePsp::Impl {
     if (faults_.TakeRefundFail()) return Unavailable();
     int64_t changed = 0;
     bool refused = false;
+    // Taken once: the function may run again (its SQLite batch rolled back for a failing
+    // neighbour), and the fault then still belongs to this refund.
+    std::optional<bool> refuse;
     Status st = db_->Transact([&](Tx& tx) -> Status {
       refused = false;
       CONVERGE_ASSIGN_OR_RETURN(
@@ -267,7 +271,8 @@ class FakePsp::Impl {
           tx.Query("SELECT amount, currency, status, reference FROM charges WHERE id = $1", id));
       if (rows.empty()) return converge::NotFoundError("no charge " + id);
       if (rows[0].Text(2) != "succeeded") return converge::OkStatus();
-      if (faults_.TakeRefuseRefund()) {
+      if (!refuse) refuse = faults_.TakeRefuseRefund();
+      if (*refuse) {
         refused = true;
         return converge::StatusOf(
             tx.Exec("INSERT INTO refused_refunds (charge_id, reference, created_at) "

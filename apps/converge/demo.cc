@@ -19,8 +19,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +55,22 @@ class LossyAcks : public SubscriberWrapper {
   LossyAcks(Subscriber* target, double rate, uint64_t seed)
       : SubscriberWrapper(target), rate_(rate), rng_(seed) {}
 
+  // Remembers which delivery of each event was handed out last, for the ledger's fault
+  // injection (FaultForDelivery).
+  Result<std::vector<Delivery>> Fetch(size_t max, Millis visibility) override {
+    Result<std::vector<Delivery>> r = target_->Fetch(max, visibility);
+    if (r) {
+      std::lock_guard<std::mutex> l(mu_);
+      for (const Delivery& d : *r) attempts_[d.event.id] = d.attempts;
+    }
+    return r;
+  }
+  int64_t AttemptsOf(const std::string& event_id) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = attempts_.find(event_id);
+    return it == attempts_.end() ? 0 : it->second;
+  }
+
   Status Settle(std::span<const Delivery> d, std::span<const Settlement> s) override {
     std::vector<Delivery> keep_d;
     std::vector<Settlement> keep_s;
@@ -80,6 +98,38 @@ class LossyAcks : public SubscriberWrapper {
   std::mutex mu_;
   std::mt19937_64 rng_;
   int64_t dropped_ = 0;
+  std::map<std::string, int64_t> attempts_;
+};
+
+// The ledger's injected transient failures. A handler runs in its consumer's transaction,
+// and a transaction may run again (a neighbour in its SQLite batch failed): the run that
+// counts is the one that commits. So whether a delivery fails is drawn from the event and
+// the delivery's number, the same in every run of it, and the faults are counted once
+// per delivery.
+class FaultForDelivery {
+ public:
+  FaultForDelivery(double rate, uint64_t seed) : rate_(rate), seed_(seed) {}
+
+  bool Inject(const std::string& event_id, int64_t attempts) {
+    uint64_t h = seed_ ^ 0xcbf29ce484222325ULL;
+    for (unsigned char c : event_id) h = (h ^ c) * 0x100000001b3ULL;
+    h ^= static_cast<uint64_t>(attempts) * 0x9e3779b97f4a7c15ULL;
+    std::mt19937_64 draw(h);
+    if (std::uniform_real_distribution<double>(0, 1)(draw) >= rate_) return false;
+    std::lock_guard<std::mutex> l(mu_);
+    injected_.emplace(event_id, attempts);
+    return true;
+  }
+  int64_t injected() {
+    std::lock_guard<std::mutex> l(mu_);
+    return static_cast<int64_t>(injected_.size());
+  }
+
+ private:
+  const double rate_;
+  const uint64_t seed_;
+  std::mutex mu_;
+  std::set<std::pair<std::string, int64_t>> injected_;
 };
 
 struct Attempt {
@@ -195,11 +245,9 @@ int RunDemo(const DemoFlags& f) {
   copts.backoff_max = Millis(500);
   copts.batch = 64;
   Consumer ledger(db, lossy, copts);
-  std::atomic<int64_t> injected_transient{0};
+  FaultForDelivery faults(f.transient_rate, seed ^ 0x5bd1e995ULL);
   ledger.On("payment.captured", [&](Tx& tx, const Event& e) -> Status {
-    thread_local std::mt19937_64 fault_rng(seed ^ 0x5bd1e995ULL);
-    if (std::uniform_real_distribution<double>(0, 1)(fault_rng) < f.transient_rate) {
-      ++injected_transient;
+    if (faults.Inject(e.id, lossy.AttemptsOf(e.id))) {
       return UnavailableError("ledger store briefly unavailable (injected)");
     }
     json d = json::parse(e.data, nullptr, false);
@@ -359,7 +407,7 @@ int RunDemo(const DemoFlags& f) {
   row("transport", "acks lost, forcing redelivery (injected)", lossy.dropped());
   row("consumer", "events applied", cs.processed);
   row("", "redeliveries absorbed by the inbox", cs.duplicates);
-  row("", "transient failures (injected)", injected_transient);
+  row("", "transient failures (injected)", faults.injected());
   row("", "retries after backoff", cs.retries);
   row("", "dead letters (poison)", cs.dead_lettered);
   row("ledger", "entries (2 per applied payment)", entries);
@@ -379,7 +427,7 @@ int RunDemo(const DemoFlags& f) {
       {"queue drained", depth, 0},
       {"two balanced entries per applied payment", unbalanced, 0},
       {"ledger entries", entries, 2 * (payments - 1)},
-      {"every transient failure retried", cs.retries, injected_transient.load()},
+      {"every transient failure retried", cs.retries, faults.injected()},
       {"exactly the poison message dead-lettered", parked, 1},
       {"the dead letter is the poison payment", poison_parked, 1},
   };

@@ -59,8 +59,9 @@ int main(int argc, char** argv) {
   auto sub = queue.OpenSubscriber("shipping");
   converge::Consumer shipping(store, *sub, {.name = "shipping"});
   int shipped = 0;
-  shipping.On("order.created", [&](converge::Tx&, const converge::Event&) {
-    ++shipped;
+  // A handler may run more than once (its transaction may run again): count at commit.
+  shipping.On("order.created", [&](converge::Tx& tx, const converge::Event&) {
+    tx.OnCommit([&] { ++shipped; });
     return converge::OkStatus();
   });
   if (!relay.RunOnce() || !shipping.RunOnce()) {

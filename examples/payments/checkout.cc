@@ -374,7 +374,9 @@ converge::http::Server::Handler Checkout::CreateOrderRoute() {
         out["state"] = converge::saga_state::kRunning;
         Response r = Json(202, out.dump());
         r.Set("Location", "/v1/orders/" + o.id);
-        if (o_.metrics) o_.metrics->Add("orders_created_total");
+        // Counted once the order commits: this function may run again (its SQLite batch
+        // rolled back for a failing neighbour), or roll back at the fence check.
+        if (o_.metrics) tx.OnCommit([m = o_.metrics] { m->Add("orders_created_total"); });
         return r;
       });
 }

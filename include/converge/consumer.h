@@ -35,7 +35,10 @@
 // the transport's redeliveries. A notice that the transport abandoned a message
 // (Delivery::abandoned) parks it unrun (error class "abandoned"). A handler must keep its
 // effects inside the Tx; an external effect (email, payment) must be called with a
-// deterministic key derived from the event so its provider dedupes it.
+// deterministic key derived from the event so its provider dedupes it. A handler may run
+// more than once for one delivery, a successful run included: it runs inside
+// Database::Transact, whose function may run again (there); only the run whose
+// transaction commits counts. Count in Tx::OnCommit, never in the handler.
 //
 // Retention: the inbox row must outlive every redelivery, so Validate() refuses an
 // inbox_ttl shorter than visibility x max_attempts + all backoff + the dead-letter replay

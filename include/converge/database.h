@@ -276,6 +276,9 @@ struct DatabaseStats {
   // SQLite only:
   int64_t largest_batch = 0;  // most calls carried by one physical commit
   int64_t queued = 0;         // calls waiting for the writer right now
+  // Batches run without a savepoint per call that a failing call rolled back whole: its
+  // neighbours ran again, each in a savepoint (design/transaction-boundary.md).
+  int64_t bare_batches_rolled_back = 0;
   // batch_histogram[i] counts commits that carried [2^i, 2^(i+1)) calls; empty where the
   // store has no batches.
   std::vector<int64_t> batch_histogram;
@@ -355,8 +358,12 @@ class Database {
   // Runs fn(tx) in one transaction and returns once its writes are durable (or rolled
   // back). fn returning non-OK rolls back everything fn wrote and returns that status;
   // kAborted re-runs fn (up to DatabaseOptions::max_attempts). fn may run more than once,
-  // so it must not have effects outside the Tx. Calling Transact from inside fn runs the
-  // inner fn in a savepoint of the same transaction.
+  // so it must not have effects outside the Tx: on SQLite a fn that succeeded runs again
+  // whenever another call in its batch fails (the batch rolls back whole, and its other
+  // calls run again, design/transaction-boundary.md). Only the last run's writes and
+  // OnCommit hooks count; state kept outside the Tx must be set afresh at the top of fn,
+  // and counters belong in OnCommit. Calling Transact from inside fn runs the inner fn in
+  // a savepoint of the same transaction.
   //
   // Where fn runs: on SQLite, on the store's one writer thread, inside a transaction it
   // shares with the other calls of its batch, while every other write in the process

@@ -68,7 +68,9 @@ class Requeuer {
  public:
   virtual ~Requeuer() = default;
   // `letter` is the row as the replay left it (state "replayed"). Errors roll the replay
-  // back; the letter stays parked.
+  // back; the letter stays parked. It may run more than once for one replay
+  // (Database::Transact): what it sends outside `tx` may then go twice, and must be
+  // deduplicated where it lands (a NATS requeue is, by the consumer's inbox).
   virtual Status Requeue(Tx& tx, const DeadLetter& letter) = 0;
 };
 

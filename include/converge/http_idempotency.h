@@ -55,7 +55,8 @@ struct IdempotencyRouteOptions {
 
 // fn(tx, request): the route's effects through `tx`, and its answer. A Response of any
 // status is stored and replayed; an error stores nothing (a retry runs again) and is
-// answered as problem+json.
+// answered as problem+json. It may run more than once (a transaction run again,
+// Database::Transact): changes it makes to `request` must give the same result twice.
 using SinglePhaseFn = std::function<Result<Response>(Tx&, Request&)>;
 // The prepared shape of a single-phase route: prepare(request) runs on the handler's
 // thread before the key's transaction (not at all for a completed key: its replay or 422

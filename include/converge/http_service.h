@@ -61,7 +61,8 @@ struct WebhookIntakeOptions {
 };
 
 // Stages the work a verified, first-seen delivery asks for, in the same transaction as
-// its inbox row (e.g. enqueue an event for a consumer). An error rolls both back.
+// its inbox row (e.g. enqueue an event for a consumer). An error rolls both back. It may
+// run more than once (Database::Transact).
 using StageFn = std::function<Status(Tx&, const VerifiedWebhook&)>;
 
 // POST handler: verify the signature (of `scheme`) before anything else (401 problem on

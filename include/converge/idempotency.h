@@ -163,7 +163,8 @@ class IdempotencyKeys {
   // Single-phase. First call for the key: runs fn(tx) and stores its response in the
   // same transaction (a response with any status, 4xx included, is stored and replayed).
   // If fn returns an error nothing is stored, the error is returned, and a retry runs
-  // fn again. Later calls: the stored response with replayed = true.
+  // fn again. Later calls: the stored response with replayed = true. Here and in Advance
+  // and Complete, fn runs inside Database::Transact and may run more than once (there).
   Result<Outcome> Execute(const KeyRequest& request, const Fn& fn);
   // The same, with `before` run first on the calling thread: work that needs no
   // transaction (parsing, ids drawn ahead, Outbox::Prepare) kept off the thread that runs

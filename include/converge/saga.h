@@ -128,7 +128,8 @@ struct SagaAction {
   // handed to `local`. Empty: no external call.
   std::function<Result<std::string>(const SagaStepContext&)> call;
   // Local writes, in the transaction that records the step. An error rolls them back and
-  // counts as the step's failure (transient or permanent by its code). Empty: none.
+  // counts as the step's failure (transient or permanent by its code). Empty: none. It
+  // may run more than once (Database::Transact); each run gets a fresh context.
   std::function<Status(Tx&, SagaStepContext&, const std::string& call_result)> local;
 };
 

@@ -192,51 +192,134 @@ TEST_F(DatabaseTest, ExceptionInFunctionBecomesInternalAndRollsBack) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 0);
 }
 
-// The writer runs queued calls as one physical transaction with a savepoint each: a
-// failing call rolls back alone and its neighbours commit.
-TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
-  constexpr int kCallers = 32;
+// Queues `calls` Transact calls behind a call that holds the writer, so that they land in
+// one batch. Call i inserts ('k<i>', i) and then returns fail(i, run), `run` counting its
+// runs from 1; runs[i] ends as the number of times call i ran.
+std::vector<Status> RunOneBatch(Database& db, int calls,
+                                const std::function<Status(int, int)>& fail,
+                                std::vector<int>* runs) {
   std::atomic<bool> release{false};
   std::atomic<bool> holding{false};
   std::thread blocker([&] {
-    // Holds the writer so the callers below queue up behind it and land in one batch.
-    Status st = db_->Transact([&](Tx& tx) -> Status {
+    Status st = db.Transact([&](Tx&) -> Status {
       holding = true;
       testing::WaitUntil([&] { return release.load(); });
-      return StatusOf(tx.Exec("INSERT INTO t VALUES ('blocker', 0)"));
+      return OkStatus();
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
   });
   bool held = testing::WaitUntil([&] { return holding.load(); });
+  runs->assign(calls, 0);
   std::vector<std::thread> callers;
-  std::vector<Status> results(kCallers);
-  for (int i = 0; i < kCallers; ++i) {
+  std::vector<Status> results(calls);
+  for (int i = 0; i < calls; ++i) {
     callers.emplace_back([&, i] {
-      results[i] = db_->Transact([i](Tx& tx) -> Status {
+      results[i] = db.Transact([&, i](Tx& tx) -> Status {
+        const int run = ++(*runs)[i];  // the writer thread only
         CONVERGE_RETURN_IF_ERROR(
             tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
-        if (i == 7) return FailedPreconditionError("caller 7 fails after writing");
-        return OkStatus();
+        return fail(i, run);
       });
     });
   }
-  bool all_queued = held && testing::WaitUntil([&] { return db_->stats().queued == kCallers; });
+  bool all_queued = held && testing::WaitUntil([&] { return db.stats().queued == calls; });
   release = true;
   blocker.join();
   for (auto& t : callers) t.join();
-  ASSERT_TRUE(all_queued);
+  EXPECT_TRUE(all_queued);
+  return results;
+}
+
+// The writer runs queued calls as one physical transaction, without a savepoint each;
+// when one fails, it rolls the transaction back and runs the others again, each in a
+// savepoint: the failing call leaves nothing, and its neighbours commit.
+TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
+  constexpr int kCallers = 32;
+  std::vector<int> runs;
+  std::vector<Status> results = RunOneBatch(
+      *db_, kCallers,
+      [](int i, int) {
+        return i == 7 ? FailedPreconditionError("caller 7 fails after writing") : OkStatus();
+      },
+      &runs);
   for (int i = 0; i < kCallers; ++i) {
     if (i == 7) {
       EXPECT_EQ(results[i].code(), StatusCode::kFailedPrecondition);
+      EXPECT_EQ(runs[i], 1);
     } else {
       EXPECT_TRUE(results[i].ok()) << i << ": " << results[i].ToString();
+      EXPECT_GE(runs[i], 1);
+      EXPECT_LE(runs[i], 2) << i;
     }
   }
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k LIKE 'k%'"), kCallers - 1);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'k7'"), 0);
   DatabaseStats s = db_->stats();
-  EXPECT_GE(s.largest_batch, kCallers);
+  EXPECT_GE(s.largest_batch, kCallers - 1);
   EXPECT_LT(s.commits, s.transactions);
+  EXPECT_EQ(s.bare_batches_rolled_back, 1);
+}
+
+// After a failing call rolled a batch back, batches keep a savepoint per call (a failure
+// costs its neighbours nothing) until 16 in a row had no failing call. A call alone in
+// its batch fails without changing that.
+TEST_F(DatabaseTest, AfterAFailingCallBatchesKeepSavepointsUntilSixteenPassWithoutOne) {
+  constexpr int kCallers = 8;
+  auto fail_3 = [](int i, int) {
+    return i == 3 ? FailedPreconditionError("caller 3 fails") : OkStatus();
+  };
+  auto one_call = [&](bool fails) {
+    return db_->Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("UPDATE t SET v = v + 1 WHERE k = 'k0'"));
+      return fails ? InvalidArgumentError("alone and failing") : OkStatus();
+    });
+  };
+  auto delete_all = [&] {
+    ASSERT_TRUE(
+        db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("DELETE FROM t")); }).ok());
+  };
+  EXPECT_FALSE(one_call(true).ok());  // alone: batches stay bare
+  std::vector<int> runs;
+  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+  delete_all();
+
+  // With savepoints: caller 3 fails alone, nothing runs twice.
+  std::vector<Status> results = RunOneBatch(*db_, kCallers, fail_3, &runs);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+  EXPECT_EQ(runs, std::vector<int>(kCallers, 1));
+  EXPECT_EQ(results[3].code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers - 1);
+  // 15 batches without a failure (the delete, 13 calls, the blocker): still savepoints.
+  delete_all();
+  for (int i = 0; i < 13; ++i) ASSERT_TRUE(one_call(false).ok());
+  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+  EXPECT_EQ(runs, std::vector<int>(kCallers, 1));
+
+  // 16 in a row without a failure (the delete, 14 calls, the blocker): bare again.
+  delete_all();
+  for (int i = 0; i < 14; ++i) ASSERT_TRUE(one_call(false).ok());
+  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 2);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers - 1);
+}
+
+// A call that is kAborted in a bare batch makes the batch roll back, and runs again (its
+// second attempt) with the others, each in a savepoint.
+TEST_F(DatabaseTest, AnAbortedCallInABareBatchRunsAgainWithItsNeighbours) {
+  constexpr int kCallers = 8;
+  std::vector<int> runs;
+  std::vector<Status> results = RunOneBatch(
+      *db_, kCallers,
+      [](int i, int run) { return i == 5 && run == 1 ? AbortedError("conflict") : OkStatus(); },
+      &runs);
+  for (int i = 0; i < kCallers; ++i) {
+    EXPECT_TRUE(results[i].ok()) << i << ": " << results[i].ToString();
+  }
+  EXPECT_EQ(runs[5], 2);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
 }
 
 TEST_F(DatabaseTest, CommittedWorkSurvivesReopen) {

@@ -4,9 +4,13 @@
 // costs an fsync of the WAL. Instead of one physical transaction per Transact call, one
 // writer thread owns the only read-write connection. Callers enqueue their function and
 // block. The writer takes everything queued (up to max_batch), opens one transaction,
-// runs each function inside its own SAVEPOINT (a failing function rolls back only its
-// savepoint), commits once, and only then wakes every caller of the batch. So a caller
-// still returns only after its own work is durable, and N callers share one fsync.
+// runs each function in it, commits once, and only then wakes every caller of the batch.
+// So a caller still returns only after its own work is durable, and N callers share one
+// fsync. A failing function must take only its own work with it: the writer runs the
+// batch straight, and when a function fails it rolls the whole transaction back and runs
+// the others again, each inside its own SAVEPOINT, as it runs the next batches until
+// failures stop (RunBatch). Savepoints cost every function of a batch that does not fail
+// (SQLite copies each page the function touches into the statement journal).
 //
 // If a statement destroys the outer transaction (SQLite does that on some I/O and
 // out-of-memory errors), the functions that had already run in it lost their work: they
@@ -184,6 +188,8 @@ class Connection {
     return &pos->second;
   }
 
+  // SQLITE_STATIC: the values outlive the binding, which Run clears before it returns
+  // (sqlite3_clear_bindings), so SQLite need not copy each string and blob.
   static int Bind(sqlite3_stmt* stmt, int i, const Value& v) {
     struct Binder {
       sqlite3_stmt* stmt;
@@ -192,10 +198,10 @@ class Connection {
       int operator()(int64_t x) const { return sqlite3_bind_int64(stmt, i, x); }
       int operator()(double x) const { return sqlite3_bind_double(stmt, i, x); }
       int operator()(const std::string& s) const {
-        return sqlite3_bind_text64(stmt, i, s.data(), s.size(), SQLITE_TRANSIENT, SQLITE_UTF8);
+        return sqlite3_bind_text64(stmt, i, s.data(), s.size(), SQLITE_STATIC, SQLITE_UTF8);
       }
       int operator()(const Blob& b) const {
-        return sqlite3_bind_blob64(stmt, i, b.bytes.data(), b.bytes.size(), SQLITE_TRANSIENT);
+        return sqlite3_bind_blob64(stmt, i, b.bytes.data(), b.bytes.size(), SQLITE_STATIC);
       }
     };
     return std::visit(Binder{stmt, i}, v);
@@ -447,6 +453,7 @@ class SqliteDatabase : public Database {
     const TxFn* fn = nullptr;
     Status status;
     std::vector<std::function<void()>> hooks;
+    int attempts = 0;  // attempts already made, for RunJob (a bare one that was kAborted)
     bool done = false;
     // Its caller's own wake-up: a batch wakes exactly its callers, never those whose jobs
     // wait for the next batch (one shared condition variable woke every waiting caller
@@ -517,16 +524,45 @@ class SqliteDatabase : public Database {
     }
   }
 
-  // Runs one job inside the open transaction. Returns false when the outer transaction
-  // was lost while it ran.
-  bool RunJob(Job* job) {
+  // What running one job did to the open transaction.
+  enum class Ran {
+    kKept,    // the job's work, or its rollback, is in the transaction: go on
+    kFailed,  // the job failed without a savepoint of its own: roll the transaction back
+    kLost,    // the transaction is gone (SQLite rolled it back while the job ran)
+  };
+
+  // Runs one job straight in the open transaction, without a savepoint: a batch without
+  // failures pays nothing for being able to undo one call alone. When the job fails, its
+  // writes are mixed with its neighbours', and only a rollback of the whole transaction
+  // undoes them (RunBatch).
+  Ran RunBareJob(Job* job) {
     job->hooks.clear();
-    for (int attempt = 1;; ++attempt) {
+    SqliteTx tx(&writer_conn_);
+    current_tx_ = &tx;
+    Status st = RunGuarded(*job->fn, tx);
+    current_tx_ = nullptr;
+    if (sqlite3_get_autocommit(writer_conn_.db())) {
+      job->status = st.ok() ? UnavailableError("sqlite rolled the transaction back") : st;
+      return Ran::kLost;
+    }
+    if (st.ok()) job->hooks = tx.TakeCommitHooks();
+    job->status = std::move(st);
+    return job->status.ok() ? Ran::kKept : Ran::kFailed;
+  }
+
+  // Runs one job inside the open transaction, in a savepoint of its own, so that a
+  // failure rolls back only its work. kAborted runs it again, up to max_attempts in all
+  // (counting an attempt RunBareJob made).
+  Ran RunJob(Job* job) {
+    job->hooks.clear();
+    const int first_attempt = job->attempts + 1;
+    job->attempts = 0;  // a re-run after a lost transaction starts over
+    for (int attempt = first_attempt;; ++attempt) {
       // Prepared once (Run caches it), where ExecScript would parse it every call.
       Status st = writer_conn_.Run("SAVEPOINT cv_job", {}, nullptr, nullptr);
       if (!st.ok()) {
         job->status = st;
-        return !sqlite3_get_autocommit(writer_conn_.db());
+        return sqlite3_get_autocommit(writer_conn_.db()) ? Ran::kLost : Ran::kKept;
       }
       SqliteTx tx(&writer_conn_);
       current_tx_ = &tx;
@@ -534,26 +570,37 @@ class SqliteDatabase : public Database {
       current_tx_ = nullptr;
       if (sqlite3_get_autocommit(writer_conn_.db())) {
         job->status = st.ok() ? UnavailableError("sqlite rolled the transaction back") : st;
-        return false;
+        return Ran::kLost;
       }
       if (st.ok()) {
         st = writer_conn_.Run("RELEASE cv_job", {}, nullptr, nullptr);
         if (st.ok()) job->hooks = tx.TakeCommitHooks();
         job->status = st;
-        return true;
+        return Ran::kKept;
       }
       Status undo = writer_conn_.ExecScript("ROLLBACK TO cv_job; RELEASE cv_job");
       if (!undo.ok()) {
         job->status = undo;
-        return !sqlite3_get_autocommit(writer_conn_.db());
+        return sqlite3_get_autocommit(writer_conn_.db()) ? Ran::kLost : Ran::kKept;
       }
       if (st.code() == StatusCode::kAborted && attempt < options_.max_attempts) continue;
       job->status = st;
-      return true;
+      return Ran::kKept;
     }
   }
 
+  // A batch runs its jobs without savepoints (RunBareJob) unless a failing job made an
+  // earlier batch roll back: then batches run with a savepoint per job until this many in
+  // a row had no failing job, and the writer tries again without. A failing job costs a
+  // bare batch the work of every job that ran before it (they run again); under a steady
+  // stream of failures batches keep their savepoints and nothing runs twice. A job alone
+  // in its batch has no neighbours to cost, and its failures do not count.
+  static constexpr int kBatchesWithSavepointsAfterAFailure = 16;
+
   void RunBatch(std::vector<Job*> pending) {
+    const bool alone = pending.size() == 1;
+    bool bare = batches_with_savepoints_ == 0;
+    bool failed = false;  // a job's own function failed (not a lost transaction)
     while (!pending.empty()) {
       Status begin = writer_conn_.ExecScript("BEGIN IMMEDIATE");
       if (!begin.ok()) {
@@ -564,17 +611,39 @@ class SqliteDatabase : public Database {
       std::vector<Job*> ran;
       std::vector<Job*> rerun;
       for (size_t i = 0; i < pending.size(); ++i) {
-        if (!RunJob(pending[i])) {
-          // The transaction is gone: what ran before must run again; this job failed.
-          rerun = ran;
-          rerun.insert(rerun.end(), pending.begin() + i + 1, pending.end());
-          CountTransactions(1);
-          break;
+        Job* job = pending[i];
+        const Ran r = bare ? RunBareJob(job) : RunJob(job);
+        if (r == Ran::kKept) {
+          if (!job->status.ok()) failed = true;
+          ran.push_back(job);
+          continue;
         }
-        ran.push_back(pending[i]);
+        rerun = ran;
+        if (r == Ran::kLost) {
+          // The transaction is gone: what ran before must run again; this job failed.
+          CountTransactions(1);
+        } else {
+          // A bare job failed: nothing but a rollback of everything takes its writes
+          // out. What ran before it runs again, with a savepoint each, as does what
+          // comes after it; so does the job itself when it failed with kAborted (its
+          // next attempt).
+          failed = true;
+          (void)writer_conn_.ExecScript("ROLLBACK");
+          if (pending.size() > 1) CountBareBatchRolledBack();
+          if (job->status.code() == StatusCode::kAborted && options_.max_attempts > 1) {
+            job->attempts = 1;
+            rerun.push_back(job);
+          } else {
+            CountTransactions(1);
+          }
+        }
+        rerun.insert(rerun.end(), pending.begin() + static_cast<ptrdiff_t>(i) + 1,
+                     pending.end());
+        break;
       }
       if (!rerun.empty() || ran.size() < pending.size()) {
         pending = std::move(rerun);
+        bare = false;
         continue;
       }
       Status commit = writer_conn_.ExecScript("COMMIT");
@@ -601,7 +670,12 @@ class SqliteDatabase : public Database {
           for (auto& hook : j->hooks) hook();
         }
       }
-      return;
+      break;
+    }
+    if (failed && !alone) {
+      batches_with_savepoints_ = kBatchesWithSavepointsAfterAFailure;
+    } else if (batches_with_savepoints_ > 0) {
+      --batches_with_savepoints_;
     }
   }
 
@@ -729,6 +803,11 @@ class SqliteDatabase : public Database {
     return " PRAGMA cache_size=-" + std::to_string(int64_t{options_.cache_mib} * 1024) + ";";
   }
 
+  void CountBareBatchRolledBack() {
+    std::lock_guard<std::mutex> l(mu_);
+    ++stats_.bare_batches_rolled_back;
+  }
+
   void CountTransactions(size_t n) {
     std::lock_guard<std::mutex> l(mu_);
     stats_.transactions += static_cast<int64_t>(n);
@@ -741,6 +820,7 @@ class SqliteDatabase : public Database {
   std::thread writer_;
   std::thread::id writer_id_;
   Tx* current_tx_ = nullptr;  // writer thread only
+  int batches_with_savepoints_ = 0;  // writer thread only: RunBatch
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
@@ -811,6 +891,14 @@ std::string FormatLocation(const Settings& settings) {
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {
   CONVERGE_ASSIGN_OR_RETURN(Settings settings, ParseLocation(location));
+  // SQLite counts the memory it holds (sqlite3_memory_used, the soft heap limit) under a
+  // global mutex taken by every allocation and free of every connection; converge uses
+  // neither, and on the writer those locks cost more than a tenth of its time
+  // (docs/benchmarks.md). The switch is process-wide and only possible before SQLite
+  // initializes: an application that used SQLite first keeps its own setting
+  // (sqlite3_config answers SQLITE_MISUSE, which is left at that).
+  static std::once_flag memstatus_off;
+  std::call_once(memstatus_off, [] { (void)sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0); });
   Options o;
   static_cast<Settings&>(o) = std::move(settings);
   o.max_attempts = options.max_attempts;
