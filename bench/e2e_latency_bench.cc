@@ -262,6 +262,8 @@ struct Service {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any thread uses SQLite (database.h).
+  (void)converge::DisableSqliteMemoryAccounting();
   CLI::App app{"converge end-to-end latency, embedded SQLite"};
   double seconds = 3;
   int callers = 64;

@@ -367,6 +367,8 @@ Summary Summarize(std::vector<double> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any thread uses SQLite (database.h).
+  (void)converge::DisableSqliteMemoryAccounting();
   CLI::App app{"converge group-commit benchmark against raw SQLite"};
   double seconds = 3;
   int rounds = 3;

@@ -11,9 +11,12 @@
 
 #include <CLI/CLI.hpp>
 
+#include "converge/database.h"
 #include "examples/orders-lite/orders.h"
 
 int main(int argc, char** argv) {
+  // Before any thread uses SQLite (database.h).
+  (void)converge::DisableSqliteMemoryAccounting();
   CLI::App app{"orders-lite as a benchmark target"};
   orders_lite::Options options;
   std::string port_file;

@@ -798,6 +798,8 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before any thread uses SQLite (database.h).
+  (void)converge::DisableSqliteMemoryAccounting();
   CLI::App app{"converge scale benchmark: rates on a store with millions of rows"};
   app.require_subcommand(1);
   std::string uri, empty_uri, json_path;

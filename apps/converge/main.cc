@@ -25,6 +25,8 @@
 #include "converge/sweeper.h"
 
 int main(int argc, char** argv) {
+  // Before any thread uses SQLite (database.h).
+  (void)converge::DisableSqliteMemoryAccounting();
   CLI::App app{"converge: effective-once processing on at-least-once delivery"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "converge 0.1.0");

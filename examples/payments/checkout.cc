@@ -1,6 +1,7 @@
 #include "examples/payments/checkout.h"
 
 #include <chrono>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -309,16 +310,30 @@ Status Checkout::RecordRefund(Tx& tx, SagaStepContext& ctx, const std::string& r
 Status Checkout::Ship(Tx& tx, SagaStepContext& ctx) {
   CONVERGE_ASSIGN_OR_RETURN(Order o, OrderOf(ctx.data));
   // The shipping component's configured faults: a carrier that is down (transient) or
-  // refuses the parcel (permanent).
-  for (auto [counter, transient] :
-       {std::pair{&ship_fail_next_, true}, std::pair{&ship_reject_next_, false}}) {
-    int64_t left = counter->load();
-    while (left > 0 && !counter->compare_exchange_weak(left, left - 1)) {
+  // refuses the parcel (permanent). One per attempt of the step, whatever runs it again.
+  std::optional<bool> fault;
+  {
+    std::lock_guard<std::mutex> l(ship_faults_mu_);
+    const auto attempt = std::make_pair(ctx.saga_id, ctx.attempt);
+    if (auto it = ship_faults_.find(attempt); it != ship_faults_.end()) {
+      fault = it->second;
+    } else {
+      for (auto [counter, transient] :
+           {std::pair{&ship_fail_next_, true}, std::pair{&ship_reject_next_, false}}) {
+        int64_t left = counter->load();
+        while (left > 0 && !counter->compare_exchange_weak(left, left - 1)) {
+        }
+        if (left > 0) {
+          fault = transient;
+          ship_faults_[attempt] = transient;
+          break;
+        }
+      }
     }
-    if (left > 0) {
-      return transient ? converge::UnavailableError("the carrier is unavailable")
-                       : converge::FailedPreconditionError("the carrier refused the shipment");
-    }
+  }
+  if (fault) {
+    return *fault ? converge::UnavailableError("the carrier is unavailable")
+                  : converge::FailedPreconditionError("the carrier refused the shipment");
   }
   const int64_t now = o_.clock->NowMillis();
   CONVERGE_RETURN_IF_ERROR(

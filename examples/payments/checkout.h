@@ -21,6 +21,8 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "converge/database.h"
@@ -85,6 +87,10 @@ class Checkout {
   CheckoutOptions o_;
   converge::SagaRunner* first_runner_ = nullptr;
   std::atomic<int64_t> ship_fail_next_{0}, ship_reject_next_{0};
+  // The fault each (saga, attempt) of the ship step took: a run of the step that runs
+  // again (its transaction ran again, database.h) meets the same fault, not the next.
+  std::mutex ship_faults_mu_;
+  std::map<std::pair<std::string, int>, bool> ship_faults_;  // true: transient
 };
 
 }  // namespace payments

@@ -257,6 +257,14 @@ class Tx {
 
 using TxFn = std::function<Status(Tx&)>;
 
+// SQLite counts the memory it holds (sqlite3_memory_used, the soft and hard heap limits)
+// under a process-wide mutex that every allocation and free of every connection takes:
+// about 7% of the SQLite writer's time (docs/benchmarks.md). A process whose SQLite
+// serves no such limit can switch the count off: call this first thing in main, before
+// any thread uses SQLite (sqlite3_config is not thread-safe). The converge binaries do.
+// kFailedPrecondition once SQLite has initialized (nothing changes then).
+Status DisableSqliteMemoryAccounting();
+
 // What every backend understands. A backend's own settings travel in its URI's query
 // (Database::Open), so a setting the chosen store does not have cannot be given.
 struct DatabaseOptions {

@@ -192,12 +192,18 @@ TEST_F(DatabaseTest, ExceptionInFunctionBecomesInternalAndRollsBack) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 0);
 }
 
-// Queues `calls` Transact calls behind a call that holds the writer, so that they land in
-// one batch. Call i inserts ('k<i>', i) and then returns fail(i, run), `run` counting its
-// runs from 1; runs[i] ends as the number of times call i ran.
-std::vector<Status> RunOneBatch(Database& db, int calls,
-                                const std::function<Status(int, int)>& fail,
-                                std::vector<int>* runs) {
+// Queues `calls` Transact calls behind a call that holds the writer, in order, so that
+// they land in one batch and run as 0, 1, 2, ... Call i inserts ('k<i>', i), registers a
+// commit hook, and then returns fail(tx, i, run), `run` counting its runs from 1.
+// runs[i] ends as the number of times call i ran; hooks[i] as the number of times its
+// commit hook ran.
+struct Batch {
+  std::vector<Status> results;
+  std::vector<int> runs;
+  std::vector<int> hooks;
+};
+Batch RunOneBatch(Database& db, int calls,
+                  const std::function<Status(Tx&, int, int)>& fail) {
   std::atomic<bool> release{false};
   std::atomic<bool> holding{false};
   std::thread blocker([&] {
@@ -208,56 +214,104 @@ std::vector<Status> RunOneBatch(Database& db, int calls,
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
   });
-  bool held = testing::WaitUntil([&] { return holding.load(); });
-  runs->assign(calls, 0);
+  bool queued = testing::WaitUntil([&] { return holding.load(); });
+  Batch b;
+  b.results.resize(calls);
+  b.runs.assign(calls, 0);
+  b.hooks.assign(calls, 0);
   std::vector<std::thread> callers;
-  std::vector<Status> results(calls);
   for (int i = 0; i < calls; ++i) {
     callers.emplace_back([&, i] {
-      results[i] = db.Transact([&, i](Tx& tx) -> Status {
-        const int run = ++(*runs)[i];  // the writer thread only
+      b.results[i] = db.Transact([&, i](Tx& tx) -> Status {
+        const int run = ++b.runs[i];  // the writer thread only
         CONVERGE_RETURN_IF_ERROR(
             tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
-        return fail(i, run);
+        tx.OnCommit([&, i] { ++b.hooks[i]; });
+        return fail(tx, i, run);
       });
     });
+    queued = queued && testing::WaitUntil([&] { return db.stats().queued == i + 1; });
   }
-  bool all_queued = held && testing::WaitUntil([&] { return db.stats().queued == calls; });
   release = true;
   blocker.join();
   for (auto& t : callers) t.join();
-  EXPECT_TRUE(all_queued);
-  return results;
+  EXPECT_TRUE(queued);
+  return b;
 }
 
 // The writer runs queued calls as one physical transaction, without a savepoint each;
 // when one fails, it rolls the transaction back and runs the others again, each in a
-// savepoint: the failing call leaves nothing, and its neighbours commit.
+// savepoint, and the failing one too (it failed against writes that were run again): the
+// failing call leaves nothing, and its neighbours commit, their hooks run once.
 TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
   constexpr int kCallers = 32;
-  std::vector<int> runs;
-  std::vector<Status> results = RunOneBatch(
-      *db_, kCallers,
-      [](int i, int) {
-        return i == 7 ? FailedPreconditionError("caller 7 fails after writing") : OkStatus();
-      },
-      &runs);
+  Batch b = RunOneBatch(*db_, kCallers, [](Tx&, int i, int) {
+    return i == 7 ? FailedPreconditionError("caller 7 fails after writing") : OkStatus();
+  });
   for (int i = 0; i < kCallers; ++i) {
     if (i == 7) {
-      EXPECT_EQ(results[i].code(), StatusCode::kFailedPrecondition);
-      EXPECT_EQ(runs[i], 1);
+      EXPECT_EQ(b.results[i].code(), StatusCode::kFailedPrecondition);
+      EXPECT_EQ(b.hooks[i], 0);
     } else {
-      EXPECT_TRUE(results[i].ok()) << i << ": " << results[i].ToString();
-      EXPECT_GE(runs[i], 1);
-      EXPECT_LE(runs[i], 2) << i;
+      EXPECT_TRUE(b.results[i].ok()) << i << ": " << b.results[i].ToString();
+      EXPECT_EQ(b.hooks[i], 1) << i;
     }
+    EXPECT_EQ(b.runs[i], i <= 7 ? 2 : 1) << i;
   }
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k LIKE 'k%'"), kCallers - 1);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'k7'"), 0);
   DatabaseStats s = db_->stats();
-  EXPECT_GE(s.largest_batch, kCallers - 1);
+  EXPECT_GE(s.largest_batch, kCallers);
   EXPECT_LT(s.commits, s.transactions);
   EXPECT_EQ(s.bare_batches_rolled_back, 1);
+}
+
+// A call that fails against a neighbour's write, in a batch without savepoints, runs
+// again after that neighbour ran again: its outcome is the one the committed state gives
+// (here the neighbour's second run writes another row, and the call succeeds).
+TEST_F(DatabaseTest, ACallThatFailedAgainstANeighboursWriteRunsAgainAfterIt) {
+  Batch b = RunOneBatch(*db_, 2, [](Tx& tx, int i, int run) -> Status {
+    // Call 0 writes slot-<its run>; call 1 always writes slot-1.
+    const std::string slot = "slot-" + std::to_string(i == 0 ? run : 1);
+    return StatusOf(tx.Exec("INSERT INTO t VALUES ($1, 0)", slot));
+  });
+  EXPECT_TRUE(b.results[0].ok()) << b.results[0].ToString();
+  EXPECT_TRUE(b.results[1].ok()) << b.results[1].ToString();
+  EXPECT_EQ(b.runs, (std::vector<int>{2, 2}));
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k IN ('slot-1', 'slot-2')"), 2);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+}
+
+// A call that makes SQLite end the transaction (here a ROLLBACK of its own) in a batch
+// without savepoints fails kUnavailable; the calls before it run again and commit, their
+// nested savepoints with them, and the calls after it run once.
+TEST_F(DatabaseTest, ACallThatEndsTheTransactionInABareBatchFailsAlone) {
+  Batch b = RunOneBatch(*db_, 4, [](Tx& tx, int i, int run) -> Status {
+    if (i == 2 && run == 1) return StatusOf(tx.Exec("ROLLBACK"));
+    return tx.Savepoint([i](Tx& t) {
+      return StatusOf(t.Exec("INSERT INTO t VALUES ($1, 0)", "nested-" + std::to_string(i)));
+    });
+  });
+  EXPECT_EQ(b.results[2].code(), StatusCode::kUnavailable) << b.results[2].ToString();
+  for (int i : {0, 1, 3}) {
+    EXPECT_TRUE(b.results[i].ok()) << i << ": " << b.results[i].ToString();
+    EXPECT_EQ(b.hooks[i], 1) << i;
+  }
+  EXPECT_EQ(b.runs, (std::vector<int>{2, 2, 1, 1}));
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k LIKE 'nested-%'"), 3);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'k2'"), 0);
+}
+
+// A call that is always kAborted in a batch runs max_attempts times in all, its bare run
+// included; its neighbours commit.
+TEST_F(DatabaseTest, AnAlwaysAbortedCallInABatchRunsMaxAttemptsTimes) {
+  Batch b = RunOneBatch(*db_, 3, [](Tx&, int i, int) {
+    return i == 1 ? AbortedError("always") : OkStatus();
+  });
+  EXPECT_EQ(b.results[1].code(), StatusCode::kAborted);
+  EXPECT_EQ(b.runs[1], DatabaseOptions().max_attempts);
+  EXPECT_TRUE(b.results[0].ok() && b.results[2].ok());
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 2);
 }
 
 // After a failing call rolled a batch back, batches keep a savepoint per call (a failure
@@ -265,7 +319,7 @@ TEST_F(DatabaseTest, GroupCommitFailingCallLeavesNeighboursCommitted) {
 // its batch fails without changing that.
 TEST_F(DatabaseTest, AfterAFailingCallBatchesKeepSavepointsUntilSixteenPassWithoutOne) {
   constexpr int kCallers = 8;
-  auto fail_3 = [](int i, int) {
+  auto fail_3 = [](Tx&, int i, int) {
     return i == 3 ? FailedPreconditionError("caller 3 fails") : OkStatus();
   };
   auto one_call = [&](bool fails) {
@@ -279,28 +333,27 @@ TEST_F(DatabaseTest, AfterAFailingCallBatchesKeepSavepointsUntilSixteenPassWitho
         db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("DELETE FROM t")); }).ok());
   };
   EXPECT_FALSE(one_call(true).ok());  // alone: batches stay bare
-  std::vector<int> runs;
-  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  RunOneBatch(*db_, kCallers, fail_3);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
   delete_all();
 
   // With savepoints: caller 3 fails alone, nothing runs twice.
-  std::vector<Status> results = RunOneBatch(*db_, kCallers, fail_3, &runs);
+  Batch b = RunOneBatch(*db_, kCallers, fail_3);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
-  EXPECT_EQ(runs, std::vector<int>(kCallers, 1));
-  EXPECT_EQ(results[3].code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(b.runs, std::vector<int>(kCallers, 1));
+  EXPECT_EQ(b.results[3].code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers - 1);
   // 15 batches without a failure (the delete, 13 calls, the blocker): still savepoints.
   delete_all();
   for (int i = 0; i < 13; ++i) ASSERT_TRUE(one_call(false).ok());
-  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  b = RunOneBatch(*db_, kCallers, fail_3);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
-  EXPECT_EQ(runs, std::vector<int>(kCallers, 1));
+  EXPECT_EQ(b.runs, std::vector<int>(kCallers, 1));
 
   // 16 in a row without a failure (the delete, 14 calls, the blocker): bare again.
   delete_all();
   for (int i = 0; i < 14; ++i) ASSERT_TRUE(one_call(false).ok());
-  RunOneBatch(*db_, kCallers, fail_3, &runs);
+  RunOneBatch(*db_, kCallers, fail_3);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 2);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers - 1);
 }
@@ -309,15 +362,14 @@ TEST_F(DatabaseTest, AfterAFailingCallBatchesKeepSavepointsUntilSixteenPassWitho
 // second attempt) with the others, each in a savepoint.
 TEST_F(DatabaseTest, AnAbortedCallInABareBatchRunsAgainWithItsNeighbours) {
   constexpr int kCallers = 8;
-  std::vector<int> runs;
-  std::vector<Status> results = RunOneBatch(
-      *db_, kCallers,
-      [](int i, int run) { return i == 5 && run == 1 ? AbortedError("conflict") : OkStatus(); },
-      &runs);
+  Batch b = RunOneBatch(*db_, kCallers, [](Tx&, int i, int run) {
+    return i == 5 && run == 1 ? AbortedError("conflict") : OkStatus();
+  });
   for (int i = 0; i < kCallers; ++i) {
-    EXPECT_TRUE(results[i].ok()) << i << ": " << results[i].ToString();
+    EXPECT_TRUE(b.results[i].ok()) << i << ": " << b.results[i].ToString();
+    EXPECT_EQ(b.hooks[i], 1) << i;
   }
-  EXPECT_EQ(runs[5], 2);
+  EXPECT_EQ(b.runs[5], 2);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
 }

@@ -25,6 +25,9 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <charconv>
 #include <chrono>
 #include <cstring>
@@ -384,6 +387,7 @@ class SqliteDatabase : public Database {
       return current_tx_->Savepoint(fn);
     }
     Job job;
+    if (!job.ready) return InternalError("sqlite: cannot make a semaphore to wait on");
     job.fn = &fn;
     {
       std::unique_lock<std::mutex> l(mu_);
@@ -391,7 +395,11 @@ class SqliteDatabase : public Database {
       queue_.push_back(&job);
       work_cv_.notify_one();
     }
-    while (sem_wait(&job.done) != 0) {  // EINTR
+    while (sem_wait(&job.done) != 0) {
+      if (errno != EINTR) {
+        std::perror("converge sqlite: sem_wait");
+        std::abort();  // the writer has the job: returning would free it under the writer
+      }
     }
     // The callers of a batch wake each other, two each (WriterLoop).
     for (Job* j : job.wakes) {
@@ -461,13 +469,16 @@ class SqliteDatabase : public Database {
     std::vector<std::function<void()>> hooks;
     int attempts = 0;  // attempts already made, for RunJob (a bare one that was kAborted)
     // Its caller's wake-up: a semaphore, which may be destroyed as soon as sem_wait
-    // returns, even while the sem_post that woke it is still returning (POSIX; a
-    // condition variable's notify must be made under its mutex for that). A batch wakes
-    // exactly its callers, never those whose jobs wait for the next batch.
+    // returns, even while the sem_post that woke it is still returning (glibc guarantees
+    // it since 2.21; a condition variable's notify must be made under its mutex for
+    // that). A batch wakes exactly its callers, never those whose jobs wait for the next
+    // batch.
     sem_t done;
+    bool ready = sem_init(&done, 0, 0) == 0;
     Job* wakes[2] = {nullptr, nullptr};  // the callers this one wakes once it is woken
-    Job() { sem_init(&done, 0, 0); }
-    ~Job() { sem_destroy(&done); }
+    ~Job() {
+      if (ready) sem_destroy(&done);
+    }
   };
 
   static Status RunGuarded(const TxFn& fn, Tx& tx) {
@@ -614,11 +625,14 @@ class SqliteDatabase : public Database {
     bool bare = batches_with_savepoints_ == 0;
     bool failed = false;  // a job's own function failed (not a lost transaction)
     while (!pending.empty()) {
+      // After a rollback (a bare job failed, or SQLite lost the transaction) the write
+      // lock was let go, and another process on the file may take it first: then BEGIN
+      // waits for it (busy_timeout) or fails, and so does every job still pending.
       Status begin = writer_conn_.ExecScript("BEGIN IMMEDIATE");
       if (!begin.ok()) {
         for (Job* j : pending) j->status = begin;
         CountTransactions(pending.size());
-        return;
+        break;
       }
       std::vector<Job*> ran;
       std::vector<Job*> rerun;
@@ -637,13 +651,16 @@ class SqliteDatabase : public Database {
         } else {
           // A bare job failed: nothing but a rollback of everything takes its writes
           // out. What ran before it runs again, with a savepoint each, as does what
-          // comes after it; so does the job itself when it failed with kAborted (its
-          // next attempt).
+          // comes after it. So does the job itself, unless it ran first: it failed
+          // against its neighbours' writes, which run again and may come out otherwise
+          // (its error must be the one the committed state gives); and when it failed
+          // with kAborted (its next attempt).
           failed = true;
           (void)writer_conn_.ExecScript("ROLLBACK");
           if (pending.size() > 1) CountBareBatchRolledBack();
-          if (job->status.code() == StatusCode::kAborted && options_.max_attempts > 1) {
-            job->attempts = 1;
+          const bool aborted = job->status.code() == StatusCode::kAborted;
+          if (i > 0 || (aborted && options_.max_attempts > 1)) {
+            job->attempts = aborted ? 1 : 0;
             rerun.push_back(job);
           } else {
             CountTransactions(1);
@@ -903,14 +920,6 @@ std::string FormatLocation(const Settings& settings) {
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {
   CONVERGE_ASSIGN_OR_RETURN(Settings settings, ParseLocation(location));
-  // SQLite counts the memory it holds (sqlite3_memory_used, the soft heap limit) under a
-  // global mutex taken by every allocation and free of every connection; converge uses
-  // neither, and on the writer those locks cost more than a tenth of its time
-  // (docs/benchmarks.md). The switch is process-wide and only possible before SQLite
-  // initializes: an application that used SQLite first keeps its own setting
-  // (sqlite3_config answers SQLITE_MISUSE, which is left at that).
-  static std::once_flag memstatus_off;
-  std::call_once(memstatus_off, [] { (void)sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0); });
   Options o;
   static_cast<Settings&>(o) = std::move(settings);
   o.max_attempts = options.max_attempts;
@@ -920,3 +929,15 @@ Result<std::unique_ptr<Database>> Open(std::string_view location, const Database
 }
 
 }  // namespace converge::sqlite
+
+namespace converge {
+
+Status DisableSqliteMemoryAccounting() {
+  if (sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0) != SQLITE_OK) {
+    return FailedPreconditionError(
+        "SQLite is initialized already: its memory accounting stays as it was");
+  }
+  return OkStatus();
+}
+
+}  // namespace converge
