@@ -262,7 +262,8 @@ using TxFn = std::function<Status(Tx&)>;
 // about 7% of the SQLite writer's time (docs/benchmarks.md). A process whose SQLite
 // serves no such limit can switch the count off: call this first thing in main, before
 // any thread uses SQLite (sqlite3_config is not thread-safe). The converge binaries do.
-// kFailedPrecondition once SQLite has initialized (nothing changes then).
+// kFailedPrecondition once SQLite has initialized (nothing changes then). Defined by the
+// SQLite backend (link converge::converge), not by core.
 Status DisableSqliteMemoryAccounting();
 
 // What every backend understands. A backend's own settings travel in its URI's query
@@ -367,7 +368,7 @@ class Database {
   // back). fn returning non-OK rolls back everything fn wrote and returns that status;
   // kAborted re-runs fn (up to DatabaseOptions::max_attempts). fn may run more than once,
   // so it must not have effects outside the Tx: on SQLite a fn that succeeded runs again
-  // whenever another call in its batch fails (the batch rolls back whole, and its other
+  // whenever a later call in its batch fails (the batch rolls back whole, and its other
   // calls run again, design/transaction-boundary.md). Only the last run's writes and
   // OnCommit hooks count; state kept outside the Tx must be set afresh at the top of fn,
   // and counters belong in OnCommit. Calling Transact from inside fn runs the inner fn in

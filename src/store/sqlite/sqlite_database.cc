@@ -651,16 +651,15 @@ class SqliteDatabase : public Database {
         } else {
           // A bare job failed: nothing but a rollback of everything takes its writes
           // out. What ran before it runs again, with a savepoint each, as does what
-          // comes after it. So does the job itself, unless it ran first: it failed
-          // against its neighbours' writes, which run again and may come out otherwise
-          // (its error must be the one the committed state gives); and when it failed
-          // with kAborted (its next attempt).
+          // comes after it; so does the job itself when it failed with kAborted (its
+          // next attempt). Otherwise it keeps its error, got against the first runs of
+          // the jobs before it. (Running it again too would make a failure's own side
+          // effects, a failpoint's count or a fault injected, happen twice.)
           failed = true;
           (void)writer_conn_.ExecScript("ROLLBACK");
           if (pending.size() > 1) CountBareBatchRolledBack();
-          const bool aborted = job->status.code() == StatusCode::kAborted;
-          if (i > 0 || (aborted && options_.max_attempts > 1)) {
-            job->attempts = aborted ? 1 : 0;
+          if (job->status.code() == StatusCode::kAborted && options_.max_attempts > 1) {
+            job->attempts = 1;
             rerun.push_back(job);
           } else {
             CountTransactions(1);
