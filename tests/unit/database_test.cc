@@ -192,8 +192,9 @@ TEST_F(DatabaseTest, ExceptionInFunctionBecomesInternalAndRollsBack) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 0);
 }
 
-// Queues `calls` Transact calls behind a call that holds the writer, in order, so that
-// they land in one batch and run as 0, 1, 2, ... Call i inserts ('k<i>', i), registers a
+// Queues `calls` Transact calls behind a call that holds the writer in its commit hook
+// (so that they do not join its batch), in order, so that they land in one batch of their
+// own and run as 0, 1, 2, ... Call i inserts ('k<i>', i), registers a
 // commit hook, and then returns fail(tx, i, run), `run` counting its runs from 1.
 // runs[i] ends as the number of times call i ran; hooks[i] as the number of times its
 // commit hook ran.
@@ -207,9 +208,11 @@ Batch RunOneBatch(Database& db, int calls,
   std::atomic<bool> release{false};
   std::atomic<bool> holding{false};
   std::thread blocker([&] {
-    Status st = db.Transact([&](Tx&) -> Status {
-      holding = true;
-      testing::WaitUntil([&] { return release.load(); });
+    Status st = db.Transact([&](Tx& tx) -> Status {
+      tx.OnCommit([&] {
+        holding = true;
+        testing::WaitUntil([&] { return release.load(); });
+      });
       return OkStatus();
     });
     EXPECT_TRUE(st.ok()) << st.ToString();
@@ -372,6 +375,139 @@ TEST_F(DatabaseTest, AnAbortedCallInABareBatchRunsAgainWithItsNeighbours) {
   EXPECT_EQ(b.runs[5], 2);
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers);
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+}
+
+// Calls queued while a batch runs join it before its commit: `calls` callers queue while
+// a first call holds the writer in its function (its first run only), then it returns
+// fail(tx, i, run) for call i (the holder is -1). Returns each call's runs and result.
+struct Joined {
+  Status holder;
+  int holder_runs = 0;
+  std::vector<Status> results;
+  std::vector<int> runs;
+};
+Joined JoinARunningBatch(Database& db, int calls,
+                         const std::function<Status(Tx&, int, int)>& fail) {
+  Joined j;
+  j.results.resize(calls);
+  j.runs.assign(calls, 0);
+  std::atomic<bool> running{false};
+  std::atomic<bool> all_queued{false};
+  std::thread holder([&] {
+    j.holder = db.Transact([&](Tx& tx) -> Status {
+      const int run = ++j.holder_runs;
+      if (run == 1) {
+        running = true;
+        testing::WaitUntil([&] { return all_queued.load(); });
+      }
+      CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO t VALUES ('holder', -1)"));
+      return fail(tx, -1, run);
+    });
+  });
+  bool queued = testing::WaitUntil([&] { return running.load(); });
+  std::vector<std::thread> callers;
+  for (int i = 0; i < calls; ++i) {
+    callers.emplace_back([&, i] {
+      j.results[i] = db.Transact([&, i](Tx& tx) -> Status {
+        const int run = ++j.runs[i];
+        CONVERGE_RETURN_IF_ERROR(
+            tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
+        return fail(tx, i, run);
+      });
+    });
+    queued = queued && testing::WaitUntil([&] { return db.stats().queued == i + 1; });
+  }
+  all_queued = true;
+  holder.join();
+  for (auto& t : callers) t.join();
+  EXPECT_TRUE(queued);
+  return j;
+}
+
+// The calls that queue while a batch runs share its commit instead of waiting for the
+// next one.
+TEST_F(DatabaseTest, CallsQueuedWhileABatchRunsJoinItsCommit) {
+  constexpr int kCallers = 12;
+  const DatabaseStats before = db_->stats();
+  Joined j = JoinARunningBatch(*db_, kCallers, [](Tx&, int, int) { return OkStatus(); });
+  EXPECT_TRUE(j.holder.ok()) << j.holder.ToString();
+  for (int i = 0; i < kCallers; ++i) EXPECT_TRUE(j.results[i].ok()) << i;
+  EXPECT_EQ(j.runs, std::vector<int>(kCallers, 1));
+  const DatabaseStats after = db_->stats();
+  EXPECT_EQ(after.commits - before.commits, 1);
+  EXPECT_EQ(after.transactions - before.transactions, kCallers + 1);
+  EXPECT_EQ(after.largest_batch, kCallers + 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers + 1);
+}
+
+// A call that joined a running batch and fails rolls the batch back like any other: the
+// calls before it run again, and only it leaves nothing.
+TEST_F(DatabaseTest, AJoinedCallThatFailsTakesOnlyItsOwnWork) {
+  constexpr int kCallers = 6;
+  Joined j = JoinARunningBatch(*db_, kCallers, [](Tx&, int i, int) {
+    return i == 4 ? FailedPreconditionError("caller 4 fails after writing") : OkStatus();
+  });
+  EXPECT_TRUE(j.holder.ok()) << j.holder.ToString();
+  EXPECT_EQ(j.holder_runs, 2);
+  EXPECT_EQ(j.results[4].code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(j.runs, (std::vector<int>{2, 2, 2, 2, 1, 1}));
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCallers);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'k4'"), 0);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+}
+
+// A call that fails alone in its batch does not count as a failure beside neighbours,
+// even when calls join the batch after it: batches run with savepoints no longer than
+// they would have anyway.
+TEST_F(DatabaseTest, ACallThatFailsAloneDoesNotCountWhenOthersJoinAfterIt) {
+  auto fail_3 = [](Tx&, int i, int) {
+    return i == 3 ? FailedPreconditionError("caller 3 fails") : OkStatus();
+  };
+  RunOneBatch(*db_, 8, fail_3);  // bare, rolled back: 16 batches with savepoints follow
+  ASSERT_EQ(db_->stats().bare_batches_rolled_back, 1);
+  auto delete_all = [&] {
+    ASSERT_TRUE(
+        db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("DELETE FROM t")); }).ok());
+  };
+  delete_all();
+  for (int i = 0; i < 12; ++i) {
+    ASSERT_TRUE(db_->Transact([](Tx& tx) {
+                     return StatusOf(tx.Exec("UPDATE t SET v = v + 1 WHERE k = 'none'"));
+                   }).ok());
+  }
+  // The 14th: the holder fails in its savepoint, alone; three calls join after it.
+  Joined j = JoinARunningBatch(*db_, 3, [](Tx&, int i, int) {
+    return i < 0 ? FailedPreconditionError("the holder fails alone") : OkStatus();
+  });
+  EXPECT_EQ(j.holder.code(), StatusCode::kFailedPrecondition);
+  for (const Status& st : j.results) EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 3);
+  // The 15th deletes; the 16th is RunOneBatch's blocker; its calls then run bare again.
+  delete_all();
+  Batch b = RunOneBatch(*db_, 8, [](Tx&, int i, int) {
+    return i == 3 ? FailedPreconditionError("caller 3 fails") : OkStatus();
+  });
+  EXPECT_EQ(b.runs[0], 2);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 2);
+}
+
+// No batch grows past max_batch: what is still queued then waits for the next one.
+TEST(DatabaseMaxBatch, ARunningBatchTakesArrivalsUpToMaxBatch) {
+  testing::TempDir dir;
+  auto opened = Database::Open("sqlite:" + dir.File("db.sqlite") + "?max_batch=4");
+  ASSERT_TRUE(opened) << opened.error().ToString();
+  Database& db = **opened;
+  ASSERT_TRUE(db.Transact([](Tx& tx) {
+                  return StatusOf(tx.Exec("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)"));
+                }).ok());
+  const DatabaseStats before = db.stats();
+  Joined j = JoinARunningBatch(db, 6, [](Tx&, int, int) { return OkStatus(); });
+  EXPECT_TRUE(j.holder.ok()) << j.holder.ToString();
+  for (const Status& st : j.results) EXPECT_TRUE(st.ok()) << st.ToString();
+  const DatabaseStats after = db.stats();
+  EXPECT_EQ(after.largest_batch, 4);
+  EXPECT_EQ(after.commits - before.commits, 2);
+  EXPECT_EQ(QueryInt(db, "SELECT count(*) FROM t"), 7);
 }
 
 TEST_F(DatabaseTest, CommittedWorkSurvivesReopen) {

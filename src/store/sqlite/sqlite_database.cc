@@ -4,13 +4,14 @@
 // costs an fsync of the WAL. Instead of one physical transaction per Transact call, one
 // writer thread owns the only read-write connection. Callers enqueue their function and
 // block. The writer takes everything queued (up to max_batch), opens one transaction,
-// runs each function in it, commits once, and only then wakes every caller of the batch.
-// So a caller still returns only after its own work is durable, and N callers share one
-// fsync. A failing function must take only its own work with it: the writer runs the
-// batch straight, and when a function fails it rolls the whole transaction back and runs
-// the others again, each inside its own SAVEPOINT, as it runs the next batches until
-// failures stop (RunBatch). Savepoints cost every function of a batch that does not fail
-// (SQLite copies each page the function touches into the statement journal).
+// runs each function in it, and the functions queued meanwhile, commits once, and only
+// then wakes every caller of the batch. So a caller still returns only after its own work
+// is durable, and N callers share one fsync. A failing function must take only its own
+// work with it: the writer runs the batch straight, and when a function fails it rolls
+// the whole transaction back and runs the others again, each inside its own SAVEPOINT,
+// as it runs the next batches until failures stop (RunBatch). Savepoints cost every
+// function of a batch that does not fail (SQLite copies each page the function touches
+// into the statement journal).
 //
 // If a statement destroys the outer transaction (SQLite does that on some I/O and
 // out-of-memory errors), the functions that had already run in it lost their work: they
@@ -525,10 +526,7 @@ class SqliteDatabase : public Database {
         std::unique_lock<std::mutex> l(mu_);
         work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;  // stopping, and everything queued has run
-        while (!queue_.empty() && batch.size() < options_.max_batch) {
-          batch.push_back(queue_.front());
-          queue_.pop_front();
-        }
+        TakeQueuedLocked(&batch);
       }
       RunBatch(batch);
       // The writer wakes the batch's first caller, and each caller woken wakes two more
@@ -617,13 +615,40 @@ class SqliteDatabase : public Database {
   // a row had no failing job, and the writer tries again without. A failing job costs a
   // bare batch the work of every job that ran before it (they run again); under a steady
   // stream of failures batches keep their savepoints and nothing runs twice. A job alone
-  // in its batch has no neighbours to cost, and its failures do not count.
+  // in its batch when it fails has no neighbours to cost, and its failure does not count
+  // (nor do calls that join the batch after it make it count).
   static constexpr int kBatchesWithSavepointsAfterAFailure = 16;
 
-  void RunBatch(std::vector<Job*> pending) {
-    const bool alone = pending.size() == 1;
+  // Moves queued calls to the end of `batch`, up to max_batch calls in it. mu_ is held.
+  void TakeQueuedLocked(std::vector<Job*>* batch) {
+    while (!queue_.empty() && batch->size() < options_.max_batch) {
+      batch->push_back(queue_.front());
+      queue_.pop_front();
+    }
+  }
+
+  // Calls queued while the batch ran join it, at the end of `batch` and of `pending`;
+  // false when none did.
+  bool TakeArrivals(std::vector<Job*>* batch, std::vector<Job*>* pending) {
+    const size_t before = batch->size();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      TakeQueuedLocked(batch);
+    }
+    pending->insert(pending->end(), batch->begin() + static_cast<ptrdiff_t>(before),
+                    batch->end());
+    return batch->size() > before;
+  }
+
+  // Runs `batch` as one transaction, and with it the calls queued while it runs (before
+  // its commit, up to max_batch in all: they share its fsync rather than wait for the
+  // next one), which it appends to `batch`.
+  void RunBatch(std::vector<Job*>& batch) {
+    std::vector<Job*> pending = batch;
     bool bare = batches_with_savepoints_ == 0;
-    bool failed = false;  // a job's own function failed (not a lost transaction)
+    // A job's own function failed (not a lost transaction) with others in the batch by
+    // then; calls that join after it do not make a lone call's failure count.
+    bool failed = false;
     while (!pending.empty()) {
       // After a rollback (a bare job failed, or SQLite lost the transaction) the write
       // lock was let go, and another process on the file may take it first: then BEGIN
@@ -636,11 +661,12 @@ class SqliteDatabase : public Database {
       }
       std::vector<Job*> ran;
       std::vector<Job*> rerun;
-      for (size_t i = 0; i < pending.size(); ++i) {
+      for (size_t i = 0;; ++i) {
+        if (i == pending.size() && !TakeArrivals(&batch, &pending)) break;
         Job* job = pending[i];
         const Ran r = bare ? RunBareJob(job) : RunJob(job);
         if (r == Ran::kKept) {
-          if (!job->status.ok()) failed = true;
+          if (!job->status.ok()) failed = failed || batch.size() > 1;
           ran.push_back(job);
           continue;
         }
@@ -655,7 +681,7 @@ class SqliteDatabase : public Database {
           // next attempt). Otherwise it keeps its error, got against the first runs of
           // the jobs before it. (Running it again too would make a failure's own side
           // effects, a failpoint's count or a fault injected, happen twice.)
-          failed = true;
+          failed = failed || batch.size() > 1;
           (void)writer_conn_.ExecScript("ROLLBACK");
           if (pending.size() > 1) CountBareBatchRolledBack();
           if (job->status.code() == StatusCode::kAborted && options_.max_attempts > 1) {
@@ -700,7 +726,7 @@ class SqliteDatabase : public Database {
       }
       break;
     }
-    if (failed && !alone) {
+    if (failed) {
       batches_with_savepoints_ = kBatchesWithSavepointsAfterAFailure;
     } else if (batches_with_savepoints_ > 0) {
       --batches_with_savepoints_;
