@@ -223,8 +223,8 @@ class RawCreates {
         "SELECT request_hash, status, lease_until, fence, recovery_point, recovery_data, "
         "response_status, response_headers, response_body, expires_at "
         "FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        "UPDATE converge_sequences SET value = value + 1 WHERE name = 'fence' "
-        "RETURNING value",
+        "UPDATE converge_sequences SET value = value + 1 WHERE name = 'fence'",
+        "SELECT value FROM converge_sequences WHERE name = 'fence'",
         "INSERT INTO idempotency_keys (scope, key, request_hash, status, "
         "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
         "VALUES ($1, $2, $3, 'in_progress', 'started', $4, $5, $6, $6, $7) "
@@ -276,11 +276,12 @@ class RawCreates {
     Text(s, 1, "bench");
     Text(s, 2, id);
     Step(s, SQLITE_DONE);
-    s = stmts_[1];
+    Step(stmts_[1], SQLITE_DONE);
+    s = stmts_[2];
     Step(s, SQLITE_ROW);
     const int64_t fence = sqlite3_column_int64(s, 0);
     Step(s, SQLITE_DONE);
-    s = stmts_[2];
+    s = stmts_[3];
     Text(s, 1, "bench");
     Text(s, 2, id);
     Text(s, 3, hash);
@@ -289,11 +290,11 @@ class RawCreates {
     sqlite3_bind_int64(s, 6, now);
     sqlite3_bind_int64(s, 7, now + 86400000);
     Step(s, SQLITE_DONE);
-    s = stmts_[3];
+    s = stmts_[4];
     Text(s, 1, id);
     sqlite3_bind_int64(s, 2, n % 1000);
     Step(s, SQLITE_DONE);
-    s = stmts_[4];
+    s = stmts_[5];
     Text(s, 1, event_id);
     Text(s, 2, "urn:converge");
     Text(s, 3, "payment");
@@ -304,7 +305,7 @@ class RawCreates {
     sqlite3_bind_int64(s, 8, now);
     sqlite3_bind_int64(s, 9, converge::OutboxPartition(id));
     Step(s, SQLITE_DONE);
-    s = stmts_[5];
+    s = stmts_[6];
     const std::string body = std::string("{\"id\":\"") + id + "\"}";
     sqlite3_bind_int64(s, 1, 201);
     Text(s, 2, "[]");

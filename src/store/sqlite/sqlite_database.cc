@@ -262,8 +262,8 @@ class SqliteDialect final : public schema::SchemaDialect {
   // One writer: a deletion's page writes land inside the commits creates wait for, so
   // each leaf page should be dirtied once for all of its expired rows.
   bool SweepsInKeyOrder() const override { return true; }
-  // A row per sequence, raised by UPDATE ... RETURNING (NextFence): with one writer at a
-  // time that is all a sequence needs.
+  // A row per sequence, raised by an UPDATE and read back (NextFence): with one writer at
+  // a time that is all a sequence needs.
   std::string_view CreateFenceSequence() const override {
     return "CREATE TABLE converge_sequences (\n"
            "  name  TEXT    NOT NULL PRIMARY KEY,\n"
@@ -298,11 +298,16 @@ class SqliteTx : public Tx {
 
   // One writer at a time: the row update is the whole sequence. A rolled-back draw is
   // drawn again by the next transaction, which is fine: nobody saw it committed.
+  // Two statements, not one UPDATE … RETURNING: SQLite runs a RETURNING statement into
+  // an ephemeral table it opens and closes each time, which took most of the 12% of the
+  // writer's time that drawing fences took (docs/benchmarks.md).
   Result<int64_t> NextFence() override {
     CONVERGE_ASSIGN_OR_RETURN(
-        Rows rows, QueryParams("UPDATE converge_sequences SET value = value + 1 "
-                               "WHERE name = 'fence' RETURNING value",
-                               {}));
+        int64_t raised,
+        ExecParams("UPDATE converge_sequences SET value = value + 1 WHERE name = 'fence'", {}));
+    if (raised != 1) return tl::unexpected(InternalError("converge_sequences has no 'fence' row"));
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, QueryParams("SELECT value FROM converge_sequences WHERE name = 'fence'", {}));
     if (rows.empty()) return tl::unexpected(InternalError("converge_sequences has no 'fence' row"));
     return rows[0].Int(0);
   }
