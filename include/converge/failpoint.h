@@ -14,6 +14,8 @@
 //   sweeper.before_saga_instances     (sweeper.cc: settled sagas' journal gone, rows not yet)
 //   postgres.before_commit            (a Transact on PostgreSQL, fn done, COMMIT not sent)
 //   sqlite.before_checkpoint          (sqlite_database.cc: the checkpointer woken, not run)
+//   sqlite.after_bare_rollback        (sqlite_database.cc: a batch without savepoints
+//                                      rolled back for a failing call, not begun again)
 //   outbox_table.finalize_before_commit (outbox_table.h: published rows' delete/mark)
 //   outbox_table.between_pages        (outbox_table.cc: an ingest about to read a page after
 //                                      its first)

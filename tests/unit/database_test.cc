@@ -491,6 +491,58 @@ TEST_F(DatabaseTest, ACallThatFailsAloneDoesNotCountWhenOthersJoinAfterIt) {
   EXPECT_EQ(db_->stats().bare_batches_rolled_back, 2);
 }
 
+// After a failing call rolled a batch without savepoints back, SQLite's write lock is free
+// until the batch begins again, and another process may take it. Here another connection
+// holds it past busy_timeout_ms: every call still pending fails with the BEGIN's error,
+// nothing commits, and the next batches run with savepoints all the same.
+TEST(DatabaseBareRollback, ABeginThatFailsAfterTheRollbackFailsEveryCallStillPending) {
+  testing::TempDir dir;
+  const std::string path = dir.File("db.sqlite");
+  auto opened = Database::Open("sqlite:" + path + "?busy_timeout_ms=50");
+  ASSERT_TRUE(opened) << opened.error().ToString();
+  Database& db = **opened;
+  ASSERT_TRUE(db.Transact([](Tx& tx) {
+                  return StatusOf(tx.Exec("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)"));
+                }).ok());
+  ASSERT_TRUE(failpoint::Configure("sqlite.after_bare_rollback=pause").ok());
+  std::atomic<bool> batch_done{false};
+  std::atomic<int> took_lock{-1};
+  std::thread other_process([&] {
+    if (!failpoint::WaitPaused("sqlite.after_bare_rollback", std::chrono::seconds(20))) return;
+    sqlite3* conn = nullptr;
+    int rc = sqlite3_open_v2(path.c_str(), &conn, SQLITE_OPEN_READWRITE, nullptr);
+    if (rc == SQLITE_OK) rc = sqlite3_exec(conn, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+    took_lock = rc;
+    failpoint::Release("sqlite.after_bare_rollback");
+    testing::WaitUntil([&] { return batch_done.load(); });
+    sqlite3_exec(conn, "ROLLBACK", nullptr, nullptr, nullptr);
+    sqlite3_close_v2(conn);
+  });
+  auto fail_3 = [](Tx&, int i, int) {
+    return i == 3 ? FailedPreconditionError("caller 3 fails") : OkStatus();
+  };
+  Batch b = RunOneBatch(db, 6, fail_3);
+  batch_done = true;
+  other_process.join();
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  ASSERT_EQ(took_lock.load(), SQLITE_OK);
+  EXPECT_EQ(b.results[3].code(), StatusCode::kFailedPrecondition);
+  for (int i : {0, 1, 2, 4, 5}) {
+    EXPECT_FALSE(b.results[i].ok()) << i;
+    EXPECT_EQ(b.results[i].code(), StatusCode::kUnavailable)
+        << i << ": " << b.results[i].ToString();
+    EXPECT_EQ(b.hooks[i], 0) << i;
+  }
+  EXPECT_EQ(b.runs, (std::vector<int>{1, 1, 1, 1, 0, 0}));
+  EXPECT_EQ(QueryInt(db, "SELECT count(*) FROM t"), 0);
+  EXPECT_EQ(db.stats().bare_batches_rolled_back, 1);
+  // The failure still counts: the next batch has a savepoint per call.
+  b = RunOneBatch(db, 6, fail_3);
+  EXPECT_EQ(b.runs, std::vector<int>(6, 1));
+  EXPECT_EQ(db.stats().bare_batches_rolled_back, 1);
+  EXPECT_EQ(QueryInt(db, "SELECT count(*) FROM t"), 5);
+}
+
 // No batch grows past max_batch: what is still queued then waits for the next one.
 TEST(DatabaseMaxBatch, ARunningBatchTakesArrivalsUpToMaxBatch) {
   testing::TempDir dir;

@@ -688,6 +688,9 @@ class SqliteDatabase : public Database {
           // effects, a failpoint's count or a fault injected, happen twice.)
           failed = failed || batch.size() > 1;
           (void)writer_conn_.ExecScript("ROLLBACK");
+          // A test takes SQLite's write lock here from another connection, as another
+          // process on the file may, to see the next BEGIN fail.
+          (void)failpoint::Hit("sqlite.after_bare_rollback");
           if (pending.size() > 1) CountBareBatchRolledBack();
           if (job->status.code() == StatusCode::kAborted && options_.max_attempts > 1) {
             job->attempts = 1;
