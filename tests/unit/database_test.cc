@@ -192,6 +192,22 @@ TEST_F(DatabaseTest, ExceptionInFunctionBecomesInternalAndRollsBack) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), 0);
 }
 
+// Starts `calls` threads, thread i setting (*results)[i] to db.Transact(fn(tx, i)), each
+// queued for the writer (DatabaseStats::queued) before the next starts, so that they run
+// in that order; false when one never queued. The caller joins `threads`.
+bool QueueInOrder(Database& db, int calls, std::vector<Status>* results,
+                  std::vector<std::thread>* threads,
+                  const std::function<Status(Tx&, int)>& fn) {
+  bool queued = true;
+  for (int i = 0; i < calls; ++i) {
+    threads->emplace_back([&db, results, fn, i] {  // a copy: the thread outlives this call
+      (*results)[i] = db.Transact([&fn, i](Tx& tx) { return fn(tx, i); });
+    });
+    queued = queued && testing::WaitUntil([&] { return db.stats().queued == i + 1; });
+  }
+  return queued;
+}
+
 // Queues `calls` Transact calls behind a call that holds the writer in its commit hook
 // (so that they do not join its batch), in order, so that they land in one batch of their
 // own and run as 0, 1, 2, ... Call i inserts ('k<i>', i), registers a
@@ -223,18 +239,13 @@ Batch RunOneBatch(Database& db, int calls,
   b.runs.assign(calls, 0);
   b.hooks.assign(calls, 0);
   std::vector<std::thread> callers;
-  for (int i = 0; i < calls; ++i) {
-    callers.emplace_back([&, i] {
-      b.results[i] = db.Transact([&, i](Tx& tx) -> Status {
-        const int run = ++b.runs[i];  // the writer thread only
-        CONVERGE_RETURN_IF_ERROR(
-            tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
-        tx.OnCommit([&, i] { ++b.hooks[i]; });
-        return fail(tx, i, run);
-      });
-    });
-    queued = queued && testing::WaitUntil([&] { return db.stats().queued == i + 1; });
-  }
+  queued = QueueInOrder(db, calls, &b.results, &callers, [&](Tx& tx, int i) -> Status {
+    const int run = ++b.runs[i];  // the writer thread only
+    CONVERGE_RETURN_IF_ERROR(
+        tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
+    tx.OnCommit([&, i] { ++b.hooks[i]; });
+    return fail(tx, i, run);
+  }) && queued;
   release = true;
   blocker.join();
   for (auto& t : callers) t.join();
@@ -406,17 +417,12 @@ Joined JoinARunningBatch(Database& db, int calls,
   });
   bool queued = testing::WaitUntil([&] { return running.load(); });
   std::vector<std::thread> callers;
-  for (int i = 0; i < calls; ++i) {
-    callers.emplace_back([&, i] {
-      j.results[i] = db.Transact([&, i](Tx& tx) -> Status {
-        const int run = ++j.runs[i];
-        CONVERGE_RETURN_IF_ERROR(
-            tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
-        return fail(tx, i, run);
-      });
-    });
-    queued = queued && testing::WaitUntil([&] { return db.stats().queued == i + 1; });
-  }
+  queued = QueueInOrder(db, calls, &j.results, &callers, [&](Tx& tx, int i) -> Status {
+    const int run = ++j.runs[i];
+    CONVERGE_RETURN_IF_ERROR(
+        tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
+    return fail(tx, i, run);
+  }) && queued;
   all_queued = true;
   holder.join();
   for (auto& t : callers) t.join();
