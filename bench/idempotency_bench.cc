@@ -40,6 +40,7 @@
 namespace {
 
 using converge::Database;
+using converge::DatabaseStats;
 using converge::IdempotencyKeys;
 using converge::Result;
 using converge::Status;
@@ -147,12 +148,23 @@ std::map<std::string, double> ThreadCpuSeconds() {
   return out;
 }
 
-// The most CPU any one thread used since `before` (threads absent then started at 0).
-double BusiestThreadCpuSince(const std::map<std::string, double>& before) {
-  double best = 0;
+// The seconds a thread of this process has spent runnable but waiting for a CPU
+// (/proc/self/task/TID/schedstat, its second field, in nanoseconds); 0 if unknown.
+double RunnableWaitSeconds(const std::string& tid) {
+  std::ifstream in("/proc/self/task/" + tid + "/schedstat");
+  double run_ns = 0, wait_ns = 0;
+  if (!(in >> run_ns >> wait_ns)) return 0;
+  return wait_ns / 1e9;
+}
+
+// The thread that used the most CPU since `before` (threads absent then started at 0),
+// and how much.
+std::pair<std::string, double> BusiestThreadSince(const std::map<std::string, double>& before) {
+  std::pair<std::string, double> best{"", 0};
   for (const auto& [tid, cpu] : ThreadCpuSeconds()) {
     auto it = before.find(tid);
-    best = std::max(best, cpu - (it == before.end() ? 0 : it->second));
+    const double used = cpu - (it == before.end() ? 0 : it->second);
+    if (used > best.second) best = {tid, used};
   }
   return best;
 }
@@ -162,7 +174,12 @@ struct GroupResult {
   double avg_batch = 0;
   int64_t rolled_back = 0;  // batches a failing create rolled back whole (none expected)
   double writer_us = 0;   // CPU of the busiest thread (the writer) per create
+  double writer_runnable_us = 0;  // time it was runnable but had no CPU, per create
   double process_us = 0;  // CPU of the whole process per create
+  // The writer's own account of its time (DatabaseStats::writer), per create, and the
+  // run's wall time per create.
+  DatabaseStats::Writer writer_time_us;
+  double wall_us = 0;
   std::vector<double> latency_ms;  // every create's, call to return, sorted
   std::string envelope;  // one outbox payload the run wrote: the raw runs copy its size
 };
@@ -174,6 +191,9 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::vector<std::thread> threads;
   const auto threads0 = ThreadCpuSeconds();
   const double cpu0 = ProcessCpuSeconds();
+  const DatabaseStats::Writer writer0 = *f.db->stats().writer;
+  std::map<std::string, double> runnable0;  // every thread's, as the run starts
+  for (const auto& [tid, cpu] : threads0) runnable0[tid] = RunnableWaitSeconds(tid);
   auto t0 = SteadyClock::now();
   std::vector<std::vector<double>> latencies(callers);
   for (int i = 0; i < callers; ++i) {
@@ -193,9 +213,17 @@ GroupResult Group(double seconds, int callers, bool full) {
   for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
   std::sort(g.latency_ms.begin(), g.latency_ms.end());
   g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
-  g.writer_us = BusiestThreadCpuSince(threads0) * 1e6 / next.load();
+  const auto [writer_tid, writer_cpu] = BusiestThreadSince(threads0);
+  g.writer_us = writer_cpu * 1e6 / next.load();
+  g.writer_runnable_us =
+      (RunnableWaitSeconds(writer_tid) - runnable0[writer_tid]) * 1e6 / next.load();
   g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
   auto s = f.db->stats();
+  const double per_create = 1e6 / static_cast<double>(next.load());
+  g.writer_time_us.calls = (s.writer->calls - writer0.calls) * per_create;
+  g.writer_time_us.commits = (s.writer->commits - writer0.commits) * per_create;
+  g.writer_time_us.waiting = (s.writer->waiting - writer0.waiting) * per_create;
+  g.wall_us = 1e6 / g.rate;
   // The CREATE TABLE ran before the clock: leave it out of the batch average.
   g.avg_batch = s.commits > 1 ? static_cast<double>(s.transactions - 1) / (s.commits - 1) : 0;
   g.rolled_back = s.bare_batches_rolled_back;
@@ -207,6 +235,13 @@ GroupResult Group(double seconds, int callers, bool full) {
   if (!st.ok() || g.envelope.empty()) Die("reading an envelope back failed");
   return g;
 }
+
+struct RawResult {
+  double rate = 0;           // creates/s
+  double cpu_us = 0;         // CPU per create
+  double commit_us = 0;      // time in COMMIT per create
+  double statements_us = 0;  // the rest of the wall time per create (BEGIN too)
+};
 
 // The create's statements, in the order Execute and Enqueue run them on SQLite (the
 // library's SQL text, so the same plans), prepared once on a plain sqlite3 connection.
@@ -249,18 +284,25 @@ class RawCreates {
     sqlite3_close_v2(db_);
   }
 
-  // `calls` creates, committing every `batch` of them; returns creates/s. `cpu_us`: CPU
-  // microseconds per create.
-  double Run(int64_t calls, int64_t batch, double* cpu_us) {
+  // `calls` creates, committing every `batch` of them.
+  RawResult Run(int64_t calls, int64_t batch) {
     const double cpu0 = ProcessCpuSeconds();
     auto t0 = SteadyClock::now();
+    SteadyClock::duration committing{};
     for (int64_t done = 0; done < calls;) {
       Exec("BEGIN IMMEDIATE");
       for (int64_t i = 0; i < batch && done < calls; ++i, ++done) Create(done);
+      const auto commit_started = SteadyClock::now();
       Exec("COMMIT");
+      committing += SteadyClock::now() - commit_started;
     }
-    *cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
-    return calls / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+    const double wall = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+    RawResult r;
+    r.rate = calls / wall;
+    r.cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
+    r.commit_us = std::chrono::duration<double>(committing).count() * 1e6 / calls;
+    r.statements_us = wall * 1e6 / calls - r.commit_us;
+    return r;
   }
 
  private:
@@ -343,12 +385,11 @@ class RawCreates {
   std::string envelope_;
 };
 
-double Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope,
-           double* cpu_us) {
+RawResult Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
   RawCreates raw(f.path, full, envelope);
-  return raw.Run(calls, batch, cpu_us);
+  return raw.Run(calls, batch);
 }
 
 struct Summary {
@@ -399,6 +440,9 @@ int main(int argc, char** argv) {
               full ? "FULL" : "NORMAL");
   std::printf("%d round(s), modes interleaved in each, every run on a fresh file\n", rounds);
   std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us, p50, p99;
+  // Where the time per create went: (b)'s writer by its own account, and r2's.
+  std::vector<double> w_calls, w_commits, w_waiting, w_other, w_runnable, r2_us, r2_statements,
+      r2_commits;
   std::vector<double> last_latencies;  // the last round's, for the histogram
   int64_t rolled_back = 0;
   std::map<int, std::vector<double>> swept;
@@ -415,13 +459,23 @@ int main(int argc, char** argv) {
     p99.push_back(Percentile(g.latency_ms, 0.99));
     last_latencies = std::move(g.latency_ms);
     process_us.push_back(g.process_us);
+    w_calls.push_back(g.writer_time_us.calls);
+    w_runnable.push_back(g.writer_runnable_us);
+    w_commits.push_back(g.writer_time_us.commits);
+    w_waiting.push_back(g.writer_time_us.waiting);
+    w_other.push_back(g.wall_us - g.writer_time_us.calls - g.writer_time_us.commits -
+                      g.writer_time_us.waiting);
     std::fprintf(stderr, " raw r1...");
-    double cpu_us = 0;
-    r1.push_back(Raw(raw_calls, raw_calls, full, g.envelope, &cpu_us));
-    r1_us.push_back(cpu_us);
+    const RawResult one = Raw(raw_calls, raw_calls, full, g.envelope);
+    r1.push_back(one.rate);
+    r1_us.push_back(one.cpu_us);
     const int64_t batch = std::max<int64_t>(1, std::llround(g.avg_batch));
     std::fprintf(stderr, " raw r2 (batch %lld)...", static_cast<long long>(batch));
-    r2.push_back(Raw(raw_calls, batch, full, g.envelope, &cpu_us));
+    const RawResult batched = Raw(raw_calls, batch, full, g.envelope);
+    r2.push_back(batched.rate);
+    r2_us.push_back(batched.cpu_us);
+    r2_statements.push_back(batched.statements_us);
+    r2_commits.push_back(batched.commit_us);
     for (int c : sweep) {
       std::fprintf(stderr, " group(%d)...", c);
       swept[c].push_back(Group(seconds, c, full).rate);
@@ -461,6 +515,17 @@ int main(int argc, char** argv) {
   std::printf("  CPU per create: (b) writer thread %.1f us (%.1f..%.1f), whole process %.1f us "
               "(%.1f..%.1f); (r1) %.1f us (%.1f..%.1f)\n",
               wu.median, wu.min, wu.max, pu.median, pu.min, pu.max, ru.median, ru.min, ru.max);
+  // Wall time per create, medians: (b)'s writer by what it did (DatabaseStats::writer;
+  // "other" is what those leave: waking callers, bookkeeping) and how long of it the
+  // thread was runnable without a CPU (the kernel's schedstat), r2's by where its thread
+  // was.
+  std::printf("  time per create: (b) writer %.1f us calls + %.1f commits + %.1f waiting for "
+              "calls + %.1f other, of which %.1f runnable without a CPU; (r2) %.1f us "
+              "statements + %.1f commits, %.1f us CPU\n",
+              Summarize(w_calls).median, Summarize(w_commits).median,
+              Summarize(w_waiting).median, Summarize(w_other).median,
+              Summarize(w_runnable).median, Summarize(r2_statements).median,
+              Summarize(r2_commits).median, Summarize(r2_us).median);
 
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "sqlite_creates"},
@@ -479,6 +544,14 @@ int main(int argc, char** argv) {
                         {"writer_cpu_us", writer_us},
                         {"process_cpu_us", process_us},
                         {"raw_one_tx_cpu_us", r1_us},
+                        {"raw_batched_cpu_us", r2_us},
+                        {"raw_batched_statements_us", r2_statements},
+                        {"raw_batched_commit_us", r2_commits},
+                        {"writer_calls_us", w_calls},
+                        {"writer_commits_us", w_commits},
+                        {"writer_waiting_us", w_waiting},
+                        {"writer_other_us", w_other},
+                        {"writer_runnable_us", w_runnable},
                         {"group_p50_ms", p50},
                         {"group_p99_ms", p99}};
     // The last round's latencies in 0.25 ms buckets: bucket i counts [i/4, (i+1)/4) ms.

@@ -468,6 +468,10 @@ constexpr Family kRuntimeFamilies[] = {
     {"db_wal_pages", "gauge",
      "WAL frames, a database page each, after the last commit (SQLite; past 32 times "
      "checkpoint_pages the writer has it start over)."},
+    {"db_writer_seconds_total", "counter",
+     "Seconds SQLite's writer thread spent, by activity: calls (running Transact calls), "
+     "commits (COMMIT: the WAL's writes and fsync) and waiting (no call queued). Little "
+     "waiting means the writer is the store's bottleneck."},
     {"outbox_backlog", "gauge", "Outbox events not yet published."},
     {"relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event."},
 };
@@ -563,6 +567,11 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
       set("db_checkpoints_busy_total", {}, ds.wal->checkpoints_busy);
       set("db_wal_forced_restarts_total", {}, ds.wal->restarts_forced);
       set("db_wal_pages", {}, ds.wal->pages);
+    }
+    if (ds.writer) {
+      m.Set("db_writer_seconds_total", {{"activity", "calls"}}, ds.writer->calls);
+      m.Set("db_writer_seconds_total", {{"activity", "commits"}}, ds.writer->commits);
+      m.Set("db_writer_seconds_total", {{"activity", "waiting"}}, ds.writer->waiting);
     }
     const int64_t now = clock->NowMillis();
     (void)o.db->Read([&](Tx& tx) -> Status {

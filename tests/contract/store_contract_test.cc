@@ -1322,7 +1322,11 @@ TYPED_TEST(StoreContract, StatsCountTransactionsAndCommitsAndOnlyBatchesWhereThe
     EXPECT_TRUE(after.batch_histogram.empty());
     EXPECT_EQ(after.largest_batch, 0);
     EXPECT_EQ(after.queued, 0);
+    EXPECT_FALSE(after.writer.has_value());
   } else {
+    ASSERT_TRUE(after.writer.has_value());
+    EXPECT_GT(after.writer->calls, before.writer->calls);
+    EXPECT_GT(after.writer->commits, before.writer->commits);
     ASSERT_FALSE(after.batch_histogram.empty());
     int64_t histogram_commits = 0;
     for (int64_t n : after.batch_histogram) histogram_commits += n;

@@ -343,7 +343,8 @@ TEST_F(ServiceE2E, MetricsHealthAndReadiness) {
        {"http_requests_total{", "consumer_processed_total", "relay_published_total",
         "db_commit_batch_size_bucket", "outbox_backlog", "relay_lag_seconds",
         "idempotency_replays_total", "consumer_duplicates_total", "db_checkpoints_total",
-        "db_checkpoint_failures_total", "db_wal_pages"}) {
+        "db_checkpoint_failures_total", "db_wal_pages",
+        "db_writer_seconds_total{activity=\"waiting\"}"}) {
     EXPECT_NE(m.body.find(name), std::string::npos) << name;
   }
   EXPECT_EQ(Send("GET", "/healthz", {}).status, 200);

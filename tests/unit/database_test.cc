@@ -568,6 +568,35 @@ TEST(DatabaseMaxBatch, ARunningBatchTakesArrivalsUpToMaxBatch) {
   EXPECT_EQ(QueryInt(db, "SELECT count(*) FROM t"), 7);
 }
 
+// The writer's time is split by what it did: a call's work, the commit, or waiting for
+// a call; no span is counted twice.
+TEST(DatabaseWriterTime, SplitsTheWritersTimeIntoCallsCommitsAndWaiting) {
+  testing::TempDir dir;
+  const auto opened_at = std::chrono::steady_clock::now();
+  auto db = OpenSqlite(dir.File("db.sqlite"));
+  ASSERT_NE(db, nullptr);
+  auto write = [&](std::chrono::milliseconds inside) {
+    ASSERT_TRUE(db->Transact([&](Tx& tx) {
+                    std::this_thread::sleep_for(inside);
+                    return StatusOf(tx.Exec("CREATE TABLE IF NOT EXISTS t (k INTEGER)"));
+                  }).ok());
+  };
+  write(std::chrono::milliseconds(0));
+  const DatabaseStats s0 = db->stats();
+  ASSERT_TRUE(s0.writer.has_value());
+  // Nothing queued for 200 ms: the writer waits, then runs a call that takes 100 ms.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  write(std::chrono::milliseconds(100));
+  const DatabaseStats s1 = db->stats();
+  EXPECT_GE(s1.writer->waiting - s0.writer->waiting, 0.2);
+  EXPECT_GE(s1.writer->calls - s0.writer->calls, 0.1);
+  EXPECT_LT(s1.writer->calls - s0.writer->calls, 0.2);  // the wait is not a call's
+  EXPECT_GT(s1.writer->commits, s0.writer->commits);
+  const double since_open =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - opened_at).count();
+  EXPECT_LE(s1.writer->waiting + s1.writer->calls + s1.writer->commits, since_open);
+}
+
 TEST_F(DatabaseTest, CommittedWorkSurvivesReopen) {
   ASSERT_TRUE(
       db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('d', 1)")); })

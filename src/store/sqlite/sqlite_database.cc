@@ -327,6 +327,7 @@ class SqliteDatabase : public Database {
  public:
   explicit SqliteDatabase(Options options) : path_(options.path), options_(std::move(options)) {
     stats_.batch_histogram.assign(16, 0);
+    stats_.writer.emplace();
   }
 
   ~SqliteDatabase() override {
@@ -529,7 +530,11 @@ class SqliteDatabase : public Database {
     for (;;) {
       {
         std::unique_lock<std::mutex> l(mu_);
-        work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) {
+          const auto since = std::chrono::steady_clock::now();
+          work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
+          stats_.writer->waiting += SecondsSince(since);
+        }
         if (queue_.empty()) return;  // stopping, and everything queued has run
         TakeQueuedLocked(&batch);
       }
@@ -649,6 +654,8 @@ class SqliteDatabase : public Database {
   // its commit, up to max_batch in all: they share its fsync rather than wait for the
   // next one), which it appends to `batch`.
   void RunBatch(std::vector<Job*>& batch) {
+    const auto started = std::chrono::steady_clock::now();
+    double committing = 0;  // of the time since `started`, in COMMIT
     std::vector<Job*> pending = batch;
     bool bare = batches_with_savepoints_ == 0;
     // A job's own function failed (not a lost transaction) with others in the batch by
@@ -708,7 +715,9 @@ class SqliteDatabase : public Database {
         bare = false;
         continue;
       }
+      const auto commit_started = std::chrono::steady_clock::now();
       Status commit = writer_conn_.ExecScript("COMMIT");
+      committing = SecondsSince(commit_started);
       if (!commit.ok()) {
         (void)writer_conn_.ExecScript("ROLLBACK");
         for (Job* j : ran) {
@@ -739,6 +748,14 @@ class SqliteDatabase : public Database {
     } else if (batches_with_savepoints_ > 0) {
       --batches_with_savepoints_;
     }
+    const double took = SecondsSince(started);
+    std::lock_guard<std::mutex> l(mu_);
+    stats_.writer->calls += took - committing;
+    stats_.writer->commits += committing;
+  }
+
+  static double SecondsSince(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   }
 
   // Checkpoints run on their own thread and connection. SQLite's automatic checkpoint
