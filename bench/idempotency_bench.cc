@@ -191,9 +191,9 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::vector<std::thread> threads;
   const auto threads0 = ThreadCpuSeconds();
   const double cpu0 = ProcessCpuSeconds();
-  const DatabaseStats::Writer writer0 = *f.db->stats().writer;
   std::map<std::string, double> runnable0;  // every thread's, as the run starts
   for (const auto& [tid, cpu] : threads0) runnable0[tid] = RunnableWaitSeconds(tid);
+  const DatabaseStats::Writer writer0 = *f.db->stats().writer;
   auto t0 = SteadyClock::now();
   std::vector<std::vector<double>> latencies(callers);
   for (int i = 0; i < callers; ++i) {
@@ -209,16 +209,17 @@ GroupResult Group(double seconds, int callers, bool full) {
   std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   stop = true;
   for (auto& t : threads) t.join();
+  const auto t1 = SteadyClock::now();
+  auto s = f.db->stats();  // the writer's account up to t1 (it waits from the last call on)
   GroupResult g;
   for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
   std::sort(g.latency_ms.begin(), g.latency_ms.end());
-  g.rate = next.load() / std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  g.rate = next.load() / std::chrono::duration<double>(t1 - t0).count();
   const auto [writer_tid, writer_cpu] = BusiestThreadSince(threads0);
   g.writer_us = writer_cpu * 1e6 / next.load();
   g.writer_runnable_us =
       (RunnableWaitSeconds(writer_tid) - runnable0[writer_tid]) * 1e6 / next.load();
   g.process_us = (ProcessCpuSeconds() - cpu0) * 1e6 / next.load();
-  auto s = f.db->stats();
   const double per_create = 1e6 / static_cast<double>(next.load());
   g.writer_time_us.calls = (s.writer->calls - writer0.calls) * per_create;
   g.writer_time_us.commits = (s.writer->commits - writer0.commits) * per_create;

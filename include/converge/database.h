@@ -301,14 +301,15 @@ struct DatabaseStats {
     int64_t pages = 0;                // the WAL's size in pages after the last commit
   };
   std::optional<Wal> wal;
-  // SQLite only: where its writer thread's time went since the store opened, in seconds.
-  // What the three leave of the time since the store opened went to waking callers and
-  // the writer's bookkeeping. `waiting` near zero means the writer is the store's
-  // bottleneck: calls queue behind it.
+  // SQLite only: where its writer thread's time went since it started (once the store
+  // was open), in seconds; a wait still going on counts up to now. What the three leave
+  // of that time went to waking callers and the writer's bookkeeping. `waiting` near
+  // zero means the writer is the store's bottleneck: calls queue behind it.
   struct Writer {
     double waiting = 0;  // no call queued: waiting for one
-    double calls = 0;    // running calls: BEGIN, their functions, savepoints, rollbacks,
-                         // commit hooks
+    double calls = 0;    // running calls: BEGIN (waiting, if need be, for another
+                         // process's write lock), their functions, savepoints,
+                         // rollbacks, commit hooks
     double commits = 0;  // COMMIT: the WAL's writes and fsync (and a checkpoint the writer
                          // ran itself)
   };

@@ -469,9 +469,9 @@ constexpr Family kRuntimeFamilies[] = {
      "WAL frames, a database page each, after the last commit (SQLite; past 32 times "
      "checkpoint_pages the writer has it start over)."},
     {"db_writer_seconds_total", "counter",
-     "Seconds SQLite's writer thread spent, by activity: calls (running Transact calls), "
-     "commits (COMMIT: the WAL's writes and fsync) and waiting (no call queued). Little "
-     "waiting means the writer is the store's bottleneck."},
+     "Seconds SQLite's writer thread spent, by activity: calls (BEGIN and the Transact "
+     "calls it runs), commits (COMMIT: the WAL's writes and fsync) and waiting (no call "
+     "queued). Little waiting means the writer is the store's bottleneck."},
     {"outbox_backlog", "gauge", "Outbox events not yet published."},
     {"relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event."},
 };

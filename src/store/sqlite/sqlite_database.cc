@@ -36,6 +36,7 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -463,6 +464,8 @@ class SqliteDatabase : public Database {
       std::lock_guard<std::mutex> l(mu_);
       s = stats_;
       s.queued = static_cast<int64_t>(queue_.size());
+      // A wait still going on counts up to now: an idle writer is seen waiting.
+      if (waiting_since_) s.writer->waiting += SecondsSince(*waiting_since_);
     }
     std::lock_guard<std::mutex> l(checkpoint_mu_);
     s.wal = checkpoint_stats_;
@@ -531,9 +534,10 @@ class SqliteDatabase : public Database {
       {
         std::unique_lock<std::mutex> l(mu_);
         if (queue_.empty()) {
-          const auto since = std::chrono::steady_clock::now();
+          waiting_since_ = std::chrono::steady_clock::now();
           work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
-          stats_.writer->waiting += SecondsSince(since);
+          stats_.writer->waiting += SecondsSince(*waiting_since_);
+          waiting_since_.reset();
         }
         if (queue_.empty()) return;  // stopping, and everything queued has run
         TakeQueuedLocked(&batch);
@@ -904,6 +908,8 @@ class SqliteDatabase : public Database {
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
   std::deque<Job*> queue_;
+  // When the writer began waiting for a call, while it waits.
+  std::optional<std::chrono::steady_clock::time_point> waiting_since_;
   bool stopping_ = false;
   DatabaseStats stats_;
 
