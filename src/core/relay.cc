@@ -5,6 +5,7 @@
 
 #include "converge/failpoint.h"
 #include "src/core/crypto.h"
+#include "src/core/relay_internal.h"
 
 namespace converge {
 namespace {
@@ -23,17 +24,14 @@ struct Pending {
 // "partition_no IN (all 64)", a backlog loaded since the last ANALYZE made it estimate a
 // few matching rows and bitmap-scan `outbox_unpublished_partition`, then sort the whole
 // backlog: 120-280 ms a claim of 1,000 out of 200,000 (docs/benchmarks.md, NATS).
-// A relay holding a subset keeps "partition_no IN ($2, $3, ...)" and the planner's choice.
+// A relay holding a subset keeps "partition_no IN ($2, $3, ...)" and the planner's choice:
+// on PostgreSQL, `outbox_unpublished_partition` or `outbox_unpublished`; on SQLite, which
+// has no partition index (through it SQLite read and sorted every unpublished row of two
+// or more partitions held: SqliteDialect::DropOutboxPartitionIndex), `outbox_unpublished`
+// in seq order, skipping other partitions' rows until $1 match (OutboxRelayTest.
+// OnSqliteAFilteredClaimWalksTheUnpublishedIndexInOrder).
 std::string ClaimSql(const std::map<int64_t, int64_t>& owned, bool filter) {
-  std::string sql =
-      "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no, aggregate_type "
-      "FROM outbox_events WHERE published_at IS NULL";
-  if (filter) {
-    sql += " AND partition_no IN (";
-    for (size_t i = 0; i < owned.size(); ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
-    sql += ")";
-  }
-  return sql + " ORDER BY seq LIMIT $1";
+  return internal::RelayClaimSql(owned.size(), filter);
 }
 
 Result<std::vector<Pending>> ClaimRows(Tx& tx, const std::map<int64_t, int64_t>& owned,
@@ -77,6 +75,22 @@ TxPublisher* TxPublisherOn(Database& db, Publisher& publisher) {
 }
 
 }  // namespace
+
+namespace internal {
+
+std::string RelayClaimSql(size_t partitions, bool filter) {
+  std::string sql =
+      "SELECT seq, event_id, source, type, aggregate_id, payload, partition_no, aggregate_type "
+      "FROM outbox_events WHERE published_at IS NULL";
+  if (filter) {
+    sql += " AND partition_no IN (";
+    for (size_t i = 0; i < partitions; ++i) sql += (i ? ", $" : "$") + std::to_string(i + 2);
+    sql += ")";
+  }
+  return sql + " ORDER BY seq LIMIT $1";
+}
+
+}  // namespace internal
 
 Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions options,
              Clock* clock)

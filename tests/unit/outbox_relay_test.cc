@@ -12,6 +12,7 @@
 #include "converge/outbox.h"
 #include "converge/relay.h"
 #include "converge/sql_queue.h"
+#include "src/core/relay_internal.h"
 #include "tests/unit/test_util.h"
 
 namespace converge {
@@ -208,6 +209,48 @@ TEST_F(OutboxRelayTest, SharedDatabaseRelayPublishesAndMarksInOneTransaction) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
   EXPECT_EQ(*queue_->Depth("all"), 5);
   EXPECT_EQ(*relay.RunOnce(), 0u);
+}
+
+// SQLite keeps no index of unpublished events by partition (SqliteDialect::
+// DropOutboxPartitionIndex): a claim of some partitions walks outbox_unpublished in seq
+// order and stops at its LIMIT, where through that index SQLite read every unpublished
+// row of two or more partitions and sorted them. Before and after ANALYZE, on a table
+// whose rows are mostly published, as a relay keeps it.
+TEST_F(OutboxRelayTest, OnSqliteAFilteredClaimWalksTheUnpublishedIndexInOrder) {
+  for (int i = 0; i < 1000; ++i) Enqueue(MakeEvent("order-" + std::to_string(i)));
+  ASSERT_TRUE(db_->Transact([](Tx& tx) {
+                   return StatusOf(
+                       tx.Exec("UPDATE outbox_events SET published_at = 1 WHERE seq <= 900"));
+                 }).ok());
+  auto plan = [&](size_t partitions) {
+    std::vector<Value> params = {Value(int64_t{100})};
+    for (size_t p = 0; p < partitions; ++p) params.emplace_back(static_cast<int64_t>(p));
+    std::string detail;
+    Status st = db_->Read([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(
+          Rows rows, tx.QueryParams("EXPLAIN QUERY PLAN " +
+                                        internal::RelayClaimSql(partitions, true),
+                                    params));
+      for (const Row& r : rows) detail += r.Text(3) + "\n";
+      return OkStatus();
+    });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return detail;
+  };
+  for (bool analyzed : {false, true}) {
+    if (analyzed) {
+      ASSERT_TRUE(db_->Transact([](Tx& tx) { return StatusOf(tx.Exec("ANALYZE")); }).ok());
+    }
+    for (size_t partitions : {1, 2, 32, 63}) {
+      const std::string p = plan(partitions);
+      EXPECT_NE(p.find("USING INDEX outbox_unpublished"), std::string::npos) << p;
+      EXPECT_EQ(p.find("outbox_unpublished_partition"), std::string::npos) << p;
+      EXPECT_EQ(p.find("TEMP B-TREE"), std::string::npos) << p;
+    }
+  }
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM sqlite_master WHERE name = "
+                           "'outbox_unpublished_partition'"),
+            0);
 }
 
 // Issue 10: with the queue in the outbox's database, a pass renews its partitions in the

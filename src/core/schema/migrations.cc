@@ -263,6 +263,12 @@ CREATE TABLE IF NOT EXISTS sweep_walks (
       R"sql(
 ALTER TABLE saga_instances ADD COLUMN unsettled_starts INTEGER NOT NULL DEFAULT 0;
 )sql",
+      // 16: where outbox_unpublished_partition does not bound a relay's claim of several
+      // partitions (SQLite: SqliteDialect::DropOutboxPartitionIndex), it goes; every
+      // create paid for it in page writes. Nothing elsewhere.
+      R"sql(
+{{drop_outbox_partition_index}}
+)sql",
   };
   return kMigrations;
 }

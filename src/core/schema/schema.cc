@@ -18,6 +18,7 @@ std::optional<std::string_view> Fragment(std::string_view token, const SchemaDia
   if (token == "partitioned_retention") return d.PartitionedRetentionTables();
   if (token == "deferred_checks") return d.DeferredCheckFunctions();
   if (token == "partitioned_outbox") return d.PartitionedOutbox();
+  if (token == "drop_outbox_partition_index") return d.DropOutboxPartitionIndex();
   if (token == "drop_expiry_indexes") {
     return d.SweepsInKeyOrder() ? std::string_view(
                                       "DROP INDEX IF EXISTS idempotency_keys_expires;\n"

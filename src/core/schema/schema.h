@@ -23,6 +23,9 @@
 //   {{drop_expiry_indexes}}  DDL dropping the expiry indexes of idempotency_keys and
 //                         consumer_inbox where the sweeper walks them in key order
 //                         (Dialect::SweepsInKeyOrder: SQLite); "" elsewhere.
+//   {{drop_outbox_partition_index}}  DDL dropping outbox_unpublished_partition where
+//                         it does not bound a relay's claim of several partitions
+//                         (SQLite); "" elsewhere.
 //
 // Everything else — TEXT, INTEGER (32 bits on PostgreSQL: use {{bigint}} for times, ids
 // and counters that may grow), CHECK, DEFAULT, partial indexes — is written as is.
@@ -60,6 +63,10 @@ class SchemaDialect : public Dialect {
   virtual std::string_view DeferredCheckFunctions() const { return ""; }
   // {{partitioned_outbox}}: "" where the store keeps plain tables.
   virtual std::string_view PartitionedOutbox() const { return ""; }
+  // {{drop_outbox_partition_index}}: DDL dropping outbox_unpublished_partition where it
+  // does not bound a relay's claim of several partitions (SQLite, migrations.cc); ""
+  // where the store keeps it.
+  virtual std::string_view DropOutboxPartitionIndex() const { return ""; }
 };
 
 // The migrations in template form: MigrationTemplates()[i] takes a store from version i

@@ -263,6 +263,16 @@ class SqliteDialect final : public schema::SchemaDialect {
   // One writer: a deletion's page writes land inside the commits creates wait for, so
   // each leaf page should be dirtied once for all of its expired rows.
   bool SweepsInKeyOrder() const override { return true; }
+  // SQLite answers a claim of two or more partitions ("partition_no IN (...) ORDER BY
+  // seq") through this index by reading every unpublished row of those partitions and
+  // sorting them; without it the claim walks outbox_unpublished in seq order and stops
+  // at its LIMIT (a relay holding one partition, or none with anything to publish, walks
+  // further than it did: design/outbox-relay.md). Meanwhile each create wrote a leaf of
+  // it per partition a commit touched: with a backlog, about 40 of the 72 WAL pages of a
+  // 51-create commit (docs/benchmarks.md).
+  std::string_view DropOutboxPartitionIndex() const override {
+    return "DROP INDEX IF EXISTS outbox_unpublished_partition;";
+  }
   // A row per sequence, raised by an UPDATE and read back (NextFence): with one writer at
   // a time that is all a sequence needs.
   std::string_view CreateFenceSequence() const override {
