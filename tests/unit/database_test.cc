@@ -584,17 +584,17 @@ TEST(DatabaseWriterTime, SplitsTheWritersTimeIntoCallsCommitsAndWaiting) {
   write(std::chrono::milliseconds(0));
   const DatabaseStats s0 = db->stats();
   ASSERT_TRUE(s0.writer.has_value());
-  // Nothing queued for 400 ms: the writer waits (seen as it goes on), then runs a call
+  // Nothing queued for 600 ms: the writer waits (seen as it goes on), then runs a call
   // that takes 100 ms. (The writer may begin its wait a little after this thread's
   // clock starts: a margin.)
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  EXPECT_GE(db->stats().writer->waiting - s0.writer->waiting, 0.1);
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_GE(db->stats().writer->waiting - s0.writer->waiting, 0.2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   write(std::chrono::milliseconds(100));
   const DatabaseStats s1 = db->stats();
-  EXPECT_GE(s1.writer->waiting - s0.writer->waiting, 0.3);
+  EXPECT_GE(s1.writer->waiting - s0.writer->waiting, 0.5);
   EXPECT_GE(s1.writer->calls - s0.writer->calls, 0.1);
-  EXPECT_LT(s1.writer->calls - s0.writer->calls, 0.3);  // the wait is not a call's
+  EXPECT_LT(s1.writer->calls - s0.writer->calls, 0.5);  // the 600 ms wait is not a call's
   EXPECT_GT(s1.writer->commits, s0.writer->commits);
   const double since_open =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - opened_at).count();
