@@ -5,6 +5,10 @@
 #include <openssl/params.h>
 #include <openssl/rand.h>
 
+#include <pthread.h>
+
+#include <atomic>
+#include <cstring>
 #include <stdexcept>
 
 namespace converge::internal {
@@ -95,16 +99,59 @@ std::string RandomHex(size_t n) {
   return Hex(reinterpret_cast<const unsigned char*>(buf.data()), n);
 }
 
+namespace {
+
+// A UUID's random bits come from a per-thread pool that RAND_bytes refills kIdPoolBytes at
+// a time: RAND_bytes took about 1.6 us a call, most of an id's cost, whatever the length
+// asked (docs/benchmarks.md). The bytes are as random; they only wait in the pool.
+constexpr size_t kIdPoolBytes = 512;
+
+// Bumped in the child of every fork(): a child starts with a copy of its parent's pools,
+// and drawing from them would hand both processes the same ids (an event id twice: one of
+// the two events deduplicated away). A pool filled in another generation is refilled.
+std::atomic<uint64_t> fork_generation{0};
+void CountFork() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+
+void IdRandomBytes(unsigned char* p, size_t n) {
+  // Registered before this process fills any pool, so every fork after a fill counts.
+  static const bool counting_forks = pthread_atfork(nullptr, nullptr, CountFork) == 0;
+  struct Pool {
+    unsigned char bytes[kIdPoolBytes];
+    size_t used = kIdPoolBytes;
+    uint64_t generation = 0;
+  };
+  thread_local Pool pool;
+  const uint64_t generation = fork_generation.load(std::memory_order_relaxed);
+  if (!counting_forks) {  // no fork handler: no pool either
+    RandomBytes(p, n);
+    return;
+  }
+  if (pool.used + n > kIdPoolBytes || pool.generation != generation) {
+    RandomBytes(pool.bytes, kIdPoolBytes);
+    pool.used = 0;
+    pool.generation = generation;
+  }
+  std::memcpy(p, pool.bytes + pool.used, n);
+  pool.used += n;
+}
+
+}  // namespace
+
 std::string NewUuidV7(int64_t now_millis) {
   unsigned char b[16];
-  RandomBytes(b, sizeof b);
+  IdRandomBytes(b + 6, sizeof b - 6);
   auto ms = static_cast<uint64_t>(now_millis);
   for (int i = 0; i < 6; ++i) b[i] = static_cast<unsigned char>(ms >> (8 * (5 - i)));
   b[6] = static_cast<unsigned char>(0x70 | (b[6] & 0x0f));
   b[8] = static_cast<unsigned char>(0x80 | (b[8] & 0x3f));
-  std::string h = Hex(b, sizeof b);
-  return h.substr(0, 8) + "-" + h.substr(8, 4) + "-" + h.substr(12, 4) + "-" +
-         h.substr(16, 4) + "-" + h.substr(20);
+  static const char kDigits[] = "0123456789abcdef";
+  std::string out(36, '-');  // 8-4-4-4-12 hex digits
+  for (size_t i = 0, o = 0; i < sizeof b; ++i) {
+    if (o == 8 || o == 13 || o == 18 || o == 23) ++o;
+    out[o++] = kDigits[b[i] >> 4];
+    out[o++] = kDigits[b[i] & 0xf];
+  }
+  return out;
 }
 
 }  // namespace converge::internal

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "src/core/crypto.h"
+#include "src/core/envelope.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -58,12 +59,12 @@ Result<PreparedEvent> Outbox::Prepare(Event e) const {
   if (e.time == 0) e.time = now;
   if (e.aggregate_type.empty()) e.aggregate_type = e.type.substr(0, e.type.find('.'));
   CONVERGE_RETURN_IF_ERROR(ValidateEvent(e));
-  CONVERGE_RETURN_IF_ERROR(ValidateEventData(e.data));
+  CONVERGE_ASSIGN_OR_RETURN(const json data, internal::ParseEventData(e.data));
   PreparedEvent p;
   p.headers_ = "{}";
   try {
     if (!e.traceparent.empty()) p.headers_ = json{{"traceparent", e.traceparent}}.dump();
-    e.envelope = EncodeEnvelope(e);
+    e.envelope = internal::EncodeEnvelope(e, data);
   } catch (const json::exception&) {
     // dump() refuses text that is not UTF-8; the data was checked above, so a field was.
     return tl::unexpected(InvalidArgumentError(

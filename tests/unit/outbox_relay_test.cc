@@ -1,3 +1,6 @@
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <map>
 #include <set>
@@ -6,6 +9,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "converge/consumer.h"
 #include "converge/failpoint.h"
@@ -330,6 +334,113 @@ TEST(EventEnvelope, DecodingKeepsTheEncodedForm) {
   EXPECT_EQ(decoded->identity().id, "e1");
   e.envelope = "ignored by the encoder";
   EXPECT_EQ(EncodeEnvelope(e), encoded);
+}
+
+// The envelope is written member by member (src/core/event.cc), no longer as an nlohmann
+// object dumped: the bytes are the same, escapes, UTF-8 and member order included, and text
+// that is not UTF-8 is still refused.
+TEST(EventEnvelope, IsByteForByteWhatTheJsonObjectWrote) {
+  auto reference = [](const Event& e) {
+    nlohmann::json j = {
+        {"specversion", "1.0"},
+        {"id", e.id},
+        {"source", e.source},
+        {"type", e.type},
+        {"subject", e.subject},
+        {"time", FormatRfc3339(e.time)},
+        {"datacontenttype", "application/json"},
+        {"aggregatetype", e.aggregate_type},
+        {"data", nlohmann::json::parse(e.data, nullptr, false)},
+    };
+    if (!e.traceparent.empty()) j["traceparent"] = e.traceparent;
+    return j.dump();
+  };
+  const std::vector<std::string> texts = {
+      "plain",        "with \"quotes\"", "back\\slash", "tab\tand\nnewline", "ctl\x01\x1f",
+      "del\x7f",      "caf\xc3\xa9",     "\xe2\x82\xac 5", "slash/es",        ""};
+  const std::vector<std::string> datas = {
+      "{}", R"({"amount":5})", " { \"a\" : [1, 2.50, 1e3, -0, true, null] } ",
+      R"("\u00e9\u20ac\n")", "12345678901234567890", R"({"b":1,"a":{"c":"\"q\""}})"};
+  int compared = 0;
+  for (const std::string& text : texts) {
+    for (const std::string& data : datas) {
+      for (bool trace : {false, true}) {
+        Event e;
+        e.id = "id-" + text;
+        e.source = "urn:" + text;
+        e.type = text + ".happened";
+        e.subject = text;
+        e.aggregate_type = text;
+        e.time = 1'700'000'000'123 + compared;
+        e.data = data;
+        if (trace) e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        ASSERT_EQ(EncodeEnvelope(e), reference(e)) << text << " " << data;
+        ++compared;
+      }
+    }
+  }
+  EXPECT_EQ(compared, 120);
+  // What Outbox::Prepare writes is the same envelope.
+  Event e = MakeEvent("agg \"1\"", "payment.captured", R"( {"amount": 5.0} )");
+  e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  auto prepared = Outbox().Prepare(e);
+  ASSERT_TRUE(prepared) << prepared.error().ToString();
+  EXPECT_EQ(prepared->event().envelope, reference(prepared->event()));
+  // A field that is not UTF-8 is refused, as the object's dump refused it.
+  Event bad = MakeEvent("agg-\xff");
+  bad.id = "e1";
+  bad.source = "urn:test";
+  bad.aggregate_type = "thing";
+  EXPECT_THROW(EncodeEnvelope(bad), nlohmann::json::exception);
+  auto refused = Outbox().Prepare(MakeEvent("agg", "thing.\xc3"));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code(), StatusCode::kInvalidArgument);
+}
+
+// Ids draw their random bits from a per-thread pool (src/core/crypto.cc). They are
+// UUIDv7s, distinct, and a forked child does not hand out the ids its parent's pool still
+// holds: each process would write "one" event id for two events.
+TEST(EventIds, AreDistinctVersion7UuidsInAForkedChildToo) {
+  std::set<std::string> seen;
+  for (int i = 0; i < 10000; ++i) {
+    const std::string id = NewUuidV7();
+    ASSERT_EQ(id.size(), 36u) << id;
+    for (size_t c : {8u, 13u, 18u, 23u}) ASSERT_EQ(id[c], '-') << id;
+    ASSERT_EQ(id[14], '7') << id;
+    ASSERT_NE(std::string("89ab").find(id[19]), std::string::npos) << id;
+    ASSERT_TRUE(seen.insert(id).second) << id;
+  }
+  // The random part (after the version digit), which the pool supplies.
+  auto random_part = [](const std::string& id) { return id.substr(15); };
+  constexpr int kIds = 40;  // more than one pool's worth in a thread is not needed
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(fds[0]);
+    std::string out;
+    for (int i = 0; i < kIds; ++i) out += random_part(NewUuidV7()) + "\n";
+    const bool written = write(fds[1], out.data(), out.size()) == static_cast<ssize_t>(out.size());
+    _exit(written ? 0 : 1);
+  }
+  close(fds[1]);
+  std::set<std::string> parent;
+  for (int i = 0; i < kIds; ++i) parent.insert(random_part(NewUuidV7()));
+  std::string got;
+  char buf[4096];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) got.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  int lines = 0, shared = 0;
+  for (size_t at = 0, end; (end = got.find('\n', at)) != std::string::npos; at = end + 1) {
+    ++lines;
+    shared += parent.count(got.substr(at, end - at)) > 0;
+  }
+  EXPECT_EQ(lines, kIds);
+  EXPECT_EQ(shared, 0);
 }
 
 TEST(DeliveryHandle, ReadsBackOnlyWhatItsTransportPutIn) {

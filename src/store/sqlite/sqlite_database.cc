@@ -419,10 +419,8 @@ class SqliteDatabase : public Database {
         std::abort();  // the writer has the job: returning would free it under the writer
       }
     }
-    // The callers of a batch wake each other, two each (WriterLoop).
-    for (Job* j : job.wakes) {
-      if (j != nullptr) sem_post(&j->done);
-    }
+    // The callers of a batch wake each other, each the next (WriterLoop).
+    if (job.next != nullptr) sem_post(&job.next->done);
     return std::move(job.status);
   }
 
@@ -495,7 +493,7 @@ class SqliteDatabase : public Database {
     // batch.
     sem_t done;
     bool ready = sem_init(&done, 0, 0) == 0;
-    Job* wakes[2] = {nullptr, nullptr};  // the callers this one wakes once it is woken
+    Job* next = nullptr;  // the caller this one wakes once it is woken (WriterLoop)
     ~Job() {
       if (ready) sem_destroy(&done);
     }
@@ -553,16 +551,17 @@ class SqliteDatabase : public Database {
         TakeQueuedLocked(&batch);
       }
       RunBatch(batch);
-      // The writer wakes the batch's first caller, and each caller woken wakes two more
-      // (a binary tree: 63 callers in 6 steps). Waking each of a batch's callers itself
-      // took the writer about a tenth of its time, in system calls and the hypervisor's
-      // wake-ups of the other CPU (docs/benchmarks.md); two each keep a caller that is
-      // slow to be scheduled from holding up more than its own subtree.
+      // The writer wakes the batch's first caller, and each caller woken wakes the next
+      // (a chain). Waking each of a batch's callers itself took the writer about a tenth
+      // of its time, in system calls and the hypervisor's wake-ups of the other CPU
+      // (docs/benchmarks.md). A chain makes callers runnable one after another, where a
+      // binary tree (each caller waking two) made the whole batch runnable within a few
+      // steps, all of it competing with the writer for the CPUs: on 2 CPUs the writer
+      // waited for one 2-4 times as long per call once the callers' own work got cheaper
+      // (Outbox::Prepare, 2026-12-01). A caller slow to be scheduled holds up the rest of
+      // the chain; the writer meanwhile runs the calls already queued.
       for (size_t i = 0; i < batch.size(); ++i) {
-        for (size_t c = 0; c < 2; ++c) {
-          const size_t child = 2 * i + 1 + c;
-          batch[i]->wakes[c] = child < batch.size() ? batch[child] : nullptr;
-        }
+        batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
       }
       sem_post(&batch[0]->done);
       batch.clear();
