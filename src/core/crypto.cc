@@ -1,15 +1,16 @@
 #include "src/core/crypto.h"
 
-#include <openssl/core_names.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
-#include <openssl/rand.h>
-
 #include <pthread.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cstring>
 #include <stdexcept>
+
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
 
 namespace converge::internal {
 namespace {
@@ -106,33 +107,65 @@ namespace {
 // asked (docs/benchmarks.md). The bytes are as random; they only wait in the pool.
 constexpr size_t kIdPoolBytes = 512;
 
-// Bumped in the child of every fork(): a child starts with a copy of its parent's pools,
-// and drawing from them would hand both processes the same ids (an event id twice: one of
-// the two events deduplicated away). A pool filled in another generation is refilled.
+// A child process starts with a copy of its parent's pools, and drawing from them would
+// hand both processes the same ids (an event id twice: one of the two events deduplicated
+// away). Two guards, as OpenSSL's own generator has one (it compares getpid(), a system
+// call a draw here would not pay):
+//  - each pool lives in a page of its own marked MADV_WIPEONFORK: the kernel hands any
+//    child, however it was made (fork(), _Fork(), clone()), that page zeroed, which reads
+//    as a pool with nothing left;
+//  - where the page could not be so marked, fork_generation, bumped in the child of
+//    every fork() that runs the atfork handlers, tells a pool filled before the fork.
 std::atomic<uint64_t> fork_generation{0};
 void CountFork() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
 
+struct IdPool {
+  size_t left;  // bytes not drawn yet, at the end of `bytes`; 0 in a wiped page
+  uint64_t generation;
+  unsigned char bytes[kIdPoolBytes];
+};
+static_assert(sizeof(IdPool) <= 4096);
+
+// This thread's pool, mapped at its first id and unmapped when the thread ends; nullptr
+// when no page could be mapped (then every id calls RAND_bytes).
+class IdPoolPage {
+ public:
+  IdPoolPage() {
+    void* p = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return;
+    pool_ = static_cast<IdPool*>(p);  // zeroed: nothing left
+    wiped_on_fork_ = madvise(p, 4096, MADV_WIPEONFORK) == 0;
+  }
+  ~IdPoolPage() {
+    if (pool_ != nullptr) munmap(pool_, 4096);
+  }
+  IdPoolPage(const IdPoolPage&) = delete;
+  IdPoolPage& operator=(const IdPoolPage&) = delete;
+  IdPool* pool() const { return pool_; }
+  bool wiped_on_fork() const { return wiped_on_fork_; }
+
+ private:
+  IdPool* pool_ = nullptr;
+  bool wiped_on_fork_ = false;
+};
+
 void IdRandomBytes(unsigned char* p, size_t n) {
-  // Registered before this process fills any pool, so every fork after a fill counts.
+  // Registered before this process fills any pool, so every fork() after a fill counts.
   static const bool counting_forks = pthread_atfork(nullptr, nullptr, CountFork) == 0;
-  struct Pool {
-    unsigned char bytes[kIdPoolBytes];
-    size_t used = kIdPoolBytes;
-    uint64_t generation = 0;
-  };
-  thread_local Pool pool;
-  const uint64_t generation = fork_generation.load(std::memory_order_relaxed);
-  if (!counting_forks) {  // no fork handler: no pool either
+  thread_local IdPoolPage page;
+  IdPool* pool = page.pool();
+  if (pool == nullptr || (!page.wiped_on_fork() && !counting_forks)) {  // no guard: no pool
     RandomBytes(p, n);
     return;
   }
-  if (pool.used + n > kIdPoolBytes || pool.generation != generation) {
-    RandomBytes(pool.bytes, kIdPoolBytes);
-    pool.used = 0;
-    pool.generation = generation;
+  const uint64_t generation = fork_generation.load(std::memory_order_relaxed);
+  if (pool->left < n || pool->generation != generation) {
+    RandomBytes(pool->bytes, kIdPoolBytes);
+    pool->left = kIdPoolBytes;
+    pool->generation = generation;
   }
-  std::memcpy(p, pool.bytes + pool.used, n);
-  pool.used += n;
+  std::memcpy(p, pool->bytes + (kIdPoolBytes - pool->left), n);
+  pool->left -= n;
 }
 
 }  // namespace

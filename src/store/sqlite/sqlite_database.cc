@@ -559,7 +559,8 @@ class SqliteDatabase : public Database {
       // steps, all of it competing with the writer for the CPUs: on 2 CPUs the writer
       // waited for one 2-4 times as long per call once the callers' own work got cheaper
       // (Outbox::Prepare, 2026-12-01). A caller slow to be scheduled holds up the rest of
-      // the chain; the writer meanwhile runs the calls already queued.
+      // the chain, and the last of a batch of n waits n wake-ups where a tree took log2 n;
+      // the writer meanwhile runs the calls already queued.
       for (size_t i = 0; i < batch.size(); ++i) {
         batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
       }
