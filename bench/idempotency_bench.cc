@@ -105,6 +105,31 @@ struct Fixture {
   }
 };
 
+// What preparing one event (Outbox::Prepare: its id, its checks, its envelope) costs a
+// caller, in microseconds of this thread's CPU: `n` of them, the benchmark's event shape.
+double PrepareMicros(int n) {
+  auto thread_cpu_us = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+  };
+  converge::Outbox outbox;
+  size_t bytes = 0;
+  const double t0 = thread_cpu_us();
+  for (int i = 0; i < n; ++i) {
+    converge::Event e;
+    e.type = "payment.captured";
+    e.subject = "p" + std::to_string(i);
+    e.data = "{\"amount\":" + std::to_string(i % 1000) + "}";
+    auto event = outbox.Prepare(std::move(e));
+    if (!event) Die("prepare: " + event.error().ToString());
+    bytes += event->event().envelope.size();
+  }
+  const double us = thread_cpu_us() - t0;
+  if (bytes == 0) Die("prepare: empty envelopes");
+  return us / n;
+}
+
 double Serial(double seconds, bool full) {
   Fixture f(full);
   auto t0 = SteadyClock::now();
@@ -446,6 +471,9 @@ int main(int argc, char** argv) {
       r2_commits;
   std::vector<double> last_latencies;  // the last round's, for the histogram
   int64_t rolled_back = 0;
+  // What a caller of (b) does besides its call, measured alone once: r1 and r2 build no
+  // events (they insert the envelope (b) wrote).
+  const double prepare_us = PrepareMicros(100000);
   std::map<int, std::vector<double>> swept;
   for (int r = 0; r < rounds; ++r) {
     std::fprintf(stderr, "  round %d/%d: serial...", r + 1, rounds);
@@ -528,6 +556,9 @@ int main(int argc, char** argv) {
               Summarize(w_runnable).median, Summarize(r2_statements).median,
               Summarize(r2_commits).median, Summarize(r2_us).median);
 
+  std::printf("  a caller's event (Outbox::Prepare), alone on one thread: %.2f us of CPU\n",
+              prepare_us);
+
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "sqlite_creates"},
                         {"synchronous", full ? "FULL" : "NORMAL"},
@@ -554,7 +585,8 @@ int main(int argc, char** argv) {
                         {"writer_other_us", w_other},
                         {"writer_runnable_us", w_runnable},
                         {"group_p50_ms", p50},
-                        {"group_p99_ms", p99}};
+                        {"group_p99_ms", p99},
+                        {"prepare_us", prepare_us}};
     // The last round's latencies in 0.25 ms buckets: bucket i counts [i/4, (i+1)/4) ms.
     std::vector<int64_t> histogram;
     for (double ms : last_latencies) {
