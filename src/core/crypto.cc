@@ -109,7 +109,7 @@ constexpr size_t kIdPoolBytes = 512;
 
 // A child process starts with a copy of its parent's pools, and drawing from them would
 // hand both processes the same ids (an event id twice: one of the two events deduplicated
-// away). Two guards, as OpenSSL's own generator has one (it compares getpid(), a system
+// away). Two guards, where OpenSSL's own generator has one (it compares getpid(), a system
 // call a draw here would not pay):
 //  - each pool lives in a page of its own marked MADV_WIPEONFORK: the kernel hands any
 //    child, however it was made (fork(), _Fork(), clone()), that page zeroed, which reads

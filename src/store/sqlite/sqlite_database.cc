@@ -557,7 +557,7 @@ class SqliteDatabase : public Database {
       // (docs/benchmarks.md). A chain makes callers runnable one after another, where a
       // binary tree (each caller waking two) made the whole batch runnable within a few
       // steps, all of it competing with the writer for the CPUs: on 2 CPUs the writer
-      // waited for one 2-4 times as long per call once the callers' own work got cheaper
+      // waited for one 2-3 times as long per call once the callers' own work got cheaper
       // (Outbox::Prepare, 2026-12-01). A caller slow to be scheduled holds up the rest of
       // the chain, and the last of a batch of n waits n wake-ups where a tree took log2 n;
       // the writer meanwhile runs the calls already queued.
