@@ -53,6 +53,15 @@ using SteadyClock = std::chrono::steady_clock;
   std::exit(1);
 }
 
+// The event of create `n`: the payment "p<n>" captured.
+converge::Event BenchEvent(int64_t n) {
+  converge::Event e;
+  e.type = "payment.captured";
+  e.subject = "p" + std::to_string(n);
+  e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
+  return e;
+}
+
 // A fresh directory with an SQLite file migrated by the library and a payments table.
 struct Fixture {
   std::string dir;
@@ -88,11 +97,7 @@ struct Fixture {
   bool Create(int64_t n) {
     std::string id = "p" + std::to_string(n);
     // The event is prepared (id, checks, envelope) on this thread, not on the writer.
-    converge::Event e;
-    e.type = "payment.captured";
-    e.subject = id;
-    e.data = "{\"amount\":" + std::to_string(n % 1000) + "}";
-    auto event = outbox.Prepare(std::move(e));
+    auto event = outbox.Prepare(BenchEvent(n));
     if (!event) Die("prepare: " + event.error().ToString());
     auto r = keys->Execute({"bench", id, id}, [&](Tx& tx) -> Result<StoredResponse> {
       CONVERGE_RETURN_IF_ERROR(
@@ -117,11 +122,7 @@ double PrepareMicros(int n) {
   size_t bytes = 0;
   const double t0 = thread_cpu_us();
   for (int i = 0; i < n; ++i) {
-    converge::Event e;
-    e.type = "payment.captured";
-    e.subject = "p" + std::to_string(i);
-    e.data = "{\"amount\":" + std::to_string(i % 1000) + "}";
-    auto event = outbox.Prepare(std::move(e));
+    auto event = outbox.Prepare(BenchEvent(i));
     if (!event) Die("prepare: " + event.error().ToString());
     bytes += event->event().envelope.size();
   }
