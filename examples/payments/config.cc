@@ -43,7 +43,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"server", {"listen", "instance_name", "io_threads", "worker_threads", "body_limit_bytes",
                     "header_limit_bytes", "max_header_fields", "max_connections",
                     "header_timeout_ms", "body_timeout_ms", "shutdown_drain_ms"}},
-        {"store", {"uri", "synchronous", "notify", "broker"}},
+        {"store", {"uri", "synchronous", "notify", "broker", "publish_in_transaction"}},
         {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms", "replay_cache_mb",
                          "max_clock_skew_ms"}},
         {"auth", {"admin_token", "api_keys"}},
@@ -74,10 +74,20 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
     CONVERGE_RETURN_IF_ERROR(r.String("store", "uri", &c.db));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "broker", &c.broker));
     CONVERGE_RETURN_IF_ERROR(r.String("store", "synchronous", &sync));
-    if (auto n = root["store"]["notify"]) {
-      if (!n.is_boolean())
-        return tl::unexpected(InvalidArgumentError("config: store.notify must be true or false"));
-      c.notify = *n.value<bool>();
+    for (auto [name, out] : {std::pair{"notify", &c.notify},
+                             std::pair{"publish_in_transaction", &c.publish_in_transaction}}) {
+      if (auto n = root["store"][name]) {
+        if (!n.is_boolean()) {
+          return tl::unexpected(InvalidArgumentError("config: store." + std::string(name) +
+                                                     " must be true or false"));
+        }
+        *out = *n.value<bool>();
+      }
+    }
+    if (c.publish_in_transaction && !c.broker.empty()) {
+      return tl::unexpected(InvalidArgumentError(
+          "config: store.publish_in_transaction puts events on the SQL queue in the store; "
+          "with store.broker they go to the broker, through the relay"));
     }
     if (!sync.empty()) {
       if (sync != "full" && sync != "normal") {

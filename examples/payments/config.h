@@ -45,6 +45,9 @@ struct ServiceConfig {
   std::string db = "sqlite:converge.db";
   bool synchronous_full = true;
   bool notify = false;  // PostgreSQL LISTEN/NOTIFY wake-ups across processes
+  // Events go on the SQL queue in their producer's transaction, not in a relay pass
+  // (RuntimeOptions::publish_in_transaction); not with a broker.
+  bool publish_in_transaction = false;
   // [idempotency]
   Millis key_ttl = 24h;
   Millis lease = 30s;

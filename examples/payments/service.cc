@@ -261,7 +261,10 @@ Status Service::Impl::Start() {
                 .completer = {.grace = cfg_.completer_grace,
                               .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
                 .sweep = {.key_order_pass = cfg_.sweep_pass},
-                .sweep_interval = cfg_.sweep_interval},
+                .sweep_interval = cfg_.sweep_interval,
+                // Only where this process runs the relay (a worker runs none): a worker's
+                // events wait in the outbox for a serving instance's relay.
+                .publish_in_transaction = cfg_.publish_in_transaction && serving},
       clock_);
   keys_ = &runtime_->keys();
   completer_ = &runtime_->completer();

@@ -10,6 +10,7 @@
 #ifndef CONVERGE_OUTBOX_H_
 #define CONVERGE_OUTBOX_H_
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -20,6 +21,8 @@
 #include "converge/status.h"
 
 namespace converge {
+
+class TxPublisher;
 
 // Outbox events are spread over this many relay partitions by a stable hash of their
 // subject (aggregate id). Fixed: every writer and relay must agree on it.
@@ -72,13 +75,34 @@ class Outbox {
   // errors.
   Result<std::string> Enqueue(Tx& tx, const PreparedEvent& event);
 
-  // Signalled after each commit that enqueued events.
+  // Publish in the producer's own transaction: from now on, Enqueue writes the event's
+  // outbox row already marked published and publishes it through `publisher` in the same
+  // transaction, so its subscribers see it when the producer commits, with no relay pass
+  // in between (one durable commit less between a producer and its consumers). Only
+  // while no event waits unpublished in the outbox: an event published here must not
+  // overtake an earlier one of its aggregate that a relay has still to publish, so while
+  // any waits, events take the relay's way, and they take this one again once the relay
+  // has caught up. A duplicate event id still fails with kAlreadyExists (the outbox row
+  // is written); a publisher's error fails the producer's transaction. nullptr turns it
+  // off. REQUIRES: every tx passed to Enqueue belongs to publisher->database(), and
+  // every relay of this outbox publishes to `publisher` (Runtime checks both:
+  // RuntimeOptions::publish_in_transaction); `publisher` outlives this outbox.
+  // docs/design/outbox-relay.md, "Publishing in the producer's transaction".
+  void PublishInTransaction(TxPublisher* publisher) {
+    direct_.store(publisher, std::memory_order_release);
+  }
+  TxPublisher* publishes_in_transaction() const {
+    return direct_.load(std::memory_order_acquire);
+  }
+
+  // Signalled after each commit that enqueued events for a relay.
   Wakeup& wakeup() { return wakeup_; }
 
  private:
   const OutboxOptions options_;
   Clock* clock_;
   Wakeup wakeup_;
+  std::atomic<TxPublisher*> direct_{nullptr};
 };
 
 }  // namespace converge

@@ -43,6 +43,13 @@ struct RuntimeOptions {
   SweepOptions sweep;
   // How often the sweeper runs when it found nothing to do; 0 runs no sweeper.
   Millis sweep_interval = std::chrono::seconds(60);
+  // Once started, the outbox publishes each event in its producer's transaction
+  // (Outbox::PublishInTransaction) instead of leaving it to a relay pass: one durable
+  // commit less between a producer's commit and its consumers. The relays stay, to
+  // publish what waits in the outbox (events of before, of other processes). Requires
+  // that every relay publish to one transport in this runtime's database (the SQL queue
+  // in the store): Validate says kInvalidArgument otherwise. Off by default.
+  bool publish_in_transaction = false;
 };
 
 struct RuntimeStats {
@@ -73,7 +80,8 @@ class Runtime {
 
   // kInvalidArgument naming the first unsafe option: the keys' ttl and lease, a consumer
   // whose inbox does not outlive redelivery, an effect runner without a kind, a saga
-  // definition SagaRunner::Validate refuses.
+  // definition SagaRunner::Validate refuses, publish_in_transaction without one
+  // transactional publisher in this database behind every relay.
   Status Validate() const;
   // Validates, then starts every worker; on an error starts nothing.
   Status Start();
@@ -88,6 +96,8 @@ class Runtime {
 
  private:
   bool SweepPass();
+  // The one transactional publisher behind every relay, for publish_in_transaction.
+  Result<TxPublisher*> InTransactionPublisher() const;
 
   Database& db_;
   const RuntimeOptions options_;
@@ -98,6 +108,7 @@ class Runtime {
   Sweeper sweeper_;
   PollingWorker sweep_worker_;
   std::vector<std::unique_ptr<Relay>> relays_;
+  std::vector<Publisher*> relay_publishers_;  // relays_[i] publishes to [i]
   std::vector<std::unique_ptr<Consumer>> consumers_;
   std::vector<std::unique_ptr<EffectRunner>> effects_;
   std::vector<std::unique_ptr<SagaRunner>> sagas_;

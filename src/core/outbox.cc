@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "converge/tx_publisher.h"
 #include "src/core/crypto.h"
 #include "src/core/envelope.h"
 #include "src/core/validate.h"
@@ -88,6 +89,30 @@ Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
   // seqs, and the relay would publish the later event first. Holding a per-aggregate lock
   // until commit makes the second producer draw its seq only after the first committed.
   CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + e.subject));
+  if (TxPublisher* direct = direct_.load(std::memory_order_acquire); direct != nullptr) {
+    // Published here only if no event waits for a relay. Read after the lock: every
+    // earlier producer of this aggregate has committed by then, so its event is either
+    // still unpublished (and seen here) or on the queue already, ahead of this one. On
+    // PostgreSQL a relay's transaction that has not committed yet leaves its events
+    // unpublished to this read, so they are seen too. Any aggregate's waiting event sends
+    // this one the relay's way: the partial index answers "any?" at once, and a per-
+    // aggregate answer would need the index by partition that SQLite stores do without.
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows waiting,
+        tx.Query("SELECT seq FROM outbox_events WHERE published_at IS NULL LIMIT 1"));
+    if (waiting.empty()) {
+      const int64_t now = clock_->NowMillis();
+      CONVERGE_RETURN_IF_ERROR(tx.ExecDeferred(
+          DeferredCheck::None(),
+          "INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
+          "type, payload, headers, created_at, partition_no, published_at, "
+          "publish_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)",
+          e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_, now,
+          p.partition_));
+      CONVERGE_RETURN_IF_ERROR(direct->PublishInTx(tx, std::span<const Event>(&e, 1)));
+      return e.id;
+    }
+  }
   // Deferred (Tx::ExecDeferred), like the lock: a duplicate event id still fails the
   // transaction with kAlreadyExists, at the latest from its commit.
   CONVERGE_RETURN_IF_ERROR(tx.ExecDeferred(

@@ -1,5 +1,7 @@
 #include "converge/runtime.h"
 
+#include "converge/tx_publisher.h"
+
 namespace converge {
 
 Runtime::Runtime(Database& db, RuntimeOptions options, Clock* clock)
@@ -16,6 +18,7 @@ Runtime::~Runtime() { Stop(); }
 
 Relay& Runtime::AddRelay(Publisher& publisher, RelayOptions options) {
   relays_.push_back(std::make_unique<Relay>(db_, outbox_, publisher, std::move(options), clock_));
+  relay_publishers_.push_back(&publisher);
   return *relays_.back();
 }
 
@@ -51,12 +54,43 @@ Status Runtime::Validate() const {
   if (options_.sweep_interval < Millis(0)) {
     return InvalidArgumentError("sweep interval must not be negative");
   }
+  if (options_.publish_in_transaction) {
+    CONVERGE_RETURN_IF_ERROR(StatusOf(InTransactionPublisher()));
+  }
   return OkStatus();
+}
+
+Result<TxPublisher*> Runtime::InTransactionPublisher() const {
+  // Every relay must publish where the producers publish: an event published in its
+  // producer's transaction is never seen by a relay, so a relay to another transport
+  // (NATS beside the SQL queue) would never get it.
+  TxPublisher* target = nullptr;
+  for (Publisher* p : relay_publishers_) {
+    TxPublisher* tp = p->tx_publisher();
+    if (tp == nullptr || tp->database() != &db_) {
+      return tl::unexpected(InvalidArgumentError(
+          "publish_in_transaction: a relay publishes to a transport outside this store's "
+          "database; only a transport in it (the SQL queue) can publish in a producer's "
+          "transaction"));
+    }
+    if (target != nullptr && tp != target) {
+      return tl::unexpected(InvalidArgumentError(
+          "publish_in_transaction: the relays publish to different transports; an event "
+          "published in its producer's transaction reaches only one"));
+    }
+    target = tp;
+  }
+  if (target == nullptr) {
+    return tl::unexpected(InvalidArgumentError(
+        "publish_in_transaction: no relay, so no transport to publish to (AddRelay first)"));
+  }
+  return target;
 }
 
 Status Runtime::Start() {
   if (started_) return OkStatus();
   CONVERGE_RETURN_IF_ERROR(Validate());
+  if (options_.publish_in_transaction) outbox_.PublishInTransaction(*InTransactionPublisher());
   for (auto& r : relays_) r->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());  // validated above
   for (auto& e : effects_) e->Start();

@@ -55,6 +55,12 @@ class Races : public StoreContract<Store> {
     ASSERT_TRUE(
         this->db_->Transact([&](Tx& tx) { return q.EnqueueInTx(tx, queue, e); }).ok());
   }
+  // An event of the aggregate "order-1" with a fixed id.
+  static Event OrderEvent(const std::string& id) {
+    Event e = StoreContract<Store>::MakeEvent("order-1");
+    e.id = id;
+    return e;
+  }
   bool HasEffect(const std::string& id) {
     return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
   }
@@ -500,15 +506,10 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   SqlQueue queue(*this->db_);
   ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
   Outbox outbox;
-  auto event = [](const std::string& id) {
-    Event e = TestFixture::MakeEvent("order-1");
-    e.id = id;
-    return e;
-  };
   ASSERT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
   std::thread first([&] {
     EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, event("first")));
+                       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, this->OrderEvent("first")));
                        // The enqueue's lock and insert are deferred (Tx::ExecDeferred):
                        // a statement that waits sends them, so "first" holds the lower
                        // seq (and the lock) while it is paused.
@@ -520,7 +521,7 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   std::atomic<bool> second_done{false};
   std::thread second([&] {
     EXPECT_TRUE(this->db_->Transact([&](Tx& tx) {
-                       return StatusOf(outbox.Enqueue(tx, event("second")));
+                       return StatusOf(outbox.Enqueue(tx, this->OrderEvent("second")));
                      }).ok());
     second_done = true;
   });
@@ -543,15 +544,99 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   pass.join();
   while (*relay.RunOnce() > 0) {
   }
-  Rows rows;
-  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
-                   CONVERGE_ASSIGN_OR_RETURN(
-                       rows, tx.Query("SELECT event_id FROM queue_messages ORDER BY id"));
-                   return OkStatus();
-                 }).ok());
-  ASSERT_EQ(rows.size(), 2u);
-  EXPECT_EQ(rows[0].Text(0), "first");
-  EXPECT_EQ(rows[1].Text(0), "second");
+  EXPECT_EQ(this->QueuedEventIds(), (std::vector<std::string>{"first", "second"}));
+}
+
+// Outbox::PublishInTransaction while a relay is publishing an earlier event of the same
+// aggregate: the relay has claimed "first" and not yet put it on the queue when a
+// producer enqueues "second". Published in the producer's transaction, "second" would
+// take the lower queue id and be handed out first (PostgreSQL; SQLite's one writer runs
+// the producer after the relay). It sees "first" still unpublished and goes the relay's
+// way instead.
+TYPED_TEST(Races, AnEventPublishedInItsTransactionNeverOvertakesOneARelayIsPublishing) {
+  // The queue's transactional face, pausing before it puts a relay's batch on the queue.
+  class PausingQueue : public PublisherWrapper, public TxPublisher {
+   public:
+    explicit PausingQueue(SqlQueue* q) : PublisherWrapper(q), q_(q) {}
+    TxPublisher* tx_publisher() override { return this; }
+    Database* database() override { return q_->tx_publisher()->database(); }
+    Status PublishInTx(Tx& tx, std::span<const Event> batch) override {
+      CONVERGE_RETURN_IF_ERROR(failpoint::Hit("test.relay_before_queue_insert"));
+      return q_->tx_publisher()->PublishInTx(tx, batch);
+    }
+
+   private:
+    SqlQueue* q_;
+  };
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, this->OrderEvent("first")));
+                   }).ok());
+  PausingQueue pausing(&queue);
+  Relay relay(*this->db_, outbox, pausing, RelayOptions{.name = "relay-1"});
+  ASSERT_TRUE(failpoint::Configure("test.relay_before_queue_insert=pause*1").ok());
+  std::thread pass([&] { EXPECT_TRUE(relay.RunOnce()); });
+  ASSERT_TRUE(failpoint::WaitPaused("test.relay_before_queue_insert", 20s));
+  outbox.PublishInTransaction(queue.tx_publisher());
+  std::atomic<bool> second_done{false};
+  std::thread second([&] {
+    Status st = this->db_->Transact(
+        [&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, this->OrderEvent("second"))); });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    second_done = true;
+  });
+  // PostgreSQL: the producer commits now, beside the paused relay. SQLite: it queues
+  // behind the one writer.
+  ASSERT_TRUE(testing::WaitUntil([&] {
+    return second_done.load() || (!this->IsPostgres() && this->store_.SomeoneWaits(*this->db_));
+  }));
+  failpoint::Release("test.relay_before_queue_insert");
+  pass.join();
+  second.join();
+  while (*relay.RunOnce() > 0) {
+  }
+  EXPECT_EQ(this->QueuedEventIds(), (std::vector<std::string>{"first", "second"}));
+}
+
+// The same, with the earlier producer still open: "first" goes the relay's way and holds
+// its aggregate's lock, uncommitted, when "second" is enqueued with publishing in the
+// transaction. Read before the lock, the outbox would show nothing waiting, and "second"
+// would reach the queue before the relay put "first" there. Read after it (once "first"
+// committed), "first" is seen waiting and "second" goes the relay's way behind it.
+TYPED_TEST(Races, AnEventPublishedInItsTransactionWaitsForAnEarlierProducerOfItsAggregate) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox relayed, direct;  // one outbox table, enqueued the two ways
+  direct.PublishInTransaction(queue.tx_publisher());
+  ASSERT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
+  std::thread first([&] {
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                       CONVERGE_RETURN_IF_ERROR(relayed.Enqueue(tx, this->OrderEvent("first")));
+                       CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Query("SELECT 1")));  // sends them
+                       return failpoint::Hit("test.producer_before_commit");
+                     }).ok());
+  });
+  ASSERT_TRUE(failpoint::WaitPaused("test.producer_before_commit", 20s));
+  std::atomic<bool> second_done{false};
+  std::thread second([&] {
+    Status st = this->db_->Transact(
+        [&](Tx& tx) { return StatusOf(direct.Enqueue(tx, this->OrderEvent("second"))); });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    second_done = true;
+  });
+  // Both stores: "second" waits (for the aggregate's lock, or for the one writer).
+  ASSERT_TRUE(testing::WaitUntil(
+      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  EXPECT_FALSE(second_done.load());
+  failpoint::Release("test.producer_before_commit");
+  first.join();
+  second.join();
+  Relay relay(*this->db_, relayed, queue, RelayOptions{.name = "relay-1"});
+  while (*relay.RunOnce() > 0) {
+  }
+  EXPECT_EQ(this->QueuedEventIds(), (std::vector<std::string>{"first", "second"}));
 }
 
 // A relay restarted under its old name used to renew its partitions at the same fence:

@@ -344,6 +344,57 @@ TYPED_TEST(StoreContract, LateCommittedOutboxRowIsNotSkipped) {
   EXPECT_EQ(*queue.Depth("all"), 2);
 }
 
+// Outbox::PublishInTransaction: the queue rows and the outbox row (marked published)
+// commit with the producer's transaction or not at all; a duplicate event id is still
+// refused; and while any event waits for a relay, events take the relay's way, so that
+// each aggregate's events reach the queue in order.
+TYPED_TEST(StoreContract, AnEventPublishedInItsTransactionCommitsWithItOrNotAtAll) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("all", "*").ok());
+  Outbox outbox;
+  auto event = [](const std::string& id, const std::string& subject = "order-1") {
+    Event e = TestFixture::MakeEvent(subject);
+    e.id = id;
+    return e;
+  };
+  auto enqueue = [&](const Event& e, bool commit = true) {
+    return this->db_->Transact([&](Tx& tx) -> Status {
+      CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, e));
+      return commit ? OkStatus() : AbortedError("the business write failed");
+    });
+  };
+  auto queued = [&] { return this->QueuedEventIds(); };
+  outbox.PublishInTransaction(queue.tx_publisher());
+  EXPECT_EQ(enqueue(event("e1"), /*commit=*/false).code(), StatusCode::kAborted);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events"), 0);
+  EXPECT_TRUE(queued().empty());
+
+  ASSERT_TRUE(enqueue(event("e1")).ok());
+  EXPECT_EQ(queued(), std::vector<std::string>{"e1"});
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE event_id = 'e1' AND "
+                        "published_at = created_at AND publish_attempts = 1"),
+            1);
+  Status dup = enqueue(event("e1"));
+  EXPECT_EQ(dup.code(), StatusCode::kAlreadyExists) << dup.ToString();
+  EXPECT_EQ(queued(), std::vector<std::string>{"e1"});
+  Relay relay(*this->db_, outbox, queue);
+  EXPECT_EQ(*relay.RunOnce(), 0u);  // nothing left for a relay
+
+  // An event that waits for a relay (enqueued the relay's way) sends the next ones of
+  // every aggregate the relay's way too, until the relay has published it.
+  outbox.PublishInTransaction(nullptr);
+  ASSERT_TRUE(enqueue(event("e2")).ok());
+  outbox.PublishInTransaction(queue.tx_publisher());
+  ASSERT_TRUE(enqueue(event("e3")).ok());
+  ASSERT_TRUE(enqueue(event("x1", "order-2")).ok());
+  EXPECT_EQ(queued(), std::vector<std::string>{"e1"});
+  EXPECT_EQ(*relay.RunOnce(), 3u);
+  EXPECT_EQ(queued(), (std::vector<std::string>{"e1", "e2", "e3", "x1"}));
+  ASSERT_TRUE(enqueue(event("e4")).ok());  // nothing waits: published at once again
+  EXPECT_EQ(queued(), (std::vector<std::string>{"e1", "e2", "e3", "x1", "e4"}));
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+}
+
 TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {
   class Flaky : public PublisherWrapper {
    public:

@@ -12,6 +12,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -130,6 +131,17 @@ class StoreContract : public ::testing::Test {
     e.subject = subject;
     e.data = R"({"n":1})";
     return e;
+  }
+  // The event ids on the SQL queue, in queue order (every queue).
+  std::vector<std::string> QueuedEventIds() {
+    std::vector<std::string> ids;
+    EXPECT_TRUE(db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       Rows rows, tx.Query("SELECT event_id FROM queue_messages ORDER BY id"));
+                   for (const Row& r : rows) ids.push_back(r.Text(0));
+                   return OkStatus();
+                 }).ok());
+    return ids;
   }
 
   Store store_;

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <regex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -638,6 +639,57 @@ TEST_F(ServiceE2E, ProviderKeyInUseIsAnUnknownOutcomeNotAFailure) {
 // attempt has committed its failure, so the retry budget (3 deliveries, 10-100 ms apart)
 // does not depend on how fast the test lets the charge go. The shared service's other
 // consumers could reach that pause first.
+// store.publish_in_transaction: a payment's events go on the queue in the transaction that
+// records it (their outbox rows published at their creation, by no relay pass), and the
+// ledger and the receipt follow as before.
+TEST(ServicePublishInTransaction, EventsReachTheLedgerAndOneReceiptWithNoRelayPass) {
+  converge::testing::TempDir dir;
+  converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});
+  converge::harness::FakeMail mail({.db_path = dir.File("mail.db")});
+  ASSERT_TRUE(psp.Start().ok());
+  ASSERT_TRUE(mail.Start().ok());
+  ServiceConfig c = Config(dir, psp, mail, converge::webhook::NewSecret());
+  c.publish_in_transaction = true;
+  Service service(c);
+  ASSERT_TRUE(service.Start().ok());
+  auto db = converge::Database::Open(c.db);
+  ASSERT_TRUE(db);
+  auto count = [&](const std::string& sql) { return converge::testing::QueryInt(**db, sql); };
+  Client client;
+  auto r = client.Send({.method = "POST",
+                        .url = "http://127.0.0.1:" + std::to_string(service.port()) +
+                               "/v1/payments",
+                        .headers = {{"Authorization", kAcme}, {"Idempotency-Key", "pit-1"}},
+                        .body = json{{"amount", 700},
+                                     {"currency", "EUR"},
+                                     {"customer_id", "c-1"},
+                                     {"order_id", "o-pit"}}
+                                    .dump(),
+                        .timeout = std::chrono::seconds(10)});
+  ASSERT_TRUE(r) << r.error().ToString();
+  ASSERT_EQ(r->status, 201) << r->body;
+  const std::string id = json::parse(r->body)["id"];
+  EXPECT_TRUE(converge::testing::WaitUntil([&] {
+    return count("SELECT count(*) FROM ledger_entries WHERE payment_id = '" + id + "'") == 2 &&
+           count("SELECT count(*) FROM effects WHERE effect_key = 'receipt:" + id +
+                 "' AND state = 'done'") == 1;
+  }));
+  EXPECT_GT(count("SELECT count(*) FROM outbox_events"), 0);
+  EXPECT_EQ(count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL OR "
+                  "published_at <> created_at"),
+            0);
+  // The relay runs, and published none of them.
+  auto m = client.Send({.method = "GET",
+                        .url = "http://127.0.0.1:" + std::to_string(service.port()) + "/metrics",
+                        .timeout = std::chrono::seconds(10)});
+  ASSERT_TRUE(m) << m.error().ToString();
+  std::smatch published;
+  ASSERT_TRUE(std::regex_search(m->body, published,
+                                std::regex(R"(relay_published_total\{[^}]*\} (\d+))")))
+      << m->body;
+  EXPECT_EQ(published[1], "0");
+}
+
 TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   converge::testing::TempDir dir;
   converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});

@@ -92,5 +92,90 @@ TEST_F(RuntimeTest, RefusesUnsafeOptionsAndStartsNothing) {
   EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM relay_partitions"), 0);
 }
 
+// With publish_in_transaction the producer's commit puts the event on the queue: the
+// consumer applies it with no relay pass in between (the relay polls once an hour here,
+// and it is never woken: nothing waits in the outbox).
+TEST_F(RuntimeTest, PublishedInTheProducersTransactionTheEventNeedsNoRelayPass) {
+  Runtime rt(*db_, {.sweep_interval = 0ms, .publish_in_transaction = true});
+  SqlQueue queue(*db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "thing.*").ok());
+  auto sub = queue.OpenSubscriber("ledger");
+  rt.AddRelay(queue, {.poll = std::chrono::hours(1)});
+  rt.AddConsumer(*sub, {.name = "ledger", .poll = 20ms})
+      .On("thing.done", [](Tx& tx, const Event& e) {
+        return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.subject));
+      });
+  EXPECT_EQ(rt.outbox().publishes_in_transaction(), nullptr);  // from Start on
+  ASSERT_TRUE(rt.Start().ok());
+  EXPECT_EQ(rt.outbox().publishes_in_transaction(), queue.tx_publisher());
+  // The relay's first pass, at Start; then it sleeps.
+  ASSERT_TRUE(testing::WaitUntil([&] { return rt.relays()[0]->stats().passes >= 1; }));
+  const int64_t passes = rt.relays()[0]->stats().passes;
+  Status st = db_->Transact([&](Tx& tx) {
+    Event e;
+    e.type = "thing.done";
+    e.subject = "thing-1";
+    e.data = "{}";
+    return StatusOf(rt.outbox().Enqueue(tx, e));
+  });
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  // On the queue and marked published in the producer's commit.
+  EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM queue_messages"), 1);
+  EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM outbox_events WHERE published_at "
+                                    "IS NOT NULL AND publish_attempts = 1"),
+            1);
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] { return testing::QueryInt(*db_, "SELECT count(*) FROM test_effects") == 1; }));
+  EXPECT_EQ(rt.relays()[0]->stats().passes, passes);
+  rt.Stop();
+}
+
+// An event published in its producer's transaction is never seen by a relay: every relay
+// must publish to that one transport, in this database.
+TEST_F(RuntimeTest, PublishInTransactionNeedsOneTransportInTheStoreBehindEveryRelay) {
+  auto refused = [&](Runtime& rt, const std::string& what) {
+    Status st = rt.Start();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << what;
+    EXPECT_NE(st.message().find("publish_in_transaction"), std::string::npos) << st.message();
+    EXPECT_EQ(rt.outbox().publishes_in_transaction(), nullptr) << what;
+  };
+  SqlQueue queue(*db_), other_queue(*db_);
+  {
+    Runtime rt(*db_, {.publish_in_transaction = true});
+    refused(rt, "no relay");
+  }
+  {
+    Runtime rt(*db_, {.publish_in_transaction = true});
+    rt.AddRelay(queue);
+    rt.AddRelay(other_queue);
+    refused(rt, "two transports");
+  }
+  {
+    // A transport outside the store: a queue in another database.
+    auto elsewhere = testing::OpenSqlite(dir_.File("other.sqlite"));
+    ASSERT_NE(elsewhere, nullptr);
+    SqlQueue remote(*elsewhere);
+    Runtime rt(*db_, {.publish_in_transaction = true});
+    rt.AddRelay(queue);
+    rt.AddRelay(remote);
+    refused(rt, "a queue in another database");
+  }
+  {
+    // A publisher with no transactional face (a broker such as NATS).
+    struct Broker : Publisher {
+      Status Publish(const Event&) override { return OkStatus(); }
+    } broker;
+    Runtime rt(*db_, {.publish_in_transaction = true});
+    rt.AddRelay(broker);
+    refused(rt, "a broker outside the database");
+  }
+  Runtime rt(*db_, {.sweep_interval = 0ms, .publish_in_transaction = true});
+  rt.AddRelay(queue);
+  rt.AddRelay(queue, {.name = "relay-2"});  // two relays, one transport: fine
+  ASSERT_TRUE(rt.Start().ok());
+  EXPECT_EQ(rt.outbox().publishes_in_transaction(), queue.tx_publisher());
+  rt.Stop();
+}
+
 }  // namespace
 }  // namespace converge
