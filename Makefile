@@ -72,6 +72,7 @@ bench: build
 	$(BUILD)/bench/converge_bench --sweep 1,4,16 --json $(BENCH_OUT)/sqlite.json $(BENCH_ARGS)
 	$(BUILD)/bench/converge_e2e_bench --json $(BENCH_OUT)/e2e.json
 	$(BUILD)/bench/converge_e2e_bench --synchronous normal --json $(BENCH_OUT)/e2e_normal.json
+	$(BUILD)/bench/converge_e2e_bench --publish-in-transaction --json $(BENCH_OUT)/e2e_in_tx.json
 	bash bench/http_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/modes_bench.sh $(BUILD) $(HTTP_BENCH_SECONDS)
 	bash bench/pg_bench.sh $(BUILD) "$(PG_BENCH_SECONDS)" "$(PG_BENCH_ROUNDS)" $(BENCH_OUT)/pg.json

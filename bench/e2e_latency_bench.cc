@@ -18,7 +18,10 @@
 //          commit, the consumer's claim, the consumer's effects).
 //
 //   converge_e2e_bench [--seconds S] [--callers N] [--rate R] [--synchronous full|normal]
-//                      [--json FILE]
+//                      [--publish-in-transaction] [--json FILE]
+//   (--publish-in-transaction: the producer's transaction puts the event on the queue
+//   itself, RuntimeOptions::publish_in_transaction: no relay pass between the producer's
+//   commit and the consumer's claim)
 //   (--rate: the half phase's events/s instead of half the measured peak, to compare two
 //   builds at one load)
 #include <algorithm>
@@ -200,7 +203,7 @@ struct Service {
   converge::Relay* relay = nullptr;
   converge::Consumer* consumer = nullptr;
 
-  explicit Service(const std::string& synchronous) {
+  Service(const std::string& synchronous, bool publish_in_transaction) {
     const char* base = std::getenv("TMPDIR");
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-e2e-XXXXXX";
     if (mkdtemp(tmpl.data()) == nullptr) Die("mkdtemp failed");
@@ -219,7 +222,8 @@ struct Service {
     sub = queue->OpenSubscriber("effects");
     timed_queue = std::make_unique<TimedQueue>(*queue, timeline);
     timed_sub = std::make_unique<TimedSubscriber>(sub.get(), timeline);
-    runtime = std::make_unique<converge::Runtime>(*db);
+    runtime = std::make_unique<converge::Runtime>(
+        *db, converge::RuntimeOptions{.publish_in_transaction = publish_in_transaction});
     relay = &runtime->AddRelay(*timed_queue);
     consumer = &runtime->AddConsumer(*timed_sub, {.name = "effects"});
     consumer->On("bench.created", [this](Tx& tx, const converge::Event& e) -> Status {
@@ -278,9 +282,12 @@ int main(int argc, char** argv) {
   std::string synchronous = "full";
   app.add_option("--synchronous", synchronous, "The store's PRAGMA synchronous")
       ->check(CLI::IsMember({"full", "normal"}));
+  bool in_tx = false;
+  app.add_flag("--publish-in-transaction", in_tx,
+               "Producers put their events on the queue in their own transactions");
   CLI11_PARSE(app, argc, argv);
 
-  Service svc(synchronous);
+  Service svc(synchronous, in_tx);
   // The floor first, on the fresh store with the path idle: what one durable commit costs
   // here when nothing else is queued.
   Status made = svc.db->Transact([](Tx& tx) {
@@ -379,8 +386,9 @@ int main(int argc, char** argv) {
   auto pct = [&](double p) {
     return lat[std::min(lat.size() - 1, static_cast<size_t>(p * lat.size()))];
   };
-  std::printf("end to end, embedded SQLite (%s): producer commit -> consumer effect commit\n",
-              synchronous == "full" ? "FULL" : "NORMAL");
+  std::printf("end to end, embedded SQLite (%s%s): producer commit -> consumer effect commit\n",
+              synchronous == "full" ? "FULL" : "NORMAL",
+              in_tx ? ", published in the producer's transaction" : "");
   std::printf("  peak, %d closed-loop producers: %.0f events/s through to their effect "
               "(producers alone committed %.0f/s)\n",
               callers, peak, produced);
@@ -391,35 +399,41 @@ int main(int argc, char** argv) {
   // Where the time goes: each stage's share, p50 and p99 over the same events.
   std::printf("  stages (ms from the previous stage: p50 / p99):\n");
   nlohmann::json stages = nlohmann::json::array();
-  for (size_t st = kRelayPublishing; st < kStages; ++st) {
-    std::vector<double> d = svc.timeline.Between(half_from, half_from + half_count,
-                                                 static_cast<Stage>(st - 1),
-                                                 static_cast<Stage>(st));
+  // Published in the producer's transaction, the relay's two stages are inside the
+  // producer's: the next stage after its commit is the consumer's claim.
+  std::vector<std::pair<Stage, Stage>> steps;
+  if (in_tx) steps.emplace_back(kCommitted, kFetched);
+  for (size_t st = in_tx ? kHandling : kRelayPublishing; st < kStages; ++st) {
+    steps.emplace_back(static_cast<Stage>(st - 1), static_cast<Stage>(st));
+  }
+  for (auto [from, to] : steps) {
+    std::vector<double> d = svc.timeline.Between(half_from, half_from + half_count, from, to);
     if (d.empty()) continue;
     auto q = [&](double p) { return d[std::min(d.size() - 1, static_cast<size_t>(p * d.size()))]; };
-    std::printf("    %-16s -> %-16s %7.2f / %7.2f\n", kStageNames[st - 1], kStageNames[st],
+    std::printf("    %-16s -> %-16s %7.2f / %7.2f\n", kStageNames[from], kStageNames[to],
                 q(0.5), q(0.99));
-    stages.push_back({{"from", kStageNames[st - 1]}, {"to", kStageNames[st]},
+    stages.push_back({{"from", kStageNames[from]}, {"to", kStageNames[to]},
                       {"p50_ms", q(0.5)}, {"p99_ms", q(0.99)}});
   }
   const double ev = static_cast<double>(half_count);
   std::printf("  per event: %.3f store transactions, %.3f physical commits; "
-              "relay %.3f passes (%.3f publishing); consumer %.3f fetches, %.3f claims "
-              "ahead, %.3f batches, %.3f settles\n",
+              "relay %.3f passes (%.3f transactions publishing%s); consumer %.3f fetches, "
+              "%.3f claims ahead, %.3f batches, %.3f settles\n",
               (after.transactions - before.transactions) / ev,
               (after.commits - before.commits) / ev,
               (after.relay_passes - before.relay_passes) / ev,
               (after.relay_publishes - before.relay_publishes) / ev,
-              (after.fetches - before.fetches) / ev,
+              in_tx ? ": the producers'" : "", (after.fetches - before.fetches) / ev,
               (after.claims_ahead - before.claims_ahead) / ev,
               (after.batches - before.batches) / ev,
               (after.settles - before.settles) / ev);
   std::printf("  commit floor, one caller alone (300 commits): p50 %.2f ms, p99 %.2f ms; "
-              "after a producer's commit the path needs 2 or 3 (relay; the consumer's claim, "
-              "made ahead in the batch before when the consumer is busy; effect)\n",
-              fq(0.5), fq(0.99));
+              "after a producer's commit the path needs %s (%sthe consumer's claim, made "
+              "ahead in the batch before when the consumer is busy; effect)\n",
+              fq(0.5), fq(0.99), in_tx ? "1 or 2" : "2 or 3", in_tx ? "" : "relay; ");
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "e2e_latency"}, {"synchronous", synchronous},
+                        {"publish_in_transaction", in_tx},
                         {"peak", peak}, {"produced", produced},
                         {"rate", rate},              {"events", lat.size()},
                         {"p50_ms", pct(0.5)},        {"p99_ms", pct(0.99)},
