@@ -421,6 +421,11 @@ Status Campaign::SetUp() {
     return InvalidArgumentError("--broker must be nats (or absent), not '" + o_.broker + "'");
   }
   nats_ = o_.broker == "nats";
+  if (nats_ && o_.publish_in_transaction) {
+    return InvalidArgumentError(
+        "--publish-in-transaction puts events on the store's queue; with --broker they go "
+        "to the broker");
+  }
   if (nats_) {
     nats_server_ = std::make_unique<NatsServer>(dir_);
     CONVERGE_RETURN_IF_ERROR(nats_server_->Start());
@@ -447,6 +452,7 @@ Status Campaign::SetUp() {
     std::ofstream c(config);
     c << "[store]\nuri = \"" << uri_ << "\"\n";
     if (nats_) c << "broker = \"" << nats_server_->url() << "\"\n";
+    if (o_.publish_in_transaction) c << "publish_in_transaction = true\n";
     c
       << "[idempotency]\nlease_ms = " << kLeaseMs << "\ncompleter_grace_ms = 1000\n"
       << "ttl_seconds = " << kKeyTtlMs / 1000 << "\n"
@@ -1279,7 +1285,8 @@ std::string FormatViolations(const ChaosOptions& o, const ChaosResult& r) {
   std::ostringstream s;
   s << r.violations.size() << " violation(s); seed " << o.seed << " (replay: converge chaos --seed "
     << o.seed << " --store " << (o.store == "sqlite" ? "sqlite" : "<uri>")
-    << (o.broker.empty() ? "" : " --broker " + o.broker) << " --kills "
+    << (o.broker.empty() ? "" : " --broker " + o.broker)
+    << (o.publish_in_transaction ? " --publish-in-transaction" : "") << " --kills "
     << o.kills << " --clients " << o.clients << ")\n\nschedule (" << r.schedule.size()
     << " faults):\n";
   for (size_t i = 0; i < r.schedule.size(); ++i) {

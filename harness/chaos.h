@@ -47,6 +47,9 @@ struct ChaosOptions {
   // "" (events through the store's SQL queue) or "nats": a nats-server of the campaign's
   // own (on PATH), a relay and workers as processes of their own (docs/design/chaos.md).
   std::string broker;
+  // Without a broker: the service puts events on the store's queue in the transactions
+  // that write them (store.publish_in_transaction), not in relay passes.
+  bool publish_in_transaction = false;
   // PostgreSQL only, all three or none: the server's binaries, data directory and the
   // command prefix to run pg_ctl as (scripts/with-postgres.sh exports them), for database
   // restarts mid-load.

@@ -43,7 +43,10 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
   o.binary = "/proc/self/exe";
   std::printf("converge chaos: store %s, broker %s, %s, seed %llu, %d clients\n",
               o.store.substr(0, o.store.find(':')).c_str(),  // never a URI's password
-              o.broker.empty() ? "the store's queue" : o.broker.c_str(),
+              o.broker.empty() ? (o.publish_in_transaction
+                                      ? "the store's queue, published in the transaction"
+                                      : "the store's queue")
+                               : o.broker.c_str(),
               o.duration.count() > 0 ? (std::to_string(o.duration.count()) + " s").c_str()
                                      : (std::to_string(o.kills) + " kills").c_str(),
               static_cast<unsigned long long>(o.seed), o.clients);
@@ -154,6 +157,9 @@ void AddChaosCommand(CLI::App& app, int* exit_code) {
                   "nats: events through a nats-server the campaign starts (on PATH), with a "
                   "relay and workers of their own; default: the store's queue")
       ->check(CLI::IsMember({"nats"}));
+  cmd->add_flag("--publish-in-transaction", o->publish_in_transaction,
+                "Without --broker: the service puts events on the store's queue in the "
+                "transactions that write them (store.publish_in_transaction)");
   cmd->add_flag("--keep", o->keep,
                 "Keep the run's directory (stores, logs) and database (kept anyway on a "
                 "violation)");
