@@ -11,6 +11,7 @@
 #ifndef CONVERGE_DIALECT_H_
 #define CONVERGE_DIALECT_H_
 
+#include <string>
 #include <string_view>
 
 namespace converge {
@@ -65,6 +66,17 @@ class Dialect {
   // deletion in key order would dirty a page of that index per row again), which the
   // schema drops where this is true. docs/design/retention.md.
   virtual bool SweepsInKeyOrder() const { return false; }
+
+  // A statement that waits until every transaction that has read `table` has ended, and
+  // keeps new readers waiting until this transaction ends: "LOCK TABLE <table> IN ACCESS
+  // EXCLUSIVE MODE" on PostgreSQL (a plain SELECT holds ACCESS SHARE until its
+  // transaction ends). Empty on SQLite, where write transactions never overlap. A change
+  // that must be seen by every transaction committing after it (a new SQL queue
+  // subscription) takes it first, before reading the table itself.
+  virtual std::string LockAgainstReaders(std::string_view table) const {
+    (void)table;
+    return "";
+  }
 };
 
 }  // namespace converge

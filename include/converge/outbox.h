@@ -55,17 +55,25 @@ struct OutboxOptions {
   std::string source = "urn:converge";
 };
 
+// Events this outbox enqueued in transactions that committed, by the way they took.
+struct OutboxStats {
+  int64_t for_relay = 0;                 // written unpublished, for a relay
+  int64_t published_in_transaction = 0;  // PublishInTransaction: on the queue at commit
+};
+
 class Outbox {
  public:
   explicit Outbox(OutboxOptions options = {}, Clock* clock = nullptr);
 
   // Writes `event` to outbox_events through `tx` and returns its id. The relay is woken
-  // when tx commits. Errors: kInvalidArgument (empty type or subject, data not JSON or
-  // nested deeper than 256 levels, fields over 255 bytes, with control characters or not
-  // UTF-8, malformed traceparent),
-  // kAlreadyExists (an event with this source and id exists), store errors. The insert
-  // and its per-aggregate lock are deferred statements (Tx::ExecDeferred): on PostgreSQL
-  // kAlreadyExists and lock timeouts come from tx's next waiting statement or its commit.
+  // when tx commits (or, with PublishInTransaction, the event is published through tx).
+  // Errors: kInvalidArgument (empty type or subject, data not JSON or nested deeper than
+  // 256 levels, fields over 255 bytes, with control characters or not UTF-8, malformed
+  // traceparent), kAlreadyExists (an event with this source and id exists), store
+  // errors. The insert and its per-aggregate lock are deferred statements
+  // (Tx::ExecDeferred): on PostgreSQL kAlreadyExists and lock timeouts come from tx's
+  // next waiting statement or its commit (with PublishInTransaction, Enqueue itself waits
+  // for the lock and its read).
   Result<std::string> Enqueue(Tx& tx, Event event);
 
   // Enqueue's checks and encoding without the insert, for callers that can do them
@@ -98,11 +106,20 @@ class Outbox {
   // Signalled after each commit that enqueued events for a relay.
   Wakeup& wakeup() { return wakeup_; }
 
+  // With PublishInTransaction on, events still go to a relay while one waits unpublished:
+  // for_relay growing beside it says that some event does (a relay behind, stopped or
+  // unable to publish one).
+  OutboxStats stats() const {
+    return {for_relay_.load(std::memory_order_relaxed),
+            in_transaction_.load(std::memory_order_relaxed)};
+  }
+
  private:
   const OutboxOptions options_;
   Clock* clock_;
   Wakeup wakeup_;
   std::atomic<TxPublisher*> direct_{nullptr};
+  std::atomic<int64_t> for_relay_{0}, in_transaction_{0};
 };
 
 }  // namespace converge

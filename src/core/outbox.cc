@@ -110,6 +110,7 @@ Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
           e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_, now,
           p.partition_));
       CONVERGE_RETURN_IF_ERROR(direct->PublishInTx(tx, std::span<const Event>(&e, 1)));
+      tx.OnCommit([this] { in_transaction_.fetch_add(1, std::memory_order_relaxed); });
       return e.id;
     }
   }
@@ -122,7 +123,10 @@ Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
       "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
       e.id, e.source, e.aggregate_type, e.subject, e.type, e.envelope, p.headers_,
       clock_->NowMillis(), p.partition_));
-  tx.OnCommit([this] { wakeup_.Notify(); });
+  tx.OnCommit([this] {
+    for_relay_.fetch_add(1, std::memory_order_relaxed);
+    wakeup_.Notify();
+  });
   CONVERGE_RETURN_IF_ERROR(tx.Notify(kOutboxChannel));
   return e.id;
 }

@@ -496,6 +496,16 @@ Result<size_t> Relay::RunSeparate(const std::map<int64_t, int64_t>& owned) {
 }
 
 Status OutboxRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
+  // The aggregate's lock, as a producer takes it (Outbox::Enqueue): a producer that
+  // publishes in its own transaction and commits after this replay sees the event
+  // unpublished again, and goes the relay's way behind it.
+  CONVERGE_ASSIGN_OR_RETURN(
+      Rows agg, tx.Query("SELECT aggregate_id FROM outbox_events WHERE source = $1 AND "
+                         "event_id = $2",
+                         letter.source, letter.event_id));
+  if (!agg.empty()) {
+    CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + agg[0].Text(0)));
+  }
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n, tx.Exec("UPDATE outbox_events SET published_at = NULL, last_error = NULL "
                          "WHERE source = $1 AND event_id = $2 AND published_at IS NOT NULL",

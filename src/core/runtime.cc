@@ -75,8 +75,9 @@ Result<TxPublisher*> Runtime::InTransactionPublisher() const {
     }
     if (target != nullptr && tp != target) {
       return tl::unexpected(InvalidArgumentError(
-          "publish_in_transaction: the relays publish to different transports; an event "
-          "published in its producer's transaction reaches only one"));
+          "publish_in_transaction: the relays publish through different transport objects; "
+          "an event published in its producer's transaction goes through one, so give "
+          "every relay the same"));
     }
     target = tp;
   }
@@ -90,13 +91,14 @@ Result<TxPublisher*> Runtime::InTransactionPublisher() const {
 Status Runtime::Start() {
   if (started_) return OkStatus();
   CONVERGE_RETURN_IF_ERROR(Validate());
-  if (options_.publish_in_transaction) outbox_.PublishInTransaction(*InTransactionPublisher());
   for (auto& r : relays_) r->Start();
   for (auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Start());  // validated above
   for (auto& e : effects_) e->Start();
   for (auto& s : sagas_) s->Start();
   completer_.Start();
   if (options_.sweep_interval > Millis(0)) sweep_worker_.Start();
+  // Last, once everything started (validated above).
+  if (options_.publish_in_transaction) outbox_.PublishInTransaction(*InTransactionPublisher());
   started_ = true;
   return OkStatus();
 }

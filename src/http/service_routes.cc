@@ -416,6 +416,9 @@ constexpr Family kRuntimeFamilies[] = {
     {"http_requests_total", "counter", "HTTP requests by route pattern, method and status class."},
     {"http_request_duration_seconds", "histogram", "HTTP request latency by route pattern."},
     {"relay_published_total", "counter", "Outbox events published and marked, by relay."},
+    {"outbox_enqueued_total", "counter",
+     "Outbox events committed, by the way they took: for a relay, or published in their "
+     "producer's transaction."},
     {"relay_publish_failures_total", "counter", "Relay passes whose publish failed, by relay."},
     {"relay_partitions_owned", "gauge", "Outbox partitions the relay holds a lease on."},
     {"consumer_processed_total", "counter", "Deliveries whose handler ran and committed."},
@@ -482,6 +485,9 @@ void Refresh(const MetricsRouteOptions& o, Clock* clock) {
     m.Set(name, labels, static_cast<double>(v));
   };
   if (o.runtime != nullptr) {
+    const OutboxStats os = o.runtime->outbox().stats();
+    set("outbox_enqueued_total", {{"way", "relay"}}, os.for_relay);
+    set("outbox_enqueued_total", {{"way", "in_transaction"}}, os.published_in_transaction);
     for (const auto& relay : o.runtime->relays()) {
       const RelayStats s = relay->stats();
       const Metrics::Labels l = {{"relay", relay->name()}};

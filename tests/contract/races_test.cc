@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -60,6 +61,34 @@ class Races : public StoreContract<Store> {
     Event e = StoreContract<Store>::MakeEvent("order-1");
     e.id = id;
     return e;
+  }
+  // Runs `fn` in a transaction held open before its commit, at the failpoint
+  // test.producer_before_commit (pause*1), until failpoint::Release: returns its thread
+  // once it is there. What `fn` deferred (Tx::ExecDeferred) has been sent by then.
+  std::thread HeldOpen(std::function<Status(Tx&)> fn) {
+    EXPECT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
+    std::thread t([this, fn] {
+      EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                         CONVERGE_RETURN_IF_ERROR(fn(tx));
+                         CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Query("SELECT 1")));
+                         return failpoint::Hit("test.producer_before_commit");
+                       }).ok());
+    });
+    EXPECT_TRUE(failpoint::WaitPaused("test.producer_before_commit", 20s));
+    return t;
+  }
+  // Enqueues OrderEvent(id) through `outbox` on a thread of its own, and returns that
+  // thread once the enqueue has committed (`done` set) or waits for another transaction.
+  std::thread EnqueueOnTheSide(Outbox& outbox, const std::string& id, std::atomic<bool>& done) {
+    std::thread t([this, &outbox, id, &done] {
+      Status st = this->db_->Transact(
+          [&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, OrderEvent(id))); });
+      EXPECT_TRUE(st.ok()) << st.ToString();
+      done = true;
+    });
+    EXPECT_TRUE(testing::WaitUntil(
+        [&] { return done.load() || this->store_.SomeoneWaits(*this->db_); }));
+    return t;
   }
   bool HasEffect(const std::string& id) {
     return this->Count("SELECT count(*) FROM test_effects WHERE id = '" + id + "'") == 1;
@@ -506,28 +535,12 @@ TYPED_TEST(Races, PerAggregateOrderHoldsWhenProducersCommitOutOfOrder) {
   SqlQueue queue(*this->db_);
   ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
   Outbox outbox;
-  ASSERT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
-  std::thread first([&] {
-    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       CONVERGE_RETURN_IF_ERROR(outbox.Enqueue(tx, this->OrderEvent("first")));
-                       // The enqueue's lock and insert are deferred (Tx::ExecDeferred):
-                       // a statement that waits sends them, so "first" holds the lower
-                       // seq (and the lock) while it is paused.
-                       CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Query("SELECT 1")));
-                       return failpoint::Hit("test.producer_before_commit");
-                     }).ok());
-  });
-  ASSERT_TRUE(failpoint::WaitPaused("test.producer_before_commit", 20s));
-  std::atomic<bool> second_done{false};
-  std::thread second([&] {
-    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) {
-                       return StatusOf(outbox.Enqueue(tx, this->OrderEvent("second")));
-                     }).ok());
-    second_done = true;
-  });
+  // "first" holds the lower seq (and the lock) while it is held open.
+  std::thread first = this->HeldOpen(
+      [&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, this->OrderEvent("first"))); });
   // The second producer commits (the old code) or waits for the first (the fix).
-  ASSERT_TRUE(testing::WaitUntil(
-      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  std::atomic<bool> second_done{false};
+  std::thread second = this->EnqueueOnTheSide(outbox, "second", second_done);
   Relay relay(*this->db_, outbox, queue, RelayOptions{.name = "relay-1"});
   std::atomic<bool> relayed{false};
   std::thread pass([&] {
@@ -610,25 +623,11 @@ TYPED_TEST(Races, AnEventPublishedInItsTransactionWaitsForAnEarlierProducerOfIts
   ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
   Outbox relayed, direct;  // one outbox table, enqueued the two ways
   direct.PublishInTransaction(queue.tx_publisher());
-  ASSERT_TRUE(failpoint::Configure("test.producer_before_commit=pause*1").ok());
-  std::thread first([&] {
-    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
-                       CONVERGE_RETURN_IF_ERROR(relayed.Enqueue(tx, this->OrderEvent("first")));
-                       CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Query("SELECT 1")));  // sends them
-                       return failpoint::Hit("test.producer_before_commit");
-                     }).ok());
-  });
-  ASSERT_TRUE(failpoint::WaitPaused("test.producer_before_commit", 20s));
-  std::atomic<bool> second_done{false};
-  std::thread second([&] {
-    Status st = this->db_->Transact(
-        [&](Tx& tx) { return StatusOf(direct.Enqueue(tx, this->OrderEvent("second"))); });
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    second_done = true;
-  });
+  std::thread first = this->HeldOpen(
+      [&](Tx& tx) { return StatusOf(relayed.Enqueue(tx, this->OrderEvent("first"))); });
   // Both stores: "second" waits (for the aggregate's lock, or for the one writer).
-  ASSERT_TRUE(testing::WaitUntil(
-      [&] { return second_done.load() || this->store_.SomeoneWaits(*this->db_); }));
+  std::atomic<bool> second_done{false};
+  std::thread second = this->EnqueueOnTheSide(direct, "second", second_done);
   EXPECT_FALSE(second_done.load());
   failpoint::Release("test.producer_before_commit");
   first.join();
@@ -637,6 +636,66 @@ TYPED_TEST(Races, AnEventPublishedInItsTransactionWaitsForAnEarlierProducerOfIts
   while (*relay.RunOnce() > 0) {
   }
   EXPECT_EQ(this->QueuedEventIds(), (std::vector<std::string>{"first", "second"}));
+}
+
+// A subscription covers every event whose producer commits after Subscribe returned, one
+// published in its producer's transaction too. That producer read the subscriptions, and
+// is paused before its commit, when Subscribe("audit") runs. Subscribe must wait for it
+// (PostgreSQL: its lock against the producer's read; SQLite: the one writer): returning
+// first, it would leave an event committed after it off its queue.
+TYPED_TEST(Races, ANewSubscriptionWaitsForAProducerThatReadTheSubscriptions) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  outbox.PublishInTransaction(queue.tx_publisher());
+  std::thread producer = this->HeldOpen(
+      [&](Tx& tx) { return StatusOf(outbox.Enqueue(tx, this->OrderEvent("first"))); });
+  std::atomic<bool> subscribed{false};
+  std::thread subscriber([&] {
+    EXPECT_TRUE(queue.Subscribe("audit", "*").ok());
+    subscribed = true;
+  });
+  ASSERT_TRUE(testing::WaitUntil(
+      [&] { return subscribed.load() || this->store_.SomeoneWaits(*this->db_); }));
+  EXPECT_FALSE(subscribed.load()) << "Subscribe returned before an open producer committed";
+  failpoint::Release("test.producer_before_commit");
+  producer.join();
+  subscriber.join();
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, this->OrderEvent("second")));
+                   }).ok());
+  EXPECT_EQ(*queue.Depth("ledger"), 2);
+  EXPECT_EQ(*queue.Depth("audit"), 1);  // "second"; "first" committed before "audit" existed
+}
+
+// A replay of a published event (OutboxRequeuer: unpublished again, for a relay) takes its
+// aggregate's lock, as a producer does: a producer that publishes in its own transaction
+// and commits after the replay waits for it, sees the event unpublished and goes the
+// relay's way behind it. Without the lock, PostgreSQL put "second" on the queue before
+// the replayed "first".
+TYPED_TEST(Races, AProducerAfterAReplayOfItsAggregateGoesBehindIt) {
+  SqlQueue queue(*this->db_);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox;
+  outbox.PublishInTransaction(queue.tx_publisher());
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, this->OrderEvent("first")));
+                   }).ok());
+  DeadLetter letter;
+  letter.event_id = "first";
+  letter.source = "urn:converge";
+  std::thread replay =
+      this->HeldOpen([&](Tx& tx) { return OutboxRequeuer().Requeue(tx, letter); });
+  std::atomic<bool> second_done{false};
+  std::thread second = this->EnqueueOnTheSide(outbox, "second", second_done);
+  EXPECT_FALSE(second_done.load());
+  failpoint::Release("test.producer_before_commit");
+  replay.join();
+  second.join();
+  Relay relay(*this->db_, outbox, queue, RelayOptions{.name = "relay-1"});
+  while (*relay.RunOnce() > 0) {
+  }
+  EXPECT_EQ(this->QueuedEventIds(), (std::vector<std::string>{"first", "first", "second"}));
 }
 
 // A relay restarted under its old name used to renew its partitions at the same fence:

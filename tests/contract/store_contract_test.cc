@@ -393,6 +393,9 @@ TYPED_TEST(StoreContract, AnEventPublishedInItsTransactionCommitsWithItOrNotAtAl
   ASSERT_TRUE(enqueue(event("e4")).ok());  // nothing waits: published at once again
   EXPECT_EQ(queued(), (std::vector<std::string>{"e1", "e2", "e3", "x1", "e4"}));
   EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  // Committed enqueues only: the rolled-back "e1" and the duplicate are not counted.
+  EXPECT_EQ(outbox.stats().published_in_transaction, 2);  // e1, e4
+  EXPECT_EQ(outbox.stats().for_relay, 3);                 // e2, e3, x1
 }
 
 TYPED_TEST(StoreContract, PerAggregateOrderHoldsWhenAPublishFails) {

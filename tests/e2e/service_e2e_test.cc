@@ -632,13 +632,6 @@ TEST_F(ServiceE2E, ProviderKeyInUseIsAnUnknownOutcomeNotAFailure) {
             1);
 }
 
-// Issue #7: a refund webhook for a charge this service has not recorded yet is transient
-// (retried with backoff), not a poison message. The test pauses the service right after
-// the provider charged, through the admin failpoint hook, so the refund arrives first.
-// It runs on a service of its own: it also pauses the consumers once the first refund
-// attempt has committed its failure, so the retry budget (3 deliveries, 10-100 ms apart)
-// does not depend on how fast the test lets the charge go. The shared service's other
-// consumers could reach that pause first.
 // store.publish_in_transaction: a payment's events go on the queue in the transaction that
 // records it (their outbox rows published at their creation, by no relay pass), and the
 // ledger and the receipt follow as before.
@@ -683,13 +676,27 @@ TEST(ServicePublishInTransaction, EventsReachTheLedgerAndOneReceiptWithNoRelayPa
                         .url = "http://127.0.0.1:" + std::to_string(service.port()) + "/metrics",
                         .timeout = std::chrono::seconds(10)});
   ASSERT_TRUE(m) << m.error().ToString();
-  std::smatch published;
+  std::smatch published, for_relay;
   ASSERT_TRUE(std::regex_search(m->body, published,
                                 std::regex(R"(relay_published_total\{[^}]*\} (\d+))")))
       << m->body;
   EXPECT_EQ(published[1], "0");
+  ASSERT_TRUE(std::regex_search(
+      m->body, for_relay, std::regex(R"(outbox_enqueued_total\{way="relay"\} (\d+))")))
+      << m->body;
+  EXPECT_EQ(for_relay[1], "0");
+  EXPECT_TRUE(std::regex_search(
+      m->body, std::regex(R"(outbox_enqueued_total\{way="in_transaction"\} [1-9])")))
+      << m->body;
 }
 
+// Issue #7: a refund webhook for a charge this service has not recorded yet is transient
+// (retried with backoff), not a poison message. The test pauses the service right after
+// the provider charged, through the admin failpoint hook, so the refund arrives first.
+// It runs on a service of its own: it also pauses the consumers once the first refund
+// attempt has committed its failure, so the retry budget (3 deliveries, 10-100 ms apart)
+// does not depend on how fast the test lets the charge go. The shared service's other
+// consumers could reach that pause first.
 TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   converge::testing::TempDir dir;
   converge::harness::FakePsp psp({.db_path = dir.File("psp.db")});

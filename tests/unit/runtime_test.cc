@@ -100,7 +100,8 @@ TEST_F(RuntimeTest, PublishedInTheProducersTransactionTheEventNeedsNoRelayPass) 
   SqlQueue queue(*db_);
   ASSERT_TRUE(queue.Subscribe("ledger", "thing.*").ok());
   auto sub = queue.OpenSubscriber("ledger");
-  rt.AddRelay(queue, {.poll = std::chrono::hours(1)});
+  // Polls at most every lease / 3: an hour here.
+  rt.AddRelay(queue, {.poll = std::chrono::hours(1), .lease = std::chrono::hours(3)});
   rt.AddConsumer(*sub, {.name = "ledger", .poll = 20ms})
       .On("thing.done", [](Tx& tx, const Event& e) {
         return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ($1)", e.subject));

@@ -313,6 +313,9 @@ class PgDialect final : public schema::SchemaDialect {
   std::string_view ForUpdateSkipLocked() const override { return " FOR UPDATE SKIP LOCKED"; }
   std::string_view WithoutRowid() const override { return ""; }
   std::string_view NextFenceExpression() const override { return "nextval('converge_fences')"; }
+  std::string LockAgainstReaders(std::string_view table) const override {
+    return "LOCK TABLE " + std::string(table) + " IN ACCESS EXCLUSIVE MODE";
+  }
   std::string_view DeferredCheckFunctions() const override { return kDeferredChecks; }
   std::string_view PartitionedOutbox() const override { return kPartitionedOutbox; }
   // A SEQUENCE: never rolled back, never hands out a value twice, and never makes

@@ -196,7 +196,25 @@ Status SqlQueue::Subscribe(std::string_view queue, std::string_view pattern) {
     return InvalidArgumentError("subscription pattern '" + std::string(pattern) +
                                 "': '*' only as the whole pattern or as a final '.*'");
   }
+  // A subscription covers every event whose producer commits after Subscribe returns. A
+  // producer publishing in its own transaction (Outbox::PublishInTransaction) reads the
+  // subscriptions before it commits, so a new one waits for every transaction that has
+  // read them, and holds off new readers until it commits (Dialect::LockAgainstReaders).
+  // Only a new one: a subscription that exists (every restart) takes no lock.
+  bool exists = false;
+  CONVERGE_RETURN_IF_ERROR(db_.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(
+        Rows rows, tx.Query("SELECT 1 FROM queue_subscriptions WHERE queue = $1 AND pattern = $2",
+                            queue, pattern));
+    exists = !rows.empty();
+    return OkStatus();
+  }));
+  if (exists) return OkStatus();
   return db_.Transact([&](Tx& tx) -> Status {
+    if (std::string lock = tx.dialect().LockAgainstReaders("queue_subscriptions");
+        !lock.empty()) {
+      CONVERGE_RETURN_IF_ERROR(StatusOf(tx.Exec(lock)));
+    }
     return StatusOf(
         tx.Exec("INSERT INTO queue_subscriptions (queue, pattern, created_at) VALUES ($1, $2, $3) "
                 "ON CONFLICT (queue, pattern) DO NOTHING",
