@@ -685,6 +685,7 @@ int WalkRun(const std::string& uri, int callers, double baseline, double seconds
   converge::SweepOptions options;
   options.key_order_pass =
       std::chrono::duration_cast<converge::Millis>(std::chrono::duration<double>(pass));
+  options.inbox_key_order_pass = options.key_order_pass;  // both tables wrap within the run
   converge::Sweeper sweeper(*db, options);
   std::atomic<bool> stop{false};
   std::atomic<int64_t> keys_deleted{0}, inbox_deleted{0};
@@ -848,7 +849,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1.0, 600.0));
   walk->add_option("--seconds", walk_seconds, "Give up after this many seconds of sweeping")
       ->check(CLI::Range(1.0, 86400.0));
-  walk->add_option("--pass", pass, "Seconds a walk takes after the first (key_order_pass)")
+  walk->add_option("--pass", pass, "Seconds a walk takes after the first (both tables)")
       ->check(CLI::Range(1.0, 86400.0));
   walk->add_option("--interval", interval,
                    "Seconds between sweeper passes that do not lag (the Runtime's "

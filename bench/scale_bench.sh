@@ -12,7 +12,7 @@
 #   batched DELETEs (retention=delete) or by dropping their partition
 #   (retention=partitioned); `converge_scale_bench retention` says how. "walk" (not in the
 #   default) follows SQLite's sweep in key order through its tables: ROWS per table, keys
-#   20% expired and inbox rows 2% (a walk's steady state with the default TTLs and pass),
+#   and inbox rows 20% expired (a walk's steady state with the default TTLs and passes),
 #   creates while each table is walked through twice, the first walk flat out and the
 #   second paced to take WALK_PASS seconds (default 300), then the same creates on a copy
 #   of the same store for as long with no sweeper (the control); `converge_scale_bench
@@ -46,8 +46,10 @@ json() { [ -n "$json_dir" ] && echo "--json=$json_dir/scale_$1.json" || true; }
 if [[ " $stores " == *" sqlite "* ]]; then
   dir=$(mktemp -d "$tmp/converge-scale-XXXXXX")
   trap 'rm -rf "$dir"' EXIT
-  echo "SQLite: preloading $rows rows per table"
-  "$bench" preload --uri "sqlite:$dir/loaded.db" --rows "$rows"
+  # 20% expired: what each walk finds in the steady state with the default TTLs and passes
+  # (pass / (TTL + pass): 6 h / 30 h for keys, 84 h / 420 h for inbox rows).
+  echo "SQLite: preloading $rows rows per table, 20% expired"
+  "$bench" preload --uri "sqlite:$dir/loaded.db" --rows "$rows" --expired 0.2
   du -sh "$dir/loaded.db" | awk '{print "  loaded store: " $1}'
   "$bench" run --uri "sqlite:$dir/loaded.db" --empty-uri "sqlite:$dir/empty.db" \
     --seconds "$secs" --rounds "$rounds" $(json sqlite)
@@ -59,7 +61,7 @@ if [[ " $stores " == *" walk "* ]]; then
   dir=$(mktemp -d "$tmp/converge-scale-XXXXXX")
   trap 'rm -rf "$dir"' EXIT
   echo "SQLite: preloading $rows rows per table for the walk"
-  "$bench" preload --uri "sqlite:$dir/walk.db" --rows "$rows" --expired 0.2 --inbox-expired 0.02
+  "$bench" preload --uri "sqlite:$dir/walk.db" --rows "$rows" --expired 0.2
   cp "$dir/walk.db" "$dir/control.db"
   "$bench" walk --uri "sqlite:$dir/walk.db" --pass "${WALK_PASS:-300}" $(json walk) |
     tee "$dir/walk.out"

@@ -106,6 +106,7 @@ std::string Emit(const ServiceConfig& c) {
   o << "[retention]\n";
   line("sweep_interval_ms", Ms(c.sweep_interval));
   line("sweep_pass_ms", Ms(c.sweep_pass));
+  line("inbox_sweep_pass_ms", Ms(c.inbox_sweep_pass));
   o << "[log]\n";
   line("level", Quoted(c.log_level));
   return o.str();
@@ -143,6 +144,7 @@ std::string OutOfRange(const ServiceConfig& c) {
       {"effect_lease", Ms(c.effect_lease), 10, 86400000},
       {"sweep_interval", Ms(c.sweep_interval), 100, 86400000},
       {"sweep_pass", Ms(c.sweep_pass), 1000, 30LL * 86400000},
+      {"inbox_sweep_pass", Ms(c.inbox_sweep_pass), 1000, 365LL * 86400000},
   };
   for (const Range& r : ranges) {
     if (!Within(r.value, r.lo, r.hi)) return std::string(r.name) + " = " + std::to_string(r.value);

@@ -458,6 +458,7 @@ Status Campaign::SetUp() {
       << "ttl_seconds = " << kKeyTtlMs / 1000 << "\n"
       // A walk of the SQLite sweeper every 2 s: expired keys go while stalls last.
       << "[retention]\nsweep_interval_ms = 500\nsweep_pass_ms = 2000\n"
+      << "inbox_sweep_pass_ms = 2000\n"
       << "[admin]\nfailpoints = true\nclock = true\n"
       << "[auth]\nadmin_token = \"" << kAdminToken << "\"\napi_keys = { ";
     for (const auto& [k, t] : kTenants) c << "\"" << k << "\" = \"" << t << "\", ";

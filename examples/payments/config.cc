@@ -52,7 +52,7 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"consumers", {"visibility_ms", "max_attempts", "backoff_initial_ms", "backoff_max_ms"}},
         {"effects", {"max_attempts", "lease_ms"}},
         {"admin", {"failpoints", "clock"}},
-        {"retention", {"sweep_interval_ms", "sweep_pass_ms"}},
+        {"retention", {"sweep_interval_ms", "sweep_pass_ms", "inbox_sweep_pass_ms"}},
         {"log", {"level"}},
     }));
     std::string listen, sync;
@@ -120,6 +120,8 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         r.Duration("retention", "sweep_interval_ms", &c.sweep_interval, 100, 86400000));
     CONVERGE_RETURN_IF_ERROR(
         r.Duration("retention", "sweep_pass_ms", &c.sweep_pass, 1000, 30LL * 86400000));
+    CONVERGE_RETURN_IF_ERROR(r.Duration("retention", "inbox_sweep_pass_ms", &c.inbox_sweep_pass,
+                                        1000, 365LL * 86400000));
     CONVERGE_RETURN_IF_ERROR(r.String("auth", "admin_token", &c.admin_token));
     CONVERGE_RETURN_IF_ERROR(r.StringMap("auth", "api_keys", &c.api_keys));
     CONVERGE_RETURN_IF_ERROR(r.String("psp", "url", &c.psp_url));

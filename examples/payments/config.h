@@ -11,6 +11,7 @@
 
 #include "converge/clock.h"
 #include "converge/status.h"
+#include "converge/sweeper.h"
 
 namespace payments {
 
@@ -87,9 +88,11 @@ struct ServiceConfig {
   // [retention]
   // How often the sweeper looks for expired keys, inbox rows and published outbox rows.
   Millis sweep_interval = 60s;
-  // SQLite: how long one walk of the sweeper over the keys (and one over the inbox)
-  // takes (SweepOptions::key_order_pass). Longer: cheaper deletions, larger tables.
+  // SQLite: how long one walk of the sweeper over the keys, and one over the inbox, takes
+  // (SweepOptions::key_order_pass, inbox_key_order_pass). Longer: cheaper deletions,
+  // larger tables.
   Millis sweep_pass = std::chrono::hours(6);
+  Millis inbox_sweep_pass = converge::SweepOptions{}.inbox_key_order_pass;
   // [log]
   std::string log_level = "info";
   // Not from the file: what the service reads the time from (nullptr: the system clock).

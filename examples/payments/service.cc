@@ -260,7 +260,8 @@ Status Service::Impl::Start() {
                 .outbox = {.source = "urn:converge:payments"},
                 .completer = {.grace = cfg_.completer_grace,
                               .poll = std::max<Millis>(Millis(200), cfg_.completer_grace / 4)},
-                .sweep = {.key_order_pass = cfg_.sweep_pass},
+                .sweep = {.key_order_pass = cfg_.sweep_pass,
+                          .inbox_key_order_pass = cfg_.inbox_sweep_pass},
                 .sweep_interval = cfg_.sweep_interval,
                 // Only where this process runs the relay (a worker runs none): a worker's
                 // events wait in the outbox for a serving instance's relay.

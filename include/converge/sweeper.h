@@ -74,12 +74,17 @@ struct SweepOptions {
   // is not running. REQUIRES: partition_period > 0, partitions_ahead >= 0.
   Millis partition_period = std::chrono::hours(24);
   int partitions_ahead = 2;
-  // Stores that sweep in key order: how long one walk over idempotency_keys (and one
-  // over consumer_inbox) should take. A walk finds about pass / (TTL + pass) of a
-  // table's rows expired (rows living TTL), so a longer pass deletes more rows per page
-  // written and keeps more expired rows meanwhile (the table is about pass / 2 of
-  // creates larger). REQUIRES: 0 < key_order_pass <= kMaxKeyOrderPass.
+  // Stores that sweep in key order: how long one walk over idempotency_keys, and one over
+  // consumer_inbox, should take. A walk finds about pass / (TTL + pass) of a table's rows
+  // expired (rows living TTL), so a longer pass deletes more rows per page written and
+  // keeps more expired rows meanwhile (the table is about pass / 2 of inserts larger).
+  // Each default is a quarter of its table's default TTL (24 h for keys, 14 days for
+  // inbox rows: IdempotencyOptions, ConsumerOptions::inbox_ttl), so that a walk of either
+  // finds a fifth of its rows expired; at the keys' pass the inbox walk would find 2% and
+  // write a page for nearly every row it deletes (docs/design/retention.md).
+  // REQUIRES: 0 < each <= kMaxKeyOrderPass.
   Millis key_order_pass = std::chrono::hours(6);
+  Millis inbox_key_order_pass = std::chrono::hours(24 * 14 / 4);
   static constexpr Millis kMaxKeyOrderPass = std::chrono::hours(24 * 365);
   // Stores that sweep in key order: the rows a window examines at most (it ends sooner
   // at its `batch`-th forgettable row, so a transaction still deletes at most `batch`),
@@ -118,6 +123,9 @@ class Sweeper {
   // what it deleted; call again while `more` to sweep everything.
   Result<SweepStats> RunOnce();
 
+  // kInvalidArgument naming what is out of range (RunOnce and Runtime::Validate check).
+  static Status ValidateOptions(const SweepOptions& options);
+
  private:
   // The tables the row-by-row sweeps delete from: on a time-partitioned store, the
   // DEFAULT partitions.
@@ -135,6 +143,7 @@ class Sweeper {
     std::string key_columns;  // its primary key's columns, "a, b"
     size_t key_size;          // how many
     std::string forgettable;  // SQL on the row, $1 = now: it may be deleted
+    int64_t pass = 0;         // ms a walk after the first takes
     std::vector<Value> after;  // the last key of the previous window; empty: at the start
     int64_t pass_start = 0;    // when this walk began (the previous one ended)
     int64_t pass_rows = 0;     // rows examined by this walk so far

@@ -43,14 +43,7 @@ Status Runtime::Validate() const {
   CONVERGE_RETURN_IF_ERROR(IdempotencyKeys::ValidateOptions(options_.keys));
   for (const auto& c : consumers_) CONVERGE_RETURN_IF_ERROR(c->Validate());
   for (const auto& s : sagas_) CONVERGE_RETURN_IF_ERROR(s->Validate());
-  if (options_.sweep.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
-  if (options_.sweep.key_order_pass <= Millis(0) ||
-      options_.sweep.key_order_pass > SweepOptions::kMaxKeyOrderPass ||
-      options_.sweep.key_order_window < 1 || options_.sweep.key_order_windows < 1) {
-    return InvalidArgumentError(
-        "sweep key_order_pass must be within (0, 365 days], key_order_window and "
-        "key_order_windows >= 1");
-  }
+  CONVERGE_RETURN_IF_ERROR(Sweeper::ValidateOptions(options_.sweep));
   if (options_.sweep_interval < Millis(0)) {
     return InvalidArgumentError("sweep interval must not be negative");
   }

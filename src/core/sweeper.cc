@@ -18,11 +18,13 @@ Sweeper::Sweeper(Database& db, SweepOptions options, Clock* clock)
   keys_walk_ = {.table = "idempotency_keys",
                 .key_columns = "scope, key",
                 .key_size = 2,
-                .forgettable = internal::ForgettableKeyCondition("$1")};
+                .forgettable = internal::ForgettableKeyCondition("$1"),
+                .pass = options_.key_order_pass.count()};
   inbox_walk_ = {.table = "consumer_inbox",
                  .key_columns = "consumer, source, event_id",
                  .key_size = 3,
-                 .forgettable = "expires_at <= $1"};  // Inbox::Sweep's
+                 .forgettable = "expires_at <= $1",  // Inbox::Sweep's
+                 .pass = options_.inbox_key_order_pass.count()};
 }
 
 namespace {
@@ -188,7 +190,7 @@ Status Sweeper::LoadWalks(int64_t now) {
         w->after = std::move(after);
         // Within the last pass: a time from the future (or a clock that went back)
         // starts the pass now; one from further back is as overdue as can be.
-        w->pass_start = std::clamp(r.Int(2), now - options_.key_order_pass.count(), now);
+        w->pass_start = std::clamp(r.Int(2), now - w->pass, now);
         w->pass_rows = std::max<int64_t>(0, r.Int(3));
         w->last_pass_rows = std::max<int64_t>(-1, r.Int(4));
       }
@@ -200,7 +202,7 @@ Status Sweeper::LoadWalks(int64_t now) {
 bool Sweeper::Behind(Walk& w, int64_t now) const {
   if (w.last_pass_rows < 0) return true;  // a first walk (none ended yet): flat out
   if (now < w.pass_start) w.pass_start = now;  // the clock went back
-  const int64_t period = options_.key_order_pass.count();
+  const int64_t period = w.pass;
   const int64_t elapsed = now - w.pass_start;
   if (elapsed >= period) return true;  // overdue: finish it
   const auto due =
@@ -318,15 +320,24 @@ Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
   return deleted;
 }
 
-Result<SweepStats> Sweeper::RunOnce() {
-  if (options_.batch < 1) return tl::unexpected(InvalidArgumentError("sweep batch must be >= 1"));
-  if (options_.key_order_pass <= Millis(0) ||
-      options_.key_order_pass > SweepOptions::kMaxKeyOrderPass ||
-      options_.key_order_window < 1 || options_.key_order_windows < 1) {
-    return tl::unexpected(InvalidArgumentError(
-        "key_order_pass must be within (0, 365 days], key_order_window and "
-        "key_order_windows >= 1"));
+Status Sweeper::ValidateOptions(const SweepOptions& o) {
+  if (o.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
+  for (auto [name, pass] : {std::pair{"key_order_pass", o.key_order_pass},
+                            std::pair{"inbox_key_order_pass", o.inbox_key_order_pass}}) {
+    if (pass <= Millis(0) || pass > SweepOptions::kMaxKeyOrderPass) {
+      return InvalidArgumentError(std::string("sweep ") + name +
+                                  " must be within (0, 365 days], not " +
+                                  std::to_string(pass.count()) + " ms");
+    }
   }
+  if (o.key_order_window < 1 || o.key_order_windows < 1) {
+    return InvalidArgumentError("sweep key_order_window and key_order_windows must be >= 1");
+  }
+  return OkStatus();
+}
+
+Result<SweepStats> Sweeper::RunOnce() {
+  CONVERGE_RETURN_IF_ERROR(ValidateOptions(options_));
   const int64_t now = clock_->NowMillis();
   SweepStats s;
   // Row by row, what no partition drop takes: on a time-partitioned store only the

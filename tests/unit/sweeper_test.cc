@@ -72,7 +72,10 @@ TEST_F(KeyOrderSweep, EachCallDeletesTheExpiredRowsOfOneWindowInKeyOrder) {
   // e0..e6, the odd ones expired.
   for (int i = 0; i < 7; ++i) InboxRow("e" + std::to_string(i), i % 2 ? now : now + 1);
 
-  Sweeper sweeper(*db_, {.batch = 4, .key_order_window = 4, .key_order_windows = 1}, &clock_);
+  Sweeper sweeper(*db_,
+                  {.batch = 4, .inbox_key_order_pass = 6h, .key_order_window = 4,
+                   .key_order_windows = 1},
+                  &clock_);  // both walks at the keys' default pass, 6 h
   auto first = sweeper.RunOnce();  // k0..k3, e0..e3
   ASSERT_TRUE(first) << first.error().ToString();
   EXPECT_EQ(first->keys, 2);
@@ -301,11 +304,64 @@ TEST_F(KeyOrderSweep, AWalkWhoseStoredKeyIsUnreadableStartsAfresh) {
   EXPECT_EQ(Keys(), 0);
 }
 
+// Each table's walk keeps its own pass (SweepOptions::key_order_pass for the keys,
+// inbox_key_order_pass for the inbox): the inbox's rows live longer, and walked at the
+// keys' pace a walk would find few of them expired.
+TEST_F(KeyOrderSweep, EachTableIsWalkedAtItsOwnPace) {
+  const int64_t t0 = clock_.NowMillis();
+  for (int i = 0; i < 100; ++i) {
+    const std::string n = (i < 10 ? "0" : "") + std::to_string(i);
+    Key("k" + n, t0 + 24 * 3600'000);
+    InboxRow("e" + n, t0 + 24 * 3600'000);
+  }
+  Sweeper sweeper(*db_,
+                  {.batch = 10, .key_order_pass = 100s, .inbox_key_order_pass = 1000s,
+                   .key_order_window = 10, .key_order_windows = 1},
+                  &clock_);
+  auto settle = [&] {
+    for (int calls = 1; calls <= 100; ++calls) {
+      auto s = sweeper.RunOnce();
+      ASSERT_TRUE(s) << s.error().ToString();
+      if (!s->more) return;
+    }
+    ADD_FAILURE() << "the sweeper still says more after 100 calls";
+  };
+  settle();  // the first walks, flat out
+  // Everything expires; each walk deletes what it walks from now on.
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) -> Status {
+                   CONVERGE_RETURN_IF_ERROR(
+                       tx.Exec("UPDATE idempotency_keys SET expires_at = $1", t0 + 1));
+                   return StatusOf(tx.Exec("UPDATE consumer_inbox SET expires_at = $1", t0 + 1));
+                 }).ok());
+  auto inbox_rows = [&] { return QueryInt(*db_, "SELECT count(*) FROM consumer_inbox"); };
+  // 50 s: half the keys' pass (5 windows), a twentieth of the inbox's (5 rows: 1 window).
+  clock_.Advance(50s);
+  settle();
+  EXPECT_EQ(Keys(), 50);
+  EXPECT_EQ(inbox_rows(), 90);
+  // 100 s: the keys' walk is overdue and goes to its end; the inbox's is on schedule.
+  clock_.Advance(50s);
+  settle();
+  EXPECT_EQ(Keys(), 0);
+  EXPECT_EQ(inbox_rows(), 90);
+  // 500 s: half the inbox's pass.
+  clock_.Advance(400s);
+  settle();
+  EXPECT_EQ(inbox_rows(), 50);
+}
+
 TEST_F(KeyOrderSweep, RefusesAPassOutOfRange) {
   for (Millis pass : {Millis(0), SweepOptions::kMaxKeyOrderPass + Millis(1)}) {
-    auto s = Sweeper(*db_, {.key_order_pass = pass}, &clock_).RunOnce();
-    ASSERT_FALSE(s);
-    EXPECT_EQ(s.error().code(), StatusCode::kInvalidArgument);
+    for (bool inbox : {false, true}) {
+      SweepOptions options;
+      (inbox ? options.inbox_key_order_pass : options.key_order_pass) = pass;
+      auto s = Sweeper(*db_, options, &clock_).RunOnce();
+      ASSERT_FALSE(s);
+      EXPECT_EQ(s.error().code(), StatusCode::kInvalidArgument);
+      EXPECT_NE(s.error().message().find(inbox ? "inbox_key_order_pass" : "sweep key_order_pass"),
+                std::string::npos)
+          << s.error().ToString();
+    }
   }
 }
 
