@@ -81,7 +81,7 @@ struct SweepOptions {
   // Each default is a quarter of its table's default TTL (24 h for keys, 14 days for
   // inbox rows: IdempotencyOptions, ConsumerOptions::inbox_ttl), so that a walk of either
   // finds a fifth of its rows expired; at the keys' pass the inbox walk would find 2% and
-  // write a page for nearly every row it deletes (docs/design/retention.md).
+  // write a leaf page for every one or two rows it deletes (docs/design/retention.md).
   // REQUIRES: 0 < each <= kMaxKeyOrderPass.
   Millis key_order_pass = std::chrono::hours(6);
   Millis inbox_key_order_pass = std::chrono::hours(24 * 14 / 4);
