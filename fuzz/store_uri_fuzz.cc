@@ -92,7 +92,7 @@ bool SqliteShouldParse(std::string_view location) {
       if (!IsDecimalIn(value, 1, 1024)) return false;
     } else if (name == "checkpoint_pages") {
       if (!IsDecimalIn(value, 1, 1 << 24)) return false;
-    } else if (name == "cache_mib") {
+    } else if (name == "cache_mib" || name == "mmap_mib") {
       if (!IsDecimalIn(value, 0, 1 << 16)) return false;
     } else {
       return false;
@@ -105,7 +105,7 @@ bool Same(const sqlite::Settings& a, const sqlite::Settings& b) {
   return a.path == b.path && a.synchronous_full == b.synchronous_full &&
          a.max_batch == b.max_batch && a.busy_timeout == b.busy_timeout &&
          a.readers == b.readers && a.checkpoint_pages == b.checkpoint_pages &&
-         a.cache_mib == b.cache_mib;
+         a.cache_mib == b.cache_mib && a.mmap_mib == b.mmap_mib;
 }
 
 // `refusal` came from a backend's parser: Database::Open must give the same.

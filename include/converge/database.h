@@ -337,6 +337,9 @@ class Database {
   //                              file on a thread of its own, not the writer's (1000)
   //     cache_mib=N              page cache of the writer's and each reader's connection,
   //                              in MiB, 0..65536 (0: SQLite's default, 2 MiB)
+  //     mmap_mib=N               how much of the file each connection reads through a
+  //                              memory map (PRAGMA mmap_size), in MiB, 0..65536 (0: none;
+  //                              SQLite caps it at its build's limit, 2 GiB in Debian's)
   //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
   //                            whose own parameters (sslmode, connect_timeout, ...) pass
   //                            through to libpq; converge takes out its own first:

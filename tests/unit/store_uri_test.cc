@@ -103,6 +103,28 @@ TEST(SqliteUriParameters, DefaultsAreFullSyncAndAFiveSecondBusyTimeout) {
   EXPECT_EQ(WriterInt(**db, "PRAGMA busy_timeout"), 5000);
 }
 
+// The page cache and the memory map are set on the writer's and each reader's connection.
+TEST(SqliteUriParameters, CacheAndMemoryMapReachEveryConnection) {
+  TempDir dir;
+  auto db = Database::Open("sqlite:" + dir.File("db.sqlite") + "?cache_mib=8&mmap_mib=16");
+  ASSERT_TRUE(db) << db.error().ToString();
+  EXPECT_EQ(WriterInt(**db, "PRAGMA cache_size"), -8 * 1024);
+  EXPECT_EQ(WriterInt(**db, "PRAGMA mmap_size"), int64_t{16} << 20);
+  int64_t cache = 0, mmap = 0;
+  ASSERT_TRUE((*db)->Read([&](Tx& tx) -> Status {
+                     CONVERGE_ASSIGN_OR_RETURN(Rows c, tx.Query("PRAGMA cache_size"));
+                     CONVERGE_ASSIGN_OR_RETURN(Rows m, tx.Query("PRAGMA mmap_size"));
+                     cache = c.at(0).Int(0);
+                     mmap = m.at(0).Int(0);
+                     return OkStatus();
+                   }).ok());
+  EXPECT_EQ(cache, -8 * 1024);
+  EXPECT_EQ(mmap, int64_t{16} << 20);
+  auto plain = Database::Open("sqlite:" + dir.File("plain.sqlite"));
+  ASSERT_TRUE(plain) << plain.error().ToString();
+  EXPECT_EQ(WriterInt(**plain, "PRAGMA mmap_size"), 0);
+}
+
 TEST(SqliteUriParameters, EachTakesEffect) {
   TempDir dir;
   auto db = Database::Open("sqlite://" + dir.File("db.sqlite") +
@@ -151,9 +173,11 @@ TEST(SqliteUriParameters, EveryBadParameterIsRefusedByName) {
       {"?busy_timeout_ms=-1", "busy_timeout_ms=-1 is not an integer"},
       {"?checkpoint_pages=0", "checkpoint_pages=0 is not an integer"},
       {"?cache_mib=65537", "cache_mib=65537 is not an integer"},
+      {"?mmap_mib=-1", "mmap_mib=-1 is not an integer"},
       {"?readers=2&readers=2", "'readers' is given more than once"},
       {"?pool_size=4", "sqlite URI: unknown parameter 'pool_size'; it takes synchronous, "
-                       "max_batch, busy_timeout_ms, readers, checkpoint_pages, cache_mib"},
+                       "max_batch, busy_timeout_ms, readers, checkpoint_pages, cache_mib, "
+                       "mmap_mib"},
       {"?notify=true", "unknown parameter 'notify'"},
       {"?synchronous", "'synchronous' is not name=value"},
   };
@@ -207,7 +231,7 @@ TEST(DatabaseWithDefaultParameter, AddsOnlyWhatTheStoreTakesAndTheUriLacks) {
 // The parser Open runs first, alone (the store_uri fuzz target's subject).
 TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
   auto s = sqlite::ParseLocation(
-      "no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9&cache_mib=64");
+      "no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9&cache_mib=64&mmap_mib=256");
   ASSERT_TRUE(s) << s.error().ToString();
   EXPECT_EQ(s->path, "no/such/dir/app.db");
   EXPECT_EQ(s->readers, 7u);
@@ -215,14 +239,16 @@ TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
   EXPECT_EQ(s->max_batch, 9u);
   EXPECT_EQ(s->busy_timeout, Millis(5000));
   EXPECT_EQ(s->cache_mib, 64);
+  EXPECT_EQ(s->mmap_mib, 256);
   const std::string again = sqlite::FormatLocation(*s);
   EXPECT_EQ(again, "no/such/dir/app.db?synchronous=normal&max_batch=9&busy_timeout_ms=5000"
-                   "&readers=7&checkpoint_pages=1000&cache_mib=64");
+                   "&readers=7&checkpoint_pages=1000&cache_mib=64&mmap_mib=256");
   auto reread = sqlite::ParseLocation(again);
   ASSERT_TRUE(reread) << reread.error().ToString();
   EXPECT_EQ(reread->path, s->path);
   EXPECT_EQ(reread->readers, 7u);
   EXPECT_EQ(reread->cache_mib, 64);
+  EXPECT_EQ(reread->mmap_mib, 256);
   EXPECT_FALSE(reread->synchronous_full);
   EXPECT_FALSE(sqlite::ParseLocation("?readers=2"));
   EXPECT_FALSE(sqlite::ParseLocation("x?readers=0"));

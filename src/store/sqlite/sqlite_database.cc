@@ -440,7 +440,7 @@ class SqliteDatabase : public Database {
     if (conn == nullptr) {
       conn = std::make_unique<Connection>();
       Status st = conn->Open(path_, true, options_.busy_timeout);
-      if (st.ok() && options_.cache_mib > 0) st = conn->ExecScript(CachePragma());
+      if (st.ok() && !CachePragma().empty()) st = conn->ExecScript(CachePragma());
       if (!st.ok()) {
         std::lock_guard<std::mutex> l(readers_mu_);
         --open_readers_;
@@ -890,10 +890,17 @@ class SqliteDatabase : public Database {
     }
   }
 
-  // "PRAGMA cache_size=-KiB;" for the URI's cache_mib, or nothing.
+  // "PRAGMA cache_size=-KiB;" for the URI's cache_mib and "PRAGMA mmap_size=B;" for its
+  // mmap_mib, or nothing.
   std::string CachePragma() const {
-    if (options_.cache_mib <= 0) return "";
-    return " PRAGMA cache_size=-" + std::to_string(int64_t{options_.cache_mib} * 1024) + ";";
+    std::string sql;
+    if (options_.cache_mib > 0) {
+      sql += " PRAGMA cache_size=-" + std::to_string(int64_t{options_.cache_mib} * 1024) + ";";
+    }
+    if (options_.mmap_mib > 0) {
+      sql += " PRAGMA mmap_size=" + std::to_string(int64_t{options_.mmap_mib} << 20) + ";";
+    }
+    return sql;
   }
 
   void CountBareBatchRolledBack() {
@@ -971,6 +978,8 @@ Result<Settings> ParseLocation(std::string_view location) {
   if (checkpoint) s.checkpoint_pages = static_cast<int>(*checkpoint);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> cache, uri.TakeInt("cache_mib", 0, 1 << 16));
   if (cache) s.cache_mib = static_cast<int>(*cache);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> mmap, uri.TakeInt("mmap_mib", 0, 1 << 16));
+  if (mmap) s.mmap_mib = static_cast<int>(*mmap);
   CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
   return s;
 }
@@ -981,7 +990,8 @@ std::string FormatLocation(const Settings& settings) {
          "&busy_timeout_ms=" + std::to_string(settings.busy_timeout.count()) +
          "&readers=" + std::to_string(settings.readers) +
          "&checkpoint_pages=" + std::to_string(settings.checkpoint_pages) +
-         "&cache_mib=" + std::to_string(settings.cache_mib);
+         "&cache_mib=" + std::to_string(settings.cache_mib) +
+         "&mmap_mib=" + std::to_string(settings.mmap_mib);
 }
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {

@@ -14,8 +14,9 @@
 namespace converge::sqlite {
 
 // The parameters a sqlite: URI's query may carry (database.h, Database::Open).
-inline constexpr std::array<std::string_view, 6> kUriParameters = {
-    "synchronous", "max_batch", "busy_timeout_ms", "readers", "checkpoint_pages", "cache_mib"};
+inline constexpr std::array<std::string_view, 7> kUriParameters = {
+    "synchronous", "max_batch",  "busy_timeout_ms", "readers",
+    "checkpoint_pages", "cache_mib", "mmap_mib"};
 
 // What a sqlite: location asks for ("PATH?synchronous=normal&readers=8", the URI after
 // `sqlite:` or `sqlite://`), read without opening anything.
@@ -31,6 +32,10 @@ struct Settings {
   // Page cache of the writer's and of each reader's connection, in MiB; 0: SQLite's own
   // default (2 MiB).
   int cache_mib = 0;
+  // Bytes of the file each connection reads through a memory map (PRAGMA mmap_size), in
+  // MiB; 0: none, every page read is a read() into the page cache. SQLite caps it at its
+  // compile-time limit (2 GiB in Debian's build).
+  int mmap_mib = 0;
 };
 
 // Errors (kInvalidArgument): an empty path; a parameter that is not name=value, unknown,
