@@ -46,10 +46,8 @@ json() { [ -n "$json_dir" ] && echo "--json=$json_dir/scale_$1.json" || true; }
 if [[ " $stores " == *" sqlite "* ]]; then
   dir=$(mktemp -d "$tmp/converge-scale-XXXXXX")
   trap 'rm -rf "$dir"' EXIT
-  # 20% expired: what each walk finds in the steady state with the default TTLs and passes
-  # (pass / (TTL + pass): 6 h / 30 h for keys, 84 h / 420 h for inbox rows).
-  echo "SQLite: preloading $rows rows per table, 20% expired"
-  "$bench" preload --uri "sqlite:$dir/loaded.db" --rows "$rows" --expired 0.2
+  echo "SQLite: preloading $rows rows per table"
+  "$bench" preload --uri "sqlite:$dir/loaded.db" --rows "$rows"
   du -sh "$dir/loaded.db" | awk '{print "  loaded store: " $1}'
   "$bench" run --uri "sqlite:$dir/loaded.db" --empty-uri "sqlite:$dir/empty.db" \
     --seconds "$secs" --rounds "$rounds" $(json sqlite)

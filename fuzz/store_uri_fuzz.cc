@@ -12,7 +12,7 @@
 //    Database::Open, and its message names the URI forms that work;
 //  - sqlite: (after `sqlite:` or `sqlite://`): the location parses exactly when its path
 //    (before the first '?') is not empty and its query, cut at '&' with empty pieces
-//    skipped, holds only name=value pieces naming each of the five sqlite parameters at
+//    skipped, holds only name=value pieces naming each of the seven sqlite parameters at
 //    most once, with a value in its range (an independent reading below); a parsed
 //    location's path is that prefix, and FormatLocation reads back to the same settings;
 //  - postgresql://: a URI that parses keeps libpq's part whole (the URI's base and, in

@@ -338,8 +338,10 @@ class Database {
   //     cache_mib=N              page cache of the writer's and each reader's connection,
   //                              in MiB, 0..65536 (0: SQLite's default, 2 MiB)
   //     mmap_mib=N               how much of the file each connection reads through a
-  //                              memory map (PRAGMA mmap_size), in MiB, 0..65536 (0: none;
-  //                              SQLite caps it at its build's limit, 2 GiB in Debian's)
+  //                              memory map (PRAGMA mmap_size), in MiB, 0..65536 (0:
+  //                              SQLite's default, none in Debian's build; SQLite caps it
+  //                              at its build's limit, 2 GiB in Debian's). An I/O error on
+  //                              a mapped page reaches the process as SIGBUS, not an error
   //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
   //                            whose own parameters (sslmode, connect_timeout, ...) pass
   //                            through to libpq; converge takes out its own first:

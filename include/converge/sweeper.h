@@ -24,26 +24,27 @@
 // whole partition waits). Only their DEFAULT partitions, which hold rows no partition
 // covered when they were written, are still swept row by row. docs/design/retention.md.
 //
-// Where the store sweeps in key order (Dialect::SweepsInKeyOrder: SQLite), idempotency_keys
-// and consumer_inbox are not searched for expired rows but walked in primary-key order, a
-// window of rows at a time, each window's expired rows deleted in one transaction, and the
-// walk starts over at the end of the table. Deleting in key order dirties each leaf page
-// once for all of its expired rows, where rows picked through an expiry index are
-// scattered over the table, a page each. The walk is paced so that a whole one takes
-// `key_order_pass`: a window is walked only while the walk has examined fewer rows than
-// the previous walk did in proportion to the pass's time gone, or is overdue; RunOnce says
-// `more` while a walk still lags (and all through a first walk, which runs flat out). A
-// table that fits in one window is walked whenever one row of it is due. A window with
-// nothing to delete costs no write (but for where the walk stands, below). A row therefore outlives
-// its expiry by up to about one pass; nothing reads an expired row as live meanwhile
-// (idempotency.h: a finished key past expires_at is used afresh; an inbox row only
-// dedupes longer). Where each walk stands is kept in the store (table sweep_walks),
-// written with each window's deletions (and, for windows with nothing to delete, at a
-// sweeper's first window, every 16th and at the end of a walk): a sweeper that starts
-// again resumes the walk at its pace (`resume_walks`), so a process restarted often still
-// walks each table through, and its start costs no walk flat out; only a walk that never
-// ended yet (the store's first) runs flat out. Two sweepers on one store each keep their
-// own walk, and the last to write is what a third resumes. docs/design/retention.md.
+// Where the store sweeps in key order (Dialect::SweepsInKeyOrder: SQLite),
+// idempotency_keys and consumer_inbox are not searched for expired rows but walked in
+// primary-key order, a window of rows at a time, each window's expired rows deleted in one
+// transaction, and the walk starts over at the end of the table. Deleting in key order
+// dirties each leaf page once for all of its expired rows, where rows picked through an
+// expiry index are scattered over the table, a page each. The walk is paced so that a
+// whole one takes its table's pass (`key_order_pass`, `inbox_key_order_pass`): a window is
+// walked only while the walk has examined fewer rows than the previous walk did in
+// proportion to the pass's time gone, or is overdue; RunOnce says `more` while a walk
+// still lags (and all through a first walk, which runs flat out). A table that fits in one
+// window is walked whenever one row of it is due. A window with nothing to delete costs no
+// write (but for where the walk stands, below). A row therefore outlives its expiry by up
+// to about one pass; nothing reads an expired row as live meanwhile (idempotency.h: a
+// finished key past expires_at is used afresh; an inbox row only dedupes longer). Where
+// each walk stands is kept in the store (table sweep_walks), written with each window's
+// deletions (and, for windows with nothing to delete, at a sweeper's first window, every
+// 16th and at the end of a walk): a sweeper that starts again resumes the walk at its pace
+// (`resume_walks`), so a process restarted often still walks each table through, and its
+// start costs no walk flat out; only a walk that never ended yet (the store's first) runs
+// flat out. Two sweepers on one store each keep their own walk, and the last to write is
+// what a third resumes. docs/design/retention.md.
 //
 // Thread safety: safe to run from one thread while everything else runs; RunOnce is not
 // to be called by two threads at once on one Sweeper.

@@ -87,10 +87,7 @@ bool Overlaps(const std::vector<TimePartition>& parts, int64_t from, int64_t to)
 Status Sweeper::MaintainPartitions(int64_t now, SweepStats* stats, RowTables* row_tables) {
   *row_tables = RowTables{};
   bool partitioned = false;
-  const int64_t period = options_.partition_period.count();
-  if (period <= 0 || options_.partitions_ahead < 0) {
-    return InvalidArgumentError("partition_period must be > 0 and partitions_ahead >= 0");
-  }
+  const int64_t period = options_.partition_period.count();  // > 0: ValidateOptions
   // Each keeps what its row-by-row sweep keeps (that sweep's condition, negated).
   const PartitionedTable tables[] = {
       {"idempotency_keys", internal::UnforgettableKeyCondition("$1"), now},
@@ -322,6 +319,19 @@ Result<int64_t> Sweeper::WalkOnce(Walk& w, int64_t now, int* completed) {
 
 Status Sweeper::ValidateOptions(const SweepOptions& o) {
   if (o.batch < 1) return InvalidArgumentError("sweep batch must be >= 1");
+  for (auto [name, retention] :
+       {std::pair{"published_retention", o.published_retention},
+        std::pair{"done_retention", o.done_retention},
+        std::pair{"settled_dead_letter_retention", o.settled_dead_letter_retention},
+        std::pair{"settled_saga_retention", o.settled_saga_retention}}) {
+    if (retention < Millis(0)) {
+      return InvalidArgumentError(std::string("sweep ") + name + " must not be negative, not " +
+                                  std::to_string(retention.count()) + " ms");
+    }
+  }
+  if (o.partition_period <= Millis(0) || o.partitions_ahead < 0) {
+    return InvalidArgumentError("sweep partition_period must be > 0 and partitions_ahead >= 0");
+  }
   for (auto [name, pass] : {std::pair{"key_order_pass", o.key_order_pass},
                             std::pair{"inbox_key_order_pass", o.inbox_key_order_pass}}) {
     if (pass <= Millis(0) || pass > SweepOptions::kMaxKeyOrderPass) {

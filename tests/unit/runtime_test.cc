@@ -90,6 +90,24 @@ TEST_F(RuntimeTest, RefusesUnsafeOptionsAndStartsNothing) {
   EXPECT_NE(st.message().find("inbox_ttl"), std::string::npos) << st.message();
   // Nothing runs: the relay was not started, so it owns no partitions.
   EXPECT_EQ(testing::QueryInt(*db_, "SELECT count(*) FROM relay_partitions"), 0);
+
+  // The sweeper's options: each refused by name before anything starts
+  // (Sweeper::ValidateOptions), not by every sweep failing afterwards.
+  const std::vector<std::pair<SweepOptions, std::string>> sweeps = {
+      {{.batch = 0}, "batch"},
+      {{.done_retention = -1ms}, "done_retention"},
+      {{.partition_period = 0ms}, "partition_period"},
+      {{.partitions_ahead = -1}, "partitions_ahead"},
+      {{.key_order_pass = 0ms}, "key_order_pass"},
+      {{.inbox_key_order_pass = SweepOptions::kMaxKeyOrderPass + 1ms}, "inbox_key_order_pass"},
+      {{.key_order_windows = 0}, "key_order_windows"},
+  };
+  for (const auto& [sweep, name] : sweeps) {
+    Runtime bad_sweep(*db_, {.sweep = sweep});
+    st = bad_sweep.Start();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << name;
+    EXPECT_NE(st.message().find(name), std::string::npos) << st.message();
+  }
 }
 
 // With publish_in_transaction the producer's commit puts the event on the queue: the

@@ -350,6 +350,35 @@ TEST_F(KeyOrderSweep, EachTableIsWalkedAtItsOwnPace) {
   EXPECT_EQ(inbox_rows(), 50);
 }
 
+// A sweeper that starts again resumes the inbox's walk at the inbox's pace: its walk began
+// 200 s ago, twice the keys' pass but a fifth of its own, so it is on schedule (a fifth of
+// the last walk's rows due), not overdue.
+TEST_F(KeyOrderSweep, TheInboxWalkResumesAtItsOwnPass) {
+  const int64_t now = clock_.NowMillis();
+  for (int i = 0; i < 100; ++i) {
+    InboxRow("e" + std::string(i < 10 ? "0" : "") + std::to_string(i), now);
+  }
+  ASSERT_TRUE(db_->Transact([&](Tx& tx) {
+                   return StatusOf(tx.Exec(
+                       "INSERT INTO sweep_walks (walk, after_key, pass_start, pass_rows, "
+                       "last_pass_rows) VALUES ('consumer_inbox', NULL, $1, 0, 100)",
+                       now - 200'000));
+                 }).ok());
+  Sweeper sweeper(*db_,
+                  {.batch = 10, .key_order_pass = 100s, .inbox_key_order_pass = 1000s,
+                   .key_order_window = 10, .key_order_windows = 1},
+                  &clock_);
+  for (int calls = 1;; ++calls) {
+    ASSERT_LE(calls, 100) << "the sweeper still says more";
+    auto s = sweeper.RunOnce();
+    ASSERT_TRUE(s) << s.error().ToString();
+    if (!s->more) break;
+  }
+  // 20 rows due: two windows of ten. At the keys' pass the walk would have resumed 100 s
+  // in (one window); overdue, it would have walked all 100.
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM consumer_inbox"), 80);
+}
+
 TEST_F(KeyOrderSweep, RefusesAPassOutOfRange) {
   for (Millis pass : {Millis(0), SweepOptions::kMaxKeyOrderPass + Millis(1)}) {
     for (bool inbox : {false, true}) {

@@ -33,8 +33,8 @@ struct Settings {
   // default (2 MiB).
   int cache_mib = 0;
   // Bytes of the file each connection reads through a memory map (PRAGMA mmap_size), in
-  // MiB; 0: none, every page read is a read() into the page cache. SQLite caps it at its
-  // compile-time limit (2 GiB in Debian's build).
+  // MiB; 0: SQLite's default (none in Debian's build: every page read is a read() into
+  // the page cache). SQLite caps it at its compile-time limit (2 GiB in Debian's build).
   int mmap_mib = 0;
 };
 
