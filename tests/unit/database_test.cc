@@ -712,12 +712,12 @@ std::unique_ptr<Database> OpenWithBigTable(const std::string& uri) {
 TEST(SqliteCheckpoints, TheCheckpointerCopiesTheWalIntoTheFileWithoutTheWriter) {
   TempDir dir;
   const std::string path = dir.File("db.sqlite");
-  // A mark of 50 pages; the writer would step in only at 800.
+  // A mark of 50 pages; the writer would step in only at 200.
   auto db = OpenWithBigTable("sqlite:" + path + "?checkpoint_pages=50");
   ASSERT_NE(db, nullptr);
   const int64_t before = FileSize(path);
   ASSERT_TRUE(WritePages(*db, 0, 100).ok());
-  // Nothing else checkpoints below 800 pages (SQLite's own automatic checkpoint, at 1,000,
+  // Nothing else checkpoints below 200 pages (SQLite's own automatic checkpoint, at 1,000,
   // is replaced): the file grows only if the checkpointer copied the pages.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while (FileSize(path) < before + 100 * 4000 && std::chrono::steady_clock::now() < deadline) {
@@ -730,7 +730,7 @@ TEST(SqliteCheckpoints, TheCheckpointerCopiesTheWalIntoTheFileWithoutTheWriter) 
 TEST(SqliteCheckpoints, TheWriterBoundsTheWalWhileTheCheckpointerIsHeld) {
   // Under a steady stream of commits a checkpoint beside the writer never reaches the
   // WAL's end, and the WAL restarts only from a fully copied one: without the writer's own
-  // checkpoint past 16 times the mark, it would grow by every page written.
+  // checkpoint past 4 times the mark, it would grow by every page written.
   ASSERT_TRUE(failpoint::Configure("sqlite.before_checkpoint=pause").ok());
   TempDir dir;
   const std::string path = dir.File("db.sqlite");
@@ -743,9 +743,9 @@ TEST(SqliteCheckpoints, TheWriterBoundsTheWalWhileTheCheckpointerIsHeld) {
   ASSERT_NE(db, nullptr);
   for (int i = 0; i < 40; ++i) ASSERT_TRUE(WritePages(*db, i * 50, 50).ok());
   EXPECT_TRUE(failpoint::WaitPaused("sqlite.before_checkpoint", std::chrono::seconds(20)));
-  // 2,000 pages written; the WAL holds at most the writer's mark (320 pages) plus the
+  // 2,000 pages written; the WAL holds at most the writer's mark (80 pages) plus the
   // commit that crossed it, each frame a page and its 24-byte header.
-  EXPECT_LE(FileSize(path + "-wal"), 500 * (4096 + 24));
+  EXPECT_LE(FileSize(path + "-wal"), 140 * (4096 + 24));
   EXPECT_GE(FileSize(path), 1500 * 4000);
   EXPECT_EQ(QueryInt(*db, "SELECT count(*) FROM big"), 2000);
 }

@@ -786,8 +786,12 @@ class SqliteDatabase : public Database {
   // would grow without bound. Past kWriterCheckpointFactor times `checkpoint_pages`
   // (1,000 by default, SQLite's own mark) the writer therefore checkpoints itself,
   // between its commits, as SQLite's own mechanism did: what is left by then is what was
-  // committed since the last background pass.
-  static constexpr int kWriterCheckpointFactor = 16;  // 64 MiB of WAL by default
+  // committed since the last background pass. The factor was 16 (64 MiB) until
+  // 2026-12-02; group commit's commits then cost more than raw sqlite3's at the same
+  // batch, whose WAL SQLite keeps near 4 MiB (docs/benchmarks.md, "A WAL bounded at 16
+  // MiB"). The WAL grows to its bound once after each open, and a sync that extends a
+  // file also commits the file system's journal.
+  static constexpr int kWriterCheckpointFactor = 4;  // 16 MiB of WAL by default
   //
   // Even the writer's checkpoint, run between commits, lets the WAL start over only if no
   // reader is still on a snapshot older than its end: a write begins at the WAL's start
@@ -802,10 +806,11 @@ class SqliteDatabase : public Database {
   // meanwhile, the price of a bounded WAL. A reader longer than the wait leaves the WAL
   // to grow on (SQLITE_BUSY; the frames it does not need are still copied), and the
   // writer tries again `mark` pages later, then twice as far each time it fails, up to
-  // kWriterCheckpointFactor times the mark: a long reader costs a wait per try, not one
+  // kWriterRestartGapFactor times the mark: a long reader costs a wait per try, not one
   // per commit. While a restart is wanted the background passes stand aside: a RESTART
   // finding the checkpoint lock taken fails at once, without waiting.
-  static constexpr int kWriterRestartFactor = 2;
+  static constexpr int kWriterRestartFactor = 8;  // 32 times the mark, 128 MiB
+  static constexpr int kWriterRestartGapFactor = 16;
   static constexpr Millis kWriterRestartWait = Millis(100);
 
   // sqlite3_wal_hook: runs on the writer thread after each commit, `pages` being the
@@ -840,7 +845,7 @@ class SqliteDatabase : public Database {
         sqlite3_busy_timeout(db, static_cast<int>(d->options_.busy_timeout.count()));
         l.lock();
         d->restart_gap_ = rc == SQLITE_BUSY
-                              ? std::min(mark * kWriterCheckpointFactor,
+                              ? std::min(mark * kWriterRestartGapFactor,
                                          2 * std::max(mark, d->restart_gap_))
                               : 0;
         l.unlock();

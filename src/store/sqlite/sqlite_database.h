@@ -26,7 +26,7 @@ struct Settings {
   size_t max_batch = 512;
   Millis busy_timeout = Millis(5000);
   size_t readers = 4;
-  // WAL pages that start a checkpoint on the checkpointer's thread; past 16 times that
+  // WAL pages that start a checkpoint on the checkpointer's thread; past 4 times that
   // the writer checkpoints between its commits (sqlite_database.cc, OnWalCommit).
   int checkpoint_pages = 1000;
   // Page cache of the writer's and of each reader's connection, in MiB; 0: SQLite's own
