@@ -776,7 +776,7 @@ TEST(SqliteCheckpoints, TheWriterBoundsTheWalUnderReadsThatOverlapWithoutAGap) {
       }
     });
   }
-  // Past twice the writer's mark (640 pages) the writer waits for the readers of older
+  // Past 32 times the mark (640 pages) the writer waits for the readers of older
   // snapshots, and the next commit starts the WAL over. A reader that outlasts the wait
   // (a reader's thread not run for 100 ms) makes a try fail, and the writer tries again
   // further on: write until a try succeeded, or 20,000 pages. Measured beside two busy

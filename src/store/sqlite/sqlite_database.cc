@@ -805,9 +805,9 @@ class SqliteDatabase : public Database {
   // copies what is left and fsyncs the file as any checkpoint does; commits wait
   // meanwhile, the price of a bounded WAL. A reader longer than the wait leaves the WAL
   // to grow on (SQLITE_BUSY; the frames it does not need are still copied), and the
-  // writer tries again `mark` pages later, then twice as far each time it fails, up to
-  // kWriterRestartGapFactor times the mark: a long reader costs a wait per try, not one
-  // per commit. While a restart is wanted the background passes stand aside: a RESTART
+  // writer tries again twice `mark` pages later, twice as far after each further
+  // failure, up to kWriterRestartGapFactor times the mark: a long reader costs a wait per
+  // try, not one per commit. While a restart is wanted the background passes stand aside: a RESTART
   // finding the checkpoint lock taken fails at once, without waiting.
   static constexpr int kWriterRestartFactor = 8;  // 32 times the mark, 128 MiB
   static constexpr int kWriterRestartGapFactor = 16;
