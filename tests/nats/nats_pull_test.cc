@@ -189,7 +189,18 @@ TEST_F(NatsPullTest, NothingIsAskedWhileTheConnectionIsDownAndDeliveriesFollowTh
   }
   ASSERT_EQ(natsConnection_Status(nc_), NATS_CONN_STATUS_CONNECTED);
   Publish(25, "after");
-  EXPECT_EQ(TakeAll(10, 25).size(), 25u);
+  // A "before" message may come again: its ack, sent just before the kill, or the
+  // consumer's state for it may not have reached the server's disk (at least once).
+  // Every "after" message must come, and nothing else.
+  size_t after = 0;
+  for (const std::string& body : TakeAll(10, 25 + 3)) {
+    if (body.rfind("after-", 0) == 0) {
+      ++after;
+    } else {
+      EXPECT_EQ(body.rfind("before-", 0), 0u) << body;
+    }
+  }
+  EXPECT_EQ(after, 25u);
 }
 
 // A delivery's subject is the message's own (`pt.x`), not the request's reply subject, so
