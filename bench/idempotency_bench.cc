@@ -8,23 +8,34 @@
 //        (prepared once, the library's own schema, the same statement sequence and row
 //        sizes), every call in one transaction: what SQLite itself can do;
 //   (r2) raw, batched: the same, committing every B calls, where B is the average batch
-//        (b) reached in the same round: what SQLite does with the batching (b) got.
+//        (b) reached in the same round: what SQLite does with the batching (b) got;
+//   (r3) raw behind the handoff: the same raw statements, run by one writer thread for
+//        --callers threads that each hand it a call and block until its batch commits,
+//        as (b)'s callers do (a queue under a mutex, batches that take the calls queued
+//        meanwhile, callers woken in a chain), with no library code at all: what any
+//        design handing blocking callers' calls to one writer thread can do here.
 //
 // It prints the median and the spread of each mode over --rounds rounds and the ratios
-// b/r2 and b/r1. With --sweep it also runs (b) at other caller counts, and with --json it
-// writes every sample for bench/plot.sh. Run by `make bench`; see docs/benchmarks.md.
+// b/r2, b/r1, b/r3 and r3/r2. With --sweep it also runs (b) at other caller counts, and
+// with --json it writes every sample for bench/plot.sh. Run by `make bench`; see
+// docs/benchmarks.md.
+#include <semaphore.h>
 #include <sqlite3.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -332,7 +343,7 @@ class RawCreates {
     return r;
   }
 
- private:
+  // One create's statements, in the open transaction.
   void Create(int64_t n) {
     char id[32], event_id[48];
     std::snprintf(id, sizeof id, "p%lld", static_cast<long long>(n));
@@ -386,6 +397,14 @@ class RawCreates {
     Step(s, SQLITE_DONE);
   }
 
+  void Exec(const std::string& sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+      Die("raw '" + sql + "': " + (err ? err : "?"));
+    }
+  }
+
+ private:
   static void Text(sqlite3_stmt* s, int i, std::string_view v) {
     sqlite3_bind_text64(s, i, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8);
   }
@@ -395,12 +414,6 @@ class RawCreates {
     if (rc == SQLITE_DONE) {
       sqlite3_reset(s);
       sqlite3_clear_bindings(s);
-    }
-  }
-  void Exec(const std::string& sql) {
-    char* err = nullptr;
-    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
-      Die("raw '" + sql + "': " + (err ? err : "?"));
     }
   }
   void Check(int rc, const std::string& what) {
@@ -417,6 +430,105 @@ RawResult Raw(int64_t calls, int64_t batch, bool full, const std::string& envelo
   f.db.reset();
   RawCreates raw(f.path, full, envelope);
   return raw.Run(calls, batch);
+}
+
+struct HandoffResult {
+  double rate = 0;       // creates/s
+  double avg_batch = 0;  // creates per commit
+};
+
+// (r3): `callers` threads hand creates to one writer thread running the raw statements,
+// the way SqliteDatabase does (its Transact, WriterLoop and RunBatch): a call waits in a
+// queue under a mutex; the writer takes what is queued (up to 512), runs it in one
+// transaction with the calls queued meanwhile, commits, and wakes the batch's first
+// caller, each caller waking the next. Nothing else: no Status, no std::function, no
+// parameters copied, no savepoints, no hooks, no event prepared on the callers.
+HandoffResult RawHandoff(double seconds, int callers, bool full, const std::string& envelope) {
+  Fixture f(full);  // the library's schema; closed before the raw connection writes
+  f.db.reset();
+  RawCreates raw(f.path, full, envelope);
+  struct Call {
+    int64_t n = 0;
+    sem_t done;
+    Call* next = nullptr;
+  };
+  constexpr size_t kMaxBatch = 512;  // SqliteDatabase's default max_batch
+  std::mutex mu;
+  std::condition_variable work;
+  std::deque<Call*> queue;
+  bool writer_stop = false;
+  int64_t commits = 0, committed = 0;
+  std::thread writer([&] {
+    std::vector<Call*> batch;
+    auto take = [&] {  // mu held
+      while (!queue.empty() && batch.size() < kMaxBatch) {
+        batch.push_back(queue.front());
+        queue.pop_front();
+      }
+    };
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(mu);
+        work.wait(l, [&] { return writer_stop || !queue.empty(); });
+        if (queue.empty()) return;
+        take();
+      }
+      raw.Exec("BEGIN IMMEDIATE");
+      for (size_t i = 0;; ++i) {
+        if (i == batch.size()) {
+          std::lock_guard<std::mutex> l(mu);
+          take();
+          if (i == batch.size()) break;
+        }
+        raw.Create(batch[i]->n);
+      }
+      raw.Exec("COMMIT");
+      ++commits;
+      committed += static_cast<int64_t>(batch.size());
+      for (size_t i = 0; i < batch.size(); ++i) {
+        batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
+      }
+      sem_post(&batch[0]->done);
+      batch.clear();
+    }
+  });
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  const auto t0 = SteadyClock::now();
+  for (int i = 0; i < callers; ++i) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        Call c;
+        c.n = next.fetch_add(1);
+        if (sem_init(&c.done, 0, 0) != 0) Die("sem_init failed");
+        {
+          std::lock_guard<std::mutex> l(mu);
+          queue.push_back(&c);
+          work.notify_one();
+        }
+        while (sem_wait(&c.done) != 0) {
+          if (errno != EINTR) Die("sem_wait failed");
+        }
+        if (c.next != nullptr) sem_post(&c.next->done);
+        sem_destroy(&c.done);
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& t : threads) t.join();
+  const auto t1 = SteadyClock::now();
+  {
+    std::lock_guard<std::mutex> l(mu);
+    writer_stop = true;
+  }
+  work.notify_one();
+  writer.join();
+  HandoffResult h;
+  h.rate = committed / std::chrono::duration<double>(t1 - t0).count();
+  h.avg_batch = commits > 0 ? static_cast<double>(committed) / commits : 0;
+  return h;
 }
 
 struct Summary {
@@ -466,7 +578,8 @@ int main(int argc, char** argv) {
   std::printf("idempotent creates (key + business row + outbox row), SQLite WAL synchronous=%s\n",
               full ? "FULL" : "NORMAL");
   std::printf("%d round(s), modes interleaved in each, every run on a fresh file\n", rounds);
-  std::vector<double> a, b, r1, r2, batches, writer_us, process_us, r1_us, p50, p99;
+  std::vector<double> a, b, r1, r2, r3, r3_batches, batches, writer_us, process_us, r1_us, p50,
+      p99;
   // Where the time per create went: (b)'s writer by its own account, and r2's.
   std::vector<double> w_calls, w_commits, w_waiting, w_other, w_runnable, r2_us, r2_statements,
       r2_commits;
@@ -506,6 +619,10 @@ int main(int argc, char** argv) {
     r2_us.push_back(batched.cpu_us);
     r2_statements.push_back(batched.statements_us);
     r2_commits.push_back(batched.commit_us);
+    std::fprintf(stderr, " raw r3 (%d callers)...", callers);
+    const HandoffResult handoff = RawHandoff(seconds, callers, full, g.envelope);
+    r3.push_back(handoff.rate);
+    r3_batches.push_back(handoff.avg_batch);
     for (int c : sweep) {
       std::fprintf(stderr, " group(%d)...", c);
       swept[c].push_back(Group(seconds, c, full).rate);
@@ -524,19 +641,28 @@ int main(int argc, char** argv) {
   line(("(b)  group commit, " + std::to_string(callers) + " callers").c_str(), sb, note);
   line("(r1) raw sqlite3, one transaction", s1, "");
   line("(r2) raw sqlite3, (b)'s batch per commit", s2, "");
+  std::snprintf(note, sizeof note, "  avg %.1f calls/commit, %d callers",
+                Summarize(r3_batches).median, callers);
+  line("(r3) raw sqlite3 behind (b)'s handoff", Summarize(r3), note);
   for (const auto& [c, v] : swept) {
     line(("     group commit, " + std::to_string(c) + " callers").c_str(), Summarize(v), "");
   }
   // Ratios per round (both sides measured in the same round), then their median.
-  std::vector<double> b_r2, b_r1;
+  std::vector<double> b_r2, b_r1, b_r3, r3_r2;
   for (int r = 0; r < rounds; ++r) {
     b_r2.push_back(b[r] / r2[r]);
     b_r1.push_back(b[r] / r1[r]);
+    b_r3.push_back(b[r] / r3[r]);
+    r3_r2.push_back(r3[r] / r2[r]);
   }
-  Summary q2 = Summarize(b_r2), q1 = Summarize(b_r1);
+  Summary q2 = Summarize(b_r2), q1 = Summarize(b_r1), q3 = Summarize(b_r3),
+          h2 = Summarize(r3_r2);
   std::printf("  b/a = %.1fx   b/r2 = %.2f (%.2f..%.2f, target >= 0.85)   "
               "b/r1 = %.2f (%.2f..%.2f, target >= 0.40)\n",
               sb.median / sa.median, q2.median, q2.min, q2.max, q1.median, q1.min, q1.max);
+  std::printf("  b/r3 = %.2f (%.2f..%.2f): the library against the handoff alone   "
+              "r3/r2 = %.2f (%.2f..%.2f): the handoff's own cost\n",
+              q3.median, q3.min, q3.max, h2.median, h2.min, h2.max);
 
   Summary l50 = Summarize(p50), l99 = Summarize(p99);
   std::printf("  (b) latency per create: p50 %.2f ms (%.2f..%.2f), p99 %.2f ms (%.2f..%.2f)\n",
@@ -572,6 +698,10 @@ int main(int argc, char** argv) {
                         {"batches_rolled_back", rolled_back},
                         {"raw_one_tx", r1},
                         {"raw_batched", r2},
+                        {"raw_handoff", r3},
+                        {"raw_handoff_avg_batch", r3_batches},
+                        {"b_over_r3", b_r3},
+                        {"r3_over_r2", r3_r2},
                         {"b_over_r2", b_r2},
                         {"b_over_r1", b_r1},
                         {"writer_cpu_us", writer_us},

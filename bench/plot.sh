@@ -2,8 +2,9 @@
 # Renders the JSON results of `make bench` as SVG plots with gnuplot (Debian gnuplot-nox):
 #
 #   sqlite_throughput.svg  group commit creates/s against callers (median, min..max of the
-#                          rounds), with serial and the raw-sqlite3 ceilings r1 and r2 as
-#                          lines (r2 at the batch the --callers run reached)
+#                          rounds), with serial and the raw-sqlite3 ceilings r1, r2 and r3
+#                          as lines (r2 at the batch the --callers run reached, r3 at
+#                          --callers)
 #   sqlite_latency.svg     histogram of the group-commit creates' latencies (last round)
 #   pg_creates.svg         converge, pgbench and pgbench pipelined, creates/s (median,
 #                          min..max), when the PostgreSQL results exist
@@ -39,8 +40,10 @@ with open(os.path.join(tmp, "group.dat"), "w") as f:
     for c in sorted(by_callers):
         f.write("%d %s\n" % (c, row(by_callers[c])))
 with open(os.path.join(tmp, "lines.dat"), "w") as f:
-    f.write("%g %g %g\n" % (statistics.median(s["serial"]), statistics.median(s["raw_one_tx"]),
-                            statistics.median(s["raw_batched"])))
+    # r3 (raw behind the handoff) is absent from results older than 2026-12-02: 0 then.
+    f.write("%g %g %g %g\n" % (statistics.median(s["serial"]), statistics.median(s["raw_one_tx"]),
+                               statistics.median(s["raw_batched"]),
+                               statistics.median(s.get("raw_handoff") or [0])))
 with open(os.path.join(tmp, "meta.txt"), "w") as f:
     f.write("%s %d %.1f\n" % (s["synchronous"], s["callers"], statistics.median(s["avg_batch"])))
 with open(os.path.join(tmp, "latency.dat"), "w") as f:
@@ -71,7 +74,7 @@ if scale:
 PY
 
 read -r sync callers batch < "$tmp/meta.txt"
-read -r serial r1 r2 < "$tmp/lines.dat"
+read -r serial r1 r2 r3 < "$tmp/lines.dat"
 gnuplot <<GP
 set terminal svg size 800,480 dynamic font "sans,12"
 set output "$out/sqlite_throughput.svg"
@@ -86,6 +89,7 @@ plot "$tmp/group.dat" using 1:2:3:4 with yerrorlines lw 2 \
        title "group commit (median, min..max)", \
      $r1 with lines dt 2 lw 2 title "r1: raw sqlite3, one transaction", \
      $r2 with lines dt 3 lw 2 title "r2: raw sqlite3, $batch calls per commit", \
+     $r3 with lines dt 5 lw 2 title "r3: raw sqlite3 behind the handoff, $callers callers", \
      $serial with lines dt 4 lw 2 title "serial: one commit per call"
 
 set output "$out/sqlite_latency.svg"
