@@ -75,6 +75,10 @@ PY
 
 read -r sync callers batch < "$tmp/meta.txt"
 read -r serial r1 r2 r3 < "$tmp/lines.dat"
+r3_line=""
+if [ "$r3" != "0" ]; then
+  r3_line="$r3 with lines dt 5 lw 2 title \"r3: raw sqlite3 behind the handoff, $callers callers\","
+fi
 gnuplot <<GP
 set terminal svg size 800,480 dynamic font "sans,12"
 set output "$out/sqlite_throughput.svg"
@@ -89,7 +93,7 @@ plot "$tmp/group.dat" using 1:2:3:4 with yerrorlines lw 2 \
        title "group commit (median, min..max)", \
      $r1 with lines dt 2 lw 2 title "r1: raw sqlite3, one transaction", \
      $r2 with lines dt 3 lw 2 title "r2: raw sqlite3, $batch calls per commit", \
-     $r3 with lines dt 5 lw 2 title "r3: raw sqlite3 behind the handoff, $callers callers", \
+     $r3_line \
      $serial with lines dt 4 lw 2 title "serial: one commit per call"
 
 set output "$out/sqlite_latency.svg"
