@@ -4,7 +4,7 @@
 // the stock consumer running behind it as in any deployment. Writes the port it listens
 // on to --port-file and serves until SIGINT or SIGTERM.
 //
-//   converge_orders_server --db sqlite:PATH --port-file FILE [--workers N]
+//   converge_orders_server --db sqlite:PATH --port-file FILE [--workers N] [--route-only]
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -24,7 +24,11 @@ int main(int argc, char** argv) {
   app.add_option("--port-file", port_file, "Where to write the port")->required();
   app.add_option("--workers", options.worker_threads, "Handler threads (16)")
       ->check(CLI::Range(1, 1024));
+  bool route_only = false;
+  app.add_flag("--route-only", route_only,
+               "Run neither the relay nor the stock consumer: the create route alone");
   CLI11_PARSE(app, argc, argv);
+  options.relay_and_consumer = !route_only;
   options.api_keys = {{"sk_bench", "bench"}};
 
   // Block the stop signals before any thread starts, so sigwait below receives them.

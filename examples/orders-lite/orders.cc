@@ -117,8 +117,10 @@ Status OrdersService::Start() {
   m.stock_feed = m.queue->OpenSubscriber("stock");
   m.runtime = std::make_unique<converge::Runtime>(
       *m.db, converge::RuntimeOptions{.outbox = {.source = "urn:converge:orders-lite"}});
-  m.runtime->AddRelay(*m.queue);
-  m.runtime->AddConsumer(*m.stock_feed, {.name = "stock"}).On("order.placed", &Impl::Reserve);
+  if (m.options.relay_and_consumer) {
+    m.runtime->AddRelay(*m.queue);
+    m.runtime->AddConsumer(*m.stock_feed, {.name = "stock"}).On("order.placed", &Impl::Reserve);
+  }
   CONVERGE_RETURN_IF_ERROR(m.runtime->Start());
 
   m.keys = std::make_unique<converge::http::ApiKeyIndex>(m.options.api_keys);

@@ -24,6 +24,9 @@ struct Options {
   int worker_threads = 16;  // handlers at once (on SQLite: the largest group commit)
   std::map<std::string, std::string> api_keys;  // bearer key -> customer (the key scope)
   std::string warehouse_secret;  // whsec_...: signs the warehouse's restock webhooks
+  // false: neither the relay nor the stock consumer runs in this process, and orders'
+  // events stay in the outbox (bench/http_bench.sh measures the route alone with it).
+  bool relay_and_consumer = true;
 };
 
 class OrdersService {
