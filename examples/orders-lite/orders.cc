@@ -162,7 +162,7 @@ Status OrdersService::Start() {
           converge::Rows rows, tx.Query("SELECT id, sku, quantity FROM orders WHERE id = $1 AND "
                                         "customer = $2", req.params["id"], *customer));
       if (!rows.empty()) {
-        found = {{"id", rows[0].Int(0)}, {"sku", rows[0].Text(1)}, {"quantity", rows[0].Int(2)}};
+        found = {{"id", rows[0].Text(0)}, {"sku", rows[0].Text(1)}, {"quantity", rows[0].Int(2)}};
       }
       return converge::OkStatus();
     });

@@ -93,6 +93,7 @@ TEST_F(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
                            .headers = {{"Authorization", "Bearer sk_ann"}}});
   ASSERT_TRUE(get);
   EXPECT_EQ(get->status, 200);
+  EXPECT_EQ(json::parse(get->body)["id"], id);
   EXPECT_EQ(json::parse(get->body)["sku"], "lamp");
   service_->Stop();
   EXPECT_EQ(Reserved("lamp"), 4);  // two orders of 2, each reserved once
