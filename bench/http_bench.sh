@@ -5,15 +5,15 @@
 #   replay  POST /v1/payments with keys that already completed (stored-response path)
 #   noop    GET /healthz: the HTTP layer's own ceiling on this machine
 # then, single-phase (issue #10):
-#   create1 POST /v1/orders on the orders-lite example (bench/orders_server.cc): key row,
-#           order row and outbox event in one transaction, no provider call, with the
-#           relay and the stock consumer running behind it on the same writer, as
-#           deployed (each order costs three transactions: its own, the relay's, the
-#           consumer's)
-#   route1  the same route alone (--route-only: no relay, no consumer; the events stay in
-#           the outbox, as the library baseline's do)
-#   library converge_bench's group commit at the same concurrency, measured just before:
-#           the same kind of create without HTTP
+#   library converge_bench's group commit at the same concurrency: the same kind of
+#           create without HTTP
+#   route1  POST /v1/orders on the orders-lite example (bench/orders_server.cc), run right
+#           after the library: key row, order row and outbox event in one transaction, no
+#           provider call, and nothing else (--route-only: no relay, no consumer; the
+#           events stay in the outbox, as the library baseline's do)
+#   create1 the same route as deployed, its relay and stock consumer running behind it on
+#           the same writer (each order's event is also published, marked, taken into the
+#           consumer's inbox and acked, and its stock reserved, in batched transactions)
 # Prints requests/s, p50 and p99 latency for each, and the ratios. With ROUNDS > 1 it runs
 # the six one after the other ROUNDS times (create1 and route1 each on a fresh orders-lite
 # store each round), so each round's ratios come from runs seconds apart on a shared,
@@ -108,25 +108,29 @@ for r in $(seq 1 "$rounds"); do
   run "replay.$r" -s "$dir/replay.lua" "$url"
   run "create.$r" -s "$dir/create.lua" "$url"
 
-  "$build/bench/converge_orders_server" --db "sqlite:$dir/orders-$r.db" \
-    --port-file "$dir/orders-$r.port" --workers "$conns" > "$dir/orders-$r.log" 2>&1 &
-  orders_pid=$!
-  pids+=($orders_pid)
-  orders="http://127.0.0.1:$(wait_port_file "$dir/orders-$r.port")"
-  echo "  running library group commit for ${secs}s with $conns callers..." >&2
-  "$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
-    --json "$dir/library.json" > /dev/null 2>&1
-  python3 -c "import json, sys; print('library.%s %.1f - - 0' % (sys.argv[2],
-    json.load(open(sys.argv[1]))['group'][0]))" "$dir/library.json" "$r" >> "$dir/results"
-  run "create1.$r" -s "$dir/order.lua" "$orders"
-  kill "$orders_pid" 2>/dev/null || true
-  wait "$orders_pid" 2>/dev/null || true
-
+  # route1 runs right after the library baseline it is compared with, on a server started
+  # before it (idle meanwhile); create1 follows on a fresh store.
   "$build/bench/converge_orders_server" --db "sqlite:$dir/route-$r.db" --route-only \
     --port-file "$dir/route-$r.port" --workers "$conns" > "$dir/route-$r.log" 2>&1 &
   orders_pid=$!
   pids+=($orders_pid)
-  run "route1.$r" -s "$dir/order.lua" "http://127.0.0.1:$(wait_port_file "$dir/route-$r.port")"
+  route="http://127.0.0.1:$(wait_port_file "$dir/route-$r.port")"
+  echo "  running library group commit for ${secs}s with $conns callers..." >&2
+  "$build/bench/converge_bench" --seconds "$secs" --rounds 1 --callers "$conns" \
+    --json "$dir/library.json" > /dev/null 2>&1
+  python3 -c "import json, sys; j = json.load(open(sys.argv[1])); print(
+    'library.%s %.1f %.2fms %.2fms 0' % (sys.argv[2], j['group'][0], j['group_p50_ms'][0],
+                                        j['group_p99_ms'][0]))" "$dir/library.json" "$r" \
+    >> "$dir/results"
+  run "route1.$r" -s "$dir/order.lua" "$route"
+  kill "$orders_pid" 2>/dev/null || true
+  wait "$orders_pid" 2>/dev/null || true
+
+  "$build/bench/converge_orders_server" --db "sqlite:$dir/orders-$r.db" \
+    --port-file "$dir/orders-$r.port" --workers "$conns" > "$dir/orders-$r.log" 2>&1 &
+  orders_pid=$!
+  pids+=($orders_pid)
+  run "create1.$r" -s "$dir/order.lua" "http://127.0.0.1:$(wait_port_file "$dir/orders-$r.port")"
   kill "$orders_pid" 2>/dev/null || true
   wait "$orders_pid" 2>/dev/null || true
 done
@@ -144,7 +148,7 @@ print("  %-5s %-8s %12s %10s %10s %8s" % ("round", "mode", "requests/s", "p50", 
 ratios = {"replay/noop": [], "create/noop": [], "create1/library": [], "route1/library": []}
 for rnd in sorted(rows):
     m = rows[rnd]
-    for mode in ("noop", "replay", "create", "create1", "route1", "library"):
+    for mode in ("noop", "replay", "create", "library", "route1", "create1"):
         rps, p50, p99, non2xx = m[mode]
         print("  %-5d %-8s %12.1f %10s %10s %8s" % (rnd, mode, rps, p50, p99, non2xx))
     ratios["replay/noop"].append(m["replay"][0] / m["noop"][0])

@@ -1,8 +1,8 @@
 // The orders-lite example service (examples/orders-lite) as a process for
 // bench/http_bench.sh: its POST /v1/orders is a single-phase idempotent create (key row,
 // order row and outbox event in one transaction, no provider call), with the relay and
-// the stock consumer running behind it as in any deployment. Writes the port it listens
-// on to --port-file and serves until SIGINT or SIGTERM.
+// the stock consumer running behind it as in any deployment, or (--route-only) without
+// them. Writes the port it listens on to --port-file and serves until SIGINT or SIGTERM.
 //
 //   converge_orders_server --db sqlite:PATH --port-file FILE [--workers N] [--route-only]
 #include <csignal>
