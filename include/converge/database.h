@@ -40,8 +40,23 @@ struct Blob {
   friend bool operator==(const Blob&, const Blob&) = default;
 };
 
+// Text and bytes a parameter borrows instead of owning. Tx::Exec, Query and ExecDeferred
+// bind their string and Blob arguments this way, so that a payload or a stored response is
+// not copied into a Value first (SQLite binds it where it lies; PostgreSQL copies text once,
+// to end it with the NUL libpq needs). Valid only for the call that received them: a
+// backend that keeps a parameter past the call copies it. Never in a result row. Code
+// that builds Values to keep (ExecMany's parameter sets) holds std::string and Blob.
+struct TextRef {
+  std::string_view text;
+  friend bool operator==(const TextRef&, const TextRef&) = default;
+};
+struct BlobRef {
+  std::string_view bytes;
+  friend bool operator==(const BlobRef&, const BlobRef&) = default;
+};
+
 // A bound parameter or a result column. std::monostate is SQL NULL.
-using Value = std::variant<std::monostate, int64_t, double, std::string, Blob>;
+using Value = std::variant<std::monostate, int64_t, double, std::string, Blob, TextRef, BlobRef>;
 
 // One result row. Column accessors REQUIRE: i < size().
 class Row {
@@ -119,7 +134,8 @@ class Tx {
   Tx& operator=(const Tx&) = delete;
   virtual ~Tx() = default;
 
-  // Runs one statement; returns the number of rows it changed.
+  // Runs one statement; returns the number of rows it changed. `params` (and what a
+  // TextRef or BlobRef among them points at) are valid for this call only.
   // Errors: kAlreadyExists (unique violation), kInvalidArgument (bad SQL or parameters),
   // kAborted (serialization failure: the whole transaction re-runs), kUnavailable.
   virtual Result<int64_t> ExecParams(std::string_view sql, std::span<const Value> params) = 0;
@@ -158,12 +174,17 @@ class Tx {
   //
   // REQUIRES: `sql` is one INSERT, UPDATE or DELETE without RETURNING when check.rows
   // >= 0 (PostgreSQL counts its rows in the same statement); any one statement else.
+  // Like every call here, it reads `params` before it returns (PostgreSQL has copied them
+  // into the pipeline by then): they may be borrowed (TextRef, BlobRef).
   virtual Status ExecDeferredParams(std::string_view sql, std::span<const Value> params,
                                     const DeferredCheck& check) {
     CONVERGE_ASSIGN_OR_RETURN(int64_t n, ExecParams(sql, params));
     if (check.rows >= 0 && n != check.rows) return check.otherwise;
     return OkStatus();
   }
+  // ExecDeferred, Exec and Query bind their arguments as $1, $2, ...: strings as TextRef
+  // and Blobs as BlobRef, borrowed for the call rather than copied (a deferred statement's
+  // parameters are read before ExecDeferredParams returns).
   template <class... Args>
   Status ExecDeferred(const DeferredCheck& check, std::string_view sql, Args&&... args) {
     const Value params[] = {Value(), ToValue(std::forward<Args>(args))...};
@@ -234,8 +255,11 @@ class Tx {
   template <class A>
   static Value ToValue(A&& a) {
     using D = std::remove_cvref_t<A>;
-    if constexpr (std::is_same_v<D, Value> || std::is_same_v<D, Blob>) {
+    if constexpr (std::is_same_v<D, Value> || std::is_same_v<D, TextRef> ||
+                  std::is_same_v<D, BlobRef>) {
       return Value(std::forward<A>(a));
+    } else if constexpr (std::is_same_v<D, Blob>) {
+      return Value(BlobRef{a.bytes});  // the argument outlives the call
     } else if constexpr (std::is_same_v<D, bool>) {
       return Value(int64_t{a ? 1 : 0});
     } else if constexpr (std::is_integral_v<D>) {
@@ -246,8 +270,9 @@ class Tx {
       return Value();
     } else {
       static_assert(std::is_convertible_v<const D&, std::string_view>,
-                    "Tx parameters are integers, doubles, strings, Blob, nullptr or Value");
-      return Value(std::string(std::string_view(a)));
+                    "Tx parameters are integers, doubles, strings, Blob, TextRef, BlobRef, "
+                    "nullptr or Value");
+      return Value(TextRef{std::string_view(a)});  // the argument outlives the call
     }
   }
 

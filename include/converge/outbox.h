@@ -49,6 +49,7 @@ class PreparedEvent {
   Event event_;
   std::string headers_;
   int64_t partition_ = 0;
+  std::string lock_key_;  // its aggregate's lock (Tx::LockUntilCommit)
 };
 
 struct OutboxOptions {

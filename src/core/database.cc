@@ -16,6 +16,11 @@ int64_t Row::Int(size_t i) const {
     std::from_chars(p->data(), p->data() + p->size(), out);
     return out;
   }
+  if (auto p = std::get_if<TextRef>(&v)) {
+    int64_t out = 0;
+    std::from_chars(p->text.data(), p->text.data() + p->text.size(), out);
+    return out;
+  }
   return 0;
 }
 
@@ -24,6 +29,7 @@ double Row::Double(size_t i) const {
   if (auto p = std::get_if<double>(&v)) return *p;
   if (auto p = std::get_if<int64_t>(&v)) return static_cast<double>(*p);
   if (auto p = std::get_if<std::string>(&v)) return std::strtod(p->c_str(), nullptr);
+  if (auto p = std::get_if<TextRef>(&v)) return std::strtod(std::string(p->text).c_str(), nullptr);
   return 0;
 }
 
@@ -31,6 +37,8 @@ std::string Row::Text(size_t i) const {
   const Value& v = values_[i];
   if (auto p = std::get_if<std::string>(&v)) return *p;
   if (auto p = std::get_if<Blob>(&v)) return p->bytes;
+  if (auto p = std::get_if<TextRef>(&v)) return std::string(p->text);
+  if (auto p = std::get_if<BlobRef>(&v)) return std::string(p->bytes);
   if (auto p = std::get_if<int64_t>(&v)) return std::to_string(*p);
   if (auto p = std::get_if<double>(&v)) return std::to_string(*p);
   return {};

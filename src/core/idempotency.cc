@@ -438,7 +438,7 @@ Status IdempotencyKeys::StoreResponse(Tx& tx, const KeyLease& lease, const Store
       "response_status = $1, response_headers = $2, response_body = $3, "
       "lease_until = $4, updated_at = $4 "
       "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
-      r.status, headers, Blob{r.body}, now, lease.scope, lease.key, lease.fence);
+      r.status, headers, BlobRef{r.body}, now, lease.scope, lease.key, lease.fence);
 }
 
 Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,

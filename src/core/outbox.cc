@@ -73,6 +73,7 @@ Result<PreparedEvent> Outbox::Prepare(Event e) const {
         "UTF-8"));
   }
   p.partition_ = OutboxPartition(e.subject);
+  p.lock_key_ = "converge.outbox:" + e.subject;
   p.event_ = std::move(e);
   return p;
 }
@@ -88,7 +89,7 @@ Result<std::string> Outbox::Enqueue(Tx& tx, const PreparedEvent& p) {
   // transactions enqueueing for one aggregate could commit in the opposite order of their
   // seqs, and the relay would publish the later event first. Holding a per-aggregate lock
   // until commit makes the second producer draw its seq only after the first committed.
-  CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + e.subject));
+  CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit(p.lock_key_));
   if (TxPublisher* direct = direct_.load(std::memory_order_acquire); direct != nullptr) {
     // Published here only if no event waits for a relay. Read after the lock: every
     // earlier producer of this aggregate has committed by then, so its event is either

@@ -58,6 +58,51 @@ TYPED_TEST(StoreContract, BindsAndReadsEveryValueType) {
   EXPECT_TRUE(rows[0].IsNull(4));
 }
 
+// Tx::Exec borrows its string and Blob arguments (TextRef, BlobRef) instead of copying
+// them: they must reach the store as the owned forms would, an empty blob as an empty
+// blob (not NULL), and a deferred statement's before its arguments are gone.
+TYPED_TEST(StoreContract, BorrowedParametersBindAsTheOwnedOnesWould) {
+  const std::string text = "borrowed ü";
+  const std::string bytes("\0\x01\xfe", 3);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) -> Status {
+                   const Dialect& d = tx.dialect();
+                   const std::string blob(d.TypeName(ColumnType::kBlob));
+                   CONVERGE_RETURN_IF_ERROR(tx.Exec("CREATE TABLE borrowed (k TEXT, s TEXT, b " +
+                                                    blob + ", e " + blob + ")"));
+                   const Value params[] = {Value(TextRef{"direct"}), Value(TextRef{text}),
+                                           Value(BlobRef{bytes}), Value(BlobRef{})};
+                   CONVERGE_RETURN_IF_ERROR(StatusOf(
+                       tx.ExecParams("INSERT INTO borrowed VALUES ($1, $2, $3, $4)", params)));
+                   // Temporaries: each lives only until the end of its own statement.
+                   CONVERGE_RETURN_IF_ERROR(tx.ExecDeferred(
+                       DeferredCheck::Changes(1, InternalError("not inserted")),
+                       "INSERT INTO borrowed VALUES ($1, $2, $3, $4)", std::string("deferred"),
+                       std::string(text), Blob{bytes}, Blob{}));
+                   return StatusOf(tx.Exec("INSERT INTO borrowed VALUES ($1, $2, $3, $4)",
+                                           std::string_view("templated"), text.c_str(),
+                                           Blob{bytes}, std::string_view()));
+                 }).ok());
+  Rows rows;
+  ASSERT_TRUE(this->db_->Read([&](Tx& tx) -> Status {
+                   CONVERGE_ASSIGN_OR_RETURN(
+                       rows, tx.Query("SELECT k, s, b, e FROM borrowed ORDER BY k"));
+                   return OkStatus();
+                 }).ok());
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].Text(0), "deferred");
+  EXPECT_EQ(rows[1].Text(0), "direct");
+  EXPECT_EQ(rows[2].Text(0), "templated");
+  for (const Row& r : rows) {
+    EXPECT_EQ(r.Text(1), text);
+    EXPECT_EQ(std::get<Blob>(r[2]).bytes, bytes);
+    ASSERT_FALSE(r.IsNull(3)) << r.Text(0);
+  }
+  EXPECT_EQ(std::get<Blob>(rows[0][3]).bytes, "");
+  EXPECT_EQ(std::get<Blob>(rows[1][3]).bytes, "");
+  // An empty string_view is text, not a blob: '' either way, never NULL.
+  EXPECT_EQ(rows[2].Text(3), "");
+}
+
 TYPED_TEST(StoreContract, ExecManyRunsEveryParameterSetAndStopsAtAnError) {
   std::vector<std::vector<Value>> rows;
   for (int i = 0; i < 50; ++i) rows.push_back({Value("m" + std::to_string(i))});

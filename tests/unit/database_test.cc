@@ -42,6 +42,16 @@ TEST_F(DatabaseTest, AppliesMigrationsOnOpen) {
   EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM dead_letters"), 0);
 }
 
+TEST(RowTest, ReadsBorrowedValuesAsTheOwnedOnes) {
+  const Row row({Value(TextRef{"42"}), Value(BlobRef{std::string_view("b\0y", 3)}),
+                 Value(TextRef{"2.5"})});
+  EXPECT_EQ(row.Int(0), 42);
+  EXPECT_EQ(row.Text(0), "42");
+  EXPECT_EQ(row.Text(1), std::string("b\0y", 3));
+  EXPECT_DOUBLE_EQ(row.Double(2), 2.5);
+  EXPECT_FALSE(row.IsNull(1));
+}
+
 TEST_F(DatabaseTest, BindsDollarPlaceholdersOfEveryType) {
   ASSERT_TRUE(db_->Transact([](Tx& tx) -> Status {
                    CONVERGE_RETURN_IF_ERROR(tx.Exec(

@@ -505,13 +505,27 @@ class PgTx : public Tx {
                         static_cast<int64_t>(h));
   }
 
-  // Text (or binary bytea) parameters for libpq; the vectors own what `values` points at.
+  // Text (or binary bytea) parameters for libpq. `values` points into `text` (numbers, and
+  // borrowed text made NUL-terminated) or at the caller's own Values: valid for the call
+  // that converted them, and libpq copies them as it sends.
   struct Params {
     std::vector<std::string> text;
     std::vector<const char*> values;
     std::vector<int> lengths, formats;
     std::vector<Oid> types;
   };
+
+  static Status NulInText() {
+    return InvalidArgumentError("text parameters cannot contain NUL bytes; use Blob");
+  }
+
+  // A binary bytea parameter; libpq sends `bytes` as they are, `out` keeps no copy.
+  static void Bytea(std::string_view bytes, Params* out, size_t i) {
+    out->values[i] = bytes.data() != nullptr ? bytes.data() : "";  // not NULL when empty
+    out->lengths[i] = static_cast<int>(bytes.size());
+    out->formats[i] = 1;
+    out->types[i] = kBytea;
+  }
 
   static Status Convert(std::span<const Value> params, Params* out) {
     const size_t n = params.size();
@@ -531,15 +545,17 @@ class PgTx : public Tx {
         out->text[i] = buf;
         out->values[i] = out->text[i].c_str();
       } else if (auto p = std::get_if<std::string>(&v)) {
-        if (p->find('\0') != std::string::npos) {
-          return InvalidArgumentError("text parameters cannot contain NUL bytes; use Blob");
-        }
+        if (p->find('\0') != std::string::npos) return NulInText();
         out->values[i] = p->c_str();
+      } else if (auto p = std::get_if<TextRef>(&v)) {
+        // libpq reads a text parameter up to its NUL: a view needs a terminated copy.
+        if (p->text.find('\0') != std::string_view::npos) return NulInText();
+        out->text[i] = p->text;
+        out->values[i] = out->text[i].c_str();
       } else if (auto p = std::get_if<Blob>(&v)) {
-        out->values[i] = p->bytes.data();
-        out->lengths[i] = static_cast<int>(p->bytes.size());
-        out->formats[i] = 1;
-        out->types[i] = kBytea;
+        Bytea(p->bytes, out, i);
+      } else if (auto p = std::get_if<BlobRef>(&v)) {
+        Bytea(p->bytes, out, i);
       }
     }
     return OkStatus();

@@ -203,11 +203,17 @@ class Connection {
       int operator()(std::monostate) const { return sqlite3_bind_null(stmt, i); }
       int operator()(int64_t x) const { return sqlite3_bind_int64(stmt, i, x); }
       int operator()(double x) const { return sqlite3_bind_double(stmt, i, x); }
-      int operator()(const std::string& s) const {
-        return sqlite3_bind_text64(stmt, i, s.data(), s.size(), SQLITE_STATIC, SQLITE_UTF8);
+      int operator()(const std::string& s) const { return (*this)(TextRef{s}); }
+      int operator()(const Blob& b) const { return (*this)(BlobRef{b.bytes}); }
+      // Empty text and blobs are bound as such, not as NULL, which is what SQLite makes of
+      // a null pointer (an empty string_view may have one).
+      int operator()(TextRef t) const {
+        return sqlite3_bind_text64(stmt, i, t.text.data() ? t.text.data() : "",
+                                   t.text.size(), SQLITE_STATIC, SQLITE_UTF8);
       }
-      int operator()(const Blob& b) const {
-        return sqlite3_bind_blob64(stmt, i, b.bytes.data(), b.bytes.size(), SQLITE_STATIC);
+      int operator()(BlobRef b) const {
+        return sqlite3_bind_blob64(stmt, i, b.bytes.data() ? b.bytes.data() : "",
+                                   b.bytes.size(), SQLITE_STATIC);
       }
     };
     return std::visit(Binder{stmt, i}, v);
