@@ -5,6 +5,7 @@
 #include "converge/tx_publisher.h"
 #include "src/core/crypto.h"
 #include "src/core/envelope.h"
+#include "src/core/relay_internal.h"
 #include "src/core/validate.h"
 
 namespace converge {
@@ -73,7 +74,7 @@ Result<PreparedEvent> Outbox::Prepare(Event e) const {
         "UTF-8"));
   }
   p.partition_ = OutboxPartition(e.subject);
-  p.lock_key_ = "converge.outbox:" + e.subject;
+  p.lock_key_ = internal::OutboxLockKey(e.subject);
   p.event_ = std::move(e);
   return p;
 }

@@ -504,7 +504,7 @@ Status OutboxRequeuer::Requeue(Tx& tx, const DeadLetter& letter) {
                          "event_id = $2",
                          letter.source, letter.event_id));
   if (!agg.empty()) {
-    CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit("converge.outbox:" + agg[0].Text(0)));
+    CONVERGE_RETURN_IF_ERROR(tx.LockUntilCommit(internal::OutboxLockKey(agg[0].Text(0))));
   }
   CONVERGE_ASSIGN_OR_RETURN(
       int64_t n, tx.Exec("UPDATE outbox_events SET published_at = NULL, last_error = NULL "
