@@ -21,7 +21,6 @@
 // with --json it writes every sample for bench/plot.sh. Run by `make bench`; see
 // docs/benchmarks.md.
 #include <semaphore.h>
-#include <sqlite3.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +44,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench/raw_creates.h"
 #include "converge/database.h"
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
@@ -58,6 +58,7 @@ using converge::Result;
 using converge::Status;
 using converge::StoredResponse;
 using converge::Tx;
+using converge_bench::RawCreates;
 using SteadyClock = std::chrono::steady_clock;
 
 [[noreturn]] void Die(const std::string& what) {
@@ -282,155 +283,42 @@ struct RawResult {
   double statements_us = 0;  // the rest of the wall time per create (BEGIN too)
 };
 
-// The create's statements, in the order Execute and Enqueue run them on SQLite (the
-// library's SQL text, so the same plans), prepared once on a plain sqlite3 connection.
-class RawCreates {
- public:
-  RawCreates(const std::string& path, bool full, std::string envelope)
-      : envelope_(std::move(envelope)) {
-    Check(sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
-                          nullptr),
-          "open");
-    Exec(std::string("PRAGMA journal_mode=WAL; PRAGMA synchronous=") +
-         (full ? "FULL" : "NORMAL") + "; PRAGMA foreign_keys=ON;");
-    const char* sql[] = {
-        "SELECT request_hash, status, lease_until, fence, recovery_point, recovery_data, "
-        "response_status, response_headers, response_body, expires_at "
-        "FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        "UPDATE converge_sequences SET value = value + 1 WHERE name = 'fence'",
-        "SELECT value FROM converge_sequences WHERE name = 'fence'",
-        "INSERT INTO idempotency_keys (scope, key, request_hash, status, "
-        "recovery_point, lease_until, fence, created_at, updated_at, expires_at) "
-        "VALUES ($1, $2, $3, 'in_progress', 'started', $4, $5, $6, $6, $7) "
-        "ON CONFLICT (scope, key) DO NOTHING",
-        "INSERT INTO payments (id, amount) VALUES ($1, $2)",
-        "INSERT INTO outbox_events (event_id, source, aggregate_type, aggregate_id, "
-        "type, payload, headers, created_at, partition_no) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        "UPDATE idempotency_keys SET status = 'completed', recovery_point = 'finished', "
-        "response_status = $1, response_headers = $2, response_body = $3, "
-        "lease_until = $4, updated_at = $4 "
-        "WHERE scope = $5 AND key = $6 AND fence = $7 AND status = 'in_progress'",
-    };
-    for (const char* s : sql) {
-      sqlite3_stmt* stmt = nullptr;
-      Check(sqlite3_prepare_v3(db_, s, -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr), s);
-      stmts_.push_back(stmt);
-    }
-  }
-  ~RawCreates() {
-    for (sqlite3_stmt* s : stmts_) sqlite3_finalize(s);
-    sqlite3_close_v2(db_);
-  }
+// Create `n` through the raw statements, in the open transaction: the payment "p<n>" (the
+// key Fixture::Create uses), an event id of a UUID's length and shape.
+void RawCreate(RawCreates& raw, int64_t n) {
+  char id[32], event_id[48];
+  std::snprintf(id, sizeof id, "p%lld", static_cast<long long>(n));
+  std::snprintf(event_id, sizeof event_id, "0190f3a2-0000-7000-8000-%012lld",
+                static_cast<long long>(n));
+  raw.Create(id, event_id, 1764288000000 + n, n % 1000);
+}
 
-  // `calls` creates, committing every `batch` of them.
-  RawResult Run(int64_t calls, int64_t batch) {
-    const double cpu0 = ProcessCpuSeconds();
-    auto t0 = SteadyClock::now();
-    SteadyClock::duration committing{};
-    for (int64_t done = 0; done < calls;) {
-      Exec("BEGIN IMMEDIATE");
-      for (int64_t i = 0; i < batch && done < calls; ++i, ++done) Create(done);
-      const auto commit_started = SteadyClock::now();
-      Exec("COMMIT");
-      committing += SteadyClock::now() - commit_started;
-    }
-    const double wall = std::chrono::duration<double>(SteadyClock::now() - t0).count();
-    RawResult r;
-    r.rate = calls / wall;
-    r.cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
-    r.commit_us = std::chrono::duration<double>(committing).count() * 1e6 / calls;
-    r.statements_us = wall * 1e6 / calls - r.commit_us;
-    return r;
+// `calls` creates, committing every `batch` of them.
+RawResult RawRun(RawCreates& raw, int64_t calls, int64_t batch) {
+  const double cpu0 = ProcessCpuSeconds();
+  auto t0 = SteadyClock::now();
+  SteadyClock::duration committing{};
+  for (int64_t done = 0; done < calls;) {
+    raw.Exec("BEGIN IMMEDIATE");
+    for (int64_t i = 0; i < batch && done < calls; ++i, ++done) RawCreate(raw, done);
+    const auto commit_started = SteadyClock::now();
+    raw.Exec("COMMIT");
+    committing += SteadyClock::now() - commit_started;
   }
-
-  // One create's statements, in the open transaction.
-  void Create(int64_t n) {
-    char id[32], event_id[48];
-    std::snprintf(id, sizeof id, "p%lld", static_cast<long long>(n));
-    // A UUID's length and shape.
-    std::snprintf(event_id, sizeof event_id, "0190f3a2-0000-7000-8000-%012lld",
-                  static_cast<long long>(n));
-    const int64_t now = 1764288000000 + n;
-    const char* hash = "a3f1c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
-    sqlite3_stmt* s = stmts_[0];
-    Text(s, 1, "bench");
-    Text(s, 2, id);
-    Step(s, SQLITE_DONE);
-    Step(stmts_[1], SQLITE_DONE);
-    s = stmts_[2];
-    Step(s, SQLITE_ROW);
-    const int64_t fence = sqlite3_column_int64(s, 0);
-    Step(s, SQLITE_DONE);
-    s = stmts_[3];
-    Text(s, 1, "bench");
-    Text(s, 2, id);
-    Text(s, 3, hash);
-    sqlite3_bind_int64(s, 4, now + 30000);
-    sqlite3_bind_int64(s, 5, fence);
-    sqlite3_bind_int64(s, 6, now);
-    sqlite3_bind_int64(s, 7, now + 86400000);
-    Step(s, SQLITE_DONE);
-    s = stmts_[4];
-    Text(s, 1, id);
-    sqlite3_bind_int64(s, 2, n % 1000);
-    Step(s, SQLITE_DONE);
-    s = stmts_[5];
-    Text(s, 1, event_id);
-    Text(s, 2, "urn:converge");
-    Text(s, 3, "payment");
-    Text(s, 4, id);
-    Text(s, 5, "payment.captured");
-    Text(s, 6, envelope_);
-    Text(s, 7, "{}");
-    sqlite3_bind_int64(s, 8, now);
-    sqlite3_bind_int64(s, 9, converge::OutboxPartition(id));
-    Step(s, SQLITE_DONE);
-    s = stmts_[6];
-    const std::string body = std::string("{\"id\":\"") + id + "\"}";
-    sqlite3_bind_int64(s, 1, 201);
-    Text(s, 2, "[]");
-    sqlite3_bind_blob64(s, 3, body.data(), body.size(), SQLITE_STATIC);
-    sqlite3_bind_int64(s, 4, now);
-    Text(s, 5, "bench");
-    Text(s, 6, id);
-    sqlite3_bind_int64(s, 7, fence);
-    Step(s, SQLITE_DONE);
-  }
-
-  void Exec(const std::string& sql) {
-    char* err = nullptr;
-    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
-      Die("raw '" + sql + "': " + (err ? err : "?"));
-    }
-  }
-
- private:
-  static void Text(sqlite3_stmt* s, int i, std::string_view v) {
-    sqlite3_bind_text64(s, i, v.data(), v.size(), SQLITE_STATIC, SQLITE_UTF8);
-  }
-  void Step(sqlite3_stmt* s, int want) {
-    int rc = sqlite3_step(s);
-    if (rc != want) Die(std::string("raw step: ") + sqlite3_errmsg(db_));
-    if (rc == SQLITE_DONE) {
-      sqlite3_reset(s);
-      sqlite3_clear_bindings(s);
-    }
-  }
-  void Check(int rc, const std::string& what) {
-    if (rc != SQLITE_OK) Die("raw " + what + ": " + (db_ ? sqlite3_errmsg(db_) : "?"));
-  }
-
-  sqlite3* db_ = nullptr;
-  std::vector<sqlite3_stmt*> stmts_;
-  std::string envelope_;
-};
+  const double wall = std::chrono::duration<double>(SteadyClock::now() - t0).count();
+  RawResult r;
+  r.rate = calls / wall;
+  r.cpu_us = (ProcessCpuSeconds() - cpu0) * 1e6 / calls;
+  r.commit_us = std::chrono::duration<double>(committing).count() * 1e6 / calls;
+  r.statements_us = wall * 1e6 / calls - r.commit_us;
+  return r;
+}
 
 RawResult Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
   RawCreates raw(f.path, full, envelope);
-  return raw.Run(calls, batch);
+  return RawRun(raw, calls, batch);
 }
 
 struct HandoffResult {
@@ -482,7 +370,7 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
           take();
           if (i == batch.size()) break;
         }
-        raw.Create(batch[i]->n);
+        RawCreate(raw, batch[i]->n);
       }
       raw.Exec("COMMIT");
       ++commits;

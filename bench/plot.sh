@@ -9,8 +9,9 @@
 #   pg_creates.svg         converge, pgbench and pgbench pipelined, creates/s (median,
 #                          min..max), when the PostgreSQL results exist
 #   scale.svg              the scale benchmark's create rates on the loaded store (alone,
-#                          sweeper paced, sweeper flat out) over the empty store's, per
-#                          store, against the 0.8 target, when scale_*.json exist
+#                          sweeper paced, sweeper flat out; on SQLite also raw sqlite3's
+#                          own) over the empty store's, per store, against the 0.8
+#                          target, when scale_*.json exist
 #
 #   bench/plot.sh RESULTS_DIR OUT_DIR
 #   RESULTS_DIR holds sqlite.json (converge_bench --json) and optionally pg.json
@@ -63,8 +64,11 @@ if scale:
     with open(os.path.join(tmp, "scale.dat"), "w") as f:
         i = 0
         for name, j in scale:
-            for mode, key in [("alone", "loaded_over_empty"), ("paced sweep", "paced_over_empty"),
-                              ("flat-out sweep", "swept_over_empty")]:
+            modes = [("alone", "loaded_over_empty"), ("paced sweep", "paced_over_empty"),
+                     ("flat-out sweep", "swept_over_empty")]
+            if "raw_loaded_over_empty" in j:  # SQLite's own: raw sqlite3, the same creates
+                modes.append(("raw sqlite3", "raw_loaded_over_empty"))
+            for mode, key in modes:
                 f.write('%d "%s\\n%s" %s\n' % (i, name, mode, row(j[key])))
                 i += 1
             i += 1

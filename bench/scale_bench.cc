@@ -18,7 +18,14 @@
 //       R rounds, each measuring, one after the other:
 //         empty     creates on EMPTY (emptied first: a fresh file, or TRUNCATE), then
 //                   inbox claims on it
+//         raw empty (SQLite) the same creates through raw sqlite3 (bench/raw_creates.h: the
+//                   same statements and rows, no library code, checkpoints beside the
+//                   writer as the library's), committing every B calls, where B is the
+//                   batch (empty) reached, on a fresh EMPTY
 //         loaded    creates on LOADED, then inbox claims on it
+//         raw loaded (SQLite) raw creates on LOADED at the batch (loaded) reached: raw
+//                   loaded / raw empty is what the table size costs SQLite itself on this
+//                   disk with the batches group commit got, the ceiling of loaded / empty
 //         swept     creates on LOADED while a sweeper deletes flat out (Sweeper::RunOnce
 //                   in a loop, as the Runtime does while it finds full batches: a backlog)
 //         paced     creates on LOADED while a sweeper deletes at the rate the loaded
@@ -39,6 +46,8 @@
 // (IdempotencyKeys::Execute: key row, business row, outbox row, stored response); an
 // inbox claim is Inbox::Claim in its own transaction. Keys and event ids are random.
 // bench/scale_bench.sh runs both stores; docs/design/retention.md has the figures.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -56,6 +65,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench/raw_creates.h"
 #include "converge/database.h"
 #include "converge/idempotency.h"
 #include "converge/inbox.h"
@@ -263,6 +273,17 @@ void Preload(const std::string& uri, int64_t rows, double expired, double inbox_
 
 // ---- workloads --------------------------------------------------------------------
 
+// Writes the file system's dirty pages out before any clock starts. A store just preloaded
+// or copied leaves gigabytes of them, and the kernel writing them back during the first
+// round made its loaded creates run at a fifth of the later rounds' rate (3 runs of 3 on
+// 2026-12-02; docs/design/retention.md).
+void FlushDirtyPages() {
+  std::fprintf(stderr, "  sync: writing the file system's dirty pages out first...");
+  const auto t0 = Steady::now();
+  ::sync();
+  std::fprintf(stderr, " %.1f s\n", std::chrono::duration<double>(Steady::now() - t0).count());
+}
+
 // A random 32-hex-digit id, like a client's UUID.
 std::string RandomId(std::mt19937_64& rng) {
   char buf[40];
@@ -407,12 +428,18 @@ SweptRun CreatesWhileSweeping(Database& db, converge::Sweeper& sweeper, int call
   return r;
 }
 
+// The file of an SQLite store's URI.
+std::string SqlitePath(const std::string& uri) {
+  std::string path = uri.substr(uri.find(':') + 1);
+  path = path.substr(0, path.find('?'));
+  if (path.rfind("//", 0) == 0) path = path.substr(2);
+  return path;
+}
+
 // An empty store: a fresh SQLite file, or the tables emptied on PostgreSQL.
 std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
   if (!IsPostgres(uri)) {
-    std::string path = uri.substr(uri.find(':') + 1);
-    path = path.substr(0, path.find('?'));
-    if (path.rfind("//", 0) == 0) path = path.substr(2);
+    const std::string path = SqlitePath(uri);
     for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path + suffix);
     return Open(uri, pool);
   }
@@ -423,6 +450,57 @@ std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
   }),
         "truncate");
   return db;
+}
+
+// Creates through raw sqlite3 on the SQLite store at `uri` (no library code; the Database
+// objects open on it stay idle), `batch` a commit, for `seconds`: what SQLite itself does
+// with the same statements and rows on that store. Keys are random, as Creator's are; event
+// ids grow with time, as UUIDv7 ones do. Its checkpoints run as the library's do, beside
+// the writer: on a loaded store they are random writes all over the file, part of what
+// the table size costs, and SQLite's default (inside the COMMIT that crosses 1,000 pages)
+// made raw creates slower than the library's on an empty store (5,926 against 7,213 a
+// second in one run), which a ceiling must not be.
+double RawCreateRate(const std::string& uri, const std::string& envelope, int64_t batch,
+                     double seconds, std::mt19937_64& rng) {
+  const bool full = uri.find("synchronous=normal") == std::string::npos;
+  converge_bench::RawCreates raw(SqlitePath(uri), full, envelope,
+                                 converge_bench::Checkpoints::kBesideTheWriter);
+  const auto t0 = Steady::now();
+  const auto until = t0 + std::chrono::duration_cast<Steady::duration>(
+                              std::chrono::duration<double>(seconds));
+  int64_t done = 0;
+  char event_id[48];
+  while (Steady::now() < until) {
+    raw.Exec("BEGIN IMMEDIATE");
+    const int64_t now = NowMillis();
+    for (int64_t i = 0; i < batch; ++i, ++done) {
+      std::snprintf(event_id, sizeof event_id, "%012llx-0000-7000-8000-%012lld",
+                    static_cast<unsigned long long>(now), static_cast<long long>(done));
+      raw.Create(RandomId(rng), event_id, now, 5);
+    }
+    raw.Exec("COMMIT");
+  }
+  return done / std::chrono::duration<double>(Steady::now() - t0).count();
+}
+
+// Calls per commit between two of a store's stats.
+double Batch(const converge::DatabaseStats& before, const converge::DatabaseStats& after) {
+  const int64_t commits = after.commits - before.commits;
+  return commits > 0 ? static_cast<double>(after.transactions - before.transactions) / commits
+                     : 0;
+}
+
+// One outbox payload `db` holds: the raw creates write rows of its size.
+std::string AnEnvelope(Database& db) {
+  std::string envelope;
+  Check(db.Read([&](Tx& tx) -> Status {
+    CONVERGE_ASSIGN_OR_RETURN(auto rows, tx.Query("SELECT payload FROM outbox_events LIMIT 1"));
+    if (!rows.empty()) envelope = rows[0].Text(0);
+    return converge::OkStatus();
+  }),
+        "read an envelope");
+  if (envelope.empty()) Die("no outbox event to copy the size of");
+  return envelope;
 }
 
 struct Summary {
@@ -436,6 +514,12 @@ Summary Summarize(std::vector<double> v) {
 int Run(const std::string& uri, const std::string& empty_uri, int callers, double seconds,
         int rounds, const std::string& json_path) {
   std::vector<double> ce, cl, qe, ql, cs, cp, sk, si, pk, pi, r_l, r_s, r_p, r_q;
+  // SQLite: raw sqlite3 creates on a fresh empty store and on the loaded one, each at the
+  // batch the library's creates reached on that store in the same round (batch_e,
+  // batch_l), and the library's rates against them.
+  const bool raw = !IsPostgres(uri);
+  std::vector<double> batch_e, batch_l, raw_e, raw_l, r_raw, r_lib_raw_e, r_lib_raw_l;
+  std::mt19937_64 rng(std::random_device{}());
   int64_t loaded_keys = 0, loaded_inbox = 0;
   bool dry = false;
   {
@@ -455,14 +539,34 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   converge::Sweeper sweeper(*db, {.batch = 1000, .key_order_windows = 1});
   for (int r = 0; r < rounds; ++r) {
     std::fprintf(stderr, "  round %d/%d: empty...", r + 1, rounds);
+    std::string envelope;
     {
       auto empty = Emptied(empty_uri, callers + 2);
+      const converge::DatabaseStats s0 = empty->stats();
       ce.push_back(Creates(*empty, callers, seconds));
+      batch_e.push_back(Batch(s0, empty->stats()));
       qe.push_back(Claims(*empty, callers, seconds));
+      if (raw) envelope = AnEnvelope(*empty);
+    }
+    if (raw) {
+      const int64_t batch = std::max<int64_t>(1, std::llround(batch_e.back()));
+      std::fprintf(stderr, " raw empty (batch %lld)...", static_cast<long long>(batch));
+      Emptied(empty_uri, 2).reset();  // a fresh file the library migrated, then closed
+      raw_e.push_back(RawCreateRate(empty_uri, envelope, batch, seconds, rng));
     }
     std::fprintf(stderr, " loaded...");
+    const converge::DatabaseStats s0 = db->stats();
     cl.push_back(Creates(*db, callers, seconds));
+    batch_l.push_back(Batch(s0, db->stats()));
     ql.push_back(Claims(*db, callers, seconds));
+    if (raw) {
+      const int64_t batch = std::max<int64_t>(1, std::llround(batch_l.back()));
+      std::fprintf(stderr, " raw loaded (batch %lld)...", static_cast<long long>(batch));
+      raw_l.push_back(RawCreateRate(uri, envelope, batch, seconds, rng));
+      r_raw.push_back(raw_l.back() / raw_e.back());
+      r_lib_raw_e.push_back(ce.back() / raw_e.back());
+      r_lib_raw_l.push_back(cl.back() / raw_l.back());
+    }
     std::fprintf(stderr, " swept...");
     SweptRun s = CreatesWhileSweeping(*db, sweeper, callers, seconds, 0);
     cs.push_back(s.creates);
@@ -492,6 +596,12 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   };
   line("creates, empty store", ce, "creates/s");
   line("creates, loaded store", cl, "creates/s");
+  ratio("  calls per commit, empty store", batch_e, "");
+  ratio("  calls per commit, loaded store", batch_l, "");
+  if (raw) {
+    line("raw sqlite3 creates at the empty store's batch, empty", raw_e, "creates/s");
+    line("raw sqlite3 creates at the loaded store's batch, loaded", raw_l, "creates/s");
+  }
   line("creates, loaded, sweeper flat out", cs, "creates/s");
   line("  sweeper flat out: keys deleted", sk, "rows/s   ");
   line("  sweeper flat out: inbox rows deleted", si, "rows/s   ");
@@ -504,6 +614,11 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   ratio("loaded + paced sweeper / empty creates", r_p, "   target >= 0.8");
   ratio("loaded + flat-out sweeper / empty creates", r_s, "");
   ratio("loaded/empty inbox claims", r_q, "");
+  if (raw) {
+    ratio("raw sqlite3: loaded/empty creates (SQLite's own cost)", r_raw, "");
+    ratio("empty store: creates, library / raw sqlite3", r_lib_raw_e, "");
+    ratio("loaded store: creates, library / raw sqlite3", r_lib_raw_l, "");
+  }
   // What a sweeper that keeps up would leave, derived per round: a create takes 1 / loaded
   // of a second; in the flat-out run the deletions took the rest of each second, so one
   // deletion per table (a key and an inbox row) costs (1 - swept creates / loaded) /
@@ -543,6 +658,15 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
                         {"deletion_us", delete_us},
                         {"keep_up_over_empty", keep_up},
                         {"sweeper_ran_dry", dry}};
+    j["batch_empty"] = batch_e;
+    j["batch_loaded"] = batch_l;
+    if (raw) {
+      j["raw_creates_empty"] = raw_e;
+      j["raw_creates_loaded"] = raw_l;
+      j["raw_loaded_over_empty"] = r_raw;
+      j["empty_over_raw_empty"] = r_lib_raw_e;
+      j["loaded_over_raw_loaded"] = r_lib_raw_l;
+    }
     std::ofstream out(json_path);
     out << j.dump(2) << "\n";
     if (!out) Die("cannot write " + json_path);
@@ -868,6 +992,7 @@ int main(int argc, char** argv) {
     Preload(uri, rows, expired, inbox_expired < 0 ? expired : inbox_expired, age_days, outbox);
     return 0;
   }
+  FlushDirtyPages();
   if (*retention) return Retention(uri, callers, seconds, json_path);
   if (*walk) {
     return WalkRun(uri, callers, baseline, walk_seconds, pass, interval, report, wraps, control,
