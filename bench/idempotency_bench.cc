@@ -317,7 +317,7 @@ RawResult RawRun(RawCreates& raw, int64_t calls, int64_t batch) {
 RawResult Raw(int64_t calls, int64_t batch, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
-  RawCreates raw(f.path, full, envelope);
+  RawCreates raw(f.path, {.synchronous_full = full}, envelope);
   return RawRun(raw, calls, batch);
 }
 
@@ -336,7 +336,7 @@ struct HandoffResult {
 HandoffResult RawHandoff(double seconds, int callers, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
-  RawCreates raw(f.path, full, envelope);
+  RawCreates raw(f.path, {.synchronous_full = full}, envelope);
   struct Call {
     int64_t n = 0;
     sem_t done;
