@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The scale benchmark end to end on a small SQLite store: preload, then one short round of
+# every mode with its JSON. It checks that the benchmark runs, that every rate it reports
+# is positive and that its ratios are the quotients of its rates, not how fast anything
+# is (targets live in `make bench`, never in a timed test).
+#
+#   tests/bench/scale_smoke.sh CONVERGE_SCALE_BENCH
+set -euo pipefail
+bench=$1
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+
+"$bench" preload --uri "sqlite:$dir/loaded.db" --rows 5000 --expired 0.2
+"$bench" run --uri "sqlite:$dir/loaded.db" --empty-uri "sqlite:$dir/empty.db" \
+  --seconds 0.5 --rounds 1 --callers 8 --json "$dir/scale.json"
+
+python3 - "$dir/scale.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+def one(key):
+    v = j.get(key)
+    if not isinstance(v, list) or len(v) != 1 or not v[0] > 0:
+        sys.exit("scale_smoke: %s is %r, not one positive figure" % (key, v))
+    return v[0]
+for key in ["creates_empty", "creates_loaded", "creates_swept", "creates_paced",
+            "claims_empty", "claims_loaded", "batch_empty", "batch_loaded",
+            "raw_creates_empty", "raw_creates_loaded"]:
+    one(key)
+for ratio, num, den in [("loaded_over_empty", "creates_loaded", "creates_empty"),
+                        ("raw_loaded_over_empty", "raw_creates_loaded", "raw_creates_empty"),
+                        ("empty_over_raw_empty", "creates_empty", "raw_creates_empty"),
+                        ("loaded_over_raw_loaded", "creates_loaded", "raw_creates_loaded")]:
+    if abs(one(ratio) - one(num) / one(den)) > 1e-9 * one(ratio):
+        sys.exit("scale_smoke: %s = %r, not %s / %s" % (ratio, one(ratio), num, den))
+if j["loaded_keys_end"] < 5000:
+    sys.exit("scale_smoke: the loaded store ended with %d keys" % j["loaded_keys_end"])
+print("scale_smoke: ok (loaded/empty %.2f, raw sqlite3 %.2f)"
+      % (one("loaded_over_empty"), one("raw_loaded_over_empty")))
+PY
