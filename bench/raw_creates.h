@@ -59,7 +59,8 @@ class RawCreates {
           "open");
     const std::string sync =
         std::string("PRAGMA synchronous=") + (settings.synchronous_full ? "FULL;" : "NORMAL;");
-    std::string pragmas = "PRAGMA journal_mode=WAL; " + sync + " PRAGMA foreign_keys=ON;";
+    std::string pragmas = "PRAGMA journal_mode=WAL; " + sync +
+                          " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;";
     // As the library's writer connection has them (SqliteDatabase::CachePragma).
     if (settings.cache_mib > 0) {
       pragmas += " PRAGMA cache_size=-" + std::to_string(int64_t{settings.cache_mib} * 1024) + ";";
@@ -68,6 +69,7 @@ class RawCreates {
       pragmas += " PRAGMA mmap_size=" + std::to_string(int64_t{settings.mmap_mib} << 20) + ";";
     }
     Exec(pragmas);
+    sqlite3_busy_timeout(db_, 5000);  // the library's default busy_timeout_ms
     if (settings.checkpoints == Checkpoints::kBesideTheWriter) {
       if (sqlite3_open_v2(path.c_str(), &checkpoint_db_,
                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK ||

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The scale benchmark end to end on a small SQLite store: preload, then one short round of
-# every mode with its JSON. It checks that the benchmark runs, that every rate it reports
-# is positive and that its ratios are the quotients of its rates, not how fast anything
-# is (targets live in `make bench`, never in a timed test).
+# every mode with its JSON. It checks that the benchmark runs, that every rate of creates
+# and claims it reports is positive and that its ratios are the quotients of its rates,
+# not how fast anything is (targets live in `make bench`, never in a timed test).
 #
 #   tests/bench/scale_smoke.sh CONVERGE_SCALE_BENCH
 set -euo pipefail
@@ -32,7 +32,8 @@ for ratio, num, den in [("loaded_over_empty", "creates_loaded", "creates_empty")
                         ("loaded_over_raw_loaded", "creates_loaded", "raw_creates_loaded")]:
     if abs(one(ratio) - one(num) / one(den)) > 1e-9 * one(ratio):
         sys.exit("scale_smoke: %s = %r, not %s / %s" % (ratio, one(ratio), num, den))
-if j["loaded_keys_end"] < 5000:
+# 5,000 preloaded, a fifth of them expired: the sweeps may take those, nothing else.
+if j["loaded_keys_end"] < 4000:
     sys.exit("scale_smoke: the loaded store ended with %d keys" % j["loaded_keys_end"])
 print("scale_smoke: ok (loaded/empty %.2f, raw sqlite3 %.2f)"
       % (one("loaded_over_empty"), one("raw_loaded_over_empty")))
