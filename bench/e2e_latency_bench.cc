@@ -18,10 +18,11 @@
 //          commit, the consumer's claim, the consumer's effects).
 //
 //   converge_e2e_bench [--seconds S] [--callers N] [--rate R] [--synchronous full|normal]
-//                      [--publish-in-transaction] [--json FILE]
+//                      [--publish-in-transaction] [--store-options K=V&...] [--json FILE]
 //   (--publish-in-transaction: the producer's transaction puts the event on the queue
 //   itself, RuntimeOptions::publish_in_transaction: no relay pass between the producer's
 //   commit and the consumer's claim)
+//   (--store-options: more of the SQLite URI's settings, e.g. checkpoint_pages=4000)
 //   (--rate: the half phase's events/s instead of half the measured peak, to compare two
 //   builds at one load)
 #include <algorithm>
@@ -203,13 +204,15 @@ struct Service {
   converge::Relay* relay = nullptr;
   converge::Consumer* consumer = nullptr;
 
-  Service(const std::string& synchronous, bool publish_in_transaction) {
+  Service(const std::string& synchronous, const std::string& options,
+          bool publish_in_transaction) {
     const char* base = std::getenv("TMPDIR");
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-e2e-XXXXXX";
     if (mkdtemp(tmpl.data()) == nullptr) Die("mkdtemp failed");
     dir = tmpl;
     auto opened =
-        converge::Database::Open("sqlite:" + dir + "/e2e.db?synchronous=" + synchronous);
+        converge::Database::Open("sqlite:" + dir + "/e2e.db?synchronous=" + synchronous +
+                                 (options.empty() ? "" : "&" + options));
     if (!opened) Die("open: " + opened.error().ToString());
     db = std::move(*opened);
     Status st = db->Transact([](Tx& tx) {
@@ -285,9 +288,12 @@ int main(int argc, char** argv) {
   bool in_tx = false;
   app.add_flag("--publish-in-transaction", in_tx,
                "Producers put their events on the queue in their own transactions");
+  std::string store_options;
+  app.add_option("--store-options", store_options,
+                 "More settings of the store's URI, joined by '&' (e.g. checkpoint_pages=4000)");
   CLI11_PARSE(app, argc, argv);
 
-  Service svc(synchronous, in_tx);
+  Service svc(synchronous, store_options, in_tx);
   // The floor first, on the fresh store with the path idle: what one durable commit costs
   // here when nothing else is queued.
   Status made = svc.db->Transact([](Tx& tx) {

@@ -138,8 +138,10 @@ class Consumer {
   };
 
   // `runs`: how often the handler has run for this message, this run included; decides
-  // between a retry and "exhausted".
-  Status ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now, Decision* decision);
+  // between a retry and "exhausted". `event`: DecodeEnvelope of its envelope, decoded by
+  // the caller before its transaction (on SQLite, off the one writer thread).
+  Status ProcessOne(Tx& tx, const Delivery& d, const Result<Event>& event, int64_t runs,
+                    int64_t now, Decision* decision);
   Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,
               const Status& error, Decision* decision);
   Status Park(Tx& tx, const Delivery& d, int64_t now, const char* error_class,

@@ -122,15 +122,14 @@ Status Consumer::Park(Tx& tx, const Delivery& d, int64_t now, const char* error_
   return StatusOf(DeadLetters::Park(tx, letter));
 }
 
-Status Consumer::ProcessOne(Tx& tx, const Delivery& d, int64_t runs, int64_t now,
-                            Decision* decision) {
+Status Consumer::ProcessOne(Tx& tx, const Delivery& d, const Result<Event>& event,
+                            int64_t runs, int64_t now, Decision* decision) {
   const std::string* source = &d.event.source;
   const std::string* id = &d.event.id;
 
   auto park = [&](const char* error_class, const Status& error) -> Status {
     return Park(tx, d, now, error_class, error, decision, *source, *id);
   };
-  Result<Event> event = DecodeEnvelope(d.event.envelope);
   if (!event) return park("decode", event.error());
   // The envelope is the identity end to end; the transport's copy is only a fallback.
   source = &event->source;
@@ -277,12 +276,19 @@ Status Consumer::RunBatch(const std::vector<const Delivery*>& batch, bool claim_
   // (it comes back delivered once, unstarted, as a crashed batch's neighbours do): with
   // a single attempt it would be parked without ever running.
   claim_ahead = claim_ahead && tx_settler_ != nullptr && options_.max_attempts >= 2;
+  // Decoded here, before the transaction: on SQLite its body runs on the one writer
+  // thread, which every caller's transaction waits for (issue 10: the decode was a tenth
+  // of that thread's time in the end-to-end benchmark).
+  std::vector<Result<Event>> events;
+  events.reserve(batch.size());
+  for (const Delivery* d : batch) events.push_back(DecodeEnvelope(d->event.envelope));
   Status st = db_.Transact([&](Tx& tx) -> Status {
     decisions.assign(batch.size(), Decision{});
     next.clear();
     const int64_t now = clock_->NowMillis();
     for (size_t i = 0; i < batch.size(); ++i) {
-      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, *batch[i], batch[i]->attempts, now, &decisions[i]));
+      CONVERGE_RETURN_IF_ERROR(
+          ProcessOne(tx, *batch[i], events[i], batch[i]->attempts, now, &decisions[i]));
     }
     CONVERGE_RETURN_IF_ERROR(SettleInTx(tx, batch, decisions));
     // The next batch, claimed in this transaction: durable with it (a handler that kills
@@ -354,6 +360,7 @@ Status Consumer::RunAlone(const Delivery& d) {
   }));
   std::vector<Decision> decision(1);
   const std::vector<const Delivery*> one = {&d};
+  const Result<Event> decoded = DecodeEnvelope(d.event.envelope);
   Status st = db_.Transact([&](Tx& tx) -> Status {
     decision.assign(1, Decision{});
     const int64_t now = clock_->NowMillis();
@@ -367,7 +374,6 @@ Status Consumer::RunAlone(const Delivery& d) {
       // the envelope's identity, as ProcessOne claims and parks (NATS's routing copy is
       // the message id, a replayed copy's suffixed), so that a redelivery of it (its
       // settlement lost) is absorbed by the inbox, not run again (found by review).
-      Result<Event> decoded = DecodeEnvelope(d.event.envelope);
       CONVERGE_RETURN_IF_ERROR(Park(
           tx, d, now, "unsettled",
           AbortedError("handler started " + std::to_string(runs - 1) +
@@ -377,7 +383,7 @@ Status Consumer::RunAlone(const Delivery& d) {
           &decision[0], decoded ? decoded->source : d.event.source,
           decoded ? decoded->id : d.event.id));
     } else {
-      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, runs, now, &decision[0]));
+      CONVERGE_RETURN_IF_ERROR(ProcessOne(tx, d, decoded, runs, now, &decision[0]));
     }
     // The count goes with the message's last settlement; a retry (nak) keeps counting.
     if (decision[0].fate != Fate::kRetry) {
