@@ -392,9 +392,11 @@ int main(int argc, char** argv) {
   auto pct = [&](double p) {
     return lat[std::min(lat.size() - 1, static_cast<size_t>(p * lat.size()))];
   };
-  std::printf("end to end, embedded SQLite (%s%s): producer commit -> consumer effect commit\n",
+  std::printf("end to end, embedded SQLite (%s%s%s%s): producer commit -> consumer effect "
+              "commit\n",
               synchronous == "full" ? "FULL" : "NORMAL",
-              in_tx ? ", published in the producer's transaction" : "");
+              in_tx ? ", published in the producer's transaction" : "",
+              store_options.empty() ? "" : ", ", store_options.c_str());
   std::printf("  peak, %d closed-loop producers: %.0f events/s through to their effect "
               "(producers alone committed %.0f/s)\n",
               callers, peak, produced);
@@ -439,7 +441,7 @@ int main(int argc, char** argv) {
               fq(0.5), fq(0.99), in_tx ? "1 or 2" : "2 or 3", in_tx ? "" : "relay; ");
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "e2e_latency"}, {"synchronous", synchronous},
-                        {"publish_in_transaction", in_tx},
+                        {"publish_in_transaction", in_tx}, {"store_options", store_options},
                         {"peak", peak}, {"produced", produced},
                         {"rate", rate},              {"events", lat.size()},
                         {"p50_ms", pct(0.5)},        {"p99_ms", pct(0.99)},
