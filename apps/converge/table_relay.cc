@@ -142,10 +142,10 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
 // redeliveries on it. Publisher::PublishBatch stops a subject at its first failure.
 //
 // A batch is sent one POST after another, and the relay renews its partitions' leases
-// only after it: so no POST starts that could end past half the lease (what is left of a
-// lease when a pass starts, acquire_interval being 0), and the rest of the batch goes next
-// pass. Else a slow target would let the leases lapse mid-batch, and another relay would
-// send the same events again, concurrently.
+// only after it: so no POST starts that could end past half the lease (less than is left
+// of a lease when a pass starts, acquire_interval being below half of it), and the rest of
+// the batch goes next pass. Else a slow target would let the leases lapse mid-batch, and
+// another relay would send the same events again, concurrently.
 class HttpTargetPublisher : public Publisher {
  public:
   HttpTargetPublisher(SignedTarget target, Millis lease, Metrics* metrics)

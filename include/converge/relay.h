@@ -23,9 +23,10 @@
 // Several relays may share one outbox (several processes on PostgreSQL). Events are
 // spread over kOutboxPartitions partitions by a stable hash of their subject; each
 // partition has one owner at a time, recorded in relay_partitions with a lease and a
-// fencing token. Every pass renews the leases it holds, takes free or expired partitions
-// up to a fair share (partitions / live relays), and hands back any excess; an owner that
-// dies loses its partitions when its lease runs out, and the taker raises the fence.
+// fencing token. Each Acquire (every pass, or every acquire_interval: RelayOptions) renews
+// the leases it holds, takes free or expired partitions up to a fair share (partitions /
+// live relays), and hands back any excess; an owner that dies loses its partitions when
+// its lease runs out, and the taker raises the fence.
 // Marks (and, with a shared database, the publish itself) commit only in a transaction
 // that still holds the partition at the same fence, so a relay that lost its partition
 // cannot mark what the new owner is publishing. See docs/design/postgresql.md.
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -69,19 +71,27 @@ class OutboxRequeuer : public Requeuer {
 struct RelayOptions {
   size_t batch = 256;                           // events claimed per pass
   Millis poll = std::chrono::milliseconds(500);  // safety net when no wake-up comes
-  Millis lease = std::chrono::seconds(10);       // partition ownership; renewed every pass
-  // 0: every pass renews, takes and sheds partitions (Acquire, one committed
-  // transaction). Otherwise a pass reuses the partitions it holds when the last Acquire
-  // is younger than this (measured on the relay's clock), saving that transaction: the
-  // mark (and a shared-database publish) still commits only under each partition's fence,
-  // so ownership stays proven; a new relay gets its share, and a superseded incarnation
-  // learns it, up to this much later. REQUIRES: below lease / 2.
-  Millis acquire_interval{0};
+  Millis lease = std::chrono::seconds(10);       // partition ownership
+  // A pass reuses the partitions it holds when the last Acquire (which reads every
+  // partition's row, renews its own, takes and sheds) is younger than this, measured on
+  // the relay's clock; the pass renews only the partitions it publishes from. The mark
+  // (and a shared-database publish) still commits only under each partition's fence, so
+  // ownership stays proven; a new relay gets its share, and a superseded incarnation
+  // learns it, up to this much later. Meanwhile a superseded incarnation publishing
+  // inside its transactions publishes nothing (the pass renews under the fences before
+  // it publishes); one publishing to an external broker may publish the head of the
+  // backlog again, unmarked, until then (at least once; the broker's or the inbox's
+  // dedupe drops it). 0: every pass acquires. Unset: lease / 10 when the relay publishes
+  // inside its transactions (on a busy embedded store, the Acquire of every pass was 11%
+  // of the process's time end to end: docs/benchmarks.md), every pass otherwise.
+  // REQUIRES: below lease / 2 less the longest pass and the idle wait (min(poll, lease /
+  // 3)), so that the partitions a pass does not publish from are renewed in time.
+  std::optional<Millis> acquire_interval;
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
   // name takes its partitions back at once, raising their fences; the previous
-  // incarnation, if still alive, can no longer mark or publish, and from its next pass on
-  // owns nothing (RunOnce answers kFailedPrecondition: superseded). A new name waits for
-  // the old leases to lapse.
+  // incarnation, if still alive, can no longer mark (nor publish inside its transactions),
+  // and from its next Acquire on owns nothing (RunOnce answers kFailedPrecondition:
+  // superseded). A new name waits for the old leases to lapse.
   // Empty: a random one.
   std::string name;
 };
@@ -145,6 +155,7 @@ class Relay {
   Publisher& publisher_;
   TxPublisher* const tx_publisher_;  // publisher_'s, on db_; or nullptr
   const RelayOptions options_;
+  const Millis acquire_every_;  // options_.acquire_interval, or its default
   Clock* clock_;
   std::string name_;
   // Partition -> fence this incarnation acquired, and the incarnation's number from the

@@ -99,6 +99,9 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
       publisher_(publisher),
       tx_publisher_(TxPublisherOn(db, publisher)),
       options_(options),
+      acquire_every_(options_.acquire_interval.value_or(tx_publisher_ != nullptr
+                                                            ? options_.lease / 10
+                                                            : Millis(0))),
       clock_(clock ? clock : Clock::System()),
       name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name),
       // Wakes before the leases lapse, even when idle.
@@ -147,7 +150,7 @@ Status Relay::AcquireIn(Tx& tx, std::map<int64_t, int64_t>* owned_out) {
   if (incarnation_ == 0) {
     CONVERGE_ASSIGN_OR_RETURN(incarnation_, tx.NextFence());
   }
-  // Membership: every relay announces itself each pass, owning partitions or not, so
+  // Membership: every relay announces itself each Acquire, owning partitions or not, so
   // the others can compute a fair share that includes it. The newest incarnation of a
   // name keeps the row; an older one still alive learns here that it was superseded,
   // and owns nothing from then on (without this, two live incarnations of one name
@@ -294,8 +297,8 @@ Result<size_t> Relay::RunOnce() {
   cut_short_ = false;
   const int64_t now = clock_->NowMillis();
   Result<std::map<int64_t, int64_t>> owned = held_;
-  const bool acquire = held_.empty() || options_.acquire_interval <= Millis(0) ||
-                       now - acquired_at_ >= options_.acquire_interval.count() ||
+  const bool acquire = held_.empty() || acquire_every_ <= Millis(0) ||
+                       now - acquired_at_ >= acquire_every_.count() ||
                        now < acquired_at_;
   Result<size_t> r = size_t{0};
   if (acquire && tx_publisher_ != nullptr && incarnation_ != 0) {

@@ -716,8 +716,12 @@ TYPED_TEST(Races, ARestartedRelayFencesItsPreviousIncarnation) {
   };
   PublisherWrapper external_old(&queue);  // publish, then mark
   Down external_new(&queue);
-  Relay old_incarnation(*this->db_, outbox, external_old, RelayOptions{.name = "host:8080"});
-  Relay new_incarnation(*this->db_, outbox, external_new, RelayOptions{.name = "host:8080"});
+  // Acquiring every pass (an external broker's default), the old incarnation learns at
+  // its next pass that it was superseded (between Acquires:
+  // ASupersededRelayToABrokerBetweenItsAcquiresMarksNothing).
+  const RelayOptions every_pass{.acquire_interval = Millis(0), .name = "host:8080"};
+  Relay old_incarnation(*this->db_, outbox, external_old, every_pass);
+  Relay new_incarnation(*this->db_, outbox, external_new, every_pass);
   ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=pause*1").ok());
   std::optional<Result<size_t>> old_marked;
   std::thread t([&] { old_marked = old_incarnation.RunOnce(); });
@@ -1136,13 +1140,15 @@ TYPED_TEST(Races, RunnersOfOneKindClaimingOneAtATimeShareABacklog) {
 // that publishes. Paused after publishing until its lease has lapsed, that relay still
 // commits; a second relay, blocked meanwhile on the renewed rows (PostgreSQL) or on the
 // one writer (SQLite), then takes over with raised fences: every event reaches the queue
-// once, in order per aggregate, and the first relay holds nothing afterwards.
+// once, in order per aggregate, and the first relay holds nothing afterwards. Both relays
+// acquire every pass, so the paused pass is one that renews all its partitions.
 TYPED_TEST(Races, ARelayPausedPastItsLeaseInASharedPassHandsOverEachEventOnce) {
   ManualClock clock(Clock::System()->NowMillis());
   SqlQueue queue(*this->db_, &clock);
   ASSERT_TRUE(queue.Subscribe("all", "*").ok());
   Outbox outbox(OutboxOptions{}, &clock);
-  RelayOptions oa{.batch = 3, .name = "relay-a"}, ob{.batch = 64, .name = "relay-b"};
+  RelayOptions oa{.batch = 3, .acquire_interval = Millis(0), .name = "relay-a"},
+      ob{.batch = 64, .acquire_interval = Millis(0), .name = "relay-b"};
   Relay ra(*this->db_, outbox, queue, oa, &clock), rb(*this->db_, outbox, queue, ob, &clock);
   ASSERT_TRUE(ra.RunOnce());  // acquires apart: every partition
   std::map<std::string, std::vector<std::string>> want;
@@ -1206,14 +1212,18 @@ TYPED_TEST(Races, ASupersededRelayInASharedPassPublishesNothingMore) {
   SqlQueue queue(*this->db_);
   ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
   Outbox outbox;
-  Relay old_incarnation(*this->db_, outbox, queue, RelayOptions{.batch = 1, .name = "h:1"});
+  // Acquiring every pass (between Acquires, the next test:
+  // ASupersededRelayBetweenItsAcquiresPublishesNothing).
+  Relay old_incarnation(*this->db_, outbox, queue,
+                        RelayOptions{.batch = 1, .acquire_interval = Millis(0), .name = "h:1"});
   ASSERT_TRUE(old_incarnation.RunOnce());  // acquires apart, drawing its incarnation
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
                        return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
                      }).ok());
   }
-  Relay new_incarnation(*this->db_, outbox, queue, RelayOptions{.batch = 16, .name = "h:1"});
+  Relay new_incarnation(*this->db_, outbox, queue,
+                        RelayOptions{.batch = 16, .acquire_interval = Millis(0), .name = "h:1"});
   ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=pause*1").ok());
   std::optional<Result<size_t>> old_done, new_done;
   std::thread t_old([&] { old_done = old_incarnation.RunOnce(); });
@@ -1241,6 +1251,97 @@ TYPED_TEST(Races, ASupersededRelayInASharedPassPublishesNothingMore) {
   EXPECT_EQ(*new_incarnation.RunOnce(), 1u);
   EXPECT_EQ(*queue.Depth("ledger"), 4);
   EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 4);
+}
+
+// Between its Acquires (RelayOptions::acquire_interval, by default a tenth of the lease)
+// a relay publishes from the partitions it holds without reading them all again. A
+// restart under its name that took them meanwhile must stop it at once all the same: the
+// shared pass renews the partitions it publishes from, under their fences, in the
+// transaction that publishes. The old incarnation learns it was superseded at its next
+// due Acquire.
+TYPED_TEST(Races, ASupersededRelayBetweenItsAcquiresPublishesNothing) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  auto enqueue = [&] {
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                     }).ok());
+  };
+  const RelayOptions options{.name = "h:1"};  // the default acquire_interval
+  ASSERT_GT(options.lease / 10, Millis(0));
+  Relay old_incarnation(*this->db_, outbox, queue, options, &clock);
+  ASSERT_TRUE(old_incarnation.RunOnce());  // acquires, drawing its incarnation
+  enqueue();
+  auto first = old_incarnation.RunOnce();  // not due: publishes from what it holds
+  ASSERT_TRUE(first) << first.error().ToString();
+  EXPECT_EQ(*first, 1u);
+  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions);
+  // The restart takes every partition back at once, raising the fences.
+  Relay new_incarnation(*this->db_, outbox, queue, options, &clock);
+  ASSERT_TRUE(new_incarnation.RunOnce());
+  EXPECT_EQ(new_incarnation.stats().partitions_owned, kOutboxPartitions);
+  const int64_t fences = this->Count("SELECT sum(fence) FROM relay_partitions");
+  enqueue();
+  auto stale = old_incarnation.RunOnce();  // still not due: it holds what it held
+  ASSERT_TRUE(stale) << stale.error().ToString();
+  EXPECT_EQ(*stale, 0u) << "a superseded incarnation published between its Acquires";
+  EXPECT_EQ(*queue.Depth("ledger"), 1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
+  auto fresh = new_incarnation.RunOnce();
+  ASSERT_TRUE(fresh) << fresh.error().ToString();
+  EXPECT_EQ(*fresh, 1u);
+  clock.Advance(options.lease / 10);  // due: the old one reads the partitions again
+  auto superseded = old_incarnation.RunOnce();
+  ASSERT_FALSE(superseded);
+  EXPECT_EQ(superseded.error().code(), StatusCode::kFailedPrecondition)
+      << superseded.error().ToString();
+  EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
+  EXPECT_EQ(*queue.Depth("ledger"), 2);
+  EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 2);
+}
+
+// The same with an external broker and an acquire_interval (as `converge relay` runs):
+// between its Acquires the superseded incarnation may publish its backlog's head again
+// (at least once: the broker or the inbox drops the duplicate), but marks nothing and
+// moves no fence; the restart publishes and marks; the old one learns at its next Acquire.
+TYPED_TEST(Races, ASupersededRelayToABrokerBetweenItsAcquiresMarksNothing) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                   }).ok());
+  PublisherWrapper external_old(&queue), external_new(&queue);  // publish, then mark
+  const RelayOptions options{.acquire_interval = Millis(1000), .name = "h:1"};
+  Relay old_incarnation(*this->db_, outbox, external_old, options, &clock);
+  ASSERT_TRUE(old_incarnation.RunOnce());  // acquires, publishes and marks a1
+  EXPECT_EQ(*queue.Depth("ledger"), 1);
+  Relay new_incarnation(*this->db_, outbox, external_new, options, &clock);
+  ASSERT_TRUE(new_incarnation.RunOnce());  // takes every partition back, raising fences
+  const int64_t fences = this->Count("SELECT sum(fence) FROM relay_partitions");
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent("a1")));
+                   }).ok());
+  auto stale = old_incarnation.RunOnce();  // not due: publishes from what it held
+  ASSERT_TRUE(stale) << stale.error().ToString();
+  EXPECT_EQ(*stale, 0u) << "a superseded incarnation marked between its Acquires";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
+  EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
+  auto fresh = new_incarnation.RunOnce();
+  ASSERT_TRUE(fresh) << fresh.error().ToString();
+  EXPECT_EQ(*fresh, 1u);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 0);
+  // Two events, the second possibly twice: nothing lost, nothing marked by the old one.
+  EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 2);
+  clock.Advance(Millis(1000));
+  auto superseded = old_incarnation.RunOnce();
+  ASSERT_FALSE(superseded);
+  EXPECT_EQ(superseded.error().code(), StatusCode::kFailedPrecondition)
+      << superseded.error().ToString();
+  EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
 }
 
 // Issue 10 review: a consumer on the SQL queue in its own database settles inside the
@@ -1419,11 +1520,12 @@ TYPED_TEST(Races, ARelayWhoseFirstAcquireRolledBackIsStillSupersededByItsRestart
     exec("CREATE TRIGGER fail_members BEFORE INSERT ON relay_members "
          "BEGIN SELECT RAISE(ABORT, 'injected'); END");
   }
-  Relay old_incarnation(*this->db_, outbox, queue, RelayOptions{.name = "h:1"});
+  const RelayOptions every_pass{.acquire_interval = Millis(0), .name = "h:1"};
+  Relay old_incarnation(*this->db_, outbox, queue, every_pass);
   ASSERT_FALSE(old_incarnation.RunOnce());  // its first acquire rolls back
   exec("DROP TRIGGER fail_members" + std::string(this->IsPostgres() ? " ON relay_members" : ""));
   // The restart comes up while the old process still runs.
-  Relay new_incarnation(*this->db_, outbox, queue, RelayOptions{.name = "h:1"});
+  Relay new_incarnation(*this->db_, outbox, queue, every_pass);
   ASSERT_TRUE(new_incarnation.RunOnce());
   EXPECT_EQ(new_incarnation.stats().partitions_owned, kOutboxPartitions);
   // The older process never had an incarnation: its next pass draws one, newer than the

@@ -667,10 +667,12 @@ TYPED_TEST(StoreContract, RelaysSharePartitionsKeepOrderAndTakeOver) {
   RelayOptions o1{.batch = 16, .name = "relay-a"}, o2{.batch = 16, .name = "relay-b"};
   Relay r1(*this->db_, outbox, queue, o1, &clock), r2(*this->db_, outbox, queue, o2, &clock);
   // The first relay takes every partition; once the second shows up, the first sheds its
-  // excess and the second takes it: half each.
+  // excess at its next due Acquire (acquire_interval, by default a tenth of the lease) and
+  // the second takes it: half each.
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(r1.RunOnce());
     ASSERT_TRUE(r2.RunOnce());
+    clock.Advance(o1.lease / 10);
   }
   EXPECT_EQ(r1.stats().partitions_owned, kOutboxPartitions / 2);
   EXPECT_EQ(r2.stats().partitions_owned, kOutboxPartitions / 2);

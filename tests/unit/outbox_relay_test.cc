@@ -260,9 +260,12 @@ TEST_F(OutboxRelayTest, OnSqliteAFilteredClaimWalksTheUnpublishedIndexInOrder) {
 
 // Issue 10: with the queue in the outbox's database, a pass renews its partitions in the
 // transaction that publishes: one durable commit per pass on the path of every event
-// (the first pass acquires apart, drawing the relay's incarnation).
+// (the first pass acquires apart, drawing the relay's incarnation). Every pass acquiring
+// here (between Acquires a pass renews only what it publishes from, in that transaction
+// too: Races/*.ASupersededRelayBetweenItsAcquiresPublishesNothing).
 TEST_F(OutboxRelayTest, SharedDatabasePassIsOneTransactionPartitionsIncluded) {
-  Relay relay(*db_, outbox_, *queue_, RelayOptions{.name = "relay-1"});
+  Relay relay(*db_, outbox_, *queue_,
+              RelayOptions{.acquire_interval = Millis(0), .name = "relay-1"});
   ASSERT_TRUE(relay.RunOnce());  // the first pass: acquires on its own
   for (int round = 0; round < 3; ++round) {
     Enqueue(MakeEvent("a"));
@@ -280,9 +283,11 @@ TEST_F(OutboxRelayTest, SharedDatabasePassIsOneTransactionPartitionsIncluded) {
 }
 
 // A publish that fails inside the shared transaction rolls the partition renewal back
-// with it; the relay keeps what it held and the next pass publishes.
+// with it; the relay keeps what it held and the next pass publishes (a pass that
+// acquires: a failure must not lose what it held).
 TEST_F(OutboxRelayTest, SharedPassThatFailsKeepsItsPartitionsForTheNextPass) {
-  Relay relay(*db_, outbox_, *queue_, RelayOptions{.name = "relay-1"});
+  Relay relay(*db_, outbox_, *queue_,
+              RelayOptions{.acquire_interval = Millis(0), .name = "relay-1"});
   ASSERT_TRUE(relay.RunOnce());
   Enqueue(MakeEvent("a"));
   ASSERT_TRUE(failpoint::Configure("relay.after_publish_before_mark=error(unavailable)").ok());
