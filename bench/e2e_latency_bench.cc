@@ -18,13 +18,18 @@
 //          commit, the consumer's claim, the consumer's effects).
 //
 //   converge_e2e_bench [--seconds S] [--callers N] [--rate R] [--synchronous full|normal]
-//                      [--publish-in-transaction] [--store-options K=V&...] [--json FILE]
+//                      [--publish-in-transaction] [--store-options K=V&...]
+//                      [--relay-acquire-interval MS] [--timeline CSV] [--json FILE]
 //   (--publish-in-transaction: the producer's transaction puts the event on the queue
 //   itself, RuntimeOptions::publish_in_transaction: no relay pass between the producer's
 //   commit and the consumer's claim)
 //   (--store-options: more of the SQLite URI's settings, e.g. checkpoint_pages=4000)
 //   (--rate: the half phase's events/s instead of half the measured peak, to compare two
 //   builds at one load)
+//   (--timeline: every event of the half phase with its stages' times, to see when the
+//   slow ones came: a host freezing the VM shows as bursts at its period)
+// It also prints the cores the process used in the half phase, the bytes it wrote per
+// event, and the share of the machine's cpu time its hypervisor stole meanwhile.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -40,6 +45,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/resource.h>
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -53,6 +60,47 @@ namespace {
 using converge::Status;
 using converge::Tx;
 using Steady = std::chrono::steady_clock;
+
+// The machine's CPU time from /proc/stat's "cpu" line, in ticks: all of it, and what a
+// hypervisor took from this VM's vCPUs (steal) while they had work. A host that throttles
+// or overcommits its VMs freezes every thread of the process at once; the share of steal
+// during a phase says how much of its latency was the host's. {-1, -1} when unreadable
+// (not Linux, or a kernel without the column).
+struct CpuTicks {
+  int64_t total = -1, steal = -1;
+};
+CpuTicks ReadCpuTicks() {
+  std::ifstream in("/proc/stat");
+  std::string label;
+  if (!(in >> label) || label != "cpu") return {};
+  CpuTicks t{0, -1};
+  int64_t v = 0;
+  for (int i = 0; i < 8 && (in >> v); ++i) {  // user nice system idle iowait irq softirq steal
+    t.total += v;
+    if (i == 7) t.steal = v;
+  }
+  return t.steal < 0 ? CpuTicks{} : t;
+}
+
+// Bytes this process has passed to write(2) and friends (/proc/self/io's wchar), -1 when
+// unreadable: what the store writes, WAL frames and checkpoints, the disk's work.
+int64_t ProcessWrittenBytes() {
+  std::ifstream in("/proc/self/io");
+  std::string key;
+  int64_t v = 0;
+  while (in >> key >> v) {
+    if (key == "wchar:") return v;
+  }
+  return -1;
+}
+
+// CPU seconds this process has used (all threads, user + system).
+double ProcessCpuSeconds() {
+  rusage u{};
+  if (getrusage(RUSAGE_SELF, &u) != 0) return 0;
+  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+  return s(u.ru_utime) + s(u.ru_stime);
+}
 
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "converge_e2e_bench: %s\n", what.c_str());
@@ -85,6 +133,12 @@ class Timeline {
     t[s] = now;
     if (s == kEffected) ++effects_;
   }
+  // Room for `n` events without a rehash: a rehash of 100,000 entries under the mutex
+  // held the writer thread (which marks effects in its commit hooks) for ~9 ms once a run.
+  void Reserve(size_t n) {
+    std::lock_guard<std::mutex> l(mu_);
+    times_.reserve(n);
+  }
   size_t effects() const {
     std::lock_guard<std::mutex> l(mu_);
     return effects_;
@@ -104,6 +158,32 @@ class Timeline {
     }
     std::sort(out.begin(), out.end());
     return out;
+  }
+
+  // Writes the events numbered [from, to) as CSV: the event's number, then each stage's
+  // time in ms after `origin` (empty when it has none).
+  bool WriteCsv(const std::string& path, int64_t from, int64_t to,
+                Steady::time_point origin) const {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) return false;
+    std::fprintf(f, "n");
+    for (const char* name : kStageNames) std::fprintf(f, ",%s", name);
+    std::fprintf(f, "\n");
+    std::lock_guard<std::mutex> l(mu_);
+    for (int64_t n = from; n < to; ++n) {
+      auto it = times_.find(n);
+      if (it == times_.end()) continue;
+      std::fprintf(f, "%lld", static_cast<long long>(n));
+      for (Steady::time_point t : it->second) {
+        if (t == Steady::time_point{}) {
+          std::fprintf(f, ",");
+        } else {
+          std::fprintf(f, ",%.3f", std::chrono::duration<double, std::milli>(t - origin).count());
+        }
+      }
+      std::fprintf(f, "\n");
+    }
+    return std::fclose(f) == 0;
   }
 
  private:
@@ -205,7 +285,7 @@ struct Service {
   converge::Consumer* consumer = nullptr;
 
   Service(const std::string& synchronous, const std::string& options,
-          bool publish_in_transaction) {
+          bool publish_in_transaction, converge::RelayOptions relay_options) {
     const char* base = std::getenv("TMPDIR");
     std::string tmpl = std::string(base && *base ? base : "/tmp") + "/converge-e2e-XXXXXX";
     if (mkdtemp(tmpl.data()) == nullptr) Die("mkdtemp failed");
@@ -227,7 +307,7 @@ struct Service {
     timed_sub = std::make_unique<TimedSubscriber>(sub.get(), timeline);
     runtime = std::make_unique<converge::Runtime>(
         *db, converge::RuntimeOptions{.publish_in_transaction = publish_in_transaction});
-    relay = &runtime->AddRelay(*timed_queue);
+    relay = &runtime->AddRelay(*timed_queue, relay_options);
     consumer = &runtime->AddConsumer(*timed_sub, {.name = "effects"});
     consumer->On("bench.created", [this](Tx& tx, const converge::Event& e) -> Status {
       const int64_t n = std::stoll(e.subject);
@@ -291,9 +371,19 @@ int main(int argc, char** argv) {
   std::string store_options;
   app.add_option("--store-options", store_options,
                  "More settings of the store's URI, joined by '&' (e.g. checkpoint_pages=4000)");
+  // The library's default: a tenth of the relay's lease.
+  int64_t acquire_interval_ms = converge::RelayOptions{}.lease.count() / 10;
+  app.add_option("--relay-acquire-interval", acquire_interval_ms,
+                 "RelayOptions::acquire_interval in ms (0: every pass acquires)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, converge::RelayOptions{}.lease.count() / 2 - 1));
+  std::string timeline_path;
+  app.add_option("--timeline", timeline_path,
+                 "Write each event of the second phase, with its stages' times, to this CSV");
   CLI11_PARSE(app, argc, argv);
 
-  Service svc(synchronous, store_options, in_tx);
+  Service svc(synchronous, store_options, in_tx,
+              {.acquire_interval = converge::Millis(acquire_interval_ms)});
   // The floor first, on the fresh store with the path idle: what one durable commit costs
   // here when nothing else is queued.
   Status made = svc.db->Transact([](Tx& tx) {
@@ -316,6 +406,7 @@ int main(int argc, char** argv) {
 
   std::atomic<int64_t> next{0};
   std::atomic<bool> stop{false};
+  svc.timeline.Reserve(1 << 20);
 
   std::fprintf(stderr, "  peak: %d closed-loop producers for %.1fs...\n", callers, seconds);
   std::vector<std::thread> threads;
@@ -352,23 +443,29 @@ int main(int argc, char** argv) {
   const int producers = callers;
   const int64_t half_from = next.load();
   const int64_t half_count = static_cast<int64_t>(rate * seconds);
+  svc.timeline.Reserve(static_cast<size_t>(half_from + half_count));
   std::fprintf(stderr, "  half load: %.0f creates/s for %.1fs (%lld events)...\n", rate, seconds,
                static_cast<long long>(half_count));
   // Who committed how often during the half-load phase (one transaction each: a relay pass
   // that published, a consumer fetch, batch and settle).
   struct Counts {
     int64_t transactions, commits, relay_passes, relay_publishes, fetches, claims_ahead, batches,
-        settles;
+        settles, checkpoints, restarts, wal_pages;
   };
   auto counts = [&] {
     converge::DatabaseStats ds = svc.db->stats();
+    const converge::DatabaseStats::Wal wal = ds.wal.value_or(converge::DatabaseStats::Wal{});
     return Counts{ds.transactions,          ds.commits,
                   svc.relay->stats().passes, svc.timed_queue->publishes.load(),
                   svc.timed_sub->fetches.load(), svc.timed_sub->claims_ahead.load(),
                   svc.consumer->stats().batches,
-                  svc.timed_sub->settles.load()};
+                  svc.timed_sub->settles.load(), wal.checkpoints, wal.restarts_forced,
+                  wal.pages};
   };
   const Counts before = counts();
+  const CpuTicks cpu_before = ReadCpuTicks();
+  const double process_cpu_before = ProcessCpuSeconds();
+  const int64_t written_before = ProcessWrittenBytes();
   std::atomic<int64_t> issued{0};
   threads.clear();
   auto start = Steady::now();
@@ -386,17 +483,38 @@ int main(int argc, char** argv) {
   for (auto& t : threads) t.join();
   if (!wait_all(half_from + half_count, 120)) Die("events did not reach the consumer in 120 s");
   const Counts after = counts();
+  const CpuTicks cpu_after = ReadCpuTicks();
+  const double half_elapsed = std::chrono::duration<double>(Steady::now() - start).count();
+  const double process_cpus = (ProcessCpuSeconds() - process_cpu_before) / half_elapsed;
+  const int64_t written_after = ProcessWrittenBytes();
+  const double written_per_event =
+      written_before < 0 || written_after < 0
+          ? -1
+          : static_cast<double>(written_after - written_before) / static_cast<double>(half_count);
+  const double steal_share =
+      cpu_before.steal < 0 || cpu_after.steal < 0 || cpu_after.total <= cpu_before.total
+          ? -1
+          : static_cast<double>(cpu_after.steal - cpu_before.steal) /
+                static_cast<double>(cpu_after.total - cpu_before.total);
+  if (!timeline_path.empty() &&
+      !svc.timeline.WriteCsv(timeline_path, half_from, half_from + half_count, start)) {
+    Die("cannot write " + timeline_path);
+  }
   std::vector<double> lat =
       svc.timeline.Between(half_from, half_from + half_count, kCommitted, kEffected);
   if (lat.empty()) Die("no latencies recorded");
   auto pct = [&](double p) {
     return lat[std::min(lat.size() - 1, static_cast<size_t>(p * lat.size()))];
   };
-  std::printf("end to end, embedded SQLite (%s%s%s%s): producer commit -> consumer effect "
+  const std::string acquire_note =
+      acquire_interval_ms > 0
+          ? ", the relay acquiring every " + std::to_string(acquire_interval_ms) + " ms"
+          : ", the relay acquiring every pass";
+  std::printf("end to end, embedded SQLite (%s%s%s%s%s): producer commit -> consumer effect "
               "commit\n",
               synchronous == "full" ? "FULL" : "NORMAL",
               in_tx ? ", published in the producer's transaction" : "",
-              store_options.empty() ? "" : ", ", store_options.c_str());
+              store_options.empty() ? "" : ", ", store_options.c_str(), acquire_note.c_str());
   std::printf("  peak, %d closed-loop producers: %.0f events/s through to their effect "
               "(producers alone committed %.0f/s)\n",
               callers, peak, produced);
@@ -439,14 +557,35 @@ int main(int argc, char** argv) {
               "after a producer's commit the path needs %s (%sthe consumer's claim, made "
               "ahead in the batch before when the consumer is busy; effect)\n",
               fq(0.5), fq(0.99), in_tx ? "1 or 2" : "2 or 3", in_tx ? "" : "relay; ");
+  std::printf("  wal: %lld checkpoints during that phase, %lld of them restarts forced by the "
+              "writer; %lld pages at its end\n",
+              static_cast<long long>(after.checkpoints - before.checkpoints),
+              static_cast<long long>(after.restarts - before.restarts),
+              static_cast<long long>(after.wal_pages));
+  std::printf("  cpu: the process used %.2f cores during that phase", process_cpus);
+  if (written_per_event >= 0) {
+    std::printf(" and wrote %.1f KiB per event", written_per_event / 1024);
+  }
+  if (steal_share >= 0) {
+    std::printf("; %.1f%% of the machine's cpu time was stolen by its host (/proc/stat: a "
+                "hypervisor throttling this VM stalls every thread at once)",
+                100 * steal_share);
+  }
+  std::printf("\n");
   if (!json_path.empty()) {
     nlohmann::json j = {{"benchmark", "e2e_latency"}, {"synchronous", synchronous},
                         {"publish_in_transaction", in_tx}, {"store_options", store_options},
+                        {"relay_acquire_interval_ms", acquire_interval_ms},
                         {"peak", peak}, {"produced", produced},
                         {"rate", rate},              {"events", lat.size()},
                         {"p50_ms", pct(0.5)},        {"p99_ms", pct(0.99)},
                         {"max_ms", lat.back()},       {"stages", stages},
                         {"floor_p50_ms", fq(0.5)},   {"floor_p99_ms", fq(0.99)}};
+    j["process_cpus"] = process_cpus;
+    j["checkpoints"] = after.checkpoints - before.checkpoints;
+    j["restarts_forced"] = after.restarts - before.restarts;
+    if (written_per_event >= 0) j["written_bytes_per_event"] = written_per_event;
+    if (steal_share >= 0) j["steal_share"] = steal_share;
     std::ofstream out(json_path);
     out << j.dump(2) << "\n";
     if (!out) Die("cannot write " + json_path);
