@@ -84,8 +84,10 @@ struct RelayOptions {
   // dedupe drops it). 0: every pass acquires. Unset: lease / 10 when the relay publishes
   // inside its transactions (on a busy embedded store, the Acquire of every pass was 11%
   // of the process's time end to end: docs/benchmarks.md), every pass otherwise.
-  // REQUIRES: below lease / 2 less the longest pass and the idle wait (min(poll, lease /
-  // 3)), so that the partitions a pass does not publish from are renewed in time.
+  // A longer one is cut to lease / 2 less the idle wait (min(poll, lease / 3)), so that
+  // the partitions a pass does not publish from are renewed in time. Passes must also stay
+  // well within that half lease: longer ones let those leases lapse, and other relays
+  // take them over (needless takeovers; the fences still hold).
   std::optional<Millis> acquire_interval;
   // This relay's owner id: unique among live relays. A restarted relay that reuses its
   // name takes its partitions back at once, raising their fences; the previous
@@ -140,7 +142,8 @@ class Relay {
   // Renews the lease of `partition` if this relay still holds it at `fence`.
   Result<bool> StillOwns(Tx& tx, int64_t partition, int64_t fence, int64_t now);
   // StillOwns for every partition in `partitions` (held at owned.at(p)), in one statement
-  // when all are still this relay's; returns those that are.
+  // when all are still this relay's; returns those that are. Those found taken over
+  // leave held_.
   Result<std::set<int64_t>> Renew(Tx& tx, const std::set<int64_t>& partitions,
                                   const std::map<int64_t, int64_t>& owned, int64_t now);
   // Claims, publishes and marks in one transaction; with `acquired`, acquires in it too

@@ -92,6 +92,19 @@ std::string RelayClaimSql(size_t partitions, bool filter) {
 
 }  // namespace internal
 
+namespace {
+
+// The longest acquire_interval a relay honours (RelayOptions: an Acquire renews the
+// partitions a pass does not publish from, so Acquires must come less than half a lease
+// apart, the worker's idle wait included); a longer one is cut to it. Beyond it leases
+// would lapse between Acquires, and other relays take them over: never a double publish
+// (the fences hold), but needless takeovers.
+Millis MaxAcquireInterval(const RelayOptions& options) {
+  return std::max(Millis(0), options.lease / 2 - std::min(options.poll, options.lease / 3));
+}
+
+}  // namespace
+
 Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions options,
              Clock* clock)
     : db_(db),
@@ -99,9 +112,9 @@ Relay::Relay(Database& db, Outbox& outbox, Publisher& publisher, RelayOptions op
       publisher_(publisher),
       tx_publisher_(TxPublisherOn(db, publisher)),
       options_(options),
-      acquire_every_(options_.acquire_interval.value_or(tx_publisher_ != nullptr
-                                                            ? options_.lease / 10
-                                                            : Millis(0))),
+      acquire_every_(std::min(options_.acquire_interval.value_or(
+                                  tx_publisher_ != nullptr ? options_.lease / 10 : Millis(0)),
+                              MaxAcquireInterval(options_))),
       clock_(clock ? clock : Clock::System()),
       name_(options_.name.empty() ? "relay-" + internal::RandomHex(6) : options_.name),
       // Wakes before the leases lapse, even when idle.
@@ -284,11 +297,19 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
   }
   CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
   if (n == static_cast<int64_t>(partitions.size())) return partitions;
-  // Some were taken over: find out which, one by one.
+  // Some were taken over: find out which, one by one. One that is not ours at its fence
+  // is lost for good (fences only rise; rows are never deleted), even if `tx` rolls back:
+  // it leaves held_ at once, so the passes until the next Acquire neither claim from it
+  // nor count it in partitions_owned.
   std::set<int64_t> mine;
   for (int64_t p : partitions) {
     CONVERGE_ASSIGN_OR_RETURN(bool ours, StillOwns(tx, p, owned.at(p), now));
-    if (ours) mine.insert(p);
+    if (ours) {
+      mine.insert(p);
+      continue;
+    }
+    auto held = held_.find(p);
+    if (held != held_.end() && held->second == owned.at(p)) held_.erase(held);
   }
   return mine;
 }
@@ -324,7 +345,8 @@ Result<size_t> Relay::RunOnce() {
   }
   std::lock_guard<std::mutex> l(stats_mu_);
   ++stats_.passes;
-  if (owned) stats_.partitions_owned = static_cast<int64_t>(owned->size());
+  // held_, not *owned: a pass that found partitions taken over dropped them (Renew).
+  if (owned) stats_.partitions_owned = static_cast<int64_t>(held_.size());
   if (r) {
     stats_.published += static_cast<int64_t>(*r);
   } else {

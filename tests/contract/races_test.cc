@@ -1287,6 +1287,8 @@ TYPED_TEST(Races, ASupersededRelayBetweenItsAcquiresPublishesNothing) {
   auto stale = old_incarnation.RunOnce();  // still not due: it holds what it held
   ASSERT_TRUE(stale) << stale.error().ToString();
   EXPECT_EQ(*stale, 0u) << "a superseded incarnation published between its Acquires";
+  // The partition it found taken over left what it holds (the others it has not tried).
+  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions - 1);
   EXPECT_EQ(*queue.Depth("ledger"), 1);
   EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
   auto fresh = new_incarnation.RunOnce();
@@ -1300,6 +1302,33 @@ TYPED_TEST(Races, ASupersededRelayBetweenItsAcquiresPublishesNothing) {
   EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
   EXPECT_EQ(*queue.Depth("ledger"), 2);
   EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 2);
+}
+
+// An acquire_interval longer than half the lease less the idle wait is cut to it: the
+// passes between Acquires renew only the partitions they publish from, so a longer one
+// would let the others' leases lapse. A superseded incarnation asked to acquire once a
+// lease learns it by then.
+TYPED_TEST(Races, AnAcquireIntervalBeyondHalfTheLeaseIsCutToIt) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  const RelayOptions options{.poll = Millis(500),
+                             .lease = Millis(10000),
+                             .acquire_interval = Millis(10000),
+                             .name = "h:1"};
+  const Millis cut = options.lease / 2 - options.poll;  // 4.5 s
+  Outbox outbox(OutboxOptions{}, &clock);
+  Relay old_incarnation(*this->db_, outbox, queue, options, &clock);
+  ASSERT_TRUE(old_incarnation.RunOnce());
+  Relay new_incarnation(*this->db_, outbox, queue, options, &clock);
+  ASSERT_TRUE(new_incarnation.RunOnce());  // takes every partition back
+  clock.Advance(cut - Millis(1));
+  auto early = old_incarnation.RunOnce();  // not due yet
+  ASSERT_TRUE(early) << early.error().ToString();
+  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions);
+  clock.Advance(Millis(1));
+  auto due = old_incarnation.RunOnce();
+  ASSERT_FALSE(due) << "an acquire_interval of a whole lease was not cut";
+  EXPECT_EQ(due.error().code(), StatusCode::kFailedPrecondition) << due.error().ToString();
 }
 
 // The same with an external broker and an acquire_interval (as `converge relay` runs):
@@ -1328,6 +1357,7 @@ TYPED_TEST(Races, ASupersededRelayToABrokerBetweenItsAcquiresMarksNothing) {
   auto stale = old_incarnation.RunOnce();  // not due: publishes from what it held
   ASSERT_TRUE(stale) << stale.error().ToString();
   EXPECT_EQ(*stale, 0u) << "a superseded incarnation marked between its Acquires";
+  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions - 1);
   EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL"), 1);
   EXPECT_EQ(this->Count("SELECT sum(fence) FROM relay_partitions"), fences);
   auto fresh = new_incarnation.RunOnce();
