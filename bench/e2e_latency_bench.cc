@@ -376,7 +376,13 @@ int main(int argc, char** argv) {
   app.add_option("--relay-acquire-interval", acquire_interval_ms,
                  "RelayOptions::acquire_interval in ms (0: every pass acquires)")
       ->capture_default_str()
-      ->check(CLI::Range(int64_t{0}, converge::RelayOptions{}.lease.count() / 2 - 1));
+      // The longest the relay honours (RelayOptions::acquire_interval): half the lease less
+      // the idle wait.
+      ->check(CLI::Range(int64_t{0},
+                         converge::RelayOptions{}.lease.count() / 2 -
+                             std::min(converge::RelayOptions{}.poll,
+                                      converge::RelayOptions{}.lease / 3)
+                                 .count()));
   std::string timeline_path;
   app.add_option("--timeline", timeline_path,
                  "Write each event of the second phase, with its stages' times, to this CSV");

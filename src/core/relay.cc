@@ -298,9 +298,13 @@ Result<std::set<int64_t>> Relay::Renew(Tx& tx, const std::set<int64_t>& partitio
   CONVERGE_ASSIGN_OR_RETURN(int64_t n, tx.ExecParams(sql + ")", params));
   if (n == static_cast<int64_t>(partitions.size())) return partitions;
   // Some were taken over: find out which, one by one. One that is not ours at its fence
-  // is lost for good (fences only rise; rows are never deleted), even if `tx` rolls back:
-  // it leaves held_ at once, so the passes until the next Acquire neither claim from it
-  // nor count it in partitions_owned.
+  // leaves held_ at once, so the passes until the next Acquire neither claim from it nor
+  // count it in partitions_owned: a takeover that committed is for good (fences only
+  // rise; rows are never deleted), even if `tx` rolls back. On SQLite `tx` may also see
+  // a takeover by another relay's transaction in the same batch that then fails to
+  // commit; the partition is then still ours, unclaimed until the next Acquire takes it
+  // back (with a raised fence) or another relay takes it once its lease lapses. Nothing is
+  // published twice or lost either way.
   std::set<int64_t> mine;
   for (int64_t p : partitions) {
     CONVERGE_ASSIGN_OR_RETURN(bool ours, StillOwns(tx, p, owned.at(p), now));

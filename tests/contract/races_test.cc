@@ -1309,26 +1309,36 @@ TYPED_TEST(Races, ASupersededRelayBetweenItsAcquiresPublishesNothing) {
 // would let the others' leases lapse. A superseded incarnation asked to acquire once a
 // lease learns it by then.
 TYPED_TEST(Races, AnAcquireIntervalBeyondHalfTheLeaseIsCutToIt) {
-  ManualClock clock(Clock::System()->NowMillis());
-  SqlQueue queue(*this->db_, &clock);
-  const RelayOptions options{.poll = Millis(500),
-                             .lease = Millis(10000),
-                             .acquire_interval = Millis(10000),
-                             .name = "h:1"};
-  const Millis cut = options.lease / 2 - options.poll;  // 4.5 s
-  Outbox outbox(OutboxOptions{}, &clock);
-  Relay old_incarnation(*this->db_, outbox, queue, options, &clock);
-  ASSERT_TRUE(old_incarnation.RunOnce());
-  Relay new_incarnation(*this->db_, outbox, queue, options, &clock);
-  ASSERT_TRUE(new_incarnation.RunOnce());  // takes every partition back
-  clock.Advance(cut - Millis(1));
-  auto early = old_incarnation.RunOnce();  // not due yet
-  ASSERT_TRUE(early) << early.error().ToString();
-  EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions);
-  clock.Advance(Millis(1));
-  auto due = old_incarnation.RunOnce();
-  ASSERT_FALSE(due) << "an acquire_interval of a whole lease was not cut";
-  EXPECT_EQ(due.error().code(), StatusCode::kFailedPrecondition) << due.error().ToString();
+  struct Case {
+    Millis poll, lease, cut;
+  };
+  // The idle wait is the poll, then a third of the lease. Each case an hour after the
+  // last, when its relays' leases and memberships have lapsed.
+  int64_t start = Clock::System()->NowMillis();
+  for (const Case& c : {Case{Millis(500), Millis(10000), Millis(4500)},
+                        Case{Millis(2000), Millis(3000), Millis(500)}}) {
+    SCOPED_TRACE("lease " + std::to_string(c.lease.count()) + " ms, poll " +
+                 std::to_string(c.poll.count()) + " ms");
+    start += 3600 * 1000;
+    ManualClock clock(start);
+    SqlQueue queue(*this->db_, &clock);
+    const std::string name = "h:" + std::to_string(c.lease.count());
+    const RelayOptions options{
+        .poll = c.poll, .lease = c.lease, .acquire_interval = c.lease, .name = name};
+    Outbox outbox(OutboxOptions{}, &clock);
+    Relay old_incarnation(*this->db_, outbox, queue, options, &clock);
+    ASSERT_TRUE(old_incarnation.RunOnce());
+    Relay new_incarnation(*this->db_, outbox, queue, options, &clock);
+    ASSERT_TRUE(new_incarnation.RunOnce());  // takes every partition back
+    clock.Advance(c.cut - Millis(1));
+    auto early = old_incarnation.RunOnce();  // not due yet
+    ASSERT_TRUE(early) << early.error().ToString();
+    EXPECT_EQ(old_incarnation.stats().partitions_owned, kOutboxPartitions);
+    clock.Advance(Millis(1));
+    auto due = old_incarnation.RunOnce();
+    ASSERT_FALSE(due) << "an acquire_interval of a whole lease was not cut";
+    EXPECT_EQ(due.error().code(), StatusCode::kFailedPrecondition) << due.error().ToString();
+  }
 }
 
 // The same with an external broker and an acquire_interval (as `converge relay` runs):
