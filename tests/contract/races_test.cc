@@ -1304,6 +1304,54 @@ TYPED_TEST(Races, ASupersededRelayBetweenItsAcquiresPublishesNothing) {
   EXPECT_EQ(this->Count("SELECT count(DISTINCT event_id) FROM queue_messages"), 2);
 }
 
+// A partition taken over between a relay's Acquires leaves what it holds as soon as a
+// pass finds it so: the next pass claims from the partitions still its own. Claiming one
+// event a pass, it would otherwise claim the lost partition's event again and again, and
+// publish none of its own until its next Acquire.
+TYPED_TEST(Races, ARelayStopsClaimingFromAPartitionTakenOverBetweenItsAcquires) {
+  ManualClock clock(Clock::System()->NowMillis());
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  Outbox outbox(OutboxOptions{}, &clock);
+  Relay relay(*this->db_, outbox, queue, {.batch = 1, .name = "a"}, &clock);
+  ASSERT_TRUE(relay.RunOnce());  // acquires all 64
+  auto enqueue = [&](const std::string& subject) {  // returns the event's partition
+    EXPECT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(outbox.Enqueue(tx, TestFixture::MakeEvent(subject)));
+                     }).ok());
+    return this->Count("SELECT partition_no FROM outbox_events WHERE aggregate_id = '" +
+                       subject + "'");
+  };
+  const int64_t lost = enqueue("x");
+  std::string other = "y";
+  for (int i = 0; enqueue(other) == lost; ++i) {  // an aggregate of another partition
+    ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                       return StatusOf(tx.Exec("DELETE FROM outbox_events WHERE "
+                                               "aggregate_id = $1", other));
+                     }).ok());
+    other = "y" + std::to_string(i);
+  }
+  // Another relay took `lost` over (its takeover committed: owner and fence changed).
+  ASSERT_TRUE(this->db_->Transact([&](Tx& tx) {
+                     return StatusOf(tx.Exec("UPDATE relay_partitions SET owner = 'b', "
+                                             "fence = fence + 1 WHERE partition_no = $1",
+                                             lost));
+                   }).ok());
+  auto first = relay.RunOnce();  // not due: claims x's event, finds `lost` taken
+  ASSERT_TRUE(first) << first.error().ToString();
+  EXPECT_EQ(*first, 0u);
+  EXPECT_EQ(relay.stats().partitions_owned, kOutboxPartitions - 1);
+  auto second = relay.RunOnce();  // still not due
+  ASSERT_TRUE(second) << second.error().ToString();
+  EXPECT_EQ(*second, 1u) << "the relay claimed again from a partition it had lost";
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL "
+                        "AND aggregate_id = '" + other + "'"),
+            0);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM outbox_events WHERE published_at IS NULL "
+                        "AND aggregate_id = 'x'"),
+            1);
+}
+
 // An acquire_interval longer than half the lease less the idle wait is cut to it: the
 // passes between Acquires renew only the partitions they publish from, so a longer one
 // would let the others' leases lapse. A superseded incarnation asked to acquire once a
