@@ -59,8 +59,10 @@ struct IdempotencyRouteOptions {
 // Database::Transact): changes it makes to `request` must give the same result twice.
 using SinglePhaseFn = std::function<Result<Response>(Tx&, Request&)>;
 // The prepared shape of a single-phase route: prepare(request) runs on the handler's
-// thread before the key's transaction (not at all for a completed key: its replay or 422
-// comes first) and returns the transaction's body, which holds what it prepared. Work that
+// thread before the key's transaction (for a completed key its replay or 422 comes first,
+// without prepare, unless IdempotencyOptions::snapshot_first skips that read: then prepare
+// runs and the write path replays) and returns the transaction's body, which holds what it
+// prepared; so prepare must do nothing outside the process that a replay must not. Work that
 // needs no transaction (parsing, ids drawn ahead, Outbox::Prepare) then stays off the
 // thread that runs every transaction on SQLite. prepare's error is answered as fn's would
 // be, and nothing is stored, unless the key was completed or claimed meanwhile: then its

@@ -85,6 +85,17 @@ struct IdempotencyOptions {
   // >= 0; a skew larger than this can make a cached replay answer a key that another
   // process already forgot and gave to a new request.
   Millis max_clock_skew = 5s;
+  // Execute with `before`: whether a key missing from the replay cache is looked for in a
+  // read snapshot before `before` runs. kAlways: every time, so `before` runs only for
+  // requests the write path may have to run. kAdaptive: the same, except while almost
+  // none of the recent such requests were replays (fewer than 1 in 16 in a window of 256:
+  // IdempotencyKeys::kSnapshotWindow); then the read is skipped, since on a stream of new
+  // keys it finds nothing and costs a read transaction each (orders-lite's creates ran
+  // 14-21% faster without it: docs/benchmarks.md). A replay that comes meanwhile runs
+  // `before` and gets the same answer from the write path, which also counts it, so
+  // replays coming back turn the read on again at the end of a window.
+  enum class SnapshotFirst { kAlways, kAdaptive };
+  SnapshotFirst snapshot_first = SnapshotFirst::kAdaptive;
 };
 
 // What the replay cache holds now (IdempotencyKeys::replay_cache_stats).
@@ -170,10 +181,12 @@ class IdempotencyKeys {
   // transaction (parsing, ids drawn ahead, Outbox::Prepare) kept off the thread that runs
   // every transaction on SQLite (database.h). A completed key is answered first (replay
   // or mismatch, from the replay cache or a read snapshot, as Begin does), so `before`
-  // runs only for a request the write path may have to run. When `before` fails, nothing
-  // is written and the key is looked at again: a stored answer (or mismatch), or an
-  // attempt in flight, is what the caller gets, never `before`'s error in its place;
-  // otherwise `before`'s error, as is.
+  // runs only for a request the write path may have to run; but while the read is
+  // skipped (IdempotencyOptions::snapshot_first, kAdaptive by default) a replay runs
+  // `before` too, and the write path answers it. When `before` fails, nothing is written
+  // and the key is looked at again: a stored answer (or mismatch), or an attempt in
+  // flight, is what the caller gets, never `before`'s error in its place; the read's
+  // error if that look fails; otherwise `before`'s error, as is.
   Result<Outcome> Execute(const KeyRequest& request, const std::function<Status()>& before,
                           const Fn& fn);
 
@@ -205,6 +218,14 @@ class IdempotencyKeys {
   // What the replay cache holds, and how many requests it answered.
   ReplayCacheStats replay_cache_stats() const;
 
+  // IdempotencyOptions::snapshot_first: the requests in a window, and the share of them
+  // that must be replays for the read to stay on (1 / kSnapshotReplayShare).
+  static constexpr int64_t kSnapshotWindow = 256;
+  static constexpr int64_t kSnapshotReplayShare = 16;
+  // Whether Execute with `before` now reads the key before `before` runs (always with
+  // SnapshotFirst::kAlways).
+  bool snapshot_first() const;
+
  private:
   Status Validate(const KeyRequest& r) const;
   Status CheckFence(Tx& tx, const KeyLease& lease, int64_t now, bool deferred);
@@ -218,15 +239,29 @@ class IdempotencyKeys {
   // What a read snapshot says of the key when it settles `req` without the write path: a
   // completed key's replay or mismatch, and with `in_flight` also an attempt whose lease
   // is valid (kUnavailable/in_flight, or the mismatch). nullopt: anything else (no row,
-  // forgettable, to take over, a failed read).
+  // forgettable, to take over, a failed read). With `read`, also how the read went and
+  // whether it found the key completed.
+  struct SnapshotRead {
+    Status status;
+    bool completed = false;
+  };
   std::optional<Result<StoredResponse>> FromSnapshot(const KeyRequest& req,
-                                                     const std::string& hash, bool in_flight);
+                                                     const std::string& hash, bool in_flight,
+                                                     SnapshotRead* read = nullptr);
+  // Counts one request of Execute with `before` that reached the snapshot or the write
+  // path: `replay` when a snapshot read would have answered it (a completed key).
+  void CountForSnapshot(bool replay);
 
   Database& db_;
   const IdempotencyOptions options_;
   Clock* clock_;
   std::unique_ptr<internal::ReplayCache> cache_;  // nullptr: off
   std::atomic<int64_t> cache_hits_{0};
+  // SnapshotFirst::kAdaptive: the window's requests and replays so far, and whether the
+  // last full window had too few replays to read first.
+  std::atomic<int64_t> window_requests_{0};
+  std::atomic<int64_t> window_replays_{0};
+  std::atomic<bool> skip_snapshot_{false};
 };
 
 }  // namespace converge

@@ -239,9 +239,11 @@ std::optional<Result<StoredResponse>> IdempotencyKeys::FromCache(const KeyReques
 // attempt in flight may finish or lapse meanwhile: its answer (409, retry) is only a hint.
 std::optional<Result<StoredResponse>> IdempotencyKeys::FromSnapshot(const KeyRequest& req,
                                                                     const std::string& hash,
-                                                                    bool in_flight) {
+                                                                    bool in_flight,
+                                                                    SnapshotRead* read) {
   std::optional<Result<StoredResponse>> settled;
-  (void)db_.Read([&](Tx& tx) -> Status {
+  bool completed = false;
+  Status st = db_.Read([&](Tx& tx) -> Status {
     CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(kSelectKey, req.scope, req.key));
     // Failpoint: the snapshot is read; the key may expire and change hands right here.
     CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_replay_read"));
@@ -249,6 +251,7 @@ std::optional<Result<StoredResponse>> IdempotencyKeys::FromSnapshot(const KeyReq
     if (rows.empty() || Forgettable(rows[0], now)) return OkStatus();
     const Row& r = rows[0];
     if (r.Text(1) == "completed") {
+      completed = true;
       Remember(req, r);  // a read snapshot holds committed rows only
       settled = r.Text(0) != hash ? Result<StoredResponse>(tl::unexpected(Mismatch(req)))
                                   : Result<StoredResponse>(ResponseOf(r));
@@ -258,6 +261,7 @@ std::optional<Result<StoredResponse>> IdempotencyKeys::FromSnapshot(const KeyReq
     }
     return OkStatus();
   });
+  if (read != nullptr) *read = SnapshotRead{std::move(st), completed};
   return settled;
 }
 
@@ -306,29 +310,46 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req,
     if (!*cached) return tl::unexpected(cached->error());
     return Outcome{std::move(**cached), true};
   }
+  bool read_first = false;  // a snapshot read looked for a completed key
   if (before) {
     auto answered = [](Result<StoredResponse> r) -> Result<Outcome> {
       if (!r) return tl::unexpected(r.error());
       return Outcome{std::move(*r), true};
     };
-    if (auto settled = FromSnapshot(req, hash, /*in_flight=*/false)) {
-      return answered(std::move(*settled));
+    if (snapshot_first()) {
+      read_first = true;
+      std::optional<Result<StoredResponse>> settled =
+          FromSnapshot(req, hash, /*in_flight=*/false);
+      CountForSnapshot(settled.has_value());
+      if (settled) return answered(std::move(*settled));
     }
     if (Status st = before(); !st.ok()) {
       // The key may have been completed (or claimed) since: its answer, not this error.
-      if (auto settled = FromSnapshot(req, hash, /*in_flight=*/true)) {
-        return answered(std::move(*settled));
-      }
+      SnapshotRead read;
+      std::optional<Result<StoredResponse>> settled =
+          FromSnapshot(req, hash, /*in_flight=*/true, &read);
+      // With the read skipped, this is the first look at the key: count it, or replays
+      // whose `before` fails (a dependency of it down) would never turn the read on again.
+      if (!read_first && read.status.ok()) CountForSnapshot(read.completed);
+      if (settled) return answered(std::move(*settled));
+      // Whether a stored answer exists is unknown: not `before`'s error in its place
+      // (its answer may be a permanent 4xx, where a retry would get the stored one).
+      if (!read.status.ok()) return tl::unexpected(read.status);
       return tl::unexpected(st);
     }
   }
-  return TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
+  // Whether the write path found the key completed (a replay, or a mismatch): what the
+  // snapshot read would have answered, counted when it was skipped.
+  std::optional<bool> found_completed;
+  Result<Outcome> out = TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
+    found_completed.reset();
     const int64_t now = clock_->NowMillis();
     CONVERGE_ASSIGN_OR_RETURN(
         ClaimResult c,
         InFlightOnLockTimeout(Claim(tx, req, hash, now, now + options_.lease.count(),
                                     now + options_.ttl.count()),
                               req));
+    found_completed = !c.claimed && c.row.Text(1) == "completed";
     if (!c.claimed) {
       const Row& r = c.row;
       // Cached once this transaction commits (the row it read is committed then, even
@@ -351,6 +372,26 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req,
     CONVERGE_RETURN_IF_ERROR(StoreResponse(tx, lease, response, now));
     return Outcome{std::move(response), false};
   });
+  if (before && !read_first && found_completed) CountForSnapshot(*found_completed);
+  return out;
+}
+
+bool IdempotencyKeys::snapshot_first() const {
+  return options_.snapshot_first == IdempotencyOptions::SnapshotFirst::kAlways ||
+         !skip_snapshot_.load(std::memory_order_relaxed);
+}
+
+// Approximate on purpose: requests that race at a window's end may be counted in the next
+// window. It only decides whether a read is worth making; every answer is the same.
+void IdempotencyKeys::CountForSnapshot(bool replay) {
+  if (options_.snapshot_first != IdempotencyOptions::SnapshotFirst::kAdaptive) return;
+  if (replay) window_replays_.fetch_add(1, std::memory_order_relaxed);
+  if ((window_requests_.fetch_add(1, std::memory_order_relaxed) + 1) % kSnapshotWindow != 0) {
+    return;
+  }
+  const int64_t replays = window_replays_.exchange(0, std::memory_order_relaxed);
+  skip_snapshot_.store(replays * kSnapshotReplayShare < kSnapshotWindow,
+                       std::memory_order_relaxed);
 }
 
 Result<Begun> IdempotencyKeys::Begin(const KeyRequest& req) {

@@ -201,7 +201,8 @@ TEST_F(IdempotencyRouteTest, AHandlerErrorStoresNothingSoTheRetryRunsAgain) {
 }
 
 // The prepared shape: prepare runs on the handler's thread before the transaction (on
-// SQLite the body then runs on the writer), not at all for a completed key; its
+// SQLite the body then runs on the writer), not at all for a completed key while the read
+// before it is on (it is, for the first IdempotencyKeys::kSnapshotWindow requests); its
 // error is answered and claims nothing, so the corrected retry runs; an empty body is a 500
 // that stores nothing.
 TEST_F(IdempotencyRouteTest, APreparedRouteWorksOffTheTransactionAndNotForCompletedKeys) {

@@ -397,6 +397,123 @@ TEST_F(IdempotencyTest, ReplayCacheIsFilledOnlyFromCommittedRows) {
   EXPECT_FALSE(again->replayed);
 }
 
+// SnapshotFirst::kAdaptive: on a stream of new keys Execute stops reading the key before
+// `before` (a read that finds nothing), and a replay that comes meanwhile still gets its
+// stored answer (or 422), from the write path; replays coming back turn the read on again.
+// The replays here are of keys another process completed: not in this one's cache.
+TEST_F(IdempotencyTest, ReadsFirstOnlyWhileReplaysCome) {
+  constexpr int64_t kWindow = IdempotencyKeys::kSnapshotWindow;
+  IdempotencyKeys other(*db_, kOptions, &clock_);  // completes the keys replayed below
+  int befores = 0;
+  auto before = [&] {
+    ++befores;
+    return OkStatus();
+  };
+  auto create = [&](IdempotencyKeys& keys, const std::string& key) {
+    auto out = keys.Execute({"t", key, "f"}, before, Effect(key));
+    ASSERT_TRUE(out) << out.error().ToString();
+    EXPECT_FALSE(out->replayed) << key;
+  };
+  for (int i = 0; i < 40; ++i) create(other, "done-" + std::to_string(i));
+  ASSERT_TRUE(keys_->snapshot_first());
+  for (int64_t i = 0; i < kWindow; ++i) create(*keys_, "new-" + std::to_string(i));
+  EXPECT_FALSE(keys_->snapshot_first()) << "a window of new keys left the read on";
+
+  // Skipped: `before` runs for a replay, and the write path answers it as the read would.
+  befores = 0;
+  const int64_t effects = Effects();
+  auto replay = keys_->Execute({"t", "done-0", "f"}, before, Effect("done-0"));
+  ASSERT_TRUE(replay) << replay.error().ToString();
+  EXPECT_TRUE(replay->replayed);
+  EXPECT_EQ(replay->response.status, 201);
+  EXPECT_EQ(befores, 1);
+  auto mismatch = keys_->Execute({"t", "done-1", "other"}, before, Effect("done-1"));
+  ASSERT_FALSE(mismatch);
+  EXPECT_EQ(mismatch.error().reason(), reason::kFingerprintMismatch)
+      << mismatch.error().ToString();
+  EXPECT_EQ(Effects(), effects);
+
+  // Replays at 1 in 16 of a window (the two above included) turn it on again.
+  for (int64_t i = 2; i < kWindow / IdempotencyKeys::kSnapshotReplayShare; ++i) {
+    auto r = keys_->Execute({"t", "done-" + std::to_string(i), "f"}, before, Effect("x"));
+    ASSERT_TRUE(r && r->replayed);
+  }
+  for (int64_t i = kWindow / IdempotencyKeys::kSnapshotReplayShare; i < kWindow; ++i) {
+    create(*keys_, "more-" + std::to_string(i));
+  }
+  EXPECT_TRUE(keys_->snapshot_first()) << "replays at 1 in 16 left the read off";
+  befores = 0;
+  auto read = keys_->Execute({"t", "done-30", "f"}, before, Effect("done-30"));
+  ASSERT_TRUE(read && read->replayed);
+  EXPECT_EQ(befores, 0) << "a replay ran `before` with the read on";
+}
+
+// While the read is skipped, a replay whose `before` fails (a dependency of it down) gets
+// its stored answer from the second look, which counts it: such replays turn the read on
+// again too. If that look fails, the read's error is the answer, not `before`'s: the
+// stored answer may exist, and a permanent error in its place would tell the client its
+// request failed.
+TEST_F(IdempotencyTest, ReadsFirstAgainWhenReplaysComeWhosePrepareFails) {
+  constexpr int64_t kWindow = IdempotencyKeys::kSnapshotWindow;
+  constexpr int64_t kReplays = kWindow / IdempotencyKeys::kSnapshotReplayShare;
+  IdempotencyKeys other(*db_, kOptions, &clock_);
+  for (int64_t i = 0; i < kReplays + 1; ++i) {
+    ASSERT_TRUE(other.Execute({"t", "done-" + std::to_string(i), "f"},
+                              Effect("done-" + std::to_string(i))));
+  }
+  auto ok = [] { return OkStatus(); };
+  auto refuse = [] { return InvalidArgumentError("the catalogue is down: unknown sku"); };
+  for (int64_t i = 0; i < kWindow; ++i) {
+    ASSERT_TRUE(keys_->Execute({"t", "new-" + std::to_string(i), "f"}, ok,
+                               Effect("new-" + std::to_string(i))));
+  }
+  ASSERT_FALSE(keys_->snapshot_first());
+
+  ASSERT_TRUE(failpoint::Configure("idempotency.after_replay_read=error(unavailable)").ok());
+  auto unknown = keys_->Execute({"t", "done-" + std::to_string(kReplays), "f"}, refuse,
+                                Effect("x"));
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  ASSERT_FALSE(unknown);
+  EXPECT_TRUE(unknown.error().transient())
+      << "a failed look answered with before's error: " << unknown.error().ToString();
+
+  for (int64_t i = 0; i < kReplays; ++i) {
+    auto r = keys_->Execute({"t", "done-" + std::to_string(i), "f"}, refuse, Effect("x"));
+    ASSERT_TRUE(r) << r.error().ToString();
+    EXPECT_TRUE(r->replayed);
+    EXPECT_EQ(r->response.status, 201);
+  }
+  // The failed look above is not counted: the window is the replays and these.
+  for (int64_t i = kReplays; i < kWindow; ++i) {
+    ASSERT_TRUE(keys_->Execute({"t", "more-" + std::to_string(i), "f"}, ok,
+                               Effect("more-" + std::to_string(i))));
+  }
+  EXPECT_TRUE(keys_->snapshot_first()) << "replays whose before failed were not counted";
+}
+
+// SnapshotFirst::kAlways reads first whatever comes.
+TEST_F(IdempotencyTest, ReadsFirstAlwaysWhenAskedTo) {
+  IdempotencyOptions o = kOptions;
+  o.snapshot_first = IdempotencyOptions::SnapshotFirst::kAlways;
+  IdempotencyKeys keys(*db_, o, &clock_);
+  IdempotencyKeys other(*db_, kOptions, &clock_);
+  ASSERT_TRUE(other.Execute({"t", "done", "f"}, Effect("done")));
+  int befores = 0;
+  auto before = [&] {
+    ++befores;
+    return OkStatus();
+  };
+  for (int64_t i = 0; i < 2 * IdempotencyKeys::kSnapshotWindow; ++i) {
+    ASSERT_TRUE(keys.Execute({"t", "k" + std::to_string(i), "f"}, before,
+                             Effect("k" + std::to_string(i))));
+  }
+  EXPECT_TRUE(keys.snapshot_first());
+  befores = 0;
+  auto replay = keys.Execute({"t", "done", "f"}, before, Effect("done"));
+  ASSERT_TRUE(replay && replay->replayed);
+  EXPECT_EQ(befores, 0);
+}
+
 // A process crashes right after the phase that called the provider committed. The retry
 // (another process, after the lease) resumes from that recovery point: the charge is not
 // made twice.
