@@ -351,13 +351,17 @@ TEST_F(OutboxTablePgE2E, ARowThatCommitsLateIsPublishedAfterTheRowsCommittedBefo
       "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('";
   FILE* session_a = popen((psql_ + "'" + uri_ + "'").c_str(), "w");
   ASSERT_NE(session_a, nullptr);
-  std::fprintf(session_a, "BEGIN;\n%s%s', 'order', 'late', 'order.updated', '{}');\n",
+  std::fprintf(session_a,
+               "SET application_name = 'late_a';\nBEGIN;\n"
+               "%s%s', 'order', 'late', 'order.updated', '{}');\n",
                insert.c_str(), a.c_str());
   std::fflush(session_a);
-  // A holds its transaction open once it has written (a transaction id is assigned).
+  // A holds its transaction open once it has written (a transaction id is assigned). The
+  // session is found by its name: the relay's own connection is idle in a transaction with
+  // an id too, for a moment, between the statements of a claim.
   ASSERT_TRUE(testing::WaitUntil([&] {
-    return Psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
-                "AND backend_xid IS NOT NULL AND datname = current_database()")
+    return Psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'late_a' "
+                "AND state = 'idle in transaction' AND backend_xid IS NOT NULL")
                .second == "1\n";
   }));
   auto [code, out] = Psql(insert + b + "', 'order', 'late', 'order.updated', '{}')");
