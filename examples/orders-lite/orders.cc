@@ -93,12 +93,16 @@ Status OrdersService::Start() {
   auto db = converge::Database::Open(m.options.db);
   if (!db) return db.error();
   m.db = std::move(*db);
-  CONVERGE_RETURN_IF_ERROR(m.db->Transact([](Tx& tx) -> Status {
+  const bool sqlite = m.options.db.rfind("sqlite:", 0) == 0;
+  CONVERGE_RETURN_IF_ERROR(m.db->Transact([sqlite](Tx& tx) -> Status {
     // Order ids are UUIDv7 text, drawn before the transaction; earlier versions of this
     // example kept integer ids, which a store created by them still has.
     CONVERGE_ASSIGN_OR_RETURN(
         converge::Rows id_type,
-        tx.Query("SELECT type FROM pragma_table_info('orders') WHERE name = 'id'"));
+        tx.Query(sqlite ? "SELECT upper(type) FROM pragma_table_info('orders') WHERE name = 'id'"
+                        : "SELECT upper(data_type) FROM information_schema.columns WHERE "
+                          "table_schema = current_schema() AND table_name = 'orders' AND "
+                          "column_name = 'id'"));
     if (!id_type.empty() && id_type[0].Text(0) != "TEXT") {
       return converge::FailedPreconditionError(
           "this store's orders table has " + id_type[0].Text(0) +
@@ -116,7 +120,8 @@ Status OrdersService::Start() {
   CONVERGE_RETURN_IF_ERROR(m.queue->Subscribe("stock", "order.placed"));
   m.stock_feed = m.queue->OpenSubscriber("stock");
   m.runtime = std::make_unique<converge::Runtime>(
-      *m.db, converge::RuntimeOptions{.outbox = {.source = "urn:converge:orders-lite"}});
+      *m.db, converge::RuntimeOptions{.keys = m.options.keys,
+                                      .outbox = {.source = "urn:converge:orders-lite"}});
   if (m.options.relay_and_consumer) {
     m.runtime->AddRelay(*m.queue);
     m.runtime->AddConsumer(*m.stock_feed, {.name = "stock"}).On("order.placed", &Impl::Reserve);

@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 
+#include "converge/idempotency.h"
 #include "converge/status.h"
 
 namespace orders_lite {
@@ -27,6 +28,7 @@ struct Options {
   // false: neither the relay nor the stock consumer runs in this process, and orders'
   // events stay in the outbox (bench/http_bench.sh measures the route alone with it).
   bool relay_and_consumer = true;
+  converge::IdempotencyOptions keys;  // the create route's keys (TTL, lease, ...)
 };
 
 class OrdersService {

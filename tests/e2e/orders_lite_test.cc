@@ -12,6 +12,7 @@
 #include "converge/http.h"
 #include "converge/webhook.h"
 #include "examples/orders-lite/orders.h"
+#include "tests/e2e/support.h"
 #include "tests/unit/test_util.h"
 
 namespace orders_lite {
@@ -21,14 +22,44 @@ using converge::http::Client;
 using converge::http::Response;
 using json = nlohmann::json;
 
-class OrdersLite : public ::testing::Test {
+// A store for the service: SQLite, or (under scripts/with-postgres.sh) a PostgreSQL
+// database of its own.
+class OrdersLiteStore : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
+    if (GetParam() == "sqlite") {
+      uri_ = "sqlite:" + dir_.File("orders.db");
+      return;
+    }
+    if (!converge::testing::ScratchPgDatabase::Available()) {
+      GTEST_SKIP() << "needs CONVERGE_TEST_PG_DSN (scripts/with-postgres.sh)";
+    }
+    pg_ = std::make_unique<converge::testing::ScratchPgDatabase>("converge_ol_");
+    ASSERT_TRUE(pg_->ok()) << pg_->error();
+    uri_ = pg_->uri();
+  }
+  void TearDown() override { pg_.reset(); }
+
+  converge::testing::TempDir dir_;
+  std::unique_ptr<converge::testing::ScratchPgDatabase> pg_;
+  std::string uri_;
+};
+
+class OrdersLite : public OrdersLiteStore {
+ protected:
+  void SetUp() override {
+    OrdersLiteStore::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
     service_ = std::make_unique<OrdersService>(
-        Options{.db = "sqlite:" + dir_.File("orders.db"),
+        Options{.db = uri_,
                 .api_keys = {{"sk_ann", "ann"}, {"sk_bob", "bob"}},
                 .warehouse_secret = secret_});
-    ASSERT_TRUE(service_->Start().ok());
+    converge::Status st = service_->Start();
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  void TearDown() override {
+    service_.reset();
+    OrdersLiteStore::TearDown();
   }
   Response Order(const std::string& key, const std::string& body,
                  const std::string& api_key = "sk_ann") {
@@ -57,20 +88,19 @@ class OrdersLite : public ::testing::Test {
     return r ? *r : Response{};
   }
   int64_t Sum(const std::string& column, const std::string& table, const std::string& sku) {
-    auto db = converge::Database::Open("sqlite:" + dir_.File("orders.db"));
+    auto db = converge::Database::Open(uri_);
     return db ? converge::testing::QueryInt(**db, "SELECT coalesce(sum(" + column + "), 0) FROM " +
                                                       table + " WHERE sku = '" + sku + "'")
               : -1;
   }
   int64_t Reserved(const std::string& sku) { return Sum("reserved", "stock_reservations", sku); }
 
-  converge::testing::TempDir dir_;
   const std::string secret_ = converge::webhook::NewSecret();
   std::unique_ptr<OrdersService> service_;
   Client client_;
 };
 
-TEST_F(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
+TEST_P(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
   Response first = Order("o-1", R"({"sku":"lamp","quantity":2})");
   ASSERT_EQ(first.status, 201) << first.body;
   Response again = Order("o-1", R"({ "quantity": 2, "sku": "lamp" })");  // same meaning
@@ -103,7 +133,7 @@ TEST_F(OrdersLite, AnIdempotentOrderIsPlacedOnceAndReservedOnce) {
 // verified before anything is stored, counted once per webhook-id however often the
 // warehouse redelivers, and a bad signature, a stale timestamp or an unusable body stores
 // nothing.
-TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
+TEST_P(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
   const std::string body = R"({"sku":"lamp","quantity":5})";
   EXPECT_EQ(Restock("wh-1", body, secret_).status, 204);
   EXPECT_EQ(Restock("wh-1", body, secret_).status, 204);  // a redelivery
@@ -119,7 +149,7 @@ TEST_F(OrdersLite, ARestockWebhookIsVerifiedAndCountedOncePerDelivery) {
 // Session 9 review: the order's id is drawn in prepare, before the key's transaction, so racing
 // first requests with one key each draw their own id. Exactly one order is written and
 // reserved; every 201 names that order (a loser replays it) and nothing else is a 2xx.
-TEST_F(OrdersLite, RacingFirstRequestsOfOneKeyPlaceOneOrder) {
+TEST_P(OrdersLite, RacingFirstRequestsOfOneKeyPlaceOneOrder) {
   constexpr int kRacers = 8;
   std::vector<Response> answers(kRacers);
   std::vector<std::thread> racers;
@@ -150,11 +180,9 @@ TEST_F(OrdersLite, RacingFirstRequestsOfOneKeyPlaceOneOrder) {
 
 // Order ids became UUIDv7 text, drawn before the transaction: a store an earlier version
 // made (integer ids) is refused at start with what to do, not failed at each order.
-TEST(OrdersLiteStore, AStoreWithIntegerOrderIdsIsRefusedAtStart) {
-  converge::testing::TempDir dir;
-  const std::string uri = "sqlite:" + dir.File("old.db");
+TEST_P(OrdersLiteStore, AStoreWithIntegerOrderIdsIsRefusedAtStart) {
   {
-    auto db = converge::Database::Open(uri);
+    auto db = converge::Database::Open(uri_);
     ASSERT_TRUE(db.has_value()) << db.error().ToString();
     ASSERT_TRUE((*db)->Transact([](converge::Tx& tx) {
                        return converge::StatusOf(tx.Exec(
@@ -163,11 +191,16 @@ TEST(OrdersLiteStore, AStoreWithIntegerOrderIdsIsRefusedAtStart) {
                      })
                     .ok());
   }
-  OrdersService service(Options{.db = uri, .api_keys = {{"sk_ann", "ann"}}});
+  OrdersService service(Options{.db = uri_, .api_keys = {{"sk_ann", "ann"}}});
   converge::Status st = service.Start();
   EXPECT_EQ(st.code(), converge::StatusCode::kFailedPrecondition) << st.ToString();
   EXPECT_NE(st.message().find("use a new store"), std::string::npos) << st.ToString();
 }
+
+INSTANTIATE_TEST_SUITE_P(Stores, OrdersLite, ::testing::Values("sqlite", "postgres"),
+                         [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Stores, OrdersLiteStore, ::testing::Values("sqlite", "postgres"),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace orders_lite

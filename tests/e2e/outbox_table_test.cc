@@ -5,14 +5,11 @@
 // SIGKILLed at a failpoint loses nothing and doubles nothing observable; two relays on
 // PostgreSQL share the partitions; a row that commits late is published, after the rows
 // that committed before it; bad configuration gets a clear error.
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <memory>
-#include <random>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -32,20 +29,10 @@ namespace converge {
 namespace {
 
 using harness::ServeProcess;
+using testing::Shell;
 using json = nlohmann::json;
 
 constexpr const char* kApp = CONVERGE_SOURCE_DIR "/tests/outbox_table/app.py";
-
-// Runs `cmd` through the shell; its exit status and what it wrote (stdout and stderr).
-std::pair<int, std::string> Shell(const std::string& cmd) {
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return {-1, ""};
-  std::string out;
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
 
 class OutboxTableE2E : public ::testing::Test {
  protected:
@@ -260,15 +247,13 @@ TEST_F(OutboxTableE2E, BadConfigurationIsRefusedWithAClearError) {
 class OutboxTablePgE2E : public OutboxTableE2E {
  protected:
   void SetUp() override {
-    const char* dsn = std::getenv("CONVERGE_TEST_PG_DSN");
-    if (dsn == nullptr) GTEST_SKIP() << "needs CONVERGE_TEST_PG_DSN (scripts/with-postgres.sh)";
-    const char* bin = std::getenv("CONVERGE_TEST_PG_BIN");
-    psql_ = std::string(bin != nullptr ? std::string(bin) + "/psql" : "psql") +
-            " -X -q -v ON_ERROR_STOP=1 ";
-    admin_ = dsn;
-    name_ = "converge_ot_" + std::to_string(std::random_device{}() % 1000000000);
-    ASSERT_EQ(Shell(psql_ + "'" + admin_ + "' -c 'CREATE DATABASE " + name_ + "'").first, 0);
-    uri_ = admin_.substr(0, admin_.rfind('/') + 1) + name_;
+    if (!testing::ScratchPgDatabase::Available()) {
+      GTEST_SKIP() << "needs CONVERGE_TEST_PG_DSN (scripts/with-postgres.sh)";
+    }
+    db_ = std::make_unique<testing::ScratchPgDatabase>("converge_ot_");
+    ASSERT_TRUE(db_->ok()) << db_->error();
+    psql_ = db_->psql();
+    uri_ = db_->uri();
     // The README's PostgreSQL table, with the optional ordering column.
     auto [code, out] = Psql(
         "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, "
@@ -280,14 +265,9 @@ class OutboxTablePgE2E : public OutboxTableE2E {
   }
   void TearDown() override {
     relays_.clear();
-    if (!name_.empty()) {
-      (void)Shell(psql_ + "'" + admin_ + "' -c 'DROP DATABASE IF EXISTS " + name_ +
-                  " WITH (FORCE)'");
-    }
+    db_.reset();
   }
-  std::pair<int, std::string> Psql(const std::string& sql) {
-    return Shell(psql_ + "-At '" + uri_ + "' -c \"" + sql + "\"");
-  }
+  std::pair<int, std::string> Psql(const std::string& sql) { return db_->Psql(sql); }
   ServeProcess& AddRelay(const std::string& name, const std::string& table_lines = "") {
     relays_.push_back(
         Relay(WriteConfig(name, uri_, "order_column = \"seq\"\n" + table_lines), name));
@@ -305,7 +285,8 @@ class OutboxTablePgE2E : public OutboxTableE2E {
     return -1;
   }
 
-  std::string psql_, admin_, name_, uri_;
+  std::unique_ptr<testing::ScratchPgDatabase> db_;
+  std::string psql_, uri_;
   std::vector<std::unique_ptr<ServeProcess>> relays_;
 };
 

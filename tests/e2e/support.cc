@@ -13,8 +13,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -190,6 +192,49 @@ bool PythonPeer::WaitReady() {
 
 std::string PythonPeer::Url(const std::string& path) const {
   return "http://127.0.0.1:" + std::to_string(port_) + path;
+}
+
+std::pair<int, std::string> Shell(const std::string& cmd) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+bool ScratchPgDatabase::Available() { return std::getenv("CONVERGE_TEST_PG_DSN") != nullptr; }
+
+ScratchPgDatabase::ScratchPgDatabase(const std::string& prefix) {
+  const char* dsn = std::getenv("CONVERGE_TEST_PG_DSN");
+  if (dsn == nullptr) {
+    error_ = "needs CONVERGE_TEST_PG_DSN (scripts/with-postgres.sh)";
+    return;
+  }
+  const char* bin = std::getenv("CONVERGE_TEST_PG_BIN");
+  psql_ = std::string(bin != nullptr ? std::string(bin) + "/psql" : "psql") +
+          " -X -q -v ON_ERROR_STOP=1 ";
+  admin_ = dsn;
+  name_ = prefix + std::to_string(std::random_device{}() % 1000000000);
+  auto [code, out] = Shell(psql_ + "'" + admin_ + "' -c 'CREATE DATABASE " + name_ + "'");
+  if (code != 0) {
+    error_ = "CREATE DATABASE " + name_ + ": " + out;
+    name_.clear();
+    return;
+  }
+  uri_ = admin_.substr(0, admin_.rfind('/') + 1) + name_;
+}
+
+ScratchPgDatabase::~ScratchPgDatabase() {
+  if (!name_.empty()) {
+    (void)Shell(psql_ + "'" + admin_ + "' -c 'DROP DATABASE IF EXISTS " + name_ +
+                " WITH (FORCE)'");
+  }
+}
+
+std::pair<int, std::string> ScratchPgDatabase::Psql(const std::string& sql) const {
+  return Shell(psql_ + "-At '" + uri_ + "' -c \"" + sql + "\"");
 }
 
 }  // namespace converge::testing

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "converge/database.h"
@@ -86,6 +87,31 @@ class PythonPeer {
   std::string port_file_;
   pid_t pid_ = -1;
   int port_ = 0;
+};
+
+// Runs `cmd` through the shell; its exit status and what it wrote (stdout and stderr).
+std::pair<int, std::string> Shell(const std::string& cmd);
+
+// A database of its own on the PostgreSQL server scripts/with-postgres.sh started (in
+// CONVERGE_TEST_PG_DSN), made with psql and dropped on destruction; !ok() without a
+// server (the test then skips) or when it could not be made (error() says why).
+class ScratchPgDatabase {
+ public:
+  explicit ScratchPgDatabase(const std::string& prefix);
+  ~ScratchPgDatabase();
+  ScratchPgDatabase(const ScratchPgDatabase&) = delete;
+  ScratchPgDatabase& operator=(const ScratchPgDatabase&) = delete;
+
+  static bool Available();
+  bool ok() const { return !uri_.empty(); }
+  const std::string& error() const { return error_; }
+  const std::string& uri() const { return uri_; }  // postgresql://.../NAME
+  const std::string& psql() const { return psql_; }  // "psql -X -q ... ": add a URI
+  // Runs `sql` in the database with psql -At; its exit status and output.
+  std::pair<int, std::string> Psql(const std::string& sql) const;
+
+ private:
+  std::string psql_, admin_, name_, uri_, error_;
 };
 
 }  // namespace converge::testing
