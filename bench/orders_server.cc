@@ -4,7 +4,8 @@
 // the stock consumer running behind it as in any deployment, or (--route-only) without
 // them. Writes the port it listens on to --port-file and serves until SIGINT or SIGTERM.
 //
-//   converge_orders_server --db sqlite:PATH --port-file FILE [--workers N] [--route-only]
+//   converge_orders_server --db URI --port-file FILE [--workers N] [--route-only]
+//                          [--snapshot-first always|adaptive]
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -27,7 +28,15 @@ int main(int argc, char** argv) {
   bool route_only = false;
   app.add_flag("--route-only", route_only,
                "Run neither the relay nor the stock consumer: the create route alone");
+  std::string snapshot_first = "adaptive";
+  app.add_option("--snapshot-first", snapshot_first,
+                 "Read a key before preparing its create: always, or adaptive (the default: "
+                 "only while replays come; IdempotencyOptions::snapshot_first)")
+      ->check(CLI::IsMember({"always", "adaptive"}));
   CLI11_PARSE(app, argc, argv);
+  options.keys.snapshot_first = snapshot_first == "always"
+                                    ? converge::IdempotencyOptions::SnapshotFirst::kAlways
+                                    : converge::IdempotencyOptions::SnapshotFirst::kAdaptive;
   options.relay_and_consumer = !route_only;
   options.api_keys = {{"sk_bench", "bench"}};
 
