@@ -94,10 +94,12 @@ class CheckoutE2E : public ::testing::Test {
     c.admin_token = "e2e-admin-token";
     c.api_keys = {{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}};
     c.psp_url = "http://127.0.0.1:" + std::to_string(psp_->port());
-    c.psp_timeout = std::chrono::milliseconds(600);
+    // Seconds: a call that a loaded machine stalls past the timeout is retried, and the
+    // tests compare the saga's history step by step.
+    c.psp_timeout = std::chrono::seconds(3);
     c.mail_url = "http://127.0.0.1:1";
     c.webhook_secrets = {converge::webhook::NewSecret()};
-    c.lease = std::chrono::seconds(2);
+    c.lease = std::chrono::seconds(6);
     c.backoff_initial = std::chrono::milliseconds(10);
     c.backoff_max = std::chrono::milliseconds(50);
     config_ = c;

@@ -39,15 +39,16 @@ class ProxyE2E : public ::testing::Test {
     ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
   }
 
-  void WriteConfig(const std::string& extra_proxy) {
+  void WriteConfig(const std::string& extra_proxy, int upstream_timeout_ms = 1000,
+                   int lease_seconds = 2) {
     std::ofstream f(config_);
     f << "[proxy]\n"
       << "upstream = \"" << upstream_->Url("") << "\"\n"
       << "store = \"sqlite:" << dir_.File("proxy.db") << "\"\n"
       << "forward_key_header = \"Upstream-Key\"\n"
-      << "upstream_timeout_ms = 1000\n"
+      << "upstream_timeout_ms = " << upstream_timeout_ms << "\n"
       << "max_stored_body = 65536\n"
-      << extra_proxy << "[keys]\nlease_seconds = 2\n"
+      << extra_proxy << "[keys]\nlease_seconds = " << lease_seconds << "\n"
       << "[[route]]\nmethod = \"POST\"\npath = \"/v1/charges\"\n"
       << "[[route]]\nmethod = \"POST\"\npath = \"/v1/big\"\nkey = \"optional\"\n";
   }
@@ -332,9 +333,12 @@ TEST_F(ProxyE2E, AnAnswerOverTheUpstreamBoundIsNotReadAndNotRepeated) {
 
 TEST_F(ProxyE2E, ACallerOverItsConcurrencyBoundGets429) {
   proxy_->Stop();
-  WriteConfig("max_in_flight_per_scope = 1\n");
+  // The first call is held upstream for 3 s, time for the second to arrive on a loaded
+  // machine, and well within the upstream timeout.
+  WriteConfig("max_in_flight_per_scope = 1\n", /*upstream_timeout_ms=*/15000,
+              /*lease_seconds=*/30);
   ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
-  Faults({{"delay_ms", 800}, {"delay_next", 1}});
+  Faults({{"delay_ms", 3000}, {"delay_next", 1}});
   Response held;
   std::thread first([&] { held = Post("/v1/charges", "k-held", R"({"amount": 1})"); });
   ASSERT_TRUE(testing::WaitUntil([&] { return UpstreamRequests("k-held") == 1; }));

@@ -45,10 +45,12 @@ ServiceConfig Config(const converge::testing::TempDir& dir,
   c.admin_token = "e2e-admin-token";
   c.api_keys = {{"sk_test_acme", "acme"}, {"sk_test_globex", "globex"}};
   c.psp_url = "http://127.0.0.1:" + std::to_string(psp.port());
-  c.psp_timeout = std::chrono::milliseconds(600);
+  // Seconds, not hundreds of ms: a provider call that a loaded machine stalls past the
+  // timeout answers 503 where a test expects 201.
+  c.psp_timeout = std::chrono::seconds(3);
   c.mail_url = "http://127.0.0.1:" + std::to_string(mail.port());
   c.webhook_secrets = {secret};
-  c.lease = std::chrono::seconds(2);
+  c.lease = std::chrono::seconds(6);  // longer than the provider's timeout
   c.admin_failpoints = true;
   c.body_limit = 4096;
   c.visibility = std::chrono::seconds(1);
@@ -235,7 +237,7 @@ TEST_F(ServiceE2E, ProviderOutageIs503AndTheRetryChargesOnce) {
 // the same downstream key and gets that charge back.
 TEST_F(ServiceE2E, ProviderTimeoutThenRetryConvergesOnOneCharge) {
   auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
-                            .body = R"({"timeout_next": 1, "timeout_ms": 1500})"});
+                            .body = R"({"timeout_next": 1, "timeout_ms": 3500})"});
   ASSERT_TRUE(slow);
   Response r = Pay("timeout-1", Body(504));
   EXPECT_EQ(r.status, 503);
@@ -739,7 +741,7 @@ TEST(ServiceEarlyRefund, RefundBeforeTheChargeIsRecordedIsRetriedThenApplied) {
   struct ClearFailpoints {  // also when an assertion ends the test early (before `join`)
     ~ClearFailpoints() { (void)converge::failpoint::Configure(""); }
   } clear;
-  // The completer is held too: on a loaded machine the pause may outlast the 2 s lease, and
+  // The completer is held too: on a loaded machine the pause may outlast the lease, and
   // a completer taking the request over would record the charge before the refund comes.
   // Until the charge is let go, the refund is the only message any consumer sees, so the
   // first consumer to settle something is the refund's.
