@@ -1,21 +1,25 @@
 #include "harness/serve_process.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string_view>
 #include <thread>
 #include <vector>
 
-#include "converge/http.h"
 
 extern char** environ;
 
@@ -221,12 +225,39 @@ int64_t ServeProcess::OpenFds() const {
   return n;
 }
 
+namespace {
+
+// Whether 127.0.0.1:port can be listened on now (as the server binds: SO_REUSEADDR).
+bool CanListen(uint16_t port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  const int one = 1;
+  (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && listen(fd, 1) == 0;
+  close(fd);
+  return ok;
+}
+
+}  // namespace
+
+// Below the kernel's ephemeral range (ip_local_port_range), where no bind to port 0 and no
+// outgoing connection of another test takes the port while a child is down between kills.
 uint16_t FreePort() {
-  http::Server probe(http::ServerOptions{});
-  if (!probe.Start().ok()) return 0;
-  const uint16_t port = probe.port();
-  probe.Stop(Millis(0));
-  return port;
+  int low = 32768;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
+  const int top = low - 1, bottom = std::max(1024, low - 12000);
+  if (top <= bottom) return 0;
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> pick(bottom, top);
+  for (int i = 0; i < 200; ++i) {
+    const auto port = static_cast<uint16_t>(pick(rng));
+    if (CanListen(port)) return port;
+  }
+  return 0;
 }
 
 std::pair<int64_t, int64_t> ServeProcess::FdLimits() const {

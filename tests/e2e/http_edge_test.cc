@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "converge/database.h"
+#include "converge/http.h"
 #include "harness/providers.h"
 #include "harness/serve_process.h"
 #include "tests/e2e/support.h"
@@ -580,6 +581,22 @@ TEST(HttpEdgeConnections, OutOfDescriptorsBacksOffAndRecovers) {
   RawConnection after(serve.port());
   ASSERT_TRUE(after.Send(kHealthz));
   EXPECT_EQ(after.Read().status, 200);
+}
+
+// The port a test's child listens on across its restarts comes from below the kernel's
+// ephemeral range: a port of that range, free while the child was down, could be taken by
+// another test's bind to port 0 or outgoing connection before the child came back.
+TEST(HarnessFreePort, IsBelowTheEphemeralPortsAndCanBeListenedOn) {
+  int low = 0;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
+  ASSERT_GT(low, 1024);
+  const uint16_t port = converge::harness::FreePort();
+  ASSERT_NE(port, 0);
+  EXPECT_LT(port, low);
+  converge::http::Server server(converge::http::ServerOptions{.port = port});
+  EXPECT_TRUE(server.Start().ok());
+  EXPECT_EQ(server.port(), port);
+  server.Stop(converge::Millis(0));
 }
 
 }  // namespace
