@@ -170,6 +170,9 @@ class RawCreates {
     Step(s, SQLITE_DONE);
   }
 
+  // The connection the creates run on: for more statements in their transactions.
+  sqlite3* connection() const { return db_; }
+
   void Exec(const std::string& sql) {
     char* err = nullptr;
     if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {

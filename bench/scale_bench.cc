@@ -32,6 +32,10 @@
 //                   few seconds' run it comes out above 1 too), and how it moves from the
 //                   empty store to the loaded one is the library's part of what grows
 //                   with the table.
+//         raw paced (SQLite) raw creates on LOADED at that batch while a raw sweep (the
+//                   library's windows in key order and its DELETEs, no library code)
+//                   deletes in their transactions at the raw loaded rate: what a sweeper
+//                   keeping up costs SQLite itself, against paced below
 //       On SQLite both loaded runs start with the WAL checkpointed (outside the clock).
 //         swept     creates on LOADED while a sweeper deletes flat out (Sweeper::RunOnce
 //                   in a loop, as the Runtime does while it finds full batches: a backlog)
@@ -60,10 +64,12 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -80,6 +86,7 @@
 #include "converge/offset_clock.h"
 #include "converge/outbox.h"
 #include "converge/sweeper.h"
+#include "src/core/idempotency_internal.h"
 #include "src/store/sqlite/sqlite_database.h"
 
 namespace {
@@ -489,6 +496,201 @@ std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
   return db;
 }
 
+// Rows the benchmark's sweepers delete from a table in one transaction.
+constexpr int64_t kSweepBatch = 1000;
+
+// The library's sweep in key order (src/core/sweeper.cc, WalkOnce) with none of its code,
+// paced as the benchmark paces the library's: the reference for creates with a sweeper
+// keeping up. A thread on a connection of its own finds each table's windows ahead, as
+// the library's sweeper reads them off the writer: the next `window` rows after the last
+// window, cut after the `batch`-th forgettable one, by the library's statements. The
+// writer deletes a window of each table in the transaction of a batch of creates, as the
+// library's sweep joins a group commit, once the time the last pair's rows took at `pace`
+// has passed; it keeps no walk position in the store (the library saves its own in
+// sweep_walks) and counts no rows.
+class RawSweep {
+ public:
+  struct Table {
+    std::string name, key_columns, forgettable;  // forgettable: SQL with ?1 = now
+    std::vector<std::string> after;              // where the walk starts: a key
+  };
+  RawSweep(const std::string& path, std::vector<Table> tables, int64_t window, int64_t batch,
+           double pace)
+      : tables_(std::move(tables)), window_(window), batch_(batch), pace_(pace) {
+    if (sqlite3_open_v2(path.c_str(), &reader_, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                        nullptr) != SQLITE_OK) {
+      Die("raw sweep: open " + path + ": " + sqlite3_errmsg(reader_));
+    }
+    sqlite3_busy_timeout(reader_, 5000);
+    ready_.resize(tables_.size());
+    deleted_.resize(tables_.size());
+    finder_ = std::thread([this] { Find(); });
+  }
+  ~RawSweep() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    finder_.join();
+    sqlite3_close_v2(reader_);
+  }
+  RawSweep(const RawSweep&) = delete;
+  RawSweep& operator=(const RawSweep&) = delete;
+
+  // In `writer`'s open transaction: one window of each table deleted when they are due
+  // and found.
+  void MaybeDelete(sqlite3* writer, int64_t now) {
+    if (Steady::now() < next_) return;
+    std::vector<Window> pair;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (const auto& q : ready_) {
+        if (q.empty()) return;
+      }
+      for (auto& q : ready_) {
+        pair.push_back(std::move(q.front()));
+        q.erase(q.begin());
+      }
+    }
+    cv_.notify_all();
+    int64_t most = 0;
+    for (size_t t = 0; t < pair.size(); ++t) {
+      const Table& table = tables_[t];
+      std::vector<std::string> params;
+      const std::string sql = "DELETE FROM " + table.name + " WHERE (" + table.forgettable +
+                              ") AND " + Range(table, pair[t].after, pair[t].end, &params);
+      sqlite3_stmt* stmt = Prepare(writer, sql);
+      sqlite3_bind_int64(stmt, 1, now);
+      Bind(stmt, params);
+      if (sqlite3_step(stmt) != SQLITE_DONE) {
+        Die("raw sweep: " + sql + ": " + sqlite3_errmsg(writer));
+      }
+      sqlite3_finalize(stmt);
+      const int64_t n = sqlite3_changes64(writer);
+      deleted_[t] += n;
+      most = std::max(most, n);
+    }
+    next_ += std::chrono::duration_cast<Steady::duration>(
+        std::chrono::duration<double>(most / std::max(pace_, 1.0)));
+  }
+  int64_t deleted(size_t table) const { return deleted_[table]; }
+
+ private:
+  struct Window {
+    std::vector<std::string> after, end;  // end empty: to the end of the table
+  };
+
+  // "(key) > (?2, ...) [AND (key) <= (...)]", its values appended to `params` (?1 is now).
+  static std::string Range(const Table& t, const std::vector<std::string>& after,
+                           const std::vector<std::string>& end,
+                           std::vector<std::string>* params) {
+    std::string sql = "1 = 1";
+    for (const auto* bound : {&after, &end}) {
+      if (bound->empty()) continue;
+      sql += " AND (" + t.key_columns + ")" + (bound == &after ? " > (" : " <= (");
+      for (size_t i = 0; i < bound->size(); ++i) {
+        sql += (i ? ", ?" : "?") + std::to_string(params->size() + 2);
+        params->push_back((*bound)[i]);
+      }
+      sql += ")";
+    }
+    return sql;
+  }
+  static sqlite3_stmt* Prepare(sqlite3* db, const std::string& sql) {
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK) {
+      Die("raw sweep: " + sql + ": " + sqlite3_errmsg(db));
+    }
+    return stmt;
+  }
+  static void Bind(sqlite3_stmt* stmt, const std::vector<std::string>& params) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      sqlite3_bind_text64(stmt, static_cast<int>(i) + 2, params[i].data(), params[i].size(),
+                          SQLITE_TRANSIENT, SQLITE_UTF8);
+    }
+  }
+  // The first key of the query's first row, or none.
+  std::vector<std::string> FirstKey(const std::string& sql,
+                                    const std::vector<std::string>& params, size_t key_size,
+                                    int64_t now) {
+    sqlite3_stmt* stmt = Prepare(reader_, sql);
+    sqlite3_bind_int64(stmt, 1, now);
+    Bind(stmt, params);
+    std::vector<std::string> key;
+    const int rc = sqlite3_step(stmt);
+    if (rc == SQLITE_ROW) {
+      for (size_t i = 0; i < key_size; ++i) {
+        const auto* text =
+            reinterpret_cast<const char*>(sqlite3_column_text(stmt, static_cast<int>(i)));
+        key.emplace_back(text ? text : "");
+      }
+    } else if (rc != SQLITE_DONE) {
+      Die("raw sweep: " + sql + ": " + sqlite3_errmsg(reader_));
+    }
+    sqlite3_finalize(stmt);
+    return key;
+  }
+  // Keeps two windows of each table found ahead of the writer.
+  void Find() {
+    for (;;) {
+      for (size_t t = 0; t < tables_.size(); ++t) {
+        {
+          std::unique_lock<std::mutex> l(mu_);
+          cv_.wait(l, [&] { return stopping_ || ready_[t].size() < 2; });
+          if (stopping_) return;
+        }
+        Table& table = tables_[t];
+        const size_t key_size = table.after.size();
+        const int64_t now = NowMillis();
+        std::vector<std::string> params;
+        const std::string order = " ORDER BY " + table.key_columns + " LIMIT 1 OFFSET ";
+        std::vector<std::string> end = FirstKey(
+            "SELECT " + table.key_columns + " FROM " + table.name + " WHERE " +
+                Range(table, table.after, {}, &params) + order + std::to_string(window_ - 1),
+            params, key_size, now);
+        params.clear();
+        std::vector<std::string> cut = FirstKey(
+            "SELECT " + table.key_columns + " FROM " + table.name + " WHERE (" +
+                table.forgettable + ") AND " + Range(table, table.after, end, &params) + order +
+                std::to_string(batch_ - 1),
+            params, key_size, now);
+        if (!cut.empty()) end = cut;
+        Window w{table.after, end};
+        // At the end of the table the walk starts over (an empty key sorts before all).
+        table.after = end.empty() ? std::vector<std::string>(key_size, "") : end;
+        std::lock_guard<std::mutex> l(mu_);
+        ready_[t].push_back(std::move(w));
+      }
+    }
+  }
+
+  std::vector<Table> tables_;
+  const int64_t window_, batch_;
+  const double pace_;
+  sqlite3* reader_ = nullptr;
+  std::thread finder_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::vector<Window>> ready_;  // per table, found and not yet deleted
+  bool stopping_ = false;
+  Steady::time_point next_ = Steady::now();
+  std::vector<int64_t> deleted_;  // per table
+};
+
+// The two tables the library's sweep walks in key order, as its Sweeper names them, each
+// walk starting at a random key (not where the library's walk is).
+std::vector<RawSweep::Table> RawSweepTables(std::mt19937_64& rng) {
+  return {{.name = "idempotency_keys",
+           .key_columns = "scope, key",
+           .forgettable = converge::internal::ForgettableKeyCondition("?1"),
+           .after = {"bench", RandomId(rng)}},
+          {.name = "consumer_inbox",
+           .key_columns = "consumer, source, event_id",
+           .forgettable = "expires_at <= ?1",
+           .after = {"bench", "urn:converge", RandomId(rng)}}};
+}
+
 // Creates through raw sqlite3 on the SQLite store at `uri` (no library code; the Database
 // objects open on it stay idle), `batch` a commit, for `seconds`: what SQLite itself does
 // with the same statements and rows on that store, set up as the URI sets the library's
@@ -499,7 +701,7 @@ std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
 // library's on an empty store (5,926 against 7,213 a second in one run), on account of
 // a policy the library does not have.
 double RawCreateRate(const std::string& uri, const std::string& envelope, int64_t batch,
-                     double seconds, std::mt19937_64& rng) {
+                     double seconds, std::mt19937_64& rng, RawSweep* sweep = nullptr) {
   const converge::sqlite::Settings settings = SqliteSettings(uri);
   converge_bench::RawCreates raw(settings.path,
                                  {.synchronous_full = settings.synchronous_full,
@@ -523,6 +725,7 @@ double RawCreateRate(const std::string& uri, const std::string& envelope, int64_
                     ms & 0xffff, static_cast<unsigned long long>(done));
       raw.Create(RandomId(rng), event_id, now, 5);
     }
+    if (sweep != nullptr) sweep->MaybeDelete(raw.connection(), now);
     raw.Exec("COMMIT");
   }
   return done / std::chrono::duration<double>(Steady::now() - t0).count();
@@ -564,6 +767,7 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   // batch_l), and the library's rates against them.
   const bool raw = !IsPostgres(uri);
   std::vector<double> batch_e, batch_l, raw_e, raw_l, r_raw, r_lib_raw_e, r_lib_raw_l;
+  std::vector<double> raw_p, raw_pk, raw_pi, r_raw_p, r_lib_raw_p;
   std::mt19937_64 rng(std::random_device{}());
   int64_t loaded_keys = 0, loaded_inbox = 0;
   bool dry = false;
@@ -581,7 +785,7 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   // One window per table per call where the store sweeps in key order (the Runtime walks
   // up to 16 while a walk lags): the paced sweeper then deletes at a steady rate, not in
   // bursts of 16 windows.
-  converge::Sweeper sweeper(*db, {.batch = 1000, .key_order_windows = 1});
+  converge::Sweeper sweeper(*db, {.batch = kSweepBatch, .key_order_windows = 1});
   for (int r = 0; r < rounds; ++r) {
     std::fprintf(stderr, "  round %d/%d: empty...", r + 1, rounds);
     std::string envelope;
@@ -613,6 +817,16 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       r_raw.push_back(raw_l.back() / raw_e.back());
       r_lib_raw_e.push_back(ce.back() / raw_e.back());
       r_lib_raw_l.push_back(cl.back() / raw_l.back());
+      std::fprintf(stderr, " raw paced...");
+      SettleWal(uri);
+      {
+        RawSweep sweep(SqlitePath(uri), RawSweepTables(rng),
+                       converge::SweepOptions{}.key_order_window, kSweepBatch, raw_l.back());
+        raw_p.push_back(RawCreateRate(uri, envelope, batch, seconds, rng, &sweep));
+        raw_pk.push_back(sweep.deleted(0) / seconds);
+        raw_pi.push_back(sweep.deleted(1) / seconds);
+      }
+      r_raw_p.push_back(raw_p.back() / raw_e.back());
     }
     std::fprintf(stderr, " swept...");
     SweptRun s = CreatesWhileSweeping(*db, sweeper, callers, seconds, 0);
@@ -628,6 +842,7 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
     r_l.push_back(cl.back() / ce.back());
     r_s.push_back(cs.back() / ce.back());
     r_p.push_back(cp.back() / ce.back());
+    if (raw) r_lib_raw_p.push_back(cp.back() / raw_p.back());
     r_q.push_back(ql.back() / qe.back());
     std::fprintf(stderr, " done\n");
   }
@@ -665,6 +880,11 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
     ratio("raw sqlite3: loaded/empty creates (SQLite's own cost)", r_raw, "");
     ratio("empty store: creates, library / raw sqlite3", r_lib_raw_e, "");
     ratio("loaded store: creates, library / raw sqlite3", r_lib_raw_l, "");
+    line("raw creates, loaded, raw sweep paced at their rate", raw_p, "creates/s");
+    line("  raw sweep: keys deleted", raw_pk, "rows/s   ");
+    line("  raw sweep: inbox rows deleted", raw_pi, "rows/s   ");
+    ratio("raw sqlite3: loaded + paced sweep / empty creates", r_raw_p, "");
+    ratio("paced sweeper: creates, library / raw sqlite3", r_lib_raw_p, "");
   }
   // What a sweeper that keeps up would leave, derived per round: a create takes 1 / loaded
   // of a second; in the flat-out run the deletions took the rest of each second, so one
@@ -713,6 +933,11 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       j["raw_loaded_over_empty"] = r_raw;
       j["empty_over_raw_empty"] = r_lib_raw_e;
       j["loaded_over_raw_loaded"] = r_lib_raw_l;
+      j["raw_creates_paced"] = raw_p;
+      j["raw_paced_keys_per_s"] = raw_pk;
+      j["raw_paced_inbox_per_s"] = raw_pi;
+      j["raw_paced_over_empty"] = r_raw_p;
+      j["paced_over_raw_paced"] = r_lib_raw_p;
     }
     std::ofstream out(json_path);
     out << j.dump(2) << "\n";

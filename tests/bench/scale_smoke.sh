@@ -24,12 +24,14 @@ def one(key):
     return v[0]
 for key in ["creates_empty", "creates_loaded", "creates_swept", "creates_paced",
             "claims_empty", "claims_loaded", "batch_empty", "batch_loaded",
-            "raw_creates_empty", "raw_creates_loaded"]:
+            "raw_creates_empty", "raw_creates_loaded", "raw_creates_paced"]:
     one(key)
 for ratio, num, den in [("loaded_over_empty", "creates_loaded", "creates_empty"),
                         ("raw_loaded_over_empty", "raw_creates_loaded", "raw_creates_empty"),
                         ("empty_over_raw_empty", "creates_empty", "raw_creates_empty"),
-                        ("loaded_over_raw_loaded", "creates_loaded", "raw_creates_loaded")]:
+                        ("loaded_over_raw_loaded", "creates_loaded", "raw_creates_loaded"),
+                        ("raw_paced_over_empty", "raw_creates_paced", "raw_creates_empty"),
+                        ("paced_over_raw_paced", "creates_paced", "raw_creates_paced")]:
     if abs(one(ratio) - one(num) / one(den)) > 1e-9 * one(ratio):
         sys.exit("scale_smoke: %s = %r, not %s / %s" % (ratio, one(ratio), num, den))
 # 5,000 preloaded, a fifth of them expired: the sweeps may take those, nothing else.
