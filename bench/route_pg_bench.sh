@@ -51,14 +51,15 @@ for r in $(seq 1 "$rounds"); do
   [ $((r % 2)) -eq 0 ] && order="adaptive always"  # neither mode always runs first
   for mode in $order; do
     db="route_${r}_${mode}"
-    "$psql_bin" -q -v ON_ERROR_STOP=1 "$CONVERGE_TEST_PG_DSN" -c "CREATE DATABASE $db" > /dev/null
+    "$psql_bin" -q -v ON_ERROR_STOP=1 "$CONVERGE_TEST_PG_DSN" \
+      -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" > /dev/null
     # The pool as large as the handlers, so that neither waits for the other.
     "$build/bench/converge_orders_server" --db "$base/$db?pool_size=$conns" --route-only \
       --snapshot-first "$mode" --port-file "$dir/$db.port" --workers "$conns" \
       > "$dir/$db.log" 2>&1 &
     pid=$!
     pids+=($pid)
-    url="http://127.0.0.1:$(wait_port_file "$dir/$db.port" || { cat "$dir/$db.log" >&2; exit 1; })"
+    url="http://127.0.0.1:$(wait_port_file "$dir/$db.port")"
     run "create.$mode.$r" -s "$dir/create.lua" "$url"
     # The keys the replay run uses, completed once beforehand.
     for k in $(seq 0 63); do
@@ -69,6 +70,8 @@ for r in $(seq 1 "$rounds"); do
     run "replay.$mode.$r" -s "$dir/replay.lua" "$url"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    "$psql_bin" -q "$CONVERGE_TEST_PG_DSN" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
+      > /dev/null
   done
 done
 

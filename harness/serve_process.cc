@@ -20,7 +20,6 @@
 #include <thread>
 #include <vector>
 
-
 extern char** environ;
 
 namespace converge::harness {
@@ -227,37 +226,45 @@ int64_t ServeProcess::OpenFds() const {
 
 namespace {
 
-// Whether 127.0.0.1:port can be listened on now (as the server binds: SO_REUSEADDR).
-bool CanListen(uint16_t port) {
+// The port 127.0.0.1:port gives when listened on now (as the server binds: SO_REUSEADDR;
+// port 0: one the kernel picks), or 0 when it cannot be.
+uint16_t Listenable(uint16_t port) {
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
+  if (fd < 0) return 0;
   const int one = 1;
   (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && listen(fd, 1) == 0;
+  socklen_t len = sizeof a;
+  uint16_t got = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && listen(fd, 1) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    got = ntohs(a.sin_port);
+  }
   close(fd);
-  return ok;
+  return got;
 }
 
 }  // namespace
 
-// Below the kernel's ephemeral range (ip_local_port_range), where no bind to port 0 and no
-// outgoing connection of another test takes the port while a child is down between kills.
+// Below the kernel's ephemeral range (ip_local_port_range) and below 30000 (a Kubernetes
+// node's NodePorts), where no bind to port 0 and no outgoing connection of another test
+// takes the port while a child is down between kills; where the system leaves no room
+// there, a port the kernel picks. scripts/free-port.py does the same for the scripts.
 uint16_t FreePort() {
   int low = 32768;
   std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
-  const int top = low - 1, bottom = std::max(1024, low - 12000);
-  if (top <= bottom) return 0;
-  std::mt19937 rng(std::random_device{}());
-  std::uniform_int_distribution<int> pick(bottom, top);
-  for (int i = 0; i < 200; ++i) {
-    const auto port = static_cast<uint16_t>(pick(rng));
-    if (CanListen(port)) return port;
+  const int top = std::min(low - 1, 29999), bottom = std::max(1024, low - 12000);
+  if (top - bottom >= 1000) {
+    std::mt19937 rng(std::random_device{}());
+    std::uniform_int_distribution<int> pick(bottom, top);
+    for (int i = 0; i < 200; ++i) {
+      if (const uint16_t port = Listenable(static_cast<uint16_t>(pick(rng)))) return port;
+    }
   }
-  return 0;
+  return Listenable(0);
 }
 
 std::pair<int64_t, int64_t> ServeProcess::FdLimits() const {

@@ -96,8 +96,8 @@ std::string DescribeExit(int status);
 
 // A port that was free a moment ago on 127.0.0.1 (bound and released): for a child that
 // must listen where others already expect it, across restarts. Drawn below the kernel's
-// ephemeral ports, so that while the child is down no other process's bind to port 0 or
-// outgoing connection takes it. 0 when none was found.
+// ephemeral ports where the system leaves room, so that while the child is down no other
+// process's bind to port 0 or outgoing connection takes it. 0 when none was found.
 uint16_t FreePort();
 
 }  // namespace converge::harness

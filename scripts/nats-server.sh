@@ -23,28 +23,9 @@ dir=$2
 command -v nats-server > /dev/null ||
   { echo "nats-server.sh: no nats-server (run scripts/install-deps.sh)" >&2; exit 1; }
 
-# Below the kernel's ephemeral ports, so that while a node is down (restart) no other
-# process's bind to port 0 or outgoing connection takes its port.
+# Below the kernel's ephemeral ports: scripts/free-port.py.
 free_port() {
-  python3 - <<'PY'
-import random, socket
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-for _ in range(200):
-    port = random.randint(max(1024, low - 12000), low - 1)
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-        s.listen(1)
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(port)
-    break
-else:
-    raise SystemExit("nats-server.sh: no free port below the ephemeral range")
-PY
+  python3 "$(dirname "$0")/free-port.py"
 }
 
 # Waits until node $1 answers /healthz (JetStream included), up to 60 s. $2: a query for

@@ -24,7 +24,8 @@ if [ "$(id -u)" -eq 0 ]; then
   chown postgres:postgres "$dir"
   run_as=(runuser -u postgres --)
 fi
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A port a restart can have again (tests stop and start the server): scripts/free-port.py.
+port=$(python3 "$(dirname "$0")/free-port.py")
 
 stop() {
   "${run_as[@]}" "$bin/pg_ctl" -D "$data" -m immediate stop > /dev/null 2>&1 || true

@@ -7,6 +7,7 @@
 // a bound on its descriptors and CPU time: resources, never timings.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -586,13 +587,16 @@ TEST(HttpEdgeConnections, OutOfDescriptorsBacksOffAndRecovers) {
 // The port a test's child listens on across its restarts comes from below the kernel's
 // ephemeral range: a port of that range, free while the child was down, could be taken by
 // another test's bind to port 0 or outgoing connection before the child came back.
+// Where the system leaves no room below that range (it starts near 1024), a port the
+// kernel picks.
 TEST(HarnessFreePort, IsBelowTheEphemeralPortsAndCanBeListenedOn) {
-  int low = 0;
+  int low = 32768;
   std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
-  ASSERT_GT(low, 1024);
   const uint16_t port = converge::harness::FreePort();
   ASSERT_NE(port, 0);
-  EXPECT_LT(port, low);
+  if (std::min(low - 1, 29999) - std::max(1024, low - 12000) >= 1000) {
+    EXPECT_LT(port, std::min(low, 30000));
+  }
   converge::http::Server server(converge::http::ServerOptions{.port = port});
   EXPECT_TRUE(server.Start().ok());
   EXPECT_EQ(server.port(), port);

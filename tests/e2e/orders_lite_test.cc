@@ -2,7 +2,9 @@
 // middleware and Runtime give it the whole Idempotency-Key protocol and a consumer that
 // applies each event once.
 #include <ctime>
+#include <memory>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -59,6 +61,7 @@ class OrdersLite : public OrdersLiteStore {
   }
   void TearDown() override {
     service_.reset();
+    db_.reset();
     OrdersLiteStore::TearDown();
   }
   Response Order(const std::string& key, const std::string& body,
@@ -88,15 +91,19 @@ class OrdersLite : public OrdersLiteStore {
     return r ? *r : Response{};
   }
   int64_t Sum(const std::string& column, const std::string& table, const std::string& sku) {
-    auto db = converge::Database::Open(uri_);
-    return db ? converge::testing::QueryInt(**db, "SELECT coalesce(sum(" + column + "), 0) FROM " +
-                                                      table + " WHERE sku = '" + sku + "'")
-              : -1;
+    if (db_ == nullptr) {  // one connection for every poll, not one each
+      auto db = converge::Database::Open(uri_);
+      if (!db) return -1;
+      db_ = std::move(*db);
+    }
+    return converge::testing::QueryInt(*db_, "SELECT coalesce(sum(" + column + "), 0) FROM " +
+                                                 table + " WHERE sku = '" + sku + "'");
   }
   int64_t Reserved(const std::string& sku) { return Sum("reserved", "stock_reservations", sku); }
 
   const std::string secret_ = converge::webhook::NewSecret();
   std::unique_ptr<OrdersService> service_;
+  std::unique_ptr<converge::Database> db_;  // the test's own, opened by Sum()
   Client client_;
 };
 

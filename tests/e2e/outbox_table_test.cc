@@ -342,7 +342,8 @@ TEST_F(OutboxTablePgE2E, ARowThatCommitsLateIsPublishedAfterTheRowsCommittedBefo
   // an id too, for a moment, between the statements of a claim.
   ASSERT_TRUE(testing::WaitUntil([&] {
     return Psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'late_a' "
-                "AND state = 'idle in transaction' AND backend_xid IS NOT NULL")
+                "AND state = 'idle in transaction' AND backend_xid IS NOT NULL "
+                "AND datname = current_database()")
                .second == "1\n";
   }));
   auto [code, out] = Psql(insert + b + "', 'order', 'late', 'order.updated', '{}')");

@@ -237,7 +237,7 @@ TEST_F(ServiceE2E, ProviderOutageIs503AndTheRetryChargesOnce) {
 // the same downstream key and gets that charge back.
 TEST_F(ServiceE2E, ProviderTimeoutThenRetryConvergesOnOneCharge) {
   auto slow = client_.Send({.method = "POST", .url = PspUrl("/faults"),
-                            .body = R"({"timeout_next": 1, "timeout_ms": 3500})"});
+                            .body = R"({"timeout_next": 1, "timeout_ms": 5000})"});
   ASSERT_TRUE(slow);
   Response r = Pay("timeout-1", Body(504));
   EXPECT_EQ(r.status, 503);
