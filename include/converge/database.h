@@ -438,6 +438,23 @@ class Database {
   // its destructor began; the calls already queued still run). fn did not run.
   virtual Status Transact(const TxFn& fn) = 0;
 
+  // Transact without waiting for it: fn runs as Transact runs it, and `done` (when set)
+  // is called once with what Transact would have returned, after the commit and its
+  // OnCommit hooks (or the failure). Where transacts_async() (SQLite), both run on the
+  // writer thread and TransactAsync returns at once: `done` must be brief and must not
+  // block or call Transact or Read (hand such work to another thread); it may call
+  // TransactAsync. An exception out of it is printed to stderr and ignored. Elsewhere
+  // (PostgreSQL, DatabaseWrapper) it runs Transact on the calling thread and then done,
+  // before returning. Not from inside a transaction's fn (done would wait for a commit
+  // its caller is part of): SQLite answers kFailedPrecondition; use Transact there.
+  // kCancelled as Transact: the Database is being destroyed.
+  virtual void TransactAsync(TxFn fn, std::function<void(Status)> done) {
+    Status st = Transact(fn);
+    if (done) done(std::move(st));
+  }
+  // Whether TransactAsync hands fn to a thread of the store's own and returns at once.
+  virtual bool transacts_async() const { return false; }
+
   // Runs fn(tx) in a read-only snapshot: every statement in fn sees the database as of
   // one moment (the first statement on PostgreSQL, where it is REPEATABLE READ READ ONLY;
   // SQLite's WAL read transaction), whatever commits meanwhile. Writes fail.

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -609,6 +611,147 @@ TEST(DatabaseWriterTime, SplitsTheWritersTimeIntoCallsCommitsAndWaiting) {
   const double since_open =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - opened_at).count();
   EXPECT_LE(s1.writer->waiting + s1.writer->calls + s1.writer->commits, since_open);
+}
+
+// TransactAsync's calls run in the writer's batches beside Transact's. After the commit
+// and the call's OnCommit hooks the writer calls `done`, once, with what Transact would
+// have returned. Here call 5 (async) fails in a batch without savepoints: it leaves
+// nothing, the calls before it run again and commit, and every waiting caller is woken.
+TEST_F(DatabaseTest, AsyncCallsShareBatchesWithWaitingCallers) {
+  ASSERT_TRUE(db_->transacts_async());
+  constexpr int kCalls = 8;  // even: Transact, odd: TransactAsync
+  std::atomic<bool> release{false};
+  std::atomic<bool> holding{false};
+  std::thread blocker([&] {
+    Status st = db_->Transact([&](Tx& tx) -> Status {
+      tx.OnCommit([&] {
+        holding = true;
+        testing::WaitUntil([&] { return release.load(); });
+      });
+      return OkStatus();
+    });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+  });
+  ASSERT_TRUE(testing::WaitUntil([&] { return holding.load(); }));
+  std::vector<int> runs(kCalls, 0), hooks(kCalls, 0), dones(kCalls, 0);
+  std::vector<bool> hooked_before_done(kCalls, false);
+  std::vector<Status> results(kCalls);
+  std::vector<std::thread::id> done_on(kCalls);
+  std::thread::id writer;
+  std::atomic<int> answered{0};
+  auto call = [&](int i) {
+    return [&, i](Tx& tx) -> Status {
+      ++runs[i];  // the writer thread only
+      writer = std::this_thread::get_id();
+      CONVERGE_RETURN_IF_ERROR(
+          tx.Exec("INSERT INTO t VALUES ($1, $2)", "k" + std::to_string(i), i));
+      tx.OnCommit([&, i] { ++hooks[i]; });
+      return i == 5 ? FailedPreconditionError("call 5 fails after writing") : OkStatus();
+    };
+  };
+  std::vector<std::thread> waiting;
+  bool queued = true;
+  for (int i = 0; i < kCalls; ++i) {
+    if (i % 2 == 0) {
+      waiting.emplace_back([&, i] { results[i] = db_->Transact(call(i)); });
+    } else {
+      db_->TransactAsync(call(i), [&, i](Status st) {
+        results[i] = std::move(st);
+        done_on[i] = std::this_thread::get_id();
+        hooked_before_done[i] = hooks[i] == 1;
+        ++dones[i];
+        ++answered;
+      });
+    }
+    queued = testing::WaitUntil([&] { return db_->stats().queued == i + 1; }) && queued;
+  }
+  release = true;
+  blocker.join();
+  for (auto& t : waiting) t.join();
+  ASSERT_TRUE(queued);
+  ASSERT_TRUE(testing::WaitUntil([&] { return answered.load() == kCalls / 2; }));
+  for (int i = 0; i < kCalls; ++i) {
+    if (i == 5) {
+      EXPECT_EQ(results[i].code(), StatusCode::kFailedPrecondition) << results[i].ToString();
+      EXPECT_EQ(hooks[i], 0);
+    } else {
+      EXPECT_TRUE(results[i].ok()) << i << ": " << results[i].ToString();
+      EXPECT_EQ(hooks[i], 1) << i;
+    }
+    EXPECT_EQ(runs[i], i < 5 ? 2 : 1) << i;
+    if (i % 2 == 1) {
+      EXPECT_EQ(dones[i], 1) << i;
+      EXPECT_EQ(done_on[i], writer) << i;
+      EXPECT_EQ(hooked_before_done[i], i != 5) << i;
+    }
+  }
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t"), kCalls - 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'k5'"), 0);
+  EXPECT_EQ(db_->stats().bare_batches_rolled_back, 1);
+}
+
+// `done` may queue more work (it must not wait for it); a call from inside a transaction
+// is refused, as its `done` would wait for a commit its caller is part of.
+TEST_F(DatabaseTest, AsyncCallsFromDoneRunAndFromInsideATransactionAreRefused) {
+  auto insert = [](std::string k) {
+    return [k](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ($1, 1)", k)); };
+  };
+  std::promise<Status> second;
+  db_->TransactAsync(insert("a"), [&](Status first) {
+    EXPECT_TRUE(first.ok()) << first.ToString();
+    db_->TransactAsync(insert("b"), [&](Status st) { second.set_value(std::move(st)); });
+  });
+  Status st = second.get_future().get();
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k IN ('a', 'b')"), 2);
+
+  std::optional<Status> inner;
+  ASSERT_TRUE(db_->Transact([&](Tx&) {
+                    db_->TransactAsync(insert("c"), [&](Status s) { inner = std::move(s); });
+                    return OkStatus();
+                  }).ok());
+  ASSERT_TRUE(inner.has_value());
+  EXPECT_EQ(inner->code(), StatusCode::kFailedPrecondition) << inner->ToString();
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'c'"), 0);
+}
+
+// Calls queued when the Database is destroyed still run and answer; their work is kept.
+TEST_F(DatabaseTest, AsyncCallsQueuedBeforeCloseRunAndAnswer) {
+  constexpr int kCalls = 200;
+  std::atomic<int> ok{0}, answered{0};
+  for (int i = 0; i < kCalls; ++i) {
+    db_->TransactAsync(
+        [i](Tx& tx) {
+          return StatusOf(tx.Exec("INSERT INTO t VALUES ($1, $2)", "q" + std::to_string(i), i));
+        },
+        [&](Status st) {
+          if (st.ok()) ++ok;
+          ++answered;
+        });
+  }
+  db_.reset();
+  EXPECT_EQ(answered.load(), kCalls);
+  EXPECT_EQ(ok.load(), kCalls);
+  db_ = OpenSqlite(dir_.File("db.sqlite"));
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k LIKE 'q%'"), kCalls);
+}
+
+// Where the store has no writer thread of its own (here a DatabaseWrapper, as on
+// PostgreSQL), TransactAsync runs Transact and then done on the calling thread.
+TEST_F(DatabaseTest, AsyncOnAStoreWithoutAWriterRunsOnTheCallingThread) {
+  DatabaseWrapper wrapped(db_.get());
+  EXPECT_FALSE(wrapped.transacts_async());
+  std::optional<Status> result;
+  std::thread::id on;
+  wrapped.TransactAsync([](Tx& tx) { return StatusOf(tx.Exec("INSERT INTO t VALUES ('w', 1)")); },
+                        [&](Status st) {
+                          result = std::move(st);
+                          on = std::this_thread::get_id();
+                        });
+  ASSERT_TRUE(result.has_value());
+  EXPECT_TRUE(result->ok()) << result->ToString();
+  EXPECT_EQ(on, std::this_thread::get_id());
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM t WHERE k = 'w'"), 1);
 }
 
 TEST_F(DatabaseTest, CommittedWorkSurvivesReopen) {

@@ -430,6 +430,32 @@ class SqliteDatabase : public Database {
     return std::move(job.status);
   }
 
+  // The job lives on the heap until the writer has called `done` (WriterLoop).
+  void TransactAsync(TxFn fn, std::function<void(Status)> done) override {
+    if (std::this_thread::get_id() == writer_id_ && current_tx_ != nullptr) {
+      done(FailedPreconditionError(
+          "TransactAsync called inside a transaction, whose commit its done would wait "
+          "for; use Transact"));
+      return;
+    }
+    auto job = std::make_unique<Job>();
+    job->owned_fn = std::move(fn);
+    job->fn = &job->owned_fn;
+    job->async = true;
+    job->on_done = done ? std::move(done) : [](Status) {};
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (!stopping_) {
+        queue_.push_back(job.release());
+        work_cv_.notify_one();
+        return;
+      }
+    }
+    job->on_done(CancelledError("database is closing"));
+  }
+
+  bool transacts_async() const override { return true; }
+
   Status Read(const TxFn& fn) override {
     std::unique_ptr<Connection> conn;
     {
@@ -500,6 +526,10 @@ class SqliteDatabase : public Database {
     sem_t done;
     bool ready = sem_init(&done, 0, 0) == 0;
     Job* next = nullptr;  // the caller this one wakes once it is woken (WriterLoop)
+    // TransactAsync's: its function, and what the writer calls instead of waking a caller.
+    bool async = false;
+    TxFn owned_fn;
+    std::function<void(Status)> on_done;
     ~Job() {
       if (ready) sem_destroy(&done);
     }
@@ -567,10 +597,32 @@ class SqliteDatabase : public Database {
       // (Outbox::Prepare, 2026-12-01). A caller slow to be scheduled holds up the rest of
       // the chain, and the last of a batch of n waits n wake-ups where a tree took log2 n;
       // the writer meanwhile runs the calls already queued.
-      for (size_t i = 0; i < batch.size(); ++i) {
-        batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
+      // TransactAsync's jobs have no caller waiting: the writer calls their `done`, after
+      // the chain is started (its callers' jobs may be gone once the first is woken).
+      Job* first = nullptr;
+      Job* last = nullptr;
+      for (Job* job : batch) {
+        if (job->async) {
+          async_done_.push_back(job);
+          continue;
+        }
+        job->next = nullptr;
+        (last != nullptr ? last->next : first) = job;
+        last = job;
       }
-      sem_post(&batch[0]->done);
+      if (first != nullptr) sem_post(&first->done);
+      for (Job* job : async_done_) {
+        try {
+          job->on_done(std::move(job->status));
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "converge sqlite: a TransactAsync done threw (ignored): %s\n",
+                       e.what());
+        } catch (...) {
+          std::fprintf(stderr, "converge sqlite: a TransactAsync done threw (ignored)\n");
+        }
+        delete job;
+      }
+      async_done_.clear();
       batch.clear();
     }
   }
@@ -939,6 +991,7 @@ class SqliteDatabase : public Database {
   // When the writer began waiting for a call, while it waits.
   std::optional<std::chrono::steady_clock::time_point> waiting_since_;
   bool stopping_ = false;
+  std::vector<Job*> async_done_;  // the writer's: a batch's TransactAsync jobs
   DatabaseStats stats_;
 
   Connection checkpoint_conn_;  // only the checkpointer thread (and Init)
