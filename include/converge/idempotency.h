@@ -190,6 +190,22 @@ class IdempotencyKeys {
   Result<Outcome> Execute(const KeyRequest& request, const std::function<Status()>& before,
                           const Fn& fn);
 
+  // Execute with `before`, for a caller that must not block (an I/O thread): `done` gets
+  // what Execute would have returned, once. What needs no store runs on the calling
+  // thread: the key's checks, the replay cache, `before`. The write path runs through
+  // Database::TransactAsync and `done` after its commit; on SQLite both on the writer
+  // thread, so `done` must be brief and must not block (Database::TransactAsync). What
+  // needs a read (the snapshot read while snapshot_first(), the look at the key after
+  // `before` fails), and the whole call on a store without transacts_async(), run through
+  // `blocking`, which must run its argument on a thread that may block (a worker pool's);
+  // `done` is called there then. It may also be called on the calling thread before
+  // ExecuteAsync returns (a replay from the cache, a malformed key). `before` may be
+  // empty: then this is Execute without it.
+  using Done = std::function<void(Result<Outcome>)>;
+  using Blocking = std::function<void(std::function<void()>)>;
+  void ExecuteAsync(KeyRequest request, std::function<Status()> before, Fn fn, Done done,
+                    const Blocking& blocking);
+
   // Multi-phase: claims the key (kStarted), takes over an attempt whose lease lapsed
   // (kResumed, new fence, from the recovery point that attempt last committed), or returns
   // the stored outcome (kReplayed). A takeover that loses to a concurrent attempt (which
@@ -248,6 +264,15 @@ class IdempotencyKeys {
   std::optional<Result<StoredResponse>> FromSnapshot(const KeyRequest& req,
                                                      const std::string& hash, bool in_flight,
                                                      SnapshotRead* read = nullptr);
+  // Execute's write path in `tx`: claims the key and runs fn, or answers the row it found
+  // (setting `found_completed` to whether that row was completed).
+  Result<Outcome> WritePath(Tx& tx, const KeyRequest& req, const std::string& hash,
+                            const Fn& fn, std::optional<bool>* found_completed);
+  // What Execute answers once `before` failed with `st`: the key's answer if a read finds
+  // one, else the read's error or `st`.
+  Result<Outcome> AfterBeforeFailed(const KeyRequest& req, const std::string& hash,
+                                    bool read_first, const Status& st);
+  static Result<Outcome> Answered(Result<StoredResponse> settled);
   // Counts one request of Execute with `before` that reached the snapshot or the write
   // path: `replay` when a snapshot read would have answered it (a completed key).
   void CountForSnapshot(bool replay);

@@ -312,68 +312,129 @@ Result<Outcome> IdempotencyKeys::Execute(const KeyRequest& req,
   }
   bool read_first = false;  // a snapshot read looked for a completed key
   if (before) {
-    auto answered = [](Result<StoredResponse> r) -> Result<Outcome> {
-      if (!r) return tl::unexpected(r.error());
-      return Outcome{std::move(*r), true};
-    };
     if (snapshot_first()) {
       read_first = true;
       std::optional<Result<StoredResponse>> settled =
           FromSnapshot(req, hash, /*in_flight=*/false);
       CountForSnapshot(settled.has_value());
-      if (settled) return answered(std::move(*settled));
+      if (settled) return Answered(std::move(*settled));
     }
-    if (Status st = before(); !st.ok()) {
-      // The key may have been completed (or claimed) since: its answer, not this error.
-      SnapshotRead read;
-      std::optional<Result<StoredResponse>> settled =
-          FromSnapshot(req, hash, /*in_flight=*/true, &read);
-      // With the read skipped, this is the first look at the key: count it, or replays
-      // whose `before` fails (a dependency of it down) would never turn the read on again.
-      if (!read_first && read.status.ok()) CountForSnapshot(read.completed);
-      if (settled) return answered(std::move(*settled));
-      // Whether a stored answer exists is unknown: not `before`'s error in its place
-      // (its answer may be a permanent 4xx, where a retry would get the stored one).
-      if (!read.status.ok()) return tl::unexpected(read.status);
-      return tl::unexpected(st);
-    }
+    if (Status st = before(); !st.ok()) return AfterBeforeFailed(req, hash, read_first, st);
   }
   // Whether the write path found the key completed (a replay, or a mismatch): what the
   // snapshot read would have answered, counted when it was skipped.
   std::optional<bool> found_completed;
   Result<Outcome> out = TransactValue<Outcome>(db_, [&](Tx& tx) -> Result<Outcome> {
-    found_completed.reset();
-    const int64_t now = clock_->NowMillis();
-    CONVERGE_ASSIGN_OR_RETURN(
-        ClaimResult c,
-        InFlightOnLockTimeout(Claim(tx, req, hash, now, now + options_.lease.count(),
-                                    now + options_.ttl.count()),
-                              req));
-    found_completed = !c.claimed && c.row.Text(1) == "completed";
-    if (!c.claimed) {
-      const Row& r = c.row;
-      // Cached once this transaction commits (the row it read is committed then, even
-      // when it was written earlier in the same group commit); never if it rolls back.
-      if (cache_ && r.Text(1) == "completed") {
-        tx.OnCommit([this, req, row = r] { Remember(req, row); });
-      }
-      if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
-      if (r.Text(1) == "completed") return Outcome{ResponseOf(r), true};
-      if (r.Int(2) > now) return tl::unexpected(InFlight(req, r.Int(2) - now));
-      return tl::unexpected(Status(
-          StatusCode::kFailedPrecondition,
-          "idempotency key '" + req.key +
-              "' belongs to an interrupted multi-phase request; resume it with Begin",
-          reason::kMultiPhase));
-    }
-    CONVERGE_ASSIGN_OR_RETURN(StoredResponse response, fn(tx));
-    CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_effect_before_response"));
-    KeyLease lease{req.scope, req.key, c.fence, "started", ""};
-    CONVERGE_RETURN_IF_ERROR(StoreResponse(tx, lease, response, now));
-    return Outcome{std::move(response), false};
+    return WritePath(tx, req, hash, fn, &found_completed);
   });
   if (before && !read_first && found_completed) CountForSnapshot(*found_completed);
   return out;
+}
+
+Result<Outcome> IdempotencyKeys::Answered(Result<StoredResponse> settled) {
+  if (!settled) return tl::unexpected(settled.error());
+  return Outcome{std::move(*settled), true};
+}
+
+Result<Outcome> IdempotencyKeys::AfterBeforeFailed(const KeyRequest& req,
+                                                   const std::string& hash, bool read_first,
+                                                   const Status& st) {
+  // The key may have been completed (or claimed) since: its answer, not this error.
+  SnapshotRead read;
+  std::optional<Result<StoredResponse>> settled =
+      FromSnapshot(req, hash, /*in_flight=*/true, &read);
+  // With the read skipped, this is the first look at the key: count it, or replays
+  // whose `before` fails (a dependency of it down) would never turn the read on again.
+  if (!read_first && read.status.ok()) CountForSnapshot(read.completed);
+  if (settled) return Answered(std::move(*settled));
+  // Whether a stored answer exists is unknown: not `before`'s error in its place
+  // (its answer may be a permanent 4xx, where a retry would get the stored one).
+  if (!read.status.ok()) return tl::unexpected(read.status);
+  return tl::unexpected(st);
+}
+
+Result<Outcome> IdempotencyKeys::WritePath(Tx& tx, const KeyRequest& req,
+                                           const std::string& hash, const Fn& fn,
+                                           std::optional<bool>* found_completed) {
+  found_completed->reset();
+  const int64_t now = clock_->NowMillis();
+  CONVERGE_ASSIGN_OR_RETURN(
+      ClaimResult c,
+      InFlightOnLockTimeout(
+          Claim(tx, req, hash, now, now + options_.lease.count(), now + options_.ttl.count()),
+          req));
+  *found_completed = !c.claimed && c.row.Text(1) == "completed";
+  if (!c.claimed) {
+    const Row& r = c.row;
+    // Cached once this transaction commits (the row it read is committed then, even
+    // when it was written earlier in the same group commit); never if it rolls back.
+    if (cache_ && r.Text(1) == "completed") {
+      tx.OnCommit([this, req, row = r] { Remember(req, row); });
+    }
+    if (r.Text(0) != hash) return tl::unexpected(Mismatch(req));
+    if (r.Text(1) == "completed") return Outcome{ResponseOf(r), true};
+    if (r.Int(2) > now) return tl::unexpected(InFlight(req, r.Int(2) - now));
+    return tl::unexpected(Status(
+        StatusCode::kFailedPrecondition,
+        "idempotency key '" + req.key +
+            "' belongs to an interrupted multi-phase request; resume it with Begin",
+        reason::kMultiPhase));
+  }
+  CONVERGE_ASSIGN_OR_RETURN(StoredResponse response, fn(tx));
+  CONVERGE_RETURN_IF_ERROR(failpoint::Hit("idempotency.after_effect_before_response"));
+  KeyLease lease{req.scope, req.key, c.fence, "started", ""};
+  CONVERGE_RETURN_IF_ERROR(StoreResponse(tx, lease, response, now));
+  return Outcome{std::move(response), false};
+}
+
+void IdempotencyKeys::ExecuteAsync(KeyRequest req, std::function<Status()> before, Fn fn,
+                                   Done done, const Blocking& blocking) {
+  if (Status st = Validate(req); !st.ok()) return done(tl::unexpected(std::move(st)));
+  std::string hash = internal::Sha256Hex(req.fingerprint);
+  if (auto cached = FromCache(req, hash)) {
+    if (!*cached) return done(tl::unexpected(cached->error()));
+    return done(Outcome{std::move(**cached), true});
+  }
+  if ((before && snapshot_first()) || !db_.transacts_async()) {
+    blocking([this, req = std::move(req), before = std::move(before), fn = std::move(fn),
+              done = std::move(done)] { done(Execute(req, before, fn)); });
+    return;
+  }
+  if (before) {
+    if (Status st = before(); !st.ok()) {
+      blocking([this, req = std::move(req), hash = std::move(hash), st = std::move(st),
+                done = std::move(done)] {
+        done(AfterBeforeFailed(req, hash, /*read_first=*/false, st));
+      });
+      return;
+    }
+  }
+  // What the write path shares with its completion; the transaction may run fn more than
+  // once (Database::Transact), and only the last run's outcome counts.
+  struct Write {
+    KeyRequest req;
+    std::string hash;
+    Fn fn;
+    Done done;
+    bool count;  // with `before`: counted for the snapshot read, as Execute does
+    std::optional<bool> found_completed;
+    std::optional<Outcome> out;
+  };
+  auto w = std::make_shared<Write>(Write{std::move(req), std::move(hash), std::move(fn),
+                                         std::move(done), static_cast<bool>(before), {}, {}});
+  db_.TransactAsync(
+      [this, w](Tx& tx) -> Status {
+        w->out.reset();
+        Result<Outcome> r = WritePath(tx, w->req, w->hash, w->fn, &w->found_completed);
+        if (!r) return r.error();
+        w->out = std::move(*r);
+        return OkStatus();
+      },
+      [this, w](Status st) {
+        if (w->count && w->found_completed) CountForSnapshot(*w->found_completed);
+        if (!st.ok()) return w->done(tl::unexpected(std::move(st)));
+        w->done(std::move(*w->out));
+      });
 }
 
 bool IdempotencyKeys::snapshot_first() const {

@@ -1,6 +1,8 @@
 #include "converge/idempotency.h"
 
 #include <atomic>
+#include <future>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -39,6 +41,37 @@ class IdempotencyTest : public ::testing::Test {
 
   int64_t Keys() { return QueryInt(*db_, "SELECT count(*) FROM idempotency_keys"); }
   int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
+
+  // IdempotencyKeys::ExecuteAsync, waited for: its outcome, the thread `done` ran on,
+  // whether `done` ran before ExecuteAsync returned, and whether it used `blocking` (which
+  // runs its work here: this thread may block).
+  struct AsyncRun {
+    std::optional<Result<Outcome>> out;
+    std::thread::id done_on;
+    bool done_inline = false;
+    bool blocked = false;
+  };
+  static AsyncRun RunAsync(IdempotencyKeys& keys, KeyRequest req,
+                           std::function<Status()> before, IdempotencyKeys::Fn fn) {
+    AsyncRun run;
+    std::promise<void> answered;
+    std::atomic<bool> returned{false};
+    keys.ExecuteAsync(
+        std::move(req), std::move(before), std::move(fn),
+        [&](Result<Outcome> out) {
+          run.out = std::move(out);
+          run.done_on = std::this_thread::get_id();
+          run.done_inline = !returned.load();
+          answered.set_value();
+        },
+        [&](std::function<void()> work) {
+          run.blocked = true;
+          work();
+        });
+    returned = true;
+    answered.get_future().wait();
+    return run;
+  }
 
   TempDir dir_;
   ManualClock clock_;
@@ -512,6 +545,145 @@ TEST_F(IdempotencyTest, ReadsFirstAlwaysWhenAskedTo) {
   auto replay = keys.Execute({"t", "done", "f"}, before, Effect("done"));
   ASSERT_TRUE(replay && replay->replayed);
   EXPECT_EQ(befores, 0);
+}
+
+// ExecuteAsync: while the read first is on (the first window) every create goes through
+// `blocking`, as Execute. Once it is off, `before` runs on the calling thread and the
+// write path on the writer, whose commit answers; a replay of a key this process
+// completed comes from the cache at once; a key completed elsewhere is answered by the
+// write path (replay, or 422 for another request), with no effect.
+TEST_F(IdempotencyTest, ExecuteAsyncAnswersFromTheWritersCommit) {
+  IdempotencyKeys other(*db_, kOptions, &clock_);
+  ASSERT_TRUE(other.Execute({"t", "done", "f"}, Effect("done")));
+  std::thread::id before_on, fn_on;
+  auto before = [&] {
+    before_on = std::this_thread::get_id();
+    return OkStatus();
+  };
+  auto effect = [&](const std::string& id) -> IdempotencyKeys::Fn {
+    return [&, fn = Effect(id)](Tx& tx) {
+      fn_on = std::this_thread::get_id();
+      return fn(tx);
+    };
+  };
+  for (int64_t i = 0; i < IdempotencyKeys::kSnapshotWindow; ++i) {
+    const std::string key = "new-" + std::to_string(i);
+    AsyncRun r = RunAsync(*keys_, {"t", key, "f"}, before, effect(key));
+    ASSERT_TRUE(*r.out) << r.out->error().ToString();
+    EXPECT_FALSE((*r.out)->replayed);
+    EXPECT_TRUE(r.blocked) << i << ": the read first is on";
+  }
+  ASSERT_FALSE(keys_->snapshot_first());
+
+  const int before_runs = runs_;
+  AsyncRun created = RunAsync(*keys_, {"t", "k1", "f"}, before, effect("k1"));
+  ASSERT_TRUE(*created.out) << created.out->error().ToString();
+  EXPECT_FALSE((*created.out)->replayed);
+  EXPECT_EQ((*created.out)->response.status, 201);
+  EXPECT_FALSE(created.blocked);
+  EXPECT_FALSE(created.done_inline);
+  EXPECT_EQ(before_on, std::this_thread::get_id());
+  EXPECT_NE(fn_on, std::this_thread::get_id());
+  EXPECT_EQ(created.done_on, fn_on) << "done ran elsewhere than the writer";
+  EXPECT_EQ(runs_, before_runs + 1);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM idempotency_keys WHERE key = 'k1' AND "
+                           "status = 'completed'"),
+            1);
+
+  // The first replay is the write path's (the read is skipped), which caches the key;
+  // the next comes from the cache, before ExecuteAsync returns.
+  AsyncRun written = RunAsync(*keys_, {"t", "k1", "f"}, before, effect("k1"));
+  ASSERT_TRUE(*written.out);
+  EXPECT_TRUE((*written.out)->replayed);
+  EXPECT_EQ((*written.out)->response, (*created.out)->response);
+  EXPECT_FALSE(written.done_inline);
+  EXPECT_FALSE(written.blocked);
+  AsyncRun cached = RunAsync(*keys_, {"t", "k1", "f"}, before, effect("k1"));
+  ASSERT_TRUE(*cached.out);
+  EXPECT_TRUE((*cached.out)->replayed);
+  EXPECT_EQ((*cached.out)->response, (*created.out)->response);
+  EXPECT_TRUE(cached.done_inline);
+  EXPECT_FALSE(cached.blocked);
+
+  AsyncRun replay = RunAsync(*keys_, {"t", "done", "f"}, before, effect("done"));
+  ASSERT_TRUE(*replay.out) << replay.out->error().ToString();
+  EXPECT_TRUE((*replay.out)->replayed);
+  EXPECT_EQ((*replay.out)->response.status, 201);
+  EXPECT_FALSE(replay.blocked);
+  AsyncRun reused = RunAsync(*keys_, {"t", "done", "another"}, before, effect("done"));
+  ASSERT_FALSE(*reused.out);
+  EXPECT_EQ(reused.out->error().reason(), reason::kFingerprintMismatch)
+      << reused.out->error().ToString();
+  EXPECT_EQ(runs_, before_runs + 1);
+  EXPECT_EQ(Effects(), IdempotencyKeys::kSnapshotWindow + 2);
+}
+
+// Many first requests of one key at once, answered from commits: one runs, the others
+// replay its answer.
+TEST_F(IdempotencyTest, ExecuteAsyncOfOneKeyFromManyThreadsRunsItOnce) {
+  auto ok = [] { return OkStatus(); };
+  for (int64_t i = 0; i < IdempotencyKeys::kSnapshotWindow; ++i) {
+    const std::string key = "new-" + std::to_string(i);
+    ASSERT_TRUE(*RunAsync(*keys_, {"t", key, "f"}, ok, Effect(key)).out);
+  }
+  ASSERT_FALSE(keys_->snapshot_first());
+  const int before_runs = runs_;
+  constexpr int kThreads = 16;
+  std::vector<std::optional<Result<Outcome>>> outs(kThreads);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kThreads; ++i) {
+    threads.emplace_back(
+        [&, i] { outs[i] = RunAsync(*keys_, {"t", "race", "f"}, ok, Effect("race")).out; });
+  }
+  for (auto& t : threads) t.join();
+  int first = 0;
+  for (const auto& out : outs) {
+    ASSERT_TRUE(*out) << out->error().ToString();
+    EXPECT_EQ((*out)->response.body, "{\"id\":\"race\"}");
+    if (!(*out)->replayed) ++first;
+  }
+  EXPECT_EQ(first, 1);
+  EXPECT_EQ(runs_, before_runs + 1);
+}
+
+// What needs a read goes through `blocking`: a `before` that fails (then its error, or
+// the key's stored answer), every create with SnapshotFirst::kAlways, and every call on a
+// store without a writer thread of its own.
+TEST_F(IdempotencyTest, ExecuteAsyncHandsWhatMustReadOrWaitToBlocking) {
+  IdempotencyKeys other(*db_, kOptions, &clock_);
+  ASSERT_TRUE(other.Execute({"t", "done", "f"}, Effect("done")));
+  auto ok = [] { return OkStatus(); };
+  auto refuse = [] { return InvalidArgumentError("unknown sku"); };
+  for (int64_t i = 0; i < IdempotencyKeys::kSnapshotWindow; ++i) {
+    const std::string key = "new-" + std::to_string(i);
+    ASSERT_TRUE(*RunAsync(*keys_, {"t", key, "f"}, ok, Effect(key)).out);
+  }
+  ASSERT_FALSE(keys_->snapshot_first());
+  AsyncRun refused = RunAsync(*keys_, {"t", "k1", "f"}, refuse, Effect("k1"));
+  EXPECT_TRUE(refused.blocked);
+  ASSERT_FALSE(*refused.out);
+  EXPECT_EQ(refused.out->error().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM idempotency_keys WHERE key = 'k1'"), 0);
+  AsyncRun stored = RunAsync(*keys_, {"t", "done", "f"}, refuse, Effect("done"));
+  EXPECT_TRUE(stored.blocked);
+  ASSERT_TRUE(*stored.out) << "before's error hid a stored answer";
+  EXPECT_TRUE((*stored.out)->replayed);
+
+  IdempotencyOptions always = kOptions;
+  always.snapshot_first = IdempotencyOptions::SnapshotFirst::kAlways;
+  IdempotencyKeys reading(*db_, always, &clock_);
+  AsyncRun read = RunAsync(reading, {"t", "k2", "f"}, ok, Effect("k2"));
+  EXPECT_TRUE(read.blocked);
+  ASSERT_TRUE(*read.out);
+  EXPECT_FALSE((*read.out)->replayed);
+
+  DatabaseWrapper wrapped(db_.get());
+  IdempotencyKeys waiting(wrapped, kOptions, &clock_);
+  AsyncRun waited = RunAsync(waiting, {"t", "k3", "f"}, nullptr, Effect("k3"));
+  EXPECT_TRUE(waited.blocked);
+  ASSERT_TRUE(*waited.out);
+  EXPECT_FALSE((*waited.out)->replayed);
+  EXPECT_EQ(Effects(), IdempotencyKeys::kSnapshotWindow + 3);
 }
 
 // A process crashes right after the phase that called the provider committed. The retry
