@@ -184,9 +184,33 @@ struct ServerStats {
   int64_t fd_limit = 0;        // the soft RLIMIT_NOFILE after Start
 };
 
+// How an asynchronous handler (Server::RouteAsync) answers its request. Copies answer the
+// same request; the first answer counts and later ones are ignored (as are calls on a
+// moved-from Responder). Safe to use from any thread. When the last copy goes away
+// unanswered (a handler that lost it), the request is answered 500, so a connection never
+// waits for an answer that cannot come. Server::Stop waits until every copy is gone:
+// do not keep them once answered.
+class Responder {
+ public:
+  struct State;  // the server's
+  explicit Responder(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  // Answers the request; the connection's I/O thread writes it.
+  void operator()(Response response) const;
+  // Runs `work` where it may block: on the server's worker pool (in Server::Handle, on the
+  // thread that calls Block, so call it from the handler's thread, not from a store's
+  // writer). For the part of a request a handler cannot do without blocking; `work`
+  // answers then. Work that throws before answering answers 500.
+  void Block(std::function<void()> work) const;
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
 class Server {
  public:
   using Handler = std::function<Response(Request&)>;
+  // An asynchronous handler: see RouteAsync.
+  using AsyncHandler = std::function<void(Request&, Responder)>;
 
   explicit Server(ServerOptions options);
   ~Server();  // Stop()s
@@ -197,6 +221,16 @@ class Server {
   // unknown path answers 404, a known path with another method 405 with Allow. A GET
   // route also answers HEAD (the handler runs; the body is not sent).
   void Route(std::string method, std::string pattern, Handler handler);
+  // A route whose handler answers later: it runs on the connection's I/O thread as soon as
+  // the request is read, with no hop to the worker pool, and answers through its
+  // Responder, then or later, from any thread (e.g. a store's writer, on commit:
+  // IdempotencyKeys::ExecuteAsync). So it must not block: the I/O thread serves other
+  // connections meanwhile. Blocking work goes through Responder::Block. The request lives
+  // until it is answered. A handler that throws before answering gets 500. Paths, HEAD,
+  // 404 and 405 as for Route. Past its drain deadline Stop refuses new ones (503) and
+  // waits for every Responder of those in flight to go, as it waits for blocking handlers
+  // to return.
+  void RouteAsync(std::string method, std::string pattern, AsyncHandler handler);
   // Handles every request that no route matches (instead of 404 and 405), e.g. a proxy
   // passing the rest of an API through. Its exchanges are labelled route "fallback".
   void Fallback(Handler handler);
@@ -210,6 +244,8 @@ class Server {
   // The bound port (after Start).
   uint16_t port() const;
   // Stops accepting, waits up to `drain` for in-flight requests, then closes everything.
+  // Handlers still running then are waited for whatever `drain` says: a blocking one until
+  // it returns, an asynchronous one until every copy of its Responder is gone.
   void Stop(Millis drain = std::chrono::seconds(10));
   // Answers `request` as a worker would, on the calling thread and without a socket: the
   // route match (filling request.params), the handler, 404 or 405 when no route matches.

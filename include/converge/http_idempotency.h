@@ -78,6 +78,18 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
                                  SinglePhaseFn fn);
 Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                  SinglePhasePrepareFn prepare);
+// The prepared single-phase route as an asynchronous handler (Server::RouteAsync): it
+// answers as the one above, but nothing waits for the key's transaction. `scope`,
+// `validate` and `prepare` run on the connection's I/O thread, so they must not block
+// (an API key looked up in memory, a body parsed, ids drawn, Outbox::Prepare); the key's
+// write path goes to the store's writer through IdempotencyKeys::ExecuteAsync, and its
+// commit answers. What needs a read of the store, and every request on a store without
+// Database::transacts_async() (PostgreSQL), runs on the server's worker pool instead,
+// as the blocking route would. On SQLite the writer builds the answer: a route whose
+// transaction body returns a large response costs the writer its copy.
+Server::AsyncHandler SinglePhaseAsyncRoute(IdempotencyKeys& keys,
+                                           IdempotencyRouteOptions options,
+                                           SinglePhasePrepareFn prepare);
 Server::Handler MultiPhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
                                 MultiPhaseFn fn);
 

@@ -176,39 +176,43 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
                           });
 }
 
-Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
-                                 SinglePhasePrepareFn prepare) {
-  DescribeFamilies(options.metrics);
-  return [&keys, o = std::move(options), prepare = std::move(prepare)](Request& req) -> Response {
-    Prepared p = Prepare(req, o);
-    if (p.answer) return std::move(*p.answer);
-    // A handler's own error response is stored like any answer; its Status error is not.
-    std::optional<Status> handler_error;
-    PreparedTxFn body;
-    auto before = [&]() -> Status {
-      Result<PreparedTxFn> prepared = prepare(req);
-      if (!prepared) {
-        handler_error = prepared.error();
-        return prepared.error();
-      }
-      if (!*prepared) {
-        handler_error = InternalError("the route's prepare returned no transaction body");
-        return *handler_error;
-      }
-      body = std::move(*prepared);
-      return OkStatus();
-    };
-    auto out = keys.Execute(p.key, before, [&](Tx& tx) -> Result<StoredResponse> {
-      handler_error.reset();
-      Result<Response> r = body(tx);
-      if (!r) {
-        handler_error = r.error();
-        return tl::unexpected(r.error());
-      }
-      return ToStored(*r);
-    });
+namespace {
+
+// One single-phase request, from its prepare through the transaction to its answer.
+struct SinglePhaseCall {
+  // A handler's own error response is stored like any answer; its Status error is not.
+  std::optional<Status> handler_error;
+  PreparedTxFn body;
+
+  // IdempotencyKeys::Execute's `before`.
+  Status Before(const SinglePhasePrepareFn& prepare, Request& req) {
+    Result<PreparedTxFn> prepared = prepare(req);
+    if (!prepared) {
+      handler_error = prepared.error();
+      return prepared.error();
+    }
+    if (!*prepared) {
+      handler_error = InternalError("the route's prepare returned no transaction body");
+      return *handler_error;
+    }
+    body = std::move(*prepared);
+    return OkStatus();
+  }
+
+  // IdempotencyKeys::Execute's fn.
+  Result<StoredResponse> Run(Tx& tx) {
+    handler_error.reset();
+    Result<Response> r = body(tx);
+    if (!r) {
+      handler_error = r.error();
+      return tl::unexpected(r.error());
+    }
+    return ToStored(*r);
+  }
+
+  Response Answer(const Result<Outcome>& out, Metrics* metrics) const {
     if (out) {
-      if (out->replayed) Count(o.metrics, "idempotency_replays_total");
+      if (out->replayed) Count(metrics, "idempotency_replays_total");
       return FromStored(out->response, out->replayed);
     }
     // The handler's (or prepare's) own error, unless the key answered instead (prepare
@@ -217,7 +221,43 @@ Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions 
       const Status& e = *handler_error;
       return e.transient() ? HandlerRetryProblem(e) : ProblemFor(e, "invalid-request");
     }
-    return ClaimProblem(out.error(), o.metrics);
+    return ClaimProblem(out.error(), metrics);
+  }
+};
+
+}  // namespace
+
+Server::Handler SinglePhaseRoute(IdempotencyKeys& keys, IdempotencyRouteOptions options,
+                                 SinglePhasePrepareFn prepare) {
+  DescribeFamilies(options.metrics);
+  return [&keys, o = std::move(options), prepare = std::move(prepare)](Request& req) -> Response {
+    Prepared p = Prepare(req, o);
+    if (p.answer) return std::move(*p.answer);
+    SinglePhaseCall call;
+    auto out = keys.Execute(
+        p.key, [&] { return call.Before(prepare, req); },
+        [&](Tx& tx) { return call.Run(tx); });
+    return call.Answer(out, o.metrics);
+  };
+}
+
+Server::AsyncHandler SinglePhaseAsyncRoute(IdempotencyKeys& keys,
+                                           IdempotencyRouteOptions options,
+                                           SinglePhasePrepareFn prepare) {
+  DescribeFamilies(options.metrics);
+  auto o = std::make_shared<const IdempotencyRouteOptions>(std::move(options));
+  auto prep = std::make_shared<const SinglePhasePrepareFn>(std::move(prepare));
+  return [&keys, o, prep](Request& req, Responder respond) {
+    Prepared p = Prepare(req, *o);
+    if (p.answer) return respond(std::move(*p.answer));
+    auto call = std::make_shared<SinglePhaseCall>();
+    // `req` lives until the request is answered (Server::RouteAsync), and `before` runs
+    // before that.
+    keys.ExecuteAsync(
+        std::move(p.key), [call, prep, &req] { return call->Before(*prep, req); },
+        [call](Tx& tx) { return call->Run(tx); },
+        [call, o, respond](Result<Outcome> out) { respond(call->Answer(out, o->metrics)); },
+        [respond](std::function<void()> work) { respond.Block(std::move(work)); });
   };
 }
 

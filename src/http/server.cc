@@ -70,7 +70,8 @@ struct RouteEntry {
   std::string method;
   std::vector<std::string> segments;
   std::string pattern;
-  Server::Handler handler;
+  Server::Handler handler;             // one of the two
+  Server::AsyncHandler async_handler;
 };
 
 std::vector<std::string> Split(std::string_view path) {
@@ -281,6 +282,45 @@ class RequestParser final : public bhttp::basic_parser<true> {
 
 }  // namespace
 
+struct Responder::State {
+  // Declared first, so destroyed last: after `answer` and `block`, and what they hold
+  // (a session), are gone; Server::Stop may return once it has gone (Impl::Pending).
+  std::shared_ptr<void> pending;
+  std::function<void(Response)> answer;  // called at most once
+  std::function<void(std::function<void()>)> block;
+  std::atomic<bool> answered{false};
+  // Answers, once; what `answer` holds (a session) goes with it, on this thread.
+  void Answer(Response response) {
+    if (answered.exchange(true)) return;
+    std::function<void(Response)> a = std::move(answer);
+    if (a) a(std::move(response));
+  }
+  ~State() {
+    try {
+      Answer(Problem(500, "Internal Server Error", "the handler did not answer"));
+    } catch (...) {
+      // Out of memory while answering: the connection is dropped with the session.
+    }
+  }
+};
+
+void Responder::operator()(Response response) const {
+  if (state_ != nullptr) state_->Answer(std::move(response));
+}
+
+void Responder::Block(std::function<void()> work) const {
+  if (state_ == nullptr) return;
+  // A thread pool's handler must not throw (asio would terminate the process): work that
+  // throws before answering gets 500, as a handler that throws does.
+  state_->block([work = std::move(work), respond = *this] {
+    try {
+      work();
+    } catch (...) {
+      respond(Problem(500, "Internal Server Error", "the handler failed unexpectedly"));
+    }
+  });
+}
+
 class Server::Impl {
  public:
   explicit Impl(ServerOptions o)
@@ -325,8 +365,48 @@ class Server::Impl {
 
   class Session;
 
+  // Asynchronous requests in flight: each Responder::State holds a token that counts it
+  // until the state is gone and its answer written. Their answers come from threads the
+  // server does not own (a store's writer), so Stop, past its drain deadline, refuses new
+  // ones (503) and waits for these, as it waits for blocking handlers on the workers; so
+  // no answer, and no work for the pool, can come once Stop has returned. (A
+  // token let go of on an I/O thread may be the last: Stop joins those threads before the
+  // server goes, so what that thread still does with its session is safe.)
+  struct Pending {
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t count = 0;
+    bool open = true;
+  };
+  std::shared_ptr<Pending> pending_ = std::make_shared<Pending>();
+  // A token for a new asynchronous request, or nullptr once Stop closed.
+  std::shared_ptr<void> PendingToken() {
+    std::shared_ptr<Pending> p = pending_;
+    std::lock_guard<std::mutex> l(p->mu);
+    if (!p->open) return nullptr;
+    ++p->count;
+    return std::shared_ptr<void>(p.get(), [p](void*) {
+      std::lock_guard<std::mutex> l(p->mu);
+      if (--p->count == 0) p->cv.notify_all();
+    });
+  }
+  // Refuses new asynchronous requests, then waits for those in flight.
+  void CloseAndWaitForPending() {
+    std::unique_lock<std::mutex> l(pending_->mu);
+    pending_->open = false;
+    pending_->cv.wait(l, [&] { return pending_->count == 0; });
+  }
+
   void Accept();
   void OnAccept(beast::error_code ec, tcp::socket socket);
+  // The route `req` matches (filling req.params and *route), or nullptr; then *allow lists
+  // the methods of the routes matching its path.
+  const RouteEntry* Match(Request& req, std::string* route, std::string* allow);
+  // The answer for a request without an asynchronous route: its handler's, the fallback's,
+  // 405 or 404. On a thread that may block.
+  Response Answer(const RouteEntry* r, Request& req, const std::string& allow,
+                  std::string* route);
+  // Match and Answer; an asynchronous route's answer is waited for (Server::Handle).
   Response Dispatch(Request& req, std::string* route);
 
   // The metric label for `method`: the entry of options_.methods (which lives as long as
@@ -383,6 +463,7 @@ class Server::Impl {
       std::unique_lock<std::mutex> l(drain_mu_);
       drain_cv_.wait_for(l, drain, [&] { return in_flight_.load() == 0; });
     }
+    CloseAndWaitForPending();
     workers_.join();
     work_.reset();
     ioc_.stop();
@@ -574,9 +655,13 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
 
     ++server_->in_flight_;
     auto self = shared_from_this();
-    asio::post(server_->workers_, [self, req] {
-      std::string route;
-      Response resp = self->server_->Dispatch(*req, &route);
+    std::string route;
+    std::string allow;
+    const RouteEntry* r = server_->Match(*req, &route, &allow);
+    if (r != nullptr && r->async_handler) return DispatchAsync(*r, req, std::move(route));
+    asio::post(server_->workers_, [self, req, r, route = std::move(route),
+                                   allow = std::move(allow)]() mutable {
+      Response resp = self->server_->Answer(r, *req, allow, &route);
       asio::post(self->stream_.get_executor(),
                  [self, req, resp = std::move(resp), route]() mutable {
                    self->Write(req, std::move(resp), std::move(route));
@@ -584,7 +669,40 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     });
   }
 
-  void Write(std::shared_ptr<Request> req, Response resp, std::string route) {
+  // Runs an asynchronous route's handler here, on the I/O thread; its answer, from any
+  // thread, is written here.
+  void DispatchAsync(const RouteEntry& r, std::shared_ptr<Request> req, std::string route) {
+    std::shared_ptr<void> token = server_->PendingToken();
+    if (token == nullptr) {
+      Response closing = Problem(503, "Service Unavailable", "the server is stopping");
+      closing.Set("Retry-After", "1");
+      return Write(req, std::move(closing), std::move(route));
+    }
+    auto state = std::make_shared<Responder::State>();
+    // The token goes with the answer until it is written (Write), so that Stop waits for
+    // the write too: the io_context runs until then.
+    state->answer = [self = shared_from_this(), req, route, token](Response resp) {
+      asio::post(self->stream_.get_executor(),
+                 [self, req, resp = std::move(resp), route, token]() mutable {
+                   self->Write(req, std::move(resp), std::move(route), std::move(token));
+                 });
+    };
+    state->pending = std::move(token);
+    state->block = [server = server_](std::function<void()> work) {
+      asio::post(server->workers_, std::move(work));
+    };
+    Responder respond(std::move(state));
+    try {
+      r.async_handler(*req, respond);
+    } catch (...) {
+      respond(Problem(500, "Internal Server Error", "the handler failed unexpectedly"));
+    }
+  }
+
+  // `hold` (an asynchronous request's pending token) is let go of once the answer is
+  // written or the write failed.
+  void Write(std::shared_ptr<Request> req, Response resp, std::string route,
+             std::shared_ptr<void> hold = nullptr) {
     auto res = std::make_shared<bhttp::response<bhttp::string_body>>();
     res->version(version_);
     if (resp.status < 100 || resp.status > 599) resp.status = 500;
@@ -602,7 +720,8 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     auto self = shared_from_this();
     bhttp::async_write(stream_, *res,
                        [self, res, req, route = std::move(route), close, secs,
-                        status = resp.status](beast::error_code ec, size_t) {
+                        status = resp.status, hold = std::move(hold)](beast::error_code ec,
+                                                                      size_t) {
                          self->server_->Observe(Exchange{req.get(), status, route, secs,
                                                          self->server_->MethodLabel(req->method)});
                          self->server_->Finished();
@@ -710,23 +829,50 @@ void Server::Impl::OnAccept(beast::error_code ec, tcp::socket socket) {
   Accept();
 }
 
-Response Server::Impl::Dispatch(Request& req, std::string* route) {
+const RouteEntry* Server::Impl::Match(Request& req, std::string* route, std::string* allow) {
   std::vector<std::string> segs = Split(req.path);
   const bool head = req.method == "HEAD";
-  std::string allow;
   for (const RouteEntry& r : routes_) {
     std::map<std::string, std::string> params;
     if (!MatchRoute(r, segs, &params)) continue;
     if (r.method != req.method && !(head && r.method == "GET")) {
-      if (!allow.empty()) allow += ", ";
-      allow += r.method;
-      if (r.method == "GET") allow += ", HEAD";
+      if (!allow->empty()) *allow += ", ";
+      *allow += r.method;
+      if (r.method == "GET") *allow += ", HEAD";
       continue;
     }
     *route = r.pattern;
     req.params = std::move(params);
+    return &r;
+  }
+  return nullptr;
+}
+
+Response Server::Impl::Dispatch(Request& req, std::string* route) {
+  std::string allow;
+  const RouteEntry* r = Match(req, route, &allow);
+  if (r == nullptr || !r->async_handler) return Answer(r, req, allow, route);
+  auto answer = std::make_shared<std::promise<Response>>();
+  std::future<Response> answered = answer->get_future();
+  auto state = std::make_shared<Responder::State>();
+  state->answer = [answer](Response resp) { answer->set_value(std::move(resp)); };
+  state->block = [](std::function<void()> work) { work(); };
+  {
+    Responder respond(std::move(state));
     try {
-      return r.handler(req);
+      r->async_handler(req, respond);
+    } catch (...) {
+      respond(Problem(500, "Internal Server Error", "the handler failed unexpectedly"));
+    }
+  }
+  return answered.get();
+}
+
+Response Server::Impl::Answer(const RouteEntry* r, Request& req, const std::string& allow,
+                              std::string* route) {
+  if (r != nullptr) {
+    try {
+      return r->handler(req);
     } catch (...) {
       return Problem(500, "Internal Server Error", "the handler failed unexpectedly");
     }
@@ -755,6 +901,11 @@ Server::~Server() { Stop(Millis(0)); }
 void Server::Route(std::string method, std::string pattern, Handler handler) {
   impl_->routes_.push_back(
       RouteEntry{std::move(method), Split(pattern), pattern, std::move(handler)});
+}
+
+void Server::RouteAsync(std::string method, std::string pattern, AsyncHandler handler) {
+  impl_->routes_.push_back(
+      RouteEntry{std::move(method), Split(pattern), pattern, nullptr, std::move(handler)});
 }
 
 void Server::Fallback(Handler handler) { impl_->fallback_ = std::move(handler); }

@@ -332,6 +332,56 @@ TEST_F(IdempotencyRouteTest, AKeyThatChangedWhilePrepareRanIsAnsweredNotPrepares
   EXPECT_EQ(refusing(other).status, 422);
 }
 
+// The prepared route answered from its commit (SinglePhaseAsyncRoute, through a Server's
+// Handle), once a window of new keys turned the read first off: the same answers as the
+// blocking route, for a create, its replays, another body, and prepare's errors.
+TEST_F(IdempotencyRouteTest, TheAsyncPreparedRouteAnswersAsTheBlockingOne) {
+  Status refuse = OkStatus();
+  Server server(ServerOptions{});
+  server.RouteAsync(
+      "POST", "/v1/things",
+      SinglePhaseAsyncRoute(*keys_, Options(), [&](Request& r) -> Result<PreparedTxFn> {
+        if (!refuse.ok()) return tl::unexpected(refuse);
+        return InsertEffect(*r.Header("X-Tenant") + ":" + r.body);
+      }));
+  auto post = [&](std::string body, std::string key) {
+    Request r = Post(std::move(body), {{"X-Tenant", "acme"}, {"Idempotency-Key", key}});
+    return server.Handle(r);
+  };
+  for (int64_t i = 0; i < IdempotencyKeys::kSnapshotWindow; ++i) {
+    ASSERT_EQ(post("w" + std::to_string(i), "w" + std::to_string(i)).status, 201);
+  }
+  ASSERT_FALSE(keys_->snapshot_first());
+  const int runs = runs_;
+  Response a = post("t1", "k1");
+  EXPECT_EQ(a.status, 201);
+  EXPECT_EQ(a.body, "{\"id\":\"acme:t1\"}");
+  EXPECT_EQ(a.Header("Idempotent-Replayed"), nullptr);
+  for (int i = 0; i < 2; ++i) {  // from the write path, then from the cache
+    Response b = post("t1", "k1");
+    EXPECT_EQ(b.body, a.body);
+    ASSERT_NE(b.Header("Idempotent-Replayed"), nullptr);
+    EXPECT_EQ(*b.Header("Idempotent-Replayed"), "true");
+  }
+  Response c = post("t2", "k1");
+  EXPECT_EQ(c.status, 422);
+  EXPECT_EQ(Type(c), "urn:converge:problem:idempotency-key-reused");
+  refuse = InvalidArgumentError("no such sku");
+  Response d = post("t3", "k2");
+  EXPECT_EQ(d.status, 400);
+  EXPECT_EQ(Type(d), "urn:converge:problem:invalid-request");
+  refuse = UnavailableError("pricing service down");
+  Response e = post("t3", "k2");
+  EXPECT_EQ(e.status, 503);
+  EXPECT_NE(e.body.find("nothing was stored"), std::string::npos) << e.body;
+  Response f = post("t1", "k1");  // a stored answer beats prepare's error
+  EXPECT_EQ(f.status, 201);
+  refuse = OkStatus();
+  EXPECT_EQ(post("t3", "k2").status, 201);
+  EXPECT_EQ(runs_, runs + 2);
+  EXPECT_EQ(Keys(), IdempotencyKeys::kSnapshotWindow + 2);
+}
+
 TEST_F(IdempotencyRouteTest, MultiPhaseInFlightIs409WithALowRetryAfter) {
   Server::Handler h = MultiPhaseRoute(*keys_, Options(),
                                       [&](KeyLease& lease, Begun::Kind kind, Request&) -> Response {

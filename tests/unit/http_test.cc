@@ -9,6 +9,8 @@
 #include <atomic>
 #include <functional>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -119,6 +121,150 @@ TEST_F(HttpTest, HandleRunsTheRoutesInProcessAsAWorkerWould) {
   EXPECT_EQ(local.Handle(throws).status, 500);
   EXPECT_EQ(observed.load(), 0);
   EXPECT_EQ(local.in_flight(), 0);
+}
+
+// Asynchronous routes: the handler runs on the I/O thread and answers at once, later from
+// another thread, or through the worker pool (Block); one that loses its Responder, or
+// throws before answering, gets 500; HEAD, 405 and Handle() as for other routes.
+TEST(HttpAsyncRoute, AnswersNowLaterOrFromTheWorkerPool) {
+  Server server(ServerOptions{.io_threads = 1, .worker_threads = 2});
+  std::mutex mu;
+  std::vector<Responder> held;
+  std::set<std::thread::id> async_threads;
+  std::thread::id sync_thread;
+  server.RouteAsync("GET", "/now/{x}", [&](Request& r, Responder respond) {
+    {
+      std::lock_guard<std::mutex> l(mu);
+      async_threads.insert(std::this_thread::get_id());
+    }
+    respond(Json(200, "{\"x\":\"" + r.params["x"] + "\"}"));
+    respond(Json(202, "{}"));  // a second answer is ignored
+  });
+  server.RouteAsync("POST", "/later", [&](Request&, Responder respond) {
+    std::lock_guard<std::mutex> l(mu);
+    held.push_back(respond);
+  });
+  server.RouteAsync("GET", "/lost", [](Request&, Responder) {});
+  server.RouteAsync("GET", "/throws", [](Request&, Responder) { throw std::runtime_error("x"); });
+  server.RouteAsync("GET", "/answers-then-throws", [](Request&, Responder respond) {
+    respond(Json(200, "{}"));
+    throw std::runtime_error("x");
+  });
+  server.RouteAsync("GET", "/block", [&](Request&, Responder respond) {
+    respond.Block([&, respond] {
+      const bool io = [&] {
+        std::lock_guard<std::mutex> l(mu);
+        return async_threads.count(std::this_thread::get_id()) > 0;
+      }();
+      respond(Json(200, io ? "\"io\"" : "\"worker\""));
+    });
+  });
+  server.Route("GET", "/sync", [&](Request&) {
+    sync_thread = std::this_thread::get_id();
+    return Json(200, "{}");
+  });
+  ASSERT_TRUE(server.Start().ok());
+  const std::string base = "http://127.0.0.1:" + std::to_string(server.port());
+  Client client;
+  auto send = [&](std::string method, std::string path) {
+    return client.Send({.method = std::move(method), .url = base + path});
+  };
+
+  auto now = send("GET", "/now/a");
+  ASSERT_TRUE(now) << now.error().ToString();
+  EXPECT_EQ(now->status, 200);
+  EXPECT_EQ(now->body, "{\"x\":\"a\"}");
+  auto head = send("HEAD", "/now/b");
+  ASSERT_TRUE(head);
+  EXPECT_EQ(head->status, 200);
+  EXPECT_TRUE(head->body.empty());
+  auto wrong = send("DELETE", "/now/c");
+  ASSERT_TRUE(wrong);
+  EXPECT_EQ(wrong->status, 405);
+  ASSERT_TRUE(send("GET", "/sync"));
+  {
+    std::lock_guard<std::mutex> l(mu);
+    EXPECT_EQ(async_threads.size(), 1u) << "async handlers ran on more than the I/O thread";
+    EXPECT_EQ(async_threads.count(sync_thread), 0u) << "a blocking route ran on the I/O thread";
+  }
+
+  std::optional<Result<Response>> later;
+  std::thread waiter([&] { later = send("POST", "/later"); });
+  ASSERT_TRUE(WaitFor([&] {
+    std::lock_guard<std::mutex> l(mu);
+    return held.size() == 1;
+  }));
+  EXPECT_EQ(server.in_flight(), 1);
+  std::thread([&] { held[0](Json(201, "{\"later\":true}")); }).join();
+  waiter.join();
+  ASSERT_TRUE(*later) << later->error().ToString();
+  EXPECT_EQ((*later)->status, 201);
+  EXPECT_EQ((*later)->body, "{\"later\":true}");
+  held.clear();
+
+  EXPECT_EQ(send("GET", "/lost")->status, 500);
+  EXPECT_EQ(send("GET", "/throws")->status, 500);
+  EXPECT_EQ(send("GET", "/answers-then-throws")->status, 200);
+  auto blocked = send("GET", "/block");
+  ASSERT_TRUE(blocked);
+  EXPECT_EQ(blocked->body, "\"worker\"");
+  EXPECT_TRUE(WaitFor([&] { return server.in_flight() == 0; }));
+
+  // In process: Handle waits for the answer; Block runs on the calling thread.
+  Request direct{.method = "GET", .target = "/now/d", .path = "/now/d"};
+  EXPECT_EQ(server.Handle(direct).body, "{\"x\":\"d\"}");
+  Request lost{.method = "GET", .target = "/lost", .path = "/lost"};
+  EXPECT_EQ(server.Handle(lost).status, 500);
+  Request throws{.method = "GET", .target = "/throws", .path = "/throws"};
+  EXPECT_EQ(server.Handle(throws).status, 500);
+  Request block{.method = "GET", .target = "/block", .path = "/block"};
+  EXPECT_EQ(server.Handle(block).status, 200);
+}
+
+// Stop waits for an asynchronous request's answer, which may come from a thread the
+// server does not own (a store's writer), as it waits for a blocking handler, past its
+// drain deadline: the answer is written, and none can come once Stop has returned. Work handed to
+// the pool by a Responder that throws answers 500 (a thread pool's handler must not throw).
+TEST(HttpAsyncRoute, StopWaitsForAnAnswerInFlight) {
+  auto server = std::make_unique<Server>(ServerOptions{});
+  std::mutex mu;
+  std::vector<Responder> held;
+  server->RouteAsync("POST", "/later", [&](Request&, Responder respond) {
+    std::lock_guard<std::mutex> l(mu);
+    held.push_back(respond);
+  });
+  server->RouteAsync("GET", "/block-throws", [](Request&, Responder respond) {
+    respond.Block([] { throw std::runtime_error("x"); });
+  });
+  ASSERT_TRUE(server->Start().ok());
+  const std::string base = "http://127.0.0.1:" + std::to_string(server->port());
+  auto thrown = Client().Send({.method = "GET", .url = base + "/block-throws"});
+  ASSERT_TRUE(thrown) << thrown.error().ToString();
+  EXPECT_EQ(thrown->status, 500);
+
+  std::optional<Result<Response>> answer;
+  std::thread client([&] { answer = Client().Send({.method = "POST", .url = base + "/later"}); });
+  ASSERT_TRUE(WaitFor([&] {
+    std::lock_guard<std::mutex> l(mu);
+    return held.size() == 1;
+  }));
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    server->Stop(Millis(20));
+    stopped = true;
+  });
+  std::this_thread::sleep_for(Millis(200));
+  EXPECT_FALSE(stopped.load()) << "Stop returned with an answer to come";
+  std::thread([&] {
+    held[0](Json(201, "{}"));
+    held.clear();
+  }).join();
+  stopper.join();
+  client.join();
+  ASSERT_TRUE(answer.has_value());
+  ASSERT_TRUE(*answer) << answer->error().ToString();
+  EXPECT_EQ((*answer)->status, 201);
+  server.reset();
 }
 
 // Found by review: the client sent HEAD without curl's NOBODY, and then waited for the
