@@ -4,8 +4,8 @@
 // the stock consumer running behind it as in any deployment, or (--route-only) without
 // them. Writes the port it listens on to --port-file and serves until SIGINT or SIGTERM.
 //
-//   converge_orders_server --db URI --port-file FILE [--workers N] [--route-only]
-//                          [--snapshot-first always|adaptive]
+//   converge_orders_server --db URI --port-file FILE [--workers N] [--io-threads N] [--route-only]
+//                          [--snapshot-first always|adaptive] [--create async|sync]
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
   app.add_option("--port-file", port_file, "Where to write the port")->required();
   app.add_option("--workers", options.worker_threads, "Handler threads (16)")
       ->check(CLI::Range(1, 1024));
+  app.add_option("--io-threads", options.io_threads, "I/O threads (1)")
+      ->check(CLI::Range(1, 256));
   bool route_only = false;
   app.add_flag("--route-only", route_only,
                "Run neither the relay nor the stock consumer: the create route alone");
@@ -33,7 +35,13 @@ int main(int argc, char** argv) {
                  "Read a key before preparing its create: always, or adaptive (the default: "
                  "only while replays come; IdempotencyOptions::snapshot_first)")
       ->check(CLI::IsMember({"always", "adaptive"}));
+  std::string create = "async";
+  app.add_option("--create", create,
+                 "How POST /v1/orders waits for its commit: async (the default: answered "
+                 "from the commit, Options::async_create) or sync (a worker waits)")
+      ->check(CLI::IsMember({"async", "sync"}));
   CLI11_PARSE(app, argc, argv);
+  options.async_create = create == "async";
   options.keys.snapshot_first = snapshot_first == "always"
                                     ? converge::IdempotencyOptions::SnapshotFirst::kAlways
                                     : converge::IdempotencyOptions::SnapshotFirst::kAdaptive;

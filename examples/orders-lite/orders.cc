@@ -47,8 +47,9 @@ struct OrdersService::Impl {
   // POST /v1/orders {"sku": "...", "quantity": n}. Everything that needs no transaction
   // runs here, on the handler's thread: the body's parse, the customer's key lookup, the
   // order's id (a UUIDv7 drawn ahead, so the event naming it is prepared here too) and the
-  // answer. The transaction (on SQLite, the one writer thread every create shares) then
-  // only inserts the order and the prepared event.
+  // answer. With async_create that thread is an I/O thread: none of it blocks. The
+  // transaction (on SQLite, the one writer thread every create shares) then only inserts
+  // the order and the prepared event.
   converge::Result<converge::http::PreparedTxFn> PrepareOrder(Request& req) {
     json body = json::parse(req.body);  // validated before the key was claimed
     const std::string* customer = Customer(req);
@@ -131,6 +132,7 @@ Status OrdersService::Start() {
   m.keys = std::make_unique<converge::http::ApiKeyIndex>(m.options.api_keys);
   converge::http::ServerOptions so{.address = m.options.address, .port = m.options.port};
   so.worker_threads = m.options.worker_threads;
+  so.io_threads = m.options.io_threads;
   m.server = std::make_unique<converge::http::Server>(so);
   converge::http::IdempotencyRouteOptions route;
   route.scope = [&m](const Request& req) -> std::optional<std::string> {
@@ -138,10 +140,16 @@ Status OrdersService::Start() {
     return customer ? std::optional<std::string>(*customer) : std::nullopt;
   };
   route.validate = [](Request& req) { return ValidateSkuQuantity(req.body); };
-  m.server->Route("POST", "/v1/orders",
-                  converge::http::SinglePhaseRoute(
-                      m.runtime->keys(), std::move(route),
-                      [&m](Request& req) { return m.PrepareOrder(req); }));
+  auto prepare = [&m](Request& req) { return m.PrepareOrder(req); };
+  if (m.options.async_create) {
+    m.server->RouteAsync(
+        "POST", "/v1/orders",
+        converge::http::SinglePhaseAsyncRoute(m.runtime->keys(), std::move(route), prepare));
+  } else {
+    m.server->Route("POST", "/v1/orders",
+                    converge::http::SinglePhaseRoute(m.runtime->keys(), std::move(route),
+                                                     prepare));
+  }
   // Restocks from the warehouse, as Standard Webhooks: verified, deduped by webhook-id and
   // applied in one transaction before the 204, so a redelivery never counts twice.
   m.server->Route("POST", "/webhooks/warehouse",
