@@ -1,9 +1,11 @@
 // HTTP for converge services: an asynchronous server (Boost.Beast/Asio underneath, never
 // visible here), a blocking client (libcurl), and RFC 9457 problem+json responses.
 //
-// Server model: I/O is asynchronous on `io_threads`; every handler runs on a separate
+// Server model: I/O is asynchronous on `io_threads`; a handler (Route) runs on a separate
 // worker pool, never on an I/O thread, because handlers block (database transactions,
-// outbound HTTP). Each connection reads a header under `header_timeout` (which also
+// outbound HTTP). An asynchronous handler (RouteAsync) runs on the I/O thread and answers
+// later through a Responder, from any thread (a store's writer, after its commit). Each
+// connection reads a header under `header_timeout` (which also
 // bounds keep-alive idle time) and a body under `body_timeout`, so slow clients cannot
 // hold connections; a body over `body_limit` gets 413, an oversized header 431. Stop()
 // stops accepting, lets in-flight requests finish (up to a deadline) and closes.
