@@ -432,6 +432,7 @@ class SqliteDatabase : public Database {
 
   // The job lives on the heap until the writer has called `done` (WriterLoop).
   void TransactAsync(TxFn fn, std::function<void(Status)> done) override {
+    if (!done) done = [](Status) {};
     if (std::this_thread::get_id() == writer_id_ && current_tx_ != nullptr) {
       done(FailedPreconditionError(
           "TransactAsync called inside a transaction, whose commit its done would wait "
@@ -442,7 +443,7 @@ class SqliteDatabase : public Database {
     job->owned_fn = std::move(fn);
     job->fn = &job->owned_fn;
     job->async = true;
-    job->on_done = done ? std::move(done) : [](Status) {};
+    job->on_done = std::move(done);
     {
       std::unique_lock<std::mutex> l(mu_);
       if (!stopping_) {
