@@ -50,10 +50,10 @@ class OutboxTableE2E : public ::testing::Test {
     const std::string path = dir_.File(name + ".toml");
     std::ofstream f(path);
     f << "[relay]\nstore = \"" << store << "\"\nname = \"" << name << "\"\npoll_ms = 50\n"
-      << "lease_ms = 3000\n[outbox_table]\ntable = \"outbox\"\nbatch = 50\npoll_ms = 20\n"
+      << "lease_ms = 6000\n[outbox_table]\ntable = \"outbox\"\nbatch = 50\npoll_ms = 20\n"
       << table << "[target]\n"
       << (target.empty() ? "kind = \"http\"\nurl = \"" + receiver_->Url("/events") +
-                               "\"\nsecret = \"" + secret_ + "\"\ntimeout_ms = 1000\n"
+                               "\"\nsecret = \"" + secret_ + "\"\ntimeout_ms = 2000\n"
                          : target);
     return path;
   }
@@ -231,10 +231,10 @@ TEST_F(OutboxTableE2E, BadConfigurationIsRefusedWithAClearError) {
   std::tie(code, out) = Shell(bin + " relay --listen 127.0.0.1:0 --config " +
                               WriteConfig("bad", "sqlite:" + SqliteDb(), "",
                                           "kind = \"http\"\nurl = \"http://127.0.0.1:9/e\"\n"
-                                          "secret = \"" + secret_ + "\"\ntimeout_ms = 1500\n"));
+                                          "secret = \"" + secret_ + "\"\ntimeout_ms = 2500\n"));
   EXPECT_EQ(code, 2);
-  EXPECT_NE(out.find("relay.lease_ms (3000) must be at least three times target.timeout_ms "
-                     "(1500)"),
+  EXPECT_NE(out.find("relay.lease_ms (6000) must be at least three times target.timeout_ms "
+                     "(2500)"),
             std::string::npos)
       << out;
   std::tie(code, out) = Shell(bin + " relay --db sqlite:" + SqliteDb());

@@ -39,8 +39,10 @@ class ProxyE2E : public ::testing::Test {
     ASSERT_TRUE(proxy_->Start().ok()) << "see " << proxy_->log_path();
   }
 
-  void WriteConfig(const std::string& extra_proxy, int upstream_timeout_ms = 1000,
-                   int lease_seconds = 2) {
+  // The upstream timeout is well above what a loaded machine takes to answer (a timeout
+  // sends a retry upstream again); the lease outlives it by the proxy's margin.
+  void WriteConfig(const std::string& extra_proxy, int upstream_timeout_ms = 3000,
+                   int lease_seconds = 4) {
     std::ofstream f(config_);
     f << "[proxy]\n"
       << "upstream = \"" << upstream_->Url("") << "\"\n"
@@ -249,7 +251,7 @@ TEST_F(ProxyE2E, WhatIsNotAnOutcomeIsNotStored) {
   EXPECT_EQ(Post("/v1/charges", "k-5xx", R"({"amount": 1})").status, 201);
   EXPECT_EQ(UpstreamRequests("k-5xx"), 2);
 
-  Faults({{"delay_ms", 1500}, {"delay_next", 1}});  // past the 1 s upstream timeout
+  Faults({{"delay_ms", 4500}, {"delay_next", 1}});  // past the 3 s upstream timeout
   Response slow = Post("/v1/charges", "k-slow", R"({"amount": 2})");
   EXPECT_EQ(slow.status, 504) << slow.body;
   Response retry = Post("/v1/charges", "k-slow", R"({"amount": 2})");

@@ -43,8 +43,8 @@ class IdempotencyTest : public ::testing::Test {
   int64_t Effects() { return QueryInt(*db_, "SELECT count(*) FROM test_effects"); }
 
   // IdempotencyKeys::ExecuteAsync, waited for: its outcome, the thread `done` ran on,
-  // whether `done` ran before ExecuteAsync returned, and whether it used `blocking` (which
-  // runs its work here: this thread may block).
+  // whether `done` ran inline (here, before ExecuteAsync returned), and whether it used
+  // `blocking` (which runs its work here: this thread may block).
   struct AsyncRun {
     std::optional<Result<Outcome>> out;
     std::thread::id done_on;
@@ -56,12 +56,16 @@ class IdempotencyTest : public ::testing::Test {
     AsyncRun run;
     std::promise<void> answered;
     std::atomic<bool> returned{false};
+    const std::thread::id caller = std::this_thread::get_id();
     keys.ExecuteAsync(
         std::move(req), std::move(before), std::move(fn),
         [&](Result<Outcome> out) {
           run.out = std::move(out);
           run.done_on = std::this_thread::get_id();
-          run.done_inline = !returned.load();
+          // Inline: on the calling thread, before ExecuteAsync returned. The
+          // writer may answer before the caller gets back from ExecuteAsync, so
+          // the thread tells the two apart, not the time.
+          run.done_inline = std::this_thread::get_id() == caller && !returned.load();
           answered.set_value();
         },
         [&](std::function<void()> work) {
