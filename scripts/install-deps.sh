@@ -15,6 +15,7 @@ packages=(
   libboost-dev libcurl4-openssl-dev wrk
   libpq-dev postgresql postgresql-contrib python3
   nats-server libnats-dev prometheus gnuplot-nox curl
+  libtcmalloc-minimal4
 )
 # The NATS interop test runs the `nats` npm package on Node: Debian's nodejs and npm,
 # unless a Node with npm is installed already (from another source).
