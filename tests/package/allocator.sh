@@ -10,7 +10,8 @@ status=0
 for program in "$@"; do
   # The loader reports each binding of malloc; the first names whose malloc it is.
   log=$(LD_DEBUG=bindings "$program" --help 2>&1 >/dev/null || true)
-  bound=$(grep -m1 "normal symbol \`malloc'" <<< "$log" | sed -n 's/.* to \([^ ]*\) .*/\1/p')
+  bound=$(grep -m1 "normal symbol \`malloc'" <<< "$log" | sed -n 's/.* to \([^ ]*\) .*/\1/p' ||
+          true)
   case "$want:$bound" in
     tcmalloc:*libtcmalloc*) ok=1 ;;
     system:*libtcmalloc*) ok=0 ;;
