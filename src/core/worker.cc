@@ -1,5 +1,7 @@
 #include "converge/worker.h"
 
+#include "src/core/thread_name.h"
+
 namespace converge {
 
 PollingWorker::PollingWorker(std::string name, Millis poll, Pass pass, Wakeup* wakeup)
@@ -13,6 +15,7 @@ PollingWorker::~PollingWorker() { Stop(); }
 void PollingWorker::Start() {
   if (running_.exchange(true)) return;
   thread_ = std::thread([this] {
+    internal::NameThisThread("cv-" + name_);
     // Read the generation before the first pass: a notify during it is not lost.
     uint64_t seen = wakeup_->generation();
     while (running_.load()) {

@@ -52,6 +52,7 @@
 #include <boost/beast/http.hpp>
 
 #include "converge/http.h"
+#include "src/core/thread_name.h"
 
 namespace converge::http {
 namespace {
@@ -59,8 +60,18 @@ namespace {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
+
 using tcp = asio::ip::tcp;
 using SteadyClock = std::chrono::steady_clock;
+
+// The worker pool's threads are asio's: each names itself when it first runs a task.
+void NameWorkerThread() {
+  thread_local bool named = false;
+  if (!named) {
+    converge::internal::NameThisThread("cv-http-work");
+    named = true;
+  }
+}
 
 constexpr std::string_view kOtherMethod = "other";
 constexpr Millis kFirstAcceptBackoff{10};
@@ -661,6 +672,7 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     if (r != nullptr && r->async_handler) return DispatchAsync(*r, req, std::move(route));
     asio::post(server_->workers_, [self, req, r, route = std::move(route),
                                    allow = std::move(allow)]() mutable {
+      NameWorkerThread();
       Response resp = self->server_->Answer(r, *req, allow, &route);
       asio::post(self->stream_.get_executor(),
                  [self, req, resp = std::move(resp), route]() mutable {
@@ -689,7 +701,10 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     };
     state->pending = std::move(token);
     state->block = [server = server_](std::function<void()> work) {
-      asio::post(server->workers_, std::move(work));
+      asio::post(server->workers_, [work = std::move(work)] {
+        NameWorkerThread();
+        work();
+      });
     };
     Responder respond(std::move(state));
     try {
@@ -950,7 +965,10 @@ Status Server::Start() {
   impl_->port_ = acc.local_endpoint().port();
   asio::post(impl_->accept_strand_, [this] { impl_->Accept(); });
   for (int i = 0; i < std::max(1, o.io_threads); ++i) {
-    impl_->io_threads_.emplace_back([this] { impl_->ioc_.run(); });
+    impl_->io_threads_.emplace_back([this] {
+      converge::internal::NameThisThread("cv-http-io");
+      impl_->ioc_.run();
+    });
   }
   return OkStatus();
 }

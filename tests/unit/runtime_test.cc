@@ -2,9 +2,14 @@
 #include "converge/runtime.h"
 
 #include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <string>
 
 #include <gtest/gtest.h>
 
+#include "converge/http.h"
 #include "converge/sql_queue.h"
 #include "tests/unit/test_util.h"
 
@@ -34,6 +39,41 @@ TEST(PollingWorker, LoopsWhileThereIsMoreWakesOnNotifyAndStopsAfterThePass) {
   wakeup.Notify();
   w.Stop();  // idempotent
   EXPECT_EQ(passes.load(), after);
+}
+
+// The names of this process's threads (/proc/self/task/*/comm), each as often as it
+// occurs.
+std::multiset<std::string> ThreadNames() {
+  std::multiset<std::string> names;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    if (std::getline(comm, name)) names.insert(name);
+  }
+  return names;
+}
+
+// The threads converge starts are named ("cv-..."), so that top -H, perf and gdb tell the
+// store's writer from an HTTP I/O thread from a worker's loop.
+TEST(ThreadNames, EveryThreadConvergeStartsIsNamed) {
+  testing::TempDir dir;
+  auto db = testing::OpenSqlite(dir.File("names.db"));
+  PollingWorker w("relay orders-relay-1", std::chrono::hours(1), [] { return false; });
+  w.Start();
+  http::Server server(http::ServerOptions{.io_threads = 2, .worker_threads = 1});
+  server.Route("GET", "/blocking", [](http::Request&) { return http::Json(200, "{}"); });
+  ASSERT_TRUE(server.Start().ok());
+  auto r = http::Client().Send(
+      {.url = "http://127.0.0.1:" + std::to_string(server.port()) + "/blocking"});
+  ASSERT_TRUE(r && r->status == 200);
+  const std::multiset<std::string> names = ThreadNames();
+  EXPECT_EQ(names.count("cv-sqlite-write"), 1u);
+  EXPECT_EQ(names.count("cv-sqlite-ckpt"), 1u);
+  EXPECT_EQ(names.count("cv-http-io"), 2u);
+  EXPECT_EQ(names.count("cv-http-work"), 1u);  // the one that answered
+  EXPECT_EQ(names.count("cv-relay orders"), 1u) << "cut to Linux's 15 bytes";
+  server.Stop(Millis(100));
+  w.Stop();
 }
 
 class RuntimeTest : public ::testing::Test {

@@ -52,6 +52,7 @@
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
 #include "src/core/store_uri.h"
+#include "src/core/thread_name.h"
 
 namespace converge::postgres {
 namespace {
@@ -837,7 +838,10 @@ class PgDatabase : public Database {
     listeners_[id] = {channel, std::move(callback)};
     if (!listening_) {
       listening_ = true;
-      listener_ = std::thread([this] { ListenLoop(); });
+      listener_ = std::thread([this] {
+        converge::internal::NameThisThread("cv-pg-listen");
+        ListenLoop();
+      });
     }
     return id;
   }

@@ -43,6 +43,7 @@
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
 #include "src/core/store_uri.h"
+#include "src/core/thread_name.h"
 
 namespace converge::sqlite {
 namespace {
@@ -399,8 +400,14 @@ class SqliteDatabase : public Database {
     CONVERGE_RETURN_IF_ERROR(checkpoint_conn_.ExecScript(
         std::string("PRAGMA synchronous=") + (options_.synchronous_full ? "FULL" : "NORMAL")));
     sqlite3_wal_hook(writer_conn_.db(), &SqliteDatabase::OnWalCommit, this);
-    checkpointer_ = std::thread([this] { CheckpointLoop(); });
-    writer_ = std::thread([this] { WriterLoop(); });
+    checkpointer_ = std::thread([this] {
+      converge::internal::NameThisThread("cv-sqlite-ckpt");
+      CheckpointLoop();
+    });
+    writer_ = std::thread([this] {
+      converge::internal::NameThisThread("cv-sqlite-write");
+      WriterLoop();
+    });
     writer_id_ = writer_.get_id();
     return OkStatus();
   }

@@ -33,6 +33,7 @@
 #include "converge/failpoint.h"
 #include "converge/nats.h"
 #include "src/core/crypto.h"
+#include "src/core/thread_name.h"
 #include "src/transport/nats/nats_pull.h"
 
 namespace converge {
@@ -606,7 +607,10 @@ class NatsSubscriber : public Subscriber {
         pull_(std::move(pull)),
         notices_(std::move(notices)),
         queue_(std::string(kNatsQueuePrefix) + sub_.consumer) {
-    ticker_ = std::thread([this] { Tick(); });
+    ticker_ = std::thread([this] {
+      converge::internal::NameThisThread("cv-nats-tick");
+      Tick();
+    });
   }
 
   ~NatsSubscriber() override {
