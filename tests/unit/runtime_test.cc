@@ -66,7 +66,14 @@ TEST(ThreadNames, EveryThreadConvergeStartsIsNamed) {
   auto r = http::Client().Send(
       {.url = "http://127.0.0.1:" + std::to_string(server.port()) + "/blocking"});
   ASSERT_TRUE(r && r->status == 200);
-  const std::multiset<std::string> names = ThreadNames();
+  // Each thread names itself when it starts to run, which may come after its starter
+  // returned.
+  std::multiset<std::string> names;
+  EXPECT_TRUE(testing::WaitUntil([&] {
+    names = ThreadNames();
+    return names.count("cv-sqlite-write") > 0 && names.count("cv-sqlite-ckpt") > 0 &&
+           names.count("cv-http-io") > 1 && names.count("cv-relay orders") > 0;
+  }));
   EXPECT_EQ(names.count("cv-sqlite-write"), 1u);
   EXPECT_EQ(names.count("cv-sqlite-ckpt"), 1u);
   EXPECT_EQ(names.count("cv-http-io"), 2u);
