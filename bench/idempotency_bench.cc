@@ -156,10 +156,9 @@ double Serial(double seconds, bool full) {
   return n / std::chrono::duration<double>(SteadyClock::now() - t0).count();
 }
 
-// CPU seconds this process has used, and what each of its live threads has used: during
-// a group run the thread that used the most is the writer (each caller does 1/callers of
-// the callers' work). CPU per call barely moves with the load other processes put on the
-// machine, where rates do: it is what the writer levers are judged by.
+// CPU seconds this process has used, and what each of its live threads has used (the
+// writer's, found by its name, is what the writer levers are judged by: CPU per call
+// barely moves with the load other processes put on the machine, where rates do).
 double ProcessCpuSeconds() {
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -196,23 +195,34 @@ double RunnableWaitSeconds(const std::string& tid) {
   return wait_ns / 1e9;
 }
 
-// The thread that used the most CPU since `before` (threads absent then started at 0),
-// and how much.
-std::pair<std::string, double> BusiestThreadSince(const std::map<std::string, double>& before) {
-  std::pair<std::string, double> best{"", 0};
+// The live thread of this process named `name` (/proc/self/task/TID/comm: the name a
+// thread gave itself, as SQLite's writer calls itself "cv-sqlite-write"), and the CPU it
+// used since `before` (a thread absent then started at 0). The benchmark stops, naming
+// the thread, when none or several have the name: a figure for the wrong thread would
+// be worse than none.
+std::pair<std::string, double> NamedThreadSince(const std::map<std::string, double>& before,
+                                                const std::string& name) {
+  std::pair<std::string, double> found{"", 0};
+  int matches = 0;
   for (const auto& [tid, cpu] : ThreadCpuSeconds()) {
+    std::ifstream in("/proc/self/task/" + tid + "/comm");
+    std::string comm;
+    if (!std::getline(in, comm) || comm != name) continue;
     auto it = before.find(tid);
-    const double used = cpu - (it == before.end() ? 0 : it->second);
-    if (used > best.second) best = {tid, used};
+    found = {tid, cpu - (it == before.end() ? 0 : it->second)};
+    ++matches;
   }
-  return best;
+  if (matches != 1) {
+    Die("found " + std::to_string(matches) + " threads named '" + name + "', expected one");
+  }
+  return found;
 }
 
 struct GroupResult {
   double rate = 0;
   double avg_batch = 0;
   int64_t rolled_back = 0;  // batches a failing create rolled back whole (none expected)
-  double writer_us = 0;   // CPU of the busiest thread (the writer) per create
+  double writer_us = 0;   // CPU of the writer thread per create
   double writer_runnable_us = 0;  // time it was runnable but had no CPU, per create
   double process_us = 0;  // CPU of the whole process per create
   // The writer's own account of its time (DatabaseStats::writer), per create, and the
@@ -254,7 +264,7 @@ GroupResult Group(double seconds, int callers, bool full) {
   for (const auto& l : latencies) g.latency_ms.insert(g.latency_ms.end(), l.begin(), l.end());
   std::sort(g.latency_ms.begin(), g.latency_ms.end());
   g.rate = next.load() / std::chrono::duration<double>(t1 - t0).count();
-  const auto [writer_tid, writer_cpu] = BusiestThreadSince(threads0);
+  const auto [writer_tid, writer_cpu] = NamedThreadSince(threads0, "cv-sqlite-write");
   g.writer_us = writer_cpu * 1e6 / next.load();
   g.writer_runnable_us =
       (RunnableWaitSeconds(writer_tid) - runnable0[writer_tid]) * 1e6 / next.load();
