@@ -327,11 +327,13 @@ struct DatabaseStats {
   };
   std::optional<Wal> wal;
   // SQLite only: where its writer thread's time went since it started (once the store
-  // was open), in seconds; a wait still going on counts up to now. What the three leave
-  // of that time went to waking callers and the writer's bookkeeping. `waiting` near
-  // zero means the writer is the store's bottleneck: calls queue behind it.
+  // was open), in seconds; a wait still going on counts up to now (a poll, up to 50 µs,
+  // once it ends). What the three leave of that time went to waking callers and the
+  // writer's bookkeeping. `waiting` near zero means the writer is the store's
+  // bottleneck: calls queue behind it.
   struct Writer {
-    double waiting = 0;  // no call queued: waiting for one
+    double waiting = 0;  // no call queued: waiting for one (polling the queue for up
+                         // to 50 µs after a batch of several callers, then asleep)
     double calls = 0;    // running calls: BEGIN (waiting, if need be, for another
                          // process's write lock), their functions, savepoints,
                          // rollbacks, commit hooks

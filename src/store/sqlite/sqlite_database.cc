@@ -21,10 +21,12 @@
 // Readers use their own read-only connections, which WAL lets run beside the writer.
 #include "src/store/sqlite/sqlite_database.h"
 
+#include <sched.h>
 #include <semaphore.h>
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cassert>
 #include <cerrno>
 #include <cstdio>
@@ -43,6 +45,7 @@
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
 #include "src/core/store_uri.h"
+#include "src/store/sqlite/arrival_poll.h"
 #include "src/core/thread_name.h"
 
 namespace converge::sqlite {
@@ -335,6 +338,15 @@ class SqliteTx : public Tx {
   Connection* conn_;
 };
 
+// The CPUs this process may run on (its affinity mask, which a cpuset or taskset
+// narrows), or the machine's count when the mask cannot be read.
+int CpusToRunOn() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::thread::hardware_concurrency());
+}
+
 // Everything SqliteDatabase is opened with: the URI's settings (defaults as in
 // database.h) and the generic DatabaseOptions.
 struct Options : Settings {
@@ -424,6 +436,7 @@ class SqliteDatabase : public Database {
       std::unique_lock<std::mutex> l(mu_);
       if (stopping_) return CancelledError("database is closing");
       queue_.push_back(&job);
+      queued_.store(queue_.size(), std::memory_order_relaxed);
       work_cv_.notify_one();
     }
     while (sem_wait(&job.done) != 0) {
@@ -455,6 +468,7 @@ class SqliteDatabase : public Database {
       std::unique_lock<std::mutex> l(mu_);
       if (!stopping_) {
         queue_.push_back(job.release());
+        queued_.store(queue_.size(), std::memory_order_relaxed);
         work_cv_.notify_one();
         return;
       }
@@ -582,9 +596,12 @@ class SqliteDatabase : public Database {
 
   void WriterLoop() {
     std::vector<Job*> batch;
+    bool poll = false;  // PollForArrivals before the next wait
     for (;;) {
+      const double polled = poll ? PollForArrivals() : 0;
       {
         std::unique_lock<std::mutex> l(mu_);
+        stats_.writer->waiting += polled;
         if (queue_.empty()) {
           waiting_since_ = std::chrono::steady_clock::now();
           work_cv_.wait(l, [&] { return stopping_ || !queue_.empty(); });
@@ -618,6 +635,7 @@ class SqliteDatabase : public Database {
         (last != nullptr ? last->next : first) = job;
         last = job;
       }
+      poll = arrival_poll_.ShouldPoll(first != last);
       if (first != nullptr) sem_post(&first->done);
       for (Job* job : async_done_) {
         try {
@@ -633,6 +651,33 @@ class SqliteDatabase : public Database {
       async_done_.clear();
       batch.clear();
     }
+  }
+
+  // The writer's poll of its queue before it sleeps: when, arrival_poll.h; how long, up
+  // to kArrivalPoll (docs/benchmarks.md, "The writer polls for the next call"). The time
+  // polled counts as waiting.
+  static constexpr std::chrono::microseconds kArrivalPoll{50};
+
+  // Polls the queue's length for up to kArrivalPoll; returns the seconds it took.
+  double PollForArrivals() {
+    const auto start = std::chrono::steady_clock::now();
+    const auto until = start + kArrivalPoll;
+    auto now = start;
+    bool found = false;
+    while (!(found = queued_.load(std::memory_order_relaxed) > 0) && now < until) {
+      for (int i = 0; i < 4; ++i) CpuRelax();
+      now = std::chrono::steady_clock::now();
+    }
+    arrival_poll_.Polled(found);
+    return std::chrono::duration<double>(now - start).count();
+  }
+
+  static void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("isb" ::: "memory");
+#endif
   }
 
   // What running one job did to the open transaction.
@@ -715,6 +760,7 @@ class SqliteDatabase : public Database {
       batch->push_back(queue_.front());
       queue_.pop_front();
     }
+    queued_.store(queue_.size(), std::memory_order_relaxed);
   }
 
   // Calls queued while the batch ran join it, at the end of `batch` and of `pending`;
@@ -992,10 +1038,12 @@ class SqliteDatabase : public Database {
   std::thread::id writer_id_;
   Tx* current_tx_ = nullptr;  // writer thread only
   int batches_with_savepoints_ = 0;  // writer thread only: RunBatch
+  converge::internal::ArrivalPoll arrival_poll_{CpusToRunOn()};  // writer thread only
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
   std::deque<Job*> queue_;
+  std::atomic<size_t> queued_{0};  // queue_.size(), stored under mu_, read by PollForArrivals
   // When the writer began waiting for a call, while it waits.
   std::optional<std::chrono::steady_clock::time_point> waiting_since_;
   bool stopping_ = false;

@@ -1,0 +1,58 @@
+// When SQLite's writer polls its queue before it sleeps. Internal to converge.
+#ifndef CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
+#define CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
+
+#include <algorithm>
+
+namespace converge::internal {
+
+// Once a batch of several callers has committed and its chain of wake-ups is started,
+// none of them is queued until the first woken calls again, and a writer asleep on its
+// condition variable then takes a wake-up of its own to run that call (on a virtual
+// machine the hypervisor's, of an idle CPU: tens of µs). So the writer polls the queue
+// for a while first, and sleeps only if nothing came: a bet that several callers call
+// again soon, as they do under load (docs/design/transaction-boundary.md).
+//
+// A woken caller that shares the writer's CPU waits out the poll. So the writer does not
+// poll after a batch of one caller, nor with one CPU, nor, after a poll that found
+// nothing, for the next 1, 2, 4, ... up to kMaxSkipped batches of several callers:
+// callers that pause between calls (a blocking route's few clients) would otherwise pay
+// a fruitless poll a batch; a poll that finds a call ends the skipping.
+//
+// The writer thread's own state: not thread-safe.
+class ArrivalPoll {
+ public:
+  static constexpr int kMaxSkipped = 64;
+
+  explicit ArrivalPoll(int cpus) : cpus_(cpus) {}
+
+  // Whether to poll before the next sleep, the batch just committed having woken several
+  // callers or not.
+  bool ShouldPoll(bool several_callers) {
+    if (!several_callers || cpus_ < 2) return false;
+    if (to_skip_ > 0) {
+      --to_skip_;
+      return false;
+    }
+    return true;
+  }
+
+  // What the poll ShouldPoll asked for found: a call queued, or nothing by its end.
+  void Polled(bool found) {
+    if (found) {
+      skip_after_miss_ = 0;
+    } else {
+      skip_after_miss_ = std::clamp(skip_after_miss_ * 2, 1, kMaxSkipped);
+      to_skip_ = skip_after_miss_;
+    }
+  }
+
+ private:
+  const int cpus_;
+  int to_skip_ = 0;          // batches of several callers still to go without a poll
+  int skip_after_miss_ = 0;  // to_skip_ after the last fruitless poll
+};
+
+}  // namespace converge::internal
+
+#endif  // CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
