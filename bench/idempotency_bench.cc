@@ -12,9 +12,10 @@
 //   (r3) raw behind the handoff: the same raw statements, run by one writer thread for
 //        --callers threads that each hand it a call and block until its batch commits,
 //        as (b)'s callers do (a queue under a mutex, batches that take the calls queued
-//        meanwhile, callers woken in a chain), with no library code at all: what the
-//        library's handoff costs by itself. (Its checkpoints are SQLite's default, as
-//        r2's: inside COMMIT, where the library runs them on a thread of their own.)
+//        meanwhile, callers woken in a chain, the writer polling the queue before it
+//        sleeps), with no library code at all: what the library's handoff costs by
+//        itself. (Its checkpoints are SQLite's default, as r2's: inside COMMIT, where
+//        the library runs them on a thread of their own.)
 //
 // It prints the median and the spread of each mode over --rounds rounds and the ratios
 // b/r2, b/r1, b/r3 and r3/r2. With --sweep it also runs (b) at other caller counts, and
@@ -48,6 +49,7 @@
 #include "converge/database.h"
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
+#include "src/store/sqlite/arrival_poll.h"
 
 namespace {
 
@@ -331,15 +333,6 @@ RawResult Raw(int64_t calls, int64_t batch, bool full, const std::string& envelo
   return RawRun(raw, calls, batch);
 }
 
-// What SqliteDatabase's writer does between two looks at its queue's length.
-void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("isb" ::: "memory");
-#endif
-}
-
 struct HandoffResult {
   double rate = 0;       // creates/s
   double avg_batch = 0;  // creates per commit
@@ -349,10 +342,11 @@ struct HandoffResult {
 // the way SqliteDatabase does (its Transact, WriterLoop and RunBatch): a call waits in a
 // queue under a mutex; the writer takes what is queued (up to 512), runs it in one
 // transaction with the calls queued meanwhile, commits, and wakes the batch's first
-// caller, each caller waking the next; after a batch of several callers it polls the
-// queue for up to 50 µs before it sleeps (SqliteDatabase::SpinForArrivals). Nothing else:
-// no Status, no std::function, no parameters copied, no savepoints, no hooks, no event
-// prepared or call timed on the callers.
+// caller, each caller waking the next; after a batch of several callers it may poll the
+// queue for up to 50 µs before it sleeps, by the library's rule (ArrivalPoll; since
+// 2026-12-03, as the library's writer). Nothing else: no Status, no std::function, no
+// parameters copied, no savepoints, no hooks, no event prepared or call timed on the
+// callers.
 HandoffResult RawHandoff(double seconds, int callers, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
@@ -378,25 +372,18 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
       }
       queued.store(queue.size(), std::memory_order_relaxed);
     };
-    // The library's rule (SqliteDatabase::ShouldPoll): after a batch of several callers,
-    // with more than one CPU, and not for 1, 2, 4, ... 64 batches after a fruitless poll.
-    const bool cpus = std::thread::hardware_concurrency() > 1;
+    // The library's rule and loop (ArrivalPoll, SqliteDatabase::PollForArrivals).
+    converge::internal::ArrivalPoll arrival_poll(converge::internal::CpusToRunOn());
     bool poll = false;
-    int to_skip = 0, skip_after_miss = 0;
     for (;;) {
       if (poll) {
         const auto until = SteadyClock::now() + std::chrono::microseconds(50);
         bool found = false;
         while (!(found = queued.load(std::memory_order_relaxed) > 0) &&
                SteadyClock::now() < until) {
-          for (int i = 0; i < 4; ++i) CpuRelax();
+          for (int i = 0; i < 4; ++i) converge::internal::CpuRelax();
         }
-        if (found) {
-          skip_after_miss = 0;
-        } else {
-          skip_after_miss = std::clamp(skip_after_miss * 2, 1, 64);
-          to_skip = skip_after_miss;
-        }
+        arrival_poll.Polled(found);
       }
       {
         std::unique_lock<std::mutex> l(mu);
@@ -419,8 +406,7 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
       for (size_t i = 0; i < batch.size(); ++i) {
         batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
       }
-      poll = batch.size() > 1 && cpus && to_skip == 0;
-      if (batch.size() > 1 && cpus && to_skip > 0) --to_skip;
+      poll = arrival_poll.ShouldPoll(batch.size() > 1);
       sem_post(&batch[0]->done);
       batch.clear();
     }

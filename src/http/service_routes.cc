@@ -474,7 +474,7 @@ constexpr Family kRuntimeFamilies[] = {
     {"db_writer_seconds_total", "counter",
      "Seconds SQLite's writer thread spent, by activity: calls (BEGIN and the Transact "
      "calls it runs), commits (COMMIT: the WAL's writes and fsync) and waiting (no call "
-     "queued; after a batch of several callers it first polls for the next call, on "
+     "queued; after a batch of several callers it may first poll for the next call, on "
      "CPU, for up to 50 us). Little waiting means the writer is the store's bottleneck."},
     {"outbox_backlog", "gauge", "Outbox events not yet published."},
     {"relay_lag_seconds", "gauge", "Age of the oldest unpublished outbox event."},

@@ -1,7 +1,11 @@
 // When SQLite's writer polls its queue before it sleeps (src/store/sqlite/arrival_poll.h):
-// only after a batch of several callers, only with more than one CPU, and after a
-// fruitless poll not for 1, 2, 4, ... up to 64 such batches, until a poll finds a call.
+// only after a batch of several callers, only with more than one CPU to run on, and after
+// a fruitless poll not for 1, 2, 4, ... up to 64 such batches, until a poll finds a call.
 #include "src/store/sqlite/arrival_poll.h"
+
+#include <sched.h>
+
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -39,6 +43,27 @@ TEST(ArrivalPoll, NeverPollsAfterABatchOfOneCaller) {
 TEST(ArrivalPoll, NeverPollsWithOneCpu) {
   ArrivalPoll poll(1);
   for (int i = 0; i < 100; ++i) EXPECT_FALSE(poll.ShouldPoll(true));
+}
+
+// What the writer is built with (SqliteDatabase's arrival_poll_): the CPUs of the thread
+// that opens the store, which the writer inherits. Pinned to one CPU, it never polls.
+TEST(ArrivalPoll, AThreadPinnedToOneCpuCountsOneAndNeverPolls) {
+  int counted = -1;
+  bool polled = false;
+  std::thread pinned([&] {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(sched_getcpu(), &one);
+    ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+    counted = internal::CpusToRunOn();
+    ArrivalPoll poll(internal::CpusToRunOn());
+    for (int i = 0; i < 100; ++i) polled = polled || poll.ShouldPoll(true);
+  });
+  pinned.join();
+  EXPECT_EQ(counted, 1);
+  EXPECT_FALSE(polled);
+  // This thread's mask is its own: unpinned, it counts what the machine lets it use.
+  EXPECT_GE(internal::CpusToRunOn(), 1);
 }
 
 TEST(ArrivalPoll, SkipsTwiceAsManyBatchesAfterEachFruitlessPollUpToTheBound) {

@@ -2,7 +2,10 @@
 #ifndef CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
 #define CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
 
+#include <sched.h>
+
 #include <algorithm>
+#include <thread>
 
 namespace converge::internal {
 
@@ -19,7 +22,8 @@ namespace converge::internal {
 // callers that pause between calls (a blocking route's few clients) would otherwise pay
 // a fruitless poll a batch; a poll that finds a call ends the skipping.
 //
-// The writer thread's own state: not thread-safe.
+// The writer thread's own state: not thread-safe. Also what the benchmark's r3 (the
+// handoff with no library code, bench/idempotency_bench.cc) polls by.
 class ArrivalPoll {
  public:
   static constexpr int kMaxSkipped = 64;
@@ -52,6 +56,26 @@ class ArrivalPoll {
   int to_skip_ = 0;          // batches of several callers still to go without a poll
   int skip_after_miss_ = 0;  // to_skip_ after the last fruitless poll
 };
+
+// The CPUs the calling thread may run on (its affinity mask, which taskset or a cpuset
+// narrows, and which a thread it starts inherits), or the machine's count when the mask
+// cannot be read. A CPU quota (a cgroup's cpu.max) does not narrow the mask: a process
+// held to one CPU's time on a larger machine still counts them all.
+inline int CpusToRunOn() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::thread::hardware_concurrency());
+}
+
+// What the writer does between two looks at its queue's length: tells the CPU it spins.
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("isb" ::: "memory");
+#endif
+}
 
 }  // namespace converge::internal
 

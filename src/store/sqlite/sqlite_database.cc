@@ -21,7 +21,6 @@
 // Readers use their own read-only connections, which WAL lets run beside the writer.
 #include "src/store/sqlite/sqlite_database.h"
 
-#include <sched.h>
 #include <semaphore.h>
 #include <sqlite3.h>
 
@@ -45,8 +44,8 @@
 #include "converge/failpoint.h"
 #include "src/core/schema/schema.h"
 #include "src/core/store_uri.h"
-#include "src/store/sqlite/arrival_poll.h"
 #include "src/core/thread_name.h"
+#include "src/store/sqlite/arrival_poll.h"
 
 namespace converge::sqlite {
 namespace {
@@ -337,15 +336,6 @@ class SqliteTx : public Tx {
  private:
   Connection* conn_;
 };
-
-// The CPUs this process may run on (its affinity mask, which a cpuset or taskset
-// narrows), or the machine's count when the mask cannot be read.
-int CpusToRunOn() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-  return static_cast<int>(std::thread::hardware_concurrency());
-}
 
 // Everything SqliteDatabase is opened with: the URI's settings (defaults as in
 // database.h) and the generic DatabaseOptions.
@@ -658,26 +648,19 @@ class SqliteDatabase : public Database {
   // polled counts as waiting.
   static constexpr std::chrono::microseconds kArrivalPoll{50};
 
-  // Polls the queue's length for up to kArrivalPoll; returns the seconds it took.
+  // Polls the queue's length for up to kArrivalPoll, tells arrival_poll_ whether a call
+  // came, and returns the seconds it took.
   double PollForArrivals() {
     const auto start = std::chrono::steady_clock::now();
     const auto until = start + kArrivalPoll;
     auto now = start;
     bool found = false;
     while (!(found = queued_.load(std::memory_order_relaxed) > 0) && now < until) {
-      for (int i = 0; i < 4; ++i) CpuRelax();
+      for (int i = 0; i < 4; ++i) converge::internal::CpuRelax();
       now = std::chrono::steady_clock::now();
     }
     arrival_poll_.Polled(found);
     return std::chrono::duration<double>(now - start).count();
-  }
-
-  static void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("isb" ::: "memory");
-#endif
   }
 
   // What running one job did to the open transaction.
@@ -1038,7 +1021,9 @@ class SqliteDatabase : public Database {
   std::thread::id writer_id_;
   Tx* current_tx_ = nullptr;  // writer thread only
   int batches_with_savepoints_ = 0;  // writer thread only: RunBatch
-  converge::internal::ArrivalPoll arrival_poll_{CpusToRunOn()};  // writer thread only
+  // Writer thread only; the CPUs counted are the opening thread's, which the writer
+  // inherits.
+  converge::internal::ArrivalPoll arrival_poll_{converge::internal::CpusToRunOn()};
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
