@@ -1,13 +1,18 @@
 // When SQLite's writer polls its queue before it sleeps (src/store/sqlite/arrival_poll.h):
-// only after a batch of several callers, only with more than one CPU to run on, and after
+// only after a batch of several callers, only with more than one CPU to run on (by the
+// affinity mask and the cgroup CPU quota: CgroupCpuQuota, CpusOf), and after
 // a fruitless poll not for 1, 2, 4, ... up to 64 such batches, until a poll finds a call.
 #include "src/store/sqlite/arrival_poll.h"
 
 #include <sched.h>
 
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include "tests/unit/test_util.h"
 
 namespace converge {
 namespace {
@@ -91,6 +96,67 @@ TEST(ArrivalPoll, APollThatFindsACallEndsTheSkipping) {
   EXPECT_EQ(BatchesUntilAPoll(poll), 1);
   poll.Polled(false);
   EXPECT_EQ(BatchesUntilAPoll(poll), 2);
+}
+
+// A cgroup file under `root`, its directories made.
+void WriteCgroupFile(const std::string& root, const std::string& dir, const std::string& name,
+                     const std::string& text) {
+  std::filesystem::create_directories(root + dir);
+  std::ofstream(root + dir + "/" + name) << text;
+}
+
+TEST(CgroupCpuQuota, ReadsCgroupV2AndTakesTheSmallestOfTheCgroupAndItsAncestors) {
+  testing::TempDir root;
+  WriteCgroupFile(root.path(), "", "cpu.max", "max 100000\n");
+  WriteCgroupFile(root.path(), "/a", "cpu.max", "250000 100000\n");
+  WriteCgroupFile(root.path(), "/a/b", "cpu.max", "max 100000\n");
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/a/b\n", root.path()), 2.5);
+  WriteCgroupFile(root.path(), "/a/b", "cpu.max", "150000 100000\n");
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/a/b\n", root.path()), 1.5);
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/\n", root.path()), std::nullopt);
+}
+
+TEST(CgroupCpuQuota, ReadsCgroupV1UnderItsControllersMount) {
+  testing::TempDir root;
+  WriteCgroupFile(root.path(), "/cpu,cpuacct/svc", "cpu.cfs_quota_us", "50000\n");
+  WriteCgroupFile(root.path(), "/cpu,cpuacct/svc", "cpu.cfs_period_us", "100000\n");
+  const std::string cgroups = "4:memory:/svc\n3:cpu,cpuacct:/svc\n0::/\n";
+  EXPECT_EQ(internal::CgroupCpuQuota(cgroups, root.path()), 0.5);
+  // -1 is no quota.
+  WriteCgroupFile(root.path(), "/cpu,cpuacct/svc", "cpu.cfs_quota_us", "-1\n");
+  EXPECT_EQ(internal::CgroupCpuQuota(cgroups, root.path()), std::nullopt);
+}
+
+// Inside a container /proc/self/cgroup may name the host's path, which its own mount
+// does not hold: the mount's root is the container's cgroup.
+TEST(CgroupCpuQuota, ReadsTheMountsRootWhenThePathIsNotThere) {
+  testing::TempDir root;
+  WriteCgroupFile(root.path(), "/cpu", "cpu.cfs_quota_us", "200000");
+  WriteCgroupFile(root.path(), "/cpu", "cpu.cfs_period_us", "100000");
+  EXPECT_EQ(internal::CgroupCpuQuota("2:cpu:/docker/0123abcd\n", root.path()), 2.0);
+  WriteCgroupFile(root.path(), "", "cpu.max", "100000 100000");
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/system.slice/x.service\n", root.path()), 1.0);
+}
+
+TEST(CgroupCpuQuota, IgnoresWhatItCannotRead) {
+  testing::TempDir root;
+  EXPECT_EQ(internal::CgroupCpuQuota("", root.path()), std::nullopt);
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/\n", root.path() + "/absent"), std::nullopt);
+  EXPECT_EQ(internal::CgroupCpuQuota("garbage\n::\n", root.path()), std::nullopt);
+  for (const char* text : {"", "max", "abc 100000", "100000", "100000 0", "0 100000",
+                           "12x 100000"}) {
+    WriteCgroupFile(root.path(), "", "cpu.max", text);
+    EXPECT_EQ(internal::CgroupCpuQuota("0::/\n", root.path()), std::nullopt) << text;
+  }
+}
+
+TEST(CpusOf, NarrowsTheMaskToTheQuotasWholeCpusAndCountsAtLeastOne) {
+  EXPECT_EQ(internal::CpusOf(4, std::nullopt), 4);
+  EXPECT_EQ(internal::CpusOf(8, 1.5), 1);  // never polls: ArrivalPoll needs 2
+  EXPECT_EQ(internal::CpusOf(8, 2.0), 2);
+  EXPECT_EQ(internal::CpusOf(2, 6.0), 2);
+  EXPECT_EQ(internal::CpusOf(8, 0.25), 1);
+  EXPECT_EQ(internal::CpusOf(0, std::nullopt), 1);
 }
 
 }  // namespace

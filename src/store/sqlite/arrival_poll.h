@@ -2,10 +2,9 @@
 #ifndef CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
 #define CONVERGE_STORE_SQLITE_ARRIVAL_POLL_H_
 
-#include <sched.h>
-
 #include <algorithm>
-#include <thread>
+#include <optional>
+#include <string>
 
 namespace converge::internal {
 
@@ -57,16 +56,25 @@ class ArrivalPoll {
   int skip_after_miss_ = 0;  // to_skip_ after the last fruitless poll
 };
 
-// The CPUs the calling thread may run on (its affinity mask, which taskset or a cpuset
-// narrows, and which a thread it starts inherits), or the machine's count when the mask
-// cannot be read. A CPU quota (a cgroup's cpu.max) does not narrow the mask: a process
-// held to one CPU's time on a larger machine still counts them all.
-inline int CpusToRunOn() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-  return static_cast<int>(std::thread::hardware_concurrency());
-}
+// The CPUs' worth of time a cgroup's quota lets this process use: the smallest quota
+// over its cgroup and their ancestors, in cgroup v2 (cpu.max, "QUOTA PERIOD" or "max
+// PERIOD") or v1 (cpu.cfs_quota_us over cpu.cfs_period_us, -1 for none); nullopt without
+// one, or when none can be read. `proc_self_cgroup` is /proc/self/cgroup's text,
+// `cgroup_root` where the hierarchies are mounted (/sys/fs/cgroup). Inside a container
+// the file may name the host's path, absent from its mounts: then the hierarchy's root,
+// which the container sees as its own cgroup, is read instead.
+std::optional<double> CgroupCpuQuota(const std::string& proc_self_cgroup,
+                                     const std::string& cgroup_root);
+
+// The CPUs a thread may run on: `affinity` (its mask's count) narrowed to the whole CPUs
+// of `quota` (CgroupCpuQuota), and at least 1.
+int CpusOf(int affinity, std::optional<double> quota);
+
+// The CPUs the calling thread may run on: its affinity mask (which taskset or a cpuset
+// narrows, and which a thread it starts inherits; the machine's count when the mask
+// cannot be read) narrowed by its cgroup's CPU quota (a container given 1.5 CPUs' time
+// on a machine of 8 counts 1).
+int CpusToRunOn();
 
 // What the writer does between two looks at its queue's length: tells the CPU it spins.
 inline void CpuRelax() {
