@@ -33,6 +33,7 @@
 #define CONVERGE_STATUS_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -74,21 +75,31 @@ class [[nodiscard]] Status {
  public:
   Status() = default;  // OK
   Status(StatusCode code, std::string message, std::string_view reason = {})
-      : code_(code), message_(std::move(message)), reason_(reason) {}
+      : rep_(std::make_shared<const Rep>(Rep{code, std::move(message), std::string(reason), 0})) {}
   // Lets CONVERGE_RETURN_IF_ERROR return the same expression from functions returning
   // Status and from functions returning Result<T>.
   Status(tl::unexpected<Status> u) : Status(std::move(u.value())) {}  // NOLINT
+  // A moved-from Status keeps its value: moving shares the error's representation.
+  Status(const Status&) = default;
+  Status(Status&& other) noexcept : rep_(other.rep_) {}
+  Status& operator=(const Status&) = default;
+  Status& operator=(Status&& other) noexcept {
+    rep_ = other.rep_;
+    return *this;
+  }
 
-  bool ok() const { return code_ == StatusCode::kOk; }
-  StatusCode code() const { return code_; }
-  const std::string& message() const { return message_; }
-  const std::string& reason() const { return reason_; }
-  bool transient() const { return IsTransient(code_); }
+  bool ok() const { return code() == StatusCode::kOk; }
+  StatusCode code() const { return rep_ ? rep_->code : StatusCode::kOk; }
+  const std::string& message() const { return rep_ ? rep_->message : Empty(); }
+  const std::string& reason() const { return rep_ ? rep_->reason : Empty(); }
+  bool transient() const { return IsTransient(code()); }
   // A hint, in milliseconds, of when a retry may succeed (0: none). HTTP maps it to
   // Retry-After.
-  int64_t retry_after_ms() const { return retry_after_ms_; }
+  int64_t retry_after_ms() const { return rep_ ? rep_->retry_after_ms : 0; }
   Status&& WithRetryAfter(int64_t millis) && {
-    retry_after_ms_ = millis;
+    Rep rep = rep_ ? *rep_ : Rep{};
+    rep.retry_after_ms = millis;
+    rep_ = std::make_shared<const Rep>(std::move(rep));
     return std::move(*this);
   }
 
@@ -96,14 +107,21 @@ class [[nodiscard]] Status {
   std::string ToString() const;
 
   friend bool operator==(const Status& a, const Status& b) {
-    return a.code_ == b.code_ && a.message_ == b.message_ && a.reason_ == b.reason_;
+    return a.code() == b.code() && a.message() == b.message() && a.reason() == b.reason();
   }
 
  private:
-  StatusCode code_ = StatusCode::kOk;
-  std::string message_;
-  std::string reason_;
-  int64_t retry_after_ms_ = 0;
+  struct Rep {
+    StatusCode code = StatusCode::kOk;
+    std::string message;
+    std::string reason;
+    int64_t retry_after_ms = 0;
+  };
+  static const std::string& Empty();
+
+  // Null when OK (made and passed on without an allocation, as most are); an error's
+  // representation is immutable and shared by its copies.
+  std::shared_ptr<const Rep> rep_;
 };
 
 inline Status OkStatus() { return Status(); }

@@ -42,11 +42,16 @@ bool IsTransient(StatusCode code) {
   }
 }
 
+const std::string& Status::Empty() {
+  static const std::string* const kEmpty = new std::string();  // never destroyed
+  return *kEmpty;
+}
+
 std::string Status::ToString() const {
   if (ok()) return "ok";
-  std::string s(StatusCodeName(code_));
-  if (!reason_.empty()) s += " (" + reason_ + ")";
-  if (!message_.empty()) s += ": " + message_;
+  std::string s(StatusCodeName(code()));
+  if (!reason().empty()) s += " (" + reason() + ")";
+  if (!message().empty()) s += ": " + message();
   return s;
 }
 
