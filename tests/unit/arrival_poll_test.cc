@@ -138,6 +138,41 @@ TEST(CgroupCpuQuota, ReadsTheMountsRootWhenThePathIsNotThere) {
   EXPECT_EQ(internal::CgroupCpuQuota("0::/system.slice/x.service\n", root.path()), 1.0);
 }
 
+// With systemd inside a container that has no cgroup namespace, the file names the
+// host's path, of which the container's mount holds only the part below its own root.
+TEST(CgroupCpuQuota, DropsTheHostsPartOfANestedPath) {
+  testing::TempDir root;
+  WriteCgroupFile(root.path(), "/cpu", "cpu.cfs_quota_us", "200000");
+  WriteCgroupFile(root.path(), "/cpu", "cpu.cfs_period_us", "100000");
+  WriteCgroupFile(root.path(), "/cpu/system.slice/x.service", "cpu.cfs_quota_us", "50000");
+  WriteCgroupFile(root.path(), "/cpu/system.slice/x.service", "cpu.cfs_period_us", "100000");
+  EXPECT_EQ(internal::CgroupCpuQuota("3:cpu:/docker/0123abcd/system.slice/x.service\n",
+                                     root.path()),
+            0.5);
+}
+
+// A cgroup whose last task is exiting is named "PATH (deleted)": its ancestors count.
+TEST(CgroupCpuQuota, ReadsTheAncestorsOfADeletedCgroup) {
+  testing::TempDir root;
+  WriteCgroupFile(root.path(), "/a", "cpu.max", "150000 100000");
+  EXPECT_EQ(internal::CgroupCpuQuota("0::/a/b (deleted)\n", root.path()), 1.5);
+}
+
+// from_chars reads "nan" and "inf"; the kernel takes quotas worth billions of CPUs.
+TEST(CgroupCpuQuota, IgnoresNonFiniteQuotasAndCountsHugeOnesAsNoLimit) {
+  testing::TempDir root;
+  for (const char* text : {"nan 100000", "inf 100000", "100000 nan", "-inf 100000"}) {
+    WriteCgroupFile(root.path(), "", "cpu.max", text);
+    EXPECT_EQ(internal::CgroupCpuQuota("0::/\n", root.path()), std::nullopt) << text;
+  }
+  WriteCgroupFile(root.path(), "", "cpu.max", "17592186044415 1000");
+  const std::optional<double> huge = internal::CgroupCpuQuota("0::/\n", root.path());
+  ASSERT_TRUE(huge.has_value());
+  EXPECT_GT(*huge, 1e10);
+  EXPECT_EQ(internal::CpusOf(64, huge), 64);
+  EXPECT_EQ(internal::CpusOf(64, 1e300), 64);
+}
+
 TEST(CgroupCpuQuota, IgnoresWhatItCannotRead) {
   testing::TempDir root;
   EXPECT_EQ(internal::CgroupCpuQuota("", root.path()), std::nullopt);

@@ -35,9 +35,13 @@ std::optional<double> NextNumber(std::string_view text, size_t* pos) {
   return value;
 }
 
-// A quota and its period, in CPUs; nullopt for none ("max", -1) or anything malformed.
+// A quota and its period, in CPUs; nullopt for none ("max", -1) or anything malformed
+// (from_chars reads "nan" and "inf" too).
 std::optional<double> QuotaOf(std::optional<double> quota, std::optional<double> period) {
-  if (!quota || !period || *quota <= 0 || *period <= 0) return std::nullopt;
+  if (!quota || !period || !std::isfinite(*quota) || !std::isfinite(*period) || *quota <= 0 ||
+      *period <= 0) {
+    return std::nullopt;
+  }
   return *quota / *period;
 }
 
@@ -61,14 +65,25 @@ std::optional<double> QuotaV1(const std::string& dir) {
 }
 
 // The smallest quota of the cgroup at `path` under the hierarchy mounted at `mount` and
-// of its ancestors; the mount's own when `path` is not there (a container's view).
+// of its ancestors. A cgroup whose last task is exiting is named "PATH (deleted)": its
+// ancestors are read. A path the mount does not hold is one named from outside a
+// container, whose mount's root is a cgroup below the first components of the path:
+// those are dropped until what is left is there ("/docker/ID/system.slice/x.service" is
+// "/system.slice/x.service" inside), or nothing is left, and the mount's root is read.
 std::optional<double> SmallestUpwards(
     const std::string& mount, std::string path,
     const std::function<std::optional<double>(const std::string&)>& quota_of) {
   std::error_code ec;
   if (!std::filesystem::is_directory(mount, ec)) return std::nullopt;
-  if (path.empty() || path.front() != '/' || !std::filesystem::is_directory(mount + path, ec)) {
-    path = "/";
+  if (path.empty() || path.front() != '/') path = "/";
+  constexpr std::string_view kDeleted = " (deleted)";
+  if (path.size() > kDeleted.size() && path.ends_with(kDeleted)) {
+    path.resize(path.size() - kDeleted.size());
+  } else {
+    while (path != "/" && !std::filesystem::is_directory(mount + path, ec)) {
+      const size_t next = path.find('/', 1);
+      path = next == std::string::npos ? "/" : path.substr(next);
+    }
   }
   std::optional<double> smallest;
   for (;;) {
@@ -124,7 +139,8 @@ std::optional<double> CgroupCpuQuota(const std::string& proc_self_cgroup,
 
 int CpusOf(int affinity, std::optional<double> quota) {
   int cpus = std::max(affinity, 1);
-  if (quota) cpus = std::min(cpus, std::max(1, static_cast<int>(std::floor(*quota))));
+  // Compared before the cast: a quota may be worth more CPUs than an int holds.
+  if (quota && *quota < cpus) cpus = std::max(1, static_cast<int>(std::floor(*quota)));
   return cpus;
 }
 
@@ -134,8 +150,11 @@ int CpusToRunOn() {
   const int affinity = sched_getaffinity(0, sizeof(set), &set) == 0
                            ? CPU_COUNT(&set)
                            : static_cast<int>(std::thread::hardware_concurrency());
-  return CpusOf(affinity,
-                CgroupCpuQuota(ReadFile("/proc/self/cgroup").value_or(""), "/sys/fs/cgroup"));
+  // The calling thread's cgroup (a v2 threaded cgroup may hold it apart from the
+  // process's first thread), or the process's before Linux 3.17.
+  std::optional<std::string> cgroups = ReadFile("/proc/thread-self/cgroup");
+  if (!cgroups) cgroups = ReadFile("/proc/self/cgroup");
+  return CpusOf(affinity, CgroupCpuQuota(cgroups.value_or(""), "/sys/fs/cgroup"));
 }
 
 }  // namespace converge::internal

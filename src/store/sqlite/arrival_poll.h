@@ -60,9 +60,9 @@ class ArrivalPoll {
 // over its cgroup and their ancestors, in cgroup v2 (cpu.max, "QUOTA PERIOD" or "max
 // PERIOD") or v1 (cpu.cfs_quota_us over cpu.cfs_period_us, -1 for none); nullopt without
 // one, or when none can be read. `proc_self_cgroup` is /proc/self/cgroup's text,
-// `cgroup_root` where the hierarchies are mounted (/sys/fs/cgroup). Inside a container
-// the file may name the host's path, absent from its mounts: then the hierarchy's root,
-// which the container sees as its own cgroup, is read instead.
+// `cgroup_root` where the hierarchies are mounted (/sys/fs/cgroup; a hierarchy mounted
+// elsewhere is not found). Inside a container the file may name the host's path, absent
+// from its mounts: then the path's first components are dropped until the rest is there.
 std::optional<double> CgroupCpuQuota(const std::string& proc_self_cgroup,
                                      const std::string& cgroup_root);
 
