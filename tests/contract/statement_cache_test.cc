@@ -67,6 +67,32 @@ class StatementCacheTest : public StoreContract<Store> {
 
 TYPED_TEST_SUITE(StatementCacheTest, Stores, StoreNames);
 
+// A caller may hold its SQL in a buffer it rewrites: a statement found by the text's
+// address (SQLite's writer looks there before it hashes the text) must still be the
+// text's own.
+TYPED_TEST(StatementCacheTest, TextRewrittenAtTheSameAddressRunsAsWritten) {
+  auto db = this->OpenWith("pool_size", "1");
+  ASSERT_NE(db, nullptr);
+  std::string sql = "SELECT 1 AS n";
+  const char* const at = sql.data();
+  auto run = [&]() -> int64_t {
+    int64_t n = -1;
+    Status st = db->Transact([&](Tx& tx) -> Status {
+      CONVERGE_ASSIGN_OR_RETURN(Rows rows, tx.Query(sql));
+      n = rows.at(0).Int(0);
+      return OkStatus();
+    });
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return n;
+  };
+  EXPECT_EQ(run(), 1);
+  sql[7] = '2';
+  ASSERT_EQ(sql.data(), at);
+  EXPECT_EQ(run(), 2);
+  sql[7] = '1';
+  EXPECT_EQ(run(), 1);
+}
+
 TYPED_TEST(StatementCacheTest, AStatementIsPreparedOncePerConnectionAndReused) {
   auto db = this->OpenWith("pool_size", "1");
   ASSERT_NE(db, nullptr);

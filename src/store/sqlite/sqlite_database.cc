@@ -25,6 +25,7 @@
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cassert>
 #include <cerrno>
@@ -32,6 +33,7 @@
 #include <cstdlib>
 #include <charconv>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <condition_variable>
 #include <deque>
@@ -165,11 +167,17 @@ class Connection {
   };
 
   Result<Prepared*> Prepare(std::string_view sql) {
+    Recent& recent = recent_[(reinterpret_cast<uintptr_t>(sql.data()) >> 4) % kRecent];
+    if (recent.data == sql.data() && *recent.text == sql) return recent.prepared;
     auto it = cache_.find(sql);  // no copy of the SQL text to look it up
-    if (it != cache_.end()) return &it->second;
+    if (it != cache_.end()) {
+      recent = {sql.data(), &it->first, &it->second};
+      return &it->second;
+    }
     if (cache_.size() >= kMaxCachedStatements) {
       for (auto& [text, stmt] : cache_) sqlite3_finalize(stmt.stmt);
       cache_.clear();
+      recent_.fill({});
     }
     Prepared p;
     const char* tail = nullptr;
@@ -194,6 +202,7 @@ class Connection {
       p.max_param = std::max(p.max_param, num);
     }
     auto [pos, inserted] = cache_.emplace(std::string(sql), p);
+    recent = {sql.data(), &pos->first, &pos->second};
     return &pos->second;
   }
 
@@ -248,6 +257,18 @@ class Connection {
     size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
   };
   std::unordered_map<std::string, Prepared, TextHash, std::equal_to<>> cache_;
+  // The statement last looked up from each address of SQL text, by the address: a call
+  // site passes the same string literal each time, whose address finds its statement
+  // without hashing the text (profiled at 1.4% of the writer's CPU, 2026-12-03). The text
+  // is still compared: another string may occupy that address later. Entries point into
+  // cache_ (its nodes stay put until it is cleared, and recent_ with it).
+  struct Recent {
+    const char* data = nullptr;
+    const std::string* text = nullptr;
+    Prepared* prepared = nullptr;
+  };
+  static constexpr size_t kRecent = 64;
+  std::array<Recent, kRecent> recent_{};
 };
 
 // SQLite's words for what differs between backends (dialect.h, src/core/schema/).
