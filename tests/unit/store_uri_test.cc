@@ -128,6 +128,54 @@ TEST(SqliteUriParameters, CacheAndMemoryMapReachEveryConnection) {
   EXPECT_EQ(reader_int(**mapped, "PRAGMA cache_size"), -2000);  // SQLite's default
 }
 
+// However long a caller woken early spins (early_wake_us): not at all, less than any
+// commit (so it sleeps again), the default, longer than any commit. Each caller returns
+// once its own call committed, with its result, in batches of several callers (where
+// the writer wakes the first early on a machine of two CPUs or more).
+TEST(SqliteUriParameters, EarlyWakeKeepsEveryCallersResult) {
+  TempDir dir;
+  for (int spin_us : {0, 1, 2000, 1000000}) {
+    SCOPED_TRACE("early_wake_us=" + std::to_string(spin_us));
+    auto db = Database::Open("sqlite:" + dir.File("wake" + std::to_string(spin_us) + ".db") +
+                             "?early_wake_us=" + std::to_string(spin_us));
+    ASSERT_TRUE(db) << db.error().ToString();
+    ASSERT_TRUE((*db)->Transact([](Tx& tx) {
+                       return StatusOf(tx.Exec("CREATE TABLE calls (n INTEGER PRIMARY KEY)"));
+                     }).ok());
+    constexpr int kCallers = 16;
+    constexpr int kCalls = 40;
+    std::vector<std::thread> callers;
+    for (int c = 0; c < kCallers; ++c) {
+      callers.emplace_back([&, c] {
+        for (int i = 0; i < kCalls; ++i) {
+          const int64_t n = c * kCalls + i;
+          Status st = (*db)->Transact([&](Tx& tx) -> Status {
+            CONVERGE_RETURN_IF_ERROR(tx.Exec("INSERT INTO calls (n) VALUES ($1)", n));
+            return n % 7 == 3 ? InvalidArgumentError("call " + std::to_string(n)) : OkStatus();
+          });
+          if (n % 7 == 3) {
+            EXPECT_EQ(st.message(), "call " + std::to_string(n));
+          } else {
+            EXPECT_TRUE(st.ok()) << st.ToString();
+          }
+          // Committed (or rolled back) by the time Transact returned.
+          int64_t found = -1;
+          EXPECT_TRUE((*db)->Read([&](Tx& tx) -> Status {
+                               CONVERGE_ASSIGN_OR_RETURN(
+                                   Rows rows,
+                                   tx.Query("SELECT count(*) FROM calls WHERE n = $1", n));
+                               found = rows.at(0).Int(0);
+                               return OkStatus();
+                             }).ok());
+          EXPECT_EQ(found, n % 7 == 3 ? 0 : 1) << "call " << n;
+        }
+      });
+    }
+    for (auto& t : callers) t.join();
+    EXPECT_GE((*db)->stats().largest_batch, 2);
+  }
+}
+
 TEST(SqliteUriParameters, EachTakesEffect) {
   TempDir dir;
   auto db = Database::Open("sqlite://" + dir.File("db.sqlite") +
@@ -177,10 +225,11 @@ TEST(SqliteUriParameters, EveryBadParameterIsRefusedByName) {
       {"?checkpoint_pages=0", "checkpoint_pages=0 is not an integer"},
       {"?cache_mib=65537", "cache_mib=65537 is not an integer"},
       {"?mmap_mib=-1", "mmap_mib=-1 is not an integer"},
+      {"?early_wake_us=1000001", "early_wake_us=1000001 is not an integer"},
       {"?readers=2&readers=2", "'readers' is given more than once"},
       {"?pool_size=4", "sqlite URI: unknown parameter 'pool_size'; it takes synchronous, "
                        "max_batch, busy_timeout_ms, readers, checkpoint_pages, cache_mib, "
-                       "mmap_mib"},
+                       "mmap_mib, early_wake_us"},
       {"?notify=true", "unknown parameter 'notify'"},
       {"?synchronous", "'synchronous' is not name=value"},
   };
@@ -234,7 +283,8 @@ TEST(DatabaseWithDefaultParameter, AddsOnlyWhatTheStoreTakesAndTheUriLacks) {
 // The parser Open runs first, alone (the store_uri fuzz target's subject).
 TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
   auto s = sqlite::ParseLocation(
-      "no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9&cache_mib=64&mmap_mib=256");
+      "no/such/dir/app.db?readers=7&synchronous=normal&max_batch=9&cache_mib=64&mmap_mib=256"
+      "&early_wake_us=0");
   ASSERT_TRUE(s) << s.error().ToString();
   EXPECT_EQ(s->path, "no/such/dir/app.db");
   EXPECT_EQ(s->readers, 7u);
@@ -243,15 +293,19 @@ TEST(SqliteUriParameters, ParseLocationReadsWithoutOpeningAndFormatReadsBack) {
   EXPECT_EQ(s->busy_timeout, Millis(5000));
   EXPECT_EQ(s->cache_mib, 64);
   EXPECT_EQ(s->mmap_mib, 256);
+  EXPECT_EQ(s->early_wake_us, 0);
   const std::string again = sqlite::FormatLocation(*s);
   EXPECT_EQ(again, "no/such/dir/app.db?synchronous=normal&max_batch=9&busy_timeout_ms=5000"
-                   "&readers=7&checkpoint_pages=1000&cache_mib=64&mmap_mib=256");
+                   "&readers=7&checkpoint_pages=1000&cache_mib=64&mmap_mib=256"
+                   "&early_wake_us=0");
   auto reread = sqlite::ParseLocation(again);
   ASSERT_TRUE(reread) << reread.error().ToString();
   EXPECT_EQ(reread->path, s->path);
   EXPECT_EQ(reread->readers, 7u);
   EXPECT_EQ(reread->cache_mib, 64);
   EXPECT_EQ(reread->mmap_mib, 256);
+  EXPECT_EQ(reread->early_wake_us, 0);
+  EXPECT_EQ(sqlite::ParseLocation("x")->early_wake_us, 2000);
   EXPECT_FALSE(reread->synchronous_full);
   EXPECT_FALSE(sqlite::ParseLocation("?readers=2"));
   EXPECT_FALSE(sqlite::ParseLocation("x?readers=0"));

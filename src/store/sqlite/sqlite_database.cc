@@ -48,6 +48,7 @@
 #include "src/core/store_uri.h"
 #include "src/core/thread_name.h"
 #include "src/store/sqlite/arrival_poll.h"
+#include "src/store/sqlite/handoff.h"
 
 namespace converge::sqlite {
 namespace {
@@ -441,7 +442,7 @@ class SqliteDatabase : public Database {
       return current_tx_->Savepoint(fn);
     }
     Job job;
-    if (!job.ready) return InternalError("sqlite: cannot make a semaphore to wait on");
+    if (!job.handoff.ready()) return InternalError("sqlite: cannot make a semaphore to wait on");
     job.fn = &fn;
     {
       std::unique_lock<std::mutex> l(mu_);
@@ -450,14 +451,9 @@ class SqliteDatabase : public Database {
       queued_.store(queue_.size(), std::memory_order_relaxed);
       work_cv_.notify_one();
     }
-    while (sem_wait(&job.done) != 0) {
-      if (errno != EINTR) {
-        std::perror("converge sqlite: sem_wait");
-        std::abort();  // the writer has the job: returning would free it under the writer
-      }
-    }
+    job.handoff.Wait(early_wake_spin_);
     // The callers of a batch wake each other, each the next (WriterLoop).
-    if (job.next != nullptr) sem_post(&job.next->done);
+    if (job.next != nullptr) job.next->handoff.Done();
     return std::move(job.status);
   }
 
@@ -551,21 +547,15 @@ class SqliteDatabase : public Database {
     Status status;
     std::vector<std::function<void()>> hooks;
     int attempts = 0;  // attempts already made, for RunJob (a bare one that was kAborted)
-    // Its caller's wake-up: a semaphore, which may be destroyed as soon as sem_wait
-    // returns, even while the sem_post that woke it is still returning (glibc guarantees
-    // it since 2.21; a condition variable's notify must be made under its mutex for
-    // that). A batch wakes exactly its callers, never those whose jobs wait for the next
-    // batch.
-    sem_t done;
-    bool ready = sem_init(&done, 0, 0) == 0;
+    // Its caller's wake-up (handoff.h: a semaphore, and a state that lets the writer wake
+    // the caller early, before the commit). A batch wakes exactly its callers, never
+    // those whose jobs wait for the next batch.
+    converge::internal::Handoff handoff;
     Job* next = nullptr;  // the caller this one wakes once it is woken (WriterLoop)
     // TransactAsync's: its function, and what the writer calls instead of waking a caller.
     bool async = false;
     TxFn owned_fn;
     std::function<void(Status)> on_done;
-    ~Job() {
-      if (ready) sem_destroy(&done);
-    }
   };
 
   static Status RunGuarded(const TxFn& fn, Tx& tx) {
@@ -647,7 +637,11 @@ class SqliteDatabase : public Database {
         last = job;
       }
       poll = arrival_poll_.ShouldPoll(first != last);
-      if (first != nullptr) sem_post(&first->done);
+      if (first != nullptr) first->handoff.Done();
+      if (commit_started_) {
+        early_wake_.Waited(SecondsSince(*commit_started_));
+        commit_started_.reset();
+      }
       for (Job* job : async_done_) {
         try {
           job->on_done(std::move(job->status));
@@ -846,6 +840,7 @@ class SqliteDatabase : public Database {
         continue;
       }
       const auto commit_started = std::chrono::steady_clock::now();
+      WakeFirstCallerEarly(batch, commit_started);
       Status commit = writer_conn_.ExecScript("COMMIT");
       committing = SecondsSince(commit_started);
       if (!commit.ok()) {
@@ -882,6 +877,23 @@ class SqliteDatabase : public Database {
     std::lock_guard<std::mutex> l(mu_);
     stats_.writer->calls += took - committing;
     stats_.writer->commits += committing;
+  }
+
+  // As a commit starts: wakes the caller that WriterLoop will wake first once it is done,
+  // so that its CPU runs when the commit ends (handoff.h; when: EarlyWake, which counts
+  // how long that caller waits from here, commit_started_ to WriterLoop's Done).
+  void WakeFirstCallerEarly(const std::vector<Job*>& batch,
+                            std::chrono::steady_clock::time_point now) {
+    Job* first = nullptr;
+    size_t callers = 0;
+    for (Job* job : batch) {
+      if (job->async) continue;
+      if (first == nullptr) first = job;
+      ++callers;
+    }
+    if (callers < 2) return;
+    commit_started_ = now;
+    if (early_wake_.ShouldWake(callers)) first->handoff.WakeEarly();
   }
 
   static double SecondsSince(std::chrono::steady_clock::time_point t) {
@@ -1045,6 +1057,12 @@ class SqliteDatabase : public Database {
   // Writer thread only; the CPUs counted are the opening thread's, which the writer
   // inherits.
   converge::internal::ArrivalPoll arrival_poll_{converge::internal::CpusToRunOn()};
+  // How long a caller woken before its batch's commit spins for the commit's end.
+  const std::chrono::microseconds early_wake_spin_{options_.early_wake_us};
+  converge::internal::EarlyWake early_wake_{converge::internal::CpusToRunOn(),
+                                            early_wake_spin_};
+  // When the last batch began to commit, if it had several callers (early_wake_'s count).
+  std::optional<std::chrono::steady_clock::time_point> commit_started_;
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
@@ -1106,6 +1124,9 @@ Result<Settings> ParseLocation(std::string_view location) {
   if (cache) s.cache_mib = static_cast<int>(*cache);
   CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> mmap, uri.TakeInt("mmap_mib", 0, 1 << 16));
   if (mmap) s.mmap_mib = static_cast<int>(*mmap);
+  CONVERGE_ASSIGN_OR_RETURN(std::optional<int64_t> early_wake,
+                            uri.TakeInt("early_wake_us", 0, 1000000));
+  if (early_wake) s.early_wake_us = static_cast<int>(*early_wake);
   CONVERGE_RETURN_IF_ERROR(uri.RefuseRest("sqlite", kUriParameters));
   return s;
 }
@@ -1117,7 +1138,8 @@ std::string FormatLocation(const Settings& settings) {
          "&readers=" + std::to_string(settings.readers) +
          "&checkpoint_pages=" + std::to_string(settings.checkpoint_pages) +
          "&cache_mib=" + std::to_string(settings.cache_mib) +
-         "&mmap_mib=" + std::to_string(settings.mmap_mib);
+         "&mmap_mib=" + std::to_string(settings.mmap_mib) +
+         "&early_wake_us=" + std::to_string(settings.early_wake_us);
 }
 
 Result<std::unique_ptr<Database>> Open(std::string_view location, const DatabaseOptions& options) {

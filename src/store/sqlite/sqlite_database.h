@@ -14,9 +14,9 @@
 namespace converge::sqlite {
 
 // The parameters a sqlite: URI's query may carry (database.h, Database::Open).
-inline constexpr std::array<std::string_view, 7> kUriParameters = {
+inline constexpr std::array<std::string_view, 8> kUriParameters = {
     "synchronous", "max_batch",  "busy_timeout_ms", "readers",
-    "checkpoint_pages", "cache_mib", "mmap_mib"};
+    "checkpoint_pages", "cache_mib", "mmap_mib", "early_wake_us"};
 
 // What a sqlite: location asks for ("PATH?synchronous=normal&readers=8", the URI after
 // `sqlite:` or `sqlite://`), read without opening anything.
@@ -36,6 +36,9 @@ struct Settings {
   // MiB; 0: SQLite's default (none in Debian's build: every page read is a read() into
   // the page cache). SQLite caps it at its compile-time limit (2 GiB in Debian's build).
   int mmap_mib = 0;
+  // How long a batch's first caller, woken as the commit starts, spins for its end, in
+  // µs; 0: callers are woken only once it ended (handoff.h, EarlyWake).
+  int early_wake_us = 2000;
 };
 
 // Errors (kInvalidArgument): an empty path; a parameter that is not name=value, unknown,
