@@ -21,7 +21,6 @@
 // b/r2, b/r1, b/r3 and r3/r2. With --sweep it also runs (b) at other caller counts, and
 // with --json it writes every sample for bench/plot.sh. Run by `make bench`; see
 // docs/benchmarks.md.
-#include <semaphore.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -50,6 +49,8 @@
 #include "converge/idempotency.h"
 #include "converge/outbox.h"
 #include "src/store/sqlite/arrival_poll.h"
+#include "src/store/sqlite/handoff.h"
+#include "src/store/sqlite/sqlite_database.h"
 
 namespace {
 
@@ -344,19 +345,21 @@ struct HandoffResult {
 // transaction with the calls queued meanwhile, commits, and wakes the batch's first
 // caller, each caller waking the next; after a batch of several callers it may poll the
 // queue for up to 50 µs before it sleeps, by the library's rule (ArrivalPoll; since
-// 2026-12-03, as the library's writer). Nothing else: no Status, no std::function, no
-// parameters copied, no savepoints, no hooks, no event prepared or call timed on the
-// callers.
+// 2026-12-03, as the library's writer); as a commit of several callers starts it wakes
+// the first early (EarlyWake, Handoff; since 2026-12-03, night). Nothing else: no Status,
+// no std::function, no parameters copied, no savepoints, no hooks, no event prepared or
+// call timed on the callers.
 HandoffResult RawHandoff(double seconds, int callers, bool full, const std::string& envelope) {
   Fixture f(full);  // the library's schema; closed before the raw connection writes
   f.db.reset();
   RawCreates raw(f.path, {.synchronous_full = full}, envelope);
   struct Call {
     int64_t n = 0;
-    sem_t done;
+    converge::internal::Handoff handoff;
     Call* next = nullptr;
   };
   constexpr size_t kMaxBatch = 512;  // SqliteDatabase's default max_batch
+  const std::chrono::microseconds kSpin{converge::sqlite::Settings().early_wake_us};
   std::mutex mu;
   std::condition_variable work;
   std::deque<Call*> queue;
@@ -372,8 +375,10 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
       }
       queued.store(queue.size(), std::memory_order_relaxed);
     };
-    // The library's rule and loop (ArrivalPoll, SqliteDatabase::PollForArrivals).
+    // The library's rules and loop (ArrivalPoll, SqliteDatabase::PollForArrivals; EarlyWake,
+    // SqliteDatabase::WakeFirstCallerEarly).
     converge::internal::ArrivalPoll arrival_poll(converge::internal::CpusToRunOn());
+    converge::internal::EarlyWake early_wake(converge::internal::CpusToRunOn(), kSpin);
     bool poll = false;
     for (;;) {
       if (poll) {
@@ -400,6 +405,8 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
         }
         RawCreate(raw, batch[i]->n);
       }
+      const auto commit_started = SteadyClock::now();
+      if (early_wake.ShouldWake(batch.size())) batch[0]->handoff.WakeEarly();
       raw.Exec("COMMIT");
       ++commits;
       committed += static_cast<int64_t>(batch.size());
@@ -407,7 +414,11 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
         batch[i]->next = i + 1 < batch.size() ? batch[i + 1] : nullptr;
       }
       poll = arrival_poll.ShouldPoll(batch.size() > 1);
-      sem_post(&batch[0]->done);
+      batch[0]->handoff.Done();
+      if (batch.size() > 1) {
+        early_wake.Waited(
+            std::chrono::duration<double>(SteadyClock::now() - commit_started).count());
+      }
       batch.clear();
     }
   });
@@ -420,18 +431,15 @@ HandoffResult RawHandoff(double seconds, int callers, bool full, const std::stri
       while (!stop.load()) {
         Call c;
         c.n = next.fetch_add(1);
-        if (sem_init(&c.done, 0, 0) != 0) Die("sem_init failed");
+        if (!c.handoff.ready()) Die("sem_init failed");
         {
           std::lock_guard<std::mutex> l(mu);
           queue.push_back(&c);
           queued.store(queue.size(), std::memory_order_relaxed);
           work.notify_one();
         }
-        while (sem_wait(&c.done) != 0) {
-          if (errno != EINTR) Die("sem_wait failed");
-        }
-        if (c.next != nullptr) sem_post(&c.next->done);
-        sem_destroy(&c.done);
+        c.handoff.Wait(kSpin);
+        if (c.next != nullptr) c.next->handoff.Done();
       }
     });
   }
