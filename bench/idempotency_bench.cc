@@ -12,10 +12,11 @@
 //   (r3) raw behind the handoff: the same raw statements, run by one writer thread for
 //        --callers threads that each hand it a call and block until its batch commits,
 //        as (b)'s callers do (a queue under a mutex, batches that take the calls queued
-//        meanwhile, callers woken in a chain, the writer polling the queue before it
-//        sleeps), with no library code at all: what the library's handoff costs by
-//        itself. (Its checkpoints are SQLite's default, as r2's: inside COMMIT, where
-//        the library runs them on a thread of their own.)
+//        meanwhile, callers woken in a chain, the first woken early as the commit
+//        starts, the writer polling the queue before it sleeps), with no library code
+//        at all: what the library's handoff costs by itself. (Its checkpoints are
+//        SQLite's default, as r2's: inside COMMIT, where the library runs them on a
+//        thread of their own.)
 //
 // It prints the median and the spread of each mode over --rounds rounds and the ratios
 // b/r2, b/r1, b/r3 and r3/r2. With --sweep it also runs (b) at other caller counts, and

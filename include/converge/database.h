@@ -369,11 +369,13 @@ class Database {
   //                              SQLite's default, none in Debian's build; SQLite caps it
   //                              at its build's limit, 2 GiB in Debian's). An I/O error on
   //                              a mapped page reaches the process as SIGBUS, not an error
-  //     early_wake_us=N          how long a batch's first caller, woken as its commit
-  //                              starts (so that its CPU is not idle when the commit
-  //                              ends), spins for the commit's end, in µs, 0..1000000 (0:
-  //                              woken after the commit; 2000). It spends up to that much
-  //                              of a CPU a batch while commits take half of it or less
+  //     early_wake_us=N          how long the first caller of a batch of several, woken
+  //                              as its commit starts (so that its CPU is not idle when
+  //                              the commit ends), spins for its result before it sleeps
+  //                              again, in µs, 0..1000000 (0: woken after the commit;
+  //                              2000). With 2 CPUs or more, and while a commit and its
+  //                              hooks take half of it or less on average: a CPU's time
+  //                              spent a batch, for a wake-up tens of µs sooner
   //   postgresql://...[?...]   a PostgreSQL database (postgres:// too): a libpq URI,
   //                            whose own parameters (sslmode, connect_timeout, ...) pass
   //                            through to libpq; converge takes out its own first:
