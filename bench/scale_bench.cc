@@ -36,7 +36,9 @@
 //                   library's windows in key order and its DELETEs, no library code)
 //                   deletes in their transactions at the raw loaded rate: what a sweeper
 //                   keeping up costs SQLite itself, against paced below
-//       On SQLite both loaded runs start with the WAL checkpointed (outside the clock).
+//       Every run on LOADED starts, outside the clock, with its payments and outbox tables
+//       emptied, as EMPTY's are (the runs before left their creates' rows there), and on
+//       SQLite with the WAL checkpointed.
 //         swept     creates on LOADED while a sweeper deletes flat out (Sweeper::RunOnce
 //                   in a loop, as the Runtime does while it finds full batches: a backlog)
 //         paced     creates on LOADED while a sweeper deletes at the rate the loaded
@@ -480,6 +482,25 @@ void SettleWal(const std::string& uri) {
   sqlite3_close_v2(db);
 }
 
+// Readies the loaded store for a timed run, outside the clock. The run before left its
+// creates' payments rows and outbox events there (no relay publishes them, no sweep
+// removes them), while each run on the empty store starts with those tables empty; carried
+// from run to run they made the loaded creates the slower by a third (loaded / empty 0.66
+// and 0.67 with them, 0.84 and 1.03 without, one round each: docs/design/retention.md).
+// The table size measured is the library's dedupe tables', so both are emptied: the
+// application's own table is not the library's cost, and a service's relay publishes its
+// events as they come and the sweeper removes them later. On SQLite the WAL is then
+// checkpointed (SettleWal).
+void Ready(Database& db, const std::string& uri) {
+  Check(db.Transact([&](Tx& tx) -> Status {
+    if (IsPostgres(uri)) return converge::StatusOf(tx.Exec("TRUNCATE payments, outbox_events"));
+    CONVERGE_RETURN_IF_ERROR(tx.Exec("DELETE FROM payments"));
+    return converge::StatusOf(tx.Exec("DELETE FROM outbox_events"));
+  }),
+        "empty the loaded store's payments and outbox events");
+  if (!IsPostgres(uri)) SettleWal(uri);
+}
+
 // An empty store: a fresh SQLite file, or the tables emptied on PostgreSQL.
 std::unique_ptr<Database> Emptied(const std::string& uri, int pool) {
   if (!IsPostgres(uri)) {
@@ -738,6 +759,20 @@ double Batch(const converge::DatabaseStats& before, const converge::DatabaseStat
                      : 0;
 }
 
+// Where a store's writer thread spent its time between two of its stats, in microseconds
+// per Transact call: running the calls (BEGIN, the statements, savepoints) and committing
+// (the WAL's writes and fsync). Zero where the store has no writer thread (PostgreSQL).
+struct WriterTime {
+  double calls_us = 0, commits_us = 0;
+};
+WriterTime WriterTimePerCall(const converge::DatabaseStats& before,
+                             const converge::DatabaseStats& after) {
+  const int64_t n = after.transactions - before.transactions;
+  if (!before.writer || !after.writer || n <= 0) return {};
+  return {1e6 * (after.writer->calls - before.writer->calls) / n,
+          1e6 * (after.writer->commits - before.writer->commits) / n};
+}
+
 // One outbox payload `db` holds: the raw creates write rows of its size.
 std::string AnEnvelope(Database& db) {
   std::string envelope;
@@ -768,6 +803,8 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   const bool raw = !IsPostgres(uri);
   std::vector<double> batch_e, batch_l, raw_e, raw_l, r_raw, r_lib_raw_e, r_lib_raw_l;
   std::vector<double> raw_p, raw_pk, raw_pi, r_raw_p, r_lib_raw_p;
+  // SQLite: the writer thread's time per create, running the calls and committing.
+  std::vector<double> calls_us_e, commits_us_e, calls_us_l, commits_us_l;
   std::mt19937_64 rng(std::random_device{}());
   int64_t loaded_keys = 0, loaded_inbox = 0;
   bool dry = false;
@@ -793,7 +830,11 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       auto empty = Emptied(empty_uri, callers + 2);
       const converge::DatabaseStats s0 = empty->stats();
       ce.push_back(Creates(*empty, callers, seconds));
-      batch_e.push_back(Batch(s0, empty->stats()));
+      const converge::DatabaseStats s1 = empty->stats();
+      batch_e.push_back(Batch(s0, s1));
+      const WriterTime w = WriterTimePerCall(s0, s1);
+      calls_us_e.push_back(w.calls_us);
+      commits_us_e.push_back(w.commits_us);
       qe.push_back(Claims(*empty, callers, seconds));
       if (raw) envelope = AnEnvelope(*empty);
     }
@@ -804,21 +845,27 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       raw_e.push_back(RawCreateRate(empty_uri, envelope, batch, seconds, rng));
     }
     std::fprintf(stderr, " loaded...");
-    if (raw) SettleWal(uri);
+    Ready(*db, uri);
     const converge::DatabaseStats s0 = db->stats();
     cl.push_back(Creates(*db, callers, seconds));
-    batch_l.push_back(Batch(s0, db->stats()));
+    {
+      const converge::DatabaseStats s1 = db->stats();
+      batch_l.push_back(Batch(s0, s1));
+      const WriterTime w = WriterTimePerCall(s0, s1);
+      calls_us_l.push_back(w.calls_us);
+      commits_us_l.push_back(w.commits_us);
+    }
     ql.push_back(Claims(*db, callers, seconds));
     if (raw) {
       const int64_t batch = std::max<int64_t>(1, std::llround(batch_l.back()));
       std::fprintf(stderr, " raw loaded (batch %lld)...", static_cast<long long>(batch));
-      SettleWal(uri);
+      Ready(*db, uri);
       raw_l.push_back(RawCreateRate(uri, envelope, batch, seconds, rng));
       r_raw.push_back(raw_l.back() / raw_e.back());
       r_lib_raw_e.push_back(ce.back() / raw_e.back());
       r_lib_raw_l.push_back(cl.back() / raw_l.back());
       std::fprintf(stderr, " raw paced...");
-      SettleWal(uri);
+      Ready(*db, uri);
       {
         RawSweep sweep(SqlitePath(uri), RawSweepTables(rng),
                        converge::SweepOptions{}.key_order_window, kSweepBatch, raw_l.back());
@@ -829,11 +876,13 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       r_raw_p.push_back(raw_p.back() / raw_e.back());
     }
     std::fprintf(stderr, " swept...");
+    Ready(*db, uri);
     SweptRun s = CreatesWhileSweeping(*db, sweeper, callers, seconds, 0);
     cs.push_back(s.creates);
     sk.push_back(s.keys_deleted);
     si.push_back(s.inbox_deleted);
     std::fprintf(stderr, " paced...");
+    Ready(*db, uri);
     SweptRun p = CreatesWhileSweeping(*db, sweeper, callers, seconds, cl.back());
     cp.push_back(p.creates);
     pk.push_back(p.keys_deleted);
@@ -861,6 +910,10 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   if (raw) {  // on PostgreSQL every Transact is its own commit
     ratio("  calls per commit, empty store", batch_e, "");
     ratio("  calls per commit, loaded store", batch_l, "");
+    line("  writer per create, running it: empty store", calls_us_e, "us");
+    line("  writer per create, running it: loaded store", calls_us_l, "us");
+    line("  writer per create, committing: empty store", commits_us_e, "us");
+    line("  writer per create, committing: loaded store", commits_us_l, "us");
     line("raw sqlite3 creates at the empty store's batch, empty", raw_e, "creates/s");
     line("raw sqlite3 creates at the loaded store's batch, loaded", raw_l, "creates/s");
   }
@@ -928,6 +981,10 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
     if (raw) {
       j["batch_empty"] = batch_e;
       j["batch_loaded"] = batch_l;
+      j["writer_calls_us_empty"] = calls_us_e;
+      j["writer_calls_us_loaded"] = calls_us_l;
+      j["writer_commits_us_empty"] = commits_us_e;
+      j["writer_commits_us_loaded"] = commits_us_l;
       j["raw_creates_empty"] = raw_e;
       j["raw_creates_loaded"] = raw_l;
       j["raw_loaded_over_empty"] = r_raw;
