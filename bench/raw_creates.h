@@ -121,6 +121,10 @@ class RawCreates {
   RawCreates(const RawCreates&) = delete;
   RawCreates& operator=(const RawCreates&) = delete;
 
+  // Pages the commits so far appended to the WAL (frames), counted where the checkpoints
+  // run beside the writer (the WAL hook is then this class's); 0 otherwise.
+  int64_t wal_pages_written() const { return wal_pages_written_; }
+
   // One create's statements, in the open transaction: key and payment `id`, its event
   // `event_id`, at `now` (milliseconds since the epoch).
   void Create(std::string_view id, std::string_view event_id, int64_t now, int64_t amount) {
@@ -186,6 +190,9 @@ class RawCreates {
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages) {
     auto* r = static_cast<RawCreates*>(self);
     const int mark = r->mark_;
+    // `pages` is the WAL's length after this commit; shorter than before, it started over.
+    r->wal_pages_written_ += pages >= r->wal_pages_ ? pages - r->wal_pages_ : pages;
+    r->wal_pages_ = pages;
     std::unique_lock<std::mutex> l(r->mu_);
     if (pages < r->requested_at_) r->requested_at_ = 0;  // the WAL started over
     if (pages < r->writer_at_) r->writer_at_ = 0;
@@ -246,6 +253,9 @@ class RawCreates {
   std::condition_variable cv_;
   bool wanted_ = false, stopping_ = false;
   int requested_at_ = 0, writer_at_ = 0;  // the WAL's pages at the last pass of each
+  // On the writer's thread only (the WAL hook runs inside its COMMIT).
+  int wal_pages_ = 0;
+  int64_t wal_pages_written_ = 0;
 };
 
 }  // namespace converge_bench

@@ -721,7 +721,11 @@ std::vector<RawSweep::Table> RawSweepTables(std::mt19937_64& rng) {
 // default (inside the COMMIT that crosses 1,000 pages) made raw creates slower than the
 // library's on an empty store (5,926 against 7,213 a second in one run), on account of
 // a policy the library does not have.
-double RawCreateRate(const std::string& uri, const std::string& envelope, int64_t batch,
+struct RawRun {
+  double rate = 0;              // creates a second
+  double pages_per_create = 0;  // pages the commits wrote to the WAL, per create
+};
+RawRun RawCreateRate(const std::string& uri, const std::string& envelope, int64_t batch,
                      double seconds, std::mt19937_64& rng, RawSweep* sweep = nullptr) {
   const converge::sqlite::Settings settings = SqliteSettings(uri);
   converge_bench::RawCreates raw(settings.path,
@@ -749,7 +753,8 @@ double RawCreateRate(const std::string& uri, const std::string& envelope, int64_
     if (sweep != nullptr) sweep->MaybeDelete(raw.connection(), now);
     raw.Exec("COMMIT");
   }
-  return done / std::chrono::duration<double>(Steady::now() - t0).count();
+  return {done / std::chrono::duration<double>(Steady::now() - t0).count(),
+          done > 0 ? static_cast<double>(raw.wal_pages_written()) / done : 0};
 }
 
 // Calls per commit between two of a store's stats.
@@ -805,6 +810,8 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
   std::vector<double> raw_p, raw_pk, raw_pi, r_raw_p, r_lib_raw_p;
   // SQLite: the writer thread's time per create, running the calls and committing.
   std::vector<double> calls_us_e, commits_us_e, calls_us_l, commits_us_l;
+  // SQLite: the pages the raw creates' commits wrote to the WAL, per create.
+  std::vector<double> raw_pages_e, raw_pages_l;
   std::mt19937_64 rng(std::random_device{}());
   int64_t loaded_keys = 0, loaded_inbox = 0;
   bool dry = false;
@@ -842,7 +849,9 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       const int64_t batch = std::max<int64_t>(1, std::llround(batch_e.back()));
       std::fprintf(stderr, " raw empty (batch %lld)...", static_cast<long long>(batch));
       Emptied(empty_uri, 2).reset();  // a fresh file the library migrated, then closed
-      raw_e.push_back(RawCreateRate(empty_uri, envelope, batch, seconds, rng));
+      const RawRun run = RawCreateRate(empty_uri, envelope, batch, seconds, rng);
+      raw_e.push_back(run.rate);
+      raw_pages_e.push_back(run.pages_per_create);
     }
     std::fprintf(stderr, " loaded...");
     Ready(*db, uri);
@@ -860,7 +869,9 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       const int64_t batch = std::max<int64_t>(1, std::llround(batch_l.back()));
       std::fprintf(stderr, " raw loaded (batch %lld)...", static_cast<long long>(batch));
       Ready(*db, uri);
-      raw_l.push_back(RawCreateRate(uri, envelope, batch, seconds, rng));
+      const RawRun run = RawCreateRate(uri, envelope, batch, seconds, rng);
+      raw_l.push_back(run.rate);
+      raw_pages_l.push_back(run.pages_per_create);
       r_raw.push_back(raw_l.back() / raw_e.back());
       r_lib_raw_e.push_back(ce.back() / raw_e.back());
       r_lib_raw_l.push_back(cl.back() / raw_l.back());
@@ -869,7 +880,7 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       {
         RawSweep sweep(SqlitePath(uri), RawSweepTables(rng),
                        converge::SweepOptions{}.key_order_window, kSweepBatch, raw_l.back());
-        raw_p.push_back(RawCreateRate(uri, envelope, batch, seconds, rng, &sweep));
+        raw_p.push_back(RawCreateRate(uri, envelope, batch, seconds, rng, &sweep).rate);
         raw_pk.push_back(sweep.deleted(0) / seconds);
         raw_pi.push_back(sweep.deleted(1) / seconds);
       }
@@ -916,6 +927,8 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
     line("  writer per create, committing: loaded store", commits_us_l, "us");
     line("raw sqlite3 creates at the empty store's batch, empty", raw_e, "creates/s");
     line("raw sqlite3 creates at the loaded store's batch, loaded", raw_l, "creates/s");
+    ratio("  raw: WAL pages written per create, empty store", raw_pages_e, "");
+    ratio("  raw: WAL pages written per create, loaded store", raw_pages_l, "");
   }
   line("creates, loaded, sweeper flat out", cs, "creates/s");
   line("  sweeper flat out: keys deleted", sk, "rows/s   ");
@@ -987,6 +1000,8 @@ int Run(const std::string& uri, const std::string& empty_uri, int callers, doubl
       j["writer_commits_us_loaded"] = commits_us_l;
       j["raw_creates_empty"] = raw_e;
       j["raw_creates_loaded"] = raw_l;
+      j["raw_wal_pages_per_create_empty"] = raw_pages_e;
+      j["raw_wal_pages_per_create_loaded"] = raw_pages_l;
       j["raw_loaded_over_empty"] = r_raw;
       j["empty_over_raw_empty"] = r_lib_raw_e;
       j["loaded_over_raw_loaded"] = r_lib_raw_l;
