@@ -190,7 +190,9 @@ class RawCreates {
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages) {
     auto* r = static_cast<RawCreates*>(self);
     const int mark = r->mark_;
-    // `pages` is the WAL's length after this commit; shorter than before, it started over.
+    // `pages` is the WAL's length after this commit; shorter than before, it started over
+    // (a restart goes unseen only where the WAL ended shorter than this commit's frames,
+    // which the checkpoints, every `checkpoint_pages`, make rare).
     r->wal_pages_written_ += pages >= r->wal_pages_ ? pages - r->wal_pages_ : pages;
     r->wal_pages_ = pages;
     std::unique_lock<std::mutex> l(r->mu_);

@@ -485,8 +485,8 @@ void SettleWal(const std::string& uri) {
 // Readies the loaded store for a timed run, outside the clock. The run before left its
 // creates' payments rows and outbox events there (no relay publishes them, no sweep
 // removes them), while each run on the empty store starts with those tables empty; carried
-// from run to run they made the loaded creates the slower by a third (loaded / empty 0.66
-// and 0.67 with them, 0.84 and 1.03 without, one round each: docs/design/retention.md).
+// from run to run they slowed the loaded creates (loaded / empty 0.66 and 0.67 with them,
+// 0.84 and 1.03 without, one round each: docs/design/retention.md).
 // The table size measured is the library's dedupe tables', so both are emptied: the
 // application's own table is not the library's cost, and a service's relay publishes its
 // events as they come and the sweeper removes them later. On SQLite the WAL is then
