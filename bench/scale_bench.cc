@@ -9,11 +9,14 @@
 //       24 h. Keys and event ids spread evenly over the hex space the benchmark's random
 //       keys fall into, so a new key lands between old ones as a client's UUID would;
 //       expiry times are uncorrelated with the keys, so a sweep batch deletes from all over
-//       the table, as it would in service.
-//       Fast: chunks of one INSERT ... SELECT over a generated series (SQLite: a
-//       recursive CTE; PostgreSQL: generate_series), the expiry indexes (where the store
-//       keeps them: not on SQLite, which sweeps in key order) dropped during the load and
-//       rebuilt after it with their own definitions read from the catalogue.
+//       the table, as it would in service. With --order random (the default) the keys go
+//       in in no order, as creates insert them, so the tables' B-trees have the shape a
+//       service's store grows into; --order sorted inserts them in key order, faster,
+//       leaving every leaf filled alike (Order, below).
+//       Chunks of one INSERT ... SELECT over a generated series (SQLite: a recursive CTE;
+//       PostgreSQL: generate_series), the expiry indexes (where the store keeps them: not
+//       on SQLite, which sweeps in key order) dropped during the load and rebuilt after it
+//       with their own definitions read from the catalogue.
 //   converge_scale_bench run --uri LOADED --empty-uri EMPTY [--seconds S] [--rounds R]
 //       R rounds, each measuring, one after the other:
 //         empty     creates on EMPTY (emptied first: a fresh file, or TRUNCATE), then
@@ -137,12 +140,29 @@ int64_t NowMillis() { return converge::Clock::System()->NowMillis(); }
 
 // ---- preload ----------------------------------------------------------------------
 
-// 16^15: preloaded keys are 15 hex digits, i * (kSpace / rows), so they spread evenly over
-// the space the first 15 digits of a random 32-digit key fall into.
+// 16^15: preloaded keys are 15 hex digits, k * (kSpace / rows) for k in [0, rows), so they
+// spread evenly over the space the first 15 digits of a random 32-digit key fall into.
 constexpr int64_t kSpace = int64_t{1} << 60;
 
+// The order the preload inserts its keys in.
+enum class Order {
+  // In no order, as a service's creates insert them: row i gets k = i * kPermute mod rows
+  // (a permutation of [0, rows): kPermute is a prime above the --rows limit). The B-trees
+  // then have the shape random inserts give them.
+  kRandom,
+  // In key order (k = i): faster, but every leaf of a key B-tree is filled alike, as full
+  // as the engine packs an append (SQLite's: about 88%, room for two more of the
+  // benchmark's keys). By the WAL pages they write, the first creates then split few
+  // leaves, and once each leaf has taken its two, many split at once; SQLite's loaded
+  // store ran far faster than one preloaded in no order (docs/design/retention.md, "A
+  // preload in key order").
+  kSorted,
+};
+constexpr int64_t kPermute = 3'037'000'493;  // prime; times rows < 2^63 for rows <= 1e9
+
 // The rows [first, end) of `table`: the SELECT part over a series `i`, per backend.
-std::string SeriesInsert(bool pg, const std::string& insert, const std::string& select) {
+std::string SeriesInsert(bool pg, const std::string& insert, const std::string& select,
+                         Order order, int64_t rows) {
   // $1 first, $2 end, $3 key step, $4 now, $5 expired per mille; the rest are the
   // table's own. A row's expiry comes from a multiplicative hash of i, uncorrelated with
   // its key: expired ones up to an hour ago, the others over the next 24 h.
@@ -152,7 +172,12 @@ std::string SeriesInsert(bool pg, const std::string& insert, const std::string& 
       sql.replace(p, from.size(), to);
     }
   };
-  replace("{key}", pg ? "lpad(to_hex(i * $3::bigint), 15, '0')" : "printf('%015x', i * $3)");
+  const std::string k = order == Order::kSorted
+                            ? std::string("i")
+                            : "((i * " + std::to_string(kPermute) + ") % " +
+                                  std::to_string(rows) + ")";
+  replace("{key}", pg ? "lpad(to_hex(" + k + " * $3::bigint), 15, '0')"
+                      : "printf('%015x', " + k + " * $3)");
   replace("{expires}",
           "CASE WHEN (i * 2654435761) % 1000 < $5 THEN $4 - 1000 - (i * 40503) % 3600000 "
           "ELSE $4 + 60000 + (i * 40503) % 86400000 END");
@@ -179,9 +204,18 @@ bool Partitioned(Database& db) {
 }
 
 void Preload(const std::string& uri, int64_t rows, double expired, double inbox_expired,
-             int age_days, bool outbox) {
+             int age_days, bool outbox, Order order) {
   const bool pg = IsPostgres(uri);
-  auto db = Open(uri, 2);
+  // SQLite writes every page a transaction changed to the WAL at its commit, so keys in
+  // no order go in one transaction a table, not one a chunk (each chunk would change most
+  // leaves again), with a page cache that holds the table: about 400 bytes a row (up to
+  // the 64 GiB a URI allows), unless the URI sets one. PostgreSQL commits chunk by chunk
+  // either way.
+  const bool one_tx = !pg && order == Order::kRandom;
+  const int64_t cache_mib = std::clamp<int64_t>(rows * 400 / (1 << 20), 64, 1 << 16);
+  auto db = Open(
+      one_tx ? Database::WithDefaultParameter(uri, "cache_mib", std::to_string(cache_mib)) : uri,
+      2);
   const int64_t step = kSpace / rows;
   // Rows written `age_days` ago: with age_days >= 2 every one has expired by now, and on a
   // time-partitioned store they all sit in one partition whose day has ended.
@@ -255,24 +289,36 @@ void Preload(const std::string& uri, int64_t rows, double expired, double inbox_
       return converge::StatusOf(tx.Exec("DROP INDEX " + t.index));
     }),
           "drop " + t.index);
-    const std::string sql = SeriesInsert(pg, t.insert, t.select);
+    const std::string sql = SeriesInsert(pg, t.insert, t.select, order, rows);
     const auto t0 = Steady::now();
-    for (int64_t first = 0; first < rows; first += chunk) {
-      const int64_t end = std::min(rows, first + chunk);
-      Check(db->Transact([&](Tx& tx) {
+    // The chunks from `first` on, in `tx`; all of them, or only the first.
+    auto load = [&](Tx& tx, int64_t first, bool all) -> Status {
+      for (; first < rows; first += chunk) {
+        const int64_t end = std::min(rows, first + chunk);
         // The parameters the table's statement uses ($5 comes with {expires}).
         std::vector<converge::Value> params = {first, end, step, now};
         if (t.select.find("{expires}") != std::string::npos) {
           params.emplace_back(static_cast<int64_t>(t.expired * 1000));
         }
         if (t.select.find("$6") != std::string::npos) params.emplace_back(body);
-        return converge::StatusOf(tx.ExecParams(sql, params));
-      }),
-            "preload " + t.name);
-      const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
-      std::fprintf(stderr, "\r  preload %-16s %11lld / %lld rows (%3.0f%%), %.0f rows/s   ",
-                   t.name.c_str(), static_cast<long long>(end), static_cast<long long>(rows),
-                   100.0 * end / rows, end / secs);
+        CONVERGE_RETURN_IF_ERROR(converge::StatusOf(tx.ExecParams(sql, params)));
+        const double secs = std::chrono::duration<double>(Steady::now() - t0).count();
+        std::fprintf(stderr, "\r  preload %-16s %11lld / %lld rows (%3.0f%%), %.0f rows/s   ",
+                     t.name.c_str(), static_cast<long long>(end),
+                     static_cast<long long>(rows), 100.0 * end / rows, end / secs);
+        if (!all) break;
+      }
+      if (all) std::fprintf(stderr, "committing...");
+      return converge::OkStatus();
+    };
+    if (one_tx) {
+      Check(db->Transact([&](Tx& tx) { return load(tx, 0, true); }), "preload " + t.name);
+      std::fprintf(stderr, " done");
+    } else {
+      for (int64_t first = 0; first < rows; first += chunk) {
+        Check(db->Transact([&](Tx& tx) { return load(tx, first, false); }),
+              "preload " + t.name);
+      }
     }
     if (!index_sql.empty()) std::fprintf(stderr, "\n  rebuilding %s...", t.index.c_str());
     Check(db->Transact([&](Tx& tx) -> Status {
@@ -1291,6 +1337,12 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 365));
   bool outbox = false;
   preload->add_flag("--outbox", outbox, "Also as many outbox events, published when written");
+  std::string order = "random";
+  preload
+      ->add_option("--order", order,
+                   "random: keys in no order, as creates insert them (default); sorted: in "
+                   "key order, faster, every leaf of a key B-tree filled alike")
+      ->check(CLI::IsMember({"random", "sorted"}));
   CLI::App* retention = app.add_subcommand(
       "retention", "Creates, and the sweeper removing expired rows (DELETE or partition drop)");
   retention->add_option("--uri", uri, "A store preloaded with --age-days 2")->required();
@@ -1333,7 +1385,8 @@ int main(int argc, char** argv) {
   walk->add_option("--json", json_path, "Write the figures to this JSON file");
   CLI11_PARSE(app, argc, argv);
   if (*preload) {
-    Preload(uri, rows, expired, inbox_expired < 0 ? expired : inbox_expired, age_days, outbox);
+    Preload(uri, rows, expired, inbox_expired < 0 ? expired : inbox_expired, age_days, outbox,
+            order == "sorted" ? Order::kSorted : Order::kRandom);
     return 0;
   }
   FlushDirtyPages();

@@ -11,6 +11,30 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 
 "$bench" preload --uri "sqlite:$dir/loaded.db" --rows 5000 --expired 0.2
+# Keys in no order (the default) are the keys of key order, inserted in another order:
+# the outbox events' seq (with --outbox) records the order of insertion.
+for order in random sorted; do
+  "$bench" preload --uri "sqlite:$dir/$order.db" --rows 2000 --outbox --order $order
+done
+python3 - "$dir/random.db" "$dir/sorted.db" <<'PY'
+import sqlite3, sys
+def column(path, sql):
+    return [r[0] for r in sqlite3.connect(path).execute(sql)]
+for table, key in [("idempotency_keys", "key"), ("consumer_inbox", "event_id"),
+                   ("outbox_events", "event_id")]:
+    sql = "SELECT %s FROM %s ORDER BY 1" % (key, table)
+    a, b = column(sys.argv[1], sql), column(sys.argv[2], sql)
+    if len(a) != 2000 or a != b:
+        sys.exit("scale_smoke: %s: %d keys in no order, %d in key order, %s" %
+                 (table, len(a), len(b), "the same" if a == b else "not the same"))
+inserted = "SELECT event_id FROM outbox_events ORDER BY seq"
+in_key_order = column(sys.argv[2], "SELECT event_id FROM outbox_events ORDER BY 1")
+if column(sys.argv[2], inserted) != in_key_order:
+    sys.exit("scale_smoke: --order sorted did not insert its events in key order")
+if column(sys.argv[1], inserted) == in_key_order:
+    sys.exit("scale_smoke: --order random inserted its events in key order")
+PY
+rm -f "$dir"/random.db* "$dir"/sorted.db*
 "$bench" run --uri "sqlite:$dir/loaded.db" --empty-uri "sqlite:$dir/empty.db" \
   --seconds 0.5 --rounds 1 --callers 8 --json "$dir/scale.json"
 
