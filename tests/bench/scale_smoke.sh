@@ -17,7 +17,7 @@ for order in random sorted; do
   "$bench" preload --uri "sqlite:$dir/$order.db" --rows 2000 --outbox --order $order
 done
 python3 - "$dir/random.db" "$dir/sorted.db" <<'PY'
-import sqlite3, sys
+import sqlite3, sys, time
 def column(path, sql):
     return [r[0] for r in sqlite3.connect(path).execute(sql)]
 for table, key in [("idempotency_keys", "key"), ("consumer_inbox", "event_id"),
@@ -27,6 +27,14 @@ for table, key in [("idempotency_keys", "key"), ("consumer_inbox", "event_id"),
     if len(a) != 2000 or a != b:
         sys.exit("scale_smoke: %s: %d keys in no order, %d in key order, %s" %
                  (table, len(a), len(b), "the same" if a == b else "not the same"))
+# The same rows expired: expiry follows the row number, not the key.
+now = int(time.time() * 1000)
+for table in ["idempotency_keys", "consumer_inbox"]:
+    sql = "SELECT count(*) FROM %s WHERE expires_at < %d" % (table, now)
+    a, b = column(sys.argv[1], sql)[0], column(sys.argv[2], sql)[0]
+    if a != b or not 0 < a < 2000:
+        sys.exit("scale_smoke: %s: %d rows expired in no order, %d in key order" %
+                 (table, a, b))
 inserted = "SELECT event_id FROM outbox_events ORDER BY seq"
 in_key_order = column(sys.argv[2], "SELECT event_id FROM outbox_events ORDER BY 1")
 if column(sys.argv[2], inserted) != in_key_order:
