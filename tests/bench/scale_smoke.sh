@@ -56,10 +56,13 @@ def one(key):
     return v[0]
 for key in ["creates_empty", "creates_loaded", "creates_swept", "creates_paced",
             "claims_empty", "claims_loaded", "batch_empty", "batch_loaded",
-            "raw_creates_empty", "raw_creates_loaded", "raw_creates_paced"]:
+            "raw_creates_empty", "raw_creates_loaded", "raw_creates_loaded_empty_batch",
+            "raw_creates_paced"]:
     one(key)
 for ratio, num, den in [("loaded_over_empty", "creates_loaded", "creates_empty"),
                         ("raw_loaded_over_empty", "raw_creates_loaded", "raw_creates_empty"),
+                        ("raw_loaded_over_empty_one_batch", "raw_creates_loaded_empty_batch",
+                         "raw_creates_empty"),
                         ("empty_over_raw_empty", "creates_empty", "raw_creates_empty"),
                         ("loaded_over_raw_loaded", "creates_loaded", "raw_creates_loaded"),
                         ("raw_paced_over_empty", "raw_creates_paced", "raw_creates_empty"),
