@@ -7,6 +7,7 @@
 #include <atomic>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "converge/consumer.h"
@@ -474,6 +475,48 @@ TEST(NatsUri, ParsesServersAndSettingsAndRefusesTheRest) {
     ASSERT_FALSE(r.has_value()) << bad;
     EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument) << bad;
   }
+}
+
+// Processes that start together (a relay and its workers) add the same streams at once:
+// every one of them connects, whichever the server answered first. Each round, a stream
+// of its own, added by eight connections at once.
+TEST_F(NatsTransport, ConnectionsAddingOneStreamAtOnceAllConnect) {
+  constexpr int kRounds = 20;
+  constexpr int kConnections = 8;
+  for (int round = 0; round < kRounds; ++round) {
+    const std::string uri = nats_.urls() + "?stream=RACE" + std::to_string(round) +
+                            "&prefix=race" + std::to_string(round);
+    std::vector<Status> results(kConnections);
+    std::vector<std::thread> threads;
+    std::atomic<int> ready{0};
+    for (int i = 0; i < kConnections; ++i) {
+      threads.emplace_back([&, i] {
+        ready.fetch_add(1);
+        while (ready.load() < kConnections) std::this_thread::yield();
+        auto b = Connect(uri);
+        results[i] = b.has_value() ? OkStatus() : b.error();
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    for (int i = 0; i < kConnections; ++i) {
+      EXPECT_TRUE(results[i].ok()) << "round " << round << ", connection " << i << ": "
+                                   << results[i].ToString();
+    }
+  }
+}
+
+// A stream of another name that holds the same subjects is a configuration error, named
+// as such, once the tries to see a stream of our own are over.
+TEST_F(NatsTransport, SubjectsOfAnotherStreamAreAFailedPrecondition) {
+  auto first = Connect(nats_.urls() + "?stream=FIRST&prefix=shared");
+  ASSERT_TRUE(first.has_value()) << first.error().ToString();
+  auto second = Connect(nats_.urls() + "?stream=SECOND&prefix=shared");
+  ASSERT_FALSE(second.has_value());
+  EXPECT_EQ(second.error().code(), StatusCode::kFailedPrecondition) << second.error().ToString();
+  EXPECT_NE(second.error().message().find("provisioning stream 'SECOND'"), std::string::npos)
+      << second.error().ToString();
+  EXPECT_NE(second.error().message().find("overlap"), std::string::npos)
+      << second.error().ToString();
 }
 
 TEST(NatsConnect, AnUnreachableServerIsUnavailable) {

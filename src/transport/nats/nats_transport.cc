@@ -308,6 +308,11 @@ struct NatsBroker::Impl {
     return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + options.stream + "." + consumer;
   }
 
+  // An overlap of subjects is tried again this many times, waiting a growing multiple of
+  // the wait between tries (ProvisionStream): 1.5 s in all before it is an error.
+  static constexpr int kProvisionAttempts = 6;
+  static constexpr Millis kProvisionRetryWait = Millis(100);
+
   Status ProvisionStreams() {
     CONVERGE_RETURN_IF_ERROR(
         ProvisionStream(options.stream, options.subject_prefix + ".>", options.duplicate_window));
@@ -325,15 +330,34 @@ struct NatsBroker::Impl {
     cfg.Storage = js_FileStorage;
     cfg.Duplicates = Nanos(duplicates);
     cfg.Replicas = options.replicas;
-    jsStreamInfo* si = nullptr;
+    // Processes that start together (a relay and its workers) add the same stream at
+    // once, and the server may answer the one that loses with "subjects overlap with an
+    // existing stream" (10065), the overlap being with that very stream: the worker of a
+    // test ended there (NatsProcesses, 2026-12-04). So an overlap is looked at again:
+    // where our stream exists by then, it is updated as an existing one is; where no
+    // stream of ours shows up after a few tries, the overlap is with another stream, and
+    // that is the error.
+    natsStatus s = NATS_OK;
     jsErrCode err = static_cast<jsErrCode>(0);
-    natsStatus s = js_AddStream(&si, js, &cfg, nullptr, &err);
-    if (s != NATS_OK && err == JSStreamNameExistErr) {
+    for (int attempt = 1;; ++attempt) {
+      jsStreamInfo* si = nullptr;
       err = static_cast<jsErrCode>(0);
-      s = js_UpdateStream(&si, js, &cfg, nullptr, &err);
+      s = js_AddStream(&si, js, &cfg, nullptr, &err);
+      if (s != NATS_OK &&
+          (err == JSStreamNameExistErr || err == JSStreamSubjectOverlapErr)) {
+        const jsErrCode add_err = err;
+        err = static_cast<jsErrCode>(0);
+        s = js_UpdateStream(&si, js, &cfg, nullptr, &err);
+        if (s != NATS_OK && add_err == JSStreamSubjectOverlapErr &&
+            err == JSStreamNotFoundErr) {
+          err = add_err;  // no stream of ours (yet): the overlap stands
+        }
+      }
+      if (si != nullptr) jsStreamInfo_Destroy(si);
+      if (s == NATS_OK) return OkStatus();
+      if (err != JSStreamSubjectOverlapErr || attempt == kProvisionAttempts) break;
+      std::this_thread::sleep_for(kProvisionRetryWait * attempt);
     }
-    if (si != nullptr) jsStreamInfo_Destroy(si);
-    if (s == NATS_OK) return OkStatus();
     Status st = FromNats(s, "provisioning stream '" + name + "'", err);
     if (err != 0) return FailedPreconditionError(st.message());
     return st;
