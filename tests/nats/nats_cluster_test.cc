@@ -104,6 +104,24 @@ class NatsCluster : public ::testing::Test {
   std::thread consuming_;
 };
 
+// Processes that start together add the same replicated stream at once: on a cluster the
+// one that loses may be told "stream not found" while the stream has no leader yet, and
+// every one of them must connect all the same. Each round, a stream of its own.
+TEST(NatsClusterStreams, ConnectionsAddingOneReplicatedStreamAtOnceAllConnect) {
+  NatsServers nats;
+  ASSERT_TRUE(nats.Start(3));
+  constexpr int kRounds = 5;
+  for (int round = 0; round < kRounds; ++round) {
+    const std::string n = std::to_string(round);
+    const std::vector<Status> results = testing::ConnectAtOnce(
+        "nats://" + nats.urls() + "?replicas=3&stream=RACE" + n + "&prefix=race" + n, 8);
+    for (size_t i = 0; i < results.size(); ++i) {
+      EXPECT_TRUE(results[i].ok()) << "round " << round << ", connection " << i << ": "
+                                   << results[i].ToString();
+    }
+  }
+}
+
 TEST_F(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect) {
   Consume();
 

@@ -5,8 +5,12 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
+
+#include "converge/nats.h"
 
 extern char** environ;
 
@@ -58,6 +62,27 @@ int Child::Signal(int sig) {
   waitpid(pid_, &status, 0);
   pid_ = -1;
   return status;
+}
+
+std::vector<Status> ConnectAtOnce(const std::string& uri, int n) {
+  std::vector<Status> results(static_cast<size_t>(n));
+  std::vector<std::thread> threads;
+  std::atomic<int> ready{0};
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (ready.load() < n) std::this_thread::yield();
+      Result<NatsOptions> options = ParseNatsUri(uri);
+      if (!options) {
+        results[static_cast<size_t>(i)] = options.error();
+        return;
+      }
+      auto broker = NatsBroker::Connect(std::move(*options));
+      results[static_cast<size_t>(i)] = broker.has_value() ? OkStatus() : broker.error();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  return results;
 }
 
 }  // namespace converge::testing

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "converge/status.h"
+
 namespace converge::testing {
 
 class NatsServers {
@@ -32,6 +34,11 @@ class NatsServers {
   std::string dir_;
   std::string urls_;
 };
+
+// Connects `n` brokers to `uri` ("nats://" + urls() + "?stream=..."), from `n` threads
+// released together, as processes that start together do: each connection's outcome, in
+// thread order. Every broker is closed before it returns.
+std::vector<Status> ConnectAtOnce(const std::string& uri, int n);
 
 // A `converge ARGS...` child process (the binary built beside the tests); killed with
 // SIGKILL if still running when destroyed.

@@ -482,23 +482,11 @@ TEST(NatsUri, ParsesServersAndSettingsAndRefusesTheRest) {
 // of its own, added by eight connections at once.
 TEST_F(NatsTransport, ConnectionsAddingOneStreamAtOnceAllConnect) {
   constexpr int kRounds = 20;
-  constexpr int kConnections = 8;
   for (int round = 0; round < kRounds; ++round) {
-    const std::string uri = nats_.urls() + "?stream=RACE" + std::to_string(round) +
-                            "&prefix=race" + std::to_string(round);
-    std::vector<Status> results(kConnections);
-    std::vector<std::thread> threads;
-    std::atomic<int> ready{0};
-    for (int i = 0; i < kConnections; ++i) {
-      threads.emplace_back([&, i] {
-        ready.fetch_add(1);
-        while (ready.load() < kConnections) std::this_thread::yield();
-        auto b = Connect(uri);
-        results[i] = b.has_value() ? OkStatus() : b.error();
-      });
-    }
-    for (std::thread& t : threads) t.join();
-    for (int i = 0; i < kConnections; ++i) {
+    const std::string n = std::to_string(round);
+    const std::vector<Status> results = testing::ConnectAtOnce(
+        "nats://" + nats_.urls() + "?stream=RACE" + n + "&prefix=race" + n, 8);
+    for (size_t i = 0; i < results.size(); ++i) {
       EXPECT_TRUE(results[i].ok()) << "round " << round << ", connection " << i << ": "
                                    << results[i].ToString();
     }

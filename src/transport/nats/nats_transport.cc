@@ -308,8 +308,10 @@ struct NatsBroker::Impl {
     return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + options.stream + "." + consumer;
   }
 
-  // An overlap of subjects is tried again this many times, waiting a growing multiple of
-  // the wait between tries (ProvisionStream): 1.5 s in all before it is an error.
+  // An add answered with an overlap of subjects or "not found", or not answered in time,
+  // is tried this many times,
+  // waiting a growing multiple of the wait between tries (ProvisionStream): 1.5 s in all
+  // before it is an error.
   static constexpr int kProvisionAttempts = 6;
   static constexpr Millis kProvisionRetryWait = Millis(100);
 
@@ -331,31 +333,33 @@ struct NatsBroker::Impl {
     cfg.Duplicates = Nanos(duplicates);
     cfg.Replicas = options.replicas;
     // Processes that start together (a relay and its workers) add the same stream at
-    // once, and the server may answer the one that loses with "subjects overlap with an
-    // existing stream" (10065), the overlap being with that very stream: the worker of a
-    // test ended there (NatsProcesses, 2026-12-04). So an overlap is looked at again:
-    // where our stream exists by then, it is updated as an existing one is; where no
-    // stream of ours shows up after a few tries, the overlap is with another stream, and
-    // that is the error.
+    // once. A single server may answer the one that loses with "subjects overlap with an
+    // existing stream" (10065), the overlap being with that very stream (a worker of a
+    // test exited on it, NatsProcesses, 2026-12-04), and a cluster with "stream not found"
+    // (10059) while the winner's stream has no leader yet (nats-server before 2.10.2),
+    // or not at all within the request's wait while it creates the others' streams
+    // (eight replicated streams at once on two busy cores, NatsClusterStreams). Each is
+    // tried again, as an add: once the other process's stream is there, adding
+    // it with the same settings succeeds, and with others is "name already in use"
+    // (10058), updated then. An update at the first answer could reach the stream while
+    // the server still sets it up. An overlap still there after the tries is with a
+    // stream of another name, and that is the error.
     natsStatus s = NATS_OK;
     jsErrCode err = static_cast<jsErrCode>(0);
     for (int attempt = 1;; ++attempt) {
       jsStreamInfo* si = nullptr;
       err = static_cast<jsErrCode>(0);
       s = js_AddStream(&si, js, &cfg, nullptr, &err);
-      if (s != NATS_OK &&
-          (err == JSStreamNameExistErr || err == JSStreamSubjectOverlapErr)) {
-        const jsErrCode add_err = err;
+      const jsErrCode add_err = err;
+      if (s != NATS_OK && add_err == JSStreamNameExistErr) {
         err = static_cast<jsErrCode>(0);
         s = js_UpdateStream(&si, js, &cfg, nullptr, &err);
-        if (s != NATS_OK && add_err == JSStreamSubjectOverlapErr &&
-            err == JSStreamNotFoundErr) {
-          err = add_err;  // no stream of ours (yet): the overlap stands
-        }
       }
       if (si != nullptr) jsStreamInfo_Destroy(si);
       if (s == NATS_OK) return OkStatus();
-      if (err != JSStreamSubjectOverlapErr || attempt == kProvisionAttempts) break;
+      const bool again = add_err == JSStreamSubjectOverlapErr ||
+                         add_err == JSStreamNotFoundErr || s == NATS_TIMEOUT;
+      if (!again || attempt == kProvisionAttempts) break;
       std::this_thread::sleep_for(kProvisionRetryWait * attempt);
     }
     Status st = FromNats(s, "provisioning stream '" + name + "'", err);
