@@ -33,8 +33,14 @@ uint64_t RequestOf(std::string_view subject, std::string_view inbox) {
 Status FromNats(natsStatus s, std::string_view what, jsErrCode js) {
   if (s == NATS_OK) return OkStatus();
   std::string msg = std::string(what) + ": " + natsStatus_GetText(s);
-  const char* last = nats_GetLastError(nullptr);
-  if (last != nullptr && *last != '\0') msg += std::string(" (") + last + ")";
+  // cnats keeps a thread's last error text until the next error that sets one: a timeout
+  // or a "not found" does not, and would show an earlier call's text. Only a text set
+  // with this very status is this call's.
+  natsStatus last_status = NATS_OK;
+  const char* last = nats_GetLastError(&last_status);
+  if (last != nullptr && *last != '\0' && last_status == s) {
+    msg += std::string(" (") + last + ")";
+  }
   if (js != 0) msg += " [jetstream error " + std::to_string(static_cast<int>(js)) + "]";
   switch (s) {
     case NATS_TIMEOUT:

@@ -308,10 +308,10 @@ struct NatsBroker::Impl {
     return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + options.stream + "." + consumer;
   }
 
-  // An add answered with an overlap of subjects or "not found", or not answered in time,
-  // is tried this many times,
-  // waiting a growing multiple of the wait between tries (ProvisionStream): 1.5 s in all
-  // before it is an error.
+  // An add answered with an overlap of subjects or "not found", or a request not
+  // answered in time, is tried this many times, waiting a growing multiple of the wait
+  // between tries (ProvisionStream): 1.5 s of waits in all, plus each request's own (up
+  // to the JetStream context's 10 s, twice where an add is followed by an update).
   static constexpr int kProvisionAttempts = 6;
   static constexpr Millis kProvisionRetryWait = Millis(100);
 
