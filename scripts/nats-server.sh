@@ -8,6 +8,11 @@
 #   scripts/nats-server.sh stop DIR            kill -9 every node, then remove DIR
 #   scripts/nats-server.sh kill DIR N          kill -9 node N (1-based), keep its store
 #   scripts/nats-server.sh restart DIR N       start node N again, same ports and store
+#   scripts/nats-server.sh restart DIR N alone the same, when no other node is running: its
+#                                              JetStream is only waited for to be enabled
+#                                              (it has no meta leader: it leaves requests
+#                                              unanswered, and after 10 s answers them
+#                                              "temporarily unavailable")
 #
 # `start` writes DIR/env (sourceable):
 #   CONVERGE_TEST_NATS_URL   the client URLs, comma separated (nats://127.0.0.1:PORT,...)
@@ -15,7 +20,10 @@
 #   CONVERGE_TEST_NATS_NODES the number of nodes
 # and for each node N: DIR/nN/{pid,port,http_port,cmd,server.log,store/}.
 set -euo pipefail
-usage() { echo "usage: $0 start DIR [NODES] | stop DIR | kill DIR N | restart DIR N" >&2; exit 2; }
+usage() {
+  echo "usage: $0 start DIR [NODES] | stop DIR | kill DIR N | restart DIR N [alone]" >&2
+  exit 2
+}
 [ $# -ge 2 ] || usage
 op=$1
 dir=$2
@@ -125,14 +133,24 @@ case "$op" in
     ;;
   kill)
     [ $# -eq 3 ] || usage
-    kill -9 "$(cat "$dir/n$3/pid")" 2> /dev/null || true
-    # Wait until it is gone, so a restart can bind its ports again.
-    while kill -0 "$(cat "$dir/n$3/pid")" 2> /dev/null; do sleep 0.05; done
+    pid=$(cat "$dir/n$3/pid" 2> /dev/null || true)
+    [ -n "$pid" ] && { kill -9 "$pid" 2> /dev/null || true; }
+    # Wait until it is gone, so a restart can bind its ports again. A zombie is gone for
+    # that (it holds no socket or lock): the node was started by a shell that has exited,
+    # and whoever adopted it may reap it a second or two later.
+    while [ -n "$pid" ] && kill -0 "$pid" 2> /dev/null; do
+      case "$(ps -o stat= -p "$pid" 2> /dev/null || true)" in *Z*) break ;; esac
+      sleep 0.05
+    done
     ;;
   restart)
-    [ $# -eq 3 ] || usage
+    [ $# -eq 3 ] || { [ $# -eq 4 ] && [ "$4" = alone ]; } || usage
     start_node "$3"
-    wait_healthy "$3" "?js-server-only=true"
+    if [ $# -eq 4 ]; then
+      wait_healthy "$3" "?js-enabled-only=true"
+    else
+      wait_healthy "$3" "?js-server-only=true"
+    fi
     ;;
   *) usage ;;
 esac

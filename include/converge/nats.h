@@ -60,10 +60,16 @@ struct NatsOptions {
   int replicas = 1;                                   // 3 on a cluster (docs/design/nats.md)
   int64_t max_in_flight = 1024;                       // asynchronous publishes awaiting their ack
   Millis publish_timeout = std::chrono::seconds(10);  // for each publish's ack
+  // How long Connect and Subscribe keep asking a cluster that is forming: it answers
+  // "temporarily unavailable" while it has no meta leader (its nodes starting, or most of
+  // them down; then kUnavailable) and "no suitable peers" while fewer than `replicas`
+  // nodes are up (then kFailedPrecondition). At most a day.
+  Millis startup_wait = std::chrono::seconds(15);
 };
 
 // Parses "nats://h1:p1[,h2:p2...][?stream=S&prefix=P&replicas=N&duplicate_window_ms=N
-// &in_flight=N&publish_timeout_ms=N]". kInvalidArgument names what is wrong.
+// &in_flight=N&publish_timeout_ms=N&startup_wait_ms=N]". kInvalidArgument names what is
+// wrong.
 Result<NatsOptions> ParseNatsUri(std::string_view uri);
 
 // One durable pull consumer.
@@ -112,8 +118,9 @@ class NatsBroker : public Publisher, public Requeuer {
  public:
   // Connects, provisions the stream (created, or updated to these settings) and
   // subscribes to the MAX_DELIVERIES advisories. `metrics` (may be null) must outlive
-  // the broker: it gets converge_nats_* counters. kUnavailable: no server reachable;
-  // kInvalidArgument: bad options; kFailedPrecondition: the server refused the stream.
+  // the broker: it gets converge_nats_* counters. kUnavailable: no server reachable, or
+  // JetStream still "temporarily unavailable" after `startup_wait`; kInvalidArgument: bad
+  // options; kFailedPrecondition: the server refused the stream.
   static Result<std::unique_ptr<NatsBroker>> Connect(NatsOptions options,
                                                      Metrics* metrics = nullptr);
   ~NatsBroker() override;  // flushes what is buffered (acks), then closes
@@ -141,8 +148,10 @@ class NatsBroker : public Publisher, public Requeuer {
   Status Requeue(Tx& tx, const DeadLetter& letter) override;
 
   // Creates or updates the durable consumer (and its durable on the advisory stream) and
-  // opens pull subscriptions on them.
-  // kInvalidArgument: a bad name, pattern or setting; kUnavailable: the server.
+  // opens pull subscriptions on them, waiting out a forming cluster as Connect does.
+  // kInvalidArgument: a bad name, pattern or setting; kUnavailable: the server (or no
+  // meta leader after `startup_wait`); kFailedPrecondition: fewer than `replicas` nodes
+  // up after it; kDeadlineExceeded: no answer in six tries.
   Result<std::unique_ptr<Subscriber>> Subscribe(const NatsSubscription& sub);
 
   // Messages of `consumer` not yet settled for good: waiting in the stream plus

@@ -122,6 +122,63 @@ TEST(NatsClusterStreams, ConnectionsAddingOneReplicatedStreamAtOnceAllConnect) {
   }
 }
 
+// A cluster without a meta leader (its nodes starting, or most of them down) answers every
+// JetStream request "temporarily unavailable" (10008), and one with fewer nodes up than a
+// new stream's replicas "no suitable peers" (10005). Connect and Subscribe wait for the
+// cluster up to the startup wait, then give up, with kUnavailable when it had no leader:
+// that is no refusal of the stream. Here the lone node of three, all killed and one
+// restarted, leaves requests unanswered for its first 10 s, then answers 10008.
+TEST(NatsClusterStreams, ConnectAndSubscribeWaitOutAClusterWithoutAMetaLeader) {
+  NatsServers nats;
+  ASSERT_TRUE(nats.Start(3));
+  const std::string uri = "nats://" + nats.urls() + "?replicas=3";
+  // Waits long enough for the cluster to form again below on a slow machine.
+  auto options = ParseNatsUri(uri + "&startup_wait_ms=60000");
+  ASSERT_TRUE(options.has_value());
+  auto broker = NatsBroker::Connect(*options);  // the stream, while the cluster is whole
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  for (int n = 1; n <= 3; ++n) ASSERT_TRUE(nats.Kill(n));
+  ASSERT_TRUE(nats.Restart(1, /*alone=*/true));
+
+  // Gives up once its startup wait is over, as unavailable. The wait outlasts the node's
+  // first 10 s (the first add times out and is made again), so the answers of 10008 are
+  // waited out too.
+  constexpr auto kImpatient = 12s;
+  auto impatient = ParseNatsUri(uri + "&stream=LATE&prefix=late&startup_wait_ms=" +
+                                std::to_string(Millis(kImpatient).count()));
+  ASSERT_TRUE(impatient.has_value());
+  const auto start = std::chrono::steady_clock::now();
+  auto refused = NatsBroker::Connect(*impatient);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code(), StatusCode::kUnavailable) << refused.error().ToString();
+  EXPECT_NE(refused.error().message().find("temporarily unavailable"), std::string::npos)
+      << refused.error().ToString();
+  EXPECT_GE(std::chrono::steady_clock::now() - start, kImpatient - 250ms);
+
+  // The other nodes coming back in the meantime let both a new connection (a stream of
+  // its own, three replicas) and a consumer of the first stream through.
+  Status connected = UnavailableError("not yet");
+  Status subscribed = UnavailableError("not yet");
+  std::thread connecting([&] {
+    auto late = ParseNatsUri(uri + "&stream=LATE&prefix=late&startup_wait_ms=60000");
+    auto b = late ? NatsBroker::Connect(*late) : tl::unexpected(late.error());
+    connected = b ? OkStatus() : b.error();
+  });
+  std::thread subscribing([&] {
+    NatsSubscription s;
+    s.consumer = "late";
+    auto sub = (*broker)->Subscribe(s);
+    subscribed = sub ? OkStatus() : sub.error();
+  });
+  std::this_thread::sleep_for(1s);
+  const bool restarted = nats.Restart(2) && nats.Restart(3);
+  connecting.join();
+  subscribing.join();
+  ASSERT_TRUE(restarted);
+  EXPECT_TRUE(connected.ok()) << connected.ToString();
+  EXPECT_TRUE(subscribed.ok()) << subscribed.ToString();
+}
+
 TEST_F(NatsCluster, NodeKilledDuringLoadLosesNoAcknowledgedEventAndDoublesNoEffect) {
   Consume();
 

@@ -36,7 +36,9 @@ bool NatsServers::Start(int nodes) {
 }
 
 bool NatsServers::Kill(int n) { return Run("kill '" + dir_ + "' " + std::to_string(n)); }
-bool NatsServers::Restart(int n) { return Run("restart '" + dir_ + "' " + std::to_string(n)); }
+bool NatsServers::Restart(int n, bool alone) {
+  return Run("restart '" + dir_ + "' " + std::to_string(n) + (alone ? " alone" : ""));
+}
 
 NatsServers::~NatsServers() {
   if (!dir_.empty()) Run("stop '" + dir_ + "'");

@@ -26,8 +26,10 @@ class NatsServers {
   // nats://127.0.0.1:P1[,nats://127.0.0.1:P2...]: every node's client URL.
   const std::string& urls() const { return urls_; }
   // kill -9 node n (1-based), keeping its store; Restart(n) brings it back, healthy.
+  // `alone`: no other node runs, so node n's JetStream has no meta leader (it answers
+  // "temporarily unavailable"); it is waited for until its JetStream is enabled.
   bool Kill(int n);
-  bool Restart(int n);
+  bool Restart(int n, bool alone = false);
 
  private:
   bool Run(const std::string& args);

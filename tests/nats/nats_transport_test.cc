@@ -469,8 +469,12 @@ TEST(NatsUri, ParsesServersAndSettingsAndRefusesTheRest) {
   EXPECT_EQ(o->replicas, 3);
   EXPECT_EQ(o->stream, "PAY");
   EXPECT_EQ(o->max_in_flight, 64);
+  EXPECT_EQ(o->startup_wait, std::chrono::seconds(15));
+  auto w = ParseNatsUri("nats://h:1?startup_wait_ms=0");
+  ASSERT_TRUE(w.has_value()) << w.error().ToString();
+  EXPECT_EQ(w->startup_wait, Millis(0));
   for (const char* bad : {"http://x:1", "nats://", "nats://h:1?replicas=0", "nats://h:1?colour=red",
-                          "nats://h:1?stream=a.b"}) {
+                          "nats://h:1?stream=a.b", "nats://h:1?startup_wait_ms=-1"}) {
     auto r = ParseNatsUri(bad);
     ASSERT_FALSE(r.has_value()) << bad;
     EXPECT_EQ(r.error().code(), StatusCode::kInvalidArgument) << bad;

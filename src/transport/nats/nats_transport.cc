@@ -64,6 +64,10 @@ bool ValidTokens(std::string_view s, bool dots_allowed) {
   return true;
 }
 
+// NatsOptions::startup_wait's bound: past it, a deadline's arithmetic would overflow long
+// before anyone would wait so long for a cluster.
+constexpr Millis kMaxStartupWait = std::chrono::hours(24);
+
 template <class T>
 bool ParseInt(std::string_view s, T* out) {
   auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
@@ -134,10 +138,13 @@ Result<NatsOptions> ParseNatsUri(std::string_view uri) {
     } else if (k == "publish_timeout_ms") {
       if (!num) return Fail(bad());
       o.publish_timeout = Millis(n);
+    } else if (k == "startup_wait_ms") {
+      if (!ParseInt(v, &n) || n < 0 || Millis(n) > kMaxStartupWait) return Fail(bad());
+      o.startup_wait = Millis(n);
     } else {
       return Fail(InvalidArgumentError("NATS URI: unknown setting '" + std::string(k) +
                                        "' (stream, prefix, replicas, duplicate_window_ms, "
-                                       "in_flight, publish_timeout_ms)"));
+                                       "in_flight, publish_timeout_ms, startup_wait_ms)"));
     }
   }
   return o;
@@ -315,14 +322,80 @@ struct NatsBroker::Impl {
   static constexpr int kProvisionAttempts = 6;
   static constexpr Millis kProvisionRetryWait = Millis(100);
 
+  // While its cluster forms (the nodes start together with the services, or come back
+  // after most of them were down), JetStream answers "temporarily unavailable" (10008:
+  // no meta leader; nats-server 2.9.10 answers so once a node has been without one for
+  // 10 s, and before that leaves requests unanswered, to time out), and the add of a
+  // stream with more replicas than nodes up "no suitable peers for placement" (10005). A
+  // request so answered is made again every kFormingWait until `deadline` (Connect's or
+  // Subscribe's start plus options.startup_wait), and its last answer returned. Sets
+  // `*err` as the request does.
+  static constexpr Millis kFormingWait = Millis(250);
+  template <typename Request>
+  static natsStatus WhileClusterForms(SteadyTime deadline, jsErrCode* err, Request request) {
+    for (;;) {
+      *err = static_cast<jsErrCode>(0);
+      const natsStatus s = request();
+      if (s == NATS_OK || (*err != JSClusterNotAvailErr && *err != JSClusterNoPeersErr) ||
+          std::chrono::steady_clock::now() + kFormingWait > deadline) {
+        return s;
+      }
+      std::this_thread::sleep_for(kFormingWait);
+    }
+  }
+
+  // The error of a request still answered 10008 or 10005 after the startup wait, saying
+  // so; any other error `st` as it is.
+  Status AfterForming(Status st, jsErrCode err) const {
+    const std::string waited = "; still so after startup_wait_ms=" +
+                               std::to_string(options.startup_wait.count());
+    if (err == JSClusterNotAvailErr) {
+      return UnavailableError(st.message() + waited + " (are most of the cluster's nodes up?)");
+    }
+    if (err == JSClusterNoPeersErr) {
+      return FailedPreconditionError(st.message() + waited + " (are " +
+                                     std::to_string(options.replicas) + " nodes up?)");
+    }
+    return st;
+  }
+
+  // Adds the durable consumer `cfg` to `stream`, or updates it when one of that name is
+  // there (another process of the same consumer added it first, or with other settings).
+  // A request not answered in time is made again, kProvisionAttempts tries in all (adding
+  // a consumer with the settings it has succeeds, so a try whose answer was lost does no
+  // harm); each waits out a forming cluster until `deadline`.
+  Status AddConsumer(const std::string& stream, jsConsumerConfig& cfg, SteadyTime deadline,
+                     const std::string& what) {
+    natsStatus s = NATS_OK;
+    jsErrCode err = static_cast<jsErrCode>(0);
+    for (int attempt = 1;; ++attempt) {
+      jsConsumerInfo* ci = nullptr;
+      s = WhileClusterForms(deadline, &err, [&] {
+        return js_AddConsumer(&ci, js, stream.c_str(), &cfg, nullptr, &err);
+      });
+      if (s != NATS_OK && err == JSConsumerNameExistErr) {
+        s = WhileClusterForms(deadline, &err, [&] {
+          return js_UpdateConsumer(&ci, js, stream.c_str(), &cfg, nullptr, &err);
+        });
+      }
+      if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+      if (s == NATS_OK) return OkStatus();
+      if (s != NATS_TIMEOUT || attempt == kProvisionAttempts) break;
+      std::this_thread::sleep_for(kProvisionRetryWait * attempt);
+    }
+    return AfterForming(FromNats(s, what, err), err);
+  }
+
   Status ProvisionStreams() {
-    CONVERGE_RETURN_IF_ERROR(
-        ProvisionStream(options.stream, options.subject_prefix + ".>", options.duplicate_window));
-    return ProvisionStream(AdvisoryStream(), AdvisorySubject("*"), options.duplicate_window);
+    const SteadyTime deadline = std::chrono::steady_clock::now() + options.startup_wait;
+    CONVERGE_RETURN_IF_ERROR(ProvisionStream(options.stream, options.subject_prefix + ".>",
+                                             options.duplicate_window, deadline));
+    return ProvisionStream(AdvisoryStream(), AdvisorySubject("*"), options.duplicate_window,
+                           deadline);
   }
 
   Status ProvisionStream(const std::string& name, const std::string& subjects,
-                         Millis duplicates) {
+                         Millis duplicates, SteadyTime deadline) {
     const char* subject_list[] = {subjects.c_str()};
     jsStreamConfig cfg;
     jsStreamConfig_Init(&cfg);
@@ -348,21 +421,22 @@ struct NatsBroker::Impl {
     jsErrCode err = static_cast<jsErrCode>(0);
     for (int attempt = 1;; ++attempt) {
       jsStreamInfo* si = nullptr;
-      err = static_cast<jsErrCode>(0);
-      s = js_AddStream(&si, js, &cfg, nullptr, &err);
+      s = WhileClusterForms(deadline, &err,
+                            [&] { return js_AddStream(&si, js, &cfg, nullptr, &err); });
       const jsErrCode add_err = err;
       if (s != NATS_OK && add_err == JSStreamNameExistErr) {
-        err = static_cast<jsErrCode>(0);
-        s = js_UpdateStream(&si, js, &cfg, nullptr, &err);
+        s = WhileClusterForms(deadline, &err,
+                              [&] { return js_UpdateStream(&si, js, &cfg, nullptr, &err); });
       }
       if (si != nullptr) jsStreamInfo_Destroy(si);
       if (s == NATS_OK) return OkStatus();
-      const bool again = add_err == JSStreamSubjectOverlapErr ||
-                         add_err == JSStreamNotFoundErr || s == NATS_TIMEOUT;
+      const bool again = add_err == JSStreamSubjectOverlapErr || add_err == JSStreamNotFoundErr ||
+                         s == NATS_TIMEOUT;
       if (!again || attempt == kProvisionAttempts) break;
       std::this_thread::sleep_for(kProvisionRetryWait * attempt);
     }
     Status st = FromNats(s, "provisioning stream '" + name + "'", err);
+    if (err == JSClusterNotAvailErr || err == JSClusterNoPeersErr) return AfterForming(st, err);
     if (err != 0) return FailedPreconditionError(st.message());
     return st;
   }
@@ -382,6 +456,9 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
     return Fail(InvalidArgumentError(
         "NATS: replicas, in-flight window, publish timeout and duplicate window must be "
         "positive"));
+  }
+  if (options.startup_wait < Millis(0) || options.startup_wait > kMaxStartupWait) {
+    return Fail(InvalidArgumentError("NATS: the startup wait must be 0 to a day"));
   }
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
@@ -952,16 +1029,10 @@ Result<std::unique_ptr<Subscriber>> NatsBroker::Subscribe(const NatsSubscription
   cc.BackOff = backoff.empty() ? nullptr : backoff.data();
   cc.BackOffLen = static_cast<int>(backoff.size());
   cc.FilterSubject = filter.c_str();
-  jsConsumerInfo* ci = nullptr;
-  jsErrCode err = static_cast<jsErrCode>(0);
-  const char* stream = impl_->options.stream.c_str();
-  natsStatus s = js_AddConsumer(&ci, impl_->js, stream, &cc, nullptr, &err);
-  if (s != NATS_OK && err == JSConsumerNameExistErr) {
-    err = static_cast<jsErrCode>(0);
-    s = js_UpdateConsumer(&ci, impl_->js, stream, &cc, nullptr, &err);
-  }
-  if (ci != nullptr) jsConsumerInfo_Destroy(ci);
-  if (s != NATS_OK) return Fail(FromNats(s, "NATS: creating consumer '" + sub.consumer + "'", err));
+  // One wait for a forming cluster (NatsOptions::startup_wait) covers both consumers.
+  const SteadyTime deadline = std::chrono::steady_clock::now() + impl_->options.startup_wait;
+  CONVERGE_RETURN_IF_ERROR(impl_->AddConsumer(impl_->options.stream, cc, deadline,
+                                              "NATS: creating consumer '" + sub.consumer + "'"));
 
   // Its MAX_DELIVERIES advisories, stored (Impl::AdvisoryStream): a durable of the same
   // name, never giving up (a notice that kills its process is parked unrun anyway).
@@ -975,16 +1046,9 @@ Result<std::unique_ptr<Subscriber>> NatsBroker::Subscribe(const NatsSubscription
   ac.AckWait = Nanos(sub.ack_wait);
   ac.MaxDeliver = -1;
   ac.FilterSubject = advisory_subject.c_str();
-  err = static_cast<jsErrCode>(0);
-  s = js_AddConsumer(&ci, impl_->js, advisory_stream.c_str(), &ac, nullptr, &err);
-  if (s != NATS_OK && err == JSConsumerNameExistErr) {
-    err = static_cast<jsErrCode>(0);
-    s = js_UpdateConsumer(&ci, impl_->js, advisory_stream.c_str(), &ac, nullptr, &err);
-  }
-  if (ci != nullptr) jsConsumerInfo_Destroy(ci);
-  if (s != NATS_OK) {
-    return Fail(FromNats(s, "NATS: creating advisory consumer '" + sub.consumer + "'", err));
-  }
+  CONVERGE_RETURN_IF_ERROR(
+      impl_->AddConsumer(advisory_stream, ac, deadline,
+                         "NATS: creating advisory consumer '" + sub.consumer + "'"));
 
   // Pulled with the protocol itself, not natsSubscription_Fetch (nats_pull.h says why).
   auto pull = NatsPull::Open(impl_->nc, impl_->options.stream, sub.consumer);
