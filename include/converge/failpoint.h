@@ -23,6 +23,9 @@
 //   nats.before_publish_async         (nats_transport.cc: an error here is a failed send)
 //   nats.ack_answer                   (nats_transport.cc: an error here fails a stored
 //                                      message's ack)
+//   nats.before_abandoned_read        (nats_transport.cc: an error here is JetStream
+//                                      answering "temporarily unavailable" to the read of
+//                                      a message the server gave up on)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

@@ -609,6 +609,38 @@ TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
   EXPECT_EQ((*broker)->stats().abandoned, 1);
 }
 
+// A review, 2026-12-04: a notice whose abandoned message could not be read back was acked
+// on any JetStream error, as if the message had left the stream, and the one record that
+// the server gave up on it went with it. Only "no message found" is acked now; a read
+// JetStream cannot serve now (here the failpoint answers for it) leaves the advisory to
+// come back after its AckWait, and the message is parked then.
+TEST_F(NatsTransport, ANoticeWhoseMessageCannotBeReadNowComesBackAndIsParked) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "unreadable"));
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  ASSERT_TRUE(failpoint::Configure("nats.before_abandoned_read=error(unavailable)*1").ok());
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        (void)(*sub)->Fetch(10, 30s);
+        return failpoint::Hits("nats.before_abandoned_read") >= 1;
+      },
+      30s));
+  ASSERT_TRUE(failpoint::Configure("").ok());
+  EXPECT_EQ((*broker)->stats().abandoned_gone, 0);
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", RecordEffect);
+  DeadLetters letters(*db_, {{"nats:", broker->get()}});
+  ASSERT_TRUE(RunUntil(consumer, [&] { return letters.Count().value_or(0) == 1; }));
+  auto parked = letters.List();
+  ASSERT_TRUE(parked.has_value() && parked->size() == 1);
+  EXPECT_EQ((*parked)[0].error_class, "abandoned");
+  EXPECT_EQ((*parked)[0].event_id, "unreadable");
+  EXPECT_EQ((*broker)->stats().abandoned, 1);
+  EXPECT_EQ((*broker)->stats().abandoned_gone, 0);
+}
+
 // CI, session 9: the look for notices waits 50 ms for its no-wait answer. On a loaded host
 // the answer came later, waited on the subscription until the next look (kNoticePoll, 2 s)
 // while the advisory's AckWait (1 s) ran out, and the server handed the notice out again.

@@ -950,14 +950,27 @@ class NatsSubscriber : public Subscriber {
       }
       natsMsg* original = nullptr;
       jsErrCode err = static_cast<jsErrCode>(0);
-      natsStatus s = seq == 0 ? NATS_NOT_FOUND
-                              : js_GetMsg(&original, broker_->js,
-                                          broker_->options.stream.c_str(), seq, nullptr, &err);
+      natsStatus s = NATS_NOT_FOUND;
+      if (seq != 0) {
+        // A test's error here is JetStream's answer while it cannot serve the read.
+        if (failpoint::Hit("nats.before_abandoned_read").ok()) {
+          s = js_GetMsg(&original, broker_->js, broker_->options.stream.c_str(), seq, nullptr,
+                        &err);
+        } else {
+          s = NATS_ERR;
+          err = JSClusterNotAvailErr;
+        }
+      }
       if (s != NATS_OK) {
-        if (s == NATS_NOT_FOUND || err != 0) {
+        // Acked only when the message is gone from the stream: nothing is left to park.
+        // Any other failure (the server unreachable; JetStream without a meta leader or
+        // the stream without one, answering with an error) leaves the advisory unacked,
+        // to come back after its AckWait: acking it would lose the one record that the
+        // server gave up on the message.
+        if (s == NATS_NOT_FOUND || err == JSNoMessageFoundErr) {
           broker_->lost_notices.fetch_add(1);
           (void)NatsPull::Reply(broker_->nc, advisory, "+ACK");
-        }  // else: the server is unreachable; the advisory comes back after its AckWait
+        }
         natsMsg_Destroy(advisory);
         continue;
       }
