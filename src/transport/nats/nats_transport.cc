@@ -12,7 +12,8 @@
 // settles by publishing to each message's ack subject. Each fetched message is held in a
 // shared Held (the natsMsg and whether it was settled), which the delivery's handle
 // carries; a ticker thread sends in-progress acks for held, unsettled messages every
-// ack_wait / 3 until the visibility the consumer asked for runs out. Settle and the
+// third of the shortest wait for an ack (AckWait, or a BackOff step where the consumer
+// has them) until the visibility the consumer asked for runs out. Settle and the
 // ticker take the Held's lock, so no in-progress ack follows an ack.
 #include <nats/nats.h>
 
@@ -831,7 +832,12 @@ class NatsSubscriber : public Subscriber {
  private:
   // Sends in-progress acks for held, unsettled messages until their visibility ends.
   void Tick() {
-    const Millis period = std::max(Millis(20), sub_.ack_wait / 3);
+    // With BackOff, the server waits each delivery's step for an ack (NatsAckWaitOf), and
+    // an in-progress ack restarts that wait: a third of AckWait alone let a step shorter
+    // than it run out while the handler still ran, and the message was redelivered.
+    Millis shortest = sub_.ack_wait;
+    for (Millis step : sub_.backoff) shortest = std::min(shortest, step);
+    const Millis period = std::max(Millis(20), shortest / 3);
     std::unique_lock<std::mutex> l(mu_);
     while (!stop_) {
       cv_.wait_for(l, period, [&] { return stop_; });
