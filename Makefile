@@ -1,7 +1,8 @@
 # converge: the two commands of the README, and the rest of the developer loop.
 #   make demo               install deps, build, run `converge demo`
 #   make test               install deps, build, run every CTest test
-#   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan
+#   make check-sanitizers   unit and e2e tests under ASan+UBSan, then under TSan; the NATS
+#                           tests (without PostgreSQL and chaos) under ASan+UBSan too
 #   make chaos              the chaos campaign: CHAOS_KILLS (default 1000) kills on SQLite,
 #                           then on PostgreSQL (a throwaway server); CHAOS_SEED picks the seed
 #   make chaos-nats         the same over NATS JetStream (--broker nats), on each store
@@ -58,9 +59,10 @@ chaos-nats: build
 	  --clients $(CHAOS_CLIENTS)
 
 check-sanitizers: deps
-	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF
-	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers
+	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF -DCONVERGE_WITH_NATS=ON
+	cmake --build $(BUILD)-asan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers converge_nats_tests
 	cd $(BUILD)-asan && ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)
+	cd $(BUILD)-asan && ctest -L nats -LE 'pg|chaos' --output-on-failure -j $(JOBS)
 	cmake -S . -B $(BUILD)-tsan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=thread -DCONVERGE_BUILD_BENCH=OFF
 	cmake --build $(BUILD)-tsan -j $(JOBS) --target converge_unit_tests converge_e2e_tests converge_contract_tests converge_fuzzers
 	cd $(BUILD)-tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest -L 'unit|e2e' -E 'e2e.demo' --output-on-failure -j $(JOBS)

@@ -26,6 +26,8 @@
 //   nats.before_abandoned_read        (nats_transport.cc: an error here is JetStream
 //                                      answering "temporarily unavailable" to the read of
 //                                      a message the server gave up on)
+//   nats.on_advisory                  (nats_transport.cc: a MAX_DELIVERIES advisory
+//                                      received, not yet counted)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

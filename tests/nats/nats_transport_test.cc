@@ -660,6 +660,56 @@ TEST_F(NatsTransport, ANoticeWhoseMessageCannotBeReadNowComesBackAndIsParked) {
   EXPECT_EQ((*broker)->stats().abandoned_gone, 0);
 }
 
+// Audit of 2026-12-04: cnats runs the broker's callbacks (OnAdvisory, OnAck) on threads
+// it does not join when a subscription or the connection closes, and the broker freed
+// itself under a callback still running. Now closing waits for it. Destroys `broker` on
+// another thread while a callback is held at `point`, and expects the destruction to
+// wait until the callback is let go (a destruction that did not wait also shows under
+// ASan, as the callback goes on into the freed broker).
+void ExpectClosingWaitsForTheCallbackAt(std::unique_ptr<NatsBroker>& broker,
+                                        const std::string& point) {
+  std::atomic<bool> closed{false};
+  std::thread closer([&] {
+    broker.reset();
+    closed = true;
+  });
+  std::this_thread::sleep_for(500ms);
+  const bool closed_under_the_callback = closed.load();
+  EXPECT_EQ(failpoint::Release(point), 1);
+  closer.join();
+  EXPECT_FALSE(closed_under_the_callback);
+}
+
+TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAdvisoryBeingHandled) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE(failpoint::Configure("nats.on_advisory=pause").ok());
+  // An advisory for a consumer nobody runs: the broker's subscription counts it.
+  const std::string subject =
+      "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + (*broker)->options().stream + ".nobody";
+  natsConnection* nc = nullptr;
+  ASSERT_EQ(natsConnection_ConnectTo(&nc, nats_.urls().c_str()), NATS_OK);
+  const natsStatus sent = natsConnection_PublishString(nc, subject.c_str(), "{}");
+  const natsStatus flushed = natsConnection_Flush(nc);
+  natsConnection_Destroy(nc);
+  ASSERT_EQ(sent, NATS_OK);
+  ASSERT_EQ(flushed, NATS_OK);
+  ASSERT_TRUE(failpoint::WaitPaused("nats.on_advisory", 30s));
+  ExpectClosingWaitsForTheCallbackAt(*broker, "nats.on_advisory");
+}
+
+TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAckBeingHandled) {
+  auto broker = Connect(nats_.urls() + "?publish_timeout_ms=200");
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ASSERT_TRUE(failpoint::Configure("nats.ack_answer=pause").ok());
+  // The batch gives up waiting for the held ack; its message is the callback's.
+  const std::vector<Status> results = (*broker)->PublishBatch(std::vector<Event>{MakeEvent("a")});
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results[0].code(), StatusCode::kDeadlineExceeded) << results[0].ToString();
+  ASSERT_TRUE(failpoint::WaitPaused("nats.ack_answer", 30s));
+  ExpectClosingWaitsForTheCallbackAt(*broker, "nats.ack_answer");
+}
+
 // CI, session 9: the look for notices waits 50 ms for its no-wait answer. On a loaded host
 // the answer came later, waited on the subscription until the next look (kNoticePoll, 2 s)
 // while the advisory's AckWait (1 s) ran out, and the server handed the notice out again.

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <charconv>
 #include <condition_variable>
+#include <future>
 #include <list>
 #include <map>
 #include <mutex>
@@ -232,8 +233,33 @@ struct NatsBroker::Impl {
       in_progress_sent{0}, terminated{0}, abandoned{0}, lost_notices{0},
       consumers_missing{0};
 
+  // Set once the advisory subscription's delivery thread has returned from its last
+  // OnAdvisory (OnAdvisoriesDone, which owns the promise).
+  std::future<void> advisories_done;
+  // Whether a message was ever handed to js_PublishMsgAsync (before that cnats has no list
+  // of pending publishes, and js_PublishAsyncGetPendingList crashes on the missing list).
+  std::atomic<bool> published_async{false};
+
+  // cnats runs OnAdvisory and OnAck on its own threads with this object as their closure,
+  // and does not join those threads when a subscription or the connection closes: a
+  // callback already running (or one whose message had just been taken off the queue)
+  // would go on into freed memory. Each is waited out before anything is freed.
   ~Impl() {
-    if (advisories != nullptr) natsSubscription_Destroy(advisories);
+    if (advisories != nullptr) {
+      (void)natsSubscription_Unsubscribe(advisories);
+      if (advisories_done.valid()) advisories_done.wait();
+      natsSubscription_Destroy(advisories);
+    }
+    if (js != nullptr && published_async.load()) {
+      // Publishes no ack came for (their batches gave up waiting) are taken back, so no
+      // callback runs for them any more; cnats counts a callback as pending until it has
+      // returned, so the wait below ends when the last one running has.
+      natsMsgList unanswered{};
+      if (js_PublishAsyncGetPendingList(&unanswered, js) == NATS_OK) {
+        natsMsgList_Destroy(&unanswered);
+      }
+      (void)js_PublishAsyncComplete(js, nullptr);
+    }
     if (nc != nullptr) {
       natsConnection_FlushTimeout(nc, 5000);
       natsConnection_Close(nc);
@@ -298,6 +324,8 @@ struct NatsBroker::Impl {
 
   static void OnAdvisory(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
     auto* self = static_cast<Impl*>(closure);
+    // A broker destroyed while this runs waits for it (tests/nats pause here).
+    (void)failpoint::Hit("nats.on_advisory");
     self->max_deliveries.fetch_add(1);
     // $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>
     std::string subject = natsMsg_GetSubject(msg);
@@ -306,6 +334,14 @@ struct NatsBroker::Impl {
                 "Messages the server stopped redelivering (MAX_DELIVERIES advisories)", 1,
                 {{"consumer", consumer}});
     natsMsg_Destroy(msg);
+  }
+
+  // Called by cnats once the advisory subscription is closed and its last OnAdvisory has
+  // returned; `closure` is a std::promise<void> of its own.
+  static void OnAdvisoriesDone(void* closure) {
+    auto* done = static_cast<std::promise<void>*>(closure);
+    done->set_value();
+    delete done;
   }
 
   // The stream that keeps the MAX_DELIVERIES advisories of the event stream's consumers:
@@ -501,6 +537,12 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
   s = natsConnection_Subscribe(&impl->advisories, impl->nc, advisory.c_str(), &Impl::OnAdvisory,
                                impl.get());
   if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  auto done = std::make_unique<std::promise<void>>();
+  std::future<void> advisories_done = done->get_future();
+  s = natsSubscription_SetOnCompleteCB(impl->advisories, &Impl::OnAdvisoriesDone, done.get());
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  (void)done.release();  // OnAdvisoriesDone deletes it
+  impl->advisories_done = std::move(advisories_done);
   return std::unique_ptr<NatsBroker>(new NatsBroker(std::move(impl)));
 }
 
@@ -645,6 +687,7 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
       ++batch->outstanding;  // before the send: its ack may come back before the call does
     }
     natsMsg* handed = msg;
+    impl_->published_async.store(true);
     s = js_PublishMsgAsync(impl_->js, &handed, &po);
     if (s != NATS_OK) {
       // Not sent: the message is still ours (handed is not cleared on failure).
