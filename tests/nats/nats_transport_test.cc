@@ -666,6 +666,12 @@ TEST_F(NatsTransport, ANoticeWhoseMessageCannotBeReadNowComesBackAndIsParked) {
 // another thread while a callback is held at `point`, and expects the destruction to
 // wait until the callback is let go (a destruction that did not wait also shows under
 // ASan, as the callback goes on into the freed broker).
+// Lets every paused callback go when a test ends early (a failed ASSERT), before its
+// broker is destroyed: declared after the broker, it is destroyed first.
+struct ReleasePausedCallbacks {
+  ~ReleasePausedCallbacks() { (void)failpoint::Configure(""); }
+};
+
 void ExpectClosingWaitsForTheCallbackAt(std::unique_ptr<NatsBroker>& broker,
                                         const std::string& point) {
   std::atomic<bool> closed{false};
@@ -683,6 +689,7 @@ void ExpectClosingWaitsForTheCallbackAt(std::unique_ptr<NatsBroker>& broker,
 TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAdvisoryBeingHandled) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ReleasePausedCallbacks release;
   ASSERT_TRUE(failpoint::Configure("nats.on_advisory=pause").ok());
   // An advisory for a consumer nobody runs: the broker's subscription counts it.
   const std::string subject =
@@ -699,8 +706,11 @@ TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAdvisoryBeingHandled) {
 }
 
 TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAckBeingHandled) {
-  auto broker = Connect(nats_.urls() + "?publish_timeout_ms=200");
+  // Long enough for the stream's ack to come first, or cnats would answer the batch's
+  // publish with its own timeout and the ack (the paused callback) would find nothing.
+  auto broker = Connect(nats_.urls() + "?publish_timeout_ms=2000");
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  ReleasePausedCallbacks release;
   ASSERT_TRUE(failpoint::Configure("nats.ack_answer=pause").ok());
   // The batch gives up waiting for the held ack; its message is the callback's.
   const std::vector<Status> results = (*broker)->PublishBatch(std::vector<Event>{MakeEvent("a")});

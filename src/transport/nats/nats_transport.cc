@@ -236,8 +236,10 @@ struct NatsBroker::Impl {
   // Set once the advisory subscription's delivery thread has returned from its last
   // OnAdvisory (OnAdvisoriesDone, which owns the promise).
   std::future<void> advisories_done;
-  // Whether a message was ever handed to js_PublishMsgAsync (before that cnats has no list
-  // of pending publishes, and js_PublishAsyncGetPendingList crashes on the missing list).
+  // Whether js_PublishMsgAsync ever accepted a message: until then cnats may have no list
+  // of pending publishes (it is made at the first call, and dropped again when that call
+  // fails to subscribe for the answers), and js_PublishAsyncGetPendingList crashes on a
+  // missing list; once one call succeeded, the list stays.
   std::atomic<bool> published_async{false};
 
   // cnats runs OnAdvisory and OnAck on its own threads with this object as their closure,
@@ -537,6 +539,9 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
   s = natsConnection_Subscribe(&impl->advisories, impl->nc, advisory.c_str(), &Impl::OnAdvisory,
                                impl.get());
   if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  // (Were the connection closed for good between the two calls, by a server error cnats
+  // does not reconnect after, this fails and ~Impl cannot wait for an OnAdvisory running
+  // then: a window of microseconds, left open.)
   auto done = std::make_unique<std::promise<void>>();
   std::future<void> advisories_done = done->get_future();
   s = natsSubscription_SetOnCompleteCB(impl->advisories, &Impl::OnAdvisoriesDone, done.get());
@@ -687,8 +692,8 @@ std::vector<Status> NatsBroker::PublishBatch(std::span<const Event> events) {
       ++batch->outstanding;  // before the send: its ack may come back before the call does
     }
     natsMsg* handed = msg;
-    impl_->published_async.store(true);
     s = js_PublishMsgAsync(impl_->js, &handed, &po);
+    if (s == NATS_OK) impl_->published_async.store(true);
     if (s != NATS_OK) {
       // Not sent: the message is still ours (handed is not cleared on failure).
       {
