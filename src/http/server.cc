@@ -503,6 +503,7 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
   void StartRequest() {
     parser_.emplace(server_->options_);
     header_checked_ = false;
+    continue_ = false;
     stream_.expires_after(server_->options_.header_timeout);
     Parse();
   }
@@ -523,9 +524,23 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
         header_checked_ = true;
         if (!CheckHeader()) return;
         stream_.expires_after(server_->options_.body_timeout);
+        // The client waits for this before it sends the body (RFC 9110 §10.1.1); a body
+        // already under way needs none.
+        if (continue_ && !parser_->is_done() && buffer_.size() == 0) return SendContinue();
       }
       if (parser_->is_done()) return Dispatch();
     }
+  }
+
+  // Answers 100 (Continue), then reads the body.
+  void SendContinue() {
+    static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+    auto self = shared_from_this();
+    asio::async_write(stream_, asio::buffer(kContinue.data(), kContinue.size()),
+                      [self](beast::error_code ec, size_t) {
+                        if (ec) return self->Close();
+                        self->Parse();
+                      });
   }
 
   void Read() {
@@ -603,6 +618,7 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     size_t hosts = 0;
     const std::string* host = nullptr;
     std::vector<std::string_view> codings;
+    std::vector<std::string_view> expectations;
     bool has_length = false;
     std::vector<size_t> seen(o.single_headers.size(), 0);
     for (const auto& [name, value] : req.headers) {
@@ -613,6 +629,8 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
         AppendList(value, &codings);
       } else if (IEquals(name, "Content-Length")) {
         has_length = true;
+      } else if (IEquals(name, "Expect")) {
+        AppendList(value, &expectations);
       }
       for (size_t i = 0; i < o.single_headers.size(); ++i) {
         if (IEquals(name, o.single_headers[i]) && ++seen[i] > 1) {
@@ -651,6 +669,18 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     if (const char* why = SplitTarget(req.target, &req.path, &req.query)) {
       Reject(400, "Bad Request", std::string(why) + "; send the canonical path");
       return false;
+    }
+    // RFC 9110 §10.1.1: an HTTP/1.0 request's expectations are ignored; 100-continue is
+    // met (Parse answers 100 before it reads the body), any other cannot be.
+    if (version_ >= 11) {
+      for (std::string_view e : expectations) {
+        if (e.empty()) continue;
+        if (!IEquals(e, "100-continue")) {
+          Reject(417, "Expectation Failed", "only the expectation 100-continue can be met");
+          return false;
+        }
+        continue_ = true;
+      }
     }
     return true;
   }
@@ -797,6 +827,7 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
   beast::flat_buffer buffer_;
   std::optional<RequestParser> parser_;
   bool header_checked_ = false;
+  bool continue_ = false;  // the request expects 100 (Continue) before it sends its body
   bool keep_alive_ = false;
   unsigned version_ = 11;
   std::vector<char> drain_buf_;
