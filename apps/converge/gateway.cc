@@ -82,17 +82,18 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
   CONVERGE_ASSIGN_OR_RETURN(toml::table root, ConfigReader::ParseFile(path));
   ConfigReader r(root);
   CONVERGE_RETURN_IF_ERROR(
-      r.Known({{"gateway", {"listen", "store", "admin_token", "log_level", "dedupe_ttl_hours"}},
-               {"endpoint", {"name", "path", "scheme", "secrets", "tolerance_seconds",
-                             "targets", "subject"}},
-               {"target", {"name", "url", "secret", "timeout_ms", "max_attempts",
-                           "backoff_initial_ms", "backoff_max_ms", "lease_ms", "ordered",
-                           "concurrency"}}}));
+      r.Known({{"gateway", {"listen", "store", "admin_token", "admin_token_env",
+                            "admin_token_file", "log_level", "dedupe_ttl_hours"}},
+               {"endpoint", {"name", "path", "scheme", "secrets", "secrets_env", "secrets_file",
+                             "tolerance_seconds", "targets", "subject"}},
+               {"target", {"name", "url", "secret", "secret_env", "secret_file", "timeout_ms",
+                           "max_attempts", "backoff_initial_ms", "backoff_max_ms", "lease_ms",
+                           "ordered", "concurrency"}}}));
   std::string listen = "127.0.0.1:8082";
   CONVERGE_RETURN_IF_ERROR(r.String("gateway", "listen", &listen));
   CONVERGE_RETURN_IF_ERROR(http::ParseHostPort(listen, &c.address, &c.port));
   CONVERGE_RETURN_IF_ERROR(r.String("gateway", "store", &c.store));
-  CONVERGE_RETURN_IF_ERROR(r.String("gateway", "admin_token", &c.admin_token));
+  CONVERGE_RETURN_IF_ERROR(r.Secret("gateway", "admin_token", &c.admin_token));
   if (const char* env = std::getenv("CONVERGE_ADMIN_TOKEN"); env != nullptr && *env != '\0') {
     c.admin_token = env;
   }
@@ -111,7 +112,7 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         Target target;
         CONVERGE_RETURN_IF_ERROR(t.String("target", "name", &target.name));
         CONVERGE_RETURN_IF_ERROR(t.String("target", "url", &target.url));
-        CONVERGE_RETURN_IF_ERROR(t.String("target", "secret", &target.secret));
+        CONVERGE_RETURN_IF_ERROR(t.Secret("target", "secret", &target.secret));
         CONVERGE_RETURN_IF_ERROR(t.Duration("target", "timeout_ms", &target.timeout, 1, 600'000));
         CONVERGE_RETURN_IF_ERROR(t.Bool("target", "ordered", &target.ordered));
         CONVERGE_RETURN_IF_ERROR(t.Int("target", "concurrency", &target.concurrency, 1, 64));
@@ -159,7 +160,7 @@ Result<GatewayConfig> LoadGatewayConfig(const std::string& path) {
         CONVERGE_RETURN_IF_ERROR(e.String("endpoint", "name", &ep.name));
         CONVERGE_RETURN_IF_ERROR(e.String("endpoint", "path", &ep.path));
         CONVERGE_RETURN_IF_ERROR(e.String("endpoint", "scheme", &scheme));
-        CONVERGE_RETURN_IF_ERROR(e.Strings("endpoint", "secrets", &ep.secrets));
+        CONVERGE_RETURN_IF_ERROR(e.Secrets("endpoint", "secrets", &ep.secrets));
         CONVERGE_RETURN_IF_ERROR(e.Strings("endpoint", "targets", &ep.targets));
         CONVERGE_RETURN_IF_ERROR(e.Int("endpoint", "tolerance_seconds", &tolerance_s, 1, 86400));
         std::string subject;

@@ -63,7 +63,8 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
         {"table", "on_published", "source", "batch", "poll_ms", "id_column",
          "aggregatetype_column", "aggregateid_column", "type_column", "payload_column",
          "timestamp_column", "order_column", "published_column"}},
-       {"target", {"kind", "url", "secret", "timeout_ms", "queue", "pattern"}}}));
+       {"target", {"kind", "url", "secret", "secret_env", "secret_file", "timeout_ms", "queue",
+                   "pattern"}}}));
   std::string listen = "127.0.0.1:8083";
   CONVERGE_RETURN_IF_ERROR(r.String("relay", "listen", &listen));
   CONVERGE_RETURN_IF_ERROR(http::ParseHostPort(listen, &c.address, &c.port));
@@ -102,7 +103,7 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
 
   CONVERGE_RETURN_IF_ERROR(r.String("target", "kind", &c.target));
   CONVERGE_RETURN_IF_ERROR(r.String("target", "url", &c.http.url));
-  CONVERGE_RETURN_IF_ERROR(r.String("target", "secret", &c.http.secret));
+  CONVERGE_RETURN_IF_ERROR(r.Secret("target", "secret", &c.http.secret));
   CONVERGE_RETURN_IF_ERROR(r.Duration("target", "timeout_ms", &c.http.timeout, 1, 600'000));
   CONVERGE_RETURN_IF_ERROR(r.String("target", "queue", &c.queue));
   CONVERGE_RETURN_IF_ERROR(r.String("target", "pattern", &c.pattern));

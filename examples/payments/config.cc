@@ -46,8 +46,9 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         {"store", {"uri", "synchronous", "notify", "broker", "publish_in_transaction"}},
         {"idempotency", {"ttl_seconds", "lease_ms", "completer_grace_ms", "replay_cache_mb",
                          "max_clock_skew_ms"}},
-        {"auth", {"admin_token", "api_keys"}},
-        {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_tolerance_seconds"}},
+        {"auth", {"admin_token", "admin_token_env", "admin_token_file", "api_keys"}},
+        {"psp", {"url", "timeout_ms", "webhook_secrets", "webhook_secrets_env",
+                 "webhook_secrets_file", "webhook_tolerance_seconds"}},
         {"mail", {"url", "timeout_ms"}},
         {"consumers", {"visibility_ms", "max_attempts", "backoff_initial_ms", "backoff_max_ms"}},
         {"effects", {"max_attempts", "lease_ms"}},
@@ -122,11 +123,11 @@ converge::Result<ServiceConfig> LoadServiceConfig(const std::string& path) {
         r.Duration("retention", "sweep_pass_ms", &c.sweep_pass, 1000, 30LL * 86400000));
     CONVERGE_RETURN_IF_ERROR(r.Duration("retention", "inbox_sweep_pass_ms", &c.inbox_sweep_pass,
                                         1000, 365LL * 86400000));
-    CONVERGE_RETURN_IF_ERROR(r.String("auth", "admin_token", &c.admin_token));
+    CONVERGE_RETURN_IF_ERROR(r.Secret("auth", "admin_token", &c.admin_token));
     CONVERGE_RETURN_IF_ERROR(r.StringMap("auth", "api_keys", &c.api_keys));
     CONVERGE_RETURN_IF_ERROR(r.String("psp", "url", &c.psp_url));
     CONVERGE_RETURN_IF_ERROR(r.Duration("psp", "timeout_ms", &c.psp_timeout, 10, 600000));
-    CONVERGE_RETURN_IF_ERROR(r.Strings("psp", "webhook_secrets", &c.webhook_secrets));
+    CONVERGE_RETURN_IF_ERROR(r.Secrets("psp", "webhook_secrets", &c.webhook_secrets));
     int64_t tol_s = 300;
     CONVERGE_RETURN_IF_ERROR(r.Int("psp", "webhook_tolerance_seconds", &tol_s, 1, 86400));
     c.webhook_tolerance = Millis(tol_s * 1000);

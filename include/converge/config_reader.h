@@ -7,7 +7,12 @@
 #ifndef CONVERGE_CONFIG_READER_H_
 #define CONVERGE_CONFIG_READER_H_
 
+#include <cerrno>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <initializer_list>
 #include <map>
 #include <set>
 #include <string>
@@ -121,6 +126,47 @@ class ConfigReader {
     }
     return OkStatus();
   }
+  // A secret, given one of three ways (at most one): `key` itself, `key_env` the name of
+  // an environment variable that holds it, or `key_file` the path of a file that holds it
+  // (as Docker and Kubernetes mount secrets; its final line ends are dropped). A variable
+  // unset or empty, or a file unreadable, empty or over 64 KiB, is an error naming it.
+  // The caller lists all three keys as known.
+  Status Secret(const char* section, const char* key, std::string* out) {
+    const std::string env_key = std::string(key) + "_env", file_key = std::string(key) + "_file";
+    CONVERGE_RETURN_IF_ERROR(OneOf(section, {key, env_key, file_key}));
+    std::string from;
+    if (root_[section][env_key]) {
+      CONVERGE_RETURN_IF_ERROR(String(section, env_key.c_str(), &from));
+      return FromEnv(section, env_key, from, out);
+    }
+    if (root_[section][file_key]) {
+      CONVERGE_RETURN_IF_ERROR(String(section, file_key.c_str(), &from));
+      return FromFile(section, file_key, from, out);
+    }
+    return String(section, key, out);
+  }
+  // Several secrets (while one rotates), the same three ways: `key` an array of secrets,
+  // `key_env` an array of variable names, `key_file` an array of paths, each variable or
+  // file holding one secret.
+  Status Secrets(const char* section, const char* key, std::vector<std::string>* out) {
+    const std::string env_key = std::string(key) + "_env", file_key = std::string(key) + "_file";
+    CONVERGE_RETURN_IF_ERROR(OneOf(section, {key, env_key, file_key}));
+    for (const std::string* from_key : {&env_key, &file_key}) {
+      if (!root_[section][*from_key]) continue;
+      std::vector<std::string> sources;
+      CONVERGE_RETURN_IF_ERROR(Strings(section, from_key->c_str(), &sources));
+      out->clear();
+      for (const std::string& source : sources) {
+        std::string secret;
+        CONVERGE_RETURN_IF_ERROR(from_key == &env_key
+                                     ? FromEnv(section, *from_key, source, &secret)
+                                     : FromFile(section, *from_key, source, &secret));
+        out->push_back(std::move(secret));
+      }
+      return OkStatus();
+    }
+    return Strings(section, key, out);
+  }
   Status Ints(const char* section, const char* key, std::vector<int>* out, int lo, int hi) {
     auto n = root_[section][key];
     if (!n) return OkStatus();
@@ -150,6 +196,48 @@ class ConfigReader {
   }
 
  private:
+  Status OneOf(const char* section, std::initializer_list<std::string> keys) const {
+    std::string given;
+    for (const std::string& k : keys) {
+      if (!root_[section][k]) continue;
+      if (!given.empty()) {
+        return InvalidArgumentError(std::string("config: ") + section + "." + given + " and " +
+                                    section + "." + k + " both give the secret; keep one");
+      }
+      given = k;
+    }
+    return OkStatus();
+  }
+  static Status FromEnv(const char* section, const std::string& key, const std::string& name,
+                        std::string* out) {
+    const char* v = name.empty() ? nullptr : std::getenv(name.c_str());
+    if (v == nullptr || *v == '\0') {
+      return InvalidArgumentError(std::string("config: ") + section + "." + key +
+                                  ": the environment variable '" + name + "' is " +
+                                  (v == nullptr ? "not set" : "empty"));
+    }
+    *out = v;
+    return OkStatus();
+  }
+  static Status FromFile(const char* section, const std::string& key, const std::string& path,
+                         std::string* out) {
+    constexpr size_t kMaxSecretFile = 64 << 10;
+    const std::string where = std::string("config: ") + section + "." + key + ": '" + path + "'";
+    std::ifstream f(path, std::ios::binary);
+    if (!f) return InvalidArgumentError(where + ": " + std::strerror(errno));
+    std::string data;
+    data.resize(kMaxSecretFile + 1);
+    f.read(data.data(), static_cast<std::streamsize>(data.size()));
+    if (f.bad()) return InvalidArgumentError(where + ": cannot be read");
+    data.resize(static_cast<size_t>(f.gcount()));
+    if (data.size() > kMaxSecretFile) {
+      return InvalidArgumentError(where + " holds more than 64 KiB: not a secret");
+    }
+    while (!data.empty() && (data.back() == '\n' || data.back() == '\r')) data.pop_back();
+    if (data.empty()) return InvalidArgumentError(where + " is empty");
+    *out = std::move(data);
+    return OkStatus();
+  }
   static Status KnownKeys(const std::string& section, const toml::table& t,
                           const std::set<std::string>& keys) {
     for (const auto& [key, v] : t) {

@@ -50,5 +50,26 @@ check ttl_le_tolerance "must exceed twice tolerance_seconds" \
 check bad_target_name "target name 'a:b' must be" \
   "$gw"$'[[target]]\nname = "a:b"\nurl = "http://127.0.0.1:9/h"\nsecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'"$endpoint"
 check unknown_key "unknown key 'target.oredered'" "$gw$target"$'oredered = true\n'"$endpoint"
+# Secrets from the environment and from files: each source that cannot give one is named.
+target_head=$'[[target]]\nname = "t"\nurl = "http://127.0.0.1:9/h"\n'
+check secret_env_unset "target.secret_env: the environment variable 'CONVERGE_TEST_UNSET' is not set" \
+  "$gw$target_head"$'secret_env = "CONVERGE_TEST_UNSET"\n'"$endpoint"
+check secret_file_missing "target.secret_file: '$dir/missing': No such file or directory" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'/missing"\n'"$endpoint"
+: > "$dir/empty.secret"
+check secret_file_empty "target.secret_file: '$dir/empty.secret' is empty" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'/empty.secret"\n'"$endpoint"
+check secret_twice "target.secret and target.secret_env both give the secret; keep one" \
+  "$gw$target"$'secret_env = "HOME"\n'"$endpoint"
+printf '%s\n' "$sender" > "$dir/sender.secret"
+printf 'not-a-whsec\n' > "$dir/plain.secret"
+endpoint_head=$'[[endpoint]]\nname = "e"\npath = "/in"\ntargets = ["t"]\n'
+check secrets_file_checked "endpoint 'e': secret 2 of 2: webhook secret is not whsec_<base64>" \
+  "$gw$target$endpoint_head"$'secrets_file = ["'"$dir"$'/sender.secret", "'"$dir"$'/plain.secret"]\n'
+check secrets_env_unset \
+  "endpoint.secrets_env: the environment variable 'CONVERGE_TEST_UNSET' is not set" \
+  "$gw$target$endpoint_head"$'secrets_env = ["CONVERGE_TEST_UNSET"]\n'
+check admin_token_file_missing "gateway.admin_token_file: '$dir/none': No such file or directory" \
+  $'[gateway]\nadmin_token_file = "'"$dir"$'/none"\n'"$target$endpoint"
 
 if [ "$failures" -eq 0 ]; then echo "$passed passed, 0 failed"; else echo "$failures failed"; exit 1; fi

@@ -37,21 +37,28 @@ class GatewayE2E : public ::testing::Test {
     target_ = std::make_unique<testing::PythonPeer>(
         dir_.path(), "target", kPeer, std::vector<std::string>{"target", "{port_file}", secret_});
     ASSERT_TRUE(target_->WaitReady()) << "the Python target did not start";
+    // Some secrets come from files (as Docker and Kubernetes mount them, a line end after
+    // the secret) and the environment: every test then checks those were read.
+    std::ofstream(dir_.File("admin.token")) << "gateway-admin-token\n";
+    std::ofstream(dir_.File("ledger.secret")) << secret_ << "\n";
+    std::ofstream(dir_.File("std.secret")) << sender_secret_;
+    ASSERT_EQ(setenv("CONVERGE_TEST_GITHUB_SECRET", "gh-secret", 1), 0);
     std::ofstream f(config_);
     f << "[gateway]\nstore = \"sqlite:" << dir_.File("gateway.db") << "\"\n"
-      << "admin_token = \"gateway-admin-token\"\n"
+      << "admin_token_file = \"" << dir_.File("admin.token") << "\"\n"
       << "[[target]]\nname = \"billing\"\nurl = \"" << target_->Url("/hooks/billing") << "\"\n"
       << "secret = \"" << secret_ << "\"\ntimeout_ms = 3000\nlease_ms = 6000\n"
       << "max_attempts = 3\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\n"
       << "[[target]]\nname = \"ledger\"\nurl = \"" << target_->Url("/hooks/ledger") << "\"\n"
-      << "secret = \"" << secret_ << "\"\ntimeout_ms = 3000\nlease_ms = 6000\nordered = true\n"
+      << "secret_file = \"" << dir_.File("ledger.secret") << "\"\n"
+      << "timeout_ms = 3000\nlease_ms = 6000\nordered = true\n"
       << "max_attempts = 5\nbackoff_initial_ms = 20\nbackoff_max_ms = 100\n"
       << "[[endpoint]]\nname = \"stripe\"\npath = \"/in/stripe\"\nscheme = \"stripe\"\n"
       << "secrets = [\"whsec_old\", \"whsec_stripe\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"github\"\npath = \"/in/github\"\nscheme = \"github\"\n"
-      << "secrets = [\"gh-secret\"]\ntargets = [\"billing\"]\n"
+      << "secrets_env = [\"CONVERGE_TEST_GITHUB_SECRET\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"std\"\npath = \"/in/std\"\n"
-      << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"billing\"]\n"
+      << "secrets_file = [\"" << dir_.File("std.secret") << "\"]\ntargets = [\"billing\"]\n"
       << "[[endpoint]]\nname = \"accounts\"\npath = \"/in/accounts\"\nsubject = \"/account\"\n"
       << "secrets = [\"" << sender_secret_ << "\"]\ntargets = [\"ledger\"]\n"
       << "[[endpoint]]\nname = \"fanout\"\npath = \"/in/fanout\"\n"

@@ -59,13 +59,16 @@ struct ConfigOptions {
 // Writes a serve config into `dir` and returns its path.
 std::string WriteConfig(const TempDir& dir, const std::string& name, const ConfigOptions& o) {
   const std::string path = dir.File(name + ".toml");
+  // The admin token from a file (with a line end after it, as `echo` writes one): the
+  // admin requests of the tests below check that it was read.
+  std::ofstream(dir.File(name + ".admin-token")) << kAdminToken << "\n";
   std::ofstream c(path);
   c << "[server]\nbody_limit_bytes = " << kBodyLimit << "\nheader_limit_bytes = " << kHeaderLimit
     << "\nmax_header_fields = " << kMaxHeaderFields << "\nmax_connections = " << o.max_connections
     << "\nheader_timeout_ms = " << o.header_timeout_ms
     << "\nbody_timeout_ms = " << o.body_timeout_ms << "\nshutdown_drain_ms = 1000\n"
     << "[store]\nuri = \"sqlite:" << dir.File(name + ".db") << "\"\n"
-    << "[auth]\nadmin_token = \"" << kAdminToken << "\"\n"
+    << "[auth]\nadmin_token_file = \"" << dir.File(name + ".admin-token") << "\"\n"
     << "api_keys = { \"sk_test_acme\" = \"acme\", \"sk_test_globex\" = \"globex\" }\n"
     << "[psp]\nurl = \"http://127.0.0.1:" << o.psp_port << "\"\ntimeout_ms = 2000\n"
     << "webhook_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n"
