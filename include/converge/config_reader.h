@@ -11,11 +11,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <initializer_list>
 #include <map>
 #include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include <toml++/toml.h>
@@ -129,7 +131,7 @@ class ConfigReader {
   // A secret, given one of three ways (at most one): `key` itself, `key_env` the name of
   // an environment variable that holds it, or `key_file` the path of a file that holds it
   // (as Docker and Kubernetes mount secrets; its final line ends are dropped). A variable
-  // unset or empty, or a file unreadable, empty or over 64 KiB, is an error naming it.
+  // unset or empty, or a file unreadable, empty, over 64 KiB or a directory, is an error naming it.
   // The caller lists all three keys as known.
   Status Secret(const char* section, const char* key, std::string* out) {
     const std::string env_key = std::string(key) + "_env", file_key = std::string(key) + "_file";
@@ -223,6 +225,10 @@ class ConfigReader {
                          std::string* out) {
     constexpr size_t kMaxSecretFile = 64 << 10;
     const std::string where = std::string("config: ") + section + "." + key + ": '" + path + "'";
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) {
+      return InvalidArgumentError(where + " is a directory, not a file holding a secret");
+    }
     std::ifstream f(path, std::ios::binary);
     if (!f) return InvalidArgumentError(where + ": " + std::strerror(errno));
     std::string data;

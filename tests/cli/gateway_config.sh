@@ -59,6 +59,8 @@ check secret_file_missing "target.secret_file: '$dir/missing': No such file or d
 : > "$dir/empty.secret"
 check secret_file_empty "target.secret_file: '$dir/empty.secret' is empty" \
   "$gw$target_head"$'secret_file = "'"$dir"$'/empty.secret"\n'"$endpoint"
+check secret_file_directory "target.secret_file: '$dir' is a directory" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'"\n'"$endpoint"
 check secret_twice "target.secret and target.secret_env both give the secret; keep one" \
   "$gw$target"$'secret_env = "HOME"\n'"$endpoint"
 printf '%s\n' "$sender" > "$dir/sender.secret"
