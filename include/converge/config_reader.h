@@ -7,17 +7,11 @@
 #ifndef CONVERGE_CONFIG_READER_H_
 #define CONVERGE_CONFIG_READER_H_
 
-#include <cerrno>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <initializer_list>
 #include <map>
 #include <set>
 #include <string>
-#include <system_error>
 #include <vector>
 
 #include <toml++/toml.h>
@@ -26,6 +20,15 @@
 #include "converge/status.h"
 
 namespace converge {
+
+namespace internal {
+// For ConfigReader::Secret and Secrets (src/core/config_secret.cc). `where` names the key
+// in errors; no error shows the secret itself.
+// The value of environment variable `name`.
+Status SecretFromEnv(const std::string& where, const std::string& name, std::string* out);
+// The content of the regular file at `path`, less one final line end.
+Status SecretFromFile(const std::string& where, const std::string& path, std::string* out);
+}  // namespace internal
 
 // Reads section.key values of `root` into the out-parameters; a key that is absent leaves
 // its out-parameter as it was (the default).
@@ -129,10 +132,13 @@ class ConfigReader {
     return OkStatus();
   }
   // A secret, given one of three ways (at most one): `key` itself, `key_env` the name of
-  // an environment variable that holds it, or `key_file` the path of a file that holds it
-  // (as Docker and Kubernetes mount secrets; its final line ends are dropped). A variable
-  // unset or empty, or a file unreadable, empty, over 64 KiB or a directory, is an error naming it.
-  // The caller lists all three keys as known.
+  // an environment variable that holds it, or `key_file` the path of a regular file that
+  // holds it (as Docker and Kubernetes mount secrets; one final line end is dropped; a
+  // relative path is taken from the working directory). A variable unset or empty, a file
+  // unreadable, empty or over 64 KiB, and a secret read from either with a control
+  // character, a byte-order mark or surrounding blanks (likely not the secret meant) are
+  // errors naming the key, never showing the secret. The caller lists the three keys as
+  // known.
   Status Secret(const char* section, const char* key, std::string* out) {
     const std::string env_key = std::string(key) + "_env", file_key = std::string(key) + "_file";
     CONVERGE_RETURN_IF_ERROR(OneOf(section, {key, env_key, file_key}));
@@ -212,37 +218,11 @@ class ConfigReader {
   }
   static Status FromEnv(const char* section, const std::string& key, const std::string& name,
                         std::string* out) {
-    const char* v = name.empty() ? nullptr : std::getenv(name.c_str());
-    if (v == nullptr || *v == '\0') {
-      return InvalidArgumentError(std::string("config: ") + section + "." + key +
-                                  ": the environment variable '" + name + "' is " +
-                                  (v == nullptr ? "not set" : "empty"));
-    }
-    *out = v;
-    return OkStatus();
+    return internal::SecretFromEnv(std::string("config: ") + section + "." + key, name, out);
   }
   static Status FromFile(const char* section, const std::string& key, const std::string& path,
                          std::string* out) {
-    constexpr size_t kMaxSecretFile = 64 << 10;
-    const std::string where = std::string("config: ") + section + "." + key + ": '" + path + "'";
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) {
-      return InvalidArgumentError(where + " is a directory, not a file holding a secret");
-    }
-    std::ifstream f(path, std::ios::binary);
-    if (!f) return InvalidArgumentError(where + ": " + std::strerror(errno));
-    std::string data;
-    data.resize(kMaxSecretFile + 1);
-    f.read(data.data(), static_cast<std::streamsize>(data.size()));
-    if (f.bad()) return InvalidArgumentError(where + ": cannot be read");
-    data.resize(static_cast<size_t>(f.gcount()));
-    if (data.size() > kMaxSecretFile) {
-      return InvalidArgumentError(where + " holds more than 64 KiB: not a secret");
-    }
-    while (!data.empty() && (data.back() == '\n' || data.back() == '\r')) data.pop_back();
-    if (data.empty()) return InvalidArgumentError(where + " is empty");
-    *out = std::move(data);
-    return OkStatus();
+    return internal::SecretFromFile(std::string("config: ") + section + "." + key, path, out);
   }
   static Status KnownKeys(const std::string& section, const toml::table& t,
                           const std::set<std::string>& keys) {

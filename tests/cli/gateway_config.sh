@@ -59,8 +59,32 @@ check secret_file_missing "target.secret_file: '$dir/missing': No such file or d
 : > "$dir/empty.secret"
 check secret_file_empty "target.secret_file: '$dir/empty.secret' is empty" \
   "$gw$target_head"$'secret_file = "'"$dir"$'/empty.secret"\n'"$endpoint"
-check secret_file_directory "target.secret_file: '$dir' is a directory" \
+check secret_file_directory "target.secret_file: '$dir' is not a regular file" \
   "$gw$target_head"$'secret_file = "'"$dir"$'"\n'"$endpoint"
+mkfifo "$dir/fifo"
+check secret_file_fifo "target.secret_file: '$dir/fifo' is not a regular file" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'/fifo"\n'"$endpoint"
+# What is read but likely not the secret meant is refused, and the secret is not shown.
+printf '%s \n' "$sender" > "$dir/spaced.secret"
+check secret_file_spaced "'$dir/spaced.secret' begins or ends with a space (the secret is not shown)" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'/spaced.secret"\n'"$endpoint"
+printf '%s\n%s\n' "$sender" "$sender" > "$dir/two.secret"
+check secret_file_two_lines "'$dir/two.secret' holds a control character" \
+  "$gw$target_head"$'secret_file = "'"$dir"$'/two.secret"\n'"$endpoint"
+# A secret put under the _env or _file key by mistake is not echoed.
+check secret_env_holds_a_secret "target.secret_env: the environment variable named (not shown" \
+  "$gw$target_head"$'secret_env = "'"$sender"$'"\n'"$endpoint"
+check secret_env_not_a_name "target.secret_env must name an environment variable" \
+  "$gw$target_head"$'secret_env = "whsec_a+b/c="\n'"$endpoint"
+check secret_file_holds_a_secret "target.secret_file: the file named (not shown" \
+  "$gw$target_head"$'secret_file = "'"$sender"$'"\n'"$endpoint"
+for name in secret_env_holds_a_secret secret_env_not_a_name secret_file_holds_a_secret; do
+  if CONVERGE_ADMIN_TOKEN= "$bin" gateway --config "$dir/$name.toml" --listen 127.0.0.1:0 2>&1 |
+      grep -q -e "${sender#whsec_}" -e "a+b/c="; then
+    echo "FAIL $name: the error shows the secret"
+    failures=$((failures + 1))
+  fi
+done
 check secret_twice "target.secret and target.secret_env both give the secret; keep one" \
   "$gw$target"$'secret_env = "HOME"\n'"$endpoint"
 printf '%s\n' "$sender" > "$dir/sender.secret"

@@ -340,8 +340,8 @@ TEST_F(HttpEdge, TableOfRequestsGetsItsStatusItsConnectionFateAndWritesNothing) 
        "POST /v1/payments HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
        "Content-Length: " + std::to_string(kBodyLimit + 1) + "\r\n\r\n",
        {413}, true},
-      {"100-continue from HTTP/1.0 is ignored",
-       "POST /webhooks/psp HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+      {"an unknown expectation from HTTP/1.0 is ignored",
+       "POST /webhooks/psp HTTP/1.0\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}",
        {401}, true},
       // --- pipelining -----------------------------------------------------------------
       {"three pipelined requests", Repeat(kHealthz, 3), {200, 200, 200}, false},
@@ -514,6 +514,14 @@ TEST_F(HttpEdge, ExpectContinueGetsA100BeforeTheBodyThenTheAnswer) {
   EXPECT_NE(judged.body.find("JSON"), std::string::npos) << judged.body;
   ASSERT_TRUE(conn->Send(kHealthz));
   EXPECT_EQ(conn->Read().status, 200) << "the connection is no longer usable";
+
+  // HTTP/1.0 has no 100 (Continue): its header alone gets nothing, then its body the answer.
+  auto old = Connect();
+  ASSERT_TRUE(old->Send("POST /webhooks/psp HTTP/1.0\r\nExpect: 100-continue\r\n"
+                        "Content-Length: 2\r\n\r\n"));
+  EXPECT_EQ(old->Read(false, std::chrono::milliseconds(300)).status, 0);
+  ASSERT_TRUE(old->Send("{}"));
+  EXPECT_EQ(old->Read().status, 401);
 }
 
 // --- connections ------------------------------------------------------------------------
