@@ -48,15 +48,23 @@ class ConfigReader {
   }
 
   // Calls fn(reader) for each table of the array of tables [[name]] in `root`, the reader
-  // seeing that one table as section `name`. Stops at the first error.
+  // seeing that one table as section `name`. Stops at the first error, which then says
+  // which of the tables it is about (" (in [[name]] #2)").
   template <class Fn>
   static Status ForEachTable(const toml::table& root, const char* name, Fn fn) {
     const toml::array* tables = root[name].as_array();
     if (tables == nullptr) return OkStatus();
+    size_t n = 0;
     for (const auto& element : *tables) {
+      ++n;
       toml::table one;
       one.insert(name, *element.as_table());
-      CONVERGE_RETURN_IF_ERROR(fn(ConfigReader(one)));
+      Status st = fn(ConfigReader(one));
+      if (!st.ok()) {
+        return Status(st.code(),
+                      st.message() + " (in [[" + name + "]] #" + std::to_string(n) + ")",
+                      st.reason());
+      }
     }
     return OkStatus();
   }
