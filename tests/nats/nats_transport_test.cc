@@ -138,18 +138,31 @@ class NatsTransport : public ::testing::Test {
   // Publishes event `id` and makes the server give up on it: a fetcher that never
   // settles, with no in-progress acks, gets it back after each AckWait until MaxDeliver
   // (as a worker killed MaxDeliver times in a row would), and the server sends its
-  // MAX_DELIVERIES advisory.
-  static void PublishAndExhaustMaxDeliver(NatsBroker& broker, const std::string& id) {
+  // MAX_DELIVERIES advisory. Sets *notices to the broker's count of notices handed out
+  // once that is done.
+  // CI, session 42: the fetcher looks for notices too, and on a loaded host it took this
+  // message's notice before the advisory's callback had counted it. Unsettled, the notice
+  // came back after its AckWait, and a test that counted the notices it expected saw one
+  // more. If the fetcher took the notice, this waits until it is back.
+  static void PublishAndExhaustMaxDeliver(NatsBroker& broker, const std::string& id,
+                                          int64_t* notices) {
     ASSERT_TRUE(broker.Publish(MakeEvent(id)).ok());
-    auto taker = broker.Subscribe(LedgerSubscription());
-    ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
-    const int64_t before = broker.stats().max_deliveries;
-    ASSERT_TRUE(WaitUntil(
-        [&] {
-          (void)(*taker)->Fetch(10, 1ms);
-          return broker.stats().max_deliveries > before;
-        },
-        60s));
+    const int64_t notices_before = broker.stats().abandoned;
+    {
+      auto taker = broker.Subscribe(LedgerSubscription());
+      ASSERT_TRUE(taker.has_value()) << taker.error().ToString();
+      const int64_t before = broker.stats().max_deliveries;
+      ASSERT_TRUE(WaitUntil(
+          [&] {
+            (void)(*taker)->Fetch(10, 1ms);
+            return broker.stats().max_deliveries > before;
+          },
+          60s));
+    }
+    *notices = broker.stats().abandoned;
+    if (*notices > notices_before) {
+      std::this_thread::sleep_for(LedgerSubscription().ack_wait + 500ms);
+    }
   }
 
   NatsServers nats_;
@@ -605,7 +618,8 @@ TEST_F(NatsTransport, StoreOutagePastMaxDeliverHoldsTheMessageAndAppliesItOnceAf
 TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "abandoned-1"));
+  int64_t notices = 0;
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "abandoned-1", &notices));
   EXPECT_EQ((*broker)->Unsettled("ledger").value_or(-1), 0);  // the server gave up
   auto sub = (*broker)->Subscribe(LedgerSubscription());
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
@@ -625,7 +639,9 @@ TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
   }));
   for (int i = 0; i < 5; ++i) (void)consumer.RunOnce();  // the notice is settled: no more
   EXPECT_EQ(letters.Count("").value_or(-1), 1);
-  EXPECT_EQ((*broker)->stats().abandoned, 1);
+  // Handed out at least once: a notice whose AckWait ran out under a stalled host comes
+  // back, and is parked once all the same (the letters counted above).
+  EXPECT_GE((*broker)->stats().abandoned - notices, 1);
 }
 
 // A review, 2026-12-04: a notice whose abandoned message could not be read back was acked
@@ -636,7 +652,8 @@ TEST_F(NatsTransport, AMessageTheServerGaveUpOnIsParkedFromItsStoredAdvisory) {
 TEST_F(NatsTransport, ANoticeWhoseMessageCannotBeReadNowComesBackAndIsParked) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "unreadable"));
+  int64_t notices = 0;
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "unreadable", &notices));
   auto sub = (*broker)->Subscribe(LedgerSubscription());
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
   ASSERT_TRUE(failpoint::Configure("nats.before_abandoned_read=error(unavailable)*1").ok());
@@ -656,7 +673,7 @@ TEST_F(NatsTransport, ANoticeWhoseMessageCannotBeReadNowComesBackAndIsParked) {
   ASSERT_TRUE(parked.has_value() && parked->size() == 1);
   EXPECT_EQ((*parked)[0].error_class, "abandoned");
   EXPECT_EQ((*parked)[0].event_id, "unreadable");
-  EXPECT_EQ((*broker)->stats().abandoned, 1);
+  EXPECT_GE((*broker)->stats().abandoned - notices, 1);
   EXPECT_EQ((*broker)->stats().abandoned_gone, 0);
 }
 
@@ -727,7 +744,8 @@ TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAckBeingHandled) {
 TEST_F(NatsTransport, ANoticeWhoseAnswerIsLateIsTakenAtTheNextFetch) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
-  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "late-notice"));
+  int64_t notices = 0;
+  ASSERT_NO_FATAL_FAILURE(PublishAndExhaustMaxDeliver(**broker, "late-notice", &notices));
   auto sub = (*broker)->Subscribe(LedgerSubscription());
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
   // The first pull request of this subscriber is the look for notices: its answer comes
@@ -753,7 +771,7 @@ TEST_F(NatsTransport, ANoticeWhoseAnswerIsLateIsTakenAtTheNextFetch) {
       for (const Delivery& d : *more) EXPECT_FALSE(d.abandoned) << d.event.id;
     }
   }
-  EXPECT_EQ((*broker)->stats().abandoned, 1);
+  EXPECT_EQ((*broker)->stats().abandoned - notices, 1);
 }
 
 // A durable consumer deleted under a running worker (an operator, a script): nats-server
