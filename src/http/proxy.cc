@@ -120,9 +120,13 @@ struct Proxy {
     if (!req.remote.empty()) up.headers.emplace_back("X-Forwarded-For", req.remote);
     auto r = client.Send(up);
     if (r) {
-      // The server writes its own Server field; the upstream's would be a second one.
+      // The server writes its own Server field; the upstream's would be a second one. A
+      // HEAD answer keeps its Content-Length, the GET answer's length, for the server to
+      // send on with no body.
       const std::vector<std::string> answer_options = ConnectionOptions(r->headers);
+      const bool head = req.method == "HEAD";
       std::erase_if(r->headers, [&](const auto& h) {
+        if (head && SameName(h.first, "Content-Length")) return false;
         return NotForwarded(h.first, answer_options) || SameName(h.first, "Server");
       });
     }

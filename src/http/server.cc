@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -290,6 +291,17 @@ class RequestParser final : public bhttp::basic_parser<true> {
   bool obs_fold_ = false;
   bool too_many_fields_ = false;
 };
+
+// The length a handler's answer gives in its one Content-Length field, if it is a number.
+std::optional<uint64_t> GivenLength(const bhttp::response<bhttp::string_body>& res) {
+  auto [first, last] = res.equal_range(bhttp::field::content_length);
+  if (first == last || std::next(first) != last) return std::nullopt;
+  const beast::string_view v = first->value();
+  uint64_t n = 0;
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (v.empty() || ec != std::errc() || end != v.data() + v.size()) return std::nullopt;
+  return n;
+}
 
 }  // namespace
 
@@ -757,9 +769,17 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     res->body() = std::move(resp.body);
     bool close = !keep_alive_ || server_->stopping_.load();
     res->keep_alive(!close);
+    // HEAD: the Content-Length of the GET answer, no body (RFC 9110 §9.3.2). A handler that
+    // knows that length without the body (the proxy passing an upstream's HEAD answer on)
+    // gives it as a Content-Length field beside an empty body.
+    const bool head = req->method == "HEAD";
+    std::optional<uint64_t> head_length;
+    if (head && res->body().empty()) head_length = GivenLength(*res);
     res->prepare_payload();
-    // HEAD: the Content-Length of the GET answer, no body (RFC 9110 §9.3.2).
-    if (req->method == "HEAD") res->body().clear();
+    if (head) {
+      res->body().clear();
+      if (head_length) res->content_length(*head_length);
+    }
     stream_.expires_after(server_->options_.body_timeout);
     double secs = std::chrono::duration<double>(SteadyClock::now() - started_).count();
     auto self = shared_from_this();

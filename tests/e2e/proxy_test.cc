@@ -3,6 +3,8 @@
 // is not an outcome is not stored, a proxy killed between the upstream's answer and the
 // store loses nothing and (with an upstream that dedupes on the forwarded key) doubles
 // nothing, and each bad request gets its status.
+#include <strings.h>
+
 #include <atomic>
 #include <fstream>
 #include <memory>
@@ -293,6 +295,62 @@ TEST_F(ProxyE2E, BadRequestsGetTheirStatusAndOtherPathsPassThrough) {
   EXPECT_EQ(got->status, 200);
   EXPECT_EQ(json::parse(got->body)["amount"], 3);
   EXPECT_EQ(client_.Send({.url = proxy_->Url("/healthz")})->status, 200);  // the proxy's own
+}
+
+// A HEAD passes through as HEAD, and its answer carries the upstream's Content-Length (the
+// GET answer's) with no body. Until 2026-12-04 the proxy dropped the upstream's length and
+// the server wrote its own of the empty body: `Content-Length: 0`. Two HEADs and a GET on
+// one connection show that the length sent with no body does not shift the next answer.
+TEST_F(ProxyE2E, AHeadPassesThroughWithTheLengthOfTheGetAnswerAndNoBody) {
+  ASSERT_EQ(Post("/v1/charges", "k-head", R"({"amount": 7})").status, 201);
+  auto got = client_.Send({.url = proxy_->Url("/v1/charges/ch_1")});
+  ASSERT_TRUE(got && got->status == 200);
+  ASSERT_FALSE(got->body.empty());
+  auto missing = client_.Send({.url = proxy_->Url("/v1/charges/ch_9")});
+  ASSERT_TRUE(missing && missing->status == 404);
+  testing::RawConnection c(proxy_->port());
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c.Send("HEAD /v1/charges/ch_1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     "HEAD /v1/charges/ch_9 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     "GET /v1/charges/ch_1 HTTP/1.1\r\nHost: x\r\n\r\n"));
+  testing::RawResponse head = c.Read(/*head_request=*/true);
+  EXPECT_EQ(head.status, 200) << head.head;
+  EXPECT_EQ(head.Header("Content-Length"), std::to_string(got->body.size())) << head.head;
+  EXPECT_EQ(head.Header("Content-Type"), "application/json");
+  testing::RawResponse head_missing = c.Read(/*head_request=*/true);
+  EXPECT_EQ(head_missing.status, 404) << head_missing.head;
+  EXPECT_EQ(head_missing.Header("Content-Length"), std::to_string(missing->body.size()));
+  testing::RawResponse after = c.Read();
+  EXPECT_EQ(after.status, 200) << after.head;
+  EXPECT_EQ(after.body, got->body);
+  EXPECT_EQ(Stats()["heads"], 2);
+  EXPECT_EQ(Stats()["charges"], 1);
+}
+
+// `Expect: 100-continue` is the proxy's own business: its server answers the 100 once the
+// header passed its checks, and the field goes no further (the upstream gets the whole
+// body at once). The keyed request then runs as any other.
+TEST_F(ProxyE2E, AnExpectContinueIsAnsweredByTheProxyAndNotForwarded) {
+  const std::string body = R"({"amount": 9})";
+  testing::RawConnection c(proxy_->port());
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c.Send("POST /v1/charges HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_a\r\n"
+                     "Idempotency-Key: k-continue\r\nContent-Type: application/json\r\n"
+                     "Expect: 100-continue\r\nContent-Length: " +
+                     std::to_string(body.size()) + "\r\n\r\n"));
+  testing::RawResponse go_on = c.Read(false, std::chrono::seconds(5));
+  EXPECT_EQ(go_on.status, 100) << go_on.head;
+  ASSERT_TRUE(c.Send(body));
+  testing::RawResponse created = c.Read();
+  EXPECT_EQ(created.status, 201) << created.head << created.body;
+  EXPECT_EQ(json::parse(created.body).value("amount", 0), 9) << created.body;
+  EXPECT_EQ(UpstreamRequests("k-continue"), 1);
+  json seen = Stats()["headers"];
+  EXPECT_EQ(seen.value("Upstream-Key", ""), "k-continue");
+  for (const auto& [name, value] : seen.items()) {
+    EXPECT_NE(strcasecmp(name.c_str(), "expect"), 0) << name << ": " << value;
+  }
+  EXPECT_NE(Post("/v1/charges", "k-continue", body).Header("Idempotent-Replayed"), nullptr);
 }
 
 // The proxy dies after the upstream answered and before the answer was stored: the retry

@@ -9,9 +9,10 @@ Listens on 127.0.0.1 (a free port, written to PORT_FILE) and serves:
                         When the request carries
                         the forwarded key (header Upstream-Key) and `dedupe` is on, a
                         second request with that key gets the first charge back.
-  GET  /v1/charges/ID   200 or 404
+  GET  /v1/charges/ID   200 or 404 (HEAD: the same fields, no body)
   POST /v1/big          201 with a body of `big_bytes` bytes
-  GET  /stats           {"requests": {key: n}, "charges": n, "keys_seen": {...}}
+  GET  /stats           {"requests": {key: n}, "charges": n, "heads": n (HEAD requests),
+                        "headers": {the last POST's fields}}
   POST /faults          JSON: {"fail_next": n (answer 500), "delay_ms": d (each of the next
                         `delay_next` requests), "dedupe": bool, "big_bytes": n}
 Every request without a key is counted under "".
@@ -50,7 +51,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -61,12 +63,18 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 return self.answer(200, {"requests": state["requests"],
                                          "charges": len(state["charges"]),
+                                         "heads": state.get("heads", 0),
                                          "headers": state["headers"]})
         if self.path.startswith("/v1/charges/"):
             with lock:
                 c = state["charges"].get(self.path.rsplit("/", 1)[1])
             return self.answer(200, c) if c else self.answer(404, {"error": "no such charge"})
         self.answer(404, {"error": "no route"})
+
+    def do_HEAD(self):
+        with lock:
+            state["heads"] = state.get("heads", 0) + 1
+        self.do_GET()
 
     def do_POST(self):
         raw = self.body()

@@ -46,6 +46,12 @@ class HttpTest : public ::testing::Test {
       return resp;
     });
     server_->Route("GET", "/throw", [](Request&) -> Response { throw std::runtime_error("x"); });
+    // Sets Content-Length itself (AHeadAnswerHasTheLengthOfTheGetAnswerAndNoBody).
+    server_->Route("GET", "/sized", [](Request& r) {
+      Response resp = Json(200, r.method == "HEAD" ? "" : "{\"a\":1}");
+      resp.Set("Content-Length", r.method == "HEAD" ? "12345" : "3");
+      return resp;
+    });
     server_->OnExchange([this](const Exchange& e) {
       if (e.status == 413) ++rejected_;
     });
@@ -275,6 +281,28 @@ TEST_F(HttpTest, TheClientsHeadDoesNotWaitForABody) {
   ASSERT_TRUE(r) << r.error().ToString();
   EXPECT_EQ(r->status, 200);
   EXPECT_EQ(r->body, "");
+}
+
+// A HEAD answer carries the GET answer's Content-Length and no body (RFC 9110 §9.3.2): the
+// length of the body a GET handler wrote, or the length a handler gives in the field
+// beside an empty body (as the proxy does with an upstream's HEAD answer). Any other
+// Content-Length a handler sets is replaced by its body's.
+TEST_F(HttpTest, AHeadAnswerHasTheLengthOfTheGetAnswerAndNoBody) {
+  auto head = client_.Send({.method = "HEAD", .url = base_ + "/hello/ada"});
+  ASSERT_TRUE(head) << head.error().ToString();
+  ASSERT_NE(head->Header("Content-Length"), nullptr);
+  EXPECT_EQ(*head->Header("Content-Length"), "15");  // {"hello":"ada"}
+  EXPECT_EQ(head->body, "");
+  auto given = client_.Send({.method = "HEAD", .url = base_ + "/sized"});
+  ASSERT_TRUE(given) << given.error().ToString();
+  ASSERT_NE(given->Header("Content-Length"), nullptr);
+  EXPECT_EQ(*given->Header("Content-Length"), "12345");
+  EXPECT_EQ(given->body, "");
+  auto got = Get("/sized");
+  ASSERT_TRUE(got) << got.error().ToString();
+  EXPECT_EQ(got->body, "{\"a\":1}");
+  ASSERT_NE(got->Header("Content-Length"), nullptr);
+  EXPECT_EQ(*got->Header("Content-Length"), "7");
 }
 
 // The client reads at most max_response_body bytes of an answer.
