@@ -5,7 +5,8 @@
 #                           tests (without PostgreSQL and chaos) under ASan+UBSan too
 #   make chaos              the chaos campaign: CHAOS_KILLS (default 1000) kills on SQLite,
 #                           then on PostgreSQL (a throwaway server); CHAOS_SEED picks the seed
-#   make chaos-nats         the same over NATS JetStream (--broker nats), on each store
+#   make chaos-nats         the same over NATS JetStream (--broker nats), on each store;
+#                           CHAOS_NATS_NODES=3 on a 3-node cluster (default 1)
 #   make bench              benchmarks (not tests): prints rates and ratios
 #   make bench-scale        the scale benchmark alone: SCALE_ROWS (default 1000000) keys and
 #                           inbox rows preloaded per store (the documented run: 10000000)
@@ -50,13 +51,14 @@ chaos: build
 	  $(BUILD)/converge --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
 
 # The same over NATS (docs/design/chaos.md, "With NATS"): the campaign starts its own
-# nats-server, relay and workers.
+# nats-server (or cluster), relay and workers.
+CHAOS_NATS_NODES ?= 1
 chaos-nats: build
-	$(BUILD)/converge chaos --store sqlite --broker nats --kills $(CHAOS_KILLS) \
-	  --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
+	$(BUILD)/converge chaos --store sqlite --broker nats --nats-nodes $(CHAOS_NATS_NODES) \
+	  --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
 	CHAOS_DB_RESTARTS=1 bash scripts/with-postgres.sh bash tests/chaos/campaign_pg.sh \
-	  $(BUILD)/converge --broker nats --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) \
-	  --clients $(CHAOS_CLIENTS)
+	  $(BUILD)/converge --broker nats --nats-nodes $(CHAOS_NATS_NODES) \
+	  --kills $(CHAOS_KILLS) --seed $(CHAOS_SEED) --clients $(CHAOS_CLIENTS)
 
 check-sanitizers: deps
 	cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DCONVERGE_SANITIZE=address -DCONVERGE_BUILD_BENCH=OFF -DCONVERGE_WITH_NATS=ON

@@ -150,9 +150,11 @@ struct Step {
   Fault fault;
   int instance;
   uint64_t a, b;
+  int nats_node = 0;  // the nats-server node a kill-nats-server kills; -1: the only one
 };
 
-Step Draw(std::mt19937_64& rng, int instances, bool db_restarts, bool nats) {
+// `nats_nodes`: 0 without NATS, else the nats-server nodes.
+Step Draw(std::mt19937_64& rng, int instances, bool db_restarts, int nats_nodes) {
   Step s;
   s.gap_ms = 100 + static_cast<int64_t>(rng() % 300);
   const uint64_t w = rng() % 100;
@@ -173,9 +175,10 @@ Step Draw(std::mt19937_64& rng, int instances, bool db_restarts, bool nats) {
   s.instance = static_cast<int>(rng() % static_cast<uint64_t>(instances));
   s.a = rng();
   s.b = rng();
-  if (nats) {
+  if (nats_nodes > 0) {
     // Some of the kills and stalls go to the NATS shape's other processes, chosen by bits
-    // of `a` that no other choice reads (so the step still makes five draws).
+    // of `a` that no other choice reads (so the step still makes five draws); the node
+    // of a cluster that a kill goes to, by the high bits of `b`.
     const uint64_t t = (s.a >> 40) % 8;
     if (s.fault == Fault::kKill) {
       s.fault = t < 2 ? Fault::kKill : t < 4 ? Fault::kKillRelay
@@ -186,6 +189,7 @@ Step Draw(std::mt19937_64& rng, int instances, bool db_restarts, bool nats) {
     } else if (s.fault == Fault::kStall && t >= 4) {
       s.fault = Fault::kStallWorker;
     }
+    s.nats_node = nats_nodes == 1 ? -1 : static_cast<int>((s.b >> 40) % nats_nodes);
   }
   return s;
 }
@@ -256,7 +260,9 @@ std::string Describe(const Step& s) {
       return after + "kill-worker-at-failpoint " + kWorkerConsumers[WorkerOf(s)] + " at " +
              WorkerCrashPoint(s);
     case Fault::kKillNats:
-      return after + "kill-nats-server, down " + std::to_string(NatsDownMs(s)) + " ms";
+      return after + "kill-nats-server" +
+             (s.nats_node < 0 ? "" : " node " + std::to_string(s.nats_node + 1)) + ", down " +
+             std::to_string(NatsDownMs(s)) + " ms";
     case Fault::kStallWorker:
       return after + "stall-worker " + kWorkerConsumers[WorkerOf(s)] + " (SIGSTOP) " +
              std::to_string(WorkerStallMs(s)) + " ms";
@@ -378,6 +384,7 @@ class Campaign {
   // With NATS: the server, the relay and one worker per kWorkerConsumers entry.
   bool nats_ = false;
   std::unique_ptr<NatsServer> nats_server_;
+  std::string broker_uri_;  // the nodes' URLs, and on a cluster its replicas
   std::unique_ptr<ServeProcess> relay_;
   std::vector<std::unique_ptr<ServeProcess>> workers_;
   std::unique_ptr<Database> db_, psp_db_, mail_db_;
@@ -426,9 +433,21 @@ Status Campaign::SetUp() {
         "--publish-in-transaction puts events on the store's queue; with --broker they go "
         "to the broker");
   }
+  if (o_.nats_nodes != 1 && !nats_) {
+    return InvalidArgumentError("--nats-nodes needs --broker nats");
+  }
+  if (o_.nats_nodes < 1 || o_.nats_nodes % 2 == 0 || o_.nats_nodes > 5) {
+    return InvalidArgumentError(
+        "--nats-nodes is 1, 3 or 5 (a cluster of an even number of nodes loses its quorum "
+        "when half of them are down), not " + std::to_string(o_.nats_nodes));
+  }
   if (nats_) {
-    nats_server_ = std::make_unique<NatsServer>(dir_);
+    nats_server_ = std::make_unique<NatsServer>(dir_, o_.nats_nodes);
     CONVERGE_RETURN_IF_ERROR(nats_server_->Start());
+    // On a cluster every node holds the stream and its consumers: a node killed loses
+    // none of them (docs/design/nats.md, "Durability").
+    broker_uri_ = nats_server_->url();
+    if (o_.nats_nodes > 1) broker_uri_ += "?replicas=" + std::to_string(o_.nats_nodes);
   }
   if (pg_) {
     CONVERGE_RETURN_IF_ERROR(CreateDatabase());
@@ -451,7 +470,7 @@ Status Campaign::SetUp() {
   {
     std::ofstream c(config);
     c << "[store]\nuri = \"" << uri_ << "\"\n";
-    if (nats_) c << "broker = \"" << nats_server_->url() << "\"\n";
+    if (nats_) c << "broker = \"" << broker_uri_ << "\"\n";
     if (o_.publish_in_transaction) c << "publish_in_transaction = true\n";
     c
       << "[idempotency]\nlease_ms = " << kLeaseMs << "\ncompleter_grace_ms = 1000\n"
@@ -777,13 +796,13 @@ Status Campaign::StartNatsShape() {
   relay_ = std::make_unique<ServeProcess>(ServeProcess::Options{
       .binary = o_.binary, .command = "relay", .dir = dir_, .name = "relay",
       .log_level = "info", .ready_line = "event=relay_started",
-      .args = {"--db", uri_, "--broker", nats_server_->url(), "--name", "chaos-relay"}});
+      .args = {"--db", uri_, "--broker", broker_uri_, "--name", "chaos-relay"}});
   CONVERGE_RETURN_IF_ERROR(relay_->Start(""));
   for (const std::string& consumer : kWorkerConsumers) {
     workers_.push_back(std::make_unique<ServeProcess>(ServeProcess::Options{
         .binary = o_.binary, .command = "worker", .dir = dir_, .name = "worker-" + consumer,
         .log_level = "info", .ready_line = "event=worker_started",
-        .args = {"--db", uri_, "--broker", nats_server_->url(), "--consumer", consumer,
+        .args = {"--db", uri_, "--broker", broker_uri_, "--consumer", consumer,
                  "--config", dir_ + "/service.toml"}}));
     CONVERGE_RETURN_IF_ERROR(workers_.back()->Start(""));
   }
@@ -832,9 +851,13 @@ Status Campaign::KillNats(const Step& s) {
   // SIGKILL: a crash of the server process, not of its machine. nats-server 2.9 has
   // written an acknowledged message to its file (the page cache) before the ack, so a
   // process crash must lose nothing: a lost event shows as a missing ledger entry or
-  // receipt, a violation (docs/design/chaos.md, "With NATS").
-  nats_server_->Kill();
-  Note("kill nats-server, down " + std::to_string(NatsDownMs(s)) + " ms");
+  // receipt, a violation (docs/design/chaos.md, "With NATS"). On a cluster one node goes
+  // down at a time, and is back before the next step.
+  const int node = std::max(s.nats_node, 0);
+  nats_server_->Kill(node);
+  Note("kill nats-server" +
+       (s.nats_node < 0 ? std::string() : " " + nats_server_->name(node)) + ", down " +
+       std::to_string(NatsDownMs(s)) + " ms");
   std::this_thread::sleep_for(milliseconds(NatsDownMs(s)));
   Status st;
   for (int attempt = 0; attempt < 10; ++attempt) {
@@ -1114,20 +1137,48 @@ Status Campaign::Drain() {
   return OkStatus();  // the checker reports what is left
 }
 
+// Each consumer as its leader sees it: on a cluster a follower's view lags (its stream
+// may not hold the newest events yet, so its pending count can read 0 too early).
 Result<json> Campaign::StreamConsumers() {
-  auto r = http_.Send({.url = nats_server_->MonitorUrl(
-                           "/jsz?accounts=true&streams=true&consumers=true"),
-                       .timeout = std::chrono::seconds(5)});
-  if (!r) return tl::unexpected(r.error());
-  const json jsz = json::parse(r->body, nullptr, false);
-  if (r->status != 200 || !jsz.is_object()) {
-    return tl::unexpected(UnavailableError("nats-server /jsz: " + std::to_string(r->status)));
-  }
   json consumers = json::array();
-  for (const json& account : jsz.value("account_details", json::array())) {
-    for (const json& stream : account.value("stream_detail", json::array())) {
-      if (stream.value("name", "") != "CONVERGE") continue;
-      for (const json& c : stream.value("consumer_detail", json::array())) consumers.push_back(c);
+  std::set<std::string> seen, led;
+  Status last = UnavailableError("no nats-server node is up");
+  int answered = 0;
+  for (int node = 0; node < nats_server_->nodes(); ++node) {
+    if (!nats_server_->alive(node)) continue;
+    auto r = http_.Send({.url = nats_server_->MonitorUrl(
+                             node, "/jsz?accounts=true&streams=true&consumers=true"),
+                         .timeout = std::chrono::seconds(5)});
+    if (!r) {
+      last = r.error();
+      continue;
+    }
+    const json jsz = json::parse(r->body, nullptr, false);
+    if (r->status != 200 || !jsz.is_object()) {
+      last = UnavailableError("nats-server " + nats_server_->name(node) +
+                              " /jsz: " + std::to_string(r->status));
+      continue;
+    }
+    ++answered;
+    for (const json& account : jsz.value("account_details", json::array())) {
+      for (const json& stream : account.value("stream_detail", json::array())) {
+        if (stream.value("name", "") != "CONVERGE") continue;
+        for (const json& c : stream.value("consumer_detail", json::array())) {
+          const std::string name = c.value("name", "?");
+          seen.insert(name);
+          const bool leader =
+              nats_server_->nodes() == 1 ||
+              (c.contains("cluster") && c["cluster"].is_object() &&
+               c["cluster"].value("leader", "") == nats_server_->name(node));
+          if (leader && led.insert(name).second) consumers.push_back(c);
+        }
+      }
+    }
+  }
+  if (answered == 0) return tl::unexpected(last);
+  for (const std::string& name : seen) {
+    if (led.count(name) == 0) {
+      return tl::unexpected(UnavailableError("NATS consumer " + name + " has no leader up"));
     }
   }
   return consumers;
@@ -1157,7 +1208,7 @@ Result<ChaosResult> Campaign::Run() {
   Status st;
   while (st.ok() && (o_.duration.count() > 0 ? Steady::now() < end
                                               : result_.counts.kills < o_.kills)) {
-    const Step s = Draw(sched_, instances_, db_restarts, nats_);
+    const Step s = Draw(sched_, instances_, db_restarts, nats_ ? o_.nats_nodes : 0);
     const auto until = Steady::now() + milliseconds(s.gap_ms);
     while (Steady::now() < until) {
       Progress("campaign:");
@@ -1262,11 +1313,11 @@ Result<ChaosResult> Campaign::Run() {
 }  // namespace
 
 std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
-                                         bool db_restarts, bool nats) {
+                                         bool db_restarts, int nats_nodes) {
   std::mt19937_64 rng(seed);
   std::vector<std::string> out;
   for (int i = 0; i < steps; ++i) {
-    out.push_back(Describe(Draw(rng, instances, db_restarts, nats)));
+    out.push_back(Describe(Draw(rng, instances, db_restarts, nats_nodes)));
   }
   return out;
 }
@@ -1287,6 +1338,7 @@ std::string FormatViolations(const ChaosOptions& o, const ChaosResult& r) {
   s << r.violations.size() << " violation(s); seed " << o.seed << " (replay: converge chaos --seed "
     << o.seed << " --store " << (o.store == "sqlite" ? "sqlite" : "<uri>")
     << (o.broker.empty() ? "" : " --broker " + o.broker)
+    << (o.nats_nodes == 1 ? "" : " --nats-nodes " + std::to_string(o.nats_nodes))
     << (o.publish_in_transaction ? " --publish-in-transaction" : "") << " --kills "
     << o.kills << " --clients " << o.clients << ")\n\nschedule (" << r.schedule.size()
     << " faults):\n";

@@ -47,6 +47,9 @@ struct ChaosOptions {
   // "" (events through the store's SQL queue) or "nats": a nats-server of the campaign's
   // own (on PATH), a relay and workers as processes of their own (docs/design/chaos.md).
   std::string broker;
+  // With NATS: 1 (one nats-server) or a cluster of 3 or 5 nodes, the stream and its
+  // consumers replicated on each; a kill of nats-server then kills one node.
+  int nats_nodes = 1;
   // Without a broker: the service puts events on the store's queue in the transactions
   // that write them (store.publish_in_transaction), not in relay passes.
   bool publish_in_transaction = false;
@@ -109,11 +112,12 @@ struct ChaosResult {
 Result<ChaosResult> RunChaos(const ChaosOptions& options);
 
 // The first `steps` steps of the schedule `seed` draws (the same ones RunChaos() injects
-// with that seed and instance count; what each did is in ChaosResult::schedule). `nats`:
-// with `broker` "nats", where some kills and stalls go to the relay, the workers and
-// nats-server instead (the same gaps and faults otherwise).
+// with that seed and instance count; what each did is in ChaosResult::schedule).
+// `nats_nodes`: 0 without a broker; with `broker` "nats" its `nats_nodes`, where some kills
+// and stalls go to the relay, the workers and nats-server (a node of it) instead (the same
+// gaps and faults otherwise).
 std::vector<std::string> PlannedSchedule(uint64_t seed, int steps, int instances,
-                                         bool db_restarts, bool nats = false);
+                                         bool db_restarts, int nats_nodes = 0);
 
 // The violation report: seed, schedule, and per violation the shortest history excerpt.
 std::string FormatViolations(const ChaosOptions& options, const ChaosResult& result);

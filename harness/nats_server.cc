@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <thread>
@@ -36,8 +37,27 @@ std::string FindOnPath(const std::string& name) {
   return "";
 }
 
-NatsServer::NatsServer(std::string dir) : dir_(std::move(dir)) {}
+NatsServer::NatsServer(std::string dir, int nodes)
+    : dir_(std::move(dir)), nodes_(static_cast<size_t>(std::max(nodes, 1))) {}
 NatsServer::~NatsServer() { Stop(); }
+
+std::string NatsServer::url() const {
+  std::string u = "nats://";
+  for (const Node& n : nodes_) {
+    u += (u.size() > 7 ? ",127.0.0.1:" : "127.0.0.1:") + std::to_string(n.port);
+  }
+  return u;
+}
+
+// One node keeps the names it had before clusters: "chaos", nats-store, nats-server.log.
+std::string NatsServer::name(int node) const {
+  return nodes() == 1 ? "chaos" : "chaos-n" + std::to_string(node + 1);
+}
+
+std::string NatsServer::log_path(int node) const {
+  return nodes() == 1 ? dir_ + "/nats-server.log"
+                      : dir_ + "/nats-server-n" + std::to_string(node + 1) + ".log";
+}
 
 Status NatsServer::Start() {
   const std::string bin = FindOnPath("nats-server");
@@ -45,60 +65,119 @@ Status NatsServer::Start() {
     return FailedPreconditionError(
         "no nats-server on PATH (Debian package nats-server; scripts/install-deps.sh)");
   }
-  if (port_ == 0) {
-    port_ = FreePort();
-    http_port_ = FreePort();
-    if (port_ == 0 || http_port_ == 0 || port_ == http_port_) {
-      return UnavailableError("no free ports for nats-server");
+  if (nodes_[0].port == 0) {
+    std::vector<uint16_t> taken;
+    for (Node& n : nodes_) {
+      for (uint16_t* p : {&n.port, &n.http_port, &n.cluster_port}) {
+        if (p == &n.cluster_port && nodes() == 1) break;
+        *p = FreePort();
+        if (*p == 0 || std::find(taken.begin(), taken.end(), *p) != taken.end()) {
+          nodes_[0].port = 0;
+          return UnavailableError("no free ports for nats-server");
+        }
+        taken.push_back(*p);
+      }
     }
   }
-  const std::string port = std::to_string(port_), http_port = std::to_string(http_port_);
-  const std::string store = dir_ + "/nats-store";
-  const char* argv[] = {"nats-server", "-js", "-a", "127.0.0.1", "-p", port.c_str(),
-                        "-m", http_port.c_str(), "-sd", store.c_str(), "--server_name",
-                        "chaos", nullptr};
-  const int fd = open(log_path().c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  if (fd < 0) return UnavailableError("cannot open " + log_path());
+  std::vector<int> starting;
+  for (int i = 0; i < nodes(); ++i) {
+    if (alive(i)) continue;
+    CONVERGE_RETURN_IF_ERROR(StartNode(i, bin));
+    starting.push_back(i);
+  }
+  // A node started again while the others run is back once its JetStream is enabled; it
+  // catches up with the cluster's streams afterwards (scripts/nats-server.sh does the
+  // same). One node alone, or a cluster's first start, waits for JetStream to be ready.
+  const std::string query = started_ && nodes() > 1 ? "?js-server-only=true" : "";
+  for (int i : starting) {
+    const Status st = WaitHealthy(i, query);
+    if (!st.ok()) {
+      Kill(i);
+      return st;
+    }
+  }
+  started_ = true;
+  return OkStatus();
+}
+
+Status NatsServer::StartNode(int node, const std::string& bin) {
+  const Node& n = nodes_[static_cast<size_t>(node)];
+  const std::string suffix = nodes() == 1 ? "" : "-n" + std::to_string(node + 1);
+  std::vector<std::string> args = {"nats-server", "-js", "-a", "127.0.0.1",
+                                   "-p", std::to_string(n.port), "-m",
+                                   std::to_string(n.http_port), "-sd",
+                                   dir_ + "/nats-store" + suffix, "--server_name", name(node)};
+  if (nodes() > 1) {
+    std::string routes;
+    for (const Node& other : nodes_) {
+      if (&other == &n) continue;
+      routes += (routes.empty() ? "" : ",") + std::string("nats://127.0.0.1:") +
+                std::to_string(other.cluster_port);
+    }
+    args.insert(args.end(), {"--cluster_name", "chaos", "--cluster",
+                             "nats://127.0.0.1:" + std::to_string(n.cluster_port),
+                             "--routes", routes});
+  }
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string log = log_path(node);
+  const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  if (fd < 0) return UnavailableError("cannot open " + log);
   const pid_t parent = getpid();
-  pid_ = fork();
-  if (pid_ == 0) {
+  const pid_t pid = fork();
+  if (pid == 0) {
     // Only async-signal-safe calls between fork and exec: the parent has threads. The
     // server dies with the thread that started it (a campaign interrupted leaves none).
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent) _exit(126);
     dup2(fd, 1);
     dup2(fd, 2);
-    execve(bin.c_str(), const_cast<char* const*>(argv), environ);
+    execve(bin.c_str(), argv.data(), environ);
     _exit(127);
   }
   close(fd);
-  if (pid_ < 0) return UnavailableError("fork failed");
+  if (pid < 0) return UnavailableError("fork failed");
+  nodes_[static_cast<size_t>(node)].pid = pid;
+  return OkStatus();
+}
+
+Status NatsServer::WaitHealthy(int node, const std::string& query) {
+  Node& n = nodes_[static_cast<size_t>(node)];
   http::Client client;
   const auto deadline = Steady::now() + std::chrono::seconds(30);
   while (Steady::now() < deadline) {
-    auto r = client.Send({.url = MonitorUrl("/healthz"), .timeout = std::chrono::seconds(1)});
+    auto r = client.Send(
+        {.url = MonitorUrl(node, "/healthz" + query), .timeout = std::chrono::seconds(1)});
     if (r && r->status == 200) return OkStatus();
-    if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-      pid_ = -1;
-      return UnavailableError("nats-server exited at start; see " + log_path());
+    if (waitpid(n.pid, nullptr, WNOHANG) == n.pid) {
+      n.pid = -1;
+      return UnavailableError("nats-server " + name(node) + " exited at start; see " +
+                              log_path(node));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  Kill();
-  return UnavailableError("nats-server not healthy within 30 s; see " + log_path());
+  return UnavailableError("nats-server " + name(node) + " not healthy within 30 s; see " +
+                          log_path(node));
 }
 
-void NatsServer::Kill() {
-  if (pid_ <= 0) return;
-  kill(pid_, SIGKILL);
-  waitpid(pid_, nullptr, 0);
-  pid_ = -1;
+void NatsServer::Kill(int node) {
+  Node& n = nodes_[static_cast<size_t>(node)];
+  if (n.pid <= 0) return;
+  kill(n.pid, SIGKILL);
+  waitpid(n.pid, nullptr, 0);
+  n.pid = -1;
 }
 
 void NatsServer::Stop(std::chrono::milliseconds grace) {
-  if (pid_ <= 0) return;
-  StopChild(pid_, grace);
-  pid_ = -1;
+  for (Node& n : nodes_) {
+    if (n.pid > 0) kill(n.pid, SIGTERM);
+  }
+  for (Node& n : nodes_) {
+    if (n.pid <= 0) continue;
+    StopChild(n.pid, grace);
+    n.pid = -1;
+  }
 }
 
 }  // namespace converge::harness

@@ -1,12 +1,13 @@
-// NatsServer: one nats-server child process with JetStream, for the chaos campaign
-// (docs/design/chaos.md, "With NATS"): on 127.0.0.1 at free ports (client and
-// monitoring), its store in a directory of the caller's, found on PATH. It can be
-// SIGKILLed and restarted on the same ports and store, as scripts/nats-server.sh does for
-// the tests (which need it from a shell; the campaign runs from an installed binary).
+// NatsServer: nats-server child processes with JetStream, for the chaos campaign
+// (docs/design/chaos.md, "With NATS"): one node, or a cluster of several (routes on
+// loopback), each on 127.0.0.1 at free ports (client, monitoring, routes), its store in a
+// directory of the caller's, found on PATH. A node can be SIGKILLed and restarted on the
+// same ports and store, as scripts/nats-server.sh does for the tests (which need it from a
+// shell; the campaign runs from an installed binary).
 //
-// Thread safety: none; a NatsServer belongs to one thread, and the server it starts is
+// Thread safety: none; a NatsServer belongs to one thread, and the servers it starts are
 // SIGKILLed when that thread ends (PR_SET_PDEATHSIG), so an interrupted campaign leaves
-// no server behind.
+// none behind.
 #ifndef CONVERGE_HARNESS_NATS_SERVER_H_
 #define CONVERGE_HARNESS_NATS_SERVER_H_
 
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "converge/status.h"
 
@@ -22,33 +24,49 @@ namespace converge::harness {
 
 class NatsServer {
  public:
-  // `dir`: where the store and the log go (it must exist).
-  explicit NatsServer(std::string dir);
+  // `dir`: where the stores and the logs go (it must exist). `nodes`: 1 (one server) or
+  // more (a cluster; streams on it want as many replicas).
+  explicit NatsServer(std::string dir, int nodes = 1);
   ~NatsServer();  // Stop()s
   NatsServer(const NatsServer&) = delete;
   NatsServer& operator=(const NatsServer&) = delete;
 
-  // Picks free ports (first start only) and starts the server; returns once /healthz
-  // answers 200 (JetStream included). kFailedPrecondition: no nats-server on PATH;
-  // kUnavailable: it exited or was not healthy within 30 s (the log's path in the message).
+  // Picks free ports (first start only) and starts every node that is not running; returns
+  // once each answers /healthz: at the first start with JetStream ready (a cluster: with a
+  // meta leader), later with its JetStream enabled and catching up with the others.
+  // kFailedPrecondition: no nats-server on PATH; kUnavailable: a node exited or was not
+  // healthy within 30 s (its log's path in the message).
   Status Start();
-  // SIGKILL and reap: the store stays, the ports are free again for Start().
-  void Kill();
-  // SIGTERM, then SIGKILL after `grace`.
+  // SIGKILL and reap node `node` (0-based): its store stays, its ports are free again
+  // for Start().
+  void Kill(int node);
+  // SIGTERM to every node, then SIGKILL after `grace`.
   void Stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
 
-  bool alive() const { return pid_ > 0; }
-  std::string url() const { return "nats://127.0.0.1:" + std::to_string(port_); }
-  // http://127.0.0.1:<monitoring port><path>, e.g. "/jsz?consumers=true".
-  std::string MonitorUrl(const std::string& path) const {
-    return "http://127.0.0.1:" + std::to_string(http_port_) + path;
+  int nodes() const { return static_cast<int>(nodes_.size()); }
+  bool alive(int node) const { return nodes_[static_cast<size_t>(node)].pid > 0; }
+  // The client URLs of every node: nats://127.0.0.1:P1[,127.0.0.1:P2...]
+  std::string url() const;
+  // The name a node goes by (its server_name; a cluster's leaders are named by it).
+  std::string name(int node) const;
+  // http://127.0.0.1:<node's monitoring port><path>, e.g. "/jsz?consumers=true".
+  std::string MonitorUrl(int node, const std::string& path) const {
+    return "http://127.0.0.1:" + std::to_string(nodes_[static_cast<size_t>(node)].http_port) +
+           path;
   }
-  std::string log_path() const { return dir_ + "/nats-server.log"; }
+  std::string log_path(int node) const;
 
  private:
+  struct Node {
+    pid_t pid = -1;
+    uint16_t port = 0, http_port = 0, cluster_port = 0;
+  };
+  Status StartNode(int node, const std::string& bin);
+  Status WaitHealthy(int node, const std::string& query);
+
   std::string dir_;
-  pid_t pid_ = -1;
-  uint16_t port_ = 0, http_port_ = 0;
+  std::vector<Node> nodes_;
+  bool started_ = false;  // every node has been healthy once
 };
 
 // The first executable `name` in $PATH's directories; empty when there is none.

@@ -46,7 +46,9 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
               o.broker.empty() ? (o.publish_in_transaction
                                       ? "the store's queue, published in the transaction"
                                       : "the store's queue")
-                               : o.broker.c_str(),
+              : o.nats_nodes > 1 ? ("nats, a cluster of " + std::to_string(o.nats_nodes) +
+                                    " nodes").c_str()
+                                 : o.broker.c_str(),
               o.duration.count() > 0 ? (std::to_string(o.duration.count()) + " s").c_str()
                                      : (std::to_string(o.kills) + " kills").c_str(),
               static_cast<unsigned long long>(o.seed), o.clients);
@@ -70,7 +72,7 @@ int RunChaos(harness::ChaosOptions o, const std::string& duration) {
     row("  of the service", n.kills - n.relay_kills - n.worker_kills - n.nats_kills);
     row("  of the relay", n.relay_kills);
     row("  of a worker", n.worker_kills);
-    row("  of nats-server", n.nats_kills);
+    row(o.nats_nodes > 1 ? "  of a nats-server node" : "  of nats-server", n.nats_kills);
     row("workers stopped (SIGSTOP) past AckWait", n.worker_stalls);
   }
   row("stalls past the lease", n.stalls);
@@ -157,6 +159,10 @@ void AddChaosCommand(CLI::App& app, int* exit_code) {
                   "nats: events through a nats-server the campaign starts (on PATH), with a "
                   "relay and workers of their own; default: the store's queue")
       ->check(CLI::IsMember({"nats"}));
+  cmd->add_option("--nats-nodes", o->nats_nodes,
+                  "With --broker nats: 1 nats-server (default), or a cluster of 3 or 5 "
+                  "nodes with the stream replicated on each; its kills then kill one node")
+      ->check(CLI::IsMember({1, 3, 5}));
   cmd->add_flag("--publish-in-transaction", o->publish_in_transaction,
                 "Without --broker: the service puts events on the store's queue in the "
                 "transactions that write them (store.publish_in_transaction)");

@@ -264,7 +264,7 @@ TEST(ChaosSchedule, IsAFunctionOfTheSeedAlone) {
 
 TEST(ChaosSchedule, WithNatsSomeKillsAndStallsGoToTheRelayWorkersAndServer) {
   const auto sql = PlannedSchedule(42, 300, 1, false);
-  const auto nats = PlannedSchedule(42, 300, 1, false, true);
+  const auto nats = PlannedSchedule(42, 300, 1, false, /*nats_nodes=*/1);
   ASSERT_EQ(sql.size(), nats.size());
   // The same gaps and the same faults, but kills and stalls that moved to the NATS shape's
   // processes: the seed draws the same numbers with or without NATS.
@@ -288,6 +288,26 @@ TEST(ChaosSchedule, WithNatsSomeKillsAndStallsGoToTheRelayWorkersAndServer) {
       return s.find(k) != std::string::npos;
     })) << k;
   }
+}
+
+// On a cluster the same schedule kills one node at a time, each of them now and then; the
+// rest of the schedule is the one-node schedule's.
+TEST(ChaosSchedule, OnANatsClusterAKillOfTheServerKillsOneNode) {
+  const auto one = PlannedSchedule(42, 400, 1, false, /*nats_nodes=*/1);
+  const auto three = PlannedSchedule(42, 400, 1, false, /*nats_nodes=*/3);
+  ASSERT_EQ(one.size(), three.size());
+  std::set<std::string> nodes;
+  for (size_t i = 0; i < one.size(); ++i) {
+    if (one[i].find("kill-nats-server") == std::string::npos) {
+      EXPECT_EQ(one[i], three[i]);
+      continue;
+    }
+    const size_t at = three[i].find("kill-nats-server node ");
+    ASSERT_NE(at, std::string::npos) << three[i];
+    nodes.insert(three[i].substr(at + 22, 1));
+    EXPECT_EQ(one[i].substr(one[i].find(", down")), three[i].substr(three[i].find(", down")));
+  }
+  EXPECT_EQ(nodes, (std::set<std::string>{"1", "2", "3"}));
 }
 
 // --- checkout orders ---------------------------------------------------------------------
