@@ -19,7 +19,6 @@
 
 #include "apps/converge/commands.h"
 #include "apps/converge/process.h"
-#include "apps/converge/signed_delivery.h"
 #include "converge/config_reader.h"
 #include "converge/dead_letters.h"
 #include "converge/effects.h"
@@ -29,6 +28,7 @@
 #include "converge/metrics.h"
 #include "converge/runtime.h"
 #include "converge/webhook.h"
+#include "converge/webhook_publisher.h"
 
 namespace converge::cli {
 namespace {
@@ -370,11 +370,10 @@ class Gateway {
           "/admin/targets/" + t.name + "/enable, then replay"));
     }
     const json p = json::parse(payload);
-    const SignedOutcome out =
-        SignedPost(client_, {.name = t.name, .url = t.url, .secret = t.secret,
-                             .timeout = t.timeout},
-                   p["id"], p["body"],
-                   {{"Content-Type", "application/json"}, {"X-Converge-Endpoint", p["endpoint"]}});
+    const WebhookOutcome out = PostSignedWebhook(
+        client_, {.name = t.name, .url = t.url, .secret = t.secret, .timeout = t.timeout},
+        p["id"], p["body"],
+        {{"Content-Type", "application/json"}, {"X-Converge-Endpoint", p["endpoint"]}});
     metrics_.Observe("gateway_delivery_seconds",
                      {{"target", t.name},
                       {"status", out.http_status > 0

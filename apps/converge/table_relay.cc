@@ -20,7 +20,6 @@
 
 #include "apps/converge/commands.h"
 #include "apps/converge/process.h"
-#include "apps/converge/signed_delivery.h"
 #include "converge/config_reader.h"
 #include "converge/http.h"
 #include "converge/http_service.h"
@@ -30,6 +29,7 @@
 #include "converge/runtime.h"
 #include "converge/sql_queue.h"
 #include "converge/webhook.h"
+#include "converge/webhook_publisher.h"
 #include "converge/worker.h"
 #if CONVERGE_WITH_NATS
 #include "converge/nats.h"
@@ -46,7 +46,7 @@ struct TableRelayConfig {
   RelayOptions relay;
   OutboxTableOptions table;
   std::string target;  // "http", "sql_queue" or "nats"
-  SignedTarget http;   // kind http
+  WebhookTarget http;  // kind http
   std::string nats;    // kind nats: the broker URI
   std::string queue, pattern = "*";  // kind sql_queue
 };
@@ -114,7 +114,7 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
       return tl::unexpected(Bad("target.secret must be a whsec_<base64> secret (deliveries are "
                                 "signed with it; `converge webhook` can make one)"));
     }
-    // A batch's POSTs stop at half the lease (HttpTargetPublisher), and one POST may take
+    // A batch's POSTs stop at half the lease (WebhookPublisher), and one POST may take
     // the whole timeout: it must fit in that half, or the partitions could lapse under it;
     // three timeouts leave half a timeout's room for the POSTs after the first.
     if (c.relay.lease == Millis(0)) {
@@ -138,49 +138,6 @@ Result<TableRelayConfig> LoadTableRelayConfig(const std::string& path) {
   return c;
 }
 
-// The HTTP target: each event is one POST of its CloudEvents envelope (structured mode),
-// signed as Standard Webhooks with the event id as webhook-id, so the target dedupes
-// redeliveries on it. Publisher::PublishBatch stops a subject at its first failure.
-//
-// A batch is sent one POST after another, and the relay renews its partitions' leases
-// only after it: so no POST starts that could end past half the lease (less than is left
-// of a lease when a pass starts, acquire_interval being below half of it), and the rest of
-// the batch goes next pass. Else a slow target would let the leases lapse mid-batch, and
-// another relay would send the same events again, concurrently.
-class HttpTargetPublisher : public Publisher {
- public:
-  HttpTargetPublisher(SignedTarget target, Millis lease, Metrics* metrics)
-      : target_(std::move(target)), budget_(lease / 2), metrics_(metrics) {
-    metrics_->Describe("relay_target_delivery_seconds", "histogram",
-                       "Time a POST to the HTTP target took, by status class.");
-  }
-
-  Status Publish(const Event& e) override {
-    if (e.envelope.empty()) return InvalidArgumentError("event " + e.id + " has no envelope");
-    SignedOutcome out = SignedPost(client_, target_, e.id, e.envelope,
-                                   {{"Content-Type", "application/cloudevents+json"}});
-    metrics_->Observe("relay_target_delivery_seconds",
-                      {{"status", out.http_status > 0
-                                      ? std::string(http::StatusClass(out.http_status))
-                                      : "error"}},
-                      out.seconds, {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30});
-    return out.status;
-  }
-
-  std::vector<Status> PublishBatch(std::span<const Event> batch) override {
-    const auto start = std::chrono::steady_clock::now();
-    return PublishWhile(batch, [&] {
-      return std::chrono::steady_clock::now() - start + target_.timeout <= budget_;
-    });
-  }
-
- private:
-  const SignedTarget target_;
-  const Millis budget_;
-  Metrics* metrics_;
-  http::Client client_;
-};
-
 // Opens the store, the table and the target, then runs until a stop signal.
 int Run(const TableRelayConfig& cfg, const std::string& port_file) {
   sigset_t signals = BlockStopSignals();
@@ -199,7 +156,7 @@ int Run(const TableRelayConfig& cfg, const std::string& port_file) {
     return 2;
   }
   if (cfg.target == "http") {
-    publisher = std::make_unique<HttpTargetPublisher>(cfg.http, cfg.relay.lease, &metrics);
+    publisher = std::make_unique<WebhookPublisher>(cfg.http, cfg.relay.lease, &metrics);
   } else if (cfg.target == "sql_queue") {
     queue = std::make_unique<SqlQueue>(**db);
     Status st = queue->Subscribe(cfg.queue, cfg.pattern);
