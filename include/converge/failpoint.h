@@ -28,6 +28,8 @@
 //                                      a message the server gave up on)
 //   nats.on_advisory                  (nats_transport.cc: a MAX_DELIVERIES advisory
 //                                      received, not yet counted)
+//   nats.before_notice_look           (nats_transport.cc: an error here skips a Fetch's
+//                                      look for notices of abandoned messages)
 //
 // Configuration is a spec string, from Configure() or the CONVERGE_FAILPOINTS
 // environment variable (read by ConfigureFromEnv(), which the converge CLI calls):

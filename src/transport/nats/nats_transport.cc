@@ -781,10 +781,13 @@ class NatsSubscriber : public Subscriber {
     const SteadyTime hold_until = now + visibility;
     std::vector<Delivery> out;
     // Notices of abandoned messages first, looked for at most once per kNoticePoll: the
-    // server gives up on a message rarely, and it waits in its stream meanwhile.
+    // server gives up on a message rarely, and it waits in its stream meanwhile. (Tests
+    // that make the server give up turn the look off with an error at
+    // nats.before_notice_look, so that the fetcher cannot take the notice itself.)
     {
       std::unique_lock<std::mutex> nl(notice_mu_, std::try_to_lock);
-      if (nl.owns_lock() && now >= next_notice_poll_) {
+      if (nl.owns_lock() && now >= next_notice_poll_ &&
+          failpoint::Hit("nats.before_notice_look").ok()) {
         next_notice_poll_ = now + kNoticePoll;
         TakeNotices(max, hold_until, &out);
       }
