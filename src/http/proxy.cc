@@ -333,6 +333,8 @@ Status RegisterIdempotencyProxy(Server& server, IdempotencyKeys& keys,
     const bool required = r.key_required;
     server.Route(r.method, r.pattern, [gated, pass, keyed, required](Request& req) {
       return gated(req, [&](Request& q) -> Response {
+        // A HEAD (a GET route answers it) is safe: nothing to key, it passes through.
+        if (q.method == "HEAD") return pass(q);
         auto key = ParseIdempotencyKey(q);
         if (key && !key->has_value() && !required) return pass(q);
         return keyed(q);  // which answers a missing or malformed key with 400

@@ -767,6 +767,10 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     res->set(bhttp::field::server, server_->options_.server_name);
     for (auto& [k, v] : resp.headers) res->insert(k, v);
     res->body() = std::move(resp.body);
+    // 1xx, 204 and 304 have no body (RFC 9110 §15): one from a handler is dropped (Beast's
+    // prepare_payload throws on it, and nothing here would catch that).
+    const bool bodiless = resp.status < 200 || resp.status == 204 || resp.status == 304;
+    if (bodiless) res->body().clear();
     bool close = !keep_alive_ || server_->stopping_.load();
     res->keep_alive(!close);
     // HEAD: the Content-Length of the GET answer, no body (RFC 9110 §9.3.2). A handler that
@@ -774,7 +778,7 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     // gives it as a Content-Length field beside an empty body.
     const bool head = req->method == "HEAD";
     std::optional<uint64_t> head_length;
-    if (head && res->body().empty()) head_length = GivenLength(*res);
+    if (head && !bodiless && res->body().empty()) head_length = GivenLength(*res);
     res->prepare_payload();
     if (head) {
       res->body().clear();

@@ -46,6 +46,10 @@ class HttpTest : public ::testing::Test {
       return resp;
     });
     server_->Route("GET", "/throw", [](Request&) -> Response { throw std::runtime_error("x"); });
+    // Answers 204 or 304 with a body (ABodyOnA204Or304IsDroppedNotFatal).
+    server_->Route("GET", "/bodiless/{status}", [](Request& r) {
+      return Json(std::stoi(r.params["status"]), "{\"oops\":true}");
+    });
     // Sets Content-Length itself (AHeadAnswerHasTheLengthOfTheGetAnswerAndNoBody).
     server_->Route("GET", "/sized", [](Request& r) {
       Response resp = Json(200, r.method == "HEAD" ? "" : "{\"a\":1}");
@@ -303,6 +307,21 @@ TEST_F(HttpTest, AHeadAnswerHasTheLengthOfTheGetAnswerAndNoBody) {
   EXPECT_EQ(got->body, "{\"a\":1}");
   ASSERT_NE(got->Header("Content-Length"), nullptr);
   EXPECT_EQ(*got->Header("Content-Length"), "7");
+}
+
+// Found by review, 2026-12-04: a handler answering 204 or 304 with a body made Beast's
+// prepare_payload throw, uncaught on the I/O thread: the process ended. The body is
+// dropped now, and the connection goes on.
+TEST_F(HttpTest, ABodyOnA204Or304IsDroppedNotFatal) {
+  for (const char* status : {"204", "304"}) {
+    auto r = Get(std::string("/bodiless/") + status);
+    ASSERT_TRUE(r) << status << ": " << r.error().ToString();
+    EXPECT_EQ(r->status, std::stoi(status));
+    EXPECT_EQ(r->body, "");
+  }
+  auto after = Get("/hello/ada");
+  ASSERT_TRUE(after) << after.error().ToString();
+  EXPECT_EQ(after->status, 200);
 }
 
 // The client reads at most max_response_body bytes of an answer.
