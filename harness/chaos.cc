@@ -346,6 +346,11 @@ class Campaign {
   Status KillNats(const Step& s);
   Status StartNatsShape();
   void CountNatsFigures();
+  // nats-server node `node`'s /jsz with its streams and consumers.
+  Result<json> Jsz(int node);
+  // On a cluster, waits (up to 30 s) until node `node`, started again, holds every event
+  // the stream's leader held when it came back.
+  void WaitCaughtUp(int node);
   // The durable consumers of the event stream, from nats-server's /jsz.
   Result<json> StreamConsumers();
   // What the durable consumers have not acked yet ("" when nothing).
@@ -866,6 +871,7 @@ Status Campaign::KillNats(const Step& s) {
     std::this_thread::sleep_for(milliseconds(500));
   }
   if (!st.ok()) return st;
+  if (s.nats_node >= 0) WaitCaughtUp(node);
   ++result_.counts.kills;
   ++result_.counts.nats_kills;
   ++result_.counts.restarts;
@@ -1122,12 +1128,23 @@ Status Campaign::Drain() {
   const CheckStores stores = Stores();
   const auto deadline = Steady::now() + std::chrono::seconds(180);
   std::string left;
+  bool clean = false;
+  Steady::time_point clean_since;
   while (Steady::now() < deadline) {
     auto u = Undrained(stores);
     // With NATS the stores can look drained while the stream still holds events a
     // consumer has not acked: wait for those too (then their effects show in the stores).
     const std::string broker = nats_ ? NatsUndrained() : "";
-    if (u && u->empty() && broker.empty()) return OkStatus();
+    if (u && u->empty() && broker.empty()) {
+      // Drained when it stays so for a second: a reading between a delivery's fetch and
+      // its commit on a node whose view lags must not end the drain.
+      if (!clean) clean_since = Steady::now();
+      clean = true;
+      if (!nats_ || Steady::now() - clean_since >= std::chrono::seconds(1)) return OkStatus();
+      std::this_thread::sleep_for(milliseconds(250));
+      continue;
+    }
+    clean = false;
     left = u ? *u : u.error().ToString();
     if (!broker.empty()) left += (left.empty() ? "" : ", ") + broker;
     Progress("draining (" + left + ");");
@@ -1135,6 +1152,64 @@ Status Campaign::Drain() {
   }
   Note("not drained after 180 s: " + left);
   return OkStatus();  // the checker reports what is left
+}
+
+Result<json> Campaign::Jsz(int node) {
+  auto r = http_.Send({.url = nats_server_->MonitorUrl(
+                           node, "/jsz?accounts=true&streams=true&consumers=true"),
+                       .timeout = std::chrono::seconds(5)});
+  if (!r) return tl::unexpected(r.error());
+  json jsz = json::parse(r->body, nullptr, false);
+  if (r->status != 200 || !jsz.is_object()) {
+    return tl::unexpected(UnavailableError("nats-server " + nats_server_->name(node) +
+                                           " /jsz: " + std::to_string(r->status)));
+  }
+  return jsz;
+}
+
+namespace {
+// The stream `name` in a /jsz answer, or null.
+const json* StreamIn(const json& jsz, const std::string& name) {
+  auto accounts = jsz.find("account_details");
+  if (accounts == jsz.end() || !accounts->is_array()) return nullptr;
+  for (const json& account : *accounts) {
+    auto streams = account.find("stream_detail");
+    if (streams == account.end() || !streams->is_array()) continue;
+    for (const json& stream : *streams) {
+      if (stream.value("name", "") == name) return &stream;
+    }
+  }
+  return nullptr;
+}
+int64_t LastSeq(const json& stream) {
+  return stream.value("state", json::object()).value("last_seq", int64_t{0});
+}
+std::string LeaderOf(const json& detail) {
+  const json cluster = detail.value("cluster", json::object());
+  return cluster.is_object() ? cluster.value("leader", "") : "";
+}
+}  // namespace
+
+void Campaign::WaitCaughtUp(int node) {
+  const auto deadline = Steady::now() + std::chrono::seconds(30);
+  int64_t target = -1;  // the leader's last_seq when first read
+  while (Steady::now() < deadline) {
+    for (int other = 0; target < 0 && other < nats_server_->nodes(); ++other) {
+      if (other == node || !nats_server_->alive(other)) continue;
+      auto jsz = Jsz(other);
+      const json* stream = jsz ? StreamIn(*jsz, "CONVERGE") : nullptr;
+      if (stream != nullptr && LeaderOf(*stream) == nats_server_->name(other)) {
+        target = LastSeq(*stream);
+      }
+    }
+    if (target >= 0) {
+      auto jsz = Jsz(node);
+      const json* stream = jsz ? StreamIn(*jsz, "CONVERGE") : nullptr;
+      if (stream != nullptr && LastSeq(*stream) >= target) return;
+    }
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  Note("nats-server " + nats_server_->name(node) + " not caught up within 30 s; going on");
 }
 
 // Each consumer as its leader sees it: on a cluster a follower's view lags (its stream
@@ -1146,33 +1221,20 @@ Result<json> Campaign::StreamConsumers() {
   int answered = 0;
   for (int node = 0; node < nats_server_->nodes(); ++node) {
     if (!nats_server_->alive(node)) continue;
-    auto r = http_.Send({.url = nats_server_->MonitorUrl(
-                             node, "/jsz?accounts=true&streams=true&consumers=true"),
-                         .timeout = std::chrono::seconds(5)});
-    if (!r) {
-      last = r.error();
-      continue;
-    }
-    const json jsz = json::parse(r->body, nullptr, false);
-    if (r->status != 200 || !jsz.is_object()) {
-      last = UnavailableError("nats-server " + nats_server_->name(node) +
-                              " /jsz: " + std::to_string(r->status));
+    auto jsz = Jsz(node);
+    if (!jsz) {
+      last = jsz.error();
       continue;
     }
     ++answered;
-    for (const json& account : jsz.value("account_details", json::array())) {
-      for (const json& stream : account.value("stream_detail", json::array())) {
-        if (stream.value("name", "") != "CONVERGE") continue;
-        for (const json& c : stream.value("consumer_detail", json::array())) {
-          const std::string name = c.value("name", "?");
-          seen.insert(name);
-          const bool leader =
-              nats_server_->nodes() == 1 ||
-              (c.contains("cluster") && c["cluster"].is_object() &&
-               c["cluster"].value("leader", "") == nats_server_->name(node));
-          if (leader && led.insert(name).second) consumers.push_back(c);
-        }
-      }
+    const json* stream = StreamIn(*jsz, "CONVERGE");
+    if (stream == nullptr) continue;
+    for (const json& c : stream->value("consumer_detail", json::array())) {
+      const std::string name = c.value("name", "?");
+      seen.insert(name);
+      const bool leader =
+          nats_server_->nodes() == 1 || LeaderOf(c) == nats_server_->name(node);
+      if (leader && led.insert(name).second) consumers.push_back(c);
     }
   }
   if (answered == 0) return tl::unexpected(last);
@@ -1185,8 +1247,25 @@ Result<json> Campaign::StreamConsumers() {
 }
 
 std::string Campaign::NatsUndrained() {
+  if (nats_server_->nodes() > 1) {
+    // Every node up and holding every event, so that each consumer's leader counts them
+    // all (a leader whose copy of the stream lags reads 0 pending too early).
+    std::string seqs;
+    std::set<int64_t> distinct;
+    for (int node = 0; node < nats_server_->nodes(); ++node) {
+      if (!nats_server_->alive(node)) return "nats-server " + nats_server_->name(node) + " down";
+      auto jsz = Jsz(node);
+      if (!jsz) return "nats-server not answering (" + jsz.error().ToString() + ")";
+      const json* stream = StreamIn(*jsz, "CONVERGE");
+      const int64_t seq = stream != nullptr ? LastSeq(*stream) : -1;
+      distinct.insert(seq);
+      seqs += (seqs.empty() ? "" : "/") + std::to_string(seq);
+    }
+    if (distinct.size() > 1) return "nats-server nodes not caught up (last_seq " + seqs + ")";
+  }
   auto consumers = StreamConsumers();
   if (!consumers) return "nats-server not answering (" + consumers.error().ToString() + ")";
+  if (consumers->empty()) return "no NATS consumer listed yet";
   std::string left;
   for (const json& c : *consumers) {
     const int64_t n =

@@ -66,13 +66,18 @@ Status NatsServer::Start() {
         "no nats-server on PATH (Debian package nats-server; scripts/install-deps.sh)");
   }
   if (nodes_[0].port == 0) {
+    // FreePort() may draw a port twice (nothing holds it between draws): draw again.
     std::vector<uint16_t> taken;
     for (Node& n : nodes_) {
       for (uint16_t* p : {&n.port, &n.http_port, &n.cluster_port}) {
         if (p == &n.cluster_port && nodes() == 1) break;
-        *p = FreePort();
+        for (int draw = 0; draw < 20 && (*p == 0 || std::find(taken.begin(), taken.end(),
+                                                               *p) != taken.end());
+             ++draw) {
+          *p = FreePort();
+        }
         if (*p == 0 || std::find(taken.begin(), taken.end(), *p) != taken.end()) {
-          nodes_[0].port = 0;
+          for (Node& reset : nodes_) reset = Node{};
           return UnavailableError("no free ports for nats-server");
         }
         taken.push_back(*p);
@@ -142,19 +147,24 @@ Status NatsServer::StartNode(int node, const std::string& bin) {
   return OkStatus();
 }
 
-Status NatsServer::WaitHealthy(int node, const std::string& query) {
+bool NatsServer::alive(int node) {
   Node& n = nodes_[static_cast<size_t>(node)];
+  if (n.pid > 0 && waitpid(n.pid, nullptr, WNOHANG) == n.pid) n.pid = -1;
+  return n.pid > 0;
+}
+
+Status NatsServer::WaitHealthy(int node, const std::string& query) {
   http::Client client;
   const auto deadline = Steady::now() + std::chrono::seconds(30);
   while (Steady::now() < deadline) {
-    auto r = client.Send(
-        {.url = MonitorUrl(node, "/healthz" + query), .timeout = std::chrono::seconds(1)});
-    if (r && r->status == 200) return OkStatus();
-    if (waitpid(n.pid, nullptr, WNOHANG) == n.pid) {
-      n.pid = -1;
+    // Exited first: another server that took its monitoring port would answer for it.
+    if (!alive(node)) {
       return UnavailableError("nats-server " + name(node) + " exited at start; see " +
                               log_path(node));
     }
+    auto r = client.Send(
+        {.url = MonitorUrl(node, "/healthz" + query), .timeout = std::chrono::seconds(1)});
+    if (r && r->status == 200) return OkStatus();
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return UnavailableError("nats-server " + name(node) + " not healthy within 30 s; see " +

@@ -44,7 +44,9 @@ class NatsServer {
   void Stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
 
   int nodes() const { return static_cast<int>(nodes_.size()); }
-  bool alive(int node) const { return nodes_[static_cast<size_t>(node)].pid > 0; }
+  // Whether node `node` runs; one that ended by itself is reaped (and Start() starts it
+  // again).
+  bool alive(int node);
   // The client URLs of every node: nats://127.0.0.1:P1[,127.0.0.1:P2...]
   std::string url() const;
   // The name a node goes by (its server_name; a cluster's leaders are named by it).
