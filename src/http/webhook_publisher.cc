@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <chrono>
+#include <mutex>
 
 #include "converge/webhook.h"
 
@@ -52,7 +53,12 @@ WebhookOutcome PostSignedWebhook(http::Client& client, const WebhookTarget& t,
   }
   const int s = out.http_status = r->status;
   if (s >= 200 && s < 300) return out;
-  if (s == 410) {
+  if (s >= 300 && s < 400) {
+    // Not followed: the URL is wrong (http for https, a moved path), and every delivery
+    // would be refused the same way until it is fixed. Held, not parked.
+    out.status = UnavailableError(t.name + " answered " + std::to_string(s) +
+                                  " (a redirect, not followed): fix the URL");
+  } else if (s == 410) {
     out.status = FailedPreconditionError(t.name + " answered 410 Gone");
   } else if (s == 408 || s == 425 || s == 429 || s >= 500) {
     out.status = UnavailableError(t.name + " answered " + std::to_string(s))
@@ -66,6 +72,9 @@ WebhookOutcome PostSignedWebhook(http::Client& client, const WebhookTarget& t,
 
 WebhookPublisher::WebhookPublisher(WebhookTarget target, Millis lease, Metrics* metrics)
     : target_(std::move(target)), budget_(lease / 2), metrics_(metrics) {
+  // The first POST of a batch starts whatever the budget: it must end within half the
+  // lease too.
+  target_.timeout = std::min(target_.timeout, lease / 3);
   if (metrics_ != nullptr) {
     metrics_->Describe("relay_target_delivery_seconds", "histogram",
                        "Time a POST to the HTTP target took, by status class.");
@@ -76,12 +85,19 @@ Status WebhookPublisher::Publish(const Event& e) {
   if (e.envelope.empty()) return InvalidArgumentError("event " + e.id + " has no envelope");
   const int64_t quiet_ms = quiet_until_ms_.load() - SteadyMs();
   if (quiet_ms > 0) {
-    return UnavailableError(target_.name + " asked to be called again in " +
+    std::lock_guard<std::mutex> l(mu_);
+    return UnavailableError(quiet_reason_ + "; not called again for " +
                             std::to_string((quiet_ms + 999) / 1000) + " s (Retry-After)")
         .WithRetryAfter(quiet_ms);
   }
   WebhookOutcome out = PostSignedWebhook(client_, target_, e.id, e.envelope,
                                          {{"Content-Type", "application/cloudevents+json"}});
+  if (out.http_status == 0 && out.status.code() == StatusCode::kInvalidArgument) {
+    // The secret cannot sign: a configuration error, the same for every event. Held (the
+    // relay's last error says why), not parked one by one.
+    return UnavailableError(target_.name + ": cannot sign the deliveries: " +
+                            out.status.message());
+  }
   if (metrics_ != nullptr) {
     metrics_->Observe("relay_target_delivery_seconds",
                       {{"status", out.http_status > 0
@@ -91,6 +107,10 @@ Status WebhookPublisher::Publish(const Event& e) {
   }
   if (out.status.retry_after_ms() > 0) {
     const int64_t until = SteadyMs() + out.status.retry_after_ms();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      quiet_reason_ = out.status.message();
+    }
     int64_t seen = quiet_until_ms_.load();
     while (seen < until && !quiet_until_ms_.compare_exchange_weak(seen, until)) {
     }

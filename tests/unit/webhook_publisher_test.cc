@@ -143,6 +143,12 @@ TEST_F(WebhookPublisherTest, EachAnswerIsSuccessARetryOrARefusal) {
     EXPECT_EQ(out.status.code(), StatusCode::kUnavailable) << transient;
     EXPECT_TRUE(out.status.transient()) << transient;
   }
+  for (int redirect : {301, 308}) {  // not followed: the URL is wrong, for every delivery
+    Answer(redirect);
+    const WebhookOutcome out = post();
+    EXPECT_EQ(out.status.code(), StatusCode::kUnavailable) << redirect;
+    EXPECT_NE(out.status.message().find("fix the URL"), std::string::npos) << redirect;
+  }
   for (int refused : {400, 404, 410, 422}) {
     Answer(refused);
     const WebhookOutcome out = post();
@@ -167,21 +173,36 @@ TEST_F(WebhookPublisherTest, EachAnswerIsSuccessARetryOrARefusal) {
 }
 
 // An endpoint that answered with Retry-After is not called again before it has passed:
-// the publishes meanwhile fail at once, transiently, and say why.
+// the publishes meanwhile fail at once, transiently, with the answer that asked for it.
 TEST_F(WebhookPublisherTest, NothingIsSentUntilRetryAfterHasPassed) {
   WebhookPublisher publisher(target_, std::chrono::seconds(30));
-  Answer(503, 1);
+  Answer(503, 2);
+  const auto asked = std::chrono::steady_clock::now();
   const Status first = publisher.Publish(MakeEvent("evt-1", "pay_1"));
   EXPECT_EQ(first.code(), StatusCode::kUnavailable);
   const Status quiet = publisher.Publish(MakeEvent("evt-2", "pay_2"));
   EXPECT_EQ(quiet.code(), StatusCode::kUnavailable);
+  EXPECT_NE(quiet.message().find("answered 503"), std::string::npos) << quiet.message();
   EXPECT_NE(quiet.message().find("Retry-After"), std::string::npos) << quiet.message();
   EXPECT_GT(quiet.retry_after_ms(), 0);
   EXPECT_EQ(received().size(), 1u);
   ASSERT_TRUE(testing::WaitUntil([&] {
     return publisher.Publish(MakeEvent("evt-2", "pay_2")).ok();
   }));
+  EXPECT_GE(std::chrono::steady_clock::now() - asked, std::chrono::milliseconds(1900));
   EXPECT_EQ(received().size(), 2u);  // the quiet publishes sent nothing
+}
+
+// A secret that cannot sign is a configuration error, the same for every event: held as
+// a transient failure (the relay keeps the events), not refused one by one (parked).
+TEST_F(WebhookPublisherTest, ASecretThatCannotSignHoldsTheEvents) {
+  WebhookTarget bad = target_;
+  bad.secret = "whsec_!!";
+  WebhookPublisher publisher(bad, std::chrono::seconds(30));
+  const Status st = publisher.Publish(MakeEvent("evt-1", "pay_1"));
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable);
+  EXPECT_NE(st.message().find("cannot sign"), std::string::npos) << st.message();
+  EXPECT_TRUE(received().empty());
 }
 
 // A batch sends one event after another; a failed one holds back its aggregate's later
