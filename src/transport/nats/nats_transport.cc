@@ -359,6 +359,9 @@ struct NatsBroker::Impl {
   // between tries (ProvisionStream): 1.5 s of waits in all, plus each request's own (up
   // to the JetStream context's 10 s, twice where an add is followed by an update).
   static constexpr int kProvisionAttempts = 6;
+  // For a stream another process is adding (ProvisionStream): 4.5 s of waits in all, as
+  // a busy host may take seconds to set it up (1.5 s were few enough, audit, session 44).
+  static constexpr int kOverlapAttempts = 10;
   static constexpr Millis kProvisionRetryWait = Millis(100);
 
   // While its cluster forms (the nodes start together with the services, or come back
@@ -471,7 +474,8 @@ struct NatsBroker::Impl {
       if (s == NATS_OK) return OkStatus();
       const bool again = add_err == JSStreamSubjectOverlapErr || add_err == JSStreamNotFoundErr ||
                          s == NATS_TIMEOUT;
-      if (!again || attempt == kProvisionAttempts) break;
+      const int limit = s == NATS_TIMEOUT ? kProvisionAttempts : kOverlapAttempts;
+      if (!again || attempt >= limit) break;
       std::this_thread::sleep_for(kProvisionRetryWait * attempt);
     }
     Status st = FromNats(s, "provisioning stream '" + name + "'", err);
@@ -548,6 +552,11 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
   if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
   (void)done.release();  // OnAdvisoriesDone deletes it
   impl->advisories_done = std::move(advisories_done);
+  // cnats sends the SUB without waiting: an advisory published right after Connect
+  // returned could reach the server before it and be dropped (CI, session 43, in a test
+  // that publishes one). The round trip makes the server hold the subscription first.
+  s = natsConnection_FlushTimeout(impl->nc, jo.Wait);
+  if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
   return std::unique_ptr<NatsBroker>(new NatsBroker(std::move(impl)));
 }
 
@@ -800,6 +809,14 @@ class NatsSubscriber : public Subscriber {
       st = pull_->Fetch(max, sub_.fetch_wait, /*no_wait=*/false, &msgs);
       // Not even a 408 at the request's expiry: the consumer may be gone.
       if (st.ok() && msgs.empty() && pull_->answer_pending()) st = CheckConsumerExists(now);
+      // A request that was waiting when the consumer was deleted is refused with a 409
+      // instead: the same condition, asked about at once (it may have come back since).
+      if (!st.ok() && msgs.empty() &&
+          st.message().find("409 Consumer Deleted") != std::string::npos) {
+        next_presence_check_ = SteadyTime{};
+        Status gone = CheckConsumerExists(now);
+        if (!gone.ok()) st = std::move(gone);
+      }
     }
     if (msgs.empty()) {
       if (!st.ok()) return Fail(st);
