@@ -41,11 +41,17 @@ free_port() {
 # running), not for every replica of every stream and consumer to be current: nats-server
 # 2.9.10 once kept an idle consumer's replica "not current" on a restarted node for over
 # a minute while the cluster went on serving it.
+# The answer must be our node's (its server_name, unique to this directory): a server of
+# another test that took the monitoring port first is not ours, and ours exits then.
 wait_healthy() {
-  local n=$1 query=${2:-} http_port
+  local n=$1 query=${2:-} http_port name varz
   http_port=$(cat "$dir/n$n/http_port")
+  name=$(cat "$dir/n$n/name")
   for _ in $(seq 1 600); do
-    if curl -sf "http://127.0.0.1:$http_port/healthz$query" > /dev/null 2>&1; then return 0; fi
+    if curl -sf "http://127.0.0.1:$http_port/healthz$query" > /dev/null 2>&1; then
+      varz=$(curl -sf "http://127.0.0.1:$http_port/varz" 2> /dev/null || true)
+      [[ "$varz" == *"\"server_name\": \"$name\""* ]] && return 0
+    fi
     if ! kill -0 "$(cat "$dir/n$n/pid")" 2> /dev/null; then
       echo "nats-server.sh: node $n exited; its log:" >&2
       cat "$dir/n$n/server.log" >&2
@@ -82,12 +88,13 @@ case "$op" in
         mkdir -p "$dir/n$n/store"
         free_port > "$dir/n$n/port"
         free_port > "$dir/n$n/http_port"
+        echo "n$n-$(basename "$dir" | tr -c 'A-Za-z0-9\n' '-')" > "$dir/n$n/name"
         urls+=("nats://127.0.0.1:$(cat "$dir/n$n/port")")
         cluster_ports+=("$(free_port)")
       done
       for n in $(seq 1 "$nodes"); do
         cmd="nats-server -js -a 127.0.0.1 -p $(cat "$dir/n$n/port")"
-        cmd+=" -m $(cat "$dir/n$n/http_port") -sd $dir/n$n/store --server_name n$n"
+        cmd+=" -m $(cat "$dir/n$n/http_port") -sd $dir/n$n/store --server_name $(cat "$dir/n$n/name")"
         if [ "$nodes" -gt 1 ]; then
           routes=""
           for m in $(seq 1 "$nodes"); do

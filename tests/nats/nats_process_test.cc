@@ -52,10 +52,14 @@ TEST(NatsProcesses, RelayAndWorkersKilledAndStoppedBookEachPaymentOnce) {
   ASSERT_TRUE(relay.running() && worker1.running());
 
   auto db = OpenSqlite(dir.File("db.sqlite"));
-  // The worker creates the service's tables as it starts.
-  ASSERT_TRUE(WaitUntil([&] {
-    return QueryInt(*db, "SELECT count(*) FROM sqlite_master WHERE name = 'ledger_entries'") == 1;
-  }));
+  // The worker creates the service's tables as it starts (a sanitizer build on a loaded
+  // host may take long to).
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return QueryInt(*db, "SELECT count(*) FROM sqlite_master WHERE name = 'ledger_entries'") ==
+               1;
+      },
+      60s));
   auto rows = [&] { return QueryInt(*db, "SELECT count(*) FROM ledger_entries"); };
   // Kill the first worker once it has booked some and not all.
   ASSERT_TRUE(WaitUntil([&] { return rows() >= 20; }, 60s)) << rows();
@@ -120,9 +124,12 @@ TEST(NatsProcesses, TableRelayPublishesAnApplicationsOutboxToJetStream) {
   Child worker({"worker", "--db", "sqlite:" + app_db, "--broker", broker, "--consumer",
                 "ledger"});
   ASSERT_TRUE(relay.running() && worker.running());
-  ASSERT_TRUE(WaitUntil([&] {
-    return QueryInt(*db, "SELECT count(*) FROM sqlite_master WHERE name = 'ledger_entries'") == 1;
-  }));
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return QueryInt(*db, "SELECT count(*) FROM sqlite_master WHERE name = 'ledger_entries'") ==
+               1;
+      },
+      60s));
   auto rows = [&] { return QueryInt(*db, "SELECT count(*) FROM ledger_entries"); };
   ASSERT_TRUE(WaitUntil([&] { return rows() >= 2 * kPayments && left() == 0; }, 120s))
       << rows() << " ledger rows, " << left() << " rows left in the application's table";

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "converge/failpoint.h"
 #include "tests/nats/nats_servers.h"
 
 namespace converge::internal {
@@ -172,7 +173,8 @@ TEST_F(NatsPullTest, NothingIsAskedWhileTheConnectionIsDownAndDeliveriesFollowTh
   EXPECT_EQ(TakeAll(10, 3).size(), 3u);
   const uint64_t sent = pull_->requests_sent();
   ASSERT_TRUE(servers_.Kill(1));
-  for (int i = 0; i < 10 && natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED; ++i) {
+  // cnats's reader sees the closed socket (a sanitizer build on a loaded host: slowly).
+  for (int i = 0; i < 200 && natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED; ++i) {
     std::this_thread::sleep_for(100ms);
   }
   ASSERT_NE(natsConnection_Status(nc_), NATS_CONN_STATUS_CONNECTED);
@@ -256,14 +258,22 @@ TEST_F(NatsPullTest, AStoredMessageThatLooksLikeAStatusIsStillADelivery) {
   }
 }
 
+// The consumer is deleted once the request is on its way (nats.pull_answer_late, off,
+// counts it), over the same connection, so the server has the request first: deleted
+// before it, the server would not answer it at all (the test below). The 409 ends the
+// wait early.
 TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
+  ASSERT_TRUE(failpoint::Configure("nats.pull_answer_late=off").ok());
   std::thread drop([&] {
-    std::this_thread::sleep_for(300ms);
+    for (int i = 0; i < 3000 && failpoint::Hits("nats.pull_answer_late") < 1; ++i) {
+      std::this_thread::sleep_for(10ms);
+    }
     EXPECT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
   });
   std::vector<natsMsg*> msgs;
-  Status st = pull_->Fetch(5, 3s, false, &msgs);
+  Status st = pull_->Fetch(5, 30s, false, &msgs);
   drop.join();
+  ASSERT_TRUE(failpoint::Configure("").ok());
   EXPECT_TRUE(msgs.empty());
   EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st.ToString();
   EXPECT_NE(st.message().find("409"), std::string::npos) << st.ToString();
