@@ -284,9 +284,12 @@ Result<SagaRunner::Drive> SagaRunner::Step(const std::string& saga_id, int64_t f
   ctx.fence = fence;
   ctx.attempt = p.attempts + 1;
   // The lease's end in steady time, from the clock's now: a millisecond short, for the
-  // clock's truncation to whole milliseconds.
-  ctx.lease_deadline = std::chrono::steady_clock::now() +
-                       Millis(lease_until - clock_->NowMillis() - 1);
+  // clock's truncation to whole milliseconds. The steady clock is read first: time
+  // passing between the two reads moves the deadline earlier, never later (as one
+  // expression, the order of the two reads was the compiler's).
+  const auto steady_now = std::chrono::steady_clock::now();
+  const int64_t clock_now = clock_->NowMillis();
+  ctx.lease_deadline = steady_now + Millis(lease_until - clock_now - 1);
   ctx.data = p.data;
   const std::string_view phase = p.compensating ? "compensation" : "action";
 

@@ -253,8 +253,10 @@ TYPED_TEST(Sagas, AStepsCallIsToldWhenTheRunnersLeaseEnds) {
   SagaStep s;
   s.name = "only";
   s.action.call = [&](const SagaStepContext& ctx) -> Result<std::string> {
-    const auto steady_now = std::chrono::steady_clock::now();
+    // The system clock first: time passing between the reads makes real_ms smaller
+    // than told_ms would allow only the other way round.
     const int64_t now = Clock::System()->NowMillis();
+    const auto steady_now = std::chrono::steady_clock::now();
     told_ms = std::chrono::duration<double, std::milli>(ctx.lease_deadline - steady_now).count();
     real_ms = static_cast<double>(
         this->Count("SELECT lease_until FROM saga_instances WHERE saga_id = 'l1'") - now);

@@ -835,9 +835,11 @@ TEST(ServiceClockHook, ShiftsTheClockEveryComponentReads) {
   c.psp_url = "http://127.0.0.1:" + std::to_string(psp.port());
   c.mail_url = "http://127.0.0.1:" + std::to_string(mail.port());
   c.webhook_secrets = {converge::webhook::NewSecret()};
-  c.key_ttl = std::chrono::seconds(10);
-  c.lease = std::chrono::seconds(2);
-  c.psp_timeout = std::chrono::seconds(1);
+  // Nothing here needs short waits: a provider call past a 1 s timeout on a loaded host
+  // made the first request a 503 (audit, session 44).
+  c.key_ttl = std::chrono::seconds(60);
+  c.lease = std::chrono::seconds(30);
+  c.psp_timeout = std::chrono::seconds(20);
   c.admin_clock = true;
   Service service(c);
   ASSERT_TRUE(service.Start().ok());
@@ -850,7 +852,7 @@ TEST(ServiceClockHook, ShiftsTheClockEveryComponentReads) {
                           .url = "http://127.0.0.1:" + std::to_string(service.port()) + path,
                           .headers = h,
                           .body = body,
-                          .timeout = std::chrono::seconds(10)});
+                          .timeout = std::chrono::seconds(60)});
     EXPECT_TRUE(r) << r.error().ToString();
     return r ? *r : Response{0, {}, {}};
   };
@@ -863,9 +865,9 @@ TEST(ServiceClockHook, ShiftsTheClockEveryComponentReads) {
   Response replay = send("POST", "/v1/payments", body, kAcme, "clock-1");
   EXPECT_EQ(replay.body, first.body);
 
-  Response moved = send("PUT", "/admin/clock", R"({"offset_ms": 11000})", admin);
+  Response moved = send("PUT", "/admin/clock", R"({"offset_ms": 61000})", admin);
   ASSERT_EQ(moved.status, 200) << moved.body;
-  EXPECT_EQ(json::parse(moved.body).value("offset_ms", 0), 11000);
+  EXPECT_EQ(json::parse(moved.body).value("offset_ms", 0), 61000);
   Response fresh = send("POST", "/v1/payments", body, kAcme, "clock-1");
   ASSERT_EQ(fresh.status, 201) << fresh.body;
   EXPECT_EQ(fresh.Header("Idempotent-Replayed"), nullptr);
