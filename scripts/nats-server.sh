@@ -50,7 +50,7 @@ wait_healthy() {
   for _ in $(seq 1 600); do
     if curl -sf "http://127.0.0.1:$http_port/healthz$query" > /dev/null 2>&1; then
       varz=$(curl -sf "http://127.0.0.1:$http_port/varz" 2> /dev/null || true)
-      [[ "$varz" == *"\"server_name\": \"$name\""* ]] && return 0
+      [[ "$varz" =~ \"server_name\":[[:space:]]*\"$name\" ]] && return 0
     fi
     if ! kill -0 "$(cat "$dir/n$n/pid")" 2> /dev/null; then
       echo "nats-server.sh: node $n exited; its log:" >&2

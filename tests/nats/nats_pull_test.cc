@@ -258,15 +258,23 @@ TEST_F(NatsPullTest, AStoredMessageThatLooksLikeAStatusIsStillADelivery) {
   }
 }
 
-// The consumer is deleted once the request is on its way (nats.pull_answer_late, off,
-// counts it), over the same connection, so the server has the request first: deleted
-// before it, the server would not answer it at all (the test below). The 409 ends the
-// wait early.
+// The consumer is deleted once the server holds the request (nats.pull_answer_late, off,
+// counts it as sent; the consumer's num_waiting shows it held): deleted before it, the
+// server would not answer it at all (the test below). The 409 ends the wait early.
 TEST_F(NatsPullTest, ARefusedRequestIsAnError) {
   ASSERT_TRUE(failpoint::Configure("nats.pull_answer_late=off").ok());
   std::thread drop([&] {
     for (int i = 0; i < 3000 && failpoint::Hits("nats.pull_answer_late") < 1; ++i) {
       std::this_thread::sleep_for(10ms);
+    }
+    for (int i = 0; i < 300; ++i) {
+      jsConsumerInfo* ci = nullptr;
+      const bool waiting = js_GetConsumerInfo(&ci, js_, kStream, kConsumer, nullptr, nullptr) ==
+                               NATS_OK &&
+                           ci->NumWaiting >= 1;
+      if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+      if (waiting) break;
+      std::this_thread::sleep_for(100ms);
     }
     EXPECT_EQ(js_DeleteConsumer(js_, kStream, kConsumer, nullptr, nullptr), NATS_OK);
   });

@@ -743,7 +743,7 @@ TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAdvisoryBeingHandled) {
 TEST_F(NatsTransport, ClosingTheBrokerWaitsForAnAckBeingHandled) {
   // Long enough for the stream's ack to come first, or cnats would answer the batch's
   // publish with its own timeout and the ack (the paused callback) would find nothing
-  // (5 s: 2 s were few enough on a loaded host, audit, session 44).
+  // (5 s: 2 s were too few on a loaded host, audit, session 44).
   auto broker = Connect(nats_.urls() + "?publish_timeout_ms=5000");
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
   ReleasePausedCallbacks release;
@@ -882,7 +882,7 @@ TEST_F(NatsTransport, AConsumerDeletedUnderAWaitingFetchIsAFailedPrecondition) {
   auto broker = Connect(nats_.urls());
   ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
   NatsSubscription s = LedgerSubscription();
-  s.fetch_wait = 20s;
+  s.fetch_wait = 40s;
   auto sub = (*broker)->Subscribe(s);
   ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
   // Counts the requests; the look for notices is off, so the first one is the Fetch's.
@@ -895,19 +895,28 @@ TEST_F(NatsTransport, AConsumerDeletedUnderAWaitingFetchIsAFailedPrecondition) {
     jsCtx* js = nullptr;
     ASSERT_EQ(natsConnection_ConnectTo(&nc, nats_.urls().c_str()), NATS_OK);
     ASSERT_EQ(natsConnection_JetStream(&js, nc, nullptr), NATS_OK);
-    // The request is on its way on the broker's connection: let the server have it.
-    std::this_thread::sleep_for(300ms);
-    EXPECT_EQ(js_DeleteConsumer(js, (*broker)->options().stream.c_str(), "ledger", nullptr,
-                                nullptr),
-              NATS_OK);
+    // The request is on its way on the broker's connection: deleted once the server
+    // holds it (the consumer's num_waiting).
+    const std::string stream = (*broker)->options().stream;
+    for (int i = 0; i < 300; ++i) {
+      jsConsumerInfo* ci = nullptr;
+      const bool waiting =
+          js_GetConsumerInfo(&ci, js, stream.c_str(), "ledger", nullptr, nullptr) == NATS_OK &&
+          ci->NumWaiting >= 1;
+      if (ci != nullptr) jsConsumerInfo_Destroy(ci);
+      if (waiting) break;
+      std::this_thread::sleep_for(100ms);
+    }
+    EXPECT_EQ(js_DeleteConsumer(js, stream.c_str(), "ledger", nullptr, nullptr), NATS_OK);
     jsCtx_Destroy(js);
     natsConnection_Destroy(nc);
   });
-  // (Were the delete first after all, the request would go unanswered, and the presence
-  // check after its wait would give the same answer: a slow pass, never a false failure.)
+  const auto start = std::chrono::steady_clock::now();
   auto got = (*sub)->Fetch(10, 30s);
   drop.join();
   ASSERT_FALSE(got.has_value());
+  // The 409, not the presence check after an unanswered request's wait (40 s).
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 30s);
   EXPECT_EQ(got.error().code(), StatusCode::kFailedPrecondition) << got.error().ToString();
   EXPECT_NE(got.error().message().find("'ledger' no longer exists"), std::string::npos)
       << got.error().ToString();

@@ -360,7 +360,7 @@ struct NatsBroker::Impl {
   // to the JetStream context's 10 s, twice where an add is followed by an update).
   static constexpr int kProvisionAttempts = 6;
   // For a stream another process is adding (ProvisionStream): 4.5 s of waits in all, as
-  // a busy host may take seconds to set it up (1.5 s were few enough, audit, session 44).
+  // a busy host may take seconds to set it up (1.5 s were too few, audit, session 44).
   static constexpr int kOverlapAttempts = 10;
   static constexpr Millis kProvisionRetryWait = Millis(100);
 
@@ -555,8 +555,12 @@ Result<std::unique_ptr<NatsBroker>> NatsBroker::Connect(NatsOptions options, Met
   // cnats sends the SUB without waiting: an advisory published right after Connect
   // returned could reach the server before it and be dropped (CI, session 43, in a test
   // that publishes one). The round trip makes the server hold the subscription first.
+  // A connection lost meanwhile resends the SUB first when it is back, as it did before
+  // this flush: not a failure of Connect.
   s = natsConnection_FlushTimeout(impl->nc, jo.Wait);
-  if (s != NATS_OK) return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  if (s != NATS_OK && s != NATS_CONNECTION_DISCONNECTED) {
+    return Fail(FromNats(s, "NATS: subscribing to advisories"));
+  }
   return std::unique_ptr<NatsBroker>(new NatsBroker(std::move(impl)));
 }
 
