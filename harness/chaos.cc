@@ -344,6 +344,8 @@ class Campaign {
   // Starts `p` with `failpoints`, retrying for up to 10 s.
   Status StartProcess(ServeProcess& p, const std::string& failpoints);
   Status KillNats(const Step& s);
+  // Starts every nats-server node that is down, trying for about 5 s.
+  Status StartNats();
   Status StartNatsShape();
   void CountNatsFigures();
   // nats-server node `node`'s /jsz with its streams and consumers.
@@ -772,6 +774,27 @@ Status Campaign::KillAndRestart(int i, const std::string& point) {
 }
 
 Status Campaign::CheckProcesses(bool restart) {
+  auto ended = [&](const std::string& what, const std::string& how, const std::string& log) {
+    Note(what + " " + how + " (not killed by the campaign)");
+    result_.violations.push_back(
+        {"process-ended", what + " " + how + " although the campaign did not stop it; the " +
+                              "end of " + log + ":\n" + LogTail(log, 10)});
+  };
+  // nats-server first: the relay and the workers connect to it as they start.
+  std::vector<int> nats_ended;
+  for (int node = 0; nats_server_ && node < nats_server_->nodes(); ++node) {
+    const std::optional<std::string> how = nats_server_->EndedOnItsOwn(node);
+    if (!how) continue;
+    ended("nats-server " + nats_server_->name(node), *how, nats_server_->log_path(node));
+    nats_ended.push_back(node);
+  }
+  if (restart && !nats_ended.empty()) {
+    CONVERGE_RETURN_IF_ERROR(StartNats());
+    for (int node : nats_ended) {
+      if (nats_server_->nodes() > 1) WaitCaughtUp(node);
+      ++result_.counts.restarts;
+    }
+  }
   std::vector<std::pair<std::string, ServeProcess*>> all;
   for (int i = 0; i < instances_; ++i) {
     all.emplace_back("instance " + std::to_string(i), svc_[static_cast<size_t>(i)].get());
@@ -783,10 +806,7 @@ Status Campaign::CheckProcesses(bool restart) {
   for (auto& [what, p] : all) {
     const std::optional<std::string> how = p->EndedOnItsOwn();
     if (!how) continue;
-    Note(what + " " + *how + " (not killed by the campaign)");
-    result_.violations.push_back(
-        {"process-ended", what + " " + *how + " although the campaign did not stop it; the " +
-                              "end of " + p->log_path() + ":\n" + LogTail(p->log_path(), 10)});
+    ended(what, *how, p->log_path());
     if (restart) {
       CONVERGE_RETURN_IF_ERROR(StartProcess(*p, ""));
       ++result_.counts.restarts;
@@ -852,6 +872,17 @@ Status Campaign::KillAndRestartProcess(ServeProcess& p, const std::string& what,
   return OkStatus();
 }
 
+Status Campaign::StartNats() {
+  // A node's ports may still be held a moment after its end: try for a while.
+  Status st;
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    st = nats_server_->Start();
+    if (st.ok()) break;
+    std::this_thread::sleep_for(milliseconds(500));
+  }
+  return st;
+}
+
 Status Campaign::KillNats(const Step& s) {
   // SIGKILL: a crash of the server process, not of its machine. nats-server 2.9 has
   // written an acknowledged message to its file (the page cache) before the ack, so a
@@ -864,13 +895,7 @@ Status Campaign::KillNats(const Step& s) {
        (s.nats_node < 0 ? std::string() : " " + nats_server_->name(node)) + ", down " +
        std::to_string(NatsDownMs(s)) + " ms");
   std::this_thread::sleep_for(milliseconds(NatsDownMs(s)));
-  Status st;
-  for (int attempt = 0; attempt < 10; ++attempt) {
-    st = nats_server_->Start();
-    if (st.ok()) break;
-    std::this_thread::sleep_for(milliseconds(500));
-  }
-  if (!st.ok()) return st;
+  CONVERGE_RETURN_IF_ERROR(StartNats());
   if (s.nats_node >= 0) WaitCaughtUp(node);
   ++result_.counts.kills;
   ++result_.counts.nats_kills;

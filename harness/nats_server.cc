@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <sstream>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "converge/http.h"
@@ -98,6 +99,7 @@ Status NatsServer::Start() {
     const Status st = WaitHealthy(i, query);
     if (!st.ok()) {
       Kill(i);
+      nodes_[static_cast<size_t>(i)].ended.reset();  // an end here is this error
       return st;
     }
   }
@@ -147,10 +149,21 @@ Status NatsServer::StartNode(int node, const std::string& bin) {
   return OkStatus();
 }
 
-bool NatsServer::alive(int node) {
+bool NatsServer::Running(int node, bool record) {
   Node& n = nodes_[static_cast<size_t>(node)];
-  if (n.pid > 0 && waitpid(n.pid, nullptr, WNOHANG) == n.pid) n.pid = -1;
+  int status = 0;
+  if (n.pid > 0 && waitpid(n.pid, &status, WNOHANG) == n.pid) {
+    n.pid = -1;
+    if (record) n.ended = DescribeExit(status);
+  }
   return n.pid > 0;
+}
+
+bool NatsServer::alive(int node) { return Running(node, /*record=*/true); }
+
+std::optional<std::string> NatsServer::EndedOnItsOwn(int node) {
+  (void)alive(node);
+  return std::exchange(nodes_[static_cast<size_t>(node)].ended, std::nullopt);
 }
 
 Status NatsServer::WaitHealthy(int node, const std::string& query) {
@@ -158,7 +171,7 @@ Status NatsServer::WaitHealthy(int node, const std::string& query) {
   const auto deadline = Steady::now() + std::chrono::seconds(30);
   while (Steady::now() < deadline) {
     // Exited first: another server that took its monitoring port would answer for it.
-    if (!alive(node)) {
+    if (!Running(node, /*record=*/false)) {
       return UnavailableError("nats-server " + name(node) + " exited at start; see " +
                               log_path(node));
     }
@@ -173,7 +186,7 @@ Status NatsServer::WaitHealthy(int node, const std::string& query) {
 
 void NatsServer::Kill(int node) {
   Node& n = nodes_[static_cast<size_t>(node)];
-  if (n.pid <= 0) return;
+  if (!alive(node)) return;  // ended on its own first: kept for EndedOnItsOwn
   kill(n.pid, SIGKILL);
   waitpid(n.pid, nullptr, 0);
   n.pid = -1;

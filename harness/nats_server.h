@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,8 +46,13 @@ class NatsServer {
 
   int nodes() const { return static_cast<int>(nodes_.size()); }
   // Whether node `node` runs; one that ended by itself is reaped (and Start() starts it
-  // again).
+  // again), and how it ended is kept for EndedOnItsOwn.
   bool alive(int node);
+  // Whether node `node`, once healthy, ended although nothing here killed or stopped it
+  // (reaped by this call or an earlier one): how it ended ("killed by signal 11
+  // (Segmentation fault)"), told once; nullopt otherwise. An exit during Start() is
+  // Start()'s error instead.
+  std::optional<std::string> EndedOnItsOwn(int node);
   // The client URLs of every node: nats://127.0.0.1:P1[,127.0.0.1:P2...]
   std::string url() const;
   // The name a node goes by (its server_name; a cluster's leaders are named by it).
@@ -62,7 +68,10 @@ class NatsServer {
   struct Node {
     pid_t pid = -1;
     uint16_t port = 0, http_port = 0, cluster_port = 0;
+    std::optional<std::string> ended;  // how it ended on its own, until told
   };
+  // Reaps node `node` if its process ended, keeping how in `ended` when `record`.
+  bool Running(int node, bool record);
   Status StartNode(int node, const std::string& bin);
   Status WaitHealthy(int node, const std::string& query);
 

@@ -18,6 +18,7 @@
 #include "converge/database.h"
 #include "harness/chaos.h"
 #include "harness/chaos_check.h"
+#include "harness/nats_server.h"
 
 namespace converge::harness {
 namespace {
@@ -442,24 +443,22 @@ std::vector<pid_t> ChildrenRunning(const std::string& word) {
   return out;
 }
 
-// A service process that ends while the campaign runs, killed by nothing the campaign did
-// (a crash, the OOM killer, a stray signal), is reported with how it ended, and the run
-// goes on with it restarted. Before, nothing looked: the next scheduled kill reaped it
-// silently, and after its last one in the schedule the provider's webhooks simply went
-// unanswered, reported only as undelivered (docs/design/chaos.md, Findings).
-TEST(ChaosCampaign, ReportsAServiceThatEndedWithoutBeingKilled) {
-  ChaosOptions o;
+// Runs a campaign of `o` and, at the first progress report of its schedule (before its
+// first step), SIGKILLs the one child whose command line has the word `word`. Then
+// expects that death to be the run's one violation, `process-ended`, naming `what`, how it
+// ended and `log` (a file of the run's directory), and the run kept.
+void ExpectAnEndWithoutAKillReported(ChaosOptions o, const std::string& word,
+                                     const std::string& what, const std::string& log) {
   o.binary = CONVERGE_BIN_PATH;
   o.kills = 3;
   o.seed = 9;
   o.clients = 2;
   bool ended = false;
-  // At the first progress report of the schedule, before its first step.
   o.on_progress = [&](int64_t, const std::string& status) {
     if (ended || status.rfind("campaign:", 0) != 0) return;
-    const std::vector<pid_t> services = ChildrenRunning("serve");
-    ASSERT_EQ(services.size(), 1u);
-    ASSERT_EQ(kill(services[0], SIGKILL), 0);
+    const std::vector<pid_t> children = ChildrenRunning(word);
+    ASSERT_EQ(children.size(), 1u);
+    ASSERT_EQ(kill(children[0], SIGKILL), 0);
     ended = true;
   };
   auto r = RunChaos(o);
@@ -472,19 +471,41 @@ TEST(ChaosCampaign, ReportsAServiceThatEndedWithoutBeingKilled) {
       continue;
     }
     ++reported;
-    EXPECT_NE(v.detail.find("instance 0 killed by signal 9"), std::string::npos) << v.detail;
-    EXPECT_NE(v.detail.find("service0.log"), std::string::npos) << v.detail;
+    EXPECT_NE(v.detail.find(what + " killed by signal 9"), std::string::npos) << v.detail;
+    EXPECT_NE(v.detail.find(log + ":"), std::string::npos) << v.detail;
   }
   EXPECT_EQ(reported, 1);
-  EXPECT_TRUE(std::any_of(r->schedule.begin(), r->schedule.end(), [](const std::string& s) {
-    return s.find("instance 0 killed by signal 9 (Killed) (not killed by the campaign)") !=
+  EXPECT_TRUE(std::any_of(r->schedule.begin(), r->schedule.end(), [&](const std::string& s) {
+    return s.find(what + " killed by signal 9 (Killed) (not killed by the campaign)") !=
            std::string::npos;
   }));
   // A violated run keeps its directory without --keep: the logs of a failure seen once.
   EXPECT_TRUE(r->kept);
-  EXPECT_TRUE(std::filesystem::exists(r->dir + "/service0.log")) << r->dir;
+  EXPECT_TRUE(std::filesystem::exists(r->dir + "/" + log)) << r->dir;
   std::error_code ec;
   std::filesystem::remove_all(r->dir, ec);
+}
+
+// A service process that ends while the campaign runs, killed by nothing the campaign did
+// (a crash, the OOM killer, a stray signal), is reported with how it ended, and the run
+// goes on with it restarted. Before, nothing looked: the next scheduled kill reaped it
+// silently, and after its last one in the schedule the provider's webhooks simply went
+// unanswered, reported only as undelivered (docs/design/chaos.md, Findings).
+TEST(ChaosCampaign, ReportsAServiceThatEndedWithoutBeingKilled) {
+  ExpectAnEndWithoutAKillReported(ChaosOptions{}, "serve", "instance 0", "service0.log");
+}
+
+// The same for nats-server: a node that ends while the campaign runs, not by one of its
+// kill-nats-server steps, is a `process-ended` violation and is started again. Before,
+// the next kill of the server (or the final figures) found it down and said nothing.
+TEST(ChaosCampaign, ReportsANatsServerThatEndedWithoutBeingKilled) {
+#if !CONVERGE_WITH_NATS
+  GTEST_SKIP() << "built without NATS";
+#endif
+  if (FindOnPath("nats-server").empty()) GTEST_SKIP() << "no nats-server on PATH";
+  ChaosOptions o;
+  o.broker = "nats";
+  ExpectAnEndWithoutAKillReported(o, "-js", "nats-server chaos", "nats-server.log");
 }
 
 }  // namespace
