@@ -223,7 +223,8 @@ class Server {
   // unknown path answers 404, a known path with another method 405 with Allow. A GET
   // route also answers HEAD (the handler runs; the body is not sent, its length is). A
   // handler that knows that length without the body may answer HEAD with an empty body
-  // and a Content-Length field; any other Content-Length is replaced by the body's.
+  // and a Content-Length field; an empty HEAD answer without one is sent with no length
+  // (not known without the body). Any other Content-Length is replaced by the body's.
   void Route(std::string method, std::string pattern, Handler handler);
   // A route whose handler answers later: it runs on the connection's I/O thread as soon as
   // the request is read, with no hop to the worker pool, and answers through its

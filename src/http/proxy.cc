@@ -122,7 +122,8 @@ struct Proxy {
     if (r) {
       // The server writes its own Server field; the upstream's would be a second one. A
       // HEAD answer keeps its Content-Length, the GET answer's length, for the server to
-      // send on with no body.
+      // send on with no body; one without (the upstream would send the GET answer in
+      // chunks) goes on without a length, not as 0.
       const std::vector<std::string> answer_options = ConnectionOptions(r->headers);
       const bool head = req.method == "HEAD";
       std::erase_if(r->headers, [&](const auto& h) {

@@ -775,14 +775,21 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     res->keep_alive(!close);
     // HEAD: the Content-Length of the GET answer, no body (RFC 9110 §9.3.2). A handler that
     // knows that length without the body (the proxy passing an upstream's HEAD answer on)
-    // gives it as a Content-Length field beside an empty body.
+    // gives it as a Content-Length field beside an empty body; an empty body without one
+    // is a length not known without the body (an upstream's answer sent in chunks), and
+    // the answer says none (§9.3.2 lets it omit a field only the content determines),
+    // where it said 0 before.
     const bool head = req->method == "HEAD";
+    const bool head_unsized = head && !bodiless && res->body().empty();
     std::optional<uint64_t> head_length;
-    if (head && !bodiless && res->body().empty()) head_length = GivenLength(*res);
+    if (head_unsized) head_length = GivenLength(*res);
     res->prepare_payload();
     if (head) {
       res->body().clear();
-      if (head_length) res->content_length(*head_length);
+      if (head_unsized) {
+        res->content_length(head_length ? boost::optional<uint64_t>(*head_length)
+                                        : boost::none);
+      }
     }
     stream_.expires_after(server_->options_.body_timeout);
     double secs = std::chrono::duration<double>(SteadyClock::now() - started_).count();

@@ -344,6 +344,30 @@ TEST_F(ProxyE2E, AHeadPassesThroughWithTheLengthOfTheGetAnswerAndNoBody) {
   EXPECT_EQ(keyed_get->status, 404) << keyed_get->body;  // not 422: the key was free
 }
 
+// An upstream that answers in chunks answers HEAD with no length either: the proxy's HEAD
+// answer then has none (not `Content-Length: 0`, as before, which said the GET answer was
+// empty), and no Transfer-Encoding (the proxy's own GET answer carries a length). The GET
+// after it on the same connection is read from the right place.
+TEST_F(ProxyE2E, AHeadOfAnAnswerInChunksHasNoLength) {
+  auto got = client_.Send({.url = proxy_->Url("/v1/chunked")});
+  ASSERT_TRUE(got) << got.error().ToString();
+  EXPECT_EQ(got->status, 200);
+  EXPECT_EQ(got->body, "in chunks");
+  testing::RawConnection c(proxy_->port());
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c.Send("HEAD /v1/chunked HTTP/1.1\r\nHost: x\r\n\r\n"
+                     "GET /v1/chunked HTTP/1.1\r\nHost: x\r\n\r\n"));
+  testing::RawResponse head = c.Read(/*head_request=*/true);
+  EXPECT_EQ(head.status, 200) << head.head;
+  EXPECT_EQ(head.Header("Content-Length"), "") << head.head;
+  EXPECT_EQ(head.Header("Transfer-Encoding"), "") << head.head;
+  EXPECT_EQ(head.Header("Content-Type"), "text/plain") << head.head;
+  testing::RawResponse after = c.Read();
+  EXPECT_EQ(after.status, 200) << after.head;
+  EXPECT_EQ(after.Header("Content-Length"), "9") << after.head;
+  EXPECT_EQ(after.body, "in chunks");
+}
+
 // `Expect: 100-continue` is the proxy's own business: its server answers the 100 once the
 // header passed its checks, and the field goes no further (the upstream gets the whole
 // body at once). The keyed request then runs as any other.

@@ -58,7 +58,21 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
+    def chunked(self, data):
+        # The answer in chunks, without a length (a HEAD gets the same header, no body).
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if self.command != "HEAD":
+            for i in range(0, len(data), 4):
+                part = data[i:i + 4]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+
     def do_GET(self):
+        if self.path == "/v1/chunked":
+            return self.chunked(b"in chunks")
         if self.path == "/stats":
             with lock:
                 return self.answer(200, {"requests": state["requests"],

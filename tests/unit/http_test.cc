@@ -56,6 +56,10 @@ class HttpTest : public ::testing::Test {
       resp.Set("Content-Length", r.method == "HEAD" ? "12345" : "3");
       return resp;
     });
+    // Answers HEAD with neither a body nor its length (AHeadAnswerWithoutALength...).
+    server_->Route("GET", "/unsized", [](Request& r) {
+      return Json(200, r.method == "HEAD" ? "" : "{\"a\":1}");
+    });
     server_->OnExchange([this](const Exchange& e) {
       if (e.status == 413) ++rejected_;
     });
@@ -303,6 +307,23 @@ TEST_F(HttpTest, AHeadAnswerHasTheLengthOfTheGetAnswerAndNoBody) {
   EXPECT_EQ(*given->Header("Content-Length"), "12345");
   EXPECT_EQ(given->body, "");
   auto got = Get("/sized");
+  ASSERT_TRUE(got) << got.error().ToString();
+  EXPECT_EQ(got->body, "{\"a\":1}");
+  ASSERT_NE(got->Header("Content-Length"), nullptr);
+  EXPECT_EQ(*got->Header("Content-Length"), "7");
+}
+
+// A HEAD answer whose handler gives neither a body nor a length (the proxy, when the
+// upstream's answer would come in chunks) says no length: before, it said 0, a GET answer
+// with no content, which was not true.
+TEST_F(HttpTest, AHeadAnswerWithoutALengthSaysNone) {
+  auto head = client_.Send({.method = "HEAD", .url = base_ + "/unsized"});
+  ASSERT_TRUE(head) << head.error().ToString();
+  EXPECT_EQ(head->status, 200);
+  EXPECT_EQ(head->Header("Content-Length"), nullptr) << *head->Header("Content-Length");
+  EXPECT_EQ(head->Header("Transfer-Encoding"), nullptr);
+  EXPECT_EQ(head->body, "");
+  auto got = Get("/unsized");
   ASSERT_TRUE(got) << got.error().ToString();
   EXPECT_EQ(got->body, "{\"a\":1}");
   ASSERT_NE(got->Header("Content-Length"), nullptr);
