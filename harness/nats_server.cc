@@ -85,10 +85,18 @@ Status NatsServer::Start() {
       }
     }
   }
+  // On a failure, every node this call started goes down again, reaped without a record
+  // (an end here is this call's error, not one on its own; what an earlier end of the
+  // node recorded stays), so that the next Start() starts and checks each again.
   std::vector<int> starting;
+  auto fail = [&](Status st) {
+    for (int j : starting) Reap(j);
+    return st;
+  };
   for (int i = 0; i < nodes(); ++i) {
     if (alive(i)) continue;
-    CONVERGE_RETURN_IF_ERROR(StartNode(i, bin));
+    const Status st = StartNode(i, bin);
+    if (!st.ok()) return fail(st);
     starting.push_back(i);
   }
   // A node started again while the others run is back once its JetStream is enabled; it
@@ -97,11 +105,7 @@ Status NatsServer::Start() {
   const std::string query = started_ && nodes() > 1 ? "?js-server-only=true" : "";
   for (int i : starting) {
     const Status st = WaitHealthy(i, query);
-    if (!st.ok()) {
-      Kill(i);
-      nodes_[static_cast<size_t>(i)].ended.reset();  // an end here is this error
-      return st;
-    }
+    if (!st.ok()) return fail(st);
   }
   started_ = true;
   return OkStatus();
@@ -185,9 +189,14 @@ Status NatsServer::WaitHealthy(int node, const std::string& query) {
 }
 
 void NatsServer::Kill(int node) {
-  Node& n = nodes_[static_cast<size_t>(node)];
   if (!alive(node)) return;  // ended on its own first: kept for EndedOnItsOwn
-  kill(n.pid, SIGKILL);
+  Reap(node);
+}
+
+void NatsServer::Reap(int node) {
+  Node& n = nodes_[static_cast<size_t>(node)];
+  if (n.pid <= 0) return;
+  kill(n.pid, SIGKILL);  // harmless on one that has ended and is not reaped yet
   waitpid(n.pid, nullptr, 0);
   n.pid = -1;
 }

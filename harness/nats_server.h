@@ -72,6 +72,8 @@ class NatsServer {
   };
   // Reaps node `node` if its process ended, keeping how in `ended` when `record`.
   bool Running(int node, bool record);
+  // SIGKILLs node `node` if it has a process, and reaps it, without a record.
+  void Reap(int node);
   Status StartNode(int node, const std::string& bin);
   Status WaitHealthy(int node, const std::string& query);
 
