@@ -783,6 +783,10 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
     const bool head_unsized = head && !bodiless && res->body().empty();
     std::optional<uint64_t> head_length;
     if (head_unsized) head_length = GivenLength(*res);
+    // A 304's Content-Length is the 200 answer's length, so only one a handler gives; 1xx
+    // and 204 have none (RFC 9110 §8.6). Beast's prepare_payload writes 0 on each.
+    const std::optional<uint64_t> given_304 =
+        resp.status == 304 ? GivenLength(*res) : std::nullopt;
     res->prepare_payload();
     if (head) {
       res->body().clear();
@@ -790,6 +794,9 @@ class Server::Impl::Session : public std::enable_shared_from_this<Session> {
         res->content_length(head_length ? boost::optional<uint64_t>(*head_length)
                                         : boost::none);
       }
+    }
+    if (bodiless) {
+      res->content_length(given_304 ? boost::optional<uint64_t>(*given_304) : boost::none);
     }
     stream_.expires_after(server_->options_.body_timeout);
     double secs = std::chrono::duration<double>(SteadyClock::now() - started_).count();
