@@ -15,8 +15,9 @@
 //            UNIQUE index on a bucket), then inserts into the current bucket
 //   loaded   inserts into `keys_wide` itself: the shipped shape on a loaded store
 //
-//   converge_bucket_probe_bench preload --db F --rows 10000000
+//   converge_bucket_probe_bench preload --db F --rows 10000000 [--page-size 2048]
 //   converge_bucket_probe_bench run --db F --seconds 10 --rounds 3 [--cache-mib 256]
+//       [--page-size 2048]  (the new file's; use the preload's)
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -47,9 +48,11 @@ void Exec(sqlite3* db, const std::string& sql) {
   if (sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) Fail(db, sql);
 }
 
-sqlite3* Open(const std::string& path, int cache_mib, bool synchronous) {
+// `page_size` (0: SQLite's default) takes effect only on a new file.
+sqlite3* Open(const std::string& path, int cache_mib, bool synchronous, int page_size) {
   sqlite3* db = nullptr;
   if (sqlite3_open(path.c_str(), &db) != SQLITE_OK) Fail(db, "open " + path);
+  if (page_size > 0) Exec(db, "PRAGMA page_size=" + std::to_string(page_size) + ";");
   Exec(db, std::string("PRAGMA journal_mode=WAL; PRAGMA synchronous=") +
                (synchronous ? "FULL;" : "OFF;"));
   if (cache_mib > 0) Exec(db, "PRAGMA cache_size=-" + std::to_string(cache_mib * 1024) + ";");
@@ -119,8 +122,8 @@ class Inserter {
   sqlite3_stmt* st_ = nullptr;
 };
 
-int Preload(const std::string& path, int64_t rows) {
-  sqlite3* db = Open(path, /*cache_mib=*/6000, /*synchronous=*/false);
+int Preload(const std::string& path, int64_t rows, int page_size) {
+  sqlite3* db = Open(path, /*cache_mib=*/6000, /*synchronous=*/false, page_size);
   Exec(db, WideTable("keys_wide") +
                " CREATE TABLE IF NOT EXISTS keys_narrow (scope TEXT NOT NULL,"
                " key TEXT NOT NULL, PRIMARY KEY (scope, key)) WITHOUT ROWID;");
@@ -159,8 +162,8 @@ int Preload(const std::string& path, int64_t rows) {
 
 // One shape for `seconds`: creates a second.
 double RunShape(const std::string& shape, const std::string& path, double seconds,
-                int cache_mib) {
-  sqlite3* db = Open(path, cache_mib, /*synchronous=*/true);
+                int cache_mib, int page_size) {
+  sqlite3* db = Open(path, cache_mib, /*synchronous=*/true, page_size);
   Exec(db, WideTable("keys_wide") + " DROP TABLE IF EXISTS keys_current;" +
                WideTable("keys_current") + " PRAGMA wal_checkpoint(TRUNCATE);");
   const bool into_wide = shape == "empty" || shape == "loaded";
@@ -203,7 +206,7 @@ double Median(std::vector<double> v) {
   return v.size() % 2 == 1 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
-int Run(const std::string& path, double seconds, int rounds, int cache_mib) {
+int Run(const std::string& path, double seconds, int rounds, int cache_mib, int page_size) {
   if (!std::filesystem::exists(path)) {
     std::fprintf(stderr, "bucket_probe_bench: no %s (run preload first)\n", path.c_str());
     return 2;
@@ -217,7 +220,7 @@ int Run(const std::string& path, double seconds, int rounds, int cache_mib) {
       for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(empty + suffix);
       sync();  // the previous shape's writes are not this one's to wait for
       const double rate =
-          RunShape(shape, shape == "empty" ? empty : path, seconds, cache_mib);
+          RunShape(shape, shape == "empty" ? empty : path, seconds, cache_mib, page_size);
       if (shape == "empty") reference = rate;
       ratios[shape].push_back(rate / reference);
       std::printf("round %d of %d: %-8s %7.0f creates/s, %.2f of empty\n", r, rounds,
@@ -244,16 +247,21 @@ int main(int argc, char** argv) {
   double seconds = 10;
   int rounds = 3;
   int cache_mib = 0;
+  int page_size = 0;
   auto* preload = app.add_subcommand("preload", "fill keys_wide and keys_narrow, in no order");
   preload->add_option("--db", db, "the store's file")->required();
   preload->add_option("--rows", rows, "keys")->check(CLI::PositiveNumber);
+  preload->add_option("--page-size", page_size, "bytes (0: SQLite's default)")
+      ->check(CLI::IsMember({0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}));
   auto* run = app.add_subcommand("run", "each shape per round, against a new file's rate");
   run->add_option("--db", db, "a preloaded store's file")->required();
   run->add_option("--seconds", seconds, "per shape")->check(CLI::PositiveNumber);
   run->add_option("--rounds", rounds)->check(CLI::PositiveNumber);
   run->add_option("--cache-mib", cache_mib, "page cache (0: SQLite's default)")
       ->check(CLI::NonNegativeNumber);
+  run->add_option("--page-size", page_size, "the empty store's (the preload's own stays)")
+      ->check(CLI::IsMember({0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}));
   CLI11_PARSE(app, argc, argv);
-  if (preload->parsed()) return Preload(db, rows);
-  return Run(db, seconds, rounds, cache_mib);
+  if (preload->parsed()) return Preload(db, rows, page_size);
+  return Run(db, seconds, rounds, cache_mib, page_size);
 }
