@@ -214,7 +214,9 @@ class IdempotencyKeys {
 
   // Commits fn(tx) together with the new recovery point and data, and renews the lease.
   // On success `lease` holds the new point. kFailedPrecondition/"fenced" if another
-  // worker took over; nothing fn wrote is kept then.
+  // worker took over; nothing fn wrote is kept then. kInvalidArgument, before anything
+  // is written, for an empty point or one of the two the library keeps for itself:
+  // "started" (nothing acted yet, so the key may expire) and "finished".
   Status Advance(KeyLease& lease, std::string recovery_point, std::string recovery_data,
                  const std::function<Status(Tx&)>& fn);
 

@@ -546,8 +546,11 @@ Status IdempotencyKeys::StoreResponse(Tx& tx, const KeyLease& lease, const Store
 Status IdempotencyKeys::Advance(KeyLease& lease, std::string recovery_point,
                                 std::string recovery_data,
                                 const std::function<Status(Tx&)>& fn) {
-  if (recovery_point.empty() || recovery_point == "finished") {
-    return InvalidArgumentError("recovery point must be non-empty and not 'finished'");
+  // 'started' means nothing happened outside the database yet: a key left there expires
+  // and a retry starts afresh, so a phase that acted must not name its point so.
+  if (recovery_point.empty() || recovery_point == "started" || recovery_point == "finished") {
+    return InvalidArgumentError(
+        "recovery point must be non-empty and neither 'started' nor 'finished'");
   }
   CONVERGE_RETURN_IF_ERROR(db_.Transact([&](Tx& tx) -> Status {
     const int64_t now = clock_->NowMillis();

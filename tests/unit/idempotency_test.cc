@@ -168,6 +168,31 @@ TEST_F(IdempotencyTest, MultiPhaseRunsPhasesThenReplays) {
   EXPECT_EQ(again->response.body, "paid");
 }
 
+// The points the library keeps for itself cannot be advanced to: "started" would let a
+// key whose phase acted outside the database expire and start afresh on a retry. The
+// refused call writes nothing, and the lease goes on to a real point.
+TEST_F(IdempotencyTest, AdvanceRefusesThePointsTheLibraryKeeps) {
+  auto b = keys_->Begin(KeyRequest{"t", "pay-1", "f"});
+  ASSERT_TRUE(b);
+  KeyLease lease = b->lease;
+  for (const char* point : {"", "started", "finished"}) {
+    bool ran = false;
+    Status st = keys_->Advance(lease, point, "data", [&](Tx& tx) {
+      ran = true;
+      return StatusOf(tx.Exec("INSERT INTO test_effects (id) VALUES ('charge')"));
+    });
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << point << ": " << st.ToString();
+    EXPECT_FALSE(ran) << point;
+    EXPECT_EQ(lease.recovery_point, "started") << point;
+  }
+  EXPECT_EQ(Effects(), 0);
+  EXPECT_EQ(QueryInt(*db_, "SELECT count(*) FROM idempotency_keys WHERE "
+                           "recovery_point = 'started' AND recovery_data = ''"),
+            1);
+  ASSERT_TRUE(keys_->Advance(lease, "created", "p1", [](Tx&) { return OkStatus(); }).ok());
+  EXPECT_EQ(lease.recovery_point, "created");
+}
+
 // A replay of a completed multi-phase key is answered from a read snapshot: it needs no
 // write, so it does not queue behind the one SQLite writer (held here by a transaction
 // paused before its commit). A mismatch is answered the same way; a key past its TTL is
