@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <map>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -283,6 +284,46 @@ TEST_F(NatsTransport, PoisonMessageIsDeadLetteredThenTerminated) {
   EXPECT_EQ((*parked)[0].event_id, "poison");
   EXPECT_EQ((*parked)[0].error_class, "permanent");
   EXPECT_EQ((*parked)[0].queue, "nats:ledger");
+}
+
+// Two different messages a foreign publisher sent without a Nats-Msg-Id, neither of them
+// an envelope: each is parked as a dead letter of its own. Until 2026-12-05 both were
+// named by the empty Msg-Id, and the second's park was taken for a redelivery of the
+// first: acked and counted as a duplicate, in no dead letter (found by review).
+TEST_F(NatsTransport, UndecodableMessagesWithoutAMsgIdAreEachParked) {
+  auto broker = Connect(nats_.urls());
+  ASSERT_TRUE(broker.has_value()) << broker.error().ToString();
+  auto sub = (*broker)->Subscribe(LedgerSubscription());
+  ASSERT_TRUE(sub.has_value()) << sub.error().ToString();
+  const std::string subject = (*broker)->options().subject_prefix + ".payment.captured";
+  natsConnection* nc = nullptr;
+  ASSERT_EQ(natsConnection_ConnectTo(&nc, nats_.urls().c_str()), NATS_OK);
+  const natsStatus first = natsConnection_PublishString(nc, subject.c_str(), "{not json");
+  const natsStatus second = natsConnection_PublishString(nc, subject.c_str(), "nor this");
+  const natsStatus flushed = natsConnection_Flush(nc);
+  natsConnection_Destroy(nc);
+  ASSERT_EQ(first, NATS_OK);
+  ASSERT_EQ(second, NATS_OK);
+  ASSERT_EQ(flushed, NATS_OK);
+  Consumer consumer(*db_, **sub, LedgerOptions());
+  consumer.On("payment.captured", [&](Tx& tx, const Event& e) { return RecordEffect(tx, e); });
+  ASSERT_TRUE(RunUntil(consumer, [&] {
+    return (*broker)->stats().terminated + consumer.stats().duplicates >= 2 &&
+           (*broker)->Unsettled("ledger").value_or(-1) == 0;
+  })) << consumer.stats().last_error;
+  EXPECT_EQ(consumer.stats().duplicates, 0);
+  EXPECT_EQ((*broker)->stats().terminated, 2);
+  auto parked = DeadLetters(*db_).List();
+  ASSERT_TRUE(parked.has_value());
+  ASSERT_EQ(parked->size(), 2u);
+  std::set<std::string> envelopes, ids;
+  for (const DeadLetter& l : *parked) {
+    EXPECT_EQ(l.error_class, "decode");
+    envelopes.insert(l.envelope);
+    ids.insert(l.event_id);
+  }
+  EXPECT_EQ(envelopes, (std::set<std::string>{"{not json", "nor this"}));
+  EXPECT_EQ(ids.size(), 2u);
 }
 
 // The poison message's cause is fixed and its dead letter replayed: it goes back through

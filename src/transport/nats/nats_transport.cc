@@ -828,14 +828,16 @@ class NatsSubscriber : public Subscriber {
     }
     out.reserve(msgs.size());
     for (natsMsg* msg : msgs) {
-      Delivery d = DeliveryOf(msg);
       jsMsgMetaData* meta = nullptr;
+      uint64_t stream_seq = 0;
+      int64_t attempts = 1;
       if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
-        d.attempts = static_cast<int64_t>(meta->NumDelivered);
+        stream_seq = meta->Sequence.Stream;
+        attempts = static_cast<int64_t>(meta->NumDelivered);
         jsMsgMetaData_Destroy(meta);
-      } else {
-        d.attempts = 1;
       }
+      Delivery d = DeliveryOf(msg, stream_seq);
+      d.attempts = attempts;
       d.handle = DeliveryHandle(Hold(msg, hold_until));
       out.push_back(std::move(d));
     }
@@ -984,15 +986,25 @@ class NatsSubscriber : public Subscriber {
     return held;
   }
 
-  // The event `msg` carries (its envelope, Msg-Id and type), without a handle.
-  Delivery DeliveryOf(natsMsg* msg) const {
+  // The event `msg`, stored at `stream_seq`, carries (its envelope, Msg-Id and type),
+  // without a handle. A message without a Msg-Id (a foreign publisher's) is named by its
+  // place in the stream and its bytes instead: that copy is what a consumer parks a
+  // message it cannot decode under, and two such messages must never share a name (the
+  // second's park would be taken for a redelivery of the first and dropped).
+  Delivery DeliveryOf(natsMsg* msg, uint64_t stream_seq) const {
     Delivery d;
     d.queue = queue_;
     const char* data = natsMsg_GetData(msg);
     d.event.envelope.assign(data != nullptr ? data : "",
                             static_cast<size_t>(natsMsg_GetDataLength(msg)));
     const char* id = nullptr;
-    if (natsMsgHeader_Get(msg, kMsgIdHeader, &id) == NATS_OK && id != nullptr) d.event.id = id;
+    if (natsMsgHeader_Get(msg, kMsgIdHeader, &id) == NATS_OK && id != nullptr && *id != '\0') {
+      d.event.id = id;
+    } else {
+      d.event.source = "nats:" + broker_->options.stream;
+      d.event.id = "seq-" + std::to_string(stream_seq) + "-sha256-" +
+                   internal::Sha256Hex(d.event.envelope).substr(0, 16);
+    }
     std::string_view subject = natsMsg_GetSubject(msg) != nullptr ? natsMsg_GetSubject(msg) : "";
     const std::string& prefix = broker_->options.subject_prefix;
     if (subject.size() > prefix.size() + 1) d.event.type = subject.substr(prefix.size() + 1);
@@ -1052,7 +1064,7 @@ class NatsSubscriber : public Subscriber {
         natsMsg_Destroy(advisory);
         continue;
       }
-      Delivery d = DeliveryOf(original);
+      Delivery d = DeliveryOf(original, seq);
       natsMsg_Destroy(original);
       broker_->abandoned.fetch_add(1);
       d.attempts = deliveries;
