@@ -60,7 +60,8 @@ Status ValidateEventData(std::string_view data);
 std::string EncodeEnvelope(const Event& e);
 // Parses a CloudEvents JSON envelope into every field, `envelope` included.
 // kInvalidArgument names what is wrong (including data nested deeper than 256 levels of
-// arrays and objects, which Outbox::Enqueue never writes).
+// arrays and objects, an id or source over 255 bytes, or a NUL in the id, source or
+// type, none of which Outbox::Enqueue writes).
 Result<Event> DecodeEnvelope(std::string_view envelope);
 
 }  // namespace converge

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <ctime>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -179,6 +180,24 @@ Result<Event> DecodeEnvelope(std::string_view envelope) {
   e.data = data == j.end() ? "null" : data->dump();
   if (e.id.empty() || e.source.empty() || e.type.empty()) {
     return tl::unexpected(InvalidArgumentError("event id, source and type must be non-empty"));
+  }
+  // A consumer keys its inbox row and a dead letter by the id and source, and stores the
+  // type: text a store refuses there (PostgreSQL a NUL, which an envelope's "\u0000"
+  // decodes to; a key longer than its index takes) would make a name the consumer could
+  // not even park the event under, so it would be fetched again for ever. The outbox
+  // writes at most 255 bytes in each, and no control character.
+  for (const auto& [what, value, max] :
+       {std::tuple<const char*, const std::string&, size_t>{"event id", e.id, 255},
+        {"event source", e.source, 255},
+        {"event type", e.type, std::string::npos}}) {
+    if (value.size() > max) {
+      return tl::unexpected(InvalidArgumentError(std::string(what) + " is " +
+                                                 std::to_string(value.size()) +
+                                                 " bytes; the limit is " + std::to_string(max)));
+    }
+    if (value.find('\0') != std::string::npos) {
+      return tl::unexpected(InvalidArgumentError(std::string(what) + " contains a NUL"));
+    }
   }
   e.envelope = std::string(envelope);
   return e;

@@ -311,6 +311,49 @@ TYPED_TEST(StoreContract, ConsumerCrashAfterCommitBeforeAckIsAbsorbed) {
 // The SQL queue in the consumer's own database is settled inside the transaction of the
 // effects (Subscriber::tx_settler): killed right after that commit, nothing is left to
 // redeliver, and the effect happened once.
+// An envelope whose id the store cannot hold (PostgreSQL refuses the NUL that "\u0000"
+// decodes to) is parked as undecodable, under the name the queue gave it, in one pass.
+// Until 2026-12-05 it decoded: on PostgreSQL its inbox row failed, so did its park under
+// that id, and it was fetched again for ever, holding back its aggregate (found by review).
+TYPED_TEST(StoreContract, AnEnvelopeWhoseIdTheStoreCannotHoldIsParked) {
+  ManualClock clock(1'700'000'000'000);
+  SqlQueue queue(*this->db_, &clock);
+  ASSERT_TRUE(queue.Subscribe("ledger", "*").ok());
+  auto event = [](const std::string& id) {
+    Event e;
+    e.id = id;
+    e.source = "urn:test";
+    e.type = "thing.done";
+    e.subject = "agg";  // one aggregate: the later event must not be held back
+    e.aggregate_type = "thing";
+    e.data = R"({"n":1})";
+    e.envelope = EncodeEnvelope(e);
+    return e;
+  };
+  Event bad = event("nul-id");
+  bad.envelope = R"({"specversion":"1.0","id":"a\u0000b","source":"urn:t",)"
+                 R"("type":"thing.done","subject":"agg"})";
+  ASSERT_TRUE(queue.Publish(bad).ok());
+  ASSERT_TRUE(queue.Publish(event("after")).ok());
+  auto sub = queue.OpenSubscriber("ledger");
+  Consumer c(*this->db_, *sub, {.name = "ledger", .max_attempts = 2}, &clock);
+  int runs = 0;
+  c.On("*", [&](Tx& tx, const Event& ev) {
+    ++runs;
+    return TestFixture::Effect(tx, ev.id);
+  });
+  for (int i = 0; i < 6 && *queue.Depth("ledger") > 0; ++i) {
+    (void)c.RunOnce();
+    clock.Advance(std::chrono::seconds(31));  // past the visibility of anything left
+  }
+  EXPECT_EQ(*queue.Depth("ledger"), 0) << c.stats().last_error;
+  EXPECT_EQ(runs, 1);  // "after" only
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters WHERE error_class = 'decode' "
+                        "AND event_id = 'nul-id'"),
+            1);
+  EXPECT_EQ(this->Count("SELECT count(*) FROM dead_letters"), 1);
+}
+
 TYPED_TEST(StoreContract, SqlQueueAckCommitsWithTheEffect) {
   {
     SqlQueue q(*this->db_);

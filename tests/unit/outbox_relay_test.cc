@@ -99,6 +99,27 @@ TEST_F(OutboxRelayTest, EnqueueWritesACloudEventsEnvelope) {
   EXPECT_GT(decoded->time, 0);
 }
 
+// An id or source a consumer could not key its inbox row by (over 255 bytes, or a NUL,
+// as "\u0000" decodes to), or a NUL in the type, does not decode; at the bound it does.
+TEST(Envelope, NamesAConsumerCouldNotKeyAreRefused) {
+  auto envelope = [](const std::string& id, const std::string& source, const std::string& type) {
+    return R"({"specversion":"1.0","id":")" + id + R"(","source":")" + source +
+           R"(","type":")" + type + R"("})";
+  };
+  const std::string bound(255, 'x');
+  auto ok = DecodeEnvelope(envelope(bound, bound, std::string(1000, 't')));
+  ASSERT_TRUE(ok.has_value()) << ok.error().ToString();
+  EXPECT_EQ(ok->id, bound);
+  for (const std::string& bad :
+       {envelope(bound + "x", "s", "t"), envelope("e", bound + "x", "s"),
+        envelope("a\\u0000b", "s", "t"), envelope("e", "s\\u0000", "t"),
+        envelope("e", "s", "t\\u0000")}) {
+    auto refused = DecodeEnvelope(bad);
+    ASSERT_FALSE(refused.has_value()) << bad;
+    EXPECT_EQ(refused.error().code(), StatusCode::kInvalidArgument) << bad;
+  }
+}
+
 // Found by fuzz/envelope_fuzz.cc: a time before 1970 was written as "...00.-500Z", which
 // no decoder accepts, and the lenient parse took times that did not re-parse once encoded.
 TEST(Envelope, TimesRoundTripBefore1970AndMalformedOnesAreRefused) {
